@@ -1,0 +1,28 @@
+# Entry points for developers and CI. `.ci/run` runs `make test`, which lints first.
+
+CARGO ?= cargo
+
+.PHONY: setup build test lint demo bench
+
+setup:
+	bash scripts/setup
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+# Integration tests spawn target/debug/flotilla, so the binary is built before nextest runs.
+test: setup lint
+	$(CARGO) build --bin flotilla
+	$(CARGO) nextest run --workspace --profile ci
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+demo: setup
+	bash scripts/demo
+
+# Prints figures; asserts nothing about time.
+bench:
+	$(CARGO) build --release --bin flotilla
+	target/release/flotilla bench create

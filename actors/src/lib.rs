@@ -1,0 +1,13 @@
+//! The actors of a Flotilla node, supervised with ractor.
+//!
+//! `NodeSupervisor` is the root. Under it, `AgentSupervisor` keeps one `AgentActor` per agent the
+//! replicated state assigns to this node; on the leader, `Scheduler` places pending agents and
+//! `LivenessMonitor` marks silent nodes down so their agents move elsewhere under a higher epoch.
+//! `mesh` links the nodes with ractor_cluster for live traffic (event streams to watchers on
+//! other nodes); anything durable goes through Raft instead.
+
+pub mod agent;
+pub mod liveness;
+pub mod mesh;
+pub mod scheduler;
+pub mod supervisor;

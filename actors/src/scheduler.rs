@@ -1,0 +1,262 @@
+//! Placement: which node runs each pending agent. `place` is a pure function; the `Scheduler`
+//! actor runs it on the leader whenever the state changes and writes the result through Raft.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use flotilla_raft::command::AssignOne;
+use flotilla_raft::{AgentId, ClusterState, Command, Epoch, NodeId, Replica, Response};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+/// Most assignments written in one Raft entry.
+pub const MAX_ASSIGNMENTS_PER_ENTRY: usize = 512;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub node: NodeId,
+    pub region: String,
+    pub slots: u32,
+    pub in_use: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingAgent {
+    pub agent: AgentId,
+    pub region: Option<String>,
+    pub epoch: Epoch,
+}
+
+/// Places pending agents, oldest first, each on the eligible node with the lowest share of its
+/// slots in use (ties go to the lower node id). Agents that fit nowhere stay pending.
+pub fn place(candidates: &[Candidate], pending: &[PendingAgent], limit: usize) -> Vec<AssignOne> {
+    let mut load: BTreeMap<NodeId, (u32, u32)> = candidates
+        .iter()
+        .map(|candidate| (candidate.node, (candidate.in_use, candidate.slots)))
+        .collect();
+    let mut decisions = Vec::new();
+    for agent in pending {
+        if decisions.len() >= limit {
+            break;
+        }
+        let best = candidates
+            .iter()
+            .filter(|candidate| agent.region.as_ref().is_none_or(|region| *region == candidate.region))
+            .filter_map(|candidate| {
+                let (in_use, slots) = load[&candidate.node];
+                (in_use < slots).then_some((candidate.node, in_use, slots))
+            })
+            // Compare in_use/slots without floating point: a/b < c/d  <=>  a*d < c*b.
+            .min_by(|(node_a, used_a, slots_a), (node_b, used_b, slots_b)| {
+                (u64::from(*used_a) * u64::from(*slots_b))
+                    .cmp(&(u64::from(*used_b) * u64::from(*slots_a)))
+                    .then(node_a.cmp(node_b))
+            });
+        if let Some((node, _, _)) = best {
+            load.get_mut(&node).expect("candidate is in the load map").0 += 1;
+            decisions.push(AssignOne {
+                agent: agent.agent,
+                node,
+                epoch: agent.epoch.next(),
+            });
+        }
+    }
+    decisions
+}
+
+/// Reads what `place` needs from the replicated state.
+pub fn placement_input(state: &ClusterState, max_pending: usize) -> (Vec<Candidate>, Vec<PendingAgent>) {
+    let candidates = state
+        .nodes
+        .values()
+        .filter(|node| node.up && !node.draining)
+        .map(|node| Candidate {
+            node: node.id,
+            region: node.info.region.clone(),
+            slots: node.info.slots,
+            in_use: state.slots_in_use(node.id),
+        })
+        .collect();
+    let pending = state
+        .pending
+        .iter()
+        .take(max_pending)
+        .filter_map(|id| state.agents.get(id))
+        .map(|agent| PendingAgent {
+            agent: agent.id,
+            region: agent.spec.region.clone(),
+            epoch: agent.epoch,
+        })
+        .collect();
+    (candidates, pending)
+}
+
+pub struct Scheduler;
+
+pub enum SchedulerMsg {
+    /// The state changed; place what can be placed.
+    Run,
+}
+
+impl ractor::Message for SchedulerMsg {}
+
+pub struct SchedulerArgs {
+    pub replica: Replica,
+}
+
+pub struct SchedulerState {
+    replica: Replica,
+    /// Set while a `Run` is queued, so a burst of changes queues one run, not thousands.
+    queued: Arc<AtomicBool>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Actor for Scheduler {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState;
+    type Arguments = SchedulerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SchedulerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let queued = Arc::new(AtomicBool::new(false));
+        let mut applied = args.replica.reader().applied_watch();
+        let watcher_queued = queued.clone();
+        let watcher_ref = myself.clone();
+        let watcher = tokio::spawn(async move {
+            loop {
+                if !watcher_queued.swap(true, Ordering::AcqRel) && watcher_ref.cast(SchedulerMsg::Run).is_err() {
+                    return;
+                }
+                if applied.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(SchedulerState {
+            replica: args.replica,
+            queued,
+            watcher,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: SchedulerMsg,
+        state: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SchedulerMsg::Run => {
+                state.queued.store(false, Ordering::Release);
+                loop {
+                    let decisions = state.replica.reader().read(|cluster| {
+                        let (candidates, pending) = placement_input(cluster, MAX_ASSIGNMENTS_PER_ENTRY * 4);
+                        place(&candidates, &pending, MAX_ASSIGNMENTS_PER_ENTRY)
+                    });
+                    if decisions.is_empty() {
+                        break;
+                    }
+                    let wanted = decisions.len();
+                    match state
+                        .replica
+                        .write(Command::AssignAgents { assignments: decisions })
+                        .await
+                    {
+                        Ok(Response::Assigned(done)) => {
+                            tracing::debug!(wanted, assigned = done.len(), "placed agents");
+                            if done.len() < wanted {
+                                // The state moved under us; the watcher queues another run.
+                                break;
+                            }
+                        }
+                        Ok(other) => {
+                            tracing::warn!(?other, "unexpected answer to assign-agents");
+                            break;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "placing agents failed; retrying on the next change");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.watcher.abort();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(node: NodeId, region: &str, slots: u32, in_use: u32) -> Candidate {
+        Candidate {
+            node,
+            region: region.to_string(),
+            slots,
+            in_use,
+        }
+    }
+
+    fn pending(count: usize, region: Option<&str>) -> Vec<PendingAgent> {
+        (0..count)
+            .map(|_| PendingAgent {
+                agent: AgentId::new(),
+                region: region.map(str::to_string),
+                epoch: Epoch(0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn spreads_load_across_nodes() {
+        let nodes = [
+            candidate(1, "eu", 4, 0),
+            candidate(2, "eu", 4, 0),
+            candidate(3, "eu", 4, 2),
+        ];
+        let decisions = place(&nodes, &pending(6, None), 100);
+        let mut per_node = BTreeMap::new();
+        for decision in &decisions {
+            *per_node.entry(decision.node).or_insert(0) += 1;
+            assert_eq!(decision.epoch, Epoch(1));
+        }
+        assert_eq!(decisions.len(), 6);
+        // Node 3 starts half full, so it gets fewer.
+        assert_eq!(per_node[&1], 2);
+        assert_eq!(per_node[&2], 2);
+        assert_eq!(per_node[&3], 2);
+    }
+
+    #[test]
+    fn respects_regions_and_free_slots() {
+        let nodes = [candidate(1, "eu", 1, 0), candidate(2, "us", 2, 2)];
+        let decisions = place(&nodes, &pending(3, Some("eu")), 100);
+        assert_eq!(decisions.len(), 1, "one free slot in eu");
+        assert_eq!(decisions[0].node, 1);
+        assert!(place(&nodes, &pending(1, Some("us")), 100).is_empty(), "us is full");
+        assert!(place(&nodes, &pending(1, Some("ap")), 100).is_empty(), "no node in ap");
+    }
+
+    #[test]
+    fn uses_the_next_epoch_and_the_limit() {
+        let nodes = [candidate(1, "eu", 100, 0)];
+        let mut agents = pending(5, None);
+        agents[0].epoch = Epoch(7);
+        let decisions = place(&nodes, &agents, 3);
+        assert_eq!(decisions.len(), 3);
+        assert_eq!(decisions[0].epoch, Epoch(8));
+    }
+}

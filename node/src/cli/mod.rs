@@ -1,0 +1,404 @@
+//! The client half of the `flotilla` binary: `flotilla agent ...` and `flotilla cluster ...`.
+//!
+//! Each command connects to one node over gRPC (any node: followers forward writes to the
+//! leader), sends the bearer token on every call, and prints either a table for people or JSON
+//! for scripts. Failures print one `error: ...` line to standard error and exit with code 1;
+//! usage errors are clap's own, with code 2.
+
+mod client;
+mod json;
+mod render;
+mod watch;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use flotilla_proto::v1::{
+    AddNodeRequest, AgentStatus, CreateAgentRequest, DrainNodeRequest, GetAgentRequest, GetClusterRequest,
+    ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
+};
+
+pub(crate) use client::{
+    agent_client, cluster_client, connect, error_chain, unary, AgentClient, BearerToken, CliError,
+};
+
+/// Largest page asked of the server; the API accepts 1..=1000.
+const MAX_PAGE_SIZE: u32 = 1000;
+
+// Options shared by every client command. A plain comment: a doc comment here would become
+// the `about` of whichever command flattens these arguments.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// gRPC endpoint of any node
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_ENDPOINT",
+        default_value = "http://127.0.0.1:7420"
+    )]
+    pub endpoint: String,
+    /// bearer token
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// output format
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// tables and lines for people
+    Table,
+    /// JSON with the proto field names, for scripts (NDJSON for `agent watch`)
+    Json,
+}
+
+/// The statuses `agent list --status` filters on.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    Pending,
+    Provisioning,
+    Running,
+    Finished,
+    Failed,
+    Stopped,
+}
+
+impl From<StatusFilter> for AgentStatus {
+    fn from(filter: StatusFilter) -> Self {
+        match filter {
+            StatusFilter::Pending => AgentStatus::Pending,
+            StatusFilter::Provisioning => AgentStatus::Provisioning,
+            StatusFilter::Running => AgentStatus::Running,
+            StatusFilter::Finished => AgentStatus::Finished,
+            StatusFilter::Failed => AgentStatus::Failed,
+            StatusFilter::Stopped => AgentStatus::Stopped,
+        }
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Create an agent and print its id
+    Create {
+        /// git repository URL
+        #[arg(long, value_name = "URL")]
+        repo: String,
+        /// what the agent should do
+        #[arg(long, value_name = "TEXT")]
+        prompt: String,
+        /// display name (derived from the prompt when absent)
+        #[arg(long)]
+        name: Option<String>,
+        /// model (the team's default when absent)
+        #[arg(long)]
+        model: Option<String>,
+        /// branch to start from (the team's base branch, or main, when absent)
+        #[arg(long, value_name = "BRANCH")]
+        base: Option<String>,
+        /// run only on nodes of this region
+        #[arg(long, value_name = "REGION")]
+        region: Option<String>,
+        /// branch the agent commits to (flotilla/<id>-<name> when absent)
+        #[arg(long, value_name = "WORK_BRANCH")]
+        branch: Option<String>,
+        /// open a pull request when the agent finishes
+        #[arg(long)]
+        open_pr: bool,
+    },
+    /// List agents, newest first
+    List {
+        /// case-insensitive text searched in name, prompt and summary
+        #[arg(long)]
+        search: Option<String>,
+        /// only agents with this status (repeatable)
+        #[arg(long = "status", value_enum, value_name = "STATUS", value_delimiter = ',')]
+        statuses: Vec<StatusFilter>,
+        /// only agents on this repository URL
+        #[arg(long, value_name = "URL")]
+        repo: Option<String>,
+        /// only agents constrained to this region
+        #[arg(long)]
+        region: Option<String>,
+        /// at most this many agents, fetched page by page
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+    },
+    /// Show one agent
+    Get {
+        /// agent id
+        id: String,
+    },
+    /// Follow an agent's events until it reaches a final status
+    Watch {
+        /// agent id
+        id: String,
+        /// start after this durable sequence number (0 replays the retained history)
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        after: u64,
+    },
+    /// Send a follow-up instruction to an agent
+    #[command(visible_alias = "follow-up")]
+    Followup {
+        /// agent id
+        id: String,
+        /// the follow-up instruction
+        text: String,
+    },
+    /// Stop an agent
+    Stop {
+        /// agent id
+        id: String,
+        /// why, recorded in the agent's history
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Show the members, the leader and the replication progress
+    Status,
+    /// Register a node started with --join, or promote a learner to a voter
+    AddNode {
+        node_id: u64,
+        /// make the node a voter (otherwise it is a learner that runs agents)
+        #[arg(long)]
+        voter: bool,
+    },
+    /// Remove a node from the cluster
+    RemoveNode { node_id: u64 },
+    /// Stop placing new agents on a node; running agents finish where they are
+    Drain {
+        node_id: u64,
+        /// lift the drain
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+/// Prints the error the way every client command does and picks the exit code.
+fn finish(result: Result<(), CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(value: &serde_json::Value) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut stdout, value).map_err(std::io::Error::from)?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+fn print_text(text: &str) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")?;
+    Ok(())
+}
+
+fn or_empty(value: Option<String>) -> String {
+    value.unwrap_or_default()
+}
+
+pub async fn run_agent(args: &ClientArgs, cmd: AgentCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(agent_command(args, cmd).await))
+}
+
+pub async fn run_cluster(args: &ClientArgs, cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(cluster_command(args, cmd).await))
+}
+
+async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliError> {
+    let token = BearerToken::new(args.token.as_deref())?;
+    let endpoint = args.endpoint.as_str();
+    let mut client = agent_client(connect(endpoint).await?, token);
+    match cmd {
+        AgentCommand::Create {
+            repo,
+            prompt,
+            name,
+            model,
+            base,
+            region,
+            branch,
+            open_pr,
+        } => {
+            let request = CreateAgentRequest {
+                prompt,
+                repository: repo,
+                base_branch: or_empty(base),
+                name: or_empty(name),
+                model: or_empty(model),
+                region: or_empty(region),
+                work_branch: or_empty(branch),
+                open_pull_request: open_pr,
+            };
+            let response = unary(endpoint, client.create_agent(request)).await?;
+            let agent = response.agent.ok_or_else(|| {
+                CliError::Rpc(tonic::Status::internal(
+                    "the node acknowledged the create but returned no agent",
+                ))
+            })?;
+            match args.output {
+                OutputFormat::Json => print_json(&json::agent(&agent)),
+                OutputFormat::Table => print_text(&agent.id),
+            }
+        }
+        AgentCommand::List {
+            search,
+            statuses,
+            repo,
+            region,
+            limit,
+        } => {
+            let mut agents = Vec::new();
+            let mut page_token = String::new();
+            while agents.len() < limit as usize {
+                let remaining = limit - agents.len() as u32;
+                let request = ListAgentsRequest {
+                    statuses: statuses
+                        .iter()
+                        .map(|status| AgentStatus::from(*status) as i32)
+                        .collect(),
+                    repository: or_empty(repo.clone()),
+                    region: or_empty(region.clone()),
+                    search: or_empty(search.clone()),
+                    page_size: remaining.min(MAX_PAGE_SIZE) as i32,
+                    page_token: page_token.clone(),
+                };
+                let page = unary(endpoint, client.list_agents(request)).await?;
+                // An empty page ends the listing even with a token, so a confused server
+                // cannot keep the loop going.
+                let page_was_empty = page.agents.is_empty();
+                agents.extend(page.agents);
+                if page.next_page_token.is_empty() || page_was_empty {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            agents.truncate(limit as usize);
+            match args.output {
+                OutputFormat::Json => print_json(&serde_json::Value::Array(agents.iter().map(json::agent).collect())),
+                OutputFormat::Table => print_text(&render::agent_list(&agents)),
+            }
+        }
+        AgentCommand::Get { id } => {
+            let agent = unary(endpoint, client.get_agent(GetAgentRequest { id })).await?;
+            match args.output {
+                OutputFormat::Json => print_json(&json::agent(&agent)),
+                OutputFormat::Table => print_text(&render::agent_record(&agent)),
+            }
+        }
+        AgentCommand::Watch { id, after } => watch::watch(endpoint, &mut client, &id, after, args.output).await,
+        AgentCommand::Followup { id, text } => {
+            let response = unary(
+                endpoint,
+                client.send_follow_up(SendFollowUpRequest { id: id.clone(), text }),
+            )
+            .await?;
+            match args.output {
+                OutputFormat::Json => print_json(&json::follow_up_response(&response)),
+                OutputFormat::Table => {
+                    let status = response
+                        .agent
+                        .as_ref()
+                        .map(|agent| render::short_status(agent.status))
+                        .unwrap_or_else(|| "-".to_string());
+                    print_text(&format!("follow-up #{} sent to {id} (status {status})", response.index))
+                }
+            }
+        }
+        AgentCommand::Stop { id, reason } => {
+            let agent = unary(
+                endpoint,
+                client.stop_agent(StopAgentRequest {
+                    id,
+                    reason: or_empty(reason),
+                }),
+            )
+            .await?;
+            match args.output {
+                OutputFormat::Json => print_json(&json::agent(&agent)),
+                OutputFormat::Table => print_text(&format!("{} {}", agent.id, render::short_status(agent.status))),
+            }
+        }
+    }
+}
+
+async fn cluster_command(args: &ClientArgs, cmd: ClusterCommand) -> Result<(), CliError> {
+    let token = BearerToken::new(args.token.as_deref())?;
+    let endpoint = args.endpoint.as_str();
+    let mut client = cluster_client(connect(endpoint).await?, token);
+    let cluster = match cmd {
+        ClusterCommand::Status => unary(endpoint, client.get_cluster(GetClusterRequest {})).await?,
+        ClusterCommand::AddNode { node_id, voter } => {
+            unary(endpoint, client.add_node(AddNodeRequest { node_id, voter })).await?
+        }
+        ClusterCommand::RemoveNode { node_id } => {
+            unary(endpoint, client.remove_node(RemoveNodeRequest { node_id })).await?
+        }
+        ClusterCommand::Drain { node_id, undo } => {
+            unary(endpoint, client.drain_node(DrainNodeRequest { node_id, drain: !undo })).await?
+        }
+    };
+    match args.output {
+        OutputFormat::Json => print_json(&json::cluster(&cluster)),
+        OutputFormat::Table => print_text(&render::cluster(&cluster)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser, Debug)]
+    struct TestCli {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: AgentCommand,
+    }
+
+    #[test]
+    fn list_accepts_repeated_and_comma_separated_statuses() {
+        let cli =
+            TestCli::try_parse_from(["flotilla", "list", "--status", "running", "--status", "failed,stopped"]).unwrap();
+        let AgentCommand::List { statuses, limit, .. } = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(
+            statuses,
+            vec![StatusFilter::Running, StatusFilter::Failed, StatusFilter::Stopped]
+        );
+        assert_eq!(limit, 50);
+    }
+
+    #[test]
+    fn global_options_follow_the_subcommand() {
+        let cli = TestCli::try_parse_from([
+            "flotilla",
+            "get",
+            "01HZX",
+            "--output",
+            "json",
+            "--endpoint",
+            "http://n2:7420",
+        ])
+        .unwrap();
+        assert_eq!(cli.client.output, OutputFormat::Json);
+        assert_eq!(cli.client.endpoint, "http://n2:7420");
+    }
+
+    #[test]
+    fn create_requires_repo_and_prompt() {
+        assert!(TestCli::try_parse_from(["flotilla", "create", "--repo", "r"]).is_err());
+        let cli = TestCli::try_parse_from(["flotilla", "create", "--repo", "r", "--prompt", "p", "--open-pr"]).unwrap();
+        assert!(matches!(cli.command, AgentCommand::Create { open_pr: true, .. }));
+    }
+}

@@ -1,0 +1,300 @@
+//! Human-readable renderings for `--output table`: tables for lists and records, and one line
+//! per event for `agent watch`.
+
+use comfy_table::{presets, ContentArrangement, Table};
+use flotilla_proto::v1::{agent_event, Agent, AgentEvent, AgentStatus, Cluster, RaftRole};
+use prost_types::Timestamp;
+
+/// Longest tool argument or output excerpt shown on a watch line; the JSON output has it all.
+const MAX_EXCERPT_CHARS: usize = 160;
+
+/// `running`, `finished`, ...; `unknown(7)` for a value this client does not know.
+pub(crate) fn short_status(value: i32) -> String {
+    match AgentStatus::try_from(value) {
+        Ok(status) => status
+            .as_str_name()
+            .trim_start_matches("AGENT_STATUS_")
+            .to_ascii_lowercase(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+fn short_role(value: i32) -> String {
+    match RaftRole::try_from(value) {
+        Ok(role) => role.as_str_name().trim_start_matches("RAFT_ROLE_").to_ascii_lowercase(),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+fn yes_no(flag: bool) -> &'static str {
+    if flag {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// RFC 3339 to the second: tables have no room for nanoseconds.
+fn timestamp_to_second(timestamp: Option<&Timestamp>) -> String {
+    match timestamp {
+        Some(timestamp) => Timestamp {
+            seconds: timestamp.seconds,
+            nanos: 0,
+        }
+        .to_string(),
+        None => "-".to_string(),
+    }
+}
+
+/// `HH:MM:SS` in UTC, the clock shown on watch lines.
+fn time_of_day(timestamp: Option<&Timestamp>) -> String {
+    match timestamp {
+        Some(timestamp) => {
+            let second_of_day = timestamp.seconds.rem_euclid(86_400);
+            format!(
+                "{:02}:{:02}:{:02}",
+                second_of_day / 3600,
+                second_of_day / 60 % 60,
+                second_of_day % 60
+            )
+        }
+        None => "--:--:--".to_string(),
+    }
+}
+
+fn or_dash(text: &str) -> &str {
+    if text.is_empty() {
+        "-"
+    } else {
+        text
+    }
+}
+
+/// The first line of `text`, cut to [`MAX_EXCERPT_CHARS`], with `…` when anything was left out.
+fn excerpt(text: &str) -> String {
+    let first_line = text.lines().next().unwrap_or("");
+    let mut shown: String = first_line.chars().take(MAX_EXCERPT_CHARS).collect();
+    if shown.len() < text.trim_end().len() {
+        shown.push('…');
+    }
+    shown
+}
+
+/// Renders with two spaces between columns and none around the edges, like `kubectl get`,
+/// so that lines have no stray leading or trailing blanks for `grep` and `awk`.
+fn finish_table(mut table: Table) -> String {
+    let column_count = table.column_count();
+    for (index, column) in table.column_iter_mut().enumerate() {
+        let right_padding = if index + 1 == column_count { 0 } else { 2 };
+        column.set_padding((0, right_padding));
+    }
+    table
+        .lines()
+        .map(|line| line.trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn new_table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled);
+    if !header.is_empty() {
+        table.set_header(header.iter().copied());
+    }
+    table
+}
+
+pub(crate) fn agent_list(agents: &[Agent]) -> String {
+    let mut table = new_table(&["ID", "NAME", "STATUS", "REPOSITORY", "NODE", "EPOCH", "CREATED"]);
+    for agent in agents {
+        let (node, epoch) = match &agent.assignment {
+            Some(assignment) => (assignment.node_id.to_string(), assignment.epoch.to_string()),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        table.add_row(vec![
+            agent.id.clone(),
+            agent.name.clone(),
+            short_status(agent.status),
+            agent.repository.clone(),
+            node,
+            epoch,
+            timestamp_to_second(agent.created_at.as_ref()),
+        ]);
+    }
+    finish_table(table)
+}
+
+pub(crate) fn agent_record(agent: &Agent) -> String {
+    let mut table = new_table(&[]);
+    let (node, epoch) = match &agent.assignment {
+        Some(assignment) => (assignment.node_id.to_string(), assignment.epoch.to_string()),
+        None => ("-".to_string(), "-".to_string()),
+    };
+    let pull_request = match &agent.pull_request {
+        Some(pull_request) => format!("#{} {}", pull_request.number, pull_request.url),
+        None if agent.open_pull_request => "requested".to_string(),
+        None => "-".to_string(),
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("id", agent.id.clone()),
+        ("name", or_dash(&agent.name).to_string()),
+        ("status", short_status(agent.status)),
+        ("repository", agent.repository.clone()),
+        ("base branch", or_dash(&agent.base_branch).to_string()),
+        ("work branch", or_dash(&agent.work_branch).to_string()),
+        ("model", or_dash(&agent.model).to_string()),
+        ("region", or_dash(&agent.region).to_string()),
+        ("team", or_dash(&agent.team).to_string()),
+        ("node", node),
+        ("epoch", epoch),
+        ("created", timestamp_to_second(agent.created_at.as_ref())),
+        ("updated", timestamp_to_second(agent.updated_at.as_ref())),
+        ("pending follow-ups", agent.pending_follow_ups.to_string()),
+        ("head commit", or_dash(&agent.head_commit).to_string()),
+        ("pull request", pull_request),
+        ("last sequence", agent.last_sequence.to_string()),
+        ("summary", or_dash(&agent.summary).to_string()),
+        ("error", or_dash(&agent.error).to_string()),
+        ("prompt", agent.prompt.clone()),
+    ];
+    for (key, value) in rows {
+        table.add_row(vec![key.to_string(), value]);
+    }
+    finish_table(table)
+}
+
+pub(crate) fn cluster(cluster: &Cluster) -> String {
+    let mut table = new_table(&[
+        "ID", "GRPC", "MESH", "REGION", "ROLE", "VOTER", "UP", "DRAINING", "SLOTS",
+    ]);
+    let mut members: Vec<_> = cluster.members.iter().collect();
+    members.sort_by_key(|member| member.id);
+    for member in members {
+        table.add_row(vec![
+            member.id.to_string(),
+            member.grpc_address.clone(),
+            or_dash(&member.mesh_address).to_string(),
+            or_dash(&member.region).to_string(),
+            short_role(member.role),
+            yes_no(member.voter).to_string(),
+            yes_no(member.up).to_string(),
+            yes_no(member.draining).to_string(),
+            format!("{}/{}", member.slots_in_use, member.slots),
+        ]);
+    }
+    let leader = match cluster.leader_id {
+        0 => "none known".to_string(),
+        leader_id => leader_id.to_string(),
+    };
+    let table = finish_table(table);
+    format!(
+        "{table}\n\nleader: {leader}\nterm: {}\nlast applied index: {}\nanswered by node: {}",
+        cluster.term, cluster.last_applied_index, cluster.node_id
+    )
+}
+
+/// The one-line description of the agent printed when a watch opens.
+pub(crate) fn snapshot_line(agent: &Agent) -> String {
+    let placement = match &agent.assignment {
+        Some(assignment) => format!(" on node {} (epoch {})", assignment.node_id, assignment.epoch),
+        None => String::new(),
+    };
+    format!(
+        "agent {} {:?} {}{placement}, last sequence {}",
+        agent.id,
+        agent.name,
+        short_status(agent.status),
+        agent.last_sequence
+    )
+}
+
+/// `[12] 12:00:01` for a durable event, `[~] 12:00:01` for a live one.
+pub(crate) fn event_prefix(event: &AgentEvent) -> String {
+    let marker = if event.live {
+        "~".to_string()
+    } else {
+        event.sequence.to_string()
+    };
+    format!("[{marker}] {}", time_of_day(event.at.as_ref()))
+}
+
+/// Everything after the prefix, for every kind but assistant deltas (printed inline).
+pub(crate) fn event_body(kind: &agent_event::Kind) -> String {
+    use agent_event::Kind;
+    match kind {
+        Kind::StatusChanged(changed) => {
+            let mut line = format!("status {} -> {}", short_status(changed.from), short_status(changed.to));
+            if let Some(assignment) = &changed.assignment {
+                line.push_str(&format!(" on node {} (epoch {})", assignment.node_id, assignment.epoch));
+            }
+            if !changed.reason.is_empty() {
+                line.push_str(&format!(": {}", changed.reason));
+            }
+            line
+        }
+        Kind::FollowUpAccepted(accepted) => {
+            format!("follow-up #{} accepted: {}", accepted.index, excerpt(&accepted.text))
+        }
+        Kind::Log(line) => format!("log {}", line.text.trim_end()),
+        Kind::AssistantDelta(delta) => format!("assistant {}", delta.text.trim_end()),
+        Kind::ToolCallStarted(started) => format!(
+            "tool {} started ({}) {}",
+            started.tool,
+            started.call_id,
+            excerpt(&started.arguments)
+        ),
+        Kind::ToolCallFinished(finished) => {
+            let outcome = if finished.failed { "failed" } else { "finished" };
+            let truncated = if finished.truncated { ", output truncated" } else { "" };
+            format!(
+                "tool {} {outcome} ({}{truncated}) {}",
+                finished.tool,
+                finished.call_id,
+                excerpt(&finished.output)
+            )
+        }
+        Kind::CommitPushed(pushed) => {
+            let short_commit: String = pushed.commit.chars().take(12).collect();
+            format!("commit {short_commit} pushed to {}", pushed.branch)
+        }
+        Kind::Summary(summary) => format!("summary {}", summary.text.trim_end()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::v1::{Assignment, StatusChanged};
+
+    #[test]
+    fn status_change_line_reads_like_the_documentation() {
+        let event = AgentEvent {
+            sequence: 4,
+            at: Some(Timestamp {
+                seconds: 43_201,
+                nanos: 0,
+            }),
+            kind: Some(agent_event::Kind::StatusChanged(StatusChanged {
+                from: AgentStatus::Pending as i32,
+                to: AgentStatus::Provisioning as i32,
+                assignment: Some(Assignment { node_id: 2, epoch: 1 }),
+                reason: String::new(),
+            })),
+            ..Default::default()
+        };
+        let line = format!("{} {}", event_prefix(&event), event_body(event.kind.as_ref().unwrap()));
+        assert_eq!(line, "[4] 12:00:01 status pending -> provisioning on node 2 (epoch 1)");
+    }
+
+    #[test]
+    fn live_events_are_marked_with_a_tilde() {
+        let event = AgentEvent {
+            sequence: 4,
+            live: true,
+            ..Default::default()
+        };
+        assert_eq!(event_prefix(&event), "[~] --:--:--");
+    }
+}

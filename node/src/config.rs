@@ -1,0 +1,261 @@
+//! `flotilla node` settings: command-line flags over an optional TOML file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NodeArgs {
+    /// Directory for the node's database, tokens and secrets.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address; the actor mesh listens on the next port.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Address other nodes use to reach this one (defaults to --listen).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// Node id; the first node defaults to 1 and joining nodes get one from the leader.
+    #[arg(long)]
+    pub id: Option<u64>,
+    #[arg(long)]
+    pub region: Option<String>,
+    /// How many agents this node runs at once.
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// URL of any member, to join its cluster instead of starting a new one.
+    #[arg(long)]
+    pub join: Option<String>,
+    /// A node silent for this long is marked down and its agents move.
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// Build a Raft snapshot after this many log entries.
+    #[arg(long)]
+    pub snapshot_after_logs: Option<u64>,
+    /// Log entries kept behind a snapshot.
+    #[arg(long)]
+    pub logs_kept_after_snapshot: Option<u64>,
+    /// TOML file with a [node] table; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Shared secret of the cluster (prefer the environment variable).
+    #[arg(long, env = "FLOTILLA_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    node: FileNode,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileNode {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    advertise: Option<SocketAddr>,
+    id: Option<u64>,
+    region: Option<String>,
+    slots: Option<u32>,
+    join: Option<String>,
+    lease_ms: Option<u64>,
+    snapshot_after_logs: Option<u64>,
+    logs_kept_after_snapshot: Option<u64>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// Settings after merging flags, file and defaults, and validating them.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    pub mesh_port: u16,
+    pub id: Option<u64>,
+    pub region: String,
+    pub slots: u32,
+    pub join: Option<String>,
+    pub lease_ms: u64,
+    pub snapshot_after_logs: u64,
+    pub logs_kept_after_snapshot: u64,
+    pub labels: BTreeMap<String, String>,
+    pub cluster_secret: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("config file {path} line {line} column {column}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+pub const DEFAULT_SLOTS: u32 = 8;
+pub const DEFAULT_LEASE_MS: u64 = 3_000;
+pub const MAX_SLOTS: u32 = 10_000;
+
+impl NodeArgs {
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_config(path)?,
+            None => FileNode::default(),
+        };
+        let data_dir = self.data_dir.or(file.data_dir).ok_or(ConfigError::Invalid {
+            field: "data_dir",
+            message: "required: pass --data-dir or set [node] data_dir".to_string(),
+        })?;
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:7420".parse().expect("valid default address"));
+        let advertise = self.advertise.or(file.advertise).unwrap_or(listen);
+        if advertise.ip().is_unspecified() {
+            return Err(ConfigError::Invalid {
+                field: "advertise",
+                message: format!("listening on {listen} needs --advertise with an address other nodes can reach"),
+            });
+        }
+        let mesh_port = listen.port().checked_add(1).ok_or(ConfigError::Invalid {
+            field: "listen",
+            message: "port 65535 leaves no port for the actor mesh".to_string(),
+        })?;
+        let region = self.region.or(file.region).unwrap_or_else(|| "local".to_string());
+        crate::server::validate::region(&region).map_err(|message| ConfigError::Invalid {
+            field: "region",
+            message,
+        })?;
+        let slots = self.slots.or(file.slots).unwrap_or(DEFAULT_SLOTS);
+        if slots > MAX_SLOTS {
+            return Err(ConfigError::Invalid {
+                field: "slots",
+                message: format!("must be at most {MAX_SLOTS}, found {slots}"),
+            });
+        }
+        let lease_ms = self.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS);
+        if !(500..=600_000).contains(&lease_ms) {
+            return Err(ConfigError::Invalid {
+                field: "lease_ms",
+                message: format!("must be between 500 and 600000, found {lease_ms}"),
+            });
+        }
+        let id = self.id.or(file.id);
+        if id == Some(0) {
+            return Err(ConfigError::Invalid {
+                field: "id",
+                message: "node ids start at 1".to_string(),
+            });
+        }
+        let snapshot_after_logs = self
+            .snapshot_after_logs
+            .or(file.snapshot_after_logs)
+            .unwrap_or(20_000)
+            .max(1);
+        let logs_kept_after_snapshot = self
+            .logs_kept_after_snapshot
+            .or(file.logs_kept_after_snapshot)
+            .unwrap_or(2_000);
+        Ok(NodeConfig {
+            data_dir,
+            listen,
+            advertise,
+            mesh_port,
+            id,
+            region,
+            slots,
+            join: self.join.or(file.join),
+            lease_ms,
+            snapshot_after_logs,
+            logs_kept_after_snapshot,
+            labels: file.labels,
+            cluster_secret: self.cluster_secret.filter(|secret| !secret.is_empty()),
+        })
+    }
+}
+
+fn read_config(path: &Path) -> Result<FileNode, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        path: path.display().to_string(),
+        message: error.to_string(),
+    })?;
+    parse_config(path, &text)
+}
+
+fn parse_config(path: &Path, text: &str) -> Result<FileNode, ConfigError> {
+    let parsed: ConfigFile = toml::from_str(text).map_err(|error| {
+        let (line, column) = error
+            .span()
+            .map(|span| line_and_column(text, span.start))
+            .unwrap_or((0, 0));
+        ConfigError::Parse {
+            path: path.display().to_string(),
+            line,
+            column,
+            message: error.message().to_string(),
+        }
+    })?;
+    Ok(parsed.node)
+}
+
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|index| index + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_field_names_file_line_and_field() {
+        let text = "[node]\nregion = \"eu\"\nslots = \"many\"\n";
+        let error = parse_config(Path::new("node.toml"), text).unwrap_err().to_string();
+        assert!(error.starts_with("config file node.toml line 3 column 9"), "{error}");
+        assert!(error.contains("invalid type"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_named() {
+        let text = "[node]\nslotz = 3\n";
+        let error = parse_config(Path::new("node.toml"), text).unwrap_err().to_string();
+        assert!(error.contains("line 2"), "{error}");
+        assert!(error.contains("slotz"), "{error}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile_dir();
+        let path = dir.join("node.toml");
+        std::fs::write(&path, "[node]\ndata_dir = \"/tmp/x\"\nslots = 3\nregion = \"eu\"\n").unwrap();
+        let config = NodeArgs {
+            config: Some(path),
+            slots: Some(5),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.slots, 5);
+        assert_eq!(config.region, "eu");
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(config.mesh_port, 7421);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("flotilla-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

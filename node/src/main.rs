@@ -1,0 +1,104 @@
+//! `flotilla`: one binary for the node daemon (`flotilla node`), the command-line client
+//! (`flotilla agent ...`, `flotilla cluster ...`) and the load generators (`flotilla bench ...`).
+
+mod bench;
+mod cli;
+mod config;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Self-hosted control plane for cloud coding agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: TopCommand,
+}
+
+#[derive(Subcommand)]
+enum TopCommand {
+    /// Run a node of a Flotilla cluster.
+    Node(config::NodeArgs),
+    /// Create, list, watch and steer agents.
+    Agent {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+        #[command(subcommand)]
+        command: cli::AgentCommand,
+    },
+    /// Inspect and change the cluster's membership.
+    Cluster {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+        #[command(subcommand)]
+        command: cli::ClusterCommand,
+    },
+    /// Measure the cluster (prints figures; asserts nothing).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// CreateAgent throughput and latency on loopback clusters.
+    Create(bench::BenchCreateArgs),
+}
+
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            TopCommand::Node(args) => {
+                init_logging("info,openraft=warn,ractor_cluster=warn");
+                let config = args.resolve()?;
+                server::run_node(config).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            TopCommand::Agent { client, command } => {
+                init_logging("warn");
+                cli::run_agent(&client, command).await
+            }
+            TopCommand::Cluster { client, command } => {
+                init_logging("warn");
+                cli::run_cluster(&client, command).await
+            }
+            TopCommand::Bench { command } => {
+                init_logging("warn");
+                match command {
+                    BenchCommand::Create(args) => bench::run_create(args).await.map(|()| ExitCode::SUCCESS),
+                }
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! `flotilla.v1.AgentService`.
+
+use std::pin::Pin;
+
+use base64::Engine as _;
+use flotilla_actors::mesh::Mesh;
+use flotilla_proto::v1::agent_service_server::AgentService;
+use flotilla_proto::v1::{self, watch_agent_response};
+use flotilla_raft::{AgentId, AgentRecord, AgentSpec, ApplyError, Command, Replica, Response, WriteError};
+use futures::Stream;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+use tonic::{Request, Status, Streaming};
+
+use super::auth::principal;
+use super::{convert, validate, write_status};
+
+/// Messages buffered towards one watcher before the server waits for it to read.
+pub const WATCH_BUFFER_MESSAGES: usize = 256;
+
+pub struct AgentApi {
+    pub replica: Replica,
+    pub mesh: Mesh,
+}
+
+fn invalid(message: String) -> Status {
+    Status::invalid_argument(message)
+}
+
+/// The opaque page token: where the last page ended, and a digest of the filter it was for.
+#[derive(Serialize, Deserialize)]
+struct PageToken {
+    after: AgentId,
+    filter: u64,
+}
+
+fn filter_digest(request: &v1::ListAgentsRequest) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    request.statuses.hash(&mut hasher);
+    request.repository.hash(&mut hasher);
+    request.region.hash(&mut hasher);
+    request.search.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn encode_page_token(token: &PageToken) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(postcard::to_allocvec(token).expect("in-memory encoding"))
+}
+
+fn decode_page_token(text: &str) -> Result<PageToken, Status> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| invalid("page_token: not a token this service issued".to_string()))?;
+    postcard::from_bytes(&bytes).map_err(|_| invalid("page_token: not a token this service issued".to_string()))
+}
+
+impl AgentApi {
+    fn find(&self, id: AgentId) -> Result<AgentRecord, Status> {
+        self.replica
+            .reader()
+            .read(|state| state.agents.get(&id).cloned())
+            .ok_or_else(|| Status::not_found(format!("agent {id} not found")))
+    }
+
+    fn known_regions(&self) -> Vec<String> {
+        let mut regions: Vec<String> = self
+            .replica
+            .reader()
+            .read(|state| state.nodes.values().map(|node| node.info.region.clone()).collect());
+        regions.sort();
+        regions.dedup();
+        regions
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchAgentResponse, Status>> + Send>>;
+type AttachStream = Pin<Box<dyn Stream<Item = Result<v1::AttachResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn create_agent(
+        &self,
+        request: Request<v1::CreateAgentRequest>,
+    ) -> Result<tonic::Response<v1::CreateAgentResponse>, Status> {
+        let caller = principal(&request)?;
+        let body = request.into_inner();
+        validate::prompt("prompt", &body.prompt, validate::MAX_PROMPT_BYTES).map_err(invalid)?;
+        validate::repository(&body.repository).map_err(invalid)?;
+        let base_branch = if body.base_branch.is_empty() {
+            "main".to_string()
+        } else {
+            body.base_branch.clone()
+        };
+        validate::branch("base_branch", &base_branch).map_err(invalid)?;
+        validate::short_text("name", &body.name, validate::MAX_NAME_CHARS).map_err(invalid)?;
+        validate::short_text("model", &body.model, validate::MAX_MODEL_CHARS).map_err(invalid)?;
+        let region = if body.region.is_empty() {
+            None
+        } else {
+            validate::region(&body.region).map_err(invalid)?;
+            let known = self.known_regions();
+            if !known.contains(&body.region) {
+                return Err(Status::failed_precondition(format!(
+                    "region {:?} has no node; regions in this cluster: {}",
+                    body.region,
+                    known.join(", ")
+                )));
+            }
+            Some(body.region.clone())
+        };
+        let id = AgentId::new();
+        let name = if body.name.trim().is_empty() {
+            validate::name_from_prompt(&body.prompt)
+        } else {
+            body.name.trim().to_string()
+        };
+        let work_branch = if body.work_branch.is_empty() {
+            format!("flotilla/{}-{}", id.short(), validate::slug(&name, 40))
+        } else {
+            validate::branch("work_branch", &body.work_branch).map_err(invalid)?;
+            body.work_branch.clone()
+        };
+        let spec = AgentSpec {
+            name,
+            prompt: body.prompt,
+            repository: body.repository,
+            base_branch,
+            work_branch,
+            model: if body.model.is_empty() {
+                "default".to_string()
+            } else {
+                body.model
+            },
+            region,
+            team: caller.team,
+            open_pull_request: body.open_pull_request,
+        };
+        let record = match self.replica.write(Command::CreateAgent { id, spec }).await {
+            Ok(Response::Agent(record)) => *record,
+            // A retried write that had in fact been applied: the agent is there, which is what was asked.
+            Err(WriteError::Refused(ApplyError::AgentExists(existing))) if existing == id => self.find(id)?,
+            Ok(other) => {
+                return Err(Status::internal(format!(
+                    "unexpected answer to create-agent: {other:?}"
+                )))
+            }
+            Err(error) => return Err(write_status(error)),
+        };
+        Ok(tonic::Response::new(v1::CreateAgentResponse {
+            agent: Some(convert::agent(&record)),
+        }))
+    }
+
+    async fn get_agent(&self, request: Request<v1::GetAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
+        let id = validate::agent_id(&request.get_ref().id).map_err(invalid)?;
+        Ok(tonic::Response::new(convert::agent(&self.find(id)?)))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<v1::ListAgentsRequest>,
+    ) -> Result<tonic::Response<v1::ListAgentsResponse>, Status> {
+        let body = request.into_inner();
+        let page_size = validate::page_size(body.page_size).map_err(invalid)?;
+        if body.search.len() > validate::MAX_SEARCH_BYTES {
+            return Err(invalid(format!(
+                "search: at most {} bytes, found {}",
+                validate::MAX_SEARCH_BYTES,
+                body.search.len()
+            )));
+        }
+        if !body.region.is_empty() {
+            validate::region(&body.region).map_err(invalid)?;
+        }
+        let mut statuses = Vec::new();
+        for value in &body.statuses {
+            let status = v1::AgentStatus::try_from(*value)
+                .ok()
+                .and_then(convert::status_from_wire)
+                .ok_or_else(|| invalid(format!("statuses: {value} is not an agent status")))?;
+            statuses.push(status);
+        }
+        let digest = filter_digest(&body);
+        let after = if body.page_token.is_empty() {
+            None
+        } else {
+            let token = decode_page_token(&body.page_token)?;
+            if token.filter != digest {
+                return Err(invalid(
+                    "page_token: issued for a different filter; start again without a token".to_string(),
+                ));
+            }
+            Some(token.after)
+        };
+        let needle = body.search.to_lowercase();
+        let (agents, more) = self.replica.reader().read(|state| {
+            let range = match after {
+                Some(after) => state.agents.range(..after),
+                None => state.agents.range(..),
+            };
+            let mut page: Vec<v1::Agent> = Vec::with_capacity(page_size);
+            let mut more = false;
+            for record in range.rev().map(|(_, record)| record) {
+                if !statuses.is_empty() && !statuses.contains(&record.status) {
+                    continue;
+                }
+                if !body.repository.is_empty() && record.spec.repository != body.repository {
+                    continue;
+                }
+                if !body.region.is_empty() && record.spec.region.as_deref() != Some(body.region.as_str()) {
+                    continue;
+                }
+                if !needle.is_empty() && !matches_search(record, &needle) {
+                    continue;
+                }
+                if page.len() == page_size {
+                    more = true;
+                    break;
+                }
+                page.push(convert::agent(record));
+            }
+            (page, more)
+        });
+        let next_page_token = match (more, agents.last()) {
+            (true, Some(last)) => encode_page_token(&PageToken {
+                after: last
+                    .id
+                    .parse()
+                    .map_err(|_| Status::internal("stored agent id is not a ULID"))?,
+                filter: digest,
+            }),
+            _ => String::new(),
+        };
+        Ok(tonic::Response::new(v1::ListAgentsResponse {
+            agents,
+            next_page_token,
+        }))
+    }
+
+    type WatchAgentStream = WatchStream;
+
+    async fn watch_agent(
+        &self,
+        request: Request<v1::WatchAgentRequest>,
+    ) -> Result<tonic::Response<Self::WatchAgentStream>, Status> {
+        let body = request.into_inner();
+        let id = validate::agent_id(&body.id).map_err(invalid)?;
+        // Subscribe before reading, so nothing applied in between is missed.
+        let mut durable = self.replica.reader().subscribe_events();
+        let live = self
+            .mesh
+            .subscribe(&id.to_string())
+            .await
+            .map_err(|error| Status::unavailable(format!("cannot subscribe to live events: {error}")))?;
+        let record = self.find(id)?;
+        if body.after_sequence > record.last_sequence {
+            return Err(Status::out_of_range(format!(
+                "after_sequence {} is beyond agent {id}'s last sequence {}",
+                body.after_sequence, record.last_sequence
+            )));
+        }
+        let first = self.replica.reader().read(|state| state.first_retained_sequence(id));
+        if let Some(first) = first {
+            if body.after_sequence + 1 < first {
+                return Err(Status::out_of_range(format!(
+                    "events of agent {id} before sequence {first} are no longer kept; resume from {}",
+                    first - 1
+                )));
+            }
+        }
+        let (sender, receiver) = mpsc::channel(WATCH_BUFFER_MESSAGES);
+        let reader = self.replica.reader().clone();
+        tokio::spawn(async move {
+            let mut live = live;
+            let mut last = body.after_sequence;
+            let snapshot = v1::WatchAgentResponse {
+                kind: Some(watch_agent_response::Kind::Snapshot(convert::agent(&record))),
+            };
+            if sender.send(Ok(snapshot)).await.is_err() {
+                return;
+            }
+            loop {
+                // Catch up from the state: covers the first replay and any lag of the broadcast.
+                let missed = reader.agent_events_after(id, last);
+                for event in missed {
+                    last = event.sequence;
+                    if send_event(&sender, convert::event(&event)).await.is_err() {
+                        return;
+                    }
+                }
+                let finished = reader.read(|state| {
+                    state
+                        .agents
+                        .get(&id)
+                        .map(|agent| agent.status.is_terminal() && agent.last_sequence <= last)
+                        .unwrap_or(true)
+                });
+                if finished {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        received = durable.recv() => match received {
+                            Ok(event) if event.agent == id => {
+                                if event.sequence == last + 1 {
+                                    last = event.sequence;
+                                    if send_event(&sender, convert::event(&event)).await.is_err() {
+                                        return;
+                                    }
+                                    if is_terminal_event(&event) {
+                                        break;
+                                    }
+                                } else if event.sequence > last + 1 {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(broadcast::error::RecvError::Lagged(_)) => break,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        },
+                        received = live.events.recv() => match received {
+                            Some(bytes) => {
+                                if let Ok(event) = v1::AgentEvent::decode(bytes.as_slice()) {
+                                    if send_event(&sender, event).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            None => return,
+                        },
+                        _ = sender.closed() => return,
+                    }
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    async fn send_follow_up(
+        &self,
+        request: Request<v1::SendFollowUpRequest>,
+    ) -> Result<tonic::Response<v1::SendFollowUpResponse>, Status> {
+        let body = request.into_inner();
+        let id = validate::agent_id(&body.id).map_err(invalid)?;
+        validate::prompt("text", &body.text, validate::MAX_FOLLOW_UP_BYTES).map_err(invalid)?;
+        self.find(id)?;
+        match self
+            .replica
+            .write(Command::FollowUp {
+                agent: id,
+                text: body.text,
+            })
+            .await
+        {
+            Ok(Response::FollowUp { agent, index }) => Ok(tonic::Response::new(v1::SendFollowUpResponse {
+                agent: Some(convert::agent(&agent)),
+                index,
+            })),
+            Ok(other) => Err(Status::internal(format!("unexpected answer to follow-up: {other:?}"))),
+            Err(error) => Err(write_status(error)),
+        }
+    }
+
+    async fn stop_agent(&self, request: Request<v1::StopAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
+        let body = request.into_inner();
+        let id = validate::agent_id(&body.id).map_err(invalid)?;
+        if body.reason.len() > validate::MAX_REASON_BYTES {
+            return Err(invalid(format!("reason: at most {} bytes", validate::MAX_REASON_BYTES)));
+        }
+        self.find(id)?;
+        let reason = if body.reason.is_empty() {
+            "stopped by request".to_string()
+        } else {
+            body.reason
+        };
+        match self.replica.write(Command::StopAgent { agent: id, reason }).await {
+            Ok(Response::Agent(agent)) => Ok(tonic::Response::new(convert::agent(&agent))),
+            Ok(other) => Err(Status::internal(format!("unexpected answer to stop-agent: {other:?}"))),
+            Err(error) => Err(write_status(error)),
+        }
+    }
+
+    type AttachStream = AttachStream;
+
+    async fn attach(
+        &self,
+        _request: Request<Streaming<v1::AttachRequest>>,
+    ) -> Result<tonic::Response<Self::AttachStream>, Status> {
+        Err(Status::unimplemented(
+            "terminal take-over needs an agent machine; this node runs no machines yet",
+        ))
+    }
+}
+
+async fn send_event(
+    sender: &mpsc::Sender<Result<v1::WatchAgentResponse, Status>>,
+    event: v1::AgentEvent,
+) -> Result<(), ()> {
+    sender
+        .send(Ok(v1::WatchAgentResponse {
+            kind: Some(watch_agent_response::Kind::Event(event)),
+        }))
+        .await
+        .map_err(|_| ())
+}
+
+fn is_terminal_event(event: &flotilla_raft::DurableEvent) -> bool {
+    matches!(&event.kind, flotilla_raft::EventKind::StatusChanged { to, .. } if to.is_terminal())
+}
+
+fn matches_search(record: &AgentRecord, needle: &str) -> bool {
+    record.spec.name.to_lowercase().contains(needle)
+        || record.spec.prompt.to_lowercase().contains(needle)
+        || record
+            .summary
+            .as_deref()
+            .is_some_and(|summary| summary.to_lowercase().contains(needle))
+}

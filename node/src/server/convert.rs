@@ -1,0 +1,99 @@
+//! Replicated records to their wire form.
+
+use flotilla_proto::v1;
+use flotilla_raft::{AgentRecord, AgentStatus, Assignment, DurableEvent, EventKind};
+
+pub fn timestamp(at_ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (at_ms / 1000) as i64,
+        nanos: ((at_ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+pub fn status(status: AgentStatus) -> v1::AgentStatus {
+    match status {
+        AgentStatus::Pending => v1::AgentStatus::Pending,
+        AgentStatus::Provisioning => v1::AgentStatus::Provisioning,
+        AgentStatus::Running => v1::AgentStatus::Running,
+        AgentStatus::Finished => v1::AgentStatus::Finished,
+        AgentStatus::Failed => v1::AgentStatus::Failed,
+        AgentStatus::Stopped => v1::AgentStatus::Stopped,
+    }
+}
+
+pub fn status_from_wire(status: v1::AgentStatus) -> Option<AgentStatus> {
+    match status {
+        v1::AgentStatus::Unspecified => None,
+        v1::AgentStatus::Pending => Some(AgentStatus::Pending),
+        v1::AgentStatus::Provisioning => Some(AgentStatus::Provisioning),
+        v1::AgentStatus::Running => Some(AgentStatus::Running),
+        v1::AgentStatus::Finished => Some(AgentStatus::Finished),
+        v1::AgentStatus::Failed => Some(AgentStatus::Failed),
+        v1::AgentStatus::Stopped => Some(AgentStatus::Stopped),
+    }
+}
+
+fn assignment(assignment: Option<Assignment>) -> Option<v1::Assignment> {
+    assignment.map(|assignment| v1::Assignment {
+        node_id: assignment.node,
+        epoch: assignment.epoch.0,
+    })
+}
+
+pub fn agent(record: &AgentRecord) -> v1::Agent {
+    v1::Agent {
+        id: record.id.to_string(),
+        name: record.spec.name.clone(),
+        prompt: record.spec.prompt.clone(),
+        repository: record.spec.repository.clone(),
+        base_branch: record.spec.base_branch.clone(),
+        work_branch: record.spec.work_branch.clone(),
+        model: record.spec.model.clone(),
+        region: record.spec.region.clone().unwrap_or_default(),
+        status: status(record.status) as i32,
+        assignment: assignment(record.assignment),
+        created_at: Some(timestamp(record.created_at_ms)),
+        updated_at: Some(timestamp(record.updated_at_ms)),
+        summary: record.summary.clone().unwrap_or_default(),
+        error: record.error.clone().unwrap_or_default(),
+        team: record.spec.team.clone(),
+        pending_follow_ups: record.pending_follow_ups(),
+        pull_request: record.pull_request.as_ref().map(|pull_request| v1::PullRequest {
+            url: pull_request.url.clone(),
+            number: pull_request.number,
+        }),
+        head_commit: record.head_commit.clone().unwrap_or_default(),
+        open_pull_request: record.spec.open_pull_request,
+        last_sequence: record.last_sequence,
+    }
+}
+
+pub fn event(event: &DurableEvent) -> v1::AgentEvent {
+    use v1::agent_event::Kind;
+    let kind = match &event.kind {
+        EventKind::StatusChanged {
+            from,
+            to,
+            assignment: placed,
+            reason,
+        } => Kind::StatusChanged(v1::StatusChanged {
+            from: status(*from) as i32,
+            to: status(*to) as i32,
+            assignment: assignment(*placed),
+            reason: reason.clone(),
+        }),
+        EventKind::FollowUpAccepted { text, index } => Kind::FollowUpAccepted(v1::FollowUpAccepted {
+            text: text.clone(),
+            index: *index,
+        }),
+        EventKind::Log { text } => Kind::Log(v1::LogLine { text: text.clone() }),
+    };
+    v1::AgentEvent {
+        agent_id: event.agent.to_string(),
+        sequence: event.sequence,
+        live: false,
+        at: Some(timestamp(event.at_ms)),
+        node_id: event.node.unwrap_or(0),
+        kind: Some(kind),
+    }
+}

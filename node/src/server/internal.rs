@@ -1,0 +1,126 @@
+//! `flotilla.internal.v1.Internal`: what nodes say to each other. Every call has passed the
+//! cluster-secret check before it gets here.
+
+use flotilla_actors::liveness::LivenessTable;
+use flotilla_proto::internal::internal_server::Internal;
+use flotilla_proto::internal::{HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, RaftPayload};
+use flotilla_raft::{Command, NodeAddr, NodeInfo, Replica};
+use tonic::{Request, Response, Status};
+
+use super::write_status;
+
+pub struct InternalApi {
+    pub replica: Replica,
+    pub liveness: LivenessTable,
+}
+
+fn payload(result: Result<Vec<u8>, String>) -> Result<Response<RaftPayload>, Status> {
+    result
+        .map(|data| Response::new(RaftPayload { data }))
+        .map_err(Status::invalid_argument)
+}
+
+#[tonic::async_trait]
+impl Internal for InternalApi {
+    async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        payload(self.replica.handle_append(&request.into_inner().data).await)
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        payload(self.replica.handle_vote(&request.into_inner().data).await)
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        payload(self.replica.handle_install_snapshot(&request.into_inner().data).await)
+    }
+
+    async fn forward_write(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        payload(self.replica.handle_forward(&request.into_inner().data).await)
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let body = request.into_inner();
+        if !self.replica.is_leader() {
+            let leader = self
+                .replica
+                .current_leader()
+                .ok_or_else(|| Status::unavailable("no raft leader is known; try joining again shortly"))?;
+            let address = self
+                .replica
+                .member_address(leader)
+                .ok_or_else(|| Status::unavailable(format!("leader {leader} has no known address")))?;
+            let mut client = self
+                .replica
+                .peers()
+                .client(&address.grpc)
+                .map_err(|error| Status::unavailable(error.to_string()))?;
+            return client.join(self.replica.peers().request(body)).await;
+        }
+        let leader_id = self.replica.node_id();
+        if body.node_id == 0 {
+            // First step of a join without an id: reserve one through Raft so it is never reused.
+            let node_id = match self.replica.write(Command::ReserveNodeId).await.map_err(write_status)? {
+                flotilla_raft::Response::NodeId(id) => id,
+                other => {
+                    return Err(Status::internal(format!(
+                        "unexpected answer to reserve-node-id: {other:?}"
+                    )))
+                }
+            };
+            return Ok(Response::new(JoinResponse { node_id, leader_id }));
+        }
+        super::validate::region(&body.region).map_err(Status::invalid_argument)?;
+        if body.grpc_address.is_empty() || body.mesh_address.is_empty() {
+            return Err(Status::invalid_argument(
+                "grpc_address and mesh_address are required to join",
+            ));
+        }
+        let holder = self.replica.reader().read(|state| {
+            state
+                .nodes
+                .get(&body.node_id)
+                .map(|node| node.info.grpc_address.clone())
+        });
+        if let Some(holder) = holder.filter(|holder| *holder != body.grpc_address) {
+            return Err(Status::already_exists(format!(
+                "node id {} is already used by the node at {holder}",
+                body.node_id
+            )));
+        }
+        let address = NodeAddr {
+            grpc: body.grpc_address.clone(),
+            mesh: body.mesh_address.clone(),
+        };
+        self.replica
+            .add_member(body.node_id, address, false, super::MAX_VOTERS)
+            .await
+            .map_err(|error| Status::failed_precondition(error.to_string()))?;
+        self.replica
+            .write(Command::RegisterNode {
+                node: body.node_id,
+                info: NodeInfo {
+                    grpc_address: body.grpc_address,
+                    mesh_address: body.mesh_address,
+                    region: body.region,
+                    labels: body.labels.into_iter().collect(),
+                    slots: body.slots,
+                },
+            })
+            .await
+            .map_err(write_status)?;
+        self.liveness.report(body.node_id);
+        tracing::info!(node = body.node_id, "node joined");
+        Ok(Response::new(JoinResponse {
+            node_id: body.node_id,
+            leader_id,
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let node = request.into_inner().node_id;
+        self.liveness.report(node);
+        Ok(Response::new(HeartbeatResponse {
+            leader_id: self.replica.current_leader().unwrap_or(0),
+        }))
+    }
+}

@@ -1,0 +1,419 @@
+//! `flotilla node`: opens the replicated state, serves the public and internal gRPC services,
+//! joins or bootstraps the cluster, links the actor mesh and starts the node's actor tree.
+
+pub mod agents;
+pub mod auth;
+pub mod cluster;
+pub mod convert;
+pub mod internal;
+pub mod validate;
+
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::io::AsRawFd as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use flotilla_actors::liveness::LivenessTable;
+use flotilla_actors::mesh::{Mesh, MeshConfig};
+use flotilla_actors::supervisor::{NodeSupervisor, NodeSupervisorArgs};
+use flotilla_proto::internal::internal_client::InternalClient;
+use flotilla_proto::internal::internal_server::InternalServer;
+use flotilla_proto::internal::JoinRequest;
+use flotilla_proto::v1::agent_service_server::AgentServiceServer;
+use flotilla_proto::v1::cluster_service_server::ClusterServiceServer;
+use flotilla_raft::network::Peers;
+use flotilla_raft::{ApplyError, Command, NodeAddr, NodeId, NodeInfo, Replica, ReplicaConfig, Role, WriteError};
+use ractor::Actor;
+use tonic::Status;
+
+use crate::config::NodeConfig;
+
+/// Voters the cluster grows to on its own; further nodes join as learners.
+pub const MAX_VOTERS: usize = 3;
+/// Largest gRPC message a node accepts (snapshots travel in chunks below this).
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Live events buffered per watcher before they are dropped.
+pub const LIVE_EVENTS_PER_WATCHER: usize = 1024;
+const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The one place a write failure becomes a gRPC status.
+pub fn write_status(error: WriteError) -> Status {
+    match error {
+        WriteError::Refused(refusal) => {
+            let message = refusal.to_string();
+            match refusal {
+                ApplyError::AgentNotFound(_) | ApplyError::NodeNotFound(_) => Status::not_found(message),
+                ApplyError::AgentExists(_) => Status::already_exists(message),
+                ApplyError::InvalidState { .. } | ApplyError::UnsupportedVersion { .. } => {
+                    Status::failed_precondition(message)
+                }
+                ApplyError::Fenced { .. } => Status::aborted(message),
+                ApplyError::TooManyFollowUps { .. } => Status::resource_exhausted(message),
+            }
+        }
+        WriteError::Unavailable { .. } => Status::unavailable(error.to_string()),
+        WriteError::Fatal(_) => Status::internal(error.to_string()),
+    }
+}
+
+/// Holds an exclusive lock on the data dir for the life of the process.
+struct DataDirLock {
+    _file: File,
+}
+
+fn lock_data_dir(dir: &Path) -> anyhow::Result<DataDirLock> {
+    let path = dir.join("flotilla.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is shared with the call.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !locked {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "data dir {} is in use by another flotilla process (pid {})",
+            dir.display(),
+            holder.trim()
+        );
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(DataDirLock { _file: file })
+}
+
+fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|text| text.trim().to_string())
+        .filter(|text| !text.is_empty())
+}
+
+/// The cluster secret: from the flag or environment, else the one this data dir keeps. The
+/// first node of a new cluster makes one; a joining node must be given it.
+fn resolve_secret(config: &NodeConfig) -> anyhow::Result<String> {
+    let path = config.data_dir.join("cluster.secret");
+    if let Some(secret) = &config.cluster_secret {
+        if !path.exists() {
+            write_private_file(&path, secret)?;
+        }
+        return Ok(secret.clone());
+    }
+    if let Some(secret) = read_trimmed(&path) {
+        return Ok(secret);
+    }
+    if config.join.is_some() {
+        bail!("joining a cluster needs its secret: set FLOTILLA_CLUSTER_SECRET (the first node keeps it in DATA_DIR/cluster.secret)");
+    }
+    let secret = auth::new_token();
+    write_private_file(&path, &secret)?;
+    tracing::info!(path = %path.display(), "generated a new cluster secret");
+    Ok(secret)
+}
+
+fn join_url(join: &str) -> String {
+    if join.starts_with("http://") || join.starts_with("https://") {
+        join.to_string()
+    } else {
+        format!("http://{join}")
+    }
+}
+
+async fn join_client(peers: &Peers, join: &str) -> anyhow::Result<InternalClient<tonic::transport::Channel>> {
+    peers
+        .client(&join_url(join))
+        .map_err(|error| anyhow!("invalid join address {join}: {error}"))
+}
+
+/// Calls `Join` until it answers or the deadline passes; a wrong secret fails at once.
+async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::Result<u64> {
+    let deadline = tokio::time::Instant::now() + JOIN_DEADLINE;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut client = join_client(peers, join).await?;
+        let mut grpc_request = peers.request(request.clone());
+        grpc_request.set_timeout(JOIN_DEADLINE);
+        match client.join(grpc_request).await {
+            Ok(reply) => return Ok(reply.into_inner().node_id),
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                bail!("{join} refused to let this node join: {}", status.message())
+            }
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                bail!("{join} refused the join request: {}", status.message())
+            }
+            Err(status) => {
+                if tokio::time::Instant::now() + backoff > deadline {
+                    bail!("could not join through {join} within {JOIN_DEADLINE:?}: {status}");
+                }
+                tracing::info!(%status, "join not answered yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn resolve_id(config: &NodeConfig, peers: &Peers) -> anyhow::Result<NodeId> {
+    let path = config.data_dir.join("node.id");
+    if let Some(stored) = read_trimmed(&path) {
+        let stored: NodeId = stored
+            .parse()
+            .with_context(|| format!("{} does not hold a node id", path.display()))?;
+        if let Some(flag) = config.id {
+            if flag != stored {
+                bail!(
+                    "--id {flag} conflicts with node id {stored} stored in {}",
+                    path.display()
+                );
+            }
+        }
+        return Ok(stored);
+    }
+    let id = match (config.id, &config.join) {
+        (Some(id), _) => id,
+        (None, None) => 1,
+        (None, Some(join)) => call_join(peers, join, JoinRequest::default()).await?,
+    };
+    write_private_file(&path, &id.to_string())?;
+    Ok(id)
+}
+
+fn node_info(config: &NodeConfig) -> NodeInfo {
+    NodeInfo {
+        grpc_address: config.advertise.to_string(),
+        mesh_address: format!("{}:{}", config.advertise.ip(), config.mesh_port),
+        region: config.region.clone(),
+        labels: config.labels.clone(),
+        slots: config.slots,
+    }
+}
+
+async fn ensure_admin_token(replica: &Replica, data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join("admin.token");
+    if path.exists() {
+        return Ok(());
+    }
+    let token = auth::new_token();
+    replica
+        .write(Command::CreateToken {
+            sha256_hex: auth::token_digest(&token),
+            name: "admin".to_string(),
+            role: Role::Admin,
+            team: "default".to_string(),
+        })
+        .await
+        .context("cannot record the admin token")?;
+    write_private_file(&path, &format!("{token}\n"))?;
+    tracing::info!(path = %path.display(), "wrote the admin token");
+    Ok(())
+}
+
+/// Makes sure the replicated record of this node says what the node now declares.
+async fn register_self(replica: &Replica, info: NodeInfo) {
+    let me = replica.node_id();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let current = replica
+            .reader()
+            .read(|state| state.nodes.get(&me).map(|node| node.info.clone()));
+        if current.as_ref() == Some(&info) {
+            return;
+        }
+        match replica
+            .write(Command::RegisterNode {
+                node: me,
+                info: info.clone(),
+            })
+            .await
+        {
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(%error, "registering this node failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let secret = resolve_secret(&config)?;
+    let peers = Peers::new(&secret);
+    let node_id = resolve_id(&config, &peers).await?;
+    let info = node_info(&config);
+    tracing::info!(node = node_id, grpc = %info.grpc_address, mesh = %info.mesh_address, region = %info.region, "starting node");
+
+    let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), secret.clone());
+    replica_config.snapshot_after_logs = config.snapshot_after_logs;
+    replica_config.logs_kept_after_snapshot = config.logs_kept_after_snapshot;
+    let replica = Replica::open(replica_config).await?;
+    let liveness = LivenessTable::default();
+    let mesh = Mesh::start(MeshConfig {
+        node_id,
+        listen_port: config.mesh_port,
+        cluster_secret: secret.clone(),
+        max_live_events_per_watcher: LIVE_EVENTS_PER_WATCHER,
+    })
+    .await
+    .map_err(|error| anyhow!("cannot start the actor mesh on port {}: {error}", config.mesh_port))?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        listener,
+        replica.clone(),
+        mesh.clone(),
+        liveness.clone(),
+        secret.clone(),
+        shutdown_receiver,
+    ));
+
+    if !replica.is_initialized().await {
+        match &config.join {
+            None => {
+                replica
+                    .bootstrap(NodeAddr {
+                        grpc: info.grpc_address.clone(),
+                        mesh: info.mesh_address.clone(),
+                    })
+                    .await?;
+                tracing::info!("bootstrapped a new cluster");
+            }
+            Some(join) => {
+                call_join(
+                    &peers,
+                    join,
+                    JoinRequest {
+                        node_id,
+                        grpc_address: info.grpc_address.clone(),
+                        mesh_address: info.mesh_address.clone(),
+                        region: info.region.clone(),
+                        slots: info.slots,
+                        labels: info.labels.clone().into_iter().collect(),
+                    },
+                )
+                .await?;
+                tracing::info!(through = %join, "joined the cluster");
+            }
+        }
+    }
+    replica
+        .wait_for_leader(Duration::from_secs(30))
+        .await
+        .ok_or_else(|| anyhow!("no raft leader within 30 s"))?;
+    register_self(&replica, info.clone()).await;
+    if config.join.is_none() && node_id == 1 {
+        ensure_admin_token(&replica, &config.data_dir).await?;
+    }
+
+    let (supervisor, supervisor_handle) = Actor::spawn(
+        None,
+        NodeSupervisor,
+        NodeSupervisorArgs {
+            replica: replica.clone(),
+            mesh: mesh.clone(),
+            liveness,
+            lease: Duration::from_millis(config.lease_ms),
+        },
+    )
+    .await
+    .map_err(|error| anyhow!("cannot start the node supervisor: {error}"))?;
+    tracing::info!(node = node_id, "node is ready");
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = terminate.recv() => tracing::info!("terminated; shutting down"),
+        _ = supervisor_handle => tracing::error!("node supervisor ended; shutting down"),
+    }
+    supervisor.stop(Some("node shutting down".to_string()));
+    let _ = shutdown_sender.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    mesh.shutdown().await;
+    replica.shutdown().await;
+    Ok(())
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    replica: Replica,
+    mesh: Mesh,
+    liveness: LivenessTable,
+    secret: String,
+    shutdown: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<()> {
+    let bearer = auth::BearerAuth {
+        state: replica.reader().clone(),
+    };
+    let cluster_auth = auth::ClusterAuth {
+        proof: flotilla_raft::network::cluster_proof(&secret),
+    };
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServiceServer<agents::AgentApi>>()
+        .await;
+    health_reporter
+        .set_serving::<ClusterServiceServer<cluster::ClusterApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let agent_service = AgentServiceServer::new(agents::AgentApi {
+        replica: replica.clone(),
+        mesh,
+    })
+    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let cluster_service = ClusterServiceServer::new(cluster::ClusterApi {
+        replica: replica.clone(),
+    });
+    let internal_service = InternalServer::new(internal::InternalApi { replica, liveness })
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            agent_service,
+            bearer.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            cluster_service,
+            bearer,
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            internal_service,
+            cluster_auth,
+        ))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            let _ = shutdown.await;
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! Input checks for the public API. Each returns a message that names the field and says what
+//! was wanted and what was found.
+
+use flotilla_raft::AgentId;
+
+pub const MAX_PROMPT_BYTES: usize = 256 * 1024;
+pub const MAX_FOLLOW_UP_BYTES: usize = 256 * 1024;
+pub const MAX_NAME_CHARS: usize = 200;
+pub const MAX_MODEL_CHARS: usize = 128;
+pub const MAX_REPOSITORY_CHARS: usize = 2048;
+pub const MAX_BRANCH_CHARS: usize = 255;
+pub const MAX_SEARCH_BYTES: usize = 1024;
+pub const MAX_REASON_BYTES: usize = 4096;
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+pub fn agent_id(text: &str) -> Result<AgentId, String> {
+    if text.is_empty() {
+        return Err("id: required".to_string());
+    }
+    text.parse()
+        .map_err(|_| format!("id: {text:?} is not an agent id (a 26-character ULID)"))
+}
+
+pub fn region(text: &str) -> Result<(), String> {
+    let valid = !text.is_empty()
+        && text.len() <= 63
+        && text
+            .chars()
+            .all(|character| character.is_ascii_lowercase() || character.is_ascii_digit() || character == '-')
+        && !text.starts_with('-')
+        && !text.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "region {text:?} is not valid: use 1 to 63 lowercase letters, digits and inner dashes, like \"eu-west-1\""
+        ))
+    }
+}
+
+pub fn prompt(field: &str, text: &str, limit: usize) -> Result<(), String> {
+    if text.trim().is_empty() {
+        return Err(format!("{field}: required, found an empty text"));
+    }
+    if text.len() > limit {
+        return Err(format!("{field}: at most {limit} bytes, found {}", text.len()));
+    }
+    Ok(())
+}
+
+/// Accepts the URL forms git itself clones from: http(s), ssh, git and file URLs, and the
+/// scp-like `user@host:path`.
+pub fn repository(text: &str) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("repository: required".to_string());
+    }
+    if text.len() > MAX_REPOSITORY_CHARS {
+        return Err(format!(
+            "repository: at most {MAX_REPOSITORY_CHARS} characters, found {}",
+            text.len()
+        ));
+    }
+    if text
+        .chars()
+        .any(|character| character.is_whitespace() || character.is_control())
+    {
+        return Err(format!(
+            "repository: {text:?} contains white space or control characters"
+        ));
+    }
+    if let Some((user_host, path)) = text.split_once(':') {
+        if !text.contains("://") && user_host.contains('@') && !path.is_empty() {
+            let host = user_host.rsplit('@').next().unwrap_or_default();
+            if !host.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+    let url =
+        url::Url::parse(text).map_err(|error| format!("repository: {text:?} is not a URL git can clone: {error}"))?;
+    match url.scheme() {
+        "https" | "http" | "ssh" | "git" => {
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err(format!("repository: {text:?} has no host"));
+            }
+            if url.path().trim_matches('/').is_empty() {
+                return Err(format!("repository: {text:?} names no repository path"));
+            }
+            Ok(())
+        }
+        "file" => {
+            if url.path().trim_matches('/').is_empty() {
+                return Err(format!("repository: {text:?} names no repository path"));
+            }
+            Ok(())
+        }
+        other => Err(format!(
+            "repository: scheme {other:?} is not supported (use https, http, ssh, git or file)"
+        )),
+    }
+}
+
+/// A subset of git's ref-name rules (git-check-ref-format) that catches every realistic mistake.
+pub fn branch(field: &str, text: &str) -> Result<(), String> {
+    let bad = text.is_empty()
+        || text.len() > MAX_BRANCH_CHARS
+        || text.starts_with('-')
+        || text.starts_with('/')
+        || text.ends_with('/')
+        || text.ends_with('.')
+        || text.ends_with(".lock")
+        || text.contains("..")
+        || text.contains("//")
+        || text.contains("@{")
+        || text == "@"
+        || text
+            .chars()
+            .any(|character| character.is_control() || " ~^:?*[\\".contains(character));
+    if bad {
+        Err(format!("{field}: {text:?} is not a valid git branch name"))
+    } else {
+        Ok(())
+    }
+}
+
+pub fn short_text(field: &str, text: &str, limit: usize) -> Result<(), String> {
+    if text.chars().count() > limit {
+        return Err(format!(
+            "{field}: at most {limit} characters, found {}",
+            text.chars().count()
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(format!("{field}: contains control characters"));
+    }
+    Ok(())
+}
+
+pub fn page_size(size: i32) -> Result<usize, String> {
+    match size {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        size if size < 0 => Err(format!("page_size: must not be negative, found {size}")),
+        size if size as usize > MAX_PAGE_SIZE => Err(format!("page_size: at most {MAX_PAGE_SIZE}, found {size}")),
+        size => Ok(size as usize),
+    }
+}
+
+/// A lowercase, dash-separated form of a name for branch names.
+pub fn slug(text: &str, max_chars: usize) -> String {
+    let mut slug = String::new();
+    for character in text.chars() {
+        if character.is_ascii_alphanumeric() {
+            slug.push(character.to_ascii_lowercase());
+        } else if !slug.ends_with('-') && !slug.is_empty() {
+            slug.push('-');
+        }
+        if slug.len() >= max_chars {
+            break;
+        }
+    }
+    let slug = slug.trim_matches('-').to_string();
+    if slug.is_empty() {
+        "agent".to_string()
+    } else {
+        slug
+    }
+}
+
+/// A name from the first words of a prompt.
+pub fn name_from_prompt(prompt: &str) -> String {
+    let words: Vec<&str> = prompt.split_whitespace().take(8).collect();
+    let name = words.join(" ");
+    name.chars().take(60).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repositories() {
+        for good in [
+            "https://github.com/org/repo.git",
+            "http://127.0.0.1:8080/repo.git",
+            "ssh://git@host/org/repo",
+            "git@github.com:org/repo.git",
+            "file:///tmp/repo.git",
+        ] {
+            assert_eq!(repository(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "not a url",
+            "ftp://host/repo",
+            "https://",
+            "https://host/",
+            "git@host:",
+            "/tmp/repo",
+        ] {
+            assert!(repository(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn branches_and_regions() {
+        assert!(branch("base_branch", "main").is_ok());
+        assert!(branch("base_branch", "feature/x-1").is_ok());
+        for bad in ["", "-x", "a..b", "a b", "x.lock", "a:b", "a/"] {
+            assert!(branch("base_branch", bad).is_err(), "{bad}");
+        }
+        assert!(region("eu-west-1").is_ok());
+        for bad in ["", "EU", "eu_west", "-eu", &"a".repeat(64)] {
+            assert!(region(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn page_sizes_and_prompts() {
+        assert_eq!(page_size(0), Ok(DEFAULT_PAGE_SIZE));
+        assert_eq!(page_size(10), Ok(10));
+        assert!(page_size(-1).is_err());
+        assert!(page_size(1001).is_err());
+        assert!(prompt("prompt", "   ", MAX_PROMPT_BYTES).is_err());
+        assert!(prompt("prompt", &"x".repeat(MAX_PROMPT_BYTES + 1), MAX_PROMPT_BYTES).is_err());
+    }
+
+    #[test]
+    fn slugs() {
+        assert_eq!(slug("Add a greeting function!", 40), "add-a-greeting-function");
+        assert_eq!(slug("***", 40), "agent");
+        assert_eq!(name_from_prompt("  fix   the bug\nnow "), "fix the bug now");
+    }
+}

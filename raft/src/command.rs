@@ -1,0 +1,173 @@
+//! Commands written through Raft and their results.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{AgentId, AgentRecord, AgentSpec, AgentStatus, Epoch, NodeId, NodeInfo, NodeRecord, Role};
+
+/// The version of [`Command`] this build writes and understands.
+pub const COMMAND_VERSION: u32 = 1;
+
+/// One entry of the replicated log. The proposer stamps the time, so that applying the same
+/// entry on every node gives the same state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub version: u32,
+    pub at_ms: u64,
+    pub command: Command,
+}
+
+impl Request {
+    pub fn new(command: Command) -> Request {
+        Request {
+            version: COMMAND_VERSION,
+            at_ms: now_ms(),
+            command,
+        }
+    }
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "v{} {}", self.version, self.command.name())
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct AssignOne {
+    pub agent: AgentId,
+    pub node: NodeId,
+    /// Must be exactly one more than the agent's current epoch.
+    pub epoch: Epoch,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Hands out a node id that no node has had, for a node joining without one.
+    ReserveNodeId,
+    /// Adds a node or updates what it declares (a restarted node may change its addresses).
+    RegisterNode {
+        node: NodeId,
+        info: NodeInfo,
+    },
+    RemoveNode {
+        node: NodeId,
+    },
+    SetDraining {
+        node: NodeId,
+        draining: bool,
+    },
+    /// Written by the leader when a node's lease expires: its live agents go back to pending.
+    NodeDown {
+        node: NodeId,
+    },
+    NodeUp {
+        node: NodeId,
+    },
+    CreateAgent {
+        id: AgentId,
+        spec: AgentSpec,
+    },
+    /// Written by the scheduler; each assignment is checked on its own.
+    AssignAgents {
+        assignments: Vec<AssignOne>,
+    },
+    /// Written by the node that owns the agent under `epoch`; refused under any other.
+    SetAgentStatus {
+        agent: AgentId,
+        node: NodeId,
+        epoch: Epoch,
+        status: AgentStatus,
+        reason: String,
+        summary: Option<String>,
+        error: Option<String>,
+    },
+    StopAgent {
+        agent: AgentId,
+        reason: String,
+    },
+    FollowUp {
+        agent: AgentId,
+        text: String,
+    },
+    CreateToken {
+        sha256_hex: String,
+        name: String,
+        role: Role,
+        team: String,
+    },
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::ReserveNodeId => "reserve-node-id",
+            Command::RegisterNode { .. } => "register-node",
+            Command::RemoveNode { .. } => "remove-node",
+            Command::SetDraining { .. } => "set-draining",
+            Command::NodeDown { .. } => "node-down",
+            Command::NodeUp { .. } => "node-up",
+            Command::CreateAgent { .. } => "create-agent",
+            Command::AssignAgents { .. } => "assign-agents",
+            Command::SetAgentStatus { .. } => "set-agent-status",
+            Command::StopAgent { .. } => "stop-agent",
+            Command::FollowUp { .. } => "follow-up",
+            Command::CreateToken { .. } => "create-token",
+        }
+    }
+}
+
+/// Why the state machine refused a command. A refused command changes nothing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("command version {found} is not supported (this node understands {supported})")]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("agent {0} not found")]
+    AgentNotFound(AgentId),
+    #[error("agent {0} already exists")]
+    AgentExists(AgentId),
+    #[error("node {0} not found")]
+    NodeNotFound(NodeId),
+    #[error("agent {agent} is {status}: {wanted}")]
+    InvalidState {
+        agent: AgentId,
+        status: AgentStatus,
+        wanted: String,
+    },
+    #[error("agent {agent} is owned under epoch {current:?} on node {owner:?}; write under epoch {found} from node {node} refused")]
+    Fenced {
+        agent: AgentId,
+        owner: Option<NodeId>,
+        current: Option<Epoch>,
+        found: Epoch,
+        node: NodeId,
+    },
+    #[error("agent {agent} has {limit} follow-ups already, the most it keeps")]
+    TooManyFollowUps { agent: AgentId, limit: usize },
+}
+
+/// What an applied command answers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    Done,
+    Agent(Box<AgentRecord>),
+    FollowUp {
+        agent: Box<AgentRecord>,
+        index: u32,
+    },
+    /// Assignments that took effect; the others were stale.
+    Assigned(Vec<AgentId>),
+    Node(NodeRecord),
+    NodeId(NodeId),
+    /// The agents a node-down sent back to pending.
+    Requeued(Vec<AgentId>),
+}
+
+/// `C::R` of the Raft type config: a refusal is a normal, replicated outcome.
+pub type ApplyResult = Result<Response, ApplyError>;

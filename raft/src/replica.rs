@@ -1,0 +1,402 @@
+//! The node's handle on the replicated state: open it, read it, write commands to it (wherever
+//! the leader is), change its membership, and serve the Raft messages peers send.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::internal::RaftPayload;
+use openraft::error::{ClientWriteError, InstallSnapshotError, RaftError};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{ApplyError, Command, Request, Response};
+use crate::network::{decode, encode, NetworkFactory, Peers};
+use crate::store::{self, LogStore, StateMachineStore, StateReader};
+use crate::{ApplyResult, NodeAddr, NodeId, Raft, TypeConfig};
+
+/// How long a write keeps trying (leader elections, forwarding) before it gives up.
+pub const WRITE_DEADLINE_MS: u64 = 10_000;
+
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    pub cluster_secret: String,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_after_logs: u64,
+    /// Entries kept behind a snapshot, for followers that lag a little.
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl ReplicaConfig {
+    pub fn new(node_id: NodeId, data_dir: PathBuf, cluster_secret: String) -> ReplicaConfig {
+        ReplicaConfig {
+            node_id,
+            data_dir,
+            cluster_secret,
+            heartbeat_interval_ms: 250,
+            election_timeout_min_ms: 1_000,
+            election_timeout_max_ms: 2_000,
+            snapshot_after_logs: 20_000,
+            logs_kept_after_snapshot: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Open(#[from] store::OpenError),
+    #[error("invalid raft configuration: {0}")]
+    Config(String),
+    #[error("raft failed to start: {0}")]
+    Start(String),
+    #[error("membership change failed: {0}")]
+    Membership(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The state machine refused the command; nothing changed.
+    #[error(transparent)]
+    Refused(#[from] ApplyError),
+    /// No leader answered before the deadline; the write may or may not have been applied.
+    #[error("no raft leader accepted the write within {deadline_ms} ms: {last_error}")]
+    Unavailable { deadline_ms: u64, last_error: String },
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// What a forwarded write answers across the wire.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum ForwardReply {
+    Applied(ApplyResult),
+    NotLeader { leader: Option<NodeId> },
+    Failed(String),
+}
+
+#[derive(Clone)]
+pub struct Replica {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: NodeId,
+    raft: Raft,
+    reader: StateReader,
+    log: LogStore,
+    machine: StateMachineStore,
+    peers: Peers,
+}
+
+impl Replica {
+    pub async fn open(config: ReplicaConfig) -> Result<Replica, ReplicaError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|error| {
+            ReplicaError::Open(store::OpenError::Database {
+                dir: config.data_dir.display().to_string(),
+                message: error.to_string(),
+            })
+        })?;
+        let (log, machine) = store::open(&config.data_dir.join("raft"))?;
+        let raft_config = Config {
+            cluster_name: "flotilla".to_string(),
+            heartbeat_interval: config.heartbeat_interval_ms,
+            election_timeout_min: config.election_timeout_min_ms,
+            election_timeout_max: config.election_timeout_max_ms,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: config.logs_kept_after_snapshot,
+            snapshot_max_chunk_size: 4 * 1024 * 1024,
+            max_payload_entries: 1_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|error| ReplicaError::Config(error.to_string()))?;
+        let peers = Peers::new(&config.cluster_secret);
+        let reader = machine.reader();
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            NetworkFactory::new(peers.clone()),
+            log.clone(),
+            machine.clone(),
+        )
+        .await
+        .map_err(|error| ReplicaError::Start(error.to_string()))?;
+        Ok(Replica {
+            inner: Arc::new(Inner {
+                node_id: config.node_id,
+                raft,
+                reader,
+                log,
+                machine,
+                peers,
+            }),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    pub fn reader(&self) -> &StateReader {
+        &self.inner.reader
+    }
+
+    pub fn peers(&self) -> &Peers {
+        &self.inner.peers
+    }
+
+    pub fn purged_index(&self) -> u64 {
+        self.inner.log.last_purged_index()
+    }
+
+    pub fn snapshot_index(&self) -> u64 {
+        self.inner.machine.snapshot_index()
+    }
+
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let metrics = self.inner.raft.metrics();
+        let leader = {
+            let metrics = metrics.borrow();
+            metrics.state == ServerState::Leader && metrics.current_leader == Some(self.inner.node_id)
+        };
+        leader
+    }
+
+    /// The address of a member, from the current membership.
+    pub fn member_address(&self, node: NodeId) -> Option<NodeAddr> {
+        let metrics = self.inner.raft.metrics();
+        let address = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .find(|(id, _)| **id == node)
+            .map(|(_, address)| address.clone());
+        address
+    }
+
+    pub fn voter_ids(&self) -> BTreeSet<NodeId> {
+        let metrics = self.inner.raft.metrics();
+        let voters = metrics.borrow().membership_config.membership().voter_ids().collect();
+        voters
+    }
+
+    pub fn member_ids(&self) -> BTreeSet<NodeId> {
+        let metrics = self.inner.raft.metrics();
+        let members = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        members
+    }
+
+    pub async fn is_initialized(&self) -> bool {
+        self.inner.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Makes this node a one-member cluster. Called once, by the first node.
+    pub async fn bootstrap(&self, address: NodeAddr) -> Result<(), ReplicaError> {
+        let mut members = std::collections::BTreeMap::new();
+        members.insert(self.inner.node_id, address);
+        self.inner
+            .raft
+            .initialize(members)
+            .await
+            .map_err(|error| ReplicaError::Start(error.to_string()))
+    }
+
+    /// Waits until some node is leader, up to `timeout`.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
+        let mut metrics = self.inner.raft.metrics();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(leader) = metrics.borrow().current_leader {
+                return Some(leader);
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Writes a command through Raft and returns the state machine's answer. A follower forwards
+    /// the write to the leader. Retries through elections until [`WRITE_DEADLINE_MS`].
+    pub async fn write(&self, command: Command) -> Result<Response, WriteError> {
+        self.write_request(Request::new(command)).await
+    }
+
+    pub async fn write_request(&self, request: Request) -> Result<Response, WriteError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(WRITE_DEADLINE_MS);
+        let mut backoff_ms = 20;
+        let mut last_error;
+        loop {
+            let leader = match self.write_local(request.clone()).await {
+                ForwardReply::Applied(result) => return result.map_err(WriteError::Refused),
+                ForwardReply::Failed(error) => return Err(WriteError::Fatal(error)),
+                ForwardReply::NotLeader { leader } => leader,
+            };
+            if let Some(leader) = leader.filter(|leader| *leader != self.inner.node_id) {
+                match self.forward(leader, &request).await {
+                    Ok(ForwardReply::Applied(result)) => return result.map_err(WriteError::Refused),
+                    Ok(ForwardReply::Failed(error)) => return Err(WriteError::Fatal(error)),
+                    Ok(ForwardReply::NotLeader { .. }) => last_error = format!("node {leader} is no longer leader"),
+                    Err(error) => last_error = format!("forwarding to leader {leader}: {error}"),
+                }
+            } else {
+                last_error = "no leader elected".to_string();
+            }
+            if tokio::time::Instant::now() + Duration::from_millis(backoff_ms) > deadline {
+                return Err(WriteError::Unavailable {
+                    deadline_ms: WRITE_DEADLINE_MS,
+                    last_error,
+                });
+            }
+            // Bounded exponential backoff while an election settles.
+            let mut metrics = self.inner.raft.metrics();
+            let _ = tokio::time::timeout(Duration::from_millis(backoff_ms), metrics.changed()).await;
+            backoff_ms = (backoff_ms * 2).min(500);
+        }
+    }
+
+    /// Tries the write on this node only.
+    pub async fn write_local(&self, request: Request) -> ForwardReply {
+        match self.inner.raft.client_write(request).await {
+            Ok(response) => ForwardReply::Applied(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => ForwardReply::NotLeader {
+                leader: forward.leader_id,
+            },
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
+                ForwardReply::Failed(error.to_string())
+            }
+            Err(RaftError::Fatal(error)) => ForwardReply::Failed(error.to_string()),
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, request: &Request) -> Result<ForwardReply, String> {
+        let address = self
+            .member_address(leader)
+            .ok_or_else(|| format!("leader {leader} has no known address"))?;
+        let mut client = self
+            .inner
+            .peers
+            .client(&address.grpc)
+            .map_err(|error| error.to_string())?;
+        let mut grpc_request = self.inner.peers.request(RaftPayload { data: encode(request) });
+        grpc_request.set_timeout(Duration::from_secs(5));
+        let reply = client
+            .forward_write(grpc_request)
+            .await
+            .map_err(|status| format!("{}: {}", status.code(), status.message()))?;
+        decode(&reply.into_inner().data).map_err(|error| error.to_string())
+    }
+
+    /// Serves a forwarded write from a follower.
+    pub async fn handle_forward(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let request: Request = decode(payload).map_err(|error| format!("undecodable forwarded write: {error}"))?;
+        Ok(encode(&self.write_local(request).await))
+    }
+
+    pub async fn handle_append(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let request: AppendEntriesRequest<TypeConfig> =
+            decode(payload).map_err(|error| format!("undecodable append-entries: {error}"))?;
+        Ok(encode(&self.inner.raft.append_entries(request).await))
+    }
+
+    pub async fn handle_vote(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let request: VoteRequest<NodeId> = decode(payload).map_err(|error| format!("undecodable vote: {error}"))?;
+        Ok(encode(&self.inner.raft.vote(request).await))
+    }
+
+    pub async fn handle_install_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let request: InstallSnapshotRequest<TypeConfig> =
+            decode(payload).map_err(|error| format!("undecodable install-snapshot: {error}"))?;
+        let result: Result<_, RaftError<NodeId, InstallSnapshotError>> =
+            self.inner.raft.install_snapshot(request).await;
+        Ok(encode(&result))
+    }
+
+    /// Adds a node as a learner (waiting until it has caught up), and as a voter while the
+    /// cluster has fewer than `max_voters`. Leader only.
+    pub async fn add_member(
+        &self,
+        node: NodeId,
+        address: NodeAddr,
+        voter: bool,
+        max_voters: usize,
+    ) -> Result<bool, ReplicaError> {
+        let members = self.member_ids();
+        if !members.contains(&node) {
+            self.inner
+                .raft
+                .add_learner(node, address.clone(), true)
+                .await
+                .map_err(|error| ReplicaError::Membership(error.to_string()))?;
+        } else if self.member_address(node).as_ref() != Some(&address) {
+            // A member that restarted on new addresses: update its node record in the membership.
+            let mut nodes = std::collections::BTreeMap::new();
+            nodes.insert(node, address.clone());
+            self.inner
+                .raft
+                .change_membership(ChangeMembers::SetNodes(nodes), false)
+                .await
+                .map_err(|error| ReplicaError::Membership(error.to_string()))?;
+        }
+        let voters = self.voter_ids();
+        let make_voter = voter || voters.len() < max_voters;
+        if make_voter && !voters.contains(&node) {
+            let mut add = BTreeSet::new();
+            add.insert(node);
+            self.inner
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(add), false)
+                .await
+                .map_err(|error| ReplicaError::Membership(error.to_string()))?;
+            return Ok(true);
+        }
+        Ok(voters.contains(&node))
+    }
+
+    /// Removes a node from the Raft membership (voter or learner). Leader only.
+    pub async fn remove_member(&self, node: NodeId) -> Result<(), ReplicaError> {
+        let mut ids = BTreeSet::new();
+        ids.insert(node);
+        if self.voter_ids().contains(&node) {
+            self.inner
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
+                .await
+                .map_err(|error| ReplicaError::Membership(error.to_string()))?;
+        }
+        if self.member_ids().contains(&node) {
+            self.inner
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(ids), false)
+                .await
+                .map_err(|error| ReplicaError::Membership(error.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.inner.raft.shutdown().await;
+    }
+}

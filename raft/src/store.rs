@@ -1,0 +1,632 @@
+//! openraft storage on RocksDB: the log store and the state machine are separate
+//! implementations over one database (separate column families), so that a log flush and a
+//! state-machine write share one write-ahead log.
+//!
+//! Log entries are written with `sync = true`: an entry is durable before openraft is told it is
+//! flushed, and so before any client is answered. openraft hands `append` every entry that
+//! queued up while the previous flush ran, so one fsync covers a whole batch (group commit).
+//!
+//! The state machine keeps the whole [`ClusterState`] in memory for reads and writes every
+//! record an entry touched to RocksDB in the same batch as the applied log id (unsynced: the log
+//! is the durable source, and the WAL is synced before any log is purged).
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use crate::command::ApplyResult;
+use crate::state::{apply, Changes, ClusterState};
+use crate::types::{AgentId, DurableEvent, NodeId};
+use crate::TypeConfig;
+
+const CF_LOG: &str = "log";
+const CF_LOG_META: &str = "log_meta";
+const CF_STATE: &str = "state";
+const CF_SNAPSHOT: &str = "snapshot";
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"last_purged";
+const KEY_APPLIED: &[u8] = b"m/applied";
+const KEY_MEMBERSHIP: &[u8] = b"m/membership";
+const KEY_HIGHEST_NODE_ID: &[u8] = b"m/highest_node_id";
+const KEY_SNAPSHOT: &[u8] = b"current";
+
+/// How many applied events a lagging watcher may fall behind before it re-reads from the state.
+pub const EVENT_BROADCAST_CAPACITY: usize = 4096;
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("data dir {dir} is in use by another flotilla process (rocksdb: {message})")]
+    InUse { dir: String, message: String },
+    #[error("cannot open the database in {dir}: {message}")]
+    Database { dir: String, message: String },
+    #[error("cannot decode stored record {key}: {message}")]
+    Decode { key: String, message: String },
+}
+
+/// Opens (or creates) the node's database and loads the state machine into memory.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let families = [CF_LOG, CF_LOG_META, CF_STATE, CF_SNAPSHOT]
+        .into_iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let db = DB::open_cf_descriptors(&options, dir, families).map_err(|error| {
+        let message = error.to_string();
+        if message.contains("lock") {
+            OpenError::InUse {
+                dir: dir.display().to_string(),
+                message,
+            }
+        } else {
+            OpenError::Database {
+                dir: dir.display().to_string(),
+                message,
+            }
+        }
+    })?;
+    let db = Arc::new(db);
+    let machine = StateMachineStore::load(db.clone())?;
+    Ok((LogStore { db }, machine))
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("serialising to memory cannot fail")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T, OpenError> {
+    postcard::from_bytes(bytes).map_err(|error| OpenError::Decode {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: error.to_string(),
+    })
+}
+
+fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn any(error: impl std::error::Error + 'static) -> AnyError {
+    AnyError::new(&error)
+}
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+impl LogStore {
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn meta<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> StorageResult<Option<T>> {
+        let bytes = self
+            .db
+            .get_cf(self.cf(CF_LOG_META), key)
+            .map_err(|error| StorageIOError::read(any(error)))?;
+        match bytes {
+            None => Ok(None),
+            Some(bytes) => decode(key, &bytes)
+                .map(Some)
+                .map_err(|error| StorageIOError::read(any(error)).into()),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> StorageResult<()> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_LOG_META), key, encode(value), &options)
+            .map_err(|error| StorageIOError::write(any(error)).into())
+    }
+
+    /// Index of the first entry still present, for reporting.
+    pub fn last_purged_index(&self) -> u64 {
+        self.meta::<LogId<NodeId>>(KEY_PURGED)
+            .ok()
+            .flatten()
+            .map(|log_id| log_id.index)
+            .unwrap_or(0)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(index) => *index,
+            Bound::Excluded(index) => index + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut entries = Vec::new();
+        let iterator = self
+            .db
+            .iterator_cf(self.cf(CF_LOG), IteratorMode::From(&log_key(start), Direction::Forward));
+        for item in iterator {
+            let (key, value) = item.map_err(|error| StorageIOError::read_logs(any(error)))?;
+            let index = u64::from_be_bytes(key.as_ref().try_into().expect("log keys are 8 bytes"));
+            if !range.contains(&index) {
+                break;
+            }
+            let entry: Entry<TypeConfig> =
+                decode(&key, &value).map_err(|error| StorageIOError::read_log_at_index(index, any(error)))?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId<NodeId>> = self.meta(KEY_PURGED)?;
+        let mut iterator = self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::End);
+        let last_log_id = match iterator.next() {
+            Some(item) => {
+                let (key, value) = item.map_err(|error| StorageIOError::read_logs(any(error)))?;
+                let entry: Entry<TypeConfig> =
+                    decode(&key, &value).map_err(|error| StorageIOError::read_logs(any(error)))?;
+                Some(entry.log_id)
+            }
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta(KEY_VOTE, vote)
+            .map_err(|error| StorageIOError::write_vote(any(error)).into())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        // Not synced: a lost committed marker only means re-applying from the state machine's own
+        // applied id, which the log still holds.
+        self.db
+            .put_cf(self.cf(CF_LOG_META), KEY_COMMITTED, encode(&committed))
+            .map_err(|error| StorageIOError::write(any(error)).into())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self.meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_LOG);
+        for entry in entries {
+            batch.put_cf(cf, log_key(entry.log_id.index), encode(&entry));
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        let db = self.db.clone();
+        // The fsync blocks; keep it off the async worker's hot path.
+        let result = tokio::task::block_in_place(|| db.write_opt(batch, &options));
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(error) => {
+                callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
+                Err(StorageIOError::write_logs(any(error)).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_LOG), log_key(log_id.index), log_key(u64::MAX));
+        self.db
+            .write_opt(batch, &options)
+            .map_err(|error| StorageIOError::write_logs(any(error)).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // State-machine writes are unsynced; make them durable before the log that could
+        // replay them goes away.
+        self.db
+            .flush_wal(true)
+            .map_err(|error| StorageIOError::write(any(error)))?;
+        self.put_meta(KEY_PURGED, &log_id)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_LOG), log_key(0), log_key(log_id.index + 1));
+        self.db
+            .write(batch)
+            .map_err(|error| StorageIOError::write_logs(any(error)).into())
+    }
+}
+
+/// What a snapshot carries: the whole state and the log position it stands for.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, crate::NodeAddr>,
+    state: ClusterState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, crate::NodeAddr>,
+    data: Vec<u8>,
+}
+
+/// The in-memory state plus its applied position, shared with readers.
+pub struct Machine {
+    pub state: ClusterState,
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, crate::NodeAddr>,
+}
+
+/// Read access to the state machine for services and actors.
+#[derive(Clone)]
+pub struct StateReader {
+    machine: Arc<RwLock<Machine>>,
+    applied: watch::Receiver<u64>,
+    events: broadcast::Sender<DurableEvent>,
+}
+
+impl StateReader {
+    /// Runs `read` against the current state; keep it short (it holds a read lock).
+    pub fn read<T>(&self, read: impl FnOnce(&ClusterState) -> T) -> T {
+        let machine = self.machine.read().expect("state lock poisoned");
+        read(&machine.state)
+    }
+
+    pub fn last_applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Changes whenever entries are applied.
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// Every durable event as it is applied (bounded; a receiver that lags re-reads the state).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<DurableEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn agent_events_after(&self, agent: AgentId, after: u64) -> Vec<DurableEvent> {
+        self.read(|state| state.events_after(agent, after))
+    }
+}
+
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<DB>,
+    machine: Arc<RwLock<Machine>>,
+    applied_sender: Arc<watch::Sender<u64>>,
+    events: broadcast::Sender<DurableEvent>,
+    snapshot_sequence: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StateMachineStore {
+    fn load(db: Arc<DB>) -> Result<StateMachineStore, OpenError> {
+        let cf = db.cf_handle(CF_STATE).expect("column family created at open");
+        let mut state = ClusterState::default();
+        let mut last_applied = None;
+        let mut membership = StoredMembership::default();
+        for item in db.iterator_cf(cf, IteratorMode::Start) {
+            let (key, value) = item.map_err(|error| OpenError::Database {
+                dir: db.path().display().to_string(),
+                message: error.to_string(),
+            })?;
+            match key.first() {
+                Some(b'a') => {
+                    let record: crate::types::AgentRecord = decode(&key, &value)?;
+                    state.agents.insert(record.id, record);
+                }
+                Some(b'e') => {
+                    let event: DurableEvent = decode(&key, &value)?;
+                    state.events.entry(event.agent).or_default().push_back(event);
+                }
+                Some(b'n') => {
+                    let record: crate::types::NodeRecord = decode(&key, &value)?;
+                    state.nodes.insert(record.id, record);
+                }
+                Some(b't') => {
+                    let record: crate::types::TokenRecord = decode(&key, &value)?;
+                    state.tokens.insert(record.sha256_hex.clone(), record);
+                }
+                _ if key.as_ref() == KEY_APPLIED => last_applied = decode(&key, &value)?,
+                _ if key.as_ref() == KEY_MEMBERSHIP => membership = decode(&key, &value)?,
+                _ if key.as_ref() == KEY_HIGHEST_NODE_ID => state.highest_node_id = decode(&key, &value)?,
+                _ => {}
+            }
+        }
+        state.rebuild_indexes();
+        let applied_index = last_applied.map(|log_id: LogId<NodeId>| log_id.index).unwrap_or(0);
+        let (applied_sender, _) = watch::channel(applied_index);
+        let (events, _) = broadcast::channel(EVENT_BROADCAST_CAPACITY);
+        Ok(StateMachineStore {
+            db,
+            machine: Arc::new(RwLock::new(Machine {
+                state,
+                last_applied,
+                membership,
+            })),
+            applied_sender: Arc::new(applied_sender),
+            events,
+            snapshot_sequence: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        })
+    }
+
+    pub fn reader(&self) -> StateReader {
+        StateReader {
+            machine: self.machine.clone(),
+            applied: self.applied_sender.subscribe(),
+            events: self.events.clone(),
+        }
+    }
+
+    /// Index of the snapshot this node holds, if any.
+    pub fn snapshot_index(&self) -> u64 {
+        self.stored_snapshot()
+            .ok()
+            .flatten()
+            .and_then(|snapshot| snapshot.meta.last_log_id)
+            .map(|log_id| log_id.index)
+            .unwrap_or(0)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn stored_snapshot(&self) -> StorageResult<Option<StoredSnapshot>> {
+        let bytes = self
+            .db
+            .get_cf(self.cf(CF_SNAPSHOT), KEY_SNAPSHOT)
+            .map_err(|error| StorageIOError::read_snapshot(None, any(error)))?;
+        match bytes {
+            None => Ok(None),
+            Some(bytes) => decode(KEY_SNAPSHOT, &bytes)
+                .map(Some)
+                .map_err(|error| StorageIOError::read_snapshot(None, any(error)).into()),
+        }
+    }
+
+    fn persist_changes(&self, batch: &mut WriteBatch, machine: &Machine, changes: &Changes) {
+        let cf = self.cf(CF_STATE);
+        for id in &changes.agents {
+            let key = agent_key(*id);
+            match machine.state.agents.get(id) {
+                Some(record) => batch.put_cf(cf, key, encode(record)),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        for event in &changes.new_events {
+            batch.put_cf(cf, event_key(event.agent, event.sequence), encode(event));
+        }
+        for (agent, sequence) in &changes.trimmed_events {
+            batch.delete_cf(cf, event_key(*agent, *sequence));
+        }
+        for id in &changes.nodes {
+            let key = node_key(*id);
+            match machine.state.nodes.get(id) {
+                Some(record) => batch.put_cf(cf, key, encode(record)),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        for hash in &changes.tokens {
+            let key = [b"t/".as_slice(), hash.as_bytes()].concat();
+            match machine.state.tokens.get(hash) {
+                Some(record) => batch.put_cf(cf, key, encode(record)),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        if changes.meta {
+            batch.put_cf(cf, KEY_HIGHEST_NODE_ID, encode(&machine.state.highest_node_id));
+        }
+        batch.put_cf(cf, KEY_APPLIED, encode(&machine.last_applied));
+        batch.put_cf(cf, KEY_MEMBERSHIP, encode(&machine.membership));
+    }
+
+    /// Replaces the whole state (snapshot install) in one batch.
+    fn replace_state(&self, body: SnapshotBody) -> StorageResult<()> {
+        let mut machine = self.machine.write().expect("state lock poisoned");
+        let mut state = body.state;
+        state.rebuild_indexes();
+        *machine = Machine {
+            state,
+            last_applied: body.last_applied,
+            membership: body.membership,
+        };
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_STATE);
+        batch.delete_range_cf(cf, [0u8].as_slice(), [0xffu8; 16].as_slice());
+        let mut changes = Changes::default();
+        changes.agents.extend(machine.state.agents.keys().copied());
+        changes.nodes.extend(machine.state.nodes.keys().copied());
+        changes.tokens.extend(machine.state.tokens.keys().cloned());
+        changes
+            .new_events
+            .extend(machine.state.events.values().flatten().cloned());
+        changes.meta = true;
+        self.persist_changes(&mut batch, &machine, &changes);
+        self.db
+            .write(batch)
+            .map_err(|error| StorageIOError::write_state_machine(any(error)))?;
+        self.db
+            .flush_wal(true)
+            .map_err(|error| StorageIOError::write_state_machine(any(error)))?;
+        let index = machine.last_applied.map(|log_id| log_id.index).unwrap_or(0);
+        drop(machine);
+        self.applied_sender.send_replace(index);
+        Ok(())
+    }
+}
+
+fn agent_key(id: AgentId) -> Vec<u8> {
+    [b"a/".as_slice(), &id.0.to_bytes()].concat()
+}
+
+fn event_key(agent: AgentId, sequence: u64) -> Vec<u8> {
+    [b"e/".as_slice(), &agent.0.to_bytes(), &sequence.to_be_bytes()].concat()
+}
+
+fn node_key(id: NodeId) -> Vec<u8> {
+    [b"n/".as_slice(), &id.to_be_bytes()].concat()
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (data, last_applied, membership) = {
+            let machine = self.machine.read().expect("state lock poisoned");
+            let body = SnapshotBody {
+                last_applied: machine.last_applied,
+                membership: machine.membership.clone(),
+                state: machine.state.clone(),
+            };
+            (encode(&body), machine.last_applied, machine.membership.clone())
+        };
+        let sequence = self
+            .snapshot_sequence
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(log_id) => format!("{}-{}-{}", log_id.leader_id.term, log_id.index, sequence),
+            None => format!("empty-{sequence}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_SNAPSHOT), KEY_SNAPSHOT, encode(&stored), &options)
+            .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), any(error)))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, crate::NodeAddr>)> {
+        let machine = self.machine.read().expect("state lock poisoned");
+        Ok((machine.last_applied, machine.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<ApplyResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut results = Vec::new();
+        let mut changes = Changes::default();
+        let mut batch = WriteBatch::default();
+        let index = {
+            let mut machine = self.machine.write().expect("state lock poisoned");
+            for entry in entries {
+                machine.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => results.push(Ok(crate::command::Response::Done)),
+                    EntryPayload::Normal(request) => {
+                        let result = apply(&mut machine.state, &mut changes, &request);
+                        results.push(result);
+                    }
+                    EntryPayload::Membership(membership) => {
+                        machine.membership = StoredMembership::new(Some(entry.log_id), membership);
+                        results.push(Ok(crate::command::Response::Done));
+                    }
+                }
+            }
+            self.persist_changes(&mut batch, &machine, &changes);
+            machine.last_applied.map(|log_id| log_id.index).unwrap_or(0)
+        };
+        let db = self.db.clone();
+        tokio::task::block_in_place(|| db.write(batch))
+            .map_err(|error| StorageIOError::write_state_machine(any(error)))?;
+        for event in changes.new_events {
+            // No receivers is normal.
+            let _ = self.events.send(event);
+        }
+        self.applied_sender.send_replace(index);
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, crate::NodeAddr>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let body: SnapshotBody = postcard::from_bytes(&data)
+            .map_err(|error| StorageIOError::read_snapshot(Some(meta.signature()), any(error)))?;
+        self.replace_state(body)?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_SNAPSHOT), KEY_SNAPSHOT, encode(&stored), &options)
+            .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), any(error)))?;
+        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        Ok(self.stored_snapshot()?.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+}

@@ -1,0 +1,10 @@
+//! Flotilla's integration tests: one binary, numbered modules, so the link happens once.
+//! Modules t20_ and above start several nodes and run one at a time (see
+//! `.config/nextest.toml`).
+
+mod common;
+mod t00_harness;
+mod t10_single_node;
+mod t20_three_nodes;
+mod t30_failover;
+mod t40_watch_across_nodes;

@@ -1,0 +1,143 @@
+//! Node loss: the agents of a killed node move to live nodes under a higher epoch within the
+//! lease plus a stated bound.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use flotilla_proto::v1;
+use flotilla_tests::{agent_client, wait_for, ClusterOptions, TestCluster};
+
+use crate::common::{create, DEADLINE};
+
+const LEASE_MS: u64 = 2_000;
+/// Detection runs every lease/8 and the reassignment is two Raft writes; on a loaded two-core
+/// debug build that has stayed well under this.
+const REASSIGN_BOUND: Duration = Duration::from_secs(4);
+
+async fn placements(endpoint: &str, token: &str) -> Option<BTreeMap<String, (u64, u64, i32)>> {
+    let mut client = agent_client(endpoint, token).await;
+    let agents = client
+        .list_agents(v1::ListAgentsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .agents;
+    Some(
+        agents
+            .into_iter()
+            .map(|agent| {
+                let assignment = agent.assignment.unwrap_or_default();
+                (agent.id, (assignment.node_id, assignment.epoch, agent.status))
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_of_a_killed_node_are_reassigned_with_a_higher_epoch() {
+    let mut cluster = TestCluster::start(
+        3,
+        ClusterOptions {
+            lease_ms: Some(LEASE_MS),
+            slots: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    let token = cluster.admin_token();
+    let endpoint = cluster.nodes[0].endpoint();
+    let mut client = agent_client(&endpoint, &token).await;
+    for index in 0..6 {
+        create(&mut client, &format!("spread-{index}"), "Spread over the nodes").await;
+    }
+    // Six agents over three nodes with four slots each: the least-loaded rule puts two on each.
+    let before = {
+        let endpoint = endpoint.clone();
+        let token = token.clone();
+        wait_for("six agents provisioning, two per node", DEADLINE, move || {
+            let endpoint = endpoint.clone();
+            let token = token.clone();
+            async move {
+                let placed = placements(&endpoint, &token).await?;
+                let provisioning = placed
+                    .values()
+                    .filter(|(_, _, status)| *status == v1::AgentStatus::Provisioning as i32)
+                    .count();
+                (provisioning == 6).then_some(placed)
+            }
+        })
+        .await
+    };
+    let mut per_node = BTreeMap::new();
+    for (node, epoch, _) in before.values() {
+        assert_eq!(*epoch, 1);
+        *per_node.entry(*node).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_node.values().copied().collect::<Vec<_>>(),
+        vec![2, 2, 2],
+        "{per_node:?}"
+    );
+
+    // Kill node 3 (a follower or the leader, whichever; node 1 answers the reads).
+    let victim = cluster.nodes[2].id;
+    let moved: Vec<String> = before
+        .iter()
+        .filter(|(_, (node, _, _))| *node == victim)
+        .map(|(id, _)| id.clone())
+        .collect();
+    cluster.nodes[2].kill9();
+    let killed_at = Instant::now();
+    let after = {
+        let endpoint = endpoint.clone();
+        let token = token.clone();
+        let moved = moved.clone();
+        wait_for(
+            "the killed node's agents on live nodes under epoch 2",
+            DEADLINE,
+            move || {
+                let endpoint = endpoint.clone();
+                let token = token.clone();
+                let moved = moved.clone();
+                async move {
+                    let placed = placements(&endpoint, &token).await?;
+                    moved
+                        .iter()
+                        .all(|id| {
+                            let (node, epoch, status) = placed[id];
+                            node != victim && epoch == 2 && status == v1::AgentStatus::Provisioning as i32
+                        })
+                        .then_some(placed)
+                }
+            },
+        )
+        .await
+    };
+    let elapsed = killed_at.elapsed();
+    assert!(
+        elapsed <= Duration::from_millis(LEASE_MS) + REASSIGN_BOUND,
+        "reassignment took {elapsed:?}, more than the lease ({LEASE_MS} ms) plus {REASSIGN_BOUND:?}"
+    );
+    eprintln!("agents of node {victim} reassigned {elapsed:?} after kill -9 (lease {LEASE_MS} ms)");
+    // Agents on live nodes kept their epoch.
+    for (id, (node, epoch, _)) in &before {
+        if *node != victim {
+            assert_eq!(after[id], (*node, *epoch, v1::AgentStatus::Provisioning as i32));
+        }
+    }
+    let mut cluster_client = flotilla_tests::cluster_client(&endpoint, &token).await;
+    let view = cluster_client
+        .get_cluster(v1::GetClusterRequest {})
+        .await
+        .expect("cluster")
+        .into_inner();
+    let victim_member = view
+        .members
+        .iter()
+        .find(|member| member.id == victim)
+        .expect("still a member");
+    assert!(!victim_member.up, "the killed node is marked down");
+}

@@ -1,0 +1,679 @@
+//! The harness for Flotilla's integration and failure tests.
+//!
+//! Tests here treat Flotilla the way an operator does: they start real `flotilla node`
+//! processes on free loopback ports in temporary directories, talk to them over the public
+//! gRPC API or the `flotilla` CLI, kill them with SIGKILL, and restart them on the same data
+//! directory. Nothing here links the node's code, so a test exercises exactly the binary
+//! that ships. Every node is killed when its [`NodeProcess`] is dropped, including when a
+//! test panics.
+//!
+//! Tests wait for conditions with [`wait_for`], never with a sleep: a sleep is either too
+//! short on a loaded two-core machine or wasted time everywhere else.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flotilla_proto::v1::agent_service_client::AgentServiceClient;
+use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
+use flotilla_proto::v1::{Cluster, GetClusterRequest};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a node may take to start, elect a leader or join. Generous because a debug
+/// build opening RocksDB on a busy two-core machine is slow, and a timeout here only costs
+/// time when something is already broken.
+pub const NODE_STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Time between two polls in [`wait_for`].
+const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How long a gRPC client waits for a TCP connection before the call fails.
+const CLIENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many candidate ports [`free_port`] tries before giving up.
+const FREE_PORT_ATTEMPTS: usize = 1000;
+
+/// Lines of each node's log printed when a cluster is dropped during a panic.
+const LOG_LINES_ON_FAILURE: usize = 40;
+
+/// Set this environment variable to keep a failed test's cluster directory (data and logs).
+const KEEP_TEST_DIRS_ENV: &str = "FLOTILLA_KEEP_TEST_DIRS";
+
+/// The path of the `flotilla` binary under test: `$FLOTILLA_BIN` if set, otherwise the
+/// workspace's debug build.
+pub fn flotilla_bin() -> PathBuf {
+    let binary = match std::env::var_os("FLOTILLA_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let workspace_root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("the tests crate lives one level below the workspace root");
+            let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
+                Some(dir) => workspace_root.join(dir),
+                None => workspace_root.join("target"),
+            };
+            target_dir.join("debug").join("flotilla")
+        }
+    };
+    assert!(
+        binary.is_file(),
+        "the flotilla binary was not found at {}: run `cargo build --bin flotilla` first \
+         (or set FLOTILLA_BIN to a built binary)",
+        binary.display()
+    );
+    binary
+}
+
+/// Ports already returned by [`free_port`] in this process, so that two nodes of one cluster
+/// never get overlapping port pairs (P+1 of one node equal to P of the next).
+static PORTS_HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// Returns a port P such that both P (a node's gRPC port) and P+1 (its mesh port) can be
+/// bound on 127.0.0.1 right now.
+///
+/// Candidates are drawn below the kernel's ephemeral port range when there is room there:
+/// a port the kernel hands out with `bind(0)` can also be handed to any outgoing
+/// connection in the meantime, for example while a killed node waits to be restarted on
+/// the same port. Where the range leaves no room, `bind(0)` picks the candidate.
+pub fn free_port() -> u16 {
+    let search_range = port_range_below_ephemeral();
+    let mut random_state = port_search_seed();
+    for _ in 0..FREE_PORT_ATTEMPTS {
+        let candidate = match search_range {
+            Some((low, high)) => {
+                let span = u64::from(high - low);
+                low + (next_random(&mut random_state) % span) as u16
+            }
+            None => match TcpListener::bind((Ipv4Addr::LOCALHOST, 0)) {
+                Ok(listener) => match listener.local_addr() {
+                    Ok(address) => address.port(),
+                    Err(_) => continue,
+                },
+                Err(_) => continue,
+            },
+        };
+        if candidate == 0 || candidate == u16::MAX {
+            continue;
+        }
+        let mut handed_out = PORTS_HANDED_OUT.lock().unwrap_or_else(|poison| poison.into_inner());
+        let overlaps_earlier_pair = handed_out.contains(&(candidate - 1))
+            || handed_out.contains(&candidate)
+            || handed_out.contains(&(candidate + 1));
+        if overlaps_earlier_pair {
+            continue;
+        }
+        let grpc_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, candidate));
+        let mesh_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, candidate + 1));
+        if grpc_listener.is_ok() && mesh_listener.is_ok() {
+            handed_out.insert(candidate);
+            handed_out.insert(candidate + 1);
+            return candidate;
+        }
+    }
+    panic!("found no free pair of loopback ports after {FREE_PORT_ATTEMPTS} attempts");
+}
+
+/// `[low, high)` for port candidates below the ephemeral range, or `None` when the range
+/// starts too low to leave a useful gap above the well-known and registered ports we avoid.
+fn port_range_below_ephemeral() -> Option<(u16, u16)> {
+    const LOWEST_CANDIDATE_PORT: u16 = 10_000;
+    const MINIMUM_CANDIDATES: u16 = 2_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    // The pair's upper port must stay below the ephemeral range too.
+    let high = ephemeral_low.checked_sub(1)?;
+    (high >= LOWEST_CANDIDATE_PORT + MINIMUM_CANDIDATES).then_some((LOWEST_CANDIDATE_PORT, high))
+}
+
+/// Different in every process and every call sequence, so that parallel test processes
+/// start their searches in different places. Port choice is not test logic, so it needs
+/// no reproducible seed.
+fn port_search_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as u64)
+        .unwrap_or(0);
+    (nanos ^ (u64::from(std::process::id()) << 32)) | 1
+}
+
+/// xorshift64: enough to scatter port candidates.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// Polls `condition` every 50 ms until it returns `Some`, and returns that value. Panics
+/// with "timed out after {deadline:?} waiting for {what}" once `deadline` has passed. A
+/// poll that hangs (for example a call to a frozen node) is cut off at the deadline too.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        let remaining = deadline.saturating_sub(started.elapsed());
+        if let Ok(Some(value)) = tokio::time::timeout(remaining, condition()).await {
+            return value;
+        }
+        if started.elapsed() >= deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(WAIT_POLL_INTERVAL.min(deadline.saturating_sub(started.elapsed()))).await;
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone, Debug)]
+pub struct BearerAuth {
+    authorization: MetadataValue<Ascii>,
+}
+
+impl BearerAuth {
+    pub fn new(token: &str) -> Self {
+        let authorization = format!("Bearer {token}")
+            .parse()
+            .unwrap_or_else(|error| panic!("the token is not a valid header value: {error}"));
+        BearerAuth { authorization }
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        Ok(request)
+    }
+}
+
+pub type AgentClient = AgentServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type ClusterClient = ClusterServiceClient<InterceptedService<Channel, BearerAuth>>;
+
+/// A channel that connects on first use, so that creating a client never fails: a node
+/// that is down shows up as an `Unavailable` error on the call, which [`wait_for`] retries.
+fn lazy_channel(endpoint: &str) -> Channel {
+    Endpoint::from_shared(endpoint.to_string())
+        .unwrap_or_else(|error| panic!("invalid endpoint {endpoint:?}: {error}"))
+        .connect_timeout(CLIENT_CONNECT_TIMEOUT)
+        .connect_lazy()
+}
+
+/// An `AgentService` client for `endpoint` (such as `http://127.0.0.1:7420`) that sends
+/// `token` with every call.
+pub async fn agent_client(endpoint: &str, token: &str) -> AgentClient {
+    AgentServiceClient::with_interceptor(lazy_channel(endpoint), BearerAuth::new(token))
+}
+
+/// A `ClusterService` client for `endpoint` that sends `token` with every call.
+pub async fn cluster_client(endpoint: &str, token: &str) -> ClusterClient {
+    ClusterServiceClient::with_interceptor(lazy_channel(endpoint), BearerAuth::new(token))
+}
+
+/// `GetCluster` on `endpoint`, or `None` if the call fails for any reason (node down, not
+/// ready, no leader known yet...). Meant for [`wait_for`] conditions.
+pub async fn try_get_cluster(endpoint: &str, token: &str) -> Option<Cluster> {
+    let mut client = cluster_client(endpoint, token).await;
+    client
+        .get_cluster(GetClusterRequest {})
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
+}
+
+/// Runs the `flotilla` binary as a CLI client against `endpoint` with `FLOTILLA_TOKEN` set
+/// to `token`, and returns its exit status and output. The call blocks until the CLI exits,
+/// which is fine from a test: the nodes it talks to are other processes.
+pub fn run_cli(endpoint: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(flotilla_bin())
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .env("FLOTILLA_TOKEN", token)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|error| panic!("could not run the flotilla CLI with {args:?}: {error}"))
+}
+
+/// Everything needed to start (and restart) one node.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub id: u64,
+    /// The node listens for gRPC on this port and for the actor mesh on the next one.
+    pub grpc_port: u16,
+    pub data_dir: PathBuf,
+    pub region: String,
+    pub slots: u32,
+    /// Endpoint of a member to join through; `None` bootstraps a new cluster.
+    pub join: Option<String>,
+    pub lease_ms: Option<u64>,
+    pub extra_args: Vec<String>,
+    pub cluster_secret: String,
+}
+
+impl NodeSpec {
+    fn command_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "node".to_string(),
+            "--id".to_string(),
+            self.id.to_string(),
+            "--data-dir".to_string(),
+            self.data_dir.display().to_string(),
+            "--listen".to_string(),
+            format!("127.0.0.1:{}", self.grpc_port),
+            "--region".to_string(),
+            self.region.clone(),
+            "--slots".to_string(),
+            self.slots.to_string(),
+        ];
+        if let Some(join_endpoint) = &self.join {
+            args.push("--join".to_string());
+            args.push(join_endpoint.clone());
+        }
+        if let Some(lease_ms) = self.lease_ms {
+            args.push("--lease-ms".to_string());
+            args.push(lease_ms.to_string());
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    /// `DATA_DIR/../node-N.log`: next to the data directory, so that wiping the data
+    /// directory (a disk-loss test) keeps the log of the node's earlier lives.
+    fn log_path(&self) -> PathBuf {
+        let parent = self.data_dir.parent().unwrap_or_else(|| Path::new("."));
+        parent.join(format!("node-{}.log", self.id))
+    }
+}
+
+/// One `flotilla node` process. Dropping it kills the process.
+pub struct NodeProcess {
+    pub id: u64,
+    pub grpc_port: u16,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    log_path: PathBuf,
+    spec: NodeSpec,
+}
+
+impl NodeProcess {
+    /// Starts a node as described by `spec`; does not wait for it to be ready.
+    pub fn spawn(spec: NodeSpec) -> NodeProcess {
+        let mut node = NodeProcess {
+            id: spec.id,
+            grpc_port: spec.grpc_port,
+            data_dir: spec.data_dir.clone(),
+            child: None,
+            log_path: spec.log_path(),
+            spec,
+        };
+        node.start_child();
+        node
+    }
+
+    fn start_child(&mut self) {
+        let log_file = open_log_for_append(&self.log_path);
+        let stderr_file = log_file
+            .try_clone()
+            .unwrap_or_else(|error| panic!("could not reopen {}: {error}", self.log_path.display()));
+        let child = Command::new(flotilla_bin())
+            .args(self.spec.command_args())
+            .env("FLOTILLA_CLUSTER_SECRET", &self.spec.cluster_secret)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(stderr_file)
+            .spawn()
+            .unwrap_or_else(|error| panic!("could not start node {}: {error}", self.id));
+        self.child = Some(child);
+    }
+
+    /// `http://127.0.0.1:P`, the node's gRPC endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// The port of the node's actor mesh.
+    pub fn mesh_port(&self) -> u16 {
+        self.grpc_port + 1
+    }
+
+    pub fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Whether the process is alive (a frozen process counts as alive).
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Kills the process with SIGKILL, as a power loss would, and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Fails only if the process already exited, which is what we want anyway.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Asks the process to shut down with SIGTERM and waits for it to exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            self.send_signal_to(&child, libc::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the process with SIGSTOP: it holds its ports and files but answers nothing,
+    /// like a node stuck in a long pause or cut off by a partition.
+    pub fn freeze(&mut self) {
+        if let Some(child) = &self.child {
+            self.send_signal_to(child, libc::SIGSTOP);
+        }
+    }
+
+    /// Resumes a process stopped by [`NodeProcess::freeze`].
+    pub fn thaw(&mut self) {
+        if let Some(child) = &self.child {
+            self.send_signal_to(child, libc::SIGCONT);
+        }
+    }
+
+    fn send_signal_to(&self, child: &Child, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(child.id()).expect("process ids fit in pid_t");
+        // SAFETY: `kill` has no memory-safety preconditions; the pid is our own unreaped
+        // child, so it cannot have been reused by another process.
+        let result = unsafe { libc::kill(pid, signal) };
+        if result != 0 {
+            let error = std::io::Error::last_os_error();
+            panic!("could not send signal {signal} to node {}: {error}", self.id);
+        }
+    }
+
+    /// Starts the node again with the same arguments and data directory, killing the
+    /// current process first if it is still alive. Does not wait for it to be ready.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.start_child();
+    }
+
+    /// The last `line_count` lines of the node's log (all its lives), for failure messages.
+    pub fn log_tail(&self, line_count: usize) -> String {
+        match std::fs::read_to_string(&self.log_path) {
+            Ok(text) => {
+                let lines: Vec<&str> = text.lines().collect();
+                let first_kept = lines.len().saturating_sub(line_count);
+                lines[first_kept..].join("\n")
+            }
+            Err(error) => format!("(could not read {}: {error})", self.log_path.display()),
+        }
+    }
+
+    /// Panics with the log tail if the process has exited: a node that dies while a test
+    /// waits for it should fail the test at once, with the reason, not at the deadline.
+    pub fn assert_running(&mut self, while_doing: &str) {
+        if !self.is_running() {
+            panic!(
+                "node {} is not running while {while_doing}; last lines of {}:\n{}",
+                self.id,
+                self.log_path.display(),
+                self.log_tail(LOG_LINES_ON_FAILURE)
+            );
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn open_log_for_append(path: &Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|error| panic!("could not open the node log {}: {error}", path.display()))
+}
+
+/// How [`TestCluster::start`] configures its nodes.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Region of node i (0-based) is `regions[i]`; nodes past the end of the list, and all
+    /// nodes when it is empty (the default), are in region "local".
+    pub regions: Vec<String>,
+    /// Agent slots per node.
+    pub slots: u32,
+    /// Appended to every node's command line.
+    pub extra_args: Vec<String>,
+    /// Passed as `--lease-ms`; the node's default when `None`.
+    pub lease_ms: Option<u64>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            regions: Vec::new(),
+            slots: 8,
+            extra_args: Vec::new(),
+            lease_ms: None,
+        }
+    }
+}
+
+impl ClusterOptions {
+    fn region_of(&self, node_index: usize) -> String {
+        self.regions
+            .get(node_index)
+            .cloned()
+            .unwrap_or_else(|| "local".to_string())
+    }
+}
+
+/// A cluster of real nodes in one temporary directory: `node<N>/` data directories and
+/// `node-<N>.log` logs. Node ids are 1..=n and `nodes[i]` has id `i + 1`.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProcess>,
+    pub secret: String,
+    options: ClusterOptions,
+}
+
+impl TestCluster {
+    /// Starts node 1, which bootstraps the cluster, waits for it to lead, then starts nodes
+    /// 2..=n joining through node 1 and waits until node 1 reports all n members up.
+    pub async fn start(node_count: usize, options: ClusterOptions) -> TestCluster {
+        assert!(node_count >= 1, "a cluster needs at least one node");
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-it-")
+            .tempdir()
+            .expect("could not create the cluster's temporary directory");
+        let secret = format!("test-cluster-secret-{:016x}", port_search_seed());
+        let mut cluster = TestCluster {
+            dir,
+            nodes: Vec::with_capacity(node_count),
+            secret,
+            options,
+        };
+
+        cluster.spawn_node(None);
+        cluster.wait_for_bootstrap().await;
+
+        let join_endpoint = cluster.nodes[0].endpoint();
+        for _ in 1..node_count {
+            cluster.spawn_node(Some(join_endpoint.clone()));
+        }
+        if node_count > 1 {
+            cluster.wait_for_members_up(node_count).await;
+        }
+        cluster
+    }
+
+    /// Starts one more node (the next id) joining through node 1, with the cluster's
+    /// options; does not wait for it to join. Returns its index in `nodes`.
+    pub fn spawn_joining_node(&mut self) -> usize {
+        let join_endpoint = self.nodes[0].endpoint();
+        self.spawn_node(Some(join_endpoint));
+        self.nodes.len() - 1
+    }
+
+    fn spawn_node(&mut self, join: Option<String>) {
+        let node_index = self.nodes.len();
+        let id = node_index as u64 + 1;
+        let spec = NodeSpec {
+            id,
+            grpc_port: free_port(),
+            data_dir: self.dir.path().join(format!("node{id}")),
+            region: self.options.region_of(node_index),
+            slots: self.options.slots,
+            join,
+            lease_ms: self.options.lease_ms,
+            extra_args: self.options.extra_args.clone(),
+            cluster_secret: self.secret.clone(),
+        };
+        self.nodes.push(NodeProcess::spawn(spec));
+    }
+
+    async fn wait_for_bootstrap(&mut self) {
+        let token_path = self.admin_token_path();
+        let bootstrap_node = &mut self.nodes[0];
+        let what = format!("node 1 to write {}", token_path.display());
+        wait_for(&what, NODE_STARTUP_DEADLINE, || {
+            bootstrap_node.assert_running("waiting for its admin token");
+            let token_written = std::fs::read_to_string(&token_path)
+                .map(|token| !token.trim().is_empty())
+                .unwrap_or(false);
+            async move { token_written.then_some(()) }
+        })
+        .await;
+
+        let token = self.admin_token();
+        let endpoint = self.nodes[0].endpoint();
+        let bootstrap_node = &mut self.nodes[0];
+        wait_for("node 1 to report a leader", NODE_STARTUP_DEADLINE, || {
+            bootstrap_node.assert_running("waiting for a leader");
+            let (endpoint, token) = (endpoint.clone(), token.clone());
+            async move {
+                let cluster = try_get_cluster(&endpoint, &token).await?;
+                (cluster.leader_id != 0).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Waits until node 1 lists `member_count` members, all up.
+    pub async fn wait_for_members_up(&mut self, member_count: usize) -> Cluster {
+        let token = self.admin_token();
+        let endpoint = self.nodes[0].endpoint();
+        let nodes = &mut self.nodes;
+        let what = format!("node 1 to list {member_count} members, all up");
+        wait_for(&what, NODE_STARTUP_DEADLINE, || {
+            for node in nodes.iter_mut() {
+                node.assert_running("waiting for the cluster to form");
+            }
+            let (endpoint, token) = (endpoint.clone(), token.clone());
+            async move {
+                let cluster = try_get_cluster(&endpoint, &token).await?;
+                let all_up = cluster.members.len() == member_count && cluster.members.iter().all(|member| member.up);
+                all_up.then_some(cluster)
+            }
+        })
+        .await
+    }
+
+    fn admin_token_path(&self) -> PathBuf {
+        self.dir.path().join("node1").join("admin.token")
+    }
+
+    /// The admin token that node 1 wrote when it bootstrapped the cluster.
+    pub fn admin_token(&self) -> String {
+        let path = self.admin_token_path();
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|error| panic!("could not read {}: {error}", path.display()))
+            .trim()
+            .to_string()
+    }
+
+    /// The node with this id (ids start at 1).
+    pub fn node(&self, id: u64) -> &NodeProcess {
+        self.nodes
+            .iter()
+            .find(|node| node.id == id)
+            .unwrap_or_else(|| panic!("the cluster has no node {id}"))
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> &mut NodeProcess {
+        self.nodes
+            .iter_mut()
+            .find(|node| node.id == id)
+            .unwrap_or_else(|| panic!("the cluster has no node {id}"))
+    }
+
+    /// An admin `AgentService` client on the node with this id.
+    pub async fn agent_client(&self, id: u64) -> AgentClient {
+        agent_client(&self.node(id).endpoint(), &self.admin_token()).await
+    }
+
+    /// An admin `ClusterService` client on the node with this id.
+    pub async fn cluster_client(&self, id: u64) -> ClusterClient {
+        cluster_client(&self.node(id).endpoint(), &self.admin_token()).await
+    }
+
+    /// Runs the CLI against the node with this id with the admin token.
+    pub fn run_cli(&self, id: u64, args: &[&str]) -> Output {
+        run_cli(&self.node(id).endpoint(), &self.admin_token(), args)
+    }
+
+    /// Every node's log tail, for failure messages.
+    pub fn log_tails(&self, line_count: usize) -> String {
+        self.nodes
+            .iter()
+            .map(|node| {
+                format!(
+                    "----- node {} ({}) -----\n{}",
+                    node.id,
+                    node.log_path.display(),
+                    node.log_tail(line_count)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "test failed; last {LOG_LINES_ON_FAILURE} log lines of each node:\n{}",
+                self.log_tails(LOG_LINES_ON_FAILURE)
+            );
+            if std::env::var_os(KEEP_TEST_DIRS_ENV).is_some() {
+                self.dir.disable_cleanup(true);
+                eprintln!("kept the cluster directory {}", self.dir.path().display());
+            }
+        }
+        // Kill the nodes before the directory they write to is removed.
+        self.nodes.clear();
+    }
+}
