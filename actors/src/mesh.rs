@@ -19,8 +19,10 @@
 //!
 //! ractor's process groups and actor registries are global to the process, so one
 //! process is one mesh node: two [`Mesh`] values in one process share their groups and
-//! are not two independent nodes. Cross-node delivery is therefore tested with real
-//! `flotilla` processes in the integration suite.
+//! are not two independent nodes (a linked pair delivers every event twice: once
+//! locally, once back over the link). End-to-end delivery between nodes belongs in the
+//! integration suite, which runs real `flotilla` processes; the unit tests below cover
+//! one node, the handshake, and the wire path through a remote proxy.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;

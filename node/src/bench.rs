@@ -129,7 +129,7 @@ async fn run_all(args: &BenchCreateArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let cluster = LocalCluster::start(node_count).await?;
         eprintln!(
-            "started a loopback cluster of {node_count} node(s) in {:.1}s (data and logs in {})",
+            "started a loopback cluster of {node_count} node(s) in {:.1}s (data and logs in {}, removed at the end)",
             started.elapsed().as_secs_f64(),
             cluster.directory().display()
         );

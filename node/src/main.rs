@@ -17,6 +17,8 @@ use clap::{Parser, Subcommand};
     about = "Self-hosted control plane for cloud coding agents"
 )]
 struct Cli {
+    #[command(flatten)]
+    client: cli::ClientArgs,
     #[command(subcommand)]
     command: TopCommand,
 }
@@ -27,15 +29,11 @@ enum TopCommand {
     Node(config::NodeArgs),
     /// Create, list, watch and steer agents.
     Agent {
-        #[command(flatten)]
-        client: cli::ClientArgs,
         #[command(subcommand)]
         command: cli::AgentCommand,
     },
     /// Inspect and change the cluster's membership.
     Cluster {
-        #[command(flatten)]
-        client: cli::ClientArgs,
         #[command(subcommand)]
         command: cli::ClusterCommand,
     },
@@ -70,6 +68,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let client = cli.client;
     let result = runtime.block_on(async move {
         match cli.command {
             TopCommand::Node(args) => {
@@ -78,11 +77,11 @@ fn main() -> ExitCode {
                 server::run_node(config).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            TopCommand::Agent { client, command } => {
+            TopCommand::Agent { command } => {
                 init_logging("warn");
                 cli::run_agent(&client, command).await
             }
-            TopCommand::Cluster { client, command } => {
+            TopCommand::Cluster { command } => {
                 init_logging("warn");
                 cli::run_cluster(&client, command).await
             }

@@ -10,6 +10,10 @@
 //! record an entry touched to RocksDB in the same batch as the applied log id (unsynced: the log
 //! is the durable source, and the WAL is synced before any log is purged).
 
+// openraft's storage traits return `StorageError` by value; the helpers here return what the
+// traits return.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use flotilla_proto::v1::{agent_event, watch_agent_response, WatchAgentRequest, WatchAgentResponse};
+use flotilla_proto::v1::{agent_event, watch_agent_response, AgentStatus, WatchAgentRequest, WatchAgentResponse};
 use tonic::{Code, Status};
 
 use super::client::{AgentClient, CliError};
@@ -15,6 +15,7 @@ use super::{json, render, OutputFormat};
 const MAX_RECONNECT_ATTEMPTS: u32 = 10;
 const INITIAL_RECONNECT_BACKOFF_MS: u64 = 200;
 const MAX_RECONNECT_BACKOFF_MS: u64 = 3_000;
+const ENDED_EARLY: &str = "the stream ended before the agent reached a final status";
 
 /// Whether a failed watch is worth reopening. UNAVAILABLE is the documented signal (a node
 /// going away, or a leader change). A connection torn down in the middle of a response body
@@ -37,13 +38,23 @@ struct WatchPrinter {
     snapshot_printed: bool,
     /// An assistant reply is being printed inline and its line is still open.
     assistant_line_open: bool,
+    /// The agent's status as last reported, by a snapshot or a durable status change.
+    latest_status: Option<AgentStatus>,
 }
 
 impl WatchPrinter {
+    fn reached_final_status(&self) -> bool {
+        matches!(
+            self.latest_status,
+            Some(AgentStatus::Finished | AgentStatus::Failed | AgentStatus::Stopped)
+        )
+    }
+
     fn print(&mut self, response: &WatchAgentResponse) -> std::io::Result<()> {
         let mut stdout = std::io::stdout().lock();
         match &response.kind {
             Some(watch_agent_response::Kind::Snapshot(agent)) => {
+                self.latest_status = AgentStatus::try_from(agent.status).ok();
                 // A reopened stream starts with a fresh snapshot; the first one already said it.
                 if self.snapshot_printed {
                     return Ok(());
@@ -60,6 +71,9 @@ impl WatchPrinter {
                         return Ok(());
                     }
                     self.last_durable_sequence = event.sequence;
+                    if let Some(agent_event::Kind::StatusChanged(changed)) = &event.kind {
+                        self.latest_status = AgentStatus::try_from(changed.to).ok();
+                    }
                 }
                 match self.output {
                     OutputFormat::Json => writeln!(stdout, "{}", json::watch_response(response))?,
@@ -112,6 +126,7 @@ pub(crate) async fn watch(
         last_durable_sequence: after_sequence,
         snapshot_printed: false,
         assistant_line_open: false,
+        latest_status: None,
     };
     let mut failed_attempts: u32 = 0;
     let mut backoff = Duration::from_millis(INITIAL_RECONNECT_BACKOFF_MS);
@@ -133,10 +148,13 @@ pub(crate) async fn watch(
                             }
                             printer.print(&message)?;
                         }
-                        Ok(None) => {
+                        Ok(None) if printer.reached_final_status() => {
                             printer.finish()?;
                             return Ok(());
                         }
+                        // A node shutting down ends its streams cleanly; the agent goes on
+                        // elsewhere or after a restart, so this is a break like any other.
+                        Ok(None) => break Status::unavailable(ENDED_EARLY),
                         Err(status) => break status,
                     }
                 }
