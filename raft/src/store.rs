@@ -634,3 +634,149 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload, Membership};
+
+    use super::*;
+    use crate::command::{Command, Request, Response, COMMAND_VERSION};
+    use crate::types::{AgentId, AgentSpec, NodeInfo};
+
+    fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Request {
+                version: COMMAND_VERSION,
+                at_ms: 1_000 + index,
+                command,
+            }),
+        }
+    }
+
+    fn membership_entry(index: u64) -> Entry<TypeConfig> {
+        let mut nodes = std::collections::BTreeMap::new();
+        nodes.insert(1, crate::NodeAddr::default());
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Membership(Membership::new(vec![[1].into_iter().collect()], nodes)),
+        }
+    }
+
+    fn create(id: AgentId) -> Command {
+        Command::CreateAgent {
+            id,
+            spec: AgentSpec {
+                name: "n".into(),
+                prompt: "p".into(),
+                repository: "https://example.com/r.git".into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn applied_state_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = [AgentId::new(), AgentId::new()];
+        let expected = {
+            let (_, mut machine) = open(dir.path()).unwrap();
+            let results = machine
+                .apply(vec![
+                    membership_entry(1),
+                    entry(
+                        2,
+                        Command::RegisterNode {
+                            node: 1,
+                            info: NodeInfo {
+                                slots: 2,
+                                ..Default::default()
+                            },
+                        },
+                    ),
+                    entry(3, create(ids[0])),
+                    entry(4, create(ids[1])),
+                    entry(
+                        5,
+                        Command::StopAgent {
+                            agent: ids[0],
+                            reason: "r".into(),
+                        },
+                    ),
+                    entry(
+                        6,
+                        Command::StopAgent {
+                            agent: ids[0],
+                            reason: "again".into(),
+                        },
+                    ),
+                ])
+                .await
+                .unwrap();
+            assert_eq!(results.len(), 6);
+            assert!(matches!(results[2], Ok(Response::Agent(_))));
+            assert!(results[5].is_err(), "stopping twice is refused");
+            assert_eq!(machine.reader().last_applied_index(), 6);
+            machine.reader().read(|state| state.clone())
+        };
+        let (_, mut reopened) = open(dir.path()).unwrap();
+        let (applied, membership) = reopened.applied_state().await.unwrap();
+        assert_eq!(applied.map(|log_id| log_id.index), Some(6));
+        assert!(membership.membership().voter_ids().any(|id| id == 1));
+        let state = reopened.reader().read(|state| state.clone());
+        assert_eq!(state, expected);
+        assert_eq!(state.events_after(ids[0], 0).len(), 2);
+        assert!(state.pending.contains(&ids[1]), "indexes are rebuilt on load");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_installs_the_same_state_elsewhere() {
+        let source_dir = tempfile::tempdir().unwrap();
+        let target_dir = tempfile::tempdir().unwrap();
+        let (_, mut source) = open(source_dir.path()).unwrap();
+        source
+            .apply(vec![membership_entry(1), entry(2, create(AgentId::new()))])
+            .await
+            .unwrap();
+        let snapshot = source.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(snapshot.meta.last_log_id.map(|log_id| log_id.index), Some(2));
+
+        let (_, mut target) = open(target_dir.path()).unwrap();
+        target.apply(vec![entry(1, create(AgentId::new()))]).await.unwrap();
+        target
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        let expected = source.reader().read(|state| state.clone());
+        assert_eq!(target.reader().read(|state| state.clone()), expected);
+        assert_eq!(target.snapshot_index(), 2);
+        drop(target);
+        let (_, reopened) = open(target_dir.path()).unwrap();
+        assert_eq!(
+            reopened.reader().read(|state| state.clone()),
+            expected,
+            "the installed state is what is on disk"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn log_entries_round_trip_and_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = open(dir.path()).unwrap();
+        let entries: Vec<Entry<TypeConfig>> = (1..=5).map(|index| entry(index, create(AgentId::new()))).collect();
+        let mut batch = WriteBatch::default();
+        for entry in &entries {
+            batch.put_cf(log.cf(CF_LOG), log_key(entry.log_id.index), encode(entry));
+        }
+        log.db.write(batch).unwrap();
+        assert_eq!(log.try_get_log_entries(2..4).await.unwrap(), entries[1..3].to_vec());
+        log.purge(entries[2].log_id).await.unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(entries[2].log_id));
+        assert_eq!(state.last_log_id, Some(entries[4].log_id));
+        assert_eq!(log.try_get_log_entries(0..10).await.unwrap(), entries[3..].to_vec());
+        log.truncate(entries[4].log_id).await.unwrap();
+        assert_eq!(log.try_get_log_entries(0..10).await.unwrap(), entries[3..4].to_vec());
+        assert_eq!(log.last_purged_index(), 3);
+    }
+}

@@ -5,6 +5,8 @@
 mod common;
 mod t00_harness;
 mod t10_single_node;
+mod t15_cli_and_drain;
 mod t20_three_nodes;
+mod t25_membership;
 mod t30_failover;
 mod t40_watch_across_nodes;
