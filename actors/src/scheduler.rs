@@ -234,10 +234,14 @@ mod tests {
             assert_eq!(decision.epoch, Epoch(1));
         }
         assert_eq!(decisions.len(), 6);
-        // Node 3 starts half full, so it gets fewer.
-        assert_eq!(per_node[&1], 2);
-        assert_eq!(per_node[&2], 2);
-        assert_eq!(per_node[&3], 2);
+        // Node 3 starts half full: the empty nodes fill up to its level and past it in turn.
+        assert_eq!(per_node.get(&1), Some(&3));
+        assert_eq!(per_node.get(&2), Some(&3));
+        assert_eq!(per_node.get(&3), None);
+        let more = place(&nodes, &pending(12, None), 100);
+        assert_eq!(more.len(), 10, "4 + 4 + 2 free slots in all; two agents stay pending");
+        let on_three = more.iter().filter(|decision| decision.node == 3).count();
+        assert_eq!(on_three, 2, "node 3 fills its two free slots too");
     }
 
     #[test]
