@@ -225,7 +225,12 @@ pub(crate) fn event_body(kind: &agent_event::Kind) -> String {
     use agent_event::Kind;
     match kind {
         Kind::StatusChanged(changed) => {
-            let mut line = format!("status {} -> {}", short_status(changed.from), short_status(changed.to));
+            // Creation and placement keep the status; say what it is rather than "x -> x".
+            let mut line = if changed.from == changed.to {
+                format!("status {}", short_status(changed.to))
+            } else {
+                format!("status {} -> {}", short_status(changed.from), short_status(changed.to))
+            };
             if let Some(assignment) = &changed.assignment {
                 line.push_str(&format!(" on node {} (epoch {})", assignment.node_id, assignment.epoch));
             }
