@@ -4,14 +4,13 @@
 //! under an epoch that is not its own, and the state machine refuses its writes if it tries.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use flotilla_proto::v1;
 use flotilla_raft::{AgentId, AgentStatus, ApplyError, Command, Epoch, NodeId, Replica, WriteError};
 use prost::Message as _;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
+use crate::follow::AppliedFollower;
 use crate::mesh::Mesh;
 
 /// Restarts of one agent's actor before the agent is failed.
@@ -191,8 +190,8 @@ pub struct AgentSupervisorState {
     args: AgentSupervisorArgs,
     running: HashMap<AgentId, Running>,
     restarts: HashMap<AgentId, u32>,
-    queued: Arc<AtomicBool>,
-    watcher: tokio::task::JoinHandle<()>,
+    /// Queues one `Reconcile` per burst of applied changes.
+    follower: AppliedFollower,
 }
 
 impl Actor for AgentSupervisor {
@@ -205,28 +204,12 @@ impl Actor for AgentSupervisor {
         myself: ActorRef<AgentSupervisorMsg>,
         args: AgentSupervisorArgs,
     ) -> Result<AgentSupervisorState, ActorProcessingErr> {
-        let queued = Arc::new(AtomicBool::new(false));
-        let mut applied = args.replica.reader().applied_watch();
-        let watcher_queued = queued.clone();
-        let watcher_ref = myself.clone();
-        let watcher = tokio::spawn(async move {
-            loop {
-                if !watcher_queued.swap(true, Ordering::AcqRel)
-                    && watcher_ref.cast(AgentSupervisorMsg::Reconcile).is_err()
-                {
-                    return;
-                }
-                if applied.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
+        let follower = AppliedFollower::start(&args.replica, myself, || AgentSupervisorMsg::Reconcile);
         Ok(AgentSupervisorState {
             args,
             running: HashMap::new(),
             restarts: HashMap::new(),
-            queued,
-            watcher,
+            follower,
         })
     }
 
@@ -238,7 +221,7 @@ impl Actor for AgentSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             AgentSupervisorMsg::Reconcile => {
-                state.queued.store(false, Ordering::Release);
+                state.follower.taken();
                 let me = state.args.replica.node_id();
                 let desired: HashMap<AgentId, Epoch> = state.args.replica.reader().read(|cluster| {
                     cluster
@@ -329,15 +312,6 @@ impl Actor for AgentSupervisor {
             // The next reconcile starts it again.
             myself.cast(AgentSupervisorMsg::Reconcile)?;
         }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<AgentSupervisorMsg>,
-        state: &mut AgentSupervisorState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.watcher.abort();
         Ok(())
     }
 }

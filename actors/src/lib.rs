@@ -7,6 +7,7 @@
 //! other nodes); anything durable goes through Raft instead.
 
 pub mod agent;
+pub mod follow;
 pub mod liveness;
 pub mod mesh;
 pub mod scheduler;

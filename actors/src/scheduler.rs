@@ -2,12 +2,12 @@
 //! actor runs it on the leader whenever the state changes and writes the result through Raft.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use flotilla_raft::command::AssignOne;
 use flotilla_raft::{AgentId, ClusterState, Command, Epoch, NodeId, Replica, Response};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::follow::AppliedFollower;
 
 /// Most assignments written in one Raft entry.
 pub const MAX_ASSIGNMENTS_PER_ENTRY: usize = 512;
@@ -106,9 +106,8 @@ pub struct SchedulerArgs {
 
 pub struct SchedulerState {
     replica: Replica,
-    /// Set while a `Run` is queued, so a burst of changes queues one run, not thousands.
-    queued: Arc<AtomicBool>,
-    watcher: tokio::task::JoinHandle<()>,
+    /// Queues one `Run` per burst of applied changes.
+    follower: AppliedFollower,
 }
 
 impl Actor for Scheduler {
@@ -121,24 +120,10 @@ impl Actor for Scheduler {
         myself: ActorRef<Self::Msg>,
         args: SchedulerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let queued = Arc::new(AtomicBool::new(false));
-        let mut applied = args.replica.reader().applied_watch();
-        let watcher_queued = queued.clone();
-        let watcher_ref = myself.clone();
-        let watcher = tokio::spawn(async move {
-            loop {
-                if !watcher_queued.swap(true, Ordering::AcqRel) && watcher_ref.cast(SchedulerMsg::Run).is_err() {
-                    return;
-                }
-                if applied.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
+        let follower = AppliedFollower::start(&args.replica, myself, || SchedulerMsg::Run);
         Ok(SchedulerState {
             replica: args.replica,
-            queued,
-            watcher,
+            follower,
         })
     }
 
@@ -150,7 +135,7 @@ impl Actor for Scheduler {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SchedulerMsg::Run => {
-                state.queued.store(false, Ordering::Release);
+                state.follower.taken();
                 loop {
                     let decisions = state.replica.reader().read(|cluster| {
                         let (candidates, pending) = placement_input(cluster, MAX_ASSIGNMENTS_PER_ENTRY * 4);
@@ -184,15 +169,6 @@ impl Actor for Scheduler {
                 }
             }
         }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut SchedulerState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.watcher.abort();
         Ok(())
     }
 }
