@@ -34,6 +34,11 @@ pub fn place(candidates: &[Candidate], pending: &[PendingAgent], limit: usize) -
         .iter()
         .map(|candidate| (candidate.node, (candidate.in_use, candidate.slots)))
         .collect();
+    let free_slots: u64 = candidates
+        .iter()
+        .map(|candidate| u64::from(candidate.slots.saturating_sub(candidate.in_use)))
+        .sum();
+    let limit = limit.min(usize::try_from(free_slots).unwrap_or(usize::MAX));
     let mut decisions = Vec::new();
     for agent in pending {
         if decisions.len() >= limit {
@@ -66,7 +71,7 @@ pub fn place(candidates: &[Candidate], pending: &[PendingAgent], limit: usize) -
 
 /// Reads what `place` needs from the replicated state.
 pub fn placement_input(state: &ClusterState, max_pending: usize) -> (Vec<Candidate>, Vec<PendingAgent>) {
-    let candidates = state
+    let candidates: Vec<Candidate> = state
         .nodes
         .values()
         .filter(|node| node.up && !node.draining)
@@ -77,6 +82,10 @@ pub fn placement_input(state: &ClusterState, max_pending: usize) -> (Vec<Candida
             in_use: state.slots_in_use(node.id),
         })
         .collect();
+    if candidates.iter().all(|candidate| candidate.in_use >= candidate.slots) {
+        // Every slot is taken: nothing to place, and no reason to read the queue.
+        return (candidates, Vec::new());
+    }
     let pending = state
         .pending
         .iter()

@@ -49,6 +49,10 @@ pub struct AssignOne {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Command {
+    /// Several commands in one log entry (group commit); applied in order, each on its own.
+    Batch {
+        commands: Vec<Command>,
+    },
     /// Hands out a node id that no node has had, for a node joining without one.
     ReserveNodeId,
     /// Adds a node or updates what it declares (a restarted node may change its addresses).
@@ -105,8 +109,35 @@ pub enum Command {
 }
 
 impl Command {
+    /// A cheap upper estimate of the command's encoded size, for bounding batches.
+    pub fn approximate_bytes(&self) -> usize {
+        const FIXED_BYTES: usize = 128;
+        FIXED_BYTES
+            + match self {
+                Command::CreateAgent { spec, .. } => {
+                    spec.name.len()
+                        + spec.prompt.len()
+                        + spec.repository.len()
+                        + spec.base_branch.len()
+                        + spec.work_branch.len()
+                        + spec.model.len()
+                        + spec.team.len()
+                        + spec.region.as_ref().map_or(0, String::len)
+                }
+                Command::FollowUp { text, .. } => text.len(),
+                Command::SetAgentStatus {
+                    reason, summary, error, ..
+                } => reason.len() + summary.as_ref().map_or(0, String::len) + error.as_ref().map_or(0, String::len),
+                Command::StopAgent { reason, .. } => reason.len(),
+                Command::AssignAgents { assignments } => assignments.len() * 48,
+                Command::Batch { commands } => commands.iter().map(Command::approximate_bytes).sum(),
+                _ => 0,
+            }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
+            Command::Batch { .. } => "batch",
             Command::ReserveNodeId => "reserve-node-id",
             Command::RegisterNode { .. } => "register-node",
             Command::RemoveNode { .. } => "remove-node",
@@ -148,6 +179,8 @@ pub enum ApplyError {
         found: Epoch,
         node: NodeId,
     },
+    #[error("a batch cannot contain another batch")]
+    NestedBatch,
     #[error("agent {agent} has {limit} follow-ups already, the most it keeps")]
     TooManyFollowUps { agent: AgentId, limit: usize },
 }
@@ -165,6 +198,7 @@ pub enum Response {
     Assigned(Vec<AgentId>),
     Node(NodeRecord),
     NodeId(NodeId),
+    Batch(Vec<ApplyResult>),
     /// The agents a node-down sent back to pending.
     Requeued(Vec<AgentId>),
 }

@@ -19,6 +19,21 @@ use crate::{ApplyResult, NodeAddr, NodeId, Raft, TypeConfig};
 
 /// How long a write keeps trying (leader elections, forwarding) before it gives up.
 pub const WRITE_DEADLINE_MS: u64 = 10_000;
+/// Writes waiting for the next batch; callers wait for room beyond this.
+pub const WRITE_QUEUE_CAPACITY: usize = 8_192;
+/// Most commands in one log entry.
+pub const MAX_BATCH_COMMANDS: usize = 1_024;
+/// Most (estimated) bytes in one log entry.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Batches proposed and not yet answered; more writes wait and join a later, larger batch.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// Log entries per replication message (each at most `MAX_BATCH_BYTES`).
+pub const MAX_ENTRIES_PER_APPEND: u64 = 32;
+
+struct PendingWrite {
+    command: Command,
+    reply: tokio::sync::oneshot::Sender<Result<Response, WriteError>>,
+}
 
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
@@ -59,9 +74,21 @@ pub enum ReplicaError {
     Start(String),
     #[error("membership change failed: {0}")]
     Membership(String),
+    /// This node stopped being the leader during the change; ask the leader.
+    #[error("this node is not the raft leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
 }
 
-#[derive(Debug, thiserror::Error)]
+fn membership_error(error: RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>) -> ReplicaError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => ReplicaError::NotLeader {
+            leader: forward.leader_id,
+        },
+        other => ReplicaError::Membership(other.to_string()),
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum WriteError {
     /// The state machine refused the command; nothing changed.
     #[error(transparent)]
@@ -93,6 +120,7 @@ struct Inner {
     log: LogStore,
     machine: StateMachineStore,
     peers: Peers,
+    writes: tokio::sync::mpsc::Sender<PendingWrite>,
 }
 
 impl Replica {
@@ -113,7 +141,7 @@ impl Replica {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_logs),
             max_in_snapshot_log_to_keep: config.logs_kept_after_snapshot,
             snapshot_max_chunk_size: 4 * 1024 * 1024,
-            max_payload_entries: 1_000,
+            max_payload_entries: MAX_ENTRIES_PER_APPEND,
             ..Default::default()
         }
         .validate()
@@ -129,16 +157,18 @@ impl Replica {
         )
         .await
         .map_err(|error| ReplicaError::Start(error.to_string()))?;
-        Ok(Replica {
-            inner: Arc::new(Inner {
-                node_id: config.node_id,
-                raft,
-                reader,
-                log,
-                machine,
-                peers,
-            }),
-        })
+        let (writes, queued) = tokio::sync::mpsc::channel(WRITE_QUEUE_CAPACITY);
+        let inner = Arc::new(Inner {
+            node_id: config.node_id,
+            raft,
+            reader,
+            log,
+            machine,
+            peers,
+            writes,
+        });
+        tokio::spawn(batch_writes(Arc::downgrade(&inner), queued));
+        Ok(Replica { inner })
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -238,10 +268,50 @@ impl Replica {
         }
     }
 
-    /// Writes a command through Raft and returns the state machine's answer. A follower forwards
-    /// the write to the leader. Retries through elections until [`WRITE_DEADLINE_MS`].
+    /// Writes a command through Raft and returns the state machine's answer once it is
+    /// committed and applied. Concurrent writes are grouped into one log entry (group commit:
+    /// one append and one fsync for the whole group). A follower forwards the group to the
+    /// leader. Retries through elections until [`WRITE_DEADLINE_MS`].
     pub async fn write(&self, command: Command) -> Result<Response, WriteError> {
-        self.write_request(Request::new(command)).await
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.inner
+            .writes
+            .send(PendingWrite { command, reply })
+            .await
+            .map_err(|_| WriteError::Fatal("the write batcher has stopped".to_string()))?;
+        answer
+            .await
+            .map_err(|_| WriteError::Fatal("the write batcher dropped a write".to_string()))?
+    }
+
+    async fn commit_batch(&self, mut batch: Vec<PendingWrite>) {
+        if batch.len() == 1 {
+            let write = batch.pop().expect("one write");
+            let result = self.write_request(Request::new(write.command)).await;
+            let _ = write.reply.send(result);
+            return;
+        }
+        let (commands, replies): (Vec<Command>, Vec<_>) =
+            batch.into_iter().map(|write| (write.command, write.reply)).unzip();
+        let count = commands.len();
+        match self.write_request(Request::new(Command::Batch { commands })).await {
+            Ok(Response::Batch(results)) if results.len() == count => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result.map_err(WriteError::Refused));
+                }
+            }
+            Ok(other) => {
+                let error = WriteError::Fatal(format!("a batch of {count} was answered with {other:?}"));
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+            Err(error) => {
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
     }
 
     pub async fn write_request(&self, request: Request) -> Result<Response, WriteError> {
@@ -349,7 +419,7 @@ impl Replica {
                 .raft
                 .add_learner(node, address.clone(), true)
                 .await
-                .map_err(|error| ReplicaError::Membership(error.to_string()))?;
+                .map_err(membership_error)?;
         } else if self.member_address(node).as_ref() != Some(&address) {
             // A member that restarted on new addresses: update its node record in the membership.
             let mut nodes = std::collections::BTreeMap::new();
@@ -358,7 +428,7 @@ impl Replica {
                 .raft
                 .change_membership(ChangeMembers::SetNodes(nodes), false)
                 .await
-                .map_err(|error| ReplicaError::Membership(error.to_string()))?;
+                .map_err(membership_error)?;
         }
         let voters = self.voter_ids();
         let make_voter = voter || voters.len() < max_voters;
@@ -369,7 +439,7 @@ impl Replica {
                 .raft
                 .change_membership(ChangeMembers::AddVoterIds(add), false)
                 .await
-                .map_err(|error| ReplicaError::Membership(error.to_string()))?;
+                .map_err(membership_error)?;
             return Ok(true);
         }
         Ok(voters.contains(&node))
@@ -384,19 +454,52 @@ impl Replica {
                 .raft
                 .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
                 .await
-                .map_err(|error| ReplicaError::Membership(error.to_string()))?;
+                .map_err(membership_error)?;
         }
         if self.member_ids().contains(&node) {
             self.inner
                 .raft
                 .change_membership(ChangeMembers::RemoveNodes(ids), false)
                 .await
-                .map_err(|error| ReplicaError::Membership(error.to_string()))?;
+                .map_err(membership_error)?;
         }
         Ok(())
     }
 
     pub async fn shutdown(&self) {
         let _ = self.inner.raft.shutdown().await;
+    }
+}
+
+/// Drains queued writes into batches. A new batch starts as soon as one of the
+/// `MAX_BATCHES_IN_FLIGHT` slots frees up, taking everything that queued meanwhile.
+async fn batch_writes(replica: std::sync::Weak<Inner>, mut queued: tokio::sync::mpsc::Receiver<PendingWrite>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queued.recv().await else {
+            return;
+        };
+        let mut bytes = first.command.approximate_bytes();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+            match queued.try_recv() {
+                Ok(next) => {
+                    bytes += next.command.approximate_bytes();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = replica.upgrade() else {
+            return;
+        };
+        let replica = Replica { inner };
+        tokio::spawn(async move {
+            let _slot = slot;
+            replica.commit_batch(batch).await;
+        });
     }
 }

@@ -119,8 +119,21 @@ pub fn apply(state: &mut ClusterState, changes: &mut Changes, request: &Request)
             supported: COMMAND_VERSION,
         });
     }
-    let at_ms = request.at_ms;
     match &request.command {
+        Command::Batch { commands } => Ok(Response::Batch(
+            commands
+                .iter()
+                .map(|command| apply_command(state, changes, request.at_ms, command))
+                .collect(),
+        )),
+        command => apply_command(state, changes, request.at_ms, command),
+    }
+}
+
+/// Applies one command; each command of a batch succeeds or is refused on its own.
+fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, command: &Command) -> ApplyResult {
+    match command {
+        Command::Batch { .. } => Err(ApplyError::NestedBatch),
         Command::ReserveNodeId => {
             let highest = state
                 .nodes
@@ -762,6 +775,35 @@ mod tests {
         assert!(agent.assignment.is_none());
         assert_eq!(agent.epoch, Epoch(1));
         assert!(state.pending.contains(&id));
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_on_its_own() {
+        let mut state = with_nodes(1);
+        let id = AgentId::new();
+        let result = run(
+            &mut state,
+            Command::Batch {
+                commands: vec![
+                    Command::CreateAgent { id, spec: spec("a") },
+                    Command::CreateAgent { id, spec: spec("a") },
+                    Command::StopAgent {
+                        agent: id,
+                        reason: "r".into(),
+                    },
+                    Command::Batch { commands: vec![] },
+                ],
+            },
+        )
+        .unwrap();
+        let Response::Batch(results) = result else {
+            panic!("a batch answers with a batch");
+        };
+        assert!(matches!(results[0], Ok(Response::Agent(_))));
+        assert_eq!(results[1], Err(ApplyError::AgentExists(id)));
+        assert!(matches!(results[2], Ok(Response::Agent(_))));
+        assert_eq!(results[3], Err(ApplyError::NestedBatch));
+        assert_eq!(state.agents[&id].status, AgentStatus::Stopped);
     }
 
     #[test]

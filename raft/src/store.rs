@@ -2,9 +2,10 @@
 //! implementations over one database (separate column families), so that a log flush and a
 //! state-machine write share one write-ahead log.
 //!
-//! Log entries are written with `sync = true`: an entry is durable before openraft is told it is
-//! flushed, and so before any client is answered. openraft hands `append` every entry that
-//! queued up while the previous flush ran, so one fsync covers a whole batch (group commit).
+//! Log entries are written to RocksDB at once (readable for replication) and made durable by a
+//! flusher thread that syncs the write-ahead log and only then tells openraft they are flushed,
+//! so no client is answered before its entry is on disk. Every append that arrives while a sync
+//! runs is covered by the next one: one fsync per group of appends (group commit).
 //!
 //! The state machine keeps the whole [`ClusterState`] in memory for reads and writes every
 //! record an entry touched to RocksDB in the same batch as the applied log id (unsynced: the log
@@ -87,7 +88,8 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     })?;
     let db = Arc::new(db);
     let machine = StateMachineStore::load(db.clone())?;
-    Ok((LogStore { db }, machine))
+    let flusher = spawn_flusher(db.clone())?;
+    Ok((LogStore { db, flusher }, machine))
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -112,6 +114,32 @@ fn any(error: impl std::error::Error + 'static) -> AnyError {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    flusher: std::sync::mpsc::SyncSender<LogFlushed<TypeConfig>>,
+}
+
+/// Appends waiting for the flusher's next sync; `append` waits for room beyond this.
+pub const MAX_APPENDS_AWAITING_SYNC: usize = 4096;
+
+/// Starts the thread that syncs the WAL for groups of appends and then acknowledges them.
+fn spawn_flusher(db: Arc<DB>) -> Result<std::sync::mpsc::SyncSender<LogFlushed<TypeConfig>>, OpenError> {
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<LogFlushed<TypeConfig>>(MAX_APPENDS_AWAITING_SYNC);
+    std::thread::Builder::new()
+        .name("raft-log-flusher".to_string())
+        .spawn(move || {
+            while let Ok(first) = receiver.recv() {
+                let mut group = vec![first];
+                group.extend(receiver.try_iter());
+                let synced = db.flush_wal(true).map_err(|error| error.to_string());
+                for callback in group {
+                    callback.log_io_completed(synced.clone().map_err(std::io::Error::other));
+                }
+            }
+        })
+        .map_err(|error| OpenError::Database {
+            dir: String::new(),
+            message: format!("cannot start the log flusher thread: {error}"),
+        })?;
+    Ok(sender)
 }
 
 impl LogStore {
@@ -235,21 +263,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             batch.put_cf(cf, log_key(entry.log_id.index), encode(&entry));
         }
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        let db = self.db.clone();
-        // The fsync blocks; keep it off the async worker's hot path.
-        let result = tokio::task::block_in_place(|| db.write_opt(batch, &options));
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(error) => {
-                callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
-                Err(StorageIOError::write_logs(any(error)).into())
-            }
-        }
+        // Written unsynced (and so readable for replication at once); the flusher syncs the WAL
+        // and only then reports the entries flushed.
+        self.db
+            .write(batch)
+            .map_err(|error| StorageIOError::write_logs(any(error)))?;
+        let flusher = self.flusher.clone();
+        tokio::task::block_in_place(|| flusher.send(callback))
+            .map_err(|_| StorageIOError::write_logs(AnyError::error("the log flusher thread has stopped")))?;
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use flotilla_proto::v1;
-use flotilla_tests::{agent_client, cluster_client, wait_for, ClusterOptions, TestCluster};
+use flotilla_tests::{agent_client, cluster_client, invariants, wait_for, ClusterOptions, TestCluster};
 
 use crate::common::{create, get, identity, DEADLINE};
 
@@ -165,4 +165,10 @@ async fn leader_loss_keeps_every_acknowledged_agent_and_a_restarted_node_catches
         .into_inner()
         .agents;
     assert_eq!(listed.len(), acknowledged.len());
+    for id in acknowledged.keys() {
+        let history = invariants::durable_history(&mut restarted_client, id)
+            .await
+            .expect("history");
+        invariants::check_agent_history(id, &history).unwrap_or_else(|violation| panic!("{violation}"));
+    }
 }

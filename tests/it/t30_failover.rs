@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use flotilla_proto::v1;
-use flotilla_tests::{agent_client, wait_for, ClusterOptions, TestCluster};
+use flotilla_tests::{agent_client, invariants, wait_for, ClusterOptions, TestCluster};
 
 use crate::common::{create, DEADLINE};
 
@@ -140,4 +140,11 @@ async fn agents_of_a_killed_node_are_reassigned_with_a_higher_epoch() {
         .find(|member| member.id == victim)
         .expect("still a member");
     assert!(!victim_member.up, "the killed node is marked down");
+
+    // Every agent's history holds up: no gap, epochs only rise, only the owner writes.
+    let mut client = agent_client(&endpoint, &token).await;
+    for id in before.keys() {
+        let history = invariants::durable_history(&mut client, id).await.expect("history");
+        invariants::check_agent_history(id, &history).unwrap_or_else(|violation| panic!("{violation}"));
+    }
 }

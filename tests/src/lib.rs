@@ -10,6 +10,8 @@
 //! Tests wait for conditions with [`wait_for`], never with a sleep: a sleep is either too
 //! short on a loaded two-core machine or wasted time everywhere else.
 
+pub mod invariants;
+
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::future::Future;

@@ -88,6 +88,24 @@ impl ClusterApi {
         Ok(Some(ClusterServiceClient::new(channel)))
     }
 
+    /// Runs a leader-only step, here or forwarded, again while leadership is moving.
+    async fn on_leader<F, Fut>(&self, step: F) -> Result<(), Status>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
+        loop {
+            match step().await {
+                Err(status) if retryable(&status) && tokio::time::Instant::now() < deadline => {
+                    let mut metrics = self.replica.raft().metrics();
+                    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), metrics.changed()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn require_node(&self, node: u64) -> Result<(), Status> {
         if node == 0 {
             return Err(Status::invalid_argument("node_id: required"));
@@ -103,12 +121,26 @@ impl ClusterApi {
     }
 }
 
+/// How long a membership call keeps looking for the leader through elections.
+const LEADER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn retryable(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+}
+
 fn pass_on<T: Clone>(request: &Request<T>) -> Request<T> {
     let mut forwarded = Request::new(request.get_ref().clone());
     if let Some(value) = request.metadata().get("authorization") {
         forwarded.metadata_mut().insert("authorization", value.clone());
     }
     forwarded
+}
+
+fn membership_status(error: flotilla_raft::replica::ReplicaError) -> Status {
+    match error {
+        flotilla_raft::replica::ReplicaError::NotLeader { .. } => Status::unavailable(error.to_string()),
+        other => Status::failed_precondition(other.to_string()),
+    }
 }
 
 #[tonic::async_trait]
@@ -124,17 +156,20 @@ impl ClusterService for ClusterApi {
         require_admin(&request)?;
         let node = request.get_ref().node_id;
         self.require_node(node)?;
-        if let Some(mut leader) = self.leader_client()? {
-            return leader.add_node(pass_on(&request)).await;
-        }
-        let address = self
-            .replica
-            .member_address(node)
-            .ok_or_else(|| Status::failed_precondition(format!("node {node} is registered but not a raft member")))?;
-        self.replica
-            .add_member(node, address, request.get_ref().voter, super::MAX_VOTERS)
-            .await
-            .map_err(|error| Status::failed_precondition(error.to_string()))?;
+        self.on_leader(|| async {
+            if let Some(mut leader) = self.leader_client()? {
+                return leader.add_node(pass_on(&request)).await.map(|_| ());
+            }
+            let address = self.replica.member_address(node).ok_or_else(|| {
+                Status::failed_precondition(format!("node {node} is registered but not a raft member"))
+            })?;
+            self.replica
+                .add_member(node, address, request.get_ref().voter, super::MAX_VOTERS)
+                .await
+                .map(|_| ())
+                .map_err(membership_status)
+        })
+        .await?;
         Ok(tonic::Response::new(self.describe()))
     }
 
@@ -145,19 +180,19 @@ impl ClusterService for ClusterApi {
         require_admin(&request)?;
         let node = request.get_ref().node_id;
         self.require_node(node)?;
-        if let Some(mut leader) = self.leader_client()? {
-            return leader.remove_node(pass_on(&request)).await;
-        }
-        let voters = self.replica.voter_ids();
-        if voters.len() == 1 && voters.contains(&node) {
-            return Err(Status::failed_precondition(format!(
-                "node {node} is the only voter; add another voter first"
-            )));
-        }
-        self.replica
-            .remove_member(node)
-            .await
-            .map_err(|error| Status::failed_precondition(error.to_string()))?;
+        self.on_leader(|| async {
+            if let Some(mut leader) = self.leader_client()? {
+                return leader.remove_node(pass_on(&request)).await.map(|_| ());
+            }
+            let voters = self.replica.voter_ids();
+            if voters.len() == 1 && voters.contains(&node) {
+                return Err(Status::failed_precondition(format!(
+                    "node {node} is the only voter; add another voter first"
+                )));
+            }
+            self.replica.remove_member(node).await.map_err(membership_status)
+        })
+        .await?;
         self.replica
             .write(Command::RemoveNode { node })
             .await

@@ -47,7 +47,7 @@ pub fn write_status(error: WriteError) -> Status {
             match refusal {
                 ApplyError::AgentNotFound(_) | ApplyError::NodeNotFound(_) => Status::not_found(message),
                 ApplyError::AgentExists(_) => Status::already_exists(message),
-                ApplyError::InvalidState { .. } | ApplyError::UnsupportedVersion { .. } => {
+                ApplyError::InvalidState { .. } | ApplyError::UnsupportedVersion { .. } | ApplyError::NestedBatch => {
                     Status::failed_precondition(message)
                 }
                 ApplyError::Fenced { .. } => Status::aborted(message),
@@ -411,9 +411,14 @@ async fn serve(
             internal_service,
             cluster_auth,
         ))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-            let _ = shutdown.await;
-        })
+        .serve_with_incoming_shutdown(
+            // Accepted sockets need TCP_NODELAY themselves: without it a small Raft message
+            // waits for the peer's delayed ACK (about 40 ms).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = shutdown.await;
+            },
+        )
         .await?;
     Ok(())
 }
