@@ -10,5 +10,6 @@ pub mod agent;
 pub mod follow;
 pub mod liveness;
 pub mod mesh;
+pub mod repo;
 pub mod scheduler;
 pub mod supervisor;
