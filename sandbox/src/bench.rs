@@ -1,0 +1,201 @@
+//! Machine start figures for `flotilla bench machines`: time from `create` to the first
+//! command's output, warm (the install snapshot exists) and cold (the install runs first).
+//! Prints figures; asserts nothing about time.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::bwrap::{BwrapConfig, BwrapDriver, DiskBacking};
+use crate::driver::{BaseImage, ExecRequest, MachineDriver, MachineSpec};
+use crate::environment::EnvironmentConfig;
+use crate::error::{Result, SandboxError};
+use crate::snapshot::{InstallRequest, SnapshotCache};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(samples_ms: &[f64]) -> Option<Self> {
+        if samples_ms.is_empty() {
+            return None;
+        }
+        let mut sorted = samples_ms.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let rank = |quantile: f64| {
+            let index = ((quantile * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+            sorted[index]
+        };
+        Some(Percentiles {
+            count: sorted.len(),
+            p50_ms: rank(0.50),
+            p99_ms: rank(0.99),
+            min_ms: sorted[0],
+            max_ms: sorted[sorted.len() - 1],
+            mean_ms: sorted.iter().sum::<f64>() / sorted.len() as f64,
+        })
+    }
+}
+
+impl fmt::Display for Percentiles {
+    fn fmt(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            formatter,
+            "n={} p50 {:.1} ms  p99 {:.1} ms  min {:.1} ms  max {:.1} ms  mean {:.1} ms",
+            self.count, self.p50_ms, self.p99_ms, self.min_ms, self.max_ms, self.mean_ms
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartFigures {
+    pub cgroup_version: &'static str,
+    pub disk: DiskBacking,
+    /// create → first command's output, from an existing snapshot.
+    pub warm_start: Option<Percentiles>,
+    /// The two parts of a warm start: `create` returning (layers mounted, init ready) ...
+    pub create: Option<Percentiles>,
+    /// ... and the first command (`cat` of a file from the snapshot) entering and running.
+    pub first_command: Option<Percentiles>,
+    /// destroy after a warm start.
+    pub teardown: Option<Percentiles>,
+    /// install (snapshot build) → create → first command's output.
+    pub cold_start: Option<Percentiles>,
+}
+
+impl fmt::Display for StartFigures {
+    fn fmt(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        writeln!(
+            formatter,
+            "bwrap machines (host base image, cgroup {}, disk {:?})",
+            self.cgroup_version, self.disk
+        )?;
+        let line = |label: &str, figures: &Option<Percentiles>| match figures {
+            Some(figures) => format!("{label:<12} {figures}"),
+            None => format!("{label:<12} not measured"),
+        };
+        writeln!(formatter, "{}", line("warm start", &self.warm_start))?;
+        writeln!(formatter, "{}", line("  create", &self.create))?;
+        writeln!(formatter, "{}", line("  first cmd", &self.first_command))?;
+        writeln!(formatter, "{}", line("teardown", &self.teardown))?;
+        writeln!(formatter, "{}", line("cold start", &self.cold_start))
+    }
+}
+
+/// Starts `warm_starts` machines from one install snapshot and `cold_starts` machines whose
+/// install runs first, one at a time, under `root` (a scratch directory; needs root).
+pub async fn bench_machine_starts(
+    root: &Path,
+    disk: DiskBacking,
+    warm_starts: usize,
+    cold_starts: usize,
+) -> Result<StartFigures> {
+    let mut config = BwrapConfig::new(root.join("driver"));
+    config.disk = disk;
+    let driver = Arc::new(BwrapDriver::new(config)?);
+    let base = driver.prepare_base(BaseImage::Host).await?;
+    let workspace = root.join("workspace");
+    std::fs::create_dir_all(&workspace).map_err(|error| SandboxError::io("create", &workspace, error))?;
+    std::fs::write(workspace.join("README"), "bench\n")
+        .map_err(|error| SandboxError::io("write", &workspace, error))?;
+    let cache = SnapshotCache::new(driver.clone(), driver.snapshots_dir())?;
+    let install_config = |marker: &str| EnvironmentConfig {
+        install: Some(format!(
+            "mkdir -p /opt/bench && echo {marker} > /opt/bench/marker && mkdir -p deps && echo x > deps/x"
+        )),
+        ..EnvironmentConfig::default()
+    };
+
+    let mut cold_ms = Vec::with_capacity(cold_starts);
+    for _ in 0..cold_starts {
+        let started = Instant::now();
+        let request = InstallRequest::new(
+            format!("bench-cold-{}", ulid::Ulid::new()),
+            install_config("cold"),
+            base.clone(),
+            &workspace,
+        );
+        let snapshot = cache.get_or_build(&request).await?;
+        let mut spec = MachineSpec::new("bench-cold", base.clone(), &workspace);
+        spec.snapshot = snapshot.layer.clone();
+        let machine = driver.create(spec).await?;
+        let output = driver.exec(&machine, ExecRequest::new("cat /opt/bench/marker")).await?;
+        cold_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        driver.destroy(&machine).await?;
+        if let Some(layer) = snapshot.layer {
+            let _ = std::fs::remove_dir_all(layer.path);
+        }
+        check_output(&output, "cold")?;
+    }
+
+    let request = InstallRequest::new("bench-warm", install_config("warm"), base.clone(), &workspace);
+    let snapshot = cache.get_or_build(&request).await?;
+    let mut warm_ms = Vec::with_capacity(warm_starts);
+    let mut create_ms = Vec::with_capacity(warm_starts);
+    let mut first_command_ms = Vec::with_capacity(warm_starts);
+    let mut teardown_ms = Vec::with_capacity(warm_starts);
+    for _ in 0..warm_starts {
+        let mut spec = MachineSpec::new("bench-warm", base.clone(), &workspace);
+        spec.snapshot = snapshot.layer.clone();
+        let started = Instant::now();
+        let machine = driver.create(spec).await?;
+        let created = Instant::now();
+        let output = driver.exec(&machine, ExecRequest::new("cat /opt/bench/marker")).await?;
+        let first_output = Instant::now();
+        create_ms.push((created - started).as_secs_f64() * 1000.0);
+        first_command_ms.push((first_output - created).as_secs_f64() * 1000.0);
+        driver.destroy(&machine).await?;
+        warm_ms.push((first_output - started).as_secs_f64() * 1000.0);
+        teardown_ms.push(first_output.elapsed().as_secs_f64() * 1000.0);
+        check_output(&output, "warm")?;
+    }
+
+    Ok(StartFigures {
+        cgroup_version: driver.cgroup_version(),
+        disk,
+        warm_start: Percentiles::of(&warm_ms),
+        create: Percentiles::of(&create_ms),
+        first_command: Percentiles::of(&first_command_ms),
+        teardown: Percentiles::of(&teardown_ms),
+        cold_start: Percentiles::of(&cold_ms),
+    })
+}
+
+fn check_output(output: &crate::driver::ExecOutput, expected: &str) -> Result<()> {
+    if output.success() && output.stdout_text().trim() == expected {
+        return Ok(());
+    }
+    Err(SandboxError::HostCommand {
+        program: "bench first command".to_string(),
+        detail: format!(
+            "expected {expected:?}, got {} with {:?}",
+            output.outcome(),
+            output.last_lines(5)
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        let figures = Percentiles::of(&samples).unwrap();
+        assert_eq!(figures.p50_ms, 50.0);
+        assert_eq!(figures.p99_ms, 99.0);
+        assert_eq!(figures.min_ms, 1.0);
+        assert_eq!(figures.max_ms, 100.0);
+        assert!(Percentiles::of(&[]).is_none());
+        assert_eq!(Percentiles::of(&[7.0]).unwrap().p99_ms, 7.0);
+    }
+}

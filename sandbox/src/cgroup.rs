@@ -1,0 +1,383 @@
+//! Per-machine cgroups on v1 (memory, pids, cpu hierarchies) or v2 (one unified tree).
+//!
+//! Layout: `<parent>/<machine>` carries the limits; its processes live in leaves below it
+//! (`init`, `terminals`, `exec-N`) so that one command's whole process tree can be killed on a
+//! timeout without touching the rest of the machine. v2 forbids processes in a cgroup that has
+//! controller-enabled children, and v1 does not mind, so both use the same layout.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::error::{Result, SandboxError};
+use crate::limits::MachineLimits;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+const V1_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+/// How long teardown waits for killed processes to leave a cgroup before giving up on it.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Cgroups {
+    version: Version,
+    root: PathBuf,
+    parent: String,
+}
+
+fn cgroup_error(path: &Path, detail: impl Into<String>) -> SandboxError {
+    SandboxError::Cgroup {
+        path: path.to_path_buf(),
+        detail: detail.into(),
+    }
+}
+
+fn write_file(path: &Path, value: &str) -> Result<()> {
+    std::fs::write(path, value).map_err(|error| cgroup_error(path, format!("could not write {value:?}: {error}")))
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(cgroup_error(path, format!("could not create: {error}"))),
+    }
+}
+
+impl Cgroups {
+    /// Picks v2 when `/sys/fs/cgroup` is a unified hierarchy with the memory, pids and cpu
+    /// controllers, else v1 when those three hierarchies are mounted.
+    pub(crate) fn detect(parent: &str) -> Result<Self> {
+        let root = PathBuf::from(CGROUP_ROOT);
+        let unified_controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        let has_all = |list: &str| {
+            ["memory", "pids", "cpu"]
+                .iter()
+                .all(|name| list.split_whitespace().any(|c| c == *name))
+        };
+        let cgroups = if has_all(&unified_controllers) {
+            Cgroups {
+                version: Version::V2,
+                root,
+                parent: parent.to_string(),
+            }
+        } else if V1_CONTROLLERS
+            .iter()
+            .all(|controller| root.join(controller).join("cgroup.procs").exists())
+        {
+            Cgroups {
+                version: Version::V1,
+                root,
+                parent: parent.to_string(),
+            }
+        } else {
+            return Err(cgroup_error(
+                &root,
+                "neither a cgroup v2 hierarchy with memory, pids and cpu nor cgroup v1 memory, pids and cpu hierarchies are mounted",
+            ));
+        };
+        cgroups.prepare_parent()?;
+        Ok(cgroups)
+    }
+
+    pub(crate) fn version(&self) -> Version {
+        self.version
+    }
+
+    fn parent_dirs(&self) -> Vec<PathBuf> {
+        match self.version {
+            Version::V1 => V1_CONTROLLERS
+                .iter()
+                .map(|controller| self.root.join(controller).join(&self.parent))
+                .collect(),
+            Version::V2 => vec![self.root.join(&self.parent)],
+        }
+    }
+
+    fn prepare_parent(&self) -> Result<()> {
+        for dir in self.parent_dirs() {
+            create_dir(&dir)?;
+        }
+        if self.version == Version::V2 {
+            enable_v2_controllers(&self.root)?;
+            enable_v2_controllers(&self.root.join(&self.parent))?;
+        }
+        Ok(())
+    }
+
+    /// The cgroup of machine `machine_id` (paths only; nothing is created).
+    pub(crate) fn machine(&self, machine_id: &str) -> MachineCgroup {
+        MachineCgroup {
+            version: self.version,
+            dirs: self.parent_dirs().into_iter().map(|dir| dir.join(machine_id)).collect(),
+        }
+    }
+
+    pub(crate) fn create_machine(&self, machine_id: &str, limits: &MachineLimits) -> Result<MachineCgroup> {
+        let machine = self.machine(machine_id);
+        for dir in &machine.dirs {
+            create_dir(dir)?;
+        }
+        let result = machine.apply_limits(limits);
+        if result.is_err() {
+            machine.remove();
+        }
+        result.map(|()| machine)
+    }
+}
+
+fn enable_v2_controllers(dir: &Path) -> Result<()> {
+    let path = dir.join("cgroup.subtree_control");
+    let enabled = std::fs::read_to_string(&path).unwrap_or_default();
+    for controller in ["memory", "pids", "cpu"] {
+        if !enabled.split_whitespace().any(|name| name == controller) {
+            write_file(&path, &format!("+{controller}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct MachineCgroup {
+    version: Version,
+    /// v1: the machine's directory in the memory, pids and cpu hierarchies (in that order);
+    /// v2: its one directory.
+    dirs: Vec<PathBuf>,
+}
+
+impl MachineCgroup {
+    fn apply_limits(&self, limits: &MachineLimits) -> Result<()> {
+        match self.version {
+            Version::V1 => {
+                let (memory, pids, cpu) = (&self.dirs[0], &self.dirs[1], &self.dirs[2]);
+                write_file(&memory.join("memory.limit_in_bytes"), &limits.memory_bytes.to_string())?;
+                // Without swap accounting this file is absent; with it, swap must not widen the limit.
+                let memsw = memory.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write_file(&memsw, &limits.memory_bytes.to_string())?;
+                }
+                write_file(&pids.join("pids.max"), &limits.max_processes.to_string())?;
+                write_file(&cpu.join("cpu.shares"), &limits.cpu_weight.to_string())?;
+            }
+            Version::V2 => {
+                let dir = &self.dirs[0];
+                write_file(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+                let swap = dir.join("memory.swap.max");
+                if swap.exists() {
+                    write_file(&swap, "0")?;
+                }
+                write_file(&dir.join("pids.max"), &limits.max_processes.to_string())?;
+                write_file(&dir.join("cpu.weight"), &limits.cpu_weight_v2().to_string())?;
+                enable_v2_controllers(dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A leaf cgroup for a group of processes of this machine.
+    pub(crate) fn leaf(&self, name: &str) -> Result<Leaf> {
+        let dirs: Vec<PathBuf> = self.dirs.iter().map(|dir| dir.join(name)).collect();
+        for dir in &dirs {
+            create_dir(dir)?;
+        }
+        let procs_files = dirs
+            .iter()
+            .map(|dir| {
+                CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).expect("cgroup paths have no NUL byte")
+            })
+            .collect();
+        Ok(Leaf {
+            version: self.version,
+            dirs,
+            procs_files,
+        })
+    }
+
+    fn leaves(&self) -> Vec<Leaf> {
+        let Ok(entries) = std::fs::read_dir(&self.dirs[0]) else {
+            return Vec::new();
+        };
+        let mut leaves = Vec::new();
+        for entry in entries.flatten() {
+            if entry.file_type().map(|kind| kind.is_dir()).unwrap_or(false) {
+                if let Some(name) = entry.file_name().to_str() {
+                    let dirs = self.dirs.iter().map(|dir| dir.join(name)).collect();
+                    leaves.push(Leaf {
+                        version: self.version,
+                        dirs,
+                        procs_files: Vec::new(),
+                    });
+                }
+            }
+        }
+        leaves
+    }
+
+    /// Kills every process of the machine; the cgroups stay.
+    pub(crate) fn kill_processes(&self) {
+        for leaf in self.leaves() {
+            leaf.kill_all();
+        }
+    }
+
+    /// Kills every process of the machine and removes its cgroups. Best effort: what cannot be
+    /// removed is logged, never fatal, so teardown always goes on to the mounts.
+    pub(crate) fn remove(&self) {
+        for leaf in self.leaves() {
+            leaf.kill_all();
+            leaf.remove();
+        }
+        for dir in &self.dirs {
+            remove_dir_waiting(dir);
+        }
+    }
+}
+
+fn remove_dir_waiting(dir: &Path) {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return,
+            Err(error) if Instant::now() >= deadline => {
+                tracing::warn!(cgroup = %dir.display(), %error, "could not remove a machine cgroup");
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// A leaf cgroup: processes are put in it before they exec, and killed together.
+#[derive(Debug)]
+pub(crate) struct Leaf {
+    version: Version,
+    dirs: Vec<PathBuf>,
+    procs_files: Vec<CString>,
+}
+
+impl Leaf {
+    /// Moves the calling process into this leaf; for `pre_exec`, so it allocates nothing.
+    pub(crate) fn join_current_process(procs_files: &[CString]) -> io::Result<()> {
+        // SAFETY: getpid is async-signal-safe.
+        let pid = unsafe { libc::getpid() };
+        let mut digits = [0u8; 20];
+        let mut length = 0;
+        let mut value = pid as u32;
+        loop {
+            digits[length] = b'0' + (value % 10) as u8;
+            length += 1;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        digits[..length].reverse();
+        for file in procs_files {
+            // SAFETY: open/write/close on a valid path and buffer; all async-signal-safe.
+            unsafe {
+                let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let written = libc::write(fd, digits.as_ptr().cast(), length);
+                let error = io::Error::last_os_error();
+                libc::close(fd);
+                if written < 0 {
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel's count of this leaf's processes it killed for the machine's memory limit
+    /// (v1 counts an OOM kill only in the victim's own cgroup, so it is read per leaf).
+    pub(crate) fn oom_kill_count(&self) -> u64 {
+        let file = match self.version {
+            Version::V1 => self.dirs[0].join("memory.oom_control"),
+            Version::V2 => self.dirs[0].join("memory.events"),
+        };
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| line.split_once(' '))
+            .find(|(name, _)| *name == "oom_kill")
+            .and_then(|(_, value)| value.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn procs_files(&self) -> Vec<CString> {
+        self.procs_files.clone()
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        // v1: every process is in all three hierarchies; the pids one is the truth for "alive".
+        let dir = match self.version {
+            Version::V1 => &self.dirs[1],
+            Version::V2 => &self.dirs[0],
+        };
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.trim().parse().ok())
+            .collect()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pids().is_empty()
+    }
+
+    /// SIGKILLs every process in the leaf until it is empty (a fork bomb refills it, but the
+    /// pids limit bounds how much), or the drain deadline passes.
+    pub(crate) fn kill_all(&self) {
+        if self.version == Version::V2 {
+            let kill_file = self.dirs[0].join("cgroup.kill");
+            if kill_file.exists() && std::fs::write(&kill_file, "1").is_ok() {
+                self.wait_empty();
+                return;
+            }
+        }
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() || Instant::now() >= deadline {
+                return;
+            }
+            for pid in pids {
+                // SAFETY: sending a signal has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn wait_empty(&self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !self.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Removes the leaf if it is empty; returns whether it is gone.
+    pub(crate) fn remove_if_empty(&self) -> bool {
+        if !self.is_empty() {
+            return false;
+        }
+        self.dirs.iter().all(|dir| std::fs::remove_dir(dir).is_ok())
+    }
+
+    fn remove(&self) {
+        for dir in &self.dirs {
+            remove_dir_waiting(dir);
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! Machines for agents. Every agent works in a machine of its own: a process tree in fresh
+//! user, mount, PID, IPC, UTS and network namespaces, with no capabilities, whose filesystem is
+//! a stack of layers (base image → install snapshot → the machine's own upper layer) and whose
+//! memory, processes, CPU share, disk, command time and output are bounded. This crate sits
+//! between the actors and the host: an agent's actor asks a [`MachineDriver`] for a machine
+//! built from the repository's environment.json ([`environment`]), reuses the install snapshot
+//! from the [`snapshot`] cache, runs the agent's tools in it with [`MachineDriver::exec`], shows
+//! its terminals (tmux) to the agent and, through a PTY, to a user taking over, and destroys it
+//! when the agent is done. Model-provider calls never happen here: no key enters a machine.
+//!
+//! The driver today is [`bwrap::BwrapDriver`] (bubblewrap, overlayfs and cgroups v1 or v2).
+
+pub mod bench;
+pub mod bwrap;
+mod cgroup;
+pub mod driver;
+pub mod environment;
+pub mod error;
+mod image;
+pub mod limits;
+mod mounts;
+pub mod pty;
+pub mod snapshot;
+
+#[cfg(test)]
+mod machine_tests;
+
+pub use bwrap::{BwrapConfig, BwrapDriver, BwrapMachine, DiskBacking};
+pub use driver::{
+    boot, BaseImage, BaseLayer, BootReport, ExecOutput, ExecRequest, KilledReason, Layer, MachineDriver, MachineSpec,
+    WorkspaceMode, EGRESS_SOCKET_PATH, TERMINAL_SESSION,
+};
+pub use environment::{EnvironmentConfig, Plan, Terminal};
+pub use error::{EnvironmentError, Result, SandboxError};
+pub use limits::MachineLimits;
+pub use pty::{PtySession, PtySize};
+pub use snapshot::{InstallRequest, Snapshot, SnapshotCache};

@@ -1,0 +1,137 @@
+//! Per-machine resource limits. Memory, processes and CPU are enforced by the machine's cgroup;
+//! the disk limit is the size of the filesystem holding the machine's upper layers; the command
+//! and output limits by the driver's exec.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SandboxError};
+
+pub const MIB: u64 = 1024 * 1024;
+pub const GIB: u64 = 1024 * MIB;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MachineLimits {
+    /// Resident memory of every process in the machine together, and its tmpfs pages.
+    pub memory_bytes: u64,
+    /// Processes and threads in the machine together (cgroup `pids.max`).
+    pub max_processes: u64,
+    /// Relative CPU share in cgroup-v1 `cpu.shares` units (1024 is one normal share); converted
+    /// to `cpu.weight` on cgroup v2.
+    pub cpu_weight: u64,
+    /// Wall-clock limit of one command, unless the request sets its own.
+    pub command_timeout_ms: u64,
+    /// Captured bytes of stdout and of stderr each, unless the request sets its own.
+    pub max_output_bytes: u64,
+    /// Size of the machine's writable layers (root upper and workspace upper together).
+    pub disk_bytes: u64,
+}
+
+impl Default for MachineLimits {
+    fn default() -> Self {
+        MachineLimits {
+            memory_bytes: 2 * GIB,
+            max_processes: 512,
+            cpu_weight: 1024,
+            command_timeout_ms: 10 * 60 * 1000,
+            max_output_bytes: MIB,
+            disk_bytes: 4 * GIB,
+        }
+    }
+}
+
+/// Smallest values a machine can usefully run with; below them a shell and tmux do not start.
+pub const MIN_MEMORY_BYTES: u64 = 16 * MIB;
+pub const MIN_PROCESSES: u64 = 8;
+pub const MIN_DISK_BYTES: u64 = MIB;
+
+impl MachineLimits {
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |field: &'static str, detail: String| Err(SandboxError::InvalidLimit { field, detail });
+        if self.memory_bytes < MIN_MEMORY_BYTES {
+            return invalid(
+                "memory_bytes",
+                format!("{} is below the minimum {MIN_MEMORY_BYTES}", self.memory_bytes),
+            );
+        }
+        if self.max_processes < MIN_PROCESSES {
+            return invalid(
+                "max_processes",
+                format!("{} is below the minimum {MIN_PROCESSES}", self.max_processes),
+            );
+        }
+        if !(2..=262_144).contains(&self.cpu_weight) {
+            return invalid("cpu_weight", format!("{} is outside 2..=262144", self.cpu_weight));
+        }
+        if self.command_timeout_ms == 0 {
+            return invalid("command_timeout_ms", "must be above zero".to_string());
+        }
+        if self.max_output_bytes == 0 {
+            return invalid("max_output_bytes", "must be above zero".to_string());
+        }
+        if self.disk_bytes < MIN_DISK_BYTES {
+            return invalid(
+                "disk_bytes",
+                format!("{} is below the minimum {MIN_DISK_BYTES}", self.disk_bytes),
+            );
+        }
+        Ok(())
+    }
+
+    /// cgroup v2 `cpu.weight` (1..=10000) for these v1 shares, the conversion systemd and runc use.
+    pub fn cpu_weight_v2(&self) -> u64 {
+        1 + (self.cpu_weight.clamp(2, 262_144) - 2) * 9999 / 262_142
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let limits = MachineLimits::default();
+        limits.validate().unwrap();
+        assert_eq!(limits.memory_bytes, 2 * GIB);
+        assert_eq!(limits.command_timeout_ms, 600_000);
+    }
+
+    #[test]
+    fn too_small_limits_are_refused_by_name() {
+        let limits = MachineLimits {
+            max_processes: 1,
+            ..MachineLimits::default()
+        };
+        let error = limits.validate().unwrap_err().to_string();
+        assert!(error.contains("max_processes"), "{error}");
+        let limits = MachineLimits {
+            command_timeout_ms: 0,
+            ..MachineLimits::default()
+        };
+        assert!(limits
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("command_timeout_ms"));
+    }
+
+    #[test]
+    fn cpu_weight_converts_to_v2() {
+        let mut limits = MachineLimits {
+            cpu_weight: 2,
+            ..MachineLimits::default()
+        };
+        assert_eq!(limits.cpu_weight_v2(), 1);
+        limits.cpu_weight = 262_144;
+        assert_eq!(limits.cpu_weight_v2(), 10_000);
+        limits.cpu_weight = 1024;
+        assert_eq!(limits.cpu_weight_v2(), 39);
+    }
+
+    #[test]
+    fn partial_json_takes_defaults() {
+        let limits: MachineLimits = serde_json::from_str(r#"{"memory_bytes": 1073741824}"#).unwrap();
+        assert_eq!(limits.memory_bytes, GIB);
+        assert_eq!(limits.max_processes, 512);
+    }
+}

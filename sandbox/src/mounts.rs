@@ -1,0 +1,163 @@
+//! Thin wrappers over mount(2) and umount2(2) for the driver's layer mounts. They are made in
+//! the node's mount namespace (the driver runs as root), so bubblewrap only binds finished trees.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, SandboxError};
+
+fn c_path(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| SandboxError::InvalidSpec {
+        detail: format!("path {} contains a NUL byte", path.display()),
+    })
+}
+
+fn c_text(text: &str) -> Result<CString> {
+    CString::new(text).map_err(|_| SandboxError::InvalidSpec {
+        detail: format!("{text:?} contains a NUL byte"),
+    })
+}
+
+fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong, options: &str) -> Result<()> {
+    let (source_c, target_c, fstype_c, options_c) =
+        (c_text(source)?, c_path(target)?, c_text(fstype)?, c_text(options)?);
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
+    let result = unsafe {
+        libc::mount(
+            source_c.as_ptr(),
+            target_c.as_ptr(),
+            fstype_c.as_ptr(),
+            flags,
+            options_c.as_ptr().cast(),
+        )
+    };
+    if result != 0 {
+        let error = io::Error::last_os_error();
+        return Err(SandboxError::Mount {
+            target: target.to_path_buf(),
+            detail: format!("{fstype} with options {options:?}: {error}"),
+        });
+    }
+    Ok(())
+}
+
+/// A size-limited tmpfs: the disk of a machine's writable layers. Its pages are charged to the
+/// memory cgroup of the process that writes them, so it is bounded twice.
+pub(crate) fn mount_tmpfs(target: &Path, size_bytes: u64, max_inodes: u64) -> Result<()> {
+    let options = format!("size={size_bytes},nr_inodes={max_inodes},mode=0755");
+    mount("tmpfs", target, "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, &options)
+}
+
+/// An ext4 image attached through a loop device (`mount -o loop` does the attaching).
+pub(crate) fn mount_ext4_image(image: &Path, target: &Path) -> Result<()> {
+    let output = std::process::Command::new("mount")
+        .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noatime"])
+        .arg(image)
+        .arg(target)
+        .output()
+        .map_err(|error| SandboxError::io("run mount for", image, error))?;
+    if !output.status.success() {
+        return Err(SandboxError::Mount {
+            target: target.to_path_buf(),
+            detail: format!(
+                "ext4 image {}: {}",
+                image.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Escapes the characters overlayfs's option parser treats specially.
+fn escape_overlay_path(path: &Path) -> Result<String> {
+    let text = path.to_str().ok_or_else(|| SandboxError::InvalidSpec {
+        detail: format!("path {} is not UTF-8", path.display()),
+    })?;
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        if matches!(character, ',' | ':' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(character);
+    }
+    Ok(escaped)
+}
+
+/// Overlay with `lowers` from top to bottom.
+pub(crate) fn mount_overlay(target: &Path, lowers: &[PathBuf], upper: &Path, work: &Path) -> Result<()> {
+    let mut lower_option = String::new();
+    for (index, lower) in lowers.iter().enumerate() {
+        if index > 0 {
+            lower_option.push(':');
+        }
+        lower_option.push_str(&escape_overlay_path(lower)?);
+    }
+    let options = format!(
+        "lowerdir={lower_option},upperdir={},workdir={}",
+        escape_overlay_path(upper)?,
+        escape_overlay_path(work)?
+    );
+    mount("overlay", target, "overlay", libc::MS_NOSUID | libc::MS_NODEV, &options)
+}
+
+/// Unmounts `target`; a target that is not mounted (or gone) is fine. A busy one is detached.
+pub(crate) fn unmount(target: &Path) -> Result<()> {
+    let target_c = c_path(target)?;
+    // SAFETY: a valid NUL-terminated path.
+    let result = unsafe { libc::umount2(target_c.as_ptr(), libc::UMOUNT_NOFOLLOW) };
+    if result == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+        Some(libc::EBUSY) => {
+            // SAFETY: as above.
+            let detached = unsafe { libc::umount2(target_c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
+            if detached == 0 {
+                Ok(())
+            } else {
+                Err(SandboxError::Mount {
+                    target: target.to_path_buf(),
+                    detail: format!("unmount: {}", io::Error::last_os_error()),
+                })
+            }
+        }
+        _ => Err(SandboxError::Mount {
+            target: target.to_path_buf(),
+            detail: format!("unmount: {error}"),
+        }),
+    }
+}
+
+/// Whether anything is mounted exactly at `target` (from /proc/self/mountinfo).
+pub(crate) fn is_mount_point(target: &Path) -> bool {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let Some(target) = target.to_str() else {
+        return false;
+    };
+    let encoded = target
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    mountinfo
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some(encoded.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_paths_are_escaped() {
+        assert_eq!(escape_overlay_path(Path::new("/a,b:c\\d")).unwrap(), "/a\\,b\\:c\\\\d");
+        assert_eq!(escape_overlay_path(Path::new("/plain/path")).unwrap(), "/plain/path");
+    }
+}
