@@ -4,6 +4,7 @@
 //! under an epoch that is not its own, and the state machine refuses its writes if it tries.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use flotilla_proto::v1;
 use flotilla_raft::{AgentId, AgentStatus, ApplyError, Command, Epoch, NodeId, Replica, WriteError};
@@ -11,7 +12,9 @@ use prost::Message as _;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::follow::AppliedFollower;
+use crate::machine::{MachineHost, Provisioned, RunningMachine};
 use crate::mesh::Mesh;
+use crate::repo::{RepoMsg, Repos};
 
 /// Restarts of one agent's actor before the agent is failed.
 pub const MAX_AGENT_ACTOR_RESTARTS: u32 = 3;
@@ -42,6 +45,8 @@ pub enum AgentMsg {
     Start,
     /// Tell every watcher where the agent stands (sent when a watcher joins).
     Announce,
+    /// The provisioning task finished.
+    Provisioned(Result<Provisioned, String>),
 }
 
 impl ractor::Message for AgentMsg {}
@@ -51,10 +56,15 @@ pub struct AgentArgs {
     pub epoch: Epoch,
     pub replica: Replica,
     pub mesh: Mesh,
+    pub machines: Arc<MachineHost>,
+    pub supervisor: ActorRef<AgentSupervisorMsg>,
 }
 
 pub struct AgentState {
     args: AgentArgs,
+    /// Provisioning runs off the actor so that it keeps answering while a machine boots.
+    provisioning: Option<tokio::task::JoinHandle<()>>,
+    machine: Option<Arc<RunningMachine>>,
 }
 
 impl AgentState {
@@ -80,7 +90,11 @@ impl Actor for AgentActor {
     async fn pre_start(&self, myself: ActorRef<AgentMsg>, args: AgentArgs) -> Result<AgentState, ActorProcessingErr> {
         ractor::pg::monitor(crate::mesh::live_group_name(&args.agent.to_string()), myself.get_cell());
         myself.cast(AgentMsg::Start)?;
-        Ok(AgentState { args })
+        Ok(AgentState {
+            args,
+            provisioning: None,
+            machine: None,
+        })
     }
 
     async fn handle(
@@ -125,6 +139,42 @@ impl Actor for AgentActor {
                     state.args.replica.node_id(),
                     state.args.epoch
                 ));
+                state.provisioning = Some(spawn_provisioning(&state.args, myself.clone()));
+            }
+            AgentMsg::Provisioned(Ok(provisioned)) => {
+                state.provisioning = None;
+                let machine = provisioned.machine.clone();
+                state.machine = Some(machine);
+                if provisioned.snapshot_used {
+                    record_snapshot(&state.args).await;
+                }
+                let reason = format!(
+                    "machine ready in {} ms on node {}",
+                    provisioned.elapsed_ms,
+                    state.args.replica.node_id()
+                );
+                match set_status(&state.args, AgentStatus::Running, reason.clone(), None).await {
+                    Ok(()) => state.announce(reason),
+                    Err(WriteError::Refused(ApplyError::Fenced { .. } | ApplyError::InvalidState { .. })) => {
+                        myself.stop(Some("superseded".to_string()));
+                    }
+                    Err(error) => return Err(Box::new(error)),
+                }
+            }
+            AgentMsg::Provisioned(Err(error)) => {
+                state.provisioning = None;
+                tracing::warn!(agent = %state.args.agent, %error, "provisioning failed");
+                match set_status(
+                    &state.args,
+                    AgentStatus::Failed,
+                    "provisioning failed".to_string(),
+                    Some(error),
+                )
+                .await
+                {
+                    Ok(()) | Err(WriteError::Refused(_)) => {}
+                    Err(error) => return Err(Box::new(error)),
+                }
             }
             AgentMsg::Announce => {
                 let status = state
@@ -163,8 +213,84 @@ impl Actor for AgentActor {
             crate::mesh::live_group_name(&state.args.agent.to_string()),
             myself.get_id(),
         );
+        if let Some(task) = state.provisioning.take() {
+            task.abort();
+        }
+        state.machine = None;
+        state.args.machines.release(state.args.agent).await;
         Ok(())
     }
+}
+
+async fn set_status(
+    args: &AgentArgs,
+    status: AgentStatus,
+    reason: String,
+    error: Option<String>,
+) -> Result<(), WriteError> {
+    args.replica
+        .write(Command::SetAgentStatus {
+            agent: args.agent,
+            node: args.replica.node_id(),
+            epoch: args.epoch,
+            status,
+            reason,
+            summary: None,
+            error,
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Tells the scheduler that this node holds an install snapshot of the agent's repository.
+async fn record_snapshot(args: &AgentArgs) {
+    let node = args.replica.node_id();
+    let repository = args
+        .replica
+        .reader()
+        .read(|state| state.agents.get(&args.agent).map(|agent| agent.spec.repository.clone()));
+    let Some(repository) = repository else {
+        return;
+    };
+    let known = args.replica.reader().read(|state| {
+        state
+            .repo_snapshots
+            .get(&repository)
+            .is_some_and(|nodes| nodes.contains(&node))
+    });
+    if !known {
+        if let Err(error) = args.replica.write(Command::RecordSnapshot { node, repository }).await {
+            tracing::warn!(%error, "recording a snapshot failed; placement will not prefer this node");
+        }
+    }
+}
+
+fn spawn_provisioning(args: &AgentArgs, myself: ActorRef<AgentMsg>) -> tokio::task::JoinHandle<()> {
+    let agent = args.agent;
+    let epoch = args.epoch;
+    let record = args.replica.reader().read(|state| state.agents.get(&agent).cloned());
+    let machines = args.machines.clone();
+    let supervisor = args.supervisor.clone();
+    tokio::spawn(async move {
+        let result = async {
+            let record = record.ok_or_else(|| format!("agent {agent} is not in the replicated state"))?;
+            let repo = ractor::call!(supervisor, |reply| AgentSupervisorMsg::RepoFor {
+                url: record.spec.repository.clone(),
+                reply
+            })
+            .map_err(|error| format!("no repository actor: {error}"))?;
+            machines
+                .provision(&repo, &record, epoch)
+                .await
+                .map_err(|error| error.to_string())
+        }
+        .await;
+        let booted = result.is_ok();
+        if myself.cast(AgentMsg::Provisioned(result)).is_err() && booted {
+            // The actor ended while the machine booted: nobody owns this machine.
+            machines.release(agent).await;
+        }
+    })
 }
 
 pub struct AgentSupervisor;
@@ -172,6 +298,11 @@ pub struct AgentSupervisor;
 pub enum AgentSupervisorMsg {
     /// Bring the running actors in line with the replicated state.
     Reconcile,
+    /// The repository actor for a URL (started on first use, supervised here).
+    RepoFor {
+        url: String,
+        reply: ractor::RpcReplyPort<ActorRef<RepoMsg>>,
+    },
 }
 
 impl ractor::Message for AgentSupervisorMsg {}
@@ -179,6 +310,7 @@ impl ractor::Message for AgentSupervisorMsg {}
 pub struct AgentSupervisorArgs {
     pub replica: Replica,
     pub mesh: Mesh,
+    pub machines: Arc<MachineHost>,
 }
 
 struct Running {
@@ -190,6 +322,7 @@ pub struct AgentSupervisorState {
     args: AgentSupervisorArgs,
     running: HashMap<AgentId, Running>,
     restarts: HashMap<AgentId, u32>,
+    repos: Repos,
     /// Queues one `Reconcile` per burst of applied changes.
     follower: AppliedFollower,
 }
@@ -209,6 +342,7 @@ impl Actor for AgentSupervisor {
             args,
             running: HashMap::new(),
             restarts: HashMap::new(),
+            repos: Repos::default(),
             follower,
         })
     }
@@ -253,6 +387,8 @@ impl Actor for AgentSupervisor {
                             epoch,
                             replica: state.args.replica.clone(),
                             mesh: state.args.mesh.clone(),
+                            machines: state.args.machines.clone(),
+                            supervisor: myself.clone(),
                         },
                         myself.get_cell(),
                     )
@@ -260,6 +396,11 @@ impl Actor for AgentSupervisor {
                     tracing::info!(agent = %id, %epoch, "started agent actor");
                     state.running.insert(id, Running { epoch, actor });
                 }
+            }
+            AgentSupervisorMsg::RepoFor { url, reply } => {
+                let repos_dir = state.args.machines.repos_dir.clone();
+                let actor = state.repos.actor_for(&url, &repos_dir, myself.get_cell()).await?;
+                let _ = reply.send(actor);
             }
         }
         Ok(())
@@ -288,6 +429,8 @@ impl Actor for AgentSupervisor {
         let Some(failure) = failure else {
             return Ok(());
         };
+        // A failed actor may not have cleaned up after itself.
+        state.args.machines.release(id).await;
         let count = state.restarts.entry(id).or_insert(0);
         *count += 1;
         tracing::warn!(agent = %id, restarts = *count, %failure, "agent actor failed");

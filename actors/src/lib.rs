@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod follow;
 pub mod liveness;
+pub mod machine;
 pub mod mesh;
 pub mod repo;
 pub mod scheduler;

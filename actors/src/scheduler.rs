@@ -25,10 +25,14 @@ pub struct PendingAgent {
     pub agent: AgentId,
     pub region: Option<String>,
     pub epoch: Epoch,
+    /// Nodes that already hold an install snapshot of the agent's repository.
+    pub snapshot_nodes: Vec<NodeId>,
 }
 
-/// Places pending agents, oldest first, each on the eligible node with the lowest share of its
-/// slots in use (ties go to the lower node id). Agents that fit nowhere stay pending.
+/// Places pending agents, oldest first. Each goes to an eligible node (region, free slot) that
+/// already holds its repository's install snapshot if there is one, else to any eligible node;
+/// among those, the lowest share of slots in use wins (ties go to the lower node id). Agents
+/// that fit nowhere stay pending.
 pub fn place(candidates: &[Candidate], pending: &[PendingAgent], limit: usize) -> Vec<AssignOne> {
     let mut load: BTreeMap<NodeId, (u32, u32)> = candidates
         .iter()
@@ -49,14 +53,18 @@ pub fn place(candidates: &[Candidate], pending: &[PendingAgent], limit: usize) -
             .filter(|candidate| agent.region.as_ref().is_none_or(|region| *region == candidate.region))
             .filter_map(|candidate| {
                 let (in_use, slots) = load[&candidate.node];
-                (in_use < slots).then_some((candidate.node, in_use, slots))
+                let cold = !agent.snapshot_nodes.contains(&candidate.node);
+                (in_use < slots).then_some((cold, candidate.node, in_use, slots))
             })
-            // Compare in_use/slots without floating point: a/b < c/d  <=>  a*d < c*b.
-            .min_by(|(node_a, used_a, slots_a), (node_b, used_b, slots_b)| {
-                (u64::from(*used_a) * u64::from(*slots_b))
-                    .cmp(&(u64::from(*used_b) * u64::from(*slots_a)))
+            // Warm nodes first; then compare in_use/slots without floating point:
+            // a/b < c/d  <=>  a*d < c*b.
+            .min_by(|(cold_a, node_a, used_a, slots_a), (cold_b, node_b, used_b, slots_b)| {
+                cold_a
+                    .cmp(cold_b)
+                    .then((u64::from(*used_a) * u64::from(*slots_b)).cmp(&(u64::from(*used_b) * u64::from(*slots_a))))
                     .then(node_a.cmp(node_b))
-            });
+            })
+            .map(|(_, node, in_use, slots)| (node, in_use, slots));
         if let Some((node, _, _)) = best {
             load.get_mut(&node).expect("candidate is in the load map").0 += 1;
             decisions.push(AssignOne {
@@ -95,6 +103,11 @@ pub fn placement_input(state: &ClusterState, max_pending: usize) -> (Vec<Candida
             agent: agent.id,
             region: agent.spec.region.clone(),
             epoch: agent.epoch,
+            snapshot_nodes: state
+                .repo_snapshots
+                .get(&agent.spec.repository)
+                .map(|nodes| nodes.iter().copied().collect())
+                .unwrap_or_default(),
         })
         .collect();
     (candidates, pending)
@@ -201,6 +214,7 @@ mod tests {
                 agent: AgentId::new(),
                 region: region.map(str::to_string),
                 epoch: Epoch(0),
+                snapshot_nodes: Vec::new(),
             })
             .collect()
     }
@@ -237,6 +251,23 @@ mod tests {
         assert_eq!(decisions[0].node, 1);
         assert!(place(&nodes, &pending(1, Some("us")), 100).is_empty(), "us is full");
         assert!(place(&nodes, &pending(1, Some("ap")), 100).is_empty(), "no node in ap");
+    }
+
+    #[test]
+    fn prefers_nodes_that_hold_the_snapshot() {
+        let nodes = [
+            candidate(1, "eu", 4, 0),
+            candidate(2, "eu", 4, 3),
+            candidate(3, "eu", 4, 4),
+        ];
+        let mut agents = pending(3, None);
+        for agent in &mut agents {
+            agent.snapshot_nodes = vec![2, 3];
+        }
+        let decisions = place(&nodes, &agents, 100);
+        let chosen: Vec<NodeId> = decisions.iter().map(|decision| decision.node).collect();
+        // Node 2 holds the snapshot and has one free slot; node 3 holds it but is full.
+        assert_eq!(chosen, vec![2, 1, 1]);
     }
 
     #[test]

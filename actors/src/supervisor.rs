@@ -30,6 +30,7 @@ impl ractor::Message for NodeMsg {}
 pub struct NodeSupervisorArgs {
     pub replica: Replica,
     pub mesh: Mesh,
+    pub machines: std::sync::Arc<crate::machine::MachineHost>,
     pub liveness: LivenessTable,
     pub lease: Duration,
 }
@@ -114,6 +115,7 @@ impl Actor for NodeSupervisor {
             AgentSupervisorArgs {
                 replica: args.replica.clone(),
                 mesh: args.mesh.clone(),
+                machines: args.machines.clone(),
             },
             myself.get_cell(),
         )
@@ -215,6 +217,7 @@ impl Actor for NodeSupervisor {
                     AgentSupervisorArgs {
                         replica: state.args.replica.clone(),
                         mesh: state.args.mesh.clone(),
+                        machines: state.args.machines.clone(),
                     },
                     myself.get_cell(),
                 )

@@ -37,6 +37,24 @@ pub struct NodeArgs {
     /// Log entries kept behind a snapshot.
     #[arg(long)]
     pub logs_kept_after_snapshot: Option<u64>,
+    /// Base image of agent machines: host (the node's own /usr, read-only) or debian.
+    #[arg(long)]
+    pub base_image: Option<String>,
+    /// Wall-clock limit of one environment install.
+    #[arg(long)]
+    pub install_timeout_ms: Option<u64>,
+    /// Memory limit of one machine.
+    #[arg(long)]
+    pub machine_memory_mb: Option<u64>,
+    /// Process limit of one machine.
+    #[arg(long)]
+    pub machine_max_processes: Option<u64>,
+    /// Disk space of one machine's own layer.
+    #[arg(long)]
+    pub machine_disk_mb: Option<u64>,
+    /// Default wall-clock limit of one command in a machine.
+    #[arg(long)]
+    pub command_timeout_ms: Option<u64>,
     /// TOML file with a [node] table; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -67,6 +85,12 @@ struct FileNode {
     logs_kept_after_snapshot: Option<u64>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    base_image: Option<String>,
+    install_timeout_ms: Option<u64>,
+    machine_memory_mb: Option<u64>,
+    machine_max_processes: Option<u64>,
+    machine_disk_mb: Option<u64>,
+    command_timeout_ms: Option<u64>,
 }
 
 /// Settings after merging flags, file and defaults, and validating them.
@@ -85,6 +109,7 @@ pub struct NodeConfig {
     pub logs_kept_after_snapshot: u64,
     pub labels: BTreeMap<String, String>,
     pub cluster_secret: Option<String>,
+    pub machines: flotilla_actors::machine::MachineSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +191,37 @@ impl NodeArgs {
             .logs_kept_after_snapshot
             .or(file.logs_kept_after_snapshot)
             .unwrap_or(2_000);
+        let mut machines = flotilla_actors::machine::MachineSettings::default();
+        if let Some(image) = self.base_image.or(file.base_image) {
+            machines.base_image =
+                image
+                    .parse()
+                    .map_err(|error: flotilla_sandbox::SandboxError| ConfigError::Invalid {
+                        field: "base_image",
+                        message: error.to_string(),
+                    })?;
+        }
+        if let Some(timeout) = self.install_timeout_ms.or(file.install_timeout_ms) {
+            machines.install_timeout_ms = timeout;
+        }
+        if let Some(megabytes) = self.machine_memory_mb.or(file.machine_memory_mb) {
+            machines.limits.memory_bytes = megabytes * 1024 * 1024;
+        }
+        if let Some(count) = self.machine_max_processes.or(file.machine_max_processes) {
+            machines.limits.max_processes = count;
+        }
+        if let Some(megabytes) = self.machine_disk_mb.or(file.machine_disk_mb) {
+            machines.limits.disk_bytes = megabytes * 1024 * 1024;
+        }
+        if let Some(timeout) = self.command_timeout_ms.or(file.command_timeout_ms) {
+            machines.limits.command_timeout_ms = timeout;
+        }
+        machines.limits.validate().map_err(|error| ConfigError::Invalid {
+            field: "machine limits",
+            message: error.to_string(),
+        })?;
         Ok(NodeConfig {
+            machines,
             data_dir,
             listen,
             advertise,

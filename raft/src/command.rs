@@ -106,6 +106,11 @@ pub enum Command {
         role: Role,
         team: String,
     },
+    /// A node holds an install snapshot of a repository; placement prefers such nodes.
+    RecordSnapshot {
+        node: NodeId,
+        repository: String,
+    },
 }
 
 impl Command {
@@ -150,6 +155,7 @@ impl Command {
             Command::StopAgent { .. } => "stop-agent",
             Command::FollowUp { .. } => "follow-up",
             Command::CreateToken { .. } => "create-token",
+            Command::RecordSnapshot { .. } => "record-snapshot",
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct ClusterState {
     pub events: BTreeMap<AgentId, VecDeque<DurableEvent>>,
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Nodes holding an install snapshot, per repository URL.
+    pub repo_snapshots: BTreeMap<String, BTreeSet<NodeId>>,
     /// Highest node id handed out or registered; ids are never reused.
     pub highest_node_id: NodeId,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
@@ -167,6 +169,11 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
             if state.nodes.remove(node).is_none() {
                 return Err(ApplyError::NodeNotFound(*node));
             }
+            for nodes in state.repo_snapshots.values_mut() {
+                nodes.remove(node);
+            }
+            state.repo_snapshots.retain(|_, nodes| !nodes.is_empty());
+            changes.meta = true;
             changes.nodes.insert(*node);
             let requeued = requeue_agents_of(state, changes, *node, at_ms, &format!("node {node} removed"));
             Ok(Response::Requeued(requeued))
@@ -388,6 +395,18 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
                 Response::Agent(agent) => Ok(Response::FollowUp { agent, index }),
                 other => Ok(other),
             }
+        }
+        Command::RecordSnapshot { node, repository } => {
+            if !state.nodes.contains_key(node) {
+                return Err(ApplyError::NodeNotFound(*node));
+            }
+            state
+                .repo_snapshots
+                .entry(repository.clone())
+                .or_default()
+                .insert(*node);
+            changes.meta = true;
+            Ok(Response::Done)
         }
         Command::CreateToken {
             sha256_hex,

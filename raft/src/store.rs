@@ -46,6 +46,7 @@ const KEY_PURGED: &[u8] = b"last_purged";
 const KEY_APPLIED: &[u8] = b"m/applied";
 const KEY_MEMBERSHIP: &[u8] = b"m/membership";
 const KEY_HIGHEST_NODE_ID: &[u8] = b"m/highest_node_id";
+const KEY_REPO_SNAPSHOTS: &[u8] = b"m/repo_snapshots";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.
@@ -394,6 +395,7 @@ impl StateMachineStore {
                 _ if key.as_ref() == KEY_APPLIED => last_applied = decode(&key, &value)?,
                 _ if key.as_ref() == KEY_MEMBERSHIP => membership = decode(&key, &value)?,
                 _ if key.as_ref() == KEY_HIGHEST_NODE_ID => state.highest_node_id = decode(&key, &value)?,
+                _ if key.as_ref() == KEY_REPO_SNAPSHOTS => state.repo_snapshots = decode(&key, &value)?,
                 _ => {}
             }
         }
@@ -480,6 +482,7 @@ impl StateMachineStore {
         }
         if changes.meta {
             batch.put_cf(cf, KEY_HIGHEST_NODE_ID, encode(&machine.state.highest_node_id));
+            batch.put_cf(cf, KEY_REPO_SNAPSHOTS, encode(&machine.state.repo_snapshots));
         }
         batch.put_cf(cf, KEY_APPLIED, encode(&machine.last_applied));
         batch.put_cf(cf, KEY_MEMBERSHIP, encode(&machine.membership));

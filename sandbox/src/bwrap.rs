@@ -1247,18 +1247,21 @@ impl MachineDriver for BwrapDriver {
         Ok(terminal_tail(&output.stdout_text(), max_lines))
     }
 
-    fn attach_command(&self, machine: &BwrapMachine, terminal: Option<&str>) -> Result<std::process::Command> {
+    fn attach_command(
+        &self,
+        machine: &BwrapMachine,
+        terminal: Option<&str>,
+        read_only: bool,
+    ) -> Result<std::process::Command> {
         machine.ensure_running()?;
         let index = machine.terminal_index(terminal)?;
-        let argv = machine.enter_argv(
-            WORKSPACE_DIR,
-            &[
-                "tmux".to_string(),
-                "attach-session".to_string(),
-                "-t".to_string(),
-                format!("{TERMINAL_SESSION}:{index}"),
-            ],
-        );
+        let mut tmux = vec!["tmux".to_string(), "attach-session".to_string()];
+        if read_only {
+            // A viewer sees everything and can type nothing.
+            tmux.push("-r".to_string());
+        }
+        tmux.extend(["-t".to_string(), format!("{TERMINAL_SESSION}:{index}")]);
+        let argv = machine.enter_argv(WORKSPACE_DIR, &tmux);
         let mut command = std::process::Command::new(&argv[0]);
         command.args(&argv[1..]).env_clear();
         for (key, value) in &machine.base_env {

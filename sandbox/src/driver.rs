@@ -293,11 +293,22 @@ pub trait MachineDriver: Send + Sync + 'static {
 
     /// A command that, run on the node with a terminal as stdio, attaches to the machine's tmux
     /// session (at `terminal`'s window, or the first).
-    fn attach_command(&self, machine: &Self::Machine, terminal: Option<&str>) -> Result<std::process::Command>;
+    fn attach_command(
+        &self,
+        machine: &Self::Machine,
+        terminal: Option<&str>,
+        read_only: bool,
+    ) -> Result<std::process::Command>;
 
     /// Attaches through a new pseudo-terminal whose bytes a gRPC stream can pump, with resize.
-    async fn open_pty(&self, machine: &Self::Machine, terminal: Option<&str>, size: PtySize) -> Result<PtySession> {
-        let command = self.attach_command(machine, terminal)?;
+    async fn open_pty(
+        &self,
+        machine: &Self::Machine,
+        terminal: Option<&str>,
+        read_only: bool,
+        size: PtySize,
+    ) -> Result<PtySession> {
+        let command = self.attach_command(machine, terminal, read_only)?;
         PtySession::spawn(command, size)
     }
 }

@@ -103,7 +103,7 @@ pub enum SandboxError {
 }
 
 impl SandboxError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         SandboxError::Io {
             action,
             path: path.into(),

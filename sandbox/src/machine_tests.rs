@@ -506,7 +506,7 @@ async fn terminals_run_in_tmux_and_are_readable_and_attachable() {
 
     let session = harness
         .driver
-        .open_pty(&machine, Some("Run Next.js"), PtySize { cols: 100, rows: 30 })
+        .open_pty(&machine, Some("Run Next.js"), false, PtySize { cols: 100, rows: 30 })
         .await
         .unwrap();
     let mut seen = Vec::new();
@@ -569,8 +569,13 @@ impl MachineDriver for CountingDriver {
         self.inner.read_terminal(machine, name, max_lines).await
     }
 
-    fn attach_command(&self, machine: &BwrapMachine, terminal: Option<&str>) -> Result<std::process::Command> {
-        self.inner.attach_command(machine, terminal)
+    fn attach_command(
+        &self,
+        machine: &BwrapMachine,
+        terminal: Option<&str>,
+        read_only: bool,
+    ) -> Result<std::process::Command> {
+        self.inner.attach_command(machine, terminal, read_only)
     }
 }
 

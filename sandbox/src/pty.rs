@@ -39,6 +39,13 @@ pub struct PtySession {
     child: tokio::process::Child,
 }
 
+impl Drop for PtySession {
+    fn drop(&mut self) {
+        // The attached client (a tmux client) goes with its session; the terminal it showed stays.
+        let _ = self.child.start_kill();
+    }
+}
+
 impl PtySession {
     pub fn spawn(command: std::process::Command, size: PtySize) -> Result<Self> {
         let (master, slave) =

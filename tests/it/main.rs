@@ -10,3 +10,4 @@ mod t20_three_nodes;
 mod t25_membership;
 mod t30_failover;
 mod t40_watch_across_nodes;
+mod t50_machines;

@@ -5,6 +5,7 @@
 //! for scripts. Failures print one `error: ...` line to standard error and exit with code 1;
 //! usage errors are clap's own, with code 2.
 
+mod attach;
 mod client;
 mod json;
 mod render;
@@ -145,6 +146,17 @@ pub enum AgentCommand {
         /// the follow-up instruction
         text: String,
     },
+    /// Join a terminal of the agent's machine (Ctrl-] detaches)
+    Attach {
+        /// agent id
+        id: String,
+        /// a terminal from environment.json; the shell when absent
+        #[arg(long)]
+        terminal: Option<String>,
+        /// type into the terminal; the agent waits until you detach
+        #[arg(long)]
+        takeover: bool,
+    },
     /// Stop an agent
     Stop {
         /// agent id
@@ -216,7 +228,7 @@ pub async fn run_cluster(args: &ClientArgs, cmd: ClusterCommand) -> anyhow::Resu
 async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliError> {
     let token = BearerToken::new(args.token.as_deref())?;
     let endpoint = args.endpoint.as_str();
-    let mut client = agent_client(connect(endpoint).await?, token);
+    let mut client = agent_client(connect(endpoint).await?, token.clone());
     match cmd {
         AgentCommand::Create {
             repo,
@@ -312,6 +324,9 @@ async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliEr
                     print_text(&format!("follow-up #{} sent to {id} (status {status})", response.index))
                 }
             }
+        }
+        AgentCommand::Attach { id, terminal, takeover } => {
+            attach::attach(endpoint, token.clone(), id, terminal, takeover).await
         }
         AgentCommand::Stop { id, reason } => {
             let agent = unary(

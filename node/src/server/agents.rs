@@ -6,8 +6,13 @@ use base64::Engine as _;
 use flotilla_actors::mesh::Mesh;
 use flotilla_proto::v1::agent_service_server::AgentService;
 use flotilla_proto::v1::{self, watch_agent_response};
-use flotilla_raft::{AgentId, AgentRecord, AgentSpec, ApplyError, Command, Replica, Response, WriteError};
-use futures::Stream;
+use flotilla_raft::{AgentId, AgentRecord, AgentSpec, AgentStatus, ApplyError, Command, Replica, Response, WriteError};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use flotilla_actors::machine::MachineHost;
+use flotilla_sandbox::{MachineDriver, PtySize};
+use futures::{Stream, StreamExt as _};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
@@ -22,6 +27,7 @@ pub const WATCH_BUFFER_MESSAGES: usize = 256;
 pub struct AgentApi {
     pub replica: Replica,
     pub mesh: Mesh,
+    pub machines: Arc<MachineHost>,
 }
 
 fn invalid(message: String) -> Status {
@@ -388,11 +394,41 @@ impl AgentService for AgentApi {
 
     async fn attach(
         &self,
-        _request: Request<Streaming<v1::AttachRequest>>,
+        request: Request<Streaming<v1::AttachRequest>>,
     ) -> Result<tonic::Response<Self::AttachStream>, Status> {
-        Err(Status::unimplemented(
-            "terminal take-over needs an agent machine; this node runs no machines yet",
-        ))
+        let authorization = request.metadata().get("authorization").cloned();
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| invalid("attach: the stream must open with an `open` message".to_string()))?;
+        let Some(v1::attach_request::Kind::Open(open)) = first.kind.clone() else {
+            return Err(invalid("attach: the first message must be `open`".to_string()));
+        };
+        let id = validate::agent_id(&open.agent_id).map_err(invalid)?;
+        let record = self.find(id)?;
+        if record.status.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "agent {id} is {}; its machine is gone",
+                record.status
+            )));
+        }
+        if record.status != AgentStatus::Running {
+            return Err(Status::failed_precondition(format!(
+                "agent {id} is {}; it has no machine to attach to yet",
+                record.status
+            )));
+        }
+        let owner = record
+            .assignment
+            .map(|assignment| assignment.node)
+            .ok_or_else(|| Status::failed_precondition(format!("agent {id} is not placed on a node")))?;
+        let stream = if owner == self.replica.node_id() {
+            self.attach_local(id, open, inbound).await?
+        } else {
+            self.attach_remote(owner, authorization, first, inbound).await?
+        };
+        Ok(tonic::Response::new(stream))
     }
 }
 
@@ -420,3 +456,185 @@ fn matches_search(record: &AgentRecord, needle: &str) -> bool {
             .as_deref()
             .is_some_and(|summary| summary.to_lowercase().contains(needle))
 }
+
+/// Output chunks buffered towards one attached client.
+pub const ATTACH_BUFFER_MESSAGES: usize = 64;
+/// Largest chunk read from a terminal at once.
+pub const ATTACH_READ_BYTES: usize = 16 * 1024;
+
+impl AgentApi {
+    /// Serves an attach whose agent runs on this node.
+    async fn attach_local(
+        &self,
+        agent: AgentId,
+        open: v1::AttachOpen,
+        mut inbound: Streaming<v1::AttachRequest>,
+    ) -> Result<AttachStream, Status> {
+        let running = self
+            .machines
+            .running(agent)
+            .ok_or_else(|| Status::failed_precondition(format!("agent {agent} has no machine on this node yet")))?;
+        let terminal = if open.terminal.is_empty() {
+            None
+        } else if running.terminals.contains(&open.terminal) {
+            Some(open.terminal.clone())
+        } else {
+            return Err(Status::not_found(format!(
+                "agent {agent} has no terminal {:?}; its terminals: {}",
+                open.terminal,
+                running.terminals.join(", ")
+            )));
+        };
+        if open.takeover
+            && running
+                .taken_over
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return Err(Status::failed_precondition(format!(
+                "agent {agent} is already taken over by another client; attach without take-over to watch"
+            )));
+        }
+        let size = open.size.unwrap_or(v1::TerminalSize { rows: 24, cols: 80 });
+        let pty_size = PtySize {
+            rows: size.rows.clamp(1, 1000) as u16,
+            cols: size.cols.clamp(1, 1000) as u16,
+        };
+        let session = match self
+            .machines
+            .driver
+            .open_pty(&running.machine, terminal.as_deref(), !open.takeover, pty_size)
+            .await
+        {
+            Ok(session) => Arc::new(session),
+            Err(error) => {
+                if open.takeover {
+                    running.taken_over.store(false, Ordering::Release);
+                }
+                return Err(Status::failed_precondition(format!(
+                    "cannot attach to agent {agent}: {error}"
+                )));
+            }
+        };
+        running.attached.fetch_add(1, Ordering::AcqRel);
+        let (sender, receiver) = mpsc::channel(ATTACH_BUFFER_MESSAGES);
+        let mode = if open.takeover {
+            "take-over: the agent waits until you release or detach"
+        } else {
+            "read-only"
+        };
+        let _ = sender
+            .send(Ok(v1::AttachResponse {
+                kind: Some(v1::attach_response::Kind::Notice(format!(
+                    "attached to {} of agent {agent} on node {} ({mode})",
+                    terminal
+                        .as_deref()
+                        .unwrap_or(crate::server::agents::DEFAULT_TERMINAL_LABEL),
+                    self.replica.node_id()
+                ))),
+            }))
+            .await;
+        let reader = session.clone();
+        let output = sender.clone();
+        let pump = tokio::spawn(async move {
+            let mut buffer = vec![0u8; ATTACH_READ_BYTES];
+            loop {
+                match reader.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(count) => {
+                        let message = v1::AttachResponse {
+                            kind: Some(v1::attach_response::Kind::Output(buffer[..count].to_vec())),
+                        };
+                        if output.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let takeover = open.takeover;
+        tokio::spawn(async move {
+            let mut controlling = takeover;
+            loop {
+                tokio::select! {
+                    message = inbound.message() => match message {
+                        Ok(Some(request)) => match request.kind {
+                            Some(v1::attach_request::Kind::Input(bytes)) => {
+                                if controlling {
+                                    if session.write_all(&bytes).await.is_err() {
+                                        break;
+                                    }
+                                } else {
+                                    let _ = sender.try_send(Ok(v1::AttachResponse {
+                                        kind: Some(v1::attach_response::Kind::Notice(
+                                            "read-only: input ignored (attach with take-over to type)".to_string(),
+                                        )),
+                                    }));
+                                }
+                            }
+                            Some(v1::attach_request::Kind::Resize(size)) => {
+                                let _ = session.resize(PtySize {
+                                    rows: size.rows.clamp(1, 1000) as u16,
+                                    cols: size.cols.clamp(1, 1000) as u16,
+                                });
+                            }
+                            Some(v1::attach_request::Kind::Release(true)) if controlling => {
+                                controlling = false;
+                                running.taken_over.store(false, Ordering::Release);
+                                let _ = sender.try_send(Ok(v1::AttachResponse {
+                                    kind: Some(v1::attach_response::Kind::Notice(
+                                        "released: the agent goes on; you are watching read-only".to_string(),
+                                    )),
+                                }));
+                            }
+                            _ => {}
+                        },
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = sender.closed() => break,
+                }
+            }
+            if controlling {
+                running.taken_over.store(false, Ordering::Release);
+            }
+            running.attached.fetch_sub(1, Ordering::AcqRel);
+            pump.abort();
+            drop(session);
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver)))
+    }
+
+    /// Passes an attach on to the node that runs the agent, with the caller's credentials.
+    async fn attach_remote(
+        &self,
+        owner: u64,
+        authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+        first: v1::AttachRequest,
+        inbound: Streaming<v1::AttachRequest>,
+    ) -> Result<AttachStream, Status> {
+        let address = self
+            .replica
+            .reader()
+            .read(|state| state.nodes.get(&owner).map(|node| node.info.grpc_address.clone()))
+            .ok_or_else(|| Status::unavailable(format!("node {owner} that runs the agent is unknown")))?;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|error| Status::internal(error.to_string()))?
+            .connect()
+            .await
+            .map_err(|error| Status::unavailable(format!("cannot reach node {owner} at {address}: {error}")))?;
+        let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
+        let outbound = futures::stream::once(async move { first })
+            .chain(futures::StreamExt::filter_map(inbound, |message| async move {
+                message.ok()
+            }));
+        let mut request = Request::new(outbound);
+        if let Some(authorization) = authorization {
+            request.metadata_mut().insert("authorization", authorization);
+        }
+        let response = client.attach(request).await?;
+        Ok(Box::pin(response.into_inner()))
+    }
+}
+
+/// How an attach without a terminal name is described.
+pub const DEFAULT_TERMINAL_LABEL: &str = "the shell";

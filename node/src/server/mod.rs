@@ -281,6 +281,10 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     .await
     .map_err(|error| anyhow!("cannot start the actor mesh on port {}: {error}", config.mesh_port))?;
 
+    let machines = std::sync::Arc::new(
+        flotilla_actors::machine::MachineHost::open(&config.data_dir, config.machines.clone())
+            .map_err(|error| anyhow!("cannot set up machines: {error}"))?,
+    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -289,6 +293,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         listener,
         replica.clone(),
         mesh.clone(),
+        machines.clone(),
         liveness.clone(),
         secret.clone(),
         shutdown_receiver,
@@ -338,6 +343,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         NodeSupervisorArgs {
             replica: replica.clone(),
             mesh: mesh.clone(),
+            machines,
             liveness,
             lease: Duration::from_millis(config.lease_ms),
         },
@@ -364,6 +370,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     replica: Replica,
     mesh: Mesh,
+    machines: std::sync::Arc<flotilla_actors::machine::MachineHost>,
     liveness: LivenessTable,
     secret: String,
     shutdown: tokio::sync::oneshot::Receiver<()>,
@@ -387,6 +394,7 @@ async fn serve(
     let agent_service = AgentServiceServer::new(agents::AgentApi {
         replica: replica.clone(),
         mesh,
+        machines,
     })
     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let cluster_service = ClusterServiceServer::new(cluster::ClusterApi {

@@ -1,0 +1,298 @@
+//! Agents in real machines: a repository with an environment.json becomes a booted bubblewrap
+//! machine (install once per snapshot, start on every boot, terminals in tmux), a user attaches
+//! to it as a person would, and bad set-ups fail the agent with a clear message.
+
+use flotilla_proto::v1::{self, attach_request, attach_response};
+use flotilla_tests::{agent_client, wait_for, AgentClient, ClusterOptions, TestCluster};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+
+use crate::common::{bare_repository, get, status_of, DEADLINE};
+
+const PROBE: &str = r#"{"name": "probe", "command": "echo installs=$(wc -l < /var/tmp/install-runs) starts=$(wc -l < /var/tmp/start-runs); exec sleep 1000000"}"#;
+
+fn environment(install: &str) -> String {
+    format!(
+        r#"{{
+  "install": "{install}",
+  "start": "echo boot >> /var/tmp/start-runs",
+  "terminals": [{PROBE}, {{"name": "web", "command": "while true; do echo serving; sleep 1; done"}}]
+}}"#
+    )
+}
+
+async fn create_on(client: &mut AgentClient, repository: &str, name: &str) -> v1::Agent {
+    client
+        .create_agent(v1::CreateAgentRequest {
+            prompt: "Work in a machine".to_string(),
+            repository: repository.to_string(),
+            name: name.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .agent
+        .expect("agent")
+}
+
+async fn wait_for_status(endpoint: &str, token: &str, id: &str, wanted: v1::AgentStatus) -> v1::Agent {
+    let (endpoint, token, id) = (endpoint.to_string(), token.to_string(), id.to_string());
+    wait_for(&format!("agent {id} to be {wanted:?}"), DEADLINE, move || {
+        let (endpoint, token, id) = (endpoint.clone(), token.clone(), id.clone());
+        async move {
+            let agent = get(&mut agent_client(&endpoint, &token).await, &id).await?;
+            (status_of(&agent) == wanted).then_some(agent)
+        }
+    })
+    .await
+}
+
+/// An open attach: requests go in, output and notices come out.
+struct Attached {
+    requests: mpsc::Sender<v1::AttachRequest>,
+    responses: tonic::Streaming<v1::AttachResponse>,
+    screen: String,
+}
+
+impl Attached {
+    async fn open(
+        client: &mut AgentClient,
+        id: &str,
+        terminal: &str,
+        takeover: bool,
+    ) -> Result<Attached, tonic::Status> {
+        let (requests, outbound) = mpsc::channel(16);
+        requests
+            .send(v1::AttachRequest {
+                kind: Some(attach_request::Kind::Open(v1::AttachOpen {
+                    agent_id: id.to_string(),
+                    terminal: terminal.to_string(),
+                    takeover,
+                    size: Some(v1::TerminalSize { rows: 30, cols: 100 }),
+                })),
+            })
+            .await
+            .expect("queue open");
+        let responses = client
+            .attach(tokio_stream::wrappers::ReceiverStream::new(outbound))
+            .await?
+            .into_inner();
+        Ok(Attached {
+            requests,
+            responses,
+            screen: String::new(),
+        })
+    }
+
+    async fn type_text(&self, text: &str) {
+        self.requests
+            .send(v1::AttachRequest {
+                kind: Some(attach_request::Kind::Input(text.as_bytes().to_vec())),
+            })
+            .await
+            .expect("send input");
+    }
+
+    /// Reads output until `wanted` has appeared on the screen.
+    async fn read_until(&mut self, wanted: &str) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !self.screen.contains(wanted) {
+            let message = tokio::time::timeout_at(deadline, self.responses.next())
+                .await
+                .unwrap_or_else(|_| panic!("{wanted:?} did not appear; the screen so far:\n{}", self.screen))
+                .expect("attach stream open")
+                .expect("attach stream healthy");
+            match message.kind {
+                Some(attach_response::Kind::Output(bytes)) => self.screen.push_str(&String::from_utf8_lossy(&bytes)),
+                Some(attach_response::Kind::Notice(text)) => {
+                    self.screen.push_str(&format!("\n[notice] {text}\n"));
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_get_machines_that_share_one_install_snapshot() {
+    let cluster = TestCluster::start(1, ClusterOptions::default()).await;
+    let token = cluster.admin_token();
+    let endpoint = cluster.nodes[0].endpoint();
+    let repository = bare_repository(
+        cluster.dir.path(),
+        "service",
+        &[
+            (
+                ".flotilla/environment.json",
+                &environment("echo run >> /var/tmp/install-runs"),
+            ),
+            ("README.md", "a service\n"),
+        ],
+    );
+    let mut client = agent_client(&endpoint, &token).await;
+    let first = create_on(&mut client, &repository, "first").await;
+    let second = create_on(&mut client, &repository, "second").await;
+    for agent in [&first, &second] {
+        let running = wait_for_status(&endpoint, &token, &agent.id, v1::AgentStatus::Running).await;
+        assert!(running.error.is_empty(), "{}", running.error);
+        // Install ran once (in the snapshot both machines stand on); start ran at this boot.
+        let mut probe = Attached::open(&mut client, &agent.id, "probe", false)
+            .await
+            .expect("attach probe");
+        probe.read_until("installs=1 starts=1").await;
+    }
+    let snapshots = std::fs::read_dir(cluster.nodes[0].data_dir.join("machines/snapshots"))
+        .expect("snapshot dir")
+        .filter_map(Result::ok)
+        .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
+        .count();
+    assert_eq!(snapshots, 1, "one install snapshot for one repository and environment");
+
+    // Stopping an agent destroys its machine.
+    client
+        .stop_agent(v1::StopAgentRequest {
+            id: first.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("stop");
+    let machines_dir = cluster.nodes[0].data_dir.join("machines/machines");
+    wait_for("the stopped agent's machine to be destroyed", DEADLINE, || {
+        let count = std::fs::read_dir(&machines_dir)
+            .map(|entries| entries.count())
+            .unwrap_or(0);
+        async move { (count == 1).then_some(()) }
+    })
+    .await;
+    let (code, _) = match Attached::open(&mut client, &first.id, "", false).await {
+        Err(status) => (status.code(), status.message().to_string()),
+        Ok(_) => panic!("attaching to a stopped agent must fail"),
+    };
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_takes_over_a_terminal_and_viewers_watch() {
+    let cluster = TestCluster::start(1, ClusterOptions::default()).await;
+    let token = cluster.admin_token();
+    let endpoint = cluster.nodes[0].endpoint();
+    // The reference docs' shape, read from .cursor/environment.json.
+    let repository = bare_repository(
+        cluster.dir.path(),
+        "web",
+        &[(
+            ".cursor/environment.json",
+            r#"{"snapshot": "POPULATED_FROM_SETTINGS", "install": "true", "terminals": [{"name": "Run Next.js", "command": "echo next-dev-ready; exec sleep 1000000"}]}"#,
+        )],
+    );
+    let mut client = agent_client(&endpoint, &token).await;
+    let agent = create_on(&mut client, &repository, "takeover").await;
+    wait_for_status(&endpoint, &token, &agent.id, v1::AgentStatus::Running).await;
+
+    let mut terminal = Attached::open(&mut client, &agent.id, "Run Next.js", false)
+        .await
+        .expect("attach");
+    terminal.read_until("next-dev-ready").await;
+
+    let mut viewer = Attached::open(&mut client, &agent.id, "", false).await.expect("viewer");
+    let mut controller = Attached::open(&mut client, &agent.id, "", true)
+        .await
+        .expect("take over");
+    controller.read_until("take-over").await;
+    let (code, _) = match Attached::open(&mut client, &agent.id, "", true).await {
+        Err(status) => (status.code(), status.message().to_string()),
+        Ok(mut second) => {
+            // The refusal may arrive as the stream's first item.
+            let first = second.responses.next().await.expect("an answer");
+            let status = first.expect_err("a second take-over is refused");
+            (status.code(), status.message().to_string())
+        }
+    };
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+
+    controller.type_text("echo hel''lo-$((6*7))\r").await;
+    controller.read_until("hello-42").await;
+    viewer.read_until("hello-42").await;
+    viewer.type_text("echo should-not-run\r").await;
+    viewer.read_until("input ignored").await;
+
+    let (code, message) = match Attached::open(&mut client, &agent.id, "no-such-terminal", false).await {
+        Err(status) => (status.code(), status.message().to_string()),
+        Ok(mut attached) => {
+            let status = attached
+                .responses
+                .next()
+                .await
+                .expect("an answer")
+                .expect_err("refused");
+            (status.code(), status.message().to_string())
+        }
+    };
+    assert_eq!(code, tonic::Code::NotFound, "{message}");
+    assert!(
+        message.contains("Run Next.js"),
+        "the error lists the terminals: {message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_set_ups_fail_the_agent_with_a_clear_message() {
+    let cluster = TestCluster::start(
+        1,
+        ClusterOptions {
+            extra_args: vec!["--install-timeout-ms".to_string(), "3000".to_string()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let token = cluster.admin_token();
+    let endpoint = cluster.nodes[0].endpoint();
+    let mut client = agent_client(&endpoint, &token).await;
+    let dir = cluster.dir.path();
+
+    let endless = bare_repository(
+        dir,
+        "endless",
+        &[(
+            ".flotilla/environment.json",
+            r#"{"install": "echo installing; sleep 100000"}"#,
+        )],
+    );
+    let missing = format!("file://{}/no-such-repository.git", dir.display());
+    let stranger = bare_repository(
+        dir,
+        "stranger",
+        &[(
+            ".flotilla/environment.json",
+            r#"{"user": "no-such-user", "install": "true"}"#,
+        )],
+    );
+    let malformed = bare_repository(
+        dir,
+        "malformed",
+        &[(
+            ".flotilla/environment.json",
+            "{\n  \"install\": \"true\",\n  \"terminals\": \"npm run dev\"\n}\n",
+        )],
+    );
+    let cases = [
+        (endless, "install", "installing"),
+        (missing.clone(), missing.as_str(), "cannot clone"),
+        (stranger, "no-such-user", "does not exist"),
+        (malformed, ".flotilla/environment.json line 3", "terminals"),
+    ];
+    let mut created = Vec::new();
+    for (repository, _, _) in &cases {
+        created.push(create_on(&mut client, repository, "bad").await);
+    }
+    for ((_, first, second), agent) in cases.iter().zip(&created) {
+        let failed = wait_for_status(&endpoint, &token, &agent.id, v1::AgentStatus::Failed).await;
+        assert!(
+            failed.error.contains(first) && failed.error.contains(second),
+            "the error of {} should mention {first:?} and {second:?}: {}",
+            agent.repository,
+            failed.error
+        );
+    }
+}
