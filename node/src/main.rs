@@ -4,6 +4,7 @@
 mod bench;
 mod cli;
 mod config;
+mod machines_cli;
 mod server;
 
 use std::process::ExitCode;
@@ -42,6 +43,16 @@ enum TopCommand {
         #[command(subcommand)]
         command: cli::ClusterCommand,
     },
+    /// Check a checkout's environment.json and print the machine plan.
+    Env {
+        #[command(subcommand)]
+        command: EnvCommand,
+    },
+    /// Build a base image for agent machines.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Measure the cluster (prints figures; asserts nothing).
     Bench {
         #[command(subcommand)]
@@ -53,6 +64,20 @@ enum TopCommand {
 enum BenchCommand {
     /// CreateAgent throughput and latency on loopback clusters.
     Create(bench::BenchCreateArgs),
+    /// Machine start times (warm and cold) and how many idle machines a node holds.
+    Machines(machines_cli::BenchMachinesArgs),
+}
+
+#[derive(Subcommand)]
+enum EnvCommand {
+    /// Parse DIR's .flotilla/environment.json (or .cursor/environment.json) and print the plan.
+    Check(machines_cli::EnvCheckArgs),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build (or find) a base image: debian or host.
+    Build(machines_cli::ImageBuildArgs),
 }
 
 fn init_logging(default_level: &str) {
@@ -94,7 +119,17 @@ fn main() -> ExitCode {
                 init_logging("warn");
                 match command {
                     BenchCommand::Create(args) => bench::run_create(args).await.map(|()| ExitCode::SUCCESS),
+                    BenchCommand::Machines(args) => machines_cli::bench_machines(args).await,
                 }
+            }
+            TopCommand::Env {
+                command: EnvCommand::Check(args),
+            } => machines_cli::env_check(args),
+            TopCommand::Image {
+                command: ImageCommand::Build(args),
+            } => {
+                init_logging("info");
+                machines_cli::image_build(args).await
             }
         }
     });

@@ -152,3 +152,43 @@ async fn a_drained_node_takes_no_new_agents_until_the_drain_is_lifted() {
     };
     assert_eq!(code, tonic::Code::NotFound, "{message}");
 }
+
+#[test]
+fn env_check_prints_the_plan_or_names_the_line_and_field() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = dir.path().join("good");
+    std::fs::create_dir_all(good.join(".cursor")).expect("dirs");
+    std::fs::write(
+        good.join(".cursor/environment.json"),
+        r#"{"snapshot": "POPULATED_FROM_SETTINGS", "install": "npm install", "terminals": [{"name": "Run Next.js", "command": "npm run dev"}]}"#,
+    )
+    .expect("write");
+    let output = std::process::Command::new(flotilla_tests::flotilla_bin())
+        .args(["env", "check"])
+        .arg(&good)
+        .output()
+        .expect("run env check");
+    let plan = stdout_of(&output, "env check");
+    assert!(plan.contains(".cursor/environment.json"), "{plan}");
+    assert!(plan.contains("npm install") && plan.contains("Run Next.js"), "{plan}");
+
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(bad.join(".flotilla")).expect("dirs");
+    std::fs::write(
+        bad.join(".flotilla/environment.json"),
+        "{\n  \"install\": \"x\",\n  \"terminals\": \"npm\"\n}\n",
+    )
+    .expect("write");
+    let output = std::process::Command::new(flotilla_tests::flotilla_bin())
+        .args(["env", "check"])
+        .arg(&bad)
+        .output()
+        .expect("run env check");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(".flotilla/environment.json line 3 column")
+            && stderr.contains("\"terminals\" must be an array"),
+        "{stderr}"
+    );
+}
