@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: setup build test lint demo bench
+.PHONY: setup build test lint demo bench sandbox-debian bench-machines
 
 setup:
 	bash scripts/setup
@@ -26,3 +26,12 @@ demo: setup
 bench:
 	$(CARGO) build --release --bin flotilla
 	target/release/flotilla bench create
+
+# Slow: debootstraps the debian base image from the package mirror and runs tools in it.
+sandbox-debian:
+	$(CARGO) test -p flotilla-sandbox -- --ignored the_debian_image_builds_and_runs_its_tools
+
+# Prints machine start figures and idle capacity; asserts nothing.
+bench-machines:
+	$(CARGO) build --release --bin flotilla
+	target/release/flotilla bench machines

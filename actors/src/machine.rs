@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use flotilla_raft::{AgentId, AgentRecord, Epoch};
+use flotilla_sandbox::egress::{EgressLimits, EgressPolicy, EgressProxy};
 use flotilla_sandbox::environment::{self, EnvironmentConfig, Terminal};
 use flotilla_sandbox::snapshot::{InstallRequest, SnapshotCache};
 use flotilla_sandbox::{
-    boot, BaseImage, BaseLayer, BwrapConfig, BwrapDriver, BwrapMachine, MachineDriver, MachineLimits, MachineSpec,
+    boot, BaseImage, BaseLayer, BwrapConfig, BwrapDriver, BwrapMachine, ExecRequest, MachineDriver, MachineLimits,
+    MachineSpec,
 };
 use ractor::ActorRef;
 
@@ -21,6 +23,8 @@ use crate::repo::{RepoError, RepoMsg, Workspace};
 
 /// The terminal every machine has, first, for a user who attaches without naming one.
 pub const SHELL_TERMINAL: &str = "shell";
+/// Where, inside a machine with an egress allowlist, HTTP(S) clients find the proxy.
+pub const MACHINE_PROXY_ADDRESS: &str = "127.0.0.1:3128";
 
 #[derive(Debug, Clone)]
 pub struct MachineSettings {
@@ -49,6 +53,8 @@ pub struct RunningMachine {
     pub taken_over: AtomicBool,
     /// Attached viewers and controllers.
     pub attached: AtomicUsize,
+    /// The machine's way out, when it has an allowlist; stops when the machine goes.
+    pub egress: Option<EgressProxy>,
 }
 
 /// What provisioning reports.
@@ -67,6 +73,7 @@ pub struct MachineHost {
     settings: MachineSettings,
     bases: tokio::sync::Mutex<HashMap<BaseImage, BaseLayer>>,
     workspaces_dir: PathBuf,
+    egress_dir: PathBuf,
     pub repos_dir: PathBuf,
     running: Mutex<HashMap<AgentId, Arc<RunningMachine>>>,
 }
@@ -81,6 +88,8 @@ pub enum ProvisionError {
     Machine(#[from] flotilla_sandbox::SandboxError),
     #[error("the repository actor did not answer: {0}")]
     Actor(String),
+    #[error("egress proxy: {0}")]
+    Egress(String),
 }
 
 impl MachineHost {
@@ -92,7 +101,8 @@ impl MachineHost {
         let snapshots = SnapshotCache::new(driver.clone(), driver.snapshots_dir())?;
         let workspaces_dir = data_dir.join("workspaces");
         let repos_dir = data_dir.join("repos");
-        for dir in [&workspaces_dir, &repos_dir] {
+        let egress_dir = data_dir.join("egress");
+        for dir in [&workspaces_dir, &repos_dir, &egress_dir] {
             std::fs::create_dir_all(dir).map_err(|error| {
                 flotilla_sandbox::SandboxError::io("create a directory", dir.display().to_string(), error)
             })?;
@@ -109,6 +119,7 @@ impl MachineHost {
             settings,
             bases: tokio::sync::Mutex::new(HashMap::new()),
             workspaces_dir,
+            egress_dir,
             repos_dir,
             running: Mutex::new(HashMap::new()),
         })
@@ -181,7 +192,42 @@ impl MachineHost {
             ("FLOTILLA_AGENT_ID".to_string(), agent.id.to_string()),
             ("FLOTILLA_BRANCH".to_string(), agent.spec.work_branch.clone()),
         ];
+        let egress = if agent.spec.egress_allow.is_empty() {
+            None
+        } else {
+            let policy = EgressPolicy::from_patterns(&agent.spec.egress_allow)
+                .map_err(|error| ProvisionError::Egress(error.to_string()))?;
+            let socket = self.egress_dir.join(format!("{}-{}.sock", agent.id, epoch));
+            let proxy = EgressProxy::serve_unix(&socket, policy, EgressLimits::default())
+                .await
+                .map_err(|error| ProvisionError::Egress(error.to_string()))?;
+            spec.egress_socket = Some(socket);
+            let proxy_url = format!("http://{MACHINE_PROXY_ADDRESS}");
+            for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"] {
+                spec.env.push((name.to_string(), proxy_url.clone()));
+            }
+            Some(proxy)
+        };
         let machine = self.driver.create(spec).await?;
+        if egress.is_some() {
+            // The machine has only a loopback interface; a forwarder inside it carries the
+            // proxy port to the node's socket. Its daemon outlives this command on purpose.
+            let forwarder = format!(
+                "nohup socat TCP-LISTEN:{},bind=127.0.0.1,reuseaddr,fork UNIX-CONNECT:{} >/dev/null 2>&1 &",
+                MACHINE_PROXY_ADDRESS.rsplit(':').next().unwrap_or("3128"),
+                flotilla_sandbox::EGRESS_SOCKET_PATH
+            );
+            let output = self.driver.exec(&machine, ExecRequest::new(forwarder)).await;
+            let failed = match output {
+                Ok(output) if output.success() => None,
+                Ok(output) => Some(format!("the egress forwarder did not start: {}", output.last_lines(5))),
+                Err(error) => Some(format!("the egress forwarder did not start: {error}")),
+            };
+            if let Some(message) = failed {
+                let _ = self.driver.destroy(&machine).await;
+                return Err(ProvisionError::Egress(message));
+            }
+        }
         let mut boot_config = config.clone();
         if !boot_config
             .terminals
@@ -207,6 +253,7 @@ impl MachineHost {
                 .collect(),
             taken_over: AtomicBool::new(false),
             attached: AtomicUsize::new(0),
+            egress,
         });
         self.running
             .lock()

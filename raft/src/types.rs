@@ -108,6 +108,8 @@ pub struct AgentSpec {
     pub region: Option<String>,
     pub team: String,
     pub open_pull_request: bool,
+    /// Hosts the machine may reach through the node's egress proxy; empty means no network.
+    pub egress_allow: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use crate::error::{Result, SandboxError};
 /// Bumped when the host skeleton's layout changes, so an old one is rebuilt rather than reused.
 const HOST_LAYOUT_VERSION: &str = "host-v1";
 const DEBIAN_SUITE: &str = "bookworm";
-const DEBIAN_PACKAGES: &str = "git,build-essential,curl,ca-certificates,tmux";
+const DEBIAN_PACKAGES: &str = "git,build-essential,curl,ca-certificates,tmux,socat";
 const DEFAULT_DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 
 /// `/etc` entries copied into the host image. Everything else of the node's `/etc` stays out.

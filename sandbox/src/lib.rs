@@ -14,6 +14,7 @@ pub mod bench;
 pub mod bwrap;
 mod cgroup;
 pub mod driver;
+pub mod egress;
 pub mod environment;
 pub mod error;
 mod image;

@@ -296,3 +296,88 @@ async fn bad_set_ups_fail_the_agent_with_a_clear_message() {
         );
     }
 }
+
+/// A loopback HTTP server that answers every request with 200 and counts connections.
+async fn counting_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_goes_only_to_allowed_hosts_through_the_node_proxy() {
+    let (allowed_port, allowed_hits) = counting_server().await;
+    let (other_port, other_hits) = counting_server().await;
+    let cluster = TestCluster::start(1, ClusterOptions::default()).await;
+    let token = cluster.admin_token();
+    let endpoint = cluster.nodes[0].endpoint();
+    let probe = format!(
+        "curl -s -m 5 -o /dev/null -w 'allowed=%{{http_code}} ' http://127.0.0.1:{allowed_port}/; \
+         curl -s -m 5 -o /dev/null -w 'other=%{{http_code}} ' http://127.0.0.1:{other_port}/; \
+         curl -s -m 2 --noproxy '*' -o /dev/null -w 'direct=%{{http_code}} done' http://127.0.0.1:{allowed_port}/; \
+         exec sleep 1000000"
+    );
+    let environment = serde_json::json!({ "terminals": [{ "name": "probe", "command": probe }] }).to_string();
+    let repository = bare_repository(
+        cluster.dir.path(),
+        "egress",
+        &[(".flotilla/environment.json", environment.as_str())],
+    );
+    let mut client = agent_client(&endpoint, &token).await;
+    let agent = client
+        .create_agent(v1::CreateAgentRequest {
+            prompt: "Reach one host".to_string(),
+            repository: repository.clone(),
+            egress_allow: vec![format!("127.0.0.1:{allowed_port}")],
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .agent
+        .expect("agent");
+    wait_for_status(&endpoint, &token, &agent.id, v1::AgentStatus::Running).await;
+    let mut terminal = Attached::open(&mut client, &agent.id, "probe", false)
+        .await
+        .expect("attach");
+    terminal.read_until("done").await;
+    assert!(terminal.screen.contains("allowed=200"), "{}", terminal.screen);
+    assert!(terminal.screen.contains("other=403"), "{}", terminal.screen);
+    assert!(
+        terminal.screen.contains("direct=000"),
+        "no route but the proxy: {}",
+        terminal.screen
+    );
+    assert_eq!(allowed_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        other_hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "refused hosts are never contacted"
+    );
+
+    let refused = client
+        .create_agent(v1::CreateAgentRequest {
+            prompt: "Bad pattern".to_string(),
+            repository,
+            egress_allow: vec!["http://not a host".to_string()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("a malformed host pattern is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+}

@@ -77,6 +77,7 @@ pub(crate) fn agent(agent: &Agent) -> Value {
         "pull_request": pull_request(agent.pull_request.as_ref()),
         "head_commit": agent.head_commit,
         "open_pull_request": agent.open_pull_request,
+        "egress_allow": agent.egress_allow,
         "last_sequence": agent.last_sequence,
     })
 }

@@ -106,6 +106,9 @@ pub enum AgentCommand {
         /// open a pull request when the agent finishes
         #[arg(long)]
         open_pr: bool,
+        /// a host the machine may reach through the node's egress proxy (repeatable)
+        #[arg(long = "allow-host")]
+        allow_hosts: Vec<String>,
     },
     /// List agents, newest first
     List {
@@ -239,6 +242,7 @@ async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliEr
             region,
             branch,
             open_pr,
+            allow_hosts,
         } => {
             let request = CreateAgentRequest {
                 prompt,
@@ -249,6 +253,7 @@ async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliEr
                 region: or_empty(region),
                 work_branch: or_empty(branch),
                 open_pull_request: open_pr,
+                egress_allow: allow_hosts,
             };
             let response = unary(endpoint, client.create_agent(request)).await?;
             let agent = response.agent.ok_or_else(|| {

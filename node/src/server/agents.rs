@@ -116,6 +116,7 @@ impl AgentService for AgentApi {
             }
             Some(body.region.clone())
         };
+        validate::egress_allow(&body.egress_allow).map_err(invalid)?;
         let id = AgentId::new();
         let name = if body.name.trim().is_empty() {
             validate::name_from_prompt(&body.prompt)
@@ -142,6 +143,7 @@ impl AgentService for AgentApi {
             region,
             team: caller.team,
             open_pull_request: body.open_pull_request,
+            egress_allow: body.egress_allow,
         };
         let record = match self.replica.write(Command::CreateAgent { id, spec }).await {
             Ok(Response::Agent(record)) => *record,

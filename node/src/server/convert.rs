@@ -65,6 +65,7 @@ pub fn agent(record: &AgentRecord) -> v1::Agent {
         head_commit: record.head_commit.clone().unwrap_or_default(),
         open_pull_request: record.spec.open_pull_request,
         last_sequence: record.last_sequence,
+        egress_allow: record.spec.egress_allow.clone(),
     }
 }
 

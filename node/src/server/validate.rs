@@ -13,6 +13,7 @@ pub const MAX_SEARCH_BYTES: usize = 1024;
 pub const MAX_REASON_BYTES: usize = 4096;
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_PAGE_SIZE: usize = 1000;
+pub const MAX_EGRESS_HOSTS: usize = 64;
 
 pub fn agent_id(text: &str) -> Result<AgentId, String> {
     if text.is_empty() {
@@ -144,6 +145,22 @@ pub fn page_size(size: i32) -> Result<usize, String> {
         size if size as usize > MAX_PAGE_SIZE => Err(format!("page_size: at most {MAX_PAGE_SIZE}, found {size}")),
         size => Ok(size as usize),
     }
+}
+
+/// Each entry must be a host pattern the egress proxy understands.
+pub fn egress_allow(patterns: &[String]) -> Result<(), String> {
+    if patterns.len() > MAX_EGRESS_HOSTS {
+        return Err(format!(
+            "egress_allow: at most {MAX_EGRESS_HOSTS} hosts, found {}",
+            patterns.len()
+        ));
+    }
+    for pattern in patterns {
+        pattern
+            .parse::<flotilla_sandbox::egress::HostPattern>()
+            .map_err(|error| format!("egress_allow: {error}"))?;
+    }
+    Ok(())
 }
 
 /// A lowercase, dash-separated form of a name for branch names.
