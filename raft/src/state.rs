@@ -576,6 +576,7 @@ mod tests {
             region: None,
             team: "default".to_string(),
             open_pull_request: false,
+            egress_allow: Vec::new(),
         }
     }
 
