@@ -89,8 +89,39 @@ fn init_logging(default_level: &str) {
         .init();
 }
 
+/// Gives a node a mount namespace of its own, before any thread starts (the kernel refuses
+/// afterwards). Every layer a node mounts for its machines then lives and dies with the node:
+/// a node killed with SIGKILL leaves no mount behind on the host.
+fn private_mount_namespace() -> Result<(), std::io::Error> {
+    // SAFETY: called while the process is single-threaded; both calls only change this
+    // process's own namespace membership and mount propagation.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let root = c"/";
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, TopCommand::Node(_)) {
+        if let Err(error) = private_mount_namespace() {
+            eprintln!("error: a node needs its own mount namespace for machine layers (run it as root): {error}");
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

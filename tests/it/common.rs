@@ -7,10 +7,27 @@ use flotilla_tests::AgentClient;
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// A small repository (a README, no environment.json) that agents of a test process clone:
+/// agents now get real machines, so their repository must exist.
+pub fn sample_repository() -> String {
+    static REPOSITORY: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
+    REPOSITORY
+        .get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("flotilla-it-repo-")
+                .tempdir()
+                .expect("temp dir");
+            let url = bare_repository(dir.path(), "sample", &[("README.md", "a sample service\n")]);
+            (dir, url)
+        })
+        .1
+        .clone()
+}
+
 pub fn create_request(name: &str, prompt: &str) -> v1::CreateAgentRequest {
     v1::CreateAgentRequest {
         prompt: prompt.to_string(),
-        repository: "https://git.example.test/team/service.git".to_string(),
+        repository: sample_repository(),
         name: name.to_string(),
         ..Default::default()
     }

@@ -86,17 +86,17 @@ async fn create_get_list_page_and_search() {
     assert_eq!(by_name.len(), 1);
     assert_eq!(by_name[0].id, created[5].id);
 
-    // The scheduler places every agent on the only node, and its actor takes it to provisioning.
+    // The scheduler places every agent on the only node, and its actor boots it a machine.
     let endpoint = cluster.nodes[0].endpoint();
     let token = cluster.admin_token();
-    wait_for("all agents provisioning on node 1", DEADLINE, || {
+    wait_for("all agents running on node 1", DEADLINE, || {
         let endpoint = endpoint.clone();
         let token = token.clone();
         async move {
             let mut client = agent_client(&endpoint, &token).await;
             let reply = client
                 .list_agents(v1::ListAgentsRequest {
-                    statuses: vec![v1::AgentStatus::Provisioning as i32],
+                    statuses: vec![v1::AgentStatus::Running as i32],
                     ..Default::default()
                 })
                 .await
@@ -181,7 +181,7 @@ async fn watch_resumes_after_reconnect_without_gaps_or_duplicates() {
     loop {
         let event = next_event(&mut stream).await.expect("stream open");
         sequences.push(event.sequence);
-        if status_change(&event) == Some(v1::AgentStatus::Provisioning) {
+        if status_change(&event) == Some(v1::AgentStatus::Running) {
             break;
         }
     }

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use flotilla_proto::v1;
 use flotilla_tests::{agent_client, wait_for, ClusterOptions, TestCluster};
 
-use crate::common::{create, get, status_of, DEADLINE};
+use crate::common::{create, get, sample_repository, status_of, DEADLINE};
 
 fn stdout_of(output: &std::process::Output, what: &str) -> String {
     assert!(
@@ -25,6 +25,7 @@ async fn the_cli_creates_lists_gets_and_stops_agents() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "the admin token is private to its owner");
 
+    let repository = sample_repository();
     let id = stdout_of(
         &cluster.run_cli(
             1,
@@ -32,7 +33,7 @@ async fn the_cli_creates_lists_gets_and_stops_agents() {
                 "agent",
                 "create",
                 "--repo",
-                "https://git.example.test/a/b.git",
+                &repository,
                 "--prompt",
                 "Add a CLI test",
                 "--name",
@@ -53,7 +54,7 @@ async fn the_cli_creates_lists_gets_and_stops_agents() {
     let first = &listed.as_array().expect("an array")[0];
     assert_eq!(first["id"], id.as_str());
     assert_eq!(first["name"], "cli-made");
-    assert_eq!(first["repository"], "https://git.example.test/a/b.git");
+    assert_eq!(first["repository"], repository.as_str());
     assert!(
         first.get("work_branch").is_some(),
         "snake_case proto field names: {first}"
@@ -134,7 +135,7 @@ async fn a_drained_node_takes_no_new_agents_until_the_drain_is_lifted() {
             let id = agent.id.clone();
             async move {
                 let found = get(&mut agent_client(&endpoint, &token).await, &id).await?;
-                (status_of(&found) == v1::AgentStatus::Provisioning).then_some(())
+                (status_of(&found) == v1::AgentStatus::Running).then_some(())
             }
         },
     )

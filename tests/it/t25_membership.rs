@@ -68,7 +68,7 @@ async fn a_learner_is_promoted_and_a_node_is_removed() {
                 agents
                     .iter()
                     .all(|agent| {
-                        agent.status == v1::AgentStatus::Provisioning as i32
+                        agent.status == v1::AgentStatus::Running as i32
                             && agent
                                 .assignment
                                 .as_ref()

@@ -57,16 +57,16 @@ async fn agents_of_a_killed_node_are_reassigned_with_a_higher_epoch() {
     let before = {
         let endpoint = endpoint.clone();
         let token = token.clone();
-        wait_for("six agents provisioning, two per node", DEADLINE, move || {
+        wait_for("six agents running, two per node", DEADLINE, move || {
             let endpoint = endpoint.clone();
             let token = token.clone();
             async move {
                 let placed = placements(&endpoint, &token).await?;
-                let provisioning = placed
+                let running = placed
                     .values()
-                    .filter(|(_, _, status)| *status == v1::AgentStatus::Provisioning as i32)
+                    .filter(|(_, _, status)| *status == v1::AgentStatus::Running as i32)
                     .count();
-                (provisioning == 6).then_some(placed)
+                (running == 6).then_some(placed)
             }
         })
         .await
@@ -96,7 +96,7 @@ async fn agents_of_a_killed_node_are_reassigned_with_a_higher_epoch() {
         let token = token.clone();
         let moved = moved.clone();
         wait_for(
-            "the killed node's agents on live nodes under epoch 2",
+            "the killed node's agents running on live nodes under epoch 2",
             DEADLINE,
             move || {
                 let endpoint = endpoint.clone();
@@ -108,7 +108,7 @@ async fn agents_of_a_killed_node_are_reassigned_with_a_higher_epoch() {
                         .iter()
                         .all(|id| {
                             let (node, epoch, status) = placed[id];
-                            node != victim && epoch == 2 && status == v1::AgentStatus::Provisioning as i32
+                            node != victim && epoch == 2 && status == v1::AgentStatus::Running as i32
                         })
                         .then_some(placed)
                 }
@@ -125,7 +125,7 @@ async fn agents_of_a_killed_node_are_reassigned_with_a_higher_epoch() {
     // Agents on live nodes kept their epoch.
     for (id, (node, epoch, _)) in &before {
         if *node != victim {
-            assert_eq!(after[id], (*node, *epoch, v1::AgentStatus::Provisioning as i32));
+            assert_eq!(after[id], (*node, *epoch, v1::AgentStatus::Running as i32));
         }
     }
     let mut cluster_client = flotilla_tests::cluster_client(&endpoint, &token).await;

@@ -23,7 +23,7 @@ async fn a_watcher_on_node_a_sees_events_of_an_agent_on_node_b() {
     let agent = client_a
         .create_agent(v1::CreateAgentRequest {
             prompt: "Runs in the west".to_string(),
-            repository: "https://git.example.test/team/service.git".to_string(),
+            repository: crate::common::sample_repository(),
             region: "west".to_string(),
             ..Default::default()
         })
