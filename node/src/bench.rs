@@ -35,7 +35,9 @@ const CONNECTIONS_PER_NODE: usize = 2;
 const MAX_RECORDED_LATENCY_US: u64 = 60_000_000;
 const LATENCY_SIGNIFICANT_DIGITS: u8 = 3;
 
-const SLOTS_PER_BENCH_NODE: u32 = 4;
+/// Bench nodes run no agents: the figure is the create path (validation, Raft commit,
+/// apply), not machine provisioning, which has its own benchmark (`flotilla bench machines`).
+const SLOTS_PER_BENCH_NODE: u32 = 0;
 /// Nodes beyond this stay learners: a Raft group wants few voters.
 const MAX_BENCH_VOTERS: u64 = 5;
 /// Time for a loopback cluster to bootstrap, join and elect; RocksDB opens dominate.
