@@ -116,9 +116,17 @@ fn private_mount_namespace() -> Result<(), std::io::Error> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, TopCommand::Node(_)) {
+    let mounts_layers = matches!(
+        cli.command,
+        TopCommand::Node(_)
+            | TopCommand::Image { .. }
+            | TopCommand::Bench {
+                command: BenchCommand::Machines(_)
+            }
+    );
+    if mounts_layers {
         if let Err(error) = private_mount_namespace() {
-            eprintln!("error: a node needs its own mount namespace for machine layers (run it as root): {error}");
+            eprintln!("error: machine layers need a mount namespace of this process's own (run as root): {error}");
             return ExitCode::FAILURE;
         }
     }
