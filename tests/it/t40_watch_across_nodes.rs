@@ -88,3 +88,49 @@ async fn a_watcher_on_node_a_sees_events_of_an_agent_on_node_b() {
     }
     assert!(stopped, "the watcher saw the stop before its stream ended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_through_another_node_reaches_the_owner() {
+    let cluster = TestCluster::start(
+        2,
+        ClusterOptions {
+            regions: vec!["east".to_string(), "west".to_string()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let token = cluster.admin_token();
+    let repository = crate::common::bare_repository(
+        cluster.dir.path(),
+        "remote",
+        &[(
+            ".flotilla/environment.json",
+            r#"{"terminals": [{"name": "hello", "command": "echo remote-terminal-ok; exec sleep 1000000"}]}"#,
+        )],
+    );
+    let endpoint_a = cluster.nodes[0].endpoint();
+    let mut client_a = agent_client(&endpoint_a, &token).await;
+    let agent = client_a
+        .create_agent(v1::CreateAgentRequest {
+            prompt: "Runs in the west".to_string(),
+            repository,
+            region: "west".to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .agent
+        .expect("agent");
+    let running = crate::t50_machines::wait_for_status(&endpoint_a, &token, &agent.id, v1::AgentStatus::Running).await;
+    assert_eq!(
+        running.assignment.map(|assignment| assignment.node_id),
+        Some(cluster.nodes[1].id)
+    );
+    // Node A runs no machine for it; it passes the attach on to node B.
+    let mut terminal = crate::t50_machines::Attached::open(&mut client_a, &agent.id, "hello", false)
+        .await
+        .expect("attach through node a");
+    terminal.read_until("remote-terminal-ok").await;
+    terminal.read_until(&format!("on node {}", cluster.nodes[1].id)).await;
+}

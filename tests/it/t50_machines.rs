@@ -36,7 +36,7 @@ async fn create_on(client: &mut AgentClient, repository: &str, name: &str) -> v1
         .expect("agent")
 }
 
-async fn wait_for_status(endpoint: &str, token: &str, id: &str, wanted: v1::AgentStatus) -> v1::Agent {
+pub(crate) async fn wait_for_status(endpoint: &str, token: &str, id: &str, wanted: v1::AgentStatus) -> v1::Agent {
     let (endpoint, token, id) = (endpoint.to_string(), token.to_string(), id.to_string());
     wait_for(&format!("agent {id} to be {wanted:?}"), DEADLINE, move || {
         let (endpoint, token, id) = (endpoint.clone(), token.clone(), id.clone());
@@ -49,14 +49,14 @@ async fn wait_for_status(endpoint: &str, token: &str, id: &str, wanted: v1::Agen
 }
 
 /// An open attach: requests go in, output and notices come out.
-struct Attached {
+pub(crate) struct Attached {
     requests: mpsc::Sender<v1::AttachRequest>,
     responses: tonic::Streaming<v1::AttachResponse>,
     screen: String,
 }
 
 impl Attached {
-    async fn open(
+    pub(crate) async fn open(
         client: &mut AgentClient,
         id: &str,
         terminal: &str,
@@ -85,7 +85,7 @@ impl Attached {
         })
     }
 
-    async fn type_text(&self, text: &str) {
+    pub(crate) async fn type_text(&self, text: &str) {
         self.requests
             .send(v1::AttachRequest {
                 kind: Some(attach_request::Kind::Input(text.as_bytes().to_vec())),
@@ -95,7 +95,7 @@ impl Attached {
     }
 
     /// Reads output until `wanted` has appeared on the screen.
-    async fn read_until(&mut self, wanted: &str) {
+    pub(crate) async fn read_until(&mut self, wanted: &str) {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         while !self.screen.contains(wanted) {
             let message = tokio::time::timeout_at(deadline, self.responses.next())
