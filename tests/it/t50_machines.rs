@@ -381,3 +381,73 @@ async fn egress_goes_only_to_allowed_hosts_through_the_node_proxy() {
         .expect_err("a malformed host pattern is refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 }
+
+/// Runs tmux on the host with a socket of its own, as a person's terminal would.
+fn host_tmux(socket: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new("tmux")
+        .args(["-L", socket])
+        .args(args)
+        .output()
+        .expect("run tmux");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_takes_over_with_the_cli_in_a_terminal() {
+    let cluster = TestCluster::start(1, ClusterOptions::default()).await;
+    let token = cluster.admin_token();
+    let endpoint = cluster.nodes[0].endpoint();
+    let mut client = agent_client(&endpoint, &token).await;
+    let agent = create_on(&mut client, &crate::common::sample_repository(), "by-hand").await;
+    wait_for_status(&endpoint, &token, &agent.id, v1::AgentStatus::Running).await;
+
+    let socket = format!("flotilla-test-{}", std::process::id());
+    let command = format!(
+        "FLOTILLA_TOKEN={token} {} --endpoint {endpoint} agent attach {} --takeover",
+        flotilla_tests::flotilla_bin().display(),
+        agent.id
+    );
+    host_tmux(
+        &socket,
+        &["new-session", "-d", "-s", "person", "-x", "120", "-y", "30", &command],
+    );
+    let screen = |socket: String| async move {
+        let text = host_tmux(&socket, &["capture-pane", "-p", "-t", "person"]);
+        Some(text)
+    };
+    // The machine's tmux redraws the whole screen; its status line names the session's windows.
+    wait_for("the attach to show the machine's shell", DEADLINE, || {
+        let socket = socket.clone();
+        async move { screen(socket).await.filter(|text| text.contains("0:shell")).map(|_| ()) }
+    })
+    .await;
+    host_tmux(
+        &socket,
+        &["send-keys", "-t", "person", "echo hel''lo-$((6*7))", "Enter"],
+    );
+    wait_for("hello-42 on the person's screen", DEADLINE, || {
+        let socket = socket.clone();
+        async move {
+            screen(socket)
+                .await
+                .filter(|text| text.contains("hello-42"))
+                .map(|_| ())
+        }
+    })
+    .await;
+    // Ctrl-] detaches; the CLI exits and the take-over is released.
+    host_tmux(&socket, &["send-keys", "-t", "person", "C-]"]);
+    wait_for("the CLI to exit after Ctrl-]", DEADLINE, || {
+        let socket = socket.clone();
+        async move {
+            let sessions = host_tmux(&socket, &["list-sessions"]);
+            (!sessions.contains("person")).then_some(())
+        }
+    })
+    .await;
+    host_tmux(&socket, &["kill-server"]);
+    let mut again = Attached::open(&mut client, &agent.id, "", true)
+        .await
+        .expect("take over again");
+    again.read_until("take-over").await;
+}
