@@ -11,6 +11,8 @@ pub mod follow;
 pub mod liveness;
 pub mod machine;
 pub mod mesh;
+pub mod model;
 pub mod repo;
 pub mod scheduler;
 pub mod supervisor;
+pub mod tools;

@@ -1,0 +1,287 @@
+//! The HTTP side shared by the streaming providers: retries with bounded backoff, the
+//! provider's error message from an error body, the whole-turn and idle-stream timeouts, and the
+//! event-stream read loop that feeds a wire-format assembler.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc::Sender;
+
+use super::sse::{SseEvent, SseParser};
+use super::{emit, ModelError, StreamEvent, TurnResponse, MAX_ERROR_BODY_BYTES};
+
+/// First retry delay; each later one doubles, up to [`MAX_BACKOFF_MS`].
+pub(crate) const FIRST_BACKOFF_MS: u64 = 200;
+pub(crate) const MAX_BACKOFF_MS: u64 = 5_000;
+/// Longest `retry-after` honoured; a server asking for more waits this long.
+pub(crate) const MAX_RETRY_AFTER_MS: u64 = 30_000;
+const MAX_CONNECT_TIMEOUT_MS: u64 = 30_000;
+/// Longest provider message or body excerpt kept in an error.
+const MAX_ERROR_MESSAGE_CHARS: usize = 2_000;
+
+#[derive(Debug, Clone)]
+pub(crate) struct HttpSettings {
+    /// Without a trailing slash.
+    pub(crate) base_url: String,
+    pub(crate) timeout_ms: u64,
+    pub(crate) stream_idle_timeout_ms: u64,
+    pub(crate) max_retries: u32,
+}
+
+/// Turns the events of one provider's stream into [`StreamEvent`]s and a [`TurnResponse`].
+pub(crate) trait StreamAssembly {
+    /// Handles one SSE event, pushing the stream events it produces onto `out`.
+    fn on_event(&mut self, event: SseEvent, out: &mut Vec<StreamEvent>) -> Result<(), ModelError>;
+    /// True once the provider has said the response is complete.
+    fn is_complete(&self) -> bool;
+    /// The assembled response, once the stream has ended.
+    fn finish(self) -> Result<TurnResponse, ModelError>;
+}
+
+pub(crate) fn build_client(settings: &HttpSettings) -> Result<reqwest::Client, ModelError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(settings.timeout_ms.min(MAX_CONNECT_TIMEOUT_MS)))
+        .build()
+        .map_err(|error| ModelError::Config(format!("cannot build the HTTP client: {}", error_chain(&error))))
+}
+
+/// Runs one streamed turn within the whole-turn timeout: sends with retries, then feeds the
+/// event stream to `assembly`, emitting its events, and finally emits [`StreamEvent::Done`].
+pub(crate) async fn run_streamed_turn<A: StreamAssembly>(
+    settings: &HttpSettings,
+    make_request: &(dyn Fn() -> reqwest::RequestBuilder + Send + Sync),
+    assembly: A,
+    events: &Sender<StreamEvent>,
+) -> Result<TurnResponse, ModelError> {
+    let whole_turn = Duration::from_millis(settings.timeout_ms);
+    match tokio::time::timeout(whole_turn, stream_turn(settings, make_request, assembly, events)).await {
+        Ok(outcome) => outcome,
+        Err(_elapsed) => Err(ModelError::Timeout {
+            after_ms: settings.timeout_ms,
+        }),
+    }
+}
+
+async fn stream_turn<A: StreamAssembly>(
+    settings: &HttpSettings,
+    make_request: &(dyn Fn() -> reqwest::RequestBuilder + Send + Sync),
+    mut assembly: A,
+    events: &Sender<StreamEvent>,
+) -> Result<TurnResponse, ModelError> {
+    let (response, attempts) = send_with_retries(settings, make_request).await?;
+    if let Some(content_type) = response.headers().get(reqwest::header::CONTENT_TYPE) {
+        let content_type = String::from_utf8_lossy(content_type.as_bytes()).into_owned();
+        if !content_type.to_ascii_lowercase().starts_with("text/event-stream") {
+            let body = read_bounded_body(response).await;
+            return Err(ModelError::Malformed(format!(
+                "expected an event stream (text/event-stream), found {content_type:?}: {}",
+                excerpt(&String::from_utf8_lossy(&body))
+            )));
+        }
+    }
+    let idle = Duration::from_millis(settings.stream_idle_timeout_ms);
+    let mut body = response.bytes_stream();
+    let mut parser = SseParser::new();
+    let mut produced = Vec::new();
+    while !assembly.is_complete() {
+        let next = tokio::time::timeout(idle, body.next())
+            .await
+            .map_err(|_elapsed| ModelError::Timeout {
+                after_ms: settings.stream_idle_timeout_ms,
+            })?;
+        let parsed = match next {
+            Some(Ok(chunk)) => parser.push(&chunk)?,
+            Some(Err(error)) => {
+                return Err(ModelError::Unavailable {
+                    attempts,
+                    last: format!("reading the response stream: {}", error_chain(&error)),
+                })
+            }
+            None => {
+                if let Some(event) = parser.finish()? {
+                    assembly
+                        .on_event(event, &mut produced)
+                        .map_err(|error| with_attempts(error, attempts))?;
+                }
+                for event in produced.drain(..) {
+                    emit(events, event).await;
+                }
+                break;
+            }
+        };
+        for event in parsed {
+            assembly
+                .on_event(event, &mut produced)
+                .map_err(|error| with_attempts(error, attempts))?;
+            for event in produced.drain(..) {
+                emit(events, event).await;
+            }
+            if assembly.is_complete() {
+                break;
+            }
+        }
+    }
+    let response = assembly.finish()?;
+    emit(events, StreamEvent::Done(response.clone())).await;
+    Ok(response)
+}
+
+/// Sends until a 2xx response, retrying 408, 429, 5xx and transport errors with backoff.
+/// Returns the response and the number of attempts made.
+async fn send_with_retries(
+    settings: &HttpSettings,
+    make_request: &(dyn Fn() -> reqwest::RequestBuilder + Send + Sync),
+) -> Result<(reqwest::Response, u32), ModelError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let (retry_after_ms, last) = match make_request().send().await {
+            Ok(response) if response.status().is_success() => return Ok((response, attempts)),
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let retry_after_ms = parse_retry_after_ms(response.headers());
+                let message = provider_error_message(&read_bounded_body(response).await);
+                if !is_retryable_status(status) {
+                    return Err(ModelError::Rejected { status, message });
+                }
+                (retry_after_ms, format!("http {status}: {message}"))
+            }
+            Err(error) if error.is_builder() => {
+                return Err(ModelError::Config(format!(
+                    "cannot build the request: {}",
+                    error_chain(&error)
+                )))
+            }
+            Err(error) => (None, error_chain(&error)),
+        };
+        if attempts > settings.max_retries {
+            return Err(ModelError::Unavailable { attempts, last });
+        }
+        tracing::debug!(attempts, %last, "model request failed; retrying");
+        tokio::time::sleep(retry_delay(attempts, retry_after_ms)).await;
+    }
+}
+
+/// Stream assemblers report in-stream failures with 0 attempts; the count is known here.
+fn with_attempts(error: ModelError, attempts: u32) -> ModelError {
+    match error {
+        ModelError::Unavailable { attempts: 0, last } => ModelError::Unavailable { attempts, last },
+        other => other,
+    }
+}
+
+fn is_retryable_status(status: u16) -> bool {
+    status == 408 || status == 429 || status >= 500
+}
+
+/// The wait after failed attempt number `attempt` (1-based): the server's `retry-after` when it
+/// sent one (capped), otherwise exponential backoff.
+pub(crate) fn retry_delay(attempt: u32, retry_after_ms: Option<u64>) -> Duration {
+    if let Some(retry_after_ms) = retry_after_ms {
+        return Duration::from_millis(retry_after_ms.min(MAX_RETRY_AFTER_MS));
+    }
+    let doublings = attempt.saturating_sub(1).min(16);
+    Duration::from_millis((FIRST_BACKOFF_MS << doublings).min(MAX_BACKOFF_MS))
+}
+
+/// `retry-after` in seconds (an HTTP date is ignored and backoff applies instead).
+fn parse_retry_after_ms(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let seconds: f64 = value.parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| (seconds.min(MAX_RETRY_AFTER_MS as f64 / 1000.0) * 1000.0) as u64)
+}
+
+async fn read_bounded_body(mut response: reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = MAX_ERROR_BODY_BYTES - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body
+}
+
+/// The provider's own message from an error body: `error.message` (OpenAI and Anthropic),
+/// `error` as a string or a top-level `message` (some compatible servers), else the body text.
+pub(crate) fn provider_error_message(body: &[u8]) -> String {
+    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) {
+        let message = json
+            .pointer("/error/message")
+            .and_then(|value| value.as_str())
+            .or_else(|| json.get("error").and_then(|value| value.as_str()))
+            .or_else(|| json.get("message").and_then(|value| value.as_str()));
+        if let Some(message) = message {
+            return excerpt(message);
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    if text.trim().is_empty() {
+        "empty error body".to_string()
+    } else {
+        excerpt(text.trim())
+    }
+}
+
+fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(MAX_ERROR_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// An error with its sources, which is where reqwest puts the useful part ("connection refused").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_retry_after_is_honoured_within_limits() {
+        let delays: Vec<u64> = (1..=7)
+            .map(|attempt| retry_delay(attempt, None).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, vec![200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(retry_delay(1, Some(2_000)), Duration::from_secs(2));
+        assert_eq!(
+            retry_delay(1, Some(3_600_000)),
+            Duration::from_millis(MAX_RETRY_AFTER_MS)
+        );
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(parse_retry_after_ms(&headers), Some(3_000));
+        headers.insert(
+            reqwest::header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(parse_retry_after_ms(&headers), None);
+    }
+
+    #[test]
+    fn error_message_comes_from_the_body() {
+        let openai = br#"{"error":{"message":"Invalid model","type":"invalid_request_error"}}"#;
+        assert_eq!(provider_error_message(openai), "Invalid model");
+        let anthropic =
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: required"}}"#;
+        assert_eq!(provider_error_message(anthropic), "max_tokens: required");
+        assert_eq!(
+            provider_error_message(br#"{"error":"model not found"}"#),
+            "model not found"
+        );
+        assert_eq!(provider_error_message(b"Bad Gateway\n"), "Bad Gateway");
+        assert_eq!(provider_error_message(b""), "empty error body");
+    }
+}

@@ -1,0 +1,667 @@
+//! The `openai` provider: Chat Completions with function tools and streaming, as spoken by
+//! OpenAI and compatible servers (vLLM, llama.cpp, Ollama, ...).
+
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc::Sender;
+
+use super::http::{self, HttpSettings, StreamAssembly};
+use super::sse::SseEvent;
+use super::{ApiKey, Message, ModelError, ModelProvider, Role, StopReason, StreamEvent, ToolCall, TurnRequest};
+use super::{TurnResponse, Usage, MAX_RESPONSE_TEXT_BYTES, MAX_TOOL_ARGUMENTS_BYTES, MAX_TOOL_CALLS_PER_TURN};
+
+pub struct OpenAiProvider {
+    name: String,
+    model: String,
+    settings: HttpSettings,
+    client: reqwest::Client,
+    authorization: Option<HeaderValue>,
+}
+
+impl OpenAiProvider {
+    pub(crate) fn new(settings: HttpSettings, model: String, api_key: Option<ApiKey>) -> Result<Self, ModelError> {
+        let authorization = match api_key {
+            Some(key) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                    ModelError::Config("the API key contains characters not allowed in a header".into())
+                })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        Ok(Self {
+            name: format!("openai:{model}"),
+            model,
+            client: http::build_client(&settings)?,
+            settings,
+            authorization,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ModelProvider for OpenAiProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn scripted(&self) -> bool {
+        false
+    }
+
+    async fn turn(&self, request: &TurnRequest, events: Sender<StreamEvent>) -> Result<TurnResponse, ModelError> {
+        let body = serde_json::to_vec(&request_body(&self.model, request))
+            .map_err(|error| ModelError::Config(format!("cannot encode the request: {error}")))?;
+        let url = format!("{}/chat/completions", self.settings.base_url);
+        let make_request = || {
+            let builder = self
+                .client
+                .post(&url)
+                .header(CONTENT_TYPE, "application/json")
+                .header(ACCEPT, "text/event-stream")
+                .body(body.clone());
+            match &self.authorization {
+                Some(authorization) => builder.header(AUTHORIZATION, authorization.clone()),
+                None => builder,
+            }
+        };
+        http::run_streamed_turn(&self.settings, &make_request, StreamAssembler::default(), &events).await
+    }
+}
+
+/// The Chat Completions request for `request`.
+pub(crate) fn request_body(model: &str, request: &TurnRequest) -> serde_json::Value {
+    let messages: Vec<serde_json::Value> = request.messages.iter().map(message_json).collect();
+    let mut body = json!({
+        "model": model,
+        "messages": messages,
+        "max_tokens": request.max_output_tokens,
+        "stream": true,
+        "stream_options": { "include_usage": true },
+    });
+    if !request.tools.is_empty() {
+        let tools: Vec<serde_json::Value> = request
+            .tools
+            .iter()
+            .map(|tool| {
+                json!({
+                    "type": "function",
+                    "function": { "name": tool.name, "description": tool.description, "parameters": tool.parameters },
+                })
+            })
+            .collect();
+        body["tools"] = serde_json::Value::Array(tools);
+    }
+    body
+}
+
+fn message_json(message: &Message) -> serde_json::Value {
+    match message.role {
+        Role::System => json!({ "role": "system", "content": message.content }),
+        Role::User => json!({ "role": "user", "content": message.content }),
+        Role::Assistant if message.tool_calls.is_empty() => json!({ "role": "assistant", "content": message.content }),
+        Role::Assistant => {
+            let tool_calls: Vec<serde_json::Value> = message
+                .tool_calls
+                .iter()
+                .map(|call| {
+                    json!({
+                        "id": call.id,
+                        "type": "function",
+                        "function": { "name": call.name, "arguments": call.arguments_json },
+                    })
+                })
+                .collect();
+            let content = if message.content.is_empty() {
+                serde_json::Value::Null
+            } else {
+                json!(message.content)
+            };
+            json!({ "role": "assistant", "content": content, "tool_calls": tool_calls })
+        }
+        Role::Tool => json!({
+            "role": "tool",
+            "tool_call_id": message.tool_call_id.as_deref().unwrap_or_default(),
+            "content": message.content,
+        }),
+    }
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallDelta {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChunkUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+struct PartialToolCall {
+    index: u64,
+    id: String,
+    name: String,
+    arguments: String,
+    /// Whether `ToolCallStarted` went out; it waits for the function name.
+    started: bool,
+}
+
+/// Assembles a Chat Completions stream: text deltas, tool calls gathered by `index` (id and name
+/// in the first delta, argument fragments after), usage and the finish reason.
+#[derive(Default)]
+pub(crate) struct StreamAssembler {
+    text: String,
+    tool_calls: Vec<PartialToolCall>,
+    usage: Usage,
+    finish_reason: Option<String>,
+    saw_done: bool,
+}
+
+impl StreamAssembler {
+    fn on_tool_call_delta(&mut self, delta: ToolCallDelta, out: &mut Vec<StreamEvent>) -> Result<(), ModelError> {
+        let position = match delta.index {
+            Some(index) => self.tool_calls.iter().position(|call| call.index == index),
+            // Servers that leave out `index` send each call whole or continue the last one.
+            None => match &delta.id {
+                Some(id) if !self.tool_calls.iter().any(|call| &call.id == id) => None,
+                _ => self.tool_calls.len().checked_sub(1),
+            },
+        };
+        let position = match position {
+            Some(position) => position,
+            None => {
+                if self.tool_calls.len() >= MAX_TOOL_CALLS_PER_TURN {
+                    return Err(ModelError::TooLarge {
+                        what: format!("the number of tool calls (over {MAX_TOOL_CALLS_PER_TURN})"),
+                        limit_bytes: MAX_TOOL_CALLS_PER_TURN,
+                    });
+                }
+                let index = delta.index.unwrap_or(self.tool_calls.len() as u64);
+                self.tool_calls.push(PartialToolCall {
+                    index,
+                    id: String::new(),
+                    name: String::new(),
+                    arguments: String::new(),
+                    started: false,
+                });
+                self.tool_calls.len() - 1
+            }
+        };
+        let call = &mut self.tool_calls[position];
+        if call.id.is_empty() {
+            if let Some(id) = delta.id.filter(|id| !id.is_empty()) {
+                call.id = id;
+            }
+        }
+        let (name, arguments) = match delta.function {
+            Some(function) => (function.name, function.arguments.unwrap_or_default()),
+            None => (None, String::new()),
+        };
+        if call.name.is_empty() {
+            if let Some(name) = name.filter(|name| !name.is_empty()) {
+                call.name = name;
+            }
+        }
+        if call.arguments.len() + arguments.len() > MAX_TOOL_ARGUMENTS_BYTES {
+            return Err(ModelError::TooLarge {
+                what: format!("the arguments of tool call {:?}", call.name),
+                limit_bytes: MAX_TOOL_ARGUMENTS_BYTES,
+            });
+        }
+        call.arguments.push_str(&arguments);
+        if !call.started {
+            if call.name.is_empty() {
+                return Ok(());
+            }
+            if call.id.is_empty() {
+                call.id = format!("call_{}", call.index);
+            }
+            call.started = true;
+            out.push(StreamEvent::ToolCallStarted {
+                id: call.id.clone(),
+                name: call.name.clone(),
+            });
+            if !call.arguments.is_empty() {
+                out.push(StreamEvent::ToolCallArgumentsDelta {
+                    id: call.id.clone(),
+                    delta: call.arguments.clone(),
+                });
+            }
+        } else if !arguments.is_empty() {
+            out.push(StreamEvent::ToolCallArgumentsDelta {
+                id: call.id.clone(),
+                delta: arguments,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl StreamAssembly for StreamAssembler {
+    fn on_event(&mut self, event: SseEvent, out: &mut Vec<StreamEvent>) -> Result<(), ModelError> {
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            self.saw_done = true;
+            return Ok(());
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let chunk: Chunk = serde_json::from_str(data).map_err(|error| {
+            ModelError::Malformed(format!(
+                "chat completion chunk is not the expected JSON ({error}): {data:.200}"
+            ))
+        })?;
+        if let Some(error) = chunk.error {
+            let message = error
+                .get("message")
+                .and_then(|message| message.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| error.to_string());
+            return Err(ModelError::Unavailable {
+                attempts: 0,
+                last: format!("error in the response stream: {message}"),
+            });
+        }
+        if let Some(usage) = chunk.usage {
+            self.usage = Usage {
+                input_tokens: usage.prompt_tokens,
+                output_tokens: usage.completion_tokens,
+            };
+        }
+        for choice in chunk.choices.into_iter().filter(|choice| choice.index == 0) {
+            if let Some(delta) = choice.delta {
+                if let Some(content) = delta.content.filter(|content| !content.is_empty()) {
+                    if self.text.len() + content.len() > MAX_RESPONSE_TEXT_BYTES {
+                        return Err(ModelError::TooLarge {
+                            what: "the response text".to_string(),
+                            limit_bytes: MAX_RESPONSE_TEXT_BYTES,
+                        });
+                    }
+                    self.text.push_str(&content);
+                    out.push(StreamEvent::TextDelta(content));
+                }
+                for tool_call in delta.tool_calls.unwrap_or_default() {
+                    self.on_tool_call_delta(tool_call, out)?;
+                }
+            }
+            if let Some(reason) = choice.finish_reason {
+                self.finish_reason = Some(reason);
+            }
+        }
+        Ok(())
+    }
+
+    fn is_complete(&self) -> bool {
+        self.saw_done
+    }
+
+    fn finish(self) -> Result<TurnResponse, ModelError> {
+        let Some(finish_reason) = self.finish_reason else {
+            return Err(ModelError::Malformed(
+                "the event stream ended without a finish_reason for the response".to_string(),
+            ));
+        };
+        let mut tool_calls = Vec::with_capacity(self.tool_calls.len());
+        for call in self.tool_calls {
+            if call.name.is_empty() {
+                return Err(ModelError::Malformed(format!(
+                    "tool call at index {} has no function name",
+                    call.index
+                )));
+            }
+            let arguments_json = if call.arguments.trim().is_empty() {
+                "{}".to_string()
+            } else {
+                call.arguments
+            };
+            tool_calls.push(ToolCall {
+                id: call.id,
+                name: call.name,
+                arguments_json,
+            });
+        }
+        let stop_reason = match finish_reason.as_str() {
+            // Some compatible servers say "stop" even when the message carries tool calls.
+            "stop" if !tool_calls.is_empty() => StopReason::ToolUse,
+            "stop" => StopReason::EndTurn,
+            "tool_calls" | "function_call" => StopReason::ToolUse,
+            "length" => StopReason::MaxTokens,
+            other => StopReason::Other(other.to_string()),
+        };
+        Ok(TurnResponse {
+            text: self.text,
+            tool_calls,
+            usage: self.usage,
+            stop_reason,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{pieces, provider, run_turn, streamed_arguments, streamed_text};
+    use super::super::test_support::{FakeServer, Reply, TEST_API_KEY};
+    use super::super::{build_provider, ModelConfig, ProviderKind, ToolSpec};
+    use super::*;
+
+    fn sse(chunks: &[serde_json::Value]) -> String {
+        let mut body: String = chunks.iter().map(|chunk| format!("data: {chunk}\n\n")).collect();
+        body.push_str("data: [DONE]\n\n");
+        body
+    }
+
+    fn request() -> TurnRequest {
+        TurnRequest {
+            messages: vec![
+                Message::system("You are a coding agent."),
+                Message::user("List the files."),
+                Message::assistant(
+                    "",
+                    vec![ToolCall {
+                        id: "call_a".to_string(),
+                        name: "list_dir".to_string(),
+                        arguments_json: r#"{"path":"."}"#.to_string(),
+                    }],
+                ),
+                Message::tool_result("call_a", "README.md\nsrc/"),
+            ],
+            tools: vec![ToolSpec {
+                name: "list_dir".to_string(),
+                description: "List a directory.".to_string(),
+                parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+            }],
+            max_output_tokens: 1024,
+        }
+    }
+
+    fn text_answer() -> String {
+        sse(&[
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "Hello, "}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "wörld."}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}),
+        ])
+    }
+
+    #[tokio::test]
+    async fn streams_a_text_answer() {
+        let server = FakeServer::start(|_| Reply::Sse(pieces(&text_answer(), 7))).await;
+        let provider = provider(ProviderKind::Openai, &format!("{}/v1", server.address), 5_000);
+        let (outcome, events) = run_turn(provider.as_ref(), &request()).await;
+        let response = outcome.expect("turn succeeds");
+        assert_eq!(response.text, "Hello, wörld.");
+        assert_eq!(streamed_text(&events), "Hello, wörld.");
+        assert!(response.tool_calls.is_empty());
+        assert_eq!(response.stop_reason, StopReason::EndTurn);
+        assert_eq!(
+            response.usage,
+            Usage {
+                input_tokens: 12,
+                output_tokens: 3
+            }
+        );
+        assert_eq!(events.last(), Some(&StreamEvent::Done(response)));
+    }
+
+    #[tokio::test]
+    async fn reassembles_a_tool_call_split_over_deltas_and_sends_the_right_request() {
+        let arguments = r#"{"command": "ls -la", "timeout_ms": 5000}"#;
+        let (first, rest) = arguments.split_at(9);
+        let (second, third) = rest.split_at(14);
+        let body = sse(&[
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Let me look."}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_xyz", "type": "function",
+                "function": {"name": "run_command", "arguments": ""}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": first}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": second}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": third}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+        ]);
+        let server = FakeServer::start(move |_| Reply::Sse(pieces(&body, 5))).await;
+        let provider = provider(ProviderKind::Openai, &format!("{}/v1", server.address), 5_000);
+        let (outcome, events) = run_turn(provider.as_ref(), &request()).await;
+        let response = outcome.expect("turn succeeds");
+        assert_eq!(response.text, "Let me look.");
+        assert_eq!(
+            response.tool_calls,
+            vec![ToolCall {
+                id: "call_xyz".to_string(),
+                name: "run_command".to_string(),
+                arguments_json: arguments.to_string()
+            }]
+        );
+        assert_eq!(response.stop_reason, StopReason::ToolUse);
+        assert!(events.contains(&StreamEvent::ToolCallStarted {
+            id: "call_xyz".to_string(),
+            name: "run_command".to_string()
+        }));
+        assert_eq!(streamed_arguments(&events, "call_xyz"), arguments);
+
+        let requests = server.requests();
+        assert_eq!(requests.len(), 1);
+        let received = &requests[0];
+        assert_eq!(received.path, "/v1/chat/completions");
+        assert_eq!(
+            received.headers["authorization"],
+            format!("Bearer {TEST_API_KEY}").as_str()
+        );
+        assert_eq!(received.headers["content-type"], "application/json");
+        let expected = json!({
+            "model": "test-model",
+            "max_tokens": 1024,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": [
+                {"role": "system", "content": "You are a coding agent."},
+                {"role": "user", "content": "List the files."},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_a", "type": "function", "function": {"name": "list_dir", "arguments": "{\"path\":\".\"}"}}
+                ]},
+                {"role": "tool", "tool_call_id": "call_a", "content": "README.md\nsrc/"},
+            ],
+            "tools": [{"type": "function", "function": {
+                "name": "list_dir",
+                "description": "List a directory.",
+                "parameters": {"type": "object", "properties": {"path": {"type": "string"}}},
+            }}],
+        });
+        assert_eq!(received.body, expected);
+    }
+
+    #[tokio::test]
+    async fn retries_after_429_then_succeeds() {
+        let server = FakeServer::start(|number| match number {
+            1 => Reply::Status {
+                status: 429,
+                headers: vec![("retry-after", "0".to_string())],
+                body: r#"{"error": {"message": "Rate limit reached", "type": "requests"}}"#.to_string(),
+            },
+            _ => Reply::Sse(vec![text_answer()]),
+        })
+        .await;
+        let provider = provider(ProviderKind::Openai, &server.address, 5_000);
+        let (outcome, _events) = run_turn(provider.as_ref(), &request()).await;
+        assert_eq!(outcome.expect("second attempt succeeds").text, "Hello, wörld.");
+        assert_eq!(server.requests().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_400_is_rejected_at_once_with_the_provider_message() {
+        let server = FakeServer::start(|_| Reply::Status {
+            status: 400,
+            headers: Vec::new(),
+            body: r#"{"error": {"message": "The model `nope` does not exist", "type": "invalid_request_error"}}"#
+                .to_string(),
+        })
+        .await;
+        let provider = provider(ProviderKind::Openai, &server.address, 5_000);
+        let (outcome, events) = run_turn(provider.as_ref(), &request()).await;
+        assert_eq!(
+            outcome,
+            Err(ModelError::Rejected {
+                status: 400,
+                message: "The model `nope` does not exist".to_string()
+            })
+        );
+        assert!(events.is_empty());
+        assert_eq!(server.requests().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_hangs_times_out() {
+        let server = FakeServer::start(|_| Reply::Hang).await;
+        let provider = provider(ProviderKind::Openai, &server.address, 300);
+        let (outcome, _events) = run_turn(provider.as_ref(), &request()).await;
+        assert_eq!(outcome, Err(ModelError::Timeout { after_ms: 300 }));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_stalls_times_out() {
+        let first = "data: {\"choices\": [{\"index\": 0, \"delta\": {\"content\": \"Hel\"}}]}\n\n".to_string();
+        let server = FakeServer::start(move |_| Reply::SseThenHang(first.clone())).await;
+        let provider = provider(ProviderKind::Openai, &server.address, 300);
+        let (outcome, events) = run_turn(provider.as_ref(), &request()).await;
+        assert_eq!(outcome, Err(ModelError::Timeout { after_ms: 300 }));
+        assert_eq!(events, vec![StreamEvent::TextDelta("Hel".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_times_out_and_server_errors_give_up_after_the_retries() {
+        let first = "data: {\"choices\": [{\"index\": 0, \"delta\": {\"content\": \"Hel\"}}]}\n\n".to_string();
+        let server = FakeServer::start(move |_| Reply::SseThenHang(first.clone())).await;
+        let config = ModelConfig {
+            provider: ProviderKind::Openai,
+            base_url: Some(server.address.clone()),
+            model: "test-model".to_string(),
+            api_key_env: None,
+            api_key_secret: None,
+            script: None,
+            timeout_ms: 10_000,
+            stream_idle_timeout_ms: 200,
+            max_retries: 1,
+        };
+        let idle = build_provider(&config, &|_| None).unwrap();
+        let (outcome, _events) = run_turn(idle.as_ref(), &request()).await;
+        assert_eq!(outcome, Err(ModelError::Timeout { after_ms: 200 }));
+        assert!(server.requests()[0].headers.get("authorization").is_none());
+
+        let failing = FakeServer::start(|_| Reply::Status {
+            status: 503,
+            headers: Vec::new(),
+            body: r#"{"error": {"message": "loading model"}}"#.to_string(),
+        })
+        .await;
+        let config = ModelConfig {
+            base_url: Some(failing.address.clone()),
+            ..config
+        };
+        let provider = build_provider(&config, &|_| None).unwrap();
+        let (outcome, _events) = run_turn(provider.as_ref(), &request()).await;
+        assert_eq!(
+            outcome,
+            Err(ModelError::Unavailable {
+                attempts: 2,
+                last: "http 503: loading model".to_string()
+            })
+        );
+        assert_eq!(failing.requests().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn malformed_sse_is_reported() {
+        let server = FakeServer::start(|_| Reply::Sse(vec!["data: {not json\n\n".to_string()])).await;
+        let provider = provider(ProviderKind::Openai, &server.address, 5_000);
+        let (outcome, _events) = run_turn(provider.as_ref(), &request()).await;
+        assert!(
+            matches!(&outcome, Err(ModelError::Malformed(message)) if message.contains("{not json")),
+            "{outcome:?}"
+        );
+        assert_eq!(server.requests().len(), 1);
+    }
+
+    #[test]
+    fn a_stream_without_an_end_is_malformed_and_oversized_text_is_refused() {
+        let mut assembler = StreamAssembler::default();
+        let mut out = Vec::new();
+        let chunk = json!({"choices": [{"index": 0, "delta": {"content": "partial"}}]}).to_string();
+        assembler
+            .on_event(
+                SseEvent {
+                    event: None,
+                    data: chunk,
+                },
+                &mut out,
+            )
+            .unwrap();
+        assert!(matches!(assembler.finish(), Err(ModelError::Malformed(_))));
+
+        let mut assembler = StreamAssembler::default();
+        let huge = "x".repeat(MAX_RESPONSE_TEXT_BYTES / 2 + 1);
+        let chunk = json!({"choices": [{"index": 0, "delta": {"content": huge}}]}).to_string();
+        assembler
+            .on_event(
+                SseEvent {
+                    event: None,
+                    data: chunk.clone(),
+                },
+                &mut out,
+            )
+            .unwrap();
+        let outcome = assembler.on_event(
+            SseEvent {
+                event: None,
+                data: chunk,
+            },
+            &mut out,
+        );
+        assert!(matches!(outcome, Err(ModelError::TooLarge { .. })));
+    }
+}
