@@ -16,3 +16,4 @@ pub mod repo;
 pub mod scheduler;
 pub mod supervisor;
 pub mod tools;
+pub mod turn;
