@@ -68,6 +68,9 @@ pub struct NodeArgs {
 struct ConfigFile {
     #[serde(default)]
     node: FileNode,
+    /// Model providers by the name agents ask for (`agent create --model NAME`).
+    #[serde(default)]
+    models: BTreeMap<String, flotilla_actors::model::ModelConfig>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -110,6 +113,7 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     pub cluster_secret: Option<String>,
     pub machines: flotilla_actors::machine::MachineSettings,
+    pub models: BTreeMap<String, flotilla_actors::model::ModelConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,9 +137,9 @@ pub const MAX_SLOTS: u32 = 10_000;
 
 impl NodeArgs {
     pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
-        let file = match &self.config {
+        let (file, models) = match &self.config {
             Some(path) => read_config(path)?,
-            None => FileNode::default(),
+            None => (FileNode::default(), BTreeMap::new()),
         };
         let data_dir = self.data_dir.or(file.data_dir).ok_or(ConfigError::Invalid {
             field: "data_dir",
@@ -221,6 +225,7 @@ impl NodeArgs {
             message: error.to_string(),
         })?;
         Ok(NodeConfig {
+            models,
             machines,
             data_dir,
             listen,
@@ -239,7 +244,9 @@ impl NodeArgs {
     }
 }
 
-fn read_config(path: &Path) -> Result<FileNode, ConfigError> {
+type FileParts = (FileNode, BTreeMap<String, flotilla_actors::model::ModelConfig>);
+
+fn read_config(path: &Path) -> Result<FileParts, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.display().to_string(),
         message: error.to_string(),
@@ -247,7 +254,7 @@ fn read_config(path: &Path) -> Result<FileNode, ConfigError> {
     parse_config(path, &text)
 }
 
-fn parse_config(path: &Path, text: &str) -> Result<FileNode, ConfigError> {
+fn parse_config(path: &Path, text: &str) -> Result<FileParts, ConfigError> {
     let parsed: ConfigFile = toml::from_str(text).map_err(|error| {
         let (line, column) = error
             .span()
@@ -260,7 +267,7 @@ fn parse_config(path: &Path, text: &str) -> Result<FileNode, ConfigError> {
             message: error.message().to_string(),
         }
     })?;
-    Ok(parsed.node)
+    Ok((parsed.node, parsed.models))
 }
 
 fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
@@ -288,6 +295,17 @@ mod tests {
         let error = parse_config(Path::new("node.toml"), text).unwrap_err().to_string();
         assert!(error.contains("line 2"), "{error}");
         assert!(error.contains("slotz"), "{error}");
+    }
+
+    #[test]
+    fn models_are_declared_by_name() {
+        let text = "[models.local]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:8080/v1\"\nmodel = \"served-model-id\"\napi_key_env = \"LOCAL_API_KEY\"\n\n[models.demo]\nprovider = \"scripted\"\nmodel = \"demo\"\nscript = \"demo.json\"\n";
+        let (_, models) = parse_config(Path::new("node.toml"), text).unwrap();
+        assert_eq!(models.len(), 2);
+        assert_eq!(models["local"].model, "served-model-id");
+        let bad = "[models.local]\nprovider = \"openai\"\nmodel = \"m\"\napi_key = \"sk-on-the-command-line\"\n";
+        let error = parse_config(Path::new("node.toml"), bad).unwrap_err().to_string();
+        assert!(error.contains("line 4") && error.contains("api_key"), "{error}");
     }
 
     #[test]

@@ -266,6 +266,8 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     let node_id = resolve_id(&config, &peers).await?;
     let info = node_info(&config);
     tracing::info!(node = node_id, grpc = %info.grpc_address, mesh = %info.mesh_address, region = %info.region, "starting node");
+    let model_names: Vec<&String> = config.models.keys().collect();
+    tracing::info!(models = ?model_names, "models declared in the config");
 
     let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), secret.clone());
     replica_config.snapshot_after_logs = config.snapshot_after_logs;
