@@ -529,9 +529,7 @@ impl AgentApi {
             .send(Ok(v1::AttachResponse {
                 kind: Some(v1::attach_response::Kind::Notice(format!(
                     "attached to {} of agent {agent} on node {} ({mode})",
-                    terminal
-                        .as_deref()
-                        .unwrap_or(crate::server::agents::DEFAULT_TERMINAL_LABEL),
+                    terminal.as_deref().unwrap_or(DEFAULT_TERMINAL_LABEL),
                     self.replica.node_id()
                 ))),
             }))
