@@ -89,7 +89,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     })?;
     let db = Arc::new(db);
     let machine = StateMachineStore::load(db.clone())?;
-    let flusher = spawn_flusher(db.clone())?;
+    let flusher = spawn_flusher(Arc::downgrade(&db))?;
     Ok((LogStore { db, flusher }, machine))
 }
 
@@ -121,8 +121,9 @@ pub struct LogStore {
 /// Appends waiting for the flusher's next sync; `append` waits for room beyond this.
 pub const MAX_APPENDS_AWAITING_SYNC: usize = 4096;
 
-/// Starts the thread that syncs the WAL for groups of appends and then acknowledges them.
-fn spawn_flusher(db: Arc<DB>) -> Result<std::sync::mpsc::SyncSender<LogFlushed<TypeConfig>>, OpenError> {
+/// Starts the thread that syncs the WAL for groups of appends and then acknowledges them. It
+/// holds the database weakly, so the database closes as soon as its stores are dropped.
+fn spawn_flusher(db: std::sync::Weak<DB>) -> Result<std::sync::mpsc::SyncSender<LogFlushed<TypeConfig>>, OpenError> {
     let (sender, receiver) = std::sync::mpsc::sync_channel::<LogFlushed<TypeConfig>>(MAX_APPENDS_AWAITING_SYNC);
     std::thread::Builder::new()
         .name("raft-log-flusher".to_string())
@@ -130,7 +131,10 @@ fn spawn_flusher(db: Arc<DB>) -> Result<std::sync::mpsc::SyncSender<LogFlushed<T
             while let Ok(first) = receiver.recv() {
                 let mut group = vec![first];
                 group.extend(receiver.try_iter());
-                let synced = db.flush_wal(true).map_err(|error| error.to_string());
+                let synced = match db.upgrade() {
+                    Some(db) => db.flush_wal(true).map_err(|error| error.to_string()),
+                    None => Err("the log database is closed".to_string()),
+                };
                 for callback in group {
                     callback.log_io_completed(synced.clone().map_err(std::io::Error::other));
                 }
