@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{ApplyError, Command, Request, Response};
 use crate::network::{decode, encode, NetworkFactory, Peers};
-use crate::store::{self, LogStore, StateMachineStore, StateReader};
+use crate::store::{self, StateReader};
 use crate::{ApplyResult, NodeAddr, NodeId, Raft, TypeConfig};
 
 /// How long a write keeps trying (leader elections, forwarding) before it gives up.
@@ -117,8 +117,6 @@ struct Inner {
     node_id: NodeId,
     raft: Raft,
     reader: StateReader,
-    log: LogStore,
-    machine: StateMachineStore,
     peers: Peers,
     writes: tokio::sync::mpsc::Sender<PendingWrite>,
 }
@@ -152,8 +150,8 @@ impl Replica {
             config.node_id,
             Arc::new(raft_config),
             NetworkFactory::new(peers.clone()),
-            log.clone(),
-            machine.clone(),
+            log,
+            machine,
         )
         .await
         .map_err(|error| ReplicaError::Start(error.to_string()))?;
@@ -162,8 +160,6 @@ impl Replica {
             node_id: config.node_id,
             raft,
             reader,
-            log,
-            machine,
             peers,
             writes,
         });
@@ -185,14 +181,6 @@ impl Replica {
 
     pub fn peers(&self) -> &Peers {
         &self.inner.peers
-    }
-
-    pub fn purged_index(&self) -> u64 {
-        self.inner.log.last_purged_index()
-    }
-
-    pub fn snapshot_index(&self) -> u64 {
-        self.inner.machine.snapshot_index()
     }
 
     pub fn current_leader(&self) -> Option<NodeId> {

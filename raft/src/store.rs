@@ -172,15 +172,6 @@ impl LogStore {
             .put_cf_opt(self.cf(CF_LOG_META), key, encode(value), &options)
             .map_err(|error| StorageIOError::write(any(error)).into())
     }
-
-    /// Index of the first entry still present, for reporting.
-    pub fn last_purged_index(&self) -> u64 {
-        self.meta::<LogId<NodeId>>(KEY_PURGED)
-            .ok()
-            .flatten()
-            .map(|log_id| log_id.index)
-            .unwrap_or(0)
-    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -426,16 +417,6 @@ impl StateMachineStore {
             applied: self.applied_sender.subscribe(),
             events: self.events.clone(),
         }
-    }
-
-    /// Index of the snapshot this node holds, if any.
-    pub fn snapshot_index(&self) -> u64 {
-        self.stored_snapshot()
-            .ok()
-            .flatten()
-            .and_then(|snapshot| snapshot.meta.last_log_id)
-            .map(|log_id| log_id.index)
-            .unwrap_or(0)
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -778,7 +759,12 @@ mod tests {
             .unwrap();
         let expected = source.reader().read(|state| state.clone());
         assert_eq!(target.reader().read(|state| state.clone()), expected);
-        assert_eq!(target.snapshot_index(), 2);
+        let held = target
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("a snapshot is held");
+        assert_eq!(held.meta.last_log_id.map(|log_id| log_id.index), Some(2));
         drop(target);
         let (_, reopened) = open(target_dir.path()).unwrap();
         assert_eq!(
@@ -806,6 +792,10 @@ mod tests {
         assert_eq!(log.try_get_log_entries(0..10).await.unwrap(), entries[3..].to_vec());
         log.truncate(entries[4].log_id).await.unwrap();
         assert_eq!(log.try_get_log_entries(0..10).await.unwrap(), entries[3..4].to_vec());
-        assert_eq!(log.last_purged_index(), 3);
+        assert_eq!(
+            log.get_log_state().await.unwrap().last_purged_log_id,
+            Some(entries[2].log_id),
+            "a truncate keeps the purge mark"
+        );
     }
 }

@@ -64,8 +64,8 @@ impl ClusterApi {
             node_id: me,
             last_applied_index: metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0),
             last_log_index: metrics.last_log_index.unwrap_or(0),
-            snapshot_index: self.replica.snapshot_index(),
-            purged_index: self.replica.purged_index(),
+            snapshot_index: metrics.snapshot.map(|log_id| log_id.index).unwrap_or(0),
+            purged_index: metrics.purged.map(|log_id| log_id.index).unwrap_or(0),
         }
     }
 
