@@ -186,11 +186,8 @@ fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_command_sees_a_terminal_and_its_size() {
-        let mut command = std::process::Command::new("/bin/sh");
-        command.args(["-c", "stty size; test -t 0 && echo is-a-tty"]);
-        let mut session = PtySession::spawn(command, PtySize { cols: 91, rows: 27 }).unwrap();
+    /// Everything the command writes until it closes the terminal.
+    async fn read_to_end(session: &PtySession) -> String {
         let mut output = Vec::new();
         let mut buffer = [0u8; 1024];
         loop {
@@ -200,7 +197,15 @@ mod tests {
             }
             output.extend_from_slice(&buffer[..count]);
         }
-        let text = String::from_utf8_lossy(&output);
+        String::from_utf8_lossy(&output).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_command_sees_a_terminal_and_its_size() {
+        let mut command = std::process::Command::new("/bin/sh");
+        command.args(["-c", "stty size; test -t 0 && echo is-a-tty"]);
+        let mut session = PtySession::spawn(command, PtySize { cols: 91, rows: 27 }).unwrap();
+        let text = read_to_end(&session).await;
         assert!(text.contains("27 91"), "{text}");
         assert!(text.contains("is-a-tty"), "{text}");
         assert!(session.wait().await.unwrap().success());
@@ -213,16 +218,7 @@ mod tests {
         let mut session = PtySession::spawn(command, PtySize::default()).unwrap();
         session.resize(PtySize { cols: 100, rows: 40 }).unwrap();
         session.write_all(b"hello\n").await.unwrap();
-        let mut output = Vec::new();
-        let mut buffer = [0u8; 1024];
-        loop {
-            let count = session.read(&mut buffer).await.unwrap();
-            if count == 0 {
-                break;
-            }
-            output.extend_from_slice(&buffer[..count]);
-        }
-        let text = String::from_utf8_lossy(&output);
+        let text = read_to_end(&session).await;
         assert!(text.contains("got:hello"), "{text}");
         assert!(text.contains("40 100"), "{text}");
         session.wait().await.unwrap();
