@@ -231,7 +231,13 @@ impl Repos {
         supervisor: ractor::ActorCell,
     ) -> Result<ActorRef<RepoMsg>, ActorProcessingErr> {
         if let Some(actor) = self.actors.get(url) {
-            if actor.get_status() == ractor::ActorStatus::Running {
+            // Only an actor that has ended is replaced: one that is still starting already owns
+            // the mirror, and a second one would clone into the same directory.
+            let ended = matches!(
+                actor.get_status(),
+                ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+            );
+            if !ended {
                 return Ok(actor.clone());
             }
         }
