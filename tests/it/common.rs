@@ -34,10 +34,16 @@ pub fn create_request(name: &str, prompt: &str) -> v1::CreateAgentRequest {
 }
 
 pub async fn create(client: &mut AgentClient, name: &str, prompt: &str) -> v1::Agent {
+    create_from(client, create_request(name, prompt)).await
+}
+
+/// Creates an agent from a whole request and returns it as acknowledged.
+pub async fn create_from(client: &mut AgentClient, request: v1::CreateAgentRequest) -> v1::Agent {
+    let name = request.name.clone();
     client
-        .create_agent(create_request(name, prompt))
+        .create_agent(request)
         .await
-        .unwrap_or_else(|status| panic!("creating {name} failed: {status}"))
+        .unwrap_or_else(|status| panic!("creating {name:?} failed: {status}"))
         .into_inner()
         .agent
         .expect("create answers with the agent")

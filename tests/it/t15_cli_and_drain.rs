@@ -135,6 +135,13 @@ async fn a_drained_node_takes_no_new_agents_until_the_drain_is_lifted() {
             let id = agent.id.clone();
             async move {
                 let found = get(&mut agent_client(&endpoint, &token).await, &id).await?;
+                // A failure ends the wait at once with the agent's own error.
+                assert_ne!(
+                    status_of(&found),
+                    v1::AgentStatus::Failed,
+                    "agent failed: {}",
+                    found.error
+                );
                 (status_of(&found) == v1::AgentStatus::Running).then_some(())
             }
         },

@@ -20,18 +20,16 @@ async fn a_watcher_on_node_a_sees_events_of_an_agent_on_node_b() {
     let token = cluster.admin_token();
     let (node_a, node_b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let mut client_a = agent_client(&node_a.endpoint(), &token).await;
-    let agent = client_a
-        .create_agent(v1::CreateAgentRequest {
+    let agent = crate::common::create_from(
+        &mut client_a,
+        v1::CreateAgentRequest {
             prompt: "Runs in the west".to_string(),
             repository: crate::common::sample_repository(),
             region: "west".to_string(),
             ..Default::default()
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .agent
-        .expect("agent");
+        },
+    )
+    .await;
 
     let mut stream = client_a
         .watch_agent(v1::WatchAgentRequest {
@@ -110,18 +108,16 @@ async fn an_attach_through_another_node_reaches_the_owner() {
     );
     let endpoint_a = cluster.nodes[0].endpoint();
     let mut client_a = agent_client(&endpoint_a, &token).await;
-    let agent = client_a
-        .create_agent(v1::CreateAgentRequest {
+    let agent = crate::common::create_from(
+        &mut client_a,
+        v1::CreateAgentRequest {
             prompt: "Runs in the west".to_string(),
             repository,
             region: "west".to_string(),
             ..Default::default()
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .agent
-        .expect("agent");
+        },
+    )
+    .await;
     let running = crate::t50_machines::wait_for_status(&endpoint_a, &token, &agent.id, v1::AgentStatus::Running).await;
     assert_eq!(
         running.assignment.map(|assignment| assignment.node_id),

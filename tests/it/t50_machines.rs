@@ -22,18 +22,16 @@ fn environment(install: &str) -> String {
 }
 
 async fn create_on(client: &mut AgentClient, repository: &str, name: &str) -> v1::Agent {
-    client
-        .create_agent(v1::CreateAgentRequest {
+    crate::common::create_from(
+        client,
+        v1::CreateAgentRequest {
             prompt: "Work in a machine".to_string(),
             repository: repository.to_string(),
             name: name.to_string(),
             ..Default::default()
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .agent
-        .expect("agent")
+        },
+    )
+    .await
 }
 
 pub(crate) async fn wait_for_status(endpoint: &str, token: &str, id: &str, wanted: v1::AgentStatus) -> v1::Agent {
@@ -42,6 +40,15 @@ pub(crate) async fn wait_for_status(endpoint: &str, token: &str, id: &str, wante
         let (endpoint, token, id) = (endpoint.clone(), token.clone(), id.clone());
         async move {
             let agent = get(&mut agent_client(&endpoint, &token).await, &id).await?;
+            // Waiting for anything but failure, a failure ends the wait at once with its error.
+            if wanted != v1::AgentStatus::Failed {
+                assert_ne!(
+                    status_of(&agent),
+                    v1::AgentStatus::Failed,
+                    "agent {id} failed: {}",
+                    agent.error
+                );
+            }
             (status_of(&agent) == wanted).then_some(agent)
         }
     })
@@ -339,18 +346,16 @@ async fn egress_goes_only_to_allowed_hosts_through_the_node_proxy() {
         &[(".flotilla/environment.json", environment.as_str())],
     );
     let mut client = agent_client(&endpoint, &token).await;
-    let agent = client
-        .create_agent(v1::CreateAgentRequest {
+    let agent = crate::common::create_from(
+        &mut client,
+        v1::CreateAgentRequest {
             prompt: "Reach one host".to_string(),
             repository: repository.clone(),
             egress_allow: vec![format!("127.0.0.1:{allowed_port}")],
             ..Default::default()
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .agent
-        .expect("agent");
+        },
+    )
+    .await;
     wait_for_status(&endpoint, &token, &agent.id, v1::AgentStatus::Running).await;
     let mut terminal = Attached::open(&mut client, &agent.id, "probe", false)
         .await
