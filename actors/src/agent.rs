@@ -8,34 +8,26 @@ use std::sync::Arc;
 
 use flotilla_proto::v1;
 use flotilla_raft::{AgentId, AgentStatus, ApplyError, Command, Epoch, NodeId, Replica, WriteError};
-use prost::Message as _;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::follow::AppliedFollower;
 use crate::machine::{MachineHost, Provisioned, RunningMachine};
 use crate::mesh::Mesh;
-use crate::repo::{RepoMsg, Repos};
+use crate::repo::{RepoMsg, Repos, Workspace};
+use crate::run::{AgentRuntime, RunContext, RunOutcome, StopContext};
 
 /// Restarts of one agent's actor before the agent is failed.
 pub const MAX_AGENT_ACTOR_RESTARTS: u32 = 3;
 
 /// Encodes a live (not durable) log line for watchers.
 pub fn live_log_event(agent: AgentId, node: NodeId, sequence: u64, text: String) -> Vec<u8> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    v1::AgentEvent {
-        agent_id: agent.to_string(),
+    crate::run::live_event(
+        agent,
+        node,
         sequence,
-        live: true,
-        at: Some(prost_types::Timestamp {
-            seconds: now.as_secs() as i64,
-            nanos: now.subsec_nanos() as i32,
-        }),
-        node_id: node,
-        kind: Some(v1::agent_event::Kind::Log(v1::LogLine { text })),
-    }
-    .encode_to_vec()
+        false,
+        v1::agent_event::Kind::Log(v1::LogLine { text }),
+    )
 }
 
 pub struct AgentActor;
@@ -46,7 +38,11 @@ pub enum AgentMsg {
     /// Tell every watcher where the agent stands (sent when a watcher joins).
     Announce,
     /// The provisioning task finished.
-    Provisioned(Result<Provisioned, String>),
+    Provisioned(Result<(Provisioned, ActorRef<RepoMsg>), String>),
+    /// The turn loop ended.
+    RunEnded(RunOutcome),
+    /// The agent was stopped: push what the workspace holds, then end.
+    StopRequested,
 }
 
 impl ractor::Message for AgentMsg {}
@@ -58,6 +54,7 @@ pub struct AgentArgs {
     pub mesh: Mesh,
     pub machines: Arc<MachineHost>,
     pub supervisor: ActorRef<AgentSupervisorMsg>,
+    pub runtime: Arc<AgentRuntime>,
 }
 
 pub struct AgentState {
@@ -65,6 +62,10 @@ pub struct AgentState {
     /// Provisioning runs off the actor so that it keeps answering while a machine boots.
     provisioning: Option<tokio::task::JoinHandle<()>>,
     machine: Option<Arc<RunningMachine>>,
+    /// The turn loop, off the actor so that a stop or an announce is handled at once.
+    run: Option<tokio::task::JoinHandle<()>>,
+    repo: Option<ActorRef<RepoMsg>>,
+    workspace: Option<Workspace>,
 }
 
 impl AgentState {
@@ -94,6 +95,9 @@ impl Actor for AgentActor {
             args,
             provisioning: None,
             machine: None,
+            run: None,
+            repo: None,
+            workspace: None,
         })
     }
 
@@ -141,10 +145,12 @@ impl Actor for AgentActor {
                 ));
                 state.provisioning = Some(spawn_provisioning(&state.args, myself.clone()));
             }
-            AgentMsg::Provisioned(Ok(provisioned)) => {
+            AgentMsg::Provisioned(Ok((provisioned, repo))) => {
                 state.provisioning = None;
                 let machine = provisioned.machine.clone();
-                state.machine = Some(machine);
+                state.machine = Some(machine.clone());
+                state.repo = Some(repo.clone());
+                state.workspace = Some(provisioned.workspace.clone());
                 if provisioned.snapshot_used {
                     record_snapshot(&state.args).await;
                 }
@@ -157,9 +163,77 @@ impl Actor for AgentActor {
                     Ok(()) => state.announce(reason),
                     Err(WriteError::Refused(ApplyError::Fenced { .. } | ApplyError::InvalidState { .. })) => {
                         myself.stop(Some("superseded".to_string()));
+                        return Ok(());
                     }
                     Err(error) => return Err(Box::new(error)),
                 }
+                let context = RunContext {
+                    agent: state.args.agent,
+                    epoch: state.args.epoch,
+                    replica: state.args.replica.clone(),
+                    mesh: state.args.mesh.clone(),
+                    driver: state.args.machines.driver.clone(),
+                    machine,
+                    repo,
+                    workspace: provisioned.workspace,
+                    runtime: state.args.runtime.clone(),
+                };
+                let actor = myself.clone();
+                state.run = Some(tokio::spawn(async move {
+                    let outcome = crate::run::run(context).await;
+                    let _ = actor.cast(AgentMsg::RunEnded(outcome));
+                }));
+            }
+            AgentMsg::RunEnded(outcome) => {
+                state.run = None;
+                match outcome {
+                    RunOutcome::Ended(status) => {
+                        tracing::info!(agent = %state.args.agent, %status, "agent run ended");
+                    }
+                    RunOutcome::Superseded => myself.stop(Some("superseded".to_string())),
+                    RunOutcome::Unavailable(error) => {
+                        // Fail the actor: its supervisor restarts it, and the new run resumes
+                        // from the last checkpoint.
+                        return Err(format!("agent run could not write its progress: {error}").into());
+                    }
+                }
+            }
+            AgentMsg::StopRequested => {
+                if let Some(task) = state.provisioning.take() {
+                    task.abort();
+                }
+                if let Some(task) = state.run.take() {
+                    task.abort();
+                    let _ = task.await;
+                }
+                if let (Some(machine), Some(repo), Some(workspace)) =
+                    (state.machine.clone(), state.repo.clone(), state.workspace.clone())
+                {
+                    let name = state
+                        .args
+                        .replica
+                        .reader()
+                        .read(|cluster| {
+                            cluster
+                                .agents
+                                .get(&state.args.agent)
+                                .map(|agent| agent.spec.name.clone())
+                        })
+                        .unwrap_or_default();
+                    crate::run::push_on_stop(&StopContext {
+                        agent: state.args.agent,
+                        epoch: state.args.epoch,
+                        name,
+                        replica: state.args.replica.clone(),
+                        driver: state.args.machines.driver.clone(),
+                        machine,
+                        repo,
+                        workspace,
+                        git: state.args.runtime.git.clone(),
+                    })
+                    .await;
+                }
+                myself.stop(Some("stopped".to_string()));
             }
             AgentMsg::Provisioned(Err(error)) => {
                 state.provisioning = None;
@@ -214,6 +288,9 @@ impl Actor for AgentActor {
             myself.get_id(),
         );
         if let Some(task) = state.provisioning.take() {
+            task.abort();
+        }
+        if let Some(task) = state.run.take() {
             task.abort();
         }
         state.machine = None;
@@ -282,6 +359,7 @@ fn spawn_provisioning(args: &AgentArgs, myself: ActorRef<AgentMsg>) -> tokio::ta
             machines
                 .provision(&repo, &record, epoch)
                 .await
+                .map(|provisioned| (provisioned, repo))
                 .map_err(|error| error.to_string())
         }
         .await;
@@ -311,6 +389,7 @@ pub struct AgentSupervisorArgs {
     pub replica: Replica,
     pub mesh: Mesh,
     pub machines: Arc<MachineHost>,
+    pub runtime: Arc<AgentRuntime>,
 }
 
 struct Running {
@@ -371,8 +450,21 @@ impl Actor for AgentSupervisor {
                     .collect();
                 for id in stale {
                     if let Some(running) = state.running.remove(&id) {
-                        tracing::info!(agent = %id, epoch = %running.epoch, "stopping agent actor: no longer owned under this epoch");
-                        running.actor.stop(Some("not owned under this epoch".to_string()));
+                        let stopped_here = state.args.replica.reader().read(|cluster| {
+                            cluster.agents.get(&id).is_some_and(|agent| {
+                                agent.status == AgentStatus::Stopped
+                                    && agent.assignment.is_some_and(|assignment| {
+                                        assignment.node == me && assignment.epoch == running.epoch
+                                    })
+                            })
+                        });
+                        if stopped_here {
+                            tracing::info!(agent = %id, "agent stopped: pushing its work, then ending its actor");
+                            let _ = running.actor.cast(AgentMsg::StopRequested);
+                        } else {
+                            tracing::info!(agent = %id, epoch = %running.epoch, "stopping agent actor: no longer owned under this epoch");
+                            running.actor.stop(Some("not owned under this epoch".to_string()));
+                        }
                     }
                 }
                 for (id, epoch) in desired {
@@ -389,6 +481,7 @@ impl Actor for AgentSupervisor {
                             mesh: state.args.mesh.clone(),
                             machines: state.args.machines.clone(),
                             supervisor: myself.clone(),
+                            runtime: state.args.runtime.clone(),
                         },
                         myself.get_cell(),
                     )
@@ -399,7 +492,10 @@ impl Actor for AgentSupervisor {
             }
             AgentSupervisorMsg::RepoFor { url, reply } => {
                 let repos_dir = state.args.machines.repos_dir.clone();
-                let actor = state.repos.actor_for(&url, &repos_dir, myself.get_cell()).await?;
+                let actor = state
+                    .repos
+                    .actor_for(&url, &repos_dir, &state.args.runtime.git, myself.get_cell())
+                    .await?;
                 let _ = reply.send(actor);
             }
         }

@@ -7,12 +7,14 @@
 //! other nodes); anything durable goes through Raft instead.
 
 pub mod agent;
+pub mod checkpoint;
 pub mod follow;
 pub mod liveness;
 pub mod machine;
 pub mod mesh;
 pub mod model;
 pub mod repo;
+pub mod run;
 pub mod scheduler;
 pub mod supervisor;
 pub mod tools;

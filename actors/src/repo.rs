@@ -27,6 +27,75 @@ pub enum RepoError {
     NoSuchBranch { url: String, branch: String },
     #[error("cannot prepare the workspace {path}: {message}")]
     Workspace { path: String, message: String },
+    #[error("push of {branch} to {url} failed: {message}")]
+    Push {
+        url: String,
+        branch: String,
+        message: String,
+    },
+}
+
+/// How the node talks to git origins: the commit author of agent commits and the credentials
+/// for http(s) origins, chosen by the longest matching URL prefix.
+#[derive(Clone, Default)]
+pub struct GitSettings {
+    pub author_name: String,
+    pub author_email: String,
+    pub credentials: Vec<GitCredential>,
+}
+
+#[derive(Clone)]
+pub struct GitCredential {
+    pub url_prefix: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for GitCredential {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "GitCredential({} as {}, <redacted>)",
+            self.url_prefix, self.username
+        )
+    }
+}
+
+impl std::fmt::Debug for GitSettings {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("GitSettings")
+            .field("author_name", &self.author_name)
+            .field("author_email", &self.author_email)
+            .field("credentials", &self.credentials)
+            .finish()
+    }
+}
+
+impl GitSettings {
+    /// Environment that makes git send the credential for `url` as an HTTP header. It goes
+    /// through git's `GIT_CONFIG_*` variables, so it is on no command line and in no file.
+    pub fn auth_env(&self, url: &str) -> Vec<(String, String)> {
+        use base64::Engine as _;
+        let Some(credential) = self
+            .credentials
+            .iter()
+            .filter(|credential| url.starts_with(&credential.url_prefix))
+            .max_by_key(|credential| credential.url_prefix.len())
+        else {
+            return Vec::new();
+        };
+        let basic = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", credential.username, credential.password));
+        vec![
+            ("GIT_CONFIG_COUNT".to_string(), "1".to_string()),
+            ("GIT_CONFIG_KEY_0".to_string(), "http.extraHeader".to_string()),
+            (
+                "GIT_CONFIG_VALUE_0".to_string(),
+                format!("Authorization: Basic {basic}"),
+            ),
+        ]
+    }
 }
 
 /// A workspace ready for a machine.
@@ -40,9 +109,14 @@ pub struct Workspace {
 }
 
 async fn git(args: &[&str], cwd: Option<&Path>) -> Result<String, String> {
+    git_with(args, cwd, &[]).await
+}
+
+async fn git_with(args: &[&str], cwd: Option<&Path>, env: &[(String, String)]) -> Result<String, String> {
     let mut command = Process::new("git");
     command.args(args).kill_on_drop(true);
     command.env("GIT_TERMINAL_PROMPT", "0");
+    command.envs(env.iter().map(|(name, value)| (name, value)));
     if let Some(cwd) = cwd {
         command.current_dir(cwd);
     }
@@ -84,6 +158,13 @@ pub enum RepoMsg {
         path: PathBuf,
         reply: RpcReplyPort<Result<Workspace, RepoError>>,
     },
+    /// Take `branch` from the workspace at `path` into the mirror and push it to the origin.
+    /// Answers the commit pushed.
+    Push {
+        path: PathBuf,
+        branch: String,
+        reply: RpcReplyPort<Result<String, RepoError>>,
+    },
 }
 
 impl ractor::Message for RepoMsg {}
@@ -91,6 +172,8 @@ impl ractor::Message for RepoMsg {}
 pub struct RepoArgs {
     pub url: String,
     pub mirror: PathBuf,
+    /// Credentials for the origin, as git environment (empty for none).
+    pub auth_env: Vec<(String, String)>,
 }
 
 pub struct RepoState {
@@ -105,12 +188,16 @@ impl RepoState {
         if !self.cloned && !self.args.mirror.join("HEAD").exists() {
             let partial = format!("{mirror}.partial");
             let _ = tokio::fs::remove_dir_all(&partial).await;
-            git(&["clone", "--mirror", "--quiet", &url, &partial], None)
-                .await
-                .map_err(|message| RepoError::Clone {
-                    url: url.clone(),
-                    message,
-                })?;
+            git_with(
+                &["clone", "--mirror", "--quiet", &url, &partial],
+                None,
+                &self.args.auth_env,
+            )
+            .await
+            .map_err(|message| RepoError::Clone {
+                url: url.clone(),
+                message,
+            })?;
             tokio::fs::rename(&partial, &mirror)
                 .await
                 .map_err(|error| RepoError::Clone {
@@ -118,9 +205,13 @@ impl RepoState {
                     message: error.to_string(),
                 })?;
         } else {
-            git(&["fetch", "--prune", "--quiet", "origin"], Some(&self.args.mirror))
-                .await
-                .map_err(|message| RepoError::Fetch { url, message })?;
+            git_with(
+                &["fetch", "--prune", "--quiet", "origin"],
+                Some(&self.args.mirror),
+                &self.args.auth_env,
+            )
+            .await
+            .map_err(|message| RepoError::Fetch { url, message })?;
         }
         self.cloned = true;
         Ok(())
@@ -187,6 +278,63 @@ impl RepoState {
     }
 }
 
+impl RepoState {
+    /// Pushes through the mirror, not from the workspace: the workspace's own git config and
+    /// hooks are the agent's to change, and nothing of them runs on the node. The mirror only
+    /// fetches objects from it (which reads no hooks and no config that runs commands).
+    async fn push(&mut self, workspace: &Path, branch: &str) -> Result<String, RepoError> {
+        let failed = |message: String| RepoError::Push {
+            url: self.args.url.clone(),
+            branch: branch.to_string(),
+            message,
+        };
+        let staging = format!("refs/flotilla/push/{branch}");
+        let mirror = self.args.mirror.clone();
+        // git runs in the mirror, so a relative workspace path would not be found.
+        let source = std::path::absolute(workspace)
+            .map_err(|error| failed(format!("cannot resolve the workspace path: {error}")))?
+            .display()
+            .to_string();
+        git(
+            &[
+                "-c",
+                "safe.directory=*",
+                "fetch",
+                "--quiet",
+                "--no-tags",
+                "--no-write-fetch-head",
+                &source,
+                &format!("+refs/heads/{branch}:{staging}"),
+            ],
+            Some(&mirror),
+        )
+        .await
+        .map_err(|message| failed(format!("cannot take the branch from the workspace: {message}")))?;
+        let result = async {
+            let commit = git(&["rev-parse", &staging], Some(&mirror)).await.map_err(failed)?;
+            git_with(
+                &[
+                    "push",
+                    "--quiet",
+                    "--no-verify",
+                    &self.args.url,
+                    &format!("{staging}:refs/heads/{branch}"),
+                ],
+                Some(&mirror),
+                &self.args.auth_env,
+            )
+            .await
+            .map_err(failed)?;
+            // The mirror now knows the pushed commit, so a workspace made here resumes from it.
+            let _ = git(&["update-ref", &format!("refs/heads/{branch}"), &commit], Some(&mirror)).await;
+            Ok(commit)
+        }
+        .await;
+        let _ = git(&["update-ref", "-d", &staging], Some(&mirror)).await;
+        result
+    }
+}
+
 impl Actor for RepoActor {
     type Msg = RepoMsg;
     type State = RepoState;
@@ -212,6 +360,10 @@ impl Actor for RepoActor {
                 let result = state.prepare(&base_branch, &work_branch, &path).await;
                 let _ = reply.send(result);
             }
+            RepoMsg::Push { path, branch, reply } => {
+                let result = state.push(&path, &branch).await;
+                let _ = reply.send(result);
+            }
         }
         Ok(())
     }
@@ -228,6 +380,7 @@ impl Repos {
         &mut self,
         url: &str,
         repos_dir: &Path,
+        git: &GitSettings,
         supervisor: ractor::ActorCell,
     ) -> Result<ActorRef<RepoMsg>, ActorProcessingErr> {
         if let Some(actor) = self.actors.get(url) {
@@ -247,6 +400,7 @@ impl Repos {
             RepoArgs {
                 url: url.to_string(),
                 mirror: mirror_path(repos_dir, url),
+                auth_env: git.auth_env(url),
             },
             supervisor,
         )
@@ -297,6 +451,7 @@ mod tests {
             args: RepoArgs {
                 url: url.clone(),
                 mirror: mirror_path(&dir.path().join("repos"), &url),
+                auth_env: Vec::new(),
             },
             cloned: false,
         };
@@ -333,6 +488,7 @@ mod tests {
             args: RepoArgs {
                 url: url.clone(),
                 mirror: mirror_path(dir.path(), &url),
+                auth_env: Vec::new(),
             },
             cloned: false,
         };
@@ -349,6 +505,7 @@ mod tests {
             args: RepoArgs {
                 url: missing.clone(),
                 mirror: mirror_path(dir.path(), &missing),
+                auth_env: Vec::new(),
             },
             cloned: false,
         };

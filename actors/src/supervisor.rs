@@ -31,6 +31,7 @@ pub struct NodeSupervisorArgs {
     pub replica: Replica,
     pub mesh: Mesh,
     pub machines: std::sync::Arc<crate::machine::MachineHost>,
+    pub runtime: std::sync::Arc<crate::run::AgentRuntime>,
     pub liveness: LivenessTable,
     pub lease: Duration,
 }
@@ -116,6 +117,7 @@ impl Actor for NodeSupervisor {
                 replica: args.replica.clone(),
                 mesh: args.mesh.clone(),
                 machines: args.machines.clone(),
+                runtime: args.runtime.clone(),
             },
             myself.get_cell(),
         )
@@ -218,6 +220,7 @@ impl Actor for NodeSupervisor {
                         replica: state.args.replica.clone(),
                         mesh: state.args.mesh.clone(),
                         machines: state.args.machines.clone(),
+                        runtime: state.args.runtime.clone(),
                     },
                     myself.get_cell(),
                 )

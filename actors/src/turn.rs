@@ -119,6 +119,16 @@ impl Conversation {
         }
     }
 
+    /// Continues a conversation from a checkpoint, with fresh budgets for this run.
+    pub fn resume(messages: Vec<Message>, budgets: Budgets) -> Conversation {
+        Conversation {
+            messages,
+            turns: 0,
+            tokens: 0,
+            budgets,
+        }
+    }
+
     /// Follow-ups are delivered at the start of the next turn, in order.
     pub fn add_follow_ups(&mut self, follow_ups: impl IntoIterator<Item = String>) {
         for text in follow_ups {

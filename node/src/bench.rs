@@ -404,6 +404,16 @@ impl LocalCluster {
         let log_path = self.directory().join(format!("node{id}.log"));
         let log = File::create(&log_path).with_context(|| format!("creating the log file {}", log_path.display()))?;
         let log_for_stderr = log.try_clone().context("duplicating the node log handle")?;
+        // Creates need a declared model; bench nodes run no agent (no slots), so a script
+        // that is never read is enough.
+        let config_path = self.directory().join(format!("node{id}.toml"));
+        std::fs::write(self.directory().join("bench.json"), r#"{"turns": [{"text": "done"}]}"#)
+            .context("writing the bench model script")?;
+        std::fs::write(
+            &config_path,
+            "[models.bench]\nprovider = \"scripted\"\nscript = \"bench.json\"\n",
+        )
+        .with_context(|| format!("writing {}", config_path.display()))?;
         let mut command = Command::new(&self.executable);
         command
             .arg("node")
@@ -412,7 +422,9 @@ impl LocalCluster {
             .arg(&data_dir)
             .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
             .args(["--region", "local"])
-            .args(["--slots", &SLOTS_PER_BENCH_NODE.to_string()]);
+            .args(["--slots", &SLOTS_PER_BENCH_NODE.to_string()])
+            .arg("--config")
+            .arg(&config_path);
         if let Some(seed) = join {
             command.args(["--join", seed]);
         }

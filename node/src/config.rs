@@ -71,6 +71,51 @@ struct ConfigFile {
     /// Model providers by the name agents ask for (`agent create --model NAME`).
     #[serde(default)]
     models: BTreeMap<String, flotilla_actors::model::ModelConfig>,
+    #[serde(default)]
+    agents: AgentSettings,
+    #[serde(default)]
+    git: GitSection,
+}
+
+/// `[agents]`: the default model and the budgets of one run.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// The model of an agent created without `--model`.
+    pub default_model: Option<String>,
+    pub max_turns: Option<u32>,
+    pub max_total_tokens: Option<u64>,
+    pub max_wall_clock_s: Option<u64>,
+    /// Output tokens asked of the model per turn.
+    pub max_output_tokens: Option<u32>,
+    /// The most a tool result may hold.
+    pub tool_output_bytes: Option<usize>,
+}
+
+/// `[git]`: the author of agent commits and credentials for http(s) origins.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct GitSection {
+    pub author_name: Option<String>,
+    pub author_email: Option<String>,
+    #[serde(default)]
+    pub credentials: Vec<GitCredentialSection>,
+}
+
+/// `[[git.credentials]]`: used for origins whose URL starts with `url_prefix`. The password
+/// (or token) comes from an environment variable or a secret, never from the file itself.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct GitCredentialSection {
+    pub url_prefix: String,
+    #[serde(default = "default_git_username")]
+    pub username: String,
+    pub password_env: Option<String>,
+    pub password_secret: Option<String>,
+}
+
+fn default_git_username() -> String {
+    "x-access-token".to_string()
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -114,6 +159,8 @@ pub struct NodeConfig {
     pub cluster_secret: Option<String>,
     pub machines: flotilla_actors::machine::MachineSettings,
     pub models: BTreeMap<String, flotilla_actors::model::ModelConfig>,
+    pub agents: AgentSettings,
+    pub git: GitSection,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,10 +184,38 @@ pub const MAX_SLOTS: u32 = 10_000;
 
 impl NodeArgs {
     pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
-        let (file, models) = match &self.config {
+        let parts = match &self.config {
             Some(path) => read_config(path)?,
-            None => (FileNode::default(), BTreeMap::new()),
+            None => ConfigFile::default(),
         };
+        let ConfigFile {
+            node: file,
+            models,
+            agents,
+            git,
+        } = parts;
+        if let Some(model) = &agents.default_model {
+            if !models.contains_key(model) {
+                return Err(ConfigError::Invalid {
+                    field: "agents.default_model",
+                    message: format!(
+                        "{model:?} is not declared; declared models: {:?}",
+                        models.keys().collect::<Vec<_>>()
+                    ),
+                });
+            }
+        }
+        for credential in &git.credentials {
+            if credential.password_env.is_some() == credential.password_secret.is_some() {
+                return Err(ConfigError::Invalid {
+                    field: "git.credentials",
+                    message: format!(
+                        "credential for {:?} needs exactly one of password_env and password_secret",
+                        credential.url_prefix
+                    ),
+                });
+            }
+        }
         let data_dir = self.data_dir.or(file.data_dir).ok_or(ConfigError::Invalid {
             field: "data_dir",
             message: "required: pass --data-dir or set [node] data_dir".to_string(),
@@ -226,6 +301,8 @@ impl NodeArgs {
         })?;
         Ok(NodeConfig {
             models,
+            agents,
+            git,
             machines,
             data_dir,
             listen,
@@ -244,9 +321,7 @@ impl NodeArgs {
     }
 }
 
-type FileParts = (FileNode, BTreeMap<String, flotilla_actors::model::ModelConfig>);
-
-fn read_config(path: &Path) -> Result<FileParts, ConfigError> {
+fn read_config(path: &Path) -> Result<ConfigFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.display().to_string(),
         message: error.to_string(),
@@ -254,8 +329,8 @@ fn read_config(path: &Path) -> Result<FileParts, ConfigError> {
     parse_config(path, &text)
 }
 
-fn parse_config(path: &Path, text: &str) -> Result<FileParts, ConfigError> {
-    let parsed: ConfigFile = toml::from_str(text).map_err(|error| {
+fn parse_config(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
+    let mut parsed: ConfigFile = toml::from_str(text).map_err(|error| {
         let (line, column) = error
             .span()
             .map(|span| line_and_column(text, span.start))
@@ -267,7 +342,17 @@ fn parse_config(path: &Path, text: &str) -> Result<FileParts, ConfigError> {
             message: error.message().to_string(),
         }
     })?;
-    Ok((parsed.node, parsed.models))
+    // A script path is relative to the file that names it.
+    if let Some(directory) = path.parent() {
+        for model in parsed.models.values_mut() {
+            if let Some(script) = &model.script {
+                if script.is_relative() {
+                    model.script = Some(directory.join(script));
+                }
+            }
+        }
+    }
+    Ok(parsed)
 }
 
 fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
@@ -300,7 +385,7 @@ mod tests {
     #[test]
     fn models_are_declared_by_name() {
         let text = "[models.local]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:8080/v1\"\nmodel = \"served-model-id\"\napi_key_env = \"LOCAL_API_KEY\"\n\n[models.demo]\nprovider = \"scripted\"\nmodel = \"demo\"\nscript = \"demo.json\"\n";
-        let (_, models) = parse_config(Path::new("node.toml"), text).unwrap();
+        let models = parse_config(Path::new("node.toml"), text).unwrap().models;
         assert_eq!(models.len(), 2);
         assert_eq!(models["local"].model, "served-model-id");
         let bad = "[models.local]\nprovider = \"openai\"\nmodel = \"m\"\napi_key = \"sk-on-the-command-line\"\n";

@@ -2,7 +2,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{AgentId, AgentRecord, AgentSpec, AgentStatus, Epoch, NodeId, NodeInfo, NodeRecord, Role};
+use crate::types::{
+    AgentId, AgentRecord, AgentSpec, AgentStatus, Epoch, EventKind, NodeId, NodeInfo, NodeRecord, Role,
+};
+
+/// Largest checkpoint a turn may record (compressed).
+pub const MAX_CHECKPOINT_BYTES: usize = 512 * 1024;
+/// Most durable events one turn may record.
+pub const MAX_EVENTS_PER_TURN: usize = 512;
 
 /// The version of [`Command`] this build writes and understands.
 pub const COMMAND_VERSION: u32 = 1;
@@ -111,6 +118,29 @@ pub enum Command {
         node: NodeId,
         repository: String,
     },
+    /// A finished turn of a running agent, written by its owner: the checkpoint to resume from,
+    /// the follow-ups it took in, and its durable events. `turn` must be exactly one more than
+    /// the turns recorded, so a turn is never applied twice.
+    RecordTurn {
+        agent: AgentId,
+        node: NodeId,
+        epoch: Epoch,
+        turn: u32,
+        follow_ups_delivered: u32,
+        head_commit: Option<String>,
+        scripted: bool,
+        checkpoint: Vec<u8>,
+        events: Vec<EventKind>,
+    },
+    /// The result of pushing the work branch, written by the owner (also after a stop).
+    RecordPush {
+        agent: AgentId,
+        node: NodeId,
+        epoch: Epoch,
+        branch: String,
+        commit: String,
+        error: Option<String>,
+    },
 }
 
 impl Command {
@@ -135,6 +165,10 @@ impl Command {
                 } => reason.len() + summary.as_ref().map_or(0, String::len) + error.as_ref().map_or(0, String::len),
                 Command::StopAgent { reason, .. } => reason.len(),
                 Command::AssignAgents { assignments } => assignments.len() * 48,
+                Command::RecordTurn { checkpoint, events, .. } => {
+                    checkpoint.len() + events.iter().map(event_bytes).sum::<usize>()
+                }
+                Command::RecordPush { branch, error, .. } => branch.len() + error.as_ref().map_or(0, String::len),
                 Command::Batch { commands } => commands.iter().map(Command::approximate_bytes).sum(),
                 _ => 0,
             }
@@ -156,7 +190,29 @@ impl Command {
             Command::FollowUp { .. } => "follow-up",
             Command::CreateToken { .. } => "create-token",
             Command::RecordSnapshot { .. } => "record-snapshot",
+            Command::RecordTurn { .. } => "record-turn",
+            Command::RecordPush { .. } => "record-push",
         }
+    }
+}
+
+fn event_bytes(event: &EventKind) -> usize {
+    64 + match event {
+        EventKind::StatusChanged { reason, .. } => reason.len(),
+        EventKind::FollowUpAccepted { text, .. }
+        | EventKind::Log { text }
+        | EventKind::AssistantMessage { text, .. }
+        | EventKind::Summary { text } => text.len(),
+        EventKind::ToolCallFinished {
+            call_id,
+            tool,
+            arguments,
+            output,
+            ..
+        } => call_id.len() + tool.len() + arguments.len() + output.len(),
+        EventKind::CommitPushed { branch, commit } => branch.len() + commit.len(),
+        EventKind::PushFailed { branch, commit, error } => branch.len() + commit.len() + error.len(),
+        EventKind::TurnFinished { .. } => 0,
     }
 }
 
@@ -189,6 +245,14 @@ pub enum ApplyError {
     NestedBatch,
     #[error("agent {agent} has {limit} follow-ups already, the most it keeps")]
     TooManyFollowUps { agent: AgentId, limit: usize },
+    #[error("agent {agent} has recorded {recorded} turns; turn {found} is out of order")]
+    TurnOutOfOrder { agent: AgentId, recorded: u32, found: u32 },
+    #[error("agent {agent} has {pending} follow-up(s) not yet taken into a turn")]
+    UndeliveredFollowUps { agent: AgentId, pending: u32 },
+    #[error("{what} is {found} bytes; the most is {limit}")]
+    TooLarge { what: String, found: usize, limit: usize },
+    #[error("invalid command: {0}")]
+    Invalid(String),
 }
 
 /// What an applied command answers.

@@ -7,9 +7,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{ApplyError, ApplyResult, AssignOne, Command, Request, Response, COMMAND_VERSION};
+use crate::command::{
+    ApplyError, ApplyResult, AssignOne, Command, Request, Response, COMMAND_VERSION, MAX_CHECKPOINT_BYTES,
+    MAX_EVENTS_PER_TURN,
+};
 use crate::types::{
-    AgentId, AgentRecord, AgentStatus, Assignment, DurableEvent, EventKind, NodeId, NodeRecord, TokenRecord,
+    AgentId, AgentRecord, AgentStatus, Assignment, Checkpoint, DurableEvent, EventKind, NodeId, NodeRecord, TokenRecord,
 };
 
 /// Durable events kept per agent; older ones are trimmed (a watcher that asks for them is told so).
@@ -27,6 +30,8 @@ pub struct ClusterState {
     pub repo_snapshots: BTreeMap<String, BTreeSet<NodeId>>,
     /// Highest node id handed out or registered; ids are never reused.
     pub highest_node_id: NodeId,
+    /// The last checkpoint of each agent that has finished a turn.
+    pub checkpoints: BTreeMap<AgentId, Checkpoint>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,
@@ -41,6 +46,7 @@ pub struct Changes {
     pub agents: BTreeSet<AgentId>,
     pub nodes: BTreeSet<NodeId>,
     pub tokens: BTreeSet<String>,
+    pub checkpoints: BTreeSet<AgentId>,
     /// New durable events, in order.
     pub new_events: Vec<DurableEvent>,
     /// Events trimmed from the front of an agent's history: (agent, sequence).
@@ -223,6 +229,9 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
                 head_commit: None,
                 pull_request: None,
                 last_sequence: 0,
+                turns: 0,
+                scripted: spec.scripted,
+                pushed_commit: None,
             };
             state.agents.insert(*id, record);
             push_event(
@@ -258,20 +267,13 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
             summary,
             error,
         } => {
+            let owner = check_owner(state, *agent, *node, *epoch)?;
             let record = state.agents.get(agent).ok_or(ApplyError::AgentNotFound(*agent))?;
-            let owner = record.assignment;
-            if owner
-                != Some(Assignment {
-                    node: *node,
-                    epoch: *epoch,
-                })
-            {
-                return Err(ApplyError::Fenced {
+            if *status == AgentStatus::Finished && record.pending_follow_ups() > 0 {
+                // A follow-up arrived after the last turn began: the run goes on to take it.
+                return Err(ApplyError::UndeliveredFollowUps {
                     agent: *agent,
-                    owner: owner.map(|assignment| assignment.node),
-                    current: owner.map(|assignment| assignment.epoch),
-                    found: *epoch,
-                    node: *node,
+                    pending: record.pending_follow_ups(),
                 });
             }
             if record.status.is_terminal() {
@@ -282,6 +284,16 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
                 });
             }
             let from = record.status;
+            if let (Some(text), AgentStatus::Finished) = (summary, status) {
+                push_event(
+                    state,
+                    changes,
+                    *agent,
+                    at_ms,
+                    Some(*node),
+                    EventKind::Summary { text: text.clone() },
+                );
+            }
             let record = state.agents.get_mut(agent).expect("checked above");
             record.status = *status;
             record.updated_at_ms = at_ms;
@@ -307,6 +319,115 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
                 );
             }
             finish_agent_change(state, changes, *agent)
+        }
+        Command::RecordTurn {
+            agent,
+            node,
+            epoch,
+            turn,
+            follow_ups_delivered,
+            head_commit,
+            scripted,
+            checkpoint,
+            events,
+        } => {
+            check_owner(state, *agent, *node, *epoch)?;
+            let record = state.agents.get(agent).ok_or(ApplyError::AgentNotFound(*agent))?;
+            if record.status != AgentStatus::Running {
+                return Err(ApplyError::InvalidState {
+                    agent: *agent,
+                    status: record.status,
+                    wanted: "only a running agent records turns".to_string(),
+                });
+            }
+            if *turn != record.turns + 1 {
+                return Err(ApplyError::TurnOutOfOrder {
+                    agent: *agent,
+                    recorded: record.turns,
+                    found: *turn,
+                });
+            }
+            if *follow_ups_delivered < record.follow_ups_delivered
+                || *follow_ups_delivered as usize > record.follow_ups.len()
+            {
+                return Err(ApplyError::Invalid(format!(
+                    "{follow_ups_delivered} follow-ups delivered, but {} were before and {} exist",
+                    record.follow_ups_delivered,
+                    record.follow_ups.len()
+                )));
+            }
+            if checkpoint.len() > MAX_CHECKPOINT_BYTES {
+                return Err(ApplyError::TooLarge {
+                    what: "checkpoint".to_string(),
+                    found: checkpoint.len(),
+                    limit: MAX_CHECKPOINT_BYTES,
+                });
+            }
+            if events.len() > MAX_EVENTS_PER_TURN {
+                return Err(ApplyError::TooLarge {
+                    what: "events of one turn".to_string(),
+                    found: events.len(),
+                    limit: MAX_EVENTS_PER_TURN,
+                });
+            }
+            let record = state.agents.get_mut(agent).expect("checked above");
+            record.turns = *turn;
+            record.follow_ups_delivered = *follow_ups_delivered;
+            record.scripted = *scripted;
+            record.updated_at_ms = at_ms;
+            if head_commit.is_some() {
+                record.head_commit = head_commit.clone();
+            }
+            for event in events {
+                if let EventKind::CommitPushed { commit, .. } = event {
+                    record.pushed_commit = Some(commit.clone());
+                }
+            }
+            state.checkpoints.insert(
+                *agent,
+                Checkpoint {
+                    turn: *turn,
+                    at_ms,
+                    head_commit: head_commit.clone(),
+                    data: checkpoint.clone(),
+                },
+            );
+            changes.checkpoints.insert(*agent);
+            for event in events {
+                push_event(state, changes, *agent, at_ms, Some(*node), event.clone());
+            }
+            changes.agents.insert(*agent);
+            Ok(Response::Done)
+        }
+        Command::RecordPush {
+            agent,
+            node,
+            epoch,
+            branch,
+            commit,
+            error,
+        } => {
+            check_owner(state, *agent, *node, *epoch)?;
+            let record = state.agents.get_mut(agent).ok_or(ApplyError::AgentNotFound(*agent))?;
+            record.head_commit = Some(commit.clone());
+            record.updated_at_ms = at_ms;
+            let event = match error {
+                None => {
+                    record.pushed_commit = Some(commit.clone());
+                    EventKind::CommitPushed {
+                        branch: branch.clone(),
+                        commit: commit.clone(),
+                    }
+                }
+                Some(error) => EventKind::PushFailed {
+                    branch: branch.clone(),
+                    commit: commit.clone(),
+                    error: error.clone(),
+                },
+            };
+            push_event(state, changes, *agent, at_ms, Some(*node), event);
+            changes.agents.insert(*agent);
+            Ok(Response::Done)
         }
         Command::StopAgent { agent, reason } => {
             let record = state.agents.get_mut(agent).ok_or(ApplyError::AgentNotFound(*agent))?;
@@ -511,6 +632,27 @@ fn requeue_agents_of(
     ids
 }
 
+/// The agent's assignment, if `node` owns it under `epoch`; a fenced refusal otherwise.
+fn check_owner(
+    state: &ClusterState,
+    agent: AgentId,
+    node: NodeId,
+    epoch: crate::types::Epoch,
+) -> Result<Option<Assignment>, ApplyError> {
+    let record = state.agents.get(&agent).ok_or(ApplyError::AgentNotFound(agent))?;
+    let owner = record.assignment;
+    if owner != Some(Assignment { node, epoch }) {
+        return Err(ApplyError::Fenced {
+            agent,
+            owner: owner.map(|assignment| assignment.node),
+            current: owner.map(|assignment| assignment.epoch),
+            found: epoch,
+            node,
+        });
+    }
+    Ok(owner)
+}
+
 fn finish_agent_change(state: &mut ClusterState, changes: &mut Changes, id: AgentId) -> ApplyResult {
     changes.agents.insert(id);
     state.index_agent(id);
@@ -577,6 +719,7 @@ mod tests {
             team: "default".to_string(),
             open_pull_request: false,
             egress_allow: Vec::new(),
+            scripted: true,
         }
     }
 
@@ -900,5 +1043,515 @@ mod tests {
         assert_eq!(state.pending, pending);
         assert_eq!(state.active_by_node.get(&2), active.get(&2));
         assert!(state.pending.contains(&b));
+    }
+
+    /// An agent assigned to `node` under epoch 1 and running there.
+    fn running(state: &mut ClusterState, name: &str, node: NodeId) -> AgentId {
+        let id = create(state, name);
+        assert_eq!(assign(state, id, node, 1), vec![id]);
+        run(state, set_status(id, node, 1, AgentStatus::Running, None)).unwrap();
+        id
+    }
+
+    fn set_status(agent: AgentId, node: NodeId, epoch: u64, status: AgentStatus, summary: Option<&str>) -> Command {
+        Command::SetAgentStatus {
+            agent,
+            node,
+            epoch: Epoch(epoch),
+            status,
+            reason: format!("to {status}"),
+            summary: summary.map(str::to_string),
+            error: None,
+        }
+    }
+
+    /// The fields of a `RecordTurn` a test varies; the rest are filled in by [`TurnFields::command`].
+    struct TurnFields {
+        agent: AgentId,
+        node: NodeId,
+        epoch: u64,
+        turn: u32,
+        follow_ups_delivered: u32,
+        head_commit: Option<String>,
+        checkpoint: Vec<u8>,
+        events: Vec<EventKind>,
+    }
+
+    impl TurnFields {
+        fn command(self) -> Command {
+            Command::RecordTurn {
+                agent: self.agent,
+                node: self.node,
+                epoch: Epoch(self.epoch),
+                turn: self.turn,
+                follow_ups_delivered: self.follow_ups_delivered,
+                head_commit: self.head_commit,
+                scripted: true,
+                checkpoint: self.checkpoint,
+                events: self.events,
+            }
+        }
+    }
+
+    /// Turn `turn` of `agent` by node 1 under epoch 1, with a small checkpoint and no events.
+    fn turn_fields(agent: AgentId, turn: u32, follow_ups_delivered: u32) -> TurnFields {
+        TurnFields {
+            agent,
+            node: 1,
+            epoch: 1,
+            turn,
+            follow_ups_delivered,
+            head_commit: None,
+            checkpoint: format!("conversation after turn {turn}").into_bytes(),
+            events: Vec::new(),
+        }
+    }
+
+    fn turn(agent: AgentId, turn: u32, follow_ups_delivered: u32) -> Command {
+        turn_fields(agent, turn, follow_ups_delivered).command()
+    }
+
+    fn follow_up(state: &mut ClusterState, agent: AgentId, text: &str) {
+        run(
+            state,
+            Command::FollowUp {
+                agent,
+                text: text.into(),
+            },
+        )
+        .unwrap();
+    }
+
+    fn stop(state: &mut ClusterState, agent: AgentId) {
+        run(
+            state,
+            Command::StopAgent {
+                agent,
+                reason: "user".into(),
+            },
+        )
+        .unwrap();
+    }
+
+    fn push(agent: AgentId, node: NodeId, epoch: u64, commit: &str, error: Option<&str>) -> Command {
+        Command::RecordPush {
+            agent,
+            node,
+            epoch: Epoch(epoch),
+            branch: "flotilla/a".into(),
+            commit: commit.into(),
+            error: error.map(str::to_string),
+        }
+    }
+
+    fn event_kinds_after(state: &ClusterState, agent: AgentId, after_sequence: u64) -> Vec<EventKind> {
+        state
+            .events_after(agent, after_sequence)
+            .into_iter()
+            .map(|event| event.kind)
+            .collect()
+    }
+
+    #[test]
+    fn the_owner_records_a_turn_with_its_checkpoint_and_events() {
+        let mut state = with_nodes(1);
+        let id = running(&mut state, "a", 1);
+        follow_up(&mut state, id, "also the docs");
+        let sequence_before = state.agents[&id].last_sequence;
+        let events = vec![
+            EventKind::AssistantMessage {
+                turn: 1,
+                text: "Pushing.".into(),
+            },
+            EventKind::ToolCallFinished {
+                call_id: "call_1_1".into(),
+                tool: "run_command".into(),
+                arguments: r#"{"command":"git push"}"#.into(),
+                output: "ok".into(),
+                truncated: false,
+                failed: false,
+                duration_ms: 12,
+            },
+            EventKind::CommitPushed {
+                branch: "flotilla/a".into(),
+                commit: "abc123".into(),
+            },
+            EventKind::TurnFinished {
+                turn: 1,
+                input_tokens: 10,
+                output_tokens: 5,
+                tool_calls: 1,
+            },
+        ];
+        let command = TurnFields {
+            head_commit: Some("abc123".into()),
+            events: events.clone(),
+            ..turn_fields(id, 1, 1)
+        }
+        .command();
+        let mut changes = Changes::default();
+        assert_eq!(apply(&mut state, &mut changes, &request(command)), Ok(Response::Done));
+
+        let agent = &state.agents[&id];
+        assert_eq!(agent.turns, 1);
+        assert_eq!(agent.follow_ups_delivered, 1);
+        assert_eq!(agent.pending_follow_ups(), 0);
+        assert_eq!(agent.head_commit.as_deref(), Some("abc123"));
+        assert_eq!(agent.pushed_commit.as_deref(), Some("abc123"));
+        assert!(agent.scripted);
+        assert_eq!(agent.status, AgentStatus::Running);
+        assert_eq!(
+            state.checkpoints[&id],
+            Checkpoint {
+                turn: 1,
+                at_ms: 1_000,
+                head_commit: Some("abc123".into()),
+                data: b"conversation after turn 1".to_vec(),
+            }
+        );
+        assert!(
+            changes.checkpoints.contains(&id),
+            "the store is told to persist the checkpoint"
+        );
+        assert!(changes.agents.contains(&id));
+
+        let recorded = state.events_after(id, sequence_before);
+        let kinds: Vec<EventKind> = recorded.iter().map(|event| event.kind.clone()).collect();
+        assert_eq!(kinds, events, "events are appended in the order given");
+        let sequences: Vec<u64> = recorded.iter().map(|event| event.sequence).collect();
+        let expected: Vec<u64> = (sequence_before + 1..=sequence_before + 4).collect();
+        assert_eq!(sequences, expected, "consecutive sequence numbers");
+        assert!(recorded.iter().all(|event| event.node == Some(1)));
+        assert_eq!(state.agents[&id].last_sequence, sequence_before + 4);
+        assert_eq!(changes.new_events, recorded);
+
+        // The next turn replaces the checkpoint; a turn without a head commit keeps the agent's.
+        run(&mut state, turn(id, 2, 1)).unwrap();
+        let agent = &state.agents[&id];
+        assert_eq!(agent.turns, 2);
+        assert_eq!(agent.head_commit.as_deref(), Some("abc123"));
+        assert_eq!(agent.pushed_commit.as_deref(), Some("abc123"));
+        assert_eq!(state.checkpoints[&id].turn, 2);
+        assert_eq!(state.checkpoints[&id].data, b"conversation after turn 2".to_vec());
+    }
+
+    #[test]
+    fn a_turn_from_anyone_but_the_running_owner_is_refused() {
+        let mut state = with_nodes(2);
+        let id = running(&mut state, "a", 1);
+        let before = state.clone();
+        for (node, epoch) in [(2, 1), (1, 2), (1, 0)] {
+            let command = TurnFields {
+                node,
+                epoch,
+                ..turn_fields(id, 1, 0)
+            }
+            .command();
+            assert!(
+                matches!(run(&mut state, command), Err(ApplyError::Fenced { .. })),
+                "node {node} under epoch {epoch}"
+            );
+        }
+        assert_eq!(state, before, "a fenced turn changes nothing");
+
+        let unknown = AgentId::new();
+        assert_eq!(
+            run(&mut state, turn(unknown, 1, 0)),
+            Err(ApplyError::AgentNotFound(unknown))
+        );
+
+        // Assigned but not yet running.
+        let waiting = create(&mut state, "b");
+        assign(&mut state, waiting, 1, 1);
+        assert!(matches!(
+            run(&mut state, turn(waiting, 1, 0)),
+            Err(ApplyError::InvalidState {
+                status: AgentStatus::Pending,
+                ..
+            })
+        ));
+
+        // Stopped while its turn ran: the owner's late turn is refused.
+        stop(&mut state, id);
+        let before = state.clone();
+        assert!(matches!(
+            run(&mut state, turn(id, 1, 0)),
+            Err(ApplyError::InvalidState {
+                status: AgentStatus::Stopped,
+                ..
+            })
+        ));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn turns_are_recorded_exactly_once_and_in_order() {
+        let mut state = with_nodes(1);
+        let id = running(&mut state, "a", 1);
+        assert_eq!(
+            run(&mut state, turn(id, 2, 0)),
+            Err(ApplyError::TurnOutOfOrder {
+                agent: id,
+                recorded: 0,
+                found: 2
+            })
+        );
+        assert_eq!(
+            run(&mut state, turn(id, 0, 0)),
+            Err(ApplyError::TurnOutOfOrder {
+                agent: id,
+                recorded: 0,
+                found: 0
+            })
+        );
+        run(&mut state, turn(id, 1, 0)).unwrap();
+
+        // The same turn again (a retried proposal, or a node resuming from an older checkpoint)
+        // must not append its events twice or move the checkpoint back.
+        let before = state.clone();
+        let replay = TurnFields {
+            head_commit: Some("older".into()),
+            checkpoint: b"an older conversation".to_vec(),
+            events: vec![EventKind::Log { text: "again".into() }],
+            ..turn_fields(id, 1, 0)
+        }
+        .command();
+        let mut changes = Changes::default();
+        assert_eq!(
+            apply(&mut state, &mut changes, &request(replay)),
+            Err(ApplyError::TurnOutOfOrder {
+                agent: id,
+                recorded: 1,
+                found: 1
+            })
+        );
+        assert_eq!(state, before, "a replayed turn changes nothing");
+        assert!(changes.new_events.is_empty() && changes.checkpoints.is_empty());
+        assert!(matches!(
+            run(&mut state, turn(id, 3, 0)),
+            Err(ApplyError::TurnOutOfOrder { recorded: 1, .. })
+        ));
+        run(&mut state, turn(id, 2, 0)).unwrap();
+        assert_eq!(state.agents[&id].turns, 2);
+    }
+
+    #[test]
+    fn delivered_follow_ups_only_move_forward_within_those_that_exist() {
+        let mut state = with_nodes(1);
+        let id = running(&mut state, "a", 1);
+        follow_up(&mut state, id, "first");
+        let before = state.clone();
+        assert!(matches!(run(&mut state, turn(id, 1, 2)), Err(ApplyError::Invalid(_))));
+        assert_eq!(state, before);
+        run(&mut state, turn(id, 1, 1)).unwrap();
+        follow_up(&mut state, id, "second");
+        let before = state.clone();
+        let backwards = run(&mut state, turn(id, 2, 0));
+        assert!(
+            matches!(&backwards, Err(ApplyError::Invalid(message)) if message.contains("1 were before")),
+            "{backwards:?}"
+        );
+        assert_eq!(state, before);
+        // A turn may take in nothing new: the second follow-up waits for the next one.
+        run(&mut state, turn(id, 2, 1)).unwrap();
+        assert_eq!(state.agents[&id].pending_follow_ups(), 1);
+        run(&mut state, turn(id, 3, 2)).unwrap();
+        assert_eq!(state.agents[&id].pending_follow_ups(), 0);
+    }
+
+    #[test]
+    fn oversized_turns_are_refused_and_the_limits_themselves_accepted() {
+        let mut state = with_nodes(1);
+        let id = running(&mut state, "a", 1);
+        let before = state.clone();
+        let big_checkpoint = TurnFields {
+            checkpoint: vec![7; MAX_CHECKPOINT_BYTES + 1],
+            ..turn_fields(id, 1, 0)
+        }
+        .command();
+        assert_eq!(
+            run(&mut state, big_checkpoint),
+            Err(ApplyError::TooLarge {
+                what: "checkpoint".into(),
+                found: MAX_CHECKPOINT_BYTES + 1,
+                limit: MAX_CHECKPOINT_BYTES
+            })
+        );
+        let log = |count: usize| -> Vec<EventKind> {
+            (0..count)
+                .map(|number| EventKind::Log {
+                    text: format!("line {number}"),
+                })
+                .collect()
+        };
+        let many_events = TurnFields {
+            events: log(MAX_EVENTS_PER_TURN + 1),
+            ..turn_fields(id, 1, 0)
+        }
+        .command();
+        assert!(matches!(
+            run(&mut state, many_events),
+            Err(ApplyError::TooLarge { found, limit: MAX_EVENTS_PER_TURN, .. }) if found == MAX_EVENTS_PER_TURN + 1
+        ));
+        assert_eq!(state, before, "an oversized turn changes nothing");
+
+        let at_the_limits = TurnFields {
+            checkpoint: vec![7; MAX_CHECKPOINT_BYTES],
+            events: log(MAX_EVENTS_PER_TURN),
+            ..turn_fields(id, 1, 0)
+        }
+        .command();
+        run(&mut state, at_the_limits).unwrap();
+        assert_eq!(state.checkpoints[&id].data.len(), MAX_CHECKPOINT_BYTES);
+        assert_eq!(
+            state.agents[&id].last_sequence,
+            before.agents[&id].last_sequence + MAX_EVENTS_PER_TURN as u64
+        );
+    }
+
+    #[test]
+    fn an_agent_finishes_only_after_taking_in_every_follow_up() {
+        let mut state = with_nodes(1);
+        let id = running(&mut state, "a", 1);
+        run(&mut state, turn(id, 1, 0)).unwrap();
+        // The follow-up arrives while the last turn runs, after its RecordTurn was proposed.
+        follow_up(&mut state, id, "also the docs");
+        let before = state.clone();
+        assert_eq!(
+            run(&mut state, set_status(id, 1, 1, AgentStatus::Finished, Some("did it"))),
+            Err(ApplyError::UndeliveredFollowUps { agent: id, pending: 1 })
+        );
+        assert_eq!(state, before, "the refused finish changes nothing");
+        assert_eq!(state.agents[&id].status, AgentStatus::Running);
+
+        run(&mut state, turn(id, 2, 1)).unwrap();
+        let sequence_before = state.agents[&id].last_sequence;
+        run(
+            &mut state,
+            set_status(id, 1, 1, AgentStatus::Finished, Some("did it and the docs")),
+        )
+        .unwrap();
+        let agent = &state.agents[&id];
+        assert_eq!(agent.status, AgentStatus::Finished);
+        assert_eq!(agent.summary.as_deref(), Some("did it and the docs"));
+        assert_eq!(
+            event_kinds_after(&state, id, sequence_before),
+            vec![
+                EventKind::Summary {
+                    text: "did it and the docs".into()
+                },
+                EventKind::StatusChanged {
+                    from: AgentStatus::Running,
+                    to: AgentStatus::Finished,
+                    assignment: Some(Assignment {
+                        node: 1,
+                        epoch: Epoch(1)
+                    }),
+                    reason: "to finished".into(),
+                },
+            ],
+            "the summary comes before the status change"
+        );
+        assert!(state.active_on(1).next().is_none(), "a finished agent holds no slot");
+    }
+
+    #[test]
+    fn failing_or_stopping_does_not_wait_for_follow_ups_and_no_summary_means_no_summary_event() {
+        let mut state = with_nodes(1);
+        let failed = running(&mut state, "a", 1);
+        follow_up(&mut state, failed, "never taken in");
+        run(&mut state, set_status(failed, 1, 1, AgentStatus::Failed, None)).unwrap();
+        assert_eq!(state.agents[&failed].status, AgentStatus::Failed);
+
+        let stopped = running(&mut state, "b", 1);
+        follow_up(&mut state, stopped, "never taken in either");
+        stop(&mut state, stopped);
+        assert_eq!(state.agents[&stopped].status, AgentStatus::Stopped);
+
+        let finished = running(&mut state, "c", 1);
+        let sequence_before = state.agents[&finished].last_sequence;
+        run(&mut state, set_status(finished, 1, 1, AgentStatus::Finished, None)).unwrap();
+        assert!(matches!(
+            event_kinds_after(&state, finished, sequence_before).as_slice(),
+            [EventKind::StatusChanged {
+                to: AgentStatus::Finished,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_successful_push_records_the_pushed_commit() {
+        let mut state = with_nodes(1);
+        let id = running(&mut state, "a", 1);
+        let sequence_before = state.agents[&id].last_sequence;
+        let mut changes = Changes::default();
+        let result = apply(&mut state, &mut changes, &request(push(id, 1, 1, "abc123", None)));
+        assert_eq!(result, Ok(Response::Done));
+        let agent = &state.agents[&id];
+        assert_eq!(agent.head_commit.as_deref(), Some("abc123"));
+        assert_eq!(agent.pushed_commit.as_deref(), Some("abc123"));
+        assert_eq!(
+            event_kinds_after(&state, id, sequence_before),
+            vec![EventKind::CommitPushed {
+                branch: "flotilla/a".into(),
+                commit: "abc123".into()
+            }]
+        );
+        assert!(changes.agents.contains(&id));
+        assert_eq!(changes.new_events.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_push_is_an_event_and_keeps_the_last_pushed_commit() {
+        let mut state = with_nodes(1);
+        let id = running(&mut state, "a", 1);
+        run(&mut state, push(id, 1, 1, "abc123", None)).unwrap();
+        let sequence_before = state.agents[&id].last_sequence;
+        run(&mut state, push(id, 1, 1, "def456", Some("remote rejected"))).unwrap();
+        let agent = &state.agents[&id];
+        assert_eq!(agent.pushed_commit.as_deref(), Some("abc123"));
+        assert_eq!(
+            event_kinds_after(&state, id, sequence_before),
+            vec![EventKind::PushFailed {
+                branch: "flotilla/a".into(),
+                commit: "def456".into(),
+                error: "remote rejected".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_push_is_recorded_after_a_stop_but_fenced_for_another_epoch() {
+        let mut state = with_nodes(2);
+        let id = running(&mut state, "a", 1);
+        stop(&mut state, id);
+        // The owner pushes what it had before it wound down.
+        run(&mut state, push(id, 1, 1, "abc123", None)).unwrap();
+        assert_eq!(state.agents[&id].status, AgentStatus::Stopped);
+        assert_eq!(state.agents[&id].pushed_commit.as_deref(), Some("abc123"));
+        let before = state.clone();
+        assert!(matches!(
+            run(&mut state, push(id, 1, 2, "def456", None)),
+            Err(ApplyError::Fenced { .. })
+        ));
+        assert!(matches!(
+            run(&mut state, push(id, 2, 1, "def456", None)),
+            Err(ApplyError::Fenced { .. })
+        ));
+        assert_eq!(state, before);
+
+        // After a failover the old owner's push under epoch 1 is refused.
+        let moved = running(&mut state, "b", 1);
+        run(&mut state, Command::NodeDown { node: 1 }).unwrap();
+        assert_eq!(assign(&mut state, moved, 2, 2), vec![moved]);
+        let before = state.clone();
+        assert!(matches!(
+            run(&mut state, push(moved, 1, 1, "stale", None)),
+            Err(ApplyError::Fenced { .. })
+        ));
+        assert_eq!(state, before);
+        run(&mut state, push(moved, 2, 2, "fresh", None)).unwrap();
+        assert_eq!(state.agents[&moved].pushed_commit.as_deref(), Some("fresh"));
     }
 }

@@ -387,6 +387,14 @@ impl StateMachineStore {
                     let record: crate::types::TokenRecord = decode(&key, &value)?;
                     state.tokens.insert(record.sha256_hex.clone(), record);
                 }
+                Some(b'c') if key.len() == 18 => {
+                    let checkpoint: crate::types::Checkpoint = decode(&key, &value)?;
+                    let mut id = [0u8; 16];
+                    id.copy_from_slice(&key[2..]);
+                    state
+                        .checkpoints
+                        .insert(AgentId(ulid::Ulid::from_bytes(id)), checkpoint);
+                }
                 _ if key.as_ref() == KEY_APPLIED => last_applied = decode(&key, &value)?,
                 _ if key.as_ref() == KEY_MEMBERSHIP => membership = decode(&key, &value)?,
                 _ if key.as_ref() == KEY_HIGHEST_NODE_ID => state.highest_node_id = decode(&key, &value)?,
@@ -451,6 +459,13 @@ impl StateMachineStore {
         for (agent, sequence) in &changes.trimmed_events {
             batch.delete_cf(cf, event_key(*agent, *sequence));
         }
+        for id in &changes.checkpoints {
+            let key = checkpoint_key(*id);
+            match machine.state.checkpoints.get(id) {
+                Some(checkpoint) => batch.put_cf(cf, key, encode(checkpoint)),
+                None => batch.delete_cf(cf, key),
+            }
+        }
         for id in &changes.nodes {
             let key = node_key(*id);
             match machine.state.nodes.get(id) {
@@ -490,6 +505,7 @@ impl StateMachineStore {
         changes.agents.extend(machine.state.agents.keys().copied());
         changes.nodes.extend(machine.state.nodes.keys().copied());
         changes.tokens.extend(machine.state.tokens.keys().cloned());
+        changes.checkpoints.extend(machine.state.checkpoints.keys().copied());
         changes
             .new_events
             .extend(machine.state.events.values().flatten().cloned());
@@ -510,6 +526,10 @@ impl StateMachineStore {
 
 fn agent_key(id: AgentId) -> Vec<u8> {
     [b"a/".as_slice(), &id.0.to_bytes()].concat()
+}
+
+fn checkpoint_key(id: AgentId) -> Vec<u8> {
+    [b"c/".as_slice(), &id.0.to_bytes()].concat()
 }
 
 fn event_key(agent: AgentId, sequence: u64) -> Vec<u8> {
@@ -650,8 +670,8 @@ mod tests {
     use openraft::{CommittedLeaderId, EntryPayload, Membership};
 
     use super::*;
-    use crate::command::{Command, Request, Response, COMMAND_VERSION};
-    use crate::types::{AgentId, AgentSpec, NodeInfo};
+    use crate::command::{AssignOne, Command, Request, Response, COMMAND_VERSION};
+    use crate::types::{AgentId, AgentSpec, AgentStatus, Checkpoint, Epoch, EventKind, NodeInfo};
 
     fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
         Entry {
@@ -797,5 +817,146 @@ mod tests {
             Some(entries[2].log_id),
             "a truncate keeps the purge mark"
         );
+    }
+
+    /// Entries from `first_index` on that register node 1, run agent `id` there under epoch 1
+    /// and record its first turn with `checkpoint`.
+    fn first_turn_entries(first_index: u64, id: AgentId, checkpoint: &[u8]) -> Vec<Entry<TypeConfig>> {
+        let commands = vec![
+            Command::RegisterNode {
+                node: 1,
+                info: NodeInfo {
+                    slots: 2,
+                    ..Default::default()
+                },
+            },
+            create(id),
+            Command::AssignAgents {
+                assignments: vec![AssignOne {
+                    agent: id,
+                    node: 1,
+                    epoch: Epoch(1),
+                }],
+            },
+            Command::SetAgentStatus {
+                agent: id,
+                node: 1,
+                epoch: Epoch(1),
+                status: AgentStatus::Running,
+                reason: "started".into(),
+                summary: None,
+                error: None,
+            },
+            Command::RecordTurn {
+                agent: id,
+                node: 1,
+                epoch: Epoch(1),
+                turn: 1,
+                follow_ups_delivered: 0,
+                head_commit: Some("abc123".into()),
+                scripted: true,
+                checkpoint: checkpoint.to_vec(),
+                events: vec![EventKind::TurnFinished {
+                    turn: 1,
+                    input_tokens: 1,
+                    output_tokens: 1,
+                    tool_calls: 0,
+                }],
+            },
+        ];
+        commands
+            .into_iter()
+            .zip(first_index..)
+            .map(|(command, index)| entry(index, command))
+            .collect()
+    }
+
+    async fn apply_all(machine: &mut StateMachineStore, entries: Vec<Entry<TypeConfig>>) {
+        let results = machine.apply(entries).await.unwrap();
+        for result in results {
+            let took_effect = match &result {
+                Ok(Response::Assigned(ids)) => !ids.is_empty(),
+                other => other.is_ok(),
+            };
+            assert!(took_effect, "every entry of the test takes effect: {result:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recorded_checkpoint_survives_a_reopen_and_is_replaced_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = AgentId::new();
+        {
+            let (_, mut machine) = open(dir.path()).unwrap();
+            let mut entries = vec![membership_entry(1)];
+            entries.extend(first_turn_entries(2, id, b"conversation after turn 1"));
+            apply_all(&mut machine, entries).await;
+        }
+        let (_, mut reopened) = open(dir.path()).unwrap();
+        let checkpoint = reopened.reader().read(|state| state.checkpoints.get(&id).cloned());
+        assert_eq!(
+            checkpoint,
+            Some(Checkpoint {
+                turn: 1,
+                at_ms: 1_006,
+                head_commit: Some("abc123".into()),
+                data: b"conversation after turn 1".to_vec(),
+            })
+        );
+        let agent = reopened.reader().read(|state| state.agents[&id].clone());
+        assert_eq!(agent.turns, 1);
+
+        let second = Command::RecordTurn {
+            agent: id,
+            node: 1,
+            epoch: Epoch(1),
+            turn: 2,
+            follow_ups_delivered: 0,
+            head_commit: None,
+            scripted: true,
+            checkpoint: b"conversation after turn 2".to_vec(),
+            events: Vec::new(),
+        };
+        apply_all(&mut reopened, vec![entry(7, second)]).await;
+        let expected = reopened.reader().read(|state| state.clone());
+        drop(reopened);
+        let (_, again) = open(dir.path()).unwrap();
+        let state = again.reader().read(|state| state.clone());
+        assert_eq!(state.checkpoints.len(), 1, "one checkpoint per agent is kept");
+        assert_eq!(state.checkpoints[&id].turn, 2);
+        assert_eq!(state, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_travels_in_a_snapshot_and_replaces_the_receivers() {
+        let source_dir = tempfile::tempdir().unwrap();
+        let target_dir = tempfile::tempdir().unwrap();
+        let id = AgentId::new();
+        let (_, mut source) = open(source_dir.path()).unwrap();
+        let mut entries = vec![membership_entry(1)];
+        entries.extend(first_turn_entries(2, id, b"from the source"));
+        apply_all(&mut source, entries).await;
+        let snapshot = source.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let expected = source.reader().read(|state| state.clone());
+        assert!(expected.checkpoints.contains_key(&id));
+
+        // The receiver has a checkpoint of its own, for an agent the snapshot does not know.
+        let stale = AgentId::new();
+        let (_, mut target) = open(target_dir.path()).unwrap();
+        apply_all(&mut target, first_turn_entries(1, stale, b"stale")).await;
+        target
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(target.reader().read(|state| state.clone()), expected);
+        drop(target);
+        let (_, reopened) = open(target_dir.path()).unwrap();
+        let state = reopened.reader().read(|state| state.clone());
+        assert_eq!(state.checkpoints[&id].data, b"from the source".to_vec());
+        assert!(
+            !state.checkpoints.contains_key(&stale),
+            "the receiver's own checkpoint is gone from disk"
+        );
+        assert_eq!(state, expected, "the installed state is what is on disk");
     }
 }

@@ -110,6 +110,8 @@ pub struct AgentSpec {
     pub open_pull_request: bool,
     /// Hosts the machine may reach through the node's egress proxy; empty means no network.
     pub egress_allow: Vec<String>,
+    /// The model is the scripted provider: replies come from a file, never from a model.
+    pub scripted: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +147,12 @@ pub struct AgentRecord {
     pub pull_request: Option<PullRequestRef>,
     /// Sequence number of the newest durable event.
     pub last_sequence: u64,
+    /// Model turns checkpointed so far, over all runs.
+    pub turns: u32,
+    /// The agent's model is the scripted provider (set by its first turn).
+    pub scripted: bool,
+    /// The last commit the origin accepted for the work branch.
+    pub pushed_commit: Option<String>,
 }
 
 impl AgentRecord {
@@ -185,6 +193,50 @@ pub enum EventKind {
     Log {
         text: String,
     },
+    /// The assistant's whole text of one turn.
+    AssistantMessage {
+        turn: u32,
+        text: String,
+    },
+    /// One tool call of a turn, with its (capped) output.
+    ToolCallFinished {
+        call_id: String,
+        tool: String,
+        arguments: String,
+        output: String,
+        truncated: bool,
+        failed: bool,
+        duration_ms: u64,
+    },
+    CommitPushed {
+        branch: String,
+        commit: String,
+    },
+    /// The origin refused or could not take the branch; the commit stays on the node.
+    PushFailed {
+        branch: String,
+        commit: String,
+        error: String,
+    },
+    TurnFinished {
+        turn: u32,
+        input_tokens: u64,
+        output_tokens: u64,
+        tool_calls: u32,
+    },
+    Summary {
+        text: String,
+    },
+}
+
+/// The state of an agent's conversation after its last finished turn, from which another node
+/// resumes it. `data` is opaque here (the agent runtime encodes and compresses it).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub turn: u32,
+    pub at_ms: u64,
+    pub head_commit: Option<String>,
+    pub data: Vec<u8>,
 }
 
 /// What a node declares about itself when it joins.

@@ -26,7 +26,8 @@ async fn create_get_list_page_and_search() {
     let first = &created[0];
     assert_eq!(first.id.len(), 26, "ids are ULIDs");
     assert_eq!(first.base_branch, "main");
-    assert_eq!(first.model, "default");
+    assert_eq!(first.model, "hold", "the default_model of the node config");
+    assert!(first.scripted, "the hold model is scripted");
     assert!(first.work_branch.starts_with("flotilla/"), "{}", first.work_branch);
     assert!(first.work_branch.ends_with("-agent-0"), "{}", first.work_branch);
 

@@ -263,6 +263,24 @@ pub struct NodeSpec {
     pub lease_ms: Option<u64>,
     pub extra_args: Vec<String>,
     pub cluster_secret: String,
+    /// The node's `--config` file.
+    pub config_path: PathBuf,
+    /// Extra environment of the node process (API keys of test model servers...).
+    pub env: Vec<(String, String)>,
+}
+
+/// The scripted model test nodes declare by default: one turn that runs a long command, so an
+/// agent stays RUNNING for the length of any test (and its machine keeps a busy process).
+pub const HOLD_SCRIPT: &str = r#"{"turns": [{"text": "Holding the machine.", "tool_calls": [{"name": "run_command", "arguments": {"command": "sleep 590", "timeout_ms": 600000}}]}]}"#;
+
+/// The default node config of test clusters: the `hold` model as the default.
+pub fn hold_config(dir: &Path) -> String {
+    let script = dir.join("hold.json");
+    std::fs::write(&script, HOLD_SCRIPT).expect("could not write the hold script");
+    format!(
+        "[models.hold]\nprovider = \"scripted\"\nscript = {:?}\n\n[agents]\ndefault_model = \"hold\"\n",
+        script.display().to_string()
+    )
 }
 
 impl NodeSpec {
@@ -288,6 +306,8 @@ impl NodeSpec {
             args.push("--lease-ms".to_string());
             args.push(lease_ms.to_string());
         }
+        args.push("--config".to_string());
+        args.push(self.config_path.display().to_string());
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -334,6 +354,7 @@ impl NodeProcess {
             .args(self.spec.command_args())
             .env("FLOTILLA_CLUSTER_SECRET", &self.spec.cluster_secret)
             .env("RUST_LOG", "info")
+            .envs(self.spec.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(stderr_file)
@@ -470,6 +491,10 @@ pub struct ClusterOptions {
     pub extra_args: Vec<String>,
     /// Passed as `--lease-ms`; the node's default when `None`.
     pub lease_ms: Option<u64>,
+    /// The node config (TOML) every node gets; [`hold_config`] when `None`.
+    pub config: Option<String>,
+    /// Extra environment of every node process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -479,6 +504,8 @@ impl Default for ClusterOptions {
             slots: 8,
             extra_args: Vec::new(),
             lease_ms: None,
+            config: None,
+            env: Vec::new(),
         }
     }
 }
@@ -542,6 +569,12 @@ impl TestCluster {
     fn spawn_node(&mut self, join: Option<String>) {
         let node_index = self.nodes.len();
         let id = node_index as u64 + 1;
+        let config_path = self.dir.path().join(format!("node{id}.toml"));
+        let config = match &self.options.config {
+            Some(config) => config.clone(),
+            None => hold_config(self.dir.path()),
+        };
+        std::fs::write(&config_path, config).expect("could not write a node config");
         let spec = NodeSpec {
             id,
             grpc_port: free_port(),
@@ -552,6 +585,8 @@ impl TestCluster {
             lease_ms: self.options.lease_ms,
             extra_args: self.options.extra_args.clone(),
             cluster_secret: self.secret.clone(),
+            config_path,
+            env: self.options.env.clone(),
         };
         self.nodes.push(NodeProcess::spawn(spec));
     }

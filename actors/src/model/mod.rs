@@ -3,7 +3,7 @@
 //! A provider takes the conversation so far and the tool definitions, asks a model for the next
 //! assistant message, streams what arrives as [`StreamEvent`]s and returns the assembled
 //! [`TurnResponse`]. The turn loop above it decides what to do with tool calls; nothing here runs
-//! tools or keeps conversation state (except the scripted provider's position in its script).
+//! tools or keeps conversation state (the scripted provider picks its turn from the conversation).
 //!
 //! Three providers: `openai` (Chat Completions with streaming; any compatible server such as
 //! vLLM, llama.cpp or Ollama), `anthropic` (the Messages API) and `scripted` (a deterministic
@@ -49,7 +49,7 @@ pub const DEFAULT_MAX_RETRIES: u32 = 4;
 pub const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 pub const DEFAULT_ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub enum Role {
     System,
     User,
@@ -57,7 +57,7 @@ pub enum Role {
     Tool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Message {
     pub role: Role,
     pub content: String,
@@ -104,7 +104,7 @@ impl Message {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct ToolCall {
     pub id: String,
     pub name: String,

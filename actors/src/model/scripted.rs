@@ -1,4 +1,6 @@
 //! The `scripted` provider: replays a JSON file of model replies, one per turn, in order.
+//! The turn replayed is chosen by the conversation: with N assistant messages in the request,
+//! turn N+1 of the script is the reply.
 //!
 //! ```json
 //! {"turns": [{"text": "Looking.", "tool_calls": [{"name": "run_command", "arguments": {"command": "ls"}}]},
@@ -7,12 +9,13 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::sync::Mutex;
 
 use serde::Deserialize;
 use tokio::sync::mpsc::Sender;
 
-use super::{emit, ModelError, ModelProvider, StopReason, StreamEvent, ToolCall, TurnRequest, TurnResponse, Usage};
+use super::{
+    emit, ModelError, ModelProvider, Role, StopReason, StreamEvent, ToolCall, TurnRequest, TurnResponse, Usage,
+};
 
 /// Largest script file read.
 pub const MAX_SCRIPT_BYTES: u64 = 16 * 1024 * 1024;
@@ -44,15 +47,12 @@ fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(serde_json::Map::new())
 }
 
-struct Position {
-    next_turn: usize,
-    next_call_number: u64,
-}
-
+/// Replays a script. Holds no position: the turn to replay is read from the conversation, so a
+/// resumed agent (after a checkpoint on another node, or a follow-up) gets the next scripted turn
+/// and agents sharing one provider do not disturb each other.
 pub struct ScriptedProvider {
     name: String,
     turns: Vec<ScriptedTurn>,
-    position: Mutex<Position>,
 }
 
 impl ScriptedProvider {
@@ -79,33 +79,35 @@ impl ScriptedProvider {
         Ok(Self {
             name: "scripted".to_string(),
             turns: script.turns,
-            position: Mutex::new(Position {
-                next_turn: 0,
-                next_call_number: 1,
-            }),
         })
     }
 
-    /// Takes the next turn of the script and numbers its tool calls.
-    fn next_turn(&self) -> Result<TurnResponse, ModelError> {
-        let mut position = self.position.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Some(turn) = self.turns.get(position.next_turn) else {
+    /// The reply to `request`: turn N (0-based) of the script, where N is the number of assistant
+    /// messages already in the conversation. Tool call ids are `call_{turn}_{call}`, both 1-based,
+    /// so the same conversation always gets the same ids.
+    fn turn_for(&self, request: &TurnRequest) -> Result<TurnResponse, ModelError> {
+        let turn_index = request
+            .messages
+            .iter()
+            .filter(|message| message.role == Role::Assistant)
+            .count();
+        let Some(turn) = self.turns.get(turn_index) else {
             return Err(ModelError::Script(format!(
                 "script has {} turns; turn {} was asked for",
                 self.turns.len(),
-                position.next_turn + 1
+                turn_index + 1
             )));
         };
-        position.next_turn += 1;
-        let mut tool_calls = Vec::with_capacity(turn.tool_calls.len());
-        for call in &turn.tool_calls {
-            tool_calls.push(ToolCall {
-                id: format!("call_{}", position.next_call_number),
+        let tool_calls: Vec<ToolCall> = turn
+            .tool_calls
+            .iter()
+            .enumerate()
+            .map(|(call_index, call)| ToolCall {
+                id: format!("call_{}_{}", turn_index + 1, call_index + 1),
                 name: call.name.clone(),
                 arguments_json: call.arguments.to_string(),
-            });
-            position.next_call_number += 1;
-        }
+            })
+            .collect();
         let stop_reason = if tool_calls.is_empty() {
             StopReason::EndTurn
         } else {
@@ -130,8 +132,8 @@ impl ModelProvider for ScriptedProvider {
         true
     }
 
-    async fn turn(&self, _request: &TurnRequest, events: Sender<StreamEvent>) -> Result<TurnResponse, ModelError> {
-        let response = self.next_turn()?;
+    async fn turn(&self, request: &TurnRequest, events: Sender<StreamEvent>) -> Result<TurnResponse, ModelError> {
+        let response = self.turn_for(request)?;
         for delta in split_in_two(&response.text) {
             emit(&events, StreamEvent::TextDelta(delta.to_string())).await;
         }
@@ -174,7 +176,7 @@ fn split_in_two(text: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{run_turn, streamed_arguments, streamed_text};
-    use super::super::{build_provider, ModelConfig};
+    use super::super::{build_provider, Message, ModelConfig};
     use super::*;
 
     const SCRIPT: &str = r#"{"turns": [
@@ -186,25 +188,40 @@ mod tests {
         {"text": "Všechno hotovo."}
     ]}"#;
 
-    fn request() -> TurnRequest {
+    /// A conversation that has had `assistant_messages` assistant replies, each followed by a
+    /// tool result, after a system prompt and a task.
+    fn request_after(assistant_messages: usize) -> TurnRequest {
+        let mut messages = vec![
+            Message::system("You are a coding agent."),
+            Message::user("Fix the build."),
+        ];
+        for number in 1..=assistant_messages {
+            messages.push(Message::assistant(format!("reply {number}"), Vec::new()));
+            messages.push(Message::tool_result(format!("call_{number}_1"), "ok"));
+        }
         TurnRequest {
-            messages: Vec::new(),
+            messages,
             tools: Vec::new(),
             max_output_tokens: 100,
         }
     }
 
-    #[tokio::test]
-    async fn replays_turns_in_order_with_deterministic_ids_and_fails_past_the_end() {
+    fn provider_from_file() -> (tempfile::TempDir, std::sync::Arc<dyn ModelProvider>) {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("script.json");
         std::fs::write(&path, SCRIPT).unwrap();
         let config: ModelConfig = toml::from_str(&format!("provider = \"scripted\"\nscript = {:?}\n", path)).unwrap();
         let provider = build_provider(&config, &|_| None).expect("scripted provider builds");
+        (directory, provider)
+    }
+
+    #[tokio::test]
+    async fn replays_the_turn_the_conversation_asks_for_and_fails_past_the_end() {
+        let (_directory, provider) = provider_from_file();
         assert!(provider.scripted());
         assert_eq!(provider.name(), "scripted");
 
-        let (first, events) = run_turn(provider.as_ref(), &request()).await;
+        let (first, events) = run_turn(provider.as_ref(), &request_after(0)).await;
         let first = first.expect("first turn");
         assert_eq!(first.text, "Let me look around.");
         assert_eq!(streamed_text(&events), "Let me look around.");
@@ -216,22 +233,22 @@ mod tests {
             2
         );
         let ids: Vec<&str> = first.tool_calls.iter().map(|call| call.id.as_str()).collect();
-        assert_eq!(ids, ["call_1", "call_2"]);
+        assert_eq!(ids, ["call_1_1", "call_1_2"]);
         assert_eq!(first.tool_calls[1].name, "run_command");
         assert_eq!(first.tool_calls[1].arguments_json, r#"{"command":"cargo test"}"#);
-        assert_eq!(streamed_arguments(&events, "call_1"), r#"{"path":"."}"#);
+        assert_eq!(streamed_arguments(&events, "call_1_1"), r#"{"path":"."}"#);
         assert_eq!(first.stop_reason, StopReason::ToolUse);
         assert_eq!(events.last(), Some(&StreamEvent::Done(first.clone())));
 
-        let (second, _) = run_turn(provider.as_ref(), &request()).await;
-        assert_eq!(second.unwrap().tool_calls[0].id, "call_3");
-        let (third, events) = run_turn(provider.as_ref(), &request()).await;
+        let (second, _) = run_turn(provider.as_ref(), &request_after(1)).await;
+        assert_eq!(second.unwrap().tool_calls[0].id, "call_2_1");
+        let (third, events) = run_turn(provider.as_ref(), &request_after(2)).await;
         let third = third.unwrap();
         assert_eq!(third.text, "Všechno hotovo.");
         assert_eq!(streamed_text(&events), "Všechno hotovo.");
         assert_eq!(third.stop_reason, StopReason::EndTurn);
 
-        let (fourth, events) = run_turn(provider.as_ref(), &request()).await;
+        let (fourth, events) = run_turn(provider.as_ref(), &request_after(3)).await;
         assert_eq!(
             fourth,
             Err(ModelError::Script(
@@ -239,6 +256,43 @@ mod tests {
             ))
         );
         assert!(events.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_same_conversation_gets_the_same_reply() {
+        let provider = ScriptedProvider::from_json(SCRIPT).unwrap();
+        // Asking twice for the first turn (a retry, or a second agent on the same provider)
+        // replays it twice rather than moving on.
+        let (once, once_events) = run_turn(&provider, &request_after(0)).await;
+        let (again, again_events) = run_turn(&provider, &request_after(0)).await;
+        assert_eq!(once.clone().unwrap().tool_calls[0].id, "call_1_1");
+        assert_eq!(once, again);
+        assert_eq!(once_events, again_events);
+
+        // A conversation resumed from a checkpoint with two assistant messages gets turn 3,
+        // whatever this provider was asked before.
+        let fresh = ScriptedProvider::from_json(SCRIPT).unwrap();
+        let (resumed, _) = run_turn(&fresh, &request_after(2)).await;
+        let resumed = resumed.unwrap();
+        assert_eq!(resumed.text, "Všechno hotovo.");
+        assert_eq!(resumed.stop_reason, StopReason::EndTurn);
+        let (resumed_again, _) = run_turn(&provider, &request_after(2)).await;
+        assert_eq!(resumed_again.unwrap(), resumed);
+    }
+
+    #[tokio::test]
+    async fn only_assistant_messages_count_toward_the_turn() {
+        let provider = ScriptedProvider::from_json(SCRIPT).unwrap();
+        let mut request = request_after(1);
+        request
+            .messages
+            .push(Message::user("A follow-up: also update the docs."));
+        request.messages.push(Message::user("And the changelog."));
+        let (reply, _) = run_turn(&provider, &request).await;
+        let reply = reply.unwrap();
+        assert_eq!(reply.tool_calls.len(), 1);
+        assert_eq!(reply.tool_calls[0].id, "call_2_1");
+        assert_eq!(reply.tool_calls[0].name, "read_file");
     }
 
     #[test]

@@ -161,7 +161,25 @@ fn event_kind(kind: &agent_event::Kind) -> (&'static str, Value) {
                 "output": finished.output,
                 "truncated": finished.truncated,
                 "failed": finished.failed,
+                "duration_ms": finished.duration_ms,
             }),
+        ),
+        Kind::AssistantMessage(message) => (
+            "assistant_message",
+            json!({ "turn": message.turn, "text": message.text }),
+        ),
+        Kind::TurnFinished(turn) => (
+            "turn_finished",
+            json!({
+                "turn": turn.turn,
+                "input_tokens": turn.input_tokens,
+                "output_tokens": turn.output_tokens,
+                "tool_calls": turn.tool_calls,
+            }),
+        ),
+        Kind::PushFailed(failed) => (
+            "push_failed",
+            json!({ "branch": failed.branch, "commit": failed.commit, "error": failed.error }),
         ),
         Kind::CommitPushed(pushed) => (
             "commit_pushed",
@@ -178,6 +196,7 @@ pub(crate) fn agent_event(event: &AgentEvent) -> Value {
         "live": event.live,
         "at": timestamp(event.at.as_ref()),
         "node_id": event.node_id,
+        "scripted": event.scripted,
     });
     if let (Some(kind), Value::Object(fields)) = (&event.kind, &mut value) {
         let (name, body) = event_kind(kind);

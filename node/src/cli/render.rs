@@ -254,10 +254,24 @@ pub(crate) fn event_body(kind: &agent_event::Kind) -> String {
             let outcome = if finished.failed { "failed" } else { "finished" };
             let truncated = if finished.truncated { ", output truncated" } else { "" };
             format!(
-                "tool {} {outcome} ({}{truncated}) {}",
+                "tool {} {outcome} in {} ms ({}{truncated}) {}",
                 finished.tool,
+                finished.duration_ms,
                 finished.call_id,
                 excerpt(&finished.output)
+            )
+        }
+        Kind::AssistantMessage(message) => format!("assistant (turn {}) {}", message.turn, message.text.trim_end()),
+        Kind::TurnFinished(turn) => format!(
+            "turn {} finished: {} tool call(s), {} tokens in, {} out",
+            turn.turn, turn.tool_calls, turn.input_tokens, turn.output_tokens
+        ),
+        Kind::PushFailed(failed) => {
+            let short_commit: String = failed.commit.chars().take(12).collect();
+            format!(
+                "push of {short_commit} to {} failed (the commit is kept): {}",
+                failed.branch,
+                failed.error.trim_end()
             )
         }
         Kind::CommitPushed(pushed) => {

@@ -28,6 +28,51 @@ pub struct AgentApi {
     pub replica: Replica,
     pub mesh: Mesh,
     pub machines: Arc<MachineHost>,
+    pub models: Arc<ModelCatalog>,
+}
+
+/// The models this node declares, for checking `CreateAgent` (every node of a cluster is meant
+/// to declare the same models; an agent placed on a node without its model fails clearly).
+#[derive(Debug, Default)]
+pub struct ModelCatalog {
+    /// Model name to whether it is the scripted provider.
+    pub scripted: std::collections::BTreeMap<String, bool>,
+    pub default_model: Option<String>,
+}
+
+impl ModelCatalog {
+    /// The model an agent gets, and whether it is scripted.
+    pub fn choose(&self, asked: &str) -> Result<(String, bool), Status> {
+        let name = if asked.is_empty() {
+            self.default_model.clone().ok_or_else(|| {
+                Status::failed_precondition(if self.scripted.is_empty() {
+                    "no model is declared on this node: add a [models.NAME] table to its config".to_string()
+                } else {
+                    format!(
+                        "no model given and no [agents] default_model set; declared models: {}",
+                        self.names()
+                    )
+                })
+            })?
+        } else {
+            asked.to_string()
+        };
+        match self.scripted.get(&name) {
+            Some(scripted) => Ok((name, *scripted)),
+            None => Err(Status::failed_precondition(format!(
+                "model {name:?} is not declared; declared models: {}",
+                self.names()
+            ))),
+        }
+    }
+
+    fn names(&self) -> String {
+        if self.scripted.is_empty() {
+            "none".to_string()
+        } else {
+            self.scripted.keys().cloned().collect::<Vec<_>>().join(", ")
+        }
+    }
 }
 
 fn invalid(message: String) -> Status {
@@ -117,6 +162,7 @@ impl AgentService for AgentApi {
             Some(body.region.clone())
         };
         validate::egress_allow(&body.egress_allow).map_err(invalid)?;
+        let (model, scripted) = self.models.choose(&body.model)?;
         let id = AgentId::new();
         let name = if body.name.trim().is_empty() {
             validate::name_from_prompt(&body.prompt)
@@ -135,15 +181,12 @@ impl AgentService for AgentApi {
             repository: body.repository,
             base_branch,
             work_branch,
-            model: if body.model.is_empty() {
-                "default".to_string()
-            } else {
-                body.model
-            },
+            model,
             region,
             team: caller.team,
             open_pull_request: body.open_pull_request,
             egress_allow: body.egress_allow,
+            scripted,
         };
         let record = match self.replica.write(Command::CreateAgent { id, spec }).await {
             Ok(Response::Agent(record)) => *record,
@@ -289,12 +332,13 @@ impl AgentService for AgentApi {
             if sender.send(Ok(snapshot)).await.is_err() {
                 return;
             }
+            let scripted = record.scripted;
             loop {
                 // Catch up from the state: covers the first replay and any lag of the broadcast.
                 let missed = reader.agent_events_after(id, last);
                 for event in missed {
                     last = event.sequence;
-                    if send_event(&sender, convert::event(&event)).await.is_err() {
+                    if send_event(&sender, convert::event(&event, scripted)).await.is_err() {
                         return;
                     }
                 }
@@ -314,7 +358,7 @@ impl AgentService for AgentApi {
                             Ok(event) if event.agent == id => {
                                 if event.sequence == last + 1 {
                                     last = event.sequence;
-                                    if send_event(&sender, convert::event(&event)).await.is_err() {
+                                    if send_event(&sender, convert::event(&event, scripted)).await.is_err() {
                                         return;
                                     }
                                     if is_terminal_event(&event) {

@@ -66,10 +66,14 @@ pub fn agent(record: &AgentRecord) -> v1::Agent {
         open_pull_request: record.spec.open_pull_request,
         last_sequence: record.last_sequence,
         egress_allow: record.spec.egress_allow.clone(),
+        turns: record.turns,
+        scripted: record.scripted,
+        pushed_commit: record.pushed_commit.clone().unwrap_or_default(),
     }
 }
 
-pub fn event(event: &DurableEvent) -> v1::AgentEvent {
+/// A durable event on the wire; `scripted` marks every event of a scripted agent.
+pub fn event(event: &DurableEvent, scripted: bool) -> v1::AgentEvent {
     use v1::agent_event::Kind;
     let kind = match &event.kind {
         EventKind::StatusChanged {
@@ -88,6 +92,47 @@ pub fn event(event: &DurableEvent) -> v1::AgentEvent {
             index: *index,
         }),
         EventKind::Log { text } => Kind::Log(v1::LogLine { text: text.clone() }),
+        EventKind::AssistantMessage { turn, text } => Kind::AssistantMessage(v1::AssistantMessage {
+            text: text.clone(),
+            turn: *turn,
+        }),
+        EventKind::ToolCallFinished {
+            call_id,
+            tool,
+            arguments: _,
+            output,
+            truncated,
+            failed,
+            duration_ms,
+        } => Kind::ToolCallFinished(v1::ToolCallFinished {
+            call_id: call_id.clone(),
+            tool: tool.clone(),
+            output: output.clone(),
+            truncated: *truncated,
+            failed: *failed,
+            duration_ms: *duration_ms,
+        }),
+        EventKind::CommitPushed { branch, commit } => Kind::CommitPushed(v1::CommitPushed {
+            branch: branch.clone(),
+            commit: commit.clone(),
+        }),
+        EventKind::PushFailed { branch, commit, error } => Kind::PushFailed(v1::PushFailed {
+            branch: branch.clone(),
+            commit: commit.clone(),
+            error: error.clone(),
+        }),
+        EventKind::TurnFinished {
+            turn,
+            input_tokens,
+            output_tokens,
+            tool_calls,
+        } => Kind::TurnFinished(v1::TurnFinished {
+            turn: *turn,
+            input_tokens: *input_tokens,
+            output_tokens: *output_tokens,
+            tool_calls: *tool_calls,
+        }),
+        EventKind::Summary { text } => Kind::Summary(v1::Summary { text: text.clone() }),
     };
     v1::AgentEvent {
         agent_id: event.agent.to_string(),
@@ -95,6 +140,7 @@ pub fn event(event: &DurableEvent) -> v1::AgentEvent {
         live: false,
         at: Some(timestamp(event.at_ms)),
         node_id: event.node.unwrap_or(0),
+        scripted,
         kind: Some(kind),
     }
 }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cluster;
 pub mod convert;
 pub mod internal;
+pub mod runtime;
 pub mod validate;
 
 use std::fs::File;
@@ -51,7 +52,13 @@ pub fn write_status(error: WriteError) -> Status {
                     Status::failed_precondition(message)
                 }
                 ApplyError::Fenced { .. } => Status::aborted(message),
-                ApplyError::TooManyFollowUps { .. } => Status::resource_exhausted(message),
+                ApplyError::TooManyFollowUps { .. } | ApplyError::TooLarge { .. } => {
+                    Status::resource_exhausted(message)
+                }
+                ApplyError::TurnOutOfOrder { .. } | ApplyError::UndeliveredFollowUps { .. } => {
+                    Status::failed_precondition(message)
+                }
+                ApplyError::Invalid(_) => Status::invalid_argument(message),
             }
         }
         WriteError::Unavailable { .. } => Status::unavailable(error.to_string()),
@@ -268,6 +275,8 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     tracing::info!(node = node_id, grpc = %info.grpc_address, mesh = %info.mesh_address, region = %info.region, "starting node");
     let model_names: Vec<&String> = config.models.keys().collect();
     tracing::info!(models = ?model_names, "models declared in the config");
+    let runtime = std::sync::Arc::new(runtime::build_runtime(&config)?);
+    let default_model = runtime::default_model(&config);
 
     let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), secret.clone());
     replica_config.snapshot_after_logs = config.snapshot_after_logs;
@@ -291,11 +300,23 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
+    let agent_api = agents::AgentApi {
+        replica: replica.clone(),
+        mesh: mesh.clone(),
+        machines: machines.clone(),
+        models: std::sync::Arc::new(agents::ModelCatalog {
+            scripted: runtime
+                .models
+                .iter()
+                .map(|(name, provider)| (name.clone(), provider.scripted()))
+                .collect(),
+            default_model,
+        }),
+    };
     let server = tokio::spawn(serve(
         listener,
         replica.clone(),
-        mesh.clone(),
-        machines.clone(),
+        agent_api,
         liveness.clone(),
         secret.clone(),
         shutdown_receiver,
@@ -346,6 +367,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             replica: replica.clone(),
             mesh: mesh.clone(),
             machines,
+            runtime,
             liveness,
             lease: Duration::from_millis(config.lease_ms),
         },
@@ -371,8 +393,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
 async fn serve(
     listener: tokio::net::TcpListener,
     replica: Replica,
-    mesh: Mesh,
-    machines: std::sync::Arc<flotilla_actors::machine::MachineHost>,
+    agent_api: agents::AgentApi,
     liveness: LivenessTable,
     secret: String,
     shutdown: tokio::sync::oneshot::Receiver<()>,
@@ -393,12 +414,7 @@ async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let agent_service = AgentServiceServer::new(agents::AgentApi {
-        replica: replica.clone(),
-        mesh,
-        machines,
-    })
-    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let agent_service = AgentServiceServer::new(agent_api).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let cluster_service = ClusterServiceServer::new(cluster::ClusterApi {
         replica: replica.clone(),
     });

@@ -1,0 +1,591 @@
+//! One run of an agent: the turn loop that the `AgentActor` starts once its machine is up.
+//!
+//! Each turn: wait while a user holds the terminal, take in pending follow-ups, call the model
+//! (streaming its text to watchers), run the tool calls in the machine, commit what changed
+//! inside the machine, push the branch through the repository mirror, and write the turn to
+//! Raft with a checkpoint of the conversation. The checkpoint is written last, so a node that
+//! dies mid-turn costs at most that turn, which the next owner redoes from the checkpoint.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_proto::v1;
+use flotilla_raft::command::MAX_CHECKPOINT_BYTES;
+use flotilla_raft::{AgentId, AgentRecord, AgentStatus, ApplyError, Command, Epoch, EventKind, Replica, WriteError};
+use flotilla_sandbox::{BwrapDriver, ExecRequest, MachineDriver};
+use prost::Message as _;
+use ractor::ActorRef;
+
+use crate::machine::RunningMachine;
+use crate::mesh::Mesh;
+use crate::model::{ModelProvider, StreamEvent, ToolSpec, TurnRequest};
+use crate::repo::{GitSettings, RepoMsg, Workspace};
+use crate::tools::{self, ToolLimits};
+use crate::turn::{system_prompt, Budgets, Conversation, Ending, Next, PromptContext, MAX_GUIDANCE_BYTES};
+
+/// Most bytes of a tool's output kept in its durable event (the model gets the whole capped output).
+pub const MAX_EVENT_OUTPUT_BYTES: usize = 4 * 1024;
+/// Most bytes of an assistant message or summary kept in a durable event.
+pub const MAX_EVENT_TEXT_BYTES: usize = 16 * 1024;
+/// Live events waiting to be published while the model streams.
+const STREAM_BUFFER: usize = 256;
+/// How long a stopped agent's final commit and push may take.
+pub const STOP_PUSH_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a paused run looks whether the user has handed the terminal back.
+const TAKEOVER_POLL: Duration = Duration::from_millis(100);
+
+/// What every agent run on a node shares: the models by name, git settings and limits.
+pub struct AgentRuntime {
+    pub models: HashMap<String, Arc<dyn ModelProvider>>,
+    pub git: GitSettings,
+    pub budgets: Budgets,
+    pub tool_limits: ToolLimits,
+    pub max_output_tokens: u32,
+}
+
+impl Default for AgentRuntime {
+    fn default() -> Self {
+        AgentRuntime {
+            models: HashMap::new(),
+            git: GitSettings {
+                author_name: "Flotilla Agent".to_string(),
+                author_email: "agent@flotilla.invalid".to_string(),
+                credentials: Vec::new(),
+            },
+            budgets: Budgets::default(),
+            tool_limits: ToolLimits::default(),
+            max_output_tokens: 8192,
+        }
+    }
+}
+
+pub struct RunContext {
+    pub agent: AgentId,
+    pub epoch: Epoch,
+    pub replica: Replica,
+    pub mesh: Mesh,
+    pub driver: Arc<BwrapDriver>,
+    pub machine: Arc<RunningMachine>,
+    pub repo: ActorRef<RepoMsg>,
+    pub workspace: Workspace,
+    pub runtime: Arc<AgentRuntime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The run ended and its status is written (finished or failed).
+    Ended(AgentStatus),
+    /// Another owner, or a stop, took the agent: nothing more to write.
+    Superseded,
+    /// A write could not be made (no leader for too long); the actor fails and is restarted,
+    /// and the new run resumes from the last checkpoint.
+    Unavailable(String),
+}
+
+/// Encodes a live (not durable) event for watchers.
+pub fn live_event(agent: AgentId, node: u64, sequence: u64, scripted: bool, kind: v1::agent_event::Kind) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    v1::AgentEvent {
+        agent_id: agent.to_string(),
+        sequence,
+        live: true,
+        at: Some(prost_types::Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: now.subsec_nanos() as i32,
+        }),
+        node_id: node,
+        scripted,
+        kind: Some(kind),
+    }
+    .encode_to_vec()
+}
+
+/// Publishes live events of one agent.
+#[derive(Clone)]
+struct Live {
+    agent: AgentId,
+    replica: Replica,
+    mesh: Mesh,
+    scripted: bool,
+}
+
+impl Live {
+    fn publish(&self, kind: v1::agent_event::Kind) {
+        let sequence = self
+            .replica
+            .reader()
+            .read(|state| state.agents.get(&self.agent).map(|agent| agent.last_sequence))
+            .unwrap_or(0);
+        self.mesh.publish(
+            &self.agent.to_string(),
+            live_event(self.agent, self.replica.node_id(), sequence, self.scripted, kind),
+        );
+    }
+
+    fn log(&self, text: impl Into<String>) {
+        self.publish(v1::agent_event::Kind::Log(v1::LogLine { text: text.into() }));
+    }
+}
+
+fn capped(text: &str, limit: usize) -> String {
+    let (text, cut) = tools::cap_text(text, limit);
+    if cut {
+        format!("{text}\n[cut]")
+    } else {
+        text
+    }
+}
+
+fn record(replica: &Replica, agent: AgentId) -> Option<AgentRecord> {
+    replica.reader().read(|state| state.agents.get(&agent).cloned())
+}
+
+/// How a refused or failed write ends the run.
+fn write_outcome(error: WriteError) -> RunOutcome {
+    match error {
+        WriteError::Refused(ApplyError::Fenced { .. } | ApplyError::InvalidState { .. }) => RunOutcome::Superseded,
+        other => RunOutcome::Unavailable(other.to_string()),
+    }
+}
+
+async fn set_status(
+    context: &RunContext,
+    status: AgentStatus,
+    reason: String,
+    summary: Option<String>,
+    error: Option<String>,
+) -> Result<(), WriteError> {
+    context
+        .replica
+        .write(Command::SetAgentStatus {
+            agent: context.agent,
+            node: context.replica.node_id(),
+            epoch: context.epoch,
+            status,
+            reason,
+            summary,
+            error,
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn fail(context: &RunContext, reason: &str, error: String) -> RunOutcome {
+    tracing::warn!(agent = %context.agent, %error, "{reason}");
+    match set_status(context, AgentStatus::Failed, reason.to_string(), None, Some(error)).await {
+        Ok(()) => RunOutcome::Ended(AgentStatus::Failed),
+        Err(error) => write_outcome(error),
+    }
+}
+
+/// The repository's own guidance for agents, read inside the machine (so a symlink cannot
+/// reach outside the workspace).
+async fn agent_guidance(context: &RunContext) -> Option<String> {
+    let request = ExecRequest::new(format!(
+        "test -f AGENTS.md && head -c {} AGENTS.md",
+        MAX_GUIDANCE_BYTES + 1
+    ))
+    .with_timeout_ms(10_000);
+    let output = context.driver.exec(&context.machine.machine, request).await.ok()?;
+    let text = output.stdout_text();
+    (output.success() && !text.trim().is_empty()).then_some(text)
+}
+
+/// Commits everything the workspace holds inside the machine (the agent's own git config and
+/// hooks act only there) and answers the head commit.
+pub async fn commit_in_machine(
+    driver: &BwrapDriver,
+    machine: &RunningMachine,
+    git: &GitSettings,
+    message: &str,
+) -> Result<String, String> {
+    let script = "set -e\n\
+        g() { git -c safe.directory='*' -c core.hooksPath=/dev/null \"$@\"; }\n\
+        g add -A\n\
+        if ! g diff --cached --quiet; then\n\
+          printf '%s\\n' \"$FLOTILLA_COMMIT_MESSAGE\" | g -c user.name=\"$FLOTILLA_GIT_NAME\" -c user.email=\"$FLOTILLA_GIT_EMAIL\" commit --quiet --no-verify -F -\n\
+        fi\n\
+        g rev-parse HEAD\n";
+    let mut request = ExecRequest::new(script).with_timeout_ms(120_000);
+    request.env = vec![
+        ("FLOTILLA_COMMIT_MESSAGE".to_string(), message.to_string()),
+        ("FLOTILLA_GIT_NAME".to_string(), git.author_name.clone()),
+        ("FLOTILLA_GIT_EMAIL".to_string(), git.author_email.clone()),
+    ];
+    let output = driver
+        .exec(&machine.machine, request)
+        .await
+        .map_err(|error| format!("cannot run git in the machine: {error}"))?;
+    if !output.success() {
+        return Err(format!("git commit failed in the machine: {}", output.last_lines(8)));
+    }
+    let head = output.stdout_text().trim().lines().last().unwrap_or("").to_string();
+    if head.len() < 40 || !head.chars().all(|character| character.is_ascii_hexdigit()) {
+        return Err(format!("git did not answer a commit: {head:?}"));
+    }
+    Ok(head)
+}
+
+/// Pushes the work branch through the repository actor, from the machine's view of its
+/// workspace (an overlay over the clone: the clone itself never sees the agent's changes).
+pub async fn push(repo: &ActorRef<RepoMsg>, machine: &RunningMachine, branch: &str) -> Result<String, String> {
+    ractor::call!(repo, |reply| RepoMsg::Push {
+        path: machine.machine.workspace_path().to_path_buf(),
+        branch: branch.to_string(),
+        reply,
+    })
+    .map_err(|error| format!("the repository actor did not answer: {error}"))?
+    .map_err(|error| error.to_string())
+}
+
+/// Commits and pushes what the workspace holds when the agent is stopped, and records it.
+pub async fn push_on_stop(context: &StopContext) {
+    let work = async {
+        let message = format!(
+            "{}: work so far (stopped)\n\nFlotilla-Agent: {}",
+            context.name, context.agent
+        );
+        let head = commit_in_machine(&context.driver, &context.machine, &context.git, &message).await?;
+        let pushed_before = record(&context.replica, context.agent).and_then(|record| record.pushed_commit);
+        if pushed_before.as_deref() == Some(head.as_str())
+            || (!context.workspace.resumed && head == context.workspace.head_commit)
+        {
+            return Ok(None);
+        }
+        let result = push(&context.repo, &context.machine, &context.workspace.branch).await;
+        Ok::<_, String>(Some((head, result)))
+    };
+    let outcome = match tokio::time::timeout(STOP_PUSH_TIMEOUT, work).await {
+        Ok(Ok(Some((head, result)))) => Some((head, result.err())),
+        Ok(Ok(None)) => None,
+        Ok(Err(error)) => {
+            tracing::warn!(agent = %context.agent, %error, "could not commit a stopped agent's work");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(agent = %context.agent, "committing a stopped agent's work timed out");
+            None
+        }
+    };
+    if let Some((commit, error)) = outcome {
+        let result = context
+            .replica
+            .write(Command::RecordPush {
+                agent: context.agent,
+                node: context.replica.node_id(),
+                epoch: context.epoch,
+                branch: context.workspace.branch.clone(),
+                commit,
+                error,
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::warn!(agent = %context.agent, %error, "could not record a stopped agent's push");
+        }
+    }
+}
+
+/// What the final push of a stopped agent needs.
+pub struct StopContext {
+    pub agent: AgentId,
+    pub epoch: Epoch,
+    pub name: String,
+    pub replica: Replica,
+    pub driver: Arc<BwrapDriver>,
+    pub machine: Arc<RunningMachine>,
+    pub repo: ActorRef<RepoMsg>,
+    pub workspace: Workspace,
+    pub git: GitSettings,
+}
+
+/// Waits while a user has taken over the machine's terminal.
+async fn wait_for_terminal(context: &RunContext, live: &Live) {
+    if !context.machine.taken_over.load(Ordering::Acquire) {
+        return;
+    }
+    live.log("paused: a user has taken over the terminal");
+    while context.machine.taken_over.load(Ordering::Acquire) {
+        tokio::time::sleep(TAKEOVER_POLL).await;
+    }
+    live.log("resumed: the terminal was handed back");
+}
+
+/// Runs the agent until it finishes, fails, or is superseded.
+pub async fn run(context: RunContext) -> RunOutcome {
+    let Some(start) = record(&context.replica, context.agent) else {
+        return RunOutcome::Superseded;
+    };
+    let node = context.replica.node_id();
+    let Some(provider) = context.runtime.models.get(&start.spec.model).cloned() else {
+        let mut declared: Vec<&String> = context.runtime.models.keys().collect();
+        declared.sort();
+        return fail(
+            &context,
+            "model not available",
+            format!(
+                "model {:?} is not declared on node {node} (declared: {:?})",
+                start.spec.model, declared
+            ),
+        )
+        .await;
+    };
+    let live = Live {
+        agent: context.agent,
+        replica: context.replica.clone(),
+        mesh: context.mesh.clone(),
+        scripted: provider.scripted(),
+    };
+    let tool_specs: Vec<ToolSpec> = tools::tool_specs()
+        .into_iter()
+        .map(|(name, description, parameters)| ToolSpec {
+            name,
+            description,
+            parameters,
+        })
+        .collect();
+    let checkpoint = context
+        .replica
+        .reader()
+        .read(|state| state.checkpoints.get(&context.agent).cloned());
+    let budgets = context.runtime.budgets;
+    let mut conversation = match checkpoint {
+        Some(checkpoint) => match crate::checkpoint::decode(&checkpoint.data) {
+            Ok(transcript) => {
+                live.log(format!(
+                    "resuming on node {node} from the checkpoint of turn {}",
+                    checkpoint.turn
+                ));
+                Conversation::resume(transcript.messages, budgets)
+            }
+            Err(error) => return fail(&context, "checkpoint unreadable", error.to_string()).await,
+        },
+        None => {
+            let prompt_context = PromptContext {
+                repository: start.spec.repository.clone(),
+                base_branch: start.spec.base_branch.clone(),
+                work_branch: context.workspace.branch.clone(),
+                tool_names: tool_specs.iter().map(|spec| spec.name.clone()).collect(),
+                agent_guidance: agent_guidance(&context).await,
+                terminals: context
+                    .machine
+                    .terminals
+                    .iter()
+                    .map(|name| (name.clone(), String::new()))
+                    .collect(),
+            };
+            Conversation::new(system_prompt(&prompt_context), start.spec.prompt.clone(), budgets)
+        }
+    };
+    let mut turn = start.turns;
+    let mut delivered = start.follow_ups_delivered;
+    let mut pushed = start.pushed_commit.clone();
+    let started = Instant::now();
+    loop {
+        wait_for_terminal(&context, &live).await;
+        let Some(current) = record(&context.replica, context.agent) else {
+            return RunOutcome::Superseded;
+        };
+        if current.status != AgentStatus::Running {
+            return RunOutcome::Superseded;
+        }
+        let new_follow_ups: Vec<String> = current.follow_ups[delivered as usize..]
+            .iter()
+            .map(|follow_up| follow_up.text.clone())
+            .collect();
+        if !new_follow_ups.is_empty() {
+            live.log(format!(
+                "taking {} follow-up(s) into turn {}",
+                new_follow_ups.len(),
+                turn + 1
+            ));
+            conversation.add_follow_ups(new_follow_ups);
+            delivered = current.follow_ups.len() as u32;
+        }
+
+        let request = TurnRequest {
+            messages: conversation.messages.clone(),
+            tools: tool_specs.clone(),
+            max_output_tokens: context.runtime.max_output_tokens,
+        };
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let forwarder = {
+            let live = live.clone();
+            tokio::spawn(async move {
+                while let Some(event) = receiver.recv().await {
+                    if let StreamEvent::TextDelta(text) = event {
+                        live.publish(v1::agent_event::Kind::AssistantDelta(v1::AssistantDelta { text }));
+                    }
+                }
+            })
+        };
+        let answer = provider.turn(&request, sender).await;
+        let _ = forwarder.await;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) => {
+                return fail(
+                    &context,
+                    "the model call failed",
+                    format!("model {}: {error}", provider.name()),
+                )
+                .await
+            }
+        };
+        turn += 1;
+        let next = conversation.after_answer(&answer, started.elapsed());
+        let mut events = Vec::new();
+        if !answer.text.trim().is_empty() {
+            events.push(EventKind::AssistantMessage {
+                turn,
+                text: capped(&answer.text, MAX_EVENT_TEXT_BYTES),
+            });
+        }
+        let mut tool_calls = 0u32;
+        match &next {
+            Next::RunTools(calls) => {
+                for call in calls {
+                    live.publish(v1::agent_event::Kind::ToolCallStarted(v1::ToolCallStarted {
+                        call_id: call.id.clone(),
+                        tool: call.name.clone(),
+                        arguments: capped(&call.arguments_json, MAX_EVENT_OUTPUT_BYTES),
+                    }));
+                    let began = Instant::now();
+                    let output = tools::run_tool(
+                        context.driver.as_ref(),
+                        &context.machine.machine,
+                        &call.name,
+                        &call.arguments_json,
+                        &context.runtime.tool_limits,
+                    )
+                    .await;
+                    let duration_ms = began.elapsed().as_millis() as u64;
+                    let event_output = capped(&output.content, MAX_EVENT_OUTPUT_BYTES);
+                    live.publish(v1::agent_event::Kind::ToolCallFinished(v1::ToolCallFinished {
+                        call_id: call.id.clone(),
+                        tool: call.name.clone(),
+                        output: event_output.clone(),
+                        truncated: output.truncated || event_output.len() < output.content.len(),
+                        failed: output.failed,
+                        duration_ms,
+                    }));
+                    events.push(EventKind::ToolCallFinished {
+                        call_id: call.id.clone(),
+                        tool: call.name.clone(),
+                        arguments: capped(&call.arguments_json, MAX_EVENT_OUTPUT_BYTES),
+                        output: event_output.clone(),
+                        truncated: output.truncated || event_output.len() < output.content.len(),
+                        failed: output.failed,
+                        duration_ms,
+                    });
+                    conversation.add_tool_result(&call.id, output.content);
+                    tool_calls += 1;
+                }
+            }
+            Next::End(_) => {
+                // Calls the budget left unrun still get an answer, so the conversation stays
+                // valid for a later run.
+                for call in &answer.tool_calls {
+                    conversation.add_tool_result(&call.id, "not run: the agent's budget ran out".to_string());
+                }
+            }
+        }
+
+        let message = format!(
+            "{}: turn {turn}\n\n{}\n\nFlotilla-Agent: {}",
+            start.spec.name,
+            capped(answer.text.trim(), 2000),
+            context.agent
+        );
+        let head = match commit_in_machine(&context.driver, &context.machine, &context.runtime.git, &message).await {
+            Ok(head) => Some(head),
+            Err(error) => {
+                events.push(EventKind::Log {
+                    text: capped(&error, MAX_EVENT_OUTPUT_BYTES),
+                });
+                None
+            }
+        };
+        if let Some(head) = &head {
+            let unchanged = !context.workspace.resumed && *head == context.workspace.head_commit;
+            if pushed.as_deref() != Some(head.as_str()) && !unchanged {
+                match push(&context.repo, &context.machine, &context.workspace.branch).await {
+                    Ok(commit) => {
+                        events.push(EventKind::CommitPushed {
+                            branch: context.workspace.branch.clone(),
+                            commit: commit.clone(),
+                        });
+                        pushed = Some(commit);
+                    }
+                    Err(error) => events.push(EventKind::PushFailed {
+                        branch: context.workspace.branch.clone(),
+                        commit: head.clone(),
+                        error: capped(&error, MAX_EVENT_OUTPUT_BYTES),
+                    }),
+                }
+            }
+        }
+        events.push(EventKind::TurnFinished {
+            turn,
+            input_tokens: answer.usage.input_tokens,
+            output_tokens: answer.usage.output_tokens,
+            tool_calls,
+        });
+        let checkpoint = match crate::checkpoint::encode(&conversation.messages, MAX_CHECKPOINT_BYTES) {
+            Ok((data, _)) => data,
+            Err(error) => return fail(&context, "checkpoint too large", error.to_string()).await,
+        };
+        let recorded = context
+            .replica
+            .write(Command::RecordTurn {
+                agent: context.agent,
+                node,
+                epoch: context.epoch,
+                turn,
+                follow_ups_delivered: delivered,
+                head_commit: head,
+                scripted: provider.scripted(),
+                checkpoint,
+                events,
+            })
+            .await;
+        if let Err(error) = recorded {
+            return write_outcome(error);
+        }
+
+        match next {
+            Next::RunTools(_) => {}
+            Next::End(Ending::Finished { summary }) => {
+                let summary = capped(&summary, MAX_EVENT_TEXT_BYTES);
+                match set_status(
+                    &context,
+                    AgentStatus::Finished,
+                    format!("finished after turn {turn}"),
+                    Some(summary),
+                    None,
+                )
+                .await
+                {
+                    Ok(()) => return RunOutcome::Ended(AgentStatus::Finished),
+                    // A follow-up came in during the last turn: the run goes on to answer it.
+                    Err(WriteError::Refused(ApplyError::UndeliveredFollowUps { .. })) => {}
+                    Err(error) => return write_outcome(error),
+                }
+            }
+            Next::End(ending) => {
+                let error = match ending {
+                    Ending::TurnBudget { turns } => format!("the run reached its budget of {turns} turns"),
+                    Ending::TokenBudget { tokens } => format!("the run used {tokens} tokens, its budget"),
+                    Ending::TimeBudget { elapsed } => {
+                        format!("the run reached its wall-clock budget after {} s", elapsed.as_secs())
+                    }
+                    Ending::Finished { .. } => unreachable!("handled above"),
+                };
+                return fail(&context, "budget exhausted", error).await;
+            }
+        }
+    }
+}
