@@ -78,42 +78,6 @@ pub fn identity(agent: &v1::Agent) -> (String, String, String, String, String, S
 /// Makes a bare repository at `dir/name.git` whose `main` holds `files`, and returns its
 /// `file://` URL.
 pub fn bare_repository(dir: &std::path::Path, name: &str, files: &[(&str, &str)]) -> String {
-    let origin = dir.join(format!("{name}.git"));
-    let seed = dir.join(format!("{name}-seed"));
-    let git = |args: &[&str], cwd: &std::path::Path| {
-        let output = std::process::Command::new("git")
-            .args(args)
-            .current_dir(cwd)
-            .output()
-            .expect("run git");
-        assert!(
-            output.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    std::fs::create_dir_all(&seed).expect("seed dir");
-    git(&["init", "--quiet", "--bare", &origin.display().to_string()], dir);
-    git(&["init", "--quiet", "-b", "main"], &seed);
-    for (path, contents) in files {
-        let path = seed.join(path);
-        std::fs::create_dir_all(path.parent().expect("file in a dir")).expect("dirs");
-        std::fs::write(path, contents).expect("write file");
-    }
-    git(&["add", "."], &seed);
-    git(
-        &[
-            "-c",
-            "user.name=test",
-            "-c",
-            "user.email=test@example.test",
-            "commit",
-            "--quiet",
-            "-m",
-            "seed",
-        ],
-        &seed,
-    );
-    git(&["push", "--quiet", &origin.display().to_string(), "main"], &seed);
+    let origin = flotilla_tests::fakes::create_bare_repository(dir, name, files);
     format!("file://{}", origin.display())
 }

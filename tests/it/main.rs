@@ -4,6 +4,7 @@
 
 mod common;
 mod t00_harness;
+mod t05_fakes;
 mod t10_single_node;
 mod t15_cli_and_drain;
 mod t20_three_nodes;
