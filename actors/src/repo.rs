@@ -324,7 +324,18 @@ impl RepoState {
                 &self.args.auth_env,
             )
             .await
-            .map_err(failed)?;
+            .map_err(|message| {
+                // The commits stay on this node, where an operator can still push them.
+                let kept = format!("refs/flotilla/kept/{branch}");
+                let _ = std::process::Command::new("git")
+                    .args(["update-ref", &kept, &commit])
+                    .current_dir(&mirror)
+                    .status();
+                failed(format!(
+                    "{message} (commit {commit} is kept in the mirror {} as {kept})",
+                    mirror.display()
+                ))
+            })?;
             // The mirror now knows the pushed commit, so a workspace made here resumes from it.
             let _ = git(&["update-ref", &format!("refs/heads/{branch}"), &commit], Some(&mirror)).await;
             Ok(commit)

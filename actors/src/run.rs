@@ -383,6 +383,7 @@ pub async fn run(context: RunContext) -> RunOutcome {
     let mut turn = start.turns;
     let mut delivered = start.follow_ups_delivered;
     let mut pushed = start.pushed_commit.clone();
+    let mut push_error: Option<String> = None;
     let started = Instant::now();
     loop {
         wait_for_terminal(&context, &live).await;
@@ -519,12 +520,16 @@ pub async fn run(context: RunContext) -> RunOutcome {
                             commit: commit.clone(),
                         });
                         pushed = Some(commit);
+                        push_error = None;
                     }
-                    Err(error) => events.push(EventKind::PushFailed {
-                        branch: context.workspace.branch.clone(),
-                        commit: head.clone(),
-                        error: capped(&error, MAX_EVENT_OUTPUT_BYTES),
-                    }),
+                    Err(error) => {
+                        events.push(EventKind::PushFailed {
+                            branch: context.workspace.branch.clone(),
+                            commit: head.clone(),
+                            error: capped(&error, MAX_EVENT_OUTPUT_BYTES),
+                        });
+                        push_error = Some(error);
+                    }
                 }
             }
         }
@@ -560,6 +565,21 @@ pub async fn run(context: RunContext) -> RunOutcome {
             Next::RunTools(_) => {}
             Next::End(Ending::Finished { summary }) => {
                 let summary = capped(&summary, MAX_EVENT_TEXT_BYTES);
+                if let Some(error) = &push_error {
+                    // The work is done but not on the origin: that is not a finished agent.
+                    let result = set_status(
+                        &context,
+                        AgentStatus::Failed,
+                        "the work branch could not be pushed".to_string(),
+                        Some(summary),
+                        Some(capped(error, MAX_EVENT_OUTPUT_BYTES)),
+                    )
+                    .await;
+                    return match result {
+                        Ok(()) => RunOutcome::Ended(AgentStatus::Failed),
+                        Err(error) => write_outcome(error),
+                    };
+                }
                 match set_status(
                     &context,
                     AgentStatus::Finished,
