@@ -76,9 +76,12 @@ pub(crate) fn agent(agent: &Agent) -> Value {
         "pending_follow_ups": agent.pending_follow_ups,
         "pull_request": pull_request(agent.pull_request.as_ref()),
         "head_commit": agent.head_commit,
+        "pushed_commit": agent.pushed_commit,
         "open_pull_request": agent.open_pull_request,
         "egress_allow": agent.egress_allow,
         "last_sequence": agent.last_sequence,
+        "turns": agent.turns,
+        "scripted": agent.scripted,
     })
 }
 
@@ -236,6 +239,34 @@ mod tests {
         assert_eq!(value["created_at"], "2023-11-14T22:13:20Z");
         assert_eq!(value["updated_at"], Value::Null);
         assert_eq!(value["pull_request"], Value::Null);
+    }
+
+    #[test]
+    fn agent_carries_turns_scripted_and_the_pushed_commit() {
+        let value = agent(&Agent {
+            turns: 4,
+            scripted: true,
+            pushed_commit: "83908dbbacf0".into(),
+            ..Default::default()
+        });
+        assert_eq!(value["turns"], 4);
+        assert_eq!(value["scripted"], true);
+        assert_eq!(value["pushed_commit"], "83908dbbacf0");
+    }
+
+    #[test]
+    fn every_event_says_whether_it_is_scripted() {
+        let value = agent_event(&AgentEvent {
+            scripted: true,
+            live: true,
+            kind: Some(agent_event::Kind::AssistantDelta(flotilla_proto::v1::AssistantDelta {
+                text: "hi".into(),
+            })),
+            ..Default::default()
+        });
+        assert_eq!(value["scripted"], true);
+        assert_eq!(value["live"], true);
+        assert_eq!(value["assistant_delta"]["text"], "hi");
     }
 
     #[test]

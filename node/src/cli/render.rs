@@ -145,6 +145,7 @@ pub(crate) fn agent_record(agent: &Agent) -> String {
         ("base branch", or_dash(&agent.base_branch).to_string()),
         ("work branch", or_dash(&agent.work_branch).to_string()),
         ("model", or_dash(&agent.model).to_string()),
+        ("scripted", yes_no(agent.scripted).to_string()),
         ("region", or_dash(&agent.region).to_string()),
         ("team", or_dash(&agent.team).to_string()),
         ("node", node),
@@ -152,7 +153,9 @@ pub(crate) fn agent_record(agent: &Agent) -> String {
         ("created", timestamp_to_second(agent.created_at.as_ref())),
         ("updated", timestamp_to_second(agent.updated_at.as_ref())),
         ("pending follow-ups", agent.pending_follow_ups.to_string()),
+        ("turns", agent.turns.to_string()),
         ("head commit", or_dash(&agent.head_commit).to_string()),
+        ("pushed commit", or_dash(&agent.pushed_commit).to_string()),
         ("pull request", pull_request),
         ("last sequence", agent.last_sequence.to_string()),
         ("summary", or_dash(&agent.summary).to_string()),
@@ -220,8 +223,25 @@ pub(crate) fn event_prefix(event: &AgentEvent) -> String {
     format!("[{marker}] {}", time_of_day(event.at.as_ref()))
 }
 
-/// Everything after the prefix, for every kind but assistant deltas (printed inline).
-pub(crate) fn event_body(kind: &agent_event::Kind) -> String {
+/// Said once at the top of a watch of an agent driven by the scripted provider, so that nobody
+/// mistakes its canned replies for a model's.
+pub(crate) const SCRIPTED_NOTICE: &str = "(scripted model: replies come from a script, not a model)";
+
+/// The frames of the progress indicator shown while a command runs, one per redraw.
+const SPINNER_FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+
+/// `assistant`, or `assistant [scripted]` when the replies come from a script.
+pub(crate) fn assistant_label(scripted: bool) -> &'static str {
+    if scripted {
+        "assistant [scripted]"
+    } else {
+        "assistant"
+    }
+}
+
+/// Everything after the prefix. Assistant deltas are printed inline by the watch; this is the
+/// text of one of them on its own.
+pub(crate) fn event_body(kind: &agent_event::Kind, scripted: bool) -> String {
     use agent_event::Kind;
     match kind {
         Kind::StatusChanged(changed) => {
@@ -243,7 +263,7 @@ pub(crate) fn event_body(kind: &agent_event::Kind) -> String {
             format!("follow-up #{} accepted: {}", accepted.index, excerpt(&accepted.text))
         }
         Kind::Log(line) => format!("log {}", line.text.trim_end()),
-        Kind::AssistantDelta(delta) => format!("assistant {}", delta.text.trim_end()),
+        Kind::AssistantDelta(delta) => format!("{}: {}", assistant_label(scripted), delta.text.trim_end()),
         Kind::ToolCallStarted(started) => format!(
             "tool {} started ({}) {}",
             started.tool,
@@ -261,7 +281,12 @@ pub(crate) fn event_body(kind: &agent_event::Kind) -> String {
                 excerpt(&finished.output)
             )
         }
-        Kind::AssistantMessage(message) => format!("assistant (turn {}) {}", message.turn, message.text.trim_end()),
+        Kind::AssistantMessage(message) => format!(
+            "{}: (turn {}) {}",
+            assistant_label(scripted),
+            message.turn,
+            message.text.trim_end()
+        ),
         Kind::TurnFinished(turn) => format!(
             "turn {} finished: {} tool call(s), {} tokens in, {} out",
             turn.turn, turn.tool_calls, turn.input_tokens, turn.output_tokens
@@ -280,6 +305,44 @@ pub(crate) fn event_body(kind: &agent_event::Kind) -> String {
         }
         Kind::Summary(summary) => format!("summary {}", summary.text.trim_end()),
     }
+}
+
+/// What a `run_command` call runs, for the progress line: the `command` argument, or the raw
+/// arguments when they are not the expected JSON object.
+pub(crate) fn command_of_arguments(arguments: &str) -> String {
+    let command = serde_json::from_str::<serde_json::Value>(arguments)
+        .ok()
+        .and_then(|value| value.get("command")?.as_str().map(str::to_string));
+    match command {
+        Some(command) => command,
+        None => arguments.to_string(),
+    }
+}
+
+/// `⠋ run_command: make test (12 s)`, no wider than `max_chars` characters: the command is cut
+/// (with `…`) so that the line never wraps, since a wrapped line cannot be redrawn in place.
+pub(crate) fn progress_line(
+    frame_index: usize,
+    tool: &str,
+    command: &str,
+    elapsed: std::time::Duration,
+    max_chars: usize,
+) -> String {
+    let frame = SPINNER_FRAMES[frame_index % SPINNER_FRAMES.len()];
+    let before = format!("{frame} {tool}: ");
+    let after = format!(" ({} s)", elapsed.as_secs());
+    let first_line = command.lines().next().unwrap_or("").trim();
+    let room = max_chars.saturating_sub(before.chars().count() + after.chars().count());
+    let command_chars = first_line.chars().count();
+    let shown: String = if command_chars <= room && first_line.len() == command.trim().len() {
+        first_line.to_string()
+    } else {
+        let kept: String = first_line.chars().take(room.saturating_sub(1)).collect();
+        format!("{kept}…")
+    };
+    let line = format!("{before}{shown}{after}");
+    // A terminal too narrow for even the frame and the seconds gets what fits.
+    line.chars().take(max_chars).collect()
 }
 
 #[cfg(test)]
@@ -303,8 +366,75 @@ mod tests {
             })),
             ..Default::default()
         };
-        let line = format!("{} {}", event_prefix(&event), event_body(event.kind.as_ref().unwrap()));
+        let line = format!(
+            "{} {}",
+            event_prefix(&event),
+            event_body(event.kind.as_ref().unwrap(), false)
+        );
         assert_eq!(line, "[4] 12:00:01 status pending -> provisioning on node 2 (epoch 1)");
+    }
+
+    #[test]
+    fn progress_line_shows_the_command_and_the_seconds_and_never_wraps() {
+        let elapsed = std::time::Duration::from_millis(12_900);
+        assert_eq!(
+            progress_line(0, "run_command", "make test", elapsed, 80),
+            "⠋ run_command: make test (12 s)"
+        );
+        assert_eq!(
+            progress_line(11, "run_command", "make test", elapsed, 80),
+            "⠙ run_command: make test (12 s)"
+        );
+        let cut = progress_line(0, "run_command", "cargo test --workspace --all-features", elapsed, 33);
+        assert_eq!(cut, "⠋ run_command: cargo test… (12 s)");
+        assert_eq!(cut.chars().count(), 33);
+        assert_eq!(
+            progress_line(0, "run_command", "set -e\nmake", elapsed, 80),
+            "⠋ run_command: set -e… (12 s)"
+        );
+        assert_eq!(progress_line(0, "run_command", "make", elapsed, 5).chars().count(), 5);
+    }
+
+    #[test]
+    fn the_command_is_taken_from_the_arguments() {
+        assert_eq!(command_of_arguments(r#"{"command":"make test"}"#), "make test");
+        assert_eq!(command_of_arguments("not json"), "not json");
+    }
+
+    #[test]
+    fn assistant_lines_say_when_the_replies_are_scripted() {
+        let kind = agent_event::Kind::AssistantMessage(flotilla_proto::v1::AssistantMessage {
+            text: "Done.\n".into(),
+            turn: 2,
+        });
+        assert_eq!(event_body(&kind, false), "assistant: (turn 2) Done.");
+        assert_eq!(event_body(&kind, true), "assistant [scripted]: (turn 2) Done.");
+    }
+
+    #[test]
+    fn agent_record_shows_turns_the_pushed_commit_and_whether_it_is_scripted() {
+        let record = agent_record(&Agent {
+            status: AgentStatus::Finished as i32,
+            work_branch: "flotilla/x".into(),
+            head_commit: "abc".into(),
+            turns: 4,
+            scripted: true,
+            ..Default::default()
+        });
+        let rows: Vec<Vec<&str>> = record
+            .lines()
+            .map(|line| line.splitn(2, "  ").map(str::trim).collect())
+            .collect();
+        for expected in [
+            vec!["status", "finished"],
+            vec!["work branch", "flotilla/x"],
+            vec!["head commit", "abc"],
+            vec!["pushed commit", "-"],
+            vec!["turns", "4"],
+            vec!["scripted", "yes"],
+        ] {
+            assert!(rows.contains(&expected), "{expected:?} in:\n{record}");
+        }
     }
 
     #[test]

@@ -1,10 +1,20 @@
 //! `flotilla agent watch`: follows one agent's event stream, and resumes it after a broken
 //! connection from the last durable sequence seen, so nothing is printed twice.
+//!
+//! For people the stream is condensed: assistant text streams inline on one line, the durable
+//! copy of a tool call or a reply already shown live is left out (a replay of history shows
+//! them all), a running command gets a progress line on a terminal, and a scripted agent is
+//! said to be one. `--output json` prints every message as it came.
 
-use std::io::Write;
-use std::time::Duration;
+use std::collections::{HashSet, VecDeque};
+use std::io::{IsTerminal as _, Write};
+use std::time::{Duration, Instant};
 
-use flotilla_proto::v1::{agent_event, watch_agent_response, AgentStatus, WatchAgentRequest, WatchAgentResponse};
+use flotilla_proto::v1::{
+    agent_event, watch_agent_response, Agent, AgentEvent, AgentStatus, WatchAgentRequest, WatchAgentResponse,
+};
+use futures::StreamExt as _;
+use tokio::time::MissedTickBehavior;
 use tonic::{Code, Status};
 
 use super::client::{AgentClient, CliError};
@@ -30,19 +40,300 @@ fn stream_broke(status: &Status) -> bool {
     }
 }
 
+/// The tool whose calls get a progress line while they run: the one that can take minutes.
+const RUN_COMMAND_TOOL: &str = "run_command";
+/// How often the progress line is redrawn.
+const PROGRESS_REDRAW_INTERVAL_MS: u64 = 100;
+/// Width assumed for the progress line when the terminal does not say.
+const DEFAULT_TERMINAL_COLUMNS: usize = 80;
+/// Call ids remembered as shown finished live, so that their durable copies are not shown again.
+/// The oldest is forgotten first; a turn's durable copies follow its live events closely.
+const MAX_REMEMBERED_CALL_IDS: usize = 4096;
+/// Longer call ids are not remembered (their durable copy is shown again), which keeps the memory
+/// of [`MAX_REMEMBERED_CALL_IDS`] ids bounded in bytes too.
+const MAX_REMEMBERED_CALL_ID_BYTES: usize = 256;
+/// Assistant text streamed live that is kept to compare with the turn's durable text. The server
+/// caps that durable text at 16 KiB (`flotilla_actors::run::MAX_EVENT_TEXT_BYTES`), so this
+/// holds all of it.
+const MAX_STREAMED_TEXT_BYTES: usize = 64 * 1024;
+/// How the server marks a durable text it cut to its cap; the part before is what was streamed.
+const CUT_NOTE_START: &str = "[output cut: ";
+/// Moves to the start of the line and erases it: how the progress line is replaced.
+const ERASE_LINE: &str = "\r\x1b[2K";
+
+/// Call ids seen finishing live in this session, the oldest forgotten beyond a fixed count.
+#[derive(Default)]
+struct RecentCallIds {
+    oldest_first: VecDeque<String>,
+    members: HashSet<String>,
+}
+
+impl RecentCallIds {
+    fn insert(&mut self, call_id: &str) {
+        if call_id.is_empty() || call_id.len() > MAX_REMEMBERED_CALL_ID_BYTES || self.members.contains(call_id) {
+            return;
+        }
+        if self.oldest_first.len() >= MAX_REMEMBERED_CALL_IDS {
+            if let Some(forgotten) = self.oldest_first.pop_front() {
+                self.members.remove(&forgotten);
+            }
+        }
+        self.oldest_first.push_back(call_id.to_string());
+        self.members.insert(call_id.to_string());
+    }
+
+    fn contains(&self, call_id: &str) -> bool {
+        self.members.contains(call_id)
+    }
+}
+
+/// The assistant text streamed live since the last durable assistant message.
+#[derive(Default)]
+struct StreamedText {
+    kept: String,
+    /// More was streamed than [`MAX_STREAMED_TEXT_BYTES`]; `kept` is its beginning.
+    overflowed: bool,
+}
+
+impl StreamedText {
+    fn push(&mut self, piece: &str) {
+        if self.overflowed {
+            return;
+        }
+        let room = MAX_STREAMED_TEXT_BYTES - self.kept.len();
+        if piece.len() <= room {
+            self.kept.push_str(piece);
+            return;
+        }
+        let mut cut = room;
+        while !piece.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.kept.push_str(&piece[..cut]);
+        self.overflowed = true;
+    }
+
+    fn clear(&mut self) {
+        self.kept.clear();
+        self.overflowed = false;
+    }
+
+    /// Whether the durable text of a turn says what was already streamed. Only a text seen whole
+    /// counts: a watch that joined in the middle of a turn, or lost live events to a reconnection,
+    /// shows the durable text so that nothing is missing.
+    fn repeats(&self, durable_text: &str) -> bool {
+        if self.kept.trim().is_empty() {
+            return false;
+        }
+        match durable_text.rfind(CUT_NOTE_START) {
+            Some(cut_at) => {
+                let durable_part = durable_text[..cut_at].trim();
+                !durable_part.is_empty() && self.kept.trim_start().starts_with(durable_part)
+            }
+            None => !self.overflowed && self.kept.trim() == durable_text.trim(),
+        }
+    }
+}
+
+/// A live `run_command` call with no finish seen yet.
+struct RunningCommand {
+    call_id: String,
+    tool: String,
+    command: String,
+    started_at: Instant,
+}
+
+/// An assistant reply being printed inline, its line still open.
+struct OpenAssistantLine {
+    ends_with_newline: bool,
+}
+
+/// The human rendering of a watch, a plain function of what arrives: it remembers what this
+/// session has shown (an open inline assistant line, text streamed live, tool calls seen to
+/// finish live, a command still running) and returns the text to write. Durable copies of what
+/// was shown live are left out; durable events never seen live (a replay) are shown as they are.
+#[derive(Default)]
+struct WatchView {
+    /// The snapshot or an event said the agent's replies come from a script.
+    scripted: bool,
+    scripted_notice_shown: bool,
+    assistant_line: Option<OpenAssistantLine>,
+    streamed_text: StreamedText,
+    live_finished_call_ids: RecentCallIds,
+    running_command: Option<RunningCommand>,
+}
+
+impl WatchView {
+    /// The snapshot line (only when `show_line`: a reopened stream's snapshot repeats the first)
+    /// and, the first time the agent turns out to be scripted, the notice that says so.
+    fn snapshot(&mut self, agent: &Agent, show_line: bool) -> String {
+        let mut text = self.close_assistant_line();
+        if show_line {
+            text.push_str(&render::snapshot_line(agent));
+            text.push('\n');
+        }
+        self.scripted |= agent.scripted;
+        self.push_scripted_notice(&mut text);
+        text
+    }
+
+    /// The text to write for one event, empty when it shows nothing new. `received_at` is when the
+    /// event arrived, the start of a command's elapsed time.
+    fn event(&mut self, event: &AgentEvent, received_at: Instant) -> String {
+        use agent_event::Kind;
+        self.scripted |= event.scripted;
+        let Some(kind) = &event.kind else {
+            // An event kind newer than this client: nothing to say about it.
+            return String::new();
+        };
+        match kind {
+            Kind::AssistantDelta(delta) => return self.assistant_delta(event, &delta.text),
+            Kind::ToolCallStarted(started) if event.live && started.tool == RUN_COMMAND_TOOL => {
+                self.running_command = Some(RunningCommand {
+                    call_id: started.call_id.clone(),
+                    tool: started.tool.clone(),
+                    command: render::command_of_arguments(&started.arguments),
+                    started_at: received_at,
+                });
+            }
+            Kind::ToolCallFinished(finished) => {
+                if self
+                    .running_command
+                    .as_ref()
+                    .is_some_and(|running| running.call_id == finished.call_id)
+                {
+                    self.running_command = None;
+                }
+                if event.live {
+                    self.live_finished_call_ids.insert(&finished.call_id);
+                } else if self.live_finished_call_ids.contains(&finished.call_id) {
+                    return String::new();
+                }
+            }
+            Kind::AssistantMessage(message) => {
+                let repeated = self.streamed_text.repeats(&message.text);
+                self.streamed_text.clear();
+                if repeated {
+                    return String::new();
+                }
+            }
+            Kind::StatusChanged(changed) => {
+                // A turn cut short by a failure, a stop or a move to another node is done again
+                // from its start, and no command of this run is running any more.
+                self.streamed_text.clear();
+                if changed.to != AgentStatus::Running as i32 {
+                    self.running_command = None;
+                }
+            }
+            _ => {}
+        }
+        let mut text = self.close_assistant_line();
+        self.push_scripted_notice(&mut text);
+        text.push_str(&render::event_prefix(event));
+        text.push(' ');
+        text.push_str(&render::event_body(kind, self.scripted));
+        text.push('\n');
+        text
+    }
+
+    fn assistant_delta(&mut self, event: &AgentEvent, piece: &str) -> String {
+        self.streamed_text.push(piece);
+        let mut text = String::new();
+        let piece = match &self.assistant_line {
+            Some(_) => piece,
+            // Leading blanks would leave the label alone on its line.
+            None => piece.trim_start(),
+        };
+        if piece.is_empty() {
+            return text;
+        }
+        if self.assistant_line.is_none() {
+            self.push_scripted_notice(&mut text);
+            text.push_str(&format!(
+                "{} {}: ",
+                render::event_prefix(event),
+                render::assistant_label(self.scripted)
+            ));
+        }
+        text.push_str(piece);
+        self.assistant_line = Some(OpenAssistantLine {
+            ends_with_newline: piece.ends_with('\n'),
+        });
+        text
+    }
+
+    /// Ends an inline assistant line, if one is open.
+    fn close_assistant_line(&mut self) -> String {
+        match self.assistant_line.take() {
+            Some(OpenAssistantLine {
+                ends_with_newline: false,
+            }) => "\n".to_string(),
+            _ => String::new(),
+        }
+    }
+
+    fn push_scripted_notice(&mut self, text: &mut String) {
+        if self.scripted && !self.scripted_notice_shown {
+            self.scripted_notice_shown = true;
+            text.push_str(render::SCRIPTED_NOTICE);
+            text.push('\n');
+        }
+    }
+
+    /// The progress line of the running command, when there is one and no assistant line is open.
+    fn progress_line(&self, now: Instant, frame_index: usize, max_chars: usize) -> Option<String> {
+        if self.assistant_line.is_some() {
+            return None;
+        }
+        let running = self.running_command.as_ref()?;
+        Some(render::progress_line(
+            frame_index,
+            &running.tool,
+            &running.command,
+            now.saturating_duration_since(running.started_at),
+            max_chars,
+        ))
+    }
+}
+
+/// The progress line's state on the terminal.
+#[derive(Default)]
+struct ProgressIndicator {
+    /// The line is on the screen, the cursor at its end.
+    drawn: bool,
+    frame_index: usize,
+}
+
 /// Prints what the stream delivers and remembers how far it got.
 struct WatchPrinter {
     output: OutputFormat,
     /// The highest durable sequence printed, which is where a reconnection resumes.
     last_durable_sequence: u64,
     snapshot_printed: bool,
-    /// An assistant reply is being printed inline and its line is still open.
-    assistant_line_open: bool,
     /// The agent's status as last reported, by a snapshot or a durable status change.
     latest_status: Option<AgentStatus>,
+    view: WatchView,
+    /// Present when stdout is a terminal and the output is for people: only then is a progress
+    /// line drawn (redrawing in place would litter a file or a pipe).
+    progress: Option<ProgressIndicator>,
 }
 
 impl WatchPrinter {
+    fn new(output: OutputFormat, after_sequence: u64) -> Self {
+        let progress = match output {
+            OutputFormat::Table if std::io::stdout().is_terminal() => Some(ProgressIndicator::default()),
+            _ => None,
+        };
+        WatchPrinter {
+            output,
+            last_durable_sequence: after_sequence,
+            snapshot_printed: false,
+            latest_status: None,
+            view: WatchView::default(),
+            progress,
+        }
+    }
+
     fn reached_final_status(&self) -> bool {
         matches!(
             self.latest_status,
@@ -50,19 +341,22 @@ impl WatchPrinter {
         )
     }
 
+    /// Whether a command is running whose progress line should be redrawn.
+    fn progress_wanted(&self) -> bool {
+        self.progress.is_some() && self.view.running_command.is_some()
+    }
+
     fn print(&mut self, response: &WatchAgentResponse) -> std::io::Result<()> {
-        let mut stdout = std::io::stdout().lock();
-        match &response.kind {
+        let text = match &response.kind {
             Some(watch_agent_response::Kind::Snapshot(agent)) => {
                 self.latest_status = AgentStatus::try_from(agent.status).ok();
                 // A reopened stream starts with a fresh snapshot; the first one already said it.
-                if self.snapshot_printed {
-                    return Ok(());
-                }
+                let first = !self.snapshot_printed;
                 self.snapshot_printed = true;
                 match self.output {
-                    OutputFormat::Json => writeln!(stdout, "{}", json::watch_response(response))?,
-                    OutputFormat::Table => writeln!(stdout, "{}", render::snapshot_line(agent))?,
+                    OutputFormat::Json if first => format!("{}\n", json::watch_response(response)),
+                    OutputFormat::Json => String::new(),
+                    OutputFormat::Table => self.view.snapshot(agent, first),
                 }
             }
             Some(watch_agent_response::Kind::Event(event)) => {
@@ -76,40 +370,79 @@ impl WatchPrinter {
                     }
                 }
                 match self.output {
-                    OutputFormat::Json => writeln!(stdout, "{}", json::watch_response(response))?,
-                    OutputFormat::Table => match &event.kind {
-                        Some(agent_event::Kind::AssistantDelta(delta)) => {
-                            if !self.assistant_line_open {
-                                write!(stdout, "{} assistant: ", render::event_prefix(event))?;
-                                self.assistant_line_open = true;
-                            }
-                            write!(stdout, "{}", delta.text)?;
-                        }
-                        Some(kind) => {
-                            self.close_assistant_line(&mut stdout)?;
-                            writeln!(stdout, "{} {}", render::event_prefix(event), render::event_body(kind))?;
-                        }
-                        // An event kind newer than this client: its sequence still counts.
-                        None => {}
-                    },
+                    OutputFormat::Json => format!("{}\n", json::watch_response(response)),
+                    OutputFormat::Table => self.view.event(event, Instant::now()),
                 }
             }
-            None => {}
+            None => String::new(),
+        };
+        self.write(&text)
+    }
+
+    /// Writes `text` above the progress line: the line is erased first and drawn again after.
+    fn write(&mut self, text: &str) -> std::io::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        if !text.is_empty() {
+            self.erase_progress(&mut stdout)?;
+            stdout.write_all(text.as_bytes())?;
         }
+        self.draw_progress(&mut stdout)?;
         stdout.flush()
     }
 
-    fn close_assistant_line(&mut self, stdout: &mut impl Write) -> std::io::Result<()> {
-        if self.assistant_line_open {
-            self.assistant_line_open = false;
-            writeln!(stdout)?;
+    /// Draws the next frame of the progress line.
+    fn tick(&mut self) -> std::io::Result<()> {
+        if let Some(progress) = &mut self.progress {
+            progress.frame_index = progress.frame_index.wrapping_add(1);
+        }
+        let mut stdout = std::io::stdout().lock();
+        self.draw_progress(&mut stdout)?;
+        stdout.flush()
+    }
+
+    fn draw_progress(&mut self, stdout: &mut impl Write) -> std::io::Result<()> {
+        let Some(progress) = &mut self.progress else {
+            return Ok(());
+        };
+        // One column short of the width: writing the last column makes some terminals wrap.
+        // A pseudo-terminal nobody sized reports zero columns.
+        let columns = match crossterm::terminal::size() {
+            Ok((columns, _rows)) if columns > 0 => usize::from(columns),
+            _ => DEFAULT_TERMINAL_COLUMNS,
+        };
+        match self
+            .view
+            .progress_line(Instant::now(), progress.frame_index, columns.saturating_sub(1))
+        {
+            Some(line) => {
+                write!(stdout, "{ERASE_LINE}{line}")?;
+                progress.drawn = true;
+            }
+            None if progress.drawn => {
+                write!(stdout, "{ERASE_LINE}")?;
+                progress.drawn = false;
+            }
+            None => {}
         }
         Ok(())
     }
 
+    fn erase_progress(&mut self, stdout: &mut impl Write) -> std::io::Result<()> {
+        if let Some(progress) = &mut self.progress {
+            if progress.drawn {
+                write!(stdout, "{ERASE_LINE}")?;
+                progress.drawn = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves the terminal at the start of a clean line, before the watch ends or reports a break.
     fn finish(&mut self) -> std::io::Result<()> {
+        let text = self.view.close_assistant_line();
         let mut stdout = std::io::stdout().lock();
-        self.close_assistant_line(&mut stdout)?;
+        self.erase_progress(&mut stdout)?;
+        stdout.write_all(text.as_bytes())?;
         stdout.flush()
     }
 }
@@ -121,13 +454,9 @@ pub(crate) async fn watch(
     after_sequence: u64,
     output: OutputFormat,
 ) -> Result<(), CliError> {
-    let mut printer = WatchPrinter {
-        output,
-        last_durable_sequence: after_sequence,
-        snapshot_printed: false,
-        assistant_line_open: false,
-        latest_status: None,
-    };
+    let mut printer = WatchPrinter::new(output, after_sequence);
+    let mut progress_interval = tokio::time::interval(Duration::from_millis(PROGRESS_REDRAW_INTERVAL_MS));
+    progress_interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut failed_attempts: u32 = 0;
     let mut backoff = Duration::from_millis(INITIAL_RECONNECT_BACKOFF_MS);
     loop {
@@ -140,22 +469,26 @@ pub(crate) async fn watch(
             Ok(response) => {
                 let mut stream = response.into_inner();
                 loop {
-                    match stream.message().await {
-                        Ok(Some(message)) => {
-                            if matches!(message.kind, Some(watch_agent_response::Kind::Event(_))) {
-                                failed_attempts = 0;
-                                backoff = Duration::from_millis(INITIAL_RECONNECT_BACKOFF_MS);
+                    // `next` is cancel-safe: a tick in the middle of a message loses nothing.
+                    tokio::select! {
+                        _ = progress_interval.tick(), if printer.progress_wanted() => printer.tick()?,
+                        message = stream.next() => match message {
+                            Some(Ok(message)) => {
+                                if matches!(message.kind, Some(watch_agent_response::Kind::Event(_))) {
+                                    failed_attempts = 0;
+                                    backoff = Duration::from_millis(INITIAL_RECONNECT_BACKOFF_MS);
+                                }
+                                printer.print(&message)?;
                             }
-                            printer.print(&message)?;
-                        }
-                        Ok(None) if printer.reached_final_status() => {
-                            printer.finish()?;
-                            return Ok(());
-                        }
-                        // A node shutting down ends its streams cleanly; the agent goes on
-                        // elsewhere or after a restart, so this is a break like any other.
-                        Ok(None) => break Status::unavailable(ENDED_EARLY),
-                        Err(status) => break status,
+                            None if printer.reached_final_status() => {
+                                printer.finish()?;
+                                return Ok(());
+                            }
+                            // A node shutting down ends its streams cleanly; the agent goes on
+                            // elsewhere or after a restart, so this is a break like any other.
+                            None => break Status::unavailable(ENDED_EARLY),
+                            Some(Err(status)) => break status,
+                        },
                     }
                 }
             }
@@ -179,6 +512,291 @@ pub(crate) async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_proto::v1::{
+        AssistantDelta, AssistantMessage, Summary, ToolCallFinished, ToolCallStarted, TurnFinished,
+    };
+    use prost_types::Timestamp;
+
+    /// An event at 12:00:01, durable with `sequence` or live when it is `None`.
+    fn event(sequence: Option<u64>, kind: agent_event::Kind) -> AgentEvent {
+        AgentEvent {
+            sequence: sequence.unwrap_or(0),
+            live: sequence.is_none(),
+            at: Some(Timestamp {
+                seconds: 43_201,
+                nanos: 0,
+            }),
+            kind: Some(kind),
+            ..Default::default()
+        }
+    }
+
+    fn delta(text: &str) -> AgentEvent {
+        event(
+            None,
+            agent_event::Kind::AssistantDelta(AssistantDelta { text: text.into() }),
+        )
+    }
+
+    fn message(sequence: u64, turn: u32, text: &str) -> AgentEvent {
+        event(
+            Some(sequence),
+            agent_event::Kind::AssistantMessage(AssistantMessage {
+                text: text.into(),
+                turn,
+            }),
+        )
+    }
+
+    fn started(tool: &str, call_id: &str, arguments: &str) -> AgentEvent {
+        event(
+            None,
+            agent_event::Kind::ToolCallStarted(ToolCallStarted {
+                call_id: call_id.into(),
+                tool: tool.into(),
+                arguments: arguments.into(),
+            }),
+        )
+    }
+
+    fn finished(sequence: Option<u64>, tool: &str, call_id: &str) -> AgentEvent {
+        event(
+            sequence,
+            agent_event::Kind::ToolCallFinished(ToolCallFinished {
+                call_id: call_id.into(),
+                tool: tool.into(),
+                output: "ok".into(),
+                duration_ms: 9,
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn turn_finished(sequence: u64, turn: u32) -> AgentEvent {
+        event(
+            Some(sequence),
+            agent_event::Kind::TurnFinished(TurnFinished {
+                turn,
+                tool_calls: 1,
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// Everything the view writes for `events`, in order.
+    fn render_all(view: &mut WatchView, events: &[AgentEvent]) -> String {
+        let now = Instant::now();
+        let mut text: String = events.iter().map(|event| view.event(event, now)).collect();
+        text.push_str(&view.close_assistant_line());
+        text
+    }
+
+    #[test]
+    fn live_text_and_tool_calls_are_shown_once() {
+        let mut view = WatchView::default();
+        let shown = render_all(
+            &mut view,
+            &[
+                delta("Let me look"),
+                delta(" at the repository."),
+                started("list_dir", "call_1", r#"{"path":"."}"#),
+                finished(None, "list_dir", "call_1"),
+                message(5, 1, "Let me look at the repository."),
+                finished(Some(6), "list_dir", "call_1"),
+                turn_finished(7, 1),
+            ],
+        );
+        assert_eq!(
+            shown,
+            "[~] 12:00:01 assistant: Let me look at the repository.\n\
+             [~] 12:00:01 tool list_dir started (call_1) {\"path\":\".\"}\n\
+             [~] 12:00:01 tool list_dir finished in 9 ms (call_1) ok\n\
+             [7] 12:00:01 turn 1 finished: 1 tool call(s), 0 tokens in, 0 out\n"
+        );
+    }
+
+    #[test]
+    fn a_replay_of_durable_events_shows_them_all() {
+        let mut view = WatchView::default();
+        let shown = render_all(
+            &mut view,
+            &[message(5, 1, "Let me look."), finished(Some(6), "list_dir", "call_1")],
+        );
+        assert_eq!(
+            shown,
+            "[5] 12:00:01 assistant: (turn 1) Let me look.\n\
+             [6] 12:00:01 tool list_dir finished in 9 ms (call_1) ok\n"
+        );
+    }
+
+    #[test]
+    fn a_turn_joined_in_the_middle_shows_its_durable_text_too() {
+        let mut view = WatchView::default();
+        let shown = render_all(
+            &mut view,
+            &[
+                delta("the repository."),
+                message(5, 1, "Let me look at the repository."),
+            ],
+        );
+        assert_eq!(
+            shown,
+            "[~] 12:00:01 assistant: the repository.\n\
+             [5] 12:00:01 assistant: (turn 1) Let me look at the repository.\n"
+        );
+        // The next turn compares with its own text only.
+        let next = render_all(&mut view, &[delta("Now the tests."), message(9, 2, "Now the tests.")]);
+        assert_eq!(next, "[~] 12:00:01 assistant: Now the tests.\n");
+    }
+
+    #[test]
+    fn a_durable_text_cut_by_the_server_still_matches_what_streamed() {
+        let mut streamed = StreamedText::default();
+        streamed.push("abcdef and much more");
+        assert!(streamed.repeats("abcdef\n[output cut: 14 bytes omitted]\n[cut]"));
+        assert!(!streamed.repeats("abcxyz\n[output cut: 14 bytes omitted]\n[cut]"));
+        assert!(
+            !streamed.repeats("abcdef"),
+            "a longer stream than the uncut text is not the same text"
+        );
+    }
+
+    #[test]
+    fn streamed_text_is_bounded_and_cut_on_a_character_boundary() {
+        let mut streamed = StreamedText::default();
+        streamed.push(&"é".repeat(MAX_STREAMED_TEXT_BYTES));
+        assert!(streamed.overflowed);
+        assert!(streamed.kept.len() <= MAX_STREAMED_TEXT_BYTES);
+        assert!(
+            !streamed.repeats(&streamed.kept.clone()),
+            "an overflowed stream is never taken as whole"
+        );
+    }
+
+    #[test]
+    fn deltas_with_line_breaks_end_their_line_only_once() {
+        let mut view = WatchView::default();
+        let shown = render_all(
+            &mut view,
+            &[
+                delta("\n"),
+                delta("First line.\n"),
+                delta("Second line.\n"),
+                event(Some(3), agent_event::Kind::Summary(Summary { text: "done".into() })),
+            ],
+        );
+        assert_eq!(
+            shown,
+            "[~] 12:00:01 assistant: First line.\nSecond line.\n[3] 12:00:01 summary done\n"
+        );
+    }
+
+    #[test]
+    fn a_scripted_agent_is_announced_once_and_its_replies_are_marked() {
+        let mut view = WatchView::default();
+        let agent = Agent {
+            id: "A".into(),
+            name: "demo".into(),
+            status: AgentStatus::Running as i32,
+            scripted: true,
+            ..Default::default()
+        };
+        let mut shown = view.snapshot(&agent, true);
+        shown.push_str(&view.snapshot(&agent, false));
+        shown.push_str(&render_all(&mut view, &[delta("Hello."), message(5, 1, "Bye.")]));
+        assert_eq!(
+            shown,
+            "agent A \"demo\" running, last sequence 0\n\
+             (scripted model: replies come from a script, not a model)\n\
+             [~] 12:00:01 assistant [scripted]: Hello.\n\
+             [5] 12:00:01 assistant [scripted]: (turn 1) Bye.\n"
+        );
+    }
+
+    #[test]
+    fn a_scripted_event_announces_it_when_the_snapshot_did_not() {
+        let mut view = WatchView::default();
+        let mut scripted_delta = delta("Hi.");
+        scripted_delta.scripted = true;
+        let shown = render_all(&mut view, &[scripted_delta]);
+        assert_eq!(
+            shown,
+            "(scripted model: replies come from a script, not a model)\n\
+             [~] 12:00:01 assistant [scripted]: Hi.\n"
+        );
+    }
+
+    #[test]
+    fn a_running_command_has_a_progress_line_until_it_finishes() {
+        let mut view = WatchView::default();
+        let started_at = Instant::now();
+        view.event(
+            &started("run_command", "call_3", r#"{"command":"make test"}"#),
+            started_at,
+        );
+        let later = started_at + Duration::from_secs(12);
+        assert_eq!(
+            view.progress_line(later, 0, 80).as_deref(),
+            Some("⠋ run_command: make test (12 s)")
+        );
+        assert_eq!(
+            view.progress_line(later, 1, 80).as_deref(),
+            Some("⠙ run_command: make test (12 s)")
+        );
+        // Text streaming inline owns the line meanwhile.
+        view.event(&delta("waiting"), later);
+        assert_eq!(view.progress_line(later, 2, 80), None);
+        let shown = view.event(&finished(None, "run_command", "call_3"), later);
+        assert!(
+            shown.starts_with("\n[~] 12:00:01 tool run_command finished in 9 ms"),
+            "{shown}"
+        );
+        assert_eq!(view.progress_line(later, 3, 80), None);
+    }
+
+    #[test]
+    fn other_tools_and_replayed_starts_have_no_progress_line() {
+        let mut view = WatchView::default();
+        let now = Instant::now();
+        view.event(&started("read_file", "call_1", r#"{"path":"a"}"#), now);
+        assert_eq!(view.progress_line(now, 0, 80), None);
+        let mut durable_start = started("run_command", "call_2", r#"{"command":"make"}"#);
+        durable_start.live = false;
+        durable_start.sequence = 4;
+        view.event(&durable_start, now);
+        assert_eq!(view.progress_line(now, 0, 80), None);
+    }
+
+    #[test]
+    fn a_final_status_ends_the_progress_line() {
+        let mut view = WatchView::default();
+        let now = Instant::now();
+        view.event(&started("run_command", "call_3", r#"{"command":"sleep 100"}"#), now);
+        let stopped = event(
+            Some(9),
+            agent_event::Kind::StatusChanged(flotilla_proto::v1::StatusChanged {
+                from: AgentStatus::Running as i32,
+                to: AgentStatus::Stopped as i32,
+                ..Default::default()
+            }),
+        );
+        view.event(&stopped, now);
+        assert_eq!(view.progress_line(now, 0, 80), None);
+    }
+
+    #[test]
+    fn remembered_call_ids_are_bounded() {
+        let mut call_ids = RecentCallIds::default();
+        for index in 0..MAX_REMEMBERED_CALL_IDS + 10 {
+            call_ids.insert(&format!("call_{index}"));
+        }
+        assert_eq!(call_ids.members.len(), MAX_REMEMBERED_CALL_IDS);
+        assert_eq!(call_ids.oldest_first.len(), MAX_REMEMBERED_CALL_IDS);
+        assert!(!call_ids.contains("call_0"), "the oldest is forgotten first");
+        assert!(call_ids.contains(&format!("call_{}", MAX_REMEMBERED_CALL_IDS + 9)));
+        call_ids.insert("");
+        assert!(!call_ids.contains(""), "an empty id would match every other empty id");
+    }
 
     #[test]
     fn only_transport_breaks_and_unavailable_are_retried() {
