@@ -177,6 +177,7 @@ impl Actor for AgentActor {
                     repo,
                     workspace: provisioned.workspace,
                     runtime: state.args.runtime.clone(),
+                    observer: None,
                 };
                 let actor = myself.clone();
                 state.run = Some(tokio::spawn(async move {

@@ -61,6 +61,31 @@ impl Default for AgentRuntime {
     }
 }
 
+/// Where the time of one turn went; the orchestration overhead is `total - model - tools`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnTiming {
+    pub turn: u32,
+    pub total: Duration,
+    pub model: Duration,
+    pub tools: Duration,
+    /// Committing in the machine and pushing (part of the overhead).
+    pub git: Duration,
+    /// Writing the turn and its checkpoint through Raft (part of the overhead).
+    pub record: Duration,
+}
+
+impl TurnTiming {
+    pub fn overhead(&self) -> Duration {
+        self.total.saturating_sub(self.model + self.tools)
+    }
+}
+
+/// Called after every recorded turn (benchmarks and metrics).
+pub type TurnObserver = Arc<dyn Fn(TurnTiming) + Send + Sync>;
+
+/// Tools that can change the workspace: a turn that ran none of them needs no commit.
+const WRITING_TOOLS: [&str; 3] = [tools::RUN_COMMAND, tools::WRITE_FILE, tools::EDIT_FILE];
+
 pub struct RunContext {
     pub agent: AgentId,
     pub epoch: Epoch,
@@ -71,6 +96,7 @@ pub struct RunContext {
     pub repo: ActorRef<RepoMsg>,
     pub workspace: Workspace,
     pub runtime: Arc<AgentRuntime>,
+    pub observer: Option<TurnObserver>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,9 +410,12 @@ pub async fn run(context: RunContext) -> RunOutcome {
     let mut delivered = start.follow_ups_delivered;
     let mut pushed = start.pushed_commit.clone();
     let mut push_error: Option<String> = None;
+    // Every run starts from a fresh clone of the pushed branch: nothing to commit yet.
+    let mut dirty = false;
     let started = Instant::now();
     loop {
         wait_for_terminal(&context, &live).await;
+        let turn_started = Instant::now();
         let Some(current) = record(&context.replica, context.agent) else {
             return RunOutcome::Superseded;
         };
@@ -423,7 +452,9 @@ pub async fn run(context: RunContext) -> RunOutcome {
                 }
             })
         };
+        let model_started = Instant::now();
         let answer = provider.turn(&request, sender).await;
+        let model_time = model_started.elapsed();
         let _ = forwarder.await;
         let answer = match answer {
             Ok(answer) => answer,
@@ -446,9 +477,11 @@ pub async fn run(context: RunContext) -> RunOutcome {
             });
         }
         let mut tool_calls = 0u32;
+        let tools_started = Instant::now();
         match &next {
             Next::RunTools(calls) => {
                 for call in calls {
+                    dirty |= WRITING_TOOLS.contains(&call.name.as_str());
                     live.publish(v1::agent_event::Kind::ToolCallStarted(v1::ToolCallStarted {
                         call_id: call.id.clone(),
                         tool: call.name.clone(),
@@ -495,20 +528,29 @@ pub async fn run(context: RunContext) -> RunOutcome {
             }
         }
 
+        let tools_time = tools_started.elapsed();
+        let git_started = Instant::now();
         let message = format!(
             "{}: turn {turn}\n\n{}\n\nFlotilla-Agent: {}",
             start.spec.name,
             capped(answer.text.trim(), 2000),
             context.agent
         );
-        let head = match commit_in_machine(&context.driver, &context.machine, &context.runtime.git, &message).await {
-            Ok(head) => Some(head),
-            Err(error) => {
-                events.push(EventKind::Log {
-                    text: capped(&error, MAX_EVENT_OUTPUT_BYTES),
-                });
-                None
+        let head = if dirty {
+            match commit_in_machine(&context.driver, &context.machine, &context.runtime.git, &message).await {
+                Ok(head) => {
+                    dirty = false;
+                    Some(head)
+                }
+                Err(error) => {
+                    events.push(EventKind::Log {
+                        text: capped(&error, MAX_EVENT_OUTPUT_BYTES),
+                    });
+                    None
+                }
             }
+        } else {
+            None
         };
         if let Some(head) = &head {
             let unchanged = !context.workspace.resumed && *head == context.workspace.head_commit;
@@ -533,16 +575,20 @@ pub async fn run(context: RunContext) -> RunOutcome {
                 }
             }
         }
+        let git_time = git_started.elapsed();
         events.push(EventKind::TurnFinished {
             turn,
             input_tokens: answer.usage.input_tokens,
             output_tokens: answer.usage.output_tokens,
             tool_calls,
+            model_ms: model_time.as_millis() as u64,
+            tools_ms: tools_time.as_millis() as u64,
         });
         let checkpoint = match crate::checkpoint::encode(&conversation.messages, MAX_CHECKPOINT_BYTES) {
             Ok((data, _)) => data,
             Err(error) => return fail(&context, "checkpoint too large", error.to_string()).await,
         };
+        let record_started = Instant::now();
         let recorded = context
             .replica
             .write(Command::RecordTurn {
@@ -559,6 +605,16 @@ pub async fn run(context: RunContext) -> RunOutcome {
             .await;
         if let Err(error) = recorded {
             return write_outcome(error);
+        }
+        if let Some(observer) = &context.observer {
+            observer(TurnTiming {
+                turn,
+                total: turn_started.elapsed(),
+                model: model_time,
+                tools: tools_time,
+                git: git_time,
+                record: record_started.elapsed(),
+            });
         }
 
         match next {

@@ -2,6 +2,7 @@
 //! (`flotilla agent ...`, `flotilla cluster ...`) and the load generators (`flotilla bench ...`).
 
 mod bench;
+mod bench_turns;
 mod cli;
 mod config;
 mod machines_cli;
@@ -66,6 +67,8 @@ enum BenchCommand {
     Create(bench::BenchCreateArgs),
     /// Machine start times (warm and cold) and how many idle machines a node holds.
     Machines(machines_cli::BenchMachinesArgs),
+    /// Turn-loop overhead per turn, concurrent agents per node, events per second to a watcher.
+    Turns(bench_turns::BenchTurnsArgs),
 }
 
 #[derive(Subcommand)]
@@ -121,7 +124,7 @@ fn main() -> ExitCode {
         TopCommand::Node(_)
             | TopCommand::Image { .. }
             | TopCommand::Bench {
-                command: BenchCommand::Machines(_)
+                command: BenchCommand::Machines(_) | BenchCommand::Turns(_)
             }
     );
     if mounts_layers {
@@ -159,6 +162,7 @@ fn main() -> ExitCode {
                 match command {
                     BenchCommand::Create(args) => bench::run_create(args).await.map(|()| ExitCode::SUCCESS),
                     BenchCommand::Machines(args) => machines_cli::bench_machines(args).await,
+                    BenchCommand::Turns(args) => bench_turns::run_turns(args).await.map(|()| ExitCode::SUCCESS),
                 }
             }
             TopCommand::Env {

@@ -1181,6 +1181,8 @@ mod tests {
                 input_tokens: 10,
                 output_tokens: 5,
                 tool_calls: 1,
+                model_ms: 3,
+                tools_ms: 12,
             },
         ];
         let command = TurnFields {

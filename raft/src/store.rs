@@ -861,6 +861,8 @@ mod tests {
                     input_tokens: 1,
                     output_tokens: 1,
                     tool_calls: 0,
+                    model_ms: 1,
+                    tools_ms: 0,
                 }],
             },
         ];

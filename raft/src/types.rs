@@ -223,6 +223,9 @@ pub enum EventKind {
         input_tokens: u64,
         output_tokens: u64,
         tool_calls: u32,
+        /// Time waiting for the model, and running the tools.
+        model_ms: u64,
+        tools_ms: u64,
     },
     Summary {
         text: String,

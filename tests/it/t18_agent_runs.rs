@@ -678,3 +678,108 @@ async fn an_agent_without_a_declared_model_is_refused_at_create() {
     );
     assert!(status.message().contains("only"), "{}", status.message());
 }
+
+/// Reads a watch stream until a live log line containing `wanted` arrives, and returns the
+/// events seen on the way (that one included).
+async fn read_until_live_log(
+    stream: &mut tonic::Streaming<v1::WatchAgentResponse>,
+    wanted: &str,
+) -> Vec<v1::AgentEvent> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        let response = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no live log {wanted:?} within {DEADLINE:?}; events seen: {seen:#?}"))
+            .unwrap_or_else(|| panic!("the watch ended before a live log {wanted:?}; events seen: {seen:#?}"))
+            .expect("watch stream healthy");
+        let Some(watch_agent_response::Kind::Event(event)) = response.kind else {
+            continue;
+        };
+        let found =
+            event.live && matches!(&event.kind, Some(agent_event::Kind::Log(line)) if line.text.contains(wanted));
+        seen.push(event);
+        if found {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_pauses_the_agent_between_turns_and_a_release_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::common::bare_repository(dir.path(), "origin", &[("README.md", "a service\n")]);
+    let model = FakeModelServer::start().await;
+    model.set_script(vec![
+        FakeTurn::tool_call("run_command", json!({"command": "echo one > one.txt"})),
+        FakeTurn::tool_call("write_file", json!({"path": "two.txt", "content": "two\n"})),
+        FakeTurn::text("done"),
+    ]);
+    let (cluster, mut client) =
+        client_and_cluster(config_with(&openai_model("gpt", &model, ""), "gpt"), Vec::new()).await;
+    let gate_1 = model.hold_turn(1);
+    let agent = create_from(&mut client, request(&url, "handover", "Write two files")).await;
+    // The live subscription is in place once WatchAgent answers; live events are not replayed,
+    // so the watch opens before anything could pause the agent.
+    let mut watch = client
+        .watch_agent(v1::WatchAgentRequest {
+            id: agent.id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+
+    // Turn 0 is done and turn 1 is with the model when the user takes the terminal over.
+    assert!(model.wait_for_turn_request(1, DEADLINE).await, "turn 1 was asked for");
+    let mut controller = crate::t50_machines::Attached::open(&mut client, &agent.id, "", true)
+        .await
+        .expect("take over");
+    controller.read_until("take-over").await;
+
+    // The turn in flight is not interrupted; the next one waits for the terminal.
+    gate_1.release();
+    let before_pause = read_until_live_log(&mut watch, "paused: a user has taken over the terminal").await;
+    assert_eq!(
+        model.turn_request_count(2),
+        0,
+        "the model is not called while a user holds the terminal"
+    );
+    let paused = get(&mut client, &agent.id).await.expect("the agent");
+    assert_eq!(status_of(&paused), v1::AgentStatus::Running, "{}", paused.error);
+    assert_eq!(paused.turns, 2, "turn 1 finished before the pause");
+    assert!(
+        !before_pause.iter().any(|event| matches!(
+            &event.kind,
+            Some(agent_event::Kind::TurnFinished(finished)) if finished.turn > 2
+        )),
+        "no turn after the second finished before the pause: {before_pause:#?}"
+    );
+
+    // Handing the terminal back lets the agent go on to its last turn.
+    controller
+        .requests
+        .send(v1::AttachRequest {
+            kind: Some(v1::attach_request::Kind::Release(true)),
+        })
+        .await
+        .expect("send release");
+    read_until_live_log(&mut watch, "resumed: the terminal was handed back").await;
+    let finished = wait_for_status(
+        &cluster.node(1).endpoint(),
+        &cluster.admin_token(),
+        &agent.id,
+        v1::AgentStatus::Finished,
+    )
+    .await;
+    assert_eq!(finished.summary, "done");
+    assert_eq!(finished.turns, 3);
+    assert_eq!(
+        model.turn_request_count(2),
+        1,
+        "turn 2 was asked for once, after the release"
+    );
+    let events = durable_events(&mut client, &agent.id).await;
+    assert_eq!(turns_finished(&events), vec![1, 2, 3]);
+    drop(controller);
+}

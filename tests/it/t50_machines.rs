@@ -57,7 +57,7 @@ pub(crate) async fn wait_for_status(endpoint: &str, token: &str, id: &str, wante
 
 /// An open attach: requests go in, output and notices come out.
 pub(crate) struct Attached {
-    requests: mpsc::Sender<v1::AttachRequest>,
+    pub(crate) requests: mpsc::Sender<v1::AttachRequest>,
     responses: tonic::Streaming<v1::AttachResponse>,
     screen: String,
 }

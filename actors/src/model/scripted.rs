@@ -33,7 +33,14 @@ struct ScriptedTurn {
     text: String,
     #[serde(default)]
     tool_calls: Vec<ScriptedToolCall>,
+    /// How long the reply takes, as a model's would (demos and benchmarks); at most
+    /// [`MAX_SCRIPTED_DELAY_MS`].
+    #[serde(default)]
+    delay_ms: u64,
 }
+
+/// Longest a scripted reply may be made to take.
+pub const MAX_SCRIPTED_DELAY_MS: u64 = 600_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,7 +92,7 @@ impl ScriptedProvider {
     /// The reply to `request`: turn N (0-based) of the script, where N is the number of assistant
     /// messages already in the conversation. Tool call ids are `call_{turn}_{call}`, both 1-based,
     /// so the same conversation always gets the same ids.
-    fn turn_for(&self, request: &TurnRequest) -> Result<TurnResponse, ModelError> {
+    fn turn_for(&self, request: &TurnRequest) -> Result<(TurnResponse, u64), ModelError> {
         let turn_index = request
             .messages
             .iter()
@@ -113,12 +120,15 @@ impl ScriptedProvider {
         } else {
             StopReason::ToolUse
         };
-        Ok(TurnResponse {
-            text: turn.text.clone(),
-            tool_calls,
-            usage: Usage::default(),
-            stop_reason,
-        })
+        Ok((
+            TurnResponse {
+                text: turn.text.clone(),
+                tool_calls,
+                usage: Usage::default(),
+                stop_reason,
+            },
+            turn.delay_ms,
+        ))
     }
 }
 
@@ -133,7 +143,10 @@ impl ModelProvider for ScriptedProvider {
     }
 
     async fn turn(&self, request: &TurnRequest, events: Sender<StreamEvent>) -> Result<TurnResponse, ModelError> {
-        let response = self.turn_for(request)?;
+        let (response, delay_ms) = self.turn_for(request)?;
+        if delay_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay_ms.min(MAX_SCRIPTED_DELAY_MS))).await;
+        }
         for delta in split_in_two(&response.text) {
             emit(&events, StreamEvent::TextDelta(delta.to_string())).await;
         }

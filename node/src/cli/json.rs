@@ -178,6 +178,8 @@ fn event_kind(kind: &agent_event::Kind) -> (&'static str, Value) {
                 "input_tokens": turn.input_tokens,
                 "output_tokens": turn.output_tokens,
                 "tool_calls": turn.tool_calls,
+                "model_ms": turn.model_ms,
+                "tools_ms": turn.tools_ms,
             }),
         ),
         Kind::PushFailed(failed) => (

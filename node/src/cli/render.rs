@@ -288,8 +288,8 @@ pub(crate) fn event_body(kind: &agent_event::Kind, scripted: bool) -> String {
             message.text.trim_end()
         ),
         Kind::TurnFinished(turn) => format!(
-            "turn {} finished: {} tool call(s), {} tokens in, {} out",
-            turn.turn, turn.tool_calls, turn.input_tokens, turn.output_tokens
+            "turn {} finished: {} tool call(s), {} tokens in, {} out; model {} ms, tools {} ms",
+            turn.turn, turn.tool_calls, turn.input_tokens, turn.output_tokens, turn.model_ms, turn.tools_ms
         ),
         Kind::PushFailed(failed) => {
             let short_commit: String = failed.commit.chars().take(12).collect();

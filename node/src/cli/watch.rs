@@ -611,7 +611,7 @@ mod tests {
             "[~] 12:00:01 assistant: Let me look at the repository.\n\
              [~] 12:00:01 tool list_dir started (call_1) {\"path\":\".\"}\n\
              [~] 12:00:01 tool list_dir finished in 9 ms (call_1) ok\n\
-             [7] 12:00:01 turn 1 finished: 1 tool call(s), 0 tokens in, 0 out\n"
+             [7] 12:00:01 turn 1 finished: 1 tool call(s), 0 tokens in, 0 out; model 0 ms, tools 0 ms\n"
         );
     }
 

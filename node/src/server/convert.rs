@@ -126,7 +126,11 @@ pub fn event(event: &DurableEvent, scripted: bool) -> v1::AgentEvent {
             input_tokens,
             output_tokens,
             tool_calls,
+            model_ms,
+            tools_ms,
         } => Kind::TurnFinished(v1::TurnFinished {
+            model_ms: *model_ms,
+            tools_ms: *tools_ms,
             turn: *turn,
             input_tokens: *input_tokens,
             output_tokens: *output_tokens,
