@@ -49,6 +49,18 @@ pub async fn create_from(client: &mut AgentClient, request: v1::CreateAgentReque
         .expect("create answers with the agent")
 }
 
+/// Sends a follow-up and returns the acknowledgement (given once it is durable).
+pub async fn follow_up(client: &mut AgentClient, id: &str, text: &str) -> v1::SendFollowUpResponse {
+    client
+        .send_follow_up(v1::SendFollowUpRequest {
+            id: id.to_string(),
+            text: text.to_string(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("follow-up to {id} failed: {status}"))
+        .into_inner()
+}
+
 pub async fn get(client: &mut AgentClient, id: &str) -> Option<v1::Agent> {
     client
         .get_agent(v1::GetAgentRequest { id: id.to_string() })

@@ -195,14 +195,7 @@ async fn watch_resumes_after_reconnect_without_gaps_or_duplicates() {
     drop(stream);
 
     // Events happen while nobody watches.
-    let reply = client
-        .send_follow_up(v1::SendFollowUpRequest {
-            id: agent.id.clone(),
-            text: "Also update the changelog".to_string(),
-        })
-        .await
-        .expect("follow-up")
-        .into_inner();
+    let reply = crate::common::follow_up(&mut client, &agent.id, "Also update the changelog").await;
     assert_eq!(reply.index, 1);
     client
         .stop_agent(v1::StopAgentRequest {

@@ -10,7 +10,7 @@ use flotilla_tests::{wait_for, AgentClient, ClusterOptions, TestCluster};
 use serde_json::json;
 use tokio_stream::StreamExt;
 
-use crate::common::{create_from, get, status_of, DEADLINE};
+use crate::common::{create_from, follow_up, get, status_of, DEADLINE};
 use crate::t50_machines::wait_for_status;
 
 /// A node config with these model tables and a commit author tests can recognise.
@@ -43,6 +43,15 @@ pub(crate) fn request(repository: &str, name: &str, prompt: &str) -> v1::CreateA
         name: name.to_string(),
         ..Default::default()
     }
+}
+
+/// The `[[git.credentials]]` table for a test forge; the password is in the node's
+/// environment as `FLOTILLA_TEST_GIT_PASSWORD`.
+fn git_credentials(server: &GitHttpServer) -> String {
+    format!(
+        "\n[[git.credentials]]\nurl_prefix = \"{}\"\nusername = \"agent-user\"\npassword_env = \"FLOTILLA_TEST_GIT_PASSWORD\"\n",
+        server.base_url()
+    )
 }
 
 /// Every durable event of an agent that has ended (the watch closes at the end).
@@ -128,20 +137,31 @@ async fn client_and_cluster(config: String, env: Vec<(String, String)>) -> (Test
     (cluster, client)
 }
 
-async fn wait_until_ended(cluster: &TestCluster, id: &str) -> v1::Agent {
+/// Polls node 1 until the agent satisfies `wanted`, and returns it.
+pub(crate) async fn wait_for_agent(
+    cluster: &TestCluster,
+    id: &str,
+    what: &str,
+    wanted: impl Fn(&v1::Agent) -> bool + Clone,
+) -> v1::Agent {
     let endpoint = cluster.node(1).endpoint();
     let token = cluster.admin_token();
-    let id = id.to_string();
-    wait_for(&format!("agent {id} to end"), DEADLINE, move || {
-        let (endpoint, token, id) = (endpoint.clone(), token.clone(), id.clone());
+    wait_for(&format!("agent {id}: {what}"), DEADLINE, move || {
+        let (endpoint, token, id, wanted) = (endpoint.clone(), token.clone(), id.to_string(), wanted.clone());
         async move {
             let agent = get(&mut flotilla_tests::agent_client(&endpoint, &token).await, &id).await?;
-            matches!(
-                status_of(&agent),
-                v1::AgentStatus::Finished | v1::AgentStatus::Failed | v1::AgentStatus::Stopped
-            )
-            .then_some(agent)
+            wanted(&agent).then_some(agent)
         }
+    })
+    .await
+}
+
+async fn wait_until_ended(cluster: &TestCluster, id: &str) -> v1::Agent {
+    wait_for_agent(cluster, id, "to end", |agent| {
+        matches!(
+            status_of(agent),
+            v1::AgentStatus::Finished | v1::AgentStatus::Failed | v1::AgentStatus::Stopped
+        )
     })
     .await
 }
@@ -250,11 +270,7 @@ async fn an_openai_agent_pushes_over_smart_http_and_its_keys_stay_out_of_the_mac
         FakeTurn::text("Added notes.md."),
     ]);
     let models = openai_model("gpt", &model, "api_key_env = \"FLOTILLA_TEST_OPENAI_KEY\"");
-    let config = format!(
-        "{}\n[[git.credentials]]\nurl_prefix = \"{}\"\nusername = \"agent-user\"\npassword_env = \"FLOTILLA_TEST_GIT_PASSWORD\"\n",
-        config_with(&models, "gpt"),
-        git_server.base_url()
-    );
+    let config = format!("{}{}", config_with(&models, "gpt"), git_credentials(&git_server));
     let env = vec![
         ("FLOTILLA_TEST_OPENAI_KEY".to_string(), "sk-test-7731".to_string()),
         ("FLOTILLA_TEST_GIT_PASSWORD".to_string(), "git-pass-5150".to_string()),
@@ -450,14 +466,7 @@ async fn follow_ups_reach_a_running_agent_in_order_and_restart_a_finished_one() 
 
     // While turn 1 is with the model, a follow-up arrives: it goes into turn 2.
     assert!(model.wait_for_turn_request(1, DEADLINE).await, "turn 1 was asked for");
-    let accepted = client
-        .send_follow_up(v1::SendFollowUpRequest {
-            id: agent.id.clone(),
-            text: "Also write b.txt".to_string(),
-        })
-        .await
-        .expect("follow-up")
-        .into_inner();
+    let accepted = follow_up(&mut client, &agent.id, "Also write b.txt").await;
     assert_eq!(accepted.index, 1);
     assert_eq!(accepted.agent.expect("agent").pending_follow_ups, 1);
     gate_1.release();
@@ -465,13 +474,7 @@ async fn follow_ups_reach_a_running_agent_in_order_and_restart_a_finished_one() 
     // The last answer of the run is held while another follow-up arrives: the agent does not
     // finish with a follow-up unanswered, it takes it into turn 4.
     assert!(model.wait_for_turn_request(3, DEADLINE).await, "turn 3 was asked for");
-    client
-        .send_follow_up(v1::SendFollowUpRequest {
-            id: agent.id.clone(),
-            text: "And c.txt".to_string(),
-        })
-        .await
-        .expect("second follow-up");
+    follow_up(&mut client, &agent.id, "And c.txt").await;
     gate_3.release();
     let first_run = wait_until_ended(&cluster, &agent.id).await;
     assert_eq!(status_of(&first_run), v1::AgentStatus::Finished, "{}", first_run.error);
@@ -499,21 +502,9 @@ async fn follow_ups_reach_a_running_agent_in_order_and_restart_a_finished_one() 
 
     // A follow-up to the finished agent starts a new run on the same branch, in a fresh machine,
     // with the conversation so far.
-    client
-        .send_follow_up(v1::SendFollowUpRequest {
-            id: agent.id.clone(),
-            text: "One more: d.txt".to_string(),
-        })
-        .await
-        .expect("follow-up to a finished agent");
-    let endpoint = cluster.node(1).endpoint();
-    let token = cluster.admin_token();
-    let second_run = wait_for("the second run to finish", DEADLINE, || {
-        let (endpoint, token, id) = (endpoint.clone(), token.clone(), agent.id.clone());
-        async move {
-            let agent = get(&mut flotilla_tests::agent_client(&endpoint, &token).await, &id).await?;
-            (status_of(&agent) == v1::AgentStatus::Finished && agent.summary == "d is written.").then_some(agent)
-        }
+    follow_up(&mut client, &agent.id, "One more: d.txt").await;
+    let second_run = wait_for_agent(&cluster, &agent.id, "the second run to finish", |agent| {
+        status_of(agent) == v1::AgentStatus::Finished && agent.summary == "d is written."
     })
     .await;
     assert_eq!(second_run.assignment.expect("assigned").epoch, 2);
@@ -582,14 +573,8 @@ async fn a_stop_mid_command_ends_the_command_and_pushes_what_exists() {
         })
         .await
         .expect("stop");
-    let endpoint = cluster.node(1).endpoint();
-    let token = cluster.admin_token();
-    let stopped = wait_for("the stopped agent's work to be pushed", DEADLINE, || {
-        let (endpoint, token, id) = (endpoint.clone(), token.clone(), agent.id.clone());
-        async move {
-            let agent = get(&mut flotilla_tests::agent_client(&endpoint, &token).await, &id).await?;
-            (!agent.pushed_commit.is_empty()).then_some(agent)
-        }
+    let stopped = wait_for_agent(&cluster, &agent.id, "the stopped agent's work to be pushed", |agent| {
+        !agent.pushed_commit.is_empty()
     })
     .await;
     assert_eq!(status_of(&stopped), v1::AgentStatus::Stopped);
@@ -616,9 +601,9 @@ async fn a_rejected_push_fails_the_agent_clearly_and_keeps_the_commit() {
         {"text": "Wrote x."}
     ]});
     let config = format!(
-        "{}\n[[git.credentials]]\nurl_prefix = \"{}\"\nusername = \"agent-user\"\npassword_env = \"FLOTILLA_TEST_GIT_PASSWORD\"\n",
+        "{}{}",
         config_with(&scripted_model(dir.path(), "script", script), "script"),
-        git_server.base_url()
+        git_credentials(&git_server)
     );
     let env = vec![("FLOTILLA_TEST_GIT_PASSWORD".to_string(), "pw-1".to_string())];
     let (cluster, mut client) = client_and_cluster(config, env).await;
