@@ -251,6 +251,8 @@ fn model_config(kind: ProviderKind, server: &FakeModelServer) -> ModelConfig {
         timeout_ms: 5_000,
         stream_idle_timeout_ms: 2_000,
         max_retries: 2,
+        stream: true,
+        tool_choice: None,
     }
 }
 

@@ -1,13 +1,16 @@
-//! The HTTP side shared by the streaming providers: retries with bounded backoff, the
-//! provider's error message from an error body, the whole-turn and idle-stream timeouts, and the
-//! event-stream read loop that feeds a wire-format assembler.
+//! The HTTP side shared by the providers: retries with bounded backoff, the provider's error
+//! message from an error body, the whole-turn and idle-stream timeouts, the event-stream read
+//! loop that feeds a wire-format assembler, and the bounded read of a whole (not streamed)
+//! response that feeds a wire-format parser.
 
+use std::future::Future;
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::mpsc::Sender;
 
 use super::sse::{SseEvent, SseParser};
+use super::MAX_WHOLE_RESPONSE_BYTES;
 use super::{emit, ModelError, StreamEvent, TurnResponse, MAX_ERROR_BODY_BYTES};
 
 /// First retry delay; each later one doubles, up to [`MAX_BACKOFF_MS`].
@@ -53,13 +56,112 @@ pub(crate) async fn run_streamed_turn<A: StreamAssembly>(
     assembly: A,
     events: &Sender<StreamEvent>,
 ) -> Result<TurnResponse, ModelError> {
+    within_turn_timeout(settings, stream_turn(settings, make_request, assembly, events)).await
+}
+
+/// Runs one turn whose response comes whole within the whole-turn timeout: sends with the same
+/// retries as a streamed turn, reads the body (at most [`MAX_WHOLE_RESPONSE_BYTES`], with the
+/// idle timeout between its pieces), hands it to `parse`, and emits the response as events
+/// (see [`whole_response_events`]) so watchers see the turn as if it had streamed at once.
+pub(crate) async fn run_whole_turn(
+    settings: &HttpSettings,
+    make_request: &(dyn Fn() -> reqwest::RequestBuilder + Send + Sync),
+    parse: fn(&[u8]) -> Result<TurnResponse, ModelError>,
+    events: &Sender<StreamEvent>,
+) -> Result<TurnResponse, ModelError> {
+    within_turn_timeout(settings, whole_turn(settings, make_request, parse, events)).await
+}
+
+async fn within_turn_timeout(
+    settings: &HttpSettings,
+    turn: impl Future<Output = Result<TurnResponse, ModelError>>,
+) -> Result<TurnResponse, ModelError> {
     let whole_turn = Duration::from_millis(settings.timeout_ms);
-    match tokio::time::timeout(whole_turn, stream_turn(settings, make_request, assembly, events)).await {
+    match tokio::time::timeout(whole_turn, turn).await {
         Ok(outcome) => outcome,
         Err(_elapsed) => Err(ModelError::Timeout {
             after_ms: settings.timeout_ms,
         }),
     }
+}
+
+async fn whole_turn(
+    settings: &HttpSettings,
+    make_request: &(dyn Fn() -> reqwest::RequestBuilder + Send + Sync),
+    parse: fn(&[u8]) -> Result<TurnResponse, ModelError>,
+    events: &Sender<StreamEvent>,
+) -> Result<TurnResponse, ModelError> {
+    let (response, attempts) = send_with_retries(settings, make_request).await?;
+    let body = read_whole_body(settings, response, attempts).await?;
+    let response = parse(&body).map_err(|error| with_attempts(error, attempts))?;
+    for event in whole_response_events(&response) {
+        emit(events, event).await;
+    }
+    Ok(response)
+}
+
+/// Reads a successful response's body, failing past [`MAX_WHOLE_RESPONSE_BYTES`] or after
+/// `stream_idle_timeout_ms` without a piece.
+async fn read_whole_body(
+    settings: &HttpSettings,
+    mut response: reqwest::Response,
+    attempts: u32,
+) -> Result<Vec<u8>, ModelError> {
+    let too_large = || ModelError::TooLarge {
+        what: "the response body".to_string(),
+        limit_bytes: MAX_WHOLE_RESPONSE_BYTES,
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_WHOLE_RESPONSE_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let idle = Duration::from_millis(settings.stream_idle_timeout_ms);
+    let mut body = Vec::new();
+    loop {
+        let next = tokio::time::timeout(idle, response.chunk())
+            .await
+            .map_err(|_elapsed| ModelError::Timeout {
+                after_ms: settings.stream_idle_timeout_ms,
+            })?;
+        match next {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_WHOLE_RESPONSE_BYTES {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(error) => {
+                return Err(ModelError::Unavailable {
+                    attempts,
+                    last: format!("reading the response body: {}", error_chain(&error)),
+                })
+            }
+        }
+    }
+}
+
+/// The events a whole response stands for: its text as one delta, each tool call started and
+/// given all its arguments in one delta, then [`StreamEvent::Done`].
+pub(crate) fn whole_response_events(response: &TurnResponse) -> Vec<StreamEvent> {
+    let mut events = Vec::with_capacity(2 + 2 * response.tool_calls.len());
+    if !response.text.is_empty() {
+        events.push(StreamEvent::TextDelta(response.text.clone()));
+    }
+    for call in &response.tool_calls {
+        events.push(StreamEvent::ToolCallStarted {
+            id: call.id.clone(),
+            name: call.name.clone(),
+        });
+        events.push(StreamEvent::ToolCallArgumentsDelta {
+            id: call.id.clone(),
+            delta: call.arguments_json.clone(),
+        });
+    }
+    events.push(StreamEvent::Done(response.clone()));
+    events
 }
 
 async fn stream_turn<A: StreamAssembly>(
@@ -162,7 +264,8 @@ async fn send_with_retries(
     }
 }
 
-/// Stream assemblers report in-stream failures with 0 attempts; the count is known here.
+/// Stream assemblers and whole-response parsers report in-response failures with 0 attempts;
+/// the count is known here.
 fn with_attempts(error: ModelError, attempts: u32) -> ModelError {
     match error {
         ModelError::Unavailable { attempts: 0, last } => ModelError::Unavailable { attempts, last },

@@ -5,14 +5,15 @@
 //! [`TurnResponse`]. The turn loop above it decides what to do with tool calls; nothing here runs
 //! tools or keeps conversation state (the scripted provider picks its turn from the conversation).
 //!
-//! Three providers: `openai` (Chat Completions with streaming; any compatible server such as
-//! vLLM, llama.cpp or Ollama), `anthropic` (the Messages API) and `scripted` (a deterministic
+//! Three providers: `openai` (Chat Completions, streamed or, for servers that only give tool
+//! calls in whole responses, not; any compatible server such as vLLM, llama.cpp or Ollama), `anthropic` (the Messages API) and `scripted` (a deterministic
 //! replay of a JSON file, for tests and the offline demo; [`ModelProvider::scripted`] says so,
 //! so output can be marked as scripted).
 //!
 //! The wire formats are parsed by plain, synchronous assemblers (`openai::StreamAssembler`,
-//! `anthropic::StreamAssembler`, [`sse::SseParser`]); the HTTP part (`http`) adds retries with
-//! bounded backoff, the whole-request and idle-stream timeouts, and the size limits.
+//! `anthropic::StreamAssembler`, [`sse::SseParser`]) and, for whole responses, a plain parser
+//! (`openai::parse_completion`); the HTTP part (`http`) adds retries with bounded backoff, the
+//! whole-request and idle-stream timeouts, and the size limits.
 
 mod anthropic;
 mod http;
@@ -42,6 +43,9 @@ pub const MAX_TOOL_CALLS_PER_TURN: usize = 256;
 pub const MAX_SSE_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// Largest error body read from a provider to find its message.
 pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+/// Largest whole (not streamed) response body: room for the largest text and a few large tool
+/// calls; the per-text and per-call limits above still apply inside it.
+pub const MAX_WHOLE_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 pub const DEFAULT_TIMEOUT_MS: u64 = 120_000;
 pub const DEFAULT_STREAM_IDLE_TIMEOUT_MS: u64 = 60_000;
@@ -242,6 +246,52 @@ pub struct ModelConfig {
     /// Retries after the first attempt on 429, 5xx and connection errors.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
+    /// `openai` only: false asks for one whole JSON response instead of an event stream, for
+    /// servers that give tool calls only in whole responses (llama-cpp-python). Watchers then
+    /// see the turn's text and tool calls at once, when the response has arrived.
+    #[serde(default = "default_stream")]
+    pub stream: bool,
+    /// `openai` only: sent as `tool_choice` with requests that carry tools; unset sends none
+    /// (the server's default, `auto` for OpenAI).
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
+}
+
+/// The `tool_choice` values a model configuration may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum ToolChoice {
+    /// The model decides between text and tool calls.
+    Auto,
+    /// The model must call a tool.
+    Required,
+    /// The model must not call a tool.
+    None,
+}
+
+impl ToolChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolChoice::Auto => "auto",
+            ToolChoice::Required => "required",
+            ToolChoice::None => "none",
+        }
+    }
+}
+
+impl TryFrom<String> for ToolChoice {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        match value.as_str() {
+            "auto" => Ok(ToolChoice::Auto),
+            "required" => Ok(ToolChoice::Required),
+            "none" => Ok(ToolChoice::None),
+            other => Err(format!(
+                "tool_choice must be \"auto\", \"required\" or \"none\", found {other:?}"
+            )),
+        }
+    }
 }
 
 fn default_timeout_ms() -> u64 {
@@ -254,6 +304,10 @@ fn default_stream_idle_timeout_ms() -> u64 {
 
 fn default_max_retries() -> u32 {
     DEFAULT_MAX_RETRIES
+}
+
+fn default_stream() -> bool {
+    true
 }
 
 /// An API key. Its `Debug` never shows the key.
@@ -293,6 +347,16 @@ pub fn build_provider(
             "\"script\" is only for provider \"scripted\"".to_string(),
         ));
     }
+    if config.provider != ProviderKind::Openai && !config.stream {
+        return Err(ModelError::Config(
+            "\"stream = false\" is only for provider \"openai\"".to_string(),
+        ));
+    }
+    if config.provider != ProviderKind::Openai && config.tool_choice.is_some() {
+        return Err(ModelError::Config(
+            "\"tool_choice\" is only for provider \"openai\"".to_string(),
+        ));
+    }
     match config.provider {
         ProviderKind::Scripted => {
             let Some(script_path) = &config.script else {
@@ -303,7 +367,16 @@ pub fn build_provider(
         ProviderKind::Openai => {
             let http = http_settings(config, DEFAULT_OPENAI_BASE_URL)?;
             let api_key = resolve_api_key(config, resolve_secret)?;
-            Ok(Arc::new(OpenAiProvider::new(http, config.model.clone(), api_key)?))
+            let options = openai::OpenAiOptions {
+                stream: config.stream,
+                tool_choice: config.tool_choice,
+            };
+            Ok(Arc::new(OpenAiProvider::new(
+                http,
+                config.model.clone(),
+                api_key,
+                options,
+            )?))
         }
         ProviderKind::Anthropic => {
             let http = http_settings(config, DEFAULT_ANTHROPIC_BASE_URL)?;
@@ -418,6 +491,8 @@ mod tests {
         assert_eq!(local.api_key_secret, None);
         assert_eq!(local.timeout_ms, DEFAULT_TIMEOUT_MS);
         assert_eq!(local.max_retries, DEFAULT_MAX_RETRIES);
+        assert!(local.stream);
+        assert_eq!(local.tool_choice, None);
         let demo = &parsed.models["demo"];
         assert_eq!(demo.provider, ProviderKind::Scripted);
         assert_eq!(
@@ -432,6 +507,39 @@ mod tests {
         assert!(unknown_field.unwrap_err().to_string().contains("api_key"));
         let unknown_provider = toml::from_str::<ModelConfig>("provider = \"gemini\"\nmodel = \"m\"\n");
         assert!(unknown_provider.is_err());
+    }
+
+    #[test]
+    fn stream_and_tool_choice_parse_and_a_bad_tool_choice_is_refused_at_load() {
+        let whole: ModelConfig =
+            toml::from_str("provider = \"openai\"\nmodel = \"m\"\nstream = false\ntool_choice = \"auto\"\n").unwrap();
+        assert!(!whole.stream);
+        assert_eq!(whole.tool_choice, Some(ToolChoice::Auto));
+        for (text, choice) in [("required", ToolChoice::Required), ("none", ToolChoice::None)] {
+            let config: ModelConfig = toml::from_str(&format!(
+                "provider = \"openai\"\nmodel = \"m\"\ntool_choice = \"{text}\"\n"
+            ))
+            .unwrap();
+            assert_eq!(config.tool_choice, Some(choice));
+            assert_eq!(choice.as_str(), text);
+        }
+        let bad = toml::from_str::<ModelConfig>("provider = \"openai\"\nmodel = \"m\"\ntool_choice = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("tool_choice must be \"auto\", \"required\" or \"none\", found \"sometimes\""),
+            "{bad}"
+        );
+        let anthropic_whole: ModelConfig =
+            toml::from_str("provider = \"anthropic\"\nmodel = \"m\"\napi_key_secret = \"K\"\nstream = false\n")
+                .unwrap();
+        let refused = build_provider(&anthropic_whole, &|_| Some("key".to_string())).err();
+        assert!(matches!(refused, Some(ModelError::Config(message)) if message.contains("stream = false")));
+        let anthropic_choice: ModelConfig =
+            toml::from_str("provider = \"anthropic\"\nmodel = \"m\"\napi_key_secret = \"K\"\ntool_choice = \"auto\"\n")
+                .unwrap();
+        let refused = build_provider(&anthropic_choice, &|_| Some("key".to_string())).err();
+        assert!(matches!(refused, Some(ModelError::Config(message)) if message.contains("tool_choice")));
     }
 
     #[test]

@@ -1,5 +1,10 @@
-//! The `openai` provider: Chat Completions with function tools and streaming, as spoken by
+//! The `openai` provider: Chat Completions with function tools, streamed or whole, as spoken by
 //! OpenAI and compatible servers (vLLM, llama.cpp, Ollama, ...).
+//!
+//! Streaming is the default. Whole responses (`stream = false`) exist for servers that give tool
+//! calls only there: llama-cpp-python 0.3 answers a streamed request with `tool_choice: "auto"`
+//! with an empty body. `tool_choice` is sent only when configured, since servers differ in
+//! what they accept.
 
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
@@ -8,19 +13,45 @@ use tokio::sync::mpsc::Sender;
 
 use super::http::{self, HttpSettings, StreamAssembly};
 use super::sse::SseEvent;
-use super::{ApiKey, Message, ModelError, ModelProvider, Role, StopReason, StreamEvent, ToolCall, TurnRequest};
+use super::{
+    ApiKey, Message, ModelError, ModelProvider, Role, StopReason, StreamEvent, ToolCall, ToolChoice, TurnRequest,
+};
 use super::{TurnResponse, Usage, MAX_RESPONSE_TEXT_BYTES, MAX_TOOL_ARGUMENTS_BYTES, MAX_TOOL_CALLS_PER_TURN};
+
+/// The request options of the `openai` provider that a model configuration chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OpenAiOptions {
+    /// Ask for an event stream (true) or one whole JSON response (false).
+    pub(crate) stream: bool,
+    /// Sent as `tool_choice` with requests that carry tools.
+    pub(crate) tool_choice: Option<ToolChoice>,
+}
+
+impl Default for OpenAiOptions {
+    fn default() -> Self {
+        Self {
+            stream: true,
+            tool_choice: None,
+        }
+    }
+}
 
 pub struct OpenAiProvider {
     name: String,
     model: String,
+    options: OpenAiOptions,
     settings: HttpSettings,
     client: reqwest::Client,
     authorization: Option<HeaderValue>,
 }
 
 impl OpenAiProvider {
-    pub(crate) fn new(settings: HttpSettings, model: String, api_key: Option<ApiKey>) -> Result<Self, ModelError> {
+    pub(crate) fn new(
+        settings: HttpSettings,
+        model: String,
+        api_key: Option<ApiKey>,
+        options: OpenAiOptions,
+    ) -> Result<Self, ModelError> {
         let authorization = match api_key {
             Some(key) => {
                 let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
@@ -34,6 +65,7 @@ impl OpenAiProvider {
         Ok(Self {
             name: format!("openai:{model}"),
             model,
+            options,
             client: http::build_client(&settings)?,
             settings,
             authorization,
@@ -52,36 +84,50 @@ impl ModelProvider for OpenAiProvider {
     }
 
     async fn turn(&self, request: &TurnRequest, events: Sender<StreamEvent>) -> Result<TurnResponse, ModelError> {
-        let body = serde_json::to_vec(&request_body(&self.model, request))
+        let body = serde_json::to_vec(&request_body(&self.model, request, self.options))
             .map_err(|error| ModelError::Config(format!("cannot encode the request: {error}")))?;
         let url = format!("{}/chat/completions", self.settings.base_url);
+        let accept = if self.options.stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
         let make_request = || {
             let builder = self
                 .client
                 .post(&url)
                 .header(CONTENT_TYPE, "application/json")
-                .header(ACCEPT, "text/event-stream")
+                .header(ACCEPT, accept)
                 .body(body.clone());
             match &self.authorization {
                 Some(authorization) => builder.header(AUTHORIZATION, authorization.clone()),
                 None => builder,
             }
         };
-        http::run_streamed_turn(&self.settings, &make_request, StreamAssembler::default(), &events).await
+        if self.options.stream {
+            http::run_streamed_turn(&self.settings, &make_request, StreamAssembler::default(), &events).await
+        } else {
+            http::run_whole_turn(&self.settings, &make_request, parse_completion, &events).await
+        }
     }
 }
 
 /// The Chat Completions request for `request`.
-pub(crate) fn request_body(model: &str, request: &TurnRequest) -> serde_json::Value {
+pub(crate) fn request_body(model: &str, request: &TurnRequest, options: OpenAiOptions) -> serde_json::Value {
     let messages: Vec<serde_json::Value> = request.messages.iter().map(message_json).collect();
     let mut body = json!({
         "model": model,
         "messages": messages,
         "max_tokens": request.max_output_tokens,
-        "stream": true,
-        "stream_options": { "include_usage": true },
+        "stream": options.stream,
     });
+    if options.stream {
+        body["stream_options"] = json!({ "include_usage": true });
+    }
     if !request.tools.is_empty() {
+        if let Some(tool_choice) = options.tool_choice {
+            body["tool_choice"] = json!(tool_choice.as_str());
+        }
         let tools: Vec<serde_json::Value> = request
             .tools
             .iter()
@@ -114,12 +160,9 @@ fn message_json(message: &Message) -> serde_json::Value {
                     })
                 })
                 .collect();
-            let content = if message.content.is_empty() {
-                serde_json::Value::Null
-            } else {
-                json!(message.content)
-            };
-            json!({ "role": "assistant", "content": content, "tool_calls": tool_calls })
+            // An empty string, not null: OpenAI accepts both, but llama-cpp-python refuses null
+            // (and a missing key) with an error.
+            json!({ "role": "assistant", "content": message.content, "tool_calls": tool_calls })
         }
         Role::Tool => json!({
             "role": "tool",
@@ -367,28 +410,175 @@ impl StreamAssembly for StreamAssembler {
                 arguments_json,
             });
         }
-        let stop_reason = match finish_reason.as_str() {
-            // Some compatible servers say "stop" even when the message carries tool calls.
-            "stop" if !tool_calls.is_empty() => StopReason::ToolUse,
-            "stop" => StopReason::EndTurn,
-            "tool_calls" | "function_call" => StopReason::ToolUse,
-            "length" => StopReason::MaxTokens,
-            other => StopReason::Other(other.to_string()),
-        };
         Ok(TurnResponse {
+            stop_reason: stop_reason(&finish_reason, !tool_calls.is_empty()),
             text: self.text,
             tool_calls,
             usage: self.usage,
-            stop_reason,
         })
     }
 }
 
+fn stop_reason(finish_reason: &str, has_tool_calls: bool) -> StopReason {
+    match finish_reason {
+        // Some compatible servers say "stop" even when the message carries tool calls.
+        "stop" if has_tool_calls => StopReason::ToolUse,
+        "stop" => StopReason::EndTurn,
+        "tool_calls" | "function_call" => StopReason::ToolUse,
+        "length" => StopReason::MaxTokens,
+        other => StopReason::Other(other.to_string()),
+    }
+}
+
+/// A whole (not streamed) chat completion.
+#[derive(Deserialize)]
+struct Completion {
+    #[serde(default)]
+    choices: Vec<CompletionChoice>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct CompletionChoice {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    message: Option<CompletionMessage>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CompletionMessage {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<CompletionToolCall>>,
+}
+
+#[derive(Deserialize)]
+struct CompletionToolCall {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<CompletionFunction>,
+}
+
+#[derive(Deserialize)]
+struct CompletionFunction {
+    #[serde(default)]
+    name: Option<String>,
+    /// A JSON string by the specification; some servers send the object itself.
+    #[serde(default)]
+    arguments: Option<serde_json::Value>,
+}
+
+/// Parses a whole chat completion (`"stream": false`): the first choice's message text and tool
+/// calls, its finish reason and the usage, within the same limits as a streamed response.
+pub(crate) fn parse_completion(body: &[u8]) -> Result<TurnResponse, ModelError> {
+    let completion: Completion = serde_json::from_slice(body).map_err(|error| {
+        let text = String::from_utf8_lossy(body);
+        ModelError::Malformed(format!(
+            "chat completion is not the expected JSON ({error}): {:.200}",
+            text.trim()
+        ))
+    })?;
+    if let Some(error) = completion.error {
+        let message = error
+            .get("message")
+            .and_then(|message| message.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| error.to_string());
+        return Err(ModelError::Unavailable {
+            attempts: 0,
+            last: format!("error in the response: {message}"),
+        });
+    }
+    let Some(choice) = completion.choices.into_iter().find(|choice| choice.index == 0) else {
+        return Err(ModelError::Malformed(
+            "chat completion has no choice with index 0".to_string(),
+        ));
+    };
+    let Some(finish_reason) = choice.finish_reason else {
+        return Err(ModelError::Malformed(
+            "chat completion has no finish_reason".to_string(),
+        ));
+    };
+    let message = choice.message.unwrap_or(CompletionMessage {
+        content: None,
+        tool_calls: None,
+    });
+    let text = message.content.unwrap_or_default();
+    if text.len() > MAX_RESPONSE_TEXT_BYTES {
+        return Err(ModelError::TooLarge {
+            what: "the response text".to_string(),
+            limit_bytes: MAX_RESPONSE_TEXT_BYTES,
+        });
+    }
+    let calls = message.tool_calls.unwrap_or_default();
+    if calls.len() > MAX_TOOL_CALLS_PER_TURN {
+        return Err(ModelError::TooLarge {
+            what: format!("the number of tool calls (over {MAX_TOOL_CALLS_PER_TURN})"),
+            limit_bytes: MAX_TOOL_CALLS_PER_TURN,
+        });
+    }
+    let mut tool_calls = Vec::with_capacity(calls.len());
+    for (position, call) in calls.into_iter().enumerate() {
+        let function = call.function.unwrap_or(CompletionFunction {
+            name: None,
+            arguments: None,
+        });
+        let Some(name) = function.name.filter(|name| !name.is_empty()) else {
+            return Err(ModelError::Malformed(format!(
+                "tool call at index {position} has no function name"
+            )));
+        };
+        let arguments_json = match function.arguments {
+            Some(serde_json::Value::String(arguments)) if !arguments.trim().is_empty() => arguments,
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::String(_)) => "{}".to_string(),
+            Some(object) => object.to_string(),
+        };
+        if arguments_json.len() > MAX_TOOL_ARGUMENTS_BYTES {
+            return Err(ModelError::TooLarge {
+                what: format!("the arguments of tool call {name:?}"),
+                limit_bytes: MAX_TOOL_ARGUMENTS_BYTES,
+            });
+        }
+        let id = call
+            .id
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| format!("call_{position}"));
+        tool_calls.push(ToolCall {
+            id,
+            name,
+            arguments_json,
+        });
+    }
+    let usage = completion
+        .usage
+        .map(|usage| Usage {
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+        })
+        .unwrap_or_default();
+    Ok(TurnResponse {
+        stop_reason: stop_reason(&finish_reason, !tool_calls.is_empty()),
+        text,
+        tool_calls,
+        usage,
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{pieces, provider, run_turn, streamed_arguments, streamed_text};
+    use super::super::test_support::{
+        config, pieces, provider, provider_from, run_turn, streamed_arguments, streamed_text,
+    };
     use super::super::test_support::{FakeServer, Reply, TEST_API_KEY};
-    use super::super::{build_provider, ModelConfig, ProviderKind, ToolSpec};
+    use super::super::{build_provider, ModelConfig, ProviderKind, ToolSpec, MAX_WHOLE_RESPONSE_BYTES};
     use super::*;
 
     fn sse(chunks: &[serde_json::Value]) -> String {
@@ -502,7 +692,7 @@ mod tests {
             "messages": [
                 {"role": "system", "content": "You are a coding agent."},
                 {"role": "user", "content": "List the files."},
-                {"role": "assistant", "content": null, "tool_calls": [
+                {"role": "assistant", "content": "", "tool_calls": [
                     {"id": "call_a", "type": "function", "function": {"name": "list_dir", "arguments": "{\"path\":\".\"}"}}
                 ]},
                 {"role": "tool", "tool_call_id": "call_a", "content": "README.md\nsrc/"},
@@ -587,6 +777,8 @@ mod tests {
             timeout_ms: 10_000,
             stream_idle_timeout_ms: 200,
             max_retries: 1,
+            stream: true,
+            tool_choice: None,
         };
         let idle = build_provider(&config, &|_| None).unwrap();
         let (outcome, _events) = run_turn(idle.as_ref(), &request()).await;
@@ -625,6 +817,298 @@ mod tests {
             "{outcome:?}"
         );
         assert_eq!(server.requests().len(), 1);
+    }
+
+    /// A provider asking for whole responses with `tool_choice: "auto"`, as llama-cpp-python needs.
+    fn whole_response_provider(base_url: &str, timeout_ms: u64) -> std::sync::Arc<dyn ModelProvider> {
+        provider_from(&ModelConfig {
+            stream: false,
+            tool_choice: Some(ToolChoice::Auto),
+            ..config(ProviderKind::Openai, base_url, timeout_ms)
+        })
+    }
+
+    fn ok_json(body: serde_json::Value) -> Reply {
+        Reply::Status {
+            status: 200,
+            headers: Vec::new(),
+            body: body.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_whole_text_answer_is_parsed_with_its_usage_and_emitted_as_one_delta() {
+        let server = FakeServer::start(|_| {
+            ok_json(json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "model": "test-model",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "Hello, wörld."}}],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+            }))
+        })
+        .await;
+        let provider = whole_response_provider(&format!("{}/v1", server.address), 5_000);
+        let (outcome, events) = run_turn(provider.as_ref(), &request()).await;
+        let response = outcome.expect("turn succeeds");
+        assert_eq!(response.text, "Hello, wörld.");
+        assert!(response.tool_calls.is_empty());
+        assert_eq!(response.stop_reason, StopReason::EndTurn);
+        assert_eq!(
+            response.usage,
+            Usage {
+                input_tokens: 12,
+                output_tokens: 3
+            }
+        );
+        assert_eq!(
+            events,
+            vec![
+                StreamEvent::TextDelta("Hello, wörld.".to_string()),
+                StreamEvent::Done(response)
+            ]
+        );
+
+        let requests = server.requests();
+        assert_eq!(requests.len(), 1);
+        let received = &requests[0];
+        assert_eq!(received.path, "/v1/chat/completions");
+        assert_eq!(received.headers["accept"], "application/json");
+        assert_eq!(received.body["stream"], json!(false));
+        assert_eq!(received.body.get("stream_options"), None);
+        assert_eq!(received.body["tool_choice"], json!("auto"));
+        assert_eq!(received.body["messages"][2]["content"], json!(""));
+    }
+
+    #[tokio::test]
+    async fn a_whole_tool_call_answer_is_parsed_and_emitted_as_started_and_arguments() {
+        // As llama-cpp-python 0.3 answers with tool_choice "auto": content null, no usage.
+        let arguments = r#"{"path": "hello.txt", "content": "hello"}"#;
+        let body = json!({
+            "id": "chatcmpl-2", "object": "chat.completion",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": null,
+                "message": {"role": "assistant", "content": null,
+                    "tool_calls": [
+                        {"id": "call__0_write_file_cmpl-9", "type": "function",
+                            "function": {"name": "write_file", "arguments": arguments}},
+                        {"type": "function", "function": {"name": "list_dir"}},
+                    ],
+                    "function_call": {"name": "write_file", "arguments": arguments}}}],
+        });
+        let server = FakeServer::start(move |_| ok_json(body.clone())).await;
+        let provider = whole_response_provider(&server.address, 5_000);
+        let (outcome, events) = run_turn(provider.as_ref(), &request()).await;
+        let response = outcome.expect("turn succeeds");
+        assert_eq!(response.text, "");
+        assert_eq!(
+            response.tool_calls,
+            vec![
+                ToolCall {
+                    id: "call__0_write_file_cmpl-9".to_string(),
+                    name: "write_file".to_string(),
+                    arguments_json: arguments.to_string()
+                },
+                ToolCall {
+                    id: "call_1".to_string(),
+                    name: "list_dir".to_string(),
+                    arguments_json: "{}".to_string()
+                },
+            ]
+        );
+        assert_eq!(response.stop_reason, StopReason::ToolUse);
+        assert_eq!(response.usage, Usage::default());
+        assert_eq!(
+            events,
+            vec![
+                StreamEvent::ToolCallStarted {
+                    id: "call__0_write_file_cmpl-9".to_string(),
+                    name: "write_file".to_string()
+                },
+                StreamEvent::ToolCallArgumentsDelta {
+                    id: "call__0_write_file_cmpl-9".to_string(),
+                    delta: arguments.to_string()
+                },
+                StreamEvent::ToolCallStarted {
+                    id: "call_1".to_string(),
+                    name: "list_dir".to_string()
+                },
+                StreamEvent::ToolCallArgumentsDelta {
+                    id: "call_1".to_string(),
+                    delta: "{}".to_string()
+                },
+                StreamEvent::Done(response),
+            ]
+        );
+        let received = &server.requests()[0];
+        assert_eq!(received.body["stream"], json!(false));
+        assert_eq!(received.body["tool_choice"], json!("auto"));
+        assert_eq!(received.body["tools"][0]["function"]["name"], json!("list_dir"));
+    }
+
+    #[tokio::test]
+    async fn a_whole_answer_that_is_not_json_is_malformed_and_not_retried() {
+        let server = FakeServer::start(|_| Reply::Status {
+            status: 200,
+            headers: Vec::new(),
+            body: "{\"choices\": [".to_string(),
+        })
+        .await;
+        let provider = whole_response_provider(&server.address, 5_000);
+        let (outcome, events) = run_turn(provider.as_ref(), &request()).await;
+        assert!(
+            matches!(&outcome, Err(ModelError::Malformed(message)) if message.contains("{\"choices\": [")),
+            "{outcome:?}"
+        );
+        assert!(events.is_empty());
+        assert_eq!(server.requests().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_whole_answer_400_is_rejected_and_a_503_is_retried() {
+        let rejecting = FakeServer::start(|_| Reply::Status {
+            status: 400,
+            headers: Vec::new(),
+            body: r#"{"error": {"message": "'tool_choice' is invalid", "type": "invalid_request_error"}}"#.to_string(),
+        })
+        .await;
+        let provider = whole_response_provider(&rejecting.address, 5_000);
+        let (outcome, events) = run_turn(provider.as_ref(), &request()).await;
+        assert_eq!(
+            outcome,
+            Err(ModelError::Rejected {
+                status: 400,
+                message: "'tool_choice' is invalid".to_string()
+            })
+        );
+        assert!(events.is_empty());
+        assert_eq!(rejecting.requests().len(), 1);
+
+        let recovering = FakeServer::start(|number| match number {
+            1 => Reply::Status {
+                status: 503,
+                headers: vec![("retry-after", "0".to_string())],
+                body: r#"{"error": {"message": "loading model"}}"#.to_string(),
+            },
+            _ => ok_json(json!({"choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "ok"}}]})),
+        })
+        .await;
+        let provider = whole_response_provider(&recovering.address, 5_000);
+        let (outcome, _events) = run_turn(provider.as_ref(), &request()).await;
+        assert_eq!(outcome.expect("the retry succeeds").text, "ok");
+        assert_eq!(recovering.requests().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_whole_answer_that_never_comes_times_out() {
+        let server = FakeServer::start(|_| Reply::Hang).await;
+        let provider = whole_response_provider(&server.address, 300);
+        let (outcome, events) = run_turn(provider.as_ref(), &request()).await;
+        assert_eq!(outcome, Err(ModelError::Timeout { after_ms: 300 }));
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn whole_answers_keep_the_limits_and_need_a_choice_and_a_finish_reason() {
+        let huge_text = "x".repeat(MAX_RESPONSE_TEXT_BYTES + 1);
+        let body = json!({"choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"content": huge_text}}]});
+        assert!(matches!(
+            parse_completion(body.to_string().as_bytes()),
+            Err(ModelError::TooLarge {
+                limit_bytes: MAX_RESPONSE_TEXT_BYTES,
+                ..
+            })
+        ));
+        let huge_arguments = format!("{{\"content\": \"{}\"}}", "x".repeat(MAX_TOOL_ARGUMENTS_BYTES));
+        let body = json!({"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"tool_calls": [
+            {"id": "a", "function": {"name": "write_file", "arguments": huge_arguments}}]}}]});
+        assert!(matches!(
+            parse_completion(body.to_string().as_bytes()),
+            Err(ModelError::TooLarge {
+                limit_bytes: MAX_TOOL_ARGUMENTS_BYTES,
+                ..
+            })
+        ));
+        let many_calls: Vec<serde_json::Value> = (0..=MAX_TOOL_CALLS_PER_TURN)
+            .map(|number| json!({"id": format!("c{number}"), "function": {"name": "list_dir", "arguments": "{}"}}))
+            .collect();
+        let body =
+            json!({"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"tool_calls": many_calls}}]});
+        assert!(matches!(
+            parse_completion(body.to_string().as_bytes()),
+            Err(ModelError::TooLarge {
+                limit_bytes: MAX_TOOL_CALLS_PER_TURN,
+                ..
+            })
+        ));
+        let nameless = json!({"choices": [{"index": 0, "finish_reason": "tool_calls",
+            "message": {"tool_calls": [{"id": "a", "function": {"arguments": "{}"}}]}}]});
+        assert!(matches!(
+            parse_completion(nameless.to_string().as_bytes()),
+            Err(ModelError::Malformed(_))
+        ));
+        let no_choice = json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0}});
+        assert!(matches!(
+            parse_completion(no_choice.to_string().as_bytes()),
+            Err(ModelError::Malformed(_))
+        ));
+        let unfinished = json!({"choices": [{"index": 0, "message": {"content": "hi"}}]});
+        assert!(matches!(
+            parse_completion(unfinished.to_string().as_bytes()),
+            Err(ModelError::Malformed(_))
+        ));
+        assert!(matches!(parse_completion(b""), Err(ModelError::Malformed(_))));
+        let failed = json!({"error": {"message": "out of memory"}});
+        assert_eq!(
+            parse_completion(failed.to_string().as_bytes()),
+            Err(ModelError::Unavailable {
+                attempts: 0,
+                last: "error in the response: out of memory".to_string()
+            })
+        );
+        // Arguments given as an object (some servers) are kept as its JSON text.
+        let object_arguments = json!({"choices": [{"index": 0, "finish_reason": "tool_calls",
+            "message": {"tool_calls": [{"id": "a", "function": {"name": "list_dir", "arguments": {"path": "."}}}]}}]});
+        let response = parse_completion(object_arguments.to_string().as_bytes()).unwrap();
+        assert_eq!(response.tool_calls[0].arguments_json, r#"{"path":"."}"#);
+    }
+
+    #[tokio::test]
+    async fn a_whole_answer_over_the_body_limit_is_refused() {
+        let text = "x".repeat(MAX_WHOLE_RESPONSE_BYTES);
+        let body = json!({"choices": [{"index": 0, "finish_reason": "stop", "message": {"content": text}}]});
+        let server = FakeServer::start(move |_| ok_json(body.clone())).await;
+        let provider = whole_response_provider(&server.address, 5_000);
+        let (outcome, _events) = run_turn(provider.as_ref(), &request()).await;
+        assert!(
+            matches!(
+                &outcome,
+                Err(ModelError::TooLarge {
+                    limit_bytes: MAX_WHOLE_RESPONSE_BYTES,
+                    ..
+                })
+            ),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn tool_choice_is_sent_only_with_tools_and_streaming_asks_for_usage() {
+        let options = OpenAiOptions {
+            stream: true,
+            tool_choice: Some(ToolChoice::Required),
+        };
+        let with_tools = request_body("m", &request(), options);
+        assert_eq!(with_tools["tool_choice"], json!("required"));
+        assert_eq!(with_tools["stream"], json!(true));
+        assert_eq!(with_tools["stream_options"], json!({"include_usage": true}));
+        let without_tools = TurnRequest {
+            tools: Vec::new(),
+            ..request()
+        };
+        assert_eq!(request_body("m", &without_tools, options).get("tool_choice"), None);
+        let unset = request_body("m", &request(), OpenAiOptions::default());
+        assert_eq!(unset.get("tool_choice"), None);
     }
 
     #[test]

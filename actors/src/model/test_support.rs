@@ -132,7 +132,12 @@ pub(crate) fn pieces(body: &str, piece_len: usize) -> Vec<String> {
 
 /// A provider of `kind` pointed at `base_url`, authenticated with [`TEST_API_KEY`].
 pub(crate) fn provider(kind: ProviderKind, base_url: &str, timeout_ms: u64) -> Arc<dyn ModelProvider> {
-    let config = ModelConfig {
+    provider_from(&config(kind, base_url, timeout_ms))
+}
+
+/// The configuration [`provider`] builds from, for tests that change an option first.
+pub(crate) fn config(kind: ProviderKind, base_url: &str, timeout_ms: u64) -> ModelConfig {
+    ModelConfig {
         provider: kind,
         base_url: Some(base_url.to_string()),
         model: "test-model".to_string(),
@@ -142,8 +147,14 @@ pub(crate) fn provider(kind: ProviderKind, base_url: &str, timeout_ms: u64) -> A
         timeout_ms,
         stream_idle_timeout_ms: DEFAULT_STREAM_IDLE_TIMEOUT_MS,
         max_retries: DEFAULT_MAX_RETRIES,
-    };
-    build_provider(&config, &|name| (name == "MODEL_KEY").then(|| TEST_API_KEY.to_string())).expect("provider builds")
+        stream: true,
+        tool_choice: None,
+    }
+}
+
+/// The provider `config` describes, its key secret resolving to [`TEST_API_KEY`].
+pub(crate) fn provider_from(config: &ModelConfig) -> Arc<dyn ModelProvider> {
+    build_provider(config, &|name| (name == "MODEL_KEY").then(|| TEST_API_KEY.to_string())).expect("provider builds")
 }
 
 /// Runs one turn with a deadline and returns its outcome and every event it sent.
