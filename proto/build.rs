@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("flotilla_descriptor.bin"))
         .compile_protos(
             &[
+                "flotilla/v1/admin.proto",
                 "flotilla/v1/agent.proto",
                 "flotilla/v1/cluster.proto",
                 "flotilla/v1/internal.proto",

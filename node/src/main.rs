@@ -1,5 +1,6 @@
 //! `flotilla`: one binary for the node daemon (`flotilla node`), the command-line client
-//! (`flotilla agent ...`, `flotilla cluster ...`) and the load generators (`flotilla bench ...`).
+//! (`flotilla agent ...`, `flotilla cluster ...`, `flotilla plugin ...`) and the load generators
+//! (`flotilla bench ...`).
 
 mod bench;
 mod bench_turns;
@@ -43,6 +44,11 @@ enum TopCommand {
     Cluster {
         #[command(subcommand)]
         command: cli::ClusterCommand,
+    },
+    /// Upload and manage the cluster's Wasm plugins (admin token).
+    Plugin {
+        #[command(subcommand)]
+        command: cli::PluginCommand,
     },
     /// Check a checkout's environment.json and print the machine plan.
     Env {
@@ -156,6 +162,10 @@ fn main() -> ExitCode {
             TopCommand::Cluster { command } => {
                 init_logging("warn");
                 cli::run_cluster(&client, command).await
+            }
+            TopCommand::Plugin { command } => {
+                init_logging("warn");
+                cli::run_plugin(&client, command).await
             }
             TopCommand::Bench { command } => {
                 init_logging("warn");

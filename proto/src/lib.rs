@@ -1,5 +1,6 @@
-//! The wire contract of Flotilla. `v1` is the public API that clients call (agents and the
-//! cluster); `internal` is what nodes say to each other (Raft messages, joins, liveness).
+//! The wire contract of Flotilla. `v1` is the public API that clients call (agents, the
+//! cluster and its plugins); `internal` is what nodes say to each other (Raft messages, joins,
+//! liveness).
 //! Everything here is generated from `flotilla/v1/*.proto`; no logic lives in this crate.
 
 pub mod v1 {

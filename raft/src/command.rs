@@ -3,13 +3,32 @@
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    AgentId, AgentRecord, AgentSpec, AgentStatus, Epoch, EventKind, NodeId, NodeInfo, NodeRecord, Role,
+    AgentId, AgentRecord, AgentSpec, AgentStatus, Epoch, EventKind, NodeId, NodeInfo, NodeRecord, PluginKind,
+    PluginRecord, Role, UploadId,
 };
 
 /// Largest checkpoint a turn may record (compressed).
 pub const MAX_CHECKPOINT_BYTES: usize = 512 * 1024;
 /// Most durable events one turn may record.
 pub const MAX_EVENTS_PER_TURN: usize = 512;
+
+/// Largest chunk of plugin bytes in one `PutPluginChunk`, so that a chunk fits a Raft batch
+/// (`replica::MAX_BATCH_BYTES`, 1 MiB) with room to spare.
+pub const MAX_PLUGIN_CHUNK_BYTES: usize = 512 * 1024;
+/// Largest plugin (one version's whole component).
+pub const MAX_PLUGIN_BYTES: usize = 32 * 1024 * 1024;
+/// Most chunks one plugin may be split into.
+pub const MAX_PLUGIN_CHUNKS: u32 = 1024;
+/// Most plugin versions the cluster keeps.
+pub const MAX_PLUGINS: usize = 256;
+/// Most plugin bytes the cluster holds, committed and staged together. Every node keeps them
+/// in memory and in every snapshot, so this bounds what plugins cost a node.
+pub const MAX_TOTAL_PLUGIN_BYTES: usize = 256 * 1024 * 1024;
+/// Most uploads staged at once.
+pub const MAX_STAGED_UPLOADS: usize = 8;
+/// An upload with no chunk for this long is stale: a new upload that needs its room drops it
+/// (its node died mid-upload, or never got to abort it).
+pub const STALE_UPLOAD_MS: u64 = 10 * 60 * 1000;
 
 /// The version of [`Command`] this build writes and understands.
 pub const COMMAND_VERSION: u32 = 1;
@@ -141,6 +160,47 @@ pub enum Command {
         commit: String,
         error: Option<String>,
     },
+    /// Stages one chunk of a plugin upload. The first chunk starts the upload; writing an index
+    /// again replaces it (a retried write is harmless).
+    PutPluginChunk {
+        upload: UploadId,
+        index: u32,
+        bytes: Vec<u8>,
+    },
+    /// Makes the staged chunks `0..chunk_count` of `upload` a plugin, after checking that their
+    /// length and SHA-256 are the ones given. `enable` also disables the name's other versions.
+    CommitPlugin {
+        upload: UploadId,
+        name: String,
+        version: String,
+        sha256: String,
+        kind: PluginKind,
+        size_bytes: u64,
+        chunk_count: u32,
+        granted_hosts: Vec<String>,
+        enable: bool,
+    },
+    /// Drops a staged upload and its chunks.
+    AbortUpload {
+        upload: UploadId,
+    },
+    /// Enabling a version disables the other versions of its name: one active version per name.
+    SetPluginEnabled {
+        name: String,
+        version: String,
+        enabled: bool,
+    },
+    /// Replaces the hosts a plugin may reach.
+    GrantPluginHosts {
+        name: String,
+        version: String,
+        hosts: Vec<String>,
+    },
+    /// Deletes a disabled plugin version and its bytes; an enabled one is refused.
+    RemovePlugin {
+        name: String,
+        version: String,
+    },
 }
 
 impl Command {
@@ -170,6 +230,20 @@ impl Command {
                 }
                 Command::RecordPush { branch, error, .. } => branch.len() + error.as_ref().map_or(0, String::len),
                 Command::Batch { commands } => commands.iter().map(Command::approximate_bytes).sum(),
+                Command::PutPluginChunk { bytes, .. } => bytes.len(),
+                Command::CommitPlugin {
+                    name,
+                    version,
+                    sha256,
+                    granted_hosts,
+                    ..
+                } => name.len() + version.len() + sha256.len() + granted_hosts.iter().map(String::len).sum::<usize>(),
+                Command::SetPluginEnabled { name, version, .. } | Command::RemovePlugin { name, version } => {
+                    name.len() + version.len()
+                }
+                Command::GrantPluginHosts { name, version, hosts } => {
+                    name.len() + version.len() + hosts.iter().map(String::len).sum::<usize>()
+                }
                 _ => 0,
             }
     }
@@ -192,6 +266,12 @@ impl Command {
             Command::RecordSnapshot { .. } => "record-snapshot",
             Command::RecordTurn { .. } => "record-turn",
             Command::RecordPush { .. } => "record-push",
+            Command::PutPluginChunk { .. } => "put-plugin-chunk",
+            Command::CommitPlugin { .. } => "commit-plugin",
+            Command::AbortUpload { .. } => "abort-upload",
+            Command::SetPluginEnabled { .. } => "set-plugin-enabled",
+            Command::GrantPluginHosts { .. } => "grant-plugin-hosts",
+            Command::RemovePlugin { .. } => "remove-plugin",
         }
     }
 }
@@ -253,6 +333,18 @@ pub enum ApplyError {
     TooLarge { what: String, found: usize, limit: usize },
     #[error("invalid command: {0}")]
     Invalid(String),
+    #[error("plugin {name} {version} not found")]
+    PluginNotFound { name: String, version: String },
+    #[error("plugin {name} {version} already exists; upload it under a new version")]
+    PluginExists { name: String, version: String },
+    #[error("plugin {name} {version} is enabled; disable it before removing it")]
+    PluginEnabled { name: String, version: String },
+    #[error("plugin upload {0} is not staged (never started, committed, aborted, or dropped as stale)")]
+    UploadNotFound(UploadId),
+    #[error("{limit} plugin uploads are in progress, the most at once; wait for one to finish or abort a stale one")]
+    TooManyUploads { limit: usize },
+    #[error("the cluster holds {limit} plugin versions, the most it keeps; remove one first")]
+    TooManyPlugins { limit: usize },
 }
 
 /// What an applied command answers.
@@ -271,6 +363,8 @@ pub enum Response {
     Batch(Vec<ApplyResult>),
     /// The agents a node-down sent back to pending.
     Requeued(Vec<AgentId>),
+    /// A plugin version as it is after the command (as it was, for a removal).
+    Plugin(Box<PluginRecord>),
 }
 
 /// `C::R` of the Raft type config: a refusal is a normal, replicated outcome.

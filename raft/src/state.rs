@@ -6,13 +6,17 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use crate::command::{
     ApplyError, ApplyResult, AssignOne, Command, Request, Response, COMMAND_VERSION, MAX_CHECKPOINT_BYTES,
-    MAX_EVENTS_PER_TURN,
+    MAX_EVENTS_PER_TURN, MAX_PLUGINS, MAX_PLUGIN_BYTES, MAX_PLUGIN_CHUNKS, MAX_PLUGIN_CHUNK_BYTES, MAX_STAGED_UPLOADS,
+    MAX_TOTAL_PLUGIN_BYTES, STALE_UPLOAD_MS,
 };
 use crate::types::{
-    AgentId, AgentRecord, AgentStatus, Assignment, Checkpoint, DurableEvent, EventKind, NodeId, NodeRecord, TokenRecord,
+    validate_granted_hosts, validate_plugin_name, validate_plugin_version, validate_sha256_hex, AgentId, AgentRecord,
+    AgentStatus, Assignment, Checkpoint, DurableEvent, EventKind, NodeId, NodeRecord, PluginKey, PluginKind,
+    PluginRecord, PluginUpload, TokenRecord, UploadId,
 };
 
 /// Durable events kept per agent; older ones are trimmed (a watcher that asks for them is told so).
@@ -32,6 +36,14 @@ pub struct ClusterState {
     pub highest_node_id: NodeId,
     /// The last checkpoint of each agent that has finished a turn.
     pub checkpoints: BTreeMap<AgentId, Checkpoint>,
+    /// Uploaded plugin versions (records only; the bytes are in `plugin_chunks`).
+    pub plugins: BTreeMap<PluginKey, PluginRecord>,
+    /// The bytes of each plugin version, in chunks `0..chunk_count`.
+    pub plugin_chunks: BTreeMap<(PluginKey, u32), Vec<u8>>,
+    /// Uploads in progress.
+    pub plugin_uploads: BTreeMap<UploadId, PluginUpload>,
+    /// The chunks staged by uploads in progress.
+    pub upload_chunks: BTreeMap<(UploadId, u32), Vec<u8>>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,
@@ -47,6 +59,10 @@ pub struct Changes {
     pub nodes: BTreeSet<NodeId>,
     pub tokens: BTreeSet<String>,
     pub checkpoints: BTreeSet<AgentId>,
+    pub plugins: BTreeSet<PluginKey>,
+    pub plugin_chunks: BTreeSet<(PluginKey, u32)>,
+    pub plugin_uploads: BTreeSet<UploadId>,
+    pub upload_chunks: BTreeSet<(UploadId, u32)>,
     /// New durable events, in order.
     pub new_events: Vec<DurableEvent>,
     /// Events trimmed from the front of an agent's history: (agent, sequence).
@@ -108,6 +124,40 @@ impl ClusterState {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The whole component of a plugin version, its chunks joined; `None` when the version is
+    /// not stored.
+    pub fn plugin_bytes(&self, key: &PluginKey) -> Option<Vec<u8>> {
+        let record = self.plugins.get(key)?;
+        let mut bytes = Vec::with_capacity(record.size_bytes as usize);
+        for index in 0..record.chunk_count {
+            bytes.extend_from_slice(self.plugin_chunks.get(&(key.clone(), index))?);
+        }
+        Some(bytes)
+    }
+
+    /// The enabled version of each plugin name that has one.
+    pub fn enabled_plugins(&self) -> impl Iterator<Item = &PluginRecord> {
+        self.plugins.values().filter(|record| record.enabled)
+    }
+
+    /// Bytes of every plugin version and every staged chunk, the figure bounded by
+    /// [`MAX_TOTAL_PLUGIN_BYTES`].
+    pub fn plugin_bytes_held(&self) -> u64 {
+        let committed: u64 = self.plugins.values().map(|record| record.size_bytes).sum();
+        let staged: u64 = self.upload_chunks.values().map(|chunk| chunk.len() as u64).sum();
+        committed + staged
+    }
+
+    fn staged_chunks(&self, upload: UploadId) -> impl Iterator<Item = (u32, &Vec<u8>)> {
+        self.upload_chunks
+            .range((upload, 0)..=(upload, u32::MAX))
+            .map(|((_, index), bytes)| (*index, bytes))
+    }
+
+    fn staged_bytes(&self, upload: UploadId) -> u64 {
+        self.staged_chunks(upload).map(|(_, bytes)| bytes.len() as u64).sum()
     }
 
     /// The oldest durable sequence still retained for an agent.
@@ -548,7 +598,296 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
             changes.tokens.insert(sha256_hex.clone());
             Ok(Response::Done)
         }
+        Command::PutPluginChunk { upload, index, bytes } => {
+            put_plugin_chunk(state, changes, at_ms, *upload, *index, bytes)
+        }
+        Command::CommitPlugin {
+            upload,
+            name,
+            version,
+            sha256,
+            kind,
+            size_bytes,
+            chunk_count,
+            granted_hosts,
+            enable,
+        } => commit_plugin(
+            state,
+            changes,
+            at_ms,
+            PluginCommit {
+                upload: *upload,
+                key: PluginKey::new(name, version),
+                sha256,
+                kind: *kind,
+                size_bytes: *size_bytes,
+                chunk_count: *chunk_count,
+                granted_hosts,
+                enable: *enable,
+            },
+        ),
+        Command::AbortUpload { upload } => {
+            if !state.plugin_uploads.contains_key(upload) {
+                return Err(ApplyError::UploadNotFound(*upload));
+            }
+            drop_upload(state, changes, *upload);
+            Ok(Response::Done)
+        }
+        Command::SetPluginEnabled { name, version, enabled } => {
+            let key = existing_plugin(state, name, version)?;
+            if *enabled {
+                disable_other_versions(state, changes, &key);
+            }
+            let record = state.plugins.get_mut(&key).expect("checked above");
+            record.enabled = *enabled;
+            changes.plugins.insert(key);
+            Ok(Response::Plugin(Box::new(record.clone())))
+        }
+        Command::GrantPluginHosts { name, version, hosts } => {
+            let key = existing_plugin(state, name, version)?;
+            validate_granted_hosts(hosts).map_err(ApplyError::Invalid)?;
+            let record = state.plugins.get_mut(&key).expect("checked above");
+            record.granted_hosts = hosts.clone();
+            changes.plugins.insert(key);
+            Ok(Response::Plugin(Box::new(record.clone())))
+        }
+        Command::RemovePlugin { name, version } => {
+            let key = existing_plugin(state, name, version)?;
+            if state.plugins[&key].enabled {
+                return Err(ApplyError::PluginEnabled {
+                    name: name.clone(),
+                    version: version.clone(),
+                });
+            }
+            let record = state.plugins.remove(&key).expect("checked above");
+            for index in 0..record.chunk_count {
+                state.plugin_chunks.remove(&(key.clone(), index));
+                changes.plugin_chunks.insert((key.clone(), index));
+            }
+            changes.plugins.insert(key);
+            Ok(Response::Plugin(Box::new(record)))
+        }
     }
+}
+
+fn existing_plugin(state: &ClusterState, name: &str, version: &str) -> Result<PluginKey, ApplyError> {
+    let key = PluginKey::new(name, version);
+    if state.plugins.contains_key(&key) {
+        Ok(key)
+    } else {
+        Err(ApplyError::PluginNotFound {
+            name: name.to_string(),
+            version: version.to_string(),
+        })
+    }
+}
+
+fn disable_other_versions(state: &mut ClusterState, changes: &mut Changes, key: &PluginKey) {
+    for (other, record) in state.plugins.iter_mut() {
+        if other.name == key.name && other.version != key.version && record.enabled {
+            record.enabled = false;
+            changes.plugins.insert(other.clone());
+        }
+    }
+}
+
+fn drop_upload(state: &mut ClusterState, changes: &mut Changes, upload: UploadId) {
+    state.plugin_uploads.remove(&upload);
+    changes.plugin_uploads.insert(upload);
+    let indexes: Vec<u32> = state.staged_chunks(upload).map(|(index, _)| index).collect();
+    for index in indexes {
+        state.upload_chunks.remove(&(upload, index));
+        changes.upload_chunks.insert((upload, index));
+    }
+}
+
+fn put_plugin_chunk(
+    state: &mut ClusterState,
+    changes: &mut Changes,
+    at_ms: u64,
+    upload: UploadId,
+    index: u32,
+    bytes: &[u8],
+) -> ApplyResult {
+    if bytes.is_empty() {
+        return Err(ApplyError::Invalid(format!("upload {upload}: chunk {index} is empty")));
+    }
+    if bytes.len() > MAX_PLUGIN_CHUNK_BYTES {
+        return Err(ApplyError::TooLarge {
+            what: format!("upload {upload}: chunk {index}"),
+            found: bytes.len(),
+            limit: MAX_PLUGIN_CHUNK_BYTES,
+        });
+    }
+    if index >= MAX_PLUGIN_CHUNKS {
+        return Err(ApplyError::Invalid(format!(
+            "upload {upload}: chunk index {index} is past the {MAX_PLUGIN_CHUNKS} chunks a plugin may have"
+        )));
+    }
+    // A new upload drops the stale ones, but only once it is sure to be accepted: a refused
+    // command changes nothing.
+    let starting = !state.plugin_uploads.contains_key(&upload);
+    let stale: Vec<UploadId> = if starting {
+        state
+            .plugin_uploads
+            .values()
+            .filter(|staged| staged.last_chunk_at_ms.saturating_add(STALE_UPLOAD_MS) <= at_ms)
+            .map(|staged| staged.id)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if starting && state.plugin_uploads.len() - stale.len() >= MAX_STAGED_UPLOADS {
+        return Err(ApplyError::TooManyUploads {
+            limit: MAX_STAGED_UPLOADS,
+        });
+    }
+    let replaced = state
+        .upload_chunks
+        .get(&(upload, index))
+        .map_or(0, |previous| previous.len() as u64);
+    let upload_bytes = state.staged_bytes(upload) - replaced + bytes.len() as u64;
+    if upload_bytes > MAX_PLUGIN_BYTES as u64 {
+        return Err(ApplyError::TooLarge {
+            what: format!("upload {upload}"),
+            found: upload_bytes as usize,
+            limit: MAX_PLUGIN_BYTES,
+        });
+    }
+    let freed: u64 = stale.iter().map(|staged| state.staged_bytes(*staged)).sum();
+    let held = state.plugin_bytes_held() - freed - replaced + bytes.len() as u64;
+    if held > MAX_TOTAL_PLUGIN_BYTES as u64 {
+        return Err(ApplyError::TooLarge {
+            what: "the plugins and uploads of the cluster".to_string(),
+            found: held as usize,
+            limit: MAX_TOTAL_PLUGIN_BYTES,
+        });
+    }
+    for staged in stale {
+        drop_upload(state, changes, staged);
+    }
+    let record = state.plugin_uploads.entry(upload).or_insert_with(|| PluginUpload {
+        id: upload,
+        started_at_ms: at_ms,
+        last_chunk_at_ms: at_ms,
+    });
+    record.last_chunk_at_ms = at_ms;
+    changes.plugin_uploads.insert(upload);
+    state.upload_chunks.insert((upload, index), bytes.to_vec());
+    changes.upload_chunks.insert((upload, index));
+    Ok(Response::Done)
+}
+
+/// The fields of a `CommitPlugin`, borrowed.
+struct PluginCommit<'a> {
+    upload: UploadId,
+    key: PluginKey,
+    sha256: &'a str,
+    kind: PluginKind,
+    size_bytes: u64,
+    chunk_count: u32,
+    granted_hosts: &'a [String],
+    enable: bool,
+}
+
+fn commit_plugin(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, commit: PluginCommit<'_>) -> ApplyResult {
+    let PluginCommit {
+        upload,
+        key,
+        sha256,
+        kind,
+        size_bytes,
+        chunk_count,
+        granted_hosts,
+        enable,
+    } = commit;
+    validate_plugin_name(&key.name).map_err(ApplyError::Invalid)?;
+    validate_plugin_version(&key.version).map_err(ApplyError::Invalid)?;
+    validate_sha256_hex(sha256).map_err(ApplyError::Invalid)?;
+    validate_granted_hosts(granted_hosts).map_err(ApplyError::Invalid)?;
+    if state.plugins.contains_key(&key) {
+        return Err(ApplyError::PluginExists {
+            name: key.name,
+            version: key.version,
+        });
+    }
+    if state.plugins.len() >= MAX_PLUGINS {
+        return Err(ApplyError::TooManyPlugins { limit: MAX_PLUGINS });
+    }
+    if size_bytes > MAX_PLUGIN_BYTES as u64 {
+        return Err(ApplyError::TooLarge {
+            what: format!("plugin {key}"),
+            found: size_bytes as usize,
+            limit: MAX_PLUGIN_BYTES,
+        });
+    }
+    if !state.plugin_uploads.contains_key(&upload) {
+        return Err(ApplyError::UploadNotFound(upload));
+    }
+    if chunk_count == 0 {
+        return Err(ApplyError::Invalid(format!(
+            "plugin {key}: a plugin has at least one chunk"
+        )));
+    }
+    // Chunk indexes are unique and sorted, so `chunk_count` of them, the last being
+    // `chunk_count - 1`, are exactly `0..chunk_count`.
+    let staged: Vec<u32> = state.staged_chunks(upload).map(|(index, _)| index).collect();
+    if staged.len() != chunk_count as usize || staged.last() != Some(&(chunk_count - 1)) {
+        let missing = (0..chunk_count).find(|index| !staged.contains(index));
+        return Err(ApplyError::Invalid(match missing {
+            Some(index) => format!("upload {upload}: chunk {index} of {chunk_count} is missing"),
+            None => format!(
+                "upload {upload} holds {} chunks; the commit says {chunk_count}",
+                staged.len()
+            ),
+        }));
+    }
+    // Hashing in apply is deterministic, so every node checks the bytes it holds itself.
+    let mut hasher = Sha256::new();
+    let mut found_bytes = 0u64;
+    for (_, bytes) in state.staged_chunks(upload) {
+        hasher.update(bytes);
+        found_bytes += bytes.len() as u64;
+    }
+    if found_bytes != size_bytes {
+        return Err(ApplyError::Invalid(format!(
+            "upload {upload} holds {found_bytes} bytes; the commit says {size_bytes}"
+        )));
+    }
+    let found_sha256 = hex::encode(hasher.finalize());
+    if found_sha256 != sha256 {
+        return Err(ApplyError::Invalid(format!(
+            "upload {upload} has sha256 {found_sha256}; the commit says {sha256}"
+        )));
+    }
+    for index in 0..chunk_count {
+        let bytes = state
+            .upload_chunks
+            .remove(&(upload, index))
+            .expect("every chunk was checked above");
+        changes.upload_chunks.insert((upload, index));
+        state.plugin_chunks.insert((key.clone(), index), bytes);
+        changes.plugin_chunks.insert((key.clone(), index));
+    }
+    state.plugin_uploads.remove(&upload);
+    changes.plugin_uploads.insert(upload);
+    if enable {
+        disable_other_versions(state, changes, &key);
+    }
+    let record = PluginRecord {
+        name: key.name.clone(),
+        version: key.version.clone(),
+        sha256: sha256.to_string(),
+        size_bytes,
+        kind,
+        enabled: enable,
+        granted_hosts: granted_hosts.to_vec(),
+        uploaded_at_ms: at_ms,
+        chunk_count,
+    };
+    state.plugins.insert(key.clone(), record.clone());
+    changes.plugins.insert(key);
+    Ok(Response::Plugin(Box::new(record)))
 }
 
 fn assign_one(state: &mut ClusterState, changes: &mut Changes, one: &AssignOne, at_ms: u64) -> bool {
@@ -1555,5 +1894,521 @@ mod tests {
         assert_eq!(state, before);
         run(&mut state, push(moved, 2, 2, "fresh", None)).unwrap();
         assert_eq!(state.agents[&moved].pushed_commit.as_deref(), Some("fresh"));
+    }
+
+    // ----- plugins -----
+
+    fn run_at(state: &mut ClusterState, at_ms: u64, command: Command) -> ApplyResult {
+        apply(
+            state,
+            &mut Changes::default(),
+            &Request {
+                version: COMMAND_VERSION,
+                at_ms,
+                command,
+            },
+        )
+    }
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    /// `bytes` split into chunks of `chunk_bytes`, staged under `upload` at `at_ms`.
+    fn stage(state: &mut ClusterState, at_ms: u64, upload: UploadId, bytes: &[u8], chunk_bytes: usize) -> u32 {
+        let chunks: Vec<&[u8]> = bytes.chunks(chunk_bytes).collect();
+        for (index, chunk) in chunks.iter().enumerate() {
+            run_at(
+                state,
+                at_ms,
+                Command::PutPluginChunk {
+                    upload,
+                    index: index as u32,
+                    bytes: chunk.to_vec(),
+                },
+            )
+            .unwrap();
+        }
+        chunks.len() as u32
+    }
+
+    fn commit(upload: UploadId, name: &str, version: &str, bytes: &[u8], chunk_count: u32, enable: bool) -> Command {
+        Command::CommitPlugin {
+            upload,
+            name: name.to_string(),
+            version: version.to_string(),
+            sha256: sha256_hex(bytes),
+            kind: PluginKind::VcsProvider,
+            size_bytes: bytes.len() as u64,
+            chunk_count,
+            granted_hosts: vec!["api.github.com".to_string()],
+            enable,
+        }
+    }
+
+    /// Uploads and commits a plugin whose bytes say its name and version.
+    fn add_plugin(state: &mut ClusterState, name: &str, version: &str, enable: bool) -> PluginRecord {
+        let bytes = format!("component of {name} {version}").into_bytes();
+        let upload = UploadId::new();
+        let chunk_count = stage(state, 1_000, upload, &bytes, 7);
+        match run(state, commit(upload, name, version, &bytes, chunk_count, enable)).unwrap() {
+            Response::Plugin(record) => *record,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn enabled_versions(state: &ClusterState, name: &str) -> Vec<String> {
+        state
+            .enabled_plugins()
+            .filter(|record| record.name == name)
+            .map(|record| record.version.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_commit_moves_the_staged_chunks_to_the_plugin() {
+        let mut state = ClusterState::default();
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(1_000).collect();
+        let upload = UploadId::new();
+        let chunk_count = stage(&mut state, 1_000, upload, &bytes, 300);
+        assert_eq!(chunk_count, 4);
+        assert_eq!(state.plugin_uploads[&upload].started_at_ms, 1_000);
+        assert_eq!(state.plugin_bytes_held(), 1_000);
+
+        let mut changes = Changes::default();
+        let result = apply(
+            &mut state,
+            &mut changes,
+            &Request {
+                version: COMMAND_VERSION,
+                at_ms: 2_000,
+                command: commit(upload, "github", "1.0.0", &bytes, chunk_count, true),
+            },
+        )
+        .unwrap();
+        let Response::Plugin(record) = result else {
+            panic!("a commit answers with the plugin");
+        };
+        assert_eq!(
+            *record,
+            PluginRecord {
+                name: "github".into(),
+                version: "1.0.0".into(),
+                sha256: sha256_hex(&bytes),
+                size_bytes: 1_000,
+                kind: PluginKind::VcsProvider,
+                enabled: true,
+                granted_hosts: vec!["api.github.com".into()],
+                uploaded_at_ms: 2_000,
+                chunk_count: 4,
+            }
+        );
+        let key = PluginKey::new("github", "1.0.0");
+        assert_eq!(state.plugin_bytes(&key), Some(bytes));
+        assert!(state.plugin_uploads.is_empty() && state.upload_chunks.is_empty());
+        assert_eq!(state.plugin_bytes_held(), 1_000, "moved, not copied");
+        assert_eq!(changes.plugins, BTreeSet::from([key.clone()]));
+        assert_eq!(changes.plugin_chunks.len(), 4);
+        assert_eq!(changes.upload_chunks.len(), 4);
+        assert_eq!(changes.plugin_uploads, BTreeSet::from([upload]));
+    }
+
+    #[test]
+    fn a_commit_that_does_not_match_its_chunks_is_refused_without_change() {
+        let mut state = ClusterState::default();
+        let bytes = b"0123456789abcdef".to_vec();
+        let upload = UploadId::new();
+        stage(&mut state, 1_000, upload, &bytes, 4);
+        // Chunk 2 of 4 never arrives.
+        let gap = UploadId::new();
+        for index in [0, 1, 3] {
+            run(
+                &mut state,
+                Command::PutPluginChunk {
+                    upload: gap,
+                    index,
+                    bytes: b"abcd".to_vec(),
+                },
+            )
+            .unwrap();
+        }
+        let before = state.clone();
+        let refusals = [
+            (
+                commit(gap, "github", "1.0.0", b"abcdabcdabcdabcd", 4, false),
+                "chunk 2 of 4 is missing",
+            ),
+            (
+                commit(upload, "github", "1.0.0", &bytes, 3, false),
+                "holds 4 chunks; the commit says 3",
+            ),
+            (
+                commit(upload, "github", "1.0.0", &bytes, 5, false),
+                "chunk 4 of 5 is missing",
+            ),
+            (
+                commit(upload, "github", "1.0.0", &bytes, 0, false),
+                "at least one chunk",
+            ),
+            (
+                commit(upload, "github", "1.0.0", b"0123456789abcdeX", 4, false),
+                "has sha256",
+            ),
+            (
+                commit(upload, "github", "1.0.0", &bytes[..15], 4, false),
+                "holds 16 bytes; the commit says 15",
+            ),
+            (
+                commit(upload, "GitHub", "1.0.0", &bytes, 4, false),
+                "plugin name \"GitHub\" is not valid",
+            ),
+            (
+                commit(upload, "github", "1.0", &bytes, 4, false),
+                "plugin version \"1.0\" is not valid",
+            ),
+            (
+                commit(upload, "github", "1.0.0+build", &bytes, 4, false),
+                "build metadata",
+            ),
+        ];
+        for (command, expected) in refusals {
+            let refusal = run(&mut state, command).expect_err(expected);
+            assert!(
+                matches!(&refusal, ApplyError::Invalid(message) if message.contains(expected)),
+                "{expected:?} in {refusal}"
+            );
+            assert_eq!(state, before, "a refused commit ({expected}) changes nothing");
+        }
+        let mut bad_digest = commit(upload, "github", "1.0.0", &bytes, 4, false);
+        if let Command::CommitPlugin { sha256, .. } = &mut bad_digest {
+            *sha256 = sha256.to_uppercase();
+        }
+        assert!(matches!(run(&mut state, bad_digest), Err(ApplyError::Invalid(_))));
+        let unknown = UploadId::new();
+        assert_eq!(
+            run(&mut state, commit(unknown, "github", "1.0.0", &bytes, 4, false)),
+            Err(ApplyError::UploadNotFound(unknown))
+        );
+        assert_eq!(state, before);
+        run(&mut state, commit(upload, "github", "1.0.0", &bytes, 4, false)).unwrap();
+    }
+
+    #[test]
+    fn a_second_upload_of_a_version_is_refused_with_plugin_exists() {
+        let mut state = ClusterState::default();
+        add_plugin(&mut state, "github", "1.0.0", false);
+        let bytes = b"another build".to_vec();
+        let upload = UploadId::new();
+        let chunk_count = stage(&mut state, 1_000, upload, &bytes, 100);
+        let before = state.clone();
+        assert_eq!(
+            run(&mut state, commit(upload, "github", "1.0.0", &bytes, chunk_count, true)),
+            Err(ApplyError::PluginExists {
+                name: "github".into(),
+                version: "1.0.0".into()
+            })
+        );
+        assert_eq!(state, before, "the upload stays staged for its node to abort");
+        run(&mut state, commit(upload, "github", "1.0.1", &bytes, chunk_count, true)).unwrap();
+    }
+
+    #[test]
+    fn chunks_are_bounded_in_size_index_and_per_upload_total() {
+        let mut state = ClusterState::default();
+        let upload = UploadId::new();
+        let chunk = |index: u32, bytes: Vec<u8>| Command::PutPluginChunk { upload, index, bytes };
+        let before = state.clone();
+        assert!(matches!(
+            run(&mut state, chunk(0, Vec::new())),
+            Err(ApplyError::Invalid(_))
+        ));
+        assert!(matches!(
+            run(&mut state, chunk(0, vec![0; MAX_PLUGIN_CHUNK_BYTES + 1])),
+            Err(ApplyError::TooLarge {
+                limit: MAX_PLUGIN_CHUNK_BYTES,
+                ..
+            })
+        ));
+        assert!(matches!(
+            run(&mut state, chunk(MAX_PLUGIN_CHUNKS, vec![1])),
+            Err(ApplyError::Invalid(message)) if message.contains("past the 1024 chunks")
+        ));
+        assert_eq!(state, before);
+
+        let full_chunks = (MAX_PLUGIN_BYTES / MAX_PLUGIN_CHUNK_BYTES) as u32;
+        for index in 0..full_chunks {
+            run(&mut state, chunk(index, vec![7; MAX_PLUGIN_CHUNK_BYTES])).unwrap();
+        }
+        assert_eq!(state.staged_bytes(upload), MAX_PLUGIN_BYTES as u64);
+        // Writing a chunk again replaces it, so a retried write does not count twice.
+        run(&mut state, chunk(0, vec![8; MAX_PLUGIN_CHUNK_BYTES])).unwrap();
+        assert_eq!(state.staged_bytes(upload), MAX_PLUGIN_BYTES as u64);
+        let before = state.clone();
+        assert!(matches!(
+            run(&mut state, chunk(full_chunks, vec![1])),
+            Err(ApplyError::TooLarge { limit: MAX_PLUGIN_BYTES, found, .. }) if found == MAX_PLUGIN_BYTES + 1
+        ));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn staged_uploads_are_bounded_and_stale_ones_make_room() {
+        let mut state = ClusterState::default();
+        let start_ms = 1_000;
+        let put = |upload| Command::PutPluginChunk {
+            upload,
+            index: 0,
+            bytes: b"x".to_vec(),
+        };
+        let early: Vec<UploadId> = (0..MAX_STAGED_UPLOADS / 2).map(|_| UploadId::new()).collect();
+        let late: Vec<UploadId> = (0..MAX_STAGED_UPLOADS / 2).map(|_| UploadId::new()).collect();
+        for upload in &early {
+            run_at(&mut state, start_ms, put(*upload)).unwrap();
+        }
+        for upload in &late {
+            run_at(&mut state, start_ms + STALE_UPLOAD_MS / 2, put(*upload)).unwrap();
+        }
+        // An upload in progress may go on at its limit.
+        run_at(
+            &mut state,
+            start_ms + 1,
+            Command::PutPluginChunk {
+                upload: early[0],
+                index: 1,
+                bytes: b"y".to_vec(),
+            },
+        )
+        .unwrap();
+
+        let newcomer = UploadId::new();
+        let before = state.clone();
+        assert_eq!(
+            run_at(&mut state, start_ms + STALE_UPLOAD_MS - 1, put(newcomer)),
+            Err(ApplyError::TooManyUploads {
+                limit: MAX_STAGED_UPLOADS
+            }),
+            "no upload is stale yet"
+        );
+        assert_eq!(state, before);
+
+        // Now the early uploads have been idle for the stale period, except early[0], which
+        // wrote a chunk 1 ms later.
+        let mut changes = Changes::default();
+        apply(
+            &mut state,
+            &mut changes,
+            &Request {
+                version: COMMAND_VERSION,
+                at_ms: start_ms + STALE_UPLOAD_MS,
+                command: put(newcomer),
+            },
+        )
+        .unwrap();
+        let staged: BTreeSet<UploadId> = state.plugin_uploads.keys().copied().collect();
+        let expected: BTreeSet<UploadId> = late.iter().copied().chain([early[0], newcomer]).collect();
+        assert_eq!(staged, expected, "the stale uploads made room and the others stay");
+        assert!(state.upload_chunks.keys().all(|(upload, _)| expected.contains(upload)));
+        assert_eq!(state.staged_bytes(early[0]), 2);
+        let dropped: BTreeSet<UploadId> = early[1..].iter().copied().collect();
+        assert!(changes.plugin_uploads.is_superset(&dropped));
+        assert!(changes.upload_chunks.contains(&(early[1], 0)));
+    }
+
+    #[test]
+    fn abort_drops_the_upload_and_only_its_chunks() {
+        let mut state = ClusterState::default();
+        let (aborted, kept) = (UploadId::new(), UploadId::new());
+        stage(&mut state, 1_000, aborted, b"abcdef", 2);
+        stage(&mut state, 1_000, kept, b"ghijkl", 2);
+        run(&mut state, Command::AbortUpload { upload: aborted }).unwrap();
+        assert_eq!(state.plugin_uploads.keys().collect::<Vec<_>>(), vec![&kept]);
+        assert_eq!(state.upload_chunks.len(), 3);
+        assert_eq!(state.staged_bytes(kept), 6);
+        let before = state.clone();
+        assert_eq!(
+            run(&mut state, Command::AbortUpload { upload: aborted }),
+            Err(ApplyError::UploadNotFound(aborted))
+        );
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn enabling_a_version_disables_the_other_versions_of_its_name() {
+        let mut state = ClusterState::default();
+        add_plugin(&mut state, "github", "1.0.0", true);
+        add_plugin(&mut state, "jira", "0.1.0", true);
+        assert_eq!(enabled_versions(&state, "github"), vec!["1.0.0"]);
+        // A commit with `enable` takes over from the enabled version.
+        add_plugin(&mut state, "github", "1.1.0", true);
+        assert_eq!(enabled_versions(&state, "github"), vec!["1.1.0"]);
+        add_plugin(&mut state, "github", "2.0.0-rc.1", false);
+        assert_eq!(enabled_versions(&state, "github"), vec!["1.1.0"]);
+
+        let set = |version: &str, enabled| Command::SetPluginEnabled {
+            name: "github".into(),
+            version: version.into(),
+            enabled,
+        };
+        let mut changes = Changes::default();
+        let result = apply(&mut state, &mut changes, &request(set("1.0.0", true))).unwrap();
+        assert!(matches!(result, Response::Plugin(record) if record.enabled && record.version == "1.0.0"));
+        assert_eq!(enabled_versions(&state, "github"), vec!["1.0.0"]);
+        assert_eq!(
+            changes.plugins,
+            BTreeSet::from([PluginKey::new("github", "1.0.0"), PluginKey::new("github", "1.1.0")])
+        );
+        assert_eq!(
+            enabled_versions(&state, "jira"),
+            vec!["0.1.0"],
+            "other names are left alone"
+        );
+        run(&mut state, set("1.0.0", true)).unwrap();
+        assert_eq!(
+            enabled_versions(&state, "github"),
+            vec!["1.0.0"],
+            "enabling twice is harmless"
+        );
+
+        run(&mut state, set("1.0.0", false)).unwrap();
+        assert!(enabled_versions(&state, "github").is_empty());
+
+        let before = state.clone();
+        assert_eq!(
+            run(&mut state, set("3.0.0", true)),
+            Err(ApplyError::PluginNotFound {
+                name: "github".into(),
+                version: "3.0.0".into()
+            })
+        );
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn granting_hosts_replaces_the_list_within_bounds() {
+        let mut state = ClusterState::default();
+        add_plugin(&mut state, "github", "1.0.0", false);
+        let grant = |hosts: Vec<String>| Command::GrantPluginHosts {
+            name: "github".into(),
+            version: "1.0.0".into(),
+            hosts,
+        };
+        let hosts = vec!["github.example.com".to_string(), "*.githubusercontent.com".to_string()];
+        let result = run(&mut state, grant(hosts.clone())).unwrap();
+        assert!(matches!(result, Response::Plugin(record) if record.granted_hosts == hosts));
+        assert_eq!(state.plugins[&PluginKey::new("github", "1.0.0")].granted_hosts, hosts);
+
+        let before = state.clone();
+        let too_many: Vec<String> = (0..=crate::types::MAX_GRANTED_HOSTS)
+            .map(|index| format!("h{index}.example.com"))
+            .collect();
+        for (hosts, expected) in [
+            (too_many, "at most 64"),
+            (vec!["a".repeat(254)], "1 to 253 characters"),
+            (vec![String::new()], "1 to 253 characters"),
+            (vec!["a b".to_string()], "white space"),
+        ] {
+            let refusal = run(&mut state, grant(hosts)).expect_err(expected);
+            assert!(
+                matches!(&refusal, ApplyError::Invalid(message) if message.contains(expected)),
+                "{expected:?} in {refusal}"
+            );
+        }
+        assert!(matches!(
+            run(
+                &mut state,
+                Command::GrantPluginHosts {
+                    name: "gitlab".into(),
+                    version: "1.0.0".into(),
+                    hosts: Vec::new(),
+                }
+            ),
+            Err(ApplyError::PluginNotFound { .. })
+        ));
+        assert_eq!(state, before);
+        run(&mut state, grant(Vec::new())).unwrap();
+        assert!(state.plugins[&PluginKey::new("github", "1.0.0")]
+            .granted_hosts
+            .is_empty());
+    }
+
+    #[test]
+    fn removing_deletes_a_disabled_version_and_its_bytes_but_refuses_an_enabled_one() {
+        let mut state = ClusterState::default();
+        let enabled = add_plugin(&mut state, "github", "1.1.0", true);
+        let disabled = add_plugin(&mut state, "github", "1.0.0", false);
+        assert!(disabled.chunk_count > 1);
+        let remove = |record: &PluginRecord| Command::RemovePlugin {
+            name: record.name.clone(),
+            version: record.version.clone(),
+        };
+        let before = state.clone();
+        assert_eq!(
+            run(&mut state, remove(&enabled)),
+            Err(ApplyError::PluginEnabled {
+                name: "github".into(),
+                version: "1.1.0".into()
+            })
+        );
+        assert_eq!(state, before);
+
+        let mut changes = Changes::default();
+        let result = apply(&mut state, &mut changes, &request(remove(&disabled))).unwrap();
+        assert_eq!(result, Response::Plugin(Box::new(disabled.clone())));
+        assert!(!state.plugins.contains_key(&disabled.key()));
+        assert!(state.plugin_chunks.keys().all(|(key, _)| *key == enabled.key()));
+        assert_eq!(changes.plugin_chunks.len(), disabled.chunk_count as usize);
+        assert_eq!(state.plugin_bytes_held(), enabled.size_bytes);
+        let before = state.clone();
+        assert!(matches!(
+            run(&mut state, remove(&disabled)),
+            Err(ApplyError::PluginNotFound { .. })
+        ));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn the_number_of_plugin_versions_is_bounded() {
+        let mut state = ClusterState::default();
+        for patch in 0..MAX_PLUGINS {
+            add_plugin(&mut state, "tool", &format!("1.0.{patch}"), false);
+        }
+        let upload = UploadId::new();
+        let bytes = b"one too many".to_vec();
+        let chunk_count = stage(&mut state, 1_000, upload, &bytes, 100);
+        let before = state.clone();
+        assert_eq!(
+            run(&mut state, commit(upload, "tool", "2.0.0", &bytes, chunk_count, false)),
+            Err(ApplyError::TooManyPlugins { limit: MAX_PLUGINS })
+        );
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn plugin_names_and_versions() {
+        use crate::types::{validate_plugin_name, validate_plugin_version};
+        for good in ["github", "a", "gitea-forgejo", "tool2", &"x".repeat(64)] {
+            assert_eq!(validate_plugin_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "GitHub", "git_hub", "git hub", "tool.v2", &"x".repeat(65)] {
+            assert!(validate_plugin_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["0.1.0", "1.2.3", "10.20.30", "1.0.0-rc.1", "1.0.0-alpha-2"] {
+            assert_eq!(validate_plugin_version(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "1",
+            "1.0",
+            "v1.0.0",
+            "01.0.0",
+            "1.0.0+build.5",
+            "1.0.0 ",
+            &format!("1.0.0-{}", "a".repeat(60)),
+        ] {
+            assert!(validate_plugin_version(bad).is_err(), "{bad:?}");
+        }
+        let mut versions = vec!["1.10.0", "1.9.0", "1.0.0", "1.0.0-rc.1"];
+        versions.sort_by(|left, right| crate::types::plugin_version_order(left, right));
+        assert_eq!(versions, vec!["1.0.0-rc.1", "1.0.0", "1.9.0", "1.10.0"]);
     }
 }

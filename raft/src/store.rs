@@ -32,7 +32,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::command::ApplyResult;
 use crate::state::{apply, Changes, ClusterState};
-use crate::types::{AgentId, DurableEvent, NodeId};
+use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
 use crate::TypeConfig;
 
 const CF_LOG: &str = "log";
@@ -303,6 +303,14 @@ struct SnapshotBody {
     state: ClusterState,
 }
 
+/// [`SnapshotBody`] borrowed from the machine; it encodes to the same bytes.
+#[derive(Serialize)]
+struct SnapshotBodyRef<'a> {
+    last_applied: &'a Option<LogId<NodeId>>,
+    membership: &'a StoredMembership<NodeId, crate::NodeAddr>,
+    state: &'a ClusterState,
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, crate::NodeAddr>,
@@ -395,6 +403,26 @@ impl StateMachineStore {
                         .checkpoints
                         .insert(AgentId(ulid::Ulid::from_bytes(id)), checkpoint);
                 }
+                Some(b'p') => {
+                    let record: crate::types::PluginRecord = decode(&key, &value)?;
+                    state.plugins.insert(record.key(), record);
+                }
+                Some(b'q') => {
+                    let (plugin, index) = parse_plugin_chunk_key(&key)?;
+                    state.plugin_chunks.insert((plugin, index), value.to_vec());
+                }
+                Some(b'u') => {
+                    let record: crate::types::PluginUpload = decode(&key, &value)?;
+                    state.plugin_uploads.insert(record.id, record);
+                }
+                Some(b'v') if key.len() == 22 => {
+                    let mut id = [0u8; 16];
+                    id.copy_from_slice(&key[2..18]);
+                    let index = u32::from_be_bytes(key[18..22].try_into().expect("four bytes"));
+                    state
+                        .upload_chunks
+                        .insert((UploadId(ulid::Ulid::from_bytes(id)), index), value.to_vec());
+                }
                 _ if key.as_ref() == KEY_APPLIED => last_applied = decode(&key, &value)?,
                 _ if key.as_ref() == KEY_MEMBERSHIP => membership = decode(&key, &value)?,
                 _ if key.as_ref() == KEY_HIGHEST_NODE_ID => state.highest_node_id = decode(&key, &value)?,
@@ -480,6 +508,36 @@ impl StateMachineStore {
                 None => batch.delete_cf(cf, key),
             }
         }
+        // Chunks are stored raw, not postcard-encoded: they are bytes already, and up to half a
+        // MiB each.
+        for key in &changes.plugins {
+            let stored_key = plugin_key(key);
+            match machine.state.plugins.get(key) {
+                Some(record) => batch.put_cf(cf, stored_key, encode(record)),
+                None => batch.delete_cf(cf, stored_key),
+            }
+        }
+        for (key, index) in &changes.plugin_chunks {
+            let stored_key = plugin_chunk_key(key, *index);
+            match machine.state.plugin_chunks.get(&(key.clone(), *index)) {
+                Some(bytes) => batch.put_cf(cf, stored_key, bytes),
+                None => batch.delete_cf(cf, stored_key),
+            }
+        }
+        for id in &changes.plugin_uploads {
+            let stored_key = upload_key(*id);
+            match machine.state.plugin_uploads.get(id) {
+                Some(record) => batch.put_cf(cf, stored_key, encode(record)),
+                None => batch.delete_cf(cf, stored_key),
+            }
+        }
+        for (id, index) in &changes.upload_chunks {
+            let stored_key = upload_chunk_key(*id, *index);
+            match machine.state.upload_chunks.get(&(*id, *index)) {
+                Some(bytes) => batch.put_cf(cf, stored_key, bytes),
+                None => batch.delete_cf(cf, stored_key),
+            }
+        }
         if changes.meta {
             batch.put_cf(cf, KEY_HIGHEST_NODE_ID, encode(&machine.state.highest_node_id));
             batch.put_cf(cf, KEY_REPO_SNAPSHOTS, encode(&machine.state.repo_snapshots));
@@ -506,6 +564,16 @@ impl StateMachineStore {
         changes.nodes.extend(machine.state.nodes.keys().copied());
         changes.tokens.extend(machine.state.tokens.keys().cloned());
         changes.checkpoints.extend(machine.state.checkpoints.keys().copied());
+        changes.plugins.extend(machine.state.plugins.keys().cloned());
+        changes
+            .plugin_chunks
+            .extend(machine.state.plugin_chunks.keys().cloned());
+        changes
+            .plugin_uploads
+            .extend(machine.state.plugin_uploads.keys().copied());
+        changes
+            .upload_chunks
+            .extend(machine.state.upload_chunks.keys().copied());
         changes
             .new_events
             .extend(machine.state.events.values().flatten().cloned());
@@ -540,14 +608,58 @@ fn node_key(id: NodeId) -> Vec<u8> {
     [b"n/".as_slice(), &id.to_be_bytes()].concat()
 }
 
+// Plugin names and versions never hold a NUL (names are lowercase letters, digits and dashes;
+// versions are semver), so NUL separates them in keys.
+fn plugin_key(key: &PluginKey) -> Vec<u8> {
+    [b"p/".as_slice(), key.name.as_bytes(), &[0], key.version.as_bytes()].concat()
+}
+
+fn plugin_chunk_key(key: &PluginKey, index: u32) -> Vec<u8> {
+    [
+        b"q/".as_slice(),
+        key.name.as_bytes(),
+        &[0],
+        key.version.as_bytes(),
+        &[0],
+        &index.to_be_bytes(),
+    ]
+    .concat()
+}
+
+fn parse_plugin_chunk_key(key: &[u8]) -> Result<(PluginKey, u32), OpenError> {
+    let malformed = || OpenError::Decode {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: "not a plugin chunk key (q/NAME\\0VERSION\\0INDEX)".to_string(),
+    };
+    let body = key.strip_prefix(b"q/").ok_or_else(malformed)?;
+    if body.len() < 5 || body[body.len() - 5] != 0 {
+        return Err(malformed());
+    }
+    let (identity, index) = body.split_at(body.len() - 5);
+    let index = u32::from_be_bytes(index[1..].try_into().map_err(|_| malformed())?);
+    let separator = identity.iter().position(|byte| *byte == 0).ok_or_else(malformed)?;
+    let name = std::str::from_utf8(&identity[..separator]).map_err(|_| malformed())?;
+    let version = std::str::from_utf8(&identity[separator + 1..]).map_err(|_| malformed())?;
+    Ok((PluginKey::new(name, version), index))
+}
+
+fn upload_key(id: UploadId) -> Vec<u8> {
+    [b"u/".as_slice(), &id.0.to_bytes()].concat()
+}
+
+fn upload_chunk_key(id: UploadId, index: u32) -> Vec<u8> {
+    [b"v/".as_slice(), &id.0.to_bytes(), &index.to_be_bytes()].concat()
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let (data, last_applied, membership) = {
             let machine = self.machine.read().expect("state lock poisoned");
-            let body = SnapshotBody {
-                last_applied: machine.last_applied,
-                membership: machine.membership.clone(),
-                state: machine.state.clone(),
+            // Encoded from a borrow: cloning the state first would copy every plugin's bytes.
+            let body = SnapshotBodyRef {
+                last_applied: &machine.last_applied,
+                membership: &machine.membership,
+                state: &machine.state,
             };
             (encode(&body), machine.last_applied, machine.membership.clone())
         };
@@ -960,5 +1072,162 @@ mod tests {
             "the receiver's own checkpoint is gone from disk"
         );
         assert_eq!(state, expected, "the installed state is what is on disk");
+    }
+
+    /// Entries from `first_index` on that stage `bytes` under `upload` in chunks of `chunk_bytes`
+    /// and, when `commit` holds a name and version, commit them as that plugin.
+    fn plugin_entries(
+        first_index: u64,
+        upload: UploadId,
+        bytes: &[u8],
+        chunk_bytes: usize,
+        commit: Option<(&str, &str, bool)>,
+    ) -> Vec<Entry<TypeConfig>> {
+        use sha2::Digest as _;
+        let mut commands: Vec<Command> = bytes
+            .chunks(chunk_bytes)
+            .enumerate()
+            .map(|(index, chunk)| Command::PutPluginChunk {
+                upload,
+                index: index as u32,
+                bytes: chunk.to_vec(),
+            })
+            .collect();
+        if let Some((name, version, enable)) = commit {
+            commands.push(Command::CommitPlugin {
+                upload,
+                name: name.into(),
+                version: version.into(),
+                sha256: hex::encode(sha2::Sha256::digest(bytes)),
+                kind: crate::types::PluginKind::Tool,
+                size_bytes: bytes.len() as u64,
+                chunk_count: commands.len() as u32,
+                granted_hosts: vec!["example.com".into()],
+                enable,
+            });
+        }
+        commands
+            .into_iter()
+            .zip(first_index..)
+            .map(|(command, index)| entry(index, command))
+            .collect()
+    }
+
+    /// Keys under `prefix` in the state column family.
+    fn stored_keys(machine: &StateMachineStore, prefix: &[u8]) -> usize {
+        machine
+            .db
+            .prefix_iterator_cf(machine.cf(CF_STATE), prefix)
+            .map(|item| item.unwrap().0)
+            .take_while(|key| key.starts_with(prefix))
+            .count()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugin_bytes_and_staged_uploads_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept: Vec<u8> = (0..10_000u32).map(|value| (value % 251) as u8).collect();
+        let removed = b"a version that is removed again".to_vec();
+        let staged = b"an upload still in progress".to_vec();
+        let staged_upload = UploadId::new();
+        let expected = {
+            let (_, mut machine) = open(dir.path()).unwrap();
+            let mut entries = vec![membership_entry(1)];
+            entries.extend(plugin_entries(
+                2,
+                UploadId::new(),
+                &kept,
+                3_000,
+                Some(("fmt", "1.0.0", true)),
+            ));
+            let next = 2 + entries.len() as u64 - 1;
+            entries.extend(plugin_entries(
+                next,
+                UploadId::new(),
+                &removed,
+                8,
+                Some(("fmt", "0.9.0", false)),
+            ));
+            let next = 2 + entries.len() as u64 - 1;
+            entries.push(entry(
+                next,
+                Command::RemovePlugin {
+                    name: "fmt".into(),
+                    version: "0.9.0".into(),
+                },
+            ));
+            entries.extend(plugin_entries(next + 1, staged_upload, &staged, 10, None));
+            apply_all(&mut machine, entries).await;
+            assert_eq!(
+                stored_keys(&machine, b"q/"),
+                4,
+                "the removed version's chunks are deleted"
+            );
+            assert_eq!(stored_keys(&machine, b"p/"), 1);
+            machine.reader().read(|state| state.clone())
+        };
+        let (_, reopened) = open(dir.path()).unwrap();
+        let state = reopened.reader().read(|state| state.clone());
+        assert_eq!(state, expected);
+        assert_eq!(state.plugin_bytes(&PluginKey::new("fmt", "1.0.0")), Some(kept));
+        assert_eq!(state.plugins[&PluginKey::new("fmt", "1.0.0")].chunk_count, 4);
+        assert!(state.enabled_plugins().any(|record| record.version == "1.0.0"));
+        assert!(!state.plugins.contains_key(&PluginKey::new("fmt", "0.9.0")));
+        assert!(state.plugin_uploads.contains_key(&staged_upload));
+        let staged_back: Vec<u8> = state.upload_chunks.values().flatten().copied().collect();
+        assert_eq!(staged_back, staged);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugin_bytes_travel_in_a_snapshot_and_replace_the_receivers() {
+        let source_dir = tempfile::tempdir().unwrap();
+        let target_dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..5_000u32).map(|value| (value % 13) as u8).collect();
+        let (_, mut source) = open(source_dir.path()).unwrap();
+        let mut entries = vec![membership_entry(1)];
+        entries.extend(plugin_entries(
+            2,
+            UploadId::new(),
+            &bytes,
+            1_024,
+            Some(("lint", "2.1.0", true)),
+        ));
+        let next = 2 + entries.len() as u64 - 1;
+        entries.extend(plugin_entries(next, UploadId::new(), b"half an upload", 4, None));
+        apply_all(&mut source, entries).await;
+        let snapshot = source.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let expected = source.reader().read(|state| state.clone());
+        assert_eq!(expected.plugin_chunks.len(), 5);
+        assert_eq!(expected.upload_chunks.len(), 4);
+
+        // The receiver holds a plugin and an upload of its own that the snapshot does not know.
+        let (_, mut target) = open(target_dir.path()).unwrap();
+        let mut own = plugin_entries(
+            1,
+            UploadId::new(),
+            b"the receiver's own plugin",
+            5,
+            Some(("own", "0.1.0", true)),
+        );
+        let next = 1 + own.len() as u64;
+        own.extend(plugin_entries(next, UploadId::new(), b"its own upload", 3, None));
+        apply_all(&mut target, own).await;
+        target
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(target.reader().read(|state| state.clone()), expected);
+        drop(target);
+        let (_, reopened) = open(target_dir.path()).unwrap();
+        let state = reopened.reader().read(|state| state.clone());
+        assert_eq!(state, expected, "the installed state is what is on disk");
+        assert_eq!(state.plugin_bytes(&PluginKey::new("lint", "2.1.0")), Some(bytes));
+        assert!(!state.plugins.contains_key(&PluginKey::new("own", "0.1.0")));
+        assert_eq!(
+            stored_keys(&reopened, b"q/"),
+            5,
+            "the receiver's own chunks are gone from disk"
+        );
+        assert_eq!(stored_keys(&reopened, b"v/"), 4);
     }
 }

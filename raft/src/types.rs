@@ -277,3 +277,214 @@ pub struct TokenRecord {
     pub team: String,
     pub created_at_ms: u64,
 }
+
+/// A staged plugin upload: a ULID chosen by the node that received the upload, under which its
+/// chunks wait in the replicated state until the upload is committed or aborted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UploadId(pub Ulid);
+
+impl UploadId {
+    pub fn new() -> UploadId {
+        UploadId(Ulid::new())
+    }
+}
+
+impl Default for UploadId {
+    fn default() -> Self {
+        UploadId::new()
+    }
+}
+
+impl fmt::Display for UploadId {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}", self.0)
+    }
+}
+
+impl FromStr for UploadId {
+    type Err = ulid::DecodeError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ulid::from_string(text).map(UploadId)
+    }
+}
+
+/// Which WIT world a plugin's component implements (see `plugins/wit`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PluginKind {
+    VcsProvider,
+    Tool,
+}
+
+impl PluginKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::VcsProvider => "vcs-provider",
+            PluginKind::Tool => "tool",
+        }
+    }
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// One version of one plugin: what identifies a plugin record and its chunks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PluginKey {
+    pub name: String,
+    pub version: String,
+}
+
+impl PluginKey {
+    pub fn new(name: &str, version: &str) -> PluginKey {
+        PluginKey {
+            name: name.to_string(),
+            version: version.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for PluginKey {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{} {}", self.name, self.version)
+    }
+}
+
+/// An uploaded plugin version. Its bytes live apart, in `ClusterState::plugin_chunks`, so that
+/// listing plugins never copies them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PluginRecord {
+    pub name: String,
+    pub version: String,
+    /// SHA-256 of the whole component, lowercase hex.
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub kind: PluginKind,
+    /// At most one version of a name is enabled at a time.
+    pub enabled: bool,
+    /// Hosts the plugin may reach through the host's `http.send`.
+    pub granted_hosts: Vec<String>,
+    pub uploaded_at_ms: u64,
+    /// The bytes are chunks `0..chunk_count` under this plugin's key.
+    pub chunk_count: u32,
+}
+
+impl PluginRecord {
+    pub fn key(&self) -> PluginKey {
+        PluginKey::new(&self.name, &self.version)
+    }
+}
+
+/// An upload in progress: its chunks are staged under its id until a commit moves them to a
+/// plugin or an abort (or a newer upload, once this one is stale) drops them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PluginUpload {
+    pub id: UploadId,
+    pub started_at_ms: u64,
+    pub last_chunk_at_ms: u64,
+}
+
+/// Longest plugin name.
+pub const MAX_PLUGIN_NAME_CHARS: usize = 64;
+/// Longest plugin version.
+pub const MAX_PLUGIN_VERSION_CHARS: usize = 64;
+/// Most hosts granted to one plugin.
+pub const MAX_GRANTED_HOSTS: usize = 64;
+/// Longest granted host (a DNS name's limit).
+pub const MAX_GRANTED_HOST_CHARS: usize = 253;
+
+/// A plugin name: 1 to 64 lowercase letters, digits and dashes.
+pub fn validate_plugin_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_PLUGIN_NAME_CHARS
+        && name
+            .chars()
+            .all(|character| character.is_ascii_lowercase() || character.is_ascii_digit() || character == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "plugin name {name:?} is not valid: use 1 to {MAX_PLUGIN_NAME_CHARS} lowercase letters, digits and dashes, like \"github\""
+        ))
+    }
+}
+
+/// A plugin version: semantic versioning `MAJOR.MINOR.PATCH`, with an optional pre-release
+/// (`1.0.0-rc.1`). Build metadata is refused: two versions that differ only in it would be the
+/// same version to semver, yet two records here.
+pub fn validate_plugin_version(version: &str) -> Result<(), String> {
+    let wanted = "use MAJOR.MINOR.PATCH, like \"1.2.0\" or \"1.2.0-rc.1\"";
+    if version.is_empty() {
+        return Err(format!("plugin version is required: {wanted}"));
+    }
+    if version.len() > MAX_PLUGIN_VERSION_CHARS {
+        return Err(format!(
+            "plugin version is {} characters; the most is {MAX_PLUGIN_VERSION_CHARS}",
+            version.len()
+        ));
+    }
+    let parsed = semver::Version::parse(version)
+        .map_err(|error| format!("plugin version {version:?} is not valid ({error}): {wanted}"))?;
+    if !parsed.build.is_empty() {
+        return Err(format!(
+            "plugin version {version:?} has build metadata (+{}), which is not allowed: {wanted}",
+            parsed.build
+        ));
+    }
+    Ok(())
+}
+
+/// The bounds of a granted-host list; the host syntax itself is checked where the hosts are
+/// used (the node checks them as egress host patterns before writing).
+pub fn validate_granted_hosts(hosts: &[String]) -> Result<(), String> {
+    if hosts.len() > MAX_GRANTED_HOSTS {
+        return Err(format!(
+            "granted hosts: at most {MAX_GRANTED_HOSTS}, found {}",
+            hosts.len()
+        ));
+    }
+    for host in hosts {
+        if host.is_empty() || host.len() > MAX_GRANTED_HOST_CHARS {
+            return Err(format!(
+                "granted host {host:?}: 1 to {MAX_GRANTED_HOST_CHARS} characters, found {}",
+                host.len()
+            ));
+        }
+        if host
+            .chars()
+            .any(|character| character.is_whitespace() || character.is_control())
+        {
+            return Err(format!(
+                "granted host {host:?} contains white space or control characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A SHA-256 digest as lowercase hex.
+pub fn validate_sha256_hex(digest: &str) -> Result<(), String> {
+    if digest.len() == 64
+        && digest
+            .chars()
+            .all(|character| character.is_ascii_digit() || ('a'..='f').contains(&character))
+    {
+        Ok(())
+    } else {
+        Err(format!("sha256 {digest:?} is not 64 lowercase hex digits"))
+    }
+}
+
+/// Semver precedence of two plugin versions (`1.10.0` after `1.9.0`, `1.0.0-rc.1` before
+/// `1.0.0`); a version that does not parse sorts after those that do, by its text.
+pub fn plugin_version_order(left: &str, right: &str) -> std::cmp::Ordering {
+    match (semver::Version::parse(left), semver::Version::parse(right)) {
+        (Ok(left), Ok(right)) => left.cmp(&right),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        (Err(_), Err(_)) => left.cmp(right),
+    }
+}

@@ -13,4 +13,5 @@ mod t25_membership;
 mod t30_failover;
 mod t40_watch_across_nodes;
 mod t50_machines;
+mod t55_plugins;
 mod t65_agent_failover;

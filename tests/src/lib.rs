@@ -22,6 +22,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use flotilla_proto::v1::admin_service_client::AdminServiceClient;
 use flotilla_proto::v1::agent_service_client::AgentServiceClient;
 use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
 use flotilla_proto::v1::{Cluster, GetClusterRequest};
@@ -204,6 +205,7 @@ impl Interceptor for BearerAuth {
 
 pub type AgentClient = AgentServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type ClusterClient = ClusterServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// A channel that connects on first use, so that creating a client never fails: a node
 /// that is down shows up as an `Unavailable` error on the call, which [`wait_for`] retries.
@@ -223,6 +225,11 @@ pub async fn agent_client(endpoint: &str, token: &str) -> AgentClient {
 /// A `ClusterService` client for `endpoint` that sends `token` with every call.
 pub async fn cluster_client(endpoint: &str, token: &str) -> ClusterClient {
     ClusterServiceClient::with_interceptor(lazy_channel(endpoint), BearerAuth::new(token))
+}
+
+/// An `AdminService` client for `endpoint` that sends `token` with every call.
+pub async fn admin_client(endpoint: &str, token: &str) -> AdminClient {
+    AdminServiceClient::with_interceptor(lazy_channel(endpoint), BearerAuth::new(token))
 }
 
 /// `GetCluster` on `endpoint`, or `None` if the call fails for any reason (node down, not

@@ -6,6 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+use flotilla_proto::v1::admin_service_client::AdminServiceClient;
 use flotilla_proto::v1::agent_service_client::AgentServiceClient;
 use flotilla_proto::v1::cluster_service_client::ClusterServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -51,6 +52,7 @@ impl tonic::service::Interceptor for BearerToken {
 pub(crate) type AuthenticatedChannel = InterceptedService<Channel, BearerToken>;
 pub(crate) type AgentClient = AgentServiceClient<AuthenticatedChannel>;
 pub(crate) type ClusterClient = ClusterServiceClient<AuthenticatedChannel>;
+pub(crate) type AdminClient = AdminServiceClient<AuthenticatedChannel>;
 
 /// Every way a client command can fail, each printed as one `error: ...` line.
 #[derive(Debug)]
@@ -178,16 +180,29 @@ pub(crate) fn cluster_client(channel: Channel, token: BearerToken) -> ClusterCli
     ClusterServiceClient::with_interceptor(channel, token)
 }
 
+pub(crate) fn admin_client(channel: Channel, token: BearerToken) -> AdminClient {
+    AdminServiceClient::with_interceptor(channel, token)
+}
+
 /// Runs one unary call under [`UNARY_CALL_TIMEOUT_MS`] and classifies its failure.
 pub(crate) async fn unary<T>(
     endpoint: &str,
     call: impl Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<T, CliError> {
-    match tokio::time::timeout(Duration::from_millis(UNARY_CALL_TIMEOUT_MS), call).await {
+    call_within(endpoint, UNARY_CALL_TIMEOUT_MS, call).await
+}
+
+/// Runs one call under `deadline_ms` and classifies its failure.
+pub(crate) async fn call_within<T>(
+    endpoint: &str,
+    deadline_ms: u64,
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, CliError> {
+    match tokio::time::timeout(Duration::from_millis(deadline_ms), call).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         Ok(Err(status)) => Err(CliError::from_status(endpoint, status)),
         Err(_elapsed) => Err(CliError::Rpc(Status::deadline_exceeded(format!(
-            "no answer from {endpoint} within {UNARY_CALL_TIMEOUT_MS} ms"
+            "no answer from {endpoint} within {deadline_ms} ms"
         )))),
     }
 }

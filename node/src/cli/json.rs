@@ -8,8 +8,8 @@
 //! numbers.
 
 use flotilla_proto::v1::{
-    agent_event, watch_agent_response, Agent, AgentEvent, AgentStatus, Assignment, Cluster, Member, PullRequest,
-    RaftRole, SendFollowUpResponse, WatchAgentResponse,
+    agent_event, watch_agent_response, Agent, AgentEvent, AgentStatus, Assignment, Cluster, Member, Plugin, PluginKind,
+    PullRequest, RaftRole, SendFollowUpResponse, WatchAgentResponse,
 };
 use prost_types::Timestamp;
 use serde_json::{json, Value};
@@ -127,6 +127,26 @@ pub(crate) fn cluster(cluster: &Cluster) -> Value {
         "last_log_index": cluster.last_log_index,
         "snapshot_index": cluster.snapshot_index,
         "purged_index": cluster.purged_index,
+    })
+}
+
+pub(crate) fn plugin_kind(value: i32) -> Value {
+    match PluginKind::try_from(value) {
+        Ok(kind) => Value::String(kind.as_str_name().to_string()),
+        Err(_) => Value::from(value),
+    }
+}
+
+pub(crate) fn plugin(plugin: &Plugin) -> Value {
+    json!({
+        "name": plugin.name,
+        "version": plugin.version,
+        "sha256": plugin.sha256,
+        "size_bytes": plugin.size_bytes,
+        "kind": plugin_kind(plugin.kind),
+        "enabled": plugin.enabled,
+        "granted_hosts": plugin.granted_hosts,
+        "uploaded_at": timestamp(plugin.uploaded_at.as_ref()),
     })
 }
 
@@ -269,6 +289,23 @@ mod tests {
         assert_eq!(value["scripted"], true);
         assert_eq!(value["live"], true);
         assert_eq!(value["assistant_delta"]["text"], "hi");
+    }
+
+    #[test]
+    fn plugin_uses_proto_names_and_the_kind_name() {
+        let value = plugin(&Plugin {
+            name: "github".into(),
+            version: "1.0.0".into(),
+            kind: PluginKind::VcsProvider as i32,
+            enabled: true,
+            granted_hosts: vec!["api.github.com".into()],
+            size_bytes: 42,
+            ..Default::default()
+        });
+        assert_eq!(value["kind"], "PLUGIN_KIND_VCS_PROVIDER");
+        assert_eq!(value["granted_hosts"][0], "api.github.com");
+        assert_eq!(value["size_bytes"], 42);
+        assert_eq!(value["uploaded_at"], Value::Null);
     }
 
     #[test]

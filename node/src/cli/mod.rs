@@ -1,4 +1,5 @@
-//! The client half of the `flotilla` binary: `flotilla agent ...` and `flotilla cluster ...`.
+//! The client half of the `flotilla` binary: `flotilla agent ...`, `flotilla cluster ...` and
+//! `flotilla plugin ...`.
 //!
 //! Each command connects to one node over gRPC (any node: followers forward writes to the
 //! leader), sends the bearer token on every call, and prints either a table for people or JSON
@@ -8,6 +9,7 @@
 mod attach;
 mod client;
 mod json;
+mod plugin;
 mod render;
 mod watch;
 
@@ -18,6 +20,8 @@ use flotilla_proto::v1::{
     AddNodeRequest, AgentStatus, CreateAgentRequest, DrainNodeRequest, GetAgentRequest, GetClusterRequest,
     ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
 };
+
+pub use plugin::PluginCommand;
 
 pub(crate) use client::{
     agent_client, cluster_client, connect, error_chain, unary, AgentClient, BearerToken, CliError,
@@ -226,6 +230,10 @@ pub async fn run_agent(args: &ClientArgs, cmd: AgentCommand) -> anyhow::Result<E
 
 pub async fn run_cluster(args: &ClientArgs, cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
     Ok(finish(cluster_command(args, cmd).await))
+}
+
+pub async fn run_plugin(args: &ClientArgs, cmd: PluginCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(plugin::plugin_command(args, cmd).await))
 }
 
 async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliError> {

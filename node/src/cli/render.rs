@@ -2,7 +2,7 @@
 //! per event for `agent watch`.
 
 use comfy_table::{presets, ContentArrangement, Table};
-use flotilla_proto::v1::{agent_event, Agent, AgentEvent, AgentStatus, Cluster, RaftRole};
+use flotilla_proto::v1::{agent_event, Agent, AgentEvent, AgentStatus, Cluster, Plugin, PluginKind, RaftRole};
 use prost_types::Timestamp;
 
 /// Longest tool argument or output excerpt shown on a watch line; the JSON output has it all.
@@ -196,6 +196,76 @@ pub(crate) fn cluster(cluster: &Cluster) -> String {
         "{table}\n\nleader: {leader}\nterm: {}\nlast applied index: {}\nanswered by node: {}",
         cluster.term, cluster.last_applied_index, cluster.node_id
     )
+}
+
+/// `vcs-provider`, `tool`; `unknown(7)` for a value this client does not know.
+fn short_plugin_kind(value: i32) -> String {
+    match PluginKind::try_from(value) {
+        Ok(kind) => kind
+            .as_str_name()
+            .trim_start_matches("PLUGIN_KIND_")
+            .to_ascii_lowercase()
+            .replace('_', "-"),
+        Err(_) => format!("unknown({value})"),
+    }
+}
+
+/// `1.5 MiB`, `12.0 KiB`, `512 B`.
+fn size(bytes: u64) -> String {
+    const KIB: f64 = 1024.0;
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1_048_576 => format!("{:.1} KiB", bytes as f64 / KIB),
+        _ => format!("{:.1} MiB", bytes as f64 / KIB / KIB),
+    }
+}
+
+fn hosts(hosts: &[String]) -> String {
+    if hosts.is_empty() {
+        "-".to_string()
+    } else {
+        hosts.join(",")
+    }
+}
+
+pub(crate) fn plugin_list(plugins: &[Plugin]) -> String {
+    let mut table = new_table(&[
+        "NAME", "VERSION", "KIND", "ENABLED", "SIZE", "SHA256", "HOSTS", "UPLOADED",
+    ]);
+    for plugin in plugins {
+        table.add_row(vec![
+            plugin.name.clone(),
+            plugin.version.clone(),
+            short_plugin_kind(plugin.kind),
+            yes_no(plugin.enabled).to_string(),
+            size(plugin.size_bytes),
+            plugin.sha256.chars().take(12).collect(),
+            hosts(&plugin.granted_hosts),
+            timestamp_to_second(plugin.uploaded_at.as_ref()),
+        ]);
+    }
+    finish_table(table)
+}
+
+pub(crate) fn plugin_record(plugin: &Plugin) -> String {
+    let mut table = new_table(&[]);
+    let rows: Vec<(&str, String)> = vec![
+        ("name", plugin.name.clone()),
+        ("version", plugin.version.clone()),
+        ("kind", short_plugin_kind(plugin.kind)),
+        ("enabled", yes_no(plugin.enabled).to_string()),
+        (
+            "size",
+            format!("{} ({} bytes)", size(plugin.size_bytes), plugin.size_bytes),
+        ),
+        ("sha256", plugin.sha256.clone()),
+        ("granted hosts", hosts(&plugin.granted_hosts)),
+        ("uploaded", timestamp_to_second(plugin.uploaded_at.as_ref())),
+    ];
+    for (key, value) in rows {
+        table.add_row(vec![key.to_string(), value]);
+    }
+    finish_table(table)
 }
 
 /// The one-line description of the agent printed when a watch opens.
@@ -435,6 +505,49 @@ mod tests {
         ] {
             assert!(rows.contains(&expected), "{expected:?} in:\n{record}");
         }
+    }
+
+    #[test]
+    fn plugins_show_kind_size_short_digest_and_hosts() {
+        let plugin = Plugin {
+            name: "github".into(),
+            version: "1.2.0".into(),
+            sha256: "0123456789abcdef".repeat(4),
+            size_bytes: 1_572_864,
+            kind: PluginKind::VcsProvider as i32,
+            enabled: true,
+            granted_hosts: vec!["api.github.com".into(), "github.com".into()],
+            uploaded_at: None,
+        };
+        let list = plugin_list(std::slice::from_ref(&plugin));
+        let row: Vec<&str> = list.lines().nth(1).expect("a row").split_whitespace().collect();
+        assert_eq!(
+            row,
+            vec![
+                "github",
+                "1.2.0",
+                "vcs-provider",
+                "yes",
+                "1.5",
+                "MiB",
+                "0123456789ab",
+                "api.github.com,github.com",
+                "-"
+            ]
+        );
+        let record = plugin_record(&Plugin {
+            granted_hosts: Vec::new(),
+            ..plugin
+        });
+        assert!(record.contains("1.5 MiB (1572864 bytes)"), "{record}");
+        assert!(
+            record
+                .lines()
+                .any(|line| line.starts_with("granted hosts") && line.ends_with('-')),
+            "{record}"
+        );
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(12 * 1024), "12.0 KiB");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Replicated records to their wire form.
 
 use flotilla_proto::v1;
-use flotilla_raft::{AgentRecord, AgentStatus, Assignment, DurableEvent, EventKind};
+use flotilla_raft::{AgentRecord, AgentStatus, Assignment, DurableEvent, EventKind, PluginKind, PluginRecord};
 
 pub fn timestamp(at_ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -146,5 +146,26 @@ pub fn event(event: &DurableEvent, scripted: bool) -> v1::AgentEvent {
         node_id: event.node.unwrap_or(0),
         scripted,
         kind: Some(kind),
+    }
+}
+
+pub fn plugin_kind(kind: PluginKind) -> v1::PluginKind {
+    match kind {
+        PluginKind::VcsProvider => v1::PluginKind::VcsProvider,
+        PluginKind::Tool => v1::PluginKind::Tool,
+    }
+}
+
+/// A plugin's record on the wire; its bytes never are.
+pub fn plugin(record: &PluginRecord) -> v1::Plugin {
+    v1::Plugin {
+        name: record.name.clone(),
+        version: record.version.clone(),
+        sha256: record.sha256.clone(),
+        size_bytes: record.size_bytes,
+        kind: plugin_kind(record.kind) as i32,
+        enabled: record.enabled,
+        granted_hosts: record.granted_hosts.clone(),
+        uploaded_at: Some(timestamp(record.uploaded_at_ms)),
     }
 }

@@ -1,6 +1,7 @@
 //! `flotilla node`: opens the replicated state, serves the public and internal gRPC services,
 //! joins or bootstraps the cluster, links the actor mesh and starts the node's actor tree.
 
+pub mod admin;
 pub mod agents;
 pub mod auth;
 pub mod cluster;
@@ -23,6 +24,7 @@ use flotilla_actors::supervisor::{NodeSupervisor, NodeSupervisorArgs};
 use flotilla_proto::internal::internal_client::InternalClient;
 use flotilla_proto::internal::internal_server::InternalServer;
 use flotilla_proto::internal::JoinRequest;
+use flotilla_proto::v1::admin_service_server::AdminServiceServer;
 use flotilla_proto::v1::agent_service_server::AgentServiceServer;
 use flotilla_proto::v1::cluster_service_server::ClusterServiceServer;
 use flotilla_raft::network::Peers;
@@ -46,8 +48,15 @@ pub fn write_status(error: WriteError) -> Status {
         WriteError::Refused(refusal) => {
             let message = refusal.to_string();
             match refusal {
-                ApplyError::AgentNotFound(_) | ApplyError::NodeNotFound(_) => Status::not_found(message),
-                ApplyError::AgentExists(_) => Status::already_exists(message),
+                ApplyError::AgentNotFound(_)
+                | ApplyError::NodeNotFound(_)
+                | ApplyError::PluginNotFound { .. }
+                | ApplyError::UploadNotFound(_) => Status::not_found(message),
+                ApplyError::AgentExists(_) | ApplyError::PluginExists { .. } => Status::already_exists(message),
+                ApplyError::PluginEnabled { .. } => Status::failed_precondition(message),
+                ApplyError::TooManyUploads { .. } | ApplyError::TooManyPlugins { .. } => {
+                    Status::resource_exhausted(message)
+                }
                 ApplyError::InvalidState { .. } | ApplyError::UnsupportedVersion { .. } | ApplyError::NestedBatch => {
                     Status::failed_precondition(message)
                 }
@@ -313,10 +322,17 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             default_model,
         }),
     };
+    // No validator yet: until the plugin host (flotilla-plugins) is wired in here, uploads answer
+    // UNIMPLEMENTED and the other plugin calls work on what the cluster holds.
+    let admin_api = admin::AdminApi {
+        replica: replica.clone(),
+        validator: None,
+    };
     let server = tokio::spawn(serve(
         listener,
         replica.clone(),
         agent_api,
+        admin_api,
         liveness.clone(),
         secret.clone(),
         shutdown_receiver,
@@ -394,6 +410,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     replica: Replica,
     agent_api: agents::AgentApi,
+    admin_api: admin::AdminApi,
     liveness: LivenessTable,
     secret: String,
     shutdown: tokio::sync::oneshot::Receiver<()>,
@@ -411,6 +428,9 @@ async fn serve(
     health_reporter
         .set_serving::<ClusterServiceServer<cluster::ClusterApi>>()
         .await;
+    health_reporter
+        .set_serving::<AdminServiceServer<admin::AdminApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -418,6 +438,7 @@ async fn serve(
     let cluster_service = ClusterServiceServer::new(cluster::ClusterApi {
         replica: replica.clone(),
     });
+    let admin_service = AdminServiceServer::new(admin_api).max_decoding_message_size(admin::MAX_UPLOAD_MESSAGE_BYTES);
     let internal_service = InternalServer::new(internal::InternalApi { replica, liveness })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
@@ -431,6 +452,10 @@ async fn serve(
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             cluster_service,
+            bearer.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            admin_service,
             bearer,
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(

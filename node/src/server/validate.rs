@@ -163,6 +163,36 @@ pub fn egress_allow(patterns: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// A plugin's name and version, as `AdminService` requests name them.
+pub fn plugin_ref(name: &str, version: &str) -> Result<(), String> {
+    flotilla_raft::validate_plugin_name(name).map_err(|error| format!("name: {error}"))?;
+    flotilla_raft::validate_plugin_version(version).map_err(|error| format!("version: {error}"))
+}
+
+/// The hosts granted to a plugin, in the egress allowlist's syntax; returns them normalised
+/// (lowercase, no trailing dot) without duplicates, in the order given.
+pub fn granted_hosts(field: &str, hosts: &[String]) -> Result<Vec<String>, String> {
+    if hosts.len() > flotilla_raft::MAX_GRANTED_HOSTS {
+        return Err(format!(
+            "{field}: at most {} hosts, found {}",
+            flotilla_raft::MAX_GRANTED_HOSTS,
+            hosts.len()
+        ));
+    }
+    let mut normalised: Vec<String> = Vec::with_capacity(hosts.len());
+    for host in hosts {
+        let pattern = host
+            .parse::<flotilla_sandbox::egress::HostPattern>()
+            .map_err(|error| format!("{field}: {error}"))?
+            .to_string();
+        if !normalised.contains(&pattern) {
+            normalised.push(pattern);
+        }
+    }
+    flotilla_raft::validate_granted_hosts(&normalised).map_err(|error| format!("{field}: {error}"))?;
+    Ok(normalised)
+}
+
 /// A lowercase, dash-separated form of a name for branch names.
 pub fn slug(text: &str, max_chars: usize) -> String {
     let mut slug = String::new();
@@ -240,6 +270,34 @@ mod tests {
         assert!(page_size(1001).is_err());
         assert!(prompt("prompt", "   ", MAX_PROMPT_BYTES).is_err());
         assert!(prompt("prompt", &"x".repeat(MAX_PROMPT_BYTES + 1), MAX_PROMPT_BYTES).is_err());
+    }
+
+    #[test]
+    fn plugin_refs_and_granted_hosts() {
+        assert_eq!(plugin_ref("github", "1.2.0"), Ok(()));
+        let name = plugin_ref("GitHub", "1.2.0").unwrap_err();
+        assert!(name.starts_with("name: plugin name \"GitHub\" is not valid"), "{name}");
+        let version = plugin_ref("github", "latest").unwrap_err();
+        assert!(
+            version.starts_with("version: plugin version \"latest\" is not valid"),
+            "{version}"
+        );
+        assert_eq!(
+            granted_hosts(
+                "granted_hosts",
+                &[
+                    "API.GitHub.com".into(),
+                    "api.github.com.".into(),
+                    "127.0.0.1:8080".into()
+                ]
+            ),
+            Ok(vec!["api.github.com".to_string(), "127.0.0.1:8080".to_string()])
+        );
+        for bad in ["", "*", "a b", "host:notaport"] {
+            assert!(granted_hosts("hosts", &[bad.to_string()]).is_err(), "{bad:?}");
+        }
+        let too_many: Vec<String> = (0..=64).map(|index| format!("h{index}.example.com")).collect();
+        assert!(granted_hosts("hosts", &too_many).unwrap_err().contains("at most 64"));
     }
 
     #[test]

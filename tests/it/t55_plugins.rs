@@ -1,0 +1,478 @@
+//! Plugins through `AdminService` and `flotilla plugin` on one node.
+//!
+//! Nodes have no plugin validator yet, so `UploadPlugin` answers UNIMPLEMENTED (this changes
+//! when the plugin host is wired in). To exercise everything after an upload, the tests write
+//! the same Raft commands a validated upload writes (`PutPluginChunk`, `CommitPlugin`) through
+//! the node's internal `ForwardWrite`, with the cluster secret, as a node's own write reaches
+//! the leader. The member token of the admin-only checks is made the same way: no API creates
+//! tokens yet.
+
+use flotilla_proto::internal::RaftPayload;
+use flotilla_proto::v1::{self, upload_plugin_request};
+use flotilla_raft::network::{decode, encode, Peers};
+use flotilla_raft::replica::ForwardReply;
+use flotilla_raft::{ApplyResult, Command, PluginKind, Request, Response, Role, UploadId};
+use flotilla_tests::{admin_client, run_cli, AdminClient, ClusterOptions, TestCluster};
+use sha2::{Digest as _, Sha256};
+use tonic::Code;
+
+/// The UNIMPLEMENTED message of an upload on a node without a plugin validator.
+const NO_VALIDATOR: &str = "plugin validation is not available on this node";
+
+/// Writes `command` through node 1's internal `ForwardWrite` (node 1 leads a one-node cluster).
+async fn write_through_raft(cluster: &TestCluster, command: Command) -> ApplyResult {
+    let peers = Peers::new(&cluster.secret);
+    let mut client = peers
+        .client(&cluster.nodes[0].endpoint())
+        .expect("an internal client for node 1");
+    let reply = client
+        .forward_write(peers.request(RaftPayload {
+            data: encode(&Request::new(command)),
+        }))
+        .await
+        .unwrap_or_else(|status| panic!("ForwardWrite to node 1 failed: {status}"))
+        .into_inner();
+    match decode::<ForwardReply>(&reply.data).expect("a forward reply") {
+        ForwardReply::Applied(result) => result,
+        other => panic!("node 1 did not apply the write: {other:?}"),
+    }
+}
+
+/// Stores a plugin version the way a validated upload does: its chunks, then the commit.
+async fn seed_plugin(cluster: &TestCluster, name: &str, version: &str, kind: PluginKind, enable: bool) -> Vec<u8> {
+    let bytes: Vec<u8> = format!("\0asm component {name} {version} ").repeat(40).into_bytes();
+    let upload = UploadId::new();
+    let chunks: Vec<&[u8]> = bytes.chunks(500).collect();
+    for (index, chunk) in chunks.iter().enumerate() {
+        write_through_raft(
+            cluster,
+            Command::PutPluginChunk {
+                upload,
+                index: index as u32,
+                bytes: chunk.to_vec(),
+            },
+        )
+        .await
+        .expect("the chunk is staged");
+    }
+    let committed = write_through_raft(
+        cluster,
+        Command::CommitPlugin {
+            upload,
+            name: name.to_string(),
+            version: version.to_string(),
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            kind,
+            size_bytes: bytes.len() as u64,
+            chunk_count: chunks.len() as u32,
+            granted_hosts: Vec::new(),
+            enable,
+        },
+    )
+    .await
+    .expect("the plugin is committed");
+    assert!(matches!(committed, Response::Plugin(_)), "{committed:?}");
+    bytes
+}
+
+fn plugin_ref(name: &str, version: &str) -> v1::PluginRef {
+    v1::PluginRef {
+        name: name.to_string(),
+        version: version.to_string(),
+    }
+}
+
+fn upload_stream(name: &str, version: &str, bytes: &[u8]) -> Vec<v1::UploadPluginRequest> {
+    let header = upload_plugin_request::Kind::Header(v1::UploadPluginHeader {
+        name: name.to_string(),
+        version: version.to_string(),
+        granted_hosts: vec!["api.github.com".to_string()],
+        enable: true,
+    });
+    std::iter::once(header)
+        .chain(
+            bytes
+                .chunks(64 * 1024)
+                .map(|chunk| upload_plugin_request::Kind::Chunk(chunk.to_vec())),
+        )
+        .map(|kind| v1::UploadPluginRequest { kind: Some(kind) })
+        .collect()
+}
+
+async fn list(client: &mut AdminClient, name: &str) -> Vec<v1::Plugin> {
+    client
+        .list_plugins(v1::ListPluginsRequest { name: name.to_string() })
+        .await
+        .expect("ListPlugins")
+        .into_inner()
+        .plugins
+}
+
+/// The status a call failed with; panics if it succeeded.
+fn refusal<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>, what: &str) -> tonic::Status {
+    match result {
+        Err(status) => status,
+        Ok(response) => panic!("{what} must fail, answered {:?}", response.into_inner()),
+    }
+}
+
+fn stdout_of(output: &std::process::Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).expect("utf-8 output")
+}
+
+fn stderr_of_failure(output: &std::process::Output, what: &str) -> String {
+    assert!(
+        !output.status.success(),
+        "{what} must fail, printed {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json_of(output: &std::process::Output, what: &str) -> serde_json::Value {
+    serde_json::from_str(&stdout_of(output, what)).unwrap_or_else(|error| panic!("{what} prints JSON: {error}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_answer_unimplemented_and_plugin_calls_are_for_admins_only() {
+    let cluster = TestCluster::start(1, ClusterOptions::default()).await;
+    let endpoint = cluster.nodes[0].endpoint();
+    let mut admin = admin_client(&endpoint, &cluster.admin_token()).await;
+
+    // Larger than one upload message, so the node answers while the CLI is still sending.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("github.wasm");
+    std::fs::write(&file, vec![0x5a; 600 * 1024]).expect("write the component");
+    let file = file.display().to_string();
+    let stderr = stderr_of_failure(
+        &cluster.run_cli(1, &["plugin", "add", &file, "--version", "1.0.0"]),
+        "plugin add without a validator",
+    );
+    assert!(stderr.contains(&format!("unimplemented: {NO_VALIDATOR}")), "{stderr}");
+
+    let status = refusal(
+        admin
+            .upload_plugin(tokio_stream::iter(upload_stream("github", "1.0.0", b"\0asm")))
+            .await,
+        "UploadPlugin without a validator",
+    );
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains(NO_VALIDATOR), "{status:?}");
+    assert!(list(&mut admin, "").await.is_empty(), "a refused upload stores nothing");
+
+    // A member token is refused everywhere, before anything is read or written.
+    let member_token = "flt_t55_member_token";
+    write_through_raft(
+        &cluster,
+        Command::CreateToken {
+            sha256_hex: hex::encode(Sha256::digest(member_token.as_bytes())),
+            name: "t55-member".to_string(),
+            role: Role::Member,
+            team: "default".to_string(),
+        },
+    )
+    .await
+    .expect("the member token is recorded");
+    let mut member = admin_client(&endpoint, member_token).await;
+    let mut codes = vec![
+        (
+            "upload",
+            refusal(
+                member
+                    .upload_plugin(tokio_stream::iter(upload_stream("github", "1.0.0", b"\0asm")))
+                    .await,
+                "member upload",
+            ),
+        ),
+        (
+            "list",
+            refusal(
+                member.list_plugins(v1::ListPluginsRequest::default()).await,
+                "member list",
+            ),
+        ),
+        (
+            "enable",
+            refusal(
+                member.enable_plugin(plugin_ref("github", "1.0.0")).await,
+                "member enable",
+            ),
+        ),
+        (
+            "disable",
+            refusal(
+                member.disable_plugin(plugin_ref("github", "1.0.0")).await,
+                "member disable",
+            ),
+        ),
+        (
+            "remove",
+            refusal(
+                member.remove_plugin(plugin_ref("github", "1.0.0")).await,
+                "member remove",
+            ),
+        ),
+        (
+            "grant",
+            refusal(
+                member
+                    .grant_hosts(v1::GrantHostsRequest {
+                        name: "github".to_string(),
+                        version: "1.0.0".to_string(),
+                        hosts: vec!["github.com".to_string()],
+                    })
+                    .await,
+                "member grant",
+            ),
+        ),
+    ];
+    for (call, status) in codes.drain(..) {
+        assert_eq!(status.code(), Code::PermissionDenied, "{call}: {status:?}");
+        assert!(status.message().contains("t55-member"), "{call}: {status:?}");
+    }
+    let stderr = stderr_of_failure(
+        &run_cli(&endpoint, member_token, &["plugin", "list"]),
+        "plugin list with a member token",
+    );
+    assert!(stderr.contains("permission denied"), "{stderr}");
+
+    let mut stranger = admin_client(&endpoint, "flt_not_a_token").await;
+    let status = refusal(
+        stranger.list_plugins(v1::ListPluginsRequest::default()).await,
+        "list with an unknown token",
+    );
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
+    let cluster = TestCluster::start(1, ClusterOptions::default()).await;
+    let endpoint = cluster.nodes[0].endpoint();
+    let mut admin = admin_client(&endpoint, &cluster.admin_token()).await;
+    let github_1_0 = seed_plugin(&cluster, "github", "1.0.0", PluginKind::VcsProvider, true).await;
+    seed_plugin(&cluster, "github", "1.10.0", PluginKind::VcsProvider, false).await;
+    seed_plugin(&cluster, "github", "1.9.0", PluginKind::VcsProvider, false).await;
+    seed_plugin(&cluster, "lint", "0.1.0", PluginKind::Tool, true).await;
+
+    // Listed by name, then in semver order, records only.
+    let listed = json_of(
+        &cluster.run_cli(1, &["--output", "json", "plugin", "list"]),
+        "plugin list",
+    );
+    let listed = listed.as_array().expect("an array");
+    let order: Vec<(&str, &str, bool)> = listed
+        .iter()
+        .map(|plugin| {
+            (
+                plugin["name"].as_str().unwrap(),
+                plugin["version"].as_str().unwrap(),
+                plugin["enabled"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            ("github", "1.0.0", true),
+            ("github", "1.9.0", false),
+            ("github", "1.10.0", false),
+            ("lint", "0.1.0", true),
+        ]
+    );
+    let first = &listed[0];
+    assert_eq!(first["kind"], "PLUGIN_KIND_VCS_PROVIDER");
+    assert_eq!(listed[3]["kind"], "PLUGIN_KIND_TOOL");
+    assert_eq!(first["size_bytes"], github_1_0.len() as u64);
+    assert_eq!(first["sha256"], hex::encode(Sha256::digest(&github_1_0)));
+    assert!(first["uploaded_at"].is_string(), "{first}");
+    let table = stdout_of(
+        &cluster.run_cli(1, &["plugin", "list", "--name", "lint"]),
+        "plugin list --name",
+    );
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("lint") && table.contains("tool") && !table.contains("github"),
+        "{table}"
+    );
+
+    // Enabling a version disables the other versions of its name only.
+    let enabled = json_of(
+        &cluster.run_cli(
+            1,
+            &["--output", "json", "plugin", "enable", "github", "--version", "1.10.0"],
+        ),
+        "plugin enable",
+    );
+    assert_eq!(enabled["enabled"], true);
+    let github: Vec<(String, bool)> = list(&mut admin, "github")
+        .await
+        .into_iter()
+        .map(|plugin| (plugin.version, plugin.enabled))
+        .collect();
+    assert_eq!(
+        github,
+        vec![
+            ("1.0.0".to_string(), false),
+            ("1.9.0".to_string(), false),
+            ("1.10.0".to_string(), true)
+        ]
+    );
+    assert!(
+        list(&mut admin, "lint").await[0].enabled,
+        "other names keep their version"
+    );
+    let disabled = admin
+        .disable_plugin(plugin_ref("github", "1.10.0"))
+        .await
+        .expect("DisablePlugin")
+        .into_inner();
+    assert!(!disabled.enabled);
+    let shown = stdout_of(
+        &cluster.run_cli(1, &["plugin", "enable", "github", "--version", "1.0.0"]),
+        "plugin enable (table)",
+    );
+    assert!(
+        shown
+            .lines()
+            .any(|line| line.starts_with("enabled") && line.ends_with("yes")),
+        "{shown}"
+    );
+
+    // Granting replaces the list, normalised; a bad host changes nothing.
+    let granted = json_of(
+        &cluster.run_cli(
+            1,
+            &[
+                "--output",
+                "json",
+                "plugin",
+                "grant",
+                "github",
+                "--version",
+                "1.0.0",
+                "--host",
+                "API.GitHub.com",
+                "--host",
+                "github.com",
+                "--host",
+                "api.github.com",
+            ],
+        ),
+        "plugin grant",
+    );
+    assert_eq!(
+        granted["granted_hosts"],
+        serde_json::json!(["api.github.com", "github.com"])
+    );
+    let status = refusal(
+        admin
+            .grant_hosts(v1::GrantHostsRequest {
+                name: "github".to_string(),
+                version: "1.0.0".to_string(),
+                hosts: vec!["*".to_string()],
+            })
+            .await,
+        "granting every host",
+    );
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("hosts: "), "{status:?}");
+    assert_eq!(
+        list(&mut admin, "github").await[0].granted_hosts,
+        vec!["api.github.com", "github.com"]
+    );
+    let revoked = json_of(
+        &cluster.run_cli(
+            1,
+            &[
+                "--output",
+                "json",
+                "plugin",
+                "grant",
+                "github",
+                "--version",
+                "1.9.0",
+                "--none",
+            ],
+        ),
+        "plugin grant --none",
+    );
+    assert_eq!(revoked["granted_hosts"], serde_json::json!([]));
+
+    // An enabled version is not removed; a disabled one is, with its bytes.
+    let stderr = stderr_of_failure(
+        &cluster.run_cli(1, &["plugin", "remove", "github", "--version", "1.0.0"]),
+        "removing the enabled version",
+    );
+    assert!(
+        stderr.contains("failed precondition") && stderr.contains("disable it before removing it"),
+        "{stderr}"
+    );
+    let removed = stdout_of(
+        &cluster.run_cli(1, &["plugin", "remove", "github", "--version", "1.9.0"]),
+        "plugin remove",
+    );
+    assert_eq!(removed.trim(), "removed github 1.9.0");
+    let removed = admin
+        .remove_plugin(plugin_ref("github", "1.10.0"))
+        .await
+        .expect("RemovePlugin")
+        .into_inner();
+    assert_eq!(removed.plugin.expect("the removed record").version, "1.10.0");
+
+    // Unknown versions and bad input.
+    let status = refusal(
+        admin.enable_plugin(plugin_ref("github", "1.9.0")).await,
+        "enable a removed version",
+    );
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("plugin github 1.9.0 not found"), "{status:?}");
+    let status = refusal(
+        admin.remove_plugin(plugin_ref("gitlab", "1.0.0")).await,
+        "remove unknown",
+    );
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    for (name, version, field) in [
+        ("GitHub", "1.0.0", "name: "),
+        ("github", "1.0", "version: "),
+        ("", "1.0.0", "name: "),
+    ] {
+        let status = refusal(admin.enable_plugin(plugin_ref(name, version)).await, "a bad reference");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(field), "{status:?}");
+    }
+    let status = refusal(
+        admin
+            .list_plugins(v1::ListPluginsRequest {
+                name: "Not A Name".to_string(),
+            })
+            .await,
+        "list with a bad name",
+    );
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    let left: Vec<(String, String, bool)> = list(&mut admin, "")
+        .await
+        .into_iter()
+        .map(|plugin| (plugin.name, plugin.version, plugin.enabled))
+        .collect();
+    assert_eq!(
+        left,
+        vec![
+            ("github".to_string(), "1.0.0".to_string(), true),
+            ("lint".to_string(), "0.1.0".to_string(), true)
+        ]
+    );
+    // Uploads still wait for a validator, also for a version that exists.
+    let status = refusal(
+        admin
+            .upload_plugin(tokio_stream::iter(upload_stream("github", "1.0.0", &github_1_0)))
+            .await,
+        "upload without a validator",
+    );
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+}
