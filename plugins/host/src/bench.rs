@@ -1,0 +1,142 @@
+//! Figures for the cost of a plugin call: compiling a component, loading it again from the cache,
+//! and one call (instantiate from the compiled component + the cheapest export + drop), with and
+//! without the pooling allocator. For `flotilla bench` and the crate's `plugin_bench` example;
+//! asserts nothing about time.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{CallError, HostConfig, NoSecrets, PluginError, PluginHost, PluginKind};
+
+/// Calls made before measuring, so that lazily set-up state (pool slots, page tables, the
+/// allocator's caches) is warm.
+const WARM_UP_CALLS: usize = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("benchmark: {0}")]
+    Load(#[from] PluginError),
+    #[error("benchmark: {0}")]
+    Call(#[from] CallError),
+}
+
+/// Sequential calls on one host configuration.
+#[derive(Clone, Debug)]
+pub struct BenchRun {
+    pub pooling: bool,
+    /// First compilation of the component on this host.
+    pub compile: Duration,
+    /// A second `load` of the same bytes (served from the cache).
+    pub cached_load: Duration,
+    pub calls: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub mean: Duration,
+    pub max: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    pub component_bytes: usize,
+    pub kind: PluginKind,
+    /// The export each measured call ran: `info` or `describe`.
+    pub function: &'static str,
+    pub runs: Vec<BenchRun>,
+}
+
+fn micros(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            formatter,
+            "plugin call benchmark: {} component, {} bytes, each call = instantiate + {} + drop",
+            self.kind, self.component_bytes, self.function
+        )?;
+        for run in &self.runs {
+            writeln!(
+                formatter,
+                "  pooling {:<3}  compile {:>8.1} ms  cached load {:>7.1} µs  calls {:>6}  p50 {:>7.1} µs  p99 {:>7.1} µs  mean {:>7.1} µs  max {:>8.1} µs",
+                if run.pooling { "on" } else { "off" },
+                run.compile.as_secs_f64() * 1e3,
+                micros(run.cached_load),
+                run.calls,
+                micros(run.p50),
+                micros(run.p99),
+                micros(run.mean),
+                micros(run.max),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+async fn bench_one(component: &[u8], calls: usize, pooling: bool) -> Result<(BenchRun, PluginKind), BenchError> {
+    let config = HostConfig {
+        pooling,
+        ..HostConfig::default()
+    };
+    let host = PluginHost::new(config, Arc::new(NoSecrets))?;
+    let started = Instant::now();
+    let plugin = host.load("bench", "0", component, Vec::new())?;
+    let compile = started.elapsed();
+    let started = Instant::now();
+    let plugin = host.load("bench", "0", component, plugin.granted_hosts().to_vec())?;
+    let cached_load = started.elapsed();
+
+    let kind = plugin.kind();
+    let call_once = || async {
+        match kind {
+            PluginKind::VcsProvider => host.info(&plugin).await.map(drop),
+            PluginKind::Tool => host.describe(&plugin).await.map(drop),
+        }
+    };
+    for _ in 0..WARM_UP_CALLS {
+        call_once().await?;
+    }
+    let mut durations = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let started = Instant::now();
+        call_once().await?;
+        durations.push(started.elapsed());
+    }
+    durations.sort_unstable();
+    let total: Duration = durations.iter().sum();
+    let run = BenchRun {
+        pooling,
+        compile,
+        cached_load,
+        calls,
+        p50: percentile(&durations, 0.50),
+        p99: percentile(&durations, 0.99),
+        mean: total / calls.max(1) as u32,
+        max: durations.last().copied().unwrap_or_default(),
+    };
+    Ok((run, kind))
+}
+
+/// Measures `calls` sequential calls of the component's cheapest export (`info` for a VCS
+/// provider, `describe` for a tool), once without and once with the pooling allocator, each on a
+/// fresh host with default limits.
+pub async fn bench_calls(component: &[u8], calls: usize) -> Result<BenchReport, BenchError> {
+    let calls = calls.max(1);
+    let (without_pooling, kind) = bench_one(component, calls, false).await?;
+    let (with_pooling, _) = bench_one(component, calls, true).await?;
+    Ok(BenchReport {
+        component_bytes: component.len(),
+        kind,
+        function: match kind {
+            PluginKind::VcsProvider => "info",
+            PluginKind::Tool => "describe",
+        },
+        runs: vec![without_pooling, with_pooling],
+    })
+}
