@@ -1,11 +1,11 @@
 //! Plugins through `AdminService` and `flotilla plugin` on one node.
 //!
-//! Nodes have no plugin validator yet, so `UploadPlugin` answers UNIMPLEMENTED (this changes
-//! when the plugin host is wired in). To exercise everything after an upload, the tests write
-//! the same Raft commands a validated upload writes (`PutPluginChunk`, `CommitPlugin`) through
-//! the node's internal `ForwardWrite`, with the cluster secret, as a node's own write reaches
-//! the leader. The member token of the admin-only checks is made the same way: no API creates
-//! tokens yet.
+//! Uploads are checked by the node's plugin host: a real component (a test guest built for
+//! wasm32-wasip2) is stored, anything else is refused with the host's reason. To set up many
+//! versions cheaply, the other tests write the same Raft commands a validated upload writes
+//! (`PutPluginChunk`, `CommitPlugin`) through the node's internal `ForwardWrite`, with the cluster
+//! secret, as a node's own write reaches the leader. The member token of the admin-only checks
+//! is made the same way: no API creates tokens yet.
 
 use flotilla_proto::internal::RaftPayload;
 use flotilla_proto::v1::{self, upload_plugin_request};
@@ -15,9 +15,6 @@ use flotilla_raft::{ApplyResult, Command, PluginKind, Request, Response, Role, U
 use flotilla_tests::{admin_client, run_cli, AdminClient, ClusterOptions, TestCluster};
 use sha2::{Digest as _, Sha256};
 use tonic::Code;
-
-/// The UNIMPLEMENTED message of an upload on a node without a plugin validator.
-const NO_VALIDATOR: &str = "plugin validation is not available on this node";
 
 /// Writes `command` through node 1's internal `ForwardWrite` (node 1 leads a one-node cluster).
 async fn write_through_raft(cluster: &TestCluster, command: Command) -> ApplyResult {
@@ -139,7 +136,7 @@ fn json_of(output: &std::process::Output, what: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uploads_answer_unimplemented_and_plugin_calls_are_for_admins_only() {
+async fn components_are_checked_at_upload_and_plugin_calls_are_for_admins_only() {
     let cluster = TestCluster::start(1, ClusterOptions::default()).await;
     let endpoint = cluster.nodes[0].endpoint();
     let mut admin = admin_client(&endpoint, &cluster.admin_token()).await;
@@ -151,19 +148,55 @@ async fn uploads_answer_unimplemented_and_plugin_calls_are_for_admins_only() {
     let file = file.display().to_string();
     let stderr = stderr_of_failure(
         &cluster.run_cli(1, &["plugin", "add", &file, "--version", "1.0.0"]),
-        "plugin add without a validator",
+        "plugin add of bytes that are not a component",
     );
-    assert!(stderr.contains(&format!("unimplemented: {NO_VALIDATOR}")), "{stderr}");
+    assert!(stderr.contains("invalid argument"), "{stderr}");
+    assert!(stderr.contains("not a wasm component"), "{stderr}");
 
     let status = refusal(
         admin
             .upload_plugin(tokio_stream::iter(upload_stream("github", "1.0.0", b"\0asm")))
             .await,
-        "UploadPlugin without a validator",
+        "UploadPlugin of a truncated module",
     );
-    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-    assert!(status.message().contains(NO_VALIDATOR), "{status:?}");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(list(&mut admin, "").await.is_empty(), "a refused upload stores nothing");
+
+    // A real component is checked, compiled and stored; its world decides its kind.
+    let component = flotilla_tests::test_guest("well-behaved");
+    let wasm = dir.path().join("well-behaved.wasm");
+    std::fs::write(&wasm, &component).expect("write the component");
+    let added = json_of(
+        &cluster.run_cli(
+            1,
+            &[
+                "--output",
+                "json",
+                "plugin",
+                "add",
+                &wasm.display().to_string(),
+                "--version",
+                "1.0.0",
+                "--grant-host",
+                "127.0.0.1:9",
+            ],
+        ),
+        "plugin add of a component",
+    );
+    assert_eq!(added["name"], "well-behaved", "{added}");
+    assert_eq!(added["sha256"], hex::encode(Sha256::digest(&component)), "{added}");
+    assert_eq!(
+        added["kind"], "PLUGIN_KIND_VCS_PROVIDER",
+        "the kind comes from the component's world: {added}"
+    );
+    let status = refusal(
+        admin
+            .upload_plugin(tokio_stream::iter(upload_stream("well-behaved", "1.0.0", &component)))
+            .await,
+        "the same version again",
+    );
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(list(&mut admin, "").await.len(), 1);
 
     // A member token is refused everywhere, before anything is read or written.
     let member_token = "flt_t55_member_token";
@@ -467,12 +500,12 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
             ("lint".to_string(), "0.1.0".to_string(), true)
         ]
     );
-    // Uploads still wait for a validator, also for a version that exists.
+    // A version that exists is refused before its bytes are checked.
     let status = refusal(
         admin
             .upload_plugin(tokio_stream::iter(upload_stream("github", "1.0.0", &github_1_0)))
             .await,
-        "upload without a validator",
+        "upload of an existing version",
     );
-    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
 }

@@ -51,6 +51,50 @@ const LOG_LINES_ON_FAILURE: usize = 40;
 /// Set this environment variable to keep a failed test's cluster directory (data and logs).
 const KEEP_TEST_DIRS_ENV: &str = "FLOTILLA_KEEP_TEST_DIRS";
 
+/// Environment of the outer build that must not reach (and rebuild) the wasm guests.
+const GUEST_BUILD_LEAKING_ENVIRONMENT: &[&str] = &[
+    "RUSTFLAGS",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_BUILD_RUSTFLAGS",
+    "CARGO_BUILD_TARGET",
+    "CARGO_BUILD_TARGET_DIR",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+];
+
+/// The component of test guest `name` from `plugins/testdata` (e.g. "well-behaved"), built for
+/// wasm32-wasip2 once per test process into `target/plugin-testdata` (shared with the plugin
+/// host's own tests).
+pub fn test_guest(name: &str) -> Vec<u8> {
+    static DIRECTORY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let directory = DIRECTORY.get_or_init(|| {
+        let workspace_root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the tests crate lives one level below the workspace root");
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => workspace_root.join(dir).join("plugin-testdata"),
+            None => workspace_root.join("target/plugin-testdata"),
+        };
+        let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        command
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+            .arg(workspace_root.join("plugins/testdata/Cargo.toml"))
+            .env("CARGO_TARGET_DIR", &target);
+        for variable in GUEST_BUILD_LEAKING_ENVIRONMENT {
+            command.env_remove(variable);
+        }
+        let output = command.output().expect("run cargo to build the test guests");
+        assert!(
+            output.status.success(),
+            "building the test guests failed (is the wasm32-wasip2 target installed?):\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        target.join("wasm32-wasip2/release")
+    });
+    let path = directory.join(format!("{}.wasm", name.replace('-', "_")));
+    std::fs::read(&path).unwrap_or_else(|error| panic!("read test guest {}: {error}", path.display()))
+}
+
 /// The path of the `flotilla` binary under test: `$FLOTILLA_BIN` if set, otherwise the
 /// workspace's debug build.
 pub fn flotilla_bin() -> PathBuf {

@@ -37,6 +37,25 @@ pub trait PluginValidator: Send + Sync {
     fn validate(&self, name: &str, version: &str, bytes: &[u8]) -> Result<PluginKind, String>;
 }
 
+/// The validator of a node: the plugin host itself loads (and so checks and compiles) the
+/// component, exactly as it will when the plugin is used.
+pub struct HostValidator {
+    pub host: Arc<flotilla_plugins::PluginHost>,
+}
+
+impl PluginValidator for HostValidator {
+    fn validate(&self, name: &str, version: &str, bytes: &[u8]) -> Result<PluginKind, String> {
+        let plugin = self
+            .host
+            .load(name, version, bytes, Vec::new())
+            .map_err(|error| error.to_string())?;
+        Ok(match plugin.kind() {
+            flotilla_plugins::PluginKind::VcsProvider => PluginKind::VcsProvider,
+            flotilla_plugins::PluginKind::Tool => PluginKind::Tool,
+        })
+    }
+}
+
 pub struct AdminApi {
     pub replica: Replica,
     /// `None` on a node without a plugin host: `UploadPlugin` answers UNIMPLEMENTED, and the

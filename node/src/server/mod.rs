@@ -273,6 +273,28 @@ async fn register_self(replica: &Replica, info: NodeInfo) {
     }
 }
 
+/// Secrets plugins may name in their placeholders: the node's secrets (`DATA_DIR/secrets/NAME`).
+struct NodeSecrets {
+    data_dir: std::path::PathBuf,
+}
+
+impl flotilla_plugins::SecretSource for NodeSecrets {
+    fn secret(&self, _plugin: &str, name: &str) -> Option<String> {
+        runtime::read_secret(&self.data_dir, name)
+    }
+}
+
+/// The node's plugin host. It checks uploads now; running the plugins in the agent path comes next.
+fn plugin_host(config: &NodeConfig) -> anyhow::Result<flotilla_plugins::PluginHost> {
+    flotilla_plugins::PluginHost::new(
+        flotilla_plugins::HostConfig::default(),
+        std::sync::Arc::new(NodeSecrets {
+            data_dir: config.data_dir.clone(),
+        }),
+    )
+    .map_err(|error| anyhow!("cannot start the plugin host: {error}"))
+}
+
 pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
@@ -322,11 +344,11 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             default_model,
         }),
     };
-    // No validator yet: until the plugin host (flotilla-plugins) is wired in here, uploads answer
-    // UNIMPLEMENTED and the other plugin calls work on what the cluster holds.
     let admin_api = admin::AdminApi {
         replica: replica.clone(),
-        validator: None,
+        validator: Some(std::sync::Arc::new(admin::HostValidator {
+            host: std::sync::Arc::new(plugin_host(&config)?),
+        })),
     };
     let server = tokio::spawn(serve(
         listener,
