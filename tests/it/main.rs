@@ -5,6 +5,7 @@
 mod common;
 mod t00_harness;
 mod t05_fakes;
+mod t07_providers;
 mod t10_single_node;
 mod t15_cli_and_drain;
 mod t18_agent_runs;
