@@ -15,4 +15,5 @@ mod t30_failover;
 mod t40_watch_across_nodes;
 mod t50_machines;
 mod t55_plugins;
+mod t56_plugins_everywhere;
 mod t65_agent_failover;

@@ -79,7 +79,7 @@ fn plugin_ref(name: &str, version: &str) -> v1::PluginRef {
     }
 }
 
-fn upload_stream(name: &str, version: &str, bytes: &[u8]) -> Vec<v1::UploadPluginRequest> {
+pub(crate) fn upload_stream(name: &str, version: &str, bytes: &[u8]) -> Vec<v1::UploadPluginRequest> {
     let header = upload_plugin_request::Kind::Header(v1::UploadPluginHeader {
         name: name.to_string(),
         version: version.to_string(),
@@ -96,7 +96,7 @@ fn upload_stream(name: &str, version: &str, bytes: &[u8]) -> Vec<v1::UploadPlugi
         .collect()
 }
 
-async fn list(client: &mut AdminClient, name: &str) -> Vec<v1::Plugin> {
+pub(crate) async fn list(client: &mut AdminClient, name: &str) -> Vec<v1::Plugin> {
     client
         .list_plugins(v1::ListPluginsRequest { name: name.to_string() })
         .await

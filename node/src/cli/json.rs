@@ -147,6 +147,8 @@ pub(crate) fn plugin(plugin: &Plugin) -> Value {
         "enabled": plugin.enabled,
         "granted_hosts": plugin.granted_hosts,
         "uploaded_at": timestamp(plugin.uploaded_at.as_ref()),
+        "loaded_here": plugin.loaded_here,
+        "load_error": plugin.load_error,
     })
 }
 

@@ -517,7 +517,7 @@ mod tests {
             kind: PluginKind::VcsProvider as i32,
             enabled: true,
             granted_hosts: vec!["api.github.com".into(), "github.com".into()],
-            uploaded_at: None,
+            ..Default::default()
         };
         let list = plugin_list(std::slice::from_ref(&plugin));
         let row: Vec<&str> = list.lines().nth(1).expect("a row").split_whitespace().collect();

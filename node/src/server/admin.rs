@@ -61,6 +61,8 @@ pub struct AdminApi {
     /// `None` on a node without a plugin host: `UploadPlugin` answers UNIMPLEMENTED, and the
     /// rest (list, enable, disable, grant, remove) works.
     pub validator: Option<Arc<dyn PluginValidator>>,
+    /// What this node has loaded; `None` on a node without a plugin host.
+    pub registry: Option<Arc<super::plugins::PluginRegistry>>,
 }
 
 fn invalid(message: String) -> Status {
@@ -87,6 +89,16 @@ struct CheckedUpload {
 }
 
 impl AdminApi {
+    /// A plugin on the wire, with whether this node runs it.
+    fn wire(&self, record: &PluginRecord) -> v1::Plugin {
+        let mut plugin = convert::plugin(record);
+        if let Some(registry) = &self.registry {
+            plugin.loaded_here = registry.is_loaded(record);
+            plugin.load_error = registry.load_error(record).unwrap_or_default();
+        }
+        plugin
+    }
+
     fn refuse_existing(&self, key: &PluginKey) -> Result<(), Status> {
         let exists = self.replica.reader().read(|state| state.plugins.contains_key(key));
         if exists {
@@ -282,7 +294,7 @@ impl AdminService for AdminApi {
                 .then_with(|| flotilla_raft::plugin_version_order(&left.version, &right.version))
         });
         Ok(tonic::Response::new(v1::ListPluginsResponse {
-            plugins: records.iter().map(convert::plugin).collect(),
+            plugins: records.iter().map(|record| self.wire(record)).collect(),
         }))
     }
 
@@ -387,6 +399,7 @@ mod tests {
         AdminApi {
             replica,
             validator: None,
+            registry: None,
         }
     }
 

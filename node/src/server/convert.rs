@@ -167,5 +167,7 @@ pub fn plugin(record: &PluginRecord) -> v1::Plugin {
         enabled: record.enabled,
         granted_hosts: record.granted_hosts.clone(),
         uploaded_at: Some(timestamp(record.uploaded_at_ms)),
+        loaded_here: false,
+        load_error: String::new(),
     }
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cluster;
 pub mod convert;
 pub mod internal;
+pub mod plugins;
 pub mod runtime;
 pub mod validate;
 
@@ -284,7 +285,7 @@ impl flotilla_plugins::SecretSource for NodeSecrets {
     }
 }
 
-/// The node's plugin host. It checks uploads now; running the plugins in the agent path comes next.
+/// The node's plugin host: it checks uploads and runs the enabled plugins (see `plugins`).
 fn plugin_host(config: &NodeConfig) -> anyhow::Result<flotilla_plugins::PluginHost> {
     flotilla_plugins::PluginHost::new(
         flotilla_plugins::HostConfig::default(),
@@ -344,11 +345,13 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             default_model,
         }),
     };
+    let plugin_host = std::sync::Arc::new(plugin_host(&config)?);
     let admin_api = admin::AdminApi {
         replica: replica.clone(),
         validator: Some(std::sync::Arc::new(admin::HostValidator {
-            host: std::sync::Arc::new(plugin_host(&config)?),
+            host: plugin_host.clone(),
         })),
+        registry: Some(plugins::PluginRegistry::start(plugin_host, &replica)),
     };
     let server = tokio::spawn(serve(
         listener,
