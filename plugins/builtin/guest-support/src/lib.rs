@@ -6,8 +6,8 @@
 //! talking to the forge lives here or in the provider's own `logic.rs`, as plain functions of
 //! strings: repository URL parsing ([`RemoteUrl`]), the admin's settings ([`Settings`]),
 //! secret placeholders, and reading a forge's error bodies. None of it depends on
-//! `wit-bindgen`, so it is unit-tested natively; each plugin's `lib.rs` only converts between
-//! these types and the generated WIT bindings.
+//! `wit-bindgen`, so it is unit-tested natively; a plugin's `lib.rs` only converts between
+//! these types and the generated WIT bindings ([`forge_provider!`] is that glue for the forges).
 
 use serde_json::Value;
 
@@ -547,6 +547,144 @@ pub fn branch_of_ref(git_ref: &str) -> Option<String> {
 pub fn webhook_json(provider: &str, body: &[u8]) -> Result<Value, Failure> {
     serde_json::from_slice(body)
         .map_err(|error| Failure::InvalidInput(format!("{provider} webhook body is not JSON: {error}")))
+}
+
+// ---------------------------------------------------------------- the WIT glue of a forge
+
+/// The whole `lib.rs` of a forge provider below its `mod logic;`: the WIT bindings (generated in
+/// the calling crate from `../wit`), the exported `Guest` that asks `logic` for every decision
+/// and sends the one HTTP request of a pull request, and the conversions between the generated
+/// types and this crate's. `logic` must have `NAME`, `DISPLAY_NAME`, `DEFAULT_TOKEN_SECRET`,
+/// `url_patterns`, `match_url`, `clone_spec`, `pull_request_request`, `pull_request_response`
+/// and `parse_webhook`, as the GitHub, GitLab, Bitbucket and Gitea providers do.
+#[macro_export]
+macro_rules! forge_provider {
+    () => {
+        mod bindings {
+            // Generated code; its lowered import functions take many arguments.
+            #![allow(clippy::too_many_arguments)]
+            wit_bindgen::generate!({ world: "vcs-provider", path: "../wit" });
+        }
+
+        use bindings::flotilla::plugin::types::{Header, HttpRequest};
+        use bindings::flotilla::plugin::vcs::RemoteError;
+        use bindings::flotilla::plugin::{http, settings};
+        // The world's `use vcs.{...}` puts the provider types at the top of the bindings.
+        use bindings::{
+            CloneSpec, Guest, PluginError, ProviderInfo, PullRequest, PullRequestInput, RepoRef, WebhookEvent, WebhookInput,
+        };
+        use $crate as support;
+
+        struct Provider;
+
+        fn read_settings() -> support::Settings {
+            support::Settings::read(settings::get, logic::DEFAULT_TOKEN_SECRET)
+        }
+
+        impl Guest for Provider {
+            fn info() -> ProviderInfo {
+                ProviderInfo {
+                    name: logic::NAME.to_string(),
+                    display_name: logic::DISPLAY_NAME.to_string(),
+                    url_patterns: logic::url_patterns(),
+                    supports_pull_requests: true,
+                }
+            }
+
+            fn match_url(url: String) -> Option<RepoRef> {
+                logic::match_url(&url, &read_settings()).map(repo_ref)
+            }
+
+            fn clone_spec(url: String) -> Result<CloneSpec, PluginError> {
+                logic::clone_spec(&url, &read_settings())
+                    .map(clone_spec)
+                    .map_err(plugin_error)
+            }
+
+            fn create_pull_request(input: PullRequestInput) -> Result<PullRequest, PluginError> {
+                let request =
+                    logic::pull_request_request(&pull_request_input(input), &read_settings()).map_err(plugin_error)?;
+                let response = http::send(&http_request(request)).map_err(PluginError::Http)?;
+                logic::pull_request_response(response.status, &response.body)
+                    .map(|created| PullRequest {
+                        url: created.url,
+                        number: created.number,
+                    })
+                    .map_err(plugin_error)
+            }
+
+            fn parse_webhook(input: WebhookInput) -> Result<Option<WebhookEvent>, PluginError> {
+                let headers: Vec<(String, String)> = input
+                    .headers
+                    .into_iter()
+                    .map(|header| (header.name, header.value))
+                    .collect();
+                logic::parse_webhook(&headers, &input.body)
+                    .map(|event| event.map(webhook_event))
+                    .map_err(plugin_error)
+            }
+        }
+
+        bindings::export!(Provider with_types_in bindings);
+
+        fn repo_ref(repository: support::RepoRef) -> RepoRef {
+            RepoRef {
+                host: repository.host,
+                owner: repository.owner,
+                name: repository.name,
+                web_url: repository.web_url,
+            }
+        }
+
+        fn clone_spec(spec: support::CloneSpec) -> CloneSpec {
+            CloneSpec {
+                url: spec.url,
+                auth_header: spec.auth_header.map(|(name, value)| Header { name, value }),
+            }
+        }
+
+        fn pull_request_input(input: PullRequestInput) -> support::PullRequestInput {
+            support::PullRequestInput {
+                repository_url: input.repository_url,
+                head_branch: input.head_branch,
+                base_branch: input.base_branch,
+                title: input.title,
+                body: input.body,
+                draft: input.draft,
+            }
+        }
+
+        fn http_request(request: support::HttpRequest) -> HttpRequest {
+            HttpRequest {
+                method: request.method,
+                url: request.url,
+                headers: request
+                    .headers
+                    .into_iter()
+                    .map(|(name, value)| Header { name, value })
+                    .collect(),
+                body: request.body,
+            }
+        }
+
+        fn webhook_event(event: support::WebhookEvent) -> WebhookEvent {
+            WebhookEvent {
+                kind: event.kind,
+                repository_url: event.repository_url,
+                branch: event.branch,
+                pull_request_number: event.pull_request_number,
+                actor: event.actor,
+            }
+        }
+
+        fn plugin_error(failure: support::Failure) -> PluginError {
+            match failure {
+                support::Failure::Unsupported(message) => PluginError::Unsupported(message),
+                support::Failure::InvalidInput(message) => PluginError::InvalidInput(message),
+                support::Failure::Remote { status, message } => PluginError::Remote(RemoteError { status, message }),
+            }
+        }
+    };
 }
 
 #[cfg(test)]
