@@ -4,9 +4,9 @@
 //! functions, tested natively.
 
 use flotilla_guest_support::{
-    created_pull_request, encode_path_component, header, is_plain_name, json_string, json_u64, parse_json,
-    parse_remote_url, remote_failure, render_message, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest,
-    PullRequestInput, RemoteUrl, RepoRef, Settings, WebhookEvent,
+    created_pull_request, encode_path_component, header, json_string, json_u64, parse_json, remote_failure,
+    render_message, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest, PullRequestInput, RepoRef, Settings,
+    TwoPartRepository as Repository, WebhookEvent,
 };
 use serde_json::{json, Value};
 
@@ -25,30 +25,8 @@ pub fn url_patterns() -> Vec<String> {
     ]
 }
 
-/// A Bitbucket repository: its URL, workspace and slug.
-struct Repository {
-    url: RemoteUrl,
-    workspace: String,
-    slug: String,
-}
-
 fn repository(url: &str, settings: &Settings) -> Option<Repository> {
-    let parsed = parse_remote_url(url)?;
-    if !parsed.host_is_one_of(&settings.claimed_hosts(&[PUBLIC_HOST])) {
-        return None;
-    }
-    let [workspace, slug] = parsed.segments.as_slice() else {
-        return None;
-    };
-    if !is_plain_name(workspace) || !is_plain_name(slug) {
-        return None;
-    }
-    let (workspace, slug) = (workspace.clone(), slug.clone());
-    Some(Repository {
-        url: parsed,
-        workspace,
-        slug,
-    })
+    Repository::parse(url, &settings.claimed_hosts(&[PUBLIC_HOST]))
 }
 
 fn not_bitbucket(url: &str) -> Failure {
@@ -58,29 +36,13 @@ fn not_bitbucket(url: &str) -> Failure {
 }
 
 pub fn match_url(url: &str, settings: &Settings) -> Option<RepoRef> {
-    let repository = repository(url, settings)?;
-    Some(RepoRef {
-        host: repository.url.web_host(),
-        web_url: format!(
-            "{}/{}/{}",
-            repository.url.web_origin(),
-            repository.workspace,
-            repository.slug
-        ),
-        owner: repository.workspace,
-        name: repository.slug,
-    })
+    repository(url, settings).map(Repository::repo_ref)
 }
 
 pub fn clone_spec(url: &str, settings: &Settings) -> Result<CloneSpec, Failure> {
     let repository = repository(url, settings).ok_or_else(|| not_bitbucket(url))?;
     Ok(CloneSpec {
-        url: format!(
-            "{}/{}/{}.git",
-            repository.url.web_origin(),
-            repository.workspace,
-            repository.slug
-        ),
+        url: repository.clone_url(),
         auth_header: Some((
             "Authorization".to_string(),
             format!("Basic {}", settings.basic_placeholder(GIT_USER)?),
@@ -106,8 +68,8 @@ pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Re
     let url = format!(
         "{}/repositories/{}/{}/pullrequests",
         api_base(&repository, settings),
-        encode_path_component(&repository.workspace),
-        encode_path_component(&repository.slug)
+        encode_path_component(&repository.owner),
+        encode_path_component(&repository.name)
     );
     let headers = vec![
         (

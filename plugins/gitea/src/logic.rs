@@ -3,9 +3,9 @@
 //! to read the forge's answers and webhook deliveries. Plain functions, tested natively.
 
 use flotilla_guest_support::{
-    branch_of_ref, created_pull_request, encode_path_component, header, is_plain_name, json_string, json_u64,
-    parse_json, parse_remote_url, remote_failure, render_message, webhook_json, CloneSpec, Failure, HttpRequest,
-    PullRequest, PullRequestInput, RemoteUrl, RepoRef, Settings, WebhookEvent,
+    branch_of_ref, created_pull_request, encode_path_component, header, json_string, json_u64, parse_json,
+    remote_failure, render_message, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest, PullRequestInput,
+    RepoRef, Settings, TwoPartRepository as Repository, WebhookEvent,
 };
 use serde_json::{json, Value};
 
@@ -27,30 +27,8 @@ pub fn url_patterns() -> Vec<String> {
     ]
 }
 
-/// A Gitea repository: its URL, owner and name.
-struct Repository {
-    url: RemoteUrl,
-    owner: String,
-    name: String,
-}
-
 fn repository(url: &str, settings: &Settings) -> Option<Repository> {
-    let parsed = parse_remote_url(url)?;
-    if !parsed.host_is_one_of(&settings.claimed_hosts(&[PUBLIC_HOST])) {
-        return None;
-    }
-    let [owner, name] = parsed.segments.as_slice() else {
-        return None;
-    };
-    if !is_plain_name(owner) || !is_plain_name(name) {
-        return None;
-    }
-    let (owner, name) = (owner.clone(), name.clone());
-    Some(Repository {
-        url: parsed,
-        owner,
-        name,
-    })
+    Repository::parse(url, &settings.claimed_hosts(&[PUBLIC_HOST]))
 }
 
 fn not_gitea(url: &str) -> Failure {
@@ -60,30 +38,14 @@ fn not_gitea(url: &str) -> Failure {
 }
 
 pub fn match_url(url: &str, settings: &Settings) -> Option<RepoRef> {
-    let repository = repository(url, settings)?;
-    Some(RepoRef {
-        host: repository.url.web_host(),
-        web_url: format!(
-            "{}/{}/{}",
-            repository.url.web_origin(),
-            repository.owner,
-            repository.name
-        ),
-        owner: repository.owner,
-        name: repository.name,
-    })
+    repository(url, settings).map(Repository::repo_ref)
 }
 
 pub fn clone_spec(url: &str, settings: &Settings) -> Result<CloneSpec, Failure> {
     let repository = repository(url, settings).ok_or_else(|| not_gitea(url))?;
     let user = settings.username.as_deref().unwrap_or(DEFAULT_GIT_USER);
     Ok(CloneSpec {
-        url: format!(
-            "{}/{}/{}.git",
-            repository.url.web_origin(),
-            repository.owner,
-            repository.name
-        ),
+        url: repository.clone_url(),
         auth_header: Some((
             "Authorization".to_string(),
             format!("Basic {}", settings.basic_placeholder(user)?),

@@ -310,6 +310,56 @@ impl RemoteUrl {
     }
 }
 
+/// A repository named by a claimed host and exactly two plain path segments: GitHub's and
+/// Gitea's OWNER/REPO, Bitbucket's WORKSPACE/REPO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TwoPartRepository {
+    pub url: RemoteUrl,
+    pub owner: String,
+    pub name: String,
+}
+
+impl TwoPartRepository {
+    /// The repository `url` names, if its host is one of `claimed_hosts`.
+    pub fn parse(url: &str, claimed_hosts: &[String]) -> Option<TwoPartRepository> {
+        let parsed = parse_remote_url(url)?;
+        if !parsed.host_is_one_of(claimed_hosts) {
+            return None;
+        }
+        let [owner, name] = parsed.segments.as_slice() else {
+            return None;
+        };
+        if !is_plain_name(owner) || !is_plain_name(name) {
+            return None;
+        }
+        let (owner, name) = (owner.clone(), name.clone());
+        Some(TwoPartRepository {
+            url: parsed,
+            owner,
+            name,
+        })
+    }
+
+    /// The repository's page: `{origin}/{owner}/{name}`.
+    pub fn web_url(&self) -> String {
+        format!("{}/{}/{}", self.url.web_origin(), self.owner, self.name)
+    }
+
+    /// The URL git clones and pushes: the page with `.git`.
+    pub fn clone_url(&self) -> String {
+        format!("{}.git", self.web_url())
+    }
+
+    pub fn repo_ref(self) -> RepoRef {
+        RepoRef {
+            host: self.url.web_host(),
+            web_url: self.web_url(),
+            owner: self.owner,
+            name: self.name,
+        }
+    }
+}
+
 /// Whether `segment` is a plausible owner or repository name on a forge: ASCII letters,
 /// digits, `-`, `_` and `.`, not starting with a dot.
 pub fn is_plain_name(segment: &str) -> bool {
