@@ -495,7 +495,13 @@ impl Actor for AgentSupervisor {
                 let repos_dir = state.args.machines.repos_dir.clone();
                 let actor = state
                     .repos
-                    .actor_for(&url, &repos_dir, &state.args.runtime.git, myself.get_cell())
+                    .actor_for(
+                        &url,
+                        &repos_dir,
+                        &state.args.runtime.git,
+                        state.args.runtime.providers.clone(),
+                        myself.get_cell(),
+                    )
                     .await?;
                 let _ = reply.send(actor);
             }

@@ -19,3 +19,4 @@ pub mod scheduler;
 pub mod supervisor;
 pub mod tools;
 pub mod turn;
+pub mod vcs;

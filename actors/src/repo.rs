@@ -6,11 +6,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sha2::{Digest, Sha256};
 use tokio::process::Command as Process;
+
+use crate::vcs::{GitOrigin, VcsProviders};
 
 /// A git command that takes longer than this is killed (clones of large repositories included).
 pub const GIT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -87,15 +90,18 @@ impl GitSettings {
         };
         let basic = base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", credential.username, credential.password));
-        vec![
-            ("GIT_CONFIG_COUNT".to_string(), "1".to_string()),
-            ("GIT_CONFIG_KEY_0".to_string(), "http.extraHeader".to_string()),
-            (
-                "GIT_CONFIG_VALUE_0".to_string(),
-                format!("Authorization: Basic {basic}"),
-            ),
-        ]
+        extra_header_env(&format!("Authorization: Basic {basic}"))
     }
+}
+
+/// Environment that makes git send `header` ("Name: value") with every HTTP request, through
+/// git's `GIT_CONFIG_*` variables: on no command line and in no file.
+pub fn extra_header_env(header: &str) -> Vec<(String, String)> {
+    vec![
+        ("GIT_CONFIG_COUNT".to_string(), "1".to_string()),
+        ("GIT_CONFIG_KEY_0".to_string(), "http.extraHeader".to_string()),
+        ("GIT_CONFIG_VALUE_0".to_string(), header.to_string()),
+    ]
 }
 
 /// A workspace ready for a machine.
@@ -170,10 +176,19 @@ pub enum RepoMsg {
 impl ractor::Message for RepoMsg {}
 
 pub struct RepoArgs {
+    /// The repository as the agent names it (its provider maps it to the URL git uses).
     pub url: String,
     pub mirror: PathBuf,
-    /// Credentials for the origin, as git environment (empty for none).
-    pub auth_env: Vec<(String, String)>,
+    /// Credentials of the node's config, for origins whose provider gives no auth header.
+    pub git: GitSettings,
+    /// The node's VCS providers; `None` clones `url` as it is.
+    pub providers: Option<Arc<dyn VcsProviders>>,
+}
+
+/// Where git goes for one clone, fetch or push, and the environment that authenticates it.
+struct ResolvedOrigin {
+    url: String,
+    env: Vec<(String, String)>,
 }
 
 pub struct RepoState {
@@ -182,16 +197,39 @@ pub struct RepoState {
 }
 
 impl RepoState {
+    /// Asks the repository's provider where git goes now (the credentials may have changed).
+    async fn origin(&self) -> Result<ResolvedOrigin, String> {
+        let origin = match &self.args.providers {
+            Some(providers) => providers
+                .origin(&self.args.url)
+                .await
+                .map_err(|error| format!("the VCS provider {error}"))?,
+            None => GitOrigin {
+                url: self.args.url.clone(),
+                auth_header: None,
+            },
+        };
+        let env = match &origin.auth_header {
+            Some((name, value)) => extra_header_env(&format!("{name}: {value}")),
+            None => self.args.git.auth_env(&origin.url),
+        };
+        Ok(ResolvedOrigin { url: origin.url, env })
+    }
+
     async fn refresh(&mut self) -> Result<(), RepoError> {
         let url = self.args.url.clone();
         let mirror = self.args.mirror.display().to_string();
+        let origin = self.origin().await.map_err(|message| RepoError::Clone {
+            url: url.clone(),
+            message,
+        })?;
         if !self.cloned && !self.args.mirror.join("HEAD").exists() {
             let partial = format!("{mirror}.partial");
             let _ = tokio::fs::remove_dir_all(&partial).await;
             git_with(
-                &["clone", "--mirror", "--quiet", &url, &partial],
+                &["clone", "--mirror", "--quiet", &origin.url, &partial],
                 None,
-                &self.args.auth_env,
+                &origin.env,
             )
             .await
             .map_err(|message| RepoError::Clone {
@@ -205,10 +243,17 @@ impl RepoState {
                     message: error.to_string(),
                 })?;
         } else {
+            // The provider may move the repository (another clone URL): follow it.
+            git(&["remote", "set-url", "origin", &origin.url], Some(&self.args.mirror))
+                .await
+                .map_err(|message| RepoError::Fetch {
+                    url: url.clone(),
+                    message,
+                })?;
             git_with(
                 &["fetch", "--prune", "--quiet", "origin"],
                 Some(&self.args.mirror),
-                &self.args.auth_env,
+                &origin.env,
             )
             .await
             .map_err(|message| RepoError::Fetch { url, message })?;
@@ -312,16 +357,17 @@ impl RepoState {
         .map_err(|message| failed(format!("cannot take the branch from the workspace: {message}")))?;
         let result = async {
             let commit = git(&["rev-parse", &staging], Some(&mirror)).await.map_err(failed)?;
+            let origin = self.origin().await.map_err(failed)?;
             git_with(
                 &[
                     "push",
                     "--quiet",
                     "--no-verify",
-                    &self.args.url,
+                    &origin.url,
                     &format!("{staging}:refs/heads/{branch}"),
                 ],
                 Some(&mirror),
-                &self.args.auth_env,
+                &origin.env,
             )
             .await
             .map_err(|message| {
@@ -392,6 +438,7 @@ impl Repos {
         url: &str,
         repos_dir: &Path,
         git: &GitSettings,
+        providers: Option<Arc<dyn VcsProviders>>,
         supervisor: ractor::ActorCell,
     ) -> Result<ActorRef<RepoMsg>, ActorProcessingErr> {
         if let Some(actor) = self.actors.get(url) {
@@ -411,7 +458,8 @@ impl Repos {
             RepoArgs {
                 url: url.to_string(),
                 mirror: mirror_path(repos_dir, url),
-                auth_env: git.auth_env(url),
+                git: git.clone(),
+                providers,
             },
             supervisor,
         )
@@ -462,7 +510,8 @@ mod tests {
             args: RepoArgs {
                 url: url.clone(),
                 mirror: mirror_path(&dir.path().join("repos"), &url),
-                auth_env: Vec::new(),
+                git: GitSettings::default(),
+                providers: None,
             },
             cloned: false,
         };
@@ -499,7 +548,8 @@ mod tests {
             args: RepoArgs {
                 url: url.clone(),
                 mirror: mirror_path(dir.path(), &url),
-                auth_env: Vec::new(),
+                git: GitSettings::default(),
+                providers: None,
             },
             cloned: false,
         };
@@ -516,7 +566,8 @@ mod tests {
             args: RepoArgs {
                 url: missing.clone(),
                 mirror: mirror_path(dir.path(), &missing),
-                auth_env: Vec::new(),
+                git: GitSettings::default(),
+                providers: None,
             },
             cloned: false,
         };

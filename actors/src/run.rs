@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use flotilla_proto::v1;
 use flotilla_raft::command::MAX_CHECKPOINT_BYTES;
-use flotilla_raft::{AgentId, AgentRecord, AgentStatus, ApplyError, Command, Epoch, EventKind, Replica, WriteError};
+use flotilla_raft::{
+    AgentId, AgentRecord, AgentStatus, ApplyError, Command, Epoch, EventKind, PullRequestRef, Replica, WriteError,
+};
 use flotilla_sandbox::{BwrapDriver, ExecRequest, MachineDriver};
 use prost::Message as _;
 use ractor::ActorRef;
@@ -24,6 +26,7 @@ use crate::model::{ModelProvider, StreamEvent, ToolSpec, TurnRequest};
 use crate::repo::{GitSettings, RepoMsg, Workspace};
 use crate::tools::{self, ToolLimits};
 use crate::turn::{system_prompt, Budgets, Conversation, Ending, Next, PromptContext, MAX_GUIDANCE_BYTES};
+use crate::vcs::{PluginTools, PullRequestSpec, VcsProviders};
 
 /// Most bytes of a tool's output kept in its durable event (the model gets the whole capped output).
 pub const MAX_EVENT_OUTPUT_BYTES: usize = 4 * 1024;
@@ -43,6 +46,10 @@ pub struct AgentRuntime {
     pub budgets: Budgets,
     pub tool_limits: ToolLimits,
     pub max_output_tokens: u32,
+    /// The repository providers (clone, push, pull requests); `None` uses plain git.
+    pub providers: Option<Arc<dyn VcsProviders>>,
+    /// Tools added as plugins; `None` offers the built-in tools only.
+    pub plugin_tools: Option<Arc<dyn PluginTools>>,
 }
 
 impl Default for AgentRuntime {
@@ -57,6 +64,8 @@ impl Default for AgentRuntime {
             budgets: Budgets::default(),
             tool_limits: ToolLimits::default(),
             max_output_tokens: 8192,
+            providers: None,
+            plugin_tools: None,
         }
     }
 }
@@ -365,14 +374,7 @@ pub async fn run(context: RunContext) -> RunOutcome {
         mesh: context.mesh.clone(),
         scripted: provider.scripted(),
     };
-    let tool_specs: Vec<ToolSpec> = tools::tool_specs()
-        .into_iter()
-        .map(|(name, description, parameters)| ToolSpec {
-            name,
-            description,
-            parameters,
-        })
-        .collect();
+    let tool_specs = available_tools(&context, &live).await;
     let checkpoint = context
         .replica
         .reader()
@@ -436,9 +438,15 @@ pub async fn run(context: RunContext) -> RunOutcome {
             delivered = current.follow_ups.len() as u32;
         }
 
+        // Tool plugins come and go while the cluster runs; a turn offers those enabled now.
+        let tool_specs = if turn > start.turns {
+            available_tools(&context, &live).await
+        } else {
+            tool_specs.clone()
+        };
         let request = TurnRequest {
             messages: conversation.messages.clone(),
-            tools: tool_specs.clone(),
+            tools: tool_specs,
             max_output_tokens: context.runtime.max_output_tokens,
         };
         let (sender, mut receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
@@ -488,14 +496,7 @@ pub async fn run(context: RunContext) -> RunOutcome {
                         arguments: capped(&call.arguments_json, MAX_EVENT_OUTPUT_BYTES),
                     }));
                     let began = Instant::now();
-                    let output = tools::run_tool(
-                        context.driver.as_ref(),
-                        &context.machine.machine,
-                        &call.name,
-                        &call.arguments_json,
-                        &context.runtime.tool_limits,
-                    )
-                    .await;
+                    let output = run_any_tool(&context, &call.name, &call.arguments_json).await;
                     let duration_ms = began.elapsed().as_millis() as u64;
                     let event_output = capped(&output.content, MAX_EVENT_OUTPUT_BYTES);
                     live.publish(v1::agent_event::Kind::ToolCallFinished(v1::ToolCallFinished {
@@ -636,6 +637,22 @@ pub async fn run(context: RunContext) -> RunOutcome {
                         Err(error) => write_outcome(error),
                     };
                 }
+                if start.spec.open_pull_request {
+                    if let Err(failure) = open_pull_request(&context, &live, pushed.is_some(), &summary).await {
+                        let result = set_status(
+                            &context,
+                            AgentStatus::Failed,
+                            "the pull request could not be opened".to_string(),
+                            Some(summary),
+                            Some(capped(&failure, MAX_EVENT_OUTPUT_BYTES)),
+                        )
+                        .await;
+                        return match result {
+                            Ok(()) => RunOutcome::Ended(AgentStatus::Failed),
+                            Err(error) => write_outcome(error),
+                        };
+                    }
+                }
                 match set_status(
                     &context,
                     AgentStatus::Finished,
@@ -664,4 +681,134 @@ pub async fn run(context: RunContext) -> RunOutcome {
             }
         }
     }
+}
+
+/// The built-in tools and, after them, the enabled tool plugins whose names are free.
+async fn available_tools(context: &RunContext, live: &Live) -> Vec<ToolSpec> {
+    let mut specs: Vec<ToolSpec> = tools::tool_specs()
+        .into_iter()
+        .map(|(name, description, parameters)| ToolSpec {
+            name,
+            description,
+            parameters,
+        })
+        .collect();
+    if let Some(plugin_tools) = &context.runtime.plugin_tools {
+        for spec in plugin_tools.specs().await {
+            if specs.iter().any(|known| known.name == spec.name) {
+                live.log(format!(
+                    "the tool plugin {:?} is not offered: a tool of that name exists",
+                    spec.name
+                ));
+                continue;
+            }
+            specs.push(spec);
+        }
+    }
+    specs
+}
+
+/// Runs a built-in tool in the machine, or a tool plugin in the node's plugin host.
+async fn run_any_tool(context: &RunContext, name: &str, arguments_json: &str) -> tools::ToolOutput {
+    let limits = &context.runtime.tool_limits;
+    if !tools::is_builtin(name) {
+        if let Some(plugin_tools) = &context.runtime.plugin_tools {
+            if let Some(result) = plugin_tools.invoke(name, arguments_json).await {
+                let output = match result {
+                    Ok(text) => tools::ToolOutput::success(text),
+                    Err(error) => tools::ToolOutput::failure(error),
+                };
+                return output.capped(limits.max_output_bytes);
+            }
+        }
+    }
+    tools::run_tool(
+        context.driver.as_ref(),
+        &context.machine.machine,
+        name,
+        arguments_json,
+        limits,
+    )
+    .await
+}
+
+/// Opens the pull request a finished agent's request asked for, once: a pull request already
+/// recorded (a follow-up run) is updated by the push itself. Answers why it could not.
+async fn open_pull_request(context: &RunContext, live: &Live, pushed: bool, summary: &str) -> Result<(), String> {
+    let Some(current) = record(&context.replica, context.agent) else {
+        return Ok(());
+    };
+    if current.pull_request.is_some() {
+        return Ok(());
+    }
+    if !pushed {
+        live.log("no pull request: the agent pushed no commit");
+        return Ok(());
+    }
+    let Some(providers) = &context.runtime.providers else {
+        return Err("this node has no VCS providers to open pull requests with".to_string());
+    };
+    let spec = &current.spec;
+    let title = pull_request_title(&spec.name, &spec.prompt);
+    let body = format!(
+        "{}\n\n---\nOpened by Flotilla agent {} ({}) from the prompt:\n\n{}",
+        summary.trim(),
+        spec.name,
+        context.agent,
+        capped(spec.prompt.trim(), 4000)
+    );
+    let outcome = providers
+        .open_pull_request(PullRequestSpec {
+            repository: spec.repository.clone(),
+            head_branch: context.workspace.branch.clone(),
+            base_branch: spec.base_branch.clone(),
+            title,
+            body,
+            draft: false,
+        })
+        .await;
+    let (provider, pull_request, error) = match &outcome {
+        Ok(opened) => (
+            opened.provider.clone(),
+            Some(PullRequestRef {
+                url: opened.url.clone(),
+                number: opened.number,
+            }),
+            None,
+        ),
+        Err(error) => (
+            error.provider.clone(),
+            None,
+            Some(capped(&error.message, MAX_EVENT_OUTPUT_BYTES)),
+        ),
+    };
+    context
+        .replica
+        .write(Command::RecordPullRequest {
+            agent: context.agent,
+            node: context.replica.node_id(),
+            epoch: context.epoch,
+            provider,
+            pull_request,
+            error,
+        })
+        .await
+        .map_err(|error| format!("could not record the pull request: {error}"))?;
+    outcome.map(|_| ()).map_err(|error| error.to_string())
+}
+
+/// A pull request title: the agent's name, or the prompt's first line, cut to fit forges' limits.
+fn pull_request_title(name: &str, prompt: &str) -> String {
+    const MAX_TITLE_CHARS: usize = 120;
+    let first_line = prompt
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or(name);
+    let title = if first_line.is_empty() { name } else { first_line };
+    let mut cut: String = title.chars().take(MAX_TITLE_CHARS).collect();
+    if cut.len() < title.len() {
+        cut.push('…');
+    }
+    cut
 }

@@ -171,7 +171,8 @@ impl Bench {
             RepoArgs {
                 url: repository.clone(),
                 mirror: mirror_path(&machines.repos_dir, &repository),
-                auth_env: Vec::new(),
+                git: Default::default(),
+                providers: None,
             },
         )
         .await

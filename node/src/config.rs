@@ -75,6 +75,53 @@ struct ConfigFile {
     agents: AgentSettings,
     #[serde(default)]
     git: GitSection,
+    #[serde(default)]
+    plugins: PluginsSection,
+}
+
+/// `[plugins]`: which built-in VCS providers this node offers (all of them by default). Without
+/// `git`, a repository that no forge provider claims is refused at create time.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsSection {
+    pub builtins: Option<Vec<BuiltinName>>,
+}
+
+/// The name of a built-in provider, checked while the file is parsed (so an error names its line).
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub struct BuiltinName(pub String);
+
+impl TryFrom<String> for BuiltinName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        if flotilla_builtin_plugins::builtin(&name).is_some() {
+            Ok(BuiltinName(name))
+        } else {
+            let known: Vec<&str> = flotilla_builtin_plugins::BUILTIN
+                .iter()
+                .map(|plugin| plugin.name)
+                .collect();
+            Err(format!(
+                "{name:?} is not a built-in plugin (built-ins: {})",
+                known.join(", ")
+            ))
+        }
+    }
+}
+
+impl PluginsSection {
+    /// The built-ins to load, in match order (the order of `BUILTIN`, plain git last).
+    pub fn chosen_builtins(&self) -> Vec<&'static flotilla_builtin_plugins::Builtin> {
+        flotilla_builtin_plugins::BUILTIN
+            .iter()
+            .filter(|builtin| match &self.builtins {
+                None => true,
+                Some(names) => names.iter().any(|name| name.0 == builtin.name),
+            })
+            .collect()
+    }
 }
 
 /// `[agents]`: the default model and the budgets of one run.
@@ -161,6 +208,7 @@ pub struct NodeConfig {
     pub models: BTreeMap<String, flotilla_actors::model::ModelConfig>,
     pub agents: AgentSettings,
     pub git: GitSection,
+    pub plugins: PluginsSection,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +241,7 @@ impl NodeArgs {
             models,
             agents,
             git,
+            plugins,
         } = parts;
         if let Some(model) = &agents.default_model {
             if !models.contains_key(model) {
@@ -303,6 +352,7 @@ impl NodeArgs {
             models,
             agents,
             git,
+            plugins,
             machines,
             data_dir,
             listen,
@@ -365,6 +415,28 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builtins_are_chosen_by_name_and_an_unknown_one_names_its_line() {
+        let parsed = parse_config(Path::new("node.toml"), "[plugins]\nbuiltins = [\"git\", \"github\"]\n").unwrap();
+        let names: Vec<&str> = parsed
+            .plugins
+            .chosen_builtins()
+            .iter()
+            .map(|plugin| plugin.name)
+            .collect();
+        assert_eq!(names, ["github", "git"], "match order, plain git last");
+        let all = parse_config(Path::new("node.toml"), "").unwrap();
+        assert_eq!(
+            all.plugins.chosen_builtins().len(),
+            flotilla_builtin_plugins::BUILTIN.len()
+        );
+        let error = parse_config(Path::new("node.toml"), "[plugins]\nbuiltins = [\"svn\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("config file node.toml line 2"), "{error}");
+        assert!(error.contains("\"svn\" is not a built-in plugin"), "{error}");
+    }
 
     #[test]
     fn a_bad_field_names_file_line_and_field() {

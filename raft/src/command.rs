@@ -201,6 +201,22 @@ pub enum Command {
         name: String,
         version: String,
     },
+    /// Replaces the settings of every version of plugin `name` (built-in ones included, which
+    /// have no record here); an empty map clears them.
+    SetPluginSettings {
+        name: String,
+        settings: std::collections::BTreeMap<String, String>,
+    },
+    /// The owner of an agent records the outcome of opening its pull request: `pull_request`
+    /// when the provider opened it, `error` when it could not.
+    RecordPullRequest {
+        agent: AgentId,
+        node: NodeId,
+        epoch: Epoch,
+        provider: String,
+        pull_request: Option<crate::types::PullRequestRef>,
+        error: Option<String>,
+    },
 }
 
 impl Command {
@@ -244,6 +260,23 @@ impl Command {
                 Command::GrantPluginHosts { name, version, hosts } => {
                     name.len() + version.len() + hosts.iter().map(String::len).sum::<usize>()
                 }
+                Command::SetPluginSettings { name, settings } => {
+                    name.len()
+                        + settings
+                            .iter()
+                            .map(|(key, value)| key.len() + value.len() + 8)
+                            .sum::<usize>()
+                }
+                Command::RecordPullRequest {
+                    provider,
+                    pull_request,
+                    error,
+                    ..
+                } => {
+                    provider.len()
+                        + pull_request.as_ref().map_or(0, |pull_request| pull_request.url.len())
+                        + error.as_ref().map_or(0, String::len)
+                }
                 _ => 0,
             }
     }
@@ -272,6 +305,8 @@ impl Command {
             Command::SetPluginEnabled { .. } => "set-plugin-enabled",
             Command::GrantPluginHosts { .. } => "grant-plugin-hosts",
             Command::RemovePlugin { .. } => "remove-plugin",
+            Command::SetPluginSettings { .. } => "set-plugin-settings",
+            Command::RecordPullRequest { .. } => "record-pull-request",
         }
     }
 }
@@ -293,6 +328,8 @@ fn event_bytes(event: &EventKind) -> usize {
         EventKind::CommitPushed { branch, commit } => branch.len() + commit.len(),
         EventKind::PushFailed { branch, commit, error } => branch.len() + commit.len() + error.len(),
         EventKind::TurnFinished { .. } => 0,
+        EventKind::PullRequestOpened { url, provider, .. } => url.len() + provider.len(),
+        EventKind::PullRequestFailed { provider, error } => provider.len() + error.len(),
     }
 }
 
@@ -365,6 +402,8 @@ pub enum Response {
     Requeued(Vec<AgentId>),
     /// A plugin version as it is after the command (as it was, for a removal).
     Plugin(Box<PluginRecord>),
+    /// A plugin name's settings as they are after the command.
+    PluginSettings(std::collections::BTreeMap<String, String>),
 }
 
 /// `C::R` of the Raft type config: a refusal is a normal, replicated outcome.

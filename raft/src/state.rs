@@ -14,9 +14,9 @@ use crate::command::{
     MAX_TOTAL_PLUGIN_BYTES, STALE_UPLOAD_MS,
 };
 use crate::types::{
-    validate_granted_hosts, validate_plugin_name, validate_plugin_version, validate_sha256_hex, AgentId, AgentRecord,
-    AgentStatus, Assignment, Checkpoint, DurableEvent, EventKind, NodeId, NodeRecord, PluginKey, PluginKind,
-    PluginRecord, PluginUpload, TokenRecord, UploadId,
+    validate_granted_hosts, validate_plugin_name, validate_plugin_settings, validate_plugin_version,
+    validate_sha256_hex, AgentId, AgentRecord, AgentStatus, Assignment, Checkpoint, DurableEvent, EventKind, NodeId,
+    NodeRecord, PluginKey, PluginKind, PluginRecord, PluginUpload, TokenRecord, UploadId,
 };
 
 /// Durable events kept per agent; older ones are trimmed (a watcher that asks for them is told so).
@@ -44,6 +44,9 @@ pub struct ClusterState {
     pub plugin_uploads: BTreeMap<UploadId, PluginUpload>,
     /// The chunks staged by uploads in progress.
     pub upload_chunks: BTreeMap<(UploadId, u32), Vec<u8>>,
+    /// Settings by plugin name (every version of the name, built-ins included).
+    #[serde(default)]
+    pub plugin_settings: BTreeMap<String, BTreeMap<String, String>>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,
@@ -643,6 +646,51 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
             changes.plugins.insert(key);
             Ok(Response::Plugin(Box::new(record.clone())))
         }
+        Command::SetPluginSettings { name, settings } => {
+            validate_plugin_name(name).map_err(ApplyError::Invalid)?;
+            validate_plugin_settings(settings).map_err(ApplyError::Invalid)?;
+            if settings.is_empty() {
+                state.plugin_settings.remove(name);
+            } else {
+                state.plugin_settings.insert(name.clone(), settings.clone());
+            }
+            changes.meta = true;
+            Ok(Response::PluginSettings(settings.clone()))
+        }
+        Command::RecordPullRequest {
+            agent,
+            node,
+            epoch,
+            provider,
+            pull_request,
+            error,
+        } => {
+            check_owner(state, *agent, *node, *epoch)?;
+            let record = state.agents.get_mut(agent).ok_or(ApplyError::AgentNotFound(*agent))?;
+            record.updated_at_ms = at_ms;
+            let event = match (pull_request, error) {
+                (Some(pull_request), None) => {
+                    record.pull_request = Some(pull_request.clone());
+                    EventKind::PullRequestOpened {
+                        url: pull_request.url.clone(),
+                        number: pull_request.number,
+                        provider: provider.clone(),
+                    }
+                }
+                (None, Some(error)) => EventKind::PullRequestFailed {
+                    provider: provider.clone(),
+                    error: error.clone(),
+                },
+                _ => {
+                    return Err(ApplyError::Invalid(
+                        "a pull request outcome is either a pull request or an error".to_string(),
+                    ))
+                }
+            };
+            push_event(state, changes, *agent, at_ms, Some(*node), event);
+            changes.agents.insert(*agent);
+            Ok(Response::Done)
+        }
         Command::GrantPluginHosts { name, version, hosts } => {
             let key = existing_plugin(state, name, version)?;
             validate_granted_hosts(hosts).map_err(ApplyError::Invalid)?;
@@ -1032,7 +1080,7 @@ fn push_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{AgentSpec, Epoch, NodeInfo};
+    use crate::types::{AgentSpec, Epoch, NodeInfo, PullRequestRef};
 
     fn request(command: Command) -> Request {
         Request {
@@ -2281,6 +2329,93 @@ mod tests {
             })
         );
         assert_eq!(state, before);
+    }
+
+    #[test]
+    fn plugin_settings_are_kept_by_name_within_bounds() {
+        let mut state = ClusterState::default();
+        let set = |pairs: &[(&str, &str)]| Command::SetPluginSettings {
+            name: "github".into(),
+            settings: pairs
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+        };
+        // A name with no uploaded version (a built-in) may have settings.
+        let result = run(&mut state, set(&[("api-base", "https://ghe.example.com/api/v3")])).unwrap();
+        assert!(matches!(result, Response::PluginSettings(settings) if settings.len() == 1));
+        assert_eq!(
+            state.plugin_settings["github"]["api-base"],
+            "https://ghe.example.com/api/v3"
+        );
+        let before = state.clone();
+        for (pairs, expected) in [
+            (vec![("API", "x")], "setting key"),
+            (vec![("", "x")], "setting key"),
+            (vec![("hosts", "a\nb")], "control characters"),
+        ] {
+            let refusal = run(&mut state, set(&pairs)).expect_err(expected);
+            assert!(
+                matches!(&refusal, ApplyError::Invalid(message) if message.contains(expected)),
+                "{expected:?} in {refusal}"
+            );
+        }
+        let long = "x".repeat(crate::types::MAX_PLUGIN_SETTING_VALUE_BYTES + 1);
+        assert!(run(&mut state, set(&[("hosts", long.as_str())])).is_err());
+        assert_eq!(state, before);
+        // An empty map clears them.
+        run(&mut state, set(&[])).unwrap();
+        assert!(!state.plugin_settings.contains_key("github"));
+    }
+
+    #[test]
+    fn the_owner_records_a_pull_request_or_why_it_could_not_open_one() {
+        let mut state = with_nodes(2);
+        let id = running(&mut state, "a", 1);
+        let record = |node: NodeId, epoch: u64, pull_request: Option<PullRequestRef>, error: Option<&str>| {
+            Command::RecordPullRequest {
+                agent: id,
+                node,
+                epoch: Epoch(epoch),
+                provider: "github".into(),
+                pull_request,
+                error: error.map(str::to_string),
+            }
+        };
+        let opened = PullRequestRef {
+            url: "https://github.com/acme/widgets/pull/7".into(),
+            number: 7,
+        };
+        let before = state.clone();
+        assert!(matches!(
+            run(&mut state, record(2, 1, Some(opened.clone()), None)),
+            Err(ApplyError::Fenced { .. })
+        ));
+        assert!(matches!(
+            run(&mut state, record(1, 1, Some(opened.clone()), Some("both"))),
+            Err(ApplyError::Invalid(_))
+        ));
+        assert_eq!(state, before);
+
+        let sequence_before = state.agents[&id].last_sequence;
+        run(&mut state, record(1, 1, None, Some("422 Validation Failed"))).unwrap();
+        assert_eq!(state.agents[&id].pull_request, None);
+        run(&mut state, record(1, 1, Some(opened.clone()), None)).unwrap();
+        assert_eq!(state.agents[&id].pull_request, Some(opened));
+        assert_eq!(
+            event_kinds_after(&state, id, sequence_before),
+            vec![
+                EventKind::PullRequestFailed {
+                    provider: "github".into(),
+                    error: "422 Validation Failed".into()
+                },
+                EventKind::PullRequestOpened {
+                    url: "https://github.com/acme/widgets/pull/7".into(),
+                    number: 7,
+                    provider: "github".into()
+                }
+            ]
+        );
     }
 
     #[test]

@@ -47,6 +47,7 @@ const KEY_APPLIED: &[u8] = b"m/applied";
 const KEY_MEMBERSHIP: &[u8] = b"m/membership";
 const KEY_HIGHEST_NODE_ID: &[u8] = b"m/highest_node_id";
 const KEY_REPO_SNAPSHOTS: &[u8] = b"m/repo_snapshots";
+const KEY_PLUGIN_SETTINGS: &[u8] = b"m/plugin_settings";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.
@@ -427,6 +428,7 @@ impl StateMachineStore {
                 _ if key.as_ref() == KEY_MEMBERSHIP => membership = decode(&key, &value)?,
                 _ if key.as_ref() == KEY_HIGHEST_NODE_ID => state.highest_node_id = decode(&key, &value)?,
                 _ if key.as_ref() == KEY_REPO_SNAPSHOTS => state.repo_snapshots = decode(&key, &value)?,
+                _ if key.as_ref() == KEY_PLUGIN_SETTINGS => state.plugin_settings = decode(&key, &value)?,
                 _ => {}
             }
         }
@@ -541,6 +543,7 @@ impl StateMachineStore {
         if changes.meta {
             batch.put_cf(cf, KEY_HIGHEST_NODE_ID, encode(&machine.state.highest_node_id));
             batch.put_cf(cf, KEY_REPO_SNAPSHOTS, encode(&machine.state.repo_snapshots));
+            batch.put_cf(cf, KEY_PLUGIN_SETTINGS, encode(&machine.state.plugin_settings));
         }
         batch.put_cf(cf, KEY_APPLIED, encode(&machine.last_applied));
         batch.put_cf(cf, KEY_MEMBERSHIP, encode(&machine.membership));

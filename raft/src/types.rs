@@ -230,6 +230,17 @@ pub enum EventKind {
     Summary {
         text: String,
     },
+    /// The repository's provider opened the pull request the agent's request asked for.
+    PullRequestOpened {
+        url: String,
+        number: u64,
+        provider: String,
+    },
+    /// The provider could not open the pull request; `error` is its (or the forge's) words.
+    PullRequestFailed {
+        provider: String,
+        error: String,
+    },
 }
 
 /// The state of an agent's conversation after its last finished turn, from which another node
@@ -433,6 +444,45 @@ pub fn validate_plugin_version(version: &str) -> Result<(), String> {
             "plugin version {version:?} has build metadata (+{}), which is not allowed: {wanted}",
             parsed.build
         ));
+    }
+    Ok(())
+}
+
+/// Most settings one plugin name may have.
+pub const MAX_PLUGIN_SETTINGS: usize = 64;
+/// Longest setting key (lowercase letters, digits, `-`, `_` and `.`).
+pub const MAX_PLUGIN_SETTING_KEY_CHARS: usize = 64;
+/// Longest setting value.
+pub const MAX_PLUGIN_SETTING_VALUE_BYTES: usize = 4096;
+
+/// The bounds and syntax of one plugin name's settings.
+pub fn validate_plugin_settings(settings: &BTreeMap<String, String>) -> Result<(), String> {
+    if settings.len() > MAX_PLUGIN_SETTINGS {
+        return Err(format!(
+            "settings: at most {MAX_PLUGIN_SETTINGS}, found {}",
+            settings.len()
+        ));
+    }
+    for (key, value) in settings {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_PLUGIN_SETTING_KEY_CHARS
+            && key
+                .chars()
+                .all(|character| matches!(character, 'a'..='z' | '0'..='9' | '-' | '_' | '.'));
+        if !key_ok {
+            return Err(format!(
+                "setting key {key:?}: 1 to {MAX_PLUGIN_SETTING_KEY_CHARS} of a-z, 0-9, '-', '_' and '.'"
+            ));
+        }
+        if value.len() > MAX_PLUGIN_SETTING_VALUE_BYTES {
+            return Err(format!(
+                "setting {key}: at most {MAX_PLUGIN_SETTING_VALUE_BYTES} bytes, found {}",
+                value.len()
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(format!("setting {key}: the value contains control characters"));
+        }
     }
     Ok(())
 }

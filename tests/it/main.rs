@@ -16,4 +16,5 @@ mod t40_watch_across_nodes;
 mod t50_machines;
 mod t55_plugins;
 mod t56_plugins_everywhere;
+mod t57_provider_hot_add;
 mod t65_agent_failover;

@@ -1,6 +1,7 @@
 //! Checks of the fakes themselves: the git server works with a real `git` (clone, push, auth,
-//! refused pushes), and the real model providers of `flotilla-actors` parse the fake model
-//! server's streams and react to its faults as they would to a real provider's.
+//! refused pushes), the real model providers of `flotilla-actors` parse the fake model
+//! server's streams and react to its faults as they would to a real provider's, and the Skiff
+//! forge opens, refuses and holds pull requests as its tests expect.
 
 use std::path::Path;
 use std::process::Output;
@@ -10,7 +11,8 @@ use std::time::Duration;
 use flotilla_actors::model::{build_provider, Message, ModelConfig, ModelError, ModelProvider, ProviderKind};
 use flotilla_actors::model::{StopReason, StreamEvent, ToolSpec, TurnRequest, TurnResponse, Usage};
 use flotilla_tests::fakes::model::{anthropic_error_body, openai_error_body, FAKE_INPUT_TOKENS, FAKE_OUTPUT_TOKENS};
-use flotilla_tests::fakes::{create_bare_repository, FakeModelServer, FakeTurn, Fault, GitHttpServer};
+use flotilla_tests::fakes::{create_bare_repository, FakeModelServer, FakeTurn, Fault, GitHttpServer, SkiffForge};
+use flotilla_tests::wait_for;
 use serde_json::json;
 
 /// Any one git command or model turn here takes well under a second; this only bounds a hang.
@@ -567,4 +569,212 @@ async fn t05_a_held_turn_waits_for_its_gate() {
     drop(dropped_gate);
     let (outcome, _events) = run_turn(provider.as_ref(), &next_request(first_request(), &reply)).await;
     assert!(outcome.is_ok(), "{outcome:?}");
+}
+
+// ---------------------------------------------------------------- the skiff forge
+
+const SKIFF_TOKEN: &str = "skiff-token-0123";
+const SKIFF_PULLS: &str = "/api/repos/acme/widgets/pulls";
+
+/// One `POST` of `body` over a fresh connection: the status and the JSON answer.
+async fn raw_http_post(
+    address: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("send the request");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read the response");
+        String::from_utf8_lossy(&response).into_owned()
+    };
+    let response = tokio::time::timeout(STEP_DEADLINE, exchange)
+        .await
+        .expect("the raw HTTP exchange finished in time");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("an incomplete response: {response}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {response}"));
+    let answer =
+        serde_json::from_str(body).unwrap_or_else(|error| panic!("the answer is not JSON ({error}): {response}"));
+    (status, answer)
+}
+
+fn skiff_pull_request(title: &str, head: &str) -> String {
+    json!({
+        "title": title,
+        "body": "Made by an agent.",
+        "head": head,
+        "base": "main",
+        "draft": false,
+        "opened_by": "skiff 1",
+    })
+    .to_string()
+}
+
+/// A pull request from `head` with the right token; the status and the answer.
+async fn post_skiff_pull_request(forge: &SkiffForge, path: &str, head: &str) -> (u16, serde_json::Value) {
+    let authorization = format!("Bearer {SKIFF_TOKEN}");
+    raw_http_post(
+        forge.address(),
+        path,
+        &[
+            ("Authorization", authorization.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        &skiff_pull_request(&format!("Work on {head}"), head),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t05_skiff_forge_opens_pull_requests_and_refuses_the_rest() {
+    let forge = SkiffForge::start(SKIFF_TOKEN).await;
+    forge.add_repository("acme/widgets");
+    assert_eq!(forge.host(), forge.address().to_string());
+    assert_eq!(forge.api_base(), format!("http://{}", forge.address()));
+    let body = skiff_pull_request("Add a health endpoint", "agent/one");
+    let json_content = ("Content-Type", "application/json");
+
+    let (status, answer) = raw_http_post(forge.address(), SKIFF_PULLS, &[json_content], &body).await;
+    assert_eq!((status, &answer["message"]), (401, &json!("bad credentials")));
+    let (status, answer) = raw_http_post(
+        forge.address(),
+        SKIFF_PULLS,
+        &[("Authorization", "Bearer not-the-token"), json_content],
+        &body,
+    )
+    .await;
+    assert_eq!((status, &answer["message"]), (401, &json!("bad credentials")));
+
+    let (status, answer) = post_skiff_pull_request(&forge, "/api/repos/acme/gadgets/pulls", "agent/one").await;
+    assert_eq!((status, &answer["message"]), (404, &json!("repository not found")));
+
+    let authorization = format!("Bearer {SKIFF_TOKEN}");
+    let (status, _answer) = raw_http_post(
+        forge.address(),
+        SKIFF_PULLS,
+        &[("Authorization", authorization.as_str()), json_content],
+        r#"{"title": "no head", "base": "main"}"#,
+    )
+    .await;
+    assert_eq!(status, 422);
+
+    let (status, answer) = post_skiff_pull_request(&forge, SKIFF_PULLS, "agent/one").await;
+    assert_eq!(status, 201, "{answer}");
+    let first_url = format!("{}/acme/widgets/pulls/1", forge.api_base());
+    assert_eq!(answer["number"], 1);
+    assert_eq!(answer["html_url"], first_url.as_str());
+    assert_eq!(answer["head"], "agent/one");
+    assert_eq!(answer["base"], "main");
+    assert_eq!(answer["title"], "Work on agent/one");
+
+    let (status, answer) = post_skiff_pull_request(&forge, SKIFF_PULLS, "agent/two").await;
+    assert_eq!((status, &answer["number"]), (201, &json!(2)));
+
+    let (status, answer) = post_skiff_pull_request(&forge, SKIFF_PULLS, "agent/one").await;
+    assert_eq!(
+        (status, &answer["message"]),
+        (422, &json!("a pull request for agent/one already exists"))
+    );
+
+    let opened = forge.pull_requests();
+    assert_eq!(opened.len(), 2);
+    assert_eq!(opened[0].repository, "acme/widgets");
+    assert_eq!(opened[0].number, 1);
+    assert_eq!(opened[0].url, first_url);
+    assert_eq!(opened[0].head, "agent/one");
+    assert_eq!(opened[0].base, "main");
+    assert_eq!(opened[0].title, "Work on agent/one");
+    assert_eq!(opened[0].body, "Made by an agent.");
+    assert_eq!(opened[0].opened_by.as_deref(), Some("skiff 1"));
+    assert_eq!(opened[1].head, "agent/two");
+
+    // Every request is recorded, refused ones included.
+    let requests = forge.requests();
+    assert_eq!(requests.len(), 7);
+    assert!(requests.iter().all(|request| request.method == "POST"));
+    assert_eq!(requests[0].header("authorization"), None);
+    assert_eq!(requests[1].header("Authorization"), Some("Bearer not-the-token"));
+    assert_eq!(requests[2].path, "/api/repos/acme/gadgets/pulls");
+    assert_eq!(requests[4].json()["head"], "agent/one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t05_skiff_forge_holds_pull_requests_until_released() {
+    let forge = SkiffForge::start(SKIFF_TOKEN).await;
+    forge.add_repository("acme/widgets");
+    forge.hold_pull_requests(true);
+    let held = tokio::spawn({
+        let forge = forge.clone();
+        async move { post_skiff_pull_request(&forge, SKIFF_PULLS, "agent/held").await }
+    });
+    let waiting = &forge;
+    wait_for("the pull request to wait at the gate", STEP_DEADLINE, || async move {
+        (waiting.pending_pull_requests() == 1).then_some(())
+    })
+    .await;
+    // Received and recorded, but not answered nor opened while the gate is held.
+    assert_eq!(forge.requests().len(), 1);
+    assert!(forge.pull_requests().is_empty());
+    assert!(!held.is_finished());
+
+    forge.hold_pull_requests(false);
+    let (status, answer) = tokio::time::timeout(STEP_DEADLINE, held)
+        .await
+        .expect("the released request was answered in time")
+        .expect("the request task did not panic");
+    assert_eq!((status, &answer["number"]), (201, &json!(1)));
+    assert_eq!(forge.pending_pull_requests(), 0);
+    assert_eq!(forge.pull_requests().len(), 1);
+
+    // Once the forge stops, a held request is answered rather than left hanging.
+    forge.hold_pull_requests(true);
+    let held = tokio::spawn({
+        let forge = forge.clone();
+        async move {
+            let address = forge.address();
+            let authorization = format!("Bearer {SKIFF_TOKEN}");
+            let body = skiff_pull_request("Held at the end", "agent/last");
+            drop(forge);
+            raw_http_post(
+                address,
+                SKIFF_PULLS,
+                &[
+                    ("Authorization", authorization.as_str()),
+                    ("Content-Type", "application/json"),
+                ],
+                &body,
+            )
+            .await
+        }
+    });
+    wait_for(
+        "the second pull request to wait at the gate",
+        STEP_DEADLINE,
+        || async move { (waiting.pending_pull_requests() == 1).then_some(()) },
+    )
+    .await;
+    drop(forge);
+    let (status, answer) = tokio::time::timeout(STEP_DEADLINE, held)
+        .await
+        .expect("the held request was answered when the forge stopped")
+        .expect("the request task did not panic");
+    assert_eq!((status, &answer["message"]), (503, &json!("the forge stopped")));
 }

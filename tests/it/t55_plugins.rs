@@ -12,7 +12,9 @@ use flotilla_proto::v1::{self, upload_plugin_request};
 use flotilla_raft::network::{decode, encode, Peers};
 use flotilla_raft::replica::ForwardReply;
 use flotilla_raft::{ApplyResult, Command, PluginKind, Request, Response, Role, UploadId};
-use flotilla_tests::{admin_client, run_cli, AdminClient, ClusterOptions, TestCluster};
+use flotilla_tests::{admin_client, run_cli, wait_for, AdminClient, ClusterOptions, TestCluster};
+
+use crate::common::DEADLINE;
 use sha2::{Digest as _, Sha256};
 use tonic::Code;
 
@@ -96,7 +98,17 @@ pub(crate) fn upload_stream(name: &str, version: &str, bytes: &[u8]) -> Vec<v1::
         .collect()
 }
 
+/// The uploaded plugins ListPlugins shows (the built-in providers left out).
 pub(crate) async fn list(client: &mut AdminClient, name: &str) -> Vec<v1::Plugin> {
+    list_all(client, name)
+        .await
+        .into_iter()
+        .filter(|plugin| !plugin.builtin)
+        .collect()
+}
+
+/// Everything ListPlugins shows, built-in providers included.
+pub(crate) async fn list_all(client: &mut AdminClient, name: &str) -> Vec<v1::Plugin> {
     client
         .list_plugins(v1::ListPluginsRequest { name: name.to_string() })
         .await
@@ -292,12 +304,37 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
     seed_plugin(&cluster, "github", "1.9.0", PluginKind::VcsProvider, false).await;
     seed_plugin(&cluster, "lint", "0.1.0", PluginKind::Tool, true).await;
 
+    // The built-ins compile while the node starts.
+    let endpoint = cluster.node(1).endpoint();
+    let token = cluster.admin_token();
+    wait_for("the built-in providers to load", DEADLINE, || {
+        let (endpoint, token) = (endpoint.clone(), token.clone());
+        async move {
+            let mut client = flotilla_tests::admin_client(&endpoint, &token).await;
+            let all = list_all(&mut client, "").await;
+            all.iter()
+                .filter(|plugin| plugin.builtin)
+                .all(|plugin| plugin.loaded_here || plugin.name == "github")
+                .then_some(())
+        }
+    })
+    .await;
     // Listed by name, then in semver order, records only.
     let listed = json_of(
         &cluster.run_cli(1, &["--output", "json", "plugin", "list"]),
         "plugin list",
     );
-    let listed = listed.as_array().expect("an array");
+    let (builtins, listed): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) = listed
+        .as_array()
+        .expect("an array")
+        .iter()
+        .partition(|plugin| plugin["builtin"] == true);
+    // The built-in providers are listed too, loaded on the answering node, plain git among them.
+    let builtin_names: Vec<&str> = builtins.iter().map(|plugin| plugin["name"].as_str().unwrap()).collect();
+    assert_eq!(builtin_names, ["bitbucket", "git", "gitea", "github", "gitlab"]);
+    let gitlab = builtins.iter().find(|plugin| plugin["name"] == "gitlab").unwrap();
+    assert_eq!(gitlab["enabled"], true, "{gitlab}");
+    assert_eq!(gitlab["granted_hosts"], serde_json::json!(["gitlab.com"]), "{gitlab}");
     let order: Vec<(&str, &str, bool)> = listed
         .iter()
         .map(|plugin| {

@@ -11,7 +11,7 @@ use crate::common::DEADLINE;
 use crate::t55_plugins::{list, upload_stream};
 
 /// Waits until every node says whether it runs `version` of `name` as `wanted`.
-async fn wait_everywhere(cluster: &TestCluster, name: &str, version: &str, wanted: bool) {
+pub(crate) async fn wait_everywhere(cluster: &TestCluster, name: &str, version: &str, wanted: bool) {
     let token = cluster.admin_token();
     for node in &cluster.nodes {
         let endpoint = node.endpoint();

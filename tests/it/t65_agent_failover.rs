@@ -54,15 +54,21 @@ async fn a_run_survives_the_sigkill_of_its_node_with_a_continuous_transcript() {
     gate.release();
     let survivor = if owner == 1 { 2 } else { 1 };
     let endpoint = cluster.node(survivor).endpoint();
-    let finished = wait_for("the agent to finish on another node", DEADLINE, || {
+    let finishing = wait_for("the agent to finish on another node", DEADLINE * 2, || {
         let (endpoint, token, id) = (endpoint.clone(), token.clone(), agent.id.clone());
         async move {
             let agent = get(&mut agent_client(&endpoint, &token).await, &id).await?;
             assert_ne!(status_of(&agent), v1::AgentStatus::Failed, "{}", agent.error);
             (status_of(&agent) == v1::AgentStatus::Finished).then_some(agent)
         }
-    })
-    .await;
+    });
+    let finished = match tokio::time::timeout(DEADLINE, finishing).await {
+        Ok(finished) => finished,
+        Err(_) => panic!(
+            "the agent did not finish on another node within {DEADLINE:?}; the nodes' logs:\n{}",
+            cluster.log_tails(60)
+        ),
+    };
     let assignment = finished.assignment.expect("assigned");
     assert_ne!(assignment.node_id, owner, "another node finished it");
     assert!(assignment.epoch > before.assignment.unwrap().epoch);

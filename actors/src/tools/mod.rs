@@ -57,7 +57,8 @@ impl ToolOutput {
         }
     }
 
-    fn capped(mut self, max_output_bytes: usize) -> Self {
+    /// Cuts the content to `max_output_bytes` (on a character boundary), marking it truncated.
+    pub fn capped(mut self, max_output_bytes: usize) -> Self {
         let (content, cut) = cap_text(&self.content, max_output_bytes);
         if cut {
             self.content = content;
@@ -95,6 +96,11 @@ pub const EDIT_FILE: &str = "edit_file";
 pub const LIST_DIR: &str = "list_dir";
 pub const SEARCH: &str = "search";
 pub const READ_TERMINAL: &str = "read_terminal";
+
+/// Whether `name` is one of the built-in tools.
+pub fn is_builtin(name: &str) -> bool {
+    tool_specs().iter().any(|(builtin, _, _)| builtin == name)
+}
 
 /// The built-in tools as (name, description, JSON schema of the arguments), for the model.
 pub fn tool_specs() -> Vec<(String, String, Value)> {

@@ -149,6 +149,8 @@ pub(crate) fn plugin(plugin: &Plugin) -> Value {
         "uploaded_at": timestamp(plugin.uploaded_at.as_ref()),
         "loaded_here": plugin.loaded_here,
         "load_error": plugin.load_error,
+        "settings": plugin.settings.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "builtin": plugin.builtin,
     })
 }
 
@@ -213,6 +215,14 @@ fn event_kind(kind: &agent_event::Kind) -> (&'static str, Value) {
             json!({ "branch": pushed.branch, "commit": pushed.commit }),
         ),
         Kind::Summary(summary) => ("summary", json!({ "text": summary.text })),
+        Kind::PullRequestOpened(opened) => (
+            "pull_request_opened",
+            json!({ "url": opened.url, "number": opened.number, "provider": opened.provider }),
+        ),
+        Kind::PullRequestFailed(failed) => (
+            "pull_request_failed",
+            json!({ "provider": failed.provider, "error": failed.error }),
+        ),
     }
 }
 

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use flotilla_proto::v1::{
-    upload_plugin_request, GrantHostsRequest, ListPluginsRequest, PluginRef, UploadPluginHeader, UploadPluginRequest,
+    upload_plugin_request, ConfigurePluginRequest, GrantHostsRequest, ListPluginsRequest, PluginRef,
+    UploadPluginHeader, UploadPluginRequest,
 };
 use flotilla_raft::command::MAX_PLUGIN_BYTES;
 
@@ -79,6 +80,26 @@ pub enum PluginCommand {
         #[arg(long, conflicts_with = "hosts")]
         none: bool,
     },
+    /// Replace the settings of a plugin name (every version; built-in providers too), e.g.
+    /// `flotilla plugin configure github api-base=https://ghe.example.com/api/v3 hosts=ghe.example.com`
+    Configure {
+        /// plugin name
+        name: String,
+        /// KEY=VALUE (repeatable; the whole list replaces the current settings)
+        #[arg(value_name = "KEY=VALUE", required_unless_present = "clear", value_parser = parse_setting)]
+        settings: Vec<(String, String)>,
+        /// remove every setting
+        #[arg(long, conflicts_with = "settings")]
+        clear: bool,
+    },
+}
+
+/// `KEY=VALUE`, the value possibly empty or holding `=`.
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
 }
 
 /// The plugin name a file gives when no --name is: its name without `.wasm`.
@@ -206,6 +227,29 @@ pub(crate) async fn plugin_command(args: &ClientArgs, cmd: PluginCommand) -> Res
             let hosts = if none { Vec::new() } else { hosts };
             unary(endpoint, client.grant_hosts(GrantHostsRequest { name, version, hosts })).await?
         }
+        PluginCommand::Configure { name, settings, .. } => {
+            let response = unary(
+                endpoint,
+                client.configure_plugin(ConfigurePluginRequest {
+                    name,
+                    settings: settings.into_iter().collect(),
+                }),
+            )
+            .await?;
+            let settings: std::collections::BTreeMap<&String, &String> = response.settings.iter().collect();
+            return match args.output {
+                OutputFormat::Json => print_json(&serde_json::json!({ "name": response.name, "settings": settings })),
+                OutputFormat::Table => print_text(&if settings.is_empty() {
+                    format!("{}: no settings", response.name)
+                } else {
+                    let lines: Vec<String> = settings
+                        .iter()
+                        .map(|(key, value)| format!("  {key} = {value}"))
+                        .collect();
+                    format!("{}:\n{}", response.name, lines.join("\n"))
+                }),
+            };
+        }
     };
     match args.output {
         OutputFormat::Json => print_json(&json::plugin(&plugin)),
@@ -268,6 +312,31 @@ mod tests {
         .is_err());
         let cli = TestCli::try_parse_from(["flotilla", "grant", "github", "--version", "1.0.0", "--none"]).unwrap();
         assert!(matches!(cli.command, PluginCommand::Grant { none: true, .. }));
+    }
+
+    #[test]
+    fn configure_takes_key_value_pairs_or_clear() {
+        let cli = TestCli::try_parse_from([
+            "flotilla",
+            "configure",
+            "github",
+            "api-base=https://ghe.example.com/api/v3?x=1",
+            "hosts=",
+        ])
+        .unwrap();
+        let PluginCommand::Configure { settings, .. } = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(
+            settings,
+            vec![
+                ("api-base".to_string(), "https://ghe.example.com/api/v3?x=1".to_string()),
+                ("hosts".to_string(), String::new())
+            ]
+        );
+        assert!(TestCli::try_parse_from(["flotilla", "configure", "github"]).is_err());
+        assert!(TestCli::try_parse_from(["flotilla", "configure", "github", "=x"]).is_err());
+        assert!(TestCli::try_parse_from(["flotilla", "configure", "github", "--clear"]).is_ok());
     }
 
     #[test]

@@ -230,7 +230,7 @@ fn hosts(hosts: &[String]) -> String {
 
 pub(crate) fn plugin_list(plugins: &[Plugin]) -> String {
     let mut table = new_table(&[
-        "NAME", "VERSION", "KIND", "ENABLED", "SIZE", "SHA256", "HOSTS", "UPLOADED",
+        "NAME", "VERSION", "KIND", "ENABLED", "LOADED", "SIZE", "SHA256", "HOSTS", "SETTINGS", "UPLOADED",
     ]);
     for plugin in plugins {
         table.add_row(vec![
@@ -238,13 +238,36 @@ pub(crate) fn plugin_list(plugins: &[Plugin]) -> String {
             plugin.version.clone(),
             short_plugin_kind(plugin.kind),
             yes_no(plugin.enabled).to_string(),
+            if !plugin.load_error.is_empty() {
+                "failed".to_string()
+            } else {
+                yes_no(plugin.loaded_here).to_string()
+            },
             size(plugin.size_bytes),
             plugin.sha256.chars().take(12).collect(),
             hosts(&plugin.granted_hosts),
-            timestamp_to_second(plugin.uploaded_at.as_ref()),
+            settings(&plugin.settings),
+            if plugin.builtin {
+                "built in".to_string()
+            } else {
+                timestamp_to_second(plugin.uploaded_at.as_ref())
+            },
         ]);
     }
     finish_table(table)
+}
+
+/// `key=value` pairs in key order, or "-".
+fn settings(settings: &std::collections::HashMap<String, String>) -> String {
+    if settings.is_empty() {
+        return "-".to_string();
+    }
+    let sorted: std::collections::BTreeMap<&String, &String> = settings.iter().collect();
+    sorted
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub(crate) fn plugin_record(plugin: &Plugin) -> String {
@@ -260,6 +283,7 @@ pub(crate) fn plugin_record(plugin: &Plugin) -> String {
         ),
         ("sha256", plugin.sha256.clone()),
         ("granted hosts", hosts(&plugin.granted_hosts)),
+        ("settings", settings(&plugin.settings)),
         ("uploaded", timestamp_to_second(plugin.uploaded_at.as_ref())),
     ];
     for (key, value) in rows {
@@ -374,6 +398,17 @@ pub(crate) fn event_body(kind: &agent_event::Kind, scripted: bool) -> String {
             format!("commit {short_commit} pushed to {}", pushed.branch)
         }
         Kind::Summary(summary) => format!("summary {}", summary.text.trim_end()),
+        Kind::PullRequestOpened(opened) => format!(
+            "pull request #{} opened through {}: {}",
+            opened.number, opened.provider, opened.url
+        ),
+        Kind::PullRequestFailed(failed) => {
+            format!(
+                "pull request not opened ({}): {}",
+                failed.provider,
+                failed.error.trim_end()
+            )
+        }
     }
 }
 
@@ -528,13 +563,25 @@ mod tests {
                 "1.2.0",
                 "vcs-provider",
                 "yes",
+                "no",
                 "1.5",
                 "MiB",
                 "0123456789ab",
                 "api.github.com,github.com",
+                "-",
                 "-"
             ]
         );
+        let builtin = plugin_list(&[Plugin {
+            builtin: true,
+            loaded_here: true,
+            settings: [("api-base".to_string(), "https://ghe.example.com".to_string())].into(),
+            ..plugin.clone()
+        }]);
+        let row: Vec<&str> = builtin.lines().nth(1).expect("a row").split_whitespace().collect();
+        assert_eq!(row[4], "yes", "{builtin}");
+        assert!(row.contains(&"api-base=https://ghe.example.com"), "{builtin}");
+        assert!(builtin.contains("built in"), "{builtin}");
         let record = plugin_record(&Plugin {
             granted_hosts: Vec::new(),
             ..plugin

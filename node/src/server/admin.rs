@@ -96,7 +96,44 @@ impl AdminApi {
             plugin.loaded_here = registry.is_loaded(record);
             plugin.load_error = registry.load_error(record).unwrap_or_default();
         }
+        plugin.settings = self.settings_of(&record.name);
         plugin
+    }
+
+    fn settings_of(&self, name: &str) -> std::collections::HashMap<String, String> {
+        self.replica.reader().read(|state| {
+            state
+                .plugin_settings
+                .get(name)
+                .map(|settings| settings.clone().into_iter().collect())
+                .unwrap_or_default()
+        })
+    }
+
+    /// The built-in providers of the answering node, as plugins.
+    fn builtins(&self, name: &str) -> Vec<v1::Plugin> {
+        let Some(registry) = &self.registry else {
+            return Vec::new();
+        };
+        registry
+            .builtin_listings()
+            .into_iter()
+            .filter(|listing| name.is_empty() || listing.name == name)
+            .map(|listing| v1::Plugin {
+                loaded_here: registry.builtin_active(&listing.name),
+                settings: self.settings_of(&listing.name),
+                name: listing.name,
+                version: listing.version,
+                sha256: listing.sha256,
+                size_bytes: listing.size_bytes,
+                kind: v1::PluginKind::VcsProvider as i32,
+                enabled: !listing.shadowed,
+                granted_hosts: listing.granted_hosts,
+                uploaded_at: None,
+                load_error: listing.load_error.unwrap_or_default(),
+                builtin: true,
+            })
+            .collect()
     }
 
     fn refuse_existing(&self, key: &PluginKey) -> Result<(), Status> {
@@ -293,9 +330,15 @@ impl AdminService for AdminApi {
                 .cmp(&right.name)
                 .then_with(|| flotilla_raft::plugin_version_order(&left.version, &right.version))
         });
-        Ok(tonic::Response::new(v1::ListPluginsResponse {
-            plugins: records.iter().map(|record| self.wire(record)).collect(),
-        }))
+        let mut plugins: Vec<v1::Plugin> = records.iter().map(|record| self.wire(record)).collect();
+        plugins.extend(self.builtins(&name));
+        plugins.sort_by(|left, right| {
+            left.name
+                .cmp(&right.name)
+                .then(left.builtin.cmp(&right.builtin).reverse())
+                .then_with(|| flotilla_raft::plugin_version_order(&left.version, &right.version))
+        });
+        Ok(tonic::Response::new(v1::ListPluginsResponse { plugins }))
     }
 
     async fn enable_plugin(&self, request: Request<v1::PluginRef>) -> Result<tonic::Response<v1::Plugin>, Status> {
@@ -356,6 +399,34 @@ impl AdminService for AdminApi {
             hosts,
         })
         .await
+    }
+
+    async fn configure_plugin(
+        &self,
+        request: Request<v1::ConfigurePluginRequest>,
+    ) -> Result<tonic::Response<v1::ConfigurePluginResponse>, Status> {
+        require_admin(&request)?;
+        let body = request.into_inner();
+        flotilla_raft::validate_plugin_name(&body.name).map_err(|error| invalid(format!("name: {error}")))?;
+        let settings: std::collections::BTreeMap<String, String> = body.settings.into_iter().collect();
+        flotilla_raft::validate_plugin_settings(&settings).map_err(invalid)?;
+        let response = self
+            .replica
+            .write(Command::SetPluginSettings {
+                name: body.name.clone(),
+                settings,
+            })
+            .await
+            .map_err(write_status)?;
+        match response {
+            Response::PluginSettings(settings) => Ok(tonic::Response::new(v1::ConfigurePluginResponse {
+                name: body.name,
+                settings: settings.into_iter().collect(),
+            })),
+            other => Err(Status::internal(format!(
+                "the state machine answered set-plugin-settings with {other:?}"
+            ))),
+        }
     }
 }
 

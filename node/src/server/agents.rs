@@ -29,6 +29,9 @@ pub struct AgentApi {
     pub mesh: Mesh,
     pub machines: Arc<MachineHost>,
     pub models: Arc<ModelCatalog>,
+    /// The node's VCS providers, which must claim an agent's repository; `None` (unit tests
+    /// without a plugin host) takes any repository.
+    pub plugins: Option<Arc<super::vcs::NodePlugins>>,
 }
 
 /// The models this node declares, for checking `CreateAgent` (every node of a cluster is meant
@@ -163,6 +166,25 @@ impl AgentService for AgentApi {
         };
         validate::egress_allow(&body.egress_allow).map_err(invalid)?;
         let (model, scripted) = self.models.choose(&body.model)?;
+        if let Some(plugins) = &self.plugins {
+            let claim = plugins
+                .claim(&body.repository)
+                .await
+                .map_err(Status::failed_precondition)?;
+            if body.open_pull_request {
+                let supported = plugins
+                    .supports_pull_requests(&claim)
+                    .await
+                    .map_err(Status::unavailable)?;
+                if !supported {
+                    return Err(Status::failed_precondition(format!(
+                        "open_pull_request: the provider of {:?} ({}) cannot open pull requests; create the agent without it",
+                        body.repository,
+                        claim.plugin.name()
+                    )));
+                }
+            }
+        }
         let id = AgentId::new();
         let name = if body.name.trim().is_empty() {
             validate::name_from_prompt(&body.prompt)

@@ -112,6 +112,15 @@ pub fn event(event: &DurableEvent, scripted: bool) -> v1::AgentEvent {
             failed: *failed,
             duration_ms: *duration_ms,
         }),
+        EventKind::PullRequestOpened { url, number, provider } => Kind::PullRequestOpened(v1::PullRequestOpened {
+            url: url.clone(),
+            number: *number,
+            provider: provider.clone(),
+        }),
+        EventKind::PullRequestFailed { provider, error } => Kind::PullRequestFailed(v1::PullRequestFailed {
+            provider: provider.clone(),
+            error: error.clone(),
+        }),
         EventKind::CommitPushed { branch, commit } => Kind::CommitPushed(v1::CommitPushed {
             branch: branch.clone(),
             commit: commit.clone(),
@@ -169,5 +178,7 @@ pub fn plugin(record: &PluginRecord) -> v1::Plugin {
         uploaded_at: Some(timestamp(record.uploaded_at_ms)),
         loaded_here: false,
         load_error: String::new(),
+        settings: Default::default(),
+        builtin: false,
     }
 }

@@ -10,6 +10,7 @@ pub mod internal;
 pub mod plugins;
 pub mod runtime;
 pub mod validate;
+pub mod vcs;
 
 use std::fs::File;
 use std::io::Write as _;
@@ -307,13 +308,21 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     tracing::info!(node = node_id, grpc = %info.grpc_address, mesh = %info.mesh_address, region = %info.region, "starting node");
     let model_names: Vec<&String> = config.models.keys().collect();
     tracing::info!(models = ?model_names, "models declared in the config");
-    let runtime = std::sync::Arc::new(runtime::build_runtime(&config)?);
+    let mut runtime = runtime::build_runtime(&config)?;
     let default_model = runtime::default_model(&config);
 
     let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), secret.clone());
     replica_config.snapshot_after_logs = config.snapshot_after_logs;
     replica_config.logs_kept_after_snapshot = config.logs_kept_after_snapshot;
     let replica = Replica::open(replica_config).await?;
+    let plugin_host = std::sync::Arc::new(plugin_host(&config)?);
+    let registry = plugins::PluginRegistry::start(plugin_host.clone(), &replica, config.plugins.chosen_builtins());
+    let node_plugins = std::sync::Arc::new(vcs::NodePlugins {
+        registry: registry.clone(),
+    });
+    runtime.providers = Some(node_plugins.clone());
+    runtime.plugin_tools = Some(node_plugins.clone());
+    let runtime = std::sync::Arc::new(runtime);
     let liveness = LivenessTable::default();
     let mesh = Mesh::start(MeshConfig {
         node_id,
@@ -344,14 +353,12 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
                 .collect(),
             default_model,
         }),
+        plugins: Some(node_plugins),
     };
-    let plugin_host = std::sync::Arc::new(plugin_host(&config)?);
     let admin_api = admin::AdminApi {
         replica: replica.clone(),
-        validator: Some(std::sync::Arc::new(admin::HostValidator {
-            host: plugin_host.clone(),
-        })),
-        registry: Some(plugins::PluginRegistry::start(plugin_host, &replica)),
+        validator: Some(std::sync::Arc::new(admin::HostValidator { host: plugin_host })),
+        registry: Some(registry),
     };
     let server = tokio::spawn(serve(
         listener,
