@@ -203,7 +203,7 @@ impl RepoState {
             Some(providers) => providers
                 .origin(&self.args.url)
                 .await
-                .map_err(|error| format!("the VCS provider {error}"))?,
+                .map_err(|error| format!("VCS provider: {error}"))?,
             None => GitOrigin {
                 url: self.args.url.clone(),
                 auth_header: None,

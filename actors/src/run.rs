@@ -797,15 +797,15 @@ async fn open_pull_request(context: &RunContext, live: &Live, pushed: bool, summ
     outcome.map(|_| ()).map_err(|error| error.to_string())
 }
 
-/// A pull request title: the agent's name, or the prompt's first line, cut to fit forges' limits.
+/// A pull request title: the prompt's first non-blank line (the agent's name for a blank
+/// prompt), cut to fit forges' limits.
 fn pull_request_title(name: &str, prompt: &str) -> String {
     const MAX_TITLE_CHARS: usize = 120;
-    let first_line = prompt
+    let title = prompt
         .lines()
         .map(str::trim)
         .find(|line| !line.is_empty())
         .unwrap_or(name);
-    let title = if first_line.is_empty() { name } else { first_line };
     let mut cut: String = title.chars().take(MAX_TITLE_CHARS).collect();
     if cut.len() < title.len() {
         cut.push('…');

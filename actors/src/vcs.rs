@@ -51,13 +51,24 @@ pub struct OpenedPullRequest {
 }
 
 /// Why a provider could not do what was asked, in words for the agent's history.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{provider}: {message}")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VcsError {
     /// The provider that was asked ("" when none claims the repository).
     pub provider: String,
     pub message: String,
 }
+
+impl std::fmt::Display for VcsError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.provider.is_empty() {
+            formatter.write_str(&self.message)
+        } else {
+            write!(formatter, "{}: {}", self.provider, self.message)
+        }
+    }
+}
+
+impl std::error::Error for VcsError {}
 
 /// The repository providers of a node.
 #[async_trait]

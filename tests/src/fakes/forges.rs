@@ -68,6 +68,25 @@ pub struct RecordedForgeRequest {
 }
 
 impl RecordedForgeRequest {
+    /// The request as it arrived (header names are lowercase in `HeaderMap` already).
+    pub(crate) fn from_parts(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> RecordedForgeRequest {
+        RecordedForgeRequest {
+            method: method.to_string(),
+            path: uri.path().to_string(),
+            query: uri.query().map(str::to_string),
+            headers: headers
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.as_str().to_string(),
+                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.to_vec(),
+        }
+    }
+
     /// The first header called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
@@ -144,10 +163,7 @@ impl FakeForge {
     /// Serves `kind`'s API on a free loopback port, for the repositories `repositories`
     /// (`OWNER/NAME`), to a client that authenticates with `token`.
     pub async fn start(kind: ForgeKind, token: &str, repositories: &[&str]) -> FakeForge {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("could not bind the fake forge to a loopback port");
-        let address = listener.local_addr().expect("the fake forge's address");
+        let (listener, address) = super::bind_loopback("fake forge").await;
         let shared = Arc::new(Shared {
             kind,
             token: token.to_string(),
@@ -159,11 +175,7 @@ impl FakeForge {
             .fallback(handle)
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
             .with_state(shared.clone());
-        let task = tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app).await {
-                eprintln!("the fake forge stopped: {error}");
-            }
-        });
+        let task = super::serve(listener, app, "fake forge");
         FakeForge {
             shared,
             address,
@@ -295,21 +307,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let recorded = RecordedForgeRequest {
-        method: method.to_string(),
-        path: uri.path().to_string(),
-        query: uri.query().map(str::to_string),
-        headers: headers
-            .iter()
-            .map(|(name, value)| {
-                (
-                    name.as_str().to_string(),
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        body: body.to_vec(),
-    };
+    let recorded = RecordedForgeRequest::from_parts(&method, &uri, &headers, &body);
     {
         let mut state = shared.lock();
         if state.requests.len() == MAX_RECORDED_REQUESTS {
@@ -329,6 +327,11 @@ async fn handle(
         ForgeKind::Bitbucket => bitbucket(&shared, &incoming),
         ForgeKind::Gitea => gitea(&shared, &incoming),
     };
+    json_response(status, &answer)
+}
+
+/// A JSON answer, as the forges send it.
+pub(crate) fn json_response(status: u16, answer: &Value) -> Response {
     Response::builder()
         .status(status)
         .header("content-type", "application/json; charset=utf-8")

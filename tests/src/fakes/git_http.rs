@@ -82,15 +82,8 @@ impl GitHttpServer {
             request_count: AtomicU64::new(0),
         });
         let app = axum::Router::new().fallback(handle).with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("could not bind the git HTTP server to a loopback port");
-        let address = listener.local_addr().expect("the git HTTP server's address");
-        let task = tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app).await {
-                eprintln!("the git HTTP server stopped: {error}");
-            }
-        });
+        let (listener, address) = super::bind_loopback("git HTTP server").await;
+        let task = super::serve(listener, app, "git HTTP server");
         GitHttpServer {
             shared,
             address,

@@ -16,3 +16,27 @@ pub use forges::{FakeForge, FakePullRequest, ForgeKind, RecordedForgeRequest};
 pub use git_http::{basic_authorization, create_bare_repository, git_extra_header_env, GitHttpServer};
 pub use model::{FakeModelServer, FakeTurn, Fault, Gate, RecordedRequest, WireProtocol};
 pub use skiff::{SkiffForge, SkiffPullRequest};
+
+/// A listener on a free loopback port for the fake called `what`, and its address.
+pub(crate) async fn bind_loopback(what: &str) -> (tokio::net::TcpListener, std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|error| panic!("could not bind the {what} to a loopback port: {error}"));
+    let address = listener
+        .local_addr()
+        .unwrap_or_else(|error| panic!("the {what}'s address: {error}"));
+    (listener, address)
+}
+
+/// Serves `app` on `listener` until the returned task is aborted.
+pub(crate) fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            eprintln!("the {what} stopped: {error}");
+        }
+    })
+}

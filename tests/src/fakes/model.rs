@@ -236,15 +236,8 @@ impl FakeModelServer {
             .fallback(handle)
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("could not bind the fake model server to a loopback port");
-        let address = listener.local_addr().expect("the fake model server's address");
-        let task = tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app).await {
-                eprintln!("the fake model server stopped: {error}");
-            }
-        });
+        let (listener, address) = super::bind_loopback("fake model server").await;
+        let task = super::serve(listener, app, "fake model server");
         FakeModelServer {
             _server: Arc::new(ServerTask {
                 shared: shared.clone(),

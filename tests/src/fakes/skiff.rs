@@ -20,14 +20,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::Response;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::forges::RecordedForgeRequest;
+use super::forges::{json_response, RecordedForgeRequest};
 
 /// Requests kept for [`SkiffForge::requests`]; older ones are dropped.
 pub const MAX_RECORDED_SKIFF_REQUESTS: usize = 1000;
@@ -123,10 +123,7 @@ impl SkiffForge {
     /// Serves the API on a free loopback port to clients that authenticate with `token`. It
     /// hosts no repository until [`SkiffForge::add_repository`].
     pub async fn start(token: &str) -> SkiffForge {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("could not bind the fake skiff forge to a loopback port");
-        let address = listener.local_addr().expect("the fake skiff forge's address");
+        let (listener, address) = super::bind_loopback("fake skiff forge").await;
         let shared = Arc::new(Shared {
             token: token.to_string(),
             origin: format!("http://{address}"),
@@ -138,11 +135,7 @@ impl SkiffForge {
             .fallback(handle)
             .layer(DefaultBodyLimit::max(MAX_SKIFF_BODY_BYTES))
             .with_state(shared.clone());
-        let task = tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app).await {
-                eprintln!("the fake skiff forge stopped: {error}");
-            }
-        });
+        let task = super::serve(listener, app, "fake skiff forge");
         SkiffForge {
             _server: Arc::new(ServerTask {
                 shared: shared.clone(),
@@ -245,27 +238,9 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    shared.record(RecordedForgeRequest {
-        method: method.to_string(),
-        path: uri.path().to_string(),
-        query: uri.query().map(str::to_string),
-        headers: headers
-            .iter()
-            .map(|(name, value)| {
-                (
-                    name.as_str().to_ascii_lowercase(),
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        body: body.to_vec(),
-    });
+    shared.record(RecordedForgeRequest::from_parts(&method, &uri, &headers, &body));
     let (status, answer) = answer(&shared, &method, uri.path(), &headers, &body).await;
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json; charset=utf-8")
-        .body(Body::from(answer.to_string()))
-        .expect("a JSON response is valid")
+    json_response(status, &answer)
 }
 
 async fn answer(shared: &Shared, method: &Method, path: &str, headers: &HeaderMap, body: &[u8]) -> (u16, Value) {
