@@ -143,6 +143,7 @@ impl Actor for AgentActor {
                     state.args.replica.node_id(),
                     state.args.epoch
                 ));
+                tracing::info!(agent = %state.args.agent, epoch = %state.args.epoch, "provisioning a machine");
                 state.provisioning = Some(spawn_provisioning(&state.args, myself.clone()));
             }
             AgentMsg::Provisioned(Ok((provisioned, repo))) => {
@@ -159,6 +160,7 @@ impl Actor for AgentActor {
                     provisioned.elapsed_ms,
                     state.args.replica.node_id()
                 );
+                tracing::info!(agent = %state.args.agent, epoch = %state.args.epoch, elapsed_ms = provisioned.elapsed_ms, "machine ready");
                 match set_status(&state.args, AgentStatus::Running, reason.clone(), None).await {
                     Ok(()) => state.announce(reason),
                     Err(WriteError::Refused(ApplyError::Fenced { .. } | ApplyError::InvalidState { .. })) => {
@@ -191,7 +193,10 @@ impl Actor for AgentActor {
                     RunOutcome::Ended(status) => {
                         tracing::info!(agent = %state.args.agent, %status, "agent run ended");
                     }
-                    RunOutcome::Superseded => myself.stop(Some("superseded".to_string())),
+                    RunOutcome::Superseded => {
+                        tracing::info!(agent = %state.args.agent, epoch = %state.args.epoch, "agent run ended: the agent ended or moved to another epoch");
+                        myself.stop(Some("superseded".to_string()))
+                    }
                     RunOutcome::Unavailable(error) => {
                         // Fail the actor: its supervisor restarts it, and the new run resumes
                         // from the last checkpoint.
@@ -530,6 +535,25 @@ impl Actor for AgentSupervisor {
         };
         let running = state.running.remove(&id).expect("found above");
         let Some(failure) = failure else {
+            // An actor ends on its own when its agent ended or moved to another epoch. If this
+            // node still owns the agent under the same epoch, the actor read a state that did
+            // not show that yet: start it again (counted like a failure, so it cannot spin).
+            let me = state.args.replica.node_id();
+            let still_owned = state.args.replica.reader().read(|cluster| {
+                cluster
+                    .active_on(me)
+                    .any(|agent| agent.id == id && agent.assignment.is_some_and(|a| a.epoch == running.epoch))
+            });
+            if still_owned {
+                let count = state.restarts.entry(id).or_insert(0);
+                *count += 1;
+                if *count <= MAX_AGENT_ACTOR_RESTARTS {
+                    tracing::warn!(agent = %id, epoch = %running.epoch, "agent actor ended while this node still owns the agent; starting it again");
+                    myself.cast(AgentSupervisorMsg::Reconcile)?;
+                } else {
+                    tracing::warn!(agent = %id, epoch = %running.epoch, "agent actor keeps ending while this node owns the agent; leaving it stopped");
+                }
+            }
             return Ok(());
         };
         // A failed actor may not have cleaned up after itself.

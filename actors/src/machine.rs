@@ -168,6 +168,7 @@ impl MachineHost {
             reply,
         })
         .map_err(|error| ProvisionError::Actor(error.to_string()))??;
+        tracing::debug!(agent = %agent.id, %epoch, elapsed_ms = started.elapsed().as_millis() as u64, "workspace prepared");
         let config = environment::load(&workspace.path)?
             .map(|(_, config)| config)
             .unwrap_or_else(EnvironmentConfig::default);
@@ -209,6 +210,7 @@ impl MachineHost {
             Some(proxy)
         };
         let machine = self.driver.create(spec).await?;
+        tracing::debug!(agent = %agent.id, %epoch, elapsed_ms = started.elapsed().as_millis() as u64, "machine created");
         if egress.is_some() {
             // The machine has only a loopback interface; a forwarder inside it carries the
             // proxy port to the node's socket. Its daemon outlives this command on purpose.

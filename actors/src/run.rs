@@ -383,6 +383,7 @@ pub async fn run(context: RunContext) -> RunOutcome {
     let mut conversation = match checkpoint {
         Some(checkpoint) => match crate::checkpoint::decode(&checkpoint.data) {
             Ok(transcript) => {
+                tracing::info!(agent = %context.agent, epoch = %context.epoch, turn = checkpoint.turn, "run resumes from its checkpoint");
                 live.log(format!(
                     "resuming on node {node} from the checkpoint of turn {}",
                     checkpoint.turn
@@ -461,8 +462,10 @@ pub async fn run(context: RunContext) -> RunOutcome {
             })
         };
         let model_started = Instant::now();
+        tracing::debug!(agent = %context.agent, turn = turn + 1, "asking the model");
         let answer = provider.turn(&request, sender).await;
         let model_time = model_started.elapsed();
+        tracing::debug!(agent = %context.agent, turn = turn + 1, elapsed_ms = model_time.as_millis() as u64, ok = answer.is_ok(), "the model answered");
         let _ = forwarder.await;
         let answer = match answer {
             Ok(answer) => answer,

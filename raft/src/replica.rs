@@ -103,8 +103,15 @@ pub enum WriteError {
 /// What a forwarded write answers across the wire.
 #[derive(Serialize, Deserialize, Debug)]
 pub enum ForwardReply {
-    Applied(ApplyResult),
-    NotLeader { leader: Option<NodeId> },
+    /// Applied on the leader at log `index`; the forwarding node waits until its own state
+    /// machine has applied that index before it answers its caller.
+    Applied {
+        result: ApplyResult,
+        index: u64,
+    },
+    NotLeader {
+        leader: Option<NodeId>,
+    },
     Failed(String),
 }
 
@@ -260,6 +267,9 @@ impl Replica {
     /// committed and applied. Concurrent writes are grouped into one log entry (group commit:
     /// one append and one fsync for the whole group). A follower forwards the group to the
     /// leader. Retries through elections until [`WRITE_DEADLINE_MS`].
+    ///
+    /// A write answers only once this node's own state shows it (read-your-writes): a caller
+    /// that writes and then reads the replica never sees the state from before its write.
     pub async fn write(&self, command: Command) -> Result<Response, WriteError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.inner
@@ -308,13 +318,16 @@ impl Replica {
         let mut last_error;
         loop {
             let leader = match self.write_local(request.clone()).await {
-                ForwardReply::Applied(result) => return result.map_err(WriteError::Refused),
+                ForwardReply::Applied { result, .. } => return result.map_err(WriteError::Refused),
                 ForwardReply::Failed(error) => return Err(WriteError::Fatal(error)),
                 ForwardReply::NotLeader { leader } => leader,
             };
             if let Some(leader) = leader.filter(|leader| *leader != self.inner.node_id) {
                 match self.forward(leader, &request).await {
-                    Ok(ForwardReply::Applied(result)) => return result.map_err(WriteError::Refused),
+                    Ok(ForwardReply::Applied { result, index }) => {
+                        self.wait_applied_here(index, deadline).await;
+                        return result.map_err(WriteError::Refused);
+                    }
                     Ok(ForwardReply::Failed(error)) => return Err(WriteError::Fatal(error)),
                     Ok(ForwardReply::NotLeader { .. }) => last_error = format!("node {leader} is no longer leader"),
                     Err(error) => last_error = format!("forwarding to leader {leader}: {error}"),
@@ -335,10 +348,28 @@ impl Replica {
         }
     }
 
+    /// Waits until this node's state machine has applied `index` (a write the leader applied
+    /// reaches the followers one heartbeat later at most). Past `deadline` it gives up with a
+    /// warning: the write stands, only this node's view of it lags.
+    async fn wait_applied_here(&self, index: u64, deadline: tokio::time::Instant) {
+        let mut applied = self.inner.reader.applied_watch();
+        let reached = tokio::time::timeout_at(deadline, applied.wait_for(|applied| *applied >= index)).await;
+        if !matches!(reached, Ok(Ok(_))) {
+            tracing::warn!(
+                index,
+                applied = self.inner.reader.last_applied_index(),
+                "a forwarded write is not applied on this node yet; reads here may not show it"
+            );
+        }
+    }
+
     /// Tries the write on this node only.
     pub async fn write_local(&self, request: Request) -> ForwardReply {
         match self.inner.raft.client_write(request).await {
-            Ok(response) => ForwardReply::Applied(response.data),
+            Ok(response) => ForwardReply::Applied {
+                result: response.data,
+                index: response.log_id.index,
+            },
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => ForwardReply::NotLeader {
                 leader: forward.leader_id,
             },

@@ -1,4 +1,4 @@
-//! Three nodes: writes on followers, reads anywhere, leader loss, and a restarted node that
+//! Three nodes: writes on followers (read back at once on the same follower), reads anywhere, leader loss, and a restarted node that
 //! catches up from a snapshot because the log it missed was purged.
 
 use std::collections::BTreeMap;
@@ -47,6 +47,14 @@ async fn leader_loss_keeps_every_acknowledged_agent_and_a_restarted_node_catches
     let mut acknowledged = BTreeMap::new();
     for index in 0..10 {
         let agent = create(&mut on_follower, &format!("before-{index}"), "Created on a follower").await;
+        // Read-your-writes: the follower that answered the create already shows the agent.
+        let read_back = get(&mut on_follower, &agent.id).await;
+        assert_eq!(
+            read_back.as_ref().map(identity),
+            Some(identity(&agent)),
+            "the follower that acknowledged agent {} shows it at once",
+            agent.id
+        );
         acknowledged.insert(agent.id.clone(), identity(&agent));
     }
     let other_endpoint = cluster.nodes[followers[1]].endpoint();

@@ -32,7 +32,7 @@ async fn write_through_raft(cluster: &TestCluster, command: Command) -> ApplyRes
         .unwrap_or_else(|status| panic!("ForwardWrite to node 1 failed: {status}"))
         .into_inner();
     match decode::<ForwardReply>(&reply.data).expect("a forward reply") {
-        ForwardReply::Applied(result) => result,
+        ForwardReply::Applied { result, .. } => result,
         other => panic!("node 1 did not apply the write: {other:?}"),
     }
 }

@@ -50,6 +50,8 @@ const LOG_LINES_ON_FAILURE: usize = 40;
 
 /// Set this environment variable to keep a failed test's cluster directory (data and logs).
 const KEEP_TEST_DIRS_ENV: &str = "FLOTILLA_KEEP_TEST_DIRS";
+/// Set this environment variable to a log filter (`RUST_LOG` syntax) for the nodes a test starts.
+const TEST_LOG_ENV: &str = "FLOTILLA_TEST_LOG";
 
 /// Environment of the outer build that must not reach (and rebuild) the wasm guests.
 const GUEST_BUILD_LEAKING_ENVIRONMENT: &[&str] = &[
@@ -405,7 +407,10 @@ impl NodeProcess {
         let child = Command::new(flotilla_bin())
             .args(self.spec.command_args())
             .env("FLOTILLA_CLUSTER_SECRET", &self.spec.cluster_secret)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var(TEST_LOG_ENV).unwrap_or_else(|_| "info".to_string()),
+            )
             .envs(self.spec.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(log_file)
