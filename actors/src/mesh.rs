@@ -153,6 +153,8 @@ struct MeshInner {
     connect_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     max_live_events_per_watcher: usize,
     events_dropped: Arc<AtomicU64>,
+    /// Sessions this node has dialed since it started.
+    dials: AtomicU64,
     shut_down: AtomicBool,
 }
 
@@ -178,8 +180,8 @@ impl Mesh {
         let node_server = NodeServer::new(
             config.listen_port,
             config.cluster_secret,
-            format!("flotilla-{node_id}"),
-            format!("node-{node_id}"),
+            format!("{NODE_NAME_PREFIX}{node_id}"),
+            format!("{NODE_HOST_PREFIX}{node_id}"),
             None,
             Some(NodeConnectionMode::Isolated),
         )
@@ -237,6 +239,7 @@ impl Mesh {
                 connect_locks: Mutex::new(HashMap::new()),
                 max_live_events_per_watcher: config.max_live_events_per_watcher,
                 events_dropped: Arc::new(AtomicU64::new(0)),
+                dials: AtomicU64::new(0),
                 shut_down: AtomicBool::new(false),
             }),
         })
@@ -255,6 +258,18 @@ impl Mesh {
     /// own: the node calls this for every member it knows of, on membership changes and
     /// periodically, which also restores links after a network fault.
     pub async fn connect(&self, address: &str) -> Result<(), MeshError> {
+        self.link(address, None).await
+    }
+
+    /// Links this node to node `node_id`, whose mesh listens at `address`. Unlike
+    /// [`Mesh::connect`], a link that node opened to us counts even if we never dialed it:
+    /// without the peer's id, an inbound session cannot be told apart, and dialing a node
+    /// that is already linked only opens a second session that the handshake refuses.
+    pub async fn connect_node(&self, node_id: u64, address: &str) -> Result<(), MeshError> {
+        self.link(address, Some(mesh_name(node_id))).await
+    }
+
+    async fn link(&self, address: &str, peer_name: Option<String>) -> Result<(), MeshError> {
         let address_lock = self.connect_lock(address);
         let _one_call_per_address = address_lock.lock().await;
         self.ensure_running()?;
@@ -272,7 +287,7 @@ impl Mesh {
             });
         }
 
-        let known_peer_name = self.known_peer_name(address);
+        let known_peer_name = peer_name.or_else(|| self.known_peer_name(address));
         let sessions = self.sessions().await?;
         if let Some(session) = linked_session(&sessions, &resolved, known_peer_name.as_deref()) {
             tracing::debug!(address, peer_name = ?session.peer_name, "mesh link already up");
@@ -282,6 +297,7 @@ impl Mesh {
         // Subscribe before dialing so that the outcome of this session cannot be missed.
         let mut session_events = self.inner.session_events.subscribe();
         let socket_addresses: Vec<SocketAddr> = resolved.iter().copied().collect();
+        self.inner.dials.fetch_add(1, Ordering::Relaxed);
         let dialed = tokio::time::timeout(
             Duration::from_millis(DIAL_TIMEOUT_MS),
             ractor_cluster::client_connect(&self.inner.node_server, socket_addresses.as_slice()),
@@ -359,6 +375,11 @@ impl Mesh {
                 SessionEvent::Ready(_) | SessionEvent::Disconnected(_) => {}
             }
         }
+    }
+
+    /// Sessions this node has dialed since it started (a steady count means its links hold).
+    pub fn dials_started(&self) -> u64 {
+        self.inner.dials.load(Ordering::Relaxed)
     }
 
     /// Number of peer nodes this node currently has an authenticated link with.
@@ -536,6 +557,15 @@ fn deliver_live_event(agent_id: &str, member: &ActorCell, event: Vec<u8>) {
             "live event not delivered"
         );
     }
+}
+
+const NODE_NAME_PREFIX: &str = "flotilla-";
+const NODE_HOST_PREFIX: &str = "node-";
+
+/// The name node `node_id` goes by in its sessions: `<name>@<host>`, as ractor_cluster forms it
+/// from the name and host given to `NodeServer::new` in [`Mesh::start`].
+fn mesh_name(node_id: u64) -> String {
+    format!("{NODE_NAME_PREFIX}{node_id}@{NODE_HOST_PREFIX}{node_id}")
 }
 
 /// An authenticated session that links us to the node at `resolved`: a session we
@@ -1091,6 +1121,34 @@ mod tests {
 
         first.shutdown().await;
         restarted.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_link_the_peer_opened_counts_when_its_node_id_is_known() {
+        let _turn = ONE_TEST_AT_A_TIME.lock().await;
+        let (first, first_address) = start_node(114, SECRET, 16).await;
+        let (second, second_address) = start_node(115, SECRET, 16).await;
+
+        first.connect_node(115, &second_address).await.expect("link");
+        wait_until("the second node to see the link", || {
+            let second = second.clone();
+            async move { second.connected_peers().await == 1 }
+        })
+        .await;
+        let dials_before = second.dials_started();
+        // The second node never dialed the first; knowing its id, it finds the inbound link.
+        for _ in 0..3 {
+            second.connect_node(114, &first_address).await.expect("already linked");
+        }
+        assert_eq!(second.dials_started(), dials_before, "no second session was dialed");
+        assert_eq!(second.connected_peers().await, 1);
+        assert_eq!(first.connected_peers().await, 1);
+        // Without the id it cannot tell, and dials (the handshake keeps one session).
+        second.connect(&first_address).await.expect("link back");
+        assert_eq!(second.dials_started(), dials_before + 1);
+
+        first.shutdown().await;
+        second.shutdown().await;
     }
 
     /// Two meshes in one process share one set of process groups, so a linked pair

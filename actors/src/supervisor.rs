@@ -288,7 +288,7 @@ async fn link_mesh(replica: &Replica, mesh: &Mesh) {
             .collect()
     });
     for (node, address) in addresses {
-        if let Err(error) = mesh.connect(&address).await {
+        if let Err(error) = mesh.connect_node(node, &address).await {
             tracing::debug!(node, %address, %error, "mesh link failed; retrying on the next tick");
         }
     }

@@ -48,7 +48,8 @@ const FREE_PORT_ATTEMPTS: usize = 1000;
 /// Lines of each node's log printed when a cluster is dropped during a panic.
 const LOG_LINES_ON_FAILURE: usize = 40;
 
-/// Set this environment variable to keep a failed test's cluster directory (data and logs).
+/// Set this environment variable to keep a failed test's cluster directory (data and logs);
+/// set it to `always` to keep every test's.
 const KEEP_TEST_DIRS_ENV: &str = "FLOTILLA_KEEP_TEST_DIRS";
 /// Set this environment variable to a log filter (`RUST_LOG` syntax) for the nodes a test starts.
 const TEST_LOG_ENV: &str = "FLOTILLA_TEST_LOG";
@@ -757,15 +758,16 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        let keep = std::env::var(KEEP_TEST_DIRS_ENV).ok();
         if std::thread::panicking() {
             eprintln!(
                 "test failed; last {LOG_LINES_ON_FAILURE} log lines of each node:\n{}",
                 self.log_tails(LOG_LINES_ON_FAILURE)
             );
-            if std::env::var_os(KEEP_TEST_DIRS_ENV).is_some() {
-                self.dir.disable_cleanup(true);
-                eprintln!("kept the cluster directory {}", self.dir.path().display());
-            }
+        }
+        if keep.as_deref() == Some("always") || (keep.is_some() && std::thread::panicking()) {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept the cluster directory {}", self.dir.path().display());
         }
         // Kill the nodes before the directory they write to is removed.
         self.nodes.clear();
