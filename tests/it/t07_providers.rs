@@ -146,12 +146,27 @@ struct ForgeCase {
     pull_request_body: Value,
     /// The created pull request's page, after the fake's origin.
     pull_request_page: String,
-    duplicate_error: (u16, &'static str),
+    /// The path (after the fake's prefix) and query of the lookup a provider sends when the
+    /// forge refuses a second pull request of the same branches.
+    lookup: (String, Option<String>),
+    /// A create the forge refuses for its own reasons, whose words reach the caller.
+    refusal: Refusal,
     bad_token_error: (u16, &'static str),
     unknown_repository_error: (u16, &'static str),
     webhook: WebhookInput,
     /// The event `webhook` describes.
     webhook_event: WebhookEvent,
+}
+
+/// A create the forge refuses: its branches and title, the forge's status and words, and
+/// whether the provider first looks for an open pull request (it does when the forge's answer
+/// may mean one is already open).
+struct Refusal {
+    head: &'static str,
+    base: &'static str,
+    title: &'static str,
+    error: (u16, &'static str),
+    looked_up: bool,
 }
 
 async fn check_forge(case: ForgeCase) {
@@ -236,20 +251,70 @@ async fn check_forge(case: ForgeCase) {
         ("flotilla/fix-typo", "main")
     );
 
-    // The forge's errors, in its own words.
-    let duplicate = within(
-        "create-pull-request (duplicate)",
+    // Opening it again (the first answer lost, say) finds the open one: same number and page,
+    // after the forge's refusal and one lookup, and nothing new is opened.
+    let again = within(
+        "create-pull-request (again)",
         host.create_pull_request(&plugin, pull_request_input(loopback_url.clone())),
     )
     .await
-    .expect_err("a second pull request for the same branches should fail");
-    let (status, message) = remote_error(duplicate);
-    assert_eq!(status, case.duplicate_error.0, "{plugin_name}: {message}");
-    assert!(
-        message.contains(case.duplicate_error.1),
-        "{plugin_name}'s duplicate error should say {:?}, said {message:?}",
-        case.duplicate_error.1
+    .unwrap_or_else(|error| panic!("{plugin_name} should find the open pull request: {error}"));
+    assert_eq!(
+        again, created,
+        "{plugin_name} answers the pull request it opened before"
     );
+    let requests = forge.requests();
+    assert_eq!(requests.len(), 3, "{plugin_name} sent {requests:#?}");
+    assert_eq!(requests[1].method, "POST");
+    let lookup = &requests[2];
+    assert_eq!(lookup.method, "GET");
+    assert_eq!(
+        (lookup.path.clone(), lookup.query.clone()),
+        (
+            format!("{}{}", case.kind.api_prefix(), case.lookup.0),
+            case.lookup.1.clone()
+        ),
+        "{plugin_name}'s lookup"
+    );
+    for (name, value) in &case.pull_request_headers {
+        assert_eq!(
+            lookup.header(name),
+            Some(value.as_str()),
+            "{plugin_name}'s lookup {name} header"
+        );
+    }
+    assert!(lookup.body.is_empty(), "{plugin_name}'s lookup has no body");
+    assert_eq!(forge.pull_requests().len(), 1);
+
+    // The forge's errors, in its own words.
+    let mut refused_input = pull_request_input(loopback_url.clone());
+    refused_input.head_branch = case.refusal.head.to_string();
+    refused_input.base_branch = case.refusal.base.to_string();
+    refused_input.title = case.refusal.title.to_string();
+    let sent_before = forge.requests().len();
+    let refused = within(
+        "create-pull-request (refused)",
+        host.create_pull_request(&plugin, refused_input),
+    )
+    .await
+    .expect_err("the forge refuses this pull request");
+    let (status, message) = remote_error(refused);
+    assert_eq!(status, case.refusal.error.0, "{plugin_name}: {message}");
+    assert!(
+        message.contains(case.refusal.error.1),
+        "{plugin_name}'s refusal should say {:?}, said {message:?}",
+        case.refusal.error.1
+    );
+    let methods: Vec<String> = forge.requests()[sent_before..]
+        .iter()
+        .map(|request| request.method.clone())
+        .collect();
+    let expected: &[&str] = if case.refusal.looked_up {
+        &["POST", "GET"]
+    } else {
+        &["POST"]
+    };
+    assert_eq!(methods, expected, "{plugin_name}'s requests for a refused create");
 
     let unknown = within(
         "create-pull-request (unknown repository)",
@@ -346,10 +411,17 @@ async fn github_provider_speaks_the_github_api() {
             "draft": false
         }),
         pull_request_page: "/acme/widgets/pull/1".to_string(),
-        duplicate_error: (
-            422,
-            "Validation Failed: A pull request already exists for acme:flotilla/fix-typo.",
+        lookup: (
+            "/repos/acme/widgets/pulls".to_string(),
+            Some("state=open&head=acme%3Aflotilla%2Ffix-typo&base=main".to_string()),
         ),
+        refusal: Refusal {
+            head: "flotilla/other",
+            base: "main",
+            title: "",
+            error: (422, "Invalid request.\n\n\"title\" wasn't supplied."),
+            looked_up: false,
+        },
         bad_token_error: (401, "Bad credentials"),
         unknown_repository_error: (404, "Not Found"),
         webhook: WebhookInput {
@@ -413,10 +485,22 @@ async fn gitlab_provider_speaks_the_gitlab_api() {
             "description": "Found and fixed by an agent."
         }),
         pull_request_page: "/acme/platform/widgets/-/merge_requests/1".to_string(),
-        duplicate_error: (
-            409,
-            "Another open merge request already exists for this source branch: !1",
+        lookup: (
+            "/projects/acme%2Fplatform%2Fwidgets/merge_requests".to_string(),
+            Some("state=opened&source_branch=flotilla%2Ffix-typo&target_branch=main".to_string()),
         ),
+        // One open merge request per source branch: another target is refused, and the lookup
+        // (for that target) finds none, so GitLab's words stand.
+        refusal: Refusal {
+            head: "flotilla/fix-typo",
+            base: "develop",
+            title: "Fix a typo",
+            error: (
+                409,
+                "Another open merge request already exists for this source branch: !1",
+            ),
+            looked_up: true,
+        },
         bad_token_error: (401, "401 Unauthorized"),
         unknown_repository_error: (404, "404 Project Not Found"),
         webhook: WebhookInput {
@@ -472,10 +556,23 @@ async fn bitbucket_provider_speaks_the_bitbucket_cloud_api() {
             "draft": false
         }),
         pull_request_page: "/acme/widgets/pull-requests/1".to_string(),
-        duplicate_error: (
-            400,
-            "There is already an open pull request from flotilla/fix-typo to main",
+        lookup: (
+            "/repositories/acme/widgets/pullrequests".to_string(),
+            Some(
+                "q=source.branch.name%20%3D%20%22flotilla%2Ffix-typo%22%20AND%20\
+                 destination.branch.name%20%3D%20%22main%22%20AND%20state%20%3D%20%22OPEN%22"
+                    .to_string(),
+            ),
         ),
+        // Bitbucket's 400 may mean "already open": the provider looks, finds none, and passes
+        // the validation error on.
+        refusal: Refusal {
+            head: "flotilla/other",
+            base: "main",
+            title: "",
+            error: (400, "title: This field is required."),
+            looked_up: true,
+        },
         bad_token_error: (401, "Token is invalid, expired, or not supported for this endpoint."),
         unknown_repository_error: (404, "Repository acme/missing not found"),
         webhook: WebhookInput {
@@ -532,7 +629,14 @@ async fn gitea_provider_speaks_the_gitea_api() {
             "body": "Found and fixed by an agent."
         }),
         pull_request_page: "/acme/widgets/pulls/1".to_string(),
-        duplicate_error: (409, "pull request already exists for these targets"),
+        lookup: ("/repos/acme/widgets/pulls/main/flotilla/fix-typo".to_string(), None),
+        refusal: Refusal {
+            head: "flotilla/other",
+            base: "main",
+            title: "",
+            error: (422, "Title: Required"),
+            looked_up: false,
+        },
         bad_token_error: (401, "invalid username, password or token"),
         unknown_repository_error: (404, "The target couldn't be found."),
         webhook: WebhookInput {

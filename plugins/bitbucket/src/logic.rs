@@ -4,9 +4,9 @@
 //! functions, tested natively.
 
 use flotilla_guest_support::{
-    created_pull_request, encode_path_component, header, json_string, json_u64, parse_json, remote_failure,
-    render_message, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest, PullRequestInput, RepoRef, Settings,
-    TwoPartRepository as Repository, WebhookEvent,
+    created_pull_request, encode_path_component, found_pull_request, header, json_string, json_u64, parse_json,
+    query_string, remote_failure, render_message, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest,
+    PullRequestInput, RepoRef, Settings, TwoPartRepository as Repository, WebhookEvent,
 };
 use serde_json::{json, Value};
 
@@ -63,22 +63,31 @@ fn api_base(repository: &Repository, settings: &Settings) -> String {
     }
 }
 
-pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+/// The repository's pull requests endpoint, `{api}/repositories/WORKSPACE/SLUG/pullrequests`.
+fn pullrequests_url(input: &PullRequestInput, settings: &Settings) -> Result<String, Failure> {
     let repository = repository(&input.repository_url, settings).ok_or_else(|| not_bitbucket(&input.repository_url))?;
-    let url = format!(
+    Ok(format!(
         "{}/repositories/{}/{}/pullrequests",
         api_base(&repository, settings),
         encode_path_component(&repository.owner),
         encode_path_component(&repository.name)
-    );
-    let headers = vec![
+    ))
+}
+
+fn api_headers(settings: &Settings) -> Result<Vec<(String, String)>, Failure> {
+    Ok(vec![
         (
             "Authorization".to_string(),
             format!("Bearer {}", settings.token_placeholder()?),
         ),
         ("Accept".to_string(), "application/json".to_string()),
         ("User-Agent".to_string(), "flotilla".to_string()),
-    ];
+    ])
+}
+
+pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+    let url = pullrequests_url(input, settings)?;
+    let headers = api_headers(settings)?;
     let body = json!({
         "title": input.title,
         "description": input.body,
@@ -92,6 +101,43 @@ pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Re
 pub fn pull_request_response(status: u16, body: &[u8]) -> Result<PullRequest, Failure> {
     if (200..300).contains(&status) {
         return created_pull_request(status, body, "/links/html/href", "/id");
+    }
+    Err(remote_failure(
+        status,
+        parse_json(body).and_then(|value| error_message(&value)),
+        body,
+    ))
+}
+
+/// Bitbucket answers a create whose source and destination already have an open pull request
+/// with 400 (the status of its validation errors); the lookup decides whether one is open, so a
+/// 400 for another reason costs one extra request and keeps its own message.
+pub fn already_open(status: u16, _body: &[u8]) -> bool {
+    status == 400 || status == 409
+}
+
+/// A BBQL string literal: `"..."` with `\` and `"` escaped.
+fn bbql_string(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// `GET .../pullrequests?q=source.branch.name="HEAD" AND destination.branch.name="BASE" AND
+/// state="OPEN"` (Bitbucket's query language, BBQL).
+pub fn open_pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+    let url = pullrequests_url(input, settings)?;
+    let filter = format!(
+        "source.branch.name = {} AND destination.branch.name = {} AND state = \"OPEN\"",
+        bbql_string(&input.head_branch),
+        bbql_string(&input.base_branch)
+    );
+    let query = query_string(&[("q", &filter)]);
+    Ok(HttpRequest::get(format!("{url}{query}"), api_headers(settings)?))
+}
+
+/// A page of pull requests: `{"values": [...], "page": 1, ...}`.
+pub fn open_pull_request_response(status: u16, body: &[u8]) -> Result<Option<PullRequest>, Failure> {
+    if (200..300).contains(&status) {
+        return found_pull_request(status, body, Some("/values"), "/links/html/href", "/id");
     }
     Err(remote_failure(
         status,
@@ -199,6 +245,46 @@ mod tests {
             body: "Body".to_string(),
             draft: false,
         }
+    }
+
+    #[test]
+    fn an_already_open_pull_request_is_looked_up_with_bbql() {
+        assert!(already_open(
+            400,
+            br#"{"type": "error", "error": {"message": "already open"}}"#
+        ));
+        assert!(!already_open(401, b"{}"));
+        let lookup = open_pull_request_request(&input("https://bitbucket.org/acme/widgets"), &settings(None)).unwrap();
+        assert_eq!(lookup.method, "GET");
+        assert_eq!(
+            lookup.url,
+            "https://api.bitbucket.org/2.0/repositories/acme/widgets/pullrequests?q=\
+             source.branch.name%20%3D%20%22flotilla%2Ffix-1%22%20AND%20destination.branch.name%20%3D%20%22main%22\
+             %20AND%20state%20%3D%20%22OPEN%22"
+        );
+        assert_eq!(
+            lookup.header("authorization"),
+            Some("Bearer {{secret:bitbucket-token}}")
+        );
+        assert_eq!(bbql_string(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(
+            open_pull_request_response(
+                200,
+                br#"{"values": [{"id": 5, "links": {"html": {"href": "https://bitbucket.org/acme/widgets/pull-requests/5"}}}], "pagelen": 10, "size": 1, "page": 1}"#
+            ),
+            Ok(Some(PullRequest {
+                url: "https://bitbucket.org/acme/widgets/pull-requests/5".to_string(),
+                number: 5
+            }))
+        );
+        assert_eq!(
+            open_pull_request_response(200, br#"{"values": [], "pagelen": 10, "size": 0, "page": 1}"#),
+            Ok(None)
+        );
+        assert!(matches!(
+            open_pull_request_response(400, br#"{"type": "error", "error": {"message": "Invalid query"}}"#),
+            Err(Failure::Remote { status: 400, ref message }) if message.contains("Invalid query")
+        ));
     }
 
     #[test]

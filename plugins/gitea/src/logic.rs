@@ -3,9 +3,9 @@
 //! to read the forge's answers and webhook deliveries. Plain functions, tested natively.
 
 use flotilla_guest_support::{
-    branch_of_ref, created_pull_request, encode_path_component, header, json_string, json_u64, parse_json,
-    remote_failure, render_message, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest, PullRequestInput,
-    RepoRef, Settings, TwoPartRepository as Repository, WebhookEvent,
+    branch_of_ref, created_pull_request, encode_path_component, found_pull_request, header, json_string, json_u64,
+    parse_json, remote_failure, render_message, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest,
+    PullRequestInput, RepoRef, Settings, TwoPartRepository as Repository, WebhookEvent,
 };
 use serde_json::{json, Value};
 
@@ -61,22 +61,31 @@ fn api_base(repository: &Repository, settings: &Settings) -> String {
     }
 }
 
-pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+/// The repository's pulls endpoint, `{api}/repos/OWNER/REPO/pulls`.
+fn pulls_url(input: &PullRequestInput, settings: &Settings) -> Result<String, Failure> {
     let repository = repository(&input.repository_url, settings).ok_or_else(|| not_gitea(&input.repository_url))?;
-    let url = format!(
+    Ok(format!(
         "{}/repos/{}/{}/pulls",
         api_base(&repository, settings),
         encode_path_component(&repository.owner),
         encode_path_component(&repository.name)
-    );
-    let headers = vec![
+    ))
+}
+
+fn api_headers(settings: &Settings) -> Result<Vec<(String, String)>, Failure> {
+    Ok(vec![
         (
             "Authorization".to_string(),
             format!("token {}", settings.token_placeholder()?),
         ),
         ("Accept".to_string(), "application/json".to_string()),
         ("User-Agent".to_string(), "flotilla".to_string()),
-    ];
+    ])
+}
+
+pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+    let url = pulls_url(input, settings)?;
+    let headers = api_headers(settings)?;
     let title = if input.draft && !input.title.starts_with(DRAFT_PREFIX) {
         format!("{DRAFT_PREFIX}{}", input.title)
     } else {
@@ -94,6 +103,41 @@ pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Re
 pub fn pull_request_response(status: u16, body: &[u8]) -> Result<PullRequest, Failure> {
     if (200..300).contains(&status) {
         return created_pull_request(status, body, "/html_url", "/number");
+    }
+    Err(remote_failure(
+        status,
+        parse_json(body).and_then(|value| error_message(&value)),
+        body,
+    ))
+}
+
+/// Gitea and Forgejo refuse a second open pull request of one head and base with 409 "pull
+/// request already exists for these targets".
+pub fn already_open(status: u16, _body: &[u8]) -> bool {
+    status == 409
+}
+
+/// `GET .../pulls/BASE/HEAD`: the pull request of a base and head branch (the head's `/`s stay
+/// path separators, which the route takes as one branch name).
+pub fn open_pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+    let url = pulls_url(input, settings)?;
+    let head: Vec<String> = input.head_branch.split('/').map(encode_path_component).collect();
+    Ok(HttpRequest::get(
+        format!("{url}/{}/{}", encode_path_component(&input.base_branch), head.join("/")),
+        api_headers(settings)?,
+    ))
+}
+
+/// The pull request, if it is still open; 404 when there is none.
+pub fn open_pull_request_response(status: u16, body: &[u8]) -> Result<Option<PullRequest>, Failure> {
+    if (200..300).contains(&status) || status == 404 {
+        let open = status == 404
+            || parse_json(body).is_none_or(|value| json_string(&value, "/state").is_none_or(|state| state == "open"));
+        return if open {
+            found_pull_request(status, body, None, "/html_url", "/number")
+        } else {
+            Ok(None)
+        };
     }
     Err(remote_failure(
         status,
@@ -205,6 +249,47 @@ mod tests {
             body: "Body".to_string(),
             draft: true,
         }
+    }
+
+    #[test]
+    fn an_already_open_pull_request_is_looked_up_by_base_and_head() {
+        assert!(already_open(
+            409,
+            br#"{"message": "pull request already exists for these targets [id: 3001]"}"#
+        ));
+        assert!(!already_open(422, b"[]"));
+        let lookup = open_pull_request_request(&input("https://codeberg.org/acme/widgets"), &settings(None)).unwrap();
+        assert_eq!(lookup.method, "GET");
+        assert_eq!(
+            lookup.url,
+            "https://codeberg.org/api/v1/repos/acme/widgets/pulls/main/flotilla/fix-1"
+        );
+        assert_eq!(lookup.header("authorization"), Some("token {{secret:gitea-token}}"));
+        assert_eq!(
+            open_pull_request_response(
+                200,
+                br#"{"number": 2, "state": "open", "html_url": "https://codeberg.org/acme/widgets/pulls/2"}"#
+            ),
+            Ok(Some(PullRequest {
+                url: "https://codeberg.org/acme/widgets/pulls/2".to_string(),
+                number: 2
+            }))
+        );
+        assert_eq!(
+            open_pull_request_response(
+                200,
+                br#"{"number": 1, "state": "closed", "html_url": "https://codeberg.org/acme/widgets/pulls/1"}"#
+            ),
+            Ok(None)
+        );
+        assert_eq!(
+            open_pull_request_response(404, br#"{"message": "The target couldn't be found."}"#),
+            Ok(None)
+        );
+        assert!(matches!(
+            open_pull_request_response(401, br#"{"message": "token is required"}"#),
+            Err(Failure::Remote { status: 401, .. })
+        ));
     }
 
     #[test]

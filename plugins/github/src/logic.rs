@@ -3,9 +3,9 @@
 //! to read GitHub's answers and webhook deliveries. Plain functions, tested natively.
 
 use flotilla_guest_support::{
-    branch_of_ref, created_pull_request, encode_path_component, header, json_string, json_u64, parse_json,
-    remote_failure, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest, PullRequestInput, RepoRef, Settings,
-    TwoPartRepository as Repository, WebhookEvent,
+    branch_of_ref, created_pull_request, encode_path_component, found_pull_request, header, json_string, json_u64,
+    parse_json, query_string, remote_failure, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest,
+    PullRequestInput, RepoRef, Settings, TwoPartRepository as Repository, WebhookEvent,
 };
 use serde_json::{json, Value};
 
@@ -65,7 +65,8 @@ fn api_base(repository: &Repository, settings: &Settings) -> String {
     }
 }
 
-pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+/// The repository's pulls endpoint, `{api}/repos/OWNER/REPO/pulls`.
+fn pulls_url(input: &PullRequestInput, settings: &Settings) -> Result<(Repository, String), Failure> {
     let repository = repository(&input.repository_url, settings).ok_or_else(|| not_github(&input.repository_url))?;
     let url = format!(
         "{}/repos/{}/{}/pulls",
@@ -73,7 +74,11 @@ pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Re
         encode_path_component(&repository.owner),
         encode_path_component(&repository.name)
     );
-    let headers = vec![
+    Ok((repository, url))
+}
+
+fn api_headers(settings: &Settings) -> Result<Vec<(String, String)>, Failure> {
+    Ok(vec![
         (
             "Authorization".to_string(),
             format!("Bearer {}", settings.token_placeholder()?),
@@ -81,7 +86,12 @@ pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Re
         ("Accept".to_string(), "application/vnd.github+json".to_string()),
         ("X-GitHub-Api-Version".to_string(), API_VERSION.to_string()),
         ("User-Agent".to_string(), "flotilla".to_string()),
-    ];
+    ])
+}
+
+pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+    let (_, url) = pulls_url(input, settings)?;
+    let headers = api_headers(settings)?;
     let body = json!({
         "title": input.title,
         "head": input.head_branch,
@@ -95,6 +105,32 @@ pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Re
 pub fn pull_request_response(status: u16, body: &[u8]) -> Result<PullRequest, Failure> {
     if (200..300).contains(&status) {
         return created_pull_request(status, body, "/html_url", "/number");
+    }
+    Err(remote_failure(
+        status,
+        parse_json(body).and_then(|value| error_message(&value)),
+        body,
+    ))
+}
+
+/// GitHub refuses a second open pull request of one head and base with 422 "A pull request
+/// already exists for OWNER:BRANCH."
+pub fn already_open(status: u16, body: &[u8]) -> bool {
+    status == 422 && String::from_utf8_lossy(body).contains("A pull request already exists")
+}
+
+/// `GET .../pulls?state=open&head=OWNER:BRANCH&base=BASE`: the open pull request of the head
+/// and base (GitHub filters `head` by `user:ref-name`).
+pub fn open_pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+    let (repository, url) = pulls_url(input, settings)?;
+    let head = format!("{}:{}", repository.owner, input.head_branch);
+    let query = query_string(&[("state", "open"), ("head", &head), ("base", &input.base_branch)]);
+    Ok(HttpRequest::get(format!("{url}{query}"), api_headers(settings)?))
+}
+
+pub fn open_pull_request_response(status: u16, body: &[u8]) -> Result<Option<PullRequest>, Failure> {
+    if (200..300).contains(&status) {
+        return found_pull_request(status, body, Some(""), "/html_url", "/number");
     }
     Err(remote_failure(
         status,
@@ -304,6 +340,41 @@ mod tests {
             enterprise.url,
             "https://ghe.example.com/api/v3/repos/acme/widgets/pulls"
         );
+    }
+
+    #[test]
+    fn an_already_open_pull_request_is_looked_up_by_head_and_base() {
+        let refusal = br#"{"message": "Validation Failed", "errors": [{"resource": "PullRequest", "code": "custom", "message": "A pull request already exists for acme:flotilla/fix-1."}], "status": "422"}"#;
+        assert!(already_open(422, refusal));
+        assert!(!already_open(
+            422,
+            br#"{"message": "Validation Failed", "errors": [{"field": "head", "code": "invalid"}]}"#
+        ));
+        assert!(!already_open(401, br#"{"message": "Bad credentials"}"#));
+        let lookup = open_pull_request_request(&input("https://github.com/acme/widgets"), &settings(None)).unwrap();
+        assert_eq!(lookup.method, "GET");
+        assert_eq!(
+            lookup.url,
+            "https://api.github.com/repos/acme/widgets/pulls?state=open&head=acme%3Aflotilla%2Ffix-1&base=main"
+        );
+        assert_eq!(lookup.header("authorization"), Some("Bearer {{secret:github-token}}"));
+        assert_eq!(lookup.header("x-github-api-version"), Some("2022-11-28"));
+        assert_eq!(lookup.body, None);
+        assert_eq!(
+            open_pull_request_response(
+                200,
+                br#"[{"number": 3, "html_url": "https://github.com/acme/widgets/pull/3"}]"#
+            ),
+            Ok(Some(PullRequest {
+                url: "https://github.com/acme/widgets/pull/3".to_string(),
+                number: 3
+            }))
+        );
+        assert_eq!(open_pull_request_response(200, b"[]"), Ok(None));
+        assert!(matches!(
+            open_pull_request_response(401, br#"{"message": "Bad credentials"}"#),
+            Err(Failure::Remote { status: 401, ref message }) if message == "Bad credentials"
+        ));
     }
 
     #[test]

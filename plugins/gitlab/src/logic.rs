@@ -4,9 +4,9 @@
 //! functions, tested natively.
 
 use flotilla_guest_support::{
-    created_pull_request, encode_path_component, header, is_plain_name, json_string, json_u64, parse_json,
-    parse_remote_url, remote_failure, render_message, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest,
-    PullRequestInput, RemoteUrl, RepoRef, Settings, WebhookEvent,
+    created_pull_request, encode_path_component, found_pull_request, header, is_plain_name, json_string, json_u64,
+    parse_json, parse_remote_url, query_string, remote_failure, render_message, webhook_json, CloneSpec, Failure,
+    HttpRequest, PullRequest, PullRequestInput, RemoteUrl, RepoRef, Settings, WebhookEvent,
 };
 use serde_json::{json, Value};
 
@@ -97,18 +97,27 @@ fn api_base(project: &Project, settings: &Settings) -> String {
     }
 }
 
-pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+/// The project's merge requests endpoint, `{api}/projects/URL-ENCODED-PATH/merge_requests`.
+fn merge_requests_url(input: &PullRequestInput, settings: &Settings) -> Result<String, Failure> {
     let project = project(&input.repository_url, settings).ok_or_else(|| not_gitlab(&input.repository_url))?;
-    let url = format!(
+    Ok(format!(
         "{}/projects/{}/merge_requests",
         api_base(&project, settings),
         encode_path_component(&project.full_path())
-    );
-    let headers = vec![
+    ))
+}
+
+fn api_headers(settings: &Settings) -> Result<Vec<(String, String)>, Failure> {
+    Ok(vec![
         ("PRIVATE-TOKEN".to_string(), settings.token_placeholder()?),
         ("Accept".to_string(), "application/json".to_string()),
         ("User-Agent".to_string(), "flotilla".to_string()),
-    ];
+    ])
+}
+
+pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+    let url = merge_requests_url(input, settings)?;
+    let headers = api_headers(settings)?;
     let title = if input.draft && !input.title.starts_with(DRAFT_PREFIX) {
         format!("{DRAFT_PREFIX}{}", input.title)
     } else {
@@ -126,6 +135,34 @@ pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Re
 pub fn pull_request_response(status: u16, body: &[u8]) -> Result<PullRequest, Failure> {
     if (200..300).contains(&status) {
         return created_pull_request(status, body, "/web_url", "/iid");
+    }
+    Err(remote_failure(
+        status,
+        parse_json(body).and_then(|value| error_message(&value)),
+        body,
+    ))
+}
+
+/// GitLab allows one open merge request per source branch and refuses another with 409
+/// "Another open merge request already exists for this source branch: !IID".
+pub fn already_open(status: u16, _body: &[u8]) -> bool {
+    status == 409
+}
+
+/// `GET .../merge_requests?state=opened&source_branch=HEAD&target_branch=BASE`.
+pub fn open_pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
+    let url = merge_requests_url(input, settings)?;
+    let query = query_string(&[
+        ("state", "opened"),
+        ("source_branch", &input.head_branch),
+        ("target_branch", &input.base_branch),
+    ]);
+    Ok(HttpRequest::get(format!("{url}{query}"), api_headers(settings)?))
+}
+
+pub fn open_pull_request_response(status: u16, body: &[u8]) -> Result<Option<PullRequest>, Failure> {
+    if (200..300).contains(&status) {
+        return found_pull_request(status, body, Some(""), "/web_url", "/iid");
     }
     Err(remote_failure(
         status,
@@ -222,6 +259,43 @@ mod tests {
             body: "Body".to_string(),
             draft,
         }
+    }
+
+    #[test]
+    fn an_already_open_merge_request_is_looked_up_by_source_and_target() {
+        assert!(already_open(
+            409,
+            br#"{"message": ["Another open merge request already exists for this source branch: !4"]}"#
+        ));
+        assert!(!already_open(400, br#"{"error": "title is missing"}"#));
+        let lookup = open_pull_request_request(
+            &input("https://gitlab.com/acme/platform/widgets", false),
+            &settings(None),
+        )
+        .unwrap();
+        assert_eq!(lookup.method, "GET");
+        assert_eq!(
+            lookup.url,
+            "https://gitlab.com/api/v4/projects/acme%2Fplatform%2Fwidgets/merge_requests\
+             ?state=opened&source_branch=flotilla%2Ffix-1&target_branch=main"
+        );
+        assert_eq!(lookup.header("private-token"), Some("{{secret:gitlab-token}}"));
+        assert_eq!(lookup.body, None);
+        assert_eq!(
+            open_pull_request_response(
+                200,
+                br#"[{"iid": 4, "web_url": "https://gitlab.com/acme/platform/widgets/-/merge_requests/4"}]"#
+            ),
+            Ok(Some(PullRequest {
+                url: "https://gitlab.com/acme/platform/widgets/-/merge_requests/4".to_string(),
+                number: 4
+            }))
+        );
+        assert_eq!(open_pull_request_response(200, b"[]"), Ok(None));
+        assert!(matches!(
+            open_pull_request_response(404, br#"{"message": "404 Project Not Found"}"#),
+            Err(Failure::Remote { status: 404, .. })
+        ));
     }
 
     #[test]

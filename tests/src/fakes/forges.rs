@@ -5,8 +5,10 @@
 //! authentication with the expected token, the headers the forge requires or Flotilla pins,
 //! a JSON content type and the required body fields) and answers in that forge's words and
 //! shapes: 201 with the pull request, 401 for a missing or wrong token, 404 for a repository it
-//! does not host, and the forge's own error for a pull request that is already open. Every
-//! request is recorded, refused ones included, for assertions.
+//! does not host, and the forge's own error for a pull request that is already open. Each also
+//! answers the lookup a provider makes after that error (GitHub and GitLab list filters,
+//! Bitbucket's BBQL `q`, Gitea's `pulls/{base}/{head}`). Every request is recorded, refused
+//! ones included, for assertions.
 //!
 //! The API lives where a self-hosted instance serves it, so a provider finds it from the
 //! repository URL alone: GitHub Enterprise `/api/v3`, GitLab `/api/v4`, Gitea `/api/v1`;
@@ -251,6 +253,23 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The open pull requests of `repository` that `wanted` accepts, oldest first.
+    fn find_pull_requests(&self, repository: &str, wanted: impl Fn(&FakePullRequest) -> bool) -> Vec<FakePullRequest> {
+        self.lock()
+            .pull_requests
+            .iter()
+            .filter(|pull_request| pull_request.repository == repository && wanted(pull_request))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Whether a lookup's `state` filter admits open pull requests (all of the fake's are open).
+fn state_admits_open(state: Option<&str>, open_word: &str) -> bool {
+    state.is_none_or(|state| state.eq_ignore_ascii_case(open_word) || state == "all")
+}
+
 /// What [`Shared::open_pull_request`] did.
 enum Opening {
     Opened(FakePullRequest),
@@ -262,11 +281,21 @@ enum Opening {
 struct Incoming {
     method: Method,
     path: String,
+    /// The query's pairs, percent-decoded.
+    query: Vec<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
 }
 
 impl Incoming {
+    /// The first query parameter called `name`.
+    fn query_value(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|value| value.to_str().ok())
     }
@@ -318,6 +347,9 @@ async fn handle(
     let incoming = Incoming {
         method,
         path: uri.path().to_string(),
+        query: form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect(),
         headers,
         body,
     };
@@ -353,11 +385,62 @@ fn github_error(status: u16, message: &str) -> (u16, Value) {
     )
 }
 
+/// A pull request as GitHub shows it.
+fn github_pull(shared: &Shared, pull_request: &FakePullRequest) -> Value {
+    let repository = &pull_request.repository;
+    let owner = repository.split('/').next().unwrap_or_default();
+    json!({
+        "url": format!("{}/repos/{repository}/pulls/{}", shared.origin, pull_request.number),
+        "id": 1000 + pull_request.number,
+        "number": pull_request.number,
+        "state": "open",
+        "html_url": pull_request.url,
+        "title": pull_request.title,
+        "body": pull_request.body,
+        "draft": pull_request.draft,
+        "head": {"ref": pull_request.head, "label": format!("{owner}:{}", pull_request.head)},
+        "base": {"ref": pull_request.base, "label": format!("{owner}:{}", pull_request.base)},
+    })
+}
+
+/// `GET /api/v3/repos/{owner}/{repo}/pulls?state=&head=user:ref-name&base=`: a list.
+fn github_find(shared: &Shared, request: &Incoming, repository: &str) -> (u16, Value) {
+    if !state_admits_open(request.query_value("state"), "open") {
+        return (200, json!([]));
+    }
+    let owner = repository.split('/').next().unwrap_or_default();
+    let head = match request.query_value("head") {
+        None => None,
+        Some(head) => match head.split_once(':') {
+            Some((user, branch)) if user == owner => Some(branch.to_string()),
+            // Another user's fork: none of the fake's pull requests come from one.
+            Some(_) => return (200, json!([])),
+            None => return github_error(422, "Validation Failed: head must be in the form user:ref-name"),
+        },
+    };
+    let base = request.query_value("base");
+    let found = shared.find_pull_requests(repository, |pull_request| {
+        head.as_deref().is_none_or(|head| pull_request.head == head)
+            && base.is_none_or(|base| pull_request.base == base)
+    });
+    (
+        200,
+        Value::Array(
+            found
+                .iter()
+                .map(|pull_request| github_pull(shared, pull_request))
+                .collect(),
+        ),
+    )
+}
+
 /// `POST /api/v3/repos/{owner}/{repo}/pulls` (GitHub Enterprise Server's layout of
-/// `api.github.com/repos/{owner}/{repo}/pulls`).
+/// `api.github.com/repos/{owner}/{repo}/pulls`) opens one; `GET` on it lists them.
 fn github(shared: &Shared, request: &Incoming) -> (u16, Value) {
     let repository = match request.api_segments(ForgeKind::GitHub).as_deref() {
-        Some(["repos", owner, repo, "pulls"]) if request.method == Method::POST => format!("{owner}/{repo}"),
+        Some(["repos", owner, repo, "pulls"]) if matches!(request.method, Method::POST | Method::GET) => {
+            format!("{owner}/{repo}")
+        }
         _ => return github_error(404, "Not Found"),
     };
     match request.authorization_token(&["Bearer", "token"]) {
@@ -382,6 +465,9 @@ fn github(shared: &Shared, request: &Incoming) -> (u16, Value) {
     }
     if !shared.hosts(&repository) {
         return github_error(404, "Not Found");
+    }
+    if request.method == Method::GET {
+        return github_find(shared, request, &repository);
     }
     if !request.content_type_is_json() {
         return github_error(415, "Unsupported Media Type: Content-Type must be application/json");
@@ -419,21 +505,7 @@ fn github(shared: &Shared, request: &Incoming) -> (u16, Value) {
         },
     );
     match opened {
-        Opening::Opened(opened) => (
-            201,
-            json!({
-                "url": format!("{}/repos/{repository}/pulls/{}", shared.origin, opened.number),
-                "id": 1000 + opened.number,
-                "number": opened.number,
-                "state": "open",
-                "html_url": opened.url,
-                "title": opened.title,
-                "body": opened.body,
-                "draft": opened.draft,
-                "head": {"ref": opened.head, "label": format!("{owner}:{}", opened.head)},
-                "base": {"ref": opened.base, "label": format!("{owner}:{}", opened.base)},
-            }),
-        ),
+        Opening::Opened(opened) => (201, github_pull(shared, &opened)),
         Opening::AlreadyOpen(existing) => (
             422,
             json!({
@@ -478,14 +550,46 @@ fn gitlab_title_is_draft(title: &str) -> bool {
         .any(|prefix| lowercase.starts_with(prefix))
 }
 
-/// `POST /api/v4/projects/{url-encoded full path}/merge_requests`.
+/// A merge request as GitLab shows it.
+fn gitlab_merge_request(pull_request: &FakePullRequest) -> Value {
+    json!({
+        "id": 5000 + pull_request.number,
+        "iid": pull_request.number,
+        "project_id": 42,
+        "title": pull_request.title,
+        "description": pull_request.body,
+        "state": "opened",
+        "draft": pull_request.draft,
+        "source_branch": pull_request.head,
+        "target_branch": pull_request.base,
+        "web_url": pull_request.url,
+    })
+}
+
+/// `GET /api/v4/projects/{id}/merge_requests?state=&source_branch=&target_branch=`: a list.
+fn gitlab_find(shared: &Shared, request: &Incoming, project: &str) -> (u16, Value) {
+    if !state_admits_open(request.query_value("state"), "opened") {
+        return (200, json!([]));
+    }
+    let source = request.query_value("source_branch");
+    let target = request.query_value("target_branch");
+    let found = shared.find_pull_requests(project, |pull_request| {
+        source.is_none_or(|source| pull_request.head == source)
+            && target.is_none_or(|target| pull_request.base == target)
+    });
+    (200, Value::Array(found.iter().map(gitlab_merge_request).collect()))
+}
+
+/// `POST /api/v4/projects/{url-encoded full path}/merge_requests` opens one; `GET` lists them.
 fn gitlab(shared: &Shared, request: &Incoming) -> (u16, Value) {
     let not_found = || (404, json!({"message": "404 Not Found"}));
     let project = match request.api_segments(ForgeKind::GitLab).as_deref() {
-        Some(["projects", id, "merge_requests"]) if request.method == Method::POST => match percent_decode(id) {
-            Some(project) => project,
-            None => return not_found(),
-        },
+        Some(["projects", id, "merge_requests"]) if matches!(request.method, Method::POST | Method::GET) => {
+            match percent_decode(id) {
+                Some(project) => project,
+                None => return not_found(),
+            }
+        }
         _ => return not_found(),
     };
     let token = request
@@ -496,6 +600,9 @@ fn gitlab(shared: &Shared, request: &Incoming) -> (u16, Value) {
     }
     if !shared.hosts(&project) {
         return (404, json!({"message": "404 Project Not Found"}));
+    }
+    if request.method == Method::GET {
+        return gitlab_find(shared, request, &project);
     }
     if !request.content_type_is_json() {
         return (415, json!({"message": "415 Unsupported Media Type"}));
@@ -533,21 +640,7 @@ fn gitlab(shared: &Shared, request: &Incoming) -> (u16, Value) {
         |existing| existing.repository == pull_request.repository && existing.head == pull_request.head,
     );
     match opened {
-        Opening::Opened(opened) => (
-            201,
-            json!({
-                "id": 5000 + opened.number,
-                "iid": opened.number,
-                "project_id": 42,
-                "title": opened.title,
-                "description": opened.body,
-                "state": "opened",
-                "draft": opened.draft,
-                "source_branch": opened.head,
-                "target_branch": opened.base,
-                "web_url": opened.url,
-            }),
-        ),
+        Opening::Opened(opened) => (201, gitlab_merge_request(&opened)),
         Opening::AlreadyOpen(existing) => (
             409,
             json!({"message": [format!(
@@ -568,10 +661,107 @@ fn bitbucket_error(status: u16, message: &str, fields: Option<Value>) -> (u16, V
     (status, json!({"type": "error", "error": error}))
 }
 
-/// `POST /2.0/repositories/{workspace}/{repo_slug}/pullrequests`.
+/// A pull request as Bitbucket shows it.
+fn bitbucket_pull_request(shared: &Shared, pull_request: &FakePullRequest) -> Value {
+    json!({
+        "type": "pullrequest",
+        "id": pull_request.number,
+        "title": pull_request.title,
+        "description": pull_request.body,
+        "state": "OPEN",
+        "draft": pull_request.draft,
+        "source": {"branch": {"name": pull_request.head}},
+        "destination": {"branch": {"name": pull_request.base}},
+        "links": {
+            "self": {"href": format!(
+                "{}/2.0/repositories/{}/pullrequests/{}",
+                shared.origin, pull_request.repository, pull_request.number
+            )},
+            "html": {"href": pull_request.url},
+        },
+    })
+}
+
+/// The conditions of a BBQL query made of `field = "value"` terms joined by `AND` (the
+/// subset of Bitbucket's query language this fake understands); `None` if it is not that.
+fn parse_bbql(query: &str) -> Option<Vec<(String, String)>> {
+    let mut terms = Vec::new();
+    let mut rest = query.trim_start();
+    loop {
+        let field_end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '_'))?;
+        let field = &rest[..field_end];
+        rest = rest[field_end..]
+            .trim_start()
+            .strip_prefix('=')?
+            .trim_start()
+            .strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (_, '\\') => value.push(chars.next()?.1),
+                (index, '"') => break index,
+                (_, other) => value.push(other),
+            }
+        };
+        if field.is_empty() {
+            return None;
+        }
+        terms.push((field.to_string(), value));
+        rest = rest[end + 1..].trim_start();
+        if rest.is_empty() {
+            return Some(terms);
+        }
+        rest = rest.strip_prefix("AND")?.trim_start();
+    }
+}
+
+/// `GET /2.0/repositories/{workspace}/{repo_slug}/pullrequests?q=BBQL`: a page. Without a
+/// `state` term Bitbucket lists open pull requests.
+fn bitbucket_find(shared: &Shared, request: &Incoming, repository: &str) -> (u16, Value) {
+    let terms = match request.query_value("q") {
+        None => Vec::new(),
+        Some(query) => match parse_bbql(query) {
+            Some(terms) => terms,
+            None => return bitbucket_error(400, &format!("Invalid query: {query}"), None),
+        },
+    };
+    let mut head = None;
+    let mut base = None;
+    let mut state = None;
+    for (field, value) in terms {
+        match field.as_str() {
+            "source.branch.name" => head = Some(value),
+            "destination.branch.name" => base = Some(value),
+            "state" => state = Some(value),
+            other => return bitbucket_error(400, &format!("Invalid field name: {other}"), None),
+        }
+    }
+    let found = if state_admits_open(state.as_deref(), "OPEN") {
+        shared.find_pull_requests(repository, |pull_request| {
+            head.as_deref().is_none_or(|head| pull_request.head == head)
+                && base.as_deref().is_none_or(|base| pull_request.base == base)
+        })
+    } else {
+        Vec::new()
+    };
+    (
+        200,
+        json!({
+            "values": found.iter().map(|pull_request| bitbucket_pull_request(shared, pull_request)).collect::<Vec<_>>(),
+            "pagelen": 10,
+            "size": found.len(),
+            "page": 1,
+        }),
+    )
+}
+
+/// `POST /2.0/repositories/{workspace}/{repo_slug}/pullrequests` opens one; `GET` lists them.
 fn bitbucket(shared: &Shared, request: &Incoming) -> (u16, Value) {
     let repository = match request.api_segments(ForgeKind::Bitbucket).as_deref() {
-        Some(["repositories", workspace, slug, "pullrequests"]) if request.method == Method::POST => {
+        Some(["repositories", workspace, slug, "pullrequests"])
+            if matches!(request.method, Method::POST | Method::GET) =>
+        {
             format!("{workspace}/{slug}")
         }
         _ => return bitbucket_error(404, "Resource not found", None),
@@ -589,6 +779,9 @@ fn bitbucket(shared: &Shared, request: &Incoming) -> (u16, Value) {
     }
     if !shared.hosts(&repository) {
         return bitbucket_error(404, &format!("Repository {repository} not found"), None);
+    }
+    if request.method == Method::GET {
+        return bitbucket_find(shared, request, &repository);
     }
     if !request.content_type_is_json() {
         return bitbucket_error(415, "Unsupported Media Type", None);
@@ -633,23 +826,7 @@ fn bitbucket(shared: &Shared, request: &Incoming) -> (u16, Value) {
         },
     );
     match opened {
-        Opening::Opened(opened) => (
-            201,
-            json!({
-                "type": "pullrequest",
-                "id": opened.number,
-                "title": opened.title,
-                "description": opened.body,
-                "state": "OPEN",
-                "draft": opened.draft,
-                "source": {"branch": {"name": opened.head}},
-                "destination": {"branch": {"name": opened.base}},
-                "links": {
-                    "self": {"href": format!("{}/2.0/repositories/{repository}/pullrequests/{}", shared.origin, opened.number)},
-                    "html": {"href": opened.url},
-                },
-            }),
-        ),
+        Opening::Opened(opened) => (201, bitbucket_pull_request(shared, &opened)),
         // Bitbucket's error shape; the wording is this fake's.
         Opening::AlreadyOpen(existing) => bitbucket_error(
             400,
@@ -671,11 +848,36 @@ fn gitea_error(shared: &Shared, status: u16, message: &str) -> (u16, Value) {
     )
 }
 
-/// `POST /api/v1/repos/{owner}/{repo}/pulls`.
+/// A pull request as Gitea shows it.
+fn gitea_pull(pull_request: &FakePullRequest) -> Value {
+    json!({
+        "id": 3000 + pull_request.number,
+        "number": pull_request.number,
+        "url": pull_request.url,
+        "html_url": pull_request.url,
+        "title": pull_request.title,
+        "body": pull_request.body,
+        "state": "open",
+        "draft": pull_request.draft,
+        "head": {"ref": pull_request.head, "label": pull_request.head},
+        "base": {"ref": pull_request.base, "label": pull_request.base},
+    })
+}
+
+/// `POST /api/v1/repos/{owner}/{repo}/pulls` opens one; `GET .../pulls/{base}/{head}` (the
+/// head may hold `/`s) answers the pull request of a base and head.
 fn gitea(shared: &Shared, request: &Incoming) -> (u16, Value) {
-    let repository = match request.api_segments(ForgeKind::Gitea).as_deref() {
-        Some(["repos", owner, repo, "pulls"]) if request.method == Method::POST => format!("{owner}/{repo}"),
-        _ => return gitea_error(shared, 404, "The target couldn't be found."),
+    let not_found = |shared: &Shared| gitea_error(shared, 404, "The target couldn't be found.");
+    let (repository, base_and_head) = match request.api_segments(ForgeKind::Gitea).as_deref() {
+        Some(["repos", owner, repo, "pulls"]) if request.method == Method::POST => (format!("{owner}/{repo}"), None),
+        Some(["repos", owner, repo, "pulls", base, head @ ..]) if request.method == Method::GET && !head.is_empty() => {
+            let head: Option<Vec<String>> = head.iter().map(|segment| percent_decode(segment)).collect();
+            match (percent_decode(base), head) {
+                (Some(base), Some(head)) => (format!("{owner}/{repo}"), Some((base, head.join("/")))),
+                _ => return not_found(shared),
+            }
+        }
+        _ => return not_found(shared),
     };
     match request.authorization_token(&["token", "Bearer"]) {
         None => return gitea_error(shared, 401, "token is required"),
@@ -683,7 +885,16 @@ fn gitea(shared: &Shared, request: &Incoming) -> (u16, Value) {
         Some(_) => {}
     }
     if !shared.hosts(&repository) {
-        return gitea_error(shared, 404, "The target couldn't be found.");
+        return not_found(shared);
+    }
+    if let Some((base, head)) = base_and_head {
+        let found = shared.find_pull_requests(&repository, |pull_request| {
+            pull_request.base == base && pull_request.head == head
+        });
+        return match found.last() {
+            Some(pull_request) => (200, gitea_pull(pull_request)),
+            None => not_found(shared),
+        };
     }
     if !request.content_type_is_json() {
         return gitea_error(shared, 415, "Content-Type must be application/json");
@@ -722,21 +933,7 @@ fn gitea(shared: &Shared, request: &Incoming) -> (u16, Value) {
         },
     );
     match opened {
-        Opening::Opened(opened) => (
-            201,
-            json!({
-                "id": 3000 + opened.number,
-                "number": opened.number,
-                "url": opened.url,
-                "html_url": opened.url,
-                "title": opened.title,
-                "body": opened.body,
-                "state": "open",
-                "draft": opened.draft,
-                "head": {"ref": opened.head, "label": opened.head},
-                "base": {"ref": opened.base, "label": opened.base},
-            }),
-        ),
+        Opening::Opened(opened) => (201, gitea_pull(&opened)),
         Opening::AlreadyOpen(existing) => gitea_error(
             shared,
             409,

@@ -66,10 +66,30 @@ impl HttpRequest {
         }
     }
 
+    /// A `GET` of `url` with `headers` and no body.
+    pub fn get(url: String, headers: Vec<(String, String)>) -> HttpRequest {
+        HttpRequest {
+            method: "GET".to_string(),
+            url,
+            headers,
+            body: None,
+        }
+    }
+
     /// The value of the first header called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
     }
+}
+
+/// `?key=value&...` with every key and value percent-encoded (RFC 3986 unreserved characters
+/// are kept as they are).
+pub fn query_string(pairs: &[(&str, &str)]) -> String {
+    let joined: Vec<String> = pairs
+        .iter()
+        .map(|(key, value)| format!("{}={}", encode_path_component(key), encode_path_component(value)))
+        .collect();
+    format!("?{}", joined.join("&"))
 }
 
 /// What the node asks a provider to open (mirrors the WIT `pull-request-input`).
@@ -578,6 +598,80 @@ pub fn created_pull_request(
     }
 }
 
+/// Reads the answer to a lookup of the open pull request of a head and base branch, sent when
+/// the forge refused a create because one is already open (an earlier attempt opened it and its
+/// answer was lost). A 2xx holds a list (at `list_pointer`, `""` for a bare array) whose first
+/// item is taken, or, with `list_pointer` `None`, the pull request itself; 404 means none.
+pub fn found_pull_request(
+    status: u16,
+    body: &[u8],
+    list_pointer: Option<&str>,
+    url_pointer: &str,
+    number_pointer: &str,
+) -> Result<Option<PullRequest>, Failure> {
+    if status == 404 && list_pointer.is_none() {
+        return Ok(None);
+    }
+    if !(200..300).contains(&status) {
+        return Err(remote_failure(status, None, body));
+    }
+    let Some(parsed) = parse_json(body) else {
+        return Err(remote_failure(
+            status,
+            Some(format!(
+                "the forge's answer to a pull request lookup is not JSON: {}",
+                truncate_chars(String::from_utf8_lossy(body).trim(), 200)
+            )),
+            body,
+        ));
+    };
+    let item = match list_pointer {
+        None => Some(&parsed),
+        Some(pointer) => match parsed.pointer(pointer).and_then(Value::as_array) {
+            Some(items) => items.first(),
+            None => {
+                return Err(remote_failure(
+                    status,
+                    Some(format!(
+                        "the forge's answer to a pull request lookup has no list at {pointer:?}"
+                    )),
+                    body,
+                ))
+            }
+        },
+    };
+    let Some(item) = item else {
+        return Ok(None);
+    };
+    match (json_string(item, url_pointer), json_u64(item, number_pointer)) {
+        (Some(url), Some(number)) => Ok(Some(PullRequest { url, number })),
+        _ => Err(remote_failure(
+            status,
+            Some(format!(
+                "the forge's pull request has no {url_pointer} and {number_pointer}: {}",
+                truncate_chars(&item.to_string(), 200)
+            )),
+            body,
+        )),
+    }
+}
+
+/// The forge's refusal of a create, with why looking up the open pull request it spoke of
+/// failed too.
+pub fn refusal_with_failed_lookup(refused: Failure, lookup: Failure) -> Failure {
+    let lookup = match lookup {
+        Failure::Unsupported(message) | Failure::InvalidInput(message) => message,
+        Failure::Remote { status, message } => format!("HTTP {status}: {message}"),
+    };
+    match refused {
+        Failure::Remote { status, message } => Failure::Remote {
+            status,
+            message: format!("{message} (looking up the open pull request failed: {lookup})"),
+        },
+        other => other,
+    }
+}
+
 // ---------------------------------------------------------------- webhooks
 
 /// The value of the first header called `name` (case-insensitive).
@@ -603,10 +697,16 @@ pub fn webhook_json(provider: &str, body: &[u8]) -> Result<Value, Failure> {
 
 /// The whole `lib.rs` of a forge provider below its `mod logic;`: the WIT bindings (generated in
 /// the calling crate from `../wit`), the exported `Guest` that asks `logic` for every decision
-/// and sends the one HTTP request of a pull request, and the conversions between the generated
+/// and sends the HTTP requests of a pull request, and the conversions between the generated
 /// types and this crate's. `logic` must have `NAME`, `DISPLAY_NAME`, `DEFAULT_TOKEN_SECRET`,
-/// `url_patterns`, `match_url`, `clone_spec`, `pull_request_request`, `pull_request_response`
-/// and `parse_webhook`, as the GitHub, GitLab, Bitbucket and Gitea providers do.
+/// `url_patterns`, `match_url`, `clone_spec`, `pull_request_request`, `pull_request_response`,
+/// `already_open`, `open_pull_request_request`, `open_pull_request_response` and
+/// `parse_webhook`, as the GitHub, GitLab, Bitbucket and Gitea providers do.
+///
+/// Opening a pull request is idempotent: when the forge refuses the create because an open
+/// pull request of the same head and base exists (`already_open`), that one is looked up and
+/// returned. An owner that died between the forge's answer and recording it leaves the next
+/// owner to ask again, and the agent then records the pull request the first attempt opened.
 #[macro_export]
 macro_rules! forge_provider {
     () => {
@@ -652,15 +752,24 @@ macro_rules! forge_provider {
             }
 
             fn create_pull_request(input: PullRequestInput) -> Result<PullRequest, PluginError> {
-                let request =
-                    logic::pull_request_request(&pull_request_input(input), &read_settings()).map_err(plugin_error)?;
+                let settings = read_settings();
+                let input = pull_request_input(input);
+                let request = logic::pull_request_request(&input, &settings).map_err(plugin_error)?;
                 let response = http::send(&http_request(request)).map_err(PluginError::Http)?;
-                logic::pull_request_response(response.status, &response.body)
-                    .map(|created| PullRequest {
-                        url: created.url,
-                        number: created.number,
-                    })
-                    .map_err(plugin_error)
+                let refused = match logic::pull_request_response(response.status, &response.body) {
+                    Ok(created) => return Ok(pull_request(created)),
+                    Err(refused) if logic::already_open(response.status, &response.body) => refused,
+                    Err(failure) => return Err(plugin_error(failure)),
+                };
+                // An open pull request of this head and base exists: an earlier attempt opened it.
+                let lookup = logic::open_pull_request_request(&input, &settings).map_err(plugin_error)?;
+                let found = http::send(&http_request(lookup)).map_err(PluginError::Http)?;
+                match logic::open_pull_request_response(found.status, &found.body) {
+                    Ok(Some(existing)) => Ok(pull_request(existing)),
+                    // Not ours after all (another base, or closed meanwhile): the forge's refusal stands.
+                    Ok(None) => Err(plugin_error(refused)),
+                    Err(failure) => Err(plugin_error(support::refusal_with_failed_lookup(refused, failure))),
+                }
             }
 
             fn parse_webhook(input: WebhookInput) -> Result<Option<WebhookEvent>, PluginError> {
@@ -704,6 +813,13 @@ macro_rules! forge_provider {
             }
         }
 
+        fn pull_request(pull_request: support::PullRequest) -> PullRequest {
+            PullRequest {
+                url: pull_request.url,
+                number: pull_request.number,
+            }
+        }
+
         fn http_request(request: support::HttpRequest) -> HttpRequest {
             HttpRequest {
                 method: request.method,
@@ -741,6 +857,81 @@ macro_rules! forge_provider {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn pull_request_lookups_read_lists_single_answers_and_not_found() {
+        let github = br#"[{"number": 7, "html_url": "https://github.com/acme/w/pull/7"}, {"number": 9}]"#;
+        assert_eq!(
+            found_pull_request(200, github, Some(""), "/html_url", "/number").unwrap(),
+            Some(PullRequest {
+                url: "https://github.com/acme/w/pull/7".to_string(),
+                number: 7
+            })
+        );
+        assert_eq!(
+            found_pull_request(200, b"[]", Some(""), "/html_url", "/number").unwrap(),
+            None
+        );
+        let bitbucket = br#"{"values": [{"id": 3, "links": {"html": {"href": "https://bitbucket.org/a/b/pull-requests/3"}}}], "page": 1}"#;
+        assert_eq!(
+            found_pull_request(200, bitbucket, Some("/values"), "/links/html/href", "/id")
+                .unwrap()
+                .map(|found| found.number),
+            Some(3)
+        );
+        let gitea = br#"{"number": 4, "html_url": "http://h/a/b/pulls/4"}"#;
+        assert_eq!(
+            found_pull_request(200, gitea, None, "/html_url", "/number")
+                .unwrap()
+                .map(|found| found.number),
+            Some(4)
+        );
+        assert_eq!(
+            found_pull_request(404, b"{}", None, "/html_url", "/number").unwrap(),
+            None
+        );
+        // A 404 on a list endpoint is the repository missing, not an empty list.
+        assert!(matches!(
+            found_pull_request(404, b"{}", Some(""), "/html_url", "/number"),
+            Err(Failure::Remote { status: 404, .. })
+        ));
+        assert!(matches!(
+            found_pull_request(200, b"{\"values\": 1}", Some("/values"), "/links/html/href", "/id"),
+            Err(Failure::Remote { .. })
+        ));
+        assert!(matches!(
+            found_pull_request(200, b"[{\"number\": 1}]", Some(""), "/html_url", "/number"),
+            Err(Failure::Remote { .. })
+        ));
+        assert!(matches!(
+            found_pull_request(200, b"<html>", Some(""), "/html_url", "/number"),
+            Err(Failure::Remote { .. })
+        ));
+    }
+
+    #[test]
+    fn queries_are_percent_encoded_and_refusals_keep_the_forges_words() {
+        assert_eq!(
+            query_string(&[("head", "acme:flotilla/x y"), ("state", "open")]),
+            "?head=acme%3Aflotilla%2Fx%20y&state=open"
+        );
+        let refused = Failure::Remote {
+            status: 422,
+            message: "A pull request already exists".to_string(),
+        };
+        let lookup = Failure::Remote {
+            status: 500,
+            message: "boom".to_string(),
+        };
+        assert_eq!(
+            refusal_with_failed_lookup(refused, lookup),
+            Failure::Remote {
+                status: 422,
+                message: "A pull request already exists (looking up the open pull request failed: HTTP 500: boom)"
+                    .to_string()
+            }
+        );
+    }
 
     fn parsed(url: &str) -> RemoteUrl {
         parse_remote_url(url).unwrap_or_else(|| panic!("{url} should parse"))
