@@ -136,14 +136,13 @@ pub fn open_pull_request_request(input: &PullRequestInput, settings: &Settings) 
 
 /// A page of pull requests: `{"values": [...], "page": 1, ...}`.
 pub fn open_pull_request_response(status: u16, body: &[u8]) -> Result<Option<PullRequest>, Failure> {
-    if (200..300).contains(&status) {
-        return found_pull_request(status, body, Some("/values"), "/links/html/href", "/id");
-    }
-    Err(remote_failure(
+    found_pull_request(
         status,
-        parse_json(body).and_then(|value| error_message(&value)),
         body,
-    ))
+        Some("/values"),
+        ("/links/html/href", "/id"),
+        error_message,
+    )
 }
 
 /// Bitbucket's error body: `{"type": "error", "error": {"message": "...", "detail": "...",

@@ -130,20 +130,12 @@ pub fn open_pull_request_request(input: &PullRequestInput, settings: &Settings) 
 
 /// The pull request, if it is still open; 404 when there is none.
 pub fn open_pull_request_response(status: u16, body: &[u8]) -> Result<Option<PullRequest>, Failure> {
-    if (200..300).contains(&status) || status == 404 {
-        let open = status == 404
-            || parse_json(body).is_none_or(|value| json_string(&value, "/state").is_none_or(|state| state == "open"));
-        return if open {
-            found_pull_request(status, body, None, "/html_url", "/number")
-        } else {
-            Ok(None)
-        };
+    let closed = (200..300).contains(&status)
+        && parse_json(body).is_some_and(|value| json_string(&value, "/state").is_some_and(|state| state != "open"));
+    if closed {
+        return Ok(None);
     }
-    Err(remote_failure(
-        status,
-        parse_json(body).and_then(|value| error_message(&value)),
-        body,
-    ))
+    found_pull_request(status, body, None, ("/html_url", "/number"), error_message)
 }
 
 /// Gitea's error body: `{"message": "...", "url": "https://.../api/swagger"}`, sometimes with

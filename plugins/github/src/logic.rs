@@ -129,14 +129,7 @@ pub fn open_pull_request_request(input: &PullRequestInput, settings: &Settings) 
 }
 
 pub fn open_pull_request_response(status: u16, body: &[u8]) -> Result<Option<PullRequest>, Failure> {
-    if (200..300).contains(&status) {
-        return found_pull_request(status, body, Some(""), "/html_url", "/number");
-    }
-    Err(remote_failure(
-        status,
-        parse_json(body).and_then(|value| error_message(&value)),
-        body,
-    ))
+    found_pull_request(status, body, Some(""), ("/html_url", "/number"), error_message)
 }
 
 /// GitHub's error body: `{"message": "Validation Failed", "errors": [{"message": "A pull

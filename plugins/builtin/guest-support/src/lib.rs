@@ -602,18 +602,23 @@ pub fn created_pull_request(
 /// the forge refused a create because one is already open (an earlier attempt opened it and its
 /// answer was lost). A 2xx holds a list (at `list_pointer`, `""` for a bare array) whose first
 /// item is taken, or, with `list_pointer` `None`, the pull request itself; 404 means none.
+/// Another status is the forge's error, in the words `error_message` reads from its body.
 pub fn found_pull_request(
     status: u16,
     body: &[u8],
     list_pointer: Option<&str>,
-    url_pointer: &str,
-    number_pointer: &str,
+    (url_pointer, number_pointer): (&str, &str),
+    error_message: fn(&Value) -> Option<String>,
 ) -> Result<Option<PullRequest>, Failure> {
     if status == 404 && list_pointer.is_none() {
         return Ok(None);
     }
     if !(200..300).contains(&status) {
-        return Err(remote_failure(status, None, body));
+        return Err(remote_failure(
+            status,
+            parse_json(body).and_then(|value| error_message(&value)),
+            body,
+        ));
     }
     let Some(parsed) = parse_json(body) else {
         return Err(remote_failure(
@@ -858,53 +863,69 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn no_message(_: &Value) -> Option<String> {
+        None
+    }
+
     #[test]
     fn pull_request_lookups_read_lists_single_answers_and_not_found() {
         let github = br#"[{"number": 7, "html_url": "https://github.com/acme/w/pull/7"}, {"number": 9}]"#;
         assert_eq!(
-            found_pull_request(200, github, Some(""), "/html_url", "/number").unwrap(),
+            found_pull_request(200, github, Some(""), ("/html_url", "/number"), no_message).unwrap(),
             Some(PullRequest {
                 url: "https://github.com/acme/w/pull/7".to_string(),
                 number: 7
             })
         );
         assert_eq!(
-            found_pull_request(200, b"[]", Some(""), "/html_url", "/number").unwrap(),
+            found_pull_request(200, b"[]", Some(""), ("/html_url", "/number"), no_message).unwrap(),
             None
         );
         let bitbucket = br#"{"values": [{"id": 3, "links": {"html": {"href": "https://bitbucket.org/a/b/pull-requests/3"}}}], "page": 1}"#;
         assert_eq!(
-            found_pull_request(200, bitbucket, Some("/values"), "/links/html/href", "/id")
+            found_pull_request(200, bitbucket, Some("/values"), ("/links/html/href", "/id"), no_message)
                 .unwrap()
                 .map(|found| found.number),
             Some(3)
         );
         let gitea = br#"{"number": 4, "html_url": "http://h/a/b/pulls/4"}"#;
         assert_eq!(
-            found_pull_request(200, gitea, None, "/html_url", "/number")
+            found_pull_request(200, gitea, None, ("/html_url", "/number"), no_message)
                 .unwrap()
                 .map(|found| found.number),
             Some(4)
         );
         assert_eq!(
-            found_pull_request(404, b"{}", None, "/html_url", "/number").unwrap(),
+            found_pull_request(404, b"{}", None, ("/html_url", "/number"), no_message).unwrap(),
             None
         );
         // A 404 on a list endpoint is the repository missing, not an empty list.
         assert!(matches!(
-            found_pull_request(404, b"{}", Some(""), "/html_url", "/number"),
+            found_pull_request(404, b"{}", Some(""), ("/html_url", "/number"), no_message),
             Err(Failure::Remote { status: 404, .. })
         ));
         assert!(matches!(
-            found_pull_request(200, b"{\"values\": 1}", Some("/values"), "/links/html/href", "/id"),
+            found_pull_request(
+                200,
+                b"{\"values\": 1}",
+                Some("/values"),
+                ("/links/html/href", "/id"),
+                no_message
+            ),
             Err(Failure::Remote { .. })
         ));
         assert!(matches!(
-            found_pull_request(200, b"[{\"number\": 1}]", Some(""), "/html_url", "/number"),
+            found_pull_request(
+                200,
+                b"[{\"number\": 1}]",
+                Some(""),
+                ("/html_url", "/number"),
+                no_message
+            ),
             Err(Failure::Remote { .. })
         ));
         assert!(matches!(
-            found_pull_request(200, b"<html>", Some(""), "/html_url", "/number"),
+            found_pull_request(200, b"<html>", Some(""), ("/html_url", "/number"), no_message),
             Err(Failure::Remote { .. })
         ));
     }
