@@ -61,6 +61,10 @@ pub struct NodeArgs {
     /// Shared secret of the cluster (prefer the environment variable).
     #[arg(long, env = "FLOTILLA_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
+    /// Directory of compiled plugin code kept across restarts (default DATA_DIR/plugins-compiled;
+    /// it must be this node's user's alone).
+    #[arg(long, env = "FLOTILLA_COMPILED_PLUGIN_CACHE")]
+    pub compiled_plugin_cache: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -85,6 +89,22 @@ struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct PluginsSection {
     pub builtins: Option<Vec<BuiltinName>>,
+    /// Where compiled plugin code is kept across restarts (the `--compiled-plugin-cache` flag
+    /// overrides it; default `DATA_DIR/plugins-compiled`).
+    pub compiled_cache: Option<PathBuf>,
+}
+
+/// Under the data directory, where compiled plugin code is kept unless the config says otherwise.
+pub const DEFAULT_COMPILED_PLUGIN_CACHE: &str = "plugins-compiled";
+
+impl NodeConfig {
+    /// The directory of compiled plugin code.
+    pub fn compiled_plugin_cache(&self) -> PathBuf {
+        self.plugins
+            .compiled_cache
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(DEFAULT_COMPILED_PLUGIN_CACHE))
+    }
 }
 
 /// The name of a built-in provider, checked while the file is parsed (so an error names its line).
@@ -241,8 +261,11 @@ impl NodeArgs {
             models,
             agents,
             git,
-            plugins,
+            mut plugins,
         } = parts;
+        if let Some(dir) = self.compiled_plugin_cache {
+            plugins.compiled_cache = Some(dir);
+        }
         if let Some(model) = &agents.default_model {
             if !models.contains_key(model) {
                 return Err(ConfigError::Invalid {
@@ -481,6 +504,27 @@ mod tests {
         assert_eq!(config.region, "eu");
         assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(config.mesh_port, 7421);
+    }
+
+    #[test]
+    fn compiled_plugin_code_lives_under_the_data_dir_unless_told_otherwise() {
+        let dir = tempfile_dir();
+        let path = dir.join("cache.toml");
+        let resolve = |flag: Option<&str>, file: &str| {
+            std::fs::write(&path, format!("[node]\ndata_dir = \"/srv/flotilla\"\n{file}")).unwrap();
+            NodeArgs {
+                config: Some(path.clone()),
+                compiled_plugin_cache: flag.map(PathBuf::from),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap()
+            .compiled_plugin_cache()
+        };
+        assert_eq!(resolve(None, ""), PathBuf::from("/srv/flotilla/plugins-compiled"));
+        let in_file = "[plugins]\ncompiled_cache = \"/var/cache/flotilla\"\n";
+        assert_eq!(resolve(None, in_file), PathBuf::from("/var/cache/flotilla"));
+        assert_eq!(resolve(Some("/fast/disk"), in_file), PathBuf::from("/fast/disk"));
     }
 
     fn tempfile_dir() -> PathBuf {

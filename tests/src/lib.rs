@@ -100,6 +100,16 @@ pub fn test_guest(name: &str) -> Vec<u8> {
 
 /// The path of the `flotilla` binary under test: `$FLOTILLA_BIN` if set, otherwise the
 /// workspace's debug build.
+/// Compiled plugin code shared by every node the tests start (beside the binary they run), so
+/// the built-ins are compiled once per build of them rather than at every node start. Each node
+/// still checks and loads them; a node of another build finds no usable file and compiles.
+pub fn shared_compiled_plugin_cache() -> PathBuf {
+    flotilla_bin()
+        .parent()
+        .expect("the binary lives in a directory")
+        .join("test-compiled-plugins")
+}
+
 pub fn flotilla_bin() -> PathBuf {
     let binary = match std::env::var_os("FLOTILLA_BIN") {
         Some(path) => PathBuf::from(path),
@@ -408,6 +418,7 @@ impl NodeProcess {
         let child = Command::new(flotilla_bin())
             .args(self.spec.command_args())
             .env("FLOTILLA_CLUSTER_SECRET", &self.spec.cluster_secret)
+            .env("FLOTILLA_COMPILED_PLUGIN_CACHE", shared_compiled_plugin_cache())
             .env(
                 "RUST_LOG",
                 std::env::var(TEST_LOG_ENV).unwrap_or_else(|_| "info".to_string()),

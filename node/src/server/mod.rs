@@ -289,7 +289,10 @@ impl flotilla_plugins::SecretSource for NodeSecrets {
 /// The node's plugin host: it checks uploads and runs the enabled plugins (see `plugins`).
 fn plugin_host(config: &NodeConfig) -> anyhow::Result<flotilla_plugins::PluginHost> {
     flotilla_plugins::PluginHost::new(
-        flotilla_plugins::HostConfig::default(),
+        flotilla_plugins::HostConfig {
+            compiled_cache_dir: Some(config.compiled_plugin_cache()),
+            ..flotilla_plugins::HostConfig::default()
+        },
         std::sync::Arc::new(NodeSecrets {
             data_dir: config.data_dir.clone(),
         }),

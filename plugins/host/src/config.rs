@@ -1,5 +1,6 @@
 //! The host's limits. Every bound a plugin can press against has a name here.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Limits and switches of a [`crate::PluginHost`]; every call of every plugin runs inside them.
@@ -31,6 +32,12 @@ pub struct HostConfig {
     /// Compiled components kept by sha256 (least recently loaded evicted first). A `Plugin`
     /// keeps its own compiled code alive whether or not it is still cached.
     pub max_cached_components: usize,
+    /// Where compiled code is kept across restarts (created owner-only; it must be this node's
+    /// alone, since loading compiled code skips wasmtime's validation of it). `None` compiles
+    /// every component at every start.
+    pub compiled_cache_dir: Option<PathBuf>,
+    /// Files of compiled code kept in `compiled_cache_dir`; the least recently written go first.
+    pub max_compiled_files: usize,
 }
 
 impl Default for HostConfig {
@@ -47,6 +54,8 @@ impl Default for HostConfig {
             max_instances: 64,
             max_component_bytes: 32 << 20,
             max_cached_components: 64,
+            compiled_cache_dir: None,
+            max_compiled_files: 512,
         }
     }
 }

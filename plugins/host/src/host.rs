@@ -14,6 +14,7 @@ use crate::bindings::tool_world::{self, Tool, ToolPre};
 use crate::bindings::vcs_world::flotilla::plugin::{log as wit_log, types as wit_types, vcs as wit_vcs};
 use crate::bindings::vcs_world::{self, VcsProvider, VcsProviderPre};
 use crate::config::HostConfig;
+use crate::disk_cache::DiskCache;
 use crate::error::{CallError, HttpFailure, PluginError, PluginFailure};
 use crate::placeholders::{self, PlaceholderError};
 use crate::state::{HostState, MAX_CORE_INSTANCES_PER_PLUGIN, MAX_MEMORIES_PER_PLUGIN, MAX_TABLES_PER_PLUGIN};
@@ -56,6 +57,8 @@ struct Compiled {
     sha256: String,
     kind: PluginKind,
     pre: CompiledPre,
+    /// The code came from the disk cache rather than the compiler.
+    from_disk: bool,
 }
 
 enum CompiledPre {
@@ -201,7 +204,10 @@ pub struct PluginHost {
     linker: Linker<HostState>,
     shared: Arc<Shared>,
     cache: Mutex<ComponentCache>,
+    /// Compiled code kept across restarts, when the config names a directory for it.
+    disk_cache: Option<DiskCache>,
     compile_count: AtomicU64,
+    disk_load_count: AtomicU64,
     /// One permit per instance that may exist at once (the pool's size with pooling).
     instance_slots: Semaphore,
 }
@@ -413,6 +419,16 @@ impl PluginHost {
 
         let http_client = http::build_client(&config).map_err(engine_error)?;
         let instance_slots = Semaphore::new(config.max_instances.max(1) as usize);
+        let disk_cache = config
+            .compiled_cache_dir
+            .as_deref()
+            .and_then(|dir| match DiskCache::open(dir, config.max_compiled_files, &engine) {
+                Ok(cache) => Some(cache),
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "no compiled plugin cache on disk; every start compiles");
+                    None
+                }
+            });
         Ok(PluginHost {
             engine,
             linker,
@@ -422,7 +438,9 @@ impl PluginHost {
                 secrets,
             }),
             cache: Mutex::new(ComponentCache::default()),
+            disk_cache,
             compile_count: AtomicU64::new(0),
+            disk_load_count: AtomicU64::new(0),
             instance_slots,
         })
     }
@@ -434,6 +452,11 @@ impl PluginHost {
     /// Components compiled so far (a load served from the cache does not count).
     pub fn compile_count(&self) -> u64 {
         self.compile_count.load(Ordering::Relaxed)
+    }
+
+    /// Components whose compiled code came from the disk cache instead of the compiler.
+    pub fn disk_load_count(&self) -> u64 {
+        self.disk_load_count.load(Ordering::Relaxed)
     }
 
     /// Validates that `bytes` is a component targeting exactly one of the worlds `vcs-provider`
@@ -466,6 +489,7 @@ impl PluginHost {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(&sha256);
+        let from_memory = cached.is_some();
         let compiled = match cached {
             Some(compiled) => compiled,
             None => {
@@ -478,7 +502,12 @@ impl PluginHost {
             }
         };
         warn_about_invalid_grants(&label, &granted_hosts);
-        tracing::info!(plugin = %label, kind = %compiled.kind, sha256 = %compiled.sha256, "plugin loaded");
+        let code = match (from_memory, compiled.from_disk) {
+            (true, _) => "cached in memory",
+            (false, true) => "read from disk",
+            (false, false) => "compiled",
+        };
+        tracing::info!(plugin = %label, kind = %compiled.kind, sha256 = %compiled.sha256, code, "plugin loaded");
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 label: Arc::new(label),
@@ -492,11 +521,24 @@ impl PluginHost {
 
     fn compile(&self, label: &PluginLabel, bytes: &[u8], sha256: String) -> Result<Compiled, PluginError> {
         check_component_header(label, bytes)?;
-        let component = Component::new(&self.engine, bytes).map_err(|error| PluginError::Compile {
-            plugin: label.clone(),
-            message: error_chain(&error),
-        })?;
-        self.compile_count.fetch_add(1, Ordering::Relaxed);
+        let from_disk = self
+            .disk_cache
+            .as_ref()
+            .and_then(|cache| cache.load(&self.engine, &sha256));
+        let (component, compiled_here) = match from_disk {
+            Some(component) => {
+                self.disk_load_count.fetch_add(1, Ordering::Relaxed);
+                (component, false)
+            }
+            None => {
+                let component = Component::new(&self.engine, bytes).map_err(|error| PluginError::Compile {
+                    plugin: label.clone(),
+                    message: error_chain(&error),
+                })?;
+                self.compile_count.fetch_add(1, Ordering::Relaxed);
+                (component, true)
+            }
+        };
 
         let component_type = component.component_type();
         let imports: Vec<(&str, ItemKind)> = component_type
@@ -547,7 +589,16 @@ impl PluginHost {
             PluginKind::VcsProvider => CompiledPre::VcsProvider(VcsProviderPre::new(instance_pre).map_err(mismatch)?),
             PluginKind::Tool => CompiledPre::Tool(ToolPre::new(instance_pre).map_err(mismatch)?),
         };
-        Ok(Compiled { sha256, kind, pre })
+        // Only code that passed every check above is kept (a load from disk runs them again).
+        if let (true, Some(cache)) = (compiled_here, &self.disk_cache) {
+            cache.store(&sha256, &component);
+        }
+        Ok(Compiled {
+            sha256,
+            kind,
+            pre,
+            from_disk: !compiled_here,
+        })
     }
 
     fn new_store(&self, plugin: &Plugin) -> Result<Store<HostState>, wasmtime::Error> {

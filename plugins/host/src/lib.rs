@@ -18,6 +18,7 @@
 mod bench;
 mod bindings;
 mod config;
+mod disk_cache;
 mod error;
 mod grants;
 mod host;

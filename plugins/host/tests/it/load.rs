@@ -159,3 +159,66 @@ fn a_component_over_the_size_limit_is_refused() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn compiled_code_on_disk_spares_the_next_host_a_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("compiled");
+    let with_cache = || {
+        let mut config = test_config(true);
+        config.compiled_cache_dir = Some(cache_dir.clone());
+        host_with(config)
+    };
+    let bytes = guest("well-behaved");
+
+    let first = with_cache();
+    first.load("forge", "1.0.0", &bytes, Vec::new()).unwrap();
+    assert_eq!((first.compile_count(), first.disk_load_count()), (1, 0));
+    let files: Vec<_> = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "one file for one component: {files:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cache_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the directory is its owner's alone");
+
+    // A restarted node: no compile, and the plugin answers.
+    let second = with_cache();
+    let plugin = second.load("forge", "1.0.0", &bytes, Vec::new()).unwrap();
+    assert_eq!((second.compile_count(), second.disk_load_count()), (0, 1));
+    assert_eq!(second.info(&plugin).await.unwrap().name, "loopback-forge");
+
+    // Damaged code is thrown away and compiled again.
+    std::fs::write(&files[0], b"not compiled code").unwrap();
+    let third = with_cache();
+    let plugin = third.load("forge", "1.0.0", &bytes, Vec::new()).unwrap();
+    assert_eq!((third.compile_count(), third.disk_load_count()), (1, 0));
+    assert_eq!(third.info(&plugin).await.unwrap().name, "loopback-forge");
+    assert_ne!(
+        std::fs::read(&files[0]).unwrap(),
+        b"not compiled code",
+        "the file was written anew"
+    );
+
+    // A component that fails its checks is never kept.
+    let before = std::fs::read_dir(&cache_dir).unwrap().count();
+    let no_world = wat::parse_str("(component)").unwrap();
+    assert!(with_cache().load("empty", "1", &no_world, Vec::new()).is_err());
+    assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), before);
+}
+
+#[test]
+fn the_disk_cache_keeps_a_bounded_number_of_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(false);
+    config.compiled_cache_dir = Some(dir.path().to_path_buf());
+    config.max_compiled_files = 2;
+    let host = host_with(config);
+    for name in ["well-behaved", "echo-tool", "spin"] {
+        host.load(name, "1", &guest(name), Vec::new()).unwrap();
+    }
+    assert_eq!(host.compile_count(), 3);
+    let kept = std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(kept, 2, "only the two most recent of three compiled components stay");
+}

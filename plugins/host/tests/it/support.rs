@@ -96,6 +96,8 @@ pub fn test_config(pooling: bool) -> HostConfig {
         max_instances: 8,
         max_component_bytes: 16 << 20,
         max_cached_components: 16,
+        compiled_cache_dir: None,
+        max_compiled_files: 8,
     }
 }
 
