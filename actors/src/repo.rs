@@ -250,8 +250,18 @@ impl RepoState {
                     url: url.clone(),
                     message,
                 })?;
+            // Branches and tags only: `--prune` then leaves the node's own refs alone (the
+            // commits of refused pushes under refs/flotilla/kept/), which a mirror's
+            // `+refs/*:refs/*` would delete as missing from origin.
             git_with(
-                &["fetch", "--prune", "--quiet", "origin"],
+                &[
+                    "fetch",
+                    "--prune",
+                    "--quiet",
+                    "origin",
+                    "+refs/heads/*:refs/heads/*",
+                    "+refs/tags/*:refs/tags/*",
+                ],
                 Some(&self.args.mirror),
                 &origin.env,
             )
@@ -538,6 +548,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(second.head_commit, workspace.head_commit);
+    }
+
+    #[tokio::test]
+    async fn fetches_prune_vanished_branches_but_keep_the_commits_of_refused_pushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = origin_with_main(dir.path()).await;
+        let origin = dir.path().join("origin.git");
+        let mirror = mirror_path(&dir.path().join("repos"), &url);
+        let mut state = RepoState {
+            args: RepoArgs {
+                url: url.clone(),
+                mirror: mirror.clone(),
+                git: GitSettings::default(),
+                providers: None,
+            },
+            cloned: false,
+        };
+        std::fs::create_dir_all(dir.path().join("repos")).unwrap();
+        git(&["branch", "feature", "main"], Some(&origin)).await.unwrap();
+        state
+            .prepare("main", "flotilla/a", &dir.path().join("w1"))
+            .await
+            .unwrap();
+        let head = git(&["rev-parse", "main"], Some(&mirror)).await.unwrap();
+        git(&["update-ref", "refs/flotilla/kept/flotilla/a", &head], Some(&mirror))
+            .await
+            .unwrap();
+        git(&["branch", "-D", "feature"], Some(&origin)).await.unwrap();
+
+        state
+            .prepare("main", "flotilla/b", &dir.path().join("w2"))
+            .await
+            .unwrap();
+        assert!(
+            git(&["rev-parse", "--verify", "refs/heads/feature"], Some(&mirror))
+                .await
+                .is_err(),
+            "a branch deleted on origin is pruned from the mirror"
+        );
+        assert_eq!(
+            git(&["rev-parse", "refs/flotilla/kept/flotilla/a"], Some(&mirror))
+                .await
+                .unwrap(),
+            head,
+            "the kept commit of a refused push survives the fetch"
+        );
     }
 
     #[tokio::test]
