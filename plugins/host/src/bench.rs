@@ -29,6 +29,8 @@ pub struct BenchRun {
     pub compile: Duration,
     /// A second `load` of the same bytes (served from the cache).
     pub cached_load: Duration,
+    /// A `load` on a new host that finds the compiled code on disk (a restarted node).
+    pub disk_load: Duration,
     pub calls: usize,
     pub p50: Duration,
     pub p99: Duration,
@@ -59,10 +61,11 @@ impl fmt::Display for BenchReport {
         for run in &self.runs {
             writeln!(
                 formatter,
-                "  pooling {:<3}  compile {:>8.1} ms  cached load {:>7.1} µs  calls {:>6}  p50 {:>7.1} µs  p99 {:>7.1} µs  mean {:>7.1} µs  max {:>8.1} µs",
+                "  pooling {:<3}  compile {:>8.1} ms  cached load {:>7.1} µs  load from disk {:>7.1} ms  calls {:>6}  p50 {:>7.1} µs  p99 {:>7.1} µs  mean {:>7.1} µs  max {:>8.1} µs",
                 if run.pooling { "on" } else { "off" },
                 run.compile.as_secs_f64() * 1e3,
                 micros(run.cached_load),
+                run.disk_load.as_secs_f64() * 1e3,
                 run.calls,
                 micros(run.p50),
                 micros(run.p99),
@@ -80,17 +83,29 @@ fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
 }
 
 async fn bench_one(component: &[u8], calls: usize, pooling: bool) -> Result<(BenchRun, PluginKind), BenchError> {
+    let disk_dir = std::env::temp_dir().join(format!(
+        "flotilla-plugin-bench-{}-{}",
+        std::process::id(),
+        if pooling { "pooled" } else { "unpooled" }
+    ));
+    let _ = std::fs::remove_dir_all(&disk_dir);
     let config = HostConfig {
         pooling,
+        compiled_cache_dir: Some(disk_dir.clone()),
         ..HostConfig::default()
     };
-    let host = PluginHost::new(config, Arc::new(NoSecrets))?;
+    let host = PluginHost::new(config.clone(), Arc::new(NoSecrets))?;
     let started = Instant::now();
     let plugin = host.load("bench", "0", component, Vec::new())?;
     let compile = started.elapsed();
     let started = Instant::now();
     let plugin = host.load("bench", "0", component, plugin.granted_hosts().to_vec())?;
     let cached_load = started.elapsed();
+    let restarted = PluginHost::new(config, Arc::new(NoSecrets))?;
+    let started = Instant::now();
+    restarted.load("bench", "0", component, Vec::new())?;
+    let disk_load = started.elapsed();
+    let _ = std::fs::remove_dir_all(&disk_dir);
 
     let kind = plugin.kind();
     let call_once = || async {
@@ -114,6 +129,7 @@ async fn bench_one(component: &[u8], calls: usize, pooling: bool) -> Result<(Ben
         pooling,
         compile,
         cached_load,
+        disk_load,
         calls,
         p50: percentile(&durations, 0.50),
         p99: percentile(&durations, 0.99),
