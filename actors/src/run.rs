@@ -437,6 +437,23 @@ pub async fn run(context: RunContext) -> RunOutcome {
             ));
             conversation.add_follow_ups(new_follow_ups);
             delivered = current.follow_ups.len() as u32;
+        } else if turn == start.turns {
+            // The previous owner recorded the model's final answer and stopped before it could
+            // finish: finish now instead of asking the model again.
+            if let Some(summary) = conversation.final_answer() {
+                live.log(format!("the final answer of turn {turn} is recorded; finishing"));
+                let push_error = last_push_failure(&context);
+                let ending = Finishing {
+                    turn,
+                    summary: &summary,
+                    pushed: pushed.is_some(),
+                    push_error: push_error.as_deref(),
+                };
+                if let Some(outcome) = finish(&context, &live, &start, ending).await {
+                    return outcome;
+                }
+                continue;
+            }
         }
 
         // Tool plugins come and go while the cluster runs; a turn offers those enabled now.
@@ -624,51 +641,14 @@ pub async fn run(context: RunContext) -> RunOutcome {
         match next {
             Next::RunTools(_) => {}
             Next::End(Ending::Finished { summary }) => {
-                let summary = capped(&summary, MAX_EVENT_TEXT_BYTES);
-                if let Some(error) = &push_error {
-                    // The work is done but not on the origin: that is not a finished agent.
-                    let result = set_status(
-                        &context,
-                        AgentStatus::Failed,
-                        "the work branch could not be pushed".to_string(),
-                        Some(summary),
-                        Some(capped(error, MAX_EVENT_OUTPUT_BYTES)),
-                    )
-                    .await;
-                    return match result {
-                        Ok(()) => RunOutcome::Ended(AgentStatus::Failed),
-                        Err(error) => write_outcome(error),
-                    };
-                }
-                if start.spec.open_pull_request {
-                    if let Err(failure) = open_pull_request(&context, &live, pushed.is_some(), &summary).await {
-                        let result = set_status(
-                            &context,
-                            AgentStatus::Failed,
-                            "the pull request could not be opened".to_string(),
-                            Some(summary),
-                            Some(capped(&failure, MAX_EVENT_OUTPUT_BYTES)),
-                        )
-                        .await;
-                        return match result {
-                            Ok(()) => RunOutcome::Ended(AgentStatus::Failed),
-                            Err(error) => write_outcome(error),
-                        };
-                    }
-                }
-                match set_status(
-                    &context,
-                    AgentStatus::Finished,
-                    format!("finished after turn {turn}"),
-                    Some(summary),
-                    None,
-                )
-                .await
-                {
-                    Ok(()) => return RunOutcome::Ended(AgentStatus::Finished),
-                    // A follow-up came in during the last turn: the run goes on to answer it.
-                    Err(WriteError::Refused(ApplyError::UndeliveredFollowUps { .. })) => {}
-                    Err(error) => return write_outcome(error),
+                let ending = Finishing {
+                    turn,
+                    summary: &summary,
+                    pushed: pushed.is_some(),
+                    push_error: push_error.as_deref(),
+                };
+                if let Some(outcome) = finish(&context, &live, &start, ending).await {
+                    return outcome;
                 }
             }
             Next::End(ending) => {
@@ -733,6 +713,79 @@ async fn run_any_tool(context: &RunContext, name: &str, arguments_json: &str) ->
         limits,
     )
     .await
+}
+
+/// Where a run stands when the model has given its final answer.
+struct Finishing<'a> {
+    turn: u32,
+    summary: &'a str,
+    pushed: bool,
+    push_error: Option<&'a str>,
+}
+
+/// Ends a run whose model gave its final answer: `FAILED` if the last push failed or the pull
+/// request could not be opened, else `FINISHED`. `None` when a follow-up arrived during the last
+/// turn: the run goes on to answer it.
+async fn finish(context: &RunContext, live: &Live, start: &AgentRecord, ending: Finishing<'_>) -> Option<RunOutcome> {
+    let summary = capped(ending.summary, MAX_EVENT_TEXT_BYTES);
+    let failed = |reason: &'static str, error: String| {
+        let summary = summary.clone();
+        async move {
+            match set_status(
+                context,
+                AgentStatus::Failed,
+                reason.to_string(),
+                Some(summary),
+                Some(error),
+            )
+            .await
+            {
+                Ok(()) => RunOutcome::Ended(AgentStatus::Failed),
+                Err(error) => write_outcome(error),
+            }
+        }
+    };
+    if let Some(error) = ending.push_error {
+        // The work is done but not on the origin: that is not a finished agent.
+        let error = capped(error, MAX_EVENT_OUTPUT_BYTES);
+        return Some(failed("the work branch could not be pushed", error).await);
+    }
+    if start.spec.open_pull_request {
+        if let Err(failure) = open_pull_request(context, live, ending.pushed, &summary).await {
+            let error = capped(&failure, MAX_EVENT_OUTPUT_BYTES);
+            return Some(failed("the pull request could not be opened", error).await);
+        }
+    }
+    match set_status(
+        context,
+        AgentStatus::Finished,
+        format!("finished after turn {}", ending.turn),
+        Some(summary.clone()),
+        None,
+    )
+    .await
+    {
+        Ok(()) => Some(RunOutcome::Ended(AgentStatus::Finished)),
+        Err(WriteError::Refused(ApplyError::UndeliveredFollowUps { .. })) => None,
+        Err(error) => Some(write_outcome(error)),
+    }
+}
+
+/// The error of the agent's last push, if its last push event is a failure (what an owner that
+/// stopped after recording its final turn would have finished with).
+fn last_push_failure(context: &RunContext) -> Option<String> {
+    context
+        .replica
+        .reader()
+        .agent_events_after(context.agent, 0)
+        .iter()
+        .rev()
+        .find_map(|event| match &event.kind {
+            EventKind::CommitPushed { .. } => Some(None),
+            EventKind::PushFailed { error, .. } => Some(Some(error.clone())),
+            _ => None,
+        })
+        .flatten()
 }
 
 /// Opens the pull request a finished agent's request asked for, once: a pull request already

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::model::{Message, ToolCall, TurnResponse};
+use crate::model::{Message, Role, ToolCall, TurnResponse};
 
 /// Limits of one agent run; each ends the run with a clear reason when reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +129,13 @@ impl Conversation {
         }
     }
 
+    /// The model's final answer, when the conversation ends with it (an assistant message that
+    /// calls no tool): a run resumed there has nothing left to ask the model.
+    pub fn final_answer(&self) -> Option<String> {
+        let last = self.messages.last()?;
+        (last.role == Role::Assistant && last.tool_calls.is_empty()).then(|| last.content.trim().to_string())
+    }
+
     /// Follow-ups are delivered at the start of the next turn, in order.
     pub fn add_follow_ups(&mut self, follow_ups: impl IntoIterator<Item = String>) {
         for text in follow_ups {
@@ -175,7 +182,7 @@ impl Conversation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Role, StopReason, Usage};
+    use crate::model::{StopReason, Usage};
 
     fn answer(text: &str, calls: &[&str], tokens: u64) -> TurnResponse {
         TurnResponse {
@@ -199,6 +206,23 @@ mod tests {
                 StopReason::ToolUse
             },
         }
+    }
+
+    #[test]
+    fn a_conversation_that_ends_with_an_answer_has_a_final_answer() {
+        let mut conversation = Conversation::new("system".into(), "prompt".into(), Budgets::default());
+        assert_eq!(conversation.final_answer(), None, "it ends with the prompt");
+        conversation.after_answer(&answer("calling", &["list_dir"], 1), Duration::ZERO);
+        assert_eq!(conversation.final_answer(), None, "it ends with a tool call");
+        conversation.add_tool_result("call_0", "a.txt".into());
+        assert_eq!(conversation.final_answer(), None, "it ends with a tool result");
+        conversation.after_answer(&answer("  all done \n", &[], 1), Duration::ZERO);
+        assert_eq!(conversation.final_answer().as_deref(), Some("all done"));
+        let resumed = Conversation::resume(conversation.messages.clone(), Budgets::default());
+        assert_eq!(resumed.final_answer().as_deref(), Some("all done"));
+        let mut followed = resumed;
+        followed.add_follow_ups(["and one more thing".to_string()]);
+        assert_eq!(followed.final_answer(), None, "a follow-up is for the model to answer");
     }
 
     #[test]

@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use flotilla_proto::v1::{self, agent_event};
-use flotilla_tests::fakes::{FakeModelServer, FakeTurn};
+use flotilla_tests::fakes::{create_bare_repository, FakeModelServer, FakeTurn, GitHttpServer, SkiffForge};
 use flotilla_tests::{agent_client, wait_for, ClusterOptions, TestCluster};
 use serde_json::json;
 
 use crate::common::{bare_repository, create_from, get, status_of, DEADLINE};
-use crate::t18_agent_runs::{config_with, durable_events, openai_model, request, show, turns_finished};
+use crate::t18_agent_runs::{config_with, durable_events, openai_model, request, scripted_model, show, turns_finished};
+use crate::t56_plugins_everywhere::wait_everywhere;
 
 const LEASE_MS: u64 = 2_000;
 
@@ -112,4 +113,137 @@ async fn a_run_survives_the_sigkill_of_its_node_with_a_continuous_transcript() {
         Some("A\n"),
         "the branch keeps the dead node's commits"
     );
+}
+
+/// The owner dies after the forge opened the agent's pull request but before the answer reached
+/// it (the answer is held at the forge, then the node is SIGKILLed). The next owner finishes the
+/// run from the recorded final answer without asking the model again, asks the forge again, is
+/// told the pull request exists, finds it, and records that one: one pull request, recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_whose_answer_died_with_its_node_is_recorded_by_the_next() {
+    const TOKEN: &str = "skiff-secret-token";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("forge")).unwrap();
+    let git = GitHttpServer::start(dir.path().join("forge"), "skiff", TOKEN).await;
+    create_bare_repository(git.project_root(), "acme/widgets", &[("README.md", "widgets\n")]);
+    let origin = git.repository_path("acme/widgets");
+    let forge = SkiffForge::start(TOKEN).await;
+    forge.add_repository("acme/widgets");
+    let repository = format!("{}/acme/widgets", git.base_url());
+    let script = json!({"turns": [
+        {"text": "Writing the note.", "tool_calls": [
+            {"name": "write_file", "arguments": {"path": "NOTE.md", "content": "noted\n"}}
+        ]},
+        {"text": "Added NOTE.md."}
+    ]});
+    let config = format!(
+        "{}\n[plugins]\nbuiltins = []\n",
+        config_with(&scripted_model(dir.path(), "script", script), "script")
+    );
+    let mut cluster = TestCluster::start(
+        3,
+        ClusterOptions {
+            lease_ms: Some(LEASE_MS),
+            config: Some(config),
+            ..Default::default()
+        },
+    )
+    .await;
+    for node in &cluster.nodes {
+        let secrets = node.spec().data_dir.join("secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        std::fs::write(secrets.join("skiff-token"), TOKEN).unwrap();
+    }
+    let configured = cluster.run_cli(
+        1,
+        &[
+            "plugin",
+            "configure",
+            "skiff",
+            &format!("hosts={}", git.address()),
+            &format!("api-base={}", forge.api_base()),
+        ],
+    );
+    assert!(
+        configured.status.success(),
+        "{}",
+        String::from_utf8_lossy(&configured.stderr)
+    );
+    let file = dir.path().join("skiff.wasm");
+    std::fs::write(&file, flotilla_tests::test_guest("skiff")).unwrap();
+    let added = cluster.run_cli(
+        1,
+        &[
+            "plugin",
+            "add",
+            &file.display().to_string(),
+            "--name",
+            "skiff",
+            "--version",
+            "1.0.0",
+            "--grant-host",
+            &forge.host(),
+        ],
+    );
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    wait_everywhere(&cluster, "skiff", "1.0.0", true).await;
+
+    forge.hold_answers(true);
+    let token = cluster.admin_token();
+    let mut client = cluster.agent_client(1).await;
+    let mut create = request(&repository, "lost-answer", "Add the note");
+    create.open_pull_request = true;
+    let agent = create_from(&mut client, create).await;
+    wait_for(
+        "the forge to open the pull request and hold its answer",
+        DEADLINE,
+        || async { (forge.pending_answers() == 1).then_some(()) },
+    )
+    .await;
+    let before = get(&mut client, &agent.id).await.expect("the agent");
+    assert_eq!(before.turns, 2, "the final turn is recorded");
+    let owner = before.assignment.expect("assigned").node_id;
+    cluster.node_mut(owner).kill9();
+    forge.hold_answers(false);
+
+    let survivor = if owner == 1 { 2 } else { 1 };
+    let endpoint = cluster.node(survivor).endpoint();
+    let finished = wait_for("the agent to finish on another node", DEADLINE * 2, || {
+        let (endpoint, token, id) = (endpoint.clone(), token.clone(), agent.id.clone());
+        async move {
+            let agent = get(&mut agent_client(&endpoint, &token).await, &id).await?;
+            assert_ne!(status_of(&agent), v1::AgentStatus::Failed, "{}", agent.error);
+            (status_of(&agent) == v1::AgentStatus::Finished).then_some(agent)
+        }
+    })
+    .await;
+    assert_ne!(finished.assignment.as_ref().expect("assigned").node_id, owner);
+    assert_eq!(finished.turns, 2, "the model was not asked again");
+    assert_eq!(finished.summary, "Added NOTE.md.");
+    let opened = forge.pull_requests();
+    assert_eq!(opened.len(), 1, "one pull request: {opened:?}");
+    assert_eq!(opened[0].head, finished.work_branch);
+    let recorded = finished.pull_request.clone().expect("the pull request is on the agent");
+    assert_eq!((recorded.url.as_str(), recorded.number), (opened[0].url.as_str(), 1));
+    assert_eq!(
+        show(&origin, &finished.work_branch, "NOTE.md").as_deref(),
+        Some("noted\n")
+    );
+    let methods: Vec<String> = forge.requests().iter().map(|request| request.method.clone()).collect();
+    assert_eq!(
+        methods,
+        ["POST", "POST", "GET"],
+        "the dead owner's create, the next owner's refused create, and its lookup"
+    );
+
+    let mut client = agent_client(&endpoint, &token).await;
+    let events = tokio::time::timeout(Duration::from_secs(60), durable_events(&mut client, &agent.id))
+        .await
+        .expect("events");
+    assert_eq!(turns_finished(&events), vec![1, 2], "no turn after the final answer");
+    let opened_events = events
+        .iter()
+        .filter(|event| matches!(event.kind, Some(agent_event::Kind::PullRequestOpened(_))))
+        .count();
+    assert_eq!(opened_events, 1, "the pull request is recorded once: {events:?}");
 }

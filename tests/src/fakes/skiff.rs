@@ -12,8 +12,13 @@
 //! repository. Checks run in that order: token, repository, body. Every request is recorded,
 //! refused ones included.
 //!
+//! `GET` on the same path lists the repository's pull requests, filtered by the optional query
+//! parameters `head` and `base` (the skiff plugin looks there when a create is refused because
+//! one already exists).
+//!
 //! [`SkiffForge::hold_pull_requests`] holds pull request requests (recorded, not yet checked)
-//! until released, so a test can act while a plugin waits for its answer.
+//! until released, so a test can act while a plugin waits for its answer;
+//! [`SkiffForge::hold_answers`] opens them and holds only the answers (an answer lost on the way).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -78,6 +83,10 @@ struct Shared {
     gate: watch::Sender<Gate>,
     /// Pull request requests waiting at the gate.
     pending: AtomicUsize,
+    /// Answers of opened pull requests wait here (the pull request exists, the client does not
+    /// know yet).
+    answer_gate: watch::Sender<Gate>,
+    pending_answers: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -98,6 +107,7 @@ struct ServerTask {
 impl Drop for ServerTask {
     fn drop(&mut self) {
         self.shared.gate.send_replace(Gate::Closed);
+        self.shared.answer_gate.send_replace(Gate::Closed);
         self.task.abort();
     }
 }
@@ -130,6 +140,8 @@ impl SkiffForge {
             state: Mutex::new(SkiffState::default()),
             gate: watch::Sender::new(Gate::Open),
             pending: AtomicUsize::new(0),
+            answer_gate: watch::Sender::new(Gate::Open),
+            pending_answers: AtomicUsize::new(0),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -183,20 +195,36 @@ impl SkiffForge {
     /// `true`: pull request requests that arrive from now on wait, recorded but not yet
     /// checked, until this is called with `false`, which lets every waiting one go on.
     pub fn hold_pull_requests(&self, hold: bool) {
-        self.shared.gate.send_if_modified(|gate| {
-            let wanted = if hold { Gate::Held } else { Gate::Open };
-            if *gate == Gate::Closed || *gate == wanted {
-                return false;
-            }
-            *gate = wanted;
-            true
-        });
+        set_gate(&self.shared.gate, hold);
     }
 
     /// Pull request requests waiting at the gate now.
     pub fn pending_pull_requests(&self) -> usize {
         self.shared.pending.load(Ordering::SeqCst)
     }
+
+    /// `true`: pull requests are opened as usual but their answers wait until this is called
+    /// with `false` (a forge whose answer is lost on the way: the pull request exists, the client
+    /// has not heard).
+    pub fn hold_answers(&self, hold: bool) {
+        set_gate(&self.shared.answer_gate, hold);
+    }
+
+    /// Answers of opened pull requests waiting now.
+    pub fn pending_answers(&self) -> usize {
+        self.shared.pending_answers.load(Ordering::SeqCst)
+    }
+}
+
+fn set_gate(gate: &watch::Sender<Gate>, hold: bool) {
+    gate.send_if_modified(|gate| {
+        let wanted = if hold { Gate::Held } else { Gate::Open };
+        if *gate == Gate::Closed || *gate == wanted {
+            return false;
+        }
+        *gate = wanted;
+        true
+    });
 }
 
 impl Shared {
@@ -214,17 +242,22 @@ impl Shared {
 
     /// Waits while the gate is held; false if the fake stopped.
     async fn pass_gate(&self) -> bool {
-        let mut gate = self.gate.subscribe();
-        match *gate.borrow_and_update() {
-            Gate::Open => return true,
-            Gate::Closed => return false,
-            Gate::Held => {}
-        }
-        let _pending = PendingGuard::new(&self.pending);
-        gate.wait_for(|gate| *gate != Gate::Held)
-            .await
-            .is_ok_and(|gate| *gate == Gate::Open)
+        pass(&self.gate, &self.pending).await
     }
+}
+
+/// Waits while `gate` is held, counted in `pending`; false if the fake stopped.
+async fn pass(gate: &watch::Sender<Gate>, pending: &AtomicUsize) -> bool {
+    let mut gate = gate.subscribe();
+    match *gate.borrow_and_update() {
+        Gate::Open => return true,
+        Gate::Closed => return false,
+        Gate::Held => {}
+    }
+    let _pending = PendingGuard::new(pending);
+    gate.wait_for(|gate| *gate != Gate::Held)
+        .await
+        .is_ok_and(|gate| *gate == Gate::Open)
 }
 
 fn error(status: u16, message: &str) -> (u16, Value) {
@@ -239,20 +272,31 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     shared.record(RecordedForgeRequest::from_parts(&method, &uri, &headers, &body));
-    let (status, answer) = answer(&shared, &method, uri.path(), &headers, &body).await;
+    let (status, answer) = answer(&shared, &method, &uri, &headers, &body).await;
     json_response(status, &answer)
 }
 
-async fn answer(shared: &Shared, method: &Method, path: &str, headers: &HeaderMap, body: &[u8]) -> (u16, Value) {
-    let segments: Vec<&str> = path.split('/').collect();
+/// A pull request as the API shows it.
+fn pull_request_json(pull_request: &SkiffPullRequest) -> Value {
+    json!({
+        "number": pull_request.number,
+        "html_url": pull_request.url,
+        "head": pull_request.head,
+        "base": pull_request.base,
+        "title": pull_request.title,
+    })
+}
+
+async fn answer(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> (u16, Value) {
+    let segments: Vec<&str> = uri.path().split('/').collect();
     let (owner, name) = match segments.as_slice() {
         ["", "api", "repos", owner, name, "pulls"] if !owner.is_empty() && !name.is_empty() => (*owner, *name),
         _ => return error(404, "not found"),
     };
-    if method != Method::POST {
+    if method != Method::POST && method != Method::GET {
         return error(405, "method not allowed");
     }
-    if !shared.pass_gate().await {
+    if method == Method::POST && !shared.pass_gate().await {
         return error(503, "the forge stopped");
     }
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
@@ -266,6 +310,31 @@ async fn answer(shared: &Shared, method: &Method, path: &str, headers: &HeaderMa
     let repository = format!("{owner}/{name}");
     if !shared.lock().repositories.contains(&repository) {
         return error(404, "repository not found");
+    }
+    if method == Method::GET {
+        // `?head=&base=` filter the list; both optional.
+        let query: Vec<(String, String)> = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+        let filter = |key: &str| {
+            query
+                .iter()
+                .find(|(name, _)| name == key)
+                .map(|(_, value)| value.clone())
+        };
+        let (head, base) = (filter("head"), filter("base"));
+        let listed: Vec<Value> = shared
+            .lock()
+            .pull_requests
+            .iter()
+            .filter(|open| {
+                open.repository == repository
+                    && head.as_ref().is_none_or(|head| &open.head == head)
+                    && base.as_ref().is_none_or(|base| &open.base == base)
+            })
+            .map(pull_request_json)
+            .collect();
+        return (200, Value::Array(listed));
     }
     let json_content = header("content-type")
         .and_then(|value| value.split(';').next())
@@ -304,39 +373,40 @@ async fn answer(shared: &Shared, method: &Method, path: &str, headers: &HeaderMa
         Some(_) => return error(422, "draft must be a boolean"),
     };
     let head = required.remove("head").unwrap_or_default();
-    let mut state = shared.lock();
-    if state
-        .pull_requests
-        .iter()
-        .any(|open| open.repository == repository && open.head == head)
-    {
-        return error(422, &format!("a pull request for {head} already exists"));
+    let opened = 'open: {
+        let mut state = shared.lock();
+        if state
+            .pull_requests
+            .iter()
+            .any(|open| open.repository == repository && open.head == head)
+        {
+            break 'open Err(error(422, &format!("a pull request for {head} already exists")));
+        }
+        let number = {
+            let last = state.last_number.entry(repository.clone()).or_insert(0);
+            *last += 1;
+            *last
+        };
+        let pull_request = SkiffPullRequest {
+            url: format!("{}/{repository}/pulls/{number}", shared.origin),
+            repository,
+            number,
+            head,
+            base: required.remove("base").unwrap_or_default(),
+            title: required.remove("title").unwrap_or_default(),
+            body: description,
+            draft,
+            opened_by,
+        };
+        state.pull_requests.push(pull_request.clone());
+        Ok(pull_request)
+    };
+    let pull_request = match opened {
+        Ok(pull_request) => pull_request,
+        Err(refusal) => return refusal,
+    };
+    if !pass(&shared.answer_gate, &shared.pending_answers).await {
+        return error(503, "the forge stopped");
     }
-    let number = {
-        let last = state.last_number.entry(repository.clone()).or_insert(0);
-        *last += 1;
-        *last
-    };
-    let pull_request = SkiffPullRequest {
-        url: format!("{}/{repository}/pulls/{number}", shared.origin),
-        repository,
-        number,
-        head,
-        base: required.remove("base").unwrap_or_default(),
-        title: required.remove("title").unwrap_or_default(),
-        body: description,
-        draft,
-        opened_by,
-    };
-    state.pull_requests.push(pull_request.clone());
-    (
-        201,
-        json!({
-            "number": pull_request.number,
-            "html_url": pull_request.url,
-            "head": pull_request.head,
-            "base": pull_request.base,
-            "title": pull_request.title,
-        }),
-    )
+    (201, pull_request_json(&pull_request))
 }

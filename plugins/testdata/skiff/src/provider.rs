@@ -171,6 +171,16 @@ fn remote_message(body: &[u8]) -> String {
     cut(text, MAX_MESSAGE_BYTES)
 }
 
+/// `text` percent-encoded for a query string (unreserved characters kept).
+fn query_value(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (byte as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
 /// The repository of `url` among the hosts of the `hosts` setting.
 fn claimed_repository(url: &str) -> Option<Repository> {
     let hosts = parse_hosts(&settings::get("hosts").unwrap_or_default());
@@ -269,10 +279,46 @@ impl Guest for Skiff {
         })
         .map_err(PluginError::Http)?;
         if !(200..300).contains(&response.status) {
-            return Err(PluginError::Remote(RemoteError {
+            let refused = PluginError::Remote(RemoteError {
                 status: response.status,
                 message: remote_message(&response.body),
-            }));
+            });
+            if response.status != 422 || !remote_message(&response.body).contains("already exists") {
+                return Err(refused);
+            }
+            // An earlier call opened it and its answer was lost: answer that pull request.
+            let found = http::send(&HttpRequest {
+                method: "GET".to_string(),
+                url: format!(
+                    "{api_base}/api/repos/{}/{}/pulls?head={}&base={}",
+                    repository.owner,
+                    repository.name,
+                    query_value(&input.head_branch),
+                    query_value(&input.base_branch)
+                ),
+                headers: vec![
+                    header("Authorization", bearer_authorization()),
+                    header("Accept", "application/json".to_string()),
+                ],
+                body: None,
+            })
+            .map_err(PluginError::Http)?;
+            let first = serde_json::from_slice::<Value>(&found.body)
+                .ok()
+                .and_then(|list| list.as_array().and_then(|list| list.first()).cloned());
+            return match first {
+                Some(existing) if found.status == 200 => {
+                    log(Level::Info, "the pull request was already open; answering it");
+                    let (url, number) = parse_created(existing.to_string().as_bytes()).map_err(|problem| {
+                        PluginError::Remote(RemoteError {
+                            status: found.status,
+                            message: problem,
+                        })
+                    })?;
+                    Ok(PullRequest { url, number })
+                }
+                _ => Err(refused),
+            };
         }
         let (url, number) = parse_created(&response.body).map_err(|problem| {
             PluginError::Remote(RemoteError {
