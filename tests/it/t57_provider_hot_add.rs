@@ -35,7 +35,71 @@ fn ended(agent: &v1::Agent) -> bool {
     )
 }
 
-fn add_plugin(cluster: &TestCluster, node: u64, file: &std::path::Path, version: &str, grant: &str) {
+/// A Skiff forge on loopback: its git smart-HTTP server (Basic auth, user `skiff`) with one
+/// repository, `acme/widgets`, and its REST API.
+pub(crate) struct SkiffWorld {
+    pub(crate) git: GitHttpServer,
+    pub(crate) forge: SkiffForge,
+    /// The bare repository on disk.
+    pub(crate) origin: std::path::PathBuf,
+    /// Its URL, as agents are created with.
+    pub(crate) repository: String,
+}
+
+impl SkiffWorld {
+    pub(crate) async fn start(dir: &std::path::Path) -> SkiffWorld {
+        std::fs::create_dir_all(dir.join("forge")).unwrap();
+        let git = GitHttpServer::start(dir.join("forge"), "skiff", TOKEN).await;
+        create_bare_repository(git.project_root(), "acme/widgets", &[("README.md", "widgets\n")]);
+        let forge = SkiffForge::start(TOKEN).await;
+        forge.add_repository("acme/widgets");
+        SkiffWorld {
+            origin: git.repository_path("acme/widgets"),
+            repository: format!("{}/acme/widgets", git.base_url()),
+            git,
+            forge,
+        }
+    }
+
+    /// Writes the forge token as the `skiff-token` secret of every node.
+    pub(crate) fn give_token_to(&self, cluster: &TestCluster) {
+        for node in &cluster.nodes {
+            let secrets = node.spec().data_dir.join("secrets");
+            std::fs::create_dir_all(&secrets).unwrap();
+            std::fs::write(secrets.join("skiff-token"), TOKEN).unwrap();
+        }
+    }
+
+    /// Sets the `skiff` plugin's hosts and API base through `node`'s CLI.
+    pub(crate) fn configure(&self, cluster: &TestCluster, node: u64) {
+        let configured = cluster.run_cli(
+            node,
+            &[
+                "plugin",
+                "configure",
+                "skiff",
+                &format!("hosts={}", self.git.address()),
+                &format!("api-base={}", self.forge.api_base()),
+            ],
+        );
+        assert!(
+            configured.status.success(),
+            "{}",
+            String::from_utf8_lossy(&configured.stderr)
+        );
+    }
+}
+
+/// A node config with the scripted model `script` and no built-in providers: only an uploaded
+/// plugin can claim a repository.
+pub(crate) fn skiff_config(dir: &std::path::Path, script: serde_json::Value) -> String {
+    format!(
+        "{}\n[plugins]\nbuiltins = []\n",
+        config_with(&scripted_model(dir, "script", script), "script")
+    )
+}
+
+pub(crate) fn add_plugin(cluster: &TestCluster, node: u64, file: &std::path::Path, version: &str, grant: &str) {
     let output = cluster.run_cli(
         node,
         &[
@@ -60,13 +124,8 @@ fn add_plugin(cluster: &TestCluster, node: u64, file: &std::path::Path, version:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("forge")).unwrap();
-    let git = GitHttpServer::start(dir.path().join("forge"), "skiff", TOKEN).await;
-    create_bare_repository(git.project_root(), "acme/widgets", &[("README.md", "widgets\n")]);
-    let origin = git.repository_path("acme/widgets");
-    let forge = SkiffForge::start(TOKEN).await;
-    forge.add_repository("acme/widgets");
-    let repository = format!("{}/acme/widgets", git.base_url());
+    let skiff = SkiffWorld::start(dir.path()).await;
+    let (forge, origin, repository) = (&skiff.forge, &skiff.origin, &skiff.repository);
 
     let script = json!({"turns": [
         {"text": "Writing the note.", "tool_calls": [
@@ -75,27 +134,18 @@ async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests(
         ]},
         {"text": "Added NOTE.md."}
     ]});
-    // No built-in providers: only an uploaded plugin can claim a repository here.
-    let config = format!(
-        "{}\n[plugins]\nbuiltins = []\n",
-        config_with(&scripted_model(dir.path(), "script", script), "script")
-    );
     let cluster = TestCluster::start(
         3,
         ClusterOptions {
-            config: Some(config),
+            config: Some(skiff_config(dir.path(), script)),
             ..Default::default()
         },
     )
     .await;
-    for node in &cluster.nodes {
-        let secrets = node.spec().data_dir.join("secrets");
-        std::fs::create_dir_all(&secrets).unwrap();
-        std::fs::write(secrets.join("skiff-token"), TOKEN).unwrap();
-    }
+    skiff.give_token_to(&cluster);
     let mut client = cluster.agent_client(2).await;
 
-    let mut create = request(&repository, "early", "Too early");
+    let mut create = request(repository, "early", "Too early");
     create.open_pull_request = true;
     let refused = client
         .create_agent(create)
@@ -109,21 +159,7 @@ async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests(
     );
 
     // The admin configures and uploads the provider through node 3; every node loads it.
-    let configured = cluster.run_cli(
-        3,
-        &[
-            "plugin",
-            "configure",
-            "skiff",
-            &format!("hosts={}", git.address()),
-            &format!("api-base={}", forge.api_base()),
-        ],
-    );
-    assert!(
-        configured.status.success(),
-        "{}",
-        String::from_utf8_lossy(&configured.stderr)
-    );
+    skiff.configure(&cluster, 3);
     let v1_file = dir.path().join("skiff-1.wasm");
     std::fs::write(&v1_file, flotilla_tests::test_guest("skiff")).unwrap();
     add_plugin(&cluster, 3, &v1_file, "1.0.0", &forge.host());
@@ -138,9 +174,9 @@ async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests(
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
     wait_everywhere(&cluster, "echo", "0.1.0", true).await;
 
-    let first = run_to_the_end(&cluster, &mut client, &repository, "first").await;
+    let first = run_to_the_end(&cluster, &mut client, repository, "first").await;
     assert_eq!(status_of(&first), v1::AgentStatus::Finished, "error: {}", first.error);
-    assert_eq!(show(&origin, &first.work_branch, "NOTE.md").as_deref(), Some("noted\n"));
+    assert_eq!(show(origin, &first.work_branch, "NOTE.md").as_deref(), Some("noted\n"));
     let opened = forge.pull_requests();
     assert_eq!(opened.len(), 1, "{opened:?}");
     assert_eq!(opened[0].head, first.work_branch);
@@ -178,7 +214,7 @@ async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests(
 
     // A new version replaces the plugin while a pull request call waits on the forge.
     forge.hold_pull_requests(true);
-    let mut create = request(&repository, "second", "Add the second note");
+    let mut create = request(repository, "second", "Add the second note");
     create.open_pull_request = true;
     let second = create_from(&mut client, create).await;
     wait_for("the second pull request to reach the forge", DEADLINE, || async {
@@ -192,7 +228,7 @@ async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests(
     forge.hold_pull_requests(false);
     let second = wait_for_agent(&cluster, &second.id, "to end", ended).await;
     assert_eq!(status_of(&second), v1::AgentStatus::Finished, "error: {}", second.error);
-    let third = run_to_the_end(&cluster, &mut client, &repository, "third").await;
+    let third = run_to_the_end(&cluster, &mut client, repository, "third").await;
     assert_eq!(status_of(&third), v1::AgentStatus::Finished, "error: {}", third.error);
     let by_head = |head: &str| {
         forge

@@ -5,13 +5,14 @@
 use std::time::Duration;
 
 use flotilla_proto::v1::{self, agent_event};
-use flotilla_tests::fakes::{create_bare_repository, FakeModelServer, FakeTurn, GitHttpServer, SkiffForge};
+use flotilla_tests::fakes::{FakeModelServer, FakeTurn};
 use flotilla_tests::{agent_client, wait_for, ClusterOptions, TestCluster};
 use serde_json::json;
 
 use crate::common::{bare_repository, create_from, get, status_of, DEADLINE};
-use crate::t18_agent_runs::{config_with, durable_events, openai_model, request, scripted_model, show, turns_finished};
+use crate::t18_agent_runs::{config_with, durable_events, openai_model, request, show, turns_finished};
 use crate::t56_plugins_everywhere::wait_everywhere;
+use crate::t57_provider_hot_add::{add_plugin, skiff_config, SkiffWorld};
 
 const LEASE_MS: u64 = 2_000;
 
@@ -121,77 +122,35 @@ async fn a_run_survives_the_sigkill_of_its_node_with_a_continuous_transcript() {
 /// told the pull request exists, finds it, and records that one: one pull request, recorded once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_request_whose_answer_died_with_its_node_is_recorded_by_the_next() {
-    const TOKEN: &str = "skiff-secret-token";
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("forge")).unwrap();
-    let git = GitHttpServer::start(dir.path().join("forge"), "skiff", TOKEN).await;
-    create_bare_repository(git.project_root(), "acme/widgets", &[("README.md", "widgets\n")]);
-    let origin = git.repository_path("acme/widgets");
-    let forge = SkiffForge::start(TOKEN).await;
-    forge.add_repository("acme/widgets");
-    let repository = format!("{}/acme/widgets", git.base_url());
+    let skiff = SkiffWorld::start(dir.path()).await;
+    let (forge, origin, repository) = (&skiff.forge, &skiff.origin, &skiff.repository);
     let script = json!({"turns": [
         {"text": "Writing the note.", "tool_calls": [
             {"name": "write_file", "arguments": {"path": "NOTE.md", "content": "noted\n"}}
         ]},
         {"text": "Added NOTE.md."}
     ]});
-    let config = format!(
-        "{}\n[plugins]\nbuiltins = []\n",
-        config_with(&scripted_model(dir.path(), "script", script), "script")
-    );
     let mut cluster = TestCluster::start(
         3,
         ClusterOptions {
             lease_ms: Some(LEASE_MS),
-            config: Some(config),
+            config: Some(skiff_config(dir.path(), script)),
             ..Default::default()
         },
     )
     .await;
-    for node in &cluster.nodes {
-        let secrets = node.spec().data_dir.join("secrets");
-        std::fs::create_dir_all(&secrets).unwrap();
-        std::fs::write(secrets.join("skiff-token"), TOKEN).unwrap();
-    }
-    let configured = cluster.run_cli(
-        1,
-        &[
-            "plugin",
-            "configure",
-            "skiff",
-            &format!("hosts={}", git.address()),
-            &format!("api-base={}", forge.api_base()),
-        ],
-    );
-    assert!(
-        configured.status.success(),
-        "{}",
-        String::from_utf8_lossy(&configured.stderr)
-    );
+    skiff.give_token_to(&cluster);
+    skiff.configure(&cluster, 1);
     let file = dir.path().join("skiff.wasm");
     std::fs::write(&file, flotilla_tests::test_guest("skiff")).unwrap();
-    let added = cluster.run_cli(
-        1,
-        &[
-            "plugin",
-            "add",
-            &file.display().to_string(),
-            "--name",
-            "skiff",
-            "--version",
-            "1.0.0",
-            "--grant-host",
-            &forge.host(),
-        ],
-    );
-    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    add_plugin(&cluster, 1, &file, "1.0.0", &forge.host());
     wait_everywhere(&cluster, "skiff", "1.0.0", true).await;
 
     forge.hold_answers(true);
     let token = cluster.admin_token();
     let mut client = cluster.agent_client(1).await;
-    let mut create = request(&repository, "lost-answer", "Add the note");
+    let mut create = request(repository, "lost-answer", "Add the note");
     create.open_pull_request = true;
     let agent = create_from(&mut client, create).await;
     wait_for(
@@ -226,7 +185,7 @@ async fn a_pull_request_whose_answer_died_with_its_node_is_recorded_by_the_next(
     let recorded = finished.pull_request.clone().expect("the pull request is on the agent");
     assert_eq!((recorded.url.as_str(), recorded.number), (opened[0].url.as_str(), 1));
     assert_eq!(
-        show(&origin, &finished.work_branch, "NOTE.md").as_deref(),
+        show(origin, &finished.work_branch, "NOTE.md").as_deref(),
         Some("noted\n")
     );
     let methods: Vec<String> = forge.requests().iter().map(|request| request.method.clone()).collect();
