@@ -20,6 +20,13 @@ use flotilla_raft::{PluginKey, PluginRecord, Replica};
 /// How long a caller waits for the node's first load of its plugins (built-ins compile at start).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The loaded (enabled, uploaded) plugins of `kind`, ordered by name.
+fn of_kind_by_name(loaded: &HashMap<String, Loaded>, kind: PluginKind) -> Vec<Plugin> {
+    let mut of_kind: Vec<&Loaded> = loaded.values().filter(|loaded| loaded.plugin.kind() == kind).collect();
+    of_kind.sort_by(|left, right| left.key.name.cmp(&right.key.name));
+    of_kind.iter().map(|loaded| loaded.plugin.clone()).collect()
+}
+
 /// A loaded version and what it was loaded from.
 #[derive(Clone)]
 struct Loaded {
@@ -169,12 +176,7 @@ impl PluginRegistry {
     /// uploaded plugin replaces.
     pub fn providers(&self) -> Vec<Plugin> {
         let loaded = self.loaded.read().expect("plugin registry poisoned");
-        let mut uploaded: Vec<&Loaded> = loaded
-            .values()
-            .filter(|loaded| loaded.plugin.kind() == PluginKind::VcsProvider)
-            .collect();
-        uploaded.sort_by(|left, right| left.key.name.cmp(&right.key.name));
-        let mut providers: Vec<Plugin> = uploaded.iter().map(|loaded| loaded.plugin.clone()).collect();
+        let mut providers = of_kind_by_name(&loaded, PluginKind::VcsProvider);
         let builtins = self.loaded_builtins.read().expect("plugin registry poisoned");
         for builtin in &self.builtins {
             if loaded.contains_key(builtin.name) {
@@ -189,13 +191,7 @@ impl PluginRegistry {
 
     /// The enabled tool plugins, by name.
     pub fn tools(&self) -> Vec<Plugin> {
-        let loaded = self.loaded.read().expect("plugin registry poisoned");
-        let mut tools: Vec<&Loaded> = loaded
-            .values()
-            .filter(|loaded| loaded.plugin.kind() == PluginKind::Tool)
-            .collect();
-        tools.sort_by(|left, right| left.key.name.cmp(&right.key.name));
-        tools.iter().map(|loaded| loaded.plugin.clone()).collect()
+        of_kind_by_name(&self.loaded.read().expect("plugin registry poisoned"), PluginKind::Tool)
     }
 
     /// The built-ins this node offers, as `ListPlugins` shows them.
