@@ -442,14 +442,8 @@ pub async fn run(context: RunContext) -> RunOutcome {
             // finish: finish now instead of asking the model again.
             if let Some(summary) = conversation.final_answer() {
                 live.log(format!("the final answer of turn {turn} is recorded; finishing"));
-                let push_error = last_push_failure(&context);
-                let ending = Finishing {
-                    turn,
-                    summary: &summary,
-                    pushed: pushed.is_some(),
-                    push_error: push_error.as_deref(),
-                };
-                if let Some(outcome) = finish(&context, &live, &start, ending).await {
+                push_error = last_push_failure(&context);
+                if let Some(outcome) = finish(&context, &live, &start, turn, &summary, &pushed, &push_error).await {
                     return outcome;
                 }
                 continue;
@@ -641,13 +635,7 @@ pub async fn run(context: RunContext) -> RunOutcome {
         match next {
             Next::RunTools(_) => {}
             Next::End(Ending::Finished { summary }) => {
-                let ending = Finishing {
-                    turn,
-                    summary: &summary,
-                    pushed: pushed.is_some(),
-                    push_error: push_error.as_deref(),
-                };
-                if let Some(outcome) = finish(&context, &live, &start, ending).await {
+                if let Some(outcome) = finish(&context, &live, &start, turn, &summary, &pushed, &push_error).await {
                     return outcome;
                 }
             }
@@ -715,19 +703,20 @@ async fn run_any_tool(context: &RunContext, name: &str, arguments_json: &str) ->
     .await
 }
 
-/// Where a run stands when the model has given its final answer.
-struct Finishing<'a> {
+/// Ends a run whose model gave its final answer (`summary`, at `turn`; `pushed` and `push_error`
+/// are the run's last pushed commit and push failure): `FAILED` if the last push failed or the
+/// pull request could not be opened, else `FINISHED`. `None` when a follow-up arrived during the
+/// last turn: the run goes on to answer it.
+async fn finish(
+    context: &RunContext,
+    live: &Live,
+    start: &AgentRecord,
     turn: u32,
-    summary: &'a str,
-    pushed: bool,
-    push_error: Option<&'a str>,
-}
-
-/// Ends a run whose model gave its final answer: `FAILED` if the last push failed or the pull
-/// request could not be opened, else `FINISHED`. `None` when a follow-up arrived during the last
-/// turn: the run goes on to answer it.
-async fn finish(context: &RunContext, live: &Live, start: &AgentRecord, ending: Finishing<'_>) -> Option<RunOutcome> {
-    let summary = capped(ending.summary, MAX_EVENT_TEXT_BYTES);
+    summary: &str,
+    pushed: &Option<String>,
+    push_error: &Option<String>,
+) -> Option<RunOutcome> {
+    let summary = capped(summary, MAX_EVENT_TEXT_BYTES);
     let failed = |reason: &'static str, error: String| {
         let summary = summary.clone();
         async move {
@@ -745,13 +734,13 @@ async fn finish(context: &RunContext, live: &Live, start: &AgentRecord, ending: 
             }
         }
     };
-    if let Some(error) = ending.push_error {
+    if let Some(error) = push_error {
         // The work is done but not on the origin: that is not a finished agent.
         let error = capped(error, MAX_EVENT_OUTPUT_BYTES);
         return Some(failed("the work branch could not be pushed", error).await);
     }
     if start.spec.open_pull_request {
-        if let Err(failure) = open_pull_request(context, live, ending.pushed, &summary).await {
+        if let Err(failure) = open_pull_request(context, live, pushed.is_some(), &summary).await {
             let error = capped(&failure, MAX_EVENT_OUTPUT_BYTES);
             return Some(failed("the pull request could not be opened", error).await);
         }
@@ -759,7 +748,7 @@ async fn finish(context: &RunContext, live: &Live, start: &AgentRecord, ending: 
     match set_status(
         context,
         AgentStatus::Finished,
-        format!("finished after turn {}", ending.turn),
+        format!("finished after turn {turn}"),
         Some(summary.clone()),
         None,
     )
