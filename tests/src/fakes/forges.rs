@@ -89,6 +89,14 @@ impl RecordedForgeRequest {
         }
     }
 
+    /// Appends this request to `requests`, dropping the oldest beyond `max`.
+    pub(crate) fn keep_in(self, requests: &mut VecDeque<RecordedForgeRequest>, max: usize) {
+        if requests.len() == max {
+            requests.pop_front();
+        }
+        requests.push_back(self);
+    }
+
     /// The first header called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
@@ -337,13 +345,7 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let recorded = RecordedForgeRequest::from_parts(&method, &uri, &headers, &body);
-    {
-        let mut state = shared.lock();
-        if state.requests.len() == MAX_RECORDED_REQUESTS {
-            state.requests.pop_front();
-        }
-        state.requests.push_back(recorded);
-    }
+    recorded.keep_in(&mut shared.lock().requests, MAX_RECORDED_REQUESTS);
     let incoming = Incoming {
         method,
         path: uri.path().to_string(),

@@ -233,11 +233,7 @@ impl Shared {
     }
 
     fn record(&self, request: RecordedForgeRequest) {
-        let mut state = self.lock();
-        if state.requests.len() == MAX_RECORDED_SKIFF_REQUESTS {
-            state.requests.pop_front();
-        }
-        state.requests.push_back(request);
+        request.keep_in(&mut self.lock().requests, MAX_RECORDED_SKIFF_REQUESTS);
     }
 
     /// Waits while the gate is held; false if the fake stopped.
