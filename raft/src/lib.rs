@@ -1,27 +1,32 @@
-//! The replicated state of a Flotilla cluster and the Raft that replicates it.
+//! The Raft that replicates a Flotilla cluster's state: the adapter between openraft and the
+//! pure state machine of `flotilla-state`.
 //!
 //! Every fact a client was told (an agent exists, who owns it under which epoch, what it did)
-//! lives here. `state::apply` is a pure function from a command to a new state; `store` puts
-//! openraft's log and state machine on RocksDB; `network` carries Raft messages between nodes over
-//! the internal gRPC service; `replica` is the handle the rest of the node uses to read the state
-//! and to write commands (forwarding to the leader when it is not the leader).
+//! is a record of [`flotilla_state::ClusterState`], changed only by [`flotilla_state::apply`].
+//! This crate makes that state durable and shared: `store` puts openraft's log and state
+//! machine on RocksDB (applying each committed entry with `apply` and persisting the records it
+//! touched); `network` carries Raft messages between nodes over the internal gRPC service;
+//! `replica` is the handle the rest of the node uses to read the state and to write commands
+//! (grouping writes into batches, and forwarding to the leader when it is not the leader).
+//!
+//! The records and commands are re-exported here, so that the crates above use one path for
+//! them whichever crate defines them.
 
-pub mod command;
 pub mod network;
 pub mod replica;
-pub mod state;
 pub mod store;
-pub mod types;
+
+pub use flotilla_state::{apply, cluster_state, command, invariants, types};
 
 use std::fmt;
 use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-pub use command::{ApplyError, ApplyResult, Command, Request, Response};
+pub use flotilla_state::command::{ApplyError, ApplyResult, Command, Request, Response};
+pub use flotilla_state::types::*;
+pub use flotilla_state::{Changes, ClusterState};
 pub use replica::{Replica, ReplicaConfig, WriteError};
-pub use state::ClusterState;
-pub use types::*;
 
 /// Where a Raft member is reached: its gRPC address (public and internal services) and its
 /// actor-mesh address.

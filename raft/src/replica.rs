@@ -100,6 +100,41 @@ pub enum WriteError {
     Fatal(String),
 }
 
+/// Why a write could not be forwarded to the leader (the write is then retried until the
+/// deadline).
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("leader {leader} has no known address")]
+    NoLeaderAddress { leader: NodeId },
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        leader: NodeId,
+        address: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{code}: {message}")]
+    Refused {
+        leader: NodeId,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("undecodable answer: {source}")]
+    Decode { leader: NodeId, source: postcard::Error },
+}
+
+/// A Raft message or forwarded write from a peer that does not decode as what its call carries.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable {what}: {source}")]
+pub struct UndecodablePayload {
+    /// What the call carries: `append-entries`, `vote`, `install-snapshot`, `forwarded write`.
+    pub what: &'static str,
+    pub source: postcard::Error,
+}
+
+fn decode_payload<T: for<'de> Deserialize<'de>>(what: &'static str, payload: &[u8]) -> Result<T, UndecodablePayload> {
+    decode(payload).map_err(|source| UndecodablePayload { what, source })
+}
+
 /// What a forwarded write answers across the wire.
 #[derive(Serialize, Deserialize, Debug)]
 pub enum ForwardReply {
@@ -380,44 +415,50 @@ impl Replica {
         }
     }
 
-    async fn forward(&self, leader: NodeId, request: &Request) -> Result<ForwardReply, String> {
+    async fn forward(&self, leader: NodeId, request: &Request) -> Result<ForwardReply, ForwardError> {
         let address = self
             .member_address(leader)
-            .ok_or_else(|| format!("leader {leader} has no known address"))?;
+            .ok_or(ForwardError::NoLeaderAddress { leader })?;
         let mut client = self
             .inner
             .peers
             .client(&address.grpc)
-            .map_err(|error| error.to_string())?;
+            .map_err(|source| ForwardError::Connect {
+                leader,
+                address: address.grpc.clone(),
+                source,
+            })?;
         let mut grpc_request = self.inner.peers.request(RaftPayload { data: encode(request) });
         grpc_request.set_timeout(Duration::from_secs(5));
         let reply = client
             .forward_write(grpc_request)
             .await
-            .map_err(|status| format!("{}: {}", status.code(), status.message()))?;
-        decode(&reply.into_inner().data).map_err(|error| error.to_string())
+            .map_err(|status| ForwardError::Refused {
+                leader,
+                code: status.code(),
+                message: status.message().to_string(),
+            })?;
+        decode(&reply.into_inner().data).map_err(|source| ForwardError::Decode { leader, source })
     }
 
     /// Serves a forwarded write from a follower.
-    pub async fn handle_forward(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
-        let request: Request = decode(payload).map_err(|error| format!("undecodable forwarded write: {error}"))?;
+    pub async fn handle_forward(&self, payload: &[u8]) -> Result<Vec<u8>, UndecodablePayload> {
+        let request: Request = decode_payload("forwarded write", payload)?;
         Ok(encode(&self.write_local(request).await))
     }
 
-    pub async fn handle_append(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
-        let request: AppendEntriesRequest<TypeConfig> =
-            decode(payload).map_err(|error| format!("undecodable append-entries: {error}"))?;
+    pub async fn handle_append(&self, payload: &[u8]) -> Result<Vec<u8>, UndecodablePayload> {
+        let request: AppendEntriesRequest<TypeConfig> = decode_payload("append-entries", payload)?;
         Ok(encode(&self.inner.raft.append_entries(request).await))
     }
 
-    pub async fn handle_vote(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
-        let request: VoteRequest<NodeId> = decode(payload).map_err(|error| format!("undecodable vote: {error}"))?;
+    pub async fn handle_vote(&self, payload: &[u8]) -> Result<Vec<u8>, UndecodablePayload> {
+        let request: VoteRequest<NodeId> = decode_payload("vote", payload)?;
         Ok(encode(&self.inner.raft.vote(request).await))
     }
 
-    pub async fn handle_install_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
-        let request: InstallSnapshotRequest<TypeConfig> =
-            decode(payload).map_err(|error| format!("undecodable install-snapshot: {error}"))?;
+    pub async fn handle_install_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, UndecodablePayload> {
+        let request: InstallSnapshotRequest<TypeConfig> = decode_payload("install-snapshot", payload)?;
         let result: Result<_, RaftError<NodeId, InstallSnapshotError>> =
             self.inner.raft.install_snapshot(request).await;
         Ok(encode(&result))

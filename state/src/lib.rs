@@ -5,5 +5,31 @@
 //! settings the cluster has. This crate holds the records and the functions over them, and
 //! nothing else: no I/O, no async, no openraft types. `flotilla-raft` wraps it in a log, a
 //! RocksDB store and a network; the actors read it and propose commands to it.
+//!
+//! - [`types`]: the records (agents, nodes, events, tokens, plugins) and the syntax of plugin
+//!   fields.
+//! - [`command`]: what may be written (a [`Request`] carries one [`Command`]), what a write
+//!   answers, and the bounds a command must keep.
+//! - [`cluster_state`]: [`ClusterState`], the records in memory with their derived indexes, and
+//!   [`Changes`], the keys a write touched (what storage persists).
+//! - [`apply`](mod@apply): the one pure function from a state and a request to the next state, one
+//!   file per command family.
+//! - [`invariants`]: what every state `apply` produces satisfies, as a checker.
+//! - [`placement`]: which node runs each pending agent, a pure decision the scheduler writes.
+//!
+//! The same log gives the same state on every node because `apply` reads no clock and no
+//! randomness: the proposer stamps the time into the request.
 
+pub mod apply;
+pub mod cluster_state;
+pub mod command;
 pub mod host_pattern;
+pub mod invariants;
+pub mod placement;
+pub mod types;
+
+pub use apply::apply;
+pub use cluster_state::{Changes, ClusterState, MAX_EVENTS_PER_AGENT, MAX_FOLLOW_UPS_PER_AGENT};
+pub use command::{ApplyError, ApplyResult, AssignOne, Command, Request, Response};
+pub use invariants::{check_invariants, InvariantViolation};
+pub use types::*;

@@ -157,12 +157,12 @@ pub(crate) async fn plugin_command(args: &ClientArgs, cmd: PluginCommand) -> Res
         } => {
             let name = match name {
                 Some(name) => {
-                    flotilla_raft::validate_plugin_name(name).map_err(CliError::Usage)?;
+                    flotilla_raft::validate_plugin_name(name).map_err(|error| CliError::Usage(error.to_string()))?;
                     name.clone()
                 }
                 None => name_from_file(file)?,
             };
-            flotilla_raft::validate_plugin_version(version).map_err(CliError::Usage)?;
+            flotilla_raft::validate_plugin_version(version).map_err(|error| CliError::Usage(error.to_string()))?;
             let bytes = read_component(file).await?;
             let header = UploadPluginHeader {
                 name,

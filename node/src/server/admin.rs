@@ -409,7 +409,7 @@ impl AdminService for AdminApi {
         let body = request.into_inner();
         flotilla_raft::validate_plugin_name(&body.name).map_err(|error| invalid(format!("name: {error}")))?;
         let settings: std::collections::BTreeMap<String, String> = body.settings.into_iter().collect();
-        flotilla_raft::validate_plugin_settings(&settings).map_err(invalid)?;
+        flotilla_raft::validate_plugin_settings(&settings).map_err(|error| invalid(error.to_string()))?;
         let response = self
             .replica
             .write(Command::SetPluginSettings {

@@ -4,6 +4,7 @@
 use flotilla_actors::liveness::LivenessTable;
 use flotilla_proto::internal::internal_server::Internal;
 use flotilla_proto::internal::{HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, RaftPayload};
+use flotilla_raft::replica::UndecodablePayload;
 use flotilla_raft::{Command, NodeAddr, NodeInfo, Replica};
 use tonic::{Request, Response, Status};
 
@@ -14,10 +15,10 @@ pub struct InternalApi {
     pub liveness: LivenessTable,
 }
 
-fn payload(result: Result<Vec<u8>, String>) -> Result<Response<RaftPayload>, Status> {
+fn payload(result: Result<Vec<u8>, UndecodablePayload>) -> Result<Response<RaftPayload>, Status> {
     result
         .map(|data| Response::new(RaftPayload { data }))
-        .map_err(Status::invalid_argument)
+        .map_err(|error| Status::invalid_argument(error.to_string()))
 }
 
 #[tonic::async_trait]

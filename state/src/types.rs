@@ -407,8 +407,44 @@ pub const MAX_GRANTED_HOSTS: usize = 64;
 /// Longest granted host (a DNS name's limit).
 pub const MAX_GRANTED_HOST_CHARS: usize = 253;
 
+/// Why a plugin name, version, setting, granted host or digest is refused. The messages say
+/// what was wanted and what was found; the state machine passes them on as
+/// [`crate::ApplyError::Invalid`], and the node and the CLI show them as they are.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PluginFieldError {
+    #[error("plugin name {name:?} is not valid: use 1 to {MAX_PLUGIN_NAME_CHARS} lowercase letters, digits and dashes, like \"github\"")]
+    InvalidName { name: String },
+    #[error("plugin version is required: {PLUGIN_VERSION_WANTED}")]
+    MissingVersion,
+    #[error("plugin version is {found_chars} characters; the most is {MAX_PLUGIN_VERSION_CHARS}")]
+    VersionTooLong { found_chars: usize },
+    #[error("plugin version {version:?} is not valid ({reason}): {PLUGIN_VERSION_WANTED}")]
+    InvalidVersion { version: String, reason: String },
+    #[error("plugin version {version:?} has build metadata (+{build}), which is not allowed: {PLUGIN_VERSION_WANTED}")]
+    VersionHasBuildMetadata { version: String, build: String },
+    #[error("settings: at most {MAX_PLUGIN_SETTINGS}, found {found}")]
+    TooManySettings { found: usize },
+    #[error("setting key {key:?}: 1 to {MAX_PLUGIN_SETTING_KEY_CHARS} of a-z, 0-9, '-', '_' and '.'")]
+    InvalidSettingKey { key: String },
+    #[error("setting {key}: at most {MAX_PLUGIN_SETTING_VALUE_BYTES} bytes, found {found_bytes}")]
+    SettingValueTooLong { key: String, found_bytes: usize },
+    #[error("setting {key}: the value contains control characters")]
+    SettingValueHasControlCharacters { key: String },
+    #[error("granted hosts: at most {MAX_GRANTED_HOSTS}, found {found}")]
+    TooManyGrantedHosts { found: usize },
+    #[error("granted host {host:?}: 1 to {MAX_GRANTED_HOST_CHARS} characters, found {found_chars}")]
+    GrantedHostLength { host: String, found_chars: usize },
+    #[error("granted host {host:?} contains white space or control characters")]
+    GrantedHostHasSpace { host: String },
+    #[error("sha256 {digest:?} is not 64 lowercase hex digits")]
+    InvalidSha256 { digest: String },
+}
+
+/// How a plugin version must be written, for the refusals that name it.
+const PLUGIN_VERSION_WANTED: &str = "use MAJOR.MINOR.PATCH, like \"1.2.0\" or \"1.2.0-rc.1\"";
+
 /// A plugin name: 1 to 64 lowercase letters, digits and dashes.
-pub fn validate_plugin_name(name: &str) -> Result<(), String> {
+pub fn validate_plugin_name(name: &str) -> Result<(), PluginFieldError> {
     let valid = !name.is_empty()
         && name.len() <= MAX_PLUGIN_NAME_CHARS
         && name
@@ -417,33 +453,31 @@ pub fn validate_plugin_name(name: &str) -> Result<(), String> {
     if valid {
         Ok(())
     } else {
-        Err(format!(
-            "plugin name {name:?} is not valid: use 1 to {MAX_PLUGIN_NAME_CHARS} lowercase letters, digits and dashes, like \"github\""
-        ))
+        Err(PluginFieldError::InvalidName { name: name.to_string() })
     }
 }
 
 /// A plugin version: semantic versioning `MAJOR.MINOR.PATCH`, with an optional pre-release
 /// (`1.0.0-rc.1`). Build metadata is refused: two versions that differ only in it would be the
 /// same version to semver, yet two records here.
-pub fn validate_plugin_version(version: &str) -> Result<(), String> {
-    let wanted = "use MAJOR.MINOR.PATCH, like \"1.2.0\" or \"1.2.0-rc.1\"";
+pub fn validate_plugin_version(version: &str) -> Result<(), PluginFieldError> {
     if version.is_empty() {
-        return Err(format!("plugin version is required: {wanted}"));
+        return Err(PluginFieldError::MissingVersion);
     }
     if version.len() > MAX_PLUGIN_VERSION_CHARS {
-        return Err(format!(
-            "plugin version is {} characters; the most is {MAX_PLUGIN_VERSION_CHARS}",
-            version.len()
-        ));
+        return Err(PluginFieldError::VersionTooLong {
+            found_chars: version.len(),
+        });
     }
-    let parsed = semver::Version::parse(version)
-        .map_err(|error| format!("plugin version {version:?} is not valid ({error}): {wanted}"))?;
+    let parsed = semver::Version::parse(version).map_err(|error| PluginFieldError::InvalidVersion {
+        version: version.to_string(),
+        reason: error.to_string(),
+    })?;
     if !parsed.build.is_empty() {
-        return Err(format!(
-            "plugin version {version:?} has build metadata (+{}), which is not allowed: {wanted}",
-            parsed.build
-        ));
+        return Err(PluginFieldError::VersionHasBuildMetadata {
+            version: version.to_string(),
+            build: parsed.build.to_string(),
+        });
     }
     Ok(())
 }
@@ -456,12 +490,9 @@ pub const MAX_PLUGIN_SETTING_KEY_CHARS: usize = 64;
 pub const MAX_PLUGIN_SETTING_VALUE_BYTES: usize = 4096;
 
 /// The bounds and syntax of one plugin name's settings.
-pub fn validate_plugin_settings(settings: &BTreeMap<String, String>) -> Result<(), String> {
+pub fn validate_plugin_settings(settings: &BTreeMap<String, String>) -> Result<(), PluginFieldError> {
     if settings.len() > MAX_PLUGIN_SETTINGS {
-        return Err(format!(
-            "settings: at most {MAX_PLUGIN_SETTINGS}, found {}",
-            settings.len()
-        ));
+        return Err(PluginFieldError::TooManySettings { found: settings.len() });
     }
     for (key, value) in settings {
         let key_ok = !key.is_empty()
@@ -470,18 +501,16 @@ pub fn validate_plugin_settings(settings: &BTreeMap<String, String>) -> Result<(
                 .chars()
                 .all(|character| matches!(character, 'a'..='z' | '0'..='9' | '-' | '_' | '.'));
         if !key_ok {
-            return Err(format!(
-                "setting key {key:?}: 1 to {MAX_PLUGIN_SETTING_KEY_CHARS} of a-z, 0-9, '-', '_' and '.'"
-            ));
+            return Err(PluginFieldError::InvalidSettingKey { key: key.clone() });
         }
         if value.len() > MAX_PLUGIN_SETTING_VALUE_BYTES {
-            return Err(format!(
-                "setting {key}: at most {MAX_PLUGIN_SETTING_VALUE_BYTES} bytes, found {}",
-                value.len()
-            ));
+            return Err(PluginFieldError::SettingValueTooLong {
+                key: key.clone(),
+                found_bytes: value.len(),
+            });
         }
         if value.chars().any(char::is_control) {
-            return Err(format!("setting {key}: the value contains control characters"));
+            return Err(PluginFieldError::SettingValueHasControlCharacters { key: key.clone() });
         }
     }
     Ok(())
@@ -489,34 +518,29 @@ pub fn validate_plugin_settings(settings: &BTreeMap<String, String>) -> Result<(
 
 /// The bounds of a granted-host list; the host syntax itself is checked where the hosts are
 /// used (the node checks them as egress host patterns before writing).
-pub fn validate_granted_hosts(hosts: &[String]) -> Result<(), String> {
+pub fn validate_granted_hosts(hosts: &[String]) -> Result<(), PluginFieldError> {
     if hosts.len() > MAX_GRANTED_HOSTS {
-        return Err(format!(
-            "granted hosts: at most {MAX_GRANTED_HOSTS}, found {}",
-            hosts.len()
-        ));
+        return Err(PluginFieldError::TooManyGrantedHosts { found: hosts.len() });
     }
     for host in hosts {
         if host.is_empty() || host.len() > MAX_GRANTED_HOST_CHARS {
-            return Err(format!(
-                "granted host {host:?}: 1 to {MAX_GRANTED_HOST_CHARS} characters, found {}",
-                host.len()
-            ));
+            return Err(PluginFieldError::GrantedHostLength {
+                host: host.clone(),
+                found_chars: host.len(),
+            });
         }
         if host
             .chars()
             .any(|character| character.is_whitespace() || character.is_control())
         {
-            return Err(format!(
-                "granted host {host:?} contains white space or control characters"
-            ));
+            return Err(PluginFieldError::GrantedHostHasSpace { host: host.clone() });
         }
     }
     Ok(())
 }
 
 /// A SHA-256 digest as lowercase hex.
-pub fn validate_sha256_hex(digest: &str) -> Result<(), String> {
+pub fn validate_sha256_hex(digest: &str) -> Result<(), PluginFieldError> {
     if digest.len() == 64
         && digest
             .chars()
@@ -524,7 +548,9 @@ pub fn validate_sha256_hex(digest: &str) -> Result<(), String> {
     {
         Ok(())
     } else {
-        Err(format!("sha256 {digest:?} is not 64 lowercase hex digits"))
+        Err(PluginFieldError::InvalidSha256 {
+            digest: digest.to_string(),
+        })
     }
 }
 

@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    AgentId, AgentRecord, AgentSpec, AgentStatus, Epoch, EventKind, NodeId, NodeInfo, NodeRecord, PluginKind,
-    PluginRecord, Role, UploadId,
+    AgentId, AgentRecord, AgentSpec, AgentStatus, Epoch, EventKind, NodeId, NodeInfo, NodeRecord, PluginFieldError,
+    PluginKind, PluginRecord, Role, UploadId,
 };
 
 /// Largest checkpoint a turn may record (compressed).
@@ -13,7 +13,7 @@ pub const MAX_CHECKPOINT_BYTES: usize = 512 * 1024;
 pub const MAX_EVENTS_PER_TURN: usize = 512;
 
 /// Largest chunk of plugin bytes in one `PutPluginChunk`, so that a chunk fits a Raft batch
-/// (`replica::MAX_BATCH_BYTES`, 1 MiB) with room to spare.
+/// (`flotilla_raft::replica::MAX_BATCH_BYTES`, 1 MiB) with room to spare.
 pub const MAX_PLUGIN_CHUNK_BYTES: usize = 512 * 1024;
 /// Largest plugin (one version's whole component).
 pub const MAX_PLUGIN_BYTES: usize = 32 * 1024 * 1024;
@@ -43,10 +43,16 @@ pub struct Request {
 }
 
 impl Request {
+    /// A request stamped with the proposer's clock: the one place a time enters the state.
     pub fn new(command: Command) -> Request {
+        Request::at(now_ms(), command)
+    }
+
+    /// A request stamped with `at_ms`, for tests and replays that fix the time.
+    pub fn at(at_ms: u64, command: Command) -> Request {
         Request {
             version: COMMAND_VERSION,
-            at_ms: now_ms(),
+            at_ms,
             command,
         }
     }
@@ -58,6 +64,7 @@ impl std::fmt::Display for Request {
     }
 }
 
+/// Milliseconds since the Unix epoch by this machine's clock (0 if the clock is before it).
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -330,6 +337,12 @@ fn event_bytes(event: &EventKind) -> usize {
         EventKind::TurnFinished { .. } => 0,
         EventKind::PullRequestOpened { url, provider, .. } => url.len() + provider.len(),
         EventKind::PullRequestFailed { provider, error } => provider.len() + error.len(),
+    }
+}
+
+impl From<PluginFieldError> for ApplyError {
+    fn from(error: PluginFieldError) -> ApplyError {
+        ApplyError::Invalid(error.to_string())
     }
 }
 

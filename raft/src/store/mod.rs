@@ -1,0 +1,119 @@
+//! openraft storage on RocksDB: the log store and the state machine are separate
+//! implementations over one database (separate column families), so that a log flush and a
+//! state-machine write share one write-ahead log.
+//!
+//! Log entries are written to RocksDB at once (readable for replication) and made durable by a
+//! flusher thread that syncs the write-ahead log and only then tells openraft they are flushed,
+//! so no client is answered before its entry is on disk. Every append that arrives while a sync
+//! runs is covered by the next one: one fsync per group of appends (group commit).
+//!
+//! The state machine keeps the whole [`ClusterState`](crate::ClusterState) in memory for reads
+//! and writes every record an entry touched to RocksDB in the same batch as the applied log id
+//! (unsynced: the log is the durable source, and the WAL is synced before any log is purged).
+//!
+//! - `log_store`: openraft's log (entries, vote, committed and purged marks);
+//! - `flusher`: the thread that syncs the write-ahead log for groups of appends;
+//! - `state_machine`: the in-memory state, applying committed entries with
+//!   [`flotilla_state::apply`], and the readers the node serves from;
+//! - `state_layout`: how the state's records are keyed in the state column family, written and
+//!   loaded;
+//! - `snapshot`: building, storing and installing snapshots of the whole state.
+
+// openraft's storage traits return `StorageError` by value; the helpers here return what the
+// traits return.
+#![allow(clippy::result_large_err)]
+
+mod flusher;
+mod log_store;
+mod snapshot;
+mod state_layout;
+mod state_machine;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::{AnyError, StorageError};
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+pub use flusher::MAX_APPENDS_AWAITING_SYNC;
+pub use log_store::LogStore;
+pub use state_machine::{Machine, StateMachineStore, StateReader};
+
+const CF_LOG: &str = "log";
+const CF_LOG_META: &str = "log_meta";
+const CF_STATE: &str = "state";
+const CF_SNAPSHOT: &str = "snapshot";
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"last_purged";
+const KEY_APPLIED: &[u8] = b"m/applied";
+const KEY_MEMBERSHIP: &[u8] = b"m/membership";
+const KEY_HIGHEST_NODE_ID: &[u8] = b"m/highest_node_id";
+const KEY_REPO_SNAPSHOTS: &[u8] = b"m/repo_snapshots";
+const KEY_PLUGIN_SETTINGS: &[u8] = b"m/plugin_settings";
+const KEY_SNAPSHOT: &[u8] = b"current";
+
+/// How many applied events a lagging watcher may fall behind before it re-reads from the state.
+pub const EVENT_BROADCAST_CAPACITY: usize = 4096;
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("data dir {dir} is in use by another flotilla process (rocksdb: {message})")]
+    InUse { dir: String, message: String },
+    #[error("cannot open the database in {dir}: {message}")]
+    Database { dir: String, message: String },
+    #[error("cannot decode stored record {key}: {message}")]
+    Decode { key: String, message: String },
+}
+
+/// Opens (or creates) the node's database and loads the state machine into memory.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let families = [CF_LOG, CF_LOG_META, CF_STATE, CF_SNAPSHOT]
+        .into_iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let db = DB::open_cf_descriptors(&options, dir, families).map_err(|error| {
+        let message = error.to_string();
+        if message.contains("lock") {
+            OpenError::InUse {
+                dir: dir.display().to_string(),
+                message,
+            }
+        } else {
+            OpenError::Database {
+                dir: dir.display().to_string(),
+                message,
+            }
+        }
+    })?;
+    let db = Arc::new(db);
+    let machine = StateMachineStore::load(db.clone())?;
+    let flusher = flusher::spawn_flusher(Arc::downgrade(&db))?;
+    Ok((LogStore::new(db, flusher), machine))
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("serialising to memory cannot fail")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T, OpenError> {
+    postcard::from_bytes(bytes).map_err(|error| OpenError::Decode {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: error.to_string(),
+    })
+}
+
+fn any(error: impl std::error::Error + 'static) -> AnyError {
+    AnyError::new(&error)
+}

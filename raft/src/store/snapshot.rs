@@ -1,0 +1,166 @@
+//! Snapshots: the whole state and its log position, encoded with postcard. A built or installed
+//! snapshot is kept (synced) in the `snapshot` column family, so a lagging follower can be sent
+//! it; installing one replaces every record of the state column family in one batch.
+
+use std::io::Cursor;
+use std::sync::atomic::Ordering;
+
+use openraft::{LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError, StoredMembership};
+use rocksdb::{WriteBatch, WriteOptions};
+use serde::{Deserialize, Serialize};
+
+use super::state_machine::{Machine, StateMachineStore};
+use super::{any, decode, encode, StorageResult, CF_SNAPSHOT, CF_STATE, KEY_SNAPSHOT};
+use crate::types::NodeId;
+use crate::{Changes, ClusterState, NodeAddr, TypeConfig};
+
+/// What a snapshot carries: the whole state and the log position it stands for.
+#[derive(Serialize, Deserialize)]
+pub(super) struct SnapshotBody {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, NodeAddr>,
+    state: ClusterState,
+}
+
+/// [`SnapshotBody`] borrowed from the machine; it encodes to the same bytes.
+#[derive(Serialize)]
+struct SnapshotBodyRef<'a> {
+    last_applied: &'a Option<LogId<NodeId>>,
+    membership: &'a StoredMembership<NodeId, NodeAddr>,
+    state: &'a ClusterState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, NodeAddr>,
+    data: Vec<u8>,
+}
+
+impl StateMachineStore {
+    fn stored_snapshot(&self) -> StorageResult<Option<StoredSnapshot>> {
+        let bytes = self
+            .db
+            .get_cf(self.cf(CF_SNAPSHOT), KEY_SNAPSHOT)
+            .map_err(|error| StorageIOError::read_snapshot(None, any(error)))?;
+        match bytes {
+            None => Ok(None),
+            Some(bytes) => decode(KEY_SNAPSHOT, &bytes)
+                .map(Some)
+                .map_err(|error| StorageIOError::read_snapshot(None, any(error)).into()),
+        }
+    }
+
+    /// The snapshot last built or installed, if any.
+    pub(super) fn current_snapshot(&self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        Ok(self.stored_snapshot()?.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+
+    /// Installs a snapshot received from the leader: its state replaces this node's, and it
+    /// becomes the snapshot this node holds.
+    pub(super) fn install_snapshot_data(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        data: Vec<u8>,
+    ) -> StorageResult<()> {
+        let body: SnapshotBody = postcard::from_bytes(&data)
+            .map_err(|error| StorageIOError::read_snapshot(Some(meta.signature()), any(error)))?;
+        self.replace_state(body)?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_SNAPSHOT), KEY_SNAPSHOT, encode(&stored), &options)
+            .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), any(error)))?;
+        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        Ok(())
+    }
+
+    /// Replaces the whole state (snapshot install) in one batch.
+    fn replace_state(&self, body: SnapshotBody) -> StorageResult<()> {
+        let mut machine = self.machine.write().expect("state lock poisoned");
+        let mut state = body.state;
+        state.rebuild_indexes();
+        *machine = Machine {
+            state,
+            last_applied: body.last_applied,
+            membership: body.membership,
+        };
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_STATE);
+        batch.delete_range_cf(cf, [0u8].as_slice(), [0xffu8; 16].as_slice());
+        let mut changes = Changes::default();
+        changes.agents.extend(machine.state.agents.keys().copied());
+        changes.nodes.extend(machine.state.nodes.keys().copied());
+        changes.tokens.extend(machine.state.tokens.keys().cloned());
+        changes.checkpoints.extend(machine.state.checkpoints.keys().copied());
+        changes.plugins.extend(machine.state.plugins.keys().cloned());
+        changes
+            .plugin_chunks
+            .extend(machine.state.plugin_chunks.keys().cloned());
+        changes
+            .plugin_uploads
+            .extend(machine.state.plugin_uploads.keys().copied());
+        changes
+            .upload_chunks
+            .extend(machine.state.upload_chunks.keys().copied());
+        changes
+            .new_events
+            .extend(machine.state.events.values().flatten().cloned());
+        changes.meta = true;
+        self.persist_changes(&mut batch, &machine, &changes);
+        self.db
+            .write(batch)
+            .map_err(|error| StorageIOError::write_state_machine(any(error)))?;
+        self.db
+            .flush_wal(true)
+            .map_err(|error| StorageIOError::write_state_machine(any(error)))?;
+        let index = machine.last_applied.map(|log_id| log_id.index).unwrap_or(0);
+        drop(machine);
+        self.applied_sender.send_replace(index);
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (data, last_applied, membership) = {
+            let machine = self.machine.read().expect("state lock poisoned");
+            // Encoded from a borrow: cloning the state first would copy every plugin's bytes.
+            let body = SnapshotBodyRef {
+                last_applied: &machine.last_applied,
+                membership: &machine.membership,
+                state: &machine.state,
+            };
+            (encode(&body), machine.last_applied, machine.membership.clone())
+        };
+        let sequence = self.snapshot_sequence.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(log_id) => format!("{}-{}-{}", log_id.leader_id.term, log_id.index, sequence),
+            None => format!("empty-{sequence}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_SNAPSHOT), KEY_SNAPSHOT, encode(&stored), &options)
+            .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), any(error)))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}

@@ -1,0 +1,232 @@
+//! How the state machine's records sit in the `state` column family: one key per record,
+//! prefixed by its kind (`a/` agents, `e/` events, `n/` nodes, `t/` tokens, `c/` checkpoints,
+//! `p/` plugins, `q/` plugin chunks, `u/` uploads, `v/` staged chunks, `m/` cluster-wide
+//! values), written for the keys an applied entry touched and read back whole at open.
+
+use openraft::{LogId, StoredMembership};
+use rocksdb::{IteratorMode, WriteBatch, DB};
+
+use super::state_machine::{Machine, StateMachineStore};
+use super::{
+    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_MEMBERSHIP, KEY_PLUGIN_SETTINGS,
+    KEY_REPO_SNAPSHOTS,
+};
+use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
+use crate::{Changes, ClusterState, NodeAddr};
+
+/// What the state column family holds: the state's records (indexes not yet rebuilt), the
+/// applied position and the membership.
+pub(super) struct StoredState {
+    pub state: ClusterState,
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, NodeAddr>,
+}
+
+/// Reads every record of the state column family.
+pub(super) fn load_state(db: &DB) -> Result<StoredState, OpenError> {
+    let cf = db.cf_handle(CF_STATE).expect("column family created at open");
+    let mut state = ClusterState::default();
+    let mut last_applied = None;
+    let mut membership = StoredMembership::default();
+    for item in db.iterator_cf(cf, IteratorMode::Start) {
+        let (key, value) = item.map_err(|error| OpenError::Database {
+            dir: db.path().display().to_string(),
+            message: error.to_string(),
+        })?;
+        match key.first() {
+            Some(b'a') => {
+                let record: crate::types::AgentRecord = decode(&key, &value)?;
+                state.agents.insert(record.id, record);
+            }
+            Some(b'e') => {
+                let event: DurableEvent = decode(&key, &value)?;
+                state.events.entry(event.agent).or_default().push_back(event);
+            }
+            Some(b'n') => {
+                let record: crate::types::NodeRecord = decode(&key, &value)?;
+                state.nodes.insert(record.id, record);
+            }
+            Some(b't') => {
+                let record: crate::types::TokenRecord = decode(&key, &value)?;
+                state.tokens.insert(record.sha256_hex.clone(), record);
+            }
+            Some(b'c') if key.len() == 18 => {
+                let checkpoint: crate::types::Checkpoint = decode(&key, &value)?;
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&key[2..]);
+                state
+                    .checkpoints
+                    .insert(AgentId(ulid::Ulid::from_bytes(id)), checkpoint);
+            }
+            Some(b'p') => {
+                let record: crate::types::PluginRecord = decode(&key, &value)?;
+                state.plugins.insert(record.key(), record);
+            }
+            Some(b'q') => {
+                let (plugin, index) = parse_plugin_chunk_key(&key)?;
+                state.plugin_chunks.insert((plugin, index), value.to_vec());
+            }
+            Some(b'u') => {
+                let record: crate::types::PluginUpload = decode(&key, &value)?;
+                state.plugin_uploads.insert(record.id, record);
+            }
+            Some(b'v') if key.len() == 22 => {
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&key[2..18]);
+                let index = u32::from_be_bytes(key[18..22].try_into().expect("four bytes"));
+                state
+                    .upload_chunks
+                    .insert((UploadId(ulid::Ulid::from_bytes(id)), index), value.to_vec());
+            }
+            _ if key.as_ref() == KEY_APPLIED => last_applied = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_MEMBERSHIP => membership = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_HIGHEST_NODE_ID => state.highest_node_id = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_REPO_SNAPSHOTS => state.repo_snapshots = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_PLUGIN_SETTINGS => state.plugin_settings = decode(&key, &value)?,
+            _ => {}
+        }
+    }
+    Ok(StoredState {
+        state,
+        last_applied,
+        membership,
+    })
+}
+
+impl StateMachineStore {
+    /// Writes into `batch` every record `changes` names, as it is in `machine` (deleting those
+    /// that are gone), and the applied position.
+    pub(super) fn persist_changes(&self, batch: &mut WriteBatch, machine: &Machine, changes: &Changes) {
+        let cf = self.cf(CF_STATE);
+        for id in &changes.agents {
+            let key = agent_key(*id);
+            match machine.state.agents.get(id) {
+                Some(record) => batch.put_cf(cf, key, encode(record)),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        for event in &changes.new_events {
+            batch.put_cf(cf, event_key(event.agent, event.sequence), encode(event));
+        }
+        for (agent, sequence) in &changes.trimmed_events {
+            batch.delete_cf(cf, event_key(*agent, *sequence));
+        }
+        for id in &changes.checkpoints {
+            let key = checkpoint_key(*id);
+            match machine.state.checkpoints.get(id) {
+                Some(checkpoint) => batch.put_cf(cf, key, encode(checkpoint)),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        for id in &changes.nodes {
+            let key = node_key(*id);
+            match machine.state.nodes.get(id) {
+                Some(record) => batch.put_cf(cf, key, encode(record)),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        for hash in &changes.tokens {
+            let key = [b"t/".as_slice(), hash.as_bytes()].concat();
+            match machine.state.tokens.get(hash) {
+                Some(record) => batch.put_cf(cf, key, encode(record)),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        // Chunks are stored raw, not postcard-encoded: they are bytes already, and up to half a
+        // MiB each.
+        for key in &changes.plugins {
+            let stored_key = plugin_key(key);
+            match machine.state.plugins.get(key) {
+                Some(record) => batch.put_cf(cf, stored_key, encode(record)),
+                None => batch.delete_cf(cf, stored_key),
+            }
+        }
+        for (key, index) in &changes.plugin_chunks {
+            let stored_key = plugin_chunk_key(key, *index);
+            match machine.state.plugin_chunks.get(&(key.clone(), *index)) {
+                Some(bytes) => batch.put_cf(cf, stored_key, bytes),
+                None => batch.delete_cf(cf, stored_key),
+            }
+        }
+        for id in &changes.plugin_uploads {
+            let stored_key = upload_key(*id);
+            match machine.state.plugin_uploads.get(id) {
+                Some(record) => batch.put_cf(cf, stored_key, encode(record)),
+                None => batch.delete_cf(cf, stored_key),
+            }
+        }
+        for (id, index) in &changes.upload_chunks {
+            let stored_key = upload_chunk_key(*id, *index);
+            match machine.state.upload_chunks.get(&(*id, *index)) {
+                Some(bytes) => batch.put_cf(cf, stored_key, bytes),
+                None => batch.delete_cf(cf, stored_key),
+            }
+        }
+        if changes.meta {
+            batch.put_cf(cf, KEY_HIGHEST_NODE_ID, encode(&machine.state.highest_node_id));
+            batch.put_cf(cf, KEY_REPO_SNAPSHOTS, encode(&machine.state.repo_snapshots));
+            batch.put_cf(cf, KEY_PLUGIN_SETTINGS, encode(&machine.state.plugin_settings));
+        }
+        batch.put_cf(cf, KEY_APPLIED, encode(&machine.last_applied));
+        batch.put_cf(cf, KEY_MEMBERSHIP, encode(&machine.membership));
+    }
+}
+
+pub(super) fn agent_key(id: AgentId) -> Vec<u8> {
+    [b"a/".as_slice(), &id.0.to_bytes()].concat()
+}
+
+pub(super) fn checkpoint_key(id: AgentId) -> Vec<u8> {
+    [b"c/".as_slice(), &id.0.to_bytes()].concat()
+}
+
+pub(super) fn event_key(agent: AgentId, sequence: u64) -> Vec<u8> {
+    [b"e/".as_slice(), &agent.0.to_bytes(), &sequence.to_be_bytes()].concat()
+}
+
+pub(super) fn node_key(id: NodeId) -> Vec<u8> {
+    [b"n/".as_slice(), &id.to_be_bytes()].concat()
+}
+
+// Plugin names and versions never hold a NUL (names are lowercase letters, digits and dashes;
+// versions are semver), so NUL separates them in keys.
+pub(super) fn plugin_key(key: &PluginKey) -> Vec<u8> {
+    [b"p/".as_slice(), key.name.as_bytes(), &[0], key.version.as_bytes()].concat()
+}
+
+pub(super) fn plugin_chunk_key(key: &PluginKey, index: u32) -> Vec<u8> {
+    [
+        b"q/".as_slice(),
+        key.name.as_bytes(),
+        &[0],
+        key.version.as_bytes(),
+        &[0],
+        &index.to_be_bytes(),
+    ]
+    .concat()
+}
+
+pub(super) fn parse_plugin_chunk_key(key: &[u8]) -> Result<(PluginKey, u32), OpenError> {
+    let malformed = || OpenError::Decode {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: "not a plugin chunk key (q/NAME\\0VERSION\\0INDEX)".to_string(),
+    };
+    let body = key.strip_prefix(b"q/").ok_or_else(malformed)?;
+    if body.len() < 5 || body[body.len() - 5] != 0 {
+        return Err(malformed());
+    }
+    let (identity, index) = body.split_at(body.len() - 5);
+    let index = u32::from_be_bytes(index[1..].try_into().map_err(|_| malformed())?);
+    let separator = identity.iter().position(|byte| *byte == 0).ok_or_else(malformed)?;
+    let name = std::str::from_utf8(&identity[..separator]).map_err(|_| malformed())?;
+    let version = std::str::from_utf8(&identity[separator + 1..]).map_err(|_| malformed())?;
+    Ok((PluginKey::new(name, version), index))
+}
+
+pub(super) fn upload_key(id: UploadId) -> Vec<u8> {
+    [b"u/".as_slice(), &id.0.to_bytes()].concat()
+}
+
+pub(super) fn upload_chunk_key(id: UploadId, index: u32) -> Vec<u8> {
+    [b"v/".as_slice(), &id.0.to_bytes(), &index.to_be_bytes()].concat()
+}

@@ -1,0 +1,173 @@
+//! The state machine: the whole [`ClusterState`] in memory behind a lock, applied to by
+//! openraft with [`flotilla_state::apply`] for each committed entry, and read by the node's
+//! services and actors through [`StateReader`]s. Each applied group of entries is written to
+//! the state column family in one batch with its applied position.
+
+use std::io::Cursor;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use flotilla_state::apply;
+use openraft::storage::RaftStateMachine;
+use openraft::{Entry, EntryPayload, LogId, OptionalSend, Snapshot, SnapshotMeta, StorageIOError, StoredMembership};
+use rocksdb::{WriteBatch, DB};
+use tokio::sync::{broadcast, watch};
+
+use super::state_layout::{load_state, StoredState};
+use super::{any, OpenError, StorageResult, EVENT_BROADCAST_CAPACITY};
+use crate::types::{AgentId, DurableEvent, NodeId};
+use crate::{ApplyResult, Changes, ClusterState, NodeAddr, Response, TypeConfig};
+
+/// The in-memory state plus its applied position, shared with readers.
+pub struct Machine {
+    pub state: ClusterState,
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, NodeAddr>,
+}
+
+/// Read access to the state machine for services and actors.
+#[derive(Clone)]
+pub struct StateReader {
+    machine: Arc<RwLock<Machine>>,
+    applied: watch::Receiver<u64>,
+    events: broadcast::Sender<DurableEvent>,
+}
+
+impl StateReader {
+    /// Runs `read` against the current state; keep it short (it holds a read lock).
+    pub fn read<T>(&self, read: impl FnOnce(&ClusterState) -> T) -> T {
+        let machine = self.machine.read().expect("state lock poisoned");
+        read(&machine.state)
+    }
+
+    pub fn last_applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Changes whenever entries are applied.
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// Every durable event as it is applied (bounded; a receiver that lags re-reads the state).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<DurableEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn agent_events_after(&self, agent: AgentId, after: u64) -> Vec<DurableEvent> {
+        self.read(|state| state.events_after(agent, after))
+    }
+}
+
+#[derive(Clone)]
+pub struct StateMachineStore {
+    pub(super) db: Arc<DB>,
+    pub(super) machine: Arc<RwLock<Machine>>,
+    pub(super) applied_sender: Arc<watch::Sender<u64>>,
+    events: broadcast::Sender<DurableEvent>,
+    pub(super) snapshot_sequence: Arc<AtomicU64>,
+}
+
+impl StateMachineStore {
+    pub(super) fn load(db: Arc<DB>) -> Result<StateMachineStore, OpenError> {
+        let StoredState {
+            mut state,
+            last_applied,
+            membership,
+        } = load_state(&db)?;
+        state.rebuild_indexes();
+        let applied_index = last_applied.map(|log_id: LogId<NodeId>| log_id.index).unwrap_or(0);
+        let (applied_sender, _) = watch::channel(applied_index);
+        let (events, _) = broadcast::channel(EVENT_BROADCAST_CAPACITY);
+        Ok(StateMachineStore {
+            db,
+            machine: Arc::new(RwLock::new(Machine {
+                state,
+                last_applied,
+                membership,
+            })),
+            applied_sender: Arc::new(applied_sender),
+            events,
+            snapshot_sequence: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn reader(&self) -> StateReader {
+        StateReader {
+            machine: self.machine.clone(),
+            applied: self.applied_sender.subscribe(),
+            events: self.events.clone(),
+        }
+    }
+
+    pub(super) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeAddr>)> {
+        let machine = self.machine.read().expect("state lock poisoned");
+        Ok((machine.last_applied, machine.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<ApplyResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut results = Vec::new();
+        let mut changes = Changes::default();
+        let mut batch = WriteBatch::default();
+        let index = {
+            let mut machine = self.machine.write().expect("state lock poisoned");
+            for entry in entries {
+                machine.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => results.push(Ok(Response::Done)),
+                    EntryPayload::Normal(request) => {
+                        let result = apply(&mut machine.state, &mut changes, &request);
+                        results.push(result);
+                    }
+                    EntryPayload::Membership(membership) => {
+                        machine.membership = StoredMembership::new(Some(entry.log_id), membership);
+                        results.push(Ok(Response::Done));
+                    }
+                }
+            }
+            self.persist_changes(&mut batch, &machine, &changes);
+            machine.last_applied.map(|log_id| log_id.index).unwrap_or(0)
+        };
+        let db = self.db.clone();
+        tokio::task::block_in_place(|| db.write(batch))
+            .map_err(|error| StorageIOError::write_state_machine(any(error)))?;
+        for event in changes.new_events {
+            // No receivers is normal.
+            let _ = self.events.send(event);
+        }
+        self.applied_sender.send_replace(index);
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        self.install_snapshot_data(meta, snapshot.into_inner())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        self.current_snapshot()
+    }
+}

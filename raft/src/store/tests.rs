@@ -1,0 +1,457 @@
+//! Tests of the RocksDB storage: what is applied or installed is what a reopened store loads.
+
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, RaftLogReader, RaftSnapshotBuilder};
+use rocksdb::WriteBatch;
+
+use super::log_store::log_key;
+use super::{encode, open, StateMachineStore, CF_LOG, CF_STATE};
+use crate::command::{AssignOne, Command, Request, Response, COMMAND_VERSION};
+use crate::types::{AgentId, AgentSpec, AgentStatus, Checkpoint, Epoch, EventKind, NodeInfo, PluginKey, UploadId};
+use crate::TypeConfig;
+
+fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Request {
+            version: COMMAND_VERSION,
+            at_ms: 1_000 + index,
+            command,
+        }),
+    }
+}
+
+fn membership_entry(index: u64) -> Entry<TypeConfig> {
+    let mut nodes = std::collections::BTreeMap::new();
+    nodes.insert(1, crate::NodeAddr::default());
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Membership(Membership::new(vec![[1].into_iter().collect()], nodes)),
+    }
+}
+
+fn create(id: AgentId) -> Command {
+    Command::CreateAgent {
+        id,
+        spec: AgentSpec {
+            name: "n".into(),
+            prompt: "p".into(),
+            repository: "https://example.com/r.git".into(),
+            ..Default::default()
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_state_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [AgentId::new(), AgentId::new()];
+    let expected = {
+        let (_, mut machine) = open(dir.path()).unwrap();
+        let results = machine
+            .apply(vec![
+                membership_entry(1),
+                entry(
+                    2,
+                    Command::RegisterNode {
+                        node: 1,
+                        info: NodeInfo {
+                            slots: 2,
+                            ..Default::default()
+                        },
+                    },
+                ),
+                entry(3, create(ids[0])),
+                entry(4, create(ids[1])),
+                entry(
+                    5,
+                    Command::StopAgent {
+                        agent: ids[0],
+                        reason: "r".into(),
+                    },
+                ),
+                entry(
+                    6,
+                    Command::StopAgent {
+                        agent: ids[0],
+                        reason: "again".into(),
+                    },
+                ),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(results.len(), 6);
+        assert!(matches!(results[2], Ok(Response::Agent(_))));
+        assert!(results[5].is_err(), "stopping twice is refused");
+        assert_eq!(machine.reader().last_applied_index(), 6);
+        machine.reader().read(|state| state.clone())
+    };
+    let (_, mut reopened) = open(dir.path()).unwrap();
+    let (applied, membership) = reopened.applied_state().await.unwrap();
+    assert_eq!(applied.map(|log_id| log_id.index), Some(6));
+    assert!(membership.membership().voter_ids().any(|id| id == 1));
+    let state = reopened.reader().read(|state| state.clone());
+    assert_eq!(state, expected);
+    assert_eq!(state.events_after(ids[0], 0).len(), 2);
+    assert!(state.pending.contains(&ids[1]), "indexes are rebuilt on load");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_installs_the_same_state_elsewhere() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let (_, mut source) = open(source_dir.path()).unwrap();
+    source
+        .apply(vec![membership_entry(1), entry(2, create(AgentId::new()))])
+        .await
+        .unwrap();
+    let snapshot = source.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snapshot.meta.last_log_id.map(|log_id| log_id.index), Some(2));
+
+    let (_, mut target) = open(target_dir.path()).unwrap();
+    target.apply(vec![entry(1, create(AgentId::new()))]).await.unwrap();
+    target
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    let expected = source.reader().read(|state| state.clone());
+    assert_eq!(target.reader().read(|state| state.clone()), expected);
+    let held = target
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("a snapshot is held");
+    assert_eq!(held.meta.last_log_id.map(|log_id| log_id.index), Some(2));
+    drop(target);
+    let (_, reopened) = open(target_dir.path()).unwrap();
+    assert_eq!(
+        reopened.reader().read(|state| state.clone()),
+        expected,
+        "the installed state is what is on disk"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_entries_round_trip_and_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(dir.path()).unwrap();
+    let entries: Vec<Entry<TypeConfig>> = (1..=5).map(|index| entry(index, create(AgentId::new()))).collect();
+    let mut batch = WriteBatch::default();
+    for entry in &entries {
+        batch.put_cf(log.cf(CF_LOG), log_key(entry.log_id.index), encode(entry));
+    }
+    log.db.write(batch).unwrap();
+    assert_eq!(log.try_get_log_entries(2..4).await.unwrap(), entries[1..3].to_vec());
+    log.purge(entries[2].log_id).await.unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(entries[2].log_id));
+    assert_eq!(state.last_log_id, Some(entries[4].log_id));
+    assert_eq!(log.try_get_log_entries(0..10).await.unwrap(), entries[3..].to_vec());
+    log.truncate(entries[4].log_id).await.unwrap();
+    assert_eq!(log.try_get_log_entries(0..10).await.unwrap(), entries[3..4].to_vec());
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_purged_log_id,
+        Some(entries[2].log_id),
+        "a truncate keeps the purge mark"
+    );
+}
+
+/// Entries from `first_index` on that register node 1, run agent `id` there under epoch 1
+/// and record its first turn with `checkpoint`.
+fn first_turn_entries(first_index: u64, id: AgentId, checkpoint: &[u8]) -> Vec<Entry<TypeConfig>> {
+    let commands = vec![
+        Command::RegisterNode {
+            node: 1,
+            info: NodeInfo {
+                slots: 2,
+                ..Default::default()
+            },
+        },
+        create(id),
+        Command::AssignAgents {
+            assignments: vec![AssignOne {
+                agent: id,
+                node: 1,
+                epoch: Epoch(1),
+            }],
+        },
+        Command::SetAgentStatus {
+            agent: id,
+            node: 1,
+            epoch: Epoch(1),
+            status: AgentStatus::Running,
+            reason: "started".into(),
+            summary: None,
+            error: None,
+        },
+        Command::RecordTurn {
+            agent: id,
+            node: 1,
+            epoch: Epoch(1),
+            turn: 1,
+            follow_ups_delivered: 0,
+            head_commit: Some("abc123".into()),
+            scripted: true,
+            checkpoint: checkpoint.to_vec(),
+            events: vec![EventKind::TurnFinished {
+                turn: 1,
+                input_tokens: 1,
+                output_tokens: 1,
+                tool_calls: 0,
+                model_ms: 1,
+                tools_ms: 0,
+            }],
+        },
+    ];
+    commands
+        .into_iter()
+        .zip(first_index..)
+        .map(|(command, index)| entry(index, command))
+        .collect()
+}
+
+async fn apply_all(machine: &mut StateMachineStore, entries: Vec<Entry<TypeConfig>>) {
+    let results = machine.apply(entries).await.unwrap();
+    for result in results {
+        let took_effect = match &result {
+            Ok(Response::Assigned(ids)) => !ids.is_empty(),
+            other => other.is_ok(),
+        };
+        assert!(took_effect, "every entry of the test takes effect: {result:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_checkpoint_survives_a_reopen_and_is_replaced_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = AgentId::new();
+    {
+        let (_, mut machine) = open(dir.path()).unwrap();
+        let mut entries = vec![membership_entry(1)];
+        entries.extend(first_turn_entries(2, id, b"conversation after turn 1"));
+        apply_all(&mut machine, entries).await;
+    }
+    let (_, mut reopened) = open(dir.path()).unwrap();
+    let checkpoint = reopened.reader().read(|state| state.checkpoints.get(&id).cloned());
+    assert_eq!(
+        checkpoint,
+        Some(Checkpoint {
+            turn: 1,
+            at_ms: 1_006,
+            head_commit: Some("abc123".into()),
+            data: b"conversation after turn 1".to_vec(),
+        })
+    );
+    let agent = reopened.reader().read(|state| state.agents[&id].clone());
+    assert_eq!(agent.turns, 1);
+
+    let second = Command::RecordTurn {
+        agent: id,
+        node: 1,
+        epoch: Epoch(1),
+        turn: 2,
+        follow_ups_delivered: 0,
+        head_commit: None,
+        scripted: true,
+        checkpoint: b"conversation after turn 2".to_vec(),
+        events: Vec::new(),
+    };
+    apply_all(&mut reopened, vec![entry(7, second)]).await;
+    let expected = reopened.reader().read(|state| state.clone());
+    drop(reopened);
+    let (_, again) = open(dir.path()).unwrap();
+    let state = again.reader().read(|state| state.clone());
+    assert_eq!(state.checkpoints.len(), 1, "one checkpoint per agent is kept");
+    assert_eq!(state.checkpoints[&id].turn, 2);
+    assert_eq!(state, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_travels_in_a_snapshot_and_replaces_the_receivers() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let id = AgentId::new();
+    let (_, mut source) = open(source_dir.path()).unwrap();
+    let mut entries = vec![membership_entry(1)];
+    entries.extend(first_turn_entries(2, id, b"from the source"));
+    apply_all(&mut source, entries).await;
+    let snapshot = source.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let expected = source.reader().read(|state| state.clone());
+    assert!(expected.checkpoints.contains_key(&id));
+
+    // The receiver has a checkpoint of its own, for an agent the snapshot does not know.
+    let stale = AgentId::new();
+    let (_, mut target) = open(target_dir.path()).unwrap();
+    apply_all(&mut target, first_turn_entries(1, stale, b"stale")).await;
+    target
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(target.reader().read(|state| state.clone()), expected);
+    drop(target);
+    let (_, reopened) = open(target_dir.path()).unwrap();
+    let state = reopened.reader().read(|state| state.clone());
+    assert_eq!(state.checkpoints[&id].data, b"from the source".to_vec());
+    assert!(
+        !state.checkpoints.contains_key(&stale),
+        "the receiver's own checkpoint is gone from disk"
+    );
+    assert_eq!(state, expected, "the installed state is what is on disk");
+}
+
+/// Entries from `first_index` on that stage `bytes` under `upload` in chunks of `chunk_bytes`
+/// and, when `commit` holds a name and version, commit them as that plugin.
+fn plugin_entries(
+    first_index: u64,
+    upload: UploadId,
+    bytes: &[u8],
+    chunk_bytes: usize,
+    commit: Option<(&str, &str, bool)>,
+) -> Vec<Entry<TypeConfig>> {
+    use sha2::Digest as _;
+    let mut commands: Vec<Command> = bytes
+        .chunks(chunk_bytes)
+        .enumerate()
+        .map(|(index, chunk)| Command::PutPluginChunk {
+            upload,
+            index: index as u32,
+            bytes: chunk.to_vec(),
+        })
+        .collect();
+    if let Some((name, version, enable)) = commit {
+        commands.push(Command::CommitPlugin {
+            upload,
+            name: name.into(),
+            version: version.into(),
+            sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            kind: crate::types::PluginKind::Tool,
+            size_bytes: bytes.len() as u64,
+            chunk_count: commands.len() as u32,
+            granted_hosts: vec!["example.com".into()],
+            enable,
+        });
+    }
+    commands
+        .into_iter()
+        .zip(first_index..)
+        .map(|(command, index)| entry(index, command))
+        .collect()
+}
+
+/// Keys under `prefix` in the state column family.
+fn stored_keys(machine: &StateMachineStore, prefix: &[u8]) -> usize {
+    machine
+        .db
+        .prefix_iterator_cf(machine.cf(CF_STATE), prefix)
+        .map(|item| item.unwrap().0)
+        .take_while(|key| key.starts_with(prefix))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_bytes_and_staged_uploads_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let kept: Vec<u8> = (0..10_000u32).map(|value| (value % 251) as u8).collect();
+    let removed = b"a version that is removed again".to_vec();
+    let staged = b"an upload still in progress".to_vec();
+    let staged_upload = UploadId::new();
+    let expected = {
+        let (_, mut machine) = open(dir.path()).unwrap();
+        let mut entries = vec![membership_entry(1)];
+        entries.extend(plugin_entries(
+            2,
+            UploadId::new(),
+            &kept,
+            3_000,
+            Some(("fmt", "1.0.0", true)),
+        ));
+        let next = 2 + entries.len() as u64 - 1;
+        entries.extend(plugin_entries(
+            next,
+            UploadId::new(),
+            &removed,
+            8,
+            Some(("fmt", "0.9.0", false)),
+        ));
+        let next = 2 + entries.len() as u64 - 1;
+        entries.push(entry(
+            next,
+            Command::RemovePlugin {
+                name: "fmt".into(),
+                version: "0.9.0".into(),
+            },
+        ));
+        entries.extend(plugin_entries(next + 1, staged_upload, &staged, 10, None));
+        apply_all(&mut machine, entries).await;
+        assert_eq!(
+            stored_keys(&machine, b"q/"),
+            4,
+            "the removed version's chunks are deleted"
+        );
+        assert_eq!(stored_keys(&machine, b"p/"), 1);
+        machine.reader().read(|state| state.clone())
+    };
+    let (_, reopened) = open(dir.path()).unwrap();
+    let state = reopened.reader().read(|state| state.clone());
+    assert_eq!(state, expected);
+    assert_eq!(state.plugin_bytes(&PluginKey::new("fmt", "1.0.0")), Some(kept));
+    assert_eq!(state.plugins[&PluginKey::new("fmt", "1.0.0")].chunk_count, 4);
+    assert!(state.enabled_plugins().any(|record| record.version == "1.0.0"));
+    assert!(!state.plugins.contains_key(&PluginKey::new("fmt", "0.9.0")));
+    assert!(state.plugin_uploads.contains_key(&staged_upload));
+    let staged_back: Vec<u8> = state.upload_chunks.values().flatten().copied().collect();
+    assert_eq!(staged_back, staged);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_bytes_travel_in_a_snapshot_and_replace_the_receivers() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let bytes: Vec<u8> = (0..5_000u32).map(|value| (value % 13) as u8).collect();
+    let (_, mut source) = open(source_dir.path()).unwrap();
+    let mut entries = vec![membership_entry(1)];
+    entries.extend(plugin_entries(
+        2,
+        UploadId::new(),
+        &bytes,
+        1_024,
+        Some(("lint", "2.1.0", true)),
+    ));
+    let next = 2 + entries.len() as u64 - 1;
+    entries.extend(plugin_entries(next, UploadId::new(), b"half an upload", 4, None));
+    apply_all(&mut source, entries).await;
+    let snapshot = source.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let expected = source.reader().read(|state| state.clone());
+    assert_eq!(expected.plugin_chunks.len(), 5);
+    assert_eq!(expected.upload_chunks.len(), 4);
+
+    // The receiver holds a plugin and an upload of its own that the snapshot does not know.
+    let (_, mut target) = open(target_dir.path()).unwrap();
+    let mut own = plugin_entries(
+        1,
+        UploadId::new(),
+        b"the receiver's own plugin",
+        5,
+        Some(("own", "0.1.0", true)),
+    );
+    let next = 1 + own.len() as u64;
+    own.extend(plugin_entries(next, UploadId::new(), b"its own upload", 3, None));
+    apply_all(&mut target, own).await;
+    target
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(target.reader().read(|state| state.clone()), expected);
+    drop(target);
+    let (_, reopened) = open(target_dir.path()).unwrap();
+    let state = reopened.reader().read(|state| state.clone());
+    assert_eq!(state, expected, "the installed state is what is on disk");
+    assert_eq!(state.plugin_bytes(&PluginKey::new("lint", "2.1.0")), Some(bytes));
+    assert!(!state.plugins.contains_key(&PluginKey::new("own", "0.1.0")));
+    assert_eq!(
+        stored_keys(&reopened, b"q/"),
+        5,
+        "the receiver's own chunks are gone from disk"
+    );
+    assert_eq!(stored_keys(&reopened, b"v/"), 4);
+}

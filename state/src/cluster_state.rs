@@ -1,0 +1,165 @@
+//! The replicated state: every record Raft has committed, in memory, with the indexes that
+//! placement and the agents' owners read. What may change it is `apply` (in [`crate::apply`]);
+//! what it must always satisfy is [`crate::invariants`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{
+    AgentId, AgentRecord, AgentStatus, Checkpoint, DurableEvent, NodeId, NodeRecord, PluginKey, PluginRecord,
+    PluginUpload, TokenRecord, UploadId,
+};
+
+/// Durable events kept per agent; older ones are trimmed (a watcher that asks for them is told so).
+pub const MAX_EVENTS_PER_AGENT: usize = 4096;
+/// Follow-ups kept per agent.
+pub const MAX_FOLLOW_UPS_PER_AGENT: usize = 256;
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct ClusterState {
+    pub agents: BTreeMap<AgentId, AgentRecord>,
+    pub events: BTreeMap<AgentId, VecDeque<DurableEvent>>,
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// Nodes holding an install snapshot, per repository URL.
+    pub repo_snapshots: BTreeMap<String, BTreeSet<NodeId>>,
+    /// Highest node id handed out or registered; ids are never reused.
+    pub highest_node_id: NodeId,
+    /// The last checkpoint of each agent that has finished a turn.
+    pub checkpoints: BTreeMap<AgentId, Checkpoint>,
+    /// Uploaded plugin versions (records only; the bytes are in `plugin_chunks`).
+    pub plugins: BTreeMap<PluginKey, PluginRecord>,
+    /// The bytes of each plugin version, in chunks `0..chunk_count`.
+    pub plugin_chunks: BTreeMap<(PluginKey, u32), Vec<u8>>,
+    /// Uploads in progress.
+    pub plugin_uploads: BTreeMap<UploadId, PluginUpload>,
+    /// The chunks staged by uploads in progress.
+    pub upload_chunks: BTreeMap<(UploadId, u32), Vec<u8>>,
+    /// Settings by plugin name (every version of the name, built-ins included).
+    #[serde(default)]
+    pub plugin_settings: BTreeMap<String, BTreeMap<String, String>>,
+    /// Agents waiting for placement, oldest first (ULIDs sort by time).
+    #[serde(skip)]
+    pub pending: BTreeSet<AgentId>,
+    /// Non-terminal agents per owning node.
+    #[serde(skip)]
+    pub active_by_node: BTreeMap<NodeId, BTreeSet<AgentId>>,
+}
+
+/// Keys touched by applied commands since the last drain.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub agents: BTreeSet<AgentId>,
+    pub nodes: BTreeSet<NodeId>,
+    pub tokens: BTreeSet<String>,
+    pub checkpoints: BTreeSet<AgentId>,
+    pub plugins: BTreeSet<PluginKey>,
+    pub plugin_chunks: BTreeSet<(PluginKey, u32)>,
+    pub plugin_uploads: BTreeSet<UploadId>,
+    pub upload_chunks: BTreeSet<(UploadId, u32)>,
+    /// New durable events, in order.
+    pub new_events: Vec<DurableEvent>,
+    /// Events trimmed from the front of an agent's history: (agent, sequence).
+    pub trimmed_events: Vec<(AgentId, u64)>,
+    /// Cluster-wide counters changed.
+    pub meta: bool,
+}
+
+impl ClusterState {
+    /// Rebuilds the secondary indexes after loading records from storage or a snapshot.
+    pub fn rebuild_indexes(&mut self) {
+        self.pending.clear();
+        self.active_by_node.clear();
+        let ids: Vec<AgentId> = self.agents.keys().copied().collect();
+        for id in ids {
+            self.index_agent(id);
+        }
+    }
+
+    pub(crate) fn index_agent(&mut self, id: AgentId) {
+        let Some(agent) = self.agents.get(&id) else {
+            return;
+        };
+        if agent.status == AgentStatus::Pending && agent.assignment.is_none() {
+            self.pending.insert(id);
+        } else {
+            self.pending.remove(&id);
+        }
+        for set in self.active_by_node.values_mut() {
+            set.remove(&id);
+        }
+        if let (Some(assignment), false) = (agent.assignment, agent.status.is_terminal()) {
+            self.active_by_node.entry(assignment.node).or_default().insert(id);
+        }
+    }
+
+    /// Agents a node owns and should be running.
+    pub fn active_on(&self, node: NodeId) -> impl Iterator<Item = &AgentRecord> {
+        self.active_by_node
+            .get(&node)
+            .into_iter()
+            .flat_map(|set| set.iter())
+            .filter_map(|id| self.agents.get(id))
+    }
+
+    pub fn slots_in_use(&self, node: NodeId) -> u32 {
+        self.active_by_node.get(&node).map(|set| set.len() as u32).unwrap_or(0)
+    }
+
+    /// Durable events of an agent after `after_sequence`, oldest first.
+    pub fn events_after(&self, agent: AgentId, after_sequence: u64) -> Vec<DurableEvent> {
+        self.events
+            .get(&agent)
+            .map(|events| {
+                events
+                    .iter()
+                    .filter(|event| event.sequence > after_sequence)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The whole component of a plugin version, its chunks joined; `None` when the version is
+    /// not stored.
+    pub fn plugin_bytes(&self, key: &PluginKey) -> Option<Vec<u8>> {
+        let record = self.plugins.get(key)?;
+        let mut bytes = Vec::with_capacity(record.size_bytes as usize);
+        for index in 0..record.chunk_count {
+            bytes.extend_from_slice(self.plugin_chunks.get(&(key.clone(), index))?);
+        }
+        Some(bytes)
+    }
+
+    /// The enabled version of each plugin name that has one.
+    pub fn enabled_plugins(&self) -> impl Iterator<Item = &PluginRecord> {
+        self.plugins.values().filter(|record| record.enabled)
+    }
+
+    /// Bytes of every plugin version and every staged chunk, the figure bounded by
+    /// [`crate::command::MAX_TOTAL_PLUGIN_BYTES`].
+    pub fn plugin_bytes_held(&self) -> u64 {
+        let committed: u64 = self.plugins.values().map(|record| record.size_bytes).sum();
+        let staged: u64 = self.upload_chunks.values().map(|chunk| chunk.len() as u64).sum();
+        committed + staged
+    }
+
+    pub(crate) fn staged_chunks(&self, upload: UploadId) -> impl Iterator<Item = (u32, &Vec<u8>)> {
+        self.upload_chunks
+            .range((upload, 0)..=(upload, u32::MAX))
+            .map(|((_, index), bytes)| (*index, bytes))
+    }
+
+    pub(crate) fn staged_bytes(&self, upload: UploadId) -> u64 {
+        self.staged_chunks(upload).map(|(_, bytes)| bytes.len() as u64).sum()
+    }
+
+    /// The oldest durable sequence still retained for an agent.
+    pub fn first_retained_sequence(&self, agent: AgentId) -> Option<u64> {
+        self.events
+            .get(&agent)
+            .and_then(|events| events.front())
+            .map(|event| event.sequence)
+    }
+}
