@@ -17,9 +17,12 @@ pub mod driver;
 pub mod egress;
 pub mod environment;
 pub mod error;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 mod image;
 pub mod limits;
 mod mounts;
+mod output_capture;
 pub mod pty;
 pub mod snapshot;
 
@@ -28,8 +31,8 @@ mod machine_tests;
 
 pub use bwrap::{BwrapConfig, BwrapDriver, BwrapMachine, DiskBacking};
 pub use driver::{
-    boot, BaseImage, BaseLayer, BootReport, ExecOutput, ExecRequest, KilledReason, Layer, MachineDriver, MachineSpec,
-    WorkspaceMode, EGRESS_SOCKET_PATH, TERMINAL_SESSION,
+    boot, BaseImage, BaseLayer, BootReport, ExecOutput, ExecRequest, KilledReason, Layer, MachineDriver, MachineHandle,
+    MachineSpec, WorkspaceMode, EGRESS_SOCKET_PATH, TERMINAL_SESSION,
 };
 pub use environment::{EnvironmentConfig, Plan, Terminal};
 pub use error::{EnvironmentError, Result, SandboxError};

@@ -21,7 +21,7 @@ mod script;
 #[cfg(test)]
 mod tests;
 
-use flotilla_sandbox::MachineDriver;
+use flotilla_sandbox::{MachineDriver, MachineHandle};
 use serde_json::{json, Value};
 
 use arguments::parse_arguments;
@@ -210,9 +210,9 @@ pub fn tool_specs() -> Vec<(String, String, Value)> {
 }
 
 /// Runs one tool call in `machine`. Never fails: a failure is a [`ToolOutput`] with `failed` set.
-pub async fn run_tool<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub async fn run_tool(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     name: &str,
     arguments_json: &str,
     limits: &ToolLimits,
