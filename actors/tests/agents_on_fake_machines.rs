@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_actors::liveness::LivenessTable;
-use flotilla_actors::machine::{machine_actor_name, running_machine, MachineHost, MachineSettings, RunningMachine};
+use flotilla_actors::machine::{
+    find_machine_actor, machine_actor_name, running_machine, MachineHost, MachineSettings, RunningMachine,
+};
 use flotilla_actors::mesh::{Mesh, MeshConfig};
 use flotilla_actors::model::{ModelProvider, ScriptedProvider};
 use flotilla_actors::run::AgentRuntime;
@@ -434,5 +436,50 @@ async fn the_turn_loop_waits_while_a_user_has_taken_over() {
     assert_eq!(finished.turns, 2);
     assert_eq!(node.origin_file("flotilla/taken", "a.txt"), "a");
     drop(machine);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_machine_fails_its_agent_actor_which_starts_again_on_a_fresh_machine() {
+    let script = vec![
+        turn(
+            "Writing.",
+            &[("write_file", serde_json::json!({"path": "b.txt", "content": "b\n"}))],
+            0,
+        ),
+        turn("Done.", &[], 0),
+    ];
+    let node = TestNode::start(44, script).await;
+    let id = node.create_agent("phoenix").await;
+    let mut live = node.mesh.subscribe(&id.to_string()).await.expect("subscribe");
+    let first = node.wait_for_machine(id).await;
+    // Held by a user, the run waits between turns: the machine dies while nothing else moves.
+    assert!(first.try_take_over());
+    wait_for_live_log(&mut live, "paused: a user has taken over the terminal").await;
+    let first_dir = machine_dir(&first);
+    let epoch = first.epoch;
+    drop(first);
+    find_machine_actor(id, epoch)
+        .expect("the machine actor is registered")
+        .kill();
+
+    let finished = node
+        .wait_for_agent(id, "FINISHED on a fresh machine", |agent| {
+            agent.status == AgentStatus::Finished
+        })
+        .await;
+    assert_eq!(
+        finished.assignment.expect("assigned").epoch,
+        epoch,
+        "the same epoch goes on"
+    );
+    assert_eq!(finished.turns, 2);
+    assert_eq!(node.origin_file("flotilla/phoenix", "b.txt"), "b");
+    // The killed machine was destroyed all the same.
+    let deadline = Instant::now() + DEADLINE;
+    while first_dir.exists() {
+        assert!(Instant::now() < deadline, "the killed machine's directory is left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     node.stop().await;
 }

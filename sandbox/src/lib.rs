@@ -8,7 +8,10 @@
 //! its terminals (tmux) to the agent and, through a PTY, to a user taking over, and destroys it
 //! when the agent is done. Model-provider calls never happen here: no key enters a machine.
 //!
-//! The driver today is [`bwrap::BwrapDriver`] (bubblewrap, overlayfs and cgroups v1 or v2).
+//! The driver of a node is [`bwrap::BwrapDriver`] (bubblewrap, overlayfs and cgroups v1 or v2).
+//! Callers hold it as `Arc<dyn MachineDriver>` and its machines as [`MachineHandle`]s; behind the
+//! `fake` feature, `fake::FakeDriver` makes machines of plain directories and host processes for
+//! tests that cannot be root.
 
 pub mod bench;
 pub mod bwrap;

@@ -102,9 +102,19 @@ pub fn is_builtin(name: &str) -> bool {
     tool_specs().iter().any(|(builtin, _, _)| builtin == name)
 }
 
-/// The built-in tools as (name, description, JSON schema of the arguments), for the model.
+/// The built-in tools as (name, description, JSON schema of the arguments), for the model, in
+/// the order they are offered.
 pub fn tool_specs() -> Vec<(String, String, Value)> {
-    let specs = [
+    command_and_writing_specs()
+        .into_iter()
+        .chain(reading_specs())
+        .map(|(name, description, schema)| (name.to_string(), description.to_string(), schema))
+        .collect()
+}
+
+/// `run_command` and the tools that write files.
+fn command_and_writing_specs() -> [(&'static str, &'static str, Value); 4] {
+    [
         (
             RUN_COMMAND,
             "Run a shell command (sh -c) in the machine and return its exit code, stdout and stderr. \
@@ -163,6 +173,12 @@ pub fn tool_specs() -> Vec<(String, String, Value)> {
                 "additionalProperties": false
             }),
         ),
+    ]
+}
+
+/// The tools that only read: directories, search, terminals.
+fn reading_specs() -> [(&'static str, &'static str, Value); 3] {
+    [
         (
             LIST_DIR,
             "List a directory of the workspace, sorted; directories end with /.",
@@ -202,11 +218,7 @@ pub fn tool_specs() -> Vec<(String, String, Value)> {
                 "additionalProperties": false
             }),
         ),
-    ];
-    specs
-        .into_iter()
-        .map(|(name, description, schema)| (name.to_string(), description.to_string(), schema))
-        .collect()
+    ]
 }
 
 /// Runs one tool call in `machine`. Never fails: a failure is a [`ToolOutput`] with `failed` set.

@@ -11,7 +11,7 @@ use flotilla_raft::{
 };
 use std::sync::Arc;
 
-use flotilla_actors::machine::{running_machine, MachineHost};
+use flotilla_actors::machine::running_machine;
 use flotilla_sandbox::PtySize;
 use futures::{Stream, StreamExt as _};
 use prost::Message as _;
@@ -28,7 +28,6 @@ pub const WATCH_BUFFER_MESSAGES: usize = 256;
 pub struct AgentApi {
     pub replica: Replica,
     pub mesh: Mesh,
-    pub machines: Arc<MachineHost>,
     pub models: Arc<ModelCatalog>,
     /// The node's VCS providers, which must claim an agent's repository; `None` (unit tests
     /// without a plugin host) takes any repository.
@@ -539,7 +538,7 @@ impl AgentApi {
         agent: AgentId,
         epoch: Epoch,
         open: v1::AttachOpen,
-        mut inbound: Streaming<v1::AttachRequest>,
+        inbound: Streaming<v1::AttachRequest>,
     ) -> Result<AttachStream, Status> {
         let running = running_machine(agent, epoch)
             .await
@@ -610,55 +609,14 @@ impl AgentApi {
                 }
             }
         });
-        let takeover = open.takeover;
-        tokio::spawn(async move {
-            let mut controlling = takeover;
-            loop {
-                tokio::select! {
-                    message = inbound.message() => match message {
-                        Ok(Some(request)) => match request.kind {
-                            Some(v1::attach_request::Kind::Input(bytes)) => {
-                                if controlling {
-                                    if session.write_all(&bytes).await.is_err() {
-                                        break;
-                                    }
-                                } else {
-                                    let _ = sender.try_send(Ok(v1::AttachResponse {
-                                        kind: Some(v1::attach_response::Kind::Notice(
-                                            "read-only: input ignored (attach with take-over to type)".to_string(),
-                                        )),
-                                    }));
-                                }
-                            }
-                            Some(v1::attach_request::Kind::Resize(size)) => {
-                                let _ = session.resize(PtySize {
-                                    rows: size.rows.clamp(1, 1000) as u16,
-                                    cols: size.cols.clamp(1, 1000) as u16,
-                                });
-                            }
-                            Some(v1::attach_request::Kind::Release(true)) if controlling => {
-                                controlling = false;
-                                running.hand_back();
-                                let _ = sender.try_send(Ok(v1::AttachResponse {
-                                    kind: Some(v1::attach_response::Kind::Notice(
-                                        "released: the agent goes on; you are watching read-only".to_string(),
-                                    )),
-                                }));
-                            }
-                            _ => {}
-                        },
-                        Ok(None) | Err(_) => break,
-                    },
-                    _ = sender.closed() => break,
-                }
-            }
-            if controlling {
-                running.hand_back();
-            }
-            running.count_attached(false);
-            pump.abort();
-            drop(session);
-        });
+        tokio::spawn(serve_attach_input(
+            inbound,
+            session,
+            running,
+            sender,
+            open.takeover,
+            pump,
+        ));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver)))
     }
 
@@ -692,6 +650,65 @@ impl AgentApi {
         let response = client.attach(request).await?;
         Ok(Box::pin(response.into_inner()))
     }
+}
+
+/// Carries an attached client's input to its terminal until it detaches: keystrokes while it
+/// controls the terminal, resizes, and the hand-back of a take-over. Detaching hands the
+/// terminal back and ends the output pump.
+async fn serve_attach_input(
+    mut inbound: Streaming<v1::AttachRequest>,
+    session: Arc<flotilla_sandbox::PtySession>,
+    running: Arc<flotilla_actors::machine::RunningMachine>,
+    sender: mpsc::Sender<Result<v1::AttachResponse, Status>>,
+    takeover: bool,
+    pump: tokio::task::JoinHandle<()>,
+) {
+    let mut controlling = takeover;
+    loop {
+        tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(request)) => match request.kind {
+                    Some(v1::attach_request::Kind::Input(bytes)) => {
+                        if controlling {
+                            if session.write_all(&bytes).await.is_err() {
+                                break;
+                            }
+                        } else {
+                            let _ = sender.try_send(Ok(v1::AttachResponse {
+                                kind: Some(v1::attach_response::Kind::Notice(
+                                    "read-only: input ignored (attach with take-over to type)".to_string(),
+                                )),
+                            }));
+                        }
+                    }
+                    Some(v1::attach_request::Kind::Resize(size)) => {
+                        let _ = session.resize(PtySize {
+                            rows: size.rows.clamp(1, 1000) as u16,
+                            cols: size.cols.clamp(1, 1000) as u16,
+                        });
+                    }
+                    Some(v1::attach_request::Kind::Release(true)) if controlling => {
+                        controlling = false;
+                        running.hand_back();
+                        let _ = sender.try_send(Ok(v1::AttachResponse {
+                            kind: Some(v1::attach_response::Kind::Notice(
+                                "released: the agent goes on; you are watching read-only".to_string(),
+                            )),
+                        }));
+                    }
+                    _ => {}
+                },
+                Ok(None) | Err(_) => break,
+            },
+            _ = sender.closed() => break,
+        }
+    }
+    if controlling {
+        running.hand_back();
+    }
+    running.count_attached(false);
+    pump.abort();
+    drop(session);
 }
 
 /// How an attach without a terminal name is described.
