@@ -38,6 +38,23 @@ pub enum RepoError {
     },
 }
 
+/// Why a git command gave no answer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum GitError {
+    #[error("git {command} took longer than {timeout:?}")]
+    TimedOut { command: String, timeout: Duration },
+    #[error("cannot run git: {0}")]
+    Spawn(String),
+    /// git's own words (its stderr), cut to [`MAX_GIT_ERROR_BYTES`].
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The repository's VCS provider could not say where git goes.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("VCS provider: {0}")]
+pub struct OriginError(#[from] crate::vcs::VcsError);
+
 /// How the node talks to git origins: the commit author of agent commits and the credentials
 /// for http(s) origins, chosen by the longest matching URL prefix.
 #[derive(Clone, Default)]
@@ -114,11 +131,11 @@ pub struct Workspace {
     pub resumed: bool,
 }
 
-async fn git(args: &[&str], cwd: Option<&Path>) -> Result<String, String> {
+async fn git(args: &[&str], cwd: Option<&Path>) -> Result<String, GitError> {
     git_with(args, cwd, &[]).await
 }
 
-async fn git_with(args: &[&str], cwd: Option<&Path>, env: &[(String, String)]) -> Result<String, String> {
+async fn git_with(args: &[&str], cwd: Option<&Path>, env: &[(String, String)]) -> Result<String, GitError> {
     let mut command = Process::new("git");
     command.args(args).kill_on_drop(true);
     command.env("GIT_TERMINAL_PROMPT", "0");
@@ -128,8 +145,11 @@ async fn git_with(args: &[&str], cwd: Option<&Path>, env: &[(String, String)]) -
     }
     let output = tokio::time::timeout(GIT_TIMEOUT, command.output())
         .await
-        .map_err(|_| format!("git {} took longer than {GIT_TIMEOUT:?}", args.join(" ")))?
-        .map_err(|error| format!("cannot run git: {error}"))?;
+        .map_err(|_| GitError::TimedOut {
+            command: args.join(" "),
+            timeout: GIT_TIMEOUT,
+        })?
+        .map_err(|error| GitError::Spawn(error.to_string()))?;
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
     } else {
@@ -143,7 +163,7 @@ async fn git_with(args: &[&str], cwd: Option<&Path>, env: &[(String, String)]) -
             message.truncate(cut);
             message.push_str(" [cut]");
         }
-        Err(message)
+        Err(GitError::Failed(message))
     }
 }
 
@@ -198,12 +218,9 @@ pub struct RepoState {
 
 impl RepoState {
     /// Asks the repository's provider where git goes now (the credentials may have changed).
-    async fn origin(&self) -> Result<ResolvedOrigin, String> {
+    async fn origin(&self) -> Result<ResolvedOrigin, OriginError> {
         let origin = match &self.args.providers {
-            Some(providers) => providers
-                .origin(&self.args.url)
-                .await
-                .map_err(|error| format!("VCS provider: {error}"))?,
+            Some(providers) => providers.origin(&self.args.url).await?,
             None => GitOrigin {
                 url: self.args.url.clone(),
                 auth_header: None,
@@ -219,9 +236,9 @@ impl RepoState {
     async fn refresh(&mut self) -> Result<(), RepoError> {
         let url = self.args.url.clone();
         let mirror = self.args.mirror.display().to_string();
-        let origin = self.origin().await.map_err(|message| RepoError::Clone {
+        let origin = self.origin().await.map_err(|error| RepoError::Clone {
             url: url.clone(),
-            message,
+            message: error.to_string(),
         })?;
         if !self.cloned && !self.args.mirror.join("HEAD").exists() {
             let partial = format!("{mirror}.partial");
@@ -232,9 +249,9 @@ impl RepoState {
                 &origin.env,
             )
             .await
-            .map_err(|message| RepoError::Clone {
+            .map_err(|error| RepoError::Clone {
                 url: url.clone(),
-                message,
+                message: error.to_string(),
             })?;
             tokio::fs::rename(&partial, &mirror)
                 .await
@@ -246,9 +263,9 @@ impl RepoState {
             // The provider may move the repository (another clone URL): follow it.
             git(&["remote", "set-url", "origin", &origin.url], Some(&self.args.mirror))
                 .await
-                .map_err(|message| RepoError::Fetch {
+                .map_err(|error| RepoError::Fetch {
                     url: url.clone(),
-                    message,
+                    message: error.to_string(),
                 })?;
             // Branches and tags only: `--prune` then leaves the node's own refs alone (the
             // commits of refused pushes under refs/flotilla/kept/), which a mirror's
@@ -266,7 +283,10 @@ impl RepoState {
                 &origin.env,
             )
             .await
-            .map_err(|message| RepoError::Fetch { url, message })?;
+            .map_err(|error| RepoError::Fetch {
+                url,
+                message: error.to_string(),
+            })?;
         }
         self.cloned = true;
         Ok(())
@@ -294,9 +314,9 @@ impl RepoState {
                 branch: base_branch.to_string(),
             });
         }
-        let workspace_error = |message: String| RepoError::Workspace {
+        let workspace_error = |error: GitError| RepoError::Workspace {
             path: path.display().to_string(),
-            message,
+            message: error.to_string(),
         };
         let _ = tokio::fs::remove_dir_all(path).await;
         let target = path.display().to_string();
@@ -364,10 +384,12 @@ impl RepoState {
             Some(&mirror),
         )
         .await
-        .map_err(|message| failed(format!("cannot take the branch from the workspace: {message}")))?;
+        .map_err(|error| failed(format!("cannot take the branch from the workspace: {error}")))?;
         let result = async {
-            let commit = git(&["rev-parse", &staging], Some(&mirror)).await.map_err(failed)?;
-            let origin = self.origin().await.map_err(failed)?;
+            let commit = git(&["rev-parse", &staging], Some(&mirror))
+                .await
+                .map_err(|error| failed(error.to_string()))?;
+            let origin = self.origin().await.map_err(|error| failed(error.to_string()))?;
             git_with(
                 &[
                     "push",
@@ -380,7 +402,7 @@ impl RepoState {
                 &origin.env,
             )
             .await
-            .map_err(|message| {
+            .map_err(|error| {
                 // The commits stay on this node, where an operator can still push them.
                 let kept = format!("refs/flotilla/kept/{branch}");
                 let _ = std::process::Command::new("git")
@@ -388,7 +410,7 @@ impl RepoState {
                     .current_dir(&mirror)
                     .status();
                 failed(format!(
-                    "{message} (commit {commit} is kept in the mirror {} as {kept})",
+                    "{error} (commit {commit} is kept in the mirror {} as {kept})",
                     mirror.display()
                 ))
             })?;

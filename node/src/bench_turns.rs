@@ -247,7 +247,7 @@ impl Bench {
             .reader()
             .read(|state| ids.iter().filter_map(|id| state.agents.get(id).cloned()).collect());
         let provisioned: Vec<_> = futures::stream::iter(records.iter())
-            .map(|record| self.machines.provision(&self.repo, record, Epoch(1)))
+            .map(|record| self.machines.provision(&self.repo, record, Epoch(1), None))
             .buffered(PROVISION_CONCURRENCY)
             .collect()
             .await;
@@ -261,7 +261,6 @@ impl Bench {
                 epoch: Epoch(1),
                 replica: self.replica.clone(),
                 mesh: self.mesh.clone(),
-                driver: self.machines.driver.clone(),
                 machine: provisioned.machine,
                 repo: self.repo.clone(),
                 workspace: provisioned.workspace,
@@ -286,7 +285,7 @@ impl Bench {
         }
         let wall = started.elapsed();
         for id in ids {
-            self.machines.release(*id).await;
+            flotilla_actors::machine::release_machine(*id, Epoch(1)).await;
         }
         let timings = std::mem::take(&mut *timings.lock().expect("timings"));
         Ok((timings, wall))

@@ -1,8 +1,10 @@
 //! The `MachineDriver` trait and the types every driver shares.
 
+use std::any::Any;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -263,39 +265,97 @@ pub(crate) fn last_lines(text: &str, count: usize) -> String {
     lines[start..].join("\n")
 }
 
+/// A machine made by some driver, as the rest of the node holds it: its id, its workspace as
+/// the node sees it, and the driver's own machine behind an opaque pointer. Only the driver that
+/// made a handle can use it (each driver downcasts to its own machine type and refuses others
+/// with [`SandboxError::ForeignMachine`]); this keeps [`MachineDriver`] object-safe, so that the
+/// actors hold an `Arc<dyn MachineDriver>` and never name a concrete driver.
+///
+/// Clones share one machine. Dropping the last clone tears the machine down the way the driver's
+/// own machine type does on drop; call [`MachineDriver::destroy`] to do it at a known moment.
+#[derive(Clone)]
+pub struct MachineHandle {
+    id: Arc<str>,
+    workspace_path: Arc<Path>,
+    machine: Arc<dyn Any + Send + Sync>,
+}
+
+impl MachineHandle {
+    /// Wraps a driver's machine. `workspace_path` is the machine's `/workspace` as seen from the
+    /// node (read it, or run git in it, while the machine exists).
+    pub fn new<M: Any + Send + Sync>(id: impl Into<Arc<str>>, workspace_path: impl Into<PathBuf>, machine: M) -> Self {
+        MachineHandle {
+            id: id.into(),
+            workspace_path: Arc::from(workspace_path.into().into_boxed_path()),
+            machine: Arc::new(machine),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The machine's `/workspace` as seen from the node.
+    pub fn workspace_path(&self) -> &Path {
+        &self.workspace_path
+    }
+
+    /// The driver's own machine, if this handle holds an `M`.
+    pub fn downcast_ref<M: Any>(&self) -> Option<&M> {
+        self.machine.downcast_ref::<M>()
+    }
+
+    /// The driver's own machine, or [`SandboxError::ForeignMachine`] naming `driver`.
+    pub fn machine_of<M: Any>(&self, driver: &'static str) -> Result<&M> {
+        self.downcast_ref::<M>().ok_or_else(|| SandboxError::ForeignMachine {
+            machine: self.id.to_string(),
+            driver,
+        })
+    }
+}
+
+impl fmt::Debug for MachineHandle {
+    fn fmt(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter
+            .debug_struct("MachineHandle")
+            .field("id", &self.id)
+            .field("workspace_path", &self.workspace_path)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Creates, runs and tears down machines. A machine is a set of processes sharing one set of
-/// namespaces, one filesystem (base → snapshot → per-machine upper) and one cgroup.
+/// namespaces, one filesystem (base → snapshot → per-machine upper) and one cgroup. The trait is
+/// object-safe: machines are [`MachineHandle`]s.
 #[async_trait]
 pub trait MachineDriver: Send + Sync + 'static {
-    type Machine: Send + Sync + 'static;
-
     /// Makes a base image usable (idempotent; `host` is cheap, `debian` runs debootstrap once).
     async fn prepare_base(&self, image: BaseImage) -> Result<BaseLayer>;
 
-    async fn create(&self, spec: MachineSpec) -> Result<Self::Machine>;
+    async fn create(&self, spec: MachineSpec) -> Result<MachineHandle>;
 
-    async fn exec(&self, machine: &Self::Machine, request: ExecRequest) -> Result<ExecOutput>;
+    async fn exec(&self, machine: &MachineHandle, request: ExecRequest) -> Result<ExecOutput>;
 
     /// Stops the machine's processes (only disk state is kept) and copies its upper layers to
     /// `dest`, which must not exist, as a read-only [`Layer`]. The machine cannot run commands
     /// afterwards; `destroy` still has to be called.
-    async fn capture_layer(&self, machine: &Self::Machine, dest: &Path) -> Result<Layer>;
+    async fn capture_layer(&self, machine: &MachineHandle, dest: &Path) -> Result<Layer>;
 
     /// Kills every process, unmounts the layers, removes the cgroup and the per-machine files.
     /// Idempotent.
-    async fn destroy(&self, machine: &Self::Machine) -> Result<()>;
+    async fn destroy(&self, machine: &MachineHandle) -> Result<()>;
 
     /// Starts the tmux session [`TERMINAL_SESSION`] with one window per terminal.
-    async fn start_terminals(&self, machine: &Self::Machine, terminals: &[Terminal]) -> Result<()>;
+    async fn start_terminals(&self, machine: &MachineHandle, terminals: &[Terminal]) -> Result<()>;
 
     /// The last `max_lines` lines a terminal printed (its scrollback and screen).
-    async fn read_terminal(&self, machine: &Self::Machine, name: &str, max_lines: usize) -> Result<String>;
+    async fn read_terminal(&self, machine: &MachineHandle, name: &str, max_lines: usize) -> Result<String>;
 
     /// A command that, run on the node with a terminal as stdio, attaches to the machine's tmux
     /// session (at `terminal`'s window, or the first).
     fn attach_command(
         &self,
-        machine: &Self::Machine,
+        machine: &MachineHandle,
         terminal: Option<&str>,
         read_only: bool,
     ) -> Result<std::process::Command>;
@@ -303,7 +363,7 @@ pub trait MachineDriver: Send + Sync + 'static {
     /// Attaches through a new pseudo-terminal whose bytes a gRPC stream can pump, with resize.
     async fn open_pty(
         &self,
-        machine: &Self::Machine,
+        machine: &MachineHandle,
         terminal: Option<&str>,
         read_only: bool,
         size: PtySize,
@@ -321,9 +381,9 @@ pub struct BootReport {
 }
 
 /// Runs an environment's `start` command, then its terminals: what happens on every boot.
-pub async fn boot<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub async fn boot(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     config: &EnvironmentConfig,
 ) -> Result<BootReport> {
     let start = match &config.start {

@@ -98,6 +98,9 @@ pub enum SandboxError {
     #[error("start command failed with {outcome}; last output lines:\n{last_lines}")]
     StartFailed { outcome: String, last_lines: String },
 
+    #[error("machine {machine} was not made by the {driver} driver")]
+    ForeignMachine { machine: String, driver: &'static str },
+
     #[error("{what} is not supported by the bwrap machine driver")]
     Unsupported { what: String },
 }

@@ -8,7 +8,10 @@
 //! its terminals (tmux) to the agent and, through a PTY, to a user taking over, and destroys it
 //! when the agent is done. Model-provider calls never happen here: no key enters a machine.
 //!
-//! The driver today is [`bwrap::BwrapDriver`] (bubblewrap, overlayfs and cgroups v1 or v2).
+//! The driver of a node is [`bwrap::BwrapDriver`] (bubblewrap, overlayfs and cgroups v1 or v2).
+//! Callers hold it as `Arc<dyn MachineDriver>` and its machines as [`MachineHandle`]s; behind the
+//! `fake` feature, `fake::FakeDriver` makes machines of plain directories and host processes for
+//! tests that cannot be root.
 
 pub mod bench;
 pub mod bwrap;
@@ -17,9 +20,12 @@ pub mod driver;
 pub mod egress;
 pub mod environment;
 pub mod error;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 mod image;
 pub mod limits;
 mod mounts;
+mod output_capture;
 pub mod pty;
 pub mod snapshot;
 
@@ -28,8 +34,8 @@ mod machine_tests;
 
 pub use bwrap::{BwrapConfig, BwrapDriver, BwrapMachine, DiskBacking};
 pub use driver::{
-    boot, BaseImage, BaseLayer, BootReport, ExecOutput, ExecRequest, KilledReason, Layer, MachineDriver, MachineSpec,
-    WorkspaceMode, EGRESS_SOCKET_PATH, TERMINAL_SESSION,
+    boot, BaseImage, BaseLayer, BootReport, ExecOutput, ExecRequest, KilledReason, Layer, MachineDriver, MachineHandle,
+    MachineSpec, WorkspaceMode, EGRESS_SOCKET_PATH, TERMINAL_SESSION,
 };
 pub use environment::{EnvironmentConfig, Plan, Terminal};
 pub use error::{EnvironmentError, Result, SandboxError};

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 
 use crate::bwrap::{BwrapConfig, BwrapDriver, BwrapMachine};
 use crate::driver::{
-    boot, BaseImage, BaseLayer, ExecOutput, ExecRequest, KilledReason, Layer, MachineDriver, MachineSpec,
-    WorkspaceMode, EGRESS_SOCKET_PATH,
+    boot, BaseImage, BaseLayer, ExecOutput, ExecRequest, KilledReason, Layer, MachineDriver, MachineHandle,
+    MachineSpec, WorkspaceMode, EGRESS_SOCKET_PATH,
 };
 use crate::environment::{self, EnvironmentConfig, Terminal};
 use crate::error::{Result, SandboxError};
@@ -22,6 +22,11 @@ use crate::snapshot::{InstallRequest, SnapshotCache};
 /// Deadline for conditions that a healthy machine meets in milliseconds; generous because
 /// tests share two cores.
 const CONDITION_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The bubblewrap machine behind a handle, for what only it tells (its directory).
+fn bwrap_machine(handle: &MachineHandle) -> &BwrapMachine {
+    handle.downcast_ref::<BwrapMachine>().expect("a bubblewrap machine")
+}
 
 struct Harness {
     scratch: tempfile::TempDir,
@@ -61,7 +66,7 @@ impl Harness {
         spec
     }
 
-    async fn machine(&self, name: &str) -> BwrapMachine {
+    async fn machine(&self, name: &str) -> MachineHandle {
         let workspace = self.workspace(name);
         self.driver
             .create(self.spec(name, &workspace))
@@ -69,14 +74,14 @@ impl Harness {
             .expect("create machine")
     }
 
-    async fn run(&self, machine: &BwrapMachine, command: &str) -> ExecOutput {
+    async fn run(&self, machine: &MachineHandle, command: &str) -> ExecOutput {
         self.driver
             .exec(machine, ExecRequest::new(command))
             .await
             .expect("exec")
     }
 
-    async fn run_ok(&self, machine: &BwrapMachine, command: &str) -> String {
+    async fn run_ok(&self, machine: &MachineHandle, command: &str) -> String {
         let output = self.run(machine, command).await;
         assert!(
             output.success(),
@@ -255,7 +260,7 @@ async fn destroy_and_drop_remove_mounts_cgroups_and_files() {
     let harness = harness().await;
     let machine = harness.machine("teardown").await;
     let id = machine.id().to_string();
-    let dir = machine.dir().to_path_buf();
+    let dir = bwrap_machine(&machine).dir().to_path_buf();
     harness.run_ok(&machine, "sleep 1000 >/dev/null 2>&1 &").await;
     harness.driver.destroy(&machine).await.unwrap();
     harness.driver.destroy(&machine).await.unwrap();
@@ -271,7 +276,7 @@ async fn destroy_and_drop_remove_mounts_cgroups_and_files() {
     assert!(matches!(error, SandboxError::MachineStopped { .. }), "{error}");
 
     let dropped = harness.machine("dropped").await;
-    let (dropped_id, dropped_dir) = (dropped.id().to_string(), dropped.dir().to_path_buf());
+    let (dropped_id, dropped_dir) = (dropped.id().to_string(), bwrap_machine(&dropped).dir().to_path_buf());
     drop(dropped);
     assert!(!dropped_dir.exists());
     assert!(!cgroup_exists(&dropped_id));
@@ -538,40 +543,38 @@ struct CountingDriver {
 
 #[async_trait]
 impl MachineDriver for CountingDriver {
-    type Machine = BwrapMachine;
-
     async fn prepare_base(&self, image: BaseImage) -> Result<BaseLayer> {
         self.inner.prepare_base(image).await
     }
 
-    async fn create(&self, spec: MachineSpec) -> Result<BwrapMachine> {
+    async fn create(&self, spec: MachineSpec) -> Result<MachineHandle> {
         self.inner.create(spec).await
     }
 
-    async fn exec(&self, machine: &BwrapMachine, request: ExecRequest) -> Result<ExecOutput> {
+    async fn exec(&self, machine: &MachineHandle, request: ExecRequest) -> Result<ExecOutput> {
         self.execs.fetch_add(1, Ordering::SeqCst);
         self.inner.exec(machine, request).await
     }
 
-    async fn capture_layer(&self, machine: &BwrapMachine, dest: &Path) -> Result<Layer> {
+    async fn capture_layer(&self, machine: &MachineHandle, dest: &Path) -> Result<Layer> {
         self.inner.capture_layer(machine, dest).await
     }
 
-    async fn destroy(&self, machine: &BwrapMachine) -> Result<()> {
+    async fn destroy(&self, machine: &MachineHandle) -> Result<()> {
         self.inner.destroy(machine).await
     }
 
-    async fn start_terminals(&self, machine: &BwrapMachine, terminals: &[Terminal]) -> Result<()> {
+    async fn start_terminals(&self, machine: &MachineHandle, terminals: &[Terminal]) -> Result<()> {
         self.inner.start_terminals(machine, terminals).await
     }
 
-    async fn read_terminal(&self, machine: &BwrapMachine, name: &str, max_lines: usize) -> Result<String> {
+    async fn read_terminal(&self, machine: &MachineHandle, name: &str, max_lines: usize) -> Result<String> {
         self.inner.read_terminal(machine, name, max_lines).await
     }
 
     fn attach_command(
         &self,
-        machine: &BwrapMachine,
+        machine: &MachineHandle,
         terminal: Option<&str>,
         read_only: bool,
     ) -> Result<std::process::Command> {
@@ -793,7 +796,7 @@ async fn an_ext4_backed_machine_enforces_its_disk_limit() {
         "{}",
         output.stderr_text()
     );
-    let dir = machine.dir().to_path_buf();
+    let dir = bwrap_machine(&machine).dir().to_path_buf();
     driver.destroy(&machine).await.unwrap();
     assert!(!dir.exists());
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::driver::{BaseLayer, ExecRequest, Layer, MachineDriver, MachineSpec, WorkspaceMode};
+use crate::driver::{BaseLayer, ExecRequest, Layer, MachineDriver, MachineHandle, MachineSpec, WorkspaceMode};
 use crate::environment::EnvironmentConfig;
 use crate::error::{Result, SandboxError};
 use crate::limits::MachineLimits;
@@ -88,16 +88,16 @@ pub struct Snapshot {
     pub built: bool,
 }
 
-pub struct SnapshotCache<D: MachineDriver> {
-    driver: Arc<D>,
+pub struct SnapshotCache {
+    driver: Arc<dyn MachineDriver>,
     root: PathBuf,
     /// One lock per key ever asked for on this node: bounded by the number of distinct
     /// (repository, install, base) triples, which is small.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-impl<D: MachineDriver> SnapshotCache<D> {
-    pub fn new(driver: Arc<D>, root: impl Into<PathBuf>) -> Result<Self> {
+impl SnapshotCache {
+    pub fn new(driver: Arc<dyn MachineDriver>, root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|error| SandboxError::io("create", &root, error))?;
         remove_partial_builds(&root);
@@ -197,7 +197,7 @@ impl<D: MachineDriver> SnapshotCache<D> {
 
     async fn install_and_capture(
         &self,
-        machine: &D::Machine,
+        machine: &MachineHandle,
         request: &InstallRequest,
         install: &str,
         building: &Path,

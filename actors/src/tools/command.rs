@@ -1,6 +1,6 @@
 //! `run_command`, `search` and `read_terminal`.
 
-use flotilla_sandbox::{ExecOutput, KilledReason, MachineDriver};
+use flotilla_sandbox::{ExecOutput, KilledReason, MachineDriver, MachineHandle};
 
 use super::arguments::{ReadTerminalArguments, RunCommandArguments, SearchArguments};
 use super::output::{cut_note, head_text};
@@ -41,9 +41,9 @@ fi
 exec grep -rnHI --exclude-dir=.git "$mode" -e "$FLOTILLA_PATTERN" -- "${resolved#/workspace/}"
 "#;
 
-pub(crate) async fn run_command<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub(crate) async fn run_command(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     arguments: RunCommandArguments,
     limits: &ToolLimits,
 ) -> ToolOutput {
@@ -58,7 +58,7 @@ pub(crate) async fn run_command<D: MachineDriver>(
     let cwd_input = arguments.cwd.unwrap_or_else(|| ".".to_string());
     let cwd = match lexical_workspace_path("cwd", &cwd_input) {
         Ok(cwd) => cwd,
-        Err(message) => return ToolOutput::failure(message),
+        Err(refused) => return ToolOutput::failure(refused.to_string()),
     };
     let stream_budget_bytes = limits.max_output_bytes.saturating_sub(RUN_COMMAND_FRAME_BYTES) / 2;
     let script = ToolScript {
@@ -133,9 +133,9 @@ pub(crate) fn format_command_output(output: &ExecOutput, stream_budget_bytes: us
     }
 }
 
-pub(crate) async fn search<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub(crate) async fn search(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     arguments: SearchArguments,
     limits: &ToolLimits,
 ) -> ToolOutput {
@@ -148,7 +148,7 @@ pub(crate) async fn search<D: MachineDriver>(
     let input = arguments.path.unwrap_or_else(|| WORKSPACE_DIR.to_string());
     let absolute = match lexical_workspace_path("path", &input) {
         Ok(absolute) => absolute,
-        Err(message) => return ToolOutput::failure(message),
+        Err(refused) => return ToolOutput::failure(refused.to_string()),
     };
     let regex = arguments.regex.unwrap_or(false);
     let script = ToolScript {
@@ -225,9 +225,9 @@ pub(crate) async fn search<D: MachineDriver>(
     result
 }
 
-pub(crate) async fn read_terminal<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub(crate) async fn read_terminal(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     arguments: ReadTerminalArguments,
 ) -> ToolOutput {
     if arguments.name.is_empty() {

@@ -1,7 +1,7 @@
 //! `read_file`, `write_file`, `edit_file` and `list_dir`.
 
 use base64::Engine;
-use flotilla_sandbox::MachineDriver;
+use flotilla_sandbox::{MachineDriver, MachineHandle};
 
 use super::arguments::{EditFileArguments, ListDirArguments, ReadFileArguments, WriteFileArguments};
 use super::output::head_text;
@@ -73,15 +73,15 @@ if [ ! -d "$resolved" ]; then refuse "$FLOTILLA_SHOWN is not a directory; use re
 find "$resolved" -mindepth 1 -maxdepth 1 -printf '%y %P\0'
 "#;
 
-pub(crate) async fn read_file<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub(crate) async fn read_file(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     arguments: ReadFileArguments,
     limits: &ToolLimits,
 ) -> ToolOutput {
     let absolute = match lexical_workspace_path("path", &arguments.path) {
         Ok(absolute) => absolute,
-        Err(message) => return ToolOutput::failure(message),
+        Err(refused) => return ToolOutput::failure(refused.to_string()),
     };
     let first_line = arguments.start_line.unwrap_or(1);
     if first_line == 0 {
@@ -166,15 +166,15 @@ pub(crate) async fn read_file<D: MachineDriver>(
     result
 }
 
-pub(crate) async fn write_file<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub(crate) async fn write_file(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     arguments: WriteFileArguments,
     limits: &ToolLimits,
 ) -> ToolOutput {
     let absolute = match lexical_workspace_path("path", &arguments.path) {
         Ok(absolute) => absolute,
-        Err(message) => return ToolOutput::failure(message),
+        Err(refused) => return ToolOutput::failure(refused.to_string()),
     };
     if arguments.content.len() > MAX_WRITE_FILE_BYTES {
         return ToolOutput::failure(format!(
@@ -202,9 +202,9 @@ pub(crate) async fn write_file<D: MachineDriver>(
 }
 
 /// Writes `content` to `absolute` in as many commands as its size needs (usually one).
-async fn write_bytes<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+async fn write_bytes(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     absolute: &str,
     path_input: &str,
     content: &[u8],
@@ -279,9 +279,9 @@ const CHUNK_VARIABLES: [&str; WRITE_CHUNKS_PER_COMMAND] = [
 ];
 
 /// Best effort: a write that failed half-way should not leave its partial file in the workspace.
-async fn remove_partial<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+async fn remove_partial(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     absolute: &str,
     write_id: &str,
     limits: &ToolLimits,
@@ -303,15 +303,15 @@ async fn remove_partial<D: MachineDriver>(
     }
 }
 
-pub(crate) async fn edit_file<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub(crate) async fn edit_file(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     arguments: EditFileArguments,
     limits: &ToolLimits,
 ) -> ToolOutput {
     let absolute = match lexical_workspace_path("path", &arguments.path) {
         Ok(absolute) => absolute,
-        Err(message) => return ToolOutput::failure(message),
+        Err(refused) => return ToolOutput::failure(refused.to_string()),
     };
     if arguments.old_string.is_empty() {
         return ToolOutput::failure(
@@ -413,16 +413,16 @@ pub(crate) fn replace_once(content: &str, old: &str, new: &str) -> Result<Edited
     })
 }
 
-pub(crate) async fn list_dir<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub(crate) async fn list_dir(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     arguments: ListDirArguments,
     limits: &ToolLimits,
 ) -> ToolOutput {
     let input = arguments.path.unwrap_or_else(|| ".".to_string());
     let absolute = match lexical_workspace_path("path", &input) {
         Ok(absolute) => absolute,
-        Err(message) => return ToolOutput::failure(message),
+        Err(refused) => return ToolOutput::failure(refused.to_string()),
     };
     let shown = display_path(&absolute);
     let script = ToolScript {

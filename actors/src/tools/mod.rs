@@ -21,7 +21,7 @@ mod script;
 #[cfg(test)]
 mod tests;
 
-use flotilla_sandbox::MachineDriver;
+use flotilla_sandbox::{MachineDriver, MachineHandle};
 use serde_json::{json, Value};
 
 use arguments::parse_arguments;
@@ -102,9 +102,19 @@ pub fn is_builtin(name: &str) -> bool {
     tool_specs().iter().any(|(builtin, _, _)| builtin == name)
 }
 
-/// The built-in tools as (name, description, JSON schema of the arguments), for the model.
+/// The built-in tools as (name, description, JSON schema of the arguments), for the model, in
+/// the order they are offered.
 pub fn tool_specs() -> Vec<(String, String, Value)> {
-    let specs = [
+    command_and_writing_specs()
+        .into_iter()
+        .chain(reading_specs())
+        .map(|(name, description, schema)| (name.to_string(), description.to_string(), schema))
+        .collect()
+}
+
+/// `run_command` and the tools that write files.
+fn command_and_writing_specs() -> [(&'static str, &'static str, Value); 4] {
+    [
         (
             RUN_COMMAND,
             "Run a shell command (sh -c) in the machine and return its exit code, stdout and stderr. \
@@ -163,6 +173,12 @@ pub fn tool_specs() -> Vec<(String, String, Value)> {
                 "additionalProperties": false
             }),
         ),
+    ]
+}
+
+/// The tools that only read: directories, search, terminals.
+fn reading_specs() -> [(&'static str, &'static str, Value); 3] {
+    [
         (
             LIST_DIR,
             "List a directory of the workspace, sorted; directories end with /.",
@@ -202,17 +218,13 @@ pub fn tool_specs() -> Vec<(String, String, Value)> {
                 "additionalProperties": false
             }),
         ),
-    ];
-    specs
-        .into_iter()
-        .map(|(name, description, schema)| (name.to_string(), description.to_string(), schema))
-        .collect()
+    ]
 }
 
 /// Runs one tool call in `machine`. Never fails: a failure is a [`ToolOutput`] with `failed` set.
-pub async fn run_tool<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub async fn run_tool(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     name: &str,
     arguments_json: &str,
     limits: &ToolLimits,

@@ -4,14 +4,34 @@
 
 use super::WORKSPACE_DIR;
 
+/// Why a path the model gave is refused; the message is the tool's answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PathRefused {
+    #[error("{field} is empty")]
+    Empty { field: String },
+    #[error("{field} {input:?} contains a NUL byte")]
+    NulByte { field: String, input: String },
+    #[error("{}", outside_message(field, input, resolved))]
+    Outside {
+        field: String,
+        input: String,
+        resolved: String,
+    },
+}
+
 /// `input` made absolute against `/workspace` and normalised (`.`, `..` and repeated `/`
 /// removed) without touching any filesystem, or why it is refused.
-pub(crate) fn lexical_workspace_path(field: &str, input: &str) -> Result<String, String> {
+pub(crate) fn lexical_workspace_path(field: &str, input: &str) -> Result<String, PathRefused> {
     if input.is_empty() {
-        return Err(format!("{field} is empty"));
+        return Err(PathRefused::Empty {
+            field: field.to_string(),
+        });
     }
     if input.contains('\0') {
-        return Err(format!("{field} {input:?} contains a NUL byte"));
+        return Err(PathRefused::NulByte {
+            field: field.to_string(),
+            input: input.to_string(),
+        });
     }
     let mut components: Vec<&str> = Vec::new();
     if !input.starts_with('/') {
@@ -30,7 +50,11 @@ pub(crate) fn lexical_workspace_path(field: &str, input: &str) -> Result<String,
     if is_within_workspace(&normalised) {
         Ok(normalised)
     } else {
-        Err(outside_message(field, input, &normalised))
+        Err(PathRefused::Outside {
+            field: field.to_string(),
+            input: input.to_string(),
+            resolved: normalised,
+        })
     }
 }
 
@@ -69,18 +93,22 @@ mod tests {
 
     #[test]
     fn escapes_are_refused_with_the_resolved_path() {
-        let error = lexical_workspace_path("path", "../x").unwrap_err();
+        let error = lexical_workspace_path("path", "../x").unwrap_err().to_string();
         assert!(error.contains("\"../x\" is outside /workspace"), "{error}");
         assert!(error.contains("resolves to /x"), "{error}");
-        let error = lexical_workspace_path("path", "/etc/passwd").unwrap_err();
+        let error = lexical_workspace_path("path", "/etc/passwd").unwrap_err().to_string();
         assert!(error.contains("resolves to /etc/passwd"), "{error}");
         assert!(lexical_workspace_path("path", "/workspace-other/a").is_err());
         assert!(lexical_workspace_path("path", "a/../../workspace2").is_err());
         assert!(lexical_workspace_path("path", "/").is_err());
         assert!(lexical_workspace_path("path", "")
             .unwrap_err()
+            .to_string()
             .contains("path is empty"));
-        assert!(lexical_workspace_path("cwd", "a\0b").unwrap_err().contains("NUL"));
+        assert!(lexical_workspace_path("cwd", "a\0b")
+            .unwrap_err()
+            .to_string()
+            .contains("NUL"));
     }
 
     #[test]

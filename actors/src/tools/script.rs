@@ -2,7 +2,7 @@
 //! every value that comes from the model reaches them as an environment variable and is only
 //! expanded inside double quotes, so no argument can become shell code.
 
-use flotilla_sandbox::{ExecOutput, ExecRequest, MachineDriver};
+use flotilla_sandbox::{ExecOutput, ExecRequest, MachineDriver, MachineHandle};
 
 use super::paths::outside_message;
 use super::ToolOutput;
@@ -53,9 +53,9 @@ pub(crate) struct ToolScript<'a> {
 
 /// Runs `script`. `Err` is the tool's answer already: the machine failed to run it, or the
 /// script refused a path or an argument. Any other exit status is for the caller to judge.
-pub(crate) async fn run_script<D: MachineDriver>(
-    driver: &D,
-    machine: &D::Machine,
+pub(crate) async fn run_script(
+    driver: &dyn MachineDriver,
+    machine: &MachineHandle,
     script: ToolScript<'_>,
 ) -> Result<ExecOutput, ToolOutput> {
     let mut request = ExecRequest::new(format!("{PRELUDE}\n{}", script.body))

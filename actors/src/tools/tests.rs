@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use flotilla_sandbox::{
-    BaseImage, BwrapConfig, BwrapDriver, BwrapMachine, ExecRequest, MachineDriver, MachineLimits, MachineSpec, Terminal,
+    BaseImage, BwrapConfig, BwrapDriver, ExecRequest, MachineDriver, MachineHandle, MachineLimits, MachineSpec,
+    Terminal,
 };
 use serde_json::json;
 
@@ -17,7 +18,7 @@ const CONDITION_DEADLINE: Duration = Duration::from_secs(20);
 
 struct TestMachine {
     driver: BwrapDriver,
-    machine: BwrapMachine,
+    machine: MachineHandle,
     checkout: PathBuf,
     limits: ToolLimits,
     // Last, so that it is removed after the machine (fields drop in order).

@@ -6,12 +6,13 @@ use base64::Engine as _;
 use flotilla_actors::mesh::Mesh;
 use flotilla_proto::v1::agent_service_server::AgentService;
 use flotilla_proto::v1::{self, watch_agent_response};
-use flotilla_raft::{AgentId, AgentRecord, AgentSpec, AgentStatus, ApplyError, Command, Replica, Response, WriteError};
-use std::sync::atomic::Ordering;
+use flotilla_raft::{
+    AgentId, AgentRecord, AgentSpec, AgentStatus, ApplyError, Command, Epoch, Replica, Response, WriteError,
+};
 use std::sync::Arc;
 
-use flotilla_actors::machine::MachineHost;
-use flotilla_sandbox::{MachineDriver, PtySize};
+use flotilla_actors::machine::running_machine;
+use flotilla_sandbox::PtySize;
 use futures::{Stream, StreamExt as _};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,6 @@ pub const WATCH_BUFFER_MESSAGES: usize = 256;
 pub struct AgentApi {
     pub replica: Replica,
     pub mesh: Mesh,
-    pub machines: Arc<MachineHost>,
     pub models: Arc<ModelCatalog>,
     /// The node's VCS providers, which must claim an agent's repository; `None` (unit tests
     /// without a plugin host) takes any repository.
@@ -492,7 +492,8 @@ impl AgentService for AgentApi {
             .map(|assignment| assignment.node)
             .ok_or_else(|| Status::failed_precondition(format!("agent {id} is not placed on a node")))?;
         let stream = if owner == self.replica.node_id() {
-            self.attach_local(id, open, inbound).await?
+            let epoch = record.assignment.map(|assignment| assignment.epoch).unwrap_or_default();
+            self.attach_local(id, epoch, open, inbound).await?
         } else {
             self.attach_remote(owner, authorization, first, inbound).await?
         };
@@ -535,12 +536,12 @@ impl AgentApi {
     async fn attach_local(
         &self,
         agent: AgentId,
+        epoch: Epoch,
         open: v1::AttachOpen,
-        mut inbound: Streaming<v1::AttachRequest>,
+        inbound: Streaming<v1::AttachRequest>,
     ) -> Result<AttachStream, Status> {
-        let running = self
-            .machines
-            .running(agent)
+        let running = running_machine(agent, epoch)
+            .await
             .ok_or_else(|| Status::failed_precondition(format!("agent {agent} has no machine on this node yet")))?;
         let terminal = if open.terminal.is_empty() {
             None
@@ -553,12 +554,7 @@ impl AgentApi {
                 running.terminals.join(", ")
             )));
         };
-        if open.takeover
-            && running
-                .taken_over
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
+        if open.takeover && !running.try_take_over() {
             return Err(Status::failed_precondition(format!(
                 "agent {agent} is already taken over by another client; attach without take-over to watch"
             )));
@@ -568,23 +564,18 @@ impl AgentApi {
             rows: size.rows.clamp(1, 1000) as u16,
             cols: size.cols.clamp(1, 1000) as u16,
         };
-        let session = match self
-            .machines
-            .driver
-            .open_pty(&running.machine, terminal.as_deref(), !open.takeover, pty_size)
-            .await
-        {
+        let session = match running.open_pty(terminal.as_deref(), !open.takeover, pty_size).await {
             Ok(session) => Arc::new(session),
             Err(error) => {
                 if open.takeover {
-                    running.taken_over.store(false, Ordering::Release);
+                    running.hand_back();
                 }
                 return Err(Status::failed_precondition(format!(
                     "cannot attach to agent {agent}: {error}"
                 )));
             }
         };
-        running.attached.fetch_add(1, Ordering::AcqRel);
+        running.count_attached(true);
         let (sender, receiver) = mpsc::channel(ATTACH_BUFFER_MESSAGES);
         let mode = if open.takeover {
             "take-over: the agent waits until you release or detach"
@@ -618,55 +609,14 @@ impl AgentApi {
                 }
             }
         });
-        let takeover = open.takeover;
-        tokio::spawn(async move {
-            let mut controlling = takeover;
-            loop {
-                tokio::select! {
-                    message = inbound.message() => match message {
-                        Ok(Some(request)) => match request.kind {
-                            Some(v1::attach_request::Kind::Input(bytes)) => {
-                                if controlling {
-                                    if session.write_all(&bytes).await.is_err() {
-                                        break;
-                                    }
-                                } else {
-                                    let _ = sender.try_send(Ok(v1::AttachResponse {
-                                        kind: Some(v1::attach_response::Kind::Notice(
-                                            "read-only: input ignored (attach with take-over to type)".to_string(),
-                                        )),
-                                    }));
-                                }
-                            }
-                            Some(v1::attach_request::Kind::Resize(size)) => {
-                                let _ = session.resize(PtySize {
-                                    rows: size.rows.clamp(1, 1000) as u16,
-                                    cols: size.cols.clamp(1, 1000) as u16,
-                                });
-                            }
-                            Some(v1::attach_request::Kind::Release(true)) if controlling => {
-                                controlling = false;
-                                running.taken_over.store(false, Ordering::Release);
-                                let _ = sender.try_send(Ok(v1::AttachResponse {
-                                    kind: Some(v1::attach_response::Kind::Notice(
-                                        "released: the agent goes on; you are watching read-only".to_string(),
-                                    )),
-                                }));
-                            }
-                            _ => {}
-                        },
-                        Ok(None) | Err(_) => break,
-                    },
-                    _ = sender.closed() => break,
-                }
-            }
-            if controlling {
-                running.taken_over.store(false, Ordering::Release);
-            }
-            running.attached.fetch_sub(1, Ordering::AcqRel);
-            pump.abort();
-            drop(session);
-        });
+        tokio::spawn(serve_attach_input(
+            inbound,
+            session,
+            running,
+            sender,
+            open.takeover,
+            pump,
+        ));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver)))
     }
 
@@ -700,6 +650,65 @@ impl AgentApi {
         let response = client.attach(request).await?;
         Ok(Box::pin(response.into_inner()))
     }
+}
+
+/// Carries an attached client's input to its terminal until it detaches: keystrokes while it
+/// controls the terminal, resizes, and the hand-back of a take-over. Detaching hands the
+/// terminal back and ends the output pump.
+async fn serve_attach_input(
+    mut inbound: Streaming<v1::AttachRequest>,
+    session: Arc<flotilla_sandbox::PtySession>,
+    running: Arc<flotilla_actors::machine::RunningMachine>,
+    sender: mpsc::Sender<Result<v1::AttachResponse, Status>>,
+    takeover: bool,
+    pump: tokio::task::JoinHandle<()>,
+) {
+    let mut controlling = takeover;
+    loop {
+        tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(request)) => match request.kind {
+                    Some(v1::attach_request::Kind::Input(bytes)) => {
+                        if controlling {
+                            if session.write_all(&bytes).await.is_err() {
+                                break;
+                            }
+                        } else {
+                            let _ = sender.try_send(Ok(v1::AttachResponse {
+                                kind: Some(v1::attach_response::Kind::Notice(
+                                    "read-only: input ignored (attach with take-over to type)".to_string(),
+                                )),
+                            }));
+                        }
+                    }
+                    Some(v1::attach_request::Kind::Resize(size)) => {
+                        let _ = session.resize(PtySize {
+                            rows: size.rows.clamp(1, 1000) as u16,
+                            cols: size.cols.clamp(1, 1000) as u16,
+                        });
+                    }
+                    Some(v1::attach_request::Kind::Release(true)) if controlling => {
+                        controlling = false;
+                        running.hand_back();
+                        let _ = sender.try_send(Ok(v1::AttachResponse {
+                            kind: Some(v1::attach_response::Kind::Notice(
+                                "released: the agent goes on; you are watching read-only".to_string(),
+                            )),
+                        }));
+                    }
+                    _ => {}
+                },
+                Ok(None) | Err(_) => break,
+            },
+            _ = sender.closed() => break,
+        }
+    }
+    if controlling {
+        running.hand_back();
+    }
+    running.count_attached(false);
+    pump.abort();
+    drop(session);
 }
 
 /// How an attach without a terminal name is described.

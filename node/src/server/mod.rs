@@ -347,7 +347,6 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     let agent_api = agents::AgentApi {
         replica: replica.clone(),
         mesh: mesh.clone(),
-        machines: machines.clone(),
         models: std::sync::Arc::new(agents::ModelCatalog {
             scripted: runtime
                 .models

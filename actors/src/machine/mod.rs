@@ -1,0 +1,325 @@
+//! The machines of a node: the driver (any [`MachineDriver`], behind a trait object), the
+//! install-snapshot cache, the base images, and one [`MachineActor`] per running machine.
+//! `provision` is the path from an assigned agent to a booted machine: workspace from the
+//! repository mirror, environment.json, snapshot, egress proxy, then the machine actor, which
+//! creates the machine and runs `start` and the terminals.
+
+mod actor;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use flotilla_raft::{AgentRecord, Epoch};
+use flotilla_sandbox::egress::{EgressLimits, EgressPolicy, EgressProxy};
+use flotilla_sandbox::environment::{self, EnvironmentConfig, Terminal};
+use flotilla_sandbox::snapshot::{InstallRequest, SnapshotCache};
+use flotilla_sandbox::{
+    BaseImage, BaseLayer, BwrapConfig, BwrapDriver, Layer, MachineDriver, MachineLimits, MachineSpec, SandboxError,
+};
+use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
+
+use crate::repo::{RepoError, RepoMsg, Workspace};
+
+pub use actor::{
+    find_machine_actor, machine_actor_name, release_machine, running_machine, MachineActor, MachineArgs, MachineMsg,
+    RunningMachine, MACHINE_STOP_TIMEOUT,
+};
+
+/// The terminal every machine has, first, for a user who attaches without naming one.
+pub const SHELL_TERMINAL: &str = "shell";
+/// Where, inside a machine with an egress allowlist, HTTP(S) clients find the proxy.
+pub const MACHINE_PROXY_ADDRESS: &str = "127.0.0.1:3128";
+
+#[derive(Debug, Clone)]
+pub struct MachineSettings {
+    pub base_image: BaseImage,
+    pub limits: MachineLimits,
+    pub install_timeout_ms: u64,
+}
+
+impl Default for MachineSettings {
+    fn default() -> Self {
+        MachineSettings {
+            base_image: BaseImage::Host,
+            limits: MachineLimits::default(),
+            install_timeout_ms: flotilla_sandbox::snapshot::DEFAULT_INSTALL_TIMEOUT_MS,
+        }
+    }
+}
+
+/// What provisioning reports.
+pub struct Provisioned {
+    pub machine: Arc<RunningMachine>,
+    /// The machine's actor; stopping it destroys the machine.
+    pub actor: ActorRef<MachineMsg>,
+    pub workspace: Workspace,
+    pub snapshot_built: bool,
+    /// The machine stands on an install snapshot (built now or earlier).
+    pub snapshot_used: bool,
+    pub elapsed_ms: u64,
+}
+
+pub struct MachineHost {
+    driver: Arc<dyn MachineDriver>,
+    snapshots: SnapshotCache,
+    settings: MachineSettings,
+    bases: tokio::sync::Mutex<HashMap<BaseImage, BaseLayer>>,
+    workspaces_dir: PathBuf,
+    egress_dir: PathBuf,
+    pub repos_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error(transparent)]
+    Repository(#[from] RepoError),
+    #[error(transparent)]
+    Environment(#[from] flotilla_sandbox::EnvironmentError),
+    #[error("{0}")]
+    Machine(#[from] SandboxError),
+    #[error("agent {agent} is not in the replicated state")]
+    NotInState { agent: flotilla_raft::AgentId },
+    #[error("no repository actor: {0}")]
+    NoRepositoryActor(String),
+    #[error("the repository actor did not answer: {0}")]
+    RepositoryActor(String),
+    #[error("the machine actor did not start: {0}")]
+    MachineActor(String),
+    #[error("egress proxy: {0}")]
+    Egress(String),
+    #[error("egress proxy: the egress forwarder did not start: {detail}")]
+    EgressForwarder { detail: String },
+}
+
+impl MachineHost {
+    /// Opens the machine root under `data_dir/machines` with the bubblewrap driver (removing
+    /// machines a previous run of the node left behind).
+    pub fn open(data_dir: &Path, settings: MachineSettings) -> Result<MachineHost, SandboxError> {
+        let driver = BwrapDriver::new(BwrapConfig::new(data_dir.join("machines")))?;
+        let snapshots_dir = driver.snapshots_dir();
+        MachineHost::with_driver(Arc::new(driver), &snapshots_dir, data_dir, settings)
+    }
+
+    /// A host on any driver: workspaces, repository mirrors and egress sockets go under
+    /// `data_dir`, install snapshots under `snapshots_dir`.
+    pub fn with_driver(
+        driver: Arc<dyn MachineDriver>,
+        snapshots_dir: &Path,
+        data_dir: &Path,
+        settings: MachineSettings,
+    ) -> Result<MachineHost, SandboxError> {
+        let snapshots = SnapshotCache::new(driver.clone(), snapshots_dir)?;
+        let workspaces_dir = data_dir.join("workspaces");
+        let repos_dir = data_dir.join("repos");
+        let egress_dir = data_dir.join("egress");
+        for dir in [&workspaces_dir, &repos_dir, &egress_dir] {
+            std::fs::create_dir_all(dir).map_err(|error| SandboxError::io("create a directory", dir, error))?;
+        }
+        // Workspaces of machines that no longer exist.
+        if let Ok(entries) = std::fs::read_dir(&workspaces_dir) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(MachineHost {
+            driver,
+            snapshots,
+            settings,
+            bases: tokio::sync::Mutex::new(HashMap::new()),
+            workspaces_dir,
+            egress_dir,
+            repos_dir,
+        })
+    }
+
+    pub fn driver(&self) -> &Arc<dyn MachineDriver> {
+        &self.driver
+    }
+
+    pub fn settings(&self) -> &MachineSettings {
+        &self.settings
+    }
+
+    async fn base(&self) -> Result<BaseLayer, SandboxError> {
+        let mut bases = self.bases.lock().await;
+        if let Some(base) = bases.get(&self.settings.base_image) {
+            return Ok(base.clone());
+        }
+        let base = self.driver.prepare_base(self.settings.base_image).await?;
+        bases.insert(self.settings.base_image, base.clone());
+        Ok(base)
+    }
+
+    /// Builds and boots the machine of an agent under a [`MachineActor`] linked to `supervisor`
+    /// (none: unsupervised, for benchmarks). Nothing is registered for attach until it has
+    /// booted; a machine that fails to boot is destroyed before the error is returned.
+    pub async fn provision(
+        &self,
+        repo: &ActorRef<RepoMsg>,
+        agent: &AgentRecord,
+        epoch: Epoch,
+        supervisor: Option<ActorCell>,
+    ) -> Result<Provisioned, ProvisionError> {
+        let started = Instant::now();
+        // A path of its own per attempt: an earlier attempt's machine may still be going.
+        let path = self
+            .workspaces_dir
+            .join(format!("{}-{}-{}", agent.id, epoch, ulid::Ulid::new()));
+        let workspace = prepare_workspace(repo, agent, &path).await?;
+        tracing::debug!(agent = %agent.id, %epoch, elapsed_ms = started.elapsed().as_millis() as u64, "workspace prepared");
+        let prepared = async {
+            let config = environment::load(&workspace.path)?
+                .map(|(_, config)| config)
+                .unwrap_or_else(EnvironmentConfig::default);
+            let base = self.base().await?;
+            let (snapshot, snapshot_built) = self.install_snapshot(agent, &config, &base, &workspace).await?;
+            let mut spec = self.machine_spec(agent, base, &workspace, snapshot, &config);
+            let egress = self.start_egress(agent, epoch, &mut spec).await?;
+            Ok::<_, ProvisionError>((config, spec, egress, snapshot_built))
+        }
+        .await;
+        let (config, spec, egress, snapshot_built) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                let _ = tokio::fs::remove_dir_all(&path).await;
+                return Err(error);
+            }
+        };
+        let snapshot_used = spec.snapshot.is_some();
+        let args = MachineArgs {
+            agent: agent.id,
+            epoch,
+            driver: self.driver.clone(),
+            spec,
+            boot: with_shell_terminal(config),
+            egress,
+            workspace_dir: path,
+        };
+        let actor = spawn_machine_actor(args, supervisor).await?;
+        let machine = ractor::call!(actor, MachineMsg::Running)
+            .map_err(|error| ProvisionError::MachineActor(error.to_string()))?;
+        Ok(Provisioned {
+            machine,
+            actor,
+            workspace,
+            snapshot_built,
+            snapshot_used,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// The install snapshot the machine stands on (built now when no one has yet), and whether
+    /// this call built it.
+    async fn install_snapshot(
+        &self,
+        agent: &AgentRecord,
+        config: &EnvironmentConfig,
+        base: &BaseLayer,
+        workspace: &Workspace,
+    ) -> Result<(Option<Layer>, bool), ProvisionError> {
+        if config.install.is_none() {
+            return Ok((None, false));
+        }
+        let mut request = InstallRequest::new(&agent.spec.repository, config.clone(), base.clone(), &workspace.path);
+        request.limits.command_timeout_ms = self.settings.install_timeout_ms;
+        let snapshot = self.snapshots.get_or_build(&request).await?;
+        Ok((snapshot.layer, snapshot.built))
+    }
+
+    fn machine_spec(
+        &self,
+        agent: &AgentRecord,
+        base: BaseLayer,
+        workspace: &Workspace,
+        snapshot: Option<Layer>,
+        config: &EnvironmentConfig,
+    ) -> MachineSpec {
+        let mut spec = MachineSpec::new(agent.id.short(), base, &workspace.path);
+        spec.snapshot = snapshot;
+        spec.limits = self.settings.limits;
+        spec.user = config.user.clone();
+        spec.env = vec![
+            ("FLOTILLA_AGENT_ID".to_string(), agent.id.to_string()),
+            ("FLOTILLA_BRANCH".to_string(), agent.spec.work_branch.clone()),
+        ];
+        spec
+    }
+
+    /// Starts the agent's egress proxy when it has an allowlist, and points the machine at it.
+    async fn start_egress(
+        &self,
+        agent: &AgentRecord,
+        epoch: Epoch,
+        spec: &mut MachineSpec,
+    ) -> Result<Option<EgressProxy>, ProvisionError> {
+        if agent.spec.egress_allow.is_empty() {
+            return Ok(None);
+        }
+        let policy = EgressPolicy::from_patterns(&agent.spec.egress_allow)
+            .map_err(|error| ProvisionError::Egress(error.to_string()))?;
+        let socket = self
+            .egress_dir
+            .join(format!("{}-{}-{}.sock", agent.id, epoch, ulid::Ulid::new()));
+        let proxy = EgressProxy::serve_unix(&socket, policy, EgressLimits::default())
+            .await
+            .map_err(|error| ProvisionError::Egress(error.to_string()))?;
+        spec.egress_socket = Some(socket);
+        let proxy_url = format!("http://{MACHINE_PROXY_ADDRESS}");
+        for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"] {
+            spec.env.push((name.to_string(), proxy_url.clone()));
+        }
+        Ok(Some(proxy))
+    }
+}
+
+async fn prepare_workspace(
+    repo: &ActorRef<RepoMsg>,
+    agent: &AgentRecord,
+    path: &Path,
+) -> Result<Workspace, ProvisionError> {
+    let workspace = ractor::call!(repo, |reply| RepoMsg::PrepareWorkspace {
+        base_branch: agent.spec.base_branch.clone(),
+        work_branch: agent.spec.work_branch.clone(),
+        path: path.to_path_buf(),
+        reply,
+    })
+    .map_err(|error| ProvisionError::RepositoryActor(error.to_string()))??;
+    Ok(workspace)
+}
+
+/// The environment's terminals with the interactive shell first (unless it names its own).
+fn with_shell_terminal(mut config: EnvironmentConfig) -> EnvironmentConfig {
+    if !config.terminals.iter().any(|terminal| terminal.name == SHELL_TERMINAL) {
+        let mut shell = Terminal::new(SHELL_TERMINAL, "exec bash -l 2>/dev/null || exec sh -l");
+        shell.description = Some("an interactive shell in /workspace".to_string());
+        config.terminals.insert(0, shell);
+    }
+    config
+}
+
+/// Spawns the machine actor under its registry name, waiting (bounded) for an earlier actor of
+/// the same agent and epoch that is still going away, and answers its boot failure as it was.
+async fn spawn_machine_actor(
+    args: MachineArgs,
+    supervisor: Option<ActorCell>,
+) -> Result<ActorRef<MachineMsg>, ProvisionError> {
+    let name = machine_actor_name(args.agent, args.epoch);
+    if let Some(earlier) = ractor::registry::where_is(name.clone()) {
+        // A machine of a failed earlier attempt of this epoch: it is being destroyed.
+        let _ = earlier.wait(Some(MACHINE_STOP_TIMEOUT)).await;
+    }
+    let spawned = match supervisor {
+        Some(supervisor) => Actor::spawn_linked(Some(name), MachineActor, args, supervisor).await,
+        None => Actor::spawn(Some(name), MachineActor, args).await,
+    };
+    match spawned {
+        Ok((actor, _)) => Ok(actor),
+        Err(SpawnErr::StartupFailed(error)) => match error.downcast::<ProvisionError>() {
+            Ok(error) => Err(*error),
+            Err(error) => Err(ProvisionError::MachineActor(error.to_string())),
+        },
+        Err(error) => Err(ProvisionError::MachineActor(error.to_string())),
+    }
+}

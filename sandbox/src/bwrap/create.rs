@@ -1,0 +1,470 @@
+//! Creating a bubblewrap machine: its directory, the writable disk, the root and `/workspace`
+//! overlays, the user it runs as, its cgroup, the bubblewrap command, and waiting for its init.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+
+use crate::cgroup::{Leaf, MachineCgroup};
+use crate::driver::{MachineSpec, WorkspaceMode, EGRESS_SOCKET_PATH};
+use crate::error::{Result, SandboxError};
+use crate::limits::MachineLimits;
+use crate::mounts;
+
+use super::machine::{BwrapMachine, Resources};
+use super::{blocking, create_dir, BwrapDriver, DiskBacking, WORKSPACE_DIR};
+
+/// How long a new machine's init has to say it is ready.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Machine starts waiting for the spawner thread; more wait for a place in the queue.
+const SPAWN_QUEUE_LENGTH: usize = 64;
+/// Longest accepted machine label (it also becomes the hostname, with the id).
+pub(super) const MAX_NAME_CHARS: usize = 24;
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The mounted layers of a new machine, as the node sees them.
+struct MountedLayers {
+    /// The merged root overlay, bound as `/`.
+    merged: PathBuf,
+    /// What becomes `/workspace`: the workspace overlay, or the bound checkout.
+    workspace_view: PathBuf,
+}
+
+/// The account commands run as, from the machine's own `/etc/passwd`.
+struct Account {
+    user: String,
+    uid: u32,
+    gid: u32,
+    home: String,
+}
+
+impl BwrapDriver {
+    pub(super) async fn create_machine(&self, spec: MachineSpec) -> Result<BwrapMachine> {
+        // Mounts, cgroup writes and the passwd lookup block for a millisecond or two.
+        let driver = self.clone();
+        let (mut machine, command) = blocking("machine set-up", move || driver.create_blocking(spec)).await?;
+        let mut init = spawn_long_lived(command)
+            .await
+            .map_err(|error| SandboxError::io("start", &self.config.bwrap_program, error))?;
+        let stdout = init.stdout.take().expect("stdout is piped");
+        machine.resources.lock().expect("machine resources lock").init = Some(init);
+        self.wait_ready(&mut machine, stdout).await?;
+        Ok(machine)
+    }
+
+    fn create_blocking(&self, spec: MachineSpec) -> Result<(BwrapMachine, std::process::Command)> {
+        validate_spec(&spec)?;
+        let name = sanitize_name(&spec.name);
+        let id = format!("{name}-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let dir = self.machines_dir().join(&id);
+        create_dir(&dir)?;
+        // Everything made from here on is undone by `resources` if a later step fails.
+        let mut resources = Resources::new(dir.clone());
+        let (layers, account) = self.mount_layers(&dir, &spec, &mut resources)?;
+        let cgroup = self.cgroups.create_machine(&id, &spec.limits)?;
+        resources.cgroup = Some(cgroup.clone());
+        let command = self.bwrap_command(&name, &spec, &layers, &account, &cgroup)?;
+        let mut base_env = base_env(&account, &id);
+        base_env.extend(spec.env.iter().cloned());
+        let machine = BwrapMachine {
+            id,
+            dir,
+            init_pid: 0,
+            uid: account.uid,
+            gid: account.gid,
+            base_env,
+            limits: spec.limits,
+            workspace_view: layers.workspace_view,
+            cgroup,
+            exec_counter: AtomicU64::new(0),
+            nsenter_program: self.config.nsenter_program.clone(),
+            setpriv_program: self.config.setpriv_program.clone(),
+            terminals: Mutex::new(Vec::new()),
+            resources: Arc::new(Mutex::new(resources)),
+        };
+        Ok((machine, command))
+    }
+
+    /// The disk, the root overlay (snapshot and base as lowers), the user's home inside it, and
+    /// the workspace overlay (checkout above the snapshot's `workspace/`) or bind.
+    fn mount_layers(
+        &self,
+        dir: &Path,
+        spec: &MachineSpec,
+        resources: &mut Resources,
+    ) -> Result<(MountedLayers, Account)> {
+        let disk = self.mount_disk(dir, &spec.limits, resources)?;
+        let root_upper = disk.join("root-upper");
+        let root_work = disk.join("root-work");
+        let workspace_upper = disk.join("workspace-upper");
+        let workspace_work = disk.join("workspace-work");
+        for path in [&root_upper, &root_work, &workspace_upper, &workspace_work] {
+            create_dir(path)?;
+        }
+
+        let merged = dir.join("merged");
+        create_dir(&merged)?;
+        let mut root_lowers = Vec::new();
+        if let Some(snapshot) = &spec.snapshot {
+            if snapshot.root_dir().is_dir() {
+                root_lowers.push(snapshot.root_dir());
+            }
+        }
+        root_lowers.push(spec.base.rootfs.clone());
+        mounts::mount_overlay(&merged, &root_lowers, &root_upper, &root_work)?;
+        resources.mounts.push(merged.clone());
+
+        let account = find_account(&merged, spec)?;
+
+        let workspace_view = match spec.workspace_mode {
+            WorkspaceMode::Overlay => {
+                let view = dir.join("workspace");
+                create_dir(&view)?;
+                let mut lowers = vec![spec.workspace.clone()];
+                if let Some(snapshot) = &spec.snapshot {
+                    if snapshot.workspace_dir().is_dir() {
+                        lowers.push(snapshot.workspace_dir());
+                    }
+                }
+                mounts::mount_overlay(&view, &lowers, &workspace_upper, &workspace_work)?;
+                resources.mounts.push(view.clone());
+                view
+            }
+            WorkspaceMode::Bind => spec.workspace.clone(),
+        };
+        Ok((MountedLayers { merged, workspace_view }, account))
+    }
+
+    /// The bubblewrap command of the machine's init, which joins the machine's `init` leaf
+    /// cgroup before it execs.
+    fn bwrap_command(
+        &self,
+        hostname: &str,
+        spec: &MachineSpec,
+        layers: &MountedLayers,
+        account: &Account,
+        cgroup: &MachineCgroup,
+    ) -> Result<std::process::Command> {
+        let init_leaf = cgroup.leaf("init")?;
+        let mut command = std::process::Command::new(&self.config.bwrap_program);
+        command.args([
+            "--unshare-user",
+            "--uid",
+            &account.uid.to_string(),
+            "--gid",
+            &account.gid.to_string(),
+        ]);
+        command.args([
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--hostname",
+            hostname,
+        ]);
+        command.args([
+            "--unshare-net",
+            "--unshare-cgroup-try",
+            "--die-with-parent",
+            "--new-session",
+        ]);
+        command.args(["--cap-drop", "ALL"]);
+        command.arg("--bind").arg(&layers.merged).arg("/");
+        for bind in &spec.base.host_read_only_binds {
+            command.arg("--ro-bind").arg(bind).arg(bind);
+        }
+        command.args(["--proc", "/proc", "--dev", "/dev"]);
+        command.arg("--bind").arg(&layers.workspace_view).arg(WORKSPACE_DIR);
+        if let Some(socket) = &spec.egress_socket {
+            command.arg("--bind").arg(socket).arg(EGRESS_SOCKET_PATH);
+        }
+        command.args([
+            "--chdir",
+            WORKSPACE_DIR,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo ready; exec sleep infinity",
+        ]);
+        command.env_clear().env("PATH", DEFAULT_PATH);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let procs_files = init_leaf.procs_files();
+        // SAFETY: the closure only opens and writes files (async-signal-safe calls).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                Leaf::join_current_process(&procs_files)
+            });
+        }
+        Ok(command)
+    }
+
+    fn mount_disk(&self, dir: &Path, limits: &MachineLimits, resources: &mut Resources) -> Result<PathBuf> {
+        let disk = dir.join("disk");
+        create_dir(&disk)?;
+        match self.config.disk {
+            DiskBacking::Tmpfs => {
+                let max_inodes = (limits.disk_bytes / 4096).max(4096);
+                mounts::mount_tmpfs(&disk, limits.disk_bytes, max_inodes)?;
+            }
+            DiskBacking::Ext4Image => {
+                let template = self.ext4_template(limits.disk_bytes)?;
+                let image = dir.join("disk.img");
+                resources.disk_image = Some(image.clone());
+                // `cp --sparse=always` keeps the holes: a few megabytes are written, not the size.
+                run_host_command(
+                    std::process::Command::new("cp")
+                        .arg("--sparse=always")
+                        .arg(&template)
+                        .arg(&image),
+                )?;
+                mounts::mount_ext4_image(&image, &disk)?;
+            }
+        }
+        resources.mounts.push(disk.clone());
+        Ok(disk)
+    }
+
+    /// An empty, formatted ext4 image of `disk_bytes`, made once per size: copying it is a few
+    /// milliseconds where `mkfs` is tens.
+    fn ext4_template(&self, disk_bytes: u64) -> Result<PathBuf> {
+        let templates = self.config.root.join("disk-templates");
+        let template = templates.join(format!("ext4-{disk_bytes}.img"));
+        if template.exists() {
+            return Ok(template);
+        }
+        create_dir(&templates)?;
+        let building = templates.join(format!(".building-{}", ulid::Ulid::new()));
+        let file = std::fs::File::create(&building).map_err(|error| SandboxError::io("create", &building, error))?;
+        file.set_len(disk_bytes)
+            .map_err(|error| SandboxError::io("size", &building, error))?;
+        let formatted = run_host_command(
+            std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E"])
+                .arg("lazy_itable_init=1,lazy_journal_init=1,nodiscard")
+                .arg(&building),
+        );
+        if let Err(error) = formatted {
+            let _ = std::fs::remove_file(&building);
+            return Err(error);
+        }
+        std::fs::rename(&building, &template).map_err(|error| SandboxError::io("move into place", &template, error))?;
+        Ok(template)
+    }
+
+    /// Waits for the init's "ready" and finds its node PID.
+    async fn wait_ready(&self, machine: &mut BwrapMachine, stdout: std::process::ChildStdout) -> Result<()> {
+        let stdout = tokio::process::ChildStdout::from_std(stdout)
+            .map_err(|error| SandboxError::io("watch", "the machine's init output", error))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
+        let failure = match ready {
+            Ok(Ok(Some(line))) if line == "ready" => None,
+            Ok(Ok(_)) | Ok(Err(_)) => Some("bubblewrap exited before the init was ready".to_string()),
+            Err(_) => Some(format!(
+                "the init was not ready within {} ms",
+                START_TIMEOUT.as_millis()
+            )),
+        };
+        let bwrap_pid = {
+            let resources = machine.resources.lock().expect("machine resources lock");
+            resources.init.as_ref().map(|init| init.id() as i32).unwrap_or(0)
+        };
+        if let Some(mut detail) = failure {
+            let init = machine.resources.lock().expect("machine resources lock").init.take();
+            let mut stderr = String::new();
+            if let Some(mut init) = init {
+                let _ = init.kill();
+                let _ = init.wait();
+                if let Some(mut stderr_pipe) = init.stderr.take() {
+                    use std::io::Read;
+                    let _ = stderr_pipe.read_to_string(&mut stderr);
+                }
+            }
+            machine
+                .resources
+                .lock()
+                .expect("machine resources lock")
+                .stop("it failed to start");
+            if !stderr.trim().is_empty() {
+                detail.push_str(&format!(": {}", stderr.trim()));
+            }
+            return Err(SandboxError::MachineStart {
+                machine: machine.id.clone(),
+                detail,
+            });
+        }
+        let children =
+            std::fs::read_to_string(format!("/proc/{bwrap_pid}/task/{bwrap_pid}/children")).unwrap_or_default();
+        machine.init_pid = children
+            .split_whitespace()
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .ok_or_else(|| SandboxError::MachineStart {
+                machine: machine.id.clone(),
+                detail: "bubblewrap has no child process".to_string(),
+            })?;
+        Ok(())
+    }
+}
+
+fn validate_spec(spec: &MachineSpec) -> Result<()> {
+    spec.limits.validate()?;
+    if !spec.workspace.is_dir() {
+        return Err(SandboxError::InvalidSpec {
+            detail: format!("workspace {} is not a directory", spec.workspace.display()),
+        });
+    }
+    if let Some(socket) = &spec.egress_socket {
+        if !socket.exists() {
+            return Err(SandboxError::InvalidSpec {
+                detail: format!("egress socket {} does not exist", socket.display()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The spec's user (root when it names none) from the merged root's `/etc/passwd`, with its
+/// home directory made.
+fn find_account(merged: &Path, spec: &MachineSpec) -> Result<Account> {
+    let user = spec.user.clone().unwrap_or_else(|| "root".to_string());
+    // The layers are the machine's to write (an install can leave symlinks anywhere), so
+    // the node only reads and creates through real directories inside `merged`.
+    let passwd = read_inside(merged, Path::new("etc/passwd")).unwrap_or_default();
+    let (uid, gid, home) = lookup_user(&passwd, &user).ok_or_else(|| SandboxError::UnknownUser {
+        user: user.clone(),
+        image: spec.base.image.to_string(),
+    })?;
+    create_dirs_inside(merged, Path::new(home.trim_start_matches('/')))?;
+    Ok(Account { user, uid, gid, home })
+}
+
+/// The environment every command starts from, before the spec's variables.
+fn base_env(account: &Account, id: &str) -> Vec<(String, String)> {
+    vec![
+        ("PATH".to_string(), DEFAULT_PATH.to_string()),
+        ("HOME".to_string(), account.home.clone()),
+        ("USER".to_string(), account.user.clone()),
+        ("LOGNAME".to_string(), account.user.clone()),
+        ("SHELL".to_string(), "/bin/sh".to_string()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        ("TERM".to_string(), "xterm-256color".to_string()),
+        ("FLOTILLA_MACHINE".to_string(), id.to_string()),
+    ]
+}
+
+/// A process spawned by a thread that lives as long as the node: `--die-with-parent` uses
+/// PR_SET_PDEATHSIG, which fires when the spawning *thread* ends, and tokio's blocking threads
+/// end after a while idle.
+async fn spawn_long_lived(command: std::process::Command) -> io::Result<std::process::Child> {
+    type Request = (
+        std::process::Command,
+        tokio::sync::oneshot::Sender<io::Result<std::process::Child>>,
+    );
+    static SPAWNER: OnceLock<tokio::sync::mpsc::Sender<Request>> = OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Request>(SPAWN_QUEUE_LENGTH);
+        std::thread::Builder::new()
+            .name("flotilla-machine-spawner".into())
+            .spawn(move || {
+                while let Some((mut command, reply)) = receiver.blocking_recv() {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("spawn the machine spawner thread");
+        sender
+    });
+    let gone = || io::Error::other("the machine spawner thread is gone");
+    let (reply_sender, reply_receiver) = tokio::sync::oneshot::channel();
+    sender.send((command, reply_sender)).await.map_err(|_| gone())?;
+    reply_receiver.await.map_err(|_| gone())?
+}
+
+fn run_host_command(command: &mut std::process::Command) -> Result<()> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let output = command
+        .output()
+        .map_err(|error| SandboxError::io("run", PathBuf::from(&program), error))?;
+    if !output.status.success() {
+        return Err(SandboxError::HostCommand {
+            program,
+            detail: format!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim()),
+        });
+    }
+    Ok(())
+}
+
+/// Reads `relative` under `root` only if no component on the way is a symlink or `..`.
+pub(super) fn read_inside(root: &Path, relative: &Path) -> Option<String> {
+    let mut path = root.to_path_buf();
+    for component in relative.components() {
+        let std::path::Component::Normal(name) = component else {
+            return None;
+        };
+        path.push(name);
+        if std::fs::symlink_metadata(&path).ok()?.file_type().is_symlink() {
+            return None;
+        }
+    }
+    std::fs::read_to_string(path).ok()
+}
+
+/// Creates the missing directories of `relative` under `root`; stops, creating nothing more,
+/// at a symlink, a file or a `..` on the way.
+pub(super) fn create_dirs_inside(root: &Path, relative: &Path) -> Result<()> {
+    let mut path = root.to_path_buf();
+    for component in relative.components() {
+        let std::path::Component::Normal(name) = component else {
+            return Ok(());
+        };
+        path.push(name);
+        match std::fs::symlink_metadata(&path) {
+            Ok(metadata) if metadata.is_dir() => continue,
+            Ok(_) => return Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir(&path).map_err(|error| SandboxError::io("create", &path, error))?;
+            }
+            Err(error) => return Err(SandboxError::io("inspect", &path, error)),
+        }
+    }
+    Ok(())
+}
+
+/// A machine label made safe for hostnames and paths.
+pub(super) fn sanitize_name(name: &str) -> String {
+    let mut clean: String = name
+        .chars()
+        .map(|character| {
+            if character.is_ascii_alphanumeric() {
+                character.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_NAME_CHARS)
+        .collect();
+    clean = clean.trim_matches('-').to_string();
+    if clean.is_empty() {
+        clean.push_str("machine");
+    }
+    clean
+}
+
+/// The user's (uid, gid, home) from a passwd file.
+pub(super) fn lookup_user(passwd: &str, user: &str) -> Option<(u32, u32, String)> {
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() >= 7 && fields[0] == user {
+            Some((fields[2].parse().ok()?, fields[3].parse().ok()?, fields[5].to_string()))
+        } else {
+            None
+        }
+    })
+}

@@ -1,0 +1,236 @@
+//! A running (or stopped) bubblewrap machine, and the resources it holds: what `destroy`, a
+//! failed create and `Drop` undo, in order.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use crate::cgroup::MachineCgroup;
+use crate::error::{Result, SandboxError};
+use crate::limits::MachineLimits;
+use crate::mounts;
+
+use super::WORKSPACE_DIR;
+
+/// Runs `$@` in directory `$1`; the shell is the image's, so it works on every base image.
+const CHDIR_SCRIPT: &str = "cd -- \"$1\" || exit 126; shift; exec \"$@\"";
+
+/// A running (or stopped) bubblewrap machine. Dropping it tears it down like `destroy`.
+pub struct BwrapMachine {
+    pub(super) id: String,
+    pub(super) dir: PathBuf,
+    pub(super) init_pid: i32,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
+    /// The environment every command starts from (user, home, path, the spec's variables).
+    pub(super) base_env: Vec<(String, String)>,
+    pub(super) limits: MachineLimits,
+    pub(super) workspace_view: PathBuf,
+    pub(super) cgroup: MachineCgroup,
+    pub(super) exec_counter: AtomicU64,
+    pub(super) nsenter_program: PathBuf,
+    pub(super) setpriv_program: PathBuf,
+    pub(super) terminals: Mutex<Vec<String>>,
+    pub(super) resources: Arc<Mutex<Resources>>,
+}
+
+/// What has to be undone, in order; shared by `destroy`, `Drop` and failed creates.
+pub(super) struct Resources {
+    pub(super) init: Option<std::process::Child>,
+    pub(super) cgroup: Option<MachineCgroup>,
+    /// Mount points, innermost last (unmounted in reverse).
+    pub(super) mounts: Vec<PathBuf>,
+    pub(super) disk_image: Option<PathBuf>,
+    pub(super) dir: Option<PathBuf>,
+    pub(super) stopped: Option<String>,
+}
+
+impl Resources {
+    pub(super) fn new(dir: PathBuf) -> Self {
+        Resources {
+            init: None,
+            cgroup: None,
+            mounts: Vec::new(),
+            disk_image: None,
+            dir: Some(dir),
+            stopped: None,
+        }
+    }
+
+    /// What a machine holds once `destroy` has taken its resources away.
+    pub(super) fn destroyed() -> Self {
+        Resources {
+            init: None,
+            cgroup: None,
+            mounts: Vec::new(),
+            disk_image: None,
+            dir: None,
+            stopped: Some("destroyed".to_string()),
+        }
+    }
+
+    /// Kills every process; the files stay.
+    pub(super) fn stop(&mut self, reason: &str) {
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill_processes();
+        }
+        if let Some(init) = self.init.as_mut() {
+            let _ = init.kill();
+            let _ = init.wait();
+        }
+        self.init = None;
+        if self.stopped.is_none() {
+            self.stopped = Some(reason.to_string());
+        }
+    }
+
+    pub(super) fn teardown(&mut self) -> Result<()> {
+        self.stop("destroyed");
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.remove();
+        }
+        let mut first_error = None;
+        while let Some(mount_point) = self.mounts.pop() {
+            if let Err(error) = mounts::unmount(&mount_point) {
+                tracing::warn!(%error, "could not unmount a machine layer");
+                first_error.get_or_insert(error);
+            }
+        }
+        if let Some(image) = self.disk_image.take() {
+            let _ = std::fs::remove_file(image);
+        }
+        if let Some(dir) = self.dir.take() {
+            // Never delete through a mount that is still there (it could reach a lower layer's
+            // files via the upper's view, or a checkout).
+            let still_mounted = ["workspace", "merged", "disk"]
+                .iter()
+                .any(|name| mounts::is_mount_point(&dir.join(name)));
+            if still_mounted {
+                tracing::warn!(dir = %dir.display(), "machine directory left in place: a layer is still mounted");
+            } else if let Err(error) = std::fs::remove_dir_all(&dir) {
+                if error.kind() != io::ErrorKind::NotFound {
+                    first_error.get_or_insert(SandboxError::io("remove", &dir, error));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        if let Err(error) = self.teardown() {
+            tracing::warn!(%error, "machine teardown on drop was incomplete");
+        }
+    }
+}
+
+impl BwrapMachine {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The machine's `/workspace` as seen from the node (the merged overlay, or the bound
+    /// checkout): read it, or run git in it, while the machine exists.
+    pub fn workspace_path(&self) -> &Path {
+        &self.workspace_view
+    }
+
+    /// The machine's init (PID 1 inside) as a node PID.
+    pub fn init_pid(&self) -> i32 {
+        self.init_pid
+    }
+
+    pub fn limits(&self) -> &MachineLimits {
+        &self.limits
+    }
+
+    /// The per-machine directory under the driver's root.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(super) fn ensure_running(&self) -> Result<()> {
+        let mut resources = self.resources.lock().expect("machine resources lock");
+        if let Some(reason) = &resources.stopped {
+            return Err(SandboxError::MachineStopped {
+                machine: self.id.clone(),
+                detail: reason.clone(),
+            });
+        }
+        let exited = match resources.init.as_mut() {
+            Some(init) => init.try_wait().ok().flatten(),
+            None => None,
+        };
+        if let Some(status) = exited {
+            let reason = format!("its init exited ({status})");
+            resources.stopped = Some(reason.clone());
+            return Err(SandboxError::MachineStopped {
+                machine: self.id.clone(),
+                detail: reason,
+            });
+        }
+        Ok(())
+    }
+
+    /// The argv that enters the machine as its user, with no capabilities, in `cwd`.
+    pub(super) fn enter_argv(&self, cwd: &str, argv: &[String]) -> Vec<String> {
+        let mut full = vec![
+            self.nsenter_program.display().to_string(),
+            format!("--target={}", self.init_pid),
+            "--user".into(),
+            "--mount".into(),
+            "--pid".into(),
+            "--ipc".into(),
+            "--uts".into(),
+            "--net".into(),
+            "--cgroup".into(),
+            "--root".into(),
+        ];
+        // The init runs in /workspace, the usual directory: entering in the init's directory
+        // saves the shell that would change to it.
+        let in_init_directory = cwd == WORKSPACE_DIR;
+        if in_init_directory {
+            full.push("--wd".into());
+        }
+        if self.uid != 0 {
+            full.push(format!("--setuid={}", self.uid));
+            full.push(format!("--setgid={}", self.gid));
+        }
+        full.push("--".into());
+        full.push(self.setpriv_program.display().to_string());
+        if self.uid == 0 {
+            // Root inside the user namespace would still hold every capability there.
+            full.extend(["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"].map(String::from));
+        }
+        full.push("--no-new-privs".into());
+        full.push("--".into());
+        if !in_init_directory {
+            full.extend(["/bin/sh", "-c", CHDIR_SCRIPT, "flotilla"].map(String::from));
+            full.push(cwd.to_string());
+        }
+        full.extend(argv.iter().cloned());
+        full
+    }
+
+    pub(super) fn terminal_index(&self, name: Option<&str>) -> Result<usize> {
+        let terminals = self.terminals.lock().expect("terminals lock");
+        match name {
+            None if terminals.is_empty() => Err(SandboxError::UnknownTerminal {
+                machine: self.id.clone(),
+                terminal: "(any)".to_string(),
+            }),
+            None => Ok(0),
+            Some(name) => {
+                terminals
+                    .iter()
+                    .position(|existing| existing == name)
+                    .ok_or_else(|| SandboxError::UnknownTerminal {
+                        machine: self.id.clone(),
+                        terminal: name.to_string(),
+                    })
+            }
+        }
+    }
+}

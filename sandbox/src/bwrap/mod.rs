@@ -1,0 +1,190 @@
+//! The bubblewrap driver.
+//!
+//! A machine is one long-lived bubblewrap process (new user, mount, PID, IPC, UTS, network and
+//! cgroup namespaces; all capabilities dropped; `--die-with-parent`) whose command is an init
+//! that only waits. Its root is an overlay the driver mounts on the node beforehand — bubblewrap
+//! 0.8 has no `--overlay` — with the install snapshot and the base image as lower layers and the
+//! machine's upper layer on a size-limited filesystem; `/workspace` is a second overlay with the
+//! caller's checkout as its lower layer. Commands and terminals enter the running machine's
+//! namespaces with `nsenter`, drop what the entering process still holds with `setpriv`, and so
+//! share one process tree, one loopback network and one set of files. Every process of a machine
+//! sits in its cgroup (memory, pids, cpu), each command in a leaf of its own so that a timeout
+//! kills the command's whole tree and nothing else.
+//!
+//! The module follows a machine's life: [`config`] (what the driver is given), [`create`]
+//! (layers, cgroup, the bubblewrap command, waiting for the init), [`machine`] (the running
+//! machine and what it holds), [`exec`] (commands inside it), [`terminals`] (tmux and attach),
+//! [`capture`] (an install snapshot's layer) and [`cleanup`] (destroy, and what a previous run
+//! of the node left).
+
+mod capture;
+mod cleanup;
+mod config;
+mod create;
+mod exec;
+mod machine;
+mod terminals;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::cgroup::Cgroups;
+use crate::driver::{BaseImage, BaseLayer, ExecOutput, ExecRequest, Layer, MachineDriver, MachineHandle, MachineSpec};
+use crate::environment::Terminal;
+use crate::error::{Result, SandboxError};
+use crate::image;
+
+pub use config::{BwrapConfig, DiskBacking};
+pub use machine::BwrapMachine;
+
+/// The driver's name in errors about handles it did not make.
+const DRIVER_NAME: &str = "bwrap";
+const WORKSPACE_DIR: &str = "/workspace";
+
+/// Cheap to clone: clones share the debootstrap lock.
+#[derive(Clone)]
+pub struct BwrapDriver {
+    config: BwrapConfig,
+    cgroups: Cgroups,
+    debian_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|error| SandboxError::io("create", path, error))
+}
+
+fn check_program(path: &Path, hint: &str) -> Result<()> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(SandboxError::MissingTool {
+            tool: path.display().to_string(),
+            hint: hint.to_string(),
+        })
+    }
+}
+
+/// A `spawn_blocking` whose panic or cancellation becomes an error naming `what`.
+async fn blocking<T: Send + 'static>(what: &str, work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| SandboxError::HostCommand {
+            program: what.to_string(),
+            detail: error.to_string(),
+        })?
+}
+
+impl BwrapDriver {
+    /// Checks the tools, detects cgroups, creates the directories and tears down whatever a
+    /// previous run of the node left under `root` (mounts, cgroups, directories).
+    pub fn new(config: BwrapConfig) -> Result<Self> {
+        check_program(
+            &config.bwrap_program,
+            "apt-get install bubblewrap, or run scripts/setup",
+        )?;
+        check_program(&config.nsenter_program, "it comes with util-linux")?;
+        check_program(&config.setpriv_program, "it comes with util-linux")?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(SandboxError::Unsupported {
+                what: "running without root (layer mounts and cgroups need it)".to_string(),
+            });
+        }
+        let cgroups = Cgroups::detect(&config.cgroup_parent)?;
+        for dir in ["images", "machines", "snapshots"] {
+            create_dir(&config.root.join(dir))?;
+        }
+        let driver = BwrapDriver {
+            config,
+            cgroups,
+            debian_lock: Arc::new(tokio::sync::Mutex::new(())),
+        };
+        driver.remove_stale_machines();
+        Ok(driver)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.config.root
+    }
+
+    /// Where install snapshots live, for the snapshot cache.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.config.root.join("snapshots")
+    }
+
+    fn machines_dir(&self) -> PathBuf {
+        self.config.root.join("machines")
+    }
+
+    pub fn cgroup_version(&self) -> &'static str {
+        match self.cgroups.version() {
+            crate::cgroup::Version::V1 => "v1",
+            crate::cgroup::Version::V2 => "v2",
+        }
+    }
+
+    /// The bubblewrap machine behind a handle this driver made.
+    pub fn machine<'a>(&self, handle: &'a MachineHandle) -> Result<&'a BwrapMachine> {
+        handle.machine_of::<BwrapMachine>(DRIVER_NAME)
+    }
+}
+
+#[async_trait]
+impl MachineDriver for BwrapDriver {
+    async fn prepare_base(&self, image: BaseImage) -> Result<BaseLayer> {
+        let root = self.config.root.clone();
+        match image {
+            BaseImage::Host => tokio::task::spawn_blocking(move || image::prepare_host(&root))
+                .await
+                .map_err(|error| SandboxError::ImageNotPrepared {
+                    image: "host".into(),
+                    detail: error.to_string(),
+                })?,
+            BaseImage::Debian => {
+                let _guard = self.debian_lock.lock().await;
+                image::prepare_debian(&root).await
+            }
+        }
+    }
+
+    async fn create(&self, spec: MachineSpec) -> Result<MachineHandle> {
+        let machine = self.create_machine(spec).await?;
+        let id = machine.id().to_string();
+        let workspace_path = machine.workspace_path().to_path_buf();
+        Ok(MachineHandle::new(id, workspace_path, machine))
+    }
+
+    async fn exec(&self, machine: &MachineHandle, request: ExecRequest) -> Result<ExecOutput> {
+        self.exec_in(self.machine(machine)?, request).await
+    }
+
+    async fn capture_layer(&self, machine: &MachineHandle, dest: &Path) -> Result<Layer> {
+        capture::capture_layer(self.machine(machine)?, dest).await
+    }
+
+    async fn destroy(&self, machine: &MachineHandle) -> Result<()> {
+        cleanup::destroy(self.machine(machine)?).await
+    }
+
+    async fn start_terminals(&self, machine: &MachineHandle, terminals: &[Terminal]) -> Result<()> {
+        self.start_terminals_in(self.machine(machine)?, terminals).await
+    }
+
+    async fn read_terminal(&self, machine: &MachineHandle, name: &str, max_lines: usize) -> Result<String> {
+        self.read_terminal_in(self.machine(machine)?, name, max_lines).await
+    }
+
+    fn attach_command(
+        &self,
+        machine: &MachineHandle,
+        terminal: Option<&str>,
+        read_only: bool,
+    ) -> Result<std::process::Command> {
+        terminals::attach_command(self.machine(machine)?, terminal, read_only)
+    }
+}
