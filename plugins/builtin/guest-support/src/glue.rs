@@ -31,6 +31,16 @@ macro_rules! provider_bindings {
         };
         use $crate as support;
 
+        $crate::wit_conversions!();
+    };
+}
+
+/// Conversions between this crate's plain types and the generated WIT ones, expanded beside
+/// the bindings by [`provider_bindings!`]; each provider uses some of them.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! wit_conversions {
+    () => {
         #[allow(dead_code)]
         fn repo_ref(repository: support::RepoRef) -> RepoRef {
             RepoRef {
