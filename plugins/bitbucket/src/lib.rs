@@ -8,9 +8,10 @@
 //! the host fills in.
 //!
 //! Settings: `hosts` (extra hosts, e.g. a loopback test forge), `api-base` (default
-//! `https://api.bitbucket.org/2.0`), `token-secret` (default `bitbucket-token`). The decisions
-//! live in [`logic`]; the WIT glue is the support crate's `forge_provider!`.
+//! `https://api.bitbucket.org/2.0`), `token-secret` (default `bitbucket-token`). What is
+//! Bitbucket's own lives in [`logic`]; the rest is the support crate's forge skeleton, and the
+//! WIT glue its `forge_provider!`.
 
 mod logic;
 
-flotilla_guest_support::forge_provider!();
+flotilla_guest_support::forge_provider!(logic::Bitbucket);

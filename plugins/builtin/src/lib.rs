@@ -4,8 +4,10 @@
 //! They are ordinary plugins (the WIT world `vcs-provider` in `plugins/wit`), built from the
 //! guest crates `plugins/{github,gitlab,bitbucket,gitea,git}` for `wasm32-wasip2` by this
 //! crate's build script, so the node loads them through the same host, limits and grants as
-//! an admin's uploaded plugin. Their pure logic (URL parsing, requests, error bodies) is
-//! unit-tested natively in each guest crate: `cargo test --manifest-path plugins/github/Cargo.toml`.
+//! an admin's uploaded plugin. The four forges share one skeleton (the `Forge` trait of
+//! `guest-support`) and each guest holds only its forge's specifics; all of it is plain logic,
+//! unit-tested natively (here, and in each guest crate:
+//! `cargo test --manifest-path plugins/github/Cargo.toml`).
 //!
 //! Plain git claims every URL; the node must ask the forge providers first and fall back to it.
 
@@ -29,7 +31,7 @@ pub fn builtin(name: &str) -> Option<&'static Builtin> {
     BUILTIN.iter().find(|plugin| plugin.name == name)
 }
 
-// The guests' pure logic (URL parsing, requests, forge answers, webhooks), compiled natively
+// The guests' pure logic (their `Forge` impls, plain git's decisions), compiled natively
 // so that the workspace's test run includes its unit tests; the guests themselves only build for
 // wasm32-wasip2 here. Their glue uses what the tests do not.
 #[cfg(test)]

@@ -5,24 +5,12 @@
 //!
 //! Settings: `username` and `token-secret` (no default): when both are set, http(s) clones
 //! carry a Basic auth header with that user and the token as the password. The decisions live
-//! in [`logic`]; this file only converts to and from the WIT bindings.
+//! in [`logic`]; this file is its `Guest`, with the support crate's `provider_bindings!`
+//! converting to and from the WIT bindings.
 
 mod logic;
 
-mod bindings {
-    // Generated code; its lowered import functions take many arguments.
-    #![allow(clippy::too_many_arguments)]
-    wit_bindgen::generate!({ world: "vcs-provider", path: "../wit" });
-}
-
-use bindings::flotilla::plugin::settings;
-use bindings::flotilla::plugin::types::Header;
-use bindings::flotilla::plugin::vcs::RemoteError;
-// The world's `use vcs.{...}` puts the provider types at the top of the bindings.
-use bindings::{
-    CloneSpec, Guest, PluginError, ProviderInfo, PullRequest, PullRequestInput, RepoRef, WebhookEvent, WebhookInput,
-};
-use flotilla_guest_support as support;
+flotilla_guest_support::provider_bindings!();
 
 struct Provider;
 
@@ -61,27 +49,3 @@ impl Guest for Provider {
 }
 
 bindings::export!(Provider with_types_in bindings);
-
-fn repo_ref(repository: support::RepoRef) -> RepoRef {
-    RepoRef {
-        host: repository.host,
-        owner: repository.owner,
-        name: repository.name,
-        web_url: repository.web_url,
-    }
-}
-
-fn clone_spec(spec: support::CloneSpec) -> CloneSpec {
-    CloneSpec {
-        url: spec.url,
-        auth_header: spec.auth_header.map(|(name, value)| Header { name, value }),
-    }
-}
-
-fn plugin_error(failure: support::Failure) -> PluginError {
-    match failure {
-        support::Failure::Unsupported(message) => PluginError::Unsupported(message),
-        support::Failure::InvalidInput(message) => PluginError::InvalidInput(message),
-        support::Failure::Remote { status, message } => PluginError::Remote(RemoteError { status, message }),
-    }
-}

@@ -7,9 +7,10 @@
 //! the component: requests carry `{{secret:NAME}}` placeholders that the host fills in.
 //!
 //! Settings: `hosts` (extra self-hosted hosts), `api-base`, `token-secret` (default
-//! `gitea-token`), `username` (the Basic auth user for git, default `flotilla`). The decisions
-//! live in [`logic`]; the WIT glue is the support crate's `forge_provider!`.
+//! `gitea-token`), `username` (the Basic auth user for git, default `flotilla`). What is
+//! the forge's own lives in [`logic`]; the rest is the support crate's forge skeleton, and the
+//! WIT glue its `forge_provider!`.
 
 mod logic;
 
-flotilla_guest_support::forge_provider!();
+flotilla_guest_support::forge_provider!(logic::Gitea);

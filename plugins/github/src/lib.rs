@@ -7,8 +7,9 @@
 //! requests carry `{{secret:NAME}}` placeholders that the host fills in.
 //!
 //! Settings: `hosts` (extra GitHub Enterprise hosts), `api-base`, `token-secret` (default
-//! `github-token`). The decisions live in [`logic`]; the WIT glue is the support crate's `forge_provider!`.
+//! `github-token`). What is GitHub's own lives in [`logic`]; the rest is the support crate's
+//! forge skeleton, and the WIT glue its `forge_provider!`.
 
 mod logic;
 
-flotilla_guest_support::forge_provider!();
+flotilla_guest_support::forge_provider!(logic::GitHub);

@@ -1,236 +1,205 @@
-//! What the GitHub provider decides without talking to GitHub: which URLs are GitHub
-//! repositories, the clone URL and credentials, the "create a pull request" request, and how
-//! to read GitHub's answers and webhook deliveries. Plain functions, tested natively.
+//! GitHub as a [`Forge`]: which URLs are GitHub repositories, the REST API's paths, headers and
+//! bodies, how GitHub says a pull request is already open and how to look that one up, and how
+//! to read its answers and webhook deliveries. The rest of the provider is the shared skeleton.
 
 use flotilla_guest_support::{
-    branch_of_ref, created_pull_request, encode_path_component, found_pull_request, header, json_string, json_u64,
-    parse_json, query_string, remote_failure, webhook_json, CloneSpec, Failure, HttpRequest, PullRequest,
-    PullRequestInput, RepoRef, Settings, TwoPartRepository as Repository, WebhookEvent,
+    branch_of_ref, encode_path_component, json_string, json_u64, query_string, Forge, ForgeRepository, LookupAnswer,
+    PullRequestFields, PullRequestInput, Settings, WebhookDetails, WebhookKind,
 };
 use serde_json::{json, Value};
 
-pub const NAME: &str = "github";
-pub const DISPLAY_NAME: &str = "GitHub";
-pub const DEFAULT_TOKEN_SECRET: &str = "github-token";
-/// The public forge; GitHub Enterprise Server hosts come from the `hosts` setting.
-const PUBLIC_HOST: &str = "github.com";
+/// github.com and GitHub Enterprise Server.
+pub struct GitHub;
+
 const PUBLIC_API_BASE: &str = "https://api.github.com";
 /// The user name GitHub expects with an installation or personal token over git's HTTP.
 const GIT_USER: &str = "x-access-token";
 const API_VERSION: &str = "2022-11-28";
 
-pub fn url_patterns() -> Vec<String> {
-    vec![
-        "https://github.com/OWNER/REPO".to_string(),
-        "git@github.com:OWNER/REPO.git".to_string(),
-        "https://HOST/OWNER/REPO for each host in the `hosts` setting (GitHub Enterprise Server)".to_string(),
-    ]
-}
+impl Forge for GitHub {
+    const NAME: &'static str = "github";
+    const DISPLAY_NAME: &'static str = "GitHub";
+    const FORGE_NAME: &'static str = "GitHub";
+    const REPOSITORY_NOUN: &'static str = "GitHub repository";
+    const EXAMPLE_URL: &'static str = "https://github.com/OWNER/REPO";
+    const DEFAULT_TOKEN_SECRET: &'static str = "github-token";
+    /// GitHub Enterprise Server hosts come from the `hosts` setting.
+    const PUBLIC_HOST: &'static str = "github.com";
 
-fn repository(url: &str, settings: &Settings) -> Option<Repository> {
-    Repository::parse(url, &settings.claimed_hosts(&[PUBLIC_HOST]))
-}
-
-fn not_github(url: &str) -> Failure {
-    Failure::InvalidInput(format!(
-        "{url:?} is not a GitHub repository URL (https://github.com/OWNER/REPO, or a host in the `hosts` setting)"
-    ))
-}
-
-pub fn match_url(url: &str, settings: &Settings) -> Option<RepoRef> {
-    repository(url, settings).map(Repository::repo_ref)
-}
-
-pub fn clone_spec(url: &str, settings: &Settings) -> Result<CloneSpec, Failure> {
-    let repository = repository(url, settings).ok_or_else(|| not_github(url))?;
-    Ok(CloneSpec {
-        url: repository.clone_url(),
-        auth_header: Some((
-            "Authorization".to_string(),
-            format!("Basic {}", settings.basic_placeholder(GIT_USER)?),
-        )),
-    })
-}
-
-/// `https://api.github.com` for github.com, `{scheme}://{host}/api/v3` for GitHub Enterprise
-/// Server, or the `api-base` setting.
-fn api_base(repository: &Repository, settings: &Settings) -> String {
-    if let Some(api_base) = &settings.api_base {
-        return api_base.clone();
+    fn url_patterns() -> Vec<String> {
+        vec![
+            "https://github.com/OWNER/REPO".to_string(),
+            "git@github.com:OWNER/REPO.git".to_string(),
+            "https://HOST/OWNER/REPO for each host in the `hosts` setting (GitHub Enterprise Server)".to_string(),
+        ]
     }
-    if repository.url.web_host() == PUBLIC_HOST {
-        PUBLIC_API_BASE.to_string()
-    } else {
-        format!("{}/api/v3", repository.url.web_origin())
+
+    fn git_user(_settings: &Settings) -> &str {
+        GIT_USER
     }
-}
 
-/// The repository's pulls endpoint, `{api}/repos/OWNER/REPO/pulls`.
-fn pulls_url(input: &PullRequestInput, settings: &Settings) -> Result<(Repository, String), Failure> {
-    let repository = repository(&input.repository_url, settings).ok_or_else(|| not_github(&input.repository_url))?;
-    let url = format!(
-        "{}/repos/{}/{}/pulls",
-        api_base(&repository, settings),
-        encode_path_component(&repository.owner),
-        encode_path_component(&repository.name)
-    );
-    Ok((repository, url))
-}
-
-fn api_headers(settings: &Settings) -> Result<Vec<(String, String)>, Failure> {
-    Ok(vec![
-        (
-            "Authorization".to_string(),
-            format!("Bearer {}", settings.token_placeholder()?),
-        ),
-        ("Accept".to_string(), "application/vnd.github+json".to_string()),
-        ("X-GitHub-Api-Version".to_string(), API_VERSION.to_string()),
-        ("User-Agent".to_string(), "flotilla".to_string()),
-    ])
-}
-
-pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
-    let (_, url) = pulls_url(input, settings)?;
-    let headers = api_headers(settings)?;
-    let body = json!({
-        "title": input.title,
-        "head": input.head_branch,
-        "base": input.base_branch,
-        "body": input.body,
-        "draft": input.draft,
-    });
-    Ok(HttpRequest::post_json(url, headers, &body))
-}
-
-pub fn pull_request_response(status: u16, body: &[u8]) -> Result<PullRequest, Failure> {
-    if (200..300).contains(&status) {
-        return created_pull_request(status, body, "/html_url", "/number");
-    }
-    Err(remote_failure(
-        status,
-        parse_json(body).and_then(|value| error_message(&value)),
-        body,
-    ))
-}
-
-/// GitHub refuses a second open pull request of one head and base with 422 "A pull request
-/// already exists for OWNER:BRANCH."
-pub fn already_open(status: u16, body: &[u8]) -> bool {
-    status == 422 && String::from_utf8_lossy(body).contains("A pull request already exists")
-}
-
-/// `GET .../pulls?state=open&head=OWNER:BRANCH&base=BASE`: the open pull request of the head
-/// and base (GitHub filters `head` by `user:ref-name`).
-pub fn open_pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
-    let (repository, url) = pulls_url(input, settings)?;
-    let head = format!("{}:{}", repository.owner, input.head_branch);
-    let query = query_string(&[("state", "open"), ("head", &head), ("base", &input.base_branch)]);
-    Ok(HttpRequest::get(format!("{url}{query}"), api_headers(settings)?))
-}
-
-pub fn open_pull_request_response(status: u16, body: &[u8]) -> Result<Option<PullRequest>, Failure> {
-    found_pull_request(status, body, Some(""), ("/html_url", "/number"), error_message)
-}
-
-/// GitHub's error body: `{"message": "Validation Failed", "errors": [{"message": "A pull
-/// request already exists for acme:feature."}]}`; errors without a message name the resource,
-/// field and code (`{"resource": "PullRequest", "field": "head", "code": "invalid"}`).
-fn error_message(value: &Value) -> Option<String> {
-    let message = json_string(value, "/message");
-    let details: Vec<String> = value
-        .get("errors")
-        .and_then(Value::as_array)
-        .map(|errors| {
-            errors
-                .iter()
-                .filter_map(|error| match error {
-                    Value::String(text) => Some(text.clone()),
-                    Value::Object(_) => json_string(error, "/message").or_else(|| {
-                        let part = |key: &str| json_string(error, &format!("/{key}"));
-                        let location = match (part("resource"), part("field")) {
-                            (Some(resource), Some(field)) => format!("{resource}.{field}"),
-                            (Some(only), None) | (None, Some(only)) => only,
-                            (None, None) => return part("code"),
-                        };
-                        Some(
-                            format!("{location} {}", part("code").unwrap_or_default())
-                                .trim()
-                                .to_string(),
-                        )
-                    }),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    match (message, details.first()) {
-        (Some(message), Some(detail)) => Some(format!("{message}: {detail}")),
-        (Some(message), None) => Some(message),
-        (None, Some(detail)) => Some(detail.clone()),
-        (None, None) => None,
-    }
-}
-
-/// `X-GitHub-Event: push` and `pull_request` become events (and comments on pull requests);
-/// everything else (ping, issues, stars...) is ignored.
-pub fn parse_webhook(headers: &[(String, String)], body: &[u8]) -> Result<Option<WebhookEvent>, Failure> {
-    let Some(event) = header(headers, "X-GitHub-Event") else {
-        return Ok(None);
-    };
-    let kind = match event.trim() {
-        "push" => "push",
-        "pull_request" => "pull-request",
-        "issue_comment" | "pull_request_review_comment" | "pull_request_review" => "comment",
-        _ => return Ok(None),
-    };
-    let payload = webhook_json("GitHub", body)?;
-    let repository_url = json_string(&payload, "/repository/html_url")
-        .ok_or_else(|| Failure::InvalidInput("GitHub webhook body has no repository.html_url".to_string()))?;
-    let actor = json_string(&payload, "/sender/login").or_else(|| json_string(&payload, "/pusher/name"));
-    let event = match kind {
-        "push" => WebhookEvent {
-            kind: kind.to_string(),
-            repository_url,
-            branch: json_string(&payload, "/ref").and_then(|git_ref| branch_of_ref(&git_ref)),
-            pull_request_number: None,
-            actor,
-        },
-        "pull-request" => WebhookEvent {
-            kind: kind.to_string(),
-            repository_url,
-            branch: json_string(&payload, "/pull_request/head/ref"),
-            pull_request_number: json_u64(&payload, "/number").or_else(|| json_u64(&payload, "/pull_request/number")),
-            actor,
-        },
-        _ => {
-            // A comment on an issue that is not a pull request is not ours to report.
-            let on_issue = payload.get("issue");
-            let on_pull_request = on_issue.is_none_or(|issue| issue.get("pull_request").is_some());
-            if !on_pull_request {
-                return Ok(None);
-            }
-            WebhookEvent {
-                kind: kind.to_string(),
-                repository_url,
-                branch: json_string(&payload, "/pull_request/head/ref"),
-                pull_request_number: json_u64(&payload, "/pull_request/number")
-                    .or_else(|| json_u64(&payload, "/issue/number")),
-                actor,
-            }
+    /// `https://api.github.com` for github.com, `{scheme}://{host}/api/v3` for GitHub Enterprise
+    /// Server.
+    fn default_api_base(repository: &ForgeRepository) -> String {
+        if repository.url.web_host() == Self::PUBLIC_HOST {
+            PUBLIC_API_BASE.to_string()
+        } else {
+            format!("{}/api/v3", repository.url.web_origin())
         }
+    }
+
+    /// `/repos/OWNER/REPO/pulls`.
+    fn pull_requests_path(repository: &ForgeRepository) -> String {
+        format!(
+            "/repos/{}/{}/pulls",
+            encode_path_component(&repository.owner),
+            encode_path_component(&repository.name)
+        )
+    }
+
+    fn token_header(token_placeholder: String) -> (String, String) {
+        ("Authorization".to_string(), format!("Bearer {token_placeholder}"))
+    }
+
+    const ACCEPT: &'static str = "application/vnd.github+json";
+
+    fn extra_api_headers() -> Vec<(String, String)> {
+        vec![("X-GitHub-Api-Version".to_string(), API_VERSION.to_string())]
+    }
+
+    fn create_pull_request_body(input: &PullRequestInput) -> Value {
+        json!({
+            "title": input.title,
+            "head": input.head_branch,
+            "base": input.base_branch,
+            "body": input.body,
+            "draft": input.draft,
+        })
+    }
+
+    const PULL_REQUEST_FIELDS: PullRequestFields = PullRequestFields {
+        url_pointer: "/html_url",
+        number_pointer: "/number",
     };
-    Ok(Some(event))
+
+    /// GitHub's error body: `{"message": "Validation Failed", "errors": [{"message": "A pull
+    /// request already exists for acme:feature."}]}`; errors without a message name the
+    /// resource, field and code (`{"resource": "PullRequest", "field": "head", "code": "invalid"}`).
+    fn error_message(answer: &Value) -> Option<String> {
+        let message = json_string(answer, "/message");
+        let details: Vec<String> = answer
+            .get("errors")
+            .and_then(Value::as_array)
+            .map(|errors| errors.iter().filter_map(error_detail).collect())
+            .unwrap_or_default();
+        match (message, details.first()) {
+            (Some(message), Some(detail)) => Some(format!("{message}: {detail}")),
+            (Some(message), None) => Some(message),
+            (None, Some(detail)) => Some(detail.clone()),
+            (None, None) => None,
+        }
+    }
+
+    /// GitHub refuses a second open pull request of one head and base with 422 "A pull request
+    /// already exists for OWNER:BRANCH."
+    fn may_be_already_open(status: u16, body: &[u8]) -> bool {
+        status == 422 && String::from_utf8_lossy(body).contains("A pull request already exists")
+    }
+
+    /// `GET .../pulls?state=open&head=OWNER:BRANCH&base=BASE` (GitHub filters `head` by
+    /// `user:ref-name`).
+    fn open_pull_request_lookup_url(
+        pull_requests_url: &str,
+        repository: &ForgeRepository,
+        input: &PullRequestInput,
+    ) -> String {
+        let head = format!("{}:{}", repository.owner, input.head_branch);
+        let query = query_string(&[("state", "open"), ("head", &head), ("base", &input.base_branch)]);
+        format!("{pull_requests_url}{query}")
+    }
+
+    const LOOKUP_ANSWER: LookupAnswer = LookupAnswer::List { pointer: "" };
+
+    const WEBHOOK_EVENT_HEADERS: &'static [&'static str] = &["X-GitHub-Event"];
+
+    /// Pushes, pull requests and comments on or reviews of pull requests; everything else (ping,
+    /// issues, stars...) is ignored.
+    fn webhook_kind(event: &str) -> Option<WebhookKind> {
+        match event {
+            "push" => Some(WebhookKind::Push),
+            "pull_request" => Some(WebhookKind::PullRequest),
+            "issue_comment" | "pull_request_review_comment" | "pull_request_review" => Some(WebhookKind::Comment),
+            _ => None,
+        }
+    }
+
+    const WEBHOOK_REPOSITORY_URL_POINTER: &'static str = "/repository/html_url";
+
+    fn webhook_details(kind: WebhookKind, payload: &Value) -> Option<WebhookDetails> {
+        let actor = json_string(payload, "/sender/login").or_else(|| json_string(payload, "/pusher/name"));
+        let details = match kind {
+            WebhookKind::Push => WebhookDetails {
+                branch: json_string(payload, "/ref").and_then(|git_ref| branch_of_ref(&git_ref)),
+                pull_request_number: None,
+                actor,
+            },
+            WebhookKind::PullRequest => WebhookDetails {
+                branch: json_string(payload, "/pull_request/head/ref"),
+                pull_request_number: json_u64(payload, "/number").or_else(|| json_u64(payload, "/pull_request/number")),
+                actor,
+            },
+            WebhookKind::Comment => {
+                // A comment on an issue that is not a pull request is not ours to report.
+                let on_plain_issue = payload
+                    .get("issue")
+                    .is_some_and(|issue| issue.get("pull_request").is_none());
+                if on_plain_issue {
+                    return None;
+                }
+                WebhookDetails {
+                    branch: json_string(payload, "/pull_request/head/ref"),
+                    pull_request_number: json_u64(payload, "/pull_request/number")
+                        .or_else(|| json_u64(payload, "/issue/number")),
+                    actor,
+                }
+            }
+        };
+        Some(details)
+    }
+}
+
+/// One entry of GitHub's `errors`: its message, or `Resource.field code`.
+fn error_detail(error: &Value) -> Option<String> {
+    match error {
+        Value::String(text) => Some(text.clone()),
+        Value::Object(_) => json_string(error, "/message").or_else(|| {
+            let part = |key: &str| json_string(error, &format!("/{key}"));
+            let location = match (part("resource"), part("field")) {
+                (Some(resource), Some(field)) => format!("{resource}.{field}"),
+                (Some(only), None) | (None, Some(only)) => only,
+                (None, None) => return part("code"),
+            };
+            Some(
+                format!("{location} {}", part("code").unwrap_or_default())
+                    .trim()
+                    .to_string(),
+            )
+        }),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_guest_support::forge;
+    use flotilla_guest_support::{Failure, PullRequest, RepoRef};
 
     fn settings(hosts: Option<&str>) -> Settings {
         let hosts = hosts.map(str::to_string);
         Settings::read(
             move |key| if key == "hosts" { hosts.clone() } else { None },
-            DEFAULT_TOKEN_SECRET,
+            GitHub::DEFAULT_TOKEN_SECRET,
         )
     }
 
@@ -262,7 +231,11 @@ mod tests {
             "ssh://git@github.com/acme/widgets.git",
             "http://github.com/acme/widgets",
         ] {
-            assert_eq!(match_url(url, &settings(None)), Some(expected.clone()), "{url}");
+            assert_eq!(
+                forge::match_url::<GitHub>(url, &settings(None)),
+                Some(expected.clone()),
+                "{url}"
+            );
         }
     }
 
@@ -276,23 +249,23 @@ mod tests {
             "https://github.com.evil.example/acme/widgets",
             "file:///srv/acme/widgets.git",
         ] {
-            assert_eq!(match_url(url, &settings(None)), None, "{url}");
+            assert_eq!(forge::match_url::<GitHub>(url, &settings(None)), None, "{url}");
         }
     }
 
     #[test]
     fn enterprise_and_loopback_hosts_come_from_the_settings() {
         let settings = settings(Some("ghe.example.com, 127.0.0.1:8080"));
-        let enterprise = match_url("https://ghe.example.com/acme/widgets", &settings).unwrap();
+        let enterprise = forge::match_url::<GitHub>("https://ghe.example.com/acme/widgets", &settings).unwrap();
         assert_eq!(enterprise.web_url, "https://ghe.example.com/acme/widgets");
-        let loopback = match_url("http://127.0.0.1:8080/acme/widgets.git", &settings).unwrap();
+        let loopback = forge::match_url::<GitHub>("http://127.0.0.1:8080/acme/widgets.git", &settings).unwrap();
         assert_eq!(loopback.host, "127.0.0.1:8080");
         assert_eq!(loopback.web_url, "http://127.0.0.1:8080/acme/widgets");
     }
 
     #[test]
     fn the_clone_spec_is_https_with_a_basic_token_header() {
-        let spec = clone_spec("git@github.com:acme/widgets.git", &settings(None)).unwrap();
+        let spec = forge::clone_spec::<GitHub>("git@github.com:acme/widgets.git", &settings(None)).unwrap();
         assert_eq!(spec.url, "https://github.com/acme/widgets.git");
         assert_eq!(
             spec.auth_header,
@@ -301,17 +274,20 @@ mod tests {
                 "Basic {{basic:x-access-token:secret:github-token}}".to_string()
             ))
         );
-        let loopback = clone_spec("http://127.0.0.1:8080/acme/widgets", &settings(Some("127.0.0.1:8080"))).unwrap();
+        let loopback =
+            forge::clone_spec::<GitHub>("http://127.0.0.1:8080/acme/widgets", &settings(Some("127.0.0.1:8080")))
+                .unwrap();
         assert_eq!(loopback.url, "http://127.0.0.1:8080/acme/widgets.git");
         assert!(matches!(
-            clone_spec("https://gitlab.com/a/b", &settings(None)),
+            forge::clone_spec::<GitHub>("https://gitlab.com/a/b", &settings(None)),
             Err(Failure::InvalidInput(_))
         ));
     }
 
     #[test]
     fn the_pull_request_request_follows_the_rest_api() {
-        let request = pull_request_request(&input("https://github.com/acme/widgets"), &settings(None)).unwrap();
+        let request =
+            forge::pull_request_request::<GitHub>(&input("https://github.com/acme/widgets"), &settings(None)).unwrap();
         assert_eq!(request.method, "POST");
         assert_eq!(request.url, "https://api.github.com/repos/acme/widgets/pulls");
         assert_eq!(request.header("authorization"), Some("Bearer {{secret:github-token}}"));
@@ -324,7 +300,7 @@ mod tests {
             body,
             json!({"title": "Fix it", "head": "flotilla/fix-1", "base": "main", "body": "Body", "draft": true})
         );
-        let enterprise = pull_request_request(
+        let enterprise = forge::pull_request_request::<GitHub>(
             &input("https://ghe.example.com/acme/widgets"),
             &settings(Some("ghe.example.com")),
         )
@@ -338,13 +314,15 @@ mod tests {
     #[test]
     fn an_already_open_pull_request_is_looked_up_by_head_and_base() {
         let refusal = br#"{"message": "Validation Failed", "errors": [{"resource": "PullRequest", "code": "custom", "message": "A pull request already exists for acme:flotilla/fix-1."}], "status": "422"}"#;
-        assert!(already_open(422, refusal));
-        assert!(!already_open(
+        assert!(GitHub::may_be_already_open(422, refusal));
+        assert!(!GitHub::may_be_already_open(
             422,
             br#"{"message": "Validation Failed", "errors": [{"field": "head", "code": "invalid"}]}"#
         ));
-        assert!(!already_open(401, br#"{"message": "Bad credentials"}"#));
-        let lookup = open_pull_request_request(&input("https://github.com/acme/widgets"), &settings(None)).unwrap();
+        assert!(!GitHub::may_be_already_open(401, br#"{"message": "Bad credentials"}"#));
+        let lookup =
+            forge::open_pull_request_request::<GitHub>(&input("https://github.com/acme/widgets"), &settings(None))
+                .unwrap();
         assert_eq!(lookup.method, "GET");
         assert_eq!(
             lookup.url,
@@ -354,7 +332,7 @@ mod tests {
         assert_eq!(lookup.header("x-github-api-version"), Some("2022-11-28"));
         assert_eq!(lookup.body, None);
         assert_eq!(
-            open_pull_request_response(
+            forge::open_pull_request_response::<GitHub>(
                 200,
                 br#"[{"number": 3, "html_url": "https://github.com/acme/widgets/pull/3"}]"#
             ),
@@ -363,9 +341,9 @@ mod tests {
                 number: 3
             }))
         );
-        assert_eq!(open_pull_request_response(200, b"[]"), Ok(None));
+        assert_eq!(forge::open_pull_request_response::<GitHub>(200, b"[]"), Ok(None));
         assert!(matches!(
-            open_pull_request_response(401, br#"{"message": "Bad credentials"}"#),
+            forge::open_pull_request_response::<GitHub>(401, br#"{"message": "Bad credentials"}"#),
             Err(Failure::Remote { status: 401, ref message }) if message == "Bad credentials"
         ));
     }
@@ -374,9 +352,10 @@ mod tests {
     fn the_api_base_setting_wins() {
         let settings = Settings::read(
             |key| (key == "api-base").then(|| "http://127.0.0.1:9/api/".to_string()),
-            DEFAULT_TOKEN_SECRET,
+            GitHub::DEFAULT_TOKEN_SECRET,
         );
-        let request = pull_request_request(&input("https://github.com/acme/widgets"), &settings).unwrap();
+        let request =
+            forge::pull_request_request::<GitHub>(&input("https://github.com/acme/widgets"), &settings).unwrap();
         assert_eq!(request.url, "http://127.0.0.1:9/api/repos/acme/widgets/pulls");
     }
 
@@ -384,7 +363,7 @@ mod tests {
     fn answers_become_pull_requests_or_remote_errors_in_githubs_words() {
         let created = br#"{"number": 42, "html_url": "https://github.com/acme/widgets/pull/42", "id": 1}"#;
         assert_eq!(
-            pull_request_response(201, created),
+            forge::pull_request_response::<GitHub>(201, created),
             Ok(PullRequest {
                 url: "https://github.com/acme/widgets/pull/42".to_string(),
                 number: 42
@@ -392,7 +371,7 @@ mod tests {
         );
         let exists = br#"{"message":"Validation Failed","errors":[{"resource":"PullRequest","code":"custom","message":"A pull request already exists for acme:flotilla/fix-1."}],"documentation_url":"https://docs.github.com/rest","status":"422"}"#;
         assert_eq!(
-            pull_request_response(422, exists),
+            forge::pull_request_response::<GitHub>(422, exists),
             Err(Failure::Remote {
                 status: 422,
                 message: "Validation Failed: A pull request already exists for acme:flotilla/fix-1.".to_string()
@@ -401,7 +380,7 @@ mod tests {
         let invalid =
             br#"{"message":"Validation Failed","errors":[{"resource":"PullRequest","field":"head","code":"invalid"}]}"#;
         assert_eq!(
-            pull_request_response(422, invalid),
+            forge::pull_request_response::<GitHub>(422, invalid),
             Err(Failure::Remote {
                 status: 422,
                 message: "Validation Failed: PullRequest.head invalid".to_string()
@@ -409,7 +388,7 @@ mod tests {
         );
         let unauthorized = br#"{"message":"Bad credentials","documentation_url":"https://docs.github.com/rest"}"#;
         assert_eq!(
-            pull_request_response(401, unauthorized),
+            forge::pull_request_response::<GitHub>(401, unauthorized),
             Err(Failure::Remote {
                 status: 401,
                 message: "Bad credentials".to_string()
@@ -429,7 +408,7 @@ mod tests {
             "pusher": {"name": "octocat"},
             "sender": {"login": "octocat"}
         });
-        let event = parse_webhook(&headers("push"), push.to_string().as_bytes())
+        let event = forge::parse_webhook::<GitHub>(&headers("push"), push.to_string().as_bytes())
             .unwrap()
             .unwrap();
         assert_eq!(event.kind, "push");
@@ -442,7 +421,7 @@ mod tests {
             "repository": {"html_url": "https://github.com/acme/widgets"},
             "sender": {"login": "octocat"}
         });
-        let event = parse_webhook(&headers("pull_request"), opened.to_string().as_bytes())
+        let event = forge::parse_webhook::<GitHub>(&headers("pull_request"), opened.to_string().as_bytes())
             .unwrap()
             .unwrap();
         assert_eq!(event.kind, "pull-request");
@@ -452,15 +431,15 @@ mod tests {
 
     #[test]
     fn other_deliveries_are_ignored_and_bad_bodies_refused() {
-        assert_eq!(parse_webhook(&headers("ping"), b"{}"), Ok(None));
-        assert_eq!(parse_webhook(&[], b"{}"), Ok(None));
+        assert_eq!(forge::parse_webhook::<GitHub>(&headers("ping"), b"{}"), Ok(None));
+        assert_eq!(forge::parse_webhook::<GitHub>(&[], b"{}"), Ok(None));
         let issue_comment = json!({"issue": {"number": 3}, "repository": {"html_url": "https://github.com/a/b"}});
         assert_eq!(
-            parse_webhook(&headers("issue_comment"), issue_comment.to_string().as_bytes()),
+            forge::parse_webhook::<GitHub>(&headers("issue_comment"), issue_comment.to_string().as_bytes()),
             Ok(None)
         );
         assert!(matches!(
-            parse_webhook(&headers("push"), b"not json"),
+            forge::parse_webhook::<GitHub>(&headers("push"), b"not json"),
             Err(Failure::InvalidInput(_))
         ));
     }

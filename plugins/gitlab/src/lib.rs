@@ -8,8 +8,9 @@
 //! host fills in.
 //!
 //! Settings: `hosts` (extra self-managed hosts), `api-base`, `token-secret` (default
-//! `gitlab-token`). The decisions live in [`logic`]; the WIT glue is the support crate's `forge_provider!`.
+//! `gitlab-token`). What is GitLab's own lives in [`logic`]; the rest is the support crate's
+//! forge skeleton, and the WIT glue its `forge_provider!`.
 
 mod logic;
 
-flotilla_guest_support::forge_provider!();
+flotilla_guest_support::forge_provider!(logic::GitLab);

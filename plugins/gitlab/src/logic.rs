@@ -1,245 +1,175 @@
-//! What the GitLab provider decides without talking to GitLab: which URLs are GitLab
-//! projects (with subgroups: `group/sub/project`), the clone URL and credentials, the "create a
-//! merge request" request, and how to read GitLab's answers and webhook deliveries. Plain
-//! functions, tested natively.
+//! GitLab as a [`Forge`]: which URLs are GitLab projects (with subgroups: `group/sub/project`),
+//! the REST API's merge request paths, headers and bodies, how GitLab says a merge request is
+//! already open and how to look that one up, and how to read its answers and webhook
+//! deliveries. The rest of the provider is the shared skeleton.
 
 use flotilla_guest_support::{
-    created_pull_request, encode_path_component, found_pull_request, header, is_plain_name, json_string, json_u64,
-    parse_json, parse_remote_url, query_string, remote_failure, render_message, webhook_json, CloneSpec, Failure,
-    HttpRequest, PullRequest, PullRequestInput, RemoteUrl, RepoRef, Settings, WebhookEvent,
+    branch_of_ref, encode_path_component, is_plain_name, json_string, json_u64, query_string, rendered_field, Forge,
+    ForgeRepository, LookupAnswer, PullRequestFields, PullRequestInput, Settings, WebhookDetails, WebhookKind,
 };
 use serde_json::{json, Value};
 
-pub const NAME: &str = "gitlab";
-pub const DISPLAY_NAME: &str = "GitLab";
-pub const DEFAULT_TOKEN_SECRET: &str = "gitlab-token";
-/// The public forge; self-managed instances come from the `hosts` setting.
-const PUBLIC_HOST: &str = "gitlab.com";
+/// gitlab.com and self-managed GitLab.
+pub struct GitLab;
+
 /// GitLab takes any user name with a token over git's HTTP; `oauth2` is the documented one.
 const GIT_USER: &str = "oauth2";
 /// The title prefix that makes a merge request a draft (GitLab has no draft field on create).
 const DRAFT_PREFIX: &str = "Draft: ";
 
-pub fn url_patterns() -> Vec<String> {
-    vec![
-        "https://gitlab.com/GROUP[/SUBGROUP...]/PROJECT".to_string(),
-        "git@gitlab.com:GROUP[/SUBGROUP...]/PROJECT.git".to_string(),
-        "https://HOST/GROUP/PROJECT for each host in the `hosts` setting (self-managed GitLab)".to_string(),
-    ]
-}
+impl Forge for GitLab {
+    const NAME: &'static str = "gitlab";
+    const DISPLAY_NAME: &'static str = "GitLab";
+    const FORGE_NAME: &'static str = "GitLab";
+    const REPOSITORY_NOUN: &'static str = "GitLab project";
+    const EXAMPLE_URL: &'static str = "https://gitlab.com/GROUP/PROJECT";
+    const DEFAULT_TOKEN_SECRET: &'static str = "gitlab-token";
+    /// Self-managed instances come from the `hosts` setting.
+    const PUBLIC_HOST: &'static str = "gitlab.com";
 
-/// A GitLab project: its URL and full path (`group/sub/project`).
-struct Project {
-    url: RemoteUrl,
-    /// Every group on the path, joined with `/`.
-    namespace: String,
-    name: String,
-}
-
-impl Project {
-    fn full_path(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    fn url_patterns() -> Vec<String> {
+        vec![
+            "https://gitlab.com/GROUP[/SUBGROUP...]/PROJECT".to_string(),
+            "git@gitlab.com:GROUP[/SUBGROUP...]/PROJECT.git".to_string(),
+            "https://HOST/GROUP/PROJECT for each host in the `hosts` setting (self-managed GitLab)".to_string(),
+        ]
     }
-}
 
-fn project(url: &str, settings: &Settings) -> Option<Project> {
-    let parsed = parse_remote_url(url)?;
-    if !parsed.host_is_one_of(&settings.claimed_hosts(&[PUBLIC_HOST])) {
-        return None;
+    /// Every group on the path, joined with `/`, owns the project; a browser URL puts the
+    /// project's pages after `/-/` (`/group/project/-/merge_requests/3`).
+    fn owner_and_name(segments: &[String]) -> Option<(String, String)> {
+        let path: Vec<&String> = segments.iter().take_while(|segment| *segment != "-").collect();
+        let (name, groups) = path.split_last()?;
+        if groups.is_empty() || !path.iter().all(|segment| is_plain_name(segment)) {
+            return None;
+        }
+        let namespace = groups.iter().map(|group| group.as_str()).collect::<Vec<_>>().join("/");
+        Some((namespace, name.to_string()))
     }
-    // A browser URL puts the project's pages after `/-/` (`/group/project/-/merge_requests/3`).
-    let path: Vec<&String> = parsed.segments.iter().take_while(|segment| *segment != "-").collect();
-    let (name, groups) = path.split_last()?;
-    if groups.is_empty() || !path.iter().all(|segment| is_plain_name(segment)) {
-        return None;
+
+    fn git_user(_settings: &Settings) -> &str {
+        GIT_USER
     }
-    let namespace = groups.iter().map(|group| group.as_str()).collect::<Vec<_>>().join("/");
-    let name = name.to_string();
-    Some(Project {
-        url: parsed,
-        namespace,
-        name,
-    })
-}
 
-fn not_gitlab(url: &str) -> Failure {
-    Failure::InvalidInput(format!(
-        "{url:?} is not a GitLab project URL (https://gitlab.com/GROUP/PROJECT, or a host in the `hosts` setting)"
-    ))
-}
-
-pub fn match_url(url: &str, settings: &Settings) -> Option<RepoRef> {
-    let project = project(url, settings)?;
-    Some(RepoRef {
-        host: project.url.web_host(),
-        web_url: format!("{}/{}", project.url.web_origin(), project.full_path()),
-        owner: project.namespace,
-        name: project.name,
-    })
-}
-
-pub fn clone_spec(url: &str, settings: &Settings) -> Result<CloneSpec, Failure> {
-    let project = project(url, settings).ok_or_else(|| not_gitlab(url))?;
-    Ok(CloneSpec {
-        url: format!("{}/{}.git", project.url.web_origin(), project.full_path()),
-        auth_header: Some((
-            "Authorization".to_string(),
-            format!("Basic {}", settings.basic_placeholder(GIT_USER)?),
-        )),
-    })
-}
-
-/// `{scheme}://{host}/api/v4`, or the `api-base` setting.
-fn api_base(project: &Project, settings: &Settings) -> String {
-    match &settings.api_base {
-        Some(api_base) => api_base.clone(),
-        None => format!("{}/api/v4", project.url.web_origin()),
+    /// `{scheme}://{host}/api/v4`.
+    fn default_api_base(repository: &ForgeRepository) -> String {
+        format!("{}/api/v4", repository.url.web_origin())
     }
-}
 
-/// The project's merge requests endpoint, `{api}/projects/URL-ENCODED-PATH/merge_requests`.
-fn merge_requests_url(input: &PullRequestInput, settings: &Settings) -> Result<String, Failure> {
-    let project = project(&input.repository_url, settings).ok_or_else(|| not_gitlab(&input.repository_url))?;
-    Ok(format!(
-        "{}/projects/{}/merge_requests",
-        api_base(&project, settings),
-        encode_path_component(&project.full_path())
-    ))
-}
+    /// `/projects/URL-ENCODED-PATH/merge_requests`.
+    fn pull_requests_path(repository: &ForgeRepository) -> String {
+        format!(
+            "/projects/{}/merge_requests",
+            encode_path_component(&repository.full_path())
+        )
+    }
 
-fn api_headers(settings: &Settings) -> Result<Vec<(String, String)>, Failure> {
-    Ok(vec![
-        ("PRIVATE-TOKEN".to_string(), settings.token_placeholder()?),
-        ("Accept".to_string(), "application/json".to_string()),
-        ("User-Agent".to_string(), "flotilla".to_string()),
-    ])
-}
+    fn token_header(token_placeholder: String) -> (String, String) {
+        ("PRIVATE-TOKEN".to_string(), token_placeholder)
+    }
 
-pub fn pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
-    let url = merge_requests_url(input, settings)?;
-    let headers = api_headers(settings)?;
-    let title = if input.draft && !input.title.starts_with(DRAFT_PREFIX) {
-        format!("{DRAFT_PREFIX}{}", input.title)
-    } else {
-        input.title.clone()
+    fn create_pull_request_body(input: &PullRequestInput) -> Value {
+        json!({
+            "source_branch": input.head_branch,
+            "target_branch": input.base_branch,
+            "title": input.title_marking_draft(DRAFT_PREFIX),
+            "description": input.body,
+        })
+    }
+
+    const PULL_REQUEST_FIELDS: PullRequestFields = PullRequestFields {
+        url_pointer: "/web_url",
+        number_pointer: "/iid",
     };
-    let body = json!({
-        "source_branch": input.head_branch,
-        "target_branch": input.base_branch,
-        "title": title,
-        "description": input.body,
-    });
-    Ok(HttpRequest::post_json(url, headers, &body))
-}
 
-pub fn pull_request_response(status: u16, body: &[u8]) -> Result<PullRequest, Failure> {
-    if (200..300).contains(&status) {
-        return created_pull_request(status, body, "/web_url", "/iid");
-    }
-    Err(remote_failure(
-        status,
-        parse_json(body).and_then(|value| error_message(&value)),
-        body,
-    ))
-}
-
-/// GitLab allows one open merge request per source branch and refuses another with 409
-/// "Another open merge request already exists for this source branch: !IID".
-pub fn already_open(status: u16, _body: &[u8]) -> bool {
-    status == 409
-}
-
-/// `GET .../merge_requests?state=opened&source_branch=HEAD&target_branch=BASE`.
-pub fn open_pull_request_request(input: &PullRequestInput, settings: &Settings) -> Result<HttpRequest, Failure> {
-    let url = merge_requests_url(input, settings)?;
-    let query = query_string(&[
-        ("state", "opened"),
-        ("source_branch", &input.head_branch),
-        ("target_branch", &input.base_branch),
-    ]);
-    Ok(HttpRequest::get(format!("{url}{query}"), api_headers(settings)?))
-}
-
-pub fn open_pull_request_response(status: u16, body: &[u8]) -> Result<Option<PullRequest>, Failure> {
-    found_pull_request(status, body, Some(""), ("/web_url", "/iid"), error_message)
-}
-
-/// GitLab's error bodies: `{"message": "401 Unauthorized"}`, `{"message": ["Another open
-/// merge request already exists for this source branch: !1"]}`, `{"message": {"title":
-/// ["can't be blank"]}}`, or OAuth's `{"error": "invalid_token", "error_description": "..."}`.
-fn error_message(value: &Value) -> Option<String> {
-    if let Some(message) = value.get("message") {
-        let rendered = render_message(message);
-        if !rendered.is_empty() {
-            return Some(rendered);
+    /// GitLab's error bodies: `{"message": "401 Unauthorized"}`, `{"message": ["Another open
+    /// merge request already exists for this source branch: !1"]}`, `{"message": {"title":
+    /// ["can't be blank"]}}`, or OAuth's `{"error": "invalid_token", "error_description": "..."}`.
+    fn error_message(answer: &Value) -> Option<String> {
+        if let Some(message) = rendered_field(answer, "message") {
+            return Some(message);
+        }
+        let error = rendered_field(answer, "error")?;
+        match json_string(answer, "/error_description") {
+            Some(description) => Some(format!("{error}: {description}")),
+            None => Some(error),
         }
     }
-    let error = value
-        .get("error")
-        .map(render_message)
-        .filter(|error| !error.is_empty())?;
-    match json_string(value, "/error_description") {
-        Some(description) => Some(format!("{error}: {description}")),
-        None => Some(error),
-    }
-}
 
-/// `X-Gitlab-Event: Push Hook`, `Merge Request Hook` and notes on merge requests become events;
-/// everything else (tag pushes, issues, pipelines...) is ignored.
-pub fn parse_webhook(headers: &[(String, String)], body: &[u8]) -> Result<Option<WebhookEvent>, Failure> {
-    let Some(event) = header(headers, "X-Gitlab-Event") else {
-        return Ok(None);
-    };
-    let kind = match event.trim() {
-        "Push Hook" => "push",
-        "Merge Request Hook" => "pull-request",
-        "Note Hook" => "comment",
-        _ => return Ok(None),
-    };
-    let payload = webhook_json("GitLab", body)?;
-    let repository_url = json_string(&payload, "/project/web_url")
-        .ok_or_else(|| Failure::InvalidInput("GitLab webhook body has no project.web_url".to_string()))?;
-    let event = match kind {
-        "push" => WebhookEvent {
-            kind: kind.to_string(),
-            repository_url,
-            branch: json_string(&payload, "/ref").and_then(|git_ref| flotilla_guest_support::branch_of_ref(&git_ref)),
-            pull_request_number: None,
-            actor: json_string(&payload, "/user_username"),
-        },
-        "pull-request" => WebhookEvent {
-            kind: kind.to_string(),
-            repository_url,
-            branch: json_string(&payload, "/object_attributes/source_branch"),
-            pull_request_number: json_u64(&payload, "/object_attributes/iid"),
-            actor: json_string(&payload, "/user/username"),
-        },
-        _ => {
-            // Notes on issues, commits and snippets are not about a merge request.
-            if payload.get("merge_request").is_none() {
-                return Ok(None);
-            }
-            WebhookEvent {
-                kind: kind.to_string(),
-                repository_url,
-                branch: json_string(&payload, "/merge_request/source_branch"),
-                pull_request_number: json_u64(&payload, "/merge_request/iid"),
-                actor: json_string(&payload, "/user/username"),
-            }
+    /// GitLab allows one open merge request per source branch and refuses another with 409
+    /// "Another open merge request already exists for this source branch: !IID".
+    fn may_be_already_open(status: u16, _body: &[u8]) -> bool {
+        status == 409
+    }
+
+    /// `GET .../merge_requests?state=opened&source_branch=HEAD&target_branch=BASE`.
+    fn open_pull_request_lookup_url(
+        pull_requests_url: &str,
+        _repository: &ForgeRepository,
+        input: &PullRequestInput,
+    ) -> String {
+        let query = query_string(&[
+            ("state", "opened"),
+            ("source_branch", &input.head_branch),
+            ("target_branch", &input.base_branch),
+        ]);
+        format!("{pull_requests_url}{query}")
+    }
+
+    const LOOKUP_ANSWER: LookupAnswer = LookupAnswer::List { pointer: "" };
+
+    const WEBHOOK_EVENT_HEADERS: &'static [&'static str] = &["X-Gitlab-Event"];
+
+    /// Pushes, merge requests and notes; everything else (tag pushes, issues, pipelines...) is
+    /// ignored.
+    fn webhook_kind(event: &str) -> Option<WebhookKind> {
+        match event {
+            "Push Hook" => Some(WebhookKind::Push),
+            "Merge Request Hook" => Some(WebhookKind::PullRequest),
+            "Note Hook" => Some(WebhookKind::Comment),
+            _ => None,
         }
-    };
-    Ok(Some(event))
+    }
+
+    const WEBHOOK_REPOSITORY_URL_POINTER: &'static str = "/project/web_url";
+
+    fn webhook_details(kind: WebhookKind, payload: &Value) -> Option<WebhookDetails> {
+        let details = match kind {
+            WebhookKind::Push => WebhookDetails {
+                branch: json_string(payload, "/ref").and_then(|git_ref| branch_of_ref(&git_ref)),
+                pull_request_number: None,
+                actor: json_string(payload, "/user_username"),
+            },
+            WebhookKind::PullRequest => WebhookDetails {
+                branch: json_string(payload, "/object_attributes/source_branch"),
+                pull_request_number: json_u64(payload, "/object_attributes/iid"),
+                actor: json_string(payload, "/user/username"),
+            },
+            WebhookKind::Comment => {
+                // Notes on issues, commits and snippets are not about a merge request.
+                payload.get("merge_request")?;
+                WebhookDetails {
+                    branch: json_string(payload, "/merge_request/source_branch"),
+                    pull_request_number: json_u64(payload, "/merge_request/iid"),
+                    actor: json_string(payload, "/user/username"),
+                }
+            }
+        };
+        Some(details)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_guest_support::forge;
+    use flotilla_guest_support::{Failure, PullRequest, RepoRef, WebhookEvent};
 
     fn settings(hosts: Option<&str>) -> Settings {
         let hosts = hosts.map(str::to_string);
         Settings::read(
             move |key| if key == "hosts" { hosts.clone() } else { None },
-            DEFAULT_TOKEN_SECRET,
+            GitLab::DEFAULT_TOKEN_SECRET,
         )
     }
 
@@ -256,12 +186,12 @@ mod tests {
 
     #[test]
     fn an_already_open_merge_request_is_looked_up_by_source_and_target() {
-        assert!(already_open(
+        assert!(GitLab::may_be_already_open(
             409,
             br#"{"message": ["Another open merge request already exists for this source branch: !4"]}"#
         ));
-        assert!(!already_open(400, br#"{"error": "title is missing"}"#));
-        let lookup = open_pull_request_request(
+        assert!(!GitLab::may_be_already_open(400, br#"{"error": "title is missing"}"#));
+        let lookup = forge::open_pull_request_request::<GitLab>(
             &input("https://gitlab.com/acme/platform/widgets", false),
             &settings(None),
         )
@@ -275,7 +205,7 @@ mod tests {
         assert_eq!(lookup.header("private-token"), Some("{{secret:gitlab-token}}"));
         assert_eq!(lookup.body, None);
         assert_eq!(
-            open_pull_request_response(
+            forge::open_pull_request_response::<GitLab>(
                 200,
                 br#"[{"iid": 4, "web_url": "https://gitlab.com/acme/platform/widgets/-/merge_requests/4"}]"#
             ),
@@ -284,9 +214,9 @@ mod tests {
                 number: 4
             }))
         );
-        assert_eq!(open_pull_request_response(200, b"[]"), Ok(None));
+        assert_eq!(forge::open_pull_request_response::<GitLab>(200, b"[]"), Ok(None));
         assert!(matches!(
-            open_pull_request_response(404, br#"{"message": "404 Project Not Found"}"#),
+            forge::open_pull_request_response::<GitLab>(404, br#"{"message": "404 Project Not Found"}"#),
             Err(Failure::Remote { status: 404, .. })
         ));
     }
@@ -307,9 +237,13 @@ mod tests {
             "git@gitlab.com:acme/platform/widgets.git",
             "ssh://git@gitlab.com/acme/platform/widgets.git",
         ] {
-            assert_eq!(match_url(url, &settings(None)), Some(expected.clone()), "{url}");
+            assert_eq!(
+                forge::match_url::<GitLab>(url, &settings(None)),
+                Some(expected.clone()),
+                "{url}"
+            );
         }
-        let top_level = match_url("https://gitlab.com/acme/widgets", &settings(None)).unwrap();
+        let top_level = forge::match_url::<GitLab>("https://gitlab.com/acme/widgets", &settings(None)).unwrap();
         assert_eq!((top_level.owner.as_str(), top_level.name.as_str()), ("acme", "widgets"));
     }
 
@@ -322,7 +256,7 @@ mod tests {
             "https://gitlab.example.com/acme/widgets",
             "file:///srv/acme/widgets.git",
         ] {
-            assert_eq!(match_url(url, &settings(None)), None, "{url}");
+            assert_eq!(forge::match_url::<GitLab>(url, &settings(None)), None, "{url}");
         }
     }
 
@@ -330,12 +264,14 @@ mod tests {
     fn self_managed_hosts_use_their_own_api() {
         let settings = settings(Some("gitlab.example.com,127.0.0.1:9000"));
         let request =
-            pull_request_request(&input("https://gitlab.example.com/acme/widgets", false), &settings).unwrap();
+            forge::pull_request_request::<GitLab>(&input("https://gitlab.example.com/acme/widgets", false), &settings)
+                .unwrap();
         assert_eq!(
             request.url,
             "https://gitlab.example.com/api/v4/projects/acme%2Fwidgets/merge_requests"
         );
-        let loopback = pull_request_request(&input("http://127.0.0.1:9000/a/b/c.git", false), &settings).unwrap();
+        let loopback =
+            forge::pull_request_request::<GitLab>(&input("http://127.0.0.1:9000/a/b/c.git", false), &settings).unwrap();
         assert_eq!(
             loopback.url,
             "http://127.0.0.1:9000/api/v4/projects/a%2Fb%2Fc/merge_requests"
@@ -344,7 +280,7 @@ mod tests {
 
     #[test]
     fn the_clone_spec_uses_oauth2_basic_auth() {
-        let spec = clone_spec("git@gitlab.com:acme/platform/widgets.git", &settings(None)).unwrap();
+        let spec = forge::clone_spec::<GitLab>("git@gitlab.com:acme/platform/widgets.git", &settings(None)).unwrap();
         assert_eq!(spec.url, "https://gitlab.com/acme/platform/widgets.git");
         assert_eq!(
             spec.auth_header.unwrap().1,
@@ -354,7 +290,7 @@ mod tests {
 
     #[test]
     fn the_merge_request_request_follows_the_rest_api() {
-        let request = pull_request_request(
+        let request = forge::pull_request_request::<GitLab>(
             &input("https://gitlab.com/acme/platform/widgets", true),
             &settings(None),
         )
@@ -377,7 +313,7 @@ mod tests {
     fn answers_become_merge_requests_or_readable_errors() {
         let created = br#"{"id": 99, "iid": 7, "web_url": "https://gitlab.com/acme/widgets/-/merge_requests/7"}"#;
         assert_eq!(
-            pull_request_response(201, created),
+            forge::pull_request_response::<GitLab>(201, created),
             Ok(PullRequest {
                 url: "https://gitlab.com/acme/widgets/-/merge_requests/7".to_string(),
                 number: 7
@@ -404,7 +340,7 @@ mod tests {
         ];
         for (status, body, message) in cases {
             assert_eq!(
-                pull_request_response(status, body),
+                forge::pull_request_response::<GitLab>(status, body),
                 Err(Failure::Remote {
                     status,
                     message: message.to_string()
@@ -425,7 +361,7 @@ mod tests {
             "user_username": "jsmith",
             "project": {"web_url": "https://gitlab.com/acme/widgets"}
         });
-        let event = parse_webhook(&headers("Push Hook"), push.to_string().as_bytes())
+        let event = forge::parse_webhook::<GitLab>(&headers("Push Hook"), push.to_string().as_bytes())
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -444,18 +380,22 @@ mod tests {
             "project": {"web_url": "https://gitlab.com/acme/widgets"},
             "object_attributes": {"iid": 7, "source_branch": "flotilla/fix-1", "action": "open"}
         });
-        let event = parse_webhook(&headers("Merge Request Hook"), merge_request.to_string().as_bytes())
-            .unwrap()
-            .unwrap();
+        let event =
+            forge::parse_webhook::<GitLab>(&headers("Merge Request Hook"), merge_request.to_string().as_bytes())
+                .unwrap()
+                .unwrap();
         assert_eq!(
             (event.kind.as_str(), event.pull_request_number),
             ("pull-request", Some(7))
         );
         let issue_note = json!({"project": {"web_url": "https://gitlab.com/a/b"}, "issue": {"iid": 1}});
         assert_eq!(
-            parse_webhook(&headers("Note Hook"), issue_note.to_string().as_bytes()),
+            forge::parse_webhook::<GitLab>(&headers("Note Hook"), issue_note.to_string().as_bytes()),
             Ok(None)
         );
-        assert_eq!(parse_webhook(&headers("Pipeline Hook"), b"{}"), Ok(None));
+        assert_eq!(
+            forge::parse_webhook::<GitLab>(&headers("Pipeline Hook"), b"{}"),
+            Ok(None)
+        );
     }
 }

@@ -1,29 +1,37 @@
 //! `PluginHost`: loads components into plugins (validated, compiled once per sha256) and runs
-//! each call in a fresh, bounded store.
+//! each call in a fresh, bounded store. The loaded plugin and the compiled-code cache are in
+//! [`plugin`], one call as data in [`call`], what instances link against in [`linking`].
 
-use std::collections::{BTreeMap, HashMap};
+mod call;
+mod linking;
+mod plugin;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, WasmBacktrace};
 
-use crate::bindings::tool_world::{self, Tool, ToolPre};
-use crate::bindings::vcs_world::flotilla::plugin::{log as wit_log, types as wit_types, vcs as wit_vcs};
-use crate::bindings::vcs_world::{self, VcsProvider, VcsProviderPre};
+use crate::bindings::tool_world::ToolPre;
+use crate::bindings::vcs_world::flotilla::plugin::{types as wit_types, vcs as wit_vcs};
+use crate::bindings::vcs_world::VcsProviderPre;
 use crate::config::HostConfig;
 use crate::disk_cache::DiskCache;
-use crate::error::{CallError, HttpFailure, PluginError, PluginFailure};
+use crate::error::{CallError, PluginError};
 use crate::placeholders::{self, PlaceholderError};
 use crate::state::{HostState, MAX_CORE_INSTANCES_PER_PLUGIN, MAX_MEMORIES_PER_PLUGIN, MAX_TABLES_PER_PLUGIN};
 use crate::types::{
     PluginKind, PluginLabel, ProviderInfo, PullRequest, PullRequestInput, RepoRef, ResolvedCloneSpec, ToolDescription,
     WebhookEvent, WebhookInput,
 };
-use crate::validate::{self, ExportProblem, ItemKind};
+use crate::validate::{self, ItemKind, ValidationError};
 use crate::{grants, http};
+use call::{call_tool, call_vcs_provider, plugin_error, Answer, Call};
+use linking::{add_plugin_interfaces, add_sandboxed_wasi};
+pub use plugin::Plugin;
+use plugin::{warn_about_invalid_grants, Compiled, CompiledPre, ComponentCache, PluginInner};
 
 /// Fuel burnt between two yields of a running call to the async executor: roughly 50-100 µs of
 /// guest code, so a busy plugin never holds an executor thread for long, and a timed-out call is
@@ -52,152 +60,6 @@ pub(crate) struct Shared {
     pub(crate) secrets: Arc<dyn SecretSource>,
 }
 
-/// A validated component, compiled and pre-linked, ready to instantiate.
-struct Compiled {
-    sha256: String,
-    kind: PluginKind,
-    pre: CompiledPre,
-    /// The code came from the disk cache rather than the compiler.
-    from_disk: bool,
-}
-
-enum CompiledPre {
-    VcsProvider(VcsProviderPre<HostState>),
-    Tool(ToolPre<HostState>),
-}
-
-struct PluginInner {
-    label: Arc<PluginLabel>,
-    granted_hosts: Arc<[String]>,
-    settings: Arc<BTreeMap<String, String>>,
-    compiled: Arc<Compiled>,
-    engine: Engine,
-}
-
-/// A compiled, validated plugin. Cheap to clone (`Arc` inside). Calls in flight keep the version
-/// they started with even if the caller swaps in a new one.
-#[derive(Clone)]
-pub struct Plugin {
-    inner: Arc<PluginInner>,
-}
-
-impl Plugin {
-    pub fn name(&self) -> &str {
-        &self.inner.label.name
-    }
-
-    pub fn version(&self) -> &str {
-        &self.inner.label.version
-    }
-
-    /// Hex sha256 of the component's bytes.
-    pub fn sha256(&self) -> &str {
-        &self.inner.compiled.sha256
-    }
-
-    pub fn kind(&self) -> PluginKind {
-        self.inner.compiled.kind
-    }
-
-    /// Hosts `http.send` may reach: `host`, `host:port`, `*.domain`, `*.domain:port`.
-    pub fn granted_hosts(&self) -> &[String] {
-        &self.inner.granted_hosts
-    }
-
-    /// `NAME@VERSION`, as errors name this plugin.
-    pub fn label(&self) -> &PluginLabel {
-        &self.inner.label
-    }
-
-    /// The same compiled plugin with other grants (no recompilation). Grants that do not parse
-    /// (see [`crate::is_valid_grant`]) match nothing.
-    pub fn with_granted_hosts(&self, hosts: Vec<String>) -> Plugin {
-        warn_about_invalid_grants(&self.inner.label, &hosts);
-        Plugin {
-            inner: Arc::new(PluginInner {
-                label: self.inner.label.clone(),
-                granted_hosts: hosts.into(),
-                settings: self.inner.settings.clone(),
-                compiled: self.inner.compiled.clone(),
-                engine: self.inner.engine.clone(),
-            }),
-        }
-    }
-
-    /// What the plugin reads through the `settings` import (e.g. a self-hosted forge's API base).
-    /// Empty unless given with [`Plugin::with_settings`].
-    pub fn settings(&self) -> &BTreeMap<String, String> {
-        &self.inner.settings
-    }
-
-    /// The same compiled plugin with other settings (no recompilation). Settings are plain
-    /// configuration: secrets go through [`SecretSource`], never here.
-    pub fn with_settings(&self, settings: BTreeMap<String, String>) -> Plugin {
-        Plugin {
-            inner: Arc::new(PluginInner {
-                label: self.inner.label.clone(),
-                granted_hosts: self.inner.granted_hosts.clone(),
-                settings: Arc::new(settings),
-                compiled: self.inner.compiled.clone(),
-                engine: self.inner.engine.clone(),
-            }),
-        }
-    }
-}
-
-impl std::fmt::Debug for Plugin {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("Plugin")
-            .field("label", &*self.inner.label)
-            .field("kind", &self.kind())
-            .field("sha256", &self.sha256())
-            .field("granted_hosts", &self.granted_hosts())
-            .field("settings", &self.settings())
-            .finish()
-    }
-}
-
-fn warn_about_invalid_grants(label: &PluginLabel, hosts: &[String]) {
-    for host in hosts.iter().filter(|host| !grants::is_valid_grant(host)) {
-        tracing::warn!(plugin = %label, grant = %host, "grant is not host, host:port or *.domain[:port]; it matches nothing");
-    }
-}
-
-/// Compiled components by sha256, least recently loaded evicted first.
-#[derive(Default)]
-struct ComponentCache {
-    entries: HashMap<String, (Arc<Compiled>, u64)>,
-    loads: u64,
-}
-
-impl ComponentCache {
-    fn get(&mut self, sha256: &str) -> Option<Arc<Compiled>> {
-        self.loads += 1;
-        let loads = self.loads;
-        self.entries.get_mut(sha256).map(|(compiled, last_loaded)| {
-            *last_loaded = loads;
-            compiled.clone()
-        })
-    }
-
-    fn insert(&mut self, compiled: Arc<Compiled>, capacity: usize) {
-        while self.entries.len() >= capacity.max(1) {
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, last))| *last)
-                .map(|(key, _)| key.clone())
-            else {
-                break;
-            };
-            self.entries.remove(&oldest);
-        }
-        self.loads += 1;
-        self.entries.insert(compiled.sha256.clone(), (compiled, self.loads));
-    }
-}
-
 /// Loads and runs plugins. One per node; calls from many tasks at once are fine.
 pub struct PluginHost {
     engine: Engine,
@@ -210,107 +72,6 @@ pub struct PluginHost {
     disk_load_count: AtomicU64,
     /// One permit per instance that may exist at once (the pool's size with pooling).
     instance_slots: Semaphore,
-}
-
-/// One export call, with its arguments in binding types.
-enum Call {
-    Info,
-    MatchUrl(String),
-    CloneSpec(String),
-    CreatePullRequest(wit_vcs::PullRequestInput),
-    ParseWebhook(wit_vcs::WebhookInput),
-    Describe,
-    Invoke(String),
-}
-
-impl Call {
-    fn function(&self) -> &'static str {
-        match self {
-            Call::Info => "info",
-            Call::MatchUrl(_) => "match-url",
-            Call::CloneSpec(_) => "clone-spec",
-            Call::CreatePullRequest(_) => "create-pull-request",
-            Call::ParseWebhook(_) => "parse-webhook",
-            Call::Describe => "describe",
-            Call::Invoke(_) => "invoke",
-        }
-    }
-
-    fn kind(&self) -> PluginKind {
-        match self {
-            Call::Describe | Call::Invoke(_) => PluginKind::Tool,
-            _ => PluginKind::VcsProvider,
-        }
-    }
-}
-
-/// One export's answer, in binding types.
-enum Answer {
-    Info(wit_vcs::ProviderInfo),
-    MatchUrl(Option<wit_vcs::RepoRef>),
-    CloneSpec(Result<wit_vcs::CloneSpec, wit_vcs::PluginError>),
-    CreatePullRequest(Result<wit_vcs::PullRequest, wit_vcs::PluginError>),
-    ParseWebhook(Result<Option<wit_vcs::WebhookEvent>, wit_vcs::PluginError>),
-    Describe(tool_world::flotilla::plugin::tool_types::ToolDescription),
-    Invoke(Result<String, String>),
-}
-
-fn header_bytes(header: &wit_types::Header) -> usize {
-    header.name.len() + header.value.len()
-}
-
-fn http_error_bytes(error: &wit_types::HttpError) -> usize {
-    use wit_types::HttpError::*;
-    match error {
-        HostNotGranted(text) | UnknownSecret(text) | InvalidRequest(text) | Transport(text) => text.len(),
-        TooLarge(_) | Timeout => 0,
-    }
-}
-
-fn plugin_error_bytes(error: &wit_vcs::PluginError) -> usize {
-    use wit_vcs::PluginError::*;
-    match error {
-        Unsupported(text) | InvalidInput(text) => text.len(),
-        Http(error) => http_error_bytes(error),
-        Remote(remote) => remote.message.len(),
-    }
-}
-
-fn result_bytes<T>(result: &Result<T, wit_vcs::PluginError>, ok_bytes: impl Fn(&T) -> usize) -> usize {
-    match result {
-        Ok(value) => ok_bytes(value),
-        Err(error) => plugin_error_bytes(error),
-    }
-}
-
-impl Answer {
-    /// Bytes of the strings and lists in the answer: what `max_output_bytes` bounds.
-    fn output_bytes(&self) -> usize {
-        match self {
-            Answer::Info(info) => {
-                info.name.len() + info.display_name.len() + info.url_patterns.iter().map(String::len).sum::<usize>()
-            }
-            Answer::MatchUrl(repo) => repo.as_ref().map_or(0, |repo| {
-                repo.host.len() + repo.owner.len() + repo.name.len() + repo.web_url.len()
-            }),
-            Answer::CloneSpec(result) => result_bytes(result, |spec| {
-                spec.url.len() + spec.auth_header.as_ref().map_or(0, header_bytes)
-            }),
-            Answer::CreatePullRequest(result) => result_bytes(result, |pull_request| pull_request.url.len()),
-            Answer::ParseWebhook(result) => result_bytes(result, |event| {
-                event.as_ref().map_or(0, |event| {
-                    event.kind.len()
-                        + event.repository_url.len()
-                        + event.branch.as_ref().map_or(0, String::len)
-                        + event.actor.as_ref().map_or(0, String::len)
-                })
-            }),
-            Answer::Describe(description) => {
-                description.name.len() + description.description.len() + description.parameters_schema.len()
-            }
-            Answer::Invoke(Ok(text) | Err(text)) => text.len(),
-        }
-    }
 }
 
 fn engine_error(message: impl std::fmt::Display) -> PluginError {
@@ -348,48 +109,29 @@ fn item_kind(item: &wasmtime::component::types::ComponentItem) -> ItemKind {
     }
 }
 
+/// A component that is not a plugin, as the error of loading it as `plugin`.
+fn validation_error(plugin: &PluginLabel, error: ValidationError) -> PluginError {
+    let plugin = plugin.clone();
+    match error {
+        ValidationError::ImportNotOffered { import } => PluginError::ImportNotOffered {
+            plugin,
+            import,
+            offered: validate::OFFERED_IMPORTS,
+        },
+        ValidationError::ImportNotInWorld { import, world } => PluginError::ImportNotInWorld { plugin, import, world },
+        ValidationError::NoWorld { found } => PluginError::NoWorld { plugin, found },
+        ValidationError::BothWorlds => PluginError::BothWorlds { plugin },
+        ValidationError::ExportsMismatch { world, mismatch } => PluginError::ExportsMismatch {
+            plugin,
+            world,
+            problem: mismatch.to_string(),
+        },
+    }
+}
+
 /// The error chain in one line.
 fn error_chain(error: &wasmtime::Error) -> String {
     error.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
-}
-
-fn plugin_failure(error: wit_vcs::PluginError) -> PluginFailure {
-    match error {
-        wit_vcs::PluginError::Unsupported(message) => PluginFailure::Unsupported(message),
-        wit_vcs::PluginError::InvalidInput(message) => PluginFailure::InvalidInput(message),
-        wit_vcs::PluginError::Http(error) => PluginFailure::Http(http_failure(error)),
-        wit_vcs::PluginError::Remote(remote) => PluginFailure::Remote {
-            status: remote.status,
-            message: remote.message,
-        },
-    }
-}
-
-fn http_failure(error: wit_types::HttpError) -> HttpFailure {
-    match error {
-        wit_types::HttpError::HostNotGranted(host) => HttpFailure::HostNotGranted(host),
-        wit_types::HttpError::UnknownSecret(name) => HttpFailure::UnknownSecret(name),
-        wit_types::HttpError::InvalidRequest(message) => HttpFailure::InvalidRequest(message),
-        wit_types::HttpError::Transport(message) => HttpFailure::Transport(message),
-        wit_types::HttpError::TooLarge(limit) => HttpFailure::TooLarge(limit),
-        wit_types::HttpError::Timeout => HttpFailure::Timeout,
-    }
-}
-
-/// A plugin's own error as the call's error; a refused host is named as such.
-fn plugin_error(plugin: &Plugin, function: &'static str, error: wit_vcs::PluginError) -> CallError {
-    match plugin_failure(error) {
-        PluginFailure::Http(HttpFailure::HostNotGranted(host)) => CallError::HostNotGranted {
-            plugin: plugin.label().clone(),
-            function,
-            host,
-        },
-        failure => CallError::Plugin {
-            plugin: plugin.label().clone(),
-            function,
-            failure,
-        },
-    }
 }
 
 impl PluginHost {
@@ -540,38 +282,9 @@ impl PluginHost {
             }
         };
 
-        let component_type = component.component_type();
-        let imports: Vec<(&str, ItemKind)> = component_type
-            .imports(&self.engine)
-            .map(|(name, item)| (name, item_kind(&item.ty)))
-            .collect();
-        validate::check_imports_offered(imports.iter().copied()).map_err(|import| PluginError::ImportNotOffered {
-            plugin: label.clone(),
-            import,
-            offered: validate::OFFERED_IMPORTS,
-        })?;
-        let exports = component_type
-            .exports(&self.engine)
-            .map(|(name, item)| (name, item_kind(&item.ty)));
-        let kind = validate::world_of_exports(exports).map_err(|problem| match problem {
-            ExportProblem::NoWorld { found } => PluginError::NoWorld {
-                plugin: label.clone(),
-                found,
-            },
-            ExportProblem::BothWorlds => PluginError::BothWorlds { plugin: label.clone() },
-            ExportProblem::Mismatch { world, problem } => PluginError::ExportsMismatch {
-                plugin: label.clone(),
-                world,
-                problem,
-            },
-        })?;
-        validate::check_imports_in_world(kind, imports.iter().copied()).map_err(|import| {
-            PluginError::ImportNotInWorld {
-                plugin: label.clone(),
-                import,
-                world: kind,
-            }
-        })?;
+        let kind = self
+            .world_of_component(&component)
+            .map_err(|error| validation_error(label, error))?;
 
         let instance_pre = self
             .linker
@@ -599,6 +312,22 @@ impl PluginHost {
             pre,
             from_disk: !compiled_here,
         })
+    }
+
+    /// The world `component` targets, if its imports and exports make it a plugin of that world.
+    fn world_of_component(&self, component: &Component) -> Result<PluginKind, ValidationError> {
+        let component_type = component.component_type();
+        let imports: Vec<(&str, ItemKind)> = component_type
+            .imports(&self.engine)
+            .map(|(name, item)| (name, item_kind(&item.ty)))
+            .collect();
+        validate::check_imports_offered(imports.iter().copied())?;
+        let exports = component_type
+            .exports(&self.engine)
+            .map(|(name, item)| (name, item_kind(&item.ty)));
+        let kind = validate::world_of_exports(exports)?;
+        validate::check_imports_in_world(kind, imports.iter().copied())?;
+        Ok(kind)
     }
 
     fn new_store(&self, plugin: &Plugin) -> Result<Store<HostState>, wasmtime::Error> {
@@ -882,85 +611,4 @@ impl PluginHost {
             _ => unreachable!("invoke answers invoke"),
         }
     }
-}
-
-async fn call_vcs_provider(
-    bindings: &VcsProvider,
-    store: &mut Store<HostState>,
-    call: Call,
-) -> wasmtime::Result<Answer> {
-    Ok(match call {
-        Call::Info => Answer::Info(bindings.call_info(&mut *store).await?),
-        Call::MatchUrl(url) => Answer::MatchUrl(bindings.call_match_url(&mut *store, &url).await?),
-        Call::CloneSpec(url) => Answer::CloneSpec(bindings.call_clone_spec(&mut *store, &url).await?),
-        Call::CreatePullRequest(input) => {
-            Answer::CreatePullRequest(bindings.call_create_pull_request(&mut *store, &input).await?)
-        }
-        Call::ParseWebhook(input) => Answer::ParseWebhook(bindings.call_parse_webhook(&mut *store, &input).await?),
-        Call::Describe | Call::Invoke(_) => unreachable!("kind checked before the call"),
-    })
-}
-
-async fn call_tool(bindings: &Tool, store: &mut Store<HostState>, call: Call) -> wasmtime::Result<Answer> {
-    Ok(match call {
-        Call::Describe => Answer::Describe(bindings.call_describe(&mut *store).await?),
-        Call::Invoke(arguments) => Answer::Invoke(bindings.call_invoke(&mut *store, &arguments).await?),
-        _ => unreachable!("kind checked before the call"),
-    })
-}
-
-/// The plugin's own interfaces: `http`, `log`, `settings`, and the type-only `types`, `vcs`,
-/// `tool-types`.
-fn add_plugin_interfaces(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    use wasmtime::component::HasSelf;
-    vcs_world::flotilla::plugin::types::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
-    vcs_world::flotilla::plugin::http::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
-    wit_log::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
-    vcs_world::flotilla::plugin::settings::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
-    vcs_world::flotilla::plugin::vcs::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
-    tool_world::flotilla::plugin::tool_types::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
-    Ok(())
-}
-
-/// WASI 0.2 for a `wasm32-wasip2` guest's standard library, minus `wasi:sockets`: the same
-/// interfaces as `wasmtime_wasi::p2::add_to_linker_async` otherwise. What they can reach is
-/// decided by the empty `WasiCtx` of each call (see `HostState::new`).
-fn add_sandboxed_wasi(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
-    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
-    use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
-    use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random};
-    use wasmtime_wasi::random::WasiRandom;
-    use wasmtime_wasi::WasiView;
-
-    struct HasTable;
-    impl wasmtime::component::HasData for HasTable {
-        type Data<'a> = &'a mut ResourceTable;
-    }
-    fn table(state: &mut HostState) -> &mut ResourceTable {
-        state.ctx().table
-    }
-    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<HostState, HasTable>(linker, table)?;
-    wasmtime_wasi_io::bindings::wasi::io::poll::add_to_linker::<HostState, HasTable>(linker, table)?;
-    wasmtime_wasi_io::bindings::wasi::io::streams::add_to_linker::<HostState, HasTable>(linker, table)?;
-
-    let l = linker;
-    clocks::wall_clock::add_to_linker::<HostState, WasiClocks>(l, HostState::clocks)?;
-    clocks::monotonic_clock::add_to_linker::<HostState, WasiClocks>(l, HostState::clocks)?;
-    filesystem::types::add_to_linker::<HostState, WasiFilesystem>(l, HostState::filesystem)?;
-    filesystem::preopens::add_to_linker::<HostState, WasiFilesystem>(l, HostState::filesystem)?;
-    random::random::add_to_linker::<HostState, WasiRandom>(l, |state| state.ctx().ctx.random())?;
-    random::insecure::add_to_linker::<HostState, WasiRandom>(l, |state| state.ctx().ctx.random())?;
-    random::insecure_seed::add_to_linker::<HostState, WasiRandom>(l, |state| state.ctx().ctx.random())?;
-    cli::exit::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    cli::environment::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    cli::stdin::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    cli::stdout::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    cli::stderr::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    cli::terminal_input::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    cli::terminal_output::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    cli::terminal_stdin::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    cli::terminal_stdout::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    cli::terminal_stderr::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    Ok(())
 }

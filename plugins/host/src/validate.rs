@@ -1,7 +1,45 @@
 //! Which components are plugins: the imports the host offers and the exports each world needs.
 //! Works on names and item kinds only, so the rules are tested without compiling anything.
+//! Its [`ValidationError`] names what is wrong; the host adds which plugin it is.
 
 use crate::types::PluginKind;
+
+/// Why a component is not a plugin, as far as its imports and exports tell.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ValidationError {
+    /// The component imports something no plugin is offered.
+    #[error("imports `{import}`, which the host does not offer (it offers {OFFERED_IMPORTS})")]
+    ImportNotOffered { import: String },
+
+    /// The component imports an interface of the other world.
+    #[error("imports `{import}`, which world {world} does not offer")]
+    ImportNotInWorld { import: String, world: PluginKind },
+
+    #[error("exports neither world vcs-provider nor world tool; found exports: [{found}]")]
+    NoWorld { found: String },
+
+    #[error("exports functions of both worlds vcs-provider and tool")]
+    BothWorlds,
+
+    #[error("exports do not match world {world}: {mismatch}")]
+    ExportsMismatch {
+        world: PluginKind,
+        mismatch: ExportMismatch,
+    },
+}
+
+/// How a component's exports differ from those of the world it targets.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ExportMismatch {
+    #[error("missing export `{0}`")]
+    Missing(&'static str),
+
+    #[error("export `{0}` is not a function")]
+    NotAFunction(&'static str),
+
+    #[error("unexpected export `{0}`")]
+    Unexpected(String),
+}
 
 /// What a component item is, as far as these rules care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +134,9 @@ fn flotilla_interface<'a>(name: &InterfaceName<'a>) -> Option<&'a str> {
 
 /// Whether the host offers `import` to some plugin; the first import it does not offer is the
 /// error.
-pub(crate) fn check_imports_offered<'a>(imports: impl IntoIterator<Item = (&'a str, ItemKind)>) -> Result<(), String> {
+pub(crate) fn check_imports_offered<'a>(
+    imports: impl IntoIterator<Item = (&'a str, ItemKind)>,
+) -> Result<(), ValidationError> {
     for (name, kind) in imports {
         let offered = match kind {
             // Types alone grant nothing.
@@ -110,7 +150,9 @@ pub(crate) fn check_imports_offered<'a>(imports: impl IntoIterator<Item = (&'a s
             ItemKind::Function | ItemKind::Other => false,
         };
         if !offered {
-            return Err(name.to_string());
+            return Err(ValidationError::ImportNotOffered {
+                import: name.to_string(),
+            });
         }
     }
     Ok(())
@@ -120,7 +162,7 @@ pub(crate) fn check_imports_offered<'a>(imports: impl IntoIterator<Item = (&'a s
 pub(crate) fn check_imports_in_world<'a>(
     kind: PluginKind,
     imports: impl IntoIterator<Item = (&'a str, ItemKind)>,
-) -> Result<(), String> {
+) -> Result<(), ValidationError> {
     let world_interfaces = match kind {
         PluginKind::VcsProvider => VCS_PROVIDER_INTERFACES,
         PluginKind::Tool => TOOL_INTERFACES,
@@ -128,33 +170,29 @@ pub(crate) fn check_imports_in_world<'a>(
     for (name, _) in imports {
         if let Some(interface) = parse_interface_name(name).as_ref().and_then(flotilla_interface) {
             if !world_interfaces.contains(&interface) {
-                return Err(name.to_string());
+                return Err(ValidationError::ImportNotInWorld {
+                    import: name.to_string(),
+                    world: kind,
+                });
             }
         }
     }
     Ok(())
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum ExportProblem {
-    NoWorld { found: String },
-    BothWorlds,
-    Mismatch { world: PluginKind, problem: String },
-}
-
 /// The world a component's exports target: all of its functions, nothing else but types.
 pub(crate) fn world_of_exports<'a>(
     exports: impl IntoIterator<Item = (&'a str, ItemKind)>,
-) -> Result<PluginKind, ExportProblem> {
+) -> Result<PluginKind, ValidationError> {
     let exports: Vec<(&str, ItemKind)> = exports.into_iter().collect();
     let exports_any_of = |names: &[&str]| exports.iter().any(|(name, _)| names.contains(name));
     let kind = match (exports_any_of(VCS_PROVIDER_EXPORTS), exports_any_of(TOOL_EXPORTS)) {
-        (true, true) => return Err(ExportProblem::BothWorlds),
+        (true, true) => return Err(ValidationError::BothWorlds),
         (true, false) => PluginKind::VcsProvider,
         (false, true) => PluginKind::Tool,
         (false, false) => {
             let found: Vec<&str> = exports.iter().map(|(name, _)| *name).collect();
-            return Err(ExportProblem::NoWorld {
+            return Err(ValidationError::NoWorld {
                 found: found.join(", "),
             });
         }
@@ -163,17 +201,17 @@ pub(crate) fn world_of_exports<'a>(
         PluginKind::VcsProvider => VCS_PROVIDER_EXPORTS,
         PluginKind::Tool => TOOL_EXPORTS,
     };
-    let mismatch = |problem: String| ExportProblem::Mismatch { world: kind, problem };
+    let mismatch = |mismatch: ExportMismatch| ValidationError::ExportsMismatch { world: kind, mismatch };
     for wanted in expected {
         match exports.iter().find(|(name, _)| name == wanted) {
-            None => return Err(mismatch(format!("missing export `{wanted}`"))),
+            None => return Err(mismatch(ExportMismatch::Missing(wanted))),
             Some((_, ItemKind::Function)) => {}
-            Some(_) => return Err(mismatch(format!("export `{wanted}` is not a function"))),
+            Some(_) => return Err(mismatch(ExportMismatch::NotAFunction(wanted))),
         }
     }
     for (name, item) in &exports {
         if *item != ItemKind::Type && !expected.contains(name) {
-            return Err(mismatch(format!("unexpected export `{name}`")));
+            return Err(mismatch(ExportMismatch::Unexpected(name.to_string())));
         }
     }
     Ok(kind)
@@ -200,6 +238,12 @@ mod tests {
         assert_eq!(check_imports_offered(imports), Ok(()));
     }
 
+    fn not_offered(import: &str) -> ValidationError {
+        ValidationError::ImportNotOffered {
+            import: import.to_string(),
+        }
+    }
+
     #[test]
     fn network_and_unknown_imports_are_named() {
         for name in [
@@ -211,16 +255,19 @@ mod tests {
             "flotilla:plugin/secrets@0.1.0",
             "evil:net/raw",
         ] {
-            assert_eq!(check_imports_offered([(name, Instance)]), Err(name.to_string()));
+            assert_eq!(check_imports_offered([(name, Instance)]), Err(not_offered(name)));
         }
-        assert_eq!(check_imports_offered([("steal", Function)]), Err("steal".to_string()));
+        assert_eq!(check_imports_offered([("steal", Function)]), Err(not_offered("steal")));
     }
 
     #[test]
     fn a_world_does_not_offer_the_other_worlds_interfaces() {
         assert_eq!(
             check_imports_in_world(PluginKind::Tool, [("flotilla:plugin/vcs@0.1.0", Instance)]),
-            Err("flotilla:plugin/vcs@0.1.0".to_string())
+            Err(ValidationError::ImportNotInWorld {
+                import: "flotilla:plugin/vcs@0.1.0".to_string(),
+                world: PluginKind::Tool
+            })
         );
         assert_eq!(
             check_imports_in_world(PluginKind::VcsProvider, [("flotilla:plugin/vcs@0.1.0", Instance)]),
@@ -245,27 +292,35 @@ mod tests {
     fn export_problems_are_precise() {
         assert_eq!(
             world_of_exports([("describe", Function)]),
-            Err(ExportProblem::Mismatch {
+            Err(ValidationError::ExportsMismatch {
                 world: PluginKind::Tool,
-                problem: "missing export `invoke`".to_string()
+                mismatch: ExportMismatch::Missing("invoke")
             })
         );
         assert_eq!(
             world_of_exports([("describe", Function), ("invoke", Function), ("extra", Function)]),
-            Err(ExportProblem::Mismatch {
+            Err(ValidationError::ExportsMismatch {
                 world: PluginKind::Tool,
-                problem: "unexpected export `extra`".to_string()
+                mismatch: ExportMismatch::Unexpected("extra".to_string())
             })
         );
         assert_eq!(
             world_of_exports([("info", Function), ("invoke", Function)]),
-            Err(ExportProblem::BothWorlds)
+            Err(ValidationError::BothWorlds)
         );
         assert_eq!(
             world_of_exports([("run", Function)]),
-            Err(ExportProblem::NoWorld {
+            Err(ValidationError::NoWorld {
                 found: "run".to_string()
             })
+        );
+        assert_eq!(
+            ValidationError::ExportsMismatch {
+                world: PluginKind::Tool,
+                mismatch: ExportMismatch::Missing("invoke")
+            }
+            .to_string(),
+            "exports do not match world tool: missing export `invoke`"
         );
     }
 }
