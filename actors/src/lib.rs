@@ -14,6 +14,7 @@ pub mod machine;
 pub mod mesh;
 pub mod model;
 pub mod repo;
+pub mod retry;
 pub mod run;
 pub mod scheduler;
 pub mod supervisor;

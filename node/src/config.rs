@@ -263,54 +263,29 @@ impl NodeArgs {
             git,
             mut plugins,
         } = parts;
-        if let Some(dir) = self.compiled_plugin_cache {
-            plugins.compiled_cache = Some(dir);
+        if let Some(dir) = &self.compiled_plugin_cache {
+            plugins.compiled_cache = Some(dir.clone());
         }
-        if let Some(model) = &agents.default_model {
-            if !models.contains_key(model) {
-                return Err(ConfigError::Invalid {
-                    field: "agents.default_model",
-                    message: format!(
-                        "{model:?} is not declared; declared models: {:?}",
-                        models.keys().collect::<Vec<_>>()
-                    ),
-                });
-            }
-        }
-        for credential in &git.credentials {
-            if credential.password_env.is_some() == credential.password_secret.is_some() {
-                return Err(ConfigError::Invalid {
-                    field: "git.credentials",
-                    message: format!(
-                        "credential for {:?} needs exactly one of password_env and password_secret",
-                        credential.url_prefix
-                    ),
-                });
-            }
-        }
-        let data_dir = self.data_dir.or(file.data_dir).ok_or(ConfigError::Invalid {
-            field: "data_dir",
-            message: "required: pass --data-dir or set [node] data_dir".to_string(),
-        })?;
-        let listen = self
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| "127.0.0.1:7420".parse().expect("valid default address"));
-        let advertise = self.advertise.or(file.advertise).unwrap_or(listen);
-        if advertise.ip().is_unspecified() {
-            return Err(ConfigError::Invalid {
-                field: "advertise",
-                message: format!("listening on {listen} needs --advertise with an address other nodes can reach"),
-            });
-        }
-        let mesh_port = listen.port().checked_add(1).ok_or(ConfigError::Invalid {
-            field: "listen",
-            message: "port 65535 leaves no port for the actor mesh".to_string(),
-        })?;
-        let region = self.region.or(file.region).unwrap_or_else(|| "local".to_string());
-        crate::server::validate::region(&region).map_err(|message| ConfigError::Invalid {
+        check_default_model(&agents, &models)?;
+        check_git_credentials(&git)?;
+        // Checked in this order so that the first of several mistakes is the one reported.
+        let data_dir = self
+            .data_dir
+            .clone()
+            .or(file.data_dir.clone())
+            .ok_or(ConfigError::Invalid {
+                field: "data_dir",
+                message: "required: pass --data-dir or set [node] data_dir".to_string(),
+            })?;
+        let (listen, advertise, mesh_port) = self.addresses(&file)?;
+        let region = self
+            .region
+            .clone()
+            .or(file.region.clone())
+            .unwrap_or_else(|| "local".to_string());
+        crate::server::validate::region(&region).map_err(|error| ConfigError::Invalid {
             field: "region",
-            message,
+            message: error.to_string(),
         })?;
         let slots = self.slots.or(file.slots).unwrap_or(DEFAULT_SLOTS);
         if slots > MAX_SLOTS {
@@ -342,8 +317,54 @@ impl NodeArgs {
             .logs_kept_after_snapshot
             .or(file.logs_kept_after_snapshot)
             .unwrap_or(2_000);
+        let machines = self.machine_settings(&file)?;
+        Ok(NodeConfig {
+            models,
+            agents,
+            git,
+            plugins,
+            machines,
+            data_dir,
+            listen,
+            advertise,
+            mesh_port,
+            id,
+            region,
+            slots,
+            join: self.join.or(file.join),
+            lease_ms,
+            snapshot_after_logs,
+            logs_kept_after_snapshot,
+            labels: file.labels,
+            cluster_secret: self.cluster_secret.filter(|secret| !secret.is_empty()),
+        })
+    }
+
+    /// The client address, the address other nodes use, and the actor mesh's port (the next
+    /// one up).
+    fn addresses(&self, file: &FileNode) -> Result<(SocketAddr, SocketAddr, u16), ConfigError> {
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:7420".parse().expect("valid default address"));
+        let advertise = self.advertise.or(file.advertise).unwrap_or(listen);
+        if advertise.ip().is_unspecified() {
+            return Err(ConfigError::Invalid {
+                field: "advertise",
+                message: format!("listening on {listen} needs --advertise with an address other nodes can reach"),
+            });
+        }
+        let mesh_port = listen.port().checked_add(1).ok_or(ConfigError::Invalid {
+            field: "listen",
+            message: "port 65535 leaves no port for the actor mesh".to_string(),
+        })?;
+        Ok((listen, advertise, mesh_port))
+    }
+
+    /// The machine settings: defaults, overridden by the file, overridden by flags.
+    fn machine_settings(&self, file: &FileNode) -> Result<flotilla_actors::machine::MachineSettings, ConfigError> {
         let mut machines = flotilla_actors::machine::MachineSettings::default();
-        if let Some(image) = self.base_image.or(file.base_image) {
+        if let Some(image) = self.base_image.as_ref().or(file.base_image.as_ref()) {
             machines.base_image =
                 image
                     .parse()
@@ -371,27 +392,41 @@ impl NodeArgs {
             field: "machine limits",
             message: error.to_string(),
         })?;
-        Ok(NodeConfig {
-            models,
-            agents,
-            git,
-            plugins,
-            machines,
-            data_dir,
-            listen,
-            advertise,
-            mesh_port,
-            id,
-            region,
-            slots,
-            join: self.join.or(file.join),
-            lease_ms,
-            snapshot_after_logs,
-            logs_kept_after_snapshot,
-            labels: file.labels,
-            cluster_secret: self.cluster_secret.filter(|secret| !secret.is_empty()),
-        })
+        Ok(machines)
     }
+}
+
+fn check_default_model(
+    agents: &AgentSettings,
+    models: &BTreeMap<String, flotilla_actors::model::ModelConfig>,
+) -> Result<(), ConfigError> {
+    if let Some(model) = &agents.default_model {
+        if !models.contains_key(model) {
+            return Err(ConfigError::Invalid {
+                field: "agents.default_model",
+                message: format!(
+                    "{model:?} is not declared; declared models: {:?}",
+                    models.keys().collect::<Vec<_>>()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_git_credentials(git: &GitSection) -> Result<(), ConfigError> {
+    for credential in &git.credentials {
+        if credential.password_env.is_some() == credential.password_secret.is_some() {
+            return Err(ConfigError::Invalid {
+                field: "git.credentials",
+                message: format!(
+                    "credential for {:?} needs exactly one of password_env and password_secret",
+                    credential.url_prefix
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn read_config(path: &Path) -> Result<ConfigFile, ConfigError> {

@@ -287,6 +287,103 @@ impl StreamAssembler {
     }
 }
 
+impl StreamAssembler {
+    fn on_block_start(
+        &mut self,
+        index: u64,
+        content_block: WireContentBlock,
+        out: &mut Vec<StreamEvent>,
+    ) -> Result<(), ModelError> {
+        if self.open_blocks.iter().any(|(open_index, _)| *open_index == index) {
+            return Err(ModelError::Malformed(format!(
+                "content block {index} was started twice"
+            )));
+        }
+        let block = match content_block {
+            WireContentBlock::Text { text } => {
+                self.push_text(text, out)?;
+                OpenBlock::Text
+            }
+            WireContentBlock::ToolUse { id, name, input } => {
+                if self.tool_calls.len() >= MAX_TOOL_CALLS_PER_TURN {
+                    return Err(ModelError::TooLarge {
+                        what: format!("the number of tool calls (over {MAX_TOOL_CALLS_PER_TURN})"),
+                        limit_bytes: MAX_TOOL_CALLS_PER_TURN,
+                    });
+                }
+                out.push(StreamEvent::ToolCallStarted {
+                    id: id.clone(),
+                    name: name.clone(),
+                });
+                self.tool_calls.push(ToolCall {
+                    id,
+                    name,
+                    arguments_json: String::new(),
+                });
+                OpenBlock::ToolUse {
+                    position: self.tool_calls.len() - 1,
+                    initial_input: input,
+                }
+            }
+            WireContentBlock::Other => OpenBlock::Ignored,
+        };
+        self.open_blocks.push((index, block));
+        Ok(())
+    }
+
+    fn on_block_delta(
+        &mut self,
+        index: u64,
+        delta: WireBlockDelta,
+        out: &mut Vec<StreamEvent>,
+    ) -> Result<(), ModelError> {
+        match (self.block(index)?, delta) {
+            (OpenBlock::Text, WireBlockDelta::TextDelta { text }) => self.push_text(text, out)?,
+            (OpenBlock::ToolUse { position, .. }, WireBlockDelta::InputJsonDelta { partial_json }) => {
+                let call = &mut self.tool_calls[position];
+                if call.arguments_json.len() + partial_json.len() > MAX_TOOL_ARGUMENTS_BYTES {
+                    return Err(ModelError::TooLarge {
+                        what: format!("the arguments of tool call {:?}", call.name),
+                        limit_bytes: MAX_TOOL_ARGUMENTS_BYTES,
+                    });
+                }
+                call.arguments_json.push_str(&partial_json);
+                if !partial_json.is_empty() {
+                    out.push(StreamEvent::ToolCallArgumentsDelta {
+                        id: call.id.clone(),
+                        delta: partial_json,
+                    });
+                }
+            }
+            (OpenBlock::Ignored, _) | (_, WireBlockDelta::Other) => {}
+            (_, _) => {
+                return Err(ModelError::Malformed(format!(
+                    "content block {index} got a delta of another kind"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A tool call whose input came whole in its start block (and no deltas) keeps that input.
+    fn on_block_stop(&mut self, index: u64) -> Result<(), ModelError> {
+        if let OpenBlock::ToolUse {
+            position,
+            initial_input,
+        } = self.block(index)?
+        {
+            let call = &mut self.tool_calls[position];
+            if call.arguments_json.trim().is_empty() {
+                call.arguments_json = match &initial_input {
+                    serde_json::Value::Object(fields) if !fields.is_empty() => initial_input.to_string(),
+                    _ => "{}".to_string(),
+                };
+            }
+        }
+        Ok(())
+    }
+}
+
 impl StreamAssembly for StreamAssembler {
     fn on_event(&mut self, event: SseEvent, out: &mut Vec<StreamEvent>) -> Result<(), ModelError> {
         let data = event.data.trim();
@@ -300,82 +397,9 @@ impl StreamAssembly for StreamAssembler {
         })?;
         match event {
             WireEvent::MessageStart { message } => self.update_usage(message.usage),
-            WireEvent::ContentBlockStart { index, content_block } => {
-                if self.open_blocks.iter().any(|(open_index, _)| *open_index == index) {
-                    return Err(ModelError::Malformed(format!(
-                        "content block {index} was started twice"
-                    )));
-                }
-                let block = match content_block {
-                    WireContentBlock::Text { text } => {
-                        self.push_text(text, out)?;
-                        OpenBlock::Text
-                    }
-                    WireContentBlock::ToolUse { id, name, input } => {
-                        if self.tool_calls.len() >= MAX_TOOL_CALLS_PER_TURN {
-                            return Err(ModelError::TooLarge {
-                                what: format!("the number of tool calls (over {MAX_TOOL_CALLS_PER_TURN})"),
-                                limit_bytes: MAX_TOOL_CALLS_PER_TURN,
-                            });
-                        }
-                        out.push(StreamEvent::ToolCallStarted {
-                            id: id.clone(),
-                            name: name.clone(),
-                        });
-                        self.tool_calls.push(ToolCall {
-                            id,
-                            name,
-                            arguments_json: String::new(),
-                        });
-                        OpenBlock::ToolUse {
-                            position: self.tool_calls.len() - 1,
-                            initial_input: input,
-                        }
-                    }
-                    WireContentBlock::Other => OpenBlock::Ignored,
-                };
-                self.open_blocks.push((index, block));
-            }
-            WireEvent::ContentBlockDelta { index, delta } => match (self.block(index)?, delta) {
-                (OpenBlock::Text, WireBlockDelta::TextDelta { text }) => self.push_text(text, out)?,
-                (OpenBlock::ToolUse { position, .. }, WireBlockDelta::InputJsonDelta { partial_json }) => {
-                    let call = &mut self.tool_calls[position];
-                    if call.arguments_json.len() + partial_json.len() > MAX_TOOL_ARGUMENTS_BYTES {
-                        return Err(ModelError::TooLarge {
-                            what: format!("the arguments of tool call {:?}", call.name),
-                            limit_bytes: MAX_TOOL_ARGUMENTS_BYTES,
-                        });
-                    }
-                    call.arguments_json.push_str(&partial_json);
-                    if !partial_json.is_empty() {
-                        out.push(StreamEvent::ToolCallArgumentsDelta {
-                            id: call.id.clone(),
-                            delta: partial_json,
-                        });
-                    }
-                }
-                (OpenBlock::Ignored, _) | (_, WireBlockDelta::Other) => {}
-                (_, _) => {
-                    return Err(ModelError::Malformed(format!(
-                        "content block {index} got a delta of another kind"
-                    )));
-                }
-            },
-            WireEvent::ContentBlockStop { index } => {
-                if let OpenBlock::ToolUse {
-                    position,
-                    initial_input,
-                } = self.block(index)?
-                {
-                    let call = &mut self.tool_calls[position];
-                    if call.arguments_json.trim().is_empty() {
-                        call.arguments_json = match &initial_input {
-                            serde_json::Value::Object(fields) if !fields.is_empty() => initial_input.to_string(),
-                            _ => "{}".to_string(),
-                        };
-                    }
-                }
-            }
+            WireEvent::ContentBlockStart { index, content_block } => self.on_block_start(index, content_block, out)?,
+            WireEvent::ContentBlockDelta { index, delta } => self.on_block_delta(index, delta, out)?,
+            WireEvent::ContentBlockStop { index } => self.on_block_stop(index)?,
             WireEvent::MessageDelta { delta, usage } => {
                 if delta.stop_reason.is_some() {
                     self.stop_reason = delta.stop_reason;

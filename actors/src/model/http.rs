@@ -9,13 +9,19 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::mpsc::Sender;
 
+use crate::retry::RetryPolicy;
+
 use super::sse::{SseEvent, SseParser};
 use super::MAX_WHOLE_RESPONSE_BYTES;
 use super::{emit, ModelError, StreamEvent, TurnResponse, MAX_ERROR_BODY_BYTES};
 
-/// First retry delay; each later one doubles, up to [`MAX_BACKOFF_MS`].
-pub(crate) const FIRST_BACKOFF_MS: u64 = 200;
-pub(crate) const MAX_BACKOFF_MS: u64 = 5_000;
+/// Waits between attempts at a model request; the number of retries is the model's own
+/// (`max_retries`).
+pub(crate) const MODEL_REQUEST_RETRY: RetryPolicy = RetryPolicy {
+    first_delay_ms: 200,
+    max_delay_ms: 5_000,
+    max_retries: None,
+};
 /// Longest `retry-after` honoured; a server asking for more waits this long.
 pub(crate) const MAX_RETRY_AFTER_MS: u64 = 30_000;
 const MAX_CONNECT_TIMEOUT_MS: u64 = 30_000;
@@ -234,6 +240,9 @@ async fn send_with_retries(
     settings: &HttpSettings,
     make_request: &(dyn Fn() -> reqwest::RequestBuilder + Send + Sync),
 ) -> Result<(reqwest::Response, u32), ModelError> {
+    let mut delays = MODEL_REQUEST_RETRY
+        .with_max_retries(settings.max_retries as usize)
+        .delays();
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -256,11 +265,11 @@ async fn send_with_retries(
             }
             Err(error) => (None, error_chain(&error)),
         };
-        if attempts > settings.max_retries {
+        let Some(backoff) = delays.next() else {
             return Err(ModelError::Unavailable { attempts, last });
-        }
+        };
         tracing::debug!(attempts, %last, "model request failed; retrying");
-        tokio::time::sleep(retry_delay(attempts, retry_after_ms)).await;
+        tokio::time::sleep(retry_delay(backoff, retry_after_ms)).await;
     }
 }
 
@@ -277,14 +286,13 @@ fn is_retryable_status(status: u16) -> bool {
     status == 408 || status == 429 || status >= 500
 }
 
-/// The wait after failed attempt number `attempt` (1-based): the server's `retry-after` when it
-/// sent one (capped), otherwise exponential backoff.
-pub(crate) fn retry_delay(attempt: u32, retry_after_ms: Option<u64>) -> Duration {
-    if let Some(retry_after_ms) = retry_after_ms {
-        return Duration::from_millis(retry_after_ms.min(MAX_RETRY_AFTER_MS));
+/// The wait after a failed attempt: the server's `retry-after` when it sent one (capped),
+/// otherwise the policy's `backoff`.
+pub(crate) fn retry_delay(backoff: Duration, retry_after_ms: Option<u64>) -> Duration {
+    match retry_after_ms {
+        Some(retry_after_ms) => Duration::from_millis(retry_after_ms.min(MAX_RETRY_AFTER_MS)),
+        None => backoff,
     }
-    let doublings = attempt.saturating_sub(1).min(16);
-    Duration::from_millis((FIRST_BACKOFF_MS << doublings).min(MAX_BACKOFF_MS))
 }
 
 /// `retry-after` in seconds (an HTTP date is ignored and backoff applies instead).
@@ -354,13 +362,16 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_its_cap_and_retry_after_is_honoured_within_limits() {
-        let delays: Vec<u64> = (1..=7)
-            .map(|attempt| retry_delay(attempt, None).as_millis() as u64)
+        let delays: Vec<u64> = MODEL_REQUEST_RETRY
+            .with_max_retries(7)
+            .delays()
+            .map(|backoff| retry_delay(backoff, None).as_millis() as u64)
             .collect();
         assert_eq!(delays, vec![200, 400, 800, 1600, 3200, 5000, 5000]);
-        assert_eq!(retry_delay(1, Some(2_000)), Duration::from_secs(2));
+        let first_backoff = Duration::from_millis(200);
+        assert_eq!(retry_delay(first_backoff, Some(2_000)), Duration::from_secs(2));
         assert_eq!(
-            retry_delay(1, Some(3_600_000)),
+            retry_delay(first_backoff, Some(3_600_000)),
             Duration::from_millis(MAX_RETRY_AFTER_MS)
         );
         let mut headers = reqwest::header::HeaderMap::new();

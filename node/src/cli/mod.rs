@@ -17,7 +17,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use flotilla_proto::v1::{
-    AddNodeRequest, AgentStatus, CreateAgentRequest, DrainNodeRequest, GetAgentRequest, GetClusterRequest,
+    AddNodeRequest, Agent, AgentStatus, CreateAgentRequest, DrainNodeRequest, GetAgentRequest, GetClusterRequest,
     ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
 };
 
@@ -281,32 +281,17 @@ async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliEr
             region,
             limit,
         } => {
-            let mut agents = Vec::new();
-            let mut page_token = String::new();
-            while agents.len() < limit as usize {
-                let remaining = limit - agents.len() as u32;
-                let request = ListAgentsRequest {
-                    statuses: statuses
-                        .iter()
-                        .map(|status| AgentStatus::from(*status) as i32)
-                        .collect(),
-                    repository: or_empty(repo.clone()),
-                    region: or_empty(region.clone()),
-                    search: or_empty(search.clone()),
-                    page_size: remaining.min(MAX_PAGE_SIZE) as i32,
-                    page_token: page_token.clone(),
-                };
-                let page = unary(endpoint, client.list_agents(request)).await?;
-                // An empty page ends the listing even with a token, so a confused server
-                // cannot keep the loop going.
-                let page_was_empty = page.agents.is_empty();
-                agents.extend(page.agents);
-                if page.next_page_token.is_empty() || page_was_empty {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
-            agents.truncate(limit as usize);
+            let filter = ListAgentsRequest {
+                statuses: statuses
+                    .iter()
+                    .map(|status| AgentStatus::from(*status) as i32)
+                    .collect(),
+                repository: or_empty(repo),
+                region: or_empty(region),
+                search: or_empty(search),
+                ..ListAgentsRequest::default()
+            };
+            let agents = list_agents(endpoint, &mut client, filter, limit).await?;
             match args.output {
                 OutputFormat::Json => print_json(&serde_json::Value::Array(agents.iter().map(json::agent).collect())),
                 OutputFormat::Table => print_text(&render::agent_list(&agents)),
@@ -320,24 +305,7 @@ async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliEr
             }
         }
         AgentCommand::Watch { id, after } => watch::watch(endpoint, &mut client, &id, after, args.output).await,
-        AgentCommand::Followup { id, text } => {
-            let response = unary(
-                endpoint,
-                client.send_follow_up(SendFollowUpRequest { id: id.clone(), text }),
-            )
-            .await?;
-            match args.output {
-                OutputFormat::Json => print_json(&json::follow_up_response(&response)),
-                OutputFormat::Table => {
-                    let status = response
-                        .agent
-                        .as_ref()
-                        .map(|agent| render::short_status(agent.status))
-                        .unwrap_or_else(|| "-".to_string());
-                    print_text(&format!("follow-up #{} sent to {id} (status {status})", response.index))
-                }
-            }
-        }
+        AgentCommand::Followup { id, text } => send_follow_up(args, &mut client, id, text).await,
         AgentCommand::Attach { id, terminal, takeover } => {
             attach::attach(endpoint, token.clone(), id, terminal, takeover).await
         }
@@ -354,6 +322,55 @@ async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliEr
                 OutputFormat::Json => print_json(&json::agent(&agent)),
                 OutputFormat::Table => print_text(&format!("{} {}", agent.id, render::short_status(agent.status))),
             }
+        }
+    }
+}
+
+/// Up to `limit` agents matching `filter`, page after page.
+async fn list_agents(
+    endpoint: &str,
+    client: &mut AgentClient,
+    filter: ListAgentsRequest,
+    limit: u32,
+) -> Result<Vec<Agent>, CliError> {
+    let mut agents = Vec::new();
+    let mut page_token = String::new();
+    while agents.len() < limit as usize {
+        let remaining = limit - agents.len() as u32;
+        let request = ListAgentsRequest {
+            page_size: remaining.min(MAX_PAGE_SIZE) as i32,
+            page_token: page_token.clone(),
+            ..filter.clone()
+        };
+        let page = unary(endpoint, client.list_agents(request)).await?;
+        // An empty page ends the listing even with a token, so a confused server
+        // cannot keep the loop going.
+        let page_was_empty = page.agents.is_empty();
+        agents.extend(page.agents);
+        if page.next_page_token.is_empty() || page_was_empty {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    agents.truncate(limit as usize);
+    Ok(agents)
+}
+
+async fn send_follow_up(args: &ClientArgs, client: &mut AgentClient, id: String, text: String) -> Result<(), CliError> {
+    let response = unary(
+        args.endpoint.as_str(),
+        client.send_follow_up(SendFollowUpRequest { id: id.clone(), text }),
+    )
+    .await?;
+    match args.output {
+        OutputFormat::Json => print_json(&json::follow_up_response(&response)),
+        OutputFormat::Table => {
+            let status = response
+                .agent
+                .as_ref()
+                .map(|agent| render::short_status(agent.status))
+                .unwrap_or_else(|| "-".to_string());
+            print_text(&format!("follow-up #{} sent to {id} (status {status})", response.index))
         }
     }
 }

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use flotilla_proto::v1::{
-    upload_plugin_request, ConfigurePluginRequest, GrantHostsRequest, ListPluginsRequest, PluginRef,
-    UploadPluginHeader, UploadPluginRequest,
+    upload_plugin_request, ConfigurePluginRequest, ConfigurePluginResponse, GrantHostsRequest, ListPluginsRequest,
+    PluginRef, UploadPluginHeader, UploadPluginRequest,
 };
 use flotilla_raft::command::MAX_PLUGIN_BYTES;
 
@@ -94,11 +94,18 @@ pub enum PluginCommand {
     },
 }
 
+/// A `plugin configure` argument that is not `KEY=VALUE`.
+#[derive(Debug, thiserror::Error)]
+#[error("{text:?} is not KEY=VALUE")]
+struct NotASetting {
+    text: String,
+}
+
 /// `KEY=VALUE`, the value possibly empty or holding `=`.
-fn parse_setting(text: &str) -> Result<(String, String), String> {
+fn parse_setting(text: &str) -> Result<(String, String), NotASetting> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
-        _ => Err(format!("{text:?} is not KEY=VALUE")),
+        _ => Err(NotASetting { text: text.to_string() }),
     }
 }
 
@@ -142,38 +149,59 @@ async fn read_component(file: &Path) -> Result<Vec<u8>, CliError> {
     Ok(bytes)
 }
 
+/// The messages of an upload (`plugin add`), its name, version and file checked; `None` for
+/// the other commands.
+async fn prepare_upload(cmd: &PluginCommand) -> Result<Option<Vec<UploadPluginRequest>>, CliError> {
+    let PluginCommand::Add {
+        file,
+        name,
+        version,
+        grant_hosts,
+        disabled,
+    } = cmd
+    else {
+        return Ok(None);
+    };
+    let name = match name {
+        Some(name) => {
+            flotilla_raft::validate_plugin_name(name).map_err(|error| CliError::Usage(error.to_string()))?;
+            name.clone()
+        }
+        None => name_from_file(file)?,
+    };
+    flotilla_raft::validate_plugin_version(version).map_err(|error| CliError::Usage(error.to_string()))?;
+    let bytes = read_component(file).await?;
+    let header = UploadPluginHeader {
+        name,
+        version: version.clone(),
+        granted_hosts: grant_hosts.clone(),
+        enable: !disabled,
+    };
+    Ok(Some(upload_messages(header, &bytes)))
+}
+
+fn print_settings(args: &ClientArgs, response: &ConfigurePluginResponse) -> Result<(), CliError> {
+    let settings: std::collections::BTreeMap<&String, &String> = response.settings.iter().collect();
+    match args.output {
+        OutputFormat::Json => print_json(&serde_json::json!({ "name": response.name, "settings": settings })),
+        OutputFormat::Table => print_text(&if settings.is_empty() {
+            format!("{}: no settings", response.name)
+        } else {
+            let lines: Vec<String> = settings
+                .iter()
+                .map(|(key, value)| format!("  {key} = {value}"))
+                .collect();
+            format!("{}:\n{}", response.name, lines.join("\n"))
+        }),
+    }
+}
+
 pub(crate) async fn plugin_command(args: &ClientArgs, cmd: PluginCommand) -> Result<(), CliError> {
     let token = BearerToken::new(args.token.as_deref())?;
     let endpoint = args.endpoint.as_str();
     // An upload is checked and read before connecting, so that a bad name, version or file is
     // told at once.
-    let upload = match &cmd {
-        PluginCommand::Add {
-            file,
-            name,
-            version,
-            grant_hosts,
-            disabled,
-        } => {
-            let name = match name {
-                Some(name) => {
-                    flotilla_raft::validate_plugin_name(name).map_err(|error| CliError::Usage(error.to_string()))?;
-                    name.clone()
-                }
-                None => name_from_file(file)?,
-            };
-            flotilla_raft::validate_plugin_version(version).map_err(|error| CliError::Usage(error.to_string()))?;
-            let bytes = read_component(file).await?;
-            let header = UploadPluginHeader {
-                name,
-                version: version.clone(),
-                granted_hosts: grant_hosts.clone(),
-                enable: !disabled,
-            };
-            Some(upload_messages(header, &bytes))
-        }
-        _ => None,
-    };
+    let upload = prepare_upload(&cmd).await?;
     let mut client = admin_client(connect(endpoint).await?, token);
     let plugin = match cmd {
         PluginCommand::Add { .. } => {
@@ -236,19 +264,7 @@ pub(crate) async fn plugin_command(args: &ClientArgs, cmd: PluginCommand) -> Res
                 }),
             )
             .await?;
-            let settings: std::collections::BTreeMap<&String, &String> = response.settings.iter().collect();
-            return match args.output {
-                OutputFormat::Json => print_json(&serde_json::json!({ "name": response.name, "settings": settings })),
-                OutputFormat::Table => print_text(&if settings.is_empty() {
-                    format!("{}: no settings", response.name)
-                } else {
-                    let lines: Vec<String> = settings
-                        .iter()
-                        .map(|(key, value)| format!("  {key} = {value}"))
-                        .collect();
-                    format!("{}:\n{}", response.name, lines.join("\n"))
-                }),
-            };
+            return print_settings(args, &response);
         }
     };
     match args.output {

@@ -10,6 +10,7 @@ use std::collections::{HashSet, VecDeque};
 use std::io::{IsTerminal as _, Write};
 use std::time::{Duration, Instant};
 
+use flotilla_actors::retry::RetryPolicy;
 use flotilla_proto::v1::{
     agent_event, watch_agent_response, Agent, AgentEvent, AgentStatus, WatchAgentRequest, WatchAgentResponse,
 };
@@ -23,8 +24,11 @@ use super::{json, render, OutputFormat};
 /// Consecutive reconnection attempts before the watch gives up. The count starts again once
 /// an event arrives, so each outage gets the full allowance.
 const MAX_RECONNECT_ATTEMPTS: u32 = 10;
-const INITIAL_RECONNECT_BACKOFF_MS: u64 = 200;
-const MAX_RECONNECT_BACKOFF_MS: u64 = 3_000;
+const RECONNECT_RETRY: RetryPolicy = RetryPolicy {
+    first_delay_ms: 200,
+    max_delay_ms: 3_000,
+    max_retries: Some(MAX_RECONNECT_ATTEMPTS as usize),
+};
 const ENDED_EARLY: &str = "the stream ended before the agent reached a final status";
 
 /// Whether a failed watch is worth reopening. UNAVAILABLE is the documented signal (a node
@@ -458,7 +462,7 @@ pub(crate) async fn watch(
     let mut progress_interval = tokio::time::interval(Duration::from_millis(PROGRESS_REDRAW_INTERVAL_MS));
     progress_interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut failed_attempts: u32 = 0;
-    let mut backoff = Duration::from_millis(INITIAL_RECONNECT_BACKOFF_MS);
+    let mut delays = RECONNECT_RETRY.delays();
     loop {
         let request = WatchAgentRequest {
             id: agent_id.to_string(),
@@ -476,7 +480,7 @@ pub(crate) async fn watch(
                             Some(Ok(message)) => {
                                 if matches!(message.kind, Some(watch_agent_response::Kind::Event(_))) {
                                     failed_attempts = 0;
-                                    backoff = Duration::from_millis(INITIAL_RECONNECT_BACKOFF_MS);
+                                    delays = RECONNECT_RETRY.delays();
                                 }
                                 printer.print(&message)?;
                             }
@@ -494,9 +498,10 @@ pub(crate) async fn watch(
             }
         };
         printer.finish()?;
-        if !stream_broke(&broken_by) || failed_attempts >= MAX_RECONNECT_ATTEMPTS {
-            return Err(CliError::from_status(endpoint, broken_by));
-        }
+        let backoff = match delays.next() {
+            Some(backoff) if stream_broke(&broken_by) => backoff,
+            _ => return Err(CliError::from_status(endpoint, broken_by)),
+        };
         failed_attempts += 1;
         eprintln!(
             "watch interrupted ({}); reconnecting after sequence {} in {} ms (attempt {failed_attempts} of {MAX_RECONNECT_ATTEMPTS})",
@@ -505,7 +510,6 @@ pub(crate) async fn watch(
             backoff.as_millis(),
         );
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(MAX_RECONNECT_BACKOFF_MS));
     }
 }
 

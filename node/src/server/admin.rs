@@ -34,7 +34,25 @@ pub const UPLOAD_UNAVAILABLE: &str =
 /// missing create-pull-request"). It may take a while (compiling a component): it is called
 /// off the async threads.
 pub trait PluginValidator: Send + Sync {
-    fn validate(&self, name: &str, version: &str, bytes: &[u8]) -> Result<PluginKind, String>;
+    fn validate(&self, name: &str, version: &str, bytes: &[u8]) -> Result<PluginKind, ComponentRejected>;
+}
+
+/// Why a component cannot be loaded, in words for the admin.
+#[derive(Debug, thiserror::Error)]
+pub enum ComponentRejected {
+    #[error(transparent)]
+    Load(#[from] flotilla_plugins::PluginError),
+    /// A validator's own reason (a node without a plugin host, a test).
+    #[error("{0}")]
+    Other(String),
+}
+
+/// An upload refused because its component cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin {key} cannot be loaded: {reason}")]
+pub struct PluginRejected {
+    pub key: PluginKey,
+    pub reason: ComponentRejected,
 }
 
 /// The validator of a node: the plugin host itself loads (and so checks and compiles) the
@@ -44,11 +62,8 @@ pub struct HostValidator {
 }
 
 impl PluginValidator for HostValidator {
-    fn validate(&self, name: &str, version: &str, bytes: &[u8]) -> Result<PluginKind, String> {
-        let plugin = self
-            .host
-            .load(name, version, bytes, Vec::new())
-            .map_err(|error| error.to_string())?;
+    fn validate(&self, name: &str, version: &str, bytes: &[u8]) -> Result<PluginKind, ComponentRejected> {
+        let plugin = self.host.load(name, version, bytes, Vec::new())?;
         Ok(match plugin.kind() {
             flotilla_plugins::PluginKind::VcsProvider => PluginKind::VcsProvider,
             flotilla_plugins::PluginKind::Tool => PluginKind::Tool,
@@ -149,8 +164,8 @@ impl AdminApi {
     /// Checks an upload's header before its bytes are read: the name, version and hosts, and
     /// that the version is new (checked again by the commit, since two uploads may race).
     fn check_header(&self, header: &v1::UploadPluginHeader) -> Result<(PluginKey, Vec<String>), Status> {
-        validate::plugin_ref(&header.name, &header.version).map_err(invalid)?;
-        let granted_hosts = validate::granted_hosts("granted_hosts", &header.granted_hosts).map_err(invalid)?;
+        validate::plugin_ref(&header.name, &header.version)?;
+        let granted_hosts = validate::granted_hosts("granted_hosts", &header.granted_hosts)?;
         let key = PluginKey::new(&header.name, &header.version);
         self.refuse_existing(&key)?;
         Ok((key, granted_hosts))
@@ -175,7 +190,10 @@ impl AdminApi {
             .await
             .map_err(|error| Status::internal(format!("the plugin validator failed: {error}")))?
         };
-        let kind = kind.map_err(|reason| invalid(format!("plugin {key} cannot be loaded: {reason}")))?;
+        let kind = kind.map_err(|reason| PluginRejected {
+            key: key.clone(),
+            reason,
+        })?;
         let upload = CheckedUpload {
             key,
             kind,
@@ -344,7 +362,7 @@ impl AdminService for AdminApi {
     async fn enable_plugin(&self, request: Request<v1::PluginRef>) -> Result<tonic::Response<v1::Plugin>, Status> {
         require_admin(&request)?;
         let body = request.into_inner();
-        validate::plugin_ref(&body.name, &body.version).map_err(invalid)?;
+        validate::plugin_ref(&body.name, &body.version)?;
         self.write_plugin_command(Command::SetPluginEnabled {
             name: body.name,
             version: body.version,
@@ -356,7 +374,7 @@ impl AdminService for AdminApi {
     async fn disable_plugin(&self, request: Request<v1::PluginRef>) -> Result<tonic::Response<v1::Plugin>, Status> {
         require_admin(&request)?;
         let body = request.into_inner();
-        validate::plugin_ref(&body.name, &body.version).map_err(invalid)?;
+        validate::plugin_ref(&body.name, &body.version)?;
         self.write_plugin_command(Command::SetPluginEnabled {
             name: body.name,
             version: body.version,
@@ -371,7 +389,7 @@ impl AdminService for AdminApi {
     ) -> Result<tonic::Response<v1::RemovePluginResponse>, Status> {
         require_admin(&request)?;
         let body = request.into_inner();
-        validate::plugin_ref(&body.name, &body.version).map_err(invalid)?;
+        validate::plugin_ref(&body.name, &body.version)?;
         let response = self
             .replica
             .write(Command::RemovePlugin {
@@ -391,8 +409,8 @@ impl AdminService for AdminApi {
     ) -> Result<tonic::Response<v1::Plugin>, Status> {
         require_admin(&request)?;
         let body = request.into_inner();
-        validate::plugin_ref(&body.name, &body.version).map_err(invalid)?;
-        let hosts = validate::granted_hosts("hosts", &body.hosts).map_err(invalid)?;
+        validate::plugin_ref(&body.name, &body.version)?;
+        let hosts = validate::granted_hosts("hosts", &body.hosts)?;
         self.write_plugin_command(Command::GrantPluginHosts {
             name: body.name,
             version: body.version,
@@ -443,11 +461,11 @@ mod tests {
     struct MagicValidator(PluginKind);
 
     impl PluginValidator for MagicValidator {
-        fn validate(&self, _name: &str, _version: &str, bytes: &[u8]) -> Result<PluginKind, String> {
+        fn validate(&self, _name: &str, _version: &str, bytes: &[u8]) -> Result<PluginKind, ComponentRejected> {
             if bytes.starts_with(b"\0asm") {
                 Ok(self.0)
             } else {
-                Err("not a component".to_string())
+                Err(ComponentRejected::Other("not a component".to_string()))
             }
         }
     }

@@ -11,8 +11,8 @@ use flotilla_raft::{
 };
 use std::sync::Arc;
 
-use flotilla_actors::machine::running_machine;
-use flotilla_sandbox::PtySize;
+use flotilla_actors::machine::{running_machine, RunningMachine};
+use flotilla_sandbox::{PtySession, PtySize};
 use futures::{Stream, StreamExt as _};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -140,20 +140,20 @@ impl AgentService for AgentApi {
     ) -> Result<tonic::Response<v1::CreateAgentResponse>, Status> {
         let caller = principal(&request)?;
         let body = request.into_inner();
-        validate::prompt("prompt", &body.prompt, validate::MAX_PROMPT_BYTES).map_err(invalid)?;
-        validate::repository(&body.repository).map_err(invalid)?;
+        validate::prompt("prompt", &body.prompt, validate::MAX_PROMPT_BYTES)?;
+        validate::repository(&body.repository)?;
         let base_branch = if body.base_branch.is_empty() {
             "main".to_string()
         } else {
             body.base_branch.clone()
         };
-        validate::branch("base_branch", &base_branch).map_err(invalid)?;
-        validate::short_text("name", &body.name, validate::MAX_NAME_CHARS).map_err(invalid)?;
-        validate::short_text("model", &body.model, validate::MAX_MODEL_CHARS).map_err(invalid)?;
+        validate::branch("base_branch", &base_branch)?;
+        validate::short_text("name", &body.name, validate::MAX_NAME_CHARS)?;
+        validate::short_text("model", &body.model, validate::MAX_MODEL_CHARS)?;
         let region = if body.region.is_empty() {
             None
         } else {
-            validate::region(&body.region).map_err(invalid)?;
+            validate::region(&body.region)?;
             let known = self.known_regions();
             if !known.contains(&body.region) {
                 return Err(Status::failed_precondition(format!(
@@ -164,18 +164,12 @@ impl AgentService for AgentApi {
             }
             Some(body.region.clone())
         };
-        validate::egress_allow(&body.egress_allow).map_err(invalid)?;
+        validate::egress_allow(&body.egress_allow)?;
         let (model, scripted) = self.models.choose(&body.model)?;
         if let Some(plugins) = &self.plugins {
-            let claim = plugins
-                .claim(&body.repository)
-                .await
-                .map_err(Status::failed_precondition)?;
+            let claim = plugins.claim(&body.repository).await?;
             if body.open_pull_request {
-                let supported = plugins
-                    .supports_pull_requests(&claim)
-                    .await
-                    .map_err(Status::unavailable)?;
+                let supported = plugins.supports_pull_requests(&claim).await?;
                 if !supported {
                     return Err(Status::failed_precondition(format!(
                         "open_pull_request: the provider of {:?} ({}) cannot open pull requests; create the agent without it",
@@ -194,7 +188,7 @@ impl AgentService for AgentApi {
         let work_branch = if body.work_branch.is_empty() {
             format!("flotilla/{}-{}", id.short(), validate::slug(&name, 40))
         } else {
-            validate::branch("work_branch", &body.work_branch).map_err(invalid)?;
+            validate::branch("work_branch", &body.work_branch)?;
             body.work_branch.clone()
         };
         let spec = AgentSpec {
@@ -227,7 +221,7 @@ impl AgentService for AgentApi {
     }
 
     async fn get_agent(&self, request: Request<v1::GetAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
-        let id = validate::agent_id(&request.get_ref().id).map_err(invalid)?;
+        let id = validate::agent_id(&request.get_ref().id)?;
         Ok(tonic::Response::new(convert::agent(&self.find(id)?)))
     }
 
@@ -236,7 +230,7 @@ impl AgentService for AgentApi {
         request: Request<v1::ListAgentsRequest>,
     ) -> Result<tonic::Response<v1::ListAgentsResponse>, Status> {
         let body = request.into_inner();
-        let page_size = validate::page_size(body.page_size).map_err(invalid)?;
+        let page_size = validate::page_size(body.page_size)?;
         if body.search.len() > validate::MAX_SEARCH_BYTES {
             return Err(invalid(format!(
                 "search: at most {} bytes, found {}",
@@ -245,7 +239,7 @@ impl AgentService for AgentApi {
             )));
         }
         if !body.region.is_empty() {
-            validate::region(&body.region).map_err(invalid)?;
+            validate::region(&body.region)?;
         }
         let mut statuses = Vec::new();
         for value in &body.statuses {
@@ -319,7 +313,7 @@ impl AgentService for AgentApi {
         request: Request<v1::WatchAgentRequest>,
     ) -> Result<tonic::Response<Self::WatchAgentStream>, Status> {
         let body = request.into_inner();
-        let id = validate::agent_id(&body.id).map_err(invalid)?;
+        let id = validate::agent_id(&body.id)?;
         // Subscribe before reading, so nothing applied in between is missed.
         let mut durable = self.replica.reader().subscribe_events();
         let live = self
@@ -419,8 +413,8 @@ impl AgentService for AgentApi {
         request: Request<v1::SendFollowUpRequest>,
     ) -> Result<tonic::Response<v1::SendFollowUpResponse>, Status> {
         let body = request.into_inner();
-        let id = validate::agent_id(&body.id).map_err(invalid)?;
-        validate::prompt("text", &body.text, validate::MAX_FOLLOW_UP_BYTES).map_err(invalid)?;
+        let id = validate::agent_id(&body.id)?;
+        validate::prompt("text", &body.text, validate::MAX_FOLLOW_UP_BYTES)?;
         self.find(id)?;
         match self
             .replica
@@ -441,7 +435,7 @@ impl AgentService for AgentApi {
 
     async fn stop_agent(&self, request: Request<v1::StopAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
         let body = request.into_inner();
-        let id = validate::agent_id(&body.id).map_err(invalid)?;
+        let id = validate::agent_id(&body.id)?;
         if body.reason.len() > validate::MAX_REASON_BYTES {
             return Err(invalid(format!("reason: at most {} bytes", validate::MAX_REASON_BYTES)));
         }
@@ -473,7 +467,7 @@ impl AgentService for AgentApi {
         let Some(v1::attach_request::Kind::Open(open)) = first.kind.clone() else {
             return Err(invalid("attach: the first message must be `open`".to_string()));
         };
-        let id = validate::agent_id(&open.agent_id).map_err(invalid)?;
+        let id = validate::agent_id(&open.agent_id)?;
         let record = self.find(id)?;
         if record.status.is_terminal() {
             return Err(Status::failed_precondition(format!(
@@ -543,28 +537,14 @@ impl AgentApi {
         let running = running_machine(agent, epoch)
             .await
             .ok_or_else(|| Status::failed_precondition(format!("agent {agent} has no machine on this node yet")))?;
-        let terminal = if open.terminal.is_empty() {
-            None
-        } else if running.terminals.contains(&open.terminal) {
-            Some(open.terminal.clone())
-        } else {
-            return Err(Status::not_found(format!(
-                "agent {agent} has no terminal {:?}; its terminals: {}",
-                open.terminal,
-                running.terminals.join(", ")
-            )));
-        };
+        let terminal = chosen_terminal(agent, &open, &running)?;
         if open.takeover && !running.try_take_over() {
             return Err(Status::failed_precondition(format!(
                 "agent {agent} is already taken over by another client; attach without take-over to watch"
             )));
         }
         let size = open.size.unwrap_or(v1::TerminalSize { rows: 24, cols: 80 });
-        let pty_size = PtySize {
-            rows: size.rows.clamp(1, 1000) as u16,
-            cols: size.cols.clamp(1, 1000) as u16,
-        };
-        let session = match running.open_pty(terminal.as_deref(), !open.takeover, pty_size).await {
+        let session = match running.open_pty(terminal.as_deref(), !open.takeover, pty_size(size)).await {
             Ok(session) => Arc::new(session),
             Err(error) => {
                 if open.takeover {
@@ -591,30 +571,15 @@ impl AgentApi {
                 ))),
             }))
             .await;
-        let reader = session.clone();
-        let output = sender.clone();
-        let pump = tokio::spawn(async move {
-            let mut buffer = vec![0u8; ATTACH_READ_BYTES];
-            loop {
-                match reader.read(&mut buffer).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(count) => {
-                        let message = v1::AttachResponse {
-                            kind: Some(v1::attach_response::Kind::Output(buffer[..count].to_vec())),
-                        };
-                        if output.send(Ok(message)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        tokio::spawn(serve_attach_input(
-            inbound,
+        let pump = spawn_output_pump(session.clone(), sender.clone());
+        tokio::spawn(relay_client_input(
+            AttachedClient {
+                inbound,
+                sender,
+                controlling: open.takeover,
+            },
             session,
             running,
-            sender,
-            open.takeover,
             pump,
         ));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver)))
@@ -652,64 +617,112 @@ impl AgentApi {
     }
 }
 
-/// Carries an attached client's input to its terminal until it detaches: keystrokes while it
-/// controls the terminal, resizes, and the hand-back of a take-over. Detaching hands the
-/// terminal back and ends the output pump.
-async fn serve_attach_input(
-    mut inbound: Streaming<v1::AttachRequest>,
-    session: Arc<flotilla_sandbox::PtySession>,
-    running: Arc<flotilla_actors::machine::RunningMachine>,
-    sender: mpsc::Sender<Result<v1::AttachResponse, Status>>,
-    takeover: bool,
+/// How an attach without a terminal name is described.
+pub const DEFAULT_TERMINAL_LABEL: &str = "the shell";
+
+/// The terminal an attach asked for (`None`: the default one), if the machine has it.
+fn chosen_terminal(agent: AgentId, open: &v1::AttachOpen, running: &RunningMachine) -> Result<Option<String>, Status> {
+    if open.terminal.is_empty() {
+        Ok(None)
+    } else if running.terminals.contains(&open.terminal) {
+        Ok(Some(open.terminal.clone()))
+    } else {
+        Err(Status::not_found(format!(
+            "agent {agent} has no terminal {:?}; its terminals: {}",
+            open.terminal,
+            running.terminals.join(", ")
+        )))
+    }
+}
+
+/// A client's terminal size, within what a pty accepts.
+fn pty_size(size: v1::TerminalSize) -> PtySize {
+    PtySize {
+        rows: size.rows.clamp(1, 1000) as u16,
+        cols: size.cols.clamp(1, 1000) as u16,
+    }
+}
+
+type AttachSender = mpsc::Sender<Result<v1::AttachResponse, Status>>;
+
+/// Copies the terminal's output to the client until either side ends.
+fn spawn_output_pump(session: Arc<PtySession>, output: AttachSender) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; ATTACH_READ_BYTES];
+        loop {
+            match session.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(count) => {
+                    let message = v1::AttachResponse {
+                        kind: Some(v1::attach_response::Kind::Output(buffer[..count].to_vec())),
+                    };
+                    if output.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The client end of an attach: what it sends, where its answers go, and whether it types.
+struct AttachedClient {
+    inbound: Streaming<v1::AttachRequest>,
+    sender: AttachSender,
+    /// Taken over: its input goes to the terminal (until it releases).
+    controlling: bool,
+}
+
+fn notice(text: &str) -> Result<v1::AttachResponse, Status> {
+    Ok(v1::AttachResponse {
+        kind: Some(v1::attach_response::Kind::Notice(text.to_string())),
+    })
+}
+
+/// Passes the client's input, resizes and release to the terminal until the client goes; then
+/// gives the machine back to the agent.
+async fn relay_client_input(
+    mut client: AttachedClient,
+    session: Arc<PtySession>,
+    running: Arc<RunningMachine>,
     pump: tokio::task::JoinHandle<()>,
 ) {
-    let mut controlling = takeover;
     loop {
         tokio::select! {
-            message = inbound.message() => match message {
+            message = client.inbound.message() => match message {
                 Ok(Some(request)) => match request.kind {
                     Some(v1::attach_request::Kind::Input(bytes)) => {
-                        if controlling {
+                        if client.controlling {
                             if session.write_all(&bytes).await.is_err() {
                                 break;
                             }
                         } else {
-                            let _ = sender.try_send(Ok(v1::AttachResponse {
-                                kind: Some(v1::attach_response::Kind::Notice(
-                                    "read-only: input ignored (attach with take-over to type)".to_string(),
-                                )),
-                            }));
+                            let _ = client
+                                .sender
+                                .try_send(notice("read-only: input ignored (attach with take-over to type)"));
                         }
                     }
                     Some(v1::attach_request::Kind::Resize(size)) => {
-                        let _ = session.resize(PtySize {
-                            rows: size.rows.clamp(1, 1000) as u16,
-                            cols: size.cols.clamp(1, 1000) as u16,
-                        });
+                        let _ = session.resize(pty_size(size));
                     }
-                    Some(v1::attach_request::Kind::Release(true)) if controlling => {
-                        controlling = false;
+                    Some(v1::attach_request::Kind::Release(true)) if client.controlling => {
+                        client.controlling = false;
                         running.hand_back();
-                        let _ = sender.try_send(Ok(v1::AttachResponse {
-                            kind: Some(v1::attach_response::Kind::Notice(
-                                "released: the agent goes on; you are watching read-only".to_string(),
-                            )),
-                        }));
+                        let _ = client
+                            .sender
+                            .try_send(notice("released: the agent goes on; you are watching read-only"));
                     }
                     _ => {}
                 },
                 Ok(None) | Err(_) => break,
             },
-            _ = sender.closed() => break,
+            _ = client.sender.closed() => break,
         }
     }
-    if controlling {
+    if client.controlling {
         running.hand_back();
     }
     running.count_attached(false);
     pump.abort();
     drop(session);
 }
-
-/// How an attach without a terminal name is described.
-pub const DEFAULT_TERMINAL_LABEL: &str = "the shell";

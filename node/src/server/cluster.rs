@@ -9,6 +9,7 @@ use openraft::ServerState;
 use tonic::{Request, Status};
 
 use super::auth::require_admin;
+use super::status::membership_status;
 use super::{convert, write_status};
 
 pub struct ClusterApi {
@@ -134,13 +135,6 @@ fn pass_on<T: Clone>(request: &Request<T>) -> Request<T> {
         forwarded.metadata_mut().insert("authorization", value.clone());
     }
     forwarded
-}
-
-fn membership_status(error: flotilla_raft::replica::ReplicaError) -> Status {
-    match error {
-        flotilla_raft::replica::ReplicaError::NotLeader { .. } => Status::unavailable(error.to_string()),
-        other => Status::failed_precondition(other.to_string()),
-    }
 }
 
 #[tonic::async_trait]

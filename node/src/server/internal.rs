@@ -70,7 +70,7 @@ impl Internal for InternalApi {
             };
             return Ok(Response::new(JoinResponse { node_id, leader_id }));
         }
-        super::validate::region(&body.region).map_err(Status::invalid_argument)?;
+        super::validate::region(&body.region)?;
         if body.grpc_address.is_empty() || body.mesh_address.is_empty() {
             return Err(Status::invalid_argument(
                 "grpc_address and mesh_address are required to join",

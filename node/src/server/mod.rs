@@ -9,6 +9,7 @@ pub mod convert;
 pub mod internal;
 pub mod plugins;
 pub mod runtime;
+pub mod status;
 pub mod validate;
 pub mod vcs;
 
@@ -22,6 +23,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use flotilla_actors::liveness::LivenessTable;
 use flotilla_actors::mesh::{Mesh, MeshConfig};
+use flotilla_actors::retry::RetryPolicy;
 use flotilla_actors::supervisor::{NodeSupervisor, NodeSupervisorArgs};
 use flotilla_proto::internal::internal_client::InternalClient;
 use flotilla_proto::internal::internal_server::InternalServer;
@@ -30,11 +32,11 @@ use flotilla_proto::v1::admin_service_server::AdminServiceServer;
 use flotilla_proto::v1::agent_service_server::AgentServiceServer;
 use flotilla_proto::v1::cluster_service_server::ClusterServiceServer;
 use flotilla_raft::network::Peers;
-use flotilla_raft::{ApplyError, Command, NodeAddr, NodeId, NodeInfo, Replica, ReplicaConfig, Role, WriteError};
+use flotilla_raft::{Command, NodeAddr, NodeId, NodeInfo, Replica, ReplicaConfig, Role};
 use ractor::Actor;
-use tonic::Status;
 
 use crate::config::NodeConfig;
+pub use status::write_status;
 
 /// Voters the cluster grows to on its own; further nodes join as learners.
 pub const MAX_VOTERS: usize = 3;
@@ -43,39 +45,19 @@ pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Live events buffered per watcher before they are dropped.
 pub const LIVE_EVENTS_PER_WATCHER: usize = 1024;
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
-
-/// The one place a write failure becomes a gRPC status.
-pub fn write_status(error: WriteError) -> Status {
-    match error {
-        WriteError::Refused(refusal) => {
-            let message = refusal.to_string();
-            match refusal {
-                ApplyError::AgentNotFound(_)
-                | ApplyError::NodeNotFound(_)
-                | ApplyError::PluginNotFound { .. }
-                | ApplyError::UploadNotFound(_) => Status::not_found(message),
-                ApplyError::AgentExists(_) | ApplyError::PluginExists { .. } => Status::already_exists(message),
-                ApplyError::PluginEnabled { .. } => Status::failed_precondition(message),
-                ApplyError::TooManyUploads { .. } | ApplyError::TooManyPlugins { .. } => {
-                    Status::resource_exhausted(message)
-                }
-                ApplyError::InvalidState { .. } | ApplyError::UnsupportedVersion { .. } | ApplyError::NestedBatch => {
-                    Status::failed_precondition(message)
-                }
-                ApplyError::Fenced { .. } => Status::aborted(message),
-                ApplyError::TooManyFollowUps { .. } | ApplyError::TooLarge { .. } => {
-                    Status::resource_exhausted(message)
-                }
-                ApplyError::TurnOutOfOrder { .. } | ApplyError::UndeliveredFollowUps { .. } => {
-                    Status::failed_precondition(message)
-                }
-                ApplyError::Invalid(_) => Status::invalid_argument(message),
-            }
-        }
-        WriteError::Unavailable { .. } => Status::unavailable(error.to_string()),
-        WriteError::Fatal(_) => Status::internal(error.to_string()),
-    }
-}
+/// Waits between `Join` calls; `JOIN_DEADLINE` bounds the whole.
+const JOIN_RETRY: RetryPolicy = RetryPolicy {
+    first_delay_ms: 100,
+    max_delay_ms: 2_000,
+    max_retries: None,
+};
+/// Waits between attempts at registering this node. Unbounded in number: a node that cannot
+/// write its record keeps trying while it runs (each attempt waits for Raft's own timeout).
+const REGISTER_RETRY: RetryPolicy = RetryPolicy {
+    first_delay_ms: 200,
+    max_delay_ms: 5_000,
+    max_retries: None,
+};
 
 /// Holds an exclusive lock on the data dir for the life of the process.
 struct DataDirLock {
@@ -167,7 +149,7 @@ async fn join_client(peers: &Peers, join: &str) -> anyhow::Result<InternalClient
 /// Calls `Join` until it answers or the deadline passes; a wrong secret fails at once.
 async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::Result<u64> {
     let deadline = tokio::time::Instant::now() + JOIN_DEADLINE;
-    let mut backoff = Duration::from_millis(100);
+    let mut delays = JOIN_RETRY.delays();
     loop {
         let mut client = join_client(peers, join).await?;
         let mut grpc_request = peers.request(request.clone());
@@ -181,12 +163,12 @@ async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::R
                 bail!("{join} refused the join request: {}", status.message())
             }
             Err(status) => {
+                let backoff = delays.next().unwrap_or(Duration::from_millis(JOIN_RETRY.max_delay_ms));
                 if tokio::time::Instant::now() + backoff > deadline {
                     bail!("could not join through {join} within {JOIN_DEADLINE:?}: {status}");
                 }
                 tracing::info!(%status, "join not answered yet; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }
@@ -250,7 +232,7 @@ async fn ensure_admin_token(replica: &Replica, data_dir: &Path) -> anyhow::Resul
 /// Makes sure the replicated record of this node says what the node now declares.
 async fn register_self(replica: &Replica, info: NodeInfo) {
     let me = replica.node_id();
-    let mut backoff = Duration::from_millis(200);
+    let mut delays = REGISTER_RETRY.delays();
     loop {
         let current = replica
             .reader()
@@ -268,8 +250,10 @@ async fn register_self(replica: &Replica, info: NodeInfo) {
             Ok(_) => return,
             Err(error) => {
                 tracing::warn!(%error, "registering this node failed; retrying");
+                let backoff = delays
+                    .next()
+                    .unwrap_or(Duration::from_millis(REGISTER_RETRY.max_delay_ms));
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -372,6 +356,42 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         shutdown_receiver,
     ));
 
+    join_or_bootstrap(&replica, &config, &peers, node_id, &info).await?;
+
+    let (supervisor, supervisor_handle) = Actor::spawn(
+        None,
+        NodeSupervisor,
+        NodeSupervisorArgs {
+            replica: replica.clone(),
+            mesh: mesh.clone(),
+            machines,
+            runtime,
+            liveness,
+            lease: Duration::from_millis(config.lease_ms),
+        },
+    )
+    .await
+    .map_err(|error| anyhow!("cannot start the node supervisor: {error}"))?;
+    tracing::info!(node = node_id, "node is ready");
+
+    wait_for_shutdown(supervisor_handle).await?;
+    supervisor.stop(Some("node shutting down".to_string()));
+    let _ = shutdown_sender.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    mesh.shutdown().await;
+    replica.shutdown().await;
+    Ok(())
+}
+
+/// Makes this node a member: bootstraps a new cluster or joins through `config.join` the first
+/// time, then waits for a leader and registers the node's current information.
+async fn join_or_bootstrap(
+    replica: &Replica,
+    config: &NodeConfig,
+    peers: &Peers,
+    node_id: u64,
+    info: &NodeInfo,
+) -> anyhow::Result<()> {
     if !replica.is_initialized().await {
         match &config.join {
             None => {
@@ -385,7 +405,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             }
             Some(join) => {
                 call_join(
-                    &peers,
+                    peers,
                     join,
                     JoinRequest {
                         node_id,
@@ -405,38 +425,21 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         .wait_for_leader(Duration::from_secs(30))
         .await
         .ok_or_else(|| anyhow!("no raft leader within 30 s"))?;
-    register_self(&replica, info.clone()).await;
+    register_self(replica, info.clone()).await;
     if config.join.is_none() && node_id == 1 {
-        ensure_admin_token(&replica, &config.data_dir).await?;
+        ensure_admin_token(replica, &config.data_dir).await?;
     }
+    Ok(())
+}
 
-    let (supervisor, supervisor_handle) = Actor::spawn(
-        None,
-        NodeSupervisor,
-        NodeSupervisorArgs {
-            replica: replica.clone(),
-            mesh: mesh.clone(),
-            machines,
-            runtime,
-            liveness,
-            lease: Duration::from_millis(config.lease_ms),
-        },
-    )
-    .await
-    .map_err(|error| anyhow!("cannot start the node supervisor: {error}"))?;
-    tracing::info!(node = node_id, "node is ready");
-
+/// Returns on Ctrl-C, SIGTERM, or when the node supervisor ends.
+async fn wait_for_shutdown(supervisor_handle: tokio::task::JoinHandle<()>) -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = terminate.recv() => tracing::info!("terminated; shutting down"),
         _ = supervisor_handle => tracing::error!("node supervisor ended; shutting down"),
     }
-    supervisor.stop(Some("node shutting down".to_string()));
-    let _ = shutdown_sender.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    mesh.shutdown().await;
-    replica.shutdown().await;
     Ok(())
 }
 

@@ -58,6 +58,13 @@ pub struct BuiltinListing {
     pub load_error: Option<String>,
 }
 
+/// The node has not finished loading its plugins (built-ins still compiling, say).
+#[derive(Debug, thiserror::Error)]
+#[error("the node's plugins are not loaded after {timeout_s} s")]
+pub struct PluginsNotReady {
+    pub timeout_s: u64,
+}
+
 pub struct PluginRegistry {
     host: Arc<PluginHost>,
     /// The built-ins this node offers, in match order.
@@ -142,15 +149,14 @@ impl PluginRegistry {
     }
 
     /// Waits until the node has loaded its plugins once (at start, while built-ins compile).
-    pub async fn wait_ready(&self) -> Result<(), String> {
+    pub async fn wait_ready(&self) -> Result<(), PluginsNotReady> {
         let mut ready = self.ready.subscribe();
         let loaded = tokio::time::timeout(READY_TIMEOUT, async { ready.wait_for(|ready| *ready).await.is_ok() }).await;
         match loaded {
             Ok(true) => Ok(()),
-            _ => Err(format!(
-                "the node's plugins are not loaded after {} s",
-                READY_TIMEOUT.as_secs()
-            )),
+            _ => Err(PluginsNotReady {
+                timeout_s: READY_TIMEOUT.as_secs(),
+            }),
         }
     }
 

@@ -2,6 +2,7 @@
 //! was wanted and what was found.
 
 use flotilla_raft::AgentId;
+use flotilla_state::host_pattern::{HostPattern, HostPatternError};
 
 pub const MAX_PROMPT_BYTES: usize = 256 * 1024;
 pub const MAX_FOLLOW_UP_BYTES: usize = 256 * 1024;
@@ -15,15 +16,62 @@ pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_PAGE_SIZE: usize = 1000;
 pub const MAX_EGRESS_HOSTS: usize = 64;
 
-pub fn agent_id(text: &str) -> Result<AgentId, String> {
-    if text.is_empty() {
-        return Err("id: required".to_string());
-    }
-    text.parse()
-        .map_err(|_| format!("id: {text:?} is not an agent id (a 26-character ULID)"))
+/// Why a request field is not acceptable: each message names the field and says what was
+/// wanted and what was found. Becomes `InvalidArgument` (see `server::status`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    #[error("{field}: required")]
+    Required { field: &'static str },
+    #[error("id: {text:?} is not an agent id (a 26-character ULID)")]
+    NotAnAgentId { text: String },
+    #[error(
+        "region {text:?} is not valid: use 1 to 63 lowercase letters, digits and inner dashes, like \"eu-west-1\""
+    )]
+    Region { text: String },
+    #[error("{field}: required, found an empty text")]
+    EmptyText { field: String },
+    #[error("{field}: at most {limit} bytes, found {found}")]
+    TooManyBytes { field: String, limit: usize, found: usize },
+    #[error("{field}: at most {limit} characters, found {found}")]
+    TooManyCharacters { field: String, limit: usize, found: usize },
+    #[error("{field}: contains control characters")]
+    ControlCharacters { field: String },
+    #[error("repository: {text:?} contains white space or control characters")]
+    RepositoryCharacters { text: String },
+    #[error("repository: {text:?} is not a URL git can clone: {reason}")]
+    RepositoryNotAUrl { text: String, reason: String },
+    #[error("repository: {text:?} has no host")]
+    RepositoryWithoutHost { text: String },
+    #[error("repository: {text:?} names no repository path")]
+    RepositoryWithoutPath { text: String },
+    #[error("repository: scheme {scheme:?} is not supported (use https, http, ssh, git or file)")]
+    RepositoryScheme { scheme: String },
+    #[error("{field}: {text:?} is not a valid git branch name")]
+    Branch { field: String, text: String },
+    #[error("page_size: must not be negative, found {size}")]
+    NegativePageSize { size: i32 },
+    #[error("page_size: at most {MAX_PAGE_SIZE}, found {size}")]
+    PageSizeTooLarge { size: i32 },
+    #[error("{field}: at most {limit} hosts, found {found}")]
+    TooManyHosts { field: String, limit: usize, found: usize },
+    #[error("egress_allow: invalid egress host pattern {:?}: {}", .0.pattern, .0.reason)]
+    EgressPattern(HostPatternError),
+    #[error("{field}: {source}")]
+    HostPattern { field: String, source: HostPatternError },
+    /// A rule of the replicated state refused the field (it words its own message).
+    #[error("{field}: {reason}")]
+    Refused { field: String, reason: String },
 }
 
-pub fn region(text: &str) -> Result<(), String> {
+pub fn agent_id(text: &str) -> Result<AgentId, InvalidInput> {
+    if text.is_empty() {
+        return Err(InvalidInput::Required { field: "id" });
+    }
+    text.parse()
+        .map_err(|_| InvalidInput::NotAnAgentId { text: text.to_string() })
+}
+
+pub fn region(text: &str) -> Result<(), InvalidInput> {
     let valid = !text.is_empty()
         && text.len() <= 63
         && text
@@ -34,41 +82,44 @@ pub fn region(text: &str) -> Result<(), String> {
     if valid {
         Ok(())
     } else {
-        Err(format!(
-            "region {text:?} is not valid: use 1 to 63 lowercase letters, digits and inner dashes, like \"eu-west-1\""
-        ))
+        Err(InvalidInput::Region { text: text.to_string() })
     }
 }
 
-pub fn prompt(field: &str, text: &str, limit: usize) -> Result<(), String> {
+pub fn prompt(field: &str, text: &str, limit: usize) -> Result<(), InvalidInput> {
     if text.trim().is_empty() {
-        return Err(format!("{field}: required, found an empty text"));
+        return Err(InvalidInput::EmptyText {
+            field: field.to_string(),
+        });
     }
     if text.len() > limit {
-        return Err(format!("{field}: at most {limit} bytes, found {}", text.len()));
+        return Err(InvalidInput::TooManyBytes {
+            field: field.to_string(),
+            limit,
+            found: text.len(),
+        });
     }
     Ok(())
 }
 
 /// Accepts the URL forms git itself clones from: http(s), ssh, git and file URLs, and the
 /// scp-like `user@host:path`.
-pub fn repository(text: &str) -> Result<(), String> {
+pub fn repository(text: &str) -> Result<(), InvalidInput> {
     if text.is_empty() {
-        return Err("repository: required".to_string());
+        return Err(InvalidInput::Required { field: "repository" });
     }
     if text.len() > MAX_REPOSITORY_CHARS {
-        return Err(format!(
-            "repository: at most {MAX_REPOSITORY_CHARS} characters, found {}",
-            text.len()
-        ));
+        return Err(InvalidInput::TooManyCharacters {
+            field: "repository".to_string(),
+            limit: MAX_REPOSITORY_CHARS,
+            found: text.len(),
+        });
     }
     if text
         .chars()
         .any(|character| character.is_whitespace() || character.is_control())
     {
-        return Err(format!(
-            "repository: {text:?} contains white space or control characters"
-        ));
+        return Err(InvalidInput::RepositoryCharacters { text: text.to_string() });
     }
     if let Some((user_host, path)) = text.split_once(':') {
         if !text.contains("://") && user_host.contains('@') && !path.is_empty() {
@@ -78,32 +129,30 @@ pub fn repository(text: &str) -> Result<(), String> {
             }
         }
     }
-    let url =
-        url::Url::parse(text).map_err(|error| format!("repository: {text:?} is not a URL git can clone: {error}"))?;
-    match url.scheme() {
-        "https" | "http" | "ssh" | "git" => {
-            if url.host_str().is_none_or(str::is_empty) {
-                return Err(format!("repository: {text:?} has no host"));
-            }
-            if url.path().trim_matches('/').is_empty() {
-                return Err(format!("repository: {text:?} names no repository path"));
-            }
-            Ok(())
+    let url = url::Url::parse(text).map_err(|error| InvalidInput::RepositoryNotAUrl {
+        text: text.to_string(),
+        reason: error.to_string(),
+    })?;
+    let needs_host = match url.scheme() {
+        "https" | "http" | "ssh" | "git" => true,
+        "file" => false,
+        other => {
+            return Err(InvalidInput::RepositoryScheme {
+                scheme: other.to_string(),
+            })
         }
-        "file" => {
-            if url.path().trim_matches('/').is_empty() {
-                return Err(format!("repository: {text:?} names no repository path"));
-            }
-            Ok(())
-        }
-        other => Err(format!(
-            "repository: scheme {other:?} is not supported (use https, http, ssh, git or file)"
-        )),
+    };
+    if needs_host && url.host_str().is_none_or(str::is_empty) {
+        return Err(InvalidInput::RepositoryWithoutHost { text: text.to_string() });
     }
+    if url.path().trim_matches('/').is_empty() {
+        return Err(InvalidInput::RepositoryWithoutPath { text: text.to_string() });
+    }
+    Ok(())
 }
 
 /// A subset of git's ref-name rules (git-check-ref-format) that catches every realistic mistake.
-pub fn branch(field: &str, text: &str) -> Result<(), String> {
+pub fn branch(field: &str, text: &str) -> Result<(), InvalidInput> {
     let bad = text.is_empty()
         || text.len() > MAX_BRANCH_CHARS
         || text.starts_with('-')
@@ -119,77 +168,94 @@ pub fn branch(field: &str, text: &str) -> Result<(), String> {
             .chars()
             .any(|character| character.is_control() || " ~^:?*[\\".contains(character));
     if bad {
-        Err(format!("{field}: {text:?} is not a valid git branch name"))
+        Err(InvalidInput::Branch {
+            field: field.to_string(),
+            text: text.to_string(),
+        })
     } else {
         Ok(())
     }
 }
 
-pub fn short_text(field: &str, text: &str, limit: usize) -> Result<(), String> {
+pub fn short_text(field: &str, text: &str, limit: usize) -> Result<(), InvalidInput> {
     if text.chars().count() > limit {
-        return Err(format!(
-            "{field}: at most {limit} characters, found {}",
-            text.chars().count()
-        ));
+        return Err(InvalidInput::TooManyCharacters {
+            field: field.to_string(),
+            limit,
+            found: text.chars().count(),
+        });
     }
     if text.chars().any(char::is_control) {
-        return Err(format!("{field}: contains control characters"));
+        return Err(InvalidInput::ControlCharacters {
+            field: field.to_string(),
+        });
     }
     Ok(())
 }
 
-pub fn page_size(size: i32) -> Result<usize, String> {
+pub fn page_size(size: i32) -> Result<usize, InvalidInput> {
     match size {
         0 => Ok(DEFAULT_PAGE_SIZE),
-        size if size < 0 => Err(format!("page_size: must not be negative, found {size}")),
-        size if size as usize > MAX_PAGE_SIZE => Err(format!("page_size: at most {MAX_PAGE_SIZE}, found {size}")),
+        size if size < 0 => Err(InvalidInput::NegativePageSize { size }),
+        size if size as usize > MAX_PAGE_SIZE => Err(InvalidInput::PageSizeTooLarge { size }),
         size => Ok(size as usize),
     }
 }
 
-/// Each entry must be a host pattern the egress proxy understands.
-pub fn egress_allow(patterns: &[String]) -> Result<(), String> {
+/// Each entry must be a host pattern (the egress proxy's syntax).
+pub fn egress_allow(patterns: &[String]) -> Result<(), InvalidInput> {
     if patterns.len() > MAX_EGRESS_HOSTS {
-        return Err(format!(
-            "egress_allow: at most {MAX_EGRESS_HOSTS} hosts, found {}",
-            patterns.len()
-        ));
+        return Err(InvalidInput::TooManyHosts {
+            field: "egress_allow".to_string(),
+            limit: MAX_EGRESS_HOSTS,
+            found: patterns.len(),
+        });
     }
     for pattern in patterns {
-        pattern
-            .parse::<flotilla_sandbox::egress::HostPattern>()
-            .map_err(|error| format!("egress_allow: {error}"))?;
+        pattern.parse::<HostPattern>().map_err(InvalidInput::EgressPattern)?;
     }
     Ok(())
 }
 
 /// A plugin's name and version, as `AdminService` requests name them.
-pub fn plugin_ref(name: &str, version: &str) -> Result<(), String> {
-    flotilla_raft::validate_plugin_name(name).map_err(|error| format!("name: {error}"))?;
-    flotilla_raft::validate_plugin_version(version).map_err(|error| format!("version: {error}"))
+pub fn plugin_ref(name: &str, version: &str) -> Result<(), InvalidInput> {
+    flotilla_raft::validate_plugin_name(name).map_err(|reason| InvalidInput::Refused {
+        field: "name".to_string(),
+        reason,
+    })?;
+    flotilla_raft::validate_plugin_version(version).map_err(|reason| InvalidInput::Refused {
+        field: "version".to_string(),
+        reason,
+    })
 }
 
-/// The hosts granted to a plugin, in the egress allowlist's syntax; returns them normalised
-/// (lowercase, no trailing dot) without duplicates, in the order given.
-pub fn granted_hosts(field: &str, hosts: &[String]) -> Result<Vec<String>, String> {
+/// The hosts granted to a plugin, as host patterns (the egress allowlist's syntax); returns
+/// them normalised (lowercase, no trailing dot) without duplicates, in the order given.
+pub fn granted_hosts(field: &str, hosts: &[String]) -> Result<Vec<String>, InvalidInput> {
     if hosts.len() > flotilla_raft::MAX_GRANTED_HOSTS {
-        return Err(format!(
-            "{field}: at most {} hosts, found {}",
-            flotilla_raft::MAX_GRANTED_HOSTS,
-            hosts.len()
-        ));
+        return Err(InvalidInput::TooManyHosts {
+            field: field.to_string(),
+            limit: flotilla_raft::MAX_GRANTED_HOSTS,
+            found: hosts.len(),
+        });
     }
     let mut normalised: Vec<String> = Vec::with_capacity(hosts.len());
     for host in hosts {
         let pattern = host
-            .parse::<flotilla_sandbox::egress::HostPattern>()
-            .map_err(|error| format!("{field}: {error}"))?
+            .parse::<HostPattern>()
+            .map_err(|source| InvalidInput::HostPattern {
+                field: field.to_string(),
+                source,
+            })?
             .to_string();
         if !normalised.contains(&pattern) {
             normalised.push(pattern);
         }
     }
-    flotilla_raft::validate_granted_hosts(&normalised).map_err(|error| format!("{field}: {error}"))?;
+    flotilla_raft::validate_granted_hosts(&normalised).map_err(|reason| InvalidInput::Refused {
+        field: field.to_string(),
+        reason,
+    })?;
     Ok(normalised)
 }
 
@@ -275,9 +341,9 @@ mod tests {
     #[test]
     fn plugin_refs_and_granted_hosts() {
         assert_eq!(plugin_ref("github", "1.2.0"), Ok(()));
-        let name = plugin_ref("GitHub", "1.2.0").unwrap_err();
+        let name = plugin_ref("GitHub", "1.2.0").unwrap_err().to_string();
         assert!(name.starts_with("name: plugin name \"GitHub\" is not valid"), "{name}");
-        let version = plugin_ref("github", "latest").unwrap_err();
+        let version = plugin_ref("github", "latest").unwrap_err().to_string();
         assert!(
             version.starts_with("version: plugin version \"latest\" is not valid"),
             "{version}"
@@ -297,7 +363,18 @@ mod tests {
             assert!(granted_hosts("hosts", &[bad.to_string()]).is_err(), "{bad:?}");
         }
         let too_many: Vec<String> = (0..=64).map(|index| format!("h{index}.example.com")).collect();
-        assert!(granted_hosts("hosts", &too_many).unwrap_err().contains("at most 64"));
+        assert!(granted_hosts("hosts", &too_many)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 64"));
+        assert_eq!(
+            granted_hosts("hosts", &["*".to_string()]).unwrap_err().to_string(),
+            "hosts: invalid host pattern \"*\": a bare \"*\" would allow every host; list the hosts, or leave the allowlist unset"
+        );
+        assert!(egress_allow(&["http://not a host".to_string()])
+            .unwrap_err()
+            .to_string()
+            .starts_with("egress_allow: invalid egress host pattern \"http://not a host\": "));
     }
 
     #[test]

@@ -9,7 +9,25 @@ use flotilla_actors::model::ToolSpec;
 use flotilla_actors::vcs::{GitOrigin, OpenedPullRequest, PluginTools, PullRequestSpec, VcsError, VcsProviders};
 use flotilla_plugins::{Plugin, PullRequestInput};
 
-use super::plugins::PluginRegistry;
+use super::plugins::{PluginRegistry, PluginsNotReady};
+
+/// Why no provider can serve a repository.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(transparent)]
+    NotReady(#[from] PluginsNotReady),
+    #[error("no VCS provider plugin is enabled on this node, so none can serve {repository:?}")]
+    NoProvider { repository: String },
+    #[error(
+        "no enabled VCS provider plugin claims {repository:?} (asked: {asked}); upload and enable a provider for it, or configure a built-in one's `hosts`"
+    )]
+    Unclaimed { repository: String, asked: String },
+}
+
+/// A claimed provider that did not say what it supports.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ProviderInfoError(pub flotilla_plugins::CallError);
 
 /// The provider that claims a repository.
 pub struct Claim {
@@ -23,7 +41,7 @@ pub struct NodePlugins {
 impl NodePlugins {
     /// The first provider, in match order, that claims `repository`; `Err` names the providers
     /// asked when none does.
-    pub async fn claim(&self, repository: &str) -> Result<Claim, String> {
+    pub async fn claim(&self, repository: &str) -> Result<Claim, ClaimError> {
         self.registry.wait_ready().await?;
         let host = self.registry.host();
         let providers = self.registry.providers();
@@ -39,23 +57,25 @@ impl NodePlugins {
             }
         }
         Err(if asked.is_empty() {
-            format!("no VCS provider plugin is enabled on this node, so none can serve {repository:?}")
+            ClaimError::NoProvider {
+                repository: repository.to_string(),
+            }
         } else {
-            format!(
-                "no enabled VCS provider plugin claims {repository:?} (asked: {}); upload and enable a provider for it, or configure a built-in one's `hosts`",
-                asked.join(", ")
-            )
+            ClaimError::Unclaimed {
+                repository: repository.to_string(),
+                asked: asked.join(", "),
+            }
         })
     }
 
     /// Whether a claimed repository's provider can open pull requests.
-    pub async fn supports_pull_requests(&self, claim: &Claim) -> Result<bool, String> {
+    pub async fn supports_pull_requests(&self, claim: &Claim) -> Result<bool, ProviderInfoError> {
         self.registry
             .host()
             .info(&claim.plugin)
             .await
             .map(|info| info.supports_pull_requests)
-            .map_err(|error| error.to_string())
+            .map_err(ProviderInfoError)
     }
 }
 
@@ -69,7 +89,10 @@ fn vcs_error(provider: &str, message: impl Into<String>) -> VcsError {
 #[async_trait]
 impl VcsProviders for NodePlugins {
     async fn origin(&self, repository: &str) -> Result<GitOrigin, VcsError> {
-        let claim = self.claim(repository).await.map_err(|message| vcs_error("", message))?;
+        let claim = self
+            .claim(repository)
+            .await
+            .map_err(|error| vcs_error("", error.to_string()))?;
         let spec = self
             .registry
             .host()
@@ -86,7 +109,7 @@ impl VcsProviders for NodePlugins {
         let claim = self
             .claim(&spec.repository)
             .await
-            .map_err(|message| vcs_error("", message))?;
+            .map_err(|error| vcs_error("", error.to_string()))?;
         let provider = claim.plugin.name().to_string();
         let opened = self
             .registry

@@ -3,53 +3,13 @@
 
 use std::net::IpAddr;
 
+use flotilla_state::host_pattern::{Host as PatternHost, HostPattern};
 use url::{Host, Url};
 
-/// One parsed grant: `host`, `host:port`, `*.domain` or `*.domain:port` (`[::1]:8080` for IPv6).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct HostGrant {
-    pattern: HostPattern,
-    /// None: only the scheme's default port (443 for https, 80 for http).
-    port: Option<u16>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum HostPattern {
-    Exact(String),
-    /// `*.example.com`: any name under example.com (one label or more), not example.com itself.
-    SubdomainsOf(String),
-}
-
-fn parse_grant(text: &str) -> Option<HostGrant> {
-    let text = text.trim().to_ascii_lowercase();
-    let (host, port) = if text.starts_with('[') {
-        let close = text.find(']')?;
-        let (host, rest) = text.split_at(close + 1);
-        match rest {
-            "" => (host.to_string(), None),
-            _ => (host.to_string(), Some(rest.strip_prefix(':')?.parse::<u16>().ok()?)),
-        }
-    } else {
-        match text.rsplit_once(':') {
-            Some((host, port)) => (host.to_string(), Some(port.parse::<u16>().ok()?)),
-            None => (text.clone(), None),
-        }
-    };
-    if host.is_empty() || host.contains(['/', '@', ' ', '?', '#']) {
-        return None;
-    }
-    let pattern = match host.strip_prefix("*.") {
-        Some(suffix) if !suffix.is_empty() && !suffix.contains('*') => HostPattern::SubdomainsOf(suffix.to_string()),
-        Some(_) => return None,
-        None if host.contains('*') => return None,
-        None => HostPattern::Exact(host),
-    };
-    Some(HostGrant { pattern, port })
-}
-
 /// Whether `grant` is a grant this module understands (the node can refuse others up front).
+/// Grants are host patterns (see [`flotilla_state::host_pattern`]).
 pub fn is_valid_grant(grant: &str) -> bool {
-    parse_grant(grant).is_some()
+    grant.parse::<HostPattern>().is_ok()
 }
 
 /// `host` or `host:port` of a URL, as refusals name it and grants are written.
@@ -71,29 +31,27 @@ pub(crate) fn is_loopback(url: &Url) -> bool {
     }
 }
 
-/// Whether one of `grants` lets a plugin send a request to `url`.
+/// Whether one of `grants` lets a plugin send a request to `url`. A grant without a port
+/// admits only the default port of the URL's scheme (443 for https, 80 for http): the caller's
+/// default in the host-pattern port rule.
 pub(crate) fn is_granted(grants: &[String], url: &Url) -> bool {
-    let Some(host) = url.host_str() else {
+    let Some(host) = url.host_str().and_then(|host| host.parse::<PatternHost>().ok()) else {
         return false;
     };
-    let host = host.to_ascii_lowercase();
+    let scheme_default_port = match url.scheme() {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    };
     // The url crate drops a port equal to the scheme's default, so `url.port()` is None exactly
     // when the request goes to the default port.
-    grants.iter().filter_map(|grant| parse_grant(grant)).any(|grant| {
-        let host_matches = match &grant.pattern {
-            HostPattern::Exact(exact) => *exact == host,
-            HostPattern::SubdomainsOf(suffix) => {
-                host.len() > suffix.len() + 1
-                    && host.ends_with(suffix.as_str())
-                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-            }
-        };
-        let port_matches = match grant.port {
-            None => url.port().is_none(),
-            Some(port) => url.port_or_known_default() == Some(port),
-        };
-        host_matches && port_matches
-    })
+    let Some(port) = url.port().or(scheme_default_port) else {
+        return false;
+    };
+    grants
+        .iter()
+        .filter_map(|grant| grant.parse::<HostPattern>().ok())
+        .any(|grant| grant.matches_host_on_default_port(&host, port, scheme_default_port))
 }
 
 /// Whether a clone URL a provider returned is one the node may hand to git, and whether its auth
@@ -104,50 +62,86 @@ pub(crate) fn is_granted(grants: &[String], url: &Url) -> bool {
 /// into a path on the node). Refused: other transports (git's `ext::` runs commands), anything
 /// git could read as an option, passwords in the URL (secrets go through placeholders), and an
 /// auth header on anything but https or loopback http (it would travel in clear or nowhere).
-pub(crate) fn check_clone_url(requested: &str, clone_url: &str, has_auth_header: bool) -> Result<(), String> {
+pub(crate) fn check_clone_url(requested: &str, clone_url: &str, has_auth_header: bool) -> Result<(), CloneUrlRefused> {
+    let refused_url = || clone_url.to_string();
     if clone_url.is_empty() || clone_url.starts_with('-') {
-        return Err(format!("clone url {clone_url:?} is empty or starts with '-'"));
+        return Err(CloneUrlRefused::EmptyOrOption {
+            clone_url: refused_url(),
+        });
     }
     if clone_url
         .chars()
         .any(|character| character.is_whitespace() || character.is_control())
     {
-        return Err(format!(
-            "clone url {clone_url:?} holds whitespace or control characters"
-        ));
+        return Err(CloneUrlRefused::Whitespace {
+            clone_url: refused_url(),
+        });
     }
     let header_allowed = match Url::parse(clone_url) {
         Ok(url) if clone_url.contains("://") => {
             if url.password().is_some() {
-                return Err("clone url holds a password; use an auth header with a placeholder".to_string());
+                return Err(CloneUrlRefused::Password);
             }
             match url.scheme() {
                 "https" => true,
                 "http" => is_loopback(&url),
                 "ssh" => false,
                 "file" if requested.trim_start().starts_with("file://") => false,
-                "file" => return Err(format!("clone url {clone_url} is a local path but {requested} is not")),
-                scheme => return Err(format!("clone url {clone_url}: transport {scheme} is not allowed")),
+                "file" => {
+                    return Err(CloneUrlRefused::LocalPath {
+                        clone_url: refused_url(),
+                        requested: requested.to_string(),
+                    })
+                }
+                scheme => {
+                    return Err(CloneUrlRefused::Transport {
+                        clone_url: refused_url(),
+                        scheme: scheme.to_string(),
+                    })
+                }
             }
         }
         // `user@host:path` (git's scp-like syntax): a host, then a colon, no "::" transport.
         _ => {
             let Some((user_and_host, path)) = clone_url.split_once(':') else {
-                return Err(format!("clone url {clone_url:?} is neither a URL nor [USER@]HOST:PATH"));
+                return Err(CloneUrlRefused::NotAUrl {
+                    clone_url: refused_url(),
+                });
             };
             let host = user_and_host.rsplit('@').next().unwrap_or_default();
             if host.is_empty() || host.contains('/') || path.is_empty() || path.starts_with(':') {
-                return Err(format!("clone url {clone_url:?} is neither a URL nor [USER@]HOST:PATH"));
+                return Err(CloneUrlRefused::NotAUrl {
+                    clone_url: refused_url(),
+                });
             }
             false
         }
     };
     if has_auth_header && !header_allowed {
-        return Err(format!(
-            "clone url {clone_url}: an auth header goes only with https (or http on a loopback host)"
-        ));
+        return Err(CloneUrlRefused::AuthHeaderInClear {
+            clone_url: refused_url(),
+        });
     }
     Ok(())
+}
+
+/// Why a clone URL a provider returned is not handed to git.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum CloneUrlRefused {
+    #[error("clone url {clone_url:?} is empty or starts with '-'")]
+    EmptyOrOption { clone_url: String },
+    #[error("clone url {clone_url:?} holds whitespace or control characters")]
+    Whitespace { clone_url: String },
+    #[error("clone url holds a password; use an auth header with a placeholder")]
+    Password,
+    #[error("clone url {clone_url} is a local path but {requested} is not")]
+    LocalPath { clone_url: String, requested: String },
+    #[error("clone url {clone_url}: transport {scheme} is not allowed")]
+    Transport { clone_url: String, scheme: String },
+    #[error("clone url {clone_url:?} is neither a URL nor [USER@]HOST:PATH")]
+    NotAUrl { clone_url: String },
+    #[error("clone url {clone_url}: an auth header goes only with https (or http on a loopback host)")]
+    AuthHeaderInClear { clone_url: String },
 }
 
 #[cfg(test)]

@@ -506,7 +506,8 @@ impl PluginHost {
             function: FUNCTION,
             message,
         };
-        grants::check_clone_url(url, &spec.url, spec.auth_header.is_some()).map_err(invalid)?;
+        grants::check_clone_url(url, &spec.url, spec.auth_header.is_some())
+            .map_err(|refused| invalid(refused.to_string()))?;
         let auth_header = match spec.auth_header {
             None => None,
             Some(header) => {

@@ -1,0 +1,86 @@
+//! The one place where the errors of the node's services become gRPC statuses: each error
+//! type that crosses a service boundary has its `From<...> for Status` (or, for types of other
+//! crates, one function) here, so a code is chosen once per kind of failure.
+//!
+//! | error | code |
+//! | --- | --- |
+//! | `validate::InvalidInput` (a request field) | `InvalidArgument` |
+//! | `WriteError::Refused`: not found / exists / limits / fenced / invalid | `NotFound` / `AlreadyExists` / `ResourceExhausted` / `Aborted` / `InvalidArgument`, else `FailedPrecondition` |
+//! | `WriteError::Unavailable` | `Unavailable` |
+//! | `WriteError::Fatal` | `Internal` |
+//! | `ReplicaError::NotLeader` (membership) | `Unavailable`, else `FailedPrecondition` |
+//! | `vcs::ClaimError` (no provider for a repository, plugins not loaded) | `FailedPrecondition` |
+//! | `vcs::ProviderInfoError` (a provider did not answer) | `Unavailable` |
+//! | `admin::PluginRejected` (an upload cannot be loaded) | `InvalidArgument` |
+
+use flotilla_raft::{ApplyError, WriteError};
+use tonic::Status;
+
+use super::admin::PluginRejected;
+use super::validate::InvalidInput;
+use super::vcs::{ClaimError, ProviderInfoError};
+
+impl From<InvalidInput> for Status {
+    fn from(error: InvalidInput) -> Status {
+        Status::invalid_argument(error.to_string())
+    }
+}
+
+impl From<ClaimError> for Status {
+    fn from(error: ClaimError) -> Status {
+        Status::failed_precondition(error.to_string())
+    }
+}
+
+impl From<ProviderInfoError> for Status {
+    fn from(error: ProviderInfoError) -> Status {
+        Status::unavailable(error.to_string())
+    }
+}
+
+impl From<PluginRejected> for Status {
+    fn from(error: PluginRejected) -> Status {
+        Status::invalid_argument(error.to_string())
+    }
+}
+
+/// The one place a write failure becomes a gRPC status.
+pub fn write_status(error: WriteError) -> Status {
+    match error {
+        WriteError::Refused(refusal) => {
+            let message = refusal.to_string();
+            match refusal {
+                ApplyError::AgentNotFound(_)
+                | ApplyError::NodeNotFound(_)
+                | ApplyError::PluginNotFound { .. }
+                | ApplyError::UploadNotFound(_) => Status::not_found(message),
+                ApplyError::AgentExists(_) | ApplyError::PluginExists { .. } => Status::already_exists(message),
+                ApplyError::PluginEnabled { .. } => Status::failed_precondition(message),
+                ApplyError::TooManyUploads { .. } | ApplyError::TooManyPlugins { .. } => {
+                    Status::resource_exhausted(message)
+                }
+                ApplyError::InvalidState { .. } | ApplyError::UnsupportedVersion { .. } | ApplyError::NestedBatch => {
+                    Status::failed_precondition(message)
+                }
+                ApplyError::Fenced { .. } => Status::aborted(message),
+                ApplyError::TooManyFollowUps { .. } | ApplyError::TooLarge { .. } => {
+                    Status::resource_exhausted(message)
+                }
+                ApplyError::TurnOutOfOrder { .. } | ApplyError::UndeliveredFollowUps { .. } => {
+                    Status::failed_precondition(message)
+                }
+                ApplyError::Invalid(_) => Status::invalid_argument(message),
+            }
+        }
+        WriteError::Unavailable { .. } => Status::unavailable(error.to_string()),
+        WriteError::Fatal(_) => Status::internal(error.to_string()),
+    }
+}
+
+/// A membership change that failed: retried by the caller while the leader moves.
+pub fn membership_status(error: flotilla_raft::replica::ReplicaError) -> Status {
+    match error {
+        flotilla_raft::replica::ReplicaError::NotLeader { .. } => Status::unavailable(error.to_string()),
+        other => Status::failed_precondition(other.to_string()),
+    }
+}
