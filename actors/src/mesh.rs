@@ -298,6 +298,7 @@ impl Mesh {
         let mut session_events = self.inner.session_events.subscribe();
         let socket_addresses: Vec<SocketAddr> = resolved.iter().copied().collect();
         self.inner.dials.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(crate::metrics::MESH_DIALS_TOTAL).increment(1);
         let dialed = tokio::time::timeout(
             Duration::from_millis(DIAL_TIMEOUT_MS),
             ractor_cluster::client_connect(&self.inner.node_server, socket_addresses.as_slice()),
@@ -693,6 +694,7 @@ impl Actor for LiveEventWatcher {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let dropped = state.dropped_here.fetch_add(1, Ordering::Relaxed) + 1;
                 state.dropped_on_node.fetch_add(1, Ordering::Relaxed);
+                ::metrics::counter!(crate::metrics::MESH_LIVE_EVENTS_DROPPED_TOTAL).increment(1);
                 // Logged at powers of two so a stalled reader cannot flood the log.
                 if dropped.is_power_of_two() {
                     tracing::debug!(

@@ -7,6 +7,7 @@
 //! and to write commands (forwarding to the leader when it is not the leader).
 
 pub mod command;
+pub mod metrics;
 pub mod network;
 pub mod replica;
 pub mod state;

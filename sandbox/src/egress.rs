@@ -865,6 +865,7 @@ async fn accept_loop(listener: ProxyListener, shared: Arc<ProxyShared>) {
                     }
                     Err(_) => {
                         shared.rejected.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::record_egress_connection(crate::metrics::EgressOutcome::Rejected);
                         tracing::info!(
                             client = %client_label,
                             verdict = "rejected",
@@ -912,6 +913,7 @@ async fn serve_connection(
     let head_deadline = Instant::now() + Duration::from_millis(limits.idle_timeout_ms);
     let reject = |reason: &str| {
         shared.rejected.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::record_egress_connection(crate::metrics::EgressOutcome::Rejected);
         tracing::info!(client = %client_label, verdict = "rejected", reason, "egress request rejected");
     };
     let (buffer, head_length) = match read_request_head(&mut client, limits.max_request_head_bytes, head_deadline).await
@@ -955,6 +957,7 @@ async fn serve_connection(
 
     if !shared.current_policy().allows_target(&target.host, target.port) {
         shared.refused.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::record_egress_connection(crate::metrics::EgressOutcome::Refused);
         tracing::info!(
             client = %client_label,
             method = %request.method,
@@ -971,6 +974,7 @@ async fn serve_connection(
         return;
     }
     shared.allowed.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::record_egress_connection(crate::metrics::EgressOutcome::Allowed);
     tracing::info!(
         client = %client_label,
         method = %request.method,

@@ -19,6 +19,7 @@ pub mod environment;
 pub mod error;
 mod image;
 pub mod limits;
+pub mod metrics;
 mod mounts;
 pub mod pty;
 pub mod snapshot;

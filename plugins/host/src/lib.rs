@@ -23,6 +23,7 @@ mod error;
 mod grants;
 mod host;
 mod http;
+pub mod metrics;
 mod placeholders;
 mod state;
 mod types;
