@@ -10,7 +10,6 @@
 //!
 //! The driver today is [`bwrap::BwrapDriver`] (bubblewrap, overlayfs and cgroups v1 or v2).
 
-pub mod bench;
 pub mod bwrap;
 mod cgroup;
 pub mod driver;
@@ -20,6 +19,7 @@ pub mod error;
 mod image;
 pub mod limits;
 pub mod metrics;
+mod mount_namespace;
 mod mounts;
 pub mod pty;
 pub mod snapshot;
@@ -35,5 +35,6 @@ pub use driver::{
 pub use environment::{EnvironmentConfig, Plan, Terminal};
 pub use error::{EnvironmentError, Result, SandboxError};
 pub use limits::MachineLimits;
+pub use mount_namespace::enter_private_mount_namespace;
 pub use pty::{PtySession, PtySize};
 pub use snapshot::{InstallRequest, Snapshot, SnapshotCache};
