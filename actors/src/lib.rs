@@ -12,6 +12,7 @@ pub mod follow;
 pub mod liveness;
 pub mod machine;
 pub mod mesh;
+pub mod metrics;
 pub mod model;
 pub mod repo;
 pub mod retry;

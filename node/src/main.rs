@@ -1,9 +1,8 @@
-//! `flotilla`: one binary for the node daemon (`flotilla node`), the command-line client
-//! (`flotilla agent ...`, `flotilla cluster ...`, `flotilla plugin ...`) and the load generators
-//! (`flotilla bench ...`).
+//! `flotilla`: one binary for the node daemon (`flotilla node`) and the command-line client
+//! (`flotilla agent ...`, `flotilla cluster ...`, `flotilla plugin ...`). The load generators
+//! are a binary of their own, `flotilla-bench` (`bench/`), so that no benchmark code ships in
+//! the node.
 
-mod bench;
-mod bench_turns;
 mod cli;
 mod config;
 mod machines_cli;
@@ -60,21 +59,6 @@ enum TopCommand {
         #[command(subcommand)]
         command: ImageCommand,
     },
-    /// Measure the cluster (prints figures; asserts nothing).
-    Bench {
-        #[command(subcommand)]
-        command: BenchCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// CreateAgent throughput and latency on loopback clusters.
-    Create(bench::BenchCreateArgs),
-    /// Machine start times (warm and cold) and how many idle machines a node holds.
-    Machines(machines_cli::BenchMachinesArgs),
-    /// Turn-loop overhead per turn, concurrent agents per node, events per second to a watcher.
-    Turns(bench_turns::BenchTurnsArgs),
 }
 
 #[derive(Subcommand)]
@@ -98,43 +82,12 @@ fn init_logging(default_level: &str) {
         .init();
 }
 
-/// Gives a node a mount namespace of its own, before any thread starts (the kernel refuses
-/// afterwards). Every layer a node mounts for its machines then lives and dies with the node:
-/// a node killed with SIGKILL leaves no mount behind on the host.
-fn private_mount_namespace() -> Result<(), std::io::Error> {
-    // SAFETY: called while the process is single-threaded; both calls only change this
-    // process's own namespace membership and mount propagation.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let root = c"/";
-        if libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mounts_layers = matches!(
-        cli.command,
-        TopCommand::Node(_)
-            | TopCommand::Image { .. }
-            | TopCommand::Bench {
-                command: BenchCommand::Machines(_) | BenchCommand::Turns(_)
-            }
-    );
+    // A node's machine layers, and an image build's, live and die with this process.
+    let mounts_layers = matches!(cli.command, TopCommand::Node(_) | TopCommand::Image { .. });
     if mounts_layers {
-        if let Err(error) = private_mount_namespace() {
+        if let Err(error) = flotilla_sandbox::enter_private_mount_namespace() {
             eprintln!("error: machine layers need a mount namespace of this process's own (run as root): {error}");
             return ExitCode::FAILURE;
         }
@@ -166,14 +119,6 @@ fn main() -> ExitCode {
             TopCommand::Plugin { command } => {
                 init_logging("warn");
                 cli::run_plugin(&client, command).await
-            }
-            TopCommand::Bench { command } => {
-                init_logging("warn");
-                match command {
-                    BenchCommand::Create(args) => bench::run_create(args).await.map(|()| ExitCode::SUCCESS),
-                    BenchCommand::Machines(args) => machines_cli::bench_machines(args).await,
-                    BenchCommand::Turns(args) => bench_turns::run_turns(args).await.map(|()| ExitCode::SUCCESS),
-                }
             }
             TopCommand::Env {
                 command: EnvCommand::Check(args),

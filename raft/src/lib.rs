@@ -12,6 +12,7 @@
 //! The records and commands are re-exported here, so that the crates above use one path for
 //! them whichever crate defines them.
 
+pub mod metrics;
 pub mod network;
 pub mod replica;
 pub mod store;

@@ -13,7 +13,6 @@
 //! `fake` feature, `fake::FakeDriver` makes machines of plain directories and host processes for
 //! tests that cannot be root.
 
-pub mod bench;
 pub mod bwrap;
 mod cgroup;
 pub mod driver;
@@ -24,6 +23,8 @@ pub mod error;
 pub mod fake;
 mod image;
 pub mod limits;
+pub mod metrics;
+mod mount_namespace;
 mod mounts;
 mod output_capture;
 pub mod pty;
@@ -40,5 +41,6 @@ pub use driver::{
 pub use environment::{EnvironmentConfig, Plan, Terminal};
 pub use error::{EnvironmentError, Result, SandboxError};
 pub use limits::MachineLimits;
+pub use mount_namespace::enter_private_mount_namespace;
 pub use pty::{PtySession, PtySize};
 pub use snapshot::{InstallRequest, Snapshot, SnapshotCache};

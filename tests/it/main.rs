@@ -1,6 +1,6 @@
 //! Flotilla's integration tests: one binary, numbered modules, so the link happens once.
-//! Modules t20_ and above start several nodes and run one at a time (see
-//! `.config/nextest.toml`).
+//! Modules whose tests start several nodes run one at a time: `.config/nextest.toml` names
+//! them in its `multi-node` test group, so a new multi-node module is added there too.
 
 mod common;
 mod t00_harness;

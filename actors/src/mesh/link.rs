@@ -56,6 +56,7 @@ impl Mesh {
     async fn dial(&self, address: &str, resolved: &HashSet<SocketAddr>) -> Result<(), MeshError> {
         let socket_addresses: Vec<SocketAddr> = resolved.iter().copied().collect();
         self.inner.dials.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(crate::metrics::MESH_DIALS_TOTAL).increment(1);
         let dialed = tokio::time::timeout(
             Duration::from_millis(DIAL_TIMEOUT_MS),
             ractor_cluster::client_connect(&self.inner.node_server, socket_addresses.as_slice()),

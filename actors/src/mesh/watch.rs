@@ -191,6 +191,7 @@ impl Actor for LiveEventWatcher {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let dropped = state.dropped_here.fetch_add(1, Ordering::Relaxed) + 1;
                 state.dropped_on_node.fetch_add(1, Ordering::Relaxed);
+                ::metrics::counter!(crate::metrics::MESH_LIVE_EVENTS_DROPPED_TOTAL).increment(1);
                 // Logged at powers of two so a stalled reader cannot flood the log.
                 if dropped.is_power_of_two() {
                     tracing::debug!(

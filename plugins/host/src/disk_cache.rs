@@ -96,6 +96,7 @@ impl DiskCache {
             .map_err(|error| error.to_string())
             .and_then(|bytes| std::fs::write(&temporary, bytes).map_err(|error| error.to_string()))
             .and_then(|()| std::fs::rename(&temporary, &path).map_err(|error| error.to_string()));
+        crate::metrics::record_disk_cache_write(written.is_ok());
         if let Err(error) = written {
             let _ = std::fs::remove_file(&temporary);
             tracing::warn!(path = %path.display(), %error, "could not keep compiled plugin code on disk");

@@ -270,6 +270,7 @@ impl PluginHost {
         let (component, compiled_here) = match from_disk {
             Some(component) => {
                 self.disk_load_count.fetch_add(1, Ordering::Relaxed);
+                ::metrics::counter!(crate::metrics::PLUGIN_DISK_LOADS_TOTAL).increment(1);
                 (component, false)
             }
             None => {
@@ -278,6 +279,7 @@ impl PluginHost {
                     message: error_chain(&error),
                 })?;
                 self.compile_count.fetch_add(1, Ordering::Relaxed);
+                ::metrics::counter!(crate::metrics::PLUGIN_COMPILES_TOTAL).increment(1);
                 (component, true)
             }
         };

@@ -15,7 +15,6 @@
 //! linked only as far as a `wasm32-wasip2` guest's standard library needs it, with nothing behind
 //! it: no files, no environment, no sockets.
 
-mod bench;
 mod bindings;
 mod config;
 mod disk_cache;
@@ -23,12 +22,12 @@ mod error;
 mod grants;
 mod host;
 mod http;
+pub mod metrics;
 mod placeholders;
 mod state;
 mod types;
 mod validate;
 
-pub use bench::{bench_calls, BenchError, BenchReport, BenchRun};
 pub use config::HostConfig;
 pub use error::{CallError, HttpFailure, PluginError, PluginFailure};
 pub use grants::is_valid_grant;

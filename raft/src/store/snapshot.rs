@@ -140,6 +140,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             (encode(&body), machine.last_applied, machine.membership.clone())
         };
         let sequence = self.snapshot_sequence.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::record_snapshot_built(data.len());
         let snapshot_id = match last_applied {
             Some(log_id) => format!("{}-{}-{}", log_id.leader_id.term, log_id.index, sequence),
             None => format!("empty-{sequence}"),

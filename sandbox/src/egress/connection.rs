@@ -96,6 +96,7 @@ pub(super) async fn serve_connection(
 impl Connection {
     fn reject(&self, reason: &str) {
         self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::record_egress_connection(crate::metrics::EgressOutcome::Rejected);
         tracing::info!(client = %self.client_label, verdict = "rejected", reason, "egress request rejected");
     }
 
@@ -143,6 +144,11 @@ impl Connection {
             &self.shared.refused
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::record_egress_connection(if allowed {
+            crate::metrics::EgressOutcome::Allowed
+        } else {
+            crate::metrics::EgressOutcome::Refused
+        });
         if allowed {
             tracing::info!(
                 client = %self.client_label,

@@ -262,6 +262,7 @@ async fn accept_loop(listener: ProxyListener, shared: Arc<ProxyShared>) {
                     }
                     Err(_) => {
                         shared.rejected.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::record_egress_connection(crate::metrics::EgressOutcome::Rejected);
                         tracing::info!(
                             client = %client_label,
                             verdict = "rejected",

@@ -1,17 +1,18 @@
-//! Machine start figures for `flotilla bench machines`: time from `create` to the first
-//! command's output, warm (the install snapshot exists) and cold (the install runs first).
-//! Prints figures; asserts nothing about time.
+//! `flotilla-bench machines`: time from `create` to the first command's output, warm (the
+//! install snapshot exists) and cold (the install runs first), then how many idle machines one
+//! node holds before memory or processes run short. Needs root. Prints figures; asserts nothing
+//! about time.
 
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::bwrap::{BwrapConfig, BwrapDriver, DiskBacking};
-use crate::driver::{BaseImage, ExecRequest, MachineDriver, MachineSpec};
-use crate::environment::EnvironmentConfig;
-use crate::error::{Result, SandboxError};
-use crate::snapshot::{InstallRequest, SnapshotCache};
+use anyhow::{bail, Context as _};
+use flotilla_sandbox::{
+    BaseImage, BwrapConfig, BwrapDriver, DiskBacking, EnvironmentConfig, ExecOutput, ExecRequest, InstallRequest,
+    MachineDriver, MachineSpec, SnapshotCache,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Percentiles {
@@ -97,15 +98,15 @@ pub async fn bench_machine_starts(
     disk: DiskBacking,
     warm_starts: usize,
     cold_starts: usize,
-) -> Result<StartFigures> {
+) -> anyhow::Result<StartFigures> {
     let mut config = BwrapConfig::new(root.join("driver"));
     config.disk = disk;
     let driver = Arc::new(BwrapDriver::new(config)?);
     let base = driver.prepare_base(BaseImage::Host).await?;
     let workspace = root.join("workspace");
-    std::fs::create_dir_all(&workspace).map_err(|error| SandboxError::io("create", &workspace, error))?;
+    std::fs::create_dir_all(&workspace).with_context(|| format!("creating {}", workspace.display()))?;
     std::fs::write(workspace.join("README"), "bench\n")
-        .map_err(|error| SandboxError::io("write", &workspace, error))?;
+        .with_context(|| format!("writing a README in {}", workspace.display()))?;
     let cache = SnapshotCache::new(driver.clone(), driver.snapshots_dir())?;
     let install_config = |marker: &str| EnvironmentConfig {
         install: Some(format!(
@@ -169,18 +170,106 @@ pub async fn bench_machine_starts(
     })
 }
 
-fn check_output(output: &crate::driver::ExecOutput, expected: &str) -> Result<()> {
+fn check_output(output: &ExecOutput, expected: &str) -> anyhow::Result<()> {
     if output.success() && output.stdout_text().trim() == expected {
         return Ok(());
     }
-    Err(SandboxError::HostCommand {
-        program: "bench first command".to_string(),
-        detail: format!(
-            "expected {expected:?}, got {} with {:?}",
-            output.outcome(),
-            output.last_lines(5)
-        ),
-    })
+    bail!(
+        "the bench's first command: expected {expected:?}, got {} with {:?}",
+        output.outcome(),
+        output.last_lines(5)
+    )
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchMachinesArgs {
+    /// Warm starts measured (machine from an existing snapshot to its first command's output).
+    #[arg(long, default_value_t = 100)]
+    pub warm: usize,
+    /// Cold starts measured (install runs first).
+    #[arg(long, default_value_t = 10)]
+    pub cold: usize,
+    /// Most idle machines started when measuring how many one node holds.
+    #[arg(long, default_value_t = 300)]
+    pub max_idle: usize,
+    /// Disk of each machine's own layer: tmpfs or ext4.
+    #[arg(long, default_value = "tmpfs")]
+    pub disk: String,
+}
+
+/// Memory the kernel says is available, in bytes.
+fn available_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|line| line.starts_with("MemAvailable:"))?;
+    let kibibytes: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kibibytes * 1024)
+}
+
+pub async fn run_machines(args: BenchMachinesArgs) -> anyhow::Result<()> {
+    let disk = match args.disk.as_str() {
+        "tmpfs" => DiskBacking::Tmpfs,
+        "ext4" => DiskBacking::Ext4Image,
+        other => anyhow::bail!("--disk: expected tmpfs or ext4, found {other:?}"),
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-machines-")
+        .tempdir()
+        .context("cannot make a temporary directory")?;
+    let figures = bench_machine_starts(dir.path(), disk, args.warm, args.cold).await?;
+    println!("{figures}");
+    measure_idle_capacity(dir.path(), disk, args.max_idle).await
+}
+
+/// Starts idle machines (init plus one shell each) under `root` until `max_idle`, memory or
+/// processes run short, and prints how many and what each cost in memory.
+async fn measure_idle_capacity(root: &Path, disk: DiskBacking, max_idle: usize) -> anyhow::Result<()> {
+    let mut config = BwrapConfig::new(root.join("capacity"));
+    config.disk = disk;
+    let driver = Arc::new(BwrapDriver::new(config)?);
+    let base = driver.prepare_base(BaseImage::Host).await?;
+    let workspace = root.join("capacity-workspace");
+    std::fs::create_dir_all(&workspace)?;
+    let memory_before = available_memory_bytes().unwrap_or(0);
+    let floor = memory_before / 10;
+    let mut machines = Vec::new();
+    let mut stopped_by = format!("the --max-idle cap of {max_idle}");
+    let started = Instant::now();
+    while machines.len() < max_idle {
+        if available_memory_bytes().is_some_and(|available| available < floor) {
+            stopped_by = "available memory falling under 10%".to_string();
+            break;
+        }
+        let spec = MachineSpec::new(format!("idle-{}", machines.len()), base.clone(), &workspace);
+        match driver.create(spec).await {
+            Ok(machine) => {
+                let shell = driver
+                    .exec(&machine, ExecRequest::new("nohup sleep 1000000 >/dev/null 2>&1 &"))
+                    .await;
+                if let Err(error) = shell {
+                    stopped_by = format!("a command failing: {error}");
+                    machines.push(machine);
+                    break;
+                }
+                machines.push(machine);
+            }
+            Err(error) => {
+                stopped_by = format!("machine creation failing: {error}");
+                break;
+            }
+        }
+    }
+    let memory_after = available_memory_bytes().unwrap_or(0);
+    let count = machines.len().max(1) as u64;
+    println!(
+        "idle machines held: {} in {:.1}s (stopped by {stopped_by}); memory per idle machine ≈ {} KiB",
+        machines.len(),
+        started.elapsed().as_secs_f64(),
+        memory_before.saturating_sub(memory_after) / count / 1024
+    );
+    for machine in &machines {
+        let _ = driver.destroy(machine).await;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

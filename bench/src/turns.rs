@@ -1,4 +1,4 @@
-//! `flotilla bench turns`: what the turn loop itself costs, and how many concurrent agents one
+//! `flotilla-bench turns`: what the turn loop itself costs, and how many concurrent agents one
 //! node carries. It runs the real pieces of a node in this process (a single-node Raft group on
 //! RocksDB, the actor mesh, real machines, the repository actor) and drives agents with the
 //! scripted provider, whose replies take `--model-latency-ms` like a model's would. Each turn
@@ -332,6 +332,10 @@ pub async fn run_turns(args: BenchTurnsArgs) -> anyhow::Result<()> {
         (1..=MAX_TURNS).contains(&args.turns),
         "--turns must be between 1 and {MAX_TURNS}"
     );
+    anyhow::ensure!(
+        args.tool == "list_dir" || args.tool == "noop",
+        "--tool must be list_dir or noop"
+    );
     let temporary = tempfile::Builder::new().prefix("flotilla-bench-turns-").tempdir()?;
     let dir = args.data_dir.clone().unwrap_or_else(|| temporary.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
@@ -361,10 +365,6 @@ pub async fn run_turns(args: BenchTurnsArgs) -> anyhow::Result<()> {
     runtime.budgets.max_turns = args.turns + 10;
     let runtime = Arc::new(runtime);
 
-    anyhow::ensure!(
-        args.tool == "list_dir" || args.tool == "noop",
-        "--tool must be list_dir or noop"
-    );
     println!(
         "turn benchmark: {} turns per agent, one {} call per turn, scripted replies taking {} ms",
         args.turns, args.tool, args.model_latency_ms
@@ -383,10 +383,22 @@ pub async fn run_turns(args: BenchTurnsArgs) -> anyhow::Result<()> {
         "raft p50",
         "vs base"
     );
+    measure_levels(&bench, &args.agents, &runtime).await?;
+    if args.watch_turns > 0 {
+        measure_watcher(&bench, args.watch_turns, &runtime).await?;
+    }
+    bench.mesh.shutdown().await;
+    bench.replica.shutdown().await;
+    Ok(())
+}
+
+/// One run per level of concurrency, each printed as a row, then where turn latency doubled
+/// against the first (baseline) level.
+async fn measure_levels(bench: &Bench, agent_counts: &[usize], runtime: &Arc<AgentRuntime>) -> anyhow::Result<()> {
     let mut baseline: Option<u64> = None;
     let mut doubled_at = None;
     let mut largest_within = None;
-    for &count in &args.agents {
+    for &count in agent_counts {
         let ids = bench.agents(count, "bench").await?;
         let (timings, wall) = bench.run(&ids, runtime.clone()).await?;
         let level = summarise(count, &timings, wall);
@@ -421,72 +433,73 @@ pub async fn run_turns(args: BenchTurnsArgs) -> anyhow::Result<()> {
         }
         _ => {}
     }
+    Ok(())
+}
 
-    if args.watch_turns > 0 {
-        let mut budgets = runtime.budgets;
-        budgets.max_turns = args.watch_turns + 10;
-        let runtime = Arc::new(AgentRuntime {
-            models: runtime.models.clone(),
-            budgets,
-            ..AgentRuntime::default()
-        });
-        let ids = bench.agents(1, "chatty").await?;
-        let id = ids[0];
-        let mut live = bench
-            .mesh
-            .subscribe(&id.to_string())
-            .await
-            .map_err(|error| anyhow!("subscribe: {error}"))?;
-        let mut durable = bench.replica.reader().subscribe_events();
-        let counter = tokio::spawn(async move {
-            let mut live_count = 0u64;
-            let mut durable_count = 0u64;
-            let mut first: Option<Instant> = None;
-            let mut last = Instant::now();
-            loop {
-                tokio::select! {
-                    event = live.next() => match event {
-                        Some(_) => live_count += 1,
-                        None => break,
-                    },
-                    event = durable.recv() => match event {
-                        Ok(event) if event.agent == id => {
-                            durable_count += 1;
-                            if let flotilla_raft::EventKind::StatusChanged { to: AgentStatus::Finished, .. } = event.kind {
-                                last = Instant::now();
-                                break;
-                            }
+/// How many events per second one watcher receives (live over the mesh plus durable from the
+/// replica) from one agent whose `watch_turns` turns cost nothing.
+async fn measure_watcher(bench: &Bench, watch_turns: u32, runtime: &Arc<AgentRuntime>) -> anyhow::Result<()> {
+    let mut budgets = runtime.budgets;
+    budgets.max_turns = watch_turns + 10;
+    let runtime = Arc::new(AgentRuntime {
+        models: runtime.models.clone(),
+        budgets,
+        ..AgentRuntime::default()
+    });
+    let ids = bench.agents(1, "chatty").await?;
+    let id = ids[0];
+    let mut live = bench
+        .mesh
+        .subscribe(&id.to_string())
+        .await
+        .map_err(|error| anyhow!("subscribe: {error}"))?;
+    let mut durable = bench.replica.reader().subscribe_events();
+    let counter = tokio::spawn(async move {
+        let mut live_count = 0u64;
+        let mut durable_count = 0u64;
+        let mut first: Option<Instant> = None;
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                event = live.next() => match event {
+                    Some(_) => live_count += 1,
+                    None => break,
+                },
+                event = durable.recv() => match event {
+                    Ok(event) if event.agent == id => {
+                        durable_count += 1;
+                        if let flotilla_raft::EventKind::StatusChanged { to: AgentStatus::Finished, .. } = event.kind {
+                            last = Instant::now();
+                            break;
                         }
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => durable_count += missed,
-                        Err(_) => break,
-                    },
-                }
-                first.get_or_insert_with(Instant::now);
-                last = Instant::now();
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => durable_count += missed,
+                    Err(_) => break,
+                },
             }
-            (
-                live_count,
-                durable_count,
-                first.map(|first| last - first).unwrap_or_default(),
-            )
-        });
-        let (_, wall) = bench.run(&ids, runtime.clone()).await?;
-        let (live_count, durable_count, span) = tokio::time::timeout(Duration::from_secs(60), counter)
-            .await
-            .context("the watcher did not see the run end")??;
-        let seconds = span.as_secs_f64().max(1e-9);
-        println!(
-            "\none watcher of a run of {} turns with a no-op tool (run took {:.2} s): {} live + {} durable events in {:.2} s = {:.0} events/s",
-            args.watch_turns,
-            wall.as_secs_f64(),
+            first.get_or_insert_with(Instant::now);
+            last = Instant::now();
+        }
+        (
             live_count,
             durable_count,
-            seconds,
-            (live_count + durable_count) as f64 / seconds
-        );
-    }
-    bench.mesh.shutdown().await;
-    bench.replica.shutdown().await;
+            first.map(|first| last - first).unwrap_or_default(),
+        )
+    });
+    let (_, wall) = bench.run(&ids, runtime.clone()).await?;
+    let (live_count, durable_count, span) = tokio::time::timeout(Duration::from_secs(60), counter)
+        .await
+        .context("the watcher did not see the run end")??;
+    let seconds = span.as_secs_f64().max(1e-9);
+    println!(
+        "\none watcher of a run of {} turns with a no-op tool (run took {:.2} s): {} live + {} durable events in {:.2} s = {:.0} events/s",
+        watch_turns,
+        wall.as_secs_f64(),
+        live_count,
+        durable_count,
+        seconds,
+        (live_count + durable_count) as f64 / seconds
+    );
     Ok(())
 }

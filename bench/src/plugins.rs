@@ -1,20 +1,42 @@
-//! Figures for the cost of a plugin call: compiling a component, loading it again from the cache,
-//! and one call (instantiate from the compiled component + the cheapest export + drop), with and
-//! without the pooling allocator. For `flotilla bench` and the crate's `plugin_bench` example;
-//! asserts nothing about time.
+//! `flotilla-bench plugins FILE.wasm [CALLS]`: the cost of a plugin call: compiling a component,
+//! loading it again from the cache and from the disk cache, and one call (instantiate from the
+//! compiled component + the cheapest export + drop), with and without the pooling allocator.
+//! Asserts nothing about time.
+//!
+//! The test guests are built by `cargo test -p flotilla-plugins` into
+//! `target/plugin-testdata/wasm32-wasip2/release/` (e.g. `well_behaved.wasm`); the built-in
+//! providers by `cargo build -p flotilla-builtin-plugins`.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{CallError, HostConfig, NoSecrets, PluginError, PluginHost, PluginKind};
+use anyhow::Context as _;
+use flotilla_plugins::{CallError, HostConfig, NoSecrets, PluginError, PluginHost, PluginKind};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchPluginsArgs {
+    /// A plugin component (a VCS provider or a tool).
+    pub component: PathBuf,
+    /// Sequential calls measured on each host configuration.
+    #[arg(default_value_t = 10_000)]
+    pub calls: usize,
+}
+
+pub async fn run_plugins(args: BenchPluginsArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&args.component).with_context(|| format!("cannot read {}", args.component.display()))?;
+    let report = bench_calls(&bytes, args.calls).await?;
+    print!("{report}");
+    Ok(())
+}
 
 /// Calls made before measuring, so that lazily set-up state (pool slots, page tables, the
 /// allocator's caches) is warm.
 const WARM_UP_CALLS: usize = 50;
 
 #[derive(Debug, thiserror::Error)]
-pub enum BenchError {
+enum BenchError {
     #[error("benchmark: {0}")]
     Load(#[from] PluginError),
     #[error("benchmark: {0}")]
@@ -23,28 +45,28 @@ pub enum BenchError {
 
 /// Sequential calls on one host configuration.
 #[derive(Clone, Debug)]
-pub struct BenchRun {
-    pub pooling: bool,
+struct BenchRun {
+    pooling: bool,
     /// First compilation of the component on this host.
-    pub compile: Duration,
+    compile: Duration,
     /// A second `load` of the same bytes (served from the cache).
-    pub cached_load: Duration,
+    cached_load: Duration,
     /// A `load` on a new host that finds the compiled code on disk (a restarted node).
-    pub disk_load: Duration,
-    pub calls: usize,
-    pub p50: Duration,
-    pub p99: Duration,
-    pub mean: Duration,
-    pub max: Duration,
+    disk_load: Duration,
+    calls: usize,
+    p50: Duration,
+    p99: Duration,
+    mean: Duration,
+    max: Duration,
 }
 
 #[derive(Clone, Debug)]
-pub struct BenchReport {
-    pub component_bytes: usize,
-    pub kind: PluginKind,
+struct BenchReport {
+    component_bytes: usize,
+    kind: PluginKind,
     /// The export each measured call ran: `info` or `describe`.
-    pub function: &'static str,
-    pub runs: Vec<BenchRun>,
+    function: &'static str,
+    runs: Vec<BenchRun>,
 }
 
 fn micros(duration: Duration) -> f64 {
@@ -142,7 +164,7 @@ async fn bench_one(component: &[u8], calls: usize, pooling: bool) -> Result<(Ben
 /// Measures `calls` sequential calls of the component's cheapest export (`info` for a VCS
 /// provider, `describe` for a tool), once without and once with the pooling allocator, each on a
 /// fresh host with default limits.
-pub async fn bench_calls(component: &[u8], calls: usize) -> Result<BenchReport, BenchError> {
+async fn bench_calls(component: &[u8], calls: usize) -> Result<BenchReport, BenchError> {
     let calls = calls.max(1);
     let (without_pooling, kind) = bench_one(component, calls, false).await?;
     let (with_pooling, _) = bench_one(component, calls, true).await?;

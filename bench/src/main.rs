@@ -1,0 +1,93 @@
+//! `flotilla-bench`: Flotilla's load generators and cost figures, a binary of their own so that
+//! no benchmark code ships in the node. Each subcommand prints figures and asserts nothing
+//! about time.
+//!
+//! - `create`: CreateAgent throughput and latency on loopback clusters of `flotilla node`
+//!   processes (or an existing cluster);
+//! - `machines`: machine start times (warm and cold) and how many idle machines a node holds;
+//! - `turns`: the turn loop's overhead per turn, concurrent agents per node, events per second
+//!   to a watcher, with the node's pieces running in this process;
+//! - `plugins`: the cost of compiling, loading and calling a plugin component.
+
+mod client;
+mod create;
+mod local_cluster;
+mod machines;
+mod plugins;
+mod turns;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+// The same allocator as the node, so that `turns`, which runs the node's pieces in this
+// process, measures what a node would.
+#[global_allocator]
+static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "flotilla-bench",
+    version,
+    about = "Measure Flotilla (prints figures; asserts nothing)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// CreateAgent throughput and latency on loopback clusters.
+    Create(create::BenchCreateArgs),
+    /// Machine start times (warm and cold) and how many idle machines a node holds.
+    Machines(machines::BenchMachinesArgs),
+    /// Turn-loop overhead per turn, concurrent agents per node, events per second to a watcher.
+    Turns(turns::BenchTurnsArgs),
+    /// Plugin compile, load and call cost, with and without the pooling allocator.
+    Plugins(plugins::BenchPluginsArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Machines mount layers; like a node's, they live and die with this process.
+    let mounts_layers = matches!(cli.command, BenchCommand::Machines(_) | BenchCommand::Turns(_));
+    if mounts_layers {
+        if let Err(error) = flotilla_sandbox::enter_private_mount_namespace() {
+            eprintln!("error: machine layers need a mount namespace of this process's own (run as root): {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging();
+    let result = runtime.block_on(async move {
+        match cli.command {
+            BenchCommand::Create(args) => create::run_create(args).await,
+            BenchCommand::Machines(args) => machines::run_machines(args).await,
+            BenchCommand::Turns(args) => turns::run_turns(args).await,
+            BenchCommand::Plugins(args) => plugins::run_plugins(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
