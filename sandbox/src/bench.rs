@@ -11,7 +11,7 @@ use crate::bwrap::{BwrapConfig, BwrapDriver, DiskBacking};
 use crate::driver::{BaseImage, ExecRequest, MachineDriver, MachineSpec};
 use crate::environment::EnvironmentConfig;
 use crate::error::{Result, SandboxError};
-use crate::snapshot::{InstallRequest, SnapshotCache};
+use crate::install_layer::{InstallLayerCache, InstallRequest};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Percentiles {
@@ -106,7 +106,7 @@ pub async fn bench_machine_starts(
     std::fs::create_dir_all(&workspace).map_err(|error| SandboxError::io("create", &workspace, error))?;
     std::fs::write(workspace.join("README"), "bench\n")
         .map_err(|error| SandboxError::io("write", &workspace, error))?;
-    let cache = SnapshotCache::new(driver.clone(), driver.snapshots_dir())?;
+    let cache = InstallLayerCache::new(driver.clone(), driver.install_layers_dir())?;
     let install_config = |marker: &str| EnvironmentConfig {
         install: Some(format!(
             "mkdir -p /opt/bench && echo {marker} > /opt/bench/marker && mkdir -p deps && echo x > deps/x"
@@ -123,28 +123,28 @@ pub async fn bench_machine_starts(
             base.clone(),
             &workspace,
         );
-        let snapshot = cache.get_or_build(&request).await?;
+        let install_layer = cache.get_or_build(&request).await?;
         let mut spec = MachineSpec::new("bench-cold", base.clone(), &workspace);
-        spec.snapshot = snapshot.layer.clone();
+        spec.install_layer = install_layer.layer.clone();
         let machine = driver.create(spec).await?;
         let output = driver.exec(&machine, ExecRequest::new("cat /opt/bench/marker")).await?;
         cold_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         driver.destroy(&machine).await?;
-        if let Some(layer) = snapshot.layer {
+        if let Some(layer) = install_layer.layer {
             let _ = std::fs::remove_dir_all(layer.path);
         }
         check_output(&output, "cold")?;
     }
 
     let request = InstallRequest::new("bench-warm", install_config("warm"), base.clone(), &workspace);
-    let snapshot = cache.get_or_build(&request).await?;
+    let install_layer = cache.get_or_build(&request).await?;
     let mut warm_ms = Vec::with_capacity(warm_starts);
     let mut create_ms = Vec::with_capacity(warm_starts);
     let mut first_command_ms = Vec::with_capacity(warm_starts);
     let mut teardown_ms = Vec::with_capacity(warm_starts);
     for _ in 0..warm_starts {
         let mut spec = MachineSpec::new("bench-warm", base.clone(), &workspace);
-        spec.snapshot = snapshot.layer.clone();
+        spec.install_layer = install_layer.layer.clone();
         let started = Instant::now();
         let machine = driver.create(spec).await?;
         let created = Instant::now();
