@@ -141,10 +141,14 @@ impl TestNode {
         .await
         .expect("mesh");
         let driver = FakeDriver::new(data_dir.join("machines")).unwrap();
-        let snapshots_dir = driver.snapshots_dir();
-        let machines =
-            MachineHost::with_driver(Arc::new(driver), &snapshots_dir, &data_dir, MachineSettings::default())
-                .expect("machine host");
+        let install_layers_dir = driver.install_layers_dir();
+        let machines = MachineHost::with_driver(
+            Arc::new(driver),
+            &install_layers_dir,
+            &data_dir,
+            MachineSettings::default(),
+        )
+        .expect("machine host");
         let provider = ScriptedProvider::from_json(&serde_json::json!({ "turns": script }).to_string()).unwrap();
         let mut runtime = AgentRuntime::default();
         runtime

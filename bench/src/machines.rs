@@ -1,5 +1,5 @@
 //! `flotilla-bench machines`: time from `create` to the first command's output, warm (the
-//! install snapshot exists) and cold (the install runs first), then how many idle machines one
+//! install layer exists) and cold (the install runs first), then how many idle machines one
 //! node holds before memory or processes run short. Needs root. Prints figures; asserts nothing
 //! about time.
 
@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use flotilla_sandbox::{
     BaseImage, BwrapConfig, BwrapDriver, DiskBacking, EnvironmentConfig, ExecOutput, ExecRequest, InstallRequest,
-    MachineDriver, MachineSpec, SnapshotCache,
+    InstallLayerCache, MachineDriver, MachineSpec,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,15 +60,15 @@ impl fmt::Display for Percentiles {
 pub struct StartFigures {
     pub cgroup_version: &'static str,
     pub disk: DiskBacking,
-    /// create → first command's output, from an existing snapshot.
+    /// create → first command's output, from an existing install layer.
     pub warm_start: Option<Percentiles>,
     /// The two parts of a warm start: `create` returning (layers mounted, init ready) ...
     pub create: Option<Percentiles>,
-    /// ... and the first command (`cat` of a file from the snapshot) entering and running.
+    /// ... and the first command (`cat` of a file from the install layer) entering and running.
     pub first_command: Option<Percentiles>,
     /// destroy after a warm start.
     pub teardown: Option<Percentiles>,
-    /// install (snapshot build) → create → first command's output.
+    /// install (install layer build) → create → first command's output.
     pub cold_start: Option<Percentiles>,
 }
 
@@ -91,7 +91,7 @@ impl fmt::Display for StartFigures {
     }
 }
 
-/// Starts `warm_starts` machines from one install snapshot and `cold_starts` machines whose
+/// Starts `warm_starts` machines from one install layer and `cold_starts` machines whose
 /// install runs first, one at a time, under `root` (a scratch directory; needs root).
 pub async fn bench_machine_starts(
     root: &Path,
@@ -107,7 +107,7 @@ pub async fn bench_machine_starts(
     std::fs::create_dir_all(&workspace).with_context(|| format!("creating {}", workspace.display()))?;
     std::fs::write(workspace.join("README"), "bench\n")
         .with_context(|| format!("writing a README in {}", workspace.display()))?;
-    let cache = SnapshotCache::new(driver.clone(), driver.snapshots_dir())?;
+    let cache = InstallLayerCache::new(driver.clone(), driver.install_layers_dir())?;
     let install_config = |marker: &str| EnvironmentConfig {
         install: Some(format!(
             "mkdir -p /opt/bench && echo {marker} > /opt/bench/marker && mkdir -p deps && echo x > deps/x"
@@ -124,28 +124,28 @@ pub async fn bench_machine_starts(
             base.clone(),
             &workspace,
         );
-        let snapshot = cache.get_or_build(&request).await?;
+        let install_layer = cache.get_or_build(&request).await?;
         let mut spec = MachineSpec::new("bench-cold", base.clone(), &workspace);
-        spec.snapshot = snapshot.layer.clone();
+        spec.install_layer = install_layer.layer.clone();
         let machine = driver.create(spec).await?;
         let output = driver.exec(&machine, ExecRequest::new("cat /opt/bench/marker")).await?;
         cold_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         driver.destroy(&machine).await?;
-        if let Some(layer) = snapshot.layer {
+        if let Some(layer) = install_layer.layer {
             let _ = std::fs::remove_dir_all(layer.path);
         }
         check_output(&output, "cold")?;
     }
 
     let request = InstallRequest::new("bench-warm", install_config("warm"), base.clone(), &workspace);
-    let snapshot = cache.get_or_build(&request).await?;
+    let install_layer = cache.get_or_build(&request).await?;
     let mut warm_ms = Vec::with_capacity(warm_starts);
     let mut create_ms = Vec::with_capacity(warm_starts);
     let mut first_command_ms = Vec::with_capacity(warm_starts);
     let mut teardown_ms = Vec::with_capacity(warm_starts);
     for _ in 0..warm_starts {
         let mut spec = MachineSpec::new("bench-warm", base.clone(), &workspace);
-        spec.snapshot = snapshot.layer.clone();
+        spec.install_layer = install_layer.layer.clone();
         let started = Instant::now();
         let machine = driver.create(spec).await?;
         let created = Instant::now();
@@ -183,7 +183,7 @@ fn check_output(output: &ExecOutput, expected: &str) -> anyhow::Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct BenchMachinesArgs {
-    /// Warm starts measured (machine from an existing snapshot to its first command's output).
+    /// Warm starts measured (machine from an existing install layer to its first command's output).
     #[arg(long, default_value_t = 100)]
     pub warm: usize,
     /// Cold starts measured (install runs first).

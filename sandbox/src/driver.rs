@@ -84,14 +84,14 @@ impl Layer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkspaceMode {
-    /// The checkout is a read-only lower layer (above the snapshot's `workspace/`); the machine's
+    /// The checkout is a read-only lower layer (above the install layer's `workspace/`); the machine's
     /// changes go to its own upper layer, count against `disk_bytes`, and are visible on the node
     /// at `workspace_path()` while the machine exists. Many machines can share one checkout,
     /// which must not change while any of them runs (overlayfs does not allow it).
     #[default]
     Overlay,
     /// The checkout is bound read-write: changes land in it directly and outlive the machine,
-    /// but are not limited by `disk_bytes` and the snapshot's `workspace/` layer is not applied.
+    /// but are not limited by `disk_bytes` and the install layer's `workspace/` is not applied.
     Bind,
 }
 
@@ -101,8 +101,8 @@ pub struct MachineSpec {
     /// A label for logs and the machine's hostname; the driver adds a unique id.
     pub name: String,
     pub base: BaseLayer,
-    /// The install snapshot to stack on the base, if the environment has an `install`.
-    pub snapshot: Option<Layer>,
+    /// The install layer to stack on the base, if the environment has an `install`.
+    pub install_layer: Option<Layer>,
     /// The checkout the caller prepared. It must be self-contained (a plain clone, not a
     /// `git worktree` whose `.git` points outside it): nothing else of the node is visible.
     pub workspace: PathBuf,
@@ -125,7 +125,7 @@ impl MachineSpec {
         MachineSpec {
             name: name.into(),
             base,
-            snapshot: None,
+            install_layer: None,
             workspace: workspace.into(),
             workspace_mode: WorkspaceMode::Overlay,
             env: Vec::new(),
@@ -325,7 +325,7 @@ impl fmt::Debug for MachineHandle {
 }
 
 /// Creates, runs and tears down machines. A machine is a set of processes sharing one set of
-/// namespaces, one filesystem (base → snapshot → per-machine upper) and one cgroup. The trait is
+/// namespaces, one filesystem (base → install layer → per-machine upper) and one cgroup. The trait is
 /// object-safe: machines are [`MachineHandle`]s.
 #[async_trait]
 pub trait MachineDriver: Send + Sync + 'static {

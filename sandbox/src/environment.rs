@@ -33,7 +33,9 @@ pub struct EnvironmentConfig {
     pub start: Option<String>,
     pub terminals: Vec<Terminal>,
     pub ports: Vec<Port>,
-    /// An opaque snapshot id from another product's settings; kept, not used by flotilla.
+    /// The `snapshot` field of environment.json: an opaque id of another product's snapshot,
+    /// from its settings. Kept (and part of the install hash), never used to find a layer:
+    /// flotilla builds its own install layer from `install`.
     pub snapshot: Option<String>,
     pub build: Option<BuildConfig>,
     /// Paths of keys flotilla does not know (`agentCanUpdateSnapshot`, `terminals[0].ports`).
@@ -81,7 +83,7 @@ impl EnvironmentConfig {
     }
 
     /// SHA-256 (hex) of the fields that can change what `install` leaves on disk. The install
-    /// snapshot is keyed by this, so editing a terminal or a port does not rebuild it.
+    /// layer is keyed by this, so editing a terminal or a port does not rebuild it.
     pub fn install_hash(&self) -> String {
         let value = serde_json::json!({
             "install": self.install,
@@ -561,7 +563,7 @@ impl Plan {
         }
         if let Some(snapshot) = &self.config.snapshot {
             notes.push(format!(
-                "snapshot {snapshot:?}: another product's snapshot id; flotilla builds its own from \"install\""
+                "snapshot {snapshot:?}: another product's snapshot id; flotilla builds its own install layer from \"install\""
             ));
         }
         if !self.config.ports.is_empty() {

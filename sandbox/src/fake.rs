@@ -81,17 +81,18 @@ struct FakeTerminal {
 }
 
 impl FakeDriver {
-    /// A driver keeping its machines, images and snapshots under `root` (created if missing).
+    /// A driver keeping its machines, images and install layers under `root` (created if missing).
     pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
+        // The same names as the bubblewrap driver's (install layers in `snapshots`).
         for dir in ["images", "machines", "snapshots"] {
             create_dir(&root.join(dir))?;
         }
         Ok(FakeDriver { root })
     }
 
-    /// Where install snapshots live, for the snapshot cache.
-    pub fn snapshots_dir(&self) -> PathBuf {
+    /// Where install layers live, for the install layer cache.
+    pub fn install_layers_dir(&self) -> PathBuf {
         self.root.join("snapshots")
     }
 
@@ -124,16 +125,16 @@ impl FakeDriver {
         let root_upper = dir.join("root");
         create_dir(&root_upper.join("home"))?;
         create_dir(&root_upper.join("tmp"))?;
-        let snapshot = spec.snapshot.as_ref();
-        if let Some(layer) = snapshot.filter(|layer| layer.root_dir().is_dir()) {
+        let install_layer = spec.install_layer.as_ref();
+        if let Some(layer) = install_layer.filter(|layer| layer.root_dir().is_dir()) {
             copy_tree(&layer.root_dir(), &root_upper)?;
         }
         let (workspace, workspace_is_checkout) = match spec.workspace_mode {
             WorkspaceMode::Overlay => {
                 let copy = dir.join("workspace");
                 create_dir(&copy)?;
-                // The checkout lies above the snapshot's `workspace/`, as in the overlay.
-                if let Some(layer) = snapshot.filter(|layer| layer.workspace_dir().is_dir()) {
+                // The checkout lies above the install layer's `workspace/`, as in the overlay.
+                if let Some(layer) = install_layer.filter(|layer| layer.workspace_dir().is_dir()) {
                     copy_tree(&layer.workspace_dir(), &copy)?;
                 }
                 copy_tree(&spec.workspace, &copy)?;

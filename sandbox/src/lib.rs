@@ -1,10 +1,10 @@
 //! Machines for agents. Every agent works in a machine of its own: a process tree in fresh
 //! user, mount, PID, IPC, UTS and network namespaces, with no capabilities, whose filesystem is
-//! a stack of layers (base image → install snapshot → the machine's own upper layer) and whose
+//! a stack of layers (base image → install layer → the machine's own upper layer) and whose
 //! memory, processes, CPU share, disk, command time and output are bounded. This crate sits
 //! between the actors and the host: an agent's actor asks a [`MachineDriver`] for a machine
-//! built from the repository's environment.json ([`environment`]), reuses the install snapshot
-//! from the [`snapshot`] cache, runs the agent's tools in it with [`MachineDriver::exec`], shows
+//! built from the repository's environment.json ([`environment`]), reuses the install layer
+//! from the [`install_layer`] cache, runs the agent's tools in it with [`MachineDriver::exec`], shows
 //! its terminals (tmux) to the agent and, through a PTY, to a user taking over, and destroys it
 //! when the agent is done. Model-provider calls never happen here: no key enters a machine.
 //!
@@ -22,13 +22,13 @@ pub mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod image;
+pub mod install_layer;
 pub mod limits;
 pub mod metrics;
 mod mount_namespace;
 mod mounts;
 mod output_capture;
 pub mod pty;
-pub mod snapshot;
 
 #[cfg(test)]
 mod machine_tests;
@@ -40,7 +40,7 @@ pub use driver::{
 };
 pub use environment::{EnvironmentConfig, Plan, Terminal};
 pub use error::{EnvironmentError, Result, SandboxError};
+pub use install_layer::{InstallLayer, InstallLayerCache, InstallRequest};
 pub use limits::MachineLimits;
 pub use mount_namespace::enter_private_mount_namespace;
 pub use pty::{PtySession, PtySize};
-pub use snapshot::{InstallRequest, Snapshot, SnapshotCache};

@@ -15,9 +15,9 @@ use crate::driver::{
 };
 use crate::environment::{self, EnvironmentConfig, Terminal};
 use crate::error::{Result, SandboxError};
+use crate::install_layer::{InstallLayerCache, InstallRequest};
 use crate::limits::{MachineLimits, MIB};
 use crate::pty::PtySize;
-use crate::snapshot::{InstallRequest, SnapshotCache};
 
 /// Deadline for conditions that a healthy machine meets in milliseconds; generous because
 /// tests share two cores.
@@ -468,7 +468,7 @@ async fn a_captured_layer_carries_root_and_workspace_changes() {
     ));
     harness.driver.destroy(&first).await.unwrap();
     let mut spec = harness.spec("from-layer", &workspace);
-    spec.snapshot = Some(layer);
+    spec.install_layer = Some(layer);
     let second = harness.driver.create(spec).await.unwrap();
     assert_eq!(
         harness.run_ok(&second, "cat /opt/tool/v deps/d capture-only.txt").await,
@@ -535,7 +535,7 @@ async fn terminals_run_in_tmux_and_are_readable_and_attachable() {
     harness.driver.destroy(&machine).await.unwrap();
 }
 
-/// Counts installs by counting the commands the snapshot cache runs through the driver.
+/// Counts installs by counting the commands the install layer cache runs through the driver.
 struct CountingDriver {
     inner: Arc<BwrapDriver>,
     execs: AtomicUsize,
@@ -589,7 +589,7 @@ async fn install_runs_once_for_concurrent_and_later_machines_and_start_runs_ever
         inner: harness.driver.clone(),
         execs: AtomicUsize::new(0),
     });
-    let cache = SnapshotCache::new(counting.clone(), harness.driver.snapshots_dir()).unwrap();
+    let cache = InstallLayerCache::new(counting.clone(), harness.driver.install_layers_dir()).unwrap();
     let checkout = harness.workspace("repo");
     let config = environment::parse(
         ".flotilla/environment.json",
@@ -627,7 +627,7 @@ async fn install_runs_once_for_concurrent_and_later_machines_and_start_runs_ever
 
     for name in ["boot-one", "boot-two"] {
         let mut spec = harness.spec(name, &checkout);
-        spec.snapshot = Some(layer.clone());
+        spec.install_layer = Some(layer.clone());
         let machine = harness.driver.create(spec).await.unwrap();
         boot(harness.driver.as_ref(), &machine, &config).await.unwrap();
         let seen = harness
@@ -641,7 +641,7 @@ async fn install_runs_once_for_concurrent_and_later_machines_and_start_runs_ever
 #[tokio::test]
 async fn a_failed_install_reports_its_last_lines_and_caches_nothing() {
     let harness = harness().await;
-    let cache = SnapshotCache::new(harness.driver.clone(), harness.driver.snapshots_dir()).unwrap();
+    let cache = InstallLayerCache::new(harness.driver.clone(), harness.driver.install_layers_dir()).unwrap();
     let checkout = harness.workspace("failing");
     let config = EnvironmentConfig {
         install: Some("for i in $(seq 1 30); do echo line$i; done; echo oops >&2; exit 3".to_string()),
@@ -669,7 +669,7 @@ async fn a_failed_install_reports_its_last_lines_and_caches_nothing() {
 #[tokio::test]
 async fn an_install_that_never_ends_is_killed_at_its_limit() {
     let harness = harness().await;
-    let cache = SnapshotCache::new(harness.driver.clone(), harness.driver.snapshots_dir()).unwrap();
+    let cache = InstallLayerCache::new(harness.driver.clone(), harness.driver.install_layers_dir()).unwrap();
     let checkout = harness.workspace("endless");
     let config = EnvironmentConfig {
         install: Some("echo starting; while true; do sleep 1; done".to_string()),
@@ -723,11 +723,11 @@ async fn the_reference_cursor_file_boots_its_terminal() {
     .unwrap();
     let (path, config) = environment::load(&checkout).unwrap().unwrap();
     assert!(path.ends_with(".cursor/environment.json"));
-    let cache = SnapshotCache::new(harness.driver.clone(), harness.driver.snapshots_dir()).unwrap();
+    let cache = InstallLayerCache::new(harness.driver.clone(), harness.driver.install_layers_dir()).unwrap();
     let request = InstallRequest::new("cursor-repo", config.clone(), harness.base.clone(), &checkout);
-    let snapshot = cache.get_or_build(&request).await.unwrap();
+    let install_layer = cache.get_or_build(&request).await.unwrap();
     let mut spec = harness.spec("cursor", &checkout);
-    spec.snapshot = snapshot.layer;
+    spec.install_layer = install_layer.layer;
     let machine = harness.driver.create(spec).await.unwrap();
     let report = boot(harness.driver.as_ref(), &machine, &config).await.unwrap();
     assert_eq!(report.terminals_started, 1);

@@ -22,8 +22,8 @@ pub struct ClusterState {
     pub events: BTreeMap<AgentId, VecDeque<DurableEvent>>,
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub tokens: BTreeMap<String, TokenRecord>,
-    /// Nodes holding an install snapshot, per repository URL.
-    pub repo_snapshots: BTreeMap<String, BTreeSet<NodeId>>,
+    /// Nodes holding an install layer, per repository URL.
+    pub install_layers: BTreeMap<String, BTreeSet<NodeId>>,
     /// Highest node id handed out or registered; ids are never reused.
     pub highest_node_id: NodeId,
     /// The last checkpoint of each agent that has finished a turn.
@@ -67,7 +67,7 @@ pub struct Changes {
 }
 
 impl ClusterState {
-    /// Rebuilds the secondary indexes after loading records from storage or a snapshot.
+    /// Rebuilds the secondary indexes after loading records from storage or a Raft snapshot.
     pub fn rebuild_indexes(&mut self) {
         self.pending.clear();
         self.active_by_node.clear();

@@ -22,7 +22,7 @@ pub const MAX_PLUGIN_CHUNKS: u32 = 1024;
 /// Most plugin versions the cluster keeps.
 pub const MAX_PLUGINS: usize = 256;
 /// Most plugin bytes the cluster holds, committed and staged together. Every node keeps them
-/// in memory and in every snapshot, so this bounds what plugins cost a node.
+/// in memory and in every Raft snapshot, so this bounds what plugins cost a node.
 pub const MAX_TOTAL_PLUGIN_BYTES: usize = 256 * 1024 * 1024;
 /// Most uploads staged at once.
 pub const MAX_STAGED_UPLOADS: usize = 8;
@@ -139,8 +139,8 @@ pub enum Command {
         role: Role,
         team: String,
     },
-    /// A node holds an install snapshot of a repository; placement prefers such nodes.
-    RecordSnapshot {
+    /// A node holds an install layer of a repository; placement prefers such nodes.
+    RecordInstallLayer {
         node: NodeId,
         repository: String,
     },
@@ -303,7 +303,7 @@ impl Command {
             Command::StopAgent { .. } => "stop-agent",
             Command::FollowUp { .. } => "follow-up",
             Command::CreateToken { .. } => "create-token",
-            Command::RecordSnapshot { .. } => "record-snapshot",
+            Command::RecordInstallLayer { .. } => "record-install-layer",
             Command::RecordTurn { .. } => "record-turn",
             Command::RecordPush { .. } => "record-push",
             Command::PutPluginChunk { .. } => "put-plugin-chunk",

@@ -109,10 +109,10 @@ pub enum InvariantViolation {
     NodeFiledUnderOtherId { key: NodeId, found: NodeId },
     #[error("node {node} is above the highest node id handed out, {highest}")]
     NodeIdAboveHighest { node: NodeId, highest: NodeId },
-    #[error("node {node} is said to hold a snapshot of {repository} but is not registered")]
-    SnapshotOnUnknownNode { repository: String, node: NodeId },
-    #[error("no node holds a snapshot of {repository}, yet the repository is listed")]
-    EmptySnapshotList { repository: String },
+    #[error("node {node} is said to hold an install layer of {repository} but is not registered")]
+    InstallLayerOnUnknownNode { repository: String, node: NodeId },
+    #[error("no node holds an install layer of {repository}, yet the repository is listed")]
+    EmptyInstallLayerList { repository: String },
     #[error("token {found} is filed under hash {key}")]
     TokenFiledUnderOtherHash { key: String, found: String },
     #[error("plugin {found} is filed under {key}")]
@@ -430,14 +430,14 @@ fn check_nodes_and_tokens(state: &ClusterState) -> Result<(), InvariantViolation
             });
         }
     }
-    for (repository, nodes) in &state.repo_snapshots {
+    for (repository, nodes) in &state.install_layers {
         if nodes.is_empty() {
-            return Err(InvariantViolation::EmptySnapshotList {
+            return Err(InvariantViolation::EmptyInstallLayerList {
                 repository: repository.clone(),
             });
         }
         if let Some(node) = nodes.iter().find(|node| !state.nodes.contains_key(node)) {
-            return Err(InvariantViolation::SnapshotOnUnknownNode {
+            return Err(InvariantViolation::InstallLayerOnUnknownNode {
                 repository: repository.clone(),
                 node: *node,
             });

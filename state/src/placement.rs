@@ -25,12 +25,12 @@ pub struct PendingAgent {
     pub agent: AgentId,
     pub region: Option<String>,
     pub epoch: Epoch,
-    /// Nodes that already hold an install snapshot of the agent's repository.
-    pub snapshot_nodes: Vec<NodeId>,
+    /// Nodes that already hold an install layer of the agent's repository.
+    pub install_layer_nodes: Vec<NodeId>,
 }
 
 /// Places pending agents, oldest first. Each goes to an eligible node (region, free slot) that
-/// already holds its repository's install snapshot if there is one, else to any eligible node;
+/// already holds its repository's install layer if there is one, else to any eligible node;
 /// among those, the lowest share of slots in use wins (ties go to the lower node id). Agents
 /// that fit nowhere stay pending.
 pub fn place(candidates: &[Candidate], pending: &[PendingAgent], limit: usize) -> Vec<AssignOne> {
@@ -53,7 +53,7 @@ pub fn place(candidates: &[Candidate], pending: &[PendingAgent], limit: usize) -
             .filter(|candidate| agent.region.as_ref().is_none_or(|region| *region == candidate.region))
             .filter_map(|candidate| {
                 let (in_use, slots) = load[&candidate.node];
-                let cold = !agent.snapshot_nodes.contains(&candidate.node);
+                let cold = !agent.install_layer_nodes.contains(&candidate.node);
                 (in_use < slots).then_some((cold, candidate.node, in_use, slots))
             })
             // Warm nodes first; then compare in_use/slots without floating point:
@@ -103,8 +103,8 @@ pub fn placement_input(state: &ClusterState, max_pending: usize) -> (Vec<Candida
             agent: agent.id,
             region: agent.spec.region.clone(),
             epoch: agent.epoch,
-            snapshot_nodes: state
-                .repo_snapshots
+            install_layer_nodes: state
+                .install_layers
                 .get(&agent.spec.repository)
                 .map(|nodes| nodes.iter().copied().collect())
                 .unwrap_or_default(),
@@ -132,7 +132,7 @@ mod tests {
                 agent: AgentId::new(),
                 region: region.map(str::to_string),
                 epoch: Epoch(0),
-                snapshot_nodes: Vec::new(),
+                install_layer_nodes: Vec::new(),
             })
             .collect()
     }
@@ -172,7 +172,7 @@ mod tests {
     }
 
     #[test]
-    fn prefers_nodes_that_hold_the_snapshot() {
+    fn prefers_nodes_that_hold_the_install_layer() {
         let nodes = [
             candidate(1, "eu", 4, 0),
             candidate(2, "eu", 4, 3),
@@ -180,11 +180,11 @@ mod tests {
         ];
         let mut agents = pending(3, None);
         for agent in &mut agents {
-            agent.snapshot_nodes = vec![2, 3];
+            agent.install_layer_nodes = vec![2, 3];
         }
         let decisions = place(&nodes, &agents, 100);
         let chosen: Vec<NodeId> = decisions.iter().map(|decision| decision.node).collect();
-        // Node 2 holds the snapshot and has one free slot; node 3 holds it but is full.
+        // Node 2 holds the install layer and has one free slot; node 3 holds it but is full.
         assert_eq!(chosen, vec![2, 1, 1]);
     }
 

@@ -130,7 +130,7 @@ enum Step {
         node: NodeId,
     },
     ReserveNodeId,
-    RecordSnapshot {
+    RecordInstallLayer {
         node: NodeId,
     },
     CreateToken {
@@ -351,7 +351,7 @@ impl Step {
             },
             Step::RemoveNode { node } => Command::RemoveNode { node: *node },
             Step::ReserveNodeId => Command::ReserveNodeId,
-            Step::RecordSnapshot { node } => Command::RecordSnapshot {
+            Step::RecordInstallLayer { node } => Command::RecordInstallLayer {
                 node: *node,
                 repository: "https://example.com/repo-0.git".to_string(),
             },
@@ -578,7 +578,7 @@ fn node_step() -> impl Strategy<Value = Step> {
         1 => (node(), any::<bool>()).prop_map(|(node, draining)| Step::SetDraining { node, draining }),
         1 => node().prop_map(|node| Step::RemoveNode { node }),
         1 => Just(Step::ReserveNodeId),
-        1 => node().prop_map(|node| Step::RecordSnapshot { node }),
+        1 => node().prop_map(|node| Step::RecordInstallLayer { node }),
         1 => (0..3u8).prop_map(|name| Step::CreateToken { name }),
     ]
 }

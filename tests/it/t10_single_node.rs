@@ -175,8 +175,8 @@ async fn watch_resumes_after_reconnect_without_gaps_or_duplicates() {
         .into_inner();
     let first = stream.next().await.expect("a first message").expect("no error");
     match first.kind {
-        Some(watch_agent_response::Kind::Snapshot(snapshot)) => assert_eq!(snapshot.id, agent.id),
-        other => panic!("the first message must be the snapshot, found {other:?}"),
+        Some(watch_agent_response::Kind::Snapshot(agent_record)) => assert_eq!(agent_record.id, agent.id),
+        other => panic!("the first message must be the agent record, found {other:?}"),
     }
     let mut sequences = Vec::new();
     loop {
@@ -213,8 +213,11 @@ async fn watch_resumes_after_reconnect_without_gaps_or_duplicates() {
         .await
         .expect("watch again")
         .into_inner();
-    let snapshot = resumed.next().await.expect("snapshot").expect("no error");
-    assert!(matches!(snapshot.kind, Some(watch_agent_response::Kind::Snapshot(_))));
+    let first_message = resumed.next().await.expect("agent record").expect("no error");
+    assert!(matches!(
+        first_message.kind,
+        Some(watch_agent_response::Kind::Snapshot(_))
+    ));
     let mut after = Vec::new();
     while let Some(event) = next_event(&mut resumed).await {
         after.push(event);

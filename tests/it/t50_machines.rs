@@ -1,6 +1,6 @@
 //! Agents in real machines: a repository with an environment.json becomes a booted bubblewrap
-//! machine (install once per snapshot, start on every boot, terminals in tmux), a user attaches
-//! to it as a person would, and bad set-ups fail the agent with a clear message.
+//! machine (install once into an install layer, start on every boot, terminals in tmux), a user
+//! attaches to it as a person would, and bad set-ups fail the agent with a clear message.
 
 use flotilla_proto::v1::{self, attach_request, attach_response};
 use flotilla_tests::{agent_client, wait_for, AgentClient, ClusterOptions, TestCluster};
@@ -122,7 +122,7 @@ impl Attached {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_get_machines_that_share_one_install_snapshot() {
+async fn agents_get_machines_that_share_one_install_layer() {
     let cluster = TestCluster::start(1, ClusterOptions::default()).await;
     let token = cluster.admin_token();
     let endpoint = cluster.nodes[0].endpoint();
@@ -143,18 +143,22 @@ async fn agents_get_machines_that_share_one_install_snapshot() {
     for agent in [&first, &second] {
         let running = wait_for_status(&endpoint, &token, &agent.id, v1::AgentStatus::Running).await;
         assert!(running.error.is_empty(), "{}", running.error);
-        // Install ran once (in the snapshot both machines stand on); start ran at this boot.
+        // Install ran once (in the install layer both machines stand on); start ran at this boot.
         let mut probe = Attached::open(&mut client, &agent.id, "probe", false)
             .await
             .expect("attach probe");
         probe.read_until("installs=1 starts=1").await;
     }
-    let snapshots = std::fs::read_dir(cluster.nodes[0].data_dir.join("machines/snapshots"))
-        .expect("snapshot dir")
+    // Install layers live in `machines/snapshots` (the directory kept its name on disk).
+    let install_layers = std::fs::read_dir(cluster.nodes[0].data_dir.join("machines/snapshots"))
+        .expect("install layer dir")
         .filter_map(Result::ok)
         .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
         .count();
-    assert_eq!(snapshots, 1, "one install snapshot for one repository and environment");
+    assert_eq!(
+        install_layers, 1,
+        "one install layer for one repository and environment"
+    );
 
     // Stopping an agent destroys its machine.
     client

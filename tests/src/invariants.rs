@@ -8,7 +8,7 @@ use tokio_stream::StreamExt;
 
 use crate::AgentClient;
 
-/// Reads an agent's whole durable history (every event up to the sequence the snapshot names).
+/// Reads an agent's whole durable history (every event up to the sequence the agent record names).
 pub async fn durable_history(client: &mut AgentClient, id: &str) -> Result<Vec<v1::AgentEvent>, String> {
     let mut stream = client
         .watch_agent(v1::WatchAgentRequest {

@@ -299,8 +299,8 @@ async fn machine_ready(
         repo: repo.clone(),
         workspace: provisioned.workspace.clone(),
     });
-    if provisioned.snapshot_used {
-        record_snapshot(&state.args).await;
+    if provisioned.install_layer_used {
+        record_install_layer(&state.args).await;
     }
     let reason = format!(
         "machine ready in {} ms on node {}",
@@ -405,8 +405,8 @@ async fn stop_requested(state: &mut AgentState) {
     .await;
 }
 
-/// Tells the scheduler that this node holds an install snapshot of the agent's repository.
-async fn record_snapshot(args: &AgentArgs) {
+/// Tells the scheduler that this node holds an install layer of the agent's repository.
+async fn record_install_layer(args: &AgentArgs) {
     let node = args.replica.node_id();
     let repository = args
         .replica
@@ -417,13 +417,17 @@ async fn record_snapshot(args: &AgentArgs) {
     };
     let known = args.replica.reader().read(|state| {
         state
-            .repo_snapshots
+            .install_layers
             .get(&repository)
             .is_some_and(|nodes| nodes.contains(&node))
     });
     if !known {
-        if let Err(error) = args.replica.write(Command::RecordSnapshot { node, repository }).await {
-            tracing::warn!(%error, "recording a snapshot failed; placement will not prefer this node");
+        if let Err(error) = args
+            .replica
+            .write(Command::RecordInstallLayer { node, repository })
+            .await
+        {
+            tracing::warn!(%error, "recording an install layer failed; placement will not prefer this node");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The machines of a node: the driver (any [`MachineDriver`], behind a trait object), the
-//! install-snapshot cache, the base images, and one [`MachineActor`] per running machine.
+//! install layer cache, the base images, and one [`MachineActor`] per running machine.
 //! `provision` is the path from an assigned agent to a booted machine: workspace from the
-//! repository mirror, environment.json, snapshot, egress proxy, then the machine actor, which
+//! repository mirror, environment.json, install layer, egress proxy, then the machine actor, which
 //! creates the machine and runs `start` and the terminals.
 
 mod actor;
@@ -14,7 +14,7 @@ use std::time::Instant;
 use flotilla_raft::{AgentRecord, Epoch};
 use flotilla_sandbox::egress::{EgressLimits, EgressPolicy, EgressProxy};
 use flotilla_sandbox::environment::{self, EnvironmentConfig, Terminal};
-use flotilla_sandbox::snapshot::{InstallRequest, SnapshotCache};
+use flotilla_sandbox::install_layer::{InstallLayerCache, InstallRequest};
 use flotilla_sandbox::{
     BaseImage, BaseLayer, BwrapConfig, BwrapDriver, Layer, MachineDriver, MachineLimits, MachineSpec, SandboxError,
 };
@@ -44,7 +44,7 @@ impl Default for MachineSettings {
         MachineSettings {
             base_image: BaseImage::Host,
             limits: MachineLimits::default(),
-            install_timeout_ms: flotilla_sandbox::snapshot::DEFAULT_INSTALL_TIMEOUT_MS,
+            install_timeout_ms: flotilla_sandbox::install_layer::DEFAULT_INSTALL_TIMEOUT_MS,
         }
     }
 }
@@ -55,15 +55,15 @@ pub struct Provisioned {
     /// The machine's actor; stopping it destroys the machine.
     pub actor: ActorRef<MachineMsg>,
     pub workspace: Workspace,
-    pub snapshot_built: bool,
-    /// The machine stands on an install snapshot (built now or earlier).
-    pub snapshot_used: bool,
+    pub install_layer_built: bool,
+    /// The machine stands on an install layer (built now or earlier).
+    pub install_layer_used: bool,
     pub elapsed_ms: u64,
 }
 
 pub struct MachineHost {
     driver: Arc<dyn MachineDriver>,
-    snapshots: SnapshotCache,
+    install_layers: InstallLayerCache,
     settings: MachineSettings,
     bases: tokio::sync::Mutex<HashMap<BaseImage, BaseLayer>>,
     workspaces_dir: PathBuf,
@@ -98,19 +98,19 @@ impl MachineHost {
     /// machines a previous run of the node left behind).
     pub fn open(data_dir: &Path, settings: MachineSettings) -> Result<MachineHost, SandboxError> {
         let driver = BwrapDriver::new(BwrapConfig::new(data_dir.join("machines")))?;
-        let snapshots_dir = driver.snapshots_dir();
-        MachineHost::with_driver(Arc::new(driver), &snapshots_dir, data_dir, settings)
+        let install_layers_dir = driver.install_layers_dir();
+        MachineHost::with_driver(Arc::new(driver), &install_layers_dir, data_dir, settings)
     }
 
     /// A host on any driver: workspaces, repository mirrors and egress sockets go under
-    /// `data_dir`, install snapshots under `snapshots_dir`.
+    /// `data_dir`, install layers under `install_layers_dir`.
     pub fn with_driver(
         driver: Arc<dyn MachineDriver>,
-        snapshots_dir: &Path,
+        install_layers_dir: &Path,
         data_dir: &Path,
         settings: MachineSettings,
     ) -> Result<MachineHost, SandboxError> {
-        let snapshots = SnapshotCache::new(driver.clone(), snapshots_dir)?;
+        let install_layers = InstallLayerCache::new(driver.clone(), install_layers_dir)?;
         let workspaces_dir = data_dir.join("workspaces");
         let repos_dir = data_dir.join("repos");
         let egress_dir = data_dir.join("egress");
@@ -125,7 +125,7 @@ impl MachineHost {
         }
         Ok(MachineHost {
             driver,
-            snapshots,
+            install_layers,
             settings,
             bases: tokio::sync::Mutex::new(HashMap::new()),
             workspaces_dir,
@@ -174,20 +174,20 @@ impl MachineHost {
                 .map(|(_, config)| config)
                 .unwrap_or_else(EnvironmentConfig::default);
             let base = self.base().await?;
-            let (snapshot, snapshot_built) = self.install_snapshot(agent, &config, &base, &workspace).await?;
-            let mut spec = self.machine_spec(agent, base, &workspace, snapshot, &config);
+            let (install_layer, install_layer_built) = self.install_layer(agent, &config, &base, &workspace).await?;
+            let mut spec = self.machine_spec(agent, base, &workspace, install_layer, &config);
             let egress = self.start_egress(agent, epoch, &mut spec).await?;
-            Ok::<_, ProvisionError>((config, spec, egress, snapshot_built))
+            Ok::<_, ProvisionError>((config, spec, egress, install_layer_built))
         }
         .await;
-        let (config, spec, egress, snapshot_built) = match prepared {
+        let (config, spec, egress, install_layer_built) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 let _ = tokio::fs::remove_dir_all(&path).await;
                 return Err(error);
             }
         };
-        let snapshot_used = spec.snapshot.is_some();
+        let install_layer_used = spec.install_layer.is_some();
         let args = MachineArgs {
             agent: agent.id,
             epoch,
@@ -204,15 +204,15 @@ impl MachineHost {
             machine,
             actor,
             workspace,
-            snapshot_built,
-            snapshot_used,
+            install_layer_built,
+            install_layer_used,
             elapsed_ms: started.elapsed().as_millis() as u64,
         })
     }
 
-    /// The install snapshot the machine stands on (built now when no one has yet), and whether
+    /// The install layer the machine stands on (built now when no one has yet), and whether
     /// this call built it.
-    async fn install_snapshot(
+    async fn install_layer(
         &self,
         agent: &AgentRecord,
         config: &EnvironmentConfig,
@@ -224,8 +224,8 @@ impl MachineHost {
         }
         let mut request = InstallRequest::new(&agent.spec.repository, config.clone(), base.clone(), &workspace.path);
         request.limits.command_timeout_ms = self.settings.install_timeout_ms;
-        let snapshot = self.snapshots.get_or_build(&request).await?;
-        Ok((snapshot.layer, snapshot.built))
+        let install_layer = self.install_layers.get_or_build(&request).await?;
+        Ok((install_layer.layer, install_layer.built))
     }
 
     fn machine_spec(
@@ -233,11 +233,11 @@ impl MachineHost {
         agent: &AgentRecord,
         base: BaseLayer,
         workspace: &Workspace,
-        snapshot: Option<Layer>,
+        install_layer: Option<Layer>,
         config: &EnvironmentConfig,
     ) -> MachineSpec {
         let mut spec = MachineSpec::new(agent.id.short(), base, &workspace.path);
-        spec.snapshot = snapshot;
+        spec.install_layer = install_layer;
         spec.limits = self.settings.limits;
         spec.user = config.user.clone();
         spec.env = vec![

@@ -55,7 +55,10 @@ const KEY_PURGED: &[u8] = b"last_purged";
 const KEY_APPLIED: &[u8] = b"m/applied";
 const KEY_MEMBERSHIP: &[u8] = b"m/membership";
 const KEY_HIGHEST_NODE_ID: &[u8] = b"m/highest_node_id";
-const KEY_REPO_SNAPSHOTS: &[u8] = b"m/repo_snapshots";
+/// `ClusterState::install_layers`. The key keeps the bytes it had when install layers were
+/// called repo snapshots: it is on disk in every node's state column family, and a new name would
+/// make a restarted node forget which nodes hold a layer.
+const KEY_INSTALL_LAYERS: &[u8] = b"m/repo_snapshots";
 const KEY_PLUGIN_SETTINGS: &[u8] = b"m/plugin_settings";
 const KEY_SNAPSHOT: &[u8] = b"current";
 

@@ -8,8 +8,8 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::state_machine::{Machine, StateMachineStore};
 use super::{
-    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_MEMBERSHIP, KEY_PLUGIN_SETTINGS,
-    KEY_REPO_SNAPSHOTS,
+    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_MEMBERSHIP,
+    KEY_PLUGIN_SETTINGS,
 };
 use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
 use crate::{Changes, ClusterState, NodeAddr};
@@ -81,7 +81,7 @@ pub(super) fn load_state(db: &DB) -> Result<StoredState, OpenError> {
             _ if key.as_ref() == KEY_APPLIED => last_applied = decode(&key, &value)?,
             _ if key.as_ref() == KEY_MEMBERSHIP => membership = decode(&key, &value)?,
             _ if key.as_ref() == KEY_HIGHEST_NODE_ID => state.highest_node_id = decode(&key, &value)?,
-            _ if key.as_ref() == KEY_REPO_SNAPSHOTS => state.repo_snapshots = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_INSTALL_LAYERS => state.install_layers = decode(&key, &value)?,
             _ if key.as_ref() == KEY_PLUGIN_SETTINGS => state.plugin_settings = decode(&key, &value)?,
             _ => {}
         }
@@ -164,7 +164,7 @@ impl StateMachineStore {
         }
         if changes.meta {
             batch.put_cf(cf, KEY_HIGHEST_NODE_ID, encode(&machine.state.highest_node_id));
-            batch.put_cf(cf, KEY_REPO_SNAPSHOTS, encode(&machine.state.repo_snapshots));
+            batch.put_cf(cf, KEY_INSTALL_LAYERS, encode(&machine.state.install_layers));
             batch.put_cf(cf, KEY_PLUGIN_SETTINGS, encode(&machine.state.plugin_settings));
         }
         batch.put_cf(cf, KEY_APPLIED, encode(&machine.last_applied));

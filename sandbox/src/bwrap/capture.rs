@@ -1,4 +1,4 @@
-//! Capturing an install snapshot's layer: the machine's processes are stopped (only disk state
+//! Capturing an install layer: the machine's processes are stopped (only disk state
 //! is kept: processes started there are not alive in later machines) and its upper layers are
 //! copied out.
 

@@ -18,7 +18,8 @@ pub enum DiskBacking {
 
 #[derive(Debug, Clone)]
 pub struct BwrapConfig {
-    /// The driver's directory (the node's data dir / `machines`): images, machines, snapshots.
+    /// The driver's directory (the node's data dir / `machines`): images, machines and install
+    /// layers (in `snapshots`).
     pub root: PathBuf,
     pub disk: DiskBacking,
     /// Name of the cgroup under each hierarchy's root that holds every machine of this node.

@@ -90,8 +90,8 @@ impl BwrapDriver {
         Ok((machine, command))
     }
 
-    /// The disk, the root overlay (snapshot and base as lowers), the user's home inside it, and
-    /// the workspace overlay (checkout above the snapshot's `workspace/`) or bind.
+    /// The disk, the root overlay (install layer and base as lowers), the user's home inside it, and
+    /// the workspace overlay (checkout above the install layer's `workspace/`) or bind.
     fn mount_layers(
         &self,
         dir: &Path,
@@ -110,9 +110,9 @@ impl BwrapDriver {
         let merged = dir.join("merged");
         create_dir(&merged)?;
         let mut root_lowers = Vec::new();
-        if let Some(snapshot) = &spec.snapshot {
-            if snapshot.root_dir().is_dir() {
-                root_lowers.push(snapshot.root_dir());
+        if let Some(install_layer) = &spec.install_layer {
+            if install_layer.root_dir().is_dir() {
+                root_lowers.push(install_layer.root_dir());
             }
         }
         root_lowers.push(spec.base.rootfs.clone());
@@ -126,9 +126,9 @@ impl BwrapDriver {
                 let view = dir.join("workspace");
                 create_dir(&view)?;
                 let mut lowers = vec![spec.workspace.clone()];
-                if let Some(snapshot) = &spec.snapshot {
-                    if snapshot.workspace_dir().is_dir() {
-                        lowers.push(snapshot.workspace_dir());
+                if let Some(install_layer) = &spec.install_layer {
+                    if install_layer.workspace_dir().is_dir() {
+                        lowers.push(install_layer.workspace_dir());
                     }
                 }
                 mounts::mount_overlay(&view, &lowers, &workspace_upper, &workspace_work)?;

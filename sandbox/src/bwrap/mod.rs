@@ -3,7 +3,7 @@
 //! A machine is one long-lived bubblewrap process (new user, mount, PID, IPC, UTS, network and
 //! cgroup namespaces; all capabilities dropped; `--die-with-parent`) whose command is an init
 //! that only waits. Its root is an overlay the driver mounts on the node beforehand — bubblewrap
-//! 0.8 has no `--overlay` — with the install snapshot and the base image as lower layers and the
+//! 0.8 has no `--overlay` — with the install layer and the base image as lower layers and the
 //! machine's upper layer on a size-limited filesystem; `/workspace` is a second overlay with the
 //! caller's checkout as its lower layer. Commands and terminals enter the running machine's
 //! namespaces with `nsenter`, drop what the entering process still holds with `setpriv`, and so
@@ -14,7 +14,7 @@
 //! The module follows a machine's life: [`config`] (what the driver is given), [`create`]
 //! (layers, cgroup, the bubblewrap command, waiting for the init), [`machine`] (the running
 //! machine and what it holds), [`exec`] (commands inside it), [`terminals`] (tmux and attach),
-//! [`capture`] (an install snapshot's layer) and [`cleanup`] (destroy, and what a previous run
+//! [`capture`] (an install layer) and [`cleanup`] (destroy, and what a previous run
 //! of the node left).
 
 mod capture;
@@ -96,6 +96,8 @@ impl BwrapDriver {
             });
         }
         let cgroups = Cgroups::detect(&config.cgroup_parent)?;
+        // `snapshots` holds the install layers; it keeps its old name so that a node's existing
+        // layers are found after an upgrade.
         for dir in ["images", "machines", "snapshots"] {
             create_dir(&config.root.join(dir))?;
         }
@@ -112,8 +114,8 @@ impl BwrapDriver {
         &self.config.root
     }
 
-    /// Where install snapshots live, for the snapshot cache.
-    pub fn snapshots_dir(&self) -> PathBuf {
+    /// Where install layers live, for the install layer cache.
+    pub fn install_layers_dir(&self) -> PathBuf {
         self.config.root.join("snapshots")
     }
 

@@ -9,8 +9,8 @@ use crate::driver::{
 };
 use crate::environment::{EnvironmentConfig, Terminal};
 use crate::error::SandboxError;
+use crate::install_layer::{InstallLayerCache, InstallRequest};
 use crate::pty::PtySize;
-use crate::snapshot::{InstallRequest, SnapshotCache};
 
 use super::{map_workspace_paths, FakeDriver, FakeMachine};
 
@@ -216,25 +216,25 @@ async fn terminals_are_readable_and_attachable() {
 }
 
 #[tokio::test]
-async fn an_install_snapshot_is_captured_and_stacked_under_later_machines() {
+async fn an_install_layer_is_captured_and_stacked_under_later_machines() {
     let harness = harness();
-    let checkout = harness.checkout("snapshot");
+    let checkout = harness.checkout("install-layer");
     let base = harness.driver.prepare_base(BaseImage::Host).await.unwrap();
-    let cache = SnapshotCache::new(harness.driver.clone(), harness.driver.snapshots_dir()).unwrap();
+    let cache = InstallLayerCache::new(harness.driver.clone(), harness.driver.install_layers_dir()).unwrap();
     let config = EnvironmentConfig {
         install: Some("mkdir -p deps && echo 1 > deps/v && echo home > \"$HOME/installed\"".to_string()),
         ..EnvironmentConfig::default()
     };
     let request = InstallRequest::new("repo", config.clone(), base.clone(), &checkout);
-    let snapshot = cache.get_or_build(&request).await.unwrap();
-    assert!(snapshot.built);
+    let install_layer = cache.get_or_build(&request).await.unwrap();
+    assert!(install_layer.built);
     assert!(!cache.get_or_build(&request).await.unwrap().built);
     assert!(!checkout.join("deps").exists(), "the install wrote into the checkout");
 
     let mut spec = MachineSpec::new("stacked", base, &checkout);
-    spec.snapshot = snapshot.layer;
+    spec.install_layer = install_layer.layer;
     let machine = harness.driver.create(spec).await.unwrap();
     let output = harness.run(&machine, "cat deps/v \"$HOME/installed\" README").await;
-    assert_eq!(output.stdout_text(), "1\nhome\nsnapshot\n");
+    assert_eq!(output.stdout_text(), "1\nhome\ninstall-layer\n");
     harness.driver.destroy(&machine).await.unwrap();
 }

@@ -65,7 +65,7 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
         | Command::SetDraining { .. }
         | Command::NodeDown { .. }
         | Command::NodeUp { .. }
-        | Command::RecordSnapshot { .. } => nodes::apply_node_command(state, changes, at_ms, command),
+        | Command::RecordInstallLayer { .. } => nodes::apply_node_command(state, changes, at_ms, command),
         Command::PutPluginChunk { .. }
         | Command::CommitPlugin { .. }
         | Command::AbortUpload { .. }

@@ -1,5 +1,5 @@
 //! Node commands: node ids, registration, liveness (up, down, draining), removal, and the
-//! install snapshots a node holds. A node that goes down or is removed loses its live agents
+//! install layers a node holds. A node that goes down or is removed loses its live agents
 //! back to pending (see `assignments::requeue_agents_of`).
 
 use super::assignments::requeue_agents_of;
@@ -22,7 +22,7 @@ pub(super) fn apply_node_command(
         Command::SetDraining { node, draining } => set_draining(state, changes, *node, *draining),
         Command::NodeDown { node } => node_down(state, changes, at_ms, *node),
         Command::NodeUp { node } => node_up(state, changes, at_ms, *node),
-        Command::RecordSnapshot { node, repository } => record_snapshot(state, changes, *node, repository),
+        Command::RecordInstallLayer { node, repository } => record_install_layer(state, changes, *node, repository),
         other => not_in_family("node", other),
     }
 }
@@ -70,10 +70,10 @@ fn remove_node(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, node
     if state.nodes.remove(&node).is_none() {
         return Err(ApplyError::NodeNotFound(node));
     }
-    for nodes in state.repo_snapshots.values_mut() {
+    for nodes in state.install_layers.values_mut() {
         nodes.remove(&node);
     }
-    state.repo_snapshots.retain(|_, nodes| !nodes.is_empty());
+    state.install_layers.retain(|_, nodes| !nodes.is_empty());
     changes.meta = true;
     changes.nodes.insert(node);
     let requeued = requeue_agents_of(state, changes, node, at_ms, &format!("node {node} removed"));
@@ -111,13 +111,18 @@ fn node_up(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, node: No
     Ok(Response::Node(record.clone()))
 }
 
-/// A node holds an install snapshot of `repository`; placement prefers such nodes.
-fn record_snapshot(state: &mut ClusterState, changes: &mut Changes, node: NodeId, repository: &str) -> ApplyResult {
+/// A node holds an install layer of `repository`; placement prefers such nodes.
+fn record_install_layer(
+    state: &mut ClusterState,
+    changes: &mut Changes,
+    node: NodeId,
+    repository: &str,
+) -> ApplyResult {
     if !state.nodes.contains_key(&node) {
         return Err(ApplyError::NodeNotFound(node));
     }
     state
-        .repo_snapshots
+        .install_layers
         .entry(repository.to_string())
         .or_default()
         .insert(node);

@@ -1,8 +1,8 @@
-//! Install snapshots: `install` runs once per (repository, install hash, base image) on a node;
+//! Install layers: `install` runs once per (repository, install hash, base image) on a node;
 //! its disk state is captured as a read-only layer that every later machine stacks on its base.
 //!
-//! Two requests for one key build once (a per-key async lock; the second finds the layer). A
-//! snapshot is built in a hidden directory and renamed into place, so a crash never leaves a
+//! Two requests for one key build once (a per-key async lock; the second finds the layer). An
+//! install layer is built in a hidden directory and renamed into place, so a crash never leaves a
 //! half layer that looks finished. A failed or timed-out install caches nothing and fails with
 //! its last output lines.
 
@@ -24,6 +24,8 @@ pub const INSTALL_FAILURE_LINES: usize = 20;
 /// Default wall-clock limit of one install.
 pub const DEFAULT_INSTALL_TIMEOUT_MS: u64 = 30 * 60 * 1000;
 
+/// Marks a finished install layer. The file keeps the name it had when install layers were
+/// called snapshots: renaming it would make every layer a node already built look unfinished.
 const METADATA_FILE: &str = "snapshot.json";
 
 #[derive(Debug, Clone)]
@@ -72,15 +74,16 @@ impl InstallRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotMetadata {
+pub struct InstallLayerMetadata {
     pub repository: String,
     pub install_hash: String,
     pub base_image: String,
     pub install_duration_ms: u64,
 }
 
+/// What a request resolves to: the install layer's key and, if `install` is set, its layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
+pub struct InstallLayer {
     pub key: String,
     /// `None` when the environment has no `install`: machines use the base alone.
     pub layer: Option<Layer>,
@@ -88,7 +91,7 @@ pub struct Snapshot {
     pub built: bool,
 }
 
-pub struct SnapshotCache {
+pub struct InstallLayerCache {
     driver: Arc<dyn MachineDriver>,
     root: PathBuf,
     /// One lock per key ever asked for on this node: bounded by the number of distinct
@@ -96,12 +99,12 @@ pub struct SnapshotCache {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-impl SnapshotCache {
+impl InstallLayerCache {
     pub fn new(driver: Arc<dyn MachineDriver>, root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|error| SandboxError::io("create", &root, error))?;
         remove_partial_builds(&root);
-        Ok(SnapshotCache {
+        Ok(InstallLayerCache {
             driver,
             root,
             locks: Mutex::new(HashMap::new()),
@@ -112,43 +115,43 @@ impl SnapshotCache {
         &self.root
     }
 
-    /// The finished snapshot for `key`, if there is one.
+    /// The finished install layer for `key`, if there is one.
     pub fn lookup(&self, key: &str) -> Option<Layer> {
         let path = self.root.join(key);
         path.join(METADATA_FILE).is_file().then_some(Layer { path })
     }
 
-    /// Returns the install snapshot for the request, running `install` if no one has yet.
-    pub async fn get_or_build(&self, request: &InstallRequest) -> Result<Snapshot> {
+    /// Returns the install layer for the request, running `install` if no one has yet.
+    pub async fn get_or_build(&self, request: &InstallRequest) -> Result<InstallLayer> {
         let key = request.key();
         let Some(install) = request.config.install.clone() else {
-            return Ok(Snapshot {
+            return Ok(InstallLayer {
                 key,
                 layer: None,
                 built: false,
             });
         };
         if let Some(layer) = self.lookup(&key) {
-            return Ok(Snapshot {
+            return Ok(InstallLayer {
                 key,
                 layer: Some(layer),
                 built: false,
             });
         }
         let lock = {
-            let mut locks = self.locks.lock().expect("snapshot locks");
+            let mut locks = self.locks.lock().expect("install layer locks");
             locks.entry(key.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
         if let Some(layer) = self.lookup(&key) {
-            return Ok(Snapshot {
+            return Ok(InstallLayer {
                 key,
                 layer: Some(layer),
                 built: false,
             });
         }
         let layer = self.build(request, &key, &install).await?;
-        Ok(Snapshot {
+        Ok(InstallLayer {
             key,
             layer: Some(layer),
             built: true,
@@ -178,7 +181,7 @@ impl SnapshotCache {
             }
         };
         destroyed?;
-        let metadata = SnapshotMetadata {
+        let metadata = InstallLayerMetadata {
             repository: request.repository.clone(),
             install_hash: request.config.install_hash(),
             base_image: request.base.image.to_string(),
@@ -190,7 +193,7 @@ impl SnapshotCache {
         let final_path = self.root.join(key);
         std::fs::rename(&layer.path, &final_path).map_err(|error| {
             let _ = std::fs::remove_dir_all(&layer.path);
-            SandboxError::io("move the snapshot into place at", &final_path, error)
+            SandboxError::io("move the install layer into place at", &final_path, error)
         })?;
         Ok(Layer { path: final_path })
     }
