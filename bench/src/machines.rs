@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use flotilla_sandbox::{
-    BaseImage, BwrapConfig, BwrapDriver, DiskBacking, EnvironmentConfig, ExecOutput, ExecRequest, InstallRequest,
-    InstallLayerCache, MachineDriver, MachineSpec,
+    BaseImage, BwrapConfig, BwrapDriver, DiskBacking, EnvironmentConfig, ExecOutput, ExecRequest, InstallLayerCache,
+    InstallRequest, MachineDriver, MachineSpec,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq)]

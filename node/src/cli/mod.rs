@@ -23,7 +23,7 @@ use flotilla_proto::v1::{
 
 pub use plugin::PluginCommand;
 
-pub(crate) use client::{agent_client, cluster_client, connect, unary, BearerToken, CliError};
+pub(crate) use client::{agent_client, cluster_client, connect, unary, AgentClient, BearerToken, CliError};
 
 /// Largest page asked of the server; the API accepts 1..=1000.
 const MAX_PAGE_SIZE: u32 = 1000;

@@ -544,7 +544,10 @@ impl AgentApi {
             )));
         }
         let size = open.size.unwrap_or(v1::TerminalSize { rows: 24, cols: 80 });
-        let session = match running.open_pty(terminal.as_deref(), !open.takeover, pty_size(size)).await {
+        let session = match running
+            .open_pty(terminal.as_deref(), !open.takeover, pty_size(size))
+            .await
+        {
             Ok(session) => Arc::new(session),
             Err(error) => {
                 if open.takeover {

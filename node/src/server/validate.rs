@@ -60,7 +60,10 @@ pub enum InvalidInput {
     HostPattern { field: String, source: HostPatternError },
     /// A rule of the replicated state refused the field (it words its own message).
     #[error("{field}: {reason}")]
-    Refused { field: String, reason: String },
+    Refused {
+        field: String,
+        reason: flotilla_raft::PluginFieldError,
+    },
 }
 
 pub fn agent_id(text: &str) -> Result<AgentId, InvalidInput> {
