@@ -6,7 +6,8 @@
 //! The agent actor supervises the [`MachineActor`](crate::machine::MachineActor) of its machine.
 //! Its machine dying under it (the machine actor failed, or ended without being asked) fails the
 //! agent actor with the reason; the `AgentSupervisor` then starts it again, and the new actor
-//! provisions a fresh machine and resumes from the last checkpoint (see MACHINES-NOTES.md).
+//! provisions a fresh machine and resumes from the last checkpoint (see "The machine actor" in
+//! docs/architecture.md).
 
 mod supervisor;
 
