@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use flotilla_builtin_plugins::BUILTIN;
 use flotilla_plugins::{
-    CallError, HostConfig, Plugin, PluginFailure, PluginHost, PullRequestInput, RepoRef, SecretSource, WebhookEvent,
-    WebhookInput,
+    CallError, HostConfig, Plugin, PluginFailure, PluginHost, PullRequest, PullRequestInput, RepoRef, SecretSource,
+    WebhookEvent, WebhookInput,
 };
 use flotilla_tests::fakes::{
     basic_authorization, create_bare_repository, git_extra_header_env, FakeForge, ForgeKind, GitHttpServer,
@@ -170,7 +170,6 @@ struct Refusal {
 }
 
 async fn check_forge(case: ForgeCase) {
-    let plugin_name = case.plugin;
     let forge = FakeForge::start(case.kind, FORGE_TOKEN, &[case.repository]).await;
     let host = plugin_host();
     let api_base = forge.api_base();
@@ -179,178 +178,251 @@ async fn check_forge(case: ForgeCase) {
     if case.needs_api_base {
         settings.push(("api-base", api_base.as_str()));
     }
-    let plugin = load_builtin(&host, plugin_name, &settings, vec![forge.host()]).await;
-
-    let info = within("info", host.info(&plugin)).await.unwrap();
-    assert_eq!(info.name, plugin_name);
-    assert!(info.supports_pull_requests, "{plugin_name} should open pull requests");
-
-    // URLs: the public forge's forms, the loopback forge from `hosts`, and refusals.
-    for url in case.public_urls {
-        let matched = within("match-url", host.match_url(&plugin, url)).await.unwrap();
-        assert_eq!(matched.as_ref(), Some(&case.public_ref), "{plugin_name} on {url}");
-    }
-    let loopback_url = forge.repository_url(case.repository);
-    let matched = within("match-url", host.match_url(&plugin, &format!("{loopback_url}.git")))
-        .await
-        .unwrap()
-        .unwrap_or_else(|| panic!("{plugin_name} should claim {loopback_url}.git (a host in its settings)"));
-    assert_eq!(
-        (matched.host.as_str(), matched.web_url.as_str()),
-        (forge.host().as_str(), loopback_url.as_str())
-    );
-    for url in case.refused_urls {
-        let matched = within("match-url", host.match_url(&plugin, url)).await.unwrap();
-        assert_eq!(matched, None, "{plugin_name} should not claim {url}");
-    }
-
-    // Clone spec: https, with the token as Basic auth, filled in by the host.
-    let spec = within("clone-spec", host.clone_spec(&plugin, case.public_urls[0]))
-        .await
-        .unwrap();
-    assert_eq!(spec.url, case.public_clone_url);
-    assert_eq!(
-        spec.auth_header,
-        Some((
-            "Authorization".to_string(),
-            basic_authorization(case.git_user, FORGE_TOKEN)
-        )),
-        "{plugin_name}'s clone auth header"
-    );
-
-    // A pull request, checked by the fake as the forge would.
-    let created = within(
-        "create-pull-request",
-        host.create_pull_request(&plugin, pull_request_input(loopback_url.clone())),
-    )
-    .await
-    .unwrap_or_else(|error| panic!("{plugin_name} could not open a pull request: {error}"));
-    assert_eq!(created.number, 1);
-    assert_eq!(created.url, format!("{}{}", forge.origin(), case.pull_request_page));
-    let requests = forge.requests();
-    assert_eq!(requests.len(), 1, "{plugin_name} sent {requests:#?}");
-    let request = &requests[0];
-    assert_eq!(request.method, "POST");
-    assert_eq!(
-        request.path,
-        format!("{}{}", case.kind.api_prefix(), case.pull_request_path)
-    );
-    for (name, value) in &case.pull_request_headers {
-        assert_eq!(
-            request.header(name),
-            Some(value.as_str()),
-            "{plugin_name}'s {name} header"
-        );
-    }
-    assert_eq!(request.header("content-type"), Some("application/json"));
-    assert_eq!(request.json(), case.pull_request_body, "{plugin_name}'s request body");
-    let opened = forge.pull_requests();
-    assert_eq!(opened.len(), 1);
-    assert_eq!(
-        (opened[0].head.as_str(), opened[0].base.as_str()),
-        ("flotilla/fix-typo", "main")
-    );
-
-    // Opening it again (the first answer lost, say) finds the open one: same number and page,
-    // after the forge's refusal and one lookup, and nothing new is opened.
-    let again = within(
-        "create-pull-request (again)",
-        host.create_pull_request(&plugin, pull_request_input(loopback_url.clone())),
-    )
-    .await
-    .unwrap_or_else(|error| panic!("{plugin_name} should find the open pull request: {error}"));
-    assert_eq!(
-        again, created,
-        "{plugin_name} answers the pull request it opened before"
-    );
-    let requests = forge.requests();
-    assert_eq!(requests.len(), 3, "{plugin_name} sent {requests:#?}");
-    assert_eq!(requests[1].method, "POST");
-    let lookup = &requests[2];
-    assert_eq!(lookup.method, "GET");
-    assert_eq!(
-        (lookup.path.clone(), lookup.query.clone()),
-        (
-            format!("{}{}", case.kind.api_prefix(), case.lookup.0),
-            case.lookup.1.clone()
-        ),
-        "{plugin_name}'s lookup"
-    );
-    for (name, value) in &case.pull_request_headers {
-        assert_eq!(
-            lookup.header(name),
-            Some(value.as_str()),
-            "{plugin_name}'s lookup {name} header"
-        );
-    }
-    assert!(lookup.body.is_empty(), "{plugin_name}'s lookup has no body");
-    assert_eq!(forge.pull_requests().len(), 1);
-
-    // The forge's errors, in its own words.
-    let mut refused_input = pull_request_input(loopback_url.clone());
-    refused_input.head_branch = case.refusal.head.to_string();
-    refused_input.base_branch = case.refusal.base.to_string();
-    refused_input.title = case.refusal.title.to_string();
-    let sent_before = forge.requests().len();
-    let refused = within(
-        "create-pull-request (refused)",
-        host.create_pull_request(&plugin, refused_input),
-    )
-    .await
-    .expect_err("the forge refuses this pull request");
-    let (status, message) = remote_error(refused);
-    assert_eq!(status, case.refusal.error.0, "{plugin_name}: {message}");
-    assert!(
-        message.contains(case.refusal.error.1),
-        "{plugin_name}'s refusal should say {:?}, said {message:?}",
-        case.refusal.error.1
-    );
-    let methods: Vec<String> = forge.requests()[sent_before..]
-        .iter()
-        .map(|request| request.method.clone())
-        .collect();
-    let expected: &[&str] = if case.refusal.looked_up {
-        &["POST", "GET"]
-    } else {
-        &["POST"]
+    let plugin = load_builtin(&host, case.plugin, &settings, vec![forge.host()]).await;
+    let loaded = LoadedForge {
+        case: &case,
+        forge: &forge,
+        host: &host,
+        plugin: &plugin,
     };
-    assert_eq!(methods, expected, "{plugin_name}'s requests for a refused create");
 
-    let unknown = within(
-        "create-pull-request (unknown repository)",
-        host.create_pull_request(
-            &plugin,
-            pull_request_input(forge.repository_url(&missing_repository(case.repository))),
-        ),
-    )
-    .await
-    .expect_err("an unknown repository should fail");
-    let (status, message) = remote_error(unknown);
-    assert_eq!((status, message.as_str()), case.unknown_repository_error);
+    loaded.check_info().await;
+    let loopback_url = loaded.check_url_matching().await;
+    loaded.check_clone_spec().await;
+    let created = loaded.check_a_pull_request_is_opened(&loopback_url).await;
+    loaded
+        .check_opening_again_finds_the_open_pull_request(&loopback_url, &created)
+        .await;
+    loaded
+        .check_the_forge_errors_in_its_own_words(&settings, &loopback_url)
+        .await;
+    check_the_sample_webhook(&host, &plugin, case.plugin, case.webhook, &case.webhook_event).await;
+}
 
-    let mut stale_settings = settings.clone();
-    stale_settings.push(("token-secret", WRONG_TOKEN_SECRET));
-    let stale = load_builtin(&host, plugin_name, &stale_settings, vec![forge.host()]).await;
-    let refused = within(
-        "create-pull-request (bad token)",
-        host.create_pull_request(&stale, pull_request_input(loopback_url.clone())),
-    )
-    .await
-    .expect_err("a bad token should fail");
-    let (status, message) = remote_error(refused);
-    assert_eq!((status, message.as_str()), case.bad_token_error);
-    assert_eq!(
-        forge.pull_requests().len(),
-        1,
-        "no refused request may open a pull request"
-    );
+/// A forge provider loaded against its fake forge: what [`check_forge`]'s steps share.
+struct LoadedForge<'a> {
+    case: &'a ForgeCase,
+    forge: &'a FakeForge,
+    host: &'a Arc<PluginHost>,
+    plugin: &'a Plugin,
+}
 
-    // One sample webhook delivery.
-    let event = within("parse-webhook", host.parse_webhook(&plugin, case.webhook))
+impl LoadedForge<'_> {
+    async fn check_info(&self) {
+        let plugin_name = self.case.plugin;
+        let info = within("info", self.host.info(self.plugin)).await.unwrap();
+        assert_eq!(info.name, plugin_name);
+        assert!(info.supports_pull_requests, "{plugin_name} should open pull requests");
+    }
+
+    /// URLs: the public forge's forms, the loopback forge from `hosts`, and refusals. Returns
+    /// the loopback forge's URL of the repository.
+    async fn check_url_matching(&self) -> String {
+        let (case, forge, host, plugin) = (self.case, self.forge, self.host, self.plugin);
+        let plugin_name = case.plugin;
+        for url in case.public_urls {
+            let matched = within("match-url", host.match_url(plugin, url)).await.unwrap();
+            assert_eq!(matched.as_ref(), Some(&case.public_ref), "{plugin_name} on {url}");
+        }
+        let loopback_url = forge.repository_url(case.repository);
+        let matched = within("match-url", host.match_url(plugin, &format!("{loopback_url}.git")))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{plugin_name} should claim {loopback_url}.git (a host in its settings)"));
+        assert_eq!(
+            (matched.host.as_str(), matched.web_url.as_str()),
+            (forge.host().as_str(), loopback_url.as_str())
+        );
+        for url in case.refused_urls {
+            let matched = within("match-url", host.match_url(plugin, url)).await.unwrap();
+            assert_eq!(matched, None, "{plugin_name} should not claim {url}");
+        }
+        loopback_url
+    }
+
+    /// Clone spec: https, with the token as Basic auth, filled in by the host.
+    async fn check_clone_spec(&self) {
+        let case = self.case;
+        let plugin_name = case.plugin;
+        let spec = within("clone-spec", self.host.clone_spec(self.plugin, case.public_urls[0]))
+            .await
+            .unwrap();
+        assert_eq!(spec.url, case.public_clone_url);
+        assert_eq!(
+            spec.auth_header,
+            Some((
+                "Authorization".to_string(),
+                basic_authorization(case.git_user, FORGE_TOKEN)
+            )),
+            "{plugin_name}'s clone auth header"
+        );
+    }
+
+    /// A pull request, checked by the fake as the forge would.
+    async fn check_a_pull_request_is_opened(&self, loopback_url: &str) -> PullRequest {
+        let (case, forge) = (self.case, self.forge);
+        let plugin_name = case.plugin;
+        let created = within(
+            "create-pull-request",
+            self.host
+                .create_pull_request(self.plugin, pull_request_input(loopback_url.to_string())),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("{plugin_name} could not open a pull request: {error}"));
+        assert_eq!(created.number, 1);
+        assert_eq!(created.url, format!("{}{}", forge.origin(), case.pull_request_page));
+        let requests = forge.requests();
+        assert_eq!(requests.len(), 1, "{plugin_name} sent {requests:#?}");
+        let request = &requests[0];
+        assert_eq!(request.method, "POST");
+        assert_eq!(
+            request.path,
+            format!("{}{}", case.kind.api_prefix(), case.pull_request_path)
+        );
+        for (name, value) in &case.pull_request_headers {
+            assert_eq!(
+                request.header(name),
+                Some(value.as_str()),
+                "{plugin_name}'s {name} header"
+            );
+        }
+        assert_eq!(request.header("content-type"), Some("application/json"));
+        assert_eq!(request.json(), case.pull_request_body, "{plugin_name}'s request body");
+        let opened = forge.pull_requests();
+        assert_eq!(opened.len(), 1);
+        assert_eq!(
+            (opened[0].head.as_str(), opened[0].base.as_str()),
+            ("flotilla/fix-typo", "main")
+        );
+        created
+    }
+
+    /// Opening it again (the first answer lost, say) finds the open one: same number and page,
+    /// after the forge's refusal and one lookup, and nothing new is opened.
+    async fn check_opening_again_finds_the_open_pull_request(&self, loopback_url: &str, created: &PullRequest) {
+        let (case, forge) = (self.case, self.forge);
+        let plugin_name = case.plugin;
+        let again = within(
+            "create-pull-request (again)",
+            self.host
+                .create_pull_request(self.plugin, pull_request_input(loopback_url.to_string())),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("{plugin_name} should find the open pull request: {error}"));
+        assert_eq!(
+            &again, created,
+            "{plugin_name} answers the pull request it opened before"
+        );
+        let requests = forge.requests();
+        assert_eq!(requests.len(), 3, "{plugin_name} sent {requests:#?}");
+        assert_eq!(requests[1].method, "POST");
+        let lookup = &requests[2];
+        assert_eq!(lookup.method, "GET");
+        assert_eq!(
+            (lookup.path.clone(), lookup.query.clone()),
+            (
+                format!("{}{}", case.kind.api_prefix(), case.lookup.0),
+                case.lookup.1.clone()
+            ),
+            "{plugin_name}'s lookup"
+        );
+        for (name, value) in &case.pull_request_headers {
+            assert_eq!(
+                lookup.header(name),
+                Some(value.as_str()),
+                "{plugin_name}'s lookup {name} header"
+            );
+        }
+        assert!(lookup.body.is_empty(), "{plugin_name}'s lookup has no body");
+        assert_eq!(forge.pull_requests().len(), 1);
+    }
+
+    /// The forge's errors, in its own words: a create it refuses, an unknown repository and a
+    /// bad token (a second copy of the plugin loaded with `settings` and a stale token secret).
+    async fn check_the_forge_errors_in_its_own_words(&self, settings: &[(&str, &str)], loopback_url: &str) {
+        let (case, forge, host, plugin) = (self.case, self.forge, self.host, self.plugin);
+        let plugin_name = case.plugin;
+        self.check_a_refused_create(loopback_url).await;
+
+        let unknown = within(
+            "create-pull-request (unknown repository)",
+            host.create_pull_request(
+                plugin,
+                pull_request_input(forge.repository_url(&missing_repository(case.repository))),
+            ),
+        )
+        .await
+        .expect_err("an unknown repository should fail");
+        let (status, message) = remote_error(unknown);
+        assert_eq!((status, message.as_str()), case.unknown_repository_error);
+
+        let mut stale_settings = settings.to_vec();
+        stale_settings.push(("token-secret", WRONG_TOKEN_SECRET));
+        let stale = load_builtin(host, plugin_name, &stale_settings, vec![forge.host()]).await;
+        let refused = within(
+            "create-pull-request (bad token)",
+            host.create_pull_request(&stale, pull_request_input(loopback_url.to_string())),
+        )
+        .await
+        .expect_err("a bad token should fail");
+        let (status, message) = remote_error(refused);
+        assert_eq!((status, message.as_str()), case.bad_token_error);
+        assert_eq!(
+            forge.pull_requests().len(),
+            1,
+            "no refused request may open a pull request"
+        );
+    }
+
+    /// The create of [`ForgeCase::refusal`]: the forge's status and words reach the caller,
+    /// after a lookup only where the forge's answer may mean one is already open.
+    async fn check_a_refused_create(&self, loopback_url: &str) {
+        let (case, forge) = (self.case, self.forge);
+        let plugin_name = case.plugin;
+        let mut refused_input = pull_request_input(loopback_url.to_string());
+        refused_input.head_branch = case.refusal.head.to_string();
+        refused_input.base_branch = case.refusal.base.to_string();
+        refused_input.title = case.refusal.title.to_string();
+        let sent_before = forge.requests().len();
+        let refused = within(
+            "create-pull-request (refused)",
+            self.host.create_pull_request(self.plugin, refused_input),
+        )
+        .await
+        .expect_err("the forge refuses this pull request");
+        let (status, message) = remote_error(refused);
+        assert_eq!(status, case.refusal.error.0, "{plugin_name}: {message}");
+        assert!(
+            message.contains(case.refusal.error.1),
+            "{plugin_name}'s refusal should say {:?}, said {message:?}",
+            case.refusal.error.1
+        );
+        let methods: Vec<String> = forge.requests()[sent_before..]
+            .iter()
+            .map(|request| request.method.clone())
+            .collect();
+        let expected: &[&str] = if case.refusal.looked_up {
+            &["POST", "GET"]
+        } else {
+            &["POST"]
+        };
+        assert_eq!(methods, expected, "{plugin_name}'s requests for a refused create");
+    }
+}
+
+/// One sample webhook delivery.
+async fn check_the_sample_webhook(
+    host: &PluginHost,
+    plugin: &Plugin,
+    plugin_name: &str,
+    webhook: WebhookInput,
+    webhook_event: &WebhookEvent,
+) {
+    let event = within("parse-webhook", host.parse_webhook(plugin, webhook))
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("{plugin_name} ignored its sample delivery"));
-    assert_eq!(event, case.webhook_event);
+    assert_eq!(&event, webhook_event);
 }
 
 /// `acme/missing` for `acme/widgets` (`acme/platform/missing` for a subgroup's project).

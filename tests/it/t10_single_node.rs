@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use flotilla_proto::v1::{self, watch_agent_response};
-use flotilla_tests::{agent_client, wait_for, ClusterOptions, TestCluster};
+use flotilla_tests::{agent_client, wait_for, AgentClient, ClusterOptions, TestCluster};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -14,6 +14,16 @@ async fn create_get_list_page_and_search() {
     let cluster = TestCluster::start(1, ClusterOptions::default()).await;
     let mut client = agent_client(&cluster.nodes[0].endpoint(), &cluster.admin_token()).await;
 
+    let created = create_seven_agents_one_with_a_needle(&mut client).await;
+    check_created_agents_are_readable(&mut client, &created).await;
+    check_listing_is_paged_newest_first(&mut client, &created).await;
+    check_search_is_case_insensitive(&mut client, &created).await;
+    wait_for_every_agent_running_on_node_1(&cluster).await;
+    check_status_and_repository_filters(&mut client).await;
+}
+
+/// Creates `agent-0` to `agent-6`; only `agent-3`'s prompt holds the word NEEDLE.
+async fn create_seven_agents_one_with_a_needle(client: &mut AgentClient) -> Vec<v1::Agent> {
     let mut created = Vec::new();
     for index in 0..7 {
         let prompt = if index == 3 {
@@ -21,8 +31,12 @@ async fn create_get_list_page_and_search() {
         } else {
             format!("Refactor module number {index}")
         };
-        created.push(create(&mut client, &format!("agent-{index}"), &prompt).await);
+        created.push(create(client, &format!("agent-{index}"), &prompt).await);
     }
+    created
+}
+
+async fn check_created_agents_are_readable(client: &mut AgentClient, created: &[v1::Agent]) {
     let first = &created[0];
     assert_eq!(first.id.len(), 26, "ids are ULIDs");
     assert_eq!(first.base_branch, "main");
@@ -31,12 +45,14 @@ async fn create_get_list_page_and_search() {
     assert!(first.work_branch.starts_with("flotilla/"), "{}", first.work_branch);
     assert!(first.work_branch.ends_with("-agent-0"), "{}", first.work_branch);
 
-    for agent in &created {
-        let fetched = get(&mut client, &agent.id).await.expect("created agent is readable");
+    for agent in created {
+        let fetched = get(client, &agent.id).await.expect("created agent is readable");
         assert_eq!(identity(&fetched), identity(agent));
     }
+}
 
-    // Newest first, in pages of three, with opaque tokens.
+/// Newest first, in pages of three, with opaque tokens.
+async fn check_listing_is_paged_newest_first(client: &mut AgentClient, created: &[v1::Agent]) {
     let mut seen = Vec::new();
     let mut token = String::new();
     let mut pages = 0;
@@ -62,8 +78,10 @@ async fn create_get_list_page_and_search() {
     expected.reverse();
     assert_eq!(seen, expected);
     assert_eq!(pages, 3);
+}
 
-    // Search is case-insensitive over name, prompt and summary.
+/// Search is case-insensitive over name, prompt and summary.
+async fn check_search_is_case_insensitive(client: &mut AgentClient, created: &[v1::Agent]) {
     let found = client
         .list_agents(v1::ListAgentsRequest {
             search: "needle".to_string(),
@@ -86,8 +104,10 @@ async fn create_get_list_page_and_search() {
         .agents;
     assert_eq!(by_name.len(), 1);
     assert_eq!(by_name[0].id, created[5].id);
+}
 
-    // The scheduler places every agent on the only node, and its actor boots it a machine.
+/// The scheduler places every agent on the only node, and its actor boots it a machine.
+async fn wait_for_every_agent_running_on_node_1(cluster: &TestCluster) {
     let endpoint = cluster.nodes[0].endpoint();
     let token = cluster.admin_token();
     wait_for("all agents running on node 1", DEADLINE, || {
@@ -117,6 +137,9 @@ async fn create_get_list_page_and_search() {
         }
     })
     .await;
+}
+
+async fn check_status_and_repository_filters(client: &mut AgentClient) {
     let pending = client
         .list_agents(v1::ListAgentsRequest {
             statuses: vec![v1::AgentStatus::Pending as i32],
@@ -280,6 +303,15 @@ async fn bad_input_is_refused_with_a_precise_status_and_changes_nothing() {
         .agents
         .len();
 
+    check_bad_create_requests_are_refused(&mut client).await;
+    check_unknown_and_malformed_ids_are_refused(&mut client, &stopped).await;
+    check_bad_list_requests_are_refused(&mut client).await;
+    check_changes_to_a_stopped_agent_are_refused(&mut client, &stopped).await;
+    check_missing_and_wrong_tokens_are_unauthenticated(&endpoint).await;
+    check_refused_requests_changed_nothing(&mut client, &stopped, count_before).await;
+}
+
+async fn check_bad_create_requests_are_refused(client: &mut AgentClient) {
     let cases: Vec<(&str, v1::CreateAgentRequest, Code, &str)> = vec![
         (
             "empty prompt",
@@ -347,7 +379,9 @@ async fn bad_input_is_refused_with_a_precise_status_and_changes_nothing() {
             "{what}: {message:?} should mention {fragment:?}"
         );
     }
+}
 
+async fn check_unknown_and_malformed_ids_are_refused(client: &mut AgentClient, stopped: &v1::Agent) {
     let unknown = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
     let (found, message) = code(
         client
@@ -387,7 +421,9 @@ async fn bad_input_is_refused_with_a_precise_status_and_changes_nothing() {
             .await,
     );
     assert_eq!(found, Code::OutOfRange);
+}
 
+async fn check_bad_list_requests_are_refused(client: &mut AgentClient) {
     for (page_size, page_token) in [(-1, ""), (1_000_000, ""), (10, "garbage!!"), (10, "AAAA")] {
         let (found, message) = code(
             client
@@ -413,7 +449,9 @@ async fn bad_input_is_refused_with_a_precise_status_and_changes_nothing() {
             .await,
     );
     assert_eq!(found, Code::InvalidArgument);
+}
 
+async fn check_changes_to_a_stopped_agent_are_refused(client: &mut AgentClient, stopped: &v1::Agent) {
     let (found, message) = code(
         client
             .send_follow_up(v1::SendFollowUpRequest {
@@ -442,17 +480,20 @@ async fn bad_input_is_refused_with_a_precise_status_and_changes_nothing() {
             .await,
     );
     assert_eq!(found, Code::FailedPrecondition);
+}
 
-    // Missing and wrong tokens.
-    let mut anonymous = v1::agent_service_client::AgentServiceClient::connect(endpoint.clone())
+async fn check_missing_and_wrong_tokens_are_unauthenticated(endpoint: &str) {
+    let mut anonymous = v1::agent_service_client::AgentServiceClient::connect(endpoint.to_string())
         .await
         .expect("connect");
     let (found, _) = code(anonymous.list_agents(v1::ListAgentsRequest::default()).await);
     assert_eq!(found, Code::Unauthenticated);
-    let mut wrong = agent_client(&endpoint, "flt_not_a_real_token").await;
+    let mut wrong = agent_client(endpoint, "flt_not_a_real_token").await;
     let (found, _) = code(wrong.list_agents(v1::ListAgentsRequest::default()).await);
     assert_eq!(found, Code::Unauthenticated);
+}
 
+async fn check_refused_requests_changed_nothing(client: &mut AgentClient, stopped: &v1::Agent, count_before: usize) {
     let count_after = client
         .list_agents(v1::ListAgentsRequest::default())
         .await
@@ -461,7 +502,7 @@ async fn bad_input_is_refused_with_a_precise_status_and_changes_nothing() {
         .agents;
     assert_eq!(count_after.len(), count_before, "refused requests created nothing");
     assert_eq!(
-        status_of(get(&mut client, &stopped.id).await.as_ref().expect("still there")),
+        status_of(get(client, &stopped.id).await.as_ref().expect("still there")),
         v1::AgentStatus::Stopped
     );
 }

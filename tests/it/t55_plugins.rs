@@ -152,10 +152,20 @@ async fn components_are_checked_at_upload_and_plugin_calls_are_for_admins_only()
     let cluster = TestCluster::start(1, ClusterOptions::default()).await;
     let endpoint = cluster.nodes[0].endpoint();
     let mut admin = admin_client(&endpoint, &cluster.admin_token()).await;
-
-    // Larger than one upload message, so the node answers while the CLI is still sending.
     let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("github.wasm");
+    check_bytes_that_are_not_a_component_are_refused(&cluster, &mut admin, dir.path()).await;
+    check_a_component_is_stored_with_the_kind_of_its_world(&cluster, &mut admin, dir.path()).await;
+    check_a_member_token_is_refused_everywhere(&cluster, &endpoint).await;
+    check_an_unknown_token_is_unauthenticated(&endpoint).await;
+}
+
+async fn check_bytes_that_are_not_a_component_are_refused(
+    cluster: &TestCluster,
+    admin: &mut AdminClient,
+    dir: &std::path::Path,
+) {
+    // Larger than one upload message, so the node answers while the CLI is still sending.
+    let file = dir.join("github.wasm");
     std::fs::write(&file, vec![0x5a; 600 * 1024]).expect("write the component");
     let file = file.display().to_string();
     let stderr = stderr_of_failure(
@@ -172,11 +182,17 @@ async fn components_are_checked_at_upload_and_plugin_calls_are_for_admins_only()
         "UploadPlugin of a truncated module",
     );
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(list(&mut admin, "").await.is_empty(), "a refused upload stores nothing");
+    assert!(list(admin, "").await.is_empty(), "a refused upload stores nothing");
+}
 
-    // A real component is checked, compiled and stored; its world decides its kind.
+/// A real component is checked, compiled and stored; its world decides its kind.
+async fn check_a_component_is_stored_with_the_kind_of_its_world(
+    cluster: &TestCluster,
+    admin: &mut AdminClient,
+    dir: &std::path::Path,
+) {
     let component = flotilla_tests::test_guest("well-behaved");
-    let wasm = dir.path().join("well-behaved.wasm");
+    let wasm = dir.join("well-behaved.wasm");
     std::fs::write(&wasm, &component).expect("write the component");
     let added = json_of(
         &cluster.run_cli(
@@ -208,12 +224,14 @@ async fn components_are_checked_at_upload_and_plugin_calls_are_for_admins_only()
         "the same version again",
     );
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
-    assert_eq!(list(&mut admin, "").await.len(), 1);
+    assert_eq!(list(admin, "").await.len(), 1);
+}
 
-    // A member token is refused everywhere, before anything is read or written.
+/// A member token is refused everywhere, before anything is read or written.
+async fn check_a_member_token_is_refused_everywhere(cluster: &TestCluster, endpoint: &str) {
     let member_token = "flt_t55_member_token";
     write_through_raft(
-        &cluster,
+        cluster,
         Command::CreateToken {
             sha256_hex: hex::encode(Sha256::digest(member_token.as_bytes())),
             name: "t55-member".to_string(),
@@ -223,12 +241,25 @@ async fn components_are_checked_at_upload_and_plugin_calls_are_for_admins_only()
     )
     .await
     .expect("the member token is recorded");
-    let mut member = admin_client(&endpoint, member_token).await;
-    let mut codes = vec![
+    let mut member = admin_client(endpoint, member_token).await;
+    for (call, status) in refusals_of_every_plugin_call(&mut member).await {
+        assert_eq!(status.code(), Code::PermissionDenied, "{call}: {status:?}");
+        assert!(status.message().contains("t55-member"), "{call}: {status:?}");
+    }
+    let stderr = stderr_of_failure(
+        &run_cli(endpoint, member_token, &["plugin", "list"]),
+        "plugin list with a member token",
+    );
+    assert!(stderr.contains("permission denied"), "{stderr}");
+}
+
+/// Calls every plugin RPC with `client` and returns each call's refusal, named.
+async fn refusals_of_every_plugin_call(client: &mut AdminClient) -> Vec<(&'static str, tonic::Status)> {
+    vec![
         (
             "upload",
             refusal(
-                member
+                client
                     .upload_plugin(tokio_stream::iter(upload_stream("github", "1.0.0", b"\0asm")))
                     .await,
                 "member upload",
@@ -237,35 +268,35 @@ async fn components_are_checked_at_upload_and_plugin_calls_are_for_admins_only()
         (
             "list",
             refusal(
-                member.list_plugins(v1::ListPluginsRequest::default()).await,
+                client.list_plugins(v1::ListPluginsRequest::default()).await,
                 "member list",
             ),
         ),
         (
             "enable",
             refusal(
-                member.enable_plugin(plugin_ref("github", "1.0.0")).await,
+                client.enable_plugin(plugin_ref("github", "1.0.0")).await,
                 "member enable",
             ),
         ),
         (
             "disable",
             refusal(
-                member.disable_plugin(plugin_ref("github", "1.0.0")).await,
+                client.disable_plugin(plugin_ref("github", "1.0.0")).await,
                 "member disable",
             ),
         ),
         (
             "remove",
             refusal(
-                member.remove_plugin(plugin_ref("github", "1.0.0")).await,
+                client.remove_plugin(plugin_ref("github", "1.0.0")).await,
                 "member remove",
             ),
         ),
         (
             "grant",
             refusal(
-                member
+                client
                     .grant_hosts(v1::GrantHostsRequest {
                         name: "github".to_string(),
                         version: "1.0.0".to_string(),
@@ -275,18 +306,11 @@ async fn components_are_checked_at_upload_and_plugin_calls_are_for_admins_only()
                 "member grant",
             ),
         ),
-    ];
-    for (call, status) in codes.drain(..) {
-        assert_eq!(status.code(), Code::PermissionDenied, "{call}: {status:?}");
-        assert!(status.message().contains("t55-member"), "{call}: {status:?}");
-    }
-    let stderr = stderr_of_failure(
-        &run_cli(&endpoint, member_token, &["plugin", "list"]),
-        "plugin list with a member token",
-    );
-    assert!(stderr.contains("permission denied"), "{stderr}");
+    ]
+}
 
-    let mut stranger = admin_client(&endpoint, "flt_not_a_token").await;
+async fn check_an_unknown_token_is_unauthenticated(endpoint: &str) {
+    let mut stranger = admin_client(endpoint, "flt_not_a_token").await;
     let status = refusal(
         stranger.list_plugins(v1::ListPluginsRequest::default()).await,
         "list with an unknown token",
@@ -304,7 +328,17 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
     seed_plugin(&cluster, "github", "1.9.0", PluginKind::VcsProvider, false).await;
     seed_plugin(&cluster, "lint", "0.1.0", PluginKind::Tool, true).await;
 
-    // The built-ins compile while the node starts.
+    wait_for_the_builtin_providers_to_load(&cluster).await;
+    check_plugin_listing(&cluster, &github_1_0);
+    check_enabling_disables_the_other_versions_of_its_name_only(&cluster, &mut admin).await;
+    check_granting_replaces_the_host_list(&cluster, &mut admin).await;
+    check_only_disabled_versions_are_removed(&cluster, &mut admin).await;
+    check_unknown_versions_and_bad_input_are_refused(&mut admin).await;
+    check_the_plugins_left(&mut admin, &github_1_0).await;
+}
+
+/// The built-ins compile while the node starts.
+async fn wait_for_the_builtin_providers_to_load(cluster: &TestCluster) {
     let endpoint = cluster.node(1).endpoint();
     let token = cluster.admin_token();
     wait_for("the built-in providers to load", DEADLINE, || {
@@ -319,7 +353,10 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
         }
     })
     .await;
-    // Listed by name, then in semver order, records only.
+}
+
+/// Listed by name, then in semver order, records only.
+fn check_plugin_listing(cluster: &TestCluster, github_1_0: &[u8]) {
     let listed = json_of(
         &cluster.run_cli(1, &["--output", "json", "plugin", "list"]),
         "plugin list",
@@ -358,7 +395,7 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
     assert_eq!(first["kind"], "PLUGIN_KIND_VCS_PROVIDER");
     assert_eq!(listed[3]["kind"], "PLUGIN_KIND_TOOL");
     assert_eq!(first["size_bytes"], github_1_0.len() as u64);
-    assert_eq!(first["sha256"], hex::encode(Sha256::digest(&github_1_0)));
+    assert_eq!(first["sha256"], hex::encode(Sha256::digest(github_1_0)));
     assert!(first["uploaded_at"].is_string(), "{first}");
     let table = stdout_of(
         &cluster.run_cli(1, &["plugin", "list", "--name", "lint"]),
@@ -369,8 +406,9 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
         table.contains("lint") && table.contains("tool") && !table.contains("github"),
         "{table}"
     );
+}
 
-    // Enabling a version disables the other versions of its name only.
+async fn check_enabling_disables_the_other_versions_of_its_name_only(cluster: &TestCluster, admin: &mut AdminClient) {
     let enabled = json_of(
         &cluster.run_cli(
             1,
@@ -379,7 +417,7 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
         "plugin enable",
     );
     assert_eq!(enabled["enabled"], true);
-    let github: Vec<(String, bool)> = list(&mut admin, "github")
+    let github: Vec<(String, bool)> = list(admin, "github")
         .await
         .into_iter()
         .map(|plugin| (plugin.version, plugin.enabled))
@@ -392,10 +430,7 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
             ("1.10.0".to_string(), true)
         ]
     );
-    assert!(
-        list(&mut admin, "lint").await[0].enabled,
-        "other names keep their version"
-    );
+    assert!(list(admin, "lint").await[0].enabled, "other names keep their version");
     let disabled = admin
         .disable_plugin(plugin_ref("github", "1.10.0"))
         .await
@@ -412,8 +447,10 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
             .any(|line| line.starts_with("enabled") && line.ends_with("yes")),
         "{shown}"
     );
+}
 
-    // Granting replaces the list, normalised; a bad host changes nothing.
+/// Granting replaces the list, normalised; a bad host changes nothing.
+async fn check_granting_replaces_the_host_list(cluster: &TestCluster, admin: &mut AdminClient) {
     let granted = json_of(
         &cluster.run_cli(
             1,
@@ -452,7 +489,7 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().starts_with("hosts: "), "{status:?}");
     assert_eq!(
-        list(&mut admin, "github").await[0].granted_hosts,
+        list(admin, "github").await[0].granted_hosts,
         vec!["api.github.com", "github.com"]
     );
     let revoked = json_of(
@@ -472,8 +509,10 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
         "plugin grant --none",
     );
     assert_eq!(revoked["granted_hosts"], serde_json::json!([]));
+}
 
-    // An enabled version is not removed; a disabled one is, with its bytes.
+/// An enabled version is not removed; a disabled one is, with its bytes.
+async fn check_only_disabled_versions_are_removed(cluster: &TestCluster, admin: &mut AdminClient) {
     let stderr = stderr_of_failure(
         &cluster.run_cli(1, &["plugin", "remove", "github", "--version", "1.0.0"]),
         "removing the enabled version",
@@ -493,8 +532,9 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
         .expect("RemovePlugin")
         .into_inner();
     assert_eq!(removed.plugin.expect("the removed record").version, "1.10.0");
+}
 
-    // Unknown versions and bad input.
+async fn check_unknown_versions_and_bad_input_are_refused(admin: &mut AdminClient) {
     let status = refusal(
         admin.enable_plugin(plugin_ref("github", "1.9.0")).await,
         "enable a removed version",
@@ -524,8 +564,10 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
         "list with a bad name",
     );
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}
 
-    let left: Vec<(String, String, bool)> = list(&mut admin, "")
+async fn check_the_plugins_left(admin: &mut AdminClient, github_1_0: &[u8]) {
+    let left: Vec<(String, String, bool)> = list(admin, "")
         .await
         .into_iter()
         .map(|plugin| (plugin.name, plugin.version, plugin.enabled))
@@ -540,7 +582,7 @@ async fn plugins_are_listed_enabled_disabled_granted_and_removed() {
     // A version that exists is refused before its bytes are checked.
     let status = refusal(
         admin
-            .upload_plugin(tokio_stream::iter(upload_stream("github", "1.0.0", &github_1_0)))
+            .upload_plugin(tokio_stream::iter(upload_stream("github", "1.0.0", github_1_0)))
             .await,
         "upload of an existing version",
     );

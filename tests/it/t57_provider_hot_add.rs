@@ -125,7 +125,6 @@ pub(crate) fn add_plugin(cluster: &TestCluster, node: u64, file: &std::path::Pat
 async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests() {
     let dir = tempfile::tempdir().unwrap();
     let skiff = SkiffWorld::start(dir.path()).await;
-    let (forge, origin, repository) = (&skiff.forge, &skiff.origin, &skiff.repository);
 
     let script = json!({"turns": [
         {"text": "Writing the note.", "tool_calls": [
@@ -145,6 +144,13 @@ async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests(
     skiff.give_token_to(&cluster);
     let mut client = cluster.agent_client(2).await;
 
+    check_a_repository_no_provider_claims_is_refused(&mut client, &skiff.repository).await;
+    add_the_skiff_provider_and_the_echo_tool(&cluster, &skiff, dir.path()).await;
+    check_an_agent_pushes_opens_a_pull_request_and_calls_the_tool(&cluster, &mut client, &skiff).await;
+    check_a_new_version_replaces_the_plugin_while_a_call_is_in_flight(&cluster, &mut client, &skiff, dir.path()).await;
+}
+
+async fn check_a_repository_no_provider_claims_is_refused(client: &mut flotilla_tests::AgentClient, repository: &str) {
     let mut create = request(repository, "early", "Too early");
     create.open_pull_request = true;
     let refused = client
@@ -157,24 +163,33 @@ async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests(
         "{}",
         refused.message()
     );
+}
 
-    // The admin configures and uploads the provider through node 3; every node loads it.
-    skiff.configure(&cluster, 3);
-    let v1_file = dir.path().join("skiff-1.wasm");
+/// The admin configures and uploads the provider through node 3; every node loads it.
+async fn add_the_skiff_provider_and_the_echo_tool(cluster: &TestCluster, skiff: &SkiffWorld, dir: &std::path::Path) {
+    skiff.configure(cluster, 3);
+    let v1_file = dir.join("skiff-1.wasm");
     std::fs::write(&v1_file, flotilla_tests::test_guest("skiff")).unwrap();
-    add_plugin(&cluster, 3, &v1_file, "1.0.0", &forge.host());
-    wait_everywhere(&cluster, "skiff", "1.0.0", true).await;
+    add_plugin(cluster, 3, &v1_file, "1.0.0", &skiff.forge.host());
+    wait_everywhere(cluster, "skiff", "1.0.0", true).await;
     // A tool plugin joins the agents' tool list.
-    let tool_file = dir.path().join("echo.wasm");
+    let tool_file = dir.join("echo.wasm");
     std::fs::write(&tool_file, flotilla_tests::test_guest("echo-tool")).unwrap();
     let added = cluster.run_cli(
         2,
         &["plugin", "add", &tool_file.display().to_string(), "--version", "0.1.0"],
     );
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
-    wait_everywhere(&cluster, "echo", "0.1.0", true).await;
+    wait_everywhere(cluster, "echo", "0.1.0", true).await;
+}
 
-    let first = run_to_the_end(&cluster, &mut client, repository, "first").await;
+async fn check_an_agent_pushes_opens_a_pull_request_and_calls_the_tool(
+    cluster: &TestCluster,
+    client: &mut flotilla_tests::AgentClient,
+    skiff: &SkiffWorld,
+) {
+    let (forge, origin, repository) = (&skiff.forge, &skiff.origin, &skiff.repository);
+    let first = run_to_the_end(cluster, client, repository, "first").await;
     assert_eq!(status_of(&first), v1::AgentStatus::Finished, "error: {}", first.error);
     assert_eq!(show(origin, &first.work_branch, "NOTE.md").as_deref(), Some("noted\n"));
     let opened = forge.pull_requests();
@@ -190,7 +205,7 @@ async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests(
         Some(format!("Bearer {TOKEN}").as_str()),
         "the host filled in the secret"
     );
-    let events = durable_events(&mut client, &first.id).await;
+    let events = durable_events(client, &first.id).await;
     assert!(
         events.iter().any(|event| matches!(
             &event.kind,
@@ -211,24 +226,32 @@ async fn a_provider_added_while_the_cluster_runs_pushes_and_opens_pull_requests(
         shown.contains(&recorded.url),
         "agent get shows the pull request: {shown}"
     );
+}
 
-    // A new version replaces the plugin while a pull request call waits on the forge.
+/// A new version replaces the plugin while a pull request call waits on the forge.
+async fn check_a_new_version_replaces_the_plugin_while_a_call_is_in_flight(
+    cluster: &TestCluster,
+    client: &mut flotilla_tests::AgentClient,
+    skiff: &SkiffWorld,
+    dir: &std::path::Path,
+) {
+    let (forge, repository) = (&skiff.forge, &skiff.repository);
     forge.hold_pull_requests(true);
     let mut create = request(repository, "second", "Add the second note");
     create.open_pull_request = true;
-    let second = create_from(&mut client, create).await;
+    let second = create_from(client, create).await;
     wait_for("the second pull request to reach the forge", DEADLINE, || async {
         (forge.pending_pull_requests() == 1).then_some(())
     })
     .await;
-    let v2_file = dir.path().join("skiff-2.wasm");
+    let v2_file = dir.join("skiff-2.wasm");
     std::fs::write(&v2_file, flotilla_tests::test_guest("skiff-v2")).unwrap();
-    add_plugin(&cluster, 1, &v2_file, "1.1.0", &forge.host());
-    wait_everywhere(&cluster, "skiff", "1.1.0", true).await;
+    add_plugin(cluster, 1, &v2_file, "1.1.0", &forge.host());
+    wait_everywhere(cluster, "skiff", "1.1.0", true).await;
     forge.hold_pull_requests(false);
-    let second = wait_for_agent(&cluster, &second.id, "to end", ended).await;
+    let second = wait_for_agent(cluster, &second.id, "to end", ended).await;
     assert_eq!(status_of(&second), v1::AgentStatus::Finished, "error: {}", second.error);
-    let third = run_to_the_end(&cluster, &mut client, repository, "third").await;
+    let third = run_to_the_end(cluster, client, repository, "third").await;
     assert_eq!(status_of(&third), v1::AgentStatus::Finished, "error: {}", third.error);
     let by_head = |head: &str| {
         forge

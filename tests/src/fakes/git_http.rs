@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use base64::Engine;
 use futures::StreamExt;
@@ -230,59 +230,97 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
             .body(Body::from("authentication required\n"))
             .expect("a static response is valid");
     }
-    let path = request.uri().path().to_string();
-    let query = request.uri().query().unwrap_or_default().to_string();
-    if path.split('/').any(|component| component == "..") {
-        return plain_response(StatusCode::NOT_FOUND, "no such repository\n");
-    }
-    let is_receive_pack =
-        path.ends_with("/git-receive-pack") || query.split('&').any(|pair| pair == "service=git-receive-pack");
-    if is_receive_pack && shared.reject_pushes.load(Ordering::SeqCst) {
-        return plain_response(StatusCode::FORBIDDEN, "pushes are rejected by this test server\n");
-    }
-    let content_length = header_text(request.headers(), "content-length").map(str::to_string);
-    if let Some(length) = &content_length {
-        match length.parse::<u64>() {
-            Ok(length) if length <= MAX_REQUEST_BODY_BYTES => {}
-            Ok(_) => return plain_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
-            Err(_) => return plain_response(StatusCode::BAD_REQUEST, "bad content-length\n"),
+    let cgi_request = match CgiRequest::check(&shared, &request) {
+        Ok(cgi_request) => cgi_request,
+        Err((status, message)) => return plain_response(status, message),
+    };
+    run_http_backend(&shared, request, cgi_request).await
+}
+
+/// An authorized request that passed the server's own checks, as `http-backend` is told of it.
+struct CgiRequest {
+    path: String,
+    query: String,
+    content_length: Option<String>,
+    /// A push: `git-receive-pack`, its ref advertisement included.
+    is_receive_pack: bool,
+}
+
+impl CgiRequest {
+    /// Refuses a path that leaves the project root, a push while pushes are rejected, and a
+    /// body too large or with a bad `Content-Length`, in that order.
+    fn check(shared: &Shared, request: &Request) -> Result<CgiRequest, (StatusCode, &'static str)> {
+        let path = request.uri().path().to_string();
+        let query = request.uri().query().unwrap_or_default().to_string();
+        if path.split('/').any(|component| component == "..") {
+            return Err((StatusCode::NOT_FOUND, "no such repository\n"));
         }
+        let is_receive_pack =
+            path.ends_with("/git-receive-pack") || query.split('&').any(|pair| pair == "service=git-receive-pack");
+        if is_receive_pack && shared.reject_pushes.load(Ordering::SeqCst) {
+            return Err((StatusCode::FORBIDDEN, "pushes are rejected by this test server\n"));
+        }
+        let content_length = header_text(request.headers(), "content-length").map(str::to_string);
+        if let Some(length) = &content_length {
+            match length.parse::<u64>() {
+                Ok(length) if length <= MAX_REQUEST_BODY_BYTES => {}
+                Ok(_) => return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")),
+                Err(_) => return Err((StatusCode::BAD_REQUEST, "bad content-length\n")),
+            }
+        }
+        Ok(CgiRequest {
+            path,
+            query,
+            content_length,
+            is_receive_pack,
+        })
     }
 
-    let mut command = tokio::process::Command::new("git");
-    command
-        .arg("http-backend")
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_PROJECT_ROOT", &shared.project_root)
-        .env("GIT_HTTP_EXPORT_ALL", "1")
-        .env("GIT_HTTP_MAX_REQUEST_BUFFER", MAX_REQUEST_BODY_BYTES.to_string())
-        .env("GATEWAY_INTERFACE", "CGI/1.1")
-        .env("SERVER_PROTOCOL", "HTTP/1.1")
-        .env("REMOTE_ADDR", "127.0.0.1")
-        .env("REMOTE_USER", &shared.username)
-        .env("REQUEST_METHOD", request.method().as_str())
-        .env("PATH_INFO", &path)
-        .env("QUERY_STRING", &query)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(length) = &content_length {
-        command.env("CONTENT_LENGTH", length);
-    }
-    for (header, variable) in [
-        ("content-type", "CONTENT_TYPE"),
-        ("content-encoding", "HTTP_CONTENT_ENCODING"),
-        // Protocol v2 is asked for with this header; http-backend passes it on to git.
-        ("git-protocol", "HTTP_GIT_PROTOCOL"),
-    ] {
-        if let Some(value) = header_text(request.headers(), header) {
-            command.env(variable, value);
+    /// `git http-backend` with the CGI environment of this request (and nothing of this
+    /// process's environment but `PATH`), its three standard streams piped.
+    fn command(&self, shared: &Shared, method: &Method, headers: &HeaderMap) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new("git");
+        command
+            .arg("http-backend")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_PROJECT_ROOT", &shared.project_root)
+            .env("GIT_HTTP_EXPORT_ALL", "1")
+            .env("GIT_HTTP_MAX_REQUEST_BUFFER", MAX_REQUEST_BODY_BYTES.to_string())
+            .env("GATEWAY_INTERFACE", "CGI/1.1")
+            .env("SERVER_PROTOCOL", "HTTP/1.1")
+            .env("REMOTE_ADDR", "127.0.0.1")
+            .env("REMOTE_USER", &shared.username)
+            .env("REQUEST_METHOD", method.as_str())
+            .env("PATH_INFO", &self.path)
+            .env("QUERY_STRING", &self.query)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(length) = &self.content_length {
+            command.env("CONTENT_LENGTH", length);
         }
+        for (header, variable) in [
+            ("content-type", "CONTENT_TYPE"),
+            ("content-encoding", "HTTP_CONTENT_ENCODING"),
+            // Protocol v2 is asked for with this header; http-backend passes it on to git.
+            ("git-protocol", "HTTP_GIT_PROTOCOL"),
+        ] {
+            if let Some(value) = header_text(headers, header) {
+                command.env(variable, value);
+            }
+        }
+        command
     }
+}
+
+/// Runs `http-backend` for `request`, feeds it the request's body, and answers with what it
+/// writes: streamed, or read whole for a push (see [`finish_buffered`]).
+async fn run_http_backend(shared: &Shared, request: Request, cgi_request: CgiRequest) -> Response {
+    let mut command = cgi_request.command(shared, request.method(), request.headers());
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
@@ -292,6 +330,12 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
             )
         }
     };
+    let CgiRequest {
+        path,
+        query,
+        content_length,
+        is_receive_pack,
+    } = cgi_request;
 
     let stdin = child.stdin.take().expect("stdin is piped");
     let stdout = child.stdout.take().expect("stdout is piped");

@@ -383,21 +383,13 @@ async fn handle(
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let turn_index = turn_index_of(&body);
     let path = uri.path().to_string();
-    let expected_api_key = {
-        let mut behaviour = shared.behaviour();
-        behaviour.request_count += 1;
-        if behaviour.requests.len() >= MAX_RECORDED_REQUESTS {
-            behaviour.requests.pop_front();
-        }
-        behaviour.requests.push_back(RecordedRequest {
-            method: method.clone(),
-            path: path.clone(),
-            headers: headers.clone(),
-            body: body.clone(),
-            turn_index,
-        });
-        behaviour.expected_api_key.clone()
-    };
+    let expected_api_key = shared.record(RecordedRequest {
+        method: method.clone(),
+        path: path.clone(),
+        headers: headers.clone(),
+        body: body.clone(),
+        turn_index,
+    });
 
     let Some(protocol) = protocol_of(&path) else {
         return json_response(
@@ -426,7 +418,60 @@ async fn handle(
     if let Some(fault) = fault {
         return fault_response(&shared, protocol, fault, turn_index.unwrap_or(0), &model).await;
     }
+    scripted_response(&shared, protocol, turn_index, &body, &model).await
+}
 
+impl Shared {
+    /// Counts and records `request` (keeping the last [`MAX_RECORDED_REQUESTS`]), and returns
+    /// the API key requests must carry, if one is set.
+    fn record(&self, request: RecordedRequest) -> Option<String> {
+        let mut behaviour = self.behaviour();
+        behaviour.request_count += 1;
+        if behaviour.requests.len() >= MAX_RECORDED_REQUESTS {
+            behaviour.requests.pop_front();
+        }
+        behaviour.requests.push_back(request);
+        behaviour.expected_api_key.clone()
+    }
+
+    /// Counts a request for `turn_index` as arrived, then waits while a [`Gate`] holds that
+    /// turn (until it is released or dropped, or the server stops).
+    async fn pass_turn_gate(&self, turn_index: usize) {
+        let gate = {
+            let mut behaviour = self.behaviour();
+            *behaviour.requests_per_turn.entry(turn_index).or_default() += 1;
+            behaviour.gates.get(&turn_index).cloned()
+        };
+        self.arrivals.send_modify(|arrivals| *arrivals += 1);
+        if let Some(mut gate) = gate {
+            tokio::select! {
+                // An error means the Gate was dropped, which releases the turn.
+                _ = gate.wait_for(|open| *open) => {}
+                _ = self.until_shutdown() => {}
+            }
+        }
+    }
+
+    /// The script's turn `turn_index`, or plain [`AFTER_SCRIPT_TEXT`] past its end.
+    fn scripted_turn(&self, turn_index: usize) -> FakeTurn {
+        let behaviour = self.behaviour();
+        behaviour
+            .script
+            .get(turn_index)
+            .cloned()
+            .unwrap_or_else(|| FakeTurn::text(AFTER_SCRIPT_TEXT))
+    }
+}
+
+/// The scripted reply to a request that got no fault, streamed in `protocol`'s events once its
+/// turn's gate lets it; a request with no messages or that does not stream is refused.
+async fn scripted_response(
+    shared: &Shared,
+    protocol: WireProtocol,
+    turn_index: Option<usize>,
+    body: &Value,
+    model: &str,
+) -> Response {
     let Some(turn_index) = turn_index else {
         return error_response(
             protocol,
@@ -444,34 +489,14 @@ async fn handle(
         );
     }
 
-    let gate = {
-        let mut behaviour = shared.behaviour();
-        *behaviour.requests_per_turn.entry(turn_index).or_default() += 1;
-        behaviour.gates.get(&turn_index).cloned()
-    };
-    shared.arrivals.send_modify(|arrivals| *arrivals += 1);
-    if let Some(mut gate) = gate {
-        tokio::select! {
-            // An error means the Gate was dropped, which releases the turn.
-            _ = gate.wait_for(|open| *open) => {}
-            _ = shared.until_shutdown() => {}
-        }
-    }
-
-    let turn = {
-        let behaviour = shared.behaviour();
-        behaviour
-            .script
-            .get(turn_index)
-            .cloned()
-            .unwrap_or_else(|| FakeTurn::text(AFTER_SCRIPT_TEXT))
-    };
+    shared.pass_turn_gate(turn_index).await;
+    let turn = shared.scripted_turn(turn_index);
     let events = match protocol {
         WireProtocol::OpenAi => {
             let include_usage = body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
-            openai_events(turn_index, &turn, &model, include_usage)
+            openai_events(turn_index, &turn, model, include_usage)
         }
-        WireProtocol::Anthropic => anthropic_events(turn_index, &turn, &model),
+        WireProtocol::Anthropic => anthropic_events(turn_index, &turn, model),
     };
     // Each event is its own body chunk, so the client sees the stream arrive in pieces.
     let chunks = futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>));

@@ -295,8 +295,7 @@ async fn answer(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap
     if method == Method::POST && !shared.pass_gate().await {
         return error(503, "the forge stopped");
     }
-    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
-    let token = header("authorization")
+    let token = header(headers, "authorization")
         .and_then(|value| value.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
@@ -308,96 +307,51 @@ async fn answer(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap
         return error(404, "repository not found");
     }
     if method == Method::GET {
-        // `?head=&base=` filter the list; both optional.
-        let query: Vec<(String, String)> = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
-            .into_owned()
-            .collect();
-        let filter = |key: &str| {
-            query
-                .iter()
-                .find(|(name, _)| name == key)
-                .map(|(_, value)| value.clone())
-        };
-        let (head, base) = (filter("head"), filter("base"));
-        let listed: Vec<Value> = shared
-            .lock()
-            .pull_requests
+        return (200, list_pull_requests(shared, &repository, uri));
+    }
+    open_pull_request(shared, repository, headers, body).await
+}
+
+/// The value of the header `name`, if it is text.
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// `GET`: the pull requests of `repository`, filtered by the optional query parameters `head`
+/// and `base`.
+fn list_pull_requests(shared: &Shared, repository: &str, uri: &Uri) -> Value {
+    let query: Vec<(String, String)> = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect();
+    let filter = |key: &str| {
+        query
             .iter()
-            .filter(|open| {
-                open.repository == repository
-                    && head.as_ref().is_none_or(|head| &open.head == head)
-                    && base.as_ref().is_none_or(|base| &open.base == base)
-            })
-            .map(pull_request_json)
-            .collect();
-        return (200, Value::Array(listed));
-    }
-    let json_content = header("content-type")
-        .and_then(|value| value.split(';').next())
-        .is_some_and(|media_type| media_type.trim().eq_ignore_ascii_case("application/json"));
-    if !json_content {
-        return error(422, "content-type must be application/json");
-    }
-    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
-        return error(422, "the body must be a JSON object");
+            .find(|(name, _)| name == key)
+            .map(|(_, value)| value.clone())
     };
-    let mut required = BTreeMap::new();
-    for field in ["title", "head", "base"] {
-        match fields.get(field).and_then(Value::as_str) {
-            Some(value) if !value.is_empty() => {
-                required.insert(field, value.to_string());
-            }
-            _ => return error(422, &format!("{field} must be a non-empty string")),
-        }
-    }
-    let optional_string = |field: &str| match fields.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(value)) => Ok(Some(value.clone())),
-        Some(_) => Err(error(422, &format!("{field} must be a string"))),
-    };
-    let description = match optional_string("body") {
-        Ok(description) => description.unwrap_or_default(),
+    let (head, base) = (filter("head"), filter("base"));
+    let listed: Vec<Value> = shared
+        .lock()
+        .pull_requests
+        .iter()
+        .filter(|open| {
+            open.repository == repository
+                && head.as_ref().is_none_or(|head| &open.head == head)
+                && base.as_ref().is_none_or(|base| &open.base == base)
+        })
+        .map(pull_request_json)
+        .collect();
+    Value::Array(listed)
+}
+
+/// `POST`: checks the body, opens the pull request in `repository`, and answers once the
+/// answer gate lets it.
+async fn open_pull_request(shared: &Shared, repository: String, headers: &HeaderMap, body: &[u8]) -> (u16, Value) {
+    let requested = match RequestedPullRequest::from_request(headers, body) {
+        Ok(requested) => requested,
         Err(refusal) => return refusal,
     };
-    let opened_by = match optional_string("opened_by") {
-        Ok(opened_by) => opened_by,
-        Err(refusal) => return refusal,
-    };
-    let draft = match fields.get("draft") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(draft)) => *draft,
-        Some(_) => return error(422, "draft must be a boolean"),
-    };
-    let head = required.remove("head").unwrap_or_default();
-    let opened = 'open: {
-        let mut state = shared.lock();
-        if state
-            .pull_requests
-            .iter()
-            .any(|open| open.repository == repository && open.head == head)
-        {
-            break 'open Err(error(422, &format!("a pull request for {head} already exists")));
-        }
-        let number = {
-            let last = state.last_number.entry(repository.clone()).or_insert(0);
-            *last += 1;
-            *last
-        };
-        let pull_request = SkiffPullRequest {
-            url: format!("{}/{repository}/pulls/{number}", shared.origin),
-            repository,
-            number,
-            head,
-            base: required.remove("base").unwrap_or_default(),
-            title: required.remove("title").unwrap_or_default(),
-            body: description,
-            draft,
-            opened_by,
-        };
-        state.pull_requests.push(pull_request.clone());
-        Ok(pull_request)
-    };
-    let pull_request = match opened {
+    let pull_request = match shared.open(repository, requested) {
         Ok(pull_request) => pull_request,
         Err(refusal) => return refusal,
     };
@@ -405,4 +359,93 @@ async fn answer(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap
         return error(503, "the forge stopped");
     }
     (201, pull_request_json(&pull_request))
+}
+
+/// The fields of a create, as its body gives them.
+struct RequestedPullRequest {
+    title: String,
+    head: String,
+    base: String,
+    /// Empty when the request had none.
+    description: String,
+    draft: bool,
+    opened_by: Option<String>,
+}
+
+impl RequestedPullRequest {
+    /// Checks a create's content type and body; the refusal names the first field at fault.
+    fn from_request(headers: &HeaderMap, body: &[u8]) -> Result<RequestedPullRequest, (u16, Value)> {
+        let json_content = header(headers, "content-type")
+            .and_then(|value| value.split(';').next())
+            .is_some_and(|media_type| media_type.trim().eq_ignore_ascii_case("application/json"));
+        if !json_content {
+            return Err(error(422, "content-type must be application/json"));
+        }
+        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+            return Err(error(422, "the body must be a JSON object"));
+        };
+        let mut required = BTreeMap::new();
+        for field in ["title", "head", "base"] {
+            match fields.get(field).and_then(Value::as_str) {
+                Some(value) if !value.is_empty() => {
+                    required.insert(field, value.to_string());
+                }
+                _ => return Err(error(422, &format!("{field} must be a non-empty string"))),
+            }
+        }
+        let optional_string = |field: &str| match fields.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(value)) => Ok(Some(value.clone())),
+            Some(_) => Err(error(422, &format!("{field} must be a string"))),
+        };
+        let description = optional_string("body")?.unwrap_or_default();
+        let opened_by = optional_string("opened_by")?;
+        let draft = match fields.get("draft") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(draft)) => *draft,
+            Some(_) => return Err(error(422, "draft must be a boolean")),
+        };
+        Ok(RequestedPullRequest {
+            title: required.remove("title").unwrap_or_default(),
+            head: required.remove("head").unwrap_or_default(),
+            base: required.remove("base").unwrap_or_default(),
+            description,
+            draft,
+            opened_by,
+        })
+    }
+}
+
+impl Shared {
+    /// Opens `requested` in `repository` under the repository's next number, unless a pull
+    /// request from the same head is open there.
+    fn open(&self, repository: String, requested: RequestedPullRequest) -> Result<SkiffPullRequest, (u16, Value)> {
+        let mut state = self.lock();
+        let head = requested.head;
+        if state
+            .pull_requests
+            .iter()
+            .any(|open| open.repository == repository && open.head == head)
+        {
+            return Err(error(422, &format!("a pull request for {head} already exists")));
+        }
+        let number = {
+            let last = state.last_number.entry(repository.clone()).or_insert(0);
+            *last += 1;
+            *last
+        };
+        let pull_request = SkiffPullRequest {
+            url: format!("{}/{repository}/pulls/{number}", self.origin),
+            repository,
+            number,
+            head,
+            base: requested.base,
+            title: requested.title,
+            body: requested.description,
+            draft: requested.draft,
+            opened_by: requested.opened_by,
+        };
+        state.pull_requests.push(pull_request.clone());
+        Ok(pull_request)
+    }
 }
