@@ -3,6 +3,9 @@
 //! bare git repository in a temp dir, and machines from the fake driver (directories and host
 //! processes: no namespaces, mounts or cgroups). Each test runs its own node under its own node
 //! id, since the mesh registers process-wide names that carry it.
+// An integration-test crate: its helpers fail the test by panicking, as its tests do, and
+// clippy's allow-unwrap-in-tests covers only `#[test]` functions and `#[cfg(test)]` items.
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

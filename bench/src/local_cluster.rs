@@ -286,6 +286,8 @@ impl Drop for LocalCluster {
     }
 }
 
+// Unsafe: kill(2) on a node's process group; std only kills single children.
+#[allow(unsafe_code)]
 fn signal_process_group(child: &Child, signal: libc::c_int) {
     let Ok(process_group) = libc::pid_t::try_from(child.id()) else {
         return;

@@ -4,6 +4,8 @@
 //! (`init`, `terminals`, `exec-N`) so that one command's whole process tree can be killed on a
 //! timeout without touching the rest of the machine. v2 forbids processes in a cgroup that has
 //! controller-enabled children, and v1 does not mind, so both use the same layout.
+// Unsafe: joining a leaf runs in pre_exec with raw open/write/close (nothing that allocates), and draining a leaf sends kill(2).
+#![allow(unsafe_code)]
 
 use std::ffi::CString;
 use std::io;

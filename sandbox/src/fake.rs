@@ -541,6 +541,8 @@ fn map_workspace_paths(text: &str, node_path: &str) -> String {
     mapped
 }
 
+// Unsafe: kill(2) on a process group; std only kills single children.
+#[allow(unsafe_code)]
 fn kill_process_group(group: i32) {
     // SAFETY: kill has no memory preconditions; a group that is gone answers ESRCH.
     unsafe {

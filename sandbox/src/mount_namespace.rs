@@ -1,5 +1,7 @@
 //! A mount namespace of the process's own, for every process that mounts machine layers (a
 //! node, `flotilla image build`, the machine and turn benchmarks).
+// Unsafe: unshare(2) and mount(2) have no safe wrapper in std.
+#![allow(unsafe_code)]
 
 /// Moves this process into a mount namespace of its own with private propagation, so that
 /// every layer it mounts for its machines lives and dies with it: a process killed with SIGKILL

@@ -1,5 +1,7 @@
 //! Thin wrappers over mount(2) and umount2(2) for the driver's layer mounts. They are made in
 //! the node's mount namespace (the driver runs as root), so bubblewrap only binds finished trees.
+// Unsafe: mount(2) and umount2(2) have no safe wrapper in std.
+#![allow(unsafe_code)]
 
 use std::ffi::CString;
 use std::io;

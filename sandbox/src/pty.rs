@@ -1,5 +1,8 @@
 //! A pseudo-terminal around a command (the tmux client attached to a machine's session), so a
 //! bidirectional gRPC stream can pump bytes and resizes through it.
+// Unsafe: openpty, ioctl, fcntl, the pre_exec that makes the pty the controlling terminal, and
+// raw read/write on the non-blocking master are libc calls with no safe wrapper in std.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -1,6 +1,9 @@
 //! Flotilla's integration tests: one binary, numbered modules, so the link happens once.
 //! Modules whose tests start several nodes run one at a time: `.config/nextest.toml` names
 //! them in its `multi-node` test group, so a new multi-node module is added there too.
+// An integration-test crate: its helpers fail the test by panicking, as its tests do, and
+// clippy's allow-unwrap-in-tests covers only `#[test]` functions and `#[cfg(test)]` items.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 mod t00_harness;

@@ -490,6 +490,8 @@ impl NodeProcess {
         }
     }
 
+    // Unsafe: kill(2) with SIGSTOP/SIGCONT; std can only send SIGKILL.
+    #[allow(unsafe_code)]
     fn send_signal_to(&self, child: &Child, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(child.id()).expect("process ids fit in pid_t");
         // SAFETY: `kill` has no memory-safety preconditions; the pid is our own unreaped

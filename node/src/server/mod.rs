@@ -64,6 +64,8 @@ struct DataDirLock {
     _file: File,
 }
 
+// Unsafe: flock(2) on the data directory's lock file; std's File::try_lock needs a newer Rust than rust-version.
+#[allow(unsafe_code)]
 fn lock_data_dir(dir: &Path) -> anyhow::Result<DataDirLock> {
     let path = dir.join("flotilla.lock");
     let mut file = std::fs::OpenOptions::new()

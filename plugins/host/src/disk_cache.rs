@@ -66,6 +66,8 @@ impl DiskCache {
 
     /// The component compiled earlier from the bytes whose digest is `sha256`, if the directory
     /// holds it. A file wasmtime will not take (another engine, damaged) is removed.
+    // Unsafe: wasmtime marks loading precompiled code unsafe; the SAFETY note below says why it holds.
+    #[allow(unsafe_code)]
     pub(crate) fn load(&self, engine: &Engine, sha256: &str) -> Option<Component> {
         let path = self.path(sha256);
         // Read, not mapped: a mapped file cut short by someone else would kill the process.

@@ -142,6 +142,8 @@ impl BwrapDriver {
 
     /// The bubblewrap command of the machine's init, which joins the machine's `init` leaf
     /// cgroup before it execs.
+    // Unsafe: pre_exec, to join the init leaf cgroup before bubblewrap execs.
+    #[allow(unsafe_code)]
     fn bwrap_command(
         &self,
         hostname: &str,

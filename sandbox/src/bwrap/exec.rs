@@ -45,6 +45,8 @@ impl BwrapDriver {
         self.run(machine, invocation).await
     }
 
+    // Unsafe: pre_exec, to start a session and join the command's leaf cgroup before it execs.
+    #[allow(unsafe_code)]
     async fn run(&self, machine: &BwrapMachine, invocation: Invocation) -> Result<ExecOutput> {
         machine.ensure_running()?;
         let started = Instant::now();

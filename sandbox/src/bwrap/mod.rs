@@ -82,6 +82,8 @@ async fn blocking<T: Send + 'static>(what: &str, work: impl FnOnce() -> Result<T
 impl BwrapDriver {
     /// Checks the tools, detects cgroups, creates the directories and tears down whatever a
     /// previous run of the node left under `root` (mounts, cgroups, directories).
+    // Unsafe: geteuid(2), to refuse early without root; std has no safe wrapper.
+    #[allow(unsafe_code)]
     pub fn new(config: BwrapConfig) -> Result<Self> {
         check_program(
             &config.bwrap_program,

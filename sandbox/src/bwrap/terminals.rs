@@ -64,6 +64,8 @@ impl BwrapDriver {
 
 /// A command that attaches to the machine's tmux session, read-only for viewers, in a leaf
 /// cgroup of the machine.
+// Unsafe: pre_exec, to join the attach leaf cgroup before nsenter execs.
+#[allow(unsafe_code)]
 pub(super) fn attach_command(
     machine: &BwrapMachine,
     terminal: Option<&str>,
