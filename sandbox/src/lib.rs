@@ -23,6 +23,7 @@ pub mod error;
 pub mod fake;
 mod image;
 pub mod install_layer;
+pub mod layer_privilege;
 pub mod limits;
 pub mod metrics;
 mod mount_namespace;
