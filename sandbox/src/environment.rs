@@ -14,12 +14,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::driver::BaseImage;
-use crate::error::EnvironmentError;
+use crate::error::{EnvironmentError, SandboxError};
+use crate::workspace_file::{read_workspace_file, MAX_WORKSPACE_CONFIG_FILE_BYTES};
 
 pub const FLOTILLA_ENVIRONMENT_FILE: &str = ".flotilla/environment.json";
 pub const CURSOR_ENVIRONMENT_FILE: &str = ".cursor/environment.json";
-/// A larger environment.json is refused before it is read: it is configuration, not data.
-pub const MAX_ENVIRONMENT_FILE_BYTES: u64 = 1024 * 1024;
+/// A larger environment.json is refused: it is configuration, not data.
+pub const MAX_ENVIRONMENT_FILE_BYTES: u64 = MAX_WORKSPACE_CONFIG_FILE_BYTES;
 
 /// A parsed environment.json.
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
@@ -152,33 +153,30 @@ pub fn parse(file_name: &str, text: &str) -> Result<EnvironmentConfig, Environme
 }
 
 /// Finds and parses a checkout's environment file: `.flotilla/environment.json` first, then
-/// `.cursor/environment.json`. `Ok(None)` when neither exists.
-pub fn load(checkout: &Path) -> Result<Option<(PathBuf, EnvironmentConfig)>, EnvironmentError> {
+/// `.cursor/environment.json`. `Ok(None)` when neither exists. The checkout is the repository's
+/// content, so the file is read with [`read_workspace_file`]: no symlink is followed, only a
+/// regular file of at most [`MAX_ENVIRONMENT_FILE_BYTES`] is read. Blocking.
+pub fn load(checkout: &Path) -> Result<Option<(PathBuf, EnvironmentConfig)>, SandboxError> {
     for relative in [FLOTILLA_ENVIRONMENT_FILE, CURSOR_ENVIRONMENT_FILE] {
-        let path = checkout.join(relative);
-        let metadata = match std::fs::metadata(&path) {
-            Ok(metadata) => metadata,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(error) => return Err(unreadable(relative, &error.to_string())),
+        let Some(bytes) = read_workspace_file(checkout, relative, MAX_ENVIRONMENT_FILE_BYTES)? else {
+            continue;
         };
-        if metadata.len() > MAX_ENVIRONMENT_FILE_BYTES {
-            return Err(unreadable(
-                relative,
-                &format!(
-                    "the file is {} bytes, more than the limit of {MAX_ENVIRONMENT_FILE_BYTES}",
-                    metadata.len()
-                ),
-            ));
-        }
-        let text = std::fs::read_to_string(&path).map_err(|error| unreadable(relative, &error.to_string()))?;
-        return parse(relative, &text).map(|config| Some((path, config)));
+        let text = String::from_utf8(bytes).map_err(|error| EnvironmentError {
+            file: relative.to_string(),
+            line: None,
+            column: None,
+            field: None,
+            message: format!("the file is not UTF-8 text: {error}"),
+        })?;
+        let config = parse(relative, &text)?;
+        return Ok(Some((checkout.join(relative), config)));
     }
     Ok(None)
 }
 
 /// What `flotilla env check DIR` prints: the checkout's plan on `base_image`, or the error.
 /// A checkout without an environment file gets the defaults.
-pub fn check(checkout: &Path, base_image: BaseImage) -> Result<Plan, EnvironmentError> {
+pub fn check(checkout: &Path, base_image: BaseImage) -> Result<Plan, SandboxError> {
     Ok(match load(checkout)? {
         Some((path, config)) => {
             let shown = path.strip_prefix(checkout).map(Path::to_path_buf).unwrap_or(path);
@@ -186,16 +184,6 @@ pub fn check(checkout: &Path, base_image: BaseImage) -> Result<Plan, Environment
         }
         None => Plan::new(None, base_image, EnvironmentConfig::default()),
     })
-}
-
-fn unreadable(file: &str, detail: &str) -> EnvironmentError {
-    EnvironmentError {
-        file: file.to_string(),
-        line: None,
-        column: None,
-        field: None,
-        message: format!("could not read the file: {detail}"),
-    }
 }
 
 fn convert_error(file_name: &str, error: serde_path_to_error::Error<serde_json::Error>) -> EnvironmentError {
@@ -914,9 +902,21 @@ mod tests {
         let checkout = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(checkout.path().join(".cursor")).unwrap();
         std::fs::write(checkout.path().join(CURSOR_ENVIRONMENT_FILE), "{\"terminals\": {}}").unwrap();
-        let error = load(checkout.path()).unwrap_err();
+        let error = match load(checkout.path()).unwrap_err() {
+            SandboxError::Environment(error) => error,
+            other => panic!("expected an environment error, got {other}"),
+        };
         assert_eq!(error.file, CURSOR_ENVIRONMENT_FILE);
         assert_eq!(error.message, "\"terminals\" must be an array, found an object");
+    }
+
+    #[test]
+    fn load_refuses_an_environment_file_that_is_a_symlink() {
+        let checkout = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(checkout.path().join(".cursor")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", checkout.path().join(CURSOR_ENVIRONMENT_FILE)).unwrap();
+        let error = load(checkout.path()).unwrap_err();
+        assert_eq!(error.to_string(), ".cursor/environment.json is a symlink");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::workspace_file::WorkspaceFileError;
+
 /// A malformed environment.json: where it is wrong and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", self.render())]
@@ -36,6 +38,10 @@ pub type Result<T, E = SandboxError> = std::result::Result<T, E>;
 pub enum SandboxError {
     #[error(transparent)]
     Environment(#[from] EnvironmentError),
+
+    /// A file of a workspace (the repository's content) that the node refused or failed to read.
+    #[error(transparent)]
+    WorkspaceFile(#[from] WorkspaceFileError),
 
     #[error("could not {action} {}: {source}", path.display())]
     Io {

@@ -439,6 +439,7 @@ impl FakeMachine {
         copy_tree(&self.dir.join("root"), &checkout_dest.join("root"))?;
         create_dir(&checkout_dest.join("workspace"))?;
         copy_tree(&self.workspace, &checkout_dest.join("workspace"))?;
+        crate::layer_privilege::drop_captured_layer_privilege(checkout_dest)?;
         Ok(Layer {
             path: checkout_dest.to_path_buf(),
         })

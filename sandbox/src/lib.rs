@@ -23,12 +23,14 @@ pub mod error;
 pub mod fake;
 mod image;
 pub mod install_layer;
+pub mod layer_privilege;
 pub mod limits;
 pub mod metrics;
 mod mount_namespace;
 mod mounts;
 mod output_capture;
 pub mod pty;
+pub mod workspace_file;
 
 #[cfg(test)]
 mod machine_tests;
@@ -44,3 +46,4 @@ pub use install_layer::{InstallLayer, InstallLayerCache, InstallRequest};
 pub use limits::MachineLimits;
 pub use mount_namespace::enter_private_mount_namespace;
 pub use pty::{PtySession, PtySize};
+pub use workspace_file::{read_workspace_file, WorkspaceFileError};

@@ -478,6 +478,68 @@ async fn a_captured_layer_carries_root_and_workspace_changes() {
 }
 
 #[tokio::test]
+async fn a_captured_layer_keeps_no_setuid_bit_capability_or_special_file() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    let harness = harness().await;
+    let workspace = harness.workspace("privilege");
+    let machine = harness
+        .driver
+        .create(harness.spec("privilege", &workspace))
+        .await
+        .unwrap();
+    harness
+        .run_ok(
+            &machine,
+            "mkdir -p /opt && cp /bin/true /opt/x && chmod u+s,g+s /opt/x && mkfifo /opt/fifo && \
+             cp /bin/true setuid-in-workspace && chmod u+s setuid-in-workspace",
+        )
+        .await;
+    // A machine has no capability to set file capabilities or make device nodes; these stand for
+    // what a weaker sandbox might let through, written into the machine's upper layer directly.
+    let upper_opt = bwrap_machine(&machine).dir().join("disk/root-upper/opt");
+    let has_setcap = std::process::Command::new("setcap")
+        .args(["cap_net_raw+ep"])
+        .arg(upper_opt.join("x"))
+        .status()
+        .is_ok_and(|status| status.success());
+    let mknod = |name: &str, major: &str, minor: &str| {
+        let status = std::process::Command::new("mknod")
+            .arg(upper_opt.join(name))
+            .args(["c", major, minor])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mknod {name}");
+    };
+    mknod("null", "1", "3");
+    // A whiteout: records a file deleted from a lower layer and must survive the capture.
+    mknod("whiteout", "0", "0");
+
+    let dest = harness.scratch.path().join("layer");
+    let layer = harness.driver.capture_layer(&machine, &dest).await.unwrap();
+    harness.driver.destroy(&machine).await.unwrap();
+
+    for captured in [
+        layer.path.join("root/opt/x"),
+        layer.path.join("workspace/setuid-in-workspace"),
+    ] {
+        let mode = std::fs::symlink_metadata(&captured).unwrap().mode();
+        assert_eq!(mode & 0o6000, 0, "{} keeps mode {mode:o}", captured.display());
+    }
+    assert!(std::fs::symlink_metadata(layer.path.join("root/opt/fifo")).is_err());
+    assert!(std::fs::symlink_metadata(layer.path.join("root/opt/null")).is_err());
+    let whiteout = std::fs::symlink_metadata(layer.path.join("root/opt/whiteout")).unwrap();
+    assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
+    if has_setcap {
+        let capabilities = std::process::Command::new("getcap")
+            .arg(layer.path.join("root/opt/x"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&capabilities.stdout).trim(), "");
+    }
+}
+
+#[tokio::test]
 async fn terminals_run_in_tmux_and_are_readable_and_attachable() {
     let harness = harness().await;
     let machine = harness.machine("terminals").await;

@@ -21,6 +21,35 @@ fn environment(install: &str) -> String {
     )
 }
 
+/// A repository whose `.cursor/environment.json` is a symlink to `target` (a hostile
+/// repository: the node must refuse it rather than read through it).
+fn repository_with_symlinked_environment(dir: &std::path::Path, name: &str, target: &str) -> String {
+    let url = bare_repository(dir, name, &[("README.md", "symlinked environment\n")]);
+    let clone = dir.join(format!("{name}-clone"));
+    let git = |args: &[&str], cwd: &std::path::Path| {
+        let output = std::process::Command::new("git")
+            .args(["-c", "user.name=flotilla-test", "-c", "user.email=test@example.test"])
+            .args(args)
+            .current_dir(cwd)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .expect("git runs");
+        assert!(
+            output.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    git(&["clone", "--quiet", &url, &clone.display().to_string()], dir);
+    std::fs::create_dir_all(clone.join(".cursor")).unwrap();
+    std::os::unix::fs::symlink(target, clone.join(".cursor/environment.json")).unwrap();
+    git(&["add", "--all"], &clone);
+    git(&["commit", "--quiet", "-m", "a symlinked environment.json"], &clone);
+    git(&["push", "--quiet", "origin", "main"], &clone);
+    url
+}
+
 async fn create_on(client: &mut AgentClient, repository: &str, name: &str) -> v1::Agent {
     crate::common::create_from(
         client,
@@ -287,7 +316,9 @@ async fn bad_set_ups_fail_the_agent_with_a_clear_message() {
             "{\n  \"install\": \"true\",\n  \"terminals\": \"npm run dev\"\n}\n",
         )],
     );
+    let symlinked = repository_with_symlinked_environment(dir, "symlinked", "/dev/zero");
     let cases = [
+        (symlinked, ".cursor/environment.json", "is a symlink"),
         (endless, "install", "installing"),
         (missing.clone(), missing.as_str(), "cannot clone"),
         (stranger, "no-such-user", "does not exist"),

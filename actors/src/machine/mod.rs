@@ -170,9 +170,7 @@ impl MachineHost {
         let workspace = prepare_workspace(repo, agent, &path).await?;
         tracing::debug!(agent = %agent.id, %epoch, elapsed_ms = started.elapsed().as_millis() as u64, "workspace prepared");
         let prepared = async {
-            let config = environment::load(&workspace.path)?
-                .map(|(_, config)| config)
-                .unwrap_or_else(EnvironmentConfig::default);
+            let config = load_environment(&workspace.path).await?;
             let base = self.base().await?;
             let (install_layer, install_layer_built) = self.install_layer(agent, &config, &base, &workspace).await?;
             let mut spec = self.machine_spec(agent, base, &workspace, install_layer, &config);
@@ -287,6 +285,20 @@ async fn prepare_workspace(
     })
     .map_err(|error| ProvisionError::RepositoryActor(error.to_string()))??;
     Ok(workspace)
+}
+
+/// The workspace's environment.json, or the defaults when it has none. Read on a blocking
+/// thread: the file is the repository's, and even read safely (no symlink followed, at most
+/// 1 MiB) it is file I/O that must not stall the actors' runtime.
+async fn load_environment(workspace: &Path) -> Result<EnvironmentConfig, ProvisionError> {
+    let workspace = workspace.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || environment::load(&workspace))
+        .await
+        .map_err(|error| SandboxError::HostCommand {
+            program: "environment.json read".to_string(),
+            detail: error.to_string(),
+        })??;
+    Ok(loaded.map(|(_, config)| config).unwrap_or_default())
 }
 
 /// The environment's terminals with the interactive shell first (unless it names its own).

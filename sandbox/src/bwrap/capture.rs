@@ -1,6 +1,6 @@
 //! Capturing an install layer: the machine's processes are stopped (only disk state
 //! is kept: processes started there are not alive in later machines) and its upper layers are
-//! copied out.
+//! copied out, without the privilege a file can carry (see `layer_privilege`).
 
 use std::path::Path;
 
@@ -48,6 +48,8 @@ pub(super) async fn capture_layer(machine: &BwrapMachine, dest: &Path) -> Result
                 });
             }
         }
+        // The layer is what the repository's install chose to leave: it keeps no privilege.
+        crate::layer_privilege::drop_captured_layer_privilege(&layer_dest)?;
         Ok(Layer { path: layer_dest })
     })
     .await

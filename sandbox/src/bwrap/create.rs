@@ -405,17 +405,16 @@ fn run_host_command(command: &mut std::process::Command) -> Result<()> {
 
 /// Reads `relative` under `root` only if no component on the way is a symlink or `..`.
 pub(super) fn read_inside(root: &Path, relative: &Path) -> Option<String> {
-    let mut path = root.to_path_buf();
-    for component in relative.components() {
-        let std::path::Component::Normal(name) = component else {
-            return None;
-        };
-        path.push(name);
-        if std::fs::symlink_metadata(&path).ok()?.file_type().is_symlink() {
-            return None;
-        }
-    }
-    std::fs::read_to_string(path).ok()
+    // The machine's root holds its install layer, which the repository's install wrote: the
+    // file may be a symlink, a FIFO or endless, so it is read like any workspace file.
+    let relative = relative.to_str()?;
+    let bytes = crate::workspace_file::read_workspace_file(
+        root,
+        relative,
+        crate::workspace_file::MAX_WORKSPACE_CONFIG_FILE_BYTES,
+    )
+    .ok()??;
+    String::from_utf8(bytes).ok()
 }
 
 /// Creates the missing directories of `relative` under `root`; stops, creating nothing more,
