@@ -15,10 +15,12 @@ pub mod mesh;
 pub mod metrics;
 pub mod model;
 pub mod repo;
-pub mod retry;
 pub mod run;
 pub mod scheduler;
 pub mod supervisor;
 pub mod tools;
 pub mod turn;
 pub mod vcs;
+
+/// The node's one retry policy; it lives in the lowest crate that retries.
+pub use flotilla_raft::retry;

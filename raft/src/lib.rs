@@ -15,6 +15,7 @@
 pub mod metrics;
 pub mod network;
 pub mod replica;
+pub mod retry;
 pub mod store;
 
 pub use flotilla_state::{apply, cluster_state, command, invariants, types};

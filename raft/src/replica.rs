@@ -14,11 +14,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{ApplyError, Command, Request, Response};
 use crate::network::{decode, encode, NetworkFactory, Peers};
+use crate::retry::RetryPolicy;
 use crate::store::{self, StateReader};
 use crate::{ApplyResult, NodeAddr, NodeId, Raft, TypeConfig};
 
 /// How long a write keeps trying (leader elections, forwarding) before it gives up.
 pub const WRITE_DEADLINE_MS: u64 = 10_000;
+/// Between attempts of a write while no leader is known or the leader moved: 20 ms doubling to
+/// 500 ms, until [`WRITE_DEADLINE_MS`]. A change of Raft's view ends a wait early.
+const WRITE_RETRY: RetryPolicy = RetryPolicy {
+    first_delay_ms: 20,
+    max_delay_ms: 500,
+    max_retries: None,
+};
 /// Writes waiting for the next batch; callers wait for room beyond this.
 pub const WRITE_QUEUE_CAPACITY: usize = 8_192;
 /// Most commands in one log entry.
@@ -349,7 +357,7 @@ impl Replica {
 
     pub async fn write_request(&self, request: Request) -> Result<Response, WriteError> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(WRITE_DEADLINE_MS);
-        let mut backoff_ms = 20;
+        let mut delays = WRITE_RETRY.delays();
         let mut last_error;
         loop {
             let leader = match self.write_local(request.clone()).await {
@@ -370,16 +378,18 @@ impl Replica {
             } else {
                 last_error = "no leader elected".to_string();
             }
-            if tokio::time::Instant::now() + Duration::from_millis(backoff_ms) > deadline {
+            // The policy never runs out (no retry count); the deadline ends the loop.
+            let delay = delays.next().unwrap_or(Duration::from_millis(WRITE_RETRY.max_delay_ms));
+            if tokio::time::Instant::now() + delay > deadline {
                 return Err(WriteError::Unavailable {
                     deadline_ms: WRITE_DEADLINE_MS,
                     last_error,
                 });
             }
-            // Bounded exponential backoff while an election settles.
+            // Waits for the delay or the next change of Raft's view (a leader elected), which
+            // comes first, while an election settles.
             let mut metrics = self.inner.raft.metrics();
-            let _ = tokio::time::timeout(Duration::from_millis(backoff_ms), metrics.changed()).await;
-            backoff_ms = (backoff_ms * 2).min(500);
+            let _ = tokio::time::timeout(delay, metrics.changed()).await;
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::mpsc::Sender;
 
-use crate::retry::RetryPolicy;
+use flotilla_raft::retry::RetryPolicy;
 
 use super::sse::{SseEvent, SseParser};
 use super::MAX_WHOLE_RESPONSE_BYTES;

@@ -1,6 +1,8 @@
 //! The one retry policy of the node: every loop that tries something again after a failure
-//! (a model request, joining a cluster, registering this node, a CLI watch reconnecting) waits
-//! the delays of a [`RetryPolicy`], so the schedule is written once and bounded by a name.
+//! (a write while no leader is known, a model request, joining a cluster, registering this
+//! node, a CLI watch reconnecting) waits the delays of a [`RetryPolicy`], so the schedule is
+//! written once and bounded by a name. It lives in the lowest crate that retries (the replica's
+//! writes), and the crates above use it from here.
 //!
 //! The delays come from `backon`'s exponential backoff without jitter: the first delay, then
 //! doubling up to a cap. What counts as retryable, and any deadline, stays with each caller,
