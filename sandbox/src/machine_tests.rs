@@ -895,3 +895,19 @@ async fn background_processes_survive_success_and_die_with_failure() {
     .await;
     harness.driver.destroy(&machine).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_machine_that_cannot_start_fails_with_bubblewraps_words() {
+    let harness = harness().await;
+    let workspace = harness.workspace("no-start");
+    let mut spec = harness.spec("no-start", &workspace);
+    spec.base
+        .host_read_only_binds
+        .push(PathBuf::from("/nonexistent-flotilla-bind"));
+    let error = match harness.driver.create(spec).await {
+        Ok(_) => panic!("a machine bound to a missing host path started"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("bubblewrap exited before the init was ready"), "{error}");
+    assert!(error.contains("/nonexistent-flotilla-bind"), "{error}");
+}

@@ -21,6 +21,9 @@ use super::{blocking, create_dir, BwrapDriver, DiskBacking, WORKSPACE_DIR};
 
 /// How long a new machine's init has to say it is ready.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// What is kept of bubblewrap's stderr after a failed start, and how long reading it may take.
+const START_FAILURE_STDERR_BYTES: u64 = 16 * 1024;
+const START_FAILURE_STDERR_TIMEOUT: Duration = Duration::from_secs(2);
 /// Machine starts waiting for the spawner thread; more wait for a place in the queue.
 const SPAWN_QUEUE_LENGTH: usize = 64;
 /// Longest accepted machine label (it also becomes the hostname, with the id).
@@ -279,21 +282,26 @@ impl BwrapDriver {
             resources.init.as_ref().map(|init| init.id() as i32).unwrap_or(0)
         };
         if let Some(mut detail) = failure {
-            let init = machine.resources.lock().expect("machine resources lock").init.take();
-            let mut stderr = String::new();
-            if let Some(mut init) = init {
-                let _ = init.kill();
-                let _ = init.wait();
-                if let Some(mut stderr_pipe) = init.stderr.take() {
-                    use std::io::Read;
-                    let _ = stderr_pipe.read_to_string(&mut stderr);
-                }
-            }
-            machine
-                .resources
-                .lock()
-                .expect("machine resources lock")
-                .stop("it failed to start");
+            let stderr_pipe = {
+                let mut resources = machine.resources.lock().expect("machine resources lock");
+                resources.init.as_mut().and_then(|init| init.stderr.take())
+            };
+            // Kill the whole tree first (the cgroup's processes, then bubblewrap): a process
+            // the machine started keeps the stderr pipe open, and the kill and the reap are
+            // blocking calls that must not run on the runtime's workers.
+            let resources = machine.resources.clone();
+            blocking("stop a machine that failed to start", move || {
+                resources
+                    .lock()
+                    .expect("machine resources lock")
+                    .stop("it failed to start");
+                Ok(())
+            })
+            .await?;
+            let stderr = match stderr_pipe {
+                Some(pipe) => read_start_failure(pipe).await,
+                None => String::new(),
+            };
             if !stderr.trim().is_empty() {
                 detail.push_str(&format!(": {}", stderr.trim()));
             }
@@ -314,6 +322,20 @@ impl BwrapDriver {
             })?;
         Ok(())
     }
+}
+
+/// What bubblewrap said on stderr before a failed start, read without blocking a runtime worker
+/// and bounded in bytes and time: if something still holds the pipe open, the read gives up
+/// with what it has.
+async fn read_start_failure(pipe: std::process::ChildStderr) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let Ok(pipe) = tokio::process::ChildStderr::from_std(pipe) else {
+        return String::new();
+    };
+    let mut bytes = Vec::new();
+    let mut bounded = pipe.take(START_FAILURE_STDERR_BYTES);
+    let _ = tokio::time::timeout(START_FAILURE_STDERR_TIMEOUT, bounded.read_to_end(&mut bytes)).await;
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 fn validate_spec(spec: &MachineSpec) -> Result<()> {
