@@ -212,20 +212,17 @@ impl TestNode {
 
     /// Waits until the agent satisfies `condition`, failing with what was awaited and the agent.
     async fn wait_for_agent(&self, id: AgentId, what: &str, condition: impl Fn(&AgentRecord) -> bool) -> AgentRecord {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let agent = self.agent(id);
-            if condition(&agent) {
-                return agent;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; the agent is {} (error {:?})",
-                agent.status,
-                agent.error
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_until(
+            || Some(self.agent(id)).filter(|agent| condition(agent)),
+            || {
+                let agent = self.agent(id);
+                format!(
+                    "timed out waiting for {what}; the agent is {} (error {:?})",
+                    agent.status, agent.error
+                )
+            },
+        )
+        .await
     }
 
     /// The running machine of the agent under its current epoch, once it has booted.
@@ -260,12 +257,24 @@ impl TestNode {
 
 /// Waits until the registry no longer holds the machine actor and its directory is gone.
 async fn wait_for_machine_gone(agent: AgentId, epoch: Epoch, machine_dir: &Path) {
+    poll_until(
+        || {
+            let gone = ractor::registry::where_is(machine_actor_name(agent, epoch)).is_none() && !machine_dir.exists();
+            gone.then_some(())
+        },
+        || format!("timed out waiting for the machine of {agent} under {epoch} to be destroyed"),
+    )
+    .await
+}
+
+/// Polls `probe` every 20 ms until it answers, failing with `failure()` past [`DEADLINE`].
+async fn poll_until<T>(mut probe: impl FnMut() -> Option<T>, failure: impl Fn() -> String) -> T {
     let deadline = Instant::now() + DEADLINE;
-    while ractor::registry::where_is(machine_actor_name(agent, epoch)).is_some() || machine_dir.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for the machine of {agent} under {epoch} to be destroyed"
-        );
+    loop {
+        if let Some(answer) = probe() {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "{}", failure());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -483,10 +492,10 @@ async fn a_dead_machine_fails_its_agent_actor_which_starts_again_on_a_fresh_mach
     assert_eq!(finished.turns, 2);
     assert_eq!(node.origin_file("flotilla/phoenix", "b.txt"), "b");
     // The killed machine was destroyed all the same.
-    let deadline = Instant::now() + DEADLINE;
-    while first_dir.exists() {
-        assert!(Instant::now() < deadline, "the killed machine's directory is left");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(
+        || (!first_dir.exists()).then_some(()),
+        || "the killed machine's directory is left".to_string(),
+    )
+    .await;
     node.stop().await;
 }
