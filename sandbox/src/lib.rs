@@ -46,4 +46,4 @@ pub use install_layer::{InstallLayer, InstallLayerCache, InstallRequest};
 pub use limits::MachineLimits;
 pub use mount_namespace::enter_private_mount_namespace;
 pub use pty::{PtySession, PtySize};
-pub use workspace_file::{read_workspace_file, WorkspaceFileError};
+pub use workspace_file::{copy_workspace_file, read_workspace_file, WorkspaceFileError};

@@ -14,7 +14,7 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path};
@@ -64,7 +64,10 @@ fn describe_symlink(path: &str, symlink: &str) -> String {
 
 fn describe_bytes(bytes: u64) -> String {
     const MEBIBYTE: u64 = 1024 * 1024;
-    if bytes >= MEBIBYTE && bytes.is_multiple_of(MEBIBYTE) {
+    const GIBIBYTE: u64 = 1024 * MEBIBYTE;
+    if bytes >= GIBIBYTE && bytes.is_multiple_of(GIBIBYTE) {
+        format!("{} GiB", bytes / GIBIBYTE)
+    } else if bytes >= MEBIBYTE && bytes.is_multiple_of(MEBIBYTE) {
         format!("{} MiB", bytes / MEBIBYTE)
     } else {
         format!("{bytes} bytes")
@@ -79,6 +82,46 @@ pub fn read_workspace_file(
     relative_path: &str,
     max_bytes: u64,
 ) -> Result<Option<Vec<u8>>, WorkspaceFileError> {
+    let mut contents = Vec::new();
+    match copy_workspace_file(root, relative_path, max_bytes, &mut contents)? {
+        Some(_) => Ok(Some(contents)),
+        None => Ok(None),
+    }
+}
+
+/// Copies `relative_path` beneath `root` into `destination` as it is read, under the same rules
+/// as [`read_workspace_file`] (no symlink followed, a regular file, at most `max_bytes`), for
+/// files too large to hold in memory. Answers the bytes copied, or `None` when the file does not
+/// exist. On `TooLarge`, `destination` holds a prefix of the file: the caller discards it.
+/// Blocking: call it from a blocking thread, never on the async runtime.
+pub fn copy_workspace_file(
+    root: &Path,
+    relative_path: &str,
+    max_bytes: u64,
+    destination: &mut impl Write,
+) -> Result<Option<u64>, WorkspaceFileError> {
+    let shown = relative_path.to_string();
+    let io_error = |action: &'static str, source: std::io::Error| WorkspaceFileError::Io {
+        action,
+        path: shown.clone(),
+        source,
+    };
+    let Some(mut file) = open_workspace_file(root, relative_path)? else {
+        return Ok(None);
+    };
+    // One byte more than allowed tells "exactly the limit" from "over it" without trusting the
+    // size fstat reported (the file may grow while it is read).
+    let copied = std::io::copy(&mut (&mut file).take(max_bytes.saturating_add(1)), destination)
+        .map_err(|source| io_error("read", source))?;
+    if copied > max_bytes {
+        return Err(WorkspaceFileError::TooLarge { path: shown, max_bytes });
+    }
+    Ok(Some(copied))
+}
+
+/// Opens `relative_path` beneath `root` for reading, refusing symlinks, paths outside `root` and
+/// anything but a regular file; `Ok(None)` when it does not exist.
+fn open_workspace_file(root: &Path, relative_path: &str) -> Result<Option<File>, WorkspaceFileError> {
     let shown = relative_path.to_string();
     let io_error = |action: &'static str, source: std::io::Error| WorkspaceFileError::Io {
         action,
@@ -96,7 +139,7 @@ pub fn read_workspace_file(
         .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(root)
         .map_err(|source| io_error("open the workspace for", source))?;
-    let mut file = match open_beneath(&root_directory, relative_path) {
+    let file = match open_beneath(&root_directory, relative_path) {
         Ok(file) => file,
         Err(error) => {
             return match error.raw_os_error() {
@@ -118,17 +161,7 @@ pub fn read_workspace_file(
             found: describe_file_kind(metadata.mode()),
         });
     }
-    // One byte more than allowed tells "exactly the limit" from "over it" without trusting the
-    // size fstat reported (the file may grow while it is read).
-    let mut contents = Vec::new();
-    (&mut file)
-        .take(max_bytes.saturating_add(1))
-        .read_to_end(&mut contents)
-        .map_err(|source| io_error("read", source))?;
-    if contents.len() as u64 > max_bytes {
-        return Err(WorkspaceFileError::TooLarge { path: shown, max_bytes });
-    }
-    Ok(Some(contents))
+    Ok(Some(file))
 }
 
 /// `openat2(root, relative_path)` for reading, refusing symlinks (magic ones too) and anything

@@ -128,3 +128,32 @@ fn paths_that_leave_the_workspace_are_refused() {
         );
     }
 }
+
+#[test]
+fn a_copy_streams_the_file_into_the_destination_and_stops_past_the_limit() {
+    let workspace = tempfile::tempdir().unwrap();
+    std::fs::create_dir(workspace.path().join(".git")).unwrap();
+    std::fs::write(workspace.path().join(".git/push.bundle"), vec![b'p'; 4096]).unwrap();
+    let mut destination = tempfile::tempfile().unwrap();
+    let copied = copy_workspace_file(workspace.path(), ".git/push.bundle", 4096, &mut destination).unwrap();
+    assert_eq!(copied, Some(4096));
+    assert_eq!(destination.metadata().unwrap().len(), 4096);
+
+    let mut destination = Vec::new();
+    let error = copy_workspace_file(workspace.path(), ".git/push.bundle", 1024, &mut destination).unwrap_err();
+    assert_eq!(error.to_string(), ".git/push.bundle is larger than 1024 bytes");
+    assert!(destination.len() <= 1025, "the copy stops one byte past the limit");
+
+    symlink("/etc/passwd", workspace.path().join(".git/link.bundle")).unwrap();
+    let error = copy_workspace_file(workspace.path(), ".git/link.bundle", 1024, &mut Vec::new()).unwrap_err();
+    assert_eq!(error.to_string(), ".git/link.bundle is a symlink");
+}
+
+#[test]
+fn limits_in_gibibytes_are_named_so() {
+    let error = WorkspaceFileError::TooLarge {
+        path: ".git/push.bundle".to_string(),
+        max_bytes: 1024 * 1024 * 1024,
+    };
+    assert_eq!(error.to_string(), ".git/push.bundle is larger than 1 GiB");
+}
