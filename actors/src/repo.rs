@@ -13,6 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sha2::{Digest, Sha256};
 use tokio::process::Command as Process;
 
+use crate::push_bundle::{self, PushSource};
 use crate::vcs::{GitOrigin, VcsProviders};
 
 /// A git command that takes longer than this is killed (clones of large repositories included).
@@ -137,12 +138,31 @@ async fn git(args: &[&str], cwd: Option<&Path>) -> Result<String, GitError> {
 
 async fn git_with(args: &[&str], cwd: Option<&Path>, env: &[(String, String)]) -> Result<String, GitError> {
     let mut command = Process::new("git");
-    command.args(args).kill_on_drop(true);
-    command.env("GIT_TERMINAL_PROMPT", "0");
+    command.args(args);
     command.envs(env.iter().map(|(name, value)| (name, value)));
     if let Some(cwd) = cwd {
         command.current_dir(cwd);
     }
+    run_git(command, args).await
+}
+
+/// Git over what a machine sent, in a repository of the node's (`cwd`): only that repository's
+/// config counts, no hooks run, no transport but those `args` allow after the isolating ones,
+/// and every object received is checked (see [`crate::push_bundle`]).
+async fn git_isolated(args: &[&str], cwd: &Path) -> Result<String, GitError> {
+    let mut command = Process::new("git");
+    command.args(push_bundle::ISOLATED_GIT_CONFIG).args(args);
+    let (set, removed) = push_bundle::isolated_git_env(&push_bundle::incoming_dir(cwd));
+    for name in removed {
+        command.env_remove(name);
+    }
+    command.envs(set).current_dir(cwd);
+    run_git(command, args).await
+}
+
+async fn run_git(mut command: Process, args: &[&str]) -> Result<String, GitError> {
+    command.kill_on_drop(true);
+    command.env("GIT_TERMINAL_PROMPT", "0");
     let output = tokio::time::timeout(GIT_TIMEOUT, command.output())
         .await
         .map_err(|_| GitError::TimedOut {
@@ -184,11 +204,14 @@ pub enum RepoMsg {
         path: PathBuf,
         reply: RpcReplyPort<Result<Workspace, RepoError>>,
     },
-    /// Take `branch` from the workspace at `path` into the mirror and push it to the origin.
-    /// Answers the commit pushed.
+    /// Take `branch` from what the machine made of it (`source`: a bundle over `base` beneath
+    /// `workspace`, the machine's `/workspace` as the node sees it) into the mirror and push it
+    /// to the origin. `base` is the commit the workspace was made at. Answers the commit pushed.
     Push {
-        path: PathBuf,
+        workspace: PathBuf,
         branch: String,
+        base: String,
+        source: PushSource,
         reply: RpcReplyPort<Result<String, RepoError>>,
     },
 }
@@ -354,10 +377,17 @@ impl RepoState {
 }
 
 impl RepoState {
-    /// Pushes through the mirror, not from the workspace: the workspace's own git config and
-    /// hooks are the agent's to change, and nothing of them runs on the node. The mirror only
-    /// fetches objects from it (which reads no hooks and no config that runs commands).
-    async fn push(&mut self, workspace: &Path, branch: &str) -> Result<String, RepoError> {
+    /// Pushes through the mirror, never from the workspace: the machine's git made a bundle of
+    /// the branch, the node imports it into the mirror (see [`crate::push_bundle`]) and pushes
+    /// from there. Nothing of the workspace's `.git` (config, hooks, alternates, refs) is read by
+    /// git on the node.
+    async fn push(
+        &mut self,
+        workspace: &Path,
+        branch: &str,
+        base: &str,
+        source: &PushSource,
+    ) -> Result<String, RepoError> {
         let failed = |message: String| RepoError::Push {
             url: self.args.url.clone(),
             branch: branch.to_string(),
@@ -365,32 +395,15 @@ impl RepoState {
         };
         let staging = format!("refs/flotilla/push/{branch}");
         let mirror = self.args.mirror.clone();
-        // git runs in the mirror, so a relative workspace path would not be found.
-        let source = std::path::absolute(workspace)
-            .map_err(|error| failed(format!("cannot resolve the workspace path: {error}")))?
-            .display()
-            .to_string();
-        git(
-            &[
-                "-c",
-                "safe.directory=*",
-                "fetch",
-                "--quiet",
-                "--no-tags",
-                "--no-write-fetch-head",
-                &source,
-                &format!("+refs/heads/{branch}:{staging}"),
-            ],
-            Some(&mirror),
-        )
-        .await
-        .map_err(|error| failed(format!("cannot take the branch from the workspace: {error}")))?;
+        self.stage(workspace, branch, base, source, &staging)
+            .await
+            .map_err(failed)?;
         let result = async {
-            let commit = git(&["rev-parse", &staging], Some(&mirror))
+            let commit = git(&["rev-parse", "--verify", &format!("{staging}^{{commit}}")], Some(&mirror))
                 .await
                 .map_err(|error| failed(error.to_string()))?;
             let origin = self.origin().await.map_err(|error| failed(error.to_string()))?;
-            git_with(
+            let pushed = git_with(
                 &[
                     "push",
                     "--quiet",
@@ -401,19 +414,16 @@ impl RepoState {
                 Some(&mirror),
                 &origin.env,
             )
-            .await
-            .map_err(|error| {
+            .await;
+            if let Err(error) = pushed {
                 // The commits stay on this node, where an operator can still push them.
                 let kept = format!("refs/flotilla/kept/{branch}");
-                let _ = std::process::Command::new("git")
-                    .args(["update-ref", &kept, &commit])
-                    .current_dir(&mirror)
-                    .status();
-                failed(format!(
+                let _ = git(&["update-ref", &kept, &commit], Some(&mirror)).await;
+                return Err(failed(format!(
                     "{error} (commit {commit} is kept in the mirror {} as {kept})",
                     mirror.display()
-                ))
-            })?;
+                )));
+            }
             // The mirror now knows the pushed commit, so a workspace made here resumes from it.
             let _ = git(&["update-ref", &format!("refs/heads/{branch}"), &commit], Some(&mirror)).await;
             Ok(commit)
@@ -421,6 +431,60 @@ impl RepoState {
         .await;
         let _ = git(&["update-ref", "-d", &staging], Some(&mirror)).await;
         result
+    }
+}
+
+impl RepoState {
+    /// Sets the mirror's `staging` ref to the machine's branch: imports the bundle the machine
+    /// made, or, when the branch holds nothing new, checks that its tip is a commit of the base.
+    async fn stage(
+        &self,
+        workspace: &Path,
+        branch: &str,
+        base: &str,
+        source: &PushSource,
+        staging: &str,
+    ) -> Result<(), String> {
+        let mirror = &self.args.mirror;
+        match source {
+            PushSource::Bundle => {
+                let bundle = push_bundle::copy_bundle(
+                    workspace,
+                    &push_bundle::incoming_dir(mirror),
+                    push_bundle::MAX_PUSH_BUNDLE_BYTES,
+                )
+                .await
+                .map_err(|error| error.to_string())?;
+                let bundle_path = bundle.path().display().to_string();
+                git_isolated(
+                    &[
+                        "-c",
+                        "protocol.file.allow=always",
+                        "fetch",
+                        "--quiet",
+                        "--no-tags",
+                        "--no-write-fetch-head",
+                        &bundle_path,
+                        &format!("+refs/heads/{branch}:{staging}"),
+                    ],
+                    mirror,
+                )
+                .await
+                .map_err(|error| format!("cannot take the branch from the workspace's bundle: {error}"))?;
+            }
+            PushSource::NothingNew { tip } => {
+                if !push_bundle::is_object_id(tip) || !push_bundle::is_object_id(base) {
+                    return Err(format!("the machine named {tip:?} as the branch's commit, not an object id"));
+                }
+                git_isolated(&["merge-base", "--is-ancestor", tip, base], mirror)
+                    .await
+                    .map_err(|_| format!("the machine named {tip} as the branch's commit, which the base {base} does not hold"))?;
+                git_isolated(&["update-ref", staging, tip], mirror)
+                    .await
+                    .map_err(|error| error.to_string())?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -449,8 +513,14 @@ impl Actor for RepoActor {
                 let result = state.prepare(&base_branch, &work_branch, &path).await;
                 let _ = reply.send(result);
             }
-            RepoMsg::Push { path, branch, reply } => {
-                let result = state.push(&path, &branch).await;
+            RepoMsg::Push {
+                workspace,
+                branch,
+                base,
+                source,
+                reply,
+            } => {
+                let result = state.push(&workspace, &branch, &base, &source).await;
                 let _ = reply.send(result);
             }
         }
@@ -502,10 +572,14 @@ impl Repos {
 }
 
 #[cfg(test)]
+#[path = "repo_push_tests.rs"]
+mod push_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    async fn origin_with_main(dir: &Path) -> String {
+    pub(super) async fn origin_with_main(dir: &Path) -> String {
         let origin = dir.join("origin.git");
         let seed = dir.join("seed");
         git(&["init", "--quiet", "--bare", &origin.display().to_string()], None)

@@ -1,6 +1,6 @@
 //! Git around a run: commits are made inside the machine (the agent's own git config and hooks
-//! act only there), pushes go through the repository actor's mirror, and a stopped agent's work
-//! is committed and pushed one last time.
+//! act only there), pushes leave the machine as a bundle its own git writes and go through the
+//! repository actor's mirror, and a stopped agent's work is committed and pushed one last time.
 
 use flotilla_raft::{AgentId, Command, Epoch, Replica};
 use flotilla_sandbox::{ExecRequest, SandboxError};
@@ -8,6 +8,7 @@ use ractor::ActorRef;
 use std::sync::Arc;
 
 use crate::machine::RunningMachine;
+use crate::push_bundle::{PushSource, PUSH_BUNDLE_PATH, PUSH_BUNDLE_TIMEOUT_MS};
 use crate::repo::{GitSettings, RepoError, RepoMsg, Workspace};
 
 use super::{record, STOP_PUSH_TIMEOUT};
@@ -26,6 +27,12 @@ pub enum CommitError {
 /// Why a push did not reach the origin.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
+    #[error("cannot run git in the machine to bundle the branch: {0}")]
+    Machine(#[from] SandboxError),
+    #[error("git could not bundle the branch in the machine: {last_lines}")]
+    Bundle { last_lines: String },
+    #[error("git in the machine gave no bundle answer: {answer:?}")]
+    BundleAnswer { answer: String },
     #[error("the repository actor did not answer: {0}")]
     RepositoryActor(String),
     #[error(transparent)]
@@ -64,16 +71,66 @@ pub async fn commit_in_machine(
     Ok(head)
 }
 
-/// Pushes the work branch through the repository actor, from the machine's view of its
-/// workspace (an overlay over the clone: the clone itself never sees the agent's changes).
-pub async fn push(repo: &ActorRef<RepoMsg>, machine: &RunningMachine, branch: &str) -> Result<String, PushError> {
+/// Bundles the work branch over the workspace's base commit, in the machine and as its user: an
+/// empty bundle is an error to git, so a branch with nothing new answers its tip instead. The
+/// branch and base come in the environment, never in the script's text.
+const BUNDLE_SCRIPT: &str = "set -e\n\
+    g() { git -c safe.directory='*' -c core.hooksPath=/dev/null \"$@\"; }\n\
+    rm -f \"$FLOTILLA_BUNDLE\"\n\
+    tip=$(g rev-parse --verify --quiet \"refs/heads/$FLOTILLA_BRANCH^{commit}\") || \
+      { echo \"the branch $FLOTILLA_BRANCH has no commit in the workspace\" >&2; exit 3; }\n\
+    if [ -z \"$(g rev-list -n 1 \"$tip\" \"^$FLOTILLA_BASE\")\" ]; then echo \"nothing-new $tip\"; exit 0; fi\n\
+    g bundle create --quiet \"$FLOTILLA_BUNDLE\" \"refs/heads/$FLOTILLA_BRANCH\" \"^$FLOTILLA_BASE\"\n\
+    echo bundle\n";
+
+/// Has git in the machine bundle `workspace`'s branch over its base commit.
+async fn bundle_in_machine(machine: &RunningMachine, workspace: &Workspace) -> Result<PushSource, PushError> {
+    let request = ExecRequest::new(BUNDLE_SCRIPT)
+        .with_timeout_ms(PUSH_BUNDLE_TIMEOUT_MS)
+        .with_max_output_bytes(64 * 1024)
+        .with_env("FLOTILLA_BUNDLE", PUSH_BUNDLE_PATH)
+        .with_env("FLOTILLA_BRANCH", workspace.branch.clone())
+        .with_env("FLOTILLA_BASE", workspace.head_commit.clone());
+    let output = machine.exec(request).await?;
+    if !output.success() {
+        let mut last_lines = output.last_lines(8);
+        if let Some(reason) = output.killed_reason {
+            last_lines = format!("{reason}; {last_lines}");
+        }
+        return Err(PushError::Bundle { last_lines });
+    }
+    let answer = output.stdout_text().trim().lines().last().unwrap_or("").to_string();
+    match answer.split_once(' ') {
+        None if answer == "bundle" => Ok(PushSource::Bundle),
+        Some(("nothing-new", tip)) => Ok(PushSource::NothingNew { tip: tip.to_string() }),
+        _ => Err(PushError::BundleAnswer { answer }),
+    }
+}
+
+/// Pushes the work branch: git in the machine bundles it, and the repository actor takes the
+/// bundle from the machine's view of its workspace into the mirror and pushes from there.
+pub async fn push(
+    repo: &ActorRef<RepoMsg>,
+    machine: &RunningMachine,
+    workspace: &Workspace,
+) -> Result<String, PushError> {
+    let source = bundle_in_machine(machine, workspace).await?;
     let pushed = ractor::call!(repo, |reply| RepoMsg::Push {
-        path: machine.workspace_path().to_path_buf(),
-        branch: branch.to_string(),
+        workspace: machine.workspace_path().to_path_buf(),
+        branch: workspace.branch.clone(),
+        base: workspace.head_commit.clone(),
+        source: source.clone(),
         reply,
     })
-    .map_err(|error| PushError::RepositoryActor(error.to_string()))??;
-    Ok(pushed)
+    .map_err(|error| PushError::RepositoryActor(error.to_string()));
+    if source == PushSource::Bundle {
+        // The bundle has been copied out (or refused); it is no use to the machine.
+        let remove = ExecRequest::new("rm -f \"$FLOTILLA_BUNDLE\"")
+            .with_timeout_ms(30_000)
+            .with_env("FLOTILLA_BUNDLE", PUSH_BUNDLE_PATH);
+        let _ = machine.exec(remove).await;
+    }
+    Ok(pushed??)
 }
 
 /// What the final push of a stopped agent needs.
@@ -102,7 +159,7 @@ async fn commit_and_push_on_stop(context: &StopContext) -> Result<Option<(String
     {
         return Ok(None);
     }
-    let result = push(&context.repo, &context.machine, &context.workspace.branch).await;
+    let result = push(&context.repo, &context.machine, &context.workspace).await;
     Ok(Some((head, result.err().map(|error| error.to_string()))))
 }
 

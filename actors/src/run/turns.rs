@@ -298,7 +298,7 @@ impl RunProgress {
             return Some(head);
         }
         let branch = context.workspace.branch.clone();
-        match push(&context.repo, &context.machine, &branch).await {
+        match push(&context.repo, &context.machine, &context.workspace).await {
             Ok(commit) => {
                 events.push(EventKind::CommitPushed {
                     branch,
