@@ -58,11 +58,7 @@ const BUNDLE_SIGNATURES: [&[u8]; 2] = [b"# v2 git bundle\n", b"# v3 git bundle\n
 
 /// Copies the bundle out of the workspace (the machine's `/workspace` as the node sees it) into a
 /// node-owned temporary file in `dir`, off the async runtime. The file is removed when dropped.
-pub async fn copy_bundle(
-    workspace: &Path,
-    dir: &Path,
-    max_bytes: u64,
-) -> Result<tempfile::NamedTempFile, BundleError> {
+pub async fn copy_bundle(workspace: &Path, dir: &Path, max_bytes: u64) -> Result<tempfile::NamedTempFile, BundleError> {
     let (workspace, dir) = (workspace.to_path_buf(), dir.to_path_buf());
     tokio::task::spawn_blocking(move || copy_bundle_blocking(&workspace, &dir, max_bytes))
         .await
@@ -138,5 +134,8 @@ pub fn is_object_id(text: &str) -> bool {
 
 /// The directory that holds `mirror`, where incoming bundles are copied.
 pub fn incoming_dir(mirror: &Path) -> PathBuf {
-    mirror.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    mirror
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }

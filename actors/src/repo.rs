@@ -399,9 +399,12 @@ impl RepoState {
             .await
             .map_err(failed)?;
         let result = async {
-            let commit = git(&["rev-parse", "--verify", &format!("{staging}^{{commit}}")], Some(&mirror))
-                .await
-                .map_err(|error| failed(error.to_string()))?;
+            let commit = git(
+                &["rev-parse", "--verify", &format!("{staging}^{{commit}}")],
+                Some(&mirror),
+            )
+            .await
+            .map_err(|error| failed(error.to_string()))?;
             let origin = self.origin().await.map_err(|error| failed(error.to_string()))?;
             let pushed = git_with(
                 &[
@@ -474,11 +477,15 @@ impl RepoState {
             }
             PushSource::NothingNew { tip } => {
                 if !push_bundle::is_object_id(tip) || !push_bundle::is_object_id(base) {
-                    return Err(format!("the machine named {tip:?} as the branch's commit, not an object id"));
+                    return Err(format!(
+                        "the machine named {tip:?} as the branch's commit, not an object id"
+                    ));
                 }
                 git_isolated(&["merge-base", "--is-ancestor", tip, base], mirror)
                     .await
-                    .map_err(|_| format!("the machine named {tip} as the branch's commit, which the base {base} does not hold"))?;
+                    .map_err(|_| {
+                        format!("the machine named {tip} as the branch's commit, which the base {base} does not hold")
+                    })?;
                 git_isolated(&["update-ref", staging, tip], mirror)
                     .await
                     .map_err(|error| error.to_string())?;

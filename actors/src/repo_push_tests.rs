@@ -47,7 +47,16 @@ async fn commit_and_bundle(workspace: &Workspace, file: &str, contents: &str) ->
     let path = Some(workspace.path.as_path());
     git(&["add", "."], path).await.unwrap();
     git(
-        &["-c", "user.name=a", "-c", "user.email=a@example.test", "commit", "--quiet", "-m", file],
+        &[
+            "-c",
+            "user.name=a",
+            "-c",
+            "user.email=a@example.test",
+            "commit",
+            "--quiet",
+            "-m",
+            file,
+        ],
         path,
     )
     .await
@@ -105,7 +114,10 @@ async fn a_bundle_from_the_machine_reaches_the_origin_and_leaves_no_copy_behind(
         .flatten()
         .filter(|entry| entry.file_name().to_string_lossy().starts_with(".incoming-"))
         .collect();
-    assert!(incoming.is_empty(), "the node's copy of the bundle is removed: {incoming:?}");
+    assert!(
+        incoming.is_empty(),
+        "the node's copy of the bundle is removed: {incoming:?}"
+    );
 }
 
 #[tokio::test]
@@ -119,7 +131,10 @@ async fn a_branch_with_nothing_new_pushes_a_commit_of_the_base_and_nothing_else(
 
     let stranger = commit_and_bundle(&setup.workspace, "x.txt", "x\n").await;
     let message = push_message(push(&mut setup, PushSource::NothingNew { tip: stranger.clone() }).await);
-    assert!(message.contains("which the base") && message.contains(&stranger), "{message}");
+    assert!(
+        message.contains("which the base") && message.contains(&stranger),
+        "{message}"
+    );
     let message = push_message(
         push(
             &mut setup,
@@ -160,7 +175,16 @@ async fn a_bundle_that_names_another_repository_is_refused_and_nothing_of_it_is_
     std::fs::write(secret.join("secret.txt"), "the secret\n").unwrap();
     git(&["add", "."], Some(&secret)).await.unwrap();
     git(
-        &["-c", "user.name=s", "-c", "user.email=s@example.test", "commit", "--quiet", "-m", "s"],
+        &[
+            "-c",
+            "user.name=s",
+            "-c",
+            "user.email=s@example.test",
+            "commit",
+            "--quiet",
+            "-m",
+            "s",
+        ],
         Some(&secret),
     )
     .await
@@ -173,12 +197,9 @@ async fn a_bundle_that_names_another_repository_is_refused_and_nothing_of_it_is_
         format!("gitdir: {}\n", secret.join(".git").display()),
     )
     .unwrap();
-    git(
-        &["branch", "-f", "flotilla/push-test", &secret_commit],
-        Some(&secret),
-    )
-    .await
-    .unwrap();
+    git(&["branch", "-f", "flotilla/push-test", &secret_commit], Some(&secret))
+        .await
+        .unwrap();
     let message = push_message(push(&mut setup, PushSource::Bundle).await);
     assert!(message.contains("is not a git bundle"), "{message}");
     assert!(!has_object(&setup.state.args.mirror, &secret_commit).await);
@@ -197,7 +218,14 @@ async fn objects_that_fail_fsck_are_refused_with_gits_words() {
     let file = setup.root.join("commit.txt");
     std::fs::write(&file, commit_text).unwrap();
     let bad = git(
-        &["hash-object", "-t", "commit", "-w", "--literally", &file.display().to_string()],
+        &[
+            "hash-object",
+            "-t",
+            "commit",
+            "-w",
+            "--literally",
+            &file.display().to_string(),
+        ],
         path,
     )
     .await

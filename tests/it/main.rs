@@ -12,6 +12,7 @@ mod t07_providers;
 mod t10_single_node;
 mod t15_cli_and_drain;
 mod t18_agent_runs;
+mod t19_push_containment;
 mod t20_three_nodes;
 mod t25_membership;
 mod t30_failover;
