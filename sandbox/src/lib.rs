@@ -30,6 +30,7 @@ mod mount_namespace;
 mod mounts;
 mod output_capture;
 pub mod pty;
+pub mod uid_range;
 pub mod workspace_file;
 
 #[cfg(test)]

@@ -911,3 +911,5 @@ async fn a_machine_that_cannot_start_fails_with_bubblewraps_words() {
     assert!(error.contains("bubblewrap exited before the init was ready"), "{error}");
     assert!(error.contains("/nonexistent-flotilla-bind"), "{error}");
 }
+
+mod uid_mapping;

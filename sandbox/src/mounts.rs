@@ -105,6 +105,118 @@ pub(crate) fn mount_overlay(target: &Path, lowers: &[PathBuf], upper: &Path, wor
     mount("overlay", target, "overlay", libc::MS_NOSUID | libc::MS_NODEV, &options)
 }
 
+/// Mounts a copy of the tree at `source` on `target` with its owners shifted through the user
+/// namespace `user_namespace`: a file owned by id N on disk shows as the host id that N maps to
+/// there. A machine sees files the node made (owned by host root) as its own this way, with
+/// nothing on disk re-owned. Needs Linux 5.12 and a filesystem that supports idmapped mounts.
+pub(crate) fn idmapped_bind(source: &Path, target: &Path, user_namespace: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let source_c = c_path(source)?;
+    let target_c = c_path(target)?;
+    let failed = |step: &str| {
+        SandboxError::Mount {
+        target: target.to_path_buf(),
+        detail: format!(
+            "idmapped bind of {} ({step}): {} (idmapped mounts need Linux 5.12 or later and a filesystem that supports them)",
+            source.display(),
+            io::Error::last_os_error()
+        ),
+    }
+    };
+    // SAFETY: a valid NUL-terminated path; the call returns a new descriptor or -1.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            source_c.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    if tree < 0 {
+        return Err(failed("open_tree"));
+    }
+    // SAFETY: open_tree returned a descriptor this process now owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    let attributes = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: user_namespace.as_raw_fd() as u64,
+    };
+    let empty = c"";
+    // SAFETY: the descriptor is open, the path is an empty C string and the attribute struct
+    // is valid for the size passed.
+    let set = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attributes as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if set != 0 {
+        return Err(failed("mount_setattr"));
+    }
+    // SAFETY: as above; target is a valid NUL-terminated path.
+    let moved = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if moved != 0 {
+        return Err(failed("move_mount"));
+    }
+    Ok(())
+}
+
+/// Every mount point at or below `dir` (from /proc/self/mountinfo), deepest first.
+pub(crate) fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|encoded| PathBuf::from(decode_mountinfo_path(encoded)))
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    found.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    found
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space and so on).
+fn decode_mountinfo_path(encoded: &str) -> String {
+    let bytes = encoded.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escape = bytes
+            .get(index + 1..index + 4)
+            .filter(|digits| bytes[index] == b'\\' && digits.iter().all(|digit| (b'0'..=b'7').contains(digit)));
+        match escape {
+            Some(digits) => {
+                let value = digits
+                    .iter()
+                    .fold(0u32, |value, digit| value * 8 + u32::from(digit - b'0'));
+                decoded.push(value as u8);
+                index += 4;
+            }
+            None => {
+                decoded.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
 /// Unmounts `target`; a target that is not mounted (or gone) is fine. A busy one is detached.
 pub(crate) fn unmount(target: &Path) -> Result<()> {
     let target_c = c_path(target)?;
@@ -135,27 +247,15 @@ pub(crate) fn unmount(target: &Path) -> Result<()> {
     }
 }
 
-/// Whether anything is mounted exactly at `target` (from /proc/self/mountinfo).
-pub(crate) fn is_mount_point(target: &Path) -> bool {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let Some(target) = target.to_str() else {
-        return false;
-    };
-    let encoded = target
-        .replace('\\', "\\134")
-        .replace(' ', "\\040")
-        .replace('\t', "\\011")
-        .replace('\n', "\\012");
-    mountinfo
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some(encoded.as_str()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_decoded() {
+        assert_eq!(decode_mountinfo_path("/a\\040b\\011c"), "/a b\tc");
+        assert_eq!(decode_mountinfo_path("/plain\\x"), "/plain\\x");
+    }
 
     #[test]
     fn overlay_paths_are_escaped() {

@@ -48,7 +48,14 @@ pub(super) async fn capture_layer(machine: &BwrapMachine, dest: &Path) -> Result
                 });
             }
         }
-        // The layer is what the repository's install chose to leave: it keeps no privilege.
+        // The layer is what the repository's install chose to leave: it keeps no privilege,
+        // and no host ids of this machine's range (a later machine has another).
+        {
+            let resources = resources.lock().expect("machine resources lock");
+            if let Some(uid_range) = &resources.uid_range {
+                crate::uid_range::shift_owners_down(&layer_dest, uid_range)?;
+            }
+        }
         crate::layer_privilege::drop_captured_layer_privilege(&layer_dest)?;
         Ok(Layer { path: layer_dest })
     })

@@ -28,10 +28,10 @@ impl BwrapDriver {
             tracing::info!(machine = %id, "removing a machine left by a previous run");
             let mut resources = Resources::new(entry.path());
             resources.cgroup = Some(self.cgroups.machine(&id));
-            resources.mounts = ["disk", "merged", "workspace"]
-                .iter()
-                .map(|name| entry.path().join(name))
-                .collect();
+            // Shallowest first: teardown unmounts from the end.
+            let mut mount_points = crate::mounts::mount_points_under(&entry.path());
+            mount_points.reverse();
+            resources.mounts = mount_points;
             let image = entry.path().join("disk.img");
             resources.disk_image = image.exists().then_some(image);
             drop(resources);

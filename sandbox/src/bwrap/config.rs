@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::uid_range::UidRangeConfig;
+
 /// What backs a machine's writable layers, and so enforces `disk_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DiskBacking {
@@ -27,6 +29,8 @@ pub struct BwrapConfig {
     pub bwrap_program: PathBuf,
     pub nsenter_program: PathBuf,
     pub setpriv_program: PathBuf,
+    /// The host ids machines run as (a range of 65,536 each, claimed host-wide).
+    pub uid_ranges: UidRangeConfig,
 }
 
 impl BwrapConfig {
@@ -38,6 +42,7 @@ impl BwrapConfig {
             bwrap_program: PathBuf::from("/usr/bin/bwrap"),
             nsenter_program: PathBuf::from("/usr/bin/nsenter"),
             setpriv_program: PathBuf::from("/usr/bin/setpriv"),
+            uid_ranges: UidRangeConfig::default(),
         }
     }
 }

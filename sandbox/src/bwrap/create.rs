@@ -15,6 +15,7 @@ use crate::driver::{MachineSpec, WorkspaceMode, EGRESS_SOCKET_PATH};
 use crate::error::{Result, SandboxError};
 use crate::limits::MachineLimits;
 use crate::mounts;
+use crate::uid_range::UidRange;
 
 use super::machine::{BwrapMachine, Resources};
 use super::{blocking, create_dir, BwrapDriver, DiskBacking, WORKSPACE_DIR};
@@ -34,8 +35,41 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 struct MountedLayers {
     /// The merged root overlay, bound as `/`.
     merged: PathBuf,
-    /// What becomes `/workspace`: the workspace overlay, or the bound checkout.
+    /// What becomes `/workspace`: the workspace overlay, or the idmapped checkout.
     workspace_view: PathBuf,
+}
+
+/// What bubblewrap is handed as open descriptors: the machine's user namespace, which it starts
+/// in, and the trees it binds. Bubblewrap works inside that namespace, where the node's
+/// directories (owned by host root, perhaps under a private temporary directory) cannot be
+/// walked, so it is given the trees themselves rather than their paths. Each is inherited by
+/// bubblewrap alone.
+pub(super) struct Handover {
+    user_namespace: std::os::fd::OwnedFd,
+    root: std::os::fd::OwnedFd,
+    workspace: std::os::fd::OwnedFd,
+    egress_socket: Option<std::os::fd::OwnedFd>,
+}
+
+impl Handover {
+    /// The descriptors bubblewrap binds, which it must inherit.
+    fn bound_fds(&self) -> Vec<i32> {
+        use std::os::fd::AsRawFd;
+        let mut fds = vec![self.root.as_raw_fd(), self.workspace.as_raw_fd()];
+        fds.extend(self.egress_socket.as_ref().map(AsRawFd::as_raw_fd));
+        fds
+    }
+}
+
+/// Opens `path` as a handle for bubblewrap (`O_PATH`: no access to its contents is needed).
+fn open_path(path: &Path) -> Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|error| SandboxError::io("open", path, error))?;
+    Ok(file.into())
 }
 
 /// The account commands run as, from the machine's own `/etc/passwd`.
@@ -55,7 +89,12 @@ impl BwrapDriver {
             .await
             .map_err(|error| SandboxError::io("start", &self.config.bwrap_program, error))?;
         let stdout = init.stdout.take().expect("stdout is piped");
-        machine.resources.lock().expect("machine resources lock").init = Some(init);
+        {
+            let mut resources = machine.resources.lock().expect("machine resources lock");
+            resources.init = Some(init);
+            // Bubblewrap holds what it inherited; the node's copies are not needed any more.
+            resources.handover = None;
+        }
         self.wait_ready(&mut machine, stdout).await?;
         Ok(machine)
     }
@@ -68,10 +107,34 @@ impl BwrapDriver {
         create_dir(&dir)?;
         // Everything made from here on is undone by `resources` if a later step fails.
         let mut resources = Resources::new(dir.clone());
-        let (layers, account) = self.mount_layers(&dir, &spec, &mut resources)?;
+        let uid_range = UidRange::claim(&self.config.uid_ranges)?;
+        let user_namespace = uid_range.user_namespace()?;
+        let (layers, account) = self.mount_layers(&dir, &spec, &uid_range, &user_namespace, &mut resources)?;
+        let egress_socket = match &spec.egress_socket {
+            Some(socket) => {
+                // Connecting to a Unix socket needs write permission on it: the machine's user
+                // gets it, and nobody else on the host.
+                std::os::unix::fs::lchown(
+                    socket,
+                    Some(uid_range.host_id(account.uid)),
+                    Some(uid_range.host_id(account.gid)),
+                )
+                .map_err(|error| SandboxError::io("change the owner of", socket, error))?;
+                Some(open_path(socket)?)
+            }
+            None => None,
+        };
+        let handover = Handover {
+            user_namespace,
+            root: open_path(&layers.merged)?,
+            workspace: open_path(&layers.workspace_view)?,
+            egress_socket,
+        };
+        resources.uid_range = Some(uid_range);
         let cgroup = self.cgroups.create_machine(&id, &spec.limits)?;
         resources.cgroup = Some(cgroup.clone());
-        let command = self.bwrap_command(&name, &spec, &layers, &account, &cgroup)?;
+        let command = self.bwrap_command(&name, &spec, &handover, &cgroup)?;
+        resources.handover = Some(handover);
         let mut base_env = base_env(&account, &id);
         base_env.extend(spec.env.iter().cloned());
         let machine = BwrapMachine {
@@ -94,13 +157,19 @@ impl BwrapDriver {
     }
 
     /// The disk, the root overlay (install layer and base as lowers), the user's home inside it, and
-    /// the workspace overlay (checkout above the install layer's `workspace/`) or bind.
+    /// the workspace overlay (checkout above the install layer's `workspace/`) or the checkout
+    /// alone. Every lower layer is an idmapped mount, so the machine sees the files the node
+    /// keeps (owned by host ids 0..65,536) as owned by its own ids, and the upper layers belong
+    /// to the machine's range: what it writes is owned by that range on the host.
     fn mount_layers(
         &self,
         dir: &Path,
         spec: &MachineSpec,
+        uid_range: &UidRange,
+        user_namespace: &std::os::fd::OwnedFd,
         resources: &mut Resources,
     ) -> Result<(MountedLayers, Account)> {
+        use std::os::fd::AsFd;
         let disk = self.mount_disk(dir, &spec.limits, resources)?;
         let root_upper = disk.join("root-upper");
         let root_work = disk.join("root-work");
@@ -109,36 +178,44 @@ impl BwrapDriver {
         for path in [&root_upper, &root_work, &workspace_upper, &workspace_work] {
             create_dir(path)?;
         }
+        let machine_root = uid_range.host_id(0);
+        chown(&root_upper, machine_root, machine_root)?;
 
-        let merged = dir.join("merged");
-        create_dir(&merged)?;
+        let mut idmapped = IdmappedLowers::new(dir, resources);
         let mut root_lowers = Vec::new();
         if let Some(install_layer) = &spec.install_layer {
             if install_layer.root_dir().is_dir() {
-                root_lowers.push(install_layer.root_dir());
+                root_lowers.push(idmapped.mount(&install_layer.root_dir(), user_namespace.as_fd())?);
             }
         }
-        root_lowers.push(spec.base.rootfs.clone());
+        root_lowers.push(idmapped.mount(&spec.base.rootfs, user_namespace.as_fd())?);
+        let merged = dir.join("merged");
+        create_dir(&merged)?;
         mounts::mount_overlay(&merged, &root_lowers, &root_upper, &root_work)?;
-        resources.mounts.push(merged.clone());
+        idmapped.resources.mounts.push(merged.clone());
 
-        let account = find_account(&merged, spec)?;
-
+        // The node makes the user's home as the machine's user: inside, it is theirs.
+        let account = find_account(&merged, spec, uid_range)?;
+        let workspace_owner = uid_range.user_namespace_owned_by(account.uid, account.gid)?;
         let workspace_view = match spec.workspace_mode {
             WorkspaceMode::Overlay => {
-                let view = dir.join("workspace");
-                create_dir(&view)?;
-                let mut lowers = vec![spec.workspace.clone()];
+                // The checkout (made by the node, owned by host root) shows as the user's; what
+                // the install left in the layer's workspace keeps the ids the machine gave it.
+                let mut lowers = vec![idmapped.mount(&spec.workspace, workspace_owner.as_fd())?];
                 if let Some(install_layer) = &spec.install_layer {
                     if install_layer.workspace_dir().is_dir() {
-                        lowers.push(install_layer.workspace_dir());
+                        lowers.push(idmapped.mount(&install_layer.workspace_dir(), user_namespace.as_fd())?);
                     }
                 }
+                let (uid, gid) = owner_of(uid_range, &account);
+                chown(&workspace_upper, uid, gid)?;
+                let view = dir.join("workspace");
+                create_dir(&view)?;
                 mounts::mount_overlay(&view, &lowers, &workspace_upper, &workspace_work)?;
-                resources.mounts.push(view.clone());
+                idmapped.resources.mounts.push(view.clone());
                 view
             }
-            WorkspaceMode::Bind => spec.workspace.clone(),
+            WorkspaceMode::Bind => idmapped.mount(&spec.workspace, workspace_owner.as_fd())?,
         };
         Ok((MountedLayers { merged, workspace_view }, account))
     }
@@ -151,19 +228,17 @@ impl BwrapDriver {
         &self,
         hostname: &str,
         spec: &MachineSpec,
-        layers: &MountedLayers,
-        account: &Account,
+        handover: &Handover,
         cgroup: &MachineCgroup,
     ) -> Result<std::process::Command> {
+        use std::os::fd::AsRawFd;
         let init_leaf = cgroup.leaf("init")?;
         let mut command = std::process::Command::new(&self.config.bwrap_program);
-        command.args([
-            "--unshare-user",
-            "--uid",
-            &account.uid.to_string(),
-            "--gid",
-            &account.gid.to_string(),
-        ]);
+        // Bubblewrap starts inside the machine's own user namespace (its ids mapped onto its
+        // range, made by the node) as the machine's root, so it makes no user namespace of its
+        // own. (Its `--userns` would keep host root's id, which the namespace does not map, when
+        // the machine's user is root, and mounting the new root then fails with EOVERFLOW.) The
+        // init it starts holds no capability; commands enter as the machine's user.
         command.args([
             "--unshare-pid",
             "--unshare-ipc",
@@ -178,14 +253,23 @@ impl BwrapDriver {
             "--new-session",
         ]);
         command.args(["--cap-drop", "ALL"]);
-        command.arg("--bind").arg(&layers.merged).arg("/");
+        command
+            .arg("--bind-fd")
+            .arg(handover.root.as_raw_fd().to_string())
+            .arg("/");
         for bind in &spec.base.host_read_only_binds {
             command.arg("--ro-bind").arg(bind).arg(bind);
         }
         command.args(["--proc", "/proc", "--dev", "/dev"]);
-        command.arg("--bind").arg(&layers.workspace_view).arg(WORKSPACE_DIR);
-        if let Some(socket) = &spec.egress_socket {
-            command.arg("--bind").arg(socket).arg(EGRESS_SOCKET_PATH);
+        command
+            .arg("--bind-fd")
+            .arg(handover.workspace.as_raw_fd().to_string())
+            .arg(WORKSPACE_DIR);
+        if let Some(socket) = &handover.egress_socket {
+            command
+                .arg("--bind-fd")
+                .arg(socket.as_raw_fd().to_string())
+                .arg(EGRESS_SOCKET_PATH);
         }
         command.args([
             "--chdir",
@@ -201,10 +285,28 @@ impl BwrapDriver {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let procs_files = init_leaf.procs_files();
-        // SAFETY: the closure only opens and writes files (async-signal-safe calls).
+        let inherited = handover.bound_fds();
+        let user_namespace = handover.user_namespace.as_raw_fd();
+        // SAFETY: the closure only opens and writes files, clears close-on-exec on descriptors
+        // the parent keeps open until the spawn, and joins the user namespace and takes its
+        // root ids (async-signal-safe calls). The cgroup is joined first: once in the machine's
+        // namespace the process can no longer write the node's cgroup files.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                Leaf::join_current_process(&procs_files)
+                for fd in &inherited {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Leaf::join_current_process(&procs_files)?;
+                if libc::setns(user_namespace, libc::CLONE_NEWUSER) != 0
+                    || libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setresgid(0, 0, 0) != 0
+                    || libc::setresuid(0, 0, 0) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
             });
         }
         Ok(command)
@@ -357,7 +459,7 @@ fn validate_spec(spec: &MachineSpec) -> Result<()> {
 
 /// The spec's user (root when it names none) from the merged root's `/etc/passwd`, with its
 /// home directory made.
-fn find_account(merged: &Path, spec: &MachineSpec) -> Result<Account> {
+fn find_account(merged: &Path, spec: &MachineSpec, uid_range: &UidRange) -> Result<Account> {
     let user = spec.user.clone().unwrap_or_else(|| "root".to_string());
     // The layers are the machine's to write (an install can leave symlinks anywhere), so
     // the node only reads and creates through real directories inside `merged`.
@@ -366,8 +468,47 @@ fn find_account(merged: &Path, spec: &MachineSpec) -> Result<Account> {
         user: user.clone(),
         image: spec.base.image.to_string(),
     })?;
-    create_dirs_inside(merged, Path::new(home.trim_start_matches('/')))?;
+    let owner = (uid_range.host_id(uid), uid_range.host_id(gid));
+    create_dirs_inside(merged, Path::new(home.trim_start_matches('/')), Some(owner))?;
     Ok(Account { user, uid, gid, home })
+}
+
+/// The host ids of the machine's user.
+fn owner_of(uid_range: &UidRange, account: &Account) -> (u32, u32) {
+    (uid_range.host_id(account.uid), uid_range.host_id(account.gid))
+}
+
+/// Sets the owner of `path` itself (a symlink is not followed).
+fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .map_err(|error| SandboxError::io("change the owner of", path, error))
+}
+
+/// The idmapped views of a machine's lower layers, `lower-0`, `lower-1`, ... in its directory.
+struct IdmappedLowers<'a> {
+    dir: PathBuf,
+    count: usize,
+    resources: &'a mut Resources,
+}
+
+impl<'a> IdmappedLowers<'a> {
+    fn new(machine_dir: &Path, resources: &'a mut Resources) -> Self {
+        IdmappedLowers {
+            dir: machine_dir.to_path_buf(),
+            count: 0,
+            resources,
+        }
+    }
+
+    /// Mounts `source` through `user_namespace` at the next `lower-N`, recorded for teardown.
+    fn mount(&mut self, source: &Path, user_namespace: std::os::fd::BorrowedFd<'_>) -> Result<PathBuf> {
+        let target = self.dir.join(format!("lower-{}", self.count));
+        self.count += 1;
+        create_dir(&target)?;
+        mounts::idmapped_bind(source, &target, user_namespace)?;
+        self.resources.mounts.push(target.clone());
+        Ok(target)
+    }
 }
 
 /// The environment every command starts from, before the spec's variables.
@@ -439,9 +580,9 @@ pub(super) fn read_inside(root: &Path, relative: &Path) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// Creates the missing directories of `relative` under `root`; stops, creating nothing more,
-/// at a symlink, a file or a `..` on the way.
-pub(super) fn create_dirs_inside(root: &Path, relative: &Path) -> Result<()> {
+/// Creates the missing directories of `relative` under `root` (owned by `owner`, host ids, when
+/// given); stops, creating nothing more, at a symlink, a file or a `..` on the way.
+pub(super) fn create_dirs_inside(root: &Path, relative: &Path, owner: Option<(u32, u32)>) -> Result<()> {
     let mut path = root.to_path_buf();
     for component in relative.components() {
         let std::path::Component::Normal(name) = component else {
@@ -453,6 +594,9 @@ pub(super) fn create_dirs_inside(root: &Path, relative: &Path) -> Result<()> {
             Ok(_) => return Ok(()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => {
                 std::fs::create_dir(&path).map_err(|error| SandboxError::io("create", &path, error))?;
+                if let Some((uid, gid)) = owner {
+                    chown(&path, uid, gid)?;
+                }
             }
             Err(error) => return Err(SandboxError::io("inspect", &path, error)),
         }

@@ -10,7 +10,9 @@ use crate::cgroup::MachineCgroup;
 use crate::error::{Result, SandboxError};
 use crate::limits::MachineLimits;
 use crate::mounts;
+use crate::uid_range::UidRange;
 
+use super::create::Handover;
 use super::WORKSPACE_DIR;
 
 /// Runs `$@` in directory `$1`; the shell is the image's, so it works on every base image.
@@ -44,6 +46,10 @@ pub(super) struct Resources {
     pub(super) disk_image: Option<PathBuf>,
     pub(super) dir: Option<PathBuf>,
     pub(super) stopped: Option<String>,
+    /// The host ids the machine runs as; given back once its processes are gone.
+    pub(super) uid_range: Option<UidRange>,
+    /// What bubblewrap inherited; closed once the machine has started.
+    pub(super) handover: Option<Handover>,
 }
 
 impl Resources {
@@ -55,6 +61,8 @@ impl Resources {
             disk_image: None,
             dir: Some(dir),
             stopped: None,
+            uid_range: None,
+            handover: None,
         }
     }
 
@@ -67,6 +75,8 @@ impl Resources {
             disk_image: None,
             dir: None,
             stopped: Some("destroyed".to_string()),
+            uid_range: None,
+            handover: None,
         }
     }
 
@@ -101,19 +111,24 @@ impl Resources {
             let _ = std::fs::remove_file(image);
         }
         if let Some(dir) = self.dir.take() {
-            // Never delete through a mount that is still there (it could reach a lower layer's
-            // files via the upper's view, or a checkout).
-            let still_mounted = ["workspace", "merged", "disk"]
-                .iter()
-                .any(|name| mounts::is_mount_point(&dir.join(name)));
-            if still_mounted {
-                tracing::warn!(dir = %dir.display(), "machine directory left in place: a layer is still mounted");
+            // Never delete through a mount that is still there: it could be a lower layer (the
+            // base image, an install layer, a checkout) or a view of one.
+            let still_mounted = mounts::mount_points_under(&dir);
+            if !still_mounted.is_empty() {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    mounts = still_mounted.len(),
+                    "machine directory left in place: a layer is still mounted"
+                );
             } else if let Err(error) = std::fs::remove_dir_all(&dir) {
                 if error.kind() != io::ErrorKind::NotFound {
                     first_error.get_or_insert(SandboxError::io("remove", &dir, error));
                 }
             }
         }
+        // The range goes back only when nothing of the machine can still run as it.
+        self.handover = None;
+        self.uid_range = None;
         first_error.map_or(Ok(()), Err)
     }
 }

@@ -64,11 +64,11 @@ fn paths_inside_a_layer_do_not_follow_symlinks_out() {
     assert_eq!(read_inside(root.path(), Path::new("../secret")), None);
 
     std::os::unix::fs::symlink(outside.path(), root.path().join("home")).unwrap();
-    create_dirs_inside(root.path(), Path::new("home/agent")).unwrap();
+    create_dirs_inside(root.path(), Path::new("home/agent"), None).unwrap();
     assert!(!outside.path().join("agent").exists());
-    create_dirs_inside(root.path(), Path::new("../escaped")).unwrap();
+    create_dirs_inside(root.path(), Path::new("../escaped"), None).unwrap();
     assert!(!root.path().parent().unwrap().join("escaped").exists());
-    create_dirs_inside(root.path(), Path::new("srv/agent")).unwrap();
+    create_dirs_inside(root.path(), Path::new("srv/agent"), None).unwrap();
     assert!(root.path().join("srv/agent").is_dir());
 }
 

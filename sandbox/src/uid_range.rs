@@ -1,0 +1,274 @@
+//! The host user ids a machine runs as.
+//!
+//! A machine's uid 0 must not be the host's uid 0, nor the node's own uid: each machine takes a
+//! range of 65,536 host ids that no other machine on the host holds while it lives, and its
+//! user namespace maps its ids 0..65,536 onto that range. A range is claimed with an exclusive
+//! `flock` on a file named after it in a directory shared by every node on the host, so nodes
+//! that share a host (tests, benchmarks, a small cluster on one box) never hand out the same
+//! range twice, and a node killed with SIGKILL gives its ranges back when the kernel closes
+//! its files.
+//!
+//! Files that must look like the machine's own (its base image, install layer and checkout) are
+//! shown to it through idmapped mounts of that user namespace (`mounts::idmapped_bind`), so
+//! nothing on disk is re-owned per machine; what a machine writes is owned on the host by its
+//! range; a captured layer is shifted back to the ids the machine saw (`shift_owners_down`), so
+//! one layer serves machines of any range.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, SandboxError};
+
+/// Ids in one machine's range: a whole 16-bit space, as distributions expect (`nobody` is 65534).
+pub const IDS_PER_RANGE: u32 = 65_536;
+/// The id a file owned by an id outside the machine's range shows as inside it (the kernel's
+/// default overflow id).
+pub const OVERFLOW_ID: u32 = 65_534;
+
+/// Where machines' ranges come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UidRangeConfig {
+    /// The first host id of range 0. Far above the ids distributions give people and services
+    /// (and above the usual `/etc/subuid` allocations from 100,000), so a machine's files never
+    /// belong to a host account.
+    pub first_host_id: u32,
+    /// How many ranges there are: the most machines the host runs at once.
+    pub ranges: u32,
+    /// The directory of lock files, one per range, shared by every node on the host.
+    pub lock_dir: PathBuf,
+}
+
+impl Default for UidRangeConfig {
+    fn default() -> Self {
+        UidRangeConfig {
+            first_host_id: 1_000_000_000,
+            ranges: 16_384,
+            lock_dir: PathBuf::from("/run/flotilla/uid-ranges"),
+        }
+    }
+}
+
+impl UidRangeConfig {
+    pub fn validate(&self) -> Result<()> {
+        let last = u64::from(self.first_host_id) + u64::from(self.ranges) * u64::from(IDS_PER_RANGE);
+        if self.ranges == 0 || self.first_host_id == 0 || last > u64::from(u32::MAX) {
+            return Err(SandboxError::InvalidSpec {
+                detail: format!(
+                    "machine uid ranges: {} ranges of {IDS_PER_RANGE} from host id {} do not fit in 1..{}",
+                    self.ranges,
+                    self.first_host_id,
+                    u32::MAX
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A range held by one machine; dropping it gives the range back.
+#[derive(Debug)]
+pub struct UidRange {
+    index: u32,
+    first_host_id: u32,
+    /// Holds the range's `flock`.
+    _lock: File,
+}
+
+impl UidRange {
+    /// Claims the lowest free range.
+    pub fn claim(config: &UidRangeConfig) -> Result<UidRange> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.lock_dir)
+            .map_err(|error| SandboxError::io("create", &config.lock_dir, error))?;
+        for index in 0..config.ranges {
+            let path = config.lock_dir.join(format!("range-{index}"));
+            let lock = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|error| SandboxError::io("open", &path, error))?;
+            if try_lock(&lock).map_err(|error| SandboxError::io("lock", &path, error))? {
+                return Ok(UidRange {
+                    index,
+                    first_host_id: config.first_host_id + index * IDS_PER_RANGE,
+                    _lock: lock,
+                });
+            }
+        }
+        Err(SandboxError::Unsupported {
+            what: format!(
+                "more than {} machines at once on this host (every machine uid range in {} is taken)",
+                config.ranges,
+                config.lock_dir.display()
+            ),
+        })
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The host id of the machine's id 0.
+    pub fn first_host_id(&self) -> u32 {
+        self.first_host_id
+    }
+
+    /// The host id of the machine's `id`.
+    pub fn host_id(&self, id: u32) -> u32 {
+        self.first_host_id + id.min(IDS_PER_RANGE - 1)
+    }
+
+    /// The machine's id for a host id, if the host id is in the range.
+    pub fn machine_id(&self, host_id: u32) -> Option<u32> {
+        host_id.checked_sub(self.first_host_id).filter(|id| *id < IDS_PER_RANGE)
+    }
+
+    /// A user namespace mapping the machine's ids 0.. onto the whole range.
+    pub fn user_namespace(&self) -> Result<OwnedFd> {
+        let map = format!("0 {} {IDS_PER_RANGE}\n", self.first_host_id);
+        new_user_namespace(&map, &map)
+    }
+
+    /// A user namespace in which id 0 is the machine's `uid`/`gid` and nothing else is mapped:
+    /// through an idmapped mount of it, files the node made (owned by host root) belong to the
+    /// machine's user.
+    pub fn user_namespace_owned_by(&self, uid: u32, gid: u32) -> Result<OwnedFd> {
+        let uid_map = format!("0 {} 1\n", self.host_id(uid));
+        let gid_map = format!("0 {} 1\n", self.host_id(gid));
+        new_user_namespace(&uid_map, &gid_map)
+    }
+}
+
+/// Takes an exclusive `flock` on `file` if no one holds one; `false` if someone does.
+// Unsafe: flock(2); std's File::try_lock needs a newer Rust than rust-version.
+#[allow(unsafe_code)]
+pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor this process owns; no memory is shared with the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(error)
+    }
+}
+
+/// A new user namespace with the given maps, held by the returned descriptor.
+///
+/// A process can only create a user namespace for itself, and only while single-threaded, so a
+/// forked child makes it and says so on a pipe, while the node writes its maps (as host root the
+/// node may map any host ids) and opens `/proc/<child>/ns/user`; then the node kills the child,
+/// and the descriptor keeps the namespace alive. The child is killed rather than told to exit:
+/// other children forked at the same moment may hold copies of any pipe's ends, so nothing may
+/// wait for a pipe to close.
+// Unsafe: fork(2), unshare(2), write(2), pause(2), kill(2) and waitpid(2): std has no way to
+// make a user namespace, and after fork in a threaded process only async-signal-safe calls are made.
+#[allow(unsafe_code)]
+fn new_user_namespace(uid_map: &str, gid_map: &str) -> Result<OwnedFd> {
+    let (ready_read, ready_write) = pipe()?;
+    // SAFETY: the child makes only async-signal-safe calls (unshare, write, pause, _exit) on
+    // descriptors it inherited; it never returns into Rust code.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(SandboxError::io(
+            "fork for",
+            "a machine user namespace",
+            io::Error::last_os_error(),
+        ));
+    }
+    if child == 0 {
+        // SAFETY: see above.
+        unsafe {
+            let status: u8 = if libc::unshare(libc::CLONE_NEWUSER) == 0 { 0 } else { 1 };
+            libc::write(ready_write.as_raw_fd(), (&status as *const u8).cast(), 1);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    drop(ready_write);
+    let result = map_child_namespace(child, &ready_read, uid_map, gid_map);
+    let mut status = 0;
+    // SAFETY: `child` is this process's child, not yet reaped; status is a valid pointer.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, &mut status, 0);
+    }
+    result
+}
+
+fn map_child_namespace(child: libc::pid_t, ready: &OwnedFd, uid_map: &str, gid_map: &str) -> Result<OwnedFd> {
+    let mut ready_file = File::from(
+        ready
+            .try_clone()
+            .map_err(|error| SandboxError::io("dup", "a pipe", error))?,
+    );
+    let mut status = [1u8; 1];
+    io::Read::read_exact(&mut ready_file, &mut status)
+        .map_err(|error| SandboxError::io("wait for", "the user namespace helper", error))?;
+    if status[0] != 0 {
+        return Err(SandboxError::Unsupported {
+            what: "creating a user namespace (unshare(CLONE_NEWUSER) failed: are user namespaces \
+                   disabled by user.max_user_namespaces or a security module?)"
+                .to_string(),
+        });
+    }
+    let proc_dir = PathBuf::from(format!("/proc/{child}"));
+    write_map(&proc_dir.join("uid_map"), uid_map)?;
+    write_map(&proc_dir.join("gid_map"), gid_map)?;
+    let namespace_path = proc_dir.join("ns/user");
+    let namespace = File::open(&namespace_path).map_err(|error| SandboxError::io("open", &namespace_path, error))?;
+    Ok(OwnedFd::from(namespace))
+}
+
+fn write_map(path: &Path, map: &str) -> Result<()> {
+    std::fs::write(path, map).map_err(|error| SandboxError::io("write", path, error))
+}
+
+// Unsafe: pipe2(2); std's pipe gives no raw descriptors usable after fork without allocation.
+#[allow(unsafe_code)]
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(SandboxError::io("create", "a pipe", io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 returned two new descriptors this process owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Re-owns everything under `root` (never following a symlink) from the host ids of `range` to
+/// the ids the machine saw: a captured layer must not keep a range that another machine will
+/// hold later. Ids outside the range (files the node made as host root, say) become the
+/// overflow id, which is how the machine saw them. Returns how many entries changed owner.
+pub fn shift_owners_down(root: &Path, range: &UidRange) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut changed = 0;
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let metadata = std::fs::symlink_metadata(&path).map_err(|error| SandboxError::io("inspect", &path, error))?;
+        let machine_uid = range.machine_id(metadata.uid()).unwrap_or(OVERFLOW_ID);
+        let machine_gid = range.machine_id(metadata.gid()).unwrap_or(OVERFLOW_ID);
+        if (machine_uid, machine_gid) != (metadata.uid(), metadata.gid()) {
+            std::os::unix::fs::lchown(&path, Some(machine_uid), Some(machine_gid))
+                .map_err(|error| SandboxError::io("change the owner of", &path, error))?;
+            changed += 1;
+        }
+        if metadata.is_dir() {
+            let entries = std::fs::read_dir(&path).map_err(|error| SandboxError::io("read", &path, error))?;
+            for entry in entries {
+                let entry = entry.map_err(|error| SandboxError::io("read", &path, error))?;
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests;

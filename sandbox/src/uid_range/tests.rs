@@ -1,0 +1,114 @@
+use std::os::unix::fs::MetadataExt;
+
+use super::*;
+
+fn config(lock_dir: &Path) -> UidRangeConfig {
+    UidRangeConfig {
+        first_host_id: 2_000_000_000,
+        ranges: 3,
+        lock_dir: lock_dir.to_path_buf(),
+    }
+}
+
+#[test]
+fn ranges_are_held_until_dropped_and_run_out_with_a_clear_error() {
+    let locks = tempfile::tempdir().unwrap();
+    let config = config(locks.path());
+    let first = UidRange::claim(&config).unwrap();
+    let second = UidRange::claim(&config).unwrap();
+    assert_eq!((first.index(), second.index()), (0, 1));
+    assert_eq!(first.first_host_id(), 2_000_000_000);
+    assert_eq!(second.first_host_id(), 2_000_000_000 + IDS_PER_RANGE);
+    let third = UidRange::claim(&config).unwrap();
+    let error = UidRange::claim(&config).unwrap_err().to_string();
+    assert!(error.contains("more than 3 machines at once"), "{error}");
+    drop(second);
+    assert_eq!(UidRange::claim(&config).unwrap().index(), 1);
+    drop((first, third));
+}
+
+#[test]
+fn ids_convert_both_ways_within_the_range_only() {
+    let locks = tempfile::tempdir().unwrap();
+    let range = UidRange::claim(&config(locks.path())).unwrap();
+    assert_eq!(range.host_id(0), 2_000_000_000);
+    assert_eq!(range.host_id(1000), 2_000_001_000);
+    assert_eq!(range.machine_id(2_000_001_000), Some(1000));
+    assert_eq!(range.machine_id(0), None);
+    assert_eq!(range.machine_id(2_000_000_000 + IDS_PER_RANGE), None);
+}
+
+#[test]
+fn a_range_that_does_not_fit_is_refused() {
+    let locks = tempfile::tempdir().unwrap();
+    let mut config = config(locks.path());
+    config.ranges = 40_000;
+    assert!(UidRange::claim(&config).is_err());
+    config.ranges = 1;
+    config.first_host_id = 0;
+    assert!(UidRange::claim(&config).is_err());
+}
+
+#[test]
+fn a_user_namespace_maps_the_range() {
+    let locks = tempfile::tempdir().unwrap();
+    let range = UidRange::claim(&config(locks.path())).unwrap();
+    // The namespace's maps, read from a process that joins it, are the range's.
+    let namespace = range.user_namespace().unwrap();
+    let path = format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        std::os::fd::AsRawFd::as_raw_fd(&namespace)
+    );
+    let output = std::process::Command::new("nsenter")
+        .arg(format!("--user={path}"))
+        .args(["cat", "/proc/self/uid_map"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let map: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(map, ["0", "2000000000", "65536"]);
+}
+
+#[test]
+fn a_captured_layer_is_shifted_back_to_the_ids_the_machine_saw() {
+    let locks = tempfile::tempdir().unwrap();
+    let range = UidRange::claim(&config(locks.path())).unwrap();
+    let layer = tempfile::tempdir().unwrap();
+    let file = layer.path().join("made-by-user");
+    let node_file = layer.path().join("made-by-the-node");
+    std::fs::write(&file, "x").unwrap();
+    std::fs::write(&node_file, "x").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", layer.path().join("link")).unwrap();
+    std::os::unix::fs::lchown(&file, Some(range.host_id(1000)), Some(range.host_id(100))).unwrap();
+    std::os::unix::fs::lchown(
+        layer.path().join("link"),
+        Some(range.host_id(0)),
+        Some(range.host_id(0)),
+    )
+    .unwrap();
+    std::os::unix::fs::lchown(layer.path(), Some(range.host_id(0)), Some(range.host_id(0))).unwrap();
+
+    shift_owners_down(layer.path(), &range).unwrap();
+
+    let owner = |path: &Path| {
+        let metadata = std::fs::symlink_metadata(path).unwrap();
+        (metadata.uid(), metadata.gid())
+    };
+    assert_eq!(owner(&file), (1000, 100));
+    assert_eq!(
+        owner(&node_file),
+        (OVERFLOW_ID, OVERFLOW_ID),
+        "host root is nobody to the machine"
+    );
+    assert_eq!(owner(&layer.path().join("link")), (0, 0));
+    assert_eq!(owner(layer.path()), (0, 0));
+    assert_eq!(
+        owner(Path::new("/etc/passwd")),
+        (0, 0),
+        "the link's target is untouched"
+    );
+}
