@@ -30,8 +30,11 @@ mod mount_namespace;
 mod mounts;
 mod output_capture;
 pub mod pty;
+pub mod seccomp;
 pub mod workspace_file;
 
+#[cfg(test)]
+mod kernel_surface_tests;
 #[cfg(test)]
 mod machine_tests;
 

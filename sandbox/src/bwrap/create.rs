@@ -2,6 +2,7 @@
 //! overlays, the user it runs as, its cgroup, the bubblewrap command, and waiting for its init.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::AtomicU64;
@@ -15,6 +16,7 @@ use crate::driver::{MachineSpec, WorkspaceMode, EGRESS_SOCKET_PATH};
 use crate::error::{Result, SandboxError};
 use crate::limits::MachineLimits;
 use crate::mounts;
+use crate::seccomp;
 
 use super::machine::{BwrapMachine, Resources};
 use super::{blocking, create_dir, BwrapDriver, DiskBacking, WORKSPACE_DIR};
@@ -145,7 +147,8 @@ impl BwrapDriver {
 
     /// The bubblewrap command of the machine's init, which joins the machine's `init` leaf
     /// cgroup before it execs.
-    // Unsafe: pre_exec, to join the init leaf cgroup before bubblewrap execs.
+    // Unsafe: pre_exec, to join the init leaf cgroup and inherit the filter's memfds before
+    // bubblewrap execs.
     #[allow(unsafe_code)]
     fn bwrap_command(
         &self,
@@ -178,11 +181,26 @@ impl BwrapDriver {
             "--new-session",
         ]);
         command.args(["--cap-drop", "ALL"]);
+        // The init and everything it starts run under the machine's system-call filter; the
+        // memfds reach bubblewrap alone (see the pre_exec below), which reads and closes them.
+        let seccomp_files = seccomp::machine_filter()?.bubblewrap_files()?;
+        for file in &seccomp_files {
+            command.arg("--add-seccomp-fd").arg(file.as_raw_fd().to_string());
+        }
         command.arg("--bind").arg(&layers.merged).arg("/");
         for bind in &spec.base.host_read_only_binds {
             command.arg("--ro-bind").arg(bind).arg(bind);
         }
-        command.args(["--proc", "/proc", "--dev", "/dev"]);
+        command.args(["--proc", "/proc"]);
+        // Sysctls are the kernel's, not the machine's: read-only. Bubblewrap covers /proc/sys
+        // only when it finds the directory writable, which it never does (its mode is 0555),
+        // so the files below stayed writable to a machine's root. The source is the node's
+        // /proc: sysctl files show the namespaces of whoever reads them, whichever proc mount
+        // they are reached through. /proc/sysrq-trigger (absent when the kernel has no magic
+        // SysRq) is bound read-only too; /sys is never mounted.
+        command.args(["--ro-bind", "/proc/sys", "/proc/sys"]);
+        command.args(["--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger"]);
+        command.args(["--dev", "/dev"]);
         command.arg("--bind").arg(&layers.workspace_view).arg(WORKSPACE_DIR);
         if let Some(socket) = &spec.egress_socket {
             command.arg("--bind").arg(socket).arg(EGRESS_SOCKET_PATH);
@@ -201,9 +219,11 @@ impl BwrapDriver {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let procs_files = init_leaf.procs_files();
-        // SAFETY: the closure only opens and writes files (async-signal-safe calls).
+        // SAFETY: the closure only opens and writes files and changes descriptor flags
+        // (async-signal-safe calls).
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                seccomp::inherit_in_child(&seccomp_files)?;
                 Leaf::join_current_process(&procs_files)
             });
         }
