@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::seccomp::SeccompError;
 use crate::workspace_file::WorkspaceFileError;
 
 /// A malformed environment.json: where it is wrong and why.
@@ -109,6 +110,10 @@ pub enum SandboxError {
 
     #[error("{what} is not supported by the bwrap machine driver")]
     Unsupported { what: String },
+
+    /// The system-call filter every machine process runs under could not be made or handed over.
+    #[error(transparent)]
+    SystemCallFilter(#[from] SeccompError),
 }
 
 impl SandboxError {

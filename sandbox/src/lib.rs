@@ -30,9 +30,12 @@ mod mount_namespace;
 mod mounts;
 mod output_capture;
 pub mod pty;
+pub mod seccomp;
 pub mod uid_range;
 pub mod workspace_file;
 
+#[cfg(test)]
+mod kernel_surface_tests;
 #[cfg(test)]
 mod machine_tests;
 

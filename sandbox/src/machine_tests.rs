@@ -21,20 +21,20 @@ use crate::pty::PtySize;
 
 /// Deadline for conditions that a healthy machine meets in milliseconds; generous because
 /// tests share two cores.
-const CONDITION_DEADLINE: Duration = Duration::from_secs(20);
+pub(crate) const CONDITION_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The bubblewrap machine behind a handle, for what only it tells (its directory).
-fn bwrap_machine(handle: &MachineHandle) -> &BwrapMachine {
+pub(crate) fn bwrap_machine(handle: &MachineHandle) -> &BwrapMachine {
     handle.downcast_ref::<BwrapMachine>().expect("a bubblewrap machine")
 }
 
-struct Harness {
+pub(crate) struct Harness {
     scratch: tempfile::TempDir,
-    driver: Arc<BwrapDriver>,
+    pub(crate) driver: Arc<BwrapDriver>,
     base: BaseLayer,
 }
 
-async fn harness() -> Harness {
+pub(crate) async fn harness() -> Harness {
     let scratch = tempfile::Builder::new()
         .prefix("flotilla-sandbox-test")
         .tempdir()
@@ -66,7 +66,7 @@ impl Harness {
         spec
     }
 
-    async fn machine(&self, name: &str) -> MachineHandle {
+    pub(crate) async fn machine(&self, name: &str) -> MachineHandle {
         let workspace = self.workspace(name);
         self.driver
             .create(self.spec(name, &workspace))
@@ -74,14 +74,14 @@ impl Harness {
             .expect("create machine")
     }
 
-    async fn run(&self, machine: &MachineHandle, command: &str) -> ExecOutput {
+    pub(crate) async fn run(&self, machine: &MachineHandle, command: &str) -> ExecOutput {
         self.driver
             .exec(machine, ExecRequest::new(command))
             .await
             .expect("exec")
     }
 
-    async fn run_ok(&self, machine: &MachineHandle, command: &str) -> String {
+    pub(crate) async fn run_ok(&self, machine: &MachineHandle, command: &str) -> String {
         let output = self.run(machine, command).await;
         assert!(
             output.success(),
@@ -98,7 +98,7 @@ impl Harness {
 }
 
 /// Polls `condition` until it returns `Some`, or fails naming what was awaited.
-async fn wait_for<T, F, Fut>(what: &str, mut condition: F) -> T
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, mut condition: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,

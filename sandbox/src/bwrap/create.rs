@@ -2,6 +2,7 @@
 //! overlays, the user it runs as, its cgroup, the bubblewrap command, and waiting for its init.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::AtomicU64;
@@ -15,6 +16,7 @@ use crate::driver::{MachineSpec, WorkspaceMode, EGRESS_SOCKET_PATH};
 use crate::error::{Result, SandboxError};
 use crate::limits::MachineLimits;
 use crate::mounts;
+use crate::seccomp;
 use crate::uid_range::UidRange;
 
 use super::machine::{BwrapMachine, Resources};
@@ -222,7 +224,8 @@ impl BwrapDriver {
 
     /// The bubblewrap command of the machine's init, which joins the machine's `init` leaf
     /// cgroup before it execs.
-    // Unsafe: pre_exec, to join the init leaf cgroup before bubblewrap execs.
+    // Unsafe: pre_exec, to join the init leaf cgroup and inherit the filter's memfds before
+    // bubblewrap execs.
     #[allow(unsafe_code)]
     fn bwrap_command(
         &self,
@@ -231,7 +234,6 @@ impl BwrapDriver {
         handover: &Handover,
         cgroup: &MachineCgroup,
     ) -> Result<std::process::Command> {
-        use std::os::fd::AsRawFd;
         let init_leaf = cgroup.leaf("init")?;
         let mut command = std::process::Command::new(&self.config.bwrap_program);
         // Bubblewrap starts inside the machine's own user namespace (its ids mapped onto its
@@ -253,6 +255,12 @@ impl BwrapDriver {
             "--new-session",
         ]);
         command.args(["--cap-drop", "ALL"]);
+        // The init and everything it starts run under the machine's system-call filter; the
+        // memfds reach bubblewrap alone (see the pre_exec below), which reads and closes them.
+        let seccomp_files = seccomp::machine_filter()?.bubblewrap_files()?;
+        for file in &seccomp_files {
+            command.arg("--add-seccomp-fd").arg(file.as_raw_fd().to_string());
+        }
         command
             .arg("--bind-fd")
             .arg(handover.root.as_raw_fd().to_string())
@@ -260,7 +268,16 @@ impl BwrapDriver {
         for bind in &spec.base.host_read_only_binds {
             command.arg("--ro-bind").arg(bind).arg(bind);
         }
-        command.args(["--proc", "/proc", "--dev", "/dev"]);
+        command.args(["--proc", "/proc"]);
+        // Sysctls are the kernel's, not the machine's: read-only. Bubblewrap covers /proc/sys
+        // only when it finds the directory writable, which it never does (its mode is 0555),
+        // so the files below stayed writable to a machine's root. The source is the node's
+        // /proc: sysctl files show the namespaces of whoever reads them, whichever proc mount
+        // they are reached through. /proc/sysrq-trigger (absent when the kernel has no magic
+        // SysRq) is bound read-only too; /sys is never mounted.
+        command.args(["--ro-bind", "/proc/sys", "/proc/sys"]);
+        command.args(["--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger"]);
+        command.args(["--dev", "/dev"]);
         command
             .arg("--bind-fd")
             .arg(handover.workspace.as_raw_fd().to_string())
@@ -287,12 +304,13 @@ impl BwrapDriver {
         let procs_files = init_leaf.procs_files();
         let inherited = handover.bound_fds();
         let user_namespace = handover.user_namespace.as_raw_fd();
-        // SAFETY: the closure only opens and writes files, clears close-on-exec on descriptors
-        // the parent keeps open until the spawn, and joins the user namespace and takes its
-        // root ids (async-signal-safe calls). The cgroup is joined first: once in the machine's
-        // namespace the process can no longer write the node's cgroup files.
+        // SAFETY: the closure only opens and writes files, changes descriptor flags on
+        // descriptors the parent keeps open until the spawn, and joins the user namespace and
+        // takes its root ids (async-signal-safe calls). The cgroup is joined first: once in the
+        // machine's namespace the process can no longer write the node's cgroup files.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                seccomp::inherit_in_child(&seccomp_files)?;
                 for fd in &inherited {
                     if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
                         return Err(io::Error::last_os_error());

@@ -12,6 +12,7 @@ use crate::cgroup::Leaf;
 use crate::driver::{ExecOutput, ExecRequest, KilledReason};
 use crate::error::{Result, SandboxError};
 use crate::output_capture::{pump, take_capture, OutputCapture, MAX_OUTPUT_BYTES_CEILING};
+use crate::seccomp;
 
 use super::machine::BwrapMachine;
 use super::{BwrapDriver, WORKSPACE_DIR};
@@ -45,7 +46,8 @@ impl BwrapDriver {
         self.run(machine, invocation).await
     }
 
-    // Unsafe: pre_exec, to start a session and join the command's leaf cgroup before it execs.
+    // Unsafe: pre_exec, to start a session, join the command's leaf cgroup and install the
+    // system-call filter before it execs.
     #[allow(unsafe_code)]
     async fn run(&self, machine: &BwrapMachine, invocation: Invocation) -> Result<ExecOutput> {
         machine.ensure_running()?;
@@ -69,12 +71,16 @@ impl BwrapDriver {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let procs_files: Vec<CString> = leaf.procs_files();
-        // SAFETY: setsid and the leaf join only make async-signal-safe calls.
+        let filter = seccomp::machine_filter()?;
+        // SAFETY: setsid, the leaf join and the filter's installation only make
+        // async-signal-safe calls.
         unsafe {
             command.pre_exec(move || {
                 // A session of its own: no controlling terminal of the node's to reach.
                 libc::setsid();
-                Leaf::join_current_process(&procs_files)
+                Leaf::join_current_process(&procs_files)?;
+                // Last, so that nsenter, setpriv and the command all run filtered.
+                filter.install_in_this_process()
             });
         }
         let mut child = command

@@ -6,6 +6,7 @@ use crate::cgroup::Leaf;
 use crate::driver::TERMINAL_SESSION;
 use crate::environment::Terminal;
 use crate::error::{Result, SandboxError};
+use crate::seccomp;
 
 use super::machine::BwrapMachine;
 use super::{BwrapDriver, WORKSPACE_DIR};
@@ -64,7 +65,8 @@ impl BwrapDriver {
 
 /// A command that attaches to the machine's tmux session, read-only for viewers, in a leaf
 /// cgroup of the machine.
-// Unsafe: pre_exec, to join the attach leaf cgroup before nsenter execs.
+// Unsafe: pre_exec, to join the attach leaf cgroup and install the system-call filter before
+// nsenter execs.
 #[allow(unsafe_code)]
 pub(super) fn attach_command(
     machine: &BwrapMachine,
@@ -87,9 +89,14 @@ pub(super) fn attach_command(
     }
     let leaf = machine.cgroup.leaf("attach")?;
     let procs_files = leaf.procs_files();
-    // SAFETY: the closure only opens and writes files (async-signal-safe calls).
+    let filter = seccomp::machine_filter()?;
+    // SAFETY: the closure only opens and writes files and installs a compiled filter
+    // (async-signal-safe calls).
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, move || Leaf::join_current_process(&procs_files));
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            Leaf::join_current_process(&procs_files)?;
+            filter.install_in_this_process()
+        });
     }
     Ok(command)
 }
