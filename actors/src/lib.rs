@@ -15,6 +15,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod model;
 pub mod repo;
+pub mod repo_url;
 pub mod run;
 pub mod scheduler;
 pub mod supervisor;
