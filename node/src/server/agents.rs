@@ -32,6 +32,8 @@ pub struct AgentApi {
     /// The node's VCS providers, which must claim an agent's repository; `None` (unit tests
     /// without a plugin host) takes any repository.
     pub plugins: Option<Arc<super::vcs::NodePlugins>>,
+    /// Which local repositories this node takes (`[repos] allow_local`).
+    pub repositories: flotilla_actors::repo_url::RepositoryPolicy,
 }
 
 /// The models this node declares, for checking `CreateAgent` (every node of a cluster is meant
@@ -80,6 +82,19 @@ impl ModelCatalog {
 
 fn invalid(message: String) -> Status {
     Status::invalid_argument(message)
+}
+
+/// A repository the node's policy refuses. A local path outside `[repos] allow_local` is
+/// `PERMISSION_DENIED`: the request is well formed, but this node's operator has not allowed it
+/// to reach that directory (the message names the setting that would). A form the node never
+/// takes (a transport helper, an unknown scheme) is `INVALID_ARGUMENT`, like any other malformed
+/// field: no setting changes the answer.
+fn repository_refused(error: flotilla_actors::repo_url::RepositoryUrlRefused) -> Status {
+    if error.denied_by_policy() {
+        Status::permission_denied(error.to_string())
+    } else {
+        Status::invalid_argument(error.to_string())
+    }
 }
 
 /// The opaque page token: where the last page ended, and a digest of the filter it was for.
@@ -142,6 +157,10 @@ impl AgentService for AgentApi {
         let body = request.into_inner();
         validate::prompt("prompt", &body.prompt, validate::MAX_PROMPT_BYTES)?;
         validate::repository(&body.repository)?;
+        self.repositories
+            .check_blocking(&body.repository)
+            .await
+            .map_err(repository_refused)?;
         let base_branch = if body.base_branch.is_empty() {
             "main".to_string()
         } else {
