@@ -138,6 +138,9 @@ pub struct Workspace {
     pub path: PathBuf,
     pub branch: String,
     pub head_commit: String,
+    /// The tree of `head_commit` (`git rev-parse HEAD^{tree}`), read in the node's own mirror:
+    /// the files of the checkout, part of the install layer's key.
+    pub tree: String,
     /// Whether the work branch already existed in the origin (a resumed or follow-up run).
     pub resumed: bool,
 }
@@ -271,7 +274,15 @@ impl RepoState {
             // serves) rather than copied file by file; `--`: no URL reads as an option; the
             // mirrors' directory as the working directory: a URL is never found as a relative path.
             git_with(
-                &["clone", "--mirror", "--quiet", "--no-local", "--", &origin.url, &partial],
+                &[
+                    "clone",
+                    "--mirror",
+                    "--quiet",
+                    "--no-local",
+                    "--",
+                    &origin.url,
+                    &partial,
+                ],
                 self.args.mirror.parent(),
                 &origin.env,
             )
@@ -371,10 +382,17 @@ impl RepoState {
             .await
             .map_err(workspace_error)?;
         let head_commit = git(&["rev-parse", "HEAD"], Some(path)).await.map_err(workspace_error)?;
+        let tree = git(
+            &["rev-parse", "--verify", "--quiet", &format!("{head_commit}^{{tree}}")],
+            Some(&self.args.mirror),
+        )
+        .await
+        .map_err(workspace_error)?;
         Ok(Workspace {
             path: path.to_path_buf(),
             branch: work_branch.to_string(),
             head_commit,
+            tree,
             resumed,
         })
     }
@@ -594,6 +612,11 @@ mod tests {
         );
         assert!(workspace.path.join("README.md").exists());
         assert_eq!(
+            workspace.tree,
+            git(&["rev-parse", "HEAD^{tree}"], Some(&workspace.path)).await.unwrap()
+        );
+        assert_eq!(workspace.tree.len(), 40, "{}", workspace.tree);
+        assert_eq!(
             git(&["remote", "get-url", "origin"], Some(&workspace.path))
                 .await
                 .unwrap(),
@@ -723,7 +746,10 @@ mod tests {
                 panic!("{url}: expected a refusal, found {error}");
             };
             let text = error.to_string();
-            assert!(text.starts_with("this node refuses the repository: repository "), "{text}");
+            assert!(
+                text.starts_with("this node refuses the repository: repository "),
+                "{text}"
+            );
             if url == helper {
                 assert!(!refused.denied_by_policy(), "{text}");
                 assert!(text.contains("\"ext::\" transport runs a helper program"), "{text}");

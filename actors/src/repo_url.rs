@@ -337,7 +337,10 @@ fn resolve(path: &Path) -> Result<PathBuf, String> {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 // A dangling link would be followed once its target appears.
                 if std::fs::symlink_metadata(existing).is_ok() {
-                    return Err(format!("{} is a symbolic link to a path that does not exist", existing.display()));
+                    return Err(format!(
+                        "{} is a symbolic link to a path that does not exist",
+                        existing.display()
+                    ));
                 }
                 let Some(parent) = existing.parent() else {
                     return Err(error.to_string());

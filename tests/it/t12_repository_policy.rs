@@ -47,7 +47,10 @@ async fn local_repositories_are_taken_only_under_the_configured_directories() {
             "outside the allowed directory",
             outside.clone(),
             Code::PermissionDenied,
-            format!("{} is not under a directory of the node's [repos] allow_local", root.join("secret.git").display()),
+            format!(
+                "{} is not under a directory of the node's [repos] allow_local",
+                root.join("secret.git").display()
+            ),
         ),
         (
             "a sibling whose name starts with the allowed one",

@@ -53,15 +53,33 @@ fn helpers_unknown_schemes_options_and_relative_paths_are_refused() {
         refused("ext::sh -c x")
     );
     assert!(matches!(refused("fd::3"), RepositoryUrlRefused::TransportHelper { .. }));
-    assert!(matches!(refused("custom-helper::anything"), RepositoryUrlRefused::TransportHelper { .. }));
-    assert!(matches!(refused("https::https://host/x"), RepositoryUrlRefused::TransportHelper { .. }));
-    assert!(matches!(refused("foo://host/repo"), RepositoryUrlRefused::Scheme { .. }));
+    assert!(matches!(
+        refused("custom-helper::anything"),
+        RepositoryUrlRefused::TransportHelper { .. }
+    ));
+    assert!(matches!(
+        refused("https::https://host/x"),
+        RepositoryUrlRefused::TransportHelper { .. }
+    ));
+    assert!(matches!(
+        refused("foo://host/repo"),
+        RepositoryUrlRefused::Scheme { .. }
+    ));
     // git compares schemes case-sensitively and hands "FILE" to a helper.
     assert!(matches!(refused("FILE:///etc"), RepositoryUrlRefused::Scheme { .. }));
     assert!(matches!(refused("-uevil"), RepositoryUrlRefused::OptionLike { .. }));
-    assert!(matches!(refused("ssh://-oProxyCommand=x/r"), RepositoryUrlRefused::OptionLike { .. }));
-    assert!(matches!(refused("-oProxyCommand=x@h:r"), RepositoryUrlRefused::OptionLike { .. }));
-    assert!(matches!(refused("u@-oProxyCommand=x:r"), RepositoryUrlRefused::OptionLike { .. }));
+    assert!(matches!(
+        refused("ssh://-oProxyCommand=x/r"),
+        RepositoryUrlRefused::OptionLike { .. }
+    ));
+    assert!(matches!(
+        refused("-oProxyCommand=x@h:r"),
+        RepositoryUrlRefused::OptionLike { .. }
+    ));
+    assert!(matches!(
+        refused("u@-oProxyCommand=x:r"),
+        RepositoryUrlRefused::OptionLike { .. }
+    ));
     for relative in ["repo", "./repo", "../repo", "~/repo", "~user/repo", "sub/dir:x"] {
         assert_eq!(
             refused(relative),
@@ -69,8 +87,14 @@ fn helpers_unknown_schemes_options_and_relative_paths_are_refused() {
             "{relative}"
         );
     }
-    assert!(matches!(refused("file://host/srv/x"), RepositoryUrlRefused::FileUrlHost { .. }));
-    assert!(matches!(refused("file:///srv/x%00y"), RepositoryUrlRefused::NulByte { .. }));
+    assert!(matches!(
+        refused("file://host/srv/x"),
+        RepositoryUrlRefused::FileUrlHost { .. }
+    ));
+    assert!(matches!(
+        refused("file:///srv/x%00y"),
+        RepositoryUrlRefused::NulByte { .. }
+    ));
 }
 
 fn policy(directories: &[&Path]) -> RepositoryPolicy {
@@ -89,8 +113,12 @@ fn local_repositories_need_an_allowed_directory() {
     assert!(error.to_string().contains("[repos] allow_local"), "{error}");
     assert!(policy(&[&allowed]).check(&url).is_ok());
     // A path under the directory that does not exist yet is still under it.
-    assert!(policy(&[&allowed]).check(&format!("file://{}/new.git", allowed.display())).is_ok());
-    assert!(policy(&[&allowed]).check(&format!("{}/a.git", allowed.display())).is_ok());
+    assert!(policy(&[&allowed])
+        .check(&format!("file://{}/new.git", allowed.display()))
+        .is_ok());
+    assert!(policy(&[&allowed])
+        .check(&format!("{}/a.git", allowed.display()))
+        .is_ok());
 }
 
 #[test]

@@ -341,7 +341,9 @@ mod tests {
         );
         let helper = repository("ext::sh -c touch% /tmp/x").unwrap_err().to_string();
         assert!(
-            helper.starts_with("repository \"ext::sh -c touch% /tmp/x\": git's \"ext::\" transport runs a helper program"),
+            helper.starts_with(
+                "repository \"ext::sh -c touch% /tmp/x\": git's \"ext::\" transport runs a helper program"
+            ),
             "{helper}"
         );
     }
