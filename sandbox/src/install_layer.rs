@@ -320,10 +320,12 @@ mod tests {
         assert_eq!(on_a.key(), again_a.key(), "the same tree and config share");
     }
 
+    type Change = Box<dyn Fn(&mut InstallRequest)>;
+
     #[test]
     fn key_depends_on_every_part_of_the_config_install_sees() {
         let first = request("r", "make", BaseImage::Host);
-        let changes: Vec<(&str, Box<dyn Fn(&mut InstallRequest)>)> = vec![
+        let changes: Vec<(&str, Change)> = vec![
             ("install", Box::new(|r| r.config.install = Some("make all".into()))),
             ("user", Box::new(|r| r.config.user = Some("builder".into()))),
             ("snapshot", Box::new(|r| r.config.snapshot = Some("snap-1".into()))),

@@ -84,19 +84,6 @@ fn invalid(message: String) -> Status {
     Status::invalid_argument(message)
 }
 
-/// A repository the node's policy refuses. A local path outside `[repos] allow_local` is
-/// `PERMISSION_DENIED`: the request is well formed, but this node's operator has not allowed it
-/// to reach that directory (the message names the setting that would). A form the node never
-/// takes (a transport helper, an unknown scheme) is `INVALID_ARGUMENT`, like any other malformed
-/// field: no setting changes the answer.
-fn repository_refused(error: flotilla_actors::repo_url::RepositoryUrlRefused) -> Status {
-    if error.denied_by_policy() {
-        Status::permission_denied(error.to_string())
-    } else {
-        Status::invalid_argument(error.to_string())
-    }
-}
-
 /// The opaque page token: where the last page ended, and a digest of the filter it was for.
 #[derive(Serialize, Deserialize)]
 struct PageToken {
@@ -160,7 +147,7 @@ impl AgentService for AgentApi {
         self.repositories
             .check_blocking(&body.repository)
             .await
-            .map_err(repository_refused)?;
+            .map_err(super::status::repository_status)?;
         let base_branch = if body.base_branch.is_empty() {
             "main".to_string()
         } else {
