@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod push_bundle;
 pub mod repo;
+pub mod repo_url;
 pub mod run;
 pub mod scheduler;
 pub mod supervisor;

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::process::Command as Process;
 
 use crate::push_bundle::{self, PushSource};
+use crate::repo_url::{allowed_git_protocols, RepositoryPolicy, RepositoryUrlRefused};
 use crate::vcs::{GitOrigin, VcsProviders};
 
 /// A git command that takes longer than this is killed (clones of large repositories included).
@@ -31,6 +32,8 @@ pub enum RepoError {
     NoSuchBranch { url: String, branch: String },
     #[error("cannot prepare the workspace {path}: {message}")]
     Workspace { path: String, message: String },
+    #[error("this node refuses the repository: {0}")]
+    Refused(RepositoryUrlRefused),
     #[error("push of {branch} to {url} failed: {message}")]
     Push {
         url: String,
@@ -51,10 +54,15 @@ pub enum GitError {
     Failed(String),
 }
 
-/// The repository's VCS provider could not say where git goes.
+/// Where git goes could not be settled: the provider failed, or this node's repository policy
+/// refuses the URL.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("VCS provider: {0}")]
-pub struct OriginError(#[from] crate::vcs::VcsError);
+pub enum OriginError {
+    #[error("VCS provider: {0}")]
+    Provider(#[from] crate::vcs::VcsError),
+    #[error("refused by this node: {0}")]
+    Refused(#[from] RepositoryUrlRefused),
+}
 
 /// How the node talks to git origins: the commit author of agent commits and the credentials
 /// for http(s) origins, chosen by the longest matching URL prefix.
@@ -63,6 +71,8 @@ pub struct GitSettings {
     pub author_name: String,
     pub author_email: String,
     pub credentials: Vec<GitCredential>,
+    /// Which repository URLs this node hands to git (local ones only under `[repos] allow_local`).
+    pub repositories: RepositoryPolicy,
 }
 
 #[derive(Clone)]
@@ -89,6 +99,7 @@ impl std::fmt::Debug for GitSettings {
             .field("author_name", &self.author_name)
             .field("author_email", &self.author_email)
             .field("credentials", &self.credentials)
+            .field("repositories", &self.repositories)
             .finish()
     }
 }
@@ -128,6 +139,9 @@ pub struct Workspace {
     pub path: PathBuf,
     pub branch: String,
     pub head_commit: String,
+    /// The tree of `head_commit` (`git rev-parse HEAD^{tree}`), read in the node's own mirror:
+    /// the files of the checkout, part of the install layer's key.
+    pub tree: String,
     /// Whether the work branch already existed in the origin (a resumed or follow-up run).
     pub resumed: bool,
 }
@@ -241,7 +255,12 @@ pub struct RepoState {
 
 impl RepoState {
     /// Asks the repository's provider where git goes now (the credentials may have changed).
+    /// Both the URL the agent names and the one the provider answers are checked against this
+    /// node's own policy (its config may differ from the node that took the create), and git
+    /// is told to use no other protocol than the URL needs.
     async fn origin(&self) -> Result<ResolvedOrigin, OriginError> {
+        let policy = &self.args.git.repositories;
+        policy.check_blocking(&self.args.url).await?;
         let origin = match &self.args.providers {
             Some(providers) => providers.origin(&self.args.url).await?,
             None => GitOrigin {
@@ -249,26 +268,45 @@ impl RepoState {
                 auth_header: None,
             },
         };
-        let env = match &origin.auth_header {
+        let location = policy.check_blocking(&origin.url).await?;
+        let mut env = match &origin.auth_header {
             Some((name, value)) => extra_header_env(&format!("{name}: {value}")),
             None => self.args.git.auth_env(&origin.url),
         };
+        env.push((
+            "GIT_ALLOW_PROTOCOL".to_string(),
+            allowed_git_protocols(&location).to_string(),
+        ));
         Ok(ResolvedOrigin { url: origin.url, env })
     }
 
     async fn refresh(&mut self) -> Result<(), RepoError> {
         let url = self.args.url.clone();
         let mirror = self.args.mirror.display().to_string();
-        let origin = self.origin().await.map_err(|error| RepoError::Clone {
-            url: url.clone(),
-            message: error.to_string(),
+        let origin = self.origin().await.map_err(|error| match error {
+            OriginError::Refused(refused) => RepoError::Refused(refused),
+            OriginError::Provider(_) => RepoError::Clone {
+                url: url.clone(),
+                message: error.to_string(),
+            },
         })?;
         if !self.cloned && !self.args.mirror.join("HEAD").exists() {
             let partial = format!("{mirror}.partial");
             let _ = tokio::fs::remove_dir_all(&partial).await;
+            // `--no-local`: a local origin is read through git's transport (which checks what it
+            // serves) rather than copied file by file; `--`: no URL reads as an option; the
+            // mirrors' directory as the working directory: a URL is never found as a relative path.
             git_with(
-                &["clone", "--mirror", "--quiet", &origin.url, &partial],
-                None,
+                &[
+                    "clone",
+                    "--mirror",
+                    "--quiet",
+                    "--no-local",
+                    "--",
+                    &origin.url,
+                    &partial,
+                ],
+                self.args.mirror.parent(),
                 &origin.env,
             )
             .await
@@ -367,10 +405,17 @@ impl RepoState {
             .await
             .map_err(workspace_error)?;
         let head_commit = git(&["rev-parse", "HEAD"], Some(path)).await.map_err(workspace_error)?;
+        let tree = git(
+            &["rev-parse", "--verify", "--quiet", &format!("{head_commit}^{{tree}}")],
+            Some(&self.args.mirror),
+        )
+        .await
+        .map_err(workspace_error)?;
         Ok(Workspace {
             path: path.to_path_buf(),
             branch: work_branch.to_string(),
             head_commit,
+            tree,
             resumed,
         })
     }
@@ -586,6 +631,14 @@ mod push_tests;
 mod tests {
     use super::*;
 
+    /// Settings that allow local repositories under `directory` (the tests' origins).
+    pub(super) fn allowing(directory: &Path) -> GitSettings {
+        GitSettings {
+            repositories: RepositoryPolicy::new(vec![directory.to_path_buf()]),
+            ..GitSettings::default()
+        }
+    }
+
     pub(super) async fn origin_with_main(dir: &Path) -> String {
         let origin = dir.join("origin.git");
         let seed = dir.join("seed");
@@ -623,7 +676,7 @@ mod tests {
             args: RepoArgs {
                 url: url.clone(),
                 mirror: mirror_path(&dir.path().join("repos"), &url),
-                git: GitSettings::default(),
+                git: allowing(dir.path()),
                 providers: None,
             },
             cloned: false,
@@ -639,6 +692,11 @@ mod tests {
             "flotilla/abc-test"
         );
         assert!(workspace.path.join("README.md").exists());
+        assert_eq!(
+            workspace.tree,
+            git(&["rev-parse", "HEAD^{tree}"], Some(&workspace.path)).await.unwrap()
+        );
+        assert_eq!(workspace.tree.len(), 40, "{}", workspace.tree);
         assert_eq!(
             git(&["remote", "get-url", "origin"], Some(&workspace.path))
                 .await
@@ -663,7 +721,7 @@ mod tests {
             args: RepoArgs {
                 url: url.clone(),
                 mirror: mirror.clone(),
-                git: GitSettings::default(),
+                git: allowing(dir.path()),
                 providers: None,
             },
             cloned: false,
@@ -707,7 +765,7 @@ mod tests {
             args: RepoArgs {
                 url: url.clone(),
                 mirror: mirror_path(dir.path(), &url),
-                git: GitSettings::default(),
+                git: allowing(dir.path()),
                 providers: None,
             },
             cloned: false,
@@ -725,7 +783,7 @@ mod tests {
             args: RepoArgs {
                 url: missing.clone(),
                 mirror: mirror_path(dir.path(), &missing),
-                git: GitSettings::default(),
+                git: allowing(dir.path()),
                 providers: None,
             },
             cloned: false,
@@ -737,5 +795,51 @@ mod tests {
             text.contains("does not exist") || text.contains("not found") || text.contains("fatal"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_cloning_node_refuses_repositories_its_own_policy_does_not_allow() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = origin_with_main(dir.path()).await;
+        let repos = dir.path().join("repos");
+        std::fs::create_dir_all(&repos).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        let pwned = dir.path().join("pwned");
+        let helper = format!("ext::sh -c touch% {}", pwned.display());
+        for (url, settings) in [
+            (url.clone(), GitSettings::default()),
+            (url.clone(), allowing(&elsewhere)),
+            (helper.clone(), allowing(dir.path())),
+        ] {
+            let mirror = mirror_path(&repos, &url);
+            let mut state = RepoState {
+                args: RepoArgs {
+                    url: url.clone(),
+                    mirror: mirror.clone(),
+                    git: settings,
+                    providers: None,
+                },
+                cloned: false,
+            };
+            let error = state.prepare("main", "w", &dir.path().join("w")).await.unwrap_err();
+            let RepoError::Refused(refused) = &error else {
+                panic!("{url}: expected a refusal, found {error}");
+            };
+            let text = error.to_string();
+            assert!(
+                text.starts_with("this node refuses the repository: repository "),
+                "{text}"
+            );
+            if url == helper {
+                assert!(!refused.denied_by_policy(), "{text}");
+                assert!(text.contains("\"ext::\" transport runs a helper program"), "{text}");
+            } else {
+                assert!(refused.denied_by_policy(), "{text}");
+                assert!(text.contains("[repos] allow_local"), "{text}");
+            }
+            assert!(!mirror.exists(), "{url}: nothing is cloned");
+        }
+        assert!(!pwned.exists(), "the ext:: helper never ran");
     }
 }

@@ -154,6 +154,8 @@ impl TestNode {
         .expect("machine host");
         let provider = ScriptedProvider::from_json(&serde_json::json!({ "turns": script }).to_string()).unwrap();
         let mut runtime = AgentRuntime::default();
+        // The origin is a local repository: the node's policy must list its directory.
+        runtime.git.repositories = flotilla_actors::repo_url::RepositoryPolicy::new(vec![scratch.path().to_path_buf()]);
         runtime
             .models
             .insert(MODEL.to_string(), Arc::new(provider) as Arc<dyn ModelProvider>);

@@ -120,6 +120,7 @@ pub async fn bench_machine_starts(
         let started = Instant::now();
         let request = InstallRequest::new(
             format!("bench-cold-{}", ulid::Ulid::new()),
+            "bench-tree",
             install_config("cold"),
             base.clone(),
             &workspace,
@@ -137,7 +138,13 @@ pub async fn bench_machine_starts(
         check_output(&output, "cold")?;
     }
 
-    let request = InstallRequest::new("bench-warm", install_config("warm"), base.clone(), &workspace);
+    let request = InstallRequest::new(
+        "bench-warm",
+        "bench-tree",
+        install_config("warm"),
+        base.clone(),
+        &workspace,
+    );
     let install_layer = cache.get_or_build(&request).await?;
     let mut warm_ms = Vec::with_capacity(warm_starts);
     let mut create_ms = Vec::with_capacity(warm_starts);

@@ -164,6 +164,7 @@ impl Bench {
         .await
         .map_err(|error| anyhow!("mesh: {error}"))?;
         let machines = Arc::new(MachineHost::open(&dir.join("node"), MachineSettings::default())?);
+        let dir = &std::path::absolute(dir)?;
         let repository = sample_repository(dir)?;
         let (repo, _) = Actor::spawn(
             None,
@@ -171,7 +172,11 @@ impl Bench {
             RepoArgs {
                 url: repository.clone(),
                 mirror: mirror_path(&machines.repos_dir, &repository),
-                git: Default::default(),
+                // The sample origin is local: the policy lists the benchmark's directory.
+                git: flotilla_actors::repo::GitSettings {
+                    repositories: flotilla_actors::repo_url::RepositoryPolicy::new(vec![dir.to_path_buf()]),
+                    ..Default::default()
+                },
                 providers: None,
             },
         )

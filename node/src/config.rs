@@ -81,6 +81,44 @@ struct ConfigFile {
     git: GitSection,
     #[serde(default)]
     plugins: PluginsSection,
+    #[serde(default)]
+    repos: ReposSection,
+}
+
+/// `[repos]`: which repositories this node clones. `allow_local` lists the directories that
+/// `file://` URLs and paths may name (none by default: every local repository is refused).
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ReposSection {
+    #[serde(default)]
+    pub allow_local: Vec<AllowedLocalDirectory>,
+}
+
+/// A directory of `[repos] allow_local`, checked while the file is parsed (so an error names
+/// its line): an absolute path.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub struct AllowedLocalDirectory(pub PathBuf);
+
+impl TryFrom<String> for AllowedLocalDirectory {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        if text.is_empty() || !text.starts_with('/') || text.contains('\0') {
+            return Err(format!(
+                "allow_local: {text:?} is not an absolute directory path (like \"/srv/git\")"
+            ));
+        }
+        Ok(AllowedLocalDirectory(PathBuf::from(text)))
+    }
+}
+
+impl ReposSection {
+    pub fn policy(&self) -> flotilla_actors::repo_url::RepositoryPolicy {
+        flotilla_actors::repo_url::RepositoryPolicy::new(
+            self.allow_local.iter().map(|directory| directory.0.clone()).collect(),
+        )
+    }
 }
 
 /// `[plugins]`: which built-in VCS providers this node offers (all of them by default). Without
@@ -229,6 +267,7 @@ pub struct NodeConfig {
     pub agents: AgentSettings,
     pub git: GitSection,
     pub plugins: PluginsSection,
+    pub repos: ReposSection,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,6 +301,7 @@ impl NodeArgs {
             agents,
             git,
             mut plugins,
+            repos,
         } = parts;
         if let Some(dir) = &self.compiled_plugin_cache {
             plugins.compiled_cache = Some(dir.clone());
@@ -323,6 +363,7 @@ impl NodeArgs {
             agents,
             git,
             plugins,
+            repos,
             machines,
             data_dir,
             listen,
@@ -494,6 +535,30 @@ mod tests {
             .to_string();
         assert!(error.starts_with("config file node.toml line 2"), "{error}");
         assert!(error.contains("\"svn\" is not a built-in plugin"), "{error}");
+    }
+
+    #[test]
+    fn local_repository_directories_are_absolute_paths_and_a_bad_one_names_its_line() {
+        let parsed = parse_config(Path::new("node.toml"), "[repos]\nallow_local = [\"/srv/git\"]\n").unwrap();
+        assert_eq!(parsed.repos.policy().allow_local(), [PathBuf::from("/srv/git")]);
+        assert!(parse_config(Path::new("node.toml"), "")
+            .unwrap()
+            .repos
+            .policy()
+            .allow_local()
+            .is_empty());
+        let text = "[repos]\nallow_local = [\n  \"/srv/git\",\n  \"srv/other\",\n]\n";
+        let error = parse_config(Path::new("node.toml"), text).unwrap_err().to_string();
+        // The span is the array's: the line of `allow_local`.
+        assert!(error.starts_with("config file node.toml line 2"), "{error}");
+        assert!(
+            error.contains("allow_local: \"srv/other\" is not an absolute directory path"),
+            "{error}"
+        );
+        let error = parse_config(Path::new("node.toml"), "[repos]\nallow = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("line 2") && error.contains("allow"), "{error}");
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub struct BaseLayer {
     pub rootfs: PathBuf,
     /// Host directories bound read-only at the same path in every machine (`/usr` for `host`).
     pub host_read_only_binds: Vec<PathBuf>,
+    /// What changes when the image is rebuilt (an id written when it was built; for `host`,
+    /// also the state of the node's packages, whose `/usr` machines see): part of the install
+    /// layer's key, so a rebuilt image never stands under a layer installed on the old one.
+    pub identity: String,
 }
 
 /// A read-only layer captured from a machine: `root/` is the upper layer of `/`, `workspace/`

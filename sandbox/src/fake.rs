@@ -462,6 +462,7 @@ impl MachineDriver for FakeDriver {
             image,
             rootfs,
             host_read_only_binds: Vec::new(),
+            identity: format!("fake/{}", image.name()),
         })
     }
 

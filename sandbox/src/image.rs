@@ -16,6 +16,10 @@ use crate::error::{Result, SandboxError};
 
 /// Bumped when the host skeleton's layout changes, so an old one is rebuilt rather than reused.
 const HOST_LAYOUT_VERSION: &str = "host-v1";
+/// Beside an image's `rootfs`: a random id written once per build of the image.
+const IMAGE_ID_FILE: &str = "image-id";
+/// The node's package database: it changes whenever a package of the node's `/usr` does.
+const HOST_PACKAGE_DATABASE: &str = "/var/lib/dpkg/status";
 const DEBIAN_SUITE: &str = "bookworm";
 const DEBIAN_PACKAGES: &str = "git,build-essential,curl,ca-certificates,tmux,socat";
 const DEFAULT_DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
@@ -104,11 +108,53 @@ pub(crate) fn prepare_host(root: &Path) -> Result<BaseLayer> {
             }
         }
     }
+    let identity = format!(
+        "{HOST_LAYOUT_VERSION}/{}/{}",
+        image_id(&image_dir)?,
+        host_packages_state()
+    );
     Ok(BaseLayer {
         image: BaseImage::Host,
         rootfs,
         host_read_only_binds,
+        identity,
     })
+}
+
+/// The id of one build of the image in `image_dir`, written by the first caller after the
+/// build (an image built before ids existed gets one now; install layers keyed on it then
+/// rebuild once).
+pub(crate) fn image_id(image_dir: &Path) -> Result<String> {
+    let path = image_dir.join(IMAGE_ID_FILE);
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        return Ok(id.trim().to_string());
+    }
+    // Written whole under another name, then linked into place: a racing preparer either wins
+    // or reads the winner's complete id, never a half-written one.
+    let id = ulid::Ulid::new().to_string();
+    let written = image_dir.join(format!(".{IMAGE_ID_FILE}-{id}"));
+    std::fs::write(&written, &id).map_err(io_error("write", &written))?;
+    let linked = std::fs::hard_link(&written, &path);
+    let _ = std::fs::remove_file(&written);
+    match linked {
+        Ok(()) => Ok(id),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            let id = std::fs::read_to_string(&path).map_err(io_error("read", &path))?;
+            Ok(id.trim().to_string())
+        }
+        Err(error) => Err(SandboxError::io("link the image id into place at", &path, error)),
+    }
+}
+
+/// When the node's package database last changed (nanoseconds), or "unknown" on a node
+/// without dpkg: the host image's `/usr` is the node's own, and an upgrade changes it.
+fn host_packages_state() -> String {
+    std::fs::metadata(HOST_PACKAGE_DATABASE)
+        .and_then(|metadata| metadata.modified())
+        .ok()
+        .and_then(|modified| modified.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|since| since.as_nanos().to_string())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 fn host_binds() -> Vec<PathBuf> {
@@ -280,10 +326,12 @@ pub(crate) async fn prepare_debian(root: &Path) -> Result<BaseLayer> {
     let image_dir = images_dir(root).join("debian");
     let rootfs = image_dir.join("rootfs");
     if rootfs.join("usr/bin/tmux").exists() {
+        let identity = debian_identity(&image_dir).await?;
         return Ok(BaseLayer {
             image: BaseImage::Debian,
             rootfs,
             host_read_only_binds: Vec::new(),
+            identity,
         });
     }
     let debootstrap = ["/usr/sbin/debootstrap", "/usr/bin/debootstrap"]
@@ -322,11 +370,24 @@ pub(crate) async fn prepare_debian(root: &Path) -> Result<BaseLayer> {
     std::fs::create_dir_all(&workspace).map_err(io_error("create", &workspace))?;
     let _ = std::fs::remove_dir_all(&image_dir);
     std::fs::rename(&building, &image_dir).map_err(io_error("move the debian image into place at", &image_dir))?;
+    let identity = debian_identity(&image_dir).await?;
     Ok(BaseLayer {
         image: BaseImage::Debian,
         rootfs,
         host_read_only_binds: Vec::new(),
+        identity,
     })
+}
+
+async fn debian_identity(image_dir: &Path) -> Result<String> {
+    let image_dir = image_dir.to_path_buf();
+    let id = tokio::task::spawn_blocking(move || image_id(&image_dir))
+        .await
+        .map_err(|error| SandboxError::ImageNotPrepared {
+            image: "debian".into(),
+            detail: error.to_string(),
+        })??;
+    Ok(format!("{DEBIAN_SUITE}/{id}"))
 }
 
 #[cfg(test)]
@@ -366,7 +427,18 @@ mod tests {
                 std::fs::read_link("/bin").unwrap()
             );
         }
-        // A second prepare reuses the first tree.
+        // A second prepare reuses the first tree, and so keeps its identity.
         assert_eq!(prepare_host(root.path()).unwrap(), layer);
+        assert!(layer.identity.starts_with("host-v1/"), "{}", layer.identity);
+    }
+
+    #[test]
+    fn an_image_id_is_written_once_per_build() {
+        let root = tempfile::tempdir().unwrap();
+        let first = image_id(root.path()).unwrap();
+        assert_eq!(first.len(), 26, "{first}");
+        assert_eq!(image_id(root.path()).unwrap(), first);
+        let rebuilt = tempfile::tempdir().unwrap();
+        assert_ne!(image_id(rebuilt.path()).unwrap(), first, "a rebuilt image has a new id");
     }
 }

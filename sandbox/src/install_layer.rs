@@ -1,5 +1,11 @@
-//! Install layers: `install` runs once per (repository, install hash, base image) on a node;
-//! its disk state is captured as a read-only layer that every later machine stacks on its base.
+//! Install layers: `install` runs once per key on a node; its disk state is captured as a
+//! read-only layer that every later machine with the same key stacks on its base.
+//!
+//! The key covers everything `install` can see: the repository, the tree of its checkout (so a
+//! branch with another lockfile never gets a layer built from this one's), the parts of the
+//! environment config that shape the install machine (command, user, build, snapshot, the
+//! machine's environment variables) and the base image with the id of its build. A layer made
+//! under an older key is simply not found, and is built again under the new one.
 //!
 //! Two requests for one key build once (a per-key async lock; the second finds the layer). An
 //! install layer is built in a hidden directory and renamed into place, so a crash never leaves a
@@ -24,6 +30,9 @@ pub const INSTALL_FAILURE_LINES: usize = 20;
 /// Default wall-clock limit of one install.
 pub const DEFAULT_INSTALL_TIMEOUT_MS: u64 = 30 * 60 * 1000;
 
+/// Changes when the key's inputs change, so keys of different versions never meet.
+const KEY_VERSION: &str = "install-layer-key-v2";
+
 /// Marks a finished install layer. The file keeps the name it had when install layers were
 /// called snapshots: renaming it would make every layer a node already built look unfinished.
 const METADATA_FILE: &str = "snapshot.json";
@@ -32,6 +41,9 @@ const METADATA_FILE: &str = "snapshot.json";
 pub struct InstallRequest {
     /// The repository's identity (its clone URL): part of the key.
     pub repository: String,
+    /// The git tree id of the checkout `install` runs in (`HEAD^{tree}`), read by the node in
+    /// its own clone: part of the key.
+    pub source_tree: String,
     pub config: EnvironmentConfig,
     pub base: BaseLayer,
     /// A checkout of the repository for `install` to run in (its lower layer; never written).
@@ -44,12 +56,14 @@ pub struct InstallRequest {
 impl InstallRequest {
     pub fn new(
         repository: impl Into<String>,
+        source_tree: impl Into<String>,
         config: EnvironmentConfig,
         base: BaseLayer,
         workspace: impl Into<PathBuf>,
     ) -> Self {
         InstallRequest {
             repository: repository.into(),
+            source_tree: source_tree.into(),
             config,
             base,
             workspace: workspace.into(),
@@ -61,14 +75,25 @@ impl InstallRequest {
         }
     }
 
-    /// The cache key: SHA-256 of repository, install hash and base image, hex, 32 characters.
+    /// The cache key: SHA-256, hex, 32 characters, of every input of `install` (see the module
+    /// docs). Each part is length-prefixed, so no two lists of parts hash alike.
     pub fn key(&self) -> String {
         let mut hasher = Sha256::new();
-        hasher.update(self.repository.as_bytes());
-        hasher.update([0]);
-        hasher.update(self.config.install_hash().as_bytes());
-        hasher.update([0]);
-        hasher.update(self.base.image.name().as_bytes());
+        let mut part = |bytes: &[u8]| {
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        };
+        part(KEY_VERSION.as_bytes());
+        part(self.repository.as_bytes());
+        part(self.source_tree.as_bytes());
+        part(self.config.install_hash().as_bytes());
+        part(self.base.image.name().as_bytes());
+        part(self.base.identity.as_bytes());
+        part(&(self.env.len() as u64).to_le_bytes());
+        for (name, value) in &self.env {
+            part(name.as_bytes());
+            part(value.as_bytes());
+        }
         hex::encode(hasher.finalize())[..32].to_string()
     }
 }
@@ -79,6 +104,10 @@ pub struct InstallLayerMetadata {
     pub install_hash: String,
     pub base_image: String,
     pub install_duration_ms: u64,
+    #[serde(default)]
+    pub source_tree: String,
+    #[serde(default)]
+    pub base_image_identity: String,
 }
 
 /// What a request resolves to: the install layer's key and, if `install` is set, its layer.
@@ -94,8 +123,8 @@ pub struct InstallLayer {
 pub struct InstallLayerCache {
     driver: Arc<dyn MachineDriver>,
     root: PathBuf,
-    /// One lock per key ever asked for on this node: bounded by the number of distinct
-    /// (repository, install, base) triples, which is small.
+    /// One lock per key ever asked for on this node: bounded by the number of distinct keys
+    /// asked for (the trees of base branches agents start from), which is small.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -186,6 +215,8 @@ impl InstallLayerCache {
             install_hash: request.config.install_hash(),
             base_image: request.base.image.to_string(),
             install_duration_ms: started.elapsed().as_millis() as u64,
+            source_tree: request.source_tree.clone(),
+            base_image_identity: request.base.identity.clone(),
         };
         let metadata_path = layer.path.join(METADATA_FILE);
         let written = serde_json::to_vec_pretty(&metadata).expect("metadata serialises");
@@ -239,6 +270,9 @@ mod tests {
     use super::*;
     use crate::driver::BaseImage;
 
+    const TREE_A: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
+    const TREE_B: &str = "9bd7ac2d3e6e3e2b43b46a6c6e6f1f1b4b5c7a1e";
+
     fn request(repository: &str, install: &str, image: BaseImage) -> InstallRequest {
         let config = EnvironmentConfig {
             install: Some(install.to_string()),
@@ -248,8 +282,9 @@ mod tests {
             image,
             rootfs: PathBuf::from("/nonexistent"),
             host_read_only_binds: Vec::new(),
+            identity: "build-1".to_string(),
         };
-        InstallRequest::new(repository, config, base, "/nonexistent")
+        InstallRequest::new(repository, TREE_A, config, base, "/nonexistent")
     }
 
     #[test]
@@ -275,10 +310,66 @@ mod tests {
     }
 
     #[test]
-    fn key_ignores_terminals() {
+    fn key_depends_on_the_tree_the_install_reads() {
+        let on_a = request("r", "npm ci", BaseImage::Host);
+        let mut on_b = on_a.clone();
+        on_b.source_tree = TREE_B.to_string();
+        assert_ne!(on_a.key(), on_b.key(), "another lockfile is another tree");
+        let mut again_a = on_b.clone();
+        again_a.source_tree = TREE_A.to_string();
+        assert_eq!(on_a.key(), again_a.key(), "the same tree and config share");
+    }
+
+    type Change = Box<dyn Fn(&mut InstallRequest)>;
+
+    #[test]
+    fn key_depends_on_every_part_of_the_config_install_sees() {
+        let first = request("r", "make", BaseImage::Host);
+        let changes: Vec<(&str, Change)> = vec![
+            ("install", Box::new(|r| r.config.install = Some("make all".into()))),
+            ("user", Box::new(|r| r.config.user = Some("builder".into()))),
+            ("snapshot", Box::new(|r| r.config.snapshot = Some("snap-1".into()))),
+            (
+                "build",
+                Box::new(|r| {
+                    r.config.build = Some(crate::environment::BuildConfig {
+                        dockerfile: "Dockerfile".into(),
+                        context: None,
+                    })
+                }),
+            ),
+            (
+                "env",
+                Box::new(|r| r.env.push(("NODE_ENV".into(), "production".into()))),
+            ),
+            (
+                "env value",
+                Box::new(|r| {
+                    r.env.push(("A".into(), "bc".into()));
+                }),
+            ),
+            ("base image identity", Box::new(|r| r.base.identity = "build-2".into())),
+        ];
+        let mut seen = std::collections::BTreeSet::from([first.key()]);
+        for (what, change) in changes {
+            let mut changed = first.clone();
+            change(&mut changed);
+            assert!(seen.insert(changed.key()), "changing {what} must change the key");
+        }
+        // Environment parts are length-prefixed: ("A", "bc") and ("Ab", "c") differ.
+        let mut split_one = first.clone();
+        split_one.env.push(("A".into(), "bc".into()));
+        let mut split_two = first.clone();
+        split_two.env.push(("Ab".into(), "c".into()));
+        assert_ne!(split_one.key(), split_two.key());
+    }
+
+    #[test]
+    fn key_ignores_terminals_and_start() {
         let mut first = request("r", "make", BaseImage::Host);
         let second = first.clone();
         first.config.terminals.push(crate::environment::Terminal::new("t", "c"));
+        first.config.start = Some("echo booted".into());
         assert_eq!(first.key(), second.key());
     }
 }

@@ -644,6 +644,45 @@ impl MachineDriver for CountingDriver {
     }
 }
 
+/// Two branches' checkouts with different lockfiles (different trees) never share a layer; a
+/// checkout of the same tree with the same config does.
+#[tokio::test]
+async fn install_layers_are_per_tree_of_the_checkout() {
+    let harness = harness().await;
+    let cache = InstallLayerCache::new(harness.driver.clone(), harness.driver.install_layers_dir()).unwrap();
+    let config = EnvironmentConfig {
+        install: Some("mkdir -p /opt/deps && cp /workspace/lock.txt /opt/deps/lock".to_string()),
+        ..EnvironmentConfig::default()
+    };
+    let mut layers = Vec::new();
+    for (branch, tree) in [
+        ("main", "tree-main"),
+        ("poisoned", "tree-poisoned"),
+        ("main-again", "tree-main"),
+    ] {
+        let checkout = harness.workspace(branch);
+        let lock = if tree == "tree-main" {
+            "lock-main"
+        } else {
+            "lock-poisoned"
+        };
+        std::fs::write(checkout.join("lock.txt"), lock).unwrap();
+        let request = InstallRequest::new("repo", tree, config.clone(), harness.base.clone(), &checkout);
+        let install_layer = cache.get_or_build(&request).await.unwrap();
+        let layer = install_layer.layer.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(layer.root_dir().join("opt/deps/lock")).unwrap(),
+            lock,
+            "{branch} got a layer installed from another tree"
+        );
+        layers.push((install_layer.built, layer));
+    }
+    assert!(layers[0].0 && layers[1].0, "each tree builds its own layer");
+    assert_ne!(layers[0].1, layers[1].1);
+    assert!(!layers[2].0, "the same tree and config share");
+    assert_eq!(layers[2].1, layers[0].1);
+}
+
 #[tokio::test]
 async fn install_runs_once_for_concurrent_and_later_machines_and_start_runs_every_boot() {
     let harness = harness().await;
@@ -661,6 +700,7 @@ async fn install_runs_once_for_concurrent_and_later_machines_and_start_runs_ever
     .unwrap();
     let request = InstallRequest::new(
         "https://example.com/repo.git",
+        "tree-of-the-checkout",
         config.clone(),
         harness.base.clone(),
         &checkout,
@@ -709,7 +749,13 @@ async fn a_failed_install_reports_its_last_lines_and_caches_nothing() {
         install: Some("for i in $(seq 1 30); do echo line$i; done; echo oops >&2; exit 3".to_string()),
         ..EnvironmentConfig::default()
     };
-    let request = InstallRequest::new("failing-repo", config, harness.base.clone(), &checkout);
+    let request = InstallRequest::new(
+        "failing-repo",
+        "tree-of-the-checkout",
+        config,
+        harness.base.clone(),
+        &checkout,
+    );
     let error = cache.get_or_build(&request).await.unwrap_err();
     let message = error.to_string();
     assert!(
@@ -737,7 +783,13 @@ async fn an_install_that_never_ends_is_killed_at_its_limit() {
         install: Some("echo starting; while true; do sleep 1; done".to_string()),
         ..EnvironmentConfig::default()
     };
-    let mut request = InstallRequest::new("endless-repo", config, harness.base.clone(), &checkout);
+    let mut request = InstallRequest::new(
+        "endless-repo",
+        "tree-of-the-checkout",
+        config,
+        harness.base.clone(),
+        &checkout,
+    );
     request.limits.command_timeout_ms = 500;
     let message = cache.get_or_build(&request).await.unwrap_err().to_string();
     assert!(message.contains("killed after the time limit of 500 ms"), "{message}");
@@ -786,7 +838,13 @@ async fn the_reference_cursor_file_boots_its_terminal() {
     let (path, config) = environment::load(&checkout).unwrap().unwrap();
     assert!(path.ends_with(".cursor/environment.json"));
     let cache = InstallLayerCache::new(harness.driver.clone(), harness.driver.install_layers_dir()).unwrap();
-    let request = InstallRequest::new("cursor-repo", config.clone(), harness.base.clone(), &checkout);
+    let request = InstallRequest::new(
+        "cursor-repo",
+        "tree-of-the-checkout",
+        config.clone(),
+        harness.base.clone(),
+        &checkout,
+    );
     let install_layer = cache.get_or_build(&request).await.unwrap();
     let mut spec = harness.spec("cursor", &checkout);
     spec.install_layer = install_layer.layer;

@@ -212,6 +212,82 @@ async fn agents_get_machines_that_share_one_install_layer() {
     assert_eq!(code, tonic::Code::FailedPrecondition);
 }
 
+/// Runs git in `cwd` isolated from the user's and the system's configuration.
+fn run_git(args: &[&str], cwd: &std::path::Path) {
+    let output = std::process::Command::new("git")
+        .args(["-c", "user.name=flotilla-test", "-c", "user.email=test@example.test"])
+        .args(args)
+        .current_dir(cwd)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .expect("git runs");
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Two branches with different lockfiles: an agent on each gets an install layer built from its
+/// own branch's files, never the other's, although repository and environment are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_with_different_files_never_share_an_install_layer() {
+    let cluster = TestCluster::start(1, ClusterOptions::default()).await;
+    let token = cluster.admin_token();
+    let endpoint = cluster.nodes[0].endpoint();
+    let probe = r#"{"name": "probe", "command": "echo installed=$(cat /var/tmp/installed-lock) checkout=$(cat /workspace/lock.txt); exec sleep 1000000"}"#;
+    let environment =
+        format!(r#"{{"install": "cp /workspace/lock.txt /var/tmp/installed-lock", "terminals": [{probe}]}}"#);
+    let repository = bare_repository(
+        cluster.dir.path(),
+        "locked",
+        &[(".flotilla/environment.json", &environment), ("lock.txt", "lock-main")],
+    );
+    let clone = cluster.dir.path().join("locked-clone");
+    run_git(
+        &["clone", "--quiet", &repository, &clone.display().to_string()],
+        cluster.dir.path(),
+    );
+    run_git(&["checkout", "--quiet", "-b", "poisoned"], &clone);
+    std::fs::write(clone.join("lock.txt"), "lock-poisoned").unwrap();
+    run_git(&["commit", "--quiet", "--all", "-m", "another lockfile"], &clone);
+    run_git(&["push", "--quiet", "origin", "poisoned"], &clone);
+
+    let mut client = agent_client(&endpoint, &token).await;
+    let mut agents = Vec::new();
+    for branch in ["poisoned", "main"] {
+        let agent = crate::common::create_from(
+            &mut client,
+            v1::CreateAgentRequest {
+                prompt: "Work in a machine".to_string(),
+                repository: repository.clone(),
+                name: format!("on-{branch}"),
+                base_branch: branch.to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+        // One after the other: the second must find the first's layer if the key let it.
+        wait_for_status(&endpoint, &token, &agent.id, v1::AgentStatus::Running).await;
+        agents.push((branch, agent));
+    }
+    for (branch, agent) in &agents {
+        let mut probe = Attached::open(&mut client, &agent.id, "probe", false)
+            .await
+            .expect("attach probe");
+        probe
+            .read_until(&format!("installed=lock-{branch} checkout=lock-{branch}"))
+            .await;
+    }
+    let install_layers = std::fs::read_dir(cluster.nodes[0].data_dir.join("machines/snapshots"))
+        .expect("install layer dir")
+        .filter_map(Result::ok)
+        .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
+        .count();
+    assert_eq!(install_layers, 2, "one install layer per tree");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_takes_over_a_terminal_and_viewers_watch() {
     let cluster = TestCluster::start(1, ClusterOptions::default()).await;

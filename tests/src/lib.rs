@@ -348,6 +348,21 @@ pub fn hold_config(dir: &Path) -> String {
     )
 }
 
+/// A node config that allows local repositories under the system's temporary directory, where
+/// tests make their `file://` origins, unless it has a `[repos]` table of its own (a test of the
+/// policy writes its own).
+pub fn with_local_repositories_allowed(config: String) -> String {
+    if config.contains("[repos]") {
+        return config;
+    }
+    let temporary = std::env::temp_dir();
+    let temporary = temporary.canonicalize().unwrap_or(temporary);
+    format!(
+        "{config}\n[repos]\nallow_local = [{:?}]\n",
+        temporary.display().to_string()
+    )
+}
+
 impl NodeSpec {
     fn command_args(&self) -> Vec<String> {
         let mut args = vec![
@@ -645,6 +660,7 @@ impl TestCluster {
             Some(config) => config.clone(),
             None => hold_config(self.dir.path()),
         };
+        let config = with_local_repositories_allowed(config);
         std::fs::write(&config_path, config).expect("could not write a node config");
         let spec = NodeSpec {
             id,

@@ -220,7 +220,15 @@ impl MachineHost {
         if config.install.is_none() {
             return Ok((None, false));
         }
-        let mut request = InstallRequest::new(&agent.spec.repository, config.clone(), base.clone(), &workspace.path);
+        // Keyed on the tree the node read in its own mirror: another branch's files (another
+        // lockfile) never get this layer.
+        let mut request = InstallRequest::new(
+            &agent.spec.repository,
+            &workspace.tree,
+            config.clone(),
+            base.clone(),
+            &workspace.path,
+        );
         request.limits.command_timeout_ms = self.settings.install_timeout_ms;
         let install_layer = self.install_layers.get_or_build(&request).await?;
         Ok((install_layer.layer, install_layer.built))

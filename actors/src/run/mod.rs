@@ -68,6 +68,7 @@ impl Default for AgentRuntime {
                 author_name: "Flotilla Agent".to_string(),
                 author_email: "agent@flotilla.invalid".to_string(),
                 credentials: Vec::new(),
+                repositories: crate::repo_url::RepositoryPolicy::default(),
             },
             budgets: Budgets::default(),
             tool_limits: ToolLimits::default(),

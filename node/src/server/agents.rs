@@ -32,6 +32,8 @@ pub struct AgentApi {
     /// The node's VCS providers, which must claim an agent's repository; `None` (unit tests
     /// without a plugin host) takes any repository.
     pub plugins: Option<Arc<super::vcs::NodePlugins>>,
+    /// Which local repositories this node takes (`[repos] allow_local`).
+    pub repositories: flotilla_actors::repo_url::RepositoryPolicy,
 }
 
 /// The models this node declares, for checking `CreateAgent` (every node of a cluster is meant
@@ -142,6 +144,10 @@ impl AgentService for AgentApi {
         let body = request.into_inner();
         validate::prompt("prompt", &body.prompt, validate::MAX_PROMPT_BYTES)?;
         validate::repository(&body.repository)?;
+        self.repositories
+            .check_blocking(&body.repository)
+            .await
+            .map_err(super::status::repository_status)?;
         let base_branch = if body.base_branch.is_empty() {
             "main".to_string()
         } else {

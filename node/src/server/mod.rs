@@ -342,6 +342,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             default_model,
         }),
         plugins: Some(node_plugins),
+        repositories: runtime.git.repositories.clone(),
     };
     let admin_api = admin::AdminApi {
         replica: replica.clone(),

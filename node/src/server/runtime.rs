@@ -95,6 +95,7 @@ pub fn build_runtime(config: &NodeConfig) -> anyhow::Result<AgentRuntime> {
         author_name: git.author_name.clone().unwrap_or(runtime.git.author_name),
         author_email: git.author_email.clone().unwrap_or(runtime.git.author_email),
         credentials,
+        repositories: config.repos.policy(),
     };
     Ok(runtime)
 }

@@ -12,6 +12,7 @@
 //! | `vcs::ClaimError` (no provider for a repository, plugins not loaded) | `FailedPrecondition` |
 //! | `vcs::ProviderInfoError` (a provider did not answer) | `Unavailable` |
 //! | `admin::PluginRejected` (an upload cannot be loaded) | `InvalidArgument` |
+//! | `repo_url::RepositoryUrlRefused`: a form never taken / a local path not allowed | `InvalidArgument` / `PermissionDenied` |
 
 use flotilla_raft::{ApplyError, WriteError};
 use tonic::Status;
@@ -74,6 +75,19 @@ pub fn write_status(error: WriteError) -> Status {
         }
         WriteError::Unavailable { .. } => Status::unavailable(error.to_string()),
         WriteError::Fatal(_) => Status::internal(error.to_string()),
+    }
+}
+
+/// A repository URL the node's policy refuses. A local path outside `[repos] allow_local` is
+/// `PermissionDenied`: the request is well formed, but this node's operator has not allowed it
+/// to reach that directory (the message names the setting that would). A form the node never
+/// takes (a transport helper, an unknown scheme) is `InvalidArgument`, like any other malformed
+/// field: no setting changes the answer.
+pub fn repository_status(error: flotilla_actors::repo_url::RepositoryUrlRefused) -> Status {
+    if error.denied_by_policy() {
+        Status::permission_denied(error.to_string())
+    } else {
+        Status::invalid_argument(error.to_string())
     }
 }
 

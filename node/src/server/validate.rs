@@ -46,6 +46,12 @@ pub enum InvalidInput {
     RepositoryWithoutPath { text: String },
     #[error("repository: scheme {scheme:?} is not supported (use https, http, ssh, git or file)")]
     RepositoryScheme { scheme: String },
+    /// A form git reads as something other than a network address (a helper program, a
+    /// relative path...): refused whatever the node's config says.
+    #[error("{0}")]
+    RepositoryRefused(flotilla_actors::repo_url::RepositoryUrlRefused),
+    #[error("repository: {text:?} is a path; name it as a file:// URL (file://{text})")]
+    RepositoryPath { text: String },
     #[error("{field}: {text:?} is not a valid git branch name")]
     Branch { field: String, text: String },
     #[error("page_size: must not be negative, found {size}")]
@@ -106,7 +112,8 @@ pub fn prompt(field: &str, text: &str, limit: usize) -> Result<(), InvalidInput>
 }
 
 /// Accepts the URL forms git itself clones from: http(s), ssh, git and file URLs, and the
-/// scp-like `user@host:path`.
+/// scp-like `user@host:path`. Whether a `file://` URL's directory is allowed is the node's
+/// policy, checked after this (`RepositoryPolicy::check`).
 pub fn repository(text: &str) -> Result<(), InvalidInput> {
     if text.is_empty() {
         return Err(InvalidInput::Required { field: "repository" });
@@ -117,6 +124,15 @@ pub fn repository(text: &str) -> Result<(), InvalidInput> {
             limit: MAX_REPOSITORY_CHARS,
             found: text.len(),
         });
+    }
+    // First, so that `ext::sh -c ...` is refused for what it is rather than for its spaces.
+    let location = flotilla_actors::repo_url::classify(text).map_err(InvalidInput::RepositoryRefused)?;
+    if let flotilla_actors::repo_url::RepositoryLocation::Local {
+        form: flotilla_actors::repo_url::LocalForm::Path,
+        ..
+    } = location
+    {
+        return Err(InvalidInput::RepositoryPath { text: text.to_string() });
     }
     if text
         .chars()
@@ -313,9 +329,23 @@ mod tests {
             "https://host/",
             "git@host:",
             "/tmp/repo",
+            "ext::sh -c touch% /tmp/x",
+            "fd::3",
+            "~/repo",
         ] {
             assert!(repository(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            repository("/srv/git/a.git").unwrap_err().to_string(),
+            "repository: \"/srv/git/a.git\" is a path; name it as a file:// URL (file:///srv/git/a.git)"
+        );
+        let helper = repository("ext::sh -c touch% /tmp/x").unwrap_err().to_string();
+        assert!(
+            helper.starts_with(
+                "repository \"ext::sh -c touch% /tmp/x\": git's \"ext::\" transport runs a helper program"
+            ),
+            "{helper}"
+        );
     }
 
     #[test]

@@ -227,7 +227,7 @@ async fn an_install_layer_is_captured_and_stacked_under_later_machines() {
         install: Some("mkdir -p deps && echo 1 > deps/v && echo home > \"$HOME/installed\"".to_string()),
         ..EnvironmentConfig::default()
     };
-    let request = InstallRequest::new("repo", config.clone(), base.clone(), &checkout);
+    let request = InstallRequest::new("repo", "tree-of-the-checkout", config.clone(), base.clone(), &checkout);
     let install_layer = cache.get_or_build(&request).await.unwrap();
     assert!(install_layer.built);
     assert!(!cache.get_or_build(&request).await.unwrap().built);
