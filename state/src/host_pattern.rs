@@ -2,20 +2,35 @@
 //! the hosts something may reach. Parsed by one function so that every place agrees on the
 //! same syntax and the same port rule.
 //!
-//! A pattern is `example.com`, `*.example.com` (subdomains at any depth, not the apex),
-//! `127.0.0.1` or `[::1]`, each optionally followed by `:port`. Names match case-insensitively
-//! and ignore a trailing dot. A wildcard never matches an IP address, and an IP pattern matches
-//! only that address (compared as an address, so `[0::1]` and `[::1]` are the same).
+//! A pattern is `example.com`, `*.example.com` (subdomains at any depth, not the apex), an
+//! address (`10.1.2.3`, `[fd00::1]`) or a network (`10.0.0.0/8`, `[fd00::/8]`), each
+//! optionally followed by `:port`. Names match case-insensitively and ignore a trailing dot. A
+//! wildcard never matches an IP address; an address pattern matches only that address
+//! (compared as an address, so `[0::1]` and `[::1]` are the same) and a network pattern every
+//! address inside it.
 //!
-//! The port rule, written once in [`HostPattern::matches_host_on_default_port`]: a pattern with
-//! `:port` admits only that port; a pattern without one admits the caller's default port when
-//! the caller has one, and every port when it has none. The egress proxy has no default (an
-//! allowlisted host is reachable on any port); a plugin's `http.send` passes the default port
-//! of the URL's scheme, so a grant without a port admits only 443 for https and 80 for http.
+//! The port rule, written once in [`HostPattern::matches_host`]: a pattern with `:port` admits
+//! only that port; a pattern without one admits only 443 ([`PORT_WHEN_UNWRITTEN`]). Plain http
+//! on port 80 must be asked for with `:80`.
+//!
+//! The address rule, written once in [`reachable_addresses`]: a caller that resolves an
+//! allowed name keeps the public addresses it resolved to, and a non-public one (loopback,
+//! link-local, private, ...; see [`address::classify`]) only when an address or network
+//! pattern names it. So listing a name never opens the node's own services, a cloud metadata
+//! service or the private network behind the node.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
+
+use ipnet::IpNet;
+
+pub mod address;
+
+pub use address::{classify, AddressKind, EmbeddedIpv4, NonPublicAddress};
+
+/// The port a pattern without `:port` admits.
+pub const PORT_WHEN_UNWRITTEN: u16 = 443;
 
 const MAX_HOST_NAME_BYTES: usize = 253;
 const MAX_HOST_LABEL_BYTES: usize = 63;
@@ -61,6 +76,18 @@ pub enum HostPatternReason {
     MisplacedWildcard,
     #[error("after \"*.\": {0}")]
     AfterWildcard(HostSyntaxError),
+    #[error(
+        "network address {text:?} is not a dotted-quad IPv4 address (an IPv6 network is bracketed, as in [fd00::/8])"
+    )]
+    NotANetworkAddress { text: String },
+    #[error("prefix length {text:?} is not a number")]
+    PrefixNotANumber { text: String },
+    #[error("prefix length /{prefix} is longer than the {max_prefix} bits of the address")]
+    PrefixTooLong { prefix: String, max_prefix: u8 },
+    #[error("a /0 network would allow every address; list the networks")]
+    WholeAddressSpace,
+    #[error("{text} has bits set after its prefix; the network is {network}")]
+    BitsAfterPrefix { text: String, network: String },
     #[error(transparent)]
     Syntax(#[from] HostSyntaxError),
 }
@@ -191,6 +218,8 @@ enum PatternHost {
     Exact(Host),
     /// `*.example.com`: any name with at least one more label; not `example.com` itself.
     SubdomainsOf(String),
+    /// `10.0.0.0/8`, `[fd00::/8]`: every address inside.
+    Network(IpNet),
 }
 
 /// One allowlist entry or plugin grant; see the module documentation for the syntax and the
@@ -207,26 +236,15 @@ impl HostPattern {
         self.port
     }
 
-    /// Whether `host:port` matches, a pattern without a port admitting every port (the egress
-    /// proxy's reading). An unparsable host matches nothing.
+    /// Whether `host:port` matches; an unparsable host matches nothing.
     pub fn matches(&self, host: &str, port: u16) -> bool {
-        host.parse()
-            .is_ok_and(|host| self.matches_host_on_default_port(&host, port, None))
+        host.parse().is_ok_and(|host| self.matches_host(&host, port))
     }
 
-    /// [`HostPattern::matches`] for a host already parsed.
+    /// The one port rule: the pattern admits its written port, or else only
+    /// [`PORT_WHEN_UNWRITTEN`].
     pub fn matches_host(&self, host: &Host, port: u16) -> bool {
-        self.matches_host_on_default_port(host, port, None)
-    }
-
-    /// The one port rule: the pattern admits its written port, or else `default_port`, or with
-    /// neither every port.
-    pub fn matches_host_on_default_port(&self, host: &Host, port: u16, default_port: Option<u16>) -> bool {
-        if self
-            .port
-            .or(default_port)
-            .is_some_and(|admitted_port| admitted_port != port)
-        {
+        if self.port.unwrap_or(PORT_WHEN_UNWRITTEN) != port {
             return false;
         }
         match (&self.host, host) {
@@ -235,7 +253,8 @@ impl HostPattern {
                 .strip_suffix(suffix.as_str())
                 .and_then(|prefix| prefix.strip_suffix('.'))
                 .is_some_and(|subdomain| !subdomain.is_empty()),
-            (PatternHost::SubdomainsOf(_), Host::Ip(_)) => false,
+            (PatternHost::Network(network), Host::Ip(ip)) => network.contains(ip),
+            (PatternHost::SubdomainsOf(_) | PatternHost::Network(_), _) => false,
         }
     }
 }
@@ -259,6 +278,8 @@ fn parse_pattern(trimmed: &str) -> Result<HostPattern, HostPatternReason> {
     let port = port_text.map(parse_port).transpose()?;
     let host = if host_text == "*" {
         return Err(HostPatternReason::BareWildcard);
+    } else if host_text.contains('/') {
+        PatternHost::Network(parse_network(host_text)?)
     } else if let Some(suffix) = host_text.strip_prefix("*.") {
         PatternHost::SubdomainsOf(parse_host_name(suffix).map_err(HostPatternReason::AfterWildcard)?)
     } else if host_text.contains('*') {
@@ -269,16 +290,148 @@ fn parse_pattern(trimmed: &str) -> Result<HostPattern, HostPatternReason> {
     Ok(HostPattern { host, port })
 }
 
+/// `10.0.0.0/8` or `[fd00::/8]`: a dotted-quad or bracketed IPv6 address, then a prefix length
+/// from 1 to the address's width, with no bits set after the prefix (so what is written is
+/// what is matched).
+fn parse_network(text: &str) -> Result<IpNet, HostPatternReason> {
+    let bracketed = text.strip_prefix('[');
+    let inner = match bracketed {
+        Some(inner) => inner
+            .strip_suffix(']')
+            .ok_or_else(|| HostSyntaxError::UnclosedBracket { text: text.to_owned() })?,
+        None => text,
+    };
+    let (address_text, prefix_text) = inner
+        .split_once('/')
+        .ok_or_else(|| HostPatternReason::NotANetworkAddress { text: text.to_owned() })?;
+    let address = match bracketed {
+        Some(_) => address_text
+            .parse::<Ipv6Addr>()
+            .map(IpAddr::V6)
+            .map_err(|_| HostSyntaxError::NotAnIpv6Address {
+                inner: address_text.to_owned(),
+            })?,
+        None => {
+            address_text
+                .parse::<Ipv4Addr>()
+                .map(IpAddr::V4)
+                .map_err(|_| HostPatternReason::NotANetworkAddress {
+                    text: address_text.to_owned(),
+                })?
+        }
+    };
+    let max_prefix: u8 = if address.is_ipv4() { 32 } else { 128 };
+    if prefix_text.is_empty() || !prefix_text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(HostPatternReason::PrefixNotANumber {
+            text: prefix_text.to_owned(),
+        });
+    }
+    // Digits too many for a u8 are certainly too long a prefix.
+    let prefix = prefix_text.parse::<u8>().unwrap_or(u8::MAX);
+    if prefix > max_prefix {
+        return Err(HostPatternReason::PrefixTooLong {
+            prefix: prefix_text.to_owned(),
+            max_prefix,
+        });
+    }
+    if prefix == 0 {
+        return Err(HostPatternReason::WholeAddressSpace);
+    }
+    let network = IpNet::new(address, prefix).map_err(|_| HostPatternReason::PrefixTooLong {
+        prefix: prefix_text.to_owned(),
+        max_prefix,
+    })?;
+    if network.network() != address {
+        return Err(HostPatternReason::BitsAfterPrefix {
+            text: text.to_owned(),
+            network: display_network(&network.trunc()),
+        });
+    }
+    Ok(network)
+}
+
+fn display_network(network: &IpNet) -> String {
+    match network {
+        IpNet::V4(network) => network.to_string(),
+        IpNet::V6(network) => format!("[{network}]"),
+    }
+}
+
 impl fmt::Display for HostPattern {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.host {
             PatternHost::Exact(host) => write!(formatter, "{host}")?,
             PatternHost::SubdomainsOf(suffix) => write!(formatter, "*.{suffix}")?,
+            PatternHost::Network(network) => formatter.write_str(&display_network(network))?,
         }
         match self.port {
             Some(port) => write!(formatter, ":{port}"),
             None => Ok(()),
         }
+    }
+}
+
+/// Why a name may not be reached through any address it resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressRefusal {
+    #[error("{name} resolves to no addresses")]
+    NoAddresses { name: String },
+    #[error(
+        "{name} resolves to {address}, {why}; list the address or its network to allow it{}",
+        others_note(*.others_refused)
+    )]
+    NotPublic {
+        name: String,
+        /// The first refused address, written as a pattern would name it.
+        address: Host,
+        why: NonPublicAddress,
+        /// How many more addresses were refused.
+        others_refused: usize,
+    },
+}
+
+fn others_note(others_refused: usize) -> String {
+    match others_refused {
+        0 => String::new(),
+        1 => " (1 more address was refused too)".to_owned(),
+        count => format!(" ({count} more addresses were refused too)"),
+    }
+}
+
+/// The address rule: of the addresses `name` resolved to, those that may be connected to on
+/// `port`, in the resolver's order without repeats. A public address is kept (the name was
+/// allowed); a non-public one only when one of `patterns` names it or its network for `port`.
+/// The caller must connect to exactly these addresses, not resolve the name again: a second
+/// answer could differ (DNS rebinding).
+pub fn reachable_addresses(
+    patterns: &[HostPattern],
+    name: &str,
+    port: u16,
+    resolved: &[IpAddr],
+) -> Result<Vec<IpAddr>, AddressRefusal> {
+    let mut reachable: Vec<IpAddr> = Vec::new();
+    let mut refused: Vec<(IpAddr, NonPublicAddress)> = Vec::new();
+    for &ip in resolved {
+        if reachable.contains(&ip) || refused.iter().any(|(refused_ip, _)| *refused_ip == ip) {
+            continue;
+        }
+        match classify(ip) {
+            None => reachable.push(ip),
+            Some(_) if patterns.iter().any(|pattern| pattern.matches_host(&Host::Ip(ip), port)) => reachable.push(ip),
+            Some(why) => refused.push((ip, why)),
+        }
+    }
+    if !reachable.is_empty() {
+        return Ok(reachable);
+    }
+    match refused.first() {
+        None => Err(AddressRefusal::NoAddresses { name: name.to_owned() }),
+        Some(&(ip, why)) => Err(AddressRefusal::NotPublic {
+            name: name.to_owned(),
+            address: Host::Ip(ip),
+            why,
+            others_refused: refused.len() - 1,
+        }),
     }
 }
 

@@ -447,6 +447,7 @@ async fn egress_goes_only_to_allowed_hosts_through_the_node_proxy() {
     let probe = format!(
         "curl -s -m 5 -o /dev/null -w 'allowed=%{{http_code}} ' http://127.0.0.1:{allowed_port}/; \
          curl -s -m 5 -o /dev/null -w 'other=%{{http_code}} ' http://127.0.0.1:{other_port}/; \
+         curl -s -m 5 -o /dev/null -w 'by-name=%{{http_code}} ' http://localhost:{other_port}/; \
          curl -s -m 2 --noproxy '*' -o /dev/null -w 'direct=%{{http_code}} done' http://127.0.0.1:{allowed_port}/; \
          exec sleep 1000000"
     );
@@ -462,7 +463,8 @@ async fn egress_goes_only_to_allowed_hosts_through_the_node_proxy() {
         v1::CreateAgentRequest {
             prompt: "Reach one host".to_string(),
             repository: repository.clone(),
-            egress_allow: vec![format!("127.0.0.1:{allowed_port}")],
+            // `localhost` is listed but resolves to loopback, whose address for this port is not.
+            egress_allow: vec![format!("127.0.0.1:{allowed_port}"), format!("localhost:{other_port}")],
             ..Default::default()
         },
     )
@@ -474,6 +476,11 @@ async fn egress_goes_only_to_allowed_hosts_through_the_node_proxy() {
     terminal.read_until("done").await;
     assert!(terminal.screen.contains("allowed=200"), "{}", terminal.screen);
     assert!(terminal.screen.contains("other=403"), "{}", terminal.screen);
+    assert!(
+        terminal.screen.contains("by-name=403"),
+        "a listed name resolving to an unlisted loopback address is refused: {}",
+        terminal.screen
+    );
     assert!(
         terminal.screen.contains("direct=000"),
         "no route but the proxy: {}",

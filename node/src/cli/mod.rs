@@ -108,8 +108,9 @@ pub enum AgentCommand {
         /// open a pull request when the agent finishes
         #[arg(long)]
         open_pr: bool,
-        /// a host the machine may reach through the node's egress proxy (repeatable)
-        #[arg(long = "allow-host")]
+        /// a host the machine may reach through the node's egress proxy (repeatable): NAME,
+        /// *.NAME, an address or a network, with :PORT (443 when absent)
+        #[arg(long = "allow-host", value_parser = host_pattern)]
         allow_hosts: Vec<String>,
     },
     /// List agents, newest first
@@ -393,6 +394,14 @@ async fn cluster_command(args: &ClientArgs, cmd: ClusterCommand) -> Result<(), C
         OutputFormat::Json => print_json(&json::cluster(&cluster)),
         OutputFormat::Table => print_text(&render::cluster(&cluster)),
     }
+}
+
+/// A host pattern as the node will read it (`flotilla_state::host_pattern`), so a bad one is
+/// refused before anything is sent.
+pub(crate) fn host_pattern(text: &str) -> Result<String, String> {
+    text.parse::<flotilla_state::host_pattern::HostPattern>()
+        .map(|_| text.to_string())
+        .map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

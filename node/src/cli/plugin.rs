@@ -30,7 +30,7 @@ pub enum PluginCommand {
         #[arg(long)]
         version: String,
         /// a host the plugin may reach, as for --allow-host of agents (repeatable)
-        #[arg(long = "grant-host", value_name = "HOST")]
+        #[arg(long = "grant-host", value_name = "HOST", value_parser = super::host_pattern)]
         grant_hosts: Vec<String>,
         /// upload without enabling it
         #[arg(long)]
@@ -74,7 +74,7 @@ pub enum PluginCommand {
         #[arg(long)]
         version: String,
         /// a host the plugin may reach (repeatable; the list replaces the current one)
-        #[arg(long = "host", value_name = "HOST", required_unless_present = "none")]
+        #[arg(long = "host", value_name = "HOST", required_unless_present = "none", value_parser = super::host_pattern)]
         hosts: Vec<String>,
         /// revoke every host
         #[arg(long, conflicts_with = "hosts")]
@@ -310,6 +310,29 @@ mod tests {
         };
         assert_eq!(grant_hosts, vec!["api.github.com", "github.com"]);
         assert!(disabled);
+    }
+
+    #[test]
+    fn bad_host_patterns_are_refused_before_sending() {
+        for (args, bad) in [
+            (
+                vec!["grant", "github", "--version", "1.0.0", "--host", "10.0.0.0/33"],
+                "prefix length /33",
+            ),
+            (
+                vec!["grant", "github", "--version", "1.0.0", "--host", "example.com:0"],
+                "port 0",
+            ),
+            (
+                vec!["add", "f.wasm", "--version", "1.0.0", "--grant-host", ""],
+                "pattern is empty",
+            ),
+        ] {
+            let error = TestCli::try_parse_from(std::iter::once("flotilla").chain(args))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(bad), "{error}");
+        }
     }
 
     #[test]

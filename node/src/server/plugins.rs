@@ -89,30 +89,33 @@ pub fn builtin_grants(name: &str, settings: &BTreeMap<String, String>) -> Vec<St
         _ => &[],
     };
     let mut grants: Vec<String> = public.iter().map(|host| host.to_string()).collect();
-    if let Some(base) = settings.get("api-base") {
-        if let Ok(url) = url::Url::parse(base.trim()) {
-            if let Some(host) = url.host_str() {
-                grants.push(match url.port() {
-                    Some(port) => format!("{host}:{port}"),
-                    None => host.to_string(),
-                });
-            }
-        }
+    if let Some(grant) = settings.get("api-base").and_then(|base| grant_for_url(base.trim())) {
+        grants.push(grant);
     }
     if let Some(hosts) = settings.get("hosts") {
-        for host in hosts.split(',') {
-            let host = host.trim();
-            let host = host.split_once("://").map_or(host, |(_scheme, rest)| rest);
-            let host = host.trim_end_matches('/').to_ascii_lowercase();
-            if !host.is_empty() {
-                grants.push(host);
-            }
+        for host in hosts.split(',').map(str::trim).filter(|host| !host.is_empty()) {
+            let grant = match host.contains("://") {
+                true => grant_for_url(host),
+                false => Some(host.trim_end_matches('/').to_ascii_lowercase()),
+            };
+            grants.extend(grant);
         }
     }
     grants.retain(|grant| flotilla_plugins::is_valid_grant(grant));
     grants.sort();
     grants.dedup();
     grants
+}
+
+/// The grant for a URL's host and port. A grant without a port admits 443 only, so any other
+/// port (http's 80 too) is written out.
+fn grant_for_url(text: &str) -> Option<String> {
+    let url = url::Url::parse(text).ok()?;
+    let (host, port) = (url.host_str()?, url.port_or_known_default()?);
+    Some(match port {
+        flotilla_state::host_pattern::PORT_WHEN_UNWRITTEN => host.to_string(),
+        port => format!("{host}:{port}"),
+    })
 }
 
 impl PluginRegistry {
@@ -388,10 +391,23 @@ mod tests {
                 "gitea",
                 &settings(&[
                     ("api-base", "http://127.0.0.1:3000/api/v1/"),
-                    ("hosts", "https://Git.Example.com/, 127.0.0.1:3000"),
+                    (
+                        "hosts",
+                        "https://Git.Example.com/, 127.0.0.1:3000, http://plain.example.com/"
+                    ),
                 ])
             ),
-            ["127.0.0.1:3000", "codeberg.org", "git.example.com"]
+            [
+                "127.0.0.1:3000",
+                "codeberg.org",
+                "git.example.com",
+                "plain.example.com:80"
+            ]
+        );
+        // Plain http is on port 80, which a grant must name.
+        assert_eq!(
+            builtin_grants("gitea", &settings(&[("api-base", "http://forge.example.com/api/v1")])),
+            ["codeberg.org", "forge.example.com:80"]
         );
         // A setting that names no host grants nothing.
         assert_eq!(

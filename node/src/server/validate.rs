@@ -408,6 +408,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("egress_allow: invalid egress host pattern \"http://not a host\": "));
+        for (bad, reason) in [
+            ("", "pattern is empty"),
+            ("example.com:0", "port 0 is not between 1 and 65535"),
+            ("example.com:65536", "port 65536 is not between 1 and 65535"),
+            (
+                "10.0.0.0/33",
+                "prefix length /33 is longer than the 32 bits of the address",
+            ),
+            (
+                "10.1.0.0/8",
+                "10.1.0.0/8 has bits set after its prefix; the network is 10.0.0.0/8",
+            ),
+        ] {
+            assert_eq!(
+                egress_allow(&[bad.to_string()]).unwrap_err().to_string(),
+                format!("egress_allow: invalid egress host pattern {bad:?}: {reason}")
+            );
+            assert_eq!(
+                granted_hosts("hosts", &[bad.to_string()]).unwrap_err().to_string(),
+                format!("hosts: invalid host pattern {bad:?}: {reason}")
+            );
+        }
+        assert_eq!(
+            egress_allow(&["10.0.0.0/8".into(), "[fd00::1]:8443".into(), "10.1.2.3".into()]),
+            Ok(())
+        );
+        assert_eq!(
+            granted_hosts("hosts", &["[FD00:0::/8]:8443".into()]),
+            Ok(vec!["[fd00::/8]:8443".to_string()])
+        );
     }
 
     #[test]

@@ -31,27 +31,20 @@ pub(crate) fn is_loopback(url: &Url) -> bool {
     }
 }
 
-/// Whether one of `grants` lets a plugin send a request to `url`. A grant without a port
-/// admits only the default port of the URL's scheme (443 for https, 80 for http): the caller's
-/// default in the host-pattern port rule.
+/// Whether one of `grants` lets a plugin send a request to `url`, by the host-pattern port
+/// rule: a grant without a port admits only 443, so plain http needs its port written (`:80`).
+/// For a name, the addresses it resolves to must then pass [`crate::address_guard::route`].
 pub(crate) fn is_granted(grants: &[String], url: &Url) -> bool {
     let Some(host) = url.host_str().and_then(|host| host.parse::<PatternHost>().ok()) else {
         return false;
     };
-    let scheme_default_port = match url.scheme() {
-        "https" => Some(443),
-        "http" => Some(80),
-        _ => None,
-    };
-    // The url crate drops a port equal to the scheme's default, so `url.port()` is None exactly
-    // when the request goes to the default port.
-    let Some(port) = url.port().or(scheme_default_port) else {
+    let Some(port) = url.port_or_known_default() else {
         return false;
     };
     grants
         .iter()
         .filter_map(|grant| grant.parse::<HostPattern>().ok())
-        .any(|grant| grant.matches_host_on_default_port(&host, port, scheme_default_port))
+        .any(|grant| grant.matches_host(&host, port))
 }
 
 /// Whether a clone URL a provider returned is one the node may hand to git, and whether its auth
@@ -160,6 +153,17 @@ mod tests {
         assert!(!granted(&["api.github.com"], "https://api.github.com:8443/repos"));
         assert!(!granted(&["api.github.com"], "https://github.com/"));
         assert!(!granted(&["api.github.com"], "https://api.github.com.evil.net/"));
+    }
+
+    #[test]
+    fn a_grant_without_a_port_admits_443_only() {
+        assert!(granted(&["example.com"], "https://example.com/"));
+        assert!(!granted(&["example.com"], "http://example.com/"));
+        assert!(granted(&["example.com:80"], "http://example.com/"));
+        assert!(!granted(&["example.com:80"], "https://example.com/"));
+        assert!(granted(&["example.com:443"], "https://example.com/"));
+        assert!(!granted(&["127.0.0.1"], "http://127.0.0.1/"));
+        assert!(granted(&["127.0.0.0/8:8080"], "http://127.0.0.2:8080/"));
     }
 
     #[test]

@@ -159,7 +159,7 @@ impl PluginHost {
         add_sandboxed_wasi(&mut linker).map_err(|error| engine_error(error_chain(&error)))?;
         add_plugin_interfaces(&mut linker).map_err(|error| engine_error(error_chain(&error)))?;
 
-        let http_client = http::build_client(&config).map_err(engine_error)?;
+        let http_client = http::build_client(config.http_timeout, None).map_err(engine_error)?;
         let instance_slots = Semaphore::new(config.max_instances.max(1) as usize);
         let disk_cache = config
             .compiled_cache_dir

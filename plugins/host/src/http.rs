@@ -3,11 +3,13 @@
 //! the URL or body), redirects are not followed (a redirect could lead to an ungranted host), and
 //! the response body is capped.
 
-use std::time::Instant;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use url::Url;
 
+use crate::address_guard::{self, PublicOnlyResolver, Route};
 use crate::bindings::vcs_world::flotilla::plugin::http as wit_http;
 use crate::bindings::vcs_world::flotilla::plugin::types::{Header, HttpError, HttpRequest, HttpResponse};
 use crate::grants;
@@ -31,16 +33,39 @@ const RESERVED_HEADERS: &[&str] = &[
     "keep-alive",
 ];
 
-/// The client every plugin request goes through.
-pub(crate) fn build_client(config: &crate::HostConfig) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+/// The client plugin requests go through: the shared one (`pinned` none), or one that reaches
+/// `name` only at the addresses the address rule checked (see [`address_guard`]).
+pub(crate) fn build_client(
+    http_timeout: Duration,
+    pinned: Option<(&str, &[SocketAddr])>,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         // Requests go where the URL says; a proxy from the node's environment would be a second
         // path out that grants do not describe.
         .no_proxy()
-        .connect_timeout(config.http_timeout)
-        .user_agent(concat!("flotilla-plugin-host/", env!("CARGO_PKG_VERSION")))
-        .build()
+        .dns_resolver(PublicOnlyResolver { timeout: http_timeout })
+        .connect_timeout(http_timeout)
+        .user_agent(concat!("flotilla-plugin-host/", env!("CARGO_PKG_VERSION")));
+    if let Some((name, addresses)) = pinned {
+        builder = builder.resolve_to_addrs(name, addresses);
+    }
+    builder.build()
+}
+
+/// A client for one request to granted non-public addresses; built off the runtime's workers
+/// (building one may read the system's certificates).
+async fn pinned_client(
+    http_timeout: Duration,
+    name: String,
+    addresses: Vec<SocketAddr>,
+) -> Result<reqwest::Client, HttpError> {
+    tokio::task::spawn_blocking(move || {
+        build_client(http_timeout, Some((&name, &addresses)))
+            .map_err(|error| HttpError::Transport(format!("could not prepare a client for {name}: {error}")))
+    })
+    .await
+    .unwrap_or_else(|error| Err(HttpError::Transport(format!("could not prepare a client: {error}"))))
 }
 
 fn invalid(message: impl Into<String>) -> HttpError {
@@ -189,12 +214,20 @@ impl wit_http::Host for HostState {
         let authority = grants::authority(&checked.url);
         let started = Instant::now();
         let config = &self.shared.config;
-        let outcome = tokio::time::timeout(
-            config.http_timeout,
-            send_checked(&self.shared.http_client, checked, config.max_http_response_bytes),
-        )
-        .await
-        .unwrap_or(Err(HttpError::Timeout));
+        let deadline = tokio::time::Instant::now() + config.http_timeout;
+        let granted_hosts = self.granted_hosts.clone();
+        let shared_client = &self.shared.http_client;
+        let exchange = async {
+            // Resolving the host counts against the same timeout as the exchange.
+            let client = match address_guard::route(&granted_hosts, &checked.url, deadline).await? {
+                Route::Shared => shared_client.clone(),
+                Route::Pinned { name, addresses } => pinned_client(config.http_timeout, name, addresses).await?,
+            };
+            send_checked(&client, checked, config.max_http_response_bytes).await
+        };
+        let outcome = tokio::time::timeout_at(deadline, exchange)
+            .await
+            .unwrap_or(Err(HttpError::Timeout));
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &outcome {
             Ok(response) => {

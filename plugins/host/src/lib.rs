@@ -15,6 +15,7 @@
 //! linked only as far as a `wasm32-wasip2` guest's standard library needs it, with nothing behind
 //! it: no files, no environment, no sockets.
 
+mod address_guard;
 mod bindings;
 mod config;
 mod disk_cache;

@@ -1,12 +1,12 @@
 //! Serving one admitted connection: read its head, decide, connect to the origin, splice.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_state::host_pattern::Host;
+use flotilla_state::host_pattern::{classify, AddressRefusal, Host};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -27,6 +27,8 @@ const MAX_REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
 const REFUSAL_DRAIN_BUFFER_BYTES: usize = 4 * 1024;
 const HEAD_READ_CHUNK_BYTES: usize = 4 * 1024;
 const SPLICE_BUFFER_BYTES: usize = 16 * 1024;
+/// Addresses of one name the proxy considers; a resolver answer longer than this is cut.
+const MAX_RESOLVED_ADDRESSES: usize = 32;
 
 /// One connection the proxy serves, with what its log lines and counters need.
 struct Connection {
@@ -54,27 +56,26 @@ pub(super) async fn serve_connection(
             return;
         }
     };
-    if !connection.decide(&request) {
-        let target = &request.target;
-        let body = format!(
-            "egress to {target} refused: {} is not on the allowlist of this machine",
-            target.host
-        );
-        respond_and_close(client, &error_response(ErrorStatus::Forbidden, &body)).await;
-        return;
-    }
+    // Resolving and connecting share one budget.
+    let deadline = Instant::now() + Duration::from_millis(limits.connect_timeout_ms);
     let target = &request.target;
-    let origin = match connect_to_origin(target, Duration::from_millis(limits.connect_timeout_ms)).await {
+    let origin = match connection.admit(&request, deadline).await {
+        Ok(addresses) => connect_to_origin(&addresses, deadline).await,
+        Err(refusal) => Err(refusal),
+    };
+    let origin = match origin {
         Ok(origin) => origin,
         Err(failure) => {
             let (status, body) = failure.answer(target, &limits);
-            tracing::info!(
-                client = %connection.client_label,
-                host = %target.host,
-                port = target.port,
-                reason = %body,
-                "egress origin unreachable"
-            );
+            if !matches!(failure, OriginFailure::Refused(_)) {
+                tracing::info!(
+                    client = %connection.client_label,
+                    host = %target.host,
+                    port = target.port,
+                    reason = %body,
+                    "egress origin unreachable"
+                );
+            }
             respond_and_close(client, &error_response(status, &body)).await;
             return;
         }
@@ -133,43 +134,93 @@ impl Connection {
         None
     }
 
-    /// Whether the current policy allows the request; counts and logs the verdict.
-    fn decide(&self, request: &ProxyRequest) -> bool {
+    /// The addresses the request may be connected to under the current policy: the listed
+    /// address itself, or the addresses a listed name resolves to that pass the address rule.
+    /// Counts and logs the verdict; a name that cannot be resolved counts as allowed (the
+    /// policy allowed it, the origin failed).
+    async fn admit(&self, request: &ProxyRequest, deadline: Instant) -> Result<Vec<SocketAddr>, OriginFailure> {
         let target = &request.target;
-        let allowed = self.shared.current_policy().allows_host(&target.host, target.port);
-        let verdict = if allowed { "allowed" } else { "refused" };
-        let counter = if allowed {
-            &self.shared.allowed
-        } else {
-            &self.shared.refused
+        let policy = self.shared.current_policy();
+        if !policy.allows_host(&target.host, target.port) {
+            self.record_verdict(request, Err("host not on the allowlist"));
+            return Err(OriginFailure::Refused(not_on_allowlist(target)));
+        }
+        let name = match &target.host {
+            Host::Ip(ip) => {
+                self.record_verdict(request, Ok(()));
+                return Ok(vec![SocketAddr::new(*ip, target.port)]);
+            }
+            Host::Name(name) => name,
+        };
+        let resolved = match resolve(name, target.port, deadline).await {
+            Ok(resolved) => resolved,
+            Err(failure) => {
+                self.record_verdict(request, Ok(()));
+                return Err(failure);
+            }
+        };
+        match policy.reachable_addresses(name, target.port, &resolved) {
+            Ok(reachable) => {
+                self.record_verdict(request, Ok(()));
+                Ok(reachable
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, target.port))
+                    .collect())
+            }
+            Err(AddressRefusal::NoAddresses { .. }) => {
+                self.record_verdict(request, Ok(()));
+                Err(OriginFailure::NoAddresses)
+            }
+            Err(refusal) => {
+                let reason = refusal.to_string();
+                self.record_verdict(request, Err(&reason));
+                Err(OriginFailure::Refused(reason))
+            }
+        }
+    }
+
+    /// Counts and logs whether the policy allowed the request (`Err` holds why not).
+    fn record_verdict(&self, request: &ProxyRequest, verdict: Result<(), &str>) {
+        let target = &request.target;
+        let (counter, outcome) = match verdict {
+            Ok(()) => (&self.shared.allowed, crate::metrics::EgressOutcome::Allowed),
+            Err(_) => (&self.shared.refused, crate::metrics::EgressOutcome::Refused),
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::record_egress_connection(if allowed {
-            crate::metrics::EgressOutcome::Allowed
-        } else {
-            crate::metrics::EgressOutcome::Refused
-        });
-        if allowed {
-            tracing::info!(
+        crate::metrics::record_egress_connection(outcome);
+        match verdict {
+            Ok(()) => tracing::info!(
                 client = %self.client_label,
                 method = %request.method,
                 host = %target.host,
                 port = target.port,
-                verdict,
+                verdict = "allowed",
                 "egress request allowed"
-            );
-        } else {
-            tracing::info!(
+            ),
+            Err(reason) => tracing::info!(
                 client = %self.client_label,
                 method = %request.method,
                 host = %target.host,
                 port = target.port,
-                verdict,
-                "egress request refused: host not on the allowlist"
-            );
+                verdict = "refused",
+                reason,
+                "egress request refused"
+            ),
         }
-        allowed
     }
+}
+
+/// Why a host is not on the allowlist, naming the kind of address when it is a non-public one.
+fn not_on_allowlist(target: &Target) -> String {
+    let kind = match &target.host {
+        Host::Ip(ip) => classify(*ip).map(|why| format!(" ({} is {why})", target.host)),
+        Host::Name(_) => None,
+    };
+    format!(
+        "{} is not on the allowlist of this machine{}",
+        target.host,
+        kind.unwrap_or_default()
+    )
 }
 
 /// Opens the exchange (200 for a tunnel, the rewritten head for a forward, then any bytes the
@@ -284,6 +335,8 @@ where
 
 #[derive(Debug)]
 enum OriginFailure {
+    /// The policy refused the request; the text says why.
+    Refused(String),
     Unresolvable(io::Error),
     NoAddresses,
     Unreachable(io::Error),
@@ -294,6 +347,7 @@ impl OriginFailure {
     /// The status and body the client is answered with.
     fn answer(&self, target: &Target, limits: &EgressLimits) -> (ErrorStatus, String) {
         match self {
+            OriginFailure::Refused(reason) => (ErrorStatus::Forbidden, format!("egress to {target} refused: {reason}")),
             OriginFailure::Unresolvable(error) => (
                 ErrorStatus::BadGateway,
                 format!("egress to {target} failed: could not resolve {}: {error}", target.host),
@@ -317,17 +371,23 @@ impl OriginFailure {
     }
 }
 
-/// Resolves the host with the node's resolver and tries each address in turn, all within
-/// `connect_timeout`.
-async fn connect_to_origin(target: &Target, connect_timeout: Duration) -> Result<TcpStream, OriginFailure> {
+/// Resolves `name` with the node's resolver (on a blocking thread, so the runtime's workers
+/// never wait for it) by `deadline`; keeps at most [`MAX_RESOLVED_ADDRESSES`].
+async fn resolve(name: &str, port: u16, deadline: Instant) -> Result<Vec<IpAddr>, OriginFailure> {
+    match tokio::time::timeout_at(deadline, tokio::net::lookup_host((name, port))).await {
+        Ok(Ok(addresses)) => Ok(addresses
+            .map(|address| address.ip())
+            .take(MAX_RESOLVED_ADDRESSES)
+            .collect()),
+        Ok(Err(error)) => Err(OriginFailure::Unresolvable(error)),
+        Err(_) => Err(OriginFailure::TimedOut),
+    }
+}
+
+/// Tries each address in turn, by `deadline`. These are the addresses the policy checked: the
+/// name is not resolved again, so a second DNS answer cannot redirect the connection.
+async fn connect_to_origin(addresses: &[SocketAddr], deadline: Instant) -> Result<TcpStream, OriginFailure> {
     let attempt = async {
-        let addresses: Vec<SocketAddr> = match &target.host {
-            Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
-            Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.port))
-                .await
-                .map_err(OriginFailure::Unresolvable)?
-                .collect(),
-        };
         let mut last_error = None;
         for address in addresses {
             match TcpStream::connect(address).await {
@@ -340,7 +400,7 @@ async fn connect_to_origin(target: &Target, connect_timeout: Duration) -> Result
         }
         Err(last_error.map_or(OriginFailure::NoAddresses, OriginFailure::Unreachable))
     };
-    tokio::time::timeout(connect_timeout, attempt)
+    tokio::time::timeout_at(deadline, attempt)
         .await
         .unwrap_or(Err(OriginFailure::TimedOut))
 }

@@ -9,9 +9,13 @@
 //! `Connection: close`.
 //!
 //! The proxy resolves names itself, so a machine never needs a resolver and an allowed name
-//! is only ever reached through the node's own lookup. Deciding is pure (pattern parsing,
-//! [`EgressPolicy::allows`], request-head parsing) and tested without sockets; the tokio code
-//! around it only moves bytes and enforces the [`EgressLimits`].
+//! is only ever reached through the node's own lookup. Of the addresses a name resolves to it
+//! keeps the public ones and a non-public one (loopback, link-local, private, ...) only when
+//! the allowlist names that address or its network, and it connects to exactly the addresses
+//! it kept (no second lookup a changed DNS answer could redirect). Deciding is pure (pattern
+//! parsing, [`EgressPolicy::allows`], [`EgressPolicy::reachable_addresses`], request-head
+//! parsing) and tested without sockets; the tokio code around it only resolves, moves bytes
+//! and enforces the [`EgressLimits`].
 //!
 //! The module is laid out in the order a request meets it: `policy` (the allowlist and the
 //! limits), `server` (listening and admitting connections), `request` (parsing a request head

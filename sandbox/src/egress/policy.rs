@@ -1,7 +1,9 @@
 //! What a machine may reach and how much its clients may make the proxy hold. Pure: tested
 //! without sockets.
 
-use flotilla_state::host_pattern::Host;
+use std::net::IpAddr;
+
+use flotilla_state::host_pattern::{reachable_addresses, AddressRefusal, Host};
 use tokio::sync::Semaphore;
 
 use super::{EgressError, HostPattern};
@@ -29,7 +31,9 @@ impl EgressPolicy {
         Ok(EgressPolicy { allowed_hosts })
     }
 
-    /// Whether `host:port` is on the allowlist; an unparsable host is never allowed.
+    /// Whether `host:port` is on the allowlist; an unparsable host is never allowed. For a
+    /// name this is the first of two checks: the addresses it resolves to must then pass
+    /// [`EgressPolicy::reachable_addresses`].
     pub fn allows(&self, host: &str, port: u16) -> bool {
         host.parse().is_ok_and(|host| self.allows_host(&host, port))
     }
@@ -39,6 +43,18 @@ impl EgressPolicy {
         self.allowed_hosts
             .iter()
             .any(|pattern| pattern.matches_host(host, port))
+    }
+
+    /// Of the addresses an allowed `name` resolved to, those the proxy may connect to on
+    /// `port`: the public ones, and a non-public one only when the allowlist names it or its
+    /// network (the address rule of [`flotilla_state::host_pattern`]).
+    pub fn reachable_addresses(
+        &self,
+        name: &str,
+        port: u16,
+        resolved: &[IpAddr],
+    ) -> Result<Vec<IpAddr>, AddressRefusal> {
+        reachable_addresses(&self.allowed_hosts, name, port, resolved)
     }
 }
 

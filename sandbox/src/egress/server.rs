@@ -32,7 +32,8 @@ pub(super) const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;
 pub struct EgressStats {
     /// Requests whose host was on the allowlist (whether or not the origin then answered).
     pub allowed: u64,
-    /// Requests refused because their host was not on the allowlist (403).
+    /// Requests refused by the policy (403): a host not on the allowlist, or a name whose
+    /// addresses are all non-public and unlisted.
     pub refused: u64,
     /// Connections turned away before a policy decision: malformed (400), head too large (431)
     /// or too slow (408), or over `max_connections` (503).

@@ -1,4 +1,4 @@
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -211,28 +211,79 @@ fn bad_host_patterns_are_refused_with_an_error_naming_them() {
 }
 
 #[test]
-fn a_pattern_without_a_port_allows_every_port() {
-    let allowlist = policy(&["example.com", "*.example.org:8443"]);
+fn a_pattern_without_a_port_allows_443_only() {
+    let allowlist = policy(&["example.com", "plain.example.com:80", "*.example.org:8443"]);
     assert!(allowlist.allows("example.com", 443));
-    assert!(allowlist.allows("example.com", 22));
+    assert!(!allowlist.allows("example.com", 80));
+    assert!(!allowlist.allows("example.com", 22));
+    assert!(allowlist.allows("plain.example.com", 80));
+    assert!(!allowlist.allows("plain.example.com", 443));
     assert!(allowlist.allows("api.example.org", 8443));
     assert!(!allowlist.allows("api.example.org", 443));
     assert!(!allowlist.allows("example.org", 8443));
 }
 
 #[test]
-fn addresses_match_only_exact_address_patterns() {
-    let allowlist = policy(&["127.0.0.1:8080", "[::1]", "*.example.com"]);
+fn addresses_match_only_exact_address_or_network_patterns() {
+    let allowlist = policy(&["127.0.0.1:8080", "[::1]", "*.example.com", "10.0.0.0/8:8443"]);
     assert!(allowlist.allows("127.0.0.1", 8080));
     assert!(!allowlist.allows("127.0.0.1", 8081));
     assert!(!allowlist.allows("127.0.0.2", 8080));
-    assert!(allowlist.allows("[::1]", 1));
-    assert!(allowlist.allows("[0::1]", 1));
+    assert!(allowlist.allows("[::1]", 443));
+    assert!(allowlist.allows("[0::1]", 443));
+    assert!(!allowlist.allows("[::1]", 1));
+    assert!(allowlist.allows("10.200.0.1", 8443));
+    assert!(!allowlist.allows("10.200.0.1", 443));
+    assert!(!allowlist.allows("11.0.0.1", 8443));
     // Numeric shorthands a resolver would accept are not hosts at all.
     assert!(!allowlist.allows("127.1", 8080));
     assert!(!allowlist.allows("2130706433", 8080));
     assert!(!allowlist.allows("0x7f.example.com.0x1", 8080));
+    // An IPv4-mapped IPv6 address is not the IPv4 address listed.
+    assert!(!allowlist.allows("[::ffff:127.0.0.1]", 8080));
     assert!(!EgressPolicy::default().allows("example.com", 443));
+}
+
+fn addresses(texts: &[&str]) -> Vec<IpAddr> {
+    texts.iter().map(|text| text.parse().expect("test address")).collect()
+}
+
+#[test]
+fn a_listed_name_resolving_to_a_non_public_address_is_refused_unless_the_address_is_listed() {
+    let allowlist = policy(&["metadata.example", "internal.example:8443"]);
+    for (resolved, why) in [
+        ("169.254.169.254", "169.254.169.254, a link-local address"),
+        ("10.0.0.5", "10.0.0.5, a private address"),
+        ("127.0.0.1", "127.0.0.1, a loopback address"),
+        ("fd00::1", "[fd00::1], a private address"),
+        (
+            "::ffff:10.0.0.5",
+            "[::ffff:10.0.0.5], an IPv4-mapped form of 10.0.0.5, a private address",
+        ),
+    ] {
+        let refusal = allowlist
+            .reachable_addresses("metadata.example", 443, &addresses(&[resolved]))
+            .expect_err(resolved);
+        assert_eq!(
+            refusal.to_string(),
+            format!("metadata.example resolves to {why}; list the address or its network to allow it")
+        );
+    }
+    let with_network = policy(&["internal.example:8443", "10.0.0.0/8:8443", "[fd00::1]:8443"]);
+    let resolved = addresses(&["10.0.0.5", "169.254.169.254", "fd00::1", "fd00::2"]);
+    assert_eq!(
+        with_network.reachable_addresses("internal.example", 8443, &resolved),
+        Ok(addresses(&["10.0.0.5", "fd00::1"]))
+    );
+    // The listed network is listed for 8443 only.
+    assert!(with_network
+        .reachable_addresses("internal.example", 443, &resolved)
+        .is_err());
+    // A public answer needs nothing more than the name.
+    assert_eq!(
+        allowlist.reachable_addresses("metadata.example", 443, &addresses(&["93.184.216.34", "10.0.0.5"])),
+        Ok(addresses(&["93.184.216.34"]))
+    );
 }
 
 // --- request heads ---
@@ -685,4 +736,118 @@ async fn serve_unix_replaces_a_stale_socket_but_not_a_live_one() {
         .await
         .expect_err("a regular file is not replaced");
     assert!(matches!(error, EgressError::NotASocket { .. }), "{error}");
+}
+
+// --- the address rule on loopback ---
+
+#[tokio::test]
+async fn a_listed_name_that_resolves_to_loopback_is_refused_with_the_address_and_why() {
+    let origin = TestOrigin::start().await;
+    let by_name = format!("localhost:{}", origin.port());
+    let (proxy, proxy_address) = EgressProxy::serve_tcp(loopback_any_port(), policy(&[&by_name]), test_limits())
+        .await
+        .expect("serve proxy");
+    let (_, head) = open_tunnel(proxy_address, &by_name).await;
+    assert_status(&head, "403 Forbidden");
+    let mut client = connect(proxy_address).await;
+    send(&mut client, &format!("CONNECT {by_name} HTTP/1.1\r\n\r\n")).await;
+    let response = read_all(&mut client).await;
+    assert_status(&response, "403 Forbidden");
+    assert!(
+        response.contains(&format!("egress to {by_name} refused: localhost resolves to ")),
+        "{response:?}"
+    );
+    assert!(
+        response.contains(", a loopback address; list the address or its network to allow it"),
+        "{response:?}"
+    );
+    let mut forward_client = connect(proxy_address).await;
+    send(&mut forward_client, &format!("GET http://{by_name}/ HTTP/1.1\r\n\r\n")).await;
+    assert_status(&read_all(&mut forward_client).await, "403 Forbidden");
+    assert_eq!(origin.accept_count(), 0, "a refused address is never connected to");
+    let stats = proxy.stats();
+    assert_eq!((stats.allowed, stats.refused), (0, 3));
+}
+
+#[tokio::test]
+async fn a_listed_name_reaches_loopback_when_the_address_or_its_network_is_listed() {
+    let origin = TestOrigin::start().await;
+    let by_name = format!("localhost:{}", origin.port());
+    for address_pattern in [origin.allow_pattern(), format!("127.0.0.0/8:{}", origin.port())] {
+        let (proxy, proxy_address) = EgressProxy::serve_tcp(
+            loopback_any_port(),
+            policy(&[&by_name, &address_pattern]),
+            test_limits(),
+        )
+        .await
+        .expect("serve proxy");
+        let (tunnel, head) = open_tunnel(proxy_address, &by_name).await;
+        assert_status(&head, "200 Connection Established");
+        assert!(request_through_tunnel(tunnel).await.ends_with(ORIGIN_BODY));
+        let mut client = connect(proxy_address).await;
+        send(&mut client, &format!("GET http://{by_name}/plain HTTP/1.1\r\n\r\n")).await;
+        assert!(read_all(&mut client).await.ends_with(ORIGIN_BODY), "{address_pattern}");
+        assert_eq!(proxy.stats().allowed, 2, "{address_pattern}");
+    }
+    assert_eq!(origin.accept_count(), 4);
+}
+
+#[tokio::test]
+async fn a_listed_network_admits_an_address_inside_it() {
+    let origin = TestOrigin::start().await;
+    let (_proxy, proxy_address) = EgressProxy::serve_tcp(
+        loopback_any_port(),
+        policy(&[&format!("127.0.0.0/8:{}", origin.port())]),
+        test_limits(),
+    )
+    .await
+    .expect("serve proxy");
+    let (tunnel, head) = open_tunnel(proxy_address, &origin.allow_pattern()).await;
+    assert_status(&head, "200 Connection Established");
+    assert!(request_through_tunnel(tunnel).await.ends_with(ORIGIN_BODY));
+    assert_eq!(origin.accept_count(), 1);
+}
+
+#[tokio::test]
+async fn non_public_addresses_not_listed_are_refused_and_named() {
+    let origin = TestOrigin::start().await;
+    let (proxy, proxy_address) =
+        EgressProxy::serve_tcp(loopback_any_port(), policy(&[&origin.allow_pattern()]), test_limits())
+            .await
+            .expect("serve proxy");
+    let mapped = format!("[::ffff:127.0.0.1]:{}", origin.port());
+    for (target, why) in [
+        (mapped.as_str(), "an IPv4-mapped form of 127.0.0.1, a loopback address"),
+        ("169.254.169.254:80", "a link-local address"),
+        ("10.0.0.5:443", "a private address"),
+        ("100.64.0.1:443", "a shared (carrier-grade NAT) address"),
+    ] {
+        let mut client = connect(proxy_address).await;
+        send(&mut client, &format!("CONNECT {target} HTTP/1.1\r\n\r\n")).await;
+        let response = read_all(&mut client).await;
+        assert_status(&response, "403 Forbidden");
+        assert!(response.contains("is not on the allowlist"), "{response:?}");
+        assert!(response.contains(why), "{target}: {response:?}");
+    }
+    assert_eq!(origin.accept_count(), 0);
+    assert_eq!(proxy.stats().refused, 4);
+}
+
+#[tokio::test]
+async fn a_pattern_without_a_port_opens_443_and_nothing_else() {
+    let origin = TestOrigin::start().await;
+    let (proxy, proxy_address) = EgressProxy::serve_tcp(loopback_any_port(), policy(&[LOOPBACK]), test_limits())
+        .await
+        .expect("serve proxy");
+    for refused_target in [format!("{LOOPBACK}:80"), origin.allow_pattern()] {
+        let (_, head) = open_tunnel(proxy_address, &refused_target).await;
+        assert_status(&head, "403 Forbidden");
+    }
+    assert_eq!(origin.accept_count(), 0);
+    // Port 443 on loopback is allowed: whatever answers there (most likely nothing: 502), the
+    // policy let the request through.
+    let (_, head) = open_tunnel(proxy_address, &format!("{LOOPBACK}:443")).await;
+    assert!(!head.starts_with("HTTP/1.1 403"), "{head:?}");
+    let stats = proxy.stats();
+    assert_eq!((stats.allowed, stats.refused), (1, 2));
 }

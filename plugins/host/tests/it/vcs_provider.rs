@@ -222,3 +222,36 @@ async fn many_calls_at_once_share_the_instance_slots() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_granted_name_that_resolves_to_loopback_is_refused_unless_the_address_is_granted() {
+    let forge = LoopbackForge::start(true).await;
+    let host = host(false);
+    let by_name = format!("localhost:{}", forge.address.port());
+    let input = PullRequestInput {
+        repository_url: format!("http://{by_name}/octo/widgets"),
+        ..pull_request_input(&forge)
+    };
+    let plugin = host
+        .load("forge", "1.0.0", &guest("well-behaved"), vec![by_name.clone()])
+        .unwrap();
+    let error = host.create_pull_request(&plugin, input.clone()).await.unwrap_err();
+    let CallError::HostNotGranted { host: refused, .. } = &error else {
+        panic!("expected a refusal, got {error}");
+    };
+    assert!(
+        refused.starts_with(&format!("{by_name} (localhost resolves to ")),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("a loopback address; list the address or its network to allow it"),
+        "{refused}"
+    );
+    assert!(forge.received().is_empty(), "a refused address is never connected to");
+
+    // Granting the address as well lets the name through, to exactly that address.
+    let regranted = plugin.with_granted_hosts(vec![by_name.clone(), forge.grant()]);
+    let pull_request = host.create_pull_request(&regranted, input).await.unwrap();
+    assert_eq!(pull_request.number, 7);
+    assert_eq!(forge.received().len(), 1);
+}
