@@ -3,7 +3,7 @@
 //! containment (alternates and links that lead nowhere inside a machine) is tested with real
 //! machines in the integration tests.
 
-use super::tests::origin_with_main;
+use super::tests::{allowing, origin_with_main};
 use super::*;
 
 struct Setup {
@@ -23,7 +23,7 @@ async fn setup() -> Setup {
         args: RepoArgs {
             url: url.clone(),
             mirror: mirror_path(&root.join("repos"), &url),
-            git: GitSettings::default(),
+            git: allowing(&root),
             providers: None,
         },
         cloned: false,
