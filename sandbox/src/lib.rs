@@ -33,6 +33,8 @@ pub mod pty;
 pub mod workspace_file;
 
 #[cfg(test)]
+mod containment_tests;
+#[cfg(test)]
 mod machine_tests;
 
 pub use bwrap::{BwrapConfig, BwrapDriver, BwrapMachine, DiskBacking};
@@ -43,7 +45,7 @@ pub use driver::{
 pub use environment::{EnvironmentConfig, Plan, Terminal};
 pub use error::{EnvironmentError, Result, SandboxError};
 pub use install_layer::{InstallLayer, InstallLayerCache, InstallRequest};
-pub use limits::MachineLimits;
+pub use limits::{display_bytes, parse_bytes, MachineLimits};
 pub use mount_namespace::enter_private_mount_namespace;
 pub use pty::{PtySession, PtySize};
 pub use workspace_file::{read_workspace_file, WorkspaceFileError};

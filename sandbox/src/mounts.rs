@@ -135,6 +135,48 @@ pub(crate) fn unmount(target: &Path) -> Result<()> {
     }
 }
 
+/// A mount point as `/proc/self/mountinfo` writes it: octal escapes for space, tab, newline
+/// and backslash.
+fn decode_mountinfo_path(field: &str) -> PathBuf {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+        .into()
+}
+
+/// Every mount point strictly beneath `dir`, deepest (latest mounted) first.
+pub(crate) fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(decode_mountinfo_path)
+        .filter(|point| point != dir && point.starts_with(dir))
+        .collect();
+    points.reverse();
+    points.dedup();
+    points
+}
+
+/// Free space left on the filesystem at `path`, for an unprivileged writer: (bytes, inodes).
+// Unsafe: statvfs(2) has no safe wrapper in std.
+pub(crate) fn free_space(path: &Path) -> io::Result<(u64, u64)> {
+    let path_c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statvfs is plain old data; zeroed is a valid value for it.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out pointer.
+    let result = unsafe { libc::statvfs(path_c.as_ptr(), &mut stats) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok((stats.f_bavail as u64 * stats.f_frsize as u64, stats.f_favail as u64))
+}
+
 /// Whether anything is mounted exactly at `target` (from /proc/self/mountinfo).
 pub(crate) fn is_mount_point(target: &Path) -> bool {
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
