@@ -58,11 +58,41 @@ fn machine_processes(data_dir: &Path, machines: &BTreeSet<String>) -> BTreeSet<u
     pids
 }
 
+/// The kernel's flag of a task that is on its way out (`PF_EXITING`): killed, its memory gone.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether `pid` runs: not a zombie, and not killed and exiting (a pid namespace's init lingers
+/// in exit until the namespace's last zombie is reaped).
 fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
-        .unwrap_or(false)
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("X");
+    let flags: u64 = fields.get(6).and_then(|flags| flags.parse().ok()).unwrap_or(0);
+    !matches!(state, "Z" | "X") && flags & PF_EXITING == 0
+}
+
+/// Waits (bounded) until none of `pids` runs; fails naming the survivors.
+async fn wait_until_dead(what: &str, pids: &BTreeSet<u32>) {
+    let pids = pids.clone();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let survivors: Vec<String> = pids
+            .iter()
+            .copied()
+            .filter(|pid| is_alive(*pid))
+            .map(describe)
+            .collect();
+        if survivors.is_empty() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} survived: {survivors:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// What a process is, for failure messages.
@@ -85,6 +115,30 @@ fn machine_dirs(data_dir: &Path) -> BTreeSet<String> {
         .flatten()
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .collect()
+}
+
+/// Whether the data dir's lock file can be locked now (it is unlocked at once after).
+// Unsafe: flock(2), to probe the node's data dir lock; std's File::try_lock needs a newer Rust.
+#[allow(unsafe_code)]
+fn lock_is_free(data_dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(data_dir.join("flotilla.lock")) else {
+        return true;
+    };
+    // SAFETY: flock on a descriptor this function owns; no memory is shared with the call.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    locked
+}
+
+/// Waits until nothing holds the killed node's data dir lock: a child it was forking when it
+/// died can hold the descriptor until it execs.
+async fn wait_for_lock_released(data_dir: &Path) {
+    let data_dir = data_dir.to_path_buf();
+    wait_for("the killed node's data dir lock to be released", DEADLINE, move || {
+        let free = lock_is_free(&data_dir);
+        async move { free.then_some(()) }
+    })
+    .await;
 }
 
 /// Waits until the node runs a machine with a process in it; answers its cgroups and processes.
@@ -112,6 +166,7 @@ async fn a_killed_node_restarted_reaps_its_machines_and_a_stopped_one_leaves_non
 
     // A power loss: nothing of the node runs its teardown.
     cluster.nodes[0].kill9();
+    wait_for_lock_released(&data_dir).await;
     cluster.nodes[0].restart();
     let (dir, old) = (data_dir.clone(), old_machines.clone());
     wait_for("the restarted node to reap the old machines", DEADLINE, move || {
@@ -120,16 +175,7 @@ async fn a_killed_node_restarted_reaps_its_machines_and_a_stopped_one_leaves_non
         async move { (cgroups_left.is_empty() && dirs_left.is_empty()).then_some(()) }
     })
     .await;
-    let survivors: Vec<String> = old_processes
-        .iter()
-        .copied()
-        .filter(|pid| is_alive(*pid))
-        .map(describe)
-        .collect();
-    assert!(
-        survivors.is_empty(),
-        "processes of the old machines survived a restart: {survivors:?}"
-    );
+    wait_until_dead("processes of the old machines after a restart", &old_processes).await;
     cluster.nodes[0].assert_running("reaping");
 
     // A machine on the restarted node (the held agent's again, or a new agent's); a SIGTERM
@@ -163,14 +209,5 @@ async fn a_killed_node_restarted_reaps_its_machines_and_a_stopped_one_leaves_non
         BTreeSet::new(),
         "a stopped node left machine directories"
     );
-    let survivors: Vec<String> = new_processes
-        .iter()
-        .copied()
-        .filter(|pid| is_alive(*pid))
-        .map(describe)
-        .collect();
-    assert!(
-        survivors.is_empty(),
-        "processes of a stopped node's machines survived: {survivors:?}"
-    );
+    wait_until_dead("processes of a stopped node's machines", &new_processes).await;
 }
