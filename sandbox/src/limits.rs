@@ -44,7 +44,7 @@ impl Default for MachineLimits {
 pub fn display_bytes(bytes: u64) -> String {
     const KIB: u64 = 1024;
     for (unit, name) in [(GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")] {
-        if bytes >= unit && bytes % unit == 0 {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
             return format!("{} {name}", bytes / unit);
         }
     }

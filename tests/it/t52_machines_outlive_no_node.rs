@@ -126,8 +126,7 @@ fn lock_is_free(data_dir: &Path) -> bool {
         return true;
     };
     // SAFETY: flock on a descriptor this function owns; no memory is shared with the call.
-    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-    locked
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// Waits until nothing holds the killed node's data dir lock: a child it was forking when it
