@@ -140,7 +140,7 @@ async fn run_all(args: &BenchCreateArgs) -> anyhow::Result<()> {
 }
 
 /// `flotilla` in the directory of this executable: `cargo build` puts both binaries there.
-fn sibling_flotilla_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn sibling_flotilla_binary() -> anyhow::Result<PathBuf> {
     let bench = std::env::current_exe().context("finding the flotilla-bench executable")?;
     let binary = bench.with_file_name("flotilla");
     if !binary.is_file() {

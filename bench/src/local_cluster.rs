@@ -26,6 +26,23 @@ const READINESS_POLL_INTERVAL_MS: u64 = 100;
 const NODE_SHUTDOWN_GRACE_MS: u64 = 5_000;
 const NODE_LOG_TAIL_LINES: usize = 15;
 
+/// What every node of a loopback cluster is given beyond its address.
+#[derive(Debug, Clone)]
+pub struct NodeSetup {
+    pub slots: u32,
+    /// The node's config file (TOML); `None`: a scripted model no agent ever runs.
+    pub config: Option<String>,
+}
+
+impl Default for NodeSetup {
+    fn default() -> Self {
+        NodeSetup {
+            slots: SLOTS_PER_BENCH_NODE,
+            config: None,
+        }
+    }
+}
+
 /// A `flotilla node` process started by the bench.
 struct LocalNode {
     id: u64,
@@ -41,6 +58,7 @@ pub struct LocalCluster {
     admin_token: String,
     executable: PathBuf,
     cluster_secret: String,
+    setup: NodeSetup,
     // Declared last so that it is removed after the nodes are stopped.
     directory: tempfile::TempDir,
 }
@@ -49,6 +67,11 @@ impl LocalCluster {
     /// Starts `node_count` nodes of `flotilla_binary` and waits until every node sees every
     /// member up, a leader, and the first few nodes as voters.
     pub async fn start(flotilla_binary: &Path, node_count: usize) -> anyhow::Result<Self> {
+        LocalCluster::start_with(flotilla_binary, node_count, NodeSetup::default()).await
+    }
+
+    /// [`LocalCluster::start`] with nodes set up as `setup` says.
+    pub async fn start_with(flotilla_binary: &Path, node_count: usize, setup: NodeSetup) -> anyhow::Result<Self> {
         let directory = tempfile::Builder::new()
             .prefix("flotilla-bench-")
             .tempdir()
@@ -58,6 +81,7 @@ impl LocalCluster {
             admin_token: String::new(),
             executable: flotilla_binary.to_path_buf(),
             cluster_secret: hex::encode(rand::random::<[u8; 32]>()),
+            setup,
             directory,
         };
         let deadline = Instant::now() + Duration::from_millis(CLUSTER_READY_TIMEOUT_MS);
@@ -127,11 +151,12 @@ impl LocalCluster {
         let config_path = self.directory().join(format!("node{id}.toml"));
         std::fs::write(self.directory().join("bench.json"), r#"{"turns": [{"text": "done"}]}"#)
             .context("writing the bench model script")?;
-        std::fs::write(
-            &config_path,
-            "[models.bench]\nprovider = \"scripted\"\nscript = \"bench.json\"\n",
-        )
-        .with_context(|| format!("writing {}", config_path.display()))?;
+        let config = self
+            .setup
+            .config
+            .clone()
+            .unwrap_or_else(|| "[models.bench]\nprovider = \"scripted\"\nscript = \"bench.json\"\n".to_string());
+        std::fs::write(&config_path, config).with_context(|| format!("writing {}", config_path.display()))?;
         let mut command = Command::new(&self.executable);
         command
             .arg("node")
@@ -140,7 +165,7 @@ impl LocalCluster {
             .arg(&data_dir)
             .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
             .args(["--region", "local"])
-            .args(["--slots", &SLOTS_PER_BENCH_NODE.to_string()])
+            .args(["--slots", &self.setup.slots.to_string()])
             .arg("--config")
             .arg(&config_path);
         if let Some(seed) = join {

@@ -7,8 +7,11 @@
 //! - `machines`: machine start times (warm and cold) and how many idle machines a node holds;
 //! - `turns`: the turn loop's overhead per turn, concurrent agents per node, events per second
 //!   to a watcher, with the node's pieces running in this process;
+//! - `burst`: many agents at once on fewer slots, with real machines: `cluster status` latency,
+//!   leader changes, agents running, queued and failed, machine start rate;
 //! - `plugins`: the cost of compiling, loading and calling a plugin component.
 
+mod burst;
 mod client;
 mod create;
 mod local_cluster;
@@ -46,6 +49,8 @@ enum BenchCommand {
     Turns(turns::BenchTurnsArgs),
     /// Plugin compile, load and call cost, with and without the pooling allocator.
     Plugins(plugins::BenchPluginsArgs),
+    /// A burst of agents past the cluster's slots: status latency, leader, queue, start rate.
+    Burst(burst::BenchBurstArgs),
 }
 
 fn init_logging() {
@@ -81,6 +86,7 @@ fn main() -> ExitCode {
             BenchCommand::Machines(args) => machines::run_machines(args).await,
             BenchCommand::Turns(args) => turns::run_turns(args).await,
             BenchCommand::Plugins(args) => plugins::run_plugins(args).await,
+            BenchCommand::Burst(args) => burst::run_burst_bench(args).await,
         }
     });
     match result {

@@ -83,6 +83,8 @@ struct ConfigFile {
     plugins: PluginsSection,
     #[serde(default)]
     repos: ReposSection,
+    #[serde(default)]
+    machines: MachinesSection,
 }
 
 /// `[repos]`: which repositories this node clones. `allow_local` lists the directories that
@@ -118,6 +120,52 @@ impl ReposSection {
         flotilla_actors::repo_url::RepositoryPolicy::new(
             self.allow_local.iter().map(|directory| directory.0.clone()).collect(),
         )
+    }
+}
+
+/// `[machines]`: the limits of every machine of this node, sizes with a unit ("10GiB",
+/// "512MiB"). They override the `[node]` table's older `machine_*_mb` keys; flags override both.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MachinesSection {
+    #[serde(default, deserialize_with = "memory_size")]
+    pub memory: Option<u64>,
+    /// The machine's writable layers together (root and workspace upper layers).
+    #[serde(default, deserialize_with = "disk_size")]
+    pub disk: Option<u64>,
+    pub max_processes: Option<u64>,
+    /// What holds the writable layers: "tmpfs" (fast; its pages count against `memory` too, so
+    /// a machine holds at most the smaller of the two) or "ext4" (a sparse image on the node's
+    /// disk, for disks larger than memory).
+    #[serde(default, deserialize_with = "disk_backing")]
+    pub disk_backing: Option<flotilla_sandbox::DiskBacking>,
+}
+
+/// A size field, its value parsed by `flotilla_sandbox::parse_bytes`; the error names the field.
+fn size_field<'de, D: serde::Deserializer<'de>>(field: &str, deserializer: D) -> Result<Option<u64>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    flotilla_sandbox::parse_bytes(&text)
+        .map(Some)
+        .map_err(|message| serde::de::Error::custom(format!("machines.{field}: {message}")))
+}
+
+fn memory_size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    size_field("memory", deserializer)
+}
+
+fn disk_size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    size_field("disk", deserializer)
+}
+
+fn disk_backing<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<flotilla_sandbox::DiskBacking>, D::Error> {
+    match String::deserialize(deserializer)?.as_str() {
+        "tmpfs" => Ok(Some(flotilla_sandbox::DiskBacking::Tmpfs)),
+        "ext4" => Ok(Some(flotilla_sandbox::DiskBacking::Ext4Image)),
+        other => Err(serde::de::Error::custom(format!(
+            "machines.disk_backing: {other:?} is not one of \"tmpfs\", \"ext4\""
+        ))),
     }
 }
 
@@ -302,6 +350,7 @@ impl NodeArgs {
             git,
             mut plugins,
             repos,
+            machines: machines_section,
         } = parts;
         if let Some(dir) = &self.compiled_plugin_cache {
             plugins.compiled_cache = Some(dir.clone());
@@ -357,7 +406,7 @@ impl NodeArgs {
             .logs_kept_after_snapshot
             .or(file.logs_kept_after_snapshot)
             .unwrap_or(2_000);
-        let machines = self.machine_settings(&file)?;
+        let machines = self.machine_settings(&file, &machines_section)?;
         Ok(NodeConfig {
             models,
             agents,
@@ -403,7 +452,11 @@ impl NodeArgs {
     }
 
     /// The machine settings: defaults, overridden by the file, overridden by flags.
-    fn machine_settings(&self, file: &FileNode) -> Result<flotilla_actors::machine::MachineSettings, ConfigError> {
+    fn machine_settings(
+        &self,
+        file: &FileNode,
+        section: &MachinesSection,
+    ) -> Result<flotilla_actors::machine::MachineSettings, ConfigError> {
         let mut machines = flotilla_actors::machine::MachineSettings::default();
         if let Some(image) = self.base_image.as_ref().or(file.base_image.as_ref()) {
             machines.base_image =
@@ -417,14 +470,28 @@ impl NodeArgs {
         if let Some(timeout) = self.install_timeout_ms.or(file.install_timeout_ms) {
             machines.install_timeout_ms = timeout;
         }
-        if let Some(megabytes) = self.machine_memory_mb.or(file.machine_memory_mb) {
-            machines.limits.memory_bytes = megabytes * 1024 * 1024;
+        let megabytes = |value: Option<u64>| value.map(|megabytes| megabytes * 1024 * 1024);
+        if let Some(bytes) = megabytes(self.machine_memory_mb)
+            .or(section.memory)
+            .or(megabytes(file.machine_memory_mb))
+        {
+            machines.limits.memory_bytes = bytes;
         }
-        if let Some(count) = self.machine_max_processes.or(file.machine_max_processes) {
+        if let Some(count) = self
+            .machine_max_processes
+            .or(section.max_processes)
+            .or(file.machine_max_processes)
+        {
             machines.limits.max_processes = count;
         }
-        if let Some(megabytes) = self.machine_disk_mb.or(file.machine_disk_mb) {
-            machines.limits.disk_bytes = megabytes * 1024 * 1024;
+        if let Some(bytes) = megabytes(self.machine_disk_mb)
+            .or(section.disk)
+            .or(megabytes(file.machine_disk_mb))
+        {
+            machines.limits.disk_bytes = bytes;
+        }
+        if let Some(backing) = section.disk_backing {
+            machines.disk_backing = backing;
         }
         if let Some(timeout) = self.command_timeout_ms.or(file.command_timeout_ms) {
             machines.limits.command_timeout_ms = timeout;
@@ -559,6 +626,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("line 2") && error.contains("allow"), "{error}");
+    }
+
+    #[test]
+    fn machine_sizes_take_units_and_a_bad_one_names_file_line_and_field() {
+        let text = "[machines]\nmemory = \"1GiB\"\ndisk = \"10GiB\"\nmax_processes = 256\ndisk_backing = \"ext4\"\n";
+        let parsed = parse_config(Path::new("node.toml"), text).unwrap();
+        assert_eq!(parsed.machines.memory, Some(1 << 30));
+        assert_eq!(parsed.machines.disk, Some(10 << 30));
+        assert_eq!(parsed.machines.max_processes, Some(256));
+        assert_eq!(
+            parsed.machines.disk_backing,
+            Some(flotilla_sandbox::DiskBacking::Ext4Image)
+        );
+        let error = parse_config(
+            Path::new("node.toml"),
+            "[machines]\nmemory = \"1GiB\"\ndisk = \"10 gallons\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.starts_with("config file node.toml line 3"), "{error}");
+        assert!(error.contains("machines.disk"), "{error}");
+        assert!(error.contains("unknown unit \"gallons\""), "{error}");
+        let error = parse_config(Path::new("node.toml"), "[machines]\ndisk_backing = \"zfs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("line 2") && error.contains("machines.disk_backing"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -103,15 +103,52 @@ impl Cgroups {
         }
     }
 
+    /// Creates the parent (it may be nested, `flotilla/<node>`), with the controllers enabled
+    /// at every level on v2.
     fn prepare_parent(&self) -> Result<()> {
-        for dir in self.parent_dirs() {
-            create_dir(&dir)?;
-        }
-        if self.version == Version::V2 {
-            enable_v2_controllers(&self.root)?;
-            enable_v2_controllers(&self.root.join(&self.parent))?;
+        let hierarchies: Vec<PathBuf> = match self.version {
+            Version::V1 => V1_CONTROLLERS
+                .iter()
+                .map(|controller| self.root.join(controller))
+                .collect(),
+            Version::V2 => vec![self.root.clone()],
+        };
+        for hierarchy in hierarchies {
+            let mut dir = hierarchy;
+            if self.version == Version::V2 {
+                enable_v2_controllers(&dir)?;
+            }
+            for component in Path::new(&self.parent).components() {
+                dir.push(component);
+                create_dir(&dir)?;
+                if self.version == Version::V2 {
+                    enable_v2_controllers(&dir)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Names of every machine cgroup under the parent, in any hierarchy.
+    pub(crate) fn machine_names(&self) -> Vec<String> {
+        let mut names = std::collections::BTreeSet::new();
+        for dir in self.parent_dirs() {
+            for name in child_dirs(&dir) {
+                names.insert(name);
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    /// Kills the processes of every machine cgroup under the parent and removes them all: what
+    /// an earlier life of the node left behind. Blocking (it waits for the cgroups to drain).
+    pub(crate) fn reap_all(&self) -> Vec<String> {
+        let names = self.machine_names();
+        for name in &names {
+            tracing::info!(cgroup = %name, "removing a machine cgroup left by a previous run");
+            self.machine(name).remove();
+        }
+        names
     }
 
     /// The cgroup of machine `machine_id` (paths only; nothing is created).
@@ -133,6 +170,29 @@ impl Cgroups {
         }
         result.map(|()| machine)
     }
+}
+
+/// The names of the directories directly under `dir` (none when it cannot be read).
+fn child_dirs(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_type().map(|kind| kind.is_dir()).unwrap_or(false))
+        .filter_map(|entry| entry.file_name().to_str().map(str::to_string))
+        .collect()
+}
+
+/// The `max` counter of a `pids.events` file (0 when absent).
+fn read_max_counter(file: &Path) -> u64 {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .find(|(name, _)| *name == "max")
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn enable_v2_controllers(dir: &Path) -> Result<()> {
@@ -202,36 +262,73 @@ impl MachineCgroup {
         })
     }
 
+    /// The machine's leaves, by name, in any of its hierarchies (a start cut short on v1 can
+    /// leave a leaf in one hierarchy only).
     fn leaves(&self) -> Vec<Leaf> {
-        let Ok(entries) = std::fs::read_dir(&self.dirs[0]) else {
-            return Vec::new();
-        };
-        let mut leaves = Vec::new();
-        for entry in entries.flatten() {
-            if entry.file_type().map(|kind| kind.is_dir()).unwrap_or(false) {
-                if let Some(name) = entry.file_name().to_str() {
-                    let dirs = self.dirs.iter().map(|dir| dir.join(name)).collect();
-                    leaves.push(Leaf {
-                        version: self.version,
-                        dirs,
-                        procs_files: Vec::new(),
-                    });
+        let mut names = std::collections::BTreeSet::new();
+        for dir in &self.dirs {
+            names.extend(child_dirs(dir));
+        }
+        names
+            .into_iter()
+            .map(|name| Leaf {
+                version: self.version,
+                dirs: self.dirs.iter().map(|dir| dir.join(&name)).collect(),
+                procs_files: Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Kills every process of the machine, its whole tree at once where the kernel can
+    /// (`cgroup.kill` on v2), else leaf by leaf; the cgroups stay.
+    pub(crate) fn kill_processes(&self) {
+        if self.version == Version::V2 {
+            let kill_file = self.dirs[0].join("cgroup.kill");
+            if kill_file.exists() {
+                if let Err(error) = std::fs::write(&kill_file, "1") {
+                    tracing::warn!(cgroup = %kill_file.display(), %error, "cgroup.kill failed; killing leaf by leaf");
                 }
             }
         }
-        leaves
-    }
-
-    /// Kills every process of the machine; the cgroups stay.
-    pub(crate) fn kill_processes(&self) {
         for leaf in self.leaves() {
             leaf.kill_all();
         }
     }
 
+    /// How often a fork in the machine was refused by its process limit, as counted at the
+    /// machine's own cgroup: v2 kernels count there (hierarchically); v1 counts only in the
+    /// forking process's leaf, so this is 0 on v1.
+    pub(crate) fn process_limit_hits(&self) -> u64 {
+        match self.version {
+            Version::V1 => 0,
+            Version::V2 => read_max_counter(&self.dirs[0].join("pids.events")),
+        }
+    }
+
+    /// Kills the processes of every command leaf whose forks ran into the process limit: a
+    /// fork bomb left in the background by an earlier command keeps the machine at its limit
+    /// until it is gone. The init and terminal leaves are left alone.
+    pub(crate) fn kill_process_limit_hogs(&self) -> usize {
+        let mut killed = 0;
+        for leaf in self.leaves() {
+            let is_command_leaf = leaf
+                .dirs
+                .first()
+                .and_then(|dir| dir.file_name())
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("exec-"));
+            if is_command_leaf && leaf.process_limit_hits() > 0 && !leaf.is_empty() {
+                leaf.kill_all();
+                killed += 1;
+            }
+        }
+        killed
+    }
+
     /// Kills every process of the machine and removes its cgroups. Best effort: what cannot be
     /// removed is logged, never fatal, so teardown always goes on to the mounts.
     pub(crate) fn remove(&self) {
+        self.kill_processes();
         for leaf in self.leaves() {
             leaf.kill_all();
             leaf.remove();
@@ -315,21 +412,37 @@ impl Leaf {
             .unwrap_or(0)
     }
 
+    /// How often a fork of this leaf's processes was refused by the machine's process limit
+    /// (`pids.events`, and `pids.events.local` where the kernel has it).
+    pub(crate) fn process_limit_hits(&self) -> u64 {
+        let dir = match self.version {
+            Version::V1 => &self.dirs[1],
+            Version::V2 => &self.dirs[0],
+        };
+        read_max_counter(&dir.join("pids.events")) + read_max_counter(&dir.join("pids.events.local"))
+    }
+
     pub(crate) fn procs_files(&self) -> Vec<CString> {
         self.procs_files.clone()
     }
 
     fn pids(&self) -> Vec<i32> {
-        // v1: every process is in all three hierarchies; the pids one is the truth for "alive".
-        let dir = match self.version {
-            Version::V1 => &self.dirs[1],
-            Version::V2 => &self.dirs[0],
-        };
-        std::fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| line.trim().parse().ok())
-            .collect()
+        // v1: a process is in all three hierarchies, unless a start was cut short between the
+        // joins; every hierarchy is read so that none is missed.
+        let mut pids: Vec<i32> = self
+            .dirs
+            .iter()
+            .flat_map(|dir| {
+                std::fs::read_to_string(dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|line| line.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::environment::{EnvironmentConfig, Terminal};
 use crate::error::{Result, SandboxError};
-use crate::limits::MachineLimits;
+use crate::limits::{display_bytes, MachineLimits};
 use crate::pty::{PtySession, PtySize};
 
 /// The bottom layer of a machine's filesystem.
@@ -187,7 +187,8 @@ impl ExecRequest {
     }
 }
 
-/// Why the driver, not the command itself, ended a command.
+/// Why a command ended badly that is the machine's limits' doing, not the command's own: the
+/// driver killed it (time), the kernel did (memory), or a limit stopped it (disk, processes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum KilledReason {
@@ -195,15 +196,26 @@ pub enum KilledReason {
     Timeout { limit_ms: u64 },
     /// The machine's memory limit was reached and the kernel killed a process of the command.
     OutOfMemory { limit_bytes: u64 },
+    /// The machine's disk (its writable layers) was full when the command failed.
+    DiskFull { limit_bytes: u64 },
+    /// A process of the command could not fork past the machine's process limit; what the
+    /// command left running was killed.
+    ProcessLimit { limit: u64 },
 }
 
 impl fmt::Display for KilledReason {
     fn fmt(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
         match self {
             KilledReason::Timeout { limit_ms } => write!(formatter, "killed after the time limit of {limit_ms} ms"),
-            KilledReason::OutOfMemory { limit_bytes } => {
-                write!(formatter, "killed by the machine's memory limit of {limit_bytes} bytes")
+            KilledReason::OutOfMemory { limit_bytes } => write!(
+                formatter,
+                "out of memory: killed at the machine's memory limit of {}",
+                display_bytes(*limit_bytes)
+            ),
+            KilledReason::DiskFull { limit_bytes } => {
+                write!(formatter, "disk limit {} reached", display_bytes(*limit_bytes))
             }
+            KilledReason::ProcessLimit { limit } => write!(formatter, "process limit {limit} reached"),
         }
     }
 }
@@ -348,6 +360,10 @@ pub trait MachineDriver: Send + Sync + 'static {
     /// Kills every process, unmounts the layers, removes the cgroup and the per-machine files.
     /// Idempotent.
     async fn destroy(&self, machine: &MachineHandle) -> Result<()>;
+
+    /// Kills and removes every machine of this driver, those a handle still holds included:
+    /// for a node that stops and must leave none behind. Answers how many were removed.
+    async fn destroy_all(&self) -> Result<usize>;
 
     /// Starts the tmux session [`TERMINAL_SESSION`] with one window per terminal.
     async fn start_terminals(&self, machine: &MachineHandle, terminals: &[Terminal]) -> Result<()>;

@@ -500,6 +500,25 @@ impl MachineDriver for FakeDriver {
         blocking(move || handle.machine_of::<FakeMachine>(DRIVER_NAME)?.remove_files()).await
     }
 
+    /// Removes every fake machine's directory; the processes of a machine whose handle is still
+    /// held die with its last handle (the fake keeps no registry of its machines).
+    async fn destroy_all(&self) -> Result<usize> {
+        let machines = self.root.join("machines");
+        blocking(move || {
+            let Ok(entries) = std::fs::read_dir(&machines) else {
+                return Ok(0);
+            };
+            let mut removed = 0;
+            for entry in entries.flatten() {
+                std::fs::remove_dir_all(entry.path())
+                    .map_err(|error| SandboxError::io("remove", entry.path(), error))?;
+                removed += 1;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
     async fn start_terminals(&self, machine: &MachineHandle, terminals: &[Terminal]) -> Result<()> {
         self.machine(machine)?.start_terminals(terminals)
     }

@@ -205,7 +205,8 @@ impl InstallLayerCache {
         let layer = match result {
             Ok(layer) => layer,
             Err(error) => {
-                let _ = std::fs::remove_dir_all(&building);
+                // A half-copied layer can be large: removed off the runtime's workers.
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&building)).await;
                 return Err(error);
             }
         };
@@ -218,15 +219,13 @@ impl InstallLayerCache {
             source_tree: request.source_tree.clone(),
             base_image_identity: request.base.identity.clone(),
         };
-        let metadata_path = layer.path.join(METADATA_FILE);
-        let written = serde_json::to_vec_pretty(&metadata).expect("metadata serialises");
-        std::fs::write(&metadata_path, written).map_err(|error| SandboxError::io("write", &metadata_path, error))?;
         let final_path = self.root.join(key);
-        std::fs::rename(&layer.path, &final_path).map_err(|error| {
-            let _ = std::fs::remove_dir_all(&layer.path);
-            SandboxError::io("move the install layer into place at", &final_path, error)
-        })?;
-        Ok(Layer { path: final_path })
+        tokio::task::spawn_blocking(move || publish_layer(&layer, &metadata, &final_path))
+            .await
+            .map_err(|error| SandboxError::HostCommand {
+                program: "install layer publish".to_string(),
+                detail: error.to_string(),
+            })?
     }
 
     async fn install_and_capture(
@@ -254,6 +253,20 @@ impl InstallLayerCache {
         }
         self.driver.capture_layer(machine, building).await
     }
+}
+
+/// Writes the layer's metadata and moves it to its final place (blocking).
+fn publish_layer(layer: &Layer, metadata: &InstallLayerMetadata, final_path: &Path) -> Result<Layer> {
+    let metadata_path = layer.path.join(METADATA_FILE);
+    let written = serde_json::to_vec_pretty(metadata).expect("metadata serialises");
+    std::fs::write(&metadata_path, written).map_err(|error| SandboxError::io("write", &metadata_path, error))?;
+    std::fs::rename(&layer.path, final_path).map_err(|error| {
+        let _ = std::fs::remove_dir_all(&layer.path);
+        SandboxError::io("move the install layer into place at", final_path, error)
+    })?;
+    Ok(Layer {
+        path: final_path.to_path_buf(),
+    })
 }
 
 fn remove_partial_builds(root: &Path) {

@@ -35,6 +35,8 @@ pub mod uid_range;
 pub mod workspace_file;
 
 #[cfg(test)]
+mod containment_tests;
+#[cfg(test)]
 mod kernel_surface_tests;
 #[cfg(test)]
 mod machine_tests;
@@ -47,7 +49,7 @@ pub use driver::{
 pub use environment::{EnvironmentConfig, Plan, Terminal};
 pub use error::{EnvironmentError, Result, SandboxError};
 pub use install_layer::{InstallLayer, InstallLayerCache, InstallRequest};
-pub use limits::MachineLimits;
+pub use limits::{display_bytes, parse_bytes, MachineLimits};
 pub use mount_namespace::enter_private_mount_namespace;
 pub use pty::{PtySession, PtySize};
 pub use workspace_file::{copy_workspace_file, read_workspace_file, WorkspaceFileError};

@@ -40,6 +40,58 @@ impl Default for MachineLimits {
     }
 }
 
+/// A size for people: whole GiB, MiB or KiB when it is one ("10 GiB"), else bytes.
+pub fn display_bytes(bytes: u64) -> String {
+    const KIB: u64 = 1024;
+    for (unit, name) in [(GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")] {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
+            return format!("{} {name}", bytes / unit);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// Parses a size with an optional binary or decimal unit: "10GiB", "512 MiB", "1.5G",
+/// "4096". Units: B, K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB (K, M, G, T are binary; KB, MB,
+/// GB, TB decimal).
+pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|character: char| !(character.is_ascii_digit() || character == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let unit = unit.trim();
+    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1024,
+        "kb" => 1000,
+        "m" | "mib" => MIB,
+        "mb" => 1000 * 1000,
+        "g" | "gib" => GIB,
+        "gb" => 1000 * 1000 * 1000,
+        "t" | "tib" => 1024 * GIB,
+        "tb" => 1000 * 1000 * 1000 * 1000,
+        _ => {
+            return Err(format!(
+                "{text:?} has an unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB, or KB, MB, GB, TB)"
+            ))
+        }
+    };
+    if number.is_empty() {
+        return Err(format!(
+            "{text:?} is not a size: expected a number and a unit such as \"10GiB\""
+        ));
+    }
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: {number:?} is not a number"))?;
+    let bytes = value * multiplier as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{text:?} is too large"));
+    }
+    Ok(bytes.round() as u64)
+}
+
 /// Smallest values a machine can usefully run with; below them a shell and tmux do not start.
 pub const MIN_MEMORY_BYTES: u64 = 16 * MIB;
 pub const MIN_PROCESSES: u64 = 8;
@@ -126,6 +178,23 @@ mod tests {
         assert_eq!(limits.cpu_weight_v2(), 10_000);
         limits.cpu_weight = 1024;
         assert_eq!(limits.cpu_weight_v2(), 39);
+    }
+
+    #[test]
+    fn sizes_parse_and_display() {
+        assert_eq!(parse_bytes("10GiB").unwrap(), 10 * GIB);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 * MIB);
+        assert_eq!(parse_bytes("1.5G").unwrap(), 3 * GIB / 2);
+        assert_eq!(parse_bytes("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("10 parsecs")
+            .unwrap_err()
+            .contains("unknown unit \"parsecs\""));
+        assert!(parse_bytes("GiB").unwrap_err().contains("not a size"));
+        assert!(parse_bytes("1.2.3G").unwrap_err().contains("not a number"));
+        assert_eq!(display_bytes(10 * GIB), "10 GiB");
+        assert_eq!(display_bytes(64 * MIB), "64 MiB");
+        assert_eq!(display_bytes(1000), "1000 bytes");
     }
 
     #[test]

@@ -29,9 +29,9 @@ pub(crate) fn bwrap_machine(handle: &MachineHandle) -> &BwrapMachine {
 }
 
 pub(crate) struct Harness {
-    scratch: tempfile::TempDir,
+    pub(crate) scratch: tempfile::TempDir,
     pub(crate) driver: Arc<BwrapDriver>,
-    base: BaseLayer,
+    pub(crate) base: BaseLayer,
 }
 
 pub(crate) async fn harness() -> Harness {
@@ -47,14 +47,14 @@ pub(crate) async fn harness() -> Harness {
 
 impl Harness {
     /// A checkout with one file named after it.
-    fn workspace(&self, name: &str) -> PathBuf {
+    pub(crate) fn workspace(&self, name: &str) -> PathBuf {
         let path = self.scratch.path().join("checkouts").join(name);
         std::fs::create_dir_all(&path).unwrap();
         std::fs::write(path.join(format!("{name}-only.txt")), format!("{name}\n")).unwrap();
         path
     }
 
-    fn spec(&self, name: &str, workspace: &Path) -> MachineSpec {
+    pub(crate) fn spec(&self, name: &str, workspace: &Path) -> MachineSpec {
         let mut spec = MachineSpec::new(name, self.base.clone(), workspace);
         spec.limits = MachineLimits {
             memory_bytes: 256 * MIB,
@@ -92,7 +92,7 @@ impl Harness {
         output.stdout_text()
     }
 
-    fn machines_dir(&self) -> PathBuf {
+    pub(crate) fn machines_dir(&self) -> PathBuf {
         self.driver.root().join("machines")
     }
 }
@@ -267,7 +267,7 @@ async fn destroy_and_drop_remove_mounts_cgroups_and_files() {
     assert!(!dir.exists());
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mountinfo.contains(&id), "a mount of {id} is left");
-    assert!(!cgroup_exists(&id), "a cgroup of {id} is left");
+    assert!(!cgroup_exists(&harness.driver, &id), "a cgroup of {id} is left");
     let error = harness
         .driver
         .exec(&machine, ExecRequest::new("true"))
@@ -279,13 +279,19 @@ async fn destroy_and_drop_remove_mounts_cgroups_and_files() {
     let (dropped_id, dropped_dir) = (dropped.id().to_string(), bwrap_machine(&dropped).dir().to_path_buf());
     drop(dropped);
     assert!(!dropped_dir.exists());
-    assert!(!cgroup_exists(&dropped_id));
+    assert!(!cgroup_exists(&harness.driver, &dropped_id));
 }
 
-fn cgroup_exists(id: &str) -> bool {
-    ["memory/flotilla", "pids/flotilla", "cpu/flotilla", "flotilla"]
-        .iter()
-        .any(|parent| Path::new("/sys/fs/cgroup").join(parent).join(id).exists())
+/// Whether machine `id`'s cgroup is in any hierarchy (v1 memory, pids or cpu, or v2).
+pub(crate) fn cgroup_exists(driver: &BwrapDriver, id: &str) -> bool {
+    let parent = crate::bwrap::cgroup_parent_for(driver.root());
+    ["memory", "pids", "cpu", ""].iter().any(|hierarchy| {
+        Path::new("/sys/fs/cgroup")
+            .join(hierarchy)
+            .join(&parent)
+            .join(id)
+            .exists()
+    })
 }
 
 #[tokio::test]
@@ -624,6 +630,10 @@ impl MachineDriver for CountingDriver {
 
     async fn destroy(&self, machine: &MachineHandle) -> Result<()> {
         self.inner.destroy(machine).await
+    }
+
+    async fn destroy_all(&self) -> Result<usize> {
+        self.inner.destroy_all().await
     }
 
     async fn start_terminals(&self, machine: &MachineHandle, terminals: &[Terminal]) -> Result<()> {

@@ -176,19 +176,21 @@ pub(crate) fn idmapped_bind(source: &Path, target: &Path, user_namespace: std::o
     Ok(())
 }
 
-/// Every mount point at or below `dir` (from /proc/self/mountinfo), deepest first.
+/// Every mount point strictly beneath `dir` (from /proc/self/mountinfo), latest mounted
+/// first: the order to unmount them in.
 pub(crate) fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
-    let mut found: Vec<PathBuf> = mountinfo
+    let mut points: Vec<PathBuf> = mountinfo
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(|encoded| PathBuf::from(decode_mountinfo_path(encoded)))
-        .filter(|point| point.starts_with(dir))
+        .filter(|point| point != dir && point.starts_with(dir))
         .collect();
-    found.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
-    found
+    points.reverse();
+    points.dedup();
+    points
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space and so on).
@@ -245,6 +247,21 @@ pub(crate) fn unmount(target: &Path) -> Result<()> {
             detail: format!("unmount: {error}"),
         }),
     }
+}
+
+/// Free space left on the filesystem at `path`, for an unprivileged writer: (bytes, inodes).
+// Unsafe: statvfs(2) has no safe wrapper in std.
+pub(crate) fn free_space(path: &Path) -> io::Result<(u64, u64)> {
+    let path_c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statvfs is plain old data; zeroed is a valid value for it.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out pointer.
+    let result = unsafe { libc::statvfs(path_c.as_ptr(), &mut stats) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok((stats.f_bavail as u64 * stats.f_frsize as u64, stats.f_favail as u64))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! Tests wait for conditions with [`wait_for`], never with a sleep: a sleep is either too
 //! short on a loaded two-core machine or wasted time everywhere else.
 
+pub mod burst;
 pub mod fakes;
 pub mod invariants;
 

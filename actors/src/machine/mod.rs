@@ -16,7 +16,8 @@ use flotilla_sandbox::egress::{EgressLimits, EgressPolicy, EgressProxy};
 use flotilla_sandbox::environment::{self, EnvironmentConfig, Terminal};
 use flotilla_sandbox::install_layer::{InstallLayerCache, InstallRequest};
 use flotilla_sandbox::{
-    BaseImage, BaseLayer, BwrapConfig, BwrapDriver, Layer, MachineDriver, MachineLimits, MachineSpec, SandboxError,
+    BaseImage, BaseLayer, BwrapConfig, BwrapDriver, DiskBacking, Layer, MachineDriver, MachineLimits, MachineSpec,
+    SandboxError,
 };
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 
@@ -37,6 +38,8 @@ pub struct MachineSettings {
     pub base_image: BaseImage,
     pub limits: MachineLimits,
     pub install_timeout_ms: u64,
+    /// What holds a machine's writable layers (and so enforces `limits.disk_bytes`).
+    pub disk_backing: DiskBacking,
 }
 
 impl Default for MachineSettings {
@@ -45,6 +48,7 @@ impl Default for MachineSettings {
             base_image: BaseImage::Host,
             limits: MachineLimits::default(),
             install_timeout_ms: flotilla_sandbox::install_layer::DEFAULT_INSTALL_TIMEOUT_MS,
+            disk_backing: DiskBacking::default(),
         }
     }
 }
@@ -94,10 +98,13 @@ pub enum ProvisionError {
 }
 
 impl MachineHost {
-    /// Opens the machine root under `data_dir/machines` with the bubblewrap driver (removing
-    /// machines a previous run of the node left behind).
+    /// Opens the machine root under `data_dir/machines` with the bubblewrap driver, killing and
+    /// removing the machines, cgroups and mounts a previous run of the node left behind.
+    /// Blocking (the reaping waits for killed processes): call it off the async runtime.
     pub fn open(data_dir: &Path, settings: MachineSettings) -> Result<MachineHost, SandboxError> {
-        let driver = BwrapDriver::new(BwrapConfig::new(data_dir.join("machines")))?;
+        let mut config = BwrapConfig::new(data_dir.join("machines"));
+        config.disk = settings.disk_backing;
+        let driver = BwrapDriver::new(config)?;
         let install_layers_dir = driver.install_layers_dir();
         MachineHost::with_driver(Arc::new(driver), &install_layers_dir, data_dir, settings)
     }
@@ -132,6 +139,25 @@ impl MachineHost {
             egress_dir,
             repos_dir,
         })
+    }
+
+    /// Destroys every machine of the node, those whose actors have not gone yet included: what
+    /// a node does last on a clean stop, so that it leaves no process, cgroup or mount.
+    pub async fn shutdown(&self) {
+        match self.driver.destroy_all().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "machines destroyed on shutdown"),
+            Err(error) => tracing::warn!(%error, "destroying the machines on shutdown failed"),
+        }
+        let workspaces_dir = self.workspaces_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(entries) = std::fs::read_dir(&workspaces_dir) {
+                for entry in entries.flatten() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        })
+        .await;
     }
 
     pub fn driver(&self) -> &Arc<dyn MachineDriver> {

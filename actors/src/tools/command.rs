@@ -87,7 +87,9 @@ pub(crate) fn format_command_output(output: &ExecOutput, stream_budget_bytes: us
         Some(KilledReason::Timeout { limit_ms }) => {
             format!("timed out: the command was killed after {limit_ms} ms; output so far:\n")
         }
-        Some(reason) => format!("the command was {reason}; output so far:\n"),
+        // "out of memory: ...", "disk limit 10 GiB reached", "process limit 512 reached": the
+        // reason leads, so that the agent's event says first which limit ended the command.
+        Some(reason) => format!("{reason}; output so far:\n"),
         None => format!("{}\n", output.outcome()),
     };
     let both_cut = output.stdout_truncated && output.stderr_truncated;

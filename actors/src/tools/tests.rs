@@ -39,6 +39,14 @@ struct TestMachine {
 
 impl TestMachine {
     async fn start(kind: Driver, name: &str) -> TestMachine {
+        let limits = MachineLimits {
+            command_timeout_ms: 60_000,
+            ..MachineLimits::default()
+        };
+        TestMachine::start_with_limits(kind, name, limits).await
+    }
+
+    async fn start_with_limits(kind: Driver, name: &str, limits: MachineLimits) -> TestMachine {
         let scratch = tempfile::Builder::new()
             .prefix("flotilla-tools-test")
             .tempdir()
@@ -58,10 +66,7 @@ impl TestMachine {
         )
         .unwrap();
         let mut spec = MachineSpec::new(name, base, &checkout);
-        spec.limits = MachineLimits {
-            command_timeout_ms: 60_000,
-            ..MachineLimits::default()
-        };
+        spec.limits = limits;
         let machine = driver.create(spec).await.expect("create machine");
         TestMachine {
             driver,
@@ -139,6 +144,45 @@ fn every_tool_has_an_object_schema() {
         assert_eq!(schema["type"], "object", "{name}");
         assert_eq!(schema["additionalProperties"], false, "{name}");
     }
+}
+
+/// What the agent reads when its command runs into a limit of the machine (bubblewrap only:
+/// the fake driver enforces no memory, disk or process limit).
+#[tokio::test]
+async fn run_command_names_the_limit_a_hog_ran_into() {
+    let limits = MachineLimits {
+        memory_bytes: 64 * flotilla_sandbox::limits::MIB,
+        disk_bytes: 16 * flotilla_sandbox::limits::MIB,
+        max_processes: 64,
+        command_timeout_ms: 60_000,
+        ..MachineLimits::default()
+    };
+    let machine = TestMachine::start_with_limits(Driver::Bubblewrap, "hogs", limits).await;
+    for (command, expected) in [
+        (
+            "head -c 1000000000 /dev/zero | tail -n 1 >/dev/null",
+            "out of memory: killed at the machine's memory limit of 64 MiB",
+        ),
+        (
+            "dd if=/dev/zero of=/tmp/fill bs=1M count=64",
+            "disk limit 16 MiB reached",
+        ),
+        ("bomb() { bomb | bomb & }; bomb; sleep 2", "process limit 64 reached"),
+    ] {
+        let output = machine.tool("run_command", json!({ "command": command })).await;
+        assert!(output.failed, "{command}: {}", output.content);
+        assert!(output.content.starts_with(expected), "{command}: {}", output.content);
+        if command.starts_with("dd") {
+            machine.tool("run_command", json!({"command": "rm /tmp/fill"})).await;
+        }
+        let after = machine.tool("run_command", json!({"command": "echo still-here"})).await;
+        assert!(
+            after.content.contains("still-here"),
+            "after {command}: {}",
+            after.content
+        );
+    }
+    machine.destroy().await;
 }
 
 /// Declares each scenario as a test on bubblewrap (named after the scenario) and on the fake

@@ -45,6 +45,9 @@ pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Live events buffered per watcher before they are dropped.
 pub const LIVE_EVENTS_PER_WATCHER: usize = 1024;
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a stopping node waits for its actors (and so its machines) to stop before it
+/// sweeps whatever machines are left.
+const SHUTDOWN_ACTORS_TIMEOUT: Duration = Duration::from_secs(20);
 /// Waits between `Join` calls; `JOIN_DEADLINE` bounds the whole.
 const JOIN_RETRY: RetryPolicy = RetryPolicy {
     first_delay_ms: 100,
@@ -322,10 +325,16 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     .await
     .map_err(|error| anyhow!("cannot start the actor mesh on port {}: {error}", config.mesh_port))?;
 
-    let machines = std::sync::Arc::new(
-        flotilla_actors::machine::MachineHost::open(&config.data_dir, config.machines.clone())
-            .map_err(|error| anyhow!("cannot set up machines: {error}"))?,
-    );
+    // Opening reaps what an earlier life of the node left (it kills and waits): off the runtime.
+    let machines = {
+        let (data_dir, settings) = (config.data_dir.clone(), config.machines.clone());
+        let host =
+            tokio::task::spawn_blocking(move || flotilla_actors::machine::MachineHost::open(&data_dir, settings))
+                .await
+                .map_err(|error| anyhow!("cannot set up machines: {error}"))?
+                .map_err(|error| anyhow!("cannot set up machines: {error}"))?;
+        std::sync::Arc::new(host)
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -367,7 +376,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         NodeSupervisorArgs {
             replica: replica.clone(),
             mesh: mesh.clone(),
-            machines,
+            machines: machines.clone(),
             runtime,
             liveness,
             lease: Duration::from_millis(config.lease_ms),
@@ -378,7 +387,15 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     tracing::info!(node = node_id, "node is ready");
 
     wait_for_shutdown(supervisor_handle).await?;
-    supervisor.stop(Some("node shutting down".to_string()));
+    // The supervisor's children (agents, their machine actors) destroy their machines as they
+    // stop; whatever is left after the wait is destroyed by the driver's sweep.
+    let stopped = supervisor
+        .stop_and_wait(Some("node shutting down".to_string()), Some(SHUTDOWN_ACTORS_TIMEOUT))
+        .await;
+    if let Err(error) = stopped {
+        tracing::warn!(%error, "the node supervisor did not stop in time");
+    }
+    machines.shutdown().await;
     let _ = shutdown_sender.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     mesh.shutdown().await;

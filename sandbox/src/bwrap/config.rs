@@ -1,7 +1,7 @@
 //! What the bubblewrap driver is given: where it keeps its files, what backs a machine's
 //! writable layers, and the host programs it runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::uid_range::UidRangeConfig;
 
@@ -24,7 +24,8 @@ pub struct BwrapConfig {
     /// layers (in `snapshots`).
     pub root: PathBuf,
     pub disk: DiskBacking,
-    /// Name of the cgroup under each hierarchy's root that holds every machine of this node.
+    /// Path of the cgroup under each hierarchy's root that holds every machine of this node and
+    /// nothing else: on start the driver kills and removes whatever is under it.
     pub cgroup_parent: String,
     pub bwrap_program: PathBuf,
     pub nsenter_program: PathBuf,
@@ -35,14 +36,24 @@ pub struct BwrapConfig {
 
 impl BwrapConfig {
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
         BwrapConfig {
-            root: root.into(),
+            root: root.clone(),
             disk: DiskBacking::Tmpfs,
-            cgroup_parent: "flotilla".to_string(),
+            cgroup_parent: cgroup_parent_for(&root),
             bwrap_program: PathBuf::from("/usr/bin/bwrap"),
             nsenter_program: PathBuf::from("/usr/bin/nsenter"),
             setpriv_program: PathBuf::from("/usr/bin/setpriv"),
             uid_ranges: UidRangeConfig::default(),
         }
     }
+}
+
+/// `flotilla/<16 hex digits of the root's hash>`: one parent per node root, so that nodes
+/// sharing a host (tests, a bench cluster) never reap each other's machines, and a node
+/// restarted on the same root finds its earlier life's cgroups.
+pub fn cgroup_parent_for(root: &Path) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(root.as_os_str().as_encoded_bytes());
+    format!("flotilla/{}", &hex::encode(digest)[..16])
 }

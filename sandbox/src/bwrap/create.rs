@@ -87,6 +87,23 @@ impl BwrapDriver {
         // Mounts, cgroup writes and the passwd lookup block for a millisecond or two.
         let driver = self.clone();
         let (mut machine, command) = blocking("machine set-up", move || driver.create_blocking(spec)).await?;
+        if let Err(error) = self.start_init(&mut machine, command).await {
+            // Dropping the machine here would unmount and drain its cgroup on a runtime worker.
+            let mut resources = {
+                let mut guard = machine.resources.lock().expect("machine resources lock");
+                std::mem::replace(&mut *guard, Resources::destroyed())
+            };
+            if let Err(teardown) =
+                blocking("tear down a machine that failed to start", move || resources.teardown()).await
+            {
+                tracing::warn!(machine = %machine.id, error = %teardown, "a machine that failed to start was not torn down whole");
+            }
+            return Err(error);
+        }
+        Ok(machine)
+    }
+
+    async fn start_init(&self, machine: &mut BwrapMachine, command: std::process::Command) -> Result<()> {
         let mut init = spawn_long_lived(command)
             .await
             .map_err(|error| SandboxError::io("start", &self.config.bwrap_program, error))?;
@@ -97,8 +114,7 @@ impl BwrapDriver {
             // Bubblewrap holds what it inherited; the node's copies are not needed any more.
             resources.handover = None;
         }
-        self.wait_ready(&mut machine, stdout).await?;
-        Ok(machine)
+        self.wait_ready(machine, stdout).await
     }
 
     fn create_blocking(&self, spec: MachineSpec) -> Result<(BwrapMachine, std::process::Command)> {
@@ -430,8 +446,10 @@ impl BwrapDriver {
                 detail,
             });
         }
-        let children =
-            std::fs::read_to_string(format!("/proc/{bwrap_pid}/task/{bwrap_pid}/children")).unwrap_or_default();
+        let children = blocking("find the machine's init", move || {
+            Ok(std::fs::read_to_string(format!("/proc/{bwrap_pid}/task/{bwrap_pid}/children")).unwrap_or_default())
+        })
+        .await?;
         machine.init_pid = children
             .split_whitespace()
             .next()

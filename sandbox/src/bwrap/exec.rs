@@ -8,18 +8,104 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cgroup::Leaf;
+use std::path::Path;
+
+use crate::cgroup::{Leaf, MachineCgroup};
 use crate::driver::{ExecOutput, ExecRequest, KilledReason};
 use crate::error::{Result, SandboxError};
 use crate::output_capture::{pump, take_capture, OutputCapture, MAX_OUTPUT_BYTES_CEILING};
 use crate::seccomp;
 
 use super::machine::BwrapMachine;
-use super::{BwrapDriver, WORKSPACE_DIR};
+use super::{blocking, BwrapDriver, WORKSPACE_DIR};
 
 /// After a command exits, how long its output pipes may stay open (held by a process it left
 /// running in the background) before the driver stops capturing them.
 const OUTPUT_DRAIN_GRACE: Duration = Duration::from_millis(200);
+
+/// Free space at or below which a failed command's machine counts as out of disk: the larger
+/// of 64 KiB and a thousandth of the disk (a filesystem keeps a few blocks it never hands out).
+const DISK_FULL_SLACK_MIN_BYTES: u64 = 64 * 1024;
+
+/// The kernel's counts of limits hit, read before and after a command.
+#[derive(Debug, Clone, Copy)]
+struct LimitCounters {
+    oom_kills: u64,
+    leaf_process_limit_hits: u64,
+    machine_process_limit_hits: u64,
+}
+
+impl LimitCounters {
+    fn read(cgroup: &MachineCgroup, leaf: &Leaf) -> Self {
+        LimitCounters {
+            oom_kills: leaf.oom_kill_count(),
+            leaf_process_limit_hits: leaf.process_limit_hits(),
+            machine_process_limit_hits: cgroup.process_limit_hits(),
+        }
+    }
+}
+
+/// Which of the machine's limits a command ran into.
+#[derive(Debug, Clone, Copy, Default)]
+struct LimitsReached {
+    out_of_memory: bool,
+    process_limit: bool,
+    disk_full: bool,
+}
+
+/// How a command ended, for `finish`.
+struct Ended {
+    leaf: Arc<Leaf>,
+    status: std::process::ExitStatus,
+    timed_out: bool,
+    started: Instant,
+    timeout_ms: u64,
+    counters_before: LimitCounters,
+}
+
+/// Reads what the command ran into and kills its debris (blocking: cgroupfs and statvfs).
+///
+/// What a failed command left running is debris (a fork bomb's children, a half started
+/// server) and is killed so that the machine stays usable; a command that succeeds may leave
+/// daemons behind on purpose (`start`, `nohup server &`). A command whose forks ran into the
+/// process limit is debris whatever its status (`:(){ :|:& };:` exits 0 and leaves the bomb),
+/// and so is every other command leaf whose forks did.
+fn check_limits(
+    cgroup: &MachineCgroup,
+    leaf: &Leaf,
+    disk: &Path,
+    disk_bytes: u64,
+    before: LimitCounters,
+    failed: bool,
+) -> LimitsReached {
+    let after = LimitCounters::read(cgroup, leaf);
+    let leaf_hit = after.leaf_process_limit_hits > before.leaf_process_limit_hits;
+    // v2 kernels may count only where the limit is, at the machine: that is this command's
+    // doing only as far as it failed.
+    let machine_hit = after.machine_process_limit_hits > before.machine_process_limit_hits;
+    let process_limit = leaf_hit || (machine_hit && failed);
+    if failed || process_limit {
+        leaf.kill_all();
+    }
+    if process_limit {
+        cgroup.kill_process_limit_hogs();
+    }
+    let disk_full = failed && {
+        let slack = DISK_FULL_SLACK_MIN_BYTES.max(disk_bytes / 1000);
+        match crate::mounts::free_space(disk) {
+            Ok((free_bytes, free_inodes)) => free_bytes <= slack || free_inodes == 0,
+            Err(error) => {
+                tracing::debug!(disk = %disk.display(), %error, "could not read a machine's free disk space");
+                false
+            }
+        }
+    };
+    LimitsReached {
+        out_of_memory: after.oom_kills > before.oom_kills,
+        process_limit,
+        disk_full,
+    }
+}
 
 /// How a process is started inside a machine.
 pub(super) struct Invocation {
@@ -56,8 +142,14 @@ impl BwrapDriver {
             Some(name) => name.to_string(),
             None => format!("exec-{}", machine.exec_counter.fetch_add(1, Ordering::Relaxed)),
         };
-        let leaf = machine.cgroup.leaf(&leaf_name)?;
-        let oom_kills_before = leaf.oom_kill_count();
+        // Making the leaf and reading its counters are cgroupfs writes and reads: off the runtime.
+        let cgroup = machine.cgroup.clone();
+        let (leaf, counters_before) = blocking("command cgroup set-up", move || {
+            let leaf = cgroup.leaf(&leaf_name)?;
+            let counters = LimitCounters::read(&cgroup, &leaf);
+            Ok((Arc::new(leaf), counters))
+        })
+        .await?;
         let argv = machine.enter_argv(&invocation.cwd, &invocation.argv);
         let mut command = tokio::process::Command::new(&argv[0]);
         command.args(&argv[1..]);
@@ -99,77 +191,76 @@ impl BwrapDriver {
         ));
 
         let timeout = Duration::from_millis(invocation.timeout_ms);
-        let (status, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
-            Ok(status) => (
-                status.map_err(|error| SandboxError::io("wait for", &machine.nsenter_program, error))?,
-                false,
-            ),
-            Err(_) => {
-                let leaf = Arc::new(leaf);
-                let killer = leaf.clone();
-                let _ = tokio::task::spawn_blocking(move || killer.kill_all()).await;
-                let _ = child.start_kill();
-                let status = child
-                    .wait()
-                    .await
-                    .map_err(|error| SandboxError::io("wait for", &machine.nsenter_program, error))?;
-                let leaf = Arc::try_unwrap(leaf).ok();
+        let timed_out = match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => {
+                let status = status.map_err(|error| SandboxError::io("wait for", &machine.nsenter_program, error))?;
                 return self
                     .finish(
                         machine,
-                        leaf,
-                        status,
-                        true,
-                        started,
-                        invocation.timeout_ms,
-                        oom_kills_before,
+                        Ended {
+                            leaf,
+                            status,
+                            timed_out: false,
+                            started,
+                            timeout_ms: invocation.timeout_ms,
+                            counters_before,
+                        },
                         (stdout_pump, stderr_pump),
                         (stdout_capture, stderr_capture),
                     )
                     .await;
             }
+            Err(_) => true,
         };
+        let killer = leaf.clone();
+        let _ = tokio::task::spawn_blocking(move || killer.kill_all()).await;
+        let _ = child.start_kill();
+        let status = child
+            .wait()
+            .await
+            .map_err(|error| SandboxError::io("wait for", &machine.nsenter_program, error))?;
         self.finish(
             machine,
-            Some(leaf),
-            status,
-            timed_out,
-            started,
-            invocation.timeout_ms,
-            oom_kills_before,
+            Ended {
+                leaf,
+                status,
+                timed_out,
+                started,
+                timeout_ms: invocation.timeout_ms,
+                counters_before,
+            },
             (stdout_pump, stderr_pump),
             (stdout_capture, stderr_capture),
         )
         .await
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn finish(
         &self,
         machine: &BwrapMachine,
-        leaf: Option<Leaf>,
-        status: std::process::ExitStatus,
-        timed_out: bool,
-        started: Instant,
-        timeout_ms: u64,
-        oom_kills_before: u64,
+        ended: Ended,
         pumps: (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>),
         captures: (Arc<Mutex<OutputCapture>>, Arc<Mutex<OutputCapture>>),
     ) -> Result<ExecOutput> {
         use std::os::unix::process::ExitStatusExt;
         let (mut stdout_pump, mut stderr_pump) = pumps;
-        let oom_killed = leaf
-            .as_ref()
-            .is_some_and(|leaf| leaf.oom_kill_count() > oom_kills_before);
-        let leaf = leaf.map(Arc::new);
-        if !status.success() || timed_out {
-            // What a failed command left running is debris (a fork bomb's children, a half
-            // started server): kill it so the machine stays usable. A command that succeeds may
-            // leave daemons behind on purpose (`start`, `nohup server &`).
-            if let Some(leaf) = leaf.clone() {
-                tokio::task::spawn_blocking(move || leaf.kill_all()).await.ok();
-            }
-        }
+        let Ended {
+            leaf,
+            status,
+            timed_out,
+            started,
+            timeout_ms,
+            counters_before,
+        } = ended;
+        let limits_reached = {
+            let (cgroup, leaf, disk) = (machine.cgroup.clone(), leaf.clone(), machine.dir.join("disk"));
+            let disk_bytes = machine.limits.disk_bytes;
+            let failed = !status.success() || timed_out;
+            blocking("command cgroup check", move || {
+                Ok(check_limits(&cgroup, &leaf, &disk, disk_bytes, counters_before, failed))
+            })
+            .await?
+        };
         let drained = tokio::time::timeout(OUTPUT_DRAIN_GRACE, async {
             let _ = (&mut stdout_pump).await;
             let _ = (&mut stderr_pump).await;
@@ -181,17 +272,23 @@ impl BwrapDriver {
             // die of SIGPIPE on its next write.
             tracing::debug!(machine = %machine.id, "output pipes outlived the command");
         }
-        if let Some(leaf) = leaf {
-            // A process the command left running keeps its leaf (and is killed on destroy).
-            tokio::task::spawn_blocking(move || leaf.remove_if_empty()).await.ok();
-        }
+        // A process the command left running keeps its leaf (and is killed on destroy).
+        tokio::task::spawn_blocking(move || leaf.remove_if_empty()).await.ok();
         let (stdout, stdout_truncated, stdout_omitted) = take_capture(&captures.0);
         let (stderr, stderr_truncated, stderr_omitted) = take_capture(&captures.1);
         let killed_reason = if timed_out {
             Some(KilledReason::Timeout { limit_ms: timeout_ms })
-        } else if oom_killed && !status.success() {
+        } else if limits_reached.out_of_memory && !status.success() {
             Some(KilledReason::OutOfMemory {
                 limit_bytes: machine.limits.memory_bytes,
+            })
+        } else if limits_reached.process_limit {
+            Some(KilledReason::ProcessLimit {
+                limit: machine.limits.max_processes,
+            })
+        } else if limits_reached.disk_full && !status.success() {
+            Some(KilledReason::DiskFull {
+                limit_bytes: machine.limits.disk_bytes,
             })
         } else {
             None

@@ -40,7 +40,8 @@ use crate::environment::Terminal;
 use crate::error::{Result, SandboxError};
 use crate::image;
 
-pub use config::{BwrapConfig, DiskBacking};
+pub use cleanup::ReapReport;
+pub use config::{cgroup_parent_for, BwrapConfig, DiskBacking};
 pub use machine::BwrapMachine;
 
 /// The driver's name in errors about handles it did not make.
@@ -82,7 +83,8 @@ async fn blocking<T: Send + 'static>(what: &str, work: impl FnOnce() -> Result<T
 
 impl BwrapDriver {
     /// Checks the tools, detects cgroups, creates the directories and tears down whatever a
-    /// previous run of the node left under `root` (mounts, cgroups, directories).
+    /// previous run of the node left under `root` and its cgroup parent (processes, mounts,
+    /// cgroups, directories). Blocking: it can wait seconds for killed processes to go.
     // Unsafe: geteuid(2), to refuse early without root; std has no safe wrapper.
     #[allow(unsafe_code)]
     pub fn new(config: BwrapConfig) -> Result<Self> {
@@ -109,7 +111,10 @@ impl BwrapDriver {
             cgroups,
             debian_lock: Arc::new(tokio::sync::Mutex::new(())),
         };
-        driver.remove_stale_machines();
+        let reaped = driver.reap_blocking();
+        if reaped != cleanup::ReapReport::default() {
+            tracing::info!(?reaped, "removed what a previous run of the node left");
+        }
         Ok(driver)
     }
 
@@ -174,6 +179,11 @@ impl MachineDriver for BwrapDriver {
 
     async fn destroy(&self, machine: &MachineHandle) -> Result<()> {
         cleanup::destroy(self.machine(machine)?).await
+    }
+
+    async fn destroy_all(&self) -> Result<usize> {
+        let reaped = self.reap_all().await?;
+        Ok(reaped.machine_dirs + reaped.orphan_cgroups)
     }
 
     async fn start_terminals(&self, machine: &MachineHandle, terminals: &[Terminal]) -> Result<()> {
