@@ -139,6 +139,12 @@ pub struct MachinesSection {
     /// disk, for disks larger than memory).
     #[serde(default, deserialize_with = "disk_backing")]
     pub disk_backing: Option<flotilla_sandbox::DiskBacking>,
+    /// The host id of machine uid 0 in the first machine's range (default 1,000,000,000): the
+    /// machines of every node on the host take ranges of 65,536 ids from here. Set it when
+    /// another system on the host hands out ids there.
+    pub uid_range_start: Option<u32>,
+    /// How many ranges there are (default 16,384): the most machines the host runs at once.
+    pub uid_ranges: Option<u32>,
 }
 
 /// A size field, its value parsed by `flotilla_sandbox::parse_bytes`; the error names the field.
@@ -493,6 +499,16 @@ impl NodeArgs {
         if let Some(backing) = section.disk_backing {
             machines.disk_backing = backing;
         }
+        if let Some(start) = section.uid_range_start {
+            machines.uid_ranges.first_host_id = start;
+        }
+        if let Some(count) = section.uid_ranges {
+            machines.uid_ranges.ranges = count;
+        }
+        machines.uid_ranges.validate().map_err(|error| ConfigError::Invalid {
+            field: "machines.uid_range_start and machines.uid_ranges",
+            message: error.to_string(),
+        })?;
         if let Some(timeout) = self.command_timeout_ms.or(file.command_timeout_ms) {
             machines.limits.command_timeout_ms = timeout;
         }
@@ -721,6 +737,33 @@ mod tests {
         let in_file = "[plugins]\ncompiled_cache = \"/var/cache/flotilla\"\n";
         assert_eq!(resolve(None, in_file), PathBuf::from("/var/cache/flotilla"));
         assert_eq!(resolve(Some("/fast/disk"), in_file), PathBuf::from("/fast/disk"));
+    }
+
+    #[test]
+    fn machine_uid_ranges_come_from_the_file_and_one_that_does_not_fit_is_refused() {
+        let dir = tempfile_dir();
+        let path = dir.join("uids.toml");
+        let resolve = |machines: &str| {
+            std::fs::write(&path, format!("[node]\ndata_dir = \"/tmp/x\"\n[machines]\n{machines}")).unwrap();
+            NodeArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        let config = resolve("uid_range_start = 2000000000\nuid_ranges = 100\n").unwrap();
+        assert_eq!(config.machines.uid_ranges.first_host_id, 2_000_000_000);
+        assert_eq!(config.machines.uid_ranges.ranges, 100);
+        let defaults = resolve("").unwrap();
+        assert_eq!(
+            defaults.machines.uid_ranges,
+            flotilla_sandbox::uid_range::UidRangeConfig::default()
+        );
+        let error = resolve("uid_range_start = 4000000000\nuid_ranges = 10000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("machines.uid_range_start"), "{error}");
+        assert!(error.contains("do not fit"), "{error}");
     }
 
     fn tempfile_dir() -> PathBuf {

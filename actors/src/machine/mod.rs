@@ -40,6 +40,8 @@ pub struct MachineSettings {
     pub install_timeout_ms: u64,
     /// What holds a machine's writable layers (and so enforces `limits.disk_bytes`).
     pub disk_backing: DiskBacking,
+    /// The host ids machines run as.
+    pub uid_ranges: flotilla_sandbox::uid_range::UidRangeConfig,
 }
 
 impl Default for MachineSettings {
@@ -49,6 +51,7 @@ impl Default for MachineSettings {
             limits: MachineLimits::default(),
             install_timeout_ms: flotilla_sandbox::install_layer::DEFAULT_INSTALL_TIMEOUT_MS,
             disk_backing: DiskBacking::default(),
+            uid_ranges: flotilla_sandbox::uid_range::UidRangeConfig::default(),
         }
     }
 }
@@ -104,6 +107,7 @@ impl MachineHost {
     pub fn open(data_dir: &Path, settings: MachineSettings) -> Result<MachineHost, SandboxError> {
         let mut config = BwrapConfig::new(data_dir.join("machines"));
         config.disk = settings.disk_backing;
+        config.uid_ranges = settings.uid_ranges.clone();
         let driver = BwrapDriver::new(config)?;
         let install_layers_dir = driver.install_layers_dir();
         MachineHost::with_driver(Arc::new(driver), &install_layers_dir, data_dir, settings)
