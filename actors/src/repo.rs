@@ -293,6 +293,12 @@ impl RepoState {
         if !self.cloned && !self.args.mirror.join("HEAD").exists() {
             let partial = format!("{mirror}.partial");
             let _ = tokio::fs::remove_dir_all(&partial).await;
+            // git runs in the mirrors' directory, so it is given the partial clone's name there
+            // (the mirror's path may be relative to the node's own working directory).
+            let partial_name = Path::new(&partial)
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_else(|| partial.clone());
             // `--no-local`: a local origin is read through git's transport (which checks what it
             // serves) rather than copied file by file; `--`: no URL reads as an option; the
             // mirrors' directory as the working directory: a URL is never found as a relative path.
@@ -304,7 +310,7 @@ impl RepoState {
                     "--no-local",
                     "--",
                     &origin.url,
-                    &partial,
+                    &partial_name,
                 ],
                 self.args.mirror.parent(),
                 &origin.env,
