@@ -150,8 +150,10 @@ fn every_tool_has_an_object_schema() {
 /// the fake driver enforces no memory, disk or process limit).
 #[tokio::test]
 async fn run_command_names_the_limit_a_hog_ran_into() {
+    // Memory leaves room for the fork bomb's 64 shells, so that the bomb meets the process
+    // limit and not the memory limit first.
     let limits = MachineLimits {
-        memory_bytes: 64 * flotilla_sandbox::limits::MIB,
+        memory_bytes: 256 * flotilla_sandbox::limits::MIB,
         disk_bytes: 16 * flotilla_sandbox::limits::MIB,
         max_processes: 64,
         command_timeout_ms: 60_000,
@@ -161,7 +163,7 @@ async fn run_command_names_the_limit_a_hog_ran_into() {
     for (command, expected) in [
         (
             "head -c 1000000000 /dev/zero | tail -n 1 >/dev/null",
-            "out of memory: killed at the machine's memory limit of 64 MiB",
+            "out of memory: killed at the machine's memory limit of 256 MiB",
         ),
         (
             "dd if=/dev/zero of=/tmp/fill bs=1M count=64",
