@@ -26,6 +26,7 @@ use crate::command::{ApplyError, ApplyResult, Command, Request, Response, COMMAN
 use crate::types::{AgentId, Assignment, Epoch, NodeId};
 
 pub(crate) use events::push_event;
+pub use turns::displaced_ref;
 
 /// Applies one log entry. A refused command leaves the state exactly as it was.
 pub fn apply(state: &mut ClusterState, changes: &mut Changes, request: &Request) -> ApplyResult {
@@ -56,9 +57,10 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
         | Command::StopAgent { .. }
         | Command::FollowUp { .. } => agents::apply_agent_command(state, changes, at_ms, command),
         Command::AssignAgents { assignments } => assignments::assign_agents(state, changes, at_ms, assignments),
-        Command::RecordTurn { .. } | Command::RecordPush { .. } | Command::RecordPullRequest { .. } => {
-            turns::apply_turn_command(state, changes, at_ms, command)
-        }
+        Command::RecordTurn { .. }
+        | Command::RecordPush { .. }
+        | Command::RecordPullRequest { .. }
+        | Command::RecordBranch { .. } => turns::apply_turn_command(state, changes, at_ms, command),
         Command::ReserveNodeId
         | Command::RegisterNode { .. }
         | Command::RemoveNode { .. }
