@@ -240,6 +240,14 @@ pub enum Command {
         commit: Option<String>,
         displaced: Option<String>,
     },
+    /// Changes nothing; refused unless `node` owns `agent` under `epoch`. An owner writes it
+    /// right before it pushes, so that an owner that lost the agent while it was cut off or
+    /// paused learns it through the log and leaves the origin alone.
+    CheckOwner {
+        agent: AgentId,
+        node: NodeId,
+        epoch: Epoch,
+    },
 }
 
 impl Command {
@@ -344,6 +352,7 @@ impl Command {
             Command::SetPluginSettings { .. } => "set-plugin-settings",
             Command::RecordPullRequest { .. } => "record-pull-request",
             Command::RecordBranch { .. } => "record-branch",
+            Command::CheckOwner { .. } => "check-owner",
         }
     }
 }

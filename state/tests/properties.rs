@@ -120,6 +120,10 @@ enum Step {
         writer: Writer,
         choice: BranchChoice,
     },
+    CheckOwner {
+        agent: u8,
+        writer: Writer,
+    },
     FollowUp {
         agent: u8,
     },
@@ -322,6 +326,14 @@ impl Step {
                     branch: "flotilla/agent".to_string(),
                     commit: pushed_commit(state, agent_id(*agent)),
                     error: failed.then(|| "rejected".to_string()),
+                }
+            }
+            Step::CheckOwner { agent, writer } => {
+                let (node, epoch) = claim(state, agent_id(*agent), *writer);
+                Command::CheckOwner {
+                    agent: agent_id(*agent),
+                    node,
+                    epoch,
                 }
             }
             Step::RecordBranch { agent, writer, choice } => {
@@ -617,6 +629,7 @@ fn agent_step() -> impl Strategy<Value = Step> {
             |(agent, writer, opened, failed)| Step::RecordPullRequest { agent, writer, opened, failed }
         ),
         2 => (agent(), writer(), branch_choice()).prop_map(|(agent, writer, choice)| Step::RecordBranch { agent, writer, choice }),
+        1 => (agent(), writer()).prop_map(|(agent, writer)| Step::CheckOwner { agent, writer }),
         3 => agent().prop_map(|agent| Step::FollowUp { agent }),
         1 => agent().prop_map(|agent| Step::Stop { agent }),
     ]

@@ -61,6 +61,10 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
         | Command::RecordPush { .. }
         | Command::RecordPullRequest { .. }
         | Command::RecordBranch { .. } => turns::apply_turn_command(state, changes, at_ms, command),
+        Command::CheckOwner { agent, node, epoch } => {
+            check_owner(state, *agent, *node, *epoch)?;
+            Ok(Response::Done)
+        }
         Command::ReserveNodeId
         | Command::RegisterNode { .. }
         | Command::RemoveNode { .. }

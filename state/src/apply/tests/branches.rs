@@ -65,7 +65,22 @@ fn a_displaced_commit_is_reported_by_the_current_owner_and_refused_from_a_stale_
         step(&mut state, push(id, 1, 1, "stale", None)),
         Err(ApplyError::Fenced { .. })
     ));
+    for (node, epoch) in [(1, 1), (2, 1)] {
+        let check = Command::CheckOwner {
+            agent: id,
+            node,
+            epoch: Epoch(epoch),
+        };
+        assert!(matches!(step(&mut state, check), Err(ApplyError::Fenced { .. })));
+    }
     assert_eq!(state, before, "fenced writes change nothing");
+    let check = Command::CheckOwner {
+        agent: id,
+        node: 2,
+        epoch: Epoch(2),
+    };
+    assert_eq!(step(&mut state, check), Ok(Response::Done));
+    assert_eq!(state, before, "an owner's check changes nothing");
 
     let sequence_before = state.agents[&id].last_sequence;
     let result = step(&mut state, branch(id, 2, 2, Some("abc"), Some("abc"), Some("stale")));
