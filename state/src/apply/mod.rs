@@ -5,7 +5,8 @@
 //!
 //! The rules live in one file per command family, named after it: `agents` (create, status,
 //! stop, follow-up), `assignments` (placement under epochs, and sending agents back to pending),
-//! `turns` (what an owner records of a run: turns, pushes, pull requests), `nodes`, `plugins`
+//! `turns` (what an owner records of a run: turns, pushes, pull requests, the work branch, and
+//! the owner's check before a push), `nodes`, `plugins`
 //! and `tokens`. `events` appends to an agent's durable history. The match below only
 //! dispatches. Every rule keeps one promise: a refused command leaves the state exactly as it
 //! was, so it checks everything before it changes anything.
@@ -60,11 +61,8 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
         Command::RecordTurn { .. }
         | Command::RecordPush { .. }
         | Command::RecordPullRequest { .. }
-        | Command::RecordBranch { .. } => turns::apply_turn_command(state, changes, at_ms, command),
-        Command::CheckOwner { agent, node, epoch } => {
-            check_owner(state, *agent, *node, *epoch)?;
-            Ok(Response::Done)
-        }
+        | Command::RecordBranch { .. }
+        | Command::CheckOwner { .. } => turns::apply_turn_command(state, changes, at_ms, command),
         Command::ReserveNodeId
         | Command::RegisterNode { .. }
         | Command::RemoveNode { .. }

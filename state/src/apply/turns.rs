@@ -88,6 +88,11 @@ pub(super) fn apply_turn_command(
             };
             record_branch(state, changes, at_ms, owner, change)
         }
+        Command::CheckOwner { agent, node, epoch } => {
+            // Nothing changes: the answer is whether the writer still owns the agent.
+            check_owner(state, *agent, *node, *epoch)?;
+            Ok(Response::Done)
+        }
         other => not_in_family("turn", other),
     }
 }
