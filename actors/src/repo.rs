@@ -40,6 +40,39 @@ pub enum RepoError {
         branch: String,
         message: String,
     },
+    /// The origin's branch is not at the commit the push was leased on: another owner moved it.
+    #[error(
+        "push of {branch} to {url} refused: the origin holds {} where the record says {}",
+        shown(found),
+        shown(expected)
+    )]
+    LeaseLost {
+        url: String,
+        branch: String,
+        expected: Option<String>,
+        found: Option<String>,
+    },
+    #[error("cannot read the branch {branch} at {url}: {message}")]
+    ListRemote {
+        url: String,
+        branch: String,
+        message: String,
+    },
+    #[error(
+        "cannot move the branch {branch} at {url} back to the recorded {}: {message}",
+        shown(recorded)
+    )]
+    Restore {
+        url: String,
+        branch: String,
+        recorded: Option<String>,
+        message: String,
+    },
+}
+
+/// A commit of a branch as an error names it: the branch may not exist.
+fn shown(commit: &Option<String>) -> String {
+    commit.clone().unwrap_or_else(|| "no branch".to_string())
 }
 
 /// Why a git command gave no answer.
@@ -215,18 +248,38 @@ pub enum RepoMsg {
     PrepareWorkspace {
         base_branch: String,
         work_branch: String,
+        /// The agent's recorded commit of `work_branch` (its `pushed_commit`): the workspace
+        /// starts there, whatever the origin holds.
+        recorded: Option<String>,
         path: PathBuf,
         reply: RpcReplyPort<Result<Workspace, RepoError>>,
     },
     /// Take `branch` from what the machine made of it (`source`: a bundle over `base` beneath
     /// `workspace`, the machine's `/workspace` as the node sees it) into the mirror and push it
-    /// to the origin. `base` is the commit the workspace was made at. Answers the commit pushed.
+    /// to the origin, leased on `lease` (the recorded commit; `None`: the branch must not exist).
+    /// `base` is the commit the workspace was made at. Answers the commit pushed.
     Push {
         workspace: PathBuf,
         branch: String,
         base: String,
         source: PushSource,
+        lease: Option<String>,
         reply: RpcReplyPort<Result<String, RepoError>>,
+    },
+    /// What the origin's `branch` is at (`git ls-remote`); `None` when it does not exist.
+    BranchAtOrigin {
+        branch: String,
+        reply: RpcReplyPort<Result<Option<String>, RepoError>>,
+    },
+    /// Keeps `found`'s commit (what the origin's `branch` holds instead of the record) in the
+    /// mirror under its ref, and moves the origin's branch back to `recorded` (deletes it when
+    /// `None`), leased on that commit; with `found` `None`, leased on the branch being absent.
+    Restore {
+        branch: String,
+        recorded: Option<String>,
+        /// The commit found, and the ref to keep it under.
+        found: Option<(String, String)>,
+        reply: RpcReplyPort<Result<(), RepoError>>,
     },
 }
 
@@ -359,41 +412,67 @@ impl RepoState {
         Ok(())
     }
 
-    async fn prepare(&mut self, base_branch: &str, work_branch: &str, path: &Path) -> Result<Workspace, RepoError> {
+    async fn prepare(
+        &mut self,
+        base_branch: &str,
+        work_branch: &str,
+        recorded: Option<&str>,
+        path: &Path,
+    ) -> Result<Workspace, RepoError> {
         self.refresh().await?;
         let mirror = self.args.mirror.clone();
-        let has = |branch: String| {
+        let commit_of = |name: String| {
             let mirror = mirror.clone();
             async move {
                 git(
-                    &["rev-parse", "--verify", "--quiet", &format!("refs/heads/{branch}")],
+                    &["rev-parse", "--verify", "--quiet", &format!("{name}^{{commit}}")],
                     Some(&mirror),
                 )
                 .await
-                .is_ok()
+                .ok()
             }
         };
-        let resumed = has(work_branch.to_string()).await;
-        let start = if resumed { work_branch } else { base_branch };
-        if !resumed && !has(base_branch.to_string()).await {
-            return Err(RepoError::NoSuchBranch {
-                url: self.args.url.clone(),
-                branch: base_branch.to_string(),
-            });
-        }
+        // The record wins over the origin: a branch moved by a fenced owner is not built on.
+        let (start, resumed) = match recorded {
+            Some(recorded) => {
+                let found = if push_bundle::is_object_id(recorded) {
+                    commit_of(recorded.to_string()).await
+                } else {
+                    None
+                };
+                let start = found.ok_or_else(|| RepoError::Workspace {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "the recorded commit {recorded} of {work_branch} is neither at the origin nor in this node's mirror"
+                    ),
+                })?;
+                (start, true)
+            }
+            None => match commit_of(format!("refs/heads/{work_branch}")).await {
+                Some(tip) => (tip, true),
+                None => {
+                    let base = commit_of(format!("refs/heads/{base_branch}")).await;
+                    let base = base.ok_or_else(|| RepoError::NoSuchBranch {
+                        url: self.args.url.clone(),
+                        branch: base_branch.to_string(),
+                    })?;
+                    (base, false)
+                }
+            },
+        };
         let workspace_error = |error: GitError| RepoError::Workspace {
             path: path.display().to_string(),
             message: error.to_string(),
         };
         let _ = tokio::fs::remove_dir_all(path).await;
         let target = path.display().to_string();
+        // A local clone holds every object of the mirror, the start commit included.
         git(
             &[
                 "clone",
                 "--local",
                 "--quiet",
-                "--branch",
-                start,
+                "--no-checkout",
                 &self.args.mirror.display().to_string(),
                 &target,
             ],
@@ -401,11 +480,9 @@ impl RepoState {
         )
         .await
         .map_err(workspace_error)?;
-        if !resumed {
-            git(&["checkout", "--quiet", "-b", work_branch], Some(path))
-                .await
-                .map_err(workspace_error)?;
-        }
+        git(&["checkout", "--quiet", "-B", work_branch, &start], Some(path))
+            .await
+            .map_err(workspace_error)?;
         // Pushes go to the real origin, not to the node's mirror.
         git(&["remote", "set-url", "origin", &self.args.url], Some(path))
             .await
@@ -438,6 +515,7 @@ impl RepoState {
         branch: &str,
         base: &str,
         source: &PushSource,
+        lease: Option<&str>,
     ) -> Result<String, RepoError> {
         let failed = |message: String| RepoError::Push {
             url: self.args.url.clone(),
@@ -457,11 +535,14 @@ impl RepoState {
             .await
             .map_err(|error| failed(error.to_string()))?;
             let origin = self.origin().await.map_err(|error| failed(error.to_string()))?;
+            // The lease is the record's commit: the origin takes the push only while its branch
+            // is where the record says, so an owner that lost the agent cannot move it.
             let pushed = git_with(
                 &[
                     "push",
                     "--quiet",
                     "--no-verify",
+                    &fence::lease_option(branch, lease),
                     &origin.url,
                     &format!("{staging}:refs/heads/{branch}"),
                 ],
@@ -473,6 +554,15 @@ impl RepoState {
                 // The commits stay on this node, where an operator can still push them.
                 let kept = format!("refs/flotilla/kept/{branch}");
                 let _ = git(&["update-ref", &kept, &commit], Some(&mirror)).await;
+                let found = self.branch_at_origin(branch).await.ok();
+                if let Some(found) = found.filter(|found| found.as_deref() != lease) {
+                    return Err(RepoError::LeaseLost {
+                        url: self.args.url.clone(),
+                        branch: branch.to_string(),
+                        expected: lease.map(str::to_string),
+                        found,
+                    });
+                }
                 return Err(failed(format!(
                     "{error} (commit {commit} is kept in the mirror {} as {kept})",
                     mirror.display()
@@ -565,10 +655,13 @@ impl Actor for RepoActor {
             RepoMsg::PrepareWorkspace {
                 base_branch,
                 work_branch,
+                recorded,
                 path,
                 reply,
             } => {
-                let result = state.prepare(&base_branch, &work_branch, &path).await;
+                let result = state
+                    .prepare(&base_branch, &work_branch, recorded.as_deref(), &path)
+                    .await;
                 let _ = reply.send(result);
             }
             RepoMsg::Push {
@@ -576,10 +669,23 @@ impl Actor for RepoActor {
                 branch,
                 base,
                 source,
+                lease,
                 reply,
             } => {
-                let result = state.push(&workspace, &branch, &base, &source).await;
+                let result = state.push(&workspace, &branch, &base, &source, lease.as_deref()).await;
                 let _ = reply.send(result);
+            }
+            RepoMsg::BranchAtOrigin { branch, reply } => {
+                let _ = reply.send(state.branch_at_origin(&branch).await);
+            }
+            RepoMsg::Restore {
+                branch,
+                recorded,
+                found,
+                reply,
+            } => {
+                let found = found.as_ref().map(|(commit, kept)| (commit.as_str(), kept.as_str()));
+                let _ = reply.send(state.restore(&branch, recorded.as_deref(), found).await);
             }
         }
         Ok(())
@@ -628,6 +734,9 @@ impl Repos {
         Ok(actor)
     }
 }
+
+#[path = "repo_fence.rs"]
+mod fence;
 
 #[cfg(test)]
 #[path = "repo_push_tests.rs"]
@@ -689,7 +798,7 @@ mod tests {
         };
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
         let workspace = state
-            .prepare("main", "flotilla/abc-test", &dir.path().join("w1"))
+            .prepare("main", "flotilla/abc-test", None, &dir.path().join("w1"))
             .await
             .unwrap();
         assert!(!workspace.resumed);
@@ -711,7 +820,7 @@ mod tests {
         );
         // A second workspace reuses the mirror (fetch, not clone).
         let second = state
-            .prepare("main", "flotilla/def", &dir.path().join("w2"))
+            .prepare("main", "flotilla/def", None, &dir.path().join("w2"))
             .await
             .unwrap();
         assert_eq!(second.head_commit, workspace.head_commit);
@@ -735,7 +844,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
         git(&["branch", "feature", "main"], Some(&origin)).await.unwrap();
         state
-            .prepare("main", "flotilla/a", &dir.path().join("w1"))
+            .prepare("main", "flotilla/a", None, &dir.path().join("w1"))
             .await
             .unwrap();
         let head = git(&["rev-parse", "main"], Some(&mirror)).await.unwrap();
@@ -745,7 +854,7 @@ mod tests {
         git(&["branch", "-D", "feature"], Some(&origin)).await.unwrap();
 
         state
-            .prepare("main", "flotilla/b", &dir.path().join("w2"))
+            .prepare("main", "flotilla/b", None, &dir.path().join("w2"))
             .await
             .unwrap();
         assert!(
@@ -776,7 +885,10 @@ mod tests {
             },
             cloned: false,
         };
-        let error = state.prepare("develop", "w", &dir.path().join("w")).await.unwrap_err();
+        let error = state
+            .prepare("develop", "w", None, &dir.path().join("w"))
+            .await
+            .unwrap_err();
         assert_eq!(
             error,
             RepoError::NoSuchBranch {
@@ -794,7 +906,10 @@ mod tests {
             },
             cloned: false,
         };
-        let error = state.prepare("main", "w", &dir.path().join("w2")).await.unwrap_err();
+        let error = state
+            .prepare("main", "w", None, &dir.path().join("w2"))
+            .await
+            .unwrap_err();
         let text = error.to_string();
         assert!(text.starts_with(&format!("cannot clone {missing}:")), "{text}");
         assert!(
@@ -828,7 +943,10 @@ mod tests {
                 },
                 cloned: false,
             };
-            let error = state.prepare("main", "w", &dir.path().join("w")).await.unwrap_err();
+            let error = state
+                .prepare("main", "w", None, &dir.path().join("w"))
+                .await
+                .unwrap_err();
             let RepoError::Refused(refused) = &error else {
                 panic!("{url}: expected a refusal, found {error}");
             };

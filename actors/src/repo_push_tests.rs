@@ -29,7 +29,7 @@ async fn setup() -> Setup {
         cloned: false,
     };
     let workspace = state
-        .prepare("main", "flotilla/push-test", &root.join("workspace"))
+        .prepare("main", "flotilla/push-test", None, &root.join("workspace"))
         .await
         .unwrap();
     Setup {
@@ -77,11 +77,19 @@ async fn commit_and_bundle(workspace: &Workspace, file: &str, contents: &str) ->
     git(&["rev-parse", "HEAD"], path).await.unwrap()
 }
 
+/// Pushes leased on what the origin holds (these tests are about what leaves the machine).
 async fn push(setup: &mut Setup, source: PushSource) -> Result<String, RepoError> {
     let workspace = setup.workspace.clone();
+    let lease = setup.state.branch_at_origin(&workspace.branch).await.unwrap();
     setup
         .state
-        .push(&workspace.path, &workspace.branch, &workspace.head_commit, &source)
+        .push(
+            &workspace.path,
+            &workspace.branch,
+            &workspace.head_commit,
+            &source,
+            lease.as_deref(),
+        )
         .await
 }
 
@@ -277,4 +285,162 @@ async fn a_bundle_over_the_limit_is_refused_without_a_copy_left() {
         .filter(|entry| entry.file_name().to_string_lossy().starts_with(".incoming-"))
         .count();
     assert_eq!(left, 0, "the partial copy is removed");
+}
+
+/// A push leased on `lease`, as an owner that believes the record is `lease` makes it.
+async fn push_leased(setup: &mut Setup, lease: Option<&str>) -> Result<String, RepoError> {
+    let workspace = setup.workspace.clone();
+    setup
+        .state
+        .push(
+            &workspace.path,
+            &workspace.branch,
+            &workspace.head_commit,
+            &PushSource::Bundle,
+            lease,
+        )
+        .await
+}
+
+async fn origin_branch(setup: &Setup) -> String {
+    git(&["rev-parse", "refs/heads/flotilla/push-test"], Some(&setup.origin))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_push_leased_on_a_stale_record_is_refused_and_leaves_the_branch() {
+    let mut setup = setup().await;
+    let first = commit_and_bundle(&setup.workspace, "a.txt", "a\n").await;
+    assert_eq!(
+        push_leased(&mut setup, None).await.unwrap(),
+        first,
+        "nothing recorded: the branch is new"
+    );
+    // The current owner moves the branch on from the record.
+    let second = commit_and_bundle(&setup.workspace, "b.txt", "b\n").await;
+    assert_eq!(push_leased(&mut setup, Some(&first)).await.unwrap(), second);
+
+    // An owner that still believes the record is `first` (or that nothing was recorded).
+    let stale = commit_and_bundle(&setup.workspace, "c.txt", "c\n").await;
+    for lease in [Some(first.as_str()), None] {
+        let error = push_leased(&mut setup, lease).await.unwrap_err();
+        assert_eq!(
+            error,
+            RepoError::LeaseLost {
+                url: setup.state.args.url.clone(),
+                branch: "flotilla/push-test".to_string(),
+                expected: lease.map(str::to_string),
+                found: Some(second.clone()),
+            }
+        );
+        let text = error.to_string();
+        assert!(text.contains(&second) && text.contains("refused"), "{text}");
+        assert_eq!(origin_branch(&setup).await, second, "the branch is untouched");
+    }
+    assert!(
+        !has_object(&setup.origin, &stale).await,
+        "nothing of the stale push reached the origin"
+    );
+    assert_eq!(
+        setup.state.branch_at_origin("flotilla/push-test").await.unwrap(),
+        Some(second.clone())
+    );
+    assert_eq!(setup.state.branch_at_origin("flotilla/none").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn restoring_keeps_the_displaced_commit_and_moves_the_branch_back_to_the_record() {
+    let mut setup = setup().await;
+    let recorded = commit_and_bundle(&setup.workspace, "a.txt", "a\n").await;
+    push_leased(&mut setup, None).await.unwrap();
+    // A fenced owner pushed over the record.
+    let displaced = commit_and_bundle(&setup.workspace, "fenced.txt", "fenced\n").await;
+    push_leased(&mut setup, Some(&recorded)).await.unwrap();
+    assert_eq!(origin_branch(&setup).await, displaced);
+
+    // Leased on a commit the origin does not hold: nothing moves.
+    let kept = "refs/flotilla/displaced/agent/test".to_string();
+    let error = setup
+        .state
+        .restore("flotilla/push-test", Some(&recorded), Some((&recorded, &kept)))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RepoError::Restore { .. }), "{error}");
+    assert_eq!(origin_branch(&setup).await, displaced);
+
+    setup
+        .state
+        .restore("flotilla/push-test", Some(&recorded), Some((&displaced, &kept)))
+        .await
+        .unwrap();
+    assert_eq!(origin_branch(&setup).await, recorded, "the record wins");
+    let mirror = setup.state.args.mirror.clone();
+    assert_eq!(
+        git(&["rev-parse", &kept], Some(&mirror)).await.unwrap(),
+        displaced,
+        "kept"
+    );
+    assert_eq!(
+        git(&["rev-parse", "refs/heads/flotilla/push-test"], Some(&mirror))
+            .await
+            .unwrap(),
+        recorded
+    );
+    // A later fetch keeps it too.
+    setup.state.refresh().await.unwrap();
+    assert_eq!(git(&["rev-parse", &kept], Some(&mirror)).await.unwrap(), displaced);
+
+    // With nothing recorded, the branch a fenced owner made is deleted.
+    setup
+        .state
+        .restore(
+            "flotilla/push-test",
+            None,
+            Some((&recorded, "refs/flotilla/displaced/agent/first")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(setup.state.branch_at_origin("flotilla/push-test").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_workspace_starts_from_the_recorded_commit_whatever_the_origin_holds() {
+    let mut setup = setup().await;
+    let recorded = commit_and_bundle(&setup.workspace, "a.txt", "a\n").await;
+    push_leased(&mut setup, None).await.unwrap();
+    let displaced = commit_and_bundle(&setup.workspace, "fenced.txt", "fenced\n").await;
+    push_leased(&mut setup, Some(&recorded)).await.unwrap();
+    let root = setup.root.clone();
+    let workspace = setup
+        .state
+        .prepare("main", "flotilla/push-test", Some(&recorded), &root.join("next"))
+        .await
+        .unwrap();
+    assert!(workspace.resumed);
+    assert_eq!(workspace.head_commit, recorded);
+    assert!(!workspace.path.join("fenced.txt").exists());
+    assert_eq!(
+        git(&["branch", "--show-current"], Some(&workspace.path)).await.unwrap(),
+        "flotilla/push-test"
+    );
+    // Nothing recorded: the origin's branch is taken as it is.
+    let adopted = setup
+        .state
+        .prepare("main", "flotilla/push-test", None, &root.join("adopted"))
+        .await
+        .unwrap();
+    assert_eq!(adopted.head_commit, displaced);
+    let missing = "0123456789012345678901234567890123456789";
+    let error = setup
+        .state
+        .prepare("main", "flotilla/push-test", Some(missing), &root.join("missing"))
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("neither at the origin nor in this node's mirror"),
+        "{error}"
+    );
 }

@@ -501,3 +501,147 @@ async fn a_dead_machine_fails_its_agent_actor_which_starts_again_on_a_fresh_mach
     .await;
     node.stop().await;
 }
+
+/// A command that plays an owner that lost the agent yet still pushes: from a clone of its own,
+/// it puts a commit on the origin's `branch` over what is there. Fake machines are host
+/// processes, so the command reaches the origin the workspace was cloned for.
+fn fenced_owner_push(branch: &str, file: &str) -> serde_json::Value {
+    let script = format!(
+        "set -e\n\
+         url=$(git remote get-url origin)\n\
+         scratch=$(mktemp -d)\n\
+         git clone --quiet --branch {branch} \"$url\" \"$scratch/clone\"\n\
+         cd \"$scratch/clone\"\n\
+         echo fenced > {file}\n\
+         git add {file}\n\
+         git -c user.name=fenced -c user.email=fenced@example.test commit --quiet -m 'a fenced owner pushes'\n\
+         git push --quiet origin HEAD:refs/heads/{branch}\n\
+         git rev-parse HEAD\n\
+         rm -rf \"$scratch\"\n"
+    );
+    serde_json::json!({ "command": script })
+}
+
+/// The commits the agent's events report displaced.
+fn displaced_commits(node: &TestNode, id: AgentId) -> Vec<String> {
+    node.replica
+        .reader()
+        .agent_events_after(id, 0)
+        .into_iter()
+        .filter_map(|event| match event.kind {
+            flotilla_raft::EventKind::CommitDisplaced { commit, kept, .. } => {
+                assert_eq!(kept, format!("refs/flotilla/displaced/{id}/{commit}"));
+                Some(commit)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Where the node keeps the displaced `commit` of agent `id`, if it does: its mirror's ref.
+fn kept_in_mirror(node: &TestNode, id: AgentId, commit: &str) -> bool {
+    let repos = node.scratch.path().join("node").join("repos");
+    let mirror = flotilla_actors::repo::mirror_path(&repos, &node.origin_url);
+    let output = std::process::Command::new("git")
+        .args(["rev-parse", &format!("refs/flotilla/displaced/{id}/{commit}")])
+        .current_dir(&mirror)
+        .output()
+        .expect("run git");
+    String::from_utf8_lossy(&output.stdout).trim() == commit
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_of_a_fenced_owner_are_displaced_reported_and_kept_and_the_agent_finishes_on_its_record() {
+    let branch = "flotilla/fenced";
+    let script = vec![
+        turn(
+            "Writing a.",
+            &[("write_file", serde_json::json!({"path": "a.txt", "content": "a\n"}))],
+            0,
+        ),
+        // A fenced owner pushes, then this owner's own push finds its lease lost.
+        turn(
+            "Writing b.",
+            &[
+                ("run_command", fenced_owner_push(branch, "one.txt")),
+                ("write_file", serde_json::json!({"path": "b.txt", "content": "b\n"})),
+            ],
+            0,
+        ),
+        // A fenced owner pushes after this owner's last push: the finish finds it.
+        turn("Checking.", &[("run_command", fenced_owner_push(branch, "two.txt"))], 0),
+        turn("Done.", &[], 0),
+    ];
+    let node = TestNode::start(45, script).await;
+    let id = node.create_agent("fenced").await;
+    let finished = node
+        .wait_for_agent(id, "FINISHED", |agent| agent.status.is_terminal())
+        .await;
+    assert_eq!(finished.status, AgentStatus::Finished, "error {:?}", finished.error);
+    let pushed = finished.pushed_commit.clone().expect("a pushed commit");
+    assert_eq!(
+        git(&["rev-parse", branch], &node.origin),
+        pushed,
+        "the origin is at the record"
+    );
+    assert_eq!(node.origin_file(branch, "b.txt"), "b");
+    for fenced_file in ["one.txt", "two.txt"] {
+        let listed = git(&["ls-tree", "--name-only", branch], &node.origin);
+        assert!(!listed.lines().any(|name| name == fenced_file), "{listed}");
+    }
+    let displaced = displaced_commits(&node, id);
+    assert_eq!(
+        displaced.len(),
+        2,
+        "both pushes of the fenced owner are reported: {displaced:?}"
+    );
+    for commit in &displaced {
+        assert!(kept_in_mirror(&node, id, commit), "{commit} is kept in the mirror");
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_does_not_finish_while_the_origin_disagrees_with_its_record() {
+    let branch = "flotilla/refused";
+    // After a fenced owner's push, the origin refuses every push: the branch cannot be moved
+    // back to the record.
+    let refuse_pushes = "set -e\n\
+         origin=$(git remote get-url origin | sed 's|^file://||')\n\
+         printf '#!/bin/sh\\necho closed for pushes >&2\\nexit 1\\n' > \"$origin/hooks/pre-receive\"\n\
+         chmod +x \"$origin/hooks/pre-receive\"\n";
+    let script = vec![
+        turn(
+            "Writing a.",
+            &[("write_file", serde_json::json!({"path": "a.txt", "content": "a\n"}))],
+            0,
+        ),
+        turn(
+            "Checking.",
+            &[
+                ("run_command", fenced_owner_push(branch, "one.txt")),
+                ("run_command", serde_json::json!({ "command": refuse_pushes })),
+            ],
+            0,
+        ),
+        turn("Done.", &[], 0),
+    ];
+    let node = TestNode::start(46, script).await;
+    let id = node.create_agent("refused").await;
+    let ended = node
+        .wait_for_agent(id, "an end", |agent| agent.status.is_terminal())
+        .await;
+    assert_eq!(ended.status, AgentStatus::Failed, "never FINISHED off its record");
+    let error = ended.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("cannot move the branch") && error.contains("closed for pushes"),
+        "{error}"
+    );
+    let at_origin = git(&["rev-parse", branch], &node.origin);
+    assert_ne!(Some(at_origin.clone()), ended.pushed_commit);
+    assert_eq!(displaced_commits(&node, id), vec![at_origin]);
+    let events = node.replica.reader().agent_events_after(id, 0);
+    assert!(events.iter().any(|event| matches!(&event.kind,
+        flotilla_raft::EventKind::StatusChanged { reason, .. } if reason == "the work branch at the origin is not the recorded commit")));
+    node.stop().await;
+}

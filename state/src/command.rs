@@ -224,6 +224,30 @@ pub enum Command {
         pull_request: Option<crate::types::PullRequestRef>,
         error: Option<String>,
     },
+    /// The owner sets the record of its work branch at the origin (`pushed_commit`) from
+    /// `recorded`, which must be the record as it stands, to `commit`. Two cases only: adopting
+    /// a branch the origin held before anything was recorded (`recorded` `None`, `commit` the
+    /// origin's, no `displaced`), or reporting `displaced`, a commit the origin held instead of
+    /// the recorded one (a fenced owner pushed it), which the owner keeps on its node and moves
+    /// back to the recorded commit (`commit` equals `recorded`). Written before the owner touches
+    /// the origin, so a stale owner is refused here and leaves the branch alone.
+    RecordBranch {
+        agent: AgentId,
+        node: NodeId,
+        epoch: Epoch,
+        branch: String,
+        recorded: Option<String>,
+        commit: Option<String>,
+        displaced: Option<String>,
+    },
+    /// Changes nothing; refused unless `node` owns `agent` under `epoch`. An owner writes it
+    /// right before it pushes, so that an owner that lost the agent while it was cut off or
+    /// paused learns it through the log and leaves the origin alone.
+    CheckOwner {
+        agent: AgentId,
+        node: NodeId,
+        epoch: Epoch,
+    },
 }
 
 impl Command {
@@ -284,6 +308,19 @@ impl Command {
                         + pull_request.as_ref().map_or(0, |pull_request| pull_request.url.len())
                         + error.as_ref().map_or(0, String::len)
                 }
+                Command::RecordBranch {
+                    branch,
+                    recorded,
+                    commit,
+                    displaced,
+                    ..
+                } => {
+                    branch.len()
+                        + [recorded, commit, displaced]
+                            .iter()
+                            .map(|text| text.as_ref().map_or(0, String::len))
+                            .sum::<usize>()
+                }
                 _ => 0,
             }
     }
@@ -314,6 +351,8 @@ impl Command {
             Command::RemovePlugin { .. } => "remove-plugin",
             Command::SetPluginSettings { .. } => "set-plugin-settings",
             Command::RecordPullRequest { .. } => "record-pull-request",
+            Command::RecordBranch { .. } => "record-branch",
+            Command::CheckOwner { .. } => "check-owner",
         }
     }
 }
@@ -337,6 +376,12 @@ fn event_bytes(event: &EventKind) -> usize {
         EventKind::TurnFinished { .. } => 0,
         EventKind::PullRequestOpened { url, provider, .. } => url.len() + provider.len(),
         EventKind::PullRequestFailed { provider, error } => provider.len() + error.len(),
+        EventKind::CommitDisplaced {
+            branch,
+            commit,
+            restored,
+            kept,
+        } => branch.len() + commit.len() + restored.as_ref().map_or(0, String::len) + kept.len(),
     }
 }
 
@@ -395,6 +440,12 @@ pub enum ApplyError {
     TooManyUploads { limit: usize },
     #[error("the cluster holds {limit} plugin versions, the most it keeps; remove one first")]
     TooManyPlugins { limit: usize },
+    #[error("agent {agent} has its work branch recorded at {recorded:?}; a write expecting {expected:?} is refused")]
+    BranchRecordMoved {
+        agent: AgentId,
+        recorded: Option<String>,
+        expected: Option<String>,
+    },
 }
 
 /// What an applied command answers.

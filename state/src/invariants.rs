@@ -185,6 +185,18 @@ pub enum InvariantViolation {
     },
     #[error("agent {agent} was stopped and is now {status}")]
     StoppedAgentMoved { agent: AgentId, status: AgentStatus },
+    #[error("the pushed commit of agent {agent} went from {before:?} to {after:?} without a write by its owner under its epoch")]
+    PushedCommitMovedByNonOwner {
+        agent: AgentId,
+        before: Option<String>,
+        after: Option<String>,
+    },
+    #[error("the pushed commit of finished agent {agent} went from {before:?} to {after:?}")]
+    FinishedAgentPushedCommitMoved {
+        agent: AgentId,
+        before: Option<String>,
+        after: Option<String>,
+    },
     #[error("agent {agent}: {what} went from {before} down to {after}")]
     CounterWentDown {
         agent: AgentId,
@@ -658,8 +670,67 @@ pub fn check_transition(
             });
         }
         check_counters(*id, old, new)?;
+        check_pushed_commit(*id, old, new, command)?;
     }
     Ok(())
+}
+
+/// The record of the work branch moves only by a write of the agent's owner under its current
+/// epoch (before or after the request: a batch may assign and then record), and never while
+/// the agent is finished: that is what lets the origin fence pushes on it.
+fn check_pushed_commit(
+    agent: AgentId,
+    old: &AgentRecord,
+    new: &AgentRecord,
+    command: &Command,
+) -> Result<(), InvariantViolation> {
+    if old.pushed_commit == new.pushed_commit {
+        return Ok(());
+    }
+    let (before, after) = (old.pushed_commit.clone(), new.pushed_commit.clone());
+    if old.status == AgentStatus::Finished {
+        return Err(InvariantViolation::FinishedAgentPushedCommitMoved { agent, before, after });
+    }
+    let owners = [old.assignment, new.assignment];
+    let by_owner = branch_writers(command, agent)
+        .into_iter()
+        .any(|writer| owners.contains(&Some(writer)));
+    if !by_owner {
+        return Err(InvariantViolation::PushedCommitMovedByNonOwner { agent, before, after });
+    }
+    Ok(())
+}
+
+/// The node and epoch of every write in `command` that may move `agent`'s pushed commit.
+fn branch_writers(command: &Command, agent: AgentId) -> Vec<crate::types::Assignment> {
+    match command {
+        Command::Batch { commands } => commands
+            .iter()
+            .flat_map(|command| branch_writers(command, agent))
+            .collect(),
+        Command::RecordTurn {
+            agent: written,
+            node,
+            epoch,
+            ..
+        }
+        | Command::RecordPush {
+            agent: written,
+            node,
+            epoch,
+            ..
+        }
+        | Command::RecordBranch {
+            agent: written,
+            node,
+            epoch,
+            ..
+        } if *written == agent => vec![crate::types::Assignment {
+            node: *node,
+            epoch: *epoch,
+        }],
+        _ => Vec::new(),
+    }
 }
 
 fn check_counters(agent: AgentId, old: &AgentRecord, new: &AgentRecord) -> Result<(), InvariantViolation> {

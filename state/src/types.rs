@@ -241,6 +241,15 @@ pub enum EventKind {
         provider: String,
         error: String,
     },
+    /// The origin's work branch held `commit`, not the recorded commit (a fenced owner pushed
+    /// it); the owner moved the branch back to `restored` (deleted it when `None`) and keeps
+    /// `commit` on its node under the ref `kept`, so the work is not lost.
+    CommitDisplaced {
+        branch: String,
+        commit: String,
+        restored: Option<String>,
+        kept: String,
+    },
 }
 
 /// The state of an agent's conversation after its last finished turn, from which another node

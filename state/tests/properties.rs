@@ -61,6 +61,17 @@ enum Delivered {
     OneMoreThanExist,
 }
 
+/// What a `RecordBranch` says of the work branch at the origin.
+#[derive(Clone, Copy, Debug)]
+enum BranchChoice {
+    /// A commit a fenced owner pushed was displaced; the record stays.
+    Displaced,
+    /// The origin held a branch before anything was recorded.
+    Adopted,
+    /// Written against a record that is no longer the agent's.
+    AgainstOlder,
+}
+
 /// One step of a generated sequence; turned into a command by [`Step::command`].
 #[derive(Clone, Debug)]
 enum Step {
@@ -103,6 +114,15 @@ enum Step {
         writer: Writer,
         opened: bool,
         failed: bool,
+    },
+    RecordBranch {
+        agent: u8,
+        writer: Writer,
+        choice: BranchChoice,
+    },
+    CheckOwner {
+        agent: u8,
+        writer: Writer,
     },
     FollowUp {
         agent: u8,
@@ -197,6 +217,12 @@ fn spec(agent: u8) -> AgentSpec {
         egress_allow: Vec::new(),
         scripted: true,
     }
+}
+
+/// A commit for the next push of `agent`, new at every event, so that pushes move the record.
+fn pushed_commit(state: &ClusterState, agent: AgentId) -> String {
+    let sequence = state.agents.get(&agent).map_or(0, |record| record.last_sequence);
+    format!("pushed-{sequence}")
 }
 
 /// The node and epoch `writer` claims for `agent` in `state`.
@@ -298,8 +324,41 @@ impl Step {
                     node,
                     epoch,
                     branch: "flotilla/agent".to_string(),
-                    commit: "pushed".to_string(),
+                    commit: pushed_commit(state, agent_id(*agent)),
                     error: failed.then(|| "rejected".to_string()),
+                }
+            }
+            Step::CheckOwner { agent, writer } => {
+                let (node, epoch) = claim(state, agent_id(*agent), *writer);
+                Command::CheckOwner {
+                    agent: agent_id(*agent),
+                    node,
+                    epoch,
+                }
+            }
+            Step::RecordBranch { agent, writer, choice } => {
+                let (node, epoch) = claim(state, agent_id(*agent), *writer);
+                let recorded = state
+                    .agents
+                    .get(&agent_id(*agent))
+                    .and_then(|record| record.pushed_commit.clone());
+                let (recorded, commit, displaced) = match choice {
+                    BranchChoice::Displaced => (recorded.clone(), recorded, Some("fenced".to_string())),
+                    BranchChoice::Adopted => (None, Some("theirs".to_string()), None),
+                    BranchChoice::AgainstOlder => (
+                        Some("older".to_string()),
+                        Some("older".to_string()),
+                        Some("fenced".to_string()),
+                    ),
+                };
+                Command::RecordBranch {
+                    agent: agent_id(*agent),
+                    node,
+                    epoch,
+                    branch: "flotilla/agent".to_string(),
+                    recorded,
+                    commit,
+                    displaced,
                 }
             }
             Step::RecordPullRequest {
@@ -531,6 +590,10 @@ fn writer() -> impl Strategy<Value = Writer> {
     prop_oneof![6 => Just(Writer::Owner), 1 => Just(Writer::StaleEpoch), 1 => Just(Writer::OtherNode)]
 }
 
+fn branch_choice() -> impl Strategy<Value = BranchChoice> {
+    prop_oneof![3 => Just(BranchChoice::Displaced), 2 => Just(BranchChoice::Adopted), 1 => Just(BranchChoice::AgainstOlder)]
+}
+
 fn status() -> impl Strategy<Value = AgentStatus> {
     prop_oneof![
         1 => Just(AgentStatus::Provisioning),
@@ -565,6 +628,8 @@ fn agent_step() -> impl Strategy<Value = Step> {
         1 => (agent(), writer(), any::<bool>(), any::<bool>()).prop_map(
             |(agent, writer, opened, failed)| Step::RecordPullRequest { agent, writer, opened, failed }
         ),
+        2 => (agent(), writer(), branch_choice()).prop_map(|(agent, writer, choice)| Step::RecordBranch { agent, writer, choice }),
+        1 => (agent(), writer()).prop_map(|(agent, writer)| Step::CheckOwner { agent, writer }),
         3 => agent().prop_map(|agent| Step::FollowUp { agent }),
         1 => agent().prop_map(|agent| Step::Stop { agent }),
     ]

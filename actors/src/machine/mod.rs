@@ -318,6 +318,7 @@ async fn prepare_workspace(
     let workspace = ractor::call!(repo, |reply| RepoMsg::PrepareWorkspace {
         base_branch: agent.spec.base_branch.clone(),
         work_branch: agent.spec.work_branch.clone(),
+        recorded: agent.pushed_commit.clone(),
         path: path.to_path_buf(),
         reply,
     })

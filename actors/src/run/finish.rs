@@ -5,6 +5,7 @@ use flotilla_raft::{AgentRecord, AgentStatus, ApplyError, Command, EventKind, Pu
 
 use crate::vcs::{PullRequestSpec, VcsError};
 
+use super::branch::{confirm, BranchTrouble};
 use super::{
     capped, record, set_status, write_outcome, Live, RunContext, RunOutcome, MAX_EVENT_OUTPUT_BYTES,
     MAX_EVENT_TEXT_BYTES,
@@ -56,6 +57,15 @@ pub(super) async fn finish(
         // The work is done but not on the origin: that is not a finished agent.
         let error = capped(error, MAX_EVENT_OUTPUT_BYTES);
         return Some(failed("the work branch could not be pushed", error).await);
+    }
+    // A finish is written only once the origin holds the recorded commit.
+    match confirm(context, live).await {
+        Ok(()) => {}
+        Err(BranchTrouble::Ended(outcome)) => return Some(outcome),
+        Err(BranchTrouble::Origin(error)) => {
+            let error = capped(&error, MAX_EVENT_OUTPUT_BYTES);
+            return Some(failed("the work branch at the origin is not the recorded commit", error).await);
+        }
     }
     if start.spec.open_pull_request {
         if let Err(failure) = open_pull_request(context, live, pushed.is_some(), &summary).await {

@@ -108,11 +108,13 @@ async fn bundle_in_machine(machine: &RunningMachine, workspace: &Workspace) -> R
 }
 
 /// Pushes the work branch: git in the machine bundles it, and the repository actor takes the
-/// bundle from the machine's view of its workspace into the mirror and pushes from there.
+/// bundle from the machine's view of its workspace into the mirror and pushes from there,
+/// leased on `lease`, the agent's recorded commit (see [`crate::run::branch`]).
 pub async fn push(
     repo: &ActorRef<RepoMsg>,
     machine: &RunningMachine,
     workspace: &Workspace,
+    lease: Option<String>,
 ) -> Result<String, PushError> {
     let source = bundle_in_machine(machine, workspace).await?;
     let pushed = ractor::call!(repo, |reply| RepoMsg::Push {
@@ -120,6 +122,7 @@ pub async fn push(
         branch: workspace.branch.clone(),
         base: workspace.head_commit.clone(),
         source: source.clone(),
+        lease: lease.clone(),
         reply,
     })
     .map_err(|error| PushError::RepositoryActor(error.to_string()));
@@ -159,7 +162,7 @@ async fn commit_and_push_on_stop(context: &StopContext) -> Result<Option<(String
     {
         return Ok(None);
     }
-    let result = push(&context.repo, &context.machine, &context.workspace).await;
+    let result = push(&context.repo, &context.machine, &context.workspace, pushed_before).await;
     Ok(Some((head, result.err().map(|error| error.to_string()))))
 }
 

@@ -7,9 +7,11 @@
 //! dies mid-turn costs at most that turn, which the next owner redoes from the checkpoint.
 //!
 //! The loop lives in [`turns`]; the git around it (commits in the machine, pushes through the
-//! mirror, the final push of a stopped agent) in [`git`]; the end of a finished run (pull
-//! request, `FINISHED`) in [`finish`].
+//! mirror, the final push of a stopped agent) in [`git`]; the fence on the work branch at the
+//! origin (leased pushes, displaced commits, the check before a finish) in [`branch`]; the end
+//! of a finished run (pull request, `FINISHED`) in [`finish`].
 
+mod branch;
 mod finish;
 mod git;
 mod turns;

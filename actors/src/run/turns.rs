@@ -14,8 +14,9 @@ use flotilla_raft::{AgentRecord, AgentStatus, Command, EventKind};
 use crate::model::{ModelProvider, StreamEvent, ToolSpec, TurnRequest, TurnResponse};
 use crate::turn::{system_prompt, Conversation, Ending, Next, PromptContext};
 
+use super::branch::{push_fenced, settle, BranchTrouble};
 use super::finish::{finish, last_push_failure};
-use super::git::{commit_in_machine, push};
+use super::git::commit_in_machine;
 use super::{
     agent_guidance, available_tools, capped, fail, record, run_any_tool, wait_for_terminal, write_outcome, Live,
     RunContext, RunOutcome, TurnTiming, MAX_EVENT_OUTPUT_BYTES, MAX_EVENT_TEXT_BYTES, STREAM_BUFFER, WRITING_TOOLS,
@@ -78,10 +79,21 @@ impl RunProgress {
         };
         let tool_specs = available_tools(context, &live).await;
         let conversation = open_conversation(context, &start, &live, &tool_specs).await?;
+        // The origin is made to agree with the record before any turn: a commit a fenced owner
+        // pushed is reported and kept now, not found at the first push.
+        let pushed = match settle(context, &live).await {
+            Ok(recorded) => recorded,
+            Err(BranchTrouble::Ended(outcome)) => return ControlFlow::Break(outcome),
+            Err(BranchTrouble::Origin(error)) => {
+                // The leased pushes still keep the branch; the finish checks it again.
+                live.log(format!("could not check the work branch at the origin: {error}"));
+                start.pushed_commit.clone()
+            }
+        };
         ControlFlow::Continue(RunProgress {
             turn: start.turns,
             delivered: start.follow_ups_delivered,
-            pushed: start.pushed_commit.clone(),
+            pushed,
             push_error: None,
             // Every run starts from a fresh clone of the pushed branch: nothing to commit yet.
             dirty: false,
@@ -115,7 +127,7 @@ impl RunProgress {
         let tool_calls = self.run_tools(context, &next, &answer, &mut events).await;
         let tools = tools_started.elapsed();
         let git_started = Instant::now();
-        let head = self.commit_and_push(context, &answer, &mut events).await;
+        let head = self.commit_and_push(context, &answer, &mut events).await?;
         let times = TurnTimes {
             started,
             model,
@@ -266,15 +278,15 @@ impl RunProgress {
     }
 
     /// Commits in the machine when a writing tool ran, and pushes when the head moved; answers
-    /// the head commit.
+    /// the head commit. The run ends here when the push finds that another owner has the agent.
     async fn commit_and_push(
         &mut self,
         context: &RunContext,
         answer: &TurnResponse,
         events: &mut Vec<EventKind>,
-    ) -> Option<String> {
+    ) -> Step<Option<String>> {
         if !self.dirty {
-            return None;
+            return ControlFlow::Continue(None);
         }
         let message = format!(
             "{}: turn {}\n\n{}\n\nFlotilla-Agent: {}",
@@ -289,16 +301,16 @@ impl RunProgress {
                 events.push(EventKind::Log {
                     text: capped(&error.to_string(), MAX_EVENT_OUTPUT_BYTES),
                 });
-                return None;
+                return ControlFlow::Continue(None);
             }
         };
         self.dirty = false;
         let unchanged = !context.workspace.resumed && head == context.workspace.head_commit;
         if self.pushed.as_deref() == Some(head.as_str()) || unchanged {
-            return Some(head);
+            return ControlFlow::Continue(Some(head));
         }
         let branch = context.workspace.branch.clone();
-        match push(&context.repo, &context.machine, &context.workspace).await {
+        match push_fenced(context, &self.live).await {
             Ok(commit) => {
                 events.push(EventKind::CommitPushed {
                     branch,
@@ -307,8 +319,8 @@ impl RunProgress {
                 self.pushed = Some(commit);
                 self.push_error = None;
             }
-            Err(error) => {
-                let error = error.to_string();
+            Err(BranchTrouble::Ended(outcome)) => return ControlFlow::Break(outcome),
+            Err(BranchTrouble::Origin(error)) => {
                 events.push(EventKind::PushFailed {
                     branch,
                     commit: head.clone(),
@@ -317,7 +329,7 @@ impl RunProgress {
                 self.push_error = Some(error);
             }
         }
-        Some(head)
+        ControlFlow::Continue(Some(head))
     }
 
     /// Writes the turn and its checkpoint through Raft, last, and reports its timing.

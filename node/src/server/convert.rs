@@ -146,6 +146,19 @@ pub fn event(event: &DurableEvent, scripted: bool) -> v1::AgentEvent {
             tool_calls: *tool_calls,
         }),
         EventKind::Summary { text } => Kind::Summary(v1::Summary { text: text.clone() }),
+        // Watchers see it as a log line; the durable history keeps its fields.
+        EventKind::CommitDisplaced {
+            branch,
+            commit,
+            restored,
+            kept,
+        } => Kind::Log(v1::LogLine {
+            text: format!(
+                "commit {commit} on {branch} was pushed by an owner that no longer held the agent; the branch is back at {}; the commit is kept on node {} as {kept}",
+                restored.as_deref().unwrap_or("(no branch)"),
+                event.node.unwrap_or(0)
+            ),
+        }),
     };
     v1::AgentEvent {
         agent_id: event.agent.to_string(),

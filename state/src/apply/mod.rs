@@ -5,7 +5,8 @@
 //!
 //! The rules live in one file per command family, named after it: `agents` (create, status,
 //! stop, follow-up), `assignments` (placement under epochs, and sending agents back to pending),
-//! `turns` (what an owner records of a run: turns, pushes, pull requests), `nodes`, `plugins`
+//! `turns` (what an owner records of a run: turns, pushes, pull requests, the work branch, and
+//! the owner's check before a push), `nodes`, `plugins`
 //! and `tokens`. `events` appends to an agent's durable history. The match below only
 //! dispatches. Every rule keeps one promise: a refused command leaves the state exactly as it
 //! was, so it checks everything before it changes anything.
@@ -26,6 +27,7 @@ use crate::command::{ApplyError, ApplyResult, Command, Request, Response, COMMAN
 use crate::types::{AgentId, Assignment, Epoch, NodeId};
 
 pub(crate) use events::push_event;
+pub use turns::displaced_ref;
 
 /// Applies one log entry. A refused command leaves the state exactly as it was.
 pub fn apply(state: &mut ClusterState, changes: &mut Changes, request: &Request) -> ApplyResult {
@@ -56,9 +58,11 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
         | Command::StopAgent { .. }
         | Command::FollowUp { .. } => agents::apply_agent_command(state, changes, at_ms, command),
         Command::AssignAgents { assignments } => assignments::assign_agents(state, changes, at_ms, assignments),
-        Command::RecordTurn { .. } | Command::RecordPush { .. } | Command::RecordPullRequest { .. } => {
-            turns::apply_turn_command(state, changes, at_ms, command)
-        }
+        Command::RecordTurn { .. }
+        | Command::RecordPush { .. }
+        | Command::RecordPullRequest { .. }
+        | Command::RecordBranch { .. }
+        | Command::CheckOwner { .. } => turns::apply_turn_command(state, changes, at_ms, command),
         Command::ReserveNodeId
         | Command::RegisterNode { .. }
         | Command::RemoveNode { .. }

@@ -70,6 +70,29 @@ pub(super) fn apply_turn_command(
                 error.as_deref(),
             )
         }
+        Command::RecordBranch {
+            agent,
+            node,
+            epoch,
+            branch,
+            recorded,
+            commit,
+            displaced,
+        } => {
+            let owner = OwnerWrite::new(*agent, *node, *epoch);
+            let change = BranchChange {
+                branch,
+                recorded: recorded.as_deref(),
+                commit: commit.as_deref(),
+                displaced: displaced.as_deref(),
+            };
+            record_branch(state, changes, at_ms, owner, change)
+        }
+        Command::CheckOwner { agent, node, epoch } => {
+            // Nothing changes: the answer is whether the writer still owns the agent.
+            check_owner(state, *agent, *node, *epoch)?;
+            Ok(Response::Done)
+        }
         other => not_in_family("turn", other),
     }
 }
@@ -196,6 +219,7 @@ fn record_push(
 ) -> ApplyResult {
     let OwnerWrite { agent, node, epoch } = owner;
     check_owner(state, agent, node, epoch)?;
+    check_branch_open(state, agent)?;
     let record = state.agents.get_mut(&agent).ok_or(ApplyError::AgentNotFound(agent))?;
     record.head_commit = Some(commit.to_string());
     record.updated_at_ms = at_ms;
@@ -213,6 +237,84 @@ fn record_push(
             error: error.to_string(),
         },
     };
+    push_event(state, changes, agent, at_ms, Some(node), event);
+    changes.agents.insert(agent);
+    Ok(Response::Done)
+}
+
+/// Refuses to move the work branch's record of a finished agent: its `pushed_commit` is what the
+/// origin held when it finished, checked then, and stays so (a follow-up sets it pending first).
+fn check_branch_open(state: &ClusterState, agent: AgentId) -> Result<(), ApplyError> {
+    let record = state.agents.get(&agent).ok_or(ApplyError::AgentNotFound(agent))?;
+    if record.status == AgentStatus::Finished {
+        return Err(ApplyError::InvalidState {
+            agent,
+            status: record.status,
+            wanted: "a finished agent's pushed commit is settled".to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The fields of a `RecordBranch` besides its writer, borrowed.
+struct BranchChange<'a> {
+    branch: &'a str,
+    recorded: Option<&'a str>,
+    commit: Option<&'a str>,
+    displaced: Option<&'a str>,
+}
+
+/// Where a node keeps a commit it displaced from an agent's work branch, in its mirror of the
+/// repository.
+pub fn displaced_ref(agent: AgentId, commit: &str) -> String {
+    format!("refs/flotilla/displaced/{agent}/{commit}")
+}
+
+/// Records the work branch at the origin: adopts a branch that was there before anything was
+/// recorded, or reports a displaced commit while the record stays. `recorded` must be the
+/// record as it stands, so a write made against an older record is refused.
+fn record_branch(
+    state: &mut ClusterState,
+    changes: &mut Changes,
+    at_ms: u64,
+    owner: OwnerWrite,
+    change: BranchChange<'_>,
+) -> ApplyResult {
+    let OwnerWrite { agent, node, epoch } = owner;
+    check_owner(state, agent, node, epoch)?;
+    check_branch_open(state, agent)?;
+    let record = state.agents.get(&agent).ok_or(ApplyError::AgentNotFound(agent))?;
+    if record.pushed_commit.as_deref() != change.recorded {
+        return Err(ApplyError::BranchRecordMoved {
+            agent,
+            recorded: record.pushed_commit.clone(),
+            expected: change.recorded.map(str::to_string),
+        });
+    }
+    let event = match (change.displaced, change.recorded, change.commit) {
+        (Some(displaced), recorded, commit) if commit == recorded && Some(displaced) != recorded => {
+            EventKind::CommitDisplaced {
+                branch: change.branch.to_string(),
+                commit: displaced.to_string(),
+                restored: recorded.map(str::to_string),
+                kept: displaced_ref(agent, displaced),
+            }
+        }
+        (None, None, Some(commit)) => EventKind::Log {
+            text: format!(
+                "the work branch {} was at {commit} at the origin before anything was recorded; the agent builds on it",
+                change.branch
+            ),
+        },
+        _ => {
+            return Err(ApplyError::Invalid(
+                "a branch record either adopts the origin's branch when nothing is recorded, or reports a displaced commit and keeps the record".to_string(),
+            ))
+        }
+    };
+    let record = state.agents.get_mut(&agent).ok_or(ApplyError::AgentNotFound(agent))?;
+    record.pushed_commit = change.commit.map(str::to_string);
+    record.updated_at_ms = at_ms;
     push_event(state, changes, agent, at_ms, Some(node), event);
     changes.agents.insert(agent);
     Ok(Response::Done)

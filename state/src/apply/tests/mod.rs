@@ -4,6 +4,7 @@
 
 mod agents;
 mod assignments;
+mod branches;
 mod nodes;
 mod plugins;
 mod turns;

@@ -1,0 +1,180 @@
+//! The fence on the work branch, as a run keeps it. The agent's record (`pushed_commit`,
+//! written through Raft) is the truth about the branch; the origin is made to agree with it:
+//!
+//! - every push is leased on the recorded commit, so the origin refuses a push from an owner
+//!   whose idea of the branch is not the record's, and each push is preceded by a `CheckOwner`
+//!   write, so an owner that lost the agent while cut off or paused learns it from the log and
+//!   leaves the origin alone;
+//! - the commit a push made is recorded by the turn (`RecordTurn`), under the owner's epoch;
+//! - when the origin holds another commit than the record (a fenced owner pushed it between its
+//!   last check and the takeover), the owner records the displaced commit first
+//!   (`RecordBranch`: refused if this owner is itself stale, so a stale owner never overwrites
+//!   anything), keeps it in its mirror under `refs/flotilla/displaced/AGENT/COMMIT`, and moves
+//!   the branch back to the record, leased on what it found;
+//! - a branch at the origin before anything was recorded (the user's own, or the first push of
+//!   an owner that died before recording it) is adopted: the record takes it.
+//!
+//! A run settles the branch when it opens and before it finishes, and a finish is written only
+//! once `git ls-remote` shows the origin at the recorded commit.
+
+use flotilla_raft::apply::displaced_ref;
+use flotilla_raft::Command;
+
+use crate::repo::{RepoError, RepoMsg};
+
+use super::git::{push, PushError};
+use super::{record, write_outcome, Live, RunContext, RunOutcome};
+
+/// Why the work branch could not be settled with the origin.
+pub(super) enum BranchTrouble {
+    /// The run ends here: another owner has the agent, or Raft is unavailable.
+    Ended(RunOutcome),
+    /// The origin could not be read or moved, or refused the push (git's words).
+    Origin(String),
+}
+
+/// What the origin's work branch is at.
+async fn at_origin(context: &RunContext) -> Result<Option<String>, BranchTrouble> {
+    ractor::call!(context.repo, |reply| RepoMsg::BranchAtOrigin {
+        branch: context.workspace.branch.clone(),
+        reply,
+    })
+    .map_err(|error| BranchTrouble::Origin(format!("the repository actor did not answer: {error}")))?
+    .map_err(|error| BranchTrouble::Origin(error.to_string()))
+}
+
+/// The agent's recorded commit of its work branch, as this node's replica has it (it has
+/// applied every write this node made).
+fn recorded(context: &RunContext) -> Result<Option<String>, BranchTrouble> {
+    record(&context.replica, context.agent)
+        .map(|record| record.pushed_commit)
+        .ok_or(BranchTrouble::Ended(RunOutcome::Superseded))
+}
+
+async fn write(context: &RunContext, command: Command) -> Result<(), BranchTrouble> {
+    context
+        .replica
+        .write(command)
+        .await
+        .map(|_| ())
+        .map_err(|error| BranchTrouble::Ended(write_outcome(error)))
+}
+
+/// Confirms through the log that this node still owns the agent under its epoch.
+async fn check_owner(context: &RunContext) -> Result<(), BranchTrouble> {
+    let command = Command::CheckOwner {
+        agent: context.agent,
+        node: context.replica.node_id(),
+        epoch: context.epoch,
+    };
+    write(context, command).await
+}
+
+/// Makes the origin agree with the record: adopts a branch when nothing is recorded, or
+/// reports the commit found instead of the record's and moves the branch back. Answers the
+/// recorded commit.
+pub(super) async fn settle(context: &RunContext, live: &Live) -> Result<Option<String>, BranchTrouble> {
+    let recorded = recorded(context)?;
+    let found = at_origin(context).await?;
+    if found == recorded {
+        return Ok(recorded);
+    }
+    let branch = context.workspace.branch.clone();
+    let command = |recorded: Option<String>, commit: Option<String>, displaced: Option<String>| Command::RecordBranch {
+        agent: context.agent,
+        node: context.replica.node_id(),
+        epoch: context.epoch,
+        branch: branch.clone(),
+        recorded,
+        commit,
+        displaced,
+    };
+    match found {
+        Some(found) if recorded.is_none() => {
+            write(context, command(None, Some(found.clone()), None)).await?;
+            live.log(format!(
+                "the work branch {branch} was at {found} before anything was recorded; building on it"
+            ));
+            Ok(Some(found))
+        }
+        Some(found) => {
+            // Recorded first: a stale owner is refused here and never touches the origin.
+            write(
+                context,
+                command(recorded.clone(), recorded.clone(), Some(found.clone())),
+            )
+            .await?;
+            let kept = displaced_ref(context.agent, &found);
+            restore(context, recorded.clone(), Some((found.clone(), kept.clone()))).await?;
+            live.log(format!(
+                "the origin's {branch} held {found}, pushed by an owner that no longer holds the agent; moved back to the recorded {}; {found} is kept on node {} as {kept}",
+                recorded.as_deref().unwrap_or("(no branch)"),
+                context.replica.node_id()
+            ));
+            Ok(recorded)
+        }
+        None => {
+            // Deleted at the origin (no owner deletes it): put the record back, leased on the
+            // branch being absent still. Nothing was displaced.
+            check_owner(context).await?;
+            restore(context, recorded.clone(), None).await?;
+            live.log(format!(
+                "the origin had no branch {branch}; pushed the recorded {} again",
+                recorded.as_deref().unwrap_or("(no branch)")
+            ));
+            Ok(recorded)
+        }
+    }
+}
+
+/// Moves the origin's branch to `recorded`, leased on what was found there (with the ref that
+/// keeps it), or on the branch being absent.
+async fn restore(
+    context: &RunContext,
+    recorded: Option<String>,
+    found: Option<(String, String)>,
+) -> Result<(), BranchTrouble> {
+    ractor::call!(context.repo, |reply| RepoMsg::Restore {
+        branch: context.workspace.branch.clone(),
+        recorded,
+        found,
+        reply,
+    })
+    .map_err(|error| BranchTrouble::Origin(format!("the repository actor did not answer: {error}")))?
+    .map_err(|error| BranchTrouble::Origin(error.to_string()))
+}
+
+/// Pushes the work branch leased on the recorded commit, after confirming through the log that
+/// this node still owns the agent. When the lease is lost to a fenced owner's push, settles the
+/// branch (the displaced commit is recorded and kept) and pushes once more.
+pub(super) async fn push_fenced(context: &RunContext, live: &Live) -> Result<String, BranchTrouble> {
+    check_owner(context).await?;
+    let lease = recorded(context)?;
+    match push(&context.repo, &context.machine, &context.workspace, lease).await {
+        Ok(commit) => Ok(commit),
+        Err(PushError::Refused(RepoError::LeaseLost { .. })) => {
+            let lease = settle(context, live).await?;
+            push(&context.repo, &context.machine, &context.workspace, lease)
+                .await
+                .map_err(|error| BranchTrouble::Origin(error.to_string()))
+        }
+        Err(error) => Err(BranchTrouble::Origin(error.to_string())),
+    }
+}
+
+/// Settles the branch and confirms with `git ls-remote` that the origin holds the recorded
+/// commit: what a finish needs, so that a finished agent's pushed commit is the origin's.
+pub(super) async fn confirm(context: &RunContext, live: &Live) -> Result<(), BranchTrouble> {
+    settle(context, live).await?;
+    let recorded = recorded(context)?;
+    let found = at_origin(context).await?;
+    if found != recorded {
+        return Err(BranchTrouble::Origin(format!(
+            "the origin's {} is at {}, not at the recorded {}",
+            context.workspace.branch,
+            found.as_deref().unwrap_or("(no branch)"),
+            recorded.as_deref().unwrap_or("(no branch)")
+        )));
+    }
+    Ok(())
+}
