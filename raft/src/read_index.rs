@@ -146,7 +146,8 @@ impl Replica {
                 NextStep::Read(index) => return Ok(index),
                 NextStep::Fail(error) => return Err(error),
                 NextStep::Retry(reason) => reason,
-                NextStep::AskLeader(_) => unreachable!("handled above"),
+                // The leader's answer never names another node to ask; try again if it did.
+                NextStep::AskLeader(leader) => format!("asking leader {leader} led to no index"),
             };
             let delay = delays.next().unwrap_or(Duration::from_millis(READ_RETRY.max_delay_ms));
             if Instant::now() + delay > deadline {
