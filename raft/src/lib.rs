@@ -7,13 +7,15 @@
 //! machine on RocksDB (applying each committed entry with `apply` and persisting the records it
 //! touched); `network` carries Raft messages between nodes over the internal gRPC service;
 //! `replica` is the handle the rest of the node uses to read the state and to write commands
-//! (grouping writes into batches, and forwarding to the leader when it is not the leader).
+//! (grouping writes into batches, and forwarding to the leader when it is not the leader);
+//! `read_index` lets a read wait until the local state holds every acknowledged write.
 //!
 //! The records and commands are re-exported here, so that the crates above use one path for
 //! them whichever crate defines them.
 
 pub mod metrics;
 pub mod network;
+pub mod read_index;
 pub mod replica;
 pub mod retry;
 pub mod store;
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use flotilla_state::command::{ApplyError, ApplyResult, Command, Request, Response};
 pub use flotilla_state::types::*;
 pub use flotilla_state::{Changes, ClusterState};
+pub use read_index::ReadError;
 pub use replica::{Replica, ReplicaConfig, WriteError};
 
 /// Where a Raft member is reached: its gRPC address (public and internal services) and its

@@ -18,6 +18,7 @@ mod t20_three_nodes;
 mod t25_membership;
 mod t30_failover;
 mod t40_watch_across_nodes;
+mod t42_reads_through_any_node;
 mod t50_machines;
 mod t52_machines_outlive_no_node;
 mod t55_plugins;

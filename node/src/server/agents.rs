@@ -20,6 +20,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Status, Streaming};
 
 use super::auth::principal;
+use super::status::read_status;
 use super::{convert, validate, write_status};
 
 /// Messages buffered towards one watcher before the server waits for it to read.
@@ -84,6 +85,10 @@ fn invalid(message: String) -> Status {
     Status::invalid_argument(message)
 }
 
+fn agent_not_found(id: AgentId) -> Status {
+    Status::not_found(format!("agent {id} not found"))
+}
+
 /// The opaque page token: where the last page ended, and a digest of the filter it was for.
 #[derive(Serialize, Deserialize)]
 struct PageToken {
@@ -113,11 +118,33 @@ fn decode_page_token(text: &str) -> Result<PageToken, Status> {
 }
 
 impl AgentApi {
-    fn find(&self, id: AgentId) -> Result<AgentRecord, Status> {
-        self.replica
-            .reader()
-            .read(|state| state.agents.get(&id).cloned())
-            .ok_or_else(|| Status::not_found(format!("agent {id} not found")))
+    /// The agent as this node's replica holds it, which may lag the cluster.
+    fn find_here(&self, id: AgentId) -> Option<AgentRecord> {
+        self.replica.reader().read(|state| state.agents.get(&id).cloned())
+    }
+
+    /// Brings this node's state up to every write the cluster acknowledged (a read barrier):
+    /// reads after it answer the same through any node.
+    async fn settle(&self) -> Result<(), Status> {
+        self.replica.read_barrier().await.map(|_| ()).map_err(read_status)
+    }
+
+    /// The agent as the cluster acknowledged it: a linearizable read. NOT_FOUND only for an
+    /// id the cluster never acknowledged.
+    async fn find(&self, id: AgentId) -> Result<AgentRecord, Status> {
+        self.settle().await?;
+        self.find_here(id).ok_or_else(|| agent_not_found(id))
+    }
+
+    /// Refuses, before a write, an id the cluster never acknowledged. Agents are never removed,
+    /// so one this node holds exists; one it lacks may be one it has not applied yet, so the
+    /// answer then waits for a read barrier. The state machine checks again when the write
+    /// applies (existence and state), so nothing here decides on a stale view.
+    async fn require_acknowledged(&self, id: AgentId) -> Result<(), Status> {
+        if self.find_here(id).is_some() {
+            return Ok(());
+        }
+        self.find(id).await.map(|_| ())
     }
 
     fn known_regions(&self) -> Vec<String> {
@@ -160,7 +187,12 @@ impl AgentService for AgentApi {
             None
         } else {
             validate::region(&body.region)?;
-            let known = self.known_regions();
+            let mut known = self.known_regions();
+            if !known.contains(&body.region) {
+                // A node that just joined may not be applied here yet: ask the cluster.
+                self.settle().await?;
+                known = self.known_regions();
+            }
             if !known.contains(&body.region) {
                 return Err(Status::failed_precondition(format!(
                     "region {:?} has no node; regions in this cluster: {}",
@@ -213,7 +245,7 @@ impl AgentService for AgentApi {
         let record = match self.replica.write(Command::CreateAgent { id, spec }).await {
             Ok(Response::Agent(record)) => *record,
             // A retried write that had in fact been applied: the agent is there, which is what was asked.
-            Err(WriteError::Refused(ApplyError::AgentExists(existing))) if existing == id => self.find(id)?,
+            Err(WriteError::Refused(ApplyError::AgentExists(existing))) if existing == id => self.find(id).await?,
             Ok(other) => {
                 return Err(Status::internal(format!(
                     "unexpected answer to create-agent: {other:?}"
@@ -228,7 +260,7 @@ impl AgentService for AgentApi {
 
     async fn get_agent(&self, request: Request<v1::GetAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
         let id = validate::agent_id(&request.get_ref().id)?;
-        Ok(tonic::Response::new(convert::agent(&self.find(id)?)))
+        Ok(tonic::Response::new(convert::agent(&self.find(id).await?)))
     }
 
     async fn list_agents(
@@ -268,6 +300,7 @@ impl AgentService for AgentApi {
             Some(token.after)
         };
         let needle = body.search.to_lowercase();
+        self.settle().await?;
         let (agents, more) = self.replica.reader().read(|state| {
             let range = match after {
                 Some(after) => state.agents.range(..after),
@@ -327,7 +360,9 @@ impl AgentService for AgentApi {
             .subscribe(&id.to_string())
             .await
             .map_err(|error| Status::unavailable(format!("cannot subscribe to live events: {error}")))?;
-        let record = self.find(id)?;
+        // Waits (bounded) until this node has applied what the cluster acknowledged: a watch
+        // through a lagging node starts once the agent is here, rather than failing.
+        let record = self.find(id).await?;
         if body.after_sequence > record.last_sequence {
             return Err(Status::out_of_range(format!(
                 "after_sequence {} is beyond agent {id}'s last sequence {}",
@@ -421,7 +456,7 @@ impl AgentService for AgentApi {
         let body = request.into_inner();
         let id = validate::agent_id(&body.id)?;
         validate::prompt("text", &body.text, validate::MAX_FOLLOW_UP_BYTES)?;
-        self.find(id)?;
+        self.require_acknowledged(id).await?;
         match self
             .replica
             .write(Command::FollowUp {
@@ -445,7 +480,7 @@ impl AgentService for AgentApi {
         if body.reason.len() > validate::MAX_REASON_BYTES {
             return Err(invalid(format!("reason: at most {} bytes", validate::MAX_REASON_BYTES)));
         }
-        self.find(id)?;
+        self.require_acknowledged(id).await?;
         let reason = if body.reason.is_empty() {
             "stopped by request".to_string()
         } else {
@@ -474,7 +509,7 @@ impl AgentService for AgentApi {
             return Err(invalid("attach: the first message must be `open`".to_string()));
         };
         let id = validate::agent_id(&open.agent_id)?;
-        let record = self.find(id)?;
+        let record = self.find(id).await?;
         if record.status.is_terminal() {
             return Err(Status::failed_precondition(format!(
                 "agent {id} is {}; its machine is gone",

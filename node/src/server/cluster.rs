@@ -9,7 +9,7 @@ use openraft::ServerState;
 use tonic::{Request, Status};
 
 use super::auth::require_admin;
-use super::status::membership_status;
+use super::status::{membership_status, read_status};
 use super::{convert, write_status};
 
 pub struct ClusterApi {
@@ -107,11 +107,17 @@ impl ClusterApi {
         }
     }
 
-    fn require_node(&self, node: u64) -> Result<(), Status> {
+    /// Refuses a node the cluster never registered. One this node has not applied yet (it
+    /// joined a moment ago) is looked for again after a read barrier, not refused.
+    async fn require_node(&self, node: u64) -> Result<(), Status> {
         if node == 0 {
             return Err(Status::invalid_argument("node_id: required"));
         }
-        let known = self.replica.reader().read(|state| state.nodes.contains_key(&node));
+        let known_here = || self.replica.reader().read(|state| state.nodes.contains_key(&node));
+        let known = known_here() || {
+            self.replica.read_barrier().await.map_err(read_status)?;
+            known_here()
+        };
         if known {
             Ok(())
         } else {
@@ -149,7 +155,7 @@ impl ClusterService for ClusterApi {
     async fn add_node(&self, request: Request<v1::AddNodeRequest>) -> Result<tonic::Response<v1::Cluster>, Status> {
         require_admin(&request)?;
         let node = request.get_ref().node_id;
-        self.require_node(node)?;
+        self.require_node(node).await?;
         self.on_leader(|| async {
             if let Some(mut leader) = self.leader_client()? {
                 return leader.add_node(pass_on(&request)).await.map(|_| ());
@@ -173,7 +179,7 @@ impl ClusterService for ClusterApi {
     ) -> Result<tonic::Response<v1::Cluster>, Status> {
         require_admin(&request)?;
         let node = request.get_ref().node_id;
-        self.require_node(node)?;
+        self.require_node(node).await?;
         self.on_leader(|| async {
             if let Some(mut leader) = self.leader_client()? {
                 return leader.remove_node(pass_on(&request)).await.map(|_| ());
@@ -197,7 +203,7 @@ impl ClusterService for ClusterApi {
     async fn drain_node(&self, request: Request<v1::DrainNodeRequest>) -> Result<tonic::Response<v1::Cluster>, Status> {
         require_admin(&request)?;
         let body = request.into_inner();
-        self.require_node(body.node_id)?;
+        self.require_node(body.node_id).await?;
         self.replica
             .write(Command::SetDraining {
                 node: body.node_id,

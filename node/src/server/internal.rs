@@ -39,6 +39,12 @@ impl Internal for InternalApi {
         payload(self.replica.handle_forward(&request.into_inner().data).await)
     }
 
+    async fn read_index(&self, _request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        Ok(Response::new(RaftPayload {
+            data: self.replica.handle_read_index().await,
+        }))
+    }
+
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let body = request.into_inner();
         if !self.replica.is_leader() {

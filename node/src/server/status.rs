@@ -9,6 +9,7 @@
 //! | `WriteError::Unavailable` | `Unavailable` |
 //! | `WriteError::Fatal` | `Internal` |
 //! | `ReplicaError::NotLeader` (membership) | `Unavailable`, else `FailedPrecondition` |
+//! | `ReadError` (no read index confirmed / this node lags) / raft stopped | `Unavailable` / `Internal` |
 //! | `vcs::ClaimError` (no provider for a repository, plugins not loaded) | `FailedPrecondition` |
 //! | `vcs::ProviderInfoError` (a provider did not answer) | `Unavailable` |
 //! | `admin::PluginRejected` (an upload cannot be loaded) | `InvalidArgument` |
@@ -75,6 +76,18 @@ pub fn write_status(error: WriteError) -> Status {
         }
         WriteError::Unavailable { .. } => Status::unavailable(error.to_string()),
         WriteError::Fatal(_) => Status::internal(error.to_string()),
+    }
+}
+
+/// A read barrier that failed. A node that cannot confirm what the cluster acknowledged (no
+/// quorum, no leader, its state machine behind) says so as `Unavailable`, which a client may
+/// retry, here or through another node: it never answers from a state that may be stale.
+pub fn read_status(error: flotilla_raft::ReadError) -> Status {
+    match error {
+        flotilla_raft::ReadError::Unavailable { .. } | flotilla_raft::ReadError::Lagging { .. } => {
+            Status::unavailable(error.to_string())
+        }
+        flotilla_raft::ReadError::Stopped(_) => Status::internal(error.to_string()),
     }
 }
 
