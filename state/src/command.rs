@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::{
     AgentId, AgentRecord, AgentSpec, AgentStatus, Epoch, EventKind, NodeId, NodeInfo, NodeRecord, PluginFieldError,
-    PluginKind, PluginRecord, Role, UploadId,
+    PluginKind, PluginRecord, Role, Term, UploadId,
 };
 
 /// Largest checkpoint a turn may record (compressed).
@@ -100,7 +100,9 @@ pub enum Command {
         node: NodeId,
         draining: bool,
     },
-    /// Written by the leader when a node's lease expires: its live agents go back to pending.
+    /// A node's lease expired, with no term named: what logs written before
+    /// [`Command::NodeDownInTerm`] hold, still applied as it was. Its live agents go back to
+    /// pending.
     NodeDown {
         node: NodeId,
     },
@@ -224,6 +226,20 @@ pub enum Command {
         pull_request: Option<crate::types::PullRequestRef>,
         error: Option<String>,
     },
+    /// Written by the leader of `term` when a node's lease expires: its live agents go back to
+    /// pending. Refused unless the entry carrying it was appended in `term`, so that a
+    /// judgement made by a leader that has since been deposed (paused, partitioned, or
+    /// forwarding to its successor) never takes effect.
+    NodeDownInTerm {
+        node: NodeId,
+        term: Term,
+    },
+    /// Written by the leader of `term` when a node marked down reports again; refused like
+    /// [`Command::NodeDownInTerm`] outside `term`.
+    NodeUpInTerm {
+        node: NodeId,
+        term: Term,
+    },
 }
 
 impl Command {
@@ -314,6 +330,8 @@ impl Command {
             Command::RemovePlugin { .. } => "remove-plugin",
             Command::SetPluginSettings { .. } => "set-plugin-settings",
             Command::RecordPullRequest { .. } => "record-pull-request",
+            Command::NodeDownInTerm { .. } => "node-down-in-term",
+            Command::NodeUpInTerm { .. } => "node-up-in-term",
         }
     }
 }
@@ -395,6 +413,13 @@ pub enum ApplyError {
     TooManyUploads { limit: usize },
     #[error("the cluster holds {limit} plugin versions, the most it keeps; remove one first")]
     TooManyPlugins { limit: usize },
+    #[error("{command} of node {node} was judged by the leader of term {judged}, but the entry is in term {entry}: a judgement holds only in its own term")]
+    StaleTerm {
+        command: String,
+        node: NodeId,
+        judged: Term,
+        entry: Term,
+    },
 }
 
 /// What an applied command answers.
