@@ -63,7 +63,7 @@ pub fn write_status(error: WriteError) -> Status {
                 ApplyError::InvalidState { .. } | ApplyError::UnsupportedVersion { .. } | ApplyError::NestedBatch => {
                     Status::failed_precondition(message)
                 }
-                ApplyError::Fenced { .. } => Status::aborted(message),
+                ApplyError::Fenced { .. } | ApplyError::StaleTerm { .. } => Status::aborted(message),
                 ApplyError::TooManyFollowUps { .. } | ApplyError::TooLarge { .. } => {
                     Status::resource_exhausted(message)
                 }
