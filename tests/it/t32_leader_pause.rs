@@ -1,6 +1,7 @@
 //! Liveness is judged by the leader, for its term: a leader stopped (SIGSTOP) past the lease and
 //! resumed marks no healthy node down, while a follower really killed is still marked down and
-//! its agents reassigned within the lease plus a second.
+//! its agents reassigned within the lease plus a second; a killed leader's agents move one lease
+//! after its successor's election.
 
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,54 @@ async fn a_paused_leader_marks_no_healthy_node_down_and_a_killed_follower_is_rep
     assert!(
         reassigned <= Duration::from_millis(LEASE_MS) + REASSIGN_SLACK,
         "reassignment took {reassigned:?}, more than the lease ({LEASE_MS} ms) plus {REASSIGN_SLACK:?}"
+    );
+}
+
+/// The leader's own death: its successor waits one lease after its election (it has received
+/// nothing from anyone before), then judges the dead leader down and its agents move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leaders_agents_are_reassigned_a_lease_after_the_election() {
+    let mut cluster = TestCluster::start(
+        3,
+        ClusterOptions {
+            lease_ms: Some(LEASE_MS),
+            slots: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    let token = cluster.admin_token();
+    let first = cluster.nodes[0].endpoint();
+    let mut client = agent_client(&first, &token).await;
+    for index in 0..6 {
+        create(&mut client, &format!("leader-{index}"), "Stay on your node").await;
+    }
+    let before = wait_for_six_agents_running_two_per_node(&first, &token).await;
+    let (leader, _) = leader_and_term(&cluster, &token, None).await;
+    let moved: Vec<String> = before
+        .iter()
+        .filter(|(_, (node, _, _))| *node == leader)
+        .map(|(id, _)| id.clone())
+        .collect();
+    cluster.node_mut(leader).kill9();
+    let killed_at = Instant::now();
+    let (successor, _) = leader_and_term(&cluster, &token, Some(leader)).await;
+    let elected = killed_at.elapsed();
+    let reader = cluster.node(successor).endpoint();
+    wait_for_reassigned(&reader, &token, leader, &moved).await;
+    let reassigned = killed_at.elapsed();
+    eprintln!(
+        "agents of the killed leader {leader} reassigned {reassigned:?} after kill -9; successor {successor} \
+         seen elected after {elected:?} (lease {LEASE_MS} ms)"
+    );
+    let lease = Duration::from_millis(LEASE_MS);
+    assert!(
+        reassigned >= lease,
+        "a new leader judged the dead one down {reassigned:?} after the kill, within its grace of a lease"
+    );
+    assert!(
+        reassigned <= elected + lease + REASSIGN_SLACK,
+        "reassignment took {reassigned:?}: more than the election ({elected:?}) plus the lease plus {REASSIGN_SLACK:?}"
     );
 }
 
