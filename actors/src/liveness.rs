@@ -1,15 +1,33 @@
-//! Node liveness. Every node reports to the leader every quarter lease; the leader's monitor
-//! marks a node down through Raft once it has been silent for a whole lease (which sends its
-//! agents back to placement under a higher epoch) and up again when it reports.
+//! Node liveness, judged by the leader for its term. Every node reports to the leader every
+//! quarter lease; the leader's monitor marks a node down through Raft once it has heard nothing
+//! from it for a whole lease (which sends its agents back to placement under a higher epoch) and
+//! up again when it reports.
+//!
+//! Only what the leader has itself seen counts, and only for the term it leads: the view is
+//! reset when the monitor first sees this node lead a term, and again after any pause of this
+//! process (a check that comes far later than scheduled: the process was stopped, or starved,
+//! and heard nothing meanwhile). After a reset nothing is judged down for a grace of one lease.
+//! Each judgement names the term it was made in, and the state machine refuses it in an entry
+//! of any other term; it is proposed on this node only, never forwarded, so a deposed leader's
+//! judgement cannot reach the log through its successor.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_raft::{Command, NodeId, Replica};
+use flotilla_raft::replica::ForwardReply;
+use flotilla_raft::{Command, NodeId, Replica, Request, Term};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-/// When each node last reported, as seen by this node (meaningful on the leader only).
+/// Checks per lease: a node is judged down at most an eighth of a lease after its lease ran out.
+pub const CHECKS_PER_LEASE: u32 = 8;
+/// A check this many intervals after the one before means this process did not run for that
+/// long (half a lease at [`CHECKS_PER_LEASE`]): it heard no reports meanwhile, so its view is
+/// reset.
+pub const LATE_CHECK_INTERVALS: u32 = 4;
+
+/// When each node last reported to this node. Reports arrive whether or not this node leads;
+/// the monitor counts only those that arrived since its view was last reset.
 #[derive(Clone, Default)]
 pub struct LivenessTable {
     last_seen: Arc<Mutex<HashMap<NodeId, Instant>>>,
@@ -30,33 +48,123 @@ impl LivenessTable {
             .get(&node)
             .copied()
     }
+}
 
-    /// A new leader does not know who was silent before it: everyone starts with a full lease.
-    fn reset(&self, nodes: impl Iterator<Item = NodeId>) {
-        let now = Instant::now();
-        let mut table = self.last_seen.lock().expect("liveness lock poisoned");
-        table.clear();
-        table.extend(nodes.map(|node| (node, now)));
+/// Why the monitor started its view afresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    /// This node leads `term` and had no view of it yet (just elected, or the monitor started).
+    NewTerm(Term),
+    /// This check came `gap` after the one before: the process did not run meanwhile.
+    Paused { gap: Duration },
+}
+
+/// What one check decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// This node does not lead: it judges nothing.
+    NotLeader,
+    /// The view was started afresh; nothing is judged at this check.
+    Reset(ResetReason),
+    /// The judgements to write (often none), each naming the term they were made in.
+    Judged(Vec<Command>),
+}
+
+/// The monitor's decisions as a plain function of the time, this node's leadership, the marks
+/// in the state and the reports received: tested with any clock.
+#[derive(Debug, Clone)]
+pub struct LivenessJudge {
+    lease: Duration,
+    check_interval: Duration,
+    /// The term the view belongs to; `None` until this node is seen leading.
+    term: Option<Term>,
+    /// When the view was last reset: reports from before do not count, and silence is measured
+    /// from here at the earliest.
+    view_since: Instant,
+    /// No node is judged down before this (one lease after a reset).
+    grace_until: Instant,
+    last_check: Option<Instant>,
+}
+
+impl LivenessJudge {
+    pub fn new(lease: Duration, now: Instant) -> LivenessJudge {
+        LivenessJudge {
+            lease,
+            check_interval: lease / CHECKS_PER_LEASE,
+            term: None,
+            view_since: now,
+            grace_until: now + lease,
+            last_check: None,
+        }
+    }
+
+    pub fn check_interval(&self) -> Duration {
+        self.check_interval
+    }
+
+    /// One check at `now`. `leading` is the term this node leads, if it leads; `marked` is each
+    /// node and whether the state has it up; `last_seen` is when each node last reported here.
+    pub fn check(
+        &mut self,
+        now: Instant,
+        leading: Option<Term>,
+        marked: &[(NodeId, bool)],
+        last_seen: impl Fn(NodeId) -> Option<Instant>,
+    ) -> Verdict {
+        let gap = self.last_check.map(|last| now.saturating_duration_since(last));
+        self.last_check = Some(now);
+        let Some(term) = leading else {
+            self.term = None;
+            return Verdict::NotLeader;
+        };
+        if self.term != Some(term) {
+            self.reset(now, term);
+            return Verdict::Reset(ResetReason::NewTerm(term));
+        }
+        if let Some(gap) = gap.filter(|gap| *gap > self.check_interval * LATE_CHECK_INTERVALS) {
+            self.reset(now, term);
+            return Verdict::Reset(ResetReason::Paused { gap });
+        }
+        Verdict::Judged(self.judge(now, term, marked, last_seen))
+    }
+
+    fn reset(&mut self, now: Instant, term: Term) {
+        self.term = Some(term);
+        self.view_since = now;
+        self.grace_until = now + self.lease;
+    }
+
+    fn judge(
+        &self,
+        now: Instant,
+        term: Term,
+        marked: &[(NodeId, bool)],
+        last_seen: impl Fn(NodeId) -> Option<Instant>,
+    ) -> Vec<Command> {
+        let in_grace = now < self.grace_until;
+        let mut commands = Vec::new();
+        for (node, up) in marked {
+            let seen = last_seen(*node).filter(|seen| *seen >= self.view_since);
+            let silent_for = now.saturating_duration_since(seen.unwrap_or(self.view_since));
+            let fresh = seen.is_some() && silent_for < self.lease;
+            match (up, fresh) {
+                (true, false) if !in_grace && silent_for >= self.lease => {
+                    commands.push(Command::NodeDownInTerm { node: *node, term })
+                }
+                (false, true) => commands.push(Command::NodeUpInTerm { node: *node, term }),
+                _ => {}
+            }
+        }
+        commands
     }
 }
 
-/// What the monitor should write, given who is marked up and when each was last seen.
-pub fn liveness_changes(
-    marked: &[(NodeId, bool)],
-    last_seen: impl Fn(NodeId) -> Option<Instant>,
-    now: Instant,
-    lease: Duration,
-) -> Vec<Command> {
-    let mut commands = Vec::new();
-    for (node, up) in marked {
-        let fresh = last_seen(*node).is_some_and(|seen| now.saturating_duration_since(seen) < lease);
-        match (up, fresh) {
-            (true, false) => commands.push(Command::NodeDown { node: *node }),
-            (false, true) => commands.push(Command::NodeUp { node: *node }),
-            _ => {}
-        }
-    }
-    commands
+/// The term this node leads, as Raft sees it now; `None` when it does not lead.
+fn leading_term(replica: &Replica) -> Option<Term> {
+    let metrics = replica.raft().metrics();
+    let metrics = metrics.borrow();
+    let leads = metrics.state == openraft::ServerState::Leader && metrics.current_leader == Some(replica.node_id());
+    leads.then_some(Term(metrics.current_term))
 }
 
 pub struct LivenessMonitor;
@@ -75,6 +183,7 @@ pub struct LivenessArgs {
 
 pub struct LivenessState {
     args: LivenessArgs,
+    judge: LivenessJudge,
     ticker: tokio::task::JoinHandle<()>,
 }
 
@@ -88,13 +197,9 @@ impl Actor for LivenessMonitor {
         myself: ActorRef<LivenessMsg>,
         args: LivenessArgs,
     ) -> Result<LivenessState, ActorProcessingErr> {
-        let nodes: Vec<NodeId> = args
-            .replica
-            .reader()
-            .read(|state| state.nodes.keys().copied().collect());
-        args.table.reset(nodes.into_iter());
-        let ticker = ractor::time::send_interval(args.lease / 8, myself.get_cell(), || LivenessMsg::Check);
-        Ok(LivenessState { args, ticker })
+        let judge = LivenessJudge::new(args.lease, Instant::now());
+        let ticker = ractor::time::send_interval(judge.check_interval(), myself.get_cell(), || LivenessMsg::Check);
+        Ok(LivenessState { args, judge, ticker })
     }
 
     async fn handle(
@@ -105,21 +210,23 @@ impl Actor for LivenessMonitor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             LivenessMsg::Check => {
-                let me = state.args.replica.node_id();
-                state.args.table.report(me);
-                let marked: Vec<(NodeId, bool)> = state
-                    .args
-                    .replica
+                let replica = &state.args.replica;
+                state.args.table.report(replica.node_id());
+                let marked: Vec<(NodeId, bool)> = replica
                     .reader()
                     .read(|cluster| cluster.nodes.values().map(|node| (node.id, node.up)).collect());
                 let table = state.args.table.clone();
-                let commands =
-                    liveness_changes(&marked, |node| table.last_seen(node), Instant::now(), state.args.lease);
-                for command in commands {
-                    tracing::info!(command = command.name(), ?command, "liveness change");
-                    if let Err(error) = state.args.replica.write(command).await {
-                        tracing::warn!(%error, "writing a liveness change failed; retrying on the next check");
+                let verdict = state
+                    .judge
+                    .check(Instant::now(), leading_term(replica), &marked, |node| {
+                        table.last_seen(node)
+                    });
+                match verdict {
+                    Verdict::NotLeader => {}
+                    Verdict::Reset(reason) => {
+                        tracing::info!(?reason, "liveness view reset; judging no node down for one lease")
                     }
+                    Verdict::Judged(commands) => write_judgements(replica, commands, state.args.lease).await,
                 }
             }
         }
@@ -136,28 +243,41 @@ impl Actor for LivenessMonitor {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn silent_nodes_go_down_and_reporting_nodes_come_back() {
-        let now = Instant::now();
-        let lease = Duration::from_secs(3);
-        let seen = |node: NodeId| match node {
-            1 => Some(now),
-            2 => Some(now - Duration::from_secs(4)),
-            3 => Some(now - Duration::from_secs(1)),
-            _ => None,
-        };
-        let commands = liveness_changes(&[(1, true), (2, true), (3, false), (4, true)], seen, now, lease);
-        assert_eq!(
-            commands,
-            vec![
-                Command::NodeDown { node: 2 },
-                Command::NodeUp { node: 3 },
-                Command::NodeDown { node: 4 },
-            ]
-        );
+/// Writes judgements on this node only, once a quorum has confirmed it still leads. A node
+/// that no longer leads drops them: its successor judges for itself.
+async fn write_judgements(replica: &Replica, commands: Vec<Command>, lease: Duration) {
+    if commands.is_empty() {
+        return;
+    }
+    // Bounded: a leader cut off from its quorum would otherwise wait here past its term.
+    let confirmed = tokio::time::timeout(lease / 2, replica.raft().get_read_log_id()).await;
+    if !matches!(confirmed, Ok(Ok(_))) {
+        tracing::info!("leadership not confirmed by a quorum; liveness judgements dropped");
+        return;
+    }
+    for command in commands {
+        tracing::info!(command = command.name(), ?command, "liveness change");
+        let written = tokio::time::timeout(lease, replica.write_local(Request::new(command))).await;
+        match written {
+            Ok(ForwardReply::Applied { result: Ok(_), .. }) => {}
+            Ok(ForwardReply::Applied { result: Err(error), .. }) => {
+                tracing::warn!(%error, "a liveness change was refused");
+            }
+            Ok(ForwardReply::NotLeader { leader }) => {
+                tracing::info!(?leader, "no longer leader; liveness judgements dropped, not forwarded");
+                return;
+            }
+            Ok(ForwardReply::Failed(error)) => {
+                tracing::warn!(%error, "writing a liveness change failed; judging again on the next check");
+            }
+            Err(_) => {
+                tracing::warn!("writing a liveness change timed out; judging again on the next check");
+                return;
+            }
+        }
     }
 }
+
+#[cfg(test)]
+#[path = "liveness_tests.rs"]
+mod tests;

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::{
     AgentId, AgentRecord, AgentSpec, AgentStatus, Epoch, EventKind, NodeId, NodeInfo, NodeRecord, PluginFieldError,
-    PluginKind, PluginRecord, Role, UploadId,
+    PluginKind, PluginRecord, Role, Term, UploadId,
 };
 
 /// Largest checkpoint a turn may record (compressed).
@@ -100,7 +100,9 @@ pub enum Command {
         node: NodeId,
         draining: bool,
     },
-    /// Written by the leader when a node's lease expires: its live agents go back to pending.
+    /// A node's lease expired, with no term named: what logs written before
+    /// [`Command::NodeDownInTerm`] hold, still applied as it was. Its live agents go back to
+    /// pending.
     NodeDown {
         node: NodeId,
     },
@@ -248,6 +250,20 @@ pub enum Command {
         node: NodeId,
         epoch: Epoch,
     },
+    /// Written by the leader of `term` when a node's lease expires: its live agents go back to
+    /// pending. Refused unless the entry carrying it was appended in `term`, so that a
+    /// judgement made by a leader that has since been deposed (paused, partitioned, or
+    /// forwarding to its successor) never takes effect.
+    NodeDownInTerm {
+        node: NodeId,
+        term: Term,
+    },
+    /// Written by the leader of `term` when a node marked down reports again; refused like
+    /// [`Command::NodeDownInTerm`] outside `term`.
+    NodeUpInTerm {
+        node: NodeId,
+        term: Term,
+    },
 }
 
 impl Command {
@@ -353,6 +369,8 @@ impl Command {
             Command::RecordPullRequest { .. } => "record-pull-request",
             Command::RecordBranch { .. } => "record-branch",
             Command::CheckOwner { .. } => "check-owner",
+            Command::NodeDownInTerm { .. } => "node-down-in-term",
+            Command::NodeUpInTerm { .. } => "node-up-in-term",
         }
     }
 }
@@ -445,6 +463,13 @@ pub enum ApplyError {
         agent: AgentId,
         recorded: Option<String>,
         expected: Option<String>,
+    },
+    #[error("{command} of node {node} was judged by the leader of term {judged}, but the entry is in term {entry}: a judgement holds only in its own term")]
+    StaleTerm {
+        command: String,
+        node: NodeId,
+        judged: Term,
+        entry: Term,
     },
 }
 

@@ -62,6 +62,17 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// A Raft term: the leadership under which a log entry was appended. A leader's judgement of
+/// the cluster (who is down) names the term it was made in, and holds only in that term.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Term(pub u64);
+
+impl fmt::Display for Term {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}", self.0)
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AgentStatus {
     Pending,

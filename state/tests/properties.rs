@@ -15,8 +15,9 @@ use flotilla_state::command::STALE_UPLOAD_MS;
 use flotilla_state::invariants::{check_invariants, check_transition};
 use flotilla_state::placement::{place, placement_input};
 use flotilla_state::{
-    apply, AgentId, AgentSpec, AgentStatus, ApplyResult, AssignOne, Changes, ClusterState, Command, Epoch, EventKind,
-    NodeId, NodeInfo, PluginKind, PullRequestRef, Request, Role, UploadId, MAX_FOLLOW_UPS_PER_AGENT,
+    apply_in_term, AgentId, AgentSpec, AgentStatus, ApplyError, ApplyResult, AssignOne, Changes, ClusterState, Command,
+    Epoch, EventKind, NodeId, NodeInfo, PluginKind, PullRequestRef, Request, Role, Term, UploadId,
+    MAX_FOLLOW_UPS_PER_AGENT,
 };
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -51,6 +52,27 @@ enum EpochChoice {
     Next,
     Current,
     AfterNext,
+}
+
+/// The term a leader's judgement names, relative to the term of the entry that carries it.
+#[derive(Clone, Copy, Debug)]
+enum TermChoice {
+    /// The entry's own term: the leader that appended it judged.
+    Current,
+    /// The term before: a deposed leader's judgement, handed on to its successor.
+    Previous,
+    /// A term the log has not reached.
+    Next,
+}
+
+impl TermChoice {
+    fn resolve(self, entry: Term) -> Term {
+        match self {
+            TermChoice::Current => entry,
+            TermChoice::Previous => Term(entry.0.saturating_sub(1)),
+            TermChoice::Next => Term(entry.0 + 1),
+        }
+    }
 }
 
 /// How many follow-ups a turn says it has taken in.
@@ -142,6 +164,14 @@ enum Step {
     NodeUp {
         node: NodeId,
     },
+    /// A leader's judgement of a node (`NodeDownInTerm` or `NodeUpInTerm`) naming `term`.
+    Judge {
+        node: NodeId,
+        down: bool,
+        term: TermChoice,
+    },
+    /// A new leader is elected: later entries are appended in the next term.
+    Elect,
     SetDraining {
         node: NodeId,
         draining: bool,
@@ -250,13 +280,35 @@ fn staged_bytes(state: &ClusterState, upload: UploadId) -> (u32, Vec<u8>) {
 }
 
 impl Step {
-    /// The command this step stands for in `state`; `None` for a wait.
+    /// The command this step stands for in `state`, in an entry appended in `term`; `None` for
+    /// a wait or an election.
+    fn command_in_term(&self, state: &ClusterState, term: Term) -> Option<Command> {
+        match self {
+            Step::Judge {
+                node,
+                down: true,
+                term: choice,
+            } => Some(Command::NodeDownInTerm {
+                node: *node,
+                term: choice.resolve(term),
+            }),
+            Step::Judge { node, term: choice, .. } => Some(Command::NodeUpInTerm {
+                node: *node,
+                term: choice.resolve(term),
+            }),
+            Step::Batch { steps } => Some(Command::Batch {
+                commands: batch_commands(state, steps, term),
+            }),
+            _ => self.command(state),
+        }
+    }
+
+    /// The command this step stands for in `state`, for a step that names no term; `None` for a
+    /// wait or an election.
     fn command(&self, state: &ClusterState) -> Option<Command> {
         let command = match self {
-            Step::Wait { .. } => return None,
-            Step::Batch { steps } => Command::Batch {
-                commands: batch_commands(state, steps),
-            },
+            Step::Wait { .. } | Step::Elect => return None,
+            Step::Batch { .. } | Step::Judge { .. } => unreachable!("resolved by command_in_term"),
             Step::CreateAgent { agent } => Command::CreateAgent {
                 id: agent_id(*agent),
                 spec: spec(*agent),
@@ -566,12 +618,17 @@ fn progress_command(state: &ClusterState, agent: u8) -> Command {
 }
 
 /// The commands of a batch's steps, each resolved against the state the ones before it leave.
-fn batch_commands(state: &ClusterState, steps: &[Step]) -> Vec<Command> {
+fn batch_commands(state: &ClusterState, steps: &[Step], term: Term) -> Vec<Command> {
     let mut scratch = state.clone();
     let mut commands = Vec::new();
     for step in steps {
-        if let Some(command) = step.command(&scratch) {
-            let _ = apply(&mut scratch, &mut Changes::default(), &Request::at(0, command.clone()));
+        if let Some(command) = step.command_in_term(&scratch, term) {
+            let _ = apply_in_term(
+                &mut scratch,
+                &mut Changes::default(),
+                term,
+                &Request::at(0, command.clone()),
+            );
             commands.push(command);
         }
     }
@@ -640,12 +697,18 @@ fn node_step() -> impl Strategy<Value = Step> {
         3 => (node(), 0..4u32).prop_map(|(node, slots)| Step::RegisterNode { node, slots }),
         2 => node().prop_map(|node| Step::NodeDown { node }),
         2 => node().prop_map(|node| Step::NodeUp { node }),
+        3 => (node(), any::<bool>(), term_choice()).prop_map(|(node, down, term)| Step::Judge { node, down, term }),
+        1 => Just(Step::Elect),
         1 => (node(), any::<bool>()).prop_map(|(node, draining)| Step::SetDraining { node, draining }),
         1 => node().prop_map(|node| Step::RemoveNode { node }),
         1 => Just(Step::ReserveNodeId),
         1 => node().prop_map(|node| Step::RecordInstallLayer { node }),
         1 => (0..3u8).prop_map(|name| Step::CreateToken { name }),
     ]
+}
+
+fn term_choice() -> impl Strategy<Value = TermChoice> {
+    prop_oneof![3 => Just(TermChoice::Current), 2 => Just(TermChoice::Previous), 1 => Just(TermChoice::Next)]
 }
 
 fn plugin_step() -> impl Strategy<Value = Step> {
@@ -684,6 +747,8 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
 struct World {
     state: ClusterState,
     at_ms: u64,
+    /// The term of the leader that appends the next entry.
+    term: Term,
     /// The node each agent was ever assigned to under each epoch, over the whole run (the
     /// state's own history is trimmed).
     owners: BTreeMap<(AgentId, Epoch), NodeId>,
@@ -695,6 +760,7 @@ impl World {
         let mut world = World {
             state: ClusterState::default(),
             at_ms: 1_000,
+            term: Term(1),
             owners: BTreeMap::new(),
         };
         for node in 1..=2 {
@@ -712,12 +778,16 @@ impl World {
             self.at_ms += elapsed_ms;
             return Ok(None);
         }
-        let Some(command) = step.command(&self.state) else {
+        if let Step::Elect = step {
+            self.term = Term(self.term.0 + 1);
+            return Ok(None);
+        }
+        let Some(command) = step.command_in_term(&self.state, self.term) else {
             return Ok(None);
         };
         let before = self.state.clone();
         let request = Request::at(self.at_ms, command.clone());
-        let result = apply(&mut self.state, &mut Changes::default(), &request);
+        let result = apply_in_term(&mut self.state, &mut Changes::default(), self.term, &request);
         if let Err(violation) = check_invariants(&self.state) {
             return Err(TestCaseError::fail(format!(
                 "{command:?} answered {result:?} and left: {violation}"
@@ -730,6 +800,13 @@ impl World {
         }
         if let Command::Batch { commands } = &command {
             self.check_batch_is_its_commands_in_order(before, commands, &result)?;
+            if let Ok(flotilla_state::Response::Batch(results)) = &result {
+                for (command, result) in commands.iter().zip(results) {
+                    self.check_judgement(command, result, false)?;
+                }
+            }
+        } else {
+            self.check_judgement(&command, &result, true)?;
         }
         self.check_one_owner_per_epoch()?;
         Ok(Some(result))
@@ -745,9 +822,10 @@ impl World {
         let results: Vec<ApplyResult> = commands
             .iter()
             .map(|command| {
-                apply(
+                apply_in_term(
                     &mut one_by_one,
                     &mut Changes::default(),
+                    self.term,
                     &Request::at(self.at_ms, command.clone()),
                 )
             })
@@ -757,6 +835,52 @@ impl World {
             one_by_one == self.state,
             "a batch differs from its commands applied one by one"
         );
+        Ok(())
+    }
+
+    /// A leader's judgement takes effect only in its own term: outside it, it is refused as
+    /// stale; in it, a node judged down is down and owns no live agent (the invariants already
+    /// hold the state unchanged after a refusal). `alone`: the command was the whole entry, so
+    /// the state shows its effect (a batch's later commands may undo it).
+    fn check_judgement(&self, command: &Command, result: &ApplyResult, alone: bool) -> Result<(), TestCaseError> {
+        let (node, judged, down) = match command {
+            Command::NodeDownInTerm { node, term } => (*node, *term, true),
+            Command::NodeUpInTerm { node, term } => (*node, *term, false),
+            _ => return Ok(()),
+        };
+        if judged != self.term {
+            prop_assert!(
+                matches!(result, Err(ApplyError::StaleTerm { .. })),
+                "{:?} judged in term {} was applied in term {}: {:?}",
+                command,
+                judged,
+                self.term,
+                result
+            );
+            return Ok(());
+        }
+        if result.is_err() || !alone {
+            prop_assert!(
+                result.is_ok() || matches!(result, Err(ApplyError::NodeNotFound(_))),
+                "{:?} in its own term refused: {:?}",
+                command,
+                result
+            );
+            return Ok(());
+        }
+        prop_assert_eq!(
+            self.state.nodes[&node].up,
+            !down,
+            "{:?} left the node's mark wrong",
+            command
+        );
+        if down {
+            prop_assert_eq!(
+                self.state.active_on(node).count(),
+                0,
+                "a node judged down still owns live agents"
+            );
+        }
         Ok(())
     }
 

@@ -17,6 +17,7 @@ mod t19_push_containment;
 mod t20_three_nodes;
 mod t25_membership;
 mod t30_failover;
+mod t32_leader_pause;
 mod t40_watch_across_nodes;
 mod t42_reads_through_any_node;
 mod t50_machines;

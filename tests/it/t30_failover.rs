@@ -15,9 +15,9 @@ const LEASE_MS: u64 = 2_000;
 const REASSIGN_BOUND: Duration = Duration::from_secs(4);
 
 /// Each agent's id, with its assigned node, epoch and status.
-type Placements = BTreeMap<String, (u64, u64, i32)>;
+pub(crate) type Placements = BTreeMap<String, (u64, u64, i32)>;
 
-async fn placements(endpoint: &str, token: &str) -> Option<Placements> {
+pub(crate) async fn placements(endpoint: &str, token: &str) -> Option<Placements> {
     let mut client = agent_client(endpoint, token).await;
     let agents = client
         .list_agents(v1::ListAgentsRequest {
@@ -85,7 +85,7 @@ async fn agents_of_a_killed_node_are_reassigned_with_a_higher_epoch() {
 }
 
 /// Six agents over three nodes with four slots each: the least-loaded rule puts two on each.
-async fn wait_for_six_agents_running_two_per_node(endpoint: &str, token: &str) -> Placements {
+pub(crate) async fn wait_for_six_agents_running_two_per_node(endpoint: &str, token: &str) -> Placements {
     let before = {
         let endpoint = endpoint.to_string();
         let token = token.to_string();
@@ -165,7 +165,7 @@ async fn check_the_killed_node_is_marked_down(endpoint: &str, token: &str, victi
 }
 
 /// Every agent's history holds up: no gap, epochs only rise, only the owner writes.
-async fn check_every_agent_history(endpoint: &str, token: &str, placements: &Placements) {
+pub(crate) async fn check_every_agent_history(endpoint: &str, token: &str, placements: &Placements) {
     let mut client = agent_client(endpoint, token).await;
     for id in placements.keys() {
         let history = invariants::durable_history(&mut client, id).await.expect("history");

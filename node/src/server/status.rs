@@ -64,7 +64,9 @@ pub fn write_status(error: WriteError) -> Status {
                 ApplyError::InvalidState { .. } | ApplyError::UnsupportedVersion { .. } | ApplyError::NestedBatch => {
                     Status::failed_precondition(message)
                 }
-                ApplyError::Fenced { .. } | ApplyError::BranchRecordMoved { .. } => Status::aborted(message),
+                ApplyError::Fenced { .. } | ApplyError::BranchRecordMoved { .. } | ApplyError::StaleTerm { .. } => {
+                    Status::aborted(message)
+                }
                 ApplyError::TooManyFollowUps { .. } | ApplyError::TooLarge { .. } => {
                     Status::resource_exhausted(message)
                 }

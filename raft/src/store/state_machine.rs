@@ -1,5 +1,5 @@
 //! The state machine: the whole [`ClusterState`] in memory behind a lock, applied to by
-//! openraft with [`flotilla_state::apply`] for each committed entry, and read by the node's
+//! openraft with [`flotilla_state::apply_in_term`] for each committed entry (in the entry's term), and read by the node's
 //! services and actors through [`StateReader`]s. Each applied group of entries is written to
 //! the state column family in one batch with its applied position.
 
@@ -7,7 +7,7 @@ use std::io::Cursor;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
-use flotilla_state::apply;
+use flotilla_state::apply_in_term;
 use openraft::storage::RaftStateMachine;
 use openraft::{Entry, EntryPayload, LogId, OptionalSend, Snapshot, SnapshotMeta, StorageIOError, StoredMembership};
 use rocksdb::{WriteBatch, DB};
@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::state_layout::{load_state, StoredState};
 use super::{any, OpenError, StorageResult, EVENT_BROADCAST_CAPACITY};
-use crate::types::{AgentId, DurableEvent, NodeId};
+use crate::types::{AgentId, DurableEvent, NodeId, Term};
 use crate::{ApplyResult, Changes, ClusterState, NodeAddr, Response, TypeConfig};
 
 /// The in-memory state plus its applied position, shared with readers.
@@ -128,7 +128,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 match entry.payload {
                     EntryPayload::Blank => results.push(Ok(Response::Done)),
                     EntryPayload::Normal(request) => {
-                        let result = apply(&mut machine.state, &mut changes, &request);
+                        // The entry's own term: a leader's judgement holds only in its term.
+                        let term = Term(entry.log_id.leader_id.term);
+                        let result = apply_in_term(&mut machine.state, &mut changes, term, &request);
                         results.push(result);
                     }
                     EntryPayload::Membership(membership) => {

@@ -455,3 +455,47 @@ async fn plugin_bytes_travel_in_a_snapshot_and_replace_the_receivers() {
     );
     assert_eq!(stored_keys(&reopened, b"v/"), 4);
 }
+
+fn entry_in_term(term: u64, index: u64, command: Command) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+        ..entry(index, command)
+    }
+}
+
+/// The store applies each entry in its own term: a node-down judged in term 2 and appended by
+/// the leader of term 3 is refused, one appended in its own term takes effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_applies_only_in_the_term_it_was_judged_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut machine) = open(dir.path()).unwrap();
+    let register = |node| Command::RegisterNode {
+        node,
+        info: NodeInfo {
+            slots: 2,
+            ..Default::default()
+        },
+    };
+    let judged = |node, term| Command::NodeDownInTerm {
+        node,
+        term: crate::types::Term(term),
+    };
+    let results = machine
+        .apply(vec![
+            membership_entry(1),
+            entry_in_term(2, 2, register(1)),
+            entry_in_term(2, 3, register(2)),
+            entry_in_term(2, 4, judged(1, 2)),
+            entry_in_term(3, 5, judged(2, 2)),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(results[3], Ok(Response::Requeued(_))), "{:?}", results[3]);
+    assert!(
+        matches!(results[4], Err(crate::ApplyError::StaleTerm { .. })),
+        "{:?}",
+        results[4]
+    );
+    let up = machine.reader().read(|state| (state.nodes[&1].up, state.nodes[&2].up));
+    assert_eq!(up, (false, true));
+}

@@ -24,13 +24,27 @@ mod tests;
 
 use crate::cluster_state::{Changes, ClusterState};
 use crate::command::{ApplyError, ApplyResult, Command, Request, Response, COMMAND_VERSION};
-use crate::types::{AgentId, Assignment, Epoch, NodeId};
+use crate::types::{AgentId, Assignment, Epoch, NodeId, Term};
 
 pub(crate) use events::push_event;
 pub use turns::displaced_ref;
 
-/// Applies one log entry. A refused command leaves the state exactly as it was.
+/// Applies a request outside any log (tests, replays of a single request), as an entry of the
+/// term before any election: a command judged in a later term is refused. The log applies its
+/// entries with [`apply_in_term`].
 pub fn apply(state: &mut ClusterState, changes: &mut Changes, request: &Request) -> ApplyResult {
+    apply_in_term(state, changes, Term::default(), request)
+}
+
+/// Applies one log entry, appended by the leader of `term` (the term of its log id). A refused
+/// command leaves the state exactly as it was.
+///
+/// The term is the entry's, not the state's: a leader's judgement (`NodeDownInTerm`,
+/// `NodeUpInTerm`) holds only when the entry carrying it was appended in the term it names. A
+/// judgement that a deposed leader hands on to its successor lands in the successor's term and
+/// is refused; one it appended itself is either lost with its uncommitted tail or was already
+/// on a majority before any successor was elected.
+pub fn apply_in_term(state: &mut ClusterState, changes: &mut Changes, term: Term, request: &Request) -> ApplyResult {
     if request.version != COMMAND_VERSION {
         return Err(ApplyError::UnsupportedVersion {
             found: request.version,
@@ -41,16 +55,22 @@ pub fn apply(state: &mut ClusterState, changes: &mut Changes, request: &Request)
         Command::Batch { commands } => Ok(Response::Batch(
             commands
                 .iter()
-                .map(|command| apply_command(state, changes, request.at_ms, command))
+                .map(|command| apply_command(state, changes, request.at_ms, term, command))
                 .collect(),
         )),
-        command => apply_command(state, changes, request.at_ms, command),
+        command => apply_command(state, changes, request.at_ms, term, command),
     }
 }
 
 /// Applies one command; each command of a batch succeeds or is refused on its own. Each family
 /// of commands has its rules in the file named after it.
-fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, command: &Command) -> ApplyResult {
+fn apply_command(
+    state: &mut ClusterState,
+    changes: &mut Changes,
+    at_ms: u64,
+    term: Term,
+    command: &Command,
+) -> ApplyResult {
     match command {
         Command::Batch { .. } => Err(ApplyError::NestedBatch),
         Command::CreateAgent { .. }
@@ -70,6 +90,9 @@ fn apply_command(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, co
         | Command::NodeDown { .. }
         | Command::NodeUp { .. }
         | Command::RecordInstallLayer { .. } => nodes::apply_node_command(state, changes, at_ms, command),
+        Command::NodeDownInTerm { .. } | Command::NodeUpInTerm { .. } => {
+            nodes::apply_judged_node_command(state, changes, at_ms, term, command)
+        }
         Command::PutPluginChunk { .. }
         | Command::CommitPlugin { .. }
         | Command::AbortUpload { .. }

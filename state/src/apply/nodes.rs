@@ -6,7 +6,7 @@ use super::assignments::requeue_agents_of;
 use super::not_in_family;
 use crate::cluster_state::{Changes, ClusterState};
 use crate::command::{ApplyError, ApplyResult, Command, Response};
-use crate::types::{NodeId, NodeInfo, NodeRecord};
+use crate::types::{NodeId, NodeInfo, NodeRecord, Term};
 
 /// Routes a node command to its rule.
 pub(super) fn apply_node_command(
@@ -24,6 +24,33 @@ pub(super) fn apply_node_command(
         Command::NodeUp { node } => node_up(state, changes, at_ms, *node),
         Command::RecordInstallLayer { node, repository } => record_install_layer(state, changes, *node, repository),
         other => not_in_family("node", other),
+    }
+}
+
+/// Routes a leader's judgement of a node to its rule, if the entry carrying it (appended in
+/// `entry_term`) is of the term the judgement names.
+pub(super) fn apply_judged_node_command(
+    state: &mut ClusterState,
+    changes: &mut Changes,
+    at_ms: u64,
+    entry_term: Term,
+    command: &Command,
+) -> ApplyResult {
+    let (node, judged) = match command {
+        Command::NodeDownInTerm { node, term } | Command::NodeUpInTerm { node, term } => (*node, *term),
+        other => not_in_family("judged node", other),
+    };
+    if judged != entry_term {
+        return Err(ApplyError::StaleTerm {
+            command: command.name().to_string(),
+            node,
+            judged,
+            entry: entry_term,
+        });
+    }
+    match command {
+        Command::NodeDownInTerm { .. } => node_down(state, changes, at_ms, node),
+        _ => node_up(state, changes, at_ms, node),
     }
 }
 
@@ -88,7 +115,7 @@ fn set_draining(state: &mut ClusterState, changes: &mut Changes, node: NodeId, d
     Ok(Response::Node(record))
 }
 
-/// Written by the leader when a node's lease expires. Re-queues the node's live agents even if
+/// A node's lease expired. Re-queues the node's live agents even if
 /// it was down already, so that a repeated node-down leaves nothing assigned to it.
 fn node_down(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, node: NodeId) -> ApplyResult {
     let record = state.nodes.get_mut(&node).ok_or(ApplyError::NodeNotFound(node))?;

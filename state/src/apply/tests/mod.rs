@@ -23,7 +23,7 @@ use crate::command::{
 use crate::invariants::check_invariants;
 use crate::types::{
     AgentId, AgentSpec, AgentStatus, Assignment, Checkpoint, Epoch, EventKind, NodeId, NodeInfo, PluginKey, PluginKind,
-    PluginRecord, PullRequestRef, UploadId,
+    PluginRecord, PullRequestRef, Term, UploadId,
 };
 
 fn request(command: Command) -> Request {

@@ -45,3 +45,103 @@ fn reserved_node_ids_are_unique() {
     .unwrap();
     assert_eq!(run(&mut state, Command::ReserveNodeId), Ok(Response::NodeId(10)));
 }
+
+/// Applies `command` as an entry appended in `entry_term` and checks the invariants after.
+fn run_in_term(state: &mut ClusterState, entry_term: u64, command: Command) -> ApplyResult {
+    let result = super::super::apply_in_term(state, &mut Changes::default(), Term(entry_term), &request(command));
+    if let Err(violation) = check_invariants(state) {
+        panic!("after {result:?}: {violation}");
+    }
+    result
+}
+
+#[test]
+fn a_node_down_judged_in_the_entry_term_requeues_the_agents() {
+    let mut state = with_nodes(2);
+    let id = running(&mut state, "a", 1);
+    let result = run_in_term(&mut state, 4, Command::NodeDownInTerm { node: 1, term: Term(4) });
+    assert_eq!(result, Ok(Response::Requeued(vec![id])));
+    assert!(!state.nodes[&1].up);
+    assert_eq!(state.agents[&id].status, AgentStatus::Pending);
+    let result = run_in_term(&mut state, 5, Command::NodeUpInTerm { node: 1, term: Term(5) });
+    assert!(matches!(result, Ok(Response::Node(record)) if record.up));
+}
+
+#[test]
+fn a_node_down_judged_in_an_earlier_term_is_refused_without_change() {
+    // The leader of term 4 judged node 1 down; the entry reached the log only once the leader
+    // of term 5 appended it (handed on by the deposed leader): the judgement no longer holds.
+    let mut state = with_nodes(2);
+    let id = running(&mut state, "a", 1);
+    let before = state.clone();
+    let result = run_in_term(&mut state, 5, Command::NodeDownInTerm { node: 1, term: Term(4) });
+    assert_eq!(
+        result,
+        Err(ApplyError::StaleTerm {
+            command: "node-down-in-term".to_string(),
+            node: 1,
+            judged: Term(4),
+            entry: Term(5),
+        })
+    );
+    assert_eq!(state, before, "a refused node-down changes nothing");
+    assert_eq!(state.agents[&id].assignment.map(|assignment| assignment.node), Some(1));
+    let message = result.unwrap_err().to_string();
+    assert!(message.contains("term 4") && message.contains("term 5"), "{message}");
+}
+
+#[test]
+fn judgements_outside_their_term_are_refused_both_ways() {
+    let mut state = with_nodes(2);
+    run_in_term(&mut state, 3, Command::NodeDownInTerm { node: 2, term: Term(3) }).unwrap();
+    let before = state.clone();
+    // A node-up from a deposed leader, and any judgement naming a term the log has not reached.
+    for (entry, judged) in [(4, 3), (3, 4)] {
+        let result = run_in_term(
+            &mut state,
+            entry,
+            Command::NodeUpInTerm {
+                node: 2,
+                term: Term(judged),
+            },
+        );
+        assert!(matches!(result, Err(ApplyError::StaleTerm { .. })), "{result:?}");
+        let result = run_in_term(
+            &mut state,
+            entry,
+            Command::NodeDownInTerm {
+                node: 1,
+                term: Term(judged),
+            },
+        );
+        assert!(matches!(result, Err(ApplyError::StaleTerm { .. })), "{result:?}");
+    }
+    assert_eq!(state, before);
+    // Outside any log (`apply`), only the term before any election holds.
+    assert!(matches!(
+        run(&mut state, Command::NodeDownInTerm { node: 1, term: Term(3) }),
+        Err(ApplyError::StaleTerm { .. })
+    ));
+}
+
+#[test]
+fn a_stale_judgement_in_a_batch_is_refused_on_its_own() {
+    let mut state = with_nodes(3);
+    let result = run_in_term(
+        &mut state,
+        7,
+        Command::Batch {
+            commands: vec![
+                Command::NodeDownInTerm { node: 1, term: Term(6) },
+                Command::NodeDownInTerm { node: 2, term: Term(7) },
+            ],
+        },
+    );
+    let Ok(Response::Batch(results)) = result else {
+        panic!("a batch answers per command: {result:?}");
+    };
+    assert!(matches!(results[0], Err(ApplyError::StaleTerm { .. })));
+    assert!(results[1].is_ok());
+    assert!(state.nodes[&1].up);
+    assert!(!state.nodes[&2].up);
+}
