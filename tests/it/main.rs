@@ -17,6 +17,7 @@ mod t19_push_containment;
 mod t20_three_nodes;
 mod t25_membership;
 mod t30_failover;
+mod t32_ready_and_handover;
 mod t40_watch_across_nodes;
 mod t50_machines;
 mod t52_machines_outlive_no_node;

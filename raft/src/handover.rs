@@ -1,0 +1,213 @@
+//! Leadership transfer: a leader that stops cleanly asks its most up-to-date ready follower to
+//! campaign at once ("TimeoutNow" in the Raft thesis), so that the cluster has a new leader
+//! in about one round of votes instead of after a leader lease plus an election timeout.
+//!
+//! The openraft in use has no transfer call of its own. The stopping leader first disables its
+//! own elections for good (`Replica::declare_stopping`), then sends `TimeoutNow` to a voter;
+//! that voter, if it is ready to lead and still follows this leader in this term, starts an
+//! election. The old leader grants the vote (its own lease is long past; the other followers'
+//! leases are not, so the old leader's vote is the one that makes the majority) and follows.
+
+use std::time::{Duration, Instant};
+
+use flotilla_proto::internal::TimeoutNowRequest;
+
+use crate::replica::{Readiness, Replica};
+use crate::NodeId;
+
+/// How long a stopping leader tries to hand leadership over before it stops anyway (the
+/// cluster then elects after the lease, as after a crash).
+pub const HANDOVER_DEADLINE_MS: u64 = 5_000;
+/// How long the leader waits for one asked follower to win before it asks the next; past the
+/// longest election timeout.
+const HANDOVER_ATTEMPT_MS: u64 = 2_500;
+/// Bound of one `TimeoutNow` call.
+const TIMEOUT_NOW_CALL_MS: u64 = 1_000;
+
+/// Why a node refused to campaign on a leader's request.
+#[derive(Debug, thiserror::Error)]
+pub enum CampaignRefused {
+    #[error("node {node} is not ready to lead: its start-up has not finished")]
+    Starting { node: NodeId },
+    #[error("node {node} is not ready to lead: it is stopping")]
+    Stopping { node: NodeId },
+    #[error("node {node} is not a voter and cannot lead")]
+    NotVoter { node: NodeId },
+    #[error(
+        "node {node} does not follow leader {asked_by} in term {term} (it follows {leader:?} in term {current_term})"
+    )]
+    Stale {
+        node: NodeId,
+        asked_by: NodeId,
+        term: u64,
+        leader: Option<NodeId>,
+        current_term: u64,
+    },
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// What a stopping node's hand-over came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handover {
+    /// This node was not the leader: nothing to hand over.
+    NotLeader,
+    /// `to` leads now, `elapsed` after the hand-over began.
+    Handed { to: NodeId, elapsed: Duration },
+    /// No follower took over before the deadline; the last reason.
+    Failed { last_error: String },
+}
+
+impl Replica {
+    /// Starts an election at once, when the leader `asked_by` of `term` asks (it is stopping).
+    /// Refused unless this node is ready to lead, a voter, and follows that leader in that term.
+    pub async fn campaign_on_request(&self, asked_by: NodeId, term: u64) -> Result<(), CampaignRefused> {
+        let node = self.node_id();
+        match self.readiness() {
+            Readiness::Ready => {}
+            Readiness::Starting => return Err(CampaignRefused::Starting { node }),
+            Readiness::Stopping => return Err(CampaignRefused::Stopping { node }),
+        }
+        if !self.voter_ids().contains(&node) {
+            return Err(CampaignRefused::NotVoter { node });
+        }
+        let (leader, current_term) = {
+            let metrics = self.raft().metrics();
+            let metrics = metrics.borrow();
+            (metrics.current_leader, metrics.current_term)
+        };
+        if leader != Some(asked_by) || current_term != term {
+            return Err(CampaignRefused::Stale {
+                node,
+                asked_by,
+                term,
+                leader,
+                current_term,
+            });
+        }
+        tracing::info!(asked_by, term, "the stopping leader asked this node to campaign");
+        self.raft()
+            .trigger()
+            .elect()
+            .await
+            .map_err(|error| CampaignRefused::Fatal(error.to_string()))
+    }
+
+    /// Stops this node from ever campaigning again and, if it leads, hands leadership to a
+    /// follower: the most up-to-date voters first, each given one election's time, until
+    /// [`HANDOVER_DEADLINE_MS`].
+    pub async fn hand_over_leadership(&self) -> Handover {
+        self.declare_stopping();
+        if !self.is_leader() {
+            return Handover::NotLeader;
+        }
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(HANDOVER_DEADLINE_MS);
+        let mut last_error = "no other voter".to_string();
+        while Instant::now() < deadline {
+            let candidates = self.handover_candidates();
+            if candidates.is_empty() {
+                break;
+            }
+            for candidate in candidates {
+                if let Some(to) = self.other_leader() {
+                    return Handover::Handed {
+                        to,
+                        elapsed: started.elapsed(),
+                    };
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+                match self.ask_to_campaign(candidate).await {
+                    Ok(()) => {
+                        let until = deadline.min(Instant::now() + Duration::from_millis(HANDOVER_ATTEMPT_MS));
+                        if let Some(to) = self.wait_for_other_leader(until).await {
+                            return Handover::Handed {
+                                to,
+                                elapsed: started.elapsed(),
+                            };
+                        }
+                        last_error = format!("node {candidate} campaigned but did not win in time");
+                    }
+                    Err(error) => last_error = format!("node {candidate}: {error}"),
+                }
+            }
+            // Every candidate refused (not ready yet, or a term moved): try again shortly.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match self.other_leader() {
+            Some(to) => Handover::Handed {
+                to,
+                elapsed: started.elapsed(),
+            },
+            None => Handover::Failed { last_error },
+        }
+    }
+
+    /// The other voters, those whose log matches the most of this leader's first: they can
+    /// win a vote (a voter refuses a candidate with a shorter log).
+    fn handover_candidates(&self) -> Vec<NodeId> {
+        let me = self.node_id();
+        let voters = self.voter_ids();
+        let matched: std::collections::BTreeMap<NodeId, u64> = {
+            let metrics = self.raft().metrics();
+            let metrics = metrics.borrow();
+            metrics
+                .replication
+                .as_ref()
+                .map(|replication| {
+                    replication
+                        .iter()
+                        .map(|(node, log_id)| (*node, log_id.map(|log_id| log_id.index).unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut candidates: Vec<NodeId> = voters.into_iter().filter(|node| *node != me).collect();
+        candidates.sort_by_key(|node| std::cmp::Reverse(matched.get(node).copied().unwrap_or(0)));
+        candidates
+    }
+
+    async fn ask_to_campaign(&self, candidate: NodeId) -> Result<(), String> {
+        let term = self.raft().metrics().borrow().current_term;
+        let address = self
+            .member_address(candidate)
+            .ok_or_else(|| format!("node {candidate} has no known address"))?;
+        let mut client = self
+            .peers()
+            .client(&address.grpc)
+            .map_err(|error| format!("cannot connect to {}: {error}", address.grpc))?;
+        let mut request = self.peers().request(TimeoutNowRequest {
+            leader_id: self.node_id(),
+            term,
+        });
+        request.set_timeout(Duration::from_millis(TIMEOUT_NOW_CALL_MS));
+        client
+            .timeout_now(request)
+            .await
+            .map(|_| ())
+            .map_err(|status| status.message().to_string())
+    }
+
+    /// A leader other than this node, if this node knows one.
+    fn other_leader(&self) -> Option<NodeId> {
+        let me = self.node_id();
+        let leader = self.raft().metrics().borrow().current_leader;
+        leader.filter(|leader| *leader != me)
+    }
+
+    async fn wait_for_other_leader(&self, until: Instant) -> Option<NodeId> {
+        let mut metrics = self.raft().metrics();
+        loop {
+            if let Some(leader) = self.other_leader() {
+                return Some(leader);
+            }
+            let remaining = until.checked_duration_since(Instant::now())?;
+            // Past the time, or Raft stopped: no leader to report.
+            if !matches!(tokio::time::timeout(remaining, metrics.changed()).await, Ok(Ok(()))) {
+                return None;
+            }
+        }
+    }
+}
