@@ -211,3 +211,75 @@ impl Replica {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use openraft::ServerState;
+
+    use super::CampaignRefused;
+    use crate::replica::{Readiness, Replica, ReplicaConfig};
+    use crate::NodeAddr;
+
+    /// Opens the replica, waiting (bounded) for an earlier one's tasks to let go of the store.
+    async fn open(dir: &std::path::Path) -> Replica {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Replica::open(ReplicaConfig::new(1, dir.to_path_buf(), "secret".to_string())).await {
+                Ok(replica) => return replica,
+                Err(error) if std::time::Instant::now() < deadline => {
+                    eprintln!("store not free yet: {error}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("cannot open the replica: {error}"),
+            }
+        }
+    }
+
+    fn state(replica: &Replica) -> ServerState {
+        replica.raft().metrics().borrow().state
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_leader_follows_until_it_is_ready_then_leads() {
+        let dir = tempfile::tempdir().unwrap();
+        let replica = open(dir.path()).await;
+        replica.declare_ready();
+        replica.bootstrap(NodeAddr::default()).await.unwrap();
+        assert_eq!(replica.wait_for_leader(Duration::from_secs(10)).await, Some(1));
+        replica.shutdown().await;
+        drop(replica);
+
+        // Its stored vote is its own committed one: openraft alone would lead again at once.
+        let replica = open(dir.path()).await;
+        assert_eq!(replica.readiness(), Readiness::Starting);
+        replica
+            .raft()
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(|metrics| metrics.current_term >= 1, "the stored vote loaded")
+            .await
+            .unwrap();
+        assert_ne!(state(&replica), ServerState::Leader, "led again before it was ready");
+        assert!(matches!(
+            replica.campaign_on_request(2, 1).await,
+            Err(CampaignRefused::Starting { node: 1 })
+        ));
+        replica.declare_ready();
+        assert_eq!(replica.wait_for_leader(Duration::from_secs(10)).await, Some(1));
+        assert!(replica.is_leader());
+
+        // A stopping node does not campaign again, whoever asks.
+        assert_eq!(
+            replica.hand_over_leadership().await,
+            super::Handover::Failed {
+                last_error: "no other voter".to_string()
+            }
+        );
+        assert!(matches!(
+            replica.campaign_on_request(1, 2).await,
+            Err(CampaignRefused::Stopping { node: 1 })
+        ));
+        replica.shutdown().await;
+    }
+}
