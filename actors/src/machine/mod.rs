@@ -446,3 +446,43 @@ async fn spawn_machine_actor(
         Err(error) => Err(ProvisionError::MachineActor(error.to_string())),
     }
 }
+
+#[cfg(test)]
+mod earlier_life_tests {
+    use super::{MachineHost, MachineSettings, ProvisionError};
+
+    /// Machines of this host wait for the sweep of what an earlier life left, which removes a
+    /// machine directory and a workspace of that life.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn machines_wait_for_the_sweep_of_an_earlier_life() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let old_machine = data_dir.path().join("machines/machines/old-machine");
+        let old_workspace = data_dir.path().join("workspaces/old-workspace");
+        std::fs::create_dir_all(&old_machine).unwrap();
+        std::fs::create_dir_all(&old_workspace).unwrap();
+        let (host, earlier_life) = MachineHost::open_unreaped(data_dir.path(), MachineSettings::default())
+            .expect("a host (bubblewrap, root and cgroups are needed)");
+        assert!(old_machine.exists() && old_workspace.exists(), "opening swept at once");
+        let mut waiting = Box::pin(host.wait_reaped());
+        assert!(
+            futures::FutureExt::now_or_never(&mut waiting).is_none(),
+            "machines may start before the sweep"
+        );
+        let report = tokio::task::spawn_blocking(move || earlier_life.reap()).await.unwrap();
+        assert_eq!(report.machine_dirs, 1, "{report:?}");
+        waiting.await.expect("the sweep is over");
+        assert!(!old_machine.exists() && !old_workspace.exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sweep_that_never_ends_refuses_machines() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (host, earlier_life) = MachineHost::open_unreaped(data_dir.path(), MachineSettings::default())
+            .expect("a host (bubblewrap, root and cgroups are needed)");
+        drop(earlier_life);
+        assert!(matches!(
+            host.wait_reaped().await,
+            Err(ProvisionError::EarlierLifeNotReaped)
+        ));
+    }
+}
