@@ -21,6 +21,9 @@ pub const HANDOVER_DEADLINE_MS: u64 = 5_000;
 /// How long the leader waits for one asked follower to win before it asks the next; past the
 /// longest election timeout.
 const HANDOVER_ATTEMPT_MS: u64 = 2_500;
+/// How long the leader waits for an asked follower's log to match its own before it asks
+/// anyway.
+const CATCH_UP_MS: u64 = 1_000;
 /// Bound of one `TimeoutNow` call.
 const TIMEOUT_NOW_CALL_MS: u64 = 1_000;
 
@@ -103,6 +106,15 @@ impl Replica {
         }
         let started = Instant::now();
         let deadline = started + Duration::from_millis(HANDOVER_DEADLINE_MS);
+        self.hold_writes(true);
+        let handover = self.hand_over_until(started, deadline).await;
+        // Handed over: held writes now go to the new leader. Not handed over: this node still
+        // leads, and takes writes again while it stops.
+        self.hold_writes(false);
+        handover
+    }
+
+    async fn hand_over_until(&self, started: Instant, deadline: Instant) -> Handover {
         let mut last_error = "no other voter".to_string();
         while Instant::now() < deadline {
             let candidates = self.handover_candidates();
@@ -119,7 +131,17 @@ impl Replica {
                 if Instant::now() >= deadline {
                     break;
                 }
-                match self.ask_to_campaign(candidate).await {
+                let caught_up_by = deadline.min(Instant::now() + Duration::from_millis(CATCH_UP_MS));
+                let caught_up = self.wait_caught_up(candidate, caught_up_by).await;
+                let asked = self.ask_to_campaign(candidate).await;
+                tracing::info!(
+                    candidate,
+                    caught_up,
+                    answer = ?asked,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "asked a follower to take over leadership"
+                );
+                match asked {
                     Ok(()) => {
                         let until = deadline.min(Instant::now() + Duration::from_millis(HANDOVER_ATTEMPT_MS));
                         if let Some(to) = self.wait_for_other_leader(until).await {
@@ -195,6 +217,31 @@ impl Replica {
         let me = self.node_id();
         let leader = self.raft().metrics().borrow().current_leader;
         leader.filter(|leader| *leader != me)
+    }
+
+    /// Waits until `candidate` holds this leader's whole log (true), or `until` (false).
+    async fn wait_caught_up(&self, candidate: NodeId, until: Instant) -> bool {
+        let mut metrics = self.raft().metrics();
+        loop {
+            let caught_up = {
+                let metrics = metrics.borrow();
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|replication| replication.get(&candidate).copied().flatten())
+                    .map(|log_id| log_id.index);
+                matched.is_some() && matched >= metrics.last_log_index
+            };
+            if caught_up {
+                return true;
+            }
+            let Some(remaining) = until.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            if !matches!(tokio::time::timeout(remaining, metrics.changed()).await, Ok(Ok(()))) {
+                return false;
+            }
+        }
     }
 
     async fn wait_for_other_leader(&self, until: Instant) -> Option<NodeId> {

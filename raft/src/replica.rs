@@ -173,6 +173,9 @@ struct Inner {
     peers: Peers,
     writes: tokio::sync::mpsc::Sender<PendingWrite>,
     readiness: tokio::sync::watch::Sender<Readiness>,
+    /// Set while a stopping leader hands over: it proposes nothing new, so that the follower it
+    /// asks to campaign holds its whole log (a voter refuses a candidate with a shorter one).
+    holding_writes: std::sync::atomic::AtomicBool,
 }
 
 /// Whether this node may lead. A node campaigns (on its own election timeout, or when a
@@ -257,6 +260,7 @@ impl Replica {
             peers,
             writes,
             readiness: tokio::sync::watch::channel(Readiness::Starting).0,
+            holding_writes: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(batch_writes(Arc::downgrade(&inner), queued));
         Ok(Replica { inner })
@@ -478,8 +482,19 @@ impl Replica {
         }
     }
 
+    /// Holds (or lets go) the writes proposed on this node: held writes answer "not leader,
+    /// none known", and their callers retry until the new leader is known.
+    pub(crate) fn hold_writes(&self, hold: bool) {
+        self.inner
+            .holding_writes
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Tries the write on this node only.
     pub async fn write_local(&self, request: Request) -> ForwardReply {
+        if self.inner.holding_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return ForwardReply::NotLeader { leader: None };
+        }
         match self.inner.raft.client_write(request).await {
             Ok(response) => ForwardReply::Applied {
                 result: response.data,
