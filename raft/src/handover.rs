@@ -18,9 +18,11 @@ use crate::NodeId;
 /// How long a stopping leader tries to hand leadership over before it stops anyway (the
 /// cluster then elects after the lease, as after a crash).
 pub const HANDOVER_DEADLINE_MS: u64 = 5_000;
-/// How long the leader waits for one asked follower to win before it asks the next; past the
-/// longest election timeout.
-const HANDOVER_ATTEMPT_MS: u64 = 2_500;
+/// How long the leader waits for one asked follower to win before it asks again. A first
+/// campaign can lose to the leader's own lease (a leader of less than a lease refuses any
+/// vote); the leader it forced to step down then grants the next one at once, so asking again
+/// soon beats waiting for the follower's own election timeout.
+const HANDOVER_ATTEMPT_MS: u64 = 500;
 /// How long the leader waits for an asked follower's log to match its own before it asks
 /// anyway.
 const CATCH_UP_MS: u64 = 1_000;
@@ -79,7 +81,8 @@ impl Replica {
             let metrics = metrics.borrow();
             (metrics.current_leader, metrics.current_term)
         };
-        if leader != Some(asked_by) || current_term != term {
+        // The asking node leads this term, or led it and stepped down for this node's campaign.
+        if !(leader == Some(asked_by) || leader.is_none()) || current_term != term {
             return Err(CampaignRefused::Stale {
                 node,
                 asked_by,
@@ -132,6 +135,7 @@ impl Replica {
                     break;
                 }
                 let caught_up_by = deadline.min(Instant::now() + Duration::from_millis(CATCH_UP_MS));
+                self.wait_no_write_in_flight(caught_up_by).await;
                 let caught_up = self.wait_caught_up(candidate, caught_up_by).await;
                 let asked = self.ask_to_campaign(candidate).await;
                 tracing::info!(
@@ -219,21 +223,33 @@ impl Replica {
         leader.filter(|leader| *leader != me)
     }
 
+    /// Waits (polling, bounded by `until`) until the writes proposed before the hold are
+    /// answered: after that this leader's log grows no more.
+    async fn wait_no_write_in_flight(&self, until: Instant) {
+        while self.writes_in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits until `candidate` holds this leader's whole log (true), or `until` (false).
     async fn wait_caught_up(&self, candidate: NodeId, until: Instant) -> bool {
         let mut metrics = self.raft().metrics();
         loop {
-            let caught_up = {
+            let (leading, caught_up) = {
                 let metrics = metrics.borrow();
                 let matched = metrics
                     .replication
                     .as_ref()
                     .and_then(|replication| replication.get(&candidate).copied().flatten())
                     .map(|log_id| log_id.index);
-                matched.is_some() && matched >= metrics.last_log_index
+                (
+                    metrics.replication.is_some(),
+                    matched.is_some() && matched >= metrics.last_log_index,
+                )
             };
-            if caught_up {
-                return true;
+            // No longer leading: nothing more to replicate, and no progress to wait for.
+            if caught_up || !leading {
+                return caught_up;
             }
             let Some(remaining) = until.checked_duration_since(Instant::now()) else {
                 return false;

@@ -176,6 +176,8 @@ struct Inner {
     /// Set while a stopping leader hands over: it proposes nothing new, so that the follower it
     /// asks to campaign holds its whole log (a voter refuses a candidate with a shorter one).
     holding_writes: std::sync::atomic::AtomicBool,
+    /// Writes proposed on this node and not answered yet (a hand-over waits for them).
+    writes_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// Whether this node may lead. A node campaigns (on its own election timeout, or when a
@@ -261,6 +263,7 @@ impl Replica {
             writes,
             readiness: tokio::sync::watch::channel(Readiness::Starting).0,
             holding_writes: std::sync::atomic::AtomicBool::new(false),
+            writes_in_flight: std::sync::atomic::AtomicUsize::new(0),
         });
         tokio::spawn(batch_writes(Arc::downgrade(&inner), queued));
         Ok(Replica { inner })
@@ -490,11 +493,27 @@ impl Replica {
             .store(hold, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Writes proposed on this node and not answered yet.
+    pub(crate) fn writes_in_flight(&self) -> usize {
+        self.inner.writes_in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Tries the write on this node only.
     pub async fn write_local(&self, request: Request) -> ForwardReply {
-        if self.inner.holding_writes.load(std::sync::atomic::Ordering::SeqCst) {
-            return ForwardReply::NotLeader { leader: None };
-        }
+        use std::sync::atomic::Ordering;
+        // Counted before the hold is checked: a hand-over that sets the hold and then sees no
+        // write in flight knows that nothing more gets proposed here.
+        self.inner.writes_in_flight.fetch_add(1, Ordering::SeqCst);
+        let reply = if self.inner.holding_writes.load(Ordering::SeqCst) {
+            ForwardReply::NotLeader { leader: None }
+        } else {
+            self.propose(request).await
+        };
+        self.inner.writes_in_flight.fetch_sub(1, Ordering::SeqCst);
+        reply
+    }
+
+    async fn propose(&self, request: Request) -> ForwardReply {
         match self.inner.raft.client_write(request).await {
             Ok(response) => ForwardReply::Applied {
                 result: response.data,
