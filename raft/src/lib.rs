@@ -13,6 +13,7 @@
 //! The records and commands are re-exported here, so that the crates above use one path for
 //! them whichever crate defines them.
 
+pub mod handover;
 pub mod metrics;
 pub mod network;
 pub mod read_index;
@@ -30,8 +31,9 @@ use serde::{Deserialize, Serialize};
 pub use flotilla_state::command::{ApplyError, ApplyResult, Command, Request, Response};
 pub use flotilla_state::types::*;
 pub use flotilla_state::{Changes, ClusterState};
+pub use handover::{CampaignRefused, Handover};
 pub use read_index::ReadError;
-pub use replica::{Replica, ReplicaConfig, WriteError};
+pub use replica::{Readiness, Replica, ReplicaConfig, WriteError};
 
 /// Where a Raft member is reached: its gRPC address (public and internal services) and its
 /// actor-mesh address.

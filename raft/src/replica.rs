@@ -9,7 +9,8 @@ use std::time::Duration;
 use flotilla_proto::internal::RaftPayload;
 use openraft::error::{ClientWriteError, InstallSnapshotError, RaftError};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
-use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
+use openraft::storage::RaftLogStorage;
+use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy, Vote};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{ApplyError, Command, Request, Response};
@@ -82,6 +83,8 @@ pub enum ReplicaError {
     Start(String),
     #[error("membership change failed: {0}")]
     Membership(String),
+    #[error("cannot read or write this node's raft vote on start: {0}")]
+    Vote(String),
     /// This node stopped being the leader during the change; ask the leader.
     #[error("this node is not the raft leader (leader: {leader:?})")]
     NotLeader { leader: Option<NodeId> },
@@ -169,6 +172,49 @@ struct Inner {
     reader: StateReader,
     peers: Peers,
     writes: tokio::sync::mpsc::Sender<PendingWrite>,
+    readiness: tokio::sync::watch::Sender<Readiness>,
+    /// Set while a stopping leader hands over: it proposes nothing new, so that the follower it
+    /// asks to campaign holds its whole log (a voter refuses a candidate with a shorter one).
+    holding_writes: std::sync::atomic::AtomicBool,
+    /// Writes proposed on this node and not answered yet (a hand-over waits for them).
+    writes_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Whether this node may lead. A node campaigns (on its own election timeout, or when a
+/// stopping leader asks it to) only while it is `Ready`; it votes for others in every state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Start-up work the leader role needs is not done (listeners, plugin registry...).
+    Starting,
+    Ready,
+    /// Shutting down: it hands leadership over and never takes it again.
+    Stopping,
+}
+
+/// A leader this node was in an earlier run is not resumed: openraft restores a node whose
+/// stored vote is its own committed one as leader at once, before the node can serve. The vote
+/// stays this node's own for that term (never a second vote in one term) but uncommitted, so
+/// the node starts as a follower and leads again only by winning an election once ready.
+async fn forget_own_leadership(log: &mut store::LogStore, me: NodeId) -> Result<(), ReplicaError> {
+    let vote = log
+        .read_vote()
+        .await
+        .map_err(|error| ReplicaError::Vote(error.to_string()))?;
+    let Some(vote) = vote else {
+        return Ok(());
+    };
+    if !vote.is_committed() || vote.leader_id().voted_for() != Some(me) {
+        return Ok(());
+    }
+    let uncommitted = Vote::new(vote.leader_id().get_term(), me);
+    log.save_vote(&uncommitted)
+        .await
+        .map_err(|error| ReplicaError::Vote(error.to_string()))?;
+    tracing::info!(
+        term = vote.leader_id().get_term(),
+        "this node led before it stopped; it follows until it is ready and elected"
+    );
+    Ok(())
 }
 
 impl Replica {
@@ -179,7 +225,8 @@ impl Replica {
                 message: error.to_string(),
             })
         })?;
-        let (log, machine) = store::open(&config.data_dir.join("raft"))?;
+        let (mut log, machine) = store::open(&config.data_dir.join("raft"))?;
+        forget_own_leadership(&mut log, config.node_id).await?;
         let raft_config = Config {
             cluster_name: "flotilla".to_string(),
             heartbeat_interval: config.heartbeat_interval_ms,
@@ -190,6 +237,8 @@ impl Replica {
             max_in_snapshot_log_to_keep: config.logs_kept_after_snapshot,
             snapshot_max_chunk_size: 4 * 1024 * 1024,
             max_payload_entries: MAX_ENTRIES_PER_APPEND,
+            // No campaign before the node is ready to lead: see `Replica::declare_ready`.
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -212,6 +261,9 @@ impl Replica {
             reader,
             peers,
             writes,
+            readiness: tokio::sync::watch::channel(Readiness::Starting).0,
+            holding_writes: std::sync::atomic::AtomicBool::new(false),
+            writes_in_flight: std::sync::atomic::AtomicUsize::new(0),
         });
         tokio::spawn(batch_writes(Arc::downgrade(&inner), queued));
         Ok(Replica { inner })
@@ -231,6 +283,31 @@ impl Replica {
 
     pub fn peers(&self) -> &Peers {
         &self.inner.peers
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        *self.inner.readiness.borrow()
+    }
+
+    /// Lets this node campaign: called once what the leader role needs is up (both listeners
+    /// bound, the start-up work done). Until then it only follows and votes.
+    pub fn declare_ready(&self) {
+        let changed = self.inner.readiness.send_if_modified(|readiness| {
+            let starting = *readiness == Readiness::Starting;
+            if starting {
+                *readiness = Readiness::Ready;
+            }
+            starting
+        });
+        if changed {
+            self.inner.raft.runtime_config().elect(true);
+        }
+    }
+
+    /// Stops this node from campaigning again, for good: the first step of a clean stop.
+    pub fn declare_stopping(&self) {
+        self.inner.readiness.send_replace(Readiness::Stopping);
+        self.inner.raft.runtime_config().elect(false);
     }
 
     pub fn current_leader(&self) -> Option<NodeId> {
@@ -408,8 +485,35 @@ impl Replica {
         }
     }
 
+    /// Holds (or lets go) the writes proposed on this node: held writes answer "not leader,
+    /// none known", and their callers retry until the new leader is known.
+    pub(crate) fn hold_writes(&self, hold: bool) {
+        self.inner
+            .holding_writes
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Writes proposed on this node and not answered yet.
+    pub(crate) fn writes_in_flight(&self) -> usize {
+        self.inner.writes_in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Tries the write on this node only.
     pub async fn write_local(&self, request: Request) -> ForwardReply {
+        use std::sync::atomic::Ordering;
+        // Counted before the hold is checked: a hand-over that sets the hold and then sees no
+        // write in flight knows that nothing more gets proposed here.
+        self.inner.writes_in_flight.fetch_add(1, Ordering::SeqCst);
+        let reply = if self.inner.holding_writes.load(Ordering::SeqCst) {
+            ForwardReply::NotLeader { leader: None }
+        } else {
+            self.propose(request).await
+        };
+        self.inner.writes_in_flight.fetch_sub(1, Ordering::SeqCst);
+        reply
+    }
+
+    async fn propose(&self, request: Request) -> ForwardReply {
         match self.inner.raft.client_write(request).await {
             Ok(response) => ForwardReply::Applied {
                 result: response.data,

@@ -301,6 +301,18 @@ pub async fn try_get_cluster(endpoint: &str, token: &str) -> Option<Cluster> {
         .map(tonic::Response::into_inner)
 }
 
+/// Whether the node at `endpoint` says it is ready to lead (the gRPC health of its server as a
+/// whole); `None` if it does not answer.
+pub async fn is_ready(endpoint: &str) -> Option<bool> {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(lazy_channel(endpoint));
+    let reply = client
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .ok()?
+        .into_inner();
+    Some(reply.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+}
+
 /// Runs the `flotilla` binary as a CLI client against `endpoint` with `FLOTILLA_TOKEN` set
 /// to `token`, and returns its exit status and output. The call blocks until the CLI exits,
 /// which is fine from a test: the nodes it talks to are other processes.
@@ -462,6 +474,17 @@ impl NodeProcess {
         &self.spec
     }
 
+    /// Sets (or replaces) a variable of the node's environment for its next start.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.spec.env.retain(|(existing, _)| existing != name);
+        self.spec.env.push((name.to_string(), value.to_string()));
+    }
+
+    /// Removes a variable from the node's environment for its next start.
+    pub fn remove_env(&mut self, name: &str) {
+        self.spec.env.retain(|(existing, _)| existing != name);
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log_path
     }
@@ -489,6 +512,31 @@ impl NodeProcess {
             self.send_signal_to(&child, libc::SIGTERM);
             let _ = child.wait();
         }
+    }
+
+    /// Sends SIGTERM (a clean stop) and returns at once; [`NodeProcess::wait_exit`] waits.
+    pub fn begin_terminate(&mut self) {
+        if let Some(child) = &self.child {
+            self.send_signal_to(child, libc::SIGTERM);
+        }
+    }
+
+    /// Waits (blocking, up to `deadline`) for the process to exit, and reaps it. Panics with
+    /// the log tail if it is still running at the deadline.
+    pub fn wait_exit(&mut self, deadline: Duration) {
+        let started = Instant::now();
+        while self.is_running() {
+            if started.elapsed() >= deadline {
+                panic!(
+                    "node {} did not exit within {deadline:?}; last lines of {}:\n{}",
+                    self.id,
+                    self.log_path.display(),
+                    self.log_tail(LOG_LINES_ON_FAILURE)
+                );
+            }
+            std::thread::sleep(WAIT_POLL_INTERVAL);
+        }
+        self.child = None;
     }
 
     /// Stops the process with SIGSTOP: it holds its ports and files but answers nothing,

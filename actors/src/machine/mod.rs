@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flotilla_raft::{AgentRecord, Epoch};
+use flotilla_sandbox::bwrap::ReapReport;
 use flotilla_sandbox::egress::{EgressLimits, EgressPolicy, EgressProxy};
 use flotilla_sandbox::environment::{self, EnvironmentConfig, Terminal};
 use flotilla_sandbox::install_layer::{InstallLayerCache, InstallRequest};
@@ -76,6 +77,36 @@ pub struct MachineHost {
     workspaces_dir: PathBuf,
     egress_dir: PathBuf,
     pub repos_dir: PathBuf,
+    /// True once what an earlier life of the node left is gone; machines start only then.
+    reaped: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What an earlier life of the node left (machines, cgroups, mounts, workspaces), to be swept
+/// by [`EarlierLife::reap`] while the node already serves; the host it came with starts no
+/// machine until the sweep is over.
+pub struct EarlierLife {
+    driver: BwrapDriver,
+    workspaces_dir: PathBuf,
+    reaped: tokio::sync::watch::Sender<bool>,
+}
+
+impl EarlierLife {
+    /// Kills and removes everything the earlier life left, then lets the host start machines.
+    /// Blocking (it waits for killed processes and cgroup drains): call it off the runtime.
+    pub fn reap(self) -> ReapReport {
+        let report = self.driver.reap_blocking();
+        remove_workspaces(&self.workspaces_dir);
+        self.reaped.send_replace(true);
+        report
+    }
+}
+
+fn remove_workspaces(workspaces_dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(workspaces_dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +129,10 @@ pub enum ProvisionError {
     Egress(String),
     #[error("egress proxy: the egress forwarder did not start: {detail}")]
     EgressForwarder { detail: String },
+    #[error(
+        "the clean-up of the machines an earlier run of the node left did not finish; no machine starts on this node"
+    )]
+    EarlierLifeNotReaped,
 }
 
 impl MachineHost {
@@ -113,9 +148,43 @@ impl MachineHost {
         MachineHost::with_driver(Arc::new(driver), &install_layers_dir, data_dir, settings)
     }
 
+    /// Like [`MachineHost::open`], but what an earlier run left is swept later by the returned
+    /// [`EarlierLife`] (the sweep can take seconds per machine); until then `provision` waits.
+    /// Quick: directories and cgroup checks only.
+    pub fn open_unreaped(
+        data_dir: &Path,
+        settings: MachineSettings,
+    ) -> Result<(MachineHost, EarlierLife), SandboxError> {
+        let mut config = BwrapConfig::new(data_dir.join("machines"));
+        config.disk = settings.disk_backing;
+        let driver = BwrapDriver::new_unreaped(config)?;
+        let install_layers_dir = driver.install_layers_dir();
+        let (reaped, reaped_watch) = tokio::sync::watch::channel(false);
+        let mut host = MachineHost::unswept(Arc::new(driver.clone()), &install_layers_dir, data_dir, settings)?;
+        host.reaped = reaped_watch;
+        let earlier_life = EarlierLife {
+            driver,
+            workspaces_dir: host.workspaces_dir.clone(),
+            reaped,
+        };
+        Ok((host, earlier_life))
+    }
+
     /// A host on any driver: workspaces, repository mirrors and egress sockets go under
     /// `data_dir`, install layers under `install_layers_dir`.
     pub fn with_driver(
+        driver: Arc<dyn MachineDriver>,
+        install_layers_dir: &Path,
+        data_dir: &Path,
+        settings: MachineSettings,
+    ) -> Result<MachineHost, SandboxError> {
+        let host = MachineHost::unswept(driver, install_layers_dir, data_dir, settings)?;
+        // Workspaces of machines that no longer exist.
+        remove_workspaces(&host.workspaces_dir);
+        Ok(host)
+    }
+
+    fn unswept(
         driver: Arc<dyn MachineDriver>,
         install_layers_dir: &Path,
         data_dir: &Path,
@@ -128,12 +197,6 @@ impl MachineHost {
         for dir in [&workspaces_dir, &repos_dir, &egress_dir] {
             std::fs::create_dir_all(dir).map_err(|error| SandboxError::io("create a directory", dir, error))?;
         }
-        // Workspaces of machines that no longer exist.
-        if let Ok(entries) = std::fs::read_dir(&workspaces_dir) {
-            for entry in entries.flatten() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
         Ok(MachineHost {
             driver,
             install_layers,
@@ -142,7 +205,19 @@ impl MachineHost {
             workspaces_dir,
             egress_dir,
             repos_dir,
+            reaped: tokio::sync::watch::channel(true).1,
         })
+    }
+
+    /// Waits until what an earlier life of the node left is gone (at once for a host opened
+    /// with the sweep done).
+    async fn wait_reaped(&self) -> Result<(), ProvisionError> {
+        let mut reaped = self.reaped.clone();
+        reaped
+            .wait_for(|reaped| *reaped)
+            .await
+            .map(|_| ())
+            .map_err(|_| ProvisionError::EarlierLifeNotReaped)
     }
 
     /// Destroys every machine of the node, those whose actors have not gone yet included: what
@@ -193,6 +268,8 @@ impl MachineHost {
         supervisor: Option<ActorCell>,
     ) -> Result<Provisioned, ProvisionError> {
         let started = Instant::now();
+        // The sweep of an earlier life would take this machine for one of its own.
+        self.wait_reaped().await?;
         // A path of its own per attempt: an earlier attempt's machine may still be going.
         let path = self
             .workspaces_dir
@@ -372,5 +449,45 @@ async fn spawn_machine_actor(
             Err(error) => Err(ProvisionError::MachineActor(error.to_string())),
         },
         Err(error) => Err(ProvisionError::MachineActor(error.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod earlier_life_tests {
+    use super::{MachineHost, MachineSettings, ProvisionError};
+
+    /// Machines of this host wait for the sweep of what an earlier life left, which removes a
+    /// machine directory and a workspace of that life.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn machines_wait_for_the_sweep_of_an_earlier_life() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let old_machine = data_dir.path().join("machines/machines/old-machine");
+        let old_workspace = data_dir.path().join("workspaces/old-workspace");
+        std::fs::create_dir_all(&old_machine).unwrap();
+        std::fs::create_dir_all(&old_workspace).unwrap();
+        let (host, earlier_life) = MachineHost::open_unreaped(data_dir.path(), MachineSettings::default())
+            .expect("a host (bubblewrap, root and cgroups are needed)");
+        assert!(old_machine.exists() && old_workspace.exists(), "opening swept at once");
+        let mut waiting = Box::pin(host.wait_reaped());
+        assert!(
+            futures::FutureExt::now_or_never(&mut waiting).is_none(),
+            "machines may start before the sweep"
+        );
+        let report = tokio::task::spawn_blocking(move || earlier_life.reap()).await.unwrap();
+        assert_eq!(report.machine_dirs, 1, "{report:?}");
+        waiting.await.expect("the sweep is over");
+        assert!(!old_machine.exists() && !old_workspace.exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sweep_that_never_ends_refuses_machines() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (host, earlier_life) = MachineHost::open_unreaped(data_dir.path(), MachineSettings::default())
+            .expect("a host (bubblewrap, root and cgroups are needed)");
+        drop(earlier_life);
+        assert!(matches!(
+            host.wait_reaped().await,
+            Err(ProvisionError::EarlierLifeNotReaped)
+        ));
     }
 }

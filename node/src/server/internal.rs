@@ -3,8 +3,11 @@
 
 use flotilla_actors::liveness::LivenessTable;
 use flotilla_proto::internal::internal_server::Internal;
-use flotilla_proto::internal::{HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, RaftPayload};
+use flotilla_proto::internal::{
+    HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, RaftPayload, TimeoutNowRequest, TimeoutNowResponse,
+};
 use flotilla_raft::replica::UndecodablePayload;
+use flotilla_raft::CampaignRefused;
 use flotilla_raft::{Command, NodeAddr, NodeInfo, Replica};
 use tonic::{Request, Response, Status};
 
@@ -121,6 +124,15 @@ impl Internal for InternalApi {
             node_id: body.node_id,
             leader_id,
         }))
+    }
+
+    async fn timeout_now(&self, request: Request<TimeoutNowRequest>) -> Result<Response<TimeoutNowResponse>, Status> {
+        let request = request.into_inner();
+        match self.replica.campaign_on_request(request.leader_id, request.term).await {
+            Ok(()) => Ok(Response::new(TimeoutNowResponse {})),
+            Err(error @ CampaignRefused::Fatal(_)) => Err(Status::unavailable(error.to_string())),
+            Err(error) => Err(Status::failed_precondition(error.to_string())),
+        }
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {

@@ -290,6 +290,7 @@ fn plugin_host(config: &NodeConfig) -> anyhow::Result<flotilla_plugins::PluginHo
 }
 
 pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let _lock = lock_data_dir(&config.data_dir)?;
@@ -325,19 +326,16 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     .await
     .map_err(|error| anyhow!("cannot start the actor mesh on port {}: {error}", config.mesh_port))?;
 
-    // Opening reaps what an earlier life of the node left (it kills and waits): off the runtime.
-    let machines = {
-        let (data_dir, settings) = (config.data_dir.clone(), config.machines.clone());
-        let host =
-            tokio::task::spawn_blocking(move || flotilla_actors::machine::MachineHost::open(&data_dir, settings))
-                .await
-                .map_err(|error| anyhow!("cannot set up machines: {error}"))?
-                .map_err(|error| anyhow!("cannot set up machines: {error}"))?;
-        std::sync::Arc::new(host)
-    };
+    let machines = open_machines(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let health = tonic_health::server::HealthReporter::new();
+    // The server as a whole ("") reports NOT_SERVING until the node is ready to lead, and
+    // again once it stops: what a readiness probe asks.
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
     let agent_api = agents::AgentApi {
         replica: replica.clone(),
@@ -361,12 +359,16 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     let server = tokio::spawn(serve(
         listener,
         replica.clone(),
-        agent_api,
-        admin_api,
-        liveness.clone(),
+        Services {
+            agent_api,
+            admin_api,
+            liveness: liveness.clone(),
+            health: health.clone(),
+        },
         secret.clone(),
         shutdown_receiver,
     ));
+    become_ready(&replica, &health, started).await?;
 
     join_or_bootstrap(&replica, &config, &peers, node_id, &info).await?;
 
@@ -387,6 +389,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     tracing::info!(node = node_id, "node is ready");
 
     wait_for_shutdown(supervisor_handle).await?;
+    stop_leading(&replica, &health).await;
     // The supervisor's children (agents, their machine actors) destroy their machines as they
     // stop; whatever is left after the wait is destroyed by the driver's sweep.
     let stopped = supervisor
@@ -401,6 +404,90 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     mesh.shutdown().await;
     replica.shutdown().await;
     Ok(())
+}
+
+/// Opens the machine host; the sweep of what an earlier life of the node left (it kills,
+/// waits for cgroups to drain, unmounts: seconds per machine) runs in the background. The
+/// leader role does not need it (placement, liveness, membership and forwarded writes never
+/// touch this node's machines); this node's own agents wait for it before their machines
+/// start.
+async fn open_machines(config: &NodeConfig) -> anyhow::Result<std::sync::Arc<flotilla_actors::machine::MachineHost>> {
+    let (data_dir, settings) = (config.data_dir.clone(), config.machines.clone());
+    let (host, earlier_life) =
+        tokio::task::spawn_blocking(move || flotilla_actors::machine::MachineHost::open_unreaped(&data_dir, settings))
+            .await
+            .map_err(|error| anyhow!("cannot set up machines: {error}"))?
+            .map_err(|error| anyhow!("cannot set up machines: {error}"))?;
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || earlier_life.reap()).await {
+            Ok(report) => tracing::info!(
+                ?report,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "swept what an earlier run of the node left; machines can start"
+            ),
+            Err(error) => {
+                tracing::error!(%error, "sweeping what an earlier run of the node left failed; no machine starts on this node")
+            }
+        }
+    });
+    Ok(std::sync::Arc::new(host))
+}
+
+/// Test hook: `FLOTILLA_TEST_HOOK_READY_DELAY_MS` holds the node back from being ready to
+/// lead for that long after its listeners are bound, as a slow start-up would. Tests only.
+const TEST_HOOK_READY_DELAY_ENV: &str = "FLOTILLA_TEST_HOOK_READY_DELAY_MS";
+
+fn test_hook_ready_delay() -> anyhow::Result<Option<Duration>> {
+    match std::env::var(TEST_HOOK_READY_DELAY_ENV) {
+        Ok(value) => {
+            let delay_ms: u64 = value.trim().parse().map_err(|error| {
+                anyhow!("{TEST_HOOK_READY_DELAY_ENV}: expected a number of milliseconds, found {value:?}: {error}")
+            })?;
+            Ok(Some(Duration::from_millis(delay_ms)))
+        }
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(error) => bail!("{TEST_HOOK_READY_DELAY_ENV}: {error}"),
+    }
+}
+
+/// Lets the node campaign and says so: both listeners are bound and what the leader role
+/// needs is up. Before this the node follows and votes, and never leads.
+async fn become_ready(
+    replica: &Replica,
+    health: &tonic_health::server::HealthReporter,
+    started: std::time::Instant,
+) -> anyhow::Result<()> {
+    if let Some(delay) = test_hook_ready_delay()? {
+        tracing::warn!(delay_ms = delay.as_millis() as u64, "test hook: holding back readiness");
+        tokio::time::sleep(delay).await;
+    }
+    replica.declare_ready();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "node is ready to lead"
+    );
+    Ok(())
+}
+
+/// The first step of a clean stop: never campaign again, and hand leadership to a follower if
+/// this node leads, while it still serves (its agents' last writes go to the new leader).
+async fn stop_leading(replica: &Replica, health: &tonic_health::server::HealthReporter) {
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    match replica.hand_over_leadership().await {
+        flotilla_raft::Handover::NotLeader => {}
+        flotilla_raft::Handover::Handed { to, elapsed } => {
+            tracing::info!(to, elapsed_ms = elapsed.as_millis() as u64, "handed leadership over")
+        }
+        flotilla_raft::Handover::Failed { last_error } => {
+            tracing::warn!(%last_error, "could not hand leadership over; the cluster elects after the lease")
+        }
+    }
 }
 
 /// Makes this node a member: bootstraps a new cluster or joins through `config.join` the first
@@ -463,22 +550,36 @@ async fn wait_for_shutdown(supervisor_handle: tokio::task::JoinHandle<()>) -> an
     Ok(())
 }
 
-async fn serve(
-    listener: tokio::net::TcpListener,
-    replica: Replica,
+/// The services a node serves besides Raft's own.
+struct Services {
     agent_api: agents::AgentApi,
     admin_api: admin::AdminApi,
     liveness: LivenessTable,
+    health: tonic_health::server::HealthReporter,
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    replica: Replica,
+    services: Services,
     secret: String,
     shutdown: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
+    let Services {
+        agent_api,
+        admin_api,
+        liveness,
+        health: health_reporter,
+    } = services;
     let bearer = auth::BearerAuth {
         state: replica.reader().clone(),
     };
     let cluster_auth = auth::ClusterAuth {
         proof: flotilla_raft::network::cluster_proof(&secret),
     };
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let health_service = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health_reporter.clone()),
+    );
     health_reporter
         .set_serving::<AgentServiceServer<agents::AgentApi>>()
         .await;

@@ -85,9 +85,21 @@ impl BwrapDriver {
     /// Checks the tools, detects cgroups, creates the directories and tears down whatever a
     /// previous run of the node left under `root` and its cgroup parent (processes, mounts,
     /// cgroups, directories). Blocking: it can wait seconds for killed processes to go.
+    pub fn new(config: BwrapConfig) -> Result<Self> {
+        let driver = BwrapDriver::new_unreaped(config)?;
+        let reaped = driver.reap_blocking();
+        if reaped != cleanup::ReapReport::default() {
+            tracing::info!(?reaped, "removed what a previous run of the node left");
+        }
+        Ok(driver)
+    }
+
+    /// Like [`BwrapDriver::new`] without the sweep of an earlier life: for a node that reaps
+    /// in the background ([`BwrapDriver::reap_blocking`]) and starts no machine before it is
+    /// done (the sweep would take the new machines for old ones).
     // Unsafe: geteuid(2), to refuse early without root; std has no safe wrapper.
     #[allow(unsafe_code)]
-    pub fn new(config: BwrapConfig) -> Result<Self> {
+    pub fn new_unreaped(config: BwrapConfig) -> Result<Self> {
         check_program(
             &config.bwrap_program,
             "apt-get install bubblewrap, or run scripts/setup",
@@ -106,16 +118,11 @@ impl BwrapDriver {
         for dir in ["images", "machines", "snapshots"] {
             create_dir(&config.root.join(dir))?;
         }
-        let driver = BwrapDriver {
+        Ok(BwrapDriver {
             config,
             cgroups,
             debian_lock: Arc::new(tokio::sync::Mutex::new(())),
-        };
-        let reaped = driver.reap_blocking();
-        if reaped != cleanup::ReapReport::default() {
-            tracing::info!(?reaped, "removed what a previous run of the node left");
-        }
-        Ok(driver)
+        })
     }
 
     pub fn root(&self) -> &Path {
