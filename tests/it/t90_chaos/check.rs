@@ -2,7 +2,7 @@
 //! is read and compared with what the workload was acknowledged.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flotilla_proto::v1::{self, agent_event};
 use flotilla_tests::{agent_client, invariants};
@@ -12,6 +12,15 @@ use crate::common::status_of;
 
 /// How long every acknowledged agent may take to end once the faults stop.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(300);
+
+/// From a fault's injection until its node was seen up again by every node (plus a lease): the
+/// only time a "node N down" may be recorded for it.
+#[derive(Clone, Copy, Debug)]
+pub struct FaultWindow {
+    pub node: u64,
+    pub from: SystemTime,
+    pub until: SystemTime,
+}
 
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -27,7 +36,7 @@ pub async fn check(
     token: &str,
     repository: &str,
     record: &Record,
-    faulted: &BTreeSet<u64>,
+    windows: &[FaultWindow],
 ) -> Summary {
     let mut summary = Summary {
         violations: record.violations.clone(),
@@ -60,13 +69,13 @@ pub async fn check(
                 status_of(agent)
             ));
         }
-        check_histories(endpoints, token, &created.id, record, faulted, &mut summary).await;
+        check_histories(endpoints, token, &created.id, record, windows, &mut summary).await;
     }
     summary
 }
 
-/// Waits until every acknowledged agent has ended with no follow-up pending (read through
-/// node 1), and returns them as they ended.
+/// Waits until every acknowledged agent has ended (read through node 1), and returns them as
+/// they ended.
 async fn settle(endpoint: &str, token: &str, record: &Record, summary: &mut Summary) -> BTreeMap<String, v1::Agent> {
     let mut client = agent_client(endpoint, token).await;
     let started = Instant::now();
@@ -83,11 +92,14 @@ async fn settle(endpoint: &str, token: &str, record: &Record, summary: &mut Summ
             .await;
             if let Ok(Ok(reply)) = answer {
                 let agent = reply.into_inner();
-                let terminal = matches!(
-                    status_of(&agent),
-                    v1::AgentStatus::Finished | v1::AgentStatus::Stopped | v1::AgentStatus::Failed
-                );
-                if terminal && agent.pending_follow_ups == 0 {
+                // A FINISHED agent with a follow-up pending has not ended: the follow-up starts a
+                // new run. A stop ends an agent whatever it had pending.
+                let ended_for_good = match status_of(&agent) {
+                    v1::AgentStatus::Finished => agent.pending_follow_ups == 0,
+                    v1::AgentStatus::Stopped | v1::AgentStatus::Failed => true,
+                    _ => false,
+                };
+                if ended_for_good {
                     ended.insert(created.id.clone(), agent);
                 }
             }
@@ -193,25 +205,29 @@ fn check_pushed(repository: &str, agent: &v1::Agent, summary: &mut Summary) {
 }
 
 /// The agent's durable history, read through every node: the same on all, valid by the
-/// invariants, holding every acknowledged follow-up, and down only for faulted nodes.
+/// invariants, holding every acknowledged follow-up, and down only for a node while it was faulted.
 async fn check_histories(
     endpoints: &[String],
     token: &str,
     id: &str,
     record: &Record,
-    faulted: &BTreeSet<u64>,
+    windows: &[FaultWindow],
     summary: &mut Summary,
 ) {
     let mut histories = Vec::new();
+    let mut times = Vec::new();
     for (index, endpoint) in endpoints.iter().enumerate() {
         let mut client = agent_client(endpoint, token).await;
         match invariants::durable_history(&mut client, id).await {
-            Ok(events) => histories.push(
+            Ok(events) => histories.push({
+                if times.is_empty() {
+                    times = events.iter().map(|event| event.at).collect();
+                }
                 events
                     .into_iter()
                     .map(|event| (event.sequence, event.node_id, event.kind))
-                    .collect::<Vec<_>>(),
-            ),
+                    .collect::<Vec<_>>()
+            }),
             Err(error) => {
                 summary
                     .violations
@@ -256,16 +272,23 @@ async fn check_histories(
             ));
         }
     }
-    for event in &events {
+    for (event, at) in events.iter().zip(&times) {
         if let Some(agent_event::Kind::StatusChanged(change)) = &event.kind {
             let down = change
                 .reason
                 .strip_prefix("node ")
                 .and_then(|rest| rest.strip_suffix(" down"))
                 .and_then(|node| node.parse::<u64>().ok());
-            if let Some(node) = down.filter(|node| !faulted.contains(node)) {
+            let Some(node) = down else { continue };
+            let at = at.map(|at| UNIX_EPOCH + Duration::new(at.seconds.max(0) as u64, at.nanos.max(0) as u32));
+            let in_a_fault = at.is_some_and(|at| {
+                windows
+                    .iter()
+                    .any(|window| window.node == node && window.from <= at && at <= window.until)
+            });
+            if !in_a_fault {
                 summary.violations.push(format!(
-                    "agent {id}: node {node} recorded down (sequence {}) but it was never faulted",
+                    "agent {id}: node {node} recorded down (sequence {}, at {at:?}) outside any fault of that node",
                     event.sequence
                 ));
             }

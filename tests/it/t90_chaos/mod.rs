@@ -145,7 +145,7 @@ async fn chaos() {
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut injected: BTreeMap<&'static str, usize> = BTreeMap::new();
-    let mut faulted = std::collections::BTreeSet::new();
+    let mut windows: Vec<check::FaultWindow> = Vec::new();
     let mut violations = Vec::new();
     let started = Instant::now();
     while started.elapsed() < duration {
@@ -158,14 +158,22 @@ async fn chaos() {
             fault.kind(),
             fault.node()
         );
-        faulted.insert(fault.node());
         *injected.entry(fault.kind()).or_default() += 1;
+        let from = SystemTime::now();
         inject(&mut cluster, fault).await;
-        if let Err(violation) = wait_until_all_up(&endpoints, &token).await {
+        let back = wait_until_all_up(&endpoints, &token).await;
+        windows.push(check::FaultWindow {
+            node: fault.node(),
+            from,
+            // A NodeDown decided just before the node was seen up again is applied a little later.
+            until: SystemTime::now() + Duration::from_millis(LEASE_MS),
+        });
+        if let Err(violation) = back {
             violations.push(format!("after {} on node {}: {violation}", fault.kind(), fault.node()));
             break;
         }
     }
+    let fault_time = started.elapsed();
     stop.store(true, Ordering::SeqCst);
     let record = workload.await.expect("the workload task ended without panicking");
     for node in cluster.nodes.iter_mut() {
@@ -174,7 +182,7 @@ async fn chaos() {
         }
     }
 
-    let summary = check::check(&endpoints, &token, &repository, &record, &faulted).await;
+    let summary = check::check(&endpoints, &token, &repository, &record, &windows).await;
     violations.extend(summary.violations.iter().cloned());
     // The nodes are stopped before the summary, so that it is the last thing printed (a panic
     // with the cluster alive would print every node's log tail after it).
@@ -185,10 +193,11 @@ async fn chaos() {
     drop(cluster);
     println!("----- chaos summary -----");
     println!("seed: {seed}");
-    println!("fault time: {:?}", started.elapsed());
+    println!("fault time: {fault_time:?}");
     for (kind, count) in &injected {
         println!("faults: {count} x {kind}");
     }
+    let faulted: std::collections::BTreeSet<u64> = windows.iter().map(|window| window.node).collect();
     println!("faulted nodes: {faulted:?}");
     println!(
         "calls acknowledged: {} creates, {} follow-ups, {} stops, {} reads (refused or timed out: {})",
