@@ -39,12 +39,18 @@ pub(crate) async fn placements(endpoint: &str, token: &str) -> Option<Placements
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_of_a_killed_node_are_reassigned_with_a_higher_epoch() {
-    let mut cluster = TestCluster::start(
+/// Three nodes with a lease of `lease_ms` and four slots each, and six agents created through
+/// node 1 (named `<name>-<n>`) running two per node: the cluster, its admin token, node 1's
+/// endpoint and where each agent runs.
+pub(crate) async fn three_nodes_running_six_agents(
+    lease_ms: u64,
+    name: &str,
+    prompt: &str,
+) -> (TestCluster, String, String, Placements) {
+    let cluster = TestCluster::start(
         3,
         ClusterOptions {
-            lease_ms: Some(LEASE_MS),
+            lease_ms: Some(lease_ms),
             slots: 4,
             ..Default::default()
         },
@@ -54,9 +60,16 @@ async fn agents_of_a_killed_node_are_reassigned_with_a_higher_epoch() {
     let endpoint = cluster.nodes[0].endpoint();
     let mut client = agent_client(&endpoint, &token).await;
     for index in 0..6 {
-        create(&mut client, &format!("spread-{index}"), "Spread over the nodes").await;
+        create(&mut client, &format!("{name}-{index}"), prompt).await;
     }
-    let before = wait_for_six_agents_running_two_per_node(&endpoint, &token).await;
+    let placements = wait_for_six_agents_running_two_per_node(&endpoint, &token).await;
+    (cluster, token, endpoint, placements)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_of_a_killed_node_are_reassigned_with_a_higher_epoch() {
+    let (mut cluster, token, endpoint, before) =
+        three_nodes_running_six_agents(LEASE_MS, "spread", "Spread over the nodes").await;
 
     // Kill node 3 (a follower or the leader, whichever; node 1 answers the reads).
     let victim = cluster.nodes[2].id;

@@ -5,12 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use flotilla_tests::{agent_client, try_get_cluster, wait_for, ClusterOptions, TestCluster};
+use flotilla_tests::{try_get_cluster, wait_for, TestCluster};
 
-use crate::common::{create, DEADLINE};
-use crate::t30_failover::{
-    check_every_agent_history, placements, wait_for_six_agents_running_two_per_node, Placements,
-};
+use crate::common::DEADLINE;
+use crate::t30_failover::{check_every_agent_history, placements, three_nodes_running_six_agents, Placements};
 
 const LEASE_MS: u64 = 2_000;
 /// How long after a kill -9 the dead node's agents must be reassigned, beyond the lease.
@@ -18,22 +16,7 @@ const REASSIGN_SLACK: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_marks_no_healthy_node_down_and_a_killed_follower_is_replaced() {
-    let mut cluster = TestCluster::start(
-        3,
-        ClusterOptions {
-            lease_ms: Some(LEASE_MS),
-            slots: 4,
-            ..Default::default()
-        },
-    )
-    .await;
-    let token = cluster.admin_token();
-    let first = cluster.nodes[0].endpoint();
-    let mut client = agent_client(&first, &token).await;
-    for index in 0..6 {
-        create(&mut client, &format!("steady-{index}"), "Stay on your node").await;
-    }
-    let before = wait_for_six_agents_running_two_per_node(&first, &token).await;
+    let (mut cluster, token, _, before) = three_nodes_running_six_agents(LEASE_MS, "steady", "Stay on your node").await;
     let (old_leader, old_term) = leader_and_term(&cluster, &token, None).await;
 
     // Stop the leader until its successor has judged it down: it stays stopped for the
@@ -85,22 +68,7 @@ async fn a_paused_leader_marks_no_healthy_node_down_and_a_killed_follower_is_rep
 /// nothing from anyone before), then judges the dead leader down and its agents move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leaders_agents_are_reassigned_a_lease_after_the_election() {
-    let mut cluster = TestCluster::start(
-        3,
-        ClusterOptions {
-            lease_ms: Some(LEASE_MS),
-            slots: 4,
-            ..Default::default()
-        },
-    )
-    .await;
-    let token = cluster.admin_token();
-    let first = cluster.nodes[0].endpoint();
-    let mut client = agent_client(&first, &token).await;
-    for index in 0..6 {
-        create(&mut client, &format!("leader-{index}"), "Stay on your node").await;
-    }
-    let before = wait_for_six_agents_running_two_per_node(&first, &token).await;
+    let (mut cluster, token, _, before) = three_nodes_running_six_agents(LEASE_MS, "leader", "Stay on your node").await;
     let (leader, _) = leader_and_term(&cluster, &token, None).await;
     let moved: Vec<String> = before
         .iter()
