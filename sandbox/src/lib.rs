@@ -21,6 +21,7 @@ pub mod environment;
 pub mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod file_lock;
 mod image;
 pub mod install_layer;
 pub mod layer_privilege;

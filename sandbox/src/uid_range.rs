@@ -90,7 +90,7 @@ impl UidRange {
                 .write(true)
                 .open(&path)
                 .map_err(|error| SandboxError::io("open", &path, error))?;
-            if try_lock(&lock).map_err(|error| SandboxError::io("lock", &path, error))? {
+            if crate::file_lock::try_lock_exclusive(&lock).map_err(|error| SandboxError::io("lock", &path, error))? {
                 return Ok(UidRange {
                     index,
                     first_host_id: config.first_host_id + index * IDS_PER_RANGE,
@@ -139,22 +139,6 @@ impl UidRange {
         let uid_map = format!("0 {} 1\n", self.host_id(uid));
         let gid_map = format!("0 {} 1\n", self.host_id(gid));
         new_user_namespace(&uid_map, &gid_map)
-    }
-}
-
-/// Takes an exclusive `flock` on `file` if no one holds one; `false` if someone does.
-// Unsafe: flock(2); std's File::try_lock needs a newer Rust than rust-version.
-#[allow(unsafe_code)]
-pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
-    // SAFETY: flock on a descriptor this process owns; no memory is shared with the call.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(error)
     }
 }
 

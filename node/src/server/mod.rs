@@ -16,7 +16,6 @@ pub mod vcs;
 use std::fs::File;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::os::unix::io::AsRawFd as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -67,8 +66,6 @@ struct DataDirLock {
     _file: File,
 }
 
-// Unsafe: flock(2) on the data directory's lock file; std's File::try_lock needs a newer Rust than rust-version.
-#[allow(unsafe_code)]
 fn lock_data_dir(dir: &Path) -> anyhow::Result<DataDirLock> {
     let path = dir.join("flotilla.lock");
     let mut file = std::fs::OpenOptions::new()
@@ -78,8 +75,8 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<DataDirLock> {
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; no memory is shared with the call.
-    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    let locked = flotilla_sandbox::file_lock::try_lock_exclusive(&file)
+        .with_context(|| format!("cannot lock {}", path.display()))?;
     if !locked {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
         bail!(

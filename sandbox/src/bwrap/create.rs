@@ -132,12 +132,8 @@ impl BwrapDriver {
             Some(socket) => {
                 // Connecting to a Unix socket needs write permission on it: the machine's user
                 // gets it, and nobody else on the host.
-                std::os::unix::fs::lchown(
-                    socket,
-                    Some(uid_range.host_id(account.uid)),
-                    Some(uid_range.host_id(account.gid)),
-                )
-                .map_err(|error| SandboxError::io("change the owner of", socket, error))?;
+                let (uid, gid) = owner_of(&uid_range, &account);
+                chown(socket, uid, gid)?;
                 Some(open_path(socket)?)
             }
             None => None,

@@ -156,7 +156,7 @@ async fn a_captured_layer_keeps_the_ids_the_machine_saw_and_a_range_is_given_bac
         .open(config.lock_dir.join(format!("range-{index}")))
         .unwrap();
     assert!(
-        crate::uid_range::try_lock(&lock).unwrap(),
+        crate::file_lock::try_lock_exclusive(&lock).unwrap(),
         "the range is given back at destroy"
     );
 }
