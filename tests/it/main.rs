@@ -16,6 +16,7 @@ mod t18_agent_runs;
 mod t19_push_containment;
 mod t20_three_nodes;
 mod t25_membership;
+mod t26_partitions;
 mod t30_failover;
 mod t32_leader_pause;
 mod t32_ready_and_handover;

@@ -13,6 +13,7 @@
 pub mod burst;
 pub mod fakes;
 pub mod invariants;
+pub mod netlab;
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -331,6 +332,10 @@ pub fn run_cli(endpoint: &str, token: &str, args: &[&str]) -> Output {
 #[derive(Clone, Debug)]
 pub struct NodeSpec {
     pub id: u64,
+    /// The address the node listens on: 127.0.0.1, or its address in a [`netlab::NetLab`].
+    pub host: Ipv4Addr,
+    /// The network namespace the node runs in (`nsenter --net`), in a lab.
+    pub netns: Option<PathBuf>,
     /// The node listens for gRPC on this port and for the actor mesh on the next one.
     pub grpc_port: u16,
     pub data_dir: PathBuf,
@@ -385,7 +390,7 @@ impl NodeSpec {
             "--data-dir".to_string(),
             self.data_dir.display().to_string(),
             "--listen".to_string(),
-            format!("127.0.0.1:{}", self.grpc_port),
+            format!("{}:{}", self.host, self.grpc_port),
             "--region".to_string(),
             self.region.clone(),
             "--slots".to_string(),
@@ -416,6 +421,7 @@ impl NodeSpec {
 /// One `flotilla node` process. Dropping it kills the process.
 pub struct NodeProcess {
     pub id: u64,
+    pub host: Ipv4Addr,
     pub grpc_port: u16,
     pub data_dir: PathBuf,
     child: Option<Child>,
@@ -428,6 +434,7 @@ impl NodeProcess {
     pub fn spawn(spec: NodeSpec) -> NodeProcess {
         let mut node = NodeProcess {
             id: spec.id,
+            host: spec.host,
             grpc_port: spec.grpc_port,
             data_dir: spec.data_dir.clone(),
             child: None,
@@ -443,7 +450,20 @@ impl NodeProcess {
         let stderr_file = log_file
             .try_clone()
             .unwrap_or_else(|error| panic!("could not reopen {}: {error}", self.log_path.display()));
-        let child = Command::new(flotilla_bin())
+        // `nsenter --net` enters the network namespace only and then execs the node, so the
+        // child is the node itself (signals reach it) and /sys and the cgroup tree stay the host's.
+        let mut command = match &self.spec.netns {
+            Some(namespace) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net={}", namespace.display()))
+                    .arg("--")
+                    .arg(flotilla_bin());
+                command
+            }
+            None => Command::new(flotilla_bin()),
+        };
+        let child = command
             .args(self.spec.command_args())
             .env("FLOTILLA_CLUSTER_SECRET", &self.spec.cluster_secret)
             .env("FLOTILLA_COMPILED_PLUGIN_CACHE", shared_compiled_plugin_cache())
@@ -460,9 +480,9 @@ impl NodeProcess {
         self.child = Some(child);
     }
 
-    /// `http://127.0.0.1:P`, the node's gRPC endpoint.
+    /// `http://HOST:P`, the node's gRPC endpoint.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc_port)
+        format!("http://{}:{}", self.host, self.grpc_port)
     }
 
     /// The port of the node's actor mesh.
@@ -630,6 +650,9 @@ pub struct ClusterOptions {
     pub config: Option<String>,
     /// Extra environment of every node process.
     pub env: Vec<(String, String)>,
+    /// Runs every node in a network namespace of its own ([`netlab::NetLab`]), so that a test
+    /// can cut and slow the links between them; the nodes' regions are `regions`.
+    pub network_lab: bool,
 }
 
 impl Default for ClusterOptions {
@@ -641,6 +664,7 @@ impl Default for ClusterOptions {
             lease_ms: None,
             config: None,
             env: Vec::new(),
+            network_lab: false,
         }
     }
 }
@@ -660,6 +684,9 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeProcess>,
     pub secret: String,
+    /// The nodes' network namespaces, with [`ClusterOptions::network_lab`]. Declared after
+    /// `nodes`, and the drop kills the nodes first, so the lab goes last.
+    pub lab: Option<netlab::NetLab>,
     options: ClusterOptions,
 }
 
@@ -673,10 +700,23 @@ impl TestCluster {
             .tempdir()
             .expect("could not create the cluster's temporary directory");
         let secret = format!("test-cluster-secret-{:016x}", port_search_seed());
+        let lab = if options.network_lab {
+            let regions: Vec<String> = (0..node_count).map(|index| options.region_of(index)).collect();
+            match netlab::NetLab::create(&regions).await {
+                Ok(lab) => Some(lab),
+                Err(error) => panic!(
+                    "this test runs its nodes in network namespaces of their own and needs root, \
+                     `ip`, `nft` (the nftables package) and `nsenter`: {error}"
+                ),
+            }
+        } else {
+            None
+        };
         let mut cluster = TestCluster {
             dir,
             nodes: Vec::with_capacity(node_count),
             secret,
+            lab,
             options,
         };
 
@@ -711,9 +751,18 @@ impl TestCluster {
         };
         let config = with_local_repositories_allowed(config);
         std::fs::write(&config_path, config).expect("could not write a node config");
+        let (host, netns, grpc_port) = match &self.lab {
+            Some(lab) => {
+                let place = lab.node(id);
+                (place.address, Some(place.namespace_path()), netlab::NODE_GRPC_PORT)
+            }
+            None => (Ipv4Addr::LOCALHOST, None, free_port()),
+        };
         let spec = NodeSpec {
             id,
-            grpc_port: free_port(),
+            host,
+            netns,
+            grpc_port,
             data_dir: self.dir.path().join(format!("node{id}")),
             region: self.options.region_of(node_index),
             slots: self.options.slots,
