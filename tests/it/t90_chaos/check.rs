@@ -20,6 +20,8 @@ pub struct FaultWindow {
     pub node: u64,
     pub from: SystemTime,
     pub until: SystemTime,
+    /// A kill -9: the time its node's agents took to be assigned elsewhere is measured.
+    pub kill: bool,
 }
 
 #[derive(Debug, Default)]
@@ -29,6 +31,10 @@ pub struct Summary {
     pub failed: usize,
     pub not_ended: usize,
     pub violations: Vec<String>,
+    /// Durable events per agent, as every node agreed.
+    pub history_lengths: BTreeMap<String, u64>,
+    /// From a kill -9 to each of its node's agents assigned to another node.
+    pub reassign: Vec<Duration>,
 }
 
 pub async fn check(
@@ -258,6 +264,9 @@ async fn check_histories(
     if let Err(violation) = invariants::check_agent_history(id, &events) {
         summary.violations.push(violation);
     }
+    summary.history_lengths.insert(id.to_string(), events.len() as u64);
+    let times: Vec<Option<SystemTime>> = times.iter().map(|at| at.as_ref().map(timestamp)).collect();
+    summary.reassign.extend(reassign_times(&events, &times, windows));
     let accepted: BTreeSet<u32> = events
         .iter()
         .filter_map(|event| match &event.kind {
@@ -272,15 +281,9 @@ async fn check_histories(
             ));
         }
     }
-    for (event, at) in events.iter().zip(&times) {
+    for (event, at) in events.iter().zip(times.iter().copied()) {
         if let Some(agent_event::Kind::StatusChanged(change)) = &event.kind {
-            let down = change
-                .reason
-                .strip_prefix("node ")
-                .and_then(|rest| rest.strip_suffix(" down"))
-                .and_then(|node| node.parse::<u64>().ok());
-            let Some(node) = down else { continue };
-            let at = at.map(|at| UNIX_EPOCH + Duration::new(at.seconds.max(0) as u64, at.nanos.max(0) as u32));
+            let Some(node) = node_down(change) else { continue };
             let in_a_fault = at.is_some_and(|at| {
                 windows
                     .iter()
@@ -294,4 +297,51 @@ async fn check_histories(
             }
         }
     }
+}
+
+fn timestamp(at: &prost_types::Timestamp) -> SystemTime {
+    UNIX_EPOCH + Duration::new(at.seconds.max(0) as u64, at.nanos.max(0) as u32)
+}
+
+/// The node a "node N down" status change names.
+fn node_down(change: &v1::StatusChanged) -> Option<u64> {
+    change
+        .reason
+        .strip_prefix("node ")
+        .and_then(|rest| rest.strip_suffix(" down"))
+        .and_then(|node| node.parse::<u64>().ok())
+}
+
+/// For each kill -9 that took this agent from its node: the time from the kill to the agent's
+/// next assignment to another node.
+fn reassign_times(events: &[v1::AgentEvent], times: &[Option<SystemTime>], windows: &[FaultWindow]) -> Vec<Duration> {
+    let mut measured = Vec::new();
+    for (index, event) in events.iter().enumerate() {
+        let Some(agent_event::Kind::StatusChanged(change)) = &event.kind else {
+            continue;
+        };
+        let (Some(dead), Some(Some(at))) = (node_down(change), times.get(index)) else {
+            continue;
+        };
+        let Some(window) = windows
+            .iter()
+            .find(|window| window.kill && window.node == dead && window.from <= *at && *at <= window.until)
+        else {
+            continue;
+        };
+        let assigned = events.iter().zip(times).skip(index + 1).find_map(|(later, at)| match &later.kind {
+            Some(agent_event::Kind::StatusChanged(change))
+                if change.assignment.as_ref().is_some_and(|assignment| assignment.node_id != dead) =>
+            {
+                *at
+            }
+            _ => None,
+        });
+        if let Some(assigned) = assigned {
+            if let Ok(elapsed) = assigned.duration_since(window.from) {
+                measured.push(elapsed);
+            }
+        }
+    }
+    measured
 }

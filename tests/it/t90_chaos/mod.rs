@@ -1,9 +1,13 @@
-//! The chaos suite (`make chaos`, not part of `make test`): three real nodes, scripted agents kept
-//! at work through random nodes, and a seeded schedule of faults (kill -9 then restart, SIGSTOP
-//! past the lease then SIGCONT) on one node at a time; then a history checker over every node's
-//! view. `SEED=N make chaos` replays a schedule; `CHAOS_SECS` sets how long faults are injected.
+//! The chaos suite (`make chaos`, not part of `make test`): real nodes (five by default,
+//! `CHAOS_NODES`), each in a network namespace of its own in three regions, scripted agents kept
+//! at work through random nodes, and a seeded schedule of faults: kill -9 then restart, SIGSTOP
+//! past the lease then SIGCONT, one node cut off, a minority cut from the majority, a one-way cut
+//! between two nodes, and delay with loss between two regions. Then a history checker over every
+//! node's view and every watch stream. `SEED=N make chaos` replays a schedule; `CHAOS_SECS` sets
+//! how long faults are injected.
 
 mod check;
+mod watch;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -11,8 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use flotilla_tests::netlab::LinkFaults;
 use flotilla_tests::{try_get_cluster, ClusterOptions, TestCluster};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -20,7 +26,7 @@ use crate::common::bare_repository;
 use crate::t18_agent_runs::{config_with, scripted_model};
 
 const LEASE_MS: u64 = 2_000;
-const NODE_COUNT: usize = 3;
+const DEFAULT_NODE_COUNT: usize = 5;
 const DEFAULT_CHAOS_SECS: u64 = 120;
 /// How long a faulted node may take to be back, serving and seen up by every node.
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(120);
@@ -29,12 +35,22 @@ const RECOVERY_DEADLINE: Duration = Duration::from_secs(120);
 const SCRIPTED_PAIRS: usize = 80;
 
 /// One fault of the schedule, drawn before it is injected so that a seed names the schedule.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Fault {
     /// SIGKILL, stay dead for `down`, restart on the same data directory.
     Kill9 { node: u64, down: Duration },
     /// SIGSTOP for `paused` (always past the lease), then SIGCONT.
     Pause { node: u64, paused: Duration },
+    /// Cut `side` (a minority: one node, or two of five) from the rest, both ways, for `cut`.
+    Partition { side: Vec<u64>, cut: Duration },
+    /// Drop what `from` sends to `to` (only that direction) for `cut`.
+    OneWay { from: u64, to: u64, cut: Duration },
+    /// Delay and loss on the links between two regions for `slow`.
+    SlowLink {
+        regions: (String, String),
+        faults: LinkFaults,
+        slow: Duration,
+    },
 }
 
 impl Fault {
@@ -42,31 +58,84 @@ impl Fault {
         match self {
             Fault::Kill9 { .. } => "kill -9 + restart",
             Fault::Pause { .. } => "SIGSTOP past the lease + SIGCONT",
+            Fault::Partition { side, .. } if side.len() == 1 => "one node cut off",
+            Fault::Partition { .. } => "minority cut from the majority",
+            Fault::OneWay { .. } => "one-way cut",
+            Fault::SlowLink { .. } => "delay and loss between regions",
         }
     }
 
-    fn node(&self) -> u64 {
+    fn describe(&self) -> String {
         match self {
-            Fault::Kill9 { node, .. } | Fault::Pause { node, .. } => *node,
+            Fault::Kill9 { node, down } => format!("kill -9 node {node}, restart after {down:?}"),
+            Fault::Pause { node, paused } => format!("SIGSTOP node {node} for {paused:?}"),
+            Fault::Partition { side, cut } => format!("cut {side:?} from the rest for {cut:?}"),
+            Fault::OneWay { from, to, cut } => format!("drop what node {from} sends to node {to} for {cut:?}"),
+            Fault::SlowLink { regions, faults, slow } => format!(
+                "{} <-> {}: {:?} delay, {} per mille held back, for {slow:?}",
+                regions.0, regions.1, faults.delay, faults.loss_per_mille
+            ),
+        }
+    }
+
+    /// The nodes that may be judged down during this fault: those it silences. A slow link
+    /// stays far under the lease, so it silences none.
+    fn silenced(&self) -> Vec<u64> {
+        match self {
+            Fault::Kill9 { node, .. } | Fault::Pause { node, .. } => vec![*node],
+            Fault::Partition { side, .. } => side.clone(),
+            // Whichever of the two leads (or neither), either may be the one that goes quiet.
+            Fault::OneWay { from, to, .. } => vec![*from, *to],
+            Fault::SlowLink { .. } => Vec::new(),
         }
     }
 }
 
-/// Draws the next fault and the quiet time before it. One node at a time: with three nodes a
-/// minority is one.
-fn draw_fault(rng: &mut StdRng) -> (Duration, Fault) {
-    let quiet = Duration::from_millis(rng.gen_range(1_000..5_000));
-    let node = rng.gen_range(1..=NODE_COUNT as u64);
-    let fault = if rng.gen_bool(0.5) {
-        Fault::Kill9 {
+/// Region of node i (1-based): two nodes per region in order, "region-a", "region-b", ...
+fn regions(node_count: usize) -> Vec<String> {
+    let per_region = if node_count >= 5 { 2 } else { 1 };
+    (0..node_count)
+        .map(|index| format!("region-{}", (b'a' + (index / per_region) as u8) as char))
+        .collect()
+}
+
+/// Draws the next fault and the quiet time before it. At most a minority is faulted at once.
+fn draw_fault(rng: &mut StdRng, node_count: usize, region_pairs: &[(String, String)]) -> (Duration, Fault) {
+    let quiet = Duration::from_millis(rng.gen_range(1_000..4_000));
+    let nodes: Vec<u64> = (1..=node_count as u64).collect();
+    let node = *nodes.choose(rng).expect("a node");
+    let past_lease = Duration::from_millis(LEASE_MS + rng.gen_range(500..4_000));
+    let fault = match rng.gen_range(0..100) {
+        0..=19 => Fault::Kill9 {
             node,
             down: Duration::from_millis(rng.gen_range(200..4_000)),
+        },
+        20..=39 => Fault::Pause { node, paused: past_lease },
+        40..=54 => Fault::Partition {
+            side: vec![node],
+            cut: past_lease,
+        },
+        55..=69 if node_count >= 5 => {
+            let mut side: Vec<u64> = nodes.choose_multiple(rng, (node_count - 1) / 2).copied().collect();
+            side.sort_unstable();
+            Fault::Partition { side, cut: past_lease }
         }
-    } else {
-        Fault::Pause {
-            node,
-            paused: Duration::from_millis(LEASE_MS + rng.gen_range(500..4_000)),
+        55..=84 => {
+            let to = *nodes.iter().filter(|other| **other != node).collect::<Vec<_>>().choose(rng).expect("two nodes");
+            Fault::OneWay {
+                from: node,
+                to: *to,
+                cut: past_lease,
+            }
         }
+        _ => Fault::SlowLink {
+            regions: region_pairs.choose(rng).expect("two regions").clone(),
+            faults: LinkFaults {
+                delay: Duration::from_millis(rng.gen_range(20..400)),
+                loss_per_mille: rng.gen_range(0..50),
+            },
+            slow: Duration::from_millis(rng.gen_range(3_000..8_000)),
+        },
     };
     (quiet, fault)
 }
@@ -110,35 +179,53 @@ fn agent_script() -> serde_json::Value {
     json!({ "turns": turns })
 }
 
+fn node_count() -> usize {
+    match std::env::var("CHAOS_NODES") {
+        Ok(text) if !text.trim().is_empty() => match text.trim().parse() {
+            Ok(count @ 3..=9) => count,
+            _ => panic!("CHAOS_NODES={text:?}: expected a number of nodes from 3 to 9"),
+        },
+        _ => DEFAULT_NODE_COUNT,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the chaos suite runs with `make chaos`, for minutes"]
 async fn chaos() {
     let seed = seed();
     let duration = chaos_duration();
-    println!("chaos seed: {seed} (replay with SEED={seed} make chaos), faults for {duration:?}");
+    let node_count = node_count();
+    println!(
+        "chaos seed: {seed} (replay with SEED={seed} make chaos), {node_count} nodes, faults for {duration:?}"
+    );
     let dir = tempfile::Builder::new().prefix("flotilla-chaos-").tempdir().unwrap();
     let repository = bare_repository(dir.path(), "origin", &[("README.md", "a chaos target\n")]);
     let config = config_with(&scripted_model(dir.path(), "script", agent_script()), "script");
     let mut cluster = TestCluster::start(
-        NODE_COUNT,
+        node_count,
         ClusterOptions {
+            regions: regions(node_count),
             lease_ms: Some(LEASE_MS),
             slots: 4,
             config: Some(config),
+            network_lab: true,
             ..Default::default()
         },
     )
     .await;
     let token = cluster.admin_token();
     let endpoints: Vec<String> = cluster.nodes.iter().map(|node| node.endpoint()).collect();
+    let region_pairs = cluster.lab.as_ref().expect("a lab").region_pairs();
 
     let stop = Arc::new(AtomicBool::new(false));
+    let finish_watching = Arc::new(AtomicBool::new(false));
     let workload = tokio::spawn(workload::run(
         workload::Settings {
             endpoints: endpoints.clone(),
             token: token.clone(),
             repository: repository.clone(),
             seed: seed ^ 0x9e37_79b9_7f4a_7c15,
+            finish_watching: finish_watching.clone(),
         },
         stop.clone(),
     ));
@@ -149,33 +236,31 @@ async fn chaos() {
     let mut violations = Vec::new();
     let started = Instant::now();
     while started.elapsed() < duration {
-        let (quiet, fault) = draw_fault(&mut rng);
+        let (quiet, fault) = draw_fault(&mut rng, node_count, &region_pairs);
         // The schedule's pacing: time passing between faults is what is being tested.
         tokio::time::sleep(quiet).await;
-        println!(
-            "[{:>6.1}s] {} on node {}",
-            started.elapsed().as_secs_f64(),
-            fault.kind(),
-            fault.node()
-        );
+        println!("[{:>6.1}s] {}", started.elapsed().as_secs_f64(), fault.describe());
         *injected.entry(fault.kind()).or_default() += 1;
         let from = SystemTime::now();
-        inject(&mut cluster, fault).await;
+        inject(&mut cluster, &fault).await;
         let back = wait_until_all_up(&endpoints, &token).await;
-        windows.push(check::FaultWindow {
-            node: fault.node(),
-            from,
-            // A NodeDown decided just before the node was seen up again is applied a little later.
-            until: SystemTime::now() + Duration::from_millis(LEASE_MS),
-        });
+        for node in fault.silenced() {
+            windows.push(check::FaultWindow {
+                node,
+                from,
+                // A NodeDown decided just before the node was seen up again is applied a little later.
+                until: SystemTime::now() + Duration::from_millis(LEASE_MS),
+                kill: matches!(fault, Fault::Kill9 { .. }),
+            });
+        }
         if let Err(violation) = back {
-            violations.push(format!("after {} on node {}: {violation}", fault.kind(), fault.node()));
+            violations.push(format!("after {}: {violation}", fault.describe()));
             break;
         }
     }
     let fault_time = started.elapsed();
     stop.store(true, Ordering::SeqCst);
-    let record = workload.await.expect("the workload task ended without panicking");
+    let mut record = workload.await.expect("the workload task ended without panicking");
     for node in cluster.nodes.iter_mut() {
         if !node.is_running() {
             violations.push(format!("node {} is not running at the end", node.id));
@@ -184,6 +269,10 @@ async fn chaos() {
 
     let summary = check::check(&endpoints, &token, &repository, &record, &windows).await;
     violations.extend(summary.violations.iter().cloned());
+    let watch_logs = finish_watchers(&mut record, &summary, &finish_watching).await;
+    for log in &watch_logs {
+        violations.extend(log.violations.iter().cloned());
+    }
     // The nodes are stopped before the summary, so that it is the last thing printed (a panic
     // with the cluster alive would print every node's log tail after it).
     if !violations.is_empty() && std::env::var_os("FLOTILLA_KEEP_TEST_DIRS").is_some() {
@@ -192,13 +281,14 @@ async fn chaos() {
     }
     drop(cluster);
     println!("----- chaos summary -----");
-    println!("seed: {seed}");
+    println!("seed: {seed}, {node_count} nodes");
     println!("fault time: {fault_time:?}");
+    println!("faults injected: {}", injected.values().sum::<usize>());
     for (kind, count) in &injected {
-        println!("faults: {count} x {kind}");
+        println!("  {count} x {kind}");
     }
     let faulted: std::collections::BTreeSet<u64> = windows.iter().map(|window| window.node).collect();
-    println!("faulted nodes: {faulted:?}");
+    println!("nodes faulted: {faulted:?}");
     println!(
         "calls acknowledged: {} creates, {} follow-ups, {} stops, {} reads (refused or timed out: {})",
         record.creates.len(),
@@ -215,6 +305,13 @@ async fn chaos() {
         summary.failed,
         summary.not_ended
     );
+    println!(
+        "watch streams: {} agents watched, {} streams opened, {} durable events delivered",
+        watch_logs.len(),
+        watch_logs.iter().map(|log| log.opened).sum::<usize>(),
+        watch_logs.iter().map(|log| log.last).sum::<u64>()
+    );
+    println!("{}", reassign_line(&summary.reassign));
     println!("violations: {}", violations.len());
     for violation in &violations {
         println!("  VIOLATION: {violation}");
@@ -226,17 +323,67 @@ async fn chaos() {
     );
 }
 
-async fn inject(cluster: &mut TestCluster, fault: Fault) {
+/// Tells every watcher the length of its agent's history and collects what they saw.
+async fn finish_watchers(
+    record: &mut workload::Record,
+    summary: &check::Summary,
+    finish: &AtomicBool,
+) -> Vec<watch::WatchLog> {
+    for watched in &record.watched {
+        *watched.target.lock().unwrap() = summary.history_lengths.get(&watched.id).copied();
+    }
+    finish.store(true, Ordering::SeqCst);
+    let mut logs = Vec::new();
+    for watched in record.watched.drain(..) {
+        logs.push(watched.task.await.expect("a watcher ended without panicking"));
+    }
+    logs
+}
+
+fn reassign_line(measured: &[Duration]) -> String {
+    if measured.is_empty() {
+        return "reassign after kill -9: no agent was running on a killed node".to_string();
+    }
+    let mut sorted = measured.to_vec();
+    sorted.sort_unstable();
+    format!(
+        "reassign after kill -9 (lease {LEASE_MS} ms): {} agents, min {:?}, median {:?}, max {:?}",
+        sorted.len(),
+        sorted[0],
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    )
+}
+
+async fn inject(cluster: &mut TestCluster, fault: &Fault) {
     match fault {
         Fault::Kill9 { node, down } => {
-            cluster.node_mut(node).kill9();
-            tokio::time::sleep(down).await;
-            cluster.node_mut(node).restart();
+            cluster.node_mut(*node).kill9();
+            tokio::time::sleep(*down).await;
+            cluster.node_mut(*node).restart();
         }
         Fault::Pause { node, paused } => {
-            cluster.node_mut(node).freeze();
-            tokio::time::sleep(paused).await;
-            cluster.node_mut(node).thaw();
+            cluster.node_mut(*node).freeze();
+            tokio::time::sleep(*paused).await;
+            cluster.node_mut(*node).thaw();
+        }
+        Fault::Partition { side, cut } => {
+            let lab = cluster.lab.as_ref().expect("a lab");
+            lab.partition(side).expect("cut the partition");
+            tokio::time::sleep(*cut).await;
+            lab.heal().expect("heal the partition");
+        }
+        Fault::OneWay { from, to, cut } => {
+            let lab = cluster.lab.as_ref().expect("a lab");
+            lab.cut(*from, *to).expect("cut one way");
+            tokio::time::sleep(*cut).await;
+            lab.heal().expect("heal the cut");
+        }
+        Fault::SlowLink { regions, faults, slow } => {
+            let lab = cluster.lab.as_ref().expect("a lab");
+            lab.set_link(&regions.0, &regions.1, *faults);
+            tokio::time::sleep(*slow).await;
+            lab.clear_links();
         }
     }
 }

@@ -11,18 +11,31 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::Code;
 
+use super::watch::{WatchLog, Watcher};
 use crate::t18_agent_runs::request;
 
 /// How long one call may take before it counts as unacknowledged (a frozen node answers nothing).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Agents created per run at most: each one is a real machine on a two-core host.
 const MAX_AGENTS: usize = 40;
+/// One agent in this many gets a watcher for the whole run.
+const WATCH_ONE_IN: usize = 3;
 
 pub struct Settings {
     pub endpoints: Vec<String>,
     pub token: String,
     pub repository: String,
     pub seed: u64,
+    /// Set once the run has settled: watchers then deliver the rest and end.
+    pub finish_watching: Arc<AtomicBool>,
+}
+
+/// A watcher's task and the history length it must reach, set once known.
+#[derive(Debug)]
+pub struct Watched {
+    pub id: String,
+    pub target: Arc<std::sync::Mutex<Option<u64>>>,
+    pub task: tokio::task::JoinHandle<WatchLog>,
 }
 
 #[derive(Clone, Debug)]
@@ -42,6 +55,7 @@ pub struct Record {
     pub reads: usize,
     pub unacknowledged: usize,
     pub violations: Vec<String>,
+    pub watched: Vec<Watched>,
 }
 
 pub async fn run(settings: Settings, stop: Arc<AtomicBool>) -> Record {
@@ -67,6 +81,9 @@ pub async fn run(settings: Settings, stop: Arc<AtomicBool>) -> Record {
             match call(client.create_agent(request(&settings.repository, &name, "Write the files"))).await {
                 Ok(reply) => {
                     let agent = reply.agent.expect("create answers with the agent");
+                    if record.creates.len() % WATCH_ONE_IN == 0 {
+                        record.watched.push(watch(&settings, &agent.id, rng.gen()));
+                    }
                     record.creates.push(Created {
                         id: agent.id,
                         name,
@@ -103,6 +120,21 @@ pub async fn run(settings: Settings, stop: Arc<AtomicBool>) -> Record {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
     }
     record
+}
+
+fn watch(settings: &Settings, id: &str, seed: u64) -> Watched {
+    let target = Arc::new(std::sync::Mutex::new(None));
+    let watcher = Watcher {
+        endpoints: settings.endpoints.clone(),
+        token: settings.token.clone(),
+        id: id.to_string(),
+        seed,
+    };
+    Watched {
+        id: id.to_string(),
+        target: target.clone(),
+        task: tokio::spawn(watcher.run(settings.finish_watching.clone(), target)),
+    }
 }
 
 async fn follow_up(client: &mut AgentClient, node: u64, id: &str, record: &mut Record) {
