@@ -19,9 +19,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Not part of `make test`: three real nodes under a seeded schedule of kill -9 and SIGSTOP past
-# the lease while scripted agents work, then a history checker over every node's view. Prints
-# its seed first; `SEED=N make chaos` replays the schedule, `CHAOS_SECS` sets its length.
+# Not part of `make test`: five real nodes in network namespaces under a seeded schedule of
+# kill -9, SIGSTOP past the lease, partitions and slow links while scripted agents work, then a
+# history checker over every node's view and every watch stream. Prints its seed first;
+# `SEED=N make chaos` replays the schedule, `CHAOS_SECS` sets its length, `CHAOS_NODES` the nodes.
 chaos:
 	$(CARGO) build --bin flotilla
 	$(CARGO) nextest run -p flotilla-tests --profile chaos --run-ignored only --no-capture -E 'test(/^t90_chaos::/)'
