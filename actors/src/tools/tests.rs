@@ -260,14 +260,15 @@ mod scenarios {
         let timed_out = machine
             .tool(
                 "run_command",
-                json!({"command": "echo before; sleep 30", "timeout_ms": 500}),
+                // Long enough for `echo` to have run on a loaded machine, far below the sleep.
+                json!({"command": "echo before; sleep 30", "timeout_ms": 3000}),
             )
             .await;
         assert!(timed_out.failed);
         assert!(
             timed_out
                 .content
-                .starts_with("timed out: the command was killed after 500 ms"),
+                .starts_with("timed out: the command was killed after 3000 ms"),
             "{}",
             timed_out.content
         );
