@@ -6,7 +6,9 @@
 //! Only what the leader has itself seen counts, and only for the term it leads: the view is
 //! reset when the monitor first sees this node lead a term, and again after any pause of this
 //! process (a check that comes far later than scheduled: the process was stopped, or starved,
-//! and heard nothing meanwhile). After a reset nothing is judged down for a grace of one lease.
+//! and heard nothing meanwhile), and at every check while this node has heard from no majority
+//! of the members within half a lease (it is cut off itself: the silence it sees is its own).
+//! After a reset nothing is judged down for a grace of one lease.
 //! Each judgement names the term it was made in, and the state machine refuses it in an entry
 //! of any other term; it is proposed on this node only, never forwarded, so a deposed leader's
 //! judgement cannot reach the log through its successor.
@@ -57,6 +59,9 @@ pub enum ResetReason {
     NewTerm(Term),
     /// This check came `gap` after the one before: the process did not run meanwhile.
     Paused { gap: Duration },
+    /// Only `heard` of the `members` (this node included) reported within half a lease: this
+    /// leader is cut off from its majority, and the others' silence says nothing about them.
+    CutOff { heard: usize, members: usize },
 }
 
 /// What one check decided.
@@ -125,6 +130,18 @@ impl LivenessJudge {
             self.reset(now, term);
             return Verdict::Reset(ResetReason::Paused { gap });
         }
+        // Reports of any age count here, even from before the view: they show the links work.
+        let heard = marked
+            .iter()
+            .filter(|(node, _)| last_seen(*node).is_some_and(|seen| now.saturating_duration_since(seen) < self.lease / 2))
+            .count();
+        if heard * 2 <= marked.len() {
+            self.reset(now, term);
+            return Verdict::Reset(ResetReason::CutOff {
+                heard,
+                members: marked.len(),
+            });
+        }
         Verdict::Judged(self.judge(now, term, marked, last_seen))
     }
 
@@ -185,6 +202,8 @@ pub struct LivenessState {
     args: LivenessArgs,
     judge: LivenessJudge,
     ticker: tokio::task::JoinHandle<()>,
+    /// The last check found this leader cut off from its majority.
+    cut_off: bool,
 }
 
 impl Actor for LivenessMonitor {
@@ -199,7 +218,12 @@ impl Actor for LivenessMonitor {
     ) -> Result<LivenessState, ActorProcessingErr> {
         let judge = LivenessJudge::new(args.lease, Instant::now());
         let ticker = ractor::time::send_interval(judge.check_interval(), myself.get_cell(), || LivenessMsg::Check);
-        Ok(LivenessState { args, judge, ticker })
+        Ok(LivenessState {
+            args,
+            judge,
+            ticker,
+            cut_off: false,
+        })
     }
 
     async fn handle(
@@ -221,8 +245,17 @@ impl Actor for LivenessMonitor {
                     .check(Instant::now(), leading_term(replica), &marked, |node| {
                         table.last_seen(node)
                     });
+                let was_cut_off = state.cut_off;
+                state.cut_off = matches!(verdict, Verdict::Reset(ResetReason::CutOff { .. }));
+                if was_cut_off && !state.cut_off {
+                    tracing::info!("a majority reports again; judging after the grace");
+                }
                 match verdict {
                     Verdict::NotLeader => {}
+                    // While cut off, every check resets: say so once.
+                    Verdict::Reset(reason @ ResetReason::CutOff { .. }) if was_cut_off => {
+                        tracing::debug!(?reason, "liveness view reset")
+                    }
                     Verdict::Reset(reason) => {
                         tracing::info!(?reason, "liveness view reset; judging no node down for one lease")
                     }

@@ -82,11 +82,11 @@ fn a_node_silent_for_a_lease_is_judged_down_in_the_leaders_term() {
 #[test]
 fn a_node_that_reports_again_is_judged_up() {
     let mut scenario = Scenario::new();
-    scenario.marked = vec![(1, true), (2, false)];
+    scenario.marked = vec![(1, true), (2, false), (3, true)];
     scenario.check_after(TICK, Some(3), &[]);
-    assert_eq!(scenario.check_after(TICK, Some(3), &[1]), Verdict::Judged(vec![]));
+    assert_eq!(scenario.check_after(TICK, Some(3), &[1, 3]), Verdict::Judged(vec![]));
     assert_eq!(
-        scenario.check_after(TICK, Some(3), &[1, 2]),
+        scenario.check_after(TICK, Some(3), &[1, 2, 3]),
         Verdict::Judged(vec![Command::NodeUpInTerm { node: 2, term: Term(3) }])
     );
 }
@@ -103,18 +103,20 @@ fn a_node_that_is_not_leader_judges_nothing() {
 #[test]
 fn a_new_leader_waits_a_lease_and_counts_only_what_it_received_itself() {
     let mut scenario = Scenario::new();
-    // Node 2 reported long ago, while this node was a follower; node 3 never reported here.
+    scenario.marked = (1..=5).map(|node| (node, true)).collect();
+    // Node 2 reported long ago, while this node was a follower; node 3 never reported here;
+    // nodes 4 and 5 report to the new leader from its election on.
     scenario.seen.insert(2, scenario.now);
     scenario.check_after(LEASE * 5, None, &[]);
     assert_eq!(
-        scenario.check_after(TICK, Some(3), &[1]),
+        scenario.check_after(TICK, Some(3), &[1, 4, 5]),
         Verdict::Reset(ResetReason::NewTerm(Term(3)))
     );
     // Within the grace, no one is judged down, whatever the table says.
-    let downs = scenario.run_for(LEASE - TICK * 2, &[1]);
+    let downs = scenario.run_for(LEASE - TICK * 2, &[1, 4, 5]);
     assert!(downs.is_empty(), "judged down within the grace: {downs:?}");
     // A lease after the election, silent nodes go down.
-    let downs = scenario.run_for(TICK * 2, &[1]);
+    let downs = scenario.run_for(TICK * 2, &[1, 4, 5]);
     let nodes: Vec<&Command> = downs.iter().map(|(_, command)| command).collect();
     assert_eq!(
         nodes,
@@ -172,17 +174,18 @@ fn a_pause_without_reports_after_it_judges_after_a_full_lease_only() {
 #[test]
 fn a_change_of_term_resets_the_view() {
     let mut scenario = Scenario::new();
-    scenario.check_after(TICK, Some(3), &[1, 2, 3]);
-    scenario.run_for(LEASE, &[1, 2, 3]);
+    scenario.marked = (1..=5).map(|node| (node, true)).collect();
+    scenario.check_after(TICK, Some(3), &[1, 2, 3, 4, 5]);
+    scenario.run_for(LEASE, &[1, 2, 3, 4, 5]);
     // Leadership lost and won again: a new term, a new view, and a new grace.
-    assert_eq!(scenario.check_after(TICK, None, &[1]), Verdict::NotLeader);
+    assert_eq!(scenario.check_after(TICK, None, &[1, 4, 5]), Verdict::NotLeader);
     assert_eq!(
-        scenario.check_after(TICK, Some(5), &[1]),
+        scenario.check_after(TICK, Some(5), &[1, 4, 5]),
         Verdict::Reset(ResetReason::NewTerm(Term(5)))
     );
     let mut downs = Vec::new();
     for _ in 0..(LEASE.as_millis() / TICK.as_millis()) {
-        if let Verdict::Judged(commands) = scenario.check_after(TICK, Some(5), &[1]) {
+        if let Verdict::Judged(commands) = scenario.check_after(TICK, Some(5), &[1, 4, 5]) {
             downs.extend(commands);
         }
     }
@@ -193,4 +196,38 @@ fn a_change_of_term_resets_the_view() {
             Command::NodeDownInTerm { node: 3, term: Term(5) },
         ]
     );
+}
+
+#[test]
+fn a_leader_cut_off_from_its_majority_judges_nobody_and_grants_a_grace_once_healed() {
+    let mut scenario = Scenario::new();
+    scenario.marked = (1..=5).map(|node| (node, true)).collect();
+    scenario.check_after(TICK, Some(3), &[1, 2, 3, 4, 5]);
+    assert!(scenario.run_for(LEASE, &[1, 2, 3, 4, 5]).is_empty());
+    // Cut off with node 2 for three leases: only 1 and 2 report, two of five.
+    let mut verdicts = Vec::new();
+    for _ in 0..(LEASE * 3).as_millis() / TICK.as_millis() {
+        verdicts.push(scenario.check_after(TICK, Some(3), &[1, 2]));
+    }
+    assert!(
+        verdicts.iter().all(|verdict| !matches!(verdict, Verdict::Judged(commands) if !commands.is_empty())),
+        "a cut-off leader judged: {verdicts:?}"
+    );
+    assert!(verdicts
+        .iter()
+        .any(|verdict| matches!(verdict, Verdict::Reset(ResetReason::CutOff { heard: 2, members: 5 }))));
+    // Healed, node 5 reports late: it still has a whole lease from the last reset.
+    let downs = scenario.run_for(LEASE - TICK, &[1, 2, 3, 4]);
+    assert!(downs.is_empty(), "judged down within the grace after the heal: {downs:?}");
+    assert!(scenario.run_for(LEASE, &[1, 2, 3, 4, 5]).is_empty());
+}
+
+#[test]
+fn a_short_cut_off_below_half_a_lease_judges_nobody() {
+    let mut scenario = Scenario::new();
+    scenario.check_after(TICK, Some(3), &[1, 2, 3]);
+    assert!(scenario.run_for(LEASE, &[1, 2, 3]).is_empty());
+    // Nobody reports for a little under half a lease: no reset, and nobody silent for a lease.
+    assert!(scenario.run_for(LEASE / 2 - TICK, &[1]).is_empty());
+    assert!(scenario.run_for(LEASE, &[1, 2, 3]).is_empty());
 }

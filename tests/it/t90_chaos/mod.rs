@@ -28,7 +28,10 @@ use crate::t18_agent_runs::{config_with, scripted_model};
 const LEASE_MS: u64 = 2_000;
 const DEFAULT_NODE_COUNT: usize = 5;
 const DEFAULT_CHAOS_SECS: u64 = 120;
-/// How long a faulted node may take to be back, serving and seen up by every node.
+/// How long the cluster may take, once a fault is lifted, to be whole again (every node serving,
+/// a leader, every member up); longer is a violation (a slow start or a slow judgement).
+const RECOVERY_BOUND: Duration = Duration::from_secs(30);
+/// How long the run waits for that before it gives up on the cluster.
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(120);
 /// Scripted turns: pairs of (write a file, answer), so that a run ends after each answer unless a
 /// follow-up is pending; long enough for every follow-up a run sends.
@@ -234,6 +237,7 @@ async fn chaos() {
     let mut injected: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut windows: Vec<check::FaultWindow> = Vec::new();
     let mut violations = Vec::new();
+    let mut recoveries = Vec::new();
     let started = Instant::now();
     while started.elapsed() < duration {
         let (quiet, fault) = draw_fault(&mut rng, node_count, &region_pairs);
@@ -243,7 +247,16 @@ async fn chaos() {
         *injected.entry(fault.kind()).or_default() += 1;
         let from = SystemTime::now();
         inject(&mut cluster, &fault).await;
+        let lifted = Instant::now();
         let back = wait_until_all_up(&endpoints, &token).await;
+        let recovery = lifted.elapsed();
+        recoveries.push(recovery);
+        if back.is_ok() && recovery > RECOVERY_BOUND {
+            violations.push(format!(
+                "after {}: the cluster took {recovery:?} to be whole again (bound {RECOVERY_BOUND:?})",
+                fault.describe()
+            ));
+        }
         for node in fault.silenced() {
             windows.push(check::FaultWindow {
                 node,
@@ -312,6 +325,7 @@ async fn chaos() {
         watch_logs.iter().map(|log| log.last).sum::<u64>()
     );
     println!("{}", reassign_line(&summary.reassign));
+    println!("{}", figures_line("whole again after a fault was lifted", &recoveries));
     println!("violations: {}", violations.len());
     for violation in &violations {
         println!("  VIOLATION: {violation}");
@@ -344,10 +358,17 @@ fn reassign_line(measured: &[Duration]) -> String {
     if measured.is_empty() {
         return "reassign after kill -9: no agent was running on a killed node".to_string();
     }
+    figures_line(&format!("reassign after kill -9 (lease {LEASE_MS} ms), agents"), measured)
+}
+
+fn figures_line(what: &str, measured: &[Duration]) -> String {
+    if measured.is_empty() {
+        return format!("{what}: none");
+    }
     let mut sorted = measured.to_vec();
     sorted.sort_unstable();
     format!(
-        "reassign after kill -9 (lease {LEASE_MS} ms): {} agents, min {:?}, median {:?}, max {:?}",
+        "{what}: {} samples, min {:?}, median {:?}, max {:?}",
         sorted.len(),
         sorted[0],
         sorted[sorted.len() / 2],
