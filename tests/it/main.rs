@@ -19,6 +19,7 @@ mod t25_membership;
 mod t30_failover;
 mod t32_leader_pause;
 mod t32_ready_and_handover;
+mod t33_clean_stop;
 mod t40_watch_across_nodes;
 mod t42_reads_through_any_node;
 mod t50_machines;
