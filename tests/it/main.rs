@@ -22,6 +22,7 @@ mod t32_ready_and_handover;
 mod t33_clean_stop;
 mod t40_watch_across_nodes;
 mod t42_reads_through_any_node;
+mod t43_tokens_through_any_node;
 mod t50_machines;
 mod t52_machines_outlive_no_node;
 mod t55_plugins;
