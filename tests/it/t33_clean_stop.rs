@@ -106,7 +106,7 @@ async fn a_node_stopped_cleanly_hands_its_agents_over_and_fails_none() {
             Some("noted\n"),
             "{id}"
         );
-        let assignment = agent.assignment.clone().expect("assigned");
+        let assignment = agent.assignment.expect("assigned");
         if moved.contains(id) {
             assert_ne!(assignment.node_id, victim, "{id} finished on the stopped node");
             assert_eq!(assignment.epoch, 2, "{id} was taken over once");
@@ -160,7 +160,7 @@ async fn wait_for_all_in_their_second_turn(endpoint: &str, token: &str, ids: &[S
             let mut placed = Placements::new();
             for id in &ids {
                 let agent = get(&mut client, id).await?;
-                let assignment = agent.assignment.clone()?;
+                let assignment = agent.assignment?;
                 let in_second_turn = status_of(&agent) == v1::AgentStatus::Running && agent.turns == 1;
                 assert!(
                     agent.turns <= 1,
