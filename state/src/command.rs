@@ -264,6 +264,13 @@ pub enum Command {
         node: NodeId,
         term: Term,
     },
+    /// Written by a node that stops cleanly, before its machines go: its live agents go back to
+    /// pending with the reason, to be placed on other nodes under the next epoch (which fences
+    /// whatever this node still writes for them), and it takes no agents until it registers
+    /// again (`RegisterNode`, on its next start).
+    NodeStopping {
+        node: NodeId,
+    },
 }
 
 impl Command {
@@ -371,6 +378,7 @@ impl Command {
             Command::CheckOwner { .. } => "check-owner",
             Command::NodeDownInTerm { .. } => "node-down-in-term",
             Command::NodeUpInTerm { .. } => "node-up-in-term",
+            Command::NodeStopping { .. } => "node-stopping",
         }
     }
 }

@@ -48,6 +48,8 @@ pub enum InvariantViolation {
     LiveAgentOnUnknownNode { agent: AgentId, node: NodeId },
     #[error("live agent {agent} is assigned to node {node}, which is down")]
     LiveAgentOnDownNode { agent: AgentId, node: NodeId },
+    #[error("live agent {agent} is assigned to node {node}, which is stopping")]
+    LiveAgentOnStoppingNode { agent: AgentId, node: NodeId },
     #[error("agent {agent} has {found} follow-ups; the most is {MAX_FOLLOW_UPS_PER_AGENT}")]
     TooManyFollowUps { agent: AgentId, found: usize },
     #[error("agent {agent} has taken {delivered} follow-ups into turns but received {received}")]
@@ -204,6 +206,8 @@ pub enum InvariantViolation {
         before: u64,
         after: u64,
     },
+    #[error("node {node} was stopping and a {command} took the mark off; only its registration does")]
+    StoppingMarkClearedWithoutRegistration { node: NodeId, command: &'static str },
 }
 
 /// Checks every invariant of one state; the first broken one is the error.
@@ -246,6 +250,12 @@ fn check_agent(state: &ClusterState, key: AgentId, agent: &AgentRecord) -> Resul
             }
             Some(node) if !node.up => {
                 return Err(InvariantViolation::LiveAgentOnDownNode {
+                    agent: id,
+                    node: assignment.node,
+                })
+            }
+            Some(node) if node.stopping => {
+                return Err(InvariantViolation::LiveAgentOnStoppingNode {
                     agent: id,
                     node: assignment.node,
                 })
@@ -672,7 +682,36 @@ pub fn check_transition(
         check_counters(*id, old, new)?;
         check_pushed_commit(*id, old, new, command)?;
     }
+    check_stopping_marks(before, command, after)
+}
+
+/// A stopping node takes agents again only once it registers (on its next start): no other
+/// command, a node reporting up included, takes the mark off.
+fn check_stopping_marks(
+    before: &ClusterState,
+    command: &Command,
+    after: &ClusterState,
+) -> Result<(), InvariantViolation> {
+    let registered = nodes_registered(command);
+    for (id, old) in &before.nodes {
+        let cleared = old.stopping && after.nodes.get(id).is_some_and(|new| !new.stopping);
+        if cleared && !registered.contains(id) {
+            return Err(InvariantViolation::StoppingMarkClearedWithoutRegistration {
+                node: *id,
+                command: command.name(),
+            });
+        }
+    }
     Ok(())
+}
+
+/// The nodes a request registers, batches included.
+fn nodes_registered(command: &Command) -> BTreeSet<NodeId> {
+    match command {
+        Command::RegisterNode { node, .. } => BTreeSet::from([*node]),
+        Command::Batch { commands } => commands.iter().flat_map(nodes_registered).collect(),
+        _ => BTreeSet::new(),
+    }
 }
 
 /// The record of the work branch moves only by a write of the agent's owner under its current

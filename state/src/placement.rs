@@ -82,7 +82,7 @@ pub fn placement_input(state: &ClusterState, max_pending: usize) -> (Vec<Candida
     let candidates: Vec<Candidate> = state
         .nodes
         .values()
-        .filter(|node| node.up && !node.draining)
+        .filter(|node| node.takes_agents())
         .map(|node| Candidate {
             node: node.id,
             region: node.info.region.clone(),

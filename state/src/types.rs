@@ -291,6 +291,17 @@ pub struct NodeRecord {
     pub draining: bool,
     /// When the leader last wrote a liveness change for this node.
     pub changed_at_ms: u64,
+    /// The node is stopping cleanly (`NodeStopping`): it takes no agents until it registers
+    /// again on its next start. Apart from `draining`, which an admin sets and clears.
+    #[serde(default)]
+    pub stopping: bool,
+}
+
+impl NodeRecord {
+    /// Whether placement may give this node agents: up, not drained by an admin, not stopping.
+    pub fn takes_agents(&self) -> bool {
+        self.up && !self.draining && !self.stopping
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -164,6 +164,10 @@ enum Step {
     NodeUp {
         node: NodeId,
     },
+    /// A node stopping cleanly hands its agents back.
+    NodeStopping {
+        node: NodeId,
+    },
     /// A leader's judgement of a node (`NodeDownInTerm` or `NodeUpInTerm`) naming `term`.
     Judge {
         node: NodeId,
@@ -456,6 +460,7 @@ impl Step {
             },
             Step::NodeDown { node } => Command::NodeDown { node: *node },
             Step::NodeUp { node } => Command::NodeUp { node: *node },
+            Step::NodeStopping { node } => Command::NodeStopping { node: *node },
             Step::SetDraining { node, draining } => Command::SetDraining {
                 node: *node,
                 draining: *draining,
@@ -697,6 +702,7 @@ fn node_step() -> impl Strategy<Value = Step> {
         3 => (node(), 0..4u32).prop_map(|(node, slots)| Step::RegisterNode { node, slots }),
         2 => node().prop_map(|node| Step::NodeDown { node }),
         2 => node().prop_map(|node| Step::NodeUp { node }),
+        2 => node().prop_map(|node| Step::NodeStopping { node }),
         3 => (node(), any::<bool>(), term_choice()).prop_map(|(node, down, term)| Step::Judge { node, down, term }),
         1 => Just(Step::Elect),
         1 => (node(), any::<bool>()).prop_map(|(node, draining)| Step::SetDraining { node, draining }),
@@ -807,6 +813,7 @@ impl World {
             }
         } else {
             self.check_judgement(&command, &result, true)?;
+            self.check_stopping(&command, &result)?;
         }
         self.check_one_owner_per_epoch()?;
         Ok(Some(result))
@@ -881,6 +888,31 @@ impl World {
                 "a node judged down still owns live agents"
             );
         }
+        Ok(())
+    }
+
+    /// A node that stops is marked stopping, owns no live agent, and is not given one (the
+    /// invariants hold that for every later state until it registers again).
+    fn check_stopping(&self, command: &Command, result: &ApplyResult) -> Result<(), TestCaseError> {
+        let Command::NodeStopping { node } = command else {
+            return Ok(());
+        };
+        if !self.state.nodes.contains_key(node) {
+            prop_assert_eq!(result, &Err(ApplyError::NodeNotFound(*node)));
+            return Ok(());
+        }
+        prop_assert!(
+            result.is_ok(),
+            "{:?} of a registered node refused: {:?}",
+            command,
+            result
+        );
+        prop_assert!(self.state.nodes[node].stopping, "{:?} left the node unmarked", command);
+        prop_assert_eq!(
+            self.state.active_on(*node).count(),
+            0,
+            "a stopping node still owns live agents"
+        );
         Ok(())
     }
 

@@ -23,13 +23,13 @@ const HANDOVER_BOUND: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(50);
 
 /// The leader `endpoint` knows, if it knows one.
-async fn leader_seen_by(endpoint: &str, token: &str) -> Option<u64> {
+pub(crate) async fn leader_seen_by(endpoint: &str, token: &str) -> Option<u64> {
     let view = try_get_cluster(endpoint, token).await?;
     (view.leader_id != 0).then_some(view.leader_id)
 }
 
 /// Waits until every node of `ids` names the same leader, and returns it.
-async fn agreed_leader(cluster: &TestCluster, ids: &[u64]) -> u64 {
+pub(crate) async fn agreed_leader(cluster: &TestCluster, ids: &[u64]) -> u64 {
     let token = cluster.admin_token();
     let endpoints: Vec<String> = ids.iter().map(|id| cluster.node(*id).endpoint()).collect();
     wait_for(&format!("nodes {ids:?} to agree on a leader"), DEADLINE, || {

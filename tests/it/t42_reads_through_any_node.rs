@@ -12,7 +12,7 @@ use tokio_stream::StreamExt;
 use crate::common::{create, status_of, DEADLINE};
 
 /// Indices (into `cluster.nodes`) of the leader and of the two followers.
-async fn leader_and_followers(cluster: &TestCluster, token: &str) -> (usize, [usize; 2]) {
+pub(crate) async fn leader_and_followers(cluster: &TestCluster, token: &str) -> (usize, [usize; 2]) {
     let endpoint = cluster.nodes[0].endpoint();
     let leader = wait_for("a leader all three nodes agree on", DEADLINE, || {
         let (endpoint, token) = (endpoint.clone(), token.to_string());

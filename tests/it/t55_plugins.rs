@@ -20,20 +20,27 @@ use tonic::Code;
 
 /// Writes `command` through node 1's internal `ForwardWrite` (node 1 leads a one-node cluster).
 async fn write_through_raft(cluster: &TestCluster, command: Command) -> ApplyResult {
+    write_through_node(cluster, 0, command).await
+}
+
+/// Writes `command` through the internal `ForwardWrite` of `cluster.nodes[index]`, which must
+/// lead, with the cluster secret, as a node's own write reaches the leader.
+pub(crate) async fn write_through_node(cluster: &TestCluster, index: usize, command: Command) -> ApplyResult {
     let peers = Peers::new(&cluster.secret);
+    let node = &cluster.nodes[index];
     let mut client = peers
-        .client(&cluster.nodes[0].endpoint())
-        .expect("an internal client for node 1");
+        .client(&node.endpoint())
+        .unwrap_or_else(|error| panic!("an internal client for node {}: {error}", node.id));
     let reply = client
         .forward_write(peers.request(RaftPayload {
             data: encode(&Request::new(command)),
         }))
         .await
-        .unwrap_or_else(|status| panic!("ForwardWrite to node 1 failed: {status}"))
+        .unwrap_or_else(|status| panic!("ForwardWrite to node {} failed: {status}", node.id))
         .into_inner();
     match decode::<ForwardReply>(&reply.data).expect("a forward reply") {
         ForwardReply::Applied { result, .. } => result,
-        other => panic!("node 1 did not apply the write: {other:?}"),
+        other => panic!("node {} did not apply the write: {other:?}", node.id),
     }
 }
 

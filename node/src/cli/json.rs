@@ -109,6 +109,7 @@ pub(crate) fn member(member: &Member) -> Value {
         "role": raft_role(member.role),
         "up": member.up,
         "draining": member.draining,
+        "stopping": member.stopping,
         "slots": member.slots,
         "slots_in_use": member.slots_in_use,
         "voter": member.voter,

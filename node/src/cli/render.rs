@@ -182,7 +182,8 @@ pub(crate) fn cluster(cluster: &Cluster) -> String {
             or_dash(&member.region).to_string(),
             short_role(member.role),
             yes_no(member.voter).to_string(),
-            yes_no(member.up).to_string(),
+            // A node stopping cleanly is still up but takes no agents.
+            if member.stopping { "stopping" } else { yes_no(member.up) }.to_string(),
             yes_no(member.draining).to_string(),
             format!("{}/{}", member.slots_in_use, member.slots),
         ]);

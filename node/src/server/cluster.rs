@@ -54,6 +54,7 @@ impl ClusterApi {
                         voter: voters.contains(&node.id),
                         last_seen: Some(convert::timestamp(node.changed_at_ms)),
                         labels: node.info.labels.clone().into_iter().collect(),
+                        stopping: node.stopping,
                     }
                 })
                 .collect()

@@ -47,6 +47,10 @@ const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a stopping node waits for its actors (and so its machines) to stop before it
 /// sweeps whatever machines are left.
 const SHUTDOWN_ACTORS_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stopping node tries to hand its agents back (`NodeStopping`). Past it (no leader,
+/// no quorum) the node stops anyway and its agents move once its lease runs out, as after a
+/// crash.
+const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Waits between `Join` calls; `JOIN_DEADLINE` bounds the whole.
 const JOIN_RETRY: RetryPolicy = RetryPolicy {
     first_delay_ms: 100,
@@ -236,9 +240,15 @@ async fn register_self(replica: &Replica, info: NodeInfo) {
     let me = replica.node_id();
     let mut delays = REGISTER_RETRY.delays();
     loop {
-        let current = replica
-            .reader()
-            .read(|state| state.nodes.get(&me).map(|node| node.info.clone()));
+        // A node that stopped cleanly registers again even when nothing it declares changed:
+        // that takes its stopping mark off, so it gets agents again.
+        let current = replica.reader().read(|state| {
+            state
+                .nodes
+                .get(&me)
+                .filter(|node| !node.stopping)
+                .map(|node| node.info.clone())
+        });
         if current.as_ref() == Some(&info) {
             return;
         }
@@ -386,9 +396,15 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     tracing::info!(node = node_id, "node is ready");
 
     wait_for_shutdown(supervisor_handle).await?;
-    stop_leading(&replica, &health).await;
+    let stopping = std::time::Instant::now();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    hand_agents_back(&replica).await;
+    stop_leading(&replica).await;
     // The supervisor's children (agents, their machine actors) destroy their machines as they
-    // stop; whatever is left after the wait is destroyed by the driver's sweep.
+    // stop; whatever is left after the wait is destroyed by the driver's sweep. The agents
+    // handed back are fenced here already: whatever their runs still try to write is refused.
     let stopped = supervisor
         .stop_and_wait(Some("node shutting down".to_string()), Some(SHUTDOWN_ACTORS_TIMEOUT))
         .await;
@@ -400,6 +416,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     mesh.shutdown().await;
     replica.shutdown().await;
+    tracing::info!(elapsed_ms = stopping.elapsed().as_millis() as u64, "node stopped");
     Ok(())
 }
 
@@ -470,12 +487,40 @@ async fn become_ready(
     Ok(())
 }
 
-/// The first step of a clean stop: never campaign again, and hand leadership to a follower if
+/// The first step of a clean stop, before any machine goes: the node takes no new agents and
+/// its live agents go back to pending (`NodeStopping`), so that other nodes take them over from
+/// their last checkpoint under the next epoch at once, not after the lease, and this node's runs
+/// end without recording anything (their writes are fenced from here on). Bounded: with no
+/// leader the node stops as before and its agents move after its lease.
+async fn hand_agents_back(replica: &Replica) {
+    let started = std::time::Instant::now();
+    let node = replica.node_id();
+    let written = tokio::time::timeout(HAND_BACK_TIMEOUT, replica.write(Command::NodeStopping { node })).await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match written {
+        Ok(Ok(flotilla_raft::Response::Requeued(agents))) => {
+            tracing::info!(
+                agents = agents.len(),
+                elapsed_ms,
+                "handed this node's agents back for other nodes to take over"
+            )
+        }
+        Ok(Ok(other)) => tracing::warn!(?other, "handing this node's agents back got an unexpected answer"),
+        Ok(Err(error)) => tracing::warn!(
+            %error,
+            elapsed_ms,
+            "could not hand this node's agents back; they move once its lease runs out"
+        ),
+        Err(_) => tracing::warn!(
+            timeout_ms = HAND_BACK_TIMEOUT.as_millis() as u64,
+            "handing this node's agents back was not answered in time (no leader?); they move once its lease runs out"
+        ),
+    }
+}
+
+/// The next step of a clean stop: never campaign again, and hand leadership to a follower if
 /// this node leads, while it still serves (its agents' last writes go to the new leader).
-async fn stop_leading(replica: &Replica, health: &tonic_health::server::HealthReporter) {
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+async fn stop_leading(replica: &Replica) {
     match replica.hand_over_leadership().await {
         flotilla_raft::Handover::NotLeader => {}
         flotilla_raft::Handover::Handed { to, elapsed } => {
@@ -568,9 +613,7 @@ async fn serve(
         liveness,
         health: health_reporter,
     } = services;
-    let bearer = auth::BearerAuth {
-        state: replica.reader().clone(),
-    };
+    let tokens = auth::TokenCheck::new(replica.clone());
     let cluster_auth = auth::ClusterAuth {
         proof: flotilla_raft::network::cluster_proof(&secret),
     };
@@ -601,18 +644,9 @@ async fn serve(
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            agent_service,
-            bearer.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            cluster_service,
-            bearer.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            admin_service,
-            bearer,
-        ))
+        .add_service(auth::Authenticated::new(agent_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(cluster_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(admin_service, tokens))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             internal_service,
             cluster_auth,

@@ -28,7 +28,7 @@ fn assign_one(state: &mut ClusterState, changes: &mut Changes, one: &AssignOne, 
     let node_ok = state
         .nodes
         .get(&one.node)
-        .map(|node| node.up && !node.draining)
+        .map(|node| node.takes_agents())
         .unwrap_or(false);
     let Some(record) = state.agents.get_mut(&one.agent) else {
         return false;
@@ -65,8 +65,8 @@ fn assign_one(state: &mut ClusterState, changes: &mut Changes, one: &AssignOne, 
     true
 }
 
-/// Sends every live agent a node owns back to pending, unassigned (the node went down or was
-/// removed). Answers with the agents it re-queued.
+/// Sends every live agent a node owns back to pending, unassigned (the node went down, was
+/// removed, or is stopping). Answers with the agents it re-queued.
 pub(super) fn requeue_agents_of(
     state: &mut ClusterState,
     changes: &mut Changes,

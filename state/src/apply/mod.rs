@@ -89,6 +89,7 @@ fn apply_command(
         | Command::SetDraining { .. }
         | Command::NodeDown { .. }
         | Command::NodeUp { .. }
+        | Command::NodeStopping { .. }
         | Command::RecordInstallLayer { .. } => nodes::apply_node_command(state, changes, at_ms, command),
         Command::NodeDownInTerm { .. } | Command::NodeUpInTerm { .. } => {
             nodes::apply_judged_node_command(state, changes, at_ms, term, command)

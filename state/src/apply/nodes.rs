@@ -1,6 +1,6 @@
 //! Node commands: node ids, registration, liveness (up, down, draining), removal, and the
-//! install layers a node holds. A node that goes down or is removed loses its live agents
-//! back to pending (see `assignments::requeue_agents_of`).
+//! install layers a node holds. A node that goes down, is removed or stops cleanly loses its
+//! live agents back to pending (see `assignments::requeue_agents_of`).
 
 use super::assignments::requeue_agents_of;
 use super::not_in_family;
@@ -22,6 +22,7 @@ pub(super) fn apply_node_command(
         Command::SetDraining { node, draining } => set_draining(state, changes, *node, *draining),
         Command::NodeDown { node } => node_down(state, changes, at_ms, *node),
         Command::NodeUp { node } => node_up(state, changes, at_ms, *node),
+        Command::NodeStopping { node } => node_stopping(state, changes, at_ms, *node),
         Command::RecordInstallLayer { node, repository } => record_install_layer(state, changes, *node, repository),
         other => not_in_family("node", other),
     }
@@ -68,7 +69,8 @@ fn reserve_node_id(state: &mut ClusterState, changes: &mut Changes) -> ApplyResu
     Ok(Response::NodeId(state.highest_node_id))
 }
 
-/// Adds a node (up, not draining) or updates what a known node declares.
+/// Adds a node (up, not draining) or updates what a known node declares. A node registers on
+/// every start after a clean stop, which makes it take agents again.
 fn register_node(
     state: &mut ClusterState,
     changes: &mut Changes,
@@ -86,8 +88,10 @@ fn register_node(
         up: true,
         draining: false,
         changed_at_ms: at_ms,
+        stopping: false,
     });
     record.info = info.clone();
+    record.stopping = false;
     let record = record.clone();
     changes.nodes.insert(node);
     Ok(Response::Node(record))
@@ -125,6 +129,19 @@ fn node_down(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, node: 
         changes.nodes.insert(node);
     }
     let requeued = requeue_agents_of(state, changes, node, at_ms, &format!("node {node} down"));
+    Ok(Response::Requeued(requeued))
+}
+
+/// A node stops cleanly: it takes no agents until it registers again, and its live agents go
+/// back to pending now rather than when its lease runs out. Only a registration clears the
+/// mark, not `NodeUp`: a stopping node still reports while it winds down.
+fn node_stopping(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, node: NodeId) -> ApplyResult {
+    let record = state.nodes.get_mut(&node).ok_or(ApplyError::NodeNotFound(node))?;
+    if !record.stopping {
+        record.stopping = true;
+        changes.nodes.insert(node);
+    }
+    let requeued = requeue_agents_of(state, changes, node, at_ms, &format!("node {node} stopping"));
     Ok(Response::Requeued(requeued))
 }
 

@@ -60,7 +60,10 @@ pub async fn check(
                 summary.finished += 1;
                 check_pushed(repository, agent, &mut summary);
             }
-            v1::AgentStatus::Stopped => summary.stopped += 1,
+            v1::AgentStatus::Stopped => {
+                summary.stopped += 1;
+                check_pushed(repository, agent, &mut summary);
+            }
             _ => {
                 summary.failed += 1;
                 summary
@@ -190,7 +193,8 @@ fn check_lists(views: &[Vec<(String, String)>], record: &Record, summary: &mut S
     }
 }
 
-/// The origin's branch of a FINISHED agent is at its recorded pushed commit.
+/// The origin's branch of an ended agent is at its recorded pushed commit, and an agent that
+/// recorded no push has no branch there: a push the cluster did not record is a violation.
 fn check_pushed(repository: &str, agent: &v1::Agent, summary: &mut Summary) {
     let origin = repository.strip_prefix("file://").expect("a file:// origin");
     let output = std::process::Command::new("git")
@@ -204,8 +208,12 @@ fn check_pushed(repository: &str, agent: &v1::Agent, summary: &mut Summary) {
         .to_string();
     if at_origin != agent.pushed_commit {
         summary.violations.push(format!(
-            "agent {} FINISHED with pushed commit {:?} but the origin's {} is at {:?}",
-            agent.id, agent.pushed_commit, agent.work_branch, at_origin
+            "agent {} ended {:?} with pushed commit {:?} but the origin's {} is at {:?}",
+            agent.id,
+            status_of(agent),
+            agent.pushed_commit,
+            agent.work_branch,
+            at_origin
         ));
     }
 }

@@ -145,3 +145,53 @@ fn a_stale_judgement_in_a_batch_is_refused_on_its_own() {
     assert!(state.nodes[&1].up);
     assert!(!state.nodes[&2].up);
 }
+
+#[test]
+fn a_stopping_node_hands_its_agents_back_and_takes_none_until_it_registers() {
+    let mut state = with_nodes(2);
+    let id = running(&mut state, "a", 1);
+    let result = run(&mut state, Command::NodeStopping { node: 1 });
+    assert_eq!(result, Ok(Response::Requeued(vec![id])));
+    assert!(state.nodes[&1].stopping && state.nodes[&1].up, "stopping, still up");
+    assert_eq!(state.agents[&id].status, AgentStatus::Pending);
+    assert!(matches!(
+        event_kinds_after(&state, id, 0).last(),
+        Some(EventKind::StatusChanged { reason, .. }) if reason == "node 1 stopping"
+    ));
+    // Not placed on the stopping node, even when it reports up; taken over by another.
+    assert!(assign(&mut state, id, 1, 2).is_empty(), "a stopping node takes nothing");
+    run(&mut state, Command::NodeUp { node: 1 }).unwrap();
+    assert!(state.nodes[&1].stopping, "reporting up does not clear the mark");
+    assert_eq!(assign(&mut state, id, 2, 2), vec![id]);
+    // The old owner's writes under epoch 1 are refused.
+    let stale = run(&mut state, set_status(id, 1, 1, AgentStatus::Failed, None));
+    assert!(matches!(stale, Err(ApplyError::Fenced { .. })));
+    // Its next start registers it: it takes agents again.
+    let info = state.nodes[&1].info.clone();
+    run(&mut state, Command::RegisterNode { node: 1, info }).unwrap();
+    assert!(!state.nodes[&1].stopping);
+    let other = create(&mut state, "b");
+    assert_eq!(assign(&mut state, other, 1, 1), vec![other]);
+}
+
+#[test]
+fn a_stopping_mark_is_kept_apart_from_draining() {
+    let mut state = with_nodes(2);
+    run(
+        &mut state,
+        Command::SetDraining {
+            node: 1,
+            draining: true,
+        },
+    )
+    .unwrap();
+    run(&mut state, Command::NodeStopping { node: 1 }).unwrap();
+    let info = state.nodes[&1].info.clone();
+    run(&mut state, Command::RegisterNode { node: 1, info }).unwrap();
+    assert!(state.nodes[&1].draining, "an admin's drain outlives a restart");
+    assert!(!state.nodes[&1].stopping);
+    assert_eq!(
+        run(&mut state, Command::NodeStopping { node: 7 }),
+        Err(ApplyError::NodeNotFound(7))
+    );
+}
