@@ -196,12 +196,17 @@ impl RepoState {
     /// Moves the origin's fence of the agent to `fence`'s epoch, on its own (a new owner does
     /// this first): from then on no older owner's push moves the branch. Refused when the fence
     /// is a later owner's.
-    pub(super) async fn take_fence(&self, fence: OwnerFence) -> Result<(), RepoError> {
+    pub(super) async fn take_fence(&mut self, fence: OwnerFence) -> Result<(), RepoError> {
+        let url = self.args.url.clone();
         let failed = |message: String| RepoError::Fence {
-            url: self.args.url.clone(),
+            url: url.clone(),
             fence_ref: fence.ref_name(),
             message,
         };
+        if !self.cloned {
+            // The fence objects are written into the mirror, which may not exist yet.
+            self.refresh().await.map_err(|error| failed(error.to_string()))?;
+        }
         let format = self.object_format().await.map_err(failed)?;
         let name = fence.ref_name();
         let found = self.list_origin(&[&name]).await.map_err(failed)?;

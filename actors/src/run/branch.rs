@@ -254,3 +254,7 @@ pub(super) async fn confirm(context: &RunContext, live: &Live) -> Result<(), Bra
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "branch_tests.rs"]
+mod tests;
