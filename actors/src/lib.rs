@@ -14,6 +14,7 @@ pub mod machine;
 pub mod mesh;
 pub mod metrics;
 pub mod model;
+pub mod origin_fence;
 pub mod push_bundle;
 pub mod repo;
 pub mod repo_url;

@@ -13,6 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sha2::{Digest, Sha256};
 use tokio::process::Command as Process;
 
+use crate::origin_fence::{ObjectFormat, OwnerFence};
 use crate::push_bundle::{self, PushSource};
 use crate::repo_url::{allowed_git_protocols, RepositoryPolicy, RepositoryUrlRefused};
 use crate::vcs::{GitOrigin, VcsProviders};
@@ -66,6 +67,21 @@ pub enum RepoError {
         url: String,
         branch: String,
         recorded: Option<String>,
+        message: String,
+    },
+    /// The origin's fence of the agent is a later owner's (or no owner's): this owner lost the
+    /// agent, and the origin refused its push whole.
+    #[error("the origin {url} refused the push: its {fence_ref} is at {found}, not the fence of epoch {epoch}: a later owner holds the agent")]
+    Fenced {
+        url: String,
+        fence_ref: String,
+        epoch: u64,
+        found: String,
+    },
+    #[error("cannot move the fence {fence_ref} at {url}: {message}")]
+    Fence {
+        url: String,
+        fence_ref: String,
         message: String,
     },
 }
@@ -257,8 +273,10 @@ pub enum RepoMsg {
     /// Take `branch` from what the machine made of it (`source`: a bundle over `base` beneath
     /// `workspace`, the machine's `/workspace` as the node sees it) into the mirror and push it
     /// to the origin, leased on `lease` (the recorded commit; `None`: the branch must not exist).
-    /// `base` is the commit the workspace was made at. Answers the commit pushed.
+    /// `base` is the commit the workspace was made at. The push moves `fence` with the branch,
+    /// atomically (see [`crate::origin_fence`]). Answers the commit pushed.
     Push {
+        fence: OwnerFence,
         workspace: PathBuf,
         branch: String,
         base: String,
@@ -275,10 +293,16 @@ pub enum RepoMsg {
     /// mirror under its ref, and moves the origin's branch back to `recorded` (deletes it when
     /// `None`), leased on that commit; with `found` `None`, leased on the branch being absent.
     Restore {
+        fence: OwnerFence,
         branch: String,
         recorded: Option<String>,
         /// The commit found, and the ref to keep it under.
         found: Option<(String, String)>,
+        reply: RpcReplyPort<Result<(), RepoError>>,
+    },
+    /// Moves the origin's fence of the agent to `fence`'s epoch (what a new owner does first).
+    TakeFence {
+        fence: OwnerFence,
         reply: RpcReplyPort<Result<(), RepoError>>,
     },
 }
@@ -511,6 +535,7 @@ impl RepoState {
     /// git on the node.
     async fn push(
         &mut self,
+        fence: OwnerFence,
         workspace: &Path,
         branch: &str,
         base: &str,
@@ -534,39 +559,23 @@ impl RepoState {
             )
             .await
             .map_err(|error| failed(error.to_string()))?;
-            let origin = self.origin().await.map_err(|error| failed(error.to_string()))?;
-            // The lease is the record's commit: the origin takes the push only while its branch
-            // is where the record says, so an owner that lost the agent cannot move it.
-            let pushed = git_with(
-                &[
-                    "push",
-                    "--quiet",
-                    "--no-verify",
-                    &fence::lease_option(branch, lease),
-                    &origin.url,
-                    &format!("{staging}:refs/heads/{branch}"),
-                ],
-                Some(&mirror),
-                &origin.env,
-            )
-            .await;
+            let format =
+                ObjectFormat::of_id(&commit).ok_or_else(|| failed(format!("{commit:?} is not an object id")))?;
+            // The lease is the record's commit and the fence the owner's epoch: the origin takes
+            // the push only while its branch is where the record says and no later owner has
+            // moved the fence, so an owner that lost the agent cannot move the branch.
+            let pushed = self.push_with_fence(format, fence, branch, lease, &commit).await;
             if let Err(error) = pushed {
                 // The commits stay on this node, where an operator can still push them.
                 let kept = format!("refs/flotilla/kept/{branch}");
                 let _ = git(&["update-ref", &kept, &commit], Some(&mirror)).await;
-                let found = self.branch_at_origin(branch).await.ok();
-                if let Some(found) = found.filter(|found| found.as_deref() != lease) {
-                    return Err(RepoError::LeaseLost {
-                        url: self.args.url.clone(),
-                        branch: branch.to_string(),
-                        expected: lease.map(str::to_string),
-                        found,
-                    });
-                }
-                return Err(failed(format!(
-                    "{error} (commit {commit} is kept in the mirror {} as {kept})",
-                    mirror.display()
-                )));
+                return Err(match error {
+                    fence::FencedPushError::Git(error) => failed(format!(
+                        "{error} (commit {commit} is kept in the mirror {} as {kept})",
+                        mirror.display()
+                    )),
+                    refused => self.fence_error(fence, branch, lease, refused),
+                });
             }
             // The mirror now knows the pushed commit, so a workspace made here resumes from it.
             let _ = git(&["update-ref", &format!("refs/heads/{branch}"), &commit], Some(&mirror)).await;
@@ -665,6 +674,7 @@ impl Actor for RepoActor {
                 let _ = reply.send(result);
             }
             RepoMsg::Push {
+                fence,
                 workspace,
                 branch,
                 base,
@@ -672,20 +682,26 @@ impl Actor for RepoActor {
                 lease,
                 reply,
             } => {
-                let result = state.push(&workspace, &branch, &base, &source, lease.as_deref()).await;
+                let result = state
+                    .push(fence, &workspace, &branch, &base, &source, lease.as_deref())
+                    .await;
                 let _ = reply.send(result);
             }
             RepoMsg::BranchAtOrigin { branch, reply } => {
                 let _ = reply.send(state.branch_at_origin(&branch).await);
             }
             RepoMsg::Restore {
+                fence,
                 branch,
                 recorded,
                 found,
                 reply,
             } => {
                 let found = found.as_ref().map(|(commit, kept)| (commit.as_str(), kept.as_str()));
-                let _ = reply.send(state.restore(&branch, recorded.as_deref(), found).await);
+                let _ = reply.send(state.restore(fence, &branch, recorded.as_deref(), found).await);
+            }
+            RepoMsg::TakeFence { fence, reply } => {
+                let _ = reply.send(state.take_fence(fence).await);
             }
         }
         Ok(())

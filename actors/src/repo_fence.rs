@@ -1,11 +1,21 @@
 //! The fence on the origin's work branch. Every push is leased on the commit the agent's record
 //! names (`git push --force-with-lease=refs/heads/BRANCH:RECORDED`, an empty lease when nothing
 //! is recorded: the branch must not exist), so the origin itself refuses a push from an owner
-//! whose idea of the branch is not the record's. What the origin holds is read with
-//! `git ls-remote`; a commit found there instead of the record's (a fenced owner pushed it) is
-//! kept in the mirror and the branch moved back to the record, leased on what was found.
+//! whose idea of the branch is not the record's. Every push of the branch is also `--atomic`
+//! with a move of the owner's fence ref (see [`crate::origin_fence`]), leased on the fence the
+//! owner's epoch gave it: once a later owner has moved the fence to its epoch, an older owner's
+//! push fails whole at the origin and the branch does not move. What the origin holds is read
+//! with `git ls-remote`; a commit found there instead of the record's (an older owner pushed it
+//! before the fence moved) is kept in the mirror and the branch moved back to the record, leased
+//! on what was found.
 
-use super::{git, git_with, RepoError, RepoState};
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt as _;
+
+use crate::origin_fence::{classify, fence_commit, fence_move, FenceFound, FenceMove, ObjectFormat, OwnerFence};
+
+use super::{git, git_with, GitError, RepoError, RepoState, GIT_TIMEOUT};
 
 /// The `--force-with-lease` option that lets a push to `branch` through only while the origin
 /// holds `lease` there (no branch at all when `None`).
@@ -13,36 +23,266 @@ pub(super) fn lease_option(branch: &str, lease: Option<&str>) -> String {
     format!("--force-with-lease=refs/heads/{branch}:{}", lease.unwrap_or(""))
 }
 
+/// Why a push with the fence did not go through.
+pub(super) enum FencedPushError {
+    /// The origin's fence is not this owner's to move: a later owner took the agent.
+    Fenced { found: String },
+    /// The branch is not at the lease: another owner moved it (before the fence did).
+    LeaseLost { found: Option<String> },
+    /// Anything else, in git's words.
+    Git(String),
+}
+
 impl RepoState {
     /// The commit the origin's `branch` is at, or `None` when it has no such branch.
     pub(super) async fn branch_at_origin(&self, branch: &str) -> Result<Option<String>, RepoError> {
-        let failed = |message: String| RepoError::ListRemote {
-            url: self.args.url.clone(),
-            branch: branch.to_string(),
+        let name = format!("refs/heads/{branch}");
+        let listed = self
+            .list_origin(&[&name])
+            .await
+            .map_err(|message| RepoError::ListRemote {
+                url: self.args.url.clone(),
+                branch: branch.to_string(),
+                message,
+            })?;
+        Ok(listed.into_iter().next().flatten())
+    }
+
+    /// What the origin holds at each of `names` (full ref names), in one `git ls-remote`.
+    async fn list_origin(&self, names: &[&str]) -> Result<Vec<Option<String>>, String> {
+        let origin = self.origin().await.map_err(|error| error.to_string())?;
+        let mut args = vec!["ls-remote", "--refs", &origin.url];
+        args.extend_from_slice(names);
+        let listed = git_with(&args, Some(&self.args.mirror), &origin.env)
+            .await
+            .map_err(|error| error.to_string())?;
+        // ls-remote matches patterns by their tail: keep the lines naming exactly these refs.
+        Ok(names
+            .iter()
+            .map(|name| {
+                listed.lines().find_map(|line| {
+                    let (commit, listed_name) = line.split_once('\t')?;
+                    (listed_name == *name).then(|| commit.to_string())
+                })
+            })
+            .collect())
+    }
+
+    /// The object format of the mirror, which is the origin's.
+    async fn object_format(&self) -> Result<ObjectFormat, String> {
+        let name = git(&["rev-parse", "--show-object-format"], Some(&self.args.mirror))
+            .await
+            .map_err(|error| error.to_string())?;
+        ObjectFormat::named(&name).ok_or_else(|| format!("the mirror uses the unknown object format {name:?}"))
+    }
+
+    /// How the next push moves `fence`: from what the mirror last saw the origin hold when that
+    /// is this owner's own fence, else from what the origin holds now (`fresh` reads it always).
+    async fn plan_fence(
+        &self,
+        format: ObjectFormat,
+        fence: OwnerFence,
+        fresh: bool,
+    ) -> Result<FenceMove, FencedPushError> {
+        let name = fence.ref_name();
+        if !fresh {
+            let known = git(&["rev-parse", "--verify", "--quiet", &name], Some(&self.args.mirror))
+                .await
+                .ok();
+            if matches!(classify(format, fence, known.as_deref()), FenceFound::Own(_)) {
+                if let Some(planned) = fence_move(format, fence, known.as_deref()) {
+                    return Ok(planned);
+                }
+            }
+        }
+        let found = self.list_origin(&[&name]).await.map_err(FencedPushError::Git)?;
+        let found = found.into_iter().next().flatten();
+        fence_move(format, fence, found.as_deref()).ok_or_else(|| FencedPushError::Fenced {
+            found: found.unwrap_or_default(),
+        })
+    }
+
+    /// Writes the fence commit `planned` moves to into the mirror, so that it can be pushed, and
+    /// checks that git names it as the fence's id.
+    async fn write_fence(&self, format: ObjectFormat, fence: OwnerFence, planned: &FenceMove) -> Result<(), String> {
+        let text = fence_commit(format, fence, planned.phase);
+        let written = git_stdin(
+            &["hash-object", "-t", "commit", "-w", "--stdin"],
+            &self.args.mirror,
+            &text,
+        )
+        .await
+        .map_err(|error| format!("cannot write the fence commit: {error}"))?;
+        if written != planned.next {
+            return Err(format!(
+                "git wrote the fence commit as {written}, expected {}",
+                planned.next
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pushes `source` (a commit of the mirror, or empty: delete) to the origin's `branch`,
+    /// leased on `lease`, in one atomic push with the move of `fence`. When the fence had moved
+    /// under this same owner or an earlier one (the mirror's idea of it was behind), plans again
+    /// from the origin and tries once more; a fence of a later owner refuses the push.
+    pub(super) async fn push_with_fence(
+        &self,
+        format: ObjectFormat,
+        fence: OwnerFence,
+        branch: &str,
+        lease: Option<&str>,
+        source: &str,
+    ) -> Result<(), FencedPushError> {
+        let origin = self
+            .origin()
+            .await
+            .map_err(|error| FencedPushError::Git(error.to_string()))?;
+        let fence_name = fence.ref_name();
+        let mut planned = self.plan_fence(format, fence, false).await?;
+        for attempt in 0..2 {
+            self.write_fence(format, fence, &planned)
+                .await
+                .map_err(FencedPushError::Git)?;
+            let fence_lease = format!(
+                "--force-with-lease={fence_name}:{}",
+                planned.lease.as_deref().unwrap_or("")
+            );
+            let pushed = git_with(
+                &[
+                    "push",
+                    "--quiet",
+                    "--no-verify",
+                    "--atomic",
+                    &lease_option(branch, lease),
+                    &fence_lease,
+                    &origin.url,
+                    &format!("{source}:refs/heads/{branch}"),
+                    &format!("{}:{fence_name}", planned.next),
+                ],
+                Some(&self.args.mirror),
+                &origin.env,
+            )
+            .await;
+            let error = match pushed {
+                Ok(_) => {
+                    // The mirror remembers the fence, so the next push needs no read of it.
+                    let _ = git(&["update-ref", &fence_name, &planned.next], Some(&self.args.mirror)).await;
+                    return Ok(());
+                }
+                Err(error) => error.to_string(),
+            };
+            let Ok(found) = self.list_origin(&[&format!("refs/heads/{branch}"), &fence_name]).await else {
+                return Err(FencedPushError::Git(error));
+            };
+            let (found_branch, found_fence) = (found[0].clone(), found[1].clone());
+            let Some(replanned) = fence_move(format, fence, found_fence.as_deref()) else {
+                let _ = git(&["update-ref", "-d", &fence_name], Some(&self.args.mirror)).await;
+                return Err(FencedPushError::Fenced {
+                    found: found_fence.unwrap_or_default(),
+                });
+            };
+            if found_branch.as_deref() != lease {
+                return Err(FencedPushError::LeaseLost { found: found_branch });
+            }
+            if replanned.lease == planned.lease || attempt == 1 {
+                return Err(FencedPushError::Git(error));
+            }
+            planned = replanned;
+        }
+        Err(FencedPushError::Git("the push was not tried".to_string()))
+    }
+
+    /// Moves the origin's fence of the agent to `fence`'s epoch, on its own (a new owner does
+    /// this first): from then on no older owner's push moves the branch. Refused when the fence
+    /// is a later owner's.
+    pub(super) async fn take_fence(&mut self, fence: OwnerFence) -> Result<(), RepoError> {
+        let url = self.args.url.clone();
+        let failed = |message: String| RepoError::Fence {
+            url: url.clone(),
+            fence_ref: fence.ref_name(),
             message,
         };
+        if !self.cloned {
+            // The fence objects are written into the mirror, which may not exist yet.
+            self.refresh().await.map_err(|error| failed(error.to_string()))?;
+        }
+        let format = self.object_format().await.map_err(failed)?;
+        let name = fence.ref_name();
+        let found = self.list_origin(&[&name]).await.map_err(failed)?;
+        let found = found.into_iter().next().flatten();
+        if let FenceFound::Own(_) = classify(format, fence, found.as_deref()) {
+            // Already this owner's: remember it and leave it.
+            let _ = git(
+                &["update-ref", &name, found.as_deref().unwrap_or_default()],
+                Some(&self.args.mirror),
+            )
+            .await;
+            return Ok(());
+        }
+        let Some(planned) = fence_move(format, fence, found.as_deref()) else {
+            let error = FencedPushError::Fenced {
+                found: found.unwrap_or_default(),
+            };
+            return Err(self.fence_error(fence, "", None, error));
+        };
+        self.write_fence(format, fence, &planned).await.map_err(failed)?;
         let origin = self.origin().await.map_err(|error| failed(error.to_string()))?;
-        let name = format!("refs/heads/{branch}");
-        let listed = git_with(
-            &["ls-remote", "--refs", &origin.url, &name],
+        git_with(
+            &[
+                "push",
+                "--quiet",
+                "--no-verify",
+                &format!("--force-with-lease={name}:{}", planned.lease.as_deref().unwrap_or("")),
+                &origin.url,
+                &format!("{}:{name}", planned.next),
+            ],
             Some(&self.args.mirror),
             &origin.env,
         )
         .await
         .map_err(|error| failed(error.to_string()))?;
-        // ls-remote matches patterns by their tail: keep the line naming exactly this branch.
-        Ok(listed.lines().find_map(|line| {
-            let (commit, listed_name) = line.split_once('\t')?;
-            (listed_name == name).then(|| commit.to_string())
-        }))
+        let _ = git(&["update-ref", &name, &planned.next], Some(&self.args.mirror)).await;
+        tracing::info!(url = %self.args.url, fence = %name, epoch = %fence.epoch, "took the fence at the origin");
+        Ok(())
+    }
+
+    /// The error of a push with the fence, as the repository actor answers it.
+    pub(super) fn fence_error(
+        &self,
+        fence: OwnerFence,
+        branch: &str,
+        lease: Option<&str>,
+        error: FencedPushError,
+    ) -> RepoError {
+        match error {
+            FencedPushError::Fenced { found } => RepoError::Fenced {
+                url: self.args.url.clone(),
+                fence_ref: fence.ref_name(),
+                epoch: fence.epoch.0,
+                found,
+            },
+            FencedPushError::LeaseLost { found } => RepoError::LeaseLost {
+                url: self.args.url.clone(),
+                branch: branch.to_string(),
+                expected: lease.map(str::to_string),
+                found,
+            },
+            FencedPushError::Git(message) => RepoError::Fence {
+                url: self.args.url.clone(),
+                fence_ref: fence.ref_name(),
+                message,
+            },
+        }
     }
 
     /// Keeps the commit `found` in the mirror under its ref, then moves the origin's `branch`
     /// from it back to `recorded` (deletes it when `None`), leased on it (on the branch being
-    /// absent when `found` is `None`): if the branch moved again meanwhile, nothing is
-    /// overwritten and the error says so.
+    /// absent when `found` is `None`) and with the owner's fence: if the branch moved again
+    /// meanwhile, nothing is overwritten and the error says so.
     pub(super) async fn restore(
         &mut self,
+        fence: OwnerFence,
         branch: &str,
         recorded: Option<&str>,
         found: Option<(&str, &str)>,
@@ -71,21 +311,19 @@ impl RepoState {
             }
             None => String::new(),
         };
-        let origin = self.origin().await.map_err(|error| failed(error.to_string()))?;
-        git_with(
-            &[
-                "push",
-                "--quiet",
-                "--no-verify",
-                &lease_option(branch, found.map(|(found, _)| found)),
-                &origin.url,
-                &format!("{source}:refs/heads/{branch}"),
-            ],
-            Some(&mirror),
-            &origin.env,
-        )
-        .await
-        .map_err(|error| failed(error.to_string()))?;
+        let format = self.object_format().await.map_err(failed)?;
+        let lease = found.map(|(found, _)| found);
+        match self.push_with_fence(format, fence, branch, lease, &source).await {
+            Ok(()) => {}
+            Err(error @ FencedPushError::Fenced { .. }) => return Err(self.fence_error(fence, branch, lease, error)),
+            Err(FencedPushError::LeaseLost { found }) => {
+                return Err(failed(format!(
+                    "the origin's branch moved meanwhile to {}",
+                    found.as_deref().unwrap_or("no branch")
+                )))
+            }
+            Err(FencedPushError::Git(message)) => return Err(failed(message)),
+        }
         let head = format!("refs/heads/{branch}");
         let _ = match recorded {
             Some(recorded) => git(&["update-ref", &head, recorded], Some(&mirror)).await,
@@ -94,4 +332,42 @@ impl RepoState {
         tracing::info!(url = %self.args.url, branch, ?found, ?recorded, "moved the origin's branch back to its recorded commit");
         Ok(())
     }
+}
+
+/// Runs git in `cwd` with `input` on its standard input and answers its trimmed output.
+async fn git_stdin(args: &[&str], cwd: &std::path::Path, input: &str) -> Result<String, GitError> {
+    let mut command = tokio::process::Command::new("git");
+    command
+        .args(args)
+        .current_dir(cwd)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let run = async {
+        let mut child = command.spawn().map_err(|error| GitError::Spawn(error.to_string()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .await
+                .map_err(|error| GitError::Spawn(error.to_string()))?;
+        }
+        child
+            .wait_with_output()
+            .await
+            .map_err(|error| GitError::Spawn(error.to_string()))
+    };
+    let output = tokio::time::timeout(GIT_TIMEOUT, run)
+        .await
+        .map_err(|_| GitError::TimedOut {
+            command: args.join(" "),
+            timeout: GIT_TIMEOUT,
+        })??;
+    if !output.status.success() {
+        return Err(GitError::Failed(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }

@@ -5,6 +5,16 @@
 
 use super::tests::{allowing, origin_with_main};
 use super::*;
+use crate::origin_fence::{fence_id, fence_ref, Phase};
+use flotilla_raft::{AgentId, Epoch};
+
+/// The agent of these tests, as owned under `epoch`.
+fn owner(epoch: u64) -> OwnerFence {
+    OwnerFence {
+        agent: "01J0000000000000000000PVSH".parse::<AgentId>().unwrap(),
+        epoch: Epoch(epoch),
+    }
+}
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -84,6 +94,7 @@ async fn push(setup: &mut Setup, source: PushSource) -> Result<String, RepoError
     setup
         .state
         .push(
+            owner(1),
             &workspace.path,
             &workspace.branch,
             &workspace.head_commit,
@@ -289,10 +300,16 @@ async fn a_bundle_over_the_limit_is_refused_without_a_copy_left() {
 
 /// A push leased on `lease`, as an owner that believes the record is `lease` makes it.
 async fn push_leased(setup: &mut Setup, lease: Option<&str>) -> Result<String, RepoError> {
+    push_as(setup, owner(1), lease).await
+}
+
+/// A push of the owner `fence`, leased on `lease`.
+async fn push_as(setup: &mut Setup, fence: OwnerFence, lease: Option<&str>) -> Result<String, RepoError> {
     let workspace = setup.workspace.clone();
     setup
         .state
         .push(
+            fence,
             &workspace.path,
             &workspace.branch,
             &workspace.head_commit,
@@ -363,7 +380,12 @@ async fn restoring_keeps_the_displaced_commit_and_moves_the_branch_back_to_the_r
     let kept = "refs/flotilla/displaced/agent/test".to_string();
     let error = setup
         .state
-        .restore("flotilla/push-test", Some(&recorded), Some((&recorded, &kept)))
+        .restore(
+            owner(1),
+            "flotilla/push-test",
+            Some(&recorded),
+            Some((&recorded, &kept)),
+        )
         .await
         .unwrap_err();
     assert!(matches!(error, RepoError::Restore { .. }), "{error}");
@@ -371,7 +393,12 @@ async fn restoring_keeps_the_displaced_commit_and_moves_the_branch_back_to_the_r
 
     setup
         .state
-        .restore("flotilla/push-test", Some(&recorded), Some((&displaced, &kept)))
+        .restore(
+            owner(1),
+            "flotilla/push-test",
+            Some(&recorded),
+            Some((&displaced, &kept)),
+        )
         .await
         .unwrap();
     assert_eq!(origin_branch(&setup).await, recorded, "the record wins");
@@ -395,6 +422,7 @@ async fn restoring_keeps_the_displaced_commit_and_moves_the_branch_back_to_the_r
     setup
         .state
         .restore(
+            owner(1),
             "flotilla/push-test",
             None,
             Some((&recorded, "refs/flotilla/displaced/agent/first")),
@@ -443,4 +471,130 @@ async fn a_workspace_starts_from_the_recorded_commit_whatever_the_origin_holds()
             .contains("neither at the origin nor in this node's mirror"),
         "{error}"
     );
+}
+
+async fn origin_fence(setup: &Setup) -> Option<String> {
+    git(
+        &["rev-parse", "--verify", "--quiet", &fence_ref(owner(1).agent)],
+        Some(&setup.origin),
+    )
+    .await
+    .ok()
+}
+
+#[tokio::test]
+async fn every_push_moves_the_fence_and_a_later_owner_s_fence_refuses_an_older_owner_whole() {
+    let mut setup = setup().await;
+    let format = ObjectFormat::Sha1;
+    let first = commit_and_bundle(&setup.workspace, "a.txt", "a\n").await;
+    push_as(&mut setup, owner(1), None).await.unwrap();
+    assert_eq!(
+        origin_fence(&setup).await,
+        Some(fence_id(format, owner(1), Phase::Tick)),
+        "the first push takes the fence"
+    );
+    let second = commit_and_bundle(&setup.workspace, "b.txt", "b\n").await;
+    push_as(&mut setup, owner(1), Some(&first)).await.unwrap();
+    assert_eq!(
+        origin_fence(&setup).await,
+        Some(fence_id(format, owner(1), Phase::Tock)),
+        "each push moves the fence to the epoch's other value"
+    );
+
+    // A new owner takes the fence; the older owner, leased on the right commit, is refused.
+    setup.state.take_fence(owner(2)).await.unwrap();
+    assert_eq!(
+        origin_fence(&setup).await,
+        Some(fence_id(format, owner(2), Phase::Tick))
+    );
+    let stale = commit_and_bundle(&setup.workspace, "c.txt", "c\n").await;
+    let error = push_as(&mut setup, owner(1), Some(&second)).await.unwrap_err();
+    assert!(matches!(&error, RepoError::Fenced { epoch: 1, .. }), "{error}");
+    let text = error.to_string();
+    assert!(text.contains("a later owner holds the agent"), "{text}");
+    assert_eq!(origin_branch(&setup).await, second, "the branch did not move");
+    assert!(
+        !has_object(&setup.origin, &stale).await,
+        "nothing of the stale push reached the origin"
+    );
+    // Nor can the older owner take the fence back, or move the branch through a restore.
+    let error = setup.state.take_fence(owner(1)).await.unwrap_err();
+    assert!(matches!(error, RepoError::Fenced { .. }), "{error}");
+    let error = setup
+        .state
+        .restore(
+            owner(1),
+            "flotilla/push-test",
+            Some(&first),
+            Some((&second, "refs/flotilla/displaced/t/x")),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RepoError::Fenced { .. }), "{error}");
+    assert_eq!(origin_branch(&setup).await, second, "the branch did not move");
+
+    // The new owner pushes, and taking its own fence again changes nothing.
+    assert_eq!(push_as(&mut setup, owner(2), Some(&second)).await.unwrap(), stale);
+    setup.state.take_fence(owner(2)).await.unwrap();
+    assert_eq!(
+        origin_fence(&setup).await,
+        Some(fence_id(format, owner(2), Phase::Tock))
+    );
+}
+
+#[tokio::test]
+async fn a_push_whose_mirror_is_behind_on_its_own_fence_reads_the_origin_and_goes_through() {
+    let mut setup = setup().await;
+    let first = commit_and_bundle(&setup.workspace, "a.txt", "a\n").await;
+    push_as(&mut setup, owner(3), None).await.unwrap();
+    // The mirror forgets (or never saw) the fence: a node restarted, or another node's mirror.
+    let mirror = setup.state.args.mirror.clone();
+    git(&["update-ref", "-d", &fence_ref(owner(3).agent)], Some(&mirror))
+        .await
+        .unwrap();
+    let second = commit_and_bundle(&setup.workspace, "b.txt", "b\n").await;
+    assert_eq!(push_as(&mut setup, owner(3), Some(&first)).await.unwrap(), second);
+    // The mirror holds a stale value of its own epoch: the push tries once more.
+    git(
+        &[
+            "update-ref",
+            &fence_ref(owner(3).agent),
+            &fence_id(ObjectFormat::Sha1, owner(3), Phase::Tock),
+        ],
+        Some(&mirror),
+    )
+    .await
+    .unwrap();
+    let third = commit_and_bundle(&setup.workspace, "c.txt", "c\n").await;
+    assert_eq!(push_as(&mut setup, owner(3), Some(&second)).await.unwrap(), third);
+}
+
+#[tokio::test]
+async fn the_origin_compares_the_fence_under_the_same_lock_as_the_branch() {
+    let mut setup = setup().await;
+    let first = commit_and_bundle(&setup.workspace, "a.txt", "a\n").await;
+    push_as(&mut setup, owner(1), None).await.unwrap();
+    // The successor takes the fence while the older owner's push is in flight: after the pack
+    // is received and before the refs are updated (a pre-receive hook of the origin does it).
+    let successor = fence_id(ObjectFormat::Sha1, owner(2), Phase::Tick);
+    let text = crate::origin_fence::fence_commit(ObjectFormat::Sha1, owner(2), Phase::Tick);
+    std::fs::write(setup.root.join("fence-commit"), text).unwrap();
+    let fence_path = setup.root.join("fence-commit").display().to_string();
+    git(&["hash-object", "-t", "commit", "-w", &fence_path], Some(&setup.origin))
+        .await
+        .unwrap();
+    let hook = setup.origin.join("hooks").join("pre-receive");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ncat >/dev/null\nenv -u GIT_QUARANTINE_PATH git update-ref {} {successor}\n",
+            fence_ref(owner(1).agent)
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    commit_and_bundle(&setup.workspace, "b.txt", "b\n").await;
+    let error = push_as(&mut setup, owner(1), Some(&first)).await.unwrap_err();
+    assert!(matches!(&error, RepoError::Fenced { .. }), "{error}");
+    assert_eq!(origin_branch(&setup).await, first, "the branch did not move");
 }

@@ -5,6 +5,10 @@
 //!   whose idea of the branch is not the record's, and each push is preceded by a `CheckOwner`
 //!   write, so an owner that lost the agent while cut off or paused learns it from the log and
 //!   leaves the origin alone;
+//! - a run first moves the agent's fence ref at the origin to its epoch, and every push moves
+//!   the fence with the branch in one atomic push (see [`crate::origin_fence`]): an owner paused
+//!   between its `CheckOwner` and its push finds the origin refusing it whole once its successor
+//!   has taken the fence, and its run ends as superseded (the log confirms it is stale);
 //! - the commit a push made is recorded by the turn (`RecordTurn`), under the owner's epoch;
 //! - when the origin holds another commit than the record (a fenced owner pushed it between its
 //!   last check and the takeover), the owner records the displaced commit first
@@ -18,8 +22,10 @@
 //! once `git ls-remote` shows the origin at the recorded commit.
 
 use flotilla_raft::apply::displaced_ref;
-use flotilla_raft::Command;
+use flotilla_raft::{AgentId, Command, Epoch, Replica};
+use ractor::ActorRef;
 
+use crate::origin_fence::OwnerFence;
 use crate::repo::{RepoError, RepoMsg};
 
 use super::git::{push, PushError};
@@ -60,14 +66,73 @@ async fn write(context: &RunContext, command: Command) -> Result<(), BranchTroub
         .map_err(|error| BranchTrouble::Ended(write_outcome(error)))
 }
 
+/// What the fence on the work branch needs of a run: whose agent, under which epoch, the log,
+/// and the repository actor that reaches the origin.
+pub(super) struct BranchOwner<'a> {
+    pub agent: AgentId,
+    pub epoch: Epoch,
+    pub replica: &'a Replica,
+    pub repo: &'a ActorRef<RepoMsg>,
+}
+
+impl BranchOwner<'_> {
+    pub(super) fn of(context: &RunContext) -> BranchOwner<'_> {
+        BranchOwner {
+            agent: context.agent,
+            epoch: context.epoch,
+            replica: &context.replica,
+            repo: &context.repo,
+        }
+    }
+
+    fn fence(&self) -> OwnerFence {
+        OwnerFence {
+            agent: self.agent,
+            epoch: self.epoch,
+        }
+    }
+}
+
 /// Confirms through the log that this node still owns the agent under its epoch.
-async fn check_owner(context: &RunContext) -> Result<(), BranchTrouble> {
+pub(super) async fn check_owner(owner: &BranchOwner<'_>) -> Result<(), BranchTrouble> {
     let command = Command::CheckOwner {
-        agent: context.agent,
-        node: context.replica.node_id(),
-        epoch: context.epoch,
+        agent: owner.agent,
+        node: owner.replica.node_id(),
+        epoch: owner.epoch,
     };
-    write(context, command).await
+    owner
+        .replica
+        .write(command)
+        .await
+        .map(|_| ())
+        .map_err(|error| BranchTrouble::Ended(write_outcome(error)))
+}
+
+/// What an error from the origin means for the run: a fence held by another owner ends it as
+/// superseded once the log confirms this owner is stale (the agent is not failed: it is no
+/// longer this owner's); anything else is the origin's trouble, in its words.
+pub(super) async fn origin_trouble(owner: &BranchOwner<'_>, error: RepoError) -> BranchTrouble {
+    if let RepoError::Fenced { .. } = error {
+        if let Err(ended) = check_owner(owner).await {
+            return ended;
+        }
+        // The log still names this owner: the fence holds a value no owner wrote.
+    }
+    BranchTrouble::Origin(error.to_string())
+}
+
+/// Moves the agent's fence at the origin to this owner's epoch: from then on the origin refuses
+/// every push of an older owner. A run does this before anything else at the origin.
+pub(super) async fn take_fence(owner: &BranchOwner<'_>) -> Result<(), BranchTrouble> {
+    let taken = ractor::call!(owner.repo, |reply| RepoMsg::TakeFence {
+        fence: owner.fence(),
+        reply,
+    })
+    .map_err(|error| BranchTrouble::Origin(format!("the repository actor did not answer: {error}")))?;
+    match taken {
+        Ok(()) => Ok(()),
+        Err(error) => Err(origin_trouble(owner, error).await),
+    }
 }
 
 /// Makes the origin agree with the record: adopts a branch when nothing is recorded, or
@@ -116,7 +181,7 @@ pub(super) async fn settle(context: &RunContext, live: &Live) -> Result<Option<S
         None => {
             // Deleted at the origin (no owner deletes it): put the record back, leased on the
             // branch being absent still. Nothing was displaced.
-            check_owner(context).await?;
+            check_owner(&BranchOwner::of(context)).await?;
             restore(context, recorded.clone(), None).await?;
             live.log(format!(
                 "the origin had no branch {branch}; pushed the recorded {} again",
@@ -134,30 +199,41 @@ async fn restore(
     recorded: Option<String>,
     found: Option<(String, String)>,
 ) -> Result<(), BranchTrouble> {
-    ractor::call!(context.repo, |reply| RepoMsg::Restore {
+    let owner = BranchOwner::of(context);
+    let restored = ractor::call!(context.repo, |reply| RepoMsg::Restore {
+        fence: owner.fence(),
         branch: context.workspace.branch.clone(),
         recorded,
         found,
         reply,
     })
-    .map_err(|error| BranchTrouble::Origin(format!("the repository actor did not answer: {error}")))?
-    .map_err(|error| BranchTrouble::Origin(error.to_string()))
+    .map_err(|error| BranchTrouble::Origin(format!("the repository actor did not answer: {error}")))?;
+    match restored {
+        Ok(()) => Ok(()),
+        Err(error) => Err(origin_trouble(&owner, error).await),
+    }
 }
 
-/// Pushes the work branch leased on the recorded commit, after confirming through the log that
-/// this node still owns the agent. When the lease is lost to a fenced owner's push, settles the
-/// branch (the displaced commit is recorded and kept) and pushes once more.
+/// Pushes the work branch leased on the recorded commit and with the owner's fence, after
+/// confirming through the log that this node still owns the agent. When the lease is lost to an
+/// older owner's push, settles the branch (the displaced commit is recorded and kept) and pushes
+/// once more; when the fence is lost to a later owner, the run ends as superseded.
 pub(super) async fn push_fenced(context: &RunContext, live: &Live) -> Result<String, BranchTrouble> {
-    check_owner(context).await?;
+    let owner = BranchOwner::of(context);
+    check_owner(&owner).await?;
     let lease = recorded(context)?;
-    match push(&context.repo, &context.machine, &context.workspace, lease).await {
+    let fence = owner.fence();
+    match push(&context.repo, &context.machine, &context.workspace, fence, lease).await {
         Ok(commit) => Ok(commit),
         Err(PushError::Refused(RepoError::LeaseLost { .. })) => {
             let lease = settle(context, live).await?;
-            push(&context.repo, &context.machine, &context.workspace, lease)
-                .await
-                .map_err(|error| BranchTrouble::Origin(error.to_string()))
+            match push(&context.repo, &context.machine, &context.workspace, fence, lease).await {
+                Ok(commit) => Ok(commit),
+                Err(PushError::Refused(error)) => Err(origin_trouble(&owner, error).await),
+                Err(error) => Err(BranchTrouble::Origin(error.to_string())),
+            }
         }
+        Err(PushError::Refused(error)) => Err(origin_trouble(&owner, error).await),
         Err(error) => Err(BranchTrouble::Origin(error.to_string())),
     }
 }
@@ -178,3 +254,7 @@ pub(super) async fn confirm(context: &RunContext, live: &Live) -> Result<(), Bra
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "branch_tests.rs"]
+mod tests;

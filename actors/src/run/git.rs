@@ -8,6 +8,7 @@ use ractor::ActorRef;
 use std::sync::Arc;
 
 use crate::machine::RunningMachine;
+use crate::origin_fence::OwnerFence;
 use crate::push_bundle::{PushSource, PUSH_BUNDLE_PATH, PUSH_BUNDLE_TIMEOUT_MS};
 use crate::repo::{GitSettings, RepoError, RepoMsg, Workspace};
 
@@ -109,15 +110,18 @@ async fn bundle_in_machine(machine: &RunningMachine, workspace: &Workspace) -> R
 
 /// Pushes the work branch: git in the machine bundles it, and the repository actor takes the
 /// bundle from the machine's view of its workspace into the mirror and pushes from there,
-/// leased on `lease`, the agent's recorded commit (see [`crate::run::branch`]).
+/// leased on `lease`, the agent's recorded commit, and moving the owner's `fence` with it (see
+/// [`crate::run::branch`]).
 pub async fn push(
     repo: &ActorRef<RepoMsg>,
     machine: &RunningMachine,
     workspace: &Workspace,
+    fence: OwnerFence,
     lease: Option<String>,
 ) -> Result<String, PushError> {
     let source = bundle_in_machine(machine, workspace).await?;
     let pushed = ractor::call!(repo, |reply| RepoMsg::Push {
+        fence,
         workspace: machine.workspace_path().to_path_buf(),
         branch: workspace.branch.clone(),
         base: workspace.head_commit.clone(),
@@ -162,7 +166,18 @@ async fn commit_and_push_on_stop(context: &StopContext) -> Result<Option<(String
     {
         return Ok(None);
     }
-    let result = push(&context.repo, &context.machine, &context.workspace, pushed_before).await;
+    let fence = OwnerFence {
+        agent: context.agent,
+        epoch: context.epoch,
+    };
+    let result = push(
+        &context.repo,
+        &context.machine,
+        &context.workspace,
+        fence,
+        pushed_before,
+    )
+    .await;
     Ok(Some((head, result.err().map(|error| error.to_string()))))
 }
 

@@ -14,7 +14,7 @@ use flotilla_raft::{AgentRecord, AgentStatus, Command, EventKind};
 use crate::model::{ModelProvider, StreamEvent, ToolSpec, TurnRequest, TurnResponse};
 use crate::turn::{system_prompt, Conversation, Ending, Next, PromptContext};
 
-use super::branch::{push_fenced, settle, BranchTrouble};
+use super::branch::{push_fenced, settle, take_fence, BranchOwner, BranchTrouble};
 use super::finish::{finish, last_push_failure};
 use super::git::commit_in_machine;
 use super::{
@@ -79,6 +79,13 @@ impl RunProgress {
         };
         let tool_specs = available_tools(context, &live).await;
         let conversation = open_conversation(context, &start, &live, &tool_specs).await?;
+        // The fence moves to this epoch first: no older owner's push moves the branch after it.
+        match take_fence(&BranchOwner::of(context)).await {
+            Ok(()) => {}
+            Err(BranchTrouble::Ended(outcome)) => return ControlFlow::Break(outcome),
+            // Every push takes the fence too; the first one tries again.
+            Err(BranchTrouble::Origin(error)) => live.log(format!("could not take the fence at the origin: {error}")),
+        }
         // The origin is made to agree with the record before any turn: a commit a fenced owner
         // pushed is reported and kept now, not found at the first push.
         let pushed = match settle(context, &live).await {
