@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: setup build test lint chaos demo bench sandbox-debian bench-machines bench-turns bench-plugins test-llm
+.PHONY: setup build test lint chaos chaos-short demo bench sandbox-debian bench-machines bench-turns bench-plugins test-llm
 
 setup:
 	bash scripts/setup
@@ -14,6 +14,12 @@ build:
 test: setup lint
 	$(CARGO) build --bin flotilla
 	$(CARGO) nextest run --workspace --profile ci
+	$(MAKE) chaos-short
+
+# The chaos suite on a fixed seed for 45 s: seven faults of five kinds (a slow link, a node cut
+# off, a one-way cut, kill -9, SIGSTOP) on five nodes, about two minutes with its checks.
+chaos-short:
+	SEED=4 CHAOS_SECS=45 CHAOS_NODES=5 $(MAKE) chaos
 
 lint:
 	$(CARGO) fmt --all -- --check
