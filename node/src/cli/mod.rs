@@ -27,8 +27,8 @@ pub use plugin::PluginCommand;
 
 pub(crate) use client::{agent_client, cluster_client, connect, unary, AgentClient, BearerToken, CliError};
 
-/// Largest page asked of the server; the API accepts 1..=1000.
-const MAX_PAGE_SIZE: u32 = 1000;
+/// Largest page asked of the server; the API accepts 1..=500.
+const MAX_PAGE_SIZE: u32 = 500;
 
 // Options shared by every client command. A plain comment: a doc comment here would become
 // the `about` of whichever command flattens these arguments.
