@@ -15,7 +15,8 @@ use tonic::Code;
 
 use crate::common::{create, DEADLINE};
 
-type AccessClient = AccessServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerAuth>>;
+type AccessClient =
+    AccessServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerAuth>>;
 
 /// A revoked or expired key is refused on its next call within this bound.
 const REFUSAL_BOUND: Duration = Duration::from_secs(1);
@@ -122,7 +123,10 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
             })
             .await
             .map(drop),
-        "ClusterService/RemoveNode" => cluster.remove_node(v1::RemoveNodeRequest { node_id: 99 }).await.map(drop),
+        "ClusterService/RemoveNode" => cluster
+            .remove_node(v1::RemoveNodeRequest { node_id: 99 })
+            .await
+            .map(drop),
         "ClusterService/DrainNode" => cluster
             .drain_node(v1::DrainNodeRequest {
                 node_id: 99,
@@ -138,10 +142,7 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
         "AdminService/EnablePlugin" => admin.enable_plugin(plugin()).await.map(drop),
         "AdminService/DisablePlugin" => admin.disable_plugin(plugin()).await.map(drop),
         "AdminService/RemovePlugin" => admin.remove_plugin(plugin()).await.map(drop),
-        "AdminService/GrantHosts" => admin
-            .grant_hosts(v1::GrantHostsRequest::default())
-            .await
-            .map(drop),
+        "AdminService/GrantHosts" => admin.grant_hosts(v1::GrantHostsRequest::default()).await.map(drop),
         "AdminService/ConfigurePlugin" => admin
             .configure_plugin(v1::ConfigurePluginRequest::default())
             .await
@@ -225,10 +226,20 @@ async fn every_method_answers_each_role_and_team_as_the_table_says() {
     let root = cluster.admin_token();
     let keys = make_teams_and_keys(&endpoint, &root);
 
-    let red_agent = create(&mut agent_client(&endpoint, &keys.red_member).await, "red-1", "red work").await;
+    let red_agent = create(
+        &mut agent_client(&endpoint, &keys.red_member).await,
+        "red-1",
+        "red work",
+    )
+    .await;
     assert_eq!(red_agent.team, "red");
     assert_eq!(red_agent.user, "rita");
-    let blue_agent = create(&mut agent_client(&endpoint, &keys.blue_member).await, "blue-1", "blue work").await;
+    let blue_agent = create(
+        &mut agent_client(&endpoint, &keys.blue_member).await,
+        "blue-1",
+        "blue work",
+    )
+    .await;
     assert_eq!(blue_agent.team, "blue");
     check_lists_hold_one_team(&endpoint, &keys, &root, &red_agent, &blue_agent).await;
 
@@ -309,13 +320,28 @@ fn make_teams_and_keys(endpoint: &str, root: &str) -> Keys {
         &["key", "create", "--team", "blue", "--user", "eve", "--role", "admin"],
     );
     assert!(!cross.status.success());
-    assert!(String::from_utf8_lossy(&cross.stderr).contains("permission denied"), "{cross:?}");
+    assert!(
+        String::from_utf8_lossy(&cross.stderr).contains("permission denied"),
+        "{cross:?}"
+    );
     let escalate = run_cli(
         endpoint,
         &red_admin,
-        &["key", "create", "--team", "red", "--user", "eve", "--role", "cluster-admin"],
+        &[
+            "key",
+            "create",
+            "--team",
+            "red",
+            "--user",
+            "eve",
+            "--role",
+            "cluster-admin",
+        ],
     );
-    assert!(!escalate.status.success(), "a team admin cannot make a cluster-admin key");
+    assert!(
+        !escalate.status.success(),
+        "a team admin cannot make a cluster-admin key"
+    );
     Keys {
         red_admin,
         red_member,
@@ -374,7 +400,11 @@ async fn keys_are_listed_described_revoked_and_expire() {
     assert!(root_info.contains("\"cluster-admin\""), "{root_info}");
 
     let listed = cli(&endpoint, &admin, &["key", "list"]);
-    assert_eq!(listed.lines().count(), 2, "the red admin sees red's two keys only: {listed}");
+    assert_eq!(
+        listed.lines().count(),
+        2,
+        "the red admin sees red's two keys only: {listed}"
+    );
     assert!(!listed.contains("flt_"), "a list never shows a secret: {listed}");
     assert!(listed.contains(&member_id), "{listed}");
     let all = cli(&endpoint, &root, &["key", "list"]);
@@ -388,9 +418,16 @@ async fn keys_are_listed_described_revoked_and_expire() {
         .await
         .expect_err("a revoked key");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(revoked_at.elapsed() < REFUSAL_BOUND, "refused after {:?}", revoked_at.elapsed());
+    assert!(
+        revoked_at.elapsed() < REFUSAL_BOUND,
+        "refused after {:?}",
+        revoked_at.elapsed()
+    );
     let again = run_cli(&endpoint, &admin, &["key", "revoke", &member_id]);
-    assert!(String::from_utf8_lossy(&again.stderr).contains("not found"), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not found"),
+        "{again:?}"
+    );
 
     let short = access_client(&endpoint, &root)
         .create_key(v1::CreateKeyRequest {

@@ -113,9 +113,7 @@ fn team_json(team: &Team) -> serde_json::Value {
     serde_json::json!({ "name": team.name, "created_at": team.created_at.as_ref().map(|_| at(&team.created_at)) })
 }
 
-async fn client(
-    args: &ClientArgs,
-) -> Result<AccessServiceClient<super::client::AuthenticatedChannel>, CliError> {
+async fn client(args: &ClientArgs) -> Result<AccessServiceClient<super::client::AuthenticatedChannel>, CliError> {
     let token = BearerToken::new(args.token.as_deref())?;
     Ok(AccessServiceClient::with_interceptor(
         connect(args.endpoint.as_str()).await?,
@@ -132,7 +130,13 @@ pub(crate) async fn team_command(args: &ClientArgs, cmd: TeamCommand) -> Result<
     };
     match args.output {
         OutputFormat::Json => print_json(&serde_json::Value::Array(teams.iter().map(team_json).collect())),
-        OutputFormat::Table => print_text(&teams.iter().map(|team| team.name.clone()).collect::<Vec<_>>().join("\n")),
+        OutputFormat::Table => print_text(
+            &teams
+                .iter()
+                .map(|team| team.name.clone())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
     }
 }
 

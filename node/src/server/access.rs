@@ -3,8 +3,8 @@
 //! admin may touch is checked here, against the caller's own team. A key's secret is made here,
 //! returned once, and only its digest is written.
 
-use flotilla_proto::v1::access_service_server::AccessService;
 use flotilla_proto::v1;
+use flotilla_proto::v1::access_service_server::AccessService;
 use flotilla_raft::{key_id_of, Command, Replica, Response, Role, TeamRecord, TokenRecord, DEFAULT_TEAM};
 use tonic::{Request, Status};
 
@@ -99,7 +99,11 @@ impl AccessService for AccessApi {
     ) -> Result<tonic::Response<v1::CreateKeyResponse>, Status> {
         let caller = principal(&request)?;
         let body = request.into_inner();
-        let team = if body.team.is_empty() { caller.team.clone() } else { body.team };
+        let team = if body.team.is_empty() {
+            caller.team.clone()
+        } else {
+            body.team
+        };
         refuse_other_team(&caller, &team)?;
         let role = Role::from_name(&body.role).ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -185,7 +189,9 @@ impl AccessService for AccessApi {
         let caller = principal(&request)?;
         let id = request.into_inner().id;
         if id.is_empty() {
-            return Err(Status::invalid_argument("id: required (a key id as `key list` shows it)"));
+            return Err(Status::invalid_argument(
+                "id: required (a key id as `key list` shows it)",
+            ));
         }
         self.settle().await?;
         let owner = self.replica.reader().read(|state| {

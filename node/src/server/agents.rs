@@ -282,7 +282,9 @@ impl AgentService for AgentApi {
     async fn get_agent(&self, request: Request<v1::GetAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
         let caller = principal(&request)?;
         let id = validate::agent_id(&request.get_ref().id)?;
-        Ok(tonic::Response::new(convert::agent(&self.find_visible(&caller, id).await?)))
+        Ok(tonic::Response::new(convert::agent(
+            &self.find_visible(&caller, id).await?,
+        )))
     }
 
     async fn list_agents(

@@ -237,14 +237,20 @@ mod tests {
             assert_eq!(rules, 1, "{method} has {rules} authorization rules, wanted exactly one");
         }
         for (path, _) in METHOD_PERMISSIONS {
-            assert!(methods.contains(&path.to_string()), "rule for {path}, which no service has");
+            assert!(
+                methods.contains(&path.to_string()),
+                "rule for {path}, which no service has"
+            );
         }
     }
 
     #[test]
     fn a_method_without_a_rule_is_refused_even_to_the_cluster_admin() {
-        let error = authorize(&principal(Role::ClusterAdmin, DEFAULT_TEAM), "/flotilla.v1.AgentService/New")
-            .expect_err("no rule");
+        let error = authorize(
+            &principal(Role::ClusterAdmin, DEFAULT_TEAM),
+            "/flotilla.v1.AgentService/New",
+        )
+        .expect_err("no rule");
         assert_eq!(error.code(), tonic::Code::PermissionDenied);
         assert!(error.message().contains("no authorization rule"), "{}", error.message());
     }

@@ -1,9 +1,9 @@
 //! `flotilla node`: opens the replicated state, serves the public and internal gRPC services,
 //! joins or bootstraps the cluster, links the actor mesh and starts the node's actor tree.
 
+pub mod access;
 pub mod admin;
 pub mod agents;
-pub mod access;
 pub mod auth;
 pub mod authz;
 pub mod cluster;

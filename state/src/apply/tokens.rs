@@ -5,9 +5,7 @@
 use super::not_in_family;
 use crate::cluster_state::{Changes, ClusterState};
 use crate::command::{ApplyError, ApplyResult, Command, Response};
-use crate::types::{
-    key_id_of, name_problem, Role, TeamRecord, TokenRecord, DEFAULT_TEAM, MAX_KEYS, MAX_TEAMS,
-};
+use crate::types::{key_id_of, name_problem, Role, TeamRecord, TokenRecord, DEFAULT_TEAM, MAX_KEYS, MAX_TEAMS};
 
 /// Routes a team or key command to its rule.
 pub(super) fn apply_token_command(
@@ -174,7 +172,10 @@ mod tests {
             role: Role::Member,
             expires_in_ms: Some(5_000),
         };
-        assert_eq!(run(&mut state, 1_000, key("red")), Err(ApplyError::TeamNotFound("red".into())));
+        assert_eq!(
+            run(&mut state, 1_000, key("red")),
+            Err(ApplyError::TeamNotFound("red".into()))
+        );
         run(&mut state, 1_000, Command::CreateTeam { name: "red".into() }).expect("team");
         assert_eq!(
             run(&mut state, 1_000, Command::CreateTeam { name: "red".into() }),
@@ -187,11 +188,23 @@ mod tests {
         assert!(!record.expired_at(6_999));
         assert!(record.expired_at(7_000));
         assert_eq!(run(&mut state, 2_000, key("red")), Err(ApplyError::KeyExists));
-        let revoked = run(&mut state, 3_000, Command::RevokeKey { key_id: record.key_id.clone() });
+        let revoked = run(
+            &mut state,
+            3_000,
+            Command::RevokeKey {
+                key_id: record.key_id.clone(),
+            },
+        );
         assert!(matches!(revoked, Ok(Response::Key(_))));
         assert!(state.tokens.is_empty());
         assert_eq!(
-            run(&mut state, 3_000, Command::RevokeKey { key_id: record.key_id.clone() }),
+            run(
+                &mut state,
+                3_000,
+                Command::RevokeKey {
+                    key_id: record.key_id.clone()
+                }
+            ),
             Err(ApplyError::KeyNotFound(record.key_id))
         );
     }
@@ -200,11 +213,23 @@ mod tests {
     fn names_and_cluster_admin_keys_are_checked() {
         let mut state = ClusterState::default();
         assert!(matches!(
-            run(&mut state, 1, Command::CreateTeam { name: "Red Team".into() }),
+            run(
+                &mut state,
+                1,
+                Command::CreateTeam {
+                    name: "Red Team".into()
+                }
+            ),
             Err(ApplyError::Invalid(_))
         ));
         assert_eq!(
-            run(&mut state, 1, Command::CreateTeam { name: DEFAULT_TEAM.into() }),
+            run(
+                &mut state,
+                1,
+                Command::CreateTeam {
+                    name: DEFAULT_TEAM.into()
+                }
+            ),
             Err(ApplyError::TeamExists(DEFAULT_TEAM.into()))
         );
         run(&mut state, 1, Command::CreateTeam { name: "blue".into() }).expect("team");
