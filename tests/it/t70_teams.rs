@@ -372,8 +372,8 @@ async fn check_lists_hold_one_team(
             .map(|agent| agent.id)
             .collect::<Vec<_>>()
     };
-    assert_eq!(ids_for(keys.red_viewer.clone()).await, [red_agent.id.clone()]);
-    assert_eq!(ids_for(keys.blue_member.clone()).await, [blue_agent.id.clone()]);
+    assert_eq!(ids_for(keys.red_viewer.clone()).await, vec![red_agent.id.clone()]);
+    assert_eq!(ids_for(keys.blue_member.clone()).await, vec![blue_agent.id.clone()]);
     assert_eq!(
         ids_for(root.to_string()).await,
         [blue_agent.id.clone(), red_agent.id.clone()],
