@@ -49,6 +49,16 @@ enum TopCommand {
         #[command(subcommand)]
         command: cli::PluginCommand,
     },
+    /// Create and list teams (cluster-admin key).
+    Team {
+        #[command(subcommand)]
+        command: cli::TeamCommand,
+    },
+    /// Create, list and revoke API keys; `key info` says who the calling key is.
+    Key {
+        #[command(subcommand)]
+        command: cli::KeyCommand,
+    },
     /// Check a checkout's environment.json and print the machine plan.
     Env {
         #[command(subcommand)]
@@ -119,6 +129,14 @@ fn main() -> ExitCode {
             TopCommand::Plugin { command } => {
                 init_logging("warn");
                 cli::run_plugin(&client, command).await
+            }
+            TopCommand::Team { command } => {
+                init_logging("warn");
+                cli::run_team(&client, command).await
+            }
+            TopCommand::Key { command } => {
+                init_logging("warn");
+                cli::run_key(&client, command).await
             }
             TopCommand::Env {
                 command: EnvCommand::Check(args),

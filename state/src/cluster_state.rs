@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::{
     AgentId, AgentRecord, AgentStatus, Checkpoint, DurableEvent, NodeId, NodeRecord, PluginKey, PluginRecord,
-    PluginUpload, TokenRecord, UploadId,
+    PluginUpload, TeamRecord, TokenRecord, UploadId,
 };
 
 /// Durable events kept per agent; older ones are trimmed (a watcher that asks for them is told so).
@@ -39,6 +39,9 @@ pub struct ClusterState {
     /// Settings by plugin name (every version of the name, built-ins included).
     #[serde(default)]
     pub plugin_settings: BTreeMap<String, BTreeMap<String, String>>,
+    /// Teams by name ([`crate::types::DEFAULT_TEAM`] exists without a record).
+    #[serde(default)]
+    pub teams: BTreeMap<String, TeamRecord>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::{
     AgentId, AgentRecord, AgentSpec, AgentStatus, Epoch, EventKind, NodeId, NodeInfo, NodeRecord, PluginFieldError,
-    PluginKind, PluginRecord, Role, Term, UploadId,
+    PluginKind, PluginRecord, Role, TeamRecord, Term, TokenRecord, UploadId,
 };
 
 /// Largest checkpoint a turn may record (compressed).
@@ -271,6 +271,23 @@ pub enum Command {
     NodeStopping {
         node: NodeId,
     },
+    /// A new team; its name is unique and never reused while it exists.
+    CreateTeam {
+        name: String,
+    },
+    /// A new API key of `user` in `team` (which must exist). Only the key's digest is written;
+    /// its expiry is the time of this entry plus `expires_in_ms`, so every node agrees on it.
+    CreateKey {
+        sha256_hex: String,
+        team: String,
+        user: String,
+        role: Role,
+        expires_in_ms: Option<u64>,
+    },
+    /// Removes a key: its next call is refused on every node that applied this entry.
+    RevokeKey {
+        key_id: String,
+    },
 }
 
 impl Command {
@@ -379,6 +396,9 @@ impl Command {
             Command::NodeDownInTerm { .. } => "node-down-in-term",
             Command::NodeUpInTerm { .. } => "node-up-in-term",
             Command::NodeStopping { .. } => "node-stopping",
+            Command::CreateTeam { .. } => "create-team",
+            Command::CreateKey { .. } => "create-key",
+            Command::RevokeKey { .. } => "revoke-key",
         }
     }
 }
@@ -479,6 +499,16 @@ pub enum ApplyError {
         judged: Term,
         entry: Term,
     },
+    #[error("team {0} already exists")]
+    TeamExists(String),
+    #[error("team {0} not found")]
+    TeamNotFound(String),
+    #[error("key {0} not found")]
+    KeyNotFound(String),
+    #[error("a key with this digest already exists")]
+    KeyExists,
+    #[error("the cluster holds {limit} {what}, the most it keeps")]
+    TooMany { what: String, limit: usize },
 }
 
 /// What an applied command answers.
@@ -501,6 +531,10 @@ pub enum Response {
     Plugin(Box<PluginRecord>),
     /// A plugin name's settings as they are after the command.
     PluginSettings(std::collections::BTreeMap<String, String>),
+    /// A team as it is after the command.
+    Team(TeamRecord),
+    /// A key as it is after the command (as it was, for a revocation).
+    Key(Box<TokenRecord>),
 }
 
 /// `C::R` of the Raft type config: a refusal is a normal, replicated outcome.

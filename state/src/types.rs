@@ -123,6 +123,10 @@ pub struct AgentSpec {
     pub egress_allow: Vec<String>,
     /// The model is the scripted provider: replies come from a file, never from a model.
     pub scripted: bool,
+    /// The user of the key that created the agent (empty for agents created before keys had
+    /// users). The agent belongs to `team`; the user is shown, never used for access.
+    #[serde(default)]
+    pub user: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,20 +308,109 @@ impl NodeRecord {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// The team every agent, key and setting without a team of its own belongs to: agents created
+/// before teams existed, and agents created by the cluster-admin key. It always exists.
+pub const DEFAULT_TEAM: &str = "default";
+/// Longest team and user name, in bytes.
+pub const MAX_NAME_BYTES: usize = 63;
+/// Most teams and most keys the cluster keeps: each is a small record read on every call.
+pub const MAX_TEAMS: usize = 1000;
+pub const MAX_KEYS: usize = 10_000;
+
+/// What a key may do. Serialised by variant index: `ClusterAdmin` is index 0, which the first
+/// admin token has always been written with, so that token reads back as the cluster-admin key.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
-    Admin,
+    /// Manages teams, every key, nodes, membership and plugins; sees every team's agents.
+    ClusterAdmin,
+    /// Creates and drives its team's agents.
     Member,
+    /// Reads its team's agents; writes nothing.
+    Viewer,
+    /// A member who also manages its team's keys (and, later, its settings and secrets).
+    Admin,
 }
 
-/// An API token; only its SHA-256 is replicated.
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ClusterAdmin => "cluster-admin",
+            Role::Member => "member",
+            Role::Viewer => "viewer",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The role a key asks for by name; `None` for a name that is not a role.
+    pub fn from_name(name: &str) -> Option<Role> {
+        [Role::ClusterAdmin, Role::Member, Role::Viewer, Role::Admin]
+            .into_iter()
+            .find(|role| role.as_str() == name)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// An API key; only its SHA-256 is replicated, never the key.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct TokenRecord {
     pub sha256_hex: String,
+    /// The user the key belongs to (keys written before users existed carry their name here).
     pub name: String,
     pub role: Role,
     pub team: String,
     pub created_at_ms: u64,
+    /// The key's public id, used to list and revoke it (derived from the digest; see
+    /// [`key_id_of`]).
+    #[serde(default)]
+    pub key_id: String,
+    /// When the key stops working: the creation time recorded in the log plus the asked
+    /// lifetime. Judged at call time against the serving node's clock.
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+}
+
+impl TokenRecord {
+    pub fn expired_at(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|expires| now_ms >= expires)
+    }
+}
+
+/// The public id of the key whose SHA-256 is `sha256_hex`: a prefix of the digest. The digest of
+/// a 256-bit random key reveals nothing about the key, and deriving the id keeps `apply` free
+/// of randomness and every id stable across nodes.
+pub fn key_id_of(sha256_hex: &str) -> String {
+    format!("key_{}", &sha256_hex[..sha256_hex.len().min(20)])
+}
+
+/// A team: the unit agents, keys and settings belong to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TeamRecord {
+    pub name: String,
+    pub created_at_ms: u64,
+}
+
+/// Why a team or user name is refused: `None` when it is acceptable.
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".to_string());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Some(format!("at most {MAX_NAME_BYTES} bytes, found {}", name.len()));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.' | '@')))
+    {
+        return Some(format!(
+            "{name:?} holds {bad:?}; use lowercase letters, digits, '-', '_', '.' and '@'"
+        ));
+    }
+    None
 }
 
 /// A staged plugin upload: a ULID chosen by the node that received the upload, under which its

@@ -31,4 +31,5 @@ mod t56_plugins_everywhere;
 mod t57_provider_hot_add;
 mod t58_burst;
 mod t65_agent_failover;
+mod t70_teams;
 mod t90_chaos;

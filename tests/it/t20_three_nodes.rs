@@ -205,7 +205,7 @@ async fn check_the_restarted_node_holds_every_agent(restarted: &str, token: &str
     check_every_agent_is_readable(&mut restarted_client, acknowledged, "every agent on the restarted node").await;
     let listed = restarted_client
         .list_agents(v1::ListAgentsRequest {
-            page_size: 1000,
+            page_size: 500,
             ..Default::default()
         })
         .await

@@ -21,7 +21,7 @@ pub(crate) async fn placements(endpoint: &str, token: &str) -> Option<Placements
     let mut client = agent_client(endpoint, token).await;
     let agents = client
         .list_agents(v1::ListAgentsRequest {
-            page_size: 1000,
+            page_size: 500,
             ..Default::default()
         })
         .await

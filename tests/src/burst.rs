@@ -20,7 +20,7 @@ const STATUS_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Creates in flight at once.
 const CREATE_CONCURRENCY: usize = 32;
 /// Agents listed per page.
-const LIST_PAGE_SIZE: i32 = 1000;
+const LIST_PAGE_SIZE: i32 = 500;
 /// Time between two counts of the agents' statuses.
 const COUNT_INTERVAL: Duration = Duration::from_millis(500);
 

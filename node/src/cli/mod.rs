@@ -6,6 +6,7 @@
 //! for scripts. Failures print one `error: ...` line to standard error and exit with code 1;
 //! usage errors are clap's own, with code 2.
 
+mod access;
 mod attach;
 mod client;
 mod json;
@@ -21,12 +22,13 @@ use flotilla_proto::v1::{
     ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
 };
 
+pub use access::{KeyCommand, TeamCommand};
 pub use plugin::PluginCommand;
 
 pub(crate) use client::{agent_client, cluster_client, connect, unary, AgentClient, BearerToken, CliError};
 
-/// Largest page asked of the server; the API accepts 1..=1000.
-const MAX_PAGE_SIZE: u32 = 1000;
+/// Largest page asked of the server; the API accepts 1..=500.
+const MAX_PAGE_SIZE: u32 = 500;
 
 // Options shared by every client command. A plain comment: a doc comment here would become
 // the `about` of whichever command flattens these arguments.
@@ -229,6 +231,14 @@ pub async fn run_agent(args: &ClientArgs, cmd: AgentCommand) -> anyhow::Result<E
 
 pub async fn run_cluster(args: &ClientArgs, cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
     Ok(finish(cluster_command(args, cmd).await))
+}
+
+pub async fn run_team(args: &ClientArgs, cmd: TeamCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(access::team_command(args, cmd).await))
+}
+
+pub async fn run_key(args: &ClientArgs, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(access::key_command(args, cmd).await))
 }
 
 pub async fn run_plugin(args: &ClientArgs, cmd: PluginCommand) -> anyhow::Result<ExitCode> {

@@ -17,7 +17,6 @@ use flotilla_raft::{Command, PluginKey, PluginKind, PluginRecord, Replica, Respo
 use sha2::{Digest as _, Sha256};
 use tonic::{Request, Status, Streaming};
 
-use super::auth::require_admin;
 use super::{convert, validate, write_status};
 
 /// Largest message of an upload stream; clients send chunks well below it (the CLI 256 KiB).
@@ -299,7 +298,6 @@ impl AdminService for AdminApi {
         &self,
         request: Request<Streaming<v1::UploadPluginRequest>>,
     ) -> Result<tonic::Response<v1::Plugin>, Status> {
-        require_admin(&request)?;
         let validator = self
             .validator
             .clone()
@@ -329,7 +327,6 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::ListPluginsRequest>,
     ) -> Result<tonic::Response<v1::ListPluginsResponse>, Status> {
-        require_admin(&request)?;
         let name = request.into_inner().name;
         if !name.is_empty() {
             flotilla_raft::validate_plugin_name(&name).map_err(|error| invalid(format!("name: {error}")))?;
@@ -360,7 +357,6 @@ impl AdminService for AdminApi {
     }
 
     async fn enable_plugin(&self, request: Request<v1::PluginRef>) -> Result<tonic::Response<v1::Plugin>, Status> {
-        require_admin(&request)?;
         let body = request.into_inner();
         validate::plugin_ref(&body.name, &body.version)?;
         self.write_plugin_command(Command::SetPluginEnabled {
@@ -372,7 +368,6 @@ impl AdminService for AdminApi {
     }
 
     async fn disable_plugin(&self, request: Request<v1::PluginRef>) -> Result<tonic::Response<v1::Plugin>, Status> {
-        require_admin(&request)?;
         let body = request.into_inner();
         validate::plugin_ref(&body.name, &body.version)?;
         self.write_plugin_command(Command::SetPluginEnabled {
@@ -387,7 +382,6 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::PluginRef>,
     ) -> Result<tonic::Response<v1::RemovePluginResponse>, Status> {
-        require_admin(&request)?;
         let body = request.into_inner();
         validate::plugin_ref(&body.name, &body.version)?;
         let response = self
@@ -407,7 +401,6 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::GrantHostsRequest>,
     ) -> Result<tonic::Response<v1::Plugin>, Status> {
-        require_admin(&request)?;
         let body = request.into_inner();
         validate::plugin_ref(&body.name, &body.version)?;
         let hosts = validate::granted_hosts("hosts", &body.hosts)?;
@@ -423,7 +416,6 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::ConfigurePluginRequest>,
     ) -> Result<tonic::Response<v1::ConfigurePluginResponse>, Status> {
-        require_admin(&request)?;
         let body = request.into_inner();
         flotilla_raft::validate_plugin_name(&body.name).map_err(|error| invalid(format!("name: {error}")))?;
         let settings: std::collections::BTreeMap<String, String> = body.settings.into_iter().collect();

@@ -20,6 +20,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Status, Streaming};
 
 use super::auth::principal;
+use super::authz::{Principal, WatchQuota};
 use super::status::read_status;
 use super::{convert, validate, write_status};
 
@@ -35,6 +36,8 @@ pub struct AgentApi {
     pub plugins: Option<Arc<super::vcs::NodePlugins>>,
     /// Which local repositories this node takes (`[repos] allow_local`).
     pub repositories: flotilla_actors::repo_url::RepositoryPolicy,
+    /// Watches open per key on this node (each holds a task and a buffer).
+    pub watches: WatchQuota,
 }
 
 /// The models this node declares, for checking `CreateAgent` (every node of a cluster is meant
@@ -89,6 +92,15 @@ fn agent_not_found(id: AgentId) -> Status {
     Status::not_found(format!("agent {id} not found"))
 }
 
+/// `record` if `caller` may see it, else the unknown-id answer.
+fn visible(caller: &Principal, record: AgentRecord) -> Result<AgentRecord, Status> {
+    if caller.sees_team(&record.spec.team) {
+        Ok(record)
+    } else {
+        Err(agent_not_found(record.id))
+    }
+}
+
 /// The opaque page token: where the last page ended, and a digest of the filter it was for.
 #[derive(Serialize, Deserialize)]
 struct PageToken {
@@ -136,15 +148,23 @@ impl AgentApi {
         self.find_here(id).ok_or_else(|| agent_not_found(id))
     }
 
-    /// Refuses, before a write, an id the cluster never acknowledged. Agents are never removed,
-    /// so one this node holds exists; one it lacks may be one it has not applied yet, so the
-    /// answer then waits for a read barrier. The state machine checks again when the write
-    /// applies (existence and state), so nothing here decides on a stale view.
-    async fn require_acknowledged(&self, id: AgentId) -> Result<(), Status> {
-        if self.find_here(id).is_some() {
-            return Ok(());
+    /// The agent as the cluster acknowledged it, if `caller` may see it: another team's agent
+    /// answers exactly as an unknown id does, so ids do not leak across teams.
+    async fn find_visible(&self, caller: &Principal, id: AgentId) -> Result<AgentRecord, Status> {
+        let record = self.find(id).await?;
+        visible(caller, record)
+    }
+
+    /// Refuses, before a write, an id the cluster never acknowledged or `caller` may not see.
+    /// Agents are never removed, so one this node holds exists; one it lacks may be one it has
+    /// not applied yet, so the answer then waits for a read barrier. An agent's team never
+    /// changes, so the team check holds on any view. The state machine checks again when the
+    /// write applies (existence and state), so nothing here decides on a stale view.
+    async fn require_acknowledged(&self, caller: &Principal, id: AgentId) -> Result<(), Status> {
+        if let Some(record) = self.find_here(id) {
+            return visible(caller, record).map(|_| ());
         }
-        self.find(id).await.map(|_| ())
+        self.find_visible(caller, id).await.map(|_| ())
     }
 
     fn known_regions(&self) -> Vec<String> {
@@ -241,6 +261,7 @@ impl AgentService for AgentApi {
             open_pull_request: body.open_pull_request,
             egress_allow: body.egress_allow,
             scripted,
+            user: caller.user,
         };
         let record = match self.replica.write(Command::CreateAgent { id, spec }).await {
             Ok(Response::Agent(record)) => *record,
@@ -259,14 +280,18 @@ impl AgentService for AgentApi {
     }
 
     async fn get_agent(&self, request: Request<v1::GetAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
+        let caller = principal(&request)?;
         let id = validate::agent_id(&request.get_ref().id)?;
-        Ok(tonic::Response::new(convert::agent(&self.find(id).await?)))
+        Ok(tonic::Response::new(convert::agent(
+            &self.find_visible(&caller, id).await?,
+        )))
     }
 
     async fn list_agents(
         &self,
         request: Request<v1::ListAgentsRequest>,
     ) -> Result<tonic::Response<v1::ListAgentsResponse>, Status> {
+        let caller = principal(&request)?;
         let body = request.into_inner();
         let page_size = validate::page_size(body.page_size)?;
         if body.search.len() > validate::MAX_SEARCH_BYTES {
@@ -309,6 +334,9 @@ impl AgentService for AgentApi {
             let mut page: Vec<v1::Agent> = Vec::with_capacity(page_size);
             let mut more = false;
             for record in range.rev().map(|(_, record)| record) {
+                if !caller.sees_team(&record.spec.team) {
+                    continue;
+                }
                 if !statuses.is_empty() && !statuses.contains(&record.status) {
                     continue;
                 }
@@ -351,8 +379,10 @@ impl AgentService for AgentApi {
         &self,
         request: Request<v1::WatchAgentRequest>,
     ) -> Result<tonic::Response<Self::WatchAgentStream>, Status> {
+        let caller = principal(&request)?;
         let body = request.into_inner();
         let id = validate::agent_id(&body.id)?;
+        let permit = self.watches.acquire(&caller)?;
         // Subscribe before reading, so nothing applied in between is missed.
         let mut durable = self.replica.reader().subscribe_events();
         let live = self
@@ -362,7 +392,7 @@ impl AgentService for AgentApi {
             .map_err(|error| Status::unavailable(format!("cannot subscribe to live events: {error}")))?;
         // Waits (bounded) until this node has applied what the cluster acknowledged: a watch
         // through a lagging node starts once the agent is here, rather than failing.
-        let record = self.find(id).await?;
+        let record = self.find_visible(&caller, id).await?;
         if body.after_sequence > record.last_sequence {
             return Err(Status::out_of_range(format!(
                 "after_sequence {} is beyond agent {id}'s last sequence {}",
@@ -381,6 +411,8 @@ impl AgentService for AgentApi {
         let (sender, receiver) = mpsc::channel(WATCH_BUFFER_MESSAGES);
         let reader = self.replica.reader().clone();
         tokio::spawn(async move {
+            // Held for as long as the watch streams.
+            let _permit = permit;
             let mut live = live;
             let mut last = body.after_sequence;
             let snapshot = v1::WatchAgentResponse {
@@ -453,10 +485,11 @@ impl AgentService for AgentApi {
         &self,
         request: Request<v1::SendFollowUpRequest>,
     ) -> Result<tonic::Response<v1::SendFollowUpResponse>, Status> {
+        let caller = principal(&request)?;
         let body = request.into_inner();
         let id = validate::agent_id(&body.id)?;
         validate::prompt("text", &body.text, validate::MAX_FOLLOW_UP_BYTES)?;
-        self.require_acknowledged(id).await?;
+        self.require_acknowledged(&caller, id).await?;
         match self
             .replica
             .write(Command::FollowUp {
@@ -475,12 +508,13 @@ impl AgentService for AgentApi {
     }
 
     async fn stop_agent(&self, request: Request<v1::StopAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
+        let caller = principal(&request)?;
         let body = request.into_inner();
         let id = validate::agent_id(&body.id)?;
         if body.reason.len() > validate::MAX_REASON_BYTES {
             return Err(invalid(format!("reason: at most {} bytes", validate::MAX_REASON_BYTES)));
         }
-        self.require_acknowledged(id).await?;
+        self.require_acknowledged(&caller, id).await?;
         let reason = if body.reason.is_empty() {
             "stopped by request".to_string()
         } else {
@@ -499,6 +533,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<v1::AttachRequest>>,
     ) -> Result<tonic::Response<Self::AttachStream>, Status> {
+        let caller = principal(&request)?;
         let authorization = request.metadata().get("authorization").cloned();
         let mut inbound = request.into_inner();
         let first = inbound
@@ -509,7 +544,7 @@ impl AgentService for AgentApi {
             return Err(invalid("attach: the first message must be `open`".to_string()));
         };
         let id = validate::agent_id(&open.agent_id)?;
-        let record = self.find(id).await?;
+        let record = self.find_visible(&caller, id).await?;
         if record.status.is_terminal() {
             return Err(Status::failed_precondition(format!(
                 "agent {id} is {}; its machine is gone",

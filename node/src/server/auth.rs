@@ -1,15 +1,16 @@
-//! Bearer-token authentication for every public RPC, and the cluster-secret check for the
-//! internal service. Tokens are stored as SHA-256 digests in the replicated state; the
-//! authenticated principal travels in the request's extensions for the services to use (roles
-//! and teams plug in here). A token this node does not hold is looked for again after a read
-//! barrier, so a token is accepted through any node as soon as the cluster acknowledged it.
+//! Bearer-key authentication and authorization for every public RPC, and the cluster-secret
+//! check for the internal service. Keys are stored as SHA-256 digests in the replicated state;
+//! the authenticated [`Principal`] travels in the request's extensions for the services to use.
+//! A key this node does not hold is looked for again after a read barrier, so a key is accepted
+//! through any node as soon as the cluster acknowledged it. A key's expiry is judged here, at
+//! call time, against this node's clock (see `docs/architecture.md`, "Teams, users and keys").
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_raft::network::CLUSTER_PROOF_HEADER;
-use flotilla_raft::{Replica, Role, TokenRecord};
+use flotilla_raft::{Replica, TokenRecord};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tonic::body::Body;
@@ -29,13 +30,8 @@ pub fn new_token() -> String {
     format!("flt_{}", hex::encode(bytes))
 }
 
-/// Who is calling, attached to each authenticated request.
-#[derive(Clone, Debug)]
-pub struct Principal {
-    pub name: String,
-    pub role: Role,
-    pub team: String,
-}
+pub use super::authz::Principal;
+use super::authz::{authorize, owning_team};
 
 /// Longest an unknown token waits for the cluster's confirmation (a read barrier) before the
 /// call is answered: a token the cluster does not know costs at most this.
@@ -62,21 +58,18 @@ impl TokenCheck {
         }
     }
 
-    fn local(&self, digest: &str) -> Option<Principal> {
-        self.replica.reader().read(|state| {
-            state.tokens.get(digest).map(|record: &TokenRecord| Principal {
-                name: record.name.clone(),
-                role: record.role,
-                team: record.team.clone(),
-            })
-        })
+    /// The key's principal from this node's replica: `None` when this node does not hold it, an
+    /// UNAUTHENTICATED status when it holds it expired.
+    fn local(&self, digest: &str) -> Option<Result<Principal, Status>> {
+        let record = self.replica.reader().read(|state| state.tokens.get(digest).cloned())?;
+        Some(principal_of(&record, now_ms()))
     }
 
     /// The caller named by `headers`, or the status to answer with.
     pub async fn principal(&self, headers: &http::HeaderMap) -> Result<Principal, Status> {
         let digest = token_digest(bearer_token(headers)?);
         if let Some(principal) = self.local(&digest) {
-            return Ok(principal);
+            return principal;
         }
         let confirmed = tokio::time::timeout(TOKEN_LOOKUP_TIMEOUT, async {
             let _turn = self
@@ -93,7 +86,7 @@ impl TokenCheck {
         match confirmed {
             Ok(Ok(_)) => self
                 .local(&digest)
-                .ok_or_else(|| Status::unauthenticated("unknown or revoked token")),
+                .unwrap_or_else(|| Err(Status::unauthenticated("unknown or revoked key"))),
             Ok(Err(reason)) => Err(Status::unavailable(format!(
                 "the token is not known on this node and the cluster could not confirm it: {reason}"
             ))),
@@ -103,6 +96,36 @@ impl TokenCheck {
             ))),
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The principal of a stored key at `now_ms`, or UNAUTHENTICATED for an expired one. Keys
+/// written before users existed carry the user in `name`, and no key id: it is derived.
+pub fn principal_of(record: &TokenRecord, now_ms: u64) -> Result<Principal, Status> {
+    let key_id = if record.key_id.is_empty() {
+        flotilla_raft::key_id_of(&record.sha256_hex)
+    } else {
+        record.key_id.clone()
+    };
+    if record.expired_at(now_ms) {
+        return Err(Status::unauthenticated(format!(
+            "key {key_id} expired at {} ms since the epoch",
+            record.expires_at_ms.unwrap_or_default()
+        )));
+    }
+    Ok(Principal {
+        key_id,
+        team: owning_team(&record.team).to_string(),
+        user: record.name.clone(),
+        role: record.role,
+        expires_at_ms: record.expires_at_ms,
+    })
 }
 
 /// The token of an `authorization: Bearer <token>` header.
@@ -120,9 +143,10 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Status> {
         .trim())
 }
 
-/// A public gRPC service behind the bearer-token check. An interceptor cannot wait, and an
-/// unknown token waits for a read barrier; so the check wraps the service instead and puts the
-/// [`Principal`] in the request's extensions, where [`principal`] finds it.
+/// A public gRPC service behind the bearer-key check and the method table of
+/// [`super::authz`]. An interceptor cannot wait, and an unknown key waits for a read barrier; so
+/// the check wraps the service instead and puts the [`Principal`] in the request's extensions,
+/// where [`principal`] finds it.
 #[derive(Clone)]
 pub struct Authenticated<S> {
     inner: S,
@@ -159,7 +183,11 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tokens = self.tokens.clone();
         Box::pin(async move {
-            match tokens.principal(request.headers()).await {
+            let checked = tokens.principal(request.headers()).await.and_then(|principal| {
+                authorize(&principal, request.uri().path())?;
+                Ok(principal)
+            });
+            match checked {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
                     inner.call(request).await
@@ -176,17 +204,6 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
         .get::<Principal>()
         .cloned()
         .ok_or_else(|| Status::unauthenticated("request was not authenticated"))
-}
-
-pub fn require_admin<T>(request: &Request<T>) -> Result<Principal, Status> {
-    let principal = principal(request)?;
-    if principal.role != Role::Admin {
-        return Err(Status::permission_denied(format!(
-            "token {:?} is not an admin token",
-            principal.name
-        )));
-    }
-    Ok(principal)
 }
 
 /// Checks that an internal call comes from a node that knows the cluster secret.

@@ -56,7 +56,8 @@ pub fn agent(record: &AgentRecord) -> v1::Agent {
         updated_at: Some(timestamp(record.updated_at_ms)),
         summary: record.summary.clone().unwrap_or_default(),
         error: record.error.clone().unwrap_or_default(),
-        team: record.spec.team.clone(),
+        team: super::authz::owning_team(&record.spec.team).to_string(),
+        user: record.spec.user.clone(),
         pending_follow_ups: record.pending_follow_ups(),
         pull_request: record.pull_request.as_ref().map(|pull_request| v1::PullRequest {
             url: pull_request.url.clone(),

@@ -1,9 +1,11 @@
 //! `flotilla node`: opens the replicated state, serves the public and internal gRPC services,
 //! joins or bootstraps the cluster, links the actor mesh and starts the node's actor tree.
 
+pub mod access;
 pub mod admin;
 pub mod agents;
 pub mod auth;
+pub mod authz;
 pub mod cluster;
 pub mod convert;
 pub mod internal;
@@ -225,8 +227,8 @@ async fn ensure_admin_token(replica: &Replica, data_dir: &Path) -> anyhow::Resul
         .write(Command::CreateToken {
             sha256_hex: auth::token_digest(&token),
             name: "admin".to_string(),
-            role: Role::Admin,
-            team: "default".to_string(),
+            role: Role::ClusterAdmin,
+            team: flotilla_raft::DEFAULT_TEAM.to_string(),
         })
         .await
         .context("cannot record the admin token")?;
@@ -357,6 +359,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         }),
         plugins: Some(node_plugins),
         repositories: runtime.git.repositories.clone(),
+        watches: authz::WatchQuota::default(),
     };
     let admin_api = admin::AdminApi {
         replica: replica.clone(),
@@ -629,6 +632,9 @@ async fn serve(
     health_reporter
         .set_serving::<AdminServiceServer<admin::AdminApi>>()
         .await;
+    health_reporter
+        .set_serving::<flotilla_proto::v1::access_service_server::AccessServiceServer<access::AccessApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -637,6 +643,9 @@ async fn serve(
         replica: replica.clone(),
     });
     let admin_service = AdminServiceServer::new(admin_api).max_decoding_message_size(admin::MAX_UPLOAD_MESSAGE_BYTES);
+    let access_service = flotilla_proto::v1::access_service_server::AccessServiceServer::new(access::AccessApi {
+        replica: replica.clone(),
+    });
     let internal_service = InternalServer::new(internal::InternalApi { replica, liveness })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
@@ -646,7 +655,8 @@ async fn serve(
         .add_service(reflection)
         .add_service(auth::Authenticated::new(agent_service, tokens.clone()))
         .add_service(auth::Authenticated::new(cluster_service, tokens.clone()))
-        .add_service(auth::Authenticated::new(admin_service, tokens))
+        .add_service(auth::Authenticated::new(admin_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(access_service, tokens))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             internal_service,
             cluster_auth,

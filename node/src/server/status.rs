@@ -74,6 +74,9 @@ pub fn write_status(error: WriteError) -> Status {
                     Status::failed_precondition(message)
                 }
                 ApplyError::Invalid(_) => Status::invalid_argument(message),
+                ApplyError::TeamNotFound(_) | ApplyError::KeyNotFound(_) => Status::not_found(message),
+                ApplyError::TeamExists(_) | ApplyError::KeyExists => Status::already_exists(message),
+                ApplyError::TooMany { .. } => Status::resource_exhausted(message),
             }
         }
         WriteError::Unavailable { .. } => Status::unavailable(error.to_string()),

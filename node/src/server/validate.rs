@@ -13,7 +13,8 @@ pub const MAX_BRANCH_CHARS: usize = 255;
 pub const MAX_SEARCH_BYTES: usize = 1024;
 pub const MAX_REASON_BYTES: usize = 4096;
 pub const DEFAULT_PAGE_SIZE: usize = 50;
-pub const MAX_PAGE_SIZE: usize = 1000;
+/// Largest page of `ListAgents`: a page is built under the state's read lock.
+pub const MAX_PAGE_SIZE: usize = 500;
 pub const MAX_EGRESS_HOSTS: usize = 64;
 
 /// Why a request field is not acceptable: each message names the field and says what was

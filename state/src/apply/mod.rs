@@ -101,7 +101,10 @@ fn apply_command(
         | Command::GrantPluginHosts { .. }
         | Command::RemovePlugin { .. }
         | Command::SetPluginSettings { .. } => plugins::apply_plugin_command(state, changes, at_ms, command),
-        Command::CreateToken { .. } => tokens::apply_token_command(state, changes, at_ms, command),
+        Command::CreateToken { .. }
+        | Command::CreateTeam { .. }
+        | Command::CreateKey { .. }
+        | Command::RevokeKey { .. } => tokens::apply_token_command(state, changes, at_ms, command),
     }
 }
 

@@ -136,7 +136,7 @@ async fn list_everywhere(endpoints: &[String], token: &str, summary: &mut Summar
     for (index, endpoint) in endpoints.iter().enumerate() {
         let mut client = agent_client(endpoint, token).await;
         let request = v1::ListAgentsRequest {
-            page_size: 1000,
+            page_size: 500,
             ..Default::default()
         };
         match tokio::time::timeout(Duration::from_secs(30), client.list_agents(request)).await {
