@@ -39,6 +39,9 @@ pub struct ClusterState {
     /// Settings by plugin name (every version of the name, built-ins included).
     #[serde(default)]
     pub plugin_settings: BTreeMap<String, BTreeMap<String, String>>,
+    /// Unused join tokens: the SHA-256 of each token's secret part, and when it expires (ms).
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, u64>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,

@@ -74,6 +74,8 @@ pub fn write_status(error: WriteError) -> Status {
                     Status::failed_precondition(message)
                 }
                 ApplyError::Invalid(_) => Status::invalid_argument(message),
+                ApplyError::JoinTokenUnknown | ApplyError::JoinTokenExpired { .. } => Status::unauthenticated(message),
+                ApplyError::TooManyJoinTokens { .. } => Status::resource_exhausted(message),
             }
         }
         WriteError::Unavailable { .. } => Status::unavailable(error.to_string()),

@@ -60,6 +60,7 @@ const KEY_HIGHEST_NODE_ID: &[u8] = b"m/highest_node_id";
 /// make a restarted node forget which nodes hold a layer.
 const KEY_INSTALL_LAYERS: &[u8] = b"m/repo_snapshots";
 const KEY_PLUGIN_SETTINGS: &[u8] = b"m/plugin_settings";
+const KEY_JOIN_TOKENS: &[u8] = b"m/join_tokens";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.

@@ -14,6 +14,7 @@
 mod agents;
 mod assignments;
 mod events;
+mod join_tokens;
 mod nodes;
 mod plugins;
 mod tokens;
@@ -102,6 +103,9 @@ fn apply_command(
         | Command::RemovePlugin { .. }
         | Command::SetPluginSettings { .. } => plugins::apply_plugin_command(state, changes, at_ms, command),
         Command::CreateToken { .. } => tokens::apply_token_command(state, changes, at_ms, command),
+        Command::CreateJoinToken { .. } | Command::ConsumeJoinToken { .. } => {
+            join_tokens::apply_join_token_command(state, changes, at_ms, command)
+        }
     }
 }
 
