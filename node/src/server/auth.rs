@@ -1,5 +1,5 @@
-//! Bearer-token authentication for every public RPC, and the cluster-secret check for the
-//! internal service. Tokens are stored as SHA-256 digests in the replicated state; the
+//! Bearer-token authentication for every public RPC (the internal service is for nodes, which
+//! prove themselves with their certificates: see `transport`). Tokens are stored as SHA-256 digests in the replicated state; the
 //! authenticated principal travels in the request's extensions for the services to use (roles
 //! and teams plug in here). A token this node does not hold is looked for again after a read
 //! barrier, so a token is accepted through any node as soon as the cluster acknowledged it.
@@ -8,7 +8,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_raft::network::CLUSTER_PROOF_HEADER;
 use flotilla_raft::{Replica, Role, TokenRecord};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -187,30 +186,4 @@ pub fn require_admin<T>(request: &Request<T>) -> Result<Principal, Status> {
         )));
     }
     Ok(principal)
-}
-
-/// Checks that an internal call comes from a node that knows the cluster secret.
-#[derive(Clone)]
-pub struct ClusterAuth {
-    pub proof: String,
-}
-
-impl tonic::service::Interceptor for ClusterAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = request
-            .metadata()
-            .get(CLUSTER_PROOF_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_default();
-        if !constant_time_eq(presented.as_bytes(), self.proof.as_bytes()) {
-            return Err(Status::unauthenticated(
-                "cluster secret does not match: this node was started with a different FLOTILLA_CLUSTER_SECRET",
-            ));
-        }
-        Ok(request)
-    }
-}
-
-fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
-    left.len() == right.len() && left.iter().zip(right).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
