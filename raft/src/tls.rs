@@ -105,7 +105,10 @@ pub fn parse_private_key(what: &str, pem: &str) -> Result<PrivateKeyDer<'static>
 
 /// A certificate chain and key ready to present: the leaf first, then the CA (which a joining
 /// node checks against the fingerprint in its token).
-pub fn certified_key(chain: Vec<CertificateDer<'static>>, key: &PrivateKeyDer<'static>) -> Result<Arc<CertifiedKey>, TlsError> {
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, TlsError> {
     Ok(Arc::new(CertifiedKey::from_der(chain, key.clone_key(), &provider())?))
 }
 

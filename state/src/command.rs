@@ -491,7 +491,8 @@ pub enum ApplyError {
         node: NodeId,
         judged: Term,
         entry: Term,
-    },    #[error("the join token is not known to the cluster: it was never minted, or it was used already (a token admits one node)")]
+    },
+    #[error("the join token is not known to the cluster: it was never minted, or it was used already (a token admits one node)")]
     JoinTokenUnknown,
     #[error("the join token expired at {expired_at_ms} ms since the epoch; mint a new one with `flotilla cluster join-token`")]
     JoinTokenExpired { expired_at_ms: u64 },

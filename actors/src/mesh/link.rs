@@ -60,8 +60,9 @@ impl Mesh {
         let connecting = async {
             match &self.inner.connector {
                 Some(connector) => {
-                    let server_name = tokio_rustls::rustls::pki_types::ServerName::try_from(flotilla_raft::tls::NODE_SERVER_NAME)
-                        .expect("the node server name is a valid DNS name");
+                    let server_name =
+                        tokio_rustls::rustls::pki_types::ServerName::try_from(flotilla_raft::tls::NODE_SERVER_NAME)
+                            .expect("the node server name is a valid DNS name");
                     ractor_cluster::client_connect_enc(
                         &self.inner.node_server,
                         socket_addresses.as_slice(),

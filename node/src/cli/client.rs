@@ -154,7 +154,9 @@ pub(crate) fn endpoint_for(url: &str, ca_cert: Option<&std::path::Path>) -> Resu
         )));
     }
     if !url.starts_with("https://") {
-        return Err(CliError::Usage(format!("endpoint {url:?} must be a URL starting with https://")));
+        return Err(CliError::Usage(format!(
+            "endpoint {url:?} must be a URL starting with https://"
+        )));
     }
     let ca_cert = ca_cert.ok_or_else(|| {
         CliError::Usage(format!(

@@ -17,8 +17,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use flotilla_proto::v1::{
-    AddNodeRequest, Agent, CreateJoinTokenRequest, AgentStatus, CreateAgentRequest, DrainNodeRequest, GetAgentRequest, GetClusterRequest,
-    ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
+    AddNodeRequest, Agent, AgentStatus, CreateAgentRequest, CreateJoinTokenRequest, DrainNodeRequest, GetAgentRequest,
+    GetClusterRequest, ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
 };
 
 pub use plugin::PluginCommand;
@@ -208,7 +208,9 @@ pub enum ClusterCommand {
 /// `90s`, `30m`, `1h`, `7d`.
 fn parse_expiry(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
-    let split = text.find(|character: char| !character.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|character: char| !character.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()

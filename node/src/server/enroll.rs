@@ -42,7 +42,8 @@ impl JoinToken {
 
     pub fn parse(token: &str) -> Result<JoinToken, String> {
         let parts: Vec<&str> = token.trim().split('.').collect();
-        let is_hex = |part: &str, length: usize| part.len() == length && part.bytes().all(|byte| byte.is_ascii_hexdigit());
+        let is_hex =
+            |part: &str, length: usize| part.len() == length && part.bytes().all(|byte| byte.is_ascii_hexdigit());
         match parts.as_slice() {
             [TOKEN_PREFIX, ca, secret] if is_hex(ca, 64) && is_hex(secret, 64) => Ok(JoinToken {
                 ca_fingerprint: ca.to_ascii_lowercase(),
@@ -102,10 +103,7 @@ impl Enrollment for EnrollmentApi {
                     .ok_or(())
             })
             .map_err(|_| {
-                Status::invalid_argument(format!(
-                    "grpc_address must be HOST:PORT, found {:?}",
-                    body.grpc_address
-                ))
+                Status::invalid_argument(format!("grpc_address must be HOST:PORT, found {:?}", body.grpc_address))
             })?;
         self.replica
             .write(Command::ConsumeJoinToken {
@@ -244,8 +242,8 @@ async fn discover_ca(target: &str, fingerprint: &str) -> Result<String, EnrollEr
             address: target.to_string(),
             reason: error.to_string(),
         })?;
-    let server_name = rustls::pki_types::ServerName::try_from(NODE_SERVER_NAME)
-        .expect("the node server name is a valid DNS name");
+    let server_name =
+        rustls::pki_types::ServerName::try_from(NODE_SERVER_NAME).expect("the node server name is a valid DNS name");
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     tokio::time::timeout(Duration::from_secs(10), connector.connect(server_name, stream))
         .await

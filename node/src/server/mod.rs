@@ -27,8 +27,8 @@ use flotilla_actors::liveness::LivenessTable;
 use flotilla_actors::mesh::{Mesh, MeshConfig};
 use flotilla_actors::retry::RetryPolicy;
 use flotilla_actors::supervisor::{NodeSupervisor, NodeSupervisorArgs};
-use flotilla_proto::internal::internal_client::InternalClient;
 use flotilla_proto::internal::enrollment_server::EnrollmentServer;
+use flotilla_proto::internal::internal_client::InternalClient;
 use flotilla_proto::internal::internal_server::InternalServer;
 use flotilla_proto::internal::JoinRequest;
 use flotilla_proto::v1::admin_service_server::AdminServiceServer;
@@ -268,15 +268,18 @@ fn public_certificate(config: &NodeConfig) -> anyhow::Result<Option<std::sync::A
         return Ok(None);
     };
     let read = |path: &Path| std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()));
-    let chain = flotilla_raft::tls::parse_certificates(&format!("--tls-cert {}", cert_path.display()), &read(cert_path)?)?;
+    let chain =
+        flotilla_raft::tls::parse_certificates(&format!("--tls-cert {}", cert_path.display()), &read(cert_path)?)?;
     let key = flotilla_raft::tls::parse_private_key(&format!("--tls-key {}", key_path.display()), &read(key_path)?)?;
-    Ok(Some(flotilla_raft::tls::certified_key(chain, &key).with_context(|| {
-        format!(
-            "--tls-cert {} and --tls-key {} do not make a usable pair",
-            cert_path.display(),
-            key_path.display()
-        )
-    })?))
+    Ok(Some(flotilla_raft::tls::certified_key(chain, &key).with_context(
+        || {
+            format!(
+                "--tls-cert {} and --tls-key {} do not make a usable pair",
+                cert_path.display(),
+                key_path.display()
+            )
+        },
+    )?))
 }
 
 fn node_info(config: &NodeConfig) -> NodeInfo {

@@ -66,11 +66,15 @@ fn write(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
 }
 
 /// The parameters of the CA certificate. The issuer is rebuilt from them and the stored key
-/// (the same name and key identifier), so the CA certificate never needs parsing.
-fn ca_params() -> CertificateParams {
+/// (the same name and key identifier), so the CA certificate never needs parsing. The name
+/// carries a digest of the CA's public key, so that two clusters' CAs have different names
+/// and a certificate of one is told apart as of an unknown issuer, not a bad signature.
+fn ca_params(key: &KeyPair) -> CertificateParams {
+    use sha2::Digest as _;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, CA_NAME);
+    let key_digest = hex::encode(sha2::Sha256::digest(key.public_key_raw()));
+    name.push(DnType::CommonName, format!("{CA_NAME} {}", &key_digest[..16]));
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
@@ -97,7 +101,7 @@ impl ClusterCa {
     /// Creates a new CA in `data_dir` (`ca.pem`, `ca.key` with mode 0600).
     pub fn create(data_dir: &Path) -> Result<ClusterCa, PkiError> {
         let key = KeyPair::generate().map_err(certificate_error("cannot generate the CA key"))?;
-        let mut params = ca_params();
+        let mut params = ca_params(&key);
         params.serial_number = Some(random_serial());
         let certificate = params
             .self_signed(&key)
@@ -155,10 +159,10 @@ impl ClusterCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let node_key = KeyPair::generate().map_err(certificate_error("cannot generate a node key"))?;
-        let issuer = Issuer::new(ca_params(), &self.key);
-        let certificate = params
-            .signed_by(&node_key, &issuer)
-            .map_err(certificate_error(format!("cannot sign the certificate of node {node_id}")))?;
+        let issuer = Issuer::new(ca_params(&self.key), &self.key);
+        let certificate = params.signed_by(&node_key, &issuer).map_err(certificate_error(format!(
+            "cannot sign the certificate of node {node_id}"
+        )))?;
         Ok(NodeTls {
             node_id,
             ca_pem: self.ca_pem.clone(),
@@ -209,7 +213,9 @@ mod tests {
     fn an_issued_certificate_names_its_node_and_chains_to_the_ca() {
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::create(dir.path()).unwrap();
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions(),
+        );
         assert_eq!(mode & 0o777, 0o600, "the CA key is private");
         let node = ca.issue(7, "10.1.2.3").unwrap();
         let (chain, _key) = node.chain_and_key().unwrap();
@@ -230,7 +236,10 @@ mod tests {
         verifier
             .verify_client_cert(&other_chain[0], &[], rustls::pki_types::UnixTime::now())
             .expect("a certificate of the reloaded CA is valid under the CA");
-        let stranger = ClusterCa::create(tempfile::tempdir().unwrap().path()).unwrap().issue(9, "10.1.2.5").unwrap();
+        let stranger = ClusterCa::create(tempfile::tempdir().unwrap().path())
+            .unwrap()
+            .issue(9, "10.1.2.5")
+            .unwrap();
         let (stranger_chain, _) = stranger.chain_and_key().unwrap();
         assert!(verifier
             .verify_client_cert(&stranger_chain[0], &[], rustls::pki_types::UnixTime::now())

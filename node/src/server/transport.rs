@@ -25,7 +25,10 @@ pub type TlsIncoming = tokio_stream::wrappers::ReceiverStream<Result<TlsStream<T
 
 /// The connections of `listener`, each after a successful TLS handshake with `config`. The
 /// task that accepts them ends when the returned stream is dropped (after its next accept).
-pub fn tls_incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> (TlsIncoming, tokio::task::JoinHandle<()>) {
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> (TlsIncoming, tokio::task::JoinHandle<()>) {
     let (sender, receiver) = mpsc::channel(MAX_READY_CONNECTIONS);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));

@@ -8,8 +8,8 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::state_machine::{Machine, StateMachineStore};
 use super::{
-    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_MEMBERSHIP,
-    KEY_PLUGIN_SETTINGS, KEY_JOIN_TOKENS,
+    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_JOIN_TOKENS,
+    KEY_MEMBERSHIP, KEY_PLUGIN_SETTINGS,
 };
 use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
 use crate::{Changes, ClusterState, NodeAddr};

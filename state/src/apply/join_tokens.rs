@@ -27,7 +27,13 @@ pub(super) fn apply_join_token_command(
     }
 }
 
-fn create(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, sha256_hex: &str, expires_at_ms: u64) -> ApplyResult {
+fn create(
+    state: &mut ClusterState,
+    changes: &mut Changes,
+    at_ms: u64,
+    sha256_hex: &str,
+    expires_at_ms: u64,
+) -> ApplyResult {
     if expires_at_ms <= at_ms {
         return Err(ApplyError::Invalid(format!(
             "a join token must expire after it is minted; expires_at_ms {expires_at_ms} is not after {at_ms}"
@@ -88,20 +94,44 @@ mod tests {
             Err(ApplyError::JoinTokenExpired { expired_at_ms: 200 })
         );
         assert_eq!(run(&mut state, 210, spend("never")), Err(ApplyError::JoinTokenUnknown));
-        assert!(matches!(run(&mut state, 300, mint("c", 300)), Err(ApplyError::Invalid(_))));
+        assert!(matches!(
+            run(&mut state, 300, mint("c", 300)),
+            Err(ApplyError::Invalid(_))
+        ));
         run(&mut state, 300, mint("d", 400)).unwrap();
-        assert_eq!(state.join_tokens.keys().collect::<Vec<_>>(), vec!["d"], "the mint pruned b");
+        assert_eq!(
+            state.join_tokens.keys().collect::<Vec<_>>(),
+            vec!["d"],
+            "the mint pruned b"
+        );
     }
 
     #[test]
     fn minting_drops_expired_tokens_and_is_bounded() {
         let mut state = ClusterState::default();
         for index in 0..MAX_JOIN_TOKENS {
-            run(&mut state, 0, Command::CreateJoinToken { sha256_hex: format!("t{index}"), expires_at_ms: 10 }).unwrap();
+            run(
+                &mut state,
+                0,
+                Command::CreateJoinToken {
+                    sha256_hex: format!("t{index}"),
+                    expires_at_ms: 10,
+                },
+            )
+            .unwrap();
         }
-        let over = Command::CreateJoinToken { sha256_hex: "over".to_string(), expires_at_ms: 10 };
-        assert_eq!(run(&mut state, 5, over.clone()), Err(ApplyError::TooManyJoinTokens { limit: MAX_JOIN_TOKENS }));
-        let later = Command::CreateJoinToken { sha256_hex: "later".to_string(), expires_at_ms: 100 };
+        let over = Command::CreateJoinToken {
+            sha256_hex: "over".to_string(),
+            expires_at_ms: 10,
+        };
+        assert_eq!(
+            run(&mut state, 5, over.clone()),
+            Err(ApplyError::TooManyJoinTokens { limit: MAX_JOIN_TOKENS })
+        );
+        let later = Command::CreateJoinToken {
+            sha256_hex: "later".to_string(),
+            expires_at_ms: 100,
+        };
         assert_eq!(run(&mut state, 20, later), Ok(Response::Done));
         assert_eq!(state.join_tokens.len(), 1);
     }

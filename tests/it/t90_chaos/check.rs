@@ -337,14 +337,21 @@ fn reassign_times(events: &[v1::AgentEvent], times: &[Option<SystemTime>], windo
         else {
             continue;
         };
-        let assigned = events.iter().zip(times).skip(index + 1).find_map(|(later, at)| match &later.kind {
-            Some(agent_event::Kind::StatusChanged(change))
-                if change.assignment.as_ref().is_some_and(|assignment| assignment.node_id != dead) =>
-            {
-                *at
-            }
-            _ => None,
-        });
+        let assigned = events
+            .iter()
+            .zip(times)
+            .skip(index + 1)
+            .find_map(|(later, at)| match &later.kind {
+                Some(agent_event::Kind::StatusChanged(change))
+                    if change
+                        .assignment
+                        .as_ref()
+                        .is_some_and(|assignment| assignment.node_id != dead) =>
+                {
+                    *at
+                }
+                _ => None,
+            });
         if let Some(assigned) = assigned {
             if let Ok(elapsed) = assigned.duration_since(window.from) {
                 measured.push(elapsed);

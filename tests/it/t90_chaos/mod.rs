@@ -113,7 +113,10 @@ fn draw_fault(rng: &mut StdRng, node_count: usize, region_pairs: &[(String, Stri
             node,
             down: Duration::from_millis(rng.gen_range(200..4_000)),
         },
-        20..=39 => Fault::Pause { node, paused: past_lease },
+        20..=39 => Fault::Pause {
+            node,
+            paused: past_lease,
+        },
         40..=54 => Fault::Partition {
             side: vec![node],
             cut: past_lease,
@@ -124,7 +127,12 @@ fn draw_fault(rng: &mut StdRng, node_count: usize, region_pairs: &[(String, Stri
             Fault::Partition { side, cut: past_lease }
         }
         55..=84 => {
-            let to = *nodes.iter().filter(|other| **other != node).collect::<Vec<_>>().choose(rng).expect("two nodes");
+            let to = *nodes
+                .iter()
+                .filter(|other| **other != node)
+                .collect::<Vec<_>>()
+                .choose(rng)
+                .expect("two nodes");
             Fault::OneWay {
                 from: node,
                 to: *to,
@@ -198,9 +206,7 @@ async fn chaos() {
     let seed = seed();
     let duration = chaos_duration();
     let node_count = node_count();
-    println!(
-        "chaos seed: {seed} (replay with SEED={seed} make chaos), {node_count} nodes, faults for {duration:?}"
-    );
+    println!("chaos seed: {seed} (replay with SEED={seed} make chaos), {node_count} nodes, faults for {duration:?}");
     let dir = tempfile::Builder::new().prefix("flotilla-chaos-").tempdir().unwrap();
     let repository = bare_repository(dir.path(), "origin", &[("README.md", "a chaos target\n")]);
     let config = config_with(&scripted_model(dir.path(), "script", agent_script()), "script");
@@ -358,7 +364,10 @@ fn reassign_line(measured: &[Duration]) -> String {
     if measured.is_empty() {
         return "reassign after kill -9: no agent was running on a killed node".to_string();
     }
-    figures_line(&format!("reassign after kill -9 (lease {LEASE_MS} ms), agents"), measured)
+    figures_line(
+        &format!("reassign after kill -9 (lease {LEASE_MS} ms), agents"),
+        measured,
+    )
 }
 
 fn figures_line(what: &str, measured: &[Duration]) -> String {
