@@ -386,6 +386,18 @@ fn free_port_pairs(count: usize) -> anyhow::Result<Vec<u16>> {
     Ok(chosen)
 }
 
+/// A single-use join token minted through the member at `seed`.
+async fn mint_join_token(seed: &str, token: &BearerToken) -> anyhow::Result<String> {
+    let mut client = crate::client::cluster_client(crate::client::connect(seed).await?, token.clone());
+    let minted = client
+        .create_join_token(flotilla_proto::v1::CreateJoinTokenRequest {
+            expires_in_seconds: 600,
+        })
+        .await
+        .with_context(|| format!("minting a join token through {seed}"))?;
+    Ok(minted.into_inner().token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,16 +411,4 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 6);
     }
-}
-
-/// A single-use join token minted through the member at `seed`.
-async fn mint_join_token(seed: &str, token: &BearerToken) -> anyhow::Result<String> {
-    let mut client = crate::client::cluster_client(crate::client::connect(seed).await?, token.clone());
-    let minted = client
-        .create_join_token(flotilla_proto::v1::CreateJoinTokenRequest {
-            expires_in_seconds: 600,
-        })
-        .await
-        .with_context(|| format!("minting a join token through {seed}"))?;
-    Ok(minted.into_inner().token)
 }
