@@ -481,9 +481,7 @@ async fn check_changes_to_a_stopped_agent_are_refused(client: &mut AgentClient, 
 }
 
 async fn check_missing_and_wrong_tokens_are_unauthenticated(endpoint: &str) {
-    let mut anonymous = v1::agent_service_client::AgentServiceClient::connect(endpoint.to_string())
-        .await
-        .expect("connect");
+    let mut anonymous = v1::agent_service_client::AgentServiceClient::new(flotilla_tests::channel(endpoint));
     let (found, _) = code(anonymous.list_agents(v1::ListAgentsRequest::default()).await);
     assert_eq!(found, Code::Unauthenticated);
     let mut wrong = agent_client(endpoint, "flt_not_a_real_token").await;

@@ -311,6 +311,12 @@ pub fn https(endpoint: &str) -> String {
     }
 }
 
+/// A channel to `endpoint` over TLS, trusting this process's cluster CAs, that sends nothing
+/// of its own (no token): for calls made as an anonymous client.
+pub fn channel(endpoint: &str) -> Channel {
+    lazy_channel(endpoint)
+}
+
 /// A channel that connects on first use, so that creating a client never fails: a node
 /// that is down shows up as an `Unavailable` error on the call, which [`wait_for`] retries.
 /// It speaks TLS and trusts the CAs of this process's clusters ([`trust_cluster_ca`]).

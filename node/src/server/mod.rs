@@ -441,6 +441,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         }),
         plugins: Some(node_plugins),
         repositories: runtime.git.repositories.clone(),
+        node_tls: identity.tls.tonic_client_config(),
     };
     let admin_api = admin::AdminApi {
         replica: replica.clone(),
