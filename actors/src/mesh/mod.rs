@@ -151,7 +151,7 @@ pub enum MeshError {
     DialTimeout { address: String, timeout_ms: u64 },
     #[error(
         "the node at {address} closed the mesh session during the handshake \
-         (a different cluster secret, or this node's own address)"
+         (another cluster's certificate or cookie, or this node's own address)"
     )]
     Rejected { address: String },
     #[error("the mesh handshake with {address} did not finish within {timeout_ms} ms")]
