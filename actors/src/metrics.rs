@@ -56,6 +56,8 @@ mod tests {
                     listen_port: free_port(),
                     cluster_secret: "metrics-test-secret".to_string(),
                     max_live_events_per_watcher: 1,
+                    listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                    tls: None,
                 })
                 .await
                 .expect("start a mesh");

@@ -109,7 +109,7 @@ impl TestNode {
         let origin = origin_repository(scratch.path());
         let secret = format!("actor-test-secret-{node_id}");
         let data_dir = scratch.path().join("node");
-        let replica = Replica::open(ReplicaConfig::new(node_id, data_dir.clone(), secret.clone()))
+        let replica = Replica::open(ReplicaConfig::new(node_id, data_dir.clone(), None))
             .await
             .expect("open the replica");
         let (grpc_port, mesh_port) = (free_port(), free_port());
@@ -140,6 +140,8 @@ impl TestNode {
             listen_port: mesh_port,
             cluster_secret: secret,
             max_live_events_per_watcher: 4096,
+            listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            tls: None,
         })
         .await
         .expect("mesh");

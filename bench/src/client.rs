@@ -21,8 +21,12 @@ const UNARY_CALL_TIMEOUT_MS: u64 = 30_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("endpoint {endpoint:?} must be a URL starting with http:// or https://")]
+    #[error("endpoint {endpoint:?} must be a URL starting with https:// (nodes refuse plaintext)")]
     NotAUrl { endpoint: String },
+    #[error(
+        "endpoint {endpoint:?}: no cluster CA to check it against; pass --ca-cert (DATA_DIR/ca.pem of the first node)"
+    )]
+    NoCa { endpoint: String },
     #[error("endpoint {endpoint:?} is not a valid URL: {detail}")]
     InvalidUrl { endpoint: String, detail: String },
     #[error("the token must be printable ASCII without line breaks, found other characters")]
@@ -106,15 +110,33 @@ pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
     text
 }
 
+/// The cluster CA (PEM) that [`connect`] checks nodes against: a started cluster's, or the one
+/// given with `--ca-cert`.
+static TRUSTED_CA: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+pub fn trust_ca(ca_pem: String) {
+    *TRUSTED_CA.lock().expect("trusted CA poisoned") = Some(ca_pem);
+}
+
 /// Connects eagerly so that an unreachable node is reported as such before any call is made.
-/// The channel reconnects by itself afterwards.
+/// The channel reconnects by itself afterwards. Nodes speak TLS only: `https://` URLs, checked
+/// against the CA given to [`trust_ca`].
 pub async fn connect(url: &str) -> Result<Channel, ClientError> {
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
+    if !url.starts_with("https://") {
         return Err(ClientError::NotAUrl {
             endpoint: url.to_string(),
         });
     }
+    let ca_pem = TRUSTED_CA
+        .lock()
+        .expect("trusted CA poisoned")
+        .clone()
+        .ok_or_else(|| ClientError::NoCa {
+            endpoint: url.to_string(),
+        })?;
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
     let endpoint = Endpoint::from_shared(url.to_string())
+        .and_then(|endpoint| endpoint.tls_config(tls))
         .map_err(|error| ClientError::InvalidUrl {
             endpoint: url.to_string(),
             detail: error_chain(&error),

@@ -52,6 +52,9 @@ pub struct BenchCreateArgs {
     /// bearer token for --endpoints (a started cluster uses its own admin token)
     #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM certificate of the cluster CA for --endpoints (DATA_DIR/ca.pem of the first node)
+    #[arg(long, env = "FLOTILLA_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// the `flotilla` executable the loopback clusters run (ignored with --endpoints); by
     /// default the one next to this executable, as cargo builds them
     #[arg(long, env = "FLOTILLA_BINARY")]
@@ -107,6 +110,11 @@ async fn run_all(args: &BenchCreateArgs) -> anyhow::Result<()> {
     let run_duration = Duration::from_secs(args.seconds);
     if !args.endpoints.is_empty() {
         let token = BearerToken::new(args.token.as_deref())?;
+        if let Some(ca_cert) = &args.ca_cert {
+            crate::client::trust_ca(
+                std::fs::read_to_string(ca_cert).with_context(|| format!("reading --ca-cert {}", ca_cert.display()))?,
+            );
+        }
         let targets = connect_targets(&args.endpoints, &token).await?;
         let node_count = member_count(&args.endpoints[0], &token).await?;
         for &clients in &args.clients {
@@ -330,6 +338,7 @@ mod tests {
             seconds: 10,
             nodes: vec![1],
             token: None,
+            ca_cert: None,
             flotilla_binary: None,
         };
         assert!(validate(&args).is_err());

@@ -57,7 +57,6 @@ pub struct LocalCluster {
     nodes: Vec<LocalNode>,
     admin_token: String,
     executable: PathBuf,
-    cluster_secret: String,
     setup: NodeSetup,
     // Declared last so that it is removed after the nodes are stopped.
     directory: tempfile::TempDir,
@@ -80,7 +79,6 @@ impl LocalCluster {
             nodes: Vec::with_capacity(node_count),
             admin_token: String::new(),
             executable: flotilla_binary.to_path_buf(),
-            cluster_secret: hex::encode(rand::random::<[u8; 32]>()),
             setup,
             directory,
         };
@@ -89,6 +87,10 @@ impl LocalCluster {
 
         cluster.spawn_node(1, grpc_ports[0], None)?;
         cluster.admin_token = cluster.wait_for_admin_token(deadline).await?;
+        let ca_path = cluster.directory().join("node1").join("ca.pem");
+        crate::client::trust_ca(
+            std::fs::read_to_string(&ca_path).with_context(|| format!("reading {}", ca_path.display()))?,
+        );
         let token = BearerToken::new(Some(&cluster.admin_token))?;
         cluster
             .wait_for_cluster(0, &token, deadline, "node 1 to elect itself leader", |state| {
@@ -98,7 +100,8 @@ impl LocalCluster {
 
         let seed = cluster.nodes[0].endpoint.clone();
         for (index, &port) in grpc_ports.iter().enumerate().skip(1) {
-            cluster.spawn_node(index as u64 + 1, port, Some(&seed))?;
+            let join_token = mint_join_token(&seed, &token).await?;
+            cluster.spawn_node(index as u64 + 1, port, Some((&seed, &join_token)))?;
         }
         let expected_ids: Vec<u64> = (1..=node_count as u64).collect();
         let all_members_up = |state: &Cluster| {
@@ -141,7 +144,8 @@ impl LocalCluster {
         self.nodes.iter().map(|node| node.endpoint.clone()).collect()
     }
 
-    fn spawn_node(&mut self, id: u64, grpc_port: u16, join: Option<&str>) -> anyhow::Result<()> {
+    /// Starts node `id`; `join` is the member to join through and a join token.
+    fn spawn_node(&mut self, id: u64, grpc_port: u16, join: Option<(&str, &str)>) -> anyhow::Result<()> {
         let data_dir = self.directory().join(format!("node{id}"));
         let log_path = self.directory().join(format!("node{id}.log"));
         let log = File::create(&log_path).with_context(|| format!("creating the log file {}", log_path.display()))?;
@@ -168,11 +172,10 @@ impl LocalCluster {
             .args(["--slots", &self.setup.slots.to_string()])
             .arg("--config")
             .arg(&config_path);
-        if let Some(seed) = join {
-            command.args(["--join", seed]);
+        if let Some((seed, join_token)) = join {
+            command.args(["--join", seed]).env("FLOTILLA_JOIN_TOKEN", join_token);
         }
         command
-            .env("FLOTILLA_CLUSTER_SECRET", &self.cluster_secret)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_for_stderr)
@@ -183,7 +186,7 @@ impl LocalCluster {
             .with_context(|| format!("starting {} node --id {id}", self.executable.display()))?;
         self.nodes.push(LocalNode {
             id,
-            endpoint: format!("http://127.0.0.1:{grpc_port}"),
+            endpoint: format!("https://127.0.0.1:{grpc_port}"),
             log_path,
             child,
         });
@@ -381,6 +384,18 @@ fn free_port_pairs(count: usize) -> anyhow::Result<Vec<u16>> {
         );
     }
     Ok(chosen)
+}
+
+/// A single-use join token minted through the member at `seed`.
+async fn mint_join_token(seed: &str, token: &BearerToken) -> anyhow::Result<String> {
+    let mut client = crate::client::cluster_client(crate::client::connect(seed).await?, token.clone());
+    let minted = client
+        .create_join_token(flotilla_proto::v1::CreateJoinTokenRequest {
+            expires_in_seconds: 600,
+        })
+        .await
+        .with_context(|| format!("minting a join token through {seed}"))?;
+    Ok(minted.into_inner().token)
 }
 
 #[cfg(test)]

@@ -130,7 +130,7 @@ fn ms(us: u64) -> f64 {
 impl Bench {
     async fn start(dir: &std::path::Path) -> anyhow::Result<Bench> {
         let secret = "bench-turns-secret".to_string();
-        let replica = Replica::open(ReplicaConfig::new(1, dir.join("node"), secret.clone())).await?;
+        let replica = Replica::open(ReplicaConfig::new(1, dir.join("node"), None)).await?;
         let grpc_port = free_port()?;
         let mesh_port = free_port()?;
         replica
@@ -160,6 +160,8 @@ impl Bench {
             listen_port: mesh_port,
             cluster_secret: secret,
             max_live_events_per_watcher: 65_536,
+            listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            tls: None,
         })
         .await
         .map_err(|error| anyhow!("mesh: {error}"))?;

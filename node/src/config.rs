@@ -58,9 +58,17 @@ pub struct NodeArgs {
     /// TOML file with a [node] table; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Shared secret of the cluster (prefer the environment variable).
-    #[arg(long, env = "FLOTILLA_CLUSTER_SECRET", hide_env_values = true)]
-    pub cluster_secret: Option<String>,
+    /// Single-use token from `flotilla cluster join-token`, needed once, by a node that joins
+    /// with no certificate yet (prefer the environment variable).
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// PEM certificate chain the public listener shows clients instead of the node certificate
+    /// (nodes still get the node certificate); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Directory of compiled plugin code kept across restarts (default DATA_DIR/plugins-compiled;
     /// it must be this node's user's alone).
     #[arg(long, env = "FLOTILLA_COMPILED_PLUGIN_CACHE")]
@@ -315,7 +323,9 @@ pub struct NodeConfig {
     pub snapshot_after_logs: u64,
     pub logs_kept_after_snapshot: u64,
     pub labels: BTreeMap<String, String>,
-    pub cluster_secret: Option<String>,
+    pub join_token: Option<String>,
+    /// An operator's certificate chain and key for clients of the public listener.
+    pub public_tls: Option<(PathBuf, PathBuf)>,
     pub machines: flotilla_actors::machine::MachineSettings,
     pub models: BTreeMap<String, flotilla_actors::model::ModelConfig>,
     pub agents: AgentSettings,
@@ -432,7 +442,8 @@ impl NodeArgs {
             snapshot_after_logs,
             logs_kept_after_snapshot,
             labels: file.labels,
-            cluster_secret: self.cluster_secret.filter(|secret| !secret.is_empty()),
+            join_token: self.join_token.filter(|token| !token.trim().is_empty()),
+            public_tls: self.tls_cert.zip(self.tls_key),
         })
     }
 

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum TopCommand {
     /// Run a node of a Flotilla cluster.
-    Node(config::NodeArgs),
+    Node(Box<config::NodeArgs>),
     /// Create, list, watch and steer agents.
     Agent {
         #[command(subcommand)]
@@ -114,7 +114,7 @@ fn main() -> ExitCode {
         match cli.command {
             TopCommand::Node(args) => {
                 init_logging("info,openraft=warn,ractor_cluster=warn");
-                let config = args.resolve()?;
+                let config = (*args).resolve()?;
                 server::run_node(config).await?;
                 Ok(ExitCode::SUCCESS)
             }

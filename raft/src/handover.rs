@@ -289,7 +289,7 @@ mod tests {
     async fn open(dir: &std::path::Path) -> Replica {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match Replica::open(ReplicaConfig::new(1, dir.to_path_buf(), "secret".to_string())).await {
+            match Replica::open(ReplicaConfig::new(1, dir.to_path_buf(), None)).await {
                 Ok(replica) => return replica,
                 Err(error) if std::time::Instant::now() < deadline => {
                     eprintln!("store not free yet: {error}");

@@ -20,6 +20,7 @@ pub mod read_index;
 pub mod replica;
 pub mod retry;
 pub mod store;
+pub mod tls;
 
 pub use flotilla_state::{apply, cluster_state, command, invariants, types};
 

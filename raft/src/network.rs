@@ -1,5 +1,7 @@
 //! Raft messages between nodes, over the internal gRPC service. Payloads are postcard-encoded
-//! openraft types; every call carries the proof that the caller knows the cluster secret.
+//! openraft types; every call goes over mutual TLS, the caller presenting its node certificate
+//! (see [`crate::tls`]). No credential rides in the request itself, so nothing recorded off the
+//! wire can be replayed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,22 +16,10 @@ use openraft::raft::{
     VoteResponse,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use crate::tls::NodeTls;
 use crate::{NodeAddr, NodeId, TypeConfig};
-
-/// Metadata key that carries the cluster proof on internal calls.
-pub const CLUSTER_PROOF_HEADER: &str = "x-flotilla-cluster-proof";
-
-/// A value derived from the cluster secret that internal calls present. The secret itself never
-/// crosses the wire.
-pub fn cluster_proof(secret: &str) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(b"flotilla-cluster-proof-v1:");
-    hasher.update(secret.as_bytes());
-    hex::encode(hasher.finalize())
-}
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("serialising to memory cannot fail")
@@ -42,37 +32,56 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, postcard:
 /// Connections to other nodes' internal service, one channel per address, shared.
 #[derive(Clone)]
 pub struct Peers {
-    proof: Arc<String>,
+    /// `None` only for a replica that never talks to another node (single-node tests): it has
+    /// no certificate, and there is no plaintext fallback.
+    tls: Option<ClientTlsConfig>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     connect_timeout: Duration,
 }
 
+/// Why a peer could not be dialed.
+#[derive(thiserror::Error, Debug)]
+pub enum PeerError {
+    #[error("this node has no certificate, so it cannot call other nodes")]
+    NoCertificate,
+    #[error("invalid peer address {address:?}: {source}")]
+    Address {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
 impl Peers {
-    pub fn new(cluster_secret: &str) -> Peers {
+    pub fn new(tls: Option<&NodeTls>) -> Peers {
         Peers {
-            proof: Arc::new(cluster_proof(cluster_secret)),
+            tls: tls.map(NodeTls::tonic_client_config),
             channels: Arc::new(Mutex::new(HashMap::new())),
             connect_timeout: Duration::from_millis(500),
         }
     }
 
-    pub fn proof(&self) -> &str {
-        &self.proof
-    }
-
-    /// A client for the internal service at `address` (host:port or a URL). Channels connect
-    /// lazily and reconnect by themselves.
-    pub fn client(&self, address: &str) -> Result<InternalClient<Channel>, tonic::transport::Error> {
-        let url = if address.starts_with("http://") || address.starts_with("https://") {
-            address.to_string()
-        } else {
-            format!("http://{address}")
-        };
+    /// A client for the internal service at `address` (host:port or a URL; always dialed over
+    /// TLS). Channels connect lazily and reconnect by themselves.
+    pub fn client(&self, address: &str) -> Result<InternalClient<Channel>, PeerError> {
+        let tls = self.tls.clone().ok_or(PeerError::NoCertificate)?;
+        let host_port = address
+            .strip_prefix("https://")
+            .or_else(|| address.strip_prefix("http://"))
+            .unwrap_or(address);
+        let url = format!("https://{host_port}");
         let mut channels = self.channels.lock().expect("peer map poisoned");
         let channel = match channels.get(&url) {
             Some(channel) => channel.clone(),
             None => {
-                let channel = Endpoint::from_shared(url.clone())?
+                let address_error = |source| PeerError::Address {
+                    address: address.to_string(),
+                    source,
+                };
+                let channel = Endpoint::from_shared(url.clone())
+                    .map_err(address_error)?
+                    .tls_config(tls)
+                    .map_err(address_error)?
                     .connect_timeout(self.connect_timeout)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(5))
@@ -84,13 +93,10 @@ impl Peers {
         Ok(InternalClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
     }
 
-    /// Wraps a payload with the cluster proof.
+    /// Wraps a payload for an internal call. It carries no credential: the TLS connection
+    /// authenticates the caller.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert(CLUSTER_PROOF_HEADER, self.proof.parse().expect("hex is valid metadata"));
-        request
+        tonic::Request::new(message)
     }
 }
 

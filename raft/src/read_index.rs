@@ -259,7 +259,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_barrier_on_a_lone_leader_covers_its_writes_and_one_without_a_cluster_fails_in_time() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let replica = Replica::open(ReplicaConfig::new(1, dir.path().join("lone"), "secret".to_string()))
+        let replica = Replica::open(ReplicaConfig::new(1, dir.path().join("lone"), None))
             .await
             .expect("open");
         // Not a member of any cluster yet: no leader can be found, and the wait is bounded.

@@ -48,7 +48,8 @@ struct PendingWrite {
 pub struct ReplicaConfig {
     pub node_id: NodeId,
     pub data_dir: PathBuf,
-    pub cluster_secret: String,
+    /// The node's certificate for calling other nodes; `None` for a replica that never does.
+    pub tls: Option<crate::tls::NodeTls>,
     pub heartbeat_interval_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
@@ -59,11 +60,11 @@ pub struct ReplicaConfig {
 }
 
 impl ReplicaConfig {
-    pub fn new(node_id: NodeId, data_dir: PathBuf, cluster_secret: String) -> ReplicaConfig {
+    pub fn new(node_id: NodeId, data_dir: PathBuf, tls: Option<crate::tls::NodeTls>) -> ReplicaConfig {
         ReplicaConfig {
             node_id,
             data_dir,
-            cluster_secret,
+            tls,
             heartbeat_interval_ms: 250,
             election_timeout_min_ms: 1_000,
             election_timeout_max_ms: 2_000,
@@ -121,7 +122,7 @@ pub enum ForwardError {
     Connect {
         leader: NodeId,
         address: String,
-        source: tonic::transport::Error,
+        source: crate::network::PeerError,
     },
     #[error("{code}: {message}")]
     Refused {
@@ -243,7 +244,7 @@ impl Replica {
         }
         .validate()
         .map_err(|error| ReplicaError::Config(error.to_string()))?;
-        let peers = Peers::new(&config.cluster_secret);
+        let peers = Peers::new(config.tls.as_ref());
         let reader = machine.reader();
         let raft = Raft::new(
             config.node_id,

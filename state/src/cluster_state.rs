@@ -42,6 +42,9 @@ pub struct ClusterState {
     /// Teams by name ([`crate::types::DEFAULT_TEAM`] exists without a record).
     #[serde(default)]
     pub teams: BTreeMap<String, TeamRecord>,
+    /// Unused join tokens: the SHA-256 of each token's secret part, and when it expires (ms).
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, u64>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,

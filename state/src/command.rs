@@ -288,6 +288,17 @@ pub enum Command {
     RevokeKey {
         key_id: String,
     },
+    /// Records a single-use join token by the SHA-256 of its secret part, valid until
+    /// `expires_at_ms`. Expired tokens are dropped as new ones are minted.
+    CreateJoinToken {
+        sha256_hex: String,
+        expires_at_ms: u64,
+    },
+    /// Spends a join token: refused if the cluster does not hold it (never minted, or used
+    /// already) or if it expired by the entry's time; either way it is gone afterwards.
+    ConsumeJoinToken {
+        sha256_hex: String,
+    },
 }
 
 impl Command {
@@ -380,6 +391,8 @@ impl Command {
             Command::StopAgent { .. } => "stop-agent",
             Command::FollowUp { .. } => "follow-up",
             Command::CreateToken { .. } => "create-token",
+            Command::CreateJoinToken { .. } => "create-join-token",
+            Command::ConsumeJoinToken { .. } => "consume-join-token",
             Command::RecordInstallLayer { .. } => "record-install-layer",
             Command::RecordTurn { .. } => "record-turn",
             Command::RecordPush { .. } => "record-push",
@@ -509,6 +522,12 @@ pub enum ApplyError {
     KeyExists,
     #[error("the cluster holds {limit} {what}, the most it keeps")]
     TooMany { what: String, limit: usize },
+    #[error("the join token is not known to the cluster: it was never minted, or it was used already (a token admits one node)")]
+    JoinTokenUnknown,
+    #[error("the join token expired at {expired_at_ms} ms since the epoch; mint a new one with `flotilla cluster join-token`")]
+    JoinTokenExpired { expired_at_ms: u64 },
+    #[error("the cluster holds {limit} unused join tokens, the most it keeps; use or let some expire first")]
+    TooManyJoinTokens { limit: usize },
 }
 
 /// What an applied command answers.

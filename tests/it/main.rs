@@ -10,6 +10,7 @@ mod t00_harness;
 mod t05_fakes;
 mod t07_providers;
 mod t10_single_node;
+mod t11_transport_security;
 mod t12_repository_policy;
 mod t15_cli_and_drain;
 mod t18_agent_runs;

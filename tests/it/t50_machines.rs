@@ -526,7 +526,8 @@ async fn a_person_takes_over_with_the_cli_in_a_terminal() {
 
     let socket = format!("flotilla-test-{}", std::process::id());
     let command = format!(
-        "FLOTILLA_TOKEN={token} {} --endpoint {endpoint} agent attach {} --takeover",
+        "FLOTILLA_TOKEN={token} FLOTILLA_CA_CERT={} {} --endpoint {endpoint} agent attach {} --takeover",
+        cluster.ca_path().display(),
         flotilla_tests::flotilla_bin().display(),
         agent.id
     );

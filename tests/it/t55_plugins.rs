@@ -24,10 +24,10 @@ async fn write_through_raft(cluster: &TestCluster, command: Command) -> ApplyRes
 }
 
 /// Writes `command` through the internal `ForwardWrite` of `cluster.nodes[index]`, which must
-/// lead, with the cluster secret, as a node's own write reaches the leader.
+/// lead, with that node's own certificate, as a node's own write reaches the leader.
 pub(crate) async fn write_through_node(cluster: &TestCluster, index: usize, command: Command) -> ApplyResult {
-    let peers = Peers::new(&cluster.secret);
     let node = &cluster.nodes[index];
+    let peers = Peers::new(Some(&flotilla_tests::node_tls(&node.data_dir, node.id)));
     let mut client = peers
         .client(&node.endpoint())
         .unwrap_or_else(|error| panic!("an internal client for node {}: {error}", node.id));

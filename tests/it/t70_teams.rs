@@ -24,10 +24,7 @@ const REFUSAL_BOUND: Duration = Duration::from_secs(1);
 const SHORT_LIFETIME_SECONDS: u64 = 3;
 
 fn access_client(endpoint: &str, key: &str) -> AccessClient {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .expect("endpoint")
-        .connect_lazy();
-    AccessServiceClient::with_interceptor(channel, BearerAuth::new(key))
+    AccessServiceClient::with_interceptor(flotilla_tests::channel(endpoint), BearerAuth::new(key))
 }
 
 /// Runs the CLI and returns its stdout, failing the test with stderr when it fails.
@@ -125,6 +122,10 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
             .map(drop),
         "ClusterService/RemoveNode" => cluster
             .remove_node(v1::RemoveNodeRequest { node_id: 99 })
+            .await
+            .map(drop),
+        "ClusterService/CreateJoinToken" => cluster
+            .create_join_token(v1::CreateJoinTokenRequest { expires_in_seconds: 60 })
             .await
             .map(drop),
         "ClusterService/DrainNode" => cluster

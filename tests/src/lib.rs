@@ -266,16 +266,77 @@ pub type AgentClient = AgentServiceClient<InterceptedService<Channel, BearerAuth
 pub type ClusterClient = ClusterServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type AdminClient = AdminServiceClient<InterceptedService<Channel, BearerAuth>>;
 
+/// The cluster CA certificates this test process trusts (each cluster's `ca.pem`, added when
+/// its first node wrote it), with the path of the last one, which [`run_cli`] passes on.
+static TRUSTED_CAS: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+
+/// Makes the clients of this process trust the cluster CA at `path` (a first node's
+/// `DATA_DIR/ca.pem`).
+pub fn trust_cluster_ca(path: &Path) {
+    let pem =
+        std::fs::read_to_string(path).unwrap_or_else(|error| panic!("could not read {}: {error}", path.display()));
+    let mut trusted = TRUSTED_CAS.lock().expect("trusted CA list poisoned");
+    trusted.retain(|(existing, _)| existing != path);
+    trusted.push((path.to_path_buf(), pem));
+}
+
+/// The CA certificate the CLI is told to trust: the last cluster's.
+pub fn trusted_ca_path() -> Option<PathBuf> {
+    TRUSTED_CAS
+        .lock()
+        .expect("trusted CA list poisoned")
+        .last()
+        .map(|(path, _)| path.clone())
+}
+
+/// The TLS files a node keeps in its data dir, to call the internal service as that node.
+pub fn node_tls(data_dir: &Path, node_id: u64) -> flotilla_raft::tls::NodeTls {
+    let read = |name: &str| {
+        let path = data_dir.join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("could not read {}: {error}", path.display()))
+    };
+    flotilla_raft::tls::NodeTls {
+        node_id,
+        ca_pem: read("ca.pem"),
+        certificate_pem: read("node.pem"),
+        private_key_pem: read("node.key"),
+    }
+}
+
+/// `https://HOST:PORT` for an endpoint given with either scheme: nodes speak TLS only.
+pub fn https(endpoint: &str) -> String {
+    match endpoint.strip_prefix("http://") {
+        Some(rest) => format!("https://{rest}"),
+        None => endpoint.to_string(),
+    }
+}
+
+/// A channel to `endpoint` over TLS, trusting this process's cluster CAs, that sends nothing
+/// of its own (no token): for calls made as an anonymous client.
+pub fn channel(endpoint: &str) -> Channel {
+    lazy_channel(endpoint)
+}
+
 /// A channel that connects on first use, so that creating a client never fails: a node
 /// that is down shows up as an `Unavailable` error on the call, which [`wait_for`] retries.
+/// It speaks TLS and trusts the CAs of this process's clusters ([`trust_cluster_ca`]).
 fn lazy_channel(endpoint: &str) -> Channel {
-    Endpoint::from_shared(endpoint.to_string())
+    let cas: Vec<tonic::transport::Certificate> = TRUSTED_CAS
+        .lock()
+        .expect("trusted CA list poisoned")
+        .iter()
+        .map(|(_, pem)| tonic::transport::Certificate::from_pem(pem))
+        .collect();
+    let endpoint = https(endpoint);
+    Endpoint::from_shared(endpoint.clone())
         .unwrap_or_else(|error| panic!("invalid endpoint {endpoint:?}: {error}"))
+        .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificates(cas))
+        .unwrap_or_else(|error| panic!("no TLS for {endpoint:?}: {error}"))
         .connect_timeout(CLIENT_CONNECT_TIMEOUT)
         .connect_lazy()
 }
 
-/// An `AgentService` client for `endpoint` (such as `http://127.0.0.1:7420`) that sends
+/// An `AgentService` client for `endpoint` (such as `https://127.0.0.1:7420`) that sends
 /// `token` with every call.
 pub async fn agent_client(endpoint: &str, token: &str) -> AgentClient {
     AgentServiceClient::with_interceptor(lazy_channel(endpoint), BearerAuth::new(token))
@@ -318,15 +379,27 @@ pub async fn is_ready(endpoint: &str) -> Option<bool> {
 /// to `token`, and returns its exit status and output. The call blocks until the CLI exits,
 /// which is fine from a test: the nodes it talks to are other processes.
 pub fn run_cli(endpoint: &str, token: &str, args: &[&str]) -> Output {
-    Command::new(flotilla_bin())
+    run_cli_trusting(endpoint, token, trusted_ca_path().as_deref(), args)
+}
+
+/// [`run_cli`] with the CLI trusting the CA certificate at `ca` (`FLOTILLA_CA_CERT`).
+pub fn run_cli_trusting(endpoint: &str, token: &str, ca: Option<&Path>, args: &[&str]) -> Output {
+    let mut command = Command::new(flotilla_bin());
+    if let Some(ca) = ca {
+        command.env("FLOTILLA_CA_CERT", ca);
+    }
+    command
         .arg("--endpoint")
-        .arg(endpoint)
+        .arg(https(endpoint))
         .args(args)
         .env("FLOTILLA_TOKEN", token)
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|error| panic!("could not run the flotilla CLI with {args:?}: {error}"))
 }
+
+/// The environment variable a joining node reads its join token from.
+pub const JOIN_TOKEN_ENV: &str = "FLOTILLA_JOIN_TOKEN";
 
 /// Everything needed to start (and restart) one node.
 #[derive(Clone, Debug)]
@@ -345,7 +418,6 @@ pub struct NodeSpec {
     pub join: Option<String>,
     pub lease_ms: Option<u64>,
     pub extra_args: Vec<String>,
-    pub cluster_secret: String,
     /// The node's `--config` file.
     pub config_path: PathBuf,
     /// Extra environment of the node process (API keys of test model servers...).
@@ -465,7 +537,6 @@ impl NodeProcess {
         };
         let child = command
             .args(self.spec.command_args())
-            .env("FLOTILLA_CLUSTER_SECRET", &self.spec.cluster_secret)
             .env("FLOTILLA_COMPILED_PLUGIN_CACHE", shared_compiled_plugin_cache())
             .env(
                 "RUST_LOG",
@@ -480,9 +551,9 @@ impl NodeProcess {
         self.child = Some(child);
     }
 
-    /// `http://HOST:P`, the node's gRPC endpoint.
+    /// `https://HOST:P`, the node's gRPC endpoint.
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{}", self.host, self.grpc_port)
+        format!("https://{}:{}", self.host, self.grpc_port)
     }
 
     /// The port of the node's actor mesh.
@@ -683,7 +754,6 @@ impl ClusterOptions {
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeProcess>,
-    pub secret: String,
     /// The nodes' network namespaces, with [`ClusterOptions::network_lab`]. Declared after
     /// `nodes`, and the drop kills the nodes first, so the lab goes last.
     pub lab: Option<netlab::NetLab>,
@@ -699,7 +769,6 @@ impl TestCluster {
             .prefix("flotilla-it-")
             .tempdir()
             .expect("could not create the cluster's temporary directory");
-        let secret = format!("test-cluster-secret-{:016x}", port_search_seed());
         let lab = if options.network_lab {
             let regions: Vec<String> = (0..node_count).map(|index| options.region_of(index)).collect();
             match netlab::NetLab::create(&regions).await {
@@ -715,7 +784,6 @@ impl TestCluster {
         let mut cluster = TestCluster {
             dir,
             nodes: Vec::with_capacity(node_count),
-            secret,
             lab,
             options,
         };
@@ -758,6 +826,10 @@ impl TestCluster {
             }
             None => (Ipv4Addr::LOCALHOST, None, free_port()),
         };
+        let mut env = self.options.env.clone();
+        if join.is_some() {
+            env.push((JOIN_TOKEN_ENV.to_string(), self.mint_join_token()));
+        }
         let spec = NodeSpec {
             id,
             host,
@@ -769,9 +841,8 @@ impl TestCluster {
             join,
             lease_ms: self.options.lease_ms,
             extra_args: self.options.extra_args.clone(),
-            cluster_secret: self.secret.clone(),
             config_path,
-            env: self.options.env.clone(),
+            env,
         };
         self.nodes.push(NodeProcess::spawn(spec));
     }
@@ -788,6 +859,7 @@ impl TestCluster {
             async move { token_written.then_some(()) }
         })
         .await;
+        trust_cluster_ca(&self.ca_path());
 
         let token = self.admin_token();
         let endpoint = self.nodes[0].endpoint();
@@ -821,6 +893,28 @@ impl TestCluster {
             }
         })
         .await
+    }
+
+    /// The cluster CA that node 1 created: what the clients of this process trust.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("node1").join("ca.pem")
+    }
+
+    /// A single-use join token, minted through node 1 with the CLI (`flotilla cluster
+    /// join-token`).
+    pub fn mint_join_token(&self) -> String {
+        let output = self.run_cli(1, &["cluster", "join-token", "--expires", "10m"]);
+        assert!(
+            output.status.success(),
+            "minting a join token failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("`cluster join-token` printed nothing"))
+            .trim()
+            .to_string()
     }
 
     fn admin_token_path(&self) -> PathBuf {
@@ -863,7 +957,12 @@ impl TestCluster {
 
     /// Runs the CLI against the node with this id with the admin token.
     pub fn run_cli(&self, id: u64, args: &[&str]) -> Output {
-        run_cli(&self.node(id).endpoint(), &self.admin_token(), args)
+        run_cli_trusting(
+            &self.node(id).endpoint(),
+            &self.admin_token(),
+            Some(&self.ca_path()),
+            args,
+        )
     }
 
     /// Every node's log tail, for failure messages.

@@ -105,7 +105,7 @@ impl LabNode {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{NODE_GRPC_PORT}", self.address)
+        format!("https://{}:{NODE_GRPC_PORT}", self.address)
     }
 }
 

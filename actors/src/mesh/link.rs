@@ -57,11 +57,24 @@ impl Mesh {
         let socket_addresses: Vec<SocketAddr> = resolved.iter().copied().collect();
         self.inner.dials.fetch_add(1, Ordering::Relaxed);
         ::metrics::counter!(crate::metrics::MESH_DIALS_TOTAL).increment(1);
-        let dialed = tokio::time::timeout(
-            Duration::from_millis(DIAL_TIMEOUT_MS),
-            ractor_cluster::client_connect(&self.inner.node_server, socket_addresses.as_slice()),
-        )
-        .await;
+        let connecting = async {
+            match &self.inner.connector {
+                Some(connector) => {
+                    let server_name =
+                        tokio_rustls::rustls::pki_types::ServerName::try_from(flotilla_raft::tls::NODE_SERVER_NAME)
+                            .expect("the node server name is a valid DNS name");
+                    ractor_cluster::client_connect_enc(
+                        &self.inner.node_server,
+                        socket_addresses.as_slice(),
+                        connector.0.clone(),
+                        server_name,
+                    )
+                    .await
+                }
+                None => ractor_cluster::client_connect(&self.inner.node_server, socket_addresses.as_slice()).await,
+            }
+        };
+        let dialed = tokio::time::timeout(Duration::from_millis(DIAL_TIMEOUT_MS), connecting).await;
         match dialed {
             Err(_) => Err(MeshError::DialTimeout {
                 address: address.to_string(),

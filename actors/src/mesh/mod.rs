@@ -11,11 +11,12 @@
 //! still synchronising may miss the first few; clients rebuild the durable history from
 //! the replicated state and use the mesh only for what happens next.
 //!
-//! Nodes authenticate each other with ractor_cluster's challenge handshake, keyed by the
-//! cluster secret: a node started with another secret cannot link. The link is plain TCP
-//! for now. ractor_cluster also accepts TLS (`IncomingEncryptionMode::Tls` on the server
-//! and `client_connect_enc` on the dialing side); wiring the node's certificates into
-//! both is the next step, and is what the design asks for between nodes.
+//! Links are mutual TLS (ractor_cluster's `IncomingEncryptionMode::Tls` on the listening side,
+//! `client_connect_enc` on the dialing side): both ends present a certificate signed by the
+//! cluster CA, and a dialed server must carry the name every node certificate has. The cookie
+//! handshake of ractor_cluster still runs inside the TLS session; it authenticates nothing
+//! the certificates did not. The listener binds the node's own listen address, not every
+//! interface.
 //!
 //! ractor's process groups and actor registries are global to the process, so one
 //! process is one mesh node: two [`Mesh`] values in one process share their groups and
@@ -26,7 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -77,13 +78,35 @@ pub fn live_group_name(agent_id: &str) -> String {
 pub struct MeshConfig {
     /// This node's id; it names the node in the mesh (`flotilla-<node_id>`).
     pub node_id: u64,
-    /// TCP port the mesh listens on, on every IPv4 interface.
+    /// TCP port the mesh listens on.
     pub listen_port: u16,
+    /// Address the mesh listens on: the node's own, not every interface unless configured.
+    pub listen_ip: IpAddr,
     /// Shared by every node of the cluster: the handshake cookie. A node with another
     /// secret cannot link.
     pub cluster_secret: String,
     /// Capacity of each subscriber's buffer; events beyond it are dropped and counted.
     pub max_live_events_per_watcher: usize,
+    /// Mutual TLS for every link. `None` (plain TCP) only in the mesh's own unit tests; a node
+    /// always sets it.
+    pub tls: Option<MeshTls>,
+}
+
+/// The dialing end of TLS links (rustls' connector shows nothing worth printing).
+#[derive(Clone)]
+struct Connector(tokio_rustls::TlsConnector);
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("Connector(tls)")
+    }
+}
+
+/// The TLS ends of mesh links: both check the peer's certificate against the cluster CA.
+#[derive(Clone)]
+pub struct MeshTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub connector: tokio_rustls::TlsConnector,
 }
 
 impl fmt::Debug for MeshConfig {
@@ -94,6 +117,7 @@ impl fmt::Debug for MeshConfig {
             .field("listen_port", &self.listen_port)
             .field("cluster_secret", &"<redacted>")
             .field("max_live_events_per_watcher", &self.max_live_events_per_watcher)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -127,7 +151,7 @@ pub enum MeshError {
     DialTimeout { address: String, timeout_ms: u64 },
     #[error(
         "the node at {address} closed the mesh session during the handshake \
-         (a different cluster secret, or this node's own address)"
+         (another cluster's certificate or cookie, or this node's own address)"
     )]
     Rejected { address: String },
     #[error("the mesh handshake with {address} did not finish within {timeout_ms} ms")]
@@ -158,6 +182,8 @@ struct MeshInner {
     /// hold up links to the others. Only addresses with a call in flight are kept.
     connect_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     max_live_events_per_watcher: usize,
+    /// How this node dials its peers: over TLS when set.
+    connector: Option<Connector>,
     events_dropped: Arc<AtomicU64>,
     /// Sessions this node has dialed since it started.
     dials: AtomicU64,
@@ -165,7 +191,7 @@ struct MeshInner {
 }
 
 impl Mesh {
-    /// Starts this node's mesh server on `0.0.0.0:listen_port`, named `flotilla-<node_id>`,
+    /// Starts this node's mesh server on `listen_ip:listen_port`, named `flotilla-<node_id>`,
     /// with the cluster secret as its handshake cookie.
     pub async fn start(config: MeshConfig) -> Result<Mesh, MeshError> {
         if config.max_live_events_per_watcher == 0 {
@@ -188,10 +214,13 @@ impl Mesh {
             config.cluster_secret,
             format!("{NODE_NAME_PREFIX}{node_id}"),
             format!("{NODE_HOST_PREFIX}{node_id}"),
-            None,
+            config
+                .tls
+                .as_ref()
+                .map(|tls| ractor_cluster::IncomingEncryptionMode::Tls(tls.acceptor.clone())),
             Some(NodeConnectionMode::Isolated),
         )
-        .with_listen_addr(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        .with_listen_addr(config.listen_ip);
 
         // Registered names are global to the process, hence the node id in each.
         let (node_server, _) = Actor::spawn(Some(format!("flotilla-{node_id}-mesh-server")), node_server, ())
@@ -244,6 +273,7 @@ impl Mesh {
                 peer_names_by_address: Mutex::new(HashMap::new()),
                 connect_locks: Mutex::new(HashMap::new()),
                 max_live_events_per_watcher: config.max_live_events_per_watcher,
+                connector: config.tls.map(|tls| Connector(tls.connector)),
                 events_dropped: Arc::new(AtomicU64::new(0)),
                 dials: AtomicU64::new(0),
                 shut_down: AtomicBool::new(false),

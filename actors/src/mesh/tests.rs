@@ -30,6 +30,8 @@ async fn start_node(node_id: u64, secret: &str, buffer: usize) -> (Mesh, String)
         listen_port: port,
         cluster_secret: secret.to_string(),
         max_live_events_per_watcher: buffer,
+        listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        tls: None,
     })
     .await
     .unwrap_or_else(|error| panic!("start mesh node {node_id}: {error}"));
@@ -168,6 +170,8 @@ async fn invalid_configs_and_duplicate_nodes_are_refused() {
         listen_port: free_port(),
         cluster_secret: SECRET.to_string(),
         max_live_events_per_watcher: 0,
+        listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        tls: None,
     })
     .await
     .expect_err("a zero buffer is refused");
@@ -180,6 +184,8 @@ async fn invalid_configs_and_duplicate_nodes_are_refused() {
         listen_port: free_port(),
         cluster_secret: String::new(),
         max_live_events_per_watcher: 1,
+        listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        tls: None,
     })
     .await
     .expect_err("an empty secret is refused");
@@ -191,6 +197,8 @@ async fn invalid_configs_and_duplicate_nodes_are_refused() {
         listen_port: free_port(),
         cluster_secret: SECRET.to_string(),
         max_live_events_per_watcher: 16,
+        listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        tls: None,
     })
     .await
     .expect_err("a second mesh for one node id is refused");
@@ -203,6 +211,8 @@ async fn invalid_configs_and_duplicate_nodes_are_refused() {
             listen_port: 1,
             cluster_secret: SECRET.to_string(),
             max_live_events_per_watcher: 1,
+            listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            tls: None,
         }
     );
     assert!(!secret_shown.contains(SECRET), "{secret_shown}");
@@ -308,6 +318,8 @@ async fn nodes_with_the_same_secret_link_once_and_reconnect() {
         listen_port: port,
         cluster_secret: SECRET.to_string(),
         max_live_events_per_watcher: 16,
+        listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        tls: None,
     })
     .await
     .expect("restart the second node on its port");

@@ -118,7 +118,7 @@ async fn an_owner_displaced_after_its_check_is_refused_by_the_origin_and_the_bra
     let dir = tempfile::tempdir().unwrap();
     let url = origin(dir.path());
     let origin_path = dir.path().join("origin.git");
-    let replica = Replica::open(ReplicaConfig::new(1, dir.path().join("raft"), "window".to_string()))
+    let replica = Replica::open(ReplicaConfig::new(1, dir.path().join("raft"), None))
         .await
         .unwrap();
     let address = NodeAddr {

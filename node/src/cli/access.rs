@@ -115,10 +115,7 @@ fn team_json(team: &Team) -> serde_json::Value {
 
 async fn client(args: &ClientArgs) -> Result<AccessServiceClient<super::client::AuthenticatedChannel>, CliError> {
     let token = BearerToken::new(args.token.as_deref())?;
-    Ok(AccessServiceClient::with_interceptor(
-        connect(args.endpoint.as_str()).await?,
-        token,
-    ))
+    Ok(AccessServiceClient::with_interceptor(connect(args).await?, token))
 }
 
 pub(crate) async fn team_command(args: &ClientArgs, cmd: TeamCommand) -> Result<(), CliError> {

@@ -48,13 +48,13 @@ fn terminal_size() -> v1::TerminalSize {
 }
 
 pub(crate) async fn attach(
-    endpoint: &str,
+    args: &super::ClientArgs,
     token: BearerToken,
     agent_id: String,
     terminal: Option<String>,
     takeover: bool,
 ) -> Result<(), CliError> {
-    let mut client = agent_client(connect(endpoint).await?, token);
+    let mut client = agent_client(connect(args).await?, token);
     let (outbound, requests) = mpsc::channel::<v1::AttachRequest>(OUTBOUND_BUFFER_MESSAGES);
     outbound
         .send(v1::AttachRequest {

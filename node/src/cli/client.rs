@@ -144,13 +144,36 @@ pub(crate) fn error_chain(error: &(dyn StdError + 'static)) -> String {
     text
 }
 
-pub(crate) fn endpoint_for(url: &str) -> Result<Endpoint, CliError> {
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
+/// Environment variable naming the cluster CA certificate the CLI trusts.
+pub(crate) const CA_CERT_ENV: &str = "FLOTILLA_CA_CERT";
+
+pub(crate) fn endpoint_for(url: &str, ca_cert: Option<&std::path::Path>) -> Result<Endpoint, CliError> {
+    if url.starts_with("http://") {
         return Err(CliError::Usage(format!(
-            "endpoint {url:?} must be a URL starting with http:// or https://"
+            "endpoint {url:?} is plaintext, which nodes refuse: use https:// (and --ca-cert or {CA_CERT_ENV} with the cluster CA, DATA_DIR/ca.pem of the first node)"
         )));
     }
+    if !url.starts_with("https://") {
+        return Err(CliError::Usage(format!(
+            "endpoint {url:?} must be a URL starting with https://"
+        )));
+    }
+    let ca_cert = ca_cert.ok_or_else(|| {
+        CliError::Usage(format!(
+            "an https endpoint needs the certificate to check the node against: pass --ca-cert or set {CA_CERT_ENV} (the cluster CA is DATA_DIR/ca.pem of the first node)"
+        ))
+    })?;
+    let ca_pem = std::fs::read_to_string(ca_cert)
+        .map_err(|error| CliError::Usage(format!("cannot read the CA certificate {}: {error}", ca_cert.display())))?;
+    if !ca_pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(CliError::Usage(format!(
+            "{} holds no PEM certificate (expected the cluster's ca.pem)",
+            ca_cert.display()
+        )));
+    }
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
     Endpoint::from_shared(url.to_string())
+        .and_then(|endpoint| endpoint.tls_config(tls))
         .map(|endpoint| {
             endpoint
                 .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
@@ -159,10 +182,12 @@ pub(crate) fn endpoint_for(url: &str) -> Result<Endpoint, CliError> {
         .map_err(|error| CliError::Usage(format!("endpoint {url:?} is not a valid URL: {}", error_chain(&error))))
 }
 
-/// Connects eagerly so that an unreachable node is reported as such before any call is made.
-/// The channel reconnects by itself afterwards.
-pub(crate) async fn connect(url: &str) -> Result<Channel, CliError> {
-    endpoint_for(url)?
+/// Connects eagerly so that an unreachable node (or one whose certificate the CA did not
+/// sign) is reported as such before any call is made. The channel reconnects by itself
+/// afterwards.
+pub(crate) async fn connect(args: &super::ClientArgs) -> Result<Channel, CliError> {
+    let url = args.endpoint.as_str();
+    endpoint_for(url, args.ca_cert.as_deref())?
         .connect()
         .await
         .map_err(|error| CliError::Unreachable {

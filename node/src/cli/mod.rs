@@ -18,8 +18,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use flotilla_proto::v1::{
-    AddNodeRequest, Agent, AgentStatus, CreateAgentRequest, DrainNodeRequest, GetAgentRequest, GetClusterRequest,
-    ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
+    AddNodeRequest, Agent, AgentStatus, CreateAgentRequest, CreateJoinTokenRequest, DrainNodeRequest, GetAgentRequest,
+    GetClusterRequest, ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
 };
 
 pub use access::{KeyCommand, TeamCommand};
@@ -39,9 +39,12 @@ pub struct ClientArgs {
         long,
         global = true,
         env = "FLOTILLA_ENDPOINT",
-        default_value = "http://127.0.0.1:7420"
+        default_value = "https://127.0.0.1:7420"
     )]
     pub endpoint: String,
+    /// PEM certificate of the cluster CA (DATA_DIR/ca.pem of the first node) to check the node against
+    #[arg(long, global = true, env = "FLOTILLA_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// bearer token
     #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -195,6 +198,36 @@ pub enum ClusterCommand {
         #[arg(long)]
         undo: bool,
     },
+    /// Mint a single-use token that lets one new node join (`flotilla node --join-token`);
+    /// printed once, on the last line
+    JoinToken {
+        /// how long the token stays valid: a number and s, m, h or d
+        #[arg(long, default_value = "1h", value_parser = parse_expiry)]
+        expires: std::time::Duration,
+    },
+}
+
+/// `90s`, `30m`, `1h`, `7d`.
+fn parse_expiry(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|character: char| !character.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a number and a unit (s, m, h or d), such as 1h; found {text:?}"))?;
+    let seconds_per_unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use s, m, h or d")),
+    };
+    if number == 0 {
+        return Err(format!("the expiry must be more than zero, found {text:?}"));
+    }
+    Ok(std::time::Duration::from_secs(number.saturating_mul(seconds_per_unit)))
 }
 
 /// Prints the error the way every client command does and picks the exit code.
@@ -248,7 +281,7 @@ pub async fn run_plugin(args: &ClientArgs, cmd: PluginCommand) -> anyhow::Result
 async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliError> {
     let token = BearerToken::new(args.token.as_deref())?;
     let endpoint = args.endpoint.as_str();
-    let mut client = agent_client(connect(endpoint).await?, token.clone());
+    let mut client = agent_client(connect(args).await?, token.clone());
     match cmd {
         AgentCommand::Create {
             repo,
@@ -316,7 +349,7 @@ async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliEr
         AgentCommand::Watch { id, after } => watch::watch(endpoint, &mut client, &id, after, args.output).await,
         AgentCommand::Followup { id, text } => send_follow_up(args, &mut client, id, text).await,
         AgentCommand::Attach { id, terminal, takeover } => {
-            attach::attach(endpoint, token.clone(), id, terminal, takeover).await
+            attach::attach(args, token.clone(), id, terminal, takeover).await
         }
         AgentCommand::Stop { id, reason } => {
             let agent = unary(
@@ -387,8 +420,30 @@ async fn send_follow_up(args: &ClientArgs, client: &mut AgentClient, id: String,
 async fn cluster_command(args: &ClientArgs, cmd: ClusterCommand) -> Result<(), CliError> {
     let token = BearerToken::new(args.token.as_deref())?;
     let endpoint = args.endpoint.as_str();
-    let mut client = cluster_client(connect(endpoint).await?, token);
+    let mut client = cluster_client(connect(args).await?, token);
     let cluster = match cmd {
+        ClusterCommand::JoinToken { expires } => {
+            let minted = unary(
+                endpoint,
+                client.create_join_token(CreateJoinTokenRequest {
+                    expires_in_seconds: expires.as_secs(),
+                }),
+            )
+            .await?;
+            return match args.output {
+                OutputFormat::Json => print_json(&serde_json::json!({
+                    "token": minted.token,
+                    "expires_at": minted.expires_at.map(|at| at.seconds),
+                })),
+                OutputFormat::Table => {
+                    eprintln!(
+                        "single-use join token, valid for {} s; start the new node with --join {endpoint} --join-token TOKEN (or FLOTILLA_JOIN_TOKEN):",
+                        expires.as_secs()
+                    );
+                    print_text(&minted.token)
+                }
+            };
+        }
         ClusterCommand::Status => unary(endpoint, client.get_cluster(GetClusterRequest {})).await?,
         ClusterCommand::AddNode { node_id, voter } => {
             unary(endpoint, client.add_node(AddNodeRequest { node_id, voter })).await?

@@ -202,7 +202,7 @@ pub(crate) async fn plugin_command(args: &ClientArgs, cmd: PluginCommand) -> Res
     // An upload is checked and read before connecting, so that a bad name, version or file is
     // told at once.
     let upload = prepare_upload(&cmd).await?;
-    let mut client = admin_client(connect(endpoint).await?, token);
+    let mut client = admin_client(connect(args).await?, token);
     let plugin = match cmd {
         PluginCommand::Add { .. } => {
             let messages = upload.unwrap_or_default();

@@ -463,7 +463,7 @@ mod tests {
     }
 
     async fn one_node(dir: &std::path::Path) -> AdminApi {
-        let replica = Replica::open(ReplicaConfig::new(1, dir.join("node"), "admin-test-secret".to_string()))
+        let replica = Replica::open(ReplicaConfig::new(1, dir.join("node"), None))
             .await
             .expect("open the replica");
         replica

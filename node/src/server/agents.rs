@@ -38,6 +38,8 @@ pub struct AgentApi {
     pub repositories: flotilla_actors::repo_url::RepositoryPolicy,
     /// Watches open per key on this node (each holds a task and a buffer).
     pub watches: WatchQuota,
+    /// How this node dials another node's public endpoint (TLS, checked against the CA).
+    pub node_tls: tonic::transport::ClientTlsConfig,
 }
 
 /// The models this node declares, for checking `CreateAgent` (every node of a cluster is meant
@@ -677,7 +679,8 @@ impl AgentApi {
             .reader()
             .read(|state| state.nodes.get(&owner).map(|node| node.info.grpc_address.clone()))
             .ok_or_else(|| Status::unavailable(format!("node {owner} that runs the agent is unknown")))?;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+            .and_then(|endpoint| endpoint.tls_config(self.node_tls.clone()))
             .map_err(|error| Status::internal(error.to_string()))?
             .connect()
             .await

@@ -1,15 +1,15 @@
-//! Bearer-key authentication and authorization for every public RPC, and the cluster-secret
-//! check for the internal service. Keys are stored as SHA-256 digests in the replicated state;
-//! the authenticated [`Principal`] travels in the request's extensions for the services to use.
-//! A key this node does not hold is looked for again after a read barrier, so a key is accepted
-//! through any node as soon as the cluster acknowledged it. A key's expiry is judged here, at
-//! call time, against this node's clock (see `docs/architecture.md`, "Teams, users and keys").
+//! Bearer-key authentication and authorization for every public RPC (the internal service is for
+//! nodes, which prove themselves with their certificates: see `transport`). Keys are stored as
+//! SHA-256 digests in the replicated state; the authenticated [`Principal`] travels in the
+//! request's extensions for the services to use. A key this node does not hold is looked for
+//! again after a read barrier, so a key is accepted through any node as soon as the cluster
+//! acknowledged it. A key's expiry is judged here, at call time, against this node's clock (see
+//! `docs/architecture.md`, "Teams, users and keys").
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_raft::network::CLUSTER_PROOF_HEADER;
 use flotilla_raft::{Replica, TokenRecord};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -204,30 +204,4 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
         .get::<Principal>()
         .cloned()
         .ok_or_else(|| Status::unauthenticated("request was not authenticated"))
-}
-
-/// Checks that an internal call comes from a node that knows the cluster secret.
-#[derive(Clone)]
-pub struct ClusterAuth {
-    pub proof: String,
-}
-
-impl tonic::service::Interceptor for ClusterAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = request
-            .metadata()
-            .get(CLUSTER_PROOF_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_default();
-        if !constant_time_eq(presented.as_bytes(), self.proof.as_bytes()) {
-            return Err(Status::unauthenticated(
-                "cluster secret does not match: this node was started with a different FLOTILLA_CLUSTER_SECRET",
-            ));
-        }
-        Ok(request)
-    }
-}
-
-fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
-    left.len() == right.len() && left.iter().zip(right).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }

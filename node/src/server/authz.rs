@@ -52,6 +52,7 @@ pub const METHOD_PERMISSIONS: &[(&str, Permission)] = &[
     ("/flotilla.v1.ClusterService/AddNode", Permission::ClusterAdmin),
     ("/flotilla.v1.ClusterService/RemoveNode", Permission::ClusterAdmin),
     ("/flotilla.v1.ClusterService/DrainNode", Permission::ClusterAdmin),
+    ("/flotilla.v1.ClusterService/CreateJoinToken", Permission::ClusterAdmin),
     ("/flotilla.v1.AdminService/UploadPlugin", Permission::ClusterAdmin),
     ("/flotilla.v1.AdminService/ListPlugins", Permission::ClusterAdmin),
     ("/flotilla.v1.AdminService/EnablePlugin", Permission::ClusterAdmin),

@@ -13,6 +13,10 @@ use super::{convert, write_status};
 
 pub struct ClusterApi {
     pub replica: Replica,
+    /// How this node dials another node's public endpoint (TLS, checked against the CA).
+    pub node_tls: tonic::transport::ClientTlsConfig,
+    /// SHA-256 of the cluster CA certificate, which every join token carries.
+    pub ca_fingerprint: String,
 }
 
 impl ClusterApi {
@@ -83,7 +87,9 @@ impl ClusterApi {
             .replica
             .member_address(leader)
             .ok_or_else(|| Status::unavailable(format!("leader {leader} has no known address")))?;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", address.grpc))
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", address.grpc))
+            .map_err(|error| Status::internal(error.to_string()))?
+            .tls_config(self.node_tls.clone())
             .map_err(|error| Status::internal(error.to_string()))?
             .connect_lazy();
         Ok(Some(ClusterServiceClient::new(channel)))
@@ -209,5 +215,35 @@ impl ClusterService for ClusterApi {
             .await
             .map_err(write_status)?;
         Ok(tonic::Response::new(self.describe()))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<v1::CreateJoinTokenRequest>,
+    ) -> Result<tonic::Response<v1::CreateJoinTokenResponse>, Status> {
+        let requested = request.into_inner().expires_in_seconds;
+        let ttl = match requested {
+            0 => super::enroll::DEFAULT_JOIN_TOKEN_TTL,
+            seconds => std::time::Duration::from_secs(seconds),
+        };
+        if ttl > super::enroll::MAX_JOIN_TOKEN_TTL {
+            return Err(Status::invalid_argument(format!(
+                "expires_in_seconds: at most {} (a week), found {requested}",
+                super::enroll::MAX_JOIN_TOKEN_TTL.as_secs()
+            )));
+        }
+        let token = super::enroll::JoinToken::mint(&self.ca_fingerprint);
+        let expires_at_ms = flotilla_raft::command::now_ms() + ttl.as_millis() as u64;
+        self.replica
+            .write(Command::CreateJoinToken {
+                sha256_hex: token.digest(),
+                expires_at_ms,
+            })
+            .await
+            .map_err(write_status)?;
+        Ok(tonic::Response::new(v1::CreateJoinTokenResponse {
+            token: token.to_string(),
+            expires_at: Some(convert::timestamp(expires_at_ms)),
+        }))
     }
 }

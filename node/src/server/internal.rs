@@ -1,5 +1,7 @@
-//! `flotilla.internal.v1.Internal`: what nodes say to each other. Every call has passed the
-//! cluster-secret check before it gets here.
+//! `flotilla.internal.v1.Internal`: what nodes say to each other. Every call came over a TLS
+//! connection whose client certificate the cluster CA signed (see
+//! [`super::transport::RequireNodeCertificate`]); where the caller's id matters, the
+//! certificate must name it.
 
 use flotilla_actors::liveness::LivenessTable;
 use flotilla_proto::internal::internal_server::Internal;
@@ -49,6 +51,21 @@ impl Internal for InternalApi {
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        // A node joins as itself; a member passing a join on to the leader joins another.
+        if request.get_ref().node_id != 0 && !super::transport::peer_is(&request, request.get_ref().node_id) {
+            let caller_is_member = self.replica.reader().read(|state| {
+                state
+                    .nodes
+                    .keys()
+                    .any(|member| super::transport::peer_is(&request, *member))
+            });
+            if !caller_is_member {
+                return Err(Status::permission_denied(format!(
+                    "the caller's certificate does not name node {}, and it is not a member's",
+                    request.get_ref().node_id
+                )));
+            }
+        }
         let body = request.into_inner();
         if !self.replica.is_leader() {
             let leader = self
@@ -136,7 +153,12 @@ impl Internal for InternalApi {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        let node = request.into_inner().node_id;
+        let node = request.get_ref().node_id;
+        if !super::transport::peer_is(&request, node) {
+            return Err(Status::permission_denied(format!(
+                "a liveness report for node {node} must come from node {node}'s certificate"
+            )));
+        }
         self.liveness.report(node);
         Ok(Response::new(HeartbeatResponse {
             leader_id: self.replica.current_leader().unwrap_or(0),

@@ -8,10 +8,13 @@ pub mod auth;
 pub mod authz;
 pub mod cluster;
 pub mod convert;
+pub mod enroll;
 pub mod internal;
+pub mod pki;
 pub mod plugins;
 pub mod runtime;
 pub mod status;
+pub mod transport;
 pub mod validate;
 pub mod vcs;
 
@@ -26,6 +29,7 @@ use flotilla_actors::liveness::LivenessTable;
 use flotilla_actors::mesh::{Mesh, MeshConfig};
 use flotilla_actors::retry::RetryPolicy;
 use flotilla_actors::supervisor::{NodeSupervisor, NodeSupervisorArgs};
+use flotilla_proto::internal::enrollment_server::EnrollmentServer;
 use flotilla_proto::internal::internal_client::InternalClient;
 use flotilla_proto::internal::internal_server::InternalServer;
 use flotilla_proto::internal::JoinRequest;
@@ -118,43 +122,13 @@ fn read_trimmed(path: &Path) -> Option<String> {
         .filter(|text| !text.is_empty())
 }
 
-/// The cluster secret: from the flag or environment, else the one this data dir keeps. The
-/// first node of a new cluster makes one; a joining node must be given it.
-fn resolve_secret(config: &NodeConfig) -> anyhow::Result<String> {
-    let path = config.data_dir.join("cluster.secret");
-    if let Some(secret) = &config.cluster_secret {
-        if !path.exists() {
-            write_private_file(&path, secret)?;
-        }
-        return Ok(secret.clone());
-    }
-    if let Some(secret) = read_trimmed(&path) {
-        return Ok(secret);
-    }
-    if config.join.is_some() {
-        bail!("joining a cluster needs its secret: set FLOTILLA_CLUSTER_SECRET (the first node keeps it in DATA_DIR/cluster.secret)");
-    }
-    let secret = auth::new_token();
-    write_private_file(&path, &secret)?;
-    tracing::info!(path = %path.display(), "generated a new cluster secret");
-    Ok(secret)
-}
-
-fn join_url(join: &str) -> String {
-    if join.starts_with("http://") || join.starts_with("https://") {
-        join.to_string()
-    } else {
-        format!("http://{join}")
-    }
-}
-
 async fn join_client(peers: &Peers, join: &str) -> anyhow::Result<InternalClient<tonic::transport::Channel>> {
     peers
-        .client(&join_url(join))
+        .client(join)
         .map_err(|error| anyhow!("invalid join address {join}: {error}"))
 }
 
-/// Calls `Join` until it answers or the deadline passes; a wrong secret fails at once.
+/// Calls `Join` until it answers or the deadline passes; a refusal fails at once.
 async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::Result<u64> {
     let deadline = tokio::time::Instant::now() + JOIN_DEADLINE;
     let mut delays = JOIN_RETRY.delays();
@@ -164,7 +138,12 @@ async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::R
         grpc_request.set_timeout(JOIN_DEADLINE);
         match client.join(grpc_request).await {
             Ok(reply) => return Ok(reply.into_inner().node_id),
-            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
                 bail!("{join} refused to let this node join: {}", status.message())
             }
             Err(status) if status.code() == tonic::Code::InvalidArgument => {
@@ -182,29 +161,127 @@ async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::R
     }
 }
 
-async fn resolve_id(config: &NodeConfig, peers: &Peers) -> anyhow::Result<NodeId> {
+/// The node id this data dir keeps, checked against `--id`.
+fn stored_id(config: &NodeConfig) -> anyhow::Result<Option<NodeId>> {
     let path = config.data_dir.join("node.id");
-    if let Some(stored) = read_trimmed(&path) {
-        let stored: NodeId = stored
-            .parse()
-            .with_context(|| format!("{} does not hold a node id", path.display()))?;
-        if let Some(flag) = config.id {
-            if flag != stored {
-                bail!(
-                    "--id {flag} conflicts with node id {stored} stored in {}",
-                    path.display()
-                );
+    let Some(stored) = read_trimmed(&path) else {
+        return Ok(None);
+    };
+    let stored: NodeId = stored
+        .parse()
+        .with_context(|| format!("{} does not hold a node id", path.display()))?;
+    if let Some(flag) = config.id {
+        if flag != stored {
+            bail!(
+                "--id {flag} conflicts with node id {stored} stored in {}",
+                path.display()
+            );
+        }
+    }
+    Ok(Some(stored))
+}
+
+/// Who this node is on the wire: its id, its certificate, and the cluster CA when this node
+/// holds its key (the node that created the cluster).
+struct NodeIdentity {
+    node_id: NodeId,
+    tls: flotilla_raft::tls::NodeTls,
+    ca: Option<std::sync::Arc<pki::ClusterCa>>,
+}
+
+/// Finds or makes the node's identity: the files a data dir keeps; else a new cluster CA for
+/// the first node; else a certificate from the CA holder at `--join`, for a join token.
+async fn node_identity(config: &NodeConfig) -> anyhow::Result<NodeIdentity> {
+    let stored = stored_id(config)?;
+    let host = config.advertise.ip().to_string();
+    let data_dir = config.data_dir.clone();
+    let (ca, kept) = {
+        let data_dir = data_dir.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let ca = pki::ClusterCa::load(&data_dir)?;
+            let kept = match stored {
+                Some(id) => pki::load_node_tls(&data_dir, id)?,
+                None => None,
+            };
+            Ok((ca, kept))
+        })
+        .await??
+    };
+    let identity = match (ca, kept, &config.join) {
+        // The CA holder signs its own certificate at every start: it follows the address.
+        (Some(ca), _, _) => {
+            let node_id = stored.or(config.id).unwrap_or(1);
+            let tls = ca.issue(node_id, &host)?;
+            NodeIdentity {
+                node_id,
+                tls,
+                ca: Some(std::sync::Arc::new(ca)),
             }
         }
-        return Ok(stored);
-    }
-    let id = match (config.id, &config.join) {
-        (Some(id), _) => id,
-        (None, None) => 1,
-        (None, Some(join)) => call_join(peers, join, JoinRequest::default()).await?,
+        (None, Some(tls), _) => NodeIdentity {
+            node_id: tls.node_id,
+            tls,
+            ca: None,
+        },
+        (None, None, None) => {
+            let ca = pki::ClusterCa::create(&data_dir)?;
+            let node_id = stored.or(config.id).unwrap_or(1);
+            let tls = ca.issue(node_id, &host)?;
+            NodeIdentity {
+                node_id,
+                tls,
+                ca: Some(std::sync::Arc::new(ca)),
+            }
+        }
+        (None, None, Some(join)) => {
+            let token = config.join_token.as_deref().ok_or_else(|| {
+                anyhow!(
+                    "joining a cluster needs a join token: run `flotilla cluster join-token` against a member and pass --join-token or FLOTILLA_JOIN_TOKEN (needed once: the node keeps its certificate in {})",
+                    data_dir.display()
+                )
+            })?;
+            let wanted = stored.or(config.id).unwrap_or(0);
+            let tls = enroll::enroll(join, token, wanted, &config.advertise.to_string())
+                .await
+                .with_context(|| format!("cannot join through {join}"))?;
+            tracing::info!(node = tls.node_id, through = %join, "received this node's certificate");
+            NodeIdentity {
+                node_id: tls.node_id,
+                tls,
+                ca: None,
+            }
+        }
     };
-    write_private_file(&path, &id.to_string())?;
-    Ok(id)
+    let (tls, path) = (identity.tls.clone(), config.data_dir.join("node.id"));
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        pki::save_node_tls(&data_dir, &tls)?;
+        if read_trimmed(&path).is_none() {
+            write_private_file(&path, &tls.node_id.to_string())?;
+        }
+        Ok(())
+    })
+    .await??;
+    Ok(identity)
+}
+
+/// The operator's certificate for clients of the public listener, if one was given.
+fn public_certificate(config: &NodeConfig) -> anyhow::Result<Option<std::sync::Arc<rustls::sign::CertifiedKey>>> {
+    let Some((cert_path, key_path)) = &config.public_tls else {
+        return Ok(None);
+    };
+    let read = |path: &Path| std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()));
+    let chain =
+        flotilla_raft::tls::parse_certificates(&format!("--tls-cert {}", cert_path.display()), &read(cert_path)?)?;
+    let key = flotilla_raft::tls::parse_private_key(&format!("--tls-key {}", key_path.display()), &read(key_path)?)?;
+    Ok(Some(flotilla_raft::tls::certified_key(chain, &key).with_context(
+        || {
+            format!(
+                "--tls-cert {} and --tls-key {} do not make a usable pair",
+                cert_path.display(),
+                key_path.display()
+            )
+        },
+    )?))
 }
 
 fn node_info(config: &NodeConfig) -> NodeInfo {
@@ -303,9 +380,10 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let _lock = lock_data_dir(&config.data_dir)?;
-    let secret = resolve_secret(&config)?;
-    let peers = Peers::new(&secret);
-    let node_id = resolve_id(&config, &peers).await?;
+    let identity = node_identity(&config).await?;
+    let node_id = identity.node_id;
+    let peers = Peers::new(Some(&identity.tls));
+    let ca_fingerprint = identity.tls.ca_fingerprint()?;
     let info = node_info(&config);
     tracing::info!(node = node_id, grpc = %info.grpc_address, mesh = %info.mesh_address, region = %info.region, "starting node");
     let model_names: Vec<&String> = config.models.keys().collect();
@@ -313,7 +391,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     let mut runtime = runtime::build_runtime(&config)?;
     let default_model = runtime::default_model(&config);
 
-    let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), secret.clone());
+    let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), Some(identity.tls.clone()));
     replica_config.snapshot_after_logs = config.snapshot_after_logs;
     replica_config.logs_kept_after_snapshot = config.logs_kept_after_snapshot;
     let replica = Replica::open(replica_config).await?;
@@ -329,7 +407,13 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     let mesh = Mesh::start(MeshConfig {
         node_id,
         listen_port: config.mesh_port,
-        cluster_secret: secret.clone(),
+        listen_ip: config.listen.ip(),
+        // The mesh's handshake wants a cookie; mutual TLS is what authenticates a link.
+        cluster_secret: ca_fingerprint.clone(),
+        tls: Some(flotilla_actors::mesh::MeshTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(identity.tls.mutual_server_config()?)),
+            connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(identity.tls.client_config()?)),
+        }),
         max_live_events_per_watcher: LIVE_EVENTS_PER_WATCHER,
     })
     .await
@@ -360,6 +444,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         plugins: Some(node_plugins),
         repositories: runtime.git.repositories.clone(),
         watches: authz::WatchQuota::default(),
+        node_tls: identity.tls.tonic_client_config(),
     };
     let admin_api = admin::AdminApi {
         replica: replica.clone(),
@@ -375,7 +460,12 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             liveness: liveness.clone(),
             health: health.clone(),
         },
-        secret.clone(),
+        ServerTls {
+            config: std::sync::Arc::new(identity.tls.grpc_server_config(public_certificate(&config)?)?),
+            node_client: identity.tls.tonic_client_config(),
+            ca: identity.ca.clone(),
+            ca_fingerprint: ca_fingerprint.clone(),
+        },
         shutdown_receiver,
     ));
     become_ready(&replica, &health, started).await?;
@@ -595,6 +685,14 @@ async fn wait_for_shutdown(supervisor_handle: tokio::task::JoinHandle<()>) -> an
     Ok(())
 }
 
+/// What the listener needs for TLS and enrollment.
+struct ServerTls {
+    config: std::sync::Arc<rustls::ServerConfig>,
+    node_client: tonic::transport::ClientTlsConfig,
+    ca: Option<std::sync::Arc<pki::ClusterCa>>,
+    ca_fingerprint: String,
+}
+
 /// The services a node serves besides Raft's own.
 struct Services {
     agent_api: agents::AgentApi,
@@ -607,7 +705,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     replica: Replica,
     services: Services,
-    secret: String,
+    tls: ServerTls,
     shutdown: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
     let Services {
@@ -617,9 +715,6 @@ async fn serve(
         health: health_reporter,
     } = services;
     let tokens = auth::TokenCheck::new(replica.clone());
-    let cluster_auth = auth::ClusterAuth {
-        proof: flotilla_raft::network::cluster_proof(&secret),
-    };
     let health_service = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(health_reporter.clone()),
     );
@@ -641,6 +736,13 @@ async fn serve(
     let agent_service = AgentServiceServer::new(agent_api).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let cluster_service = ClusterServiceServer::new(cluster::ClusterApi {
         replica: replica.clone(),
+        node_tls: tls.node_client,
+        ca_fingerprint: tls.ca_fingerprint.clone(),
+    });
+    let enrollment_service = EnrollmentServer::new(enroll::EnrollmentApi {
+        replica: replica.clone(),
+        ca: tls.ca,
+        ca_fingerprint: tls.ca_fingerprint,
     });
     let admin_service = AdminServiceServer::new(admin_api).max_decoding_message_size(admin::MAX_UPLOAD_MESSAGE_BYTES);
     let access_service = flotilla_proto::v1::access_service_server::AccessServiceServer::new(access::AccessApi {
@@ -649,26 +751,24 @@ async fn serve(
     let internal_service = InternalServer::new(internal::InternalApi { replica, liveness })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let (incoming, accepting) = transport::tls_incoming(listener, tls.config);
+    let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(auth::Authenticated::new(agent_service, tokens.clone()))
         .add_service(auth::Authenticated::new(cluster_service, tokens.clone()))
         .add_service(auth::Authenticated::new(admin_service, tokens.clone()))
         .add_service(auth::Authenticated::new(access_service, tokens))
+        .add_service(enrollment_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             internal_service,
-            cluster_auth,
+            transport::RequireNodeCertificate,
         ))
-        .serve_with_incoming_shutdown(
-            // Accepted sockets need TCP_NODELAY themselves: without it a small Raft message
-            // waits for the peer's delayed ACK (about 40 ms).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = shutdown.await;
-            },
-        )
-        .await?;
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = shutdown.await;
+        })
+        .await;
+    accepting.abort();
+    served?;
     Ok(())
 }

@@ -77,6 +77,8 @@ pub fn write_status(error: WriteError) -> Status {
                 ApplyError::TeamNotFound(_) | ApplyError::KeyNotFound(_) => Status::not_found(message),
                 ApplyError::TeamExists(_) | ApplyError::KeyExists => Status::already_exists(message),
                 ApplyError::TooMany { .. } => Status::resource_exhausted(message),
+                ApplyError::JoinTokenUnknown | ApplyError::JoinTokenExpired { .. } => Status::unauthenticated(message),
+                ApplyError::TooManyJoinTokens { .. } => Status::resource_exhausted(message),
             }
         }
         WriteError::Unavailable { .. } => Status::unavailable(error.to_string()),

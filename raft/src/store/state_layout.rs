@@ -8,8 +8,8 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::state_machine::{Machine, StateMachineStore};
 use super::{
-    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_MEMBERSHIP,
-    KEY_PLUGIN_SETTINGS, KEY_TEAMS,
+    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_JOIN_TOKENS,
+    KEY_MEMBERSHIP, KEY_PLUGIN_SETTINGS, KEY_TEAMS,
 };
 use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
 use crate::{Changes, ClusterState, NodeAddr};
@@ -84,6 +84,7 @@ pub(super) fn load_state(db: &DB) -> Result<StoredState, OpenError> {
             _ if key.as_ref() == KEY_INSTALL_LAYERS => state.install_layers = decode(&key, &value)?,
             _ if key.as_ref() == KEY_PLUGIN_SETTINGS => state.plugin_settings = decode(&key, &value)?,
             _ if key.as_ref() == KEY_TEAMS => state.teams = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_JOIN_TOKENS => state.join_tokens = decode(&key, &value)?,
             _ => {}
         }
     }
@@ -168,6 +169,7 @@ impl StateMachineStore {
             batch.put_cf(cf, KEY_INSTALL_LAYERS, encode(&machine.state.install_layers));
             batch.put_cf(cf, KEY_PLUGIN_SETTINGS, encode(&machine.state.plugin_settings));
             batch.put_cf(cf, KEY_TEAMS, encode(&machine.state.teams));
+            batch.put_cf(cf, KEY_JOIN_TOKENS, encode(&machine.state.join_tokens));
         }
         batch.put_cf(cf, KEY_APPLIED, encode(&machine.last_applied));
         batch.put_cf(cf, KEY_MEMBERSHIP, encode(&machine.membership));

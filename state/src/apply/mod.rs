@@ -14,6 +14,7 @@
 mod agents;
 mod assignments;
 mod events;
+mod join_tokens;
 mod nodes;
 mod plugins;
 mod tokens;
@@ -105,6 +106,9 @@ fn apply_command(
         | Command::CreateTeam { .. }
         | Command::CreateKey { .. }
         | Command::RevokeKey { .. } => tokens::apply_token_command(state, changes, at_ms, command),
+        Command::CreateJoinToken { .. } | Command::ConsumeJoinToken { .. } => {
+            join_tokens::apply_join_token_command(state, changes, at_ms, command)
+        }
     }
 }
 
