@@ -21,7 +21,8 @@ pub mod replica;
 pub mod retry;
 pub mod store;
 
-pub use flotilla_state::{apply, cluster_state, command, invariants, types};
+pub use flotilla_state::{apply, cluster_state, command, invariants, secrets, types};
+pub use flotilla_state::{SealedSecret, SecretRecord, SecretScope};
 
 use std::fmt;
 use std::io::Cursor;

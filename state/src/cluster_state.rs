@@ -39,6 +39,9 @@ pub struct ClusterState {
     /// Settings by plugin name (every version of the name, built-ins included).
     #[serde(default)]
     pub plugin_settings: BTreeMap<String, BTreeMap<String, String>>,
+    /// Sealed secrets by scope and name (see [`crate::secrets`]): never a plaintext value.
+    #[serde(default)]
+    pub secrets: BTreeMap<(crate::secrets::SecretScope, String), crate::secrets::SecretRecord>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,
@@ -64,6 +67,8 @@ pub struct Changes {
     pub trimmed_events: Vec<(AgentId, u64)>,
     /// Cluster-wide counters changed.
     pub meta: bool,
+    /// A secret was set or removed.
+    pub secrets: bool,
 }
 
 impl ClusterState {

@@ -271,6 +271,18 @@ pub enum Command {
     NodeStopping {
         node: NodeId,
     },
+    /// Sets a secret: only its sealed bytes travel (see [`crate::secrets`]). `by` names the
+    /// principal that wrote it.
+    SetSecret {
+        scope: crate::secrets::SecretScope,
+        name: String,
+        sealed: crate::secrets::SealedSecret,
+        by: String,
+    },
+    RemoveSecret {
+        scope: crate::secrets::SecretScope,
+        name: String,
+    },
 }
 
 impl Command {
@@ -344,6 +356,9 @@ impl Command {
                             .map(|text| text.as_ref().map_or(0, String::len))
                             .sum::<usize>()
                 }
+                Command::SetSecret { name, sealed, by, .. } => {
+                    name.len() + sealed.ciphertext.len() + sealed.wrapped_key.len() + sealed.kek_id.len() + by.len() + 64
+                }
                 _ => 0,
             }
     }
@@ -379,6 +394,8 @@ impl Command {
             Command::NodeDownInTerm { .. } => "node-down-in-term",
             Command::NodeUpInTerm { .. } => "node-up-in-term",
             Command::NodeStopping { .. } => "node-stopping",
+            Command::SetSecret { .. } => "set-secret",
+            Command::RemoveSecret { .. } => "remove-secret",
         }
     }
 }
@@ -479,6 +496,8 @@ pub enum ApplyError {
         judged: Term,
         entry: Term,
     },
+    #[error("secret {name} ({scope}) not found")]
+    SecretNotFound { scope: String, name: String },
 }
 
 /// What an applied command answers.

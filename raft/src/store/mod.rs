@@ -60,6 +60,8 @@ const KEY_HIGHEST_NODE_ID: &[u8] = b"m/highest_node_id";
 /// make a restarted node forget which nodes hold a layer.
 const KEY_INSTALL_LAYERS: &[u8] = b"m/repo_snapshots";
 const KEY_PLUGIN_SETTINGS: &[u8] = b"m/plugin_settings";
+/// `ClusterState::secrets`, sealed, in one record (the cluster keeps at most a few thousand).
+const KEY_SECRETS: &[u8] = b"m/secrets";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.

@@ -9,7 +9,7 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 use super::state_machine::{Machine, StateMachineStore};
 use super::{
     decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_MEMBERSHIP,
-    KEY_PLUGIN_SETTINGS,
+    KEY_PLUGIN_SETTINGS, KEY_SECRETS,
 };
 use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
 use crate::{Changes, ClusterState, NodeAddr};
@@ -83,6 +83,7 @@ pub(super) fn load_state(db: &DB) -> Result<StoredState, OpenError> {
             _ if key.as_ref() == KEY_HIGHEST_NODE_ID => state.highest_node_id = decode(&key, &value)?,
             _ if key.as_ref() == KEY_INSTALL_LAYERS => state.install_layers = decode(&key, &value)?,
             _ if key.as_ref() == KEY_PLUGIN_SETTINGS => state.plugin_settings = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_SECRETS => state.secrets = decode(&key, &value)?,
             _ => {}
         }
     }
@@ -166,6 +167,10 @@ impl StateMachineStore {
             batch.put_cf(cf, KEY_HIGHEST_NODE_ID, encode(&machine.state.highest_node_id));
             batch.put_cf(cf, KEY_INSTALL_LAYERS, encode(&machine.state.install_layers));
             batch.put_cf(cf, KEY_PLUGIN_SETTINGS, encode(&machine.state.plugin_settings));
+        }
+        // Sealed bytes only: a value is never in the clear here (see `flotilla_state::secrets`).
+        if changes.secrets {
+            batch.put_cf(cf, KEY_SECRETS, encode(&machine.state.secrets));
         }
         batch.put_cf(cf, KEY_APPLIED, encode(&machine.last_applied));
         batch.put_cf(cf, KEY_MEMBERSHIP, encode(&machine.membership));

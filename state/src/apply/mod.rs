@@ -16,6 +16,7 @@ mod assignments;
 mod events;
 mod nodes;
 mod plugins;
+mod secrets;
 mod tokens;
 mod turns;
 
@@ -102,6 +103,9 @@ fn apply_command(
         | Command::RemovePlugin { .. }
         | Command::SetPluginSettings { .. } => plugins::apply_plugin_command(state, changes, at_ms, command),
         Command::CreateToken { .. } => tokens::apply_token_command(state, changes, at_ms, command),
+        Command::SetSecret { .. } | Command::RemoveSecret { .. } => {
+            secrets::apply_secret_command(state, changes, at_ms, command)
+        }
     }
 }
 
