@@ -1,0 +1,34 @@
+//! Secrets on a node: the envelope that seals and opens replicated secrets under the cluster's
+//! key-encryption key ([`envelope`]), the redactor that keeps their values out of events,
+//! tool output and logs ([`redact`]), and what a machine is given ([`MachineSecrets`]).
+
+pub mod envelope;
+pub mod redact;
+
+pub use envelope::{EnvelopeError, Kek, KEK_FILE};
+pub use redact::{Redactor, StreamRedactor, MIN_REDACTED_BYTES};
+
+/// The secrets one agent's machine gets, opened on the node that runs it, in the order they
+/// are given (a later one of the same name wins: team first, then user).
+#[derive(Clone, Default)]
+pub struct SecretValues {
+    pub values: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for SecretValues {
+    // Names only: a value must never reach a log through a debug print.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.values.iter().map(|(name, _)| name.as_str()).collect();
+        formatter.debug_struct("SecretValues").field("names", &names).finish()
+    }
+}
+
+/// Where an agent's secrets come from: the node implements it over the replicated state and
+/// its key-encryption key, so that the actors need neither.
+pub trait MachineSecrets: Send + Sync {
+    /// The team's and the user's secrets of `agent`, user last (so it wins a clash), opened.
+    fn for_agent(&self, agent: &flotilla_raft::AgentRecord) -> Result<SecretValues, String>;
+    /// Values of node-level secrets this node uses (model keys, git credentials, plugin
+    /// tokens), redacted from everything an agent shows.
+    fn node_values(&self) -> Vec<(String, String)>;
+}
