@@ -206,6 +206,7 @@ impl Bench {
                     model: model.to_string(),
                     team: "default".to_string(),
                     scripted: true,
+                    user: String::new(),
                     ..Default::default()
                 },
             })
@@ -252,7 +253,7 @@ impl Bench {
             .reader()
             .read(|state| ids.iter().filter_map(|id| state.agents.get(id).cloned()).collect());
         let provisioned: Vec<_> = futures::stream::iter(records.iter())
-            .map(|record| self.machines.provision(&self.repo, record, Epoch(1), None))
+            .map(|record| self.machines.provision(&self.repo, record, Epoch(1), None, &Default::default()))
             .buffered(PROVISION_CONCURRENCY)
             .collect()
             .await;

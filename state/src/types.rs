@@ -123,6 +123,9 @@ pub struct AgentSpec {
     pub egress_allow: Vec<String>,
     /// The model is the scripted provider: replies come from a file, never from a model.
     pub scripted: bool,
+    /// The user (token name) that created the agent: its user secrets reach the machine.
+    #[serde(default)]
+    pub user: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

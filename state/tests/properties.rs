@@ -250,6 +250,7 @@ fn spec(agent: u8) -> AgentSpec {
         open_pull_request: true,
         egress_allow: Vec::new(),
         scripted: true,
+        user: String::new(),
     }
 }
 

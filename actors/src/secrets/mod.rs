@@ -13,6 +13,20 @@ pub use redact::{Redactor, StreamRedactor, MIN_REDACTED_BYTES};
 #[derive(Clone, Default)]
 pub struct SecretValues {
     pub values: Vec<(String, String)>,
+    /// Values redacted but not given to the machine (the node's own secrets).
+    pub also_redacted: Vec<(String, String)>,
+}
+
+impl SecretValues {
+    /// A redactor for every value here.
+    pub fn redactor(&self) -> Redactor {
+        Redactor::new(
+            self.values
+                .iter()
+                .chain(&self.also_redacted)
+                .map(|(name, value)| (name.as_str(), value.as_str())),
+        )
+    }
 }
 
 impl std::fmt::Debug for SecretValues {

@@ -238,6 +238,7 @@ impl AgentService for AgentApi {
             model,
             region,
             team: caller.team,
+            user: caller.name,
             open_pull_request: body.open_pull_request,
             egress_allow: body.egress_allow,
             scripted,

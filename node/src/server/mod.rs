@@ -9,6 +9,7 @@ pub mod convert;
 pub mod internal;
 pub mod plugins;
 pub mod runtime;
+pub mod secrets;
 pub mod status;
 pub mod validate;
 pub mod vcs;
@@ -26,10 +27,11 @@ use flotilla_actors::retry::RetryPolicy;
 use flotilla_actors::supervisor::{NodeSupervisor, NodeSupervisorArgs};
 use flotilla_proto::internal::internal_client::InternalClient;
 use flotilla_proto::internal::internal_server::InternalServer;
-use flotilla_proto::internal::JoinRequest;
+use flotilla_proto::internal::{JoinRequest, JoinResponse};
 use flotilla_proto::v1::admin_service_server::AdminServiceServer;
 use flotilla_proto::v1::agent_service_server::AgentServiceServer;
 use flotilla_proto::v1::cluster_service_server::ClusterServiceServer;
+use flotilla_proto::v1::secret_service_server::SecretServiceServer;
 use flotilla_raft::network::Peers;
 use flotilla_raft::{Command, NodeAddr, NodeId, NodeInfo, Replica, ReplicaConfig, Role};
 use ractor::Actor;
@@ -153,7 +155,7 @@ async fn join_client(peers: &Peers, join: &str) -> anyhow::Result<InternalClient
 }
 
 /// Calls `Join` until it answers or the deadline passes; a wrong secret fails at once.
-async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::Result<u64> {
+async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::Result<JoinResponse> {
     let deadline = tokio::time::Instant::now() + JOIN_DEADLINE;
     let mut delays = JOIN_RETRY.delays();
     loop {
@@ -161,7 +163,7 @@ async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::R
         let mut grpc_request = peers.request(request.clone());
         grpc_request.set_timeout(JOIN_DEADLINE);
         match client.join(grpc_request).await {
-            Ok(reply) => return Ok(reply.into_inner().node_id),
+            Ok(reply) => return Ok(reply.into_inner()),
             Err(status) if status.code() == tonic::Code::Unauthenticated => {
                 bail!("{join} refused to let this node join: {}", status.message())
             }
@@ -180,7 +182,7 @@ async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::R
     }
 }
 
-async fn resolve_id(config: &NodeConfig, peers: &Peers) -> anyhow::Result<NodeId> {
+async fn resolve_id(config: &NodeConfig, peers: &Peers, kek: &secrets::NodeKek) -> anyhow::Result<NodeId> {
     let path = config.data_dir.join("node.id");
     if let Some(stored) = read_trimmed(&path) {
         let stored: NodeId = stored
@@ -199,7 +201,11 @@ async fn resolve_id(config: &NodeConfig, peers: &Peers) -> anyhow::Result<NodeId
     let id = match (config.id, &config.join) {
         (Some(id), _) => id,
         (None, None) => 1,
-        (None, Some(join)) => call_join(peers, join, JoinRequest::default()).await?,
+        (None, Some(join)) => {
+            let reply = call_join(peers, join, JoinRequest::default()).await?;
+            kek.adopt(&config.data_dir, &reply.kek).await?;
+            reply.node_id
+        }
     };
     write_private_file(&path, &id.to_string())?;
     Ok(id)
@@ -271,27 +277,17 @@ async fn register_self(replica: &Replica, info: NodeInfo) {
     }
 }
 
-/// Secrets plugins may name in their placeholders: the node's secrets (`DATA_DIR/secrets/NAME`).
-struct NodeSecrets {
-    data_dir: std::path::PathBuf,
-}
-
-impl flotilla_plugins::SecretSource for NodeSecrets {
-    fn secret(&self, _plugin: &str, name: &str) -> Option<String> {
-        runtime::read_secret(&self.data_dir, name)
-    }
-}
-
 /// The node's plugin host: it checks uploads and runs the enabled plugins (see `plugins`).
-fn plugin_host(config: &NodeConfig) -> anyhow::Result<flotilla_plugins::PluginHost> {
+fn plugin_host(
+    config: &NodeConfig,
+    secrets: std::sync::Arc<secrets::NodeSecretStore>,
+) -> anyhow::Result<flotilla_plugins::PluginHost> {
     flotilla_plugins::PluginHost::new(
         flotilla_plugins::HostConfig {
             compiled_cache_dir: Some(config.compiled_plugin_cache()),
             ..flotilla_plugins::HostConfig::default()
         },
-        std::sync::Arc::new(NodeSecrets {
-            data_dir: config.data_dir.clone(),
-        }),
+        secrets,
     )
     .map_err(|error| anyhow!("cannot start the plugin host: {error}"))
 }
@@ -303,19 +299,27 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&config.data_dir)?;
     let secret = resolve_secret(&config)?;
     let peers = Peers::new(&secret);
-    let node_id = resolve_id(&config, &peers).await?;
+    let kek = secrets::NodeKek::open(&config.data_dir, config.join.is_none()).await?;
+    let node_id = resolve_id(&config, &peers, &kek).await?;
     let info = node_info(&config);
     tracing::info!(node = node_id, grpc = %info.grpc_address, mesh = %info.mesh_address, region = %info.region, "starting node");
     let model_names: Vec<&String> = config.models.keys().collect();
     tracing::info!(models = ?model_names, "models declared in the config");
-    let mut runtime = runtime::build_runtime(&config)?;
     let default_model = runtime::default_model(&config);
 
     let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), secret.clone());
     replica_config.snapshot_after_logs = config.snapshot_after_logs;
     replica_config.logs_kept_after_snapshot = config.logs_kept_after_snapshot;
     let replica = Replica::open(replica_config).await?;
-    let plugin_host = std::sync::Arc::new(plugin_host(&config)?);
+    let secret_store = std::sync::Arc::new(secrets::NodeSecretStore::new(
+        replica.clone(),
+        kek.clone(),
+        config.data_dir.clone(),
+    ));
+    // After the replica opened: a cluster-scope secret this node has applied comes first.
+    let mut runtime = runtime::build_runtime(&config, &|name| secret_store.node_secret(name))?;
+    runtime.secrets = Some(secret_store.clone());
+    let plugin_host = std::sync::Arc::new(plugin_host(&config, secret_store)?);
     let registry = plugins::PluginRegistry::start(plugin_host.clone(), &replica, config.plugins.chosen_builtins());
     let node_plugins = std::sync::Arc::new(vcs::NodePlugins {
         registry: registry.clone(),
@@ -371,13 +375,14 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             admin_api,
             liveness: liveness.clone(),
             health: health.clone(),
+            kek: kek.clone(),
         },
         secret.clone(),
         shutdown_receiver,
     ));
     become_ready(&replica, &health, started).await?;
 
-    join_or_bootstrap(&replica, &config, &peers, node_id, &info).await?;
+    join_or_bootstrap(&replica, &config, &peers, node_id, &info, &kek).await?;
 
     let (supervisor, supervisor_handle) = Actor::spawn(
         None,
@@ -540,6 +545,7 @@ async fn join_or_bootstrap(
     peers: &Peers,
     node_id: u64,
     info: &NodeInfo,
+    kek: &secrets::NodeKek,
 ) -> anyhow::Result<()> {
     if !replica.is_initialized().await {
         match &config.join {
@@ -553,7 +559,7 @@ async fn join_or_bootstrap(
                 tracing::info!("bootstrapped a new cluster");
             }
             Some(join) => {
-                call_join(
+                let reply = call_join(
                     peers,
                     join,
                     JoinRequest {
@@ -566,6 +572,7 @@ async fn join_or_bootstrap(
                     },
                 )
                 .await?;
+                kek.adopt(&config.data_dir, &reply.kek).await?;
                 tracing::info!(through = %join, "joined the cluster");
             }
         }
@@ -574,6 +581,11 @@ async fn join_or_bootstrap(
         .wait_for_leader(Duration::from_secs(30))
         .await
         .ok_or_else(|| anyhow!("no raft leader within 30 s"))?;
+    if kek.get().is_none() {
+        tracing::warn!(
+            "this node holds no key-encryption key (DATA_DIR/kek): it cannot seal or open secrets; copy the file from another node"
+        );
+    }
     register_self(replica, info.clone()).await;
     if config.join.is_none() && node_id == 1 {
         ensure_admin_token(replica, &config.data_dir).await?;
@@ -598,6 +610,7 @@ struct Services {
     admin_api: admin::AdminApi,
     liveness: LivenessTable,
     health: tonic_health::server::HealthReporter,
+    kek: secrets::NodeKek,
 }
 
 async fn serve(
@@ -612,6 +625,7 @@ async fn serve(
         admin_api,
         liveness,
         health: health_reporter,
+        kek,
     } = services;
     let tokens = auth::TokenCheck::new(replica.clone());
     let cluster_auth = auth::ClusterAuth {
@@ -629,6 +643,9 @@ async fn serve(
     health_reporter
         .set_serving::<AdminServiceServer<admin::AdminApi>>()
         .await;
+    health_reporter
+        .set_serving::<SecretServiceServer<secrets::SecretApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -637,7 +654,11 @@ async fn serve(
         replica: replica.clone(),
     });
     let admin_service = AdminServiceServer::new(admin_api).max_decoding_message_size(admin::MAX_UPLOAD_MESSAGE_BYTES);
-    let internal_service = InternalServer::new(internal::InternalApi { replica, liveness })
+    let secret_service = SecretServiceServer::new(secrets::SecretApi {
+        replica: replica.clone(),
+        kek: kek.clone(),
+    });
+    let internal_service = InternalServer::new(internal::InternalApi { replica, liveness, kek })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     tonic::transport::Server::builder()
@@ -646,7 +667,8 @@ async fn serve(
         .add_service(reflection)
         .add_service(auth::Authenticated::new(agent_service, tokens.clone()))
         .add_service(auth::Authenticated::new(cluster_service, tokens.clone()))
-        .add_service(auth::Authenticated::new(admin_service, tokens))
+        .add_service(auth::Authenticated::new(admin_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(secret_service, tokens))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             internal_service,
             cluster_auth,

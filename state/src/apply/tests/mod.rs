@@ -69,6 +69,7 @@ fn spec(name: &str) -> AgentSpec {
         open_pull_request: false,
         egress_allow: Vec::new(),
         scripted: true,
+        user: String::new(),
     }
 }
 
