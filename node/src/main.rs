@@ -49,6 +49,11 @@ enum TopCommand {
         #[command(subcommand)]
         command: cli::PluginCommand,
     },
+    /// Set, list and remove team, user and cluster secrets (values from standard input).
+    Secret {
+        #[command(subcommand)]
+        command: cli::SecretCommand,
+    },
     /// Check a checkout's environment.json and print the machine plan.
     Env {
         #[command(subcommand)]
@@ -119,6 +124,10 @@ fn main() -> ExitCode {
             TopCommand::Plugin { command } => {
                 init_logging("warn");
                 cli::run_plugin(&client, command).await
+            }
+            TopCommand::Secret { command } => {
+                init_logging("warn");
+                cli::run_secret(&client, command).await
             }
             TopCommand::Env {
                 command: EnvCommand::Check(args),

@@ -10,6 +10,7 @@ mod attach;
 mod client;
 mod json;
 mod plugin;
+mod secret;
 mod render;
 mod watch;
 
@@ -22,6 +23,7 @@ use flotilla_proto::v1::{
 };
 
 pub use plugin::PluginCommand;
+pub use secret::SecretCommand;
 
 pub(crate) use client::{agent_client, cluster_client, connect, unary, AgentClient, BearerToken, CliError};
 
@@ -233,6 +235,10 @@ pub async fn run_cluster(args: &ClientArgs, cmd: ClusterCommand) -> anyhow::Resu
 
 pub async fn run_plugin(args: &ClientArgs, cmd: PluginCommand) -> anyhow::Result<ExitCode> {
     Ok(finish(plugin::plugin_command(args, cmd).await))
+}
+
+pub async fn run_secret(args: &ClientArgs, cmd: SecretCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(secret::secret_command(args, cmd).await))
 }
 
 async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliError> {
