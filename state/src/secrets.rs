@@ -55,8 +55,24 @@ pub struct SecretRecord {
     pub updated_by: String,
 }
 
-/// A secret name must be an environment variable name: it becomes one in machines.
-pub fn validate_secret_name(name: &str) -> Result<(), String> {
+/// A team or user secret's name must be an environment variable name (it becomes one in
+/// machines); a cluster secret's is a plain word as node settings name it (`github-token`).
+pub fn validate_secret_name(scope: &SecretScope, name: &str) -> Result<(), String> {
+    if *scope == SecretScope::Cluster {
+        let plain = !name.is_empty()
+            && !name.starts_with('.')
+            && name.len() <= MAX_SECRET_NAME_BYTES
+            && name
+                .chars()
+                .all(|character| character.is_ascii_alphanumeric() || matches!(character, '_' | '-' | '.'));
+        return if plain {
+            Ok(())
+        } else {
+            Err(format!(
+                "cluster secret name {name:?} must be letters, digits, `_`, `-` or `.`, not starting with `.`, at most {MAX_SECRET_NAME_BYTES} bytes"
+            ))
+        };
+    }
     let mut characters = name.chars();
     let first_ok = characters
         .next()

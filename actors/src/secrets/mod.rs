@@ -46,3 +46,18 @@ pub trait MachineSecrets: Send + Sync {
     /// tokens), redacted from everything an agent shows.
     fn node_values(&self) -> Vec<(String, String)>;
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::repo::prefix_matches;
+
+    #[test]
+    fn a_credential_prefix_matches_whole_path_segments_only() {
+        let prefix = "https://git.example.com/team";
+        assert!(prefix_matches(prefix, "https://git.example.com/team/repo.git"));
+        assert!(prefix_matches(prefix, "https://git.example.com/team"));
+        assert!(!prefix_matches(prefix, "https://git.example.com/team-other/repo.git"));
+        assert!(!prefix_matches("https://git.example.com", "https://git.example.com.evil/x.git"));
+        assert!(prefix_matches("https://git.example.com/", "https://git.example.com/x.git"));
+    }
+}

@@ -6,6 +6,7 @@ use std::io::Read;
 use flotilla_proto::v1::secret_service_client::SecretServiceClient;
 use flotilla_proto::v1::{ListSecretsRequest, RemoveSecretRequest, SecretScopeKind, SetSecretRequest};
 use flotilla_raft::secrets::{validate_secret_name, MAX_SECRET_VALUE_BYTES};
+use flotilla_raft::SecretScope;
 
 use super::client::{connect, unary, BearerToken, CliError};
 use super::{print_json, print_text, ClientArgs, OutputFormat};
@@ -83,8 +84,9 @@ pub(crate) async fn secret_command(args: &ClientArgs, cmd: SecretCommand) -> Res
     let token = BearerToken::new(args.token.as_deref())?;
     let endpoint = args.endpoint.as_str();
     let value = match &cmd {
-        SecretCommand::Set { name, .. } => {
-            validate_secret_name(name).map_err(CliError::Usage)?;
+        SecretCommand::Set { name, scope } => {
+            let checked = if scope.cluster { SecretScope::Cluster } else { SecretScope::Team { team: "t".to_string() } };
+            validate_secret_name(&checked, name).map_err(CliError::Usage)?;
             Some(tokio::task::spawn_blocking(read_value).await.map_err(|error| {
                 CliError::Usage(format!("reading standard input failed: {error}"))
             })??)

@@ -265,7 +265,7 @@ impl SecretService for SecretApi {
         let body = request.into_inner();
         let scope = requested_scope(&caller, body.scope, &body.team)?;
         can_manage_secrets(&caller, &scope)?;
-        validate_secret_name(&body.name).map_err(Status::invalid_argument)?;
+        validate_secret_name(&scope, &body.name).map_err(Status::invalid_argument)?;
         if body.value.is_empty() || body.value.len() > MAX_SECRET_VALUE_BYTES {
             return Err(Status::invalid_argument(format!(
                 "secret value is {} bytes; it must be between 1 and {MAX_SECRET_VALUE_BYTES}",

@@ -45,7 +45,7 @@ fn set_secret(
     sealed: &SealedSecret,
     by: &str,
 ) -> ApplyResult {
-    validate_secret_name(name)
+    validate_secret_name(scope, name)
         .and_then(|()| validate_secret_scope(scope))
         .and_then(|()| validate_sealed(sealed))
         .map_err(ApplyError::Invalid)?;
