@@ -133,7 +133,9 @@ impl LivenessJudge {
         // Reports of any age count here, even from before the view: they show the links work.
         let heard = marked
             .iter()
-            .filter(|(node, _)| last_seen(*node).is_some_and(|seen| now.saturating_duration_since(seen) < self.lease / 2))
+            .filter(|(node, _)| {
+                last_seen(*node).is_some_and(|seen| now.saturating_duration_since(seen) < self.lease / 2)
+            })
             .count();
         if heard * 2 <= marked.len() {
             self.reset(now, term);

@@ -210,7 +210,9 @@ fn a_leader_cut_off_from_its_majority_judges_nobody_and_grants_a_grace_once_heal
         verdicts.push(scenario.check_after(TICK, Some(3), &[1, 2]));
     }
     assert!(
-        verdicts.iter().all(|verdict| !matches!(verdict, Verdict::Judged(commands) if !commands.is_empty())),
+        verdicts
+            .iter()
+            .all(|verdict| !matches!(verdict, Verdict::Judged(commands) if !commands.is_empty())),
         "a cut-off leader judged: {verdicts:?}"
     );
     assert!(verdicts
@@ -218,7 +220,10 @@ fn a_leader_cut_off_from_its_majority_judges_nobody_and_grants_a_grace_once_heal
         .any(|verdict| matches!(verdict, Verdict::Reset(ResetReason::CutOff { heard: 2, members: 5 }))));
     // Healed, node 5 reports late: it still has a whole lease from the last reset.
     let downs = scenario.run_for(LEASE - TICK, &[1, 2, 3, 4]);
-    assert!(downs.is_empty(), "judged down within the grace after the heal: {downs:?}");
+    assert!(
+        downs.is_empty(),
+        "judged down within the grace after the heal: {downs:?}"
+    );
     assert!(scenario.run_for(LEASE, &[1, 2, 3, 4, 5]).is_empty());
 }
 

@@ -253,7 +253,10 @@ impl Bench {
             .reader()
             .read(|state| ids.iter().filter_map(|id| state.agents.get(id).cloned()).collect());
         let provisioned: Vec<_> = futures::stream::iter(records.iter())
-            .map(|record| self.machines.provision(&self.repo, record, Epoch(1), None, &Default::default()))
+            .map(|record| {
+                self.machines
+                    .provision(&self.repo, record, Epoch(1), None, &Default::default())
+            })
             .buffered(PROVISION_CONCURRENCY)
             .collect()
             .await;

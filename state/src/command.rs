@@ -357,7 +357,12 @@ impl Command {
                             .sum::<usize>()
                 }
                 Command::SetSecret { name, sealed, by, .. } => {
-                    name.len() + sealed.ciphertext.len() + sealed.wrapped_key.len() + sealed.kek_id.len() + by.len() + 64
+                    name.len()
+                        + sealed.ciphertext.len()
+                        + sealed.wrapped_key.len()
+                        + sealed.kek_id.len()
+                        + by.len()
+                        + 64
                 }
                 _ => 0,
             }

@@ -77,7 +77,11 @@ pub fn validate_secret_name(scope: &SecretScope, name: &str) -> Result<(), Strin
     let first_ok = characters
         .next()
         .is_some_and(|first| first.is_ascii_alphabetic() || first == '_');
-    if !first_ok || !name.chars().all(|character| character.is_ascii_alphanumeric() || character == '_') {
+    if !first_ok
+        || !name
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || character == '_')
+    {
         return Err(format!(
             "secret name {name:?} must be an environment variable name: a letter or `_`, then letters, digits or `_`"
         ));

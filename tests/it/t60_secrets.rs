@@ -8,8 +8,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use flotilla_proto::v1::{self, agent_event};
 use flotilla_proto::v1::secret_service_client::SecretServiceClient;
+use flotilla_proto::v1::{self, agent_event};
 use flotilla_tests::{flotilla_bin, BearerAuth, ClusterOptions, TestCluster};
 use serde_json::json;
 
@@ -19,11 +19,14 @@ use crate::t18_agent_runs::{config_with, durable_events, request, scripted_model
 /// A value no file holds by chance.
 fn unique(label: &str) -> String {
     {
-    use rand::RngCore;
-    let mut bytes = [0u8; 12];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    format!("{label}-{}", bytes.iter().map(|byte| format!("{byte:02x}")).collect::<String>())
-}
+        use rand::RngCore;
+        let mut bytes = [0u8; 12];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        format!(
+            "{label}-{}",
+            bytes.iter().map(|byte| format!("{byte:02x}")).collect::<String>()
+        )
+    }
 }
 
 /// Files under `dir` whose bytes contain `needle`.
@@ -95,7 +98,12 @@ async fn team_and_user_secrets_reach_the_machine_and_nothing_else() {
     assert_eq!(kek_1, kek_2, "the joined node holds the cluster's key-encryption key");
 
     // The team secret through the CLI, on the node that joined; the value comes on stdin.
-    let output = cli_set_secret(&cluster.node(2).endpoint(), &token, &["secret", "set", "TEAM_TOKEN"], &team_value);
+    let output = cli_set_secret(
+        &cluster.node(2).endpoint(),
+        &token,
+        &["secret", "set", "TEAM_TOKEN"],
+        &team_value,
+    );
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     // The user secret through the API, on the other node.
     let channel = tonic::transport::Endpoint::from_shared(cluster.node(1).endpoint())
@@ -125,8 +133,14 @@ async fn team_and_user_secrets_reach_the_machine_and_nothing_else() {
 
     let listed = flotilla_tests::run_cli(&cluster.node(1).endpoint(), &token, &["secret", "list"]);
     let listed = String::from_utf8_lossy(&listed.stdout).to_string();
-    assert!(listed.contains("TEAM_TOKEN") && listed.contains("USER_TOKEN"), "{listed}");
-    assert!(!listed.contains(&team_value) && !listed.contains(&user_value), "{listed}");
+    assert!(
+        listed.contains("TEAM_TOKEN") && listed.contains("USER_TOKEN"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&team_value) && !listed.contains(&user_value),
+        "{listed}"
+    );
 
     let mut client = cluster.agent_client(1).await;
     let agent = create_from(&mut client, request(&url, "env-reader", "Print the environment")).await;

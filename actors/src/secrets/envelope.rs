@@ -52,7 +52,9 @@ impl Kek {
     }
 
     pub fn from_bytes(key: [u8; KEY_BYTES]) -> Kek {
-        let digest = Sha256::new_with_prefix(b"flotilla-kek-id\0").chain_update(key).finalize();
+        let digest = Sha256::new_with_prefix(b"flotilla-kek-id\0")
+            .chain_update(key)
+            .finalize();
         Kek {
             key,
             id: hex::encode(&digest[..8]),
@@ -145,7 +147,8 @@ impl Kek {
         let data = associated_data(scope, name);
         let data_key = decrypt(&self.cipher(), &sealed.wrapped_key, &wrap_data(&data)).ok_or_else(refused)?;
         let data_key: [u8; KEY_BYTES] = data_key.try_into().map_err(|_| refused())?;
-        let value = decrypt(&XChaCha20Poly1305::new(&data_key.into()), &sealed.ciphertext, &data).ok_or_else(refused)?;
+        let value =
+            decrypt(&XChaCha20Poly1305::new(&data_key.into()), &sealed.ciphertext, &data).ok_or_else(refused)?;
         String::from_utf8(value).map_err(|_| EnvelopeError::NotText {
             scope: scope.to_string(),
             name: name.to_string(),
@@ -171,7 +174,13 @@ fn wrap_data(data: &[u8]) -> Vec<u8> {
 fn encrypt(cipher: &XChaCha20Poly1305, plaintext: &[u8], data: &[u8]) -> Vec<u8> {
     let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
     let sealed = cipher
-        .encrypt(&nonce, Payload { msg: plaintext, aad: data })
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad: data,
+            },
+        )
         .expect("encryption in memory does not fail");
     [nonce.as_slice(), &sealed].concat()
 }
@@ -262,7 +271,10 @@ mod tests {
         kek.store(dir.path()).unwrap();
         let loaded = Kek::load(dir.path()).unwrap().unwrap();
         assert_eq!(loaded.id(), kek.id());
-        let mode = std::fs::metadata(dir.path().join(KEK_FILE)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(KEK_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

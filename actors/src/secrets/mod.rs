@@ -57,7 +57,13 @@ mod tests {
         assert!(prefix_matches(prefix, "https://git.example.com/team/repo.git"));
         assert!(prefix_matches(prefix, "https://git.example.com/team"));
         assert!(!prefix_matches(prefix, "https://git.example.com/team-other/repo.git"));
-        assert!(!prefix_matches("https://git.example.com", "https://git.example.com.evil/x.git"));
-        assert!(prefix_matches("https://git.example.com/", "https://git.example.com/x.git"));
+        assert!(!prefix_matches(
+            "https://git.example.com",
+            "https://git.example.com.evil/x.git"
+        ));
+        assert!(prefix_matches(
+            "https://git.example.com/",
+            "https://git.example.com/x.git"
+        ));
     }
 }

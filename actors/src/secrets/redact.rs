@@ -154,7 +154,11 @@ mod tests {
 
     #[test]
     fn overlapping_values_redact_the_longest() {
-        let redactor = Redactor::new([("SHORT", "secret-1"), ("LONG", "secret-1-extended"), ("SAME", "secret-1")]);
+        let redactor = Redactor::new([
+            ("SHORT", "secret-1"),
+            ("LONG", "secret-1-extended"),
+            ("SAME", "secret-1"),
+        ]);
         assert_eq!(
             redactor.redact("x secret-1-extended y secret-1 z"),
             "x [redacted:LONG] y [redacted:SHORT] z"

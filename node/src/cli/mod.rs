@@ -10,8 +10,8 @@ mod attach;
 mod client;
 mod json;
 mod plugin;
-mod secret;
 mod render;
+mod secret;
 mod watch;
 
 use std::io::Write;

@@ -85,11 +85,17 @@ pub(crate) async fn secret_command(args: &ClientArgs, cmd: SecretCommand) -> Res
     let endpoint = args.endpoint.as_str();
     let value = match &cmd {
         SecretCommand::Set { name, scope } => {
-            let checked = if scope.cluster { SecretScope::Cluster } else { SecretScope::Team { team: "t".to_string() } };
+            let checked = if scope.cluster {
+                SecretScope::Cluster
+            } else {
+                SecretScope::Team { team: "t".to_string() }
+            };
             validate_secret_name(&checked, name).map_err(CliError::Usage)?;
-            Some(tokio::task::spawn_blocking(read_value).await.map_err(|error| {
-                CliError::Usage(format!("reading standard input failed: {error}"))
-            })??)
+            Some(
+                tokio::task::spawn_blocking(read_value)
+                    .await
+                    .map_err(|error| CliError::Usage(format!("reading standard input failed: {error}")))??,
+            )
         }
         _ => None,
     };
@@ -141,7 +147,10 @@ pub(crate) async fn secret_command(args: &ClientArgs, cmd: SecretCommand) -> Res
                         .collect(),
                 )),
                 OutputFormat::Table => {
-                    let mut lines = vec![format!("{:<32} {:<32} {:<15} UPDATED BY", "NAME", "SCOPE", "UPDATED (ms)")];
+                    let mut lines = vec![format!(
+                        "{:<32} {:<32} {:<15} UPDATED BY",
+                        "NAME", "SCOPE", "UPDATED (ms)"
+                    )];
                     for info in &response.secrets {
                         lines.push(format!(
                             "{:<32} {:<32} {:<15} {}",

@@ -63,7 +63,8 @@ impl NodeKek {
         if hex.is_empty() {
             return Ok(());
         }
-        let kek = Kek::from_hex(hex).ok_or_else(|| anyhow!("the join answer carried a malformed key-encryption key"))?;
+        let kek =
+            Kek::from_hex(hex).ok_or_else(|| anyhow!("the join answer carried a malformed key-encryption key"))?;
         if let Some(held) = self.get() {
             if held.id() != kek.id() {
                 bail!(
@@ -144,7 +145,11 @@ impl NodeSecretStore {
     fn granted(&self, plugin: &str, name: &str) -> bool {
         self.replica.reader().read(|state| {
             let settings = state.plugin_settings.get(plugin);
-            let setting = |key: &str| settings.and_then(|settings| settings.get(key)).filter(|value| !value.is_empty());
+            let setting = |key: &str| {
+                settings
+                    .and_then(|settings| settings.get(key))
+                    .filter(|value| !value.is_empty())
+            };
             match setting("token-secret") {
                 Some(token) if token == name => return true,
                 None if name == format!("{plugin}-token") => return true,
@@ -172,7 +177,13 @@ impl MachineSecrets for NodeSecretStore {
                 .cloned()
                 .collect();
             if !user.is_empty() {
-                records.extend(state.secrets.values().filter(|record| record.scope == user_scope).cloned());
+                records.extend(
+                    state
+                        .secrets
+                        .values()
+                        .filter(|record| record.scope == user_scope)
+                        .cloned(),
+                );
             }
             records
         });
@@ -204,7 +215,11 @@ impl MachineSecrets for NodeSecretStore {
 impl flotilla_plugins::SecretSource for NodeSecretStore {
     fn secret(&self, plugin: &str, name: &str) -> Option<String> {
         if !self.granted(plugin, name) {
-            tracing::warn!(plugin, secret = name, "a plugin asked for a secret its settings do not grant");
+            tracing::warn!(
+                plugin,
+                secret = name,
+                "a plugin asked for a secret its settings do not grant"
+            );
             return None;
         }
         self.node_secret(name)
@@ -241,7 +256,11 @@ fn can_see(principal: &Principal, scope: &SecretScope) -> bool {
 }
 
 fn requested_scope(principal: &Principal, kind: i32, team: &str) -> Result<SecretScope, Status> {
-    let team = if team.is_empty() { principal.team.clone() } else { team.to_string() };
+    let team = if team.is_empty() {
+        principal.team.clone()
+    } else {
+        team.to_string()
+    };
     match v1::SecretScopeKind::try_from(kind) {
         Ok(v1::SecretScopeKind::Unspecified | v1::SecretScopeKind::Team) => Ok(SecretScope::Team { team }),
         Ok(v1::SecretScopeKind::User) => Ok(SecretScope::User {

@@ -130,7 +130,10 @@ mod tests {
             &settings(Some("bot"), Some("git-token")),
         )
         .unwrap();
-        assert_eq!(elsewhere.auth_header, None, "a host the settings do not list gets no token");
+        assert_eq!(
+            elsewhere.auth_header, None,
+            "a host the settings do not list gets no token"
+        );
         let file = clone_spec("file:///srv/git/widgets.git", &settings(Some("bot"), Some("git-token"))).unwrap();
         assert_eq!(file.auth_header, None);
     }

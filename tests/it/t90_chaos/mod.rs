@@ -364,7 +364,10 @@ fn reassign_line(measured: &[Duration]) -> String {
     if measured.is_empty() {
         return "reassign after kill -9: no agent was running on a killed node".to_string();
     }
-    figures_line(&format!("reassign after kill -9 (lease {LEASE_MS} ms), agents"), measured)
+    figures_line(
+        &format!("reassign after kill -9 (lease {LEASE_MS} ms), agents"),
+        measured,
+    )
 }
 
 fn figures_line(what: &str, measured: &[Duration]) -> String {
