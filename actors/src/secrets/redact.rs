@@ -205,7 +205,7 @@ mod tests {
         let mut text = String::new();
         while text.len() < 1024 * 1024 {
             text.push_str("an ordinary line of tool output, with numbers 0123456789\n");
-            if text.len() % 7 == 0 {
+            if text.len().is_multiple_of(7) {
                 text.push_str(&values[42].1);
             }
         }

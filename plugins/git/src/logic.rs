@@ -45,7 +45,7 @@ pub fn clone_spec(url: &str, settings: &Settings) -> Result<CloneSpec, Failure> 
     let over_http = matches!(parsed.scheme, Scheme::Http | Scheme::Https);
     // The token goes only to the hosts the admin listed (`hosts`): plain git takes any URL,
     // and a repository on another host must not receive it.
-    let listed = settings.extra_hosts.iter().any(|host| *host == parsed.host);
+    let listed = settings.extra_hosts.contains(&parsed.host);
     let auth_header = match (&settings.username, settings.token_secret.is_empty()) {
         (Some(username), false) if over_http && listed => Some((
             "Authorization".to_string(),
