@@ -20,6 +20,7 @@ pub mod repo;
 pub mod repo_url;
 pub mod run;
 pub mod scheduler;
+pub mod secrets;
 pub mod supervisor;
 pub mod tools;
 pub mod turn;

@@ -161,7 +161,7 @@ impl GitSettings {
         let Some(credential) = self
             .credentials
             .iter()
-            .filter(|credential| url.starts_with(&credential.url_prefix))
+            .filter(|credential| prefix_matches(&credential.url_prefix, url))
             .max_by_key(|credential| credential.url_prefix.len())
         else {
             return Vec::new();
@@ -170,6 +170,16 @@ impl GitSettings {
             .encode(format!("{}:{}", credential.username, credential.password));
         extra_header_env(&format!("Authorization: Basic {basic}"))
     }
+}
+
+/// Whether a credential for `prefix` may be sent to `url`: the prefix matches whole path
+/// segments, so `https://git.example.com/team` covers `https://git.example.com/team/repo.git`
+/// but neither `https://git.example.com/team-other/...` nor `https://git.example.com.evil/...`.
+pub fn prefix_matches(prefix: &str, url: &str) -> bool {
+    let Some(rest) = url.strip_prefix(prefix) else {
+        return false;
+    };
+    prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/')
 }
 
 /// Environment that makes git send `header` ("Name: value") with every HTTP request, through

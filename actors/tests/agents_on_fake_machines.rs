@@ -199,6 +199,7 @@ impl TestNode {
                     model: MODEL.to_string(),
                     team: "default".to_string(),
                     scripted: true,
+                    user: String::new(),
                     ..Default::default()
                 },
             })

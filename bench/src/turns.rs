@@ -208,6 +208,7 @@ impl Bench {
                     model: model.to_string(),
                     team: "default".to_string(),
                     scripted: true,
+                    user: String::new(),
                     ..Default::default()
                 },
             })
@@ -253,8 +254,10 @@ impl Bench {
             .replica
             .reader()
             .read(|state| ids.iter().filter_map(|id| state.agents.get(id).cloned()).collect());
+        // The benchmark's machines get no secrets.
+        let no_secrets = flotilla_actors::secrets::SecretValues::default();
         let provisioned: Vec<_> = futures::stream::iter(records.iter())
-            .map(|record| self.machines.provision(&self.repo, record, Epoch(1), None))
+            .map(|record| self.machines.provision(&self.repo, record, Epoch(1), None, &no_secrets))
             .buffered(PROVISION_CONCURRENCY)
             .collect()
             .await;
@@ -272,6 +275,7 @@ impl Bench {
                 repo: self.repo.clone(),
                 workspace: provisioned.workspace,
                 runtime: runtime.clone(),
+                redactor: provisioned.redactor,
                 observer: Some(Arc::new(move |timing| {
                     sink.lock().expect("timings").push(timing);
                 })),

@@ -59,6 +59,11 @@ enum TopCommand {
         #[command(subcommand)]
         command: cli::KeyCommand,
     },
+    /// Set, list and remove team, user and cluster secrets (values from standard input).
+    Secret {
+        #[command(subcommand)]
+        command: cli::SecretCommand,
+    },
     /// Check a checkout's environment.json and print the machine plan.
     Env {
         #[command(subcommand)]
@@ -137,6 +142,10 @@ fn main() -> ExitCode {
             TopCommand::Key { command } => {
                 init_logging("warn");
                 cli::run_key(&client, command).await
+            }
+            TopCommand::Secret { command } => {
+                init_logging("warn");
+                cli::run_secret(&client, command).await
             }
             TopCommand::Env {
                 command: EnvCommand::Check(args),

@@ -22,7 +22,8 @@ pub mod retry;
 pub mod store;
 pub mod tls;
 
-pub use flotilla_state::{apply, cluster_state, command, invariants, types};
+pub use flotilla_state::{apply, cluster_state, command, invariants, secrets, types};
+pub use flotilla_state::{SealedSecret, SecretRecord, SecretScope};
 
 use std::fmt;
 use std::io::Cursor;

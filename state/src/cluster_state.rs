@@ -45,6 +45,9 @@ pub struct ClusterState {
     /// Unused join tokens: the SHA-256 of each token's secret part, and when it expires (ms).
     #[serde(default)]
     pub join_tokens: BTreeMap<String, u64>,
+    /// Sealed secrets by scope and name (see [`crate::secrets`]): never a plaintext value.
+    #[serde(default)]
+    pub secrets: BTreeMap<(crate::secrets::SecretScope, String), crate::secrets::SecretRecord>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,
@@ -70,6 +73,8 @@ pub struct Changes {
     pub trimmed_events: Vec<(AgentId, u64)>,
     /// Cluster-wide counters changed.
     pub meta: bool,
+    /// A secret was set or removed.
+    pub secrets: bool,
 }
 
 impl ClusterState {

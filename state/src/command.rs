@@ -299,6 +299,18 @@ pub enum Command {
     ConsumeJoinToken {
         sha256_hex: String,
     },
+    /// Sets a secret: only its sealed bytes travel (see [`crate::secrets`]). `by` names the
+    /// principal that wrote it.
+    SetSecret {
+        scope: crate::secrets::SecretScope,
+        name: String,
+        sealed: crate::secrets::SealedSecret,
+        by: String,
+    },
+    RemoveSecret {
+        scope: crate::secrets::SecretScope,
+        name: String,
+    },
 }
 
 impl Command {
@@ -372,6 +384,14 @@ impl Command {
                             .map(|text| text.as_ref().map_or(0, String::len))
                             .sum::<usize>()
                 }
+                Command::SetSecret { name, sealed, by, .. } => {
+                    name.len()
+                        + sealed.ciphertext.len()
+                        + sealed.wrapped_key.len()
+                        + sealed.kek_id.len()
+                        + by.len()
+                        + 64
+                }
                 _ => 0,
             }
     }
@@ -412,6 +432,8 @@ impl Command {
             Command::CreateTeam { .. } => "create-team",
             Command::CreateKey { .. } => "create-key",
             Command::RevokeKey { .. } => "revoke-key",
+            Command::SetSecret { .. } => "set-secret",
+            Command::RemoveSecret { .. } => "remove-secret",
         }
     }
 }
@@ -528,6 +550,8 @@ pub enum ApplyError {
     JoinTokenExpired { expired_at_ms: u64 },
     #[error("the cluster holds {limit} unused join tokens, the most it keeps; use or let some expire first")]
     TooManyJoinTokens { limit: usize },
+    #[error("secret {name} ({scope}) not found")]
+    SecretNotFound { scope: String, name: String },
 }
 
 /// What an applied command answers.

@@ -124,7 +124,8 @@ pub struct AgentSpec {
     /// The model is the scripted provider: replies come from a file, never from a model.
     pub scripted: bool,
     /// The user of the key that created the agent (empty for agents created before keys had
-    /// users). The agent belongs to `team`; the user is shown, never used for access.
+    /// users). The agent belongs to `team`; the user is shown, never used for access, except
+    /// that the user's secrets reach the agent's machine.
     #[serde(default)]
     pub user: String,
 }

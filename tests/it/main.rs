@@ -31,6 +31,7 @@ mod t55_plugins;
 mod t56_plugins_everywhere;
 mod t57_provider_hot_add;
 mod t58_burst;
+mod t60_secrets;
 mod t65_agent_failover;
 mod t70_teams;
 mod t90_chaos;

@@ -73,6 +73,10 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
     let mut cluster = cluster_client(endpoint, key).await;
     let mut admin = admin_client(endpoint, key).await;
     let mut access = access_client(endpoint, key);
+    let mut secrets = flotilla_proto::v1::secret_service_client::SecretServiceClient::with_interceptor(
+        flotilla_tests::channel(endpoint),
+        BearerAuth::new(key),
+    );
     let id = agent.to_string();
     let plugin = || v1::PluginRef {
         name: "git".to_string(),
@@ -124,6 +128,25 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
             .remove_node(v1::RemoveNodeRequest { node_id: 99 })
             .await
             .map(drop),
+        // Aimed at the red team's secrets.
+        "SecretService/SetSecret" => secrets
+            .set_secret(v1::SetSecretRequest {
+                name: "T70_RED".to_string(),
+                value: b"red-value-for-t70".to_vec(),
+                scope: v1::SecretScopeKind::Team as i32,
+                team: "red".to_string(),
+            })
+            .await
+            .map(drop),
+        "SecretService/RemoveSecret" => secrets
+            .remove_secret(v1::RemoveSecretRequest {
+                name: "T70_RED".to_string(),
+                scope: v1::SecretScopeKind::Team as i32,
+                team: "red".to_string(),
+            })
+            .await
+            .map(drop),
+        "SecretService/ListSecrets" => secrets.list_secrets(v1::ListSecretsRequest {}).await.map(drop),
         "ClusterService/CreateJoinToken" => cluster
             .create_join_token(v1::CreateJoinTokenRequest { expires_in_seconds: 60 })
             .await
@@ -210,6 +233,12 @@ fn expected(who: &str, method: &str) -> Expect {
                 Expect::Allowed
             }
         }
+        // Team secrets are the team admins'; anyone who reads agents lists what they may see.
+        "SecretService" => match name {
+            "ListSecrets" => Expect::Allowed,
+            _ if who == "red-admin" => Expect::Allowed,
+            _ => Expect::Denied,
+        },
         "AccessService" => match name {
             "GetKeyInfo" => Expect::Allowed,
             "CreateKey" | "ListKeys" | "RevokeKey" if who == "red-admin" => Expect::Allowed,
@@ -274,7 +303,8 @@ async fn every_method_answers_each_role_and_team_as_the_table_says() {
                     !matches!(
                         code,
                         Some(Code::Unauthenticated | Code::PermissionDenied | Code::NotFound)
-                    ) || (method.ends_with("/RevokeKey") && code == Some(Code::NotFound)),
+                    ) || ((method.ends_with("/RevokeKey") || method.ends_with("/RemoveSecret"))
+                        && code == Some(Code::NotFound)),
                     "{who} {method}: wanted it allowed, got {answer:?}"
                 ),
                 Expect::Denied => assert_eq!(code, Some(Code::PermissionDenied), "{who} {method}: {answer:?}"),

@@ -327,6 +327,7 @@ async fn machine_ready(
         workspace: provisioned.workspace,
         runtime: state.args.runtime.clone(),
         observer: None,
+        redactor: provisioned.redactor,
     };
     let actor = myself.clone();
     state.run = Some(tokio::spawn(async move {
@@ -441,16 +442,25 @@ fn spawn_provisioning(args: &AgentArgs, myself: ActorRef<AgentMsg>) -> tokio::ta
     let record = args.replica.reader().read(|state| state.agents.get(&agent).cloned());
     let machines = args.machines.clone();
     let supervisor = args.supervisor.clone();
+    let secret_source = args.runtime.secrets.clone();
     tokio::spawn(async move {
         let result = async {
             let record = record.ok_or(ProvisionError::NotInState { agent })?;
+            let secrets = match &secret_source {
+                Some(source) => {
+                    let mut secrets = source.for_agent(&record).map_err(ProvisionError::Secrets)?;
+                    secrets.also_redacted = source.node_values();
+                    secrets
+                }
+                None => crate::secrets::SecretValues::default(),
+            };
             let repo = ractor::call!(supervisor, |reply| AgentSupervisorMsg::RepoFor {
                 url: record.spec.repository.clone(),
                 reply
             })
             .map_err(|error| ProvisionError::NoRepositoryActor(error.to_string()))?;
             let provisioned = machines
-                .provision(&repo, &record, epoch, Some(myself.get_cell()))
+                .provision(&repo, &record, epoch, Some(myself.get_cell()), &secrets)
                 .await?;
             Ok((provisioned, repo))
         }

@@ -67,6 +67,8 @@ pub struct Provisioned {
     /// The machine stands on an install layer (built now or earlier).
     pub install_layer_used: bool,
     pub elapsed_ms: u64,
+    /// Replaces the values of the secrets the machine got (and the node's own).
+    pub redactor: crate::secrets::Redactor,
 }
 
 pub struct MachineHost {
@@ -119,6 +121,8 @@ pub enum ProvisionError {
     Machine(#[from] SandboxError),
     #[error("agent {agent} is not in the replicated state")]
     NotInState { agent: flotilla_raft::AgentId },
+    #[error("the agent's secrets could not be opened: {0}")]
+    Secrets(String),
     #[error("no repository actor: {0}")]
     NoRepositoryActor(String),
     #[error("the repository actor did not answer: {0}")]
@@ -266,6 +270,7 @@ impl MachineHost {
         agent: &AgentRecord,
         epoch: Epoch,
         supervisor: Option<ActorCell>,
+        secrets: &crate::secrets::SecretValues,
     ) -> Result<Provisioned, ProvisionError> {
         let started = Instant::now();
         // The sweep of an earlier life would take this machine for one of its own.
@@ -282,6 +287,7 @@ impl MachineHost {
             let (install_layer, install_layer_built) = self.install_layer(agent, &config, &base, &workspace).await?;
             let mut spec = self.machine_spec(agent, base, &workspace, install_layer, &config);
             let egress = self.start_egress(agent, epoch, &mut spec).await?;
+            add_secrets(&mut spec.env, secrets);
             Ok::<_, ProvisionError>((config, spec, egress, install_layer_built))
         }
         .await;
@@ -312,6 +318,7 @@ impl MachineHost {
             install_layer_built,
             install_layer_used,
             elapsed_ms: started.elapsed().as_millis() as u64,
+            redactor: secrets.redactor(),
         })
     }
 
@@ -385,6 +392,21 @@ impl MachineHost {
         }
         Ok(Some(proxy))
     }
+}
+
+/// The secrets as environment variables. The machine's own variables (`FLOTILLA_*`, the
+/// proxy) win over a secret of the same name, and of two secrets of one name the later (the
+/// user's) wins.
+fn add_secrets(env: &mut Vec<(String, String)>, secrets: &crate::secrets::SecretValues) {
+    let own = env.len();
+    for (name, value) in secrets.values.iter().rev() {
+        if env.iter().any(|(present, _)| present == name) {
+            continue;
+        }
+        env.push((name.clone(), value.clone()));
+    }
+    // Secrets in the order given (team, then user), after the machine's own.
+    env[own..].reverse();
 }
 
 async fn prepare_workspace(

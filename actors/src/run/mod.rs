@@ -14,6 +14,7 @@
 mod branch;
 mod finish;
 mod git;
+mod redaction;
 mod turns;
 
 use std::collections::HashMap;
@@ -60,6 +61,8 @@ pub struct AgentRuntime {
     pub providers: Option<Arc<dyn VcsProviders>>,
     /// Tools added as plugins; `None` offers the built-in tools only.
     pub plugin_tools: Option<Arc<dyn PluginTools>>,
+    /// The replicated secrets machines get; `None` gives none.
+    pub secrets: Option<Arc<dyn crate::secrets::MachineSecrets>>,
 }
 
 impl Default for AgentRuntime {
@@ -77,6 +80,7 @@ impl Default for AgentRuntime {
             max_output_tokens: 8192,
             providers: None,
             plugin_tools: None,
+            secrets: None,
         }
     }
 }
@@ -107,6 +111,8 @@ pub type TurnObserver = Arc<dyn Fn(TurnTiming) + Send + Sync>;
 const WRITING_TOOLS: [&str; 3] = [tools::RUN_COMMAND, tools::WRITE_FILE, tools::EDIT_FILE];
 
 pub struct RunContext {
+    /// Replaces the values of the secrets the machine got wherever the run's text leaves it.
+    pub redactor: crate::secrets::Redactor,
     pub agent: AgentId,
     pub epoch: Epoch,
     pub replica: Replica,
@@ -154,6 +160,7 @@ pub fn live_event(agent: AgentId, node: u64, sequence: u64, scripted: bool, kind
 #[derive(Clone)]
 struct Live {
     agent: AgentId,
+    redactor: crate::secrets::Redactor,
     replica: Replica,
     mesh: Mesh,
     scripted: bool,
@@ -168,7 +175,13 @@ impl Live {
             .unwrap_or(0);
         self.mesh.publish(
             &self.agent.to_string(),
-            live_event(self.agent, self.replica.node_id(), sequence, self.scripted, kind),
+            live_event(
+                self.agent,
+                self.replica.node_id(),
+                sequence,
+                self.scripted,
+                redaction::redact_live(&self.redactor, kind),
+            ),
         );
     }
 
@@ -212,15 +225,16 @@ async fn set_status(
             node: context.replica.node_id(),
             epoch: context.epoch,
             status,
-            reason,
-            summary,
-            error,
+            reason: context.redactor.redact(&reason).into_owned(),
+            summary: redaction::redact_option(&context.redactor, summary),
+            error: redaction::redact_option(&context.redactor, error),
         })
         .await
         .map(|_| ())
 }
 
 async fn fail(context: &RunContext, reason: &str, error: String) -> RunOutcome {
+    let error = context.redactor.redact(&error).into_owned();
     tracing::warn!(agent = %context.agent, %error, "{reason}");
     match set_status(context, AgentStatus::Failed, reason.to_string(), None, Some(error)).await {
         Ok(()) => RunOutcome::Ended(AgentStatus::Failed),
@@ -288,16 +302,21 @@ async fn run_any_tool(context: &RunContext, name: &str, arguments_json: &str) ->
                     Ok(text) => tools::ToolOutput::success(text),
                     Err(error) => tools::ToolOutput::failure(error),
                 };
-                return output.capped(limits.max_output_bytes);
+                let mut output = output.capped(limits.max_output_bytes);
+                context.redactor.redact_in_place(&mut output.content);
+                return output;
             }
         }
     }
-    tools::run_tool(
+    let mut output = tools::run_tool(
         context.machine.driver(),
         context.machine.handle(),
         name,
         arguments_json,
         limits,
     )
-    .await
+    .await;
+    // What goes back to the model, and into every event, holds no secret value.
+    context.redactor.redact_in_place(&mut output.content);
+    output
 }

@@ -73,6 +73,7 @@ impl RunProgress {
         let provider = model_for(context, &start).await?;
         let live = Live {
             agent: context.agent,
+            redactor: context.redactor.clone(),
             replica: context.replica.clone(),
             mesh: context.mesh.clone(),
             scripted: provider.scripted(),
@@ -119,7 +120,9 @@ impl RunProgress {
             return ControlFlow::Continue(());
         }
         let model_started = Instant::now();
-        let answer = self.ask_model(context).await?;
+        let mut answer = self.ask_model(context).await?;
+        // The model never saw a value (tool output is redacted), but its text is shown and kept.
+        context.redactor.redact_in_place(&mut answer.text);
         let model = model_started.elapsed();
         self.turn += 1;
         let next = self.conversation.after_answer(&answer, self.started.elapsed());
@@ -363,7 +366,13 @@ impl RunProgress {
                 head_commit: head,
                 scripted: self.provider.scripted(),
                 checkpoint,
-                events,
+                events: events
+                    .into_iter()
+                    .map(|mut event| {
+                        super::redaction::redact_event(&context.redactor, &mut event);
+                        event
+                    })
+                    .collect(),
             })
             .await;
         if let Err(error) = recorded {

@@ -12,6 +12,7 @@ mod client;
 mod json;
 mod plugin;
 mod render;
+mod secret;
 mod watch;
 
 use std::io::Write;
@@ -24,6 +25,7 @@ use flotilla_proto::v1::{
 
 pub use access::{KeyCommand, TeamCommand};
 pub use plugin::PluginCommand;
+pub use secret::SecretCommand;
 
 pub(crate) use client::{agent_client, cluster_client, connect, unary, AgentClient, BearerToken, CliError};
 
@@ -276,6 +278,10 @@ pub async fn run_key(args: &ClientArgs, cmd: KeyCommand) -> anyhow::Result<ExitC
 
 pub async fn run_plugin(args: &ClientArgs, cmd: PluginCommand) -> anyhow::Result<ExitCode> {
     Ok(finish(plugin::plugin_command(args, cmd).await))
+}
+
+pub async fn run_secret(args: &ClientArgs, cmd: SecretCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(secret::secret_command(args, cmd).await))
 }
 
 async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliError> {

@@ -66,6 +66,10 @@ pub const METHOD_PERMISSIONS: &[(&str, Permission)] = &[
     ("/flotilla.v1.AccessService/ListKeys", Permission::ManageKeys),
     ("/flotilla.v1.AccessService/GetKeyInfo", Permission::AnyKey),
     ("/flotilla.v1.AccessService/RevokeKey", Permission::ManageKeys),
+    // Scopes are checked by the secret service itself (`secrets::can_manage_secrets`).
+    ("/flotilla.v1.SecretService/SetSecret", Permission::WriteAgents),
+    ("/flotilla.v1.SecretService/RemoveSecret", Permission::WriteAgents),
+    ("/flotilla.v1.SecretService/ListSecrets", Permission::ReadAgents),
 ];
 
 /// What `path` (`/package.Service/Method`) needs; `None` for a method without a rule.

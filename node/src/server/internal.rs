@@ -18,6 +18,8 @@ use super::write_status;
 pub struct InternalApi {
     pub replica: Replica,
     pub liveness: LivenessTable,
+    /// Sent to a joining node in the `Join` answer (see `secrets`).
+    pub kek: super::secrets::NodeKek,
 }
 
 fn payload(result: Result<Vec<u8>, UndecodablePayload>) -> Result<Response<RaftPayload>, Status> {
@@ -94,7 +96,11 @@ impl Internal for InternalApi {
                     )))
                 }
             };
-            return Ok(Response::new(JoinResponse { node_id, leader_id }));
+            return Ok(Response::new(JoinResponse {
+                node_id,
+                leader_id,
+                kek: self.kek.hex(),
+            }));
         }
         super::validate::region(&body.region)?;
         if body.grpc_address.is_empty() || body.mesh_address.is_empty() {
@@ -140,6 +146,7 @@ impl Internal for InternalApi {
         Ok(Response::new(JoinResponse {
             node_id: body.node_id,
             leader_id,
+            kek: self.kek.hex(),
         }))
     }
 

@@ -13,6 +13,7 @@ pub mod internal;
 pub mod pki;
 pub mod plugins;
 pub mod runtime;
+pub mod secrets;
 pub mod status;
 pub mod transport;
 pub mod validate;
@@ -32,10 +33,11 @@ use flotilla_actors::supervisor::{NodeSupervisor, NodeSupervisorArgs};
 use flotilla_proto::internal::enrollment_server::EnrollmentServer;
 use flotilla_proto::internal::internal_client::InternalClient;
 use flotilla_proto::internal::internal_server::InternalServer;
-use flotilla_proto::internal::JoinRequest;
+use flotilla_proto::internal::{JoinRequest, JoinResponse};
 use flotilla_proto::v1::admin_service_server::AdminServiceServer;
 use flotilla_proto::v1::agent_service_server::AgentServiceServer;
 use flotilla_proto::v1::cluster_service_server::ClusterServiceServer;
+use flotilla_proto::v1::secret_service_server::SecretServiceServer;
 use flotilla_raft::network::Peers;
 use flotilla_raft::{Command, NodeAddr, NodeId, NodeInfo, Replica, ReplicaConfig, Role};
 use ractor::Actor;
@@ -129,7 +131,7 @@ async fn join_client(peers: &Peers, join: &str) -> anyhow::Result<InternalClient
 }
 
 /// Calls `Join` until it answers or the deadline passes; a refusal fails at once.
-async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::Result<u64> {
+async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::Result<JoinResponse> {
     let deadline = tokio::time::Instant::now() + JOIN_DEADLINE;
     let mut delays = JOIN_RETRY.delays();
     loop {
@@ -137,7 +139,7 @@ async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::R
         let mut grpc_request = peers.request(request.clone());
         grpc_request.set_timeout(JOIN_DEADLINE);
         match client.join(grpc_request).await {
-            Ok(reply) => return Ok(reply.into_inner().node_id),
+            Ok(reply) => return Ok(reply.into_inner()),
             Err(status)
                 if matches!(
                     status.code(),
@@ -350,27 +352,17 @@ async fn register_self(replica: &Replica, info: NodeInfo) {
     }
 }
 
-/// Secrets plugins may name in their placeholders: the node's secrets (`DATA_DIR/secrets/NAME`).
-struct NodeSecrets {
-    data_dir: std::path::PathBuf,
-}
-
-impl flotilla_plugins::SecretSource for NodeSecrets {
-    fn secret(&self, _plugin: &str, name: &str) -> Option<String> {
-        runtime::read_secret(&self.data_dir, name)
-    }
-}
-
 /// The node's plugin host: it checks uploads and runs the enabled plugins (see `plugins`).
-fn plugin_host(config: &NodeConfig) -> anyhow::Result<flotilla_plugins::PluginHost> {
+fn plugin_host(
+    config: &NodeConfig,
+    secrets: std::sync::Arc<secrets::NodeSecretStore>,
+) -> anyhow::Result<flotilla_plugins::PluginHost> {
     flotilla_plugins::PluginHost::new(
         flotilla_plugins::HostConfig {
             compiled_cache_dir: Some(config.compiled_plugin_cache()),
             ..flotilla_plugins::HostConfig::default()
         },
-        std::sync::Arc::new(NodeSecrets {
-            data_dir: config.data_dir.clone(),
-        }),
+        secrets,
     )
     .map_err(|error| anyhow!("cannot start the plugin host: {error}"))
 }
@@ -384,18 +376,26 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     let node_id = identity.node_id;
     let peers = Peers::new(Some(&identity.tls));
     let ca_fingerprint = identity.tls.ca_fingerprint()?;
+    let kek = secrets::NodeKek::open(&config.data_dir, config.join.is_none()).await?;
     let info = node_info(&config);
     tracing::info!(node = node_id, grpc = %info.grpc_address, mesh = %info.mesh_address, region = %info.region, "starting node");
     let model_names: Vec<&String> = config.models.keys().collect();
     tracing::info!(models = ?model_names, "models declared in the config");
-    let mut runtime = runtime::build_runtime(&config)?;
     let default_model = runtime::default_model(&config);
 
     let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), Some(identity.tls.clone()));
     replica_config.snapshot_after_logs = config.snapshot_after_logs;
     replica_config.logs_kept_after_snapshot = config.logs_kept_after_snapshot;
     let replica = Replica::open(replica_config).await?;
-    let plugin_host = std::sync::Arc::new(plugin_host(&config)?);
+    let secret_store = std::sync::Arc::new(secrets::NodeSecretStore::new(
+        replica.clone(),
+        kek.clone(),
+        config.data_dir.clone(),
+    ));
+    // After the replica opened: a cluster-scope secret this node has applied comes first.
+    let mut runtime = runtime::build_runtime(&config, &|name| secret_store.node_secret(name))?;
+    runtime.secrets = Some(secret_store.clone());
+    let plugin_host = std::sync::Arc::new(plugin_host(&config, secret_store)?);
     let registry = plugins::PluginRegistry::start(plugin_host.clone(), &replica, config.plugins.chosen_builtins());
     let node_plugins = std::sync::Arc::new(vcs::NodePlugins {
         registry: registry.clone(),
@@ -459,6 +459,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             admin_api,
             liveness: liveness.clone(),
             health: health.clone(),
+            kek: kek.clone(),
         },
         ServerTls {
             config: std::sync::Arc::new(identity.tls.grpc_server_config(public_certificate(&config)?)?),
@@ -470,7 +471,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     ));
     become_ready(&replica, &health, started).await?;
 
-    join_or_bootstrap(&replica, &config, &peers, node_id, &info).await?;
+    join_or_bootstrap(&replica, &config, &peers, node_id, &info, &kek).await?;
 
     let (supervisor, supervisor_handle) = Actor::spawn(
         None,
@@ -633,6 +634,7 @@ async fn join_or_bootstrap(
     peers: &Peers,
     node_id: u64,
     info: &NodeInfo,
+    kek: &secrets::NodeKek,
 ) -> anyhow::Result<()> {
     if !replica.is_initialized().await {
         match &config.join {
@@ -646,7 +648,7 @@ async fn join_or_bootstrap(
                 tracing::info!("bootstrapped a new cluster");
             }
             Some(join) => {
-                call_join(
+                let reply = call_join(
                     peers,
                     join,
                     JoinRequest {
@@ -659,6 +661,7 @@ async fn join_or_bootstrap(
                     },
                 )
                 .await?;
+                kek.adopt(&config.data_dir, &reply.kek).await?;
                 tracing::info!(through = %join, "joined the cluster");
             }
         }
@@ -667,6 +670,11 @@ async fn join_or_bootstrap(
         .wait_for_leader(Duration::from_secs(30))
         .await
         .ok_or_else(|| anyhow!("no raft leader within 30 s"))?;
+    if kek.get().is_none() {
+        tracing::warn!(
+            "this node holds no key-encryption key (DATA_DIR/kek): it cannot seal or open secrets; copy the file from another node"
+        );
+    }
     register_self(replica, info.clone()).await;
     if config.join.is_none() && node_id == 1 {
         ensure_admin_token(replica, &config.data_dir).await?;
@@ -699,6 +707,7 @@ struct Services {
     admin_api: admin::AdminApi,
     liveness: LivenessTable,
     health: tonic_health::server::HealthReporter,
+    kek: secrets::NodeKek,
 }
 
 async fn serve(
@@ -713,6 +722,7 @@ async fn serve(
         admin_api,
         liveness,
         health: health_reporter,
+        kek,
     } = services;
     let tokens = auth::TokenCheck::new(replica.clone());
     let health_service = tonic_health::pb::health_server::HealthServer::new(
@@ -729,6 +739,9 @@ async fn serve(
         .await;
     health_reporter
         .set_serving::<flotilla_proto::v1::access_service_server::AccessServiceServer<access::AccessApi>>()
+        .await;
+    health_reporter
+        .set_serving::<SecretServiceServer<secrets::SecretApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
@@ -748,7 +761,11 @@ async fn serve(
     let access_service = flotilla_proto::v1::access_service_server::AccessServiceServer::new(access::AccessApi {
         replica: replica.clone(),
     });
-    let internal_service = InternalServer::new(internal::InternalApi { replica, liveness })
+    let secret_service = SecretServiceServer::new(secrets::SecretApi {
+        replica: replica.clone(),
+        kek: kek.clone(),
+    });
+    let internal_service = InternalServer::new(internal::InternalApi { replica, liveness, kek })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let (incoming, accepting) = transport::tls_incoming(listener, tls.config);
@@ -758,7 +775,8 @@ async fn serve(
         .add_service(auth::Authenticated::new(agent_service, tokens.clone()))
         .add_service(auth::Authenticated::new(cluster_service, tokens.clone()))
         .add_service(auth::Authenticated::new(admin_service, tokens.clone()))
-        .add_service(auth::Authenticated::new(access_service, tokens))
+        .add_service(auth::Authenticated::new(access_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(secret_service, tokens))
         .add_service(enrollment_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             internal_service,

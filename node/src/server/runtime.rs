@@ -28,12 +28,13 @@ pub fn read_secret(data_dir: &Path, name: &str) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
 
-pub fn build_runtime(config: &NodeConfig) -> anyhow::Result<AgentRuntime> {
+/// The runtime of `config`; `resolve` finds a node-level secret by name (a cluster-scope
+/// replicated secret first, then `DATA_DIR/secrets/NAME`: see `secrets::NodeSecretStore`).
+pub fn build_runtime(config: &NodeConfig, resolve: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<AgentRuntime> {
     let mut runtime = AgentRuntime::default();
-    let resolve = |name: &str| read_secret(&config.data_dir, name);
     let mut models = HashMap::new();
     for (name, model) in &config.models {
-        let provider = flotilla_actors::model::build_provider(model, &resolve)
+        let provider = flotilla_actors::model::build_provider(model, resolve)
             .map_err(|error| anyhow!("[models.{name}]: {error}"))?;
         models.insert(name.clone(), provider);
     }

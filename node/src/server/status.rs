@@ -55,7 +55,8 @@ pub fn write_status(error: WriteError) -> Status {
                 ApplyError::AgentNotFound(_)
                 | ApplyError::NodeNotFound(_)
                 | ApplyError::PluginNotFound { .. }
-                | ApplyError::UploadNotFound(_) => Status::not_found(message),
+                | ApplyError::UploadNotFound(_)
+                | ApplyError::SecretNotFound { .. } => Status::not_found(message),
                 ApplyError::AgentExists(_) | ApplyError::PluginExists { .. } => Status::already_exists(message),
                 ApplyError::PluginEnabled { .. } => Status::failed_precondition(message),
                 ApplyError::TooManyUploads { .. } | ApplyError::TooManyPlugins { .. } => {

@@ -4,7 +4,8 @@
 //! but cannot open pull requests.
 //!
 //! Settings: `username` and `token-secret` (no default): when both are set, http(s) clones
-//! carry a Basic auth header with that user and the token as the password. The decisions live
+//! to a host listed in `hosts` carry a Basic auth header with that user and the token as the
+//! password (any other host gets none). The decisions live
 //! in [`logic`]; this file is its `Guest`, with the support crate's `provider_bindings!`
 //! converting to and from the WIT bindings.
 

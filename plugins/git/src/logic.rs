@@ -43,8 +43,11 @@ pub fn clone_spec(url: &str, settings: &Settings) -> Result<CloneSpec, Failure> 
     }
     // Headers only travel over HTTP; ssh and file URLs authenticate (or not) by other means.
     let over_http = matches!(parsed.scheme, Scheme::Http | Scheme::Https);
+    // The token goes only to the hosts the admin listed (`hosts`): plain git takes any URL,
+    // and a repository on another host must not receive it.
+    let listed = settings.extra_hosts.contains(&parsed.host);
     let auth_header = match (&settings.username, settings.token_secret.is_empty()) {
-        (Some(username), false) if over_http => Some((
+        (Some(username), false) if over_http && listed => Some((
             "Authorization".to_string(),
             format!("Basic {}", settings.basic_placeholder(username)?),
         )),
@@ -71,6 +74,7 @@ mod tests {
             move |key| match key {
                 "username" => username.clone(),
                 "token-secret" => token_secret.clone(),
+                "hosts" => Some("git.example.com".to_string()),
                 _ => None,
             },
             NO_DEFAULT_TOKEN_SECRET,
@@ -120,6 +124,15 @@ mod tests {
                 "Authorization".to_string(),
                 "Basic {{basic:bot:secret:git-token}}".to_string()
             ))
+        );
+        let elsewhere = clone_spec(
+            "https://other.example.com/team/widgets.git",
+            &settings(Some("bot"), Some("git-token")),
+        )
+        .unwrap();
+        assert_eq!(
+            elsewhere.auth_header, None,
+            "a host the settings do not list gets no token"
         );
         let file = clone_spec("file:///srv/git/widgets.git", &settings(Some("bot"), Some("git-token"))).unwrap();
         assert_eq!(file.auth_header, None);

@@ -63,6 +63,8 @@ const KEY_PLUGIN_SETTINGS: &[u8] = b"m/plugin_settings";
 /// Teams: a small map, kept whole under one key like the other cluster-wide values.
 const KEY_TEAMS: &[u8] = b"m/teams";
 const KEY_JOIN_TOKENS: &[u8] = b"m/join_tokens";
+/// `ClusterState::secrets`, sealed, in one record (the cluster keeps at most a few thousand).
+const KEY_SECRETS: &[u8] = b"m/secrets";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.

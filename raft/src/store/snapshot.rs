@@ -113,6 +113,7 @@ impl StateMachineStore {
             .new_events
             .extend(machine.state.events.values().flatten().cloned());
         changes.meta = true;
+        changes.secrets = true;
         self.persist_changes(&mut batch, &machine, &changes);
         self.db
             .write(batch)

@@ -17,6 +17,7 @@ mod events;
 mod join_tokens;
 mod nodes;
 mod plugins;
+mod secrets;
 mod tokens;
 mod turns;
 
@@ -108,6 +109,9 @@ fn apply_command(
         | Command::RevokeKey { .. } => tokens::apply_token_command(state, changes, at_ms, command),
         Command::CreateJoinToken { .. } | Command::ConsumeJoinToken { .. } => {
             join_tokens::apply_join_token_command(state, changes, at_ms, command)
+        }
+        Command::SetSecret { .. } | Command::RemoveSecret { .. } => {
+            secrets::apply_secret_command(state, changes, at_ms, command)
         }
     }
 }

@@ -1,0 +1,69 @@
+//! Secrets on a node: the envelope that seals and opens replicated secrets under the cluster's
+//! key-encryption key ([`envelope`]), the redactor that keeps their values out of events,
+//! tool output and logs ([`redact`]), and what a machine is given ([`MachineSecrets`]).
+
+pub mod envelope;
+pub mod redact;
+
+pub use envelope::{EnvelopeError, Kek, KEK_FILE};
+pub use redact::{Redactor, StreamRedactor, MIN_REDACTED_BYTES};
+
+/// The secrets one agent's machine gets, opened on the node that runs it, in the order they
+/// are given (a later one of the same name wins: team first, then user).
+#[derive(Clone, Default)]
+pub struct SecretValues {
+    pub values: Vec<(String, String)>,
+    /// Values redacted but not given to the machine (the node's own secrets).
+    pub also_redacted: Vec<(String, String)>,
+}
+
+impl SecretValues {
+    /// A redactor for every value here.
+    pub fn redactor(&self) -> Redactor {
+        Redactor::new(
+            self.values
+                .iter()
+                .chain(&self.also_redacted)
+                .map(|(name, value)| (name.as_str(), value.as_str())),
+        )
+    }
+}
+
+impl std::fmt::Debug for SecretValues {
+    // Names only: a value must never reach a log through a debug print.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.values.iter().map(|(name, _)| name.as_str()).collect();
+        formatter.debug_struct("SecretValues").field("names", &names).finish()
+    }
+}
+
+/// Where an agent's secrets come from: the node implements it over the replicated state and
+/// its key-encryption key, so that the actors need neither.
+pub trait MachineSecrets: Send + Sync {
+    /// The team's and the user's secrets of `agent`, user last (so it wins a clash), opened.
+    fn for_agent(&self, agent: &flotilla_raft::AgentRecord) -> Result<SecretValues, String>;
+    /// Values of node-level secrets this node uses (model keys, git credentials, plugin
+    /// tokens), redacted from everything an agent shows.
+    fn node_values(&self) -> Vec<(String, String)>;
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::repo::prefix_matches;
+
+    #[test]
+    fn a_credential_prefix_matches_whole_path_segments_only() {
+        let prefix = "https://git.example.com/team";
+        assert!(prefix_matches(prefix, "https://git.example.com/team/repo.git"));
+        assert!(prefix_matches(prefix, "https://git.example.com/team"));
+        assert!(!prefix_matches(prefix, "https://git.example.com/team-other/repo.git"));
+        assert!(!prefix_matches(
+            "https://git.example.com",
+            "https://git.example.com.evil/x.git"
+        ));
+        assert!(prefix_matches(
+            "https://git.example.com/",
+            "https://git.example.com/x.git"
+        ));
+    }
+}
