@@ -42,6 +42,9 @@ pub struct ClusterState {
     /// Teams by name ([`crate::types::DEFAULT_TEAM`] exists without a record).
     #[serde(default)]
     pub teams: BTreeMap<String, TeamRecord>,
+    /// Settings by team name; a team without an entry has the defaults.
+    #[serde(default)]
+    pub team_settings: BTreeMap<String, crate::settings::TeamSettings>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,
@@ -156,6 +159,13 @@ impl ClusterState {
 
     pub(crate) fn staged_bytes(&self, upload: UploadId) -> u64 {
         self.staged_chunks(upload).map(|(_, bytes)| bytes.len() as u64).sum()
+    }
+
+    /// The settings of `team` (the defaults when it has set none; an empty team is the default
+    /// team).
+    pub fn settings_of(&self, team: &str) -> crate::settings::TeamSettings {
+        let team = if team.is_empty() { crate::types::DEFAULT_TEAM } else { team };
+        self.team_settings.get(team).cloned().unwrap_or_default()
     }
 
     /// The oldest durable sequence still retained for an agent.

@@ -26,10 +26,12 @@ pub mod command;
 pub mod host_pattern;
 pub mod invariants;
 pub mod placement;
+pub mod settings;
 pub mod types;
 
 pub use apply::{apply, apply_in_term};
 pub use cluster_state::{Changes, ClusterState, MAX_EVENTS_PER_AGENT, MAX_FOLLOW_UPS_PER_AGENT};
 pub use command::{ApplyError, ApplyResult, AssignOne, Command, Request, Response};
 pub use invariants::{check_invariants, InvariantViolation};
+pub use settings::*;
 pub use types::*;

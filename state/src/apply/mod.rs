@@ -7,7 +7,7 @@
 //! stop, follow-up), `assignments` (placement under epochs, and sending agents back to pending),
 //! `turns` (what an owner records of a run: turns, pushes, pull requests, the work branch, and
 //! the owner's check before a push), `nodes`, `plugins`
-//! and `tokens`. `events` appends to an agent's durable history. The match below only
+//! `tokens`, and `retention` (team settings, delete, purge). `events` appends to an agent's durable history. The match below only
 //! dispatches. Every rule keeps one promise: a refused command leaves the state exactly as it
 //! was, so it checks everything before it changes anything.
 
@@ -16,6 +16,7 @@ mod assignments;
 mod events;
 mod nodes;
 mod plugins;
+mod retention;
 mod tokens;
 mod turns;
 
@@ -105,6 +106,9 @@ fn apply_command(
         | Command::CreateTeam { .. }
         | Command::CreateKey { .. }
         | Command::RevokeKey { .. } => tokens::apply_token_command(state, changes, at_ms, command),
+        Command::SetTeamSetting { .. } | Command::DeleteAgent { .. } | Command::PurgeEndedAgents { .. } => {
+            retention::apply_retention_command(state, changes, at_ms, command)
+        }
     }
 }
 
