@@ -21,7 +21,7 @@ pub mod replica;
 pub mod retry;
 pub mod store;
 
-pub use flotilla_state::{apply, cluster_state, command, invariants, types};
+pub use flotilla_state::{apply, cluster_state, command, invariants, settings, types};
 
 use std::fmt;
 use std::io::Cursor;
@@ -29,6 +29,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub use flotilla_state::command::{ApplyError, ApplyResult, Command, Request, Response};
+pub use flotilla_state::settings::*;
 pub use flotilla_state::types::*;
 pub use flotilla_state::{Changes, ClusterState};
 pub use handover::{CampaignRefused, Handover};

@@ -8,12 +8,16 @@ pub mod auth;
 pub mod authz;
 pub mod cluster;
 pub mod convert;
+pub mod default_branch;
 pub mod internal;
 pub mod plugins;
+pub mod retention;
 pub mod runtime;
+pub mod settings;
 pub mod status;
 pub mod validate;
 pub mod vcs;
+pub mod visibility;
 
 use std::fs::File;
 use std::io::Write as _;
@@ -360,6 +364,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         plugins: Some(node_plugins),
         repositories: runtime.git.repositories.clone(),
         watches: authz::WatchQuota::default(),
+        git: runtime.git.clone(),
     };
     let admin_api = admin::AdminApi {
         replica: replica.clone(),
@@ -397,8 +402,10 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     .await
     .map_err(|error| anyhow!("cannot start the node supervisor: {error}"))?;
     tracing::info!(node = node_id, "node is ready");
+    let purger = retention::spawn_purger(replica.clone());
 
     wait_for_shutdown(supervisor_handle).await?;
+    purger.abort();
     let stopping = std::time::Instant::now();
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -635,9 +642,13 @@ async fn serve(
     health_reporter
         .set_serving::<flotilla_proto::v1::access_service_server::AccessServiceServer<access::AccessApi>>()
         .await;
+    health_reporter
+        .set_serving::<flotilla_proto::v1::settings_service_server::SettingsServiceServer<settings::SettingsApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let models = agent_api.models.clone();
     let agent_service = AgentServiceServer::new(agent_api).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let cluster_service = ClusterServiceServer::new(cluster::ClusterApi {
         replica: replica.clone(),
@@ -646,6 +657,11 @@ async fn serve(
     let access_service = flotilla_proto::v1::access_service_server::AccessServiceServer::new(access::AccessApi {
         replica: replica.clone(),
     });
+    let settings_service =
+        flotilla_proto::v1::settings_service_server::SettingsServiceServer::new(settings::SettingsApi {
+            replica: replica.clone(),
+            models,
+        });
     let internal_service = InternalServer::new(internal::InternalApi { replica, liveness })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
@@ -656,7 +672,8 @@ async fn serve(
         .add_service(auth::Authenticated::new(agent_service, tokens.clone()))
         .add_service(auth::Authenticated::new(cluster_service, tokens.clone()))
         .add_service(auth::Authenticated::new(admin_service, tokens.clone()))
-        .add_service(auth::Authenticated::new(access_service, tokens))
+        .add_service(auth::Authenticated::new(access_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(settings_service, tokens))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             internal_service,
             cluster_auth,

@@ -28,6 +28,7 @@ use crate::command::{ApplyError, ApplyResult, Command, Request, Response, COMMAN
 use crate::types::{AgentId, Assignment, Epoch, NodeId, Term};
 
 pub(crate) use events::push_event;
+pub use tokens::team_exists;
 pub use turns::displaced_ref;
 
 /// Applies a request outside any log (tests, replays of a single request), as an entry of the
