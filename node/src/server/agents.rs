@@ -42,6 +42,8 @@ pub struct AgentApi {
     pub watches: WatchQuota,
     /// Credentials for reading an origin's default branch.
     pub git: flotilla_actors::repo::GitSettings,
+    /// Origins' default branches, read recently.
+    pub default_branches: super::default_branch::DefaultBranches,
 }
 
 /// The models this node declares, for checking `CreateAgent` (every node of a cluster is meant
@@ -232,7 +234,7 @@ impl AgentService for AgentApi {
             settings.default_base_branch.clone()
         } else {
             let auth = self.git.auth_env(&body.repository);
-            super::default_branch::default_branch(&body.repository, auth).await?
+            self.default_branches.get(&body.repository, auth).await?
         };
         validate::branch("base_branch", &base_branch)?;
         validate::short_text("name", &body.name, validate::MAX_NAME_CHARS)?;

@@ -2,12 +2,19 @@
 //! answers `ref: refs/heads/NAME	HEAD`. An agent whose request and team name no base branch
 //! forks from it, as a clone would.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tonic::Status;
 
 /// How long the origin has to answer.
 pub const LS_REMOTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long an origin's answer is reused: a burst of creates on one repository asks it once, and
+/// a change of the origin's HEAD is seen within this time.
+pub const DEFAULT_BRANCH_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Most repositories whose default branch is remembered.
+pub const DEFAULT_BRANCH_CACHE_ENTRIES: usize = 1024;
 /// Most bytes of git's error kept in the message.
 const MAX_ERROR_BYTES: usize = 1024;
 
@@ -30,6 +37,39 @@ impl From<DefaultBranchError> for Status {
             DefaultBranchError::Spawn { .. } => Status::internal(error.to_string()),
             _ => Status::failed_precondition(error.to_string()),
         }
+    }
+}
+
+/// Default branches recently read, by repository URL (bounded; entries expire).
+#[derive(Default)]
+pub struct DefaultBranches {
+    entries: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl DefaultBranches {
+    /// The default branch of `url`, from the cache when fresh, else from the origin.
+    pub async fn get(&self, url: &str, auth_env: Vec<(String, String)>) -> Result<String, DefaultBranchError> {
+        let now = Instant::now();
+        if let Some((branch, at)) = self.lock().get(url) {
+            if now.duration_since(*at) < DEFAULT_BRANCH_CACHE_TTL {
+                return Ok(branch.clone());
+            }
+        }
+        let branch = default_branch(url, auth_env).await?;
+        let mut entries = self.lock();
+        if entries.len() >= DEFAULT_BRANCH_CACHE_ENTRIES {
+            entries.retain(|_, (_, at)| now.duration_since(*at) < DEFAULT_BRANCH_CACHE_TTL);
+            if entries.len() >= DEFAULT_BRANCH_CACHE_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(url.to_string(), (branch.clone(), now));
+        Ok(branch)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        // A panic while holding the lock leaves a plain map behind: still usable.
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

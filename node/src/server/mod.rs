@@ -365,6 +365,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         repositories: runtime.git.repositories.clone(),
         watches: authz::WatchQuota::default(),
         git: runtime.git.clone(),
+        default_branches: default_branch::DefaultBranches::default(),
     };
     let admin_api = admin::AdminApi {
         replica: replica.clone(),
