@@ -164,7 +164,11 @@ impl ClusterState {
     /// The settings of `team` (the defaults when it has set none; an empty team is the default
     /// team).
     pub fn settings_of(&self, team: &str) -> crate::settings::TeamSettings {
-        let team = if team.is_empty() { crate::types::DEFAULT_TEAM } else { team };
+        let team = if team.is_empty() {
+            crate::types::DEFAULT_TEAM
+        } else {
+            team
+        };
         self.team_settings.get(team).cloned().unwrap_or_default()
     }
 

@@ -171,9 +171,9 @@ pub fn parse_retention(value: &str) -> Result<Option<u64>, String> {
         Some((at, 's')) => (&value[..at], 1),
         _ => (value, 1),
     };
-    let count: u64 = digits.parse().map_err(|_| {
-        format!("setting retention: {value:?} is not a duration (use 7d, 12h, 30m, 45s or never)")
-    })?;
+    let count: u64 = digits
+        .parse()
+        .map_err(|_| format!("setting retention: {value:?} is not a duration (use 7d, 12h, 30m, 45s or never)"))?;
     let seconds = count.saturating_mul(unit_seconds);
     if seconds == 0 || seconds > MAX_RETENTION_SECONDS {
         return Err(format!(
@@ -204,9 +204,15 @@ mod tests {
         assert_eq!(set.allowed_models, vec!["a".to_string(), "b".to_string()]);
         assert!(!set.allows_model("c"));
         assert_eq!(settings.with("retention", "3s").expect("3s").retention_seconds, Some(3));
-        assert_eq!(settings.with("retention", "2d").expect("2d").retention_seconds, Some(172_800));
+        assert_eq!(
+            settings.with("retention", "2d").expect("2d").retention_seconds,
+            Some(172_800)
+        );
         assert!(settings.with("retention", "0s").unwrap_err().contains("between"));
-        assert!(settings.with("retention", "soon").unwrap_err().contains("not a duration"));
+        assert!(settings
+            .with("retention", "soon")
+            .unwrap_err()
+            .contains("not a duration"));
         assert!(settings.with("retention", "never").unwrap_err().contains("privacy"));
         let open = settings.with("privacy_mode", "off").expect("off");
         let forever = open.with("retention", "never").expect("never");

@@ -183,10 +183,7 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
             .await
             .map(drop),
         "AgentService/DeleteAgent" => agents.delete_agent(v1::DeleteAgentRequest { id }).await.map(drop),
-        "SettingsService/GetSettings" => settings
-            .get_settings(v1::GetSettingsRequest::default())
-            .await
-            .map(drop),
+        "SettingsService/GetSettings" => settings.get_settings(v1::GetSettingsRequest::default()).await.map(drop),
         "SettingsService/SetSetting" => settings
             .set_setting(v1::SetSettingRequest {
                 team: String::new(),

@@ -152,7 +152,10 @@ async fn team_settings_shape_new_agents_and_hide_summaries_from_members() {
     asked.model = "writer".to_string();
     let status = members.create_agent(asked).await.expect_err("a model not allowed");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains("\"writer\" is not allowed for team red"), "{status:?}");
+    assert!(
+        status.message().contains("\"writer\" is not allowed for team red"),
+        "{status:?}"
+    );
     let listed = cli(&endpoint, &member, &["models", "list"]);
     assert!(listed.contains("not allowed"), "{listed}");
 
@@ -239,9 +242,7 @@ async fn a_deleted_agent_is_gone_and_ended_agents_are_purged_after_retention() {
     assert!(end.message().contains("was deleted"), "{end:?}");
     for _ in 0..2 {
         let status = client
-            .get_agent(v1::GetAgentRequest {
-                id: running.id.clone(),
-            })
+            .get_agent(v1::GetAgentRequest { id: running.id.clone() })
             .await
             .expect_err("a deleted agent");
         assert_eq!(status.code(), Code::NotFound);
@@ -312,6 +313,9 @@ async fn privacy_mode_keeps_prompts_model_text_and_tool_output_out_of_node_logs(
     assert!(ended.summary.contains(&canary), "{ended:?}");
     let log = std::fs::read_to_string(cluster.nodes[0].log_path()).expect("the node's log");
     assert!(log.contains(&agent.id), "the log covers the agent's run");
-    let leaks: Vec<&str> = log.lines().filter(|line| line.to_lowercase().contains(&canary)).collect();
+    let leaks: Vec<&str> = log
+        .lines()
+        .filter(|line| line.to_lowercase().contains(&canary))
+        .collect();
     assert!(leaks.is_empty(), "the node's log holds the agent's content: {leaks:#?}");
 }

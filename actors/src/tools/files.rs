@@ -300,7 +300,11 @@ async fn remove_partial(
     };
     if let Err(failure) = run_script(driver, machine, script).await {
         // The failure's text is tool output, which privacy mode keeps out of node logs.
-        tracing::warn!(path = absolute, output_bytes = failure.content.len(), "could not remove a partial write");
+        tracing::warn!(
+            path = absolute,
+            output_bytes = failure.content.len(),
+            "could not remove a partial write"
+        );
     }
 }
 

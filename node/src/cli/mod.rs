@@ -19,8 +19,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use flotilla_proto::v1::{
-    AddNodeRequest, Agent, AgentStatus, CreateAgentRequest, DeleteAgentRequest, DrainNodeRequest, GetAgentRequest, GetClusterRequest,
-    ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
+    AddNodeRequest, Agent, AgentStatus, CreateAgentRequest, DeleteAgentRequest, DrainNodeRequest, GetAgentRequest,
+    GetClusterRequest, ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
 };
 
 pub use access::{KeyCommand, TeamCommand};

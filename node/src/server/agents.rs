@@ -489,7 +489,10 @@ impl AgentService for AgentApi {
                 let missed = reader.agent_events_after(id, last);
                 for event in missed {
                     last = event.sequence;
-                    if send_event(&sender, present(convert::event(&event, scripted))).await.is_err() {
+                    if send_event(&sender, present(convert::event(&event, scripted)))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -612,7 +615,9 @@ impl AgentService for AgentApi {
                     agent: Some(self.present(&caller, &agent)),
                 }))
             }
-            Ok(other) => Err(Status::internal(format!("unexpected answer to delete-agent: {other:?}"))),
+            Ok(other) => Err(Status::internal(format!(
+                "unexpected answer to delete-agent: {other:?}"
+            ))),
             Err(error) => Err(write_status(error)),
         }
     }

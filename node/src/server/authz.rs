@@ -284,9 +284,16 @@ mod tests {
             (Role::ClusterAdmin, [true, true, true, true, true, true]),
         ];
         for (role, grants) in expected {
-            for (permission, granted) in [AnyKey, ReadAgents, WriteAgents, ManageKeys, ClusterAdmin, ManageSettings]
-                .into_iter()
-                .zip(grants)
+            for (permission, granted) in [
+                AnyKey,
+                ReadAgents,
+                WriteAgents,
+                ManageKeys,
+                ClusterAdmin,
+                ManageSettings,
+            ]
+            .into_iter()
+            .zip(grants)
             {
                 assert_eq!(role_allows(role, permission), granted, "{role} {permission:?}");
             }

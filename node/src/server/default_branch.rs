@@ -22,11 +22,15 @@ const MAX_ERROR_BYTES: usize = 1024;
 pub enum DefaultBranchError {
     #[error("cannot run git to read the default branch of {url}: {message}")]
     Spawn { url: String, message: String },
-    #[error("the origin {url} did not answer `git ls-remote --symref HEAD` within {seconds} s; give base_branch or retry")]
+    #[error(
+        "the origin {url} did not answer `git ls-remote --symref HEAD` within {seconds} s; give base_branch or retry"
+    )]
     Timeout { url: String, seconds: u64 },
     #[error("git could not read the default branch of {url}: {message}")]
     Git { url: String, message: String },
-    #[error("the origin {url} has no HEAD naming a branch (an empty repository, or a detached HEAD); give base_branch")]
+    #[error(
+        "the origin {url} has no HEAD naming a branch (an empty repository, or a detached HEAD); give base_branch"
+    )]
     NoSymbolicHead { url: String },
 }
 
@@ -107,9 +111,8 @@ pub async fn default_branch(url: &str, auth_env: Vec<(String, String)>) -> Resul
             message,
         });
     }
-    parse_symref(&String::from_utf8_lossy(&output.stdout)).ok_or_else(|| DefaultBranchError::NoSymbolicHead {
-        url: url.to_string(),
-    })
+    parse_symref(&String::from_utf8_lossy(&output.stdout))
+        .ok_or_else(|| DefaultBranchError::NoSymbolicHead { url: url.to_string() })
 }
 
 /// The branch of the `ref: refs/heads/NAME<TAB>HEAD` line of `ls-remote --symref`.

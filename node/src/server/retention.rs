@@ -36,7 +36,10 @@ fn candidates(replica: &Replica, now_ms: u64, limit: usize) -> Vec<AgentId> {
             .agents
             .values()
             .filter(|agent| {
-                agent.status.is_terminal() && state.settings_of(&agent.spec.team).purge_due(agent.updated_at_ms, now_ms)
+                agent.status.is_terminal()
+                    && state
+                        .settings_of(&agent.spec.team)
+                        .purge_due(agent.updated_at_ms, now_ms)
             })
             .map(|agent| agent.id)
             .take(limit)

@@ -131,7 +131,9 @@ impl SettingsService for SettingsApi {
                 tracing::info!(%team, setting = %body.name, by = %caller.key_id, "team setting changed");
                 Ok(tonic::Response::new(wire(&team, &settings)))
             }
-            Ok(other) => Err(Status::internal(format!("unexpected answer to set-team-setting: {other:?}"))),
+            Ok(other) => Err(Status::internal(format!(
+                "unexpected answer to set-team-setting: {other:?}"
+            ))),
             Err(error) => Err(write_status(error)),
         }
     }

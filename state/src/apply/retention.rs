@@ -20,7 +20,11 @@ pub(super) fn apply_retention_command(
     match command {
         Command::SetTeamSetting { team, name, value } => set_team_setting(state, changes, team, name, value),
         Command::DeleteAgent { agent } => {
-            let record = state.agents.get(agent).cloned().ok_or(ApplyError::AgentNotFound(*agent))?;
+            let record = state
+                .agents
+                .get(agent)
+                .cloned()
+                .ok_or(ApplyError::AgentNotFound(*agent))?;
             remove_agent(state, changes, *agent);
             Ok(Response::Agent(Box::new(record)))
         }
@@ -56,7 +60,10 @@ fn purge_ended_agents(state: &mut ClusterState, changes: &mut Changes, at_ms: u6
     let mut purged = Vec::new();
     for id in agents {
         let due = state.agents.get(id).is_some_and(|record| {
-            record.status.is_terminal() && state.settings_of(&record.spec.team).purge_due(record.updated_at_ms, at_ms)
+            record.status.is_terminal()
+                && state
+                    .settings_of(&record.spec.team)
+                    .purge_due(record.updated_at_ms, at_ms)
         });
         if due {
             remove_agent(state, changes, *id);
