@@ -1,5 +1,5 @@
 //! The default branch of a repository, read from its origin: `git ls-remote --symref URL HEAD`
-//! answers `ref: refs/heads/NAME	HEAD`. An agent whose request and team name no base branch
+//! answers `ref: refs/heads/NAME<TAB>HEAD`. An agent whose request and team name no base branch
 //! forks from it, as a clone would.
 
 use std::collections::HashMap;

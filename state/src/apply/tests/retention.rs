@@ -39,7 +39,9 @@ fn delete_removes_the_record_events_and_checkpoint_and_a_running_agent_leaves_it
     assert_eq!(changes.trimmed_events.len(), sequences, "every stored event is deleted");
     assert!(changes.agents.contains(&ended) && changes.checkpoints.contains(&ended));
 
-    run_checked(&mut state, 2_000, Command::DeleteAgent { agent: live }).0.unwrap();
+    run_checked(&mut state, 2_000, Command::DeleteAgent { agent: live })
+        .0
+        .unwrap();
     assert_eq!(state.slots_in_use(1), 0, "a deleted live agent leaves its node");
     let (again, _) = run_checked(&mut state, 2_000, Command::DeleteAgent { agent: live });
     assert_eq!(again, Err(ApplyError::AgentNotFound(live)));
