@@ -301,6 +301,8 @@ async fn drive_client(
         let request = CreateAgentRequest {
             prompt: BENCH_PROMPT.to_string(),
             repository: BENCH_REPOSITORY.to_string(),
+            // Named, so that a create does not read the (unreachable) origin's default branch.
+            base_branch: "main".to_string(),
             name: format!("{name_prefix}-{request_index}"),
             ..Default::default()
         };

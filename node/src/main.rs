@@ -64,6 +64,17 @@ enum TopCommand {
         #[command(subcommand)]
         command: cli::SecretCommand,
     },
+    /// A team's settings: default model, repository and base branch, summary display, allowed
+    /// models, retention, privacy mode.
+    Settings {
+        #[command(subcommand)]
+        command: cli::SettingsCommand,
+    },
+    /// The models this node offers, and which the caller's team may use.
+    Models {
+        #[command(subcommand)]
+        command: cli::ModelsCommand,
+    },
     /// Check a checkout's environment.json and print the machine plan.
     Env {
         #[command(subcommand)]
@@ -146,6 +157,14 @@ fn main() -> ExitCode {
             TopCommand::Secret { command } => {
                 init_logging("warn");
                 cli::run_secret(&client, command).await
+            }
+            TopCommand::Settings { command } => {
+                init_logging("warn");
+                cli::run_settings(&client, command).await
+            }
+            TopCommand::Models { command } => {
+                init_logging("warn");
+                cli::run_models(&client, command).await
             }
             TopCommand::Env {
                 command: EnvCommand::Check(args),

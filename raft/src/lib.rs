@@ -22,7 +22,7 @@ pub mod retry;
 pub mod store;
 pub mod tls;
 
-pub use flotilla_state::{apply, cluster_state, command, invariants, secrets, types};
+pub use flotilla_state::{apply, cluster_state, command, invariants, secrets, settings, types};
 pub use flotilla_state::{SealedSecret, SecretRecord, SecretScope};
 
 use std::fmt;
@@ -31,6 +31,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub use flotilla_state::command::{ApplyError, ApplyResult, Command, Request, Response};
+pub use flotilla_state::settings::*;
 pub use flotilla_state::types::*;
 pub use flotilla_state::{Changes, ClusterState};
 pub use handover::{CampaignRefused, Handover};

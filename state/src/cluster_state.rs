@@ -48,6 +48,9 @@ pub struct ClusterState {
     /// Sealed secrets by scope and name (see [`crate::secrets`]): never a plaintext value.
     #[serde(default)]
     pub secrets: BTreeMap<(crate::secrets::SecretScope, String), crate::secrets::SecretRecord>,
+    /// Settings by team name; a team without an entry has the defaults.
+    #[serde(default)]
+    pub team_settings: BTreeMap<String, crate::settings::TeamSettings>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,
@@ -164,6 +167,17 @@ impl ClusterState {
 
     pub(crate) fn staged_bytes(&self, upload: UploadId) -> u64 {
         self.staged_chunks(upload).map(|(_, bytes)| bytes.len() as u64).sum()
+    }
+
+    /// The settings of `team` (the defaults when it has set none; an empty team is the default
+    /// team).
+    pub fn settings_of(&self, team: &str) -> crate::settings::TeamSettings {
+        let team = if team.is_empty() {
+            crate::types::DEFAULT_TEAM
+        } else {
+            team
+        };
+        self.team_settings.get(team).cloned().unwrap_or_default()
     }
 
     /// The oldest durable sequence still retained for an agent.

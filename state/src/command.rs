@@ -311,6 +311,24 @@ pub enum Command {
         scope: crate::secrets::SecretScope,
         name: String,
     },
+    /// Sets one of a team's settings (see [`crate::settings::SETTING_NAMES`]); applies to the
+    /// team's agents created after it.
+    SetTeamSetting {
+        team: String,
+        name: String,
+        value: String,
+    },
+    /// Removes an agent and everything the state holds of it: record, events, checkpoint. A
+    /// live agent's owner sees it gone and stops its actor and machine.
+    DeleteAgent {
+        agent: AgentId,
+    },
+    /// Removes the ended agents among `agents` whose team's retention has passed at the time of
+    /// this entry (at most [`crate::settings::MAX_PURGE_BATCH`]); the others are left alone, so
+    /// a stale candidate list purges nothing it should not.
+    PurgeEndedAgents {
+        agents: Vec<AgentId>,
+    },
 }
 
 impl Command {
@@ -392,6 +410,8 @@ impl Command {
                         + by.len()
                         + 64
                 }
+                Command::SetTeamSetting { team, name, value } => team.len() + name.len() + value.len(),
+                Command::PurgeEndedAgents { agents } => agents.len() * 24,
                 _ => 0,
             }
     }
@@ -434,6 +454,9 @@ impl Command {
             Command::RevokeKey { .. } => "revoke-key",
             Command::SetSecret { .. } => "set-secret",
             Command::RemoveSecret { .. } => "remove-secret",
+            Command::SetTeamSetting { .. } => "set-team-setting",
+            Command::DeleteAgent { .. } => "delete-agent",
+            Command::PurgeEndedAgents { .. } => "purge-ended-agents",
         }
     }
 }
@@ -578,6 +601,10 @@ pub enum Response {
     Team(TeamRecord),
     /// A key as it is after the command (as it was, for a revocation).
     Key(Box<TokenRecord>),
+    /// A team's settings as they are after the command.
+    TeamSettings(Box<crate::settings::TeamSettings>),
+    /// The agents a purge removed.
+    Purged(Vec<AgentId>),
 }
 
 /// `C::R` of the Raft type config: a refusal is a normal, replicated outcome.

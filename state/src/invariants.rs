@@ -638,7 +638,8 @@ fn check_plugin_settings(state: &ClusterState) -> Result<(), InvariantViolation>
 }
 
 /// Checks what one applied request must keep between the state `before` and the state
-/// `after`: a refused request changes nothing; no agent disappears; an agent's epoch, event
+/// `after`: a refused request changes nothing; no agent disappears but by a delete or a purge
+/// naming it; an agent's epoch, event
 /// sequence, turns and follow-ups never go down; a stopped agent stays stopped; and an agent
 /// that had ended (finished, failed or stopped) gets no new assignment unless the request
 /// carried a follow-up for it.
@@ -654,11 +655,14 @@ pub fn check_transition(
         });
     }
     let followed_up = agents_followed_up(command);
+    let removed = agents_removable(command);
     for (id, old) in &before.agents {
-        let new = after
-            .agents
-            .get(id)
-            .ok_or(InvariantViolation::AgentDisappeared { agent: *id })?;
+        let Some(new) = after.agents.get(id) else {
+            if removed.contains(id) {
+                continue;
+            }
+            return Err(InvariantViolation::AgentDisappeared { agent: *id });
+        };
         if new.epoch < old.epoch {
             return Err(InvariantViolation::EpochWentDown {
                 agent: *id,
@@ -801,6 +805,16 @@ fn check_counters(agent: AgentId, old: &AgentRecord, new: &AgentRecord) -> Resul
 }
 
 /// The agents a request sends a follow-up to, batches included.
+/// The agents a request may remove: the one it deletes, those a purge names (batches included).
+fn agents_removable(command: &Command) -> BTreeSet<AgentId> {
+    match command {
+        Command::DeleteAgent { agent } => BTreeSet::from([*agent]),
+        Command::PurgeEndedAgents { agents } => agents.iter().copied().collect(),
+        Command::Batch { commands } => commands.iter().flat_map(agents_removable).collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
 fn agents_followed_up(command: &Command) -> BTreeSet<AgentId> {
     match command {
         Command::FollowUp { agent, .. } => BTreeSet::from([*agent]),

@@ -27,6 +27,7 @@ pub mod host_pattern;
 pub mod invariants;
 pub mod placement;
 pub mod secrets;
+pub mod settings;
 pub mod types;
 
 pub use apply::{apply, apply_in_term};
@@ -34,4 +35,5 @@ pub use cluster_state::{Changes, ClusterState, MAX_EVENTS_PER_AGENT, MAX_FOLLOW_
 pub use command::{ApplyError, ApplyResult, AssignOne, Command, Request, Response};
 pub use invariants::{check_invariants, InvariantViolation};
 pub use secrets::{SealedSecret, SecretRecord, SecretScope};
+pub use settings::*;
 pub use types::*;

@@ -34,4 +34,5 @@ mod t58_burst;
 mod t60_secrets;
 mod t65_agent_failover;
 mod t70_teams;
+mod t72_settings_retention;
 mod t90_chaos;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_proto::v1;
 use flotilla_proto::v1::access_service_client::AccessServiceClient;
+use flotilla_proto::v1::settings_service_client::SettingsServiceClient;
 use flotilla_tests::{
     admin_client, agent_client, cluster_client, run_cli, wait_for, BearerAuth, ClusterOptions, TestCluster,
 };
@@ -15,6 +16,8 @@ use tonic::Code;
 
 use crate::common::{create, DEADLINE};
 
+pub(crate) type SettingsClient =
+    SettingsServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerAuth>>;
 type AccessClient =
     AccessServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerAuth>>;
 
@@ -22,6 +25,10 @@ type AccessClient =
 const REFUSAL_BOUND: Duration = Duration::from_secs(1);
 /// Lifetime of the key that expires in this test.
 const SHORT_LIFETIME_SECONDS: u64 = 3;
+
+pub(crate) fn settings_client(endpoint: &str, key: &str) -> SettingsClient {
+    SettingsServiceClient::with_interceptor(flotilla_tests::channel(endpoint), BearerAuth::new(key))
+}
 
 fn access_client(endpoint: &str, key: &str) -> AccessClient {
     AccessServiceClient::with_interceptor(flotilla_tests::channel(endpoint), BearerAuth::new(key))
@@ -77,6 +84,7 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
         flotilla_tests::channel(endpoint),
         BearerAuth::new(key),
     );
+    let mut settings = settings_client(endpoint, key);
     let id = agent.to_string();
     let plugin = || v1::PluginRef {
         name: "git".to_string(),
@@ -195,6 +203,17 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
             })
             .await
             .map(drop),
+        "AgentService/DeleteAgent" => agents.delete_agent(v1::DeleteAgentRequest { id }).await.map(drop),
+        "SettingsService/GetSettings" => settings.get_settings(v1::GetSettingsRequest::default()).await.map(drop),
+        "SettingsService/SetSetting" => settings
+            .set_setting(v1::SetSettingRequest {
+                team: String::new(),
+                name: "display_summary".to_string(),
+                value: "on".to_string(),
+            })
+            .await
+            .map(drop),
+        "SettingsService/ListModels" => settings.list_models(v1::ListModelsRequest::default()).await.map(drop),
         other => panic!("no row for method {other}: add it to the table of t70"),
     }
 }
@@ -224,7 +243,10 @@ fn expected(who: &str, method: &str) -> Expect {
     match service {
         "AgentService" => {
             let on_agent = !matches!(name, "CreateAgent" | "ListAgents");
-            let writes = matches!(name, "CreateAgent" | "SendFollowUp" | "StopAgent" | "Attach");
+            let writes = matches!(
+                name,
+                "CreateAgent" | "SendFollowUp" | "StopAgent" | "Attach" | "DeleteAgent"
+            );
             if writes && !writer {
                 Expect::Denied
             } else if on_agent && who == "blue-member" {
@@ -238,6 +260,11 @@ fn expected(who: &str, method: &str) -> Expect {
             "ListSecrets" => Expect::Allowed,
             _ if who == "red-admin" => Expect::Allowed,
             _ => Expect::Denied,
+        },
+        // Each key reads its own team's settings and models; its admin changes the settings.
+        "SettingsService" => match name {
+            "SetSetting" if who != "red-admin" => Expect::Denied,
+            _ => Expect::Allowed,
         },
         "AccessService" => match name {
             "GetKeyInfo" => Expect::Allowed,
@@ -283,9 +310,9 @@ async fn every_method_answers_each_role_and_team_as_the_table_says() {
         .replace(&unknown, &red_agent.id);
 
     let mut methods = public_methods();
-    assert!(methods.len() >= 24, "{methods:?}");
-    // Stopping last keeps the agent running for the other rows.
-    methods.sort_by_key(|method| method.ends_with("/StopAgent"));
+    assert!(methods.len() >= 28, "{methods:?}");
+    // Stopping, then deleting, last keeps the agent for the other rows.
+    methods.sort_by_key(|method| (method.ends_with("/DeleteAgent"), method.ends_with("/StopAgent")));
     let principals = [
         ("red-admin", &keys.red_admin),
         ("red-member", &keys.red_member),
@@ -304,7 +331,9 @@ async fn every_method_answers_each_role_and_team_as_the_table_says() {
                         code,
                         Some(Code::Unauthenticated | Code::PermissionDenied | Code::NotFound)
                     ) || ((method.ends_with("/RevokeKey") || method.ends_with("/RemoveSecret"))
-                        && code == Some(Code::NotFound)),
+                        && code == Some(Code::NotFound))
+                        // The red admin's row deleted the agent already.
+                        || (method.ends_with("/DeleteAgent") && who == "red-member" && code == Some(Code::NotFound)),
                     "{who} {method}: wanted it allowed, got {answer:?}"
                 ),
                 Expect::Denied => assert_eq!(code, Some(Code::PermissionDenied), "{who} {method}: {answer:?}"),
@@ -318,9 +347,17 @@ async fn every_method_answers_each_role_and_team_as_the_table_says() {
         }
     }
     eprintln!("{rows} method × key rows checked over {} methods", methods.len());
-    // The cluster-admin key reaches every team's agents.
+    // The red agent was deleted by its admin's row: gone for every key.
     let mut root_agents = agent_client(&endpoint, &root).await;
-    for agent in [&red_agent, &blue_agent] {
+    let gone = root_agents
+        .get_agent(v1::GetAgentRequest {
+            id: red_agent.id.clone(),
+        })
+        .await
+        .expect_err("a deleted agent");
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    // The cluster-admin key reaches every team's agents.
+    for agent in [&blue_agent] {
         root_agents
             .get_agent(v1::GetAgentRequest { id: agent.id.clone() })
             .await

@@ -234,8 +234,9 @@ async fn set_status(
 }
 
 async fn fail(context: &RunContext, reason: &str, error: String) -> RunOutcome {
-    let error = context.redactor.redact(&error).into_owned();
-    tracing::warn!(agent = %context.agent, %error, "{reason}");
+    // The error may quote a model's reply (a malformed response) or a tool's output, which
+    // privacy mode keeps out of node logs: it is in the agent's record, not here.
+    tracing::warn!(agent = %context.agent, error_bytes = error.len(), "{reason}; the error is in the agent's record");
     match set_status(context, AgentStatus::Failed, reason.to_string(), None, Some(error)).await {
         Ok(()) => RunOutcome::Ended(AgentStatus::Failed),
         Err(error) => write_outcome(error),

@@ -299,7 +299,12 @@ async fn remove_partial(
         killed_is_failure: true,
     };
     if let Err(failure) = run_script(driver, machine, script).await {
-        tracing::warn!(path = absolute, error = %failure.content, "could not remove a partial write");
+        // The failure's text is tool output, which privacy mode keeps out of node logs.
+        tracing::warn!(
+            path = absolute,
+            output_bytes = failure.content.len(),
+            "could not remove a partial write"
+        );
     }
 }
 

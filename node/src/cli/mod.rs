@@ -13,19 +13,22 @@ mod json;
 mod plugin;
 mod render;
 mod secret;
+mod settings;
 mod watch;
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use flotilla_proto::v1::{
-    AddNodeRequest, Agent, AgentStatus, CreateAgentRequest, CreateJoinTokenRequest, DrainNodeRequest, GetAgentRequest,
-    GetClusterRequest, ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest, StopAgentRequest,
+    AddNodeRequest, Agent, AgentStatus, CreateAgentRequest, CreateJoinTokenRequest, DeleteAgentRequest,
+    DrainNodeRequest, GetAgentRequest, GetClusterRequest, ListAgentsRequest, RemoveNodeRequest, SendFollowUpRequest,
+    StopAgentRequest,
 };
 
 pub use access::{KeyCommand, TeamCommand};
 pub use plugin::PluginCommand;
 pub use secret::SecretCommand;
+pub use settings::{ModelsCommand, SettingsCommand};
 
 pub(crate) use client::{agent_client, cluster_client, connect, unary, AgentClient, BearerToken, CliError};
 
@@ -91,9 +94,9 @@ impl From<StatusFilter> for AgentStatus {
 pub enum AgentCommand {
     /// Create an agent and print its id
     Create {
-        /// git repository URL
+        /// git repository URL (the team's default_repository when absent)
         #[arg(long, value_name = "URL")]
-        repo: String,
+        repo: Option<String>,
         /// what the agent should do
         #[arg(long, value_name = "TEXT")]
         prompt: String,
@@ -103,7 +106,7 @@ pub enum AgentCommand {
         /// model (the team's default when absent)
         #[arg(long)]
         model: Option<String>,
-        /// branch to start from (the team's base branch, or main, when absent)
+        /// branch to start from (the team's default_base_branch, else the origin's HEAD, when absent)
         #[arg(long, value_name = "BRANCH")]
         base: Option<String>,
         /// run only on nodes of this region
@@ -169,6 +172,12 @@ pub enum AgentCommand {
         /// type into the terminal; the agent waits until you detach
         #[arg(long)]
         takeover: bool,
+    },
+    /// Delete an agent cluster-wide: stops it if it runs, removes its record, events and
+    /// checkpoint (its pushed branch at the origin stays)
+    Delete {
+        /// agent id
+        id: String,
     },
     /// Stop an agent
     Stop {
@@ -276,6 +285,14 @@ pub async fn run_key(args: &ClientArgs, cmd: KeyCommand) -> anyhow::Result<ExitC
     Ok(finish(access::key_command(args, cmd).await))
 }
 
+pub async fn run_settings(args: &ClientArgs, cmd: SettingsCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(settings::settings_command(args, cmd).await))
+}
+
+pub async fn run_models(args: &ClientArgs, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(settings::models_command(args, cmd).await))
+}
+
 pub async fn run_plugin(args: &ClientArgs, cmd: PluginCommand) -> anyhow::Result<ExitCode> {
     Ok(finish(plugin::plugin_command(args, cmd).await))
 }
@@ -302,7 +319,7 @@ async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliEr
         } => {
             let request = CreateAgentRequest {
                 prompt,
-                repository: repo,
+                repository: or_empty(repo),
                 base_branch: or_empty(base),
                 name: or_empty(name),
                 model: or_empty(model),
@@ -356,6 +373,13 @@ async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliEr
         AgentCommand::Followup { id, text } => send_follow_up(args, &mut client, id, text).await,
         AgentCommand::Attach { id, terminal, takeover } => {
             attach::attach(args, token.clone(), id, terminal, takeover).await
+        }
+        AgentCommand::Delete { id } => {
+            let answer = unary(endpoint, client.delete_agent(DeleteAgentRequest { id: id.clone() })).await?;
+            match (args.output, answer.agent) {
+                (OutputFormat::Json, Some(agent)) => print_json(&json::agent(&agent)),
+                _ => print_text(&format!("{id} deleted")),
+            }
         }
         AgentCommand::Stop { id, reason } => {
             let agent = unary(

@@ -26,6 +26,8 @@ use super::{convert, validate, write_status};
 
 /// Messages buffered towards one watcher before the server waits for it to read.
 pub const WATCH_BUFFER_MESSAGES: usize = 256;
+/// How often a watch looks whether its agent was deleted (a deletion produces no event).
+pub const WATCH_DELETE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct AgentApi {
     pub replica: Replica,
@@ -40,6 +42,10 @@ pub struct AgentApi {
     pub watches: WatchQuota,
     /// How this node dials another node's public endpoint (TLS, checked against the CA).
     pub node_tls: tonic::transport::ClientTlsConfig,
+    /// Credentials for reading an origin's default branch.
+    pub git: flotilla_actors::repo::GitSettings,
+    /// Origins' default branches, read recently.
+    pub default_branches: super::default_branch::DefaultBranches,
 }
 
 /// The models this node declares, for checking `CreateAgent` (every node of a cluster is meant
@@ -77,7 +83,7 @@ impl ModelCatalog {
         }
     }
 
-    fn names(&self) -> String {
+    pub fn names(&self) -> String {
         if self.scripted.is_empty() {
             "none".to_string()
         } else {
@@ -92,6 +98,11 @@ fn invalid(message: String) -> Status {
 
 fn agent_not_found(id: AgentId) -> Status {
     Status::not_found(format!("agent {id} not found"))
+}
+
+/// How a watch of an agent that was deleted (or purged) ends.
+fn agent_deleted(id: AgentId) -> Status {
+    Status::not_found(format!("agent {id} was deleted; the watch ends"))
 }
 
 /// `record` if `caller` may see it, else the unknown-id answer.
@@ -132,6 +143,22 @@ fn decode_page_token(text: &str) -> Result<PageToken, Status> {
 }
 
 impl AgentApi {
+    /// Whether `team`'s summaries and diffs are hidden from `caller` (its `display_summary`
+    /// setting, as this node holds it now).
+    fn hides_summary(&self, caller: &Principal, team: &str) -> bool {
+        let settings = self.replica.reader().read(|state| state.settings_of(team));
+        caller.summary_hidden(team, &settings)
+    }
+
+    /// The record on the wire as `caller` may see it.
+    fn present(&self, caller: &Principal, record: &AgentRecord) -> v1::Agent {
+        let mut agent = convert::agent(record);
+        if self.hides_summary(caller, &record.spec.team) {
+            super::visibility::hide_agent(&mut agent);
+        }
+        agent
+    }
+
     /// The agent as this node's replica holds it, which may lag the cluster.
     fn find_here(&self, id: AgentId) -> Option<AgentRecord> {
         self.replica.reader().read(|state| state.agents.get(&id).cloned())
@@ -190,17 +217,26 @@ impl AgentService for AgentApi {
         request: Request<v1::CreateAgentRequest>,
     ) -> Result<tonic::Response<v1::CreateAgentResponse>, Status> {
         let caller = principal(&request)?;
-        let body = request.into_inner();
+        let mut body = request.into_inner();
         validate::prompt("prompt", &body.prompt, validate::MAX_PROMPT_BYTES)?;
+        // The team's settings as this node holds them: a change made through this node applies
+        // to its next create at once, one made elsewhere once this node applied it (milliseconds).
+        let settings = self.replica.reader().read(|state| state.settings_of(&caller.team));
+        if body.repository.is_empty() {
+            body.repository = settings.default_repository.clone();
+        }
         validate::repository(&body.repository)?;
         self.repositories
             .check_blocking(&body.repository)
             .await
             .map_err(super::status::repository_status)?;
-        let base_branch = if body.base_branch.is_empty() {
-            "main".to_string()
-        } else {
+        let base_branch = if !body.base_branch.is_empty() {
             body.base_branch.clone()
+        } else if !settings.default_base_branch.is_empty() {
+            settings.default_base_branch.clone()
+        } else {
+            let auth = self.git.auth_env(&body.repository);
+            self.default_branches.get(&body.repository, auth).await?
         };
         validate::branch("base_branch", &base_branch)?;
         validate::short_text("name", &body.name, validate::MAX_NAME_CHARS)?;
@@ -225,7 +261,17 @@ impl AgentService for AgentApi {
             Some(body.region.clone())
         };
         validate::egress_allow(&body.egress_allow)?;
+        if body.model.is_empty() {
+            body.model = settings.default_model.clone();
+        }
         let (model, scripted) = self.models.choose(&body.model)?;
+        if !settings.allows_model(&model) {
+            return Err(Status::permission_denied(format!(
+                "model {model:?} is not allowed for team {}; its allowed_models: {}",
+                super::authz::owning_team(&caller.team),
+                settings.allowed_models.join(", ")
+            )));
+        }
         if let Some(plugins) = &self.plugins {
             let claim = plugins.claim(&body.repository).await?;
             if body.open_pull_request {
@@ -259,11 +305,11 @@ impl AgentService for AgentApi {
             work_branch,
             model,
             region,
-            team: caller.team,
+            team: caller.team.clone(),
             open_pull_request: body.open_pull_request,
             egress_allow: body.egress_allow,
             scripted,
-            user: caller.user,
+            user: caller.user.clone(),
         };
         let record = match self.replica.write(Command::CreateAgent { id, spec }).await {
             Ok(Response::Agent(record)) => *record,
@@ -277,16 +323,15 @@ impl AgentService for AgentApi {
             Err(error) => return Err(write_status(error)),
         };
         Ok(tonic::Response::new(v1::CreateAgentResponse {
-            agent: Some(convert::agent(&record)),
+            agent: Some(self.present(&caller, &record)),
         }))
     }
 
     async fn get_agent(&self, request: Request<v1::GetAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
         let caller = principal(&request)?;
         let id = validate::agent_id(&request.get_ref().id)?;
-        Ok(tonic::Response::new(convert::agent(
-            &self.find_visible(&caller, id).await?,
-        )))
+        let record = self.find_visible(&caller, id).await?;
+        Ok(tonic::Response::new(self.present(&caller, &record)))
     }
 
     async fn list_agents(
@@ -329,6 +374,7 @@ impl AgentService for AgentApi {
         let needle = body.search.to_lowercase();
         self.settle().await?;
         let (agents, more) = self.replica.reader().read(|state| {
+            let hidden = |team: &str| caller.summary_hidden(team, &state.settings_of(team));
             let range = match after {
                 Some(after) => state.agents.range(..after),
                 None => state.agents.range(..),
@@ -348,14 +394,19 @@ impl AgentService for AgentApi {
                 if !body.region.is_empty() && record.spec.region.as_deref() != Some(body.region.as_str()) {
                     continue;
                 }
-                if !needle.is_empty() && !matches_search(record, &needle) {
+                let hide = hidden(&record.spec.team);
+                if !needle.is_empty() && !matches_search(record, &needle, hide) {
                     continue;
                 }
                 if page.len() == page_size {
                     more = true;
                     break;
                 }
-                page.push(convert::agent(record));
+                let mut agent = convert::agent(record);
+                if hide {
+                    super::visibility::hide_agent(&mut agent);
+                }
+                page.push(agent);
             }
             (page, more)
         });
@@ -412,13 +463,24 @@ impl AgentService for AgentApi {
         }
         let (sender, receiver) = mpsc::channel(WATCH_BUFFER_MESSAGES);
         let reader = self.replica.reader().clone();
+        let hide = self.hides_summary(&caller, &record.spec.team);
+        let present = move |mut event: v1::AgentEvent| {
+            if hide {
+                super::visibility::hide_event(&mut event);
+            }
+            event
+        };
+        let snapshot = self.present(&caller, &record);
         tokio::spawn(async move {
             // Held for as long as the watch streams.
             let _permit = permit;
             let mut live = live;
             let mut last = body.after_sequence;
+            // A deleted agent produces no event: the watch looks for it again this often.
+            let mut recheck = tokio::time::interval(WATCH_DELETE_CHECK);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let snapshot = v1::WatchAgentResponse {
-                kind: Some(watch_agent_response::Kind::Snapshot(convert::agent(&record))),
+                kind: Some(watch_agent_response::Kind::Snapshot(snapshot)),
             };
             if sender.send(Ok(snapshot)).await.is_err() {
                 return;
@@ -429,7 +491,10 @@ impl AgentService for AgentApi {
                 let missed = reader.agent_events_after(id, last);
                 for event in missed {
                     last = event.sequence;
-                    if send_event(&sender, convert::event(&event, scripted)).await.is_err() {
+                    if send_event(&sender, present(convert::event(&event, scripted)))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -438,10 +503,14 @@ impl AgentService for AgentApi {
                         .agents
                         .get(&id)
                         .map(|agent| agent.status.is_terminal() && agent.last_sequence <= last)
-                        .unwrap_or(true)
                 });
-                if finished {
-                    return;
+                match finished {
+                    Some(true) => return,
+                    Some(false) => {}
+                    None => {
+                        let _ = sender.send(Err(agent_deleted(id))).await;
+                        return;
+                    }
                 }
                 loop {
                     tokio::select! {
@@ -449,7 +518,7 @@ impl AgentService for AgentApi {
                             Ok(event) if event.agent == id => {
                                 if event.sequence == last + 1 {
                                     last = event.sequence;
-                                    if send_event(&sender, convert::event(&event, scripted)).await.is_err() {
+                                    if send_event(&sender, present(convert::event(&event, scripted))).await.is_err() {
                                         return;
                                     }
                                     if is_terminal_event(&event) {
@@ -466,7 +535,7 @@ impl AgentService for AgentApi {
                         received = live.events.recv() => match received {
                             Some(bytes) => {
                                 if let Ok(event) = v1::AgentEvent::decode(bytes.as_slice()) {
-                                    if send_event(&sender, event).await.is_err() {
+                                    if send_event(&sender, present(event)).await.is_err() {
                                         return;
                                     }
                                 }
@@ -474,6 +543,11 @@ impl AgentService for AgentApi {
                             None => return,
                         },
                         _ = sender.closed() => return,
+                        _ = recheck.tick() => {
+                            if !reader.read(|state| state.agents.contains_key(&id)) {
+                                break;
+                            }
+                        }
                     }
                 }
             }
@@ -501,7 +575,7 @@ impl AgentService for AgentApi {
             .await
         {
             Ok(Response::FollowUp { agent, index }) => Ok(tonic::Response::new(v1::SendFollowUpResponse {
-                agent: Some(convert::agent(&agent)),
+                agent: Some(self.present(&caller, &agent)),
                 index,
             })),
             Ok(other) => Err(Status::internal(format!("unexpected answer to follow-up: {other:?}"))),
@@ -523,8 +597,29 @@ impl AgentService for AgentApi {
             body.reason
         };
         match self.replica.write(Command::StopAgent { agent: id, reason }).await {
-            Ok(Response::Agent(agent)) => Ok(tonic::Response::new(convert::agent(&agent))),
+            Ok(Response::Agent(agent)) => Ok(tonic::Response::new(self.present(&caller, &agent))),
             Ok(other) => Err(Status::internal(format!("unexpected answer to stop-agent: {other:?}"))),
+            Err(error) => Err(write_status(error)),
+        }
+    }
+
+    async fn delete_agent(
+        &self,
+        request: Request<v1::DeleteAgentRequest>,
+    ) -> Result<tonic::Response<v1::DeleteAgentResponse>, Status> {
+        let caller = principal(&request)?;
+        let id = validate::agent_id(&request.get_ref().id)?;
+        self.require_acknowledged(&caller, id).await?;
+        match self.replica.write(Command::DeleteAgent { agent: id }).await {
+            Ok(Response::Agent(agent)) => {
+                tracing::info!(agent = %id, team = %agent.spec.team, by = %caller.key_id, "agent deleted");
+                Ok(tonic::Response::new(v1::DeleteAgentResponse {
+                    agent: Some(self.present(&caller, &agent)),
+                }))
+            }
+            Ok(other) => Err(Status::internal(format!(
+                "unexpected answer to delete-agent: {other:?}"
+            ))),
             Err(error) => Err(write_status(error)),
         }
     }
@@ -589,13 +684,16 @@ fn is_terminal_event(event: &flotilla_raft::DurableEvent) -> bool {
     matches!(&event.kind, flotilla_raft::EventKind::StatusChanged { to, .. } if to.is_terminal())
 }
 
-fn matches_search(record: &AgentRecord, needle: &str) -> bool {
+/// Whether `record` matches a search; a summary hidden from the caller is not searched, so a
+/// search cannot reveal it a word at a time.
+fn matches_search(record: &AgentRecord, needle: &str, summary_hidden: bool) -> bool {
     record.spec.name.to_lowercase().contains(needle)
         || record.spec.prompt.to_lowercase().contains(needle)
-        || record
-            .summary
-            .as_deref()
-            .is_some_and(|summary| summary.to_lowercase().contains(needle))
+        || (!summary_hidden
+            && record
+                .summary
+                .as_deref()
+                .is_some_and(|summary| summary.to_lowercase().contains(needle)))
 }
 
 /// Output chunks buffered towards one attached client.

@@ -23,6 +23,9 @@ pub enum Permission {
     ManageKeys,
     /// Teams, nodes, membership and plugins: the cluster-admin key only.
     ClusterAdmin,
+    /// Change a team's settings: a team admin its own team's (checked by the service), the
+    /// cluster admin every team's.
+    ManageSettings,
 }
 
 impl Permission {
@@ -33,6 +36,7 @@ impl Permission {
             Permission::WriteAgents => "role member, admin or cluster-admin",
             Permission::ManageKeys => "role admin or cluster-admin",
             Permission::ClusterAdmin => "role cluster-admin",
+            Permission::ManageSettings => "role admin or cluster-admin",
         }
     }
 }
@@ -70,6 +74,10 @@ pub const METHOD_PERMISSIONS: &[(&str, Permission)] = &[
     ("/flotilla.v1.SecretService/SetSecret", Permission::WriteAgents),
     ("/flotilla.v1.SecretService/RemoveSecret", Permission::WriteAgents),
     ("/flotilla.v1.SecretService/ListSecrets", Permission::ReadAgents),
+    ("/flotilla.v1.AgentService/DeleteAgent", Permission::WriteAgents),
+    ("/flotilla.v1.SettingsService/GetSettings", Permission::ReadAgents),
+    ("/flotilla.v1.SettingsService/SetSetting", Permission::ManageSettings),
+    ("/flotilla.v1.SettingsService/ListModels", Permission::ReadAgents),
 ];
 
 /// What `path` (`/package.Service/Method`) needs; `None` for a method without a rule.
@@ -110,6 +118,17 @@ impl Principal {
     /// which agents created before teams existed belong to).
     pub fn sees_team(&self, team: &str) -> bool {
         self.role == Role::ClusterAdmin || self.team == owning_team(team)
+    }
+
+    /// Whether the caller changes the settings of `team`.
+    pub fn manages_settings_of(&self, team: &str) -> bool {
+        self.manages_keys_of(team)
+    }
+
+    /// Whether summaries and diffs of `team`'s agents are hidden from the caller: the team
+    /// turned `display_summary` off and the caller is not its admin or the cluster admin.
+    pub fn summary_hidden(&self, team: &str, settings: &flotilla_raft::TeamSettings) -> bool {
+        !settings.display_summary && !self.manages_settings_of(owning_team(team))
     }
 
     /// Whether the caller manages the keys of `team`.
@@ -264,15 +283,22 @@ mod tests {
     fn roles_grant_what_the_table_says() {
         use Permission::*;
         let expected = [
-            (Role::Viewer, [true, true, false, false, false]),
-            (Role::Member, [true, true, true, false, false]),
-            (Role::Admin, [true, true, true, true, false]),
-            (Role::ClusterAdmin, [true, true, true, true, true]),
+            (Role::Viewer, [true, true, false, false, false, false]),
+            (Role::Member, [true, true, true, false, false, false]),
+            (Role::Admin, [true, true, true, true, false, true]),
+            (Role::ClusterAdmin, [true, true, true, true, true, true]),
         ];
         for (role, grants) in expected {
-            for (permission, granted) in [AnyKey, ReadAgents, WriteAgents, ManageKeys, ClusterAdmin]
-                .into_iter()
-                .zip(grants)
+            for (permission, granted) in [
+                AnyKey,
+                ReadAgents,
+                WriteAgents,
+                ManageKeys,
+                ClusterAdmin,
+                ManageSettings,
+            ]
+            .into_iter()
+            .zip(grants)
             {
                 assert_eq!(role_allows(role, permission), granted, "{role} {permission:?}");
             }

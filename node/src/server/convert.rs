@@ -70,6 +70,7 @@ pub fn agent(record: &AgentRecord) -> v1::Agent {
         turns: record.turns,
         scripted: record.scripted,
         pushed_commit: record.pushed_commit.clone().unwrap_or_default(),
+        summary_hidden: false,
     }
 }
 

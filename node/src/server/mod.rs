@@ -8,16 +8,20 @@ pub mod auth;
 pub mod authz;
 pub mod cluster;
 pub mod convert;
+pub mod default_branch;
 pub mod enroll;
 pub mod internal;
 pub mod pki;
 pub mod plugins;
+pub mod retention;
 pub mod runtime;
 pub mod secrets;
+pub mod settings;
 pub mod status;
 pub mod transport;
 pub mod validate;
 pub mod vcs;
+pub mod visibility;
 
 use std::fs::File;
 use std::io::Write as _;
@@ -445,6 +449,8 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         repositories: runtime.git.repositories.clone(),
         watches: authz::WatchQuota::default(),
         node_tls: identity.tls.tonic_client_config(),
+        git: runtime.git.clone(),
+        default_branches: default_branch::DefaultBranches::default(),
     };
     let admin_api = admin::AdminApi {
         replica: replica.clone(),
@@ -488,8 +494,10 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     .await
     .map_err(|error| anyhow!("cannot start the node supervisor: {error}"))?;
     tracing::info!(node = node_id, "node is ready");
+    let purger = retention::spawn_purger(replica.clone());
 
     wait_for_shutdown(supervisor_handle).await?;
+    purger.abort();
     let stopping = std::time::Instant::now();
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -743,9 +751,13 @@ async fn serve(
     health_reporter
         .set_serving::<SecretServiceServer<secrets::SecretApi>>()
         .await;
+    health_reporter
+        .set_serving::<flotilla_proto::v1::settings_service_server::SettingsServiceServer<settings::SettingsApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let models = agent_api.models.clone();
     let agent_service = AgentServiceServer::new(agent_api).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let cluster_service = ClusterServiceServer::new(cluster::ClusterApi {
         replica: replica.clone(),
@@ -765,6 +777,11 @@ async fn serve(
         replica: replica.clone(),
         kek: kek.clone(),
     });
+    let settings_service =
+        flotilla_proto::v1::settings_service_server::SettingsServiceServer::new(settings::SettingsApi {
+            replica: replica.clone(),
+            models,
+        });
     let internal_service = InternalServer::new(internal::InternalApi { replica, liveness, kek })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
@@ -776,7 +793,8 @@ async fn serve(
         .add_service(auth::Authenticated::new(cluster_service, tokens.clone()))
         .add_service(auth::Authenticated::new(admin_service, tokens.clone()))
         .add_service(auth::Authenticated::new(access_service, tokens.clone()))
-        .add_service(auth::Authenticated::new(secret_service, tokens))
+        .add_service(auth::Authenticated::new(secret_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(settings_service, tokens))
         .add_service(enrollment_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             internal_service,

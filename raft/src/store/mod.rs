@@ -65,6 +65,8 @@ const KEY_TEAMS: &[u8] = b"m/teams";
 const KEY_JOIN_TOKENS: &[u8] = b"m/join_tokens";
 /// `ClusterState::secrets`, sealed, in one record (the cluster keeps at most a few thousand).
 const KEY_SECRETS: &[u8] = b"m/secrets";
+/// Team settings, by team: small, kept whole under one key.
+const KEY_TEAM_SETTINGS: &[u8] = b"m/team_settings";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.

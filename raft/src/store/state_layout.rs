@@ -9,7 +9,7 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 use super::state_machine::{Machine, StateMachineStore};
 use super::{
     decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_JOIN_TOKENS,
-    KEY_MEMBERSHIP, KEY_PLUGIN_SETTINGS, KEY_SECRETS, KEY_TEAMS,
+    KEY_MEMBERSHIP, KEY_PLUGIN_SETTINGS, KEY_SECRETS, KEY_TEAMS, KEY_TEAM_SETTINGS,
 };
 use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
 use crate::{Changes, ClusterState, NodeAddr};
@@ -86,6 +86,7 @@ pub(super) fn load_state(db: &DB) -> Result<StoredState, OpenError> {
             _ if key.as_ref() == KEY_TEAMS => state.teams = decode(&key, &value)?,
             _ if key.as_ref() == KEY_JOIN_TOKENS => state.join_tokens = decode(&key, &value)?,
             _ if key.as_ref() == KEY_SECRETS => state.secrets = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_TEAM_SETTINGS => state.team_settings = decode(&key, &value)?,
             _ => {}
         }
     }
@@ -171,6 +172,7 @@ impl StateMachineStore {
             batch.put_cf(cf, KEY_PLUGIN_SETTINGS, encode(&machine.state.plugin_settings));
             batch.put_cf(cf, KEY_TEAMS, encode(&machine.state.teams));
             batch.put_cf(cf, KEY_JOIN_TOKENS, encode(&machine.state.join_tokens));
+            batch.put_cf(cf, KEY_TEAM_SETTINGS, encode(&machine.state.team_settings));
         }
         // Sealed bytes only: a value is never in the clear here (see `flotilla_state::secrets`).
         if changes.secrets {

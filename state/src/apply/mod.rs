@@ -7,7 +7,7 @@
 //! stop, follow-up), `assignments` (placement under epochs, and sending agents back to pending),
 //! `turns` (what an owner records of a run: turns, pushes, pull requests, the work branch, and
 //! the owner's check before a push), `nodes`, `plugins`
-//! and `tokens`. `events` appends to an agent's durable history. The match below only
+//! `tokens`, and `retention` (team settings, delete, purge). `events` appends to an agent's durable history. The match below only
 //! dispatches. Every rule keeps one promise: a refused command leaves the state exactly as it
 //! was, so it checks everything before it changes anything.
 
@@ -17,6 +17,7 @@ mod events;
 mod join_tokens;
 mod nodes;
 mod plugins;
+mod retention;
 mod secrets;
 mod tokens;
 mod turns;
@@ -29,6 +30,7 @@ use crate::command::{ApplyError, ApplyResult, Command, Request, Response, COMMAN
 use crate::types::{AgentId, Assignment, Epoch, NodeId, Term};
 
 pub(crate) use events::push_event;
+pub use tokens::team_exists;
 pub use turns::displaced_ref;
 
 /// Applies a request outside any log (tests, replays of a single request), as an entry of the
@@ -112,6 +114,9 @@ fn apply_command(
         }
         Command::SetSecret { .. } | Command::RemoveSecret { .. } => {
             secrets::apply_secret_command(state, changes, at_ms, command)
+        }
+        Command::SetTeamSetting { .. } | Command::DeleteAgent { .. } | Command::PurgeEndedAgents { .. } => {
+            retention::apply_retention_command(state, changes, at_ms, command)
         }
     }
 }

@@ -7,6 +7,7 @@ mod assignments;
 mod branches;
 mod nodes;
 mod plugins;
+mod retention;
 mod turns;
 
 use std::collections::BTreeSet;
