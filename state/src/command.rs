@@ -288,6 +288,17 @@ pub enum Command {
     RevokeKey {
         key_id: String,
     },
+    /// Appends audit entries (their sequence numbers are assigned here) and drops those past
+    /// [`crate::audit::MAX_AUDIT_ENTRIES`] or [`crate::audit::MAX_AUDIT_AGE_MS`].
+    RecordAudit {
+        entries: Vec<crate::audit::AuditEntry>,
+    },
+    /// Replaces the limits of `team` (`None`: the cluster default every team without its own
+    /// falls back to).
+    SetTeamLimits {
+        team: Option<String>,
+        limits: crate::audit::TeamLimits,
+    },
 }
 
 impl Command {
@@ -361,6 +372,7 @@ impl Command {
                             .map(|text| text.as_ref().map_or(0, String::len))
                             .sum::<usize>()
                 }
+                Command::RecordAudit { entries } => entries.len() * 160,
                 _ => 0,
             }
     }
@@ -399,6 +411,8 @@ impl Command {
             Command::CreateTeam { .. } => "create-team",
             Command::CreateKey { .. } => "create-key",
             Command::RevokeKey { .. } => "revoke-key",
+            Command::RecordAudit { .. } => "record-audit",
+            Command::SetTeamLimits { .. } => "set-team-limits",
         }
     }
 }
@@ -509,6 +523,14 @@ pub enum ApplyError {
     KeyExists,
     #[error("the cluster holds {limit} {what}, the most it keeps")]
     TooMany { what: String, limit: usize },
+    /// A team's limit (`max_running_agents`, `creates_per_minute`) refused the command.
+    #[error("team {team} is at its limit {limit} = {value}: {detail}")]
+    LimitReached {
+        team: String,
+        limit: String,
+        value: u32,
+        detail: String,
+    },
 }
 
 /// What an applied command answers.
@@ -535,6 +557,13 @@ pub enum Response {
     Team(TeamRecord),
     /// A key as it is after the command (as it was, for a revocation).
     Key(Box<TokenRecord>),
+    /// The sequence numbers the audit entries of a `RecordAudit` were given.
+    Audited { first: u64, count: u64 },
+    /// A team's limits as set (`team` `None`: the cluster default).
+    TeamLimits {
+        team: Option<String>,
+        limits: crate::audit::TeamLimits,
+    },
 }
 
 /// `C::R` of the Raft type config: a refusal is a normal, replicated outcome.

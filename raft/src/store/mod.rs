@@ -62,6 +62,9 @@ const KEY_INSTALL_LAYERS: &[u8] = b"m/repo_snapshots";
 const KEY_PLUGIN_SETTINGS: &[u8] = b"m/plugin_settings";
 /// Teams: a small map, kept whole under one key like the other cluster-wide values.
 const KEY_TEAMS: &[u8] = b"m/teams";
+const KEY_TEAM_LIMITS: &[u8] = b"m/team_limits";
+const KEY_DEFAULT_TEAM_LIMITS: &[u8] = b"m/default_team_limits";
+const KEY_NEXT_AUDIT_SEQUENCE: &[u8] = b"m/next_audit_sequence";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.

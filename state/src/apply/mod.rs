@@ -6,13 +6,14 @@
 //! The rules live in one file per command family, named after it: `agents` (create, status,
 //! stop, follow-up), `assignments` (placement under epochs, and sending agents back to pending),
 //! `turns` (what an owner records of a run: turns, pushes, pull requests, the work branch, and
-//! the owner's check before a push), `nodes`, `plugins`
-//! and `tokens`. `events` appends to an agent's durable history. The match below only
-//! dispatches. Every rule keeps one promise: a refused command leaves the state exactly as it
+//! the owner's check before a push), `nodes`, `plugins`, `tokens`, and `audit` (the audit log,
+//! and the team limits a create is checked against). `events` appends to an agent's durable
+//! history. The match below only dispatches. Every rule keeps one promise: a refused command leaves the state exactly as it
 //! was, so it checks everything before it changes anything.
 
 mod agents;
 mod assignments;
+mod audit;
 mod events;
 mod nodes;
 mod plugins;
@@ -105,6 +106,9 @@ fn apply_command(
         | Command::CreateTeam { .. }
         | Command::CreateKey { .. }
         | Command::RevokeKey { .. } => tokens::apply_token_command(state, changes, at_ms, command),
+        Command::RecordAudit { .. } | Command::SetTeamLimits { .. } => {
+            audit::apply_audit_command(state, changes, at_ms, command)
+        }
     }
 }
 
