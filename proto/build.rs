@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "flotilla/v1/agent.proto",
                 "flotilla/v1/cluster.proto",
                 "flotilla/v1/access.proto",
+                "flotilla/v1/audit.proto",
                 "flotilla/v1/internal.proto",
             ],
             &["."],

@@ -137,6 +137,19 @@ impl AgentApi {
 
     /// Brings this node's state up to every write the cluster acknowledged (a read barrier):
     /// reads after it answer the same through any node.
+    /// Names the team of an agent the caller was found to see in the call's audit entry.
+    fn note_team(&self, note: &super::audit::AuditNote, id: AgentId) {
+        let team = self.replica.reader().read(|state| {
+            state
+                .agents
+                .get(&id)
+                .map(|record| crate::server::authz::owning_team(&record.spec.team).to_string())
+        });
+        if let Some(team) = team {
+            note.set(id.to_string(), Some(&team));
+        }
+    }
+
     async fn settle(&self) -> Result<(), Status> {
         self.replica.read_barrier().await.map(|_| ()).map_err(read_status)
     }
@@ -188,6 +201,7 @@ impl AgentService for AgentApi {
         request: Request<v1::CreateAgentRequest>,
     ) -> Result<tonic::Response<v1::CreateAgentResponse>, Status> {
         let caller = principal(&request)?;
+        let audit_note = super::audit::note_of(&request);
         let body = request.into_inner();
         validate::prompt("prompt", &body.prompt, validate::MAX_PROMPT_BYTES)?;
         validate::repository(&body.repository)?;
@@ -238,6 +252,8 @@ impl AgentService for AgentApi {
             }
         }
         let id = AgentId::new();
+        // The new agent's id, never its prompt.
+        audit_note.set(id.to_string(), Some(&caller.team));
         let name = if body.name.trim().is_empty() {
             validate::name_from_prompt(&body.prompt)
         } else {
@@ -486,10 +502,13 @@ impl AgentService for AgentApi {
         request: Request<v1::SendFollowUpRequest>,
     ) -> Result<tonic::Response<v1::SendFollowUpResponse>, Status> {
         let caller = principal(&request)?;
+        let audit_note = super::audit::note_of(&request);
         let body = request.into_inner();
         let id = validate::agent_id(&body.id)?;
+        audit_note.set(id.to_string(), None);
         validate::prompt("text", &body.text, validate::MAX_FOLLOW_UP_BYTES)?;
         self.require_acknowledged(&caller, id).await?;
+        self.note_team(&audit_note, id);
         match self
             .replica
             .write(Command::FollowUp {
@@ -509,12 +528,15 @@ impl AgentService for AgentApi {
 
     async fn stop_agent(&self, request: Request<v1::StopAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
         let caller = principal(&request)?;
+        let audit_note = super::audit::note_of(&request);
         let body = request.into_inner();
         let id = validate::agent_id(&body.id)?;
+        audit_note.set(id.to_string(), None);
         if body.reason.len() > validate::MAX_REASON_BYTES {
             return Err(invalid(format!("reason: at most {} bytes", validate::MAX_REASON_BYTES)));
         }
         self.require_acknowledged(&caller, id).await?;
+        self.note_team(&audit_note, id);
         let reason = if body.reason.is_empty() {
             "stopped by request".to_string()
         } else {
@@ -535,6 +557,7 @@ impl AgentService for AgentApi {
     ) -> Result<tonic::Response<Self::AttachStream>, Status> {
         let caller = principal(&request)?;
         let authorization = request.metadata().get("authorization").cloned();
+        let audit_note = super::audit::note_of(&request);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -544,7 +567,9 @@ impl AgentService for AgentApi {
             return Err(invalid("attach: the first message must be `open`".to_string()));
         };
         let id = validate::agent_id(&open.agent_id)?;
+        audit_note.set(id.to_string(), None);
         let record = self.find_visible(&caller, id).await?;
+        audit_note.set(id.to_string(), Some(crate::server::authz::owning_team(&record.spec.team)));
         if record.status.is_terminal() {
             return Err(Status::failed_precondition(format!(
                 "agent {id} is {}; its machine is gone",

@@ -65,6 +65,11 @@ pub const METHOD_PERMISSIONS: &[(&str, Permission)] = &[
     ("/flotilla.v1.AccessService/ListKeys", Permission::ManageKeys),
     ("/flotilla.v1.AccessService/GetKeyInfo", Permission::AnyKey),
     ("/flotilla.v1.AccessService/RevokeKey", Permission::ManageKeys),
+    // A team admin reads its own team's entries (checked by the service), the cluster admin all.
+    ("/flotilla.v1.AuditService/ListAuditEvents", Permission::ManageKeys),
+    // A team's keys read their own team's limits; only the cluster admin sets them.
+    ("/flotilla.v1.LimitsService/GetTeamLimits", Permission::ReadAgents),
+    ("/flotilla.v1.LimitsService/SetTeamLimits", Permission::ClusterAdmin),
 ];
 
 /// What `path` (`/package.Service/Method`) needs; `None` for a method without a rule.

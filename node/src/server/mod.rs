@@ -4,6 +4,8 @@
 pub mod access;
 pub mod admin;
 pub mod agents;
+pub mod audit;
+pub mod audit_api;
 pub mod auth;
 pub mod authz;
 pub mod cluster;
@@ -616,7 +618,7 @@ async fn serve(
         liveness,
         health: health_reporter,
     } = services;
-    let tokens = auth::TokenCheck::new(replica.clone());
+    let tokens = auth::TokenCheck::new(replica.clone()).with_audit(audit::AuditRecorder::start(replica.clone()));
     let cluster_auth = auth::ClusterAuth {
         proof: flotilla_raft::network::cluster_proof(&secret),
     };
@@ -646,6 +648,12 @@ async fn serve(
     let access_service = flotilla_proto::v1::access_service_server::AccessServiceServer::new(access::AccessApi {
         replica: replica.clone(),
     });
+    let audit_service = flotilla_proto::v1::audit_service_server::AuditServiceServer::new(audit_api::AuditApi {
+        replica: replica.clone(),
+    });
+    let limits_service = flotilla_proto::v1::limits_service_server::LimitsServiceServer::new(audit_api::LimitsApi {
+        replica: replica.clone(),
+    });
     let internal_service = InternalServer::new(internal::InternalApi { replica, liveness })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
@@ -656,7 +664,9 @@ async fn serve(
         .add_service(auth::Authenticated::new(agent_service, tokens.clone()))
         .add_service(auth::Authenticated::new(cluster_service, tokens.clone()))
         .add_service(auth::Authenticated::new(admin_service, tokens.clone()))
-        .add_service(auth::Authenticated::new(access_service, tokens))
+        .add_service(auth::Authenticated::new(access_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(audit_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(limits_service, tokens))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             internal_service,
             cluster_auth,
