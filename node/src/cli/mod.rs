@@ -8,6 +8,7 @@
 
 mod access;
 mod attach;
+mod audit;
 mod client;
 mod json;
 mod plugin;
@@ -23,6 +24,7 @@ use flotilla_proto::v1::{
 };
 
 pub use access::{KeyCommand, TeamCommand};
+pub use audit::{AuditCommand, LimitsCommand};
 pub use plugin::PluginCommand;
 
 pub(crate) use client::{agent_client, cluster_client, connect, unary, AgentClient, BearerToken, CliError};
@@ -239,6 +241,14 @@ pub async fn run_team(args: &ClientArgs, cmd: TeamCommand) -> anyhow::Result<Exi
 
 pub async fn run_key(args: &ClientArgs, cmd: KeyCommand) -> anyhow::Result<ExitCode> {
     Ok(finish(access::key_command(args, cmd).await))
+}
+
+pub async fn run_audit(args: &ClientArgs, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(audit::audit_command(args, cmd).await))
+}
+
+pub async fn run_limits(args: &ClientArgs, cmd: LimitsCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(audit::limits_command(args, cmd).await))
 }
 
 pub async fn run_plugin(args: &ClientArgs, cmd: PluginCommand) -> anyhow::Result<ExitCode> {
