@@ -32,4 +32,5 @@ mod t57_provider_hot_add;
 mod t58_burst;
 mod t65_agent_failover;
 mod t70_teams;
+mod t71_audit_limits;
 mod t90_chaos;

@@ -23,6 +23,23 @@ const REFUSAL_BOUND: Duration = Duration::from_secs(1);
 /// Lifetime of the key that expires in this test.
 const SHORT_LIFETIME_SECONDS: u64 = 3;
 
+type AuditClient = flotilla_proto::v1::audit_service_client::AuditServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerAuth>,
+>;
+type LimitsClient = flotilla_proto::v1::limits_service_client::LimitsServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerAuth>,
+>;
+
+fn audit_and_limits_clients(endpoint: &str, key: &str) -> (AuditClient, LimitsClient) {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .expect("endpoint")
+        .connect_lazy();
+    (
+        flotilla_proto::v1::audit_service_client::AuditServiceClient::with_interceptor(channel.clone(), BearerAuth::new(key)),
+        flotilla_proto::v1::limits_service_client::LimitsServiceClient::with_interceptor(channel, BearerAuth::new(key)),
+    )
+}
+
 fn access_client(endpoint: &str, key: &str) -> AccessClient {
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .expect("endpoint")
@@ -76,6 +93,7 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
     let mut cluster = cluster_client(endpoint, key).await;
     let mut admin = admin_client(endpoint, key).await;
     let mut access = access_client(endpoint, key);
+    let (mut audit, mut limits) = audit_and_limits_clients(endpoint, key);
     let id = agent.to_string();
     let plugin = || v1::PluginRef {
         name: "git".to_string(),
@@ -171,6 +189,22 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
             })
             .await
             .map(drop),
+        "AuditService/ListAuditEvents" => audit
+            .list_audit_events(v1::ListAuditEventsRequest::default())
+            .await
+            .map(drop),
+        "LimitsService/GetTeamLimits" => limits
+            .get_team_limits(v1::GetTeamLimitsRequest::default())
+            .await
+            .map(drop),
+        "LimitsService/SetTeamLimits" => limits
+            .set_team_limits(v1::SetTeamLimitsRequest {
+                team: "red".to_string(),
+                max_running_agents: 100,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
         other => panic!("no row for method {other}: add it to the table of t70"),
     }
 }
@@ -214,7 +248,11 @@ fn expected(who: &str, method: &str) -> Expect {
             "CreateKey" | "ListKeys" | "RevokeKey" if who == "red-admin" => Expect::Allowed,
             _ => Expect::Denied,
         },
-        // Nodes, membership and plugins: the cluster-admin key only.
+        // A team admin reads its own team's audit entries.
+        "AuditService" if who == "red-admin" => Expect::Allowed,
+        // Every key reads its own team's limits; only the cluster admin sets them.
+        "LimitsService" if name == "GetTeamLimits" => Expect::Allowed,
+        // Nodes, membership, plugins and limits: the cluster-admin key only.
         _ => Expect::Denied,
     }
 }
