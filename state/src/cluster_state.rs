@@ -165,6 +165,16 @@ impl ClusterState {
             .unwrap_or_default()
     }
 
+    /// At most `limit` durable events of an agent after `after_sequence`, oldest first: what a
+    /// watcher replays in one step, so one read copies a bounded part of a long history.
+    pub fn events_after_bounded(&self, agent: AgentId, after_sequence: u64, limit: usize) -> Vec<DurableEvent> {
+        let Some(events) = self.events.get(&agent) else {
+            return Vec::new();
+        };
+        let start = events.partition_point(|event| event.sequence <= after_sequence);
+        events.range(start..).take(limit).cloned().collect()
+    }
+
     /// The whole component of a plugin version, its chunks joined; `None` when the version is
     /// not stored.
     pub fn plugin_bytes(&self, key: &PluginKey) -> Option<Vec<u8>> {

@@ -26,6 +26,14 @@ use super::{convert, validate, write_status};
 
 /// Messages buffered towards one watcher before the server waits for it to read.
 pub const WATCH_BUFFER_MESSAGES: usize = 256;
+/// Durable events a watcher copies from the state in one step of its replay.
+pub const WATCH_REPLAY_STEP_EVENTS: usize = 64;
+/// Most bytes of agents in one `ListAgents` page (a prompt alone may be 256 KiB): a page that
+/// reaches it is short and has a next token.
+pub const MAX_LIST_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Most agent records one `ListAgents` page looks at under the state's lock, matching or not;
+/// a search that finds little answers a short page with a next token rather than scan on.
+pub const MAX_LIST_SCANNED: usize = 50_000;
 
 pub struct AgentApi {
     pub replica: Replica,
@@ -342,46 +350,44 @@ impl AgentService for AgentApi {
         };
         let needle = body.search.to_lowercase();
         self.settle().await?;
-        let (agents, more) = self.replica.reader().read(|state| {
+        let wanted = |record: &AgentRecord| {
+            caller.sees_team(&record.spec.team)
+                && (statuses.is_empty() || statuses.contains(&record.status))
+                && (body.repository.is_empty() || record.spec.repository == body.repository)
+                && (body.region.is_empty() || record.spec.region.as_deref() == Some(body.region.as_str()))
+                && (needle.is_empty() || matches_search(record, &needle))
+        };
+        let (agents, resume_after) = self.replica.reader().read(|state| {
             let range = match after {
                 Some(after) => state.agents.range(..after),
                 None => state.agents.range(..),
             };
+            // The page ends at `page_size` agents, at `MAX_LIST_PAGE_BYTES` of them, or after
+            // `MAX_LIST_SCANNED` records looked at, whichever comes first; the token then
+            // resumes after the last record looked at.
             let mut page: Vec<v1::Agent> = Vec::with_capacity(page_size);
-            let mut more = false;
-            for record in range.rev().map(|(_, record)| record) {
-                if !caller.sees_team(&record.spec.team) {
-                    continue;
+            let mut page_bytes = 0;
+            let mut last_examined = None;
+            for (scanned, (id, record)) in range.rev().enumerate() {
+                if scanned == MAX_LIST_SCANNED || page.len() == page_size {
+                    return (page, last_examined);
                 }
-                if !statuses.is_empty() && !statuses.contains(&record.status) {
-                    continue;
+                if wanted(record) {
+                    let agent = convert::agent(record);
+                    let bytes = agent.encoded_len();
+                    if !page.is_empty() && page_bytes + bytes > MAX_LIST_PAGE_BYTES {
+                        return (page, last_examined);
+                    }
+                    page_bytes += bytes;
+                    page.push(agent);
                 }
-                if !body.repository.is_empty() && record.spec.repository != body.repository {
-                    continue;
-                }
-                if !body.region.is_empty() && record.spec.region.as_deref() != Some(body.region.as_str()) {
-                    continue;
-                }
-                if !needle.is_empty() && !matches_search(record, &needle) {
-                    continue;
-                }
-                if page.len() == page_size {
-                    more = true;
-                    break;
-                }
-                page.push(convert::agent(record));
+                last_examined = Some(*id);
             }
-            (page, more)
+            (page, None)
         });
-        let next_page_token = match (more, agents.last()) {
-            (true, Some(last)) => encode_page_token(&PageToken {
-                after: last
-                    .id
-                    .parse()
-                    .map_err(|_| Status::internal("stored agent id is not a ULID"))?,
-                filter: digest,
-            }),
-            _ => String::new(),
+        let next_page_token = match resume_after {
+            Some(after) => encode_page_token(&PageToken { after, filter: digest }),
+            None => String::new(),
         };
         Ok(tonic::Response::new(v1::ListAgentsResponse {
             agents,
@@ -440,11 +446,17 @@ impl AgentService for AgentApi {
             let scripted = record.scripted;
             loop {
                 // Catch up from the state: covers the first replay and any lag of the broadcast.
-                let missed = reader.agent_events_after(id, last);
-                for event in missed {
-                    last = event.sequence;
-                    if send_event(&sender, convert::event(&event, scripted)).await.is_err() {
-                        return;
+                // In steps, so a long history is never copied whole.
+                loop {
+                    let missed = reader.agent_events_after_bounded(id, last, WATCH_REPLAY_STEP_EVENTS);
+                    if missed.is_empty() {
+                        break;
+                    }
+                    for event in missed {
+                        last = event.sequence;
+                        if send_event(&sender, convert::event(&event, scripted)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 let finished = reader.read(|state| {
