@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{AuditEntry, TeamLimits};
 use crate::types::{
     AgentId, AgentRecord, AgentStatus, Checkpoint, DurableEvent, NodeId, NodeRecord, PluginKey, PluginRecord,
     PluginUpload, TeamRecord, TokenRecord, UploadId,
 };
-use crate::audit::{AuditEntry, TeamLimits};
 
 /// Durable events kept per agent; older ones are trimmed (a watcher that asks for them is told so).
 pub const MAX_EVENTS_PER_AGENT: usize = 4096;

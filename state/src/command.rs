@@ -558,7 +558,10 @@ pub enum Response {
     /// A key as it is after the command (as it was, for a revocation).
     Key(Box<TokenRecord>),
     /// The sequence numbers the audit entries of a `RecordAudit` were given.
-    Audited { first: u64, count: u64 },
+    Audited {
+        first: u64,
+        count: u64,
+    },
     /// A team's limits as set (`team` `None`: the cluster default).
     TeamLimits {
         team: Option<String>,

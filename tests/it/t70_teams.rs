@@ -35,7 +35,10 @@ fn audit_and_limits_clients(endpoint: &str, key: &str) -> (AuditClient, LimitsCl
         .expect("endpoint")
         .connect_lazy();
     (
-        flotilla_proto::v1::audit_service_client::AuditServiceClient::with_interceptor(channel.clone(), BearerAuth::new(key)),
+        flotilla_proto::v1::audit_service_client::AuditServiceClient::with_interceptor(
+            channel.clone(),
+            BearerAuth::new(key),
+        ),
         flotilla_proto::v1::limits_service_client::LimitsServiceClient::with_interceptor(channel, BearerAuth::new(key)),
     )
 }

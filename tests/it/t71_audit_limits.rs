@@ -103,7 +103,12 @@ async fn mutating_calls_are_audited_without_their_texts_and_teams_read_their_own
         (&red_member_id, "AgentService/SendFollowUp", &agent.id, "OK"),
         (&red_member_id, "AgentService/StopAgent", &agent.id, "OK"),
         (&red_admin_id, "AccessService/CreateKey", &temporary_id, "OK"),
-        (&red_viewer_id, "AgentService/StopAgent", &String::new(), "PERMISSION_DENIED"),
+        (
+            &red_viewer_id,
+            "AgentService/StopAgent",
+            &String::new(),
+            "PERMISSION_DENIED",
+        ),
     ] {
         assert!(
             has_entry(&red_entries, key, method, target, result),
@@ -117,21 +122,35 @@ async fn mutating_calls_are_audited_without_their_texts_and_teams_read_their_own
     assert_eq!(create_entry["user"], "rita", "{create_entry}");
     assert_eq!(create_entry["team"], "red", "{create_entry}");
     assert_eq!(create_entry["node"], 1, "{create_entry}");
-    assert!(create_entry["at"].as_str().is_some_and(|at| !at.is_empty()), "{create_entry}");
+    assert!(
+        create_entry["at"].as_str().is_some_and(|at| !at.is_empty()),
+        "{create_entry}"
+    );
     // Reads are not audited.
     assert!(
-        !red_entries.iter().any(|entry| entry["method"] == "AccessService/GetKeyInfo"),
+        !red_entries
+            .iter()
+            .any(|entry| entry["method"] == "AccessService/GetKeyInfo"),
         "{red_output}"
     );
 
     let (everything, all_entries) = audit_list(&endpoint, &root, &["--since", "1h"]);
     assert!(all_entries.len() >= red_entries.len(), "{everything}");
     for text in [PROMPT_TEXT, FOLLOW_UP_TEXT] {
-        assert!(!everything.contains(text), "the audit log holds {text:?}:\n{everything}");
-        assert!(!red_output.contains(text), "the audit log holds {text:?}:\n{red_output}");
+        assert!(
+            !everything.contains(text),
+            "the audit log holds {text:?}:\n{everything}"
+        );
+        assert!(
+            !red_output.contains(text),
+            "the audit log holds {text:?}:\n{red_output}"
+        );
     }
     let table = cli(&endpoint, &root, &["audit", "list"]);
-    assert!(table.contains("AgentService/CreateAgent") && table.contains(&agent.id), "{table}");
+    assert!(
+        table.contains("AgentService/CreateAgent") && table.contains(&agent.id),
+        "{table}"
+    );
 
     // Another team's admin reads its own team's entries only; a member reads none.
     let (blue_output, blue_entries) = audit_list(&endpoint, &blue_admin, &[]);
@@ -173,9 +192,17 @@ async fn creates_past_a_teams_limits_are_refused_naming_the_limit() {
     let red = cli_key(&endpoint, &root, "red", "rita", "member");
     let blue = cli_key(&endpoint, &root, "blue", "bob", "member");
 
-    let refused = run_cli(&endpoint, &red, &["limits", "set", "--team", "red", "--max-running-agents", "1"]);
+    let refused = run_cli(
+        &endpoint,
+        &red,
+        &["limits", "set", "--team", "red", "--max-running-agents", "1"],
+    );
     assert!(!refused.status.success(), "a member may not set limits: {refused:?}");
-    cli(&endpoint, &root, &["limits", "set", "--team", "red", "--max-running-agents", "2"]);
+    cli(
+        &endpoint,
+        &root,
+        &["limits", "set", "--team", "red", "--max-running-agents", "2"],
+    );
     let shown = cli(&endpoint, &red, &["limits", "get"]);
     assert!(shown.contains("max_running_agents  2"), "{shown}");
 
@@ -203,7 +230,11 @@ async fn creates_past_a_teams_limits_are_refused_naming_the_limit() {
 
     // The cluster default applies to every team without its own limit: blue made one create
     // above, within the minute.
-    cli(&endpoint, &root, &["limits", "set", "--default", "--creates-per-minute", "3"]);
+    cli(
+        &endpoint,
+        &root,
+        &["limits", "set", "--default", "--creates-per-minute", "3"],
+    );
     let mut blue_client = agent_client(&endpoint, &blue).await;
     create(&mut blue_client, "b1", "blue one").await;
     create(&mut blue_client, "b2", "blue two").await;

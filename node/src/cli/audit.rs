@@ -41,7 +41,11 @@ pub enum LimitsCommand {
     },
     /// Set a team's limits, or the cluster default (cluster-admin key); an absent limit is cleared
     Set {
-        #[arg(long, required_unless_present = "cluster_default", conflicts_with = "cluster_default")]
+        #[arg(
+            long,
+            required_unless_present = "cluster_default",
+            conflicts_with = "cluster_default"
+        )]
         team: Option<String>,
         #[arg(long = "default")]
         cluster_default: bool,
@@ -104,7 +108,11 @@ fn limits_json(limits: &TeamLimits) -> serde_json::Value {
 }
 
 fn limits_lines(limits: &TeamLimits) -> String {
-    let team = if limits.team.is_empty() { "cluster default" } else { &limits.team };
+    let team = if limits.team.is_empty() {
+        "cluster default"
+    } else {
+        &limits.team
+    };
     format!(
         "{team}\nmax_running_agents  {} (in force: {})\ncreates_per_minute  {} (in force: {})",
         limit_text(limits.max_running_agents),

@@ -581,7 +581,10 @@ impl AgentService for AgentApi {
         let id = validate::agent_id(&open.agent_id)?;
         audit_note.set(id.to_string(), None);
         let record = self.find_visible(&caller, id).await?;
-        audit_note.set(id.to_string(), Some(crate::server::authz::owning_team(&record.spec.team)));
+        audit_note.set(
+            id.to_string(),
+            Some(crate::server::authz::owning_team(&record.spec.team)),
+        );
         if record.status.is_terminal() {
             return Err(Status::failed_precondition(format!(
                 "agent {id} is {}; its machine is gone",

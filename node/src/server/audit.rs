@@ -18,6 +18,9 @@ use super::authz::{permission_of, Permission, Principal};
 /// Entries waiting to be written on one node. A full queue holds the calls that would add to
 /// it until the writer catches up: calls are slowed, never left out of the log.
 pub const AUDIT_QUEUE_ENTRIES: usize = 4096;
+/// How long the writer gathers entries after the first of a batch before writing them: what
+/// keeps the audit to a few commands per second under load rather than one per call.
+pub const AUDIT_BATCH_DELAY: Duration = Duration::from_millis(50);
 /// Waits between attempts at writing a batch the cluster did not take (no quorum).
 const AUDIT_RETRY_DELAY: Duration = Duration::from_millis(500);
 
@@ -138,16 +141,18 @@ fn bounded(text: &str) -> String {
     text[..end].to_string()
 }
 
-/// Writes what queued while the previous batch was in flight as one `RecordAudit`; retries a
+/// Writes what queued within [`AUDIT_BATCH_DELAY`] of a batch's first entry (and while the
+/// previous batch was in flight) as one `RecordAudit`; retries a
 /// batch the cluster did not take until it does (an entry may then be written twice, never
 /// lost while the node runs).
 async fn write_batches(replica: Replica, mut queued: tokio::sync::mpsc::Receiver<AuditEntry>) {
     while let Some(first) = queued.recv().await {
         let mut entries = vec![first];
+        let deadline = tokio::time::Instant::now() + AUDIT_BATCH_DELAY;
         while entries.len() < MAX_AUDIT_ENTRIES_PER_COMMAND {
-            match queued.try_recv() {
-                Ok(entry) => entries.push(entry),
-                Err(_) => break,
+            match tokio::time::timeout_at(deadline, queued.recv()).await {
+                Ok(Some(entry)) => entries.push(entry),
+                Ok(None) | Err(_) => break,
             }
         }
         loop {

@@ -41,7 +41,9 @@ fn code_name(code: i32) -> String {
         .enumerate()
         .flat_map(|(index, letter)| {
             let separator = (index > 0 && letter.is_ascii_uppercase()).then_some('_');
-            separator.into_iter().chain(std::iter::once(letter.to_ascii_uppercase()))
+            separator
+                .into_iter()
+                .chain(std::iter::once(letter.to_ascii_uppercase()))
         })
         .collect()
 }
@@ -154,7 +156,11 @@ impl LimitsService for LimitsApi {
             let limits = self.replica.reader().read(|state| state.default_team_limits);
             return Ok(tonic::Response::new(wire_limits("", limits, limits)));
         }
-        let team = if body.team.is_empty() { caller.team.clone() } else { body.team };
+        let team = if body.team.is_empty() {
+            caller.team.clone()
+        } else {
+            body.team
+        };
         if !caller.sees_team(&team) {
             return Err(Status::not_found(format!("team {team} not found")));
         }
@@ -190,21 +196,40 @@ impl LimitsService for LimitsApi {
                 ))
             }
         };
-        note_target(&request, team.clone().unwrap_or_else(|| "cluster-default".to_string()), team.as_deref());
+        note_target(
+            &request,
+            team.clone().unwrap_or_else(|| "cluster-default".to_string()),
+            team.as_deref(),
+        );
         let limits = TeamLimits {
             max_running_agents: (body.max_running_agents > 0).then_some(body.max_running_agents),
             creates_per_minute: (body.creates_per_minute > 0).then_some(body.creates_per_minute),
         };
-        match self.replica.write(Command::SetTeamLimits { team: team.clone(), limits }).await {
+        match self
+            .replica
+            .write(Command::SetTeamLimits {
+                team: team.clone(),
+                limits,
+            })
+            .await
+        {
             Ok(Response::TeamLimits { .. }) => {}
-            Ok(other) => return Err(Status::internal(format!("unexpected answer to set-team-limits: {other:?}"))),
+            Ok(other) => {
+                return Err(Status::internal(format!(
+                    "unexpected answer to set-team-limits: {other:?}"
+                )))
+            }
             Err(error) => return Err(write_status(error)),
         }
         let effective = match &team {
             Some(team) => self.replica.reader().read(|state| state.limits_of(team)),
             None => limits,
         };
-        Ok(tonic::Response::new(wire_limits(team.as_deref().unwrap_or(""), limits, effective)))
+        Ok(tonic::Response::new(wire_limits(
+            team.as_deref().unwrap_or(""),
+            limits,
+            effective,
+        )))
     }
 }
 

@@ -209,14 +209,18 @@ where
                     // A refused key this node holds (expired) is recorded; an unknown one is
                     // not: it names nobody, and anyone could fill the log with them.
                     if let (Some(audit), Some(holder)) = (&audit, tokens.holder(request.headers())) {
-                        audit.record(&holder, &path, &AuditNote::default(), status.code() as i32).await;
+                        audit
+                            .record(&holder, &path, &AuditNote::default(), status.code() as i32)
+                            .await;
                     }
                     return Ok(status.into_http());
                 }
             };
             if let Err(status) = authorize(&principal, &path) {
                 if let Some(audit) = &audit {
-                    audit.record(&principal, &path, &AuditNote::default(), status.code() as i32).await;
+                    audit
+                        .record(&principal, &path, &AuditNote::default(), status.code() as i32)
+                        .await;
                 }
                 return Ok(status.into_http());
             }

@@ -8,8 +8,8 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::state_machine::{Machine, StateMachineStore};
 use super::{
-    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_MEMBERSHIP,
-    KEY_DEFAULT_TEAM_LIMITS, KEY_NEXT_AUDIT_SEQUENCE, KEY_PLUGIN_SETTINGS, KEY_TEAMS, KEY_TEAM_LIMITS,
+    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_DEFAULT_TEAM_LIMITS, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS,
+    KEY_MEMBERSHIP, KEY_NEXT_AUDIT_SEQUENCE, KEY_PLUGIN_SETTINGS, KEY_TEAMS, KEY_TEAM_LIMITS,
 };
 use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
 use crate::{Changes, ClusterState, NodeAddr};
@@ -197,7 +197,11 @@ impl StateMachineStore {
         }
         // Entries appended and trimmed by the same batch are gone from the state: nothing to put.
         let first_kept = machine.state.audit.front().map_or(u64::MAX, |entry| entry.sequence);
-        for sequence in changes.audit_appended.iter().filter(|sequence| **sequence >= first_kept) {
+        for sequence in changes
+            .audit_appended
+            .iter()
+            .filter(|sequence| **sequence >= first_kept)
+        {
             let index = (sequence - first_kept) as usize;
             if let Some(entry) = machine.state.audit.get(index) {
                 batch.put_cf(cf, audit_key(*sequence), encode(entry));

@@ -119,7 +119,10 @@ pub(super) fn check_create_limits(state: &ClusterState, team: &str, at_ms: u64) 
                 team: team.to_string(),
                 limit: "creates_per_minute".to_string(),
                 value: limit,
-                detail: format!("{recent} agents created in the last {} s of log time", CREATE_WINDOW_MS / 1000),
+                detail: format!(
+                    "{recent} agents created in the last {} s of log time",
+                    CREATE_WINDOW_MS / 1000
+                ),
             });
         }
     }

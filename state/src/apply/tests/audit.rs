@@ -53,19 +53,16 @@ fn audit_entries_get_increasing_sequences_and_the_oldest_go_past_the_bound() {
     let batch: Vec<AuditEntry> = (0..MAX_AUDIT_ENTRIES_PER_COMMAND).map(|_| entry(1_000, "a")).collect();
     let commands = MAX_AUDIT_ENTRIES / MAX_AUDIT_ENTRIES_PER_COMMAND + 2;
     for _ in 0..commands {
-        run(
-            &mut state,
-            Command::RecordAudit {
-                entries: batch.clone(),
-            },
-        )
-        .expect("recorded");
+        run(&mut state, Command::RecordAudit { entries: batch.clone() }).expect("recorded");
     }
     assert_eq!(state.audit.len(), MAX_AUDIT_ENTRIES);
     let written = (commands * MAX_AUDIT_ENTRIES_PER_COMMAND) as u64;
     assert_eq!(state.next_audit_sequence, written);
     assert_eq!(state.audit.back().expect("entries").sequence, written - 1);
-    assert_eq!(state.audit.front().expect("entries").sequence, written - MAX_AUDIT_ENTRIES as u64);
+    assert_eq!(
+        state.audit.front().expect("entries").sequence,
+        written - MAX_AUDIT_ENTRIES as u64
+    );
     let too_many = run(
         &mut state,
         Command::RecordAudit {
@@ -78,13 +75,25 @@ fn audit_entries_get_increasing_sequences_and_the_oldest_go_past_the_bound() {
 #[test]
 fn audit_entries_older_than_the_age_bound_go_and_long_fields_are_refused() {
     let mut state = ClusterState::default();
-    run_at(&mut state, 1_000, Command::RecordAudit { entries: vec![entry(1_000, "old")] }).expect("recorded");
+    run_at(
+        &mut state,
+        1_000,
+        Command::RecordAudit {
+            entries: vec![entry(1_000, "old")],
+        },
+    )
+    .expect("recorded");
     let later = 1_000 + MAX_AUDIT_AGE_MS + 1;
     let mut changes = Changes::default();
     apply(
         &mut state,
         &mut changes,
-        &Request::at(later, Command::RecordAudit { entries: vec![entry(later, "new")] }),
+        &Request::at(
+            later,
+            Command::RecordAudit {
+                entries: vec![entry(later, "new")],
+            },
+        ),
     )
     .expect("recorded");
     assert_eq!(state.audit.len(), 1);
