@@ -33,4 +33,5 @@ mod t58_burst;
 mod t65_agent_failover;
 mod t70_teams;
 mod t71_audit_limits;
+mod t72_limits_across_nodes;
 mod t90_chaos;
