@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "flotilla/v1/cluster.proto",
                 "flotilla/v1/access.proto",
                 "flotilla/v1/settings.proto",
+                "flotilla/v1/audit.proto",
                 "flotilla/v1/internal.proto",
                 "flotilla/v1/secret.proto",
             ],

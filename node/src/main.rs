@@ -75,6 +75,16 @@ enum TopCommand {
         #[command(subcommand)]
         command: cli::ModelsCommand,
     },
+    /// Read the audit log of mutating calls (team admin: its team's; cluster-admin: all).
+    Audit {
+        #[command(subcommand)]
+        command: cli::AuditCommand,
+    },
+    /// Show or set per-team limits on agents (setting needs the cluster-admin key).
+    Limits {
+        #[command(subcommand)]
+        command: cli::LimitsCommand,
+    },
     /// Check a checkout's environment.json and print the machine plan.
     Env {
         #[command(subcommand)]
@@ -165,6 +175,14 @@ fn main() -> ExitCode {
             TopCommand::Models { command } => {
                 init_logging("warn");
                 cli::run_models(&client, command).await
+            }
+            TopCommand::Audit { command } => {
+                init_logging("warn");
+                cli::run_audit(&client, command).await
+            }
+            TopCommand::Limits { command } => {
+                init_logging("warn");
+                cli::run_limits(&client, command).await
             }
             TopCommand::Env {
                 command: EnvCommand::Check(args),

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use flotilla_state::command::{ApplyError, ApplyResult, Command, Request, Response};
 pub use flotilla_state::settings::*;
 pub use flotilla_state::types::*;
-pub use flotilla_state::{Changes, ClusterState};
+pub use flotilla_state::{audit, AuditEntry, Changes, ClusterState, TeamLimits};
 pub use handover::{CampaignRefused, Handover};
 pub use read_index::ReadError;
 pub use replica::{Readiness, Replica, ReplicaConfig, WriteError};

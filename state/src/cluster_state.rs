@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{AuditEntry, TeamLimits};
 use crate::types::{
     AgentId, AgentRecord, AgentStatus, Checkpoint, DurableEvent, NodeId, NodeRecord, PluginKey, PluginRecord,
     PluginUpload, TeamRecord, TokenRecord, UploadId,
@@ -51,12 +52,31 @@ pub struct ClusterState {
     /// Settings by team name; a team without an entry has the defaults.
     #[serde(default)]
     pub team_settings: BTreeMap<String, crate::settings::TeamSettings>,
+    /// The audit log, oldest first, bounded by [`crate::audit::MAX_AUDIT_ENTRIES`] and
+    /// [`crate::audit::MAX_AUDIT_AGE_MS`].
+    #[serde(default)]
+    pub audit: VecDeque<AuditEntry>,
+    /// The sequence number the next audit entry gets.
+    #[serde(default)]
+    pub next_audit_sequence: u64,
+    /// Limits per team, set by the cluster admin.
+    #[serde(default)]
+    pub team_limits: BTreeMap<String, TeamLimits>,
+    /// The limits of every team without its own.
+    #[serde(default)]
+    pub default_team_limits: TeamLimits,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,
     /// Non-terminal agents per owning node.
     #[serde(skip)]
     pub active_by_node: BTreeMap<NodeId, BTreeSet<AgentId>>,
+    /// Non-terminal agents per owning team (what `max_running_agents` counts).
+    #[serde(skip)]
+    pub live_by_team: BTreeMap<String, BTreeSet<AgentId>>,
+    /// Agents per owning team by creation time in the log (what `creates_per_minute` counts).
+    #[serde(skip)]
+    pub created_by_team: BTreeMap<String, BTreeSet<(u64, AgentId)>>,
 }
 
 /// Keys touched by applied commands since the last drain.
@@ -78,6 +98,10 @@ pub struct Changes {
     pub meta: bool,
     /// A secret was set or removed.
     pub secrets: bool,
+    /// Audit entries appended (by sequence).
+    pub audit_appended: Vec<u64>,
+    /// Audit entries dropped from the front (by sequence).
+    pub audit_trimmed: Vec<u64>,
 }
 
 impl ClusterState {
@@ -85,6 +109,8 @@ impl ClusterState {
     pub fn rebuild_indexes(&mut self) {
         self.pending.clear();
         self.active_by_node.clear();
+        self.live_by_team.clear();
+        self.created_by_team.clear();
         let ids: Vec<AgentId> = self.agents.keys().copied().collect();
         for id in ids {
             self.index_agent(id);
@@ -93,8 +119,23 @@ impl ClusterState {
 
     pub(crate) fn index_agent(&mut self, id: AgentId) {
         let Some(agent) = self.agents.get(&id) else {
+            for set in self.live_by_team.values_mut() {
+                set.remove(&id);
+            }
             return;
         };
+        let team = crate::types::owning_team(&agent.spec.team).to_string();
+        self.created_by_team
+            .entry(team.clone())
+            .or_default()
+            .insert((agent.created_at_ms, id));
+        if agent.status.is_terminal() {
+            if let Some(set) = self.live_by_team.get_mut(&team) {
+                set.remove(&id);
+            }
+        } else {
+            self.live_by_team.entry(team).or_default().insert(id);
+        }
         if agent.status == AgentStatus::Pending && agent.assignment.is_none() {
             self.pending.insert(id);
         } else {
@@ -133,6 +174,16 @@ impl ClusterState {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// At most `limit` durable events of an agent after `after_sequence`, oldest first: what a
+    /// watcher replays in one step, so one read copies a bounded part of a long history.
+    pub fn events_after_bounded(&self, agent: AgentId, after_sequence: u64, limit: usize) -> Vec<DurableEvent> {
+        let Some(events) = self.events.get(&agent) else {
+            return Vec::new();
+        };
+        let start = events.partition_point(|event| event.sequence <= after_sequence);
+        events.range(start..).take(limit).cloned().collect()
     }
 
     /// The whole component of a plugin version, its chunks joined; `None` when the version is
@@ -178,6 +229,15 @@ impl ClusterState {
             team
         };
         self.team_settings.get(team).cloned().unwrap_or_default()
+    }
+
+    /// The limits `team` is held to: its own where set, else the cluster default.
+    pub fn limits_of(&self, team: &str) -> TeamLimits {
+        self.team_limits
+            .get(team)
+            .copied()
+            .unwrap_or_default()
+            .or(self.default_team_limits)
     }
 
     /// The oldest durable sequence still retained for an agent.

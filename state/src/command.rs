@@ -329,6 +329,17 @@ pub enum Command {
     PurgeEndedAgents {
         agents: Vec<AgentId>,
     },
+    /// Appends audit entries (their sequence numbers are assigned here) and drops those past
+    /// [`crate::audit::MAX_AUDIT_ENTRIES`] or [`crate::audit::MAX_AUDIT_AGE_MS`].
+    RecordAudit {
+        entries: Vec<crate::audit::AuditEntry>,
+    },
+    /// Replaces the limits of `team` (`None`: the cluster default every team without its own
+    /// falls back to).
+    SetTeamLimits {
+        team: Option<String>,
+        limits: crate::audit::TeamLimits,
+    },
 }
 
 impl Command {
@@ -412,6 +423,7 @@ impl Command {
                 }
                 Command::SetTeamSetting { team, name, value } => team.len() + name.len() + value.len(),
                 Command::PurgeEndedAgents { agents } => agents.len() * 24,
+                Command::RecordAudit { entries } => entries.len() * 160,
                 _ => 0,
             }
     }
@@ -457,6 +469,8 @@ impl Command {
             Command::SetTeamSetting { .. } => "set-team-setting",
             Command::DeleteAgent { .. } => "delete-agent",
             Command::PurgeEndedAgents { .. } => "purge-ended-agents",
+            Command::RecordAudit { .. } => "record-audit",
+            Command::SetTeamLimits { .. } => "set-team-limits",
         }
     }
 }
@@ -575,6 +589,14 @@ pub enum ApplyError {
     TooManyJoinTokens { limit: usize },
     #[error("secret {name} ({scope}) not found")]
     SecretNotFound { scope: String, name: String },
+    /// A team's limit (`max_running_agents`, `creates_per_minute`) refused the command.
+    #[error("team {team} is at its limit {limit} = {value}: {detail}")]
+    LimitReached {
+        team: String,
+        limit: String,
+        value: u32,
+        detail: String,
+    },
 }
 
 /// What an applied command answers.
@@ -605,6 +627,16 @@ pub enum Response {
     TeamSettings(Box<crate::settings::TeamSettings>),
     /// The agents a purge removed.
     Purged(Vec<AgentId>),
+    /// The sequence numbers the audit entries of a `RecordAudit` were given.
+    Audited {
+        first: u64,
+        count: u64,
+    },
+    /// A team's limits as set (`team` `None`: the cluster default).
+    TeamLimits {
+        team: Option<String>,
+        limits: crate::audit::TeamLimits,
+    },
 }
 
 /// `C::R` of the Raft type config: a refusal is a normal, replicated outcome.

@@ -15,12 +15,14 @@
 //! - [`apply`](mod@apply): the one pure function from a state and a request to the next state, one
 //!   file per command family.
 //! - [`invariants`]: what every state `apply` produces satisfies, as a checker.
+//! - [`audit`]: the audit log's entries and the per-team limits `apply` enforces.
 //! - [`placement`]: which node runs each pending agent, a pure decision the scheduler writes.
 //!
 //! The same log gives the same state on every node because `apply` reads no clock and no
 //! randomness: the proposer stamps the time into the request.
 
 pub mod apply;
+pub mod audit;
 pub mod cluster_state;
 pub mod command;
 pub mod host_pattern;
@@ -31,6 +33,7 @@ pub mod settings;
 pub mod types;
 
 pub use apply::{apply, apply_in_term};
+pub use audit::{AuditEntry, TeamLimits};
 pub use cluster_state::{Changes, ClusterState, MAX_EVENTS_PER_AGENT, MAX_FOLLOW_UPS_PER_AGENT};
 pub use command::{ApplyError, ApplyResult, AssignOne, Command, Request, Response};
 pub use invariants::{check_invariants, InvariantViolation};

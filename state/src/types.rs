@@ -312,6 +312,16 @@ impl NodeRecord {
 /// The team every agent, key and setting without a team of its own belongs to: agents created
 /// before teams existed, and agents created by the cluster-admin key. It always exists.
 pub const DEFAULT_TEAM: &str = "default";
+/// The team a record with `team` belongs to: an empty team is [`DEFAULT_TEAM`] (agents and keys
+/// written before teams existed).
+pub fn owning_team(team: &str) -> &str {
+    if team.is_empty() {
+        DEFAULT_TEAM
+    } else {
+        team
+    }
+}
+
 /// Longest team and user name, in bytes.
 pub const MAX_NAME_BYTES: usize = 63;
 /// Most teams and most keys the cluster keeps: each is a small record read on every call.

@@ -34,5 +34,7 @@ mod t58_burst;
 mod t60_secrets;
 mod t65_agent_failover;
 mod t70_teams;
-mod t72_settings_retention;
+mod t71_audit_limits;
+mod t72_limits_across_nodes;
+mod t73_settings_retention;
 mod t90_chaos;

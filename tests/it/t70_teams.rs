@@ -30,6 +30,24 @@ pub(crate) fn settings_client(endpoint: &str, key: &str) -> SettingsClient {
     SettingsServiceClient::with_interceptor(flotilla_tests::channel(endpoint), BearerAuth::new(key))
 }
 
+type AuditClient = flotilla_proto::v1::audit_service_client::AuditServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerAuth>,
+>;
+type LimitsClient = flotilla_proto::v1::limits_service_client::LimitsServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerAuth>,
+>;
+
+fn audit_and_limits_clients(endpoint: &str, key: &str) -> (AuditClient, LimitsClient) {
+    let channel = flotilla_tests::channel(endpoint);
+    (
+        flotilla_proto::v1::audit_service_client::AuditServiceClient::with_interceptor(
+            channel.clone(),
+            BearerAuth::new(key),
+        ),
+        flotilla_proto::v1::limits_service_client::LimitsServiceClient::with_interceptor(channel, BearerAuth::new(key)),
+    )
+}
+
 fn access_client(endpoint: &str, key: &str) -> AccessClient {
     AccessServiceClient::with_interceptor(flotilla_tests::channel(endpoint), BearerAuth::new(key))
 }
@@ -85,6 +103,7 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
         BearerAuth::new(key),
     );
     let mut settings = settings_client(endpoint, key);
+    let (mut audit, mut limits) = audit_and_limits_clients(endpoint, key);
     let id = agent.to_string();
     let plugin = || v1::PluginRef {
         name: "git".to_string(),
@@ -214,6 +233,22 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
             .await
             .map(drop),
         "SettingsService/ListModels" => settings.list_models(v1::ListModelsRequest::default()).await.map(drop),
+        "AuditService/ListAuditEvents" => audit
+            .list_audit_events(v1::ListAuditEventsRequest::default())
+            .await
+            .map(drop),
+        "LimitsService/GetTeamLimits" => limits
+            .get_team_limits(v1::GetTeamLimitsRequest::default())
+            .await
+            .map(drop),
+        "LimitsService/SetTeamLimits" => limits
+            .set_team_limits(v1::SetTeamLimitsRequest {
+                team: "red".to_string(),
+                max_running_agents: 100,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
         other => panic!("no row for method {other}: add it to the table of t70"),
     }
 }
@@ -271,7 +306,11 @@ fn expected(who: &str, method: &str) -> Expect {
             "CreateKey" | "ListKeys" | "RevokeKey" if who == "red-admin" => Expect::Allowed,
             _ => Expect::Denied,
         },
-        // Nodes, membership and plugins: the cluster-admin key only.
+        // A team admin reads its own team's audit entries.
+        "AuditService" if who == "red-admin" => Expect::Allowed,
+        // Every key reads its own team's limits; only the cluster admin sets them.
+        "LimitsService" if name == "GetTeamLimits" => Expect::Allowed,
+        // Nodes, membership, plugins and limits: the cluster-admin key only.
         _ => Expect::Denied,
     }
 }

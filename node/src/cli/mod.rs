@@ -8,6 +8,7 @@
 
 mod access;
 mod attach;
+mod audit;
 mod client;
 mod json;
 mod plugin;
@@ -26,6 +27,7 @@ use flotilla_proto::v1::{
 };
 
 pub use access::{KeyCommand, TeamCommand};
+pub use audit::{AuditCommand, LimitsCommand};
 pub use plugin::PluginCommand;
 pub use secret::SecretCommand;
 pub use settings::{ModelsCommand, SettingsCommand};
@@ -291,6 +293,14 @@ pub async fn run_settings(args: &ClientArgs, cmd: SettingsCommand) -> anyhow::Re
 
 pub async fn run_models(args: &ClientArgs, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
     Ok(finish(settings::models_command(args, cmd).await))
+}
+
+pub async fn run_audit(args: &ClientArgs, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(audit::audit_command(args, cmd).await))
+}
+
+pub async fn run_limits(args: &ClientArgs, cmd: LimitsCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(audit::limits_command(args, cmd).await))
 }
 
 pub async fn run_plugin(args: &ClientArgs, cmd: PluginCommand) -> anyhow::Result<ExitCode> {

@@ -8,6 +8,7 @@ use flotilla_proto::v1::access_service_server::AccessService;
 use flotilla_raft::{key_id_of, Command, Replica, Response, Role, TeamRecord, TokenRecord, DEFAULT_TEAM};
 use tonic::{Request, Status};
 
+use super::audit::{note_of, note_target};
 use super::auth::{new_token, principal, token_digest};
 use super::authz::{owning_team, Principal};
 use super::status::read_status;
@@ -67,6 +68,7 @@ impl AccessApi {
 #[tonic::async_trait]
 impl AccessService for AccessApi {
     async fn create_team(&self, request: Request<v1::CreateTeamRequest>) -> Result<tonic::Response<v1::Team>, Status> {
+        note_target(&request, request.get_ref().name.clone(), Some(&request.get_ref().name));
         let name = request.into_inner().name;
         if let Some(problem) = flotilla_raft::name_problem(&name) {
             return Err(Status::invalid_argument(format!("name: {problem}")));
@@ -98,6 +100,7 @@ impl AccessService for AccessApi {
         request: Request<v1::CreateKeyRequest>,
     ) -> Result<tonic::Response<v1::CreateKeyResponse>, Status> {
         let caller = principal(&request)?;
+        let audit_note = note_of(&request);
         let body = request.into_inner();
         let team = if body.team.is_empty() {
             caller.team.clone()
@@ -105,6 +108,7 @@ impl AccessService for AccessApi {
             body.team
         };
         refuse_other_team(&caller, &team)?;
+        audit_note.set("", Some(&team));
         let role = Role::from_name(&body.role).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "role: {:?} is not a role; use viewer, member, admin or cluster-admin",
@@ -127,6 +131,7 @@ impl AccessService for AccessApi {
             )));
         }
         let secret = new_token();
+        let team_name = team.clone();
         let command = Command::CreateKey {
             sha256_hex: token_digest(&secret),
             team,
@@ -136,6 +141,7 @@ impl AccessService for AccessApi {
         };
         match self.replica.write(command).await {
             Ok(Response::Key(record)) => {
+                audit_note.set(record.key_id.clone(), Some(&team_name));
                 tracing::info!(key = %record.key_id, team = %record.team, user = %record.name, role = %record.role, by = %caller.key_id, "key created");
                 Ok(tonic::Response::new(v1::CreateKeyResponse {
                     key: Some(key(&record)),
@@ -187,7 +193,9 @@ impl AccessService for AccessApi {
 
     async fn revoke_key(&self, request: Request<v1::RevokeKeyRequest>) -> Result<tonic::Response<v1::Key>, Status> {
         let caller = principal(&request)?;
+        let audit_note = note_of(&request);
         let id = request.into_inner().id;
+        audit_note.set(id.clone(), None);
         if id.is_empty() {
             return Err(Status::invalid_argument(
                 "id: required (a key id as `key list` shows it)",
@@ -203,7 +211,7 @@ impl AccessService for AccessApi {
         });
         // Another team's key answers like an unknown one: key ids do not leak across teams.
         match owner {
-            Some(team) if caller.manages_keys_of(&team) => {}
+            Some(team) if caller.manages_keys_of(&team) => audit_note.set(id.clone(), Some(&team)),
             _ => return Err(key_not_found(&id)),
         }
         match self.replica.write(Command::RevokeKey { key_id: id }).await {

@@ -302,6 +302,7 @@ impl AdminService for AdminApi {
             .validator
             .clone()
             .ok_or_else(|| Status::unimplemented(UPLOAD_UNAVAILABLE))?;
+        let audit_note = super::audit::note_of(&request);
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(v1::UploadPluginRequest {
@@ -314,6 +315,7 @@ impl AdminService for AdminApi {
             }
             None => return Err(invalid("the upload ended before its header".to_string())),
         };
+        audit_note.set(format!("{}@{}", header.name, header.version), None);
         let (key, granted_hosts) = self.check_header(&header)?;
         let bytes = read_chunks(&mut stream, &key).await?;
         let record = self
@@ -357,6 +359,11 @@ impl AdminService for AdminApi {
     }
 
     async fn enable_plugin(&self, request: Request<v1::PluginRef>) -> Result<tonic::Response<v1::Plugin>, Status> {
+        super::audit::note_target(
+            &request,
+            format!("{}@{}", request.get_ref().name, request.get_ref().version),
+            None,
+        );
         let body = request.into_inner();
         validate::plugin_ref(&body.name, &body.version)?;
         self.write_plugin_command(Command::SetPluginEnabled {
@@ -368,6 +375,11 @@ impl AdminService for AdminApi {
     }
 
     async fn disable_plugin(&self, request: Request<v1::PluginRef>) -> Result<tonic::Response<v1::Plugin>, Status> {
+        super::audit::note_target(
+            &request,
+            format!("{}@{}", request.get_ref().name, request.get_ref().version),
+            None,
+        );
         let body = request.into_inner();
         validate::plugin_ref(&body.name, &body.version)?;
         self.write_plugin_command(Command::SetPluginEnabled {
@@ -382,6 +394,11 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::PluginRef>,
     ) -> Result<tonic::Response<v1::RemovePluginResponse>, Status> {
+        super::audit::note_target(
+            &request,
+            format!("{}@{}", request.get_ref().name, request.get_ref().version),
+            None,
+        );
         let body = request.into_inner();
         validate::plugin_ref(&body.name, &body.version)?;
         let response = self
@@ -401,6 +418,11 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::GrantHostsRequest>,
     ) -> Result<tonic::Response<v1::Plugin>, Status> {
+        super::audit::note_target(
+            &request,
+            format!("{}@{}", request.get_ref().name, request.get_ref().version),
+            None,
+        );
         let body = request.into_inner();
         validate::plugin_ref(&body.name, &body.version)?;
         let hosts = validate::granted_hosts("hosts", &body.hosts)?;
@@ -416,6 +438,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::ConfigurePluginRequest>,
     ) -> Result<tonic::Response<v1::ConfigurePluginResponse>, Status> {
+        super::audit::note_target(&request, request.get_ref().name.clone(), None);
         let body = request.into_inner();
         flotilla_raft::validate_plugin_name(&body.name).map_err(|error| invalid(format!("name: {error}")))?;
         let settings: std::collections::BTreeMap<String, String> = body.settings.into_iter().collect();

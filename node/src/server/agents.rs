@@ -28,6 +28,14 @@ use super::{convert, validate, write_status};
 pub const WATCH_BUFFER_MESSAGES: usize = 256;
 /// How often a watch looks whether its agent was deleted (a deletion produces no event).
 pub const WATCH_DELETE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// Durable events a watcher copies from the state in one step of its replay.
+pub const WATCH_REPLAY_STEP_EVENTS: usize = 64;
+/// Most bytes of agents in one `ListAgents` page (a prompt alone may be 256 KiB): a page that
+/// reaches it is short and has a next token.
+pub const MAX_LIST_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Most agent records one `ListAgents` page looks at under the state's lock, matching or not;
+/// a search that finds little answers a short page with a next token rather than scan on.
+pub const MAX_LIST_SCANNED: usize = 50_000;
 
 pub struct AgentApi {
     pub replica: Replica,
@@ -166,6 +174,19 @@ impl AgentApi {
 
     /// Brings this node's state up to every write the cluster acknowledged (a read barrier):
     /// reads after it answer the same through any node.
+    /// Names the team of an agent the caller was found to see in the call's audit entry.
+    fn note_team(&self, note: &super::audit::AuditNote, id: AgentId) {
+        let team = self.replica.reader().read(|state| {
+            state
+                .agents
+                .get(&id)
+                .map(|record| crate::server::authz::owning_team(&record.spec.team).to_string())
+        });
+        if let Some(team) = team {
+            note.set(id.to_string(), Some(&team));
+        }
+    }
+
     async fn settle(&self) -> Result<(), Status> {
         self.replica.read_barrier().await.map(|_| ()).map_err(read_status)
     }
@@ -217,6 +238,7 @@ impl AgentService for AgentApi {
         request: Request<v1::CreateAgentRequest>,
     ) -> Result<tonic::Response<v1::CreateAgentResponse>, Status> {
         let caller = principal(&request)?;
+        let audit_note = super::audit::note_of(&request);
         let mut body = request.into_inner();
         validate::prompt("prompt", &body.prompt, validate::MAX_PROMPT_BYTES)?;
         // The team's settings as this node holds them: a change made through this node applies
@@ -286,6 +308,8 @@ impl AgentService for AgentApi {
             }
         }
         let id = AgentId::new();
+        // The new agent's id, never its prompt.
+        audit_note.set(id.to_string(), Some(&caller.team));
         let name = if body.name.trim().is_empty() {
             validate::name_from_prompt(&body.prompt)
         } else {
@@ -373,52 +397,55 @@ impl AgentService for AgentApi {
         };
         let needle = body.search.to_lowercase();
         self.settle().await?;
-        let (agents, more) = self.replica.reader().read(|state| {
-            let hidden = |team: &str| caller.summary_hidden(team, &state.settings_of(team));
+        let (agents, resume_after) = self.replica.reader().read(|state| {
+            // Whether the caller sees a team's summaries, once per team of the page.
+            let mut hidden_by_team: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+            let mut hidden = |team: &str| {
+                *hidden_by_team
+                    .entry(team.to_string())
+                    .or_insert_with(|| caller.summary_hidden(team, &state.settings_of(team)))
+            };
+            let wanted = |record: &AgentRecord, hide: bool| {
+                caller.sees_team(&record.spec.team)
+                    && (statuses.is_empty() || statuses.contains(&record.status))
+                    && (body.repository.is_empty() || record.spec.repository == body.repository)
+                    && (body.region.is_empty() || record.spec.region.as_deref() == Some(body.region.as_str()))
+                    && (needle.is_empty() || matches_search(record, &needle, hide))
+            };
             let range = match after {
                 Some(after) => state.agents.range(..after),
                 None => state.agents.range(..),
             };
+            // The page ends at `page_size` agents, at `MAX_LIST_PAGE_BYTES` of them, or after
+            // `MAX_LIST_SCANNED` records looked at, whichever comes first; the token then
+            // resumes after the last record looked at.
             let mut page: Vec<v1::Agent> = Vec::with_capacity(page_size);
-            let mut more = false;
-            for record in range.rev().map(|(_, record)| record) {
-                if !caller.sees_team(&record.spec.team) {
-                    continue;
-                }
-                if !statuses.is_empty() && !statuses.contains(&record.status) {
-                    continue;
-                }
-                if !body.repository.is_empty() && record.spec.repository != body.repository {
-                    continue;
-                }
-                if !body.region.is_empty() && record.spec.region.as_deref() != Some(body.region.as_str()) {
-                    continue;
+            let mut page_bytes = 0;
+            let mut last_examined = None;
+            for (scanned, (id, record)) in range.rev().enumerate() {
+                if scanned == MAX_LIST_SCANNED || page.len() == page_size {
+                    return (page, last_examined);
                 }
                 let hide = hidden(&record.spec.team);
-                if !needle.is_empty() && !matches_search(record, &needle, hide) {
-                    continue;
+                if wanted(record, hide) {
+                    let mut agent = convert::agent(record);
+                    if hide {
+                        super::visibility::hide_agent(&mut agent);
+                    }
+                    let bytes = agent.encoded_len();
+                    if !page.is_empty() && page_bytes + bytes > MAX_LIST_PAGE_BYTES {
+                        return (page, last_examined);
+                    }
+                    page_bytes += bytes;
+                    page.push(agent);
                 }
-                if page.len() == page_size {
-                    more = true;
-                    break;
-                }
-                let mut agent = convert::agent(record);
-                if hide {
-                    super::visibility::hide_agent(&mut agent);
-                }
-                page.push(agent);
+                last_examined = Some(*id);
             }
-            (page, more)
+            (page, None)
         });
-        let next_page_token = match (more, agents.last()) {
-            (true, Some(last)) => encode_page_token(&PageToken {
-                after: last
-                    .id
-                    .parse()
-                    .map_err(|_| Status::internal("stored agent id is not a ULID"))?,
-                filter: digest,
-            }),
-            _ => String::new(),
+        let next_page_token = match resume_after {
+            Some(after) => encode_page_token(&PageToken { after, filter: digest }),
+            None => String::new(),
         };
         Ok(tonic::Response::new(v1::ListAgentsResponse {
             agents,
@@ -488,14 +515,20 @@ impl AgentService for AgentApi {
             let scripted = record.scripted;
             loop {
                 // Catch up from the state: covers the first replay and any lag of the broadcast.
-                let missed = reader.agent_events_after(id, last);
-                for event in missed {
-                    last = event.sequence;
-                    if send_event(&sender, present(convert::event(&event, scripted)))
-                        .await
-                        .is_err()
-                    {
-                        return;
+                // In steps, so a long history is never copied whole.
+                loop {
+                    let missed = reader.agent_events_after_bounded(id, last, WATCH_REPLAY_STEP_EVENTS);
+                    if missed.is_empty() {
+                        break;
+                    }
+                    for event in missed {
+                        last = event.sequence;
+                        if send_event(&sender, present(convert::event(&event, scripted)))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
                 }
                 let finished = reader.read(|state| {
@@ -562,10 +595,13 @@ impl AgentService for AgentApi {
         request: Request<v1::SendFollowUpRequest>,
     ) -> Result<tonic::Response<v1::SendFollowUpResponse>, Status> {
         let caller = principal(&request)?;
+        let audit_note = super::audit::note_of(&request);
         let body = request.into_inner();
         let id = validate::agent_id(&body.id)?;
+        audit_note.set(id.to_string(), None);
         validate::prompt("text", &body.text, validate::MAX_FOLLOW_UP_BYTES)?;
         self.require_acknowledged(&caller, id).await?;
+        self.note_team(&audit_note, id);
         match self
             .replica
             .write(Command::FollowUp {
@@ -585,12 +621,15 @@ impl AgentService for AgentApi {
 
     async fn stop_agent(&self, request: Request<v1::StopAgentRequest>) -> Result<tonic::Response<v1::Agent>, Status> {
         let caller = principal(&request)?;
+        let audit_note = super::audit::note_of(&request);
         let body = request.into_inner();
         let id = validate::agent_id(&body.id)?;
+        audit_note.set(id.to_string(), None);
         if body.reason.len() > validate::MAX_REASON_BYTES {
             return Err(invalid(format!("reason: at most {} bytes", validate::MAX_REASON_BYTES)));
         }
         self.require_acknowledged(&caller, id).await?;
+        self.note_team(&audit_note, id);
         let reason = if body.reason.is_empty() {
             "stopped by request".to_string()
         } else {
@@ -608,8 +647,11 @@ impl AgentService for AgentApi {
         request: Request<v1::DeleteAgentRequest>,
     ) -> Result<tonic::Response<v1::DeleteAgentResponse>, Status> {
         let caller = principal(&request)?;
+        let audit_note = super::audit::note_of(&request);
         let id = validate::agent_id(&request.get_ref().id)?;
+        audit_note.set(id.to_string(), None);
         self.require_acknowledged(&caller, id).await?;
+        self.note_team(&audit_note, id);
         match self.replica.write(Command::DeleteAgent { agent: id }).await {
             Ok(Response::Agent(agent)) => {
                 tracing::info!(agent = %id, team = %agent.spec.team, by = %caller.key_id, "agent deleted");
@@ -632,6 +674,7 @@ impl AgentService for AgentApi {
     ) -> Result<tonic::Response<Self::AttachStream>, Status> {
         let caller = principal(&request)?;
         let authorization = request.metadata().get("authorization").cloned();
+        let audit_note = super::audit::note_of(&request);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -641,7 +684,12 @@ impl AgentService for AgentApi {
             return Err(invalid("attach: the first message must be `open`".to_string()));
         };
         let id = validate::agent_id(&open.agent_id)?;
+        audit_note.set(id.to_string(), None);
         let record = self.find_visible(&caller, id).await?;
+        audit_note.set(
+            id.to_string(),
+            Some(crate::server::authz::owning_team(&record.spec.team)),
+        );
         if record.status.is_terminal() {
             return Err(Status::failed_precondition(format!(
                 "agent {id} is {}; its machine is gone",

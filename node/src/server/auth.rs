@@ -30,6 +30,7 @@ pub fn new_token() -> String {
     format!("flt_{}", hex::encode(bytes))
 }
 
+use super::audit::{mutates, response_code, AuditNote, AuditRecorder};
 pub use super::authz::Principal;
 use super::authz::{authorize, owning_team};
 
@@ -48,6 +49,7 @@ pub const MAX_TOKEN_LOOKUPS: usize = 64;
 pub struct TokenCheck {
     replica: Replica,
     lookups: Arc<Semaphore>,
+    audit: Option<AuditRecorder>,
 }
 
 impl TokenCheck {
@@ -55,7 +57,23 @@ impl TokenCheck {
         TokenCheck {
             replica,
             lookups: Arc::new(Semaphore::new(MAX_TOKEN_LOOKUPS)),
+            audit: None,
         }
+    }
+
+    /// Records the mutating calls the check lets through (and those it refuses to a known key)
+    /// with `recorder`.
+    pub fn with_audit(mut self, recorder: AuditRecorder) -> TokenCheck {
+        self.audit = Some(recorder);
+        self
+    }
+
+    /// Who a key this node holds belongs to, expired or not: for the audit entry of a refusal.
+    fn holder(&self, headers: &http::HeaderMap) -> Option<Principal> {
+        let digest = token_digest(bearer_token(headers).ok()?);
+        let mut record = self.replica.reader().read(|state| state.tokens.get(&digest).cloned())?;
+        record.expires_at_ms = None;
+        principal_of(&record, 0).ok()
     }
 
     /// The key's principal from this node's replica: `None` when this node does not hold it, an
@@ -183,17 +201,37 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tokens = self.tokens.clone();
         Box::pin(async move {
-            let checked = tokens.principal(request.headers()).await.and_then(|principal| {
-                authorize(&principal, request.uri().path())?;
-                Ok(principal)
-            });
-            match checked {
-                Ok(principal) => {
-                    request.extensions_mut().insert(principal);
-                    inner.call(request).await
+            let path = request.uri().path().to_string();
+            let audit = tokens.audit.clone().filter(|_| mutates(&path));
+            let principal = match tokens.principal(request.headers()).await {
+                Ok(principal) => principal,
+                Err(status) => {
+                    // A refused key this node holds (expired) is recorded; an unknown one is
+                    // not: it names nobody, and anyone could fill the log with them.
+                    if let (Some(audit), Some(holder)) = (&audit, tokens.holder(request.headers())) {
+                        audit
+                            .record(&holder, &path, &AuditNote::default(), status.code() as i32)
+                            .await;
+                    }
+                    return Ok(status.into_http());
                 }
-                Err(status) => Ok(status.into_http()),
+            };
+            if let Err(status) = authorize(&principal, &path) {
+                if let Some(audit) = &audit {
+                    audit
+                        .record(&principal, &path, &AuditNote::default(), status.code() as i32)
+                        .await;
+                }
+                return Ok(status.into_http());
             }
+            let note = AuditNote::default();
+            request.extensions_mut().insert(note.clone());
+            request.extensions_mut().insert(principal.clone());
+            let response = inner.call(request).await?;
+            if let Some(audit) = &audit {
+                audit.record(&principal, &path, &note, response_code(&response)).await;
+            }
+            Ok(response)
         })
     }
 }

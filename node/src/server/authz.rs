@@ -78,6 +78,11 @@ pub const METHOD_PERMISSIONS: &[(&str, Permission)] = &[
     ("/flotilla.v1.SettingsService/GetSettings", Permission::ReadAgents),
     ("/flotilla.v1.SettingsService/SetSetting", Permission::ManageSettings),
     ("/flotilla.v1.SettingsService/ListModels", Permission::ReadAgents),
+    // A team admin reads its own team's entries (checked by the service), the cluster admin all.
+    ("/flotilla.v1.AuditService/ListAuditEvents", Permission::ManageKeys),
+    // A team's keys read their own team's limits; only the cluster admin sets them.
+    ("/flotilla.v1.LimitsService/GetTeamLimits", Permission::ReadAgents),
+    ("/flotilla.v1.LimitsService/SetTeamLimits", Permission::ClusterAdmin),
 ];
 
 /// What `path` (`/package.Service/Method`) needs; `None` for a method without a rule.

@@ -160,6 +160,7 @@ impl ClusterService for ClusterApi {
 
     async fn add_node(&self, request: Request<v1::AddNodeRequest>) -> Result<tonic::Response<v1::Cluster>, Status> {
         let node = request.get_ref().node_id;
+        super::audit::note_target(&request, format!("node {node}"), None);
         self.require_node(node).await?;
         self.on_leader(|| async {
             if let Some(mut leader) = self.leader_client()? {
@@ -183,6 +184,7 @@ impl ClusterService for ClusterApi {
         request: Request<v1::RemoveNodeRequest>,
     ) -> Result<tonic::Response<v1::Cluster>, Status> {
         let node = request.get_ref().node_id;
+        super::audit::note_target(&request, format!("node {node}"), None);
         self.require_node(node).await?;
         self.on_leader(|| async {
             if let Some(mut leader) = self.leader_client()? {
@@ -205,6 +207,7 @@ impl ClusterService for ClusterApi {
     }
 
     async fn drain_node(&self, request: Request<v1::DrainNodeRequest>) -> Result<tonic::Response<v1::Cluster>, Status> {
+        super::audit::note_target(&request, format!("node {}", request.get_ref().node_id), None);
         let body = request.into_inner();
         self.require_node(body.node_id).await?;
         self.replica

@@ -4,6 +4,8 @@
 pub mod access;
 pub mod admin;
 pub mod agents;
+pub mod audit;
+pub mod audit_api;
 pub mod auth;
 pub mod authz;
 pub mod cluster;
@@ -732,7 +734,7 @@ async fn serve(
         health: health_reporter,
         kek,
     } = services;
-    let tokens = auth::TokenCheck::new(replica.clone());
+    let tokens = auth::TokenCheck::new(replica.clone()).with_audit(audit::AuditRecorder::start(replica.clone()));
     let health_service = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(health_reporter.clone()),
     );
@@ -782,6 +784,12 @@ async fn serve(
             replica: replica.clone(),
             models,
         });
+    let audit_service = flotilla_proto::v1::audit_service_server::AuditServiceServer::new(audit_api::AuditApi {
+        replica: replica.clone(),
+    });
+    let limits_service = flotilla_proto::v1::limits_service_server::LimitsServiceServer::new(audit_api::LimitsApi {
+        replica: replica.clone(),
+    });
     let internal_service = InternalServer::new(internal::InternalApi { replica, liveness, kek })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
@@ -794,7 +802,9 @@ async fn serve(
         .add_service(auth::Authenticated::new(admin_service, tokens.clone()))
         .add_service(auth::Authenticated::new(access_service, tokens.clone()))
         .add_service(auth::Authenticated::new(secret_service, tokens.clone()))
-        .add_service(auth::Authenticated::new(settings_service, tokens))
+        .add_service(auth::Authenticated::new(settings_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(audit_service, tokens.clone()))
+        .add_service(auth::Authenticated::new(limits_service, tokens))
         .add_service(enrollment_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             internal_service,

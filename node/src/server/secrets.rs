@@ -249,6 +249,14 @@ pub fn can_manage_secrets(principal: &Principal, scope: &SecretScope) -> Result<
     }
 }
 
+/// The team a secret of `scope` belongs to, for the audit log.
+fn scope_team(scope: &SecretScope) -> Option<&str> {
+    match scope {
+        SecretScope::Cluster => None,
+        SecretScope::Team { team } | SecretScope::User { team, .. } => Some(team),
+    }
+}
+
 /// Whether `principal` sees a secret of `scope` in a list.
 fn can_see(principal: &Principal, scope: &SecretScope) -> bool {
     match scope {
@@ -283,8 +291,11 @@ pub struct SecretApi {
 impl SecretService for SecretApi {
     async fn set_secret(&self, request: Request<v1::SetSecretRequest>) -> Result<Response<v1::SecretInfo>, Status> {
         let caller = principal(&request)?;
+        let audit_note = super::audit::note_of(&request);
         let body = request.into_inner();
         let scope = requested_scope(&caller, body.scope, &body.team)?;
+        // The secret's name and scope, never its value.
+        audit_note.set(format!("{scope}/{}", body.name), scope_team(&scope));
         can_manage_secrets(&caller, &scope)?;
         validate_secret_name(&scope, &body.name).map_err(Status::invalid_argument)?;
         if body.value.is_empty() || body.value.len() > MAX_SECRET_VALUE_BYTES {
@@ -328,8 +339,11 @@ impl SecretService for SecretApi {
         request: Request<v1::RemoveSecretRequest>,
     ) -> Result<Response<v1::RemoveSecretResponse>, Status> {
         let caller = principal(&request)?;
+        let audit_note = super::audit::note_of(&request);
         let body = request.into_inner();
         let scope = requested_scope(&caller, body.scope, &body.team)?;
+        // The secret's name and scope, never its value.
+        audit_note.set(format!("{scope}/{}", body.name), scope_team(&scope));
         can_manage_secrets(&caller, &scope)?;
         self.replica
             .write(Command::RemoveSecret { scope, name: body.name })

@@ -111,8 +111,10 @@ impl SettingsService for SettingsApi {
         request: Request<v1::SetSettingRequest>,
     ) -> Result<tonic::Response<v1::TeamSettings>, Status> {
         let caller = principal(&request)?;
+        let audit_note = super::audit::note_of(&request);
         let body = request.into_inner();
         let team = team_for(&caller, &body.team)?;
+        audit_note.set(body.name.clone(), Some(&team));
         if !SETTING_NAMES.contains(&body.name.as_str()) {
             return Err(Status::invalid_argument(format!(
                 "name: unknown setting {:?}; settings: {}",

@@ -77,7 +77,7 @@ pub fn write_status(error: WriteError) -> Status {
                 ApplyError::Invalid(_) => Status::invalid_argument(message),
                 ApplyError::TeamNotFound(_) | ApplyError::KeyNotFound(_) => Status::not_found(message),
                 ApplyError::TeamExists(_) | ApplyError::KeyExists => Status::already_exists(message),
-                ApplyError::TooMany { .. } => Status::resource_exhausted(message),
+                ApplyError::TooMany { .. } | ApplyError::LimitReached { .. } => Status::resource_exhausted(message),
                 ApplyError::JoinTokenUnknown | ApplyError::JoinTokenExpired { .. } => Status::unauthenticated(message),
                 ApplyError::TooManyJoinTokens { .. } => Status::resource_exhausted(message),
             }

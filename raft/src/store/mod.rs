@@ -67,6 +67,9 @@ const KEY_JOIN_TOKENS: &[u8] = b"m/join_tokens";
 const KEY_SECRETS: &[u8] = b"m/secrets";
 /// Team settings, by team: small, kept whole under one key.
 const KEY_TEAM_SETTINGS: &[u8] = b"m/team_settings";
+const KEY_TEAM_LIMITS: &[u8] = b"m/team_limits";
+const KEY_DEFAULT_TEAM_LIMITS: &[u8] = b"m/default_team_limits";
+const KEY_NEXT_AUDIT_SEQUENCE: &[u8] = b"m/next_audit_sequence";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.

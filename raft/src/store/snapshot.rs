@@ -112,6 +112,9 @@ impl StateMachineStore {
         changes
             .new_events
             .extend(machine.state.events.values().flatten().cloned());
+        changes
+            .audit_appended
+            .extend(machine.state.audit.iter().map(|entry| entry.sequence));
         changes.meta = true;
         changes.secrets = true;
         self.persist_changes(&mut batch, &machine, &changes);

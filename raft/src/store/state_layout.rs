@@ -1,15 +1,16 @@
 //! How the state machine's records sit in the `state` column family: one key per record,
 //! prefixed by its kind (`a/` agents, `e/` events, `n/` nodes, `t/` tokens, `c/` checkpoints,
-//! `p/` plugins, `q/` plugin chunks, `u/` uploads, `v/` staged chunks, `m/` cluster-wide
-//! values), written for the keys an applied entry touched and read back whole at open.
+//! `p/` plugins, `q/` plugin chunks, `u/` uploads, `v/` staged chunks, `l/` audit entries by
+//! sequence, `m/` cluster-wide values), written for the keys an applied entry touched and read back whole at open.
 
 use openraft::{LogId, StoredMembership};
 use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::state_machine::{Machine, StateMachineStore};
 use super::{
-    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_JOIN_TOKENS,
-    KEY_MEMBERSHIP, KEY_PLUGIN_SETTINGS, KEY_SECRETS, KEY_TEAMS, KEY_TEAM_SETTINGS,
+    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_DEFAULT_TEAM_LIMITS, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS,
+    KEY_JOIN_TOKENS, KEY_MEMBERSHIP, KEY_NEXT_AUDIT_SEQUENCE, KEY_PLUGIN_SETTINGS, KEY_SECRETS, KEY_TEAMS,
+    KEY_TEAM_LIMITS, KEY_TEAM_SETTINGS,
 };
 use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
 use crate::{Changes, ClusterState, NodeAddr};
@@ -66,6 +67,11 @@ pub(super) fn load_state(db: &DB) -> Result<StoredState, OpenError> {
                 let (plugin, index) = parse_plugin_chunk_key(&key)?;
                 state.plugin_chunks.insert((plugin, index), value.to_vec());
             }
+            Some(b'l') => {
+                // Keys sort by big-endian sequence, so entries load oldest first.
+                let entry: crate::AuditEntry = decode(&key, &value)?;
+                state.audit.push_back(entry);
+            }
             Some(b'u') => {
                 let record: crate::types::PluginUpload = decode(&key, &value)?;
                 state.plugin_uploads.insert(record.id, record);
@@ -87,6 +93,9 @@ pub(super) fn load_state(db: &DB) -> Result<StoredState, OpenError> {
             _ if key.as_ref() == KEY_JOIN_TOKENS => state.join_tokens = decode(&key, &value)?,
             _ if key.as_ref() == KEY_SECRETS => state.secrets = decode(&key, &value)?,
             _ if key.as_ref() == KEY_TEAM_SETTINGS => state.team_settings = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_TEAM_LIMITS => state.team_limits = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_DEFAULT_TEAM_LIMITS => state.default_team_limits = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_NEXT_AUDIT_SEQUENCE => state.next_audit_sequence = decode(&key, &value)?,
             _ => {}
         }
     }
@@ -173,14 +182,47 @@ impl StateMachineStore {
             batch.put_cf(cf, KEY_TEAMS, encode(&machine.state.teams));
             batch.put_cf(cf, KEY_JOIN_TOKENS, encode(&machine.state.join_tokens));
             batch.put_cf(cf, KEY_TEAM_SETTINGS, encode(&machine.state.team_settings));
+            batch.put_cf(cf, KEY_TEAM_LIMITS, encode(&machine.state.team_limits));
+            batch.put_cf(cf, KEY_DEFAULT_TEAM_LIMITS, encode(&machine.state.default_team_limits));
         }
         // Sealed bytes only: a value is never in the clear here (see `flotilla_state::secrets`).
         if changes.secrets {
             batch.put_cf(cf, KEY_SECRETS, encode(&machine.state.secrets));
         }
+        self.persist_audit(batch, machine, changes);
         batch.put_cf(cf, KEY_APPLIED, encode(&machine.last_applied));
         batch.put_cf(cf, KEY_MEMBERSHIP, encode(&machine.membership));
     }
+}
+
+impl StateMachineStore {
+    /// The audit entries an applied entry appended and dropped, and the next sequence.
+    fn persist_audit(&self, batch: &mut WriteBatch, machine: &Machine, changes: &Changes) {
+        if changes.audit_appended.is_empty() && changes.audit_trimmed.is_empty() && !changes.meta {
+            return;
+        }
+        let cf = self.cf(CF_STATE);
+        for sequence in &changes.audit_trimmed {
+            batch.delete_cf(cf, audit_key(*sequence));
+        }
+        // Entries appended and trimmed by the same batch are gone from the state: nothing to put.
+        let first_kept = machine.state.audit.front().map_or(u64::MAX, |entry| entry.sequence);
+        for sequence in changes
+            .audit_appended
+            .iter()
+            .filter(|sequence| **sequence >= first_kept)
+        {
+            let index = (sequence - first_kept) as usize;
+            if let Some(entry) = machine.state.audit.get(index) {
+                batch.put_cf(cf, audit_key(*sequence), encode(entry));
+            }
+        }
+        batch.put_cf(cf, KEY_NEXT_AUDIT_SEQUENCE, encode(&machine.state.next_audit_sequence));
+    }
+}
+
+pub(super) fn audit_key(sequence: u64) -> Vec<u8> {
+    [b"l/".as_slice(), &sequence.to_be_bytes()].concat()
 }
 
 pub(super) fn agent_key(id: AgentId) -> Vec<u8> {

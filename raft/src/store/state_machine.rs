@@ -57,6 +57,11 @@ impl StateReader {
     pub fn agent_events_after(&self, agent: AgentId, after: u64) -> Vec<DurableEvent> {
         self.read(|state| state.events_after(agent, after))
     }
+
+    /// At most `limit` events of `agent` after `after`, oldest first.
+    pub fn agent_events_after_bounded(&self, agent: AgentId, after: u64, limit: usize) -> Vec<DurableEvent> {
+        self.read(|state| state.events_after_bounded(agent, after, limit))
+    }
 }
 
 #[derive(Clone)]

@@ -499,3 +499,66 @@ async fn a_node_down_applies_only_in_the_term_it_was_judged_in() {
     let up = machine.reader().read(|state| (state.nodes[&1].up, state.nodes[&2].up));
     assert_eq!(up, (false, true));
 }
+
+fn audit_entry(target: &str) -> crate::AuditEntry {
+    crate::AuditEntry {
+        sequence: 0,
+        at_ms: 1_000,
+        node: 1,
+        key_id: "key_1".to_string(),
+        user: "ana".to_string(),
+        team: "red".to_string(),
+        target_team: String::new(),
+        method: "AgentService/StopAgent".to_string(),
+        target: target.to_string(),
+        code: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_entries_and_limits_survive_a_reopen_and_travel_in_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let (_, mut machine) = open(dir.path()).unwrap();
+    let limits = crate::TeamLimits {
+        max_running_agents: Some(3),
+        creates_per_minute: None,
+    };
+    apply_all(
+        &mut machine,
+        vec![
+            membership_entry(1),
+            entry(
+                2,
+                Command::RecordAudit {
+                    entries: vec![audit_entry("a"), audit_entry("b")],
+                },
+            ),
+            entry(3, Command::SetTeamLimits { team: None, limits }),
+            entry(
+                4,
+                Command::RecordAudit {
+                    entries: vec![audit_entry("c")],
+                },
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(stored_keys(&machine, b"l/"), 3);
+    let expected = machine.reader().read(|state| state.clone());
+    assert_eq!(expected.next_audit_sequence, 3);
+    assert_eq!(expected.default_team_limits, limits);
+    let snapshot = machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    drop(machine);
+    let (_, reopened) = open(dir.path()).unwrap();
+    assert_eq!(reopened.reader().read(|state| state.clone()), expected);
+
+    let (_, mut target) = open(target_dir.path()).unwrap();
+    target
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    drop(target);
+    let (_, installed) = open(target_dir.path()).unwrap();
+    assert_eq!(installed.reader().read(|state| state.clone()), expected);
+}

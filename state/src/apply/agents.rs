@@ -53,6 +53,7 @@ fn create_agent(
     if state.agents.contains_key(&id) {
         return Err(ApplyError::AgentExists(id));
     }
+    super::audit::check_create_limits(state, &spec.team, at_ms)?;
     let record = AgentRecord {
         id,
         spec: spec.clone(),
@@ -211,6 +212,12 @@ fn stop_agent(
 /// Queues a follow-up. A follow-up to a finished or failed agent starts a new run: the agent
 /// goes back to pending, unassigned, and keeps its epoch so the next assignment is higher.
 fn follow_up(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, agent: AgentId, text: &str) -> ApplyResult {
+    let record = state.agents.get(&agent).ok_or(ApplyError::AgentNotFound(agent))?;
+    if matches!(record.status, AgentStatus::Finished | AgentStatus::Failed) {
+        // Re-queueing an ended agent makes it live again: it counts against the running limit.
+        let team = crate::types::owning_team(&record.spec.team);
+        super::audit::check_running_limit(state, team, state.limits_of(team))?;
+    }
     let record = state.agents.get_mut(&agent).ok_or(ApplyError::AgentNotFound(agent))?;
     if record.status == AgentStatus::Stopped {
         return Err(ApplyError::InvalidState {

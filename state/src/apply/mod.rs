@@ -6,13 +6,15 @@
 //! The rules live in one file per command family, named after it: `agents` (create, status,
 //! stop, follow-up), `assignments` (placement under epochs, and sending agents back to pending),
 //! `turns` (what an owner records of a run: turns, pushes, pull requests, the work branch, and
-//! the owner's check before a push), `nodes`, `plugins`
-//! `tokens`, and `retention` (team settings, delete, purge). `events` appends to an agent's durable history. The match below only
-//! dispatches. Every rule keeps one promise: a refused command leaves the state exactly as it
+//! the owner's check before a push), `nodes`, `plugins`, `tokens`, `retention` (team settings,
+//! delete, purge) and `audit` (the audit log, and the team limits a create is checked against).
+//! `events` appends to an agent's durable history. The match below only dispatches. Every rule
+//! keeps one promise: a refused command leaves the state exactly as it
 //! was, so it checks everything before it changes anything.
 
 mod agents;
 mod assignments;
+mod audit;
 mod events;
 mod join_tokens;
 mod nodes;
@@ -117,6 +119,9 @@ fn apply_command(
         }
         Command::SetTeamSetting { .. } | Command::DeleteAgent { .. } | Command::PurgeEndedAgents { .. } => {
             retention::apply_retention_command(state, changes, at_ms, command)
+        }
+        Command::RecordAudit { .. } | Command::SetTeamLimits { .. } => {
+            audit::apply_audit_command(state, changes, at_ms, command)
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod agents;
 mod assignments;
+mod audit;
 mod branches;
 mod nodes;
 mod plugins;
