@@ -771,10 +771,19 @@ async fn git(args: &[&str], cwd: &Path, env: &[(String, String)]) -> Output {
 #[tokio::test]
 async fn plain_git_takes_any_git_url_clones_with_basic_auth_and_has_no_pull_requests() {
     let host = plugin_host();
+    // The token goes only to the hosts the admin lists: here the test's git server.
+    let projects = tempfile::tempdir().expect("a temporary directory for the git server");
+    create_bare_repository(projects.path(), "widgets", &[("README.md", "widgets\n")]);
+    let server = GitHttpServer::start(projects.path(), "agent", FORGE_TOKEN).await;
+    let server_host = server.address().to_string();
     let plugin = load_builtin(
         &host,
         "git",
-        &[("username", "agent"), ("token-secret", "git-token")],
+        &[
+            ("username", "agent"),
+            ("token-secret", "git-token"),
+            ("hosts", server_host.as_str()),
+        ],
         Vec::new(),
     )
     .await;
@@ -811,10 +820,19 @@ async fn plain_git_takes_any_git_url_clones_with_basic_auth_and_has_no_pull_requ
         assert_eq!(matched, None, "plain git should not claim {url:?}");
     }
 
+    // A host the admin did not list gets no token.
+    let unlisted = within(
+        "clone-spec",
+        host.clone_spec(&plugin, "http://127.0.0.1:8080/widgets.git"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        unlisted.auth_header.is_none(),
+        "a token went to an unlisted host: {unlisted:?}"
+    );
+
     // The resolved header is what git sends: clone through a real smart-HTTP server with it.
-    let projects = tempfile::tempdir().expect("a temporary directory for the git server");
-    create_bare_repository(projects.path(), "widgets", &[("README.md", "widgets\n")]);
-    let server = GitHttpServer::start(projects.path(), "agent", FORGE_TOKEN).await;
     let spec = within(
         "clone-spec",
         host.clone_spec(&plugin, &server.repository_url("widgets")),

@@ -26,6 +26,9 @@ use super::{convert, validate, write_status};
 
 /// Messages buffered towards one watcher before the server waits for it to read.
 pub const WATCH_BUFFER_MESSAGES: usize = 256;
+/// The base branch of a create when neither the request nor the team names one and the node
+/// cannot read the origin's default branch with its own credentials.
+const FALLBACK_BASE_BRANCH: &str = "main";
 /// How often a watch looks whether its agent was deleted (a deletion produces no event).
 pub const WATCH_DELETE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// Durable events a watcher copies from the state in one step of its replay.
@@ -258,7 +261,17 @@ impl AgentService for AgentApi {
             settings.default_base_branch.clone()
         } else {
             let auth = self.git.auth_env(&body.repository);
-            self.default_branches.get(&body.repository, auth).await?
+            match self.default_branches.get(&body.repository, auth).await {
+                Ok(branch) => branch,
+                // The node's own git credentials may not open the origin (a forge whose token its
+                // provider plugin holds), or the origin may be gone: the run reports that when it
+                // clones. The branch then is the conventional `main`, as before the lookup.
+                Err(super::default_branch::DefaultBranchError::Git { url, message }) => {
+                    tracing::info!(%url, error_bytes = message.len(), "cannot read the origin's default branch; using main");
+                    FALLBACK_BASE_BRANCH.to_string()
+                }
+                Err(error) => return Err(error.into()),
+            }
         };
         validate::branch("base_branch", &base_branch)?;
         validate::short_text("name", &body.name, validate::MAX_NAME_CHARS)?;
