@@ -104,6 +104,26 @@ async fn a_team_role_gives_the_machine_session_credentials_and_a_dead_sts_fails_
         "arn:aws:iam::123456789012:role/flotilla-test",
     );
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // The team's external ID, for the role's trust policy: shown, and the same every time.
+    let shown = |args: &[&str]| {
+        let output = flotilla_tests::run_cli(&cluster.node(1).endpoint(), &token, args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    let team = shown(&["team", "show"]);
+    let external_id = team
+        .lines()
+        .find_map(|line| line.strip_prefix("aws external id: "))
+        .unwrap_or_else(|| panic!("no external id in {team:?}"))
+        .to_string();
+    assert!(
+        external_id.starts_with("flotilla-") && external_id.len() == 41,
+        "{external_id}"
+    );
+    assert_eq!(shown(&["team", "show"]), team);
+    let missing = flotilla_tests::run_cli(&cluster.node(1).endpoint(), &token, &["team", "show", "nosuch"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("team nosuch not found"));
 
     let ended = run_to_end(&cluster, &url, "aws-reader").await;
     assert_eq!(status_of(&ended), v1::AgentStatus::Finished, "error: {}", ended.error);

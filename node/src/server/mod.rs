@@ -776,6 +776,7 @@ async fn serve(
     let admin_service = AdminServiceServer::new(admin_api).max_decoding_message_size(admin::MAX_UPLOAD_MESSAGE_BYTES);
     let access_service = flotilla_proto::v1::access_service_server::AccessServiceServer::new(access::AccessApi {
         replica: replica.clone(),
+        kek: kek.clone(),
     });
     let secret_service = SecretServiceServer::new(secrets::SecretApi {
         replica: replica.clone(),
