@@ -93,6 +93,36 @@ struct ConfigFile {
     repos: ReposSection,
     #[serde(default)]
     machines: MachinesSection,
+    #[serde(default)]
+    aws: AwsSection,
+}
+
+/// `[aws]`: how this node reaches AWS for teams' role assumption. `sts_endpoint` overrides the
+/// STS endpoint (the SDK also reads `AWS_ENDPOINT_URL_STS`); the node's own credentials and
+/// region come from the SDK's default chain.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSection {
+    pub sts_endpoint: Option<StsEndpoint>,
+}
+
+/// An `http://` or `https://` URL, checked while the file is parsed (so an error names its line).
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub struct StsEndpoint(pub String);
+
+impl TryFrom<String> for StsEndpoint {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        match url::Url::parse(&text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(StsEndpoint(text)),
+            Ok(_) => Err(format!(
+                "aws.sts_endpoint: {text:?} is not an http:// or https:// URL with a host"
+            )),
+            Err(error) => Err(format!("aws.sts_endpoint: {text:?} is not a URL: {error}")),
+        }
+    }
 }
 
 /// `[repos]`: which repositories this node clones. `allow_local` lists the directories that
@@ -332,6 +362,7 @@ pub struct NodeConfig {
     pub git: GitSection,
     pub plugins: PluginsSection,
     pub repos: ReposSection,
+    pub aws: AwsSection,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -367,6 +398,7 @@ impl NodeArgs {
             mut plugins,
             repos,
             machines: machines_section,
+            aws,
         } = parts;
         if let Some(dir) = &self.compiled_plugin_cache {
             plugins.compiled_cache = Some(dir.clone());
@@ -429,6 +461,7 @@ impl NodeArgs {
             git,
             plugins,
             repos,
+            aws,
             machines,
             data_dir,
             listen,
@@ -629,6 +662,27 @@ mod tests {
             .to_string();
         assert!(error.starts_with("config file node.toml line 2"), "{error}");
         assert!(error.contains("\"svn\" is not a built-in plugin"), "{error}");
+    }
+
+    #[test]
+    fn an_sts_endpoint_is_an_http_url_and_a_bad_one_names_file_line_and_field() {
+        let parsed = parse_config(
+            Path::new("node.toml"),
+            "[aws]\nsts_endpoint = \"http://127.0.0.1:5000\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.aws.sts_endpoint.map(|endpoint| endpoint.0).as_deref(),
+            Some("http://127.0.0.1:5000")
+        );
+        let error = parse_config(Path::new("node.toml"), "\n[aws]\nsts_endpoint = \"sts.local\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("config file node.toml line 3"), "{error}");
+        assert!(
+            error.contains("aws.sts_endpoint: \"sts.local\" is not a URL"),
+            "{error}"
+        );
     }
 
     #[test]

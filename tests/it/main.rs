@@ -32,6 +32,7 @@ mod t56_plugins_everywhere;
 mod t57_provider_hot_add;
 mod t58_burst;
 mod t60_secrets;
+mod t61_aws_role;
 mod t65_agent_failover;
 mod t70_teams;
 mod t71_audit_limits;

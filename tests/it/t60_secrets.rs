@@ -50,7 +50,7 @@ fn files_holding(dir: &Path, needle: &str) -> Vec<String> {
     found
 }
 
-fn cli_set_secret(
+pub(crate) fn cli_set_secret(
     endpoint: &str,
     ca: &std::path::Path,
     token: &str,

@@ -205,6 +205,12 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
             .await
             .map(drop),
         "AccessService/ListTeams" => access.list_teams(v1::ListTeamsRequest {}).await.map(drop),
+        "AccessService/GetTeam" => access
+            .get_team(v1::GetTeamRequest {
+                name: "red".to_string(),
+            })
+            .await
+            .map(drop),
         "AccessService/CreateKey" => access
             .create_key(v1::CreateKeyRequest {
                 team: "red".to_string(),
@@ -303,7 +309,7 @@ fn expected(who: &str, method: &str) -> Expect {
         },
         "AccessService" => match name {
             "GetKeyInfo" => Expect::Allowed,
-            "CreateKey" | "ListKeys" | "RevokeKey" if who == "red-admin" => Expect::Allowed,
+            "CreateKey" | "ListKeys" | "RevokeKey" | "GetTeam" if who == "red-admin" => Expect::Allowed,
             _ => Expect::Denied,
         },
         // A team admin reads its own team's audit entries.

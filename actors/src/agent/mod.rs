@@ -450,6 +450,12 @@ fn spawn_provisioning(args: &AgentArgs, myself: ActorRef<AgentMsg>) -> tokio::ta
                 Some(source) => {
                     let mut secrets = source.for_agent(&record).map_err(ProvisionError::Secrets)?;
                     secrets.also_redacted = source.node_values();
+                    let extra = source
+                        .run_credentials(&record, &secrets)
+                        .await
+                        .map_err(ProvisionError::RunCredentials)?;
+                    secrets.values.extend(extra.values);
+                    secrets.plain.extend(extra.plain);
                     secrets
                 }
                 None => crate::secrets::SecretValues::default(),

@@ -137,6 +137,9 @@ pub enum ProvisionError {
         "the clean-up of the machines an earlier run of the node left did not finish; no machine starts on this node"
     )]
     EarlierLifeNotReaped,
+    /// Credentials made for the run from the secrets (an AWS role's session) failed.
+    #[error("{0}")]
+    RunCredentials(String),
 }
 
 impl MachineHost {
@@ -407,6 +410,11 @@ fn add_secrets(env: &mut Vec<(String, String)>, secrets: &crate::secrets::Secret
     }
     // Secrets in the order given (team, then user), after the machine's own.
     env[own..].reverse();
+    for (name, value) in &secrets.plain {
+        if !env.iter().any(|(present, _)| present == name) {
+            env.push((name.clone(), value.clone()));
+        }
+    }
 }
 
 async fn prepare_workspace(

@@ -15,6 +15,9 @@ pub struct SecretValues {
     pub values: Vec<(String, String)>,
     /// Values redacted but not given to the machine (the node's own secrets).
     pub also_redacted: Vec<(String, String)>,
+    /// Values given to the machine but not redacted: identifiers that are no secret (an AWS
+    /// access key id, a credentials file's path) and that users need to see in output.
+    pub plain: Vec<(String, String)>,
 }
 
 impl SecretValues {
@@ -39,12 +42,23 @@ impl std::fmt::Debug for SecretValues {
 
 /// Where an agent's secrets come from: the node implements it over the replicated state and
 /// its key-encryption key, so that the actors need neither.
+#[async_trait::async_trait]
 pub trait MachineSecrets: Send + Sync {
     /// The team's and the user's secrets of `agent`, user last (so it wins a clash), opened.
     fn for_agent(&self, agent: &flotilla_raft::AgentRecord) -> Result<SecretValues, String>;
     /// Values of node-level secrets this node uses (model keys, git credentials, plugin
     /// tokens), redacted from everything an agent shows.
     fn node_values(&self) -> Vec<(String, String)>;
+    /// Credentials the machine gets beyond the stored secrets, made for this run from them
+    /// (session credentials of an AWS role the team names); none by default. An error fails
+    /// the agent with its message.
+    async fn run_credentials(
+        &self,
+        _agent: &flotilla_raft::AgentRecord,
+        _secrets: &SecretValues,
+    ) -> Result<SecretValues, String> {
+        Ok(SecretValues::default())
+    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 
 use flotilla_proto::v1::access_service_client::AccessServiceClient;
 use flotilla_proto::v1::{
-    CreateKeyRequest, CreateTeamRequest, GetKeyInfoRequest, Key, ListKeysRequest, ListTeamsRequest, RevokeKeyRequest,
-    Team,
+    CreateKeyRequest, CreateTeamRequest, GetKeyInfoRequest, GetTeamRequest, Key, ListKeysRequest, ListTeamsRequest,
+    RevokeKeyRequest, Team,
 };
 
 use super::client::{connect, unary, BearerToken, CliError};
@@ -19,6 +19,12 @@ pub enum TeamCommand {
     },
     /// List the teams (cluster-admin key)
     List,
+    /// One team and the external ID its AWS role's trust policy names (cluster-admin key or
+    /// the team's admin)
+    Show {
+        /// the team (the caller's own when absent)
+        name: Option<String>,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -124,6 +130,23 @@ pub(crate) async fn team_command(args: &ClientArgs, cmd: TeamCommand) -> Result<
     let teams = match cmd {
         TeamCommand::Create { name } => vec![unary(endpoint, client.create_team(CreateTeamRequest { name })).await?],
         TeamCommand::List => unary(endpoint, client.list_teams(ListTeamsRequest {})).await?.teams,
+        TeamCommand::Show { name } => {
+            let request = GetTeamRequest {
+                name: name.unwrap_or_default(),
+            };
+            let team = unary(endpoint, client.get_team(request)).await?;
+            return match args.output {
+                OutputFormat::Json => print_json(&serde_json::json!({
+                    "name": team.name,
+                    "created_at": team.created_at.as_ref().map(|_| at(&team.created_at)),
+                    "aws_external_id": team.aws_external_id,
+                })),
+                OutputFormat::Table => print_text(&format!(
+                    "name: {}\naws external id: {}",
+                    team.name, team.aws_external_id
+                )),
+            };
+        }
     };
     match args.output {
         OutputFormat::Json => print_json(&serde_json::Value::Array(teams.iter().map(team_json).collect())),

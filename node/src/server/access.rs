@@ -19,12 +19,15 @@ pub const MAX_KEY_LIFETIME_SECONDS: u64 = 10 * 365 * 24 * 3600;
 
 pub struct AccessApi {
     pub replica: Replica,
+    /// The cluster key, from which each team's AWS external ID is derived.
+    pub kek: super::secrets::NodeKek,
 }
 
 fn team(record: &TeamRecord) -> v1::Team {
     v1::Team {
         name: record.name.clone(),
         created_at: Some(convert::timestamp(record.created_at_ms)),
+        aws_external_id: String::new(),
     }
 }
 
@@ -80,6 +83,34 @@ impl AccessService for AccessApi {
         }
     }
 
+    async fn get_team(&self, request: Request<v1::GetTeamRequest>) -> Result<tonic::Response<v1::Team>, Status> {
+        let caller = principal(&request)?;
+        let name = request.into_inner().name;
+        let name = if name.is_empty() { caller.team.clone() } else { name };
+        // Another team's name answers as one that does not exist: names do not leak.
+        let not_found = || Status::not_found(format!("team {name} not found"));
+        if !caller.manages_keys_of(&name) {
+            return Err(not_found());
+        }
+        self.settle().await?;
+        let mut found = if name == DEFAULT_TEAM {
+            Some(v1::Team {
+                name: DEFAULT_TEAM.to_string(),
+                created_at: None,
+                aws_external_id: String::new(),
+            })
+        } else {
+            self.replica.reader().read(|state| state.teams.get(&name).map(team))
+        }
+        .ok_or_else(not_found)?;
+        let kek = self
+            .kek
+            .get()
+            .ok_or_else(|| Status::failed_precondition("this node holds no key-encryption key (DATA_DIR/kek)"))?;
+        found.aws_external_id = super::aws::external_id(kek, &found.name);
+        Ok(tonic::Response::new(found))
+    }
+
     async fn list_teams(
         &self,
         _request: Request<v1::ListTeamsRequest>,
@@ -88,6 +119,7 @@ impl AccessService for AccessApi {
         let mut teams = vec![v1::Team {
             name: DEFAULT_TEAM.to_string(),
             created_at: None,
+            aws_external_id: String::new(),
         }];
         self.replica
             .reader()

@@ -70,6 +70,8 @@ pub const METHOD_PERMISSIONS: &[(&str, Permission)] = &[
     ("/flotilla.v1.AccessService/ListKeys", Permission::ManageKeys),
     ("/flotilla.v1.AccessService/GetKeyInfo", Permission::AnyKey),
     ("/flotilla.v1.AccessService/RevokeKey", Permission::ManageKeys),
+    // The team is checked by the method: another team answers NOT_FOUND.
+    ("/flotilla.v1.AccessService/GetTeam", Permission::ManageKeys),
     // Scopes are checked by the secret service itself (`secrets::can_manage_secrets`).
     ("/flotilla.v1.SecretService/SetSecret", Permission::WriteAgents),
     ("/flotilla.v1.SecretService/RemoveSecret", Permission::WriteAgents),

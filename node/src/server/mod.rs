@@ -8,6 +8,7 @@ pub mod audit;
 pub mod audit_api;
 pub mod auth;
 pub mod authz;
+pub mod aws;
 pub mod cluster;
 pub mod convert;
 pub mod default_branch;
@@ -397,6 +398,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         replica.clone(),
         kek.clone(),
         config.data_dir.clone(),
+        config.aws.sts_endpoint.as_ref().map(|endpoint| endpoint.0.clone()),
     ));
     // After the replica opened: a cluster-scope secret this node has applied comes first.
     let mut runtime = runtime::build_runtime(&config, &|name| secret_store.node_secret(name))?;
@@ -774,6 +776,7 @@ async fn serve(
     let admin_service = AdminServiceServer::new(admin_api).max_decoding_message_size(admin::MAX_UPLOAD_MESSAGE_BYTES);
     let access_service = flotilla_proto::v1::access_service_server::AccessServiceServer::new(access::AccessApi {
         replica: replica.clone(),
+        kek: kek.clone(),
     });
     let secret_service = SecretServiceServer::new(secrets::SecretApi {
         replica: replica.clone(),

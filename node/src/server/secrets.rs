@@ -94,15 +94,18 @@ pub struct NodeSecretStore {
     pub data_dir: PathBuf,
     /// Values of node-level secrets this node has used: redacted from agents' output.
     used: RwLock<Vec<(String, String)>>,
+    /// Assumes the AWS role a team's secrets name, for its machines.
+    aws: super::aws::RoleAssumer,
 }
 
 impl NodeSecretStore {
-    pub fn new(replica: Replica, kek: NodeKek, data_dir: PathBuf) -> NodeSecretStore {
+    pub fn new(replica: Replica, kek: NodeKek, data_dir: PathBuf, sts_endpoint: Option<String>) -> NodeSecretStore {
         NodeSecretStore {
             replica,
             kek,
             data_dir,
             used: RwLock::new(Vec::new()),
+            aws: super::aws::RoleAssumer::new(sts_endpoint),
         }
     }
 
@@ -160,6 +163,7 @@ impl NodeSecretStore {
     }
 }
 
+#[async_trait::async_trait]
 impl MachineSecrets for NodeSecretStore {
     fn for_agent(&self, agent: &AgentRecord) -> Result<SecretValues, String> {
         let team = agent.spec.team.clone();
@@ -203,12 +207,28 @@ impl MachineSecrets for NodeSecretStore {
         }
         Ok(SecretValues {
             values,
-            also_redacted: Vec::new(),
+            ..SecretValues::default()
         })
     }
 
     fn node_values(&self) -> Vec<(String, String)> {
         self.used.read().expect("secret list lock poisoned").clone()
+    }
+
+    async fn run_credentials(&self, agent: &AgentRecord, secrets: &SecretValues) -> Result<SecretValues, String> {
+        let Some(role_arn) = super::aws::role_arn(secrets) else {
+            return Ok(SecretValues::default());
+        };
+        let kek = self
+            .kek
+            .get()
+            .ok_or_else(|| "this node holds no key-encryption key (DATA_DIR/kek)".to_string())?;
+        let external_id = super::aws::external_id(kek, &agent.spec.team);
+        let session_name = format!("flotilla-{}", agent.id);
+        self.aws
+            .assume(&role_arn, &external_id, &session_name)
+            .await
+            .map_err(|error| error.to_string())
     }
 }
 
