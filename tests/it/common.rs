@@ -93,3 +93,25 @@ pub fn bare_repository(dir: &std::path::Path, name: &str, files: &[(&str, &str)]
     let origin = flotilla_tests::fakes::create_bare_repository(dir, name, files);
     format!("file://{}", origin.display())
 }
+
+/// Runs the CLI with `key` against `endpoint` and returns its stdout, failing the test with its
+/// output when it fails.
+pub fn cli(endpoint: &str, key: &str, args: &[&str]) -> String {
+    let output = flotilla_tests::run_cli(endpoint, key, args);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "flotilla {args:?} failed: {stderr}{stdout}");
+    stdout
+}
+
+/// `key create` through the CLI: the new key is the last line of stdout.
+pub fn cli_key(endpoint: &str, key: &str, team: &str, user: &str, role: &str) -> String {
+    let stdout = cli(
+        endpoint,
+        key,
+        &["key", "create", "--team", team, "--user", user, "--role", role],
+    );
+    let secret = stdout.lines().last().expect("a last line").trim().to_string();
+    assert!(secret.starts_with("flt_"), "the last line is the key: {stdout}");
+    secret
+}

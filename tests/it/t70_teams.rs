@@ -14,7 +14,7 @@ use flotilla_tests::{
 use prost::Message as _;
 use tonic::Code;
 
-use crate::common::{create, DEADLINE};
+use crate::common::{cli, cli_key, create, DEADLINE};
 
 pub(crate) type SettingsClient =
     SettingsServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerAuth>>;
@@ -50,27 +50,6 @@ fn audit_and_limits_clients(endpoint: &str, key: &str) -> (AuditClient, LimitsCl
 
 fn access_client(endpoint: &str, key: &str) -> AccessClient {
     AccessServiceClient::with_interceptor(flotilla_tests::channel(endpoint), BearerAuth::new(key))
-}
-
-/// Runs the CLI and returns its stdout, failing the test with stderr when it fails.
-fn cli(endpoint: &str, key: &str, args: &[&str]) -> String {
-    let output = run_cli(endpoint, key, args);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "flotilla {args:?} failed: {stderr}{stdout}");
-    stdout
-}
-
-/// `key create` through the CLI: the secret is the last line of stdout.
-fn cli_key(endpoint: &str, key: &str, team: &str, user: &str, role: &str) -> String {
-    let stdout = cli(
-        endpoint,
-        key,
-        &["key", "create", "--team", team, "--user", user, "--role", role],
-    );
-    let secret = stdout.lines().last().expect("a last line").trim().to_string();
-    assert!(secret.starts_with("flt_"), "the last line is the key: {stdout}");
-    secret
 }
 
 /// What a call must answer.

@@ -8,28 +8,10 @@ use flotilla_proto::v1;
 use flotilla_tests::{agent_client, run_cli, wait_for, ClusterOptions, TestCluster};
 use tonic::Code;
 
-use crate::common::{create, create_request, follow_up, DEADLINE};
+use crate::common::{cli, cli_key, create, create_request, follow_up, DEADLINE};
 
 const PROMPT_TEXT: &str = "prompt-text-that-must-never-be-audited";
 const FOLLOW_UP_TEXT: &str = "follow-up-text-that-must-never-be-audited";
-
-/// Runs the CLI and returns its stdout, failing the test with stderr when it fails.
-fn cli(endpoint: &str, key: &str, args: &[&str]) -> String {
-    let output = run_cli(endpoint, key, args);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "flotilla {args:?} failed: {stderr}{stdout}");
-    stdout
-}
-
-fn cli_key(endpoint: &str, key: &str, team: &str, user: &str, role: &str) -> String {
-    let stdout = cli(
-        endpoint,
-        key,
-        &["key", "create", "--team", team, "--user", user, "--role", role],
-    );
-    stdout.lines().last().expect("a last line").trim().to_string()
-}
 
 fn key_id(endpoint: &str, key: &str) -> String {
     let info: serde_json::Value =

@@ -3,21 +3,10 @@
 //! the limit with RESOURCE_EXHAUSTED naming it; audit entries name the node that served the call.
 
 use flotilla_proto::v1;
-use flotilla_tests::{agent_client, run_cli, wait_for, ClusterOptions, TestCluster};
+use flotilla_tests::{agent_client, wait_for, ClusterOptions, TestCluster};
 use tonic::Code;
 
-use crate::common::{create_request, DEADLINE};
-
-fn cli(endpoint: &str, key: &str, args: &[&str]) -> String {
-    let output = run_cli(endpoint, key, args);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "flotilla {args:?} failed: {}{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
+use crate::common::{cli, create_request, DEADLINE};
 
 async fn create_through(endpoint: &str, key: &str, name: &str) -> Result<v1::Agent, tonic::Status> {
     agent_client(endpoint, key)

@@ -15,23 +15,11 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::common::{create_from, get, status_of, DEADLINE};
+use crate::common::{cli, create_from, get, status_of, DEADLINE};
 use crate::t18_agent_runs::{config_with, request, scripted_model};
 
 /// What stands in for hidden text (`node/src/server/visibility.rs`).
 const HIDDEN: &str = "[hidden: the team's display_summary setting is off]";
-
-/// Runs the CLI and returns its stdout, failing the test with stderr when it fails.
-fn cli(endpoint: &str, key: &str, args: &[&str]) -> String {
-    let output = run_cli(endpoint, key, args);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "flotilla {args:?} failed: {}{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
 
 /// A key made through the CLI (its secret is stdout's last line).
 fn key(endpoint: &str, root: &str, team: &str, user: &str, role: &str) -> String {
