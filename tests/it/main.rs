@@ -7,6 +7,7 @@
 
 mod common;
 mod t00_harness;
+mod t01_readme_tour;
 mod t05_fakes;
 mod t07_providers;
 mod t10_single_node;
@@ -18,6 +19,7 @@ mod t19_push_containment;
 mod t20_three_nodes;
 mod t25_membership;
 mod t26_partitions;
+mod t27_local_cluster;
 mod t30_failover;
 mod t32_leader_pause;
 mod t32_ready_and_handover;

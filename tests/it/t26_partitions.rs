@@ -40,6 +40,7 @@ async fn slow_links_and_a_cut_off_leader() {
         LinkFaults {
             delay: WAN_DELAY,
             loss_per_mille: 0,
+            jitter: Duration::ZERO,
         },
     );
     let mut west = cluster.agent_client(3).await;

@@ -13,6 +13,7 @@
 pub mod burst;
 pub mod fakes;
 pub mod invariants;
+pub mod local_cluster;
 pub mod netlab;
 mod ports;
 
@@ -493,6 +494,11 @@ impl NodeProcess {
         self.spec.env.retain(|(existing, _)| existing != name);
     }
 
+    /// The node's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log_path
     }
@@ -641,6 +647,8 @@ pub struct ClusterOptions {
     /// Runs every node in a network namespace of its own ([`netlab::NetLab`]), so that a test
     /// can cut and slow the links between them; the nodes' regions are `regions`.
     pub network_lab: bool,
+    /// Where the cluster's directory is made; the system's temporary directory when `None`.
+    pub parent_dir: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -653,6 +661,7 @@ impl Default for ClusterOptions {
             config: None,
             env: Vec::new(),
             network_lab: false,
+            parent_dir: None,
         }
     }
 }
@@ -682,10 +691,12 @@ impl TestCluster {
     /// 2..=n joining through node 1 and waits until node 1 reports all n members up.
     pub async fn start(node_count: usize, options: ClusterOptions) -> TestCluster {
         assert!(node_count >= 1, "a cluster needs at least one node");
-        let dir = tempfile::Builder::new()
-            .prefix("flotilla-it-")
-            .tempdir()
-            .expect("could not create the cluster's temporary directory");
+        let builder = tempfile::Builder::new().prefix("flotilla-it-").clone();
+        let dir = match &options.parent_dir {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .expect("could not create the cluster's temporary directory");
         let lab = if options.network_lab {
             let regions: Vec<String> = (0..node_count).map(|index| options.region_of(index)).collect();
             match netlab::NetLab::create(&regions).await {

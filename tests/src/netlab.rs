@@ -61,6 +61,9 @@ pub struct LinkFaults {
     pub delay: Duration,
     /// Share of chunks held back for a retransmission timeout, in parts per thousand.
     pub loss_per_mille: u32,
+    /// Each chunk's delay varies uniformly within `delay ± jitter` (never below zero); chunks
+    /// stay in order, as on one TCP connection.
+    pub jitter: Duration,
 }
 
 /// The faults of one region pair, shared with the relays of its connections.
@@ -68,6 +71,7 @@ pub struct LinkFaults {
 struct LinkState {
     delay_us: AtomicU32,
     loss_per_mille: AtomicU32,
+    jitter_us: AtomicU32,
 }
 
 impl LinkState {
@@ -76,11 +80,20 @@ impl LinkState {
         self.delay_us.store(micros, Ordering::SeqCst);
         self.loss_per_mille
             .store(faults.loss_per_mille.min(1000), Ordering::SeqCst);
+        let jitter = u32::try_from(faults.jitter.as_micros()).unwrap_or(u32::MAX);
+        self.jitter_us.store(jitter, Ordering::SeqCst);
     }
 
     /// When a chunk read now may be written on.
     fn hold(&self) -> Duration {
-        let mut hold = Duration::from_micros(u64::from(self.delay_us.load(Ordering::SeqCst)));
+        let delay = i64::from(self.delay_us.load(Ordering::SeqCst));
+        let jitter = i64::from(self.jitter_us.load(Ordering::SeqCst));
+        let varied = if jitter > 0 {
+            delay + rand::thread_rng().gen_range(-jitter..=jitter)
+        } else {
+            delay
+        };
+        let mut hold = Duration::from_micros(varied.max(0).unsigned_abs());
         let loss = self.loss_per_mille.load(Ordering::SeqCst);
         if loss > 0 && rand::thread_rng().gen_range(0..1000) < loss {
             hold += RETRANSMISSION_TIMEOUT;
@@ -170,14 +183,25 @@ fn nft_in(namespace: &str, script: &str) -> Result<(), LabError> {
     run("nsenter", &[&net, "nft", "-f", "-"], Some(script))
 }
 
-fn process_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+/// Whether a process with this id runs (a zombie, dead but not reaped, does not).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
-/// Removes the namespaces and bridges of labs whose test process is gone.
-fn sweep_dead_labs() {
+/// Removes the namespaces and bridges of labs whose owning process is gone, and kills the
+/// processes still running in those namespaces (nodes a killed owner left behind). Returns the
+/// namespaces removed.
+pub fn sweep_dead_labs() -> Vec<String> {
+    let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
+        return removed;
     };
     let mut dead_tags = std::collections::BTreeSet::new();
     for entry in entries.flatten() {
@@ -189,7 +213,9 @@ fn sweep_dead_labs() {
             continue;
         };
         if !process_alive(pid) {
+            kill_processes_in(&name);
             let _ = run("ip", &["netns", "del", &name], None);
+            removed.push(name.clone());
             if let Some(tag) = rest.rsplit_once('-').map(|(tag, _)| tag.to_string()) {
                 dead_tags.insert(tag);
             }
@@ -197,6 +223,24 @@ fn sweep_dead_labs() {
     }
     for tag in dead_tags {
         let _ = run("ip", &["link", "del", &bridge_name(&tag)], None);
+    }
+    removed
+}
+
+/// Kills (SIGKILL) every process whose network namespace is `namespace`.
+// Unsafe: kill(2) on pids that are not our children; std can signal only its own.
+#[allow(unsafe_code)]
+pub fn kill_processes_in(namespace: &str) {
+    let Ok(output) = Command::new("ip").args(["netns", "pids", namespace]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|pid| pid.parse::<libc::pid_t>().ok())
+    {
+        // SAFETY: `kill` has no memory-safety preconditions; a process gone since the kernel
+        // listed it answers ESRCH, which is ignored.
+        let _ = unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 
@@ -243,7 +287,7 @@ impl NetLab {
                 regions.len()
             )));
         }
-        sweep_dead_labs();
+        let _ = sweep_dead_labs();
         let tag = format!("{}-{}", std::process::id(), LAB_COUNTER.fetch_add(1, Ordering::SeqCst));
         let subnet = free_subnet(&tag)?;
         let bridge = bridge_name(&tag);
@@ -381,6 +425,11 @@ impl NetLab {
             nft_in(&node.namespace, &script)?;
         }
         Ok(())
+    }
+
+    /// The bridge joining the lab's namespaces, in the host's namespace.
+    pub fn bridge(&self) -> &str {
+        &self.bridge
     }
 
     pub fn nodes(&self) -> &[LabNode] {

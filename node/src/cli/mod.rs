@@ -15,6 +15,7 @@ mod plugin;
 mod render;
 mod secret;
 mod settings;
+mod wait;
 mod watch;
 
 use std::io::Write;
@@ -210,6 +211,16 @@ pub enum ClusterCommand {
         /// lift the drain
         #[arg(long)]
         undo: bool,
+    },
+    /// Wait until the node serves and, with --members, until that many members are up under
+    /// a leader; exits 1 with the last reason after --timeout
+    Wait {
+        /// members that must be up (needs a token)
+        #[arg(long)]
+        members: Option<usize>,
+        /// give up after this long: a number and s, m, h or d
+        #[arg(long, default_value = "60s", value_parser = parse_expiry)]
+        timeout: std::time::Duration,
     },
     /// Mint a single-use token that lets one new node join (`flotilla node --join-token`);
     /// printed once, on the last line
@@ -458,6 +469,9 @@ async fn send_follow_up(args: &ClientArgs, client: &mut AgentClient, id: String,
 }
 
 async fn cluster_command(args: &ClientArgs, cmd: ClusterCommand) -> Result<(), CliError> {
+    if let ClusterCommand::Wait { members, timeout } = cmd {
+        return wait::wait(args, members, timeout).await;
+    }
     let token = BearerToken::new(args.token.as_deref())?;
     let endpoint = args.endpoint.as_str();
     let mut client = cluster_client(connect(args).await?, token);
@@ -494,6 +508,8 @@ async fn cluster_command(args: &ClientArgs, cmd: ClusterCommand) -> Result<(), C
         ClusterCommand::Drain { node_id, undo } => {
             unary(endpoint, client.drain_node(DrainNodeRequest { node_id, drain: !undo })).await?
         }
+        // Answered above, before the eager connect a not-yet-started node would fail.
+        ClusterCommand::Wait { members, timeout } => return wait::wait(args, members, timeout).await,
     };
     match args.output {
         OutputFormat::Json => print_json(&json::cluster(&cluster)),

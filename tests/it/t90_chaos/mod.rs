@@ -144,6 +144,7 @@ fn draw_fault(rng: &mut StdRng, node_count: usize, region_pairs: &[(String, Stri
             faults: LinkFaults {
                 delay: Duration::from_millis(rng.gen_range(20..400)),
                 loss_per_mille: rng.gen_range(0..50),
+                jitter: Duration::ZERO,
             },
             slow: Duration::from_millis(rng.gen_range(3_000..8_000)),
         },
