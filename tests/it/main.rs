@@ -7,6 +7,7 @@
 
 mod common;
 mod t00_harness;
+mod t03_deploy_files;
 mod t05_fakes;
 mod t07_providers;
 mod t10_single_node;
