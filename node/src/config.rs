@@ -73,6 +73,11 @@ pub struct NodeArgs {
     /// it must be this node's user's alone).
     #[arg(long, env = "FLOTILLA_COMPILED_PLUGIN_CACHE")]
     pub compiled_plugin_cache: Option<PathBuf>,
+    /// Load and validate the settings (the --config file and flags), print a summary and exit:
+    /// 0 when they are valid, 1 with the file, line and field at fault when not. Needs no root
+    /// and touches nothing.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -480,6 +485,35 @@ impl NodeArgs {
         })
     }
 
+    /// `--check-config`: resolves the settings as a start would, and says what it found. A
+    /// parse error already names the file, line and column; a value refused after parsing is
+    /// named by its field, with the file it came from.
+    pub fn check(self) -> Result<String, String> {
+        let source = self
+            .config
+            .as_ref()
+            .map(|path| format!("config file {}", path.display()))
+            .unwrap_or_else(|| "flags (no --config)".to_string());
+        match self.resolve() {
+            Ok(config) => Ok(format!(
+                "{source} is valid: region {}, data dir {}, listen {}, advertise {}, {}, {} slots, models [{}]",
+                config.region,
+                config.data_dir.display(),
+                config.listen,
+                config.advertise,
+                config
+                    .join
+                    .as_deref()
+                    .map(|join| format!("joins through {join}"))
+                    .unwrap_or_else(|| "starts a new cluster unless its data dir holds one".to_string()),
+                config.slots,
+                config.models.keys().cloned().collect::<Vec<_>>().join(", "),
+            )),
+            Err(error @ (ConfigError::Read { .. } | ConfigError::Parse { .. })) => Err(error.to_string()),
+            Err(error @ ConfigError::Invalid { .. }) => Err(format!("{source}: {error}")),
+        }
+    }
+
     /// The client address, the address other nodes use, and the actor mesh's port (the next
     /// one up).
     fn addresses(&self, file: &FileNode) -> Result<(SocketAddr, SocketAddr, u16), ConfigError> {
@@ -829,6 +863,30 @@ mod tests {
             .to_string();
         assert!(error.contains("machines.uid_range_start"), "{error}");
         assert!(error.contains("do not fit"), "{error}");
+    }
+
+    #[test]
+    fn a_config_check_names_the_file_and_the_field_at_fault() {
+        let dir = tempfile_dir();
+        let path = dir.join("check.toml");
+        let check = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            NodeArgs {
+                config: Some(path.clone()),
+                check_config: true,
+                ..Default::default()
+            }
+            .check()
+        };
+        let summary = check("[node]\ndata_dir = \"/var/lib/flotilla\"\nregion = \"eu-west\"\n").unwrap();
+        assert!(summary.contains("is valid: region eu-west"), "{summary}");
+        let error = check("[node]\ndata_dir = \"/var/lib/flotilla\"\nslots = 20000\n").unwrap_err();
+        assert!(
+            error.starts_with(&format!("config file {}: slots: must be at most", path.display())),
+            "{error}"
+        );
+        let error = check("[node]\nslots = \"many\"\n").unwrap_err();
+        assert!(error.contains("line 2 column 9"), "{error}");
     }
 
     fn tempfile_dir() -> PathBuf {

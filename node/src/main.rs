@@ -120,6 +120,21 @@ fn init_logging(default_level: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before anything that needs root: a config check touches nothing.
+    if let TopCommand::Node(args) = &cli.command {
+        if args.check_config {
+            return match (**args).clone().check() {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    }
     // A node's machine layers, and an image build's, live and die with this process.
     let mounts_layers = matches!(cli.command, TopCommand::Node(_) | TopCommand::Image { .. });
     if mounts_layers {

@@ -8,6 +8,7 @@
 mod common;
 mod t00_harness;
 mod t01_readme_tour;
+mod t03_deploy_files;
 mod t05_fakes;
 mod t07_providers;
 mod t10_single_node;
