@@ -57,6 +57,9 @@ pub struct ReplicaConfig {
     pub snapshot_after_logs: u64,
     /// Entries kept behind a snapshot, for followers that lag a little.
     pub logs_kept_after_snapshot: u64,
+    /// The state format this node reads and writes ([`crate::STATE_FORMAT_VERSION`]; a test may
+    /// claim another).
+    pub state_format_version: u32,
 }
 
 impl ReplicaConfig {
@@ -70,6 +73,7 @@ impl ReplicaConfig {
             election_timeout_max_ms: 2_000,
             snapshot_after_logs: 20_000,
             logs_kept_after_snapshot: 2_000,
+            state_format_version: crate::STATE_FORMAT_VERSION,
         }
     }
 }
@@ -78,6 +82,8 @@ impl ReplicaConfig {
 pub enum ReplicaError {
     #[error(transparent)]
     Open(#[from] store::OpenError),
+    #[error(transparent)]
+    Format(#[from] store::format::FormatError),
     #[error("invalid raft configuration: {0}")]
     Config(String),
     #[error("raft failed to start: {0}")]
@@ -226,6 +232,7 @@ impl Replica {
                 message: error.to_string(),
             })
         })?;
+        store::format::check_and_stamp(&config.data_dir, config.state_format_version)?;
         let (mut log, machine) = store::open(&config.data_dir.join("raft"))?;
         forget_own_leadership(&mut log, config.node_id).await?;
         let raft_config = Config {
