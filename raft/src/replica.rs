@@ -185,6 +185,8 @@ struct Inner {
     holding_writes: std::sync::atomic::AtomicBool,
     /// Writes proposed on this node and not answered yet (a hand-over waits for them).
     writes_in_flight: std::sync::atomic::AtomicUsize,
+    /// The state format this node reads and writes.
+    state_format_version: u32,
 }
 
 /// Whether this node may lead. A node campaigns (on its own election timeout, or when a
@@ -272,6 +274,7 @@ impl Replica {
             readiness: tokio::sync::watch::channel(Readiness::Starting).0,
             holding_writes: std::sync::atomic::AtomicBool::new(false),
             writes_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            state_format_version: config.state_format_version,
         });
         tokio::spawn(batch_writes(Arc::downgrade(&inner), queued));
         Ok(Replica { inner })
@@ -279,6 +282,11 @@ impl Replica {
 
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
+    }
+
+    /// The state format this node reads and writes (stamped in its data dir at open).
+    pub fn state_format_version(&self) -> u32 {
+        self.inner.state_format_version
     }
 
     pub fn raft(&self) -> &Raft {
