@@ -38,4 +38,5 @@ mod t70_teams;
 mod t71_audit_limits;
 mod t72_limits_across_nodes;
 mod t73_settings_retention;
+mod t75_backup_restore;
 mod t90_chaos;
