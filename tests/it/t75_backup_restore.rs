@@ -139,7 +139,10 @@ async fn a_backup_of_a_running_cluster_restores_into_a_new_cluster() {
     );
     let printed = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(printed.contains("3 agents") && printed.contains("1 plugins") && printed.contains("1 secrets"), "{printed}");
+    assert!(
+        printed.contains("3 agents") && printed.contains("1 plugins") && printed.contains("1 secrets"),
+        "{printed}"
+    );
     println!("backup: {printed}");
     let kek = keep.path().join("old.kek");
     std::fs::copy(cluster.node(1).spec().data_dir.join("kek"), &kek).unwrap();
@@ -161,7 +164,10 @@ async fn a_backup_of_a_running_cluster_restores_into_a_new_cluster() {
     let stderr = refused_restore(keep.path(), &flipped_path, Some(&kek), &config_path);
     assert!(stderr.contains("the body's SHA-256 is"), "{stderr}");
     let stderr = refused_restore(keep.path(), &backup, None, &config_path);
-    assert!(stderr.contains("pass the old cluster's key with --restore-kek"), "{stderr}");
+    assert!(
+        stderr.contains("pass the old cluster's key with --restore-kek"),
+        "{stderr}"
+    );
 
     // The restore: a new cluster of one node.
     let data_dir = keep.path().join("restored");
@@ -276,10 +282,7 @@ async fn a_node_refuses_to_join_a_cluster_of_a_newer_state_format() {
     let cluster = TestCluster::start(
         1,
         ClusterOptions {
-            env: vec![(
-                "FLOTILLA_TEST_HOOK_STATE_FORMAT_VERSION".to_string(),
-                newer.to_string(),
-            )],
+            env: vec![("FLOTILLA_TEST_HOOK_STATE_FORMAT_VERSION".to_string(), newer.to_string())],
             ..Default::default()
         },
     )
@@ -311,5 +314,10 @@ async fn a_node_refuses_to_join_a_cluster_of_a_newer_state_format() {
     let members = flotilla_tests::try_get_cluster(&cluster.node(1).endpoint(), &cluster.admin_token())
         .await
         .expect("the cluster answers");
-    assert_eq!(members.members.len(), 1, "the older node is not a member: {:?}", members.members);
+    assert_eq!(
+        members.members.len(),
+        1,
+        "the older node is not a member: {:?}",
+        members.members
+    );
 }

@@ -78,14 +78,18 @@ async fn steady_creates(endpoints: Vec<String>, token: String, url: String, stop
 /// Waits until `node` lists every member up and none stopping, and has applied `index`.
 async fn wait_rejoined(cluster: &TestCluster, node: u64, index: u64, token: &str) {
     let endpoint = cluster.node(node).endpoint();
-    wait_for(&format!("node {node} to rejoin and catch up to {index}"), DEADLINE, || {
-        let (endpoint, token) = (endpoint.clone(), token.to_string());
-        async move {
-            let view = try_get_cluster(&endpoint, &token).await?;
-            let all_up = view.members.len() == 3 && view.members.iter().all(|member| member.up && !member.stopping);
-            (all_up && view.leader_id != 0 && view.last_applied_index >= index).then_some(())
-        }
-    })
+    wait_for(
+        &format!("node {node} to rejoin and catch up to {index}"),
+        DEADLINE,
+        || {
+            let (endpoint, token) = (endpoint.clone(), token.to_string());
+            async move {
+                let view = try_get_cluster(&endpoint, &token).await?;
+                let all_up = view.members.len() == 3 && view.members.iter().all(|member| member.up && !member.stopping);
+                (all_up && view.leader_id != 0 && view.last_applied_index >= index).then_some(())
+            }
+        },
+    )
     .await;
 }
 
@@ -108,10 +112,19 @@ async fn a_rolling_restart_under_load_loses_no_create_and_fails_no_agent() {
     let mut client = agent_client(&endpoints[0], &token).await;
     let mut work = Vec::new();
     for index in 0..6 {
-        work.push(create_from(&mut client, request(&url, &format!("work-{index}"), "Write")).await.id);
+        work.push(
+            create_from(&mut client, request(&url, &format!("work-{index}"), "Write"))
+                .await
+                .id,
+        );
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let creator = tokio::spawn(steady_creates(endpoints.clone(), token.clone(), url.clone(), stop.clone()));
+    let creator = tokio::spawn(steady_creates(
+        endpoints.clone(),
+        token.clone(),
+        url.clone(),
+        stop.clone(),
+    ));
 
     let timings = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
@@ -121,10 +134,18 @@ async fn a_rolling_restart_under_load_loses_no_create_and_fails_no_agent() {
         cluster.node_mut(node).begin_terminate();
         tokio::task::block_in_place(|| cluster.node_mut(node).wait_exit(DEADLINE));
         let stopped = stop_at.elapsed();
-        let applied = wait_for(&format!("node {other} to answer while {node} is down"), DEADLINE, || {
-            let (endpoint, token) = (cluster.node(other).endpoint(), token.clone());
-            async move { try_get_cluster(&endpoint, &token).await.map(|view| view.last_applied_index) }
-        })
+        let applied = wait_for(
+            &format!("node {other} to answer while {node} is down"),
+            DEADLINE,
+            || {
+                let (endpoint, token) = (cluster.node(other).endpoint(), token.clone());
+                async move {
+                    try_get_cluster(&endpoint, &token)
+                        .await
+                        .map(|view| view.last_applied_index)
+                }
+            },
+        )
         .await;
         cluster.node_mut(node).restart();
         wait_rejoined(&cluster, node, applied, &token).await;
@@ -140,7 +161,10 @@ async fn a_rolling_restart_under_load_loses_no_create_and_fails_no_agent() {
         "rolling restart of 3 nodes: {rolling:?}; {} creates acknowledged meanwhile",
         acknowledged.len()
     );
-    assert!(acknowledged.len() >= 5, "the client created too little to mean anything: {acknowledged:?}");
+    assert!(
+        acknowledged.len() >= 5,
+        "the client created too little to mean anything: {acknowledged:?}"
+    );
 
     // No acknowledged create is lost, and every agent ends well (the work agents resumed from
     // their checkpoint when their node stopped).
@@ -151,7 +175,9 @@ async fn a_rolling_restart_under_load_loses_no_create_and_fails_no_agent() {
             let mut client = agent_client(&endpoint, &token).await;
             let mut finished = Vec::new();
             for id in &every {
-                let agent = get(&mut client, id).await.unwrap_or_else(|| panic!("acknowledged agent {id} is lost"));
+                let agent = get(&mut client, id)
+                    .await
+                    .unwrap_or_else(|| panic!("acknowledged agent {id} is lost"));
                 assert_ne!(status_of(&agent), v1::AgentStatus::Failed, "{id}: {}", agent.error);
                 if status_of(&agent) != v1::AgentStatus::Finished {
                     return None;

@@ -57,11 +57,10 @@ pub async fn stream_backup(replica: &Replica, source: &BackupSource) -> Result<B
     let cluster_id = source.cluster_id.clone();
     let kek_id = source.kek.get().map(|kek| kek.id().to_string());
     // Encoding the whole state (plugin bytes included) and hashing it is CPU work of its size.
-    let backup = tokio::task::spawn_blocking(move || {
-        reader.take_backup(&cluster_id, kek_id, flotilla_raft::command::now_ms())
-    })
-    .await
-    .map_err(|error| Status::internal(format!("taking the backup failed: {error}")))?;
+    let backup =
+        tokio::task::spawn_blocking(move || reader.take_backup(&cluster_id, kek_id, flotilla_raft::command::now_ms()))
+            .await
+            .map_err(|error| Status::internal(format!("taking the backup failed: {error}")))?;
     tracing::info!(
         applied_index = backup.header.applied_index,
         bytes = backup.len_bytes(),

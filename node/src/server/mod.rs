@@ -158,7 +158,9 @@ async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::R
             {
                 bail!("{join} refused to let this node join: {}", status.message())
             }
-            Err(status) if status.code() == tonic::Code::InvalidArgument || state_format::is_format_refusal(&status) => {
+            Err(status)
+                if status.code() == tonic::Code::InvalidArgument || state_format::is_format_refusal(&status) =>
+            {
                 bail!("{join} refused the join request: {}", status.message())
             }
             Err(status) => {

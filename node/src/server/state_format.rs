@@ -66,13 +66,21 @@ mod tests {
 
     #[test]
     fn both_sides_name_both_versions() {
-        let refused = check_joining_node(4, 1, 2).err().expect("an older node is refused");
+        let refused = check_joining_node(4, 1, 2).expect_err("an older node is refused");
         assert!(refused.message().contains("format 1") && refused.message().contains("cluster's 2"));
         assert!(is_format_refusal(&refused));
         assert!(check_joining_node(4, 0, 1).is_ok(), "an unnumbered node reads format 1");
-        assert!(check_joining_node(4, 3, 2).is_ok(), "a newer node may join an older cluster");
-        let refused = check_cluster("n1", 2, 1).err().expect("a newer cluster is refused").to_string();
-        assert!(refused.contains("format 2") && refused.contains("node's 1"), "{refused}");
+        assert!(
+            check_joining_node(4, 3, 2).is_ok(),
+            "a newer node may join an older cluster"
+        );
+        let refused = check_cluster("n1", 2, 1)
+            .expect_err("a newer cluster is refused")
+            .to_string();
+        assert!(
+            refused.contains("format 2") && refused.contains("node's 1"),
+            "{refused}"
+        );
         assert!(check_cluster("n1", 0, 1).is_ok());
     }
 }

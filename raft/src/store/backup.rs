@@ -90,7 +90,11 @@ pub enum BackupError {
     #[error("not a flotilla backup: the file starts with {found:?}, expected {expected:?}")]
     Magic { expected: String, found: String },
     #[error("truncated backup: the {part} ends at byte {expected}, the file has {found} bytes")]
-    Truncated { part: &'static str, expected: u64, found: u64 },
+    Truncated {
+        part: &'static str,
+        expected: u64,
+        found: u64,
+    },
     #[error("backup format version {found} is not supported: this binary reads version {supported}")]
     FormatVersion { found: u32, supported: u32 },
     #[error("corrupt backup: the header length is {found} bytes, at most {limit} are allowed")]

@@ -81,8 +81,11 @@ mod tests {
         check_and_stamp(dir.path(), 1).expect("stamps a fresh dir");
         assert_eq!(stored_state_format(dir.path()).expect("reads"), Some(1));
         std::fs::write(dir.path().join(STATE_FORMAT_FILE), "7\n").expect("write");
-        let message = check_and_stamp(dir.path(), 1).err().expect("refused").to_string();
-        assert!(message.contains("state format 7") && message.contains("binary's 1"), "{message}");
+        let message = check_and_stamp(dir.path(), 1).expect_err("refused").to_string();
+        assert!(
+            message.contains("state format 7") && message.contains("binary's 1"),
+            "{message}"
+        );
         check_and_stamp(dir.path(), 7).expect("the same version passes");
         check_and_stamp(dir.path(), 8).expect("a newer binary stamps its own");
         assert_eq!(stored_state_format(dir.path()).expect("reads"), Some(8));
@@ -92,7 +95,7 @@ mod tests {
     fn a_malformed_stamp_is_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join(STATE_FORMAT_FILE), "two").expect("write");
-        let message = check_and_stamp(dir.path(), 1).err().expect("refused").to_string();
+        let message = check_and_stamp(dir.path(), 1).expect_err("refused").to_string();
         assert!(message.contains("\"two\""), "{message}");
     }
 }
