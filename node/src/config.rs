@@ -78,6 +78,14 @@ pub struct NodeArgs {
     /// and touches nothing.
     #[arg(long)]
     pub check_config: bool,
+    /// Start a new cluster from a backup file (`flotilla admin backup`) into an empty data dir;
+    /// the file is checked whole before anything is written.
+    #[arg(long, conflicts_with = "join")]
+    pub restore: Option<PathBuf>,
+    /// The old cluster's key-encryption key (DATA_DIR/kek of any of its nodes), needed by
+    /// --restore when the backup holds secrets: they stay sealed under it.
+    #[arg(long, requires = "restore")]
+    pub restore_kek: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -368,6 +376,8 @@ pub struct NodeConfig {
     pub plugins: PluginsSection,
     pub repos: ReposSection,
     pub aws: AwsSection,
+    /// `--restore FILE` and `--restore-kek FILE`.
+    pub restore: Option<(PathBuf, Option<PathBuf>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -482,6 +492,7 @@ impl NodeArgs {
             labels: file.labels,
             join_token: self.join_token.filter(|token| !token.trim().is_empty()),
             public_tls: self.tls_cert.zip(self.tls_key),
+            restore: self.restore.map(|file| (file, self.restore_kek)),
         })
     }
 

@@ -85,6 +85,11 @@ enum TopCommand {
         #[command(subcommand)]
         command: cli::LimitsCommand,
     },
+    /// Operate the cluster: `admin backup FILE` (cluster-admin key).
+    Admin {
+        #[command(subcommand)]
+        command: cli::AdminCommand,
+    },
     /// Check a checkout's environment.json and print the machine plan.
     Env {
         #[command(subcommand)]
@@ -198,6 +203,10 @@ fn main() -> ExitCode {
             TopCommand::Limits { command } => {
                 init_logging("warn");
                 cli::run_limits(&client, command).await
+            }
+            TopCommand::Admin { command } => {
+                init_logging("warn");
+                cli::run_admin(&client, command).await
             }
             TopCommand::Env {
                 command: EnvCommand::Check(args),

@@ -23,7 +23,7 @@ pub mod store;
 pub mod tls;
 
 pub use flotilla_state::{apply, cluster_state, command, invariants, secrets, settings, types};
-pub use flotilla_state::{SealedSecret, SecretRecord, SecretScope};
+pub use flotilla_state::{SealedSecret, SecretRecord, SecretScope, STATE_FORMAT_VERSION};
 
 use std::fmt;
 use std::io::Cursor;

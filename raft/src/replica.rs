@@ -57,6 +57,9 @@ pub struct ReplicaConfig {
     pub snapshot_after_logs: u64,
     /// Entries kept behind a snapshot, for followers that lag a little.
     pub logs_kept_after_snapshot: u64,
+    /// The state format this node reads and writes ([`crate::STATE_FORMAT_VERSION`]; a test may
+    /// claim another).
+    pub state_format_version: u32,
 }
 
 impl ReplicaConfig {
@@ -70,6 +73,7 @@ impl ReplicaConfig {
             election_timeout_max_ms: 2_000,
             snapshot_after_logs: 20_000,
             logs_kept_after_snapshot: 2_000,
+            state_format_version: crate::STATE_FORMAT_VERSION,
         }
     }
 }
@@ -78,6 +82,8 @@ impl ReplicaConfig {
 pub enum ReplicaError {
     #[error(transparent)]
     Open(#[from] store::OpenError),
+    #[error(transparent)]
+    Format(#[from] store::format::FormatError),
     #[error("invalid raft configuration: {0}")]
     Config(String),
     #[error("raft failed to start: {0}")]
@@ -179,6 +185,8 @@ struct Inner {
     holding_writes: std::sync::atomic::AtomicBool,
     /// Writes proposed on this node and not answered yet (a hand-over waits for them).
     writes_in_flight: std::sync::atomic::AtomicUsize,
+    /// The state format this node reads and writes.
+    state_format_version: u32,
 }
 
 /// Whether this node may lead. A node campaigns (on its own election timeout, or when a
@@ -226,6 +234,7 @@ impl Replica {
                 message: error.to_string(),
             })
         })?;
+        store::format::check_and_stamp(&config.data_dir, config.state_format_version)?;
         let (mut log, machine) = store::open(&config.data_dir.join("raft"))?;
         forget_own_leadership(&mut log, config.node_id).await?;
         let raft_config = Config {
@@ -265,6 +274,7 @@ impl Replica {
             readiness: tokio::sync::watch::channel(Readiness::Starting).0,
             holding_writes: std::sync::atomic::AtomicBool::new(false),
             writes_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            state_format_version: config.state_format_version,
         });
         tokio::spawn(batch_writes(Arc::downgrade(&inner), queued));
         Ok(Replica { inner })
@@ -272,6 +282,11 @@ impl Replica {
 
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
+    }
+
+    /// The state format this node reads and writes (stamped in its data dir at open).
+    pub fn state_format_version(&self) -> u32 {
+        self.inner.state_format_version
     }
 
     pub fn raft(&self) -> &Raft {

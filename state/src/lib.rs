@@ -32,6 +32,14 @@ pub mod secrets;
 pub mod settings;
 pub mod types;
 
+/// The version of the replicated state's format: the records' encoding (postcard by variant
+/// and field order), the commands, and how the records sit on disk. A node stamps it in its data
+/// dir and carries it in the `Join` exchange; a node refuses a data dir or a cluster whose format
+/// is newer than its own, since it could misread records it does not know. Raise it when a change
+/// cannot be read by the previous release (a new command variant a follower must apply is such a
+/// change only if older nodes may still be members).
+pub const STATE_FORMAT_VERSION: u32 = 1;
+
 pub use apply::{apply, apply_in_term};
 pub use audit::{AuditEntry, TeamLimits};
 pub use cluster_state::{Changes, ClusterState, MAX_EVENTS_PER_AGENT, MAX_FOLLOW_UPS_PER_AGENT};

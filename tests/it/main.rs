@@ -41,4 +41,6 @@ mod t70_teams;
 mod t71_audit_limits;
 mod t72_limits_across_nodes;
 mod t73_settings_retention;
+mod t75_backup_restore;
+mod t76_rolling_restart;
 mod t90_chaos;

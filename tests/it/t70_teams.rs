@@ -173,6 +173,7 @@ async fn call(endpoint: &str, key: &str, method: &str, agent: &str) -> Result<()
         "AdminService/DisablePlugin" => admin.disable_plugin(plugin()).await.map(drop),
         "AdminService/RemovePlugin" => admin.remove_plugin(plugin()).await.map(drop),
         "AdminService/GrantHosts" => admin.grant_hosts(v1::GrantHostsRequest::default()).await.map(drop),
+        "AdminService/Backup" => admin.backup(v1::BackupRequest {}).await.map(drop),
         "AdminService/ConfigurePlugin" => admin
             .configure_plugin(v1::ConfigurePluginRequest::default())
             .await

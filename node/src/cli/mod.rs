@@ -9,6 +9,7 @@
 mod access;
 mod attach;
 mod audit;
+mod backup;
 mod client;
 mod json;
 mod plugin;
@@ -29,6 +30,7 @@ use flotilla_proto::v1::{
 
 pub use access::{KeyCommand, TeamCommand};
 pub use audit::{AuditCommand, LimitsCommand};
+pub use backup::AdminCommand;
 pub use plugin::PluginCommand;
 pub use secret::SecretCommand;
 pub use settings::{ModelsCommand, SettingsCommand};
@@ -320,6 +322,10 @@ pub async fn run_plugin(args: &ClientArgs, cmd: PluginCommand) -> anyhow::Result
 
 pub async fn run_secret(args: &ClientArgs, cmd: SecretCommand) -> anyhow::Result<ExitCode> {
     Ok(finish(secret::secret_command(args, cmd).await))
+}
+
+pub async fn run_admin(args: &ClientArgs, cmd: AdminCommand) -> anyhow::Result<ExitCode> {
+    Ok(finish(backup::admin_command(args, cmd).await))
 }
 
 async fn agent_command(args: &ClientArgs, cmd: AgentCommand) -> Result<(), CliError> {

@@ -77,6 +77,8 @@ pub struct AdminApi {
     pub validator: Option<Arc<dyn PluginValidator>>,
     /// What this node has loaded; `None` on a node without a plugin host.
     pub registry: Option<Arc<super::plugins::PluginRegistry>>,
+    /// What a backup names (cluster, key-encryption key); `None`: `Backup` is UNIMPLEMENTED.
+    pub backup: Option<Arc<super::backup::BackupSource>>,
 }
 
 fn invalid(message: String) -> Status {
@@ -294,6 +296,17 @@ async fn replicate(replica: Replica, upload: CheckedUpload) -> Result<PluginReco
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
+    type BackupStream = super::backup::BackupStream;
+
+    async fn backup(
+        &self,
+        _request: Request<v1::BackupRequest>,
+    ) -> Result<tonic::Response<Self::BackupStream>, Status> {
+        super::backup::backup_or_unavailable(&self.replica, &self.backup)
+            .await
+            .map(tonic::Response::new)
+    }
+
     async fn upload_plugin(
         &self,
         request: Request<Streaming<v1::UploadPluginRequest>>,
@@ -504,6 +517,7 @@ mod tests {
             replica,
             validator: None,
             registry: None,
+            backup: None,
         }
     }
 

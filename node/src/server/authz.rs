@@ -64,6 +64,8 @@ pub const METHOD_PERMISSIONS: &[(&str, Permission)] = &[
     ("/flotilla.v1.AdminService/RemovePlugin", Permission::ClusterAdmin),
     ("/flotilla.v1.AdminService/GrantHosts", Permission::ClusterAdmin),
     ("/flotilla.v1.AdminService/ConfigurePlugin", Permission::ClusterAdmin),
+    // The whole state: every team's agents, key digests and sealed secrets.
+    ("/flotilla.v1.AdminService/Backup", Permission::ClusterAdmin),
     ("/flotilla.v1.AccessService/CreateTeam", Permission::ClusterAdmin),
     ("/flotilla.v1.AccessService/ListTeams", Permission::ClusterAdmin),
     ("/flotilla.v1.AccessService/CreateKey", Permission::ManageKeys),

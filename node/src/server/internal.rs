@@ -86,6 +86,8 @@ impl Internal for InternalApi {
             return client.join(self.replica.peers().request(body)).await;
         }
         let leader_id = self.replica.node_id();
+        let state_format_version = self.replica.state_format_version();
+        super::state_format::check_joining_node(body.node_id, body.state_format_version, state_format_version)?;
         if body.node_id == 0 {
             // First step of a join without an id: reserve one through Raft so it is never reused.
             let node_id = match self.replica.write(Command::ReserveNodeId).await.map_err(write_status)? {
@@ -100,6 +102,7 @@ impl Internal for InternalApi {
                 node_id,
                 leader_id,
                 kek: self.kek.hex(),
+                state_format_version,
             }));
         }
         super::validate::region(&body.region)?;
@@ -147,6 +150,7 @@ impl Internal for InternalApi {
             node_id: body.node_id,
             leader_id,
             kek: self.kek.hex(),
+            state_format_version,
         }))
     }
 

@@ -9,6 +9,7 @@ pub mod audit_api;
 pub mod auth;
 pub mod authz;
 pub mod aws;
+pub mod backup;
 pub mod cluster;
 pub mod convert;
 pub mod default_branch;
@@ -16,10 +17,12 @@ pub mod enroll;
 pub mod internal;
 pub mod pki;
 pub mod plugins;
+pub mod restore;
 pub mod retention;
 pub mod runtime;
 pub mod secrets;
 pub mod settings;
+pub mod state_format;
 pub mod status;
 pub mod transport;
 pub mod validate;
@@ -155,7 +158,9 @@ async fn call_join(peers: &Peers, join: &str, request: JoinRequest) -> anyhow::R
             {
                 bail!("{join} refused to let this node join: {}", status.message())
             }
-            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+            Err(status)
+                if status.code() == tonic::Code::InvalidArgument || state_format::is_format_refusal(&status) =>
+            {
                 bail!("{join} refused the join request: {}", status.message())
             }
             Err(status) => {
@@ -374,11 +379,19 @@ fn plugin_host(
     .map_err(|error| anyhow!("cannot start the plugin host: {error}"))
 }
 
-pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
+pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    // Checked whole before the data dir is created: a refused backup writes nothing.
+    let restore = restore::prepare(&config).await?;
+    if let Some(restore) = &restore {
+        config.id = Some(restore.node_id);
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let _lock = lock_data_dir(&config.data_dir)?;
+    if let Some(restore) = restore {
+        restore::write(restore, &config.data_dir).await?;
+    }
     let identity = node_identity(&config).await?;
     let node_id = identity.node_id;
     let peers = Peers::new(Some(&identity.tls));
@@ -391,6 +404,7 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     let default_model = runtime::default_model(&config);
 
     let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), Some(identity.tls.clone()));
+    replica_config.state_format_version = state_format::state_format_version()?;
     replica_config.snapshot_after_logs = config.snapshot_after_logs;
     replica_config.logs_kept_after_snapshot = config.logs_kept_after_snapshot;
     let replica = Replica::open(replica_config).await?;
@@ -460,6 +474,10 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         replica: replica.clone(),
         validator: Some(std::sync::Arc::new(admin::HostValidator { host: plugin_host })),
         registry: Some(registry),
+        backup: Some(std::sync::Arc::new(backup::BackupSource {
+            cluster_id: ca_fingerprint.clone(),
+            kek: kek.clone(),
+        })),
     };
     let server = tokio::spawn(serve(
         listener,
@@ -670,9 +688,11 @@ async fn join_or_bootstrap(
                         region: info.region.clone(),
                         slots: info.slots,
                         labels: info.labels.clone().into_iter().collect(),
+                        state_format_version: replica.state_format_version(),
                     },
                 )
                 .await?;
+                state_format::check_cluster(join, reply.state_format_version, replica.state_format_version())?;
                 kek.adopt(&config.data_dir, &reply.kek).await?;
                 tracing::info!(through = %join, "joined the cluster");
             }
@@ -688,7 +708,8 @@ async fn join_or_bootstrap(
         );
     }
     register_self(replica, info.clone()).await;
-    if config.join.is_none() && node_id == 1 {
+    // A restored cluster's first node writes a new admin key too (the old keys keep working).
+    if config.join.is_none() && (node_id == 1 || config.restore.is_some()) {
         ensure_admin_token(replica, &config.data_dir).await?;
     }
     Ok(())

@@ -17,13 +17,18 @@
 //!   [`flotilla_state::apply`], and the readers the node serves from;
 //! - `state_layout`: how the state's records are keyed in the state column family, written and
 //!   loaded;
-//! - `snapshot`: building, storing and installing snapshots of the whole state.
+//! - `snapshot`: building, storing and installing snapshots of the whole state;
+//! - `backup`: a snapshot's body as an operator's file (header, digests), checked before a
+//!   restore writes it into a new store;
+//! - `format`: the state format version stamped in a data dir.
 
 // openraft's storage traits return `StorageError` by value; the helpers here return what the
 // traits return.
 #![allow(clippy::result_large_err)]
 
+pub mod backup;
 mod flusher;
+pub mod format;
 mod log_store;
 mod snapshot;
 mod state_layout;

@@ -17,17 +17,17 @@ use crate::{Changes, ClusterState, NodeAddr, TypeConfig};
 /// What a snapshot carries: the whole state and the log position it stands for.
 #[derive(Serialize, Deserialize)]
 pub(super) struct SnapshotBody {
-    last_applied: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, NodeAddr>,
-    state: ClusterState,
+    pub(super) last_applied: Option<LogId<NodeId>>,
+    pub(super) membership: StoredMembership<NodeId, NodeAddr>,
+    pub(super) state: ClusterState,
 }
 
 /// [`SnapshotBody`] borrowed from the machine; it encodes to the same bytes.
 #[derive(Serialize)]
-struct SnapshotBodyRef<'a> {
-    last_applied: &'a Option<LogId<NodeId>>,
-    membership: &'a StoredMembership<NodeId, NodeAddr>,
-    state: &'a ClusterState,
+pub(super) struct SnapshotBodyRef<'a> {
+    pub(super) last_applied: &'a Option<LogId<NodeId>>,
+    pub(super) membership: &'a StoredMembership<NodeId, NodeAddr>,
+    pub(super) state: &'a ClusterState,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -82,7 +82,7 @@ impl StateMachineStore {
     }
 
     /// Replaces the whole state (snapshot install) in one batch.
-    fn replace_state(&self, body: SnapshotBody) -> StorageResult<()> {
+    pub(super) fn replace_state(&self, body: SnapshotBody) -> StorageResult<()> {
         let mut machine = self.machine.write().expect("state lock poisoned");
         let mut state = body.state;
         state.rebuild_indexes();

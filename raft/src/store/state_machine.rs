@@ -28,7 +28,7 @@ pub struct Machine {
 /// Read access to the state machine for services and actors.
 #[derive(Clone)]
 pub struct StateReader {
-    machine: Arc<RwLock<Machine>>,
+    pub(super) machine: Arc<RwLock<Machine>>,
     applied: watch::Receiver<u64>,
     events: broadcast::Sender<DurableEvent>,
 }
