@@ -73,6 +73,13 @@ pub struct NodeArgs {
     /// it must be this node's user's alone).
     #[arg(long, env = "FLOTILLA_COMPILED_PLUGIN_CACHE")]
     pub compiled_plugin_cache: Option<PathBuf>,
+    /// Serve Prometheus metrics over plain HTTP at ADDR/metrics (off by default; meant for a
+    /// local scraper, e.g. 127.0.0.1:9420).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log lines as text (default) or json (one object per line, with span fields).
+    #[arg(long, value_enum, env = "FLOTILLA_LOG_FORMAT", default_value_t = crate::observability::LogFormat::Text)]
+    pub log_format: crate::observability::LogFormat,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -336,6 +343,7 @@ struct FileNode {
     machine_max_processes: Option<u64>,
     machine_disk_mb: Option<u64>,
     command_timeout_ms: Option<u64>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// Settings after merging flags, file and defaults, and validating them.
@@ -363,6 +371,8 @@ pub struct NodeConfig {
     pub plugins: PluginsSection,
     pub repos: ReposSection,
     pub aws: AwsSection,
+    /// Where Prometheus metrics are served; `None`: not at all.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -477,6 +487,7 @@ impl NodeArgs {
             labels: file.labels,
             join_token: self.join_token.filter(|token| !token.trim().is_empty()),
             public_tls: self.tls_cert.zip(self.tls_key),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
         })
     }
 
