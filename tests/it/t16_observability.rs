@@ -229,6 +229,9 @@ fn check_state_and_raft(scrape: &Scrape) {
     assert_eq!(scrape.value("flotilla_node_agents", &[("status", "running")]), 1.0);
     assert_eq!(scrape.value("flotilla_machines_running", &[]), 1.0);
     assert_eq!(scrape.value("flotilla_machine_start_duration_seconds_count", &[]), 1.0);
+    // The create asked the built-in providers which one claims the repository.
+    assert!(scrape.value("flotilla_plugin_calls_total", &[("outcome", "ok")]) >= 1.0);
+    assert!(scrape.value("flotilla_plugin_fuel_consumed_total", &[]) > 0.0);
 }
 
 /// Every line of the node's log is a JSON object, and the lines of the agent's work carry its
