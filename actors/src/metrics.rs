@@ -2,7 +2,7 @@
 //! recorded through the `metrics` facade, so they cost an atomic load until a process installs
 //! a recorder; [`describe`] registers their help text with it.
 
-use ::metrics::{describe_counter, Unit};
+use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
 /// Live events a watcher's full buffer dropped on this node (a slow reader loses live tokens,
 /// never durable events). The same figure per mesh is
@@ -11,8 +11,52 @@ pub const MESH_LIVE_EVENTS_DROPPED_TOTAL: &str = "flotilla_mesh_live_events_drop
 /// Dials this node's mesh started to other nodes (a link already up is not dialed again).
 pub const MESH_DIALS_TOTAL: &str = "flotilla_mesh_dials_total";
 
+/// Machines running on this node (booted and not yet destroyed).
+pub const MACHINES_RUNNING: &str = "flotilla_machines_running";
+/// How long each machine took from the start of provisioning (workspace, environment, install
+/// layer, boot) to running.
+pub const MACHINE_START_DURATION_SECONDS: &str = "flotilla_machine_start_duration_seconds";
+/// Machines started on an install layer (the snapshot of an environment's install step), by
+/// `outcome`: `hit` (the layer was there) or `miss` (this start built it).
+pub const MACHINE_INSTALL_LAYER_LOOKUPS_TOTAL: &str = "flotilla_machine_install_layer_lookups_total";
+
+/// One running machine in [`MACHINES_RUNNING`], for as long as this value lives.
+pub(crate) struct RunningMachineGauge;
+
+impl RunningMachineGauge {
+    pub(crate) fn start() -> RunningMachineGauge {
+        ::metrics::gauge!(MACHINES_RUNNING).increment(1.0);
+        RunningMachineGauge
+    }
+}
+
+impl Drop for RunningMachineGauge {
+    fn drop(&mut self) {
+        ::metrics::gauge!(MACHINES_RUNNING).decrement(1.0);
+    }
+}
+
+pub(crate) fn record_machine_started(elapsed: std::time::Duration, install_layer: Option<bool>) {
+    ::metrics::histogram!(MACHINE_START_DURATION_SECONDS).record(elapsed.as_secs_f64());
+    if let Some(built) = install_layer {
+        let outcome = if built { "miss" } else { "hit" };
+        ::metrics::counter!(MACHINE_INSTALL_LAYER_LOOKUPS_TOTAL, "outcome" => outcome).increment(1);
+    }
+}
+
 /// Registers the help text of every actor metric with the installed recorder.
 pub fn describe() {
+    describe_gauge!(MACHINES_RUNNING, "Machines running on this node.");
+    describe_histogram!(
+        MACHINE_START_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of each machine start, from provisioning to running."
+    );
+    describe_counter!(
+        MACHINE_INSTALL_LAYER_LOOKUPS_TOTAL,
+        Unit::Count,
+        "Machine starts on an environment's install layer, by outcome: hit (reused) or miss (built by this start)."
+    );
     describe_counter!(
         MESH_LIVE_EVENTS_DROPPED_TOTAL,
         Unit::Count,

@@ -86,6 +86,13 @@ pub struct NodeArgs {
     /// --restore when the backup holds secrets: they stay sealed under it.
     #[arg(long, requires = "restore")]
     pub restore_kek: Option<PathBuf>,
+    /// Serve Prometheus metrics over plain HTTP at ADDR/metrics (off by default; meant for a
+    /// local scraper, e.g. 127.0.0.1:9420).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log lines as text (default) or json (one object per line, with span fields).
+    #[arg(long, value_enum, env = "FLOTILLA_LOG_FORMAT", default_value_t = crate::observability::LogFormat::Text)]
+    pub log_format: crate::observability::LogFormat,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -349,6 +356,7 @@ struct FileNode {
     machine_max_processes: Option<u64>,
     machine_disk_mb: Option<u64>,
     command_timeout_ms: Option<u64>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// Settings after merging flags, file and defaults, and validating them.
@@ -378,6 +386,8 @@ pub struct NodeConfig {
     pub aws: AwsSection,
     /// `--restore FILE` and `--restore-kek FILE`.
     pub restore: Option<(PathBuf, Option<PathBuf>)>,
+    /// Where Prometheus metrics are served; `None`: not at all.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -493,6 +503,7 @@ impl NodeArgs {
             join_token: self.join_token.filter(|token| !token.trim().is_empty()),
             public_tls: self.tls_cert.zip(self.tls_key),
             restore: self.restore.map(|file| (file, self.restore_kek)),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
         })
     }
 

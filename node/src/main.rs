@@ -6,6 +6,7 @@
 mod cli;
 mod config;
 mod machines_cli;
+mod observability;
 mod server;
 
 use std::process::ExitCode;
@@ -115,12 +116,19 @@ enum ImageCommand {
 }
 
 fn init_logging(default_level: &str) {
+    init_logging_as(default_level, observability::LogFormat::Text)
+}
+
+fn init_logging_as(default_level: &str, format: observability::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        observability::LogFormat::Text => builder.init(),
+        observability::LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -159,7 +167,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             TopCommand::Node(args) => {
-                init_logging("info,openraft=warn,ractor_cluster=warn");
+                init_logging_as("info,openraft=warn,ractor_cluster=warn", args.log_format);
                 let config = (*args).resolve()?;
                 server::run_node(config).await?;
                 Ok(ExitCode::SUCCESS)

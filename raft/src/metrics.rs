@@ -2,13 +2,34 @@
 //! They are recorded through the `metrics` facade, so they cost an atomic load until a process
 //! installs a recorder; [`describe`] registers their help text with it.
 
-use ::metrics::{counter, describe_counter, describe_histogram, histogram, Unit};
+use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 
 /// Snapshots of the state machine this node built (for log compaction or to send to a
 /// lagging follower).
 pub const RAFT_SNAPSHOTS_BUILT_TOTAL: &str = "flotilla_raft_snapshots_built_total";
 /// Encoded size of each snapshot built: the state a new or lagging node receives at once.
 pub const RAFT_SNAPSHOT_SIZE_BYTES: &str = "flotilla_raft_snapshot_size_bytes";
+
+/// Index of the last log entry this node knows committed (saved by Raft as it learns it).
+pub const RAFT_COMMITTED_INDEX: &str = "flotilla_raft_committed_index";
+/// How long each group sync of the log's write-ahead log took: the disk's part of an append.
+pub const RAFT_LOG_SYNC_DURATION_SECONDS: &str = "flotilla_raft_log_sync_duration_seconds";
+/// How long each write through [`crate::Replica::write`] took, from the call to the answer
+/// (batched, forwarded to the leader if need be, committed and applied here), by `outcome`:
+/// `applied`, `refused` (the state machine said no) or `failed` (no answer in time).
+pub const RAFT_WRITE_DURATION_SECONDS: &str = "flotilla_raft_write_duration_seconds";
+
+pub(crate) fn record_committed(index: u64) {
+    gauge!(RAFT_COMMITTED_INDEX).set(index as f64);
+}
+
+pub(crate) fn record_log_sync(elapsed: std::time::Duration) {
+    histogram!(RAFT_LOG_SYNC_DURATION_SECONDS).record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn record_write(outcome: &'static str, elapsed: std::time::Duration) {
+    histogram!(RAFT_WRITE_DURATION_SECONDS, "outcome" => outcome).record(elapsed.as_secs_f64());
+}
 
 pub(crate) fn record_snapshot_built(size_bytes: usize) {
     counter!(RAFT_SNAPSHOTS_BUILT_TOTAL).increment(1);
@@ -26,6 +47,20 @@ pub fn describe() {
         RAFT_SNAPSHOT_SIZE_BYTES,
         Unit::Bytes,
         "Encoded size of each state-machine snapshot built by this node."
+    );
+    describe_gauge!(
+        RAFT_COMMITTED_INDEX,
+        "Index of the last Raft log entry this node knows committed."
+    );
+    describe_histogram!(
+        RAFT_LOG_SYNC_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of each sync of the Raft log to disk (one sync covers a group of appends)."
+    );
+    describe_histogram!(
+        RAFT_WRITE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of each replicated write from this node, proposal to local apply, by outcome: applied, refused or failed."
     );
 }
 

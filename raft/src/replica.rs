@@ -407,15 +407,23 @@ impl Replica {
     /// A write answers only once this node's own state shows it (read-your-writes): a caller
     /// that writes and then reads the replica never sees the state from before its write.
     pub async fn write(&self, command: Command) -> Result<Response, WriteError> {
+        let started = std::time::Instant::now();
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.inner
             .writes
             .send(PendingWrite { command, reply })
             .await
             .map_err(|_| WriteError::Fatal("the write batcher has stopped".to_string()))?;
-        answer
+        let result = answer
             .await
-            .map_err(|_| WriteError::Fatal("the write batcher dropped a write".to_string()))?
+            .map_err(|_| WriteError::Fatal("the write batcher dropped a write".to_string()))?;
+        let outcome = match &result {
+            Ok(_) => "applied",
+            Err(WriteError::Refused(_)) => "refused",
+            Err(_) => "failed",
+        };
+        crate::metrics::record_write(outcome, started.elapsed());
+        result
     }
 
     async fn commit_batch(&self, mut batch: Vec<PendingWrite>) {

@@ -33,8 +33,32 @@ pub(crate) fn record_egress_connection(outcome: EgressOutcome) {
     counter!(EGRESS_CONNECTIONS_TOTAL, EGRESS_OUTCOME_LABEL => outcome.label_value()).increment(1);
 }
 
+/// Bytes relayed by machines' egress proxies, by `direction`: `upstream` (machine to the
+/// outside) or `downstream`.
+pub const EGRESS_BYTES_TOTAL: &str = "flotilla_egress_bytes_total";
+
+/// Which way relayed bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EgressDirection {
+    Upstream,
+    Downstream,
+}
+
+pub(crate) fn record_egress_bytes(direction: EgressDirection, bytes: usize) {
+    let direction = match direction {
+        EgressDirection::Upstream => "upstream",
+        EgressDirection::Downstream => "downstream",
+    };
+    counter!(EGRESS_BYTES_TOTAL, "direction" => direction).increment(bytes as u64);
+}
+
 /// Registers the help text of every sandbox metric with the installed recorder.
 pub fn describe() {
+    describe_counter!(
+        EGRESS_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes relayed by machines' egress proxies, by direction: upstream (machine to the outside) or downstream."
+    );
     describe_counter!(
         EGRESS_CONNECTIONS_TOTAL,
         Unit::Count,

@@ -15,6 +15,7 @@ mod t10_single_node;
 mod t11_transport_security;
 mod t12_repository_policy;
 mod t15_cli_and_drain;
+mod t16_observability;
 mod t18_agent_runs;
 mod t19_push_containment;
 mod t20_three_nodes;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use flotilla_proto::v1;
 use flotilla_raft::{AgentId, AgentStatus, ApplyError, Command, Epoch, NodeId, Replica, WriteError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tracing::Instrument as _;
 
 use crate::machine::{MachineHost, MachineMsg, ProvisionError, Provisioned, RunningMachine, MACHINE_STOP_TIMEOUT};
 use crate::mesh::Mesh;
@@ -93,6 +94,9 @@ pub struct AgentState {
     machine: Option<Machine>,
     /// The turn loop, off the actor so that a stop or an announce is handled at once.
     run: Option<tokio::task::JoinHandle<()>>,
+    /// Around everything this actor and its tasks do, so that every log line of the agent's
+    /// work carries its id, team and epoch (`--log-format json` shows them as fields).
+    span: tracing::Span,
 }
 
 impl AgentState {
@@ -172,15 +176,54 @@ impl Actor for AgentActor {
     async fn pre_start(&self, myself: ActorRef<AgentMsg>, args: AgentArgs) -> Result<AgentState, ActorProcessingErr> {
         ractor::pg::monitor(crate::mesh::live_group_name(&args.agent.to_string()), myself.get_cell());
         myself.cast(AgentMsg::Start)?;
+        let team = args
+            .replica
+            .reader()
+            .read(|state| state.agents.get(&args.agent).map(|agent| agent.spec.team.clone()))
+            .unwrap_or_default();
+        let span = tracing::info_span!("agent", agent = %args.agent, team = %team, epoch = %args.epoch);
         Ok(AgentState {
             args,
             provisioning: None,
             machine: None,
             run: None,
+            span,
         })
     }
 
     async fn handle(
+        &self,
+        myself: ActorRef<AgentMsg>,
+        message: AgentMsg,
+        state: &mut AgentState,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        self.handle_in_span(myself, message, state).instrument(span).await
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<AgentMsg>,
+        message: SupervisionEvent,
+        state: &mut AgentState,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        supervision_event(myself, message, state).instrument(span).await
+    }
+
+    async fn post_stop(&self, myself: ActorRef<AgentMsg>, state: &mut AgentState) -> Result<(), ActorProcessingErr> {
+        ractor::pg::demonitor(
+            crate::mesh::live_group_name(&state.args.agent.to_string()),
+            myself.get_id(),
+        );
+        let span = state.span.clone();
+        state.wind_down().instrument(span).await;
+        Ok(())
+    }
+}
+
+impl AgentActor {
+    async fn handle_in_span(
         &self,
         myself: ActorRef<AgentMsg>,
         message: AgentMsg,
@@ -217,48 +260,39 @@ impl Actor for AgentActor {
         }
         Ok(())
     }
+}
 
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<AgentMsg>,
-        message: SupervisionEvent,
-        state: &mut AgentState,
-    ) -> Result<(), ActorProcessingErr> {
-        let machine_id = state.machine.as_ref().map(|machine| machine.actor.get_id());
-        let failure = match message {
-            SupervisionEvent::ProcessGroupChanged(ractor::pg::GroupChangeMessage::Join(..)) => {
-                myself.cast(AgentMsg::Announce)?;
-                return Ok(());
+/// A supervision event: a watcher joined, or the agent's machine died under it.
+async fn supervision_event(
+    myself: ActorRef<AgentMsg>,
+    message: SupervisionEvent,
+    state: &mut AgentState,
+) -> Result<(), ActorProcessingErr> {
+    let machine_id = state.machine.as_ref().map(|machine| machine.actor.get_id());
+    let failure = match message {
+        SupervisionEvent::ProcessGroupChanged(ractor::pg::GroupChangeMessage::Join(..)) => {
+            myself.cast(AgentMsg::Announce)?;
+            return Ok(());
+        }
+        SupervisionEvent::ActorFailed(cell, error) if Some(cell.get_id()) == machine_id => {
+            AgentActorError::MachineFailed {
+                agent: state.args.agent,
+                reason: error.to_string(),
             }
-            SupervisionEvent::ActorFailed(cell, error) if Some(cell.get_id()) == machine_id => {
-                AgentActorError::MachineFailed {
-                    agent: state.args.agent,
-                    reason: error.to_string(),
-                }
+        }
+        SupervisionEvent::ActorTerminated(cell, _, reason) if Some(cell.get_id()) == machine_id => {
+            AgentActorError::MachineEnded {
+                agent: state.args.agent,
+                reason: reason.unwrap_or_else(|| "no reason given".to_string()),
             }
-            SupervisionEvent::ActorTerminated(cell, _, reason) if Some(cell.get_id()) == machine_id => {
-                AgentActorError::MachineEnded {
-                    agent: state.args.agent,
-                    reason: reason.unwrap_or_else(|| "no reason given".to_string()),
-                }
-            }
-            _ => return Ok(()),
-        };
-        // The machine is gone under the run: fail, so that the supervisor starts this agent
-        // again on a fresh machine from its last checkpoint.
-        tracing::warn!(agent = %state.args.agent, error = %failure, "the agent's machine died");
-        state.wind_down().await;
-        Err(Box::new(failure))
-    }
-
-    async fn post_stop(&self, myself: ActorRef<AgentMsg>, state: &mut AgentState) -> Result<(), ActorProcessingErr> {
-        ractor::pg::demonitor(
-            crate::mesh::live_group_name(&state.args.agent.to_string()),
-            myself.get_id(),
-        );
-        state.wind_down().await;
-        Ok(())
-    }
+        }
+        _ => return Ok(()),
+    };
+    // The machine is gone under the run: fail, so that the supervisor starts this agent
+    // again on a fresh machine from its last checkpoint.
+    tracing::warn!(agent = %state.args.agent, error = %failure, "the agent's machine died");
+    state.wind_down().await;
+    Err(Box::new(failure))
 }
 
 /// Moves a pending agent to `PROVISIONING` and starts provisioning its machine.
@@ -282,7 +316,7 @@ async fn start(myself: &ActorRef<AgentMsg>, state: &mut AgentState) -> Result<()
         state.args.epoch
     ));
     tracing::info!(agent = %state.args.agent, epoch = %state.args.epoch, "provisioning a machine");
-    state.provisioning = Some(spawn_provisioning(&state.args, myself.clone()));
+    state.provisioning = Some(spawn_provisioning(&state.args, myself.clone(), state.span.clone()));
     Ok(())
 }
 
@@ -330,10 +364,13 @@ async fn machine_ready(
         redactor: provisioned.redactor,
     };
     let actor = myself.clone();
-    state.run = Some(tokio::spawn(async move {
-        let outcome = crate::run::run(context).await;
-        let _ = actor.cast(AgentMsg::RunEnded(outcome));
-    }));
+    state.run = Some(tokio::spawn(
+        async move {
+            let outcome = crate::run::run(context).await;
+            let _ = actor.cast(AgentMsg::RunEnded(outcome));
+        }
+        .instrument(state.span.clone()),
+    ));
     Ok(())
 }
 
@@ -436,49 +473,56 @@ async fn record_install_layer(args: &AgentArgs) {
 
 /// Provisions the agent's machine on a task of its own, under a machine actor that this agent
 /// actor supervises, and reports back with [`AgentMsg::Provisioned`].
-fn spawn_provisioning(args: &AgentArgs, myself: ActorRef<AgentMsg>) -> tokio::task::JoinHandle<()> {
+fn spawn_provisioning(
+    args: &AgentArgs,
+    myself: ActorRef<AgentMsg>,
+    span: tracing::Span,
+) -> tokio::task::JoinHandle<()> {
     let agent = args.agent;
     let epoch = args.epoch;
     let record = args.replica.reader().read(|state| state.agents.get(&agent).cloned());
     let machines = args.machines.clone();
     let supervisor = args.supervisor.clone();
     let secret_source = args.runtime.secrets.clone();
-    tokio::spawn(async move {
-        let result = async {
-            let record = record.ok_or(ProvisionError::NotInState { agent })?;
-            let secrets = match &secret_source {
-                Some(source) => {
-                    let mut secrets = source.for_agent(&record).map_err(ProvisionError::Secrets)?;
-                    secrets.also_redacted = source.node_values();
-                    let extra = source
-                        .run_credentials(&record, &secrets)
-                        .await
-                        .map_err(ProvisionError::RunCredentials)?;
-                    secrets.values.extend(extra.values);
-                    secrets.plain.extend(extra.plain);
-                    secrets
+    tokio::spawn(
+        async move {
+            let result = async {
+                let record = record.ok_or(ProvisionError::NotInState { agent })?;
+                let secrets = match &secret_source {
+                    Some(source) => {
+                        let mut secrets = source.for_agent(&record).map_err(ProvisionError::Secrets)?;
+                        secrets.also_redacted = source.node_values();
+                        let extra = source
+                            .run_credentials(&record, &secrets)
+                            .await
+                            .map_err(ProvisionError::RunCredentials)?;
+                        secrets.values.extend(extra.values);
+                        secrets.plain.extend(extra.plain);
+                        secrets
+                    }
+                    None => crate::secrets::SecretValues::default(),
+                };
+                let repo = ractor::call!(supervisor, |reply| AgentSupervisorMsg::RepoFor {
+                    url: record.spec.repository.clone(),
+                    reply
+                })
+                .map_err(|error| ProvisionError::NoRepositoryActor(error.to_string()))?;
+                let provisioned = machines
+                    .provision(&repo, &record, epoch, Some(myself.get_cell()), &secrets)
+                    .await?;
+                Ok((provisioned, repo))
+            }
+            .await;
+            let machine_actor = result.as_ref().ok().map(|(provisioned, _)| provisioned.actor.clone());
+            if myself.cast(AgentMsg::Provisioned(result)).is_err() {
+                if let Some(actor) = machine_actor {
+                    // The actor ended while the machine booted: nobody owns this machine.
+                    let _ = actor
+                        .stop_and_wait(Some("agent actor gone".to_string()), Some(MACHINE_STOP_TIMEOUT))
+                        .await;
                 }
-                None => crate::secrets::SecretValues::default(),
-            };
-            let repo = ractor::call!(supervisor, |reply| AgentSupervisorMsg::RepoFor {
-                url: record.spec.repository.clone(),
-                reply
-            })
-            .map_err(|error| ProvisionError::NoRepositoryActor(error.to_string()))?;
-            let provisioned = machines
-                .provision(&repo, &record, epoch, Some(myself.get_cell()), &secrets)
-                .await?;
-            Ok((provisioned, repo))
-        }
-        .await;
-        let machine_actor = result.as_ref().ok().map(|(provisioned, _)| provisioned.actor.clone());
-        if myself.cast(AgentMsg::Provisioned(result)).is_err() {
-            if let Some(actor) = machine_actor {
-                // The actor ended while the machine booted: nobody owns this machine.
-                let _ = actor
-                    .stop_and_wait(Some("agent actor gone".to_string()), Some(MACHINE_STOP_TIMEOUT))
-                    .await;
             }
         }
-    })
+        .instrument(span),
+    )
 }

@@ -170,6 +170,8 @@ pub struct MachineState {
     /// Held only to be dropped with the machine.
     _egress: Option<EgressProxy>,
     destroyed: bool,
+    /// Counts the machine as running until the actor's state goes.
+    _running_gauge: crate::metrics::RunningMachineGauge,
 }
 
 impl MachineState {
@@ -285,6 +287,7 @@ impl Actor for MachineActor {
             workspace_dir: args.workspace_dir,
             _egress: args.egress,
             destroyed: false,
+            _running_gauge: crate::metrics::RunningMachineGauge::start(),
         })
     }
 

@@ -314,6 +314,7 @@ impl MachineHost {
         let actor = spawn_machine_actor(args, supervisor).await?;
         let machine = ractor::call!(actor, MachineMsg::Running)
             .map_err(|error| ProvisionError::MachineActor(error.to_string()))?;
+        crate::metrics::record_machine_started(started.elapsed(), install_layer_used.then_some(install_layer_built));
         Ok(Provisioned {
             machine,
             actor,

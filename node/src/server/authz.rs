@@ -178,6 +178,9 @@ pub fn authorize(principal: &Principal, path: &str) -> Result<(), Status> {
 /// Most watches one key holds open at once on one node.
 pub const MAX_WATCHES_PER_KEY: usize = 32;
 
+/// Watch streams open on this node (one per `WatchAgent` call being served).
+pub const WATCHERS: &str = "flotilla_watchers";
+
 /// Open watches per key on this node. Entries go when their count reaches zero, so the map
 /// holds at most one entry per key with a watch open.
 #[derive(Clone, Default)]
@@ -202,6 +205,7 @@ impl WatchQuota {
             )));
         }
         *count += 1;
+        ::metrics::gauge!(WATCHERS).increment(1.0);
         Ok(WatchPermit {
             quota: self.clone(),
             key_id: principal.key_id.clone(),
@@ -221,6 +225,7 @@ impl WatchQuota {
 
 impl Drop for WatchPermit {
     fn drop(&mut self) {
+        ::metrics::gauge!(WATCHERS).decrement(1.0);
         let mut open = self.quota.open.lock().expect("watch quota lock poisoned");
         if let Some(count) = open.get_mut(&self.key_id) {
             *count -= 1;

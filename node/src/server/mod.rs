@@ -397,6 +397,11 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     let peers = Peers::new(Some(&identity.tls));
     let ca_fingerprint = identity.tls.ca_fingerprint()?;
     let kek = secrets::NodeKek::open(&config.data_dir, config.join.is_none()).await?;
+    // Before anything records: figures recorded with no recorder installed are lost.
+    let metrics_recorder = match config.metrics_listen {
+        Some(_) => Some(crate::observability::metrics::install()?),
+        None => None,
+    };
     let info = node_info(&config);
     tracing::info!(node = node_id, grpc = %info.grpc_address, mesh = %info.mesh_address, region = %info.region, "starting node");
     let model_names: Vec<&String> = config.models.keys().collect();
@@ -408,6 +413,12 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     replica_config.snapshot_after_logs = config.snapshot_after_logs;
     replica_config.logs_kept_after_snapshot = config.logs_kept_after_snapshot;
     let replica = Replica::open(replica_config).await?;
+    let metrics_server = match (config.metrics_listen, metrics_recorder) {
+        (Some(address), Some(recorder)) => {
+            Some(crate::observability::metrics::serve(address, recorder, replica.clone()).await?)
+        }
+        _ => None,
+    };
     let secret_store = std::sync::Arc::new(secrets::NodeSecretStore::new(
         replica.clone(),
         kek.clone(),
@@ -539,6 +550,9 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     let _ = shutdown_sender.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     mesh.shutdown().await;
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     replica.shutdown().await;
     tracing::info!(elapsed_ms = stopping.elapsed().as_millis() as u64, "node stopped");
     Ok(())
@@ -779,9 +793,17 @@ async fn serve(
     health_reporter
         .set_serving::<flotilla_proto::v1::settings_service_server::SettingsServiceServer<settings::SettingsApi>>()
         .await;
+    // Both reflection versions: grpcurl and current clients ask v1; Python's grpcio-reflection,
+    // Postman and older grpcurl speak only v1alpha. Like health, reflection needs no key: it
+    // shows the API's shape, which is public, and nothing of the cluster.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let models = agent_api.models.clone();
     let agent_service = AgentServiceServer::new(agent_api).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let cluster_service = ClusterServiceServer::new(cluster::ClusterApi {
@@ -818,9 +840,14 @@ async fn serve(
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let (incoming, accepting) = transport::tls_incoming(listener, tls.config);
+    let rpc_metrics = crate::observability::rpc::RpcMetricsLayer::new(crate::observability::rpc::known_methods(
+        flotilla_proto::FILE_DESCRIPTOR_SET,
+    )?);
     let served = tonic::transport::Server::builder()
+        .layer(rpc_metrics)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(auth::Authenticated::new(agent_service, tokens.clone()))
         .add_service(auth::Authenticated::new(cluster_service, tokens.clone()))
         .add_service(auth::Authenticated::new(admin_service, tokens.clone()))

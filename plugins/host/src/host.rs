@@ -397,9 +397,17 @@ impl PluginHost {
         }
     }
 
+    /// Runs one call (see [`Self::call_unmeasured`]) and counts it.
+    async fn call(&self, plugin: &Plugin, call: Call) -> Result<Answer, CallError> {
+        let function = call.function();
+        let result = self.call_unmeasured(plugin, call).await;
+        crate::metrics::record_call(&plugin.label().name, function, result.is_ok());
+        result
+    }
+
     /// Runs one call in a fresh store: instantiate (from the compiled, pre-linked component),
     /// call, drop. Bounded by fuel, memory, `call_timeout` and `max_output_bytes`.
-    async fn call(&self, plugin: &Plugin, call: Call) -> Result<Answer, CallError> {
+    async fn call_unmeasured(&self, plugin: &Plugin, call: Call) -> Result<Answer, CallError> {
         let function = call.function();
         if !Engine::same(&plugin.inner.engine, &self.engine) {
             return Err(CallError::ForeignPlugin {
@@ -448,6 +456,13 @@ impl PluginHost {
                     Err(error) => return Err(instantiate_error(&store, error)),
                 },
             };
+            if let Ok(remaining) = store.get_fuel() {
+                crate::metrics::record_fuel(
+                    &plugin.label().name,
+                    function,
+                    config.fuel_per_call.saturating_sub(remaining),
+                );
+            }
             outcome.map_err(|error| self.classify(plugin, function, error, store.data()))
         };
         let answer = tokio::time::timeout(config.call_timeout, run)

@@ -20,8 +20,35 @@ pub(crate) fn record_disk_cache_write(written: bool) {
     ::metrics::counter!(PLUGIN_DISK_CACHE_WRITES_TOTAL, DISK_CACHE_WRITE_OUTCOME_LABEL => outcome).increment(1);
 }
 
+/// Calls into plugins, by `plugin` (its name), `function` and `outcome` (`ok` or `error`).
+pub const PLUGIN_CALLS_TOTAL: &str = "flotilla_plugin_calls_total";
+/// Wasmtime fuel (about one unit per Wasm instruction) that plugin calls burnt, by `plugin`
+/// and `function`.
+pub const PLUGIN_FUEL_CONSUMED_TOTAL: &str = "flotilla_plugin_fuel_consumed_total";
+
+pub(crate) fn record_call(plugin: &str, function: &'static str, succeeded: bool) {
+    let outcome = if succeeded { "ok" } else { "error" };
+    ::metrics::counter!(PLUGIN_CALLS_TOTAL, "plugin" => plugin.to_string(), "function" => function, "outcome" => outcome)
+        .increment(1);
+}
+
+pub(crate) fn record_fuel(plugin: &str, function: &'static str, fuel: u64) {
+    ::metrics::counter!(PLUGIN_FUEL_CONSUMED_TOTAL, "plugin" => plugin.to_string(), "function" => function)
+        .increment(fuel);
+}
+
 /// Registers the help text of every plugin-host metric with the installed recorder.
 pub fn describe() {
+    describe_counter!(
+        PLUGIN_CALLS_TOTAL,
+        Unit::Count,
+        "Calls into plugins, by plugin, function and outcome (ok or error)."
+    );
+    describe_counter!(
+        PLUGIN_FUEL_CONSUMED_TOTAL,
+        Unit::Count,
+        "Wasm fuel (about one unit per instruction) burnt by plugin calls, by plugin and function."
+    );
     describe_counter!(
         PLUGIN_COMPILES_TOTAL,
         Unit::Count,

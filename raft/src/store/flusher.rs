@@ -23,10 +23,12 @@ pub(super) fn spawn_flusher(db: std::sync::Weak<DB>) -> Result<SyncSender<LogFlu
             while let Ok(first) = receiver.recv() {
                 let mut group = vec![first];
                 group.extend(receiver.try_iter());
+                let sync_started = std::time::Instant::now();
                 let synced = match db.upgrade() {
                     Some(db) => db.flush_wal(true).map_err(|error| error.to_string()),
                     None => Err("the log database is closed".to_string()),
                 };
+                crate::metrics::record_log_sync(sync_started.elapsed());
                 for callback in group {
                     callback.log_io_completed(synced.clone().map_err(std::io::Error::other));
                 }

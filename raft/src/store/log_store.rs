@@ -122,6 +122,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        if let Some(committed) = committed {
+            crate::metrics::record_committed(committed.index);
+        }
         // Not synced: a lost committed marker only means re-applying from the state machine's own
         // applied id, which the log still holds.
         self.db

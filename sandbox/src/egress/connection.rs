@@ -425,8 +425,20 @@ where
     let (mut origin_reader, mut origin_writer) = tokio::io::split(origin);
     let started = Instant::now();
     let last_activity_ms = AtomicU64::new(0);
-    let upstream = copy_recording_activity(&mut client_reader, &mut origin_writer, &last_activity_ms, started);
-    let downstream = copy_recording_activity(&mut origin_reader, &mut client_writer, &last_activity_ms, started);
+    let upstream = copy_recording_activity(
+        &mut client_reader,
+        &mut origin_writer,
+        &last_activity_ms,
+        started,
+        crate::metrics::EgressDirection::Upstream,
+    );
+    let downstream = copy_recording_activity(
+        &mut origin_reader,
+        &mut client_writer,
+        &last_activity_ms,
+        started,
+        crate::metrics::EgressDirection::Downstream,
+    );
     let watchdog = async {
         loop {
             let idle_deadline =
@@ -463,6 +475,7 @@ async fn copy_recording_activity<R, W>(
     writer: &mut W,
     last_activity_ms: &AtomicU64,
     started: Instant,
+    direction: crate::metrics::EgressDirection,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -475,6 +488,7 @@ where
             return writer.shutdown().await;
         }
         writer.write_all(&buffer[..read]).await?;
+        crate::metrics::record_egress_bytes(direction, read);
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         last_activity_ms.fetch_max(elapsed_ms, Ordering::Relaxed);
     }
