@@ -5,6 +5,7 @@
 
 mod cli;
 mod config;
+mod log_redact;
 mod machines_cli;
 mod server;
 
@@ -114,7 +115,8 @@ fn init_logging(default_level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Every line passes the redactor: no secret value reaches the log.
+        .with_writer(log_redact::RedactingMakeWriter::new(std::io::stderr))
         .init();
 }
 

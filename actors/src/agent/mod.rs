@@ -139,6 +139,11 @@ impl AgentState {
     }
 
     async fn set_status(&self, status: AgentStatus, reason: String, error: Option<String>) -> Result<(), WriteError> {
+        // A provisioning error can quote an install command's output or a machine's: every
+        // value this node knows is redacted before it is recorded (and answered over gRPC).
+        let redactor = self.args.runtime.known_redactor();
+        let reason = redactor.redact(&reason).into_owned();
+        let error = error.map(|error| redactor.redact(&error).into_owned());
         self.args
             .replica
             .write(Command::SetAgentStatus {

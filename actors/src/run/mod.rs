@@ -85,6 +85,16 @@ impl Default for AgentRuntime {
     }
 }
 
+impl AgentRuntime {
+    /// Every secret value the node knows (empty without a secret source).
+    pub fn known_redactor(&self) -> crate::secrets::Redactor {
+        self.secrets
+            .as_ref()
+            .map(|secrets| secrets.known_redactor())
+            .unwrap_or_default()
+    }
+}
+
 /// Where the time of one turn went; the orchestration overhead is `total - model - tools`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TurnTiming {

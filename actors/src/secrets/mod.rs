@@ -49,6 +49,11 @@ pub trait MachineSecrets: Send + Sync {
     /// Values of node-level secrets this node uses (model keys, git credentials, plugin
     /// tokens), redacted from everything an agent shows.
     fn node_values(&self) -> Vec<(String, String)>;
+    /// Every secret value this node knows (all teams' and users' it can open, its own): for
+    /// text written before an agent's own secrets are known, such as a provisioning error.
+    fn known_redactor(&self) -> Redactor {
+        Redactor::default()
+    }
     /// Credentials the machine gets beyond the stored secrets, made for this run from them
     /// (session credentials of an AWS role the team names); none by default. An error fails
     /// the agent with its message.

@@ -14,6 +14,7 @@ pub mod convert;
 pub mod default_branch;
 pub mod enroll;
 pub mod internal;
+pub mod known_secrets;
 pub mod pki;
 pub mod plugins;
 pub mod retention;
@@ -400,6 +401,8 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         config.data_dir.clone(),
         config.aws.sts_endpoint.as_ref().map(|endpoint| endpoint.0.clone()),
     ));
+    // The node's log redacts every secret value it can open, from now on.
+    known_secrets::follow(secret_store.clone());
     // After the replica opened: a cluster-scope secret this node has applied comes first.
     let mut runtime = runtime::build_runtime(&config, &|name| secret_store.node_secret(name))?;
     runtime.secrets = Some(secret_store.clone());

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{anyhow, bail, Context};
-use flotilla_actors::secrets::{Kek, MachineSecrets, SecretValues};
+use flotilla_actors::secrets::{Kek, MachineSecrets, Redactor, SecretValues};
 use flotilla_proto::v1;
 use flotilla_proto::v1::secret_service_server::SecretService;
 use flotilla_raft::secrets::{validate_secret_name, MAX_SECRET_VALUE_BYTES};
@@ -96,7 +96,14 @@ pub struct NodeSecretStore {
     used: RwLock<Vec<(String, String)>>,
     /// Assumes the AWS role a team's secrets name, for its machines.
     aws: super::aws::RoleAssumer,
+    /// The node-level secret files read at start, for log redaction.
+    secret_files: RwLock<Vec<(String, String)>>,
+    /// Session credentials made for machines lately (newest last), for log redaction.
+    sessions: RwLock<std::collections::VecDeque<(String, String)>>,
 }
+
+/// Session credential values kept for log redaction; older ones have expired long since.
+const MAX_REDACTED_SESSION_VALUES: usize = 512;
 
 impl NodeSecretStore {
     pub fn new(replica: Replica, kek: NodeKek, data_dir: PathBuf, sts_endpoint: Option<String>) -> NodeSecretStore {
@@ -106,7 +113,44 @@ impl NodeSecretStore {
             data_dir,
             used: RwLock::new(Vec::new()),
             aws: super::aws::RoleAssumer::new(sts_endpoint),
+            secret_files: RwLock::new(Vec::new()),
+            sessions: RwLock::new(std::collections::VecDeque::new()),
         }
+    }
+
+    pub(super) fn used_values(&self) -> Vec<(String, String)> {
+        self.used.read().expect("secret list lock poisoned").clone()
+    }
+
+    pub(super) fn secret_files(&self) -> Vec<(String, String)> {
+        self.secret_files.read().expect("secret list lock poisoned").clone()
+    }
+
+    pub(super) fn set_secret_files(&self, files: Vec<(String, String)>) {
+        *self.secret_files.write().expect("secret list lock poisoned") = files;
+    }
+
+    pub(super) fn session_values(&self) -> Vec<(String, String)> {
+        self.sessions
+            .read()
+            .expect("secret list lock poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Keeps the secret values of a session made for a machine out of the node's log.
+    pub(super) fn remember_session(&self, values: &SecretValues) {
+        {
+            let mut sessions = self.sessions.write().expect("secret list lock poisoned");
+            for value in &values.values {
+                sessions.push_back(value.clone());
+            }
+            while sessions.len() > MAX_REDACTED_SESSION_VALUES {
+                sessions.pop_front();
+            }
+        }
+        super::known_secrets::refresh(self);
     }
 
     /// Opens one replicated secret; `None` when there is none (or this node cannot open it,
@@ -135,9 +179,16 @@ impl NodeSecretStore {
         let value = self
             .open(&SecretScope::Cluster, name)
             .or_else(|| super::runtime::read_secret(&self.data_dir, name))?;
-        let mut used = self.used.write().expect("secret list lock poisoned");
-        if !used.iter().any(|(known, _)| known == name) {
-            used.push((name.to_string(), value.clone()));
+        let added = {
+            let mut used = self.used.write().expect("secret list lock poisoned");
+            let added = !used.iter().any(|(known, _)| known == name);
+            if added {
+                used.push((name.to_string(), value.clone()));
+            }
+            added
+        };
+        if added {
+            super::known_secrets::refresh(self);
         }
         Some(value)
     }
@@ -212,7 +263,11 @@ impl MachineSecrets for NodeSecretStore {
     }
 
     fn node_values(&self) -> Vec<(String, String)> {
-        self.used.read().expect("secret list lock poisoned").clone()
+        self.used_values()
+    }
+
+    fn known_redactor(&self) -> Redactor {
+        (*crate::log_redact::known()).clone()
     }
 
     async fn run_credentials(&self, agent: &AgentRecord, secrets: &SecretValues) -> Result<SecretValues, String> {
@@ -225,10 +280,13 @@ impl MachineSecrets for NodeSecretStore {
             .ok_or_else(|| "this node holds no key-encryption key (DATA_DIR/kek)".to_string())?;
         let external_id = super::aws::external_id(kek, &agent.spec.team);
         let session_name = format!("flotilla-{}", agent.id);
-        self.aws
+        let session = self
+            .aws
             .assume(&role_arn, &external_id, &session_name)
             .await
-            .map_err(|error| error.to_string())
+            .map_err(|error| error.to_string())?;
+        self.remember_session(&session);
+        Ok(session)
     }
 }
 
