@@ -38,4 +38,5 @@ mod t70_teams;
 mod t71_audit_limits;
 mod t72_limits_across_nodes;
 mod t73_settings_retention;
+mod t74_revocation_across_nodes;
 mod t90_chaos;
