@@ -5,20 +5,51 @@
 //! because the log subscriber is made before the node is; the node replaces it whenever the
 //! replicated secrets change (see `server::secrets::follow_known_values`).
 
+use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use flotilla_actors::secrets::{Redactor, StreamRedactor};
 use tracing_subscriber::fmt::MakeWriter;
 
 /// The values the log writer redacts now.
 static KNOWN: RwLock<Option<Arc<Redactor>>> = RwLock::new(None);
+/// What the redactor is made of: the secrets the node knows, and session credentials it made.
+static SOURCES: Mutex<Sources> = Mutex::new(Sources {
+    known: Vec::new(),
+    sessions: VecDeque::new(),
+});
 
-/// Replaces the values redacted from log lines. Each value is also redacted in the escaped
-/// forms a log line can carry it in (a `?` field's debug quoting, a JSON string).
+/// Session credential values kept; older ones expired long since.
+const MAX_SESSION_VALUES: usize = 512;
+
+struct Sources {
+    known: Vec<(String, String)>,
+    sessions: VecDeque<(String, String)>,
+}
+
+/// Replaces the secret values redacted from log lines (session credentials stay).
 pub fn set_known_values(values: &[(String, String)]) {
-    let mut forms: Vec<(&str, String)> = Vec::with_capacity(values.len() * 3);
-    for (name, value) in values {
+    let mut sources = SOURCES.lock().expect("log redaction lock poisoned");
+    sources.known = values.to_vec();
+    rebuild(&sources);
+}
+
+/// Adds session credentials the node made for a machine.
+pub fn remember_session_values(values: &[(String, String)]) {
+    let mut sources = SOURCES.lock().expect("log redaction lock poisoned");
+    sources.sessions.extend(values.iter().cloned());
+    while sources.sessions.len() > MAX_SESSION_VALUES {
+        sources.sessions.pop_front();
+    }
+    rebuild(&sources);
+}
+
+/// Each value is also redacted in the escaped forms a log line can carry it in (a `?` field's
+/// debug quoting, a JSON string).
+fn rebuild(sources: &Sources) {
+    let mut forms: Vec<(&str, String)> = Vec::new();
+    for (name, value) in sources.known.iter().chain(&sources.sessions) {
         forms.push((name, value.clone()));
         let debug = format!("{value:?}");
         let debug = debug[1..debug.len() - 1].to_string();

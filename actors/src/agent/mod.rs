@@ -9,6 +9,7 @@
 //! provisions a fresh machine and resumes from the last checkpoint (see "The machine actor" in
 //! docs/architecture.md).
 
+mod credentials;
 mod supervisor;
 
 use std::sync::Arc;
@@ -93,6 +94,8 @@ pub struct AgentState {
     machine: Option<Machine>,
     /// The turn loop, off the actor so that a stop or an announce is handled at once.
     run: Option<tokio::task::JoinHandle<()>>,
+    /// Renews the machine's session credentials while it lives.
+    renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl AgentState {
@@ -121,6 +124,9 @@ impl AgentState {
     /// (a failing handler too), so no turn loop outlives its actor and no machine its agent.
     async fn wind_down(&mut self) {
         if let Some(task) = self.provisioning.take() {
+            task.abort();
+        }
+        if let Some(task) = self.renewal.take() {
             task.abort();
         }
         if let Some(task) = self.run.take() {
@@ -182,6 +188,7 @@ impl Actor for AgentActor {
             provisioning: None,
             machine: None,
             run: None,
+            renewal: None,
         })
     }
 
@@ -322,6 +329,23 @@ async fn machine_ready(
         }
         Err(error) => return Err(error.into()),
     }
+    let redactor = crate::secrets::SharedRedactor::from(provisioned.redactor);
+    let notes = crate::run::RunNotes::default();
+    if let Some(renewable) = provisioned.secrets.renewable.clone() {
+        let renewal = credentials::Renewal {
+            agent: state.args.agent,
+            node: state.args.replica.node_id(),
+            replica: state.args.replica.clone(),
+            mesh: state.args.mesh.clone(),
+            machine: provisioned.machine.clone(),
+            secrets: (*provisioned.secrets).clone(),
+            redactor: redactor.clone(),
+            notes: notes.clone(),
+        };
+        // The file is there before the first command runs; renewals follow on a task of their own.
+        renewal.write_initial(&renewable).await;
+        state.renewal = Some(tokio::spawn(renewal.run(renewable)));
+    }
     let context = RunContext {
         agent: state.args.agent,
         epoch: state.args.epoch,
@@ -332,7 +356,8 @@ async fn machine_ready(
         workspace: provisioned.workspace,
         runtime: state.args.runtime.clone(),
         observer: None,
-        redactor: provisioned.redactor,
+        redactor,
+        notes,
     };
     let actor = myself.clone();
     state.run = Some(tokio::spawn(async move {
@@ -461,6 +486,7 @@ fn spawn_provisioning(args: &AgentArgs, myself: ActorRef<AgentMsg>) -> tokio::ta
                         .map_err(ProvisionError::RunCredentials)?;
                     secrets.values.extend(extra.values);
                     secrets.plain.extend(extra.plain);
+                    secrets.renewable = extra.renewable;
                     secrets
                 }
                 None => crate::secrets::SecretValues::default(),

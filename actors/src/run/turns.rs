@@ -144,6 +144,7 @@ impl RunProgress {
             tools,
             git: git_started.elapsed(),
         };
+        events.extend(context.notes.take().into_iter().map(|text| EventKind::Log { text }));
         events.push(EventKind::TurnFinished {
             turn: self.turn,
             input_tokens: answer.usage.input_tokens,

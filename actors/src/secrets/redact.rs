@@ -101,6 +101,47 @@ impl Redactor {
     }
 }
 
+/// A redactor that can be replaced while it is in use: a run's, whose values change when its
+/// session credentials are renewed. Clones share one current redactor.
+#[derive(Clone, Default, Debug)]
+pub struct SharedRedactor(std::sync::Arc<std::sync::RwLock<Redactor>>);
+
+impl From<Redactor> for SharedRedactor {
+    fn from(redactor: Redactor) -> SharedRedactor {
+        SharedRedactor(std::sync::Arc::new(std::sync::RwLock::new(redactor)))
+    }
+}
+
+impl SharedRedactor {
+    /// The redactor in use now.
+    pub fn current(&self) -> Redactor {
+        self.0.read().expect("redactor lock poisoned").clone()
+    }
+
+    /// Replaces the redactor for every clone.
+    pub fn replace(&self, redactor: Redactor) {
+        *self.0.write().expect("redactor lock poisoned") = redactor;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.read().expect("redactor lock poisoned").is_empty()
+    }
+
+    /// `text` with every current value replaced.
+    pub fn redact<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        self.0.read().expect("redactor lock poisoned").redact(text)
+    }
+
+    pub fn redact_in_place(&self, text: &mut String) {
+        self.0.read().expect("redactor lock poisoned").redact_in_place(text);
+    }
+
+    /// A stream redactor over the current values.
+    pub fn stream(&self) -> StreamRedactor {
+        self.0.read().expect("redactor lock poisoned").stream()
+    }
+}
+
 /// Redacts a byte stream cut into arbitrary chunks: it holds back the last `longest - 1` bytes
 /// of what it saw, so that a value split between two chunks is still found.
 pub struct StreamRedactor {

@@ -1,6 +1,6 @@
 //! Keeps the node's log redaction (`crate::log_redact`) equal to the secret values this node
 //! knows: every replicated secret it can open (cluster, team and user scopes), its node-level
-//! secret files (`DATA_DIR/secrets/NAME`), and the session credentials it made for machines.
+//! secret files (`DATA_DIR/secrets/NAME`), and the session credentials it made for machines (kept by `crate::log_redact` itself).
 //! It follows the applied index: a secret set or removed through Raft is redacted (or no
 //! longer) as soon as this node applies the change.
 
@@ -64,7 +64,6 @@ pub fn refresh(store: &NodeSecretStore) {
     let mut values = replicated_values(store);
     values.extend(store.secret_files());
     values.extend(store.used_values());
-    values.extend(store.session_values());
     crate::log_redact::set_known_values(&values);
 }
 

@@ -399,7 +399,14 @@ pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         replica.clone(),
         kek.clone(),
         config.data_dir.clone(),
-        config.aws.sts_endpoint.as_ref().map(|endpoint| endpoint.0.clone()),
+        aws::SessionSettings {
+            sts_endpoint: config.aws.sts_endpoint.as_ref().map(|endpoint| endpoint.0.clone()),
+            session_seconds: config
+                .aws
+                .session_seconds
+                .map_or(aws::SESSION_SECONDS, |seconds| seconds.0),
+            renew_after: config.aws.renew_after_seconds.map(std::time::Duration::from_secs),
+        },
     ));
     // The node's log redacts every secret value it can open, from now on.
     known_secrets::follow(secret_store.clone());

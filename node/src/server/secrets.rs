@@ -95,26 +95,20 @@ pub struct NodeSecretStore {
     /// Values of node-level secrets this node has used: redacted from agents' output.
     used: RwLock<Vec<(String, String)>>,
     /// Assumes the AWS role a team's secrets name, for its machines.
-    aws: super::aws::RoleAssumer,
+    aws: std::sync::Arc<super::aws::RoleAssumer>,
     /// The node-level secret files read at start, for log redaction.
     secret_files: RwLock<Vec<(String, String)>>,
-    /// Session credentials made for machines lately (newest last), for log redaction.
-    sessions: RwLock<std::collections::VecDeque<(String, String)>>,
 }
 
-/// Session credential values kept for log redaction; older ones have expired long since.
-const MAX_REDACTED_SESSION_VALUES: usize = 512;
-
 impl NodeSecretStore {
-    pub fn new(replica: Replica, kek: NodeKek, data_dir: PathBuf, sts_endpoint: Option<String>) -> NodeSecretStore {
+    pub fn new(replica: Replica, kek: NodeKek, data_dir: PathBuf, aws: super::aws::SessionSettings) -> NodeSecretStore {
         NodeSecretStore {
             replica,
             kek,
             data_dir,
             used: RwLock::new(Vec::new()),
-            aws: super::aws::RoleAssumer::new(sts_endpoint),
+            aws: std::sync::Arc::new(super::aws::RoleAssumer::new(aws)),
             secret_files: RwLock::new(Vec::new()),
-            sessions: RwLock::new(std::collections::VecDeque::new()),
         }
     }
 
@@ -128,29 +122,6 @@ impl NodeSecretStore {
 
     pub(super) fn set_secret_files(&self, files: Vec<(String, String)>) {
         *self.secret_files.write().expect("secret list lock poisoned") = files;
-    }
-
-    pub(super) fn session_values(&self) -> Vec<(String, String)> {
-        self.sessions
-            .read()
-            .expect("secret list lock poisoned")
-            .iter()
-            .cloned()
-            .collect()
-    }
-
-    /// Keeps the secret values of a session made for a machine out of the node's log.
-    pub(super) fn remember_session(&self, values: &SecretValues) {
-        {
-            let mut sessions = self.sessions.write().expect("secret list lock poisoned");
-            for value in &values.values {
-                sessions.push_back(value.clone());
-            }
-            while sessions.len() > MAX_REDACTED_SESSION_VALUES {
-                sessions.pop_front();
-            }
-        }
-        super::known_secrets::refresh(self);
     }
 
     /// Opens one replicated secret; `None` when there is none (or this node cannot open it,
@@ -280,13 +251,10 @@ impl MachineSecrets for NodeSecretStore {
             .ok_or_else(|| "this node holds no key-encryption key (DATA_DIR/kek)".to_string())?;
         let external_id = super::aws::external_id(kek, &agent.spec.team);
         let session_name = format!("flotilla-{}", agent.id);
-        let session = self
-            .aws
+        self.aws
             .assume(&role_arn, &external_id, &session_name)
             .await
-            .map_err(|error| error.to_string())?;
-        self.remember_session(&session);
-        Ok(session)
+            .map_err(|error| error.to_string())
     }
 }
 
