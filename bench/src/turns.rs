@@ -275,7 +275,8 @@ impl Bench {
                 repo: self.repo.clone(),
                 workspace: provisioned.workspace,
                 runtime: runtime.clone(),
-                redactor: provisioned.redactor,
+                redactor: provisioned.redactor.into(),
+                notes: Default::default(),
                 observer: Some(Arc::new(move |timing| {
                     sink.lock().expect("timings").push(timing);
                 })),

@@ -124,6 +124,29 @@ struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct AwsSection {
     pub sts_endpoint: Option<StsEndpoint>,
+    /// Lifetime of the session credentials machines get (AWS allows 900 to 43200 s; default 3600).
+    pub session_seconds: Option<SessionSeconds>,
+    /// Renew a machine's session this long after it was made, instead of at two thirds of its
+    /// lifetime or five minutes before its end (the earlier).
+    pub renew_after_seconds: Option<u64>,
+}
+
+/// A session lifetime STS accepts, checked while the file is parsed.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(try_from = "i64")]
+pub struct SessionSeconds(pub i32);
+
+impl TryFrom<i64> for SessionSeconds {
+    type Error = String;
+
+    fn try_from(seconds: i64) -> Result<Self, Self::Error> {
+        match i32::try_from(seconds) {
+            Ok(seconds @ 900..=43_200) => Ok(SessionSeconds(seconds)),
+            _ => Err(format!(
+                "aws.session_seconds: {seconds} is outside 900..=43200, the lifetimes STS grants"
+            )),
+        }
+    }
 }
 
 /// An `http://` or `https://` URL, checked while the file is parsed (so an error names its line).

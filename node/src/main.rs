@@ -5,6 +5,7 @@
 
 mod cli;
 mod config;
+mod log_redact;
 mod machines_cli;
 mod observability;
 mod server;
@@ -124,7 +125,8 @@ fn init_logging_as(default_level: &str, format: observability::LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        // Every line passes the redactor: no secret value reaches the log.
+        .with_writer(log_redact::RedactingMakeWriter::new(std::io::stderr));
     match format {
         observability::LogFormat::Text => builder.init(),
         observability::LogFormat::Json => builder.json().init(),

@@ -44,4 +44,5 @@ mod t72_limits_across_nodes;
 mod t73_settings_retention;
 mod t75_backup_restore;
 mod t76_rolling_restart;
+mod t74_revocation_across_nodes;
 mod t90_chaos;

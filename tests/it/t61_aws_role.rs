@@ -1,7 +1,9 @@
 //! AWS role assumption against a real local STS (moto in server mode, from the set-up's
 //! `.venv`): a team secret names a role, the node assumes it with its own credentials and the
 //! machine gets session credentials, the secret key and token redacted in events; with STS
-//! gone, the next agent fails with the STS error within a bound instead of hanging.
+//! gone, the next agent fails with the STS error within a bound instead of hanging. The
+//! machine's credentials file is rewritten with a new session while the agent runs, and a
+//! renewal that fails is an event while the agent goes on.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -166,7 +168,7 @@ async fn a_team_role_gives_the_machine_session_credentials_and_a_dead_sts_fails_
     assert!(
         failed
             .error
-            .contains("assuming AWS role arn:aws:iam::123456789012:role/flotilla-test failed"),
+            .contains("assuming AWS role [redacted:FLOTILLA_AWS_ASSUME_IAM_ROLE_ARN] failed"),
         "{}",
         failed.error
     );
@@ -175,4 +177,151 @@ async fn a_team_role_gives_the_machine_session_credentials_and_a_dead_sts_fails_
         "failing took {:?}",
         started.elapsed()
     );
+}
+
+/// The tool outputs of an agent's durable events, in order.
+fn tool_outputs(events: &[v1::AgentEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|event| match &event.kind {
+            Some(agent_event::Kind::ToolCallFinished(finished)) => Some(finished.output.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn key_id_in_file(output: &str) -> &str {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix("aws_access_key_id = "))
+        .unwrap_or_else(|| panic!("no aws_access_key_id in the credentials file: {output}"))
+}
+
+#[tokio::test]
+async fn the_machine_credentials_file_is_renewed_while_the_agent_runs_and_a_failed_renewal_is_an_event() {
+    let mut moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::common::bare_repository(dir.path(), "origin", &[("README.md", "a service\n")]);
+    let file = "\"$AWS_SHARED_CREDENTIALS_FILE\"";
+    let script = json!({"turns": [
+        {"text": "Reading the credentials file.", "tool_calls": [
+            {"name": "run_command", "arguments": {"command": format!(
+                "echo \"path $AWS_SHARED_CREDENTIALS_FILE\"; echo \"env key $AWS_ACCESS_KEY_ID\"; echo \"mode $(stat -c '%a %U' {file}) user $(id -un)\"; cat {file}"
+            )}}
+        ]},
+        // Waits (inside the machine, with a deadline) until the node has rewritten the file.
+        {"text": "Waiting for new credentials.", "tool_calls": [
+            {"name": "run_command", "arguments": {"command": format!(
+                "for i in $(seq 1 300); do grep -q \"aws_access_key_id = $AWS_ACCESS_KEY_ID\" {file} || break; sleep 0.1; done; cat {file}"
+            )}}
+        ]},
+        // Runs on while the node fails to renew (its STS is gone).
+        {"text": "Working a while longer.", "tool_calls": [
+            {"name": "run_command", "arguments": {"command": "sleep 8; echo worked"}}
+        ]},
+        {"text": "Done."}
+    ]});
+    let config = format!(
+        "{}\n[aws]\nrenew_after_seconds = 2\n",
+        config_with(&scripted_model(dir.path(), "script", script), "script")
+    );
+    let mut cluster = TestCluster::start(
+        1,
+        ClusterOptions {
+            config: Some(config),
+            env: vec![
+                ("AWS_ACCESS_KEY_ID".to_string(), "node-key-id".to_string()),
+                ("AWS_SECRET_ACCESS_KEY".to_string(), "node-secret-key".to_string()),
+                ("AWS_ENDPOINT_URL_STS".to_string(), format!("http://{}", moto.address)),
+                ("AWS_EC2_METADATA_DISABLED".to_string(), "true".to_string()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    cluster.wait_for_members_up(1).await;
+    let token = cluster.admin_token();
+    let output = cli_set_secret(
+        &cluster.node(1).endpoint(),
+        &cluster.ca_path(),
+        &token,
+        &["secret", "set", "FLOTILLA_AWS_ASSUME_IAM_ROLE_ARN"],
+        "arn:aws:iam::123456789012:role/flotilla-test",
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let mut client = cluster.agent_client(1).await;
+    let agent = create_from(&mut client, request(&url, "aws-renewal", "Use AWS for a while")).await;
+    // The file was renewed (turn 2 recorded): STS goes away before the next renewal.
+    wait_for_agent(&cluster, &agent.id, "turn 2 to be recorded", |agent| {
+        agent.turns >= 2 || status_of(agent) != v1::AgentStatus::Running && agent.turns > 0
+    })
+    .await;
+    moto.child.kill().unwrap();
+    moto.child.wait().unwrap();
+    let ended = wait_for_agent(&cluster, &agent.id, "to end", |agent| {
+        matches!(
+            status_of(agent),
+            v1::AgentStatus::Finished | v1::AgentStatus::Failed | v1::AgentStatus::Stopped
+        )
+    })
+    .await;
+    assert_eq!(
+        status_of(&ended),
+        v1::AgentStatus::Finished,
+        "the agent goes on with its current credentials: {}",
+        ended.error
+    );
+    let events = durable_events(&mut client, &ended.id).await;
+    let outputs = tool_outputs(&events);
+    assert!(outputs.len() >= 3, "{outputs:?}");
+    let first = &outputs[0];
+    assert!(first.contains("path /tmp/flotilla-aws/credentials"), "{first}");
+    let mode_line = first
+        .lines()
+        .find(|line| line.starts_with("mode "))
+        .expect("the mode line");
+    let fields: Vec<&str> = mode_line.split_whitespace().collect();
+    assert_eq!(fields[1], "600", "the file is private: {mode_line}");
+    assert_eq!(fields[2], fields[4], "the machine's user owns the file: {mode_line}");
+    assert!(first.contains("[default]"), "{first}");
+    // The session the machine started with (the file may already hold a later one: the first
+    // renewal comes two seconds after it).
+    let first_key = first
+        .lines()
+        .find_map(|line| line.strip_prefix("env key "))
+        .unwrap_or_else(|| panic!("no key id in the environment: {first}"));
+    assert!(
+        first_key.starts_with("ASIA") || first_key.starts_with("FSIA"),
+        "{first}"
+    );
+    let renewed = &outputs[1];
+    let renewed_key = key_id_in_file(renewed);
+    assert_ne!(renewed_key, first_key, "the file was not rewritten: {renewed}");
+    for output in [first, renewed] {
+        assert!(
+            output.contains("aws_secret_access_key = [redacted:AWS_SECRET_ACCESS_KEY]"),
+            "{output}"
+        );
+        assert!(
+            output.contains("aws_session_token = [redacted:AWS_SESSION_TOKEN]"),
+            "{output}"
+        );
+    }
+    let failure = events
+        .iter()
+        .find_map(|event| match &event.kind {
+            Some(agent_event::Kind::Log(log)) if log.text.contains("renewing the credentials") => {
+                Some(log.text.clone())
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no event tells of the failed renewal: {events:?}"));
+    assert!(
+        // The role's ARN is a secret's value: redacted like every other.
+        failure.contains("AWS role [redacted:FLOTILLA_AWS_ASSUME_IAM_ROLE_ARN]")
+            && failure.contains("the machine keeps the current ones"),
+        "{failure}"
+    );
+    eprintln!("renewed {first_key} -> {renewed_key}; failure recorded: {failure}");
 }

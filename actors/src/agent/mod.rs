@@ -9,6 +9,7 @@
 //! provisions a fresh machine and resumes from the last checkpoint (see "The machine actor" in
 //! docs/architecture.md).
 
+mod credentials;
 mod supervisor;
 
 use std::sync::Arc;
@@ -97,6 +98,8 @@ pub struct AgentState {
     /// Around everything this actor and its tasks do, so that every log line of the agent's
     /// work carries its id, team and epoch (`--log-format json` shows them as fields).
     span: tracing::Span,
+    /// Renews the machine's session credentials while it lives.
+    renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl AgentState {
@@ -127,6 +130,9 @@ impl AgentState {
         if let Some(task) = self.provisioning.take() {
             task.abort();
         }
+        if let Some(task) = self.renewal.take() {
+            task.abort();
+        }
         if let Some(task) = self.run.take() {
             task.abort();
             let _ = task.await;
@@ -143,6 +149,11 @@ impl AgentState {
     }
 
     async fn set_status(&self, status: AgentStatus, reason: String, error: Option<String>) -> Result<(), WriteError> {
+        // A provisioning error can quote an install command's output or a machine's: every
+        // value this node knows is redacted before it is recorded (and answered over gRPC).
+        let redactor = self.args.runtime.known_redactor();
+        let reason = redactor.redact(&reason).into_owned();
+        let error = error.map(|error| redactor.redact(&error).into_owned());
         self.args
             .replica
             .write(Command::SetAgentStatus {
@@ -188,6 +199,7 @@ impl Actor for AgentActor {
             machine: None,
             run: None,
             span,
+            renewal: None,
         })
     }
 
@@ -351,6 +363,23 @@ async fn machine_ready(
         }
         Err(error) => return Err(error.into()),
     }
+    let redactor = crate::secrets::SharedRedactor::from(provisioned.redactor);
+    let notes = crate::run::RunNotes::default();
+    if let Some(renewable) = provisioned.secrets.renewable.clone() {
+        let renewal = credentials::Renewal {
+            agent: state.args.agent,
+            node: state.args.replica.node_id(),
+            replica: state.args.replica.clone(),
+            mesh: state.args.mesh.clone(),
+            machine: provisioned.machine.clone(),
+            secrets: (*provisioned.secrets).clone(),
+            redactor: redactor.clone(),
+            notes: notes.clone(),
+        };
+        // The file is there before the first command runs; renewals follow on a task of their own.
+        renewal.write_initial(&renewable).await;
+        state.renewal = Some(tokio::spawn(renewal.run(renewable)));
+    }
     let context = RunContext {
         agent: state.args.agent,
         epoch: state.args.epoch,
@@ -361,7 +390,8 @@ async fn machine_ready(
         workspace: provisioned.workspace,
         runtime: state.args.runtime.clone(),
         observer: None,
-        redactor: provisioned.redactor,
+        redactor,
+        notes,
     };
     let actor = myself.clone();
     state.run = Some(tokio::spawn(
@@ -498,6 +528,7 @@ fn spawn_provisioning(
                             .map_err(ProvisionError::RunCredentials)?;
                         secrets.values.extend(extra.values);
                         secrets.plain.extend(extra.plain);
+                        secrets.renewable = extra.renewable;
                         secrets
                     }
                     None => crate::secrets::SecretValues::default(),

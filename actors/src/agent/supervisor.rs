@@ -213,7 +213,14 @@ impl Actor for AgentSupervisor {
                     status: AgentStatus::Failed,
                     reason: "agent actor kept failing".to_string(),
                     summary: None,
-                    error: Some(format!("agent actor failed {count} times; last error: {failure}")),
+                    error: Some(
+                        state
+                            .args
+                            .runtime
+                            .known_redactor()
+                            .redact(&format!("agent actor failed {count} times; last error: {failure}"))
+                            .into_owned(),
+                    ),
                 })
                 .await;
             if let Err(error) = result {

@@ -69,6 +69,9 @@ pub struct Provisioned {
     pub elapsed_ms: u64,
     /// Replaces the values of the secrets the machine got (and the node's own).
     pub redactor: crate::secrets::Redactor,
+    /// What the machine got, for renewing its session credentials (see
+    /// [`crate::secrets::RenewableCredentials`]).
+    pub secrets: Box<crate::secrets::SecretValues>,
 }
 
 pub struct MachineHost {
@@ -323,6 +326,7 @@ impl MachineHost {
             install_layer_used,
             elapsed_ms: started.elapsed().as_millis() as u64,
             redactor: secrets.redactor(),
+            secrets: Box::new(secrets.clone()),
         })
     }
 

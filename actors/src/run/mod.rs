@@ -85,6 +85,16 @@ impl Default for AgentRuntime {
     }
 }
 
+impl AgentRuntime {
+    /// Every secret value the node knows (empty without a secret source).
+    pub fn known_redactor(&self) -> crate::secrets::Redactor {
+        self.secrets
+            .as_ref()
+            .map(|secrets| secrets.known_redactor())
+            .unwrap_or_default()
+    }
+}
+
 /// Where the time of one turn went; the orchestration overhead is `total - model - tools`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TurnTiming {
@@ -110,9 +120,34 @@ pub type TurnObserver = Arc<dyn Fn(TurnTiming) + Send + Sync>;
 /// Tools that can change the workspace: a turn that ran none of them needs no commit.
 const WRITING_TOOLS: [&str; 3] = [tools::RUN_COMMAND, tools::WRITE_FILE, tools::EDIT_FILE];
 
+/// Most notes waiting for the next turn; older ones are dropped first.
+const MAX_RUN_NOTES: usize = 16;
+
+/// Notes from outside the turn loop (a failed credential renewal), recorded as log events with
+/// the next turn.
+#[derive(Clone, Default)]
+pub struct RunNotes(Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl RunNotes {
+    pub fn push(&self, text: String) {
+        let mut notes = self.0.lock().expect("run notes lock poisoned");
+        notes.push_back(text);
+        while notes.len() > MAX_RUN_NOTES {
+            notes.pop_front();
+        }
+    }
+
+    fn take(&self) -> Vec<String> {
+        self.0.lock().expect("run notes lock poisoned").drain(..).collect()
+    }
+}
+
 pub struct RunContext {
-    /// Replaces the values of the secrets the machine got wherever the run's text leaves it.
-    pub redactor: crate::secrets::Redactor,
+    /// Replaces the values of the secrets the machine got wherever the run's text leaves it
+    /// (renewed credentials change them while the run goes on).
+    pub redactor: crate::secrets::SharedRedactor,
+    /// Recorded with the next turn.
+    pub notes: RunNotes,
     pub agent: AgentId,
     pub epoch: Epoch,
     pub replica: Replica,
@@ -160,7 +195,7 @@ pub fn live_event(agent: AgentId, node: u64, sequence: u64, scripted: bool, kind
 #[derive(Clone)]
 struct Live {
     agent: AgentId,
-    redactor: crate::secrets::Redactor,
+    redactor: crate::secrets::SharedRedactor,
     replica: Replica,
     mesh: Mesh,
     scripted: bool,

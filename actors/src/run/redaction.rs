@@ -5,7 +5,7 @@ use flotilla_proto::v1;
 use flotilla_proto::v1::agent_event::Kind;
 use flotilla_raft::EventKind;
 
-use crate::secrets::Redactor;
+use crate::secrets::SharedRedactor as Redactor;
 
 /// A live event with its text redacted.
 pub(super) fn redact_live(redactor: &Redactor, mut kind: Kind) -> Kind {

@@ -144,6 +144,7 @@ impl RunProgress {
             tools,
             git: git_started.elapsed(),
         };
+        events.extend(context.notes.take().into_iter().map(|text| EventKind::Log { text }));
         events.push(EventKind::TurnFinished {
             turn: self.turn,
             input_tokens: answer.usage.input_tokens,
@@ -208,11 +209,21 @@ impl RunProgress {
         let (sender, mut receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         let forwarder = {
             let live = self.live.clone();
+            // One stream redactor for the whole answer: a value the model spells over two
+            // deltas is held back (at most the longest value's length) until it is whole.
+            let mut stream = context.redactor.stream();
             tokio::spawn(async move {
                 while let Some(event) = receiver.recv().await {
                     if let StreamEvent::TextDelta(text) = event {
-                        live.publish(v1::agent_event::Kind::AssistantDelta(v1::AssistantDelta { text }));
+                        let text = stream.push_str(&text);
+                        if !text.is_empty() {
+                            live.publish(v1::agent_event::Kind::AssistantDelta(v1::AssistantDelta { text }));
+                        }
                     }
+                }
+                let rest = stream.finish_str();
+                if !rest.is_empty() {
+                    live.publish(v1::agent_event::Kind::AssistantDelta(v1::AssistantDelta { text: rest }));
                 }
             })
         };

@@ -72,6 +72,19 @@ impl Redactor {
         Cow::Owned(matcher.replace_all(text, &self.replacements))
     }
 
+    /// `bytes` with every value replaced (for writers that see bytes, not text).
+    pub fn redact_bytes(&self, bytes: &[u8]) -> Vec<u8> {
+        match &self.matcher {
+            Some(matcher) => matcher.replace_all_bytes(bytes, &self.replacements),
+            None => bytes.to_vec(),
+        }
+    }
+
+    /// The length of the longest value, in bytes: a stream holds back one byte less.
+    pub fn longest_bytes(&self) -> usize {
+        self.longest
+    }
+
     /// Redacts `text` in place.
     pub fn redact_in_place(&self, text: &mut String) {
         if let Cow::Owned(redacted) = self.redact(text) {
@@ -85,6 +98,47 @@ impl Redactor {
             redactor: self.clone(),
             tail: Vec::new(),
         }
+    }
+}
+
+/// A redactor that can be replaced while it is in use: a run's, whose values change when its
+/// session credentials are renewed. Clones share one current redactor.
+#[derive(Clone, Default, Debug)]
+pub struct SharedRedactor(std::sync::Arc<std::sync::RwLock<Redactor>>);
+
+impl From<Redactor> for SharedRedactor {
+    fn from(redactor: Redactor) -> SharedRedactor {
+        SharedRedactor(std::sync::Arc::new(std::sync::RwLock::new(redactor)))
+    }
+}
+
+impl SharedRedactor {
+    /// The redactor in use now.
+    pub fn current(&self) -> Redactor {
+        self.0.read().expect("redactor lock poisoned").clone()
+    }
+
+    /// Replaces the redactor for every clone.
+    pub fn replace(&self, redactor: Redactor) {
+        *self.0.write().expect("redactor lock poisoned") = redactor;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.read().expect("redactor lock poisoned").is_empty()
+    }
+
+    /// `text` with every current value replaced.
+    pub fn redact<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        self.0.read().expect("redactor lock poisoned").redact(text)
+    }
+
+    pub fn redact_in_place(&self, text: &mut String) {
+        self.0.read().expect("redactor lock poisoned").redact_in_place(text);
+    }
+
+    /// A stream redactor over the current values.
+    pub fn stream(&self) -> StreamRedactor {
+        self.0.read().expect("redactor lock poisoned").stream()
     }
 }
 
@@ -124,10 +178,35 @@ impl StreamRedactor {
     /// The bytes held back, redacted: the end of the stream.
     pub fn finish(&mut self) -> Vec<u8> {
         let tail = std::mem::take(&mut self.tail);
-        match &self.redactor.matcher {
-            Some(matcher) => matcher.replace_all_bytes(&tail, &self.redactor.replacements),
-            None => tail,
-        }
+        self.redactor.redact_bytes(&tail)
+    }
+
+    /// Bytes held back now: never more than the longest value less one, plus the end of a
+    /// character cut between chunks.
+    pub fn held_bytes(&self) -> usize {
+        self.tail.len()
+    }
+
+    /// [`push`](Self::push) for text: what is passed on ends on a character boundary (the
+    /// rest of a character cut by the hold-back waits for the next chunk), so every piece is
+    /// text of its own.
+    pub fn push_str(&mut self, chunk: &str) -> String {
+        let mut out = self.push(chunk.as_bytes());
+        // Every chunk is whole text and values are text, so the bytes passed on are whole text
+        // except where the hold-back cut a character: that end goes back to the tail.
+        let complete = match std::str::from_utf8(&out) {
+            Ok(_) => out.len(),
+            Err(error) => error.valid_up_to(),
+        };
+        let mut cut = out.split_off(complete);
+        cut.append(&mut self.tail);
+        self.tail = cut;
+        String::from_utf8(out).expect("cut at the end of the last whole character")
+    }
+
+    /// [`finish`](Self::finish) for text.
+    pub fn finish_str(&mut self) -> String {
+        String::from_utf8_lossy(&self.finish()).into_owned()
     }
 }
 
@@ -181,6 +260,30 @@ mod tests {
                 "start [redacted:TOKEN] middle [redacted:OTHER] end [redacted:TOKEN]",
                 "chunks of {size}"
             );
+        }
+    }
+
+    #[test]
+    fn a_value_split_at_every_offset_never_shows_and_text_stays_whole() {
+        let value = "sk-é-abcdef-ü-123456";
+        let redactor = Redactor::new([("MODEL_KEY", value), ("OTHER", "zyxwvu-ß")]);
+        let text = format!("Here is the key: {value}. Done ✓ zyxwvu-ß!");
+        let expected = "Here is the key: [redacted:MODEL_KEY]. Done ✓ [redacted:OTHER]!";
+        let boundaries: Vec<usize> = (0..=text.len()).filter(|at| text.is_char_boundary(*at)).collect();
+        for first in &boundaries {
+            for second in boundaries.iter().filter(|second| *second >= first) {
+                let mut stream = redactor.stream();
+                let mut pieces = Vec::new();
+                for chunk in [&text[..*first], &text[*first..*second], &text[*second..]] {
+                    pieces.push(stream.push_str(chunk));
+                    assert!(stream.held_bytes() < value.len() + 4, "held {}", stream.held_bytes());
+                }
+                pieces.push(stream.finish_str());
+                for piece in &pieces {
+                    assert!(!piece.contains("abcdef"), "{piece:?} shows part of a value");
+                }
+                assert_eq!(pieces.concat(), expected, "cut at {first} and {second}");
+            }
         }
     }
 

@@ -15,6 +15,7 @@ pub mod convert;
 pub mod default_branch;
 pub mod enroll;
 pub mod internal;
+pub mod known_secrets;
 pub mod pki;
 pub mod plugins;
 pub mod restore;
@@ -423,8 +424,17 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
         replica.clone(),
         kek.clone(),
         config.data_dir.clone(),
-        config.aws.sts_endpoint.as_ref().map(|endpoint| endpoint.0.clone()),
+        aws::SessionSettings {
+            sts_endpoint: config.aws.sts_endpoint.as_ref().map(|endpoint| endpoint.0.clone()),
+            session_seconds: config
+                .aws
+                .session_seconds
+                .map_or(aws::SESSION_SECONDS, |seconds| seconds.0),
+            renew_after: config.aws.renew_after_seconds.map(std::time::Duration::from_secs),
+        },
     ));
+    // The node's log redacts every secret value it can open, from now on.
+    known_secrets::follow(secret_store.clone());
     // After the replica opened: a cluster-scope secret this node has applied comes first.
     let mut runtime = runtime::build_runtime(&config, &|name| secret_store.node_secret(name))?;
     runtime.secrets = Some(secret_store.clone());

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{anyhow, bail, Context};
-use flotilla_actors::secrets::{Kek, MachineSecrets, SecretValues};
+use flotilla_actors::secrets::{Kek, MachineSecrets, Redactor, SecretValues};
 use flotilla_proto::v1;
 use flotilla_proto::v1::secret_service_server::SecretService;
 use flotilla_raft::secrets::{validate_secret_name, MAX_SECRET_VALUE_BYTES};
@@ -95,18 +95,33 @@ pub struct NodeSecretStore {
     /// Values of node-level secrets this node has used: redacted from agents' output.
     used: RwLock<Vec<(String, String)>>,
     /// Assumes the AWS role a team's secrets name, for its machines.
-    aws: super::aws::RoleAssumer,
+    aws: std::sync::Arc<super::aws::RoleAssumer>,
+    /// The node-level secret files read at start, for log redaction.
+    secret_files: RwLock<Vec<(String, String)>>,
 }
 
 impl NodeSecretStore {
-    pub fn new(replica: Replica, kek: NodeKek, data_dir: PathBuf, sts_endpoint: Option<String>) -> NodeSecretStore {
+    pub fn new(replica: Replica, kek: NodeKek, data_dir: PathBuf, aws: super::aws::SessionSettings) -> NodeSecretStore {
         NodeSecretStore {
             replica,
             kek,
             data_dir,
             used: RwLock::new(Vec::new()),
-            aws: super::aws::RoleAssumer::new(sts_endpoint),
+            aws: std::sync::Arc::new(super::aws::RoleAssumer::new(aws)),
+            secret_files: RwLock::new(Vec::new()),
         }
+    }
+
+    pub(super) fn used_values(&self) -> Vec<(String, String)> {
+        self.used.read().expect("secret list lock poisoned").clone()
+    }
+
+    pub(super) fn secret_files(&self) -> Vec<(String, String)> {
+        self.secret_files.read().expect("secret list lock poisoned").clone()
+    }
+
+    pub(super) fn set_secret_files(&self, files: Vec<(String, String)>) {
+        *self.secret_files.write().expect("secret list lock poisoned") = files;
     }
 
     /// Opens one replicated secret; `None` when there is none (or this node cannot open it,
@@ -135,9 +150,16 @@ impl NodeSecretStore {
         let value = self
             .open(&SecretScope::Cluster, name)
             .or_else(|| super::runtime::read_secret(&self.data_dir, name))?;
-        let mut used = self.used.write().expect("secret list lock poisoned");
-        if !used.iter().any(|(known, _)| known == name) {
-            used.push((name.to_string(), value.clone()));
+        let added = {
+            let mut used = self.used.write().expect("secret list lock poisoned");
+            let added = !used.iter().any(|(known, _)| known == name);
+            if added {
+                used.push((name.to_string(), value.clone()));
+            }
+            added
+        };
+        if added {
+            super::known_secrets::refresh(self);
         }
         Some(value)
     }
@@ -212,7 +234,11 @@ impl MachineSecrets for NodeSecretStore {
     }
 
     fn node_values(&self) -> Vec<(String, String)> {
-        self.used.read().expect("secret list lock poisoned").clone()
+        self.used_values()
+    }
+
+    fn known_redactor(&self) -> Redactor {
+        (*crate::log_redact::known()).clone()
     }
 
     async fn run_credentials(&self, agent: &AgentRecord, secrets: &SecretValues) -> Result<SecretValues, String> {
