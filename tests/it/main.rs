@@ -22,6 +22,7 @@ mod t20_three_nodes;
 mod t25_membership;
 mod t26_partitions;
 mod t27_local_cluster;
+mod t28_region_cut;
 mod t30_failover;
 mod t32_leader_pause;
 mod t32_ready_and_handover;
