@@ -9,13 +9,18 @@
 //!   to a watcher, with the node's pieces running in this process;
 //! - `burst`: many agents at once on fewer slots, with real machines: `cluster status` latency,
 //!   leader changes, agents running, queued and failed, machine start rate;
-//! - `plugins`: the cost of compiling, loading and calling a plugin component.
+//! - `plugins`: the cost of compiling, loading and calling a plugin component;
+//! - `placement`: the scheduler's pure placement decision over a simulated cluster of 1,000
+//!   nodes, on one thread;
+//! - `assign`: from a create's acknowledgement to its agent's assignment on a loopback cluster.
 
+mod assign;
 mod burst;
 mod client;
 mod create;
 mod local_cluster;
 mod machines;
+mod placement;
 mod plugins;
 mod turns;
 
@@ -51,6 +56,10 @@ enum BenchCommand {
     Plugins(plugins::BenchPluginsArgs),
     /// A burst of agents past the cluster's slots: status latency, leader, queue, start rate.
     Burst(burst::BenchBurstArgs),
+    /// The scheduler's pure placement decision over a simulated cluster, on one thread.
+    Placement(placement::BenchPlacementArgs),
+    /// From a create's acknowledgement to the agent's assignment, on a loopback cluster.
+    Assign(assign::BenchAssignArgs),
 }
 
 fn init_logging() {
@@ -87,6 +96,9 @@ fn main() -> ExitCode {
             BenchCommand::Turns(args) => turns::run_turns(args).await,
             BenchCommand::Plugins(args) => plugins::run_plugins(args).await,
             BenchCommand::Burst(args) => burst::run_burst_bench(args).await,
+            // Pure computation on this thread: no runtime worker is involved.
+            BenchCommand::Placement(args) => placement::run_placement(args),
+            BenchCommand::Assign(args) => assign::run_assign(args).await,
         }
     });
     match result {
