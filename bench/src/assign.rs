@@ -19,9 +19,13 @@ const MAX_AGENTS: usize = 100_000;
 /// An agent not assigned within this long counts as lost and ends the run with an error.
 const ASSIGN_DEADLINE_MS: u64 = 10_000;
 /// Slots per node: far more than the agents of a run, so every agent finds a free slot (the
-/// bench's agents fail at their unreachable repository and free theirs anyway).
+/// bench's agents fail at their missing repository and free theirs anyway).
 const SLOTS_PER_NODE: u32 = 10_000;
-const BENCH_REPOSITORY: &str = "https://example.com/bench/assign.git";
+/// A local repository that does not exist, under a directory the nodes allow: an agent fails at
+/// its first fetch, at once and without leaving the machine.
+const BENCH_REPOSITORY: &str = "file:///tmp/flotilla-bench-assign-missing/repo.git";
+const BENCH_CONFIG: &str =
+    "[models.bench]\nprovider = \"scripted\"\nscript = \"bench.json\"\n\n[repos]\nallow_local = [\"/tmp\"]\n";
 
 #[derive(clap::Args, Debug)]
 pub struct BenchAssignArgs {
@@ -49,7 +53,7 @@ pub async fn run_assign(args: BenchAssignArgs) -> anyhow::Result<()> {
     };
     let setup = NodeSetup {
         slots: SLOTS_PER_NODE,
-        config: None,
+        config: Some(BENCH_CONFIG.to_string()),
     };
     let cluster = LocalCluster::start_with(&flotilla_binary, args.nodes, setup)
         .await

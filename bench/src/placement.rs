@@ -280,7 +280,10 @@ impl World {
 fn random_node(id: NodeId, regions: &[String], rng: &mut StdRng) -> NodeRecord {
     let roll = rng.gen_range(0..100);
     let mut labels = BTreeMap::new();
-    labels.insert("disk".to_string(), if id.is_multiple_of(4) { "hdd" } else { "ssd" }.to_string());
+    labels.insert(
+        "disk".to_string(),
+        if id.is_multiple_of(4) { "hdd" } else { "ssd" }.to_string(),
+    );
     labels.insert("zone".to_string(), format!("zone-{}", id % 3));
     NodeRecord {
         id,
