@@ -61,10 +61,21 @@ impl Actor for Scheduler {
                         break;
                     }
                     let wanted = decisions.len();
-                    match state
-                        .replica
-                        .write(Command::AssignAgents { assignments: decisions })
-                        .await
+                    // For traces: the agent when one is placed, else how many.
+                    let span = tracing::info_span!(
+                        target: "flotilla::trace",
+                        "scheduler.assign",
+                        assignments = wanted,
+                        agent = tracing::field::Empty,
+                    );
+                    if let [only] = decisions.as_slice() {
+                        span.record("agent", only.agent.to_string());
+                    }
+                    match tracing::Instrument::instrument(
+                        state.replica.write(Command::AssignAgents { assignments: decisions }),
+                        span,
+                    )
+                    .await
                     {
                         Ok(Response::Assigned(done)) => {
                             tracing::debug!(wanted, assigned = done.len(), "placed agents");

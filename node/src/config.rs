@@ -90,6 +90,10 @@ pub struct NodeArgs {
     /// local scraper, e.g. 127.0.0.1:9420).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Export traces (OpenTelemetry, OTLP over gRPC) to the collector at URL, e.g.
+    /// http://127.0.0.1:4317 (off by default).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Log lines as text (default) or json (one object per line, with span fields).
     #[arg(long, value_enum, env = "FLOTILLA_LOG_FORMAT", default_value_t = crate::observability::LogFormat::Text)]
     pub log_format: crate::observability::LogFormat,
@@ -380,6 +384,7 @@ struct FileNode {
     machine_disk_mb: Option<u64>,
     command_timeout_ms: Option<u64>,
     metrics_listen: Option<SocketAddr>,
+    otlp_endpoint: Option<String>,
 }
 
 /// Settings after merging flags, file and defaults, and validating them.
@@ -411,6 +416,8 @@ pub struct NodeConfig {
     pub restore: Option<(PathBuf, Option<PathBuf>)>,
     /// Where Prometheus metrics are served; `None`: not at all.
     pub metrics_listen: Option<SocketAddr>,
+    /// The OTLP/gRPC collector traces go to; `None`: no traces.
+    pub otlp_endpoint: Option<url::Url>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -426,6 +433,25 @@ pub enum ConfigError {
     },
     #[error("{field}: {message}")]
     Invalid { field: &'static str, message: String },
+}
+
+/// `--otlp-endpoint` / `otlp_endpoint`: an http URL with a host. Plain http only: traces go to
+/// a collector beside the node (its host or network), which forwards them further.
+fn otlp_endpoint(given: Option<String>) -> Result<Option<url::Url>, ConfigError> {
+    let Some(given) = given else {
+        return Ok(None);
+    };
+    let invalid = |message: String| ConfigError::Invalid {
+        field: "otlp_endpoint",
+        message,
+    };
+    let url = url::Url::parse(&given).map_err(|error| invalid(format!("{given:?} is not a URL: {error}")))?;
+    if url.scheme() != "http" || url.host().is_none() {
+        return Err(invalid(format!(
+            "{given:?} must be an http:// URL with a host, e.g. http://127.0.0.1:4317 (a collector beside the node; TLS to it is not supported)"
+        )));
+    }
+    Ok(Some(url))
 }
 
 pub const DEFAULT_SLOTS: u32 = 8;
@@ -527,6 +553,7 @@ impl NodeArgs {
             public_tls: self.tls_cert.zip(self.tls_key),
             restore: self.restore.map(|file| (file, self.restore_kek)),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            otlp_endpoint: otlp_endpoint(self.otlp_endpoint.or(file.otlp_endpoint))?,
         })
     }
 
@@ -720,6 +747,25 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_otlp_endpoint_is_an_http_url_with_a_host() {
+        assert_eq!(otlp_endpoint(None).unwrap(), None);
+        let url = otlp_endpoint(Some("http://127.0.0.1:4317".to_string()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(url.port(), Some(4317));
+        for bad in [
+            "127.0.0.1:4317",
+            "grpc://collector:4317",
+            "https://collector:4317",
+            "not a url",
+        ] {
+            let error = otlp_endpoint(Some(bad.to_string())).unwrap_err().to_string();
+            assert!(error.starts_with("otlp_endpoint: "), "{error}");
+            assert!(error.contains(bad), "{error}");
+        }
+    }
 
     #[test]
     fn builtins_are_chosen_by_name_and_an_unknown_one_names_its_line() {

@@ -121,16 +121,41 @@ fn init_logging(default_level: &str) {
 }
 
 fn init_logging_as(default_level: &str, format: observability::LogFormat) {
+    // Without an endpoint no exporter is built.
+    let _ = init_node_logging(default_level, format, None);
+}
+
+/// The log lines, and with an OTLP endpoint the trace exporter (returned, to be flushed when
+/// the node stops). Each has its own filter: `RUST_LOG` chooses the lines, the traces take the
+/// node's own spans (see observability::traces).
+fn init_node_logging(
+    default_level: &str,
+    format: observability::LogFormat,
+    traces: Option<(&url::Url, observability::traces::TraceIdentity)>,
+) -> Result<Option<observability::traces::Traces>, observability::traces::TracesError> {
+    use tracing_subscriber::filter::FilterExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Every line passes the redactor: no secret value reaches the log.
-        .with_writer(log_redact::RedactingMakeWriter::new(std::io::stderr));
-    match format {
-        observability::LogFormat::Text => builder.init(),
-        observability::LogFormat::Json => builder.json().init(),
-    }
+    // Every line passes the redactor: no secret value reaches the log.
+    let lines = tracing_subscriber::fmt::layer().with_writer(log_redact::RedactingMakeWriter::new(std::io::stderr));
+    let lines = match format {
+        observability::LogFormat::Text => lines.boxed(),
+        observability::LogFormat::Json => lines.json().boxed(),
+    };
+    let lines = lines.with_filter(filter.and(tracing_subscriber::filter::filter_fn(observability::traces::logged)));
+    let (exporter, spans) = match traces {
+        Some((endpoint, identity)) => {
+            let (exporter, layer) = observability::traces::start(endpoint, identity)?;
+            let spans = layer.with_filter(tracing_subscriber::filter::filter_fn(observability::traces::exported));
+            (Some(exporter), Some(spans))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(lines).with(spans).init();
+    Ok(exporter)
 }
 
 fn main() -> ExitCode {
@@ -169,9 +194,23 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             TopCommand::Node(args) => {
-                init_logging_as("info,openraft=warn,ractor_cluster=warn", args.log_format);
+                let log_format = args.log_format;
                 let config = (*args).resolve()?;
-                server::run_node(config).await?;
+                let identity = observability::traces::TraceIdentity {
+                    instance: config.advertise.to_string(),
+                    region: config.region.clone(),
+                };
+                let traces = init_node_logging(
+                    "info,openraft=warn,ractor_cluster=warn",
+                    log_format,
+                    config.otlp_endpoint.as_ref().map(|endpoint| (endpoint, identity)),
+                )?;
+                let ran = server::run_node(config).await;
+                if let Some(traces) = traces {
+                    // Flushing blocks until the last export ends or times out.
+                    let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+                }
+                ran?;
                 Ok(ExitCode::SUCCESS)
             }
             TopCommand::Agent { command } => {

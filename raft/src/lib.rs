@@ -21,6 +21,7 @@ pub mod replica;
 pub mod retry;
 pub mod store;
 pub mod tls;
+pub mod trace_context;
 
 pub use flotilla_state::{apply, cluster_state, command, invariants, secrets, settings, types};
 pub use flotilla_state::{SealedSecret, SecretRecord, SecretScope, STATE_FORMAT_VERSION};

@@ -12,6 +12,7 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::storage::RaftLogStorage;
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy, Vote};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use crate::command::{ApplyError, Command, Request, Response};
 use crate::network::{decode, encode, NetworkFactory, Peers};
@@ -42,6 +43,8 @@ pub const MAX_ENTRIES_PER_APPEND: u64 = 32;
 struct PendingWrite {
     command: Command,
     reply: tokio::sync::oneshot::Sender<Result<Response, WriteError>>,
+    /// The caller's `raft.write` span: the batch that carries the write is traced under it.
+    span: tracing::Span,
 }
 
 #[derive(Clone, Debug)]
@@ -408,10 +411,15 @@ impl Replica {
     /// that writes and then reads the replica never sees the state from before its write.
     pub async fn write(&self, command: Command) -> Result<Response, WriteError> {
         let started = std::time::Instant::now();
+        let span = tracing::info_span!(target: "flotilla::trace", "raft.write", command = command.name(), outcome = tracing::field::Empty);
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.inner
             .writes
-            .send(PendingWrite { command, reply })
+            .send(PendingWrite {
+                command,
+                reply,
+                span: span.clone(),
+            })
             .await
             .map_err(|_| WriteError::Fatal("the write batcher has stopped".to_string()))?;
         let result = answer
@@ -422,11 +430,26 @@ impl Replica {
             Err(WriteError::Refused(_)) => "refused",
             Err(_) => "failed",
         };
+        span.record("outcome", outcome);
         crate::metrics::record_write(outcome, started.elapsed());
         result
     }
 
-    async fn commit_batch(&self, mut batch: Vec<PendingWrite>) {
+    async fn commit_batch(&self, batch: Vec<PendingWrite>) {
+        // Traced under the first write's span; the others' spans are linked to it.
+        let span = match batch.first() {
+            Some(first) => {
+                tracing::info_span!(target: "flotilla::trace", parent: &first.span, "raft.commit", commands = batch.len())
+            }
+            None => return,
+        };
+        for write in batch.iter().skip(1) {
+            span.follows_from(&write.span);
+        }
+        self.commit_batch_in_span(batch).instrument(span).await
+    }
+
+    async fn commit_batch_in_span(&self, mut batch: Vec<PendingWrite>) {
         if batch.len() == 1 {
             let write = batch.pop().expect("one write");
             let result = self.write_request(Request::new(write.command)).await;
@@ -497,6 +520,12 @@ impl Replica {
     /// Waits until this node's state machine has applied `index` (a write the leader applied
     /// reaches the followers one heartbeat later at most). Past `deadline` it gives up with a
     /// warning: the write stands, only this node's view of it lags.
+    #[tracing::instrument(
+        target = "flotilla::trace",
+        name = "raft.wait_applied",
+        level = "info",
+        skip(self, deadline)
+    )]
     async fn wait_applied_here(&self, index: u64, deadline: tokio::time::Instant) {
         let mut applied = self.inner.reader.applied_watch();
         let reached = tokio::time::timeout_at(deadline, applied.wait_for(|applied| *applied >= index)).await;
@@ -537,6 +566,8 @@ impl Replica {
         reply
     }
 
+    /// Proposes on this node's Raft; answers once the entry is committed and applied here.
+    #[tracing::instrument(target = "flotilla::trace", name = "raft.propose", level = "info", skip_all)]
     async fn propose(&self, request: Request) -> ForwardReply {
         match self.inner.raft.client_write(request).await {
             Ok(response) => ForwardReply::Applied {
@@ -553,6 +584,12 @@ impl Replica {
         }
     }
 
+    #[tracing::instrument(
+        target = "flotilla::trace",
+        name = "raft.forward",
+        level = "info",
+        skip(self, request)
+    )]
     async fn forward(&self, leader: NodeId, request: &Request) -> Result<ForwardReply, ForwardError> {
         let address = self
             .member_address(leader)
@@ -568,6 +605,8 @@ impl Replica {
             })?;
         let mut grpc_request = self.inner.peers.request(RaftPayload { data: encode(request) });
         grpc_request.set_timeout(Duration::from_secs(5));
+        // The leader's spans for this write join the caller's trace.
+        crate::trace_context::inject(&tracing::Span::current(), grpc_request.metadata_mut());
         let reply = client
             .forward_write(grpc_request)
             .await

@@ -16,6 +16,7 @@ mod t11_transport_security;
 mod t12_repository_policy;
 mod t15_cli_and_drain;
 mod t16_observability;
+mod t17_traces;
 mod t18_agent_runs;
 mod t19_push_containment;
 mod t20_three_nodes;

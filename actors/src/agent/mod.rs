@@ -514,6 +514,8 @@ fn spawn_provisioning(
     let machines = args.machines.clone();
     let supervisor = args.supervisor.clone();
     let secret_source = args.runtime.secrets.clone();
+    // For traces only (the log lines keep the agent's span): secrets, repository and machine.
+    let provision_span = tracing::info_span!(target: "flotilla::trace", parent: &span, "agent.provision", agent = %agent, epoch = %epoch);
     tokio::spawn(
         async move {
             let result = async {
@@ -543,6 +545,7 @@ fn spawn_provisioning(
                     .await?;
                 Ok((provisioned, repo))
             }
+            .instrument(provision_span)
             .await;
             let machine_actor = result.as_ref().ok().map(|(provisioned, _)| provisioned.actor.clone());
             if myself.cast(AgentMsg::Provisioned(result)).is_err() {

@@ -270,6 +270,7 @@ impl MachineHost {
     /// Builds and boots the machine of an agent under a [`MachineActor`] linked to `supervisor`
     /// (none: unsupervised, for benchmarks). Nothing is registered for attach until it has
     /// booted; a machine that fails to boot is destroyed before the error is returned.
+    #[tracing::instrument(target = "flotilla::trace", name = "machine.start", level = "info", skip_all, fields(agent = %agent.id, epoch = %epoch))]
     pub async fn provision(
         &self,
         repo: &ActorRef<RepoMsg>,

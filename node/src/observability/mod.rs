@@ -1,9 +1,11 @@
 //! What a node tells its operator besides its API: Prometheus metrics (`--metrics-listen`),
-//! the RPC metrics layer of its gRPC server, and the log format (`--log-format`). See
+//! the RPC metrics and trace layer of its gRPC server, the log format (`--log-format`) and
+//! OpenTelemetry traces (`--otlp-endpoint`). See
 //! "Observability" in docs/architecture.md.
 
 pub mod metrics;
 pub mod rpc;
+pub mod traces;
 
 /// How the node writes its log lines on standard error.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]

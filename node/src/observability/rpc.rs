@@ -1,6 +1,8 @@
 //! The RPC metrics layer of the node's gRPC server: every call counted by method and gRPC
 //! status code, and its duration recorded, from the request's arrival to the status the server
-//! sends (for a streaming call, the stream's whole life).
+//! sends (for a streaming call, the stream's whole life). The same layer opens the call's
+//! trace span (`rpc`, exported with `--otlp-endpoint`), which continues the caller's trace when
+//! the request carries a W3C `traceparent`, and ends with the call's status.
 //!
 //! The status of a gRPC call travels in the `grpc-status` header of a trailers-only answer
 //! (an error before any message) or in the trailers after the last message, so the layer
@@ -24,6 +26,19 @@ pub const RPC_DURATION_SECONDS: &str = "flotilla_rpc_duration_seconds";
 /// The `method` label of a path no service of the node serves: the label set stays bounded
 /// whatever paths clients send.
 pub const UNKNOWN_METHOD: &str = "unknown";
+
+/// Calls that get no trace span: Raft's own traffic and liveness, many a second and part of
+/// no client's call (a write forwarded to the leader is traced).
+const UNTRACED_METHODS: &[&str] = &[
+    "/flotilla.v1.Internal/AppendEntries",
+    "/flotilla.v1.Internal/Vote",
+    "/flotilla.v1.Internal/InstallSnapshot",
+    "/flotilla.v1.Internal/Heartbeat",
+    "/flotilla.v1.Internal/ReadIndex",
+    "/flotilla.v1.Internal/TimeoutNow",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+];
 
 /// Method paths served besides those of the node's own descriptors.
 const STANDARD_METHODS: &[&str] = &[
@@ -96,27 +111,66 @@ where
 
     fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
         let path = request.uri().path();
-        let method = if self.known_methods.contains(path) {
+        let known = self.known_methods.contains(path);
+        let method = if known {
             path.to_string()
         } else {
             UNKNOWN_METHOD.to_string()
+        };
+        let span = if known && !UNTRACED_METHODS.contains(&path) {
+            call_span(path, request.headers())
+        } else {
+            tracing::Span::none()
         };
         let mut call = CallRecord {
             method,
             started: Instant::now(),
             recorded: false,
+            span: span.clone(),
         };
-        let answer = self.inner.call(request);
-        Box::pin(async move {
-            let response = answer.await?;
-            // A trailers-only answer (an error before any message) has its status in the headers.
-            if let Some(code) = grpc_status(response.headers()) {
-                call.record(code);
-            }
-            let (parts, body) = response.into_parts();
-            Ok(http::Response::from_parts(parts, MeasuredBody { inner: body, call }))
-        })
+        let answer = span.in_scope(|| self.inner.call(request));
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let response = answer.await?;
+                // A trailers-only answer (an error before any message) has its status in the headers.
+                if let Some(code) = grpc_status(response.headers()) {
+                    call.record(code);
+                }
+                let (parts, body) = response.into_parts();
+                Ok(http::Response::from_parts(parts, MeasuredBody { inner: body, call }))
+            },
+            span,
+        ))
     }
+}
+
+/// The trace span of one call, named as OpenTelemetry names gRPC server spans
+/// (`package.Service/Method`), under the caller's trace when the request carries one.
+fn call_span(path: &str, headers: &http::HeaderMap) -> tracing::Span {
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    let span = tracing::info_span!(
+        target: "flotilla::trace",
+        "rpc",
+        otel.name = name,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        // Set by the handler of a call about one agent (CreateAgent).
+        agent = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let caller = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&super::traces::HeaderExtractor(headers))
+        });
+        // A request without a trace context leaves the span a root.
+        let _ = span.set_parent(caller);
+    }
+    span
 }
 
 /// One call being measured; recorded once, when its status is known (or on drop).
@@ -124,6 +178,8 @@ struct CallRecord {
     method: String,
     started: Instant,
     recorded: bool,
+    /// The call's trace span (disabled when it has none), ended when the call is recorded.
+    span: tracing::Span,
 }
 
 impl CallRecord {
@@ -135,6 +191,13 @@ impl CallRecord {
         let labels = [("method", self.method.clone()), ("code", code.to_string())];
         ::metrics::counter!(RPC_REQUESTS_TOTAL, &labels).increment(1);
         ::metrics::histogram!(RPC_DURATION_SECONDS, &labels).record(self.started.elapsed().as_secs_f64());
+        let span = std::mem::replace(&mut self.span, tracing::Span::none());
+        if !span.is_disabled() {
+            span.record("rpc.grpc.status_code", code);
+            if code != "OK" {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
     }
 }
 

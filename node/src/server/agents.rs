@@ -321,6 +321,8 @@ impl AgentService for AgentApi {
             }
         }
         let id = AgentId::new();
+        // The call's trace span (observability::rpc) names the agent it made.
+        tracing::Span::current().record("agent", id.to_string());
         // The new agent's id, never its prompt.
         audit_note.set(id.to_string(), Some(&caller.team));
         let name = if body.name.trim().is_empty() {
