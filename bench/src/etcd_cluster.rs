@@ -243,4 +243,31 @@ mod tests {
         ports.dedup();
         assert_eq!(ports.len(), 6);
     }
+
+    /// A real three-member cluster: a write through one member is read back through another,
+    /// and dropping the cluster stops every member and removes its directory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_started_cluster_replicates_and_is_gone_after_drop() {
+        let cluster = EtcdCluster::start(Path::new("etcd"), 3)
+            .await
+            .expect("etcd (Debian package etcd-server) starts a 3-member cluster");
+        let endpoints = cluster.endpoints();
+        assert_eq!(endpoints.len(), 3);
+        let mut writer = etcd_client::Client::connect([&endpoints[1]], None).await.unwrap();
+        writer.put("bench-probe", "written", None).await.unwrap();
+        let mut reader = etcd_client::Client::connect([&endpoints[2]], None).await.unwrap();
+        let answer = reader.get("bench-probe", None).await.unwrap();
+        assert_eq!(answer.kvs()[0].value(), b"written");
+
+        let directory = cluster.directory().to_path_buf();
+        let pids: Vec<u32> = cluster.members.iter().map(|member| member.child.id()).collect();
+        drop(cluster);
+        assert!(!directory.exists(), "{} is left behind", directory.display());
+        for pid in pids {
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "etcd member {pid} still runs"
+            );
+        }
+    }
 }
