@@ -42,7 +42,7 @@ mod t70_teams;
 mod t71_audit_limits;
 mod t72_limits_across_nodes;
 mod t73_settings_retention;
-mod t74_revocation_across_nodes;
 mod t75_backup_restore;
 mod t76_rolling_restart;
+mod t74_revocation_across_nodes;
 mod t90_chaos;
