@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: setup build test lint chaos chaos-short demo bench sandbox-debian bench-machines bench-turns bench-plugins test-llm
+.PHONY: setup build test lint chaos chaos-short demo bench bench-compare sandbox-debian bench-machines bench-turns bench-plugins test-llm
 
 setup:
 	bash scripts/setup
@@ -44,6 +44,14 @@ BENCH_BUILD = $(CARGO) build --release --bin flotilla --bin flotilla-bench
 bench:
 	$(BENCH_BUILD)
 	target/release/flotilla-bench create
+
+# The write path side by side with etcd's (Debian package etcd-server, see scripts/setup):
+# loopback clusters of 1 and 3 members each, one at a time, at 1, 16, 64 and 256 clients.
+# Prints one table per cluster size (docs/performance.md). SECONDS_PER_RUN sets each run's length.
+SECONDS_PER_RUN ?= 10
+bench-compare:
+	$(BENCH_BUILD)
+	target/release/flotilla-bench compare --seconds $(SECONDS_PER_RUN)
 
 # Slow: debootstraps the debian base image from the package mirror and runs tools in it.
 sandbox-debian:

@@ -316,7 +316,7 @@ impl Drop for LocalCluster {
 
 // Unsafe: kill(2) on a node's process group; std only kills single children.
 #[allow(unsafe_code)]
-fn signal_process_group(child: &Child, signal: libc::c_int) {
+pub(crate) fn signal_process_group(child: &Child, signal: libc::c_int) {
     let Ok(process_group) = libc::pid_t::try_from(child.id()) else {
         return;
     };
@@ -343,7 +343,7 @@ fn describe_cluster(state: &Cluster) -> String {
     format!("leader {}, members [{}]", state.leader_id, members.join(" "))
 }
 
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     match std::fs::read_to_string(path) {
         Ok(contents) => {
             let lines: Vec<&str> = contents.lines().collect();

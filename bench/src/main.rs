@@ -2,6 +2,8 @@
 //! no benchmark code ships in the node. Each subcommand prints figures and asserts nothing
 //! about time.
 //!
+//! - `compare`: the write path side by side with etcd's, on loopback clusters of each, with
+//!   the same load generator;
 //! - `create`: CreateAgent throughput and latency on loopback clusters of `flotilla node`
 //!   processes (or an existing cluster);
 //! - `machines`: machine start times (warm and cold) and how many idle machines a node holds;
@@ -17,7 +19,10 @@
 mod assign;
 mod burst;
 mod client;
+mod compare;
 mod create;
+mod etcd_cluster;
+mod load;
 mod local_cluster;
 mod machines;
 mod placement;
@@ -48,6 +53,8 @@ struct Cli {
 enum BenchCommand {
     /// CreateAgent throughput and latency on loopback clusters.
     Create(create::BenchCreateArgs),
+    /// Writes per second and latency of Flotilla and etcd, side by side on loopback clusters.
+    Compare(compare::BenchCompareArgs),
     /// Machine start times (warm and cold) and how many idle machines a node holds.
     Machines(machines::BenchMachinesArgs),
     /// Turn-loop overhead per turn, concurrent agents per node, events per second to a watcher.
@@ -92,6 +99,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             BenchCommand::Create(args) => create::run_create(args).await,
+            BenchCommand::Compare(args) => compare::run_compare(args).await,
             BenchCommand::Machines(args) => machines::run_machines(args).await,
             BenchCommand::Turns(args) => turns::run_turns(args).await,
             BenchCommand::Plugins(args) => plugins::run_plugins(args).await,

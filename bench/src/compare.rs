@@ -1,0 +1,299 @@
+//! `flotilla-bench compare`: Flotilla's write path side by side with etcd's on this machine.
+//! For each cluster size it starts a loopback etcd cluster, loads it, stops it, then does the
+//! same with a loopback Flotilla cluster (only one of them runs at a time, so they never compete
+//! for CPU or disk), and prints one table: throughput and p50/p99 for each and their ratio.
+//!
+//! Both are durable: etcd fsyncs its WAL before acknowledging (its default), a Flotilla node
+//! fsyncs its Raft log before an append counts (the log flusher, raft/src/store/flusher.rs).
+//! Both are driven by the same load generator ([`crate::load`]) with ~1 KB requests: a Put under
+//! a distinct key, and a CreateAgent with a padded prompt. Clients are spread over every
+//! member; followers forward writes to their leader on both sides. Flotilla's API is TLS only,
+//! etcd is spoken to in plaintext. It prints figures and asserts nothing about time.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::client::{agent_client, connect, BearerToken};
+use crate::etcd_cluster::EtcdCluster;
+use crate::load::{run_once, timed_write, RunResult, Writer, RECORD_BYTES};
+use crate::local_cluster::LocalCluster;
+
+const MAX_RUN_SECONDS: u64 = 3_600;
+const MAX_CLIENTS_PER_RUN: usize = 4_096;
+const MAX_CLUSTER_NODES: usize = 9;
+/// HTTP/2 connections opened to each member, on both sides; clients share them round-robin.
+const CONNECTIONS_PER_MEMBER: usize = 2;
+const ETCD_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Unmeasured load before the first run on each system.
+const WARM_UP_MS: u64 = 1_000;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchCompareArgs {
+    /// concurrent clients, one run per value and system
+    #[arg(long, default_value = "1,16,64,256", value_delimiter = ',')]
+    pub clients: Vec<usize>,
+    /// duration of each run
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// sizes of the loopback clusters to compare, one table each
+    #[arg(long, default_value = "1,3", value_delimiter = ',')]
+    pub nodes: Vec<usize>,
+    /// the `etcd` executable (Debian package etcd-server)
+    #[arg(long, env = "ETCD_BINARY", default_value = "etcd")]
+    pub etcd_binary: PathBuf,
+    /// the `flotilla` executable; by default the one next to this executable, as cargo builds them
+    #[arg(long, env = "FLOTILLA_BINARY")]
+    pub flotilla_binary: Option<PathBuf>,
+}
+
+pub async fn run_compare(args: BenchCompareArgs) -> anyhow::Result<()> {
+    validate(&args)?;
+    // Dropping the run on Ctrl-C drops the cluster running at the time, which stops it: its
+    // processes sit in their own process groups and would not see the terminal's SIGINT.
+    tokio::select! {
+        result = run_all(&args) => result,
+        interrupted = tokio::signal::ctrl_c() => {
+            interrupted.context("listening for Ctrl-C")?;
+            bail!("interrupted")
+        }
+    }
+}
+
+fn validate(args: &BenchCompareArgs) -> anyhow::Result<()> {
+    if args.seconds == 0 || args.seconds > MAX_RUN_SECONDS {
+        bail!(
+            "--seconds must be between 1 and {MAX_RUN_SECONDS}, found {}",
+            args.seconds
+        );
+    }
+    if args.clients.is_empty() {
+        bail!("--clients must list at least one client count");
+    }
+    if let Some(bad) = args
+        .clients
+        .iter()
+        .find(|&&clients| clients == 0 || clients > MAX_CLIENTS_PER_RUN)
+    {
+        bail!("--clients values must be between 1 and {MAX_CLIENTS_PER_RUN}, found {bad}");
+    }
+    if args.nodes.is_empty() {
+        bail!("--nodes must list at least one cluster size");
+    }
+    if let Some(bad) = args
+        .nodes
+        .iter()
+        .find(|&&nodes| nodes == 0 || nodes > MAX_CLUSTER_NODES)
+    {
+        bail!("--nodes values must be between 1 and {MAX_CLUSTER_NODES}, found {bad}");
+    }
+    Ok(())
+}
+
+async fn run_all(args: &BenchCompareArgs) -> anyhow::Result<()> {
+    let flotilla_binary = match &args.flotilla_binary {
+        Some(path) => path.clone(),
+        None => crate::create::sibling_flotilla_binary()?,
+    };
+    let run_duration = Duration::from_secs(args.seconds);
+    println!(
+        "flotilla-bench compare: {RECORD_BYTES}-byte writes, {}s per run, {} build of flotilla-bench",
+        args.seconds,
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    );
+    for &node_count in &args.nodes {
+        let etcd = measure_etcd(&args.etcd_binary, node_count, &args.clients, run_duration).await?;
+        let flotilla = measure_flotilla(&flotilla_binary, node_count, &args.clients, run_duration).await?;
+        print_table(node_count, &etcd, &flotilla);
+    }
+    Ok(())
+}
+
+async fn measure_etcd(
+    etcd_binary: &std::path::Path,
+    node_count: usize,
+    clients: &[usize],
+    run_duration: Duration,
+) -> anyhow::Result<Vec<RunResult>> {
+    let started = Instant::now();
+    let cluster = EtcdCluster::start(etcd_binary, node_count).await?;
+    eprintln!(
+        "started an etcd cluster of {node_count} member(s) in {:.1}s (data and logs in {}, removed at the end)",
+        started.elapsed().as_secs_f64(),
+        cluster.directory().display()
+    );
+    let mut writers = Vec::with_capacity(node_count * CONNECTIONS_PER_MEMBER);
+    for _ in 0..CONNECTIONS_PER_MEMBER {
+        for endpoint in cluster.endpoints() {
+            let options =
+                etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(ETCD_CONNECT_TIMEOUT_MS));
+            let client = etcd_client::Client::connect([&endpoint], Some(options))
+                .await
+                .with_context(|| format!("connecting to etcd at {endpoint}"))?;
+            writers.push(Writer::Etcd {
+                endpoint,
+                kv: client.kv_client(),
+            });
+        }
+    }
+    let results = run_each(&writers, clients, run_duration, "etcd", node_count).await;
+    drop(writers);
+    drop(cluster);
+    Ok(results)
+}
+
+async fn measure_flotilla(
+    flotilla_binary: &std::path::Path,
+    node_count: usize,
+    clients: &[usize],
+    run_duration: Duration,
+) -> anyhow::Result<Vec<RunResult>> {
+    let started = Instant::now();
+    let cluster = LocalCluster::start(flotilla_binary, node_count).await?;
+    eprintln!(
+        "started a Flotilla cluster of {node_count} node(s) in {:.1}s (data and logs in {}, removed at the end)",
+        started.elapsed().as_secs_f64(),
+        cluster.directory().display()
+    );
+    let token = BearerToken::new(Some(cluster.admin_token()))?;
+    let mut writers = Vec::with_capacity(node_count * CONNECTIONS_PER_MEMBER);
+    for _ in 0..CONNECTIONS_PER_MEMBER {
+        for endpoint in cluster.endpoints() {
+            let channel = connect(&endpoint).await?;
+            writers.push(Writer::Flotilla {
+                endpoint,
+                client: agent_client(channel, token.clone()),
+            });
+        }
+    }
+    let results = run_each(&writers, clients, run_duration, "flotilla", node_count).await;
+    drop(writers);
+    drop(cluster);
+    Ok(results)
+}
+
+async fn run_each(
+    writers: &[Writer],
+    clients: &[usize],
+    run_duration: Duration,
+    system: &str,
+    node_count: usize,
+) -> Vec<RunResult> {
+    // A warm-up, not measured: the first write on each connection, then a second of load, so
+    // that one-off costs (connection setup, first-use initialisation) stay out of the figures.
+    let first = match writers.first() {
+        Some(writer) => match timed_write(writer.clone(), format!("bench-warm-up-{system}")).await {
+            Ok(took) => format!("{:.1} ms", took.as_secs_f64() * 1000.0),
+            Err(error) => format!("failed ({error})"),
+        },
+        None => "-".to_string(),
+    };
+    let warm_up = run_once(writers, writers.len(), Duration::from_millis(WARM_UP_MS)).await;
+    eprintln!(
+        "  {system} nodes={node_count} warm-up: first write {first}, then {:.0}/s, {} errors",
+        warm_up.rate(),
+        warm_up.errors
+    );
+    let mut results = Vec::with_capacity(clients.len());
+    for &client_count in clients {
+        let result = run_once(writers, client_count, run_duration).await;
+        eprintln!(
+            "  {system} nodes={node_count} clients={client_count}: {:.0}/s, {} errors",
+            result.rate(),
+            result.errors
+        );
+        if let Some(first_error) = &result.first_error {
+            eprintln!("    first error: {first_error}");
+        }
+        results.push(result);
+    }
+    results
+}
+
+fn print_table(node_count: usize, etcd: &[RunResult], flotilla: &[RunResult]) {
+    println!();
+    println!("{node_count} node(s)");
+    println!(
+        "| clients | etcd ops/s | etcd p50 ms | etcd p99 ms | Flotilla ops/s | Flotilla p50 ms | Flotilla p99 ms | ops/s Flotilla/etcd | p50 Flotilla/etcd | errors etcd/Flotilla |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (etcd, flotilla) in etcd.iter().zip(flotilla) {
+        println!("{}", table_row(etcd, flotilla));
+    }
+}
+
+fn table_row(etcd: &RunResult, flotilla: &RunResult) -> String {
+    let ms = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
+    let ratio = |numerator: Option<f64>, denominator: Option<f64>| match (numerator, denominator) {
+        (Some(numerator), Some(denominator)) if denominator > 0.0 => format!("{:.2}", numerator / denominator),
+        _ => "-".to_string(),
+    };
+    let rate = |result: &RunResult| (result.writes > 0).then(|| result.rate());
+    format!(
+        "| {} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {} | {}/{} |",
+        etcd.clients,
+        etcd.rate(),
+        ms(etcd.latency_ms(0.50)),
+        ms(etcd.latency_ms(0.99)),
+        flotilla.rate(),
+        ms(flotilla.latency_ms(0.50)),
+        ms(flotilla.latency_ms(0.99)),
+        ratio(rate(flotilla), rate(etcd)),
+        ratio(flotilla.latency_ms(0.50), etcd.latency_ms(0.50)),
+        etcd.errors,
+        flotilla.errors,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use hdrhistogram::Histogram;
+
+    use super::*;
+
+    fn args() -> BenchCompareArgs {
+        BenchCompareArgs {
+            clients: vec![1, 16],
+            seconds: 5,
+            nodes: vec![1, 3],
+            etcd_binary: PathBuf::from("etcd"),
+            flotilla_binary: None,
+        }
+    }
+
+    #[test]
+    fn arguments_are_validated() {
+        assert!(validate(&args()).is_ok());
+        let mut zero_seconds = args();
+        zero_seconds.seconds = 0;
+        assert!(validate(&zero_seconds).is_err());
+        let mut zero_clients = args();
+        zero_clients.clients = vec![0];
+        assert!(validate(&zero_clients).is_err());
+        let mut too_many_nodes = args();
+        too_many_nodes.nodes = vec![MAX_CLUSTER_NODES + 1];
+        assert!(validate(&too_many_nodes).is_err());
+    }
+
+    #[test]
+    fn a_row_shows_the_ratios_of_throughput_and_median_latency() {
+        let result = |writes: u64, latency_us: u64| {
+            let mut histogram = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
+            histogram.record(latency_us).unwrap();
+            RunResult {
+                clients: 16,
+                writes,
+                errors: 0,
+                elapsed: Duration::from_secs(1),
+                latency_us: histogram,
+                first_error: None,
+            }
+        };
+        let row = table_row(&result(1000, 4000), &result(500, 8000));
+        assert_eq!(
+            row,
+            "| 16 | 1000 | 4.00 | 4.00 | 500 | 8.00 | 8.00 | 0.50 | 2.00 | 0/0 |"
+        );
+    }
+}
