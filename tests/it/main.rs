@@ -12,6 +12,7 @@ mod t07_providers;
 mod t10_single_node;
 mod t11_transport_security;
 mod t12_repository_policy;
+mod t13_pki;
 mod t15_cli_and_drain;
 mod t18_agent_runs;
 mod t19_push_containment;
