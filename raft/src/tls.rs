@@ -10,6 +10,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -147,13 +148,14 @@ impl NodeTls {
     }
 
     /// For a listener only nodes may use (the mesh): a client without a certificate signed by
-    /// the cluster CA fails the handshake.
-    pub fn mutual_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+    /// the cluster CA fails the handshake, and so does one that `check` refuses (a removed
+    /// node's).
+    pub fn mutual_server_config(&self, check: CertificateCheck) -> Result<rustls::ServerConfig, TlsError> {
         let (chain, key) = self.chain_and_key()?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider()).build()?;
+        let inner = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider()).build()?;
         Ok(rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(Arc::new(CheckedClientVerifier { inner, check }))
             .with_single_cert(chain, key)?)
     }
 
@@ -204,6 +206,115 @@ impl ResolvesServerCert for ByServerName {
             _ => Some(self.node.clone()),
         }
     }
+}
+
+/// A check of a client certificate the CA signed, beyond the signature: `Err` says why it is
+/// refused (its node was removed from the cluster).
+pub type CertificateCheck = Arc<dyn Fn(&CertificateDer<'_>) -> Result<(), String> + Send + Sync>;
+
+/// The CA's verification, then `check`.
+struct CheckedClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    check: CertificateCheck,
+}
+
+impl std::fmt::Debug for CheckedClientVerifier {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("CheckedClientVerifier")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for CheckedClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        (self.check)(end_entity).map_err(rustls::Error::General)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, certificate, signature)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, certificate, signature)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The node ids a certificate names (`node-<id>.flotilla-node` among its DNS names); a node
+/// certificate names one. Empty for a certificate that cannot be read.
+pub fn certificate_node_ids(certificate: &CertificateDer<'_>) -> Vec<NodeId> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(certificate.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(names)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    let suffix = format!(".{NODE_SERVER_NAME}");
+    names
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => dns
+                .strip_prefix("node-")
+                .and_then(|rest| rest.strip_suffix(suffix.as_str()))
+                .and_then(|id| id.parse().ok()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// When the certificate in `pem` stops being valid, in seconds since the Unix epoch.
+pub fn certificate_not_after(what: &str, pem: &str) -> Result<i64, TlsError> {
+    let der = parse_certificate(what, pem)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|error| TlsError::Pem {
+        what: what.to_string(),
+        kind: "certificate",
+        reason: error.to_string(),
+    })?;
+    Ok(parsed.validity().not_after.timestamp())
+}
+
+/// Whether `certificate` is valid for the IP address `ip`.
+pub fn names_ip(certificate: &CertificateDer<'_>, ip: std::net::IpAddr) -> bool {
+    let name = ServerName::IpAddress(ip.into());
+    webpki::EndEntityCert::try_from(certificate)
+        .and_then(|certificate| certificate.verify_is_valid_for_subject_name(&name))
+        .is_ok()
 }
 
 /// Whether `certificate` (DER, already verified against the CA by the handshake) names node

@@ -65,6 +65,14 @@ pub struct ClusterState {
     /// The limits of every team without its own.
     #[serde(default)]
     pub default_team_limits: TeamLimits,
+    /// The cluster CA, its key sealed under the key-encryption key; `None` until the node that
+    /// created the cluster recorded it.
+    #[serde(default)]
+    pub cluster_ca: Option<crate::secrets::ClusterCaRecord>,
+    /// Nodes removed from the cluster: every certificate naming one is refused, and the id is
+    /// never registered again. One small entry per removal an admin made.
+    #[serde(default)]
+    pub removed_nodes: BTreeSet<NodeId>,
     /// Agents waiting for placement, oldest first (ULIDs sort by time).
     #[serde(skip)]
     pub pending: BTreeSet<AgentId>,

@@ -340,6 +340,13 @@ pub enum Command {
         team: Option<String>,
         limits: crate::audit::TeamLimits,
     },
+    /// Records the cluster CA: its certificate and its private key sealed under the cluster's
+    /// key-encryption key (see [`crate::secrets::ClusterCaRecord`]), so that every member can
+    /// sign a joining node's certificate. Set once; the same CA again changes nothing, another
+    /// one is refused.
+    SetClusterCa {
+        record: crate::secrets::ClusterCaRecord,
+    },
 }
 
 impl Command {
@@ -424,6 +431,9 @@ impl Command {
                 Command::SetTeamSetting { team, name, value } => team.len() + name.len() + value.len(),
                 Command::PurgeEndedAgents { agents } => agents.len() * 24,
                 Command::RecordAudit { entries } => entries.len() * 160,
+                Command::SetClusterCa { record } => {
+                    record.ca_pem.len() + record.sealed_key.ciphertext.len() + record.sealed_key.wrapped_key.len()
+                }
                 _ => 0,
             }
     }
@@ -471,6 +481,7 @@ impl Command {
             Command::PurgeEndedAgents { .. } => "purge-ended-agents",
             Command::RecordAudit { .. } => "record-audit",
             Command::SetTeamLimits { .. } => "set-team-limits",
+            Command::SetClusterCa { .. } => "set-cluster-ca",
         }
     }
 }
@@ -597,6 +608,12 @@ pub enum ApplyError {
         value: u32,
         detail: String,
     },
+    /// A removed node's id stays removed: its certificates are refused (see
+    /// `ClusterState::removed_nodes`), so it cannot come back under the same id.
+    #[error("node {0} was removed from the cluster; its id is not used again (join without --id to get a new one)")]
+    NodeRemoved(NodeId),
+    #[error("the cluster CA is set already; another CA is refused")]
+    ClusterCaSet,
 }
 
 /// What an applied command answers.

@@ -121,3 +121,28 @@ pub fn validate_sealed(sealed: &SealedSecret) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Largest CA certificate the cluster records (PEM).
+pub const MAX_CA_PEM_BYTES: usize = 16 * 1024;
+/// The name the CA key is sealed under (cluster scope): a cluster secret's name cannot start
+/// with `.`, so no secret an admin sets can be opened as the CA key or the other way round.
+pub const CLUSTER_CA_KEY_NAME: &str = ".cluster-ca.key";
+
+/// The cluster CA as the cluster keeps it: the certificate in the clear, the private key (PEM)
+/// sealed under the key-encryption key like a secret of the cluster scope named
+/// [`CLUSTER_CA_KEY_NAME`]. Every member holds the key-encryption key, so every member can sign.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ClusterCaRecord {
+    pub ca_pem: String,
+    pub sealed_key: SealedSecret,
+}
+
+pub fn validate_cluster_ca(record: &ClusterCaRecord) -> Result<(), String> {
+    if record.ca_pem.is_empty() || record.ca_pem.len() > MAX_CA_PEM_BYTES {
+        return Err(format!(
+            "the CA certificate is {} bytes; it must be between 1 and {MAX_CA_PEM_BYTES}",
+            record.ca_pem.len()
+        ));
+    }
+    validate_sealed(&record.sealed_key)
+}

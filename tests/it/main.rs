@@ -14,6 +14,7 @@ mod t07_providers;
 mod t10_single_node;
 mod t11_transport_security;
 mod t12_repository_policy;
+mod t13_pki;
 mod t15_cli_and_drain;
 mod t16_observability;
 mod t17_traces;

@@ -1,9 +1,10 @@
 //! Join tokens and the enrollment of a new node. A token is `fjt1.<ca>.<secret>`: `<ca>` is
 //! the SHA-256 of the cluster CA certificate, so the joining node checks the server it first
 //! contacts against it (as kubeadm's discovery hash does: no trust on first use); `<secret>` is
-//! spent through Raft on use (only its digest is replicated, with an expiry). The CA holder
+//! spent through Raft on use (only its digest is replicated, with an expiry). Any member
 //! answers `Enroll` with a certificate for the node and its key, over that verified TLS
-//! connection; the node keeps them and uses them for every call from then on.
+//! connection, signed with the cluster CA key it opens from the replicated state with the
+//! cluster's key-encryption key; the node keeps them and uses them for every call from then on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,11 +70,34 @@ impl std::fmt::Display for JoinToken {
 }
 
 /// `flotilla.internal.v1.Enrollment`, served without a client certificate: the token is the
-/// credential. Only the node holding the CA key can issue certificates.
+/// credential. Every member that has applied the cluster CA record and holds the
+/// key-encryption key can issue certificates.
 pub struct EnrollmentApi {
     pub replica: Replica,
-    pub ca: Option<Arc<ClusterCa>>,
+    pub kek: super::secrets::NodeKek,
     pub ca_fingerprint: String,
+}
+
+impl EnrollmentApi {
+    /// The cluster CA with its key, opened from the replicated record.
+    fn signing_ca(&self) -> Result<ClusterCa, Status> {
+        let me = self.replica.node_id();
+        let record = self
+            .replica
+            .reader()
+            .read(|state| state.cluster_ca.clone())
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "node {me} has not received the cluster CA key yet (the first node records it once it leads); try again shortly or join through another member"
+                ))
+            })?;
+        let kek = self.kek.get().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "node {me} holds no key-encryption key (DATA_DIR/kek), so it cannot open the cluster CA key; join through another member"
+            ))
+        })?;
+        ClusterCa::open_replicated(&record, kek).map_err(|error| Status::internal(format!("node {me}: {error}")))
+    }
 }
 
 #[tonic::async_trait]
@@ -86,12 +110,17 @@ impl Enrollment for EnrollmentApi {
                 "the join token names another cluster's CA; mint one on a member of this cluster",
             ));
         }
-        let Some(ca) = self.ca.clone() else {
-            return Err(Status::failed_precondition(format!(
-                "node {} does not hold the cluster CA key; join through the node that created the cluster",
-                self.replica.node_id()
-            )));
-        };
+        let ca = self.signing_ca()?;
+        if body.node_id != 0
+            && self
+                .replica
+                .reader()
+                .read(|state| state.removed_nodes.contains(&body.node_id))
+        {
+            return Err(Status::failed_precondition(
+                flotilla_raft::ApplyError::NodeRemoved(body.node_id).to_string(),
+            ));
+        }
         let host = body
             .grpc_address
             .parse::<std::net::SocketAddr>()
@@ -184,26 +213,50 @@ pub async fn enroll(address: &str, token: &str, node_id: u64, grpc_address: &str
             address: target.clone(),
             reason: format!("{error}: {}", error.source_chain()),
         })?;
-    let mut request = Request::new(EnrollRequest {
-        token: parsed.to_string(),
-        node_id,
-        grpc_address: grpc_address.to_string(),
-    });
-    request.set_timeout(ENROLL_TIMEOUT);
-    let reply = EnrollmentClient::new(channel)
-        .enroll(request)
-        .await
-        .map_err(|status| EnrollError::Refused {
-            address: target.clone(),
-            message: status.message().to_string(),
-        })?
-        .into_inner();
+    let reply = call_enroll(channel, &target, &parsed, node_id, grpc_address).await?;
     Ok(NodeTls {
         node_id: reply.node_id,
         ca_pem: reply.ca_pem,
         certificate_pem: reply.certificate_pem,
         private_key_pem: reply.private_key_pem,
     })
+}
+
+/// Calls `Enroll`, again while the member answers `UNAVAILABLE` (it has not applied the CA
+/// record yet, or knows no leader to spend the token through), until [`ENROLL_TIMEOUT`].
+async fn call_enroll(
+    channel: tonic::transport::Channel,
+    target: &str,
+    token: &JoinToken,
+    node_id: u64,
+    grpc_address: &str,
+) -> Result<EnrollResponse, EnrollError> {
+    let deadline = tokio::time::Instant::now() + ENROLL_TIMEOUT;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let mut request = Request::new(EnrollRequest {
+            token: token.to_string(),
+            node_id,
+            grpc_address: grpc_address.to_string(),
+        });
+        request.set_timeout(ENROLL_TIMEOUT);
+        match EnrollmentClient::new(channel.clone()).enroll(request).await {
+            Ok(reply) => return Ok(reply.into_inner()),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::info!(%status, "enrollment not answered yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(status) => {
+                return Err(EnrollError::Refused {
+                    address: target.to_string(),
+                    message: status.message().to_string(),
+                })
+            }
+        }
+    }
 }
 
 trait SourceChain {

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod convert;
 pub mod default_branch;
 pub mod enroll;
+mod identity;
 pub mod internal;
 pub mod known_secrets;
 pub mod pki;
@@ -196,89 +197,6 @@ fn stored_id(config: &NodeConfig) -> anyhow::Result<Option<NodeId>> {
     Ok(Some(stored))
 }
 
-/// Who this node is on the wire: its id, its certificate, and the cluster CA when this node
-/// holds its key (the node that created the cluster).
-struct NodeIdentity {
-    node_id: NodeId,
-    tls: flotilla_raft::tls::NodeTls,
-    ca: Option<std::sync::Arc<pki::ClusterCa>>,
-}
-
-/// Finds or makes the node's identity: the files a data dir keeps; else a new cluster CA for
-/// the first node; else a certificate from the CA holder at `--join`, for a join token.
-async fn node_identity(config: &NodeConfig) -> anyhow::Result<NodeIdentity> {
-    let stored = stored_id(config)?;
-    let host = config.advertise.ip().to_string();
-    let data_dir = config.data_dir.clone();
-    let (ca, kept) = {
-        let data_dir = data_dir.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let ca = pki::ClusterCa::load(&data_dir)?;
-            let kept = match stored {
-                Some(id) => pki::load_node_tls(&data_dir, id)?,
-                None => None,
-            };
-            Ok((ca, kept))
-        })
-        .await??
-    };
-    let identity = match (ca, kept, &config.join) {
-        // The CA holder signs its own certificate at every start: it follows the address.
-        (Some(ca), _, _) => {
-            let node_id = stored.or(config.id).unwrap_or(1);
-            let tls = ca.issue(node_id, &host)?;
-            NodeIdentity {
-                node_id,
-                tls,
-                ca: Some(std::sync::Arc::new(ca)),
-            }
-        }
-        (None, Some(tls), _) => NodeIdentity {
-            node_id: tls.node_id,
-            tls,
-            ca: None,
-        },
-        (None, None, None) => {
-            let ca = pki::ClusterCa::create(&data_dir)?;
-            let node_id = stored.or(config.id).unwrap_or(1);
-            let tls = ca.issue(node_id, &host)?;
-            NodeIdentity {
-                node_id,
-                tls,
-                ca: Some(std::sync::Arc::new(ca)),
-            }
-        }
-        (None, None, Some(join)) => {
-            let token = config.join_token.as_deref().ok_or_else(|| {
-                anyhow!(
-                    "joining a cluster needs a join token: run `flotilla cluster join-token` against a member and pass --join-token or FLOTILLA_JOIN_TOKEN (needed once: the node keeps its certificate in {})",
-                    data_dir.display()
-                )
-            })?;
-            let wanted = stored.or(config.id).unwrap_or(0);
-            let tls = enroll::enroll(join, token, wanted, &config.advertise.to_string())
-                .await
-                .with_context(|| format!("cannot join through {join}"))?;
-            tracing::info!(node = tls.node_id, through = %join, "received this node's certificate");
-            NodeIdentity {
-                node_id: tls.node_id,
-                tls,
-                ca: None,
-            }
-        }
-    };
-    let (tls, path) = (identity.tls.clone(), config.data_dir.join("node.id"));
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        pki::save_node_tls(&data_dir, &tls)?;
-        if read_trimmed(&path).is_none() {
-            write_private_file(&path, &tls.node_id.to_string())?;
-        }
-        Ok(())
-    })
-    .await??;
-    Ok(identity)
-}
-
 /// The operator's certificate for clients of the public listener, if one was given.
 fn public_certificate(config: &NodeConfig) -> anyhow::Result<Option<std::sync::Arc<rustls::sign::CertifiedKey>>> {
     let Some((cert_path, key_path)) = &config.public_tls else {
@@ -393,7 +311,7 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     if let Some(restore) = restore {
         restore::write(restore, &config.data_dir).await?;
     }
-    let identity = node_identity(&config).await?;
+    let identity = identity::node_identity(&config).await?;
     let node_id = identity.node_id;
     let peers = Peers::new(Some(&identity.tls));
     let ca_fingerprint = identity.tls.ca_fingerprint()?;
@@ -454,7 +372,11 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
         // The mesh's handshake wants a cookie; mutual TLS is what authenticates a link.
         cluster_secret: ca_fingerprint.clone(),
         tls: Some(flotilla_actors::mesh::MeshTls {
-            acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(identity.tls.mutual_server_config()?)),
+            acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+                identity
+                    .tls
+                    .mutual_server_config(transport::refuse_removed_nodes(&replica))?,
+            )),
             connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(identity.tls.client_config()?)),
         }),
         max_live_events_per_watcher: LIVE_EVENTS_PER_WATCHER,
@@ -513,7 +435,6 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
         ServerTls {
             config: std::sync::Arc::new(identity.tls.grpc_server_config(public_certificate(&config)?)?),
             node_client: identity.tls.tonic_client_config(),
-            ca: identity.ca.clone(),
             ca_fingerprint: ca_fingerprint.clone(),
         },
         shutdown_receiver,
@@ -732,6 +653,7 @@ async fn join_or_bootstrap(
         );
     }
     register_self(replica, info.clone()).await;
+    identity::hand_ca_key_to_cluster(replica, &config.data_dir, kek).await?;
     // A restored cluster's first node writes a new admin key too (the old keys keep working).
     if config.join.is_none() && (node_id == 1 || config.restore.is_some()) {
         ensure_admin_token(replica, &config.data_dir).await?;
@@ -754,7 +676,6 @@ async fn wait_for_shutdown(supervisor_handle: tokio::task::JoinHandle<()>) -> an
 struct ServerTls {
     config: std::sync::Arc<rustls::ServerConfig>,
     node_client: tonic::transport::ClientTlsConfig,
-    ca: Option<std::sync::Arc<pki::ClusterCa>>,
     ca_fingerprint: String,
 }
 
@@ -823,7 +744,7 @@ async fn serve(
     });
     let enrollment_service = EnrollmentServer::new(enroll::EnrollmentApi {
         replica: replica.clone(),
-        ca: tls.ca,
+        kek: kek.clone(),
         ca_fingerprint: tls.ca_fingerprint,
     });
     let admin_service = AdminServiceServer::new(admin_api).max_decoding_message_size(admin::MAX_UPLOAD_MESSAGE_BYTES);
@@ -846,6 +767,9 @@ async fn serve(
     let limits_service = flotilla_proto::v1::limits_service_server::LimitsServiceServer::new(audit_api::LimitsApi {
         replica: replica.clone(),
     });
+    let require_node_certificate = transport::RequireNodeCertificate {
+        check: transport::refuse_removed_nodes(&replica),
+    };
     let internal_service = InternalServer::new(internal::InternalApi { replica, liveness, kek })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
@@ -869,7 +793,7 @@ async fn serve(
         .add_service(enrollment_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             internal_service,
-            transport::RequireNodeCertificate,
+            require_node_certificate,
         ))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = shutdown.await;

@@ -1,7 +1,10 @@
-//! The cluster CA and node certificates, in the node's data dir. The first node of a cluster
-//! creates the CA (`ca.pem`, and `ca.key` readable by the node's user only) and signs its own
-//! certificate; a joining node gets its certificate from the CA holder once, with a join token
+//! The cluster CA and node certificates. The first node of a cluster creates the CA (`ca.pem`,
+//! and `ca.key` readable by the node's user only, kept only until the cluster has recorded the
+//! key sealed under its key-encryption key: see [`ClusterCa::seal`]) and signs its own
+//! certificate; a joining node gets its certificate from any member once, with a join token
 //! (see [`super::enroll`]), and keeps it (`node.pem`, `node.key`): a restart needs no token.
+//! Node certificates are valid for [`NODE_CERT_VALIDITY`]; a node renews its own at start when
+//! less than [`RENEW_BEFORE`] is left.
 //! A node certificate names the node's id (`node-<id>.flotilla-node`), the name every node
 //! answers to (`flotilla-node`), its advertised address, and loopback, so that clients reach
 //! it by IP over https.
@@ -20,6 +23,38 @@ pub const CA_KEY_FILE: &str = "ca.key";
 pub const NODE_CERT_FILE: &str = "node.pem";
 pub const NODE_KEY_FILE: &str = "node.key";
 const CA_NAME: &str = "Flotilla cluster CA";
+/// How long a node certificate is valid.
+pub const NODE_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+/// A node renews its certificate at start when less than this is left.
+pub const RENEW_BEFORE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// How long the cluster CA is valid.
+const CA_VALIDITY: std::time::Duration = std::time::Duration::from_secs(20 * 365 * 24 * 3600);
+/// A certificate is valid from a little before it is signed, for clocks a little behind.
+const CLOCK_SKEW_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Test hook: `FLOTILLA_TEST_HOOK_NODE_CERT_VALIDITY_DAYS` makes the certificates this node
+/// signs valid for that many days instead of [`NODE_CERT_VALIDITY`]. Tests only.
+const TEST_HOOK_VALIDITY_ENV: &str = "FLOTILLA_TEST_HOOK_NODE_CERT_VALIDITY_DAYS";
+
+/// How long the node certificates this node signs are valid.
+pub fn node_cert_validity() -> std::time::Duration {
+    match std::env::var(TEST_HOOK_VALIDITY_ENV)
+        .ok()
+        .map(|days| days.trim().parse::<u64>())
+    {
+        Some(Ok(days)) => {
+            tracing::warn!(
+                days,
+                "test hook: node certificates signed here are valid for {days} days"
+            );
+            std::time::Duration::from_secs(days * 24 * 3600)
+        }
+        Some(Err(error)) => {
+            tracing::warn!(%error, "{TEST_HOOK_VALIDITY_ENV} is not a number of days; ignored");
+            NODE_CERT_VALIDITY
+        }
+        None => NODE_CERT_VALIDITY,
+    }
+}
 
 #[derive(thiserror::Error, Debug)]
 pub enum PkiError {
@@ -39,6 +74,8 @@ pub enum PkiError {
     },
     #[error("{path} exists but {missing} does not: the node's TLS files are incomplete; restore them or start from an empty data dir")]
     Incomplete { path: PathBuf, missing: PathBuf },
+    #[error("{0}")]
+    Sealed(String),
 }
 
 fn certificate_error(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> PkiError {
@@ -103,6 +140,7 @@ impl ClusterCa {
         let key = KeyPair::generate().map_err(certificate_error("cannot generate the CA key"))?;
         let mut params = ca_params(&key);
         params.serial_number = Some(random_serial());
+        (params.not_before, params.not_after) = validity(CA_VALIDITY);
         let certificate = params
             .self_signed(&key)
             .map_err(certificate_error("cannot sign the CA certificate"))?;
@@ -136,8 +174,53 @@ impl ClusterCa {
         }))
     }
 
+    /// The CA the cluster recorded, its key opened with the cluster's key-encryption key.
+    pub fn open_replicated(
+        record: &flotilla_raft::secrets::ClusterCaRecord,
+        kek: &flotilla_actors::secrets::Kek,
+    ) -> Result<ClusterCa, PkiError> {
+        let key_pem = kek
+            .open(
+                &flotilla_raft::SecretScope::Cluster,
+                flotilla_raft::secrets::CLUSTER_CA_KEY_NAME,
+                &record.sealed_key,
+            )
+            .map_err(|error| PkiError::Sealed(format!("cannot open the cluster CA key: {error}")))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(certificate_error("the recorded CA key is not a usable key"))?;
+        Ok(ClusterCa {
+            key,
+            ca_pem: record.ca_pem.clone(),
+        })
+    }
+
+    /// The CA as the cluster records it: the key sealed under `kek`, never in the clear.
+    pub fn seal(&self, kek: &flotilla_actors::secrets::Kek) -> flotilla_raft::secrets::ClusterCaRecord {
+        flotilla_raft::secrets::ClusterCaRecord {
+            ca_pem: self.ca_pem.clone(),
+            sealed_key: kek.seal(
+                &flotilla_raft::SecretScope::Cluster,
+                flotilla_raft::secrets::CLUSTER_CA_KEY_NAME,
+                self.key.serialize_pem().as_bytes(),
+            ),
+        }
+    }
+
+    /// Removes `DATA_DIR/ca.key` once the cluster holds the key sealed: from then on the key
+    /// is nowhere in the clear.
+    pub fn remove_key_file(data_dir: &Path) -> Result<(), PkiError> {
+        let path = data_dir.join(CA_KEY_FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(PkiError::Write {
+                path,
+                reason: error.to_string(),
+            }),
+        }
+    }
+
     /// A certificate and new key for node `node_id`, reachable at `host` (the IP or name it
-    /// advertises), valid as both a server and a client.
+    /// advertises), valid as both a server and a client for [`node_cert_validity`].
     pub fn issue(&self, node_id: NodeId, host: &str) -> Result<NodeTls, PkiError> {
         let mut names = vec![
             NODE_SERVER_NAME.to_string(),
@@ -155,6 +238,7 @@ impl ClusterCa {
         subject.push(DnType::CommonName, node_dns_name(node_id));
         params.distinguished_name = subject;
         params.serial_number = Some(random_serial());
+        (params.not_before, params.not_after) = validity(node_cert_validity());
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -170,6 +254,42 @@ impl ClusterCa {
             private_key_pem: node_key.serialize_pem(),
         })
     }
+}
+
+/// From a little before now to `length` after now.
+fn validity(length: std::time::Duration) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (now - CLOCK_SKEW_ALLOWANCE, now + length)
+}
+
+/// Seconds until the node's certificate expires (negative once it has).
+pub fn seconds_left(tls: &NodeTls) -> Result<i64, PkiError> {
+    let not_after = flotilla_raft::tls::certificate_not_after("the node certificate", &tls.certificate_pem)
+        .map_err(|error| PkiError::Sealed(error.to_string()))?;
+    Ok(not_after - time::OffsetDateTime::now_utc().unix_timestamp())
+}
+
+/// Why the node's certificate must be renewed at start, if it must: less than
+/// [`RENEW_BEFORE`] left, or it does not name the IP the node now advertises.
+pub fn renewal_reason(tls: &NodeTls, host: &str) -> Result<Option<String>, PkiError> {
+    let left_s = seconds_left(tls)?;
+    if left_s < RENEW_BEFORE.as_secs() as i64 {
+        return Ok(Some(if left_s <= 0 {
+            format!("it expired {} s ago", -left_s)
+        } else {
+            format!("it expires in {} days", left_s / (24 * 3600))
+        }));
+    }
+    let names_host = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if !ip.is_unspecified() => {
+            let (chain, _) = tls
+                .chain_and_key()
+                .map_err(|error| PkiError::Sealed(error.to_string()))?;
+            flotilla_raft::tls::names_ip(&chain[0], ip)
+        }
+        _ => true,
+    };
+    Ok((!names_host).then(|| format!("it does not name the advertised address {host}")))
 }
 
 /// The node's TLS files, if it has them all.

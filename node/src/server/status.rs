@@ -80,6 +80,7 @@ pub fn write_status(error: WriteError) -> Status {
                 ApplyError::TooMany { .. } | ApplyError::LimitReached { .. } => Status::resource_exhausted(message),
                 ApplyError::JoinTokenUnknown | ApplyError::JoinTokenExpired { .. } => Status::unauthenticated(message),
                 ApplyError::TooManyJoinTokens { .. } => Status::resource_exhausted(message),
+                ApplyError::NodeRemoved(_) | ApplyError::ClusterCaSet => Status::failed_precondition(message),
             }
         }
         WriteError::Unavailable { .. } => Status::unavailable(error.to_string()),

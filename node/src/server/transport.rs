@@ -69,10 +69,14 @@ pub fn tls_incoming(
 pub struct PeerCertificate(pub rustls::pki_types::CertificateDer<'static>);
 
 /// Refuses an internal call whose connection presented no certificate signed by the cluster
-/// CA (the handshake already refused one signed by anything else), and keeps the certificate
-/// for the checks that need the caller's id.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RequireNodeCertificate;
+/// CA (the handshake already refused one signed by anything else) or one of a node the
+/// cluster removed, and keeps the certificate for the checks that need the caller's id. The
+/// removal is checked at every call, not at the handshake only: a connection opened before
+/// the removal is refused from the next call on.
+#[derive(Clone)]
+pub struct RequireNodeCertificate {
+    pub check: flotilla_raft::tls::CertificateCheck,
+}
 
 impl tonic::service::Interceptor for RequireNodeCertificate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
@@ -84,9 +88,29 @@ impl tonic::service::Interceptor for RequireNodeCertificate {
                     "internal calls need a node certificate signed by the cluster CA; this connection presented none",
                 )
             })?;
+        (self.check)(&certificate).map_err(Status::unauthenticated)?;
         request.extensions_mut().insert(PeerCertificate(certificate));
         Ok(request)
     }
+}
+
+/// Refuses the certificates of nodes the cluster removed (`ClusterState::removed_nodes`), as
+/// this node's replica has applied it. Costs one read of the state when no node was ever
+/// removed, a certificate parse otherwise.
+pub fn refuse_removed_nodes(replica: &flotilla_raft::Replica) -> flotilla_raft::tls::CertificateCheck {
+    let reader = replica.reader().clone();
+    Arc::new(move |certificate: &rustls::pki_types::CertificateDer<'_>| {
+        if reader.read(|state| state.removed_nodes.is_empty()) {
+            return Ok(());
+        }
+        let named = flotilla_raft::tls::certificate_node_ids(certificate);
+        match reader.read(|state| named.into_iter().find(|node| state.removed_nodes.contains(node))) {
+            Some(node) => Err(format!(
+                "node {node} was removed from the cluster; its certificate is no longer accepted"
+            )),
+            None => Ok(()),
+        }
+    })
 }
 
 /// Whether the caller's certificate names node `node_id`.

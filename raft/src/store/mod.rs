@@ -75,6 +75,9 @@ const KEY_TEAM_SETTINGS: &[u8] = b"m/team_settings";
 const KEY_TEAM_LIMITS: &[u8] = b"m/team_limits";
 const KEY_DEFAULT_TEAM_LIMITS: &[u8] = b"m/default_team_limits";
 const KEY_NEXT_AUDIT_SEQUENCE: &[u8] = b"m/next_audit_sequence";
+/// The cluster CA: its certificate and its key sealed under the key-encryption key.
+const KEY_CLUSTER_CA: &[u8] = b"m/cluster_ca";
+const KEY_REMOVED_NODES: &[u8] = b"m/removed_nodes";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.
@@ -119,6 +122,48 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     let machine = StateMachineStore::load(db.clone())?;
     let flusher = flusher::spawn_flusher(Arc::downgrade(&db))?;
     Ok((LogStore::new(db, flusher), machine))
+}
+
+/// What a node's own stored state says about the cluster CA and removed nodes, read without
+/// opening the store for writing: a node renews its certificate with it before its replica
+/// opens. `(None, empty)` when the store does not exist yet.
+pub fn read_stored_pki(
+    dir: &Path,
+) -> Result<
+    (
+        Option<flotilla_state::secrets::ClusterCaRecord>,
+        std::collections::BTreeSet<NodeId>,
+    ),
+    OpenError,
+> {
+    if !dir.join("CURRENT").exists() {
+        return Ok((None, Default::default()));
+    }
+    let families = [CF_LOG, CF_LOG_META, CF_STATE, CF_SNAPSHOT];
+    let db =
+        DB::open_cf_for_read_only(&Options::default(), dir, families, false).map_err(|error| OpenError::Database {
+            dir: dir.display().to_string(),
+            message: error.to_string(),
+        })?;
+    let cf = db.cf_handle(CF_STATE).ok_or_else(|| OpenError::Database {
+        dir: dir.display().to_string(),
+        message: "no state column family".to_string(),
+    })?;
+    let read = |key: &[u8]| {
+        db.get_cf(cf, key).map_err(|error| OpenError::Database {
+            dir: dir.display().to_string(),
+            message: error.to_string(),
+        })
+    };
+    let ca = match read(KEY_CLUSTER_CA)? {
+        Some(bytes) => decode(KEY_CLUSTER_CA, &bytes)?,
+        None => None,
+    };
+    let removed = match read(KEY_REMOVED_NODES)? {
+        Some(bytes) => decode(KEY_REMOVED_NODES, &bytes)?,
+        None => Default::default(),
+    };
+    Ok((ca, removed))
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {

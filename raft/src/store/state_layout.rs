@@ -8,9 +8,9 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::state_machine::{Machine, StateMachineStore};
 use super::{
-    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_DEFAULT_TEAM_LIMITS, KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS,
-    KEY_JOIN_TOKENS, KEY_MEMBERSHIP, KEY_NEXT_AUDIT_SEQUENCE, KEY_PLUGIN_SETTINGS, KEY_SECRETS, KEY_TEAMS,
-    KEY_TEAM_LIMITS, KEY_TEAM_SETTINGS,
+    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_CLUSTER_CA, KEY_DEFAULT_TEAM_LIMITS, KEY_HIGHEST_NODE_ID,
+    KEY_INSTALL_LAYERS, KEY_JOIN_TOKENS, KEY_MEMBERSHIP, KEY_NEXT_AUDIT_SEQUENCE, KEY_PLUGIN_SETTINGS,
+    KEY_REMOVED_NODES, KEY_SECRETS, KEY_TEAMS, KEY_TEAM_LIMITS, KEY_TEAM_SETTINGS,
 };
 use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
 use crate::{Changes, ClusterState, NodeAddr};
@@ -96,6 +96,8 @@ pub(super) fn load_state(db: &DB) -> Result<StoredState, OpenError> {
             _ if key.as_ref() == KEY_TEAM_LIMITS => state.team_limits = decode(&key, &value)?,
             _ if key.as_ref() == KEY_DEFAULT_TEAM_LIMITS => state.default_team_limits = decode(&key, &value)?,
             _ if key.as_ref() == KEY_NEXT_AUDIT_SEQUENCE => state.next_audit_sequence = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_CLUSTER_CA => state.cluster_ca = decode(&key, &value)?,
+            _ if key.as_ref() == KEY_REMOVED_NODES => state.removed_nodes = decode(&key, &value)?,
             _ => {}
         }
     }
@@ -184,6 +186,9 @@ impl StateMachineStore {
             batch.put_cf(cf, KEY_TEAM_SETTINGS, encode(&machine.state.team_settings));
             batch.put_cf(cf, KEY_TEAM_LIMITS, encode(&machine.state.team_limits));
             batch.put_cf(cf, KEY_DEFAULT_TEAM_LIMITS, encode(&machine.state.default_team_limits));
+            // The CA key is sealed: never in the clear here.
+            batch.put_cf(cf, KEY_CLUSTER_CA, encode(&machine.state.cluster_ca));
+            batch.put_cf(cf, KEY_REMOVED_NODES, encode(&machine.state.removed_nodes));
         }
         // Sealed bytes only: a value is never in the clear here (see `flotilla_state::secrets`).
         if changes.secrets {

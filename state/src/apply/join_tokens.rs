@@ -27,6 +27,26 @@ pub(super) fn apply_join_token_command(
     }
 }
 
+/// Records the cluster CA once. The node that created it may record it again (after a crash
+/// between the write and removing its key file); a different CA is refused, whatever key it
+/// is sealed with.
+pub(super) fn set_cluster_ca(
+    state: &mut ClusterState,
+    changes: &mut Changes,
+    record: &crate::secrets::ClusterCaRecord,
+) -> ApplyResult {
+    crate::secrets::validate_cluster_ca(record).map_err(ApplyError::Invalid)?;
+    if let Some(held) = &state.cluster_ca {
+        if held.ca_pem == record.ca_pem {
+            return Ok(Response::Done);
+        }
+        return Err(ApplyError::ClusterCaSet);
+    }
+    state.cluster_ca = Some(record.clone());
+    changes.meta = true;
+    Ok(Response::Done)
+}
+
 fn create(
     state: &mut ClusterState,
     changes: &mut Changes,
@@ -69,6 +89,31 @@ mod tests {
 
     fn run(state: &mut ClusterState, at_ms: u64, command: Command) -> ApplyResult {
         apply_join_token_command(state, &mut Changes::default(), at_ms, &command)
+    }
+
+    #[test]
+    fn the_cluster_ca_is_set_once() {
+        let mut state = ClusterState::default();
+        let record = |pem: &str| crate::secrets::ClusterCaRecord {
+            ca_pem: pem.to_string(),
+            sealed_key: crate::secrets::SealedSecret {
+                kek_id: "k".to_string(),
+                wrapped_key: vec![1],
+                ciphertext: vec![2],
+            },
+        };
+        let set = |state: &mut ClusterState, pem: &str| set_cluster_ca(state, &mut Changes::default(), &record(pem));
+        assert_eq!(set(&mut state, "-----\nAAAA\n"), Ok(Response::Done));
+        assert_eq!(set(&mut state, "-----\nAAAA\n"), Ok(Response::Done));
+        assert!(matches!(
+            set(&mut state, "-----\nBBBB\n"),
+            Err(ApplyError::ClusterCaSet)
+        ));
+        assert_eq!(state.cluster_ca, Some(record("-----\nAAAA\n")));
+        assert!(matches!(
+            set(&mut ClusterState::default(), ""),
+            Err(ApplyError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -123,6 +123,7 @@ fn apply_command(
         Command::RecordAudit { .. } | Command::SetTeamLimits { .. } => {
             audit::apply_audit_command(state, changes, at_ms, command)
         }
+        Command::SetClusterCa { record } => join_tokens::set_cluster_ca(state, changes, record),
     }
 }
 

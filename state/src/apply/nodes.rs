@@ -78,6 +78,9 @@ fn register_node(
     node: NodeId,
     info: &NodeInfo,
 ) -> ApplyResult {
+    if state.removed_nodes.contains(&node) {
+        return Err(ApplyError::NodeRemoved(node));
+    }
     if node > state.highest_node_id {
         state.highest_node_id = node;
         changes.meta = true;
@@ -105,6 +108,8 @@ fn remove_node(state: &mut ClusterState, changes: &mut Changes, at_ms: u64, node
         nodes.remove(&node);
     }
     state.install_layers.retain(|_, nodes| !nodes.is_empty());
+    // Its certificates are refused from now on, and its id is never registered again.
+    state.removed_nodes.insert(node);
     changes.meta = true;
     changes.nodes.insert(node);
     let requeued = requeue_agents_of(state, changes, node, at_ms, &format!("node {node} removed"));

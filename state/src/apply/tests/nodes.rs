@@ -195,3 +195,20 @@ fn a_stopping_mark_is_kept_apart_from_draining() {
         Err(ApplyError::NodeNotFound(7))
     );
 }
+
+#[test]
+fn a_removed_node_stays_removed() {
+    let mut state = with_nodes(3);
+    run(&mut state, Command::RemoveNode { node: 3 }).unwrap();
+    assert!(state.removed_nodes.contains(&3));
+    let again = run(
+        &mut state,
+        Command::RegisterNode {
+            node: 3,
+            info: NodeInfo::default(),
+        },
+    );
+    assert_eq!(again, Err(ApplyError::NodeRemoved(3)));
+    assert!(!state.nodes.contains_key(&3));
+    assert_eq!(run(&mut state, Command::ReserveNodeId), Ok(Response::NodeId(4)));
+}
