@@ -171,6 +171,7 @@ async fn a_removed_nodes_certificate_is_refused() {
             region: "local".to_string(),
             slots: 1,
             labels: Default::default(),
+            ..Default::default()
         })
         .await
         .expect_err("a removed node cannot join again");

@@ -77,6 +77,9 @@ fn prepare_blocking(
         None => highest + 1,
     };
     remove_old_nodes(&mut state);
+    // The restored cluster makes a CA of its own (see above), which its first node hands to the
+    // cluster once it leads; the old cluster's CA record would name a CA this node does not hold.
+    state.cluster_ca = None;
     Ok(PreparedRestore {
         file: file.to_path_buf(),
         header: verified.header,
