@@ -13,16 +13,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use crate::client::{agent_client, connect, BearerToken};
 use crate::etcd_cluster::EtcdCluster;
 use crate::load::{run_once, timed_write, RunResult, Writer, RECORD_BYTES};
 use crate::local_cluster::LocalCluster;
+use crate::run_limits::{check_counts, check_seconds, until_interrupted, MAX_CLIENTS_PER_RUN, MAX_CLUSTER_NODES};
 
-const MAX_RUN_SECONDS: u64 = 3_600;
-const MAX_CLIENTS_PER_RUN: usize = 4_096;
-const MAX_CLUSTER_NODES: usize = 9;
 /// HTTP/2 connections opened to each member, on both sides; clients share them round-robin.
 const CONNECTIONS_PER_MEMBER: usize = 2;
 const ETCD_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -50,45 +48,13 @@ pub struct BenchCompareArgs {
 
 pub async fn run_compare(args: BenchCompareArgs) -> anyhow::Result<()> {
     validate(&args)?;
-    // Dropping the run on Ctrl-C drops the cluster running at the time, which stops it: its
-    // processes sit in their own process groups and would not see the terminal's SIGINT.
-    tokio::select! {
-        result = run_all(&args) => result,
-        interrupted = tokio::signal::ctrl_c() => {
-            interrupted.context("listening for Ctrl-C")?;
-            bail!("interrupted")
-        }
-    }
+    until_interrupted(run_all(&args)).await
 }
 
 fn validate(args: &BenchCompareArgs) -> anyhow::Result<()> {
-    if args.seconds == 0 || args.seconds > MAX_RUN_SECONDS {
-        bail!(
-            "--seconds must be between 1 and {MAX_RUN_SECONDS}, found {}",
-            args.seconds
-        );
-    }
-    if args.clients.is_empty() {
-        bail!("--clients must list at least one client count");
-    }
-    if let Some(bad) = args
-        .clients
-        .iter()
-        .find(|&&clients| clients == 0 || clients > MAX_CLIENTS_PER_RUN)
-    {
-        bail!("--clients values must be between 1 and {MAX_CLIENTS_PER_RUN}, found {bad}");
-    }
-    if args.nodes.is_empty() {
-        bail!("--nodes must list at least one cluster size");
-    }
-    if let Some(bad) = args
-        .nodes
-        .iter()
-        .find(|&&nodes| nodes == 0 || nodes > MAX_CLUSTER_NODES)
-    {
-        bail!("--nodes values must be between 1 and {MAX_CLUSTER_NODES}, found {bad}");
-    }
-    Ok(())
+    check_seconds(args.seconds)?;
+    check_counts("--clients", "client count", &args.clients, MAX_CLIENTS_PER_RUN)?;
+    check_counts("--nodes", "cluster size", &args.nodes, MAX_CLUSTER_NODES)
 }
 
 async fn run_all(args: &BenchCompareArgs) -> anyhow::Result<()> {

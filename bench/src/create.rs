@@ -17,12 +17,10 @@ use hdrhistogram::Histogram;
 
 use crate::client::{agent_client, connect, get_cluster, AgentClient, BearerToken, ClientError};
 use crate::local_cluster::LocalCluster;
+use crate::run_limits::{check_counts, check_seconds, until_interrupted, MAX_CLIENTS_PER_RUN, MAX_CLUSTER_NODES};
 
 /// Hard cap on requests in one run, whatever the duration and client count.
 const MAX_CREATES_PER_RUN: u64 = 1_000_000;
-const MAX_RUN_SECONDS: u64 = 3_600;
-const MAX_CLIENTS_PER_RUN: usize = 4_096;
-const MAX_LOCAL_CLUSTER_NODES: usize = 9;
 /// A create slower than this counts as an error and its client moves on.
 const CREATE_TIMEOUT_MS: u64 = 10_000;
 /// HTTP/2 connections opened to each node; clients share them round-robin.
@@ -63,45 +61,14 @@ pub struct BenchCreateArgs {
 
 pub async fn run_create(args: BenchCreateArgs) -> anyhow::Result<()> {
     validate(&args)?;
-    // Dropping the run on Ctrl-C drops the loopback cluster with it, which stops its nodes:
-    // they sit in their own process groups and would not see the terminal's SIGINT.
-    tokio::select! {
-        result = run_all(&args) => result,
-        interrupted = tokio::signal::ctrl_c() => {
-            interrupted.context("listening for Ctrl-C")?;
-            bail!("interrupted")
-        }
-    }
+    until_interrupted(run_all(&args)).await
 }
 
 fn validate(args: &BenchCreateArgs) -> anyhow::Result<()> {
-    if args.seconds == 0 || args.seconds > MAX_RUN_SECONDS {
-        bail!(
-            "--seconds must be between 1 and {MAX_RUN_SECONDS}, found {}",
-            args.seconds
-        );
-    }
-    if args.clients.is_empty() {
-        bail!("--clients must list at least one client count");
-    }
-    if let Some(bad) = args
-        .clients
-        .iter()
-        .find(|&&clients| clients == 0 || clients > MAX_CLIENTS_PER_RUN)
-    {
-        bail!("--clients values must be between 1 and {MAX_CLIENTS_PER_RUN}, found {bad}");
-    }
+    check_seconds(args.seconds)?;
+    check_counts("--clients", "client count", &args.clients, MAX_CLIENTS_PER_RUN)?;
     if args.endpoints.is_empty() {
-        if args.nodes.is_empty() {
-            bail!("--nodes must list at least one cluster size");
-        }
-        if let Some(bad) = args
-            .nodes
-            .iter()
-            .find(|&&nodes| nodes == 0 || nodes > MAX_LOCAL_CLUSTER_NODES)
-        {
-            bail!("--nodes values must be between 1 and {MAX_LOCAL_CLUSTER_NODES}, found {bad}");
-        }
+        check_counts("--nodes", "cluster size", &args.nodes, MAX_CLUSTER_NODES)?;
     }
     Ok(())
 }

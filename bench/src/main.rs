@@ -27,6 +27,7 @@ mod local_cluster;
 mod machines;
 mod placement;
 mod plugins;
+mod run_limits;
 mod turns;
 
 use std::process::ExitCode;
