@@ -358,9 +358,7 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     runtime.secrets = Some(secret_store.clone());
     let plugin_host = std::sync::Arc::new(plugin_host(&config, secret_store)?);
     let registry = plugins::PluginRegistry::start(plugin_host.clone(), &replica, config.plugins.chosen_builtins());
-    let node_plugins = std::sync::Arc::new(vcs::NodePlugins {
-        registry: registry.clone(),
-    });
+    let node_plugins = std::sync::Arc::new(vcs::NodePlugins::new(registry.clone()));
     runtime.providers = Some(node_plugins.clone());
     runtime.plugin_tools = Some(node_plugins.clone());
     let runtime = std::sync::Arc::new(runtime);

@@ -34,21 +34,92 @@ pub struct Claim {
     pub plugin: Plugin,
 }
 
+/// Repository URLs whose claiming provider is remembered, per set of providers.
+const CLAIMS_REMEMBERED: usize = 4_096;
+
 pub struct NodePlugins {
     pub registry: Arc<PluginRegistry>,
+    /// Which provider claimed a repository, valid while the providers are the very same loaded
+    /// plugins: asking every provider costs a plugin instance per call, on every create.
+    claims: std::sync::Mutex<ClaimCache>,
+}
+
+/// The providers (in match order) the remembered claims were asked of, and by repository URL
+/// the index of the one that claimed it. `match-url` answers from the URL and the plugin's
+/// settings alone, and a change of plugins, versions, grants or settings loads other plugin
+/// values, which empties the cache.
+#[derive(Default)]
+struct ClaimCache {
+    providers: Vec<Plugin>,
+    claimed_by: std::collections::HashMap<String, usize>,
+}
+
+impl ClaimCache {
+    fn lookup(&mut self, providers: &[Plugin], repository: &str) -> Option<Plugin> {
+        let same = self.providers.len() == providers.len()
+            && self
+                .providers
+                .iter()
+                .zip(providers)
+                .all(|(kept, now)| kept.is_same(now));
+        if !same {
+            self.providers = providers.to_vec();
+            self.claimed_by.clear();
+            return None;
+        }
+        let index = *self.claimed_by.get(repository)?;
+        providers.get(index).cloned()
+    }
+
+    fn remember(&mut self, providers: &[Plugin], repository: &str, index: usize) {
+        let same = self.providers.len() == providers.len()
+            && self
+                .providers
+                .iter()
+                .zip(providers)
+                .all(|(kept, now)| kept.is_same(now));
+        if !same {
+            return;
+        }
+        if self.claimed_by.len() >= CLAIMS_REMEMBERED {
+            self.claimed_by.clear();
+        }
+        self.claimed_by.insert(repository.to_string(), index);
+    }
 }
 
 impl NodePlugins {
+    pub fn new(registry: Arc<PluginRegistry>) -> NodePlugins {
+        NodePlugins {
+            registry,
+            claims: std::sync::Mutex::new(ClaimCache::default()),
+        }
+    }
+
     /// The first provider, in match order, that claims `repository`; `Err` names the providers
     /// asked when none does.
     pub async fn claim(&self, repository: &str) -> Result<Claim, ClaimError> {
         self.registry.wait_ready().await?;
         let host = self.registry.host();
         let providers = self.registry.providers();
+        let remembered = self
+            .claims
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .lookup(&providers, repository);
+        if let Some(plugin) = remembered {
+            return Ok(Claim { plugin });
+        }
         let mut asked = Vec::with_capacity(providers.len());
-        for plugin in providers {
-            match host.match_url(&plugin, repository).await {
-                Ok(Some(_)) => return Ok(Claim { plugin }),
+        for (index, plugin) in providers.iter().enumerate() {
+            match host.match_url(plugin, repository).await {
+                Ok(Some(_)) => {
+                    self.claims
+                        .lock()
+                        .unwrap_or_else(|poison| poison.into_inner())
+                        .remember(&providers, repository, index);
+                    return Ok(Claim { plugin: plugin.clone() });
+                }
                 Ok(None) => asked.push(plugin.name().to_string()),
                 Err(error) => {
                     tracing::warn!(%error, "a provider failed to match a repository URL");

@@ -64,6 +64,12 @@ impl Plugin {
         &self.inner.granted_hosts
     }
 
+    /// Whether `other` is this very loaded plugin: the same component with the same grants and
+    /// settings (any `with_*` makes another one).
+    pub fn is_same(&self, other: &Plugin) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// `NAME@VERSION`, as errors name this plugin.
     pub fn label(&self) -> &PluginLabel {
         &self.inner.label
