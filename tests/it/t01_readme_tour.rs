@@ -10,8 +10,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 const SECTIONS: [&str; 4] = [
     "## A five-minute tour",
@@ -57,8 +57,8 @@ fn tour_script(readme: &str) -> String {
     script
 }
 
-#[test]
-fn t01_the_readme_tour_runs_as_written() {
+#[tokio::test]
+async fn t01_the_readme_tour_runs_as_written() {
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README.md");
     let script = tour_script(&readme);
     for section in SECTIONS {
@@ -92,7 +92,7 @@ fn t01_the_readme_tour_runs_as_written() {
         work.path().display(),
         script_path.display()
     );
-    let mut child = Command::new("unshare")
+    let mut child = tokio::process::Command::new("unshare")
         .args([
             "--net",
             "--mount",
@@ -116,17 +116,12 @@ fn t01_the_readme_tour_runs_as_written() {
         .stderr(log)
         .spawn()
         .expect("unshare (util-linux) runs");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
+    let status = match tokio::time::timeout(TOUR_DEADLINE, child.wait()).await {
+        Ok(status) => Some(status.expect("wait for the tour")),
+        Err(_) => {
+            let _ = child.kill().await;
+            None
         }
-        if started.elapsed() > TOUR_DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     };
     let mut output = String::new();
     std::fs::File::open(&log_path)

@@ -5,13 +5,13 @@
 //! machine's credentials file is rewritten with a new session while the agent runs, and a
 //! renewal that fails is an event while the agent goes on.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_proto::v1::{self, agent_event};
-use flotilla_tests::{ClusterOptions, TestCluster};
+use flotilla_tests::{wait_for, ClusterOptions, TestCluster};
 use serde_json::json;
 
 use crate::common::{create_from, status_of};
@@ -25,7 +25,7 @@ struct Moto {
 }
 
 impl Moto {
-    fn start() -> Moto {
+    async fn start() -> Moto {
         let server = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
         assert!(
             server.exists(),
@@ -39,14 +39,11 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto_server");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on {address} within 60s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let what = format!("moto_server to listen on {address}");
+        wait_for(&what, Duration::from_secs(60), || async move {
+            tokio::net::TcpStream::connect(address).await.ok().map(drop)
+        })
+        .await;
         Moto { child, address }
     }
 }
@@ -72,7 +69,7 @@ async fn run_to_end(cluster: &TestCluster, url: &str, name: &str) -> v1::Agent {
 
 #[tokio::test]
 async fn a_team_role_gives_the_machine_session_credentials_and_a_dead_sts_fails_the_agent() {
-    let mut moto = Moto::start();
+    let mut moto = Moto::start().await;
     let dir = tempfile::tempdir().unwrap();
     let url = crate::common::bare_repository(dir.path(), "origin", &[("README.md", "a service\n")]);
     let script = json!({"turns": [
@@ -199,7 +196,7 @@ fn key_id_in_file(output: &str) -> &str {
 
 #[tokio::test]
 async fn the_machine_credentials_file_is_renewed_while_the_agent_runs_and_a_failed_renewal_is_an_event() {
-    let mut moto = Moto::start();
+    let mut moto = Moto::start().await;
     let dir = tempfile::tempdir().unwrap();
     let url = crate::common::bare_repository(dir.path(), "origin", &[("README.md", "a service\n")]);
     let file = "\"$AWS_SHARED_CREDENTIALS_FILE\"";

@@ -55,14 +55,18 @@ struct ClaimCache {
 }
 
 impl ClaimCache {
-    fn lookup(&mut self, providers: &[Plugin], repository: &str) -> Option<Plugin> {
-        let same = self.providers.len() == providers.len()
+    /// Whether the remembered claims were asked of exactly these providers.
+    fn asked_of(&self, providers: &[Plugin]) -> bool {
+        self.providers.len() == providers.len()
             && self
                 .providers
                 .iter()
                 .zip(providers)
-                .all(|(kept, now)| kept.is_same(now));
-        if !same {
+                .all(|(kept, now)| kept.is_same(now))
+    }
+
+    fn lookup(&mut self, providers: &[Plugin], repository: &str) -> Option<Plugin> {
+        if !self.asked_of(providers) {
             self.providers = providers.to_vec();
             self.claimed_by.clear();
             return None;
@@ -72,13 +76,7 @@ impl ClaimCache {
     }
 
     fn remember(&mut self, providers: &[Plugin], repository: &str, index: usize) {
-        let same = self.providers.len() == providers.len()
-            && self
-                .providers
-                .iter()
-                .zip(providers)
-                .all(|(kept, now)| kept.is_same(now));
-        if !same {
+        if !self.asked_of(providers) {
             return;
         }
         if self.claimed_by.len() >= CLAIMS_REMEMBERED {
