@@ -17,7 +17,7 @@ use anyhow::Context;
 
 use crate::client::{agent_client, connect, BearerToken};
 use crate::etcd_cluster::EtcdCluster;
-use crate::load::{run_once, timed_write, RunResult, Writer, RECORD_BYTES};
+use crate::load::{run_once, timed_write, RunResult, Writer, MAX_WRITES_PER_RUN, RECORD_BYTES};
 use crate::local_cluster::LocalCluster;
 use crate::run_limits::{check_counts, check_seconds, until_interrupted, MAX_CLIENTS_PER_RUN, MAX_CLUSTER_NODES};
 
@@ -130,6 +130,7 @@ async fn measure_flotilla(
             writers.push(Writer::Flotilla {
                 endpoint,
                 client: agent_client(channel, token.clone()),
+                padded: true,
             });
         }
     }
@@ -155,7 +156,13 @@ async fn run_each(
         },
         None => "-".to_string(),
     };
-    let warm_up = run_once(writers, writers.len(), Duration::from_millis(WARM_UP_MS)).await;
+    let warm_up = run_once(
+        writers,
+        writers.len(),
+        Duration::from_millis(WARM_UP_MS),
+        MAX_WRITES_PER_RUN,
+    )
+    .await;
     eprintln!(
         "  {system} nodes={node_count} warm-up: first write {first}, then {:.0}/s, {} errors",
         warm_up.rate(),
@@ -163,7 +170,7 @@ async fn run_each(
     );
     let mut results = Vec::with_capacity(clients.len());
     for &client_count in clients {
-        let result = run_once(writers, client_count, run_duration).await;
+        let result = run_once(writers, client_count, run_duration, MAX_WRITES_PER_RUN).await;
         eprintln!(
             "  {system} nodes={node_count} clients={client_count}: {:.0}/s, {} errors",
             result.rate(),

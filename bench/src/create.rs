@@ -7,30 +7,19 @@
 //! stops them again, also on error or Ctrl-C. It prints figures and asserts nothing.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use flotilla_proto::v1::CreateAgentRequest;
-use hdrhistogram::Histogram;
 
-use crate::client::{agent_client, connect, get_cluster, AgentClient, BearerToken, ClientError};
+use crate::client::{agent_client, connect, get_cluster, BearerToken};
+use crate::load::{run_once, RunResult, Writer};
 use crate::local_cluster::LocalCluster;
 use crate::run_limits::{check_counts, check_seconds, until_interrupted, MAX_CLIENTS_PER_RUN, MAX_CLUSTER_NODES};
 
 /// Hard cap on requests in one run, whatever the duration and client count.
 const MAX_CREATES_PER_RUN: u64 = 1_000_000;
-/// A create slower than this counts as an error and its client moves on.
-const CREATE_TIMEOUT_MS: u64 = 10_000;
 /// HTTP/2 connections opened to each node; clients share them round-robin.
 const CONNECTIONS_PER_NODE: usize = 2;
-/// Latencies are recorded in microseconds up to one minute, with three significant digits.
-const MAX_RECORDED_LATENCY_US: u64 = 60_000_000;
-const LATENCY_SIGNIFICANT_DIGITS: u8 = 3;
-
-const BENCH_REPOSITORY: &str = "https://example.com/bench/repo.git";
-const BENCH_PROMPT: &str = "Benchmark agent: reply that there is nothing to do.";
 
 #[derive(clap::Args, Debug)]
 pub struct BenchCreateArgs {
@@ -85,8 +74,8 @@ async fn run_all(args: &BenchCreateArgs) -> anyhow::Result<()> {
         let targets = connect_targets(&args.endpoints, &token).await?;
         let node_count = member_count(&args.endpoints[0], &token).await?;
         for &clients in &args.clients {
-            let result = run_once(&targets, clients, run_duration).await;
-            result.print(node_count);
+            let result = run_once(&targets, clients, run_duration, MAX_CREATES_PER_RUN).await;
+            print_run(&result, node_count);
         }
         return Ok(());
     }
@@ -105,8 +94,8 @@ async fn run_all(args: &BenchCreateArgs) -> anyhow::Result<()> {
         let token = BearerToken::new(Some(cluster.admin_token()))?;
         let targets = connect_targets(&cluster.endpoints(), &token).await?;
         for &clients in &args.clients {
-            let result = run_once(&targets, clients, run_duration).await;
-            result.print(node_count);
+            let result = run_once(&targets, clients, run_duration, MAX_CREATES_PER_RUN).await;
+            print_run(&result, node_count);
         }
         drop(targets);
         drop(cluster);
@@ -129,19 +118,15 @@ pub(crate) fn sibling_flotilla_binary() -> anyhow::Result<PathBuf> {
 
 /// One client handle per connection, interleaved across nodes so that consecutive clients
 /// talk to different nodes and followers forward their share to the leader.
-struct Target {
-    endpoint: String,
-    client: AgentClient,
-}
-
-async fn connect_targets(endpoints: &[String], token: &BearerToken) -> anyhow::Result<Vec<Target>> {
+async fn connect_targets(endpoints: &[String], token: &BearerToken) -> anyhow::Result<Vec<Writer>> {
     let mut targets = Vec::with_capacity(endpoints.len() * CONNECTIONS_PER_NODE);
     for _ in 0..CONNECTIONS_PER_NODE {
         for endpoint in endpoints {
             let channel = connect(endpoint).await?;
-            targets.push(Target {
+            targets.push(Writer::Flotilla {
                 endpoint: endpoint.clone(),
                 client: agent_client(channel, token.clone()),
+                padded: false,
             });
         }
     }
@@ -155,144 +140,25 @@ async fn member_count(endpoint: &str, token: &BearerToken) -> anyhow::Result<usi
     Ok(cluster.members.len())
 }
 
-/// What one run measured.
-struct RunResult {
-    clients: usize,
-    creates: u64,
-    errors: u64,
-    elapsed: Duration,
-    latency_us: Histogram<u64>,
-    first_error: Option<String>,
-}
-
-impl RunResult {
-    fn print(&self, node_count: usize) {
-        let rate = self.creates as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON);
-        let quantile_ms = |quantile: f64| {
-            if self.latency_us.is_empty() {
-                "-".to_string()
-            } else {
-                format!("{:.2}ms", self.latency_us.value_at_quantile(quantile) as f64 / 1000.0)
-            }
-        };
-        println!(
-            "nodes={node_count} clients={} creates={} elapsed={:.1}s rate={rate:.0}/s p50={} p99={} errors={}",
-            self.clients,
-            self.creates,
-            self.elapsed.as_secs_f64(),
-            quantile_ms(0.50),
-            quantile_ms(0.99),
-            self.errors,
-        );
-        if let Some(first_error) = &self.first_error {
-            eprintln!("  first error: {first_error}");
-        }
-    }
-}
-
-struct ClientOutcome {
-    creates: u64,
-    errors: u64,
-    latency_us: Histogram<u64>,
-    first_error: Option<String>,
-}
-
-fn new_latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_RECORDED_LATENCY_US, LATENCY_SIGNIFICANT_DIGITS)
-        .expect("the latency histogram bounds are valid constants")
-}
-
-async fn run_once(targets: &[Target], clients: usize, run_duration: Duration) -> RunResult {
-    let run_tag = format!("{:08x}", rand::random::<u32>());
-    let issued = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + run_duration;
-    let mut tasks = tokio::task::JoinSet::new();
-    for client_index in 0..clients {
-        let target = &targets[client_index % targets.len()];
-        let client = target.client.clone();
-        let endpoint = target.endpoint.clone();
-        let issued = Arc::clone(&issued);
-        let name_prefix = format!("bench-{run_tag}-{client_index}");
-        tasks.spawn(drive_client(client, endpoint, name_prefix, deadline, issued));
-    }
-    let mut result = RunResult {
-        clients,
-        creates: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency_us: new_latency_histogram(),
-        first_error: None,
+/// One line per run: its throughput, latency and errors.
+fn print_run(result: &RunResult, node_count: usize) {
+    let quantile_ms = |quantile: f64| match result.latency_ms(quantile) {
+        Some(latency) => format!("{latency:.2}ms"),
+        None => "-".to_string(),
     };
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(outcome) => {
-                result.creates += outcome.creates;
-                result.errors += outcome.errors;
-                // Same bounds on both sides, so adding cannot fail.
-                let _ = result.latency_us.add(&outcome.latency_us);
-                if result.first_error.is_none() {
-                    result.first_error = outcome.first_error;
-                }
-            }
-            Err(join_error) => {
-                result.errors += 1;
-                result
-                    .first_error
-                    .get_or_insert(format!("a bench client task failed: {join_error}"));
-            }
-        }
+    println!(
+        "nodes={node_count} clients={} creates={} elapsed={:.1}s rate={:.0}/s p50={} p99={} errors={}",
+        result.clients,
+        result.writes,
+        result.elapsed.as_secs_f64(),
+        result.rate(),
+        quantile_ms(0.50),
+        quantile_ms(0.99),
+        result.errors,
+    );
+    if let Some(first_error) = &result.first_error {
+        eprintln!("  first error: {first_error}");
     }
-    result.elapsed = started.elapsed();
-    result
-}
-
-/// One client: creates agents one after the other until the deadline or the run's cap on
-/// requests, recording each acknowledged create's latency.
-async fn drive_client(
-    mut client: AgentClient,
-    endpoint: String,
-    name_prefix: String,
-    deadline: tokio::time::Instant,
-    issued: Arc<AtomicU64>,
-) -> ClientOutcome {
-    let mut outcome = ClientOutcome {
-        creates: 0,
-        errors: 0,
-        latency_us: new_latency_histogram(),
-        first_error: None,
-    };
-    let mut request_index: u64 = 0;
-    while tokio::time::Instant::now() < deadline && issued.fetch_add(1, Ordering::Relaxed) < MAX_CREATES_PER_RUN {
-        request_index += 1;
-        let request = CreateAgentRequest {
-            prompt: BENCH_PROMPT.to_string(),
-            repository: BENCH_REPOSITORY.to_string(),
-            // Named, so that a create does not read the (unreachable) origin's default branch.
-            base_branch: "main".to_string(),
-            name: format!("{name_prefix}-{request_index}"),
-            ..Default::default()
-        };
-        let request_started = Instant::now();
-        let answer = tokio::time::timeout(Duration::from_millis(CREATE_TIMEOUT_MS), client.create_agent(request)).await;
-        let latency_us = u64::try_from(request_started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let failure = match answer {
-            Ok(Ok(_response)) => None,
-            Ok(Err(status)) => Some(ClientError::from_status(&endpoint, status).to_string()),
-            Err(_elapsed) => Some(format!("no answer from {endpoint} within {CREATE_TIMEOUT_MS} ms")),
-        };
-        match failure {
-            None => {
-                outcome.creates += 1;
-                outcome.latency_us.saturating_record(latency_us);
-            }
-            Some(message) => {
-                outcome.errors += 1;
-                outcome.first_error.get_or_insert(message);
-            }
-        }
-    }
-    outcome
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! The load generator of `flotilla-bench compare`: N clients, each writing one ~1 KB record
-//! after the other until the deadline, against etcd (Put under a distinct key) or Flotilla
-//! (CreateAgent with a padded prompt). Both sides share this loop, the client runtime and the
+//! The load generator of `flotilla-bench create` and `compare`: N clients, each writing one
+//! record after the other until the deadline, against etcd (Put of ~1 KB under a distinct key)
+//! or Flotilla (CreateAgent, its prompt padded to ~1 KB for `compare`). Both sides share this loop, the client runtime and the
 //! way clients are spread over the members, so that the figures differ only by the server.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,8 +15,8 @@ use crate::client::{AgentClient, ClientError};
 
 /// The size of one write's request body, in bytes, on both sides.
 pub const RECORD_BYTES: usize = 1024;
-/// Hard cap on writes in one run, whatever the duration and client count.
-const MAX_WRITES_PER_RUN: u64 = 2_000_000;
+/// Hard cap on writes in one `compare` run, whatever the duration and client count.
+pub const MAX_WRITES_PER_RUN: u64 = 2_000_000;
 /// A write slower than this counts as an error and its client moves on.
 const WRITE_TIMEOUT_MS: u64 = 10_000;
 /// Latencies are recorded in microseconds up to one minute, with three significant digits.
@@ -36,6 +36,8 @@ pub enum Writer {
     Flotilla {
         endpoint: String,
         client: AgentClient,
+        /// Pad each create to [`RECORD_BYTES`] (`compare`); otherwise the plain request.
+        padded: bool,
     },
 }
 
@@ -50,8 +52,16 @@ impl Writer {
                     .map(drop)
                     .map_err(|error| format!("{endpoint}: {error}"))
             }
-            Writer::Flotilla { endpoint, client } => client
-                .create_agent(padded_create_request(key))
+            Writer::Flotilla {
+                endpoint,
+                client,
+                padded,
+            } => client
+                .create_agent(if *padded {
+                    padded_create_request(key)
+                } else {
+                    create_request(key)
+                })
                 .await
                 .map(drop)
                 .map_err(|status| ClientError::from_status(endpoint, status).to_string()),
@@ -78,16 +88,21 @@ pub async fn timed_write(mut writer: Writer, key: String) -> Result<Duration, St
     }
 }
 
-/// A create whose encoded body is [`RECORD_BYTES`] long: the prompt is padded with spaces.
-pub fn padded_create_request(name: String) -> CreateAgentRequest {
-    let mut request = CreateAgentRequest {
+/// The bench's create, named `name`.
+fn create_request(name: String) -> CreateAgentRequest {
+    CreateAgentRequest {
         prompt: BENCH_PROMPT.to_string(),
         repository: BENCH_REPOSITORY.to_string(),
         // Named, so that a create does not read the (unreachable) origin's default branch.
         base_branch: "main".to_string(),
         name,
         ..Default::default()
-    };
+    }
+}
+
+/// A create whose encoded body is [`RECORD_BYTES`] long: the prompt is padded with spaces.
+pub fn padded_create_request(name: String) -> CreateAgentRequest {
+    let mut request = create_request(name);
     let short_by = RECORD_BYTES.saturating_sub(request.encoded_len());
     request.prompt.push_str(&" ".repeat(short_by));
     // The prompt's length prefix may have grown by a byte or two.
@@ -123,9 +138,10 @@ fn new_latency_histogram() -> Histogram<u64> {
         .expect("the latency histogram bounds are valid constants")
 }
 
-/// Runs `clients` clients for `run_duration`; client i writes through `writers[i % len]`, and
-/// the writers interleave the members, so consecutive clients talk to different members.
-pub async fn run_once(writers: &[Writer], clients: usize, run_duration: Duration) -> RunResult {
+/// Runs `clients` clients for `run_duration`, and at most `max_writes` writes in all; client i
+/// writes through `writers[i % len]`, and the writers interleave the members, so consecutive
+/// clients talk to different members.
+pub async fn run_once(writers: &[Writer], clients: usize, run_duration: Duration, max_writes: u64) -> RunResult {
     let run_tag = format!("{:08x}", rand::random::<u32>());
     let issued = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -134,7 +150,13 @@ pub async fn run_once(writers: &[Writer], clients: usize, run_duration: Duration
     for client_index in 0..clients {
         let writer = writers[client_index % writers.len()].clone();
         let key_prefix = format!("bench-{run_tag}-{client_index}");
-        tasks.spawn(drive_client(writer, key_prefix, deadline, Arc::clone(&issued)));
+        tasks.spawn(drive_client(
+            writer,
+            key_prefix,
+            deadline,
+            Arc::clone(&issued),
+            max_writes,
+        ));
     }
     let mut result = RunResult {
         clients,
@@ -181,6 +203,7 @@ async fn drive_client(
     key_prefix: String,
     deadline: tokio::time::Instant,
     issued: Arc<AtomicU64>,
+    max_writes: u64,
 ) -> ClientOutcome {
     let mut outcome = ClientOutcome {
         writes: 0,
@@ -189,7 +212,7 @@ async fn drive_client(
         first_error: None,
     };
     let mut write_index: u64 = 0;
-    while tokio::time::Instant::now() < deadline && issued.fetch_add(1, Ordering::Relaxed) < MAX_WRITES_PER_RUN {
+    while tokio::time::Instant::now() < deadline && issued.fetch_add(1, Ordering::Relaxed) < max_writes {
         write_index += 1;
         let key = format!("{key_prefix}-{write_index}");
         let write_started = Instant::now();
