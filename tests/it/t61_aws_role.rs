@@ -55,30 +55,9 @@ impl Drop for Moto {
     }
 }
 
-async fn run_to_end(cluster: &TestCluster, url: &str, name: &str) -> v1::Agent {
-    let mut client = cluster.agent_client(1).await;
-    let agent = create_from(&mut client, request(url, name, "Print the AWS environment")).await;
-    wait_for_agent(cluster, &agent.id, "to end", |agent| {
-        matches!(
-            status_of(agent),
-            v1::AgentStatus::Finished | v1::AgentStatus::Failed | v1::AgentStatus::Stopped
-        )
-    })
-    .await
-}
-
-#[tokio::test]
-async fn a_team_role_gives_the_machine_session_credentials_and_a_dead_sts_fails_the_agent() {
-    let mut moto = Moto::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let url = crate::common::bare_repository(dir.path(), "origin", &[("README.md", "a service\n")]);
-    let script = json!({"turns": [
-        {"text": "Looking at the AWS environment.", "tool_calls": [
-            {"name": "run_command", "arguments": {"command": "env | grep ^AWS_ | sort"}}
-        ]},
-        {"text": "Done."}
-    ]});
-    let config = config_with(&scripted_model(dir.path(), "script", script), "script");
+/// One node whose own AWS credentials are fixed test values and whose STS is `moto`, and the
+/// default team's role secret set; returns the cluster and its admin token.
+async fn cluster_with_team_role(config: String, moto: &Moto) -> (TestCluster, String) {
     let mut cluster = TestCluster::start(
         1,
         ClusterOptions {
@@ -103,6 +82,34 @@ async fn a_team_role_gives_the_machine_session_credentials_and_a_dead_sts_fails_
         "arn:aws:iam::123456789012:role/flotilla-test",
     );
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    (cluster, token)
+}
+
+async fn run_to_end(cluster: &TestCluster, url: &str, name: &str) -> v1::Agent {
+    let mut client = cluster.agent_client(1).await;
+    let agent = create_from(&mut client, request(url, name, "Print the AWS environment")).await;
+    wait_for_agent(cluster, &agent.id, "to end", |agent| {
+        matches!(
+            status_of(agent),
+            v1::AgentStatus::Finished | v1::AgentStatus::Failed | v1::AgentStatus::Stopped
+        )
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_team_role_gives_the_machine_session_credentials_and_a_dead_sts_fails_the_agent() {
+    let mut moto = Moto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::common::bare_repository(dir.path(), "origin", &[("README.md", "a service\n")]);
+    let script = json!({"turns": [
+        {"text": "Looking at the AWS environment.", "tool_calls": [
+            {"name": "run_command", "arguments": {"command": "env | grep ^AWS_ | sort"}}
+        ]},
+        {"text": "Done."}
+    ]});
+    let config = config_with(&scripted_model(dir.path(), "script", script), "script");
+    let (cluster, token) = cluster_with_team_role(config, &moto).await;
     // The team's external ID, for the role's trust policy: shown, and the same every time.
     let shown = |args: &[&str]| {
         let output = flotilla_tests::run_cli(&cluster.node(1).endpoint(), &token, args);
@@ -222,30 +229,7 @@ async fn the_machine_credentials_file_is_renewed_while_the_agent_runs_and_a_fail
         "{}\n[aws]\nrenew_after_seconds = 2\n",
         config_with(&scripted_model(dir.path(), "script", script), "script")
     );
-    let mut cluster = TestCluster::start(
-        1,
-        ClusterOptions {
-            config: Some(config),
-            env: vec![
-                ("AWS_ACCESS_KEY_ID".to_string(), "node-key-id".to_string()),
-                ("AWS_SECRET_ACCESS_KEY".to_string(), "node-secret-key".to_string()),
-                ("AWS_ENDPOINT_URL_STS".to_string(), format!("http://{}", moto.address)),
-                ("AWS_EC2_METADATA_DISABLED".to_string(), "true".to_string()),
-            ],
-            ..Default::default()
-        },
-    )
-    .await;
-    cluster.wait_for_members_up(1).await;
-    let token = cluster.admin_token();
-    let output = cli_set_secret(
-        &cluster.node(1).endpoint(),
-        &cluster.ca_path(),
-        &token,
-        &["secret", "set", "FLOTILLA_AWS_ASSUME_IAM_ROLE_ARN"],
-        "arn:aws:iam::123456789012:role/flotilla-test",
-    );
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let (cluster, _token) = cluster_with_team_role(config, &moto).await;
 
     let mut client = cluster.agent_client(1).await;
     let agent = create_from(&mut client, request(&url, "aws-renewal", "Use AWS for a while")).await;
