@@ -43,8 +43,20 @@ fn cluster_config(dir: &std::path::Path) -> String {
     config_with(&models, "work")
 }
 
-/// Creates agents until told to stop, each through the next node, retrying UNAVAILABLE (and a
-/// node that does not answer) on the next one. Returns the acknowledged ids.
+/// The client's retry rule, as the CLI's (`node/src/cli/watch.rs`): UNAVAILABLE, or a
+/// connection torn down under the call (a node stopping), which the local transport reports as
+/// UNKNOWN or INTERNAL with a source error. A status the server sent itself is final.
+fn worth_retrying(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown | tonic::Code::Internal => status.source().is_some(),
+        _ => false,
+    }
+}
+
+/// Creates agents until told to stop, each through the next node, retrying UNAVAILABLE, a
+/// connection torn down under the call, and a node that does not answer on the next one. Returns the acknowledged ids.
 async fn steady_creates(endpoints: Vec<String>, token: String, url: String, stop: Arc<AtomicBool>) -> Vec<String> {
     let mut acknowledged = Vec::new();
     let mut next = 0usize;
@@ -63,7 +75,7 @@ async fn steady_creates(endpoints: Vec<String>, token: String, url: String, stop
                     acknowledged.push(reply.into_inner().agent.expect("an agent").id);
                     break;
                 }
-                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {}
+                Ok(Err(status)) if worth_retrying(&status) => {}
                 Ok(Err(status)) => panic!("a create was refused: {status}"),
                 Err(_) => {}
             }
