@@ -22,6 +22,7 @@ pub mod retry;
 pub mod store;
 pub mod tls;
 pub mod trace_context;
+mod write_queue;
 
 pub use flotilla_state::{apply, cluster_state, command, invariants, secrets, settings, types};
 pub use flotilla_state::{SealedSecret, SecretRecord, SecretScope, STATE_FORMAT_VERSION};

@@ -18,6 +18,7 @@ use crate::command::{ApplyError, Command, Request, Response};
 use crate::network::{decode, encode, NetworkFactory, Peers};
 use crate::retry::RetryPolicy;
 use crate::store::{self, StateReader};
+use crate::write_queue::{Entry, PendingWrite, WriteQueue};
 use crate::{ApplyResult, NodeAddr, NodeId, Raft, TypeConfig};
 
 /// How long a write keeps trying (leader elections, forwarding) before it gives up.
@@ -29,23 +30,9 @@ const WRITE_RETRY: RetryPolicy = RetryPolicy {
     max_delay_ms: 500,
     max_retries: None,
 };
-/// Writes waiting for the next batch; callers wait for room beyond this.
-pub const WRITE_QUEUE_CAPACITY: usize = 8_192;
-/// Most commands in one log entry.
-pub const MAX_BATCH_COMMANDS: usize = 1_024;
-/// Most (estimated) bytes in one log entry.
-pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
-/// Batches proposed and not yet answered; more writes wait and join a later, larger batch.
-pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+pub use crate::write_queue::{MAX_BATCHES_IN_FLIGHT, MAX_BATCH_BYTES, MAX_BATCH_COMMANDS, WRITE_QUEUE_CAPACITY};
 /// Log entries per replication message (each at most `MAX_BATCH_BYTES`).
 pub const MAX_ENTRIES_PER_APPEND: u64 = 32;
-
-struct PendingWrite {
-    command: Command,
-    reply: tokio::sync::oneshot::Sender<Result<Response, WriteError>>,
-    /// The caller's `raft.write` span: the batch that carries the write is traced under it.
-    span: tracing::Span,
-}
 
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
@@ -176,12 +163,12 @@ pub struct Replica {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     node_id: NodeId,
     raft: Raft,
     reader: StateReader,
     peers: Peers,
-    writes: tokio::sync::mpsc::Sender<PendingWrite>,
+    writes: WriteQueue,
     readiness: tokio::sync::watch::Sender<Readiness>,
     /// Set while a stopping leader hands over: it proposes nothing new, so that the follower it
     /// asks to campaign holds its whole log (a voter refuses a candidate with a shorter one).
@@ -267,20 +254,30 @@ impl Replica {
         )
         .await
         .map_err(|error| ReplicaError::Start(error.to_string()))?;
-        let (writes, queued) = tokio::sync::mpsc::channel(WRITE_QUEUE_CAPACITY);
         let inner = Arc::new(Inner {
             node_id: config.node_id,
             raft,
             reader,
             peers,
-            writes,
+            writes: WriteQueue::new(),
             readiness: tokio::sync::watch::channel(Readiness::Starting).0,
             holding_writes: std::sync::atomic::AtomicBool::new(false),
             writes_in_flight: std::sync::atomic::AtomicUsize::new(0),
             state_format_version: config.state_format_version,
         });
-        tokio::spawn(batch_writes(Arc::downgrade(&inner), queued));
         Ok(Replica { inner })
+    }
+
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Replica {
+        Replica { inner }
+    }
+
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn write_queue(&self) -> &WriteQueue {
+        &self.inner.writes
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -412,19 +409,19 @@ impl Replica {
     pub async fn write(&self, command: Command) -> Result<Response, WriteError> {
         let started = std::time::Instant::now();
         let span = tracing::info_span!(target: "flotilla::trace", "raft.write", command = command.name(), outcome = tracing::field::Empty);
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.inner
-            .writes
-            .send(PendingWrite {
-                command,
-                reply,
-                span: span.clone(),
-            })
-            .await
-            .map_err(|_| WriteError::Fatal("the write batcher has stopped".to_string()))?;
-        let result = answer
-            .await
-            .map_err(|_| WriteError::Fatal("the write batcher dropped a write".to_string()))?;
+        let result = match self.inner.writes.enter(self, command, &span).await {
+            Ok(Entry::Now(_slot, command)) => {
+                // A free slot: this write is its own batch, committed in this task. The slot is
+                // freed (and whatever queued meanwhile sent) when `_slot` drops.
+                let commit = tracing::info_span!(target: "flotilla::trace", parent: &span, "raft.commit", commands = 1);
+                self.write_request(Request::new(command)).instrument(commit).await
+            }
+            Ok(Entry::Queued(answer)) => answer
+                .await
+                .map_err(|_| WriteError::Fatal("a queued write was dropped unanswered".to_string()))
+                .and_then(|result| result),
+            Err(error) => Err(error),
+        };
         let outcome = match &result {
             Ok(_) => "applied",
             Err(WriteError::Refused(_)) => "refused",
@@ -435,7 +432,7 @@ impl Replica {
         result
     }
 
-    async fn commit_batch(&self, batch: Vec<PendingWrite>) {
+    pub(crate) async fn commit_batch(&self, batch: Vec<PendingWrite>) {
         // Traced under the first write's span; the others' spans are linked to it.
         let span = match batch.first() {
             Some(first) => {
@@ -484,10 +481,17 @@ impl Replica {
         let mut delays = WRITE_RETRY.delays();
         let mut last_error;
         loop {
-            let leader = match self.write_local(request.clone()).await {
-                ForwardReply::Applied { result, .. } => return result.map_err(WriteError::Refused),
-                ForwardReply::Failed(error) => return Err(WriteError::Fatal(error)),
-                ForwardReply::NotLeader { leader } => leader,
+            // A node that knows another leader forwards at once, without asking its own Raft
+            // core first (which would only answer "forward to the leader"); a stale view costs
+            // one refused forward and a retry.
+            let known_other = self.current_leader().filter(|leader| *leader != self.inner.node_id);
+            let leader = match known_other {
+                Some(leader) => Some(leader),
+                None => match self.write_local(request.clone()).await {
+                    ForwardReply::Applied { result, .. } => return result.map_err(WriteError::Refused),
+                    ForwardReply::Failed(error) => return Err(WriteError::Fatal(error)),
+                    ForwardReply::NotLeader { leader } => leader,
+                },
             };
             if let Some(leader) = leader.filter(|leader| *leader != self.inner.node_id) {
                 match self.forward(leader, &request).await {
@@ -705,38 +709,5 @@ impl Replica {
 
     pub async fn shutdown(&self) {
         let _ = self.inner.raft.shutdown().await;
-    }
-}
-
-/// Drains queued writes into batches. A new batch starts as soon as one of the
-/// `MAX_BATCHES_IN_FLIGHT` slots frees up, taking everything that queued meanwhile.
-async fn batch_writes(replica: std::sync::Weak<Inner>, mut queued: tokio::sync::mpsc::Receiver<PendingWrite>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = queued.recv().await else {
-            return;
-        };
-        let mut bytes = first.command.approximate_bytes();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
-            match queued.try_recv() {
-                Ok(next) => {
-                    bytes += next.command.approximate_bytes();
-                    batch.push(next);
-                }
-                Err(_) => break,
-            }
-        }
-        let Some(inner) = replica.upgrade() else {
-            return;
-        };
-        let replica = Replica { inner };
-        tokio::spawn(async move {
-            let _slot = slot;
-            replica.commit_batch(batch).await;
-        });
     }
 }

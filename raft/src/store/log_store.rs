@@ -151,10 +151,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db
             .write(batch)
             .map_err(|error| StorageIOError::write_logs(any(error)))?;
-        let flusher = self.flusher.clone();
-        tokio::task::block_in_place(|| flusher.send(callback))
-            .map_err(|_| StorageIOError::write_logs(AnyError::error("the log flusher thread has stopped")))?;
-        Ok(())
+        // Handing the callback over is a push onto a bounded channel: done in place while there
+        // is room (the usual case: no thread hand-off on the runtime worker), and from a blocking
+        // section only when the flusher is a full queue behind.
+        let stopped = || StorageIOError::write_logs(AnyError::error("the log flusher thread has stopped"));
+        match self.flusher.try_send(callback) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(callback)) => {
+                let flusher = self.flusher.clone();
+                tokio::task::block_in_place(|| flusher.send(callback)).map_err(|_| stopped().into())
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(stopped().into()),
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {

@@ -147,9 +147,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             self.persist_changes(&mut batch, &machine, &changes);
             machine.last_applied.map(|log_id| log_id.index).unwrap_or(0)
         };
-        let db = self.db.clone();
-        tokio::task::block_in_place(|| db.write(batch))
-            .map_err(|error| StorageIOError::write_state_machine(any(error)))?;
+        write_without_stalling(&self.db, batch).map_err(|error| StorageIOError::write_state_machine(any(error)))?;
         for event in changes.new_events {
             // No receivers is normal.
             let _ = self.events.send(event);
@@ -176,5 +174,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         self.current_snapshot()
+    }
+}
+
+/// Writes an applied group's records (unsynced: the log replays them). Done in place on the
+/// runtime worker, which is a memtable insert and a WAL append into the page cache, unless
+/// RocksDB would have to stall the write (compaction behind): then it is written again from a
+/// blocking section, so that a stall never holds the worker.
+fn write_without_stalling(db: &DB, batch: WriteBatch) -> Result<(), rocksdb::Error> {
+    let again = WriteBatch::from_data(batch.data());
+    let mut no_stall = rocksdb::WriteOptions::default();
+    no_stall.set_no_slowdown(true);
+    match db.write_opt(batch, &no_stall) {
+        Err(error) if error.kind() == rocksdb::ErrorKind::Incomplete => {
+            tokio::task::block_in_place(|| db.write(again))
+        }
+        other => other,
     }
 }
