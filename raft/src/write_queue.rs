@@ -45,7 +45,9 @@ pub(crate) struct WriteQueue {
     room: Arc<Semaphore>,
 }
 
-/// What [`WriteQueue::enter`] decided for a write.
+/// What [`WriteQueue::enter`] decided for a write. Lives for one call on the caller's stack, so
+/// the size of the command it hands back costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Entry {
     /// A slot was free: the caller commits its write itself, holding the slot until the guard
     /// drops.
