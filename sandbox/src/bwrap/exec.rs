@@ -253,7 +253,7 @@ impl BwrapDriver {
             counters_before,
         } = ended;
         let limits_reached = {
-            let (cgroup, leaf, disk) = (machine.cgroup.clone(), leaf.clone(), machine.dir.join("disk"));
+            let (cgroup, leaf, disk) = (machine.cgroup.clone(), leaf.clone(), machine.disk_view.clone());
             let disk_bytes = machine.limits.disk_bytes;
             let failed = !status.success() || timed_out;
             blocking("command cgroup check", move || {

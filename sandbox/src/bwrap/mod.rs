@@ -3,8 +3,9 @@
 //! A machine is one long-lived bubblewrap process (new mount, PID, IPC, UTS, network and cgroup
 //! namespaces inside a user namespace the node made, whose ids map onto a host id range of the
 //! machine's own, see `uid_range`; all capabilities dropped; `--die-with-parent`) whose command
-//! is an init that only waits. Its root is an overlay the driver mounts on the node beforehand — bubblewrap
-//! 0.8 has no `--overlay` — with the install layer and the base image as lower layers and the
+//! is an init that only waits. Its root is an overlay the driver mounts beforehand — bubblewrap
+//! 0.8 has no `--overlay` — in a mount namespace of the machine's own, where bubblewrap starts, so
+//! that the node's mount table does not grow with its machines; with the install layer and the base image as lower layers and the
 //! machine's upper layer on a size-limited filesystem; `/workspace` is a second overlay with the
 //! caller's checkout as its lower layer. Commands and terminals enter the running machine's
 //! namespaces with `nsenter`, drop what the entering process still holds with `setpriv`, and so
