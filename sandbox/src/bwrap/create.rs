@@ -186,6 +186,7 @@ impl BwrapDriver {
             id,
             dir,
             init_pid: 0,
+            init_pidfd: None,
             uid: account.uid,
             gid: account.gid,
             base_env,
@@ -497,6 +498,15 @@ impl BwrapDriver {
                 machine: machine.id.clone(),
                 detail: "bubblewrap has no child process".to_string(),
             })?;
+        // The pidfd names the init and no later process with its number: commands enter
+        // through it (a PID found a moment ago is the init's while bubblewrap, its parent, runs).
+        machine.init_pidfd =
+            Some(
+                super::enter::pidfd_open(machine.init_pid).map_err(|error| SandboxError::MachineStart {
+                    machine: machine.id.clone(),
+                    detail: format!("could not open a pidfd on its init: {error}"),
+                })?,
+            );
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
-//! Running commands inside a bubblewrap machine: each enters the machine's namespaces with
-//! `nsenter` and `setpriv`, in a leaf cgroup of its own, with a wall-clock limit and capped
+//! Running commands inside a bubblewrap machine: each enters the machine's namespaces and drops
+//! its privileges between fork and exec (see `enter`), in a leaf cgroup of its own, with a wall-clock limit and capped
 //! output.
 
 use std::ffi::CString;
@@ -16,6 +16,7 @@ use crate::error::{Result, SandboxError};
 use crate::output_capture::{pump, take_capture, OutputCapture, MAX_OUTPUT_BYTES_CEILING};
 use crate::seccomp;
 
+use super::enter::{spawn_in_pid_namespace, Entry};
 use super::machine::BwrapMachine;
 use super::{blocking, BwrapDriver, WORKSPACE_DIR};
 
@@ -132,8 +133,8 @@ impl BwrapDriver {
         self.run(machine, invocation).await
     }
 
-    // Unsafe: pre_exec, to start a session, join the command's leaf cgroup and install the
-    // system-call filter before it execs.
+    // Unsafe: pre_exec, to start a session, join the command's leaf cgroup, enter the machine
+    // and install the system-call filter before it execs.
     #[allow(unsafe_code)]
     async fn run(&self, machine: &BwrapMachine, invocation: Invocation) -> Result<ExecOutput> {
         machine.ensure_running()?;
@@ -150,7 +151,7 @@ impl BwrapDriver {
             Ok((Arc::new(leaf), counters))
         })
         .await?;
-        let argv = machine.enter_argv(&invocation.cwd, &invocation.argv);
+        let (argv, in_init_directory) = machine.command_argv(&invocation.cwd, &invocation.argv);
         let mut command = tokio::process::Command::new(&argv[0]);
         command.args(&argv[1..]);
         command.env_clear();
@@ -164,20 +165,30 @@ impl BwrapDriver {
             .kill_on_drop(true);
         let procs_files: Vec<CString> = leaf.procs_files();
         let filter = seccomp::machine_filter()?;
-        // SAFETY: setsid, the leaf join and the filter's installation only make
-        // async-signal-safe calls.
-        unsafe {
-            command.pre_exec(move || {
-                // A session of its own: no controlling terminal of the node's to reach.
-                libc::setsid();
-                Leaf::join_current_process(&procs_files)?;
-                // Last, so that nsenter, setpriv and the command all run filtered.
-                filter.install_in_this_process()
-            });
-        }
-        let mut child = command
-            .spawn()
-            .map_err(|error| SandboxError::io("start", &machine.nsenter_program, error))?;
+        let (init_pid, uid, gid) = (machine.init_pid, machine.uid, machine.gid);
+        let init = machine
+            .init_pidfd()
+            .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
+        let mut child = spawn_in_pid_namespace(init, command, move |init, command| {
+            let entry = Entry::open(init, init_pid, uid, gid, in_init_directory)?;
+            // SAFETY: setsid, the leaf join, the entry's steps and the filter's installation
+            // only make async-signal-safe calls.
+            unsafe {
+                command.pre_exec(move || {
+                    // A session of its own: no controlling terminal of the node's to reach.
+                    libc::setsid();
+                    // While still host root in the node's mount namespace: the leaf's files
+                    // are out of reach from inside the machine.
+                    Leaf::join_current_process(&procs_files)?;
+                    entry.enter()?;
+                    // Last, once the process holds nothing: no step above runs filtered.
+                    filter.install_in_this_process()
+                });
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|error| SandboxError::io("start a command in", &machine.dir, error))?;
         let limit = invocation.max_output_bytes.min(MAX_OUTPUT_BYTES_CEILING) as usize;
         let stdout_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
         let stderr_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
@@ -193,7 +204,7 @@ impl BwrapDriver {
         let timeout = Duration::from_millis(invocation.timeout_ms);
         let timed_out = match tokio::time::timeout(timeout, child.wait()).await {
             Ok(status) => {
-                let status = status.map_err(|error| SandboxError::io("wait for", &machine.nsenter_program, error))?;
+                let status = status.map_err(|error| SandboxError::io("wait for a command in", &machine.dir, error))?;
                 return self
                     .finish(
                         machine,
@@ -218,7 +229,7 @@ impl BwrapDriver {
         let status = child
             .wait()
             .await
-            .map_err(|error| SandboxError::io("wait for", &machine.nsenter_program, error))?;
+            .map_err(|error| SandboxError::io("wait for a command in", &machine.dir, error))?;
         self.finish(
             machine,
             Ended {

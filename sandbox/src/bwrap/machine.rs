@@ -23,6 +23,8 @@ pub struct BwrapMachine {
     pub(super) id: String,
     pub(super) dir: PathBuf,
     pub(super) init_pid: i32,
+    /// A pidfd on the init, through which commands enter the machine (see `enter`).
+    pub(super) init_pidfd: Option<std::os::fd::OwnedFd>,
     pub(super) uid: u32,
     pub(super) gid: u32,
     /// The environment every command starts from (user, home, path, the spec's variables).
@@ -243,7 +245,27 @@ impl BwrapMachine {
         Ok(())
     }
 
-    /// The argv that enters the machine as its user, with no capabilities, in `cwd`.
+    /// What a command entering the machine execs, and whether it starts in the init's
+    /// directory: the init runs in /workspace, the usual directory, and entering there saves
+    /// the shell that would change to any other.
+    pub(super) fn command_argv(&self, cwd: &str, argv: &[String]) -> (Vec<String>, bool) {
+        if cwd == WORKSPACE_DIR {
+            return (argv.to_vec(), true);
+        }
+        let mut full: Vec<String> = ["/bin/sh", "-c", CHDIR_SCRIPT, "flotilla"].map(String::from).to_vec();
+        full.push(cwd.to_string());
+        full.extend(argv.iter().cloned());
+        (full, false)
+    }
+
+    pub(super) fn init_pidfd(&self) -> std::io::Result<&std::os::fd::OwnedFd> {
+        self.init_pidfd
+            .as_ref()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the machine's init has no pidfd"))
+    }
+
+    /// The argv that enters the machine as its user, with no capabilities, in `cwd`, through
+    /// `nsenter` and `setpriv` (for a command the caller spawns itself, on any thread).
     pub(super) fn enter_argv(&self, cwd: &str, argv: &[String]) -> Vec<String> {
         let mut full = vec![
             self.nsenter_program.display().to_string(),
