@@ -8,9 +8,9 @@
 //! two helper programs and nsenter's extra fork:
 //!
 //! 1. The child is born in the machine's PID namespace: the thread that forks it joins that
-//!    namespace for its children first (a process cannot join a PID namespace itself, only its
-//!    children can, which is why nsenter forked once more). The thread is a fresh one, which
-//!    ends after the spawn, so no other fork of the node lands in the machine.
+//!    namespace for its children just before the fork and the node's own right after (a process
+//!    cannot join a PID namespace itself, only its children can, which is why nsenter forked
+//!    once more).
 //! 2. `setns` by the init's pidfd into its user, mount, IPC, UTS, network, cgroup and PID
 //!    namespaces at once: the kernel enters the user namespace first, which gives the child
 //!    every capability in it (and none outside), the ones the other namespaces take.
@@ -31,6 +31,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::OnceLock;
 
 /// The namespaces a command joins: all of the init's but its time namespace (nsenter was not
 /// asked for it, and bubblewrap makes none).
@@ -224,34 +225,38 @@ fn check_long(result: libc::c_long) -> io::Result<()> {
     Ok(())
 }
 
-/// Spawns `command` from a fresh thread that first joins the PID namespace of the process
-/// behind `init` for its children (step 1 of the module's list), so that the child is born
-/// there; the thread ends after the spawn. `prepare` runs on that thread before the spawn (the
-/// `/proc` opens of [`Entry::open`] and the `pre_exec` set-up), off the runtime's workers.
+/// The PID namespace the node runs in, to come back to after a spawn.
+static NODE_PID_NAMESPACE: OnceLock<OwnedFd> = OnceLock::new();
+
+fn node_pid_namespace() -> io::Result<&'static OwnedFd> {
+    if let Some(namespace) = NODE_PID_NAMESPACE.get() {
+        return Ok(namespace);
+    }
+    let namespace: OwnedFd = std::fs::File::open("/proc/thread-self/ns/pid")?.into();
+    Ok(NODE_PID_NAMESPACE.get_or_init(|| namespace))
+}
+
+/// Spawns `command` with the PID namespace of the process behind `init` as the one its child
+/// is born in (step 1 of the module's list): the calling thread joins that namespace for its
+/// children, forks, and comes back to the node's at once. Nothing else runs on the thread in
+/// between; should the way back fail, the node aborts rather than fork anything more into a
+/// machine. On the calling thread, without a hop to another, because every wake-up of another
+/// thread costs a scheduler round on a loaded node.
 // Unsafe: setns has no safe wrapper in std.
 #[allow(unsafe_code)]
-pub(super) async fn spawn_in_pid_namespace(
+pub(super) fn spawn_in_pid_namespace(
     init: &OwnedFd,
-    mut command: tokio::process::Command,
-    prepare: impl FnOnce(&OwnedFd, &mut tokio::process::Command) -> io::Result<()> + Send + 'static,
+    command: &mut tokio::process::Command,
 ) -> io::Result<tokio::process::Child> {
-    let init = init.try_clone()?;
-    let runtime = tokio::runtime::Handle::current();
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("machine-enter".to_string())
-        .spawn(move || {
-            let spawned = (|| {
-                prepare(&init, &mut command)?;
-                // SAFETY: changes only the PID namespace this thread's future children are
-                // born in; the thread forks nothing else and ends below.
-                check(unsafe { libc::setns(init.as_raw_fd(), libc::CLONE_NEWPID) })?;
-                let _runtime = runtime.enter();
-                command.spawn()
-            })();
-            let _ = sender.send(spawned);
-        })?;
-    receiver
-        .await
-        .map_err(|_| io::Error::other("the thread that enters the machine ended without an answer"))?
+    let node = node_pid_namespace()?;
+    // SAFETY: changes only the PID namespace this thread's next children are born in.
+    check(unsafe { libc::setns(init.as_raw_fd(), libc::CLONE_NEWPID) })?;
+    let spawned = command.spawn();
+    // SAFETY: as above, back to the namespace the thread's children were born in before.
+    if unsafe { libc::setns(node.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        let error = io::Error::last_os_error();
+        tracing::error!(%error, "a thread could not leave a machine's PID namespace; aborting");
+        std::process::abort();
+    }
+    spawned
 }

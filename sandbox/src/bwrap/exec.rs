@@ -108,6 +108,51 @@ fn check_limits(
     }
 }
 
+/// Starts `invocation` inside `machine`, in `leaf` (see `enter` for how it enters).
+// Unsafe: pre_exec, to start a session, join the command's leaf cgroup, enter the machine and
+// install the system-call filter before it execs.
+#[allow(unsafe_code)]
+fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -> Result<tokio::process::Child> {
+    let (argv, in_init_directory) = machine.command_argv(&invocation.cwd, &invocation.argv);
+    let mut command = tokio::process::Command::new(&argv[0]);
+    command.args(&argv[1..]);
+    command.env_clear();
+    for (key, value) in machine.base_env.iter().chain(invocation.env.iter()) {
+        command.env(key, value);
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let procs_files: Vec<CString> = leaf.procs_files();
+    let filter = seccomp::machine_filter()?;
+    let (init_pid, uid, gid) = (machine.init_pid, machine.uid, machine.gid);
+    let init = machine
+        .init_pidfd()
+        .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
+    // Opening the init's root and directory reads procfs entries of a live process: no
+    // disk, like the spawn itself.
+    let entry = Entry::open(init, init_pid, uid, gid, in_init_directory)
+        .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
+    // SAFETY: setsid, the leaf join, the entry's steps and the filter's installation only
+    // make async-signal-safe calls.
+    unsafe {
+        command.pre_exec(move || {
+            // A session of its own: no controlling terminal of the node's to reach.
+            libc::setsid();
+            // While still host root in the node's mount namespace: the leaf's files are out
+            // of reach from inside the machine.
+            Leaf::join_current_process(&procs_files)?;
+            entry.enter()?;
+            // Last, once the process holds nothing: no step above runs filtered.
+            filter.install_in_this_process()
+        });
+    }
+    spawn_in_pid_namespace(init, &mut command)
+        .map_err(|error| SandboxError::io("start a command in", &machine.dir, error))
+}
+
 /// How a process is started inside a machine.
 pub(super) struct Invocation {
     pub(super) argv: Vec<String>,
@@ -133,9 +178,6 @@ impl BwrapDriver {
         self.run(machine, invocation).await
     }
 
-    // Unsafe: pre_exec, to start a session, join the command's leaf cgroup, enter the machine
-    // and install the system-call filter before it execs.
-    #[allow(unsafe_code)]
     async fn run(&self, machine: &BwrapMachine, invocation: Invocation) -> Result<ExecOutput> {
         machine.ensure_running()?;
         let started = Instant::now();
@@ -151,44 +193,7 @@ impl BwrapDriver {
             Ok((Arc::new(leaf), counters))
         })
         .await?;
-        let (argv, in_init_directory) = machine.command_argv(&invocation.cwd, &invocation.argv);
-        let mut command = tokio::process::Command::new(&argv[0]);
-        command.args(&argv[1..]);
-        command.env_clear();
-        for (key, value) in machine.base_env.iter().chain(invocation.env.iter()) {
-            command.env(key, value);
-        }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let procs_files: Vec<CString> = leaf.procs_files();
-        let filter = seccomp::machine_filter()?;
-        let (init_pid, uid, gid) = (machine.init_pid, machine.uid, machine.gid);
-        let init = machine
-            .init_pidfd()
-            .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
-        let mut child = spawn_in_pid_namespace(init, command, move |init, command| {
-            let entry = Entry::open(init, init_pid, uid, gid, in_init_directory)?;
-            // SAFETY: setsid, the leaf join, the entry's steps and the filter's installation
-            // only make async-signal-safe calls.
-            unsafe {
-                command.pre_exec(move || {
-                    // A session of its own: no controlling terminal of the node's to reach.
-                    libc::setsid();
-                    // While still host root in the node's mount namespace: the leaf's files
-                    // are out of reach from inside the machine.
-                    Leaf::join_current_process(&procs_files)?;
-                    entry.enter()?;
-                    // Last, once the process holds nothing: no step above runs filtered.
-                    filter.install_in_this_process()
-                });
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|error| SandboxError::io("start a command in", &machine.dir, error))?;
+        let mut child = spawn_entered(machine, &invocation, &leaf)?;
         let limit = invocation.max_output_bytes.min(MAX_OUTPUT_BYTES_CEILING) as usize;
         let stdout_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
         let stderr_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
