@@ -1,7 +1,11 @@
 //! `flotilla-bench machines`: time from `create` to the first command's output, warm (the
-//! install layer exists) and cold (the install runs first), then how many idle machines one
-//! node holds before memory or processes run short. Needs root. Prints figures; asserts nothing
-//! about time.
+//! install layer exists) and cold (the install runs first), beside a whole `crun run` (or
+//! `runc run`, where crun refuses the host) of `/bin/true` in the same run; then the same warm
+//! start with many idle machines on the node (how many it holds before memory or processes run
+//! short, and whether a start stays as fast). Needs root. Prints figures; asserts nothing about
+//! time.
+
+mod peer;
 
 use std::fmt;
 use std::path::Path;
@@ -10,9 +14,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use flotilla_sandbox::{
-    BaseImage, BwrapConfig, BwrapDriver, DiskBacking, EnvironmentConfig, ExecOutput, ExecRequest, InstallLayerCache,
-    InstallRequest, MachineDriver, MachineSpec,
+    BaseImage, BaseLayer, BwrapConfig, BwrapDriver, DiskBacking, EnvironmentConfig, ExecOutput, ExecRequest,
+    InstallLayerCache, InstallRequest, Layer, MachineDriver, MachineHandle, MachineSpec,
 };
+
+use peer::Peer;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Percentiles {
@@ -56,10 +62,10 @@ impl fmt::Display for Percentiles {
     }
 }
 
+/// Warm starts timed in one phase, each beside one run of the peer (interleaved, so that both
+/// meet the same load from the rest of the machine).
 #[derive(Debug, Clone, PartialEq)]
-pub struct StartFigures {
-    pub cgroup_version: &'static str,
-    pub disk: DiskBacking,
+pub struct WarmPhase {
     /// create → first command's output, from an existing install layer.
     pub warm_start: Option<Percentiles>,
     /// The two parts of a warm start: `create` returning (layers mounted, init ready) ...
@@ -68,113 +74,187 @@ pub struct StartFigures {
     pub first_command: Option<Percentiles>,
     /// destroy after a warm start.
     pub teardown: Option<Percentiles>,
-    /// install (install layer build) → create → first command's output.
-    pub cold_start: Option<Percentiles>,
+    /// A whole `run` of `/bin/true` by the peer runtime.
+    pub peer_run: Option<Percentiles>,
 }
 
-impl fmt::Display for StartFigures {
-    fn fmt(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-        writeln!(
-            formatter,
-            "bwrap machines (host base image, cgroup {}, disk {:?})",
-            self.cgroup_version, self.disk
-        )?;
+impl WarmPhase {
+    fn print(&self, title: &str, peer_name: &str) {
+        println!("{title}");
         let line = |label: &str, figures: &Option<Percentiles>| match figures {
-            Some(figures) => format!("{label:<12} {figures}"),
-            None => format!("{label:<12} not measured"),
+            Some(figures) => println!("  {label:<18} {figures}"),
+            None => println!("  {label:<18} not measured"),
         };
-        writeln!(formatter, "{}", line("warm start", &self.warm_start))?;
-        writeln!(formatter, "{}", line("  create", &self.create))?;
-        writeln!(formatter, "{}", line("  first cmd", &self.first_command))?;
-        writeln!(formatter, "{}", line("teardown", &self.teardown))?;
-        writeln!(formatter, "{}", line("cold start", &self.cold_start))
+        line("warm start (ours)", &self.warm_start);
+        line("  create", &self.create);
+        line("  first command", &self.first_command);
+        line("  teardown", &self.teardown);
+        line(&format!("{peer_name} run (peer)"), &self.peer_run);
+        if let (Some(ours), Some(peer)) = (&self.warm_start, &self.peer_run) {
+            println!(
+                "  {:<18} p50 {:.2}x  p99 {:.2}x",
+                "ratio ours/peer",
+                ours.p50_ms / peer.p50_ms,
+                ours.p99_ms / peer.p99_ms
+            );
+        }
     }
 }
 
-/// Starts `warm_starts` machines from one install layer and `cold_starts` machines whose
-/// install runs first, one at a time, under `root` (a scratch directory; needs root).
-pub async fn bench_machine_starts(
-    root: &Path,
-    disk: DiskBacking,
-    warm_starts: usize,
-    cold_starts: usize,
-) -> anyhow::Result<StartFigures> {
-    let mut config = BwrapConfig::new(root.join("driver"));
-    config.disk = disk;
-    let driver = Arc::new(BwrapDriver::new(config)?);
-    let base = driver.prepare_base(BaseImage::Host).await?;
-    let workspace = root.join("workspace");
-    std::fs::create_dir_all(&workspace).with_context(|| format!("creating {}", workspace.display()))?;
-    std::fs::write(workspace.join("README"), "bench\n")
-        .with_context(|| format!("writing a README in {}", workspace.display()))?;
-    let cache = InstallLayerCache::new(driver.clone(), driver.install_layers_dir())?;
-    let install_config = |marker: &str| EnvironmentConfig {
+/// What every start of the bench shares: one driver, its base image, a workspace and the
+/// install layer warm starts reuse.
+struct Bench {
+    driver: Arc<BwrapDriver>,
+    base: BaseLayer,
+    workspace: std::path::PathBuf,
+    cache: InstallLayerCache,
+    install_layer: Option<Layer>,
+}
+
+fn install_config(marker: &str) -> EnvironmentConfig {
+    EnvironmentConfig {
         install: Some(format!(
             "mkdir -p /opt/bench && echo {marker} > /opt/bench/marker && mkdir -p deps && echo x > deps/x"
         )),
         ..EnvironmentConfig::default()
-    };
+    }
+}
 
-    let mut cold_ms = Vec::with_capacity(cold_starts);
-    for _ in 0..cold_starts {
-        let started = Instant::now();
+impl Bench {
+    async fn new(root: &Path, disk: DiskBacking) -> anyhow::Result<Bench> {
+        let mut config = BwrapConfig::new(root.join("driver"));
+        config.disk = disk;
+        let driver = Arc::new(BwrapDriver::new(config)?);
+        let base = driver.prepare_base(BaseImage::Host).await?;
+        let workspace = root.join("workspace");
+        std::fs::create_dir_all(&workspace).with_context(|| format!("creating {}", workspace.display()))?;
+        std::fs::write(workspace.join("README"), "bench\n")
+            .with_context(|| format!("writing a README in {}", workspace.display()))?;
+        let cache = InstallLayerCache::new(driver.clone(), driver.install_layers_dir())?;
         let request = InstallRequest::new(
-            format!("bench-cold-{}", ulid::Ulid::new()),
+            "bench-warm",
             "bench-tree",
-            install_config("cold"),
+            install_config("warm"),
             base.clone(),
             &workspace,
         );
-        let install_layer = cache.get_or_build(&request).await?;
-        let mut spec = MachineSpec::new("bench-cold", base.clone(), &workspace);
-        spec.install_layer = install_layer.layer.clone();
-        let machine = driver.create(spec).await?;
-        let output = driver.exec(&machine, ExecRequest::new("cat /opt/bench/marker")).await?;
-        cold_ms.push(started.elapsed().as_secs_f64() * 1000.0);
-        driver.destroy(&machine).await?;
-        if let Some(layer) = install_layer.layer {
-            let _ = std::fs::remove_dir_all(layer.path);
+        let install_layer = cache.get_or_build(&request).await?.layer;
+        Ok(Bench {
+            driver,
+            base,
+            workspace,
+            cache,
+            install_layer,
+        })
+    }
+
+    /// `warm_starts` warm starts, each followed by one run of `peer`.
+    async fn warm_phase(&self, warm_starts: usize, peer: &Peer) -> anyhow::Result<WarmPhase> {
+        let mut warm_ms = Vec::with_capacity(warm_starts);
+        let mut create_ms = Vec::with_capacity(warm_starts);
+        let mut first_command_ms = Vec::with_capacity(warm_starts);
+        let mut teardown_ms = Vec::with_capacity(warm_starts);
+        let mut peer_ms = Vec::with_capacity(warm_starts);
+        for _ in 0..warm_starts {
+            let mut spec = MachineSpec::new("bench-warm", self.base.clone(), &self.workspace);
+            spec.install_layer = self.install_layer.clone();
+            let started = Instant::now();
+            let machine = self.driver.create(spec).await?;
+            let created = Instant::now();
+            let output = self
+                .driver
+                .exec(&machine, ExecRequest::new("cat /opt/bench/marker"))
+                .await?;
+            let first_output = Instant::now();
+            create_ms.push((created - started).as_secs_f64() * 1000.0);
+            first_command_ms.push((first_output - created).as_secs_f64() * 1000.0);
+            self.driver.destroy(&machine).await?;
+            warm_ms.push((first_output - started).as_secs_f64() * 1000.0);
+            teardown_ms.push(first_output.elapsed().as_secs_f64() * 1000.0);
+            check_output(&output, "warm")?;
+            peer_ms.push(peer.run_once().await?);
         }
-        check_output(&output, "cold")?;
+        Ok(WarmPhase {
+            warm_start: Percentiles::of(&warm_ms),
+            create: Percentiles::of(&create_ms),
+            first_command: Percentiles::of(&first_command_ms),
+            teardown: Percentiles::of(&teardown_ms),
+            peer_run: Percentiles::of(&peer_ms),
+        })
     }
 
-    let request = InstallRequest::new(
-        "bench-warm",
-        "bench-tree",
-        install_config("warm"),
-        base.clone(),
-        &workspace,
-    );
-    let install_layer = cache.get_or_build(&request).await?;
-    let mut warm_ms = Vec::with_capacity(warm_starts);
-    let mut create_ms = Vec::with_capacity(warm_starts);
-    let mut first_command_ms = Vec::with_capacity(warm_starts);
-    let mut teardown_ms = Vec::with_capacity(warm_starts);
-    for _ in 0..warm_starts {
-        let mut spec = MachineSpec::new("bench-warm", base.clone(), &workspace);
-        spec.install_layer = install_layer.layer.clone();
+    /// install (install layer build) → create → first command's output, `cold_starts` times.
+    async fn cold_starts(&self, cold_starts: usize) -> anyhow::Result<Option<Percentiles>> {
+        let mut cold_ms = Vec::with_capacity(cold_starts);
+        for _ in 0..cold_starts {
+            let started = Instant::now();
+            let request = InstallRequest::new(
+                format!("bench-cold-{}", ulid::Ulid::new()),
+                "bench-tree",
+                install_config("cold"),
+                self.base.clone(),
+                &self.workspace,
+            );
+            let install_layer = self.cache.get_or_build(&request).await?;
+            let mut spec = MachineSpec::new("bench-cold", self.base.clone(), &self.workspace);
+            spec.install_layer = install_layer.layer.clone();
+            let machine = self.driver.create(spec).await?;
+            let output = self
+                .driver
+                .exec(&machine, ExecRequest::new("cat /opt/bench/marker"))
+                .await?;
+            cold_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            self.driver.destroy(&machine).await?;
+            if let Some(layer) = install_layer.layer {
+                let _ = std::fs::remove_dir_all(layer.path);
+            }
+            check_output(&output, "cold")?;
+        }
+        Ok(Percentiles::of(&cold_ms))
+    }
+
+    /// Starts idle machines (init plus one background process each) until `max_idle`, memory or
+    /// processes run short, and prints how many and what each cost in memory.
+    async fn start_idle(&self, max_idle: usize) -> Vec<MachineHandle> {
+        let memory_before = available_memory_bytes().unwrap_or(0);
+        let floor = memory_before / 10;
+        let mut machines = Vec::new();
+        let mut stopped_by = format!("the --max-idle cap of {max_idle}");
         let started = Instant::now();
-        let machine = driver.create(spec).await?;
-        let created = Instant::now();
-        let output = driver.exec(&machine, ExecRequest::new("cat /opt/bench/marker")).await?;
-        let first_output = Instant::now();
-        create_ms.push((created - started).as_secs_f64() * 1000.0);
-        first_command_ms.push((first_output - created).as_secs_f64() * 1000.0);
-        driver.destroy(&machine).await?;
-        warm_ms.push((first_output - started).as_secs_f64() * 1000.0);
-        teardown_ms.push(first_output.elapsed().as_secs_f64() * 1000.0);
-        check_output(&output, "warm")?;
+        while machines.len() < max_idle {
+            if available_memory_bytes().is_some_and(|available| available < floor) {
+                stopped_by = "available memory falling under 10%".to_string();
+                break;
+            }
+            let spec = MachineSpec::new(format!("idle-{}", machines.len()), self.base.clone(), &self.workspace);
+            match self.driver.create(spec).await {
+                Ok(machine) => {
+                    let shell = self
+                        .driver
+                        .exec(&machine, ExecRequest::new("nohup sleep 1000000 >/dev/null 2>&1 &"))
+                        .await;
+                    machines.push(machine);
+                    if let Err(error) = shell {
+                        stopped_by = format!("a command failing: {error}");
+                        break;
+                    }
+                }
+                Err(error) => {
+                    stopped_by = format!("machine creation failing: {error}");
+                    break;
+                }
+            }
+        }
+        let memory_after = available_memory_bytes().unwrap_or(0);
+        let count = machines.len().max(1) as u64;
+        println!(
+            "idle machines held: {} in {:.1}s (stopped by {stopped_by}); memory per idle machine ≈ {} KiB",
+            machines.len(),
+            started.elapsed().as_secs_f64(),
+            memory_before.saturating_sub(memory_after) / count / 1024
+        );
+        machines
     }
-
-    Ok(StartFigures {
-        cgroup_version: driver.cgroup_version(),
-        disk,
-        warm_start: Percentiles::of(&warm_ms),
-        create: Percentiles::of(&create_ms),
-        first_command: Percentiles::of(&first_command_ms),
-        teardown: Percentiles::of(&teardown_ms),
-        cold_start: Percentiles::of(&cold_ms),
-    })
 }
 
 fn check_output(output: &ExecOutput, expected: &str) -> anyhow::Result<()> {
@@ -190,13 +270,15 @@ fn check_output(output: &ExecOutput, expected: &str) -> anyhow::Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct BenchMachinesArgs {
-    /// Warm starts measured (machine from an existing install layer to its first command's output).
+    /// Warm starts measured per phase (machine from an existing install layer to its first
+    /// command's output), each beside one whole run of the peer runtime.
     #[arg(long, default_value_t = 100)]
     pub warm: usize,
     /// Cold starts measured (install runs first).
     #[arg(long, default_value_t = 10)]
     pub cold: usize,
-    /// Most idle machines started when measuring how many one node holds.
+    /// Idle machines started before the warm starts are timed again (fewer when memory or
+    /// processes run short first); 0 skips that phase.
     #[arg(long, default_value_t = 300)]
     pub max_idle: usize,
     /// Disk of each machine's own layer: tmpfs or ext4.
@@ -222,59 +304,36 @@ pub async fn run_machines(args: BenchMachinesArgs) -> anyhow::Result<()> {
         .prefix("flotilla-bench-machines-")
         .tempdir()
         .context("cannot make a temporary directory")?;
-    let figures = bench_machine_starts(dir.path(), disk, args.warm, args.cold).await?;
-    println!("{figures}");
-    measure_idle_capacity(dir.path(), disk, args.max_idle).await
-}
-
-/// Starts idle machines (init plus one shell each) under `root` until `max_idle`, memory or
-/// processes run short, and prints how many and what each cost in memory.
-async fn measure_idle_capacity(root: &Path, disk: DiskBacking, max_idle: usize) -> anyhow::Result<()> {
-    let mut config = BwrapConfig::new(root.join("capacity"));
-    config.disk = disk;
-    let driver = Arc::new(BwrapDriver::new(config)?);
-    let base = driver.prepare_base(BaseImage::Host).await?;
-    let workspace = root.join("capacity-workspace");
-    std::fs::create_dir_all(&workspace)?;
-    let memory_before = available_memory_bytes().unwrap_or(0);
-    let floor = memory_before / 10;
-    let mut machines = Vec::new();
-    let mut stopped_by = format!("the --max-idle cap of {max_idle}");
-    let started = Instant::now();
-    while machines.len() < max_idle {
-        if available_memory_bytes().is_some_and(|available| available < floor) {
-            stopped_by = "available memory falling under 10%".to_string();
-            break;
+    let peer = Peer::prepare(dir.path()).await?;
+    println!("peer: {} ({}); {}", peer.name, peer.version, peer.why);
+    let bench = Bench::new(dir.path(), disk).await?;
+    println!(
+        "bwrap machines (host base image, cgroup {}, disk {disk:?}); peer: whole `{} run` of /bin/true",
+        bench.driver.cgroup_version(),
+        peer.name
+    );
+    let empty = bench.warm_phase(args.warm, &peer).await?;
+    empty.print("empty node", peer.name);
+    if args.max_idle > 0 {
+        let idle = bench.start_idle(args.max_idle).await;
+        let dense = bench.warm_phase(args.warm, &peer).await;
+        for machine in &idle {
+            let _ = bench.driver.destroy(machine).await;
         }
-        let spec = MachineSpec::new(format!("idle-{}", machines.len()), base.clone(), &workspace);
-        match driver.create(spec).await {
-            Ok(machine) => {
-                let shell = driver
-                    .exec(&machine, ExecRequest::new("nohup sleep 1000000 >/dev/null 2>&1 &"))
-                    .await;
-                if let Err(error) = shell {
-                    stopped_by = format!("a command failing: {error}");
-                    machines.push(machine);
-                    break;
-                }
-                machines.push(machine);
-            }
-            Err(error) => {
-                stopped_by = format!("machine creation failing: {error}");
-                break;
-            }
+        let dense = dense?;
+        dense.print(&format!("with {} idle machines", idle.len()), peer.name);
+        if let (Some(empty), Some(dense)) = (&empty.warm_start, &dense.warm_start) {
+            println!(
+                "  {:<18} p50 {:.2}x  p99 {:.2}x",
+                format!("ratio {}/empty", idle.len()),
+                dense.p50_ms / empty.p50_ms,
+                dense.p99_ms / empty.p99_ms
+            );
         }
     }
-    let memory_after = available_memory_bytes().unwrap_or(0);
-    let count = machines.len().max(1) as u64;
-    println!(
-        "idle machines held: {} in {:.1}s (stopped by {stopped_by}); memory per idle machine ≈ {} KiB",
-        machines.len(),
-        started.elapsed().as_secs_f64(),
-        memory_before.saturating_sub(memory_after) / count / 1024
-    );
-    for machine in &machines {
-        let _ = driver.destroy(machine).await;
+    match bench.cold_starts(args.cold).await? {
+        Some(cold) => println!("cold start (install, then create and first command): {cold}"),
+        None => println!("cold start: not measured"),
     }
     Ok(())
 }

@@ -503,7 +503,7 @@ async fn a_captured_layer_keeps_no_setuid_bit_capability_or_special_file() {
         .await;
     // A machine has no capability to set file capabilities or make device nodes; these stand for
     // what a weaker sandbox might let through, written into the machine's upper layer directly.
-    let upper_opt = bwrap_machine(&machine).dir().join("disk/root-upper/opt");
+    let upper_opt = bwrap_machine(&machine).disk_path().join("root-upper/opt");
     let has_setcap = std::process::Command::new("setcap")
         .args(["cap_net_raw+ep"])
         .arg(upper_opt.join("x"))

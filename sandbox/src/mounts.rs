@@ -1,5 +1,6 @@
-//! Thin wrappers over mount(2) and umount2(2) for the driver's layer mounts. They are made in
-//! the node's mount namespace (the driver runs as root), so bubblewrap only binds finished trees.
+//! Thin wrappers over mount(2) and umount2(2) for the driver's layer mounts. They are made by the
+//! node (the driver runs as root) in the machine's own mount namespace (see `mount_namespace`),
+//! so bubblewrap only binds finished trees and the node's mount table stays as it was.
 // Unsafe: mount(2) and umount2(2) have no safe wrapper in std.
 #![allow(unsafe_code)]
 

@@ -9,11 +9,12 @@
 //!
 //! The machine's init gets the programs from bubblewrap (`--add-seccomp-fd`, read from a memfd
 //! per program, see [`MachineFilter::bubblewrap_files`]); every process that enters a running
-//! machine installs them between fork and exec ([`MachineFilter::install_in_this_process`]),
-//! before `nsenter` runs, so `nsenter`, `setpriv` and the command all run filtered.
+//! machine installs them between fork and exec ([`MachineFilter::install_in_this_process`]): a
+//! command last, once it has entered the machine and dropped its privileges; a terminal attach
+//! before `nsenter` runs, so `nsenter`, `setpriv` and tmux all run filtered.
 //!
 //! What is allowed on purpose:
-//! - `setns`: `nsenter` needs it after the filter is in place, and inside a machine it is
+//! - `setns`: `nsenter` needs it after the filter is in place (terminal attaches), and inside a machine it is
 //!   useless: joining a namespace takes `CAP_SYS_ADMIN` over it, and machine processes hold no
 //!   capability in any namespace (bubblewrap and `setpriv` drop them, `no_new_privs` keeps them
 //!   away, and the filter refuses the nested user namespace that would grant a fresh set).

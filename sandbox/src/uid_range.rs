@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, SandboxError};
@@ -144,64 +144,73 @@ impl UidRange {
 
 /// A new user namespace with the given maps, held by the returned descriptor.
 ///
-/// A process can only create a user namespace for itself, and only while single-threaded, so a
-/// forked child makes it and says so on a pipe, while the node writes its maps (as host root the
-/// node may map any host ids) and opens `/proc/<child>/ns/user`; then the node kills the child,
-/// and the descriptor keeps the namespace alive. The child is killed rather than told to exit:
-/// other children forked at the same moment may hold copies of any pipe's ends, so nothing may
-/// wait for a pipe to close.
-// Unsafe: fork(2), unshare(2), write(2), pause(2), kill(2) and waitpid(2): std has no way to
-// make a user namespace, and after fork in a threaded process only async-signal-safe calls are made.
+/// A user namespace needs a process in it: a child is cloned straight into a new one, while the
+/// node writes its maps (as host root the node may map any host ids) and opens
+/// `/proc/<child>/ns/user`; then the node kills the child, and the descriptor keeps the
+/// namespace alive. The child shares the node's memory (`CLONE_VM`) on a small stack of its
+/// own, so that nothing of the node is copied: a fork copies the page tables of the whole node,
+/// a cost that grows with it, twice per machine start. It runs no libc code (its thread-local
+/// state would be the calling thread's) and starts with every signal blocked: it only sleeps
+/// until killed.
+// Unsafe: clone(2), pthread_sigmask(3), kill(2) and waitpid(2): std has no way to make a user
+// namespace.
 #[allow(unsafe_code)]
 fn new_user_namespace(uid_map: &str, gid_map: &str) -> Result<OwnedFd> {
-    let (ready_read, ready_write) = pipe()?;
-    // SAFETY: the child makes only async-signal-safe calls (unshare, write, pause, _exit) on
-    // descriptors it inherited; it never returns into Rust code.
-    let child = unsafe { libc::fork() };
+    let mut stack = vec![0u8; HELPER_STACK_BYTES];
+    // The stack grows down from its end, aligned as the ABI wants.
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !0xf;
+    // SAFETY: sigset_t values are plain data, filled by sigfillset before use; the mask is the
+    // calling thread's own and is restored right after the clone, which the child inherits it
+    // from. The child runs only `sleep_until_killed` on `stack`, which outlives it (it is
+    // reaped below before the stack is dropped), and touches no other memory.
+    let (child, clone_error) = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
+        let child = libc::clone(
+            sleep_until_killed,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_NEWUSER | libc::SIGCHLD,
+            std::ptr::null_mut(),
+        );
+        let clone_error = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        (child, clone_error)
+    };
     if child < 0 {
-        return Err(SandboxError::io(
-            "fork for",
-            "a machine user namespace",
-            io::Error::last_os_error(),
-        ));
+        return Err(match clone_error.raw_os_error() {
+            Some(libc::EPERM | libc::ENOSPC | libc::EUSERS | libc::EINVAL) => SandboxError::Unsupported {
+                what: format!(
+                    "creating a user namespace (clone(CLONE_NEWUSER) failed: {clone_error}; are user \
+                     namespaces disabled by user.max_user_namespaces or a security module?)"
+                ),
+            },
+            _ => SandboxError::io("clone for", "a machine user namespace", clone_error),
+        });
     }
-    if child == 0 {
-        // SAFETY: see above.
-        unsafe {
-            let status: u8 = if libc::unshare(libc::CLONE_NEWUSER) == 0 { 0 } else { 1 };
-            libc::write(ready_write.as_raw_fd(), (&status as *const u8).cast(), 1);
-            loop {
-                libc::pause();
-            }
-        }
-    }
-    drop(ready_write);
-    let result = map_child_namespace(child, &ready_read, uid_map, gid_map);
+    let result = map_child_namespace(child, uid_map, gid_map);
     let mut status = 0;
     // SAFETY: `child` is this process's child, not yet reaped; status is a valid pointer.
     unsafe {
         libc::kill(child, libc::SIGKILL);
         libc::waitpid(child, &mut status, 0);
     }
+    drop(stack);
     result
 }
 
-fn map_child_namespace(child: libc::pid_t, ready: &OwnedFd, uid_map: &str, gid_map: &str) -> Result<OwnedFd> {
-    let mut ready_file = File::from(
-        ready
-            .try_clone()
-            .map_err(|error| SandboxError::io("dup", "a pipe", error))?,
-    );
-    let mut status = [1u8; 1];
-    io::Read::read_exact(&mut ready_file, &mut status)
-        .map_err(|error| SandboxError::io("wait for", "the user namespace helper", error))?;
-    if status[0] != 0 {
-        return Err(SandboxError::Unsupported {
-            what: "creating a user namespace (unshare(CLONE_NEWUSER) failed: are user namespaces \
-                   disabled by user.max_user_namespaces or a security module?)"
-                .to_string(),
-        });
+/// The stack of the child that holds a new user namespace: it makes one system call.
+const HELPER_STACK_BYTES: usize = 64 * 1024;
+
+/// The child's whole life: the raw `pause` system call (no libc, no errno), until SIGKILL.
+extern "C" fn sleep_until_killed(_: *mut libc::c_void) -> libc::c_int {
+    loop {
+        rustix::event::pause();
     }
+}
+
+fn map_child_namespace(child: libc::pid_t, uid_map: &str, gid_map: &str) -> Result<OwnedFd> {
     let proc_dir = PathBuf::from(format!("/proc/{child}"));
     write_map(&proc_dir.join("uid_map"), uid_map)?;
     write_map(&proc_dir.join("gid_map"), gid_map)?;
@@ -212,18 +221,6 @@ fn map_child_namespace(child: libc::pid_t, ready: &OwnedFd, uid_map: &str, gid_m
 
 fn write_map(path: &Path, map: &str) -> Result<()> {
     std::fs::write(path, map).map_err(|error| SandboxError::io("write", path, error))
-}
-
-// Unsafe: pipe2(2); std's pipe gives no raw descriptors usable after fork without allocation.
-#[allow(unsafe_code)]
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(SandboxError::io("create", "a pipe", io::Error::last_os_error()));
-    }
-    // SAFETY: pipe2 returned two new descriptors this process owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Re-owns everything under `root` (never following a symlink) from the host ids of `range` to

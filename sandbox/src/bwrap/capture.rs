@@ -16,7 +16,7 @@ pub(super) async fn capture_layer(machine: &BwrapMachine, dest: &Path) -> Result
             detail: format!("layer destination {} already exists", dest.display()),
         });
     }
-    let disk = machine.dir.join("disk");
+    let disk = machine.disk_view.clone();
     let dest = dest.to_path_buf();
     let resources = machine.resources.clone();
     let machine_id = machine.id.clone();

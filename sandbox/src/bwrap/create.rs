@@ -19,7 +19,7 @@ use crate::mounts;
 use crate::seccomp;
 use crate::uid_range::UidRange;
 
-use super::machine::{BwrapMachine, Resources};
+use super::machine::{BwrapMachine, LayerViews, Resources};
 use super::{blocking, create_dir, BwrapDriver, DiskBacking, WORKSPACE_DIR};
 
 /// How long a new machine's init has to say it is ready.
@@ -33,12 +33,23 @@ const SPAWN_QUEUE_LENGTH: usize = 64;
 pub(super) const MAX_NAME_CHARS: usize = 24;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The mounted layers of a new machine, as the node sees them.
+/// The mounted layers of a new machine, as paths inside its mount namespace.
 struct MountedLayers {
+    /// The machine's disk: the upper layers live there.
+    disk: PathBuf,
     /// The merged root overlay, bound as `/`.
     merged: PathBuf,
     /// What becomes `/workspace`: the workspace overlay, or the idmapped checkout.
     workspace_view: PathBuf,
+}
+
+/// What the machine's mount namespace hands out once its layers are mounted: descriptors, since
+/// the node's own namespace has none of those mounts.
+struct MountedMachine {
+    account: Account,
+    root: std::os::fd::OwnedFd,
+    workspace: std::os::fd::OwnedFd,
+    views: LayerViews,
 }
 
 /// What bubblewrap is handed as open descriptors: the machine's user namespace, which it starts
@@ -48,6 +59,10 @@ struct MountedLayers {
 /// bubblewrap alone.
 pub(super) struct Handover {
     user_namespace: std::os::fd::OwnedFd,
+    /// The machine's mount namespace, where its layers are mounted: bubblewrap starts there.
+    /// Once bubblewrap has made its own copy, nothing needs it, and closing it unmounts
+    /// everything no descriptor or machine still holds.
+    mount_namespace: std::os::fd::OwnedFd,
     root: std::os::fd::OwnedFd,
     workspace: std::os::fd::OwnedFd,
     egress_socket: Option<std::os::fd::OwnedFd>,
@@ -127,7 +142,22 @@ impl BwrapDriver {
         let mut resources = Resources::new(dir.clone());
         let uid_range = UidRange::claim(&self.config.uid_ranges)?;
         let user_namespace = uid_range.user_namespace()?;
-        let (layers, account) = self.mount_layers(&dir, &spec, &uid_range, &user_namespace, &mut resources)?;
+        // The layers are mounted in a namespace of the machine's own (see `mount_namespace`).
+        let (mount_namespace, mounted) = crate::mount_namespace::run_in_new_mount_namespace(|| {
+            let (layers, account) = self.mount_layers(&dir, &spec, &uid_range, &user_namespace, &mut resources)?;
+            Ok(MountedMachine {
+                account,
+                root: open_path(&layers.merged)?,
+                workspace: open_path(&layers.workspace_view)?,
+                views: LayerViews::open(&layers.disk, &layers.workspace_view)?,
+            })
+        })?;
+        let MountedMachine {
+            account,
+            root,
+            workspace,
+            views,
+        } = mounted;
         let egress_socket = match &spec.egress_socket {
             Some(socket) => {
                 // Connecting to a Unix socket needs write permission on it: the machine's user
@@ -140,8 +170,9 @@ impl BwrapDriver {
         };
         let handover = Handover {
             user_namespace,
-            root: open_path(&layers.merged)?,
-            workspace: open_path(&layers.workspace_view)?,
+            mount_namespace,
+            root,
+            workspace,
             egress_socket,
         };
         resources.uid_range = Some(uid_range);
@@ -155,11 +186,14 @@ impl BwrapDriver {
             id,
             dir,
             init_pid: 0,
+            init_pidfd: None,
             uid: account.uid,
             gid: account.gid,
             base_env,
             limits: spec.limits,
-            workspace_view: layers.workspace_view,
+            workspace_view: views.workspace_path(),
+            disk_view: views.disk_path(),
+            _views: views,
             cgroup,
             exec_counter: AtomicU64::new(0),
             nsenter_program: self.config.nsenter_program.clone(),
@@ -195,7 +229,7 @@ impl BwrapDriver {
         let machine_root = uid_range.host_id(0);
         chown(&root_upper, machine_root, machine_root)?;
 
-        let mut idmapped = IdmappedLowers::new(dir, resources);
+        let mut idmapped = IdmappedLowers::new(dir);
         let mut root_lowers = Vec::new();
         if let Some(install_layer) = &spec.install_layer {
             if install_layer.root_dir().is_dir() {
@@ -206,7 +240,6 @@ impl BwrapDriver {
         let merged = dir.join("merged");
         create_dir(&merged)?;
         mounts::mount_overlay(&merged, &root_lowers, &root_upper, &root_work)?;
-        idmapped.resources.mounts.push(merged.clone());
 
         // The node makes the user's home as the machine's user: inside, it is theirs.
         let account = find_account(&merged, spec, uid_range)?;
@@ -226,12 +259,18 @@ impl BwrapDriver {
                 let view = dir.join("workspace");
                 create_dir(&view)?;
                 mounts::mount_overlay(&view, &lowers, &workspace_upper, &workspace_work)?;
-                idmapped.resources.mounts.push(view.clone());
                 view
             }
             WorkspaceMode::Bind => idmapped.mount(&spec.workspace, workspace_owner.as_fd())?,
         };
-        Ok((MountedLayers { merged, workspace_view }, account))
+        Ok((
+            MountedLayers {
+                disk,
+                merged,
+                workspace_view,
+            },
+            account,
+        ))
     }
 
     /// The bubblewrap command of the machine's init, which joins the machine's `init` leaf
@@ -316,9 +355,10 @@ impl BwrapDriver {
         let procs_files = init_leaf.procs_files();
         let inherited = handover.bound_fds();
         let user_namespace = handover.user_namespace.as_raw_fd();
+        let mount_namespace = handover.mount_namespace.as_raw_fd();
         // SAFETY: the closure only opens and writes files, changes descriptor flags on
-        // descriptors the parent keeps open until the spawn, and joins the user namespace and
-        // takes its root ids (async-signal-safe calls). The cgroup is joined first: once in the
+        // descriptors the parent keeps open until the spawn, joins the mount and user namespaces
+        // and takes its root ids (async-signal-safe calls). The cgroup is joined first: once in the
         // machine's namespace the process can no longer write the node's cgroup files.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
@@ -329,6 +369,11 @@ impl BwrapDriver {
                     }
                 }
                 Leaf::join_current_process(&procs_files)?;
+                // Into the machine's mount namespace, where its layers are, while still host
+                // root (entering one takes CAP_SYS_ADMIN over the namespace's owner).
+                if libc::setns(mount_namespace, libc::CLONE_NEWNS) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
                 if libc::setns(user_namespace, libc::CLONE_NEWUSER) != 0
                     || libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setresgid(0, 0, 0) != 0
@@ -364,7 +409,6 @@ impl BwrapDriver {
                 mounts::mount_ext4_image(&image, &disk)?;
             }
         }
-        resources.mounts.push(disk.clone());
         Ok(disk)
     }
 
@@ -454,6 +498,15 @@ impl BwrapDriver {
                 machine: machine.id.clone(),
                 detail: "bubblewrap has no child process".to_string(),
             })?;
+        // The pidfd names the init and no later process with its number: commands enter
+        // through it (a PID found a moment ago is the init's while bubblewrap, its parent, runs).
+        machine.init_pidfd =
+            Some(
+                super::enter::pidfd_open(machine.init_pid).map_err(|error| SandboxError::MachineStart {
+                    machine: machine.id.clone(),
+                    detail: format!("could not open a pidfd on its init: {error}"),
+                })?,
+            );
         Ok(())
     }
 }
@@ -516,29 +569,27 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
         .map_err(|error| SandboxError::io("change the owner of", path, error))
 }
 
-/// The idmapped views of a machine's lower layers, `lower-0`, `lower-1`, ... in its directory.
-struct IdmappedLowers<'a> {
+/// The idmapped views of a machine's lower layers, `lower-0`, `lower-1`, ... in its directory
+/// (mounted in the machine's own mount namespace, which unmounts them when it goes).
+struct IdmappedLowers {
     dir: PathBuf,
     count: usize,
-    resources: &'a mut Resources,
 }
 
-impl<'a> IdmappedLowers<'a> {
-    fn new(machine_dir: &Path, resources: &'a mut Resources) -> Self {
+impl IdmappedLowers {
+    fn new(machine_dir: &Path) -> Self {
         IdmappedLowers {
             dir: machine_dir.to_path_buf(),
             count: 0,
-            resources,
         }
     }
 
-    /// Mounts `source` through `user_namespace` at the next `lower-N`, recorded for teardown.
+    /// Mounts `source` through `user_namespace` at the next `lower-N`.
     fn mount(&mut self, source: &Path, user_namespace: std::os::fd::BorrowedFd<'_>) -> Result<PathBuf> {
         let target = self.dir.join(format!("lower-{}", self.count));
         self.count += 1;
         create_dir(&target)?;
         mounts::idmapped_bind(source, &target, user_namespace)?;
-        self.resources.mounts.push(target.clone());
         Ok(target)
     }
 }

@@ -1,5 +1,5 @@
-//! Running commands inside a bubblewrap machine: each enters the machine's namespaces with
-//! `nsenter` and `setpriv`, in a leaf cgroup of its own, with a wall-clock limit and capped
+//! Running commands inside a bubblewrap machine: each enters the machine's namespaces and drops
+//! its privileges between fork and exec (see `enter`), in a leaf cgroup of its own, with a wall-clock limit and capped
 //! output.
 
 use std::ffi::CString;
@@ -16,6 +16,7 @@ use crate::error::{Result, SandboxError};
 use crate::output_capture::{pump, take_capture, OutputCapture, MAX_OUTPUT_BYTES_CEILING};
 use crate::seccomp;
 
+use super::enter::{spawn_in_pid_namespace, Entry};
 use super::machine::BwrapMachine;
 use super::{blocking, BwrapDriver, WORKSPACE_DIR};
 
@@ -107,6 +108,51 @@ fn check_limits(
     }
 }
 
+/// Starts `invocation` inside `machine`, in `leaf` (see `enter` for how it enters).
+// Unsafe: pre_exec, to start a session, join the command's leaf cgroup, enter the machine and
+// install the system-call filter before it execs.
+#[allow(unsafe_code)]
+fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -> Result<tokio::process::Child> {
+    let (argv, in_init_directory) = machine.command_argv(&invocation.cwd, &invocation.argv);
+    let mut command = tokio::process::Command::new(&argv[0]);
+    command.args(&argv[1..]);
+    command.env_clear();
+    for (key, value) in machine.base_env.iter().chain(invocation.env.iter()) {
+        command.env(key, value);
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let procs_files: Vec<CString> = leaf.procs_files();
+    let filter = seccomp::machine_filter()?;
+    let (init_pid, uid, gid) = (machine.init_pid, machine.uid, machine.gid);
+    let init = machine
+        .init_pidfd()
+        .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
+    // Opening the init's root and directory reads procfs entries of a live process: no
+    // disk, like the spawn itself.
+    let entry = Entry::open(init, init_pid, uid, gid, in_init_directory)
+        .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
+    // SAFETY: setsid, the leaf join, the entry's steps and the filter's installation only
+    // make async-signal-safe calls.
+    unsafe {
+        command.pre_exec(move || {
+            // A session of its own: no controlling terminal of the node's to reach.
+            libc::setsid();
+            // While still host root in the node's mount namespace: the leaf's files are out
+            // of reach from inside the machine.
+            Leaf::join_current_process(&procs_files)?;
+            entry.enter()?;
+            // Last, once the process holds nothing: no step above runs filtered.
+            filter.install_in_this_process()
+        });
+    }
+    spawn_in_pid_namespace(init, &mut command)
+        .map_err(|error| SandboxError::io("start a command in", &machine.dir, error))
+}
+
 /// How a process is started inside a machine.
 pub(super) struct Invocation {
     pub(super) argv: Vec<String>,
@@ -132,9 +178,6 @@ impl BwrapDriver {
         self.run(machine, invocation).await
     }
 
-    // Unsafe: pre_exec, to start a session, join the command's leaf cgroup and install the
-    // system-call filter before it execs.
-    #[allow(unsafe_code)]
     async fn run(&self, machine: &BwrapMachine, invocation: Invocation) -> Result<ExecOutput> {
         machine.ensure_running()?;
         let started = Instant::now();
@@ -150,34 +193,7 @@ impl BwrapDriver {
             Ok((Arc::new(leaf), counters))
         })
         .await?;
-        let argv = machine.enter_argv(&invocation.cwd, &invocation.argv);
-        let mut command = tokio::process::Command::new(&argv[0]);
-        command.args(&argv[1..]);
-        command.env_clear();
-        for (key, value) in machine.base_env.iter().chain(invocation.env.iter()) {
-            command.env(key, value);
-        }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let procs_files: Vec<CString> = leaf.procs_files();
-        let filter = seccomp::machine_filter()?;
-        // SAFETY: setsid, the leaf join and the filter's installation only make
-        // async-signal-safe calls.
-        unsafe {
-            command.pre_exec(move || {
-                // A session of its own: no controlling terminal of the node's to reach.
-                libc::setsid();
-                Leaf::join_current_process(&procs_files)?;
-                // Last, so that nsenter, setpriv and the command all run filtered.
-                filter.install_in_this_process()
-            });
-        }
-        let mut child = command
-            .spawn()
-            .map_err(|error| SandboxError::io("start", &machine.nsenter_program, error))?;
+        let mut child = spawn_entered(machine, &invocation, &leaf)?;
         let limit = invocation.max_output_bytes.min(MAX_OUTPUT_BYTES_CEILING) as usize;
         let stdout_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
         let stderr_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
@@ -193,7 +209,7 @@ impl BwrapDriver {
         let timeout = Duration::from_millis(invocation.timeout_ms);
         let timed_out = match tokio::time::timeout(timeout, child.wait()).await {
             Ok(status) => {
-                let status = status.map_err(|error| SandboxError::io("wait for", &machine.nsenter_program, error))?;
+                let status = status.map_err(|error| SandboxError::io("wait for a command in", &machine.dir, error))?;
                 return self
                     .finish(
                         machine,
@@ -218,7 +234,7 @@ impl BwrapDriver {
         let status = child
             .wait()
             .await
-            .map_err(|error| SandboxError::io("wait for", &machine.nsenter_program, error))?;
+            .map_err(|error| SandboxError::io("wait for a command in", &machine.dir, error))?;
         self.finish(
             machine,
             Ended {
@@ -253,7 +269,7 @@ impl BwrapDriver {
             counters_before,
         } = ended;
         let limits_reached = {
-            let (cgroup, leaf, disk) = (machine.cgroup.clone(), leaf.clone(), machine.dir.join("disk"));
+            let (cgroup, leaf, disk) = (machine.cgroup.clone(), leaf.clone(), machine.disk_view.clone());
             let disk_bytes = machine.limits.disk_bytes;
             let failed = !status.success() || timed_out;
             blocking("command cgroup check", move || {

@@ -23,18 +23,68 @@ pub struct BwrapMachine {
     pub(super) id: String,
     pub(super) dir: PathBuf,
     pub(super) init_pid: i32,
+    /// A pidfd on the init, through which commands enter the machine (see `enter`).
+    pub(super) init_pidfd: Option<std::os::fd::OwnedFd>,
     pub(super) uid: u32,
     pub(super) gid: u32,
     /// The environment every command starts from (user, home, path, the spec's variables).
     pub(super) base_env: Vec<(String, String)>,
     pub(super) limits: MachineLimits,
+    /// The machine's `/workspace` and disk as paths the node (and its child processes) can
+    /// open: they go through `views`, whose descriptors reach into the machine's mount namespace.
     pub(super) workspace_view: PathBuf,
+    pub(super) disk_view: PathBuf,
+    pub(super) _views: LayerViews,
     pub(super) cgroup: MachineCgroup,
     pub(super) exec_counter: AtomicU64,
     pub(super) nsenter_program: PathBuf,
     pub(super) setpriv_program: PathBuf,
     pub(super) terminals: Mutex<Vec<String>>,
     pub(super) resources: Arc<Mutex<Resources>>,
+}
+
+/// Descriptors on a machine's disk and `/workspace`, opened inside its mount namespace: the
+/// node's own namespace has neither mounted. They live as long as the machine (its last handle),
+/// so the paths through them never name another machine's files.
+pub(super) struct LayerViews {
+    disk: std::os::fd::OwnedFd,
+    workspace: std::os::fd::OwnedFd,
+}
+
+impl LayerViews {
+    pub(super) fn open(disk: &Path, workspace: &Path) -> Result<Self> {
+        Ok(LayerViews {
+            disk: open_directory(disk)?,
+            workspace: open_directory(workspace)?,
+        })
+    }
+
+    pub(super) fn disk_path(&self) -> PathBuf {
+        descriptor_path(&self.disk)
+    }
+
+    pub(super) fn workspace_path(&self) -> PathBuf {
+        descriptor_path(&self.workspace)
+    }
+}
+
+/// `O_PATH` on a directory: a handle on the tree, not a reader of it.
+fn open_directory(path: &Path) -> Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|error| SandboxError::io("open", path, error))?;
+    Ok(file.into())
+}
+
+/// The node's `/proc` entry for one of its descriptors: it resolves to the tree the descriptor
+/// holds, whichever mount namespace that tree is mounted in, for the node and for the processes
+/// it runs as root (which is why it names the node's PID, not `self`).
+fn descriptor_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()))
 }
 
 /// What has to be undone, in order; shared by `destroy`, `Drop` and failed creates.
@@ -161,6 +211,12 @@ impl BwrapMachine {
         &self.limits
     }
 
+    /// The machine's disk (its upper layers, `root-upper` and `workspace-upper`) as seen from
+    /// the node, while the machine exists.
+    pub fn disk_path(&self) -> &Path {
+        &self.disk_view
+    }
+
     /// The per-machine directory under the driver's root.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -189,7 +245,27 @@ impl BwrapMachine {
         Ok(())
     }
 
-    /// The argv that enters the machine as its user, with no capabilities, in `cwd`.
+    /// What a command entering the machine execs, and whether it starts in the init's
+    /// directory: the init runs in /workspace, the usual directory, and entering there saves
+    /// the shell that would change to any other.
+    pub(super) fn command_argv(&self, cwd: &str, argv: &[String]) -> (Vec<String>, bool) {
+        if cwd == WORKSPACE_DIR {
+            return (argv.to_vec(), true);
+        }
+        let mut full: Vec<String> = ["/bin/sh", "-c", CHDIR_SCRIPT, "flotilla"].map(String::from).to_vec();
+        full.push(cwd.to_string());
+        full.extend(argv.iter().cloned());
+        (full, false)
+    }
+
+    pub(super) fn init_pidfd(&self) -> std::io::Result<&std::os::fd::OwnedFd> {
+        self.init_pidfd
+            .as_ref()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the machine's init has no pidfd"))
+    }
+
+    /// The argv that enters the machine as its user, with no capabilities, in `cwd`, through
+    /// `nsenter` and `setpriv` (for a command the caller spawns itself, on any thread).
     pub(super) fn enter_argv(&self, cwd: &str, argv: &[String]) -> Vec<String> {
         let mut full = vec![
             self.nsenter_program.display().to_string(),

@@ -3,29 +3,34 @@
 //! A machine is one long-lived bubblewrap process (new mount, PID, IPC, UTS, network and cgroup
 //! namespaces inside a user namespace the node made, whose ids map onto a host id range of the
 //! machine's own, see `uid_range`; all capabilities dropped; `--die-with-parent`) whose command
-//! is an init that only waits. Its root is an overlay the driver mounts on the node beforehand — bubblewrap
-//! 0.8 has no `--overlay` — with the install layer and the base image as lower layers and the
+//! is an init that only waits. Its root is an overlay the driver mounts beforehand — bubblewrap
+//! 0.8 has no `--overlay` — in a mount namespace of the machine's own, where bubblewrap starts, so
+//! that the node's mount table does not grow with its machines; with the install layer and the base image as lower layers and the
 //! machine's upper layer on a size-limited filesystem; `/workspace` is a second overlay with the
-//! caller's checkout as its lower layer. Commands and terminals enter the running machine's
-//! namespaces with `nsenter`, drop what the entering process still holds with `setpriv`, and so
-//! share one process tree, one loopback network and one set of files. Every process of a machine
-//! sits in its cgroup (memory, pids, cpu), each command in a leaf of its own so that a timeout
-//! kills the command's whole tree and nothing else.
+//! caller's checkout as its lower layer. Commands enter the running machine's namespaces, root
+//! and ids from the node's own child between fork and exec ([`enter`]: one program launch per
+//! command); terminal attaches, which their caller spawns, go through `nsenter` and `setpriv` to
+//! the same end state. All share one process tree, one loopback network and one set of files.
+//! Every process of a machine sits in its cgroup (memory, pids, cpu), each command in a leaf of
+//! its own so that a timeout kills the command's whole tree and nothing else.
 //!
 //! The module follows a machine's life: [`config`] (what the driver is given), [`create`]
 //! (layers, cgroup, the bubblewrap command, waiting for the init), [`machine`] (the running
-//! machine and what it holds), [`exec`] (commands inside it), [`terminals`] (tmux and attach),
-//! [`capture`] (an install layer) and [`cleanup`] (destroy, and what a previous run
-//! of the node left).
+//! machine and what it holds), [`enter`] (how a process joins it), [`exec`] (commands inside
+//! it), [`terminals`] (tmux and attach), [`capture`] (an install layer) and [`cleanup`]
+//! (destroy, and what a previous run of the node left).
 
 mod capture;
 mod cleanup;
 mod config;
 mod create;
+mod enter;
 mod exec;
 mod machine;
 mod terminals;
 
+#[cfg(test)]
+mod enter_tests;
 #[cfg(test)]
 mod tests;
 

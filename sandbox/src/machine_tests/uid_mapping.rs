@@ -56,7 +56,7 @@ async fn each_machine_runs_as_a_host_id_range_of_its_own() {
         (metadata.uid(), metadata.gid())
     };
     assert_eq!(owner(&workspace.join("by-root")), (first_id, first_id));
-    let root_upper = bwrap_machine(&first).dir().join("disk/root-upper");
+    let root_upper = bwrap_machine(&first).disk_path().join("root-upper");
     assert_eq!(owner(&root_upper.join("tmp/by-root")), (first_id, first_id));
     // The checkout the node made shows as the machine's own, and the workspace is writable.
     let inside = harness

@@ -1,0 +1,125 @@
+//! A command that enters a machine from the node's own child holds exactly what one that entered
+//! through `nsenter` and `setpriv` held: the same ids, groups, capability sets, `no_new_privs`,
+//! system-call filter and namespaces (the init's), for the machine's root and for a named user.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+
+use crate::cgroup::Leaf;
+use crate::driver::{ExecRequest, MachineDriver};
+use crate::machine_tests::{bwrap_machine, harness};
+use crate::seccomp;
+
+use super::machine::BwrapMachine;
+use super::WORKSPACE_DIR;
+
+const NAMESPACES: [&str; 7] = ["user", "mnt", "pid", "ipc", "uts", "net", "cgroup"];
+
+/// Prints what a process holds: its status lines that describe privilege, its namespaces, its
+/// directory and root, and whether its PID is one of the machine's (small) ones.
+const PROBE: &str = "grep -E '^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp|Seccomp_filters):' \
+     /proc/self/status; for ns in user mnt pid ipc uts net cgroup; do echo \"ns-$ns: $(readlink /proc/self/ns/$ns)\"; done; \
+     echo \"cwd: $(pwd)\"; echo \"root: $(ls -di / | cut -d' ' -f1)\"; echo \"shell-pid-small: $(test $$ -lt 1000 && echo yes)\"";
+
+fn fields(output: &str) -> BTreeMap<String, String> {
+    output
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(key, value)| (key.trim().to_string(), value.trim().to_string()))
+        .collect()
+}
+
+/// The probe through the former path: `nsenter` and `setpriv`, spawned as exec spawned them
+/// (a session, the command's leaf cgroup, then the filter before nsenter ran).
+// Unsafe: pre_exec, as the former exec path did.
+#[allow(unsafe_code)]
+fn probe_through_nsenter(machine: &BwrapMachine) -> BTreeMap<String, String> {
+    use std::os::unix::process::CommandExt;
+    let argv = machine.enter_argv(
+        WORKSPACE_DIR,
+        &["/bin/sh".to_string(), "-lc".to_string(), PROBE.to_string()],
+    );
+    let mut command = std::process::Command::new(&argv[0]);
+    command.args(&argv[1..]).env_clear();
+    for (key, value) in &machine.base_env {
+        command.env(key, value);
+    }
+    let leaf = machine.cgroup.leaf("probe").expect("probe leaf");
+    let procs_files: Vec<CString> = leaf.procs_files();
+    let filter = seccomp::machine_filter().expect("filter");
+    // SAFETY: as in the former exec path: async-signal-safe calls only.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setsid();
+            Leaf::join_current_process(&procs_files)?;
+            filter.install_in_this_process()
+        });
+    }
+    let output = command.output().expect("nsenter runs");
+    assert!(output.status.success(), "{output:?}");
+    fields(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// What the probe must show whichever way it entered.
+fn assert_contained(probe: &BTreeMap<String, String>, machine: &BwrapMachine, root: bool) {
+    assert_eq!(probe["NoNewPrivs"], "1", "{probe:?}");
+    assert_eq!(probe["Seccomp"], "2", "{probe:?}");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(probe[set], "0000000000000000", "{set}: {probe:?}");
+    }
+    if root {
+        assert_eq!(probe["CapBnd"], "0000000000000000", "{probe:?}");
+        assert_eq!(probe["Uid"], "0\t0\t0\t0", "{probe:?}");
+    }
+    assert_eq!(probe["Groups"], "", "{probe:?}");
+    assert_eq!(probe["cwd"], WORKSPACE_DIR);
+    assert_eq!(probe["shell-pid-small"], "yes", "{probe:?}");
+    for namespace in NAMESPACES {
+        let init = std::fs::read_link(format!("/proc/{}/ns/{namespace}", machine.init_pid)).expect("init namespace");
+        assert_eq!(
+            probe[&format!("ns-{namespace}")],
+            init.display().to_string(),
+            "{namespace} namespace: {probe:?}"
+        );
+    }
+}
+
+async fn compare(user: Option<&str>) {
+    let harness = harness().await;
+    let name = user.unwrap_or("root");
+    let workspace = harness.workspace(name);
+    let mut spec = harness.spec(name, &workspace);
+    spec.user = user.map(str::to_string);
+    let handle = harness.driver.create(spec).await.expect("create machine");
+    let machine = bwrap_machine(&handle);
+    let output = harness
+        .driver
+        .exec(&handle, ExecRequest::new(PROBE))
+        .await
+        .expect("exec");
+    assert!(output.success(), "{output:?}");
+    let entered = fields(&output.stdout_text());
+    let former = tokio::task::spawn_blocking({
+        let handle = handle.clone();
+        move || probe_through_nsenter(bwrap_machine(&handle))
+    })
+    .await
+    .expect("nsenter probe");
+    assert_contained(&entered, machine, user.is_none());
+    assert_contained(&former, machine, user.is_none());
+    assert_eq!(
+        entered, former,
+        "entered directly (left) and through nsenter and setpriv (right)"
+    );
+    harness.driver.destroy(&handle).await.expect("destroy");
+}
+
+#[tokio::test]
+async fn the_machine_root_enters_holding_what_nsenter_and_setpriv_left() {
+    compare(None).await;
+}
+
+#[tokio::test]
+async fn a_named_user_enters_holding_what_nsenter_and_setpriv_left() {
+    compare(Some("nobody")).await;
+}
