@@ -1,0 +1,146 @@
+//! One page of `ListAgents`, read from the replicated state under its read lock: newest agent
+//! first, resuming before the id a page token names. A list filtered by status walks the
+//! state's status index (`ClusterState::ids_with_status_before`) instead of every agent, so
+//! a status with few agents among many answers at once; other filters look at records one by
+//! one, at most [`MAX_LIST_SCANNED`] per page.
+
+use std::collections::HashMap;
+
+use flotilla_proto::v1;
+use flotilla_raft::{AgentId, AgentRecord, AgentStatus, ClusterState};
+use prost::Message as _;
+
+use super::authz::Principal;
+use super::convert;
+
+/// Most bytes of agents in one `ListAgents` page (a prompt alone may be 256 KiB): a page that
+/// reaches it is short and has a next token.
+pub const MAX_LIST_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Most agent records one `ListAgents` page looks at under the state's lock, matching or not;
+/// a search that finds little answers a short page with a next token rather than scan on.
+pub const MAX_LIST_SCANNED: usize = 50_000;
+
+/// What a page is filtered by (already validated).
+pub struct ListFilter<'a> {
+    pub statuses: &'a [AgentStatus],
+    pub repository: &'a str,
+    pub region: &'a str,
+    /// Lowercase; empty for no search.
+    pub needle: &'a str,
+}
+
+/// The page of agents `caller` sees after `after` (newest first), and the id to resume after
+/// when the page ended before the last agent.
+pub fn list_page<'state>(
+    state: &'state ClusterState,
+    caller: &Principal,
+    filter: &ListFilter<'_>,
+    after: Option<AgentId>,
+    page_size: usize,
+) -> (Vec<v1::Agent>, Option<AgentId>) {
+    // Whether the caller sees a team's summaries, once per team of the page (keyed by the
+    // record's own team text, borrowed from the state, so a lookup allocates nothing).
+    let mut hidden_by_team: HashMap<&str, bool> = HashMap::new();
+    let candidates: Box<dyn Iterator<Item = (AgentId, &'state AgentRecord)> + 'state> = if filter.statuses.is_empty() {
+        let range = match after {
+            Some(after) => state.agents.range(..after),
+            None => state.agents.range(..),
+        };
+        Box::new(range.rev().map(|(id, record)| (*id, record)))
+    } else {
+        Box::new(
+            state
+                .ids_with_status_before(filter.statuses, after)
+                .filter_map(|id| state.agents.get(&id).map(|record| (id, record))),
+        )
+    };
+    // The page ends at `page_size` agents, at `MAX_LIST_PAGE_BYTES` of them, or after
+    // `MAX_LIST_SCANNED` records looked at, whichever comes first; the token then resumes
+    // after the last record looked at.
+    let mut page: Vec<v1::Agent> = Vec::with_capacity(page_size);
+    let mut page_bytes = 0;
+    let mut last_examined = None;
+    for (scanned, (id, record)) in candidates.enumerate() {
+        if scanned == MAX_LIST_SCANNED || page.len() == page_size {
+            return (page, last_examined);
+        }
+        if caller.sees_team(&record.spec.team) {
+            let team = record.spec.team.as_str();
+            let hide = *hidden_by_team
+                .entry(team)
+                .or_insert_with(|| caller.summary_hidden(team, &state.settings_of(team)));
+            if wanted(record, filter, hide) {
+                let mut agent = convert::agent(record);
+                if hide {
+                    super::visibility::hide_agent(&mut agent);
+                }
+                let bytes = agent.encoded_len();
+                if !page.is_empty() && page_bytes + bytes > MAX_LIST_PAGE_BYTES {
+                    return (page, last_examined);
+                }
+                page_bytes += bytes;
+                page.push(agent);
+            }
+        }
+        last_examined = Some(id);
+    }
+    (page, None)
+}
+
+fn wanted(record: &AgentRecord, filter: &ListFilter<'_>, summary_hidden: bool) -> bool {
+    (filter.statuses.is_empty() || filter.statuses.contains(&record.status))
+        && (filter.repository.is_empty() || record.spec.repository == filter.repository)
+        && (filter.region.is_empty() || record.spec.region.as_deref() == Some(filter.region))
+        && (filter.needle.is_empty() || matches_search(record, filter.needle, summary_hidden))
+}
+
+/// Whether `record` matches a search; a summary hidden from the caller is not searched, so a
+/// search cannot reveal it a word at a time.
+pub fn matches_search(record: &AgentRecord, needle: &str, summary_hidden: bool) -> bool {
+    contains_lowercase(&record.spec.name, needle)
+        || contains_lowercase(&record.spec.prompt, needle)
+        || (!summary_hidden
+            && record
+                .summary
+                .as_deref()
+                .is_some_and(|summary| contains_lowercase(summary, needle)))
+}
+
+/// `text.to_lowercase().contains(needle)` for a lowercase `needle`, without copying `text`
+/// when it is ASCII (its lowercase is then byte for byte `to_ascii_lowercase`): a search looks
+/// at up to [`MAX_LIST_SCANNED`] prompts per page.
+pub fn contains_lowercase(text: &str, needle: &str) -> bool {
+    if !text.is_ascii() {
+        return text.to_lowercase().contains(needle);
+    }
+    let (text, needle) = (text.as_bytes(), needle.as_bytes());
+    if needle.is_empty() {
+        return true;
+    }
+    text.windows(needle.len()).any(|window| {
+        window
+            .iter()
+            .zip(needle)
+            .all(|(byte, wanted)| byte.to_ascii_lowercase() == *wanted)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains_lowercase;
+
+    #[test]
+    fn ascii_and_unicode_searches_match_what_lowercasing_matches() {
+        let texts = ["Fix the Build", "ÉTÉ À PARIS", "Kelvin \u{212A} sign", "", "abc"];
+        let needles = ["build", "fix the", "été", "k", "à p", "", "xyz", "abcd", "kelvin k"];
+        for text in texts {
+            for needle in needles {
+                assert_eq!(
+                    contains_lowercase(text, needle),
+                    text.to_lowercase().contains(needle),
+                    "{text:?} contains {needle:?}"
+                );
+            }
+        }
+    }
+}
