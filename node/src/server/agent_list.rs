@@ -25,8 +25,8 @@ pub struct ListFilter<'a> {
     pub statuses: &'a [AgentStatus],
     pub repository: &'a str,
     pub region: &'a str,
-    /// Lowercase; empty for no search.
-    pub needle: &'a str,
+    /// `None` for no search.
+    pub needle: Option<&'a Needle>,
 }
 
 /// The page of agents `caller` sees after `after` (newest first), and the id to resume after
@@ -91,43 +91,61 @@ fn wanted(record: &AgentRecord, filter: &ListFilter<'_>, summary_hidden: bool) -
     (filter.statuses.is_empty() || filter.statuses.contains(&record.status))
         && (filter.repository.is_empty() || record.spec.repository == filter.repository)
         && (filter.region.is_empty() || record.spec.region.as_deref() == Some(filter.region))
-        && (filter.needle.is_empty() || matches_search(record, filter.needle, summary_hidden))
+        && filter
+            .needle
+            .is_none_or(|needle| matches_search(record, needle, summary_hidden))
 }
 
 /// Whether `record` matches a search; a summary hidden from the caller is not searched, so a
 /// search cannot reveal it a word at a time.
-pub fn matches_search(record: &AgentRecord, needle: &str, summary_hidden: bool) -> bool {
-    contains_lowercase(&record.spec.name, needle)
-        || contains_lowercase(&record.spec.prompt, needle)
+pub fn matches_search(record: &AgentRecord, needle: &Needle, summary_hidden: bool) -> bool {
+    needle.found_in(&record.spec.name)
+        || needle.found_in(&record.spec.prompt)
         || (!summary_hidden
             && record
                 .summary
                 .as_deref()
-                .is_some_and(|summary| contains_lowercase(summary, needle)))
+                .is_some_and(|summary| needle.found_in(summary)))
 }
 
-/// `text.to_lowercase().contains(needle)` for a lowercase `needle`, without copying `text`
-/// when it is ASCII (its lowercase is then byte for byte `to_ascii_lowercase`): a search looks
-/// at up to [`MAX_LIST_SCANNED`] prompts per page.
-pub fn contains_lowercase(text: &str, needle: &str) -> bool {
-    if !text.is_ascii() {
-        return text.to_lowercase().contains(needle);
+/// A search's needle, lowercase, with a matcher for ASCII text built once per page.
+pub struct Needle {
+    lowercase: String,
+    ascii_matcher: aho_corasick::AhoCorasick,
+}
+
+impl Needle {
+    /// `None` for an empty search. The needle is lowercased here.
+    pub fn new(search: &str) -> Option<Needle> {
+        if search.is_empty() {
+            return None;
+        }
+        let lowercase = search.to_lowercase();
+        let ascii_matcher = aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build([lowercase.as_str()])
+            .expect("one needle of at most MAX_SEARCH_BYTES builds a matcher");
+        Some(Needle {
+            lowercase,
+            ascii_matcher,
+        })
     }
-    let (text, needle) = (text.as_bytes(), needle.as_bytes());
-    if needle.is_empty() {
-        return true;
+
+    /// `text.to_lowercase().contains(needle)`, without copying `text` when it is ASCII (its
+    /// lowercase is then byte for byte its ASCII lowercase): a search looks at up to
+    /// [`MAX_LIST_SCANNED`] prompts per page.
+    pub fn found_in(&self, text: &str) -> bool {
+        if text.is_ascii() {
+            self.ascii_matcher.is_match(text)
+        } else {
+            text.to_lowercase().contains(&self.lowercase)
+        }
     }
-    text.windows(needle.len()).any(|window| {
-        window
-            .iter()
-            .zip(needle)
-            .all(|(byte, wanted)| byte.to_ascii_lowercase() == *wanted)
-    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::contains_lowercase;
+    use super::Needle;
 
     #[test]
     fn ascii_and_unicode_searches_match_what_lowercasing_matches() {
@@ -135,8 +153,9 @@ mod tests {
         let needles = ["build", "fix the", "été", "k", "à p", "", "xyz", "abcd", "kelvin k"];
         for text in texts {
             for needle in needles {
+                let found = Needle::new(needle).is_none_or(|matcher| matcher.found_in(text));
                 assert_eq!(
-                    contains_lowercase(text, needle),
+                    found,
                     text.to_lowercase().contains(needle),
                     "{text:?} contains {needle:?}"
                 );

@@ -403,13 +403,13 @@ impl AgentService for AgentApi {
             }
             Some(token.after)
         };
-        let needle = body.search.to_lowercase();
+        let needle = super::agent_list::Needle::new(&body.search);
         self.settle().await?;
         let filter = super::agent_list::ListFilter {
             statuses: &statuses,
             repository: &body.repository,
             region: &body.region,
-            needle: &needle,
+            needle: needle.as_ref(),
         };
         let (agents, resume_after) = self
             .replica
