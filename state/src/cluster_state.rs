@@ -89,6 +89,10 @@ pub struct ClusterState {
     /// it returns (in id order, newest last, like `agents`).
     #[serde(skip)]
     pub by_status: BTreeMap<AgentStatus, BTreeSet<AgentId>>,
+    /// Every agent's search signature (see [`crate::search`]), newest last like `agents`, so a
+    /// search walks fixed-size signatures and reads only the records that may match.
+    #[serde(skip)]
+    pub search_signatures: BTreeMap<AgentId, crate::search::SearchSignature>,
 }
 
 /// Keys touched by applied commands since the last drain.
@@ -124,6 +128,7 @@ impl ClusterState {
         self.live_by_team.clear();
         self.created_by_team.clear();
         self.by_status.clear();
+        self.search_signatures.clear();
         let ids: Vec<AgentId> = self.agents.keys().copied().collect();
         for id in ids {
             self.index_agent(id);
@@ -138,9 +143,14 @@ impl ClusterState {
             for set in self.live_by_team.values_mut() {
                 set.remove(&id);
             }
+            self.search_signatures.remove(&id);
             return;
         };
         self.by_status.entry(agent.status).or_default().insert(id);
+        // Computed afresh on every change (name and prompt never change, a summary may), so
+        // the signature is always that of the record's current texts.
+        let signature = crate::search::SearchSignature::of_record(agent);
+        self.search_signatures.insert(id, signature);
         let team = crate::types::owning_team(&agent.spec.team).to_string();
         self.created_by_team
             .entry(team.clone())

@@ -107,6 +107,8 @@ pub enum InvariantViolation {
         indexed: Vec<AgentStatus>,
         record: Option<AgentStatus>,
     },
+    #[error("the search signatures disagree with the records for agent {agent}")]
+    SearchSignatureDisagrees { agent: AgentId },
     #[error("the active index puts agent {agent} on nodes {indexed_nodes:?}; its record says {record_node:?}")]
     ActiveIndexDisagrees {
         agent: AgentId,
@@ -418,6 +420,7 @@ fn check_indexes(state: &ClusterState) -> Result<(), InvariantViolation> {
         });
     }
     check_status_index(state)?;
+    check_search_signatures(state)?;
     let mut indexed_nodes: BTreeMap<AgentId, Vec<NodeId>> = BTreeMap::new();
     for (node, agents) in &state.active_by_node {
         for agent in agents {
@@ -462,6 +465,24 @@ fn check_status_index(state: &ClusterState) -> Result<(), InvariantViolation> {
                 indexed: filed,
                 record,
             });
+        }
+    }
+    Ok(())
+}
+
+/// Every agent has the signature of its current texts, and no other id has one.
+fn check_search_signatures(state: &ClusterState) -> Result<(), InvariantViolation> {
+    if let Some(agent) = state
+        .search_signatures
+        .keys()
+        .find(|agent| !state.agents.contains_key(agent))
+    {
+        return Err(InvariantViolation::SearchSignatureDisagrees { agent: *agent });
+    }
+    for (agent, record) in &state.agents {
+        let expected = crate::search::SearchSignature::of_record(record);
+        if state.search_signatures.get(agent) != Some(&expected) {
+            return Err(InvariantViolation::SearchSignatureDisagrees { agent: *agent });
         }
     }
     Ok(())

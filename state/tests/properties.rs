@@ -1038,6 +1038,7 @@ fn check_listing_indexes(state: &ClusterState) -> Result<(), TestCaseError> {
     prop_assert_eq!(&reloaded.pending, &state.pending);
     prop_assert_eq!(non_empty(&reloaded.active_by_node), non_empty(&state.active_by_node));
     prop_assert_eq!(non_empty(&reloaded.live_by_team), non_empty(&state.live_by_team));
+    prop_assert_eq!(&reloaded.search_signatures, &state.search_signatures);
     Ok(())
 }
 

@@ -94,4 +94,5 @@ fn remove_agent(state: &mut ClusterState, changes: &mut Changes, id: AgentId) {
     for set in state.by_status.values_mut() {
         set.remove(&id);
     }
+    state.search_signatures.remove(&id);
 }
