@@ -2,12 +2,15 @@
 //! first, resuming before the id a page token names. A list filtered by status walks the
 //! state's status index (`ClusterState::ids_with_status_before`) instead of every agent, so
 //! a status with few agents among many answers at once; other filters look at records one by
-//! one, at most [`MAX_LIST_SCANNED`] per page.
+//! one, at most [`MAX_LIST_SCANNED`] per page. A search first tests each agent's fixed-size
+//! trigram signature (`flotilla_state::search`) and reads only the records that may match,
+//! so results are those of a full scan at a small part of its cost.
 
 use std::collections::HashMap;
 
 use flotilla_proto::v1;
 use flotilla_raft::{AgentId, AgentRecord, AgentStatus, ClusterState};
+use flotilla_state::search::SearchSignature;
 use prost::Message as _;
 
 use super::authz::Principal;
@@ -41,19 +44,7 @@ pub fn list_page<'state>(
     // Whether the caller sees a team's summaries, once per team of the page (keyed by the
     // record's own team text, borrowed from the state, so a lookup allocates nothing).
     let mut hidden_by_team: HashMap<&str, bool> = HashMap::new();
-    let candidates: Box<dyn Iterator<Item = (AgentId, &'state AgentRecord)> + 'state> = if filter.statuses.is_empty() {
-        let range = match after {
-            Some(after) => state.agents.range(..after),
-            None => state.agents.range(..),
-        };
-        Box::new(range.rev().map(|(id, record)| (*id, record)))
-    } else {
-        Box::new(
-            state
-                .ids_with_status_before(filter.statuses, after)
-                .filter_map(|id| state.agents.get(&id).map(|record| (id, record))),
-        )
-    };
+    let candidates = candidates(state, filter, after);
     // The page ends at `page_size` agents, at `MAX_LIST_PAGE_BYTES` of them, or after
     // `MAX_LIST_SCANNED` records looked at, whichever comes first; the token then resumes
     // after the last record looked at.
@@ -64,7 +55,7 @@ pub fn list_page<'state>(
         if scanned == MAX_LIST_SCANNED || page.len() == page_size {
             return (page, last_examined);
         }
-        if caller.sees_team(&record.spec.team) {
+        if let Some(record) = record.filter(|record| caller.sees_team(&record.spec.team)) {
             let team = record.spec.team.as_str();
             let hide = *hidden_by_team
                 .entry(team)
@@ -85,6 +76,44 @@ pub fn list_page<'state>(
         last_examined = Some(id);
     }
     (page, None)
+}
+
+/// The agents a page looks at, newest first, before `after`: each with its record, or `None`
+/// when its search signature rules it out (it still counts as looked at, and the page may
+/// resume after it). A status filter walks the status index; a search without one walks the
+/// signatures, reading only the records that may match.
+fn candidates<'state>(
+    state: &'state ClusterState,
+    filter: &ListFilter<'_>,
+    after: Option<AgentId>,
+) -> Box<dyn Iterator<Item = (AgentId, Option<&'state AgentRecord>)> + 'state> {
+    let signature = filter.needle.and_then(|needle| needle.signature);
+    if !filter.statuses.is_empty() {
+        return Box::new(state.ids_with_status_before(filter.statuses, after).map(move |id| {
+            let possible = signature.is_none_or(|needle| {
+                state
+                    .search_signatures
+                    .get(&id)
+                    .is_none_or(|candidate| candidate.may_contain(&needle))
+            });
+            (id, possible.then(|| state.agents.get(&id)).flatten())
+        }));
+    }
+    if let Some(needle) = signature {
+        let range = match after {
+            Some(after) => state.search_signatures.range(..after),
+            None => state.search_signatures.range(..),
+        };
+        return Box::new(range.rev().map(move |(id, candidate)| {
+            let possible = candidate.may_contain(&needle);
+            (*id, possible.then(|| state.agents.get(id)).flatten())
+        }));
+    }
+    let range = match after {
+        Some(after) => state.agents.range(..after),
+        None => state.agents.range(..),
+    };
+    Box::new(range.rev().map(|(id, record)| (*id, Some(record))))
 }
 
 fn wanted(record: &AgentRecord, filter: &ListFilter<'_>, summary_hidden: bool) -> bool {
@@ -108,9 +137,11 @@ pub fn matches_search(record: &AgentRecord, needle: &Needle, summary_hidden: boo
                 .is_some_and(|summary| needle.found_in(summary)))
 }
 
-/// A search's needle, lowercased once per page.
+/// A search's needle, lowercased once per page, with the trigram bits a record must have to
+/// hold it (`None` when the needle is too short to have any).
 pub struct Needle {
     lowercase: String,
+    signature: Option<SearchSignature>,
 }
 
 impl Needle {
@@ -118,6 +149,8 @@ impl Needle {
     pub fn new(search: &str) -> Option<Needle> {
         (!search.is_empty()).then(|| Needle {
             lowercase: search.to_lowercase(),
+            signature: Some(SearchSignature::of_needle(search))
+                .filter(|signature| *signature != SearchSignature::default()),
         })
     }
 
