@@ -34,8 +34,8 @@ pub struct ListFilter<'a> {
 
 /// The page of agents `caller` sees after `after` (newest first), and the id to resume after
 /// when the page ended before the last agent.
-pub fn list_page<'state>(
-    state: &'state ClusterState,
+pub fn list_page(
+    state: &ClusterState,
     caller: &Principal,
     filter: &ListFilter<'_>,
     after: Option<AgentId>,
