@@ -139,6 +139,9 @@ impl ClusterState {
         for set in self.by_status.values_mut() {
             set.remove(&id);
         }
+        // No empty sets kept: a state rebuilt from its records has none, and the two compare
+        // equal (a snapshot install is checked that way).
+        self.by_status.retain(|_, set| !set.is_empty());
         let Some(agent) = self.agents.get(&id) else {
             for set in self.live_by_team.values_mut() {
                 set.remove(&id);

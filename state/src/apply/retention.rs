@@ -94,5 +94,6 @@ fn remove_agent(state: &mut ClusterState, changes: &mut Changes, id: AgentId) {
     for set in state.by_status.values_mut() {
         set.remove(&id);
     }
+    state.by_status.retain(|_, set| !set.is_empty());
     state.search_signatures.remove(&id);
 }
