@@ -41,9 +41,12 @@ demo: setup
 # asserts nothing about time.
 BENCH_BUILD = $(CARGO) build --release --bin flotilla --bin flotilla-bench
 
+# `memory`: bytes per idle and per running agent, and a node with 100,000 ended agents:
+# its restart and its paginated lists (docs/performance.md, "Memory and large states").
 bench:
 	$(BENCH_BUILD)
 	target/release/flotilla-bench create
+	target/release/flotilla-bench memory
 
 # The write path side by side with etcd's (Debian package etcd-server, see scripts/setup):
 # loopback clusters of 1 and 3 members each, one at a time, at 1, 16, 64 and 256 clients.

@@ -193,6 +193,54 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The process id of the node at `index` (in start order).
+    pub fn node_pid(&self, index: usize) -> u32 {
+        self.nodes[index].child.id()
+    }
+
+    /// Stops the node at `index` cleanly (SIGTERM, as an operator's stop) and waits until its
+    /// process has exited; returns how long that took. Past `deadline` the node is killed and
+    /// the stop reported as failed.
+    pub async fn stop_node(&mut self, index: usize, deadline: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let node = &mut self.nodes[index];
+        signal_process_group(&node.child, libc::SIGTERM);
+        loop {
+            if let Some(status) = node.child.try_wait().context("waiting for a stopping node")? {
+                if !status.success() {
+                    bail!("node {} exited with {status} on a clean stop", node.id);
+                }
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() >= deadline {
+                signal_process_group(&node.child, libc::SIGKILL);
+                let _ = node.child.wait();
+                bail!(
+                    "node {} did not stop within {} ms of SIGTERM",
+                    node.id,
+                    deadline.as_millis()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Starts the node at `index` again on its own data dir and ports (after [`Self::stop_node`]);
+    /// it rejoins from what its data dir holds. Returns at once, when the process is spawned.
+    pub fn start_node_again(&mut self, index: usize) -> anyhow::Result<()> {
+        let node = self.nodes.remove(index);
+        let port: u16 = node
+            .endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .context("reading the node's port from its endpoint")?;
+        self.spawn_node(node.id, port, None)?;
+        let restarted = self.nodes.pop().expect("spawn_node pushed the node");
+        self.nodes.insert(index, restarted);
+        Ok(())
+    }
+
     /// Fails with the node's log tail if any node has exited.
     fn ensure_all_running(&mut self) -> anyhow::Result<()> {
         for node in &mut self.nodes {

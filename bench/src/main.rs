@@ -14,7 +14,9 @@
 //! - `plugins`: the cost of compiling, loading and calling a plugin component;
 //! - `placement`: the scheduler's pure placement decision over a simulated cluster of 1,000
 //!   nodes, on one thread;
-//! - `assign`: from a create's acknowledgement to its agent's assignment on a loopback cluster.
+//! - `assign`: from a create's acknowledgement to its agent's assignment on a loopback cluster;
+//! - `memory`: bytes per idle and per running agent, and a node with a large history of ended
+//!   agents: its restart time and `ListAgents` latency.
 
 mod assign;
 mod burst;
@@ -25,6 +27,7 @@ mod etcd_cluster;
 mod load;
 mod local_cluster;
 mod machines;
+mod memory;
 mod placement;
 mod plugins;
 mod run_limits;
@@ -37,7 +40,8 @@ use clap::{Parser, Subcommand};
 // The same allocator as the node, so that `turns`, which runs the node's pieces in this
 // process, measures what a node would.
 #[global_allocator]
-static GLOBAL_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// `memory` counts the heap's live bytes through it.
+static GLOBAL_ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +72,8 @@ enum BenchCommand {
     Placement(placement::BenchPlacementArgs),
     /// From a create's acknowledgement to the agent's assignment, on a loopback cluster.
     Assign(assign::BenchAssignArgs),
+    /// Memory per idle and per running agent; a node with a large history: restart and lists.
+    Memory(memory::BenchMemoryArgs),
 }
 
 fn init_logging() {
@@ -108,6 +114,7 @@ fn main() -> ExitCode {
             // Pure computation on this thread: no runtime worker is involved.
             BenchCommand::Placement(args) => placement::run_placement(args),
             BenchCommand::Assign(args) => assign::run_assign(args).await,
+            BenchCommand::Memory(args) => memory::run_memory(args).await,
         }
     });
     match result {

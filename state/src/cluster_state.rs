@@ -85,6 +85,14 @@ pub struct ClusterState {
     /// Agents per owning team by creation time in the log (what `creates_per_minute` counts).
     #[serde(skip)]
     pub created_by_team: BTreeMap<String, BTreeSet<(u64, AgentId)>>,
+    /// Every agent under its status, so that a list filtered by status walks only the agents
+    /// it returns (in id order, newest last, like `agents`).
+    #[serde(skip)]
+    pub by_status: BTreeMap<AgentStatus, BTreeSet<AgentId>>,
+    /// Every agent's search signature (see [`crate::search`]), newest last like `agents`, so a
+    /// search walks fixed-size signatures and reads only the records that may match.
+    #[serde(skip)]
+    pub search_signatures: BTreeMap<AgentId, crate::search::SearchSignature>,
 }
 
 /// Keys touched by applied commands since the last drain.
@@ -119,6 +127,8 @@ impl ClusterState {
         self.active_by_node.clear();
         self.live_by_team.clear();
         self.created_by_team.clear();
+        self.by_status.clear();
+        self.search_signatures.clear();
         let ids: Vec<AgentId> = self.agents.keys().copied().collect();
         for id in ids {
             self.index_agent(id);
@@ -126,12 +136,24 @@ impl ClusterState {
     }
 
     pub(crate) fn index_agent(&mut self, id: AgentId) {
+        for set in self.by_status.values_mut() {
+            set.remove(&id);
+        }
+        // No empty sets kept: a state rebuilt from its records has none, and the two compare
+        // equal (a snapshot install is checked that way).
+        self.by_status.retain(|_, set| !set.is_empty());
         let Some(agent) = self.agents.get(&id) else {
             for set in self.live_by_team.values_mut() {
                 set.remove(&id);
             }
+            self.search_signatures.remove(&id);
             return;
         };
+        self.by_status.entry(agent.status).or_default().insert(id);
+        // Computed afresh on every change (name and prompt never change, a summary may), so
+        // the signature is always that of the record's current texts.
+        let signature = crate::search::SearchSignature::of_record(agent);
+        self.search_signatures.insert(id, signature);
         let team = crate::types::owning_team(&agent.spec.team).to_string();
         self.created_by_team
             .entry(team.clone())
@@ -140,6 +162,12 @@ impl ClusterState {
         if agent.status.is_terminal() {
             if let Some(set) = self.live_by_team.get_mut(&team) {
                 set.remove(&id);
+            }
+            // An ended agent's history rarely grows again: give back the room a growing queue
+            // keeps (a queue of two or three events holds room for four), which on a node with
+            // a long history of ended agents is most of their events' memory.
+            if let Some(events) = self.events.get_mut(&id) {
+                events.shrink_to_fit();
             }
         } else {
             self.live_by_team.entry(team).or_default().insert(id);
@@ -155,6 +183,39 @@ impl ClusterState {
         if let (Some(assignment), false) = (agent.assignment, agent.status.is_terminal()) {
             self.active_by_node.entry(assignment.node).or_default().insert(id);
         }
+    }
+
+    /// Agents with one of `statuses`, newest first, those before `before` only (all when
+    /// `None`): the ids of the status index merged in descending order, so a filtered list
+    /// walks only the agents it may return.
+    pub fn ids_with_status_before<'a>(
+        &'a self,
+        statuses: &[AgentStatus],
+        before: Option<AgentId>,
+    ) -> impl Iterator<Item = AgentId> + 'a {
+        let mut wanted: Vec<AgentStatus> = statuses.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut ranges: Vec<std::iter::Peekable<_>> = wanted
+            .iter()
+            .filter_map(|status| self.by_status.get(status))
+            .map(|set| {
+                let range = match before {
+                    Some(before) => set.range(..before),
+                    None => set.range(..),
+                };
+                range.rev().copied().peekable()
+            })
+            .collect();
+        std::iter::from_fn(move || {
+            // The largest head of the ranges is the next id; each id is in one range only.
+            let (index, _) = ranges
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(index, range)| range.peek().map(|id| (index, *id)))
+                .max_by_key(|(_, id)| *id)?;
+            ranges[index].next()
+        })
     }
 
     /// Agents a node owns and should be running.

@@ -101,6 +101,14 @@ pub enum InvariantViolation {
     },
     #[error("the pending index says agent {agent} is {}, its record says otherwise", if *.indexed { "pending" } else { "not pending" })]
     PendingIndexDisagrees { agent: AgentId, indexed: bool },
+    #[error("the status index files agent {agent} under {indexed:?}; its record says {record:?}")]
+    StatusIndexDisagrees {
+        agent: AgentId,
+        indexed: Vec<AgentStatus>,
+        record: Option<AgentStatus>,
+    },
+    #[error("the search signatures disagree with the records for agent {agent}")]
+    SearchSignatureDisagrees { agent: AgentId },
     #[error("the active index puts agent {agent} on nodes {indexed_nodes:?}; its record says {record_node:?}")]
     ActiveIndexDisagrees {
         agent: AgentId,
@@ -411,6 +419,8 @@ fn check_indexes(state: &ClusterState) -> Result<(), InvariantViolation> {
             indexed: true,
         });
     }
+    check_status_index(state)?;
+    check_search_signatures(state)?;
     let mut indexed_nodes: BTreeMap<AgentId, Vec<NodeId>> = BTreeMap::new();
     for (node, agents) in &state.active_by_node {
         for agent in agents {
@@ -432,6 +442,47 @@ fn check_indexes(state: &ClusterState) -> Result<(), InvariantViolation> {
                 indexed_nodes: indexed,
                 record_node,
             });
+        }
+    }
+    Ok(())
+}
+
+/// `by_status` files every agent under its own status, once, and nothing else.
+fn check_status_index(state: &ClusterState) -> Result<(), InvariantViolation> {
+    let mut indexed: BTreeMap<AgentId, Vec<AgentStatus>> = BTreeMap::new();
+    for (status, agents) in &state.by_status {
+        for agent in agents {
+            indexed.entry(*agent).or_default().push(*status);
+        }
+    }
+    let agent_ids: BTreeSet<AgentId> = state.agents.keys().chain(indexed.keys()).copied().collect();
+    for agent in agent_ids {
+        let record = state.agents.get(&agent).map(|record| record.status);
+        let filed = indexed.remove(&agent).unwrap_or_default();
+        if filed != record.into_iter().collect::<Vec<_>>() {
+            return Err(InvariantViolation::StatusIndexDisagrees {
+                agent,
+                indexed: filed,
+                record,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every agent has the signature of its current texts, and no other id has one.
+fn check_search_signatures(state: &ClusterState) -> Result<(), InvariantViolation> {
+    if let Some(agent) = state
+        .search_signatures
+        .keys()
+        .find(|agent| !state.agents.contains_key(agent))
+    {
+        return Err(InvariantViolation::SearchSignatureDisagrees { agent: *agent });
+    }
+    for (agent, record) in &state.agents {
+        let expected = crate::search::SearchSignature::of_record(record);
+        if state.search_signatures.get(agent) != Some(&expected) {
+            return Err(InvariantViolation::SearchSignatureDisagrees { agent: *agent });
         }
     }
     Ok(())

@@ -16,6 +16,7 @@
 //!   file per command family.
 //! - [`invariants`]: what every state `apply` produces satisfies, as a checker.
 //! - [`audit`]: the audit log's entries and the per-team limits `apply` enforces.
+//! - [`search`]: the fixed-size signature that lets a `ListAgents` search skip records.
 //! - [`placement`]: which node runs each pending agent, a pure decision the scheduler writes.
 //!
 //! The same log gives the same state on every node because `apply` reads no clock and no
@@ -28,6 +29,7 @@ pub mod command;
 pub mod host_pattern;
 pub mod invariants;
 pub mod placement;
+pub mod search;
 pub mod secrets;
 pub mod settings;
 pub mod types;

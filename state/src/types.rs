@@ -73,7 +73,9 @@ impl fmt::Display for Term {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Ordered (by variant, the order of a run) only so that it can key an index in memory; the
+/// order means nothing on the wire.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AgentStatus {
     Pending,
     Provisioning,

@@ -33,13 +33,6 @@ const FALLBACK_BASE_BRANCH: &str = "main";
 pub const WATCH_DELETE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// Durable events a watcher copies from the state in one step of its replay.
 pub const WATCH_REPLAY_STEP_EVENTS: usize = 64;
-/// Most bytes of agents in one `ListAgents` page (a prompt alone may be 256 KiB): a page that
-/// reaches it is short and has a next token.
-pub const MAX_LIST_PAGE_BYTES: usize = 4 * 1024 * 1024;
-/// Most agent records one `ListAgents` page looks at under the state's lock, matching or not;
-/// a search that finds little answers a short page with a next token rather than scan on.
-pub const MAX_LIST_SCANNED: usize = 50_000;
-
 pub struct AgentApi {
     pub replica: Replica,
     pub mesh: Mesh,
@@ -410,54 +403,18 @@ impl AgentService for AgentApi {
             }
             Some(token.after)
         };
-        let needle = body.search.to_lowercase();
+        let needle = super::agent_list::Needle::new(&body.search);
         self.settle().await?;
-        let (agents, resume_after) = self.replica.reader().read(|state| {
-            // Whether the caller sees a team's summaries, once per team of the page.
-            let mut hidden_by_team: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
-            let mut hidden = |team: &str| {
-                *hidden_by_team
-                    .entry(team.to_string())
-                    .or_insert_with(|| caller.summary_hidden(team, &state.settings_of(team)))
-            };
-            let wanted = |record: &AgentRecord, hide: bool| {
-                caller.sees_team(&record.spec.team)
-                    && (statuses.is_empty() || statuses.contains(&record.status))
-                    && (body.repository.is_empty() || record.spec.repository == body.repository)
-                    && (body.region.is_empty() || record.spec.region.as_deref() == Some(body.region.as_str()))
-                    && (needle.is_empty() || matches_search(record, &needle, hide))
-            };
-            let range = match after {
-                Some(after) => state.agents.range(..after),
-                None => state.agents.range(..),
-            };
-            // The page ends at `page_size` agents, at `MAX_LIST_PAGE_BYTES` of them, or after
-            // `MAX_LIST_SCANNED` records looked at, whichever comes first; the token then
-            // resumes after the last record looked at.
-            let mut page: Vec<v1::Agent> = Vec::with_capacity(page_size);
-            let mut page_bytes = 0;
-            let mut last_examined = None;
-            for (scanned, (id, record)) in range.rev().enumerate() {
-                if scanned == MAX_LIST_SCANNED || page.len() == page_size {
-                    return (page, last_examined);
-                }
-                let hide = hidden(&record.spec.team);
-                if wanted(record, hide) {
-                    let mut agent = convert::agent(record);
-                    if hide {
-                        super::visibility::hide_agent(&mut agent);
-                    }
-                    let bytes = agent.encoded_len();
-                    if !page.is_empty() && page_bytes + bytes > MAX_LIST_PAGE_BYTES {
-                        return (page, last_examined);
-                    }
-                    page_bytes += bytes;
-                    page.push(agent);
-                }
-                last_examined = Some(*id);
-            }
-            (page, None)
-        });
+        let filter = super::agent_list::ListFilter {
+            statuses: &statuses,
+            repository: &body.repository,
+            region: &body.region,
+            needle: needle.as_ref(),
+        };
+        let (agents, resume_after) = self
+            .replica
+            .reader()
+            .read(|state| super::agent_list::list_page(state, &caller, &filter, after, page_size));
         let next_page_token = match resume_after {
             Some(after) => encode_page_token(&PageToken { after, filter: digest }),
             None => String::new(),
@@ -745,18 +702,6 @@ async fn send_event(
 
 fn is_terminal_event(event: &flotilla_raft::DurableEvent) -> bool {
     matches!(&event.kind, flotilla_raft::EventKind::StatusChanged { to, .. } if to.is_terminal())
-}
-
-/// Whether `record` matches a search; a summary hidden from the caller is not searched, so a
-/// search cannot reveal it a word at a time.
-fn matches_search(record: &AgentRecord, needle: &str, summary_hidden: bool) -> bool {
-    record.spec.name.to_lowercase().contains(needle)
-        || record.spec.prompt.to_lowercase().contains(needle)
-        || (!summary_hidden
-            && record
-                .summary
-                .as_deref()
-                .is_some_and(|summary| summary.to_lowercase().contains(needle)))
 }
 
 /// Output chunks buffered towards one attached client.

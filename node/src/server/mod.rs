@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod agent_list;
 pub mod agents;
 pub mod audit;
 pub mod audit_api;

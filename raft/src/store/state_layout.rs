@@ -29,7 +29,11 @@ pub(super) fn load_state(db: &DB) -> Result<StoredState, OpenError> {
     let mut state = ClusterState::default();
     let mut last_applied = None;
     let mut membership = StoredMembership::default();
-    for item in db.iterator_cf(cf, IteratorMode::Start) {
+    // Every record is read once here and kept in memory after: filling the block cache with
+    // them would only hold up to its size in memory for blocks read again only by a restart.
+    let mut options = rocksdb::ReadOptions::default();
+    options.fill_cache(false);
+    for item in db.iterator_cf_opt(cf, options, IteratorMode::Start) {
         let (key, value) = item.map_err(|error| OpenError::Database {
             dir: db.path().display().to_string(),
             message: error.to_string(),

@@ -91,4 +91,9 @@ fn remove_agent(state: &mut ClusterState, changes: &mut Changes, id: AgentId) {
     for set in state.active_by_node.values_mut() {
         set.remove(&id);
     }
+    for set in state.by_status.values_mut() {
+        set.remove(&id);
+    }
+    state.by_status.retain(|_, set| !set.is_empty());
+    state.search_signatures.remove(&id);
 }
