@@ -14,7 +14,9 @@
 //! - `plugins`: the cost of compiling, loading and calling a plugin component;
 //! - `placement`: the scheduler's pure placement decision over a simulated cluster of 1,000
 //!   nodes, on one thread;
-//! - `assign`: from a create's acknowledgement to its agent's assignment on a loopback cluster.
+//! - `assign`: from a create's acknowledgement to its agent's assignment on a loopback cluster;
+//! - `watch`: many concurrent `WatchAgent` streams on one node: delivery latency from commit,
+//!   memory per watcher, the node's responsiveness meanwhile.
 
 mod assign;
 mod burst;
@@ -29,6 +31,7 @@ mod placement;
 mod plugins;
 mod run_limits;
 mod turns;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -68,6 +71,8 @@ enum BenchCommand {
     Placement(placement::BenchPlacementArgs),
     /// From a create's acknowledgement to the agent's assignment, on a loopback cluster.
     Assign(assign::BenchAssignArgs),
+    /// Many concurrent watch streams on one node: delivery latency, memory per watcher.
+    Watch(watch::BenchWatchArgs),
 }
 
 fn init_logging() {
@@ -108,6 +113,7 @@ fn main() -> ExitCode {
             // Pure computation on this thread: no runtime worker is involved.
             BenchCommand::Placement(args) => placement::run_placement(args),
             BenchCommand::Assign(args) => assign::run_assign(args).await,
+            BenchCommand::Watch(args) => watch::run_watch(args).await,
         }
     });
     match result {
