@@ -29,8 +29,6 @@ pub const WATCH_BUFFER_MESSAGES: usize = 256;
 /// The base branch of a create when neither the request nor the team names one and the node
 /// cannot read the origin's default branch with its own credentials.
 const FALLBACK_BASE_BRANCH: &str = "main";
-/// How often a watch looks whether its agent was deleted (a deletion produces no event).
-pub const WATCH_DELETE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// Durable events a watcher copies from the state in one step of its replay.
 pub const WATCH_REPLAY_STEP_EVENTS: usize = 64;
 /// Most bytes of agents in one `ListAgents` page (a prompt alone may be 256 KiB): a page that
@@ -51,6 +49,8 @@ pub struct AgentApi {
     pub repositories: flotilla_actors::repo_url::RepositoryPolicy,
     /// Watches open per key on this node (each holds a task and a buffer).
     pub watches: WatchQuota,
+    /// Applied events routed to the watch streams of their agent.
+    pub watch_hub: super::watch_hub::WatchHub,
     /// How this node dials another node's public endpoint (TLS, checked against the CA).
     pub node_tls: tonic::transport::ClientTlsConfig,
     /// Credentials for reading an origin's default branch.
@@ -479,7 +479,10 @@ impl AgentService for AgentApi {
         let id = validate::agent_id(&body.id)?;
         let permit = self.watches.acquire(&caller)?;
         // Subscribe before reading, so nothing applied in between is missed.
-        let mut durable = self.replica.reader().subscribe_events();
+        let mut durable = self
+            .watch_hub
+            .subscribe(id)
+            .ok_or_else(|| Status::unavailable("the node is stopping"))?;
         let live = self
             .mesh
             .subscribe(&id.to_string())
@@ -505,6 +508,7 @@ impl AgentService for AgentApi {
         }
         let (sender, receiver) = mpsc::channel(WATCH_BUFFER_MESSAGES);
         let reader = self.replica.reader().clone();
+        let hub = self.watch_hub.clone();
         let hide = self.hides_summary(&caller, &record.spec.team);
         let present = move |mut event: v1::AgentEvent| {
             if hide {
@@ -518,9 +522,6 @@ impl AgentService for AgentApi {
             let _permit = permit;
             let mut live = live;
             let mut last = body.after_sequence;
-            // A deleted agent produces no event: the watch looks for it again this often.
-            let mut recheck = tokio::time::interval(WATCH_DELETE_CHECK);
-            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let snapshot = v1::WatchAgentResponse {
                 kind: Some(watch_agent_response::Kind::Snapshot(snapshot)),
             };
@@ -562,8 +563,8 @@ impl AgentService for AgentApi {
                 }
                 loop {
                     tokio::select! {
-                        received = durable.recv() => match received {
-                            Ok(event) if event.agent == id => {
+                        received = durable.events().recv() => match received {
+                            Ok(event) => {
                                 if event.sequence == last + 1 {
                                     last = event.sequence;
                                     if send_event(&sender, present(convert::event(&event, scripted))).await.is_err() {
@@ -576,9 +577,16 @@ impl AgentService for AgentApi {
                                     break;
                                 }
                             }
-                            Ok(_) => {}
                             Err(broadcast::error::RecvError::Lagged(_)) => break,
-                            Err(broadcast::error::RecvError::Closed) => return,
+                            // The hub dropped the agent's channel (it lagged, or the agent was
+                            // deleted): subscribe again, then catch up from the state.
+                            Err(broadcast::error::RecvError::Closed) => {
+                                match hub.subscribe(id) {
+                                    Some(again) => durable = again,
+                                    None => return,
+                                }
+                                break;
+                            }
                         },
                         received = live.events.recv() => match received {
                             Some(bytes) => {
@@ -591,11 +599,6 @@ impl AgentService for AgentApi {
                             None => return,
                         },
                         _ = sender.closed() => return,
-                        _ = recheck.tick() => {
-                            if !reader.read(|state| state.agents.contains_key(&id)) {
-                                break;
-                            }
-                        }
                     }
                 }
             }
