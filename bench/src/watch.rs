@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use flotilla_proto::v1::access_service_client::AccessServiceClient;
 use flotilla_proto::v1::{
-    watch_agent_response, CreateAgentRequest, CreateKeyRequest, GetAgentRequest, SendFollowUpRequest,
-    StopAgentRequest, WatchAgentRequest,
+    watch_agent_response, CreateAgentRequest, CreateKeyRequest, GetAgentRequest, SendFollowUpRequest, StopAgentRequest,
+    WatchAgentRequest,
 };
 use futures::StreamExt as _;
 use tonic::transport::Channel;
@@ -83,13 +83,23 @@ pub struct BenchWatchArgs {
 impl BenchWatchArgs {
     fn check(&self) -> anyhow::Result<()> {
         if self.watchers == 0 || self.watchers > MAX_WATCHERS {
-            bail!("--watchers must be between 1 and {MAX_WATCHERS}, found {}", self.watchers);
+            bail!(
+                "--watchers must be between 1 and {MAX_WATCHERS}, found {}",
+                self.watchers
+            );
         }
         if self.agents == 0 || self.agents > self.watchers {
-            bail!("--agents must be between 1 and --watchers ({}), found {}", self.watchers, self.agents);
+            bail!(
+                "--agents must be between 1 and --watchers ({}), found {}",
+                self.watchers,
+                self.agents
+            );
         }
         if self.connections == 0 || self.connections > MAX_CONNECTIONS {
-            bail!("--connections must be between 1 and {MAX_CONNECTIONS}, found {}", self.connections);
+            bail!(
+                "--connections must be between 1 and {MAX_CONNECTIONS}, found {}",
+                self.connections
+            );
         }
         let most_events = self.agents * MAX_FOLLOW_UPS_PER_AGENT;
         if self.events > most_events {
@@ -99,7 +109,10 @@ impl BenchWatchArgs {
             );
         }
         if self.rate == 0 || self.rate > MAX_RATE_PER_SECOND {
-            bail!("--rate must be between 1 and {MAX_RATE_PER_SECOND}, found {}", self.rate);
+            bail!(
+                "--rate must be between 1 and {MAX_RATE_PER_SECOND}, found {}",
+                self.rate
+            );
         }
         Ok(())
     }
@@ -156,7 +169,13 @@ pub async fn run_watch(args: BenchWatchArgs) -> anyhow::Result<()> {
     let agents = create_agents(&endpoint, &mut writer, args.agents).await?;
     let keys = mint_viewer_keys(&endpoint, &admin, args.watchers.div_ceil(WATCHES_PER_KEY)).await?;
 
-    let baseline = probe_for(&endpoint, &admin, &agents[0].id, Duration::from_millis(BASELINE_PROBE_MS)).await?;
+    let baseline = probe_for(
+        &endpoint,
+        &admin,
+        &agents[0].id,
+        Duration::from_millis(BASELINE_PROBE_MS),
+    )
+    .await?;
     let rss_before_kib = node_rss_kib(node_pid)?;
     let progress = Arc::new(Progress::default());
     let open_started = Instant::now();
@@ -260,13 +279,26 @@ async fn open_watchers(
     let mut watchers = Vec::with_capacity(args.watchers);
     for index in 0..args.watchers {
         let agent_index = index % agents.len();
-        let client = agent_client(channels[index % channels.len()].clone(), keys[index / WATCHES_PER_KEY].clone());
+        let client = agent_client(
+            channels[index % channels.len()].clone(),
+            keys[index / WATCHES_PER_KEY].clone(),
+        );
         let request = WatchAgentRequest {
             id: agents[agent_index].id.clone(),
             after_sequence: agents[agent_index].first_sequence,
         };
-        let turn = opens.clone().acquire_owned().await.context("the open semaphore closed")?;
-        watchers.push(tokio::spawn(watch_one(client, request, agent_index, turn, progress.clone())));
+        let turn = opens
+            .clone()
+            .acquire_owned()
+            .await
+            .context("the open semaphore closed")?;
+        watchers.push(tokio::spawn(watch_one(
+            client,
+            request,
+            agent_index,
+            turn,
+            progress.clone(),
+        )));
     }
     Ok(watchers)
 }
@@ -420,13 +452,23 @@ async fn stop_agents(endpoint: &str, writer: &mut AgentClient, agents: &[Watched
 /// `GetAgent` latencies (ms) on a connection of its own, for `length`.
 async fn probe_for(endpoint: &str, token: &BearerToken, id: &str, length: Duration) -> anyhow::Result<Vec<f64>> {
     let stop = Arc::new(AtomicBool::new(false));
-    let probe = tokio::spawn(probe_until(endpoint.to_string(), token.clone(), id.to_string(), stop.clone()));
+    let probe = tokio::spawn(probe_until(
+        endpoint.to_string(),
+        token.clone(),
+        id.to_string(),
+        stop.clone(),
+    ));
     tokio::time::sleep(length).await;
     stop.store(true, Ordering::Relaxed);
     probe.await.context("the probe task failed")?
 }
 
-async fn probe_until(endpoint: String, token: BearerToken, id: String, stop: Arc<AtomicBool>) -> anyhow::Result<Vec<f64>> {
+async fn probe_until(
+    endpoint: String,
+    token: BearerToken,
+    id: String,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Vec<f64>> {
     let channel: Channel = connect(&endpoint).await?;
     let mut client = agent_client(channel, token);
     let mut latencies_ms = Vec::new();
@@ -526,7 +568,9 @@ fn print_latencies(what: &str, writes: &WriteTimes, reports: &[WatcherReport]) {
         from_ack.push(milliseconds(receipt.received.saturating_duration_since(acknowledged)));
         from_send.push(milliseconds(receipt.received.saturating_duration_since(sent)));
         from_stamp.push(receipt.from_event_time_ms.max(0.0));
-        spread.push(milliseconds(receipt.received.saturating_duration_since(first_receipt[&key])));
+        spread.push(milliseconds(
+            receipt.received.saturating_duration_since(first_receipt[&key]),
+        ));
     }
     let lines = [
         ("from the write's acknowledgement", from_ack),
