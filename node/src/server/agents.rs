@@ -3,7 +3,6 @@
 use std::pin::Pin;
 
 use base64::Engine as _;
-use flotilla_actors::mesh::Mesh;
 use flotilla_proto::v1::agent_service_server::AgentService;
 use flotilla_proto::v1::{self, watch_agent_response};
 use flotilla_raft::{
@@ -40,7 +39,6 @@ pub const MAX_LIST_SCANNED: usize = 50_000;
 
 pub struct AgentApi {
     pub replica: Replica,
-    pub mesh: Mesh,
     pub models: Arc<ModelCatalog>,
     /// The node's VCS providers, which must claim an agent's repository; `None` (unit tests
     /// without a plugin host) takes any repository.
@@ -51,6 +49,8 @@ pub struct AgentApi {
     pub watches: WatchQuota,
     /// Applied events routed to the watch streams of their agent.
     pub watch_hub: super::watch_hub::WatchHub,
+    /// One live subscription per watched agent, shared by its watch streams.
+    pub live_hub: super::live_hub::LiveHub,
     /// How this node dials another node's public endpoint (TLS, checked against the CA).
     pub node_tls: tonic::transport::ClientTlsConfig,
     /// Credentials for reading an origin's default branch.
@@ -484,8 +484,8 @@ impl AgentService for AgentApi {
             .subscribe(id)
             .ok_or_else(|| Status::unavailable("the node is stopping"))?;
         let live = self
-            .mesh
-            .subscribe(&id.to_string())
+            .live_hub
+            .subscribe(id)
             .await
             .map_err(|error| Status::unavailable(format!("cannot subscribe to live events: {error}")))?;
         // Waits (bounded) until this node has applied what the cluster acknowledged: a watch
@@ -588,7 +588,7 @@ impl AgentService for AgentApi {
                                 break;
                             }
                         },
-                        received = live.events.recv() => match received {
+                        received = live.recv() => match received {
                             Some(bytes) => {
                                 if let Ok(event) = v1::AgentEvent::decode(bytes.as_slice()) {
                                     if send_event(&sender, present(event)).await.is_err() {

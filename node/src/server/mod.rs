@@ -17,6 +17,7 @@ pub mod enroll;
 mod identity;
 pub mod internal;
 pub mod known_secrets;
+pub mod live_hub;
 pub mod pki;
 pub mod plugins;
 pub mod restore;
@@ -401,7 +402,6 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
     let agent_api = agents::AgentApi {
         replica: replica.clone(),
-        mesh: mesh.clone(),
         models: std::sync::Arc::new(agents::ModelCatalog {
             scripted: runtime
                 .models
@@ -414,6 +414,7 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
         repositories: runtime.git.repositories.clone(),
         watches: authz::WatchQuota::default(),
         watch_hub: watch_hub::WatchHub::start(replica.reader().clone()),
+        live_hub: live_hub::LiveHub::new(mesh.clone()),
         node_tls: identity.tls.tonic_client_config(),
         git: runtime.git.clone(),
         default_branches: default_branch::DefaultBranches::default(),
