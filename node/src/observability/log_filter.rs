@@ -17,9 +17,9 @@ use tracing_subscriber::layer::Filter;
 /// The filter of the log lines: `RUST_LOG` when it is set and valid, else `default_level`.
 pub enum LineFilter {
     /// Targets and levels only: decided once per call site.
-    Static(Targets),
+    Static(Box<Targets>),
     /// With span or field directives: decided per call.
-    Dynamic(EnvFilter),
+    Dynamic(Box<EnvFilter>),
 }
 
 impl LineFilter {
@@ -34,22 +34,24 @@ impl LineFilter {
         let directives = directives.map(str::trim).filter(|directives| !directives.is_empty());
         if let Some(directives) = directives {
             if let Ok(targets) = directives.parse::<Targets>() {
-                return LineFilter::Static(targets);
+                return LineFilter::Static(Box::new(targets));
             }
             if let Ok(filter) = EnvFilter::try_new(directives) {
-                return LineFilter::Dynamic(filter);
+                return LineFilter::Dynamic(Box::new(filter));
             }
         }
         match default_level.parse::<Targets>() {
-            Ok(targets) => LineFilter::Static(targets),
-            Err(_) => LineFilter::Dynamic(EnvFilter::new(default_level)),
+            Ok(targets) => LineFilter::Static(Box::new(targets)),
+            Err(_) => LineFilter::Dynamic(Box::new(EnvFilter::new(default_level))),
         }
     }
 
     /// The most verbose level this filter lets through.
     pub fn max_level(&self) -> Option<LevelFilter> {
         match self {
-            LineFilter::Static(targets) => <Targets as Filter<tracing_subscriber::Registry>>::max_level_hint(targets),
+            LineFilter::Static(targets) => {
+                <Targets as Filter<tracing_subscriber::Registry>>::max_level_hint(&**targets)
+            }
             LineFilter::Dynamic(filter) => filter.max_level_hint(),
         }
     }
@@ -65,8 +67,8 @@ impl LineFilter {
         // the two hints, and no hint is the least), and every disabled macro would call in.
         let also = tracing_subscriber::filter::filter_fn(also).with_max_level_hint(hint);
         match self {
-            LineFilter::Static(targets) => Box::new(targets.and(also)),
-            LineFilter::Dynamic(filter) => Box::new(filter.and(also)),
+            LineFilter::Static(targets) => Box::new((*targets).and(also)),
+            LineFilter::Dynamic(filter) => Box::new((*filter).and(also)),
         }
     }
 }
