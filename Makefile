@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: setup build test lint chaos chaos-short demo bench bench-compare sandbox-debian bench-machines bench-turns bench-plugins test-llm
+.PHONY: setup build test lint chaos chaos-short demo bench bench-compare sandbox-debian bench-machines bench-turns bench-plugins bench-watch test-llm
 
 setup:
 	bash scripts/setup
@@ -47,6 +47,14 @@ bench:
 	$(BENCH_BUILD)
 	target/release/flotilla-bench create
 	target/release/flotilla-bench memory
+	target/release/flotilla-bench watch
+
+# 10,000 concurrent WatchAgent streams on one node: delivery latency from commit, memory per
+# watcher, GetAgent latency meanwhile. WATCHERS sets the number of streams.
+WATCHERS ?= 10000
+bench-watch:
+	$(BENCH_BUILD)
+	target/release/flotilla-bench watch --watchers $(WATCHERS)
 
 # The write path side by side with etcd's (Debian package etcd-server, see scripts/setup):
 # loopback clusters of 1 and 3 members each, one at a time, at 1, 16, 64 and 256 clients.

@@ -144,6 +144,11 @@ impl LocalCluster {
         self.nodes.iter().map(|node| node.endpoint.clone()).collect()
     }
 
+    /// The process id of node `index` (0-based), for reading its figures under /proc.
+    pub fn node_pid(&self, index: usize) -> Option<u32> {
+        self.nodes.get(index).map(|node| node.child.id())
+    }
+
     /// Starts node `id`; `join` is the member to join through and a join token.
     fn spawn_node(&mut self, id: u64, grpc_port: u16, join: Option<(&str, &str)>) -> anyhow::Result<()> {
         let data_dir = self.directory().join(format!("node{id}"));

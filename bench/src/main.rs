@@ -17,6 +17,8 @@
 //! - `assign`: from a create's acknowledgement to its agent's assignment on a loopback cluster;
 //! - `memory`: bytes per idle and per running agent, and a node with a large history of ended
 //!   agents: its restart time and `ListAgents` latency.
+//! - `watch`: many concurrent `WatchAgent` streams on one node: delivery latency from commit,
+//!   memory per watcher, the node's responsiveness meanwhile.
 
 mod assign;
 mod burst;
@@ -32,6 +34,7 @@ mod placement;
 mod plugins;
 mod run_limits;
 mod turns;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -74,6 +77,8 @@ enum BenchCommand {
     Assign(assign::BenchAssignArgs),
     /// Memory per idle and per running agent; a node with a large history: restart and lists.
     Memory(memory::BenchMemoryArgs),
+    /// Many concurrent watch streams on one node: delivery latency, memory per watcher.
+    Watch(watch::BenchWatchArgs),
 }
 
 fn init_logging() {
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
             BenchCommand::Placement(args) => placement::run_placement(args),
             BenchCommand::Assign(args) => assign::run_assign(args).await,
             BenchCommand::Memory(args) => memory::run_memory(args).await,
+            BenchCommand::Watch(args) => watch::run_watch(args).await,
         }
     });
     match result {

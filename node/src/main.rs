@@ -133,29 +133,31 @@ fn init_node_logging(
     format: observability::LogFormat,
     traces: Option<(&url::Url, observability::traces::TraceIdentity)>,
 ) -> Result<Option<observability::traces::Traces>, observability::traces::TracesError> {
-    use tracing_subscriber::filter::FilterExt as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let filter = observability::log_filter::LineFilter::from_env(default_level);
     // Every line passes the redactor: no secret value reaches the log.
     let lines = tracing_subscriber::fmt::layer().with_writer(log_redact::RedactingMakeWriter::new(std::io::stderr));
     let lines = match format {
         observability::LogFormat::Text => lines.boxed(),
         observability::LogFormat::Json => lines.json().boxed(),
     };
-    let lines = lines.with_filter(filter.and(tracing_subscriber::filter::filter_fn(observability::traces::logged)));
-    let (exporter, spans) = match traces {
+    let lines = lines.with_filter(filter.and_also(observability::traces::logged));
+    // Without an endpoint there is no second layer at all: an absent (`None`) layer would
+    // make every call site the lines leave out "sometimes" interesting, asked on every call.
+    match traces {
         Some((endpoint, identity)) => {
             let (exporter, layer) = observability::traces::start(endpoint, identity)?;
-            let spans = layer.with_filter(tracing_subscriber::filter::filter_fn(observability::traces::exported));
-            (Some(exporter), Some(spans))
+            let spans = layer.with_filter(observability::traces::exported_filter());
+            tracing_subscriber::registry().with(lines).with(spans).init();
+            Ok(Some(exporter))
         }
-        None => (None, None),
-    };
-    tracing_subscriber::registry().with(lines).with(spans).init();
-    Ok(exporter)
+        None => {
+            tracing_subscriber::registry().with(lines).init();
+            Ok(None)
+        }
+    }
 }
 
 fn main() -> ExitCode {

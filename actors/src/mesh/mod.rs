@@ -43,7 +43,7 @@ mod tests;
 mod watch;
 
 use link::{SessionEvent, SessionEventForwarder, SessionSummary, NODE_HOST_PREFIX, NODE_NAME_PREFIX};
-pub use watch::Subscription;
+pub use watch::{Rejoin, Subscription};
 use watch::{WatcherSupervisor, WatcherSupervisorMessage};
 
 /// How long dialing a peer's TCP port may take before `connect` gives up.

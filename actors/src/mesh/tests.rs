@@ -404,3 +404,61 @@ async fn events_through_remote_proxies_cross_the_link() {
     first.shutdown().await;
     second.shutdown().await;
 }
+
+/// Counts the joins it is told of in the groups it monitors (as an agent actor monitors its
+/// live group to announce itself).
+struct JoinCounter;
+
+impl ractor::Actor for JoinCounter {
+    type Msg = ();
+    type State = Arc<AtomicU64>;
+    type Arguments = (String, Arc<AtomicU64>);
+
+    async fn pre_start(
+        &self,
+        myself: ractor::ActorRef<()>,
+        (group, joins): (String, Arc<AtomicU64>),
+    ) -> Result<Arc<AtomicU64>, ractor::ActorProcessingErr> {
+        ractor::pg::monitor(group, myself.get_cell());
+        Ok(joins)
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ractor::ActorRef<()>,
+        event: ractor::SupervisionEvent,
+        joins: &mut Arc<AtomicU64>,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        if let ractor::SupervisionEvent::ProcessGroupChanged(ractor::pg::GroupChangeMessage::Join(..)) = event {
+            joins.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_rejoin_tells_the_groups_monitors_of_a_join_again() {
+    let _turn = ONE_TEST_AT_A_TIME.lock().await;
+    let (mesh, _) = start_node(120, SECRET, 16).await;
+    let group = live_group_name("announced");
+    let joins = Arc::new(AtomicU64::new(0));
+    let (counter, _) = ractor::Actor::spawn(None, JoinCounter, (group.clone(), joins.clone()))
+        .await
+        .expect("spawn the join counter");
+    let subscription = mesh.subscribe("announced").await.expect("subscribe");
+    wait_until("the first join", || {
+        let joins = joins.clone();
+        async move { joins.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+    subscription.rejoin_handle().rejoin();
+    wait_until("the join again", || {
+        let joins = joins.clone();
+        async move { joins.load(Ordering::SeqCst) == 2 }
+    })
+    .await;
+    assert_eq!(ractor::pg::get_members(&group).len(), 1, "still one member");
+    counter.stop(None);
+    drop(subscription);
+    mesh.shutdown().await;
+}

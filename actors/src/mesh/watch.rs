@@ -58,7 +58,15 @@ impl Mesh {
             events,
             watcher,
             dropped_here,
+            group: live_group_name(agent_id),
         })
+    }
+
+    /// Counts `count` live events a subscriber further on lost because it fell behind (a
+    /// watcher sharing one subscription with others), as a full subscription buffer counts.
+    pub fn record_dropped_live_events(&self, count: u64) {
+        self.inner.events_dropped.fetch_add(count, Ordering::Relaxed);
+        ::metrics::counter!(crate::metrics::MESH_LIVE_EVENTS_DROPPED_TOTAL).increment(count);
     }
 
     /// Total live events dropped on this node because a subscriber's buffer was full.
@@ -87,9 +95,19 @@ pub struct Subscription {
     pub events: mpsc::Receiver<Vec<u8>>,
     watcher: ActorRef<WatcherMessage>,
     dropped_here: Arc<AtomicU64>,
+    group: String,
 }
 
 impl Subscription {
+    /// A handle to join the agent's group again, for a subscription shared by several
+    /// watchers (see [`Rejoin`]).
+    pub fn rejoin_handle(&self) -> Rejoin {
+        Rejoin {
+            group: self.group.clone(),
+            watcher: self.watcher.get_cell(),
+        }
+    }
+
     /// Events dropped because this subscription's buffer was full.
     pub fn dropped_count(&self) -> u64 {
         self.dropped_here.load(Ordering::Relaxed)
@@ -117,6 +135,22 @@ impl futures::Stream for Subscription {
 
     fn poll_next(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Vec<u8>>> {
         self.events.poll_recv(context)
+    }
+}
+
+/// Joins a subscription's watcher to its agent's group again. The agent announces itself to
+/// the group whenever a member joins (a repeated join counts), so a new watcher that shares
+/// an existing subscription asks for the announcement a subscription of its own would have
+/// brought; the other members receive it too, as they do when any watcher joins.
+#[derive(Clone)]
+pub struct Rejoin {
+    group: String,
+    watcher: ActorCell,
+}
+
+impl Rejoin {
+    pub fn rejoin(&self) {
+        ractor::pg::join(self.group.clone(), vec![self.watcher.clone()]);
     }
 }
 

@@ -3,6 +3,7 @@
 //! OpenTelemetry traces (`--otlp-endpoint`). See
 //! "Observability" in docs/architecture.md.
 
+pub mod log_filter;
 pub mod metrics;
 pub mod rpc;
 pub mod traces;

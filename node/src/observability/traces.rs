@@ -107,6 +107,13 @@ pub fn exported(metadata: &tracing::Metadata<'_>) -> bool {
     metadata.is_span() && metadata.target().starts_with("flotilla") && *metadata.level() <= tracing::Level::INFO
 }
 
+/// [`exported`] as a per-layer filter, with its level hint: without one, the node's most
+/// verbose level would be "anything" and every disabled macro would call into the subscriber.
+pub fn exported_filter() -> tracing_subscriber::filter::FilterFn<fn(&tracing::Metadata<'_>) -> bool> {
+    tracing_subscriber::filter::filter_fn(exported as fn(&tracing::Metadata<'_>) -> bool)
+        .with_max_level_hint(tracing::level_filters::LevelFilter::INFO)
+}
+
 /// The spans the log lines show: all but those for traces only.
 pub fn logged(metadata: &tracing::Metadata<'_>) -> bool {
     !(metadata.is_span() && metadata.target() == TRACE_TARGET)

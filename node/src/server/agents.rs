@@ -3,7 +3,6 @@
 use std::pin::Pin;
 
 use base64::Engine as _;
-use flotilla_actors::mesh::Mesh;
 use flotilla_proto::v1::agent_service_server::AgentService;
 use flotilla_proto::v1::{self, watch_agent_response};
 use flotilla_raft::{
@@ -29,13 +28,10 @@ pub const WATCH_BUFFER_MESSAGES: usize = 256;
 /// The base branch of a create when neither the request nor the team names one and the node
 /// cannot read the origin's default branch with its own credentials.
 const FALLBACK_BASE_BRANCH: &str = "main";
-/// How often a watch looks whether its agent was deleted (a deletion produces no event).
-pub const WATCH_DELETE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// Durable events a watcher copies from the state in one step of its replay.
 pub const WATCH_REPLAY_STEP_EVENTS: usize = 64;
 pub struct AgentApi {
     pub replica: Replica,
-    pub mesh: Mesh,
     pub models: Arc<ModelCatalog>,
     /// The node's VCS providers, which must claim an agent's repository; `None` (unit tests
     /// without a plugin host) takes any repository.
@@ -44,6 +40,10 @@ pub struct AgentApi {
     pub repositories: flotilla_actors::repo_url::RepositoryPolicy,
     /// Watches open per key on this node (each holds a task and a buffer).
     pub watches: WatchQuota,
+    /// Applied events routed to the watch streams of their agent.
+    pub watch_hub: super::watch_hub::WatchHub,
+    /// One live subscription per watched agent, shared by its watch streams.
+    pub live_hub: super::live_hub::LiveHub,
     /// How this node dials another node's public endpoint (TLS, checked against the CA).
     pub node_tls: tonic::transport::ClientTlsConfig,
     /// Credentials for reading an origin's default branch.
@@ -436,10 +436,13 @@ impl AgentService for AgentApi {
         let id = validate::agent_id(&body.id)?;
         let permit = self.watches.acquire(&caller)?;
         // Subscribe before reading, so nothing applied in between is missed.
-        let mut durable = self.replica.reader().subscribe_events();
+        let mut durable = self
+            .watch_hub
+            .subscribe(id)
+            .ok_or_else(|| Status::unavailable("the node is stopping"))?;
         let live = self
-            .mesh
-            .subscribe(&id.to_string())
+            .live_hub
+            .subscribe(id)
             .await
             .map_err(|error| Status::unavailable(format!("cannot subscribe to live events: {error}")))?;
         // Waits (bounded) until this node has applied what the cluster acknowledged: a watch
@@ -460,8 +463,9 @@ impl AgentService for AgentApi {
                 )));
             }
         }
-        let (sender, receiver) = mpsc::channel(WATCH_BUFFER_MESSAGES);
+        let (sender, receiver) = mpsc::channel::<WatchMessage>(WATCH_BUFFER_MESSAGES);
         let reader = self.replica.reader().clone();
+        let hub = self.watch_hub.clone();
         let hide = self.hides_summary(&caller, &record.spec.team);
         let present = move |mut event: v1::AgentEvent| {
             if hide {
@@ -475,13 +479,10 @@ impl AgentService for AgentApi {
             let _permit = permit;
             let mut live = live;
             let mut last = body.after_sequence;
-            // A deleted agent produces no event: the watch looks for it again this often.
-            let mut recheck = tokio::time::interval(WATCH_DELETE_CHECK);
-            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let snapshot = v1::WatchAgentResponse {
                 kind: Some(watch_agent_response::Kind::Snapshot(snapshot)),
             };
-            if sender.send(Ok(snapshot)).await.is_err() {
+            if sender.send(Box::new(Ok(snapshot))).await.is_err() {
                 return;
             }
             let scripted = record.scripted;
@@ -513,14 +514,14 @@ impl AgentService for AgentApi {
                     Some(true) => return,
                     Some(false) => {}
                     None => {
-                        let _ = sender.send(Err(agent_deleted(id))).await;
+                        let _ = sender.send(Box::new(Err(agent_deleted(id)))).await;
                         return;
                     }
                 }
                 loop {
                     tokio::select! {
-                        received = durable.recv() => match received {
-                            Ok(event) if event.agent == id => {
+                        received = durable.events().recv() => match received {
+                            Ok(event) => {
                                 if event.sequence == last + 1 {
                                     last = event.sequence;
                                     if send_event(&sender, present(convert::event(&event, scripted))).await.is_err() {
@@ -533,11 +534,18 @@ impl AgentService for AgentApi {
                                     break;
                                 }
                             }
-                            Ok(_) => {}
                             Err(broadcast::error::RecvError::Lagged(_)) => break,
-                            Err(broadcast::error::RecvError::Closed) => return,
+                            // The hub dropped the agent's channel (it lagged, or the agent was
+                            // deleted): subscribe again, then catch up from the state.
+                            Err(broadcast::error::RecvError::Closed) => {
+                                match hub.subscribe(id) {
+                                    Some(again) => durable = again,
+                                    None => return,
+                                }
+                                break;
+                            }
                         },
-                        received = live.events.recv() => match received {
+                        received = live.recv() => match received {
                             Some(bytes) => {
                                 if let Ok(event) = v1::AgentEvent::decode(bytes.as_slice()) {
                                     if send_event(&sender, present(event)).await.is_err() {
@@ -548,17 +556,12 @@ impl AgentService for AgentApi {
                             None => return,
                         },
                         _ = sender.closed() => return,
-                        _ = recheck.tick() => {
-                            if !reader.read(|state| state.agents.contains_key(&id)) {
-                                break;
-                            }
-                        }
                     }
                 }
             }
         });
         Ok(tonic::Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
+            tokio_stream::wrappers::ReceiverStream::new(receiver).map(|message| *message),
         )))
     }
 
@@ -688,14 +691,16 @@ impl AgentService for AgentApi {
     }
 }
 
-async fn send_event(
-    sender: &mpsc::Sender<Result<v1::WatchAgentResponse, Status>>,
-    event: v1::AgentEvent,
-) -> Result<(), ()> {
+/// One message towards a watcher, boxed: a channel allocates its first block of 32 slots when
+/// it is made, and a `WatchAgentResponse` (an agent record inline) is 488 bytes, so unboxed
+/// every open watch would hold over 15 KiB of empty slots.
+type WatchMessage = Box<Result<v1::WatchAgentResponse, Status>>;
+
+async fn send_event(sender: &mpsc::Sender<WatchMessage>, event: v1::AgentEvent) -> Result<(), ()> {
     sender
-        .send(Ok(v1::WatchAgentResponse {
+        .send(Box::new(Ok(v1::WatchAgentResponse {
             kind: Some(watch_agent_response::Kind::Event(event)),
-        }))
+        })))
         .await
         .map_err(|_| ())
 }

@@ -18,6 +18,7 @@ pub mod enroll;
 mod identity;
 pub mod internal;
 pub mod known_secrets;
+pub mod live_hub;
 pub mod pki;
 pub mod plugins;
 pub mod restore;
@@ -31,6 +32,7 @@ pub mod transport;
 pub mod validate;
 pub mod vcs;
 pub mod visibility;
+pub mod watch_hub;
 
 use std::fs::File;
 use std::io::Write as _;
@@ -62,6 +64,11 @@ pub use status::write_status;
 pub const MAX_VOTERS: usize = 3;
 /// Largest gRPC message a node accepts (snapshots travel in chunks below this).
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Most streams one client connection may have open at once (HTTP/2 SETTINGS). Unbounded
+/// otherwise; a watch is a stream, and clients that watch thousands of agents share a few
+/// connections, so the bound is high (10,000 watchers fit in three connections). A client past
+/// it waits for a stream to close; the per-key watch cap still applies.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
 /// Live events buffered per watcher before they are dropped.
 pub const LIVE_EVENTS_PER_WATCHER: usize = 1024;
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
@@ -396,7 +403,6 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     let (shutdown_sender, shutdown_receiver) = tokio::sync::oneshot::channel::<()>();
     let agent_api = agents::AgentApi {
         replica: replica.clone(),
-        mesh: mesh.clone(),
         models: std::sync::Arc::new(agents::ModelCatalog {
             scripted: runtime
                 .models
@@ -408,6 +414,8 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
         plugins: Some(node_plugins),
         repositories: runtime.git.repositories.clone(),
         watches: authz::WatchQuota::default(),
+        watch_hub: watch_hub::WatchHub::start(replica.reader().clone()),
+        live_hub: live_hub::LiveHub::new(mesh.clone()),
         node_tls: identity.tls.tonic_client_config(),
         git: runtime.git.clone(),
         default_branches: default_branch::DefaultBranches::default(),
@@ -777,6 +785,7 @@ async fn serve(
         flotilla_proto::FILE_DESCRIPTOR_SET,
     )?);
     let served = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .layer(rpc_metrics)
         .add_service(health_service)
         .add_service(reflection)
