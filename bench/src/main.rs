@@ -14,7 +14,9 @@
 //! - `plugins`: the cost of compiling, loading and calling a plugin component;
 //! - `placement`: the scheduler's pure placement decision over a simulated cluster of 1,000
 //!   nodes, on one thread;
-//! - `assign`: from a create's acknowledgement to its agent's assignment on a loopback cluster.
+//! - `assign`: from a create's acknowledgement to its agent's assignment on a loopback cluster;
+//! - `provision`: a burst of scripted agents on one node with real machines, from create to
+//!   their first model call, per stage.
 
 mod assign;
 mod burst;
@@ -27,6 +29,7 @@ mod local_cluster;
 mod machines;
 mod placement;
 mod plugins;
+mod provision;
 mod run_limits;
 mod turns;
 
@@ -68,6 +71,8 @@ enum BenchCommand {
     Placement(placement::BenchPlacementArgs),
     /// From a create's acknowledgement to the agent's assignment, on a loopback cluster.
     Assign(assign::BenchAssignArgs),
+    /// A burst of agents on one node with real machines: create to first model call, per stage.
+    Provision(provision::BenchProvisionArgs),
 }
 
 fn init_logging() {
@@ -89,6 +94,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    if matches!(cli.command, BenchCommand::Provision(_)) {
+        // Before any thread starts: the node it spawns inherits its log settings.
+        provision::prepare_node_environment();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -108,6 +117,7 @@ fn main() -> ExitCode {
             // Pure computation on this thread: no runtime worker is involved.
             BenchCommand::Placement(args) => placement::run_placement(args),
             BenchCommand::Assign(args) => assign::run_assign(args).await,
+            BenchCommand::Provision(args) => provision::run_provision(args).await,
         }
     });
     match result {
