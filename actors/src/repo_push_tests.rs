@@ -37,6 +37,8 @@ async fn setup() -> Setup {
             providers: None,
         },
         cloned: false,
+        refreshed_at: None,
+        mirror_lock: Default::default(),
     };
     let workspace = state
         .prepare("main", "flotilla/push-test", None, &root.join("workspace"))

@@ -433,6 +433,7 @@ async fn prepare_workspace(
         work_branch: agent.spec.work_branch.clone(),
         recorded: agent.pushed_commit.clone(),
         path: path.to_path_buf(),
+        requested_at: std::time::Instant::now(),
         reply,
     })
     .map_err(|error| ProvisionError::RepositoryActor(error.to_string()))??;
