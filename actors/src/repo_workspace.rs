@@ -211,3 +211,106 @@ impl RepoState {
         make_workspace(&self.args.mirror, &self.args.url, start, work_branch, path).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Instant;
+
+    use ractor::{Actor, ActorRef};
+
+    use super::super::tests::{allowing, origin_with_main};
+    use super::super::{git, mirror_path, RepoActor, RepoArgs, RepoMsg, Workspace};
+
+    async fn workspace_at(repo: &ActorRef<RepoMsg>, path: &Path, requested_at: Instant) -> Workspace {
+        ractor::call!(repo, |reply| RepoMsg::PrepareWorkspace {
+            base_branch: "main".to_string(),
+            work_branch: format!("flotilla/{}", path.file_name().unwrap().to_string_lossy()),
+            recorded: None,
+            path: path.to_path_buf(),
+            requested_at,
+            reply,
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    /// A new commit on the seed's main, pushed to the origin; answers it.
+    async fn advance_origin(dir: &Path) -> String {
+        let seed = dir.join("seed");
+        std::fs::write(seed.join("next.txt"), "next\n").unwrap();
+        git(&["add", "."], Some(&seed)).await.unwrap();
+        git(
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@example.test",
+                "commit",
+                "--quiet",
+                "-m",
+                "next",
+            ],
+            Some(&seed),
+        )
+        .await
+        .unwrap();
+        let origin = dir.join("origin.git").display().to_string();
+        git(&["push", "--quiet", &origin, "main"], Some(&seed)).await.unwrap();
+        git(&["rev-parse", "HEAD"], Some(&seed)).await.unwrap()
+    }
+
+    /// A workspace asked for before the last fetch began is served from that fetch; one asked
+    /// for later fetches again and sees what the origin got meanwhile. Workspaces asked for at
+    /// once are made side by side, each on its own branch and at the same start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_covers_the_workspaces_asked_for_before_it_and_later_ones_fetch_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = origin_with_main(dir.path()).await;
+        std::fs::create_dir_all(dir.path().join("repos")).unwrap();
+        let args = RepoArgs {
+            url: url.clone(),
+            mirror: mirror_path(&dir.path().join("repos"), &url),
+            git: allowing(dir.path()),
+            providers: None,
+        };
+        let (repo, _) = Actor::spawn(None, RepoActor, args).await.unwrap();
+        let asked_early = Instant::now();
+        let first = workspace_at(&repo, &dir.path().join("w0"), Instant::now()).await;
+
+        let advanced = advance_origin(dir.path()).await;
+        assert_ne!(first.head_commit, advanced);
+        let covered = workspace_at(&repo, &dir.path().join("w1"), asked_early).await;
+        assert_eq!(
+            covered.head_commit, first.head_commit,
+            "a workspace asked for before the last fetch began does not fetch again"
+        );
+
+        let asked_now = Instant::now();
+        let burst: Vec<Workspace> = futures::future::join_all((2..10).map(|index| {
+            let repo = repo.clone();
+            let path = dir.path().join(format!("w{index}"));
+            async move { workspace_at(&repo, &path, asked_now).await }
+        }))
+        .await;
+        for workspace in &burst {
+            assert_eq!(
+                workspace.head_commit, advanced,
+                "a workspace asked for later sees the new commit"
+            );
+            let head = git(&["rev-parse", "HEAD"], Some(&workspace.path)).await.unwrap();
+            assert_eq!(head, advanced);
+            let branch = git(&["rev-parse", "--abbrev-ref", "HEAD"], Some(&workspace.path))
+                .await
+                .unwrap();
+            assert_eq!(branch, workspace.branch);
+            let tree = git(&["rev-parse", "HEAD^{tree}"], Some(&workspace.path)).await.unwrap();
+            assert_eq!(tree, workspace.tree);
+            let remote = git(&["remote", "get-url", "origin"], Some(&workspace.path))
+                .await
+                .unwrap();
+            assert_eq!(remote, url, "pushes go to the origin, not the mirror");
+        }
+        repo.stop(None);
+    }
+}

@@ -34,6 +34,8 @@ const MAX_AGENTS: usize = 5_000;
 const MAX_CONCURRENCY: usize = 1_024;
 /// How often the model server's request count is read while the burst runs.
 const ARRIVAL_POLL: Duration = Duration::from_millis(1);
+/// The unit of /proc's CPU times (USER_HZ, fixed at 100 by the kernel's ABI).
+const PROC_CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 /// How often the node is asked for failed agents while the burst runs.
 const FAILURE_POLL: Duration = Duration::from_millis(250);
 /// The warm-up agent (install layer, mirror clone) gets this long.
@@ -137,6 +139,7 @@ pub async fn run_provision(args: BenchProvisionArgs) -> anyhow::Result<()> {
 
     let arrivals = Arc::new(Mutex::new(Vec::<SystemTime>::with_capacity(args.agents)));
     let watcher = tokio::spawn(watch_arrivals(model.clone(), before_burst, arrivals.clone()));
+    let node_cpu_before = node_cpu(cluster.directory());
     let burst_started = SystemTime::now();
     let mut timelines = create_burst(&endpoint, &client, &repository, &args).await?;
     let settle = Duration::from_secs(args.settle_seconds);
@@ -150,8 +153,23 @@ pub async fn run_provision(args: BenchProvisionArgs) -> anyhow::Result<()> {
         }
     };
     attribute_arrivals(&model, before_burst, &arrivals, &mut timelines)?;
-    read_node_log(&cluster.directory().join("node1.log"), &mut timelines)?;
+    let mut repo = RepoWork::default();
+    read_node_log(&cluster.directory().join("node1.log"), &mut timelines, &mut repo)?;
     print_report(&args, &timelines, burst_started, warm_up);
+    for (name, samples) in [
+        ("mirror fetches", &repo.fetches_ms),
+        ("workspace clones", &repo.clones_ms),
+    ] {
+        if let Some(figures) = Percentiles::of(samples) {
+            println!("{name:<38} {figures}");
+        }
+    }
+    if let Some(cpu) = cpu_seconds(&node_cpu_before, cluster.directory()) {
+        println!(
+            "node CPU during the burst: {cpu:.1} s (the node and the git and helper processes it reaped), {:.0} ms per agent",
+            cpu * 1000.0 / args.agents as f64
+        );
+    }
     if !failed.is_empty() {
         println!("agents failed before their first model call: {}", failed.len());
         for error in failed.iter().take(5) {
@@ -288,8 +306,16 @@ fn attribute_arrivals(
     Ok(())
 }
 
+/// What the node's repository actor did during the run: its fetches of the mirror and its
+/// workspace clones (milliseconds each).
+#[derive(Default)]
+struct RepoWork {
+    fetches_ms: Vec<f64>,
+    clones_ms: Vec<f64>,
+}
+
 /// The stage lines of the node's JSON log, by agent id.
-fn read_node_log(path: &Path, timelines: &mut [Timeline]) -> anyhow::Result<()> {
+fn read_node_log(path: &Path, timelines: &mut [Timeline], repo: &mut RepoWork) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let by_id: HashMap<String, usize> = timelines
         .iter()
@@ -301,6 +327,12 @@ fn read_node_log(path: &Path, timelines: &mut [Timeline]) -> anyhow::Result<()> 
             continue;
         };
         let fields = &event["fields"];
+        let elapsed_ms = fields["elapsed_ms"].as_f64();
+        match (fields["message"].as_str(), elapsed_ms) {
+            (Some("mirror fetched"), Some(elapsed)) => repo.fetches_ms.push(elapsed),
+            (Some("workspace cloned"), Some(elapsed)) => repo.clones_ms.push(elapsed),
+            _ => {}
+        }
         let (Some(message), Some(agent), Some(timestamp)) = (
             fields["message"].as_str(),
             fields["agent"].as_str(),
@@ -344,9 +376,15 @@ fn print_report(args: &BenchProvisionArgs, timelines: &[Timeline], burst_started
     type Stage = fn(&Timeline) -> Option<f64>;
     let stages: [(&str, Stage); 8] = [
         ("create sent -> acknowledged", |t| between(t.sent, t.acknowledged)),
-        ("acknowledged -> actor started", |t| between(t.acknowledged, t.actor_started)),
-        ("actor started -> PROVISIONING", |t| between(t.actor_started, t.provisioning)),
-        ("PROVISIONING -> workspace ready", |t| between(t.provisioning, t.workspace)),
+        ("acknowledged -> actor started", |t| {
+            between(t.acknowledged, t.actor_started)
+        }),
+        ("actor started -> PROVISIONING", |t| {
+            between(t.actor_started, t.provisioning)
+        }),
+        ("PROVISIONING -> workspace ready", |t| {
+            between(t.provisioning, t.workspace)
+        }),
         ("workspace -> machine ready", |t| between(t.workspace, t.machine_ready)),
         ("machine ready -> first model call", |t| {
             between(t.machine_ready, t.first_model_request)
@@ -392,7 +430,9 @@ async fn describe_missing(
         if made {
             continue;
         }
-        let request = GetAgentRequest { id: timeline.id.clone() };
+        let request = GetAgentRequest {
+            id: timeline.id.clone(),
+        };
         let described = match unary(endpoint, client.clone().get_agent(request)).await {
             Ok(agent) => format!("{} status {} {}", timeline.id, agent.status, agent.error),
             Err(error) => format!("{} ({error})", timeline.id),
@@ -403,4 +443,28 @@ async fn describe_missing(
         }
     }
     missing.join("; ")
+}
+
+/// CPU seconds the node process used (itself and its reaped children), found by its data dir.
+fn node_cpu(directory: &Path) -> Option<f64> {
+    let needle = directory.join("node1").display().to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !cmdline.contains(&needle) || !cmdline.contains(" node ") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        // After the command name (which may hold spaces) come the state (not a number, dropped)
+        // and then field 4 on: utime, stime, cutime and cstime (fields 14 to 17) are 10..14.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<u64> = rest.split_whitespace().filter_map(|field| field.parse().ok()).collect();
+        let sum: u64 = fields.get(10..14)?.iter().sum();
+        return Some(sum as f64 / PROC_CLOCK_TICKS_PER_SECOND);
+    }
+    None
+}
+
+fn cpu_seconds(before: &Option<f64>, directory: &Path) -> Option<f64> {
+    Some(node_cpu(directory)? - (*before)?)
 }
