@@ -348,6 +348,9 @@ pub struct RepoState {
     /// writes the mirror (fetch, push, fence, restore) holds it exclusively, so no clone reads
     /// a pack that a fetch's repack is removing.
     mirror_lock: Arc<tokio::sync::RwLock<()>>,
+    /// The mirror's object format (the origin's), read once per clone of the mirror: every
+    /// fence an agent takes needs it.
+    object_format: Arc<tokio::sync::OnceCell<crate::origin_fence::ObjectFormat>>,
 }
 
 impl RepoState {
@@ -424,6 +427,8 @@ impl RepoState {
                     url: url.clone(),
                     message: error.to_string(),
                 })?;
+            // A new clone may hold another object format than a mirror cloned before it.
+            self.object_format = Default::default();
         } else {
             // The provider may move the repository (another clone URL): follow it.
             git(&["remote", "set-url", "origin", &origin.url], Some(&self.args.mirror))
@@ -587,6 +592,7 @@ impl Actor for RepoActor {
             cloned: false,
             refreshed_at: None,
             mirror_lock: Arc::new(tokio::sync::RwLock::new(())),
+            object_format: Default::default(),
         })
     }
 
@@ -788,6 +794,7 @@ mod tests {
             cloned: false,
             refreshed_at: None,
             mirror_lock: Default::default(),
+            object_format: Default::default(),
         };
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
         let workspace = state
@@ -835,6 +842,7 @@ mod tests {
             cloned: false,
             refreshed_at: None,
             mirror_lock: Default::default(),
+            object_format: Default::default(),
         };
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
         git(&["branch", "feature", "main"], Some(&origin)).await.unwrap();
@@ -881,6 +889,7 @@ mod tests {
             cloned: false,
             refreshed_at: None,
             mirror_lock: Default::default(),
+            object_format: Default::default(),
         };
         let error = state
             .prepare("develop", "w", None, &dir.path().join("w"))
@@ -904,6 +913,7 @@ mod tests {
             cloned: false,
             refreshed_at: None,
             mirror_lock: Default::default(),
+            object_format: Default::default(),
         };
         let error = state
             .prepare("main", "w", None, &dir.path().join("w2"))
@@ -943,6 +953,7 @@ mod tests {
                 cloned: false,
                 refreshed_at: None,
                 mirror_lock: Default::default(),
+                object_format: Default::default(),
             };
             let error = state
                 .prepare("main", "w", None, &dir.path().join("w"))

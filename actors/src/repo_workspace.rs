@@ -47,6 +47,31 @@ async fn commit_and_tree(mirror: &Path, name: &str) -> Option<(String, String)> 
     }
 }
 
+/// The commit and tree at each of the branches `names` (full ref names) in `mirror`, read in
+/// one `git for-each-ref` (a new agent's start needs both its work branch and its base: one
+/// git process instead of two). A branch at something other than a commit (an annotated tag)
+/// is peeled as [`commit_and_tree`] does, in a call of its own; a failed read finds nothing,
+/// as a failed `rev-parse` did.
+async fn branch_tips<const N: usize>(mirror: &Path, names: [&str; N]) -> [Option<(String, String)>; N] {
+    let mut args = vec![
+        "for-each-ref",
+        "--format=%(objecttype) %(objectname) %(tree) %(refname)",
+    ];
+    args.extend_from_slice(&names);
+    let listed = git(&args, Some(mirror)).await.unwrap_or_default();
+    let mut tips: [Option<(String, String)>; N] = std::array::from_fn(|_| None);
+    for (name, tip) in names.iter().zip(tips.iter_mut()) {
+        // for-each-ref also lists refs beneath a name: only the exact name counts.
+        let line = listed.lines().find(|line| line.splitn(4, ' ').nth(3) == Some(name));
+        *tip = match line.map(|line| line.splitn(4, ' ').collect::<Vec<_>>()) {
+            Some(fields) if fields[0] == "commit" => Some((fields[1].to_string(), fields[2].to_string())),
+            Some(_) => commit_and_tree(mirror, name).await,
+            None => None,
+        };
+    }
+    tips
+}
+
 impl RepoState {
     /// Fetches the mirror unless a fetch started after the agent asked (the actor's only
     /// serial step of a workspace).
@@ -98,17 +123,21 @@ async fn workspace_start(mirror: &Path, url: &str, wanted: &Wanted) -> Result<St
             })?;
             (found, true)
         }
-        None => match commit_and_tree(mirror, &format!("refs/heads/{}", wanted.work_branch)).await {
-            Some(tip) => (tip, true),
-            None => {
-                let base = commit_and_tree(mirror, &format!("refs/heads/{}", wanted.base_branch)).await;
-                let base = base.ok_or_else(|| RepoError::NoSuchBranch {
-                    url: url.to_string(),
-                    branch: wanted.base_branch.clone(),
-                })?;
-                (base, false)
+        None => {
+            let work = format!("refs/heads/{}", wanted.work_branch);
+            let base = format!("refs/heads/{}", wanted.base_branch);
+            let [work_tip, base_tip] = branch_tips(mirror, [&work, &base]).await;
+            match work_tip {
+                Some(tip) => (tip, true),
+                None => {
+                    let base = base_tip.ok_or_else(|| RepoError::NoSuchBranch {
+                        url: url.to_string(),
+                        branch: wanted.base_branch.clone(),
+                    })?;
+                    (base, false)
+                }
             }
-        },
+        }
     };
     let (commit, tree) = found;
     Ok(Start { commit, tree, resumed })
@@ -122,6 +151,7 @@ impl RepoState {
             cloned: self.cloned,
             refreshed_at: self.refreshed_at,
             mirror_lock: self.mirror_lock.clone(),
+            object_format: self.object_format.clone(),
         }
     }
 
