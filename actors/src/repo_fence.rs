@@ -391,7 +391,7 @@ impl RepoState {
 }
 
 /// Runs git in `cwd` with `input` on its standard input and answers its trimmed output.
-async fn git_stdin(args: &[&str], cwd: &std::path::Path, input: &str) -> Result<String, GitError> {
+pub(super) async fn git_stdin(args: &[&str], cwd: &std::path::Path, input: &str) -> Result<String, GitError> {
     let mut command = tokio::process::Command::new("git");
     command
         .args(args)
