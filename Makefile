@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: setup build test lint chaos chaos-short demo bench bench-compare sandbox-debian bench-machines bench-turns bench-plugins bench-watch test-llm
+.PHONY: setup build test lint chaos chaos-short demo bench bench-compare sandbox-debian bench-machines bench-turns bench-plugins bench-watch bench-provision test-llm
 
 setup:
 	bash scripts/setup
@@ -76,6 +76,13 @@ bench-machines:
 bench-turns:
 	$(BENCH_BUILD)
 	target/release/flotilla-bench turns
+
+# A burst of scripted agents on one node with real machines (needs root): agents provisioned per
+# second from create to their first model call, and where the time goes, stage by stage.
+PROVISION_AGENTS ?= 200
+bench-provision:
+	$(BENCH_BUILD)
+	target/release/flotilla-bench provision --agents $(PROVISION_AGENTS)
 
 # Plugin compile, load and call cost; PLUGIN is a component, e.g. a test guest built by
 # `cargo test -p flotilla-plugins` into target/plugin-testdata/wasm32-wasip2/release/.

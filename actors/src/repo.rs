@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sha2::{Digest, Sha256};
@@ -278,6 +278,8 @@ pub enum RepoMsg {
         /// starts there, whatever the origin holds.
         recorded: Option<String>,
         path: PathBuf,
+        /// When the agent asked: the mirror is fetched unless a fetch started after this.
+        requested_at: Instant,
         reply: RpcReplyPort<Result<Workspace, RepoError>>,
     },
     /// Take `branch` from what the machine made of it (`source`: a bundle over `base` beneath
@@ -319,6 +321,7 @@ pub enum RepoMsg {
 
 impl ractor::Message for RepoMsg {}
 
+#[derive(Clone)]
 pub struct RepoArgs {
     /// The repository as the agent names it (its provider maps it to the URL git uses).
     pub url: String,
@@ -338,6 +341,16 @@ struct ResolvedOrigin {
 pub struct RepoState {
     args: RepoArgs,
     cloned: bool,
+    /// When the last successful fetch of the mirror started: a workspace asked for before then
+    /// is served without another fetch (a burst of agents of one repository fetches once).
+    refreshed_at: Option<Instant>,
+    /// Workspaces are cloned from the mirror off the actor, each holding this shared; whatever
+    /// writes the mirror (fetch, push, fence, restore) holds it exclusively, so no clone reads
+    /// a pack that a fetch's repack is removing.
+    mirror_lock: Arc<tokio::sync::RwLock<()>>,
+    /// The mirror's object format (the origin's), read once per clone of the mirror: every
+    /// fence an agent takes needs it.
+    object_format: Arc<tokio::sync::OnceCell<crate::origin_fence::ObjectFormat>>,
 }
 
 impl RepoState {
@@ -368,6 +381,7 @@ impl RepoState {
     }
 
     async fn refresh(&mut self) -> Result<(), RepoError> {
+        let started = Instant::now();
         let url = self.args.url.clone();
         let mirror = self.args.mirror.display().to_string();
         let origin = self.origin().await.map_err(|error| match error {
@@ -413,6 +427,8 @@ impl RepoState {
                     url: url.clone(),
                     message: error.to_string(),
                 })?;
+            // A new clone may hold another object format than a mirror cloned before it.
+            self.object_format = Default::default();
         } else {
             // The provider may move the repository (another clone URL): follow it.
             git(&["remote", "set-url", "origin", &origin.url], Some(&self.args.mirror))
@@ -443,98 +459,8 @@ impl RepoState {
             })?;
         }
         self.cloned = true;
+        self.refreshed_at = Some(started);
         Ok(())
-    }
-
-    async fn prepare(
-        &mut self,
-        base_branch: &str,
-        work_branch: &str,
-        recorded: Option<&str>,
-        path: &Path,
-    ) -> Result<Workspace, RepoError> {
-        self.refresh().await?;
-        let mirror = self.args.mirror.clone();
-        let commit_of = |name: String| {
-            let mirror = mirror.clone();
-            async move {
-                git(
-                    &["rev-parse", "--verify", "--quiet", &format!("{name}^{{commit}}")],
-                    Some(&mirror),
-                )
-                .await
-                .ok()
-            }
-        };
-        // The record wins over the origin: a branch moved by a fenced owner is not built on.
-        let (start, resumed) = match recorded {
-            Some(recorded) => {
-                let found = if push_bundle::is_object_id(recorded) {
-                    commit_of(recorded.to_string()).await
-                } else {
-                    None
-                };
-                let start = found.ok_or_else(|| RepoError::Workspace {
-                    path: path.display().to_string(),
-                    message: format!(
-                        "the recorded commit {recorded} of {work_branch} is neither at the origin nor in this node's mirror"
-                    ),
-                })?;
-                (start, true)
-            }
-            None => match commit_of(format!("refs/heads/{work_branch}")).await {
-                Some(tip) => (tip, true),
-                None => {
-                    let base = commit_of(format!("refs/heads/{base_branch}")).await;
-                    let base = base.ok_or_else(|| RepoError::NoSuchBranch {
-                        url: self.args.url.clone(),
-                        branch: base_branch.to_string(),
-                    })?;
-                    (base, false)
-                }
-            },
-        };
-        let workspace_error = |error: GitError| RepoError::Workspace {
-            path: path.display().to_string(),
-            message: error.to_string(),
-        };
-        let _ = tokio::fs::remove_dir_all(path).await;
-        let target = path.display().to_string();
-        // A local clone holds every object of the mirror, the start commit included.
-        git(
-            &[
-                "clone",
-                "--local",
-                "--quiet",
-                "--no-checkout",
-                &self.args.mirror.display().to_string(),
-                &target,
-            ],
-            None,
-        )
-        .await
-        .map_err(workspace_error)?;
-        git(&["checkout", "--quiet", "-B", work_branch, &start], Some(path))
-            .await
-            .map_err(workspace_error)?;
-        // Pushes go to the real origin, not to the node's mirror.
-        git(&["remote", "set-url", "origin", &self.args.url], Some(path))
-            .await
-            .map_err(workspace_error)?;
-        let head_commit = git(&["rev-parse", "HEAD"], Some(path)).await.map_err(workspace_error)?;
-        let tree = git(
-            &["rev-parse", "--verify", "--quiet", &format!("{head_commit}^{{tree}}")],
-            Some(&self.args.mirror),
-        )
-        .await
-        .map_err(workspace_error)?;
-        Ok(Workspace {
-            path: path.to_path_buf(),
-            branch: work_branch.to_string(),
-            head_commit,
-            tree,
-            resumed,
-        })
     }
 }
 
@@ -661,7 +587,13 @@ impl Actor for RepoActor {
     type Arguments = RepoArgs;
 
     async fn pre_start(&self, _myself: ActorRef<RepoMsg>, args: RepoArgs) -> Result<RepoState, ActorProcessingErr> {
-        Ok(RepoState { args, cloned: false })
+        Ok(RepoState {
+            args,
+            cloned: false,
+            refreshed_at: None,
+            mirror_lock: Arc::new(tokio::sync::RwLock::new(())),
+            object_format: Default::default(),
+        })
     }
 
     async fn handle(
@@ -670,19 +602,58 @@ impl Actor for RepoActor {
         message: RepoMsg,
         state: &mut RepoState,
     ) -> Result<(), ActorProcessingErr> {
-        match message {
+        let message = match message {
             RepoMsg::PrepareWorkspace {
                 base_branch,
                 work_branch,
                 recorded,
                 path,
+                requested_at,
                 reply,
             } => {
-                let result = state
-                    .prepare(&base_branch, &work_branch, recorded.as_deref(), &path)
-                    .await;
-                let _ = reply.send(result);
+                let wanted = workspace::Wanted {
+                    base_branch,
+                    work_branch,
+                    recorded,
+                    path,
+                };
+                match state.refresh_for(requested_at).await {
+                    // The rest runs off the actor: the next agent's workspace need not wait.
+                    Ok(()) => state.spawn_workspace(wanted, reply).await,
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+                return Ok(());
             }
+            // Per-agent refs at the origin and in the mirror: agents take their fences and read
+            // their branches side by side once the mirror exists.
+            RepoMsg::TakeFence { fence, reply } if state.cloned => {
+                let detached = state.detached();
+                state
+                    .spawn_shared(async move {
+                        let _ = reply.send(detached.take_fence_cloned(fence).await);
+                    })
+                    .await;
+                return Ok(());
+            }
+            RepoMsg::BranchAtOrigin { branch, reply } => {
+                let detached = state.detached();
+                state
+                    .spawn_shared(async move {
+                        let _ = reply.send(detached.branch_at_origin(&branch).await);
+                    })
+                    .await;
+                return Ok(());
+            }
+            other => other,
+        };
+        // Everything below writes the mirror (or reads the origin next to a write): no workspace
+        // clone is in flight while it runs.
+        let _exclusive = state.mirror_lock.clone().write_owned().await;
+        match message {
+            // Answered above.
+            RepoMsg::PrepareWorkspace { .. } | RepoMsg::BranchAtOrigin { .. } => {}
             RepoMsg::Push {
                 fence,
                 workspace,
@@ -696,9 +667,6 @@ impl Actor for RepoActor {
                     .push(fence, &workspace, &branch, &base, &source, lease.as_deref())
                     .await;
                 let _ = reply.send(result);
-            }
-            RepoMsg::BranchAtOrigin { branch, reply } => {
-                let _ = reply.send(state.branch_at_origin(&branch).await);
             }
             RepoMsg::Restore {
                 fence,
@@ -764,6 +732,9 @@ impl Repos {
 #[path = "repo_fence.rs"]
 mod fence;
 
+#[path = "repo_workspace.rs"]
+mod workspace;
+
 #[cfg(test)]
 #[path = "repo_push_tests.rs"]
 mod push_tests;
@@ -821,6 +792,9 @@ mod tests {
                 providers: None,
             },
             cloned: false,
+            refreshed_at: None,
+            mirror_lock: Default::default(),
+            object_format: Default::default(),
         };
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
         let workspace = state
@@ -866,6 +840,9 @@ mod tests {
                 providers: None,
             },
             cloned: false,
+            refreshed_at: None,
+            mirror_lock: Default::default(),
+            object_format: Default::default(),
         };
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
         git(&["branch", "feature", "main"], Some(&origin)).await.unwrap();
@@ -910,6 +887,9 @@ mod tests {
                 providers: None,
             },
             cloned: false,
+            refreshed_at: None,
+            mirror_lock: Default::default(),
+            object_format: Default::default(),
         };
         let error = state
             .prepare("develop", "w", None, &dir.path().join("w"))
@@ -931,6 +911,9 @@ mod tests {
                 providers: None,
             },
             cloned: false,
+            refreshed_at: None,
+            mirror_lock: Default::default(),
+            object_format: Default::default(),
         };
         let error = state
             .prepare("main", "w", None, &dir.path().join("w2"))
@@ -968,6 +951,9 @@ mod tests {
                     providers: None,
                 },
                 cloned: false,
+                refreshed_at: None,
+                mirror_lock: Default::default(),
+                object_format: Default::default(),
             };
             let error = state
                 .prepare("main", "w", None, &dir.path().join("w"))

@@ -68,12 +68,18 @@ impl RepoState {
             .collect())
     }
 
-    /// The object format of the mirror, which is the origin's.
+    /// The object format of the mirror, which is the origin's (read once per clone of it).
     async fn object_format(&self) -> Result<ObjectFormat, String> {
-        let name = git(&["rev-parse", "--show-object-format"], Some(&self.args.mirror))
-            .await
-            .map_err(|error| error.to_string())?;
-        ObjectFormat::named(&name).ok_or_else(|| format!("the mirror uses the unknown object format {name:?}"))
+        let format = self
+            .object_format
+            .get_or_try_init(|| async {
+                let name = git(&["rev-parse", "--show-object-format"], Some(&self.args.mirror))
+                    .await
+                    .map_err(|error| error.to_string())?;
+                ObjectFormat::named(&name).ok_or_else(|| format!("the mirror uses the unknown object format {name:?}"))
+            })
+            .await?;
+        Ok(*format)
     }
 
     /// How the next push moves `fence`: from what the mirror last saw the origin hold when that
@@ -208,6 +214,9 @@ impl RepoState {
             self.refresh().await.map_err(|error| failed(error.to_string()))?;
         }
         let format = self.object_format().await.map_err(failed)?;
+        if self.take_fence_as_known(format, fence).await {
+            return Ok(());
+        }
         let name = fence.ref_name();
         let found = self.list_origin(&[&name]).await.map_err(failed)?;
         let found = found.into_iter().next().flatten();
@@ -245,6 +254,53 @@ impl RepoState {
         let _ = git(&["update-ref", &name, &planned.next], Some(&self.args.mirror)).await;
         tracing::info!(url = %self.args.url, fence = %name, epoch = %fence.epoch, "took the fence at the origin");
         Ok(())
+    }
+
+    /// The usual fence move, without reading the origin first: from what the mirror knows of
+    /// the fence (nothing, for a new agent) with a lease on exactly that, so the origin takes
+    /// it only if it holds the same. Answers false when the mirror knows this owner's fence or
+    /// a later one, or when the push is refused for any reason: [`RepoState::take_fence`]
+    /// then reads the origin and decides as it always did. Saves a read of the origin (a
+    /// `git ls-remote` and the server side it starts) per agent start.
+    async fn take_fence_as_known(&self, format: ObjectFormat, fence: OwnerFence) -> bool {
+        let name = fence.ref_name();
+        let known = git(&["rev-parse", "--verify", "--quiet", &name], Some(&self.args.mirror))
+            .await
+            .ok();
+        if !matches!(
+            classify(format, fence, known.as_deref()),
+            FenceFound::Absent | FenceFound::Earlier { .. }
+        ) {
+            return false;
+        }
+        let Some(planned) = fence_move(format, fence, known.as_deref()) else {
+            return false;
+        };
+        let Ok(origin) = self.origin().await else {
+            return false;
+        };
+        if self.write_fence(format, fence, &planned).await.is_err() {
+            return false;
+        }
+        let pushed = git_with(
+            &[
+                "push",
+                "--quiet",
+                "--no-verify",
+                &format!("--force-with-lease={name}:{}", planned.lease.as_deref().unwrap_or("")),
+                &origin.url,
+                &format!("{}:{name}", planned.next),
+            ],
+            Some(&self.args.mirror),
+            &origin.env,
+        )
+        .await;
+        if pushed.is_err() {
+            return false;
+        }
+        let _ = git(&["update-ref", &name, &planned.next], Some(&self.args.mirror)).await;
+        tracing::info!(url = %self.args.url, fence = %name, epoch = %fence.epoch, "took the fence at the origin");
+        true
     }
 
     /// The error of a push with the fence, as the repository actor answers it.
@@ -335,7 +391,7 @@ impl RepoState {
 }
 
 /// Runs git in `cwd` with `input` on its standard input and answers its trimmed output.
-async fn git_stdin(args: &[&str], cwd: &std::path::Path, input: &str) -> Result<String, GitError> {
+pub(super) async fn git_stdin(args: &[&str], cwd: &std::path::Path, input: &str) -> Result<String, GitError> {
     let mut command = tokio::process::Command::new("git");
     command
         .args(args)

@@ -37,6 +37,9 @@ async fn setup() -> Setup {
             providers: None,
         },
         cloned: false,
+        refreshed_at: None,
+        mirror_lock: Default::default(),
+        object_format: Default::default(),
     };
     let workspace = state
         .prepare("main", "flotilla/push-test", None, &root.join("workspace"))
@@ -567,6 +570,43 @@ async fn a_push_whose_mirror_is_behind_on_its_own_fence_reads_the_origin_and_goe
     .unwrap();
     let third = commit_and_bundle(&setup.workspace, "c.txt", "c\n").await;
     assert_eq!(push_as(&mut setup, owner(3), Some(&second)).await.unwrap(), third);
+}
+
+/// A fence is taken from what the mirror knows, without reading the origin first; when the
+/// mirror knows nothing (a node restarted, or another node held the agent), the lease on
+/// "no fence" fails and the origin is read: an earlier owner's fence is still taken, a later
+/// owner's still refuses.
+#[tokio::test]
+async fn taking_a_fence_the_mirror_does_not_know_reads_the_origin() {
+    let mut setup = setup().await;
+    let format = ObjectFormat::Sha1;
+    let mirror = setup.state.args.mirror.clone();
+    let forget = |mirror: std::path::PathBuf| async move {
+        git(&["update-ref", "-d", &fence_ref(owner(1).agent)], Some(&mirror))
+            .await
+            .unwrap();
+    };
+    setup.state.take_fence(owner(1)).await.unwrap();
+    assert_eq!(
+        origin_fence(&setup).await,
+        Some(fence_id(format, owner(1), Phase::Tick)),
+        "a fence nobody held is taken on the mirror's word"
+    );
+    forget(mirror.clone()).await;
+    setup.state.take_fence(owner(2)).await.unwrap();
+    assert_eq!(
+        origin_fence(&setup).await,
+        Some(fence_id(format, owner(2), Phase::Tick)),
+        "an earlier owner's fence the mirror did not know is taken after reading the origin"
+    );
+    forget(mirror).await;
+    let error = setup.state.take_fence(owner(1)).await.unwrap_err();
+    assert!(matches!(error, RepoError::Fenced { .. }), "{error}");
+    assert_eq!(
+        origin_fence(&setup).await,
+        Some(fence_id(format, owner(2), Phase::Tick)),
+        "a later owner's fence stays"
+    );
 }
 
 #[tokio::test]

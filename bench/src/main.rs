@@ -19,6 +19,8 @@
 //!   agents: its restart time and `ListAgents` latency.
 //! - `watch`: many concurrent `WatchAgent` streams on one node: delivery latency from commit,
 //!   memory per watcher, the node's responsiveness meanwhile.
+//! - `provision`: a burst of scripted agents on one node with real machines, from create to
+//!   their first model call, per stage.
 
 mod assign;
 mod burst;
@@ -32,6 +34,7 @@ mod machines;
 mod memory;
 mod placement;
 mod plugins;
+mod provision;
 mod run_limits;
 mod turns;
 mod watch;
@@ -79,6 +82,8 @@ enum BenchCommand {
     Memory(memory::BenchMemoryArgs),
     /// Many concurrent watch streams on one node: delivery latency, memory per watcher.
     Watch(watch::BenchWatchArgs),
+    /// A burst of agents on one node with real machines: create to first model call, per stage.
+    Provision(provision::BenchProvisionArgs),
 }
 
 fn init_logging() {
@@ -99,6 +104,10 @@ fn main() -> ExitCode {
             eprintln!("error: machine layers need a mount namespace of this process's own (run as root): {error}");
             return ExitCode::FAILURE;
         }
+    }
+    if matches!(cli.command, BenchCommand::Provision(_)) {
+        // Before any thread starts: the node it spawns inherits its log settings.
+        provision::prepare_node_environment();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -121,6 +130,7 @@ fn main() -> ExitCode {
             BenchCommand::Assign(args) => assign::run_assign(args).await,
             BenchCommand::Memory(args) => memory::run_memory(args).await,
             BenchCommand::Watch(args) => watch::run_watch(args).await,
+            BenchCommand::Provision(args) => provision::run_provision(args).await,
         }
     });
     match result {

@@ -31,6 +31,10 @@ pub use actor::{
 
 /// The terminal every machine has, first, for a user who attaches without naming one.
 pub const SHELL_TERMINAL: &str = "shell";
+/// Machines booting at once on a node. A burst of agents past this waits for a turn rather
+/// than starting every machine together: with hundreds at once on a small host each boot
+/// slowed past its init deadline and failed (see docs/performance.md, "Provisioning").
+pub const MAX_CONCURRENT_MACHINE_BOOTS: usize = 16;
 /// Where, inside a machine with an egress allowlist, HTTP(S) clients find the proxy.
 pub const MACHINE_PROXY_ADDRESS: &str = "127.0.0.1:3128";
 
@@ -84,6 +88,8 @@ pub struct MachineHost {
     pub repos_dir: PathBuf,
     /// True once what an earlier life of the node left is gone; machines start only then.
     reaped: tokio::sync::watch::Receiver<bool>,
+    /// [`MAX_CONCURRENT_MACHINE_BOOTS`] permits, one held by each machine while it boots.
+    boots: tokio::sync::Semaphore,
 }
 
 /// What an earlier life of the node left (machines, cgroups, mounts, workspaces), to be swept
@@ -216,6 +222,7 @@ impl MachineHost {
             egress_dir,
             repos_dir,
             reaped: tokio::sync::watch::channel(true).1,
+            boots: tokio::sync::Semaphore::new(MAX_CONCURRENT_MACHINE_BOOTS),
         })
     }
 
@@ -315,7 +322,11 @@ impl MachineHost {
             egress,
             workspace_dir: path,
         };
-        let actor = spawn_machine_actor(args, supervisor).await?;
+        let actor = {
+            // The semaphore is never closed; a closed one would only mean no bound.
+            let _boot = self.boots.acquire().await.ok();
+            spawn_machine_actor(args, supervisor).await?
+        };
         let machine = ractor::call!(actor, MachineMsg::Running)
             .map_err(|error| ProvisionError::MachineActor(error.to_string()))?;
         crate::metrics::record_machine_started(started.elapsed(), install_layer_used.then_some(install_layer_built));
@@ -433,6 +444,7 @@ async fn prepare_workspace(
         work_branch: agent.spec.work_branch.clone(),
         recorded: agent.pushed_commit.clone(),
         path: path.to_path_buf(),
+        requested_at: std::time::Instant::now(),
         reply,
     })
     .map_err(|error| ProvisionError::RepositoryActor(error.to_string()))??;

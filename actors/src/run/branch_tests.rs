@@ -177,6 +177,7 @@ async fn an_owner_displaced_after_its_check_is_refused_by_the_origin_and_the_bra
         work_branch: BRANCH.to_string(),
         recorded: None,
         path: dir.path().join("workspace"),
+        requested_at: std::time::Instant::now(),
         reply,
     })
     .unwrap()
