@@ -198,11 +198,6 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// The process id of the node at `index` (in start order).
-    pub fn node_pid(&self, index: usize) -> u32 {
-        self.nodes[index].child.id()
-    }
-
     /// Stops the node at `index` cleanly (SIGTERM, as an operator's stop) and waits until its
     /// process has exited; returns how long that took. Past `deadline` the node is killed and
     /// the stop reported as failed.

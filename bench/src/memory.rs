@@ -112,7 +112,7 @@ async fn idle_records(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<(
     let cluster = LocalCluster::start(binary, 1).await?;
     let endpoint = cluster.endpoints()[0].clone();
     let token = BearerToken::new(Some(cluster.admin_token()))?;
-    let pid = cluster.node_pid(0);
+    let pid = cluster.node_pid(0).context("the node has no process id")?;
     let rss_before = rss_bytes(pid)?;
     let backup_before = backup_bytes(&endpoint, &token).await?;
     let filled = fill(&endpoint, &token, args.idle_agents, args.concurrency, false).await?;
@@ -157,7 +157,7 @@ async fn running_agents(binary: &Path, count: usize) -> anyhow::Result<()> {
     let origin = create_bare_repository(cluster.directory(), "memory", &[("README.md", "memory\n")]);
     let endpoint = cluster.endpoints()[0].clone();
     let token = BearerToken::new(Some(cluster.admin_token()))?;
-    let pid = cluster.node_pid(0);
+    let pid = cluster.node_pid(0).context("the node has no process id")?;
     let node_before = rss_bytes(pid)?;
     let tree_before = tree_pss_bytes(pid);
     let mut client = agent_client(connect(&endpoint).await?, token.clone());
@@ -218,7 +218,7 @@ async fn large_history(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<
     let endpoint = cluster.endpoints()[0].clone();
     let token = BearerToken::new(Some(cluster.admin_token()))?;
     let filled = fill(&endpoint, &token, args.ended_agents, args.concurrency, true).await?;
-    let rss = rss_bytes(cluster.node_pid(0))?;
+    let rss = rss_bytes(cluster.node_pid(0).context("the node has no process id")?)?;
     println!(
         "large history (one node, {} agents created and stopped; debug build unless said otherwise)",
         args.ended_agents
@@ -241,7 +241,7 @@ async fn large_history(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<
         serving.as_secs_f64(),
         led.as_secs_f64(),
         first_list.as_secs_f64() * 1000.0,
-        mib(rss_bytes(cluster.node_pid(0))?)
+        mib(rss_bytes(cluster.node_pid(0).context("the node has no process id")?)?)
     );
     time_lists(&mut client, args.list_samples).await
 }
