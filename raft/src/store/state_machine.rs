@@ -186,9 +186,7 @@ fn write_without_stalling(db: &DB, batch: WriteBatch) -> Result<(), rocksdb::Err
     let mut no_stall = rocksdb::WriteOptions::default();
     no_stall.set_no_slowdown(true);
     match db.write_opt(batch, &no_stall) {
-        Err(error) if error.kind() == rocksdb::ErrorKind::Incomplete => {
-            tokio::task::block_in_place(|| db.write(again))
-        }
+        Err(error) if error.kind() == rocksdb::ErrorKind::Incomplete => tokio::task::block_in_place(|| db.write(again)),
         other => other,
     }
 }
