@@ -207,6 +207,23 @@ async fn a_certificate_near_its_end_is_renewed_at_start() {
         "node 2's certificate has {left} s left"
     );
 
+    // Node 2 signs its renewal with the CA key the cluster recorded, from its own copy of the
+    // state: it must have applied that record before it stops. Node 1 removes `ca.key` once the
+    // record is applied there; a write through node 2 after that answers only once node 2 has
+    // applied up to it (read-your-writes), so the record is in node 2's state too.
+    let ca_key = cluster.node(1).data_dir.join("ca.key");
+    wait_for("node 1 to hand the CA key to the cluster", DEADLINE, || {
+        let gone = !ca_key.exists();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    let written = cluster.run_cli(2, &["cluster", "join-token", "--expires", "10m"]);
+    assert!(
+        written.status.success(),
+        "a write through node 2 failed: {}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+
     let node = cluster.node_mut(2);
     node.remove_env(VALIDITY_HOOK_ENV);
     node.remove_env(JOIN_TOKEN_ENV);
