@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use crate::origin_fence::{classify, fence_commit, fence_move, FenceFound, FenceMove, ObjectFormat, OwnerFence};
 
-use super::{git, git_with, GitError, RepoError, RepoState, GIT_TIMEOUT};
+use super::{git, git_with, GitError, RepoError, RepoState, ResolvedOrigin, GIT_TIMEOUT};
 
 /// The `--force-with-lease` option that lets a push to `branch` through only while the origin
 /// holds `lease` there (no branch at all when `None`).
@@ -237,6 +237,20 @@ impl RepoState {
         };
         self.write_fence(format, fence, &planned).await.map_err(failed)?;
         let origin = self.origin().await.map_err(|error| failed(error.to_string()))?;
+        self.push_fence(&origin, fence, &planned)
+            .await
+            .map_err(|error| failed(error.to_string()))
+    }
+
+    /// Pushes the planned fence commit to the origin with a lease on what the move started
+    /// from, then records it in the mirror.
+    async fn push_fence(
+        &self,
+        origin: &ResolvedOrigin,
+        fence: OwnerFence,
+        planned: &FenceMove,
+    ) -> Result<(), GitError> {
+        let name = fence.ref_name();
         git_with(
             &[
                 "push",
@@ -249,8 +263,7 @@ impl RepoState {
             Some(&self.args.mirror),
             &origin.env,
         )
-        .await
-        .map_err(|error| failed(error.to_string()))?;
+        .await?;
         let _ = git(&["update-ref", &name, &planned.next], Some(&self.args.mirror)).await;
         tracing::info!(url = %self.args.url, fence = %name, epoch = %fence.epoch, "took the fence at the origin");
         Ok(())
@@ -282,25 +295,7 @@ impl RepoState {
         if self.write_fence(format, fence, &planned).await.is_err() {
             return false;
         }
-        let pushed = git_with(
-            &[
-                "push",
-                "--quiet",
-                "--no-verify",
-                &format!("--force-with-lease={name}:{}", planned.lease.as_deref().unwrap_or("")),
-                &origin.url,
-                &format!("{}:{name}", planned.next),
-            ],
-            Some(&self.args.mirror),
-            &origin.env,
-        )
-        .await;
-        if pushed.is_err() {
-            return false;
-        }
-        let _ = git(&["update-ref", &name, &planned.next], Some(&self.args.mirror)).await;
-        tracing::info!(url = %self.args.url, fence = %name, epoch = %fence.epoch, "took the fence at the origin");
-        true
+        self.push_fence(&origin, fence, &planned).await.is_ok()
     }
 
     /// The error of a push with the fence, as the repository actor answers it.
