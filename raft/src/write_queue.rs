@@ -39,6 +39,18 @@ struct Slots {
     in_flight: usize,
 }
 
+impl Slots {
+    /// Takes a batch slot for a write that goes now: only when one is free and nobody waits
+    /// (a write never overtakes queued ones).
+    fn take_free_slot(&mut self) -> bool {
+        let free = self.waiting.is_empty() && self.in_flight < MAX_BATCHES_IN_FLIGHT;
+        if free {
+            self.in_flight += 1;
+        }
+        free
+    }
+}
+
 /// The queue and the batch slots of one replica.
 pub(crate) struct WriteQueue {
     slots: Mutex<Slots>,
@@ -85,12 +97,8 @@ impl WriteQueue {
         command: Command,
         span: &tracing::Span,
     ) -> Result<Entry, WriteError> {
-        {
-            let mut slots = self.slots.lock().expect("write queue lock poisoned");
-            if slots.waiting.is_empty() && slots.in_flight < MAX_BATCHES_IN_FLIGHT {
-                slots.in_flight += 1;
-                return Ok(Entry::Now(replica.slot_guard(), command));
-            }
+        if self.slots.lock().expect("write queue lock poisoned").take_free_slot() {
+            return Ok(Entry::Now(replica.slot_guard(), command));
         }
         // Waits for room outside the lock; the semaphore is never closed while the queue lives.
         let room = self
@@ -107,9 +115,8 @@ impl WriteQueue {
             _room: room,
         };
         let mut slots = self.slots.lock().expect("write queue lock poisoned");
-        if slots.waiting.is_empty() && slots.in_flight < MAX_BATCHES_IN_FLIGHT {
+        if slots.take_free_slot() {
             // A slot freed while this write waited for room: it goes now, alone.
-            slots.in_flight += 1;
             drop(slots);
             return Ok(Entry::Now(replica.slot_guard(), write.command));
         }
