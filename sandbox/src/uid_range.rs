@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{Result, SandboxError};
 
@@ -67,6 +68,11 @@ impl UidRangeConfig {
     }
 }
 
+/// Where the next claim starts looking: just past the range this process claimed last. A hint
+/// only (the ranges' locks decide), it keeps a claim from probing every range already taken,
+/// one open and lock each, which grew with the machines running.
+static NEXT_CLAIM: AtomicU32 = AtomicU32::new(0);
+
 /// A range held by one machine; dropping it gives the range back.
 #[derive(Debug)]
 pub struct UidRange {
@@ -77,12 +83,14 @@ pub struct UidRange {
 }
 
 impl UidRange {
-    /// Claims the lowest free range.
+    /// Claims a free range: the first free one from just past the last claimed, round the ring.
     pub fn claim(config: &UidRangeConfig) -> Result<UidRange> {
         config.validate()?;
         std::fs::create_dir_all(&config.lock_dir)
             .map_err(|error| SandboxError::io("create", &config.lock_dir, error))?;
-        for index in 0..config.ranges {
+        let start = NEXT_CLAIM.load(Ordering::Relaxed) % config.ranges;
+        for offset in 0..config.ranges {
+            let index = (start + offset) % config.ranges;
             let path = config.lock_dir.join(format!("range-{index}"));
             let lock = File::options()
                 .create(true)
@@ -91,6 +99,7 @@ impl UidRange {
                 .open(&path)
                 .map_err(|error| SandboxError::io("open", &path, error))?;
             if crate::file_lock::try_lock_exclusive(&lock).map_err(|error| SandboxError::io("lock", &path, error))? {
+                NEXT_CLAIM.store(index.wrapping_add(1), Ordering::Relaxed);
                 return Ok(UidRange {
                     index,
                     first_host_id: config.first_host_id + index * IDS_PER_RANGE,

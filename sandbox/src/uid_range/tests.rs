@@ -14,16 +14,22 @@ fn config(lock_dir: &Path) -> UidRangeConfig {
 fn ranges_are_held_until_dropped_and_run_out_with_a_clear_error() {
     let locks = tempfile::tempdir().unwrap();
     let config = config(locks.path());
+    // Claims start past the last one claimed in this process, so which range comes first
+    // depends on earlier claims; together they are all three.
     let first = UidRange::claim(&config).unwrap();
     let second = UidRange::claim(&config).unwrap();
-    assert_eq!((first.index(), second.index()), (0, 1));
-    assert_eq!(first.first_host_id(), 2_000_000_000);
-    assert_eq!(second.first_host_id(), 2_000_000_000 + IDS_PER_RANGE);
     let third = UidRange::claim(&config).unwrap();
+    let mut indices = [first.index(), second.index(), third.index()];
+    indices.sort_unstable();
+    assert_eq!(indices, [0, 1, 2]);
+    for range in [&first, &second, &third] {
+        assert_eq!(range.first_host_id(), 2_000_000_000 + range.index() * IDS_PER_RANGE);
+    }
     let error = UidRange::claim(&config).unwrap_err().to_string();
     assert!(error.contains("more than 3 machines at once"), "{error}");
+    let freed = second.index();
     drop(second);
-    assert_eq!(UidRange::claim(&config).unwrap().index(), 1);
+    assert_eq!(UidRange::claim(&config).unwrap().index(), freed);
     drop((first, third));
 }
 
