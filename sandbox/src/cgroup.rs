@@ -1,9 +1,19 @@
 //! Per-machine cgroups on v1 (memory, pids, cpu hierarchies) or v2 (one unified tree).
 //!
-//! Layout: `<parent>/<machine>` carries the limits; its processes live in leaves below it
+//! Layout: `<parent>/<machine cgroup>` carries the limits; its processes live in leaves below it
 //! (`init`, `terminals`, `exec-N`) so that one command's whole process tree can be killed on a
 //! timeout without touching the rest of the machine. v2 forbids processes in a cgroup that has
 //! controller-enabled children, and v1 does not mind, so both use the same layout.
+//!
+//! Machine cgroups are reused: a machine's cgroup, once every process in it is gone, goes to a
+//! small pool when no limit was ever hit in it, and the next machine takes it (with its own
+//! limits written again) instead of making one. Removing a memory cgroup is costly on a dense
+//! host: the kernel takes it offline under the global cgroup mutex and walks every
+//! superblock's reclaim lists to hand its charges up, and each machine brings several
+//! superblocks (its disk, overlays, `/proc`, `/dev`), so every removal grows with the machines
+//! already running and holds up every cgroup write on the host (each start's mkdir and join)
+//! meanwhile. The cgroups are therefore named for no machine (`machine-<ulid>`); a machine
+//! knows its own.
 // Unsafe: joining a leaf runs in pre_exec with raw open/write/close (nothing that allocates), and draining a leaf sends kill(2).
 #![allow(unsafe_code)]
 
@@ -11,6 +21,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, SandboxError};
@@ -20,6 +31,14 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const V1_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 /// How long teardown waits for killed processes to leave a cgroup before giving up on it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Emptied machine cgroups kept for the next machines; more are removed.
+const MAX_POOLED_MACHINE_CGROUPS: usize = 64;
+/// A released machine cgroup with more leaves than this (commands that left processes behind)
+/// is removed rather than kept.
+const MAX_POOLED_LEAVES: usize = 8;
+
+/// Emptied machine cgroups ready for the next machine (see [`MachineCgroup::release`]).
+type CgroupPool = Arc<Mutex<Vec<MachineCgroup>>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Version {
@@ -32,6 +51,7 @@ pub(crate) struct Cgroups {
     version: Version,
     root: PathBuf,
     parent: String,
+    pool: CgroupPool,
 }
 
 fn cgroup_error(path: &Path, detail: impl Into<String>) -> SandboxError {
@@ -69,6 +89,7 @@ impl Cgroups {
                 version: Version::V2,
                 root,
                 parent: parent.to_string(),
+                pool: CgroupPool::default(),
             }
         } else if V1_CONTROLLERS
             .iter()
@@ -78,6 +99,7 @@ impl Cgroups {
                 version: Version::V1,
                 root,
                 parent: parent.to_string(),
+                pool: CgroupPool::default(),
             }
         } else {
             return Err(cgroup_error(
@@ -142,7 +164,12 @@ impl Cgroups {
 
     /// Kills the processes of every machine cgroup under the parent and removes them all: what
     /// an earlier life of the node left behind. Blocking (it waits for the cgroups to drain).
+    /// Emptied cgroups waiting in the pool are removed too, and not counted.
     pub(crate) fn reap_all(&self) -> Vec<String> {
+        let pooled: Vec<MachineCgroup> = std::mem::take(&mut *self.pool.lock().expect("cgroup pool lock"));
+        for cgroup in &pooled {
+            cgroup.remove();
+        }
         let names = self.machine_names();
         for name in &names {
             tracing::info!(cgroup = %name, "removing a machine cgroup left by a previous run");
@@ -151,16 +178,41 @@ impl Cgroups {
         names
     }
 
-    /// The cgroup of machine `machine_id` (paths only; nothing is created).
-    pub(crate) fn machine(&self, machine_id: &str) -> MachineCgroup {
+    /// The names of the emptied cgroups waiting in the pool.
+    pub(crate) fn pooled_names(&self) -> Vec<String> {
+        let pool = self.pool.lock().expect("cgroup pool lock");
+        pool.iter().map(|cgroup| cgroup.name.clone()).collect()
+    }
+
+    /// The machine cgroup `name` under the parent (paths only; nothing is created). It is
+    /// removed, never pooled, when released.
+    pub(crate) fn machine(&self, name: &str) -> MachineCgroup {
         MachineCgroup {
             version: self.version,
-            dirs: self.parent_dirs().into_iter().map(|dir| dir.join(machine_id)).collect(),
+            name: name.to_string(),
+            dirs: self.parent_dirs().into_iter().map(|dir| dir.join(name)).collect(),
+            pool: None,
         }
     }
 
-    pub(crate) fn create_machine(&self, machine_id: &str, limits: &MachineLimits) -> Result<MachineCgroup> {
-        let machine = self.machine(machine_id);
+    /// A cgroup for a new machine, with `limits`: one from the pool when there is one, else a
+    /// new one.
+    pub(crate) fn create_machine(&self, limits: &MachineLimits) -> Result<MachineCgroup> {
+        let pooled = self.pool.lock().expect("cgroup pool lock").pop();
+        if let Some(mut machine) = pooled {
+            match machine.apply_limits(limits) {
+                Ok(()) => {
+                    machine.pool = Some(self.pool.clone());
+                    return Ok(machine);
+                }
+                Err(error) => {
+                    tracing::debug!(cgroup = %machine.name, %error, "a pooled machine cgroup took no new limits; removing it");
+                    machine.remove();
+                }
+            }
+        }
+        let name = format!("machine-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let mut machine = self.machine(&name);
         for dir in &machine.dirs {
             create_dir(dir)?;
         }
@@ -168,6 +220,7 @@ impl Cgroups {
         if result.is_err() {
             machine.remove();
         }
+        machine.pool = Some(self.pool.clone());
         result.map(|()| machine)
     }
 }
@@ -209,9 +262,13 @@ fn enable_v2_controllers(dir: &Path) -> Result<()> {
 #[derive(Debug, Clone)]
 pub(crate) struct MachineCgroup {
     version: Version,
+    /// The directory name under the parent, the same in every hierarchy.
+    name: String,
     /// v1: the machine's directory in the memory, pids and cpu hierarchies (in that order);
     /// v2: its one directory.
     dirs: Vec<PathBuf>,
+    /// Where [`MachineCgroup::release`] puts it back; `None`: it is removed.
+    pool: Option<CgroupPool>,
 }
 
 impl MachineCgroup {
@@ -219,11 +276,24 @@ impl MachineCgroup {
         match self.version {
             Version::V1 => {
                 let (memory, pids, cpu) = (&self.dirs[0], &self.dirs[1], &self.dirs[2]);
-                write_file(&memory.join("memory.limit_in_bytes"), &limits.memory_bytes.to_string())?;
-                // Without swap accounting this file is absent; with it, swap must not widen the limit.
+                let memory_limit = memory.join("memory.limit_in_bytes");
+                // Without swap accounting this file is absent; with it, swap must not widen the
+                // limit. The kernel keeps memory ≤ memory+swap at every step, so a pooled cgroup
+                // whose limits go up takes the memory+swap limit first.
                 let memsw = memory.join("memory.memsw.limit_in_bytes");
-                if memsw.exists() {
-                    write_file(&memsw, &limits.memory_bytes.to_string())?;
+                let raising = std::fs::read_to_string(&memory_limit)
+                    .ok()
+                    .and_then(|current| current.trim().parse::<u64>().ok())
+                    .is_some_and(|current| limits.memory_bytes > current);
+                let value = limits.memory_bytes.to_string();
+                if memsw.exists() && raising {
+                    write_file(&memsw, &value)?;
+                    write_file(&memory_limit, &value)?;
+                } else {
+                    write_file(&memory_limit, &value)?;
+                    if memsw.exists() {
+                        write_file(&memsw, &value)?;
+                    }
                 }
                 write_file(&pids.join("pids.max"), &limits.max_processes.to_string())?;
                 write_file(&cpu.join("cpu.shares"), &limits.cpu_weight.to_string())?;
@@ -323,6 +393,51 @@ impl MachineCgroup {
             }
         }
         killed
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Ends a machine's use of its cgroup: kills every process in it, then keeps it for the
+    /// next machine when it is clean (every leaf empty, no memory or process limit ever hit in
+    /// it, few leaves) and the pool has room, else removes it. A reused cgroup then shows the
+    /// next machine nothing of this one but the page cache still charged to it, which the
+    /// kernel reclaims as it would any cache. Best effort, like [`MachineCgroup::remove`].
+    pub(crate) fn release(&self) {
+        let Some(pool) = &self.pool else {
+            return self.remove();
+        };
+        self.kill_processes();
+        let leaves = self.leaves();
+        let clean = leaves.len() <= MAX_POOLED_LEAVES
+            && self.process_limit_hits() == 0
+            && leaves.iter().all(Leaf::is_empty_and_clean);
+        if clean {
+            self.reset_peaks();
+            let mut pool = pool.lock().expect("cgroup pool lock");
+            if pool.len() < MAX_POOLED_MACHINE_CGROUPS {
+                let mut pooled = self.clone();
+                pooled.pool = None;
+                pool.push(pooled);
+                return;
+            }
+        }
+        self.remove();
+    }
+
+    /// v1 keeps the highest usage and the count of charges refused by the limit until told to
+    /// forget them; a pooled cgroup forgets them (v2 has no such reset before recent kernels, and
+    /// nothing here reads its peaks).
+    fn reset_peaks(&self) {
+        if self.version == Version::V1 {
+            for file in ["memory.max_usage_in_bytes", "memory.failcnt"] {
+                let path = self.dirs[0].join(file);
+                if let Err(error) = std::fs::write(&path, "0") {
+                    tracing::debug!(file = %path.display(), %error, "could not reset a pooled cgroup's counter");
+                }
+            }
+        }
     }
 
     /// Kills every process of the machine and removes its cgroups. Best effort: what cannot be
@@ -447,6 +562,12 @@ impl Leaf {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.pids().is_empty()
+    }
+
+    /// Whether the leaf holds no process and none of its processes ever ran into the memory or
+    /// the process limit: as good as a new one.
+    pub(crate) fn is_empty_and_clean(&self) -> bool {
+        self.is_empty() && self.oom_kill_count() == 0 && self.process_limit_hits() == 0
     }
 
     /// SIGKILLs every process in the leaf until it is empty (a fork bomb refills it, but the

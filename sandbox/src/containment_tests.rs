@@ -149,7 +149,7 @@ async fn a_new_driver_reaps_what_an_earlier_life_left() {
     // process, whose handle is never dropped...
     let machine = harness.machine("earlier-life").await;
     harness.run_ok(&machine, "sleep 1000 >/dev/null 2>&1 &").await;
-    let machine_id = machine.id().to_string();
+    let machine_cgroup = bwrap_machine(&machine).cgroup_name().to_string();
     let machine_dir = bwrap_machine(&machine).dir().to_path_buf();
     let init_pid = bwrap_machine(&machine).init_pid() as u32;
     std::mem::forget(machine);
@@ -177,7 +177,7 @@ async fn a_new_driver_reaps_what_an_earlier_life_left() {
         assert!(!dir.parent().unwrap().exists(), "{} is left", dir.display());
     }
     assert!(
-        !cgroup_exists(&reborn, &machine_id),
+        !cgroup_exists(&reborn, &machine_cgroup),
         "the earlier machine's cgroup is left"
     );
     assert!(
@@ -204,11 +204,14 @@ async fn destroy_all_leaves_no_machine_behind() {
     let first = harness.machine("first").await;
     let second = harness.machine("second").await;
     harness.run_ok(&first, "sleep 1000 >/dev/null 2>&1 &").await;
-    let ids = [first.id().to_string(), second.id().to_string()];
+    let cgroups = [
+        bwrap_machine(&first).cgroup_name().to_string(),
+        bwrap_machine(&second).cgroup_name().to_string(),
+    ];
     let removed = harness.driver.destroy_all().await.unwrap();
     assert_eq!(removed, 2);
-    for id in &ids {
-        assert!(!cgroup_exists(&harness.driver, id), "{id}'s cgroup is left");
+    for cgroup in &cgroups {
+        assert!(!cgroup_exists(&harness.driver, cgroup), "{cgroup} is left");
     }
     assert_eq!(std::fs::read_dir(harness.machines_dir()).unwrap().count(), 0);
     // The handles still held fail cleanly and tear down nothing twice.

@@ -260,6 +260,7 @@ async fn destroy_and_drop_remove_mounts_cgroups_and_files() {
     let harness = harness().await;
     let machine = harness.machine("teardown").await;
     let id = machine.id().to_string();
+    let cgroup = bwrap_machine(&machine).cgroup_name().to_string();
     let dir = bwrap_machine(&machine).dir().to_path_buf();
     harness.run_ok(&machine, "sleep 1000 >/dev/null 2>&1 &").await;
     harness.driver.destroy(&machine).await.unwrap();
@@ -267,7 +268,10 @@ async fn destroy_and_drop_remove_mounts_cgroups_and_files() {
     assert!(!dir.exists());
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mountinfo.contains(&id), "a mount of {id} is left");
-    assert!(!cgroup_exists(&harness.driver, &id), "a cgroup of {id} is left");
+    assert!(
+        cgroup_released(&harness.driver, &cgroup),
+        "the cgroup of {id} is left in use"
+    );
     let error = harness
         .driver
         .exec(&machine, ExecRequest::new("true"))
@@ -276,22 +280,13 @@ async fn destroy_and_drop_remove_mounts_cgroups_and_files() {
     assert!(matches!(error, SandboxError::MachineStopped { .. }), "{error}");
 
     let dropped = harness.machine("dropped").await;
-    let (dropped_id, dropped_dir) = (dropped.id().to_string(), bwrap_machine(&dropped).dir().to_path_buf());
+    let (dropped_cgroup, dropped_dir) = (
+        bwrap_machine(&dropped).cgroup_name().to_string(),
+        bwrap_machine(&dropped).dir().to_path_buf(),
+    );
     drop(dropped);
     assert!(!dropped_dir.exists());
-    assert!(!cgroup_exists(&harness.driver, &dropped_id));
-}
-
-/// Whether machine `id`'s cgroup is in any hierarchy (v1 memory, pids or cpu, or v2).
-pub(crate) fn cgroup_exists(driver: &BwrapDriver, id: &str) -> bool {
-    let parent = crate::bwrap::cgroup_parent_for(driver.root());
-    ["memory", "pids", "cpu", ""].iter().any(|hierarchy| {
-        Path::new("/sys/fs/cgroup")
-            .join(hierarchy)
-            .join(&parent)
-            .join(id)
-            .exists()
-    })
+    assert!(cgroup_released(&harness.driver, &dropped_cgroup));
 }
 
 #[tokio::test]
@@ -980,4 +975,7 @@ async fn a_machine_that_cannot_start_fails_with_bubblewraps_words() {
     assert!(error.contains("/nonexistent-flotilla-bind"), "{error}");
 }
 
+mod cgroups;
 mod uid_mapping;
+
+pub(crate) use cgroups::{cgroup_exists, cgroup_released};

@@ -45,7 +45,14 @@ impl BwrapDriver {
                 };
                 tracing::info!(machine = %id, "removing a machine left by a previous run");
                 let mut resources = Resources::new(entry.path());
-                resources.cgroup = Some(self.cgroups.machine(&id));
+                // The machine's cgroup, as its directory names it (a directory from before cgroups
+                // were reused has none: its cgroup was named for the machine).
+                let cgroup = std::fs::read_to_string(entry.path().join(super::CGROUP_NAME_FILE))
+                    .ok()
+                    .map(|name| name.trim().to_string())
+                    .filter(|name| is_cgroup_name(name))
+                    .unwrap_or_else(|| id.clone());
+                resources.cgroup = Some(self.cgroups.machine(&cgroup));
                 // Every layer still mounted (the disk, idmapped lowers, overlays), earliest
                 // first: teardown unmounts from the end.
                 let mut mount_points = mounts::mount_points_under(&entry.path());
@@ -75,4 +82,14 @@ impl BwrapDriver {
         let driver = self.clone();
         blocking("reap machines", move || Ok(driver.reap_blocking())).await
     }
+}
+
+/// Whether `name`, read from a machine directory, can only name a directory right under the
+/// cgroup parent.
+fn is_cgroup_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || character == '-' || character == '_')
 }

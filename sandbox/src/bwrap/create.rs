@@ -176,8 +176,12 @@ impl BwrapDriver {
             egress_socket,
         };
         resources.uid_range = Some(uid_range);
-        let cgroup = self.cgroups.create_machine(&id, &spec.limits)?;
+        let cgroup = self.cgroups.create_machine(&spec.limits)?;
         resources.cgroup = Some(cgroup.clone());
+        // Cgroups are named for no machine (they are reused): the machine's directory says which
+        // is its own, for a later life's sweep and for whoever looks at the host.
+        let cgroup_file = dir.join(super::CGROUP_NAME_FILE);
+        std::fs::write(&cgroup_file, cgroup.name()).map_err(|error| SandboxError::io("write", &cgroup_file, error))?;
         let command = self.bwrap_command(&name, &spec, &handover, &cgroup)?;
         resources.handover = Some(handover);
         let mut base_env = base_env(&account, &id);
@@ -196,6 +200,7 @@ impl BwrapDriver {
             _views: views,
             cgroup,
             exec_counter: AtomicU64::new(0),
+            idle_command_leaves: Mutex::new(Vec::new()),
             nsenter_program: self.config.nsenter_program.clone(),
             setpriv_program: self.config.setpriv_program.clone(),
             terminals: Mutex::new(Vec::new()),

@@ -28,6 +28,9 @@ const OUTPUT_DRAIN_GRACE: Duration = Duration::from_millis(200);
 /// of 64 KiB and a thousandth of the disk (a filesystem keeps a few blocks it never hands out).
 const DISK_FULL_SLACK_MIN_BYTES: u64 = 64 * 1024;
 
+/// Command leaves a machine keeps for its next commands; more are removed.
+const MAX_IDLE_COMMAND_LEAVES: usize = 4;
+
 /// The kernel's counts of limits hit, read before and after a command.
 #[derive(Debug, Clone, Copy)]
 struct LimitCounters {
@@ -57,6 +60,8 @@ struct LimitsReached {
 /// How a command ended, for `finish`.
 struct Ended {
     leaf: Arc<Leaf>,
+    /// The leaf's name when it is a command leaf the machine may run a later command in.
+    reusable_leaf: Option<String>,
     status: std::process::ExitStatus,
     timed_out: bool,
     started: Instant,
@@ -183,8 +188,12 @@ impl BwrapDriver {
         let started = Instant::now();
         let leaf_name = match invocation.leaf_name {
             Some(name) => name.to_string(),
-            None => format!("exec-{}", machine.exec_counter.fetch_add(1, Ordering::Relaxed)),
+            None => {
+                let idle = machine.idle_command_leaves.lock().expect("idle leaves lock").pop();
+                idle.unwrap_or_else(|| format!("exec-{}", machine.exec_counter.fetch_add(1, Ordering::Relaxed)))
+            }
         };
+        let reusable_leaf = invocation.leaf_name.is_none().then(|| leaf_name.clone());
         // Making the leaf and reading its counters are cgroupfs writes and reads: off the runtime.
         let cgroup = machine.cgroup.clone();
         let (leaf, counters_before) = blocking("command cgroup set-up", move || {
@@ -215,6 +224,7 @@ impl BwrapDriver {
                         machine,
                         Ended {
                             leaf,
+                            reusable_leaf,
                             status,
                             timed_out: false,
                             started,
@@ -239,6 +249,7 @@ impl BwrapDriver {
             machine,
             Ended {
                 leaf,
+                reusable_leaf,
                 status,
                 timed_out,
                 started,
@@ -262,6 +273,7 @@ impl BwrapDriver {
         let (mut stdout_pump, mut stderr_pump) = pumps;
         let Ended {
             leaf,
+            reusable_leaf,
             status,
             timed_out,
             started,
@@ -288,8 +300,36 @@ impl BwrapDriver {
             // die of SIGPIPE on its next write.
             tracing::debug!(machine = %machine.id, "output pipes outlived the command");
         }
-        // A process the command left running keeps its leaf (and is killed on destroy).
-        tokio::task::spawn_blocking(move || leaf.remove_if_empty()).await.ok();
+        // A process the command left running keeps its leaf (and is killed on destroy). An empty
+        // command leaf where no limit was hit serves a later command; any other empty leaf goes.
+        let idle_room = |machine: &BwrapMachine| {
+            machine.idle_command_leaves.lock().expect("idle leaves lock").len() < MAX_IDLE_COMMAND_LEAVES
+        };
+        let keep = reusable_leaf.filter(|_| idle_room(machine));
+        let kept = tokio::task::spawn_blocking(move || {
+            if keep.is_some() && leaf.is_empty_and_clean() {
+                return keep.map(|name| (name, leaf));
+            }
+            leaf.remove_if_empty();
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some((name, leaf)) = kept {
+            let pushed = {
+                let mut idle = machine.idle_command_leaves.lock().expect("idle leaves lock");
+                let room = idle.len() < MAX_IDLE_COMMAND_LEAVES;
+                if room {
+                    idle.push(name);
+                }
+                room
+            };
+            if !pushed {
+                // Commands that ended together filled the list first.
+                tokio::task::spawn_blocking(move || leaf.remove_if_empty()).await.ok();
+            }
+        }
         let (stdout, stdout_truncated, stdout_omitted) = take_capture(&captures.0);
         let (stderr, stderr_truncated, stderr_omitted) = take_capture(&captures.1);
         let killed_reason = if timed_out {

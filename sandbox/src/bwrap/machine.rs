@@ -37,6 +37,9 @@ pub struct BwrapMachine {
     pub(super) _views: LayerViews,
     pub(super) cgroup: MachineCgroup,
     pub(super) exec_counter: AtomicU64,
+    /// Command leaves whose command has ended cleanly (no process left, no limit hit): the
+    /// next commands run in them rather than in new ones (see `cgroup` on why removals cost).
+    pub(super) idle_command_leaves: Mutex<Vec<String>>,
     pub(super) nsenter_program: PathBuf,
     pub(super) setpriv_program: PathBuf,
     pub(super) terminals: Mutex<Vec<String>>,
@@ -148,7 +151,7 @@ impl Resources {
     pub(super) fn teardown(&mut self) -> Result<()> {
         self.stop("destroyed");
         if let Some(cgroup) = self.cgroup.take() {
-            cgroup.remove();
+            cgroup.release();
         }
         let mut first_error = None;
         while let Some(mount_point) = self.mounts.pop() {
@@ -203,6 +206,12 @@ impl BwrapMachine {
     }
 
     /// The machine's init (PID 1 inside) as a node PID.
+    /// The name of the machine's cgroup under the node's parent (cgroups are reused, so it is
+    /// not the machine's id).
+    pub fn cgroup_name(&self) -> &str {
+        self.cgroup.name()
+    }
+
     pub fn init_pid(&self) -> i32 {
         self.init_pid
     }

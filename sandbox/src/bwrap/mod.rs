@@ -52,6 +52,8 @@ pub use machine::BwrapMachine;
 /// The driver's name in errors about handles it did not make.
 const DRIVER_NAME: &str = "bwrap";
 const WORKSPACE_DIR: &str = "/workspace";
+/// The file in a machine's directory that names its cgroup.
+const CGROUP_NAME_FILE: &str = "cgroup";
 
 /// Cheap to clone: clones share the debootstrap lock.
 #[derive(Clone)]
@@ -128,6 +130,11 @@ impl BwrapDriver {
             cgroups,
             debian_lock: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// The emptied machine cgroups kept for the next machines.
+    pub fn pooled_cgroup_names(&self) -> Vec<String> {
+        self.cgroups.pooled_names()
     }
 
     pub fn root(&self) -> &Path {
