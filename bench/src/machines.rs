@@ -148,8 +148,9 @@ impl Bench {
         })
     }
 
-    /// `warm_starts` warm starts, each followed by one run of `peer`.
-    async fn warm_phase(&self, warm_starts: usize, peer: &Peer) -> anyhow::Result<WarmPhase> {
+    /// `warm_starts` warm starts, then as many runs of `peer` (or each start followed by one
+    /// run of the peer, when `interleave`).
+    async fn warm_phase(&self, warm_starts: usize, peer: &Peer, interleave: bool) -> anyhow::Result<WarmPhase> {
         let mut warm_ms = Vec::with_capacity(warm_starts);
         let mut create_ms = Vec::with_capacity(warm_starts);
         let mut first_command_ms = Vec::with_capacity(warm_starts);
@@ -172,6 +173,11 @@ impl Bench {
             warm_ms.push((first_output - started).as_secs_f64() * 1000.0);
             teardown_ms.push(first_output.elapsed().as_secs_f64() * 1000.0);
             check_output(&output, "warm")?;
+            if interleave {
+                peer_ms.push(peer.run_once().await?);
+            }
+        }
+        while peer_ms.len() < warm_starts {
             peer_ms.push(peer.run_once().await?);
         }
         Ok(WarmPhase {
@@ -284,6 +290,11 @@ pub struct BenchMachinesArgs {
     /// Disk of each machine's own layer: tmpfs or ext4.
     #[arg(long, default_value = "tmpfs")]
     pub disk: String,
+    /// Follow each of our warm starts with one run of the peer, instead of timing all of ours
+    /// and then all of the peer's: each side then also pays for the other's cgroup teardown,
+    /// which the kernel finishes after the call that asked for it has returned.
+    #[arg(long)]
+    pub interleave: bool,
 }
 
 /// Memory the kernel says is available, in bytes.
@@ -312,11 +323,11 @@ pub async fn run_machines(args: BenchMachinesArgs) -> anyhow::Result<()> {
         bench.driver.cgroup_version(),
         peer.name
     );
-    let empty = bench.warm_phase(args.warm, &peer).await?;
+    let empty = bench.warm_phase(args.warm, &peer, args.interleave).await?;
     empty.print("empty node", peer.name);
     if args.max_idle > 0 {
         let idle = bench.start_idle(args.max_idle).await;
-        let dense = bench.warm_phase(args.warm, &peer).await;
+        let dense = bench.warm_phase(args.warm, &peer, args.interleave).await;
         for machine in &idle {
             let _ = bench.driver.destroy(machine).await;
         }
