@@ -3,10 +3,12 @@
 //! A machine's uid 0 must not be the host's uid 0, nor the node's own uid: each machine takes a
 //! range of 65,536 host ids that no other machine on the host holds while it lives, and its
 //! user namespace maps its ids 0..65,536 onto that range. A range is claimed with an exclusive
-//! `flock` on a file named after it in a directory shared by every node on the host, so nodes
-//! that share a host (tests, benchmarks, a small cluster on one box) never hand out the same
-//! range twice, and a node killed with SIGKILL gives its ranges back when the kernel closes
-//! its files.
+//! open-file-description lock on its byte of one file, `ranges`, in a directory shared by every
+//! node on the host, so nodes that share a host (tests, benchmarks, a small cluster on one box)
+//! never hand out the same range twice, and a node killed with SIGKILL gives its ranges back when
+//! the kernel closes its file. One descriptor serves all of a node's ranges: every descriptor
+//! the node holds is copied into each process it forks and closed again at its exec, so a
+//! descriptor per machine made every machine start slower with each machine running.
 //!
 //! Files that must look like the machine's own (its base image, install layer and checkout) are
 //! shown to it through idmapped mounts of that user namespace (`mounts::idmapped_bind`), so
@@ -14,11 +16,13 @@
 //! range; a captured layer is shifted back to the ids the machine saw (`shift_owners_down`), so
 //! one layer serves machines of any range.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Result, SandboxError};
 
@@ -73,37 +77,121 @@ impl UidRangeConfig {
 /// one open and lock each, which grew with the machines running.
 static NEXT_CLAIM: AtomicU32 = AtomicU32::new(0);
 
+/// The file in the lock directory whose bytes are the ranges' locks.
+const RANGE_LOCK_FILE: &str = "ranges";
+
+/// The range lock file of one lock directory, open once in this process.
+#[derive(Debug)]
+struct RangeLocks {
+    file: File,
+    /// Ranges this process holds. Locks taken through one open file never conflict with each
+    /// other, so the kernel would let this process take a range twice: this set does not.
+    held: Mutex<HashSet<u32>>,
+}
+
+/// Every lock directory's file this process opened (one per directory; few directories).
+static RANGE_LOCKS: Mutex<Vec<(PathBuf, Arc<RangeLocks>)>> = Mutex::new(Vec::new());
+
+impl RangeLocks {
+    /// The range lock file of `lock_dir`, opened on first use.
+    fn of(lock_dir: &Path) -> Result<Arc<RangeLocks>> {
+        let mut opened = RANGE_LOCKS.lock().expect("range locks lock");
+        if let Some((_, locks)) = opened.iter().find(|(dir, _)| dir == lock_dir) {
+            return Ok(locks.clone());
+        }
+        std::fs::create_dir_all(lock_dir).map_err(|error| SandboxError::io("create", lock_dir, error))?;
+        let path = lock_dir.join(RANGE_LOCK_FILE);
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|error| SandboxError::io("open", &path, error))?;
+        let locks = Arc::new(RangeLocks {
+            file,
+            held: Mutex::new(HashSet::new()),
+        });
+        opened.push((lock_dir.to_path_buf(), locks.clone()));
+        Ok(locks)
+    }
+
+    /// Takes range `index` if no process (this one included) holds it.
+    fn try_take(&self, index: u32) -> io::Result<bool> {
+        let mut held = self.held.lock().expect("held ranges lock");
+        if held.contains(&index) {
+            return Ok(false);
+        }
+        let taken = byte_lock(&self.file, index, libc::F_WRLCK)?;
+        if taken {
+            held.insert(index);
+        }
+        Ok(taken)
+    }
+
+    fn give_back(&self, index: u32) {
+        let mut held = self.held.lock().expect("held ranges lock");
+        if let Err(error) = byte_lock(&self.file, index, libc::F_UNLCK) {
+            tracing::warn!(range = index, %error, "could not release a machine uid range lock");
+        }
+        held.remove(&index);
+    }
+}
+
+/// Sets (`F_WRLCK`) or clears (`F_UNLCK`) the open-file-description lock on byte `index` of
+/// `file` without waiting; `false` when another holds it.
+// Unsafe: fcntl(2) with F_OFD_SETLK has no safe wrapper in std.
+#[allow(unsafe_code)]
+fn byte_lock(file: &File, index: u32, kind: libc::c_int) -> io::Result<bool> {
+    // SAFETY: an all-zero `flock` is a valid value; every field the call reads is set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = libc::off_t::from(index);
+    lock.l_len = 1;
+    // SAFETY: fcntl on a descriptor the caller owns, with a pointer to a live `flock`.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
+        return Ok(true);
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => Ok(false),
+        _ => Err(error),
+    }
+}
+
 /// A range held by one machine; dropping it gives the range back.
 #[derive(Debug)]
 pub struct UidRange {
     index: u32,
     first_host_id: u32,
-    /// Holds the range's `flock`.
-    _lock: File,
+    /// Holds the range's byte lock.
+    locks: Arc<RangeLocks>,
+}
+
+impl Drop for UidRange {
+    fn drop(&mut self) {
+        self.locks.give_back(self.index);
+    }
 }
 
 impl UidRange {
     /// Claims a free range: the first free one from just past the last claimed, round the ring.
     pub fn claim(config: &UidRangeConfig) -> Result<UidRange> {
         config.validate()?;
-        std::fs::create_dir_all(&config.lock_dir)
-            .map_err(|error| SandboxError::io("create", &config.lock_dir, error))?;
+        let locks = RangeLocks::of(&config.lock_dir)?;
         let start = NEXT_CLAIM.load(Ordering::Relaxed) % config.ranges;
         for offset in 0..config.ranges {
             let index = (start + offset) % config.ranges;
-            let path = config.lock_dir.join(format!("range-{index}"));
-            let lock = File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|error| SandboxError::io("open", &path, error))?;
-            if crate::file_lock::try_lock_exclusive(&lock).map_err(|error| SandboxError::io("lock", &path, error))? {
+            let taken = locks
+                .try_take(index)
+                .map_err(|error| SandboxError::io("lock a byte of", config.lock_dir.join(RANGE_LOCK_FILE), error))?;
+            if taken {
                 NEXT_CLAIM.store(index.wrapping_add(1), Ordering::Relaxed);
                 return Ok(UidRange {
                     index,
                     first_host_id: config.first_host_id + index * IDS_PER_RANGE,
-                    _lock: lock,
+                    locks,
                 });
             }
         }

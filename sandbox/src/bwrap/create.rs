@@ -512,6 +512,14 @@ impl BwrapDriver {
                     detail: format!("could not open a pidfd on its init: {error}"),
                 })?,
             );
+        // Bubblewrap's stderr only explains a start that failed. Past the start the node keeps
+        // no pipe per machine: every descriptor the node holds is copied into each process it
+        // forks and closed again at its exec, a cost that grows with the machines running.
+        let stderr = {
+            let mut resources = machine.resources.lock().expect("machine resources lock");
+            resources.init.as_mut().and_then(|init| init.stderr.take())
+        };
+        drop(stderr);
         Ok(())
     }
 }

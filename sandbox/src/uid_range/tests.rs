@@ -118,3 +118,44 @@ fn a_captured_layer_is_shifted_back_to_the_ids_the_machine_saw() {
         "the link's target is untouched"
     );
 }
+
+#[test]
+fn a_range_another_process_holds_is_skipped_and_comes_back_when_that_process_dies() {
+    use std::io::BufRead;
+    let locks = tempfile::tempdir().unwrap();
+    let config = config(locks.path());
+    let lock_file = locks.path().join(RANGE_LOCK_FILE);
+    std::fs::write(&lock_file, "").unwrap();
+    // Another process (a node of its own) holds ranges 0 and 1: a POSIX lock on their bytes,
+    // which conflicts with the open-file-description locks claims take.
+    let holder_script = "import fcntl, sys\n\
+        f = open(sys.argv[1], 'r+')\n\
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 2, 0, 0)\n\
+        print('held', flush=True)\n\
+        sys.stdin.read()\n";
+    let mut holder = std::process::Command::new("python3")
+        .args(["-c", holder_script])
+        .arg(&lock_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "held", "the holder took no lock");
+
+    let only = UidRange::claim(&config).unwrap();
+    assert_eq!(only.index(), 2, "ranges 0 and 1 are another process's");
+    let error = UidRange::claim(&config).unwrap_err().to_string();
+    assert!(error.contains("more than 3 machines at once"), "{error}");
+
+    // A holder killed with SIGKILL gives its ranges back.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let mut freed = [UidRange::claim(&config).unwrap(), UidRange::claim(&config).unwrap()].map(|range| range.index());
+    freed.sort_unstable();
+    assert_eq!(freed, [0, 1]);
+    drop(only);
+}
