@@ -178,6 +178,22 @@ impl Cgroups {
         names
     }
 
+    /// Removes the node's own parent cgroup in every hierarchy, once [`Cgroups::reap_all`] has
+    /// emptied it: what a clean stop does last, so that a host whose nodes come and go (tests,
+    /// nodes moved to new data dirs) does not collect one empty parent per node. The shared
+    /// `flotilla` directory above stays: another node may be making its own parent in it.
+    pub(crate) fn remove_parent(&self) {
+        for dir in self.parent_dirs() {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(cgroup = %dir.display(), %error, "could not remove the node's cgroup parent")
+                }
+            }
+        }
+    }
+
     /// The names of the emptied cgroups waiting in the pool.
     pub(crate) fn pooled_names(&self) -> Vec<String> {
         let pool = self.pool.lock().expect("cgroup pool lock");
@@ -213,6 +229,10 @@ impl Cgroups {
         }
         let name = format!("machine-{}", ulid::Ulid::new().to_string().to_lowercase());
         let mut machine = self.machine(&name);
+        // A clean stop removed the parent (see `remove_parent`); a driver used again makes it anew.
+        if self.parent_dirs().iter().any(|dir| !dir.is_dir()) {
+            self.prepare_parent()?;
+        }
         for dir in &machine.dirs {
             create_dir(dir)?;
         }

@@ -202,6 +202,12 @@ impl MachineDriver for BwrapDriver {
 
     async fn destroy_all(&self) -> Result<usize> {
         let reaped = self.reap_all().await?;
+        let cgroups = self.cgroups.clone();
+        blocking("remove the node's cgroup parent", move || {
+            cgroups.remove_parent();
+            Ok(())
+        })
+        .await?;
         Ok(reaped.machine_dirs + reaped.orphan_cgroups)
     }
 
