@@ -190,7 +190,6 @@ impl BwrapDriver {
             id,
             dir,
             init_pid: 0,
-            init_pidfd: None,
             uid: account.uid,
             gid: account.gid,
             base_env,
@@ -503,15 +502,12 @@ impl BwrapDriver {
                 machine: machine.id.clone(),
                 detail: "bubblewrap has no child process".to_string(),
             })?;
-        // The pidfd names the init and no later process with its number: commands enter
-        // through it (a PID found a moment ago is the init's while bubblewrap, its parent, runs).
-        machine.init_pidfd =
-            Some(
-                super::enter::pidfd_open(machine.init_pid).map_err(|error| SandboxError::MachineStart {
-                    machine: machine.id.clone(),
-                    detail: format!("could not open a pidfd on its init: {error}"),
-                })?,
-            );
+        // Commands enter through a pidfd on the init, opened for each (see `open_init_pidfd`):
+        // one now proves the kernel has pidfds and the init is bubblewrap's running child.
+        machine.open_init_pidfd().map_err(|error| SandboxError::MachineStart {
+            machine: machine.id.clone(),
+            detail: format!("could not open a pidfd on its init: {error}"),
+        })?;
         // Bubblewrap's stderr only explains a start that failed. Past the start the node keeps
         // no pipe per machine: every descriptor the node holds is copied into each process it
         // forks and closed again at its exec, a cost that grows with the machines running.

@@ -79,7 +79,7 @@ pub(super) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 /// not told apart: a zombie's `/proc` entries cannot be opened either).
 // Unsafe: pidfd_send_signal has no wrapper in std or the libc crate.
 #[allow(unsafe_code)]
-fn check_alive(pidfd: &OwnedFd) -> io::Result<()> {
+pub(super) fn check_alive(pidfd: &OwnedFd) -> io::Result<()> {
     // SAFETY: signal 0 sends nothing; the call only checks the process and the permission.
     let result = unsafe {
         libc::syscall(

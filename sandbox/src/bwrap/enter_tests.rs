@@ -123,3 +123,44 @@ async fn the_machine_root_enters_holding_what_nsenter_and_setpriv_left() {
 async fn a_named_user_enters_holding_what_nsenter_and_setpriv_left() {
     compare(Some("nobody")).await;
 }
+
+#[tokio::test]
+async fn a_machine_whose_init_was_killed_is_entered_by_no_command() {
+    let harness = harness().await;
+    let handle = harness.machine("init-killed").await;
+    let machine = bwrap_machine(&handle);
+    assert!(
+        machine.open_init_pidfd().is_ok(),
+        "a running machine's init takes a pidfd"
+    );
+    let init_pid = machine.init_pid();
+    // SAFETY: a signal to the machine's init, a process of the test's own making.
+    #[allow(unsafe_code)]
+    let killed = unsafe { libc::kill(init_pid, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    crate::machine_tests::wait_for("the machine's init to be gone", || {
+        let gone = machine.open_init_pidfd().is_err();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    let result = harness.driver.exec(&handle, ExecRequest::new("echo entered")).await;
+    assert!(
+        result.is_err(),
+        "a command entered a machine without its init: {result:?}"
+    );
+    harness.driver.destroy(&handle).await.unwrap();
+}
+
+#[test]
+fn a_parent_pid_is_read_past_any_command_name() {
+    // A command name may hold ") " itself: the parent comes after the last one.
+    let scratch = tempfile::tempdir().unwrap();
+    let program = scratch.path().join("x) 1 2 (y");
+    std::fs::copy("/bin/sleep", &program).unwrap();
+    let mut child = std::process::Command::new(&program).arg("100").spawn().unwrap();
+    let parent = super::machine::parent_pid(child.id() as i32);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(parent, Some(std::process::id() as i32));
+    assert_eq!(super::machine::parent_pid(i32::MAX), None);
+}

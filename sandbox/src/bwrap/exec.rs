@@ -134,11 +134,11 @@ fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -
     let filter = seccomp::machine_filter()?;
     let (init_pid, uid, gid) = (machine.init_pid, machine.uid, machine.gid);
     let init = machine
-        .init_pidfd()
+        .open_init_pidfd()
         .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
     // Opening the init's root and directory reads procfs entries of a live process: no
     // disk, like the spawn itself.
-    let entry = Entry::open(init, init_pid, uid, gid, in_init_directory)
+    let entry = Entry::open(&init, init_pid, uid, gid, in_init_directory)
         .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
     // SAFETY: setsid, the leaf join, the entry's steps and the filter's installation only
     // make async-signal-safe calls.
@@ -154,7 +154,7 @@ fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -
             filter.install_in_this_process()
         });
     }
-    spawn_in_pid_namespace(init, &mut command)
+    spawn_in_pid_namespace(&init, &mut command)
         .map_err(|error| SandboxError::io("start a command in", &machine.dir, error))
 }
 

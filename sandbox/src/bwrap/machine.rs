@@ -22,9 +22,8 @@ const CHDIR_SCRIPT: &str = "cd -- \"$1\" || exit 126; shift; exec \"$@\"";
 pub struct BwrapMachine {
     pub(super) id: String,
     pub(super) dir: PathBuf,
+    /// The init's pid; a command opens a pidfd on it to enter (see `open_init_pidfd`).
     pub(super) init_pid: i32,
-    /// A pidfd on the init, through which commands enter the machine (see `enter`).
-    pub(super) init_pidfd: Option<std::os::fd::OwnedFd>,
     pub(super) uid: u32,
     pub(super) gid: u32,
     /// The environment every command starts from (user, home, path, the spec's variables).
@@ -267,10 +266,31 @@ impl BwrapMachine {
         (full, false)
     }
 
-    pub(super) fn init_pidfd(&self) -> std::io::Result<&std::os::fd::OwnedFd> {
-        self.init_pidfd
-            .as_ref()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the machine's init has no pidfd"))
+    /// A pidfd on the machine's init, for one command's entry. The machine holds none between
+    /// commands: every descriptor the node holds is copied into each process it forks, and
+    /// closed again at its exec, a cost that grows with the machines running.
+    ///
+    /// The number is checked, with the machine's resources locked, to name a running child of
+    /// the machine's bubblewrap. Bubblewrap is the node's child and is reaped only under that
+    /// lock, so its own number cannot have been reused meanwhile; and the process the pidfd
+    /// names is checked to still run after its parent was read, so the parent read was its own
+    /// (a running process keeps its number). From then on the pidfd names the init whatever
+    /// becomes of the number.
+    pub(super) fn open_init_pidfd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        let gone = || std::io::Error::new(std::io::ErrorKind::NotFound, "the machine's init is gone");
+        let resources = self.resources.lock().expect("machine resources lock");
+        let bwrap_pid = match (&resources.stopped, resources.init.as_ref()) {
+            (None, Some(init)) => init.id() as i32,
+            _ => return Err(gone()),
+        };
+        let pidfd = super::enter::pidfd_open(self.init_pid)?;
+        let parent = parent_pid(self.init_pid).ok_or_else(gone)?;
+        super::enter::check_alive(&pidfd)?;
+        drop(resources);
+        if parent != bwrap_pid {
+            return Err(gone());
+        }
+        Ok(pidfd)
     }
 
     /// The argv that enters the machine as its user, with no capabilities, in `cwd`, through
@@ -333,4 +353,12 @@ impl BwrapMachine {
             }
         }
     }
+}
+
+/// The parent pid of process `pid`, from `/proc/<pid>/stat` (after the command name, which may
+/// hold any byte but ends at the last `)`).
+pub(super) fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
