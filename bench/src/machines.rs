@@ -62,8 +62,7 @@ impl fmt::Display for Percentiles {
     }
 }
 
-/// Warm starts timed in one phase, each beside one run of the peer (interleaved, so that both
-/// meet the same load from the rest of the machine).
+/// Warm starts timed in one phase, and as many runs of the peer (after them, or interleaved).
 #[derive(Debug, Clone, PartialEq)]
 pub struct WarmPhase {
     /// create → first command's output, from an existing install layer.
@@ -295,6 +294,44 @@ pub struct BenchMachinesArgs {
     /// which the kernel finishes after the call that asked for it has returned.
     #[arg(long)]
     pub interleave: bool,
+    /// Times the whole sequence (empty node, then with idle machines) runs; the figures of each
+    /// round are printed, then the median of their ratios: one round on a shared or virtual
+    /// host swings by a few tenths.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+/// The ratios of one round, for the summary over rounds.
+#[derive(Debug, Clone, Copy, Default)]
+struct RoundRatios {
+    ours_vs_peer_empty: Option<f64>,
+    ours_vs_peer_dense: Option<f64>,
+    ours_dense_vs_empty: Option<f64>,
+    peer_dense_vs_empty: Option<f64>,
+}
+
+fn p50_ratio(numerator: &Option<Percentiles>, denominator: &Option<Percentiles>) -> Option<f64> {
+    match (numerator, denominator) {
+        (Some(numerator), Some(denominator)) if denominator.p50_ms > 0.0 => Some(numerator.p50_ms / denominator.p50_ms),
+        _ => None,
+    }
+}
+
+/// The median of the values present, and the values themselves, as one line.
+fn summary_line(label: &str, values: impl Iterator<Item = Option<f64>>) -> String {
+    let mut present: Vec<f64> = values.flatten().collect();
+    if present.is_empty() {
+        return format!("  {label:<28} not measured");
+    }
+    let listed: Vec<String> = present.iter().map(|value| format!("{value:.2}x")).collect();
+    present.sort_by(f64::total_cmp);
+    let middle = present.len() / 2;
+    let median = if present.len() % 2 == 1 {
+        present[middle]
+    } else {
+        (present[middle - 1] + present[middle]) / 2.0
+    };
+    format!("  {label:<28} median {median:.2}x  ({})", listed.join(", "))
 }
 
 /// Memory the kernel says is available, in bytes.
@@ -305,7 +342,13 @@ fn available_memory_bytes() -> Option<u64> {
     Some(kibibytes * 1024)
 }
 
+/// Most rounds one run takes (each starts and removes the idle machines again).
+const MAX_ROUNDS: usize = 20;
+
 pub async fn run_machines(args: BenchMachinesArgs) -> anyhow::Result<()> {
+    if args.rounds == 0 || args.rounds > MAX_ROUNDS {
+        anyhow::bail!("--rounds: expected 1 to {MAX_ROUNDS}, found {}", args.rounds);
+    }
     let disk = match args.disk.as_str() {
         "tmpfs" => DiskBacking::Tmpfs,
         "ext4" => DiskBacking::Ext4Image,
@@ -323,11 +366,55 @@ pub async fn run_machines(args: BenchMachinesArgs) -> anyhow::Result<()> {
         bench.driver.cgroup_version(),
         peer.name
     );
-    let empty = bench.warm_phase(args.warm, &peer, args.interleave).await?;
+    let mut rounds = Vec::with_capacity(args.rounds);
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            println!("round {round} of {}", args.rounds);
+        }
+        rounds.push(run_round(&bench, &peer, &args).await?);
+    }
+    if args.rounds > 1 {
+        println!("over {} rounds (p50 ratios)", args.rounds);
+        let lines = [
+            (
+                "ours/peer, empty node",
+                rounds.iter().map(|round| round.ours_vs_peer_empty).collect::<Vec<_>>(),
+            ),
+            (
+                "ours/peer, idle machines",
+                rounds.iter().map(|round| round.ours_vs_peer_dense).collect(),
+            ),
+            (
+                "ours, idle/empty",
+                rounds.iter().map(|round| round.ours_dense_vs_empty).collect(),
+            ),
+            (
+                "peer, idle/empty",
+                rounds.iter().map(|round| round.peer_dense_vs_empty).collect(),
+            ),
+        ];
+        for (label, values) in lines {
+            println!("{}", summary_line(label, values.into_iter()));
+        }
+    }
+    match bench.cold_starts(args.cold).await? {
+        Some(cold) => println!("cold start (install, then create and first command): {cold}"),
+        None => println!("cold start: not measured"),
+    }
+    Ok(())
+}
+
+/// One round: warm starts on the empty node, then with idle machines (which it removes after).
+async fn run_round(bench: &Bench, peer: &Peer, args: &BenchMachinesArgs) -> anyhow::Result<RoundRatios> {
+    let empty = bench.warm_phase(args.warm, peer, args.interleave).await?;
     empty.print("empty node", peer.name);
+    let mut ratios = RoundRatios {
+        ours_vs_peer_empty: p50_ratio(&empty.warm_start, &empty.peer_run),
+        ..RoundRatios::default()
+    };
     if args.max_idle > 0 {
         let idle = bench.start_idle(args.max_idle).await;
-        let dense = bench.warm_phase(args.warm, &peer, args.interleave).await;
+        let dense = bench.warm_phase(args.warm, peer, args.interleave).await;
         for machine in &idle {
             let _ = bench.driver.destroy(machine).await;
         }
@@ -341,12 +428,14 @@ pub async fn run_machines(args: BenchMachinesArgs) -> anyhow::Result<()> {
                 dense.p99_ms / empty.p99_ms
             );
         }
+        if let Some(peer_growth) = p50_ratio(&dense.peer_run, &empty.peer_run) {
+            println!("  {:<18} p50 {peer_growth:.2}x", format!("peer {}/empty", idle.len()));
+        }
+        ratios.ours_vs_peer_dense = p50_ratio(&dense.warm_start, &dense.peer_run);
+        ratios.ours_dense_vs_empty = p50_ratio(&dense.warm_start, &empty.warm_start);
+        ratios.peer_dense_vs_empty = p50_ratio(&dense.peer_run, &empty.peer_run);
     }
-    match bench.cold_starts(args.cold).await? {
-        Some(cold) => println!("cold start (install, then create and first command): {cold}"),
-        None => println!("cold start: not measured"),
-    }
-    Ok(())
+    Ok(ratios)
 }
 
 #[cfg(test)]
@@ -363,5 +452,15 @@ mod tests {
         assert_eq!(figures.max_ms, 100.0);
         assert!(Percentiles::of(&[]).is_none());
         assert_eq!(Percentiles::of(&[7.0]).unwrap().p99_ms, 7.0);
+    }
+
+    #[test]
+    fn the_summary_gives_the_median_of_the_rounds_present() {
+        let line = summary_line("x", [Some(1.3), None, Some(1.1), Some(2.0)].into_iter());
+        assert!(line.contains("median 1.30x"), "{line}");
+        assert!(line.contains("(1.30x, 1.10x, 2.00x)"), "{line}");
+        let even = summary_line("x", [Some(1.0), Some(1.2)].into_iter());
+        assert!(even.contains("median 1.10x"), "{even}");
+        assert!(summary_line("x", [None].into_iter()).contains("not measured"));
     }
 }
