@@ -297,7 +297,7 @@ pub struct BenchMachinesArgs {
     /// Times the whole sequence (empty node, then with idle machines) runs; the figures of each
     /// round are printed, then the median of their ratios: one round on a shared or virtual
     /// host swings by a few tenths.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
 }
 
