@@ -31,6 +31,22 @@ const DISK_FULL_SLACK_MIN_BYTES: u64 = 64 * 1024;
 /// Command leaves a machine keeps for its next commands; more are removed.
 const MAX_IDLE_COMMAND_LEAVES: usize = 4;
 
+/// A command leaf an earlier command of `machine` left empty and clean, if one waits.
+fn take_idle_command_leaf(machine: &BwrapMachine) -> Option<String> {
+    machine.idle_command_leaves.lock().expect("idle leaves lock").pop()
+}
+
+/// Keeps command leaf `name` for a later command of `machine` if fewer than
+/// [`MAX_IDLE_COMMAND_LEAVES`] wait; whether it was kept.
+fn keep_idle_command_leaf(machine: &BwrapMachine, name: String) -> bool {
+    let mut idle = machine.idle_command_leaves.lock().expect("idle leaves lock");
+    let room = idle.len() < MAX_IDLE_COMMAND_LEAVES;
+    if room {
+        idle.push(name);
+    }
+    room
+}
+
 /// The kernel's counts of limits hit, read before and after a command.
 #[derive(Debug, Clone, Copy)]
 struct LimitCounters {
@@ -188,10 +204,8 @@ impl BwrapDriver {
         let started = Instant::now();
         let leaf_name = match invocation.leaf_name {
             Some(name) => name.to_string(),
-            None => {
-                let idle = machine.idle_command_leaves.lock().expect("idle leaves lock").pop();
-                idle.unwrap_or_else(|| format!("exec-{}", machine.exec_counter.fetch_add(1, Ordering::Relaxed)))
-            }
+            None => take_idle_command_leaf(machine)
+                .unwrap_or_else(|| format!("exec-{}", machine.exec_counter.fetch_add(1, Ordering::Relaxed))),
         };
         let reusable_leaf = invocation.leaf_name.is_none().then(|| leaf_name.clone());
         // Making the leaf and reading its counters are cgroupfs writes and reads: off the runtime.
@@ -302,33 +316,18 @@ impl BwrapDriver {
         }
         // A process the command left running keeps its leaf (and is killed on destroy). An empty
         // command leaf where no limit was hit serves a later command; any other empty leaf goes.
-        let idle_room = |machine: &BwrapMachine| {
-            machine.idle_command_leaves.lock().expect("idle leaves lock").len() < MAX_IDLE_COMMAND_LEAVES
+        let clean = match reusable_leaf {
+            Some(_) => {
+                let leaf = leaf.clone();
+                tokio::task::spawn_blocking(move || leaf.is_empty_and_clean())
+                    .await
+                    .unwrap_or(false)
+            }
+            None => false,
         };
-        let keep = reusable_leaf.filter(|_| idle_room(machine));
-        let kept = tokio::task::spawn_blocking(move || {
-            if keep.is_some() && leaf.is_empty_and_clean() {
-                return keep.map(|name| (name, leaf));
-            }
-            leaf.remove_if_empty();
-            None
-        })
-        .await
-        .ok()
-        .flatten();
-        if let Some((name, leaf)) = kept {
-            let pushed = {
-                let mut idle = machine.idle_command_leaves.lock().expect("idle leaves lock");
-                let room = idle.len() < MAX_IDLE_COMMAND_LEAVES;
-                if room {
-                    idle.push(name);
-                }
-                room
-            };
-            if !pushed {
-                // Commands that ended together filled the list first.
-                tokio::task::spawn_blocking(move || leaf.remove_if_empty()).await.ok();
-            }
+        let kept = clean && reusable_leaf.is_some_and(|name| keep_idle_command_leaf(machine, name));
+        if !kept {
+            tokio::task::spawn_blocking(move || leaf.remove_if_empty()).await.ok();
         }
         let (stdout, stdout_truncated, stdout_omitted) = take_capture(&captures.0);
         let (stderr, stderr_truncated, stderr_omitted) = take_capture(&captures.1);

@@ -204,13 +204,13 @@ impl BwrapMachine {
         &self.workspace_view
     }
 
-    /// The machine's init (PID 1 inside) as a node PID.
     /// The name of the machine's cgroup under the node's parent (cgroups are reused, so it is
     /// not the machine's id).
     pub fn cgroup_name(&self) -> &str {
         self.cgroup.name()
     }
 
+    /// The machine's init (PID 1 inside) as a node PID.
     pub fn init_pid(&self) -> i32 {
         self.init_pid
     }
