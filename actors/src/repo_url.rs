@@ -116,8 +116,13 @@ impl RepositoryPolicy {
         Ok(location)
     }
 
-    /// [`Self::check`] on a blocking thread.
+    /// [`Self::check`], on a blocking thread when it reads the file system: a remote URL is only
+    /// parsed, in place, which spares every create of one a thread hand-off.
     pub async fn check_blocking(&self, url: &str) -> Result<RepositoryLocation, RepositoryUrlRefused> {
+        let location = classify(url)?;
+        if !matches!(location, RepositoryLocation::Local { .. }) {
+            return Ok(location);
+        }
         let policy = self.clone();
         let owned = url.to_string();
         tokio::task::spawn_blocking(move || policy.check(&owned))

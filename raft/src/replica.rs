@@ -143,6 +143,27 @@ fn decode_payload<T: for<'de> Deserialize<'de>>(what: &'static str, payload: &[u
     decode(payload).map_err(|source| UndecodablePayload { what, source })
 }
 
+/// A command's answer and the log index it was applied at.
+pub(crate) struct Applied {
+    pub(crate) result: ApplyResult,
+    pub(crate) index: u64,
+}
+
+/// How a write that failed on the leader is told to the follower that forwarded it: a refusal
+/// keeps its reason; no leader within the deadline lets the follower go on retrying until its
+/// own; a stopped Raft fails the forwarded write as a whole. (Some commands of a forwarded
+/// batch may have been applied then, as with any write that fails late.)
+fn forward_failure(error: WriteError) -> ForwardReply {
+    match error {
+        WriteError::Refused(refused) => ForwardReply::Applied {
+            result: Err(refused),
+            index: 0,
+        },
+        WriteError::Unavailable { .. } => ForwardReply::NotLeader { leader: None },
+        WriteError::Fatal(error) => ForwardReply::Failed(error),
+    }
+}
+
 /// What a forwarded write answers across the wire.
 #[derive(Serialize, Deserialize, Debug)]
 pub enum ForwardReply {
@@ -407,6 +428,13 @@ impl Replica {
     /// A write answers only once this node's own state shows it (read-your-writes): a caller
     /// that writes and then reads the replica never sees the state from before its write.
     pub async fn write(&self, command: Command) -> Result<Response, WriteError> {
+        self.write_applied(command)
+            .await
+            .and_then(|applied| applied.result.map_err(WriteError::Refused))
+    }
+
+    /// [`Self::write`], answering with the log index the command was applied at.
+    async fn write_applied(&self, command: Command) -> Result<Applied, WriteError> {
         let started = std::time::Instant::now();
         let span = tracing::info_span!(target: "flotilla::trace", "raft.write", command = command.name(), outcome = tracing::field::Empty);
         let result = match self.inner.writes.enter(self, command, &span).await {
@@ -414,7 +442,7 @@ impl Replica {
                 // A free slot: this write is its own batch, committed in this task. The slot is
                 // freed (and whatever queued meanwhile sent) when `_slot` drops.
                 let commit = tracing::info_span!(target: "flotilla::trace", parent: &span, "raft.commit", commands = 1);
-                self.write_request(Request::new(command)).instrument(commit).await
+                self.commit_request(Request::new(command)).instrument(commit).await
             }
             Ok(Entry::Queued(answer)) => answer
                 .await
@@ -423,8 +451,8 @@ impl Replica {
             Err(error) => Err(error),
         };
         let outcome = match &result {
-            Ok(_) => "applied",
-            Err(WriteError::Refused(_)) => "refused",
+            Ok(Applied { result: Ok(_), .. }) => "applied",
+            Ok(Applied { result: Err(_), .. }) | Err(WriteError::Refused(_)) => "refused",
             Err(_) => "failed",
         };
         span.record("outcome", outcome);
@@ -449,20 +477,30 @@ impl Replica {
     async fn commit_batch_in_span(&self, mut batch: Vec<PendingWrite>) {
         if batch.len() == 1 {
             let write = batch.pop().expect("one write");
-            let result = self.write_request(Request::new(write.command)).await;
+            let result = self.commit_request(Request::new(write.command)).await;
             let _ = write.reply.send(result);
             return;
         }
         let (commands, replies): (Vec<Command>, Vec<_>) =
             batch.into_iter().map(|write| (write.command, write.reply)).unzip();
         let count = commands.len();
-        match self.write_request(Request::new(Command::Batch { commands })).await {
-            Ok(Response::Batch(results)) if results.len() == count => {
+        match self.commit_request(Request::new(Command::Batch { commands })).await {
+            Ok(Applied {
+                result: Ok(Response::Batch(results)),
+                index,
+            }) if results.len() == count => {
                 for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(result.map_err(WriteError::Refused));
+                    let _ = reply.send(Ok(Applied { result, index }));
                 }
             }
-            Ok(other) => {
+            Ok(Applied {
+                result: Err(refused), ..
+            }) => {
+                for reply in replies {
+                    let _ = reply.send(Err(WriteError::Refused(refused.clone())));
+                }
+            }
+            Ok(Applied { result: Ok(other), .. }) => {
                 let error = WriteError::Fatal(format!("a batch of {count} was answered with {other:?}"));
                 for reply in replies {
                     let _ = reply.send(Err(error.clone()));
@@ -477,6 +515,13 @@ impl Replica {
     }
 
     pub async fn write_request(&self, request: Request) -> Result<Response, WriteError> {
+        self.commit_request(request)
+            .await
+            .and_then(|applied| applied.result.map_err(WriteError::Refused))
+    }
+
+    /// [`Self::write_request`], answering with the log index the request was applied at.
+    async fn commit_request(&self, request: Request) -> Result<Applied, WriteError> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(WRITE_DEADLINE_MS);
         let mut delays = WRITE_RETRY.delays();
         let mut last_error;
@@ -488,7 +533,7 @@ impl Replica {
             let leader = match known_other {
                 Some(leader) => Some(leader),
                 None => match self.write_local(request.clone()).await {
-                    ForwardReply::Applied { result, .. } => return result.map_err(WriteError::Refused),
+                    ForwardReply::Applied { result, index } => return Ok(Applied { result, index }),
                     ForwardReply::Failed(error) => return Err(WriteError::Fatal(error)),
                     ForwardReply::NotLeader { leader } => leader,
                 },
@@ -497,7 +542,7 @@ impl Replica {
                 match self.forward(leader, &request).await {
                     Ok(ForwardReply::Applied { result, index }) => {
                         self.wait_applied_here(index, deadline).await;
-                        return result.map_err(WriteError::Refused);
+                        return Ok(Applied { result, index });
                     }
                     Ok(ForwardReply::Failed(error)) => return Err(WriteError::Fatal(error)),
                     Ok(ForwardReply::NotLeader { .. }) => last_error = format!("node {leader} is no longer leader"),
@@ -625,7 +670,44 @@ impl Replica {
     /// Serves a forwarded write from a follower.
     pub async fn handle_forward(&self, payload: &[u8]) -> Result<Vec<u8>, UndecodablePayload> {
         let request: Request = decode_payload("forwarded write", payload)?;
-        Ok(encode(&self.write_local(request).await))
+        Ok(encode(&self.serve_forwarded(request).await))
+    }
+
+    /// A leader's forwarded writes join its own write queue, so that they share log entries with
+    /// its own writes and with other followers' (one append, one fsync and one apply for all):
+    /// without this every follower's batch was an entry of its own. Anything else (not the
+    /// leader, writes held for a hand-over, a request of another command version) is proposed
+    /// as it came, and answered as before.
+    async fn serve_forwarded(&self, request: Request) -> ForwardReply {
+        let leading = self.current_leader() == Some(self.inner.node_id)
+            && !self.inner.holding_writes.load(std::sync::atomic::Ordering::SeqCst);
+        if !leading || request.version != flotilla_state::command::COMMAND_VERSION {
+            return self.write_local(request).await;
+        }
+        let Request { command, .. } = request;
+        let Command::Batch { commands } = command else {
+            return match self.write_applied(command).await {
+                Ok(Applied { result, index }) => ForwardReply::Applied { result, index },
+                Err(error) => forward_failure(error),
+            };
+        };
+        let answers = futures::future::join_all(commands.into_iter().map(|command| self.write_applied(command))).await;
+        let mut results = Vec::with_capacity(answers.len());
+        let mut highest = 0;
+        for answer in answers {
+            match answer {
+                Ok(Applied { result, index }) => {
+                    highest = highest.max(index);
+                    results.push(result);
+                }
+                Err(WriteError::Refused(refused)) => results.push(Err(refused)),
+                Err(error) => return forward_failure(error),
+            }
+        }
+        ForwardReply::Applied {
+            result: Ok(Response::Batch(results)),
+            index: highest,
+        }
     }
 
     pub async fn handle_append(&self, payload: &[u8]) -> Result<Vec<u8>, UndecodablePayload> {

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::command::{Command, Response};
-use crate::replica::{Replica, WriteError};
+use crate::command::Command;
+use crate::replica::{Applied, Replica, WriteError};
 
 /// Writes waiting for the next batch; callers wait for room beyond this.
 pub const WRITE_QUEUE_CAPACITY: usize = 8_192;
@@ -26,7 +26,7 @@ pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 pub(crate) struct PendingWrite {
     pub(crate) command: Command,
-    pub(crate) reply: oneshot::Sender<Result<Response, WriteError>>,
+    pub(crate) reply: oneshot::Sender<Result<Applied, WriteError>>,
     /// The caller's `raft.write` span: the batch that carries the write is traced under it.
     pub(crate) span: tracing::Span,
     /// Its place in the queue, given back when the write leaves in a batch.
@@ -65,7 +65,7 @@ pub(crate) enum Entry {
     /// drops.
     Now(SlotGuard, Command),
     /// Every slot is taken: the answer comes through this receiver.
-    Queued(oneshot::Receiver<Result<Response, WriteError>>),
+    Queued(oneshot::Receiver<Result<Applied, WriteError>>),
 }
 
 /// A batch slot held by a commit in progress. Dropping it (also when the caller's future is
@@ -184,6 +184,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::command::Response;
     use crate::replica::ReplicaConfig;
     use crate::NodeAddr;
 
@@ -253,6 +254,82 @@ mod tests {
             .write(Command::ReserveNodeId)
             .await
             .expect("a write after the burst");
+        replica.shutdown().await;
+    }
+
+    /// Followers' batches forwarded to a leader join its queue: they share log entries with its
+    /// own writes and with each other, instead of taking an entry each. Every forwarded command
+    /// gets its own answer in order, and the index the follower waits for covers them all. A
+    /// request of another command version is proposed as it came.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwarded_batches_share_entries_with_the_leaders_writes() {
+        use crate::command::Request;
+        use crate::network::{decode, encode};
+        use crate::replica::ForwardReply;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let replica = lone_leader(dir.path()).await;
+        let before = replica.reader().last_applied_index();
+        const FORWARDED: usize = 200;
+        const PER_BATCH: usize = 5;
+        const LOCAL: usize = 1_000;
+        let mut forwarded = tokio::task::JoinSet::new();
+        for _ in 0..FORWARDED {
+            let replica = replica.clone();
+            forwarded.spawn(async move {
+                let commands = vec![Command::ReserveNodeId; PER_BATCH];
+                let payload = encode(&Request::new(Command::Batch { commands }));
+                let answer = replica.handle_forward(&payload).await.expect("decodable");
+                decode::<ForwardReply>(&answer).expect("a forward reply")
+            });
+        }
+        let mut local = tokio::task::JoinSet::new();
+        for _ in 0..LOCAL {
+            let replica = replica.clone();
+            local.spawn(async move { replica.write(Command::ReserveNodeId).await.expect("write") });
+        }
+        let mut ids = BTreeSet::new();
+        while let Some(joined) = forwarded.join_next().await {
+            let ForwardReply::Applied { result, index } = joined.expect("task") else {
+                panic!("a forwarded batch was not applied");
+            };
+            assert!(index > before && index <= replica.reader().last_applied_index());
+            let Ok(Response::Batch(results)) = result else {
+                panic!("a forwarded batch was answered with {result:?}");
+            };
+            assert_eq!(results.len(), PER_BATCH);
+            for result in results {
+                let Ok(Response::NodeId(id)) = result else {
+                    panic!("a forwarded command was answered with {result:?}");
+                };
+                assert!(ids.insert(id), "node id {id} was handed out twice");
+            }
+        }
+        while let Some(joined) = local.join_next().await {
+            let Response::NodeId(id) = joined.expect("task") else {
+                panic!("unexpected answer");
+            };
+            assert!(ids.insert(id), "node id {id} was handed out twice");
+        }
+        assert_eq!(ids.len(), FORWARDED * PER_BATCH + LOCAL);
+        let entries = replica.reader().last_applied_index() - before;
+        assert!(
+            entries < FORWARDED as u64,
+            "{FORWARDED} forwarded batches and {LOCAL} writes took {entries} log entries: the batches were not merged"
+        );
+
+        // Another command version is proposed as it came: one entry, answered as a whole.
+        let mut other_version = Request::new(Command::ReserveNodeId);
+        other_version.version += 1;
+        let answer = replica
+            .handle_forward(&encode(&other_version))
+            .await
+            .expect("decodable");
+        let applied_before = replica.reader().last_applied_index();
+        match decode::<ForwardReply>(&answer).expect("a forward reply") {
+            ForwardReply::Applied { index, .. } => assert_eq!(index, applied_before),
+            other => panic!("unexpected answer {other:?}"),
+        }
         replica.shutdown().await;
     }
 }
