@@ -8,7 +8,10 @@
 //! Both are driven by the same load generator ([`crate::load`]) with ~1 KB requests: a Put under
 //! a distinct key, and a CreateAgent with a padded prompt. Clients are spread over every
 //! member; followers forward writes to their leader on both sides. Flotilla's API is TLS only,
-//! etcd is spoken to in plaintext. It prints figures and asserts nothing about time.
+//! etcd is spoken to in plaintext. Besides throughput and latency it prints the CPU time each
+//! system spent per write (its member processes together, and the load generator's own), read
+//! from /proc: on a small machine a latency-bound figure hides how much work a write costs. It
+//! prints figures and asserts nothing about time.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::client::{agent_client, connect, BearerToken};
+use crate::cpu::{CpuPerWrite, CpuSample};
 use crate::etcd_cluster::EtcdCluster;
 use crate::load::{run_once, timed_write, RunResult, Writer, MAX_WRITES_PER_RUN, RECORD_BYTES};
 use crate::local_cluster::LocalCluster;
@@ -76,12 +80,18 @@ async fn run_all(args: &BenchCompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One run's load figures and the CPU it cost.
+struct Measured {
+    load: RunResult,
+    cpu: CpuPerWrite,
+}
+
 async fn measure_etcd(
     etcd_binary: &std::path::Path,
     node_count: usize,
     clients: &[usize],
     run_duration: Duration,
-) -> anyhow::Result<Vec<RunResult>> {
+) -> anyhow::Result<Vec<Measured>> {
     let started = Instant::now();
     let cluster = EtcdCluster::start(etcd_binary, node_count).await?;
     eprintln!(
@@ -103,7 +113,7 @@ async fn measure_etcd(
             });
         }
     }
-    let results = run_each(&writers, clients, run_duration, "etcd", node_count).await;
+    let results = run_each(&writers, &cluster.pids(), clients, run_duration, "etcd", node_count).await;
     drop(writers);
     drop(cluster);
     Ok(results)
@@ -114,7 +124,7 @@ async fn measure_flotilla(
     node_count: usize,
     clients: &[usize],
     run_duration: Duration,
-) -> anyhow::Result<Vec<RunResult>> {
+) -> anyhow::Result<Vec<Measured>> {
     let started = Instant::now();
     let cluster = LocalCluster::start(flotilla_binary, node_count).await?;
     eprintln!(
@@ -134,7 +144,7 @@ async fn measure_flotilla(
             });
         }
     }
-    let results = run_each(&writers, clients, run_duration, "flotilla", node_count).await;
+    let results = run_each(&writers, &cluster.pids(), clients, run_duration, "flotilla", node_count).await;
     drop(writers);
     drop(cluster);
     Ok(results)
@@ -142,11 +152,12 @@ async fn measure_flotilla(
 
 async fn run_each(
     writers: &[Writer],
+    pids: &[u32],
     clients: &[usize],
     run_duration: Duration,
     system: &str,
     node_count: usize,
-) -> Vec<RunResult> {
+) -> Vec<Measured> {
     // A warm-up, not measured: the first write on each connection, then a second of load, so
     // that one-off costs (connection setup, first-use initialisation) stay out of the figures.
     let first = match writers.first() {
@@ -170,7 +181,9 @@ async fn run_each(
     );
     let mut results = Vec::with_capacity(clients.len());
     for &client_count in clients {
+        let before = CpuSample::take(pids);
         let result = run_once(writers, client_count, run_duration, MAX_WRITES_PER_RUN).await;
+        let cpu = CpuSample::take(pids).per_write_since(&before, result.writes);
         eprintln!(
             "  {system} nodes={node_count} clients={client_count}: {:.0}/s, {} errors",
             result.rate(),
@@ -179,29 +192,44 @@ async fn run_each(
         if let Some(first_error) = &result.first_error {
             eprintln!("    first error: {first_error}");
         }
-        results.push(result);
+        results.push(Measured { load: result, cpu });
     }
     results
 }
 
-fn print_table(node_count: usize, etcd: &[RunResult], flotilla: &[RunResult]) {
+fn print_table(node_count: usize, etcd: &[Measured], flotilla: &[Measured]) {
     println!();
     println!("{node_count} node(s)");
     println!(
-        "| clients | etcd ops/s | etcd p50 ms | etcd p99 ms | Flotilla ops/s | Flotilla p50 ms | Flotilla p99 ms | ops/s Flotilla/etcd | p50 Flotilla/etcd | errors etcd/Flotilla |"
+        "| clients | etcd ops/s | etcd p50 ms | etcd p99 ms | Flotilla ops/s | Flotilla p50 ms | Flotilla p99 ms | ops/s Flotilla/etcd | p50 Flotilla/etcd | errors etcd/Flotilla | etcd CPU µs/write, members + generator | Flotilla CPU µs/write, members + generator | members' CPU Flotilla/etcd |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (etcd, flotilla) in etcd.iter().zip(flotilla) {
-        println!("{}", table_row(etcd, flotilla));
+        println!(
+            "{} {} | {} | {} |",
+            table_row(&etcd.load, &flotilla.load),
+            cpu_cell(&etcd.cpu),
+            cpu_cell(&flotilla.cpu),
+            ratio(flotilla.cpu.servers_ms, etcd.cpu.servers_ms)
+        );
+    }
+}
+
+/// `members + generator` in microseconds per write, `-` for a figure that could not be read.
+fn cpu_cell(cpu: &CpuPerWrite) -> String {
+    let us = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{:.0}", ms * 1000.0));
+    format!("{} + {}", us(cpu.servers_ms), us(cpu.generator_ms))
+}
+
+fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> String {
+    match (numerator, denominator) {
+        (Some(numerator), Some(denominator)) if denominator > 0.0 => format!("{:.2}", numerator / denominator),
+        _ => "-".to_string(),
     }
 }
 
 fn table_row(etcd: &RunResult, flotilla: &RunResult) -> String {
     let ms = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
-    let ratio = |numerator: Option<f64>, denominator: Option<f64>| match (numerator, denominator) {
-        (Some(numerator), Some(denominator)) if denominator > 0.0 => format!("{:.2}", numerator / denominator),
-        _ => "-".to_string(),
-    };
     let rate = |result: &RunResult| (result.writes > 0).then(|| result.rate());
     format!(
         "| {} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {} | {}/{} |",
@@ -268,5 +296,17 @@ mod tests {
             row,
             "| 16 | 1000 | 4.00 | 4.00 | 500 | 8.00 | 8.00 | 0.50 | 2.00 | 0/0 |"
         );
+    }
+
+    #[test]
+    fn a_cpu_cell_shows_members_and_generator_in_microseconds() {
+        let cpu = CpuPerWrite {
+            servers_ms: Some(0.2126),
+            generator_ms: Some(0.04),
+        };
+        assert_eq!(cpu_cell(&cpu), "213 + 40");
+        assert_eq!(cpu_cell(&CpuPerWrite::default()), "- + -");
+        assert_eq!(ratio(Some(0.3), Some(0.2)), "1.50");
+        assert_eq!(ratio(Some(0.3), None), "-");
     }
 }

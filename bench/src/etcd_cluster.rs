@@ -78,6 +78,11 @@ impl EtcdCluster {
         self.directory.path()
     }
 
+    /// The members' process ids, for reading their CPU time under /proc.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(|member| member.child.id()).collect()
+    }
+
     /// The members' client URLs (`http://127.0.0.1:PORT`), in member order.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|member| member.client_url.clone()).collect()

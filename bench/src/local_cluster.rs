@@ -144,6 +144,11 @@ impl LocalCluster {
         self.nodes.iter().map(|node| node.endpoint.clone()).collect()
     }
 
+    /// Every node's process id, in node order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|node| node.child.id()).collect()
+    }
+
     /// The process id of node `index` (0-based), for reading its figures under /proc.
     pub fn node_pid(&self, index: usize) -> Option<u32> {
         self.nodes.get(index).map(|node| node.child.id())

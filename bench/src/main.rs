@@ -26,6 +26,7 @@ mod assign;
 mod burst;
 mod client;
 mod compare;
+mod cpu;
 mod create;
 mod etcd_cluster;
 mod load;

@@ -34,8 +34,6 @@ const MAX_AGENTS: usize = 5_000;
 const MAX_CONCURRENCY: usize = 1_024;
 /// How often the model server's request count is read while the burst runs.
 const ARRIVAL_POLL: Duration = Duration::from_millis(1);
-/// The unit of /proc's CPU times (USER_HZ, fixed at 100 by the kernel's ABI).
-const PROC_CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 /// How often the node is asked for failed agents while the burst runs.
 const FAILURE_POLL: Duration = Duration::from_millis(250);
 /// The warm-up agent (install layer, mirror clone) gets this long.
@@ -455,12 +453,7 @@ fn node_cpu(directory: &Path) -> Option<f64> {
             continue;
         }
         let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-        // After the command name (which may hold spaces) come the state (not a number, dropped)
-        // and then field 4 on: utime, stime, cutime and cstime (fields 14 to 17) are 10..14.
-        let rest = stat.rsplit_once(')')?.1;
-        let fields: Vec<u64> = rest.split_whitespace().filter_map(|field| field.parse().ok()).collect();
-        let sum: u64 = fields.get(10..14)?.iter().sum();
-        return Some(sum as f64 / PROC_CLOCK_TICKS_PER_SECOND);
+        return crate::cpu::cpu_seconds_from_stat(&stat);
     }
     None
 }
