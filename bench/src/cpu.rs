@@ -1,7 +1,7 @@
 //! CPU time of processes, read from `/proc/PID/stat`: what a bench charges to each system.
 
 /// The unit of /proc's CPU times (`USER_HZ`, fixed at 100 by the kernel's ABI).
-pub const PROC_CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+const PROC_CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 /// CPU seconds a process used, itself and its reaped children (user and system time), from the
 /// text of its `/proc/PID/stat`.

@@ -137,7 +137,8 @@ pub async fn run_provision(args: BenchProvisionArgs) -> anyhow::Result<()> {
 
     let arrivals = Arc::new(Mutex::new(Vec::<SystemTime>::with_capacity(args.agents)));
     let watcher = tokio::spawn(watch_arrivals(model.clone(), before_burst, arrivals.clone()));
-    let node_cpu_before = node_cpu(cluster.directory());
+    let node_pid = cluster.node_pid(0).context("the node has no process id")?;
+    let node_cpu_before = crate::cpu::cpu_seconds(node_pid);
     let burst_started = SystemTime::now();
     let mut timelines = create_burst(&endpoint, &client, &repository, &args).await?;
     let settle = Duration::from_secs(args.settle_seconds);
@@ -162,7 +163,10 @@ pub async fn run_provision(args: BenchProvisionArgs) -> anyhow::Result<()> {
             println!("{name:<38} {figures}");
         }
     }
-    if let Some(cpu) = cpu_seconds(&node_cpu_before, cluster.directory()) {
+    if let Some(cpu) = crate::cpu::cpu_seconds(node_pid)
+        .zip(node_cpu_before)
+        .map(|(now, then)| now - then)
+    {
         println!(
             "node CPU during the burst: {cpu:.1} s (the node and the git and helper processes it reaped), {:.0} ms per agent",
             cpu * 1000.0 / args.agents as f64
@@ -441,23 +445,4 @@ async fn describe_missing(
         }
     }
     missing.join("; ")
-}
-
-/// CPU seconds the node process used (itself and its reaped children), found by its data dir.
-fn node_cpu(directory: &Path) -> Option<f64> {
-    let needle = directory.join("node1").display().to_string();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if !cmdline.contains(&needle) || !cmdline.contains(" node ") {
-            continue;
-        }
-        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-        return crate::cpu::cpu_seconds_from_stat(&stat);
-    }
-    None
-}
-
-fn cpu_seconds(before: &Option<f64>, directory: &Path) -> Option<f64> {
-    Some(node_cpu(directory)? - (*before)?)
 }

@@ -149,6 +149,13 @@ pub(crate) struct Applied {
     pub(crate) index: u64,
 }
 
+impl Applied {
+    /// The answer as a write's caller sees it: a refusal is an error.
+    fn into_response(self) -> Result<Response, WriteError> {
+        self.result.map_err(WriteError::Refused)
+    }
+}
+
 /// How a write that failed on the leader is told to the follower that forwarded it: a refusal
 /// keeps its reason; no leader within the deadline lets the follower go on retrying until its
 /// own; a stopped Raft fails the forwarded write as a whole. (Some commands of a forwarded
@@ -428,9 +435,7 @@ impl Replica {
     /// A write answers only once this node's own state shows it (read-your-writes): a caller
     /// that writes and then reads the replica never sees the state from before its write.
     pub async fn write(&self, command: Command) -> Result<Response, WriteError> {
-        self.write_applied(command)
-            .await
-            .and_then(|applied| applied.result.map_err(WriteError::Refused))
+        self.write_applied(command).await.and_then(Applied::into_response)
     }
 
     /// [`Self::write`], answering with the log index the command was applied at.
@@ -515,9 +520,7 @@ impl Replica {
     }
 
     pub async fn write_request(&self, request: Request) -> Result<Response, WriteError> {
-        self.commit_request(request)
-            .await
-            .and_then(|applied| applied.result.map_err(WriteError::Refused))
+        self.commit_request(request).await.and_then(Applied::into_response)
     }
 
     /// [`Self::write_request`], answering with the log index the request was applied at.
@@ -679,8 +682,7 @@ impl Replica {
     /// leader, writes held for a hand-over, a request of another command version) is proposed
     /// as it came, and answered as before.
     async fn serve_forwarded(&self, request: Request) -> ForwardReply {
-        let leading = self.current_leader() == Some(self.inner.node_id)
-            && !self.inner.holding_writes.load(std::sync::atomic::Ordering::SeqCst);
+        let leading = self.is_leader() && !self.inner.holding_writes.load(std::sync::atomic::Ordering::SeqCst);
         if !leading || request.version != flotilla_state::command::COMMAND_VERSION {
             return self.write_local(request).await;
         }
