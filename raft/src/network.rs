@@ -118,14 +118,45 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             address: node.grpc.clone(),
             peers: self.peers.clone(),
+            appends: None,
+            unary_appends: false,
         }
     }
 }
 
+/// Raft's calls to one peer, made by one replication task (or election) at a time.
 pub struct PeerConnection {
     target: NodeId,
     address: String,
     peers: Peers,
+    /// The open append stream to the peer, if any. AppendEntries go over it as one message
+    /// each way: a unary call per request writes its headers, its body and its end (and the
+    /// answer its headers, body and trailers) separately, and wakes the other side for each.
+    /// Any failure or timeout drops it; the next append opens a new one.
+    appends: Option<AppendStream>,
+    /// The peer refused the stream as a method it does not know (an older version): appends
+    /// are unary calls to it from then on.
+    unary_appends: bool,
+}
+
+/// One open `AppendStream` call: a request goes in through `requests`, its answer is the next
+/// message of `answers`. One request is outstanding at a time.
+struct AppendStream {
+    requests: tokio::sync::mpsc::Sender<RaftPayload>,
+    answers: tonic::Streaming<RaftPayload>,
+}
+
+/// Why an append over the stream failed.
+#[derive(thiserror::Error, Debug)]
+enum AppendStreamError {
+    #[error(transparent)]
+    Connect(#[from] PeerError),
+    #[error("append stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("the peer closed the append stream")]
+    Closed,
+    #[error("no answer on the append stream within {0:?}")]
+    TimedOut(Duration),
 }
 
 type RemoteResult<T, E> = Result<T, RaftError<NodeId, E>>;
@@ -153,15 +184,84 @@ impl PeerConnection {
             Method::Vote => client.vote(grpc_request).await,
             Method::Snapshot => client.install_snapshot(grpc_request).await,
         };
-        let reply = reply.map_err(|status| match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                RPCError::Unreachable(Unreachable::new(&status))
-            }
-            _ => RPCError::Network(NetworkError::new(&status)),
-        })?;
+        let reply = reply.map_err(|status| status_error(&status))?;
+        self.answer(&reply.into_inner().data)
+    }
+
+    /// Decodes a peer's answer.
+    // The error is openraft's own, which `RaftNetwork`'s methods return as it is.
+    #[allow(clippy::result_large_err)]
+    fn answer<Resp, E>(&self, data: &[u8]) -> Result<Resp, RPCError<NodeId, NodeAddr, RaftError<NodeId, E>>>
+    where
+        Resp: for<'de> Deserialize<'de>,
+        E: std::error::Error + for<'de> Deserialize<'de>,
+    {
         let decoded: RemoteResult<Resp, E> =
-            decode(&reply.into_inner().data).map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
+            decode(data).map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
         decoded.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
+    }
+
+    /// Sends `payload` over the append stream (opening one if none is open) and waits for its
+    /// answer until `timeout`.
+    async fn append_streamed(&mut self, payload: RaftPayload, timeout: Duration) -> Result<Vec<u8>, AppendStreamError> {
+        let exchange = async {
+            if let Some(stream) = self.appends.as_mut() {
+                stream
+                    .requests
+                    .send(payload)
+                    .await
+                    .map_err(|_| AppendStreamError::Closed)?;
+            } else {
+                self.appends = Some(self.open_append_stream(payload).await?);
+            }
+            let stream = self.appends.as_mut().expect("sent on an open stream");
+            match stream.answers.message().await? {
+                Some(answer) => Ok(answer.data),
+                None => Err(AppendStreamError::Closed),
+            }
+        };
+        let result = match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(AppendStreamError::TimedOut(timeout)),
+        };
+        if result.is_err() {
+            // An answer may still come for the request that failed: a stream is never reused
+            // after a failure, so no later request can take that answer for its own.
+            self.appends = None;
+        }
+        result
+    }
+
+    /// Opens an append stream with `first` as its first request. The request goes out with the
+    /// call's headers: waiting for the answer's headers first would make the first append on
+    /// a stream two round trips, which a link slower than half the heartbeat never completes
+    /// within an append's timeout (a timeout drops the stream, and the next append opens one).
+    async fn open_append_stream(&self, first: RaftPayload) -> Result<AppendStream, AppendStreamError> {
+        let mut client = self.peers.client(&self.address)?;
+        // One request at a time: the channel holds the one being sent.
+        let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+        requests
+            .try_send(first)
+            .expect("a new channel has room for its first request");
+        let answers = client
+            .append_stream(
+                self.peers
+                    .request(tokio_stream::wrappers::ReceiverStream::new(outgoing)),
+            )
+            .await?
+            .into_inner();
+        Ok(AppendStream { requests, answers })
+    }
+}
+
+/// A failed call's status as openraft takes it: a peer that could not be reached (or answer in
+/// time) is retried as unreachable, anything else is a network error.
+fn status_error<E: std::error::Error>(status: &tonic::Status) -> RPCError<NodeId, NodeAddr, RaftError<NodeId, E>> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            RPCError::Unreachable(Unreachable::new(status))
+        }
+        _ => RPCError::Network(NetworkError::new(status)),
     }
 }
 
@@ -178,7 +278,23 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
-        self.call(&request, option.hard_ttl(), Method::Append).await
+        if self.unary_appends {
+            return self.call(&request, option.hard_ttl(), Method::Append).await;
+        }
+        let payload = RaftPayload { data: encode(&request) };
+        match self.append_streamed(payload, option.hard_ttl()).await {
+            Ok(data) => self.answer(&data),
+            Err(AppendStreamError::Status(status)) if status.code() == tonic::Code::Unimplemented => {
+                tracing::info!(
+                    peer = self.target,
+                    "the peer has no append stream; appending with unary calls"
+                );
+                self.unary_appends = true;
+                self.call(&request, option.hard_ttl(), Method::Append).await
+            }
+            Err(AppendStreamError::Status(status)) => Err(status_error(&status)),
+            Err(error) => Err(RPCError::Unreachable(Unreachable::new(&error))),
+        }
     }
 
     async fn install_snapshot(

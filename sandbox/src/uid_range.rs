@@ -160,6 +160,21 @@ fn byte_lock(file: &File, index: u32, kind: libc::c_int) -> io::Result<bool> {
     }
 }
 
+/// Whether range `index` under `lock_dir` is free: nobody (this process included, through
+/// another open of the file) holds its byte lock.
+#[cfg(test)]
+pub(crate) fn range_is_free(lock_dir: &Path, index: u32) -> io::Result<bool> {
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(lock_dir.join(RANGE_LOCK_FILE))?;
+    let free = byte_lock(&file, index, libc::F_WRLCK)?;
+    if free {
+        byte_lock(&file, index, libc::F_UNLCK)?;
+    }
+    Ok(free)
+}
+
 /// A range held by one machine; dropping it gives the range back.
 #[derive(Debug)]
 pub struct UidRange {

@@ -150,10 +150,14 @@ impl ClusterState {
             return;
         };
         self.by_status.entry(agent.status).or_default().insert(id);
-        // Computed afresh on every change (name and prompt never change, a summary may), so
-        // the signature is always that of the record's current texts.
-        let signature = crate::search::SearchSignature::of_record(agent);
-        self.search_signatures.insert(id, signature);
+        // The signature of the record's current texts. Name and prompt never change and a
+        // summary is only ever set, never cleared, so an agent without a summary keeps the
+        // signature it was indexed with: a status change does not hash its prompt (up to
+        // 256 KiB) again on every node. Setting the summary computes it afresh.
+        if agent.summary.is_some() || !self.search_signatures.contains_key(&id) {
+            let signature = crate::search::SearchSignature::of_record(agent);
+            self.search_signatures.insert(id, signature);
+        }
         let team = crate::types::owning_team(&agent.spec.team).to_string();
         self.created_by_team
             .entry(team.clone())

@@ -146,6 +146,14 @@ async fn a_rolling_restart_under_load_loses_no_create_and_fails_no_agent() {
         cluster.node_mut(node).begin_terminate();
         tokio::task::block_in_place(|| cluster.node_mut(node).wait_exit(DEADLINE));
         let stopped = stop_at.elapsed();
+        // The leader's append stream to a stopping follower, and any other call, ends with the
+        // stop: the server never waits its stop out.
+        let log = std::fs::read_to_string(cluster.node(node).log_path()).unwrap_or_default();
+        assert!(
+            !log.contains("the gRPC server did not stop in time"),
+            "node {node} waited out its server's stop:\n{}",
+            cluster.node(node).log_tail(40)
+        );
         let applied = wait_for(
             &format!("node {other} to answer while {node} is down"),
             DEADLINE,

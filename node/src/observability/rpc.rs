@@ -30,12 +30,13 @@ pub const UNKNOWN_METHOD: &str = "unknown";
 /// Calls that get no trace span: Raft's own traffic and liveness, many a second and part of
 /// no client's call (a write forwarded to the leader is traced).
 const UNTRACED_METHODS: &[&str] = &[
-    "/flotilla.v1.Internal/AppendEntries",
-    "/flotilla.v1.Internal/Vote",
-    "/flotilla.v1.Internal/InstallSnapshot",
-    "/flotilla.v1.Internal/Heartbeat",
-    "/flotilla.v1.Internal/ReadIndex",
-    "/flotilla.v1.Internal/TimeoutNow",
+    "/flotilla.internal.v1.Internal/AppendEntries",
+    "/flotilla.internal.v1.Internal/AppendStream",
+    "/flotilla.internal.v1.Internal/Vote",
+    "/flotilla.internal.v1.Internal/InstallSnapshot",
+    "/flotilla.internal.v1.Internal/Heartbeat",
+    "/flotilla.internal.v1.Internal/ReadIndex",
+    "/flotilla.internal.v1.Internal/TimeoutNow",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
 ];
@@ -288,6 +289,17 @@ mod tests {
             assert!(methods.contains(*path), "{path} is served and so labelled");
         }
         assert!(!methods.contains("/flotilla.v1.AgentService/NoSuchMethod"));
+    }
+
+    #[test]
+    fn every_untraced_method_is_one_the_node_serves() {
+        let methods = known_methods(flotilla_proto::FILE_DESCRIPTOR_SET).unwrap();
+        for path in UNTRACED_METHODS {
+            assert!(
+                methods.contains(*path),
+                "{path} is not a served method, so nothing leaves it untraced"
+            );
+        }
     }
 
     #[test]

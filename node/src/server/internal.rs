@@ -11,7 +11,7 @@ use flotilla_proto::internal::{
 use flotilla_raft::replica::UndecodablePayload;
 use flotilla_raft::CampaignRefused;
 use flotilla_raft::{Command, NodeAddr, NodeInfo, Replica};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::write_status;
 
@@ -20,6 +20,48 @@ pub struct InternalApi {
     pub liveness: LivenessTable,
     /// Sent to a joining node in the `Join` answer (see `secrets`).
     pub kek: super::secrets::NodeKek,
+    /// Becomes true when the server stops: append streams end then, so that a stopping server
+    /// does not wait for a leader to close a stream it never closes by itself.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The answers of one append stream, in the order of its requests.
+type AppendAnswers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftPayload, Status>> + Send>>;
+
+/// What an append stream carries from one request to the next.
+struct AppendStreamState {
+    replica: Replica,
+    requests: Streaming<RaftPayload>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    /// The caller's certificate, checked again for every request: a node removed from the
+    /// cluster after it opened the stream is refused from then on, as its new calls are.
+    certificate: Option<super::transport::PeerCertificate>,
+    check: flotilla_raft::tls::CertificateCheck,
+}
+
+impl AppendStreamState {
+    /// The answer to the next request; `None` when the caller closed the stream or the server
+    /// is stopping. An error ends the stream after it.
+    async fn next(mut self) -> Option<(Result<RaftPayload, Status>, Option<AppendStreamState>)> {
+        let request = tokio::select! {
+            request = self.requests.message() => request,
+            _ = self.stopping.wait_for(|stopping| *stopping) => return None,
+        };
+        let request = match request {
+            Ok(Some(request)) => request,
+            Ok(None) => return None,
+            Err(status) => return Some((Err(status), None)),
+        };
+        if let Some(certificate) = &self.certificate {
+            if let Err(refused) = (self.check)(&certificate.0) {
+                return Some((Err(Status::unauthenticated(refused)), None));
+            }
+        }
+        match self.replica.handle_append(&request.data).await {
+            Ok(data) => Some((Ok(RaftPayload { data }), Some(self))),
+            Err(error) => Some((Err(Status::invalid_argument(error.to_string())), None)),
+        }
+    }
 }
 
 fn payload(result: Result<Vec<u8>, UndecodablePayload>) -> Result<Response<RaftPayload>, Status> {
@@ -32,6 +74,24 @@ fn payload(result: Result<Vec<u8>, UndecodablePayload>) -> Result<Response<RaftP
 impl Internal for InternalApi {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         payload(self.replica.handle_append(&request.into_inner().data).await)
+    }
+
+    type AppendStreamStream = AppendAnswers;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let certificate = request.extensions().get::<super::transport::PeerCertificate>().cloned();
+        let state = AppendStreamState {
+            replica: self.replica.clone(),
+            requests: request.into_inner(),
+            stopping: self.stopping.clone(),
+            certificate,
+            check: super::transport::refuse_removed_nodes(&self.replica),
+        };
+        let answers = futures::stream::unfold(Some(state), |state| async move { state?.next().await });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

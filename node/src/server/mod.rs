@@ -72,6 +72,9 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
 /// Live events buffered per watcher before they are dropped.
 pub const LIVE_EVENTS_PER_WATCHER: usize = 1024;
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a stopping node waits for its gRPC server to finish the calls still open (a
+/// follower's append streams end when the stop begins, so they do not hold it).
+pub const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopping node waits for its actors (and so its machines) to stop before it
 /// sweeps whatever machines are left.
 const SHUTDOWN_ACTORS_TIMEOUT: Duration = Duration::from_secs(20);
@@ -486,7 +489,13 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     }
     machines.shutdown().await;
     let _ = shutdown_sender.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if tokio::time::timeout(SERVER_STOP_TIMEOUT, server).await.is_err() {
+        // Calls still open past the wait are cut off with the process.
+        tracing::warn!(
+            timeout_ms = SERVER_STOP_TIMEOUT.as_millis() as u64,
+            "the gRPC server did not stop in time: calls were still open"
+        );
+    }
     mesh.shutdown().await;
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
@@ -777,9 +786,16 @@ async fn serve(
     let require_node_certificate = transport::RequireNodeCertificate {
         check: transport::refuse_removed_nodes(&replica),
     };
-    let internal_service = InternalServer::new(internal::InternalApi { replica, liveness, kek })
-        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    // Set once the server is told to stop: the internal service's append streams end then.
+    let (stop_streams, stopping) = tokio::sync::watch::channel(false);
+    let internal_service = InternalServer::new(internal::InternalApi {
+        replica,
+        liveness,
+        kek,
+        stopping,
+    })
+    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let (incoming, accepting) = transport::tls_incoming(listener, tls.config);
     let rpc_metrics = crate::observability::rpc::RpcMetricsLayer::new(crate::observability::rpc::known_methods(
         flotilla_proto::FILE_DESCRIPTOR_SET,
@@ -803,8 +819,9 @@ async fn serve(
             internal_service,
             require_node_certificate,
         ))
-        .serve_with_incoming_shutdown(incoming, async {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.await;
+            let _ = stop_streams.send(true);
         })
         .await;
     accepting.abort();

@@ -193,3 +193,22 @@ fn failing_or_stopping_does_not_wait_for_follow_ups_and_no_summary_means_no_summ
         }]
     ));
 }
+
+#[test]
+fn the_search_signature_is_kept_through_status_changes_and_takes_in_the_summary() {
+    use crate::search::SearchSignature;
+    let mut state = with_nodes(1);
+    let id = running(&mut state, "signature", 1);
+    let indexed = state.search_signatures[&id];
+    assert_eq!(indexed, SearchSignature::of_record(&state.agents[&id]));
+    let needle = SearchSignature::of_needle("zebra crossing");
+    assert!(!indexed.may_contain(&needle), "the prompt alone has the needle's bits");
+    run(
+        &mut state,
+        set_status(id, 1, 1, AgentStatus::Finished, Some("Zebra Crossing painted")),
+    )
+    .unwrap();
+    let finished = state.search_signatures[&id];
+    assert_eq!(finished, SearchSignature::of_record(&state.agents[&id]));
+    assert!(finished.may_contain(&needle));
+}
