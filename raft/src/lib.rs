@@ -13,6 +13,7 @@
 //! The records and commands are re-exported here, so that the crates above use one path for
 //! them whichever crate defines them.
 
+mod forward_stream;
 pub mod handover;
 pub mod metrics;
 pub mod network;

@@ -37,6 +37,8 @@ pub struct Peers {
     tls: Option<ClientTlsConfig>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     connect_timeout: Duration,
+    /// Streams of forwarded writes, by leader address.
+    forwards: Arc<crate::forward_stream::ForwardStreams>,
 }
 
 /// Why a peer could not be dialed.
@@ -58,6 +60,7 @@ impl Peers {
             tls: tls.map(NodeTls::tonic_client_config),
             channels: Arc::new(Mutex::new(HashMap::new())),
             connect_timeout: Duration::from_millis(500),
+            forwards: Arc::default(),
         }
     }
 
@@ -91,6 +94,10 @@ impl Peers {
             }
         };
         Ok(InternalClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    }
+
+    pub(crate) fn forwards(&self) -> &crate::forward_stream::ForwardStreams {
+        &self.forwards
     }
 
     /// Wraps a payload for an internal call. It carries no credential: the TLS connection
@@ -177,7 +184,10 @@ impl PeerConnection {
             .peers
             .client(&self.address)
             .map_err(|error| RPCError::Unreachable(Unreachable::new(&error)))?;
-        let mut grpc_request = self.peers.request(RaftPayload { data: encode(request) });
+        let mut grpc_request = self.peers.request(RaftPayload {
+            data: encode(request),
+            id: 0,
+        });
         grpc_request.set_timeout(timeout);
         let reply = match method {
             Method::Append => client.append_entries(grpc_request).await,
@@ -281,7 +291,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         if self.unary_appends {
             return self.call(&request, option.hard_ttl(), Method::Append).await;
         }
-        let payload = RaftPayload { data: encode(&request) };
+        let payload = RaftPayload {
+            data: encode(&request),
+            id: 0,
+        };
         match self.append_streamed(payload, option.hard_ttl()).await {
             Ok(data) => self.answer(&data),
             Err(AppendStreamError::Status(status)) if status.code() == tonic::Code::Unimplemented => {

@@ -188,9 +188,10 @@ impl Replica {
                 address: address.grpc.clone(),
                 source,
             })?;
-        let mut request = self
-            .peers()
-            .request(flotilla_proto::internal::RaftPayload { data: Vec::new() });
+        let mut request = self.peers().request(flotilla_proto::internal::RaftPayload {
+            data: Vec::new(),
+            id: 0,
+        });
         request.set_timeout(READ_INDEX_CALL_TIMEOUT);
         let reply = client
             .read_index(request)

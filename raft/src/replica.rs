@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
 
 use crate::command::{ApplyError, Command, Request, Response};
+use crate::forward_stream::Forwarded;
 use crate::network::{decode, encode, NetworkFactory, Peers};
 use crate::retry::RetryPolicy;
 use crate::store::{self, StateReader};
@@ -23,6 +24,8 @@ use crate::{ApplyResult, NodeAddr, NodeId, Raft, TypeConfig};
 
 /// How long a write keeps trying (leader elections, forwarding) before it gives up.
 pub const WRITE_DEADLINE_MS: u64 = 10_000;
+/// Longest a forwarded write waits for the leader's answer before it is tried again.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Between attempts of a write while no leader is known or the leader moved: 20 ms doubling to
 /// 500 ms, until [`WRITE_DEADLINE_MS`]. A change of Raft's view ends a wait early.
 const WRITE_RETRY: RetryPolicy = RetryPolicy {
@@ -655,8 +658,34 @@ impl Replica {
                 address: address.grpc.clone(),
                 source,
             })?;
-        let mut grpc_request = self.inner.peers.request(RaftPayload { data: encode(request) });
-        grpc_request.set_timeout(Duration::from_secs(5));
+        // A traced write goes as a unary call: its trace context rides in the call's metadata,
+        // which a stream's messages do not have.
+        if tracing::Span::current().is_disabled() {
+            let streamed = self
+                .inner
+                .peers
+                .forwards()
+                .forward(&address.grpc, client.clone(), encode(request), FORWARD_TIMEOUT)
+                .await;
+            match streamed {
+                Ok(Forwarded::Answered(reply)) => {
+                    return decode(&reply).map_err(|source| ForwardError::Decode { leader, source })
+                }
+                Ok(Forwarded::Unsupported) => {}
+                Err(status) => {
+                    return Err(ForwardError::Refused {
+                        leader,
+                        code: status.code(),
+                        message: status.message().to_string(),
+                    })
+                }
+            }
+        }
+        let mut grpc_request = self.inner.peers.request(RaftPayload {
+            data: encode(request),
+            id: 0,
+        });
+        grpc_request.set_timeout(FORWARD_TIMEOUT);
         // The leader's spans for this write join the caller's trace.
         crate::trace_context::inject(&tracing::Span::current(), grpc_request.metadata_mut());
         let reply = client

@@ -73,7 +73,10 @@ async fn plaintext_is_refused_on_every_port() {
     // not answered by any service.
     assert!(std::error::Error::source(&public).is_some(), "{public:?}");
     let internal = InternalClient::new(channel)
-        .read_index(RaftPayload { data: Vec::new() })
+        .read_index(RaftPayload {
+            data: Vec::new(),
+            id: 0,
+        })
         .await
         .expect_err("a plaintext call to the internal service is refused");
     assert!(std::error::Error::source(&internal).is_some(), "{internal:?}");
@@ -114,7 +117,10 @@ async fn an_internal_call_without_a_node_certificate_is_refused() {
         .await
         .expect("TLS without a client certificate connects (clients have none)");
     let status = InternalClient::new(channel)
-        .forward_write(RaftPayload { data: vec![1, 2, 3] })
+        .forward_write(RaftPayload {
+            data: vec![1, 2, 3],
+            id: 0,
+        })
         .await
         .expect_err("an internal call without a node certificate is refused");
     assert_eq!(status.code(), Code::Unauthenticated, "{status}");
@@ -126,7 +132,10 @@ async fn an_internal_call_without_a_node_certificate_is_refused() {
     let answered = peers
         .client(&node.endpoint())
         .unwrap()
-        .forward_write(RaftPayload { data: vec![1, 2, 3] })
+        .forward_write(RaftPayload {
+            data: vec![1, 2, 3],
+            id: 0,
+        })
         .await
         .expect_err("junk is not a command");
     assert_eq!(answered.code(), Code::InvalidArgument, "{answered}");
@@ -160,7 +169,10 @@ async fn another_clusters_ca_is_refused_by_the_cli_and_by_a_node() {
     let status = peers
         .client(&endpoint)
         .unwrap()
-        .read_index(RaftPayload { data: Vec::new() })
+        .read_index(RaftPayload {
+            data: Vec::new(),
+            id: 0,
+        })
         .await
         .expect_err("a node of another CA is refused");
     assert_eq!(status.code(), Code::Unavailable, "{status}");

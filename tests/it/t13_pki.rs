@@ -128,7 +128,10 @@ async fn a_removed_nodes_certificate_is_refused() {
     peers
         .client(&node2)
         .unwrap()
-        .read_index(RaftPayload { data: Vec::new() })
+        .read_index(RaftPayload {
+            data: Vec::new(),
+            id: 0,
+        })
         .await
         .expect("a member's certificate is accepted");
     mesh_read(host, mesh_port, &stolen)
@@ -145,7 +148,10 @@ async fn a_removed_nodes_certificate_is_refused() {
             let answer = peers
                 .client(&node2)
                 .unwrap()
-                .read_index(RaftPayload { data: Vec::new() })
+                .read_index(RaftPayload {
+                    data: Vec::new(),
+                    id: 0,
+                })
                 .await;
             answer.err().filter(|status| status.code() == Code::Unauthenticated)
         }
@@ -154,12 +160,18 @@ async fn a_removed_nodes_certificate_is_refused() {
     assert!(status.message().contains("node 3 was removed"), "{status}");
     let mut client = peers.client(&node2).unwrap();
     let forwarded = client
-        .forward_write(RaftPayload { data: vec![1, 2, 3] })
+        .forward_write(RaftPayload {
+            data: vec![1, 2, 3],
+            id: 0,
+        })
         .await
         .expect_err("a removed node cannot forward a write");
     assert_eq!(forwarded.code(), Code::Unauthenticated, "{forwarded}");
     let snapshot = client
-        .install_snapshot(RaftPayload { data: vec![1, 2, 3] })
+        .install_snapshot(RaftPayload {
+            data: vec![1, 2, 3],
+            id: 0,
+        })
         .await
         .expect_err("a removed node cannot install a snapshot");
     assert_eq!(snapshot.code(), Code::Unauthenticated, "{snapshot}");
@@ -180,7 +192,10 @@ async fn a_removed_nodes_certificate_is_refused() {
     let fresh = Peers::new(Some(&stolen))
         .client(&node2)
         .unwrap()
-        .read_index(RaftPayload { data: Vec::new() })
+        .read_index(RaftPayload {
+            data: Vec::new(),
+            id: 0,
+        })
         .await
         .expect_err("refused on a new connection too");
     assert_eq!(fresh.code(), Code::Unauthenticated, "{fresh}");

@@ -28,7 +28,7 @@ pub struct InternalApi {
 /// The answers of one append stream, in the order of its requests.
 type AppendAnswers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftPayload, Status>> + Send>>;
 
-/// What an append stream carries from one request to the next.
+/// What an append (or forward) stream carries from one request to the next.
 struct AppendStreamState {
     replica: Replica,
     requests: Streaming<RaftPayload>,
@@ -58,7 +58,7 @@ impl AppendStreamState {
             }
         }
         match self.replica.handle_append(&request.data).await {
-            Ok(data) => Some((Ok(RaftPayload { data }), Some(self))),
+            Ok(data) => Some((Ok(RaftPayload { data, id: 0 }), Some(self))),
             Err(error) => Some((Err(Status::invalid_argument(error.to_string())), None)),
         }
     }
@@ -66,8 +66,55 @@ impl AppendStreamState {
 
 fn payload(result: Result<Vec<u8>, UndecodablePayload>) -> Result<Response<RaftPayload>, Status> {
     result
-        .map(|data| Response::new(RaftPayload { data }))
+        .map(|data| Response::new(RaftPayload { data, id: 0 }))
         .map_err(|error| Status::invalid_argument(error.to_string()))
+}
+
+/// Forwarded writes handled at once on one stream; the stream's next request waits for room.
+const FORWARDS_IN_FLIGHT_PER_STREAM: usize = 64;
+
+/// Serves one forward stream: each request in a task of its own (several batches of one follower
+/// are in flight at once, and the leader's write queue gathers them), each answer sent back with
+/// its request's id as it is ready. Ends when the follower closes the stream, the server stops,
+/// or the caller's certificate is refused (a node removed since it opened the stream).
+async fn serve_forward_stream(
+    mut state: AppendStreamState,
+    answers: tokio::sync::mpsc::Sender<Result<RaftPayload, Status>>,
+) {
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(FORWARDS_IN_FLIGHT_PER_STREAM));
+    loop {
+        let Ok(permit) = room.clone().acquire_owned().await else {
+            return;
+        };
+        let request = tokio::select! {
+            request = state.requests.message() => request,
+            _ = state.stopping.wait_for(|stopping| *stopping) => return,
+            _ = answers.closed() => return,
+        };
+        let request = match request {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(status) => {
+                let _ = answers.send(Err(status)).await;
+                return;
+            }
+        };
+        if let Some(certificate) = &state.certificate {
+            if let Err(refused) = (state.check)(&certificate.0) {
+                let _ = answers.send(Err(Status::unauthenticated(refused))).await;
+                return;
+            }
+        }
+        let (replica, answers) = (state.replica.clone(), answers.clone());
+        tokio::spawn(async move {
+            let answer = match replica.handle_forward(&request.data).await {
+                Ok(data) => Ok(RaftPayload { data, id: request.id }),
+                Err(error) => Err(Status::invalid_argument(error.to_string())),
+            };
+            let _ = answers.send(answer).await;
+            drop(permit);
+        });
+    }
 }
 
 #[tonic::async_trait]
@@ -94,6 +141,27 @@ impl Internal for InternalApi {
         Ok(Response::new(Box::pin(answers)))
     }
 
+    type ForwardStreamStream = AppendAnswers;
+
+    async fn forward_stream(
+        &self,
+        request: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let certificate = request.extensions().get::<super::transport::PeerCertificate>().cloned();
+        let state = AppendStreamState {
+            replica: self.replica.clone(),
+            requests: request.into_inner(),
+            stopping: self.stopping.clone(),
+            certificate,
+            check: super::transport::refuse_removed_nodes(&self.replica),
+        };
+        let (answers, outgoing) = tokio::sync::mpsc::channel(FORWARDS_IN_FLIGHT_PER_STREAM);
+        tokio::spawn(serve_forward_stream(state, answers));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            outgoing,
+        ))))
+    }
+
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         payload(self.replica.handle_vote(&request.into_inner().data).await)
     }
@@ -109,6 +177,7 @@ impl Internal for InternalApi {
     async fn read_index(&self, _request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         Ok(Response::new(RaftPayload {
             data: self.replica.handle_read_index().await,
+            id: 0,
         }))
     }
 
