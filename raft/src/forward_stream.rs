@@ -37,10 +37,38 @@ struct ForwardStream {
 }
 
 impl ForwardStream {
-    /// Fails every forward still waiting (dropping its sender tells it the stream is gone).
-    fn close(&self) {
+    /// Marks the stream closed and answers every forward still waiting: with `failure` when
+    /// the stream failed; a stream that ended drops their senders, which tells them it is gone.
+    fn close(&self, failure: Option<&tonic::Status>) {
         self.open.store(false, Ordering::SeqCst);
-        self.waiting.lock().expect("forward stream lock poisoned").clear();
+        let waiting: Vec<_> = self
+            .waiting
+            .lock()
+            .expect("forward stream lock poisoned")
+            .drain()
+            .collect();
+        if let Some(status) = failure {
+            for (_, waiting) in waiting {
+                let _ = waiting.send(Err(tonic::Status::new(status.code(), status.message())));
+            }
+        }
+    }
+
+    /// Hands each answer on the stream to the forward waiting for its id, until the stream ends.
+    async fn pass_answers(&self, answers: tonic::Response<tonic::Streaming<RaftPayload>>) -> Result<(), tonic::Status> {
+        let mut answers = answers.into_inner();
+        while let Some(answer) = answers.message().await? {
+            let waiting = self
+                .waiting
+                .lock()
+                .expect("forward stream lock poisoned")
+                .remove(&answer.id);
+            // A forward that gave up (its deadline passed) has left.
+            if let Some(waiting) = waiting {
+                let _ = waiting.send(Ok(answer.data));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -141,48 +169,12 @@ impl ForwardStreams {
         let reader = stream.clone();
         tokio::spawn(async move {
             let outgoing = tokio_stream::wrappers::ReceiverStream::new(outgoing);
-            match client.forward_stream(outgoing).await {
-                Ok(answers) => {
-                    let mut answers = answers.into_inner();
-                    loop {
-                        match answers.message().await {
-                            Ok(Some(answer)) => {
-                                let waiting = reader
-                                    .waiting
-                                    .lock()
-                                    .expect("forward stream lock poisoned")
-                                    .remove(&answer.id);
-                                // A forward that gave up (its deadline passed) has left.
-                                if let Some(waiting) = waiting {
-                                    let _ = waiting.send(Ok(answer.data));
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(status) => {
-                                fail_all(&reader, &status);
-                                break;
-                            }
-                        }
-                    }
-                }
-                Err(status) => fail_all(&reader, &status),
-            }
-            reader.close();
+            let ended = match client.forward_stream(outgoing).await {
+                Ok(answers) => reader.pass_answers(answers).await,
+                Err(status) => Err(status),
+            };
+            reader.close(ended.err().as_ref());
         });
         stream
-    }
-}
-
-/// Answers every waiting forward with `status`.
-fn fail_all(stream: &ForwardStream, status: &tonic::Status) {
-    stream.open.store(false, Ordering::SeqCst);
-    let waiting: Vec<_> = stream
-        .waiting
-        .lock()
-        .expect("forward stream lock poisoned")
-        .drain()
-        .collect();
-    for (_, waiting) in waiting {
-        let _ = waiting.send(Err(tonic::Status::new(status.code(), status.message())));
     }
 }

@@ -25,11 +25,11 @@ pub struct InternalApi {
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The answers of one append stream, in the order of its requests.
-type AppendAnswers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftPayload, Status>> + Send>>;
+/// The answers of one stream of requests from a peer node.
+type PeerAnswers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftPayload, Status>> + Send>>;
 
-/// What an append (or forward) stream carries from one request to the next.
-struct AppendStreamState {
+/// One stream of requests from a peer node (appends or forwarded writes).
+struct PeerStream {
     replica: Replica,
     requests: Streaming<RaftPayload>,
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -39,35 +39,60 @@ struct AppendStreamState {
     check: flotilla_raft::tls::CertificateCheck,
 }
 
-impl AppendStreamState {
-    /// The answer to the next request; `None` when the caller closed the stream or the server
-    /// is stopping. An error ends the stream after it.
-    async fn next(mut self) -> Option<(Result<RaftPayload, Status>, Option<AppendStreamState>)> {
+impl PeerStream {
+    fn open(api: &InternalApi, request: Request<Streaming<RaftPayload>>) -> PeerStream {
+        PeerStream {
+            replica: api.replica.clone(),
+            certificate: request.extensions().get::<super::transport::PeerCertificate>().cloned(),
+            requests: request.into_inner(),
+            stopping: api.stopping.clone(),
+            check: super::transport::refuse_removed_nodes(&api.replica),
+        }
+    }
+
+    /// The next request: `None` when the caller closed the stream or the server is stopping; an
+    /// error, after which the stream ends, when the stream failed or the caller's certificate
+    /// is refused.
+    async fn next_request(&mut self) -> Option<Result<RaftPayload, Status>> {
         let request = tokio::select! {
             request = self.requests.message() => request,
             _ = self.stopping.wait_for(|stopping| *stopping) => return None,
         };
         let request = match request {
-            Ok(Some(request)) => request,
-            Ok(None) => return None,
-            Err(status) => return Some((Err(status), None)),
+            Ok(request) => request?,
+            Err(status) => return Some(Err(status)),
         };
         if let Some(certificate) = &self.certificate {
             if let Err(refused) = (self.check)(&certificate.0) {
-                return Some((Err(Status::unauthenticated(refused)), None));
+                return Some(Err(Status::unauthenticated(refused)));
             }
         }
-        match self.replica.handle_append(&request.data).await {
-            Ok(data) => Some((Ok(RaftPayload { data, id: 0 }), Some(self))),
-            Err(error) => Some((Err(Status::invalid_argument(error.to_string())), None)),
-        }
+        Some(Ok(request))
     }
 }
 
-fn payload(result: Result<Vec<u8>, UndecodablePayload>) -> Result<Response<RaftPayload>, Status> {
+/// A handler's answer to the request `id`; a payload that does not decode is the caller's error.
+fn answer(result: Result<Vec<u8>, UndecodablePayload>, id: u64) -> Result<RaftPayload, Status> {
     result
-        .map(|data| Response::new(RaftPayload { data, id: 0 }))
+        .map(|data| RaftPayload { data, id })
         .map_err(|error| Status::invalid_argument(error.to_string()))
+}
+
+fn payload(result: Result<Vec<u8>, UndecodablePayload>) -> Result<Response<RaftPayload>, Status> {
+    answer(result, 0).map(Response::new)
+}
+
+/// The answer to an append stream's next request, and the stream for the one after (none after
+/// an error, which ends the stream).
+async fn next_append(mut stream: PeerStream) -> Option<(Result<RaftPayload, Status>, Option<PeerStream>)> {
+    match stream.next_request().await? {
+        Ok(request) => {
+            let answer = answer(stream.replica.handle_append(&request.data).await, 0);
+            let next = answer.is_ok().then_some(stream);
+            Some((answer, next))
+        }
+        Err(status) => Some((Err(status), None)),
+    }
 }
 
 /// Forwarded writes handled at once on one stream; the stream's next request waits for room.
@@ -77,41 +102,29 @@ const FORWARDS_IN_FLIGHT_PER_STREAM: usize = 64;
 /// are in flight at once, and the leader's write queue gathers them), each answer sent back with
 /// its request's id as it is ready. Ends when the follower closes the stream, the server stops,
 /// or the caller's certificate is refused (a node removed since it opened the stream).
-async fn serve_forward_stream(
-    mut state: AppendStreamState,
-    answers: tokio::sync::mpsc::Sender<Result<RaftPayload, Status>>,
-) {
+async fn serve_forward_stream(mut stream: PeerStream, answers: tokio::sync::mpsc::Sender<Result<RaftPayload, Status>>) {
     let room = std::sync::Arc::new(tokio::sync::Semaphore::new(FORWARDS_IN_FLIGHT_PER_STREAM));
     loop {
         let Ok(permit) = room.clone().acquire_owned().await else {
             return;
         };
         let request = tokio::select! {
-            request = state.requests.message() => request,
-            _ = state.stopping.wait_for(|stopping| *stopping) => return,
+            request = stream.next_request() => request,
             _ = answers.closed() => return,
         };
         let request = match request {
-            Ok(Some(request)) => request,
-            Ok(None) => return,
-            Err(status) => {
+            Some(Ok(request)) => request,
+            Some(Err(status)) => {
                 let _ = answers.send(Err(status)).await;
                 return;
             }
+            None => return,
         };
-        if let Some(certificate) = &state.certificate {
-            if let Err(refused) = (state.check)(&certificate.0) {
-                let _ = answers.send(Err(Status::unauthenticated(refused))).await;
-                return;
-            }
-        }
-        let (replica, answers) = (state.replica.clone(), answers.clone());
+        let (replica, answers) = (stream.replica.clone(), answers.clone());
         tokio::spawn(async move {
-            let answer = match replica.handle_forward(&request.data).await {
-                Ok(data) => Ok(RaftPayload { data, id: request.id }),
-                Err(error) => Err(Status::invalid_argument(error.to_string())),
-            };
-            let _ = answers.send(answer).await;
+            let _ = answers
+                .send(answer(replica.handle_forward(&request.data).await, request.id))
+                .await;
             drop(permit);
         });
     }
@@ -123,40 +136,25 @@ impl Internal for InternalApi {
         payload(self.replica.handle_append(&request.into_inner().data).await)
     }
 
-    type AppendStreamStream = AppendAnswers;
+    type AppendStreamStream = PeerAnswers;
 
     async fn append_stream(
         &self,
         request: Request<Streaming<RaftPayload>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
-        let certificate = request.extensions().get::<super::transport::PeerCertificate>().cloned();
-        let state = AppendStreamState {
-            replica: self.replica.clone(),
-            requests: request.into_inner(),
-            stopping: self.stopping.clone(),
-            certificate,
-            check: super::transport::refuse_removed_nodes(&self.replica),
-        };
-        let answers = futures::stream::unfold(Some(state), |state| async move { state?.next().await });
+        let stream = PeerStream::open(self, request);
+        let answers = futures::stream::unfold(Some(stream), |stream| async move { next_append(stream?).await });
         Ok(Response::new(Box::pin(answers)))
     }
 
-    type ForwardStreamStream = AppendAnswers;
+    type ForwardStreamStream = PeerAnswers;
 
     async fn forward_stream(
         &self,
         request: Request<Streaming<RaftPayload>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
-        let certificate = request.extensions().get::<super::transport::PeerCertificate>().cloned();
-        let state = AppendStreamState {
-            replica: self.replica.clone(),
-            requests: request.into_inner(),
-            stopping: self.stopping.clone(),
-            certificate,
-            check: super::transport::refuse_removed_nodes(&self.replica),
-        };
         let (answers, outgoing) = tokio::sync::mpsc::channel(FORWARDS_IN_FLIGHT_PER_STREAM);
-        tokio::spawn(serve_forward_stream(state, answers));
+        tokio::spawn(serve_forward_stream(PeerStream::open(self, request), answers));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
             outgoing,
         ))))
