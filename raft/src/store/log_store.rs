@@ -25,11 +25,21 @@ pub(super) fn log_key(index: u64) -> [u8; 8] {
 pub struct LogStore {
     pub(super) db: Arc<DB>,
     flusher: SyncSender<LogFlushed<TypeConfig>>,
+    activity: Arc<super::LogActivity>,
 }
 
 impl LogStore {
-    pub(super) fn new(db: Arc<DB>, flusher: SyncSender<LogFlushed<TypeConfig>>) -> LogStore {
-        LogStore { db, flusher }
+    pub(super) fn new(
+        db: Arc<DB>,
+        flusher: SyncSender<LogFlushed<TypeConfig>>,
+        activity: Arc<super::LogActivity>,
+    ) -> LogStore {
+        LogStore { db, flusher, activity }
+    }
+
+    /// Whether appends are between their write and their flush.
+    pub fn activity(&self) -> Arc<super::LogActivity> {
+        self.activity.clone()
     }
 
     pub(super) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -155,14 +165,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // is room (the usual case: no thread hand-off on the runtime worker), and from a blocking
         // section only when the flusher is a full queue behind.
         let stopped = || StorageIOError::write_logs(AnyError::error("the log flusher thread has stopped"));
-        match self.flusher.try_send(callback) {
+        self.activity.appended();
+        let handed = match self.flusher.try_send(callback) {
             Ok(()) => Ok(()),
             Err(std::sync::mpsc::TrySendError::Full(callback)) => {
                 let flusher = self.flusher.clone();
                 tokio::task::block_in_place(|| flusher.send(callback)).map_err(|_| stopped().into())
             }
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(stopped().into()),
+        };
+        if handed.is_err() {
+            self.activity.flushed(1);
         }
+        handed
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {

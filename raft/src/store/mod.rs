@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
 
-pub use flusher::MAX_APPENDS_AWAITING_SYNC;
+pub use flusher::{LogActivity, MAX_APPENDS_AWAITING_SYNC};
 pub use log_store::LogStore;
 pub use state_machine::{Machine, StateMachineStore, StateReader};
 
@@ -120,8 +120,9 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     })?;
     let db = Arc::new(db);
     let machine = StateMachineStore::load(db.clone())?;
-    let flusher = flusher::spawn_flusher(Arc::downgrade(&db))?;
-    Ok((LogStore::new(db, flusher), machine))
+    let activity = Arc::new(LogActivity::default());
+    let flusher = flusher::spawn_flusher(Arc::downgrade(&db), activity.clone())?;
+    Ok((LogStore::new(db, flusher, activity), machine))
 }
 
 /// What a node's own stored state says about the cluster CA and removed nodes, read without
