@@ -109,11 +109,13 @@ impl Peers {
 
 pub struct NetworkFactory {
     peers: Peers,
+    durability: Arc<crate::store::Durability>,
 }
 
 impl NetworkFactory {
-    pub fn new(peers: Peers) -> NetworkFactory {
-        NetworkFactory { peers }
+    /// `durability` caps the commit index sent to followers at what this node's log has synced.
+    pub fn new(peers: Peers, durability: Arc<crate::store::Durability>) -> NetworkFactory {
+        NetworkFactory { peers, durability }
     }
 }
 
@@ -127,6 +129,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             peers: self.peers.clone(),
             appends: None,
             unary_appends: false,
+            durability: self.durability.clone(),
         }
     }
 }
@@ -144,6 +147,7 @@ pub struct PeerConnection {
     /// The peer refused the stream as a method it does not know (an older version): appends
     /// are unary calls to it from then on.
     unary_appends: bool,
+    durability: Arc<crate::store::Durability>,
 }
 
 /// One open `AppendStream` call: a request goes in through `requests`, its answer is the next
@@ -288,6 +292,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
+        let mut request = request;
+        // No follower learns of a commit this node has not synced itself (see `Durability`).
+        request.leader_commit = self.durability.cap_commit(request.leader_commit);
         if self.unary_appends {
             return self.call(&request, option.hard_ttl(), Method::Append).await;
         }

@@ -19,7 +19,7 @@ use crate::forward_stream::Forwarded;
 use crate::network::{decode, encode, NetworkFactory, Peers};
 use crate::retry::RetryPolicy;
 use crate::store::{self, StateReader};
-use crate::write_queue::{Entry, LogGate, PendingWrite, WriteQueue};
+use crate::write_queue::{Entry, PendingWrite, WriteQueue};
 use crate::{ApplyResult, NodeAddr, NodeId, Raft, TypeConfig};
 
 /// How long a write keeps trying (leader elections, forwarding) before it gives up.
@@ -208,16 +208,6 @@ pub(crate) struct Inner {
     writes_in_flight: std::sync::atomic::AtomicUsize,
     /// The state format this node reads and writes.
     state_format_version: u32,
-    /// Whether the log has appends waiting for their flush (the write queue holds a leader's
-    /// writes meanwhile).
-    log_activity: Arc<store::LogActivity>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Ends the task that sends held writes when the log becomes idle.
-        self.log_activity.wake();
-    }
 }
 
 /// Whether this node may lead. A node campaigns (on its own election timeout, or when a
@@ -229,22 +219,6 @@ pub enum Readiness {
     Ready,
     /// Shutting down: it hands leadership over and never takes it again.
     Stopping,
-}
-
-/// Sends the writes the queue held while the leader's log was busy, each time its flush leaves
-/// it idle. Ends when the replica is dropped.
-fn spawn_held_write_sender(inner: &Arc<Inner>) {
-    let replica = Arc::downgrade(inner);
-    let activity = inner.log_activity.clone();
-    tokio::spawn(async move {
-        loop {
-            activity.wait_idle().await;
-            let Some(inner) = replica.upgrade() else {
-                return;
-            };
-            crate::write_queue::dispatch(Replica::from_inner(inner), false);
-        }
-    });
 }
 
 /// A leader this node was in an earlier run is not resumed: openraft restores a node whose
@@ -283,6 +257,8 @@ impl Replica {
         })?;
         store::format::check_and_stamp(&config.data_dir, config.state_format_version)?;
         let (mut log, machine) = store::open(&config.data_dir.join("raft"))?;
+        let durability = log.durability();
+        durability.set_node(config.node_id);
         forget_own_leadership(&mut log, config.node_id).await?;
         let raft_config = Config {
             cluster_name: "flotilla".to_string(),
@@ -302,11 +278,10 @@ impl Replica {
         .map_err(|error| ReplicaError::Config(error.to_string()))?;
         let peers = Peers::new(config.tls.as_ref());
         let reader = machine.reader();
-        let log_activity = log.activity();
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
-            NetworkFactory::new(peers.clone()),
+            NetworkFactory::new(peers.clone(), durability),
             log,
             machine,
         )
@@ -322,9 +297,7 @@ impl Replica {
             holding_writes: std::sync::atomic::AtomicBool::new(false),
             writes_in_flight: std::sync::atomic::AtomicUsize::new(0),
             state_format_version: config.state_format_version,
-            log_activity,
         });
-        spawn_held_write_sender(&inner);
         Ok(Replica { inner })
     }
 
@@ -338,31 +311,6 @@ impl Replica {
 
     pub(crate) fn write_queue(&self) -> &WriteQueue {
         &self.inner.writes
-    }
-
-    #[cfg(test)]
-    pub(crate) fn log_activity(&self) -> Arc<store::LogActivity> {
-        self.inner.log_activity.clone()
-    }
-
-    /// Whether this node's log takes a proposal now (see [`crate::write_queue`]). When it is
-    /// busy, the flush that ends it wakes the task that sends the writes held meanwhile.
-    pub(crate) fn log_gate(&self) -> LogGate {
-        if self.inner.log_activity.is_idle() {
-            return if self.is_leader() {
-                LogGate::Idle
-            } else {
-                LogGate::NotLeading
-            };
-        }
-        if !self.is_leader() {
-            return LogGate::NotLeading;
-        }
-        if self.inner.log_activity.is_idle_or_awaited() {
-            LogGate::Idle
-        } else {
-            LogGate::Busy
-        }
     }
 
     pub fn node_id(&self) -> NodeId {

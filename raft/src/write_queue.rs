@@ -6,11 +6,6 @@
 //! the queue; when a batch finishes, everything that queued meanwhile (up to the batch limits)
 //! leaves together as the next batch, in a task of its own. Under load batches therefore grow
 //! with the load, and a lone write never waits for a batcher to wake up.
-//!
-//! On the leader a batch also waits while the log has an append between its write and its
-//! flush: openraft's core takes its next proposal only after that flush, so proposals sent
-//! meanwhile would each become an entry and an fsync of their own. Held back, everything that
-//! arrives during a flush leaves as one batch when the flush is done.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
@@ -44,22 +39,11 @@ struct Slots {
     in_flight: usize,
 }
 
-/// Whether this node's log takes a new proposal now.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum LogGate {
-    /// Not leading: writes are forwarded, and the local log does not matter to them.
-    NotLeading,
-    /// Leading, and no append waits for its flush: one batch may go.
-    Idle,
-    /// Leading, and an append waits for its flush: writes wait (the flush wakes the queue).
-    Busy,
-}
-
 impl Slots {
-    /// Takes a batch slot for a write that goes now: only when one is free, nobody waits (a
-    /// write never overtakes queued ones) and the log takes a proposal.
-    fn take_free_slot(&mut self, gate: LogGate) -> bool {
-        let free = gate != LogGate::Busy && self.waiting.is_empty() && self.in_flight < MAX_BATCHES_IN_FLIGHT;
+    /// Takes a batch slot for a write that goes now: only when one is free and nobody waits
+    /// (a write never overtakes queued ones).
+    fn take_free_slot(&mut self) -> bool {
+        let free = self.waiting.is_empty() && self.in_flight < MAX_BATCHES_IN_FLIGHT;
         if free {
             self.in_flight += 1;
         }
@@ -93,7 +77,7 @@ pub(crate) struct SlotGuard {
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         if let Some(inner) = self.replica.upgrade() {
-            dispatch(Replica::from_inner(inner), true);
+            finish_batch(Replica::from_inner(inner));
         }
     }
 }
@@ -113,12 +97,7 @@ impl WriteQueue {
         command: Command,
         span: &tracing::Span,
     ) -> Result<Entry, WriteError> {
-        if self
-            .slots
-            .lock()
-            .expect("write queue lock poisoned")
-            .take_free_slot(replica.log_gate())
-        {
+        if self.slots.lock().expect("write queue lock poisoned").take_free_slot() {
             return Ok(Entry::Now(replica.slot_guard(), command));
         }
         // Waits for room outside the lock; the semaphore is never closed while the queue lives.
@@ -135,40 +114,24 @@ impl WriteQueue {
             span: span.clone(),
             _room: room,
         };
-        let gate = replica.log_gate();
         let mut slots = self.slots.lock().expect("write queue lock poisoned");
-        if slots.take_free_slot(gate) {
+        if slots.take_free_slot() {
             // A slot freed while this write waited for room: it goes now, alone.
             drop(slots);
             return Ok(Entry::Now(replica.slot_guard(), write.command));
         }
         slots.waiting.push_back(write);
-        drop(slots);
-        if gate == LogGate::Busy && replica.log_gate() != LogGate::Busy {
-            // The flush ended between the look and the queueing, and its wake-up may have found
-            // the queue without this write: send it now.
-            dispatch(replica.clone(), false);
-        }
         Ok(Entry::Queued(answer))
     }
 
-    /// Frees a finished batch's slot (when `finished`) and takes batches off the queue (each
-    /// counted in flight): none while the log is busy, one when the leader's log is idle (a
-    /// second would be an entry and a flush of its own), and one for every free slot when the
-    /// writes are forwarded, so that a backlog larger than one batch never waits for slots
-    /// that are free.
-    fn next_batches(&self, finished: bool, gate: LogGate) -> Vec<Vec<PendingWrite>> {
+    /// Frees a finished batch's slot and takes batches off the queue for every free slot (each
+    /// counted in flight), so that a backlog larger than one batch never waits for slots that
+    /// are free.
+    fn next_batches(&self) -> Vec<Vec<PendingWrite>> {
         let mut slots = self.slots.lock().expect("write queue lock poisoned");
-        if finished {
-            slots.in_flight = slots.in_flight.saturating_sub(1);
-        }
-        let most = match gate {
-            LogGate::Busy => 0,
-            LogGate::Idle => 1,
-            LogGate::NotLeading => MAX_BATCHES_IN_FLIGHT,
-        };
+        slots.in_flight = slots.in_flight.saturating_sub(1);
         let mut batches = Vec::new();
-        while batches.len() < most && !slots.waiting.is_empty() && slots.in_flight < MAX_BATCHES_IN_FLIGHT {
+        while !slots.waiting.is_empty() && slots.in_flight < MAX_BATCHES_IN_FLIGHT {
             let mut bytes = 0;
             let mut batch = Vec::new();
             while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
@@ -193,12 +156,10 @@ impl Replica {
     }
 }
 
-/// Frees a finished batch's slot (when `finished`) and sends what queued, in tasks of their own
-/// (the task that finished answers its caller at once). Also called when the leader's log
-/// becomes idle.
-pub(crate) fn dispatch(replica: Replica, finished: bool) {
-    let gate = replica.log_gate();
-    for batch in replica.write_queue().next_batches(finished, gate) {
+/// Frees a finished batch's slot and sends what queued meanwhile, in tasks of their own (the
+/// task that finished answers its caller at once).
+fn finish_batch(replica: Replica) {
+    for batch in replica.write_queue().next_batches() {
         let (replica, guard) = (replica.clone(), replica.slot_guard());
         let commit = async move {
             let _guard = guard;
@@ -293,65 +254,6 @@ mod tests {
             .write(Command::ReserveNodeId)
             .await
             .expect("a write after the burst");
-        replica.shutdown().await;
-    }
-
-    /// While the leader's log has an append waiting for its flush, its writes wait in the queue
-    /// (openraft would make each of them an entry and a flush of their own after it); the
-    /// flush sends them together, as one entry.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn writes_proposed_while_the_log_flushes_go_as_one_entry_after_it() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let replica = lone_leader(dir.path()).await;
-        // Everything of the leader's start (its blank entry) is applied once a write is.
-        replica.write(Command::ReserveNodeId).await.expect("first write");
-        // Its batch may still hold its slot for a moment after answering.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !idle(&replica) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the write queue never went idle"
-            );
-            tokio::task::yield_now().await;
-        }
-        let before = replica.reader().last_applied_index();
-        // An append between its write and its flush, as openraft leaves one while it syncs.
-        let activity = replica.log_activity();
-        activity.appended();
-        assert_eq!(replica.log_gate(), LogGate::Busy);
-        const WRITES: usize = 5;
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..WRITES {
-            let replica = replica.clone();
-            tasks.spawn(async move { replica.write(Command::ReserveNodeId).await.expect("write") });
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let (in_flight, waiting) = {
-                let slots = replica.write_queue().slots.lock().expect("lock");
-                (slots.in_flight, slots.waiting.len())
-            };
-            assert_eq!(in_flight, 0, "a write went to the log while it was busy");
-            if waiting == WRITES {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "the writes never queued");
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(replica.reader().last_applied_index(), before);
-        activity.flushed(1);
-        let mut ids = BTreeSet::new();
-        while let Some(joined) = tasks.join_next().await {
-            let Response::NodeId(id) = joined.expect("task") else {
-                panic!("unexpected answer");
-            };
-            assert!(ids.insert(id), "node id {id} was handed out twice");
-        }
-        assert_eq!(
-            replica.reader().last_applied_index() - before,
-            1,
-            "the held writes were not proposed as one entry"
-        );
         replica.shutdown().await;
     }
 

@@ -6,6 +6,8 @@
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::mpsc::SyncSender;
+
+use super::flusher::FlushRequest;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -24,22 +26,56 @@ pub(super) fn log_key(index: u64) -> [u8; 8] {
 #[derive(Clone)]
 pub struct LogStore {
     pub(super) db: Arc<DB>,
-    flusher: SyncSender<LogFlushed<TypeConfig>>,
-    activity: Arc<super::LogActivity>,
+    flusher: SyncSender<FlushRequest>,
+    durability: Arc<super::Durability>,
+}
+
+/// The id of the last entry in the log, or of the last purged one when none is left.
+pub(super) fn last_log_id(db: &DB) -> Result<Option<LogId<NodeId>>, String> {
+    let cf = |name| db.cf_handle(name).expect("column family created at open");
+    if let Some(item) = db.iterator_cf(cf(CF_LOG), IteratorMode::End).next() {
+        let (key, value) = item.map_err(|error| error.to_string())?;
+        let entry: Entry<TypeConfig> = decode(&key, &value).map_err(|error| error.to_string())?;
+        return Ok(Some(entry.log_id));
+    }
+    match db
+        .get_cf(cf(CF_LOG_META), KEY_PURGED)
+        .map_err(|error| error.to_string())?
+    {
+        Some(bytes) => decode::<LogId<NodeId>>(KEY_PURGED, &bytes)
+            .map(Some)
+            .map_err(|error| error.to_string()),
+        None => Ok(None),
+    }
 }
 
 impl LogStore {
-    pub(super) fn new(
-        db: Arc<DB>,
-        flusher: SyncSender<LogFlushed<TypeConfig>>,
-        activity: Arc<super::LogActivity>,
-    ) -> LogStore {
-        LogStore { db, flusher, activity }
+    pub(super) fn new(db: Arc<DB>, flusher: SyncSender<FlushRequest>, durability: Arc<super::Durability>) -> LogStore {
+        LogStore {
+            db,
+            flusher,
+            durability,
+        }
     }
 
-    /// Whether appends are between their write and their flush.
-    pub fn activity(&self) -> Arc<super::LogActivity> {
-        self.activity.clone()
+    /// How far the log is synced, and which appends are the leader's own.
+    pub fn durability(&self) -> Arc<super::Durability> {
+        self.durability.clone()
+    }
+
+    /// Hands a request to the flusher: a push onto a bounded channel, done in place while there
+    /// is room (the usual case: no thread hand-off on the runtime worker), and from a blocking
+    /// section only when the flusher is a full queue behind.
+    fn to_flusher(&self, request: FlushRequest) -> StorageResult<()> {
+        let stopped = || StorageIOError::write_logs(AnyError::error("the log flusher thread has stopped"));
+        match self.flusher.try_send(request) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(request)) => {
+                let flusher = self.flusher.clone();
+                tokio::task::block_in_place(|| flusher.send(request)).map_err(|_| stopped().into())
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(stopped().into()),
+        }
     }
 
     pub(super) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -124,7 +160,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
         self.put_meta(KEY_VOTE, vote)
-            .map_err(|error| StorageIOError::write_vote(any(error)).into())
+            .map_err(|error| StorageIOError::write_vote(any(error)))?;
+        self.durability.vote_saved(vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
@@ -153,31 +191,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         let cf = self.cf(CF_LOG);
+        let mut ids = Vec::new();
         for entry in entries {
             batch.put_cf(cf, log_key(entry.log_id.index), encode(&entry));
+            ids.push(entry.log_id);
         }
-        // Written unsynced (and so readable for replication at once); the flusher syncs the WAL
-        // and only then reports the entries flushed.
+        let Some(last) = ids.last().copied() else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        // Written unsynced, and so readable for replication at once.
         self.db
             .write(batch)
             .map_err(|error| StorageIOError::write_logs(any(error)))?;
-        // Handing the callback over is a push onto a bounded channel: done in place while there
-        // is room (the usual case: no thread hand-off on the runtime worker), and from a blocking
-        // section only when the flusher is a full queue behind.
-        let stopped = || StorageIOError::write_logs(AnyError::error("the log flusher thread has stopped"));
-        self.activity.appended();
-        let handed = match self.flusher.try_send(callback) {
-            Ok(()) => Ok(()),
-            Err(std::sync::mpsc::TrySendError::Full(callback)) => {
-                let flusher = self.flusher.clone();
-                tokio::task::block_in_place(|| flusher.send(callback)).map_err(|_| stopped().into())
-            }
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(stopped().into()),
-        };
-        if handed.is_err() {
-            self.activity.flushed(1);
+        self.durability.written(last);
+        if self.durability.own_proposal(ids.iter()) {
+            // The leader's own proposal: reported at once, so that openraft sends it to the
+            // followers while the flusher syncs it (see `Durability` for what waits for the
+            // sync instead).
+            callback.log_io_completed(Ok(()));
+            return self.to_flusher(FlushRequest::Sync);
         }
-        handed
+        // Anything else is reported only after the flusher's next sync.
+        self.to_flusher(FlushRequest::Report(callback))
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
@@ -187,7 +223,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         batch.delete_range_cf(self.cf(CF_LOG), log_key(log_id.index), log_key(u64::MAX));
         self.db
             .write_opt(batch, &options)
-            .map_err(|error| StorageIOError::write_logs(any(error)).into())
+            .map_err(|error| StorageIOError::write_logs(any(error)))?;
+        // The synced write synced everything before it too.
+        let last = last_log_id(&self.db).map_err(|error| StorageIOError::read_logs(AnyError::error(error)))?;
+        self.durability.truncated(last);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {

@@ -27,6 +27,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod backup;
+mod durability;
 mod flusher;
 pub mod format;
 mod log_store;
@@ -45,7 +46,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
 
-pub use flusher::{LogActivity, MAX_APPENDS_AWAITING_SYNC};
+pub use durability::Durability;
+pub use flusher::MAX_APPENDS_AWAITING_SYNC;
 pub use log_store::LogStore;
 pub use state_machine::{Machine, StateMachineStore, StateReader};
 
@@ -119,10 +121,21 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
         }
     })?;
     let db = Arc::new(db);
-    let machine = StateMachineStore::load(db.clone())?;
-    let activity = Arc::new(LogActivity::default());
-    let flusher = flusher::spawn_flusher(Arc::downgrade(&db), activity.clone())?;
-    Ok((LogStore::new(db, flusher, activity), machine))
+    let mut machine = StateMachineStore::load(db.clone())?;
+    // Whatever the log holds from an earlier run is synced now, so that it all counts as synced.
+    db.flush_wal(true).map_err(|error| OpenError::Database {
+        dir: dir.display().to_string(),
+        message: format!("syncing the write-ahead log: {error}"),
+    })?;
+    let durability = Arc::new(Durability::new(log_store::last_log_id(&db).map_err(|message| {
+        OpenError::Database {
+            dir: dir.display().to_string(),
+            message,
+        }
+    })?));
+    machine.set_durability(durability.clone());
+    let flusher = flusher::spawn_flusher(Arc::downgrade(&db), durability.clone())?;
+    Ok((LogStore::new(db, flusher, durability), machine))
 }
 
 /// What a node's own stored state says about the cluster CA and removed nodes, read without

@@ -9,7 +9,9 @@ use std::sync::{Arc, RwLock};
 
 use flotilla_state::apply_in_term;
 use openraft::storage::RaftStateMachine;
-use openraft::{Entry, EntryPayload, LogId, OptionalSend, Snapshot, SnapshotMeta, StorageIOError, StoredMembership};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, Snapshot, SnapshotMeta, StorageIOError, StoredMembership,
+};
 use rocksdb::{WriteBatch, DB};
 use tokio::sync::{broadcast, watch};
 
@@ -71,6 +73,8 @@ pub struct StateMachineStore {
     pub(super) applied_sender: Arc<watch::Sender<u64>>,
     events: broadcast::Sender<DurableEvent>,
     pub(super) snapshot_sequence: Arc<AtomicU64>,
+    /// How far the log is synced: an entry is applied only once it is (see `Durability`).
+    durability: Option<Arc<super::Durability>>,
 }
 
 impl StateMachineStore {
@@ -94,7 +98,12 @@ impl StateMachineStore {
             applied_sender: Arc::new(applied_sender),
             events,
             snapshot_sequence: Arc::new(AtomicU64::new(0)),
+            durability: None,
         })
+    }
+
+    pub(super) fn set_durability(&mut self, durability: Arc<super::Durability>) {
+        self.durability = Some(durability);
     }
 
     pub fn reader(&self) -> StateReader {
@@ -123,6 +132,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        if let (Some(durability), Some(last)) = (&self.durability, entries.last()) {
+            // A leader's own entries may be committed before its own sync of them ends; what
+            // is applied (and so answered) must be on disk here too.
+            durability
+                .wait_synced(last.log_id.index)
+                .await
+                .map_err(|error| StorageIOError::write_state_machine(AnyError::error(error)))?;
+        }
         let mut results = Vec::new();
         let mut changes = Changes::default();
         let mut batch = WriteBatch::default();
