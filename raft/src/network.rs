@@ -289,10 +289,9 @@ enum Method {
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
-        request: AppendEntriesRequest<TypeConfig>,
+        mut request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
-        let mut request = request;
         // No follower learns of a commit this node has not synced itself (see `Durability`).
         request.leader_commit = self.durability.cap_commit(request.leader_commit);
         if self.unary_appends {

@@ -19,7 +19,7 @@
 //! committed vote. openraft saves that vote before the leader's first entry and saves another
 //! before this node takes any entry as a follower.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use openraft::{CommittedLeaderId, LogId, Vote};
 
@@ -35,7 +35,7 @@ pub(super) struct WrittenMark {
 }
 
 pub struct Durability {
-    me: Mutex<Option<NodeId>>,
+    me: OnceLock<NodeId>,
     /// The leader id this node proposes under, while it leads.
     leading: Mutex<Option<CommittedLeaderId<NodeId>>>,
     /// The last entry written to the log (synced or not), and how many truncations the log has
@@ -49,7 +49,7 @@ impl Durability {
     /// A log whose entries up to `last` are synced.
     pub(super) fn new(last: Option<LogId<NodeId>>) -> Durability {
         Durability {
-            me: Mutex::new(None),
+            me: OnceLock::new(),
             leading: Mutex::new(None),
             written: Mutex::new((last, 0)),
             synced: tokio::sync::watch::channel(Ok(last)).0,
@@ -57,13 +57,13 @@ impl Durability {
     }
 
     /// Names this node, so that its own proposals can be told apart; until then every append
-    /// is reported after its sync.
+    /// is reported after its sync. A log belongs to one node: a second name is ignored.
     pub fn set_node(&self, me: NodeId) {
-        *self.me.lock().expect("durability lock poisoned") = Some(me);
+        let _first = self.me.set(me);
     }
 
     pub(super) fn vote_saved(&self, vote: &Vote<NodeId>) {
-        let me = *self.me.lock().expect("durability lock poisoned");
+        let me = self.me.get().copied();
         let leading = (vote.is_committed() && me.is_some() && vote.leader_id().voted_for() == me)
             .then(|| CommittedLeaderId::from(*vote));
         *self.leading.lock().expect("durability lock poisoned") = leading;
@@ -131,7 +131,7 @@ impl Durability {
     /// Waits until the entry at `index` is synced here. Without a node id no append is reported
     /// before its sync, so whatever openraft applies is synced already.
     pub(super) async fn wait_synced(&self, index: u64) -> Result<(), String> {
-        if self.me.lock().expect("durability lock poisoned").is_none() {
+        if self.me.get().is_none() {
             return Ok(());
         }
         let mut marks = self.synced.subscribe();

@@ -6,8 +6,6 @@
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::mpsc::SyncSender;
-
-use super::flusher::FlushRequest;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -15,6 +13,7 @@ use openraft::{AnyError, Entry, LogId, LogState, OptionalSend, RaftLogReader, St
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
+use super::flusher::FlushRequest;
 use super::{any, decode, encode, StorageResult, CF_LOG, CF_LOG_META, KEY_COMMITTED, KEY_PURGED, KEY_VOTE};
 use crate::{NodeId, TypeConfig};
 
@@ -138,16 +137,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId<NodeId>> = self.meta(KEY_PURGED)?;
-        let mut iterator = self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::End);
-        let last_log_id = match iterator.next() {
-            Some(item) => {
-                let (key, value) = item.map_err(|error| StorageIOError::read_logs(any(error)))?;
-                let entry: Entry<TypeConfig> =
-                    decode(&key, &value).map_err(|error| StorageIOError::read_logs(any(error)))?;
-                Some(entry.log_id)
-            }
-            None => last_purged_log_id,
-        };
+        let last_log_id = last_log_id(&self.db).map_err(|error| StorageIOError::read_logs(AnyError::error(error)))?;
         Ok(LogState {
             last_purged_log_id,
             last_log_id,

@@ -121,7 +121,6 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
         }
     })?;
     let db = Arc::new(db);
-    let mut machine = StateMachineStore::load(db.clone())?;
     // Whatever the log holds from an earlier run is synced now, so that it all counts as synced.
     db.flush_wal(true).map_err(|error| OpenError::Database {
         dir: dir.display().to_string(),
@@ -133,7 +132,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
             message,
         }
     })?));
-    machine.set_durability(durability.clone());
+    let machine = StateMachineStore::load(db.clone(), durability.clone())?;
     let flusher = flusher::spawn_flusher(Arc::downgrade(&db), durability.clone())?;
     Ok((LogStore::new(db, flusher, durability), machine))
 }

@@ -74,11 +74,11 @@ pub struct StateMachineStore {
     events: broadcast::Sender<DurableEvent>,
     pub(super) snapshot_sequence: Arc<AtomicU64>,
     /// How far the log is synced: an entry is applied only once it is (see `Durability`).
-    durability: Option<Arc<super::Durability>>,
+    durability: Arc<super::Durability>,
 }
 
 impl StateMachineStore {
-    pub(super) fn load(db: Arc<DB>) -> Result<StateMachineStore, OpenError> {
+    pub(super) fn load(db: Arc<DB>, durability: Arc<super::Durability>) -> Result<StateMachineStore, OpenError> {
         let StoredState {
             mut state,
             last_applied,
@@ -98,12 +98,8 @@ impl StateMachineStore {
             applied_sender: Arc::new(applied_sender),
             events,
             snapshot_sequence: Arc::new(AtomicU64::new(0)),
-            durability: None,
+            durability,
         })
-    }
-
-    pub(super) fn set_durability(&mut self, durability: Arc<super::Durability>) {
-        self.durability = Some(durability);
     }
 
     pub fn reader(&self) -> StateReader {
@@ -133,10 +129,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        if let (Some(durability), Some(last)) = (&self.durability, entries.last()) {
+        if let Some(last) = entries.last() {
             // A leader's own entries may be committed before its own sync of them ends; what
             // is applied (and so answered) must be on disk here too.
-            durability
+            self.durability
                 .wait_synced(last.log_id.index)
                 .await
                 .map_err(|error| StorageIOError::write_state_machine(AnyError::error(error)))?;
