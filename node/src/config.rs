@@ -153,6 +153,40 @@ impl TryFrom<i64> for SessionSeconds {
     }
 }
 
+/// `raft_heartbeat_ms`: how often the leader sends an empty append to each follower when it
+/// has nothing else to send, checked while the file is parsed.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(try_from = "i64")]
+pub struct RaftHeartbeatMs(pub u64);
+
+impl TryFrom<i64> for RaftHeartbeatMs {
+    type Error = String;
+
+    fn try_from(ms: i64) -> Result<Self, Self::Error> {
+        match ms {
+            10..=30_000 => Ok(RaftHeartbeatMs(ms as u64)),
+            _ => Err(format!("node.raft_heartbeat_ms: {ms} is outside 10..=30000")),
+        }
+    }
+}
+
+/// `raft_election_timeout_ms`: how long a follower hears nothing from a leader before it
+/// campaigns (a random time between this and twice this), checked while the file is parsed.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(try_from = "i64")]
+pub struct RaftElectionTimeoutMs(pub u64);
+
+impl TryFrom<i64> for RaftElectionTimeoutMs {
+    type Error = String;
+
+    fn try_from(ms: i64) -> Result<Self, Self::Error> {
+        match ms {
+            100..=300_000 => Ok(RaftElectionTimeoutMs(ms as u64)),
+            _ => Err(format!("node.raft_election_timeout_ms: {ms} is outside 100..=300000")),
+        }
+    }
+}
+
 /// An `http://` or `https://` URL, checked while the file is parsed (so an error names its line).
 #[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(try_from = "String")]
@@ -373,6 +407,8 @@ struct FileNode {
     slots: Option<u32>,
     join: Option<String>,
     lease_ms: Option<u64>,
+    raft_heartbeat_ms: Option<RaftHeartbeatMs>,
+    raft_election_timeout_ms: Option<RaftElectionTimeoutMs>,
     snapshot_after_logs: Option<u64>,
     logs_kept_after_snapshot: Option<u64>,
     #[serde(default)]
@@ -399,6 +435,8 @@ pub struct NodeConfig {
     pub slots: u32,
     pub join: Option<String>,
     pub lease_ms: u64,
+    /// Raft's heartbeat and (least) election timeout: [`RaftTiming`].
+    pub raft: RaftTiming,
     pub snapshot_after_logs: u64,
     pub logs_kept_after_snapshot: u64,
     pub labels: BTreeMap<String, String>,
@@ -435,6 +473,31 @@ pub enum ConfigError {
     Invalid { field: &'static str, message: String },
 }
 
+/// Raft's timing from the file, each value checked while parsed and the pair here.
+fn raft_timing(file: &FileNode) -> Result<RaftTiming, ConfigError> {
+    let defaults = RaftTiming::default();
+    let timing = RaftTiming {
+        heartbeat_ms: file
+            .raft_heartbeat_ms
+            .map(|heartbeat| heartbeat.0)
+            .unwrap_or(defaults.heartbeat_ms),
+        election_timeout_ms: file
+            .raft_election_timeout_ms
+            .map(|timeout| timeout.0)
+            .unwrap_or(defaults.election_timeout_ms),
+    };
+    if timing.election_timeout_ms < MIN_HEARTBEATS_PER_ELECTION_TIMEOUT * timing.heartbeat_ms {
+        return Err(ConfigError::Invalid {
+            field: "node.raft_election_timeout_ms",
+            message: format!(
+                "{} ms is less than {MIN_HEARTBEATS_PER_ELECTION_TIMEOUT} heartbeats of node.raft_heartbeat_ms ({} ms): a late heartbeat would start an election",
+                timing.election_timeout_ms, timing.heartbeat_ms
+            ),
+        });
+    }
+    Ok(timing)
+}
+
 /// `--otlp-endpoint` / `otlp_endpoint`: an http URL with a host. Plain http only: traces go to
 /// a collector beside the node (its host or network), which forwards them further.
 fn otlp_endpoint(given: Option<String>) -> Result<Option<url::Url>, ConfigError> {
@@ -453,6 +516,28 @@ fn otlp_endpoint(given: Option<String>) -> Result<Option<url::Url>, ConfigError>
     }
     Ok(Some(url))
 }
+
+/// Raft's timing. The defaults suit a region and its neighbours (round trips up to ~100 ms);
+/// clusters whose members are further apart raise both, keeping the election timeout at three
+/// heartbeats or more so that one late heartbeat does not start an election.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    /// A follower campaigns after hearing nothing for a random time between this and twice it.
+    pub election_timeout_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat_ms: 250,
+            election_timeout_ms: 1_000,
+        }
+    }
+}
+
+/// Heartbeats per least election timeout, at least.
+pub const MIN_HEARTBEATS_PER_ELECTION_TIMEOUT: u64 = 3;
 
 pub const DEFAULT_SLOTS: u32 = 8;
 pub const DEFAULT_LEASE_MS: u64 = 3_000;
@@ -512,6 +597,7 @@ impl NodeArgs {
                 message: format!("must be between 500 and 600000, found {lease_ms}"),
             });
         }
+        let raft = raft_timing(&file)?;
         let id = self.id.or(file.id);
         if id == Some(0) {
             return Err(ConfigError::Invalid {
@@ -546,6 +632,7 @@ impl NodeArgs {
             slots,
             join: self.join.or(file.join),
             lease_ms,
+            raft,
             snapshot_after_logs,
             logs_kept_after_snapshot,
             labels: file.labels,
@@ -787,6 +874,46 @@ mod tests {
             .to_string();
         assert!(error.starts_with("config file node.toml line 2"), "{error}");
         assert!(error.contains("\"svn\" is not a built-in plugin"), "{error}");
+    }
+
+    #[test]
+    fn raft_timing_has_defaults_and_a_bad_value_names_its_line() {
+        let parsed = parse_config(Path::new("node.toml"), "[node]\nslots = 2\n").unwrap();
+        assert_eq!(raft_timing(&parsed.node).unwrap(), RaftTiming::default());
+        let parsed = parse_config(
+            Path::new("node.toml"),
+            "[node]\nraft_heartbeat_ms = 1000\nraft_election_timeout_ms = 5000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            raft_timing(&parsed.node).unwrap(),
+            RaftTiming {
+                heartbeat_ms: 1_000,
+                election_timeout_ms: 5_000
+            }
+        );
+        let error = parse_config(Path::new("node.toml"), "[node]\nslots = 2\nraft_heartbeat_ms = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("config file node.toml line 3"), "{error}");
+        assert!(error.contains("node.raft_heartbeat_ms: 0 is outside"), "{error}");
+        let error = parse_config(Path::new("node.toml"), "[node]\nraft_election_timeout_ms = 99\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("config file node.toml line 2"), "{error}");
+        // Each value in range, the pair not: an election timeout shorter than three heartbeats.
+        let parsed = parse_config(
+            Path::new("node.toml"),
+            "[node]\nraft_heartbeat_ms = 500\nraft_election_timeout_ms = 1000\n",
+        )
+        .unwrap();
+        let error = raft_timing(&parsed.node).unwrap_err().to_string();
+        assert!(
+            error.starts_with(
+                "node.raft_election_timeout_ms: 1000 ms is less than 3 heartbeats of node.raft_heartbeat_ms (500 ms)"
+            ),
+            "{error}"
+        );
     }
 
     #[test]

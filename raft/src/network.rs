@@ -15,6 +15,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
+use openraft::LogId;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -129,6 +130,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             peers: self.peers.clone(),
             appends: None,
             unary_appends: false,
+            exchanging: false,
             durability: self.durability.clone(),
         }
     }
@@ -147,6 +149,10 @@ pub struct PeerConnection {
     /// The peer refused the stream as a method it does not know (an older version): appends
     /// are unary calls to it from then on.
     unary_appends: bool,
+    /// An exchange on the append stream is under way: set when a request goes out, cleared
+    /// when its answer (or failure) is in. Found set at the next append, it means the caller
+    /// dropped the last one half-way.
+    exchanging: bool,
     durability: Arc<crate::store::Durability>,
 }
 
@@ -215,9 +221,54 @@ impl PeerConnection {
         decoded.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
     }
 
+    /// Sends an AppendEntries request over the append stream (unary calls to a peer without
+    /// one), and waits for its answer until `deadline`.
+    async fn send_append(
+        &mut self,
+        request: &AppendEntriesRequest<TypeConfig>,
+        deadline: tokio::time::Instant,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if self.unary_appends {
+            return self.call(request, timeout, Method::Append).await;
+        }
+        let payload = RaftPayload {
+            data: encode(request),
+            id: 0,
+        };
+        match self.append_streamed(payload, timeout).await {
+            Ok(data) => self.answer(&data),
+            Err(AppendStreamError::Status(status)) if status.code() == tonic::Code::Unimplemented => {
+                tracing::info!(
+                    peer = self.target,
+                    "the peer has no append stream; appending with unary calls"
+                );
+                self.unary_appends = true;
+                let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+                self.call(request, timeout, Method::Append).await
+            }
+            Err(AppendStreamError::Status(status)) => Err(status_error(&status)),
+            Err(error) => Err(RPCError::Unreachable(Unreachable::new(&error))),
+        }
+    }
+
+    /// Waits until `commit` is synced on this node, or until `until`. Its sync is under way
+    /// (begun when the entry was written), so this is one fsync at most; a stalled disk costs
+    /// the follower its commit until the next heartbeat, not the append.
+    async fn wait_synced(&self, commit: Option<LogId<NodeId>>, until: tokio::time::Instant) {
+        let Some(commit) = commit else { return };
+        let _ = tokio::time::timeout_at(until, self.durability.wait_synced(commit.index)).await;
+    }
+
     /// Sends `payload` over the append stream (opening one if none is open) and waits for its
     /// answer until `timeout`.
     async fn append_streamed(&mut self, payload: RaftPayload, timeout: Duration) -> Result<Vec<u8>, AppendStreamError> {
+        if self.exchanging {
+            // The last exchange was given up half-way (openraft drops an append that runs past
+            // its timeout): its answer may still be on the way, so the stream is not reused.
+            self.appends = None;
+        }
+        self.exchanging = true;
         let exchange = async {
             if let Some(stream) = self.appends.as_mut() {
                 stream
@@ -238,6 +289,7 @@ impl PeerConnection {
             Ok(result) => result,
             Err(_) => Err(AppendStreamError::TimedOut(timeout)),
         };
+        self.exchanging = false;
         if result.is_err() {
             // An answer may still come for the request that failed: a stream is never reused
             // after a failure, so no later request can take that answer for its own.
@@ -292,28 +344,47 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         mut request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
+        // openraft gives up on an append at `hard_ttl` by dropping it; everything here ends
+        // within `soft_ttl`, so that an exchange is never cut off half-way by that drop.
+        let deadline = tokio::time::Instant::now() + option.soft_ttl();
+        let quarter = option.hard_ttl() / 4;
         // No follower learns of a commit this node has not synced itself (see `Durability`).
-        request.leader_commit = self.durability.cap_commit(request.leader_commit);
-        if self.unary_appends {
-            return self.call(&request, option.hard_ttl(), Method::Append).await;
+        let wanted = request.leader_commit;
+        request.leader_commit = self.durability.cap_commit(wanted);
+        if request.leader_commit == wanted {
+            return self.send_append(&request, deadline).await;
         }
-        let payload = RaftPayload {
-            data: encode(&request),
-            id: 0,
-        };
-        match self.append_streamed(payload, option.hard_ttl()).await {
-            Ok(data) => self.answer(&data),
-            Err(AppendStreamError::Status(status)) if status.code() == tonic::Code::Unimplemented => {
-                tracing::info!(
-                    peer = self.target,
-                    "the peer has no append stream; appending with unary calls"
-                );
-                self.unary_appends = true;
-                self.call(&request, option.hard_ttl(), Method::Append).await
+        if request.entries.is_empty() {
+            // A notice of a new commit (openraft sends one when its commit index moves) for
+            // entries whose sync began as they were written: the notice waits for that sync, or
+            // the follower would learn of the commit only with the next heartbeat.
+            self.wait_synced(wanted, tokio::time::Instant::now() + quarter).await;
+            request.leader_commit = self.durability.cap_commit(wanted);
+            return self.send_append(&request, deadline).await;
+        }
+        // Entries go out at once with the commit capped. openraft tells this follower of that
+        // commit again only if a later one comes, so once the entries are in and the sync is
+        // done a notice follows on the same stream (an empty append after the last entry sent).
+        let last = request.entries.last().map(|entry| entry.log_id);
+        let answer = self.send_append(&request, deadline).await?;
+        if matches!(answer, AppendEntriesResponse::Success) {
+            self.wait_synced(wanted, (tokio::time::Instant::now() + quarter).min(deadline))
+                .await;
+            let notice = AppendEntriesRequest {
+                vote: request.vote,
+                prev_log_id: last,
+                entries: Vec::new(),
+                leader_commit: self.durability.cap_commit(wanted),
+            };
+            if notice.leader_commit > request.leader_commit && tokio::time::Instant::now() < deadline {
+                // Its answer says nothing openraft needs: a failure only drops the stream,
+                // which the next append opens again.
+                if let Err(error) = self.send_append(&notice, deadline).await {
+                    tracing::debug!(peer = self.target, %error, "a commit notice was not delivered");
+                }
             }
-            Err(AppendStreamError::Status(status)) => Err(status_error(&status)),
-            Err(error) => Err(RPCError::Unreachable(Unreachable::new(&error))),
         }
+        Ok(answer)
     }
 
     async fn install_snapshot(

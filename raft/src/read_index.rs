@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::network::{decode, encode};
-use crate::replica::ForwardError;
+use crate::replica::{AppliedWait, ForwardError};
 use crate::retry::RetryPolicy;
 use crate::{NodeId, Replica};
 
@@ -114,12 +114,12 @@ impl Replica {
         let deadline = Instant::now() + within;
         let deadline_ms = within.as_millis() as u64;
         let needed = self.read_index(deadline, deadline_ms).await?;
-        let mut applied = self.reader().applied_watch();
-        let reached = tokio::time::timeout_at(deadline, applied.wait_for(|applied| *applied >= needed)).await;
-        match reached {
-            Ok(Ok(_)) => Ok(needed),
-            Ok(Err(_)) => Err(ReadError::Stopped("the state machine is closed".to_string())),
-            Err(_) => Err(ReadError::Lagging {
+        match self.wait_applied(needed, deadline).await {
+            AppliedWait::Reached => Ok(needed),
+            AppliedWait::Closed => Err(ReadError::Stopped(
+                "this node is stopping and no longer catches up".to_string(),
+            )),
+            AppliedWait::TimedOut => Err(ReadError::Lagging {
                 needed,
                 applied: self.reader().last_applied_index(),
                 deadline_ms,
@@ -292,6 +292,52 @@ mod tests {
             "the barrier's index {index} covers the write at {written}"
         );
         assert!(replica.reader().last_applied_index() >= index);
+        replica.shutdown().await;
+    }
+
+    /// A node whose server stops taking calls cannot be replicated to any more: a call waiting
+    /// for it to apply an index (a forwarded write's, a read's) ends then, not at its deadline,
+    /// and so does every wait begun afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waits_for_this_nodes_apply_end_when_it_stops_taking_calls() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let replica = Replica::open(ReplicaConfig::new(1, dir.path().join("lone"), None))
+            .await
+            .expect("open");
+        replica.bootstrap(NodeAddr::default()).await.expect("bootstrap");
+        replica.wait_for_leader(Duration::from_secs(10)).await.expect("leader");
+        let beyond = replica.reader().last_applied_index() + 1_000;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let waiting = {
+            let replica = replica.clone();
+            tokio::spawn(async move { replica.wait_applied(beyond, deadline).await })
+        };
+        let applied = replica.reader().last_applied_index();
+        assert_eq!(
+            replica
+                .wait_applied(applied, Instant::now() + Duration::from_secs(10))
+                .await,
+            AppliedWait::Reached,
+            "an index already applied is reached"
+        );
+        assert_eq!(
+            replica
+                .wait_applied(beyond, Instant::now() + Duration::from_millis(50))
+                .await,
+            AppliedWait::TimedOut
+        );
+        assert!(!waiting.is_finished(), "the long wait ends only when the node closes");
+        replica.close_waits();
+        let ended = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the wait ended when the node closed its waits")
+            .expect("task");
+        assert_eq!(ended, AppliedWait::Closed);
+        assert_eq!(
+            replica.wait_applied(beyond, deadline).await,
+            AppliedWait::Closed,
+            "a wait begun after the close ends at once"
+        );
         replica.shutdown().await;
     }
 }

@@ -206,8 +206,20 @@ pub(crate) struct Inner {
     holding_writes: std::sync::atomic::AtomicBool,
     /// Writes proposed on this node and not answered yet (a hand-over waits for them).
     writes_in_flight: std::sync::atomic::AtomicUsize,
+    /// Set once this node's server stops taking calls: from then on the leader cannot reach it
+    /// to replicate, so no call waits any longer for this node to apply what it needs.
+    closing: tokio::sync::watch::Sender<bool>,
     /// The state format this node reads and writes.
     state_format_version: u32,
+}
+
+/// How a wait for this node's own apply ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AppliedWait {
+    Reached,
+    TimedOut,
+    /// The node stopped, or stops taking calls.
+    Closed,
 }
 
 /// Whether this node may lead. A node campaigns (on its own election timeout, or when a
@@ -296,6 +308,7 @@ impl Replica {
             readiness: tokio::sync::watch::channel(Readiness::Starting).0,
             holding_writes: std::sync::atomic::AtomicBool::new(false),
             writes_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            closing: tokio::sync::watch::channel(false).0,
             state_format_version: config.state_format_version,
         });
         Ok(Replica { inner })
@@ -584,15 +597,36 @@ impl Replica {
         skip(self, deadline)
     )]
     async fn wait_applied_here(&self, index: u64, deadline: tokio::time::Instant) {
-        let mut applied = self.inner.reader.applied_watch();
-        let reached = tokio::time::timeout_at(deadline, applied.wait_for(|applied| *applied >= index)).await;
-        if !matches!(reached, Ok(Ok(_))) {
+        if !matches!(self.wait_applied(index, deadline).await, AppliedWait::Reached) {
             tracing::warn!(
                 index,
                 applied = self.inner.reader.last_applied_index(),
                 "a forwarded write is not applied on this node yet; reads here may not show it"
             );
         }
+    }
+
+    /// Waits until this node has applied `index`, until `deadline`, or until the node closes
+    /// (see [`Self::close_waits`]), whichever comes first.
+    pub(crate) async fn wait_applied(&self, index: u64, deadline: tokio::time::Instant) -> AppliedWait {
+        let mut applied = self.inner.reader.applied_watch();
+        let mut closing = self.inner.closing.subscribe();
+        tokio::select! {
+            reached = tokio::time::timeout_at(deadline, applied.wait_for(|applied| *applied >= index)) => match reached {
+                Ok(Ok(_)) => AppliedWait::Reached,
+                Ok(Err(_)) => AppliedWait::Closed,
+                Err(_) => AppliedWait::TimedOut,
+            },
+            _ = closing.wait_for(|closing| *closing) => AppliedWait::Closed,
+        }
+    }
+
+    /// Ends every wait for this node's own apply, now and later: called as the node's server
+    /// stops taking calls, since the leader can no longer reach it to replicate what the calls
+    /// still open wait for. A forwarded write is answered as it stands (it is committed), and
+    /// a read that needed more answers that the node is stopping.
+    pub fn close_waits(&self) {
+        self.inner.closing.send_replace(true);
     }
 
     /// Holds (or lets go) the writes proposed on this node: held writes answer "not leader,

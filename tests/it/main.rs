@@ -48,4 +48,5 @@ mod t73_settings_retention;
 mod t74_revocation_across_nodes;
 mod t75_backup_restore;
 mod t76_rolling_restart;
+mod t77_follower_commit;
 mod t90_chaos;

@@ -340,6 +340,9 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
 
     let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), Some(identity.tls.clone()));
     replica_config.state_format_version = state_format::state_format_version()?;
+    replica_config.heartbeat_interval_ms = config.raft.heartbeat_ms;
+    replica_config.election_timeout_min_ms = config.raft.election_timeout_ms;
+    replica_config.election_timeout_max_ms = 2 * config.raft.election_timeout_ms;
     replica_config.snapshot_after_logs = config.snapshot_after_logs;
     replica_config.logs_kept_after_snapshot = config.logs_kept_after_snapshot;
     let replica = Replica::open(replica_config).await?;
@@ -488,6 +491,9 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
         tracing::warn!(%error, "the node supervisor did not stop in time");
     }
     machines.shutdown().await;
+    // The server stops taking calls, so the leader can no longer replicate here: the calls
+    // still open stop waiting for this node to apply their writes or reads.
+    replica.close_waits();
     let _ = shutdown_sender.send(());
     if tokio::time::timeout(SERVER_STOP_TIMEOUT, server).await.is_err() {
         // Calls still open past the wait are cut off with the process.

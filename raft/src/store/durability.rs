@@ -130,7 +130,7 @@ impl Durability {
 
     /// Waits until the entry at `index` is synced here. Without a node id no append is reported
     /// before its sync, so whatever openraft applies is synced already.
-    pub(super) async fn wait_synced(&self, index: u64) -> Result<(), String> {
+    pub(crate) async fn wait_synced(&self, index: u64) -> Result<(), String> {
         if self.me.get().is_none() {
             return Ok(());
         }

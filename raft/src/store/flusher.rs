@@ -18,6 +18,25 @@ use crate::TypeConfig;
 /// Appends waiting for the flusher's next sync; `append` waits for room beyond this.
 pub const MAX_APPENDS_AWAITING_SYNC: usize = 4096;
 
+/// Test hook: `FLOTILLA_TEST_HOOK_OWN_SYNC_DELAY_MS` makes every sync of a leader's own
+/// proposals take that much longer, as a slow disk on the leader alone would, so that tests
+/// can see what followers learn while the leader's sync is still under way.
+pub const TEST_HOOK_OWN_SYNC_DELAY_ENV: &str = "FLOTILLA_TEST_HOOK_OWN_SYNC_DELAY_MS";
+
+fn own_sync_delay() -> Option<std::time::Duration> {
+    let value = std::env::var(TEST_HOOK_OWN_SYNC_DELAY_ENV).ok()?;
+    match value.trim().parse::<u64>() {
+        Ok(ms) => {
+            tracing::warn!(delay_ms = ms, "test hook: the leader's own syncs are slowed down");
+            Some(std::time::Duration::from_millis(ms))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "{TEST_HOOK_OWN_SYNC_DELAY_ENV} is not a number of milliseconds; ignored");
+            None
+        }
+    }
+}
+
 /// What the flusher is asked for.
 pub(super) enum FlushRequest {
     /// An append to report flushed after the next sync.
@@ -33,6 +52,7 @@ pub(super) fn spawn_flusher(
     durability: Arc<super::Durability>,
 ) -> Result<SyncSender<FlushRequest>, OpenError> {
     let (sender, receiver) = std::sync::mpsc::sync_channel::<FlushRequest>(MAX_APPENDS_AWAITING_SYNC);
+    let own_sync_delay = own_sync_delay();
     std::thread::Builder::new()
         .name("raft-log-flusher".to_string())
         .spawn(move || {
@@ -42,6 +62,11 @@ pub(super) fn spawn_flusher(
                 // Read before the sync: everything written up to here is in the WAL it syncs.
                 let upto = durability.written_mark();
                 let sync_started = std::time::Instant::now();
+                if let Some(delay) = own_sync_delay {
+                    if group.iter().any(|request| matches!(request, FlushRequest::Sync)) {
+                        std::thread::sleep(delay);
+                    }
+                }
                 let synced = match db.upgrade() {
                     Some(db) => db.flush_wal(true).map_err(|error| error.to_string()),
                     None => Err("the log database is closed".to_string()),
