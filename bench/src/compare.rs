@@ -7,8 +7,10 @@
 //! fsyncs its Raft log before an append counts (the log flusher, raft/src/store/flusher.rs).
 //! Both are driven by the same load generator ([`crate::load`]) with ~1 KB requests: a Put under
 //! a distinct key, and a CreateAgent with a padded prompt. Clients are spread over every
-//! member; followers forward writes to their leader on both sides. Flotilla's API is TLS only,
-//! etcd is spoken to in plaintext. Besides throughput and latency it prints the CPU time each
+//! member; followers forward writes to their leader on both sides. Flotilla's API and its nodes'
+//! links are TLS only; etcd is measured with TLS the same way (clients check a server
+//! certificate, members authenticate each other) and, for reference, in plaintext, one table
+//! each (`--etcd-transports`). Besides throughput and latency it prints the CPU time each
 //! system spent per write (its member processes together, and the load generator's own), read
 //! from /proc: on a small machine a latency-bound figure hides how much work a write costs. It
 //! prints figures and asserts nothing about time.
@@ -20,7 +22,7 @@ use anyhow::Context;
 
 use crate::client::{agent_client, connect, BearerToken};
 use crate::cpu::{CpuPerWrite, CpuSample};
-use crate::etcd_cluster::EtcdCluster;
+use crate::etcd_cluster::{EtcdCluster, EtcdTransport};
 use crate::load::{run_once, timed_write, RunResult, Writer, MAX_WRITES_PER_RUN, RECORD_BYTES};
 use crate::local_cluster::LocalCluster;
 use crate::run_limits::{check_counts, check_seconds, until_interrupted, MAX_CLIENTS_PER_RUN, MAX_CLUSTER_NODES};
@@ -45,6 +47,10 @@ pub struct BenchCompareArgs {
     /// the `etcd` executable (Debian package etcd-server)
     #[arg(long, env = "ETCD_BINARY", default_value = "etcd")]
     pub etcd_binary: PathBuf,
+    /// how etcd is spoken to, one etcd cluster and one table each: `tls` (as Flotilla, which
+    /// has no plaintext), `plaintext`
+    #[arg(long, value_enum, default_value = "tls,plaintext", value_delimiter = ',')]
+    pub etcd_transports: Vec<EtcdTransport>,
     /// the `flotilla` executable; by default the one next to this executable, as cargo builds them
     #[arg(long, env = "FLOTILLA_BINARY")]
     pub flotilla_binary: Option<PathBuf>,
@@ -58,7 +64,11 @@ pub async fn run_compare(args: BenchCompareArgs) -> anyhow::Result<()> {
 fn validate(args: &BenchCompareArgs) -> anyhow::Result<()> {
     check_seconds(args.seconds)?;
     check_counts("--clients", "client count", &args.clients, MAX_CLIENTS_PER_RUN)?;
-    check_counts("--nodes", "cluster size", &args.nodes, MAX_CLUSTER_NODES)
+    check_counts("--nodes", "cluster size", &args.nodes, MAX_CLUSTER_NODES)?;
+    if args.etcd_transports.is_empty() {
+        anyhow::bail!("--etcd-transports: name at least one of tls, plaintext");
+    }
+    Ok(())
 }
 
 async fn run_all(args: &BenchCompareArgs) -> anyhow::Result<()> {
@@ -73,9 +83,17 @@ async fn run_all(args: &BenchCompareArgs) -> anyhow::Result<()> {
         if cfg!(debug_assertions) { "debug" } else { "release" }
     );
     for &node_count in &args.nodes {
-        let etcd = measure_etcd(&args.etcd_binary, node_count, &args.clients, run_duration).await?;
+        let mut etcd = Vec::with_capacity(args.etcd_transports.len());
+        for &transport in &args.etcd_transports {
+            etcd.push((
+                transport,
+                measure_etcd(&args.etcd_binary, node_count, transport, &args.clients, run_duration).await?,
+            ));
+        }
         let flotilla = measure_flotilla(&flotilla_binary, node_count, &args.clients, run_duration).await?;
-        print_table(node_count, &etcd, &flotilla);
+        for (transport, etcd) in &etcd {
+            print_table(node_count, *transport, etcd, &flotilla);
+        }
     }
     Ok(())
 }
@@ -89,21 +107,22 @@ struct Measured {
 async fn measure_etcd(
     etcd_binary: &std::path::Path,
     node_count: usize,
+    transport: EtcdTransport,
     clients: &[usize],
     run_duration: Duration,
 ) -> anyhow::Result<Vec<Measured>> {
     let started = Instant::now();
-    let cluster = EtcdCluster::start(etcd_binary, node_count).await?;
+    let cluster = EtcdCluster::start(etcd_binary, node_count, transport).await?;
     eprintln!(
-        "started an etcd cluster of {node_count} member(s) in {:.1}s (data and logs in {}, removed at the end)",
+        "started an etcd cluster of {node_count} member(s), {}, in {:.1}s (data and logs in {}, removed at the end)",
+        transport.name(),
         started.elapsed().as_secs_f64(),
         cluster.directory().display()
     );
     let mut writers = Vec::with_capacity(node_count * CONNECTIONS_PER_MEMBER);
     for _ in 0..CONNECTIONS_PER_MEMBER {
         for endpoint in cluster.endpoints() {
-            let options =
-                etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(ETCD_CONNECT_TIMEOUT_MS));
+            let options = cluster.connect_options(Duration::from_millis(ETCD_CONNECT_TIMEOUT_MS));
             let client = etcd_client::Client::connect([&endpoint], Some(options))
                 .await
                 .with_context(|| format!("connecting to etcd at {endpoint}"))?;
@@ -113,7 +132,8 @@ async fn measure_etcd(
             });
         }
     }
-    let results = run_each(&writers, &cluster.pids(), clients, run_duration, "etcd", node_count).await;
+    let system = format!("etcd ({})", transport.name());
+    let results = run_each(&writers, &cluster.pids(), clients, run_duration, &system, node_count).await;
     drop(writers);
     drop(cluster);
     Ok(results)
@@ -197,9 +217,12 @@ async fn run_each(
     results
 }
 
-fn print_table(node_count: usize, etcd: &[Measured], flotilla: &[Measured]) {
+fn print_table(node_count: usize, transport: EtcdTransport, etcd: &[Measured], flotilla: &[Measured]) {
     println!();
-    println!("{node_count} node(s)");
+    println!(
+        "{node_count} node(s), etcd over {} (Flotilla over TLS)",
+        transport.name()
+    );
     println!(
         "| clients | etcd ops/s | etcd p50 ms | etcd p99 ms | Flotilla ops/s | Flotilla p50 ms | Flotilla p99 ms | ops/s Flotilla/etcd | p50 Flotilla/etcd | errors etcd/Flotilla | etcd CPU µs/write, members + generator | Flotilla CPU µs/write, members + generator | members' CPU Flotilla/etcd |"
     );
@@ -259,6 +282,7 @@ mod tests {
             seconds: 5,
             nodes: vec![1, 3],
             etcd_binary: PathBuf::from("etcd"),
+            etcd_transports: vec![EtcdTransport::Tls, EtcdTransport::Plaintext],
             flotilla_binary: None,
         }
     }
@@ -275,6 +299,9 @@ mod tests {
         let mut too_many_nodes = args();
         too_many_nodes.nodes = vec![MAX_CLUSTER_NODES + 1];
         assert!(validate(&too_many_nodes).is_err());
+        let mut no_transport = args();
+        no_transport.etcd_transports = Vec::new();
+        assert!(validate(&no_transport).is_err());
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! `etcd-server`) in a temporary directory, one data directory each, stopped and removed again
 //! whatever way the bench ends. They run etcd's default durability: the WAL is fsynced before a
 //! write is acknowledged.
+//!
+//! With [`EtcdTransport::Tls`] the members speak TLS as Flotilla's nodes do: to clients with a
+//! server certificate (clients check it against the CA; a Flotilla client authenticates with
+//! a bearer token, not a certificate), and to each other with mutual TLS. The bench makes a CA
+//! and one certificate for loopback in the cluster's directory.
 
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
@@ -22,6 +27,83 @@ const PROBE_TIMEOUT_MS: u64 = 2_000;
 /// After SIGTERM a member gets this long to exit before its process group is killed.
 const MEMBER_SHUTDOWN_GRACE_MS: u64 = 5_000;
 
+/// How clients reach the members and the members reach each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EtcdTransport {
+    /// TLS to clients (server certificate) and between members (mutual), as Flotilla does.
+    Tls,
+    /// Plaintext everywhere.
+    Plaintext,
+}
+
+impl EtcdTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            EtcdTransport::Tls => "TLS",
+            EtcdTransport::Plaintext => "plaintext",
+        }
+    }
+
+    fn scheme(self) -> &'static str {
+        match self {
+            EtcdTransport::Tls => "https",
+            EtcdTransport::Plaintext => "http",
+        }
+    }
+}
+
+/// The files of a TLS cluster: the CA clients trust, and the members' certificate and key.
+struct TlsFiles {
+    ca_pem: String,
+    ca: PathBuf,
+    certificate: PathBuf,
+    key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A new CA and a certificate it signed for 127.0.0.1 and localhost, usable by a server
+    /// and a client (members present it to each other), written into `directory`.
+    fn create(directory: &Path) -> anyhow::Result<TlsFiles> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate().context("generating the etcd CA key")?;
+        let mut ca_params = CertificateParams::default();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "flotilla-bench etcd CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca_certificate = ca_params.self_signed(&ca_key).context("signing the etcd CA")?;
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .context("naming the etcd members' certificate")?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "flotilla-bench etcd member");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().context("generating the etcd members' key")?;
+        let certificate = params
+            .signed_by(&key, &Issuer::new(ca_params, &ca_key))
+            .context("signing the etcd members' certificate")?;
+        let files = TlsFiles {
+            ca_pem: ca_certificate.pem(),
+            ca: directory.join("ca.pem"),
+            certificate: directory.join("member.pem"),
+            key: directory.join("member.key"),
+        };
+        for (path, contents) in [
+            (&files.ca, files.ca_pem.as_str()),
+            (&files.certificate, &certificate.pem()),
+            (&files.key, &key.serialize_pem()),
+        ] {
+            std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(files)
+    }
+}
+
 /// An `etcd` process started by the bench.
 struct EtcdMember {
     name: String,
@@ -35,6 +117,7 @@ struct EtcdMember {
 /// or data behind.
 pub struct EtcdCluster {
     members: Vec<EtcdMember>,
+    tls: Option<TlsFiles>,
     // Declared last so that it is removed after the members are stopped.
     directory: tempfile::TempDir,
 }
@@ -42,18 +125,24 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Starts `member_count` members of `etcd_binary` as one new cluster and waits until every
     /// member answers and sees the same leader.
-    pub async fn start(etcd_binary: &Path, member_count: usize) -> anyhow::Result<Self> {
+    pub async fn start(etcd_binary: &Path, member_count: usize, transport: EtcdTransport) -> anyhow::Result<Self> {
         let directory = tempfile::Builder::new()
             .prefix("flotilla-bench-etcd-")
             .tempdir()
             .context("creating a temporary directory for the etcd cluster")?;
+        let tls = match transport {
+            EtcdTransport::Tls => Some(TlsFiles::create(directory.path())?),
+            EtcdTransport::Plaintext => None,
+        };
         let mut cluster = EtcdCluster {
             members: Vec::with_capacity(member_count),
+            tls,
             directory,
         };
         let ports = free_ports(member_count * 2)?;
         let (client_ports, peer_ports) = ports.split_at(member_count);
-        let peer_url = |index: usize| format!("http://127.0.0.1:{}", peer_ports[index]);
+        let scheme = transport.scheme();
+        let peer_url = |index: usize| format!("{scheme}://127.0.0.1:{}", peer_ports[index]);
         let initial_cluster: Vec<String> = (0..member_count)
             .map(|index| format!("m{}={}", index + 1, peer_url(index)))
             .collect();
@@ -83,9 +172,20 @@ impl EtcdCluster {
         self.members.iter().map(|member| member.child.id()).collect()
     }
 
-    /// The members' client URLs (`http://127.0.0.1:PORT`), in member order.
+    /// The members' client URLs (`http://127.0.0.1:PORT`, or `https://`), in member order.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|member| member.client_url.clone()).collect()
+    }
+
+    /// Options for a client of this cluster: the CA to check the members against, with TLS.
+    pub fn connect_options(&self, connect_timeout: Duration) -> etcd_client::ConnectOptions {
+        let options = etcd_client::ConnectOptions::new().with_connect_timeout(connect_timeout);
+        match &self.tls {
+            Some(tls) => options.with_tls(
+                etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem)),
+            ),
+            None => options,
+        }
     }
 
     fn spawn_member(
@@ -102,8 +202,23 @@ impl EtcdCluster {
         let log_path = self.directory().join(format!("{name}.log"));
         let log = File::create(&log_path).with_context(|| format!("creating the log file {}", log_path.display()))?;
         let log_for_stderr = log.try_clone().context("duplicating the etcd log handle")?;
-        let client_url = format!("http://127.0.0.1:{client_port}");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client_port}");
         let mut command = Command::new(etcd_binary);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.certificate)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--peer-cert-file")
+                .arg(&tls.certificate)
+                .arg("--peer-key-file")
+                .arg(&tls.key)
+                .arg("--peer-trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--peer-client-cert-auth");
+        }
         command
             .args(["--name", &name])
             .arg("--data-dir")
@@ -159,7 +274,12 @@ impl EtcdCluster {
             let mut leaders = Vec::with_capacity(self.members.len());
             let mut last_observation = String::new();
             for member in &self.members {
-                match member_leader(&member.client_url).await {
+                match member_leader(
+                    &member.client_url,
+                    self.connect_options(Duration::from_millis(PROBE_TIMEOUT_MS)),
+                )
+                .await
+                {
                     Ok(leader) if leader != 0 => leaders.push(leader),
                     Ok(_) => last_observation = format!("{} knows no leader yet", member.name),
                     Err(error) => last_observation = format!("{}: {error:#}", member.name),
@@ -185,9 +305,8 @@ impl EtcdCluster {
 }
 
 /// The leader member id one member reports (0: none).
-async fn member_leader(client_url: &str) -> anyhow::Result<u64> {
+async fn member_leader(client_url: &str, options: etcd_client::ConnectOptions) -> anyhow::Result<u64> {
     let probe = async {
-        let options = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(PROBE_TIMEOUT_MS));
         let mut client = etcd_client::Client::connect([client_url], Some(options)).await?;
         let status = client.status().await?;
         Ok::<u64, etcd_client::Error>(status.leader())
@@ -249,30 +368,52 @@ mod tests {
         assert_eq!(ports.len(), 6);
     }
 
-    /// A real three-member cluster: a write through one member is read back through another,
-    /// and dropping the cluster stops every member and removes its directory.
+    /// A real three-member cluster, in plaintext and with TLS: a write through one member is
+    /// read back through another, a plaintext client is refused by a TLS cluster, and dropping
+    /// the cluster stops every member and removes its directory.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_started_cluster_replicates_and_is_gone_after_drop() {
-        let cluster = EtcdCluster::start(Path::new("etcd"), 3)
-            .await
-            .expect("etcd (Debian package etcd-server) starts a 3-member cluster");
-        let endpoints = cluster.endpoints();
-        assert_eq!(endpoints.len(), 3);
-        let mut writer = etcd_client::Client::connect([&endpoints[1]], None).await.unwrap();
-        writer.put("bench-probe", "written", None).await.unwrap();
-        let mut reader = etcd_client::Client::connect([&endpoints[2]], None).await.unwrap();
-        let answer = reader.get("bench-probe", None).await.unwrap();
-        assert_eq!(answer.kvs()[0].value(), b"written");
-
-        let directory = cluster.directory().to_path_buf();
-        let pids: Vec<u32> = cluster.members.iter().map(|member| member.child.id()).collect();
-        drop(cluster);
-        assert!(!directory.exists(), "{} is left behind", directory.display());
-        for pid in pids {
+        for transport in [EtcdTransport::Plaintext, EtcdTransport::Tls] {
+            let cluster = EtcdCluster::start(Path::new("etcd"), 3, transport)
+                .await
+                .expect("etcd (Debian package etcd-server) starts a 3-member cluster");
+            let endpoints = cluster.endpoints();
+            assert_eq!(endpoints.len(), 3);
+            let scheme = if transport == EtcdTransport::Tls {
+                "https://"
+            } else {
+                "http://"
+            };
             assert!(
-                !Path::new(&format!("/proc/{pid}")).exists(),
-                "etcd member {pid} still runs"
+                endpoints.iter().all(|endpoint| endpoint.starts_with(scheme)),
+                "{endpoints:?}"
             );
+            let options = || Some(cluster.connect_options(Duration::from_secs(5)));
+            let mut writer = etcd_client::Client::connect([&endpoints[1]], options()).await.unwrap();
+            writer.put("bench-probe", "written", None).await.unwrap();
+            let mut reader = etcd_client::Client::connect([&endpoints[2]], options()).await.unwrap();
+            let answer = reader.get("bench-probe", None).await.unwrap();
+            assert_eq!(answer.kvs()[0].value(), b"written", "{transport:?}");
+            if transport == EtcdTransport::Tls {
+                let plaintext = endpoints[0].replace("https://", "http://");
+                let refused = async {
+                    let mut client = etcd_client::Client::connect([&plaintext], None).await?;
+                    client.get("bench-probe", None).await
+                };
+                let refused = tokio::time::timeout(Duration::from_secs(3), refused).await;
+                assert!(!matches!(refused, Ok(Ok(_))), "a TLS member answered a plaintext read");
+            }
+
+            let directory = cluster.directory().to_path_buf();
+            let pids: Vec<u32> = cluster.members.iter().map(|member| member.child.id()).collect();
+            drop(cluster);
+            assert!(!directory.exists(), "{} is left behind", directory.display());
+            for pid in pids {
+                assert!(
+                    !Path::new(&format!("/proc/{pid}")).exists(),
+                    "etcd member {pid} still runs"
+                );
+            }
         }
     }
 }
