@@ -404,3 +404,291 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         self.call(&request, option.hard_ttl(), Method::Vote).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! [`PeerConnection`]'s appends against a peer that speaks the internal service over TLS
+    //! and answers appends on the stream as each test scripts it.
+
+    use std::pin::Pin;
+    use std::sync::Mutex;
+
+    use flotilla_proto::internal::internal_server::{Internal, InternalServer};
+    use flotilla_proto::internal::{
+        HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, TimeoutNowRequest, TimeoutNowResponse,
+    };
+    use futures::StreamExt;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, Vote};
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+    use crate::store::Durability;
+
+    /// An append with this commit index is answered late (and `Conflict`); any other at once
+    /// (`Success`).
+    const SLOW_COMMIT: u64 = 1;
+    const SLOW_ANSWER: Duration = Duration::from_millis(300);
+
+    type Answers = Pin<Box<dyn futures::Stream<Item = Result<RaftPayload, Status>> + Send>>;
+
+    #[derive(Default)]
+    struct FakePeer {
+        received: Arc<Mutex<Vec<AppendEntriesRequest<TypeConfig>>>>,
+    }
+
+    fn not_here<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not part of this fake"))
+    }
+
+    #[tonic::async_trait]
+    impl Internal for FakePeer {
+        async fn append_entries(&self, _request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            not_here()
+        }
+
+        type AppendStreamStream = Answers;
+
+        async fn append_stream(
+            &self,
+            request: Request<Streaming<RaftPayload>>,
+        ) -> Result<Response<Self::AppendStreamStream>, Status> {
+            let received = self.received.clone();
+            let answers = request.into_inner().then(move |message| {
+                let received = received.clone();
+                async move {
+                    let append: AppendEntriesRequest<TypeConfig> =
+                        decode(&message?.data).map_err(|error| Status::invalid_argument(error.to_string()))?;
+                    let slow = append.leader_commit.map(|log_id| log_id.index) == Some(SLOW_COMMIT);
+                    received.lock().unwrap().push(append);
+                    let answer = if slow {
+                        tokio::time::sleep(SLOW_ANSWER).await;
+                        AppendEntriesResponse::<NodeId>::Conflict
+                    } else {
+                        AppendEntriesResponse::Success
+                    };
+                    Ok(RaftPayload {
+                        data: encode(&Ok::<_, RaftError<NodeId>>(answer)),
+                        id: 0,
+                    })
+                }
+            });
+            Ok(Response::new(Box::pin(answers)))
+        }
+
+        async fn vote(&self, _request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            not_here()
+        }
+
+        async fn install_snapshot(&self, _request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            not_here()
+        }
+
+        async fn forward_write(&self, _request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            not_here()
+        }
+
+        type ForwardStreamStream = Answers;
+
+        async fn forward_stream(
+            &self,
+            _request: Request<Streaming<RaftPayload>>,
+        ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+            not_here()
+        }
+
+        async fn join(&self, _request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+            not_here()
+        }
+
+        async fn heartbeat(&self, _request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+            not_here()
+        }
+
+        async fn read_index(&self, _request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            not_here()
+        }
+
+        async fn timeout_now(
+            &self,
+            _request: Request<TimeoutNowRequest>,
+        ) -> Result<Response<TimeoutNowResponse>, Status> {
+            not_here()
+        }
+    }
+
+    /// A CA, a node certificate it signed (for the client) and a server certificate for the
+    /// fake peer under the name nodes ask for.
+    fn certificates() -> (NodeTls, tonic::transport::Identity) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::default();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, &ca_key);
+        let signed = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let certificate = CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (certificate.pem(), key.serialize_pem())
+        };
+        let (client_pem, client_key) = signed(&crate::tls::node_dns_name(1));
+        let (server_pem, server_key) = signed(crate::tls::NODE_SERVER_NAME);
+        let tls = NodeTls {
+            node_id: 1,
+            ca_pem: ca.pem(),
+            certificate_pem: client_pem,
+            private_key_pem: client_key,
+        };
+        (tls, tonic::transport::Identity::from_pem(server_pem, server_key))
+    }
+
+    /// Starts the fake peer on a loopback port and returns a connection to it, as a leader's
+    /// replication to it would hold, and what the peer received.
+    async fn connect_to_fake_peer(
+        durability: Arc<Durability>,
+    ) -> (PeerConnection, Arc<Mutex<Vec<AppendEntriesRequest<TypeConfig>>>>) {
+        let (tls, identity) = certificates();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let peer = FakePeer::default();
+        let received = peer.received.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .unwrap()
+                .add_service(InternalServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut factory = NetworkFactory::new(Peers::new(Some(&tls)), durability);
+        let connection = factory
+            .new_client(
+                2,
+                &NodeAddr {
+                    grpc: address.to_string(),
+                    mesh: String::new(),
+                },
+            )
+            .await;
+        (connection, received)
+    }
+
+    fn log_id(index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    fn append(prev: u64, entries: &[u64], commit: u64) -> AppendEntriesRequest<TypeConfig> {
+        let mut vote = Vote::new(1, 1);
+        vote.commit();
+        AppendEntriesRequest {
+            vote,
+            prev_log_id: Some(log_id(prev)),
+            entries: entries
+                .iter()
+                .map(|index| Entry {
+                    log_id: log_id(*index),
+                    payload: EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: Some(log_id(commit)),
+        }
+    }
+
+    fn option(ttl_ms: u64) -> RPCOption {
+        RPCOption::new(Duration::from_millis(ttl_ms))
+    }
+
+    fn sent(received: &Mutex<Vec<AppendEntriesRequest<TypeConfig>>>) -> Vec<(Option<u64>, usize, Option<u64>)> {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|append| {
+                (
+                    append.prev_log_id.map(|log_id| log_id.index),
+                    append.entries.len(),
+                    append.leader_commit.map(|log_id| log_id.index),
+                )
+            })
+            .collect()
+    }
+
+    /// openraft drops an append that outlives its time to live: the answer to that append,
+    /// which the peer still sends, must not be taken for the next append's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_given_up_half_way_never_lends_its_answer_to_the_next() {
+        let durability = Arc::new(Durability::new(Some(log_id(100))));
+        let (mut connection, received) = connect_to_fake_peer(durability).await;
+        // The stream opens with an answered append.
+        let first = connection.append_entries(append(3, &[4], 2), option(5_000)).await;
+        assert!(matches!(first, Ok(AppendEntriesResponse::Success)), "{first:?}");
+        // This one is answered late, after its caller gave up (as openraft's timeout does).
+        let given_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            connection.append_entries(append(4, &[5], SLOW_COMMIT), option(5_000)),
+        )
+        .await;
+        assert!(given_up.is_err(), "the slow append was answered within 50 ms");
+        // The late `Conflict` arrives while this one waits; it must get its own `Success`.
+        let next = connection.append_entries(append(4, &[5], 2), option(5_000)).await;
+        assert!(
+            matches!(next, Ok(AppendEntriesResponse::Success)),
+            "the next append took another's answer: {next:?}"
+        );
+        assert_eq!(sent(&received).len(), 3);
+    }
+
+    /// Entries go out with the commit capped at what this node has synced; once its sync is
+    /// done, the commit follows on an empty append after them. An empty append waits for the
+    /// sync (a quarter of its time to live at most) and then carries the whole commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_capped_for_the_leaders_sync_follows_once_synced() {
+        let durability = Arc::new(Durability::new(Some(log_id(5))));
+        // A leader's log: its own entries are reported before their sync.
+        durability.set_node(1);
+        let (mut connection, received) = connect_to_fake_peer(durability.clone()).await;
+        durability.written(log_id(6));
+        let unsynced = durability.written_mark();
+        let syncer = {
+            let (durability, received) = (durability.clone(), received.clone());
+            tokio::spawn(async move {
+                // The peer has the entries before this node's sync ends, as a fast follower would.
+                while received.lock().unwrap().is_empty() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                durability.synced(unsynced);
+            })
+        };
+        let answer = connection.append_entries(append(5, &[6], 6), option(4_000)).await;
+        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        syncer.await.unwrap();
+        assert_eq!(
+            sent(&received),
+            [(Some(5), 1, Some(5)), (Some(6), 0, Some(6))],
+            "the entries with the commit capped at 5, then the commit alone after them"
+        );
+
+        // An empty append for a commit whose sync is under way waits for it...
+        durability.written(log_id(7));
+        let unsynced = durability.written_mark();
+        let syncer = {
+            let durability = durability.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                durability.synced(unsynced);
+            })
+        };
+        let answer = connection.append_entries(append(7, &[], 7), option(4_000)).await;
+        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        syncer.await.unwrap();
+        assert_eq!(sent(&received)[2], (Some(7), 0, Some(7)));
+
+        // ...but not past a quarter of its time to live: a stalled sync costs the follower the
+        // commit until a later append, not the append itself.
+        durability.written(log_id(8));
+        let answer = connection.append_entries(append(8, &[], 8), option(400)).await;
+        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
+        assert_eq!(sent(&received)[3], (Some(8), 0, Some(7)));
+    }
+}

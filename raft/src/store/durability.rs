@@ -29,7 +29,7 @@ type Mark = Result<Option<LogId<NodeId>>, String>;
 
 /// The last entry written when a sync began, and the truncations the log had had by then.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct WrittenMark {
+pub(crate) struct WrittenMark {
     last: Option<LogId<NodeId>>,
     truncations: u64,
 }
@@ -47,7 +47,7 @@ pub struct Durability {
 
 impl Durability {
     /// A log whose entries up to `last` are synced.
-    pub(super) fn new(last: Option<LogId<NodeId>>) -> Durability {
+    pub(crate) fn new(last: Option<LogId<NodeId>>) -> Durability {
         Durability {
             me: OnceLock::new(),
             leading: Mutex::new(None),
@@ -78,18 +78,18 @@ impl Durability {
         }
     }
 
-    pub(super) fn written(&self, last: LogId<NodeId>) {
+    pub(crate) fn written(&self, last: LogId<NodeId>) {
         self.written.lock().expect("durability lock poisoned").0 = Some(last);
     }
 
     /// The last entry written, read before a sync: the sync covers it.
-    pub(super) fn written_mark(&self) -> WrittenMark {
+    pub(crate) fn written_mark(&self) -> WrittenMark {
         let (last, truncations) = *self.written.lock().expect("durability lock poisoned");
         WrittenMark { last, truncations }
     }
 
     /// A sync that began after `written` has ended.
-    pub(super) fn synced(&self, written: WrittenMark) {
+    pub(crate) fn synced(&self, written: WrittenMark) {
         // Under the lock, so that no truncation slips between the check and the mark.
         let current = self.written.lock().expect("durability lock poisoned");
         if current.1 != written.truncations {
