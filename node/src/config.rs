@@ -655,7 +655,7 @@ impl NodeArgs {
             .unwrap_or_else(|| "flags (no --config)".to_string());
         match self.resolve() {
             Ok(config) => Ok(format!(
-                "{source} is valid: region {}, data dir {}, listen {}, advertise {}, {}, {} slots, models [{}]",
+                "{source} is valid: region {}, data dir {}, listen {}, advertise {}, {}, {} slots, lease {} ms, raft heartbeat {} ms and election timeout {}–{} ms, models [{}]",
                 config.region,
                 config.data_dir.display(),
                 config.listen,
@@ -666,6 +666,10 @@ impl NodeArgs {
                     .map(|join| format!("joins through {join}"))
                     .unwrap_or_else(|| "starts a new cluster unless its data dir holds one".to_string()),
                 config.slots,
+                config.lease_ms,
+                config.raft.heartbeat_ms,
+                config.raft.election_timeout_ms,
+                2 * config.raft.election_timeout_ms,
                 config.models.keys().cloned().collect::<Vec<_>>().join(", "),
             )),
             Err(error @ (ConfigError::Read { .. } | ConfigError::Parse { .. })) => Err(error.to_string()),
@@ -1098,6 +1102,26 @@ mod tests {
         };
         let summary = check("[node]\ndata_dir = \"/var/lib/flotilla\"\nregion = \"eu-west\"\n").unwrap();
         assert!(summary.contains("is valid: region eu-west"), "{summary}");
+        assert!(
+            summary.contains("raft heartbeat 250 ms and election timeout 1000–2000 ms"),
+            "{summary}"
+        );
+        let summary = check(
+            "[node]\ndata_dir = \"/var/lib/flotilla\"\nraft_heartbeat_ms = 1000\nraft_election_timeout_ms = 4000\n",
+        )
+        .unwrap();
+        assert!(
+            summary.contains("raft heartbeat 1000 ms and election timeout 4000–8000 ms"),
+            "{summary}"
+        );
+        let error = check("[node]\ndata_dir = \"/var/lib/flotilla\"\nraft_heartbeat_ms = 1000\n").unwrap_err();
+        assert!(
+            error.starts_with(&format!(
+                "config file {}: node.raft_election_timeout_ms: 1000 ms is less than 3 heartbeats",
+                path.display()
+            )),
+            "{error}"
+        );
         let error = check("[node]\ndata_dir = \"/var/lib/flotilla\"\nslots = 20000\n").unwrap_err();
         assert!(
             error.starts_with(&format!("config file {}: slots: must be at most", path.display())),
