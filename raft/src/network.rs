@@ -687,7 +687,7 @@ mod tests {
         // ...but not past a quarter of its time to live: a stalled sync costs the follower the
         // commit until a later append, not the append itself.
         durability.written(log_id(8));
-        let answer = connection.append_entries(append(8, &[], 8), option(400)).await;
+        let answer = connection.append_entries(append(8, &[], 8), option(2_000)).await;
         assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "{answer:?}");
         assert_eq!(sent(&received)[3], (Some(8), 0, Some(7)));
     }
