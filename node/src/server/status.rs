@@ -89,15 +89,11 @@ pub fn write_status(error: WriteError) -> Status {
 }
 
 /// A read barrier that failed. A node that cannot confirm what the cluster acknowledged (no
-/// quorum, no leader, its state machine behind) says so as `Unavailable`, which a client may
-/// retry, here or through another node: it never answers from a state that may be stale.
+/// quorum, no leader, its state machine behind, or it is stopping and no longer catches up)
+/// says so as `Unavailable`, which a client may retry, here or through another node: it never
+/// answers from a state that may be stale.
 pub fn read_status(error: flotilla_raft::ReadError) -> Status {
-    match error {
-        flotilla_raft::ReadError::Unavailable { .. } | flotilla_raft::ReadError::Lagging { .. } => {
-            Status::unavailable(error.to_string())
-        }
-        flotilla_raft::ReadError::Stopped(_) => Status::internal(error.to_string()),
-    }
+    Status::unavailable(error.to_string())
 }
 
 /// A repository URL the node's policy refuses. A local path outside `[repos] allow_local` is
@@ -118,5 +114,40 @@ pub fn membership_status(error: flotilla_raft::replica::ReplicaError) -> Status 
     match error {
         flotilla_raft::replica::ReplicaError::NotLeader { .. } => Status::unavailable(error.to_string()),
         other => Status::failed_precondition(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every failed read barrier is one a client retries elsewhere, a stopping node's included.
+    #[test]
+    fn a_failed_read_barrier_is_unavailable_and_says_why() {
+        for (error, words) in [
+            (
+                flotilla_raft::ReadError::Unavailable {
+                    deadline_ms: 5,
+                    last_error: "no leader elected".to_string(),
+                },
+                "no leader elected",
+            ),
+            (
+                flotilla_raft::ReadError::Lagging {
+                    needed: 9,
+                    applied: 7,
+                    deadline_ms: 5,
+                },
+                "needs index 9",
+            ),
+            (
+                flotilla_raft::ReadError::Stopped("this node is stopping and no longer catches up".to_string()),
+                "stopping",
+            ),
+        ] {
+            let status = read_status(error);
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(status.message().contains(words), "{status:?}");
+        }
     }
 }
