@@ -163,10 +163,16 @@ impl TryFrom<i64> for RaftHeartbeatMs {
     type Error = String;
 
     fn try_from(ms: i64) -> Result<Self, Self::Error> {
-        match ms {
-            10..=30_000 => Ok(RaftHeartbeatMs(ms as u64)),
-            _ => Err(format!("node.raft_heartbeat_ms: {ms} is outside 10..=30000")),
-        }
+        millis_within(ms, 10..=30_000, "node.raft_heartbeat_ms").map(RaftHeartbeatMs)
+    }
+}
+
+/// `ms` when it is within `range`; else an error naming `field` and the range.
+fn millis_within(ms: i64, range: std::ops::RangeInclusive<i64>, field: &str) -> Result<u64, String> {
+    if range.contains(&ms) {
+        Ok(ms as u64)
+    } else {
+        Err(format!("{field}: {ms} is outside {}..={}", range.start(), range.end()))
     }
 }
 
@@ -180,10 +186,7 @@ impl TryFrom<i64> for RaftElectionTimeoutMs {
     type Error = String;
 
     fn try_from(ms: i64) -> Result<Self, Self::Error> {
-        match ms {
-            100..=300_000 => Ok(RaftElectionTimeoutMs(ms as u64)),
-            _ => Err(format!("node.raft_election_timeout_ms: {ms} is outside 100..=300000")),
-        }
+        millis_within(ms, 100..=300_000, "node.raft_election_timeout_ms").map(RaftElectionTimeoutMs)
     }
 }
 
