@@ -130,7 +130,6 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             peers: self.peers.clone(),
             appends: None,
             unary_appends: false,
-            exchanging: false,
             durability: self.durability.clone(),
         }
     }
@@ -144,15 +143,12 @@ pub struct PeerConnection {
     /// The open append stream to the peer, if any. AppendEntries go over it as one message
     /// each way: a unary call per request writes its headers, its body and its end (and the
     /// answer its headers, body and trailers) separately, and wakes the other side for each.
-    /// Any failure or timeout drops it; the next append opens a new one.
+    /// Any failure or timeout drops it, and so does an append dropped half-way; the next
+    /// append opens a new one.
     appends: Option<AppendStream>,
     /// The peer refused the stream as a method it does not know (an older version): appends
     /// are unary calls to it from then on.
     unary_appends: bool,
-    /// An exchange on the append stream is under way: set when a request goes out, cleared
-    /// when its answer (or failure) is in. Found set at the next append, it means the caller
-    /// dropped the last one half-way.
-    exchanging: bool,
     durability: Arc<crate::store::Durability>,
 }
 
@@ -263,39 +259,36 @@ impl PeerConnection {
     /// Sends `payload` over the append stream (opening one if none is open) and waits for its
     /// answer until `timeout`.
     async fn append_streamed(&mut self, payload: RaftPayload, timeout: Duration) -> Result<Vec<u8>, AppendStreamError> {
-        if self.exchanging {
-            // The last exchange was given up half-way (openraft drops an append that runs past
-            // its timeout): its answer may still be on the way, so the stream is not reused.
-            self.appends = None;
-        }
-        self.exchanging = true;
+        // The stream leaves `self` for the exchange and comes back only with its answer. One
+        // that fails, times out or is dropped half-way (openraft drops an append that outlives
+        // its time to live) goes with it: an answer may still come for that request, and no
+        // later request may take it for its own. The next append opens a new stream.
+        let open = self.appends.take();
         let exchange = async {
-            if let Some(stream) = self.appends.as_mut() {
-                stream
-                    .requests
-                    .send(payload)
-                    .await
-                    .map_err(|_| AppendStreamError::Closed)?;
-            } else {
-                self.appends = Some(self.open_append_stream(payload).await?);
-            }
-            let stream = self.appends.as_mut().expect("sent on an open stream");
+            let mut stream = match open {
+                Some(stream) => {
+                    stream
+                        .requests
+                        .send(payload)
+                        .await
+                        .map_err(|_| AppendStreamError::Closed)?;
+                    stream
+                }
+                None => self.open_append_stream(payload).await?,
+            };
             match stream.answers.message().await? {
-                Some(answer) => Ok(answer.data),
+                Some(answer) => Ok((stream, answer.data)),
                 None => Err(AppendStreamError::Closed),
             }
         };
-        let result = match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok((stream, answer))) => {
+                self.appends = Some(stream);
+                Ok(answer)
+            }
+            Ok(Err(error)) => Err(error),
             Err(_) => Err(AppendStreamError::TimedOut(timeout)),
-        };
-        self.exchanging = false;
-        if result.is_err() {
-            // An answer may still come for the request that failed: a stream is never reused
-            // after a failure, so no later request can take that answer for its own.
-            self.appends = None;
         }
-        result
     }
 
     /// Opens an append stream with `first` as its first request. The request goes out with the
