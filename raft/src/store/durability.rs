@@ -40,7 +40,7 @@ pub struct Durability {
     leading: Mutex<Option<CommittedLeaderId<NodeId>>>,
     /// The last entry written to the log (synced or not), and how many truncations the log has
     /// had: a sync that began before a truncation says nothing of what was written after it.
-    written: Mutex<(Option<LogId<NodeId>>, u64)>,
+    written: Mutex<WrittenMark>,
     /// The last entry known synced, or the sync failure that stopped the log.
     synced: tokio::sync::watch::Sender<Mark>,
 }
@@ -51,7 +51,7 @@ impl Durability {
         Durability {
             me: OnceLock::new(),
             leading: Mutex::new(None),
-            written: Mutex::new((last, 0)),
+            written: Mutex::new(WrittenMark { last, truncations: 0 }),
             synced: tokio::sync::watch::channel(Ok(last)).0,
         }
     }
@@ -79,20 +79,19 @@ impl Durability {
     }
 
     pub(crate) fn written(&self, last: LogId<NodeId>) {
-        self.written.lock().expect("durability lock poisoned").0 = Some(last);
+        self.written.lock().expect("durability lock poisoned").last = Some(last);
     }
 
     /// The last entry written, read before a sync: the sync covers it.
     pub(crate) fn written_mark(&self) -> WrittenMark {
-        let (last, truncations) = *self.written.lock().expect("durability lock poisoned");
-        WrittenMark { last, truncations }
+        *self.written.lock().expect("durability lock poisoned")
     }
 
     /// A sync that began after `written` has ended.
     pub(crate) fn synced(&self, written: WrittenMark) {
         // Under the lock, so that no truncation slips between the check and the mark.
         let current = self.written.lock().expect("durability lock poisoned");
-        if current.1 != written.truncations {
+        if current.truncations != written.truncations {
             return;
         }
         let upto = written.last;
@@ -108,7 +107,10 @@ impl Durability {
     /// The log was cut back to `last` with a synced write: everything left is synced.
     pub(super) fn truncated(&self, last: Option<LogId<NodeId>>) {
         let mut written = self.written.lock().expect("durability lock poisoned");
-        *written = (last, written.1 + 1);
+        *written = WrittenMark {
+            last,
+            truncations: written.truncations + 1,
+        };
         self.synced.send_modify(|mark| {
             if mark.is_ok() {
                 *mark = Ok(last);
