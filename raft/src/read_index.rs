@@ -301,11 +301,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waits_for_this_nodes_apply_end_when_it_stops_taking_calls() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let replica = Replica::open(ReplicaConfig::new(1, dir.path().join("lone"), None))
-            .await
-            .expect("open");
-        replica.bootstrap(NodeAddr::default()).await.expect("bootstrap");
-        replica.wait_for_leader(Duration::from_secs(10)).await.expect("leader");
+        let replica = crate::replica::lone_leader(dir.path()).await;
         let beyond = replica.reader().last_applied_index() + 1_000;
         let deadline = Instant::now() + Duration::from_secs(600);
         let waiting = {

@@ -860,3 +860,14 @@ impl Replica {
         let _ = self.inner.raft.shutdown().await;
     }
 }
+
+/// A one-member cluster in `dir` that has elected itself, for tests.
+#[cfg(test)]
+pub(crate) async fn lone_leader(dir: &std::path::Path) -> Replica {
+    let replica = Replica::open(ReplicaConfig::new(1, dir.join("lone"), None))
+        .await
+        .expect("open");
+    replica.bootstrap(NodeAddr::default()).await.expect("bootstrap");
+    replica.wait_for_leader(Duration::from_secs(10)).await.expect("leader");
+    replica
+}

@@ -185,17 +185,6 @@ mod tests {
 
     use super::*;
     use crate::command::Response;
-    use crate::replica::ReplicaConfig;
-    use crate::NodeAddr;
-
-    async fn lone_leader(dir: &std::path::Path) -> Replica {
-        let replica = Replica::open(ReplicaConfig::new(1, dir.join("lone"), None))
-            .await
-            .expect("open");
-        replica.bootstrap(NodeAddr::default()).await.expect("bootstrap");
-        replica.wait_for_leader(Duration::from_secs(10)).await.expect("leader");
-        replica
-    }
 
     fn idle(replica: &Replica) -> bool {
         let slots = replica.write_queue().slots.lock().expect("lock");
@@ -208,7 +197,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_are_grouped_answered_once_and_leave_the_queue_idle() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let replica = lone_leader(dir.path()).await;
+        let replica = crate::replica::lone_leader(dir.path()).await;
         let before = replica.reader().last_applied_index();
         const WRITES: usize = 3_000;
         let mut tasks = tokio::task::JoinSet::new();
@@ -268,7 +257,7 @@ mod tests {
         use crate::replica::ForwardReply;
 
         let dir = tempfile::tempdir().expect("temp dir");
-        let replica = lone_leader(dir.path()).await;
+        let replica = crate::replica::lone_leader(dir.path()).await;
         let before = replica.reader().last_applied_index();
         const FORWARDED: usize = 200;
         const PER_BATCH: usize = 5;
