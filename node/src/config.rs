@@ -533,8 +533,8 @@ pub struct RaftTiming {
 impl Default for RaftTiming {
     fn default() -> Self {
         RaftTiming {
-            heartbeat_ms: 250,
-            election_timeout_ms: 1_000,
+            heartbeat_ms: flotilla_raft::replica::DEFAULT_HEARTBEAT_INTERVAL_MS,
+            election_timeout_ms: flotilla_raft::replica::DEFAULT_ELECTION_TIMEOUT_MIN_MS,
         }
     }
 }
@@ -672,7 +672,7 @@ impl NodeArgs {
                 config.lease_ms,
                 config.raft.heartbeat_ms,
                 config.raft.election_timeout_ms,
-                2 * config.raft.election_timeout_ms,
+                flotilla_raft::replica::election_timeout_max_ms(config.raft.election_timeout_ms),
                 config.models.keys().cloned().collect::<Vec<_>>().join(", "),
             )),
             Err(error @ (ConfigError::Read { .. } | ConfigError::Parse { .. })) => Err(error.to_string()),

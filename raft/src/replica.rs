@@ -37,6 +37,17 @@ pub use crate::write_queue::{MAX_BATCHES_IN_FLIGHT, MAX_BATCH_BYTES, MAX_BATCH_C
 /// Log entries per replication message (each at most `MAX_BATCH_BYTES`).
 pub const MAX_ENTRIES_PER_APPEND: u64 = 32;
 
+/// How often a leader sends an empty append to a follower it has nothing else for, by default.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 250;
+/// The least election timeout by default (see [`election_timeout_max_ms`]).
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 1_000;
+
+/// The longest election timeout for a least one of `min_ms`: a follower campaigns after a
+/// random time between the two.
+pub fn election_timeout_max_ms(min_ms: u64) -> u64 {
+    2 * min_ms
+}
+
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
     pub node_id: NodeId,
@@ -61,13 +72,20 @@ impl ReplicaConfig {
             node_id,
             data_dir,
             tls,
-            heartbeat_interval_ms: 250,
-            election_timeout_min_ms: 1_000,
-            election_timeout_max_ms: 2_000,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            election_timeout_min_ms: DEFAULT_ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max_ms: election_timeout_max_ms(DEFAULT_ELECTION_TIMEOUT_MIN_MS),
             snapshot_after_logs: 20_000,
             logs_kept_after_snapshot: 2_000,
             state_format_version: crate::STATE_FORMAT_VERSION,
         }
+    }
+
+    /// Sets the heartbeat and the least election timeout (the longest follows from it).
+    pub fn set_timing(&mut self, heartbeat_interval_ms: u64, election_timeout_min_ms: u64) {
+        self.heartbeat_interval_ms = heartbeat_interval_ms;
+        self.election_timeout_min_ms = election_timeout_min_ms;
+        self.election_timeout_max_ms = election_timeout_max_ms(election_timeout_min_ms);
     }
 }
 

@@ -340,9 +340,7 @@ pub async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
 
     let mut replica_config = ReplicaConfig::new(node_id, config.data_dir.clone(), Some(identity.tls.clone()));
     replica_config.state_format_version = state_format::state_format_version()?;
-    replica_config.heartbeat_interval_ms = config.raft.heartbeat_ms;
-    replica_config.election_timeout_min_ms = config.raft.election_timeout_ms;
-    replica_config.election_timeout_max_ms = 2 * config.raft.election_timeout_ms;
+    replica_config.set_timing(config.raft.heartbeat_ms, config.raft.election_timeout_ms);
     replica_config.snapshot_after_logs = config.snapshot_after_logs;
     replica_config.logs_kept_after_snapshot = config.logs_kept_after_snapshot;
     let replica = Replica::open(replica_config).await?;
