@@ -43,13 +43,6 @@ impl EtcdTransport {
             EtcdTransport::Plaintext => "plaintext",
         }
     }
-
-    fn scheme(self) -> &'static str {
-        match self {
-            EtcdTransport::Tls => "https",
-            EtcdTransport::Plaintext => "http",
-        }
-    }
 }
 
 /// The files of a TLS cluster: the CA clients trust, and the members' certificate and key.
@@ -141,7 +134,7 @@ impl EtcdCluster {
         };
         let ports = free_ports(member_count * 2)?;
         let (client_ports, peer_ports) = ports.split_at(member_count);
-        let scheme = transport.scheme();
+        let scheme = cluster.scheme();
         let peer_url = |index: usize| format!("{scheme}://127.0.0.1:{}", peer_ports[index]);
         let initial_cluster: Vec<String> = (0..member_count)
             .map(|index| format!("m{}={}", index + 1, peer_url(index)))
@@ -177,6 +170,15 @@ impl EtcdCluster {
         self.members.iter().map(|member| member.client_url.clone()).collect()
     }
 
+    /// The URL scheme of the members' client and peer URLs.
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Options for a client of this cluster: the CA to check the members against, with TLS.
     pub fn connect_options(&self, connect_timeout: Duration) -> etcd_client::ConnectOptions {
         let options = etcd_client::ConnectOptions::new().with_connect_timeout(connect_timeout);
@@ -202,8 +204,7 @@ impl EtcdCluster {
         let log_path = self.directory().join(format!("{name}.log"));
         let log = File::create(&log_path).with_context(|| format!("creating the log file {}", log_path.display()))?;
         let log_for_stderr = log.try_clone().context("duplicating the etcd log handle")?;
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let client_url = format!("{scheme}://127.0.0.1:{client_port}");
+        let client_url = format!("{}://127.0.0.1:{client_port}", self.scheme());
         let mut command = Command::new(etcd_binary);
         if let Some(tls) = &self.tls {
             command
