@@ -21,6 +21,8 @@
 //!   memory per watcher, the node's responsiveness meanwhile.
 //! - `provision`: a burst of scripted agents on one node with real machines, from create to
 //!   their first model call, per stage.
+//! - `spawn`: what starting a process costs a process of a given size, with `fork` (a
+//!   `pre_exec` step, as the sandbox starts bubblewrap and commands) and with `posix_spawn`.
 
 mod assign;
 mod burst;
@@ -37,6 +39,7 @@ mod placement;
 mod plugins;
 mod provision;
 mod run_limits;
+mod spawn;
 mod turns;
 mod watch;
 
@@ -85,6 +88,8 @@ enum BenchCommand {
     Watch(watch::BenchWatchArgs),
     /// A burst of agents on one node with real machines: create to first model call, per stage.
     Provision(provision::BenchProvisionArgs),
+    /// What starting a process costs a process of a given size: fork against posix_spawn.
+    Spawn(spawn::BenchSpawnArgs),
 }
 
 fn init_logging() {
@@ -132,6 +137,8 @@ fn main() -> ExitCode {
             BenchCommand::Memory(args) => memory::run_memory(args).await,
             BenchCommand::Watch(args) => watch::run_watch(args).await,
             BenchCommand::Provision(args) => provision::run_provision(args).await,
+            // On this thread, as a node's runtime worker starts a machine's command.
+            BenchCommand::Spawn(args) => spawn::run_spawn(args),
         }
     });
     match result {
