@@ -299,6 +299,11 @@ pub struct BenchMachinesArgs {
     /// host swings by a few tenths.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// MiB of memory this process holds resident (written once) for the whole run, so that
+    /// machines start from a process the size of a node (about 100 MB with its plugins
+    /// compiled): every start forks this process (see `flotilla-bench spawn`).
+    #[arg(long, default_value_t = 0)]
+    pub ballast_mib: usize,
 }
 
 /// The ratios of one round, for the summary over rounds.
@@ -360,6 +365,14 @@ pub async fn run_machines(args: BenchMachinesArgs) -> anyhow::Result<()> {
         .context("cannot make a temporary directory")?;
     let peer = Peer::prepare(dir.path()).await?;
     println!("peer: {} ({}); {}", peer.name, peer.version, peer.why);
+    // Every page written, so resident; kept until the run ends.
+    let ballast = vec![1u8; args.ballast_mib << 20];
+    if args.ballast_mib > 0 {
+        println!(
+            "this process holds {} MiB resident while it starts machines",
+            args.ballast_mib
+        );
+    }
     let bench = Bench::new(dir.path(), disk).await?;
     println!(
         "bwrap machines (host base image, cgroup {}, disk {disk:?}); peer: whole `{} run` of /bin/true",
@@ -401,6 +414,7 @@ pub async fn run_machines(args: BenchMachinesArgs) -> anyhow::Result<()> {
         Some(cold) => println!("cold start (install, then create and first command): {cold}"),
         None => println!("cold start: not measured"),
     }
+    drop(ballast);
     Ok(())
 }
 
