@@ -301,7 +301,8 @@ pub struct BenchMachinesArgs {
     pub rounds: usize,
     /// MiB of memory this process holds resident (written once) for the whole run, so that
     /// machines start from a process the size of a node (about 100 MB with its plugins
-    /// compiled): every start forks this process (see `flotilla-bench spawn`).
+    /// compiled): a start that forked this process paid for its size (see `flotilla-bench
+    /// spawn`).
     #[arg(long, default_value_t = 0)]
     pub ballast_mib: usize,
 }

@@ -1,8 +1,9 @@
 //! `flotilla-bench spawn`: what starting one process costs a process of a given size, by the
 //! two ways a Rust program starts one.
 //!
-//! A `Command` with a `pre_exec` step (how the sandbox starts bubblewrap and every command in a
-//! machine: it joins a cgroup and namespaces between fork and exec) is started by a real `fork`:
+//! A `Command` with a `pre_exec` step (how the sandbox started bubblewrap and every command in a
+//! machine before `sandbox/src/vfork.rs`: it joins a cgroup and namespaces between fork and
+//! exec) is started by a real `fork`:
 //! the kernel copies the parent's page tables and marks its memory copy-on-write, so every page
 //! the parent writes while the child lives is copied once. A `Command` without one is started
 //! by `posix_spawn`, which glibc does with `clone(CLONE_VM | CLONE_VFORK)`: no copy at all. The

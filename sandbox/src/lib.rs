@@ -33,6 +33,7 @@ mod output_capture;
 pub mod pty;
 pub mod seccomp;
 pub mod uid_range;
+mod vfork;
 pub mod workspace_file;
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -118,8 +117,13 @@ impl BwrapDriver {
         Ok(machine)
     }
 
-    async fn start_init(&self, machine: &mut BwrapMachine, command: std::process::Command) -> Result<()> {
-        let mut init = spawn_long_lived(command)
+    async fn start_init(&self, machine: &mut BwrapMachine, command: InitCommand) -> Result<()> {
+        let InitCommand { command, steps } = command;
+        let spawn = crate::vfork::Spawn::from_command(&command)
+            .map_err(|error| SandboxError::io("start", &self.config.bwrap_program, error))?
+            .stdout(crate::vfork::Output::Piped)
+            .stderr(crate::vfork::Output::Piped);
+        let mut init = spawn_long_lived(spawn, steps)
             .await
             .map_err(|error| SandboxError::io("start", &self.config.bwrap_program, error))?;
         let stdout = init.stdout.take().expect("stdout is piped");
@@ -132,7 +136,7 @@ impl BwrapDriver {
         self.wait_ready(machine, stdout).await
     }
 
-    fn create_blocking(&self, spec: MachineSpec) -> Result<(BwrapMachine, std::process::Command)> {
+    fn create_blocking(&self, spec: MachineSpec) -> Result<(BwrapMachine, InitCommand)> {
         validate_spec(&spec)?;
         let name = sanitize_name(&spec.name);
         let id = format!("{name}-{}", ulid::Ulid::new().to_string().to_lowercase());
@@ -277,10 +281,9 @@ impl BwrapDriver {
         ))
     }
 
-    /// The bubblewrap command of the machine's init, which joins the machine's `init` leaf
-    /// cgroup before it execs.
-    // Unsafe: pre_exec, to join the init leaf cgroup and inherit the filter's memfds before
-    // bubblewrap execs.
+    /// The bubblewrap command of the machine's init, and the steps its process takes before it
+    /// execs: it joins the machine's `init` leaf cgroup and its namespaces.
+    // Unsafe: the steps' system calls (fcntl, setns) have no safe wrapper.
     #[allow(unsafe_code)]
     fn bwrap_command(
         &self,
@@ -288,7 +291,7 @@ impl BwrapDriver {
         spec: &MachineSpec,
         handover: &Handover,
         cgroup: &MachineCgroup,
-    ) -> Result<std::process::Command> {
+    ) -> Result<InitCommand> {
         let init_leaf = cgroup.leaf("init")?;
         let mut command = std::process::Command::new(&self.config.bwrap_program);
         // Bubblewrap starts inside the machine's own user namespace (its ids mapped onto its
@@ -351,44 +354,36 @@ impl BwrapDriver {
             "-c",
             "echo ready; exec sleep infinity",
         ]);
+        // Started with standard input from /dev/null and its output piped (`start_init`).
         command.env_clear().env("PATH", DEFAULT_PATH);
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
         let procs_files = init_leaf.procs_files();
         let inherited = handover.bound_fds();
         let user_namespace = handover.user_namespace.as_raw_fd();
         let mount_namespace = handover.mount_namespace.as_raw_fd();
-        // SAFETY: the closure only opens and writes files, changes descriptor flags on
-        // descriptors the parent keeps open until the spawn, joins the mount and user namespaces
-        // and takes its root ids (async-signal-safe calls). The cgroup is joined first: once in the
-        // machine's namespace the process can no longer write the node's cgroup files.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                seccomp::inherit_in_child(&seccomp_files)?;
-                for fd in &inherited {
-                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                Leaf::join_current_process(&procs_files)?;
-                // Into the machine's mount namespace, where its layers are, while still host
-                // root (entering one takes CAP_SYS_ADMIN over the namespace's owner).
-                if libc::setns(mount_namespace, libc::CLONE_NEWNS) != 0 {
+        // SAFETY: the steps only open and write files, change descriptor flags on descriptors
+        // the parent keeps open until the spawn, join the mount and user namespaces and take
+        // their root ids, all as plain system calls (the child shares the node's memory, see
+        // `vfork`). The cgroup is joined first: once in the machine's namespace the process can
+        // no longer write the node's cgroup files.
+        let steps: InitSteps = Box::new(move || {
+            seccomp::inherit_in_child(&seccomp_files)?;
+            for fd in &inherited {
+                if unsafe { libc::fcntl(*fd, libc::F_SETFD, 0) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                if libc::setns(user_namespace, libc::CLONE_NEWUSER) != 0
-                    || libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setresgid(0, 0, 0) != 0
-                    || libc::setresuid(0, 0, 0) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(command)
+            }
+            Leaf::join_current_process(&procs_files)?;
+            // Into the machine's mount namespace, where its layers are, while still host
+            // root (entering one takes CAP_SYS_ADMIN over the namespace's owner).
+            if unsafe { libc::setns(mount_namespace, libc::CLONE_NEWNS) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if unsafe { libc::setns(user_namespace, libc::CLONE_NEWUSER) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            crate::vfork::set_ids(0, 0)
+        });
+        Ok(InitCommand { command, steps })
     }
 
     fn mount_disk(&self, dir: &Path, limits: &MachineLimits, resources: &mut Resources) -> Result<PathBuf> {
@@ -444,8 +439,8 @@ impl BwrapDriver {
     }
 
     /// Waits for the init's "ready" and finds its node PID.
-    async fn wait_ready(&self, machine: &mut BwrapMachine, stdout: std::process::ChildStdout) -> Result<()> {
-        let stdout = tokio::process::ChildStdout::from_std(stdout)
+    async fn wait_ready(&self, machine: &mut BwrapMachine, stdout: std::os::fd::OwnedFd) -> Result<()> {
+        let stdout = crate::vfork::async_reader(stdout)
             .map_err(|error| SandboxError::io("watch", "the machine's init output", error))?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let ready = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
@@ -523,9 +518,9 @@ impl BwrapDriver {
 /// What bubblewrap said on stderr before a failed start, read without blocking a runtime worker
 /// and bounded in bytes and time: if something still holds the pipe open, the read gives up
 /// with what it has.
-async fn read_start_failure(pipe: std::process::ChildStderr) -> String {
+async fn read_start_failure(pipe: std::os::fd::OwnedFd) -> String {
     use tokio::io::AsyncReadExt as _;
-    let Ok(pipe) = tokio::process::ChildStderr::from_std(pipe) else {
+    let Ok(pipe) = crate::vfork::async_reader(pipe) else {
         return String::new();
     };
     let mut bytes = Vec::new();
@@ -617,13 +612,23 @@ fn base_env(account: &Account, id: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// The steps bubblewrap's process takes between its birth and its exec (see `vfork`).
+type InitSteps = Box<dyn FnMut() -> io::Result<()> + Send>;
+
+/// Bubblewrap's command line and environment, and the steps before its exec.
+pub(super) struct InitCommand {
+    command: std::process::Command,
+    steps: InitSteps,
+}
+
 /// A process spawned by a thread that lives as long as the node: `--die-with-parent` uses
 /// PR_SET_PDEATHSIG, which fires when the spawning *thread* ends, and tokio's blocking threads
 /// end after a while idle.
-async fn spawn_long_lived(command: std::process::Command) -> io::Result<std::process::Child> {
+async fn spawn_long_lived(spawn: crate::vfork::Spawn, steps: InitSteps) -> io::Result<crate::vfork::Child> {
     type Request = (
-        std::process::Command,
-        tokio::sync::oneshot::Sender<io::Result<std::process::Child>>,
+        crate::vfork::Spawn,
+        InitSteps,
+        tokio::sync::oneshot::Sender<io::Result<crate::vfork::Child>>,
     );
     static SPAWNER: OnceLock<tokio::sync::mpsc::Sender<Request>> = OnceLock::new();
     let sender = SPAWNER.get_or_init(|| {
@@ -631,8 +636,8 @@ async fn spawn_long_lived(command: std::process::Command) -> io::Result<std::pro
         std::thread::Builder::new()
             .name("flotilla-machine-spawner".into())
             .spawn(move || {
-                while let Some((mut command, reply)) = receiver.blocking_recv() {
-                    let _ = reply.send(command.spawn());
+                while let Some((spawn, mut steps, reply)) = receiver.blocking_recv() {
+                    let _ = reply.send(spawn.start(&mut *steps));
                 }
             })
             .expect("spawn the machine spawner thread");
@@ -640,7 +645,7 @@ async fn spawn_long_lived(command: std::process::Command) -> io::Result<std::pro
     });
     let gone = || io::Error::other("the machine spawner thread is gone");
     let (reply_sender, reply_receiver) = tokio::sync::oneshot::channel();
-    sender.send((command, reply_sender)).await.map_err(|_| gone())?;
+    sender.send((spawn, steps, reply_sender)).await.map_err(|_| gone())?;
     reply_receiver.await.map_err(|_| gone())?
 }
 

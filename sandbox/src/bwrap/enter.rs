@@ -152,10 +152,9 @@ impl Entry {
                 Some(directory) => check(libc::fchdir(directory.as_raw_fd()))?,
                 None => check(libc::chdir(c"/".as_ptr()))?,
             }
-            check(libc::setgroups(0, std::ptr::null()))?;
-            check(libc::setresgid(self.gid, self.gid, self.gid))?;
-            check(libc::setresuid(self.uid, self.uid, self.uid))?;
         }
+        // Raw system calls: the child may share the node's memory (see `vfork`).
+        crate::vfork::set_ids(self.uid, self.gid)?;
         if self.uid == 0 {
             drop_all_capabilities()?;
         }
@@ -244,14 +243,11 @@ fn node_pid_namespace() -> io::Result<&'static OwnedFd> {
 /// thread costs a scheduler round on a loaded node.
 // Unsafe: setns has no safe wrapper in std.
 #[allow(unsafe_code)]
-pub(super) fn spawn_in_pid_namespace(
-    init: &OwnedFd,
-    command: &mut tokio::process::Command,
-) -> io::Result<tokio::process::Child> {
+pub(super) fn spawn_in_pid_namespace<T>(init: &OwnedFd, spawn: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let node = node_pid_namespace()?;
     // SAFETY: changes only the PID namespace this thread's next children are born in.
     check(unsafe { libc::setns(init.as_raw_fd(), libc::CLONE_NEWPID) })?;
-    let spawned = command.spawn();
+    let spawned = spawn();
     // SAFETY: as above, back to the namespace the thread's children were born in before.
     if unsafe { libc::setns(node.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
         let error = io::Error::last_os_error();

@@ -3,7 +3,6 @@
 //! output.
 
 use std::ffi::CString;
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use crate::driver::{ExecOutput, ExecRequest, KilledReason};
 use crate::error::{Result, SandboxError};
 use crate::output_capture::{pump, take_capture, OutputCapture, MAX_OUTPUT_BYTES_CEILING};
 use crate::seccomp;
+use crate::vfork;
 
 use super::enter::{spawn_in_pid_namespace, Entry};
 use super::machine::BwrapMachine;
@@ -129,23 +129,22 @@ fn check_limits(
     }
 }
 
-/// Starts `invocation` inside `machine`, in `leaf` (see `enter` for how it enters).
-// Unsafe: pre_exec, to start a session, join the command's leaf cgroup, enter the machine and
-// install the system-call filter before it execs.
-#[allow(unsafe_code)]
-fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -> Result<tokio::process::Child> {
+/// Starts `invocation` inside `machine`, in `leaf` (see `enter` for how it enters), from a
+/// child that shares the node's memory instead of a copy of it (see `vfork`).
+fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -> Result<vfork::Child> {
     let (argv, in_init_directory) = machine.command_argv(&invocation.cwd, &invocation.argv);
-    let mut command = tokio::process::Command::new(&argv[0]);
-    command.args(&argv[1..]);
-    command.env_clear();
+    // The invocation's variables over the machine's, as `Command::env` would set them.
+    let mut env: Vec<(String, String)> = Vec::new();
     for (key, value) in machine.base_env.iter().chain(invocation.env.iter()) {
-        command.env(key, value);
+        match env.iter_mut().find(|(existing, _)| existing == key) {
+            Some(entry) => entry.1 = value.clone(),
+            None => env.push((key.clone(), value.clone())),
+        }
     }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let spawn = vfork::Spawn::new(&argv[0], &argv, &env)
+        .map_err(|error| SandboxError::io("start a command in", &machine.dir, error))?
+        .stdout(vfork::Output::Piped)
+        .stderr(vfork::Output::Piped);
     let procs_files: Vec<CString> = leaf.procs_files();
     let filter = seccomp::machine_filter()?;
     let (init_pid, uid, gid) = (machine.init_pid, machine.uid, machine.gid);
@@ -156,21 +155,21 @@ fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -
     // disk, like the spawn itself.
     let entry = Entry::open(&init, init_pid, uid, gid, in_init_directory)
         .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
-    // SAFETY: setsid, the leaf join, the entry's steps and the filter's installation only
-    // make async-signal-safe calls.
-    unsafe {
-        command.pre_exec(move || {
-            // A session of its own: no controlling terminal of the node's to reach.
+    let mut steps = || {
+        // A session of its own: no controlling terminal of the node's to reach.
+        // SAFETY: setsid is a plain system call.
+        #[allow(unsafe_code)]
+        unsafe {
             libc::setsid();
-            // While still host root in the node's mount namespace: the leaf's files are out
-            // of reach from inside the machine.
-            Leaf::join_current_process(&procs_files)?;
-            entry.enter()?;
-            // Last, once the process holds nothing: no step above runs filtered.
-            filter.install_in_this_process()
-        });
-    }
-    spawn_in_pid_namespace(&init, &mut command)
+        }
+        // While still host root in the node's mount namespace: the leaf's files are out of
+        // reach from inside the machine.
+        Leaf::join_current_process(&procs_files)?;
+        entry.enter()?;
+        // Last, once the process holds nothing: no step above runs filtered.
+        filter.install_in_this_process()
+    };
+    spawn_in_pid_namespace(&init, || spawn.start(&mut steps))
         .map_err(|error| SandboxError::io("start a command in", &machine.dir, error))
 }
 
@@ -220,14 +219,12 @@ impl BwrapDriver {
         let limit = invocation.max_output_bytes.min(MAX_OUTPUT_BYTES_CEILING) as usize;
         let stdout_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
         let stderr_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
-        let stdout_pump = tokio::spawn(pump(
-            child.stdout.take().expect("stdout is piped"),
-            stdout_capture.clone(),
-        ));
-        let stderr_pump = tokio::spawn(pump(
-            child.stderr.take().expect("stderr is piped"),
-            stderr_capture.clone(),
-        ));
+        let reader = |fd: Option<std::os::fd::OwnedFd>| {
+            vfork::async_reader(fd.expect("the command's output is piped"))
+                .map_err(|error| SandboxError::io("read the output of a command in", &machine.dir, error))
+        };
+        let stdout_pump = tokio::spawn(pump(reader(child.stdout.take())?, stdout_capture.clone()));
+        let stderr_pump = tokio::spawn(pump(reader(child.stderr.take())?, stderr_capture.clone()));
 
         let timeout = Duration::from_millis(invocation.timeout_ms);
         let timed_out = match tokio::time::timeout(timeout, child.wait()).await {

@@ -91,7 +91,7 @@ fn descriptor_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
 
 /// What has to be undone, in order; shared by `destroy`, `Drop` and failed creates.
 pub(super) struct Resources {
-    pub(super) init: Option<std::process::Child>,
+    pub(super) init: Option<crate::vfork::Child>,
     pub(super) cgroup: Option<MachineCgroup>,
     /// Mount points, innermost last (unmounted in reverse).
     pub(super) mounts: Vec<PathBuf>,
@@ -138,8 +138,8 @@ impl Resources {
             cgroup.kill_processes();
         }
         if let Some(init) = self.init.as_mut() {
-            let _ = init.kill();
-            let _ = init.wait();
+            let _ = init.start_kill();
+            let _ = init.wait_blocking();
         }
         self.init = None;
         if self.stopped.is_none() {
