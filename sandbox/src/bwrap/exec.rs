@@ -130,8 +130,10 @@ fn check_limits(
 }
 
 /// Starts `invocation` inside `machine`, in `leaf` (see `enter` for how it enters), from a
-/// child that shares the node's memory instead of a copy of it (see `vfork`).
-fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -> Result<vfork::Child> {
+/// child that shares the node's memory instead of a copy of it (see `vfork`). The calling thread
+/// waits while the child takes its steps, and joining a cgroup can wait for an RCU grace period
+/// (tens of milliseconds at worst): the start runs on the blocking pool, not on a runtime worker.
+async fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -> Result<vfork::Child> {
     let (argv, in_init_directory) = machine.command_argv(&invocation.cwd, &invocation.argv);
     // The invocation's variables over the machine's, as `Command::env` would set them.
     let mut env: Vec<(String, String)> = Vec::new();
@@ -151,26 +153,29 @@ fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -
     let init = machine
         .open_init_pidfd()
         .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
-    // Opening the init's root and directory reads procfs entries of a live process: no
-    // disk, like the spawn itself.
-    let entry = Entry::open(&init, init_pid, uid, gid, in_init_directory)
-        .map_err(|error| SandboxError::io("enter", &machine.dir, error))?;
-    let mut steps = || {
-        // A session of its own: no controlling terminal of the node's to reach.
-        // SAFETY: setsid is a plain system call.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::setsid();
-        }
-        // While still host root in the node's mount namespace: the leaf's files are out of
-        // reach from inside the machine.
-        Leaf::join_current_process(&procs_files)?;
-        entry.enter()?;
-        // Last, once the process holds nothing: no step above runs filtered.
-        filter.install_in_this_process()
-    };
-    spawn_in_pid_namespace(&init, || spawn.start(&mut steps))
-        .map_err(|error| SandboxError::io("start a command in", &machine.dir, error))
+    let dir = machine.dir.clone();
+    blocking("start a command in a machine", move || {
+        // Opening the init's root and directory reads procfs entries of a live process.
+        let entry = Entry::open(&init, init_pid, uid, gid, in_init_directory)
+            .map_err(|error| SandboxError::io("enter", &dir, error))?;
+        let mut steps = || {
+            // A session of its own: no controlling terminal of the node's to reach.
+            // SAFETY: setsid is a plain system call.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::setsid();
+            }
+            // While still host root in the node's mount namespace: the leaf's files are out of
+            // reach from inside the machine.
+            Leaf::join_current_process(&procs_files)?;
+            entry.enter()?;
+            // Last, once the process holds nothing: no step above runs filtered.
+            filter.install_in_this_process()
+        };
+        spawn_in_pid_namespace(&init, || spawn.start(&mut steps))
+            .map_err(|error| SandboxError::io("start a command in", &dir, error))
+    })
+    .await
 }
 
 /// How a process is started inside a machine.
@@ -215,7 +220,7 @@ impl BwrapDriver {
             Ok((Arc::new(leaf), counters))
         })
         .await?;
-        let mut child = spawn_entered(machine, &invocation, &leaf)?;
+        let mut child = spawn_entered(machine, &invocation, &leaf).await?;
         let limit = invocation.max_output_bytes.min(MAX_OUTPUT_BYTES_CEILING) as usize;
         let stdout_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
         let stderr_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
