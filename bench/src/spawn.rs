@@ -88,8 +88,8 @@ pub fn run_spawn(args: BenchSpawnArgs) -> Result<()> {
             let spawn_cpu = spawn.cpu_ms / args.spawns as f64;
             println!(
                 "| {resident_mib} | {written_mib} | {:.3} | {fork_cpu:.3} | {:.3} | {spawn_cpu:.3} | {:.1} |",
-                median(&mut fork.wall_ms),
-                median(&mut spawn.wall_ms),
+                p50(&fork.wall_ms),
+                p50(&spawn.wall_ms),
                 fork_cpu / spawn_cpu.max(f64::EPSILON)
             );
         }
@@ -169,9 +169,9 @@ fn own_rusage() -> Result<libc::rusage> {
     Ok(usage)
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+/// The median wall time, ranked as the machine starts' are.
+fn p50(samples_ms: &[f64]) -> f64 {
+    crate::machines::Percentiles::of(samples_ms).map_or(f64::NAN, |percentiles| percentiles.p50_ms)
 }
 
 #[cfg(test)]

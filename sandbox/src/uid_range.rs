@@ -264,43 +264,30 @@ impl UidRange {
 /// a cost that grows with it, twice per machine start. It runs no libc code (its thread-local
 /// state would be the calling thread's) and starts with every signal blocked: it only sleeps
 /// until killed.
-// Unsafe: clone(2), pthread_sigmask(3), kill(2) and waitpid(2): std has no way to make a user
-// namespace.
+// Unsafe: clone(2) (through `vfork::clone_with_signals_blocked`), kill(2) and waitpid(2): std
+// has no way to make a user namespace.
 #[allow(unsafe_code)]
 fn new_user_namespace(uid_map: &str, gid_map: &str) -> Result<OwnedFd> {
     let mut stack = vec![0u8; HELPER_STACK_BYTES];
-    // The stack grows down from its end, aligned as the ABI wants.
-    let top = (stack.as_mut_ptr() as usize + stack.len()) & !0xf;
-    // SAFETY: sigset_t values are plain data, filled by sigfillset before use; the mask is the
-    // calling thread's own and is restored right after the clone, which the child inherits it
-    // from. The child runs only `sleep_until_killed` on `stack`, which outlives it (it is
+    // SAFETY: the child runs only `sleep_until_killed` on `stack`, which outlives it (it is
     // reaped below before the stack is dropped), and touches no other memory.
-    let (child, clone_error) = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut previous: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
-        let child = libc::clone(
+    let cloned = unsafe {
+        crate::vfork::clone_with_signals_blocked(
             sleep_until_killed,
-            top as *mut libc::c_void,
+            &mut stack,
             libc::CLONE_VM | libc::CLONE_NEWUSER | libc::SIGCHLD,
             std::ptr::null_mut(),
-        );
-        let clone_error = io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
-        (child, clone_error)
+        )
     };
-    if child < 0 {
-        return Err(match clone_error.raw_os_error() {
-            Some(libc::EPERM | libc::ENOSPC | libc::EUSERS | libc::EINVAL) => SandboxError::Unsupported {
-                what: format!(
-                    "creating a user namespace (clone(CLONE_NEWUSER) failed: {clone_error}; are user \
-                     namespaces disabled by user.max_user_namespaces or a security module?)"
-                ),
-            },
-            _ => SandboxError::io("clone for", "a machine user namespace", clone_error),
-        });
-    }
+    let child = cloned.map_err(|clone_error| match clone_error.raw_os_error() {
+        Some(libc::EPERM | libc::ENOSPC | libc::EUSERS | libc::EINVAL) => SandboxError::Unsupported {
+            what: format!(
+                "creating a user namespace (clone(CLONE_NEWUSER) failed: {clone_error}; are user \
+                 namespaces disabled by user.max_user_namespaces or a security module?)"
+            ),
+        },
+        _ => SandboxError::io("clone for", "a machine user namespace", clone_error),
+    })?;
     let result = map_child_namespace(child, uid_map, gid_map);
     let mut status = 0;
     // SAFETY: `child` is this process's child, not yet reaped; status is a valid pointer.

@@ -16,7 +16,8 @@
 //! the child puts every caught signal back to its default before it unblocks them for its exec.
 
 // Unsafe: clone, execve, waitpid, pidfd system calls and the child's raw steps have no safe
-// wrapper; each block says what it relies on.
+// wrapper; each block says what it relies on. The pidfd calls and the signal-blocked clone here
+// are the sandbox's only ones.
 #![allow(unsafe_code)]
 
 use std::convert::Infallible;
@@ -200,23 +201,10 @@ impl Child {
         if self.status.is_some() {
             return Ok(());
         }
-        // SAFETY: a signal through a pidfd this value owns.
-        let result = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        match result {
-            0 => Ok(()),
-            _ => match io::Error::last_os_error() {
-                // Exited already, not yet reaped.
-                error if error.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-                error => Err(error),
-            },
+        match pidfd_send_signal(&self.pidfd, libc::SIGKILL) {
+            // Exited already, not yet reaped.
+            Err(error) if error.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            other => other,
         }
     }
 
@@ -314,14 +302,15 @@ pub(crate) fn async_reader(fd: OwnedFd) -> io::Result<tokio::net::unix::pipe::Re
 pub(crate) fn set_ids(uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: plain system calls with integer arguments and a null list.
     unsafe {
-        raw(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()))?;
-        raw(libc::syscall(libc::SYS_setresgid, gid, gid, gid))?;
-        raw(libc::syscall(libc::SYS_setresuid, uid, uid, uid))?;
+        check_long(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()))?;
+        check_long(libc::syscall(libc::SYS_setresgid, gid, gid, gid))?;
+        check_long(libc::syscall(libc::SYS_setresuid, uid, uid, uid))?;
     }
     Ok(())
 }
 
-fn raw(result: libc::c_long) -> io::Result<()> {
+/// A system call's `long` result: 0, or the error in errno.
+pub(crate) fn check_long(result: libc::c_long) -> io::Result<()> {
     if result != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -341,28 +330,48 @@ struct ChildContext<'a> {
 
 fn clone_vfork(context: &mut ChildContext<'_>) -> io::Result<i32> {
     let mut stack = vec![0u8; CHILD_STACK_BYTES];
+    // SAFETY: with CLONE_VFORK this thread waits until the child has exec'd or exited, so
+    // `stack` and `context` (which the child alone uses meanwhile) outlive its use of them.
+    let pid = unsafe {
+        clone_with_signals_blocked(
+            child_main,
+            &mut stack,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            context as *mut ChildContext<'_> as *mut libc::c_void,
+        )
+    };
+    drop(stack);
+    pid
+}
+
+/// `clone(2)` of `child` on `stack` with `flags`, with every signal blocked in the calling
+/// thread around it: the child starts with them all blocked, so none of the node's handlers runs
+/// on the node's memory in it. The calling thread's mask is restored right after.
+///
+/// # Safety
+///
+/// `stack` and whatever `argument` points to must outlive the child's use of them, and `child`
+/// must keep to what a child sharing the caller's memory may do.
+pub(crate) unsafe fn clone_with_signals_blocked(
+    child: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    stack: &mut [u8],
+    flags: libc::c_int,
+    argument: *mut libc::c_void,
+) -> io::Result<i32> {
     // The stack grows down from its end, aligned as the ABI wants.
     let top = (stack.as_mut_ptr() as usize + stack.len()) & !0xf;
-    // SAFETY: sigset_t values are plain data, filled by sigfillset before use. The calling
-    // thread's mask is restored right after the clone; the child inherits the full one. With
-    // CLONE_VFORK this thread waits until the child has exec'd or exited, so `stack` and
-    // `context` (which the child alone uses meanwhile) outlive its use of them.
+    // SAFETY: sigset_t values are plain data, filled by sigfillset before use; the caller
+    // answers for the stack and the argument.
     let (pid, error) = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut previous: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
-        let pid = libc::clone(
-            child_main,
-            top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            context as *mut ChildContext<'_> as *mut libc::c_void,
-        );
+        let pid = libc::clone(child, top as *mut libc::c_void, flags, argument);
         let error = io::Error::last_os_error();
         libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
         (pid, error)
     };
-    drop(stack);
     if pid < 0 {
         return Err(error);
     }
@@ -469,7 +478,8 @@ fn open_dev_null() -> io::Result<OwnedFd> {
     Ok(file.into())
 }
 
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+/// A pidfd on `pid`: it names that process, and no later one that reuses the number.
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor (close-on-exec).
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
@@ -477,6 +487,20 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     }
     // SAFETY: the descriptor was just returned by the kernel and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Sends `signal` (0: none, only the checks) to the process behind `pidfd`.
+pub(crate) fn pidfd_send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: a signal through a pidfd the caller holds, with no siginfo.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    })
 }
 
 /// The errno a failed child wrote, or `None` once the pipe is closed with nothing in it.

@@ -30,7 +30,7 @@
 //! above: the filter needs no exception for this path.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::OnceLock;
 
 /// The namespaces a command joins: all of the init's but its time namespace (nsenter was not
@@ -62,38 +62,10 @@ struct CapabilityData {
     inheritable: u32,
 }
 
-/// A pidfd on `pid`: it names that process, and no later one that reuses the number.
-// Unsafe: pidfd_open has no wrapper in std or the libc crate.
-#[allow(unsafe_code)]
-pub(super) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor (close-on-exec).
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the descriptor was just returned by the kernel and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Whether the process behind `pidfd` still runs (has not been reaped or become a zombie is
 /// not told apart: a zombie's `/proc` entries cannot be opened either).
-// Unsafe: pidfd_send_signal has no wrapper in std or the libc crate.
-#[allow(unsafe_code)]
 pub(super) fn check_alive(pidfd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: signal 0 sends nothing; the call only checks the process and the permission.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            0,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if result != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::vfork::pidfd_send_signal(pidfd, 0)
 }
 
 fn open_directory(path: &str) -> io::Result<OwnedFd> {
@@ -187,7 +159,7 @@ fn drop_all_capabilities() -> io::Result<()> {
     // SAFETY: the header and the two-element array are the layout capget and capset take for
     // version 3, and live for the calls.
     unsafe {
-        check_long(libc::syscall(
+        crate::vfork::check_long(libc::syscall(
             libc::SYS_capget,
             &mut header as *mut CapabilityHeader,
             data.as_mut_ptr(),
@@ -195,7 +167,7 @@ fn drop_all_capabilities() -> io::Result<()> {
         for half in &mut data {
             half.inheritable = 0;
         }
-        check_long(libc::syscall(
+        crate::vfork::check_long(libc::syscall(
             libc::SYS_capset,
             &mut header as *mut CapabilityHeader,
             data.as_ptr(),
@@ -211,13 +183,6 @@ fn drop_all_capabilities() -> io::Result<()> {
 }
 
 fn check(result: libc::c_int) -> io::Result<()> {
-    if result != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn check_long(result: libc::c_long) -> io::Result<()> {
     if result != 0 {
         return Err(io::Error::last_os_error());
     }

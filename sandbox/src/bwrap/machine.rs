@@ -283,7 +283,7 @@ impl BwrapMachine {
             (None, Some(init)) => init.id() as i32,
             _ => return Err(gone()),
         };
-        let pidfd = super::enter::pidfd_open(self.init_pid)?;
+        let pidfd = crate::vfork::pidfd_open(self.init_pid)?;
         let parent = parent_pid(self.init_pid).ok_or_else(gone)?;
         super::enter::check_alive(&pidfd)?;
         drop(resources);
