@@ -51,14 +51,25 @@ pub struct Terminal {
     pub name: String,
     pub command: String,
     pub description: Option<String>,
+    /// Whether `command` runs in a login shell (`sh -lc`, which reads the image's profile), as
+    /// every terminal of an environment.json does. A command that starts a login shell itself
+    /// (the built-in interactive shell) runs under `sh -c`, so the profile is read once.
+    #[serde(default = "runs_in_login_shell")]
+    pub login: bool,
+}
+
+fn runs_in_login_shell() -> bool {
+    true
 }
 
 impl Terminal {
+    /// A terminal whose command runs in a login shell.
     pub fn new(name: impl Into<String>, command: impl Into<String>) -> Self {
         Terminal {
             name: name.into(),
             command: command.into(),
             description: None,
+            login: true,
         }
     }
 }
@@ -414,6 +425,7 @@ impl<'de> Visitor<'de> for TerminalVisitor {
                 name,
                 command,
                 description,
+                login: true,
             },
             extra,
         })

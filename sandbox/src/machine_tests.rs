@@ -546,7 +546,8 @@ async fn terminals_run_in_tmux_and_are_readable_and_attachable() {
     let machine = harness.machine("terminals").await;
     let terminals = vec![
         Terminal::new("Run Next.js", "echo hello-from-terminal; sleep 1000"),
-        Terminal::new("counter", "seq 1 5; echo counted"),
+        // Ends in `\;`, which tmux would turn into a bare `;` (and `find` would then fail).
+        Terminal::new("counter", "seq 1 5; find /workspace -maxdepth 0 -exec echo counted \\;"),
     ];
     harness.driver.start_terminals(&machine, &terminals).await.unwrap();
     let driver = harness.driver.clone();

@@ -470,6 +470,8 @@ fn with_shell_terminal(mut config: EnvironmentConfig) -> EnvironmentConfig {
     if !config.terminals.iter().any(|terminal| terminal.name == SHELL_TERMINAL) {
         let mut shell = Terminal::new(SHELL_TERMINAL, "exec bash -l 2>/dev/null || exec sh -l");
         shell.description = Some("an interactive shell in /workspace".to_string());
+        // The command starts a login shell: the one around it need not read the profile too.
+        shell.login = false;
         config.terminals.insert(0, shell);
     }
     config

@@ -278,11 +278,57 @@ async fn fail(context: &RunContext, reason: &str, error: String) -> RunOutcome {
     }
 }
 
-/// The repository's own guidance for agents, read inside the machine (so a symlink cannot
-/// reach outside the workspace).
+/// The repository's own guidance for agents (`AGENTS.md` at the workspace's top), at most
+/// [`MAX_GUIDANCE_BYTES`] and one byte more (the prompt marks the cut).
 async fn agent_guidance(context: &RunContext) -> Option<String> {
+    let workspace = context.machine.workspace_path().to_path_buf();
+    let read = tokio::task::spawn_blocking(move || read_guidance_beneath(&workspace)).await;
+    match read {
+        Ok(Guidance::Text(text)) => Some(text),
+        Ok(Guidance::None) => None,
+        // A symlink resolves in the machine's own root, never the node's.
+        Ok(Guidance::AskMachine) | Err(_) => guidance_read_in_machine(context).await,
+    }
+}
+
+const GUIDANCE_FILE: &str = "AGENTS.md";
+
+/// What the node found of the guidance in the workspace's directory.
+#[derive(Debug, PartialEq, Eq)]
+enum Guidance {
+    Text(String),
+    /// No such file, or nothing in it but blanks.
+    None,
+    /// A symlink, or something the node may not read: the machine reads it.
+    AskMachine,
+}
+
+/// Reads the guidance from the node's side of the workspace, without a process in the machine:
+/// beneath the directory, following no symlink, a regular file only, bounded
+/// ([`flotilla_sandbox::copy_workspace_file`]). Blocking.
+fn read_guidance_beneath(workspace: &std::path::Path) -> Guidance {
+    let mut bytes = Vec::new();
+    let limit = MAX_GUIDANCE_BYTES as u64;
+    match flotilla_sandbox::copy_workspace_file(workspace, GUIDANCE_FILE, limit, &mut bytes) {
+        Ok(None) => Guidance::None,
+        // Longer than the limit: its first bytes, and the prompt says it was cut.
+        Ok(Some(_)) | Err(flotilla_sandbox::WorkspaceFileError::TooLarge { .. }) => {
+            bytes.truncate(MAX_GUIDANCE_BYTES + 1);
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            if text.trim().is_empty() {
+                Guidance::None
+            } else {
+                Guidance::Text(text)
+            }
+        }
+        Err(_) => Guidance::AskMachine,
+    }
+}
+
+/// The guidance as the machine sees it: a symlink in the workspace resolves inside the machine.
+async fn guidance_read_in_machine(context: &RunContext) -> Option<String> {
     let request = ExecRequest::new(format!(
-        "test -f AGENTS.md && head -c {} AGENTS.md",
+        "test -f {GUIDANCE_FILE} && head -c {} {GUIDANCE_FILE}",
         MAX_GUIDANCE_BYTES + 1
     ))
     .with_timeout_ms(10_000);
@@ -355,4 +401,44 @@ async fn run_any_tool(context: &RunContext, name: &str, arguments_json: &str) ->
     // What goes back to the model, and into every event, holds no secret value.
     context.redactor.redact_in_place(&mut output.content);
     output
+}
+
+#[cfg(test)]
+mod guidance_tests {
+    use super::{read_guidance_beneath, Guidance, GUIDANCE_FILE, MAX_GUIDANCE_BYTES};
+
+    #[test]
+    fn guidance_is_read_beneath_the_workspace_and_symlinks_go_to_the_machine() {
+        let workspace = tempfile::tempdir().expect("workspace");
+        let file = workspace.path().join(GUIDANCE_FILE);
+        assert_eq!(read_guidance_beneath(workspace.path()), Guidance::None);
+
+        std::fs::write(&file, "Run `make check` first.\n").expect("write");
+        assert_eq!(
+            read_guidance_beneath(workspace.path()),
+            Guidance::Text("Run `make check` first.\n".to_string())
+        );
+
+        std::fs::write(&file, " \n\n").expect("write");
+        assert_eq!(read_guidance_beneath(workspace.path()), Guidance::None);
+
+        // Longer than the limit: one byte more than the limit, so that the prompt marks the cut.
+        std::fs::write(&file, "x".repeat(MAX_GUIDANCE_BYTES * 3)).expect("write");
+        assert_eq!(
+            read_guidance_beneath(workspace.path()),
+            Guidance::Text("x".repeat(MAX_GUIDANCE_BYTES + 1))
+        );
+
+        // A link (here to a node file) is never followed by the node.
+        let outside = tempfile::tempdir().expect("outside");
+        std::fs::write(outside.path().join("secret"), "node secret").expect("write");
+        std::fs::remove_file(&file).expect("remove");
+        std::os::unix::fs::symlink(outside.path().join("secret"), &file).expect("symlink");
+        assert_eq!(read_guidance_beneath(workspace.path()), Guidance::AskMachine);
+
+        // Nor is anything but a regular file opened for reading (a FIFO would block).
+        std::fs::remove_file(&file).expect("remove");
+        std::fs::create_dir(&file).expect("directory");
+        assert_eq!(read_guidance_beneath(workspace.path()), Guidance::AskMachine);
+    }
 }

@@ -132,7 +132,15 @@ pub(super) fn terminal_session_argv(terminals: &[Terminal]) -> Vec<String> {
             "-c".to_string(),
             WORKSPACE_DIR.to_string(),
         ]);
-        command.push(format!("exec /bin/sh -lc {}", shell_quote(&terminal.command)));
+        // Given as several arguments, the window's command is executed directly, without the
+        // `sh -c` tmux would otherwise start around one string. tmux ends a command at any
+        // argument ending in `;` (and turns a final `\;` into `;`), so the shell's script
+        // ends in a newline, which the shell ignores and no terminal's command can remove.
+        command.extend([
+            "/bin/sh".to_string(),
+            if terminal.login { "-lc" } else { "-c" }.to_string(),
+            format!("{}\n", terminal.command),
+        ]);
         commands.push(command);
     }
     let mut argv = vec!["tmux".to_string(), "-f".to_string(), "/dev/null".to_string()];
@@ -162,9 +170,4 @@ pub(super) fn terminal_tail(captured: &str, max_lines: usize) -> String {
     }
     let start = lines.len().saturating_sub(max_lines);
     lines[start..].join("\n")
-}
-
-/// Quotes a string for a POSIX shell.
-pub(super) fn shell_quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "'\\''"))
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::environment::Terminal;
 
 use super::create::{create_dirs_inside, lookup_user, read_inside, sanitize_name, MAX_NAME_CHARS};
-use super::terminals::{shell_quote, terminal_session_argv, terminal_tail};
+use super::terminals::{terminal_session_argv, terminal_tail};
 
 #[test]
 fn names_are_sanitized() {
@@ -34,9 +34,12 @@ fn terminal_tail_skips_blank_rows_before_a_dead_pane() {
 
 #[test]
 fn terminal_session_argv_addresses_windows_by_index() {
+    let mut shell = Terminal::new("shell", "exec bash -l");
+    shell.login = false;
     let terminals = [
         Terminal::new("Run Next.js", "npm run dev"),
-        Terminal::new("watch", "it's"),
+        shell,
+        Terminal::new("watch", "it's; echo done;"),
     ];
     let argv = terminal_session_argv(&terminals);
     let text = argv.join(" ");
@@ -48,9 +51,19 @@ fn terminal_session_argv_addresses_windows_by_index() {
         text.contains("new-session -d -s flotilla -x 200 -y 50 -n Run Next.js -c /workspace"),
         "{text}"
     );
-    assert!(text.contains("new-window -d -t flotilla:1 -n watch"), "{text}");
-    assert_eq!(argv.last().unwrap(), "exec /bin/sh -lc 'it'\\''s'");
-    assert_ne!(argv.last().unwrap(), ";");
+    assert!(text.contains("new-window -d -t flotilla:2 -n watch"), "{text}");
+    // Each window's command is executed by tmux directly: a login shell for the environment's
+    // terminals, a plain one around a command that starts its own login shell.
+    assert!(
+        text.contains("-n shell -c /workspace /bin/sh -c exec bash -l\n ;"),
+        "{text}"
+    );
+    assert_eq!(argv[argv.len() - 3..], ["/bin/sh", "-lc", "it's; echo done;\n"]);
+    // Only the separators end in `;`: tmux would end a command at any other such argument.
+    let separators = argv.iter().filter(|argument| argument.as_str() == ";").count();
+    let ending_in_semicolon = argv.iter().filter(|argument| argument.ends_with(';')).count();
+    assert_eq!(separators, 6, "{argv:?}");
+    assert_eq!(ending_in_semicolon, separators, "{argv:?}");
 }
 
 #[test]
@@ -70,9 +83,4 @@ fn paths_inside_a_layer_do_not_follow_symlinks_out() {
     assert!(!root.path().parent().unwrap().join("escaped").exists());
     create_dirs_inside(root.path(), Path::new("srv/agent"), None).unwrap();
     assert!(root.path().join("srv/agent").is_dir());
-}
-
-#[test]
-fn shell_quote_survives_quotes() {
-    assert_eq!(shell_quote("it's"), "'it'\\''s'");
 }
