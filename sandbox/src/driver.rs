@@ -371,26 +371,16 @@ pub trait MachineDriver: Send + Sync + 'static {
     /// The last `max_lines` lines a terminal printed (its scrollback and screen).
     async fn read_terminal(&self, machine: &MachineHandle, name: &str, max_lines: usize) -> Result<String>;
 
-    /// A command that, run on the node with a terminal as stdio, attaches to the machine's tmux
-    /// session (at `terminal`'s window, or the first).
-    fn attach_command(
-        &self,
-        machine: &MachineHandle,
-        terminal: Option<&str>,
-        read_only: bool,
-    ) -> Result<std::process::Command>;
-
-    /// Attaches through a new pseudo-terminal whose bytes a gRPC stream can pump, with resize.
+    /// Attaches to the machine's tmux session (at `terminal`'s window, or the first; a viewer
+    /// `read_only`) through a new pseudo-terminal whose bytes a gRPC stream can pump, with
+    /// resize.
     async fn open_pty(
         &self,
         machine: &MachineHandle,
         terminal: Option<&str>,
         read_only: bool,
         size: PtySize,
-    ) -> Result<PtySession> {
-        let command = self.attach_command(machine, terminal, read_only)?;
-        PtySession::spawn(command, size)
-    }
+    ) -> Result<PtySession>;
 }
 
 /// What booting a machine did.

@@ -37,6 +37,7 @@ use crate::environment::Terminal;
 use crate::error::{Result, SandboxError};
 use crate::limits::MachineLimits;
 use crate::output_capture::{pump, take_capture, OutputCapture, MAX_OUTPUT_BYTES_CEILING};
+use crate::pty::{PtySession, PtySize};
 
 const DRIVER_NAME: &str = "fake";
 /// The path the tools use for the workspace inside a machine.
@@ -527,13 +528,15 @@ impl MachineDriver for FakeDriver {
         self.machine(machine)?.read_terminal(name, max_lines)
     }
 
-    fn attach_command(
+    async fn open_pty(
         &self,
         machine: &MachineHandle,
         terminal: Option<&str>,
         read_only: bool,
-    ) -> Result<std::process::Command> {
-        self.machine(machine)?.attach_command(terminal, read_only)
+        size: PtySize,
+    ) -> Result<PtySession> {
+        let command = self.machine(machine)?.attach_command(terminal, read_only)?;
+        PtySession::spawn(command, size)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::environment::{self, EnvironmentConfig, Terminal};
 use crate::error::{Result, SandboxError};
 use crate::install_layer::{InstallLayerCache, InstallRequest};
 use crate::limits::{MachineLimits, MIB};
-use crate::pty::PtySize;
+use crate::pty::{PtySession, PtySize};
 
 /// Deadline for conditions that a healthy machine meets in milliseconds; generous because
 /// tests share two cores.
@@ -640,13 +640,14 @@ impl MachineDriver for CountingDriver {
         self.inner.read_terminal(machine, name, max_lines).await
     }
 
-    fn attach_command(
+    async fn open_pty(
         &self,
         machine: &MachineHandle,
         terminal: Option<&str>,
         read_only: bool,
-    ) -> Result<std::process::Command> {
-        self.inner.attach_command(machine, terminal, read_only)
+        size: PtySize,
+    ) -> Result<PtySession> {
+        self.inner.open_pty(machine, terminal, read_only, size).await
     }
 }
 

@@ -1,16 +1,19 @@
 //! A pseudo-terminal around a command (the tmux client attached to a machine's session), so a
 //! bidirectional gRPC stream can pump bytes and resizes through it.
-// Unsafe: openpty, ioctl, fcntl, the pre_exec that makes the pty the controlling terminal, and
-// raw read/write on the non-blocking master are libc calls with no safe wrapper in std.
+// Unsafe: openpty, ioctl, fcntl, and raw read/write on the non-blocking master are libc calls
+// with no safe wrapper in std.
 #![allow(unsafe_code)]
 
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{ExitStatus, Stdio};
+use std::os::unix::ffi::OsStrExt;
+use std::process::ExitStatus;
 
 use tokio::io::unix::AsyncFd;
 
 use crate::error::{Result, SandboxError};
+use crate::vfork;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PtySize {
@@ -39,7 +42,7 @@ impl PtySize {
 /// the process (the tmux client: the terminal itself goes on running in the machine).
 pub struct PtySession {
     master: AsyncFd<OwnedFd>,
-    child: tokio::process::Child,
+    child: vfork::Child,
 }
 
 impl Drop for PtySession {
@@ -50,37 +53,30 @@ impl Drop for PtySession {
 }
 
 impl PtySession {
+    /// Runs `command` (its program, arguments, directory and the environment set on it: clear
+    /// it first, `env_clear`) on a new pseudo-terminal of `size`, in a session of its own.
     pub fn spawn(command: std::process::Command, size: PtySize) -> Result<Self> {
-        let (master, slave) =
-            open_pty(size).map_err(|error| SandboxError::io("open a pseudo-terminal", "/dev/ptmx", error))?;
-        let mut command = tokio::process::Command::from(command);
-        let clone_slave = |slave: &OwnedFd| -> Result<Stdio> {
-            let copy = slave
-                .try_clone()
-                .map_err(|error| SandboxError::io("duplicate", "the pty slave", error))?;
-            Ok(Stdio::from(copy))
+        let failed = |error: io::Error| SandboxError::io("start", "the terminal attach command", error);
+        let spawn = vfork::Spawn::from_command(&command).map_err(failed)?;
+        let directory = command
+            .get_current_dir()
+            .map(|directory| CString::new(directory.as_os_str().as_bytes()))
+            .transpose()
+            .map_err(|_| failed(io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a directory")))?;
+        let (master, slave) = open_pair(size)?;
+        let mut steps = || match &directory {
+            // SAFETY: chdir reads a NUL-terminated path that outlives the call.
+            Some(directory) if unsafe { libc::chdir(directory.as_ptr()) } < 0 => Err(io::Error::last_os_error()),
+            _ => Ok(()),
         };
-        command
-            .stdin(clone_slave(&slave)?)
-            .stdout(clone_slave(&slave)?)
-            .stderr(clone_slave(&slave)?);
-        command.kill_on_drop(true);
-        // SAFETY: setsid and ioctl are async-signal-safe; the closure touches no shared state.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command
-            .spawn()
-            .map_err(|error| SandboxError::io("start", "the terminal attach command", error))?;
+        let child = spawn.terminal(&slave).start(&mut steps).map_err(failed)?;
         drop(slave);
+        PtySession::new(master, child)
+    }
+
+    /// The session of `child`, started on the slave side of `master` (see [`open_pair`] and
+    /// `vfork::Spawn::terminal`).
+    pub(crate) fn new(master: OwnedFd, child: vfork::Child) -> Result<Self> {
         // SAFETY: the OwnedFd is an open descriptor that stays open and unchanged while the
         // AsyncFd owns it.
         let master = unsafe { AsyncFd::register(master) }
@@ -148,8 +144,15 @@ impl PtySession {
     }
 
     pub async fn kill(&mut self) -> io::Result<()> {
-        self.child.kill().await
+        self.child.start_kill()?;
+        self.child.wait().await.map(drop)
     }
+}
+
+/// A new pseudo-terminal of `size`: its master (non-blocking) and slave sides, both closed on
+/// exec.
+pub(crate) fn open_pair(size: PtySize) -> Result<(OwnedFd, OwnedFd)> {
+    open_pty(size).map_err(|error| SandboxError::io("open a pseudo-terminal", "/dev/ptmx", error))
 }
 
 fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
@@ -206,23 +209,49 @@ mod tests {
     #[tokio::test]
     async fn a_command_sees_a_terminal_and_its_size() {
         let mut command = std::process::Command::new("/bin/sh");
-        command.args(["-c", "stty size; test -t 0 && echo is-a-tty"]);
+        command
+            .args([
+                "-c",
+                "stty size; test -t 0 && echo is-a-tty; echo pid:$$; cat /proc/$$/stat",
+            ])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin");
         let mut session = PtySession::spawn(command, PtySize { cols: 91, rows: 27 }).unwrap();
         let text = read_to_end(&session).await;
         assert!(text.contains("27 91"), "{text}");
         assert!(text.contains("is-a-tty"), "{text}");
+        // The shell leads a session of its own, with the terminal as its controlling one, and
+        // is that terminal's foreground process group.
+        let pid = text
+            .split("pid:")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("pid");
+        let stat = text
+            .lines()
+            .find(|line| line.starts_with(&format!("{pid} (")))
+            .expect("stat");
+        let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat fields").1.split(' ').collect();
+        let (process_group, session_id, tty, foreground) = (fields[2], fields[3], fields[4], fields[5]);
+        assert_eq!(session_id, pid, "{stat}");
+        assert_ne!(tty, "0", "{stat}");
+        assert_eq!(foreground, process_group, "{stat}");
         assert!(session.wait().await.unwrap().success());
     }
 
     #[tokio::test]
     async fn keystrokes_and_resize_reach_the_command() {
         let mut command = std::process::Command::new("/bin/sh");
-        command.args(["-c", "read line; stty size; echo got:$line"]);
+        command
+            .args(["-c", "read line; stty size; echo got:$line:$(pwd)"])
+            .current_dir("/tmp")
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin");
         let mut session = PtySession::spawn(command, PtySize::default()).unwrap();
         session.resize(PtySize { cols: 100, rows: 40 }).unwrap();
         session.write_all(b"hello\n").await.unwrap();
         let text = read_to_end(&session).await;
-        assert!(text.contains("got:hello"), "{text}");
+        assert!(text.contains("got:hello:/tmp"), "{text}");
         assert!(text.contains("40 100"), "{text}");
         session.wait().await.unwrap();
     }

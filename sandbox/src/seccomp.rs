@@ -9,17 +9,16 @@
 //!
 //! The machine's init gets the programs from bubblewrap (`--add-seccomp-fd`, read from a memfd
 //! per program, see [`MachineFilter::bubblewrap_files`]); every process that enters a running
-//! machine installs them between fork and exec ([`MachineFilter::install_in_this_process`]): a
-//! command last, once it has entered the machine and dropped its privileges; a terminal attach
-//! before `nsenter` runs, so `nsenter`, `setpriv` and tmux all run filtered.
+//! machine installs them between its birth and its exec
+//! ([`MachineFilter::install_in_this_process`]), last, once it has entered the machine and
+//! dropped its privileges: commands and terminal attaches alike.
 //!
 //! What is allowed on purpose:
-//! - `setns`: `nsenter` needs it after the filter is in place (terminal attaches), and inside a machine it is
-//!   useless: joining a namespace takes `CAP_SYS_ADMIN` over it, and machine processes hold no
-//!   capability in any namespace (bubblewrap and `setpriv` drop them, `no_new_privs` keeps them
-//!   away, and the filter refuses the nested user namespace that would grant a fresh set).
-//! - `chroot`, `setuid`, `setgroups` and the like: `nsenter` uses them; without capabilities
-//!   they fail by themselves.
+//! - `setns`: inside a machine it is useless: joining a namespace takes `CAP_SYS_ADMIN` over it,
+//!   and machine processes hold no capability in any namespace (bubblewrap and the entry drop
+//!   them, `no_new_privs` keeps them away, and the filter refuses the nested user namespace that
+//!   would grant a fresh set). The test of the entry against `nsenter` runs `nsenter` filtered.
+//! - `chroot`, `setuid`, `setgroups` and the like: without capabilities they fail by themselves.
 //! - `ptrace`, `process_vm_readv`/`writev`, `kcmp`: a machine's PID namespace shows only its own
 //!   processes, the kernel's ptrace checks (same user, no capabilities the tracer lacks, Yama)
 //!   still apply, and debuggers and `strace` are part of an agent's work. Since Linux 4.8 a
@@ -366,7 +365,10 @@ mod tests {
         ] {
             assert!(names.contains(&expected), "{expected} is not on the deny list");
         }
-        assert!(!names.contains(&"setns"), "nsenter needs setns under the filter");
+        assert!(
+            !names.contains(&"setns"),
+            "the entry test runs nsenter under the filter"
+        );
         assert!(!names.contains(&"ptrace"), "ptrace inside a machine stays allowed");
     }
 

@@ -52,6 +52,9 @@ pub(crate) struct Spawn {
     env: Vec<CString>,
     stdout: Output,
     stderr: Output,
+    /// A terminal's slave side as standard input, output and error, and as the controlling
+    /// terminal of a session of the child's own (see [`Spawn::terminal`]).
+    terminal: Option<RawFd>,
 }
 
 impl Spawn {
@@ -84,6 +87,7 @@ impl Spawn {
                 .collect::<io::Result<_>>()?,
             stdout: Output::Null,
             stderr: Output::Null,
+            terminal: None,
         })
     }
 
@@ -120,6 +124,14 @@ impl Spawn {
         self
     }
 
+    /// Gives the child `slave` (a pseudo-terminal's slave side) as its standard input, output
+    /// and error, and makes it the controlling terminal of a new session the child leads,
+    /// before its steps. `slave` must stay open until [`Spawn::start`] has returned.
+    pub(crate) fn terminal(mut self, slave: &OwnedFd) -> Spawn {
+        self.terminal = Some(slave.as_raw_fd());
+        self
+    }
+
     /// Starts the program, with standard input from `/dev/null`, after `steps` have run in the
     /// child (see the module's rules for what they may do). An error of a step or of the exec
     /// is returned here, and the child is gone by then.
@@ -131,13 +143,18 @@ impl Spawn {
         let argv = pointers(&self.argv);
         let envp = pointers(&self.env);
         let candidates = pointers(&self.candidates);
+        let (stdin, stdout, stderr) = match self.terminal {
+            Some(slave) => (slave, slave, slave),
+            None => (null.as_raw_fd(), stdout_write.as_raw_fd(), stderr_write.as_raw_fd()),
+        };
         let mut context = ChildContext {
             candidates: &candidates[..self.candidates.len()],
             argv: argv.as_ptr(),
             envp: envp.as_ptr(),
-            stdin: null.as_raw_fd(),
-            stdout: stdout_write.as_raw_fd(),
-            stderr: stderr_write.as_raw_fd(),
+            stdin,
+            stdout,
+            stderr,
+            controlling_terminal: self.terminal.is_some(),
             error: error_write.as_raw_fd(),
             steps,
         };
@@ -161,11 +178,12 @@ impl Spawn {
                 return Err(error);
             }
         };
+        let piped = |read: Option<OwnedFd>| if self.terminal.is_some() { None } else { read };
         Ok(Child {
             pid,
             pidfd,
-            stdout: stdout_read,
-            stderr: stderr_read,
+            stdout: piped(stdout_read),
+            stderr: piped(stderr_read),
             status: None,
         })
     }
@@ -324,6 +342,8 @@ struct ChildContext<'a> {
     stdin: RawFd,
     stdout: RawFd,
     stderr: RawFd,
+    /// Standard input is a terminal to take as the controlling terminal of a new session.
+    controlling_terminal: bool,
     error: RawFd,
     steps: &'a mut dyn FnMut() -> io::Result<()>,
 }
@@ -404,6 +424,16 @@ fn run_child(context: &mut ChildContext<'_>) -> io::Result<Infallible> {
             } else {
                 libc::dup2(from, to)
             }
+        };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    if context.controlling_terminal {
+        // SAFETY: setsid and ioctl are plain system calls; TIOCSCTTY takes no pointer.
+        let result = unsafe {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY as _, 0)
         };
         if result < 0 {
             return Err(io::Error::last_os_error());

@@ -28,8 +28,6 @@ pub struct BwrapConfig {
     /// nothing else: on start the driver kills and removes whatever is under it.
     pub cgroup_parent: String,
     pub bwrap_program: PathBuf,
-    pub nsenter_program: PathBuf,
-    pub setpriv_program: PathBuf,
     /// The host ids machines run as (a range of 65,536 each, claimed host-wide).
     pub uid_ranges: UidRangeConfig,
 }
@@ -42,8 +40,6 @@ impl BwrapConfig {
             disk: DiskBacking::Tmpfs,
             cgroup_parent: cgroup_parent_for(&root),
             bwrap_program: PathBuf::from("/usr/bin/bwrap"),
-            nsenter_program: PathBuf::from("/usr/bin/nsenter"),
-            setpriv_program: PathBuf::from("/usr/bin/setpriv"),
             uid_ranges: UidRangeConfig::default(),
         }
     }

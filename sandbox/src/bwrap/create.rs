@@ -204,8 +204,6 @@ impl BwrapDriver {
             cgroup,
             exec_counter: AtomicU64::new(0),
             idle_command_leaves: Mutex::new(Vec::new()),
-            nsenter_program: self.config.nsenter_program.clone(),
-            setpriv_program: self.config.setpriv_program.clone(),
             terminals: Mutex::new(Vec::new()),
             resources: Arc::new(Mutex::new(resources)),
         };

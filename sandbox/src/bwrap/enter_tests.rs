@@ -13,6 +13,30 @@ use crate::seccomp;
 use super::machine::BwrapMachine;
 use super::WORKSPACE_DIR;
 
+/// The argv that entered the machine through `nsenter` and `setpriv`, as its user, with no
+/// capabilities, in the init's directory (`/workspace`).
+fn nsenter_argv(machine: &BwrapMachine, argv: &[&str]) -> Vec<String> {
+    let mut full = vec!["/usr/bin/nsenter".to_string(), format!("--target={}", machine.init_pid)];
+    full.extend(
+        [
+            "--user", "--mount", "--pid", "--ipc", "--uts", "--net", "--cgroup", "--root", "--wd",
+        ]
+        .map(String::from),
+    );
+    if machine.uid != 0 {
+        full.push(format!("--setuid={}", machine.uid));
+        full.push(format!("--setgid={}", machine.gid));
+    }
+    full.extend(["--", "/usr/bin/setpriv"].map(String::from));
+    if machine.uid == 0 {
+        // Root inside the user namespace would still hold every capability there.
+        full.extend(["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"].map(String::from));
+    }
+    full.extend(["--no-new-privs", "--"].map(String::from));
+    full.extend(argv.iter().map(|argument| argument.to_string()));
+    full
+}
+
 const NAMESPACES: [&str; 7] = ["user", "mnt", "pid", "ipc", "uts", "net", "cgroup"];
 
 /// Prints what a process holds: its status lines that describe privilege, its namespaces, its
@@ -35,10 +59,7 @@ fn fields(output: &str) -> BTreeMap<String, String> {
 #[allow(unsafe_code)]
 fn probe_through_nsenter(machine: &BwrapMachine) -> BTreeMap<String, String> {
     use std::os::unix::process::CommandExt;
-    let argv = machine.enter_argv(
-        WORKSPACE_DIR,
-        &["/bin/sh".to_string(), "-lc".to_string(), PROBE.to_string()],
-    );
+    let argv = nsenter_argv(machine, &["/bin/sh", "-lc", PROBE]);
     let mut command = std::process::Command::new(&argv[0]);
     command.args(&argv[1..]).env_clear();
     for (key, value) in &machine.base_env {

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use crate::cgroup::{Leaf, MachineCgroup};
@@ -133,7 +134,14 @@ fn check_limits(
 /// child that shares the node's memory instead of a copy of it (see `vfork`). The calling thread
 /// waits while the child takes its steps, and joining a cgroup can wait for an RCU grace period
 /// (tens of milliseconds at worst): the start runs on the blocking pool, not on a runtime worker.
-async fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &Leaf) -> Result<vfork::Child> {
+/// Its output is piped, or, with `terminal` (a pseudo-terminal's slave side), it runs on that
+/// terminal as its controlling one.
+pub(super) async fn spawn_entered(
+    machine: &BwrapMachine,
+    invocation: &Invocation,
+    leaf: &Leaf,
+    terminal: Option<OwnedFd>,
+) -> Result<vfork::Child> {
     let (argv, in_init_directory) = machine.command_argv(&invocation.cwd, &invocation.argv);
     // The invocation's variables over the machine's, as `Command::env` would set them.
     let mut env: Vec<(String, String)> = Vec::new();
@@ -144,9 +152,11 @@ async fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &L
         }
     }
     let spawn = vfork::Spawn::new(&argv[0], &argv, &env)
-        .map_err(|error| SandboxError::io("start a command in", &machine.dir, error))?
-        .stdout(vfork::Output::Piped)
-        .stderr(vfork::Output::Piped);
+        .map_err(|error| SandboxError::io("start a command in", &machine.dir, error))?;
+    let spawn = match &terminal {
+        Some(slave) => spawn.terminal(slave),
+        None => spawn.stdout(vfork::Output::Piped).stderr(vfork::Output::Piped),
+    };
     let procs_files: Vec<CString> = leaf.procs_files();
     let filter = seccomp::machine_filter()?;
     let (init_pid, uid, gid) = (machine.init_pid, machine.uid, machine.gid);
@@ -158,8 +168,11 @@ async fn spawn_entered(machine: &BwrapMachine, invocation: &Invocation, leaf: &L
         // Opening the init's root and directory reads procfs entries of a live process.
         let entry = Entry::open(&init, init_pid, uid, gid, in_init_directory)
             .map_err(|error| SandboxError::io("enter", &dir, error))?;
+        // Open until the start has returned: the child takes it as its standard descriptors.
+        let _terminal = terminal;
         let mut steps = || {
-            // A session of its own: no controlling terminal of the node's to reach.
+            // A session of its own: no controlling terminal of the node's to reach (one on a
+            // terminal leads its session already).
             // SAFETY: setsid is a plain system call.
             #[allow(unsafe_code)]
             unsafe {
@@ -220,7 +233,7 @@ impl BwrapDriver {
             Ok((Arc::new(leaf), counters))
         })
         .await?;
-        let mut child = spawn_entered(machine, &invocation, &leaf).await?;
+        let mut child = spawn_entered(machine, &invocation, &leaf, None).await?;
         let limit = invocation.max_output_bytes.min(MAX_OUTPUT_BYTES_CEILING) as usize;
         let stdout_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
         let stderr_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));

@@ -39,8 +39,6 @@ pub struct BwrapMachine {
     /// Command leaves whose command has ended cleanly (no process left, no limit hit): the
     /// next commands run in them rather than in new ones (see `cgroup` on why removals cost).
     pub(super) idle_command_leaves: Mutex<Vec<String>>,
-    pub(super) nsenter_program: PathBuf,
-    pub(super) setpriv_program: PathBuf,
     pub(super) terminals: Mutex<Vec<String>>,
     pub(super) resources: Arc<Mutex<Resources>>,
 }
@@ -291,47 +289,6 @@ impl BwrapMachine {
             return Err(gone());
         }
         Ok(pidfd)
-    }
-
-    /// The argv that enters the machine as its user, with no capabilities, in `cwd`, through
-    /// `nsenter` and `setpriv` (for a command the caller spawns itself, on any thread).
-    pub(super) fn enter_argv(&self, cwd: &str, argv: &[String]) -> Vec<String> {
-        let mut full = vec![
-            self.nsenter_program.display().to_string(),
-            format!("--target={}", self.init_pid),
-            "--user".into(),
-            "--mount".into(),
-            "--pid".into(),
-            "--ipc".into(),
-            "--uts".into(),
-            "--net".into(),
-            "--cgroup".into(),
-            "--root".into(),
-        ];
-        // The init runs in /workspace, the usual directory: entering in the init's directory
-        // saves the shell that would change to it.
-        let in_init_directory = cwd == WORKSPACE_DIR;
-        if in_init_directory {
-            full.push("--wd".into());
-        }
-        if self.uid != 0 {
-            full.push(format!("--setuid={}", self.uid));
-            full.push(format!("--setgid={}", self.gid));
-        }
-        full.push("--".into());
-        full.push(self.setpriv_program.display().to_string());
-        if self.uid == 0 {
-            // Root inside the user namespace would still hold every capability there.
-            full.extend(["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"].map(String::from));
-        }
-        full.push("--no-new-privs".into());
-        full.push("--".into());
-        if !in_init_directory {
-            full.extend(["/bin/sh", "-c", CHDIR_SCRIPT, "flotilla"].map(String::from));
-            full.push(cwd.to_string());
-        }
-        full.extend(argv.iter().cloned());
-        full
     }
 
     pub(super) fn terminal_index(&self, name: Option<&str>) -> Result<usize> {

@@ -44,6 +44,7 @@ use crate::driver::{BaseImage, BaseLayer, ExecOutput, ExecRequest, Layer, Machin
 use crate::environment::Terminal;
 use crate::error::{Result, SandboxError};
 use crate::image;
+use crate::pty::{PtySession, PtySize};
 
 pub use cleanup::ReapReport;
 pub use config::{cgroup_parent_for, BwrapConfig, DiskBacking};
@@ -111,8 +112,6 @@ impl BwrapDriver {
             &config.bwrap_program,
             "apt-get install bubblewrap, or run scripts/setup",
         )?;
-        check_program(&config.nsenter_program, "it comes with util-linux")?;
-        check_program(&config.setpriv_program, "it comes with util-linux")?;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(SandboxError::Unsupported {
@@ -219,12 +218,13 @@ impl MachineDriver for BwrapDriver {
         self.read_terminal_in(self.machine(machine)?, name, max_lines).await
     }
 
-    fn attach_command(
+    async fn open_pty(
         &self,
         machine: &MachineHandle,
         terminal: Option<&str>,
         read_only: bool,
-    ) -> Result<std::process::Command> {
-        terminals::attach_command(self.machine(machine)?, terminal, read_only)
+        size: PtySize,
+    ) -> Result<PtySession> {
+        terminals::open_pty(self.machine(machine)?, terminal, read_only, size).await
     }
 }

@@ -1,13 +1,13 @@
 //! A machine's terminals: one tmux session [`TERMINAL_SESSION`] inside the machine, a window
 //! per terminal (addressed by index), read with `capture-pane` and attached with
-//! `attach-session` through `nsenter`.
+//! `attach-session` on a pseudo-terminal.
 
-use crate::cgroup::Leaf;
 use crate::driver::TERMINAL_SESSION;
 use crate::environment::Terminal;
 use crate::error::{Result, SandboxError};
-use crate::seccomp;
+use crate::pty::{self, PtySession, PtySize};
 
+use super::exec::{spawn_entered, Invocation};
 use super::machine::BwrapMachine;
 use super::{BwrapDriver, WORKSPACE_DIR};
 
@@ -63,16 +63,15 @@ impl BwrapDriver {
     }
 }
 
-/// A command that attaches to the machine's tmux session, read-only for viewers, in a leaf
-/// cgroup of the machine.
-// Unsafe: pre_exec, to join the attach leaf cgroup and install the system-call filter before
-// nsenter execs.
-#[allow(unsafe_code)]
-pub(super) fn attach_command(
+/// A tmux client attached to the machine's session, read-only for viewers, on a new
+/// pseudo-terminal of `size`: entered as every command is (see `exec::spawn_entered`), in the
+/// machine's `attach` leaf cgroup.
+pub(super) async fn open_pty(
     machine: &BwrapMachine,
     terminal: Option<&str>,
     read_only: bool,
-) -> Result<std::process::Command> {
+    size: PtySize,
+) -> Result<PtySession> {
     machine.ensure_running()?;
     let index = machine.terminal_index(terminal)?;
     let mut tmux = vec!["tmux".to_string(), "attach-session".to_string()];
@@ -81,24 +80,18 @@ pub(super) fn attach_command(
         tmux.push("-r".to_string());
     }
     tmux.extend(["-t".to_string(), format!("{TERMINAL_SESSION}:{index}")]);
-    let argv = machine.enter_argv(WORKSPACE_DIR, &tmux);
-    let mut command = std::process::Command::new(&argv[0]);
-    command.args(&argv[1..]).env_clear();
-    for (key, value) in &machine.base_env {
-        command.env(key, value);
-    }
+    let invocation = Invocation {
+        argv: tmux,
+        cwd: WORKSPACE_DIR.to_string(),
+        env: Vec::new(),
+        timeout_ms: 0,
+        max_output_bytes: 0,
+        leaf_name: Some("attach"),
+    };
     let leaf = machine.cgroup.leaf("attach")?;
-    let procs_files = leaf.procs_files();
-    let filter = seccomp::machine_filter()?;
-    // SAFETY: the closure only opens and writes files and installs a compiled filter
-    // (async-signal-safe calls).
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-            Leaf::join_current_process(&procs_files)?;
-            filter.install_in_this_process()
-        });
-    }
-    Ok(command)
+    let (master, slave) = pty::open_pair(size)?;
+    let child = spawn_entered(machine, &invocation, &leaf, Some(slave)).await?;
+    PtySession::new(master, child)
 }
 
 /// One tmux invocation that starts the server with the session's options, then the session
