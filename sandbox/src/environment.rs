@@ -56,6 +56,12 @@ pub struct Terminal {
     /// (the built-in interactive shell) runs under `sh -c`, so the profile is read once.
     #[serde(default = "runs_in_login_shell")]
     pub login: bool,
+    /// Started when first read or attached rather than at boot, when every terminal of the
+    /// machine is so (the built-in interactive shell of a machine whose environment declares
+    /// none): a machine nobody looks at runs no tmux, shell or profile. Terminals of an
+    /// environment.json start at boot.
+    #[serde(default)]
+    pub on_demand: bool,
 }
 
 fn runs_in_login_shell() -> bool {
@@ -70,6 +76,7 @@ impl Terminal {
             command: command.into(),
             description: None,
             login: true,
+            on_demand: false,
         }
     }
 }
@@ -426,6 +433,7 @@ impl<'de> Visitor<'de> for TerminalVisitor {
                 command,
                 description,
                 login: true,
+                on_demand: false,
             },
             extra,
         })

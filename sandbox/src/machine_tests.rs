@@ -540,6 +540,69 @@ async fn a_captured_layer_keeps_no_setuid_bit_capability_or_special_file() {
     }
 }
 
+/// A machine whose terminals are all on demand runs no tmux until one is first read or attached;
+/// two first uses at once start it once.
+#[tokio::test]
+async fn on_demand_terminals_start_at_their_first_use() {
+    let harness = harness().await;
+    let machine = harness.machine("on-demand").await;
+    let mut shell = Terminal::new("shell", "echo shell-started; exec sleep 1000");
+    shell.on_demand = true;
+    harness.driver.start_terminals(&machine, &[shell]).await.unwrap();
+    let tmux_processes = "cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^tmux' || true";
+    let before = harness.run(&machine, tmux_processes).await;
+    assert_eq!(before.stdout_text().trim(), "0", "no tmux before the first use");
+
+    let error = harness.driver.read_terminal(&machine, "missing", 10).await.unwrap_err();
+    assert!(matches!(error, SandboxError::UnknownTerminal { .. }), "{error}");
+    let (first, second) = tokio::join!(
+        harness.driver.read_terminal(&machine, "shell", 10),
+        harness.driver.read_terminal(&machine, "shell", 10),
+    );
+    first.unwrap();
+    second.unwrap();
+    let driver = harness.driver.clone();
+    wait_for("the on-demand terminal's output", || {
+        let driver = driver.clone();
+        let machine = &machine;
+        async move {
+            let text = driver.read_terminal(machine, "shell", 10).await.ok()?;
+            text.contains("shell-started").then_some(())
+        }
+    })
+    .await;
+    let after = harness.run(&machine, tmux_processes).await;
+    assert_eq!(
+        after.stdout_text().trim(),
+        "1",
+        "one tmux server: {}",
+        after.stderr_text()
+    );
+
+    // An attach as the first use starts them too.
+    let attached = harness.machine("on-demand-attach").await;
+    let mut shell = Terminal::new("shell", "echo attach-started; exec sleep 1000");
+    shell.on_demand = true;
+    harness.driver.start_terminals(&attached, &[shell]).await.unwrap();
+    let session = harness
+        .driver
+        .open_pty(&attached, None, true, PtySize { cols: 80, rows: 24 })
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = Instant::now() + CONDITION_DEADLINE;
+    while !String::from_utf8_lossy(&seen).contains("attach-started") {
+        assert!(Instant::now() < deadline, "attach never showed the terminal: {seen:?}");
+        let count = tokio::time::timeout(CONDITION_DEADLINE, session.read(&mut buffer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(count > 0, "attach ended early: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buffer[..count]);
+    }
+}
+
 #[tokio::test]
 async fn terminals_run_in_tmux_and_are_readable_and_attachable() {
     let harness = harness().await;

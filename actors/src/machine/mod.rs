@@ -472,6 +472,8 @@ fn with_shell_terminal(mut config: EnvironmentConfig) -> EnvironmentConfig {
         shell.description = Some("an interactive shell in /workspace".to_string());
         // The command starts a login shell: the one around it need not read the profile too.
         shell.login = false;
+        // Alone, it starts when a user or the agent first looks at it.
+        shell.on_demand = true;
         config.terminals.insert(0, shell);
     }
     config

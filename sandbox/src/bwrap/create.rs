@@ -205,6 +205,7 @@ impl BwrapDriver {
             exec_counter: AtomicU64::new(0),
             idle_command_leaves: Mutex::new(Vec::new()),
             terminals: Mutex::new(Vec::new()),
+            deferred_terminals: tokio::sync::Mutex::new(Vec::new()),
             resources: Arc::new(Mutex::new(resources)),
         };
         Ok((machine, command))

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use crate::cgroup::MachineCgroup;
+use crate::environment::Terminal;
 use crate::error::{Result, SandboxError};
 use crate::limits::MachineLimits;
 use crate::mounts;
@@ -40,6 +41,9 @@ pub struct BwrapMachine {
     /// next commands run in them rather than in new ones (see `cgroup` on why removals cost).
     pub(super) idle_command_leaves: Mutex<Vec<String>>,
     pub(super) terminals: Mutex<Vec<String>>,
+    /// Terminals set up but not started (all of them on demand): the first read or attach
+    /// starts them, holding this lock while it does.
+    pub(super) deferred_terminals: tokio::sync::Mutex<Vec<Terminal>>,
     pub(super) resources: Arc<Mutex<Resources>>,
 }
 

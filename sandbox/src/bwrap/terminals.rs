@@ -33,10 +33,27 @@ impl BwrapDriver {
                 detail: format!("two terminals are named {:?}", duplicate.name),
             });
         }
-        let argv = terminal_session_argv(terminals);
-        self.run_checked(machine, argv, Some("terminals")).await?;
+        if terminals.iter().all(|terminal| terminal.on_demand) {
+            *machine.deferred_terminals.lock().await = terminals.to_vec();
+        } else {
+            let argv = terminal_session_argv(terminals);
+            self.run_checked(machine, argv, Some("terminals")).await?;
+        }
         *machine.terminals.lock().expect("terminals lock") =
             terminals.iter().map(|terminal| terminal.name.clone()).collect();
+        Ok(())
+    }
+
+    /// Starts the terminals left for their first use, if any are; one caller starts them while
+    /// the others wait.
+    pub(super) async fn start_deferred_terminals(&self, machine: &BwrapMachine) -> Result<()> {
+        let mut deferred = machine.deferred_terminals.lock().await;
+        if deferred.is_empty() {
+            return Ok(());
+        }
+        let argv = terminal_session_argv(&deferred);
+        self.run_checked(machine, argv, Some("terminals")).await?;
+        deferred.clear();
         Ok(())
     }
 
@@ -47,6 +64,7 @@ impl BwrapDriver {
         max_lines: usize,
     ) -> Result<String> {
         let index = machine.terminal_index(Some(name))?;
+        self.start_deferred_terminals(machine).await?;
         let max_lines = max_lines.clamp(1, TERMINAL_HISTORY_LINES);
         let argv = vec![
             "tmux".to_string(),
