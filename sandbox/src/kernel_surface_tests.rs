@@ -15,7 +15,7 @@ use crate::pty::PtySize;
 /// calls and prints `name result errno` for each. Every argument is chosen so that, without the
 /// filter, the call would not fail with EPERM: the test can only pass because of the filter.
 fn probe_script() -> String {
-    let probes: [(&str, libc::c_long, &[i64]); 8] = [
+    let probes: [(&str, libc::c_long, &[i64]); 9] = [
         // KEYCTL_GET_KEYRING_ID of the session keyring, without creating it: allowed to anyone.
         ("keyctl", libc::SYS_keyctl, &[0, -3, 0]),
         // An unknown command: EINVAL.
@@ -24,6 +24,8 @@ fn probe_script() -> String {
         ("mount", libc::SYS_mount, &[0, 0, 0, 0, 0]),
         // A NULL attribute block: EFAULT.
         ("perf_event_open", libc::SYS_perf_event_open, &[0, 0, -1, -1, 0]),
+        // A descriptor that is not open: EBADF.
+        ("setns", libc::SYS_setns, &[-1, 0]),
         // unshare(CLONE_NEWUSER): succeeds for anyone when user namespaces are enabled.
         ("unshare_newuser", libc::SYS_unshare, &[libc::CLONE_NEWUSER as i64]),
         // A NULL argument block: EFAULT; the filter answers ENOSYS so that libc uses clone.
@@ -70,6 +72,7 @@ fn assert_probes(output: &str) {
         "bpf",
         "mount",
         "perf_event_open",
+        "setns",
         "unshare_newuser",
         "personality_exec",
     ] {
