@@ -540,6 +540,37 @@ async fn a_captured_layer_keeps_no_setuid_bit_capability_or_special_file() {
     }
 }
 
+/// The host image's own `/etc/profile` gives a login shell the `PATH` for its user's id and reads
+/// `/etc/profile.d`, and starts no program to do it (Debian's ran `id -u`).
+#[tokio::test]
+async fn the_host_profile_sets_the_path_for_the_user_and_starts_no_program() {
+    let harness = harness().await;
+    let root = harness.machine("profile-root").await;
+    let path = harness.run_ok(&root, "echo \"$PATH\"").await;
+    assert_eq!(
+        path.trim(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    );
+    harness
+        .run_ok(
+            &root,
+            "echo 'export FROM_PROFILE_D=read' > /etc/profile.d/flotilla-test.sh",
+        )
+        .await;
+    assert_eq!(harness.run_ok(&root, "echo \"$FROM_PROFILE_D\"").await.trim(), "read");
+    // An `id` first in the PATH a login shell starts with records every run of it.
+    let probe = "mkdir -p /tmp/probe && printf '#!/bin/sh\\necho ran >> /tmp/probe/ran\\nexec /usr/bin/id \"$@\"\\n' > /tmp/probe/id \
+         && chmod +x /tmp/probe/id && env PATH=/tmp/probe:/usr/bin:/bin sh -lc true && test ! -e /tmp/probe/ran && echo none";
+    assert_eq!(harness.run_ok(&root, probe).await.trim(), "none");
+
+    let workspace = harness.workspace("profile-user");
+    let mut spec = harness.spec("profile-user", &workspace);
+    spec.user = Some("nobody".to_string());
+    let user = harness.driver.create(spec).await.expect("create machine");
+    let path = harness.run_ok(&user, "echo \"$PATH\"").await;
+    assert_eq!(path.trim(), "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games");
+}
+
 /// A machine whose terminals are all on demand runs no tmux until one is first read or attached;
 /// two first uses at once start it once.
 #[tokio::test]
