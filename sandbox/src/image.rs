@@ -475,7 +475,13 @@ mod tests {
         }
         // A second prepare reuses the first tree, and so keeps its identity.
         assert_eq!(prepare_host(root.path()).unwrap(), layer);
-        assert!(layer.identity.starts_with("host-v1/"), "{}", layer.identity);
+        assert!(
+            layer.identity.starts_with(&format!("{HOST_LAYOUT_VERSION}/")),
+            "{}",
+            layer.identity
+        );
+        // The login shells' profile is the image's own, not the node's.
+        assert_eq!(std::fs::read_to_string(etc.join("profile")).unwrap(), HOST_PROFILE);
     }
 
     #[test]
