@@ -351,6 +351,11 @@ pub struct RepoState {
     /// The mirror's object format (the origin's), read once per clone of the mirror: every
     /// fence an agent takes needs it.
     object_format: Arc<tokio::sync::OnceCell<crate::origin_fence::ObjectFormat>>,
+    /// What this node knows of the agents' fences at the origin (`refs/flotilla/fence/*`): read
+    /// from the mirror once per clone of it (a new mirror holds the origin's), then kept by
+    /// every fence this node moves. The origin's leases keep any error in it harmless: a push
+    /// planned from a stale or missing value is refused, and the origin is read.
+    fences: fence::FenceKnowledge,
 }
 
 impl RepoState {
@@ -429,6 +434,8 @@ impl RepoState {
                 })?;
             // A new clone may hold another object format than a mirror cloned before it.
             self.object_format = Default::default();
+            // It also holds the origin's fences: what this node knew of them is read again.
+            self.fences = Default::default();
         } else {
             // The provider may move the repository (another clone URL): follow it.
             git(&["remote", "set-url", "origin", &origin.url], Some(&self.args.mirror))
@@ -593,6 +600,7 @@ impl Actor for RepoActor {
             refreshed_at: None,
             mirror_lock: Arc::new(tokio::sync::RwLock::new(())),
             object_format: Default::default(),
+            fences: Default::default(),
         })
     }
 
@@ -795,6 +803,7 @@ mod tests {
             refreshed_at: None,
             mirror_lock: Default::default(),
             object_format: Default::default(),
+            fences: Default::default(),
         };
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
         let workspace = state
@@ -843,6 +852,7 @@ mod tests {
             refreshed_at: None,
             mirror_lock: Default::default(),
             object_format: Default::default(),
+            fences: Default::default(),
         };
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
         git(&["branch", "feature", "main"], Some(&origin)).await.unwrap();
@@ -890,6 +900,7 @@ mod tests {
             refreshed_at: None,
             mirror_lock: Default::default(),
             object_format: Default::default(),
+            fences: Default::default(),
         };
         let error = state
             .prepare("develop", "w", None, &dir.path().join("w"))
@@ -914,6 +925,7 @@ mod tests {
             refreshed_at: None,
             mirror_lock: Default::default(),
             object_format: Default::default(),
+            fences: Default::default(),
         };
         let error = state
             .prepare("main", "w", None, &dir.path().join("w2"))
@@ -954,6 +966,7 @@ mod tests {
                 refreshed_at: None,
                 mirror_lock: Default::default(),
                 object_format: Default::default(),
+                fences: Default::default(),
             };
             let error = state
                 .prepare("main", "w", None, &dir.path().join("w"))

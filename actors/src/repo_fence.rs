@@ -9,7 +9,9 @@
 //! before the fence moved) is kept in the mirror and the branch moved back to the record, leased
 //! on what was found.
 
+use std::collections::HashMap;
 use std::process::Stdio;
+use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt as _;
 
@@ -23,6 +25,35 @@ pub(super) fn lease_option(branch: &str, lease: Option<&str>) -> String {
     format!("--force-with-lease=refs/heads/{branch}:{}", lease.unwrap_or(""))
 }
 
+/// What a node knows of the agents' fences at the origin, by ref name: `None` until read from
+/// the mirror (see `RepoState::fences`).
+pub(super) type FenceKnowledge = Arc<tokio::sync::Mutex<Option<HashMap<String, String>>>>;
+
+/// The fence refs the mirror holds (`refs/flotilla/fence/*`). Nothing, when they cannot be read:
+/// the origin's leases make a forgotten fence cost a read of the origin, never a wrong push.
+async fn read_mirror_fences(mirror: &std::path::Path) -> HashMap<String, String> {
+    let listed = git(
+        &[
+            "for-each-ref",
+            "--format=%(refname) %(objectname)",
+            crate::origin_fence::FENCE_REF_PREFIX,
+        ],
+        Some(mirror),
+    )
+    .await;
+    match listed {
+        Ok(text) => text
+            .lines()
+            .filter_map(|line| line.split_once(' '))
+            .map(|(name, id)| (name.to_string(), id.to_string()))
+            .collect(),
+        Err(error) => {
+            tracing::debug!(mirror = %mirror.display(), %error, "could not read the mirror's fences");
+            HashMap::new()
+        }
+    }
+}
+
 /// Why a push with the fence did not go through.
 pub(super) enum FencedPushError {
     /// The origin's fence is not this owner's to move: a later owner took the agent.
@@ -34,6 +65,36 @@ pub(super) enum FencedPushError {
 }
 
 impl RepoState {
+    /// What this node knows of `name` at the origin: the fence it last moved or found there.
+    pub(super) async fn known_fence(&self, name: &str) -> Option<String> {
+        let mut fences = self.fences.lock().await;
+        if fences.is_none() {
+            *fences = Some(read_mirror_fences(&self.args.mirror).await);
+        }
+        fences.as_ref().and_then(|fences| fences.get(name).cloned())
+    }
+
+    /// Remembers that the origin holds `id` at `name` (nothing, for `None`). Kept in memory
+    /// only: a node started again knows what its mirror held, and the origin's leases settle
+    /// anything older (see `RepoState::fences`).
+    pub(super) async fn remember_fence(&self, name: &str, id: Option<&str>) {
+        let mut fences = self.fences.lock().await;
+        if fences.is_none() {
+            *fences = Some(read_mirror_fences(&self.args.mirror).await);
+        }
+        let fences = fences.as_mut().expect("read above");
+        match id {
+            Some(id) => fences.insert(name.to_string(), id.to_string()),
+            None => fences.remove(name),
+        };
+    }
+
+    /// Forgets every fence, as a node started again with a mirror that never saw them would.
+    #[cfg(test)]
+    pub(super) async fn forget_fences(&self) {
+        *self.fences.lock().await = Some(HashMap::new());
+    }
+
     /// The commit the origin's `branch` is at, or `None` when it has no such branch.
     pub(super) async fn branch_at_origin(&self, branch: &str) -> Result<Option<String>, RepoError> {
         let name = format!("refs/heads/{branch}");
@@ -82,7 +143,7 @@ impl RepoState {
         Ok(*format)
     }
 
-    /// How the next push moves `fence`: from what the mirror last saw the origin hold when that
+    /// How the next push moves `fence`: from what this node last saw the origin hold when that
     /// is this owner's own fence, else from what the origin holds now (`fresh` reads it always).
     async fn plan_fence(
         &self,
@@ -92,9 +153,7 @@ impl RepoState {
     ) -> Result<FenceMove, FencedPushError> {
         let name = fence.ref_name();
         if !fresh {
-            let known = git(&["rev-parse", "--verify", "--quiet", &name], Some(&self.args.mirror))
-                .await
-                .ok();
+            let known = self.known_fence(&name).await;
             if matches!(classify(format, fence, known.as_deref()), FenceFound::Own(_)) {
                 if let Some(planned) = fence_move(format, fence, known.as_deref()) {
                     return Ok(planned);
@@ -172,8 +231,8 @@ impl RepoState {
             .await;
             let error = match pushed {
                 Ok(_) => {
-                    // The mirror remembers the fence, so the next push needs no read of it.
-                    let _ = git(&["update-ref", &fence_name, &planned.next], Some(&self.args.mirror)).await;
+                    // Remembered, so the next push needs no read of it.
+                    self.remember_fence(&fence_name, Some(&planned.next)).await;
                     return Ok(());
                 }
                 Err(error) => error.to_string(),
@@ -183,7 +242,7 @@ impl RepoState {
             };
             let (found_branch, found_fence) = (found[0].clone(), found[1].clone());
             let Some(replanned) = fence_move(format, fence, found_fence.as_deref()) else {
-                let _ = git(&["update-ref", "-d", &fence_name], Some(&self.args.mirror)).await;
+                self.remember_fence(&fence_name, found_fence.as_deref()).await;
                 return Err(FencedPushError::Fenced {
                     found: found_fence.unwrap_or_default(),
                 });
@@ -222,11 +281,7 @@ impl RepoState {
         let found = found.into_iter().next().flatten();
         if let FenceFound::Own(_) = classify(format, fence, found.as_deref()) {
             // Already this owner's: remember it and leave it.
-            let _ = git(
-                &["update-ref", &name, found.as_deref().unwrap_or_default()],
-                Some(&self.args.mirror),
-            )
-            .await;
+            self.remember_fence(&name, found.as_deref()).await;
             return Ok(());
         }
         let Some(planned) = fence_move(format, fence, found.as_deref()) else {
@@ -264,22 +319,20 @@ impl RepoState {
             &origin.env,
         )
         .await?;
-        let _ = git(&["update-ref", &name, &planned.next], Some(&self.args.mirror)).await;
+        self.remember_fence(&name, Some(&planned.next)).await;
         tracing::info!(url = %self.args.url, fence = %name, epoch = %fence.epoch, "took the fence at the origin");
         Ok(())
     }
 
-    /// The usual fence move, without reading the origin first: from what the mirror knows of
+    /// The usual fence move, without reading the origin first: from what this node knows of
     /// the fence (nothing, for a new agent) with a lease on exactly that, so the origin takes
-    /// it only if it holds the same. Answers false when the mirror knows this owner's fence or
+    /// it only if it holds the same. Answers false when this node knows this owner's fence or
     /// a later one, or when the push is refused for any reason: [`RepoState::take_fence`]
     /// then reads the origin and decides as it always did. Saves a read of the origin (a
     /// `git ls-remote` and the server side it starts) per agent start.
     async fn take_fence_as_known(&self, format: ObjectFormat, fence: OwnerFence) -> bool {
         let name = fence.ref_name();
-        let known = git(&["rev-parse", "--verify", "--quiet", &name], Some(&self.args.mirror))
-            .await
-            .ok();
+        let known = self.known_fence(&name).await;
         if !matches!(
             classify(format, fence, known.as_deref()),
             FenceFound::Absent | FenceFound::Earlier { .. }

@@ -40,6 +40,7 @@ async fn setup() -> Setup {
         refreshed_at: None,
         mirror_lock: Default::default(),
         object_format: Default::default(),
+        fences: Default::default(),
     };
     let workspace = state
         .prepare("main", "flotilla/push-test", None, &root.join("workspace"))
@@ -550,56 +551,44 @@ async fn a_push_whose_mirror_is_behind_on_its_own_fence_reads_the_origin_and_goe
     let mut setup = setup().await;
     let first = commit_and_bundle(&setup.workspace, "a.txt", "a\n").await;
     push_as(&mut setup, owner(3), None).await.unwrap();
-    // The mirror forgets (or never saw) the fence: a node restarted, or another node's mirror.
-    let mirror = setup.state.args.mirror.clone();
-    git(&["update-ref", "-d", &fence_ref(owner(3).agent)], Some(&mirror))
-        .await
-        .unwrap();
+    // The node forgets (or never saw) the fence: a node restarted, or another node held it.
+    setup.state.forget_fences().await;
     let second = commit_and_bundle(&setup.workspace, "b.txt", "b\n").await;
     assert_eq!(push_as(&mut setup, owner(3), Some(&first)).await.unwrap(), second);
-    // The mirror holds a stale value of its own epoch: the push tries once more.
-    git(
-        &[
-            "update-ref",
+    // The node knows a stale value of its own epoch: the push tries once more.
+    setup
+        .state
+        .remember_fence(
             &fence_ref(owner(3).agent),
-            &fence_id(ObjectFormat::Sha1, owner(3), Phase::Tock),
-        ],
-        Some(&mirror),
-    )
-    .await
-    .unwrap();
+            Some(&fence_id(ObjectFormat::Sha1, owner(3), Phase::Tock)),
+        )
+        .await;
     let third = commit_and_bundle(&setup.workspace, "c.txt", "c\n").await;
     assert_eq!(push_as(&mut setup, owner(3), Some(&second)).await.unwrap(), third);
 }
 
-/// A fence is taken from what the mirror knows, without reading the origin first; when the
-/// mirror knows nothing (a node restarted, or another node held the agent), the lease on
+/// A fence is taken from what the node knows, without reading the origin first; when the
+/// node knows nothing (a node restarted, or another node held the agent), the lease on
 /// "no fence" fails and the origin is read: an earlier owner's fence is still taken, a later
 /// owner's still refuses.
 #[tokio::test]
 async fn taking_a_fence_the_mirror_does_not_know_reads_the_origin() {
     let mut setup = setup().await;
     let format = ObjectFormat::Sha1;
-    let mirror = setup.state.args.mirror.clone();
-    let forget = |mirror: std::path::PathBuf| async move {
-        git(&["update-ref", "-d", &fence_ref(owner(1).agent)], Some(&mirror))
-            .await
-            .unwrap();
-    };
     setup.state.take_fence(owner(1)).await.unwrap();
     assert_eq!(
         origin_fence(&setup).await,
         Some(fence_id(format, owner(1), Phase::Tick)),
-        "a fence nobody held is taken on the mirror's word"
+        "a fence nobody held is taken on the node's word"
     );
-    forget(mirror.clone()).await;
+    setup.state.forget_fences().await;
     setup.state.take_fence(owner(2)).await.unwrap();
     assert_eq!(
         origin_fence(&setup).await,
         Some(fence_id(format, owner(2), Phase::Tick)),
         "an earlier owner's fence the mirror did not know is taken after reading the origin"
     );
-    forget(mirror).await;
+    setup.state.forget_fences().await;
     let error = setup.state.take_fence(owner(1)).await.unwrap_err();
     assert!(matches!(error, RepoError::Fenced { .. }), "{error}");
     assert_eq!(
@@ -637,4 +626,46 @@ async fn the_origin_compares_the_fence_under_the_same_lock_as_the_branch() {
     let error = push_as(&mut setup, owner(1), Some(&first)).await.unwrap_err();
     assert!(matches!(&error, RepoError::Fenced { .. }), "{error}");
     assert_eq!(origin_branch(&setup).await, first, "the branch did not move");
+}
+
+/// What a node knows of the fences starts from its mirror's (a new mirror holds the origin's),
+/// and from then on follows the fences it moves, in memory: the mirror's refs are not written.
+#[tokio::test]
+async fn a_node_starts_from_its_mirror_s_fences_and_keeps_its_own_moves_in_memory() {
+    let setup = setup().await;
+    let format = ObjectFormat::Sha1;
+    let mirror = setup.state.args.mirror.clone();
+    let earlier = fence_id(format, owner(1), Phase::Tick);
+    // The fence commit, as any node writes it before pushing it.
+    let text = crate::origin_fence::fence_commit(format, owner(1), Phase::Tick);
+    let written = fence::git_stdin(&["hash-object", "-t", "commit", "-w", "--stdin"], &mirror, &text)
+        .await
+        .unwrap();
+    assert_eq!(written, earlier);
+    git(&["update-ref", &fence_ref(owner(1).agent), &earlier], Some(&mirror))
+        .await
+        .unwrap();
+    let restarted = setup.state.detached();
+    *restarted.fences.lock().await = None;
+    assert_eq!(
+        restarted.known_fence(&fence_ref(owner(1).agent)).await,
+        Some(earlier.clone()),
+        "read from the mirror"
+    );
+    assert_eq!(
+        restarted.known_fence(&fence_ref(AgentId::new())).await,
+        None,
+        "another agent"
+    );
+    restarted
+        .remember_fence(&fence_ref(owner(1).agent), Some("moved"))
+        .await;
+    assert_eq!(
+        restarted.known_fence(&fence_ref(owner(1).agent)).await.as_deref(),
+        Some("moved")
+    );
+    let in_mirror = git(&["rev-parse", &fence_ref(owner(1).agent)], Some(&mirror))
+        .await
+        .unwrap();
+    assert_eq!(in_mirror, earlier, "the mirror's ref is left as it was");
 }

@@ -207,6 +207,7 @@ impl RepoState {
             refreshed_at: self.refreshed_at,
             mirror_lock: self.mirror_lock.clone(),
             object_format: self.object_format.clone(),
+            fences: self.fences.clone(),
         }
     }
 
