@@ -9,9 +9,10 @@
 //! before the fence moved) is kept in the mirror and the branch moved back to the record, leased
 //! on what was found.
 
-use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
+
+use indexmap::IndexMap;
 
 use tokio::io::AsyncWriteExt as _;
 
@@ -25,13 +26,18 @@ pub(super) fn lease_option(branch: &str, lease: Option<&str>) -> String {
     format!("--force-with-lease=refs/heads/{branch}:{}", lease.unwrap_or(""))
 }
 
-/// What a node knows of the agents' fences at the origin, by ref name: `None` until read from
-/// the mirror (see `RepoState::fences`).
-pub(super) type FenceKnowledge = Arc<tokio::sync::Mutex<Option<HashMap<String, String>>>>;
+/// What a node knows of the agents' fences at the origin, by ref name, the fence moved last at
+/// the end: `None` until read from the mirror (see `RepoState::fences`).
+pub(super) type FenceKnowledge = Arc<tokio::sync::Mutex<Option<IndexMap<String, String>>>>;
 
-/// The fence refs the mirror holds (`refs/flotilla/fence/*`). Nothing, when they cannot be read:
-/// the origin's leases make a forgotten fence cost a read of the origin, never a wrong push.
-async fn read_mirror_fences(mirror: &std::path::Path) -> HashMap<String, String> {
+/// The most fences a repository actor remembers. Past it, the half moved longest ago is
+/// forgotten: a forgotten fence costs its next move a read of the origin, never a wrong push.
+pub(super) const MAX_KNOWN_FENCES: usize = 10_000;
+
+/// The fence refs the mirror holds (`refs/flotilla/fence/*`), at most [`MAX_KNOWN_FENCES`].
+/// Nothing, when they cannot be read: the origin's leases make a forgotten fence cost a read of
+/// the origin, never a wrong push.
+async fn read_mirror_fences(mirror: &std::path::Path) -> IndexMap<String, String> {
     let listed = git(
         &[
             "for-each-ref",
@@ -45,11 +51,12 @@ async fn read_mirror_fences(mirror: &std::path::Path) -> HashMap<String, String>
         Ok(text) => text
             .lines()
             .filter_map(|line| line.split_once(' '))
+            .take(MAX_KNOWN_FENCES)
             .map(|(name, id)| (name.to_string(), id.to_string()))
             .collect(),
         Err(error) => {
             tracing::debug!(mirror = %mirror.display(), %error, "could not read the mirror's fences");
-            HashMap::new()
+            IndexMap::new()
         }
     }
 }
@@ -83,16 +90,19 @@ impl RepoState {
             *fences = Some(read_mirror_fences(&self.args.mirror).await);
         }
         let fences = fences.as_mut().expect("read above");
-        match id {
-            Some(id) => fences.insert(name.to_string(), id.to_string()),
-            None => fences.remove(name),
-        };
+        fences.shift_remove(name);
+        if let Some(id) = id {
+            fences.insert(name.to_string(), id.to_string());
+            if fences.len() > MAX_KNOWN_FENCES {
+                fences.drain(..MAX_KNOWN_FENCES / 2);
+            }
+        }
     }
 
     /// Forgets every fence, as a node started again with a mirror that never saw them would.
     #[cfg(test)]
     pub(super) async fn forget_fences(&self) {
-        *self.fences.lock().await = Some(HashMap::new());
+        *self.fences.lock().await = Some(IndexMap::new());
     }
 
     /// The commit the origin's `branch` is at, or `None` when it has no such branch.

@@ -669,3 +669,23 @@ async fn a_node_starts_from_its_mirror_s_fences_and_keeps_its_own_moves_in_memor
         .unwrap();
     assert_eq!(in_mirror, earlier, "the mirror's ref is left as it was");
 }
+
+/// What a node knows of the fences is bounded: past the limit, the fences moved longest ago are
+/// forgotten first (each costs its next move a read of the origin).
+#[tokio::test]
+async fn the_fences_a_node_knows_are_bounded_and_the_oldest_go_first() {
+    let setup = setup().await;
+    setup.state.forget_fences().await;
+    let name = |index: usize| format!("refs/flotilla/fence/{index:05}");
+    for index in 0..=fence::MAX_KNOWN_FENCES {
+        setup.state.remember_fence(&name(index), Some("id")).await;
+    }
+    let known = setup.state.fences.lock().await.as_ref().map(|fences| fences.len());
+    assert!(known.is_some_and(|known| known <= fence::MAX_KNOWN_FENCES), "{known:?}");
+    assert_eq!(setup.state.known_fence(&name(0)).await, None, "the oldest is forgotten");
+    assert_eq!(
+        setup.state.known_fence(&name(fence::MAX_KNOWN_FENCES)).await.as_deref(),
+        Some("id"),
+        "the newest is kept"
+    );
+}
