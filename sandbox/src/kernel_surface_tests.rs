@@ -4,11 +4,10 @@
 //! of a machine runs under the filter, and the node and the machine go on afterwards.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use crate::driver::MachineDriver;
 use crate::environment::Terminal;
-use crate::machine_tests::{bwrap_machine, harness, wait_for, CONDITION_DEADLINE};
+use crate::machine_tests::{bwrap_machine, harness, read_pty_until, wait_for};
 use crate::pty::PtySize;
 
 /// A python3 script (the `host` image binds the node's /usr, which has it) that makes raw system
@@ -205,28 +204,13 @@ async fn terminals_take_overs_and_the_init_run_under_the_filter() {
         .write_all(b"unshare -U true; echo \"nested-exit-$?\"\r")
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    let mut buffer = [0u8; 4096];
-    let deadline = Instant::now() + CONDITION_DEADLINE;
     // The echoed input reads `nested-exit-$?`; the shell's answer has the status.
     let exit_status = |seen: &[u8]| {
         let text = String::from_utf8_lossy(seen);
         text.match_indices("nested-exit-")
             .find_map(|(at, marker)| text[at + marker.len()..].chars().next().filter(char::is_ascii_digit))
     };
-    while exit_status(&seen).is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let read = tokio::time::timeout(left, session.read(&mut buffer)).await;
-        let Ok(count) = read else {
-            panic!(
-                "the take-over never showed unshare's exit status: {:?}",
-                String::from_utf8_lossy(&seen)
-            );
-        };
-        let count = count.unwrap();
-        assert!(count > 0, "attach ended early: {:?}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buffer[..count]);
-    }
+    let seen = read_pty_until(&session, "unshare's exit status", |seen| exit_status(seen).is_some()).await;
     let text = String::from_utf8_lossy(&seen);
     assert_eq!(
         exit_status(&seen),

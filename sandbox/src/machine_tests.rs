@@ -116,6 +116,48 @@ where
     }
 }
 
+/// Waits until the last `lines` lines of `machine`'s terminal `name` contain `needle`, and
+/// answers them.
+pub(crate) async fn wait_for_terminal(
+    driver: &Arc<BwrapDriver>,
+    machine: &MachineHandle,
+    name: &str,
+    lines: usize,
+    needle: &str,
+) -> String {
+    wait_for(&format!("{needle:?} in the terminal {name:?}"), || async move {
+        let text = driver.read_terminal(machine, name, lines).await.ok()?;
+        text.contains(needle).then_some(text)
+    })
+    .await
+}
+
+/// Reads what an attached terminal prints until `done` holds for all of it, and answers it;
+/// fails, showing what was read, when the attach ends first or the deadline passes.
+pub(crate) async fn read_pty_until(session: &PtySession, what: &str, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = Instant::now() + CONDITION_DEADLINE;
+    while !done(&seen) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(count) = tokio::time::timeout(left, session.read(&mut buffer)).await else {
+            panic!("the attach never showed {what}: {:?}", String::from_utf8_lossy(&seen));
+        };
+        let count = count.unwrap();
+        assert!(count > 0, "attach ended early: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buffer[..count]);
+    }
+    seen
+}
+
+/// [`read_pty_until`] the terminal shows `needle`.
+pub(crate) async fn read_pty_until_text(session: &PtySession, needle: &str) -> Vec<u8> {
+    read_pty_until(session, &format!("{needle:?}"), |seen| {
+        String::from_utf8_lossy(seen).contains(needle)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_command_runs_in_the_workspace_as_root_without_capabilities() {
     let harness = harness().await;
@@ -571,128 +613,6 @@ async fn the_host_profile_sets_the_path_for_the_user_and_starts_no_program() {
     assert_eq!(path.trim(), "/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games");
 }
 
-/// A machine whose terminals are all on demand runs no tmux until one is first read or attached;
-/// two first uses at once start it once.
-#[tokio::test]
-async fn on_demand_terminals_start_at_their_first_use() {
-    let harness = harness().await;
-    let machine = harness.machine("on-demand").await;
-    let mut shell = Terminal::new("shell", "echo shell-started; exec sleep 1000");
-    shell.on_demand = true;
-    harness.driver.start_terminals(&machine, &[shell]).await.unwrap();
-    let tmux_processes = "cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^tmux' || true";
-    let before = harness.run(&machine, tmux_processes).await;
-    assert_eq!(before.stdout_text().trim(), "0", "no tmux before the first use");
-
-    let error = harness.driver.read_terminal(&machine, "missing", 10).await.unwrap_err();
-    assert!(matches!(error, SandboxError::UnknownTerminal { .. }), "{error}");
-    let (first, second) = tokio::join!(
-        harness.driver.read_terminal(&machine, "shell", 10),
-        harness.driver.read_terminal(&machine, "shell", 10),
-    );
-    first.unwrap();
-    second.unwrap();
-    let driver = harness.driver.clone();
-    wait_for("the on-demand terminal's output", || {
-        let driver = driver.clone();
-        let machine = &machine;
-        async move {
-            let text = driver.read_terminal(machine, "shell", 10).await.ok()?;
-            text.contains("shell-started").then_some(())
-        }
-    })
-    .await;
-    let after = harness.run(&machine, tmux_processes).await;
-    assert_eq!(
-        after.stdout_text().trim(),
-        "1",
-        "one tmux server: {}",
-        after.stderr_text()
-    );
-
-    // An attach as the first use starts them too.
-    let attached = harness.machine("on-demand-attach").await;
-    let mut shell = Terminal::new("shell", "echo attach-started; exec sleep 1000");
-    shell.on_demand = true;
-    harness.driver.start_terminals(&attached, &[shell]).await.unwrap();
-    let session = harness
-        .driver
-        .open_pty(&attached, None, true, PtySize { cols: 80, rows: 24 })
-        .await
-        .unwrap();
-    let mut seen = Vec::new();
-    let mut buffer = [0u8; 4096];
-    let deadline = Instant::now() + CONDITION_DEADLINE;
-    while !String::from_utf8_lossy(&seen).contains("attach-started") {
-        assert!(Instant::now() < deadline, "attach never showed the terminal: {seen:?}");
-        let count = tokio::time::timeout(CONDITION_DEADLINE, session.read(&mut buffer))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(count > 0, "attach ended early: {:?}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buffer[..count]);
-    }
-}
-
-#[tokio::test]
-async fn terminals_run_in_tmux_and_are_readable_and_attachable() {
-    let harness = harness().await;
-    let machine = harness.machine("terminals").await;
-    let terminals = vec![
-        Terminal::new("Run Next.js", "echo hello-from-terminal; sleep 1000"),
-        // Ends in `\;`, which tmux would turn into a bare `;` (and `find` would then fail).
-        Terminal::new("counter", "seq 1 5; find /workspace -maxdepth 0 -exec echo counted \\;"),
-    ];
-    harness.driver.start_terminals(&machine, &terminals).await.unwrap();
-    let driver = harness.driver.clone();
-    wait_for("the first terminal's output", || {
-        let driver = driver.clone();
-        let machine = &machine;
-        async move {
-            let text = driver.read_terminal(machine, "Run Next.js", 50).await.ok()?;
-            text.contains("hello-from-terminal").then_some(())
-        }
-    })
-    .await;
-    let counted = wait_for("the second terminal's output", || {
-        let driver = driver.clone();
-        let machine = &machine;
-        async move {
-            let text = driver.read_terminal(machine, "counter", 3).await.ok()?;
-            text.contains("counted").then_some(text)
-        }
-    })
-    .await;
-    assert!(counted.lines().count() <= 3, "{counted}");
-    let error = harness.driver.read_terminal(&machine, "missing", 10).await.unwrap_err();
-    assert!(matches!(error, SandboxError::UnknownTerminal { .. }), "{error}");
-
-    let session = harness
-        .driver
-        .open_pty(&machine, Some("Run Next.js"), false, PtySize { cols: 100, rows: 30 })
-        .await
-        .unwrap();
-    let mut seen = Vec::new();
-    let mut buffer = [0u8; 4096];
-    let deadline = Instant::now() + CONDITION_DEADLINE;
-    while !String::from_utf8_lossy(&seen).contains("hello-from-terminal") {
-        assert!(
-            Instant::now() < deadline,
-            "attach never showed the terminal: {:?}",
-            String::from_utf8_lossy(&seen)
-        );
-        let count = tokio::time::timeout(CONDITION_DEADLINE, session.read(&mut buffer))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(count > 0, "attach ended early: {:?}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buffer[..count]);
-    }
-    session.resize(PtySize { cols: 120, rows: 40 }).unwrap();
-    drop(session);
-    harness.driver.destroy(&machine).await.unwrap();
-}
-
 /// Counts installs by counting the commands the install layer cache runs through the driver.
 struct CountingDriver {
     inner: Arc<BwrapDriver>,
@@ -952,20 +872,7 @@ async fn the_reference_cursor_file_boots_its_terminal() {
     let machine = harness.driver.create(spec).await.unwrap();
     let report = boot(harness.driver.as_ref(), &machine, &config).await.unwrap();
     assert_eq!(report.terminals_started, 1);
-    let driver = harness.driver.clone();
-    wait_for("the terminal to print the install's file", || {
-        let driver = driver.clone();
-        let machine = &machine;
-        async move {
-            driver
-                .read_terminal(machine, "Run Next.js", 10)
-                .await
-                .ok()?
-                .contains("installed")
-                .then_some(())
-        }
-    })
-    .await;
+    wait_for_terminal(&harness.driver, &machine, "Run Next.js", 10, "installed").await;
     harness.driver.destroy(&machine).await.unwrap();
 }
 
@@ -1072,6 +979,7 @@ async fn a_machine_that_cannot_start_fails_with_bubblewraps_words() {
 }
 
 mod cgroups;
+mod terminals;
 mod uid_mapping;
 
 pub(crate) use cgroups::{cgroup_exists, cgroup_released};
