@@ -72,24 +72,25 @@ pub(super) enum FencedPushError {
 }
 
 impl RepoState {
-    /// What this node knows of `name` at the origin: the fence it last moved or found there.
-    pub(super) async fn known_fence(&self, name: &str) -> Option<String> {
+    /// What this node knows of the fences, read from the mirror the first time.
+    async fn fences(&self) -> tokio::sync::MappedMutexGuard<'_, IndexMap<String, String>> {
         let mut fences = self.fences.lock().await;
         if fences.is_none() {
             *fences = Some(read_mirror_fences(&self.args.mirror).await);
         }
-        fences.as_ref().and_then(|fences| fences.get(name).cloned())
+        tokio::sync::MutexGuard::map(fences, |fences| fences.get_or_insert_with(IndexMap::new))
+    }
+
+    /// What this node knows of `name` at the origin: the fence it last moved or found there.
+    pub(super) async fn known_fence(&self, name: &str) -> Option<String> {
+        self.fences().await.get(name).cloned()
     }
 
     /// Remembers that the origin holds `id` at `name` (nothing, for `None`). Kept in memory
     /// only: a node started again knows what its mirror held, and the origin's leases settle
     /// anything older (see `RepoState::fences`).
     pub(super) async fn remember_fence(&self, name: &str, id: Option<&str>) {
-        let mut fences = self.fences.lock().await;
-        if fences.is_none() {
-            *fences = Some(read_mirror_fences(&self.args.mirror).await);
-        }
-        let fences = fences.as_mut().expect("read above");
+        let mut fences = self.fences().await;
         fences.shift_remove(name);
         if let Some(id) = id {
             fences.insert(name.to_string(), id.to_string());

@@ -130,7 +130,7 @@ fn check_limits(
     }
 }
 
-/// Starts `invocation` inside `machine`, in `leaf` (see `enter` for how it enters), from a
+/// Starts `argv` inside `machine` in `cwd`, with `env` over the machine's variables, in `leaf` (see `enter` for how it enters), from a
 /// child that shares the node's memory instead of a copy of it (see `vfork`). The calling thread
 /// waits while the child takes its steps, and joining a cgroup can wait for an RCU grace period
 /// (tens of milliseconds at worst): the start runs on the blocking pool, not on a runtime worker.
@@ -138,14 +138,16 @@ fn check_limits(
 /// terminal as its controlling one.
 pub(super) async fn spawn_entered(
     machine: &BwrapMachine,
-    invocation: &Invocation,
+    argv: &[String],
+    cwd: &str,
+    command_env: &[(String, String)],
     leaf: &Leaf,
     terminal: Option<OwnedFd>,
 ) -> Result<vfork::Child> {
-    let (argv, in_init_directory) = machine.command_argv(&invocation.cwd, &invocation.argv);
-    // The invocation's variables over the machine's, as `Command::env` would set them.
+    let (argv, in_init_directory) = machine.command_argv(cwd, argv);
+    // The command's variables over the machine's, as `Command::env` would set them.
     let mut env: Vec<(String, String)> = Vec::new();
-    for (key, value) in machine.base_env.iter().chain(invocation.env.iter()) {
+    for (key, value) in machine.base_env.iter().chain(command_env.iter()) {
         match env.iter_mut().find(|(existing, _)| existing == key) {
             Some(entry) => entry.1 = value.clone(),
             None => env.push((key.clone(), value.clone())),
@@ -233,7 +235,7 @@ impl BwrapDriver {
             Ok((Arc::new(leaf), counters))
         })
         .await?;
-        let mut child = spawn_entered(machine, &invocation, &leaf, None).await?;
+        let mut child = spawn_entered(machine, &invocation.argv, &invocation.cwd, &invocation.env, &leaf, None).await?;
         let limit = invocation.max_output_bytes.min(MAX_OUTPUT_BYTES_CEILING) as usize;
         let stdout_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));
         let stderr_capture = Arc::new(Mutex::new(OutputCapture::new(limit)));

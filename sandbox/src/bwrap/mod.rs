@@ -225,10 +225,7 @@ impl MachineDriver for BwrapDriver {
         read_only: bool,
         size: PtySize,
     ) -> Result<PtySession> {
-        let machine = self.machine(machine)?;
-        // An unknown terminal is refused before anything is started for it.
-        machine.terminal_index(terminal)?;
-        self.start_deferred_terminals(machine).await?;
-        terminals::open_pty(machine, terminal, read_only, size).await
+        self.open_pty_in(self.machine(machine)?, terminal, read_only, size)
+            .await
     }
 }

@@ -7,7 +7,7 @@ use crate::environment::Terminal;
 use crate::error::{Result, SandboxError};
 use crate::pty::{self, PtySession, PtySize};
 
-use super::exec::{spawn_entered, Invocation};
+use super::exec::spawn_entered;
 use super::machine::BwrapMachine;
 use super::{BwrapDriver, WORKSPACE_DIR};
 
@@ -79,37 +79,32 @@ impl BwrapDriver {
         let output = self.run_checked(machine, argv, None).await?;
         Ok(terminal_tail(&output.stdout_text(), max_lines))
     }
-}
 
-/// A tmux client attached to the machine's session, read-only for viewers, on a new
-/// pseudo-terminal of `size`: entered as every command is (see `exec::spawn_entered`), in the
-/// machine's `attach` leaf cgroup.
-pub(super) async fn open_pty(
-    machine: &BwrapMachine,
-    terminal: Option<&str>,
-    read_only: bool,
-    size: PtySize,
-) -> Result<PtySession> {
-    machine.ensure_running()?;
-    let index = machine.terminal_index(terminal)?;
-    let mut tmux = vec!["tmux".to_string(), "attach-session".to_string()];
-    if read_only {
-        // A viewer sees everything and can type nothing.
-        tmux.push("-r".to_string());
+    /// A tmux client attached to the machine's session, read-only for viewers, on a new
+    /// pseudo-terminal of `size`: entered as every command is (see `exec::spawn_entered`), in
+    /// the machine's `attach` leaf cgroup. Starts the terminals left for their first use.
+    pub(super) async fn open_pty_in(
+        &self,
+        machine: &BwrapMachine,
+        terminal: Option<&str>,
+        read_only: bool,
+        size: PtySize,
+    ) -> Result<PtySession> {
+        machine.ensure_running()?;
+        // An unknown terminal is refused before anything is started for it.
+        let index = machine.terminal_index(terminal)?;
+        self.start_deferred_terminals(machine).await?;
+        let mut tmux = vec!["tmux".to_string(), "attach-session".to_string()];
+        if read_only {
+            // A viewer sees everything and can type nothing.
+            tmux.push("-r".to_string());
+        }
+        tmux.extend(["-t".to_string(), format!("{TERMINAL_SESSION}:{index}")]);
+        let leaf = machine.cgroup.leaf("attach")?;
+        let (master, slave) = pty::open_pair(size)?;
+        let child = spawn_entered(machine, &tmux, WORKSPACE_DIR, &[], &leaf, Some(slave)).await?;
+        PtySession::new(master, child)
     }
-    tmux.extend(["-t".to_string(), format!("{TERMINAL_SESSION}:{index}")]);
-    let invocation = Invocation {
-        argv: tmux,
-        cwd: WORKSPACE_DIR.to_string(),
-        env: Vec::new(),
-        timeout_ms: 0,
-        max_output_bytes: 0,
-        leaf_name: Some("attach"),
-    };
-    let leaf = machine.cgroup.leaf("attach")?;
-    let (master, slave) = pty::open_pair(size)?;
-    let child = spawn_entered(machine, &invocation, &leaf, Some(slave)).await?;
-    PtySession::new(master, child)
 }
 
 /// One tmux invocation that starts the server with the session's options, then the session
