@@ -35,6 +35,14 @@ impl OwnerFence {
     pub fn ref_name(&self) -> String {
         fence_ref(self.agent)
     }
+
+    /// Whether an owner held the agent before this one. The first assignment is epoch 1 (every
+    /// assignment raises the epoch, and an unassigned agent keeps its last one), so the first
+    /// owner has nobody to fence out: its pushes move the fence with its branch, leased on the
+    /// fence being absent, and any later owner's fence makes the origin refuse them.
+    pub fn succeeds_an_owner(&self) -> bool {
+        self.epoch > Epoch(1)
+    }
 }
 
 /// The fence ref of `agent` at the origin.

@@ -119,6 +119,20 @@ pub(crate) fn git(origin: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
 
+/// The fence of an agent's first owner (epoch 1).
+fn first_owner_fence(agent: &str) -> flotilla_actors::origin_fence::OwnerFence {
+    flotilla_actors::origin_fence::OwnerFence {
+        agent: agent.parse().expect("an agent id"),
+        epoch: flotilla_raft::Epoch(1),
+    }
+}
+
+/// The two values the fence of `fence`'s owner takes, in a repository of SHA-1 objects.
+fn epoch_one_fences(fence: &flotilla_actors::origin_fence::OwnerFence) -> [String; 2] {
+    use flotilla_actors::origin_fence::{fence_id, ObjectFormat, Phase};
+    [Phase::Tick, Phase::Tock].map(|phase| fence_id(ObjectFormat::Sha1, *fence, phase))
+}
+
 fn origin_path(url: &str) -> PathBuf {
     PathBuf::from(url.strip_prefix("file://").expect("a file:// URL"))
 }
@@ -199,6 +213,13 @@ async fn a_scripted_agent_works_in_its_machine_and_pushes_its_branch() {
     );
     assert_eq!(git(&origin, &["rev-parse", branch]), ended.pushed_commit);
     assert_eq!(ended.head_commit, ended.pushed_commit);
+    // The agent's first owner took no fence at its start: its first push created it, at epoch 1.
+    let fence = first_owner_fence(&agent.id);
+    let fence_at_origin = git(&origin, &["rev-parse", &fence.ref_name()]);
+    assert!(
+        epoch_one_fences(&fence).contains(&fence_at_origin),
+        "the origin's fence {fence_at_origin} is not the first owner's"
+    );
     let log = git(&origin, &["log", "--format=%an <%ae>|%s", &format!("main..{branch}")]);
     let commits: Vec<&str> = log.lines().collect();
     assert_eq!(commits.len(), 2, "one commit per turn that changed files: {log}");
@@ -244,6 +265,32 @@ async fn a_scripted_agent_works_in_its_machine_and_pushes_its_branch() {
         &events[summary_at + 1].kind,
         Some(agent_event::Kind::StatusChanged(changed)) if changed.to == v1::AgentStatus::Finished as i32
     ));
+}
+
+/// An agent that changes nothing pushes nothing: its run leaves no branch and no fence at the
+/// origin (the first owner of an agent takes its fence only with its first push).
+#[tokio::test]
+async fn an_agent_that_changes_nothing_leaves_no_ref_at_the_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::common::bare_repository(dir.path(), "origin", &[("README.md", "a service\n")]);
+    let script = json!({"turns": [
+        {"text": "", "tool_calls": [
+            {"name": "read_file", "arguments": {"path": "README.md"}}
+        ]},
+        {"text": "The README describes a service; nothing to change."}
+    ]});
+    let config = config_with(&scripted_model(dir.path(), "script", script), "script");
+    let (cluster, mut client) = client_and_cluster(config, Vec::new()).await;
+    let agent = create_from(&mut client, request(&url, "reader", "Read the README")).await;
+    let ended = wait_until_ended(&cluster, &agent.id).await;
+    assert_eq!(status_of(&ended), v1::AgentStatus::Finished, "error: {}", ended.error);
+    assert_eq!(ended.turns, 2);
+    assert!(ended.pushed_commit.is_empty(), "{}", ended.pushed_commit);
+    let origin = origin_path(&url);
+    let refs = git(&origin, &["for-each-ref", "--format=%(refname)"]);
+    assert_eq!(refs, "refs/heads/main", "the origin holds only its own branch");
+    let fence = first_owner_fence(&agent.id);
+    assert!(!refs.contains(&fence.ref_name()));
 }
 
 #[tokio::test]

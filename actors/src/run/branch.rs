@@ -85,7 +85,7 @@ impl BranchOwner<'_> {
         }
     }
 
-    fn fence(&self) -> OwnerFence {
+    pub(super) fn fence(&self) -> OwnerFence {
         OwnerFence {
             agent: self.agent,
             epoch: self.epoch,

@@ -113,8 +113,28 @@ async fn write(replica: &Replica, command: Command) {
     replica.write(command).await.expect("the write is applied");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_owner_displaced_after_its_check_is_refused_by_the_origin_and_the_branch_does_not_move() {
+/// A replica that knows nodes 1 and 2 and an agent assigned to node 1 under epoch 1, a
+/// repository actor with its own mirror for each node, and the agent's workspace on node 1.
+struct Window {
+    dir: tempfile::TempDir,
+    origin_path: std::path::PathBuf,
+    replica: Replica,
+    agent: AgentId,
+    repos: Vec<ActorRef<RepoMsg>>,
+    workspace: Workspace,
+}
+
+fn assign(agent: AgentId, node: u64, epoch: u64) -> Command {
+    Command::AssignAgents {
+        assignments: vec![AssignOne {
+            agent,
+            node,
+            epoch: Epoch(epoch),
+        }],
+    }
+}
+
+async fn window() -> Window {
     let dir = tempfile::tempdir().unwrap();
     let url = origin(dir.path());
     let origin_path = dir.path().join("origin.git");
@@ -146,14 +166,7 @@ async fn an_owner_displaced_after_its_check_is_refused_by_the_origin_and_the_bra
         ..Default::default()
     };
     write(&replica, Command::CreateAgent { id: agent, spec }).await;
-    let assign = |node, epoch| Command::AssignAgents {
-        assignments: vec![AssignOne {
-            agent,
-            node,
-            epoch: Epoch(epoch),
-        }],
-    };
-    write(&replica, assign(1, 1)).await;
+    write(&replica, assign(agent, 1, 1)).await;
 
     // Each owner's node has its own mirror of the origin.
     let settings = GitSettings {
@@ -182,60 +195,155 @@ async fn an_owner_displaced_after_its_check_is_refused_by_the_origin_and_the_bra
     })
     .unwrap()
     .unwrap();
-    let old = BranchOwner {
+    Window {
+        dir,
+        origin_path,
+        replica,
         agent,
-        epoch: Epoch(1),
-        replica: &replica,
-        repo: &repos[0],
-    };
+        repos,
+        workspace,
+    }
+}
+
+impl Window {
+    fn owner(&self, node: usize, epoch: u64) -> BranchOwner<'_> {
+        BranchOwner {
+            agent: self.agent,
+            epoch: Epoch(epoch),
+            replica: &self.replica,
+            repo: &self.repos[node - 1],
+        }
+    }
+
+    /// The agent's node 1 is judged down and the agent goes to node 2 under epoch 2.
+    async fn reassign_to_node_2(&self) {
+        write(&self.replica, Command::NodeDown { node: 1 }).await;
+        write(&self.replica, assign(self.agent, 2, 2)).await;
+    }
+
+    /// Whether the origin has `reference` (a ref, or an object id) and its object.
+    fn origin_has(&self, reference: &str) -> bool {
+        std::process::Command::new("git")
+            .args(["rev-parse", "--verify", "--quiet", &format!("{reference}^{{object}}")])
+            .current_dir(&self.origin_path)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+
+    async fn stop(self) {
+        for repo in &self.repos {
+            repo.stop(None);
+        }
+        self.replica.shutdown().await;
+        drop(self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_displaced_after_its_check_is_refused_by_the_origin_and_the_branch_does_not_move() {
+    let window = window().await;
+    let (workspace, origin_path) = (&window.workspace, &window.origin_path);
+    let old = window.owner(1, 1);
     expect_ok(take_fence(&old).await, "the first owner takes the fence");
-    let first = commit_and_bundle(&workspace, "one.txt");
-    assert_eq!(push_as(&repos[0], old.fence(), &workspace, None).await.unwrap(), first);
+    let first = commit_and_bundle(workspace, "one.txt");
+    assert_eq!(push_as(old.repo, old.fence(), workspace, None).await.unwrap(), first);
 
     // The owner passes its check, then is paused: its node is judged down, the agent goes to
     // node 2 under epoch 2, and the new owner takes the fence before pushing anything.
     expect_ok(check_owner(&old).await, "the owner still holds the agent");
-    write(&replica, Command::NodeDown { node: 1 }).await;
-    write(&replica, assign(2, 2)).await;
-    let new = BranchOwner {
-        agent,
-        epoch: Epoch(2),
-        replica: &replica,
-        repo: &repos[1],
-    };
+    window.reassign_to_node_2().await;
+    let new = window.owner(2, 2);
     expect_ok(take_fence(&new).await, "the new owner takes the fence");
 
     // The old owner wakes up and pushes, leased on the right commit.
-    let before = git(&["rev-parse", BRANCH], &origin_path);
+    let before = git(&["rev-parse", BRANCH], origin_path);
     assert_eq!(before, first);
-    let stale = commit_and_bundle(&workspace, "two.txt");
-    let refused = push_as(&repos[0], old.fence(), &workspace, Some(first.clone()))
+    let stale = commit_and_bundle(workspace, "two.txt");
+    let refused = push_as(old.repo, old.fence(), workspace, Some(first.clone()))
         .await
         .unwrap_err();
     assert!(matches!(refused, RepoError::Fenced { epoch: 1, .. }), "{refused}");
     assert_eq!(
-        git(&["rev-parse", BRANCH], &origin_path),
+        git(&["rev-parse", BRANCH], origin_path),
         before,
         "the branch did not move"
     );
-    let stale_at_origin = std::process::Command::new("git")
-        .args(["cat-file", "-e", &stale])
-        .current_dir(&origin_path)
-        .status()
-        .unwrap();
-    assert!(!stale_at_origin.success(), "the stale commit is not at the origin");
+    assert!(!window.origin_has(&stale), "the stale commit is not at the origin");
     // The run ends as superseded: the log confirms it lost the agent; the agent is not failed.
     match origin_trouble(&old, refused).await {
         BranchTrouble::Ended(outcome) => assert_eq!(outcome, RunOutcome::Superseded),
         BranchTrouble::Origin(error) => panic!("expected a superseded run, found {error}"),
     }
-    let record = replica
+    let record = window
+        .replica
         .reader()
-        .read(|state| state.agents.get(&agent).cloned())
+        .read(|state| state.agents.get(&window.agent).cloned())
         .unwrap();
     assert!(!record.status.is_terminal(), "{}", record.status);
-    for repo in repos {
-        repo.stop(None);
-    }
-    replica.shutdown().await;
+    window.stop().await;
+}
+
+/// A run of the first owner takes no fence before its first push (nobody held the agent
+/// before it): that push creates the fence with the branch, and a later owner's fence still
+/// makes the origin refuse the first owner's pushes, whether it had pushed before or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_owner_that_never_took_the_fence_is_refused_once_a_later_owner_took_it() {
+    let window = window().await;
+    let (workspace, origin_path) = (&window.workspace, &window.origin_path);
+    let old = window.owner(1, 1);
+    assert!(!old.fence().succeeds_an_owner(), "epoch 1 is the agent's first owner");
+    let fence_ref = old.fence().ref_name();
+    assert!(!window.origin_has(&fence_ref), "no fence before the first push");
+
+    // The first push creates the fence at the first owner's epoch, with the branch.
+    let first = commit_and_bundle(workspace, "one.txt");
+    assert_eq!(push_as(old.repo, old.fence(), workspace, None).await.unwrap(), first);
+    let fence_at_origin = git(&["rev-parse", &fence_ref], origin_path);
+    let format = crate::origin_fence::ObjectFormat::Sha1;
+    let epoch_one = [crate::origin_fence::Phase::Tick, crate::origin_fence::Phase::Tock]
+        .map(|phase| crate::origin_fence::fence_id(format, old.fence(), phase));
+    assert!(
+        epoch_one.contains(&fence_at_origin),
+        "{fence_at_origin} is not an epoch-1 fence"
+    );
+
+    // The agent goes to node 2, whose run takes the fence first (epoch 2 succeeds an owner).
+    window.reassign_to_node_2().await;
+    let new = window.owner(2, 2);
+    assert!(new.fence().succeeds_an_owner());
+    expect_ok(take_fence(&new).await, "the new owner takes the fence");
+    let stale = commit_and_bundle(workspace, "two.txt");
+    let refused = push_as(old.repo, old.fence(), workspace, Some(first.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, RepoError::Fenced { epoch: 1, .. }), "{refused}");
+    assert_eq!(
+        git(&["rev-parse", BRANCH], origin_path),
+        first,
+        "the branch did not move"
+    );
+    assert!(!window.origin_has(&stale), "the stale commit is not at the origin");
+    window.stop().await;
+}
+
+/// The same when the first owner had pushed nothing yet: its first push, leased on the fence
+/// being absent, is refused, and the branch is not created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_owner_s_first_push_is_refused_after_a_later_owner_took_the_fence() {
+    let window = window().await;
+    let workspace = &window.workspace;
+    let old = window.owner(1, 1);
+    window.reassign_to_node_2().await;
+    expect_ok(take_fence(&window.owner(2, 2)).await, "the new owner takes the fence");
+    let stale = commit_and_bundle(workspace, "one.txt");
+    let refused = push_as(old.repo, old.fence(), workspace, None).await.unwrap_err();
+    assert!(matches!(refused, RepoError::Fenced { epoch: 1, .. }), "{refused}");
+    assert!(
+        !window.origin_has(&format!("refs/heads/{BRANCH}")),
+        "no branch was created"
+    );
+    assert!(!window.origin_has(&stale), "the stale commit is not at the origin");
+    window.stop().await;
 }

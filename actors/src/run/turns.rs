@@ -80,12 +80,19 @@ impl RunProgress {
         };
         let tool_specs = available_tools(context, &live).await;
         let conversation = open_conversation(context, &start, &live, &tool_specs).await?;
-        // The fence moves to this epoch first: no older owner's push moves the branch after it.
-        match take_fence(&BranchOwner::of(context)).await {
-            Ok(()) => {}
-            Err(BranchTrouble::Ended(outcome)) => return ControlFlow::Break(outcome),
-            // Every push takes the fence too; the first one tries again.
-            Err(BranchTrouble::Origin(error)) => live.log(format!("could not take the fence at the origin: {error}")),
+        // A later owner moves the fence to its epoch first: no older owner's push moves the
+        // branch after it. The first owner has none to fence out; its first push takes the
+        // fence with the branch (a push of the origin per agent start saved).
+        let owner = BranchOwner::of(context);
+        if owner.fence().succeeds_an_owner() {
+            match take_fence(&owner).await {
+                Ok(()) => {}
+                Err(BranchTrouble::Ended(outcome)) => return ControlFlow::Break(outcome),
+                // Every push takes the fence too; the first one tries again.
+                Err(BranchTrouble::Origin(error)) => {
+                    live.log(format!("could not take the fence at the origin: {error}"))
+                }
+            }
         }
         // The origin is made to agree with the record before any turn: a commit a fenced owner
         // pushed is reported and kept now, not found at the first push.
