@@ -293,6 +293,50 @@ async fn an_agent_that_changes_nothing_leaves_no_ref_at_the_origin() {
     assert!(!refs.contains(&fence.ref_name()));
 }
 
+/// A work branch the origin already holds is adopted: the run reads the origin, records the
+/// branch and builds on it, and its push follows the branch's commit.
+#[tokio::test]
+async fn an_agent_given_a_branch_the_origin_holds_builds_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::common::bare_repository(dir.path(), "origin", &[("README.md", "a service\n")]);
+    let origin = origin_path(&url);
+    let tree = git(&origin, &["rev-parse", "main^{tree}"]);
+    let output = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(&origin)
+        .args(["commit-tree", &tree, "-p", "main", "-m", "the user's own commit"])
+        .env("GIT_AUTHOR_NAME", "A User")
+        .env("GIT_AUTHOR_EMAIL", "user@example.test")
+        .env("GIT_COMMITTER_NAME", "A User")
+        .env("GIT_COMMITTER_EMAIL", "user@example.test")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let users = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    git(&origin, &["update-ref", "refs/heads/feature/existing", &users]);
+
+    let script = json!({"turns": [
+        {"text": "", "tool_calls": [
+            {"name": "write_file", "arguments": {"path": "more.txt", "content": "more\n"}}
+        ]},
+        {"text": "Added more.txt."}
+    ]});
+    let config = config_with(&scripted_model(dir.path(), "script", script), "script");
+    let (cluster, mut client) = client_and_cluster(config, Vec::new()).await;
+    let mut asked = request(&url, "builder", "Add a file");
+    asked.work_branch = "feature/existing".to_string();
+    let agent = create_from(&mut client, asked).await;
+    let ended = wait_until_ended(&cluster, &agent.id).await;
+    assert_eq!(status_of(&ended), v1::AgentStatus::Finished, "error: {}", ended.error);
+    assert_eq!(git(&origin, &["rev-parse", "feature/existing"]), ended.pushed_commit);
+    assert_eq!(
+        git(&origin, &["rev-parse", &format!("{}^", ended.pushed_commit)]),
+        users,
+        "the agent's commit follows the user's"
+    );
+    assert_eq!(show(&origin, "feature/existing", "more.txt").as_deref(), Some("more\n"));
+}
+
 #[tokio::test]
 async fn an_openai_agent_pushes_over_smart_http_and_its_keys_stay_out_of_the_machine() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,10 +5,12 @@
 //!   whose idea of the branch is not the record's, and each push is preceded by a `CheckOwner`
 //!   write, so an owner that lost the agent while cut off or paused learns it from the log and
 //!   leaves the origin alone;
-//! - a run first moves the agent's fence ref at the origin to its epoch, and every push moves
-//!   the fence with the branch in one atomic push (see [`crate::origin_fence`]): an owner paused
-//!   between its `CheckOwner` and its push finds the origin refusing it whole once its successor
-//!   has taken the fence, and its run ends as superseded (the log confirms it is stale);
+//! - a run of a later owner first moves the agent's fence ref at the origin to its epoch, and
+//!   every push moves the fence with the branch in one atomic push (see
+//!   [`crate::origin_fence`]): an owner paused between its `CheckOwner` and its push finds the
+//!   origin refusing it whole once its successor has taken the fence, and its run ends as
+//!   superseded (the log confirms it is stale). The first owner has no one to fence out: its
+//!   first push creates the fence, leased on its absence;
 //! - the commit a push made is recorded by the turn (`RecordTurn`), under the owner's epoch;
 //! - when the origin holds another commit than the record (a fenced owner pushed it between its
 //!   last check and the takeover), the owner records the displaced commit first
@@ -19,7 +21,9 @@
 //!   an owner that died before recording it) is adopted: the record takes it.
 //!
 //! A run settles the branch when it opens and before it finishes, and a finish is written only
-//! once `git ls-remote` shows the origin at the recorded commit.
+//! once `git ls-remote` shows the origin at the recorded commit. The one run that opens without
+//! reading the origin is a first owner's with nothing recorded on a branch its mirror did not
+//! have: that mirror was fetched for this run, so it read the origin already.
 
 use flotilla_raft::apply::displaced_ref;
 use flotilla_raft::{AgentId, Command, Epoch, Replica};
@@ -140,6 +144,14 @@ pub(super) async fn take_fence(owner: &BranchOwner<'_>) -> Result<(), BranchTrou
 /// recorded commit.
 pub(super) async fn settle(context: &RunContext, live: &Live) -> Result<Option<String>, BranchTrouble> {
     let recorded = recorded(context)?;
+    if recorded.is_none() && !context.workspace.resumed && !BranchOwner::of(context).fence().succeeds_an_owner() {
+        // The first owner's run of an agent that never pushed, on a branch the mirror did not
+        // have: the mirror was fetched after this run asked for its workspace, so it already
+        // read the origin here, and no earlier owner can have pushed since (there is none).
+        // The origin agrees with the record (no branch); a push made meanwhile by anyone else
+        // is refused by the first push's lease, as one made after a read of the origin would be.
+        return Ok(None);
+    }
     let found = at_origin(context).await?;
     if found == recorded {
         return Ok(recorded);
