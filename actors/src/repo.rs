@@ -344,10 +344,14 @@ pub struct RepoState {
     /// When the last successful fetch of the mirror started: a workspace asked for before then
     /// is served without another fetch (a burst of agents of one repository fetches once).
     refreshed_at: Option<Instant>,
-    /// Workspaces are cloned from the mirror off the actor, each holding this shared; whatever
-    /// writes the mirror (fetch, push, fence, restore) holds it exclusively, so no clone reads
-    /// a pack that a fetch's repack is removing.
-    mirror_lock: Arc<tokio::sync::RwLock<()>>,
+    /// Workspaces are made from the mirror off the actor, each holding this shared; whatever
+    /// moves the mirror's branches or repacks it (fetch, push, restore) holds it exclusively
+    /// ([`RepoState::hold_exclusive`]), so no workspace reads a pack that a fetch's repack is
+    /// removing. It holds the mirror's generation, which each exclusive hold raises: the
+    /// workspaces of one generation are copied from one skeleton.
+    mirror_lock: Arc<tokio::sync::RwLock<u64>>,
+    /// The workspace skeleton of the latest generation asked for (see [`skeleton`]).
+    skeleton: skeleton::SkeletonCache,
     /// The mirror's object format (the origin's), read once per clone of the mirror: every
     /// fence an agent takes needs it.
     object_format: Arc<tokio::sync::OnceCell<crate::origin_fence::ObjectFormat>>,
@@ -598,7 +602,8 @@ impl Actor for RepoActor {
             args,
             cloned: false,
             refreshed_at: None,
-            mirror_lock: Arc::new(tokio::sync::RwLock::new(())),
+            mirror_lock: Default::default(),
+            skeleton: Default::default(),
             object_format: Default::default(),
             fences: Default::default(),
         })
@@ -658,7 +663,7 @@ impl Actor for RepoActor {
         };
         // Everything below writes the mirror (or reads the origin next to a write): no workspace
         // clone is in flight while it runs.
-        let _exclusive = state.mirror_lock.clone().write_owned().await;
+        let _exclusive = state.hold_exclusive().await;
         match message {
             // Answered above.
             RepoMsg::PrepareWorkspace { .. } | RepoMsg::BranchAtOrigin { .. } => {}
@@ -743,6 +748,9 @@ mod fence;
 #[path = "repo_workspace.rs"]
 mod workspace;
 
+#[path = "repo_skeleton.rs"]
+mod skeleton;
+
 #[cfg(test)]
 #[path = "repo_push_tests.rs"]
 mod push_tests;
@@ -802,6 +810,7 @@ mod tests {
             cloned: false,
             refreshed_at: None,
             mirror_lock: Default::default(),
+            skeleton: Default::default(),
             object_format: Default::default(),
             fences: Default::default(),
         };
@@ -851,6 +860,7 @@ mod tests {
             cloned: false,
             refreshed_at: None,
             mirror_lock: Default::default(),
+            skeleton: Default::default(),
             object_format: Default::default(),
             fences: Default::default(),
         };
@@ -899,6 +909,7 @@ mod tests {
             cloned: false,
             refreshed_at: None,
             mirror_lock: Default::default(),
+            skeleton: Default::default(),
             object_format: Default::default(),
             fences: Default::default(),
         };
@@ -924,6 +935,7 @@ mod tests {
             cloned: false,
             refreshed_at: None,
             mirror_lock: Default::default(),
+            skeleton: Default::default(),
             object_format: Default::default(),
             fences: Default::default(),
         };
@@ -965,6 +977,7 @@ mod tests {
                 cloned: false,
                 refreshed_at: None,
                 mirror_lock: Default::default(),
+                skeleton: Default::default(),
                 object_format: Default::default(),
                 fences: Default::default(),
             };

@@ -39,6 +39,7 @@ async fn setup() -> Setup {
         cloned: false,
         refreshed_at: None,
         mirror_lock: Default::default(),
+        skeleton: Default::default(),
         object_format: Default::default(),
         fences: Default::default(),
     };

@@ -1,13 +1,15 @@
 //! Workspaces from the mirror. The repository actor fetches the mirror when no fetch began
-//! after the agent asked; then finding the start commit, the clone and the checkout run on a
-//! task of their own under the mirror's shared lock, so that a burst of agents of one
-//! repository fetches once and clones side by side instead of one after the other.
+//! after the agent asked; then finding the start commit, the copy of the generation's skeleton
+//! (see [`super::skeleton`]) and the checkout run on a task of their own under the mirror's
+//! shared lock, so that a burst of agents of one repository fetches once and makes its
+//! workspaces side by side instead of one after the other.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ractor::RpcReplyPort;
 
+use super::skeleton::{self, Skeleton};
 use super::{git, GitError, RepoError, RepoState, Workspace};
 use crate::push_bundle;
 
@@ -47,31 +49,6 @@ async fn commit_and_tree(mirror: &Path, name: &str) -> Option<(String, String)> 
     }
 }
 
-/// The commit and tree at each of the branches `names` (full ref names) in `mirror`, read in
-/// one `git for-each-ref` (a new agent's start needs both its work branch and its base: one
-/// git process instead of two). A branch at something other than a commit (an annotated tag)
-/// is peeled as [`commit_and_tree`] does, in a call of its own; a failed read finds nothing,
-/// as a failed `rev-parse` did.
-async fn branch_tips<const N: usize>(mirror: &Path, names: [&str; N]) -> [Option<(String, String)>; N] {
-    let mut args = vec![
-        "for-each-ref",
-        "--format=%(objecttype) %(objectname) %(tree) %(refname)",
-    ];
-    args.extend_from_slice(&names);
-    let listed = git(&args, Some(mirror)).await.unwrap_or_default();
-    let mut tips: [Option<(String, String)>; N] = std::array::from_fn(|_| None);
-    for (name, tip) in names.iter().zip(tips.iter_mut()) {
-        // for-each-ref also lists refs beneath a name: only the exact name counts.
-        let line = listed.lines().find(|line| line.splitn(4, ' ').nth(3) == Some(name));
-        *tip = match line.map(|line| line.splitn(4, ' ').collect::<Vec<_>>()) {
-            Some(fields) if fields[0] == "commit" => Some((fields[1].to_string(), fields[2].to_string())),
-            Some(_) => commit_and_tree(mirror, name).await,
-            None => None,
-        };
-    }
-    tips
-}
-
 impl RepoState {
     /// Fetches the mirror unless a fetch started after the agent asked (the actor's only
     /// serial step of a workspace).
@@ -79,7 +56,7 @@ impl RepoState {
         if self.refreshed_at.is_some_and(|fetched| fetched >= requested_at) {
             return Ok(());
         }
-        let _exclusive = self.mirror_lock.clone().write_owned().await;
+        let _exclusive = self.hold_exclusive().await;
         let started = Instant::now();
         self.refresh().await?;
         tracing::debug!(url = %self.args.url, elapsed_ms = started.elapsed().as_millis() as u64, "mirror fetched");
@@ -96,15 +73,53 @@ impl RepoState {
     pub(super) async fn spawn_workspace(&self, wanted: Wanted, reply: RpcReplyPort<Result<Workspace, RepoError>>) {
         let mirror = self.args.mirror.clone();
         let url = self.args.url.clone();
-        self.spawn_shared(async move {
-            let result = async {
-                let start = workspace_start(&mirror, &url, &wanted).await?;
-                make_workspace(&mirror, &url, start, &wanted.work_branch, &wanted.path).await
-            }
-            .await;
+        let cache = self.skeleton.clone();
+        let shared = self.mirror_lock.clone().read_owned().await;
+        let generation = *shared;
+        tokio::spawn(async move {
+            let result = make_from_generation(&cache, generation, &mirror, &url, &wanted).await;
             let _ = reply.send(result);
-        })
-        .await;
+            drop(shared);
+        });
+    }
+
+    /// Holds the mirror exclusively, for a fetch, a push or a restore (anything that moves its
+    /// branches or repacks it), and starts its next generation: the next workspace makes a new
+    /// skeleton.
+    pub(super) async fn hold_exclusive(&self) -> tokio::sync::OwnedRwLockWriteGuard<u64> {
+        let mut exclusive = self.mirror_lock.clone().write_owned().await;
+        *exclusive += 1;
+        exclusive
+    }
+}
+
+/// A workspace from the skeleton of `generation`, which the caller holds the mirror shared under.
+async fn make_from_generation(
+    cache: &skeleton::SkeletonCache,
+    generation: u64,
+    mirror: &Path,
+    url: &str,
+    wanted: &Wanted,
+) -> Result<Workspace, RepoError> {
+    let skeleton = skeleton::skeleton_of(cache, mirror, url, generation)
+        .await
+        .map_err(|error| RepoError::Workspace {
+            path: wanted.path.display().to_string(),
+            message: format!("cannot make the workspace skeleton: {error}"),
+        })?;
+    let start = workspace_start(mirror, url, wanted, &skeleton).await?;
+    make_workspace(mirror, &skeleton, start, &wanted.work_branch, &wanted.path).await
+}
+
+/// The commit and tree of the mirror's branch `name` (a full ref name) at the skeleton's
+/// generation; a branch at something other than a commit (an annotated tag) is peeled as
+/// [`commit_and_tree`] does.
+async fn branch_tip(mirror: &Path, skeleton: &Skeleton, name: &str) -> Option<(String, String)> {
+    let head = skeleton.head(name)?;
+    if head.kind == "commit" {
+        Some((head.id.clone(), head.tree.clone()))
+    } else {
+        commit_and_tree(mirror, name).await
     }
 }
 
@@ -161,7 +176,7 @@ async fn pack_loose_objects(mirror: &Path) -> Result<usize, GitError> {
 
 /// The commit the workspace starts at, read in the mirror. The record wins over the origin: a
 /// branch moved by a fenced owner is not built on.
-async fn workspace_start(mirror: &Path, url: &str, wanted: &Wanted) -> Result<Start, RepoError> {
+async fn workspace_start(mirror: &Path, url: &str, wanted: &Wanted, skeleton: &Skeleton) -> Result<Start, RepoError> {
     let (found, resumed) = match wanted.recorded.as_deref() {
         Some(recorded) => {
             let found = if push_bundle::is_object_id(recorded) {
@@ -181,7 +196,8 @@ async fn workspace_start(mirror: &Path, url: &str, wanted: &Wanted) -> Result<St
         None => {
             let work = format!("refs/heads/{}", wanted.work_branch);
             let base = format!("refs/heads/{}", wanted.base_branch);
-            let [work_tip, base_tip] = branch_tips(mirror, [&work, &base]).await;
+            let work_tip = branch_tip(mirror, skeleton, &work).await;
+            let base_tip = branch_tip(mirror, skeleton, &base).await;
             match work_tip {
                 Some(tip) => (tip, true),
                 None => {
@@ -206,6 +222,7 @@ impl RepoState {
             cloned: self.cloned,
             refreshed_at: self.refreshed_at,
             mirror_lock: self.mirror_lock.clone(),
+            skeleton: self.skeleton.clone(),
             object_format: self.object_format.clone(),
             fences: self.fences.clone(),
         }
@@ -228,47 +245,38 @@ impl RepoState {
     }
 }
 
-/// A local clone of the mirror at `path` (objects hard-linked where the filesystem allows, so
-/// it is self-contained: a machine sees nothing outside it), on `work_branch` at the start.
+/// The workspace at `path`, on `work_branch` at the start: a copy of the generation's skeleton
+/// with the mirror's objects hard-linked where the filesystem allows (so it is self-contained:
+/// a machine sees nothing outside it), and git's checkout of the start commit.
 async fn make_workspace(
     mirror: &Path,
-    url: &str,
+    skeleton: &Skeleton,
     start: Start,
     work_branch: &str,
     path: &Path,
 ) -> Result<Workspace, RepoError> {
     let started = Instant::now();
-    let workspace_error = |error: GitError| RepoError::Workspace {
+    let workspace_error = |message: String| RepoError::Workspace {
         path: path.display().to_string(),
-        message: error.to_string(),
+        message,
     };
     let _ = tokio::fs::remove_dir_all(path).await;
-    let target = path.display().to_string();
-    // A local clone holds every object of the mirror, the start commit included. `--template=`:
-    // no sample hooks and other template files copied into each workspace (nothing runs them;
-    // copying them was a quarter of the clone's CPU).
-    git(
-        &[
-            "clone",
-            "--local",
-            "--quiet",
-            "--no-checkout",
-            "--template=",
-            &mirror.display().to_string(),
-            &target,
-        ],
-        None,
-    )
+    let (skeleton_git, mirror_dir, target) = (
+        skeleton.git_dir().to_path_buf(),
+        mirror.to_path_buf(),
+        path.to_path_buf(),
+    );
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&target)?;
+        skeleton::copy_into(&skeleton_git, &mirror_dir, &target.join(".git"))
+    })
     .await
-    .map_err(workspace_error)?;
+    .map_err(|error| workspace_error(error.to_string()))?
+    .map_err(|error| workspace_error(format!("cannot copy the repository into the workspace: {error}")))?;
     git(&["checkout", "--quiet", "-B", work_branch, &start.commit], Some(path))
         .await
-        .map_err(workspace_error)?;
-    // Pushes go to the real origin, not to the node's mirror.
-    git(&["remote", "set-url", "origin", url], Some(path))
-        .await
-        .map_err(workspace_error)?;
-    tracing::debug!(path = %path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "workspace cloned");
+        .map_err(|error| workspace_error(error.to_string()))?;
+    tracing::debug!(path = %path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "workspace made");
     Ok(Workspace {
         path: path.to_path_buf(),
         branch: work_branch.to_string(),
@@ -296,8 +304,8 @@ impl RepoState {
             recorded: recorded.map(str::to_string),
             path: path.to_path_buf(),
         };
-        let start = workspace_start(&self.args.mirror, &self.args.url, &wanted).await?;
-        make_workspace(&self.args.mirror, &self.args.url, start, work_branch, path).await
+        let shared = self.mirror_lock.clone().read_owned().await;
+        make_from_generation(&self.skeleton, *shared, &self.args.mirror, &self.args.url, &wanted).await
     }
 }
 
@@ -408,6 +416,73 @@ mod tests {
         repo.stop(None);
     }
 
+    /// The workspaces of one generation of the mirror are copied from one skeleton; a fetch
+    /// starts the next generation and a new skeleton. A workspace is whole without the
+    /// skeleton and the mirror: its objects are its own links, its checkout is clean, and its
+    /// remote-tracking branches are the mirror's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn workspaces_of_a_generation_share_a_skeleton_and_stand_on_their_own() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let url = origin_with_main(dir.path()).await;
+        std::fs::create_dir_all(dir.path().join("repos")).unwrap();
+        let mirror = mirror_path(&dir.path().join("repos"), &url);
+        let skeleton_head = super::skeleton::skeleton_path(&mirror).join(".git/HEAD");
+        let args = RepoArgs {
+            url: url.clone(),
+            mirror: mirror.clone(),
+            git: allowing(dir.path()),
+            providers: None,
+        };
+        let (repo, _) = Actor::spawn(None, RepoActor, args).await.unwrap();
+        let asked_early = Instant::now();
+        let first = workspace_at(&repo, &dir.path().join("w0"), asked_early).await;
+        let made = std::fs::metadata(&skeleton_head).unwrap().ino();
+        let same_generation = workspace_at(&repo, &dir.path().join("w1"), asked_early).await;
+        assert_eq!(same_generation.head_commit, first.head_commit);
+        assert_eq!(
+            std::fs::metadata(&skeleton_head).unwrap().ino(),
+            made,
+            "no fetch between them: one skeleton"
+        );
+
+        let advanced = advance_origin(dir.path()).await;
+        let later = workspace_at(&repo, &dir.path().join("w2"), Instant::now()).await;
+        assert_eq!(later.head_commit, advanced);
+        assert_ne!(
+            std::fs::metadata(&skeleton_head).unwrap().ino(),
+            made,
+            "a fetch started a new generation and its skeleton"
+        );
+        let pack = std::fs::read_dir(mirror.join("objects/pack"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .find(|path| path.extension().is_some_and(|extension| extension == "pack"))
+            .expect("the mirror has a pack");
+        let linked = later.path.join(".git/objects/pack").join(pack.file_name().unwrap());
+        assert_eq!(
+            std::fs::metadata(&linked).unwrap().ino(),
+            std::fs::metadata(&pack).unwrap().ino(),
+            "the mirror's objects are linked, not copied"
+        );
+
+        repo.stop(None);
+        std::fs::remove_dir_all(super::skeleton::skeleton_path(&mirror)).unwrap();
+        std::fs::remove_dir_all(&mirror).unwrap();
+        let path = Some(later.path.as_path());
+        git(&["fsck", "--connectivity-only", "--no-progress"], path)
+            .await
+            .unwrap();
+        assert_eq!(git(&["status", "--porcelain"], path).await.unwrap(), "");
+        assert_eq!(git(&["rev-parse", "origin/main"], path).await.unwrap(), advanced);
+        assert_eq!(git(&["remote", "get-url", "origin"], path).await.unwrap(), url);
+        assert_eq!(
+            git(&["rev-parse", "--abbrev-ref", "HEAD"], path).await.unwrap(),
+            later.branch
+        );
+        assert_eq!(std::fs::read_to_string(later.path.join("next.txt")).unwrap(), "next\n");
+    }
+
     /// Loose objects the node wrote into the mirror (fence commits) are packed by the next
     /// fetch once there are enough of them, and stay readable; fewer are left alone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,7 +535,7 @@ mod tests {
         let head = git(&["rev-parse", "HEAD"], Some(&workspace.path)).await.unwrap();
         assert_eq!(
             head, workspace.head_commit,
-            "a workspace cloned after the packing is whole"
+            "a workspace made after the packing is whole"
         );
         repo.stop(None);
     }

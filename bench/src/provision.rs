@@ -157,7 +157,7 @@ pub async fn run_provision(args: BenchProvisionArgs) -> anyhow::Result<()> {
     print_report(&args, &timelines, burst_started, warm_up);
     for (name, samples) in [
         ("mirror fetches", &repo.fetches_ms),
-        ("workspace clones", &repo.clones_ms),
+        ("workspaces made", &repo.workspaces_ms),
     ] {
         if let Some(figures) = Percentiles::of(samples) {
             println!("{name:<38} {figures}");
@@ -309,11 +309,11 @@ fn attribute_arrivals(
 }
 
 /// What the node's repository actor did during the run: its fetches of the mirror and its
-/// workspace clones (milliseconds each).
+/// workspaces made (milliseconds each).
 #[derive(Default)]
 struct RepoWork {
     fetches_ms: Vec<f64>,
-    clones_ms: Vec<f64>,
+    workspaces_ms: Vec<f64>,
 }
 
 /// The stage lines of the node's JSON log, by agent id.
@@ -332,7 +332,7 @@ fn read_node_log(path: &Path, timelines: &mut [Timeline], repo: &mut RepoWork) -
         let elapsed_ms = fields["elapsed_ms"].as_f64();
         match (fields["message"].as_str(), elapsed_ms) {
             (Some("mirror fetched"), Some(elapsed)) => repo.fetches_ms.push(elapsed),
-            (Some("workspace cloned"), Some(elapsed)) => repo.clones_ms.push(elapsed),
+            (Some("workspace made"), Some(elapsed)) => repo.workspaces_ms.push(elapsed),
             _ => {}
         }
         let (Some(message), Some(agent), Some(timestamp)) = (
