@@ -1,21 +1,20 @@
-//! The log flusher: a thread that syncs RocksDB's write-ahead log and only then tells openraft
-//! that the appends it holds are flushed. Appends that arrive while a sync runs wait for the
-//! next one, so one fsync covers a group of appends (group commit).
+//! The log flusher: a thread that syncs RocksDB's write-ahead log under a leader's own
+//! proposals, which are reported written at once (see [`super::Durability`]) and synced while
+//! they travel to the followers. Proposals written while a sync runs wait for the next one, so
+//! one fsync covers a group of them (group commit).
 //!
-//! openraft 0.9's core waits for each append's flush before it does anything else, so appends
-//! queue here only when they are reported before their sync: a leader's own proposals (see
-//! [`super::Durability`]), which are grouped into one sync as they arrive.
+//! A follower's appends are synced on the append's own task instead (`LogStore::append`):
+//! openraft 0.9's core waits for each append's flush before it takes its next message, so they
+//! never group, and handing each to this thread and back cost two thread wake-ups per append.
 
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
-use openraft::storage::LogFlushed;
 use rocksdb::DB;
 
 use super::OpenError;
-use crate::TypeConfig;
 
-/// Appends waiting for the flusher's next sync; `append` waits for room beyond this.
+/// Proposals waiting for the flusher's next sync; `append` waits for room beyond this.
 pub const MAX_APPENDS_AWAITING_SYNC: usize = 4096;
 
 /// Test hook: `FLOTILLA_TEST_HOOK_OWN_SYNC_DELAY_MS` makes every sync of a leader's own
@@ -37,35 +36,28 @@ fn own_sync_delay() -> Option<std::time::Duration> {
     }
 }
 
-/// What the flusher is asked for.
-pub(super) enum FlushRequest {
-    /// An append to report flushed after the next sync.
-    Report(LogFlushed<TypeConfig>),
-    /// A sync for an append already reported (a leader's own proposal).
-    Sync,
-}
+/// A sync of a leader's own proposal, already reported written.
+pub(super) struct SyncRequest;
 
-/// Starts the thread that syncs the WAL for groups of appends and then acknowledges them. It
-/// holds the database weakly, so the database closes as soon as its stores are dropped.
+/// Starts the thread that syncs the WAL for groups of a leader's own proposals. It holds the
+/// database weakly, so the database closes as soon as its stores are dropped.
 pub(super) fn spawn_flusher(
     db: std::sync::Weak<DB>,
     durability: Arc<super::Durability>,
-) -> Result<SyncSender<FlushRequest>, OpenError> {
-    let (sender, receiver) = std::sync::mpsc::sync_channel::<FlushRequest>(MAX_APPENDS_AWAITING_SYNC);
+) -> Result<SyncSender<SyncRequest>, OpenError> {
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<SyncRequest>(MAX_APPENDS_AWAITING_SYNC);
     let own_sync_delay = own_sync_delay();
     std::thread::Builder::new()
         .name("raft-log-flusher".to_string())
         .spawn(move || {
-            while let Ok(first) = receiver.recv() {
-                let mut group = vec![first];
-                group.extend(receiver.try_iter());
+            while let Ok(SyncRequest) = receiver.recv() {
+                // Everything queued meanwhile is covered by this one sync.
+                receiver.try_iter().for_each(drop);
                 // Read before the sync: everything written up to here is in the WAL it syncs.
                 let upto = durability.written_mark();
                 let sync_started = std::time::Instant::now();
                 if let Some(delay) = own_sync_delay {
-                    if group.iter().any(|request| matches!(request, FlushRequest::Sync)) {
-                        std::thread::sleep(delay);
-                    }
+                    std::thread::sleep(delay);
                 }
                 let synced = match db.upgrade() {
                     Some(db) => db.flush_wal(true).map_err(|error| error.to_string()),
@@ -75,11 +67,6 @@ pub(super) fn spawn_flusher(
                 match &synced {
                     Ok(()) => durability.synced(upto),
                     Err(error) => durability.sync_failed(format!("syncing the log: {error}")),
-                }
-                for request in group {
-                    if let FlushRequest::Report(callback) = request {
-                        callback.log_io_completed(synced.clone().map_err(std::io::Error::other));
-                    }
                 }
             }
         })

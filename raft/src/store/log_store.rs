@@ -13,7 +13,7 @@ use openraft::{AnyError, Entry, LogId, LogState, OptionalSend, RaftLogReader, St
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
-use super::flusher::FlushRequest;
+use super::flusher::SyncRequest;
 use super::{any, decode, encode, StorageResult, CF_LOG, CF_LOG_META, KEY_COMMITTED, KEY_PURGED, KEY_VOTE};
 use crate::{NodeId, TypeConfig};
 
@@ -25,7 +25,7 @@ pub(super) fn log_key(index: u64) -> [u8; 8] {
 #[derive(Clone)]
 pub struct LogStore {
     pub(super) db: Arc<DB>,
-    flusher: SyncSender<FlushRequest>,
+    flusher: SyncSender<SyncRequest>,
     durability: Arc<super::Durability>,
 }
 
@@ -49,7 +49,7 @@ pub(super) fn last_log_id(db: &DB) -> Result<Option<LogId<NodeId>>, String> {
 }
 
 impl LogStore {
-    pub(super) fn new(db: Arc<DB>, flusher: SyncSender<FlushRequest>, durability: Arc<super::Durability>) -> LogStore {
+    pub(super) fn new(db: Arc<DB>, flusher: SyncSender<SyncRequest>, durability: Arc<super::Durability>) -> LogStore {
         LogStore {
             db,
             flusher,
@@ -65,7 +65,7 @@ impl LogStore {
     /// Hands a request to the flusher: a push onto a bounded channel, done in place while there
     /// is room (the usual case: no thread hand-off on the runtime worker), and from a blocking
     /// section only when the flusher is a full queue behind.
-    fn to_flusher(&self, request: FlushRequest) -> StorageResult<()> {
+    fn to_flusher(&self, request: SyncRequest) -> StorageResult<()> {
         let stopped = || StorageIOError::write_logs(AnyError::error("the log flusher thread has stopped"));
         match self.flusher.try_send(request) {
             Ok(()) => Ok(()),
@@ -200,10 +200,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // followers while the flusher syncs it (see `Durability` for what waits for the
             // sync instead).
             callback.log_io_completed(Ok(()));
-            return self.to_flusher(FlushRequest::Sync);
+            return self.to_flusher(SyncRequest);
         }
-        // Anything else is reported only after the flusher's next sync.
-        self.to_flusher(FlushRequest::Report(callback))
+        // Anything else (a follower's append) is reported only after a sync. openraft's core
+        // waits for it before it takes its next message, so such appends never group, and the
+        // sync runs here, on the core's task: handing it to the flusher thread and back cost two
+        // thread wake-ups per append (A/B in docs/performance.md, "A follower syncs its own
+        // appends"). The core would wait for the sync either way; what else was queued on this
+        // runtime worker is taken by the others meanwhile.
+        let upto = self.durability.written_mark();
+        let started = std::time::Instant::now();
+        let synced = self.db.flush_wal(true).map_err(|error| error.to_string());
+        crate::metrics::record_log_sync(started.elapsed());
+        match &synced {
+            Ok(()) => self.durability.synced(upto),
+            Err(error) => self.durability.sync_failed(format!("syncing the log: {error}")),
+        }
+        callback.log_io_completed(synced.map_err(std::io::Error::other));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {

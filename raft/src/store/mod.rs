@@ -3,16 +3,17 @@
 //! state-machine write share one write-ahead log.
 //!
 //! Log entries are written to RocksDB at once (readable for replication) and made durable by a
-//! flusher thread that syncs the write-ahead log and only then tells openraft they are flushed,
-//! so no client is answered before its entry is on disk. Every append that arrives while a sync
-//! runs is covered by the next one: one fsync per group of appends (group commit).
+//! sync of the write-ahead log before anything depends on them, so no client is answered before
+//! its entry is on disk: a follower's append is synced in place before openraft hears it is
+//! flushed; a leader's own proposals are synced by a flusher thread while they travel, and
+//! every proposal written while a sync runs is covered by the next one (group commit).
 //!
 //! The state machine keeps the whole [`ClusterState`](crate::ClusterState) in memory for reads
 //! and writes every record an entry touched to RocksDB in the same batch as the applied log id
 //! (unsynced: the log is the durable source, and the WAL is synced before any log is purged).
 //!
 //! - `log_store`: openraft's log (entries, vote, committed and purged marks);
-//! - `flusher`: the thread that syncs the write-ahead log for groups of appends;
+//! - `flusher`: the thread that syncs the write-ahead log for groups of a leader's proposals;
 //! - `state_machine`: the in-memory state, applying committed entries with
 //!   [`flotilla_state::apply`], and the readers the node serves from;
 //! - `state_layout`: how the state's records are keyed in the state column family, written and
@@ -103,10 +104,10 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     options.create_if_missing(true);
     options.create_missing_column_families(true);
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    // Writes stay in RocksDB's WAL buffer until the flusher's `flush_wal(true)` writes and syncs
-    // them (or a synced write, which flushes the buffer first): one write(2) per sync instead of
-    // one per log append, state batch and committed mark. What waits for the flusher (a
-    // follower's appends, an applied entry) is on disk either way; what does not (state writes,
+    // Writes stay in RocksDB's WAL buffer until a `flush_wal(true)` (the flusher's, or a
+    // follower append's) writes and syncs them (or a synced write, which flushes the buffer
+    // first): one write(2) per sync instead of one per log append, state batch and committed
+    // mark. What waits for a sync (a follower's appends, an applied entry) is on disk either way; what does not (state writes,
     // the committed mark) is replayed from the synced log after a crash, and `purge` syncs the
     // WAL before it drops any log. A killed process now also loses the unsynced tail that the
     // page cache would have kept, which changes nothing of the above.
