@@ -8,7 +8,7 @@
 //! clone made once per generation of the mirror: every fetch, push or restore holds the mirror
 //! exclusively and raises the generation ([`super::RepoState::hold_exclusive`]), and the first
 //! workspace after that makes the skeleton again. A workspace is then the skeleton's `.git`
-//! without its objects (HEAD, config with the origin's URL, packed-refs, reflogs: small files,
+//! without its objects (HEAD, config with the origin's URL, packed-refs: small files,
 //! copied), the mirror's object files hard-linked as a local clone links them (so the
 //! workspace is self-contained: a machine sees nothing outside it), and one `git checkout` of
 //! the work branch, which leaves the worktree's files to git and its checks.
