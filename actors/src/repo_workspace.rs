@@ -311,7 +311,7 @@ impl RepoState {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
     use std::time::Instant;
 
     use ractor::{Actor, ActorRef};
@@ -331,6 +331,22 @@ mod tests {
         })
         .unwrap()
         .unwrap()
+    }
+
+    /// A bare origin with `main` in `dir`, and a repository actor for it with its mirror under
+    /// `dir/repos`: the origin's URL, the mirror's path and the actor.
+    async fn repository(dir: &Path) -> (String, PathBuf, ActorRef<RepoMsg>) {
+        let url = origin_with_main(dir).await;
+        std::fs::create_dir_all(dir.join("repos")).unwrap();
+        let mirror = mirror_path(&dir.join("repos"), &url);
+        let args = RepoArgs {
+            url: url.clone(),
+            mirror: mirror.clone(),
+            git: allowing(dir),
+            providers: None,
+        };
+        let (repo, _) = Actor::spawn(None, RepoActor, args).await.unwrap();
+        (url, mirror, repo)
     }
 
     /// A new commit on the seed's main, pushed to the origin; answers it.
@@ -364,15 +380,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fetch_covers_the_workspaces_asked_for_before_it_and_later_ones_fetch_again() {
         let dir = tempfile::tempdir().unwrap();
-        let url = origin_with_main(dir.path()).await;
-        std::fs::create_dir_all(dir.path().join("repos")).unwrap();
-        let args = RepoArgs {
-            url: url.clone(),
-            mirror: mirror_path(&dir.path().join("repos"), &url),
-            git: allowing(dir.path()),
-            providers: None,
-        };
-        let (repo, _) = Actor::spawn(None, RepoActor, args).await.unwrap();
+        let (url, _, repo) = repository(dir.path()).await;
         let asked_early = Instant::now();
         let first = workspace_at(&repo, &dir.path().join("w0"), Instant::now()).await;
 
@@ -424,17 +432,8 @@ mod tests {
     async fn workspaces_of_a_generation_share_a_skeleton_and_stand_on_their_own() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let url = origin_with_main(dir.path()).await;
-        std::fs::create_dir_all(dir.path().join("repos")).unwrap();
-        let mirror = mirror_path(&dir.path().join("repos"), &url);
+        let (url, mirror, repo) = repository(dir.path()).await;
         let skeleton_head = super::skeleton::skeleton_path(&mirror).join(".git/HEAD");
-        let args = RepoArgs {
-            url: url.clone(),
-            mirror: mirror.clone(),
-            git: allowing(dir.path()),
-            providers: None,
-        };
-        let (repo, _) = Actor::spawn(None, RepoActor, args).await.unwrap();
         let asked_early = Instant::now();
         let first = workspace_at(&repo, &dir.path().join("w0"), asked_early).await;
         let made = std::fs::metadata(&skeleton_head).unwrap().ino();
@@ -488,16 +487,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fetch_packs_the_mirror_s_loose_objects_once_there_are_many() {
         let dir = tempfile::tempdir().unwrap();
-        let url = origin_with_main(dir.path()).await;
-        std::fs::create_dir_all(dir.path().join("repos")).unwrap();
-        let mirror = mirror_path(&dir.path().join("repos"), &url);
-        let args = RepoArgs {
-            url: url.clone(),
-            mirror: mirror.clone(),
-            git: allowing(dir.path()),
-            providers: None,
-        };
-        let (repo, _) = Actor::spawn(None, RepoActor, args).await.unwrap();
+        let (_, mirror, repo) = repository(dir.path()).await;
         workspace_at(&repo, &dir.path().join("w0"), Instant::now()).await;
         let write_loose = |count: usize, tag: &'static str| {
             let mirror = mirror.clone();

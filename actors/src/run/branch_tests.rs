@@ -232,6 +232,29 @@ impl Window {
             .success()
     }
 
+    /// The first owner (node 1, epoch 1), displaced, commits `file` and pushes it leased on
+    /// `lease`: the origin refuses it on the fence, the branch stays at `branch_before` (or
+    /// absent) and the commit does not reach the origin. Answers the refusal.
+    async fn stale_push_is_refused(&self, file: &str, lease: Option<String>, branch_before: Option<&str>) -> RepoError {
+        let old = self.owner(1, 1);
+        let stale = commit_and_bundle(&self.workspace, file);
+        let refused = push_as(old.repo, old.fence(), &self.workspace, lease)
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, RepoError::Fenced { epoch: 1, .. }), "{refused}");
+        let branch = format!("refs/heads/{BRANCH}");
+        match branch_before {
+            Some(commit) => assert_eq!(
+                git(&["rev-parse", &branch], &self.origin_path),
+                commit,
+                "the branch did not move"
+            ),
+            None => assert!(!self.origin_has(&branch), "no branch was created"),
+        }
+        assert!(!self.origin_has(&stale), "the stale commit is not at the origin");
+        refused
+    }
+
     async fn stop(self) {
         for repo in &self.repos {
             repo.stop(None);
@@ -258,19 +281,10 @@ async fn an_owner_displaced_after_its_check_is_refused_by_the_origin_and_the_bra
     expect_ok(take_fence(&new).await, "the new owner takes the fence");
 
     // The old owner wakes up and pushes, leased on the right commit.
-    let before = git(&["rev-parse", BRANCH], origin_path);
-    assert_eq!(before, first);
-    let stale = commit_and_bundle(workspace, "two.txt");
-    let refused = push_as(old.repo, old.fence(), workspace, Some(first.clone()))
-        .await
-        .unwrap_err();
-    assert!(matches!(refused, RepoError::Fenced { epoch: 1, .. }), "{refused}");
-    assert_eq!(
-        git(&["rev-parse", BRANCH], origin_path),
-        before,
-        "the branch did not move"
-    );
-    assert!(!window.origin_has(&stale), "the stale commit is not at the origin");
+    assert_eq!(git(&["rev-parse", BRANCH], origin_path), first);
+    let refused = window
+        .stale_push_is_refused("two.txt", Some(first.clone()), Some(&first))
+        .await;
     // The run ends as superseded: the log confirms it lost the agent; the agent is not failed.
     match origin_trouble(&old, refused).await {
         BranchTrouble::Ended(outcome) => assert_eq!(outcome, RunOutcome::Superseded),
@@ -314,17 +328,9 @@ async fn a_first_owner_that_never_took_the_fence_is_refused_once_a_later_owner_t
     let new = window.owner(2, 2);
     assert!(new.fence().succeeds_an_owner());
     expect_ok(take_fence(&new).await, "the new owner takes the fence");
-    let stale = commit_and_bundle(workspace, "two.txt");
-    let refused = push_as(old.repo, old.fence(), workspace, Some(first.clone()))
-        .await
-        .unwrap_err();
-    assert!(matches!(refused, RepoError::Fenced { epoch: 1, .. }), "{refused}");
-    assert_eq!(
-        git(&["rev-parse", BRANCH], origin_path),
-        first,
-        "the branch did not move"
-    );
-    assert!(!window.origin_has(&stale), "the stale commit is not at the origin");
+    window
+        .stale_push_is_refused("two.txt", Some(first.clone()), Some(&first))
+        .await;
     window.stop().await;
 }
 
@@ -333,17 +339,8 @@ async fn a_first_owner_that_never_took_the_fence_is_refused_once_a_later_owner_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_owner_s_first_push_is_refused_after_a_later_owner_took_the_fence() {
     let window = window().await;
-    let workspace = &window.workspace;
-    let old = window.owner(1, 1);
     window.reassign_to_node_2().await;
     expect_ok(take_fence(&window.owner(2, 2)).await, "the new owner takes the fence");
-    let stale = commit_and_bundle(workspace, "one.txt");
-    let refused = push_as(old.repo, old.fence(), workspace, None).await.unwrap_err();
-    assert!(matches!(refused, RepoError::Fenced { epoch: 1, .. }), "{refused}");
-    assert!(
-        !window.origin_has(&format!("refs/heads/{BRANCH}")),
-        "no branch was created"
-    );
-    assert!(!window.origin_has(&stale), "the stale commit is not at the origin");
+    window.stale_push_is_refused("one.txt", None, None).await;
     window.stop().await;
 }
