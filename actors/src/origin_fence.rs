@@ -1,8 +1,9 @@
 //! The owner's fence at the origin: a ref, `refs/flotilla/fence/AGENT`, that every push of the
 //! agent's work branch moves in the same atomic push, leased on the value the pushing owner's
-//! epoch gave it. A new owner moves the fence to its own epoch before anything else, and from
-//! then on the origin itself refuses every push of an older owner, the branch included, whatever
-//! the older owner believes about the log.
+//! epoch gave it. A new owner that succeeds another moves the fence to its own epoch before
+//! anything else, and from then on the origin itself refuses every push of an older owner, the
+//! branch included, whatever the older owner believes about the log. An agent's first owner
+//! has none to fence out: its first push creates the fence, leased on its absence.
 //!
 //! The fence's values are deterministic commit objects (the empty tree, a fixed identity and
 //! date, a message naming the agent, the epoch and the phase), so their ids are a pure function

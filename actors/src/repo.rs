@@ -312,7 +312,8 @@ pub enum RepoMsg {
         found: Option<(String, String)>,
         reply: RpcReplyPort<Result<(), RepoError>>,
     },
-    /// Moves the origin's fence of the agent to `fence`'s epoch (what a new owner does first).
+    /// Moves the origin's fence of the agent to `fence`'s epoch (what an owner that succeeds
+    /// another does first).
     TakeFence {
         fence: OwnerFence,
         reply: RpcReplyPort<Result<(), RepoError>>,
