@@ -364,6 +364,20 @@ pub struct RepoState {
 }
 
 impl RepoState {
+    /// The state of a repository actor that has not cloned its mirror yet (it may be on disk
+    /// from an earlier run: the first use fetches it).
+    fn new(args: RepoArgs) -> RepoState {
+        RepoState {
+            args,
+            cloned: false,
+            refreshed_at: None,
+            mirror_lock: Default::default(),
+            skeleton: Default::default(),
+            object_format: Default::default(),
+            fences: Default::default(),
+        }
+    }
+
     /// Asks the repository's provider where git goes now (the credentials may have changed).
     /// Both the URL the agent names and the one the provider answers are checked against this
     /// node's own policy (its config may differ from the node that took the create), and git
@@ -599,15 +613,7 @@ impl Actor for RepoActor {
     type Arguments = RepoArgs;
 
     async fn pre_start(&self, _myself: ActorRef<RepoMsg>, args: RepoArgs) -> Result<RepoState, ActorProcessingErr> {
-        Ok(RepoState {
-            args,
-            cloned: false,
-            refreshed_at: None,
-            mirror_lock: Default::default(),
-            skeleton: Default::default(),
-            object_format: Default::default(),
-            fences: Default::default(),
-        })
+        Ok(RepoState::new(args))
     }
 
     async fn handle(
@@ -645,7 +651,7 @@ impl Actor for RepoActor {
             RepoMsg::TakeFence { fence, reply } if state.cloned => {
                 let detached = state.detached();
                 state
-                    .spawn_shared(async move {
+                    .spawn_shared(|_| async move {
                         let _ = reply.send(detached.take_fence_cloned(fence).await);
                     })
                     .await;
@@ -654,7 +660,7 @@ impl Actor for RepoActor {
             RepoMsg::BranchAtOrigin { branch, reply } => {
                 let detached = state.detached();
                 state
-                    .spawn_shared(async move {
+                    .spawn_shared(|_| async move {
                         let _ = reply.send(detached.branch_at_origin(&branch).await);
                     })
                     .await;
@@ -801,20 +807,12 @@ mod tests {
     async fn workspaces_come_from_the_mirror_on_the_work_branch() {
         let dir = tempfile::tempdir().unwrap();
         let url = origin_with_main(dir.path()).await;
-        let mut state = RepoState {
-            args: RepoArgs {
-                url: url.clone(),
-                mirror: mirror_path(&dir.path().join("repos"), &url),
-                git: allowing(dir.path()),
-                providers: None,
-            },
-            cloned: false,
-            refreshed_at: None,
-            mirror_lock: Default::default(),
-            skeleton: Default::default(),
-            object_format: Default::default(),
-            fences: Default::default(),
-        };
+        let mut state = RepoState::new(RepoArgs {
+            url: url.clone(),
+            mirror: mirror_path(&dir.path().join("repos"), &url),
+            git: allowing(dir.path()),
+            providers: None,
+        });
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
         let workspace = state
             .prepare("main", "flotilla/abc-test", None, &dir.path().join("w1"))
@@ -851,20 +849,12 @@ mod tests {
         let url = origin_with_main(dir.path()).await;
         let origin = dir.path().join("origin.git");
         let mirror = mirror_path(&dir.path().join("repos"), &url);
-        let mut state = RepoState {
-            args: RepoArgs {
-                url: url.clone(),
-                mirror: mirror.clone(),
-                git: allowing(dir.path()),
-                providers: None,
-            },
-            cloned: false,
-            refreshed_at: None,
-            mirror_lock: Default::default(),
-            skeleton: Default::default(),
-            object_format: Default::default(),
-            fences: Default::default(),
-        };
+        let mut state = RepoState::new(RepoArgs {
+            url: url.clone(),
+            mirror: mirror.clone(),
+            git: allowing(dir.path()),
+            providers: None,
+        });
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
         git(&["branch", "feature", "main"], Some(&origin)).await.unwrap();
         state
@@ -900,20 +890,12 @@ mod tests {
     async fn unknown_branches_and_unreachable_repositories_fail_clearly() {
         let dir = tempfile::tempdir().unwrap();
         let url = origin_with_main(dir.path()).await;
-        let mut state = RepoState {
-            args: RepoArgs {
-                url: url.clone(),
-                mirror: mirror_path(dir.path(), &url),
-                git: allowing(dir.path()),
-                providers: None,
-            },
-            cloned: false,
-            refreshed_at: None,
-            mirror_lock: Default::default(),
-            skeleton: Default::default(),
-            object_format: Default::default(),
-            fences: Default::default(),
-        };
+        let mut state = RepoState::new(RepoArgs {
+            url: url.clone(),
+            mirror: mirror_path(dir.path(), &url),
+            git: allowing(dir.path()),
+            providers: None,
+        });
         let error = state
             .prepare("develop", "w", None, &dir.path().join("w"))
             .await
@@ -926,20 +908,12 @@ mod tests {
             }
         );
         let missing = format!("file://{}/nowhere.git", dir.path().display());
-        let mut state = RepoState {
-            args: RepoArgs {
-                url: missing.clone(),
-                mirror: mirror_path(dir.path(), &missing),
-                git: allowing(dir.path()),
-                providers: None,
-            },
-            cloned: false,
-            refreshed_at: None,
-            mirror_lock: Default::default(),
-            skeleton: Default::default(),
-            object_format: Default::default(),
-            fences: Default::default(),
-        };
+        let mut state = RepoState::new(RepoArgs {
+            url: missing.clone(),
+            mirror: mirror_path(dir.path(), &missing),
+            git: allowing(dir.path()),
+            providers: None,
+        });
         let error = state
             .prepare("main", "w", None, &dir.path().join("w2"))
             .await
@@ -968,20 +942,12 @@ mod tests {
             (helper.clone(), allowing(dir.path())),
         ] {
             let mirror = mirror_path(&repos, &url);
-            let mut state = RepoState {
-                args: RepoArgs {
-                    url: url.clone(),
-                    mirror: mirror.clone(),
-                    git: settings,
-                    providers: None,
-                },
-                cloned: false,
-                refreshed_at: None,
-                mirror_lock: Default::default(),
-                skeleton: Default::default(),
-                object_format: Default::default(),
-                fences: Default::default(),
-            };
+            let mut state = RepoState::new(RepoArgs {
+                url: url.clone(),
+                mirror: mirror.clone(),
+                git: settings,
+                providers: None,
+            });
             let error = state
                 .prepare("main", "w", None, &dir.path().join("w"))
                 .await

@@ -29,20 +29,12 @@ async fn setup() -> Setup {
     let root = dir.path().to_path_buf();
     let url = origin_with_main(&root).await;
     std::fs::create_dir_all(root.join("repos")).unwrap();
-    let mut state = RepoState {
-        args: RepoArgs {
-            url: url.clone(),
-            mirror: mirror_path(&root.join("repos"), &url),
-            git: allowing(&root),
-            providers: None,
-        },
-        cloned: false,
-        refreshed_at: None,
-        mirror_lock: Default::default(),
-        skeleton: Default::default(),
-        object_format: Default::default(),
-        fences: Default::default(),
-    };
+    let mut state = RepoState::new(RepoArgs {
+        url: url.clone(),
+        mirror: mirror_path(&root.join("repos"), &url),
+        git: allowing(&root),
+        providers: None,
+    });
     let workspace = state
         .prepare("main", "flotilla/push-test", None, &root.join("workspace"))
         .await

@@ -74,13 +74,11 @@ impl RepoState {
         let mirror = self.args.mirror.clone();
         let url = self.args.url.clone();
         let cache = self.skeleton.clone();
-        let shared = self.mirror_lock.clone().read_owned().await;
-        let generation = *shared;
-        tokio::spawn(async move {
+        self.spawn_shared(|generation| async move {
             let result = make_from_generation(&cache, generation, &mirror, &url, &wanted).await;
             let _ = reply.send(result);
-            drop(shared);
-        });
+        })
+        .await;
     }
 
     /// Holds the mirror exclusively, for a fetch, a push or a restore (anything that moves its
@@ -228,11 +226,16 @@ impl RepoState {
         }
     }
 
-    /// Runs `work` on a task of its own holding the mirror shared: it may add objects and
-    /// per-agent refs, and runs beside workspace clones and other agents' work, never beside
-    /// a fetch or a push.
-    pub(super) async fn spawn_shared(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+    /// Runs the work `make` returns on a task of its own holding the mirror shared, and hands
+    /// it the mirror's generation: it may add objects and per-agent refs, and runs beside
+    /// workspaces and other agents' work, never beside a fetch or a push.
+    pub(super) async fn spawn_shared<F, W>(&self, make: F)
+    where
+        F: FnOnce(u64) -> W,
+        W: std::future::Future<Output = ()> + Send + 'static,
+    {
         let shared = self.mirror_lock.clone().read_owned().await;
+        let work = make(*shared);
         tokio::spawn(async move {
             work.await;
             drop(shared);
