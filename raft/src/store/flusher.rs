@@ -39,6 +39,21 @@ fn own_sync_delay() -> Option<std::time::Duration> {
 /// A sync of a leader's own proposal, already reported written.
 pub(super) struct SyncRequest;
 
+/// Syncs the log's write-ahead log, records how long that took and tells `durability` what it
+/// covered: everything written before it began (or that the log stopped, on a failure).
+pub(super) fn sync_log(db: &DB, durability: &super::Durability) -> Result<(), String> {
+    // Read before the sync: everything written up to here is in the WAL it syncs.
+    let upto = durability.written_mark();
+    let started = std::time::Instant::now();
+    let synced = db.flush_wal(true).map_err(|error| error.to_string());
+    crate::metrics::record_log_sync(started.elapsed());
+    match &synced {
+        Ok(()) => durability.synced(upto),
+        Err(error) => durability.sync_failed(format!("syncing the log: {error}")),
+    }
+    synced
+}
+
 /// Starts the thread that syncs the WAL for groups of a leader's own proposals. It holds the
 /// database weakly, so the database closes as soon as its stores are dropped.
 pub(super) fn spawn_flusher(
@@ -53,20 +68,14 @@ pub(super) fn spawn_flusher(
             while let Ok(SyncRequest) = receiver.recv() {
                 // Everything queued meanwhile is covered by this one sync.
                 receiver.try_iter().for_each(drop);
-                // Read before the sync: everything written up to here is in the WAL it syncs.
-                let upto = durability.written_mark();
-                let sync_started = std::time::Instant::now();
                 if let Some(delay) = own_sync_delay {
                     std::thread::sleep(delay);
                 }
-                let synced = match db.upgrade() {
-                    Some(db) => db.flush_wal(true).map_err(|error| error.to_string()),
-                    None => Err("the log database is closed".to_string()),
-                };
-                crate::metrics::record_log_sync(sync_started.elapsed());
-                match &synced {
-                    Ok(()) => durability.synced(upto),
-                    Err(error) => durability.sync_failed(format!("syncing the log: {error}")),
+                match db.upgrade() {
+                    Some(db) => {
+                        let _ = sync_log(&db, &durability);
+                    }
+                    None => durability.sync_failed("syncing the log: the log database is closed".to_string()),
                 }
             }
         })

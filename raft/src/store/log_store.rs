@@ -208,14 +208,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // thread wake-ups per append (A/B in docs/performance.md, "A follower syncs its own
         // appends"). The core would wait for the sync either way; what else was queued on this
         // runtime worker is taken by the others meanwhile.
-        let upto = self.durability.written_mark();
-        let started = std::time::Instant::now();
-        let synced = self.db.flush_wal(true).map_err(|error| error.to_string());
-        crate::metrics::record_log_sync(started.elapsed());
-        match &synced {
-            Ok(()) => self.durability.synced(upto),
-            Err(error) => self.durability.sync_failed(format!("syncing the log: {error}")),
-        }
+        let synced = super::flusher::sync_log(&self.db, &self.durability);
         callback.log_io_completed(synced.map_err(std::io::Error::other));
         Ok(())
     }
