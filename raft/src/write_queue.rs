@@ -22,7 +22,16 @@ pub const MAX_BATCH_COMMANDS: usize = 1_024;
 /// Most (estimated) bytes in one log entry.
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Batches proposed and not yet answered; more writes wait and join a later, larger batch.
-pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+///
+/// One: openraft 0.9 sends a follower one append at a time, so a second batch in flight
+/// leaves no sooner than the first one's acknowledgement either way, and waiting for the
+/// first one's answer instead costs only its apply. What it saves is entries: with one batch
+/// in flight the same writes make fewer, larger entries, so fewer appends, syncs, messages and
+/// applies, which on a busy node is CPU for other writes (`make bench-compare`, three nodes:
+/// about 10 % more writes a second at 64 and 256 clients than with four; one node 5-25 %;
+/// docs/performance.md, "One batch in flight"). Replication that pipelines appends would
+/// make more than one worth measuring again.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 1;
 
 pub(crate) struct PendingWrite {
     pub(crate) command: Command,
