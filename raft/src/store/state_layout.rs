@@ -25,13 +25,18 @@ pub(super) struct StoredState {
 
 /// Reads every record of the state column family.
 pub(super) fn load_state(db: &DB) -> Result<StoredState, OpenError> {
+    read_state(db, rocksdb::ReadOptions::default())
+}
+
+/// Reads every record of the state column family as `options` see it (a RocksDB snapshot, for
+/// a view as of one applied batch).
+pub(super) fn read_state(db: &DB, mut options: rocksdb::ReadOptions) -> Result<StoredState, OpenError> {
     let cf = db.cf_handle(CF_STATE).expect("column family created at open");
     let mut state = ClusterState::default();
     let mut last_applied = None;
     let mut membership = StoredMembership::default();
     // Every record is read once here and kept in memory after: filling the block cache with
     // them would only hold up to its size in memory for blocks read again only by a restart.
-    let mut options = rocksdb::ReadOptions::default();
     options.fill_cache(false);
     for item in db.iterator_cf_opt(cf, options, IteratorMode::Start) {
         let (key, value) = item.map_err(|error| OpenError::Database {

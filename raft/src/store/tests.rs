@@ -131,6 +131,62 @@ async fn a_snapshot_installs_the_same_state_elsewhere() {
     );
 }
 
+/// A snapshot is built from the stored records, not under the in-memory state's lock: it
+/// completes while another thread holds that lock for writing (as a long apply would), and it
+/// carries exactly the state and applied position the machine has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_built_without_the_state_lock_and_matches_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut machine) = open(dir.path()).unwrap();
+    let ids: Vec<AgentId> = (0..50).map(|_| AgentId::new()).collect();
+    let mut entries = vec![membership_entry(1)];
+    entries.extend(
+        ids.iter()
+            .enumerate()
+            .map(|(offset, id)| entry(offset as u64 + 2, create(*id))),
+    );
+    machine.apply(entries).await.unwrap();
+    let expected = machine.reader().read(|state| state.clone());
+
+    let (locked, lock_taken) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let lock = machine.machine.clone();
+        std::thread::spawn(move || {
+            let _guard = lock.write().expect("state lock");
+            locked.send(()).expect("test waits");
+            let _ = released.recv();
+        })
+    };
+    lock_taken.recv().expect("the holder took the lock");
+    let built = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        machine.get_snapshot_builder().await.build_snapshot(),
+    )
+    .await;
+    release.send(()).expect("holder waits");
+    holder.join().expect("holder thread");
+    let snapshot = built.expect("the snapshot waited for the state lock").unwrap();
+    assert_eq!(snapshot.meta.last_log_id.map(|log_id| log_id.index), Some(51));
+    // The snapshot the machine now holds (stored borrowed) reads back as the one built.
+    let held = machine
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("a snapshot is held");
+    assert_eq!(held.meta, snapshot.meta);
+    assert_eq!(held.snapshot.get_ref(), snapshot.snapshot.get_ref());
+
+    let target_dir = tempfile::tempdir().unwrap();
+    let (_, mut target) = open(target_dir.path()).unwrap();
+    target
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(target.reader().read(|state| state.clone()), expected);
+    assert_eq!(target.reader().last_applied_index(), 51);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_entries_round_trip_and_purge() {
     let dir = tempfile::tempdir().unwrap();
