@@ -143,9 +143,13 @@ impl StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.snapshot_from_records())
+        let snapshot = tokio::task::spawn_blocking(move || store.snapshot_from_records())
             .await
-            .map_err(|error| StorageIOError::write_snapshot(None, any(error)))?
+            .map_err(|error| StorageIOError::write_snapshot(None, any(error)))??;
+        // Recorded here rather than on the blocking thread: in the caller's context, as every
+        // other metric of the store.
+        crate::metrics::record_snapshot_built(snapshot.snapshot.get_ref().len());
+        Ok(snapshot)
     }
 }
 
@@ -173,7 +177,6 @@ impl StateMachineStore {
             (encode(&body), stored.last_applied, stored.membership)
         };
         let sequence = self.snapshot_sequence.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::record_snapshot_built(data.len());
         let snapshot_id = match last_applied {
             Some(log_id) => format!("{}-{}-{}", log_id.leader_id.term, log_id.index, sequence),
             None => format!("empty-{sequence}"),
