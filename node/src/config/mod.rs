@@ -37,7 +37,7 @@ pub struct NodeArgs {
     /// A node silent for this long is marked down and its agents move.
     #[arg(long)]
     pub lease_ms: Option<u64>,
-    /// Build a Raft snapshot after this many log entries.
+    /// Build a Raft snapshot after this many log entries (default 100,000, as etcd's snapshot count).
     #[arg(long)]
     pub snapshot_after_logs: Option<u64>,
     /// Log entries kept behind a snapshot.
@@ -500,7 +500,7 @@ impl NodeArgs {
         let snapshot_after_logs = self
             .snapshot_after_logs
             .or(file.snapshot_after_logs)
-            .unwrap_or(20_000)
+            .unwrap_or(flotilla_raft::replica::DEFAULT_SNAPSHOT_AFTER_LOGS)
             .max(1);
         let logs_kept_after_snapshot = self
             .logs_kept_after_snapshot
