@@ -138,22 +138,7 @@ impl StateMachineStore {
         self.applied_sender.send_replace(index);
         Ok(())
     }
-}
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let store = self.clone();
-        let snapshot = tokio::task::spawn_blocking(move || store.snapshot_from_records())
-            .await
-            .map_err(|error| StorageIOError::write_snapshot(None, any(error)))??;
-        // Recorded here rather than on the blocking thread: in the caller's context, as every
-        // other metric of the store.
-        crate::metrics::record_snapshot_built(snapshot.snapshot.get_ref().len());
-        Ok(snapshot)
-    }
-}
-
-impl StateMachineStore {
     /// Builds a snapshot from the state column family, on a blocking thread, rather than from
     /// the in-memory state: encoding a large state (120,000 agents with 1 KB prompts is about
     /// 150 MB) under the state's lock held up every apply, and so every answer, for as long as
@@ -199,5 +184,18 @@ impl StateMachineStore {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let store = self.clone();
+        let snapshot = tokio::task::spawn_blocking(move || store.snapshot_from_records())
+            .await
+            .map_err(|error| StorageIOError::write_snapshot(None, any(error)))??;
+        // Recorded here rather than on the blocking thread: in the caller's context, as every
+        // other metric of the store.
+        crate::metrics::record_snapshot_built(snapshot.snapshot.get_ref().len());
+        Ok(snapshot)
     }
 }
