@@ -60,7 +60,8 @@ pub async fn stream_backup(replica: &Replica, source: &BackupSource) -> Result<B
     let backup =
         tokio::task::spawn_blocking(move || reader.take_backup(&cluster_id, kek_id, flotilla_raft::command::now_ms()))
             .await
-            .map_err(|error| Status::internal(format!("taking the backup failed: {error}")))?;
+            .map_err(|error| Status::internal(format!("taking the backup failed: {error}")))?
+            .map_err(|error| Status::internal(format!("reading the state for the backup failed: {error}")))?;
     tracing::info!(
         applied_index = backup.header.applied_index,
         bytes = backup.len_bytes(),

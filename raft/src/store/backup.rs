@@ -27,8 +27,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::snapshot::{SnapshotBody, SnapshotBodyRef};
+use super::snapshot::{encode_records, EncodedRecords, SnapshotBody};
 use super::state_machine::StateReader;
+use super::OpenError;
 use crate::ClusterState;
 
 pub const BACKUP_MAGIC: &[u8; 16] = b"FLOTILLA-BACKUP\n";
@@ -116,24 +117,22 @@ pub enum BackupError {
 }
 
 impl StateReader {
-    /// Encodes the whole state as it is now, at one applied index (under the read lock, so no
-    /// entry is half in it). Callers that want every acknowledged write in it pass a read
-    /// barrier first.
-    pub fn take_backup(&self, cluster_id: &str, kek_id: Option<String>, now_ms: u64) -> Backup {
-        let (body, applied, counts) = {
-            let machine = self.machine.read().expect("state lock poisoned");
-            let body = SnapshotBodyRef {
-                last_applied: &machine.last_applied,
-                membership: &machine.membership,
-                state: &machine.state,
-            };
-            let counts = (
-                machine.state.agents.len() as u64,
-                machine.state.plugins.len() as u64,
-                machine.state.secrets.len() as u64,
-            );
-            (super::encode(&body), machine.last_applied, counts)
-        };
+    /// Encodes the whole state at one applied index, read from the state's records through a
+    /// RocksDB snapshot (no lock on the in-memory state, so applies and the answers that wait
+    /// for them go on while a large state encodes). An applied batch is written before its
+    /// index is published, so a caller that passed a read barrier first has every
+    /// acknowledged write in it.
+    pub fn take_backup(&self, cluster_id: &str, kek_id: Option<String>, now_ms: u64) -> Result<Backup, OpenError> {
+        let view = self.db.snapshot();
+        let EncodedRecords {
+            data: body,
+            last_applied: applied,
+            agents,
+            plugins,
+            secrets,
+            ..
+        } = encode_records(&self.db, &view)?;
+        drop(view);
         let header = BackupHeader {
             cluster_id: cluster_id.to_string(),
             applied_index: applied.map_or(0, |log_id| log_id.index),
@@ -143,12 +142,12 @@ impl StateReader {
             kek_id,
             body_bytes: body.len() as u64,
             body_sha256: hex::encode(Sha256::digest(&body)),
-            agents: counts.0,
-            plugins: counts.1,
-            secrets: counts.2,
+            agents,
+            plugins,
+            secrets,
         };
         let prefix = encode_prefix(&header);
-        Backup { header, prefix, body }
+        Ok(Backup { header, prefix, body })
     }
 }
 
@@ -283,7 +282,10 @@ mod tests {
     fn sample() -> Vec<u8> {
         let dir = tempfile::tempdir().expect("temp dir");
         let (_log, machine) = super::super::open(dir.path()).expect("open");
-        let backup = machine.reader().take_backup("cluster-a", Some("kek1".to_string()), 42);
+        let backup = machine
+            .reader()
+            .take_backup("cluster-a", Some("kek1".to_string()), 42)
+            .expect("reads the state");
         [backup.prefix, backup.body].concat()
     }
 

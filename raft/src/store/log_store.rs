@@ -228,10 +228,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        // State-machine writes are unsynced; make them durable before the log that could
-        // replay them goes away.
+        // What went through RocksDB's log unsynced is synced before the log that could replay
+        // it goes away.
         self.db
             .flush_wal(true)
+            .map_err(|error| StorageIOError::write(any(error)))?;
+        // The state's records are written without RocksDB's log: those the purged entries
+        // could replay must be in a table first. The snapshot that allows this purge flushed
+        // them as it was built, so this flush has only what was applied since.
+        super::state_machine::off_the_worker(|| super::state_machine::flush_state(&self.db))
             .map_err(|error| StorageIOError::write(any(error)))?;
         self.put_meta(KEY_PURGED, &log_id)?;
         let mut batch = WriteBatch::default();

@@ -81,6 +81,12 @@ const KEY_NEXT_AUDIT_SEQUENCE: &[u8] = b"m/next_audit_sequence";
 /// The cluster CA: its certificate and its key sealed under the key-encryption key.
 const KEY_CLUSTER_CA: &[u8] = b"m/cluster_ca";
 const KEY_REMOVED_NODES: &[u8] = b"m/removed_nodes";
+/// Copies of the cluster CA and the removed nodes in the `log_meta` family, written through
+/// RocksDB's write-ahead log whenever the state's copies change: a node reads them before its
+/// replica opens (to renew its certificate), when a state written without that log may still
+/// have to be rebuilt from the Raft log after a crash.
+const KEY_PKI_CLUSTER_CA: &[u8] = b"pki/cluster_ca";
+const KEY_PKI_REMOVED_NODES: &[u8] = b"pki/removed_nodes";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.
@@ -106,11 +112,12 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
     // Writes stay in RocksDB's WAL buffer until a `flush_wal(true)` (the flusher's, or a
     // follower append's) writes and syncs them (or a synced write, which flushes the buffer
-    // first): one write(2) per sync instead of one per log append, state batch and committed
-    // mark. What waits for a sync (a follower's appends, an applied entry) is on disk either way; what does not (state writes,
-    // the committed mark) is replayed from the synced log after a crash, and `purge` syncs the
-    // WAL before it drops any log. A killed process now also loses the unsynced tail that the
-    // page cache would have kept, which changes nothing of the above.
+    // first): one write(2) per sync instead of one per log append and committed mark. What
+    // waits for a sync (a follower's appends, an applied entry) is on disk either way; what
+    // does not (the committed mark) is found again from the synced log after a crash, and
+    // `purge` syncs the WAL before it drops any log. A killed process now also loses the
+    // unsynced tail that the page cache would have kept, which changes nothing of the above.
+    // Applied state records skip this log altogether (see `write_without_stalling`).
     options.set_manual_wal_flush(true);
     let families = [CF_LOG, CF_LOG_META, CF_STATE, CF_SNAPSHOT]
         .into_iter()
@@ -167,22 +174,30 @@ pub fn read_stored_pki(
             dir: dir.display().to_string(),
             message: error.to_string(),
         })?;
-    let cf = db.cf_handle(CF_STATE).ok_or_else(|| OpenError::Database {
-        dir: dir.display().to_string(),
-        message: "no state column family".to_string(),
-    })?;
-    let read = |key: &[u8]| {
+    let family = |name: &str| {
+        db.cf_handle(name).ok_or_else(|| OpenError::Database {
+            dir: dir.display().to_string(),
+            message: format!("no {name} column family"),
+        })
+    };
+    let read = |cf, key: &[u8]| {
         db.get_cf(cf, key).map_err(|error| OpenError::Database {
             dir: dir.display().to_string(),
             message: error.to_string(),
         })
     };
-    let ca = match read(KEY_CLUSTER_CA)? {
-        Some(bytes) => decode(KEY_CLUSTER_CA, &bytes)?,
+    // The copies written through RocksDB's log; a store written before they existed has only
+    // the state's own records, which were written through it then.
+    let (cf, ca_key, removed_key) = match read(family(CF_LOG_META)?, KEY_PKI_CLUSTER_CA)? {
+        Some(_) => (family(CF_LOG_META)?, KEY_PKI_CLUSTER_CA, KEY_PKI_REMOVED_NODES),
+        None => (family(CF_STATE)?, KEY_CLUSTER_CA, KEY_REMOVED_NODES),
+    };
+    let ca = match read(cf, ca_key)? {
+        Some(bytes) => decode(ca_key, &bytes)?,
         None => None,
     };
-    let removed = match read(KEY_REMOVED_NODES)? {
-        Some(bytes) => decode(KEY_REMOVED_NODES, &bytes)?,
+    let removed = match read(cf, removed_key)? {
+        Some(bytes) => decode(removed_key, &bytes)?,
         None => Default::default(),
     };
     Ok((ca, removed))

@@ -6,12 +6,12 @@ use std::io::Cursor;
 use std::sync::atomic::Ordering;
 
 use openraft::{LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError, StoredMembership};
-use rocksdb::{WriteBatch, WriteOptions};
+use rocksdb::{WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 use super::state_layout::read_state;
 use super::state_machine::{Machine, StateMachineStore};
-use super::{any, decode, encode, StorageResult, CF_SNAPSHOT, CF_STATE, KEY_SNAPSHOT};
+use super::{any, decode, encode, OpenError, StorageResult, CF_SNAPSHOT, CF_STATE, KEY_SNAPSHOT};
 use crate::types::NodeId;
 use crate::{Changes, ClusterState, NodeAddr, TypeConfig};
 
@@ -127,6 +127,9 @@ impl StateMachineStore {
         changes.meta = true;
         changes.secrets = true;
         self.persist_changes(&mut batch, &machine, &changes);
+        self.persist_pki_copies(&mut batch, &machine);
+        // Written through RocksDB's write-ahead log, unlike an apply's records: the batch
+        // replaces the whole state, so replayed over an older table it still gives this state.
         self.db
             .write(batch)
             .map_err(|error| StorageIOError::write_state_machine(any(error)))?;
@@ -148,19 +151,18 @@ impl StateMachineStore {
     /// applied batch, consistent without any lock; records load exactly as a restart loads
     /// them, and the indexes (which a snapshot does not carry) are not rebuilt.
     fn snapshot_from_records(&self) -> StorageResult<Snapshot<TypeConfig>> {
-        let (data, last_applied, membership) = {
-            let view = self.db.snapshot();
-            let mut options = rocksdb::ReadOptions::default();
-            options.set_snapshot(&view);
-            let stored =
-                read_state(&self.db, options).map_err(|error| StorageIOError::read_state_machine(any(error)))?;
-            let body = SnapshotBodyRef {
-                last_applied: &stored.last_applied,
-                membership: &stored.membership,
-                state: &stored.state,
-            };
-            (encode(&body), stored.last_applied, stored.membership)
-        };
+        let view = self.db.snapshot();
+        // The log this snapshot stands for may be purged once it is built: the records it
+        // could replay go to a table first (see `write_without_stalling`). Flushed after the
+        // view is taken, so the table holds at least what the view does.
+        super::state_machine::flush_state(&self.db).map_err(|error| StorageIOError::write_state_machine(any(error)))?;
+        let EncodedRecords {
+            data,
+            last_applied,
+            membership,
+            ..
+        } = encode_records(&self.db, &view).map_err(|error| StorageIOError::read_state_machine(any(error)))?;
+        drop(view);
         let sequence = self.snapshot_sequence.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(log_id) => format!("{}-{}-{}", log_id.leader_id.term, log_id.index, sequence),
@@ -198,4 +200,36 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         crate::metrics::record_snapshot_built(snapshot.snapshot.get_ref().len());
         Ok(snapshot)
     }
+}
+
+/// The state's records as `view` (a RocksDB snapshot) sees them, encoded as a snapshot's body,
+/// with what the body says about itself.
+pub(super) struct EncodedRecords {
+    pub(super) data: Vec<u8>,
+    pub(super) last_applied: Option<LogId<NodeId>>,
+    pub(super) membership: StoredMembership<NodeId, NodeAddr>,
+    pub(super) agents: u64,
+    pub(super) plugins: u64,
+    pub(super) secrets: u64,
+}
+
+/// Reads every record of the state column family through `view` and encodes them as a
+/// snapshot's body: no lock on the in-memory state is taken, so applies go on meanwhile.
+pub(super) fn encode_records(db: &DB, view: &rocksdb::Snapshot<'_>) -> Result<EncodedRecords, OpenError> {
+    let mut options = rocksdb::ReadOptions::default();
+    options.set_snapshot(view);
+    let stored = read_state(db, options)?;
+    let body = SnapshotBodyRef {
+        last_applied: &stored.last_applied,
+        membership: &stored.membership,
+        state: &stored.state,
+    };
+    Ok(EncodedRecords {
+        data: encode(&body),
+        agents: stored.state.agents.len() as u64,
+        plugins: stored.state.plugins.len() as u64,
+        secrets: stored.state.secrets.len() as u64,
+        last_applied: stored.last_applied,
+        membership: stored.membership,
+    })
 }

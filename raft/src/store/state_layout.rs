@@ -8,9 +8,10 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::state_machine::{Machine, StateMachineStore};
 use super::{
-    decode, encode, OpenError, CF_STATE, KEY_APPLIED, KEY_CLUSTER_CA, KEY_DEFAULT_TEAM_LIMITS, KEY_HIGHEST_NODE_ID,
-    KEY_INSTALL_LAYERS, KEY_JOIN_TOKENS, KEY_MEMBERSHIP, KEY_NEXT_AUDIT_SEQUENCE, KEY_PLUGIN_SETTINGS,
-    KEY_REMOVED_NODES, KEY_SECRETS, KEY_TEAMS, KEY_TEAM_LIMITS, KEY_TEAM_SETTINGS,
+    decode, encode, OpenError, CF_LOG_META, CF_STATE, KEY_APPLIED, KEY_CLUSTER_CA, KEY_DEFAULT_TEAM_LIMITS,
+    KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_JOIN_TOKENS, KEY_MEMBERSHIP, KEY_NEXT_AUDIT_SEQUENCE,
+    KEY_PKI_CLUSTER_CA, KEY_PKI_REMOVED_NODES, KEY_PLUGIN_SETTINGS, KEY_REMOVED_NODES, KEY_SECRETS, KEY_TEAMS,
+    KEY_TEAM_LIMITS, KEY_TEAM_SETTINGS,
 };
 use crate::types::{AgentId, DurableEvent, NodeId, PluginKey, UploadId};
 use crate::{Changes, ClusterState, NodeAddr};
@@ -210,6 +211,15 @@ impl StateMachineStore {
 }
 
 impl StateMachineStore {
+    /// Puts into `batch` the copies of the cluster CA and the removed nodes that a node reads
+    /// before its replica opens (see `KEY_PKI_CLUSTER_CA`). `batch` must be written through
+    /// RocksDB's write-ahead log, and before the state records it mirrors.
+    pub(super) fn persist_pki_copies(&self, batch: &mut WriteBatch, machine: &Machine) {
+        let cf = self.cf(CF_LOG_META);
+        batch.put_cf(cf, KEY_PKI_CLUSTER_CA, encode(&machine.state.cluster_ca));
+        batch.put_cf(cf, KEY_PKI_REMOVED_NODES, encode(&machine.state.removed_nodes));
+    }
+
     /// The audit entries an applied entry appended and dropped, and the next sequence.
     fn persist_audit(&self, batch: &mut WriteBatch, machine: &Machine, changes: &Changes) {
         if changes.audit_appended.is_empty() && changes.audit_trimmed.is_empty() && !changes.meta {

@@ -1,7 +1,8 @@
 //! The state machine: the whole [`ClusterState`] in memory behind a lock, applied to by
 //! openraft with [`flotilla_state::apply_in_term`] for each committed entry (in the entry's term), and read by the node's
 //! services and actors through [`StateReader`]s. Each applied group of entries is written to
-//! the state column family in one batch with its applied position.
+//! the state column family in one batch with its applied position, without RocksDB's write-ahead
+//! log: the Raft log is the state's write-ahead log (see [`write_without_stalling`]).
 
 use std::io::Cursor;
 use std::sync::atomic::AtomicU64;
@@ -31,6 +32,9 @@ pub struct Machine {
 #[derive(Clone)]
 pub struct StateReader {
     pub(super) machine: Arc<RwLock<Machine>>,
+    /// The database the state is kept in: a backup reads its records through a RocksDB
+    /// snapshot rather than the in-memory state under its lock.
+    pub(super) db: Arc<DB>,
     applied: watch::Receiver<u64>,
     events: broadcast::Sender<DurableEvent>,
 }
@@ -49,6 +53,12 @@ impl StateReader {
     /// Changes whenever entries are applied.
     pub fn applied_watch(&self) -> watch::Receiver<u64> {
         self.applied.clone()
+    }
+
+    /// Flushes the state's records to a table (blocking), so that the next start has nothing
+    /// to re-apply from the Raft log: for a clean stop, once nothing applies any more.
+    pub(crate) fn flush_state(&self) -> Result<(), rocksdb::Error> {
+        flush_state(&self.db)
     }
 
     /// Every durable event as it is applied (bounded; a receiver that lags re-reads the state).
@@ -105,6 +115,7 @@ impl StateMachineStore {
     pub fn reader(&self) -> StateReader {
         StateReader {
             machine: self.machine.clone(),
+            db: self.db.clone(),
             applied: self.applied_sender.subscribe(),
             events: self.events.clone(),
         }
@@ -140,6 +151,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut results = Vec::new();
         let mut changes = Changes::default();
         let mut batch = WriteBatch::default();
+        let mut pki_copies = WriteBatch::default();
         let index = {
             let mut machine = self.machine.write().expect("state lock poisoned");
             for entry in entries {
@@ -159,8 +171,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             }
             self.persist_changes(&mut batch, &machine, &changes);
+            if changes.meta {
+                self.persist_pki_copies(&mut pki_copies, &machine);
+            }
             machine.last_applied.map(|log_id| log_id.index).unwrap_or(0)
         };
+        if !pki_copies.is_empty() {
+            self.db
+                .write(pki_copies)
+                .map_err(|error| StorageIOError::write_state_machine(any(error)))?;
+        }
         write_without_stalling(&self.db, batch).map_err(|error| StorageIOError::write_state_machine(any(error)))?;
         for event in changes.new_events {
             // No receivers is normal.
@@ -191,16 +211,46 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
-/// Writes an applied group's records (unsynced: the log replays them). Done in place on the
-/// runtime worker, which is a memtable insert and a WAL append into the page cache, unless
-/// RocksDB would have to stall the write (compaction behind): then it is written again from a
-/// blocking section, so that a stall never holds the worker.
+/// Writes an applied group's records, without RocksDB's write-ahead log. The Raft log is the
+/// state's write-ahead log: it holds every applied entry, synced before it is applied, and a
+/// start re-applies the committed entries after the state's applied position (openraft's
+/// initial state). What a crash loses is then the state column family's memtable, which the
+/// start rebuilds; writing the records to RocksDB's log as well would write each of them (a
+/// create's prompt is most of a write) twice on every node. The log that could replay records
+/// not yet flushed to a table is never purged: a snapshot flushes the state first, and so does
+/// `purge` (see `flush_state`); a clean stop flushes it too, so that a start replays nothing.
+///
+/// Done in place on the runtime worker, which is a memtable insert, unless RocksDB would have
+/// to stall the write (compaction behind): then it is written again from a blocking section,
+/// so that a stall never holds the worker.
 fn write_without_stalling(db: &DB, batch: WriteBatch) -> Result<(), rocksdb::Error> {
     let again = WriteBatch::from_data(batch.data());
+    let mut no_log = rocksdb::WriteOptions::default();
+    no_log.disable_wal(true);
     let mut no_stall = rocksdb::WriteOptions::default();
+    no_stall.disable_wal(true);
     no_stall.set_no_slowdown(true);
     match db.write_opt(batch, &no_stall) {
-        Err(error) if error.kind() == rocksdb::ErrorKind::Incomplete => tokio::task::block_in_place(|| db.write(again)),
+        Err(error) if error.kind() == rocksdb::ErrorKind::Incomplete => off_the_worker(|| db.write_opt(again, &no_log)),
         other => other,
+    }
+}
+
+/// Flushes the state column family's memtable to a table (blocking), so that every record
+/// written so far is on disk without the Raft log: done before any log is purged and at a
+/// clean stop.
+pub(super) fn flush_state(db: &DB) -> Result<(), rocksdb::Error> {
+    let cf = db.cf_handle(super::CF_STATE).expect("column family created at open");
+    let mut wait = rocksdb::FlushOptions::default();
+    wait.set_wait(true);
+    db.flush_cf_opt(cf, &wait)
+}
+
+/// Runs blocking `work` in a blocking section where the runtime has other workers to take this
+/// one's tasks meanwhile; in place on a single-threaded runtime (tests), which has none.
+pub(super) fn off_the_worker<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }

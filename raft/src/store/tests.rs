@@ -618,3 +618,131 @@ async fn audit_entries_and_limits_survive_a_reopen_and_travel_in_a_snapshot() {
     let (_, installed) = open(target_dir.path()).unwrap();
     assert_eq!(installed.reader().read(|state| state.clone()), expected);
 }
+
+/// Entries of the state family's active memtable: records written but in no table yet.
+fn state_records_in_memory(machine: &StateMachineStore) -> u64 {
+    machine
+        .db
+        .property_int_value_cf(machine.cf(CF_STATE), "rocksdb.num-entries-active-mem-table")
+        .unwrap()
+        .expect("the property exists")
+}
+
+/// Applied records skip RocksDB's write-ahead log (the Raft log replays them after a crash), so
+/// no log may be purged while records it could replay are only in memory: building the snapshot
+/// that allows a purge, and the purge itself, put them in a table first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_log_is_purged_while_the_records_it_replays_are_only_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut machine) = open(dir.path()).unwrap();
+    let mut entries = vec![membership_entry(1)];
+    entries.extend((2..=20).map(|index| entry(index, create(AgentId::new()))));
+    machine.apply(entries).await.unwrap();
+    assert!(
+        state_records_in_memory(&machine) > 0,
+        "applied records start in the memtable"
+    );
+    machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(
+        state_records_in_memory(&machine),
+        0,
+        "a built snapshot flushed the state"
+    );
+
+    machine
+        .apply((21..=30).map(|index| entry(index, create(AgentId::new()))))
+        .await
+        .unwrap();
+    assert!(state_records_in_memory(&machine) > 0);
+    log.purge(LogId::new(CommittedLeaderId::new(1, 1), 25)).await.unwrap();
+    assert_eq!(state_records_in_memory(&machine), 0, "a purge flushed the state");
+}
+
+/// A node reads the cluster CA and the removed nodes before its replica opens; those copies go
+/// through RocksDB's write-ahead log (unlike the state's own records), and a store from before
+/// the copies existed is read from the state's records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_removed_nodes_are_read_before_the_replica_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_, mut machine) = open(dir.path()).unwrap();
+        let register = |index, node| {
+            entry(
+                index,
+                Command::RegisterNode {
+                    node,
+                    info: NodeInfo {
+                        slots: 1,
+                        ..Default::default()
+                    },
+                },
+            )
+        };
+        machine
+            .apply(vec![membership_entry(1), register(2, 2), register(3, 3)])
+            .await
+            .unwrap();
+        machine
+            .apply(vec![entry(4, Command::RemoveNode { node: 3 })])
+            .await
+            .unwrap();
+        assert!(
+            state_records_in_memory(&machine) > 0,
+            "the removal's state records are in memory only"
+        );
+        let copy = machine
+            .db
+            .get_cf(machine.cf(super::CF_LOG_META), super::KEY_PKI_REMOVED_NODES)
+            .unwrap()
+            .expect("the removal wrote the copy");
+        let removed: std::collections::BTreeSet<crate::NodeId> = postcard::from_bytes(&copy).unwrap();
+        assert_eq!(removed, [3].into_iter().collect());
+        // As a store written before the copies existed.
+        machine
+            .db
+            .delete_cf(machine.cf(super::CF_LOG_META), super::KEY_PKI_CLUSTER_CA)
+            .unwrap();
+    }
+    let (ca, removed) = super::read_stored_pki(dir.path()).unwrap();
+    assert_eq!(ca, None);
+    assert_eq!(removed, [3].into_iter().collect(), "read from the state's records");
+}
+
+/// A backup reads the state's records through a RocksDB snapshot, not the in-memory state under
+/// its lock: it is taken while another thread holds that lock, and restores to the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_is_taken_without_the_state_lock_and_matches_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut machine) = open(dir.path()).unwrap();
+    let mut entries = vec![membership_entry(1)];
+    entries.extend((2..=41).map(|index| entry(index, create(AgentId::new()))));
+    machine.apply(entries).await.unwrap();
+    let expected = machine.reader().read(|state| state.clone());
+
+    let (locked, lock_taken) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let lock = machine.machine.clone();
+        std::thread::spawn(move || {
+            let _guard = lock.write().expect("state lock");
+            locked.send(()).expect("test waits");
+            let _ = released.recv();
+        })
+    };
+    lock_taken.recv().expect("the holder took the lock");
+    let reader = machine.reader();
+    let taken = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || reader.take_backup("cluster-a", None, 7)),
+    )
+    .await;
+    release.send(()).expect("holder waits");
+    holder.join().expect("holder thread");
+    let backup = taken.expect("the backup waited for the state lock").unwrap().unwrap();
+    assert_eq!(backup.header.applied_index, 41);
+    assert_eq!(backup.header.agents, 40);
+    let verified = super::backup::verify_backup(&[backup.prefix, backup.body].concat()).expect("verifies");
+    let mut restored = verified.state;
+    restored.rebuild_indexes();
+    assert_eq!(restored, expected);
+}
