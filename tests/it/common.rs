@@ -7,21 +7,41 @@ use flotilla_tests::AgentClient;
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The sample repository of this test process: its directory and URL.
+static SAMPLE_REPOSITORY: std::sync::OnceLock<(std::path::PathBuf, String)> = std::sync::OnceLock::new();
+
 /// A small repository (a README, no environment.json) that agents of a test process clone:
-/// agents now get real machines, so their repository must exist.
+/// agents now get real machines, so their repository must exist. It lives as long as the
+/// process (a static is never dropped), and is removed when the process exits.
 pub fn sample_repository() -> String {
-    static REPOSITORY: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
-    REPOSITORY
+    SAMPLE_REPOSITORY
         .get_or_init(|| {
             let dir = tempfile::Builder::new()
                 .prefix("flotilla-it-repo-")
                 .tempdir()
-                .expect("temp dir");
-            let url = bare_repository(dir.path(), "sample", &[("README.md", "a sample service\n")]);
+                .expect("temp dir")
+                .keep();
+            let url = bare_repository(&dir, "sample", &[("README.md", "a sample service\n")]);
+            remove_at_exit();
             (dir, url)
         })
         .1
         .clone()
+}
+
+/// Registers the removal of the sample repository with the C library's exit handlers, which
+/// the test harness's exit runs (pass or fail).
+#[allow(unsafe_code)]
+fn remove_at_exit() {
+    extern "C" fn remove_sample_repository() {
+        if let Some((dir, _)) = SAMPLE_REPOSITORY.get() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    // SAFETY: `atexit` only records the function pointer; the handler touches no state that
+    // exit tears down before it (a static, and the file system).
+    let registered = unsafe { libc::atexit(remove_sample_repository) };
+    assert_eq!(registered, 0, "could not register the sample repository's removal");
 }
 
 pub fn create_request(name: &str, prompt: &str) -> v1::CreateAgentRequest {

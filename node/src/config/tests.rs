@@ -185,7 +185,7 @@ fn models_are_declared_by_name() {
 #[test]
 fn flags_override_the_file() {
     let dir = tempfile_dir();
-    let path = dir.join("node.toml");
+    let path = dir.path().join("node.toml");
     std::fs::write(&path, "[node]\ndata_dir = \"/tmp/x\"\nslots = 3\nregion = \"eu\"\n").unwrap();
     let config = NodeArgs {
         config: Some(path),
@@ -203,7 +203,7 @@ fn flags_override_the_file() {
 #[test]
 fn compiled_plugin_code_lives_under_the_data_dir_unless_told_otherwise() {
     let dir = tempfile_dir();
-    let path = dir.join("cache.toml");
+    let path = dir.path().join("cache.toml");
     let resolve = |flag: Option<&str>, file: &str| {
         std::fs::write(&path, format!("[node]\ndata_dir = \"/srv/flotilla\"\n{file}")).unwrap();
         NodeArgs {
@@ -224,7 +224,7 @@ fn compiled_plugin_code_lives_under_the_data_dir_unless_told_otherwise() {
 #[test]
 fn machine_uid_ranges_come_from_the_file_and_one_that_does_not_fit_is_refused() {
     let dir = tempfile_dir();
-    let path = dir.join("uids.toml");
+    let path = dir.path().join("uids.toml");
     let resolve = |machines: &str| {
         std::fs::write(&path, format!("[node]\ndata_dir = \"/tmp/x\"\n[machines]\n{machines}")).unwrap();
         NodeArgs {
@@ -251,7 +251,7 @@ fn machine_uid_ranges_come_from_the_file_and_one_that_does_not_fit_is_refused() 
 #[test]
 fn a_config_check_names_the_file_and_the_field_at_fault() {
     let dir = tempfile_dir();
-    let path = dir.join("check.toml");
+    let path = dir.path().join("check.toml");
     let check = |text: &str| {
         std::fs::write(&path, text).unwrap();
         NodeArgs {
@@ -291,8 +291,9 @@ fn a_config_check_names_the_file_and_the_field_at_fault() {
     assert!(error.contains("line 2 column 9"), "{error}");
 }
 
-fn tempfile_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flotilla-config-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tempfile_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("flotilla-config-test-")
+        .tempdir()
+        .unwrap()
 }
