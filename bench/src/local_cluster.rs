@@ -230,7 +230,22 @@ impl LocalCluster {
         }
     }
 
-    /// Starts the node at `index` again on its own data dir and ports (after [`Self::stop_node`]);
+    /// The log file of the node at `index` (its current life: a restart starts a new one).
+    pub fn log_path(&self, index: usize) -> &Path {
+        &self.nodes[index].log_path
+    }
+
+    /// Kills the node at `index` with SIGKILL (a crash: nothing of its own stop runs) and reaps
+    /// it.
+    pub fn kill_node(&mut self, index: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[index];
+        signal_process_group(&node.child, libc::SIGKILL);
+        node.child.wait().context("reaping a killed node")?;
+        Ok(())
+    }
+
+    /// Starts the node at `index` again on its own data dir and ports (after [`Self::stop_node`]
+    /// or [`Self::kill_node`]);
     /// it rejoins from what its data dir holds. Returns at once, when the process is spawned.
     pub fn start_node_again(&mut self, index: usize) -> anyhow::Result<()> {
         let node = self.nodes.remove(index);

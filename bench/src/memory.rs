@@ -229,6 +229,18 @@ async fn large_history(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<
         filled.per_second() * 2.0,
         mib(rss)
     );
+    // A crash first: the state's records are written without RocksDB's log, so a start after
+    // a kill re-applies from the Raft log what was applied after the state's last flush.
+    cluster.kill_node(0)?;
+    let spawned = Instant::now();
+    cluster.start_node_again(0)?;
+    let (serving, led) = wait_until_serving(&endpoint, &token, spawned).await?;
+    println!(
+        "  start after SIGKILL: answering GetCluster {:.2} s after spawn, leader {:.2} s ({})",
+        serving.as_secs_f64(),
+        led.as_secs_f64(),
+        reapplied_entries(cluster.log_path(0))
+    );
     let stop = cluster.stop_node(0, STOP_DEADLINE).await?;
     let spawned = Instant::now();
     cluster.start_node_again(0)?;
@@ -244,6 +256,47 @@ async fn large_history(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<
         mib(rss_bytes(cluster.node_pid(0).context("the node has no process id")?)?)
     );
     time_lists(&mut client, args.list_samples).await
+}
+
+/// What the node's log says its start re-applied from the Raft log (its `re-applied committed
+/// log entries` line), for the figure above.
+fn reapplied_entries(log: &Path) -> String {
+    let text = without_colours(&std::fs::read_to_string(log).unwrap_or_default());
+    let line = text
+        .lines()
+        .find(|line| line.contains("re-applied committed log entries"));
+    let field = |name: &str| {
+        line.and_then(|line| line.split(&format!("{name}=")).nth(1))
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .unwrap_or("?")
+            .to_string()
+    };
+    match line {
+        Some(_) => format!(
+            "re-applied {} log entries in {} ms",
+            field("entries"),
+            field("elapsed_ms")
+        ),
+        None => "re-applied nothing".to_string(),
+    }
+}
+
+/// `text` without its terminal colour sequences (`ESC [ ... m`).
+fn without_colours(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }
 
 /// What filling a node did.

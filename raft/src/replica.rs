@@ -317,6 +317,8 @@ impl Replica {
         .map_err(|error| ReplicaError::Config(error.to_string()))?;
         let peers = Peers::new(config.tls.as_ref());
         let reader = machine.reader();
+        let loaded = reader.last_applied_index();
+        let started = std::time::Instant::now();
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
@@ -326,6 +328,17 @@ impl Replica {
         )
         .await
         .map_err(|error| ReplicaError::Start(error.to_string()))?;
+        // openraft re-applies the committed entries after the stored state's applied position
+        // before it returns: after a crash, what was applied since the state's last flush.
+        let reapplied = reader.last_applied_index().saturating_sub(loaded);
+        if reapplied > 0 {
+            tracing::info!(
+                entries = reapplied,
+                from_index = loaded + 1,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "re-applied committed log entries the stored state did not hold yet"
+            );
+        }
         let inner = Arc::new(Inner {
             node_id: config.node_id,
             raft,
