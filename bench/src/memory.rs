@@ -6,8 +6,9 @@
 //! 2. running agents: agents with real machines holding a long command (the fake model server's
 //!    hold script), the node's and its machines' proportional memory (PSS) before and after;
 //! 3. a large history: agents created and stopped through the public API (each a replicated
-//!    create and stop), then a clean stop and a restart of the node, timed until it answers, and
-//!    `ListAgents` pages, filters and searches timed on the restarted node.
+//!    create and stop), then a SIGKILL and a start (what it re-applied from the Raft log, from
+//!    the node's log), a clean stop and a restart of the node, each start timed until it
+//!    answers, and `ListAgents` pages, filters and searches timed on the restarted node.
 //!
 //! It prints figures and asserts nothing about time.
 
