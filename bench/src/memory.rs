@@ -121,8 +121,9 @@ async fn idle_records(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<(
     let backup_after = backup_bytes(&endpoint, &token).await?;
     let count = args.idle_agents as f64;
     println!(
-        "idle agent records (one node, 0 slots, {} queued agents; debug build unless said otherwise)",
-        args.idle_agents
+        "idle agent records (one node, 0 slots, {} queued agents; {} build)",
+        args.idle_agents,
+        build()
     );
     println!("  created at {:.0}/s", filled.per_second());
     println!(
@@ -221,8 +222,9 @@ async fn large_history(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<
     let filled = fill(&endpoint, &token, args.ended_agents, args.concurrency, true).await?;
     let rss = rss_bytes(cluster.node_pid(0).context("the node has no process id")?)?;
     println!(
-        "large history (one node, {} agents created and stopped; debug build unless said otherwise)",
-        args.ended_agents
+        "large history (one node, {} agents created and stopped; {} build)",
+        args.ended_agents,
+        build()
     );
     println!(
         "  created and stopped at {:.0} agents/s ({:.0} writes/s); node RSS {}",
@@ -298,6 +300,16 @@ fn without_colours(text: &str) -> String {
         }
     }
     plain
+}
+
+/// The build these figures come from: this program's, and so the node's next to it unless
+/// another was named.
+fn build() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
 }
 
 /// What filling a node did.

@@ -616,8 +616,49 @@ impl NodeProcess {
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
+        // At teardown the node's own children go too (a `git` fetch or checkout it started
+        // would otherwise go on writing into the directory being removed). A test's `kill9`
+        // leaves them to the node's own handling, which some tests check.
+        let descendants = self
+            .child
+            .as_ref()
+            .map(|child| descendants_of(child.id()))
+            .unwrap_or_default();
         self.kill9();
+        for pid in descendants {
+            kill_quietly(pid);
+        }
     }
+}
+
+/// Every process descended from `pid` (children first), from `/proc/PID/task/*/children`.
+fn descendants_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(parent) = next.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|pid| pid.parse::<u32>().ok()) {
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// SIGKILL to `pid`, which may have exited already.
+#[allow(unsafe_code)]
+fn kill_quietly(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: `kill` has no memory-safety preconditions; the pid was a descendant of a node
+    // this process started, read just before.
+    let _ = unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
 fn open_log_for_append(path: &Path) -> File {
