@@ -148,24 +148,8 @@ async fn a_snapshot_is_built_without_the_state_lock_and_matches_the_state() {
     machine.apply(entries).await.unwrap();
     let expected = machine.reader().read(|state| state.clone());
 
-    let (locked, lock_taken) = std::sync::mpsc::channel();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let holder = {
-        let lock = machine.machine.clone();
-        std::thread::spawn(move || {
-            let _guard = lock.write().expect("state lock");
-            locked.send(()).expect("test waits");
-            let _ = released.recv();
-        })
-    };
-    lock_taken.recv().expect("the holder took the lock");
-    let built = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        machine.get_snapshot_builder().await.build_snapshot(),
-    )
-    .await;
-    release.send(()).expect("holder waits");
-    holder.join().expect("holder thread");
+    let mut builder = machine.get_snapshot_builder().await;
+    let built = while_another_thread_holds_the_state_lock(&machine, builder.build_snapshot()).await;
     let snapshot = built.expect("the snapshot waited for the state lock").unwrap();
     assert_eq!(snapshot.meta.last_log_id.map(|log_id| log_id.index), Some(51));
     // The snapshot the machine now holds (stored borrowed) reads back as the one built.
@@ -619,6 +603,29 @@ async fn audit_entries_and_limits_survive_a_reopen_and_travel_in_a_snapshot() {
     assert_eq!(installed.reader().read(|state| state.clone()), expected);
 }
 
+/// Runs `work` (for at most 30 s) while another thread holds the in-memory state's write lock,
+/// as a long apply would: whatever needs that lock cannot finish.
+async fn while_another_thread_holds_the_state_lock<T>(
+    machine: &StateMachineStore,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, tokio::time::error::Elapsed> {
+    let (locked, lock_taken) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let lock = machine.machine.clone();
+        std::thread::spawn(move || {
+            let _guard = lock.write().expect("state lock");
+            locked.send(()).expect("test waits");
+            let _ = released.recv();
+        })
+    };
+    lock_taken.recv().expect("the holder took the lock");
+    let done = tokio::time::timeout(std::time::Duration::from_secs(30), work).await;
+    release.send(()).expect("holder waits");
+    holder.join().expect("holder thread");
+    done
+}
+
 /// Entries of the state family's active memtable: records written but in no table yet.
 fn state_records_in_memory(machine: &StateMachineStore) -> u64 {
     machine
@@ -719,25 +726,9 @@ async fn a_backup_is_taken_without_the_state_lock_and_matches_the_state() {
     machine.apply(entries).await.unwrap();
     let expected = machine.reader().read(|state| state.clone());
 
-    let (locked, lock_taken) = std::sync::mpsc::channel();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let holder = {
-        let lock = machine.machine.clone();
-        std::thread::spawn(move || {
-            let _guard = lock.write().expect("state lock");
-            locked.send(()).expect("test waits");
-            let _ = released.recv();
-        })
-    };
-    lock_taken.recv().expect("the holder took the lock");
     let reader = machine.reader();
-    let taken = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || reader.take_backup("cluster-a", None, 7)),
-    )
-    .await;
-    release.send(()).expect("holder waits");
-    holder.join().expect("holder thread");
+    let backup = tokio::task::spawn_blocking(move || reader.take_backup("cluster-a", None, 7));
+    let taken = while_another_thread_holds_the_state_lock(&machine, backup).await;
     let backup = taken.expect("the backup waited for the state lock").unwrap().unwrap();
     assert_eq!(backup.header.applied_index, 41);
     assert_eq!(backup.header.agents, 40);
