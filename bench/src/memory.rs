@@ -264,7 +264,7 @@ async fn large_history(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<
 /// What the node's log says its start re-applied from the Raft log (its `re-applied committed
 /// log entries` line), for the figure above.
 fn reapplied_entries(log: &Path) -> String {
-    let text = without_colours(&std::fs::read_to_string(log).unwrap_or_default());
+    let text = std::fs::read_to_string(log).unwrap_or_default();
     let line = text
         .lines()
         .find(|line| line.contains("re-applied committed log entries"));
@@ -282,24 +282,6 @@ fn reapplied_entries(log: &Path) -> String {
         ),
         None => "re-applied nothing".to_string(),
     }
-}
-
-/// `text` without its terminal colour sequences (`ESC [ ... m`).
-fn without_colours(text: &str) -> String {
-    let mut plain = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
 }
 
 /// The build these figures come from: this program's, and so the node's next to it unless

@@ -137,8 +137,12 @@ fn init_node_logging(
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
     let filter = observability::log_filter::LineFilter::from_env(default_level);
-    // Every line passes the redactor: no secret value reaches the log.
-    let lines = tracing_subscriber::fmt::layer().with_writer(log_redact::RedactingMakeWriter::new(std::io::stderr));
+    // Every line passes the redactor: no secret value reaches the log. Colours only on a
+    // terminal: a log file or journal would keep the escape codes, in the middle of every
+    // `field=value` a reader searches for.
+    let lines = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(log_redact::RedactingMakeWriter::new(std::io::stderr));
     let lines = match format {
         observability::LogFormat::Text => lines.boxed(),
         observability::LogFormat::Json => lines.json().boxed(),
