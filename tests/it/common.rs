@@ -44,6 +44,20 @@ fn remove_at_exit() {
     assert_eq!(registered, 0, "could not register the sample repository's removal");
 }
 
+/// Waits until the (restarted) node at `endpoint` answers and names a leader.
+pub async fn wait_for_a_leader(what: &str, endpoint: &str, token: &str) {
+    let (endpoint, token) = (endpoint.to_string(), token.to_string());
+    flotilla_tests::wait_for(what, DEADLINE, move || {
+        let (endpoint, token) = (endpoint.clone(), token.clone());
+        async move {
+            flotilla_tests::try_get_cluster(&endpoint, &token)
+                .await
+                .filter(|cluster| cluster.leader_id != 0)
+        }
+    })
+    .await;
+}
+
 pub fn create_request(name: &str, prompt: &str) -> v1::CreateAgentRequest {
     v1::CreateAgentRequest {
         prompt: prompt.to_string(),

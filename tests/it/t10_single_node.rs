@@ -5,7 +5,7 @@ use flotilla_tests::{agent_client, wait_for, AgentClient, ClusterOptions, TestCl
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::common::{create, create_request, get, identity, status_of, DEADLINE};
+use crate::common::{create, create_request, get, identity, status_of, wait_for_a_leader, DEADLINE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_get_list_page_and_search() {
@@ -552,16 +552,7 @@ async fn a_node_killed_after_acknowledging_creates_holds_them_all_when_started_a
 
     cluster.nodes[0].kill9();
     cluster.nodes[0].restart();
-    let (ready_endpoint, ready_token) = (endpoint.clone(), token.clone());
-    wait_for("the restarted node to lead again", DEADLINE, move || {
-        let (endpoint, token) = (ready_endpoint.clone(), ready_token.clone());
-        async move {
-            flotilla_tests::try_get_cluster(&endpoint, &token)
-                .await
-                .filter(|cluster| cluster.leader_id != 0)
-        }
-    })
-    .await;
+    wait_for_a_leader("the restarted node to lead again", &endpoint, &token).await;
     let mut client = agent_client(&endpoint, &token).await;
     for agent in &acknowledged {
         let read = get(&mut client, &agent.id).await.unwrap_or_else(|| {

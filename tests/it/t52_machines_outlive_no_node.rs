@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use flotilla_proto::v1;
-use flotilla_tests::{agent_client, try_get_cluster, wait_for, ClusterOptions, TestCluster};
+use flotilla_tests::{agent_client, wait_for, ClusterOptions, TestCluster};
 
-use crate::common::{create, DEADLINE};
+use crate::common::{create, wait_for_a_leader, DEADLINE};
 use crate::t50_machines::wait_for_status;
 
 /// The node's machine cgroup parent in every hierarchy that has it (v1: memory, pids, cpu;
@@ -179,16 +179,7 @@ async fn a_killed_node_restarted_reaps_its_machines_and_a_stopped_one_leaves_non
 
     // A machine on the restarted node (the held agent's again, or a new agent's); a SIGTERM
     // destroys it.
-    let (ready_endpoint, ready_token) = (endpoint.clone(), token.clone());
-    wait_for("the restarted node to know a leader", DEADLINE, move || {
-        let (endpoint, token) = (ready_endpoint.clone(), ready_token.clone());
-        async move {
-            try_get_cluster(&endpoint, &token)
-                .await
-                .filter(|cluster| cluster.leader_id != 0)
-        }
-    })
-    .await;
+    wait_for_a_leader("the restarted node to know a leader", &endpoint, &token).await;
     let mut client = agent_client(&endpoint, &token).await;
     let again = create(&mut client, "held-again", "Hold the machine").await;
     wait_for_status(&endpoint, &token, &again.id, v1::AgentStatus::Running).await;

@@ -632,16 +632,19 @@ impl Drop for NodeProcess {
 }
 
 /// Every process descended from `pid` (children first), from `/proc/PID/task/*/children`.
-fn descendants_of(pid: u32) -> Vec<u32> {
+fn descendants_of(pid: u32) -> Vec<libc::pid_t> {
     let mut found = Vec::new();
-    let mut next = vec![pid];
+    let mut next = libc::pid_t::try_from(pid).into_iter().collect::<Vec<_>>();
     while let Some(parent) = next.pop() {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
             continue;
         };
         for task in tasks.flatten() {
             let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for child in children.split_whitespace().filter_map(|pid| pid.parse::<u32>().ok()) {
+            for child in children
+                .split_whitespace()
+                .filter_map(|pid| pid.parse::<libc::pid_t>().ok())
+            {
                 found.push(child);
                 next.push(child);
             }
@@ -650,14 +653,12 @@ fn descendants_of(pid: u32) -> Vec<u32> {
     found
 }
 
-/// SIGKILL to `pid`, which may have exited already.
+/// SIGKILL to `pid`, which need not be this process's child and may have exited already (that
+/// answer, ESRCH, is ignored).
+// Unsafe: kill(2) on pids that are not our children; std can signal only its own.
 #[allow(unsafe_code)]
-fn kill_quietly(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: `kill` has no memory-safety preconditions; the pid was a descendant of a node
-    // this process started, read just before.
+pub(crate) fn kill_quietly(pid: libc::pid_t) {
+    // SAFETY: `kill` has no memory-safety preconditions.
     let _ = unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 

@@ -228,8 +228,6 @@ pub fn sweep_dead_labs() -> Vec<String> {
 }
 
 /// Kills (SIGKILL) every process whose network namespace is `namespace`.
-// Unsafe: kill(2) on pids that are not our children; std can signal only its own.
-#[allow(unsafe_code)]
 pub fn kill_processes_in(namespace: &str) {
     let Ok(output) = Command::new("ip").args(["netns", "pids", namespace]).output() else {
         return;
@@ -238,9 +236,8 @@ pub fn kill_processes_in(namespace: &str) {
         .split_whitespace()
         .filter_map(|pid| pid.parse::<libc::pid_t>().ok())
     {
-        // SAFETY: `kill` has no memory-safety preconditions; a process gone since the kernel
-        // listed it answers ESRCH, which is ignored.
-        let _ = unsafe { libc::kill(pid, libc::SIGKILL) };
+        // A process gone since the kernel listed it is ignored.
+        crate::kill_quietly(pid);
     }
 }
 
