@@ -97,7 +97,7 @@ pub async fn run_assign(args: BenchAssignArgs) -> anyhow::Result<()> {
         "{} nodes, {} agents one at a time ({} build of flotilla-bench)",
         args.nodes,
         args.agents,
-        if cfg!(debug_assertions) { "debug" } else { "release" }
+        crate::build_profile()
     );
     if let Some(figures) = Percentiles::of(&ack_ms) {
         println!("create acknowledged:            {figures}");

@@ -80,7 +80,7 @@ async fn run_all(args: &BenchCompareArgs) -> anyhow::Result<()> {
     println!(
         "flotilla-bench compare: {RECORD_BYTES}-byte writes, {}s per run, {} build of flotilla-bench",
         args.seconds,
-        if cfg!(debug_assertions) { "debug" } else { "release" }
+        crate::build_profile()
     );
     for &node_count in &args.nodes {
         let mut etcd = Vec::with_capacity(args.etcd_transports.len());

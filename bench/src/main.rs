@@ -149,3 +149,13 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// The build this program is (and, unless another binary was named, the `flotilla` next to it):
+/// what its figures are printed with.
+pub(crate) fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}

@@ -123,7 +123,7 @@ async fn idle_records(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<(
     println!(
         "idle agent records (one node, 0 slots, {} queued agents; {} build)",
         args.idle_agents,
-        build()
+        crate::build_profile()
     );
     println!("  created at {:.0}/s", filled.per_second());
     println!(
@@ -224,7 +224,7 @@ async fn large_history(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<
     println!(
         "large history (one node, {} agents created and stopped; {} build)",
         args.ended_agents,
-        build()
+        crate::build_profile()
     );
     println!(
         "  created and stopped at {:.0} agents/s ({:.0} writes/s); node RSS {}",
@@ -281,16 +281,6 @@ fn reapplied_entries(log: &Path) -> String {
             field("elapsed_ms")
         ),
         None => "re-applied nothing".to_string(),
-    }
-}
-
-/// The build these figures come from: this program's, and so the node's next to it unless
-/// another was named.
-fn build() -> &'static str {
-    if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
     }
 }
 

@@ -85,7 +85,7 @@ pub fn run_placement(args: BenchPlacementArgs) -> anyhow::Result<()> {
             .sum::<u64>(),
         world.state.active_by_node.values().map(BTreeSet::len).sum::<usize>(),
         args.repositories,
-        if cfg!(debug_assertions) { "debug" } else { "release" },
+        crate::build_profile(),
     );
     if args.backlog > 0 {
         for _ in 0..args.backlog {

@@ -371,7 +371,7 @@ fn print_report(args: &BenchProvisionArgs, timelines: &[Timeline], burst_started
         "1 node, {} agents, {} creates in flight ({} build of flotilla-bench); warm-up agent provisioned in {:.0} ms",
         args.agents,
         args.concurrency,
-        if cfg!(debug_assertions) { "debug" } else { "release" },
+        crate::build_profile(),
         warm_up.as_secs_f64() * 1000.0
     );
     println!("provisioned = the agent's first model request reached the model server (machine up, RUNNING written, first turn begun)");

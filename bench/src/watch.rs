@@ -503,7 +503,7 @@ fn print_figures(
     stops: &WriteTimes,
     reports: &[WatcherReport],
 ) {
-    let build = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let build = crate::build_profile();
     println!(
         "1 node, {} watchers on {} agents over {} connections, {} follow-ups at {}/s, then a stop per agent ({build} build of flotilla-bench and flotilla)",
         args.watchers, args.agents, args.connections, args.events, args.rate
