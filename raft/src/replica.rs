@@ -45,8 +45,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 250;
 /// prompts), so its cost grows with the state, not with the entries since the last one; at
 /// 20,000 a three-node cluster under 256 clients used 405 µs of CPU per write once the state had
 /// grown, 130 µs at 100,000 (docs/performance.md, "Snapshots off the state's lock"). The log it
-/// lets grow is on disk, and a restart does not replay it: the state's records are written at
-/// every apply.
+/// lets grow is on disk; a start re-applies only what the state had not flushed to a table (after
+/// a crash, at most a memtable of records; after a clean stop, nothing).
 pub const DEFAULT_SNAPSHOT_AFTER_LOGS: u64 = 100_000;
 /// The least election timeout by default (see [`election_timeout_max_ms`]).
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 1_000;
