@@ -40,7 +40,11 @@ pub mod types;
 /// is newer than its own, since it could misread records it does not know. Raise it when a change
 /// cannot be read by the previous release (a new command variant a follower must apply is such a
 /// change only if older nodes may still be members).
-pub const STATE_FORMAT_VERSION: u32 = 1;
+///
+/// - 1: the first numbered format;
+/// - 2: a node's Raft log is in segment files of its own (`raft-log/` in its store), no longer
+///   in RocksDB's `log` family, which a release of format 1 would read as an empty log.
+pub const STATE_FORMAT_VERSION: u32 = 2;
 
 pub use apply::{apply, apply_in_term};
 pub use audit::{AuditEntry, TeamLimits};

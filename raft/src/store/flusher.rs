@@ -1,4 +1,4 @@
-//! The log flusher: a thread that syncs RocksDB's write-ahead log under a leader's own
+//! The log flusher: a thread that syncs the log's last segment under a leader's own
 //! proposals, which are reported written at once (see [`super::Durability`]) and synced while
 //! they travel to the followers. Proposals written while a sync runs wait for the next one, so
 //! one fsync covers a group of them (group commit).
@@ -10,8 +10,7 @@
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
-use rocksdb::DB;
-
+use super::segments::Segments;
 use super::OpenError;
 
 /// Proposals waiting for the flusher's next sync; `append` waits for room beyond this.
@@ -39,13 +38,14 @@ fn own_sync_delay() -> Option<std::time::Duration> {
 /// A sync of a leader's own proposal, already reported written.
 pub(super) struct SyncRequest;
 
-/// Syncs the log's write-ahead log, records how long that took and tells `durability` what it
+/// Syncs the log's last segment, records how long that took and tells `durability` what it
 /// covered: everything written before it began (or that the log stopped, on a failure).
-pub(super) fn sync_log(db: &DB, durability: &super::Durability) -> Result<(), String> {
-    // Read before the sync: everything written up to here is in the WAL it syncs.
+pub(super) fn sync_log(segments: &Segments, durability: &super::Durability) -> Result<(), String> {
+    // Read before the sync: everything written up to here is in the segment it syncs, or in
+    // an earlier one, synced before the next one was begun.
     let upto = durability.written_mark();
     let started = std::time::Instant::now();
-    let synced = db.flush_wal(true).map_err(|error| error.to_string());
+    let synced = segments.sync().map_err(|error| error.to_string());
     crate::metrics::record_log_sync(started.elapsed());
     match &synced {
         Ok(()) => durability.synced(upto),
@@ -54,10 +54,10 @@ pub(super) fn sync_log(db: &DB, durability: &super::Durability) -> Result<(), St
     synced
 }
 
-/// Starts the thread that syncs the WAL for groups of a leader's own proposals. It holds the
-/// database weakly, so the database closes as soon as its stores are dropped.
+/// Starts the thread that syncs the log for groups of a leader's own proposals. It holds the
+/// segments weakly, so their files close as soon as the log store is dropped.
 pub(super) fn spawn_flusher(
-    db: std::sync::Weak<DB>,
+    segments: std::sync::Weak<Segments>,
     durability: Arc<super::Durability>,
 ) -> Result<SyncSender<SyncRequest>, OpenError> {
     let (sender, receiver) = std::sync::mpsc::sync_channel::<SyncRequest>(MAX_APPENDS_AWAITING_SYNC);
@@ -71,11 +71,11 @@ pub(super) fn spawn_flusher(
                 if let Some(delay) = own_sync_delay {
                     std::thread::sleep(delay);
                 }
-                match db.upgrade() {
-                    Some(db) => {
-                        let _ = sync_log(&db, &durability);
+                match segments.upgrade() {
+                    Some(segments) => {
+                        let _ = sync_log(&segments, &durability);
                     }
-                    None => durability.sync_failed("syncing the log: the log database is closed".to_string()),
+                    None => durability.sync_failed("syncing the log: the log is closed".to_string()),
                 }
             }
         })

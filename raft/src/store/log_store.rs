@@ -1,7 +1,7 @@
-//! openraft's log on RocksDB: entries in the `log` column family under their big-endian index,
-//! and the vote, committed and purged marks in `log_meta`. Appends are written unsynced (so
-//! they are readable for replication at once) and handed to the flusher, which reports them
-//! flushed once the write-ahead log is synced.
+//! openraft's log: entries in segment files of their own (`segments`), and the vote, committed
+//! and purged marks in RocksDB's `log_meta` family. Appends are written unsynced (so they are
+//! readable for replication at once) and handed to the flusher, which reports them flushed once
+//! the segment is synced.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -10,14 +10,17 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageIOError, Vote};
-use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
+
+use super::segments::{push_frame, SegmentError, Segments};
 use serde::{Deserialize, Serialize};
 
 use super::flusher::SyncRequest;
-use super::{any, decode, encode, StorageResult, CF_LOG, CF_LOG_META, KEY_COMMITTED, KEY_PURGED, KEY_VOTE};
+use super::{any, decode, encode, OpenError, StorageResult, CF_LOG, CF_LOG_META, KEY_COMMITTED, KEY_PURGED, KEY_VOTE};
 use crate::{NodeId, TypeConfig};
 
-/// The key of the log entry at `index`: big-endian, so that keys sort by index.
+/// The key of the log entry at `index` in the `log` column family, where stores from before the
+/// segment files kept their entries: big-endian, so that keys sort by index.
 pub(super) fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
@@ -25,33 +28,110 @@ pub(super) fn log_key(index: u64) -> [u8; 8] {
 #[derive(Clone)]
 pub struct LogStore {
     pub(super) db: Arc<DB>,
+    pub(super) segments: Arc<Segments>,
     flusher: SyncSender<SyncRequest>,
     durability: Arc<super::Durability>,
 }
 
-/// The id of the last entry in the log, or of the last purged one when none is left.
-pub(super) fn last_log_id(db: &DB) -> Result<Option<LogId<NodeId>>, String> {
-    let cf = |name| db.cf_handle(name).expect("column family created at open");
-    if let Some(item) = db.iterator_cf(cf(CF_LOG), IteratorMode::End).next() {
-        let (key, value) = item.map_err(|error| error.to_string())?;
-        let entry: Entry<TypeConfig> = decode(&key, &value).map_err(|error| error.to_string())?;
-        return Ok(Some(entry.log_id));
-    }
-    match db
-        .get_cf(cf(CF_LOG_META), KEY_PURGED)
-        .map_err(|error| error.to_string())?
-    {
-        Some(bytes) => decode::<LogId<NodeId>>(KEY_PURGED, &bytes)
-            .map(Some)
-            .map_err(|error| error.to_string()),
+fn decode_entry(index: u64, payload: &[u8]) -> Result<Entry<TypeConfig>, OpenError> {
+    decode(&super::segments::entry_key(index), payload)
+}
+
+/// The purge mark stored in `log_meta`.
+pub(super) fn purged_mark(db: &DB) -> Result<Option<LogId<NodeId>>, OpenError> {
+    let cf = db.cf_handle(CF_LOG_META).expect("column family created at open");
+    match db.get_cf(cf, KEY_PURGED).map_err(|error| OpenError::Database {
+        dir: db.path().display().to_string(),
+        message: error.to_string(),
+    })? {
+        Some(bytes) => decode::<LogId<NodeId>>(KEY_PURGED, &bytes).map(Some),
         None => Ok(None),
     }
 }
 
+/// The id of the last entry in the log, or of the last purged one when none is left.
+pub(super) fn last_log_id(db: &DB, segments: &Segments) -> Result<Option<LogId<NodeId>>, String> {
+    if let Some(last) = segments.last_index() {
+        let read = segments.read(last, last + 1).map_err(|error| error.to_string())?;
+        let (index, payload) = read.first().ok_or_else(|| SegmentError::Missing(last).to_string())?;
+        return decode_entry(*index, payload)
+            .map(|entry| Some(entry.log_id))
+            .map_err(|error| error.to_string());
+    }
+    purged_mark(db).map_err(|error| error.to_string())
+}
+
+/// Moves the entries a store from before the segment files kept in RocksDB's `log` family into
+/// `segments`, synced, and then deletes them there. A move cut short by a crash is begun again:
+/// the family is emptied only once the segments hold everything.
+pub(super) fn move_entries_out_of_rocksdb(db: &DB, segments: &Segments) -> Result<u64, OpenError> {
+    let failed = |message: String| OpenError::Database {
+        dir: db.path().display().to_string(),
+        message,
+    };
+    let cf = db.cf_handle(CF_LOG).expect("column family created at open");
+    if db.iterator_cf(cf, IteratorMode::Start).next().is_none() {
+        return Ok(0);
+    }
+    segments
+        .clear()
+        .map_err(|error| failed(format!("clearing the log segments to move the log again: {error}")))?;
+    let mut moved = 0u64;
+    let mut frames = Vec::new();
+    let mut run: Option<(u64, u64)> = None;
+    let write = |frames: &mut Vec<u8>, run: &mut Option<(u64, u64)>| -> Result<(), OpenError> {
+        if let Some((first, last)) = run.take() {
+            segments
+                .append(first, last, frames)
+                .map_err(|error| failed(format!("moving the log into segments: {error}")))?;
+        }
+        frames.clear();
+        Ok(())
+    };
+    for item in db.iterator_cf(cf, IteratorMode::Start) {
+        let (key, value) = item.map_err(|error| failed(error.to_string()))?;
+        let index = u64::from_be_bytes(
+            key.as_ref()
+                .try_into()
+                .map_err(|_| failed(format!("a log key of {} bytes", key.len())))?,
+        );
+        // Checked here, so that what is moved is known to read back.
+        let _entry: Entry<TypeConfig> = decode(&key, &value)?;
+        push_frame(&mut frames, index, |buffer| buffer.extend_from_slice(&value));
+        run = Some(match run {
+            Some((first, _)) => (first, index),
+            None => (index, index),
+        });
+        moved += 1;
+        if frames.len() >= 4 * 1024 * 1024 {
+            write(&mut frames, &mut run)?;
+        }
+    }
+    write(&mut frames, &mut run)?;
+    segments
+        .sync()
+        .map_err(|error| failed(format!("syncing the moved log: {error}")))?;
+    let mut options = WriteOptions::default();
+    options.set_sync(true);
+    let mut batch = WriteBatch::default();
+    batch.delete_range_cf(cf, log_key(0), log_key(u64::MAX));
+    batch.delete_cf(cf, log_key(u64::MAX));
+    db.write_opt(batch, &options)
+        .map_err(|error| failed(error.to_string()))?;
+    db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+    Ok(moved)
+}
+
 impl LogStore {
-    pub(super) fn new(db: Arc<DB>, flusher: SyncSender<SyncRequest>, durability: Arc<super::Durability>) -> LogStore {
+    pub(super) fn new(
+        db: Arc<DB>,
+        segments: Arc<Segments>,
+        flusher: SyncSender<SyncRequest>,
+        durability: Arc<super::Durability>,
+    ) -> LogStore {
         LogStore {
             db,
+            segments,
             flusher,
             durability,
         }
@@ -114,21 +194,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(index) => index + 1,
             Bound::Unbounded => 0,
         };
-        let mut entries = Vec::new();
-        let iterator = self
-            .db
-            .iterator_cf(self.cf(CF_LOG), IteratorMode::From(&log_key(start), Direction::Forward));
-        for item in iterator {
-            let (key, value) = item.map_err(|error| StorageIOError::read_logs(any(error)))?;
-            let index = u64::from_be_bytes(key.as_ref().try_into().expect("log keys are 8 bytes"));
-            if !range.contains(&index) {
-                break;
-            }
-            let entry: Entry<TypeConfig> =
-                decode(&key, &value).map_err(|error| StorageIOError::read_log_at_index(index, any(error)))?;
-            entries.push(entry);
-        }
-        Ok(entries)
+        let end = match range.end_bound() {
+            Bound::Included(index) => index.saturating_add(1),
+            Bound::Excluded(index) => *index,
+            Bound::Unbounded => u64::MAX,
+        };
+        let read = self
+            .segments
+            .read(start, end)
+            .map_err(|error| StorageIOError::read_logs(any(error)))?;
+        read.into_iter()
+            .map(|(index, payload)| {
+                decode_entry(index, &payload)
+                    .map_err(|error| StorageIOError::read_log_at_index(index, any(error)).into())
+            })
+            .collect()
     }
 }
 
@@ -137,7 +217,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId<NodeId>> = self.meta(KEY_PURGED)?;
-        let last_log_id = last_log_id(&self.db).map_err(|error| StorageIOError::read_logs(AnyError::error(error)))?;
+        let last_log_id =
+            last_log_id(&self.db, &self.segments).map_err(|error| StorageIOError::read_logs(AnyError::error(error)))?;
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -171,7 +252,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        Ok(self.meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+        let committed = self.meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten();
+        // The mark is in RocksDB's log and the entries in the segments, so after a power loss the
+        // mark may name an entry whose unsynced write was lost (a leader saves its commit index
+        // up to one sync ahead of its own). Every entry left at or below the mark is committed
+        // (a commit index never passes the entries this log shares with the leader's, and a
+        // truncation never reaches a committed entry), so the mark is cut back to the log's end.
+        let last =
+            last_log_id(&self.db, &self.segments).map_err(|error| StorageIOError::read_logs(AnyError::error(error)))?;
+        Ok(match (committed, last) {
+            (Some(committed), Some(last)) if committed.index > last.index => {
+                tracing::warn!(
+                    committed = committed.index,
+                    last = last.index,
+                    "the stored commit index is past the log's end (its last writes were lost); it is cut back to the end"
+                );
+                Some(last)
+            }
+            (Some(_), None) => None,
+            _ => committed,
+        })
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -179,20 +279,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = WriteBatch::default();
-        let cf = self.cf(CF_LOG);
+        let mut frames = Vec::new();
         let mut ids = Vec::new();
         for entry in entries {
-            batch.put_cf(cf, log_key(entry.log_id.index), encode(&entry));
+            push_frame(&mut frames, entry.log_id.index, |buffer| {
+                let taken = std::mem::take(buffer);
+                *buffer = postcard::to_extend(&entry, taken).expect("serialising to memory cannot fail");
+            });
             ids.push(entry.log_id);
         }
-        let Some(last) = ids.last().copied() else {
+        let (Some(first), Some(last)) = (ids.first().copied(), ids.last().copied()) else {
             callback.log_io_completed(Ok(()));
             return Ok(());
         };
         // Written unsynced, and so readable for replication at once.
-        self.db
-            .write(batch)
+        self.segments
+            .append(first.index, last.index, &frames)
             .map_err(|error| StorageIOError::write_logs(any(error)))?;
         self.durability.written(last);
         if self.durability.own_proposal(ids.iter()) {
@@ -208,41 +310,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // thread wake-ups per append (A/B in docs/performance.md, "A follower syncs its own
         // appends"). The core would wait for the sync either way; what else was queued on this
         // runtime worker is taken by the others meanwhile.
-        let synced = super::flusher::sync_log(&self.db, &self.durability);
+        let synced = super::flusher::sync_log(&self.segments, &self.durability);
         callback.log_io_completed(synced.map_err(std::io::Error::other));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf(CF_LOG), log_key(log_id.index), log_key(u64::MAX));
-        self.db
-            .write_opt(batch, &options)
+        // Synced: what is left was synced before, or is synced by the cut.
+        self.segments
+            .truncate(log_id.index)
             .map_err(|error| StorageIOError::write_logs(any(error)))?;
-        // The synced write synced everything before it too.
-        let last = last_log_id(&self.db).map_err(|error| StorageIOError::read_logs(AnyError::error(error)))?;
+        let last =
+            last_log_id(&self.db, &self.segments).map_err(|error| StorageIOError::read_logs(AnyError::error(error)))?;
         self.durability.truncated(last);
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        // What went through RocksDB's log unsynced is synced before the log that could replay
-        // it goes away.
-        self.db
-            .flush_wal(true)
-            .map_err(|error| StorageIOError::write(any(error)))?;
         // The state's records are written without RocksDB's log: those the purged entries
         // could replay must be in a table first. The snapshot that allows this purge flushed
         // them as it was built, so this flush has only what was applied since.
         super::state_machine::off_the_worker(|| super::state_machine::flush_state(&self.db))
             .map_err(|error| StorageIOError::write(any(error)))?;
+        // Synced, and so after everything RocksDB's log held (the cluster-wide copies in
+        // `log_meta`); the segments go only once the mark is on disk.
         self.put_meta(KEY_PURGED, &log_id)?;
-        let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf(CF_LOG), log_key(0), log_key(log_id.index + 1));
-        self.db
-            .write(batch)
+        self.segments
+            .purge(log_id.index)
             .map_err(|error| StorageIOError::write_logs(any(error)).into())
     }
 }

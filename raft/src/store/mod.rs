@@ -1,19 +1,20 @@
-//! openraft storage on RocksDB: the log store and the state machine are separate
-//! implementations over one database (separate column families), so that a log flush and a
-//! state-machine write share one write-ahead log.
+//! openraft storage: the log in segment files of its own (`segments`), and the state machine,
+//! the vote and the log's marks in RocksDB (separate column families).
 //!
-//! Log entries are written to RocksDB at once (readable for replication) and made durable by a
-//! sync of the write-ahead log before anything depends on them, so no client is answered before
-//! its entry is on disk: a follower's append is synced in place before openraft hears it is
+//! Log entries are written to their segment at once (readable for replication) and made
+//! durable by a sync of it before anything depends on them, so no client is answered before its
+//! entry is on disk: a follower's append is synced in place before openraft hears it is
 //! flushed; a leader's own proposals are synced by a flusher thread while they travel, and
 //! every proposal written while a sync runs is covered by the next one (group commit).
 //!
 //! The state machine keeps the whole [`ClusterState`](crate::ClusterState) in memory for reads
 //! and writes every record an entry touched to RocksDB in the same batch as the applied log id
-//! (unsynced: the log is the durable source, and the WAL is synced before any log is purged).
+//! (without RocksDB's write-ahead log: the Raft log is the state's, and the state's records are
+//! flushed to tables before any log is purged).
 //!
 //! - `log_store`: openraft's log (entries, vote, committed and purged marks);
-//! - `flusher`: the thread that syncs the write-ahead log for groups of a leader's proposals;
+//! - `segments`: the log's entries in append-only files, framed with checksums;
+//! - `flusher`: the thread that syncs the log for groups of a leader's proposals;
 //! - `state_machine`: the in-memory state, applying committed entries with
 //!   [`flotilla_state::apply`], and the readers the node serves from;
 //! - `state_layout`: how the state's records are keyed in the state column family, written and
@@ -32,6 +33,7 @@ mod durability;
 mod flusher;
 pub mod format;
 mod log_store;
+mod segments;
 mod snapshot;
 mod state_layout;
 mod state_machine;
@@ -89,9 +91,8 @@ const KEY_PKI_CLUSTER_CA: &[u8] = b"pki/cluster_ca";
 const KEY_PKI_REMOVED_NODES: &[u8] = b"pki/removed_nodes";
 const KEY_SNAPSHOT: &[u8] = b"current";
 
-/// The write-ahead log files a node keeps at most, in bytes, before RocksDB flushes the
-/// families that hold the oldest one (about half a minute of writes at 64 clients on three
-/// nodes; what a start after a crash reads back).
+/// RocksDB's write-ahead log files a node keeps at most, in bytes, before RocksDB flushes the
+/// families that hold the oldest one (what a start after a crash reads back).
 const MAX_TOTAL_WAL_BYTES: u64 = 256 * 1024 * 1024;
 
 /// How many applied events a lagging watcher may fall behind before it re-reads from the state.
@@ -115,20 +116,16 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     options.create_if_missing(true);
     options.create_missing_column_families(true);
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    // Writes stay in RocksDB's WAL buffer until a `flush_wal(true)` (the flusher's, or a
-    // follower append's) writes and syncs them (or a synced write, which flushes the buffer
-    // first): one write(2) per sync instead of one per log append and committed mark. What
-    // waits for a sync (a follower's appends, an applied entry) is on disk either way; what
-    // does not (the committed mark) is found again from the synced log after a crash, and
-    // `purge` syncs the WAL before it drops any log. A killed process now also loses the
-    // unsynced tail that the page cache would have kept, which changes nothing of the above.
-    // Applied state records skip this log altogether (see `write_without_stalling`).
+    // What RocksDB's write-ahead log still takes (the vote and the purge mark, written synced;
+    // the cluster-wide copies, synced; the committed mark, not) stays in its buffer until a
+    // synced write or a full buffer writes it: a committed mark costs no write(2). A lost
+    // committed mark is found again from the synced log after a crash. Applied state records
+    // skip this log altogether (see `write_without_stalling`), and the Raft log's entries are
+    // in segment files of their own.
     options.set_manual_wal_flush(true);
-    // A WAL file is kept until every family's records in it are in tables. `log_meta` (vote,
-    // committed mark) takes a few bytes a write and would fill its memtable only after days,
-    // so it held every WAL file since its last flush: RocksDB's own bound (four times all
-    // memtables, 2.5 GiB here) was what a node kept on disk and read back in full after a
-    // crash. Past this size RocksDB flushes the families holding the oldest file instead.
+    // A WAL file is kept until every family's records in it are in tables; past this size
+    // RocksDB flushes the families holding the oldest file (a bound on what a start after a
+    // crash reads back, should a family's writes ever go through the WAL in bulk again).
     options.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES);
     let families = [CF_LOG, CF_LOG_META, CF_STATE, CF_SNAPSHOT]
         .into_iter()
@@ -148,20 +145,28 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
         }
     })?;
     let db = Arc::new(db);
-    // Whatever the log holds from an earlier run is synced now, so that it all counts as synced.
-    db.flush_wal(true).map_err(|error| OpenError::Database {
+    let failed = |message: String| OpenError::Database {
         dir: dir.display().to_string(),
-        message: format!("syncing the write-ahead log: {error}"),
-    })?;
-    let durability = Arc::new(Durability::new(log_store::last_log_id(&db).map_err(|message| {
-        OpenError::Database {
-            dir: dir.display().to_string(),
-            message,
-        }
-    })?));
+        message,
+    };
+    let purged = log_store::purged_mark(&db)?;
+    // Whatever the segments hold from an earlier run is synced as they open, so that it all
+    // counts as synced.
+    let segments = Arc::new(
+        segments::Segments::open(&dir.join(segments::SEGMENTS_DIR), purged.map(|log_id| log_id.index))
+            .map_err(|error| failed(format!("opening the log: {error}")))?,
+    );
+    let moved = log_store::move_entries_out_of_rocksdb(&db, &segments)?;
+    if moved > 0 {
+        tracing::info!(
+            entries = moved,
+            "moved the Raft log out of RocksDB's log family into segment files"
+        );
+    }
+    let durability = Arc::new(Durability::new(log_store::last_log_id(&db, &segments).map_err(failed)?));
     let machine = StateMachineStore::load(db.clone(), durability.clone())?;
-    let flusher = flusher::spawn_flusher(Arc::downgrade(&db), durability.clone())?;
-    Ok((LogStore::new(db, flusher, durability), machine))
+    let flusher = flusher::spawn_flusher(Arc::downgrade(&segments), durability.clone())?;
+    Ok((LogStore::new(db, segments, flusher, durability), machine))
 }
 
 /// What a node's own stored state says about the cluster CA and removed nodes, read without

@@ -177,8 +177,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             machine.last_applied.map(|log_id| log_id.index).unwrap_or(0)
         };
         if !pki_copies.is_empty() {
+            // Synced: nothing else syncs RocksDB's log on its own, and a node reads these
+            // before its replica opens. Cluster-wide values change rarely (admin calls).
+            let mut synced = rocksdb::WriteOptions::default();
+            synced.set_sync(true);
             self.db
-                .write(pki_copies)
+                .write_opt(pki_copies, &synced)
                 .map_err(|error| StorageIOError::write_state_machine(any(error)))?;
         }
         write_without_stalling(&self.db, batch).map_err(|error| StorageIOError::write_state_machine(any(error)))?;

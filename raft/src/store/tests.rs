@@ -171,17 +171,27 @@ async fn a_snapshot_is_built_without_the_state_lock_and_matches_the_state() {
     assert_eq!(target.reader().last_applied_index(), 51);
 }
 
+/// Writes `entries` into `log`'s segments and syncs them, as an append and its flush do.
+fn write_log(log: &super::LogStore, entries: &[Entry<TypeConfig>]) {
+    let mut frames = Vec::new();
+    for entry in entries {
+        super::segments::push_frame(&mut frames, entry.log_id.index, |buffer| {
+            buffer.extend_from_slice(&encode(entry))
+        });
+    }
+    let (first, last) = (entries[0].log_id.index, entries[entries.len() - 1].log_id.index);
+    log.segments.append(first, last, &frames).unwrap();
+    log.segments.sync().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_entries_round_trip_and_purge() {
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _) = open(dir.path()).unwrap();
     let entries: Vec<Entry<TypeConfig>> = (1..=5).map(|index| entry(index, create(AgentId::new()))).collect();
-    let mut batch = WriteBatch::default();
-    for entry in &entries {
-        batch.put_cf(log.cf(CF_LOG), log_key(entry.log_id.index), encode(entry));
-    }
-    log.db.write(batch).unwrap();
+    write_log(&log, &entries);
     assert_eq!(log.try_get_log_entries(2..4).await.unwrap(), entries[1..3].to_vec());
+    assert_eq!(log.try_get_log_entries(2..=4).await.unwrap(), entries[1..4].to_vec());
     log.purge(entries[2].log_id).await.unwrap();
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, Some(entries[2].log_id));
@@ -194,6 +204,57 @@ async fn log_entries_round_trip_and_purge() {
         Some(entries[2].log_id),
         "a truncate keeps the purge mark"
     );
+    drop(log);
+    let (mut log, _) = open(dir.path()).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(entries[2].log_id));
+    assert_eq!(state.last_log_id, Some(entries[3].log_id));
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries[3..4].to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_mark_past_a_log_that_lost_its_tail_is_cut_back_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry<TypeConfig>> = (1..=5).map(|index| entry(index, create(AgentId::new()))).collect();
+    {
+        let (mut log, _) = open(dir.path()).unwrap();
+        write_log(&log, &entries);
+        log.save_committed(Some(entries[4].log_id)).await.unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(entries[4].log_id));
+        // What a power loss leaves when the mark reached the disk and the last two entries'
+        // write did not.
+        log.segments.truncate(4).unwrap();
+        log.save_vote(&openraft::Vote::new(1, 1)).await.unwrap();
+    }
+    let (mut log, _) = open(dir.path()).unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(entries[2].log_id));
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries[..3].to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_kept_in_rocksdb_by_an_earlier_release_moves_into_segments_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry<TypeConfig>> = (1..=40).map(|index| entry(index, create(AgentId::new()))).collect();
+    {
+        let (log, _) = open(dir.path()).unwrap();
+        // As an earlier release stored them: in the `log` family under their big-endian index.
+        let mut batch = WriteBatch::default();
+        for entry in &entries {
+            batch.put_cf(log.cf(CF_LOG), log_key(entry.log_id.index), encode(entry));
+        }
+        log.db.write(batch).unwrap();
+        // A move cut short by a crash left a segment behind: it is made again from the family.
+        write_log(&log, &entries[..3]);
+    }
+    let (mut log, _) = open(dir.path()).unwrap();
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries);
+    assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(entries[39].log_id));
+    let left = log.db.iterator_cf(log.cf(CF_LOG), rocksdb::IteratorMode::Start).count();
+    assert_eq!(left, 0, "the family is emptied once the segments hold the log");
+    // The next open finds nothing to move and the same log.
+    drop(log);
+    let (mut log, _) = open(dir.path()).unwrap();
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries);
 }
 
 /// Entries from `first_index` on that register node 1, run agent `id` there under epoch 1
