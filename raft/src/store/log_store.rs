@@ -12,6 +12,7 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageIOError, Vote};
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 
+use super::recent::RecentEntries;
 use super::segments::{push_frame, SegmentError, Segments};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +30,7 @@ pub(super) fn log_key(index: u64) -> [u8; 8] {
 pub struct LogStore {
     pub(super) db: Arc<DB>,
     pub(super) segments: Arc<Segments>,
+    recent: Arc<RecentEntries>,
     flusher: SyncSender<SyncRequest>,
     durability: Arc<super::Durability>,
 }
@@ -132,6 +134,7 @@ impl LogStore {
         LogStore {
             db,
             segments,
+            recent: Arc::new(RecentEntries::new(super::recent::MAX_RECENT_BYTES)),
             flusher,
             durability,
         }
@@ -199,6 +202,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(index) => *index,
             Bound::Unbounded => u64::MAX,
         };
+        if let Some(entries) = self.recent.get(start, end) {
+            return Ok(entries);
+        }
         let read = self
             .segments
             .read(start, end)
@@ -281,12 +287,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut frames = Vec::new();
         let mut ids = Vec::new();
+        let mut kept = Vec::new();
         for entry in entries {
+            let before = frames.len();
             push_frame(&mut frames, entry.log_id.index, |buffer| {
                 let taken = std::mem::take(buffer);
                 *buffer = postcard::to_extend(&entry, taken).expect("serialising to memory cannot fail");
             });
             ids.push(entry.log_id);
+            kept.push((entry, frames.len() - before));
         }
         let (Some(first), Some(last)) = (ids.first().copied(), ids.last().copied()) else {
             callback.log_io_completed(Ok(()));
@@ -296,6 +305,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.segments
             .append(first.index, last.index, &frames)
             .map_err(|error| StorageIOError::write_logs(any(error)))?;
+        self.recent.appended(kept);
         self.durability.written(last);
         if self.durability.own_proposal(ids.iter()) {
             // The leader's own proposal: reported at once, so that openraft sends it to the
@@ -320,6 +330,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.segments
             .truncate(log_id.index)
             .map_err(|error| StorageIOError::write_logs(any(error)))?;
+        self.recent.truncate(log_id.index);
         let last =
             last_log_id(&self.db, &self.segments).map_err(|error| StorageIOError::read_logs(AnyError::error(error)))?;
         self.durability.truncated(last);
@@ -335,6 +346,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Synced, and so after everything RocksDB's log held (the cluster-wide copies in
         // `log_meta`); the segments go only once the mark is on disk.
         self.put_meta(KEY_PURGED, &log_id)?;
+        self.recent.purge(log_id.index);
         self.segments
             .purge(log_id.index)
             .map_err(|error| StorageIOError::write_logs(any(error)).into())

@@ -14,6 +14,7 @@
 //!
 //! - `log_store`: openraft's log (entries, vote, committed and purged marks);
 //! - `segments`: the log's entries in append-only files, framed with checksums;
+//! - `recent`: the newest entries in memory, for the replication tasks;
 //! - `flusher`: the thread that syncs the log for groups of a leader's proposals;
 //! - `state_machine`: the in-memory state, applying committed entries with
 //!   [`flotilla_state::apply`], and the readers the node serves from;
@@ -33,6 +34,7 @@ mod durability;
 mod flusher;
 pub mod format;
 mod log_store;
+mod recent;
 mod segments;
 mod snapshot;
 mod state_layout;
