@@ -124,7 +124,15 @@ impl ForwardStreams {
             forget();
             return Err(tonic::Status::unavailable("the forward stream to the leader closed"));
         }
-        let sent = tokio::time::timeout(timeout, stream.requests.send(RaftPayload { data, id })).await;
+        let sent = tokio::time::timeout(
+            timeout,
+            stream.requests.send(RaftPayload {
+                data,
+                id,
+                restores_prompts: true,
+            }),
+        )
+        .await;
         if !matches!(sent, Ok(Ok(()))) {
             forget();
             return Err(tonic::Status::unavailable("the forward stream to the leader closed"));

@@ -192,7 +192,7 @@ impl PeerConnection {
             .map_err(|error| RPCError::Unreachable(Unreachable::new(&error)))?;
         let mut grpc_request = self.peers.request(RaftPayload {
             data: encode(request),
-            id: 0,
+            ..Default::default()
         });
         grpc_request.set_timeout(timeout);
         let reply = match method {
@@ -230,7 +230,7 @@ impl PeerConnection {
         }
         let payload = RaftPayload {
             data: encode(request),
-            id: 0,
+            ..Default::default()
         };
         match self.append_streamed(payload, timeout).await {
             Ok(data) => self.answer(&data),
@@ -461,7 +461,7 @@ mod tests {
                     };
                     Ok(RaftPayload {
                         data: encode(&Ok::<_, RaftError<NodeId>>(answer)),
-                        id: 0,
+                        ..Default::default()
                     })
                 }
             });

@@ -190,7 +190,7 @@ impl Replica {
             })?;
         let mut request = self.peers().request(flotilla_proto::internal::RaftPayload {
             data: Vec::new(),
-            id: 0,
+            ..Default::default()
         });
         request.set_timeout(READ_INDEX_CALL_TIMEOUT);
         let reply = client

@@ -277,7 +277,7 @@ mod tests {
             forwarded.spawn(async move {
                 let commands = vec![Command::ReserveNodeId; PER_BATCH];
                 let payload = encode(&Request::new(Command::Batch { commands }));
-                let answer = replica.handle_forward(&payload).await.expect("decodable");
+                let answer = replica.handle_forward(&payload, true).await.expect("decodable");
                 decode::<ForwardReply>(&answer).expect("a forward reply")
             });
         }
@@ -320,7 +320,7 @@ mod tests {
         let mut other_version = Request::new(Command::ReserveNodeId);
         other_version.version += 1;
         let answer = replica
-            .handle_forward(&encode(&other_version))
+            .handle_forward(&encode(&other_version), false)
             .await
             .expect("decodable");
         let applied_before = replica.reader().last_applied_index();

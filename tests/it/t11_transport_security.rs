@@ -75,7 +75,7 @@ async fn plaintext_is_refused_on_every_port() {
     let internal = InternalClient::new(channel)
         .read_index(RaftPayload {
             data: Vec::new(),
-            id: 0,
+            ..Default::default()
         })
         .await
         .expect_err("a plaintext call to the internal service is refused");
@@ -119,7 +119,7 @@ async fn an_internal_call_without_a_node_certificate_is_refused() {
     let status = InternalClient::new(channel)
         .forward_write(RaftPayload {
             data: vec![1, 2, 3],
-            id: 0,
+            ..Default::default()
         })
         .await
         .expect_err("an internal call without a node certificate is refused");
@@ -134,7 +134,7 @@ async fn an_internal_call_without_a_node_certificate_is_refused() {
         .unwrap()
         .forward_write(RaftPayload {
             data: vec![1, 2, 3],
-            id: 0,
+            ..Default::default()
         })
         .await
         .expect_err("junk is not a command");
@@ -171,7 +171,7 @@ async fn another_clusters_ca_is_refused_by_the_cli_and_by_a_node() {
         .unwrap()
         .read_index(RaftPayload {
             data: Vec::new(),
-            id: 0,
+            ..Default::default()
         })
         .await
         .expect_err("a node of another CA is refused");

@@ -130,7 +130,7 @@ async fn a_removed_nodes_certificate_is_refused() {
         .unwrap()
         .read_index(RaftPayload {
             data: Vec::new(),
-            id: 0,
+            ..Default::default()
         })
         .await
         .expect("a member's certificate is accepted");
@@ -150,7 +150,7 @@ async fn a_removed_nodes_certificate_is_refused() {
                 .unwrap()
                 .read_index(RaftPayload {
                     data: Vec::new(),
-                    id: 0,
+                    ..Default::default()
                 })
                 .await;
             answer.err().filter(|status| status.code() == Code::Unauthenticated)
@@ -162,7 +162,7 @@ async fn a_removed_nodes_certificate_is_refused() {
     let forwarded = client
         .forward_write(RaftPayload {
             data: vec![1, 2, 3],
-            id: 0,
+            ..Default::default()
         })
         .await
         .expect_err("a removed node cannot forward a write");
@@ -170,7 +170,7 @@ async fn a_removed_nodes_certificate_is_refused() {
     let snapshot = client
         .install_snapshot(RaftPayload {
             data: vec![1, 2, 3],
-            id: 0,
+            ..Default::default()
         })
         .await
         .expect_err("a removed node cannot install a snapshot");
@@ -194,7 +194,7 @@ async fn a_removed_nodes_certificate_is_refused() {
         .unwrap()
         .read_index(RaftPayload {
             data: Vec::new(),
-            id: 0,
+            ..Default::default()
         })
         .await
         .expect_err("refused on a new connection too");

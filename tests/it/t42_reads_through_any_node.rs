@@ -9,7 +9,7 @@ use flotilla_proto::v1::{self, watch_agent_response};
 use flotilla_tests::{agent_client, cluster_client, wait_for, AgentClient, ClusterOptions, TestCluster};
 use tokio_stream::StreamExt;
 
-use crate::common::{create, status_of, DEADLINE};
+use crate::common::{create, get, identity, status_of, DEADLINE};
 
 /// Indices (into `cluster.nodes`) of the leader and of the two followers.
 pub(crate) async fn leader_and_followers(cluster: &TestCluster, token: &str) -> (usize, [usize; 2]) {
@@ -105,7 +105,24 @@ async fn an_acknowledged_agent_is_found_through_every_node_at_once_and_an_unknow
 
     // Created through each node in turn, used at once through each of the others.
     for creator in 0..3 {
-        let agent = create(&mut clients[creator], &format!("made on node {}", creator + 1), "Hold").await;
+        // A follower's answer is rebuilt from the leader's, which leaves out the prompt the
+        // follower sent: it must hold the prompt as sent, as the leader's own answer does.
+        let prompt = format!("Hold, created through node {} with a prompt of its own", creator + 1);
+        let agent = create(&mut clients[creator], &format!("made on node {}", creator + 1), &prompt).await;
+        assert_eq!(
+            agent.prompt,
+            prompt,
+            "the answer to a create through node {}",
+            creator + 1
+        );
+        let read = get(&mut clients[leader], &agent.id)
+            .await
+            .expect("the leader holds the agent");
+        assert_eq!(
+            identity(&read),
+            identity(&agent),
+            "the created agent as the leader reads it"
+        );
         for other in (0..3).filter(|other| *other != creator) {
             let through = format!("node {}", cluster.nodes[other].id);
             find_everywhere_at_once(&mut clients[other], &agent.id, &through).await;

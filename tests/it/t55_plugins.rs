@@ -34,7 +34,7 @@ pub(crate) async fn write_through_node(cluster: &TestCluster, index: usize, comm
     let reply = client
         .forward_write(peers.request(RaftPayload {
             data: encode(&Request::new(command)),
-            id: 0,
+            ..Default::default()
         }))
         .await
         .unwrap_or_else(|status| panic!("ForwardWrite to node {} failed: {status}", node.id))

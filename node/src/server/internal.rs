@@ -74,7 +74,11 @@ impl PeerStream {
 /// A handler's answer to the request `id`; a payload that does not decode is the caller's error.
 fn answer(result: Result<Vec<u8>, UndecodablePayload>, id: u64) -> Result<RaftPayload, Status> {
     result
-        .map(|data| RaftPayload { data, id })
+        .map(|data| RaftPayload {
+            data,
+            id,
+            ..Default::default()
+        })
         .map_err(|error| Status::invalid_argument(error.to_string()))
 }
 
@@ -123,7 +127,10 @@ async fn serve_forward_stream(mut stream: PeerStream, answers: tokio::sync::mpsc
         let (replica, answers) = (stream.replica.clone(), answers.clone());
         tokio::spawn(async move {
             let _ = answers
-                .send(answer(replica.handle_forward(&request.data).await, request.id))
+                .send(answer(
+                    replica.handle_forward(&request.data, request.restores_prompts).await,
+                    request.id,
+                ))
                 .await;
             drop(permit);
         });
@@ -169,13 +176,18 @@ impl Internal for InternalApi {
     }
 
     async fn forward_write(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        payload(self.replica.handle_forward(&request.into_inner().data).await)
+        let request = request.into_inner();
+        payload(
+            self.replica
+                .handle_forward(&request.data, request.restores_prompts)
+                .await,
+        )
     }
 
     async fn read_index(&self, _request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         Ok(Response::new(RaftPayload {
             data: self.replica.handle_read_index().await,
-            id: 0,
+            ..Default::default()
         }))
     }
 
