@@ -285,8 +285,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // The entries with their encoded sizes, kept for the replication tasks once written.
         let mut frames = Vec::new();
-        let mut ids = Vec::new();
         let mut kept = Vec::new();
         for entry in entries {
             let before = frames.len();
@@ -294,20 +294,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let taken = std::mem::take(buffer);
                 *buffer = postcard::to_extend(&entry, taken).expect("serialising to memory cannot fail");
             });
-            ids.push(entry.log_id);
             kept.push((entry, frames.len() - before));
         }
-        let (Some(first), Some(last)) = (ids.first().copied(), ids.last().copied()) else {
+        let (Some((first, _)), Some((last, _))) = (kept.first(), kept.last()) else {
             callback.log_io_completed(Ok(()));
             return Ok(());
         };
+        let (first, last) = (first.log_id, last.log_id);
+        let own_proposal = self
+            .durability
+            .own_proposal(kept.iter().map(|(entry, _)| &entry.log_id));
         // Written unsynced, and so readable for replication at once.
         self.segments
             .append(first.index, last.index, &frames)
             .map_err(|error| StorageIOError::write_logs(any(error)))?;
         self.recent.appended(kept);
         self.durability.written(last);
-        if self.durability.own_proposal(ids.iter()) {
+        if own_proposal {
             // The leader's own proposal: reported at once, so that openraft sends it to the
             // followers while the flusher syncs it (see `Durability` for what waits for the
             // sync instead).

@@ -43,10 +43,12 @@ pub enum SegmentError {
     Corrupt { path: String, offset: u64, message: String },
     #[error("the log has no entry at index {0}")]
     Missing(u64),
+    #[error("an append of entries {first}..={last} {problem}")]
+    BadAppend { first: u64, last: u64, problem: String },
 }
 
+/// A segment file; its path is the folder's and its first index's ([`Segments::path_of`]).
 struct Segment {
-    path: PathBuf,
     file: Arc<File>,
     /// Bytes of whole frames in the file.
     len: u64,
@@ -65,7 +67,6 @@ struct Location {
 struct Run {
     segment: u64,
     file: Arc<File>,
-    path: PathBuf,
     offset: u64,
     len: u64,
     first: u64,
@@ -154,6 +155,10 @@ impl Segments {
             let Some(first) = name.strip_suffix(SUFFIX).and_then(|stem| stem.parse::<u64>().ok()) else {
                 continue;
             };
+            // Only names this log writes, so that a segment's path is always its first index's.
+            if name != segment_name(first) {
+                continue;
+            }
             names.push((first, item.path()));
         }
         names.sort();
@@ -177,7 +182,6 @@ impl Segments {
             inner.segments.insert(
                 first,
                 Segment {
-                    path,
                     file: Arc::new(file),
                     len,
                 },
@@ -188,6 +192,10 @@ impl Segments {
             segment_bytes,
             inner: Mutex::new(inner),
         })
+    }
+
+    fn path_of(&self, segment: u64) -> PathBuf {
+        self.dir.join(segment_name(segment))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -203,14 +211,26 @@ impl Segments {
     /// Writes `frames` (whole frames from [`push_frame`], for the entries `first..=last`) after
     /// the last entry kept. Not synced.
     pub(super) fn append(&self, first: u64, last: u64, frames: &[u8]) -> Result<(), SegmentError> {
+        let bad = |problem: String| SegmentError::BadAppend { first, last, problem };
+        // Where each frame starts within `frames`, checked before anything is written.
+        let mut starts = Vec::with_capacity(last.saturating_sub(first) as usize + 1);
+        let mut offset = 0usize;
+        while offset < frames.len() {
+            let (payload, _, index) = header(&frames[offset..]);
+            let expected = first + starts.len() as u64;
+            if index != expected {
+                return Err(bad(format!("holds index {index} where {expected} belongs")));
+            }
+            starts.push((offset as u64, HEADER_BYTES as u32 + payload));
+            offset += HEADER_BYTES + payload as usize;
+        }
+        if starts.len() as u64 != last - first + 1 || offset != frames.len() {
+            return Err(bad(format!("holds {} whole frames", starts.len())));
+        }
         let mut inner = self.lock();
         let next = inner.first + inner.locations.len() as u64;
         if !inner.locations.is_empty() && first != next {
-            return Err(SegmentError::Corrupt {
-                path: self.dir.display().to_string(),
-                offset: 0,
-                message: format!("an append starts at index {first}, the log's next is {next}"),
-            });
+            return Err(bad(format!("does not follow the log's last entry ({})", next - 1)));
         }
         if inner.locations.is_empty() {
             inner.first = first;
@@ -220,10 +240,10 @@ impl Segments {
             None => true,
         };
         if full {
-            if let Some((_, segment)) = inner.segments.last_key_value() {
-                segment.file.sync_data().map_err(io(&segment.path))?;
+            if let Some((&key, segment)) = inner.segments.last_key_value() {
+                segment.file.sync_data().map_err(io(&self.path_of(key)))?;
             }
-            let path = self.dir.join(segment_name(first));
+            let path = self.path_of(first);
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -235,7 +255,6 @@ impl Segments {
             inner.segments.insert(
                 first,
                 Segment {
-                    path,
                     file: Arc::new(file),
                     len: 0,
                 },
@@ -243,31 +262,16 @@ impl Segments {
         }
         let (&key, segment) = inner.segments.last_key_value().expect("a segment was just made");
         let start = segment.len;
-        segment.file.write_all_at(frames, start).map_err(io(&segment.path))?;
-        let path = segment.path.clone();
-        let mut offset = 0usize;
-        let mut locations = Vec::with_capacity((last - first + 1) as usize);
-        while offset < frames.len() {
-            let (payload, _, index) = header(&frames[offset..]);
-            let len = HEADER_BYTES as u32 + payload;
-            debug_assert_eq!(index, first + locations.len() as u64);
-            locations.push(Location {
-                segment: key,
-                offset: start + offset as u64,
-                len,
-            });
-            offset += len as usize;
-        }
-        if locations.len() as u64 != last - first + 1 {
-            return Err(SegmentError::Corrupt {
-                path: path.display().to_string(),
-                offset: start,
-                message: format!("an append of {first}..={last} held {} frames", locations.len()),
-            });
-        }
-        inner.locations.extend(locations);
-        let segment = inner.segments.get_mut(&key).expect("the segment just written");
-        segment.len = start + frames.len() as u64;
+        segment
+            .file
+            .write_all_at(frames, start)
+            .map_err(io(&self.path_of(key)))?;
+        inner.segments.get_mut(&key).expect("the segment just written").len = start + frames.len() as u64;
+        inner.locations.extend(starts.into_iter().map(|(offset, len)| Location {
+            segment: key,
+            offset: start + offset,
+            len,
+        }));
         Ok(())
     }
 
@@ -278,9 +282,9 @@ impl Segments {
             .lock()
             .segments
             .last_key_value()
-            .map(|(_, segment)| (segment.file.clone(), segment.path.clone()));
+            .map(|(&key, segment)| (key, segment.file.clone()));
         match last {
-            Some((file, path)) => file.sync_data().map_err(io(&path)),
+            Some((key, file)) => file.sync_data().map_err(io(&self.path_of(key))),
             None => Ok(()),
         }
     }
@@ -303,7 +307,6 @@ impl Segments {
                         runs.push(Run {
                             segment: location.segment,
                             file: segment.file.clone(),
-                            path: segment.path.clone(),
                             offset: location.offset,
                             len: u64::from(location.len),
                             first: index,
@@ -315,23 +318,23 @@ impl Segments {
         };
         let mut entries = Vec::new();
         for Run {
+            segment,
             file,
-            path,
             offset,
             len,
             first,
-            ..
         } in runs
         {
             let mut bytes = vec![0; len as usize];
-            file.read_exact_at(&mut bytes, offset).map_err(io(&path))?;
+            file.read_exact_at(&mut bytes, offset)
+                .map_err(io(&self.path_of(segment)))?;
             let mut at = 0usize;
             let mut expected = first;
             while at < bytes.len() {
                 let frame = check_frame(&bytes[at..])
                     .filter(|(index, _)| *index == expected)
                     .ok_or_else(|| SegmentError::Corrupt {
-                        path: path.display().to_string(),
+                        path: self.path_of(segment).display().to_string(),
                         offset: offset + at as u64,
                         message: format!("the frame of index {expected} is damaged"),
                     })?;
@@ -364,12 +367,13 @@ impl Segments {
         };
         let later: Vec<u64> = inner.segments.range(segment + 1..).map(|(key, _)| *key).collect();
         for key in later.into_iter().rev() {
-            let removed = inner.segments.remove(&key).expect("listed above");
-            std::fs::remove_file(&removed.path).map_err(io(&removed.path))?;
+            inner.segments.remove(&key);
+            self.remove(key)?;
         }
         let cut = inner.segments.get_mut(&segment).expect("a location's segment is open");
-        cut.file.set_len(offset).map_err(io(&cut.path))?;
-        cut.file.sync_all().map_err(io(&cut.path))?;
+        let path = self.path_of(segment);
+        cut.file.set_len(offset).map_err(io(&path))?;
+        cut.file.sync_all().map_err(io(&path))?;
         cut.len = offset;
         sync_dir(&self.dir)?;
         let keep = index.saturating_sub(inner.first) as usize;
@@ -390,8 +394,8 @@ impl Segments {
         for pair in keys.windows(2) {
             // Every frame of a segment is below the next segment's first index.
             if pair[1] <= index + 1 {
-                let removed = inner.segments.remove(&pair[0]).expect("listed above");
-                std::fs::remove_file(&removed.path).map_err(io(&removed.path))?;
+                inner.segments.remove(&pair[0]);
+                self.remove(pair[0])?;
             }
         }
         Ok(())
@@ -400,20 +404,22 @@ impl Segments {
     /// Deletes every segment (a store whose log is being moved here again).
     pub(super) fn clear(&self) -> Result<(), SegmentError> {
         let mut inner = self.lock();
-        for (_, segment) in std::mem::take(&mut inner.segments) {
-            std::fs::remove_file(&segment.path).map_err(io(&segment.path))?;
+        for key in std::mem::take(&mut inner.segments).into_keys() {
+            self.remove(key)?;
         }
         inner.locations.clear();
         sync_dir(&self.dir)
     }
 
+    /// Deletes the file of segment `key` (already out of the map).
+    fn remove(&self, key: u64) -> Result<(), SegmentError> {
+        let path = self.path_of(key);
+        std::fs::remove_file(&path).map_err(io(&path))
+    }
+
     #[cfg(test)]
     pub(super) fn files(&self) -> Vec<PathBuf> {
-        self.lock()
-            .segments
-            .values()
-            .map(|segment| segment.path.clone())
-            .collect()
+        self.lock().segments.keys().map(|key| self.path_of(*key)).collect()
     }
 }
 
