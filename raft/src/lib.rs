@@ -3,9 +3,9 @@
 //!
 //! Every fact a client was told (an agent exists, who owns it under which epoch, what it did)
 //! is a record of [`flotilla_state::ClusterState`], changed only by [`flotilla_state::apply`].
-//! This crate makes that state durable and shared: `store` puts openraft's log and state
-//! machine on RocksDB (applying each committed entry with `apply` and persisting the records it
-//! touched); `network` carries Raft messages between nodes over the internal gRPC service;
+//! This crate makes that state durable and shared: `store` keeps openraft's log in segment
+//! files and its state machine on RocksDB (applying each committed entry with `apply` and
+//! persisting the records it touched); `network` carries Raft messages between nodes over the internal gRPC service;
 //! `replica` is the handle the rest of the node uses to read the state and to write commands
 //! (grouping writes into batches, and forwarding to the leader when it is not the leader);
 //! `read_index` lets a read wait until the local state holds every acknowledged write.
@@ -14,6 +14,7 @@
 //! them whichever crate defines them.
 
 mod forward_stream;
+mod forwarded_prompts;
 pub mod handover;
 pub mod metrics;
 pub mod network;

@@ -186,63 +186,6 @@ impl Applied {
     }
 }
 
-/// The commands of `command`: a batch's, or the command itself.
-fn commands_of(command: &Command) -> Vec<&Command> {
-    match command {
-        Command::Batch { commands } => commands.iter().collect(),
-        command => vec![command],
-    }
-}
-
-/// Which of `commands` create an agent.
-fn creates_of(commands: &[&Command]) -> Vec<bool> {
-    commands
-        .iter()
-        .map(|command| matches!(command, Command::CreateAgent { .. }))
-        .collect()
-}
-
-/// Calls `each` with every agent record `result` answers for a create (`creates`, by the
-/// position of the command among [`commands_of`]), with that position.
-fn for_each_created_record(
-    creates: &[bool],
-    result: &mut ApplyResult,
-    mut each: impl FnMut(&mut flotilla_state::types::AgentRecord, usize),
-) {
-    let mut one = |position: usize, result: &mut ApplyResult| {
-        if let (Some(true), Ok(Response::Agent(record))) = (creates.get(position), result) {
-            each(record, position);
-        }
-    };
-    match result {
-        Ok(Response::Batch(results)) if creates.len() == results.len() => {
-            for (position, result) in results.iter_mut().enumerate() {
-                one(position, result);
-            }
-        }
-        Ok(Response::Batch(_)) => {}
-        result => {
-            if creates.len() == 1 {
-                one(0, result);
-            }
-        }
-    }
-}
-
-/// Puts the prompts a leader left out back into the records of the agents `command` created.
-/// A create stores its spec as it came, so a record's prompt is its command's; an empty one
-/// from an older leader that sent it whole was empty in the command too.
-fn restore_prompts(command: &Command, result: &mut ApplyResult) {
-    let commands = commands_of(command);
-    for_each_created_record(&creates_of(&commands), result, |record, position| {
-        if let Command::CreateAgent { spec, .. } = commands[position] {
-            if record.spec.prompt.is_empty() {
-                record.spec.prompt = spec.prompt.clone();
-            }
-        }
-    });
-}
-
 /// How a write that failed on the leader is told to the follower that forwarded it: a refusal
 /// keeps its reason; no leader within the deadline lets the follower go on retrying until its
 /// own; a stopped Raft fails the forwarded write as a whole. (Some commands of a forwarded
@@ -659,7 +602,7 @@ impl Replica {
             if let Some(leader) = leader.filter(|leader| *leader != self.inner.node_id) {
                 match self.forward(leader, &request).await {
                     Ok(ForwardReply::Applied { mut result, index }) => {
-                        restore_prompts(&request.command, &mut result);
+                        crate::forwarded_prompts::restore(&request.command, &mut result);
                         self.wait_applied_here(index, deadline).await;
                         return Ok(Applied { result, index });
                     }
@@ -839,10 +782,10 @@ impl Replica {
     /// its own request, and they were the largest part of the answer.
     pub async fn handle_forward(&self, payload: &[u8], restores_prompts: bool) -> Result<Vec<u8>, UndecodablePayload> {
         let request: Request = decode_payload("forwarded write", payload)?;
-        let creates = restores_prompts.then(|| creates_of(&commands_of(&request.command)));
+        let creates = restores_prompts.then(|| crate::forwarded_prompts::creates(&request.command));
         let mut reply = self.serve_forwarded(request).await;
         if let (Some(creates), ForwardReply::Applied { result, .. }) = (creates, &mut reply) {
-            for_each_created_record(&creates, result, |record, _| record.spec.prompt = String::new());
+            crate::forwarded_prompts::leave_out(&creates, result);
         }
         Ok(encode(&reply))
     }
@@ -986,114 +929,4 @@ pub(crate) async fn lone_leader(dir: &std::path::Path) -> Replica {
     replica.bootstrap(NodeAddr::default()).await.expect("bootstrap");
     replica.wait_for_leader(Duration::from_secs(10)).await.expect("leader");
     replica
-}
-
-#[cfg(test)]
-mod forwarded_prompt_tests {
-    use flotilla_state::command::{ApplyError, Command, Response};
-    use flotilla_state::types::{AgentId, AgentSpec};
-
-    use super::*;
-
-    /// A create and what applying it answers.
-    fn create(prompt: &str) -> (Command, ApplyResult) {
-        let spec = AgentSpec {
-            name: "n".into(),
-            prompt: prompt.into(),
-            repository: "https://example.com/r.git".into(),
-            ..Default::default()
-        };
-        let command = Command::CreateAgent {
-            id: AgentId::new(),
-            spec,
-        };
-        let request = Request {
-            version: flotilla_state::command::COMMAND_VERSION,
-            at_ms: 1_000,
-            command: command.clone(),
-        };
-        let result = flotilla_state::apply_in_term(
-            &mut flotilla_state::ClusterState::default(),
-            &mut flotilla_state::Changes::default(),
-            crate::types::Term(1),
-            &request,
-        );
-        assert!(matches!(&result, Ok(Response::Agent(record)) if record.spec.prompt == prompt));
-        (command, result)
-    }
-
-    fn prompts(result: &ApplyResult) -> Vec<Option<String>> {
-        let one = |result: &ApplyResult| match result {
-            Ok(Response::Agent(record)) => Some(record.spec.prompt.clone()),
-            _ => None,
-        };
-        match result {
-            Ok(Response::Batch(results)) => results.iter().map(one).collect(),
-            result => vec![one(result)],
-        }
-    }
-
-    /// What the leader sends back for a follower that restores prompts, and what the follower
-    /// makes of it.
-    fn leader_then_follower(command: &Command, mut result: ApplyResult) -> ApplyResult {
-        for_each_created_record(&creates_of(&commands_of(command)), &mut result, |record, _| {
-            record.spec.prompt = String::new()
-        });
-        restore_prompts(command, &mut result);
-        result
-    }
-
-    #[test]
-    fn a_batch_comes_back_with_every_created_prompt_and_nothing_else_touched() {
-        let (first, first_result) = create("Fix the build");
-        let (empty, empty_result) = create("");
-        let (refused, _) = create("Refused one");
-        // A follow-up answers with the agent's record too; only creates lose and regain prompts.
-        let (_, follow_up_record) = create("Kept as it is");
-        let follow_up = Command::FollowUp {
-            agent: AgentId::new(),
-            text: "more".into(),
-        };
-        let command = Command::Batch {
-            commands: vec![first, empty, refused, follow_up],
-        };
-        let result = Ok(Response::Batch(vec![
-            first_result,
-            empty_result,
-            Err(ApplyError::TeamNotFound("t".into())),
-            follow_up_record,
-        ]));
-        let expected = prompts(&result);
-        let sent = {
-            let mut sent = result.clone();
-            for_each_created_record(&creates_of(&commands_of(&command)), &mut sent, |record, _| {
-                record.spec.prompt = String::new()
-            });
-            sent
-        };
-        assert_eq!(
-            prompts(&sent),
-            vec![
-                Some(String::new()),
-                Some(String::new()),
-                None,
-                Some("Kept as it is".into())
-            ],
-            "the leader leaves out the created agents' prompts only"
-        );
-        assert_eq!(prompts(&leader_then_follower(&command, result)), expected);
-    }
-
-    #[test]
-    fn a_single_create_and_an_answer_from_an_older_leader_come_back_whole() {
-        let (command, result) = create("Write the docs");
-        assert_eq!(
-            prompts(&leader_then_follower(&command, result.clone())),
-            vec![Some("Write the docs".into())]
-        );
-        // An older leader sends the record whole: the follower leaves it as it is.
-        let mut whole = result.clone();
-        restore_prompts(&command, &mut whole);
-        assert_eq!(prompts(&whole), prompts(&result));
-    }
 }
