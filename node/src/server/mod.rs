@@ -12,6 +12,7 @@ pub mod authz;
 pub mod aws;
 pub mod backup;
 pub mod cluster;
+mod coalesce;
 pub mod convert;
 pub mod default_branch;
 pub mod enroll;

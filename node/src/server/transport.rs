@@ -12,6 +12,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tonic::{Request, Status};
 
+use super::coalesce::CoalescedWrites;
+
 /// TLS handshakes in progress at once; connections beyond are closed at once.
 const MAX_HANDSHAKES: usize = 256;
 /// Handshaken connections waiting for the server to take them.
@@ -21,9 +23,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (out of file descriptors, say) before the next one.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-pub type TlsIncoming = tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
+pub type TlsIncoming =
+    tokio_stream::wrappers::ReceiverStream<Result<CoalescedWrites<TlsStream<TcpStream>>, std::io::Error>>;
 
-/// The connections of `listener`, each after a successful TLS handshake with `config`. The
+/// The connections of `listener`, each after a successful TLS handshake with `config`, with
+/// their writes coalesced (see [`CoalescedWrites`]). The
 /// task that accepts them ends when the returned stream is dropped (after its next accept).
 pub fn tls_incoming(
     listener: TcpListener,
@@ -53,7 +57,7 @@ pub fn tls_incoming(
                 let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(connection)) => {
-                        let _ = sender.send(Ok(connection)).await;
+                        let _ = sender.send(Ok(CoalescedWrites::new(connection))).await;
                     }
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake refused"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
