@@ -59,7 +59,9 @@ impl fmt::Display for NodeAddr {
 openraft::declare_raft_types!(
     /// openraft's type configuration for Flotilla.
     pub TypeConfig:
-        D = Request,
+        // Shared: the leader reads each new entry once per follower, and a clone of the
+        // request would copy every prompt in it (the encoding is the request's own).
+        D = std::sync::Arc<Request>,
         R = ApplyResult,
         NodeId = NodeId,
         Node = NodeAddr,

@@ -583,6 +583,9 @@ impl Replica {
 
     /// [`Self::write_request`], answering with the log index the request was applied at.
     async fn commit_request(&self, request: Request) -> Result<Applied, WriteError> {
+        // Shared, not copied: a retry proposes the same request again, and the log entry that
+        // carries it is read for each follower.
+        let request = Arc::new(request);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(WRITE_DEADLINE_MS);
         let mut delays = WRITE_RETRY.delays();
         let mut last_error;
@@ -684,8 +687,9 @@ impl Replica {
     }
 
     /// Tries the write on this node only.
-    pub async fn write_local(&self, request: Request) -> ForwardReply {
+    pub async fn write_local(&self, request: impl Into<Arc<Request>>) -> ForwardReply {
         use std::sync::atomic::Ordering;
+        let request = request.into();
         // Counted before the hold is checked: a hand-over that sets the hold and then sees no
         // write in flight knows that nothing more gets proposed here.
         self.inner.writes_in_flight.fetch_add(1, Ordering::SeqCst);
@@ -700,7 +704,7 @@ impl Replica {
 
     /// Proposes on this node's Raft; answers once the entry is committed and applied here.
     #[tracing::instrument(target = "flotilla::trace", name = "raft.propose", level = "info", skip_all)]
-    async fn propose(&self, request: Request) -> ForwardReply {
+    async fn propose(&self, request: Arc<Request>) -> ForwardReply {
         match self.inner.raft.client_write(request).await {
             Ok(response) => ForwardReply::Applied {
                 result: response.data,

@@ -13,11 +13,11 @@ use crate::TypeConfig;
 fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Request {
+        payload: EntryPayload::Normal(std::sync::Arc::new(Request {
             version: COMMAND_VERSION,
             at_ms: 1_000 + index,
             command,
-        }),
+        })),
     }
 }
 
