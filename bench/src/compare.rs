@@ -54,6 +54,10 @@ pub struct BenchCompareArgs {
     /// the `flotilla` executable; by default the one next to this executable, as cargo builds them
     #[arg(long, env = "FLOTILLA_BINARY")]
     pub flotilla_binary: Option<PathBuf>,
+    /// measure Flotilla alone (no etcd, no ratios): for comparing two builds run after each
+    /// other, with `--flotilla-binary`
+    #[arg(long)]
+    pub flotilla_only: bool,
 }
 
 pub async fn run_compare(args: BenchCompareArgs) -> anyhow::Result<()> {
@@ -65,7 +69,7 @@ fn validate(args: &BenchCompareArgs) -> anyhow::Result<()> {
     check_seconds(args.seconds)?;
     check_counts("--clients", "client count", &args.clients, MAX_CLIENTS_PER_RUN)?;
     check_counts("--nodes", "cluster size", &args.nodes, MAX_CLUSTER_NODES)?;
-    if args.etcd_transports.is_empty() {
+    if args.etcd_transports.is_empty() && !args.flotilla_only {
         anyhow::bail!("--etcd-transports: name at least one of tls, plaintext");
     }
     Ok(())
@@ -83,6 +87,11 @@ async fn run_all(args: &BenchCompareArgs) -> anyhow::Result<()> {
         crate::build_profile()
     );
     for &node_count in &args.nodes {
+        if args.flotilla_only {
+            let flotilla = measure_flotilla(&flotilla_binary, node_count, &args.clients, run_duration).await?;
+            print_flotilla_table(node_count, &flotilla);
+            continue;
+        }
         let mut etcd = Vec::with_capacity(args.etcd_transports.len());
         for &transport in &args.etcd_transports {
             etcd.push((
@@ -238,6 +247,26 @@ fn print_table(node_count: usize, transport: EtcdTransport, etcd: &[Measured], f
     }
 }
 
+fn print_flotilla_table(node_count: usize, flotilla: &[Measured]) {
+    let ms = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
+    println!();
+    println!("{node_count} node(s), Flotilla alone");
+    println!("| clients | Flotilla ops/s | Flotilla p50 ms | Flotilla p99 ms | errors | Flotilla CPU µs/write, members + generator |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for measured in flotilla {
+        let load = &measured.load;
+        println!(
+            "| {} | {:.0} | {} | {} | {} | {} |",
+            load.clients,
+            load.rate(),
+            ms(load.latency_ms(0.50)),
+            ms(load.latency_ms(0.99)),
+            load.errors,
+            cpu_cell(&measured.cpu)
+        );
+    }
+}
+
 /// `members + generator` in microseconds per write, `-` for a figure that could not be read.
 fn cpu_cell(cpu: &CpuPerWrite) -> String {
     let us = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{:.0}", ms * 1000.0));
@@ -284,6 +313,7 @@ mod tests {
             etcd_binary: PathBuf::from("etcd"),
             etcd_transports: vec![EtcdTransport::Tls, EtcdTransport::Plaintext],
             flotilla_binary: None,
+            flotilla_only: false,
         }
     }
 
