@@ -112,6 +112,23 @@ pub enum OpenError {
     Decode { key: String, message: String },
 }
 
+/// Records at least this large (an agent's record with its prompt) are kept in blob files.
+const MIN_BLOB_BYTES: u64 = 512;
+
+/// The state family keeps its large values in blob files (RocksDB's integrated BlobDB): a
+/// compaction then rewrites keys and blob references, not every agent's prompt again at each
+/// level. Without it compactions of a state of 100,000+ agents took a fifth of the members'
+/// CPU under load (docs/performance.md, "Prompts out of the state's compactions"). Blobs of
+/// records that changed since are reclaimed as compactions reach the oldest blob files. Reads
+/// need no option: a database written with blob files opens as it is.
+fn state_family_options() -> Options {
+    let mut options = Options::default();
+    options.set_enable_blob_files(true);
+    options.set_min_blob_size(MIN_BLOB_BYTES);
+    options.set_enable_blob_gc(true);
+    options
+}
+
 /// Opens (or creates) the node's database and loads the state machine into memory.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     let mut options = Options::default();
@@ -129,9 +146,14 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     // RocksDB flushes the families holding the oldest file (a bound on what a start after a
     // crash reads back, should a family's writes ever go through the WAL in bulk again).
     options.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES);
-    let families = [CF_LOG, CF_LOG_META, CF_STATE, CF_SNAPSHOT]
-        .into_iter()
-        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let families = [CF_LOG, CF_LOG_META, CF_STATE, CF_SNAPSHOT].into_iter().map(|name| {
+        let options = if name == CF_STATE {
+            state_family_options()
+        } else {
+            Options::default()
+        };
+        ColumnFamilyDescriptor::new(name, options)
+    });
     let db = DB::open_cf_descriptors(&options, dir, families).map_err(|error| {
         let message = error.to_string();
         if message.contains("lock") {

@@ -798,3 +798,51 @@ async fn a_backup_is_taken_without_the_state_lock_and_matches_the_state() {
     restored.rebuild_indexes();
     assert_eq!(restored, expected);
 }
+
+/// Agents' records with their prompts go to the state family's blob files (kept out of
+/// compactions); what a reopened store loads and what a snapshot carries are unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_records_are_kept_in_blob_files_and_read_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let long = |id: AgentId| Command::CreateAgent {
+        id,
+        spec: AgentSpec {
+            name: "long".into(),
+            prompt: "a prompt of a realistic size, repeated. ".repeat(50),
+            repository: "https://example.com/r.git".into(),
+            ..Default::default()
+        },
+    };
+    let (_, mut machine) = open(dir.path()).unwrap();
+    let mut entries = vec![membership_entry(1)];
+    entries.extend((2..=11).map(|index| entry(index, long(AgentId::new()))));
+    entries.extend((12..=16).map(|index| entry(index, create(AgentId::new()))));
+    machine.apply(entries).await.unwrap();
+    let blob_bytes = |machine: &StateMachineStore| {
+        machine
+            .db
+            .property_int_value_cf(machine.cf(CF_STATE), "rocksdb.total-blob-file-size")
+            .unwrap()
+            .expect("the property exists")
+    };
+    assert_eq!(blob_bytes(&machine), 0, "nothing is in blob files before a flush");
+    super::state_machine::flush_state(&machine.db).unwrap();
+    assert!(
+        blob_bytes(&machine) >= 10 * 2_000,
+        "the ten long records are in blob files: {} bytes",
+        blob_bytes(&machine)
+    );
+    let expected = machine.reader().read(|state| state.clone());
+    let snapshot = machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    drop(machine);
+
+    let (_, reopened) = open(dir.path()).unwrap();
+    assert_eq!(reopened.reader().read(|state| state.clone()), expected);
+    let (_, mut target) = open(target_dir.path()).unwrap();
+    target
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(target.reader().read(|state| state.clone()), expected);
+}
