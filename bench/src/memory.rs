@@ -64,6 +64,10 @@ pub struct BenchMemoryArgs {
     /// the `flotilla` executable the cluster runs; by default the one next to this executable
     #[arg(long, env = "FLOTILLA_BINARY")]
     pub flotilla_binary: Option<PathBuf>,
+    /// each created agent's prompt is lengthened with prose to this many bytes (0: a one-line
+    /// prompt of about 60 bytes)
+    #[arg(long, default_value_t = 0)]
+    pub prompt_bytes: usize,
 }
 
 pub async fn run_memory(args: BenchMemoryArgs) -> anyhow::Result<()> {
@@ -116,7 +120,15 @@ async fn idle_records(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<(
     let pid = cluster.node_pid(0).context("the node has no process id")?;
     let rss_before = rss_bytes(pid)?;
     let backup_before = backup_bytes(&endpoint, &token).await?;
-    let filled = fill(&endpoint, &token, args.idle_agents, args.concurrency, false).await?;
+    let filled = fill(
+        &endpoint,
+        &token,
+        args.idle_agents,
+        args.concurrency,
+        false,
+        args.prompt_bytes,
+    )
+    .await?;
     let rss_after = rss_bytes(pid)?;
     let backup_after = backup_bytes(&endpoint, &token).await?;
     let count = args.idle_agents as f64;
@@ -219,7 +231,15 @@ async fn large_history(binary: &Path, args: &BenchMemoryArgs) -> anyhow::Result<
     let mut cluster = LocalCluster::start(binary, 1).await?;
     let endpoint = cluster.endpoints()[0].clone();
     let token = BearerToken::new(Some(cluster.admin_token()))?;
-    let filled = fill(&endpoint, &token, args.ended_agents, args.concurrency, true).await?;
+    let filled = fill(
+        &endpoint,
+        &token,
+        args.ended_agents,
+        args.concurrency,
+        true,
+        args.prompt_bytes,
+    )
+    .await?;
     let rss = rss_bytes(cluster.node_pid(0).context("the node has no process id")?)?;
     println!(
         "large history (one node, {} agents created and stopped; {} build)",
@@ -304,6 +324,7 @@ async fn fill(
     count: usize,
     concurrency: usize,
     stop: bool,
+    prompt_bytes: usize,
 ) -> anyhow::Result<Filled> {
     let mut clients = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
@@ -323,7 +344,7 @@ async fn fill(
                     if index >= count {
                         return;
                     }
-                    if let Err(error) = create_and_maybe_stop(&mut client, index, stop).await {
+                    if let Err(error) = create_and_maybe_stop(&mut client, index, stop, prompt_bytes).await {
                         let mut errors = errors.lock().expect("error list");
                         errors.push(error);
                         if errors.len() >= MAX_FILL_ERRORS {
@@ -348,10 +369,26 @@ async fn fill(
     })
 }
 
-async fn create_and_maybe_stop(client: &mut AgentClient, index: usize, stop: bool) -> Result<(), String> {
+/// The prompt of the bench's agent `index`, lengthened with prose to `bytes` when longer.
+fn bench_prompt(index: usize, bytes: usize) -> String {
+    let mut prompt = format!("Memory bench agent {index}: reply that there is nothing to do.");
+    const PROSE: &str =
+        " Read the repository's README, run its tests, and explain in a short paragraph what fails and why.";
+    while prompt.len() + PROSE.len() <= bytes {
+        prompt.push_str(PROSE);
+    }
+    prompt
+}
+
+async fn create_and_maybe_stop(
+    client: &mut AgentClient,
+    index: usize,
+    stop: bool,
+    prompt_bytes: usize,
+) -> Result<(), String> {
     let created = client
         .create_agent(v1::CreateAgentRequest {
-            prompt: format!("Memory bench agent {index}: reply that there is nothing to do."),
+            prompt: bench_prompt(index, prompt_bytes),
             repository: BENCH_REPOSITORY.to_string(),
             base_branch: "main".to_string(),
             name: format!("memory-{index:07}"),
