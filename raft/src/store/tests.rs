@@ -649,19 +649,39 @@ async fn audit_entries_and_limits_survive_a_reopen_and_travel_in_a_snapshot() {
     let expected = machine.reader().read(|state| state.clone());
     assert_eq!(expected.next_audit_sequence, 3);
     assert_eq!(expected.default_team_limits, limits);
+    assert_reopens_and_installs_whole(machine, dir.path(), target_dir.path()).await;
+}
+
+/// Builds a snapshot of `machine` (whose store is in `dir`), then checks that the store reopens
+/// to `machine`'s state and that the snapshot, installed in a store in `target_dir`, gives the
+/// same state once that store is reopened too.
+async fn assert_reopens_and_installs_whole(
+    mut machine: StateMachineStore,
+    dir: &std::path::Path,
+    target_dir: &std::path::Path,
+) {
+    let expected = machine.reader().read(|state| state.clone());
     let snapshot = machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
     drop(machine);
-    let (_, reopened) = open(dir.path()).unwrap();
-    assert_eq!(reopened.reader().read(|state| state.clone()), expected);
+    let (_, reopened) = open(dir).unwrap();
+    assert_eq!(
+        reopened.reader().read(|state| state.clone()),
+        expected,
+        "the reopened store"
+    );
 
-    let (_, mut target) = open(target_dir.path()).unwrap();
+    let (_, mut target) = open(target_dir).unwrap();
     target
         .install_snapshot(&snapshot.meta, snapshot.snapshot)
         .await
         .unwrap();
     drop(target);
-    let (_, installed) = open(target_dir.path()).unwrap();
-    assert_eq!(installed.reader().read(|state| state.clone()), expected);
+    let (_, installed) = open(target_dir).unwrap();
+    assert_eq!(
+        installed.reader().read(|state| state.clone()),
+        expected,
+        "the installed snapshot, reopened"
+    );
 }
 
 /// Runs `work` (for at most 30 s) while another thread holds the in-memory state's write lock,
@@ -833,16 +853,5 @@ async fn large_records_are_kept_in_blob_files_and_read_back_whole() {
         "the ten long records are in blob files: {} bytes",
         blob_bytes(&machine)
     );
-    let expected = machine.reader().read(|state| state.clone());
-    let snapshot = machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
-    drop(machine);
-
-    let (_, reopened) = open(dir.path()).unwrap();
-    assert_eq!(reopened.reader().read(|state| state.clone()), expected);
-    let (_, mut target) = open(target_dir.path()).unwrap();
-    target
-        .install_snapshot(&snapshot.meta, snapshot.snapshot)
-        .await
-        .unwrap();
-    assert_eq!(target.reader().read(|state| state.clone()), expected);
+    assert_reopens_and_installs_whole(machine, dir.path(), target_dir.path()).await;
 }
