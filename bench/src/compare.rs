@@ -248,7 +248,6 @@ fn print_table(node_count: usize, transport: EtcdTransport, etcd: &[Measured], f
 }
 
 fn print_flotilla_table(node_count: usize, flotilla: &[Measured]) {
-    let ms = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
     println!();
     println!("{node_count} node(s), Flotilla alone");
     println!("| clients | Flotilla ops/s | Flotilla p50 ms | Flotilla p99 ms | errors | Flotilla CPU µs/write, members + generator |");
@@ -256,15 +255,24 @@ fn print_flotilla_table(node_count: usize, flotilla: &[Measured]) {
     for measured in flotilla {
         let load = &measured.load;
         println!(
-            "| {} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} |",
             load.clients,
-            load.rate(),
-            ms(load.latency_ms(0.50)),
-            ms(load.latency_ms(0.99)),
+            load_cells(load),
             load.errors,
             cpu_cell(&measured.cpu)
         );
     }
+}
+
+/// One system's `ops/s | p50 ms | p99 ms` cells.
+fn load_cells(result: &RunResult) -> String {
+    let ms = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
+    format!(
+        "{:.0} | {} | {}",
+        result.rate(),
+        ms(result.latency_ms(0.50)),
+        ms(result.latency_ms(0.99))
+    )
 }
 
 /// `members + generator` in microseconds per write, `-` for a figure that could not be read.
@@ -281,17 +289,12 @@ fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> String {
 }
 
 fn table_row(etcd: &RunResult, flotilla: &RunResult) -> String {
-    let ms = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
     let rate = |result: &RunResult| (result.writes > 0).then(|| result.rate());
     format!(
-        "| {} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {} | {}/{} |",
+        "| {} | {} | {} | {} | {} | {}/{} |",
         etcd.clients,
-        etcd.rate(),
-        ms(etcd.latency_ms(0.50)),
-        ms(etcd.latency_ms(0.99)),
-        flotilla.rate(),
-        ms(flotilla.latency_ms(0.50)),
-        ms(flotilla.latency_ms(0.99)),
+        load_cells(etcd),
+        load_cells(flotilla),
         ratio(rate(flotilla), rate(etcd)),
         ratio(flotilla.latency_ms(0.50), etcd.latency_ms(0.50)),
         etcd.errors,
