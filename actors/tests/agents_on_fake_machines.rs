@@ -190,7 +190,7 @@ impl TestNode {
         self.replica
             .write(Command::CreateAgent {
                 id,
-                spec: AgentSpec {
+                spec: std::sync::Arc::new(AgentSpec {
                     name: name.to_string(),
                     prompt: format!("Task of {name}."),
                     repository: self.origin_url.clone(),
@@ -201,7 +201,7 @@ impl TestNode {
                     scripted: true,
                     user: String::new(),
                     ..Default::default()
-                },
+                }),
             })
             .await
             .expect("create the agent");

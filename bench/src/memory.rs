@@ -609,7 +609,7 @@ fn state_bytes_per_agent(count: usize, stop: bool) -> f64 {
         let created = apply(
             &mut state,
             &mut changes,
-            &Request::at(at_ms, Command::CreateAgent { id, spec }),
+            &Request::at(at_ms, Command::CreateAgent { id, spec: spec.into() }),
         );
         debug_assert!(created.is_ok(), "a fresh id is created");
         if stop {

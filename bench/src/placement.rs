@@ -229,7 +229,7 @@ impl World {
     fn create(&mut self, spec: AgentSpec) -> anyhow::Result<()> {
         if let Err(error) = self.apply(Command::CreateAgent {
             id: AgentId::new(),
-            spec,
+            spec: spec.into(),
         }) {
             bail!("the simulated state refused a create: {error}");
         }
@@ -305,13 +305,13 @@ fn random_node(id: NodeId, regions: &[String], rng: &mut StdRng) -> NodeRecord {
 fn running_agent(node: NodeId, repository: &str) -> AgentRecord {
     AgentRecord {
         id: AgentId::new(),
-        spec: AgentSpec {
+        spec: std::sync::Arc::new(AgentSpec {
             prompt: "bench".to_string(),
             repository: repository.to_string(),
             base_branch: "main".to_string(),
             model: "bench".to_string(),
             ..AgentSpec::default()
-        },
+        }),
         status: AgentStatus::Running,
         assignment: Some(Assignment { node, epoch: Epoch(1) }),
         epoch: Epoch(1),

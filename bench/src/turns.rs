@@ -199,7 +199,7 @@ impl Bench {
         let writes = ids.iter().map(|id| {
             self.replica.write(Command::CreateAgent {
                 id: *id,
-                spec: AgentSpec {
+                spec: std::sync::Arc::new(AgentSpec {
                     name: format!("bench-{id}"),
                     prompt: "Look around and report.".to_string(),
                     repository: self.repository.clone(),
@@ -210,7 +210,7 @@ impl Bench {
                     scripted: true,
                     user: String::new(),
                     ..Default::default()
-                },
+                }),
             })
         });
         for result in futures::future::join_all(writes).await {

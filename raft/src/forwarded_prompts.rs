@@ -49,7 +49,9 @@ fn for_each_created_record(creates: &[bool], result: &mut ApplyResult, mut each:
 /// On the leader: leaves the prompts out of the records `result` answers for the creates among
 /// `creates` (from [`creates`] of the request).
 pub(crate) fn leave_out(creates: &[bool], result: &mut ApplyResult) {
-    for_each_created_record(creates, result, |record, _| record.spec.prompt = String::new());
+    for_each_created_record(creates, result, |record, _| {
+        record.spec = std::sync::Arc::new(record.spec.without_prompt())
+    });
 }
 
 /// On the follower: puts the prompts a leader left out back into the records of the agents
@@ -60,7 +62,8 @@ pub(crate) fn restore(command: &Command, result: &mut ApplyResult) {
     for_each_created_record(&creates(command), result, |record, position| {
         if let Command::CreateAgent { spec, .. } = commands[position] {
             if record.spec.prompt.is_empty() {
-                record.spec.prompt = spec.prompt.clone();
+                // The record was just decoded, so its spec is its own: nothing else is copied.
+                std::sync::Arc::make_mut(&mut record.spec).prompt = spec.prompt.clone();
             }
         }
     });
@@ -83,7 +86,7 @@ mod tests {
         };
         let command = Command::CreateAgent {
             id: AgentId::new(),
-            spec,
+            spec: spec.into(),
         };
         let request = Request {
             version: COMMAND_VERSION,

@@ -1,5 +1,7 @@
 //! Commands written through Raft and their results.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
@@ -111,7 +113,7 @@ pub enum Command {
     },
     CreateAgent {
         id: AgentId,
-        spec: AgentSpec,
+        spec: Arc<AgentSpec>,
     },
     /// Written by the scheduler; each assignment is checked on its own.
     AssignAgents {

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
@@ -132,6 +133,41 @@ pub struct AgentSpec {
     pub user: String,
 }
 
+impl AgentSpec {
+    /// The spec with its prompt left empty and everything else copied: for an answer whose
+    /// reader has the prompt already. Every field is named, so a new one is not forgotten.
+    pub fn without_prompt(&self) -> AgentSpec {
+        let AgentSpec {
+            name,
+            prompt: _,
+            repository,
+            base_branch,
+            work_branch,
+            model,
+            region,
+            team,
+            open_pull_request,
+            egress_allow,
+            scripted,
+            user,
+        } = self;
+        AgentSpec {
+            name: name.clone(),
+            prompt: String::new(),
+            repository: repository.clone(),
+            base_branch: base_branch.clone(),
+            work_branch: work_branch.clone(),
+            model: model.clone(),
+            region: region.clone(),
+            team: team.clone(),
+            open_pull_request: *open_pull_request,
+            egress_allow: egress_allow.clone(),
+            scripted: *scripted,
+            user: user.clone(),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Assignment {
     pub node: NodeId,
@@ -147,7 +183,9 @@ pub struct PullRequestRef {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct AgentRecord {
     pub id: AgentId,
-    pub spec: AgentSpec,
+    /// Shared with the log entry that created it (and with copies of the record): cloning a
+    /// record does not copy its prompt.
+    pub spec: Arc<AgentSpec>,
     pub status: AgentStatus,
     /// The node that owns the agent now; `None` while it waits for placement.
     pub assignment: Option<Assignment>,

@@ -320,7 +320,7 @@ impl Step {
             Step::Batch { .. } | Step::Judge { .. } => unreachable!("resolved by command_in_term"),
             Step::CreateAgent { agent } => Command::CreateAgent {
                 id: agent_id(*agent),
-                spec: spec(*agent),
+                spec: spec(*agent).into(),
             },
             Step::Assign { agent, node, epoch } => {
                 let current = state

@@ -165,7 +165,14 @@ async fn window() -> Window {
         work_branch: BRANCH.to_string(),
         ..Default::default()
     };
-    write(&replica, Command::CreateAgent { id: agent, spec }).await;
+    write(
+        &replica,
+        Command::CreateAgent {
+            id: agent,
+            spec: spec.into(),
+        },
+    )
+    .await;
     write(&replica, assign(agent, 1, 1)).await;
 
     // Each owner's node has its own mirror of the origin.

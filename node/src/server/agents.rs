@@ -343,7 +343,7 @@ impl AgentService for AgentApi {
             scripted,
             user: caller.user.clone(),
         };
-        let record = match self.replica.write(Command::CreateAgent { id, spec }).await {
+        let record = match self.replica.write(Command::CreateAgent { id, spec: spec.into() }).await {
             Ok(Response::Agent(record)) => *record,
             // A retried write that had in fact been applied: the agent is there, which is what was asked.
             Err(WriteError::Refused(ApplyError::AgentExists(existing))) if existing == id => self.find(id).await?,

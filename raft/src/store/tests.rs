@@ -33,12 +33,12 @@ fn membership_entry(index: u64) -> Entry<TypeConfig> {
 fn create(id: AgentId) -> Command {
     Command::CreateAgent {
         id,
-        spec: AgentSpec {
+        spec: std::sync::Arc::new(AgentSpec {
             name: "n".into(),
             prompt: "p".into(),
             repository: "https://example.com/r.git".into(),
             ..Default::default()
-        },
+        }),
     }
 }
 
@@ -827,12 +827,12 @@ async fn large_records_are_kept_in_blob_files_and_read_back_whole() {
     let target_dir = tempfile::tempdir().unwrap();
     let long = |id: AgentId| Command::CreateAgent {
         id,
-        spec: AgentSpec {
+        spec: std::sync::Arc::new(AgentSpec {
             name: "long".into(),
             prompt: "a prompt of a realistic size, repeated. ".repeat(50),
             repository: "https://example.com/r.git".into(),
             ..Default::default()
-        },
+        }),
     };
     let (_, mut machine) = open(dir.path()).unwrap();
     let mut entries = vec![membership_entry(1)];

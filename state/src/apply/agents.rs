@@ -1,6 +1,8 @@
 //! Agent commands: create an agent, its owner's status writes, stop, and follow-ups (which
 //! re-queue an agent that has ended).
 
+use std::sync::Arc;
+
 use super::{check_owner, finish_agent_change, not_in_family, push_event};
 use crate::cluster_state::{Changes, ClusterState, MAX_FOLLOW_UPS_PER_AGENT};
 use crate::command::{ApplyError, ApplyResult, Command, Response};
@@ -48,7 +50,7 @@ fn create_agent(
     changes: &mut Changes,
     at_ms: u64,
     id: AgentId,
-    spec: &AgentSpec,
+    spec: &Arc<AgentSpec>,
 ) -> ApplyResult {
     if state.agents.contains_key(&id) {
         return Err(ApplyError::AgentExists(id));
@@ -56,7 +58,8 @@ fn create_agent(
     super::audit::check_create_limits(state, &spec.team, at_ms)?;
     let record = AgentRecord {
         id,
-        spec: spec.clone(),
+        // Shared with the log entry that carries it: the prompt is not copied.
+        spec: Arc::clone(spec),
         status: AgentStatus::Pending,
         assignment: None,
         epoch: Default::default(),

@@ -12,7 +12,13 @@ fn create_makes_a_pending_agent_with_a_first_event() {
     assert!(state.pending.contains(&id));
     assert_eq!(state.events_after(id, 0).len(), 1);
     assert_eq!(
-        run(&mut state, Command::CreateAgent { id, spec: spec("a") }),
+        run(
+            &mut state,
+            Command::CreateAgent {
+                id,
+                spec: spec("a").into()
+            }
+        ),
         Err(ApplyError::AgentExists(id))
     );
 }

@@ -35,7 +35,7 @@ fn create_at(state: &mut ClusterState, at_ms: u64, name: &str) -> ApplyResult {
         at_ms,
         Command::CreateAgent {
             id: AgentId::new(),
-            spec: spec(name),
+            spec: spec(name).into(),
         },
     )
 }

@@ -96,7 +96,14 @@ fn with_nodes(count: u64) -> ClusterState {
 
 fn create(state: &mut ClusterState, name: &str) -> AgentId {
     let id = AgentId::new();
-    run(state, Command::CreateAgent { id, spec: spec(name) }).unwrap();
+    run(
+        state,
+        Command::CreateAgent {
+            id,
+            spec: spec(name).into(),
+        },
+    )
+    .unwrap();
     id
 }
 
@@ -233,8 +240,14 @@ fn a_batch_applies_each_command_on_its_own() {
         &mut state,
         Command::Batch {
             commands: vec![
-                Command::CreateAgent { id, spec: spec("a") },
-                Command::CreateAgent { id, spec: spec("a") },
+                Command::CreateAgent {
+                    id,
+                    spec: spec("a").into(),
+                },
+                Command::CreateAgent {
+                    id,
+                    spec: spec("a").into(),
+                },
                 Command::StopAgent {
                     agent: id,
                     reason: "r".into(),
