@@ -7,6 +7,15 @@
 //! begins a new one. An append is one `pwrite` of all its frames, readable by the replication
 //! tasks at once (through the page cache); the flusher syncs it (`sync`).
 //!
+//! Zeros ahead of the appends: the last segment is kept written with zeros up to
+//! [`ZEROED_AHEAD_BYTES`] past its last frame, so that an append overwrites blocks that already
+//! exist and the file's size does not change. Its sync (`fdatasync`) then writes the data only;
+//! an append that grew the file would make every sync commit the file system's journal too
+//! (on this project's test machines, ext4 on a virtual disk: p50 0.09 ms against 0.16-0.22 ms
+//! for an 8 KiB write and its sync). A segment is cut to its last frame before the next one is
+//! begun, so only the last segment ever ends in zeros; at open a last segment whose rest is all
+//! zeros is whole, and one with anything else after its last whole frame was torn.
+//!
 //! Why not RocksDB: every entry went through its write-ahead log, its memtable, a table at
 //! every flush of the log family and the compactions after that, until a purge 100,000 entries
 //! later deleted it; here an entry is written once and a purge deletes whole files.
@@ -32,6 +41,9 @@ use std::sync::{Arc, Mutex};
 pub(super) const SEGMENTS_DIR: &str = "raft-log";
 /// A segment takes appends until it holds this many bytes.
 pub(super) const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// How far past its last frame the last segment is written with zeros (see the module's
+/// documentation): when an append passes the zeros, this much more is written after it.
+pub(super) const ZEROED_AHEAD_BYTES: u64 = 1024 * 1024;
 const HEADER_BYTES: usize = 16;
 const SUFFIX: &str = ".seg";
 
@@ -52,6 +64,8 @@ struct Segment {
     file: Arc<File>,
     /// Bytes of whole frames in the file.
     len: u64,
+    /// The file's size: from `len` to here it holds zeros.
+    zeroed_to: u64,
 }
 
 /// Where one entry's frame is: the segment (by its first index), the offset and the frame's
@@ -175,7 +189,7 @@ impl Segments {
                 .open(&path)
                 .map_err(io(&path))?;
             let last = position + 1 == count;
-            let len = load_frames(&file, &path, first, last, purged, &mut inner)?;
+            let (len, zeroed_to) = load_frames(&file, &path, first, last, purged, &mut inner)?;
             if last {
                 file.sync_all().map_err(io(&path))?;
             }
@@ -184,6 +198,7 @@ impl Segments {
                 Segment {
                     file: Arc::new(file),
                     len,
+                    zeroed_to,
                 },
             );
         }
@@ -241,6 +256,10 @@ impl Segments {
         };
         if full {
             if let Some((&key, segment)) = inner.segments.last_key_value() {
+                // Cut to its frames (only the last segment ends in zeros), then synced.
+                if segment.zeroed_to > segment.len {
+                    segment.file.set_len(segment.len).map_err(io(&self.path_of(key)))?;
+                }
                 segment.file.sync_data().map_err(io(&self.path_of(key)))?;
             }
             let path = self.path_of(first);
@@ -257,6 +276,7 @@ impl Segments {
                 Segment {
                     file: Arc::new(file),
                     len: 0,
+                    zeroed_to: 0,
                 },
             );
         }
@@ -266,7 +286,15 @@ impl Segments {
             .file
             .write_all_at(frames, start)
             .map_err(io(&self.path_of(key)))?;
-        inner.segments.get_mut(&key).expect("the segment just written").len = start + frames.len() as u64;
+        let end = start + frames.len() as u64;
+        let zeroed_to = if end > segment.zeroed_to {
+            write_zeros(&segment.file, &self.path_of(key), end)
+        } else {
+            segment.zeroed_to
+        };
+        let segment = inner.segments.get_mut(&key).expect("the segment just written");
+        segment.len = end;
+        segment.zeroed_to = zeroed_to;
         inner.locations.extend(starts.into_iter().map(|(offset, len)| Location {
             segment: key,
             offset: start + offset,
@@ -372,9 +400,12 @@ impl Segments {
         }
         let cut = inner.segments.get_mut(&segment).expect("a location's segment is open");
         let path = self.path_of(segment);
+        // Cut, not zeroed: the frames after the cut must not be read again. The zeros ahead come
+        // back with the next appends.
         cut.file.set_len(offset).map_err(io(&path))?;
         cut.file.sync_all().map_err(io(&path))?;
         cut.len = offset;
+        cut.zeroed_to = offset;
         sync_dir(&self.dir)?;
         let keep = index.saturating_sub(inner.first) as usize;
         inner.locations.truncate(keep);
@@ -421,6 +452,34 @@ impl Segments {
     pub(super) fn files(&self) -> Vec<PathBuf> {
         self.lock().segments.keys().map(|key| self.path_of(*key)).collect()
     }
+
+    /// Each segment's file with the length of its whole frames.
+    #[cfg(test)]
+    fn frame_lengths(&self) -> Vec<(PathBuf, u64)> {
+        let inner = self.lock();
+        inner
+            .segments
+            .iter()
+            .map(|(key, segment)| (self.path_of(*key), segment.len))
+            .collect()
+    }
+}
+
+/// Writes [`ZEROED_AHEAD_BYTES`] of zeros from `from` (the end of the segment's frames) and
+/// answers where the file's zeros end. Best effort: zeros only spare later syncs the journal,
+/// so a failure (a full disk) leaves the file ending at its frames, and the next append that
+/// passes the end tries again.
+fn write_zeros(file: &File, path: &Path, from: u64) -> u64 {
+    let zeros = vec![0u8; ZEROED_AHEAD_BYTES as usize];
+    match file.write_all_at(&zeros, from) {
+        Ok(()) => from + ZEROED_AHEAD_BYTES,
+        Err(error) => {
+            tracing::debug!(path = %path.display(), %error, "no zeros written ahead of the log's appends");
+            // Whatever part of the zeros was written reads as zeros, and the next append writes
+            // over it.
+            from
+        }
+    }
 }
 
 /// The index and payload of the whole, undamaged frame at the start of `bytes`.
@@ -436,9 +495,11 @@ fn check_frame(bytes: &[u8]) -> Option<(u64, &[u8])> {
     Some((index, &bytes[HEADER_BYTES..end]))
 }
 
-/// Reads a segment's frames into `inner.locations` and answers the length of its whole frames.
-/// The last segment is read whole and checked frame by frame, and cut at its first damaged
-/// frame; an earlier one is walked by its headers, and a damaged one is an error.
+/// Reads a segment's frames into `inner.locations` and answers the length of its whole frames
+/// and the file's size after the load. The last segment is read whole and checked frame by
+/// frame: zeros after its last whole frame are kept (the zeros ahead of the appends), anything
+/// else there is a torn write and is cut off. An earlier one is walked by its headers, and a
+/// damaged one is an error.
 fn load_frames(
     file: &File,
     path: &Path,
@@ -446,7 +507,7 @@ fn load_frames(
     last: bool,
     purged: Option<u64>,
     inner: &mut Inner,
-) -> Result<u64, SegmentError> {
+) -> Result<(u64, u64), SegmentError> {
     let size = file.metadata().map_err(io(path))?.len();
     let corrupt = |offset: u64, message: String| SegmentError::Corrupt {
         path: path.display().to_string(),
@@ -474,8 +535,13 @@ fn load_frames(
         let mut bytes = vec![0; size as usize];
         file.read_exact_at(&mut bytes, 0).map_err(io(path))?;
         let mut at = 0usize;
+        let mut file_size = size;
         while at < bytes.len() {
             let Some((index, payload)) = check_frame(&bytes[at..]) else {
+                if bytes[at..].iter().all(|byte| *byte == 0) {
+                    // The zeros ahead of the appends: the segment ends at its last frame.
+                    break;
+                }
                 tracing::warn!(
                     path = %path.display(),
                     offset = at,
@@ -483,13 +549,14 @@ fn load_frames(
                     "the log's last segment ends in a partly written frame (a crash during an unsynced write); it is cut there"
                 );
                 file.set_len(at as u64).map_err(io(path))?;
+                file_size = at as u64;
                 break;
             };
             let len = (HEADER_BYTES + payload.len()) as u32;
             keep(index, at as u64, len, inner)?;
             at += len as usize;
         }
-        return Ok(at as u64);
+        return Ok((at as u64, file_size));
     }
     let mut at = 0u64;
     let mut head = [0u8; HEADER_BYTES];
@@ -512,7 +579,7 @@ fn load_frames(
         keep(index, at, len as u32, inner)?;
         at += len;
     }
-    Ok(size)
+    Ok((size, size))
 }
 
 #[cfg(test)]
@@ -568,14 +635,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let segments = Segments::open_with(dir.path(), None, 1 << 20).unwrap();
         append(&segments, 1, 50, 5);
-        let path = segments.files().pop().unwrap();
+        let (path, whole) = segments.frame_lengths().pop().unwrap();
         drop(segments);
-        let whole = std::fs::metadata(&path).unwrap().len();
-        // A frame of index 51 written in part: its header and a few bytes of its payload.
+        assert!(
+            std::fs::metadata(&path).unwrap().len() > whole,
+            "zeros follow the frames"
+        );
+        // A frame of index 51 written in part over the zeros: its header and a few bytes of its
+        // payload.
         let mut torn = Vec::new();
         push_frame(&mut torn, 51, |buffer| buffer.extend_from_slice(&payload(51)));
-        let file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
-        std::io::Write::write_all(&mut &file, &torn[..torn.len() - 3]).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&torn[..torn.len() - 3], whole).unwrap();
         drop(file);
 
         let segments = Segments::open_with(dir.path(), None, 1 << 20).unwrap();
@@ -583,12 +654,49 @@ mod tests {
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             whole,
-            "the torn frame is cut off"
+            "the torn frame, and the zeros after it, are cut off"
         );
         append(&segments, 51, 60, 4);
         drop(segments);
         let segments = Segments::open_with(dir.path(), None, 1 << 20).unwrap();
         assert_holds(&segments, 1, 60);
+    }
+
+    #[test]
+    fn appends_write_over_zeros_written_ahead_and_only_the_last_segment_keeps_any() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = |path: &Path| std::fs::metadata(path).unwrap().len();
+        let segments = Segments::open_with(dir.path(), None, 4096).unwrap();
+        append(&segments, 1, 5, 5);
+        let (path, frames) = segments.frame_lengths().pop().unwrap();
+        assert_eq!(size(&path), frames + ZEROED_AHEAD_BYTES);
+        append(&segments, 6, 10, 1);
+        assert_eq!(
+            size(&path),
+            frames + ZEROED_AHEAD_BYTES,
+            "appends over the zeros keep the size"
+        );
+        segments.sync().unwrap();
+        drop(segments);
+
+        // A clean reopen finds the frames whole and keeps the zeros: nothing is cut.
+        let segments = Segments::open_with(dir.path(), None, 4096).unwrap();
+        assert_holds(&segments, 1, 10);
+        assert_eq!(size(&path), frames + ZEROED_AHEAD_BYTES);
+        append(&segments, 11, 200, 6);
+        assert_holds(&segments, 1, 200);
+        let lengths = segments.frame_lengths();
+        assert!(lengths.len() >= 3, "{lengths:?}");
+        let (last, closed) = lengths.split_last().unwrap();
+        for (path, frames) in closed {
+            assert_eq!(size(path), *frames, "{} is cut to its frames", path.display());
+        }
+        assert!(size(&last.0) > last.1, "the last segment has zeros ahead");
+        drop(segments);
+        let segments = Segments::open_with(dir.path(), None, 4096).unwrap();
+        assert_holds(&segments, 1, 200);
+        append(&segments, 201, 210, 4);
+        assert_holds(&segments, 1, 210);
     }
 
     #[test]
