@@ -44,6 +44,8 @@ pub(super) const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// How far past its last frame the last segment is written with zeros (see the module's
 /// documentation): when an append passes the zeros, this much more is written after it.
 pub(super) const ZEROED_AHEAD_BYTES: u64 = 1024 * 1024;
+/// The zeros are written this many at a time.
+const ZEROS_BLOCK_BYTES: usize = 64 * 1024;
 const HEADER_BYTES: usize = 16;
 const SUFFIX: &str = ".seg";
 
@@ -256,10 +258,9 @@ impl Segments {
         };
         if full {
             if let Some((&key, segment)) = inner.segments.last_key_value() {
-                // Cut to its frames (only the last segment ends in zeros), then synced.
-                if segment.zeroed_to > segment.len {
-                    segment.file.set_len(segment.len).map_err(io(&self.path_of(key)))?;
-                }
+                // Cut to its frames (only the last segment ends in zeros), then synced. Always
+                // cut: zeros that failed partway are not counted in `zeroed_to`.
+                segment.file.set_len(segment.len).map_err(io(&self.path_of(key)))?;
                 segment.file.sync_data().map_err(io(&self.path_of(key)))?;
             }
             let path = self.path_of(first);
@@ -470,16 +471,18 @@ impl Segments {
 /// so a failure (a full disk) leaves the file ending at its frames, and the next append that
 /// passes the end tries again.
 fn write_zeros(file: &File, path: &Path, from: u64) -> u64 {
-    let zeros = vec![0u8; ZEROED_AHEAD_BYTES as usize];
-    match file.write_all_at(&zeros, from) {
-        Ok(()) => from + ZEROED_AHEAD_BYTES,
-        Err(error) => {
+    // One static block written over and over: no fresh buffer to fault in and clear each time.
+    static ZEROS: [u8; ZEROS_BLOCK_BYTES] = [0; ZEROS_BLOCK_BYTES];
+    let mut at = from;
+    while at < from + ZEROED_AHEAD_BYTES {
+        if let Err(error) = file.write_all_at(&ZEROS, at) {
             tracing::debug!(path = %path.display(), %error, "no zeros written ahead of the log's appends");
-            // Whatever part of the zeros was written reads as zeros, and the next append writes
-            // over it.
-            from
+            // What was written reads as zeros, and the next append writes over it.
+            return from;
         }
+        at += ZEROS_BLOCK_BYTES as u64;
     }
+    at
 }
 
 /// The index and payload of the whole, undamaged frame at the start of `bytes`.
