@@ -30,6 +30,7 @@ mod client;
 mod compare;
 mod cpu;
 mod create;
+mod disk_sync;
 mod etcd_cluster;
 mod load;
 mod local_cluster;
@@ -90,6 +91,8 @@ enum BenchCommand {
     Provision(provision::BenchProvisionArgs),
     /// What starting a process costs a process of a given size: fork against posix_spawn.
     Spawn(spawn::BenchSpawnArgs),
+    /// What one synced write costs this disk: a growing file against one written with zeros first.
+    DiskSync(disk_sync::BenchDiskSyncArgs),
 }
 
 fn init_logging() {
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
             BenchCommand::Provision(args) => provision::run_provision(args).await,
             // On this thread, as a node's runtime worker starts a machine's command.
             BenchCommand::Spawn(args) => spawn::run_spawn(args),
+            BenchCommand::DiskSync(args) => disk_sync::run_disk_sync(args),
         }
     });
     match result {
