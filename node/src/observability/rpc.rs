@@ -9,10 +9,10 @@
 //! wraps the response body and records when it sees either. A body dropped before its
 //! trailers (the client went away) counts as `CANCELLED`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -65,16 +65,66 @@ pub fn known_methods(encoded_descriptor_set: &[u8]) -> Result<HashSet<String>, p
     Ok(methods)
 }
 
+/// One `method` label's series. The handles of its `OK` series are looked up in the metrics
+/// registry once, at its first call, and kept: a call that succeeds then records without
+/// building labels or hashing them (a busy node answers thousands of creates a second).
+struct MethodMetrics {
+    method: String,
+    ok: OnceLock<(::metrics::Counter, ::metrics::Histogram)>,
+}
+
+impl MethodMetrics {
+    fn new(method: String) -> Arc<MethodMetrics> {
+        Arc::new(MethodMetrics {
+            method,
+            ok: OnceLock::new(),
+        })
+    }
+
+    fn handles(&self, code: &'static str) -> (::metrics::Counter, ::metrics::Histogram) {
+        let labels = [("method", self.method.clone()), ("code", code.to_string())];
+        (
+            ::metrics::counter!(RPC_REQUESTS_TOTAL, &labels),
+            ::metrics::histogram!(RPC_DURATION_SECONDS, &labels),
+        )
+    }
+
+    fn record(&self, code: &'static str, seconds: f64) {
+        let looked_up;
+        let (counter, histogram) = if code == "OK" {
+            self.ok.get_or_init(|| self.handles(code))
+        } else {
+            looked_up = self.handles(code);
+            &looked_up
+        };
+        counter.increment(1);
+        histogram.record(seconds);
+    }
+}
+
+/// The series of every known method, and of [`UNKNOWN_METHOD`].
+struct Methods {
+    known: HashMap<String, Arc<MethodMetrics>>,
+    unknown: Arc<MethodMetrics>,
+}
+
 /// Adds [`RpcMetrics`] around the server's routes.
 #[derive(Clone)]
 pub struct RpcMetricsLayer {
-    known_methods: Arc<HashSet<String>>,
+    methods: Arc<Methods>,
 }
 
 impl RpcMetricsLayer {
     pub fn new(known_methods: HashSet<String>) -> RpcMetricsLayer {
+        let known = known_methods
+            .into_iter()
+            .map(|method| (method.clone(), MethodMetrics::new(method)))
+            .collect();
         RpcMetricsLayer {
-            known_methods: Arc::new(known_methods),
+            methods: Arc::new(Methods {
+                known,
+                unknown: MethodMetrics::new(UNKNOWN_METHOD.to_string()),
+            }),
         }
     }
 }
@@ -85,7 +135,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
     fn layer(&self, inner: S) -> RpcMetrics<S> {
         RpcMetrics {
             inner,
-            known_methods: self.known_methods.clone(),
+            methods: self.methods.clone(),
         }
     }
 }
@@ -93,7 +143,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 #[derive(Clone)]
 pub struct RpcMetrics<S> {
     inner: S,
-    known_methods: Arc<HashSet<String>>,
+    methods: Arc<Methods>,
 }
 
 impl<S, RequestBody, ResponseBody> tower::Service<http::Request<RequestBody>> for RpcMetrics<S>
@@ -112,11 +162,9 @@ where
 
     fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
         let path = request.uri().path();
-        let known = self.known_methods.contains(path);
-        let method = if known {
-            path.to_string()
-        } else {
-            UNKNOWN_METHOD.to_string()
+        let (known, method) = match self.methods.known.get(path) {
+            Some(method) => (true, method.clone()),
+            None => (false, self.methods.unknown.clone()),
         };
         let span = if known && !UNTRACED_METHODS.contains(&path) {
             call_span(path, request.headers())
@@ -176,7 +224,7 @@ fn call_span(path: &str, headers: &http::HeaderMap) -> tracing::Span {
 
 /// One call being measured; recorded once, when its status is known (or on drop).
 struct CallRecord {
-    method: String,
+    method: Arc<MethodMetrics>,
     started: Instant,
     recorded: bool,
     /// The call's trace span (disabled when it has none), ended when the call is recorded.
@@ -189,9 +237,7 @@ impl CallRecord {
             return;
         }
         self.recorded = true;
-        let labels = [("method", self.method.clone()), ("code", code.to_string())];
-        ::metrics::counter!(RPC_REQUESTS_TOTAL, &labels).increment(1);
-        ::metrics::histogram!(RPC_DURATION_SECONDS, &labels).record(self.started.elapsed().as_secs_f64());
+        self.method.record(code, self.started.elapsed().as_secs_f64());
         let span = std::mem::replace(&mut self.span, tracing::Span::none());
         if !span.is_disabled() {
             span.record("rpc.grpc.status_code", code);
