@@ -158,13 +158,18 @@ impl ClusterState {
             let signature = crate::search::SearchSignature::of_record(agent);
             self.search_signatures.insert(id, signature);
         }
-        let team = crate::types::owning_team(&agent.spec.team).to_string();
-        self.created_by_team
-            .entry(team.clone())
-            .or_default()
-            .insert((agent.created_at_ms, id));
+        // The team's name is copied only for a team's first agent.
+        let team = crate::types::owning_team(&agent.spec.team);
+        match self.created_by_team.get_mut(team) {
+            Some(set) => set.insert((agent.created_at_ms, id)),
+            None => self
+                .created_by_team
+                .entry(team.to_string())
+                .or_default()
+                .insert((agent.created_at_ms, id)),
+        };
         if agent.status.is_terminal() {
-            if let Some(set) = self.live_by_team.get_mut(&team) {
+            if let Some(set) = self.live_by_team.get_mut(team) {
                 set.remove(&id);
             }
             // An ended agent's history rarely grows again: give back the room a growing queue
@@ -174,7 +179,10 @@ impl ClusterState {
                 events.shrink_to_fit();
             }
         } else {
-            self.live_by_team.entry(team).or_default().insert(id);
+            match self.live_by_team.get_mut(team) {
+                Some(set) => set.insert(id),
+                None => self.live_by_team.entry(team.to_string()).or_default().insert(id),
+            };
         }
         if agent.status == AgentStatus::Pending && agent.assignment.is_none() {
             self.pending.insert(id);

@@ -97,7 +97,9 @@ pub fn region(text: &str) -> Result<(), InvalidInput> {
 }
 
 pub fn prompt(field: &str, text: &str, limit: usize) -> Result<(), InvalidInput> {
-    if text.trim().is_empty() {
+    // All whitespace: nothing after the leading whitespace (`trim` would also walk back over
+    // every trailing whitespace character of a long text).
+    if text.trim_start().is_empty() {
         return Err(InvalidInput::EmptyText {
             field: field.to_string(),
         });
