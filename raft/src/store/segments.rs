@@ -66,7 +66,8 @@ struct Segment {
     file: Arc<File>,
     /// Bytes of whole frames in the file.
     len: u64,
-    /// The file's size: from `len` to here it holds zeros.
+    /// Where the zeros after `len` end (`len` itself for a segment cut to its frames). A write
+    /// of zeros that failed partway may have left the file longer; those zeros are not counted.
     zeroed_to: u64,
 }
 
@@ -257,11 +258,14 @@ impl Segments {
             None => true,
         };
         if full {
-            if let Some((&key, segment)) = inner.segments.last_key_value() {
+            if let Some(mut last) = inner.segments.last_entry() {
+                let path = self.path_of(*last.key());
+                let segment = last.get_mut();
                 // Cut to its frames (only the last segment ends in zeros), then synced. Always
                 // cut: zeros that failed partway are not counted in `zeroed_to`.
-                segment.file.set_len(segment.len).map_err(io(&self.path_of(key)))?;
-                segment.file.sync_data().map_err(io(&self.path_of(key)))?;
+                segment.file.set_len(segment.len).map_err(io(&path))?;
+                segment.zeroed_to = segment.len;
+                segment.file.sync_data().map_err(io(&path))?;
             }
             let path = self.path_of(first);
             let file = std::fs::OpenOptions::new()
