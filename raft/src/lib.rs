@@ -13,6 +13,7 @@
 //! The records and commands are re-exported here, so that the crates above use one path for
 //! them whichever crate defines them.
 
+mod append_encoding;
 mod forward_stream;
 mod forwarded_prompts;
 pub mod handover;

@@ -111,12 +111,22 @@ impl Peers {
 pub struct NetworkFactory {
     peers: Peers,
     durability: Arc<crate::store::Durability>,
+    recent: Arc<crate::store::RecentEntries>,
 }
 
 impl NetworkFactory {
-    /// `durability` caps the commit index sent to followers at what this node's log has synced.
-    pub fn new(peers: Peers, durability: Arc<crate::store::Durability>) -> NetworkFactory {
-        NetworkFactory { peers, durability }
+    /// `durability` caps the commit index sent to followers at what this node's log has synced;
+    /// `recent` holds the encodings of the log's newest entries, which appends copy.
+    pub fn new(
+        peers: Peers,
+        durability: Arc<crate::store::Durability>,
+        recent: Arc<crate::store::RecentEntries>,
+    ) -> NetworkFactory {
+        NetworkFactory {
+            peers,
+            durability,
+            recent,
+        }
     }
 }
 
@@ -131,6 +141,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             appends: None,
             unary_appends: false,
             durability: self.durability.clone(),
+            recent: self.recent.clone(),
         }
     }
 }
@@ -150,6 +161,7 @@ pub struct PeerConnection {
     /// are unary calls to it from then on.
     unary_appends: bool,
     durability: Arc<crate::store::Durability>,
+    recent: Arc<crate::store::RecentEntries>,
 }
 
 /// One open `AppendStream` call: a request goes in through `requests`, its answer is the next
@@ -229,7 +241,7 @@ impl PeerConnection {
             return self.call(request, timeout, Method::Append).await;
         }
         let payload = RaftPayload {
-            data: encode(request),
+            data: crate::append_encoding::encode_append(request, &self.recent),
             ..Default::default()
         };
         match self.append_streamed(payload, timeout).await {
@@ -554,7 +566,8 @@ mod tests {
                 .add_service(InternalServer::new(peer))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let mut factory = NetworkFactory::new(Peers::new(Some(&tls)), durability);
+        let recent = Arc::new(crate::store::RecentEntries::new(1 << 20));
+        let mut factory = NetworkFactory::new(Peers::new(Some(&tls)), durability, recent);
         let connection = factory
             .new_client(
                 2,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flotilla_proto::internal::RaftPayload;
 use openraft::error::{ClientWriteError, InstallSnapshotError, RaftError};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{InstallSnapshotRequest, VoteRequest};
 use openraft::storage::RaftLogStorage;
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy, Vote};
 use serde::{Deserialize, Serialize};
@@ -238,6 +238,9 @@ pub(crate) struct Inner {
     closing: tokio::sync::watch::Sender<bool>,
     /// The state format this node reads and writes.
     state_format_version: u32,
+    /// The log's newest entries with their encodings; where a received append leaves its
+    /// entries' bytes for the log to write.
+    recent_entries: Arc<crate::store::RecentEntries>,
 }
 
 /// How a wait for this node's own apply ended.
@@ -298,6 +301,7 @@ impl Replica {
         let (mut log, machine) = store::open(&config.data_dir.join("raft"))?;
         let durability = log.durability();
         durability.set_node(config.node_id);
+        let recent_entries = log.recent_entries();
         forget_own_leadership(&mut log, config.node_id).await?;
         let raft_config = Config {
             cluster_name: "flotilla".to_string(),
@@ -322,7 +326,7 @@ impl Replica {
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
-            NetworkFactory::new(peers.clone(), durability),
+            NetworkFactory::new(peers.clone(), durability, recent_entries.clone()),
             log,
             machine,
         )
@@ -350,6 +354,7 @@ impl Replica {
             writes_in_flight: std::sync::atomic::AtomicUsize::new(0),
             closing: tokio::sync::watch::channel(false).0,
             state_format_version: config.state_format_version,
+            recent_entries,
         });
         Ok(Replica { inner })
     }
@@ -831,8 +836,13 @@ impl Replica {
     }
 
     pub async fn handle_append(&self, payload: &[u8]) -> Result<Vec<u8>, UndecodablePayload> {
-        let request: AppendEntriesRequest<TypeConfig> = decode_payload("append-entries", payload)?;
-        Ok(encode(&self.inner.raft.append_entries(request).await))
+        let decoded = crate::append_encoding::decode_append(payload).map_err(|source| UndecodablePayload {
+            what: "append-entries",
+            source,
+        })?;
+        // The entries' bytes as they came, for the log to write (see `RecentEntries::received`).
+        self.inner.recent_entries.received(decoded.encodings);
+        Ok(encode(&self.inner.raft.append_entries(decoded.request).await))
     }
 
     pub async fn handle_vote(&self, payload: &[u8]) -> Result<Vec<u8>, UndecodablePayload> {

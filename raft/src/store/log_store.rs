@@ -35,6 +35,9 @@ pub struct LogStore {
     durability: Arc<super::Durability>,
 }
 
+/// An entry, and where its encoding lies in the frames built for it.
+pub(super) type PlacedEntry = (Entry<TypeConfig>, std::ops::Range<usize>);
+
 fn decode_entry(index: u64, payload: &[u8]) -> Result<Entry<TypeConfig>, OpenError> {
     decode(&super::segments::entry_key(index), payload)
 }
@@ -143,6 +146,39 @@ impl LogStore {
     /// How far the log is synced, and which appends are the leader's own.
     pub fn durability(&self) -> Arc<super::Durability> {
         self.durability.clone()
+    }
+
+    /// The newest entries with their encodings: what appends to followers copy, and where a
+    /// follower leaves the encodings of the entries it receives.
+    pub fn recent_entries(&self) -> Arc<RecentEntries> {
+        self.recent.clone()
+    }
+
+    /// The frames of `entries`, and each entry with where its encoding lies in them. An entry a
+    /// follower has just received is written as it came (see `RecentEntries::received`);
+    /// anything else is encoded here.
+    pub(super) fn frames_of(
+        &self,
+        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+    ) -> (Vec<u8>, Vec<PlacedEntry>) {
+        let mut frames = Vec::new();
+        let mut placed = Vec::new();
+        for entry in entries {
+            let received = self.recent.take_received(&entry.log_id);
+            let mut start = 0;
+            push_frame(&mut frames, entry.log_id.index, |buffer| {
+                start = buffer.len();
+                match received {
+                    Some(encoded) => buffer.extend_from_slice(&encoded),
+                    None => {
+                        let taken = std::mem::take(buffer);
+                        *buffer = postcard::to_extend(&entry, taken).expect("serialising to memory cannot fail");
+                    }
+                }
+            });
+            placed.push((entry, start..frames.len()));
+        }
+        (frames, placed)
     }
 
     /// Hands a request to the flusher: a push onto a bounded channel, done in place while there
@@ -285,30 +321,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // The entries with their encoded sizes, kept for the replication tasks once written.
-        let mut frames = Vec::new();
-        let mut kept = Vec::new();
-        for entry in entries {
-            let before = frames.len();
-            push_frame(&mut frames, entry.log_id.index, |buffer| {
-                let taken = std::mem::take(buffer);
-                *buffer = postcard::to_extend(&entry, taken).expect("serialising to memory cannot fail");
-            });
-            kept.push((entry, frames.len() - before));
-        }
-        let (Some((first, _)), Some((last, _))) = (kept.first(), kept.last()) else {
+        let (frames, placed) = self.frames_of(entries);
+        let (Some((first, _)), Some((last, _))) = (placed.first(), placed.last()) else {
             callback.log_io_completed(Ok(()));
             return Ok(());
         };
         let (first, last) = (first.log_id, last.log_id);
         let own_proposal = self
             .durability
-            .own_proposal(kept.iter().map(|(entry, _)| &entry.log_id));
+            .own_proposal(placed.iter().map(|(entry, _)| &entry.log_id));
         // Written unsynced, and so readable for replication at once.
         self.segments
             .append(first.index, last.index, &frames)
             .map_err(|error| StorageIOError::write_logs(any(error)))?;
-        self.recent.appended(kept);
+        let frames = bytes::Bytes::from(frames);
+        self.recent.appended(
+            placed
+                .into_iter()
+                .map(|(entry, encoded)| (entry, frames.slice(encoded)))
+                .collect(),
+        );
         self.durability.written(last);
         if own_proposal {
             // The leader's own proposal: reported at once, so that openraft sends it to the

@@ -54,6 +54,7 @@ use crate::NodeId;
 pub use durability::Durability;
 pub use flusher::MAX_APPENDS_AWAITING_SYNC;
 pub use log_store::LogStore;
+pub use recent::RecentEntries;
 pub use state_machine::{Machine, StateMachineStore, StateReader};
 
 const CF_LOG: &str = "log";

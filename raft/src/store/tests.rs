@@ -184,6 +184,36 @@ fn write_log(log: &super::LogStore, entries: &[Entry<TypeConfig>]) {
     log.segments.sync().unwrap();
 }
 
+#[test]
+fn a_received_entrys_bytes_are_written_as_they_came_and_the_rest_encoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = open(dir.path()).unwrap();
+    let entries: Vec<Entry<TypeConfig>> = (1..=3).map(|index| entry(index, create(AgentId::new()))).collect();
+    // Bytes for entry 2's log id that encode another entry: only a frame written from them
+    // reads back as that one. (Raft never sends two entries under one log id; this shows whose
+    // bytes the frame holds.)
+    let other = entry(2, create(AgentId::new()));
+    let recent = log.recent_entries();
+    recent.received(
+        [(entries[1].log_id, bytes::Bytes::from(encode(&other)))]
+            .into_iter()
+            .collect(),
+    );
+    let (frames, placed) = log.frames_of(entries.clone());
+    let read: Vec<Entry<TypeConfig>> = placed
+        .iter()
+        .map(|(_, span)| postcard::from_bytes(&frames[span.clone()]).unwrap())
+        .collect();
+    assert_eq!(read, vec![entries[0].clone(), other, entries[2].clone()]);
+    assert_eq!(
+        placed.iter().map(|(entry, _)| entry.log_id).collect::<Vec<_>>(),
+        entries.iter().map(|entry| entry.log_id).collect::<Vec<_>>()
+    );
+    // Taken once: the next frames of entry 2 are its own encoding.
+    let (frames, placed) = log.frames_of(vec![entries[1].clone()]);
+    assert_eq!(&frames[placed[0].1.clone()], encode(&entries[1]).as_slice());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_entries_round_trip_and_purge() {
     let dir = tempfile::tempdir().unwrap();
