@@ -130,12 +130,44 @@ fn state_family_options() -> Options {
     options
 }
 
+/// Whether files in `dir` take direct (`O_DIRECT`) writes: tmpfs refuses them at open, and
+/// some file systems only at the first write, so the probe writes one aligned block.
+fn takes_direct_writes(dir: &Path) -> bool {
+    /// A buffer aligned as direct I/O needs (the logical block size, 4096 at most here).
+    #[repr(C, align(4096))]
+    struct Block([u8; 4096]);
+    use rustix::fs::{Mode, OFlags};
+    let path = dir.join("DIRECT_IO_PROBE");
+    let written = (|| -> std::io::Result<()> {
+        let flags = OFlags::CREATE | OFlags::WRONLY | OFlags::TRUNC | OFlags::DIRECT | OFlags::CLOEXEC;
+        let file = rustix::fs::open(&path, flags, Mode::from_raw_mode(0o600))?;
+        let block = Box::new(Block([0; 4096]));
+        rustix::io::write(&file, &block.0)?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&path);
+    if let Err(error) = &written {
+        tracing::info!(dir = %dir.display(), %error, "the state's tables are written through the page cache: no direct writes here");
+    }
+    written.is_ok()
+}
+
 /// Opens (or creates) the node's database and loads the state machine into memory.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Tables and blob files written by flushes and compactions bypass the page cache: nothing
+    // reads them back in the usual course (the state is in memory; compactions read their
+    // inputs once), and through the cache every byte of state written would grow it, as pages
+    // the node's own memory then cannot reuse (docs/performance.md, "The page cache let go
+    // of"). Only where the file system takes direct writes.
+    std::fs::create_dir_all(dir).map_err(|error| OpenError::Database {
+        dir: dir.display().to_string(),
+        message: error.to_string(),
+    })?;
+    options.set_use_direct_io_for_flush_and_compaction(takes_direct_writes(dir));
     // What RocksDB's write-ahead log still takes (the vote and the purge mark, written synced;
     // the cluster-wide copies, synced; the committed mark, not) stays in its buffer until a
     // synced write or a full buffer writes it: a committed mark costs no write(2). A lost

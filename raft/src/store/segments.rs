@@ -69,6 +69,9 @@ struct Segment {
     /// Where the zeros after `len` end (`len` itself for a segment cut to its frames). A write
     /// of zeros that failed partway may have left the file longer; those zeros are not counted.
     zeroed_to: u64,
+    /// Below this the file's pages were synced and let go of from the page cache (see
+    /// [`Segments::sync`]).
+    uncached_to: u64,
 }
 
 /// Where one entry's frame is: the segment (by its first index), the offset and the frame's
@@ -130,6 +133,10 @@ fn header(bytes: &[u8]) -> (u32, u32, u64) {
 }
 
 /// Appends one frame holding `encode`'s bytes to `buffer`.
+/// The page size the log lets go of the page cache in (the kernel rounds a range to its own
+/// pages, inward, so a larger page only keeps more).
+const PAGE_BYTES: u64 = 4096;
+
 pub(super) fn push_frame(buffer: &mut Vec<u8>, index: u64, encode: impl FnOnce(&mut Vec<u8>)) {
     let start = buffer.len();
     buffer.extend_from_slice(&[0; 8]);
@@ -202,6 +209,7 @@ impl Segments {
                     file: Arc::new(file),
                     len,
                     zeroed_to,
+                    uncached_to: 0,
                 },
             );
         }
@@ -282,6 +290,7 @@ impl Segments {
                     file: Arc::new(file),
                     len: 0,
                     zeroed_to: 0,
+                    uncached_to: 0,
                 },
             );
         }
@@ -309,17 +318,33 @@ impl Segments {
     }
 
     /// Syncs what was written to the last segment (an earlier one was synced when the next one
-    /// was begun).
+    /// was begun), then lets the page cache go of the whole pages it has just synced.
+    ///
+    /// Nothing reads them back in the usual course: a leader's replication takes new entries
+    /// from the recent ones kept in memory, and a follower never reads its log. Kept, they would
+    /// grow the page cache by every byte of the log; let go of, they are the first pages reused
+    /// by the node's next allocations. The page the last frame ends in stays (the next append
+    /// writes into it, and a partial write into an uncached page would read it from the disk
+    /// first), and so do the zeros ahead. A read of an older entry (a follower far behind)
+    /// reads the disk. The advice is best effort: where it fails, the pages just stay.
     pub(super) fn sync(&self) -> Result<(), SegmentError> {
         let last = self
             .lock()
             .segments
             .last_key_value()
-            .map(|(&key, segment)| (key, segment.file.clone()));
-        match last {
-            Some((key, file)) => file.sync_data().map_err(io(&self.path_of(key))),
-            None => Ok(()),
+            .map(|(&key, segment)| (key, segment.file.clone(), segment.len, segment.uncached_to));
+        let Some((key, file, written, uncached_to)) = last else {
+            return Ok(());
+        };
+        file.sync_data().map_err(io(&self.path_of(key)))?;
+        let synced_pages_end = written / PAGE_BYTES * PAGE_BYTES;
+        if let Some(len) = std::num::NonZeroU64::new(synced_pages_end.saturating_sub(uncached_to)) {
+            let _ = rustix::fs::fadvise(&*file, uncached_to, Some(len), rustix::fs::Advice::DontNeed);
+            if let Some(segment) = self.lock().segments.get_mut(&key) {
+                segment.uncached_to = segment.uncached_to.max(synced_pages_end).min(segment.len);
+            }
         }
+        Ok(())
     }
 
     /// The payloads of the kept entries in `start..end` (clamped to what is kept), each with its
@@ -411,6 +436,7 @@ impl Segments {
         cut.file.sync_all().map_err(io(&path))?;
         cut.len = offset;
         cut.zeroed_to = offset;
+        cut.uncached_to = cut.uncached_to.min(offset);
         sync_dir(&self.dir)?;
         let keep = index.saturating_sub(inner.first) as usize;
         inner.locations.truncate(keep);
@@ -667,6 +693,85 @@ mod tests {
         drop(segments);
         let segments = Segments::open_with(dir.path(), None, 1 << 20).unwrap();
         assert_holds(&segments, 1, 60);
+    }
+
+    /// Bytes of `path` in the page cache, by `fincore` (util-linux).
+    fn cached_bytes(path: &Path) -> u64 {
+        let output = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(path)
+            .output()
+            .expect("fincore (util-linux) runs");
+        assert!(
+            output.status.success(),
+            "fincore: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("a byte count")
+    }
+
+    #[test]
+    fn a_sync_lets_the_page_cache_go_of_the_whole_pages_it_synced_and_reads_and_appends_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open_with(dir.path(), None, SEGMENT_BYTES).unwrap();
+        // About 3 MB of frames, well beyond the 1 MiB of zeros ahead.
+        append(&segments, 1, 50_000, 500);
+        let (key, len) = {
+            let inner = segments.lock();
+            let (&key, segment) = inner.segments.last_key_value().unwrap();
+            assert_eq!(segment.uncached_to, 0, "nothing let go of before a sync");
+            (key, segment.len)
+        };
+        assert!(len > 2 * ZEROED_AHEAD_BYTES, "{len} bytes of frames");
+        let path = segments.path_of(key);
+        // tmpfs keeps everything in memory whatever the advice; elsewhere the page cache holds
+        // what was written until the sync lets it go.
+        let measured = !on_tmpfs(dir.path());
+        if measured {
+            assert!(cached_bytes(&path) >= len, "written pages are cached before the sync");
+        }
+        segments.sync().unwrap();
+        let (uncached_to, zeroed_to) = {
+            let inner = segments.lock();
+            (inner.segments[&key].uncached_to, inner.segments[&key].zeroed_to)
+        };
+        assert_eq!(uncached_to, len / PAGE_BYTES * PAGE_BYTES, "every whole synced page");
+        if measured {
+            // What stays: the page the frames end in, the zeros ahead, and at most the rest of
+            // a large folio the kernel keeps whole across the boundary.
+            let cached = cached_bytes(&path);
+            let kept = zeroed_to - uncached_to + 256 * 1024;
+            assert!(
+                cached <= kept,
+                "{cached} bytes cached, at most {kept} expected (frames end at {len})"
+            );
+        }
+        // Appends write into the page the frames end in, and everything reads back, from the
+        // disk where the page cache let go.
+        append(&segments, 50_001, 50_100, 7);
+        segments.sync().unwrap();
+        assert_holds(&segments, 1, 50_100);
+        // A cut below what was let go of brings the mark back with it.
+        segments.truncate(100).unwrap();
+        {
+            let inner = segments.lock();
+            assert!(inner.segments[&key].uncached_to <= inner.segments[&key].len);
+        }
+        append(&segments, 100, 150, 3);
+        segments.sync().unwrap();
+        assert_holds(&segments, 1, 150);
+        drop(segments);
+        let segments = Segments::open(dir.path(), None).unwrap();
+        assert_holds(&segments, 1, 150);
+    }
+
+    fn on_tmpfs(path: &Path) -> bool {
+        rustix::fs::statfs(path)
+            .map(|stat| stat.f_type == 0x0102_1994)
+            .unwrap_or(false)
     }
 
     #[test]

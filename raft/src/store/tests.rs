@@ -885,3 +885,68 @@ async fn large_records_are_kept_in_blob_files_and_read_back_whole() {
     );
     assert_reopens_and_installs_whole(machine, dir.path(), target_dir.path()).await;
 }
+
+/// Bytes of `path` in the page cache, by `fincore` (util-linux).
+fn cached_bytes(path: &std::path::Path) -> u64 {
+    let output = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) runs");
+    assert!(
+        output.status.success(),
+        "fincore: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("a byte count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_s_tables_and_blobs_are_written_around_the_page_cache_where_the_disk_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let direct = super::takes_direct_writes(dir.path());
+    assert!(
+        !dir.path().join("DIRECT_IO_PROBE").exists(),
+        "the probe leaves no file behind"
+    );
+    let on_tmpfs = rustix::fs::statfs(dir.path())
+        .map(|stat| stat.f_type == 0x0102_1994)
+        .unwrap_or(false);
+    let (_, mut machine) = open(dir.path()).unwrap();
+    let long = |id: AgentId| Command::CreateAgent {
+        id,
+        spec: std::sync::Arc::new(AgentSpec {
+            name: "long".into(),
+            prompt: "a prompt of a realistic size, repeated. ".repeat(50),
+            repository: "https://example.com/r.git".into(),
+            ..Default::default()
+        }),
+    };
+    let mut entries = vec![membership_entry(1)];
+    entries.extend((2..=201).map(|index| entry(index, long(AgentId::new()))));
+    machine.apply(entries).await.unwrap();
+    super::state_machine::flush_state(&machine.db).unwrap();
+    let written: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| matches!(path.extension().and_then(|e| e.to_str()), Some("sst" | "blob")))
+        .collect();
+    let written_bytes: u64 = written.iter().map(|path| path.metadata().unwrap().len()).sum();
+    assert!(written_bytes > 200 * 2_000, "{written_bytes} bytes of tables and blobs");
+    let cached: u64 = written.iter().map(|path| cached_bytes(path)).sum();
+    if direct && !on_tmpfs {
+        // Only what RocksDB reads back as it opens a new table (its footer and index) is cached.
+        assert!(
+            cached * 4 < written_bytes,
+            "{cached} of {written_bytes} bytes of {written:?} were written through the page cache"
+        );
+    } else {
+        // tmpfs (or a file system without direct writes) keeps what is written in memory.
+        assert!(cached > 0, "{written:?} are not in memory");
+    }
+    // What was written around the cache reads back whole.
+    assert_reopens_and_installs_whole(machine, dir.path(), tempfile::tempdir().unwrap().path()).await;
+}
