@@ -42,6 +42,38 @@ mod state_machine;
 #[cfg(test)]
 mod tests;
 
+/// What the page cache holds of a file, for tests of what the store lets go of.
+#[cfg(test)]
+mod page_cache {
+    use std::path::Path;
+
+    /// Bytes of `path` in the page cache, by `fincore` (util-linux).
+    pub(super) fn cached_bytes(path: &Path) -> u64 {
+        let output = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(path)
+            .output()
+            .expect("fincore (util-linux) runs");
+        assert!(
+            output.status.success(),
+            "fincore: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("a byte count")
+    }
+
+    /// Whether `path` is on tmpfs, which keeps every page in memory whatever the advice.
+    pub(super) fn on_tmpfs(path: &Path) -> bool {
+        // TMPFS_MAGIC, compared as whatever integer type `f_type` has here.
+        rustix::fs::statfs(path)
+            .map(|stat| stat.f_type == 0x0102_1994)
+            .unwrap_or(false)
+    }
+}
+
 use std::path::Path;
 use std::sync::Arc;
 

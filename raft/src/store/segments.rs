@@ -695,24 +695,6 @@ mod tests {
         assert_holds(&segments, 1, 60);
     }
 
-    /// Bytes of `path` in the page cache, by `fincore` (util-linux).
-    fn cached_bytes(path: &Path) -> u64 {
-        let output = std::process::Command::new("fincore")
-            .args(["--bytes", "--noheadings", "--output", "RES"])
-            .arg(path)
-            .output()
-            .expect("fincore (util-linux) runs");
-        assert!(
-            output.status.success(),
-            "fincore: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .expect("a byte count")
-    }
-
     #[test]
     fn a_sync_lets_the_page_cache_go_of_the_whole_pages_it_synced_and_reads_and_appends_go_on() {
         let dir = tempfile::tempdir().unwrap();
@@ -729,9 +711,12 @@ mod tests {
         let path = segments.path_of(key);
         // tmpfs keeps everything in memory whatever the advice; elsewhere the page cache holds
         // what was written until the sync lets it go.
-        let measured = !on_tmpfs(dir.path());
+        let measured = !super::super::page_cache::on_tmpfs(dir.path());
         if measured {
-            assert!(cached_bytes(&path) >= len, "written pages are cached before the sync");
+            assert!(
+                super::super::page_cache::cached_bytes(&path) >= len,
+                "written pages are cached before the sync"
+            );
         }
         segments.sync().unwrap();
         let (uncached_to, zeroed_to) = {
@@ -742,7 +727,7 @@ mod tests {
         if measured {
             // What stays: the page the frames end in, the zeros ahead, and at most the rest of
             // a large folio the kernel keeps whole across the boundary.
-            let cached = cached_bytes(&path);
+            let cached = super::super::page_cache::cached_bytes(&path);
             let kept = zeroed_to - uncached_to + 256 * 1024;
             assert!(
                 cached <= kept,
@@ -766,12 +751,6 @@ mod tests {
         drop(segments);
         let segments = Segments::open(dir.path(), None).unwrap();
         assert_holds(&segments, 1, 150);
-    }
-
-    fn on_tmpfs(path: &Path) -> bool {
-        rustix::fs::statfs(path)
-            .map(|stat| stat.f_type == 0x0102_1994)
-            .unwrap_or(false)
     }
 
     #[test]

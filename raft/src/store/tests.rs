@@ -30,6 +30,19 @@ fn membership_entry(index: u64) -> Entry<TypeConfig> {
     }
 }
 
+/// A create whose record (about 2 KB of prompt) goes to a blob file.
+fn long_create(id: AgentId) -> Command {
+    Command::CreateAgent {
+        id,
+        spec: std::sync::Arc::new(AgentSpec {
+            name: "long".into(),
+            prompt: "a prompt of a realistic size, repeated. ".repeat(50),
+            repository: "https://example.com/r.git".into(),
+            ..Default::default()
+        }),
+    }
+}
+
 fn create(id: AgentId) -> Command {
     Command::CreateAgent {
         id,
@@ -855,18 +868,9 @@ async fn a_backup_is_taken_without_the_state_lock_and_matches_the_state() {
 async fn large_records_are_kept_in_blob_files_and_read_back_whole() {
     let dir = tempfile::tempdir().unwrap();
     let target_dir = tempfile::tempdir().unwrap();
-    let long = |id: AgentId| Command::CreateAgent {
-        id,
-        spec: std::sync::Arc::new(AgentSpec {
-            name: "long".into(),
-            prompt: "a prompt of a realistic size, repeated. ".repeat(50),
-            repository: "https://example.com/r.git".into(),
-            ..Default::default()
-        }),
-    };
     let (_, mut machine) = open(dir.path()).unwrap();
     let mut entries = vec![membership_entry(1)];
-    entries.extend((2..=11).map(|index| entry(index, long(AgentId::new()))));
+    entries.extend((2..=11).map(|index| entry(index, long_create(AgentId::new()))));
     entries.extend((12..=16).map(|index| entry(index, create(AgentId::new()))));
     machine.apply(entries).await.unwrap();
     let blob_bytes = |machine: &StateMachineStore| {
@@ -886,24 +890,6 @@ async fn large_records_are_kept_in_blob_files_and_read_back_whole() {
     assert_reopens_and_installs_whole(machine, dir.path(), target_dir.path()).await;
 }
 
-/// Bytes of `path` in the page cache, by `fincore` (util-linux).
-fn cached_bytes(path: &std::path::Path) -> u64 {
-    let output = std::process::Command::new("fincore")
-        .args(["--bytes", "--noheadings", "--output", "RES"])
-        .arg(path)
-        .output()
-        .expect("fincore (util-linux) runs");
-    assert!(
-        output.status.success(),
-        "fincore: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .expect("a byte count")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_s_tables_and_blobs_are_written_around_the_page_cache_where_the_disk_allows() {
     let dir = tempfile::tempdir().unwrap();
@@ -912,21 +898,10 @@ async fn the_state_s_tables_and_blobs_are_written_around_the_page_cache_where_th
         !dir.path().join("DIRECT_IO_PROBE").exists(),
         "the probe leaves no file behind"
     );
-    let on_tmpfs = rustix::fs::statfs(dir.path())
-        .map(|stat| stat.f_type == 0x0102_1994)
-        .unwrap_or(false);
+    let on_tmpfs = super::page_cache::on_tmpfs(dir.path());
     let (_, mut machine) = open(dir.path()).unwrap();
-    let long = |id: AgentId| Command::CreateAgent {
-        id,
-        spec: std::sync::Arc::new(AgentSpec {
-            name: "long".into(),
-            prompt: "a prompt of a realistic size, repeated. ".repeat(50),
-            repository: "https://example.com/r.git".into(),
-            ..Default::default()
-        }),
-    };
     let mut entries = vec![membership_entry(1)];
-    entries.extend((2..=201).map(|index| entry(index, long(AgentId::new()))));
+    entries.extend((2..=201).map(|index| entry(index, long_create(AgentId::new()))));
     machine.apply(entries).await.unwrap();
     super::state_machine::flush_state(&machine.db).unwrap();
     let written: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path())
@@ -936,7 +911,7 @@ async fn the_state_s_tables_and_blobs_are_written_around_the_page_cache_where_th
         .collect();
     let written_bytes: u64 = written.iter().map(|path| path.metadata().unwrap().len()).sum();
     assert!(written_bytes > 200 * 2_000, "{written_bytes} bytes of tables and blobs");
-    let cached: u64 = written.iter().map(|path| cached_bytes(path)).sum();
+    let cached: u64 = written.iter().map(|path| super::page_cache::cached_bytes(path)).sum();
     if direct && !on_tmpfs {
         // Only what RocksDB reads back as it opens a new table (its footer and index) is cached.
         assert!(
