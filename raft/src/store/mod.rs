@@ -47,13 +47,13 @@ mod tests;
 mod page_cache {
     use std::path::Path;
 
-    /// Bytes of `path` in the page cache, by `fincore` (util-linux).
+    /// Bytes of `path` in the page cache, by `fincore` (util-linux-extra).
     pub(super) fn cached_bytes(path: &Path) -> u64 {
         let output = std::process::Command::new("fincore")
             .args(["--bytes", "--noheadings", "--output", "RES"])
             .arg(path)
             .output()
-            .expect("fincore (util-linux) runs");
+            .expect("fincore runs (Debian package util-linux-extra, installed by scripts/setup)");
         assert!(
             output.status.success(),
             "fincore: {}",
