@@ -120,6 +120,15 @@ pub struct Changes {
     pub audit_trimmed: Vec<u64>,
 }
 
+/// Runs `change` on the value `team` has in `by_team`, made empty first if it has none. The
+/// team's name is copied only then, for a team's first agent, not for every agent indexed.
+fn change_team_entry<T: Default>(by_team: &mut BTreeMap<String, T>, team: &str, change: impl FnOnce(&mut T)) {
+    match by_team.get_mut(team) {
+        Some(value) => change(value),
+        None => change(by_team.entry(team.to_string()).or_default()),
+    }
+}
+
 impl ClusterState {
     /// Rebuilds the secondary indexes after loading records from storage or a Raft snapshot.
     pub fn rebuild_indexes(&mut self) {
@@ -158,16 +167,11 @@ impl ClusterState {
             let signature = crate::search::SearchSignature::of_record(agent);
             self.search_signatures.insert(id, signature);
         }
-        // The team's name is copied only for a team's first agent.
         let team = crate::types::owning_team(&agent.spec.team);
-        match self.created_by_team.get_mut(team) {
-            Some(set) => set.insert((agent.created_at_ms, id)),
-            None => self
-                .created_by_team
-                .entry(team.to_string())
-                .or_default()
-                .insert((agent.created_at_ms, id)),
-        };
+        let created = (agent.created_at_ms, id);
+        change_team_entry(&mut self.created_by_team, team, |set| {
+            set.insert(created);
+        });
         if agent.status.is_terminal() {
             if let Some(set) = self.live_by_team.get_mut(team) {
                 set.remove(&id);
@@ -179,10 +183,9 @@ impl ClusterState {
                 events.shrink_to_fit();
             }
         } else {
-            match self.live_by_team.get_mut(team) {
-                Some(set) => set.insert(id),
-                None => self.live_by_team.entry(team.to_string()).or_default().insert(id),
-            };
+            change_team_entry(&mut self.live_by_team, team, |set| {
+                set.insert(id);
+            });
         }
         if agent.status == AgentStatus::Pending && agent.assignment.is_none() {
             self.pending.insert(id);
