@@ -34,15 +34,16 @@ pub(crate) fn encode_append(request: &AppendEntriesRequest<TypeConfig>, recent: 
     postcard::to_extend(&request.leader_commit, out).expect(failed)
 }
 
-/// A decoded request with each of its entries' encodings, slices of one copy of `payload`.
+/// A decoded request with each of its entries' encodings, slices of the payload it came in.
 pub(crate) struct DecodedAppend {
     pub(crate) request: AppendEntriesRequest<TypeConfig>,
     pub(crate) encodings: VecDeque<(LogId<NodeId>, Bytes)>,
 }
 
-/// Decodes `payload` as [`decode`](crate::network::decode) would, keeping each entry's bytes.
-pub(crate) fn decode_append(payload: &[u8]) -> Result<DecodedAppend, postcard::Error> {
-    let (vote, rest) = postcard::take_from_bytes::<Vote<NodeId>>(payload)?;
+/// Decodes `payload` as [`decode`](crate::network::decode) would, keeping each entry's bytes
+/// (slices of `payload`: nothing is copied).
+pub(crate) fn decode_append(payload: Bytes) -> Result<DecodedAppend, postcard::Error> {
+    let (vote, rest) = postcard::take_from_bytes::<Vote<NodeId>>(&payload)?;
     let (prev_log_id, rest) = postcard::take_from_bytes::<Option<LogId<NodeId>>>(rest)?;
     let (count, mut rest) = postcard::take_from_bytes::<usize>(rest)?;
     // Each entry takes a byte at least: a count beyond what is left cannot be honest, and
@@ -58,11 +59,6 @@ pub(crate) fn decode_append(payload: &[u8]) -> Result<DecodedAppend, postcard::E
         entries.push(entry);
     }
     let (leader_commit, _) = postcard::take_from_bytes::<Option<LogId<NodeId>>>(rest)?;
-    let copy = if spans.is_empty() {
-        Bytes::new()
-    } else {
-        Bytes::copy_from_slice(payload)
-    };
     Ok(DecodedAppend {
         request: AppendEntriesRequest {
             vote,
@@ -72,7 +68,7 @@ pub(crate) fn decode_append(payload: &[u8]) -> Result<DecodedAppend, postcard::E
         },
         encodings: spans
             .into_iter()
-            .map(|(log_id, span)| (log_id, copy.slice(span)))
+            .map(|(log_id, span)| (log_id, payload.slice(span)))
             .collect(),
     })
 }
@@ -161,7 +157,7 @@ mod tests {
     fn a_decoded_request_and_its_entries_bytes_match_the_senders() {
         let request = request((1..=200).map(|index| entry(index, 5)).collect());
         let bytes = encode(&request);
-        let decoded = decode_append(&bytes).expect("decodes");
+        let decoded = decode_append(Bytes::from(bytes.clone())).expect("decodes");
         let plain: AppendEntriesRequest<TypeConfig> = decode(&bytes).expect("decodes");
         assert_eq!(format!("{:?}", decoded.request), format!("{plain:?}"));
         assert_eq!(decoded.encodings.len(), 200);
@@ -170,7 +166,7 @@ mod tests {
             assert_eq!(encoded.as_ref(), encode(entry).as_slice());
         }
         // A heartbeat has no entries and keeps nothing.
-        let heartbeat = decode_append(&encode(&self::request(Vec::new()))).expect("decodes");
+        let heartbeat = decode_append(Bytes::from(encode(&self::request(Vec::new())))).expect("decodes");
         assert!(heartbeat.encodings.is_empty() && heartbeat.request.entries.is_empty());
         assert_eq!(heartbeat.request.leader_commit, request.leader_commit);
     }
@@ -179,13 +175,16 @@ mod tests {
     fn refuses_what_plain_decoding_refuses() {
         let bytes = encode(&request((1..=4).map(|index| entry(index, 2)).collect()));
         for cut in [0, 3, bytes.len() / 2, bytes.len() - 1] {
-            assert!(decode_append(&bytes[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                decode_append(Bytes::copy_from_slice(&bytes[..cut])).is_err(),
+                "cut at {cut}"
+            );
             assert!(decode::<AppendEntriesRequest<TypeConfig>>(&bytes[..cut]).is_err());
         }
         // A count far beyond the bytes that follow fails, without reserving room for it.
         let mut lying = postcard::to_allocvec(&Vote::<NodeId>::new_committed(1, 1)).expect("encodes");
         lying = postcard::to_extend(&None::<LogId<NodeId>>, lying).expect("encodes");
         lying = postcard::to_extend(&usize::MAX, lying).expect("encodes");
-        assert!(decode_append(&lying).is_err());
+        assert!(decode_append(Bytes::from(lying)).is_err());
     }
 }

@@ -835,8 +835,9 @@ impl Replica {
         }
     }
 
-    pub async fn handle_append(&self, payload: &[u8]) -> Result<Vec<u8>, UndecodablePayload> {
-        let decoded = crate::append_encoding::decode_append(payload).map_err(|source| UndecodablePayload {
+    /// Takes the payload whole: the entries' bytes the log writes are slices of it.
+    pub async fn handle_append(&self, payload: Vec<u8>) -> Result<Vec<u8>, UndecodablePayload> {
+        let decoded = crate::append_encoding::decode_append(payload.into()).map_err(|source| UndecodablePayload {
             what: "append-entries",
             source,
         })?;

@@ -91,7 +91,7 @@ fn payload(result: Result<Vec<u8>, UndecodablePayload>) -> Result<Response<RaftP
 async fn next_append(mut stream: PeerStream) -> Option<(Result<RaftPayload, Status>, Option<PeerStream>)> {
     match stream.next_request().await? {
         Ok(request) => {
-            let answer = answer(stream.replica.handle_append(&request.data).await, 0);
+            let answer = answer(stream.replica.handle_append(request.data).await, 0);
             let next = answer.is_ok().then_some(stream);
             Some((answer, next))
         }
@@ -140,7 +140,7 @@ async fn serve_forward_stream(mut stream: PeerStream, answers: tokio::sync::mpsc
 #[tonic::async_trait]
 impl Internal for InternalApi {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        payload(self.replica.handle_append(&request.into_inner().data).await)
+        payload(self.replica.handle_append(request.into_inner().data).await)
     }
 
     type AppendStreamStream = PeerAnswers;

@@ -10,7 +10,7 @@
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
-use super::segments::Segments;
+use super::segments::{Segments, SyncedPages};
 use super::OpenError;
 
 /// Proposals waiting for the flusher's next sync; `append` waits for room beyond this.
@@ -40,7 +40,9 @@ pub(super) struct SyncRequest;
 
 /// Syncs the log's last segment, records how long that took and tells `durability` what it
 /// covered: everything written before it began (or that the log stopped, on a failure).
-pub(super) fn sync_log(segments: &Segments, durability: &super::Durability) -> Result<(), String> {
+/// Answers the pages the sync made durable, for the caller to let go of from the page cache
+/// once whoever waits for the sync has been told (`Segments::let_go_of`).
+pub(super) fn sync_log(segments: &Segments, durability: &super::Durability) -> Result<Option<SyncedPages>, String> {
     // Read before the sync: everything written up to here is in the segment it syncs, or in
     // an earlier one, synced before the next one was begun.
     let upto = durability.written_mark();
@@ -48,7 +50,7 @@ pub(super) fn sync_log(segments: &Segments, durability: &super::Durability) -> R
     let synced = segments.sync().map_err(|error| error.to_string());
     crate::metrics::record_log_sync(started.elapsed());
     match &synced {
-        Ok(()) => durability.synced(upto),
+        Ok(_) => durability.synced(upto),
         Err(error) => durability.sync_failed(format!("syncing the log: {error}")),
     }
     synced
@@ -73,7 +75,9 @@ pub(super) fn spawn_flusher(
                 }
                 match segments.upgrade() {
                     Some(segments) => {
-                        let _ = sync_log(&segments, &durability);
+                        if let Ok(Some(pages)) = sync_log(&segments, &durability) {
+                            segments.let_go_of(pages);
+                        }
                     }
                     None => durability.sync_failed("syncing the log: the log is closed".to_string()),
                 }

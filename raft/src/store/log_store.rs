@@ -355,8 +355,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // thread wake-ups per append (A/B in docs/performance.md, "A follower syncs its own
         // appends"). The core would wait for the sync either way; what else was queued on this
         // runtime worker is taken by the others meanwhile.
-        let synced = super::flusher::sync_log(&self.segments, &self.durability);
-        callback.log_io_completed(synced.map_err(std::io::Error::other));
+        match super::flusher::sync_log(&self.segments, &self.durability) {
+            Ok(pages) => {
+                callback.log_io_completed(Ok(()));
+                if let Some(pages) = pages {
+                    self.segments.let_go_of(pages);
+                }
+            }
+            Err(error) => callback.log_io_completed(Err(std::io::Error::other(error))),
+        }
         Ok(())
     }
 

@@ -42,6 +42,21 @@ mod state_machine;
 #[cfg(test)]
 mod tests;
 
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::{AnyError, StorageError};
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+pub use durability::Durability;
+pub use flusher::MAX_APPENDS_AWAITING_SYNC;
+pub use log_store::LogStore;
+pub use recent::RecentEntries;
+pub use state_machine::{Machine, StateMachineStore, StateReader};
+
 /// What the page cache holds of a file, for tests of what the store lets go of.
 #[cfg(test)]
 mod page_cache {
@@ -73,21 +88,6 @@ mod page_cache {
             .unwrap_or(false)
     }
 }
-
-use std::path::Path;
-use std::sync::Arc;
-
-use openraft::{AnyError, StorageError};
-use rocksdb::{ColumnFamilyDescriptor, Options, DB};
-use serde::{Deserialize, Serialize};
-
-use crate::NodeId;
-
-pub use durability::Durability;
-pub use flusher::MAX_APPENDS_AWAITING_SYNC;
-pub use log_store::LogStore;
-pub use recent::RecentEntries;
-pub use state_machine::{Machine, StateMachineStore, StateReader};
 
 const CF_LOG: &str = "log";
 const CF_LOG_META: &str = "log_meta";
@@ -162,8 +162,9 @@ fn state_family_options() -> Options {
     options
 }
 
-/// Whether files in `dir` take direct (`O_DIRECT`) writes: tmpfs refuses them at open, and
-/// some file systems only at the first write, so the probe writes one aligned block.
+/// Whether files in `dir` take direct (`O_DIRECT`) writes: some file systems refuse them at
+/// open (tmpfs before Linux 6.6), others only at the first write, so the probe writes one
+/// aligned block.
 fn takes_direct_writes(dir: &Path) -> bool {
     /// A buffer aligned as direct I/O needs (the logical block size, 4096 at most here).
     #[repr(C, align(4096))]
@@ -186,6 +187,10 @@ fn takes_direct_writes(dir: &Path) -> bool {
 
 /// Opens (or creates) the node's database and loads the state machine into memory.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let failed = |message: String| OpenError::Database {
+        dir: dir.display().to_string(),
+        message,
+    };
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
@@ -195,10 +200,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     // inputs once), and through the cache every byte of state written would grow it, as pages
     // the node's own memory then cannot reuse (docs/performance.md, "The page cache let go
     // of"). Only where the file system takes direct writes.
-    std::fs::create_dir_all(dir).map_err(|error| OpenError::Database {
-        dir: dir.display().to_string(),
-        message: error.to_string(),
-    })?;
+    std::fs::create_dir_all(dir).map_err(|error| failed(error.to_string()))?;
     options.set_use_direct_io_for_flush_and_compaction(takes_direct_writes(dir));
     // What RocksDB's write-ahead log still takes (the vote and the purge mark, written synced;
     // the cluster-wide copies, synced; the committed mark, not) stays in its buffer until a
@@ -227,17 +229,10 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
                 message,
             }
         } else {
-            OpenError::Database {
-                dir: dir.display().to_string(),
-                message,
-            }
+            failed(message)
         }
     })?;
     let db = Arc::new(db);
-    let failed = |message: String| OpenError::Database {
-        dir: dir.display().to_string(),
-        message,
-    };
     let purged = log_store::purged_mark(&db)?;
     // Whatever the segments hold from an earlier run is synced as they open, so that it all
     // counts as synced.

@@ -25,7 +25,7 @@ use crate::{NodeId, TypeConfig};
 pub(super) const MAX_RECENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// Encoded bytes of a received append's entries kept at most, for the log store to write.
-pub(crate) const MAX_RECEIVED_BYTES: usize = 8 * 1024 * 1024;
+const MAX_RECEIVED_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Default)]
 struct Recent {

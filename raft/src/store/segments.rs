@@ -46,6 +46,9 @@ pub(super) const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 pub(super) const ZEROED_AHEAD_BYTES: u64 = 1024 * 1024;
 /// The zeros are written this many at a time.
 const ZEROS_BLOCK_BYTES: usize = 64 * 1024;
+/// The page size the log lets go of the page cache in (the kernel rounds a range to its own
+/// pages, inward, so a larger page only keeps more).
+const PAGE_BYTES: u64 = 4096;
 const HEADER_BYTES: usize = 16;
 const SUFFIX: &str = ".seg";
 
@@ -70,7 +73,7 @@ struct Segment {
     /// of zeros that failed partway may have left the file longer; those zeros are not counted.
     zeroed_to: u64,
     /// Below this the file's pages were synced and let go of from the page cache (see
-    /// [`Segments::sync`]).
+    /// [`Segments::let_go_of`]).
     uncached_to: u64,
 }
 
@@ -81,6 +84,15 @@ struct Location {
     segment: u64,
     offset: u64,
     len: u32,
+}
+
+/// The whole pages of the last segment a sync made durable and the page cache still holds:
+/// `from..to`, with `to` at or below the page the frames end in.
+pub(super) struct SyncedPages {
+    key: u64,
+    file: Arc<File>,
+    from: u64,
+    to: u64,
 }
 
 /// Frames of consecutive entries in one segment, to read with one `pread`.
@@ -133,10 +145,6 @@ fn header(bytes: &[u8]) -> (u32, u32, u64) {
 }
 
 /// Appends one frame holding `encode`'s bytes to `buffer`.
-/// The page size the log lets go of the page cache in (the kernel rounds a range to its own
-/// pages, inward, so a larger page only keeps more).
-const PAGE_BYTES: u64 = 4096;
-
 pub(super) fn push_frame(buffer: &mut Vec<u8>, index: u64, encode: impl FnOnce(&mut Vec<u8>)) {
     let start = buffer.len();
     buffer.extend_from_slice(&[0; 8]);
@@ -318,7 +326,27 @@ impl Segments {
     }
 
     /// Syncs what was written to the last segment (an earlier one was synced when the next one
-    /// was begun), then lets the page cache go of the whole pages it has just synced.
+    /// was begun), and answers the whole pages that sync made durable for [`Segments::let_go_of`]
+    /// (none when the log is empty). Dropping the answer keeps them cached.
+    pub(super) fn sync(&self) -> Result<Option<SyncedPages>, SegmentError> {
+        let last = self
+            .lock()
+            .segments
+            .last_key_value()
+            .map(|(&key, segment)| (key, segment.file.clone(), segment.len, segment.uncached_to));
+        let Some((key, file, written, uncached_to)) = last else {
+            return Ok(None);
+        };
+        file.sync_data().map_err(io(&self.path_of(key)))?;
+        Ok(Some(SyncedPages {
+            key,
+            file,
+            from: uncached_to,
+            to: written / PAGE_BYTES * PAGE_BYTES,
+        }))
+    }
+
+    /// Lets the page cache go of pages a sync made durable, once the sync's callers were told.
     ///
     /// Nothing reads them back in the usual course: a leader's replication takes new entries
     /// from the recent ones kept in memory, and a follower never reads its log. Kept, they would
@@ -327,24 +355,14 @@ impl Segments {
     /// writes into it, and a partial write into an uncached page would read it from the disk
     /// first), and so do the zeros ahead. A read of an older entry (a follower far behind)
     /// reads the disk. The advice is best effort: where it fails, the pages just stay.
-    pub(super) fn sync(&self) -> Result<(), SegmentError> {
-        let last = self
-            .lock()
-            .segments
-            .last_key_value()
-            .map(|(&key, segment)| (key, segment.file.clone(), segment.len, segment.uncached_to));
-        let Some((key, file, written, uncached_to)) = last else {
-            return Ok(());
+    pub(super) fn let_go_of(&self, synced: SyncedPages) {
+        let Some(len) = std::num::NonZeroU64::new(synced.to.saturating_sub(synced.from)) else {
+            return;
         };
-        file.sync_data().map_err(io(&self.path_of(key)))?;
-        let synced_pages_end = written / PAGE_BYTES * PAGE_BYTES;
-        if let Some(len) = std::num::NonZeroU64::new(synced_pages_end.saturating_sub(uncached_to)) {
-            let _ = rustix::fs::fadvise(&*file, uncached_to, Some(len), rustix::fs::Advice::DontNeed);
-            if let Some(segment) = self.lock().segments.get_mut(&key) {
-                segment.uncached_to = segment.uncached_to.max(synced_pages_end).min(segment.len);
-            }
+        let _ = rustix::fs::fadvise(&*synced.file, synced.from, Some(len), rustix::fs::Advice::DontNeed);
+        if let Some(segment) = self.lock().segments.get_mut(&synced.key) {
+            segment.uncached_to = segment.uncached_to.max(synced.to).min(segment.len);
         }
-        Ok(())
     }
 
     /// The payloads of the kept entries in `start..end` (clamped to what is kept), each with its
@@ -718,7 +736,8 @@ mod tests {
                 "written pages are cached before the sync"
             );
         }
-        segments.sync().unwrap();
+        let synced = segments.sync().unwrap().expect("a segment to sync");
+        segments.let_go_of(synced);
         let (uncached_to, zeroed_to) = {
             let inner = segments.lock();
             (inner.segments[&key].uncached_to, inner.segments[&key].zeroed_to)
