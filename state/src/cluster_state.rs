@@ -90,9 +90,10 @@ pub struct ClusterState {
     #[serde(skip)]
     pub by_status: BTreeMap<AgentStatus, BTreeSet<AgentId>>,
     /// Every agent's search signature (see [`crate::search`]), newest last like `agents`, so a
-    /// search walks fixed-size signatures and reads only the records that may match.
+    /// search walks fixed-size signatures and reads only the records that may match. Each is
+    /// taken when a search first needs it ([`crate::search::LazySignature`]).
     #[serde(skip)]
-    pub search_signatures: BTreeMap<AgentId, crate::search::SearchSignature>,
+    pub search_signatures: BTreeMap<AgentId, crate::search::LazySignature>,
 }
 
 /// Keys touched by applied commands since the last drain.
@@ -142,6 +143,13 @@ impl ClusterState {
         for id in ids {
             self.index_agent(id);
         }
+        // A node that has just loaded its state (at start, or from a snapshot) takes every
+        // signature now, so that its first search does not take them for the whole history.
+        for (id, signature) in &self.search_signatures {
+            if let Some(record) = self.agents.get(id) {
+                signature.of(record);
+            }
+        }
     }
 
     pub(crate) fn index_agent(&mut self, id: AgentId) {
@@ -159,13 +167,14 @@ impl ClusterState {
             return;
         };
         self.by_status.entry(agent.status).or_default().insert(id);
-        // The signature of the record's current texts. Name and prompt never change and a
-        // summary is only ever set, never cleared, so an agent without a summary keeps the
-        // signature it was indexed with: a status change does not hash its prompt (up to
-        // 256 KiB) again on every node. Setting the summary computes it afresh.
+        // A cell for the signature of the record's current texts, taken by the first search
+        // that needs it. Name and prompt never change and a summary is only ever set, never
+        // cleared, so an agent without a summary keeps its cell (and the signature a search
+        // may have taken) through status changes. An agent with a summary gets an empty cell,
+        // since the summary may just have been set.
         if agent.summary.is_some() || !self.search_signatures.contains_key(&id) {
-            let signature = crate::search::SearchSignature::of_record(agent);
-            self.search_signatures.insert(id, signature);
+            self.search_signatures
+                .insert(id, crate::search::LazySignature::default());
         }
         let team = crate::types::owning_team(&agent.spec.team);
         let created = (agent.created_at_ms, id);

@@ -12,6 +12,8 @@
 //! then a candidate for every search, which costs time on that record only, never memory. A
 //! needle shorter than three bytes has no trigram and every record is a candidate.
 
+use std::sync::OnceLock;
+
 use crate::types::AgentRecord;
 
 /// Bits in one signature.
@@ -66,6 +68,48 @@ impl SearchSignature {
             // product are the best mixed.
             let bit = (trigram.wrapping_mul(0x9E37_79B1) >> (32 - SIGNATURE_BITS.trailing_zeros())) as usize;
             self.0[bit / 64] |= 1 << (bit % 64);
+        }
+    }
+}
+
+/// An agent's signature, taken the first time a search needs it rather than when the agent is
+/// applied: every node applies every create, and hashing the prompt there (2.5-3 % of the
+/// members' CPU at 64 clients) was work for searches most records never meet. A search takes
+/// the signatures it walks once each; a summary change gives the agent a new, empty cell. The
+/// cell takes its record as an argument, so it must only ever be asked with that agent's record.
+#[derive(Debug, Default)]
+pub struct LazySignature(OnceLock<SearchSignature>);
+
+impl LazySignature {
+    /// The signature of `record` (the agent this cell belongs to), taken now if no search took
+    /// it before. Concurrent searches take it once.
+    pub fn of(&self, record: &AgentRecord) -> SearchSignature {
+        *self.0.get_or_init(|| SearchSignature::of_record(record))
+    }
+
+    /// The signature, when a search (or a rebuild) has taken it.
+    pub fn taken(&self) -> Option<SearchSignature> {
+        self.0.get().copied()
+    }
+}
+
+impl Clone for LazySignature {
+    fn clone(&self) -> Self {
+        match self.taken() {
+            Some(signature) => LazySignature(OnceLock::from(signature)),
+            None => LazySignature::default(),
+        }
+    }
+}
+
+/// Two cells of the same record are equal whether or not a search has filled either: the
+/// signature is a function of the record, and states compare by their records. Filled cells
+/// must hold the same bits.
+impl PartialEq for LazySignature {
+    fn eq(&self, other: &Self) -> bool {
+        match (self.taken(), other.taken()) {
+            (Some(mine), Some(theirs)) => mine == theirs,
+            _ => true,
         }
     }
 }

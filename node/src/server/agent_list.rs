@@ -90,13 +90,12 @@ fn candidates<'state>(
     let signature = filter.needle.and_then(|needle| needle.signature);
     if !filter.statuses.is_empty() {
         return Box::new(state.ids_with_status_before(filter.statuses, after).map(move |id| {
-            let possible = signature.is_none_or(|needle| {
-                state
-                    .search_signatures
-                    .get(&id)
-                    .is_none_or(|candidate| candidate.may_contain(&needle))
-            });
-            (id, possible.then(|| state.agents.get(&id)).flatten())
+            let record = state.agents.get(&id);
+            let possible = match (signature, record, state.search_signatures.get(&id)) {
+                (Some(needle), Some(record), Some(candidate)) => candidate.of(record).may_contain(&needle),
+                _ => true,
+            };
+            (id, record.filter(|_| possible))
         }));
     }
     if let Some(needle) = signature {
@@ -105,8 +104,17 @@ fn candidates<'state>(
             None => state.search_signatures.range(..),
         };
         return Box::new(range.rev().map(move |(id, candidate)| {
-            let possible = candidate.may_contain(&needle);
-            (*id, possible.then(|| state.agents.get(id)).flatten())
+            // A signature a search took before rules the record out without reading it; one
+            // not taken yet is taken from the record, once.
+            let record = match candidate.taken() {
+                Some(taken) if !taken.may_contain(&needle) => None,
+                Some(_) => state.agents.get(id),
+                None => state
+                    .agents
+                    .get(id)
+                    .filter(|record| candidate.of(record).may_contain(&needle)),
+            };
+            (*id, record)
         }));
     }
     let range = match after {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use flotilla_state::search::SearchSignature;
 use flotilla_state::{AgentId, AgentStatus, ClusterState};
 use proptest::prelude::*;
 
@@ -52,7 +53,18 @@ pub(crate) fn check_listing_indexes(state: &ClusterState) -> Result<(), TestCase
     prop_assert_eq!(&reloaded.pending, &state.pending);
     prop_assert_eq!(non_empty(&reloaded.active_by_node), non_empty(&state.active_by_node));
     prop_assert_eq!(non_empty(&reloaded.live_by_team), non_empty(&state.live_by_team));
-    prop_assert_eq!(&reloaded.search_signatures, &state.search_signatures);
+    let signatures = |state: &ClusterState| -> Vec<(AgentId, SearchSignature)> {
+        state
+            .search_signatures
+            .iter()
+            .map(|(id, signature)| (*id, signature.of(&state.agents[id])))
+            .collect()
+    };
+    prop_assert_eq!(signatures(&reloaded), signatures(state));
+    prop_assert!(state
+        .agents
+        .values()
+        .all(|record| state.search_signatures[&record.id].of(record) == SearchSignature::of_record(record)));
     Ok(())
 }
 

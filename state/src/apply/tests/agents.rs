@@ -204,17 +204,39 @@ fn failing_or_stopping_does_not_wait_for_follow_ups_and_no_summary_means_no_summ
 fn the_search_signature_is_kept_through_status_changes_and_takes_in_the_summary() {
     use crate::search::SearchSignature;
     let mut state = with_nodes(1);
-    let id = running(&mut state, "signature", 1);
-    let indexed = state.search_signatures[&id];
-    assert_eq!(indexed, SearchSignature::of_record(&state.agents[&id]));
+    let id = create(&mut state, "signature");
+    assert_eq!(
+        state.search_signatures[&id].taken(),
+        None,
+        "applying a create hashes no prompt"
+    );
+    // A search takes the signature, which then stays through status changes.
+    let searched = state.search_signatures[&id].of(&state.agents[&id]);
+    assert_eq!(searched, SearchSignature::of_record(&state.agents[&id]));
     let needle = SearchSignature::of_needle("zebra crossing");
-    assert!(!indexed.may_contain(&needle), "the prompt alone has the needle's bits");
+    assert!(!searched.may_contain(&needle), "the prompt alone has the needle's bits");
+    assert_eq!(assign(&mut state, id, 1, 1), vec![id]);
+    run(&mut state, set_status(id, 1, 1, AgentStatus::Running, None)).unwrap();
+    assert_eq!(state.search_signatures[&id].taken(), Some(searched));
+    // A summary empties the cell: the next search takes the summary in.
     run(
         &mut state,
         set_status(id, 1, 1, AgentStatus::Finished, Some("Zebra Crossing painted")),
     )
     .unwrap();
-    let finished = state.search_signatures[&id];
+    let finished = state.search_signatures[&id].of(&state.agents[&id]);
     assert_eq!(finished, SearchSignature::of_record(&state.agents[&id]));
     assert!(finished.may_contain(&needle));
+}
+
+#[test]
+fn a_rebuild_takes_every_signature() {
+    let mut state = with_nodes(1);
+    let id = running(&mut state, "rebuilt", 1);
+    assert_eq!(state.search_signatures[&id].taken(), None);
+    state.rebuild_indexes();
+    assert_eq!(
+        state.search_signatures[&id].taken(),
+        Some(crate::search::SearchSignature::of_record(&state.agents[&id]))
+    );
 }
