@@ -240,3 +240,23 @@ fn a_rebuild_takes_every_signature() {
         Some(crate::search::SearchSignature::of_record(&state.agents[&id]))
     );
 }
+
+#[test]
+fn a_queued_agent_s_history_holds_room_for_its_one_event_only() {
+    let mut state = with_nodes(1);
+    let id = create(&mut state, "one event");
+    assert_eq!(state.events[&id].len(), 1);
+    assert_eq!(
+        state.events[&id].capacity(),
+        1,
+        "a queue's first growth would hold room for four events"
+    );
+    assert_eq!(assign(&mut state, id, 1, 1), vec![id]);
+    run(&mut state, set_status(id, 1, 1, AgentStatus::Running, None)).unwrap();
+    let events = &state.events[&id];
+    assert!(events.len() > 1 && events.capacity() >= events.len());
+    assert_eq!(
+        events.iter().map(|event| event.sequence).collect::<Vec<_>>(),
+        (1..=events.len() as u64).collect::<Vec<_>>()
+    );
+}
