@@ -1,7 +1,9 @@
 //! `flotilla-bench compare`: Flotilla's write path side by side with etcd's on this machine.
-//! For each cluster size it starts a loopback etcd cluster, loads it, stops it, then does the
-//! same with a loopback Flotilla cluster (only one of them runs at a time, so they never compete
-//! for CPU or disk), and prints one table: throughput and p50/p99 for each and their ratio.
+//! For each cluster size and each client count it starts a loopback etcd cluster, loads it,
+//! stops it, then does the same with a loopback Flotilla cluster (only one of them runs at a
+//! time, so they never compete for CPU or disk; `--shared-cluster` runs every client count on
+//! one cluster per system instead), and prints one table: throughput and p50/p99 for each and
+//! their ratio.
 //!
 //! Both are durable: etcd fsyncs its WAL before acknowledging (its default), a Flotilla node
 //! fsyncs its Raft log before an append counts (the log flusher, raft/src/store/flusher.rs).
@@ -58,6 +60,10 @@ pub struct BenchCompareArgs {
     /// other, with `--flotilla-binary`
     #[arg(long)]
     pub flotilla_only: bool,
+    /// run every client count on one cluster per system, in order, instead of a fresh cluster
+    /// per client count (each later run then meets the history the earlier ones wrote)
+    #[arg(long)]
+    pub shared_cluster: bool,
 }
 
 pub async fn run_compare(args: BenchCompareArgs) -> anyhow::Result<()> {
@@ -87,24 +93,41 @@ async fn run_all(args: &BenchCompareArgs) -> anyhow::Result<()> {
         crate::build_profile()
     );
     for &node_count in &args.nodes {
+        let mut etcd: Vec<(EtcdTransport, Vec<Measured>)> = if args.flotilla_only {
+            Vec::new()
+        } else {
+            args.etcd_transports
+                .iter()
+                .map(|&transport| (transport, Vec::new()))
+                .collect()
+        };
+        let mut flotilla = Vec::with_capacity(args.clients.len());
+        for clients in client_groups(&args.clients, args.shared_cluster) {
+            for (transport, measured) in &mut etcd {
+                measured.extend(measure_etcd(&args.etcd_binary, node_count, *transport, clients, run_duration).await?);
+            }
+            flotilla.extend(measure_flotilla(&flotilla_binary, node_count, clients, run_duration).await?);
+        }
         if args.flotilla_only {
-            let flotilla = measure_flotilla(&flotilla_binary, node_count, &args.clients, run_duration).await?;
             print_flotilla_table(node_count, &flotilla);
-            continue;
         }
-        let mut etcd = Vec::with_capacity(args.etcd_transports.len());
-        for &transport in &args.etcd_transports {
-            etcd.push((
-                transport,
-                measure_etcd(&args.etcd_binary, node_count, transport, &args.clients, run_duration).await?,
-            ));
-        }
-        let flotilla = measure_flotilla(&flotilla_binary, node_count, &args.clients, run_duration).await?;
         for (transport, etcd) in &etcd {
             print_table(node_count, *transport, etcd, &flotilla);
         }
     }
     Ok(())
+}
+
+/// The client counts each cluster runs: one count per cluster by default, so that the runs a
+/// ratio compares are minutes apart at most and each meets a cluster as fresh as the other's
+/// (a shared cluster's 256-client run comes after some 100,000 writes of the earlier runs);
+/// all of them on one cluster with `--shared-cluster`.
+fn client_groups(clients: &[usize], shared_cluster: bool) -> Vec<&[usize]> {
+    if shared_cluster {
+        vec![clients]
+    } else {
+        clients.chunks(1).collect()
+    }
 }
 
 /// One run's load figures and the CPU it cost.
@@ -317,7 +340,18 @@ mod tests {
             etcd_transports: vec![EtcdTransport::Tls, EtcdTransport::Plaintext],
             flotilla_binary: None,
             flotilla_only: false,
+            shared_cluster: false,
         }
+    }
+
+    #[test]
+    fn each_client_count_gets_a_cluster_unless_they_share_one() {
+        let clients = [1, 16, 64, 256];
+        assert_eq!(
+            client_groups(&clients, false),
+            vec![&[1][..], &[16][..], &[64][..], &[256][..]]
+        );
+        assert_eq!(client_groups(&clients, true), vec![&clients[..]]);
     }
 
     #[test]
