@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use flotilla_proto::v1;
 use flotilla_raft::{AgentId, AgentRecord, AgentStatus, ClusterState};
-use flotilla_state::search::SearchSignature;
+use flotilla_state::search::{LazySignature, SearchSignature};
 use prost::Message as _;
 
 use super::authz::Principal;
@@ -90,12 +90,11 @@ fn candidates<'state>(
     let signature = filter.needle.and_then(|needle| needle.signature);
     if !filter.statuses.is_empty() {
         return Box::new(state.ids_with_status_before(filter.statuses, after).map(move |id| {
-            let record = state.agents.get(&id);
-            let possible = match (signature, record, state.search_signatures.get(&id)) {
-                (Some(needle), Some(record), Some(candidate)) => candidate.of(record).may_contain(&needle),
-                _ => true,
+            let record = match (signature, state.search_signatures.get(&id)) {
+                (Some(needle), Some(candidate)) => unless_ruled_out(state, &id, candidate, &needle),
+                _ => state.agents.get(&id),
             };
-            (id, record.filter(|_| possible))
+            (id, record)
         }));
     }
     if let Some(needle) = signature {
@@ -103,25 +102,36 @@ fn candidates<'state>(
             Some(after) => state.search_signatures.range(..after),
             None => state.search_signatures.range(..),
         };
-        return Box::new(range.rev().map(move |(id, candidate)| {
-            // A signature a search took before rules the record out without reading it; one
-            // not taken yet is taken from the record, once.
-            let record = match candidate.taken() {
-                Some(taken) if !taken.may_contain(&needle) => None,
-                Some(_) => state.agents.get(id),
-                None => state
-                    .agents
-                    .get(id)
-                    .filter(|record| candidate.of(record).may_contain(&needle)),
-            };
-            (*id, record)
-        }));
+        return Box::new(
+            range
+                .rev()
+                .map(move |(id, candidate)| (*id, unless_ruled_out(state, id, candidate, &needle))),
+        );
     }
     let range = match after {
         Some(after) => state.agents.range(..after),
         None => state.agents.range(..),
     };
     Box::new(range.rev().map(|(id, record)| (*id, Some(record))))
+}
+
+/// The record of `id` unless its signature rules `needle` out. A signature a search took
+/// before rules the record out without reading it; one not taken yet is taken from the record,
+/// once.
+fn unless_ruled_out<'state>(
+    state: &'state ClusterState,
+    id: &AgentId,
+    candidate: &LazySignature,
+    needle: &SearchSignature,
+) -> Option<&'state AgentRecord> {
+    match candidate.taken() {
+        Some(taken) if !taken.may_contain(needle) => None,
+        Some(_) => state.agents.get(id),
+        None => state
+            .agents
+            .get(id)
+            .filter(|record| candidate.of(record).may_contain(needle)),
+    }
 }
 
 fn wanted(record: &AgentRecord, filter: &ListFilter<'_>, summary_hidden: bool) -> bool {
