@@ -307,6 +307,60 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("serialising to memory cannot fail")
 }
 
+/// Serialises values one after another into one buffer it keeps, for callers that copy each
+/// encoding away at once (a RocksDB write batch does). A record encoded into a fresh `Vec` grows
+/// it from empty, about ten reallocations for a 1 KB agent record; here a batch of records costs
+/// the buffer's growth to the largest of them, once.
+struct Encoder {
+    buffer: Vec<u8>,
+}
+
+impl Encoder {
+    /// Room for an agent record with a prompt of a few KB before the first growth.
+    const INITIAL_BYTES: usize = 4096;
+
+    fn new() -> Self {
+        Self {
+            buffer: Vec::with_capacity(Self::INITIAL_BYTES),
+        }
+    }
+
+    /// `value`'s postcard encoding, the same bytes `encode` gives, valid until the next call.
+    fn encode<T: Serialize>(&mut self, value: &T) -> &[u8] {
+        self.buffer.clear();
+        let flavor = Appending {
+            buffer: &mut self.buffer,
+        };
+        postcard::serialize_with_flavor::<T, _, ()>(value, flavor).expect("serialising to memory cannot fail");
+        &self.buffer
+    }
+}
+
+/// A postcard output that appends to a borrowed `Vec`.
+struct Appending<'a> {
+    buffer: &'a mut Vec<u8>,
+}
+
+impl postcard::ser_flavors::Flavor for Appending<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.buffer.extend_from_slice(data);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.buffer.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T, OpenError> {
     postcard::from_bytes(bytes).map_err(|error| OpenError::Decode {
         key: String::from_utf8_lossy(key).into_owned(),

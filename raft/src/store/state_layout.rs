@@ -8,7 +8,7 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::state_machine::{Machine, StateMachineStore};
 use super::{
-    decode, encode, OpenError, CF_LOG_META, CF_STATE, KEY_APPLIED, KEY_CLUSTER_CA, KEY_DEFAULT_TEAM_LIMITS,
+    decode, encode, Encoder, OpenError, CF_LOG_META, CF_STATE, KEY_APPLIED, KEY_CLUSTER_CA, KEY_DEFAULT_TEAM_LIMITS,
     KEY_HIGHEST_NODE_ID, KEY_INSTALL_LAYERS, KEY_JOIN_TOKENS, KEY_MEMBERSHIP, KEY_NEXT_AUDIT_SEQUENCE,
     KEY_PKI_CLUSTER_CA, KEY_PKI_REMOVED_NODES, KEY_PLUGIN_SETTINGS, KEY_REMOVED_NODES, KEY_SECRETS, KEY_TEAMS,
     KEY_TEAM_LIMITS, KEY_TEAM_SETTINGS,
@@ -123,15 +123,16 @@ impl StateMachineStore {
     /// that are gone), and the applied position.
     pub(super) fn persist_changes(&self, batch: &mut WriteBatch, machine: &Machine, changes: &Changes) {
         let cf = self.cf(CF_STATE);
+        let mut encoder = Encoder::new();
         for id in &changes.agents {
             let key = agent_key(*id);
             match machine.state.agents.get(id) {
-                Some(record) => batch.put_cf(cf, key, encode(record)),
+                Some(record) => batch.put_cf(cf, key, encoder.encode(record)),
                 None => batch.delete_cf(cf, key),
             }
         }
         for event in &changes.new_events {
-            batch.put_cf(cf, event_key(event.agent, event.sequence), encode(event));
+            batch.put_cf(cf, event_key(event.agent, event.sequence), encoder.encode(event));
         }
         for (agent, sequence) in &changes.trimmed_events {
             batch.delete_cf(cf, event_key(*agent, *sequence));
@@ -139,21 +140,21 @@ impl StateMachineStore {
         for id in &changes.checkpoints {
             let key = checkpoint_key(*id);
             match machine.state.checkpoints.get(id) {
-                Some(checkpoint) => batch.put_cf(cf, key, encode(checkpoint)),
+                Some(checkpoint) => batch.put_cf(cf, key, encoder.encode(checkpoint)),
                 None => batch.delete_cf(cf, key),
             }
         }
         for id in &changes.nodes {
             let key = node_key(*id);
             match machine.state.nodes.get(id) {
-                Some(record) => batch.put_cf(cf, key, encode(record)),
+                Some(record) => batch.put_cf(cf, key, encoder.encode(record)),
                 None => batch.delete_cf(cf, key),
             }
         }
         for hash in &changes.tokens {
             let key = [b"t/".as_slice(), hash.as_bytes()].concat();
             match machine.state.tokens.get(hash) {
-                Some(record) => batch.put_cf(cf, key, encode(record)),
+                Some(record) => batch.put_cf(cf, key, encoder.encode(record)),
                 None => batch.delete_cf(cf, key),
             }
         }
@@ -162,7 +163,7 @@ impl StateMachineStore {
         for key in &changes.plugins {
             let stored_key = plugin_key(key);
             match machine.state.plugins.get(key) {
-                Some(record) => batch.put_cf(cf, stored_key, encode(record)),
+                Some(record) => batch.put_cf(cf, stored_key, encoder.encode(record)),
                 None => batch.delete_cf(cf, stored_key),
             }
         }
@@ -176,7 +177,7 @@ impl StateMachineStore {
         for id in &changes.plugin_uploads {
             let stored_key = upload_key(*id);
             match machine.state.plugin_uploads.get(id) {
-                Some(record) => batch.put_cf(cf, stored_key, encode(record)),
+                Some(record) => batch.put_cf(cf, stored_key, encoder.encode(record)),
                 None => batch.delete_cf(cf, stored_key),
             }
         }
@@ -188,25 +189,25 @@ impl StateMachineStore {
             }
         }
         if changes.meta {
-            batch.put_cf(cf, KEY_HIGHEST_NODE_ID, encode(&machine.state.highest_node_id));
-            batch.put_cf(cf, KEY_INSTALL_LAYERS, encode(&machine.state.install_layers));
-            batch.put_cf(cf, KEY_PLUGIN_SETTINGS, encode(&machine.state.plugin_settings));
-            batch.put_cf(cf, KEY_TEAMS, encode(&machine.state.teams));
-            batch.put_cf(cf, KEY_JOIN_TOKENS, encode(&machine.state.join_tokens));
-            batch.put_cf(cf, KEY_TEAM_SETTINGS, encode(&machine.state.team_settings));
-            batch.put_cf(cf, KEY_TEAM_LIMITS, encode(&machine.state.team_limits));
-            batch.put_cf(cf, KEY_DEFAULT_TEAM_LIMITS, encode(&machine.state.default_team_limits));
+            batch.put_cf(cf, KEY_HIGHEST_NODE_ID, encoder.encode(&machine.state.highest_node_id));
+            batch.put_cf(cf, KEY_INSTALL_LAYERS, encoder.encode(&machine.state.install_layers));
+            batch.put_cf(cf, KEY_PLUGIN_SETTINGS, encoder.encode(&machine.state.plugin_settings));
+            batch.put_cf(cf, KEY_TEAMS, encoder.encode(&machine.state.teams));
+            batch.put_cf(cf, KEY_JOIN_TOKENS, encoder.encode(&machine.state.join_tokens));
+            batch.put_cf(cf, KEY_TEAM_SETTINGS, encoder.encode(&machine.state.team_settings));
+            batch.put_cf(cf, KEY_TEAM_LIMITS, encoder.encode(&machine.state.team_limits));
+            batch.put_cf(cf, KEY_DEFAULT_TEAM_LIMITS, encoder.encode(&machine.state.default_team_limits));
             // The CA key is sealed: never in the clear here.
-            batch.put_cf(cf, KEY_CLUSTER_CA, encode(&machine.state.cluster_ca));
-            batch.put_cf(cf, KEY_REMOVED_NODES, encode(&machine.state.removed_nodes));
+            batch.put_cf(cf, KEY_CLUSTER_CA, encoder.encode(&machine.state.cluster_ca));
+            batch.put_cf(cf, KEY_REMOVED_NODES, encoder.encode(&machine.state.removed_nodes));
         }
         // Sealed bytes only: a value is never in the clear here (see `flotilla_state::secrets`).
         if changes.secrets {
-            batch.put_cf(cf, KEY_SECRETS, encode(&machine.state.secrets));
+            batch.put_cf(cf, KEY_SECRETS, encoder.encode(&machine.state.secrets));
         }
-        self.persist_audit(batch, machine, changes);
-        batch.put_cf(cf, KEY_APPLIED, encode(&machine.last_applied));
-        batch.put_cf(cf, KEY_MEMBERSHIP, encode(&machine.membership));
+        self.persist_audit(batch, machine, changes, &mut encoder);
+        batch.put_cf(cf, KEY_APPLIED, encoder.encode(&machine.last_applied));
+        batch.put_cf(cf, KEY_MEMBERSHIP, encoder.encode(&machine.membership));
     }
 }
 
@@ -221,7 +222,7 @@ impl StateMachineStore {
     }
 
     /// The audit entries an applied entry appended and dropped, and the next sequence.
-    fn persist_audit(&self, batch: &mut WriteBatch, machine: &Machine, changes: &Changes) {
+    fn persist_audit(&self, batch: &mut WriteBatch, machine: &Machine, changes: &Changes, encoder: &mut Encoder) {
         if changes.audit_appended.is_empty() && changes.audit_trimmed.is_empty() && !changes.meta {
             return;
         }
@@ -238,10 +239,10 @@ impl StateMachineStore {
         {
             let index = (sequence - first_kept) as usize;
             if let Some(entry) = machine.state.audit.get(index) {
-                batch.put_cf(cf, audit_key(*sequence), encode(entry));
+                batch.put_cf(cf, audit_key(*sequence), encoder.encode(entry));
             }
         }
-        batch.put_cf(cf, KEY_NEXT_AUDIT_SEQUENCE, encode(&machine.state.next_audit_sequence));
+        batch.put_cf(cf, KEY_NEXT_AUDIT_SEQUENCE, encoder.encode(&machine.state.next_audit_sequence));
     }
 }
 

@@ -5,7 +5,7 @@ use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, RaftLo
 use rocksdb::WriteBatch;
 
 use super::log_store::log_key;
-use super::{encode, open, StateMachineStore, CF_LOG, CF_STATE};
+use super::{encode, open, Encoder, StateMachineStore, CF_LOG, CF_STATE};
 use crate::command::{AssignOne, Command, Request, Response, COMMAND_VERSION};
 use crate::types::{AgentId, AgentSpec, AgentStatus, Checkpoint, Epoch, EventKind, NodeInfo, PluginKey, UploadId};
 use crate::TypeConfig;
@@ -195,6 +195,26 @@ fn write_log(log: &super::LogStore, entries: &[Entry<TypeConfig>]) {
     let (first, last) = (entries[0].log_id.index, entries[entries.len() - 1].log_id.index);
     log.segments.append(first, last, &frames).unwrap();
     log.segments.sync().unwrap();
+}
+
+#[test]
+fn the_kept_buffer_encodes_each_value_as_a_fresh_one_would() {
+    let mut encoder = Encoder::new();
+    let large = entry(1, long_create(AgentId::new()));
+    let small = entry(2, create(AgentId::new()));
+    let larger_than_the_first_room = "x".repeat(Encoder::INITIAL_BYTES * 3);
+    // Large after small, small after large (what the buffer held before must not show), and a
+    // value that outgrows the room the buffer starts with.
+    assert_eq!(encoder.encode(&small), encode(&small).as_slice());
+    assert_eq!(encoder.encode(&large), encode(&large).as_slice());
+    assert_eq!(encoder.encode(&small), encode(&small).as_slice());
+    assert_eq!(
+        encoder.encode(&larger_than_the_first_room),
+        encode(&larger_than_the_first_room).as_slice()
+    );
+    assert_eq!(encoder.encode(&7_u64), encode(&7_u64).as_slice());
+    let read: Entry<TypeConfig> = postcard::from_bytes(encoder.encode(&large)).unwrap();
+    assert_eq!(read, large);
 }
 
 #[test]
