@@ -196,7 +196,11 @@ impl StateMachineStore {
             batch.put_cf(cf, KEY_JOIN_TOKENS, encoder.encode(&machine.state.join_tokens));
             batch.put_cf(cf, KEY_TEAM_SETTINGS, encoder.encode(&machine.state.team_settings));
             batch.put_cf(cf, KEY_TEAM_LIMITS, encoder.encode(&machine.state.team_limits));
-            batch.put_cf(cf, KEY_DEFAULT_TEAM_LIMITS, encoder.encode(&machine.state.default_team_limits));
+            batch.put_cf(
+                cf,
+                KEY_DEFAULT_TEAM_LIMITS,
+                encoder.encode(&machine.state.default_team_limits),
+            );
             // The CA key is sealed: never in the clear here.
             batch.put_cf(cf, KEY_CLUSTER_CA, encoder.encode(&machine.state.cluster_ca));
             batch.put_cf(cf, KEY_REMOVED_NODES, encoder.encode(&machine.state.removed_nodes));
@@ -242,7 +246,11 @@ impl StateMachineStore {
                 batch.put_cf(cf, audit_key(*sequence), encoder.encode(entry));
             }
         }
-        batch.put_cf(cf, KEY_NEXT_AUDIT_SEQUENCE, encoder.encode(&machine.state.next_audit_sequence));
+        batch.put_cf(
+            cf,
+            KEY_NEXT_AUDIT_SEQUENCE,
+            encoder.encode(&machine.state.next_audit_sequence),
+        );
     }
 }
 
