@@ -70,6 +70,12 @@ pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// connections, so the bound is high (10,000 watchers fit in three connections). A client past
 /// it waits for a stream to close; the per-key watch cap still applies.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
+/// Largest HTTP/2 frame a peer may send this node (SETTINGS_MAX_FRAME_SIZE; the protocol's
+/// default is 16 KiB). A message is sent as frames of at most this size, and the sender's
+/// connection writes each frame as it comes: at the default, a leader's append of a few dozen
+/// writes left as two or three socket writes, each a wake-up of the follower, where one does.
+/// The flow-control windows bound what a peer may send either way.
+pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
 /// Live events buffered per watcher before they are dropped.
 pub const LIVE_EVENTS_PER_WATCHER: usize = 1024;
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
@@ -807,6 +813,7 @@ async fn serve(
     )?);
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_frame_size(MAX_FRAME_BYTES)
         .layer(rpc_metrics)
         .add_service(health_service)
         .add_service(reflection)
