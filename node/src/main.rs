@@ -168,7 +168,7 @@ fn init_node_logging(
 /// queued (the runtime's default is 61; a worker with nothing queued looks at once either way).
 /// Each look is a system call, and the tasks it readies are shared with the other workers,
 /// waking an idle one. Under a node's write load its tasks are short (an answer, a frame, a
-/// hand-off), so looking four times less often took 7–14 % off the CPU each write costs three
+/// hand-off), so looking four times less often took 7–10 % off the CPU a write costs three
 /// loopback nodes (docs/performance.md, "How often a worker looks at its sockets"). At
 /// 256 polls of a few microseconds a socket waits well under a millisecond longer.
 const RUNTIME_EVENT_INTERVAL: u32 = 256;
