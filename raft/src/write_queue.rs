@@ -6,9 +6,14 @@
 //! the queue; when a batch finishes, everything that queued meanwhile (up to the batch limits)
 //! leaves together as the next batch, in a task of its own. Under load batches therefore grow
 //! with the load, and a lone write never waits for a batcher to wake up.
+//!
+//! Under load a batch slot is held briefly after a large batch (see [`HOLD_AFTER_BATCH`]): the
+//! writers a batch answers come back within a round trip, and without the hold the first of them
+//! would find the slot free and take a whole entry for itself, with the rest queued behind it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -32,6 +37,21 @@ pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// docs/performance.md, "One batch in flight"). Replication that pipelines appends would
 /// make more than one worth measuring again.
 pub const MAX_BATCHES_IN_FLIGHT: usize = 1;
+/// A batch of at least this many writes is followed by a hold: its slot is not freed until
+/// [`HOLD_SHARE_PERCENT`] of its size has queued again, or [`HOLD_FOR`] has passed. A node
+/// that carries fewer concurrent writes than this never holds, so a lone writer never waits.
+///
+/// Without the hold, the first write to arrive after a large batch finds the slot free and
+/// nobody queued, and goes alone: an entry, an append to each follower, three syncs and an
+/// apply for one write, while the rest of the returning writers queue behind it. With 64
+/// clients on three nodes a third of the leader's entries were such entries of one to three
+/// writes (docs/performance.md, "A held slot after a large batch").
+pub const HOLD_AFTER_BATCH: usize = 8;
+/// The share (percent) of the last batch's size that ends a hold once queued.
+pub const HOLD_SHARE_PERCENT: usize = 75;
+/// The longest hold. tokio's timers tick in milliseconds, so a hold that runs out lasts one to
+/// two: it runs out only when the load has just fallen away.
+pub const HOLD_FOR: Duration = Duration::from_millis(1);
 
 pub(crate) struct PendingWrite {
     pub(crate) command: Command,
@@ -46,6 +66,26 @@ pub(crate) struct PendingWrite {
 struct Slots {
     waiting: VecDeque<PendingWrite>,
     in_flight: usize,
+    /// Writes in the batch that took a slot last.
+    last_batch: usize,
+    /// A finished batch's slot held for the writes that come back (see [`HOLD_AFTER_BATCH`]).
+    hold: Option<Hold>,
+}
+
+/// A held slot: counted in flight until the hold ends.
+struct Hold {
+    /// Queued writes that end the hold.
+    wanted: usize,
+    /// Wakes the task that ends the hold; taken when `wanted` is reached.
+    wake: Option<oneshot::Sender<()>>,
+}
+
+/// What a finished batch's slot does next.
+enum Finished {
+    /// Held: a task waits on this for the returning writes, or for [`HOLD_FOR`].
+    Held(oneshot::Receiver<()>),
+    /// Freed, and these batches took slots (each counted in flight).
+    Next(Vec<Vec<PendingWrite>>),
 }
 
 impl Slots {
@@ -55,8 +95,62 @@ impl Slots {
         let free = self.waiting.is_empty() && self.in_flight < MAX_BATCHES_IN_FLIGHT;
         if free {
             self.in_flight += 1;
+            self.last_batch = 1;
         }
         free
+    }
+
+    /// Queues a write, waking a hold whose wanted number of writes it completes.
+    fn queue(&mut self, write: PendingWrite) {
+        self.waiting.push_back(write);
+        if let Some(hold) = &mut self.hold {
+            if self.waiting.len() >= hold.wanted {
+                if let Some(wake) = hold.wake.take() {
+                    let _ = wake.send(());
+                }
+            }
+        }
+    }
+
+    /// A batch finished: holds its slot if the batch was large and few writes have queued
+    /// since, else frees it and hands out the next batches.
+    fn finish(&mut self) -> Finished {
+        if self.last_batch >= HOLD_AFTER_BATCH {
+            let wanted = (self.last_batch * HOLD_SHARE_PERCENT / 100).max(1);
+            if self.waiting.len() < wanted {
+                let (wake, woken) = oneshot::channel();
+                self.hold = Some(Hold {
+                    wanted,
+                    wake: Some(wake),
+                });
+                return Finished::Held(woken);
+            }
+        }
+        Finished::Next(self.release())
+    }
+
+    /// Frees a finished (or held) batch's slot and takes batches off the queue for every free
+    /// slot (each counted in flight), so that a backlog larger than one batch never waits for
+    /// slots that are free.
+    fn release(&mut self) -> Vec<Vec<PendingWrite>> {
+        self.hold = None;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let mut batches = Vec::new();
+        while !self.waiting.is_empty() && self.in_flight < MAX_BATCHES_IN_FLIGHT {
+            let mut bytes = 0;
+            let mut batch = Vec::new();
+            while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+                let Some(next) = self.waiting.pop_front() else {
+                    break;
+                };
+                bytes += next.command.approximate_bytes();
+                batch.push(next);
+            }
+            self.in_flight += 1;
+            self.last_batch = batch.len();
+            batches.push(batch);
+        }
+        batches
     }
 }
 
@@ -106,7 +200,7 @@ impl WriteQueue {
         command: Command,
         span: &tracing::Span,
     ) -> Result<Entry, WriteError> {
-        if self.slots.lock().expect("write queue lock poisoned").take_free_slot() {
+        if self.lock().take_free_slot() {
             return Ok(Entry::Now(replica.slot_guard(), command));
         }
         // Waits for room outside the lock; the semaphore is never closed while the queue lives.
@@ -123,37 +217,18 @@ impl WriteQueue {
             span: span.clone(),
             _room: room,
         };
-        let mut slots = self.slots.lock().expect("write queue lock poisoned");
+        let mut slots = self.lock();
         if slots.take_free_slot() {
             // A slot freed while this write waited for room: it goes now, alone.
             drop(slots);
             return Ok(Entry::Now(replica.slot_guard(), write.command));
         }
-        slots.waiting.push_back(write);
+        slots.queue(write);
         Ok(Entry::Queued(answer))
     }
 
-    /// Frees a finished batch's slot and takes batches off the queue for every free slot (each
-    /// counted in flight), so that a backlog larger than one batch never waits for slots that
-    /// are free.
-    fn next_batches(&self) -> Vec<Vec<PendingWrite>> {
-        let mut slots = self.slots.lock().expect("write queue lock poisoned");
-        slots.in_flight = slots.in_flight.saturating_sub(1);
-        let mut batches = Vec::new();
-        while !slots.waiting.is_empty() && slots.in_flight < MAX_BATCHES_IN_FLIGHT {
-            let mut bytes = 0;
-            let mut batch = Vec::new();
-            while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
-                let Some(next) = slots.waiting.pop_front() else {
-                    break;
-                };
-                bytes += next.command.approximate_bytes();
-                batch.push(next);
-            }
-            slots.in_flight += 1;
-            batches.push(batch);
-        }
-        batches
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().expect("write queue lock poisoned")
     }
 }
 
@@ -165,24 +240,49 @@ impl Replica {
     }
 }
 
-/// Frees a finished batch's slot and sends what queued meanwhile, in tasks of their own (the
-/// task that finished answers its caller at once).
+/// A finished batch's slot: held for the writes that come back (see [`HOLD_AFTER_BATCH`]), or
+/// freed, with what queued meanwhile sent as the next batch.
 fn finish_batch(replica: Replica) {
-    for batch in replica.write_queue().next_batches() {
+    let finished = replica.write_queue().lock().finish();
+    match finished {
+        Finished::Next(batches) => send_batches(&replica, batches),
+        Finished::Held(woken) => {
+            let weak = replica.downgrade();
+            spawn_or_warn(async move {
+                let _ = tokio::time::timeout(HOLD_FOR, woken).await;
+                // A replica gone meanwhile dropped its queue, and with it the queued writes'
+                // answer channels.
+                if let Some(inner) = weak.upgrade() {
+                    let replica = Replica::from_inner(inner);
+                    let batches = replica.write_queue().lock().release();
+                    send_batches(&replica, batches);
+                }
+            });
+        }
+    }
+}
+
+/// Sends batches that took slots, each in a task of its own (the task that finished a batch
+/// answers its caller at once).
+fn send_batches(replica: &Replica, batches: Vec<Vec<PendingWrite>>) {
+    for batch in batches {
         let (replica, guard) = (replica.clone(), replica.slot_guard());
-        let commit = async move {
+        spawn_or_warn(async move {
             let _guard = guard;
             replica.commit_batch(batch).await;
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(commit);
-            }
-            Err(_) => {
-                // No runtime (a replica dropped outside one): the queued writes' callers see
-                // their answer channel close, which they report as a failed write.
-                tracing::warn!("a write batch could not be sent: no async runtime");
-            }
+        });
+    }
+}
+
+fn spawn_or_warn(task: impl std::future::Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(task);
+        }
+        Err(_) => {
+            // No runtime (a replica dropped outside one): the queued writes' callers see
+            // their answer channel close, which they report as a failed write.
+            tracing::warn!("a write batch could not be sent: no async runtime");
         }
     }
 }
@@ -190,10 +290,126 @@ fn finish_batch(replica: Replica) {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::time::Duration;
 
     use super::*;
     use crate::command::Response;
+
+    /// A queued write for the slot tests, and the receiver its answer would come on.
+    fn pending(room: &Arc<Semaphore>) -> PendingWrite {
+        let (reply, _answer) = oneshot::channel();
+        PendingWrite {
+            command: Command::ReserveNodeId,
+            reply,
+            span: tracing::Span::none(),
+            _room: room.clone().try_acquire_owned().expect("room"),
+        }
+    }
+
+    fn next(finished: Finished) -> Vec<Vec<PendingWrite>> {
+        match finished {
+            Finished::Next(batches) => batches,
+            Finished::Held(_) => panic!("the slot was held"),
+        }
+    }
+
+    /// The slot a large batch finishes with stays taken (a lone write does not get it) until
+    /// three quarters of that batch's size have queued again; then they leave as one batch.
+    #[test]
+    fn a_large_batch_holds_its_slot_until_three_quarters_of_it_queue_again() {
+        let room = Arc::new(Semaphore::new(64));
+        let mut slots = Slots::default();
+        assert!(slots.take_free_slot(), "an idle queue gives a lone write the slot");
+        for _ in 0..12 {
+            slots.queue(pending(&room));
+        }
+        let batches = next(slots.finish());
+        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), vec![12]);
+        assert_eq!(slots.in_flight, 1);
+
+        let Finished::Held(mut woken) = slots.finish() else {
+            panic!("a batch of 12 finishing with nobody queued did not hold its slot");
+        };
+        assert_eq!(slots.in_flight, 1, "a held slot is still taken");
+        assert!(!slots.take_free_slot(), "a lone write took a held slot");
+        for queued in 1..9 {
+            slots.queue(pending(&room));
+            assert!(woken.try_recv().is_err(), "woken with {queued} of 9 writes queued");
+        }
+        slots.queue(pending(&room));
+        assert!(
+            woken.try_recv().is_ok(),
+            "nine queued writes (three quarters of 12) did not end the hold"
+        );
+        let batches = slots.release();
+        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), vec![9]);
+        assert_eq!(slots.in_flight, 1);
+    }
+
+    /// Batches below the threshold, and large ones that find enough writes queued, free their
+    /// slot at once; a hold that ends with nobody queued frees it too.
+    #[test]
+    fn small_batches_and_busy_queues_never_hold() {
+        let room = Arc::new(Semaphore::new(64));
+        let mut slots = Slots::default();
+        assert!(slots.take_free_slot());
+        for _ in 0..HOLD_AFTER_BATCH - 1 {
+            slots.queue(pending(&room));
+        }
+        assert_eq!(next(slots.finish())[0].len(), HOLD_AFTER_BATCH - 1);
+        assert!(next(slots.finish()).is_empty(), "a batch of 7 held its slot");
+        assert_eq!(slots.in_flight, 0);
+
+        assert!(slots.take_free_slot());
+        for _ in 0..20 {
+            slots.queue(pending(&room));
+        }
+        assert_eq!(next(slots.finish())[0].len(), 20);
+        for _ in 0..15 {
+            slots.queue(pending(&room));
+        }
+        assert_eq!(
+            next(slots.finish())[0].len(),
+            15,
+            "15 queued after a batch of 20 must leave at once"
+        );
+        // 15 is a large batch too: finishing with nobody queued holds, and the hold's end frees
+        // the slot for the next lone write.
+        let Finished::Held(_) = slots.finish() else {
+            panic!("a batch of 15 finishing with nobody queued did not hold its slot");
+        };
+        assert!(slots.release().is_empty());
+        assert_eq!(slots.in_flight, 0);
+        assert!(slots.take_free_slot(), "the slot stayed taken after its hold ended");
+    }
+
+    /// A hold that no returning write ends runs out by itself: a burst large enough to hold the
+    /// slot after its batch, then a lone write, which is answered, and the queue ends idle.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hold_that_no_write_ends_runs_out() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let replica = crate::replica::lone_leader(dir.path()).await;
+        let burst = futures::future::join_all((0..40).map(|_| replica.write(Command::ReserveNodeId))).await;
+        for answer in burst {
+            answer.expect("a write of the burst");
+        }
+        let last_batch = replica.write_queue().lock().last_batch;
+        assert!(
+            last_batch >= HOLD_AFTER_BATCH,
+            "the burst's last batch had {last_batch} writes: too few to hold the slot"
+        );
+        let lone = tokio::time::timeout(Duration::from_secs(10), replica.write(Command::ReserveNodeId)).await;
+        lone.expect("a lone write after a held slot was not answered")
+            .expect("the lone write");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !idle(&replica) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the write queue never went idle"
+            );
+            tokio::task::yield_now().await;
+        }
+        replica.shutdown().await;
+    }
 
     fn idle(replica: &Replica) -> bool {
         let slots = replica.write_queue().slots.lock().expect("lock");
