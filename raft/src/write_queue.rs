@@ -44,8 +44,8 @@ pub const MAX_BATCHES_IN_FLIGHT: usize = 1;
 /// Without the hold, the first write to arrive after a large batch finds the slot free and
 /// nobody queued, and goes alone: an entry, an append to each follower, three syncs and an
 /// apply for one write, while the rest of the returning writers queue behind it. With 64
-/// clients on three nodes a third of the leader's entries were such entries of one to three
-/// writes (docs/performance.md, "A held slot after a large batch").
+/// clients on three nodes more than a fifth of the leader's entries carried one to three writes
+/// (docs/performance.md, "A held slot after a large batch").
 pub const HOLD_AFTER_BATCH: usize = 8;
 /// The share (percent) of the last batch's size that ends a hold once queued.
 pub const HOLD_SHARE_PERCENT: usize = 75;
