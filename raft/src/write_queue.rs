@@ -400,20 +400,25 @@ mod tests {
         let lone = tokio::time::timeout(Duration::from_secs(10), replica.write(Command::ReserveNodeId)).await;
         lone.expect("a lone write after a held slot was not answered")
             .expect("the lone write");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !idle(&replica) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the write queue never went idle"
-            );
-            tokio::task::yield_now().await;
-        }
+        wait_idle(&replica).await;
         replica.shutdown().await;
     }
 
     fn idle(replica: &Replica) -> bool {
         let slots = replica.write_queue().slots.lock().expect("lock");
         slots.in_flight == 0 && slots.waiting.is_empty()
+    }
+
+    /// Waits (within 10 s, or fails) until no batch is in flight or held and nobody queues.
+    async fn wait_idle(replica: &Replica) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !idle(replica) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the write queue never went idle"
+            );
+            tokio::task::yield_now().await;
+        }
     }
 
     /// Thousands of concurrent writes, some of whose callers give up mid-write: every write that
@@ -455,14 +460,7 @@ mod tests {
             entries < answered as u64 / 2,
             "{answered} writes took {entries} log entries: they were not grouped"
         );
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !idle(&replica) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the write queue never went idle"
-            );
-            tokio::task::yield_now().await;
-        }
+        wait_idle(&replica).await;
         // And it still takes writes.
         replica
             .write(Command::ReserveNodeId)
