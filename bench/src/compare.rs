@@ -16,6 +16,14 @@
 //! system spent per write (its member processes together, and the load generator's own), read
 //! from /proc: on a small machine a latency-bound figure hides how much work a write costs. It
 //! prints figures and asserts nothing about time.
+//!
+//! `--flotilla-only --baseline-binary A --flotilla-binary B --rounds N` compares two builds of
+//! Flotilla instead: each round runs both, one after the other, in alternating order (A B, then
+//! B A), and the table shows every round and the means. Beside writes a second it shows each
+//! run's members' CPU per write over the load generator's: the generator's work per write is the
+//! same whatever the server does, so this ratio stays put when the machine's speed drifts (on a
+//! shared guest by 15-20 % within minutes), where the throughput and the CPU per write move with
+//! it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +42,8 @@ const CONNECTIONS_PER_MEMBER: usize = 2;
 const ETCD_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Unmeasured load before the first run on each system.
 const WARM_UP_MS: u64 = 1_000;
+/// Most rounds of a comparison of two builds.
+const MAX_ROUNDS: usize = 50;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchCompareArgs {
@@ -64,6 +74,13 @@ pub struct BenchCompareArgs {
     /// per client count (each later run then meets the history the earlier ones wrote)
     #[arg(long)]
     pub shared_cluster: bool,
+    /// with `--flotilla-only`: a second `flotilla` executable (A), measured in turns with
+    /// `--flotilla-binary` (B) for `--rounds` rounds
+    #[arg(long)]
+    pub baseline_binary: Option<PathBuf>,
+    /// rounds of a comparison of two builds (`--baseline-binary`), each running both builds
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 pub async fn run_compare(args: BenchCompareArgs) -> anyhow::Result<()> {
@@ -77,6 +94,15 @@ fn validate(args: &BenchCompareArgs) -> anyhow::Result<()> {
     check_counts("--nodes", "cluster size", &args.nodes, MAX_CLUSTER_NODES)?;
     if args.etcd_transports.is_empty() && !args.flotilla_only {
         anyhow::bail!("--etcd-transports: name at least one of tls, plaintext");
+    }
+    if args.baseline_binary.is_some() && !args.flotilla_only {
+        anyhow::bail!("--baseline-binary compares two builds of Flotilla: it needs --flotilla-only");
+    }
+    if args.rounds == 0 || args.rounds > MAX_ROUNDS {
+        anyhow::bail!("--rounds: {} is not between 1 and {MAX_ROUNDS}", args.rounds);
+    }
+    if args.rounds > 1 && args.baseline_binary.is_none() {
+        anyhow::bail!("--rounds is for comparing two builds: give --baseline-binary as well");
     }
     Ok(())
 }
@@ -92,6 +118,9 @@ async fn run_all(args: &BenchCompareArgs) -> anyhow::Result<()> {
         args.seconds,
         crate::build_profile()
     );
+    if let Some(baseline) = &args.baseline_binary {
+        return compare_builds(args, baseline, &flotilla_binary, run_duration).await;
+    }
     for &node_count in &args.nodes {
         let mut etcd: Vec<(EtcdTransport, Vec<Measured>)> = if args.flotilla_only {
             Vec::new()
@@ -127,6 +156,118 @@ fn client_groups(clients: &[usize], shared_cluster: bool) -> Vec<&[usize]> {
         vec![clients]
     } else {
         clients.chunks(1).collect()
+    }
+}
+
+/// The two builds of a comparison: the baseline and the build measured against it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Build {
+    A,
+    B,
+}
+
+/// The order of the builds in a round: A then B, then B then A, so that a drift of the
+/// machine's speed over the rounds weighs on both alike.
+fn round_order(round: usize) -> [Build; 2] {
+    if round.is_multiple_of(2) {
+        [Build::A, Build::B]
+    } else {
+        [Build::B, Build::A]
+    }
+}
+
+/// Runs both builds in turns, `args.rounds` times for each cluster size and client group, and
+/// prints a table per cluster size.
+async fn compare_builds(
+    args: &BenchCompareArgs,
+    baseline: &std::path::Path,
+    candidate: &std::path::Path,
+    run_duration: Duration,
+) -> anyhow::Result<()> {
+    println!("A (baseline): {}", baseline.display());
+    println!("B: {}", candidate.display());
+    for &node_count in &args.nodes {
+        // Per build, one list of runs per round, each with a run per client count.
+        let mut runs: [Vec<Measured>; 2] = [Vec::new(), Vec::new()];
+        for clients in client_groups(&args.clients, args.shared_cluster) {
+            for round in 0..args.rounds {
+                for build in round_order(round) {
+                    let binary = match build {
+                        Build::A => baseline,
+                        Build::B => candidate,
+                    };
+                    eprintln!("round {} of {}, build {build:?}", round + 1, args.rounds);
+                    let measured = measure_flotilla(binary, node_count, clients, run_duration).await?;
+                    runs[build as usize].extend(measured);
+                }
+            }
+        }
+        print_builds_table(node_count, &args.clients, &runs[0], &runs[1]);
+    }
+    Ok(())
+}
+
+/// The members' CPU per write over the load generator's (see the module's documentation).
+fn members_over_generator(cpu: &CpuPerWrite) -> Option<f64> {
+    match (cpu.servers_ms, cpu.generator_ms) {
+        (Some(members), Some(generator)) if generator > 0.0 => Some(members / generator),
+        _ => None,
+    }
+}
+
+/// The mean of the figures, `None` if any is missing or there are none.
+fn mean(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    let values: Option<Vec<f64>> = values.into_iter().collect();
+    let values = values?;
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// The runs of one client count, in the order of their rounds.
+fn runs_with(runs: &[Measured], client_count: usize) -> Vec<&Measured> {
+    runs.iter()
+        .filter(|measured| measured.load.clients == client_count)
+        .collect()
+}
+
+fn print_builds_table(node_count: usize, clients: &[usize], a: &[Measured], b: &[Measured]) {
+    println!();
+    println!("{node_count} node(s), build A against build B, rounds in alternating order");
+    println!(
+        "| clients | round | A ops/s | B ops/s | A CPU µs/write, members + generator | B CPU µs/write, members + generator | A members/generator | B members/generator |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let rate = |measured: &Measured| (measured.load.writes > 0).then(|| measured.load.rate());
+    let figure = |value: Option<f64>, digits: usize| value.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"));
+    let mut means = Vec::new();
+    for &client_count in clients {
+        let (a_runs, b_runs) = (runs_with(a, client_count), runs_with(b, client_count));
+        for (round, (a, b)) in a_runs.iter().zip(&b_runs).enumerate() {
+            println!(
+                "| {client_count} | {} | {} | {} | {} | {} | {} | {} |",
+                round + 1,
+                figure(rate(a), 0),
+                figure(rate(b), 0),
+                cpu_cell(&a.cpu),
+                cpu_cell(&b.cpu),
+                figure(members_over_generator(&a.cpu), 2),
+                figure(members_over_generator(&b.cpu), 2),
+            );
+        }
+        let mean_rate = |runs: &[&Measured]| mean(runs.iter().map(|measured| rate(measured)));
+        let mean_share = |runs: &[&Measured]| mean(runs.iter().map(|measured| members_over_generator(&measured.cpu)));
+        means.push((
+            client_count,
+            ratio(mean_rate(&b_runs), mean_rate(&a_runs)),
+            ratio(mean_share(&b_runs), mean_share(&a_runs)),
+            figure(mean_rate(&a_runs), 0),
+            figure(mean_rate(&b_runs), 0),
+        ));
+    }
+    println!();
+    println!("| clients | A ops/s, mean | B ops/s, mean | ops/s B/A | members/generator B/A |");
+    println!("|---:|---:|---:|---:|---:|");
+    for (client_count, rate_ratio, share_ratio, a_rate, b_rate) in means {
+        println!("| {client_count} | {a_rate} | {b_rate} | {rate_ratio} | {share_ratio} |");
     }
 }
 
@@ -341,6 +482,8 @@ mod tests {
             flotilla_binary: None,
             flotilla_only: false,
             shared_cluster: false,
+            baseline_binary: None,
+            rounds: 1,
         }
     }
 
@@ -369,6 +512,64 @@ mod tests {
         let mut no_transport = args();
         no_transport.etcd_transports = Vec::new();
         assert!(validate(&no_transport).is_err());
+    }
+
+    /// Two builds are compared only without etcd, over a bounded number of rounds, and rounds
+    /// mean nothing without a second build.
+    #[test]
+    fn a_comparison_of_builds_is_validated() {
+        let builds = || BenchCompareArgs {
+            flotilla_only: true,
+            baseline_binary: Some(PathBuf::from("/tmp/flotilla-a")),
+            rounds: 3,
+            ..args()
+        };
+        assert!(validate(&builds()).is_ok());
+        let with_etcd = BenchCompareArgs {
+            flotilla_only: false,
+            ..builds()
+        };
+        assert!(validate(&with_etcd)
+            .unwrap_err()
+            .to_string()
+            .contains("--flotilla-only"));
+        for rounds in [0, MAX_ROUNDS + 1] {
+            let wrong = BenchCompareArgs { rounds, ..builds() };
+            assert!(validate(&wrong).unwrap_err().to_string().contains("--rounds"));
+        }
+        let rounds_alone = BenchCompareArgs {
+            baseline_binary: None,
+            ..builds()
+        };
+        assert!(validate(&rounds_alone)
+            .unwrap_err()
+            .to_string()
+            .contains("--baseline-binary"));
+    }
+
+    #[test]
+    fn rounds_alternate_which_build_goes_first() {
+        assert_eq!(round_order(0), [Build::A, Build::B]);
+        assert_eq!(round_order(1), [Build::B, Build::A]);
+        assert_eq!(round_order(2), [Build::A, Build::B]);
+    }
+
+    #[test]
+    fn the_members_share_and_means_need_every_figure() {
+        let cpu = CpuPerWrite {
+            servers_ms: Some(0.15),
+            generator_ms: Some(0.04),
+        };
+        assert_eq!(members_over_generator(&cpu).map(|v| (v * 100.0).round()), Some(375.0));
+        let no_generator = CpuPerWrite {
+            generator_ms: Some(0.0),
+            ..cpu
+        };
+        assert_eq!(members_over_generator(&no_generator), None);
+        assert_eq!(members_over_generator(&CpuPerWrite::default()), None);
+        assert_eq!(mean([Some(1.0), Some(2.0), Some(6.0)]), Some(3.0));
+        assert_eq!(mean([Some(1.0), None]), None);
+        assert_eq!(mean(std::iter::empty()), None);
     }
 
     #[test]
