@@ -243,12 +243,19 @@ impl Replica {
 /// A finished batch's slot: held for the writes that come back (see [`HOLD_AFTER_BATCH`]), or
 /// freed, with what queued meanwhile sent as the next batch.
 fn finish_batch(replica: Replica) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // No runtime (a replica dropped outside one): nothing could end a hold, so the slot
+        // is freed, and what queued is handed to `send_batches`, which cannot send it either.
+        let batches = replica.write_queue().lock().release();
+        send_batches(&replica, batches);
+        return;
+    };
     let finished = replica.write_queue().lock().finish();
     match finished {
         Finished::Next(batches) => send_batches(&replica, batches),
         Finished::Held(woken) => {
             let weak = replica.downgrade();
-            spawn_or_warn(async move {
+            runtime.spawn(async move {
                 let _ = tokio::time::timeout(HOLD_FOR, woken).await;
                 // A replica gone meanwhile dropped its queue, and with it the queued writes'
                 // answer channels.
