@@ -525,26 +525,23 @@ mod tests {
             ..args()
         };
         assert!(validate(&builds()).is_ok());
+        let refused_naming = |args: BenchCompareArgs, flag: &str| {
+            let error = validate(&args).expect_err(flag).to_string();
+            assert!(error.contains(flag), "{error}");
+        };
         let with_etcd = BenchCompareArgs {
             flotilla_only: false,
             ..builds()
         };
-        assert!(validate(&with_etcd)
-            .unwrap_err()
-            .to_string()
-            .contains("--flotilla-only"));
+        refused_naming(with_etcd, "--flotilla-only");
         for rounds in [0, MAX_ROUNDS + 1] {
-            let wrong = BenchCompareArgs { rounds, ..builds() };
-            assert!(validate(&wrong).unwrap_err().to_string().contains("--rounds"));
+            refused_naming(BenchCompareArgs { rounds, ..builds() }, "--rounds");
         }
         let rounds_alone = BenchCompareArgs {
             baseline_binary: None,
             ..builds()
         };
-        assert!(validate(&rounds_alone)
-            .unwrap_err()
-            .to_string()
-            .contains("--baseline-binary"));
+        refused_naming(rounds_alone, "--baseline-binary");
     }
 
     #[test]
