@@ -187,7 +187,8 @@ async fn compare_builds(
     println!("A (baseline): {}", baseline.display());
     println!("B: {}", candidate.display());
     for &node_count in &args.nodes {
-        // Per build, one list of runs per round, each with a run per client count.
+        // Per build (A, then B), its runs in the order they ran: round by round, a run per
+        // client count in each.
         let mut runs: [Vec<Measured>; 2] = [Vec::new(), Vec::new()];
         for clients in client_groups(&args.clients, args.shared_cluster) {
             for round in 0..args.rounds {

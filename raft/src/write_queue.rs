@@ -129,6 +129,16 @@ impl Slots {
         Finished::Next(self.release())
     }
 
+    /// Frees a finished batch's slot and drops every queued write, for a queue that can send
+    /// nothing any more; answers how many were dropped.
+    fn abandon(&mut self) -> usize {
+        self.hold = None;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let dropped = self.waiting.len();
+        self.waiting.clear();
+        dropped
+    }
+
     /// Frees a finished (or held) batch's slot and takes batches off the queue for every free
     /// slot (each counted in flight), so that a backlog larger than one batch never waits for
     /// slots that are free.
@@ -244,17 +254,21 @@ impl Replica {
 /// freed, with what queued meanwhile sent as the next batch.
 fn finish_batch(replica: Replica) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        // No runtime (a replica dropped outside one): nothing could end a hold, so the slot
-        // is freed, and what queued is handed to `send_batches`, which cannot send it either.
-        let batches = replica.write_queue().lock().release();
-        send_batches(&replica, batches);
+        // No runtime (a replica dropped outside one): nothing could send what queued, nor end
+        // a hold. The slot is freed and the queued writes dropped: their callers see their
+        // answer channel close, which they report as a failed write.
+        let dropped = replica.write_queue().lock().abandon();
+        if dropped > 0 {
+            tracing::warn!(dropped, "queued writes could not be sent: no async runtime");
+        }
         return;
     };
     let finished = replica.write_queue().lock().finish();
     match finished {
-        Finished::Next(batches) => send_batches(&replica, batches),
+        Finished::Next(batches) => send_batches(&runtime, &replica, batches),
         Finished::Held(woken) => {
             let weak = replica.downgrade();
+            let handle = runtime.clone();
             runtime.spawn(async move {
                 let _ = tokio::time::timeout(HOLD_FOR, woken).await;
                 // A replica gone meanwhile dropped its queue, and with it the queued writes'
@@ -262,7 +276,7 @@ fn finish_batch(replica: Replica) {
                 if let Some(inner) = weak.upgrade() {
                     let replica = Replica::from_inner(inner);
                     let batches = replica.write_queue().lock().release();
-                    send_batches(&replica, batches);
+                    send_batches(&handle, &replica, batches);
                 }
             });
         }
@@ -271,26 +285,13 @@ fn finish_batch(replica: Replica) {
 
 /// Sends batches that took slots, each in a task of its own (the task that finished a batch
 /// answers its caller at once).
-fn send_batches(replica: &Replica, batches: Vec<Vec<PendingWrite>>) {
+fn send_batches(runtime: &tokio::runtime::Handle, replica: &Replica, batches: Vec<Vec<PendingWrite>>) {
     for batch in batches {
         let (replica, guard) = (replica.clone(), replica.slot_guard());
-        spawn_or_warn(async move {
+        runtime.spawn(async move {
             let _guard = guard;
             replica.commit_batch(batch).await;
         });
-    }
-}
-
-fn spawn_or_warn(task: impl std::future::Future<Output = ()> + Send + 'static) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn(task);
-        }
-        Err(_) => {
-            // No runtime (a replica dropped outside one): the queued writes' callers see
-            // their answer channel close, which they report as a failed write.
-            tracing::warn!("a write batch could not be sent: no async runtime");
-        }
     }
 }
 
